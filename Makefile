@@ -1,0 +1,27 @@
+# dino_scale developer entry points. `make test` is the CI command.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test demo clean bench-cpu
+
+venv: $(STAMP)
+
+# Idempotent: the venv is created once; the project is reinstalled only when
+# pyproject.toml changes. torch/torchvision are pinned first (a pair timm needs).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	DS_ACCELERATOR=cpu $(PY) -m pipelines.demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,313 @@
+"""Dataclass configuration, named presets and ``a.b=c`` overrides.
+
+A :class:`Config` has four sections: ``model`` (what is computed), ``data`` (what is
+read and how it is augmented), ``train`` (optimization and distribution) and ``eval``.
+Presets are data: a dict of overrides applied to the defaults, built by one factory,
+:func:`preset`. Configs round-trip through plain dicts, JSON and YAML.
+
+    >>> cfg = preset("r50_4scale", overrides=["model.num_queries=300"])
+    >>> cfg.model.num_queries
+    300
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = [
+    "ModelConfig", "DataConfig", "TrainConfig", "EvalConfig", "Config", "ConfigError",
+    "PRESETS", "preset", "apply_overrides", "to_dict", "from_dict", "save", "load",
+]
+
+
+class ConfigError(ValueError):
+    """A bad preset name, override key or value; the message is one clear line."""
+
+
+@dataclass
+class ModelConfig:
+    """The detector. Defaults are the released DINO R50 4-scale model."""
+
+    backbone: str = "resnet50"  # resnet50 | resnet18 | swin_large_384 | tiny_resnet
+    backbone_weights: Optional[str] = None  # local path or URL of ImageNet weights
+    backbone_checkpointing: bool = False  # activation checkpointing in the backbone
+    backbone_drop_path: float = 0.2  # Swin stochastic depth
+    num_feature_levels: int = 4  # 4: stages 2-4 + 1 extra; 5: stages 1-4 + 1 extra
+    hidden_dim: int = 256
+    nheads: int = 8
+    dim_feedforward: int = 2048
+    dropout: float = 0.0
+    activation: str = "relu"
+    enc_layers: int = 6
+    dec_layers: int = 6
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    num_queries: int = 900
+    num_classes: int = 91  # raw category ids 0..num_classes-1 (COCO 91, Objects365 366)
+    position_temperature: float = 20.0
+    encoder_checkpointing: bool = False  # activation checkpointing of encoder layers
+    msda_backend: Optional[str] = None  # None (auto) | "cuda" | "pytorch"
+    # contrastive denoising
+    dn_number: int = 100
+    dn_box_noise_scale: float = 1.0  # the released models used 1.0 (config file says 0.4)
+    dn_label_noise_ratio: float = 0.5
+    dn_labelbook_size: int = 91  # label_enc has dn_labelbook_size + 1 rows
+    # heads
+    dec_pred_bbox_embed_share: bool = True
+    dec_pred_class_embed_share: bool = True
+    # matcher costs
+    set_cost_class: float = 2.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    # loss weights (final, aux, dn and interm alike)
+    cls_loss_coef: float = 1.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    interm_loss_coef: float = 1.0
+    # post-processing
+    num_select: int = 300
+
+
+@dataclass
+class DataConfig:
+    """Datasets and augmentation. Sizes are in pixels before ``scale_factor``."""
+
+    train: Optional[str] = None  # folder of Parquet shards (with manifest.json)
+    val: Optional[str] = None
+    image_root: Optional[str] = None  # for records that reference files by path
+    train_scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
+    train_max_size: int = 1333
+    crop_resize_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_size_range: list[int] = field(default_factory=lambda: [384, 600])
+    eval_size: int = 800
+    eval_max_size: int = 1333
+    scale_factor: float = 1.0  # 1.5 for the fine-tuning recipe
+    batch_size: int = 2  # images per worker per step
+    seed: int = 42
+
+
+@dataclass
+class TrainConfig:
+    """Optimization and distribution."""
+
+    epochs: int = 12
+    max_steps: Optional[int] = None  # stops early when set
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    lr_linear_proj_mult: float = 1.0  # multiplier for sampling-offset / reference-point layers
+    weight_decay: float = 1e-4
+    no_decay_norm_embed: bool = False
+    schedule: str = "step"  # step | multistep | cosine
+    lr_drop_epochs: list[int] = field(default_factory=lambda: [11])
+    warmup_steps: int = 0
+    clip_max_norm: float = 0.1
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    zero_stage: int = 2
+    global_batch_size: int = 16  # fixed across worker counts via gradient accumulation
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    ema_decay: Optional[float] = None
+    checkpoint_every_steps: int = 500
+    max_failures: int = 0
+    max_bad_steps: int = 5  # consecutive NaN/Inf loss steps before aborting
+    storage_path: Optional[str] = None  # local folder, s3:// or gs://
+    seed: int = 42
+    log_every_steps: int = 10
+
+
+@dataclass
+class EvalConfig:
+    tta: bool = False
+    tta_scales: list[int] = field(default_factory=lambda: [800])
+    batch_size: int = 2
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+_SWIN_L = {
+    "model.backbone": "swin_large_384",
+    "model.backbone_checkpointing": True,
+}
+
+# Presets as data: overrides applied to the defaults above.
+PRESETS: dict[str, dict[str, Any]] = {
+    "r50_4scale": {},
+    "r50_5scale": {"model.num_feature_levels": 5, "data.batch_size": 1},
+    "swinl_4scale": dict(_SWIN_L),
+    "swinl_5scale": {**_SWIN_L, "model.num_feature_levels": 5, "data.batch_size": 1},
+    # CPU-sized: small backbone, narrow transformer, ~256 px images. For tests and demos.
+    "tiny": {
+        "model.backbone": "tiny_resnet",
+        "model.hidden_dim": 64,
+        "model.nheads": 4,
+        "model.dim_feedforward": 128,
+        "model.enc_layers": 2,
+        "model.dec_layers": 2,
+        "model.num_queries": 50,
+        "model.dn_number": 20,
+        "model.num_select": 50,
+        "data.train_scales": [192, 224, 256],
+        "data.train_max_size": 320,
+        "data.crop_resize_scales": [192, 224],
+        "data.crop_size_range": [160, 224],
+        "data.eval_size": 256,
+        "data.eval_max_size": 320,
+        "data.batch_size": 4,
+        "train.lr": 2e-4,
+        "train.lr_backbone": 2e-4,
+        "train.epochs": 50,
+        "train.global_batch_size": 4,
+        "train.zero_stage": 0,
+        "train.checkpoint_every_steps": 50,
+        "train.log_every_steps": 5,
+        "eval.tta_scales": [256],
+    },
+}
+
+
+def preset(name: str, overrides: Optional[list[str] | dict[str, Any]] = None) -> Config:
+    """The named preset with optional overrides (``["a.b=c", ...]`` or ``{"a.b": c}``)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    cfg = Config(name=name)
+    apply_overrides(cfg, PRESETS[name])
+    if overrides:
+        apply_overrides(cfg, overrides)
+    return cfg
+
+
+def _field_types(obj) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (often a string from the command line) to type ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "types.UnionType"):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                value = [v for v in text.strip("[]").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, args[0] if args else Any, key) for v in value]
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"bad value {value!r} for {key} (expected {getattr(tp, '__name__', tp)})") from None
+    return value
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Config:
+    """Set dotted keys in place, e.g. ``["model.num_queries=300", "train.lr=2e-4"]``."""
+    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
+    for key, value in items:
+        *path, leaf = key.split(".")
+        node = cfg
+        for part in path:
+            if not dataclasses.is_dataclass(node) or part not in _field_types(node):
+                raise ConfigError(f"unknown config key {key!r}")
+            node = getattr(node, part)
+        types = _field_types(node) if dataclasses.is_dataclass(node) else {}
+        if leaf not in types or dataclasses.is_dataclass(getattr(node, leaf)):
+            raise ConfigError(f"unknown config key {key!r}")
+        setattr(node, leaf, _coerce(value, types[leaf], key))
+    return cfg
+
+
+def _split(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Inverse of :func:`to_dict`; unknown keys are an error, missing keys take defaults."""
+    cfg = Config()
+    data = copy.deepcopy(data)
+    if "name" in data:
+        cfg.name = str(data.pop("name"))
+    flat = {}
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"unknown config key {section!r}")
+        for k, v in values.items():
+            flat[f"{section}.{k}"] = v
+    return apply_overrides(cfg, flat)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """``{"model.hidden_dim": 256, ...}``: for tracking params."""
+    out = {"name": cfg.name}
+    for section, values in to_dict(cfg).items():
+        if isinstance(values, dict):
+            out.update({f"{section}.{k}": v for k, v in values.items()})
+    return out
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    """Write JSON (``.json``) or YAML (anything else)."""
+    path = Path(path)
+    data = to_dict(cfg)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(data, indent=2))
+    else:
+        import yaml
+
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".json":
+        return from_dict(json.loads(text))
+    import yaml
+
+    return from_dict(yaml.safe_load(text))

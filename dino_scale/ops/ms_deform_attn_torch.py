@@ -1,0 +1,38 @@
+"""Pure-PyTorch multi-scale deformable attention (the reference and CPU backend).
+
+Semantics of the official op: bilinear sampling of each level's value map at
+``sampling_locations`` in [0, 1] (align_corners=False pixel convention, zero padding
+outside the map), weighted by ``attention_weights`` and summed over levels and points.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ms_deform_attn_pytorch(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """value (N,S,M,D); spatial_shapes (L,2) int64 (H,W); level_start_index (L,);
+    sampling_locations (N,Lq,M,L,P,2) as (x,y) in [0,1]; attention_weights (N,Lq,M,L,P).
+    Returns (N, Lq, M*D) in value's dtype."""
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    value_list = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2 * sampling_locations.to(value.dtype) - 1
+    sampled = []
+    for lvl, (h, w) in enumerate(shapes):
+        # (N, H*W, M, D) -> (N*M, D, H, W)
+        v = value_list[lvl].flatten(2).transpose(1, 2).reshape(N * M, D, h, w)
+        # (N, Lq, M, P, 2) -> (N*M, Lq, P, 2)
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    # (N*M, D, Lq, L, P) weighted by (N*M, 1, Lq, L*P)
+    weights = attention_weights.to(value.dtype).transpose(1, 2).reshape(N * M, 1, Lq, L * P)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
+    return out.view(N, M * D, Lq).transpose(1, 2).contiguous()

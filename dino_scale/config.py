@@ -91,6 +91,7 @@ class DataConfig:
     scale_factor: float = 1.0  # 1.5 for the fine-tuning recipe
     batch_size: int = 2  # images per worker per step
     seed: int = 42
+    pad_multiple: Optional[int] = None  # collate pads H, W up to a multiple of this (None: batch max)
 
 
 @dataclass
@@ -113,7 +114,7 @@ class TrainConfig:
     global_batch_size: int = 16  # fixed across worker counts via gradient accumulation
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: Optional[float] = None  # None: 0.5 without GPUs (leaves CPUs to Ray Data), 1 with
     ema_decay: Optional[float] = None
     checkpoint_every_steps: int = 500
     max_failures: int = 0
@@ -121,6 +122,11 @@ class TrainConfig:
     storage_path: Optional[str] = None  # local folder, s3:// or gs://
     seed: int = 42
     log_every_steps: int = 10
+    # engine (issue 5)
+    deterministic: bool = False  # seeded, order-preserving data and deterministic kernels (exact resume)
+    min_workers: Optional[int] = None  # elastic: ScalingConfig(num_workers=(min_workers, num_workers))
+    checkpoints_to_keep: int = 2
+    torch_threads: Optional[int] = None  # intra-op threads per worker (None: torch default)
 
 
 @dataclass

@@ -1,0 +1,204 @@
+"""DINO's training loss: sigmoid focal classification, L1 and GIoU box terms, for the final
+decoder layer, every auxiliary layer (suffix ``_{i}``), the encoder proposals (``_interm``)
+and the denoising queries (``_dn`` and ``_dn_{i}``).
+
+Normalization follows the official implementation: every term is divided by the number
+of ground-truth boxes in the batch (averaged over distributed workers, at least 1); the
+denoising terms by that times the number of denoising groups. The focal term is
+``focal.mean(1).sum() / num_boxes * num_queries``. Denoising positives are supervised
+with their original label and box; negatives and empty slots count as background for
+the classification term and carry no box loss.
+
+Host syncs: none in the loss itself. The matcher copies the cost matrices of all output
+sets (final, aux, interm) to the host in one copy (assignment runs there); each set's
+matched indices go back in one copy.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from .denoising import dn_targets
+from .matcher import HungarianMatcher, build_matcher
+
+__all__ = ["SetCriterion", "sigmoid_focal_loss", "build_criterion", "build_weight_dict",
+           "weighted_loss"]
+
+BASE_KEYS = ("loss_ce", "loss_bbox", "loss_giou")
+
+
+def sigmoid_focal_loss(logits: Tensor, targets: Tensor, num_boxes: Union[float, Tensor],
+                       alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Focal loss (Lin et al.) as the official code computes it.
+
+    logits, targets (B, Q, C) (targets 0/1) -> ``loss.mean(1).sum() / num_boxes``.
+    """
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.mean(1).sum() / num_boxes
+
+
+def build_weight_dict(cls_coef: float = 1.0, bbox_coef: float = 5.0, giou_coef: float = 2.0,
+                      dec_layers: int = 6, dn: bool = True, interm: bool = True,
+                      interm_coef: float = 1.0) -> dict[str, float]:
+    """Loss weights for every key :class:`SetCriterion` emits (official naming)."""
+    base = {"loss_ce": cls_coef, "loss_bbox": bbox_coef, "loss_giou": giou_coef}
+    weights = dict(base)
+    if dn:
+        weights.update({f"{k}_dn": v for k, v in base.items()})
+    layer = dict(weights)
+    for i in range(dec_layers - 1):
+        weights.update({f"{k}_{i}": v for k, v in layer.items()})
+    if interm:
+        weights.update({f"{k}_interm": v * interm_coef for k, v in base.items()})
+    return weights
+
+
+def weighted_loss(loss_dict: dict[str, Tensor], weight_dict: dict[str, float]) -> Tensor:
+    """Sum of ``loss_dict[k] * weight_dict[k]`` over the keys that have a weight."""
+    terms = [loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict]
+    if not terms:
+        raise ValueError("weighted_loss: no loss key has a weight")
+    return torch.stack([t.float() for t in terms]).sum()
+
+
+class SetCriterion(nn.Module):
+    """forward(outputs, targets) -> dict of scalar losses (unweighted; see ``weight_dict``).
+
+    outputs: ``pred_logits`` (B, Q, C), ``pred_boxes`` (B, Q, 4) cxcywh, optional
+    ``aux_outputs`` (list of such dicts, earlier decoder layers), ``interm_outputs``
+    (encoder proposals, same form) and ``dn_meta`` (see :mod:`.denoising`).
+    targets: B dicts with ``labels`` int64 (n_i,) raw ids in [0, C) and ``boxes`` (n_i, 4).
+    The dn keys are always present when ``dn_losses`` is on (zeros when a batch has no
+    denoising part) so the key set is the same at every step.
+    """
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
+                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, dn_losses: bool = True):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = weight_dict
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.dn_losses = dn_losses
+
+    # -- pieces -------------------------------------------------------------------------
+    def _num_boxes(self, targets: list[dict], device) -> Union[float, Tensor]:
+        total = float(sum(int(t["labels"].shape[0]) for t in targets))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            n = torch.tensor(total, dtype=torch.float32, device=device)
+            torch.distributed.all_reduce(n)
+            return torch.clamp(n / torch.distributed.get_world_size(), min=1.0)
+        return max(total, 1.0)
+
+    def _class_loss(self, logits: Tensor, target_classes: Tensor, num_boxes) -> Tensor:
+        """logits (B, Q, C), target_classes (B, Q) in [0, C] (C = background)."""
+        onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(logits.dtype)
+        loss = sigmoid_focal_loss(logits, onehot, num_boxes, self.focal_alpha, self.focal_gamma)
+        return loss * logits.shape[1]
+
+    @staticmethod
+    def _box_losses(src: Tensor, tgt: Tensor, weight: Optional[Tensor], num_boxes):
+        """src, tgt (..., 4) cxcywh; weight (...) bool or None -> (l1, giou) sums / num_boxes."""
+        l1 = (src - tgt).abs().sum(-1)
+        giou = 1 - elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
+        if weight is not None:
+            l1 = torch.where(weight, l1, torch.zeros_like(l1))
+            giou = torch.where(weight, giou, torch.zeros_like(giou))
+        return l1.sum() / num_boxes, giou.sum() / num_boxes
+
+    def matched_losses(self, outputs: dict, targets: list[dict], num_boxes,
+                       indices: Optional[list] = None) -> dict[str, Tensor]:
+        """loss_ce, loss_bbox, loss_giou of ``outputs`` under ``indices`` (the matcher's
+        result; computed here when None)."""
+        logits = outputs["pred_logits"].float()
+        boxes = outputs["pred_boxes"].float()
+        device = logits.device
+        if indices is None:
+            indices = self.matcher(outputs, targets)
+        sizes = [int(t["labels"].shape[0]) for t in targets]
+        offsets = torch.tensor([0] + sizes[:-1], dtype=torch.long).cumsum(0)
+        batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
+        src_idx = torch.cat([src for src, _ in indices])
+        flat_tgt = torch.cat([tgt + offsets[b] for b, (_, tgt) in enumerate(indices)])
+        index = torch.stack([batch_idx, src_idx, flat_tgt]).to(device, non_blocking=True)
+        batch_idx, src_idx, flat_tgt = index.unbind(0)
+
+        all_labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.long)
+        all_boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.long, device=device)
+        target_classes[batch_idx, src_idx] = all_labels[flat_tgt]
+        loss_ce = self._class_loss(logits, target_classes, num_boxes)
+        loss_bbox, loss_giou = self._box_losses(boxes[batch_idx, src_idx], all_boxes[flat_tgt],
+                                                None, num_boxes)
+        return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    def dn_layer_losses(self, dn_out: dict, labels: Tensor, boxes: Tensor, positive: Tensor,
+                        num_boxes) -> dict[str, Tensor]:
+        """One layer's denoising losses; labels (B, P), boxes (B, P, 4), positive (B, P)."""
+        logits = dn_out["pred_logits"].float()
+        loss_ce = self._class_loss(logits, labels, num_boxes)
+        loss_bbox, loss_giou = self._box_losses(dn_out["pred_boxes"].float(), boxes, positive, num_boxes)
+        return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+        device = outputs["pred_logits"].device
+        if len(targets) != outputs["pred_logits"].shape[0]:
+            raise ValueError(f"criterion: {len(targets)} targets for a batch of "
+                             f"{outputs['pred_logits'].shape[0]}")
+        num_boxes = self._num_boxes(targets, device)
+        aux = outputs.get("aux_outputs") or []
+        sets = [("", outputs)] + [(f"_{i}", a) for i, a in enumerate(aux)]
+        if outputs.get("interm_outputs") is not None:
+            sets.append(("_interm", outputs["interm_outputs"]))
+        # one host copy for every set's cost matrices (see HungarianMatcher.match_many)
+        all_indices = self.matcher.match_many([o for _, o in sets], targets)
+        losses = {}
+        for (suffix, out), indices in zip(sets, all_indices):
+            terms = self.matched_losses(out, targets, num_boxes, indices)
+            losses.update({f"{k}{suffix}": v for k, v in terms.items()})
+        if self.dn_losses:
+            losses.update(self._dn(outputs.get("dn_meta"), targets, num_boxes, len(aux), device))
+        return losses
+
+    def _dn(self, dn_meta: Optional[dict], targets, num_boxes, num_aux: int, device) -> dict:
+        known = dn_meta.get("output_known_lbs_bboxes") if dn_meta else None
+        if not known or dn_meta["pad_size"] <= 0:
+            zero = torch.zeros((), device=device)
+            out = {f"{k}_dn": zero for k in BASE_KEYS}
+            for i in range(num_aux):
+                out.update({f"{k}_dn_{i}": zero for k in BASE_KEYS})
+            return out
+        labels, boxes, positive = dn_targets(targets, dn_meta, self.num_classes)
+        labels, boxes, positive = labels.to(device), boxes.to(device), positive.to(device)
+        norm = num_boxes * dn_meta["num_dn_group"]
+        out = {f"{k}_dn": v for k, v in
+               self.dn_layer_losses(known, labels, boxes, positive, norm).items()}
+        aux_known = known.get("aux_outputs") or []
+        if len(aux_known) != num_aux:
+            raise ValueError(f"criterion: {len(aux_known)} dn aux outputs for {num_aux} aux layers")
+        for i, layer in enumerate(aux_known):
+            out.update({f"{k}_dn_{i}": v for k, v in
+                        self.dn_layer_losses(layer, labels, boxes, positive, norm).items()})
+        return out
+
+
+def build_criterion(model_cfg) -> SetCriterion:
+    """From a :class:`dino_scale.config.ModelConfig`: matcher, weights and loss."""
+    weight_dict = build_weight_dict(model_cfg.cls_loss_coef, model_cfg.bbox_loss_coef,
+                                    model_cfg.giou_loss_coef, dec_layers=model_cfg.dec_layers,
+                                    dn=model_cfg.dn_number > 0, interm=True,
+                                    interm_coef=model_cfg.interm_loss_coef)
+    return SetCriterion(model_cfg.num_classes, build_matcher(model_cfg), weight_dict,
+                        focal_alpha=model_cfg.focal_alpha, focal_gamma=model_cfg.focal_gamma,
+                        dn_losses=model_cfg.dn_number > 0)

@@ -1,0 +1,132 @@
+"""The DINO detector module (backbone -> input projections -> deformable transformer -> heads).
+
+Module names equal the official implementation's, so an official checkpoint's ``model``
+entry loads with identity key mapping (see :mod:`dino_scale.models.official`).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .backbone import Joiner, downsample_mask
+from .box_ops import inverse_sigmoid
+from .denoising import dn_post_process, prepare_for_cdn
+from .transformer import MLP, DeformableTransformer
+
+__all__ = ["DINO"]
+
+
+class DINO(nn.Module):
+    """DINO with shared decoder heads, two-stage mixed query selection and contrastive denoising.
+
+    forward(images (B,3,H,W) float, masks (B,H,W) bool True = padding, targets=None) -> dict:
+      ``pred_logits`` (B,Q,num_classes), ``pred_boxes`` (B,Q,4) cxcywh in [0,1] of the unpadded
+      image; ``aux_outputs`` [dec_layers-1 x {pred_logits, pred_boxes}]; ``interm_outputs``
+      {pred_logits (B,Q,C), pred_boxes (B,Q,4)} of the encoder's selected proposals
+      (``interm_outputs_for_matching_pre``: the same tokens' raw proposals);
+      ``dn_meta`` (dict with the denoising outputs under ``output_known_lbs_bboxes``) when
+      training with targets and ``dn_number > 0``, else None.
+    Denoising runs only in train mode; in eval mode targets are ignored (no dn).
+    ``share_bbox_embed``/``share_class_embed`` (default True, as released) share the decoder heads.
+    """
+
+    def __init__(self, backbone: Joiner, transformer: DeformableTransformer, num_classes: int,
+                 num_queries: int, num_feature_levels: int = 4, dn_number: int = 100,
+                 dn_label_noise_ratio: float = 0.5, dn_box_noise_scale: float = 1.0,
+                 dn_labelbook_size: int = 91, share_bbox_embed: bool = True, share_class_embed: bool = True):
+        super().__init__()
+        hidden = transformer.d_model
+        self.transformer = transformer
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.hidden_dim = hidden
+        self.num_feature_levels = num_feature_levels
+        self.dn_number = dn_number
+        self.dn_label_noise_ratio = dn_label_noise_ratio
+        self.dn_box_noise_scale = dn_box_noise_scale
+        self.label_enc = nn.Embedding(dn_labelbook_size + 1, hidden)
+
+        channels = list(backbone.num_channels)
+        if num_feature_levels < len(channels):
+            raise ValueError(f"num_feature_levels {num_feature_levels} < backbone levels {len(channels)}")
+        projs = [nn.Sequential(nn.Conv2d(c, hidden, kernel_size=1), nn.GroupNorm(32, hidden)) for c in channels]
+        in_ch = channels[-1]
+        for _ in range(num_feature_levels - len(channels)):
+            projs.append(nn.Sequential(nn.Conv2d(in_ch, hidden, kernel_size=3, stride=2, padding=1),
+                                       nn.GroupNorm(32, hidden)))
+            in_ch = hidden
+        self.input_proj = nn.ModuleList(projs)
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.constant_(proj[0].bias, 0)
+        self.backbone = backbone
+
+        # decoder heads: shared (one module each, listed once per decoder layer: the released
+        # models) or one copy per layer
+        class_embed = nn.Linear(hidden, num_classes)
+        bbox_embed = MLP(hidden, hidden, 4, 3)
+        prior_prob = 0.01
+        nn.init.constant_(class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
+        nn.init.constant_(bbox_embed.layers[-1].weight, 0)
+        nn.init.constant_(bbox_embed.layers[-1].bias, 0)
+        n_dec = transformer.num_decoder_layers
+        self.bbox_embed = nn.ModuleList([bbox_embed if share_bbox_embed else copy.deepcopy(bbox_embed)
+                                         for _ in range(n_dec)])
+        self.class_embed = nn.ModuleList([class_embed if share_class_embed else copy.deepcopy(class_embed)
+                                          for _ in range(n_dec)])
+        transformer.decoder.bbox_embed = self.bbox_embed
+        transformer.decoder.class_embed = self.class_embed
+        # encoder heads: separate copies
+        transformer.enc_out_bbox_embed = copy.deepcopy(bbox_embed)
+        transformer.enc_out_class_embed = copy.deepcopy(class_embed)
+
+    def _features(self, images: Tensor, masks: Tensor):
+        feats, fmasks, poss = self.backbone(images, masks)
+        srcs = [proj(f) for proj, f in zip(self.input_proj, feats)]
+        fmasks, poss = list(fmasks), list(poss)
+        for lvl in range(len(feats), self.num_feature_levels):
+            src = self.input_proj[lvl](feats[-1] if lvl == len(feats) else srcs[-1])
+            m = downsample_mask(masks, src.shape[-2:])
+            srcs.append(src)
+            fmasks.append(m)
+            poss.append(self.backbone[1](m).to(src.dtype))
+        return srcs, fmasks, poss
+
+    def forward(self, images: Tensor, masks: Tensor, targets: Optional[list] = None) -> dict:
+        if images.dim() != 4 or masks.shape != (images.shape[0],) + tuple(images.shape[-2:]):
+            raise ValueError(f"expected images (B,3,H,W) and masks (B,H,W), got {tuple(images.shape)} "
+                             f"and {tuple(masks.shape)}")
+        masks = masks.to(torch.bool)
+        srcs, fmasks, poss = self._features(images, masks)
+
+        q_label = q_bbox = attn_mask = dn_meta = None
+        if self.training and targets is not None and self.dn_number > 0:
+            q_label, q_bbox, attn_mask, dn_meta = prepare_for_cdn(
+                targets, self.dn_number, self.dn_label_noise_ratio, self.dn_box_noise_scale, self.num_queries,
+                self.num_classes, self.hidden_dim, self.label_enc)
+
+        hs, refs, hs_enc, ref_enc, init_box_proposal = self.transformer(srcs, fmasks, poss, q_label, q_bbox,
+                                                                        attn_mask)
+        # keep label_enc in the graph even when no denoising query exists (as official)
+        hs[0] = hs[0] + self.label_enc.weight[0, 0] * 0.0
+
+        # look forward twice: layer l's boxes refine refs[l], the (undetached) output of layer l-1
+        coords = torch.stack([(embed(h) + inverse_sigmoid(ref)).sigmoid()
+                              for ref, embed, h in zip(refs[:-1], self.bbox_embed, hs)])
+        logits = torch.stack([embed(h) for embed, h in zip(self.class_embed, hs)])
+        if dn_meta is not None:
+            logits, coords = dn_post_process(logits, coords, dn_meta)
+        interm_logits = self.transformer.enc_out_class_embed(hs_enc[-1])
+        return {
+            "pred_logits": logits[-1],
+            "pred_boxes": coords[-1],
+            "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], coords[:-1])],
+            "interm_outputs": {"pred_logits": interm_logits, "pred_boxes": ref_enc[-1]},
+            # the selected tokens' raw proposals (before the encoder box head), as official
+            "interm_outputs_for_matching_pre": {"pred_logits": interm_logits, "pred_boxes": init_box_proposal},
+            "dn_meta": dn_meta,
+        }

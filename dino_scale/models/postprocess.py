@@ -1,0 +1,69 @@
+"""Post-processing: model outputs -> per-image top-k detections in original pixels.
+
+:class:`PostProcess` is the official one: sigmoid scores over all (query, class) pairs, the
+top ``num_select`` (300) pairs per image, no NMS; labels are class indices (= raw category
+ids); boxes x1,y1,x2,y2 scaled by each image's original (H, W).
+
+:func:`merge_tta` merges the results of several test-time views of one image.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .box_ops import box_cxcywh_to_xyxy
+
+__all__ = ["PostProcess", "merge_tta", "hflip_boxes"]
+
+
+class PostProcess(nn.Module):
+    def __init__(self, num_select: int = 300):
+        super().__init__()
+        self.num_select = num_select
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, target_sizes: Tensor) -> List[Dict[str, Tensor]]:
+        """outputs: ``pred_logits`` (B,Q,C), ``pred_boxes`` (B,Q,4) cxcywh normalized;
+        target_sizes (B,2) as (H,W). Returns B dicts: ``scores`` (k,), ``labels`` (k,) int64,
+        ``boxes`` (k,4) xyxy pixels, k = min(num_select, Q*C)."""
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        if target_sizes.shape != (logits.shape[0], 2):
+            raise ValueError(f"target_sizes must be (B,2)=({logits.shape[0]},2), got {tuple(target_sizes.shape)}")
+        B, Q, C = logits.shape
+        prob = logits.sigmoid()
+        k = min(self.num_select, Q * C)
+        scores, idx = torch.topk(prob.view(B, -1), k, dim=1)
+        query = torch.div(idx, C, rounding_mode="floor")
+        labels = idx % C
+        xyxy = torch.gather(box_cxcywh_to_xyxy(boxes), 1, query.unsqueeze(-1).repeat(1, 1, 4))
+        img_h, img_w = target_sizes.to(xyxy.dtype).unbind(1)
+        scale = torch.stack([img_w, img_h, img_w, img_h], dim=1)
+        xyxy = xyxy * scale[:, None, :]
+        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, xyxy)]
+
+
+def hflip_boxes(boxes: Tensor, width: float) -> Tensor:
+    """Map xyxy pixel boxes predicted on a horizontally flipped image back to the original."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=-1)
+
+
+def merge_tta(results: Sequence[Dict[str, Tensor]], num_select: int = 300) -> Dict[str, Tensor]:
+    """Merge one image's detections from several test-time views (flips, rescales).
+
+    Each element of ``results`` is a :class:`PostProcess` result ALREADY mapped back to the
+    original image's pixel frame (use ``target_sizes`` = original (H, W) for rescaled views
+    and :func:`hflip_boxes` for flipped ones). Detections of all views are concatenated and
+    the ``num_select`` highest-scoring are kept (no NMS: DINO's top-k is NMS-free and the AP
+    of a union of views ranks duplicates below the best-scoring copy). Returns the same
+    dict layout (``scores``, ``labels``, ``boxes``), sorted by score.
+    """
+    if not results:
+        raise ValueError("merge_tta needs at least one result")
+    scores = torch.cat([r["scores"] for r in results])
+    labels = torch.cat([r["labels"] for r in results])
+    boxes = torch.cat([r["boxes"] for r in results])
+    k = min(num_select, scores.numel())
+    top, idx = torch.topk(scores, k)
+    return {"scores": top, "labels": labels[idx], "boxes": boxes[idx]}

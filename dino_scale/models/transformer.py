@@ -1,0 +1,302 @@
+"""DINO's deformable transformer: encoder, decoder with look-forward-twice box refinement,
+and two-stage ("standard") mixed query selection.
+
+Module and parameter names equal the official ones (``transformer.*`` keys of a checkpoint).
+All tensors are batch-first: memory (B,S,C), queries (B,Q,C), boxes (B,Q,4) as (cx,cy,w,h).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+from .box_ops import inverse_sigmoid
+from .deformable_attention import MSDeformAttn
+from .position_encoding import gen_sineembed_for_position
+
+__all__ = ["MLP", "DeformableTransformer", "gen_encoder_output_proposals", "select_topk_queries"]
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU between them (``layers.{i}`` keys)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        outs = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims, outs))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+def _activation(name: str):
+    acts = {"relu": F.relu, "gelu": F.gelu}
+    if name not in acts:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(acts)}")
+    return acts[name]
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Deformable self-attention then FFN, each post-norm (norm1, norm2)."""
+
+    def __init__(self, d_model, d_ffn, dropout, activation, n_levels, n_heads, n_points, backend=None):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.activation = _activation(activation)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
+        src = self.norm1(src + self.dropout1(self.self_attn(src + pos, reference_points, src, spatial_shapes,
+                                                            level_start_index, padding_mask)))
+        ffn = self.linear2(self.dropout2(self.activation(self.linear1(src))))
+        return self.norm2(src + self.dropout3(ffn))
+
+
+class DeformableEncoder(nn.Module):
+    def __init__(self, layers: List[DeformableEncoderLayer], checkpointing: bool = False):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.checkpointing = checkpointing
+
+    @staticmethod
+    def reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+        """Token centers in [0,1] of each level's valid area, times valid ratios:
+        spatial_shapes (L,2), valid_ratios (B,L,2) -> (B,S,L,2) as (x,y)."""
+        refs = []
+        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+            ref_y, ref_x = torch.meshgrid(
+                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=valid_ratios.device),
+                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=valid_ratios.device), indexing="ij")
+            ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
+            ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
+            refs.append(torch.stack((ref_x, ref_y), -1))
+        return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]
+
+    def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask):
+        """src, pos (B,S,C); padding_mask (B,S) -> memory (B,S,C)."""
+        ref = self.reference_points(spatial_shapes, valid_ratios)
+        out = src
+        for layer in self.layers:
+            if self.checkpointing and torch.is_grad_enabled():
+                out = torch.utils.checkpoint.checkpoint(layer, out, pos, ref, spatial_shapes, level_start_index,
+                                                        padding_mask, use_reentrant=False)
+            else:
+                out = layer(out, pos, ref, spatial_shapes, level_start_index, padding_mask)
+        return out
+
+
+class DeformableDecoderLayer(nn.Module):
+    """Self-attention (norm2), deformable cross-attention (norm1), FFN (norm3), each post-norm.
+    Names follow the official layer, which is not in execution order."""
+
+    def __init__(self, d_model, d_ffn, dropout, activation, n_levels, n_heads, n_points, backend=None):
+        super().__init__()
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.activation = _activation(activation)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
+                memory_padding_mask, self_attn_mask=None):
+        """tgt, query_pos (B,Q,C); reference_points (B,Q,L,4); memory (B,S,C);
+        self_attn_mask (Q,Q) bool True = blocked."""
+        q = k = tgt + query_pos
+        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, attn_mask=self_attn_mask,
+                                                            need_weights=False)[0]))
+        ca = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
+                             memory_padding_mask)
+        tgt = self.norm1(tgt + self.dropout1(ca))
+        ffn = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout4(ffn))
+
+
+class DeformableDecoder(nn.Module):
+    """Layers, final ``norm``, ``ref_point_head`` (MLP 2*d -> d -> d over the sine embedding of
+    the reference box). ``bbox_embed``/``class_embed`` are set by the DINO module (shared
+    heads: the same module objects as ``DINO.bbox_embed``/``DINO.class_embed``)."""
+
+    def __init__(self, layers: List[DeformableDecoderLayer], d_model: int):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = nn.LayerNorm(d_model)
+        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+        self.d_model = d_model
+        self.bbox_embed: Optional[nn.ModuleList] = None
+        self.class_embed: Optional[nn.ModuleList] = None
+
+    def forward(self, tgt, memory, memory_padding_mask, refpoints_unsigmoid, spatial_shapes, level_start_index,
+                valid_ratios, self_attn_mask=None) -> Tuple[List[Tensor], List[Tensor]]:
+        """Returns ``hs`` [num_layers x (B,Q,C)] (after the final norm) and ``refs``
+        [(num_layers + 1) x (B,Q,4)]: refs[0] the initial boxes, refs[l+1] layer l's refinement
+        ``sigmoid(bbox_embed[l](raw output of layer l) + inverse_sigmoid(refs[l]))`` NOT detached
+        (the next layer's input uses the detached copy): look forward twice."""
+        output = tgt
+        reference = refpoints_unsigmoid.sigmoid()
+        refs = [reference]
+        hs = []
+        ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B,1,L,4)
+        for lid, layer in enumerate(self.layers):
+            ref_input = reference[:, :, None] * ratios  # (B,Q,L,4)
+            sine = gen_sineembed_for_position(ref_input[:, :, 0, :], self.d_model // 2)
+            query_pos = self.ref_point_head(sine)
+            output = layer(output, query_pos, ref_input, memory, spatial_shapes, level_start_index,
+                           memory_padding_mask, self_attn_mask)
+            if self.bbox_embed is not None:
+                new_reference = (self.bbox_embed[lid](output) + inverse_sigmoid(reference)).sigmoid()
+                reference = new_reference.detach()
+                refs.append(new_reference)
+            hs.append(self.norm(output))
+        return hs, refs
+
+
+def gen_encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor
+                                 ) -> Tuple[Tensor, Tensor]:
+    """One proposal per token: center of the token in its level's valid area, wh = 0.05*2**lvl.
+
+    memory (B,S,C), padding_mask (B,S) -> (memory with padded/invalid tokens zeroed (B,S,C),
+    proposals in logit space (B,S,4), +inf where padded or any coordinate outside (0.01,0.99)).
+    """
+    B = memory.shape[0]
+    proposals = []
+    cur = 0
+    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        m = padding_mask[:, cur:cur + h * w].view(B, h, w)
+        valid_h = torch.sum(~m[:, :, 0], 1)
+        valid_w = torch.sum(~m[:, 0, :], 1)
+        gy, gx = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
+                                torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device), indexing="ij")
+        grid = torch.cat([gx.unsqueeze(-1), gy.unsqueeze(-1)], -1)  # (h,w,2)
+        scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(B, 1, 1, 2)
+        grid = (grid.unsqueeze(0).expand(B, -1, -1, -1) + 0.5) / scale
+        wh = torch.ones_like(grid) * 0.05 * (2.0 ** lvl)
+        proposals.append(torch.cat((grid, wh), -1).view(B, -1, 4))
+        cur += h * w
+    proposals = torch.cat(proposals, 1)
+    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+    proposals = torch.log(proposals / (1 - proposals))
+    proposals = proposals.masked_fill(padding_mask.unsqueeze(-1), float("inf"))
+    proposals = proposals.masked_fill(~valid, float("inf"))
+    out = memory.masked_fill(padding_mask.unsqueeze(-1), 0.0).masked_fill(~valid, 0.0)
+    return out, proposals
+
+
+def select_topk_queries(class_logits: Tensor, k: int) -> Tensor:
+    """class_logits (B,S,C) -> indices (B,k) of the tokens with the largest max-class logit."""
+    return torch.topk(class_logits.max(-1)[0], k, dim=1)[1]
+
+
+class DeformableTransformer(nn.Module):
+    """Encoder + two-stage query selection + decoder. Keys as the official ``transformer.*``."""
+
+    def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048,
+                 dropout=0.0, activation="relu", num_feature_levels=4, enc_n_points=4, dec_n_points=4,
+                 num_queries=900, encoder_checkpointing=False, msda_backend=None):
+        super().__init__()
+        self.d_model = d_model
+        self.num_queries = num_queries
+        self.num_feature_levels = num_feature_levels
+        self.num_decoder_layers = num_decoder_layers
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        self.encoder = DeformableEncoder(
+            [DeformableEncoderLayer(d_model, dim_feedforward, dropout, activation, num_feature_levels, nhead,
+                                    enc_n_points, msda_backend) for _ in range(num_encoder_layers)],
+            checkpointing=encoder_checkpointing)
+        self.decoder = DeformableDecoder(
+            [DeformableDecoderLayer(d_model, dim_feedforward, dropout, activation, num_feature_levels, nhead,
+                                    dec_n_points, msda_backend) for _ in range(num_decoder_layers)], d_model)
+        self.tgt_embed = nn.Embedding(num_queries, d_model)
+        self.enc_output = nn.Linear(d_model, d_model)
+        self.enc_output_norm = nn.LayerNorm(d_model)
+        # set by DINO (separate copies of the decoder heads)
+        self.enc_out_bbox_embed: Optional[nn.Module] = None
+        self.enc_out_class_embed: Optional[nn.Module] = None
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m.reset_parameters()
+        nn.init.normal_(self.level_embed)
+
+    @staticmethod
+    def valid_ratio(mask: Tensor) -> Tensor:
+        """mask (B,H,W) True = padding -> (B,2) valid fraction of width and height."""
+        _, H, W = mask.shape
+        valid_h = torch.sum(~mask[:, :, 0], 1)
+        valid_w = torch.sum(~mask[:, 0, :], 1)
+        return torch.stack([valid_w.float() / W, valid_h.float() / H], -1)
+
+    def forward(self, srcs: List[Tensor], masks: List[Tensor], pos_embeds: List[Tensor],
+                query_label: Optional[Tensor] = None, query_bbox: Optional[Tensor] = None,
+                attn_mask: Optional[Tensor] = None):
+        """srcs/pos_embeds [(B,C,H_l,W_l)], masks [(B,H_l,W_l)]; optional denoising queries
+        query_label (B,pad,C), query_bbox (B,pad,4) in logit space, attn_mask (pad+Q,pad+Q).
+
+        Returns hs [L x (B,pad+Q,C)], refs [(L+1) x (B,pad+Q,4)], hs_enc (1,B,Q,C),
+        ref_enc (1,B,Q,4) (sigmoid, undetached), init_box_proposal (B,Q,4) (sigmoid).
+        """
+        src_flat, mask_flat, pos_flat, shapes = [], [], [], []
+        for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
+            shapes.append(src.shape[-2:])
+            src_flat.append(src.flatten(2).transpose(1, 2))
+            mask_flat.append(mask.flatten(1))
+            pos = pos.flatten(2).transpose(1, 2)
+            pos_flat.append(pos + self.level_embed[lvl].view(1, 1, -1) if self.num_feature_levels > 1 else pos)
+        src_flat = torch.cat(src_flat, 1)
+        mask_flat = torch.cat(mask_flat, 1)
+        pos_flat = torch.cat(pos_flat, 1)
+        spatial_shapes = torch.as_tensor([tuple(s) for s in shapes], dtype=torch.long, device=src_flat.device)
+        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)
+
+        memory = self.encoder(src_flat, pos_flat, spatial_shapes, level_start_index, valid_ratios, mask_flat)
+
+        # two-stage query selection
+        out_memory, out_proposals = gen_encoder_output_proposals(memory, mask_flat, spatial_shapes)
+        out_memory = self.enc_output_norm(self.enc_output(out_memory))
+        enc_class = self.enc_out_class_embed(out_memory)
+        enc_coord = self.enc_out_bbox_embed(out_memory) + out_proposals  # logit space
+        if enc_class.shape[1] < self.num_queries:
+            raise ValueError(f"input too small: {enc_class.shape[1]} encoder tokens for {self.num_queries} queries "
+                             f"(feature maps {[tuple(s) for s in shapes]}); use larger images or fewer queries")
+        topk = select_topk_queries(enc_class, self.num_queries)
+        refpoint_undetach = torch.gather(enc_coord, 1, topk.unsqueeze(-1).repeat(1, 1, 4))
+        refpoint = refpoint_undetach.detach()
+        init_box_proposal = torch.gather(out_proposals, 1, topk.unsqueeze(-1).repeat(1, 1, 4)).sigmoid()
+        tgt_undetach = torch.gather(out_memory, 1, topk.unsqueeze(-1).repeat(1, 1, self.d_model))
+        bs = memory.shape[0]
+        tgt = self.tgt_embed.weight[None].repeat(bs, 1, 1)
+        if query_bbox is not None:
+            refpoint = torch.cat([query_bbox, refpoint], dim=1)
+            tgt = torch.cat([query_label, tgt], dim=1)
+
+        hs, refs = self.decoder(tgt, memory, mask_flat, refpoint, spatial_shapes, level_start_index,
+                                valid_ratios, attn_mask)
+        hs_enc = tgt_undetach.unsqueeze(0)
+        ref_enc = refpoint_undetach.sigmoid().unsqueeze(0)
+        return hs, refs, hs_enc, ref_enc, init_box_proposal

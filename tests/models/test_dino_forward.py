@@ -1,0 +1,133 @@
+"""DINO forward/backward on a padded batch of different image sizes (tiny preset)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dino_scale.config import preset
+from dino_scale.models import build_dino
+
+
+def _batch():
+    """Two images (96x128 and 80x96) padded into one (2,3,96,128) batch, as a collate would."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.zeros(2, 3, 96, 128)
+    masks = torch.ones(2, 96, 128, dtype=torch.bool)
+    for i, (h, w) in enumerate([(96, 128), (80, 96)]):
+        images[i, :, :h, :w] = torch.randn(3, h, w, generator=g)
+        masks[i, :h, :w] = False
+    targets = [{"labels": torch.tensor([3, 17]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4], [0.2, 0.3, 0.1, 0.2]])},
+               {"labels": torch.tensor([90]), "boxes": torch.tensor([[0.6, 0.4, 0.5, 0.5]])}]
+    return images, masks, targets
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = preset("tiny").model
+    model, criterion, post = build_dino(cfg)
+    return cfg, model, criterion, post
+
+
+def _loss(criterion, out, targets):
+    losses = criterion(out, targets)
+    return sum(criterion.weight_dict[k] * v for k, v in losses.items() if k in criterion.weight_dict), losses
+
+
+def test_train_forward_backward_with_denoising(tiny):
+    cfg, model, criterion, _ = tiny
+    images, masks, targets = _batch()
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(images, masks, targets)
+    Q, C, L = cfg.num_queries, cfg.num_classes, cfg.dec_layers
+    assert out["pred_logits"].shape == (2, Q, C) and out["pred_boxes"].shape == (2, Q, 4)
+    assert len(out["aux_outputs"]) == L - 1
+    assert out["interm_outputs"]["pred_boxes"].shape == (2, Q, 4)
+    meta = out["dn_meta"]
+    groups = cfg.dn_number // 2  # max 2 boxes per image
+    assert meta["num_dn_group"] == groups and meta["pad_size"] == 2 * 2 * groups
+    dn = meta["output_known_lbs_bboxes"]
+    assert dn["pred_logits"].shape == (2, meta["pad_size"], C) and len(dn["aux_outputs"]) == L - 1
+    loss, losses = _loss(criterion, out, targets)
+    assert math.isfinite(loss.item()) and "loss_bbox_dn" in losses
+    loss.backward()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name in ["label_enc.weight", "transformer.tgt_embed.weight", "transformer.decoder.ref_point_head.layers.0.weight",
+                 "bbox_embed.0.layers.2.weight", "transformer.enc_out_class_embed.weight",
+                 "input_proj.3.0.weight", "backbone.0.body.layer2.0.conv1.weight",
+                 "transformer.encoder.layers.0.self_attn.sampling_offsets.weight"]:
+        assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert params["backbone.0.body.layer1.0.conv1.weight"].grad is None  # frozen
+
+
+def test_eval_mode_forward_with_targets_has_no_dn_and_backward_works(tiny):
+    _, model, criterion, post = tiny
+    images, masks, targets = _batch()
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    out = model(images, masks, targets)
+    assert out["dn_meta"] is None
+    loss, losses = _loss(criterion, out, targets)
+    loss.backward()
+    assert model.transformer.tgt_embed.weight.grad.abs().sum() > 0
+    res = post(out, torch.tensor([[480, 640], [400, 480]]))
+    assert res[1]["boxes"].shape == (50, 4) and (res[1]["boxes"][:, 2:] >= res[1]["boxes"][:, :2] - 1e-4).all()
+
+
+def test_batch_without_boxes_trains(tiny):
+    _, model, criterion, _ = tiny
+    images, masks, _ = _batch()
+    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)} for _ in range(2)]
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(images, masks, empty)
+    assert out["pred_logits"].shape[1] == model.num_queries
+    loss, _ = _loss(criterion, out, empty)
+    loss.backward()
+    assert math.isfinite(loss.item()) and model.label_enc.weight.grad is not None
+
+
+def test_encoder_checkpointing_gives_same_outputs_and_grads():
+    cfg = preset("tiny", {"model.enc_layers": 1, "model.dec_layers": 1}).model
+    torch.manual_seed(0)
+    model, _, _ = build_dino(cfg)
+    model.eval()
+    images, masks, _ = _batch()
+    results = []
+    for ckpt in (False, True):
+        model.transformer.encoder.checkpointing = ckpt
+        model.zero_grad(set_to_none=True)
+        out = model(images, masks)
+        (out["pred_boxes"].sum() + out["pred_logits"].sum()).backward()
+        results.append((out["pred_logits"].detach(), model.transformer.encoder.layers[0].linear1.weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_bad_inputs_are_rejected(tiny):
+    _, model, _, _ = tiny
+    with pytest.raises(ValueError, match="masks"):
+        model(torch.zeros(1, 3, 64, 64), torch.zeros(1, 32, 32, dtype=torch.bool))
+    model.eval()
+    with pytest.raises(ValueError, match="input too small"):  # 4x4+2x2+1+1 tokens < 50 queries
+        model(torch.zeros(1, 3, 32, 32), torch.zeros(1, 32, 32, dtype=torch.bool))
+
+
+def test_bf16_autocast_train_step(tiny):
+    """Mixed precision (as precision=bf16 runs it): finite loss and gradients."""
+    _, model, criterion, _ = tiny
+    images, masks, targets = _batch()
+    model.train()
+    model.zero_grad(set_to_none=True)
+    device = images.device.type
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = model(images, masks, targets)
+        loss, _ = _loss(criterion, out, targets)
+    loss.backward()
+    assert math.isfinite(loss.item())
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -1,0 +1,36 @@
+"""PostProcess top-k and scaling; TTA merge."""
+from __future__ import annotations
+
+import torch
+
+from dino_scale.models.postprocess import PostProcess, hflip_boxes, merge_tta
+
+
+def test_topk_over_queries_and_classes_scaled_boxes():
+    logits = torch.full((2, 3, 4), -10.0)
+    logits[0, 2, 1] = 3.0  # best: query 2, class 1
+    logits[0, 0, 3] = 2.0
+    logits[1, 1, 0] = 1.0
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1], [0.25, 0.5, 0.5, 1.0]]]).repeat(2, 1, 1)
+    sizes = torch.tensor([[100, 200], [50, 80]])  # (H, W)
+    res = PostProcess(num_select=5)({"pred_logits": logits, "pred_boxes": boxes}, sizes)
+    assert len(res) == 2 and res[0]["scores"].shape == (5,)
+    assert res[0]["labels"][:2].tolist() == [1, 3]
+    torch.testing.assert_close(res[0]["scores"][0], torch.sigmoid(torch.tensor(3.0)))
+    torch.testing.assert_close(res[0]["boxes"][0], torch.tensor([0.0, 0.0, 100.0, 100.0]))  # x by W, y by H
+    torch.testing.assert_close(res[0]["boxes"][1], torch.tensor([80.0, 40.0, 120.0, 60.0]))
+    assert res[1]["labels"][0].item() == 0
+    torch.testing.assert_close(res[1]["boxes"][0], torch.tensor([4.0, 2.5, 12.0, 7.5]))
+    assert (res[0]["scores"][:-1] >= res[0]["scores"][1:]).all()
+
+
+def test_merge_tta_keeps_best_of_all_views():
+    a = {"scores": torch.tensor([0.9, 0.2]), "labels": torch.tensor([1, 2]),
+         "boxes": torch.tensor([[0.0, 0, 10, 10], [1, 1, 2, 2]])}
+    flipped = {"scores": torch.tensor([0.5, 0.95]), "labels": torch.tensor([3, 1]),
+               "boxes": hflip_boxes(torch.tensor([[0.0, 0, 10, 10], [90, 0, 100, 10]]), width=100)}
+    merged = merge_tta([a, flipped], num_select=3)
+    torch.testing.assert_close(merged["scores"], torch.tensor([0.95, 0.9, 0.5]))
+    assert merged["labels"].tolist() == [1, 1, 3]
+    torch.testing.assert_close(merged["boxes"][0], torch.tensor([0.0, 0, 10, 10]))  # flipped back
+    torch.testing.assert_close(merged["boxes"][2], torch.tensor([90.0, 0, 100, 10]))

@@ -1,0 +1,360 @@
+"""Tests for the detection-variant Swin backbone (dino_scale/models/swin.py)."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dino_scale.models import swin as S
+
+SMALL = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
+
+
+def small(**kw):
+    torch.manual_seed(0)
+    cfg = dict(SMALL)
+    cfg.update(kw)
+    return S.SwinTransformerDetection(**cfg)
+
+
+def _randomize_norms(model, seed=1):
+    """LayerNorms default to (1, 0); give them random affine params so loading is visible."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+# ---------------------------------------------------------------- shapes / API
+
+@pytest.mark.parametrize("hw", [(100, 148), (320, 416), (33, 17)])
+def test_shapes_channels_strides(hw):
+    H, W = hw
+    model = small(out_indices=(0, 1, 2, 3)).eval()
+    assert model.num_channels == [32, 64, 128, 256]
+    assert model.strides == [4, 8, 16, 32]
+    with torch.no_grad():
+        outs = model(torch.randn(2, 3, H, W))
+    h, w = -(-H // 4), -(-W // 4)
+    for out, c in zip(outs, model.num_channels):
+        assert out.shape == (2, c, h, w)
+        assert torch.isfinite(out).all()
+        h, w = (h + 1) // 2, (w + 1) // 2
+
+
+def test_default_out_indices_and_swin_large_meta_keys(reference_dir):
+    with torch.device("meta"):
+        m4 = S.swin_large_384()
+        m5 = S.swin_large_384(out_indices=(0, 1, 2, 3))
+    assert m4.num_channels == [384, 768, 1536] and m4.strides == [8, 16, 32]
+    assert m5.num_channels == [192, 384, 768, 1536] and m5.strides == [4, 8, 16, 32]
+    expected = []
+    for line in open(os.path.join(reference_dir, "state_dict_swinl_4scale.tsv")):
+        key, shape = line.rstrip("\n").split("\t")
+        if key.startswith("backbone.0."):
+            expected.append((key[len("backbone.0."):], tuple(int(x) for x in shape.strip("()").split(",") if x.strip())))
+    ours = [(k, tuple(v.shape)) for k, v in m4.state_dict().items()]
+    assert sorted(ours) == sorted(expected)
+    keys5 = set(m5.state_dict())
+    assert keys5 == (set(k for k, _ in expected) | {"norm0.weight", "norm0.bias"})
+    assert m5.state_dict()["norm0.weight"].shape == (192,)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        small(out_indices=(4,))
+    with pytest.raises(ValueError):
+        small(out_indices=(2, 1))
+    with pytest.raises(ValueError):
+        small()(torch.randn(1, 1, 32, 32))
+
+
+# ---------------------------------------------------------------- exact semantics
+
+def test_relative_position_index_matches_direct_formula():
+    for ws in (3, 7, 12):
+        idx = S.relative_position_index(ws)
+        n = ws * ws
+        expected = torch.empty(n, n, dtype=torch.long)
+        for a in range(n):
+            for b in range(n):
+                dh, dw = a // ws - b // ws, a % ws - b % ws
+                expected[a, b] = (dh + ws - 1) * (2 * ws - 1) + (dw + ws - 1)
+        assert torch.equal(idx, expected)
+    assert S.relative_position_index(12).shape == (144, 144)
+    assert int(S.relative_position_index(12).max()) == 23 * 23 - 1
+
+
+def _region_labels(Hp, Wp, ws, s):
+    """Region id per (row, col) of the rolled, padded map: 3 bands per axis."""
+    def band(i, n):
+        return 0 if i < n - ws else (1 if i < n - s else 2)
+    return torch.tensor([[band(i, Hp) * 3 + band(j, Wp) for j in range(Wp)] for i in range(Hp)])
+
+
+def _reference_block(blk, x, H, W):
+    """Token-level reference for one block: global attention over the padded, rolled map,
+    restricted to same-window pairs, -100 across shift regions (no partition/reverse)."""
+    B, L, C = x.shape
+    ws, s, nh = blk.window_size, blk.shift_size, blk.attn.num_heads
+    y = blk.norm1(x).view(B, H, W, C)
+    Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
+    y = F.pad(y, (0, 0, 0, Wp - W, 0, Hp - H))
+    y = torch.roll(y, (-s, -s), (1, 2)) if s else y
+    rows = torch.arange(Hp).repeat_interleave(Wp)
+    cols = torch.arange(Wp).repeat(Hp)
+    win = (rows // ws) * (Wp // ws) + cols // ws
+    same_win = win[:, None] == win[None, :]
+    dh = (rows % ws)[:, None] - (rows % ws)[None, :]
+    dw = (cols % ws)[:, None] - (cols % ws)[None, :]
+    table_idx = (dh + ws - 1) * (2 * ws - 1) + (dw + ws - 1)
+    bias = blk.attn.relative_position_bias_table[table_idx].permute(2, 0, 1)  # nh, T, T
+    if s:
+        reg = _region_labels(Hp, Wp, ws, s).flatten()
+        bias = bias + torch.where(reg[:, None] != reg[None, :], -100.0, 0.0)
+    bias = bias.masked_fill(~same_win, float("-inf"))
+    t = y.reshape(B, Hp * Wp, C)
+    qkv = blk.attn.qkv(t).reshape(B, -1, 3, nh, C // nh).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    a = (q * (C // nh) ** -0.5) @ k.transpose(-2, -1) + bias
+    o = (a.softmax(-1) @ v).transpose(1, 2).reshape(B, Hp, Wp, C)
+    o = blk.attn.proj(o)
+    o = torch.roll(o, (s, s), (1, 2)) if s else o
+    out = x + o[:, :H, :W].reshape(B, H * W, C)
+    return out + blk.mlp(blk.norm2(out))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("hw", [(5, 7), (8, 8), (9, 13), (3, 2)])
+def test_block_matches_token_level_reference(hw, fused):
+    H, W = hw
+    torch.manual_seed(0)
+    stage = S.SwinStage(16, 2, 2, 4, 4.0, [0.0, 0.0], downsample=False).eval()
+    _randomize_norms(stage)
+    for blk in stage.blocks:
+        blk.attn.fused = fused
+    x = torch.randn(2, H * W, 16)
+    ws = 4
+    mask = S.shifted_window_mask(-(-H // ws) * ws, -(-W // ws) * ws, ws, 2)
+    with torch.no_grad():
+        for blk in stage.blocks:  # shift 0 then shift 2
+            ours = blk(x, H, W, mask)
+            ref = _reference_block(blk, x, H, W)
+            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+        out, _, _, _ = stage(x, H, W)
+        ref = _reference_block(stage.blocks[1], _reference_block(stage.blocks[0], x, H, W), H, W)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_shifted_window_mask_values():
+    Hp, Wp, ws, s = 8, 12, 4, 2
+    mask = S.shifted_window_mask(Hp, Wp, ws, s)
+    assert mask.shape == ((Hp // ws) * (Wp // ws), ws * ws, ws * ws)
+    assert set(mask.unique().tolist()) == {0.0, -100.0}
+    reg = _region_labels(Hp, Wp, ws, s)
+    for wi in range(Hp // ws):
+        for wj in range(Wp // ws):
+            r = reg[wi * ws:(wi + 1) * ws, wj * ws:(wj + 1) * ws].flatten()
+            expect = torch.where(r[:, None] != r[None, :], -100.0, 0.0)
+            assert torch.equal(mask[wi * (Wp // ws) + wj], expect)
+    # an unshifted-looking top-left window has no masking at all
+    assert (mask[0] == 0).all()
+
+
+def test_patch_merging_order_and_odd_padding():
+    torch.manual_seed(0)
+    pm = S.PatchMerging(3)
+    H, W = 3, 5
+    x = torch.randn(1, H * W, 3)
+    grid = F.pad(x.view(1, H, W, 3), (0, 0, 0, 1, 0, 1))
+    manual = []
+    for i in range(0, 4, 2):
+        for j in range(0, 6, 2):  # row-major output tokens
+            manual.append(torch.cat([grid[0, i, j], grid[0, i + 1, j], grid[0, i, j + 1], grid[0, i + 1, j + 1]]))
+    manual = torch.stack(manual)[None]
+    expected = pm.reduction(pm.norm(manual))
+    torch.testing.assert_close(pm(x, H, W), expected)
+    assert pm.reduction.bias is None
+
+
+def test_patch_embed_pads_right_bottom():
+    torch.manual_seed(0)
+    pe = S.PatchEmbed(4, 3, 8)
+    x = torch.randn(1, 3, 10, 13)
+    y = pe(x)
+    assert y.shape == (1, 8, 3, 4)
+    manual = pe.proj(F.pad(x, (0, 3, 0, 2)))
+    manual = pe.norm(manual.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(1, 8, 3, 4)
+    torch.testing.assert_close(y, manual)
+
+
+def test_matches_timm_where_timm_agrees(tmp_path):
+    """On maps that are window multiples and larger than the window at every stage, timm's
+    Swin computes the same function: load timm's weights (timm layout, from a file) and
+    compare every stage (timm has no output norms: apply ours to its intermediates)."""
+    timm_swin = pytest.importorskip("timm.models.swin_transformer")
+    torch.manual_seed(0)
+    ref = timm_swin.SwinTransformer(img_size=256, patch_size=4, window_size=4, embed_dim=32,
+                                    depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), num_classes=5).eval()
+    _randomize_norms(ref)
+    path = tmp_path / "timm_swin.pth"
+    torch.save(ref.state_dict(), path)
+    ours = small(window_size=4, out_indices=(0, 1, 2, 3)).eval()
+    report = S.load_swin_imagenet_weights(ours, str(path))
+    assert report.source_format == "timm"
+    assert report.unexpected == []
+    assert sorted(report.missing) == sorted(f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias"))
+    assert any(k.startswith("head.") for k in report.dropped)
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        feats = ref.forward_intermediates(x, intermediates_only=True)
+        outs = ours(x)
+    for i, (o, f) in enumerate(zip(outs, feats)):
+        norm = getattr(ours, f"norm{i}")
+        expected = norm(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        torch.testing.assert_close(o, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_zero_padded_image_differs_from_cropped_only_through_padding():
+    """The detector pads images with zeros; the backbone does not mask them, so features of a
+    padded image differ from the unpadded one (as in the official code) but stay finite and
+    the shapes follow the padded size."""
+    model = small().eval()
+    img = torch.randn(1, 3, 64, 96)
+    padded = F.pad(img, (0, 32, 0, 32))
+    with torch.no_grad():
+        a = model(img)
+        b = model(padded)
+    assert [t.shape[-2:] for t in b] == [(12, 16), (6, 8), (3, 4)]
+    assert all(torch.isfinite(t).all() for t in b)
+    assert not torch.allclose(a[0], b[0][..., :8, :12])
+
+
+# ---------------------------------------------------------------- checkpointing
+
+def test_activation_checkpointing_same_outputs_and_grads():
+    model = small(drop_path_rate=0.0)
+    model.train()
+    x = torch.randn(2, 3, 72, 100)
+
+    def run():
+        model.zero_grad()
+        outs = model(x)
+        sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs).backward()
+        return [o.detach() for o in outs], {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    o1, g1 = run()
+    model.use_checkpoint = True
+    assert all(layer.use_checkpoint for layer in model.layers)
+    o2, g2 = run()
+    for a, b in zip(o1, o2):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert set(g1) == set(g2)
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-6, atol=1e-7, msg=n)
+    assert g1["layers.0.blocks.1.attn.relative_position_bias_table"].abs().sum() > 0
+
+
+def test_fused_and_explicit_attention_agree_with_grads():
+    model = small()
+    model.train()
+    x = torch.randn(1, 3, 56, 80)
+    res = []
+    for fused in (True, False):
+        model.set_fused_attention(fused)
+        model.zero_grad()
+        outs = model(x)
+        sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs).backward()
+        res.append(([o.detach() for o in outs],
+                    model.layers[1].blocks[1].attn.relative_position_bias_table.grad.clone()))
+    for a, b in zip(res[0][0], res[1][0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(res[0][1], res[1][1], rtol=1e-3, atol=1e-6)
+
+
+# ---------------------------------------------------------------- weight loading
+
+def _to_original_format(model):
+    """What an original Swin repo ImageNet checkpoint looks like for this model."""
+    sd = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("norm")}
+    sd["norm.weight"] = torch.ones(model.num_features[-1])
+    sd["norm.bias"] = torch.zeros(model.num_features[-1])
+    sd["head.weight"] = torch.randn(7, model.num_features[-1])
+    sd["head.bias"] = torch.zeros(7)
+    sd["layers.0.blocks.1.attn_mask"] = torch.zeros(4, 144, 144)
+    sd["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(144, 144, dtype=torch.long)
+    return {"model": sd}
+
+
+def test_load_original_format(tmp_path):
+    src = small()
+    _randomize_norms(src)
+    path = tmp_path / "swin_orig.pth"
+    torch.save(_to_original_format(src), path)
+    dst = small(out_indices=(0, 1, 2, 3))
+    report = S.load_swin_imagenet_weights(dst, str(path), strict=True)
+    assert report.source_format == "original"
+    assert report.unexpected == []
+    assert sorted(report.missing) == sorted(f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias"))
+    assert {"head.weight", "norm.weight", "layers.0.blocks.1.attn_mask"} <= set(report.dropped)
+    src_sd, dst_sd = src.state_dict(), dst.state_dict()
+    for k, v in src_sd.items():
+        if not k.startswith("norm"):
+            assert torch.equal(dst_sd[k], v), k
+    # relative_position_index is recomputed, never taken from the file
+    assert torch.equal(dst_sd["layers.0.blocks.0.attn.relative_position_index"],
+                       S.relative_position_index(12))
+
+
+def test_load_timm_format_with_prefix_and_safetensors(tmp_path):
+    from safetensors.torch import save_file
+    src = small()
+    _randomize_norms(src)
+    sd = {}
+    for k, v in src.state_dict().items():
+        if k.startswith("norm") or k.endswith("relative_position_index"):
+            continue
+        k = k.replace(".downsample.", "#")
+        if "#" in k:  # timm: downsample at the start of the next stage, FeatureListNet naming
+            i, rest = k[len("layers."):].split("#")
+            k = f"layers_{int(i) + 1}.downsample.{rest}"
+        else:
+            k = k.replace("layers.", "layers_", 1)
+        sd["model." + k] = v.clone().contiguous()
+    path = tmp_path / "swin_timm.safetensors"
+    save_file(sd, str(path))
+    dst = small()
+    report = S.load_swin_imagenet_weights(dst, str(path))
+    assert report.source_format == "timm" and report.unexpected == []
+    for k, v in src.state_dict().items():
+        if not k.startswith("norm"):
+            assert torch.equal(dst.state_dict()[k], v), k
+
+
+def test_load_errors(tmp_path, caplog):
+    src = small(window_size=7)
+    path = tmp_path / "ws7.pth"
+    torch.save(src.state_dict(), path)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        S.load_swin_imagenet_weights(small(), str(path))
+    with pytest.raises(FileNotFoundError):
+        S.load_swin_imagenet_weights(small(), str(tmp_path / "missing.pth"))
+    sd = {k: v for k, v in small().state_dict().items() if not k.startswith("layers.3.")}
+    sd["extra.weight"] = torch.zeros(3)
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match="unexpected"):
+        S.load_swin_imagenet_weights(small(), str(path), strict=True)
+    with caplog.at_level("WARNING"):
+        report = S.load_swin_imagenet_weights(small(), str(path))
+    assert report.unexpected == ["extra.weight"]
+    assert any(k.startswith("layers.3.blocks.0") for k in report.missing)
+    assert "extra.weight" in caplog.text
+
+
+def test_load_refuses_pickled_objects(tmp_path):
+    import argparse
+    path = tmp_path / "with_args.pth"
+    torch.save({"model": small().state_dict(), "args": argparse.Namespace(lr=1.0)}, path)
+    with pytest.raises(ValueError, match="weights_only"):
+        S.load_swin_imagenet_weights(small(), str(path))

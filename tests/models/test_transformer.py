@@ -1,0 +1,143 @@
+"""Encoder proposals, two-stage query selection, and look-forward-twice refinement (autograd)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+import dino_scale.models.transformer as transformer_mod
+from dino_scale.config import preset
+from dino_scale.models import build_model
+from dino_scale.models.box_ops import inverse_sigmoid
+from dino_scale.models.transformer import (MLP, DeformableTransformer, gen_encoder_output_proposals,
+                                           select_topk_queries)
+
+
+def test_proposals_valid_padded_and_border():
+    # one level 4 x 60 (border columns fall outside (0.01, 0.99)), one level 2 x 30
+    shapes = torch.tensor([[4, 60], [2, 30]])
+    mask = torch.zeros(2, 4 * 60 + 2 * 30, dtype=torch.bool)
+    m0 = mask[1, :240].view(4, 60)
+    m0[3:, :] = True  # image 1 valid 3 x 40 at level 0
+    m0[:, 40:] = True
+    m1 = mask[1, 240:].view(2, 30)
+    m1[:, 20:] = True
+    memory = torch.randn(2, 300, 8)
+    out, props = gen_encoder_output_proposals(memory, mask, shapes)
+    sig = props.sigmoid()
+    # image 0, level 0, token (y=1, x=7): center ((7.5)/60, 1.5/4), wh 0.05
+    torch.testing.assert_close(sig[0, 1 * 60 + 7], torch.tensor([7.5 / 60, 1.5 / 4, 0.05, 0.05]))
+    # image 1, level 1 token (y=0, x=3): normalized by the VALID size 20 x 2, wh 0.1
+    torch.testing.assert_close(sig[1, 240 + 3], torch.tensor([3.5 / 20, 0.5 / 2, 0.1, 0.1]))
+    assert torch.isinf(props[0, 0]).all()  # x = 0.5/60 < 0.01: invalid border token
+    assert torch.isinf(props[1][mask[1]]).all()  # every padded token
+    invalid = torch.isinf(props).any(-1)
+    assert (out[invalid] == 0).all() and torch.equal(out[~invalid], memory[~invalid])
+    assert torch.isfinite(props[~invalid]).all()
+
+
+def test_select_topk_by_max_class_logit():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50, 7)
+    idx = select_topk_queries(logits, 10)
+    best = logits.max(-1).values
+    for b in range(3):
+        assert idx[b].tolist() == best[b].argsort(descending=True)[:10].tolist()
+
+
+def _small_transformer(num_queries=6):
+    torch.manual_seed(0)
+    t = DeformableTransformer(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=64,
+                              num_feature_levels=2, num_queries=num_queries)
+    t.enc_out_class_embed = nn.Linear(32, 5)
+    t.enc_out_bbox_embed = MLP(32, 32, 4, 3)
+    box = MLP(32, 32, 4, 3)
+    t.decoder.bbox_embed = nn.ModuleList([box, box])
+    return t.eval()
+
+
+def test_padded_tokens_never_win(monkeypatch):
+    """Padded tokens are zeroed before the encoder heads, so their (possibly huge) features never
+    decide the selection: they get the logit of an all-zero token, which here is the minimum."""
+    t = _small_transformer()
+    with torch.no_grad():
+        t.enc_output.bias.zero_()  # zero memory -> LayerNorm(0) = 0 -> logits = class bias
+        t.enc_out_class_embed.bias.fill_(-20.0)
+    chosen = []
+    orig = transformer_mod.select_topk_queries
+    monkeypatch.setattr(transformer_mod, "select_topk_queries", lambda lg, k: chosen.append(orig(lg, k)) or chosen[-1])
+    masks = [torch.zeros(2, 8, 10, dtype=torch.bool), torch.zeros(2, 4, 5, dtype=torch.bool)]
+    masks[0][1, :, 3:] = True  # image 1: most tokens are padding
+    masks[1][1, :, 2:] = True
+    srcs = [torch.randn(2, 32, 8, 10), torch.randn(2, 32, 4, 5)]
+    for s, m in zip(srcs, masks):
+        s[m[:, None].expand_as(s)] = 1e4  # would dominate any selection if not masked
+    pos = [torch.randn_like(s) for s in srcs]
+    with torch.no_grad():
+        _, _, _, ref_enc, init_props = t(srcs, masks, pos)
+    flat_mask = torch.cat([m.flatten(1) for m in masks], 1)
+    for b in range(2):
+        assert not flat_mask[b, chosen[0][b]].any(), "a padded token was selected"
+    assert torch.isfinite(inverse_sigmoid(init_props)).all() and (init_props < 1).all()
+
+
+def test_look_forward_twice_with_autograd():
+    """Layer l+1's boxes are built on layer l's UNDETACHED refinement (so its loss reaches layer
+    l's box head output), while the reference layer l+1 takes as input is detached."""
+    cfg = preset("tiny").model
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # non-zero box deltas so the refinement moves the boxes
+        model.bbox_embed[0].layers[-1].weight.normal_(0, 0.05)
+    calls, dec = [], {}
+    model.bbox_embed[0].register_forward_hook(lambda m, i, o: calls.append(o))
+    model.transformer.decoder.register_forward_hook(lambda m, i, o: dec.update(hs=o[0], refs=o[1]))
+    images = torch.randn(1, 3, 96, 128)
+    out = model(images, torch.zeros(1, 96, 128, dtype=torch.bool))
+    L = cfg.dec_layers
+    assert len(calls) == 2 * L  # L refinements inside the decoder, then L predictions
+    refine, predict = calls[:L], calls[L:]
+    hs, refs = dec["hs"], dec["refs"]
+    boxes = [a["pred_boxes"] for a in out["aux_outputs"]] + [out["pred_boxes"]]
+
+    # values: refs[l+1] = sigmoid(delta_l(raw output) + logit(refs[l])); boxes_l = sigmoid(pred_l + logit(refs[l]))
+    for l in range(L):
+        torch.testing.assert_close(refs[l + 1], (refine[l] + inverse_sigmoid(refs[l])).sigmoid())
+        torch.testing.assert_close(boxes[l], (predict[l] + inverse_sigmoid(refs[l])).sigmoid())
+    assert not torch.allclose(refine[0], predict[0])  # refinement uses the pre-norm output
+
+    # gradients: layer 1's box loss reaches layer 0's refinement ...
+    g = torch.autograd.grad(boxes[1].sum(), [refine[0], refs[1]], retain_graph=True)
+    assert g[0].abs().sum() > 0 and g[1].abs().sum() > 0
+    # ... but layer 1's decoder output does not depend on the (undetached) refs[1]: its input is detached
+    g_hs = torch.autograd.grad(hs[1].sum(), [refs[1], refine[0]], retain_graph=True, allow_unused=True)
+    assert g_hs[0] is None and g_hs[1] is None
+    # layer 0's own boxes come from the initial references, not from its refinement
+    # (outputs of all layers are stacked, so the graph connects them: the gradient is zero, not None)
+    g0 = torch.autograd.grad(boxes[0].sum(), [refine[0]], retain_graph=True, allow_unused=True)[0]
+    assert g0 is None or g0.abs().sum() == 0
+    # the initial references (encoder proposals) are detached from the encoder box head
+    enc_w = model.transformer.enc_out_bbox_embed.layers[-1].weight
+    g_enc = torch.autograd.grad(out["pred_boxes"].sum(), [enc_w], retain_graph=True, allow_unused=True)[0]
+    assert g_enc is None or g_enc.abs().sum() == 0
+    g_int = torch.autograd.grad(out["interm_outputs"]["pred_boxes"].sum(), [enc_w])[0]
+    assert g_int.abs().sum() > 0 and math.isfinite(g_int.abs().sum().item())
+
+
+def test_look_forward_twice_reaches_previous_layer_box_head():
+    """With one box head per layer: layer 1's box loss trains layer 0's head (through the
+    undetached refinement), while layer 1's decoder output is independent of that head."""
+    cfg = preset("tiny", {"model.dec_pred_bbox_embed_share": False}).model
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    assert model.bbox_embed[0] is not model.bbox_embed[1]
+    assert model.transformer.decoder.bbox_embed[1] is model.bbox_embed[1]
+    dec = {}
+    model.transformer.decoder.register_forward_hook(lambda m, i, o: dec.update(hs=o[0]))
+    out = model(torch.randn(1, 3, 96, 128), torch.zeros(1, 96, 128, dtype=torch.bool))
+    head0 = list(model.bbox_embed[0].parameters())
+    g = torch.autograd.grad(out["pred_boxes"].sum(), head0, retain_graph=True, allow_unused=True)
+    assert all(x is not None for x in g) and sum(x.abs().sum() for x in g) > 0
+    g_hs = torch.autograd.grad(dec["hs"][1].sum(), head0, retain_graph=True, allow_unused=True)
+    assert all(x is None for x in g_hs)

@@ -1,23 +1,79 @@
-"""Operators. ``ms_deform_attn`` dispatches to the compiled CUDA extension when it is
-available and the inputs are on a GPU, else to the pure-PyTorch backend."""
+"""Operators. ``ms_deform_attn`` dispatches to the compiled CUDA extension when the inputs are on
+a GPU and the extension builds/loads, else to the pure-PyTorch backend.
+
+Importing this package never compiles anything: the CUDA extension is built (or loaded from the
+cache, see ``dino_scale/ops/_build.py``) on the first CUDA call, or ahead of time with
+``python -m dino_scale.ops build``.
+"""
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Optional
 
 import torch
 
 from .ms_deform_attn_torch import ms_deform_attn_pytorch
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_pytorch"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_pytorch", "cuda_backend_available"]
+
+_log = logging.getLogger(__name__)
+_BACKENDS = (None, "pytorch", "cuda")
+_fallback_warned = False
 
 
-def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
-                   attention_weights, backend: Optional[str] = None) -> torch.Tensor:
-    """Multi-scale deformable attention; shapes as in :func:`ms_deform_attn_pytorch`.
+def cuda_backend_available() -> bool:
+    """True when the CUDA extension is (or can be) loaded in this process. May build it."""
+    if not torch.cuda.is_available():
+        return False
+    from . import ms_deform_attn_cuda
+    try:
+        ms_deform_attn_cuda.load()
+        return True
+    except Exception:  # noqa: BLE001 - the reason is kept by ms_deform_attn_cuda.load_error()
+        return False
 
-    ``backend``: None (automatic), "cuda" or "pytorch". (The CUDA backend arrives with csrc/.)
+
+def _warn_fallback(reason: str) -> None:
+    global _fallback_warned
+    if _fallback_warned:
+        return
+    _fallback_warned = True
+    msg = ("dino_scale.ops.ms_deform_attn: CUDA tensors given but the CUDA extension is "
+           f"unavailable ({reason}); using the slower pure-PyTorch backend. Build it with "
+           "`python -m dino_scale.ops build` or pass backend='pytorch' to silence this.")
+    _log.warning(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor,
+                   level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+                   attention_weights: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    """Multi-scale deformable attention.
+
+    value (N,S,M,D); spatial_shapes (L,2) int64 (H,W); level_start_index (L,);
+    sampling_locations (N,Lq,M,L,P,2) as (x,y) in [0,1]; attention_weights (N,Lq,M,L,P).
+    Returns (N, Lq, M*D) in value's dtype.
+
+    ``backend``: None picks "cuda" for CUDA tensors when the extension is available (else
+    "pytorch", with one warning per process); "cuda" forces the extension (error on CPU tensors
+    or when it cannot be built); "pytorch" always uses the reference implementation.
     """
-    if backend not in (None, "pytorch", "cuda"):
+    if backend not in _BACKENDS:
         raise ValueError(f"unknown ms_deform_attn backend {backend!r}: use None, 'cuda' or 'pytorch'")
-    return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations,
-                                  attention_weights)
+    if backend == "pytorch" or (backend is None and not value.is_cuda):
+        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations,
+                                      attention_weights)
+    from . import ms_deform_attn_cuda
+    if backend == "cuda":
+        return ms_deform_attn_cuda.ms_deform_attn_cuda(value, spatial_shapes, level_start_index,
+                                                       sampling_locations, attention_weights)
+    try:
+        if not ms_deform_attn_cuda.is_loaded():
+            ms_deform_attn_cuda.load()
+    except Exception as exc:  # noqa: BLE001 - any build/load failure means: fall back
+        _warn_fallback(str(exc).splitlines()[0][:300])
+        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations,
+                                      attention_weights)
+    return ms_deform_attn_cuda.ms_deform_attn_cuda(value, spatial_shapes, level_start_index,
+                                                   sampling_locations, attention_weights)

@@ -1,0 +1,132 @@
+// Shared device helpers for the multi-scale deformable attention kernels.
+//
+// Layout conventions (all tensors contiguous, checked by the host code):
+//   value               (N, S, M, D)        scalar_t
+//   spatial_shapes      (L, 2)  int64       (H, W) per level
+//   level_start_index   (L,)    int64
+//   sampling_locations  (N, Lq, M, L, P, 2) acc_t (x, y) in [0, 1]
+//   attention_weights   (N, Lq, M, L, P)    acc_t
+//   output              (N, Lq, M, D)       scalar_t  (== (N, Lq, M*D))
+// acc_t is float for float/half/bfloat16 and double for double.
+//
+// Thread mapping: one "group" of G lanes (G a power of two <= 32, never straddling a warp)
+// per (n, q, m). Each lane owns VEC consecutive channels ("a chunk"; 16 bytes when the
+// vector path applies) and, when D/VEC > G, every G-th chunk after that.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <ATen/core/Tensor.h>
+#include <cuda_runtime.h>
+
+namespace dino_scale_msda {
+
+constexpr int kMaxLevels = 16;
+constexpr int kBlockThreads = 256;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <typename T>
+struct AccType { using type = float; };
+template <>
+struct AccType<double> { using type = double; };
+
+// (x, y) pair type of the accumulation type: one 8-byte (16-byte for double) access.
+template <typename A> struct Pair;
+template <> struct Pair<float> { using type = float2; };
+template <> struct Pair<double> { using type = double2; };
+
+// Raw storage type with the size of VEC scalars (2, 4, 8 or 16 bytes).
+template <int BYTES> struct RawVec;
+template <> struct RawVec<2> { using type = unsigned short; };
+template <> struct RawVec<4> { using type = unsigned int; };
+template <> struct RawVec<8> { using type = uint2; };
+template <> struct RawVec<16> { using type = uint4; };
+
+// Load VEC scalars (one aligned vector load) and widen them to the accumulation type.
+template <typename T, int VEC, typename A>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, A (&out)[VEC]) {
+  using R = typename RawVec<sizeof(T) * VEC>::type;
+  const R raw = *reinterpret_cast<const R*>(p);
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = static_cast<A>(e[i]);
+}
+
+// Narrow VEC accumulators to T and store them with one aligned vector store.
+template <typename T, int VEC, typename A>
+__device__ __forceinline__ void store_vec(T* __restrict__ p, const A (&in)[VEC]) {
+  using R = typename RawVec<sizeof(T) * VEC>::type;
+  R raw;
+  T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) e[i] = static_cast<T>(in[i]);
+  *reinterpret_cast<R*>(p) = raw;
+}
+
+// grad_value accumulation: vector atomics (sm_90+: float4/float2 atomicAdd on global
+// memory) cut the number of atomic instructions by 4x; scalar atomics elsewhere.
+template <int VEC, typename A>
+__device__ __forceinline__ void atomic_add_vec(A* p, const A (&v)[VEC]) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  constexpr bool kVec4 = std::is_same<A, float>::value && VEC % 4 == 0;
+  constexpr bool kVec2 = std::is_same<A, float>::value && VEC % 2 == 0 && !kVec4;
+#else
+  constexpr bool kVec4 = false, kVec2 = false;
+#endif
+  if constexpr (kVec4) {
+#pragma unroll
+    for (int i = 0; i < VEC; i += 4)
+      atomicAdd(reinterpret_cast<float4*>(p + i), make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]));
+  } else if constexpr (kVec2) {
+#pragma unroll
+    for (int i = 0; i < VEC; i += 2)
+      atomicAdd(reinterpret_cast<float2*>(p + i), make_float2(v[i], v[i + 1]));
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) atomicAdd(p + i, v[i]);
+  }
+}
+
+// Bilinear sampling geometry of one point, official convention:
+//   h_im = y * H - 0.5, w_im = x * W - 0.5; sampled only if -1 < h_im < H and -1 < w_im < W;
+//   corners outside the map contribute zero.
+template <typename A>
+struct Bilinear {
+  bool sampled;
+  int64_t off[4];   // pixel index (within the level) of the 4 corners
+  bool ok[4];       // corner inside the map
+  A cw[4];          // corner weights hh*hw, hh*lw, lh*hw, lh*lw
+  A lh, lw, hh, hw;
+
+  __device__ __forceinline__ Bilinear(A x, A y, int H, int W) {
+    const A h_im = y * static_cast<A>(H) - static_cast<A>(0.5);
+    const A w_im = x * static_cast<A>(W) - static_cast<A>(0.5);
+    sampled = h_im > static_cast<A>(-1) && w_im > static_cast<A>(-1) &&
+              h_im < static_cast<A>(H) && w_im < static_cast<A>(W);
+    const A hf = floor(sampled ? h_im : static_cast<A>(0));
+    const A wf = floor(sampled ? w_im : static_cast<A>(0));
+    const int h_low = static_cast<int>(hf), w_low = static_cast<int>(wf);
+    const int h_high = h_low + 1, w_high = w_low + 1;
+    lh = h_im - hf; lw = w_im - wf;
+    hh = static_cast<A>(1) - lh; hw = static_cast<A>(1) - lw;
+    cw[0] = hh * hw; cw[1] = hh * lw; cw[2] = lh * hw; cw[3] = lh * lw;
+    const bool h0 = h_low >= 0, h1 = h_high <= H - 1, w0 = w_low >= 0, w1 = w_high <= W - 1;
+    ok[0] = sampled && h0 && w0; ok[1] = sampled && h0 && w1;
+    ok[2] = sampled && h1 && w0; ok[3] = sampled && h1 && w1;
+    off[0] = static_cast<int64_t>(h_low) * W + w_low; off[1] = off[0] + 1;
+    off[2] = off[0] + W; off[3] = off[2] + 1;
+  }
+};
+
+}  // namespace dino_scale_msda
+
+// Host-side launchers (defined in msda_forward.cu / msda_backward.cu).
+at::Tensor msda_forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                             const at::Tensor& level_start_index,
+                             const at::Tensor& sampling_locations,
+                             const at::Tensor& attention_weights);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward_cuda(
+    const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights, const at::Tensor& grad_output);

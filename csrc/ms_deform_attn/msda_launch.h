@@ -1,0 +1,32 @@
+// Host-side launch configuration shared by the forward and backward launchers.
+#pragma once
+
+#include <cstdint>
+
+#include <ATen/core/Tensor.h>
+
+namespace dino_scale_msda {
+
+struct LaunchShape {
+  int64_t N, S, M, D, Lq, L, P;
+  int64_t groups;  // N * Lq * M
+};
+
+inline LaunchShape launch_shape(const at::Tensor& value, const at::Tensor& locations) {
+  LaunchShape s;
+  s.N = value.size(0); s.S = value.size(1); s.M = value.size(2); s.D = value.size(3);
+  s.Lq = locations.size(1); s.L = locations.size(3); s.P = locations.size(4);
+  s.groups = s.N * s.Lq * s.M;
+  return s;
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Lanes per (n, q, m): the smallest power of two >= D / VEC, at most 32.
+inline int group_lanes(int64_t chunks) {
+  int g = 1;
+  while (g < chunks && g < 32) g <<= 1;
+  return g;
+}
+
+}  // namespace dino_scale_msda

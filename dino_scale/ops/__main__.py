@@ -1,0 +1,67 @@
+"""``python -m dino_scale.ops build|info``: ahead-of-time build of the CUDA extension.
+
+    python -m dino_scale.ops build [--arch "8.0;9.0"] [--build-dir DIR] [--force] [--verbose]
+    python -m dino_scale.ops info
+
+``build`` honors TORCH_CUDA_ARCH_LIST (``--arch`` wins), builds into the cache directory the
+runtime loader looks in (``$DINO_SCALE_EXT_DIR`` or ``~/.cache/dino_scale/ext``) unless
+``--build-dir`` is given, and prints where the library is. Exit status 1 when the build fails.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import _build
+
+
+def _info() -> int:
+    import torch
+
+    arch = _build.default_arch_list()
+    cuda_home = _build.find_cuda_home()
+    lib = _build.library_path(_build.build_dir_for(arch))
+    print(f"torch            {torch.__version__} (CUDA {torch.version.cuda})")
+    print(f"GPU available    {torch.cuda.is_available()}")
+    print(f"sources          {_build.SOURCE_DIR}")
+    print(f"CUDA_HOME        {cuda_home}")
+    if cuda_home:
+        print(f"extra includes   {_build.extra_system_includes(cuda_home)}")
+    print(f"arch list        {arch}")
+    print(f"library          {lib} ({'built' if lib.is_file() else 'not built'})")
+    return 0
+
+
+def _build_cmd(args: argparse.Namespace) -> int:
+    arch = args.arch or _build.default_arch_list()
+    t0 = time.perf_counter()
+    try:
+        lib = _build.build_extension(build_dir=Path(args.build_dir) if args.build_dir else None,
+                                     arch_list=arch, force=args.force, verbose=args.verbose)
+    except _build.BuildError as exc:
+        print(f"build failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"built ms_deform_attn extension for arch {arch} in {time.perf_counter() - t0:.1f} s:")
+    print(lib)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dino_scale.ops", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="compile the CUDA extension ahead of time")
+    b.add_argument("--arch", help='CUDA arch list, e.g. "8.0;9.0" (default: TORCH_CUDA_ARCH_LIST, '
+                                  "else the visible GPUs, else 9.0)")
+    b.add_argument("--build-dir", help="build here instead of the cache directory")
+    b.add_argument("--force", action="store_true", help="rebuild even if already built")
+    b.add_argument("--verbose", action="store_true")
+    sub.add_parser("info", help="show toolkit, cache and build status")
+    args = parser.parse_args(argv)
+    return _info() if args.cmd == "info" else _build_cmd(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Build (JIT or ahead of time) the CUDA extension of ``csrc/ms_deform_attn``.
+
+One function, :func:`build_extension`, is used by the lazy loader, by
+``python -m dino_scale.ops build`` and by the CI compile test. The shared library lands in a
+cache directory keyed by torch/CUDA versions, target architectures and a hash of the sources;
+an ``fcntl`` lock on that directory makes concurrent processes on a node build it once (the
+others wait, then load the finished library). A finished library is loaded without a toolkit.
+
+Cache root: ``$DINO_SCALE_EXT_DIR`` if set, else ``~/.cache/dino_scale/ext``.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import hashlib
+import os
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+EXT_PREFIX = "dino_scale_msda"
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc" / "ms_deform_attn"
+_SOURCE_SUFFIXES = (".cpp", ".cu")
+_HEADER_SUFFIXES = (".h", ".cuh")
+CXX_FLAGS = ["-O3", "-std=c++20"]
+NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
+
+
+class BuildError(RuntimeError):
+    """The extension could not be built or loaded."""
+
+
+def source_files() -> list[Path]:
+    if not SOURCE_DIR.is_dir():
+        raise BuildError(f"CUDA sources not found at {SOURCE_DIR} (is this a source checkout?)")
+    files = sorted(p for p in SOURCE_DIR.iterdir() if p.suffix in _SOURCE_SUFFIXES + _HEADER_SUFFIXES)
+    if not any(p.suffix == ".cu" for p in files):
+        raise BuildError(f"no .cu sources in {SOURCE_DIR}")
+    return files
+
+
+def find_cuda_home() -> Optional[str]:
+    """$CUDA_HOME / $CUDA_PATH, else the toolkit owning ``nvcc`` on PATH (following symlinks and
+    one-line wrapper scripts), else /usr/local/cuda, else the newest /usr/local/cuda-*."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(str(Path(real).parents[1]))
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            text = Path(real).read_text()[:4096] if os.path.getsize(real) < 4096 else ""
+            for tok in text.split():
+                if tok.endswith("/bin/nvcc") and os.path.isfile(tok):
+                    candidates.append(str(Path(tok).parents[1]))
+    candidates.append("/usr/local/cuda")
+    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for c in candidates:
+        if c and os.path.isfile(os.path.join(c, "bin", "nvcc")) and \
+                os.path.isfile(os.path.join(c, "include", "cuda_runtime.h")):
+            return c
+    return None
+
+
+def extra_system_includes(cuda_home: str) -> list[str]:
+    """Header dirs of the pip CUDA wheels (``site-packages/nvidia/cu13/include`` etc.) for the
+    headers torch includes but a minimal toolkit lacks (cusparse.h, cublas_v2.h, ...). Added with
+    ``-isystem`` so the toolkit's own headers keep precedence."""
+    if os.path.isfile(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    major = (torch.version.cuda or "").split(".")[0]
+    roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path}
+    found: list[str] = []
+    for root in sorted(r for r in roots if r and os.path.isdir(os.path.join(r, "nvidia"))):
+        nv = os.path.join(root, "nvidia")
+        for inc in [os.path.join(nv, f"cu{major}", "include")] + sorted(glob.glob(os.path.join(nv, "*", "include"))):
+            if os.path.isfile(os.path.join(inc, "cusparse.h")) or os.path.isfile(os.path.join(inc, "cublas_v2.h")):
+                if inc not in found:
+                    found.append(inc)
+    return found
+
+
+def default_arch_list() -> str:
+    """$TORCH_CUDA_ARCH_LIST, else the visible GPUs' capabilities, else "9.0"."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        return env
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return ";".join(f"{a}.{b}" for a, b in caps)
+    return "9.0"
+
+
+def sources_hash(arch_list: str) -> str:
+    h = hashlib.sha256()
+    for p in source_files():
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    h.update(" ".join(CXX_FLAGS + NVCC_FLAGS + [arch_list]).encode())
+    return h.hexdigest()[:12]
+
+
+def cache_root() -> Path:
+    env = os.environ.get("DINO_SCALE_EXT_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "dino_scale" / "ext"
+
+
+def build_dir_for(arch_list: str, root: Optional[Path] = None) -> Path:
+    tag = f"torch{torch.__version__.split('+')[0]}-cu{torch.version.cuda or 'none'}"
+    arch_tag = arch_list.replace(";", "_").replace(" ", "_").replace("+", "")
+    return Path(root or cache_root()) / f"{tag}-sm{arch_tag}-{sources_hash(arch_list)}"
+
+
+def library_path(build_dir: Path) -> Path:
+    return build_dir / f"{EXT_PREFIX}.so"
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _env(updates: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _compile(build_dir: Path, arch_list: str, verbose: bool) -> Path:
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        raise BuildError("no CUDA toolkit found (nvcc): set CUDA_HOME or put nvcc on PATH")
+    if torch.version.cuda is None:
+        raise BuildError("this torch build has no CUDA support")
+    with _env({"CUDA_HOME": cuda_home}):  # torch resolves CUDA_HOME at import
+        import torch.utils.cpp_extension as cpp_ext  # heavy; only when compiling
+    incs = extra_system_includes(cuda_home)
+    sys_flags = [flag for inc in incs for flag in ("-isystem", inc)]
+    cpp_ext.CUDA_HOME = cuda_home  # torch resolves it once at import; pin the one we found
+    env = {"CUDA_HOME": cuda_home, "TORCH_CUDA_ARCH_LIST": arch_list,
+           "MAX_JOBS": os.environ.get("MAX_JOBS", str(min(4, os.cpu_count() or 1)))}
+    srcs = [str(p) for p in source_files() if p.suffix in _SOURCE_SUFFIXES]
+    with _env(env):
+        try:
+            path = cpp_ext.load(
+                name=EXT_PREFIX, sources=srcs, build_directory=str(build_dir),
+                extra_cflags=CXX_FLAGS + sys_flags,
+                extra_cuda_cflags=NVCC_FLAGS + sys_flags,
+                extra_include_paths=[str(SOURCE_DIR)],
+                is_python_module=False, is_standalone=False, verbose=verbose)
+        except Exception as exc:  # compiler errors arrive as RuntimeError/CalledProcessError
+            raise BuildError(f"building the ms_deform_attn extension failed: {exc}") from exc
+    lib = library_path(build_dir)
+    if path and Path(path) != lib and Path(path).is_file():
+        shutil.copy2(path, lib)
+    if not lib.is_file():
+        raise BuildError(f"build finished but {lib} is missing")
+    return lib
+
+
+def build_extension(build_dir: Optional[Path] = None, arch_list: Optional[str] = None,
+                    force: bool = False, verbose: bool = False) -> Path:
+    """Build the extension (if not already built) and return the path of the shared library.
+
+    ``build_dir`` defaults to the cache directory (see module doc); ``arch_list`` to
+    :func:`default_arch_list`. The library is not loaded into this process by this function
+    when it already exists; a fresh compile through ``cpp_extension.load`` does load it.
+    """
+    arch_list = arch_list or default_arch_list()
+    build_dir = Path(build_dir) if build_dir else build_dir_for(arch_list)
+    with _locked(build_dir):
+        lib = library_path(build_dir)
+        if lib.is_file() and not force:
+            return lib
+        if force and lib.exists():
+            lib.unlink()
+        return _compile(build_dir, arch_list, verbose)

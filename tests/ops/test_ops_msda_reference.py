@@ -1,0 +1,141 @@
+"""CPU tests of the pure-PyTorch ms_deform_attn backend and of the backend dispatch."""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+
+import dino_scale.ops as ops
+from dino_scale.ops import ms_deform_attn, ms_deform_attn_pytorch
+from _msda_cases import (SHAPES, make_inputs, naive_ms_deform_attn,
+                         naive_ms_deform_attn_backward, rel_err)
+
+
+@pytest.mark.parametrize("case", range(len(SHAPES)))
+def test_pytorch_backend_matches_naive_float64(case):
+    n, levels, m, d, lq, p = SHAPES[case]
+    value, shapes, starts, loc, w = make_inputs(n, levels, m, d, lq, p, seed=case,
+                                                exact_minus_one=True)
+    out = ms_deform_attn_pytorch(value, shapes, starts, loc, w)
+    ref = naive_ms_deform_attn(value, shapes, starts, loc, w)
+    assert out.shape == (n, lq, m * d) and out.dtype == torch.float64
+    assert rel_err(out, ref) < 1e-12
+
+
+def test_naive_reference_is_not_trivially_zero():
+    # guards the comparison above: border/outside points must not make everything vanish
+    value, shapes, starts, loc, w = make_inputs(*SHAPES[2], seed=3)
+    ref = naive_ms_deform_attn(value, shapes, starts, loc, w)
+    assert ref.abs().max() > 0.1
+    loc_out = torch.full_like(loc, 5.0)  # far outside every map: exactly zero
+    assert naive_ms_deform_attn(value, shapes, starts, loc_out, w).abs().max() == 0
+    assert ms_deform_attn_pytorch(value, shapes, starts, loc_out, w).abs().max() == 0
+
+
+def test_pytorch_backend_single_pixel_values():
+    # a 1x1 map sampled at its centre returns the pixel; a 2x2 map at the centre the mean
+    value = torch.arange(1 * 5 * 1 * 2, dtype=torch.float64).view(1, 5, 1, 2)
+    shapes = torch.tensor([[1, 1], [2, 2]])
+    starts = torch.tensor([0, 1])
+    loc = torch.full((1, 1, 1, 2, 1, 2), 0.5, dtype=torch.float64)
+    w = torch.tensor([0.25, 0.75], dtype=torch.float64).view(1, 1, 1, 2, 1)
+    out = ms_deform_attn_pytorch(value, shapes, starts, loc, w)
+    expected = 0.25 * value[0, 0, 0] + 0.75 * value[0, 1:5, 0].mean(0)
+    torch.testing.assert_close(out.view(2), expected)
+
+
+def _grads(fn, value, shapes, starts, loc, w, gout):
+    v, l_, w_ = (t.clone().requires_grad_() for t in (value, loc, w))
+    (fn(v, shapes, starts, l_, w_) * gout).sum().backward()
+    return v.grad, l_.grad, w_.grad
+
+
+@pytest.mark.parametrize("case", range(len(SHAPES)))
+def test_pytorch_backend_gradients_match_naive(case):
+    n, levels, m, d, lq, p = SHAPES[case]
+    value, shapes, starts, loc, w = make_inputs(n, levels, m, d, lq, p, seed=10 + case)
+    gout = torch.randn(n, lq, m * d, dtype=torch.float64)
+    got = _grads(ms_deform_attn_pytorch, value, shapes, starts, loc, w, gout)
+    ref = naive_ms_deform_attn_backward(value, shapes, starts, loc, w, gout)
+    for g, r, name in zip(got, ref, ("value", "loc", "weight")):
+        assert r.abs().max() > 0, name
+        assert rel_err(g, r) < 1e-10, name
+
+
+def test_naive_backward_matches_finite_differences():
+    # validates the hand-derived loop gradients on a few random elements of each input
+    value, shapes, starts, loc, w = make_inputs(1, [(5, 7), (3, 2)], 2, 3, 3, 2, seed=21)
+    gout = torch.randn(1, 3, 6, dtype=torch.float64)
+    ref = naive_ms_deform_attn_backward(value, shapes, starts, loc, w, gout)
+    gen = torch.Generator().manual_seed(0)
+    eps = 1e-6
+    for base, r in zip((value, loc, w), ref):
+        flat, r_flat = base.view(-1), r.view(-1)
+        for i in torch.randint(0, flat.numel(), (12,), generator=gen).tolist():
+            old = float(flat[i])
+            flat[i] = old + eps
+            up = float((naive_ms_deform_attn(value, shapes, starts, loc, w) * gout).sum())
+            flat[i] = old - eps
+            dn = float((naive_ms_deform_attn(value, shapes, starts, loc, w) * gout).sum())
+            flat[i] = old
+            assert abs((up - dn) / (2 * eps) - float(r_flat[i])) < 1e-6
+
+
+def test_pytorch_backend_gradcheck_float64():
+    value, shapes, starts, loc, w = make_inputs(1, [(3, 5), (2, 3)], 2, 3, 2, 2, seed=7, edges=False)
+    inputs = (value.requires_grad_(), shapes, starts, loc.requires_grad_(), w.requires_grad_())
+    assert torch.autograd.gradcheck(ms_deform_attn_pytorch, inputs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_pytorch_backend_reduced_precision_keeps_fp32_locations(dtype):
+    value, shapes, starts, loc, w = make_inputs(1, [(100, 150), (50, 75)], 2, 8, 64, 4, seed=5)
+    ref = ms_deform_attn_pytorch(value, shapes, starts, loc, w)
+    out = ms_deform_attn_pytorch(value.to(dtype), shapes, starts, loc.float(), w.float())
+    assert out.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert rel_err(out, ref) < tol
+
+
+def test_pytorch_backend_noncontiguous_inputs():
+    value, shapes, starts, loc, w = make_inputs(2, [(5, 6), (3, 3)], 2, 4, 5, 2, seed=2)
+    ref = ms_deform_attn_pytorch(value, shapes, starts, loc, w)
+    v_nc = value.transpose(2, 3).contiguous().transpose(2, 3)
+    l_nc = loc.permute(1, 0, 2, 3, 4, 5).contiguous().permute(1, 0, 2, 3, 4, 5)
+    w_nc = w.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not (v_nc.is_contiguous() or l_nc.is_contiguous() or w_nc.is_contiguous())
+    torch.testing.assert_close(ms_deform_attn(v_nc, shapes, starts, l_nc, w_nc), ref)
+
+
+def test_dispatch_cpu_tensors():
+    value, shapes, starts, loc, w = make_inputs(1, [(4, 5)], 2, 4, 3, 2, dtype=torch.float32)
+    ref = ms_deform_attn_pytorch(value, shapes, starts, loc, w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # CPU tensors with backend=None: no warning
+        torch.testing.assert_close(ms_deform_attn(value, shapes, starts, loc, w), ref)
+        torch.testing.assert_close(ms_deform_attn(value, shapes, starts, loc, w, backend="pytorch"), ref)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        ms_deform_attn(value, shapes, starts, loc, w, backend="cuda")
+    with pytest.raises(ValueError, match="unknown ms_deform_attn backend"):
+        ms_deform_attn(value, shapes, starts, loc, w, backend="triton")
+
+
+def test_fallback_warning_is_emitted_once(monkeypatch, caplog):
+    monkeypatch.setattr(ops, "_fallback_warned", False)
+    with caplog.at_level(logging.WARNING, logger="dino_scale.ops"):
+        with pytest.warns(RuntimeWarning, match="pure-PyTorch backend") as record:
+            ops._warn_fallback("no nvcc")
+            ops._warn_fallback("no nvcc")
+    assert len(record) == 1 and "no nvcc" in str(record[0].message)
+    assert sum("pure-PyTorch" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_import_does_not_compile():
+    import subprocess
+    import sys
+    code = ("import sys, dino_scale.ops; "
+            "assert 'torch.utils.cpp_extension' not in sys.modules; "
+            "assert 'dino_scale.ops.ms_deform_attn_cuda' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

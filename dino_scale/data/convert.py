@@ -1,0 +1,345 @@
+"""COCO-format annotation JSON (COCO 2017, Objects365 v1/v2) -> Parquet record shards.
+
+Memory stays bounded whatever the file size. The JSON is streamed with ijson
+(:mod:`.convert_passes`): categories + images in a child process while the annotations
+are read in this one; both spill to per-bucket files (bucket = ``image_id %
+num_buckets``, about one bucket per 16 MB of JSON). The write pass joins each bucket's
+images and annotations (vectorized), clips boxes to the image, optionally reads /
+verifies / embeds the image files, and hands rows to :class:`~.shards.ShardWriter`.
+Shards therefore hold images grouped by bucket, in file order within a bucket.
+
+Bad input: non-finite or malformed coordinates, ``w <= 0`` or ``h <= 0``, boxes wholly
+outside the image, and boxes of unknown images are dropped; boxes partly outside are
+clipped; every case is counted. Images whose file is missing, empty or corrupt (when
+checked) and images with bad metadata or duplicate ids are skipped, counted and logged
+with their id; their boxes count as dropped. Unknown category ids stop the conversion
+before anything is written. The manifest satisfies
+``images_in == num_images + sum(images_skipped.values())`` and
+``boxes_in == num_boxes + sum(boxes_dropped.values())``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .convert_passes import ANN, ConversionError, scan_annotations, scan_images
+from .decode import verify_image_bytes
+from .records import FORMAT, MANIFEST_NAME, SCHEMA, resolve_image_path
+from .shards import ShardWriter, load_progress
+
+__all__ = ["convert_coco", "ConversionError"]
+
+log = logging.getLogger(__name__)
+
+_BUCKET_BYTES = 16 << 20  # JSON bytes per bucket
+_LOG_SKIPS = 50  # individual skip lines logged before only counting
+_MAX_LISTED = 1000  # skipped image ids listed in the manifest
+_PARALLEL_MIN_BYTES = 64 << 20  # below this, one process reads everything
+
+
+def _images_child(conn, args) -> None:
+    try:
+        conn.send(("ok", scan_images(*args)))
+    except BaseException as e:  # noqa: BLE001 - forwarded to the parent
+        conn.send(("err", e))
+    finally:
+        conn.close()
+
+
+class _Converter:
+    def __init__(self, ann_path: Path, images: Optional[Path], out: Path, embed: bool, shard_bytes: int,
+                 max_rows: int, select: tuple[int, Optional[int]], check_files: bool, verify: bool,
+                 progress: bool, parallel: Optional[bool]):
+        self.ann_path, self.images, self.out = ann_path, images, out
+        self.embed, self.shard_bytes, self.max_rows = embed, shard_bytes, max_rows
+        self.select, self.check_files, self.verify, self.progress = select, check_files, verify, progress
+        self.work = out / ".convert-work"
+        size = ann_path.stat().st_size
+        self.nb = max(1, -(-size // _BUCKET_BYTES))
+        self.parallel = size >= _PARALLEL_MIN_BYTES if parallel is None else parallel
+        self.signature = {
+            "annotations": str(ann_path.resolve()), "size": size, "mtime_ns": ann_path.stat().st_mtime_ns,
+            "images": str(images.resolve()) if images else None, "embed_images": embed,
+            "shard_bytes": shard_bytes, "max_images_per_shard": max_rows, "select": list(select),
+            "check_files": check_files, "verify_images": verify, "buckets": self.nb, "format": FORMAT,
+        }
+        self._logged = 0
+
+    def say(self, msg: str) -> None:
+        if self.progress:
+            print(msg, flush=True)
+        else:
+            log.info(msg)
+
+    # -- passes --------------------------------------------------------------------
+    def scan(self) -> dict[str, Any]:
+        t0 = time.time()
+        args = (self.ann_path, self.images, self.work, self.nb, self.select)
+        if self.parallel:
+            parent, child = mp.get_context("spawn").Pipe(duplex=False)
+            proc = mp.get_context("spawn").Process(target=_images_child, args=(child, args), daemon=True)
+            proc.start()
+            child.close()
+            try:
+                ann = scan_annotations(self.ann_path, self.work, self.nb, self.say)
+                status, meta = parent.recv()
+            except BaseException:
+                proc.terminate()
+                raise
+            finally:
+                proc.join()
+            if status == "err":
+                raise meta
+        else:
+            meta = scan_images(*args)
+            ann = scan_annotations(self.ann_path, self.work, self.nb, self.say)
+        known = {c["id"] for c in meta["categories"]}
+        unknown = [c for c in ann.pop("seen_categories") if c not in known]
+        if unknown:
+            ids = sorted(unknown, key=lambda c: (isinstance(c, str), c))
+            raise ConversionError(
+                f"{self.ann_path}: annotations use category ids that are not in 'categories': "
+                f"{ids[:100]}{' ...' if len(ids) > 100 else ''} (known: {len(known)} ids, "
+                f"{min(known)}..{max(known)}); fix the file or its category list")
+        self.say(f"{self.ann_path.name}: {len(known)} categories, {meta['num_images']:,} images, "
+                 f"{ann['boxes_in']:,} annotations read in {time.time() - t0:.0f}s; writing shards")
+        return {"signature": self.signature, **meta, "ann": ann}
+
+    # -- write ---------------------------------------------------------------------
+    def _bucket(self, b: int, excluded: np.ndarray) -> tuple[Optional[pa.Table], np.ndarray, dict]:
+        """(image metadata, its annotations sorted by position, box stats) of bucket ``b``."""
+        path = self.work / f"images-{b:05d}.arrow"
+        meta = pa.ipc.open_stream(str(path)).read_all() if path.is_file() else None
+        apath = self.work / f"ann-{b:05d}.bin"
+        ann = np.fromfile(apath, dtype=ANN) if apath.is_file() else np.zeros(0, ANN)
+        stats = {"orphan": 0, "other_split": 0, "outside": 0, "clipped": 0, "crowd": 0}
+        if meta is None or meta.num_rows == 0:
+            other = np.isin(ann["iid"], excluded)
+            stats["other_split"], stats["orphan"] = int(other.sum()), int((~other).sum())
+            return None, np.zeros(0, ANN), stats
+        ids = meta.column("image_id").to_numpy()
+        status = np.array(meta.column("status").to_pylist(), dtype=object)
+        order = np.argsort(ids, kind="stable")
+        first = np.r_[True, ids[order][1:] != ids[order][:-1]]
+        dup = np.zeros(len(ids), bool)
+        dup[order[~first]] = True
+        status[dup & (status == "")] = "duplicate_id"
+        valid = np.flatnonzero(status == "")
+        vorder = np.argsort(ids[valid], kind="stable")
+        vids = ids[valid][vorder]
+        p = np.minimum(np.searchsorted(vids, ann["iid"]), max(len(vids) - 1, 0))
+        found = (vids[p] == ann["iid"]) if len(vids) else np.zeros(len(ann), bool)
+        other = ~found & np.isin(ann["iid"], excluded)
+        stats["other_split"], stats["orphan"] = int(other.sum()), int((~found & ~other).sum())
+        ann = ann[found]
+        pos = valid[vorder[p[found]]]
+        w = meta.column("width").to_numpy()[pos].astype(np.float64)
+        h = meta.column("height").to_numpy()[pos].astype(np.float64)
+        box = ann["box"].astype(np.float64)
+        x1, y1 = np.clip(box[:, 0], 0, w), np.clip(box[:, 1], 0, h)
+        x2, y2 = np.clip(box[:, 0] + box[:, 2], 0, w), np.clip(box[:, 1] + box[:, 3], 0, h)
+        inside = (x2 > x1) & (y2 > y1)
+        stats["outside"] = int((~inside).sum())
+        new = np.stack([x1, y1, x2 - x1, y2 - y1], 1)
+        stats["clipped"] = int((inside & (np.abs(new - box).max(1) > 1e-3)).sum())
+        ann, pos, new = ann[inside], pos[inside], new[inside]
+        ann["box"] = new
+        area = ann["area"]
+        ann["area"] = np.where(np.isfinite(area) & (area > 0), area, new[:, 2] * new[:, 3])
+        stats["crowd"] = int(ann["crowd"].sum())
+        o = np.argsort(pos, kind="stable")
+        ann, pos = ann[o], pos[o]
+        ann_pos = np.empty(len(ann), dtype=[("pos", "<i8")] + [(n, ANN.fields[n][0]) for n in ANN.names])
+        ann_pos["pos"] = pos
+        for n in ANN.names:
+            ann_pos[n] = ann[n]
+        meta = meta.set_column(meta.schema.get_field_index("status"), "status", pa.array(status.tolist(), pa.string()))
+        return meta, ann_pos, stats
+
+    def write(self, plan: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        done = load_progress(self.out, self.work)
+        writer = ShardWriter(self.out, self.work, self.shard_bytes, self.max_rows, done)
+        start = writer.start_index
+        excluded = np.load(self.work / "excluded.npy")
+        bases = np.r_[0, np.cumsum(plan["bucket_counts"])]
+        totals: dict[str, int] = {}
+        t0 = time.time()
+        for b in range(self.nb):
+            spath = self.work / f"bucket-{b:05d}.json"
+            if bases[b + 1] <= start and spath.is_file():  # fully written before an interruption
+                stats = json.loads(spath.read_text())
+            else:
+                stats = self._write_bucket(b, excluded, writer, int(bases[b]), start)
+                spath.write_text(json.dumps(stats))
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0) + v
+            if self.progress and b % 32 == 31:
+                self.say(f"  bucket {b + 1}/{self.nb}: {len(writer.done)} shards ({time.time() - t0:.0f}s)")
+        return writer.finish(int(bases[-1])), totals
+
+    def _write_bucket(self, b: int, excluded: np.ndarray, writer: ShardWriter, base: int, start: int) -> dict:
+        meta, ann, stats = self._bucket(b, excluded)
+        if meta is None:
+            return stats
+        n = meta.num_rows
+        first = max(0, start - base)
+        counts = np.bincount(ann["pos"], minlength=n).astype(np.int64)
+        status = np.array(meta.column("status").to_pylist(), dtype=object)
+        ids = meta.column("image_id").to_numpy()
+        names = meta.column("file_name")
+        images: list[Optional[bytes]] = [None] * n
+        if self.embed or (self.check_files and self.images is not None):
+            for i in range(first, n):
+                if status[i]:
+                    continue
+                p = resolve_image_path(self.images, names[i].as_py())
+                if p is None:
+                    status[i] = "missing_file"
+                elif self.embed:
+                    data = p.read_bytes()
+                    reason = verify_image_bytes(data) if self.verify else (None if data else "empty_file")
+                    status[i] = reason or ""
+                    images[i] = data if not reason else None
+                elif p.stat().st_size == 0:
+                    status[i] = "empty_file"
+        ok = status == ""
+        ok[:first] = False
+        for i in np.flatnonzero(~ok[first:]) + first:
+            writer.add_skip(base + i, int(ids[i]), str(status[i]), int(counts[i]))
+            if self._logged < _LOG_SKIPS:
+                log.warning("skipping image id %s (%s)", int(ids[i]), status[i])
+                self._logged += 1
+        if not ok.any():
+            return stats
+        sel = np.flatnonzero(ok)
+        a = ann[np.repeat(ok, counts)]
+        sub = counts[sel]
+        off = np.r_[0, np.cumsum(sub)].astype(np.int32)
+        take = pa.array(sel)
+        img_col = pa.array([images[i] for i in sel], pa.binary())
+        table = pa.table({
+            "image_id": pa.array(ids[sel], pa.int64()),
+            "file_name": names.take(take),
+            "width": meta.column("width").take(take),
+            "height": meta.column("height").take(take),
+            "image": img_col,
+            "boxes": pa.ListArray.from_arrays(pa.array(off * 4), pa.array(a["box"].reshape(-1), pa.float32())),
+            "category_ids": pa.ListArray.from_arrays(pa.array(off), pa.array(a["cat"], pa.int32())),
+            "iscrowd": pa.ListArray.from_arrays(pa.array(off), pa.array(a["crowd"].astype(bool))),
+            "area": pa.ListArray.from_arrays(pa.array(off), pa.array(a["area"], pa.float32())),
+        }, schema=SCHEMA)
+        row_bytes = 64 + sub * 25 + pc.binary_length(table["file_name"]).to_numpy(zero_copy_only=False)
+        if self.embed:
+            row_bytes = row_bytes + pc.binary_length(img_col).to_numpy(zero_copy_only=False)
+        writer.add(table, base + sel, row_bytes.astype(np.int64))
+        return stats
+
+    # -- driver --------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        manifest_path = self.out / MANIFEST_NAME
+        if manifest_path.is_file():
+            old = json.loads(manifest_path.read_text())
+            if old.get("signature") == self.signature:
+                self.say(f"{self.out}: already converted")
+                return old
+            manifest_path.unlink()
+        self.out.mkdir(parents=True, exist_ok=True)
+        plan_path = self.work / "plan.json"
+        plan = json.loads(plan_path.read_text()) if plan_path.is_file() else None
+        if plan is None or plan.get("signature") != self.signature:
+            if self.work.exists():
+                shutil.rmtree(self.work)
+            for p in self.out.glob("shard-*.parquet*"):
+                p.unlink()
+            self.work.mkdir(parents=True)
+            plan = self.scan()
+            plan_path.write_text(json.dumps(plan))
+        else:
+            self.say(f"{self.out}: resuming after {len(load_progress(self.out, self.work))} finished shards")
+        records, totals = self.write(plan)
+        manifest = self._manifest(plan, records, totals)
+        tmp = manifest_path.with_name(MANIFEST_NAME + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        tmp.replace(manifest_path)
+        shutil.rmtree(self.work, ignore_errors=True)
+        return manifest
+
+    def _manifest(self, plan: dict[str, Any], records: list[dict[str, Any]], totals: dict[str, int]) -> dict:
+        skipped: dict[str, int] = {}
+        listed: list[dict[str, Any]] = []
+        for r in records:
+            for k, v in r["skipped"].items():
+                skipped[k] = skipped.get(k, 0) + v
+            listed.extend(r["skipped_images"][: _MAX_LISTED - len(listed)])
+        shards = [{k: r[k] for k in ("file", "num_images", "num_boxes", "bytes")} for r in records if r["file"]]
+        dropped = dict(plan["ann"]["dropped"])
+        dropped.update(orphan=totals.get("orphan", 0), outside=totals.get("outside", 0),
+                       skipped_image=sum(r["boxes_dropped_skipped_image"] for r in records))
+        m = {
+            "format": FORMAT,
+            "source": {"annotations": str(self.ann_path), "images": str(self.images) if self.images else None,
+                       "select": list(self.select), "images_in_file": plan["num_images_in_file"],
+                       "boxes_of_other_split": totals.get("other_split", 0)},
+            "embed_images": self.embed,
+            "image_root": str(self.images.resolve()) if self.images and not self.embed else None,
+            "categories": plan["categories"],
+            "num_images": sum(s["num_images"] for s in shards),
+            "num_boxes": sum(s["num_boxes"] for s in shards),
+            "num_crowd_boxes": totals.get("crowd", 0),
+            "images_in": plan["num_images"], "images_skipped": skipped, "skipped_images": listed,
+            "boxes_in": plan["ann"]["boxes_in"] - totals.get("other_split", 0), "boxes_dropped": dropped,
+            "boxes_clipped": totals.get("clipped", 0),
+            "shards": shards, "signature": self.signature,
+        }
+        if skipped:
+            log.warning("%s: skipped %d images %s", self.out, sum(skipped.values()), skipped)
+        if m["images_in"] != m["num_images"] + sum(skipped.values()) or \
+                m["boxes_in"] != m["num_boxes"] + sum(dropped.values()):
+            raise RuntimeError(f"internal error: manifest counts do not add up: {json.dumps(m)[:2000]}")
+        return m
+
+
+def convert_coco(annotations: Union[str, Path], images: Optional[Union[str, Path]], out: Union[str, Path],
+                 embed_images: bool = False, shard_size_mb: float = 256, max_images_per_shard: int = 10000,
+                 o365_val_split: Optional[int] = None, progress: bool = True, check_files: bool = True,
+                 verify_images: bool = True, parallel: Optional[bool] = None) -> dict[str, Any]:
+    """Convert a COCO-format annotation file to record shards in ``out``; returns the manifest.
+
+    ``images``: the image root (``None``: no file checks; records keep file names).
+    ``embed_images``: store the encoded bytes in the shards (each is decoded once to verify).
+    ``check_files``: without embedding, skip records whose file is missing or empty.
+    ``o365_val_split=N`` (the paper's Objects365 recipe, N=5000): the input is a val
+    file; its first N images (file order) go to ``out/val`` and the rest to
+    ``out/train_extra`` (then train on ``"<o365 train dir>,<out>/train_extra"``); returns
+    ``{"val": manifest, "train_extra": manifest}``.
+    ``parallel``: read images in a child process (default: for files >= 64 MB).
+    Rerunning with the same arguments resumes after the last finished shard; the same
+    input always gives byte-identical shards.
+    """
+    ann_path = Path(annotations)
+    if not ann_path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {ann_path}")
+    root = Path(images) if images is not None else None
+    if root is not None and not root.is_dir() and (embed_images or check_files):
+        raise FileNotFoundError(f"image folder not found: {root}")
+    if embed_images and root is None:
+        raise ValueError("embed_images needs the image folder")
+    kw = dict(embed=embed_images, shard_bytes=int(shard_size_mb * (1 << 20)), max_rows=max_images_per_shard,
+              check_files=check_files, verify=verify_images, progress=progress, parallel=parallel)
+    out = Path(out)
+    if o365_val_split is not None:
+        if o365_val_split < 0:
+            raise ValueError("o365_val_split must be >= 0")
+        return {"val": _Converter(ann_path, root, out / "val", select=(0, o365_val_split), **kw).run(),
+                "train_extra": _Converter(ann_path, root, out / "train_extra", select=(o365_val_split, None),
+                                          **kw).run()}
+    return _Converter(ann_path, root, out, select=(0, None), **kw).run()

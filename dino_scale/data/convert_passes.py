@@ -1,0 +1,208 @@
+"""The streaming passes of :mod:`.convert` over a COCO-format JSON.
+
+Both passes spill to per-bucket files in a work folder, a bucket being ``image_id %
+num_buckets`` so that an image and its annotations land in the same bucket whatever the
+order of the file. Only per-chunk state stays in memory.
+
+- :func:`scan_images` (categories, then images; run in a child process so it overlaps
+  the annotation pass on another core): ``images-BBBBB.arrow`` (IPC stream of
+  position, image_id, file_name, width, height, status).
+- :func:`scan_annotations`: ``ann-BBBBB.bin`` (records of :data:`ANN`), box checks that
+  need no image (malformed, non-finite, ``w <= 0`` / ``h <= 0``) counted here.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from .decode import ImageDecodeError, read_image_size
+from .json_stream import stream_items
+from .records import resolve_image_path
+
+__all__ = ["ANN", "IMAGE_SCHEMA", "ConversionError", "read_categories", "scan_images", "scan_annotations"]
+
+ANN = np.dtype([("iid", "<i8"), ("box", "<f4", (4,)), ("cat", "<i4"), ("crowd", "u1"), ("area", "<f4")])
+IMAGE_SCHEMA = pa.schema([("pos", pa.int64()), ("image_id", pa.int64()), ("file_name", pa.string()),
+                          ("width", pa.int32()), ("height", pa.int32()), ("status", pa.string())])
+_CHUNK = 262144
+
+
+class ConversionError(ValueError):
+    """Input that cannot be converted (bad categories, unknown category ids...)."""
+
+
+def read_categories(path: Path) -> list[dict[str, Any]]:
+    cats = []
+    for c in stream_items(path, "categories.item"):
+        if not isinstance(c, dict) or not isinstance(c.get("id"), int) or "name" not in c:
+            raise ConversionError(f"{path}: bad category entry {c!r} (need an integer id and a name)")
+        cats.append({"id": int(c["id"]), "name": str(c["name"])})
+    if not cats:
+        raise ConversionError(f"{path}: no 'categories' in the annotation file")
+    ids = [c["id"] for c in cats]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ConversionError(f"{path}: duplicate category ids {dup}")
+    return sorted(cats, key=lambda c: c["id"])
+
+
+def _size_from_file(images: Optional[Path], fname: str) -> Optional[tuple[int, int]]:
+    path = resolve_image_path(images, fname) if images else None
+    if path is None:
+        return None
+    try:
+        return read_image_size(path.read_bytes())
+    except (ImageDecodeError, OSError):
+        return None
+
+
+def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
+                select: tuple[int, Optional[int]]) -> dict[str, Any]:
+    """Categories + images pass; returns counts. Images outside ``select`` (file-order
+    range) are recorded in ``excluded.npy``: their annotations belong to the sibling split."""
+    cats = read_categories(path)
+    lo, hi = select
+    writers: dict[int, Any] = {}
+    buf: dict[int, list[tuple]] = {}
+    excluded: list[int] = []
+    counts = np.zeros(nb, np.int64)
+    n_all = n = pending = 0
+
+    def flush():
+        for b, rows in buf.items():
+            if b not in writers:
+                writers[b] = pa.ipc.new_stream(str(work / f"images-{b:05d}.arrow"), IMAGE_SCHEMA)
+            cols = list(zip(*rows))
+            writers[b].write_batch(pa.record_batch(
+                [pa.array(c, f.type) for c, f in zip(cols, IMAGE_SCHEMA)], schema=IMAGE_SCHEMA))
+        buf.clear()
+
+    for img in stream_items(path, "images.item"):
+        pos = n_all
+        n_all += 1
+        ok_dict = isinstance(img, dict)
+        iid = img.get("id") if ok_dict else None
+        if pos < lo or (hi is not None and pos >= hi):
+            if isinstance(iid, int):
+                excluded.append(iid)
+            continue
+        fname = str(img.get("file_name") or "") if ok_dict else ""
+        w, h = (img.get("width"), img.get("height")) if ok_dict else (None, None)
+        status = ""
+        if not isinstance(iid, int) or isinstance(iid, bool) or not fname:
+            status, iid = "bad_metadata", iid if isinstance(iid, int) else -1
+        elif not (isinstance(w, (int, float)) and isinstance(h, (int, float)) and w > 0 and h > 0):
+            size = _size_from_file(images, fname)  # width/height missing: read the header
+            w, h = size if size else (0, 0)
+            status = "" if size else "bad_metadata"
+        b = iid % nb
+        buf.setdefault(b, []).append((pos, iid, fname, int(w) if not status else 0, int(h) if not status else 0,
+                                      status))
+        counts[b] += 1
+        n += 1
+        pending += 1
+        if pending >= 65536:
+            flush()
+            pending = 0
+    flush()
+    for w in writers.values():
+        w.close()
+    np.save(work / "excluded.npy", np.unique(np.asarray(excluded, dtype=np.int64)))
+    return {"categories": cats, "num_images": n, "num_images_in_file": n_all, "bucket_counts": counts.tolist()}
+
+
+def _floats(values: list, width: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """list -> float64 array ((n,) or (n, width)) and a 'malformed' mask; None -> NaN."""
+    shape = (len(values), width) if width > 1 else (len(values),)
+    try:
+        arr = np.array(values, dtype=np.float64)
+        if arr.shape == shape:
+            return arr, np.zeros(len(values), bool)
+    except (TypeError, ValueError):
+        pass
+    out = np.full(shape, np.nan)
+    bad = np.zeros(len(values), bool)
+    for i, v in enumerate(values):
+        try:
+            if width > 1:
+                if isinstance(v, (str, bytes)) or len(v) != width:
+                    raise ValueError
+                out[i] = [float(x) if x is not None else np.nan for x in v]
+            else:
+                out[i] = float(v) if v is not None else np.nan
+        except (TypeError, ValueError):
+            bad[i] = True
+    return out, bad
+
+
+def scan_annotations(path: Path, work: Path, nb: int, progress=None) -> dict[str, Any]:
+    """Annotation pass: spill valid-looking boxes per bucket; count what is dropped here."""
+    dropped = {"malformed": 0, "nonfinite": 0, "degenerate": 0}
+    seen_cats: set = set()
+    ids: list = []
+    cats: list = []
+    boxes: list = []
+    crowds: list = []
+    areas: list = []
+    total = 0
+    t0 = time.time()
+
+    def process():
+        iid, bad_i = _floats(ids)
+        cat, bad_c = _floats(cats)
+        box, bad_b = _floats(boxes, 4)
+        crowd, _ = _floats(crowds)
+        area, _ = _floats(areas)
+        raw_cats = list(cats)
+        for lst in (ids, cats, boxes, crowds, areas):
+            lst.clear()
+        int_id = ~bad_i & np.isfinite(iid) & (np.mod(iid, 1) == 0)
+        int_cat = ~bad_c & np.isfinite(cat) & (np.mod(cat, 1) == 0)
+        malformed = ~int_id | bad_b
+        dropped["malformed"] += int(malformed.sum())
+        keep = ~malformed
+        finite = np.isfinite(box).all(1)
+        dropped["nonfinite"] += int((keep & ~finite).sum())
+        keep &= finite
+        degenerate = ~(box[:, 2] > 0) | ~(box[:, 3] > 0)
+        dropped["degenerate"] += int((keep & degenerate).sum())
+        keep &= ~degenerate
+        seen_cats.update(np.unique(cat[keep & int_cat]).astype(np.int64).tolist())
+        for i in np.flatnonzero(keep & ~int_cat)[:100]:
+            seen_cats.add(repr(raw_cats[i]))
+        rec = np.empty(int(keep.sum()), ANN)
+        rec["iid"] = iid[keep].astype(np.int64)
+        rec["box"] = box[keep]
+        rec["cat"] = np.where(int_cat, cat, -1)[keep].astype(np.int64)
+        rec["crowd"] = np.nan_to_num(crowd, nan=0.0)[keep] > 0
+        rec["area"] = area[keep]
+        bucket = rec["iid"] % nb
+        order = np.argsort(bucket, kind="stable")
+        rec, bucket = rec[order], bucket[order]
+        if not len(bucket):
+            return
+        starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+        for s, e in zip(starts, list(starts[1:]) + [len(bucket)]):
+            with open(work / f"ann-{int(bucket[s]):05d}.bin", "ab") as fh:
+                rec[s:e].tofile(fh)
+
+    ap_i, ap_c, ap_b, ap_cr, ap_a = ids.append, cats.append, boxes.append, crowds.append, areas.append
+    for a in stream_items(path, "annotations.item"):
+        total += 1
+        try:
+            get = a.get
+            ap_i(get("image_id")); ap_c(get("category_id")); ap_b(get("bbox"))
+            ap_cr(get("iscrowd", 0)); ap_a(get("area"))
+        except AttributeError:  # not an object
+            ap_i(None); ap_c(None); ap_b(None); ap_cr(0); ap_a(None)
+        if len(ids) == _CHUNK:
+            process()
+            if progress and total % (_CHUNK * 8) == 0:
+                progress(f"  annotations: {total:,} read ({total / (time.time() - t0):,.0f}/s)")
+    if ids:
+        process()
+    return {"boxes_in": total, "dropped": dropped, "seen_categories": sorted(seen_cats, key=str)}

@@ -1,0 +1,101 @@
+"""Image decoding: any PIL-readable bytes -> RGB uint8 (H, W, 3), EXIF orientation applied.
+
+Grayscale, CMYK (incl. Adobe-inverted JPEG), RGBA/LA (alpha dropped, as the reference
+``convert("RGB")``), palette (with or without transparency) and 16-bit grayscale all
+come out as 3-channel RGB. EXIF orientation: the image is turned upright, unless the
+annotation was clearly made on the raw pixel grid (the raw size matches the annotated
+size and the upright size does not).
+"""
+from __future__ import annotations
+
+import io
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = ["ImageDecodeError", "decode_image", "verify_image_bytes", "read_image_size"]
+
+_ORIENTATION = 0x0112
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are empty, truncated or not an image; ``reason`` is a short tag."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+def _open(data: Optional[bytes]) -> Image.Image:
+    if not data:
+        raise ImageDecodeError("empty_file", "zero bytes")
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError...
+        raise ImageDecodeError("corrupt", f"{type(e).__name__}: {e}") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.int64)
+        peak = 65535 if mode.startswith("I;16") else max(1, int(arr.max()))
+        arr = np.clip(arr * 255 // peak, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
+def decode_image(data: Optional[bytes], expected_size: Optional[tuple[int, int]] = None,
+                 draft_size: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """Decode to RGB uint8 (H, W, 3).
+
+    ``expected_size`` is the annotated (width, height), used only to decide EXIF
+    orientation (see module doc). ``draft_size`` (w, h) lets JPEG decode at a reduced
+    DCT scale no smaller than that size (faster when the output will be smaller).
+    Raises :class:`ImageDecodeError` (reason ``empty_file`` or ``corrupt``).
+    """
+    im = _open(data)
+    try:
+        orientation = im.getexif().get(_ORIENTATION, 1) if im.format in ("JPEG", "TIFF", "PNG", "WEBP") else 1
+        if draft_size is not None and im.format == "JPEG" and orientation in (1, None):
+            im.draft("RGB", draft_size)
+        im.load()
+        if orientation in (2, 3, 4, 5, 6, 7, 8):
+            upright = ImageOps.exif_transpose(im)
+            keep_raw = (expected_size is not None and tuple(im.size) == tuple(expected_size)
+                        and tuple(upright.size) != tuple(expected_size))
+            if not keep_raw:
+                im = upright
+        return np.array(_to_rgb(im))
+    except ImageDecodeError:
+        raise
+    except Exception as e:  # truncated data: OSError("image file is truncated ...")
+        raise ImageDecodeError("corrupt", f"{type(e).__name__}: {e}") from None
+
+
+def verify_image_bytes(data: Optional[bytes]) -> Optional[str]:
+    """``None`` when the bytes decode completely, else the reason (``empty_file``/``corrupt``).
+
+    JPEG is checked at 1/8 DCT scale: every entropy-coded byte is still read (so
+    truncation is caught) at a fraction of the full decode cost.
+    """
+    try:
+        im = _open(data)
+        if im.format == "JPEG":
+            im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+        im.load()
+    except ImageDecodeError as e:
+        return e.reason
+    except Exception:
+        return "corrupt"
+    return None
+
+
+def read_image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) as stored (before EXIF orientation) from the header only."""
+    return tuple(_open(data).size)  # type: ignore[return-value]

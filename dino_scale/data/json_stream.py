@@ -1,0 +1,112 @@
+"""Streaming reads of COCO-format annotation JSON with ijson (bounded memory).
+
+``stream_items(path, "annotations.item")`` yields one dict at a time whatever the file
+size. A syntax error becomes :class:`MalformedJSONError` naming the byte offset (and
+line/column) of the offending character, found by re-feeding the failing region one
+byte at a time to a fresh parser.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Union
+
+import ijson
+
+__all__ = ["MalformedJSONError", "stream_items", "locate_json_error"]
+
+_BUF = 1 << 20
+
+
+class MalformedJSONError(ValueError):
+    """The annotation file is not valid JSON; ``position`` is the 0-based byte offset."""
+
+    def __init__(self, path: Union[str, Path], position: int, line: int, column: int, detail: str):
+        self.path, self.position, self.line, self.column = str(path), position, line, column
+        hint = ""
+        if "invalid char" in detail:
+            hint = " (NaN/Infinity literals are not JSON: write null instead)"
+        first = detail.strip().splitlines()[0] if detail.strip() else "syntax error"
+        self.detail = detail
+        super().__init__(f"malformed JSON in {path} at byte {position} (line {line}, column {column}): "
+                         f"{first}{hint}")
+
+
+    def __reduce__(self):  # picklable across processes (the image pass runs in a child)
+        return (MalformedJSONError, (self.path, self.position, self.line, self.column, self.detail))
+
+
+class _CountingReader:
+    def __init__(self, fh):
+        self.fh, self.bytes_read = fh, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.bytes_read += len(data)
+        return data
+
+
+def locate_json_error(path: Union[str, Path]) -> tuple[int, int, int, str]:
+    """(byte offset, line, column, parser message) of the first syntax error in ``path``.
+
+    Returns offset -1 when the file parses cleanly. Two passes at most: chunks to find
+    the failing chunk, then that chunk byte by byte.
+    """
+    def feed(limit_chunk: int) -> tuple[int, str]:
+        coro = ijson.basic_parse_coro(ijson.utils.sendable_list())
+        chunk_idx = 0
+        with open(path, "rb") as fh:
+            while True:
+                data = fh.read(_BUF)
+                if not data:
+                    break
+                if chunk_idx == limit_chunk:
+                    base = chunk_idx * _BUF
+                    for i in range(len(data)):
+                        try:
+                            coro.send(data[i:i + 1])
+                        except ijson.JSONError as e:
+                            return base + i, str(e)
+                else:
+                    try:
+                        coro.send(data)
+                    except ijson.JSONError as e:
+                        return -(chunk_idx + 2), str(e)  # tells the caller which chunk
+                chunk_idx += 1
+        try:
+            coro.close()
+        except ijson.JSONError as e:
+            return Path(path).stat().st_size, str(e)
+        return -1, ""
+
+    pos, msg = feed(limit_chunk=-1)
+    if pos <= -2:
+        pos, msg = feed(limit_chunk=-pos - 2)
+    if pos < 0:
+        return -1, 0, 0, ""
+    line, col = 1, 1
+    with open(path, "rb") as fh:
+        done = 0
+        while done < pos:
+            data = fh.read(min(_BUF, pos - done))
+            if not data:
+                break
+            nl = data.count(b"\n")
+            if nl:
+                line += nl
+                col = len(data) - data.rfind(b"\n")
+            else:
+                col += len(data)
+            done += len(data)
+    return pos, line, col, msg
+
+
+def stream_items(path: Union[str, Path], prefix: str) -> Iterator[Any]:
+    """Yield the values under ``prefix`` (e.g. ``"images.item"``); numbers become floats/ints."""
+    with open(path, "rb") as fh:
+        try:
+            yield from ijson.items(_CountingReader(fh), prefix, use_float=True, buf_size=_BUF)
+        except ijson.JSONError as e:
+            pos, line, col, msg = locate_json_error(path)
+            if pos < 0:  # should not happen; fall back to the parser's own words
+                raise MalformedJSONError(path, -1, 0, 0, str(e)) from None
+            raise MalformedJSONError(path, pos, line, col, msg) from None

@@ -1,0 +1,182 @@
+"""Ray Data datasets over record shards: decode + DINO augmentation in Ray tasks.
+
+Rows after preprocessing (numpy): ``image`` uint8 (3,H,W), ``boxes`` float32 (n,4)
+normalized cx,cy,w,h (crowd boxes removed), ``labels`` int64 (n,) raw ids,
+``image_id`` int64, ``orig_size`` int64 (2,) annotated (h,w), ``size`` int64 (2,),
+``epoch`` int64. Normalize on the consumer's device with :func:`normalize_batch`.
+
+Per-worker splits for Ray Train: pass the dataset as ``TorchTrainer(datasets={"train":
+ds})`` and, in the worker loop, ``ray.train.get_dataset_shard("train")`` gives this
+worker's share (a streaming split; every row goes to exactly one worker per epoch)::
+
+    it = ray.train.get_dataset_shard("train")
+    for batch in it.iter_batches(batch_size=cfg.data.batch_size, batch_format="numpy",
+                                 local_shuffle_buffer_size=64, local_shuffle_seed=seed + epoch):
+        images, masks, targets = collate_numpy_batch(batch, pad_multiple=cfg.data.pad_multiple)
+
+Augmentation is seeded by (seed, epoch, image_id): the same image in the same epoch
+gets the same draws on any worker count. Which epoch: by default (``epoch=None``) a
+small named actor holds the current epoch of the dataset, and the training loop calls
+``set_epoch(e)`` (from any or every worker, before iterating its shard for epoch ``e``);
+each preprocessing batch reads it once. Or fix it: ``epoch=e``; ``num_epochs > 1``
+then gives the union of epochs ``e .. e+num_epochs-1``. Rows carry ``epoch``.
+Images that fail to decode are dropped from the stream, logged with their id and
+counted by a named actor: :func:`decode_skips`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import numpy as np
+import ray
+
+from .decode import ImageDecodeError
+from .loader import manifest_image_root
+from .records import shard_paths
+from .transforms import DetectionTransform
+
+__all__ = ["build_train_dataset", "build_eval_dataset", "decode_skips", "set_epoch", "current_epoch"]
+
+log = logging.getLogger(__name__)
+_COUNTER_PREFIX = "dino_scale_decode_skips:"
+_handles: dict[str, Any] = {}
+
+
+@ray.remote(num_cpus=0)
+class _SkipCounter:
+    def __init__(self):
+        self.count, self.by_reason, self.image_ids = 0, {}, []
+
+    def record(self, image_id: int, reason: str) -> None:
+        self.count += 1
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+        if len(self.image_ids) < 10000:
+            self.image_ids.append(int(image_id))
+
+    def get(self) -> dict[str, Any]:
+        return {"count": self.count, "by_reason": dict(self.by_reason), "image_ids": sorted(self.image_ids)}
+
+
+@ray.remote(num_cpus=0)
+class _EpochClock:
+    def __init__(self):
+        self.epoch = 0
+
+    def set(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def get(self) -> int:
+        return self.epoch
+
+
+def _clock(name: str):
+    key = "clock:" + name
+    if key not in _handles:
+        _handles[key] = _EpochClock.options(name="dino_scale_data_epoch:" + name, get_if_exists=True).remote()
+    return _handles[key]
+
+
+def set_epoch(epoch: int, stats_name: str = "train") -> None:
+    """Make the next pass over datasets built with ``epoch=None`` use ``epoch``'s draws."""
+    ray.get(_clock(stats_name).set.remote(int(epoch)))
+
+
+def current_epoch(stats_name: str = "train") -> int:
+    return int(ray.get(_clock(stats_name).get.remote()))
+
+
+def _counter(name: str):
+    if name not in _handles:
+        _handles[name] = _SkipCounter.options(name=_COUNTER_PREFIX + name, get_if_exists=True).remote()
+    return _handles[name]
+
+
+def decode_skips(stats_name: str = "train") -> dict[str, Any]:
+    """Images dropped at decode time so far: ``{"count", "by_reason", "image_ids"}``.
+
+    Counts accumulate over every pass over datasets built with this ``stats_name``
+    (a row that fails is counted once per epoch it is read in)."""
+    return ray.get(_counter(stats_name).get.remote())
+
+
+class _ToSample:
+    """Picklable batch function: record rows -> sample rows (bad images dropped and counted)."""
+
+    def __init__(self, data_cfg, train: bool, image_root: Optional[str], epoch: Optional[int], stats_name: str):
+        self.transform = DetectionTransform(data_cfg, train=train, image_root=image_root)
+        self.epoch, self.stats_name = epoch, stats_name
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        epoch = self.epoch if self.epoch is not None else current_epoch(self.stats_name)
+        out: dict[str, list] = {k: [] for k in ("image", "boxes", "labels", "image_id", "orig_size", "size",
+                                                "epoch")}
+        for i in range(len(batch["image_id"])):
+            row = {k: batch[k][i] for k in batch}
+            n = len(row["category_ids"]) if row["category_ids"] is not None else 0
+            rec = {**row, "boxes": np.asarray(row["boxes"] if n else [], np.float32).reshape(n, 4),
+                   "category_ids": np.asarray(row["category_ids"] if n else [], np.int64),
+                   "iscrowd": np.asarray(row["iscrowd"] if n else [], bool)}
+            try:
+                s = self.transform(rec, epoch=epoch)
+            except ImageDecodeError as e:
+                log.warning("decode: skipping image id %s (%s)", row["image_id"], e)
+                _counter(self.stats_name).record.remote(int(row["image_id"]), e.reason)
+                continue
+            out["image"].append(np.ascontiguousarray(s["image"].numpy()))
+            out["boxes"].append(s["boxes"].numpy())
+            out["labels"].append(s["labels"].numpy())
+            out["image_id"].append(s["image_id"])
+            out["orig_size"].append(s["orig_size"].numpy())
+            out["size"].append(s["size"].numpy())
+            out["epoch"].append(epoch)
+        return {k: (_column(v) if k in ("image", "boxes", "labels") else np.asarray(v, dtype=np.int64).reshape(
+            len(v), 2) if k in ("orig_size", "size") else np.asarray(v, dtype=np.int64)) for k, v in out.items()}
+
+
+def _column(arrays: list) -> np.ndarray:
+    """Variable-shaped arrays -> 1-D object array (Ray stores it as a variable-shaped tensor column)."""
+    col = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        col[i] = a
+    return col
+
+
+_BATCH = 8  # images per preprocessing call (one epoch-clock lookup each)
+
+
+def _read(data_dir, override_num_blocks: Optional[int]):
+    files = [str(p) for p in shard_paths(data_dir)]
+    if not files:
+        raise ValueError(f"{data_dir}: the dataset has no shards (no images?)")
+    kw = {"override_num_blocks": override_num_blocks} if override_num_blocks else {}
+    return ray.data.read_parquet(files, **kw)
+
+
+def build_train_dataset(data_dir, data_cfg, image_root: Optional[str] = None, epoch: Optional[int] = None,
+                        num_epochs: int = 1, stats_name: str = "train",
+                        override_num_blocks: Optional[int] = None) -> "ray.data.Dataset":
+    """Augmented training rows (see module doc). ``data_dir``: folder(s) of shards."""
+    root = image_root or data_cfg.image_root or manifest_image_root(data_dir)
+    _counter(stats_name)  # create the actors from the driver so tasks find them
+    _clock(stats_name)
+    if epoch is None:
+        if num_epochs != 1:
+            raise ValueError("num_epochs > 1 needs a fixed start epoch")
+        return _read(data_dir, override_num_blocks).randomize_block_order(seed=int(data_cfg.seed)).map_batches(
+            _ToSample(data_cfg, True, root, None, stats_name), batch_size=_BATCH, batch_format="numpy")
+    parts = []
+    for e in range(int(epoch), int(epoch) + int(num_epochs)):
+        ds = _read(data_dir, override_num_blocks).randomize_block_order(seed=int(data_cfg.seed) + e)
+        parts.append(ds.map_batches(_ToSample(data_cfg, True, root, e, stats_name), batch_size=_BATCH,
+                                    batch_format="numpy"))
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+def build_eval_dataset(data_dir, data_cfg, image_root: Optional[str] = None, stats_name: str = "eval",
+                       override_num_blocks: Optional[int] = None) -> "ray.data.Dataset":
+    """Eval rows (resize to ``eval_size``/``eval_max_size``, no flip/crop), in shard order."""
+    root = image_root or data_cfg.image_root or manifest_image_root(data_dir)
+    _counter(stats_name)
+    return _read(data_dir, override_num_blocks).map_batches(_ToSample(data_cfg, False, root, 0, stats_name),
+                                                           batch_size=_BATCH, batch_format="numpy")

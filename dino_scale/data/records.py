@@ -1,0 +1,162 @@
+"""The record schema, the manifest, and reading records back from shards.
+
+One row per image (DESIGN.md "Data records"):
+
+=============  =====================  ==================================================
+column         type                   meaning
+=============  =====================  ==================================================
+image_id       int64                  id from the annotation file
+file_name      string                 path relative to the image root
+width, height  int32                  annotated image size in pixels
+image          binary (nullable)      encoded image bytes; null when read by path
+boxes          list<float32>          x,y,w,h in pixels, flattened (4 per box)
+category_ids   list<int32>            raw category ids (COCO 1..90, Objects365 1..365)
+iscrowd        list<bool>             crowd flag per box (kept out of training targets)
+area           list<float32>          area per box (COCO ``area`` or w*h)
+=============  =====================  ==================================================
+
+A dataset is a folder of ``shard-NNNNN.parquet`` files plus ``manifest.json``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "SCHEMA", "MANIFEST_NAME", "FORMAT", "read_manifest", "shard_paths", "iter_records",
+    "to_coco_gt", "data_dirs", "resolve_image_path",
+]
+
+FORMAT = "dino_scale.records/1"
+MANIFEST_NAME = "manifest.json"
+
+SCHEMA = pa.schema([
+    ("image_id", pa.int64()),
+    ("file_name", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("image", pa.binary()),
+    ("boxes", pa.list_(pa.float32())),
+    ("category_ids", pa.list_(pa.int32())),
+    ("iscrowd", pa.list_(pa.bool_())),
+    ("area", pa.list_(pa.float32())),
+])
+
+PathLike = Union[str, Path]
+
+
+def data_dirs(data_dir: Union[PathLike, Sequence[PathLike]]) -> list[Path]:
+    """One or several dataset folders: a path, a list of paths, or ``"a,b"``.
+
+    Several folders are read as one dataset (e.g. Objects365 train plus the rest of
+    val for the paper's recipe); their categories must agree.
+    """
+    if isinstance(data_dir, (str, Path)):
+        parts = [p for p in str(data_dir).split(",") if p.strip()]
+    else:
+        parts = [str(p) for p in data_dir]
+    if not parts:
+        raise ValueError("no dataset folder given")
+    return [Path(p.strip()) for p in parts]
+
+
+def read_manifest(data_dir: PathLike) -> dict[str, Any]:
+    """The manifest of one dataset folder (dict; see :func:`convert_coco` for keys)."""
+    path = Path(data_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {data_dir}: not a converted dataset "
+                                f"(run python -m pipelines.prepare_data first)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
+    return manifest
+
+
+def shard_paths(data_dir: Union[PathLike, Sequence[PathLike]]) -> list[Path]:
+    """All shard files of one or several dataset folders, in manifest order."""
+    out: list[Path] = []
+    categories = None
+    for d in data_dirs(data_dir):
+        manifest = read_manifest(d)
+        cats = [(c["id"], c["name"]) for c in manifest["categories"]]
+        if categories is not None and cats != categories:
+            raise ValueError(f"{d}: categories differ from the other dataset folders")
+        categories = cats
+        out.extend(d / s["file"] for s in manifest["shards"])
+    return out
+
+
+def resolve_image_path(root: Optional[PathLike], file_name: str) -> Optional[Path]:
+    """Find ``file_name`` under ``root``; ``None`` when absent.
+
+    Objects365 annotation files name images ``images/v1/patchN/x.jpg`` (v2 also
+    ``images/v2/patchN``) while the archives unpack to ``<root>/patchN/x.jpg``; the
+    prefixes ``images/v1/``, ``images/v2/`` and ``images/`` are tried stripped.
+    """
+    base = Path(root) if root is not None else Path(".")
+    candidates = [file_name]
+    for prefix in ("images/v1/", "images/v2/", "images/"):
+        if file_name.startswith(prefix):
+            candidates.append(file_name[len(prefix):])
+    candidates.append(Path(file_name).name)
+    for cand in candidates:
+        p = base / cand
+        if p.is_file():
+            return p
+    return None
+
+
+def _row_to_record(row: dict[str, Any]) -> dict[str, Any]:
+    """Arrow row (python lists) -> record with numpy arrays; boxes (n,4) xywh float32."""
+    n = len(row["category_ids"] or [])
+    return {
+        "image_id": int(row["image_id"]),
+        "file_name": row["file_name"],
+        "width": int(row["width"]),
+        "height": int(row["height"]),
+        "image": row["image"],
+        "boxes": np.asarray(row["boxes"] or [], dtype=np.float32).reshape(n, 4),
+        "category_ids": np.asarray(row["category_ids"] or [], dtype=np.int64),
+        "iscrowd": np.asarray(row["iscrowd"] or [], dtype=bool),
+        "area": np.asarray(row["area"] or [], dtype=np.float32),
+    }
+
+
+def iter_records(data_dir: Union[PathLike, Sequence[PathLike]], columns: Optional[list[str]] = None,
+                 batch_rows: int = 256) -> Iterator[dict[str, Any]]:
+    """Yield records (dicts, boxes as (n,4) x,y,w,h pixels) in shard order; no Ray needed."""
+    cols = columns or SCHEMA.names
+    for path in shard_paths(data_dir):
+        pf = pq.ParquetFile(path)
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
+            for row in batch.to_pylist():
+                full = {k: row.get(k) for k in SCHEMA.names}
+                if full["category_ids"] is None:
+                    full["category_ids"] = []
+                yield _row_to_record(full)
+
+
+def to_coco_gt(data_dir: Union[PathLike, Sequence[PathLike]]) -> dict[str, Any]:
+    """Ground truth in COCO format (images, annotations incl. iscrowd, categories).
+
+    Built from the shards, so it holds exactly what was converted (dropped boxes and
+    skipped images are absent). Feed it to ``pycocotools.coco.COCO`` via ``dataset=``.
+    """
+    dirs = data_dirs(data_dir)
+    categories = read_manifest(dirs[0])["categories"]
+    images, annotations = [], []
+    cols = ["image_id", "file_name", "width", "height", "boxes", "category_ids", "iscrowd", "area"]
+    for rec in iter_records(dirs, columns=cols):
+        images.append({"id": rec["image_id"], "file_name": rec["file_name"],
+                       "width": rec["width"], "height": rec["height"]})
+        for box, cat, crowd, area in zip(rec["boxes"], rec["category_ids"], rec["iscrowd"], rec["area"]):
+            annotations.append({"id": len(annotations) + 1, "image_id": rec["image_id"],
+                                "category_id": int(cat), "bbox": [float(v) for v in box],
+                                "area": float(area), "iscrowd": int(bool(crowd))})
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": c["id"], "name": c["name"]} for c in categories]}

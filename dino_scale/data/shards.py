@@ -1,0 +1,132 @@
+"""Bounded-size Parquet shard writer with resumable progress records.
+
+Rows arrive in image order as Arrow tables (one per bucket) with their global image
+indices. A shard is cut *before* a row that would push it past ``shard_bytes`` (or
+past ``max_rows``), so every shard is at most max(shard_bytes, one row). Each finished
+shard is written to a temporary name, renamed, and followed by a small JSON progress
+record in the work folder; a rerun reads those records and continues after the last
+finished shard. Cut points depend only on the row sequence, so a resumed conversion
+writes the same shards as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .records import SCHEMA
+
+__all__ = ["ShardWriter", "shard_name", "load_progress"]
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.parquet"
+
+
+def load_progress(out: Path, work: Path) -> list[dict[str, Any]]:
+    """Progress records of finished shards, contiguous from 0; stale files beyond are removed."""
+    done = []
+    i = 0
+    while (work / f"{shard_name(i)}.json").is_file() and (out / shard_name(i)).is_file():
+        done.append(json.loads((work / f"{shard_name(i)}.json").read_text()))
+        i += 1
+    for p in sorted(out.glob("shard-*.parquet*")):  # partial or orphaned files from a crash
+        if not p.name.endswith(".parquet") or int(p.name[6:11]) >= i:
+            p.unlink()
+    return done
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    avg = max(1, table.nbytes // max(1, table.num_rows))
+    row_group = int(min(max(16, (32 << 20) // avg), max(16, table.num_rows)))
+    compression = {name: ("NONE" if name == "image" else "ZSTD") for name in SCHEMA.names}
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, row_group_size=row_group, compression=compression,
+                   write_statistics=False, store_schema=False)
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Accumulates rows and skip events; writes ``shard-NNNNN.parquet`` files."""
+
+    def __init__(self, out: Path, work: Path, shard_bytes: int, max_rows: int,
+                 done: Optional[list[dict[str, Any]]] = None):
+        self.out, self.work = out, work
+        self.shard_bytes, self.max_rows = int(shard_bytes), int(max_rows)
+        self.done = list(done or [])
+        self.start_index = self.done[-1]["end_index"] if self.done else 0
+        self._tables: list[pa.Table] = []
+        self._rows = 0
+        self._bytes = 0
+        self._last_index = -1
+        self._skips: list[tuple[int, int, str, int]] = []  # (global index, image id, reason, boxes)
+        self.tail: Optional[dict[str, Any]] = None
+
+    def add_skip(self, index: int, image_id: int, reason: str, num_boxes: int) -> None:
+        self._skips.append((int(index), int(image_id), reason, int(num_boxes)))
+
+    def add(self, table: pa.Table, indices: np.ndarray, row_bytes: np.ndarray) -> None:
+        """Append rows (``table`` in SCHEMA) with global indices and estimated sizes."""
+        pos = 0
+        n = table.num_rows
+        while pos < n:
+            room_bytes = self.shard_bytes - self._bytes
+            room_rows = self.max_rows - self._rows
+            csum = np.cumsum(row_bytes[pos:])
+            take = int(np.searchsorted(csum, room_bytes, side="right"))
+            take = min(take, room_rows, n - pos)
+            if take == 0 and self._rows == 0:
+                take = 1  # a single row larger than the limit gets its own shard
+            if take > 0:
+                self._tables.append(table.slice(pos, take))
+                self._rows += take
+                self._bytes += int(csum[take - 1])
+                self._last_index = int(indices[pos + take - 1])
+                pos += take
+            if pos < n:
+                self._flush(end_index=self._last_index + 1)
+
+    def _flush(self, end_index: int) -> None:
+        i = len(self.done)
+        table = pa.concat_tables(self._tables) if self._tables else SCHEMA.empty_table()
+        if table.num_rows:
+            _write_parquet(table, self.out / shard_name(i))
+        mine = [s for s in self._skips if s[0] < end_index]
+        self._skips = [s for s in self._skips if s[0] >= end_index]
+        reasons: dict[str, int] = {}
+        for _, _, reason, _ in mine:
+            reasons[reason] = reasons.get(reason, 0) + 1
+        num_boxes = int(pc.sum(pc.list_value_length(table["category_ids"])).as_py() or 0) \
+            if table.num_rows else 0
+        record = {
+            "file": shard_name(i) if table.num_rows else None,
+            "start_index": self.start_index, "end_index": int(end_index),
+            "num_images": table.num_rows, "num_boxes": num_boxes,
+            "bytes": (self.out / shard_name(i)).stat().st_size if table.num_rows else 0,
+            "skipped": reasons,
+            "skipped_images": [{"image_id": s[1], "reason": s[2]} for s in mine],
+            "boxes_dropped_skipped_image": sum(s[3] for s in mine),
+        }
+        if table.num_rows:
+            (self.work / f"{shard_name(i)}.json").write_text(json.dumps(record))
+            self.done.append(record)
+        else:
+            self.tail = record
+        self.start_index = int(end_index)
+        self._tables, self._rows, self._bytes = [], 0, 0
+
+    def finish(self, total_images: int) -> list[dict[str, Any]]:
+        """Write the last shard; returns all progress records (plus a tail of skips, if any)."""
+        self.tail = None
+        if self._rows or self._skips:
+            self._flush(end_index=total_images)
+        records = list(self.done)
+        if self.tail is not None:
+            records.append(self.tail)
+        return records

@@ -1,0 +1,163 @@
+"""DINO augmentation on uint8 images with torchvision.transforms.v2 and tv_tensors.
+
+Train (the DETR/DINO recipe): horizontal flip (p=0.5); then with p=0.5 either resize
+the short side to one of ``train_scales`` (long side <= ``train_max_size``), or resize
+to one of ``crop_resize_scales``, random-crop a ``crop_size_range`` window, and resize
+to one of ``train_scales``. Eval: short side ``eval_size``, long side <= ``eval_max_size``.
+All sizes are multiplied by ``scale_factor`` (1.5 for the fine-tuning recipe).
+
+Geometry stays in uint8 (``tv_tensors.Image`` + ``tv_tensors.BoundingBoxes``);
+normalization is left to the consumer, usually on the GPU: :func:`normalize_batch`.
+Random draws come from a generator seeded by ``(seed, epoch, image_id)``, so a
+sample's augmentation does not depend on worker count or order.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from .decode import decode_image
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DetectionTransform", "dino_resize_size", "normalize_batch",
+           "sample_rng"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def dino_resize_size(hw: tuple[int, int], size: int, max_size: Optional[int] = None) -> tuple[int, int]:
+    """Output (h, w) for "short side = size, long side <= max_size" (DETR's rule, incl. rounding)."""
+    h, w = hw
+    if max_size is not None:
+        lo, hi = float(min(w, h)), float(max(w, h))
+        if hi / lo * size > max_size:
+            size = int(round(max_size * lo / hi))
+    if (w <= h and w == size) or (h <= w and h == size):
+        return h, w
+    if w < h:
+        return int(size * h / w), size
+    return size, int(size * w / h)
+
+
+def sample_rng(seed: int, epoch: int, image_id: int) -> np.random.Generator:
+    """The generator of one sample's augmentation (independent of order and workers)."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(image_id) & 0xFFFFFFFFFFFFFFFF])
+
+
+def normalize_batch(images: torch.Tensor, masks: Optional[torch.Tensor] = None,
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 (B,3,H,W) -> float32 ImageNet-normalized on the input's device.
+
+    With ``masks`` (B,H,W; True on padding) the padding is set to 0 after normalizing,
+    as in the reference (which pads normalized images with zeros).
+    """
+    x = images.float().div_(255.0)
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    x = x.sub_(m).div_(s)
+    if masks is not None:
+        x = x.masked_fill(masks[:, None], 0.0)
+    return x
+
+
+def _scaled(v: int, factor: float) -> int:
+    return int(round(v * factor))
+
+
+class DetectionTransform:
+    """Record -> sample. ``__call__(record, epoch)`` returns a dict:
+
+    - ``image`` uint8 (3, H, W) tensor, resized/augmented
+    - ``boxes`` float32 (n, 4) normalized cx, cy, w, h (crowd boxes removed)
+    - ``labels`` int64 (n,) raw category ids
+    - ``image_id`` int; ``orig_size`` int64 (2,) annotated (h, w); ``size`` int64 (2,) (h, w)
+
+    ``record`` is a dict as from :func:`~.records.iter_records` (``image`` bytes or a
+    ``path``; ``boxes`` (n,4) x,y,w,h pixels). Raises ``ImageDecodeError`` on bad bytes.
+    """
+
+    def __init__(self, cfg, train: bool = True, image_root: Optional[str] = None):
+        f = float(cfg.scale_factor)
+        self.train, self.seed = train, int(cfg.seed)
+        self.scales = [_scaled(s, f) for s in cfg.train_scales]
+        self.max_size = _scaled(cfg.train_max_size, f)
+        self.crop_resize = [_scaled(s, f) for s in cfg.crop_resize_scales]
+        self.crop_range = (_scaled(cfg.crop_size_range[0], f), _scaled(cfg.crop_size_range[1], f))
+        self.eval_size, self.eval_max = _scaled(cfg.eval_size, f), _scaled(cfg.eval_max_size, f)
+        self.image_root = image_root
+
+    # -- geometry ------------------------------------------------------------------
+    @staticmethod
+    def _resize(img, boxes, size: int, max_size: Optional[int]):
+        h, w = img.shape[-2:]
+        oh, ow = dino_resize_size((h, w), size, max_size)
+        if (oh, ow) == (h, w):
+            return img, boxes
+        return F.resize(img, [oh, ow], antialias=True), F.resize(boxes, [oh, ow])
+
+    def augment(self, img: tv_tensors.Image, boxes: tv_tensors.BoundingBoxes, rng: np.random.Generator):
+        """Train geometry; returns (image, boxes, keep) with ``keep`` the surviving box mask."""
+        n = boxes.shape[0]
+        keep = torch.ones(n, dtype=torch.bool)
+        if rng.random() < 0.5:
+            img, boxes = F.horizontal_flip(img), F.horizontal_flip(boxes)
+        if rng.random() < 0.5:
+            return (*self._resize(img, boxes, self.scales[rng.integers(len(self.scales))], self.max_size), keep)
+        img, boxes = self._resize(img, boxes, self.crop_resize[rng.integers(len(self.crop_resize))], None)
+        h, w = img.shape[-2:]
+        lo, hi = self.crop_range
+        cw = int(rng.integers(min(lo, w), min(w, hi) + 1))
+        ch = int(rng.integers(min(lo, h), min(h, hi) + 1))
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        img, boxes = F.crop(img, top, left, ch, cw), F.crop(boxes, top, left, ch, cw)
+        boxes = F.clamp_bounding_boxes(boxes)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        img, boxes = self._resize(img, boxes, self.scales[rng.integers(len(self.scales))], self.max_size)
+        return img, boxes, keep
+
+    # -- record -> sample ----------------------------------------------------------
+    def load(self, record: dict[str, Any]) -> np.ndarray:
+        data = record.get("image")
+        if data is None:
+            from .records import resolve_image_path
+            path = resolve_image_path(record.get("image_root") or self.image_root, record["file_name"])
+            if path is None:
+                from .decode import ImageDecodeError
+                raise ImageDecodeError("missing_file", str(record["file_name"]))
+            data = path.read_bytes()
+        return decode_image(data, expected_size=(int(record["width"]), int(record["height"])))
+
+    def __call__(self, record: dict[str, Any], epoch: int = 0) -> dict[str, Any]:
+        arr = self.load(record)
+        H, W = arr.shape[:2]
+        rh, rw = int(record["height"]), int(record["width"])
+        xywh = np.asarray(record["boxes"], dtype=np.float32).reshape(-1, 4)
+        labels = np.asarray(record["category_ids"], dtype=np.int64).reshape(-1)
+        crowd = np.asarray(record.get("iscrowd", np.zeros(len(labels), bool)), dtype=bool).reshape(-1)
+        xywh, labels = xywh[~crowd], labels[~crowd]
+        xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+        if (H, W) != (rh, rw):  # pixels differ from the annotated size: follow the pixels
+            xyxy = xyxy * np.array([W / rw, H / rh, W / rw, H / rh], np.float32)
+        img = tv_tensors.Image(torch.from_numpy(arr).permute(2, 0, 1))
+        boxes = tv_tensors.BoundingBoxes(torch.from_numpy(xyxy), format="XYXY", canvas_size=(H, W))
+        if self.train:
+            img, boxes, keep = self.augment(img, boxes, sample_rng(self.seed, epoch, int(record["image_id"])))
+        else:
+            img, boxes = self._resize(img, boxes, self.eval_size, self.eval_max)
+            keep = torch.ones(boxes.shape[0], dtype=torch.bool)
+        h, w = img.shape[-2:]
+        b = boxes.as_subclass(torch.Tensor)[keep]
+        cxcywh = torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0],
+                              b[:, 3] - b[:, 1]], 1) / torch.tensor([w, h, w, h], dtype=torch.float32)
+        return {
+            "image": img.as_subclass(torch.Tensor),  # may be channels-last strided; collate copies
+            "boxes": cxcywh.float().reshape(-1, 4),
+            "labels": torch.from_numpy(labels)[keep],
+            "image_id": int(record["image_id"]),
+            "orig_size": torch.tensor([rh, rw], dtype=torch.int64),
+            "size": torch.tensor([h, w], dtype=torch.int64),
+        }

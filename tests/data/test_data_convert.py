@@ -1,0 +1,117 @@
+"""Conversion: schema, manifest counts, Objects365 specifics, determinism, resume."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dino_scale.data import SCHEMA, convert_coco, iter_records, read_manifest, to_coco_gt
+from dino_scale.data import shards as shards_mod
+
+
+def _shard_bytes(out):
+    return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*.parquet"))}
+
+
+def test_data_convert_coco_like_roundtrip(coco_like, tmp_path):
+    root, ann = coco_like
+    src = json.loads(ann.read_text())
+    m = convert_coco(ann, root, tmp_path / "out", embed_images=True, progress=False)
+    assert m["num_images"] == len(src["images"]) and m["num_boxes"] == len(src["annotations"])
+    assert m["images_in"] == m["num_images"] + sum(m["images_skipped"].values())
+    assert m["boxes_in"] == m["num_boxes"] + sum(m["boxes_dropped"].values())
+    assert [c["id"] for c in m["categories"]] == sorted(c["id"] for c in src["categories"])
+    assert read_manifest(tmp_path / "out")["num_images"] == m["num_images"]
+    assert pq.read_schema(tmp_path / "out" / m["shards"][0]["file"]).equals(SCHEMA)
+    recs = {r["image_id"]: r for r in iter_records(tmp_path / "out")}
+    by_image = {}
+    for a in src["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    for img in src["images"]:
+        r = recs[img["id"]]
+        assert (r["width"], r["height"]) == (img["width"], img["height"])
+        assert r["image"] == (root / img["file_name"]).read_bytes()
+        anns = by_image.get(img["id"], [])
+        np.testing.assert_allclose(r["boxes"], np.array([a["bbox"] for a in anns]).reshape(-1, 4), atol=1e-3)
+        assert r["category_ids"].tolist() == [a["category_id"] for a in anns]
+        assert r["iscrowd"].tolist() == [bool(a["iscrowd"]) for a in anns]
+    assert any(len(r["category_ids"]) == 0 for r in recs.values()), "negatives (no boxes) are kept"
+    gt = to_coco_gt(tmp_path / "out")
+    assert len(gt["images"]) == len(src["images"]) and len(gt["annotations"]) == len(src["annotations"])
+    assert sum(a["iscrowd"] for a in gt["annotations"]) == sum(a["iscrowd"] for a in src["annotations"]) > 0
+    from pycocotools.coco import COCO
+    coco = COCO()
+    coco.dataset = gt
+    coco.createIndex()
+    assert len(coco.getImgIds()) == len(src["images"])
+
+
+def test_data_convert_o365_nested_names_and_val_split(o365_like, tmp_path):
+    root, ann = o365_like
+    src = json.loads(ann.read_text())
+    assert src["images"][0]["file_name"].startswith("images/v1/patch0/") and "isfake" in src["annotations"][0]
+    res = convert_coco(ann, root, tmp_path / "o365", embed_images=True, o365_val_split=10, progress=False)
+    val, extra = res["val"], res["train_extra"]
+    assert val["num_images"] == 10 and extra["num_images"] == len(src["images"]) - 10
+    val_ids = {r["image_id"] for r in iter_records(tmp_path / "o365" / "val")}
+    assert val_ids == {im["id"] for im in src["images"][:10]}
+    n_val_boxes = sum(1 for a in src["annotations"] if a["image_id"] in val_ids)
+    assert val["num_boxes"] == n_val_boxes and extra["num_boxes"] == len(src["annotations"]) - n_val_boxes
+    for m in (val, extra):  # boxes of the sibling split are not counted as input of this one
+        assert m["boxes_in"] == m["num_boxes"] and sum(m["boxes_dropped"].values()) == 0
+    # both folders read as one training set
+    both = list(iter_records(f"{tmp_path / 'o365' / 'val'},{tmp_path / 'o365' / 'train_extra'}"))
+    assert len(both) == len(src["images"])
+
+
+def test_data_convert_deterministic_and_parallel(coco_like, tmp_path):
+    root, ann = coco_like
+    a = convert_coco(ann, root, tmp_path / "a", embed_images=True, shard_size_mb=0.05, progress=False)
+    convert_coco(ann, root, tmp_path / "b", embed_images=True, shard_size_mb=0.05, progress=False,
+                 parallel=True)
+    assert len(a["shards"]) > 2
+    assert _shard_bytes(tmp_path / "a") == _shard_bytes(tmp_path / "b")
+    for s in a["shards"]:  # bounded: a shard exceeds the limit only when it holds a single image
+        assert s["bytes"] <= 0.05 * (1 << 20) * 1.1 or s["num_images"] == 1
+
+
+def test_data_convert_resume_after_interrupt(coco_like, tmp_path, monkeypatch):
+    root, ann = coco_like
+    ref = convert_coco(ann, root, tmp_path / "ref", embed_images=True, shard_size_mb=0.05, progress=False)
+    real_flush = shards_mod.ShardWriter._flush
+    calls = {"n": 0}
+
+    def flaky(self, end_index):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        calls["n"] += 1
+        return real_flush(self, end_index)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(shards_mod.ShardWriter, "_flush", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        convert_coco(ann, root, out, embed_images=True, shard_size_mb=0.05, progress=False)
+    monkeypatch.setattr(shards_mod.ShardWriter, "_flush", real_flush)
+    finished = sorted(out.glob("shard-*.parquet"))
+    assert len(finished) == 2 and not (out / "manifest.json").exists()
+    stamps = {p.name: p.stat().st_mtime_ns for p in finished}
+    m = convert_coco(ann, root, out, embed_images=True, shard_size_mb=0.05, progress=False)
+    assert {p: (out / p).stat().st_mtime_ns for p in stamps} == stamps, "finished shards were rewritten"
+    assert _shard_bytes(out) == _shard_bytes(tmp_path / "ref")
+    assert {k: v for k, v in m.items() if k != "signature"} == {k: v for k, v in ref.items() if k != "signature"}
+    assert not (out / ".convert-work").exists()
+    # a third run with the same arguments is a no-op
+    assert convert_coco(ann, root, out, embed_images=True, shard_size_mb=0.05, progress=False) == m
+
+
+def test_data_convert_reference_mode_and_cli(coco_like, tmp_path, capsys):
+    root, ann = coco_like
+    from pipelines.prepare_data import main
+    assert main(["--annotations", str(ann), "--images", str(root), "--out", str(tmp_path / "ref"), "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    m = read_manifest(tmp_path / "ref")
+    assert summary["num_images"] == m["num_images"] == 24 and not m["embed_images"]
+    assert m["image_root"] == str(root.resolve())
+    assert all(r["image"] is None for r in iter_records(tmp_path / "ref"))

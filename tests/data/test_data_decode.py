@@ -1,0 +1,74 @@
+"""Decoding: always RGB uint8 (H, W, 3) whatever the mode; EXIF orientation; bad bytes."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dino_scale.data.decode import ImageDecodeError, decode_image, verify_image_bytes
+
+
+def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_data_decode_grayscale():
+    arr = decode_image(_encode(Image.new("L", (20, 10), 77), "PNG"))
+    assert arr.shape == (10, 20, 3) and arr.dtype == np.uint8 and (arr == 77).all()
+
+
+def test_data_decode_16bit_grayscale():
+    arr = decode_image(_encode(Image.fromarray(np.full((6, 8), 65535, np.uint16)), "PNG"))
+    assert arr.shape == (6, 8, 3) and (arr == 255).all()
+
+
+def test_data_decode_cmyk_jpeg():
+    data = _encode(Image.new("CMYK", (16, 12), (0, 255, 255, 0)), "JPEG", quality=95)  # red in CMYK
+    arr = decode_image(data)
+    assert arr.shape == (12, 16, 3)
+    r, g, b = arr[6, 8].astype(int)
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_data_decode_rgba_and_palette():
+    rgba = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
+    assert (decode_image(_encode(rgba, "PNG"))[0, 0] == [10, 20, 30]).all()
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([0, 0, 0, 250, 5, 9] + [0] * 762)
+    assert (decode_image(_encode(pal, "PNG"))[0, 0] == [250, 5, 9]).all()
+    pal.info["transparency"] = 0
+    assert decode_image(_encode(pal, "PNG", transparency=0)).shape == (8, 8, 3)
+    assert decode_image(_encode(Image.new("LA", (5, 4), (99, 255)), "PNG")).shape == (4, 5, 3)
+
+
+def test_data_decode_exif_rotated():
+    raw = np.zeros((10, 30, 3), np.uint8)
+    raw[:, :5] = 255  # white band on the left of the stored pixels
+    im = Image.fromarray(raw)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    data = _encode(im, "JPEG", exif=exif.tobytes(), quality=98)
+    up = decode_image(data)
+    assert up.shape == (30, 10, 3)  # upright: portrait
+    assert up[:5, :, 0].mean() > 200 and up[-5:, :, 0].mean() < 50  # band is now on top
+    assert decode_image(data, expected_size=(10, 30)).shape == (30, 10, 3)  # annotated on upright size
+    assert decode_image(data, expected_size=(30, 10)).shape == (10, 30, 3)  # annotated on the raw grid
+
+
+def test_data_decode_bad_bytes():
+    good = _encode(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
+    with pytest.raises(ImageDecodeError) as e:
+        decode_image(b"")
+    assert e.value.reason == "empty_file"
+    with pytest.raises(ImageDecodeError) as e:
+        decode_image(b"GIF89a garbage")
+    assert e.value.reason == "corrupt"
+    with pytest.raises(ImageDecodeError):
+        decode_image(good[: len(good) // 2])
+    assert verify_image_bytes(good) is None
+    assert verify_image_bytes(good[: len(good) // 2]) == "corrupt"
+    assert verify_image_bytes(b"") == "empty_file"

@@ -1,0 +1,119 @@
+"""DINO augmentation geometry, seeding, collate and normalization."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dino_scale.config import DataConfig, preset
+from dino_scale.data.collate import collate, collate_numpy_batch
+from dino_scale.data.transforms import DetectionTransform, dino_resize_size, normalize_batch
+
+
+def _record(w=200, h=150, box=(40, 30, 60, 50), image_id=7, crowd=False):
+    arr = np.zeros((h, w, 3), np.uint8)
+    x, y, bw, bh = box
+    arr[y:y + bh, x:x + bw] = 255
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    boxes = [list(box)] + ([[0, 0, 20, 20]] if crowd else [])
+    return {"image_id": image_id, "image": buf.getvalue(), "width": w, "height": h, "file_name": "x.png",
+            "boxes": np.array(boxes, np.float32), "category_ids": np.array([3] + ([4] if crowd else [])),
+            "iscrowd": np.array([False] + ([True] if crowd else []))}
+
+
+def _white_box(img: torch.Tensor) -> np.ndarray:
+    """Normalized cx,cy,w,h of the white rectangle in a (3,H,W) uint8 image."""
+    mask = img[0].numpy() > 127
+    ys, xs = np.nonzero(mask)
+    h, w = mask.shape
+    x1, x2, y1, y2 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    return np.array([(x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h])
+
+
+def test_data_resize_rule_matches_reference():
+    assert dino_resize_size((480, 640), 800, 1333) == (800, 1066)
+    assert dino_resize_size((480, 640), 480, 1333) == (480, 640)
+    assert dino_resize_size((300, 1200), 800, 1333) == (333, 1332)  # long side capped (int() truncation)
+    assert dino_resize_size((640, 480), 512, None) == (682, 512)
+
+
+def test_data_eval_transform_sizes_and_boxes():
+    cfg = DataConfig()
+    s = DetectionTransform(cfg, train=False)(_record(crowd=True))
+    assert tuple(s["size"].tolist()) == (800, 1066) and tuple(s["orig_size"].tolist()) == (150, 200)
+    assert s["image"].dtype == torch.uint8 and tuple(s["image"].shape) == (3, 800, 1066)
+    assert s["labels"].tolist() == [3]  # crowd box kept out of the targets
+    np.testing.assert_allclose(s["boxes"][0].numpy(), [70 / 200, 55 / 150, 60 / 200, 50 / 150], atol=1e-6)
+    np.testing.assert_allclose(s["boxes"][0].numpy(), _white_box(s["image"]), atol=0.01)
+    big = DetectionTransform(preset("r50_4scale", ["data.scale_factor=1.5"]).data, train=False)(_record())
+    assert tuple(big["size"].tolist()) == (1200, 1600)
+
+
+def test_data_train_boxes_follow_pixels_and_sizes_allowed():
+    cfg = preset("tiny").data
+    t = DetectionTransform(cfg, train=True)
+    allowed = set(cfg.train_scales)
+    seen_flip = seen_crop = False
+    for epoch in range(24):
+        s = t(_record(), epoch=epoch)
+        h, w = s["size"].tolist()
+        assert min(h, w) in allowed or max(h, w) <= cfg.train_max_size
+        assert max(h, w) <= cfg.train_max_size
+        if len(s["labels"]):
+            np.testing.assert_allclose(s["boxes"][0].numpy(), _white_box(s["image"]), atol=0.03)
+            seen_flip |= float(s["boxes"][0, 0]) > 0.5
+        else:  # cropped away: then the image holds no white pixels either
+            assert (s["image"][0] > 127).sum() == 0
+        seen_crop |= abs(w / h - 200 / 150) > 0.02
+    assert seen_flip and seen_crop
+
+
+def test_data_train_seeded_per_epoch_and_image():
+    t = DetectionTransform(preset("tiny").data, train=True)
+    a, b = t(_record(), epoch=1), t(_record(), epoch=1)
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["boxes"], b["boxes"])
+    outs = {tuple(t(_record(), epoch=e)["size"].tolist()) + tuple(t(_record(), epoch=e)["boxes"].flatten().tolist())
+            for e in range(8)}
+    assert len(outs) > 3  # draws change with the epoch
+
+
+def test_data_collate_pads_and_masks():
+    t = DetectionTransform(preset("tiny").data, train=False)
+    s1, s2 = t(_record(200, 150)), t(_record(120, 160, box=(10, 10, 30, 30), image_id=8))
+    images, masks, targets = collate([s1, s2])
+    H = max(s1["size"][0], s2["size"][0]).item()
+    W = max(s1["size"][1], s2["size"][1]).item()
+    assert images.shape == (2, 3, H, W) and images.dtype == torch.uint8 and masks.shape == (2, H, W)
+    for i, s in enumerate((s1, s2)):
+        h, w = s["size"].tolist()
+        assert not masks[i, :h, :w].any() and masks[i].sum() == H * W - h * w
+        assert torch.equal(images[i, :, :h, :w], s["image"])
+        assert targets[i]["image_id"].item() == s["image_id"] and targets[i]["boxes"].shape == (1, 4)
+    images32, masks32, _ = collate([s1, s2], pad_multiple=32)
+    assert images32.shape[-1] % 32 == 0 and images32.shape[-2] % 32 == 0
+    def objects(key):  # a Ray Data numpy batch holds variable-shaped columns as object arrays
+        out = np.empty(2, dtype=object)
+        out[0], out[1] = s1[key].numpy(), s2[key].numpy()
+        return out
+
+    rows = {"image": objects("image"), "boxes": objects("boxes"), "labels": objects("labels"),
+            "image_id": np.array([7, 8]), "orig_size": np.stack([s1["orig_size"].numpy(), s2["orig_size"].numpy()])}
+    im2, m2, _ = collate_numpy_batch(rows)
+    assert torch.equal(im2, images) and torch.equal(m2, masks)
+
+
+def test_data_normalize_batch():
+    images = torch.full((1, 3, 4, 5), 255, dtype=torch.uint8)
+    masks = torch.zeros(1, 4, 5, dtype=torch.bool)
+    masks[:, :, 3:] = True
+    x = normalize_batch(images, masks)
+    assert x.dtype == torch.float32
+    np.testing.assert_allclose(x[0, :, 0, 0].numpy(), [(1 - 0.485) / 0.229, (1 - 0.456) / 0.224,
+                                                      (1 - 0.406) / 0.225], rtol=1e-6)
+    assert (x[0, :, :, 3:] == 0).all()
+    with pytest.raises(Exception):
+        collate([])

@@ -1,0 +1,204 @@
+"""Train-step and inference throughput of DINO on one device, torch only (no Ray).
+
+For each preset: a training step (forward with targets, criterion, backward, clipping,
+AdamW step; ``dino_scale.engine.train_step.train_step``) at each batch size, and
+inference (forward + post-processing) at batch 1, on synthetic images (default 800x1199,
+8 boxes each) with random weights. Reports the median over ``--iters`` timed iterations
+after ``--warmup``: img/s (train), FPS (inference) and peak memory (CUDA: max allocated;
+CPU: the process's peak RSS so far). Prints a table and writes JSON under
+benchmarks/results/.
+
+    python benchmarks/train_step.py                                   # GPU, three presets
+    python benchmarks/train_step.py --precision bf16 --tf32 --channels-last
+    python benchmarks/train_step.py --device cpu --preset tiny --iters 5 --height 256 --width 384
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dino_scale.config import preset  # noqa: E402
+from dino_scale.engine.optim import build_optimizer  # noqa: E402
+from dino_scale.engine.train_step import autocast_dtype, train_step  # noqa: E402
+from dino_scale.models import build_dino  # noqa: E402
+
+DEFAULT_PRESETS = ("r50_4scale", "r50_5scale", "swinl_4scale")
+
+
+@dataclass
+class Row:
+    preset: str
+    mode: str  # train | infer
+    batch_size: int
+    precision: str
+    median_s: float
+    throughput: float  # img/s (train) or FPS (infer)
+    peak_gib: float
+    iters: int
+    note: str = ""
+
+
+def synthetic_batch(b: int, h: int, w: int, n_boxes: int, num_classes: int, device, seed: int = 0):
+    """Normalized-looking images (B,3,H,W), no padding, ``n_boxes`` random boxes per image."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(b, 3, h, w, generator=g)
+    masks = torch.zeros(b, h, w, dtype=torch.bool)
+    targets = []
+    for _ in range(b):
+        cxcy = torch.rand(n_boxes, 2, generator=g) * 0.6 + 0.2
+        wh = torch.rand(n_boxes, 2, generator=g) * 0.25 + 0.05
+        labels = torch.randint(1, num_classes, (n_boxes,), generator=g)
+        targets.append({"labels": labels.to(device), "boxes": torch.cat([cxcy, wh], 1).to(device)})
+    return images.to(device), masks.to(device), targets
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+
+
+def _reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _time(fn, warmup: int, iters: int, device) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def build(name: str, device, args):
+    cfg = preset(name)
+    torch.manual_seed(0)
+    model, criterion, post = build_dino(cfg.model)
+    model.to(device)
+    criterion.to(device)
+    if args.channels_last:
+        model.backbone.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.backbone[0] = torch.compile(model.backbone[0])
+    return cfg, model, criterion, post
+
+
+def bench_preset(name: str, args, device) -> list[Row]:
+    rows = []
+    cfg, model, criterion, post = build(name, device, args)
+    amp = autocast_dtype(args.precision)
+    opt = build_optimizer(model, cfg.train)
+    for bs in args.batch_sizes:
+        _reset_peak(device)
+        images, masks, targets = synthetic_batch(bs, args.height, args.width, args.boxes, cfg.model.num_classes, device)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        try:
+            times = _time(lambda: train_step(model, criterion, opt, (images, masks, targets),
+                                             clip_max_norm=cfg.train.clip_max_norm, amp_dtype=amp,
+                                             check_finite=not args.no_finite_check),
+                          args.warmup, args.iters, device)
+            med = statistics.median(times)
+            rows.append(Row(name, "train", bs, args.precision, med, bs / med, _peak_gib(device), len(times)))
+        except torch.OutOfMemoryError:
+            rows.append(Row(name, "train", bs, args.precision, float("nan"), float("nan"), _peak_gib(device), 0, "OOM"))
+        opt.zero_grad(set_to_none=True)
+        del images, masks, targets
+    _reset_peak(device)
+    model.eval()
+    images, masks, _ = synthetic_batch(1, args.height, args.width, args.boxes, cfg.model.num_classes, device)
+    sizes = torch.tensor([[args.height, args.width]], device=device)
+
+    @torch.no_grad()
+    def infer():
+        ctx = torch.autocast(device.type, dtype=amp) if amp is not None else torch.autocast(device.type, enabled=False)
+        with ctx:
+            out = model(images, masks)
+        post({"pred_logits": out["pred_logits"].float(), "pred_boxes": out["pred_boxes"].float()}, sizes)
+
+    times = _time(infer, args.warmup, args.iters, device)
+    med = statistics.median(times)
+    rows.append(Row(name, "infer", 1, args.precision, med, 1 / med, _peak_gib(device), len(times)))
+    return rows
+
+
+def table(rows: list[Row], device_name: str) -> str:
+    mem = "peak GiB" if not device_name.startswith("cpu") else "peak RSS GiB"
+    lines = [f"| preset | mode | bs | precision | median ms | img/s or FPS | {mem} |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.preset} | {r.mode} | {r.batch_size} | {r.precision} | {r.median_s * 1000:.1f} | "
+                     f"{r.throughput:.2f} | {r.peak_gib:.2f} |" + (f" {r.note}" if r.note else ""))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> list[Row]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", action="append", help=f"repeatable; default {', '.join(DEFAULT_PRESETS)}")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-sizes", default="2,8", help="train batch sizes, comma-separated")
+    p.add_argument("--iters", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--height", type=int, default=800)
+    p.add_argument("--width", type=int, default=1199)
+    p.add_argument("--boxes", type=int, default=8)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions where fp32 remains")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    p.add_argument("--channels-last", action="store_true", help="channels_last backbone and input")
+    p.add_argument("--no-finite-check", action="store_true", help="skip the NaN/Inf check (one host sync)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_step_<device>_<time>.json)")
+    args = p.parse_args(argv)
+    args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
+    if args.iters < 1:
+        p.error("--iters must be >= 1")
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    rows: list[Row] = []
+    for name in args.preset or DEFAULT_PRESETS:
+        rows.extend(bench_preset(name, args, device))
+        print(table(rows[-len(args.batch_sizes) - 1:], device_name), flush=True)
+    print(f"\n## train_step on {device_name}; {args.height}x{args.width}, {args.boxes} boxes, "
+          f"median of {args.iters} after {args.warmup} warm-up")
+    print(table(rows, device_name))
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / \
+        f"train_step_{device.type}_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "args": {
+        k: v for k, v in vars(args).items()}, "rows": [asdict(r) for r in rows]}, indent=2))
+    print(f"wrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""``fit()``: the high-level entry point the pipelines call.
+
+It opens an MLflow run (nested under ``parent_run_id`` if given), builds the Ray Data
+datasets, runs the Ray Train ``TorchTrainer``, reads the final metrics (COCO AP from the
+distributed evaluation), copies the final weights (``model.safetensors`` +
+``config.json`` + ``lineage.json``) to ``<work_dir>/final`` and logs them as the run's
+``model`` artifact. Ray is initialized only when it is not already (``ray_address``,
+else ``RAY_ADDRESS``, else a local instance), so fit works embedded and on a cluster.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from dino_scale.config import Config, flatten, to_dict
+from dino_scale.engine.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text
+from dino_scale.engine.train_step import BadStepError
+
+__all__ = ["FitResult", "fit", "evaluate_weights", "git_sha", "ensure_ray"]
+
+log = logging.getLogger("dino_scale.engine")
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` produced. ``metrics`` are rank 0's final metrics (``AP``, ``AP50``,
+    ``AP75``, ``APs``, ``APm``, ``APl`` when evaluated, ``step``, ``bad_steps_total`` ...)."""
+
+    checkpoint_path: str  # final Ray Train checkpoint (storage path or URI)
+    weights_path: Path  # <work_dir>/final/model.safetensors
+    config_path: Path  # <work_dir>/final/config.json
+    metrics: dict[str, Any]
+    run_id: Optional[str]
+    tracking_uri: str
+    run_name: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[2],
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except Exception:
+        return "unknown"
+
+
+def ensure_ray(address: Optional[str] = None, **init_kwargs) -> None:
+    """``ray.init`` unless Ray is already initialized (``address`` or ``RAY_ADDRESS`` if set)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, **init_kwargs)
+
+
+def _num_images(data_dir: str) -> int:
+    from dino_scale.data.records import data_dirs, read_manifest
+
+    return sum(int(read_manifest(d)["num_images"]) for d in data_dirs(data_dir))
+
+
+def _copy_final(checkpoint, dest: Path) -> None:
+    """Copy the final weights and config out of a (possibly remote) Ray checkpoint."""
+    import pyarrow.fs
+
+    dest.mkdir(parents=True, exist_ok=True)
+    fs = checkpoint.filesystem
+    for name in (WEIGHTS_NAME, CONFIG_NAME, "detections.json"):
+        src = f"{checkpoint.path.rstrip('/')}/{name}"
+        if fs.get_file_info(src).type == pyarrow.fs.FileType.NotFound:
+            if name == "detections.json":
+                continue
+            raise FileNotFoundError(f"final checkpoint {checkpoint.path} has no {name}")
+        pyarrow.fs.copy_files(src, str(dest / name), source_filesystem=fs,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+
+
+def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_dir: str | Path, run_name: str,
+         init_weights: Optional[str], init_strict: bool, experiment: str, parent_run_id: Optional[str],
+         tags: Optional[dict[str, Any]], storage_path: Optional[str], evaluate: bool, train: bool,
+         progress: bool, ray_address: Optional[str], test_hooks: Optional[dict], lineage: Optional[dict],
+         tracking_close_timeout_s: float) -> FitResult:
+    from dino_scale.data import build_eval_dataset, build_train_dataset, to_coco_gt
+    from dino_scale.engine.progress import ProgressCallback
+    from dino_scale.engine.trainer import (
+        build_trainer, loop_config, normalize_storage_path, steps_per_epoch, worker_count,
+    )
+    from dino_scale.tracking.logger import ResilientLogger, default_tracking_uri
+
+    work = Path(work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    worker_count(cfg)  # validates batch sizes before anything starts
+    ensure_ray(ray_address)
+    tracking_uri = default_tracking_uri(work)
+    tracker = ResilientLogger(tracking_uri)
+    run_tags = {"preset": cfg.name, "git_sha": git_sha(), "workers": cfg.train.num_workers,
+                "gpus": cfg.train.num_workers if cfg.train.use_gpu else 0, "zero_stage": cfg.train.zero_stage,
+                "precision": cfg.train.precision, "stage": "train" if train else "evaluate"}
+    run_tags.update(tags or {})
+    run_id = tracker.start_run(experiment, run_name, {k: str(v) for k, v in run_tags.items()}, parent_run_id)
+    tracker.log_params(flatten(cfg))
+    tracker.log_dict(to_dict(cfg), "config.json")
+    lineage = dict(lineage or {})
+    lineage.update({"init_weights": str(init_weights) if init_weights else None, "train_dir": train_dir,
+                    "val_dir": val_dir, "parent_run_id": parent_run_id, "experiment": experiment})
+    if init_weights:
+        tracker.set_tags({"init_weights": str(init_weights)})
+
+    datasets: dict[str, Any] = {}
+    spe = 1
+    if train:
+        datasets["train"] = build_train_dataset(train_dir, cfg.data)
+        spe = steps_per_epoch(_num_images(train_dir), cfg)
+    val_gt = None
+    if evaluate and val_dir:
+        datasets["val"] = build_eval_dataset(val_dir, cfg.data)
+        val_gt = work / "val_gt.json"
+        atomic_write_text(val_gt, json.dumps(to_coco_gt(val_dir)))
+    total = min(cfg.train.epochs * spe, cfg.train.max_steps or 10 ** 12) if train else 0
+    loop_cfg = loop_config(cfg, steps_per_epoch=spe, datasets=list(datasets), run_id=run_id,
+                           tracking_uri=tracking_uri, init_weights=str(init_weights) if init_weights else None,
+                           init_strict=init_strict, val_gt=str(val_gt) if val_gt else None, evaluate=evaluate,
+                           train=train, test_hooks=test_hooks)
+    loop_cfg["tracking_close_timeout_s"] = tracking_close_timeout_s
+    callbacks = [ProgressCallback(total_steps=total)] if progress else []
+    storage = normalize_storage_path(storage_path or cfg.train.storage_path, work / "ray")
+    trainer = build_trainer(cfg, datasets, run_name=run_name, storage_path=storage,
+                            train_loop_config=loop_cfg, callbacks=callbacks)
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        tracker.set_tags({"error": f"{type(exc).__name__}: {str(exc)[:500]}"})
+        tracker.end_run("FAILED")
+        tracker.close(timeout_s=tracking_close_timeout_s)
+        raise
+    metrics = dict(result.metrics or {})
+    if metrics.get("abort_reason"):
+        tracker.set_tags({"error": metrics["abort_reason"][:500]})
+        tracker.end_run("FAILED")
+        tracker.close(timeout_s=tracking_close_timeout_s)
+        raise BadStepError(metrics["abort_reason"])
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {run_name} finished without a checkpoint")
+    final = work / "final"
+    _copy_final(result.checkpoint, final)
+    lineage.update({"run_id": run_id, "checkpoint": result.checkpoint.path, "metrics": {
+        k: v for k, v in metrics.items() if k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "step")}})
+    atomic_write_text(final / "lineage.json", json.dumps(lineage, indent=2, default=str))
+    eval_metrics = {f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))
+                    and not isinstance(v, bool)}
+    tracker.log_metrics(eval_metrics, step=int(metrics.get("step", 0)))
+    tracker.set_tags({"checkpoint": result.checkpoint.path})
+    tracker.log_artifacts(str(final), "model")
+    tracker.end_run("FINISHED")
+    tracker.close(timeout_s=tracking_close_timeout_s)
+    try:
+        history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+    except Exception:
+        history = []
+    return FitResult(checkpoint_path=result.checkpoint.path, weights_path=final / WEIGHTS_NAME,
+                     config_path=final / CONFIG_NAME, metrics=metrics, run_id=tracker.run_id,
+                     tracking_uri=tracking_uri, run_name=run_name, history=history)
+
+
+def fit(cfg: Config, train_dir: str, val_dir: Optional[str], work_dir: str | Path, run_name: str, *,
+        init_weights: Optional[str] = None, init_strict: bool = True, experiment: str = "dino-scale",
+        parent_run_id: Optional[str] = None, tags: Optional[dict[str, Any]] = None,
+        storage_path: Optional[str] = None, evaluate: bool = True, progress: bool = True,
+        ray_address: Optional[str] = None, lineage: Optional[dict] = None, test_hooks: Optional[dict] = None,
+        tracking_close_timeout_s: float = 60.0) -> FitResult:
+    """Train ``cfg`` on ``train_dir`` (Parquet shards), evaluate on ``val_dir`` (COCO AP),
+    log everything to MLflow and return a :class:`FitResult`.
+
+    ``run_name`` names the MLflow run and the Ray Train run (re-using a name with the same
+    storage resumes that Ray run). ``init_weights``: a local weights file/folder loaded
+    before training (``init_strict=False`` tolerates missing/unexpected keys). Raises
+    :class:`BadStepError` when training diverged (too many NaN/Inf steps in a row).
+    """
+    return _run(cfg, train_dir=train_dir, val_dir=val_dir, work_dir=work_dir, run_name=run_name,
+                init_weights=init_weights, init_strict=init_strict, experiment=experiment,
+                parent_run_id=parent_run_id, tags=tags, storage_path=storage_path, evaluate=evaluate, train=True,
+                progress=progress, ray_address=ray_address, test_hooks=test_hooks, lineage=lineage,
+                tracking_close_timeout_s=tracking_close_timeout_s)
+
+
+def evaluate_weights(cfg: Config, weights: str, val_dir: str, work_dir: str | Path, run_name: str, *,
+                     experiment: str = "dino-scale-eval", parent_run_id: Optional[str] = None,
+                     tags: Optional[dict[str, Any]] = None, ray_address: Optional[str] = None,
+                     lineage: Optional[dict] = None) -> FitResult:
+    """Distributed COCO evaluation of ``weights`` (no training) on ``cfg.train.num_workers``
+    workers; same result layout as :func:`fit` (``metrics`` holds AP...)."""
+    return _run(cfg, train_dir=None, val_dir=val_dir, work_dir=work_dir, run_name=run_name, init_weights=weights,
+                init_strict=True, experiment=experiment, parent_run_id=parent_run_id, tags=tags, storage_path=None,
+                evaluate=True, train=False, progress=False, ray_address=ray_address, test_hooks=None,
+                lineage=lineage, tracking_close_timeout_s=60.0)

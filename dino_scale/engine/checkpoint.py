@@ -1,0 +1,260 @@
+"""Checkpoints: atomic writes, exact-resume training state, portable final weights.
+
+A training checkpoint folder holds
+
+* ``ds/``: the DeepSpeed engine state (module, optimizer partitions per rank, lr
+  scheduler), written collectively by ``engine.save_checkpoint``;
+* ``trainer_state.json``: epoch, micro-batches consumed in that epoch, global step,
+  images seen, bad-step counters (data position for exact resume);
+* ``rng_rank<r>.pt``: python/numpy/torch RNG states of each rank;
+* ``ema.pt`` (optional) and, in the final checkpoint, ``model.safetensors`` +
+  ``config.json`` (full fp32 weights and the :class:`Config`).
+
+Atomicity: every folder is written under a temporary sibling name and renamed into
+place only when complete (``os.rename`` of a directory is atomic on POSIX), single
+files through a temporary file + ``os.replace``; :class:`CheckpointManager` keeps a
+``LATEST`` pointer that is replaced atomically after the folder is complete. A save that
+dies midway leaves at most a ``*.tmp-*`` folder, which readers ignore.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    "TrainState", "atomic_dir", "atomic_write_bytes", "atomic_write_text", "CheckpointManager",
+    "save_rng_state", "load_rng_state", "save_weights", "load_weights", "save_training_checkpoint",
+    "load_training_checkpoint", "WEIGHTS_NAME", "CONFIG_NAME", "STATE_NAME", "DS_TAG", "COMPLETE_NAME",
+]
+
+PathLike = Union[str, Path]
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+STATE_NAME = "trainer_state.json"
+COMPLETE_NAME = "COMPLETE"
+DS_TAG = "ds"
+_TMP_MARK = ".tmp-"
+
+
+@dataclass
+class TrainState:
+    """Where training stands; enough to continue exactly where it stopped."""
+
+    epoch: int = 0
+    micro_in_epoch: int = 0  # micro-batches of ``epoch`` already consumed (incl. skipped)
+    global_step: int = 0  # optimizer steps taken
+    images_seen: int = 0  # images per worker x workers, successful steps only
+    bad_steps: dict = field(default_factory=lambda: {"total": 0, "consecutive": 0})
+    finished: bool = False
+    resumes: int = 0  # restarts from a checkpoint so far (worker failures, preemptions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainState":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(final: PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of ``final``; rename it to ``final`` on success.
+
+    On an exception the temporary folder is removed and ``final`` (new or old) is left
+    untouched. An existing ``final`` is replaced (old moved aside, then deleted).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        if final.exists():
+            old = final.with_name(f"{final.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class CheckpointManager:
+    """Numbered checkpoint folders ``step_<n>`` under ``root`` with an atomic ``LATEST``.
+
+    ``save(step, write_fn)`` calls ``write_fn(folder)`` on a temporary folder, marks it
+    complete, renames it into place, then points ``LATEST`` at it and prunes old ones
+    (``keep`` newest). ``latest()`` returns the newest complete folder or None.
+    """
+
+    def __init__(self, root: PathLike, keep: int = 2):
+        self.root = Path(root)
+        self.keep = max(1, int(keep))
+
+    def save(self, step: int, write_fn: Callable[[Path], None]) -> Path:
+        final = self.root / f"step_{int(step):09d}"
+        with atomic_dir(final) as tmp:
+            write_fn(tmp)
+            atomic_write_text(tmp / COMPLETE_NAME, str(int(step)))
+        atomic_write_text(self.root / "LATEST", final.name)
+        self._prune()
+        return final
+
+    def complete(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        dirs = [p for p in self.root.iterdir()
+                if p.is_dir() and p.name.startswith("step_") and _TMP_MARK not in p.name
+                and ".old-" not in p.name and (p / COMPLETE_NAME).is_file()]
+        return sorted(dirs, key=lambda p: p.name)
+
+    def latest(self) -> Optional[Path]:
+        pointer = self.root / "LATEST"
+        if pointer.is_file():
+            cand = self.root / pointer.read_text().strip()
+            if (cand / COMPLETE_NAME).is_file():
+                return cand
+        done = self.complete()
+        return done[-1] if done else None
+
+    def _prune(self) -> None:
+        for old in self.complete()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.iterdir():
+            if _TMP_MARK in stale.name and stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def save_rng_state(folder: PathLike, rank: int) -> None:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    path = Path(folder) / f"rng_rank{rank}.pt"
+    tmp = path.with_name(path.name + _TMP_MARK + "w")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_rng_state(folder: PathLike, rank: int) -> bool:
+    """Restore this rank's RNG states; False if the file is missing (e.g. new world size)."""
+    path = Path(folder) / f"rng_rank{rank}.pt"
+    if not path.is_file():
+        return False
+    state = torch.load(path, weights_only=False)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    return True
+
+
+def save_weights(folder: PathLike, state_dict: dict[str, torch.Tensor], config: Optional[dict] = None,
+                 metadata: Optional[dict[str, str]] = None) -> Path:
+    """``model.safetensors`` (+ ``config.json``) in ``folder``, each written atomically."""
+    from safetensors.torch import save as st_save
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    atomic_write_bytes(folder / WEIGHTS_NAME, st_save(tensors, metadata=metadata or {}))
+    if config is not None:
+        atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2))
+    return folder / WEIGHTS_NAME
+
+
+def load_weights(path: PathLike) -> dict[str, torch.Tensor]:
+    """State dict from a ``.safetensors`` file, a folder holding one, or a torch ``.pt``/``.pth``
+    (``model`` entry if present)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"no weights at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    return obj
+
+
+def save_training_checkpoint(folder: PathLike, engine, state: TrainState, rank: int,
+                             ema=None) -> None:
+    """Collective: every rank calls it with its own (local) ``folder``."""
+    folder = Path(folder)
+    engine.save_checkpoint(str(folder), tag=DS_TAG, client_state={"trainer_state": state.to_dict()})
+    save_rng_state(folder, rank)
+    if ema is not None and rank == 0:
+        tmp = folder / ("ema.pt" + _TMP_MARK + "w")
+        torch.save(ema.state_dict(), tmp)
+        os.replace(tmp, folder / "ema.pt")
+    if rank == 0:
+        atomic_write_text(folder / STATE_NAME, json.dumps(state.to_dict(), indent=2))
+
+
+def load_training_checkpoint(folder: PathLike, engine, rank: int, ema=None) -> TrainState:
+    """Collective: restore engine (module, optimizer, scheduler), RNG and EMA; return the state."""
+    folder = Path(folder)
+    state_file = folder / STATE_NAME
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{folder} is not a training checkpoint (no {STATE_NAME})")
+    load_path, _client = engine.load_checkpoint(str(folder), tag=DS_TAG, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder / DS_TAG}")
+    load_rng_state(folder, rank)
+    if ema is not None and (folder / "ema.pt").is_file():
+        ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=False))
+    return TrainState.from_dict(json.loads(state_file.read_text()))

@@ -1,0 +1,180 @@
+"""DeepSpeed wiring: a ZeRO config from :class:`TrainConfig`, engine creation, EMA,
+full (consolidated) state dicts.
+
+* ZeRO stage 0/1/2/3 (``train.zero_stage``); bf16 (``train.precision="bf16"``) or fp16
+  with dynamic loss scaling (``"fp16"``); gradient clipping ``train.clip_max_norm`` (0.1).
+* The global batch is fixed: ``gradient_accumulation_steps = global_batch_size /
+  (batch_size per worker * world_size)``, so a job restarted on fewer workers takes the
+  same optimizer steps (it must divide exactly, else :class:`ConfigError`).
+* Activation checkpointing is a model feature (``model.backbone_checkpointing``,
+  ``model.encoder_checkpointing``); :func:`apply_activation_checkpointing` sets both.
+* A torch optimizer (AdamW with the DINO parameter groups) and a ``LambdaLR`` are passed
+  in, so DeepSpeed steps the schedule once per optimizer step and checkpoints both.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from dino_scale.config import Config, ConfigError, TrainConfig
+
+__all__ = [
+    "grad_accum_steps", "build_ds_config", "init_deepspeed", "apply_activation_checkpointing",
+    "full_state_dict", "ModelEMA",
+]
+
+
+def grad_accum_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """Micro-batches per optimizer step that keep ``global_batch_size`` fixed."""
+    per_pass = micro_batch_size * world_size
+    if micro_batch_size < 1 or world_size < 1:
+        raise ConfigError("batch size per worker and worker count must be >= 1")
+    if global_batch_size % per_pass:
+        raise ConfigError(
+            f"train.global_batch_size={global_batch_size} is not a multiple of data.batch_size "
+            f"({micro_batch_size}) x workers ({world_size}) = {per_pass}; pick sizes that divide")
+    return global_batch_size // per_pass
+
+
+def build_ds_config(cfg: TrainConfig, micro_batch_size: int, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config for ``cfg`` on ``world_size`` workers."""
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
+    accum = grad_accum_steps(cfg.global_batch_size, micro_batch_size, world_size)
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 2:
+        zero.update({"overlap_comm": False, "contiguous_gradients": True,
+                     "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7})
+    if cfg.zero_stage == 3:
+        zero.update({"stage3_param_persistence_threshold": 1e4, "stage3_prefetch_bucket_size": 5e7,
+                     "stage3_gather_16bit_weights_on_model_save": True})
+    ds: dict[str, Any] = {
+        "train_batch_size": cfg.global_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": float(cfg.clip_max_norm) if cfg.clip_max_norm else 0.0,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif cfg.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                      "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    elif cfg.precision != "fp32":
+        raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
+    return ds
+
+
+def apply_activation_checkpointing(cfg: Config, enabled: bool = True) -> Config:
+    """Turn activation checkpointing of the backbone and the encoder layers on or off."""
+    cfg.model.backbone_checkpointing = enabled
+    cfg.model.encoder_checkpointing = enabled
+    return cfg
+
+
+def _prepare_deepspeed_env() -> None:
+    # ZeRO-3 + bf16 on CPU crashes at exit in the shared-memory comm op; skip building it.
+    try:
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    except Exception:  # pragma: no cover - older DeepSpeed layouts
+        pass
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def init_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, ds_config: dict):
+    """``deepspeed.initialize`` on an already-initialized process group (Ray Train sets it
+    up); returns the engine. The engine owns the optimizer, the lr scheduler, clipping
+    and gradient accumulation."""
+    _prepare_deepspeed_env()
+    import deepspeed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, dist_init_required=False)
+    return engine
+
+
+def full_state_dict(engine_or_model, rank: int = 0, all_ranks: bool = False
+                    ) -> Optional[dict[str, torch.Tensor]]:
+    """The full fp32 state dict on rank 0 (on every rank with ``all_ranks``; None on the
+    others). Gathers ZeRO-3 partitions, so every rank must call it.
+
+    Tensors are cloned CPU fp32, so aliased (shared) heads become separate copies
+    (safetensors refuses shared storage).
+    """
+    model = getattr(engine_or_model, "module", engine_or_model)
+    stage = engine_or_model.zero_optimization_stage() if hasattr(engine_or_model, "zero_optimization_stage") else 0
+    want = all_ranks or rank == 0
+
+    def grab() -> Optional[dict[str, torch.Tensor]]:
+        if not want:
+            return None
+        return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+
+    if stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            return grab()
+    return grab()
+
+
+class ModelEMA:
+    """Exponential moving average of the weights, kept in fp32 on the model's device.
+
+    ``update`` is called after each optimizer step with the (possibly DeepSpeed-wrapped)
+    model; under ZeRO-3 every rank must call it (parameters are gathered).
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.updates = 0
+        self.shadow: dict[str, torch.Tensor] = {}
+        self._gather(model, init=True)
+
+    def _gather(self, model: nn.Module, init: bool) -> None:
+        module = getattr(model, "module", model)
+        params = [p for p in module.parameters()]
+        ctx = None
+        if any(hasattr(p, "ds_id") for p in params):
+            import deepspeed
+
+            ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            ctx.__enter__()
+        try:
+            with torch.no_grad():
+                d = self.decay
+                for name, value in module.state_dict().items():
+                    if not value.is_floating_point():
+                        continue
+                    v = value.detach().float()
+                    if init or name not in self.shadow:
+                        self.shadow[name] = v.clone()
+                    else:
+                        self.shadow[name].mul_(d).add_(v, alpha=1 - d)
+        finally:
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+
+    def update(self, model: nn.Module) -> None:
+        self._gather(model, init=False)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.decay = float(state["decay"])
+        self.updates = int(state["updates"])
+        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}

@@ -1,0 +1,148 @@
+"""COCO box evaluation: prediction (optionally with test-time augmentation), gathering
+across workers, and pycocotools ``COCOeval`` on rank 0.
+
+Detections use the COCO results format: ``{"image_id", "category_id", "bbox": [x, y, w,
+h] in original pixels, "score"}``. :func:`coco_evaluate` returns ``AP, AP50, AP75, APs,
+APm, APl`` (fractions in [0, 1], the first six ``COCOeval.stats``).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+__all__ = ["METRIC_NAMES", "to_coco_detections", "predict_batch", "coco_evaluate", "gather_to_rank0",
+           "evaluate_batches"]
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def to_coco_detections(results: Sequence[dict], image_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """Postprocessor results (xyxy pixels) -> COCO result dicts (xywh pixels)."""
+    out = []
+    for res, image_id in zip(results, image_ids):
+        boxes = res["boxes"].detach().float().cpu()
+        scores = res["scores"].detach().float().cpu().tolist()
+        labels = res["labels"].detach().cpu().tolist()
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        for box, score, label in zip(xywh, scores, labels):
+            out.append({"image_id": int(image_id), "category_id": int(label),
+                        "bbox": [round(float(v), 3) for v in box], "score": round(float(score), 6)})
+    return out
+
+
+def _valid_sizes(masks: torch.Tensor) -> list[tuple[int, int]]:
+    """Unpadded (h, w) of each image from the padding mask (B,H,W), True on padding."""
+    h = (~masks[:, :, 0]).sum(dim=1).tolist()
+    w = (~masks[:, 0, :]).sum(dim=1).tolist()
+    return list(zip(h, w))
+
+
+def _flip_valid(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Flip each image horizontally inside its unpadded region (padding stays bottom/right)."""
+    out = images.clone()
+    for i, (h, w) in enumerate(_valid_sizes(masks)):
+        out[i, :, :h, :w] = images[i, :, :h, :w].flip(-1)
+    return out
+
+
+def _rescale(images: torch.Tensor, masks: torch.Tensor, factor: float):
+    if abs(factor - 1.0) < 1e-6:
+        return images, masks
+    H, W = images.shape[-2:]
+    size = (max(1, round(H * factor)), max(1, round(W * factor)))
+    imgs = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    msk = F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
+    return imgs, msk
+
+
+@torch.no_grad()
+def predict_batch(model, postprocessor, images: torch.Tensor, masks: torch.Tensor, orig_sizes: torch.Tensor,
+                  amp_dtype: Optional[torch.dtype] = None, tta: bool = False,
+                  tta_scale_factors: Sequence[float] = (1.0,), num_select: int = 300) -> list[dict]:
+    """Detections for one batch: ``images`` float (B,3,H,W) normalized, ``masks`` (B,H,W),
+    ``orig_sizes`` (B,2) original (H, W). With ``tta``, every factor in ``tta_scale_factors``
+    with and without a horizontal flip; views merged with ``merge_tta``."""
+    from dino_scale.models.postprocess import hflip_boxes, merge_tta
+
+    model.eval()
+    param = next(model.parameters())
+    if images.dtype != param.dtype and amp_dtype is None:
+        images = images.to(param.dtype)
+
+    def run(imgs, msk):
+        ctx = torch.autocast(imgs.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+        with ctx:
+            outputs = model(imgs, msk)
+        outputs = {k: v.float() for k, v in outputs.items() if k in ("pred_logits", "pred_boxes")}
+        return postprocessor(outputs, orig_sizes.to(imgs.device))
+
+    if not tta:
+        return run(images, masks)
+    views: list[list[dict]] = []
+    for factor in tta_scale_factors:
+        imgs, msk = _rescale(images, masks, factor)
+        views.append(run(imgs, msk))
+        flipped = run(_flip_valid(imgs, msk), msk)
+        for res, (_, w) in zip(flipped, orig_sizes.tolist()):
+            res["boxes"] = hflip_boxes(res["boxes"], float(w))
+        views.append(flipped)
+    return [merge_tta([v[i] for v in views], num_select) for i in range(images.shape[0])]
+
+
+def gather_to_rank0(items: list) -> Optional[list]:
+    """Concatenate every rank's list on rank 0 (None elsewhere); identity without a group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(items)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    if dist.get_rank() != 0:
+        return None
+    return [x for part in gathered for x in part]
+
+
+def coco_evaluate(coco_gt: dict, detections: list[dict]) -> dict[str, float]:
+    """pycocotools bbox ``COCOeval`` of ``detections`` against the COCO-format ``coco_gt``.
+
+    Detections of images outside ``coco_gt`` are an error; an empty list gives zeros.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not detections:
+        return {k: 0.0 for k in METRIC_NAMES}
+    known = {img["id"] for img in coco_gt["images"]}
+    unknown = {d["image_id"] for d in detections} - known
+    if unknown:
+        raise ValueError(f"detections for {len(unknown)} image ids not in the ground truth, e.g. {sorted(unknown)[:5]}")
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = copy.deepcopy(coco_gt)
+        gt.createIndex()
+        dt = gt.loadRes(copy.deepcopy(detections))
+        ev = COCOeval(gt, dt, iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {name: float(ev.stats[i]) for i, name in enumerate(METRIC_NAMES)}
+
+
+def evaluate_batches(model, postprocessor, batches: Iterable, device: torch.device, *,
+                     amp_dtype: Optional[torch.dtype] = None, tta: bool = False,
+                     tta_scale_factors: Sequence[float] = (1.0,), num_select: int = 300) -> list[dict]:
+    """COCO detections for an iterable of ``(images, masks, targets)`` (normalized float
+    images); ``targets[i]`` must hold ``image_id`` and ``orig_size`` (H, W)."""
+    dets: list[dict] = []
+    for images, masks, targets in batches:
+        orig = torch.stack([torch.as_tensor(t["orig_size"]).reshape(2) for t in targets]).to(device)
+        ids = [int(torch.as_tensor(t["image_id"]).reshape(-1)[0]) for t in targets]
+        results = predict_batch(model, postprocessor, images.to(device), masks.to(device), orig,
+                                amp_dtype=amp_dtype, tta=tta, tta_scale_factors=tta_scale_factors,
+                                num_select=num_select)
+        dets.extend(to_coco_detections(results, ids))
+    return dets

@@ -1,0 +1,336 @@
+"""``train_loop_per_worker``: the Ray Train worker loop (DeepSpeed step, reports,
+checkpoints, exact resume, NaN/Inf guard, final weights and distributed evaluation).
+
+Driven by a plain dict (``loop_config``) built by :func:`dino_scale.engine.trainer.loop_config`:
+``config`` (Config as dict), ``steps_per_epoch`` (optimizer steps), ``run_id`` /
+``tracking_uri`` (MLflow, rank 0 logs), ``init_weights`` (path), ``val_gt`` (path of a
+COCO-format JSON or None), ``evaluate`` (bool) and ``test_hooks`` (fault injection for
+tests: ``nan_micro_steps``, ``pid_file``/``pid_after_step``/``pid_rank``/``pause_s``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from dino_scale.config import from_dict, to_dict
+from dino_scale.engine.checkpoint import (
+    TrainState, atomic_write_text, load_training_checkpoint, load_weights, save_training_checkpoint,
+    save_weights,
+)
+from dino_scale.engine.deepspeed_utils import (
+    ModelEMA, build_ds_config, full_state_dict, grad_accum_steps, init_deepspeed,
+)
+from dino_scale.engine.evaluate import coco_evaluate, evaluate_batches, gather_to_rank0
+from dino_scale.engine.optim import build_optimizer, build_scheduler
+from dino_scale.engine.progress import WindowMeter
+from dino_scale.data.ray_data import set_epoch as set_data_epoch
+from dino_scale.engine.train_step import (
+    BadStepError, BadStepGuard, all_finite, autocast_dtype, compute_loss, move_batch,
+)
+
+__all__ = ["train_loop_per_worker", "iter_micro_batches", "rows_of"]
+
+log = logging.getLogger("dino_scale.engine")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def rows_of(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """Columnar Ray Data batch (dict of arrays/lists) -> list of row dicts."""
+    keys = list(batch)
+    n = len(batch[keys[0]]) if keys else 0
+    return [{k: batch[k][i] for k in keys} for i in range(n)]
+
+
+def iter_micro_batches(shard, micro_bs: int, world: int, rank: int, deterministic: bool, *, epoch: int = 0,
+                       seed: int = 0, pad_multiple: Optional[int] = None, shuffle_buffer: int = 16) -> Iterator:
+    """``(images uint8, masks, targets)`` per micro-batch of this worker, locally shuffled
+    with a (seed, epoch) seed. Deterministic mode reads the whole (unsplit,
+    order-preserving) stream and keeps slice ``rank`` of each global batch."""
+    from dino_scale.data.collate import collate
+
+    kw = dict(drop_last=True, batch_format="numpy", prefetch_batches=1 if deterministic else 2)
+    if shuffle_buffer:
+        kw.update(local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=int(seed) * 1000 + int(epoch))
+    if deterministic:
+        for batch in shard.iter_batches(batch_size=micro_bs * world, **kw):
+            yield collate(rows_of(batch)[rank * micro_bs:(rank + 1) * micro_bs], pad_multiple=pad_multiple)
+    else:
+        for batch in shard.iter_batches(batch_size=micro_bs, **kw):
+            yield collate(rows_of(batch), pad_multiple=pad_multiple)
+
+
+def _prepare_images(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """uint8 -> ImageNet-normalized float (padding zeroed), on the input's device."""
+    from dino_scale.data.transforms import normalize_batch
+
+    return normalize_batch(images, masks) if images.dtype == torch.uint8 else images
+
+
+class _Window:
+    """Loss sums over a reporting window (detached; reduced across ranks at report time)."""
+
+    def __init__(self):
+        self.loss = 0.0
+        self.terms: dict[str, float] = {}
+        self.n = 0
+
+    def add(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        self.loss += float(loss)
+        for k, v in terms.items():
+            self.terms[k] = self.terms.get(k, 0.0) + float(v)
+        self.n += 1
+
+    def reduce(self) -> dict[str, float]:
+        """Mean loss and terms over the window on all ranks ({} for an empty window)."""
+        keys = sorted(self.terms)
+        vec = torch.tensor([self.loss, float(self.n)] + [self.terms[k] for k in keys], dtype=torch.float64)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(vec)
+        n = float(vec[1])
+        self.__init__()
+        if n == 0:
+            return {}
+        out = {"loss": float(vec[0]) / n}
+        out.update({f"train/{k}": float(vec[2 + i]) / n for i, k in enumerate(keys)})
+        return out
+
+
+def _report(metrics: dict[str, Any], write_fn=None, name: Optional[str] = None) -> None:
+    import ray.train
+
+    if write_fn is None:
+        ray.train.report(metrics)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="dino_ckpt_"))
+    try:
+        write_fn(tmp)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                         checkpoint_dir_name=name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _test_pid_hook(hooks: dict, rank: int, step: int) -> None:
+    """Test fault injection: after ``pid_after_step`` (and ``pid_delay_s``), write this worker's
+    pid once and pause ``pause_s`` so a test can kill it."""
+    path = hooks.get("pid_file")
+    if not path or rank != int(hooks.get("pid_rank", 1)) or step < int(hooks.get("pid_after_step", 0)):
+        return
+    if os.path.exists(path):
+        return
+    time.sleep(float(hooks.get("pid_delay_s", 0)))  # let the controller register earlier reports
+    atomic_write_text(path, str(os.getpid()))
+    deadline = time.monotonic() + float(hooks.get("pause_s", 0))
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from dino_scale.data.collate import collate
+    from dino_scale.models import build_dino, build_model
+
+    cfg = from_dict(loop_cfg["config"])
+    tc = cfg.train
+    hooks = loop_cfg.get("test_hooks") or {}
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if tc.torch_threads:
+        torch.set_num_threads(int(tc.torch_threads))
+    if tc.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    device = ray.train.torch.get_device()
+    seed_everything(tc.seed)  # identical initial weights on every rank
+    model, criterion, postprocessor = build_dino(cfg.model)
+    seed_everything(tc.seed + 1000 * (rank + 1))  # per-rank streams (denoising noise)
+    if loop_cfg.get("init_weights"):
+        missing, unexpected = model.load_state_dict(load_weights(loop_cfg["init_weights"]),
+                                                    strict=bool(loop_cfg.get("init_strict", True)))
+        if rank == 0 and (missing or unexpected):
+            log.warning("init weights: %d missing, %d unexpected keys", len(missing), len(unexpected))
+    criterion.to(device)
+    micro = cfg.data.batch_size
+    accum = grad_accum_steps(tc.global_batch_size, micro, world)
+    steps_per_epoch = int(loop_cfg["steps_per_epoch"])
+    total_steps = tc.epochs * steps_per_epoch
+    if tc.max_steps:
+        total_steps = min(total_steps, int(tc.max_steps))
+    optimizer = build_optimizer(model, tc)
+    scheduler = build_scheduler(optimizer, tc, steps_per_epoch, tc.epochs * steps_per_epoch)
+    engine = init_deepspeed(model, optimizer, scheduler, build_ds_config(tc, micro, world))
+    ema = ModelEMA(engine, tc.ema_decay) if tc.ema_decay else None
+
+    state = TrainState()
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as folder:
+            state = load_training_checkpoint(folder, engine, rank, ema)
+        state.resumes += 1
+        if rank == 0:
+            log.warning("resumed from %s at epoch %d, step %d", restored.path, state.epoch, state.global_step)
+    guard = BadStepGuard(tc.max_bad_steps)
+    guard.load_state_dict(state.bad_steps)
+
+    tracker = None
+    if rank == 0 and loop_cfg.get("run_id"):
+        from dino_scale.tracking.logger import ResilientLogger
+
+        tracker = ResilientLogger(loop_cfg["tracking_uri"], run_id=loop_cfg["run_id"])
+
+    amp = autocast_dtype(tc.precision) if tc.precision != "fp32" else None
+    pad_multiple = getattr(cfg.data, "pad_multiple", None)
+    do_train = bool(loop_cfg.get("train", True))
+    train_shard = ray.train.get_dataset_shard("train") if do_train else None
+    meter, window = WindowMeter(world), _Window()
+    abort: Optional[str] = None
+    last_ckpt_step = -1
+
+    def write_state(folder: Path) -> None:
+        state.bad_steps = guard.state_dict()
+        save_training_checkpoint(folder, engine, state, rank, ema)
+
+    def metrics_now() -> dict[str, Any]:
+        m = {"step": state.global_step, "epoch": state.epoch, "images_seen": state.images_seen,
+             "lr": scheduler.get_last_lr()[0], "bad_steps_total": guard.total,
+             "bad_steps_consecutive": guard.consecutive, "workers": world, "grad_accum": accum}
+        losses = window.reduce()
+        m.update(losses)
+        snap = meter.snapshot()
+        m.update(snap if losses else {"data_wait_share": snap["data_wait_share"]})
+        norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+        if norm is not None and math.isfinite(float(norm)):
+            m["grad_norm"] = float(norm)
+        if rank == 0:
+            try:  # images dropped at decode time (counted by the data layer)
+                from dino_scale.data.ray_data import decode_skips
+
+                m["data_skipped"] = int(decode_skips("train")["count"])
+            except Exception:
+                pass
+        if tracker is not None:
+            tracker.log_metrics({k: v for k, v in m.items() if k not in ("step", "epoch")}, step=state.global_step)
+        return m
+
+    micro_total = state.epoch * steps_per_epoch * accum + state.micro_in_epoch
+    nan_steps = set(int(s) for s in hooks.get("nan_micro_steps", []))
+    try:
+        while do_train and not state.finished and state.global_step < total_steps and state.epoch < tc.epochs:
+            limit = steps_per_epoch * accum
+            if state.micro_in_epoch >= limit:  # resumed from a checkpoint taken at the epoch's last step
+                state.epoch, state.micro_in_epoch = state.epoch + 1, 0
+                continue
+            set_data_epoch(state.epoch)  # augmentation draws of this epoch (seed, epoch, image_id)
+            batches = iter_micro_batches(train_shard, micro, world, rank, tc.deterministic, epoch=state.epoch,
+                                         seed=cfg.data.seed, pad_multiple=pad_multiple)
+            for _ in range(state.micro_in_epoch):  # exact resume: skip what this epoch consumed
+                next(batches, None)
+            ok_in_window = 0
+            batch = ()
+            while state.micro_in_epoch < limit and state.global_step < total_steps:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                meter.add_wait(time.perf_counter() - t0)
+                if batch is None:
+                    break
+                state.micro_in_epoch += 1
+                micro_total += 1
+                images, masks, targets = move_batch(batch, device)
+                images = _prepare_images(images, masks)
+                if micro_total in nan_steps:
+                    images = images * float("nan")
+                loss, terms = compute_loss(engine, criterion, images, masks, targets, amp)
+                finite = all_finite(loss)
+                guard.update(finite, step=state.global_step, loss=None if finite else float(loss))
+                if not finite:
+                    if rank == 0:
+                        log.warning("non-finite loss at step %d: skipped (%d in a row, %d total)",
+                                    state.global_step, guard.consecutive, guard.total)
+                    continue
+                engine.backward(loss)
+                engine.step()
+                window.add(loss.detach(), {k: v.detach() for k, v in terms.items()})
+                meter.add_images(images.shape[0])
+                ok_in_window += 1
+                if ok_in_window % accum:
+                    continue
+                state.global_step += 1
+                state.images_seen += micro * world * accum
+                meter.add_step()
+                if ema is not None:
+                    ema.update(engine)
+                _test_pid_hook(hooks, rank, state.global_step)
+                if state.global_step % tc.checkpoint_every_steps == 0:
+                    _report(metrics_now(), write_state, f"ckpt_{state.global_step:09d}_{state.epoch}_{state.micro_in_epoch}")
+                    last_ckpt_step = state.global_step
+                elif state.global_step % tc.log_every_steps == 0:
+                    _report(metrics_now())
+            if state.micro_in_epoch >= limit or batch is None:
+                state.epoch += 1
+                state.micro_in_epoch = 0
+                if last_ckpt_step != state.global_step:  # else the step checkpoint already holds this position
+                    _report(metrics_now(), write_state, f"ckpt_{state.global_step:09d}_{state.epoch}_0")
+                    last_ckpt_step = state.global_step
+    except BadStepError as exc:  # every rank raises together (the finiteness flag is all-reduced)
+        abort = str(exc)
+
+    # final: full weights (all ranks gather for ZeRO-3), distributed evaluation, last report
+    full = full_state_dict(engine, rank=rank, all_ranks=True)
+    final_metrics: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch, "final": True,
+                                     "bad_steps_total": guard.total, "images_seen": state.images_seen,
+                                     "resumes": state.resumes}
+    if abort:
+        final_metrics["abort_reason"] = abort
+    detections = None
+    if abort is None and loop_cfg.get("evaluate", True) and "val" in loop_cfg.get("datasets", []):
+        eval_model = build_model(cfg.model)
+        eval_model.load_state_dict(full, strict=True)
+        eval_model.to(device).eval()
+        val_shard = ray.train.get_dataset_shard("val")
+        batches = (collate(rows_of(b), pad_multiple=pad_multiple) for b in val_shard.iter_batches(
+            batch_size=cfg.eval.batch_size, drop_last=False, batch_format="numpy", prefetch_batches=1))
+        batches = ((_prepare_images(i, m), m, t) for i, m, t in batches)
+        factors = [s / cfg.data.eval_size for s in cfg.eval.tta_scales] if cfg.eval.tta else [1.0]
+        local = evaluate_batches(eval_model, postprocessor, batches, device, amp_dtype=amp,
+                                 tta=cfg.eval.tta, tta_scale_factors=factors, num_select=cfg.model.num_select)
+        detections = gather_to_rank0(local)
+        if rank == 0:
+            gt = json.loads(Path(loop_cfg["val_gt"]).read_text())
+            ap = coco_evaluate(gt, detections)
+            final_metrics.update(ap)
+            final_metrics["num_detections"] = len(detections)
+            if tracker is not None:
+                tracker.log_metrics({f"eval/{k}": v for k, v in ap.items()}, step=state.global_step)
+        del eval_model
+    state.finished = abort is None
+
+    def write_final(folder: Path) -> None:
+        write_state(folder)
+        if rank == 0:
+            save_weights(folder, full, config=to_dict(cfg))
+            if ema is not None:
+                save_weights(folder / "ema", ema.shadow, config=to_dict(cfg))
+            if detections is not None:
+                atomic_write_text(folder / "detections.json", json.dumps(detections))
+
+    if tracker is not None:
+        tracker.log_metrics({"bad_steps_total": guard.total}, step=state.global_step)
+        tracker.close(timeout_s=float(loop_cfg.get("tracking_close_timeout_s", 30)))
+    _report(final_metrics, write_final, f"final_{state.global_step:09d}")

@@ -1,0 +1,130 @@
+"""Parameter groups, AdamW and learning-rate schedules for DINO training.
+
+Groups (official DINO recipe): the backbone at ``lr_backbone`` (1e-5), the
+sampling-offset / reference-point projections of deformable attention at
+``lr * lr_linear_proj_mult``, everything else at ``lr`` (1e-4). With
+``no_decay_norm_embed`` every group is split again so 1-d tensors (norm weights,
+biases) and embedding tables get no weight decay.
+
+Schedules are functions of the optimizer step (one step = one global batch):
+``step`` (x0.1 at ``lr_drop_epochs[0]``, the 11-of-12 recipe), ``multistep`` (x0.1 at
+each epoch in ``lr_drop_epochs``), ``cosine`` (to 0 at the last step). Each may start
+with a linear warmup of ``warmup_steps``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from dino_scale.config import ConfigError, TrainConfig
+
+__all__ = [
+    "BACKBONE_KEYS", "LINEAR_PROJ_KEYS", "build_param_groups", "build_optimizer",
+    "lr_factor_fn", "build_scheduler",
+]
+
+BACKBONE_KEYS = ("backbone.",)
+LINEAR_PROJ_KEYS = ("sampling_offsets", "reference_points")
+WARMUP_START_FACTOR = 1e-3
+
+
+def _matches(name: str, keys: Iterable[str]) -> bool:
+    return any(k in name for k in keys)
+
+
+def _no_decay_ids(model: nn.Module) -> set[int]:
+    """Ids of 1-d tensors (norm weights, biases), ``nn.Embedding`` tables and bare
+    parameters whose own name ends in ``embed`` (e.g. ``level_embed``)."""
+    ids = set()
+    for module in model.modules():
+        for leaf, p in module.named_parameters(recurse=False):
+            if p.ndim <= 1 or isinstance(module, nn.Embedding) or leaf.endswith("embed"):
+                ids.add(id(p))
+    return ids
+
+
+def build_param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW parameter groups; each dict has ``params``, ``lr``, ``weight_decay``, ``name``.
+
+    Shared parameters (e.g. the decoder's shared box head) appear once. Frozen
+    parameters (``requires_grad=False``) are left out. Empty groups are dropped.
+    """
+    buckets: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    seen: set[int] = set()
+    no_decay_ids = _no_decay_ids(model) if cfg.no_decay_norm_embed else set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if _matches(name, BACKBONE_KEYS):
+            kind = "backbone"
+        elif _matches(name, LINEAR_PROJ_KEYS):
+            kind = "linear_proj"
+        else:
+            kind = "default"
+        no_decay = id(p) in no_decay_ids
+        buckets.setdefault((kind, no_decay), []).append(p)
+    lrs = {"default": cfg.lr, "backbone": cfg.lr_backbone, "linear_proj": cfg.lr * cfg.lr_linear_proj_mult}
+    groups = []
+    for kind in ("default", "backbone", "linear_proj"):
+        for no_decay in (False, True):
+            params = buckets.get((kind, no_decay))
+            if params:
+                groups.append({
+                    "params": params,
+                    "lr": lrs[kind],
+                    "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+                    "name": kind + ("_no_decay" if no_decay else ""),
+                })
+    if not groups:
+        raise ConfigError("the model has no trainable parameters")
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over :func:`build_param_groups` (the official optimizer)."""
+    return torch.optim.AdamW(build_param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor_fn(cfg: TrainConfig, steps_per_epoch: int, total_steps: int | None = None) -> Callable[[int], float]:
+    """Multiplier of each group's base lr as a function of the optimizer step (0-based).
+
+    ``total_steps`` defaults to ``epochs * steps_per_epoch`` (cosine needs it).
+    """
+    if steps_per_epoch < 1:
+        raise ConfigError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    total = total_steps or cfg.epochs * steps_per_epoch
+    warmup = max(0, int(cfg.warmup_steps))
+    drops = sorted(int(e) for e in cfg.lr_drop_epochs)
+    if cfg.schedule not in ("step", "multistep", "cosine"):
+        raise ConfigError(f"unknown schedule {cfg.schedule!r}; choose step, multistep or cosine")
+    if cfg.schedule in ("step", "multistep") and not drops:
+        raise ConfigError(f"schedule {cfg.schedule!r} needs train.lr_drop_epochs")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            alpha = step / warmup
+            warm = WARMUP_START_FACTOR * (1 - alpha) + alpha
+        else:
+            warm = 1.0
+        epoch = step // steps_per_epoch
+        if cfg.schedule == "step":
+            base = 0.1 if epoch >= drops[0] else 1.0
+        elif cfg.schedule == "multistep":
+            base = 0.1 ** sum(epoch >= d for d in drops)
+        else:
+            span = max(1, total - warmup)
+            progress = min(1.0, max(0.0, (step - warmup) / span))
+            base = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return warm * base
+
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
+                    total_steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` stepped once per optimizer step; its state dict resumes exactly."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(cfg, steps_per_epoch, total_steps))

@@ -1,0 +1,174 @@
+"""One DINO training step on one device, with no Ray and no DeepSpeed.
+
+``train_step`` = forward with targets, criterion, weighted loss sum, a finiteness
+check (agreed across ranks when ``torch.distributed`` is initialized), backward,
+gradient clipping, optimizer step. A non-finite loss skips the update and is
+counted by :class:`BadStepGuard`, which raises :class:`BadStepError` after
+``max_consecutive`` bad steps in a row. The Ray/DeepSpeed loop reuses
+:func:`compute_loss`, :func:`all_finite` and :class:`BadStepGuard`.
+
+Shapes: ``images`` float (B,3,H,W) (already normalized), ``masks`` bool (B,H,W) True
+on padding, ``targets`` list of B dicts with ``labels`` int64 (N,) and ``boxes``
+(N,4) cx,cy,w,h normalized.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "BadStepError", "BadStepGuard", "StepOutput", "autocast_dtype", "autocast_context",
+    "compute_loss", "all_finite", "train_step", "move_batch",
+]
+
+
+class BadStepError(RuntimeError):
+    """Too many consecutive non-finite (NaN/Inf) loss steps; training is diverging."""
+
+
+@dataclass
+class BadStepGuard:
+    """Counts skipped non-finite steps; aborts after ``max_consecutive`` in a row."""
+
+    max_consecutive: int = 5
+    total: int = 0
+    consecutive: int = 0
+
+    def update(self, finite: bool, step: int | None = None, loss: float | None = None) -> None:
+        if finite:
+            self.consecutive = 0
+            return
+        self.total += 1
+        self.consecutive += 1
+        if self.max_consecutive > 0 and self.consecutive >= self.max_consecutive:
+            where = f" (last at step {step}, loss {loss})" if step is not None else ""
+            raise BadStepError(
+                f"{self.consecutive} consecutive non-finite loss steps{where}; "
+                f"{self.total} skipped in total. Training diverged: lower the learning rate, "
+                f"check the data, or raise train.max_bad_steps.")
+
+    def state_dict(self) -> dict[str, int]:
+        return {"total": self.total, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.total = int(state.get("total", 0))
+        self.consecutive = int(state.get("consecutive", 0))
+
+
+@dataclass
+class StepOutput:
+    """What one step did. ``loss`` / ``loss_terms`` are detached 0-d tensors (no host sync)."""
+
+    loss: torch.Tensor
+    loss_terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    grad_norm: Optional[torch.Tensor] = None
+    skipped: bool = False
+    num_images: int = 0
+
+
+def autocast_dtype(precision: str) -> Optional[torch.dtype]:
+    """``fp32`` -> None, ``bf16`` -> bfloat16, ``fp16`` -> float16."""
+    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in table:
+        raise ValueError(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
+    return table[precision]
+
+
+def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _to_float(obj: Any) -> Any:
+    """Cast floating tensors in nested outputs to float32 (the criterion runs in fp32)."""
+    if torch.is_tensor(obj):
+        return obj.float() if obj.is_floating_point() and obj.dtype != torch.float32 else obj
+    if isinstance(obj, dict):
+        return {k: _to_float(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_float(v) for v in obj)
+    return obj
+
+
+def move_batch(batch, device: torch.device, non_blocking: bool = False):
+    """Move ``(images, masks, targets)`` to ``device``."""
+    images, masks, targets = batch
+    images = images.to(device, non_blocking=non_blocking)
+    masks = masks.to(device, non_blocking=non_blocking)
+    targets = [{k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v)
+                for k, v in t.items()} for t in targets]
+    return images, masks, targets
+
+
+def compute_loss(model: nn.Module, criterion: nn.Module, images: torch.Tensor, masks: torch.Tensor,
+                 targets: list[dict], amp_dtype: Optional[torch.dtype] = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward + criterion. Returns the weighted total (0-d) and the unweighted terms."""
+    from dino_scale.models.criterion import weighted_loss
+
+    param = next(model.parameters())
+    if images.dtype != param.dtype and param.is_floating_point() and amp_dtype is None:
+        images = images.to(param.dtype)
+    with autocast_context(images.device, amp_dtype):
+        outputs = model(images, masks, targets)
+    outputs = _to_float(outputs)
+    loss_dict = criterion(outputs, targets)
+    loss = weighted_loss(loss_dict, criterion.weight_dict)
+    return loss, loss_dict
+
+
+def all_finite(loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every rank (one small all-reduce when distributed)."""
+    flag = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0.5)
+
+
+def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, batch,
+               *, clip_max_norm: float = 0.1, amp_dtype: Optional[torch.dtype] = None,
+               scaler: Optional[torch.amp.GradScaler] = None, guard: Optional[BadStepGuard] = None,
+               scheduler=None, check_finite: bool = True, step: int | None = None) -> StepOutput:
+    """One optimizer step on ``batch = (images, masks, targets)`` (already on the device).
+
+    Gradients are clipped to ``clip_max_norm`` (total L2 norm, skipped when <= 0) and the
+    pre-clip norm is returned. With ``check_finite`` a NaN/Inf loss skips backward and the
+    update (``guard`` counts it, and raises after too many in a row). ``scaler`` enables
+    fp16 loss scaling. ``scheduler`` (optional) is stepped after a successful update.
+    """
+    images, masks, targets = batch
+    model.train()
+    criterion.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss, loss_dict = compute_loss(model, criterion, images, masks, targets, amp_dtype)
+    terms = {k: v.detach() for k, v in loss_dict.items()}
+    if check_finite:
+        finite = all_finite(loss)
+        if guard is not None:
+            guard.update(finite, step=step, loss=float(loss.detach()) if not finite else None)
+        if not finite:
+            return StepOutput(loss=loss.detach(), loss_terms=terms, skipped=True, num_images=images.shape[0])
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    grad_norm = None
+    if clip_max_norm and clip_max_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return StepOutput(loss=loss.detach(), loss_terms=terms, grad_norm=grad_norm, skipped=False,
+                      num_images=images.shape[0])

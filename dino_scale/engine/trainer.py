@@ -1,0 +1,113 @@
+"""The Ray Train ``TorchTrainer`` factory for DINO.
+
+:func:`build_trainer` wires a :class:`~dino_scale.config.Config` into Ray Train:
+workers / GPUs / resources per worker (``ScalingConfig``; an elastic ``(min, max)``
+range when ``train.min_workers`` is set), Ray Data datasets (``train`` split across
+workers by ``streaming_split``; in ``train.deterministic`` mode every worker reads the
+full order-preserving stream and keeps its slice), ``FailureConfig(max_failures)``
+(restarted workers restore the latest reported checkpoint through
+``ray.train.get_checkpoint()``), ``CheckpointConfig(num_to_keep)`` and a storage path
+(local folder, ``s3://`` or ``gs://``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from dino_scale.config import Config, ConfigError, to_dict
+from dino_scale.engine.deepspeed_utils import grad_accum_steps
+
+__all__ = ["worker_count", "resources_per_worker", "steps_per_epoch", "loop_config", "build_trainer",
+           "normalize_storage_path"]
+
+
+def worker_count(cfg: Config) -> int | tuple[int, int]:
+    """``num_workers``, or ``(min_workers, num_workers)`` for an elastic run (every count in
+    the range must keep the global batch exact)."""
+    tc = cfg.train
+    if tc.num_workers < 1:
+        raise ConfigError(f"train.num_workers must be >= 1, got {tc.num_workers}")
+    if tc.min_workers is None or tc.min_workers >= tc.num_workers:
+        grad_accum_steps(tc.global_batch_size, cfg.data.batch_size, tc.num_workers)
+        return tc.num_workers
+    if tc.min_workers < 1:
+        raise ConfigError(f"train.min_workers must be >= 1, got {tc.min_workers}")
+    bad = [n for n in range(tc.min_workers, tc.num_workers + 1)
+           if tc.global_batch_size % (cfg.data.batch_size * n)]
+    if bad:
+        raise ConfigError(f"elastic range {tc.min_workers}..{tc.num_workers}: global batch {tc.global_batch_size} "
+                          f"is not a multiple of batch_size {cfg.data.batch_size} x workers for {bad}")
+    return (tc.min_workers, tc.num_workers)
+
+
+def resources_per_worker(cfg: Config) -> dict[str, float]:
+    tc = cfg.train
+    cpus = tc.cpus_per_worker if tc.cpus_per_worker is not None else (1.0 if tc.use_gpu else 0.5)
+    res = {"CPU": float(cpus)}
+    if tc.use_gpu:
+        res["GPU"] = 1.0
+    return res
+
+
+def steps_per_epoch(num_images: int, cfg: Config, world_size: Optional[int] = None) -> int:
+    """Optimizer steps per epoch when every worker drops its incomplete last micro-batch."""
+    world = world_size or cfg.train.num_workers
+    micro = cfg.data.batch_size
+    accum = grad_accum_steps(cfg.train.global_batch_size, micro, world)
+    steps = ((num_images // world) // micro) // accum
+    if steps < 1:
+        raise ConfigError(f"{num_images} training images are fewer than one global batch "
+                          f"({cfg.train.global_batch_size}); lower train.global_batch_size")
+    return steps
+
+
+def normalize_storage_path(path: Optional[str], default: Path) -> str:
+    """Absolute local path or an object-store URI (``s3://``, ``gs://``, ...)."""
+    if not path:
+        return str(Path(default).resolve())
+    if "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def loop_config(cfg: Config, *, steps_per_epoch: int, datasets: list[str], run_id: Optional[str] = None,
+                tracking_uri: Optional[str] = None, init_weights: Optional[str] = None, init_strict: bool = True,
+                val_gt: Optional[str] = None, evaluate: bool = True, train: bool = True,
+                test_hooks: Optional[dict] = None) -> dict[str, Any]:
+    """The plain-dict ``train_loop_config`` read by ``train_loop_per_worker``."""
+    return {"config": to_dict(cfg), "steps_per_epoch": int(steps_per_epoch), "datasets": list(datasets),
+            "run_id": run_id, "tracking_uri": tracking_uri, "init_weights": init_weights,
+            "init_strict": init_strict, "val_gt": val_gt, "evaluate": evaluate, "train": train,
+            "test_hooks": test_hooks or {}}
+
+
+def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_name: str, storage_path: str,
+                  train_loop_config: dict[str, Any], callbacks: Optional[list] = None,
+                  worker_env: Optional[dict[str, str]] = None):
+    """A ``ray.train.torch.TorchTrainer`` running :func:`train_loop_per_worker`."""
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dino_scale.engine.loop import train_loop_per_worker
+
+    tc = cfg.train
+    scaling = ray.train.ScalingConfig(num_workers=worker_count(cfg), use_gpu=tc.use_gpu,
+                                      resources_per_worker=resources_per_worker(cfg))
+    env = {"DS_ACCELERATOR": "cuda" if tc.use_gpu else "cpu", "PYTHONHASHSEED": str(tc.seed)}
+    env.update(worker_env or {})
+    run_config = ray.train.RunConfig(
+        name=run_name, storage_path=storage_path,
+        failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, tc.checkpoints_to_keep)),
+        callbacks=callbacks or None, worker_runtime_env={"env_vars": env})
+    if tc.deterministic:
+        opts = ExecutionOptions()
+        opts.preserve_order = True
+        data_config = ray.train.DataConfig(datasets_to_split=[k for k in datasets if k != "train"],
+                                           execution_options=opts)
+    else:
+        data_config = ray.train.DataConfig(datasets_to_split="all")
+    return TorchTrainer(train_loop_per_worker, train_loop_config=train_loop_config, scaling_config=scaling,
+                        run_config=run_config, datasets=datasets, dataset_config=data_config,
+                        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"))

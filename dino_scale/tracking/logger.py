@@ -1,0 +1,214 @@
+"""A resilient MLflow logger: keeps training alive when the tracking server is not.
+
+Every call (params, metrics, tags, artifacts, run end) is queued and the queue is
+flushed in order. When the server does not answer (short HTTP timeout, no retries),
+the logger warns once per outage, keeps buffering (bounded), and retries at most every
+``retry_interval_s``; when the server answers again the buffer is flushed with the
+original timestamps and steps. A run that could not be created at start is created
+on the first successful flush.
+
+Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<work_dir>/mlflow.db``.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = ["default_tracking_uri", "ResilientLogger", "flatten_params"]
+
+log = logging.getLogger("dino_scale.tracking")
+_MAX_PARAM_LEN = 6000
+_BATCH = 100
+
+
+def default_tracking_uri(work_dir: Optional[str | Path] = None) -> str:
+    """``MLFLOW_TRACKING_URI`` or sqlite in ``work_dir`` (created)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    if work_dir is None:
+        raise ValueError("set MLFLOW_TRACKING_URI or pass a work_dir for the sqlite store")
+    folder = Path(work_dir).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def flatten_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dict -> ``{"a.b": "value"}`` with string values cut to MLflow's limit."""
+    out: dict[str, str] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten_params(v, key + "."))
+        else:
+            text = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+            out[key] = text[:_MAX_PARAM_LEN]
+    return out
+
+
+class ResilientLogger:
+    """Buffered MLflow client for one run.
+
+    Args:
+        tracking_uri: MLflow tracking URI (http(s)://, sqlite:///, file:).
+        run_id: an existing run to log to; or call :meth:`start_run`.
+        timeout_s / max_retries: HTTP settings for this process (``MLFLOW_HTTP_REQUEST_TIMEOUT``
+            / ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, unless already set in the environment).
+        retry_interval_s: after a failure, wait this long before the next attempt.
+        max_buffer: oldest metric batches are dropped (and counted) beyond this many ops.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: Optional[str] = None, *, timeout_s: float = 3.0,
+                 max_retries: int = 0, retry_interval_s: float = 5.0, max_buffer: int = 100_000):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(1, timeout_s))))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(int(max_retries)))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.run_id = run_id
+        self.retry_interval_s = retry_interval_s
+        self.max_buffer = max_buffer
+        self._queue: collections.deque = collections.deque()
+        self._next_try = 0.0
+        self._down = False
+        self.outages = 0
+        self.dropped = 0
+        self.flushed_after_outage = 0
+        self._pending_create: Optional[dict] = None
+
+    # ------------------------------------------------------------------ run lifecycle
+    def start_run(self, experiment: str, run_name: str, tags: Optional[dict[str, str]] = None,
+                  parent_run_id: Optional[str] = None) -> Optional[str]:
+        """Create a run (nested under ``parent_run_id`` if given); returns its id, or None
+        when the server is unreachable (the run is then created on a later flush)."""
+        tags = dict(tags or {})
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        self._pending_create = {"experiment": experiment, "run_name": run_name, "tags": tags}
+        self.flush(force=True)
+        return self.run_id
+
+    def _create(self) -> None:
+        spec = self._pending_create
+        exp = self.client.get_experiment_by_name(spec["experiment"])
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(spec["experiment"])
+        run = self.client.create_run(exp_id, run_name=spec["run_name"], tags=spec["tags"])
+        self.run_id = run.info.run_id
+        self._pending_create = None
+
+    def end_run(self, status: str = "FINISHED") -> None:
+        self._enqueue(("end", status))
+
+    # ------------------------------------------------------------------ logging calls
+    def log_params(self, params: dict[str, Any]) -> None:
+        flat = flatten_params(params)
+        items = list(flat.items())
+        for i in range(0, len(items), _BATCH):
+            self._enqueue(("params", dict(items[i:i + _BATCH])))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self._enqueue(("tags", {k: str(v) for k, v in tags.items()}))
+
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        ts = int(time.time() * 1000)
+        clean = {}
+        for k, v in metrics.items():
+            try:
+                clean[k] = float(v)
+            except (TypeError, ValueError):
+                continue
+        if clean:
+            self._enqueue(("metrics", clean, ts, int(step or 0)))
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: Optional[str] = None) -> None:
+        self._enqueue(("artifacts", str(local_dir), artifact_path))
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self._enqueue(("dict", data, artifact_file))
+
+    # ------------------------------------------------------------------ buffering
+    @property
+    def pending(self) -> int:
+        return len(self._queue) + (1 if self._pending_create else 0)
+
+    def _enqueue(self, op: tuple) -> None:
+        self._queue.append(op)
+        while len(self._queue) > self.max_buffer:
+            for i, queued in enumerate(self._queue):
+                if queued[0] == "metrics":
+                    del self._queue[i]
+                    self.dropped += 1
+                    break
+            else:
+                break
+        self.flush()
+
+    def _apply(self, op: tuple) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        kind = op[0]
+        if kind == "params":
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in op[1].items()])
+        elif kind == "tags":
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in op[1].items()])
+        elif kind == "metrics":
+            _, values, ts, step = op
+            metrics = [Metric(k, v if math.isfinite(v) else float("nan"), ts, step) for k, v in values.items()]
+            self.client.log_batch(self.run_id, metrics=metrics)
+        elif kind == "artifacts":
+            self.client.log_artifacts(self.run_id, op[1], op[2])
+        elif kind == "dict":
+            self.client.log_dict(self.run_id, op[1], op[2])
+        elif kind == "end":
+            self.client.set_terminated(self.run_id, status=op[1])
+        else:  # pragma: no cover
+            raise ValueError(kind)
+
+    def flush(self, force: bool = False) -> bool:
+        """Send buffered ops in order; True when the buffer is empty afterwards."""
+        if not force and self._down and time.monotonic() < self._next_try:
+            return False
+        try:
+            if self._pending_create:
+                self._create()
+            while self._queue:
+                if self.run_id is None:
+                    return False
+                self._apply(self._queue[0])
+                self._queue.popleft()
+                if self._down:
+                    self.flushed_after_outage += 1
+        except Exception as exc:  # the server is down or refused: keep going
+            if not self._down:
+                self.outages += 1
+                log.warning("MLflow tracking at %s unreachable (%s: %s); training continues and "
+                            "%d logging calls are buffered until it returns",
+                            self.tracking_uri, type(exc).__name__, str(exc).splitlines()[0][:200],
+                            self.pending)
+            self._down = True
+            self._next_try = time.monotonic() + self.retry_interval_s
+            return False
+        if self._down:
+            log.warning("MLflow tracking at %s reachable again; flushed %d buffered calls",
+                        self.tracking_uri, self.flushed_after_outage)
+            self._down = False
+        return True
+
+    def close(self, timeout_s: float = 30.0) -> bool:
+        """Flush until empty or ``timeout_s`` passes; True if everything was sent."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.flush(force=True):
+                return True
+            if time.monotonic() >= deadline:
+                log.warning("MLflow: %d logging calls could not be sent before shutdown", self.pending)
+                return False
+            time.sleep(min(self.retry_interval_s, max(0.1, deadline - time.monotonic())))

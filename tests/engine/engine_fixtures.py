@@ -1,0 +1,69 @@
+"""Shared pieces of the engine's Ray tests: a module-long Ray session, synthetic shards,
+a small CPU config."""
+from __future__ import annotations
+
+import fcntl
+import uuid
+from pathlib import Path
+
+from dino_scale.config import preset
+
+# CPU-sized images so a 2-worker DeepSpeed step takes well under a second.
+SMALL = {
+    "data.train_scales": [96, 128], "data.train_max_size": 160, "data.crop_resize_scales": [96],
+    "data.crop_size_range": [64, 96], "data.eval_size": 128, "data.eval_max_size": 160,
+    "data.batch_size": 2, "train.global_batch_size": 4, "train.num_workers": 2, "train.epochs": 1,
+    "train.checkpoint_every_steps": 2, "train.log_every_steps": 1, "train.torch_threads": 1,
+    "eval.batch_size": 1,
+}
+
+
+def small_cfg(**overrides):
+    return preset("tiny", {**SMALL, **overrides})
+
+
+def unique(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+def make_data(base: Path) -> tuple[str, str]:
+    """16 training and 6 validation synthetic images (coco-like), embedded in shards."""
+    from dino_scale.data import convert_coco
+    from dino_scale.data.synthetic import generate
+
+    out = {}
+    for split, n, seed in (("train", 16, 0), ("val", 6, 1)):
+        root, ann = generate(base / f"raw_{split}", "coco-like", n, seed, image_size=((96, 128), (120, 160)),
+                             max_objects=3, empty_fraction=0.0)
+        convert_coco(ann, root, base / split, embed_images=True, progress=False)
+        out[split] = str(base / split)
+    return out["train"], out["val"]
+
+
+class RaySession:
+    """Holds the host-wide Ray test lock (same file as the ``ray_lock`` fixture) for the
+    life of a test module and runs a private local Ray instance."""
+
+    def __init__(self, num_cpus: int = 4):
+        self.num_cpus = num_cpus
+        self._fh = None
+
+    def __enter__(self):
+        import ray
+
+        self._fh = open("/tmp/dino_scale_ray.lock", "w")
+        fcntl.flock(self._fh, fcntl.LOCK_EX)
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=True,
+                 configure_logging=False)
+        return self
+
+    def __exit__(self, *exc):
+        import ray
+
+        try:
+            ray.shutdown()
+        finally:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()

@@ -1,0 +1,105 @@
+"""COCO evaluation pieces: detection format, AP vs pycocotools run directly, TTA views."""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from dino_scale.config import preset
+from dino_scale.engine.evaluate import (
+    _flip_valid, coco_evaluate, gather_to_rank0, predict_batch, to_coco_detections,
+)
+from dino_scale.models import build_dino
+
+
+def _gt(rng):
+    images, anns = [], []
+    for i in range(1, 6):
+        images.append({"id": i * 7, "width": 320, "height": 240})
+        for _ in range(rng.integers(1, 5)):
+            x, y = rng.uniform(0, 200), rng.uniform(0, 150)
+            w, h = rng.uniform(8, 110), rng.uniform(8, 80)
+            anns.append({"id": len(anns) + 1, "image_id": i * 7, "category_id": int(rng.choice([1, 3, 18])),
+                         "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+    return {"images": images, "annotations": anns,
+            "categories": [{"id": c, "name": str(c)} for c in (1, 3, 18)]}
+
+
+def test_ap_equals_pycocotools_directly():
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    rng = np.random.default_rng(0)
+    gt = _gt(rng)
+    # postprocessor-style results (xyxy pixels): jittered GT plus false positives
+    results, ids = [], []
+    for img in gt["images"]:
+        boxes, scores, labels = [], [], []
+        for a in (a for a in gt["annotations"] if a["image_id"] == img["id"]):
+            x, y, w, h = a["bbox"]
+            j = rng.normal(0, 3, 4)
+            boxes.append([x + j[0], y + j[1], x + w + j[2], y + h + j[3]])
+            scores.append(rng.uniform(0.3, 1.0))
+            labels.append(a["category_id"] if rng.random() > 0.15 else 3)
+        for _ in range(4):
+            x, y = rng.uniform(0, 250, 2)
+            boxes.append([x, y, x + rng.uniform(5, 60), y + rng.uniform(5, 60)])
+            scores.append(rng.uniform(0, 0.5))
+            labels.append(int(rng.choice([1, 3, 18])))
+        results.append({"boxes": torch.tensor(boxes), "scores": torch.tensor(scores), "labels": torch.tensor(labels)})
+        ids.append(img["id"])
+    dets = to_coco_detections(results, ids)
+    ours = coco_evaluate(gt, dets)
+    # pycocotools directly, with xywh computed independently from the xyxy results
+    direct = []
+    for res, image_id in zip(results, ids):
+        for (x1, y1, x2, y2), s, l in zip(res["boxes"].tolist(), res["scores"].tolist(), res["labels"].tolist()):
+            direct.append({"image_id": image_id, "category_id": l, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": s})
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = gt
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(direct), "bbox")
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+    assert 0.2 < ours["AP"] < 1.0
+    for i, key in enumerate(("AP", "AP50", "AP75", "APs", "APm", "APl")):
+        assert ours[key] == pytest.approx(ev.stats[i], abs=2e-4), key  # dets are rounded to 1e-3 px
+    assert coco_evaluate(gt, []) == {k: 0.0 for k in ours}
+    with pytest.raises(ValueError, match="not in the ground truth"):
+        coco_evaluate(gt, [{**dets[0], "image_id": 999}])
+    assert gather_to_rank0(dets) == dets  # no process group: identity
+
+
+def test_flip_stays_inside_the_unpadded_region():
+    images = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
+    masks = torch.zeros(2, 4, 6, dtype=torch.bool)
+    masks[1, :, 4:] = True
+    masks[1, 3, :] = True
+    flipped = _flip_valid(images, masks)
+    assert torch.equal(flipped[0], images[0].flip(-1))
+    assert torch.equal(flipped[1, :, :3, :4], images[1, :, :3, :4].flip(-1))
+    assert torch.equal(flipped[1, :, :, 4:], images[1, :, :, 4:]) and torch.equal(flipped[1, :, 3], images[1, :, 3])
+    assert torch.equal(_flip_valid(flipped, masks), images)
+
+
+def test_tta_views_merged():
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    model, _, post = build_dino(cfg.model)
+    images = torch.randn(2, 3, 64, 96)
+    masks = torch.zeros(2, 64, 96, dtype=torch.bool)
+    masks[1, :, 80:] = True
+    orig = torch.tensor([[128, 192], [128, 160]])
+    plain = predict_batch(model, post, images, masks, orig)
+    tta = predict_batch(model, post, images, masks, orig, tta=True, tta_scale_factors=(1.0, 1.25),
+                        num_select=cfg.model.num_select)
+    assert len(tta) == 2 and all(r["scores"].shape == (cfg.model.num_select,) for r in tta)
+    for res, (h, w) in zip(tta, orig.tolist()):
+        assert torch.all(res["scores"][:-1] >= res["scores"][1:])  # merged and sorted
+        b = res["boxes"]
+        assert float(b[:, [0, 2]].min()) >= -1e-3 and float(b[:, [0, 2]].max()) <= w + 1e-3
+    # the best merged score is at least the best single-view score
+    assert all(float(t["scores"][0]) >= float(p["scores"][0]) - 1e-6 for t, p in zip(tta, plain))

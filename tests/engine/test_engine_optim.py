@@ -1,0 +1,94 @@
+"""Parameter groups, schedules and the DeepSpeed config (no Ray)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dino_scale.config import ConfigError, preset
+from dino_scale.engine.deepspeed_utils import build_ds_config, grad_accum_steps
+from dino_scale.engine.optim import build_param_groups, build_scheduler, lr_factor_fn
+from dino_scale.engine.trainer import steps_per_epoch, worker_count, resources_per_worker
+from dino_scale.models import build_dino
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    return cfg, build_dino(cfg.model)[0]
+
+
+def test_param_groups(tiny_model):
+    cfg, model = tiny_model
+    tc = preset("tiny", {"train.lr": 1e-4, "train.lr_backbone": 1e-5, "train.lr_linear_proj_mult": 0.1}).train
+    groups = {g["name"]: g for g in build_param_groups(model, tc)}
+    assert set(groups) == {"default", "backbone", "linear_proj"}
+    assert groups["default"]["lr"] == 1e-4 and groups["backbone"]["lr"] == 1e-5
+    assert groups["linear_proj"]["lr"] == pytest.approx(1e-5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].startswith("backbone.") for p in groups["backbone"]["params"])
+    assert all(("sampling_offsets" in names[id(p)] or "reference_points" in names[id(p)])
+               for p in groups["linear_proj"]["params"])
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    grouped = [id(p) for g in groups.values() for p in g["params"]]
+    assert len(grouped) == len(set(grouped)) == len(trainable)  # shared heads appear once
+    tc.no_decay_norm_embed = True
+    split = {g["name"]: g for g in build_param_groups(model, tc)}
+    assert split["default_no_decay"]["weight_decay"] == 0.0 and split["default"]["weight_decay"] == tc.weight_decay
+    nd = {names[id(p)] for p in split["default_no_decay"]["params"]}
+    assert any("norm" in n for n in nd) and any(n.endswith("bias") for n in nd)
+    assert any("label_enc" in n or "tgt_embed" in n or "level_embed" in n for n in nd)
+    assert all(p.ndim >= 2 for p in split["default"]["params"])
+
+
+def test_schedules():
+    tc = preset("r50_4scale").train  # 12 epochs, drop at 11
+    f = lr_factor_fn(tc, steps_per_epoch=10)
+    assert f(0) == 1.0 and f(109) == 1.0 and f(110) == pytest.approx(0.1) and f(119) == pytest.approx(0.1)
+    tc.schedule, tc.lr_drop_epochs = "multistep", [4, 8]
+    f = lr_factor_fn(tc, 10)
+    assert [round(f(s), 6) for s in (39, 40, 80)] == [1.0, 0.1, 0.01]
+    tc.schedule, tc.warmup_steps = "cosine", 10
+    f = lr_factor_fn(tc, 10)
+    assert f(0) == pytest.approx(1e-3) and f(5) == pytest.approx(0.5 * (1 + 1e-3), rel=1e-3)
+    assert f(10) == pytest.approx(1.0) and f(65) == pytest.approx(0.5) and f(120) == pytest.approx(0.0, abs=1e-9)
+    tc.schedule = "poly"
+    with pytest.raises(ConfigError, match="unknown schedule"):
+        lr_factor_fn(tc, 10)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    tc.schedule = "step"
+    sched = build_scheduler(opt, tc, steps_per_epoch=2)
+    for _ in range(22):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_ds_config_and_fixed_global_batch():
+    tc = preset("r50_4scale", {"train.zero_stage": 3, "train.precision": "bf16"}).train
+    ds = build_ds_config(tc, micro_batch_size=2, world_size=4)
+    assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 16
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"] == {"enabled": True}
+    assert ds["gradient_clipping"] == 0.1 and ds["zero_allow_untested_optimizer"]
+    assert build_ds_config(tc, 2, 8)["gradient_accumulation_steps"] == 1  # fewer workers, more accumulation
+    assert grad_accum_steps(16, 2, 2) == 4
+    with pytest.raises(ConfigError, match="not a multiple"):
+        grad_accum_steps(16, 2, 3)
+    tc.precision = "fp16"
+    assert build_ds_config(tc, 2, 8)["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+    tc.zero_stage = 4
+    with pytest.raises(ConfigError, match="zero_stage"):
+        build_ds_config(tc, 2, 8)
+
+
+def test_workers_resources_steps():
+    cfg = preset("tiny", {"train.num_workers": 2, "data.batch_size": 2})
+    assert worker_count(cfg) == 2 and resources_per_worker(cfg) == {"CPU": 0.5}
+    assert steps_per_epoch(17, cfg) == 4  # 8 images/worker -> 4 micro-batches -> 4 steps (global 4)
+    cfg.train.min_workers, cfg.train.num_workers, cfg.train.global_batch_size = 1, 4, 8
+    with pytest.raises(ConfigError, match=r"\[3\]"):
+        worker_count(cfg)
+    cfg.train.min_workers, cfg.train.global_batch_size = 2, 24
+    assert worker_count(cfg) == (2, 4)
+    cfg.train.use_gpu = True
+    assert resources_per_worker(cfg) == {"CPU": 1.0, "GPU": 1.0}

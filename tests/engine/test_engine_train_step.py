@@ -1,0 +1,96 @@
+"""train_step without Ray or DeepSpeed: the real tiny DINO, a fixed batch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dino_scale.config import preset
+from dino_scale.engine.optim import build_optimizer
+from dino_scale.engine.train_step import BadStepError, BadStepGuard, compute_loss, train_step
+from dino_scale.models import build_dino
+
+
+def _batch(b=2, h=64, w=96):
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(b, 3, h, w, generator=g)
+    masks = torch.zeros(b, h, w, dtype=torch.bool)
+    masks[1, :, 80:] = True  # second image is narrower (padded on the right)
+    targets = [{"labels": torch.tensor([1, 5]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.4]])},
+               {"labels": torch.tensor([7]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3]])}]
+    return images, masks, targets
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = preset("tiny", {"train.lr": 1e-4, "train.lr_backbone": 1e-4})
+    model, criterion, _ = build_dino(cfg.model)
+    return cfg, model, criterion
+
+
+def _loss_at(model, criterion, batch, seed=123):
+    torch.manual_seed(seed)  # same denoising noise for both evaluations
+    with torch.no_grad():
+        loss, _ = compute_loss(model, criterion, *batch)
+    return float(loss)
+
+
+def test_step_reduces_loss_and_clips(tiny):
+    cfg, model, criterion = tiny
+    opt = build_optimizer(model, cfg.train)
+    batch = _batch()
+    before = _loss_at(model, criterion, batch)
+    torch.manual_seed(123)
+    out = train_step(model, criterion, opt, batch, clip_max_norm=0.1)
+    assert not out.skipped and out.num_images == 2
+    assert float(out.grad_norm) > 0.1  # pre-clip norm is reported...
+    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    assert float(clipped) <= 0.1 * (1 + 1e-4)  # ...and the applied gradient is clipped to 0.1
+    after = _loss_at(model, criterion, batch)
+    assert after < before, (before, after)
+    assert set(out.loss_terms) >= {"loss_ce", "loss_bbox", "loss_giou"}
+
+
+def test_nan_step_skipped_and_counted_then_abort(tiny):
+    cfg, model, criterion = tiny
+    opt = build_optimizer(model, cfg.train)
+    images, masks, targets = _batch()
+    bad = (images * float("nan"), masks, targets)
+    guard = BadStepGuard(max_consecutive=3)
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    out = train_step(model, criterion, opt, bad, guard=guard, step=0)
+    assert out.skipped and guard.total == 1 and guard.consecutive == 1
+    assert all(torch.equal(snapshot[k], v) for k, v in model.state_dict().items())  # no update
+    inf_batch = (images.clone().fill_(float("inf")), masks, targets)
+    train_step(model, criterion, opt, inf_batch, guard=guard, step=1)
+    assert guard.total == 2
+    good = train_step(model, criterion, opt, (images, masks, targets), guard=guard, step=2)
+    assert not good.skipped and guard.consecutive == 0 and guard.total == 2
+    train_step(model, criterion, opt, bad, guard=guard, step=3)
+    train_step(model, criterion, opt, bad, guard=guard, step=4)
+    with pytest.raises(BadStepError, match="3 consecutive non-finite loss steps"):
+        train_step(model, criterion, opt, bad, guard=guard, step=5)
+    assert guard.total == 5
+
+
+def test_activation_checkpointing_and_ema():
+    from dino_scale.engine.deepspeed_utils import ModelEMA, apply_activation_checkpointing
+
+    cfg = apply_activation_checkpointing(preset("tiny", {"train.lr": 1e-4, "train.lr_backbone": 1e-4}))
+    assert cfg.model.backbone_checkpointing and cfg.model.encoder_checkpointing
+    torch.manual_seed(0)
+    model, criterion, _ = build_dino(cfg.model)
+    opt = build_optimizer(model, cfg.train)
+    ema = ModelEMA(model, decay=0.9)
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    out = train_step(model, criterion, opt, _batch(), clip_max_norm=0.1)
+    assert not out.skipped and float(out.grad_norm) > 0
+    ema.update(model)
+    current = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], current[k].float())]
+    assert changed
+    for k in changed[:20]:
+        torch.testing.assert_close(ema.shadow[k], 0.9 * before[k] + 0.1 * current[k].float())
+    with pytest.raises(Exception, match="ema_decay"):
+        ModelEMA(model, decay=1.5)

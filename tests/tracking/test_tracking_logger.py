@@ -1,0 +1,99 @@
+"""Resilient MLflow logging: sqlite store, a real mlflow server, and the server going away."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mlflow_server import MlflowServer  # noqa: E402
+
+from dino_scale.config import flatten, preset  # noqa: E402
+from dino_scale.tracking.logger import ResilientLogger, default_tracking_uri  # noqa: E402
+
+
+def test_sqlite_default_and_nested_runs(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = default_tracking_uri(tmp_path / "work")
+    assert uri == f"sqlite:///{(tmp_path / 'work' / 'mlflow.db').resolve()}"
+    parent = ResilientLogger(uri)
+    parent_id = parent.start_run("stage-test", "pipeline", {"kind": "pipeline"})
+    child = ResilientLogger(uri)
+    child_id = child.start_run("stage-test", "finetune", {"preset": "tiny"}, parent_run_id=parent_id)
+    cfg = preset("tiny")
+    child.log_params(flatten(cfg))
+    for step in range(3):
+        child.log_metrics({"loss": 10.0 - step, "lr": 1e-4}, step=step)
+    art = tmp_path / "model"
+    art.mkdir()
+    (art / "config.json").write_text("{}")
+    child.log_artifacts(art, "model")
+    child.end_run()
+    assert child.close(timeout_s=5) and child.pending == 0
+    client = MlflowClient(uri)
+    run = client.get_run(child_id)
+    assert run.data.params["model.hidden_dim"] == "64" and run.data.params["name"] == "tiny"
+    assert run.data.tags["mlflow.parentRunId"] == parent_id and run.data.tags["preset"] == "tiny"
+    assert [m.value for m in client.get_metric_history(child_id, "loss")] == [10.0, 9.0, 8.0]
+    assert run.info.status == "FINISHED"
+    assert [f.path for f in client.list_artifacts(child_id, "model")] == ["model/config.json"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_server_stopped_mid_run_training_continues(tmp_path, caplog):
+    """A real server; it dies during training; training finishes; the buffer is flushed
+    once the server is back (same port, same store)."""
+    from mlflow.tracking import MlflowClient
+
+    from dino_scale.engine.optim import build_optimizer
+    from dino_scale.engine.train_step import train_step
+    from dino_scale.models import build_dino
+
+    server = MlflowServer(tmp_path / "server").start()
+    try:
+        logger = ResilientLogger(server.uri, timeout_s=2, retry_interval_s=0.5)
+        run_id = logger.start_run("resilience", "server-stop", {"preset": "tiny"})
+        assert run_id is not None
+        cfg = preset("tiny", {"train.lr": 1e-4, "train.lr_backbone": 1e-4})
+        torch.manual_seed(0)
+        model, criterion, _ = build_dino(cfg.model)
+        opt = build_optimizer(model, cfg.train)
+        images = torch.randn(1, 3, 64, 64)
+        masks = torch.zeros(1, 64, 64, dtype=torch.bool)
+        targets = [{"labels": torch.tensor([3]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])}]
+        caplog.set_level(logging.WARNING, logger="dino_scale.tracking")
+        steps = 6
+        for step in range(steps):
+            if step == 2:
+                server.stop()
+            out = train_step(model, criterion, opt, (images, masks, targets))
+            logger.log_metrics({"loss": float(out.loss)}, step=step)
+            if step == 4:
+                assert logger.pending > 0  # buffered while the server is down
+        assert any("unreachable" in r.getMessage() for r in caplog.records)
+        logger.end_run()
+        server.start()
+        assert logger.close(timeout_s=60), "buffered calls were not flushed after the server returned"
+        assert any("reachable again" in r.getMessage() for r in caplog.records)
+        client = MlflowClient(server.uri)
+        history = client.get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(steps))
+        assert client.get_run(run_id).info.status == "FINISHED"
+    finally:
+        server.stop()
+
+
+def test_run_created_later_when_server_down_at_start(tmp_path):
+    from mlflow_server import free_port
+
+    logger = ResilientLogger(f"http://127.0.0.1:{free_port()}", timeout_s=1, retry_interval_s=0.1)
+    assert logger.start_run("x", "y") is None  # nothing listens: no crash, no run yet
+    logger.log_metrics({"loss": 1.0}, step=0)
+    assert logger.pending == 2
+    assert not logger.close(timeout_s=0.5)

@@ -1,0 +1,73 @@
+"""Registry helpers on a sqlite store: register, alias, resolve every URI form, load."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dino_scale.config import preset, to_dict
+from dino_scale.engine.checkpoint import save_weights
+from dino_scale.models import build_dino
+from dino_scale.tracking import (
+    ResilientLogger, get_version_by_alias, load_model_from_uri, register_model, resolve_model_uri, set_alias,
+)
+
+
+@pytest.fixture
+def logged_model(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = preset("tiny")
+    torch.manual_seed(3)
+    model, _, _ = build_dino(cfg.model)
+    folder = tmp_path / "final"
+    save_weights(folder, model.state_dict(), config=to_dict(cfg))
+    (folder / "lineage.json").write_text(json.dumps({"init_weights": "models:/dino-tiny-o365@pretrained"}))
+    runs = []
+    for i in range(2):
+        logger = ResilientLogger(uri)
+        run_id = logger.start_run("registry-test", f"train-{i}")
+        logger.log_artifacts(folder, "model")
+        logger.end_run()
+        assert logger.close(timeout_s=5)
+        runs.append(run_id)
+    return uri, cfg, model, folder, runs
+
+
+def test_register_alias_resolve_load(logged_model, tmp_path):
+    uri, cfg, model, folder, (run1, run2) = logged_model
+    v1 = register_model(run1, "dino-tiny-coco", "model", tags={"AP": 0.1}, tracking_uri=uri)
+    v2 = register_model(run2, "dino-tiny-coco", "model", tags={"AP": 0.2}, tracking_uri=uri)
+    assert (v1, v2) == ("1", "2")
+    assert get_version_by_alias("dino-tiny-coco", "champion", tracking_uri=uri) is None
+    assert get_version_by_alias("no-such-model", "champion", tracking_uri=uri) is None
+    set_alias("dino-tiny-coco", "champion", v1, tracking_uri=uri)
+    set_alias("dino-tiny-coco", "champion", v2, tracking_uri=uri)  # moves
+    mv = get_version_by_alias("dino-tiny-coco", "champion", tracking_uri=uri)
+    assert str(mv.version) == "2" and mv.run_id == run2 and mv.tags["AP"] == "0.2"
+
+    by_alias = resolve_model_uri("models:/dino-tiny-coco@champion", dst_dir=tmp_path / "dl1", tracking_uri=uri)
+    assert by_alias.weights_path.is_file() and by_alias.config.model.hidden_dim == cfg.model.hidden_dim
+    assert by_alias.lineage["version"] == "2" and by_alias.lineage["run_id"] == run2
+    assert "champion" in by_alias.lineage["aliases"]
+    assert by_alias.lineage["init_weights"] == "models:/dino-tiny-o365@pretrained"
+    by_version = resolve_model_uri("models:/dino-tiny-coco/1", dst_dir=tmp_path / "dl2", tracking_uri=uri)
+    assert by_version.lineage["run_id"] == run1
+    by_run = resolve_model_uri(f"runs:/{run1}/model", dst_dir=tmp_path / "dl3", tracking_uri=uri)
+    assert by_run.lineage["run_id"] == run1 and by_run.weights_path.name == "model.safetensors"
+    local_dir = resolve_model_uri(str(folder))
+    local_file = resolve_model_uri(str(folder / "model.safetensors"))
+    assert local_dir.config is not None and local_file.weights_path == folder / "model.safetensors"
+
+    loaded, loaded_cfg = load_model_from_uri("models:/dino-tiny-coco@champion", tracking_uri=uri)
+    assert loaded_cfg.name == "tiny" and not loaded.training
+    ref = model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())
+
+
+def test_resolve_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        resolve_model_uri(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        resolve_model_uri(str(tmp_path / "empty"))

@@ -1,0 +1,322 @@
+"""What every pipeline shares: arguments, config, Ray connection, MLflow store, errors.
+
+- :func:`add_common_args` / :func:`build_config`: ``--preset`` (default: a GPU preset
+  when GPUs exist, else ``tiny``), ``--set a.b=c`` (repeatable), ``--workers``,
+  ``--gpus``, ``--zero-stage``, ``--max-steps``, ``--epochs``, ``--work-dir``,
+  ``--data``, ``--debug``.
+- :func:`connect_ray`: joins a running cluster when ``RAY_ADDRESS`` is set (which
+  ``ray job submit`` does for its entrypoint), else starts an embedded local Ray.
+- :func:`setup_tracking`: ``MLFLOW_TRACKING_URI`` if set, else
+  ``sqlite:///<work-dir>/mlflow.db``; exported so every stage shares one store.
+- :func:`run_main`: the top-level handler. Usage errors (unknown registry name, missing
+  path, preset typo, unknown override key) print ``error: ...`` on one line and exit
+  2; other failures print one line and exit 1; ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from dino_scale.config import PRESETS, Config, ConfigError, preset
+
+GPU_PRESET = "r50_4scale"
+CPU_PRESET = "tiny"
+
+
+class UsageError(Exception):
+    """A user mistake with a one-line explanation (exit code 2)."""
+
+
+# --------------------------------------------------------------------------- arguments
+
+def add_common_args(parser: argparse.ArgumentParser, data_help: str,
+                    training: bool = True) -> argparse.ArgumentParser:
+    """The shared options; ``training=False`` leaves out the training-only ones and
+    ``--synthetic-images``/``--val-*``."""
+    g = parser.add_argument_group("configuration")
+    g.add_argument("--preset", default=None,
+                   help=f"config preset: {', '.join(PRESETS)} (default: {GPU_PRESET} when GPUs "
+                        f"are available, else {CPU_PRESET})")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set train.lr=2e-4 (repeatable)")
+    g.add_argument("--workers", type=int, default=None, help="Ray Train workers (train.num_workers)")
+    g.add_argument("--gpus", type=int, default=None,
+                   help="0 trains on CPU, >=1 one GPU per worker (train.use_gpu); default: GPUs "
+                        "when the machine or cluster has any")
+    if training:
+        g.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3],
+                       help="DeepSpeed ZeRO stage (train.zero_stage)")
+        g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+        g.add_argument("--epochs", type=int, default=None, help="training epochs (train.epochs)")
+    g.add_argument("--work-dir", default="./runs",
+                   help="folder for data, checkpoints and the default MLflow store "
+                        "(<work-dir>/mlflow.db); shared by all pipelines (default ./runs)")
+    d = parser.add_argument_group("data")
+    d.add_argument("--data", default=None, help=data_help)
+    d.add_argument("--images", default=None, help="image root for an annotation JSON given as --data")
+    if training:
+        d.add_argument("--val-data", default=None,
+                       help="validation set (same forms as --data); default: <data>/val when present")
+        d.add_argument("--val-images", default=None, help="image root for --val-data (default: --images)")
+        d.add_argument("--synthetic-images", type=int, default=None,
+                       help="images in the generated synthetic training set when no --data is given")
+    parser.add_argument("--run-name", default=None, help="MLflow / Ray Train run name (default: generated)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return parser
+
+
+def resolve_preset_name(name: Optional[str], gpus_available: Optional[bool] = None) -> str:
+    """``name`` if given (validated), else the GPU preset when GPUs exist, else ``tiny``."""
+    if name is not None:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return name
+    if gpus_available is None:
+        gpus_available = _gpus_available()
+    return GPU_PRESET if gpus_available else CPU_PRESET
+
+
+def _gpus_available() -> bool:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return True
+    except Exception:  # pragma: no cover - torch import problems surface elsewhere
+        pass
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    except Exception:
+        return False
+
+
+def build_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
+    """Preset + ``extra`` overrides (pipeline defaults) + ``--set`` + the shortcut flags."""
+    name = resolve_preset_name(args.preset)
+    args.preset = name
+    cfg = apply_flags(preset(name, list(extra) + list(args.overrides or [])), args)
+    user_keys = {o.split("=", 1)[0].strip() for o in (args.overrides or [])}
+    if getattr(args, "gpus", None) is None and "train.use_gpu" not in user_keys and _gpus_available():
+        cfg.train.use_gpu = True  # GPUs are there and the user did not say otherwise
+    return cfg
+
+
+def apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
+    """``--workers``, ``--gpus``, ``--zero-stage``, ``--max-steps``, ``--epochs`` on ``cfg``."""
+    if args.workers is not None:
+        if args.workers < 1:
+            raise UsageError("--workers must be >= 1")
+        cfg.train.num_workers = args.workers
+    if args.gpus is not None:
+        if args.gpus < 0:
+            raise UsageError("--gpus must be >= 0")
+        cfg.train.use_gpu = args.gpus > 0
+    if getattr(args, "zero_stage", None) is not None:
+        cfg.train.zero_stage = args.zero_stage
+    if getattr(args, "max_steps", None) is not None:
+        if args.max_steps < 1:
+            raise UsageError("--max-steps must be >= 1")
+        cfg.train.max_steps = args.max_steps
+    if getattr(args, "epochs", None) is not None:
+        if args.epochs < 1:
+            raise UsageError("--epochs must be >= 1")
+        cfg.train.epochs = args.epochs
+    return cfg
+
+
+def validate_config_args(args: argparse.Namespace) -> None:
+    """Raise :class:`ConfigError` now for a preset typo or a bad ``--set``, before any
+    data is generated or Ray is started."""
+    if args.preset is not None:
+        resolve_preset_name(args.preset)
+    preset(args.preset or CPU_PRESET, list(args.overrides or []))
+
+
+def check_path(path: Optional[str], what: str) -> Optional[Path]:
+    """``Path(path)`` if it exists; a :class:`UsageError` naming ``what`` otherwise."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UsageError(f"{what} not found: {path}")
+    return p
+
+
+# --------------------------------------------------------------------------- Ray, MLflow
+
+def connect_ray(num_cpus: Optional[int] = None) -> str:
+    """Join the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``), else start
+    an embedded local Ray. Returns a short description for the log."""
+    import ray
+
+    if ray.is_initialized():
+        return "connected"
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        what = f"joined Ray cluster at {address}"
+    else:
+        cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
+        # More logical CPUs than cores: Ray Data inside Ray Train needs CPUs left for its tasks.
+        # address="local": never attach to some other `ray start` cluster on this host.
+        # The dashboard stays on: Ray Train's placement-group cleaner uses its state API.
+        ray.init(address="local", num_cpus=cpus, dashboard_host="127.0.0.1", configure_logging=True,
+                 logging_level="WARNING", log_to_driver=True)
+        what = f"started embedded local Ray ({cpus} logical CPUs)"
+    _quiet_ray_data()
+    return what
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's per-operator progress bars drown the training progress lines in a job
+    log; they stay off unless ``DINO_SCALE_RAY_PROGRESS=1``. (The DataContext is captured
+    by datasets created afterwards in this driver.)"""
+    if os.environ.get("DINO_SCALE_RAY_PROGRESS") == "1":
+        return
+    try:
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        if hasattr(ctx, "enable_operator_progress_bars"):
+            ctx.enable_operator_progress_bars = False
+    except Exception:  # pragma: no cover - progress bars are cosmetic
+        pass
+
+
+def preset_needs_cluster(args: argparse.Namespace) -> bool:
+    """No ``--preset`` while joining a cluster: connect first, so the default preset can
+    look at the cluster's GPUs rather than the (often GPU-less) head node's."""
+    return args.preset is None and bool(os.environ.get("RAY_ADDRESS"))
+
+
+def tracking_uri(work_dir: str | Path) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<abs work-dir>/mlflow.db``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path(work_dir).expanduser().resolve() / 'mlflow.db'}"
+
+
+def setup_tracking(work_dir: str | Path) -> str:
+    """Point MLflow (tracking and registry) at the shared store; exported in the
+    environment so processes started afterwards (Ray workers) use the same store."""
+    import logging
+
+    import mlflow
+
+    # A new sqlite store announces its schema migration at INFO on stderr: noise for users.
+    for name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(work_dir)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+# --------------------------------------------------------------------------- output
+
+class Progress:
+    """Timestamped progress lines: ``[pretrain 00:12] message``."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.t0 = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        s = int(time.monotonic() - self.t0)
+        print(f"[{self.stage} {s // 60:02d}:{s % 60:02d}] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- errors
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    first = text.splitlines()[0].strip()
+    return first if len(first) <= 400 else first[:397] + "..."
+
+
+def _is_usage_error(exc: BaseException) -> bool:
+    if isinstance(exc, (UsageError, ConfigError, FileNotFoundError)):
+        return True
+    try:
+        from mlflow.exceptions import MlflowException
+
+        if isinstance(exc, MlflowException) and exc.error_code in (
+                "RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return True
+    except Exception:  # pragma: no cover
+        pass
+    # The registry helpers may raise LookupError/KeyError subclasses for unknown names.
+    return isinstance(exc, LookupError)
+
+
+def run_main(main: Callable[[Optional[Sequence[str]]], int | None],
+             argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``main(argv)``; turn failures into one ``error: ...`` line and an exit code
+    (2: usage, 1: other, 130: interrupted). ``--debug`` in argv re-raises."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("DINO_SCALE_DEBUG") == "1"
+    try:
+        return int(main(args) or 0)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # argparse
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except BaseException as exc:  # noqa: BLE001 - this is the top-level handler
+        if debug:
+            raise
+        usage = _is_usage_error(exc)
+        prefix = "" if usage else f"{type(exc).__name__}: "
+        hint = "" if usage else " (run with --debug for the traceback)"
+        print(f"error: {prefix}{_one_line(exc)}{hint}", file=sys.stderr, flush=True)
+        return 2 if usage else 1
+
+
+# --------------------------------------------------------------------------- engine glue
+
+def result_ap(result) -> Optional[float]:
+    """The COCO AP (0..1) of a :class:`dino_scale.engine.FitResult`, or ``None`` when not
+    evaluated."""
+    value = (result.metrics or {}).get("AP")
+    return None if value is None else float(value)
+
+
+def result_checkpoint(result) -> str:
+    """The folder with the final ``model.safetensors`` + ``config.json`` + ``lineage.json``."""
+    return str(Path(result.weights_path).parent)
+
+
+def register(result, name: str, alias: Optional[str], categories: list[dict],
+             tags: Optional[dict] = None) -> str:
+    """Log ``categories.json`` beside the run's model artifact, register the model as
+    a new version of ``name`` and (when ``alias``) point the alias at it."""
+    import json
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    from dino_scale.tracking.registry import MODEL_ARTIFACT_PATH, register_model, set_alias
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "categories.json"
+        path.write_text(json.dumps(categories))
+        MlflowClient().log_artifact(result.run_id, str(path), artifact_path=MODEL_ARTIFACT_PATH)
+    tags = dict(tags or {})
+    ap = result_ap(result)
+    if ap is not None:
+        tags.setdefault("AP", f"{ap:.6f}")
+    version = register_model(result.run_id, name, tags=tags)
+    if alias:
+        set_alias(name, alias, version)
+    return version

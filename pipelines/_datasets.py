@@ -1,0 +1,134 @@
+"""Turn the ``--data`` / ``--val-data`` arguments into dataset folders (shards + manifest).
+
+Accepted forms for each argument:
+
+- a dataset folder (``manifest.json`` + Parquet shards), or several joined by commas;
+- a folder holding ``train/`` and ``val/`` dataset folders (for ``--data`` only: both
+  are used);
+- an annotation JSON (COCO / Objects365 format) plus ``--images``: converted first into
+  ``<work-dir>/data/<name>/`` (reused when already converted);
+- nothing: a synthetic set (``o365-like`` or ``coco-like``) is generated under
+  ``<work-dir>/data/synthetic-<flavour>-<n>/{train,val}`` (reused when present).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, Optional
+
+from pipelines._common import UsageError, check_path
+
+MANIFEST = "manifest.json"
+
+
+def _is_dataset(p: Path) -> bool:
+    return (p / MANIFEST).is_file()
+
+
+def _convert(ann: Path, images: Optional[str], work_dir: Path, log: Callable[[str], None]) -> Path:
+    from dino_scale.data import convert_coco
+
+    if images is None:
+        raise UsageError(f"{ann} is an annotation file: give its image folder with --images")
+    root = check_path(images, "image folder")
+    key = hashlib.sha1(f"{ann.resolve()}|{root.resolve()}".encode()).hexdigest()[:8]
+    out = work_dir / "data" / f"{ann.stem}-{key}"
+    if _is_dataset(out):
+        log(f"using converted dataset {out}")
+        return out
+    log(f"converting {ann} (images under {root}) -> {out}")
+    convert_coco(str(ann), str(root), str(out), progress=True)
+    return out
+
+
+def _one(arg: str, images: Optional[str], work_dir: Path, what: str,
+         log: Callable[[str], None]) -> str:
+    """A comma-separated list of dataset folders for one argument value."""
+    parts = []
+    for piece in [p.strip() for p in arg.split(",") if p.strip()]:
+        p = check_path(piece, what)
+        if p.is_file():
+            if p.suffix.lower() != ".json":
+                raise UsageError(f"{what} {piece} is a file but not an annotation .json")
+            parts.append(str(_convert(p, images, work_dir, log)))
+        elif _is_dataset(p):
+            parts.append(str(p))
+        else:
+            raise UsageError(f"{what} {piece} is not a dataset folder (no {MANIFEST}); convert it "
+                             f"with `dino-scale prepare-data` or pass an annotation .json with --images")
+    if not parts:
+        raise UsageError(f"empty {what} argument")
+    return ",".join(parts)
+
+
+def synthetic_dirs(work_dir: Path, flavour: str, num_images: int, seed: int,
+                   log: Callable[[str], None], splits: tuple[str, ...] = ("train", "val")) -> tuple[str, ...]:
+    """Generate (or reuse) a synthetic train/val pair under ``<work-dir>/data``
+    (``num_images`` training images, ``min(48, max(8, num_images // 4))`` validation images)."""
+    from dino_scale.data import convert_coco, synthetic
+
+    base = work_dir / "data" / f"synthetic-{flavour}-{num_images}-s{seed}"
+    num_val = min(48, max(8, num_images // 4))
+    out = []
+    plan = {"train": (num_images, seed), "val": (num_val, seed + 1000)}
+    for split in splits:
+        n, s = plan[split]
+        d = base / split
+        if _is_dataset(d):
+            log(f"using synthetic {flavour} {split} set {d}")
+        else:
+            log(f"generating synthetic {flavour} {split} set: {n} images -> {d}")
+            root, ann = synthetic.generate(str(base / f"raw-{split}"), flavour=flavour,
+                                           num_images=n, seed=s)
+            # Images embedded in the shards: the set is self-contained (any node can read it).
+            convert_coco(str(ann), str(root), str(d), embed_images=True, progress=False)
+        out.append(str(d))
+    return out[0], out[1]
+
+
+def resolve_datasets(args, work_dir: Path, flavour: str, default_images: int, seed: int,
+                     log: Callable[[str], None]) -> tuple[str, Optional[str], bool]:
+    """``(train, val, synthetic)``: dataset folder strings for the engine.
+
+    ``val`` is ``None`` only when real training data was given without any validation
+    set (training then runs without evaluation).
+    """
+    if args.data is None:
+        if args.val_data is not None:
+            raise UsageError("--val-data needs --data (without --data a synthetic set is generated)")
+        n = args.synthetic_images or default_images
+        train, val = synthetic_dirs(work_dir, flavour, n, seed, log)
+        return train, val, True
+    val: Optional[str] = None
+    data = None if "," in args.data else check_path(args.data, "dataset path")
+    if data is not None and data.is_dir() and not _is_dataset(data) and _is_dataset(data / "train"):
+        train = str(data / "train")
+        if _is_dataset(data / "val"):
+            val = str(data / "val")
+    else:
+        train = _one(args.data, args.images, work_dir, "dataset path", log)
+    if args.val_data is not None:
+        val = _one(args.val_data, args.val_images or args.images, work_dir, "validation dataset path", log)
+    return train, val, False
+
+
+def categories_of(dataset: str) -> list[dict]:
+    """``[{"id", "name"}, ...]`` of the first folder of a dataset string."""
+    from dino_scale.data import read_manifest
+
+    first = dataset.split(",")[0]
+    return [{"id": int(c["id"]), "name": str(c["name"])} for c in read_manifest(first)["categories"]]
+
+
+def class_overrides(categories: list[dict], user_overrides: list[str], minimum: int = 0) -> list[str]:
+    """``model.num_classes`` / ``model.dn_labelbook_size`` = max(max id + 1, ``minimum``)
+    (366 for Objects365, 91 for COCO, so synthetic sets keep the real head layout),
+    unless the user set them with ``--set``."""
+    n = max(max((c["id"] for c in categories), default=0) + 1, minimum)
+    keys = {o.split("=", 1)[0].strip() for o in user_overrides}
+    out = []
+    if "model.num_classes" not in keys:
+        out.append(f"model.num_classes={n}")
+    if "model.dn_labelbook_size" not in keys:
+        out.append(f"model.dn_labelbook_size={n}")
+    return out

@@ -1,0 +1,165 @@
+"""Initial weights for fine-tuning: resolve a model URI, map its class heads by name.
+
+``prepare_init(uri, cfg, target_categories, out_dir)`` resolves ``uri`` (registry URI,
+run URI, local checkpoint, official ``.pth``), builds the target model from ``cfg``
+(fresh init, seeded), transfers every class-independent tensor and the class-head
+rows of categories whose names match (:mod:`dino_scale.models.class_transfer`),
+checks the result loads strictly, and writes ``out_dir/model.safetensors`` +
+``config.json`` + ``lineage.json`` for the engine's ``init_weights``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from dino_scale.config import Config, to_dict
+from pipelines._common import UsageError
+
+
+@dataclass
+class InitWeights:
+    path: Path  # folder with model.safetensors, config.json, lineage.json
+    lineage: dict[str, Any] = field(default_factory=dict)  # source.* tags for the run
+    summary: str = ""
+
+
+def check_exists(uri: str) -> None:
+    """Cheap existence check of a model URI (no download): a one-line
+    :class:`UsageError` when the registry name/alias/version, run or path is unknown."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not uri.startswith(("models:/", "runs:/")):
+        path = Path(uri[7:] if uri.startswith("file://") else uri)
+        if not path.exists():
+            raise UsageError(f"model not found: {uri} (expected models:/name@alias, models:/name/N, "
+                             f"runs:/<run_id>/model, a checkpoint folder/file or an official .pth)")
+        return
+    client = MlflowClient()
+    try:
+        if uri.startswith("runs:/"):
+            client.get_run(uri[len("runs:/"):].split("/", 1)[0])
+            return
+        rest = uri[len("models:/"):]
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            client.get_registered_model(name)
+            client.get_model_version_by_alias(name, alias)
+        elif "/" in rest:
+            name, version = rest.rsplit("/", 1)
+            client.get_model_version(name, version)
+        else:
+            raise UsageError(f"bad model URI {uri}: use models:/<name>@<alias> or models:/<name>/<version>")
+    except MlflowException as exc:
+        msg = str(exc).splitlines()[0]
+        raise UsageError(f"cannot resolve {uri}: {msg} (list models with `dino-scale registry list "
+                         f"--work-dir ...`; run pretraining first)") from None
+
+
+def resolve(uri: str, dst_dir: Path):
+    """``ResolvedModel`` of ``uri``, with a one-line :class:`UsageError` when it does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    from dino_scale.tracking.registry import resolve_model_uri
+
+    is_remote = uri.startswith(("models:/", "runs:/"))
+    if not is_remote and not Path(uri[7:] if uri.startswith("file://") else uri).exists():
+        raise UsageError(f"model not found: {uri} (expected models:/name@alias, models:/name/N, "
+                         f"runs:/<run_id>/model, a checkpoint folder/file or an official .pth)")
+    try:
+        return resolve_model_uri(uri, dst_dir=dst_dir)
+    except MlflowException as exc:
+        msg = str(exc).splitlines()[0]
+        hint = ""
+        if uri.startswith("models:/"):
+            hint = " (run pretraining first, or list models with `dino-scale registry list`)"
+        raise UsageError(f"cannot resolve {uri}: {msg}{hint}") from None
+
+
+def _source_state(weights: Path) -> dict:
+    from dino_scale.engine.checkpoint import load_weights
+
+    if weights.suffix in (".pth", ".pt"):
+        from dino_scale.models.official import load_official_checkpoint
+
+        state = load_official_checkpoint(str(weights))
+    else:
+        state = load_weights(weights)
+    # checkpoints saved from DDP/DeepSpeed wrappers
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _source_categories(resolved) -> Optional[list[dict]]:
+    folder = resolved.weights_path.parent
+    path = folder / "categories.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    cfg = resolved.config
+    if cfg is not None and cfg.data.train:  # the manifest of the data it was trained on
+        try:
+            from dino_scale.data import read_manifest
+
+            return read_manifest(cfg.data.train.split(",")[0])["categories"]
+        except (FileNotFoundError, ValueError, OSError):
+            return None
+    return None
+
+
+def lineage_tags(resolved) -> dict[str, str]:
+    lin = resolved.lineage or {}
+    tags = {"source.uri": str(resolved.uri)}
+    if lin.get("name"):
+        tags["source.model_name"] = str(lin["name"])
+        tags["source.model_version"] = str(lin.get("version", ""))
+    if lin.get("run_id"):
+        tags["source.run_id"] = str(lin["run_id"])
+    return tags
+
+
+def prepare_init(uri: str, cfg: Config, target_categories: list[dict], out_dir: Path,
+                 log=print) -> InitWeights:
+    import torch
+
+    from dino_scale.engine.checkpoint import save_weights
+    from dino_scale.models import build_dino
+    from dino_scale.models.class_transfer import transfer_class_heads
+    from dino_scale.models.official import load_official_state_dict
+
+    out_dir = Path(out_dir)
+    resolved = resolve(uri, out_dir / "source")
+    tags = lineage_tags(resolved)
+    log(f"init from {uri}" + (f" = {tags['source.model_name']} v{tags['source.model_version']}"
+                              if "source.model_name" in tags else "")
+        + (f" (run {tags['source.run_id']})" if "source.run_id" in tags else ""))
+    source = _source_state(resolved.weights_path)
+    src_cats = _source_categories(resolved)
+    torch.manual_seed(cfg.train.seed)
+    model, _, _ = build_dino(cfg.model)
+    fresh = model.state_dict()
+    if src_cats is None:
+        # No category names (e.g. an official .pth): same label space -> copy by id,
+        # else fresh heads (what the official fine-tuning recipe does).
+        rows = next((v.shape[0] for k, v in source.items() if k.endswith("class_embed.0.weight")), None)
+        same = rows == cfg.model.num_classes
+        src_cats = target_categories if same else []
+        log("source has no category names: class heads " +
+            ("copied by id (same label space)" if same else "freshly initialized"))
+    state, report = transfer_class_heads(source, fresh, src_cats, target_categories)
+    non_class_skipped = [k for k in report.skipped_keys if k in fresh and k not in report.class_keys]
+    if non_class_skipped:
+        raise UsageError(f"{uri} does not fit preset {cfg.name!r}: {len(non_class_skipped)} tensors "
+                         f"differ in shape (first: {non_class_skipped[0]}); pass the matching --preset")
+    if report.copied_keys == 0:
+        raise UsageError(f"{uri} shares no weights with preset {cfg.name!r}; pass the matching --preset")
+    load_official_state_dict(model, state)  # strict: proves the result is loadable
+    log(report.summary())
+    lineage = {"init_uri": uri, **tags,
+               "class_transfer": {"matched": {str(k): v for k, v in report.matched.items()},
+                                  "fresh": report.unmatched_target}}
+    save_weights(out_dir, model.state_dict(), config=to_dict(cfg))
+    (out_dir / "lineage.json").write_text(json.dumps(lineage, indent=2))
+    return InitWeights(path=out_dir, lineage=tags, summary=report.summary())

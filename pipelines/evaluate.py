@@ -1,0 +1,121 @@
+"""COCO AP of any model on a dataset: registry URI, run URI, checkpoint or official .pth.
+
+    python -m pipelines.evaluate --model models:/dino-tiny-coco@champion [--data COCO_VAL]
+    python -m pipelines.evaluate --model checkpoint_0011.pth --preset r50_4scale \\
+        --data val2017.json --images val2017/
+
+Runs the distributed evaluation of the engine (Ray Train workers, pycocotools) and
+prints the AP table; logs a run in MLflow experiment ``evaluate``. Without ``--data``
+the synthetic validation set of the matching flavour is used (generated when missing).
+A model that carries its config (everything this project trains) uses it; an official
+``.pth`` needs ``--preset`` (its class count is read from the checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from pipelines import _common as common
+from pipelines._datasets import categories_of, synthetic_dirs
+
+EXPERIMENT = "evaluate"
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.evaluate",
+        description="COCO box AP table of a registered model, run, checkpoint or official .pth.")
+    p.add_argument("--model", required=True,
+                   help="models:/name@alias, models:/name/N, runs:/<id>/model, a checkpoint "
+                        "folder/file, or an official .pth (then give --preset)")
+    common.add_common_args(p, training=False,
+                           data_help="evaluation dataset folder (shards + manifest.json) or an "
+                                     "annotation .json with --images; default: the synthetic "
+                                     "validation set of the model's flavour")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation (eval.tta)")
+    p.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
+    return p
+
+
+def format_table(metrics: dict, title: str) -> str:
+    head = " | ".join(f"{m:>6}" for m in METRICS)
+    vals = " | ".join(f"{100 * float(metrics.get(m, float('nan'))):6.2f}" for m in METRICS)
+    return f"{title}\n{head}\n{vals}"
+
+
+def _official_rows(weights: Path) -> Optional[int]:
+    from pipelines._init import _source_state
+
+    state = _source_state(weights)
+    return next((int(v.shape[0]) for k, v in state.items() if k.endswith("class_embed.0.weight")), None)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    run(argv)
+    return 0
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict:
+    """The pipeline; returns ``{"metrics", "run_id", "val"}``."""
+    args = build_parser().parse_args(argv)
+    log = common.Progress("evaluate")
+    common.validate_config_args(args)
+    work_dir = Path(args.work_dir).expanduser().resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    uri = common.setup_tracking(work_dir)
+    from pipelines._init import check_exists, lineage_tags, resolve
+
+    check_exists(args.model)
+    run_name = args.run_name or f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
+    resolved = resolve(args.model, work_dir / "eval" / run_name / "source")
+    if resolved.config is not None:
+        cfg = resolved.config
+        if args.preset is not None and args.preset != cfg.name:
+            log(f"note: --preset {args.preset} ignored; the model carries its config ({cfg.name})")
+        from dino_scale.config import apply_overrides
+
+        apply_overrides(cfg, list(args.overrides))
+    else:
+        extra = []
+        rows = _official_rows(resolved.weights_path)
+        if rows is not None:
+            extra = [f"model.num_classes={rows}", f"model.dn_labelbook_size={rows}"]
+        if args.preset is None and not common.preset_needs_cluster(args):
+            log("note: the model carries no config; using the default preset (give --preset)")
+        cfg = common.preset(common.resolve_preset_name(args.preset), extra + list(args.overrides))
+    common.apply_flags(cfg, args)
+    if args.tta:
+        cfg.eval.tta = True
+    trained_val = (resolved.lineage or {}).get("val_dir")
+    if args.data is None and trained_val and all(Path(p).is_dir() for p in str(trained_val).split(",")):
+        val = str(trained_val)
+        log(f"no --data: using the validation set recorded in the model's lineage")
+    elif args.data is None:
+        flavour = "o365-like" if cfg.model.num_classes >= 366 else "coco-like"
+        seed = 0 if flavour == "o365-like" else 1  # the pipelines' default sets
+        (val,) = synthetic_dirs(work_dir, flavour, 64, seed, log, splits=("val",))
+    else:
+        from pipelines._datasets import _one
+
+        val = _one(args.data, args.images, work_dir, "dataset path", log)
+    n_cats = len(categories_of(val))
+    log(f"Ray: {common.connect_ray()}")
+    log(f"evaluating {args.model} ({cfg.name}, {cfg.model.num_classes} classes, tta={cfg.eval.tta}) "
+        f"on {val} ({n_cats} categories)")
+    from dino_scale.engine import evaluate_weights
+
+    tags = {**lineage_tags(resolved), "stage": "evaluate"}
+    result = evaluate_weights(cfg, str(resolved.weights_path), val, work_dir / "runs" / run_name,
+                              run_name, experiment=args.experiment, tags=tags)
+    print()
+    print(format_table(result.metrics, f"COCO box AP (%) of {args.model} on {val}"))
+    print(f"MLflow run: {result.run_id} (experiment {args.experiment}, store {uri})")
+    return {"metrics": dict(result.metrics), "run_id": result.run_id, "val": val}
+
+
+if __name__ == "__main__":
+    sys.exit(common.run_main(main))

@@ -1,0 +1,151 @@
+"""COCO fine-tuning: registry lookup -> class-head transfer -> train -> evaluate -> register.
+
+    python -m pipelines.finetune_coco [--init models:/dino-tiny-o365@pretrained]
+                                      [--data COCO_SHARDS] [--scale 1.5] [--tta]
+
+``--init`` takes a registry URI (default ``models:/dino-<preset>-o365@pretrained``), a
+run URI, a local checkpoint, an official ``.pth``, or ``none`` (train from scratch).
+The source is recorded on the run (tags ``source.uri``, ``source.model_name``,
+``source.model_version``, ``source.run_id``) and on the registered version. Class
+heads are mapped by category name (366 -> 91), the rest is fresh. After evaluation the
+model is registered as ``dino-<preset>-coco``, its AP tagged on the version, and alias
+``champion`` moves to it only when that AP beats the current champion's.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from pipelines import _common as common
+from pipelines._datasets import categories_of, class_overrides, resolve_datasets
+
+EXPERIMENT = "finetune-coco"
+CHAMPION = "champion"
+SYNTHETIC_IMAGES = 64
+SCRATCH = ("none", "scratch")
+
+
+def model_name(preset_name: str) -> str:
+    return f"dino-{preset_name}-coco"
+
+
+def default_init(preset_name: str) -> str:
+    return f"models:/dino-{preset_name}-o365@pretrained"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.finetune_coco",
+        description="Fine-tune DINO on COCO (or a synthetic coco-like set) from a pretrained "
+                    "model, evaluate, register dino-<preset>-coco and move alias 'champion' "
+                    "when the AP beats the current champion.")
+    common.add_common_args(p, data_help="COCO dataset folder (shards + manifest.json), a folder with "
+                                        "train/ and val/, or an annotation .json with --images; "
+                                        "default: generate a synthetic coco-like set")
+    p.add_argument("--init", default=None,
+                   help="initial weights: models:/name@alias, models:/name/N, runs:/<id>/model, a "
+                        "checkpoint folder/file, an official .pth, or 'none' for from-scratch "
+                        "(default models:/dino-<preset>-o365@pretrained)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="image scale factor (data.scale_factor); the paper fine-tunes at 1.5")
+    p.add_argument("--tta", action="store_true", help="evaluate with test-time augmentation")
+    p.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
+    p.add_argument("--model-name", default=None, help="registered model name (default dino-<preset>-coco)")
+    p.add_argument("--no-register", action="store_true",
+                   help="train and evaluate only (e.g. a from-scratch baseline)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    run(argv)
+    return 0
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict:
+    """The pipeline; returns ``{"run_id", "ap", "name", "version", "promoted", ...}``."""
+    args = build_parser().parse_args(argv)
+    log = common.Progress("finetune")
+    common.validate_config_args(args)
+    if args.scale is not None and args.scale <= 0:
+        raise common.UsageError("--scale must be > 0")
+    work_dir = Path(args.work_dir).expanduser().resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    uri = common.setup_tracking(work_dir)
+    scratch = (args.init or "").lower() in SCRATCH
+    if not scratch and (args.init is not None or not common.preset_needs_cluster(args)):
+        from pipelines._init import check_exists
+
+        # fail fast, before data generation or Ray start
+        check_exists(args.init or default_init(common.resolve_preset_name(args.preset)))
+    train, val, synthetic = resolve_datasets(args, work_dir, "coco-like", SYNTHETIC_IMAGES,
+                                             seed=1, log=log)
+    if val is None:
+        raise common.UsageError("fine-tuning evaluates: give a validation set with --val-data")
+    categories = categories_of(train)
+    extra = class_overrides(categories, args.overrides, minimum=91)
+    if args.scale is not None:
+        extra.append(f"data.scale_factor={args.scale}")
+    if args.tta:
+        extra.append("eval.tta=true")
+    if common.preset_needs_cluster(args):
+        log(f"Ray: {common.connect_ray()}")
+    cfg = common.build_config(args, extra=extra)
+    name = args.model_name or model_name(cfg.name)
+    init = None if scratch else (args.init or default_init(cfg.name))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_name = args.run_name or f"finetune-{cfg.name}-{'scratch' if scratch else 'init'}-{stamp}"
+
+    tags = {"stage": "finetune", "synthetic_data": str(synthetic).lower(),
+            "init": "scratch" if scratch else init}
+    init_dir = None
+    lineage: dict = {"init": tags["init"]}
+    if init is not None:
+        from pipelines._init import check_exists, prepare_init
+
+        check_exists(init)
+        prepared = prepare_init(init, cfg, categories, work_dir / "init" / run_name, log=log)
+        init_dir = str(prepared.path)
+        tags.update(prepared.lineage)
+        lineage.update(prepared.lineage)
+        lineage["class_transfer"] = prepared.summary
+    else:
+        log("from scratch: no initial weights")
+    log(f"Ray: {common.connect_ray()}")
+    log(f"preset {cfg.name}: {cfg.model.num_classes} classes, scale {cfg.data.scale_factor}, "
+        f"{cfg.train.num_workers} worker(s), ZeRO-{cfg.train.zero_stage}, "
+        f"max_steps={cfg.train.max_steps} epochs={cfg.train.epochs}, tta={cfg.eval.tta}")
+    log(f"training on {train} (val: {val}); MLflow store {uri}")
+    from dino_scale.engine import fit
+
+    result = fit(cfg, train, val, work_dir / "runs" / run_name, run_name, init_weights=init_dir,
+                 experiment=args.experiment, tags=tags, lineage=lineage)
+    ap = common.result_ap(result)
+    log(f"training done: run {result.run_id}, AP {'-' if ap is None else f'{ap:.4f}'}")
+    print()
+    print(f"MLflow run        : {result.run_id} (experiment {args.experiment}, store {uri})")
+    print(f"Initial weights   : {init or 'none (from scratch)'}")
+    print(f"AP (val)          : {'-' if ap is None else f'{ap:.4f}'}")
+    summary = {"run_id": result.run_id, "ap": ap, "metrics": dict(result.metrics), "init": init,
+               "name": None, "version": None, "promoted": False, "tracking_uri": uri}
+    if args.no_register:
+        return summary
+    version_tags = {k: v for k, v in tags.items() if k.startswith("source.")}
+    version_tags.update({"stage": "finetune", "preset": cfg.name, "init": tags["init"]})
+    version = common.register(result, name, alias=None, categories=categories, tags=version_tags)
+    from pipelines.registry import promote_if_better
+
+    promo = promote_if_better(name, version, ap, alias=CHAMPION)
+    print(f"Registered model  : {name} version {version}")
+    print(f"Champion          : {'moved to v' + version if promo.promoted else 'unchanged'} ({promo.reason})")
+    print(f"Model URI         : models:/{name}/{version}"
+          + (f"  (= models:/{name}@{CHAMPION})" if promo.promoted else ""))
+    print(f"Checkpoint        : {common.result_checkpoint(result)}")
+    summary.update({"name": name, "version": version, "promoted": promo.promoted, "reason": promo.reason})
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(common.run_main(main))

@@ -1,0 +1,159 @@
+"""Detect objects in image files: annotated copies + ``predictions.json``.
+
+    python -m pipelines.predict img1.jpg photos/ --model models:/dino-tiny-coco@champion \\
+        --out predictions/ [--threshold 0.3]
+
+For each image, ``<out>/<name>.jpg`` has the kept boxes drawn with label and score, and
+``<out>/predictions.json`` lists ``{"file", "width", "height", "detections": [{"label",
+"category_id", "score", "box": [x1, y1, x2, y2]}]}`` (original pixels). Unreadable
+images are reported and counted, not fatal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from pipelines import _common as common
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.predict",
+        description="Run a model on image files (or folders of images), save each image with "
+                    "its boxes drawn, and write predictions.json.")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--model", required=True,
+                   help="models:/name@alias, models:/name/N, runs:/<id>/model, a checkpoint "
+                        "folder/file, or an official .pth (then give --preset)")
+    p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
+    p.add_argument("--threshold", type=float, default=0.3, help="minimum score to keep (default 0.3)")
+    p.add_argument("--preset", default=None, help="preset of a model without config (official .pth)")
+    p.add_argument("--work-dir", default="./runs", help="work folder of the default MLflow store")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def list_images(inputs: Sequence[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        p = common.check_path(item, "image path")
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            files.append(p)
+    if not files:
+        raise common.UsageError(f"no images found in {', '.join(inputs)}")
+    return files
+
+
+def preprocess(image, eval_size: int, max_size: int):
+    """PIL RGB image -> ImageNet-normalized float (1,3,h,w), resized as the evaluation
+    transform does (short side ``eval_size``, long side <= ``max_size``), and its
+    padding mask (1,h,w), all False."""
+    import numpy as np
+    import torch
+    from torchvision.transforms.v2 import functional as F
+
+    from dino_scale.data.transforms import dino_resize_size, normalize_batch
+
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    oh, ow = dino_resize_size(tuple(x.shape[-2:]), eval_size, max_size)
+    if (oh, ow) != tuple(x.shape[-2:]):
+        x = F.resize(x, [oh, ow], antialias=True)
+    mask = torch.zeros(1, oh, ow, dtype=torch.bool)
+    return normalize_batch(x.unsqueeze(0), mask), mask
+
+
+def draw(image, detections: list[dict], path: Path) -> None:
+    from PIL import ImageDraw
+
+    im = image.copy()
+    d = ImageDraw.Draw(im)
+    for det in detections:
+        x1, y1, x2, y2 = det["box"]
+        x1, x2 = sorted((min(max(x1, 0), im.width - 1), min(max(x2, 0), im.width - 1)))
+        y1, y2 = sorted((min(max(y1, 0), im.height - 1), min(max(y2, 0), im.height - 1)))
+        d.rectangle([x1, y1, x2, y2], outline=(255, 40, 40), width=2)
+        text = f"{det['label']} {det['score']:.2f}"
+        d.rectangle([x1, max(0, y1 - 12), x1 + 6 * len(text) + 4, y1], fill=(255, 40, 40))
+        d.text((x1 + 2, max(0, y1 - 12)), text, fill=(255, 255, 255))
+    im.save(path, quality=92)
+
+
+def _categories(resolved, cfg) -> dict[int, str]:
+    path = resolved.weights_path.parent / "categories.json"
+    if path.is_file():
+        return {int(c["id"]): str(c["name"]) for c in json.loads(path.read_text())}
+    return {}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = common.Progress("predict")
+    if not 0.0 <= args.threshold <= 1.0:
+        raise common.UsageError("--threshold must be in [0, 1]")
+    files = list_images(args.images)
+    common.setup_tracking(args.work_dir)
+    import torch
+    from PIL import Image
+
+    from dino_scale.models import build_dino
+    from dino_scale.models.official import load_official_state_dict
+    from pipelines._init import _source_state, check_exists, resolve
+
+    check_exists(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = resolve(args.model, out / ".model")
+    cfg = resolved.config
+    state = _source_state(resolved.weights_path)
+    if cfg is None:
+        rows = next((int(v.shape[0]) for k, v in state.items() if k.endswith("class_embed.0.weight")), 91)
+        cfg = common.preset(common.resolve_preset_name(args.preset),
+                            [f"model.num_classes={rows}", f"model.dn_labelbook_size={rows}"])
+    model, _, post = build_dino(cfg.model)
+    load_official_state_dict(model, state)
+    model.eval()
+    names = _categories(resolved, cfg)
+    log(f"model {args.model} ({cfg.name}, {cfg.model.num_classes} classes); {len(files)} image(s)")
+    size = int(round(cfg.data.eval_size * cfg.data.scale_factor))
+    max_size = int(round(cfg.data.eval_max_size * cfg.data.scale_factor))
+    results, failed = [], []
+    for i, f in enumerate(files, 1):
+        try:
+            with Image.open(f) as im:
+                image = im.convert("RGB")
+        except (OSError, ValueError) as exc:
+            failed.append({"file": str(f), "error": str(exc).splitlines()[0]})
+            log(f"skipped unreadable image {f}: {failed[-1]['error']}")
+            continue
+        x, mask = preprocess(image, size, max_size)
+        with torch.no_grad():
+            outputs = model(x, mask)
+            res = post(outputs, torch.tensor([[image.size[1], image.size[0]]]))[0]
+        dets = []
+        for score, label, box in zip(res["scores"].tolist(), res["labels"].tolist(), res["boxes"].tolist()):
+            if score >= args.threshold:
+                dets.append({"label": names.get(int(label), str(int(label))), "category_id": int(label),
+                             "score": round(float(score), 4), "box": [round(float(v), 2) for v in box]})
+        target = out / f"{f.stem}.jpg"
+        if target.exists() and any(r["annotated"] == str(target) for r in results):
+            target = out / f"{f.stem}-{i}.jpg"
+        draw(image, dets, target)
+        results.append({"file": str(f), "annotated": str(target), "width": image.size[0],
+                        "height": image.size[1], "detections": dets})
+        log(f"[{i}/{len(files)}] {f.name}: {len(dets)} box(es) >= {args.threshold}")
+    (out / "predictions.json").write_text(json.dumps({"model": args.model, "threshold": args.threshold,
+                                                      "images": results, "failed": failed}, indent=2))
+    print(f"wrote {len(results)} annotated image(s) and {out / 'predictions.json'}"
+          + (f"; {len(failed)} unreadable image(s) skipped" if failed else ""))
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(common.run_main(main))

@@ -1,0 +1,97 @@
+"""Objects365 pretraining -> registered model ``dino-<preset>-o365@pretrained``.
+
+    python -m pipelines.pretrain_o365 [--data O365_SHARDS | --data ann.json --images DIR]
+                                      [--preset tiny] [--set train.lr=2e-4] [--max-steps N]
+
+Joins the Ray cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else starts
+an embedded local Ray. Without ``--data`` a synthetic ``o365-like`` set is generated in
+the work folder. Logs to MLflow experiment ``pretrain-o365`` and ends by registering the
+model with alias ``pretrained`` and printing where everything is.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from pipelines import _common as common
+from pipelines._datasets import categories_of, class_overrides, resolve_datasets
+
+EXPERIMENT = "pretrain-o365"
+ALIAS = "pretrained"
+SYNTHETIC_IMAGES = 64
+
+
+def model_name(preset_name: str) -> str:
+    return f"dino-{preset_name}-o365"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.pretrain_o365",
+        description="Pretrain DINO on Objects365 (or a synthetic o365-like set) and register "
+                    "it as dino-<preset>-o365 with alias 'pretrained'.")
+    common.add_common_args(p, data_help="Objects365 dataset folder (shards + manifest.json), a "
+                                        "folder with train/ and val/, or an annotation .json with "
+                                        "--images; default: generate a synthetic o365-like set")
+    p.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
+    p.add_argument("--model-name", default=None, help="registered model name (default dino-<preset>-o365)")
+    p.add_argument("--alias", default=ALIAS, help=f"alias set on the new version (default {ALIAS})")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    run(argv)
+    return 0
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict:
+    """The pipeline; returns ``{"name", "version", "run_id", "ap", "uri", ...}``."""
+    args = build_parser().parse_args(argv)
+    log = common.Progress("pretrain")
+    # Fail fast on a preset typo or unknown override key, before any work.
+    common.validate_config_args(args)
+    work_dir = Path(args.work_dir).expanduser().resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    train, val, synthetic = resolve_datasets(args, work_dir, "o365-like", SYNTHETIC_IMAGES,
+                                             seed=0, log=log)
+    categories = categories_of(train)
+    uri = common.setup_tracking(work_dir)
+    if common.preset_needs_cluster(args):
+        log(f"Ray: {common.connect_ray()}")
+    cfg = common.build_config(args, extra=class_overrides(categories, args.overrides, minimum=366))
+    log(f"Ray: {common.connect_ray()}")
+    name = args.model_name or model_name(cfg.name)
+    run_name = args.run_name or f"pretrain-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    log(f"preset {cfg.name}: {cfg.model.backbone}, {cfg.model.num_classes} classes, "
+        f"{cfg.train.num_workers} worker(s), ZeRO-{cfg.train.zero_stage}, "
+        f"max_steps={cfg.train.max_steps} epochs={cfg.train.epochs}")
+    log(f"training on {train} (val: {val or 'none'}); MLflow store {uri}")
+
+    from dino_scale.engine import fit
+
+    result = fit(cfg, train, val, work_dir / "runs" / run_name, run_name, experiment=args.experiment,
+                 tags={"stage": "pretrain", "synthetic_data": str(synthetic).lower()},
+                 evaluate=val is not None)
+    log(f"training done: run {result.run_id}")
+    version = common.register(result, name, alias=args.alias, categories=categories,
+                              tags={"stage": "pretrain", "preset": cfg.name})
+    ap = common.result_ap(result)
+    print()
+    print(f"Registered model  : {name} version {version} (alias @{args.alias})")
+    print(f"Model URI         : models:/{name}@{args.alias}")
+    print(f"MLflow run        : {result.run_id} (experiment {args.experiment})")
+    print(f"MLflow store      : {uri}")
+    print(f"Checkpoint        : {common.result_checkpoint(result)}")
+    print(f"Data              : train {train}; val {val or '-'}")
+    print(f"AP (val)          : {'-' if ap is None else f'{ap:.4f}'}")
+    print(f"Next              : python -m pipelines.finetune_coco --work-dir {args.work_dir} "
+          f"--preset {cfg.name}")
+    return {"name": name, "version": version, "alias": args.alias, "run_id": result.run_id, "ap": ap,
+            "metrics": dict(result.metrics), "tracking_uri": uri, "train": train, "val": val}
+
+
+if __name__ == "__main__":
+    sys.exit(common.run_main(main))

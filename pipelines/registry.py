@@ -1,0 +1,181 @@
+"""The model registry from the command line, and the champion policy of fine-tuning.
+
+    python -m pipelines.registry [--work-dir runs] list
+    python -m pipelines.registry show dino-tiny-coco
+    python -m pipelines.registry promote dino-tiny-coco 3 [--alias champion]
+
+:func:`promote_if_better` moves alias ``champion`` to a new version only when its AP
+(tag ``AP`` on the version) beats the AP of the current champion.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from pipelines import _common as common
+
+AP_TAG = "AP"
+LINEAGE_TAGS = ("source.uri", "source.model_name", "source.model_version", "source.run_id")
+
+
+@dataclass
+class Promotion:
+    promoted: bool
+    version: str
+    ap: Optional[float]
+    previous_version: Optional[str]
+    previous_ap: Optional[float]
+    reason: str
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def _version_by_alias(client, name: str, alias: str):
+    """The version holding ``alias``, or ``None`` (no such alias yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _ap_of(version) -> Optional[float]:
+    try:
+        value = float(version.tags.get(AP_TAG))
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def promote_if_better(name: str, version: str | int, ap: Optional[float], alias: str = "champion",
+                      client=None) -> Promotion:
+    """Tag ``AP`` on ``name`` version ``version``; move ``alias`` to it only when ``ap``
+    is strictly greater than the current holder's AP (or no version holds the alias).
+    A version without a measured AP is never promoted; a current holder without an AP
+    tag counts as beaten."""
+    client = client or _client()
+    version = str(version)
+    if ap is not None and not math.isnan(ap):
+        client.set_model_version_tag(name, version, AP_TAG, f"{ap:.6f}")
+    else:
+        ap = None
+    current = _version_by_alias(client, name, alias)
+    prev_v = None if current is None else str(current.version)
+    prev_ap = None if current is None else _ap_of(current)
+    if ap is None:
+        return Promotion(False, version, None, prev_v, prev_ap, "no AP measured; alias not moved")
+    if current is not None and prev_v == version:
+        return Promotion(True, version, ap, prev_v, prev_ap, f"already @{alias}")
+    if current is not None and prev_ap is not None and not ap > prev_ap:
+        return Promotion(False, version, ap, prev_v, prev_ap,
+                         f"AP {ap:.4f} does not beat @{alias} v{prev_v} (AP {prev_ap:.4f})")
+    set_alias(client, name, alias, version)
+    why = ("first version with an AP" if current is None else
+           f"beats v{prev_v} ({'no AP' if prev_ap is None else f'AP {prev_ap:.4f}'})")
+    return Promotion(True, version, ap, prev_v, prev_ap, f"AP {ap:.4f} {why}")
+
+
+def set_alias(client, name: str, alias: str, version: str) -> None:
+    """``name@alias`` -> ``version`` in the store ``client`` points at."""
+    from dino_scale.tracking.registry import set_alias as _set
+
+    _set(name, alias, version, tracking_uri=getattr(client, "_registry_uri", None) or client.tracking_uri)
+
+
+# --------------------------------------------------------------------------- display
+
+def _aliases(model) -> dict[str, list[str]]:
+    """version -> aliases of a RegisteredModel."""
+    out: dict[str, list[str]] = {}
+    for alias, version in (getattr(model, "aliases", None) or {}).items():
+        out.setdefault(str(version), []).append(alias)
+    return out
+
+
+def registry_state(client=None, names: Optional[Sequence[str]] = None) -> list[dict]:
+    """Every registered model (or those in ``names``) as plain dicts: versions with run
+    id, aliases, AP and lineage tags. Sorted by name, versions ascending."""
+    client = client or _client()
+    models = client.search_registered_models()
+    out = []
+    for m in sorted(models, key=lambda m: m.name):
+        if names and m.name not in names:
+            continue
+        aliases = _aliases(m)
+        versions = client.search_model_versions(f"name='{m.name}'")
+        rows = []
+        for v in sorted(versions, key=lambda v: int(v.version)):
+            rows.append({"version": str(v.version), "run_id": v.run_id,
+                         "aliases": sorted(aliases.get(str(v.version), [])),
+                         "AP": _ap_of(v),
+                         "lineage": {k: v.tags[k] for k in LINEAGE_TAGS if k in v.tags}})
+        out.append({"name": m.name, "versions": rows})
+    return out
+
+
+def format_state(state: list[dict]) -> str:
+    if not state:
+        return "(registry is empty)"
+    lines = []
+    for m in state:
+        lines.append(f"{m['name']}")
+        for v in m["versions"]:
+            alias = " ".join(f"@{a}" for a in v["aliases"]) or "-"
+            ap = "-" if v["AP"] is None else f"{v['AP']:.4f}"
+            src = v["lineage"].get("source.uri")
+            if v["lineage"].get("source.model_name"):
+                src = (f"{v['lineage']['source.model_name']} v{v['lineage'].get('source.model_version', '?')}"
+                       f" (run {v['lineage'].get('source.run_id', '?')[:12]})")
+            lines.append(f"  v{v['version']:<3} {alias:<22} AP {ap:<8} run {str(v['run_id'])[:12]}"
+                         + (f"  <- {src}" if src else ""))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipelines.registry",
+                                description="Inspect the MLflow model registry (MLFLOW_TRACKING_URI, "
+                                            "else <work-dir>/mlflow.db) and move aliases.")
+    p.add_argument("--work-dir", default="./runs", help="work folder of the default MLflow store")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="action", metavar="<action>")
+    sub.required = True
+    sub.add_parser("list", help="every registered model with its versions, aliases, AP, lineage")
+    show = sub.add_parser("show", help="one model's versions: aliases, AP, lineage")
+    show.add_argument("name")
+    prom = sub.add_parser("promote", help="point an alias at a version (no AP check)")
+    prom.add_argument("name")
+    prom.add_argument("version")
+    prom.add_argument("--alias", default="champion")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    common.setup_tracking(args.work_dir)
+    client = _client()
+    if args.action == "list":
+        print(format_state(registry_state(client)))
+    elif args.action == "show":
+        state = registry_state(client, [args.name])
+        if not state:
+            raise common.UsageError(f"registered model {args.name!r} not found")
+        print(format_state(state))
+    else:
+        if not registry_state(client, [args.name]):
+            raise common.UsageError(f"registered model {args.name!r} not found")
+        client.get_model_version(args.name, str(args.version))
+        set_alias(client, args.name, args.alias, str(args.version))
+        print(f"{args.name}@{args.alias} -> version {args.version}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(common.run_main(main))

@@ -1,0 +1,60 @@
+"""Shared pipeline options and the top-level error handler."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from dino_scale.config import ConfigError
+from pipelines import _common as common
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser()
+    common.add_common_args(p, data_help="data")
+    return p.parse_args(argv)
+
+
+def test_pipelines_common_flags_map_to_config():
+    args = _parse(["--preset", "tiny", "--set", "train.lr=3e-4", "--set", "model.num_queries=30",
+                   "--workers", "2", "--gpus", "0", "--zero-stage", "3", "--max-steps", "7", "--epochs", "2"])
+    cfg = common.build_config(args, extra=["model.num_classes=91", "train.lr=1e-5"])
+    assert cfg.name == "tiny" and cfg.model.num_classes == 91
+    assert cfg.train.lr == 3e-4  # --set wins over the pipeline's extra overrides
+    assert cfg.model.num_queries == 30
+    assert (cfg.train.num_workers, cfg.train.use_gpu, cfg.train.zero_stage) == (2, False, 3)
+    assert (cfg.train.max_steps, cfg.train.epochs) == (7, 2)
+    with pytest.raises(common.UsageError, match="--workers"):
+        common.build_config(_parse(["--preset", "tiny", "--workers", "0"]))
+
+
+def test_pipelines_common_default_preset_and_uri(tmp_path, monkeypatch):
+    assert common.resolve_preset_name(None, gpus_available=True) == "r50_4scale"
+    assert common.resolve_preset_name(None, gpus_available=False) == "tiny"
+    with pytest.raises(ConfigError, match="unknown preset"):
+        common.resolve_preset_name("swinl")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert common.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert common.tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert not common.preset_needs_cluster(_parse([]))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert common.preset_needs_cluster(_parse([])) and not common.preset_needs_cluster(_parse(["--preset", "tiny"]))
+
+
+def test_pipelines_common_run_main_exit_codes(capsys):
+    def usage(argv):
+        raise ConfigError("unknown config key 'x.y'")
+
+    def crash(argv):
+        raise RuntimeError("worker died\nlong details")
+
+    assert common.run_main(usage, []) == 2
+    assert capsys.readouterr().err == "error: unknown config key 'x.y'\n"
+    assert common.run_main(crash, []) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: RuntimeError: worker died (run with --debug") and err.count("\n") == 1
+    with pytest.raises(RuntimeError):
+        common.run_main(crash, ["--debug"])
+    assert common.run_main(lambda argv: 0, []) == 0

@@ -1,0 +1,57 @@
+"""--data / --val-data forms: dataset folders, comma lists, train/+val/ parents, JSON + images."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from dino_scale.data import convert_coco, synthetic
+from pipelines._common import UsageError
+from pipelines._datasets import categories_of, class_overrides, resolve_datasets
+
+
+def _args(**kw):
+    base = dict(data=None, val_data=None, images=None, val_images=None, synthetic_images=None)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    d = tmp_path_factory.mktemp("raw")
+    root, ann = synthetic.generate(d / "coco", flavour="coco-like", num_images=4, seed=5)
+    return root, ann
+
+
+def test_pipelines_datasets_forms(raw, tmp_path):
+    root, ann = raw
+    log = lambda m: None  # noqa: E731
+    # annotation JSON + images: converted once into <work>/data, then reused
+    train, val, synth = resolve_datasets(_args(data=str(ann), images=str(root)), tmp_path, "coco-like", 8, 0, log)
+    assert train.startswith(str(tmp_path / "data")) and val is None and not synth
+    again, _, _ = resolve_datasets(_args(data=str(ann), images=str(root)), tmp_path, "coco-like", 8, 0, log)
+    assert again == train
+    # parent folder with train/ and val/
+    parent = tmp_path / "ds"
+    convert_coco(ann, root, parent / "train", progress=False)
+    convert_coco(ann, root, parent / "val", progress=False)
+    t, v, _ = resolve_datasets(_args(data=str(parent)), tmp_path, "coco-like", 8, 0, log)
+    assert (t, v) == (str(parent / "train"), str(parent / "val"))
+    # comma list of dataset folders, explicit val
+    t, v, _ = resolve_datasets(_args(data=f"{parent / 'train'},{train}", val_data=str(parent / "val")),
+                               tmp_path, "coco-like", 8, 0, log)
+    assert t == f"{parent / 'train'},{train}" and v == str(parent / "val")
+    cats = categories_of(t)
+    assert {c["name"] for c in cats} >= {"person", "kite"}
+    assert class_overrides(cats, [], minimum=91) == ["model.num_classes=91", "model.dn_labelbook_size=91"]
+    assert class_overrides(cats, ["model.num_classes=100"]) == ["model.dn_labelbook_size=91"]
+    with pytest.raises(UsageError, match="dataset path not found"):
+        resolve_datasets(_args(data=f"{parent / 'train'},/nope"), tmp_path, "coco-like", 8, 0, log)
+    with pytest.raises(UsageError, match="needs --data"):
+        resolve_datasets(_args(val_data=str(parent / "val")), tmp_path, "coco-like", 8, 0, log)
+
+
+def test_pipelines_datasets_synthetic_default(tmp_path):
+    train, val, synth = resolve_datasets(_args(synthetic_images=4), tmp_path, "o365-like", 64, 0, lambda m: None)
+    assert synth and train.endswith("synthetic-o365-like-4-s0/train") and val.endswith("/val")
+    assert class_overrides(categories_of(train), [], minimum=366)[0] == "model.num_classes=366"

@@ -1,0 +1,94 @@
+"""`ray job submit` of pretrain_o365 then finetune_coco on a real `ray start --head`
+cluster on 127.0.0.1; the registry is checked with the MLflow client afterwards."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+EXCLUDES = [".git", ".venv", "tests/reference", "runs", "benchmarks/results", "build", "*.egg-info",
+            ".pytest_cache", "csrc/build"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "token"}
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    return env
+
+
+def _submit(dash_port: int, runtime_env: dict, entrypoint: list[str]) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash_port}",
+           "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=480)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_pipelines_ray_job_submit_pretrain_then_finetune(tmp_path, ray_lock):
+    from mlflow import MlflowClient
+
+    gcs, dash = _free_port(), _free_port()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    work = tmp_path / "work"
+    runtime_env = {"excludes": EXCLUDES,
+                   "env_vars": {"MLFLOW_TRACKING_URI": uri, "DS_ACCELERATOR": "cpu",
+                                "RAY_USAGE_STATS_ENABLED": "0"}}
+    start = subprocess.run(
+        [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+         "--disable-usage-stats", "--port", str(gcs), "--dashboard-port", str(dash), "--num-cpus", "4"],
+        env=_env(), capture_output=True, text=True, timeout=180)
+    try:
+        assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
+        common = ["--work-dir", str(work), "--preset", "tiny", "--max-steps", "2", "--synthetic-images", "8",
+                  "--set", "data.batch_size=2", "--set", "train.global_batch_size=2"]
+        pre = _submit(dash, runtime_env, ["python", "-m", "pipelines.pretrain_o365", *common,
+                                          "--run-name", f"job-pre-{gcs}"])
+        assert pre.returncode == 0, pre.stdout[-4000:] + pre.stderr[-2000:]
+        assert "succeeded" in (pre.stdout + pre.stderr).lower()
+        assert "joined Ray cluster" in pre.stdout  # the job used the cluster, not an embedded Ray
+        assert "models:/dino-tiny-o365@pretrained" in pre.stdout
+        ft = _submit(dash, runtime_env, ["python", "-m", "pipelines.finetune_coco", *common,
+                                         "--run-name", f"job-ft-{gcs}"])
+        assert ft.returncode == 0, ft.stdout[-4000:] + ft.stderr[-2000:]
+        assert "succeeded" in (ft.stdout + ft.stderr).lower()
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    pre_versions = client.search_model_versions("name='dino-tiny-o365'")
+    assert [str(v.version) for v in pre_versions] == ["1"]
+    pretrained = client.get_model_version_by_alias("dino-tiny-o365", "pretrained")
+    assert str(pretrained.version) == "1"
+    pre_run = client.get_run(pretrained.run_id)
+    assert pre_run.info.status == "FINISHED"
+    assert client.get_experiment(pre_run.info.experiment_id).name == "pretrain-o365"
+
+    coco_versions = client.search_model_versions("name='dino-tiny-coco'")
+    assert [str(v.version) for v in coco_versions] == ["1"]
+    v = coco_versions[0]
+    # lineage: source model name/version/run id, on the registered version and on the run
+    assert v.tags["source.model_name"] == "dino-tiny-o365"
+    assert v.tags["source.model_version"] == "1"
+    assert v.tags["source.run_id"] == pretrained.run_id
+    ft_run = client.get_run(v.run_id)
+    assert ft_run.data.tags["source.run_id"] == pretrained.run_id
+    assert ft_run.data.tags["source.uri"] == "models:/dino-tiny-o365@pretrained"
+    assert client.get_experiment(ft_run.info.experiment_id).name == "finetune-coco"
+    # the first fine-tuned version with a measured AP becomes champion, AP tagged
+    assert "AP" in v.tags and 0.0 <= float(v.tags["AP"]) <= 1.0
+    assert str(client.get_model_version_by_alias("dino-tiny-coco", "champion").version) == "1"

@@ -1,0 +1,124 @@
+"""`dino-scale` CLI: help of every subcommand, synth, predict (images + JSON out)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from dino_scale import cli
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(monkeypatch):
+    """The CLI points MLflow (globals + MLFLOW_TRACKING_URI) at a store; undo it after
+    each test so other tests in this process see the environment they expect."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    import sys as _sys
+
+    if "mlflow" in _sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+
+SUBCOMMANDS = ["prepare-data", "synth", "pretrain", "finetune", "evaluate", "predict", "registry"]
+
+
+def test_cli_top_level_help_lists_subcommands(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in SUBCOMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_cli_subcommand_help(command, capsys):
+    assert cli.main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: dino-scale " + command in out, out[:300]
+    assert "--debug" in out or command == "prepare-data"
+
+
+def test_cli_registry_actions_help(capsys):
+    for action in ("list", "show", "promote"):
+        assert cli.main(["registry", action, "--help"]) == 0
+        assert "usage:" in capsys.readouterr().out
+
+
+def test_cli_no_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "usage: dino-scale" in capsys.readouterr().out
+
+
+def test_cli_bad_subcommand_is_one_line(capsys):
+    assert cli.main(["pretrian"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and "Traceback" not in err
+
+
+@pytest.mark.timeout(300)
+def test_cli_synth_and_predict_write_images_and_json(tmp_path, capsys):
+    """A real (untrained) tiny model on two synthetic images: annotated JPEGs + JSON."""
+    from PIL import Image
+
+    from dino_scale.config import preset, to_dict
+    from dino_scale.engine.checkpoint import save_weights
+    from dino_scale.models import build_dino
+
+    data = tmp_path / "synth"
+    assert cli.main(["synth", str(data), "--flavour", "coco-like", "-n", "2", "--seed", "3"]) == 0
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["num_images"] == 2
+    cats = [{"id": c["id"], "name": c["name"]} for c in manifest["categories"]]
+
+    cfg = preset("tiny", ["model.num_classes=91"])
+    model, _, _ = build_dino(cfg.model)
+    ckpt = tmp_path / "ckpt"
+    save_weights(ckpt, model.state_dict(), config=to_dict(cfg))
+    (ckpt / "categories.json").write_text(json.dumps(cats))
+    images = sorted((data / "raw" / "images").rglob("*.jpg"))
+    assert len(images) == 2
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "pred"
+    rc = cli.main(["predict", str(images[0]), str(images[1]), str(bad), "--model", str(ckpt),
+                   "--out", str(out), "--threshold", "0", "--work-dir", str(tmp_path)])
+    assert rc == 0
+    pred = json.loads((out / "predictions.json").read_text())
+    assert len(pred["images"]) == 2 and len(pred["failed"]) == 1  # the broken file is counted
+    for item in pred["images"]:
+        annotated = Image.open(item["annotated"])
+        assert annotated.size == (item["width"], item["height"])
+        assert len(item["detections"]) == cfg.model.num_select  # threshold 0 keeps the top-k
+        det = item["detections"][0]
+        assert set(det) == {"label", "category_id", "score", "box"} and len(det["box"]) == 4
+        names = {c["id"]: c["name"] for c in cats}
+        for d in item["detections"]:
+            assert d["label"] == names.get(d["category_id"], str(d["category_id"]))
+
+
+def test_cli_registry_list_show_promote(tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("dino-tiny-coco")
+    for _ in range(2):
+        client.create_model_version("dino-tiny-coco", source=str(tmp_path),
+                                    tags={"source.model_name": "dino-tiny-o365", "source.model_version": "1",
+                                          "source.run_id": "abc123"})
+    base = ["registry", "--work-dir", str(tmp_path)]
+    assert cli.main(base + ["promote", "dino-tiny-coco", "2"]) == 0
+    assert "dino-tiny-coco@champion -> version 2" in capsys.readouterr().out
+    assert str(client.get_model_version_by_alias("dino-tiny-coco", "champion").version) == "2"
+    assert cli.main(base + ["list"]) == 0
+    out = capsys.readouterr().out
+    assert "dino-tiny-coco" in out and "@champion" in out and "dino-tiny-o365 v1" in out
+    assert cli.main(base + ["show", "no-such-model"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert cli.main(base + ["promote", "dino-tiny-coco", "7"]) == 2  # no such version
+    assert "error:" in capsys.readouterr().err

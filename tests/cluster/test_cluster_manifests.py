@@ -1,0 +1,312 @@
+"""cluster/kuberay/*, security scans over all of cluster/, README commands, Dockerfile, estimate.
+
+The KubeRay RayCluster specs go through Ray's ``_derive_autoscaling_config_from_ray_cr``,
+the translation the in-tree KubeRay autoscaler applies to the custom resource (it
+validates the result with the autoscaler schema), plus the fields the operator needs.
+Security scans: nothing open to the world, no token or key literals, ClusterIP only.
+Every ``python -m pipelines...`` command of the README and the RayJob is parsed and built
+by the pipeline's own code.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("ray")
+pytest.importorskip("jsonschema")
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "cluster"
+KUBERAY = CLUSTER / "kuberay"
+PART_OF = ("app.kubernetes.io/part-of", "dino-scale")
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DATA_MOUNT = "/mnt/dino-data"
+
+
+def _gpu_types(cfg: dict) -> dict:
+    return {k: v for k, v in cfg["available_node_types"].items() if v["resources"].get("GPU", 0) > 0}
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _all_kuberay_docs() -> list[dict]:
+    return [d for p in sorted(KUBERAY.glob("*.yaml")) for d in _docs(p)]
+
+
+def _cluster_specs() -> list[tuple[str, dict, dict]]:
+    """(label, metadata, RayCluster spec) for the RayCluster and the RayJob's cluster."""
+    out = []
+    for doc in _all_kuberay_docs():
+        if doc["kind"] == "RayCluster":
+            out.append(("RayCluster", doc["metadata"], doc["spec"]))
+        elif doc["kind"] == "RayJob":
+            out.append(("RayJob", doc["metadata"], doc["spec"]["rayClusterSpec"]))
+    return out
+
+
+def _text_files() -> list[Path]:
+    return [p for p in sorted(CLUSTER.rglob("*")) if p.is_file() and "__pycache__" not in p.parts]
+
+
+# ------------------------------------------------------------------ security scans
+
+def _config_lines(path: Path):
+    """Non-comment content of config-like files (YAML, JSON, shell, Dockerfile)."""
+    if path.suffix not in (".yaml", ".yml", ".json", ".sh") and not path.name.startswith("Dockerfile"):
+        return
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        code = line if path.suffix == ".json" else line.split(" #")[0]
+        if not code.lstrip().startswith("#"):
+            yield i, code
+
+
+def test_cluster_nothing_is_open_to_the_world():
+    files = [p for p in _text_files() if list(_config_lines(p))]
+    assert len(files) >= 8  # aws, gcp, 3 kuberay, Dockerfile, 2 setup scripts, policies
+    for path in files:
+        for i, code in _config_lines(path):
+            for cidr in ("0.0.0.0/0", "::/0"):
+                assert cidr not in code, f"{path.relative_to(ROOT)}:{i} opens {cidr}"
+    for doc in _all_kuberay_docs():
+        if doc["kind"] == "Service":
+            assert doc["spec"].get("type", "ClusterIP") == "ClusterIP"
+        assert doc["kind"] not in ("Ingress", "Gateway", "HTTPRoute", "Route")
+    for label, _, spec in _cluster_specs():
+        assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP", label
+
+
+SECRET_PATTERNS = [
+    (re.compile(r"AKIA[0-9A-Z]{16}"), "AWS access key id"),
+    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "private key"),
+    (re.compile(r"RAY_AUTH_TOKEN(?!_PATH)\s*[=:]\s*['\"]?[A-Za-z0-9_\-]{6,}"), "Ray token literal"),
+    (re.compile(r"\b[0-9a-fA-F]{32,}\b"), "long hex string (token?)"),
+    (re.compile(r"(?i)(password|secret[_-]?key|api[_-]?key)\s*[=:]\s*['\"]?[A-Za-z0-9/+_\-]{8,}"), "credential"),
+]
+
+
+def test_cluster_no_token_or_key_literals():
+    readme = CLUSTER / "README.md"
+    for path in _text_files():
+        text = path.read_text()
+        for pattern, what in SECRET_PATTERNS:
+            m = pattern.search(text)
+            assert m is None, f"{path.relative_to(ROOT)}: {what}: {m.group(0)[:20]}..."
+    assert readme.is_file()
+    # No Kubernetes Secret with content in the manifests: the token Secret is made by hand.
+    for doc in _all_kuberay_docs():
+        assert doc["kind"] != "Secret", "secrets must not live in manifests"
+        assert "auth_token" not in json.dumps(doc)
+
+
+def test_cluster_security_test_catches_bad_configs(tmp_path):
+    """The scans above do fail on the mistakes they guard against."""
+    bad = {
+        "open ssh": "IpRanges: [{CidrIp: 0.0.0.0/0}]",
+        "token": "env: {RAY_AUTH_TOKEN: 'a1b2c3d4e5f6'}",
+        "hex": "token: 3f1c9a7be2d84f6a9c0b1d2e3f4a5b6c",
+    }
+    hits = {k: any(p.search(v) for p, _ in SECRET_PATTERNS) or "0.0.0.0/0" in v for k, v in bad.items()}
+    assert all(hits.values()), hits
+    assert not any(p.search("--env RAY_AUTH_TOKEN_PATH=/run/secrets/ray/auth_token") for p, _ in SECRET_PATTERNS)
+
+
+# ------------------------------------------------------------------ KubeRay
+
+def _pod_templates(spec: dict) -> list[tuple[str, dict]]:
+    out = [("head", spec["headGroupSpec"]["template"])]
+    out += [(g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]]
+    return out
+
+
+def test_cluster_kuberay_manifests_carry_operator_fields():
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    specs = _cluster_specs()
+    assert [s[0] for s in specs] == ["RayCluster", "RayJob"]
+    images = set()
+    for label, meta, spec in specs:
+        assert meta["name"] and meta["namespace"] == "dino-scale"
+        assert spec["enableInTreeAutoscaling"] is True, label
+        assert spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+        assert spec["rayVersion"].startswith("2.")
+        head = spec["headGroupSpec"]
+        assert isinstance(head["rayStartParams"], dict) and head["rayStartParams"]["num-cpus"] == "0"
+        names = [g["groupName"] for g in spec["workerGroupSpecs"]]
+        assert len(set(names)) == len(names) and all(DNS_LABEL.match(n) and len(n) <= 63 for n in names)
+        for g in spec["workerGroupSpecs"]:
+            assert g["minReplicas"] == 0 <= g.get("replicas", 0) <= g["maxReplicas"] and g["maxReplicas"] >= 8
+            assert all(isinstance(v, str) for v in g["rayStartParams"].values())
+            res = g["template"]["spec"]["containers"][0]["resources"]
+            assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == "8"
+        for _, tmpl in _pod_templates(spec):
+            (container,) = tmpl["spec"]["containers"]
+            images.add(container["image"])
+        # The translation the in-tree autoscaler applies to this CR (validates with Ray's schema).
+        auto = _derive_autoscaling_config_from_ray_cr({"metadata": meta, "spec": spec})
+        gpu_types = _gpu_types(auto)
+        assert set(gpu_types) == set(names)
+        markets = set()
+        for name, t in gpu_types.items():
+            assert t["resources"]["GPU"] == 8 and t["min_workers"] == 0 and t["max_workers"] >= 8
+            markets |= {m for m in ("gpu_spot", "gpu_ondemand") if t["resources"].get(m) == 8}
+        assert markets == {"gpu_spot", "gpu_ondemand"}
+        assert auto["available_node_types"]["headgroup"]["resources"]["CPU"] == 0
+    (image,) = images
+    assert image.endswith("/dino-scale:0.1.0")
+
+
+def test_cluster_kuberay_auth_network_policy_and_identity():
+    docs = {d["kind"]: d for d in _docs(KUBERAY / "common.yaml")}
+    policy = docs["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == dict([PART_OF])
+    assert "Ingress" in policy["policyTypes"]
+    assert "ipBlock" not in json.dumps(policy)
+    sa = docs["ServiceAccount"]
+    assert sa["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].startswith("dino-scale-worker@")
+    for label, _, spec in _cluster_specs():
+        assert spec["authOptions"] == {"mode": "token", "secretName": "dino-scale-ray-token"}, label
+        for group, tmpl in _pod_templates(spec):
+            assert tmpl["metadata"]["labels"][PART_OF[0]] == PART_OF[1], (label, group)
+            assert tmpl["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+            assert tmpl["spec"]["securityContext"]["runAsNonRoot"] is True
+            for c in tmpl["spec"]["containers"]:
+                assert c["securityContext"]["allowPrivilegeEscalation"] is False
+                for env in c.get("env", []):
+                    assert env["name"] not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE"), "authOptions sets these"
+    for label, _, spec in _cluster_specs():
+        for group, tmpl in _pod_templates(spec):
+            vols = {v["name"]: v for v in tmpl["spec"]["volumes"]}
+            mounts = {m["mountPath"]: m for m in tmpl["spec"]["containers"][0]["volumeMounts"]}
+            assert mounts[DATA_MOUNT]["readOnly"] is True, (label, group)
+            data = vols[mounts[DATA_MOUNT]["name"]]["csi"]
+            assert data["readOnly"] is True and data["volumeAttributes"]["bucketName"] == "my-dino-bucket"
+    job = next(d for d in _docs(KUBERAY / "rayjob.yaml") if d["kind"] == "RayJob")
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    assert job["spec"]["submitterPodTemplate"]["metadata"]["labels"][PART_OF[0]] == PART_OF[1]
+
+
+# ------------------------------------------------------------------ commands vs the pipelines CLI
+
+def _pipeline_commands() -> list[tuple[str, list[str]]]:
+    """Every `python -m pipelines.X ...` in the README's bash blocks (continuations joined)
+    and the RayJob entrypoint, as (module, argv)."""
+    readme = (CLUSTER / "README.md").read_text()
+    blocks = re.findall(r"(?ms)^```bash\n(.*?)^```", readme)
+    texts = [b.replace("\\\n", " ") for b in blocks]
+    job = next(d for d in _docs(KUBERAY / "rayjob.yaml") if d["kind"] == "RayJob")
+    texts.append(job["spec"]["entrypoint"])
+    out = []
+    for text in texts:
+        for line in text.splitlines():
+            if "python -m pipelines." not in line:
+                continue
+            argv = shlex.split(line[line.index("python -m pipelines."):].split("`")[0])
+            out.append((argv[2], argv[3:]))
+    return out
+
+
+def test_cluster_commands_parse_with_the_pipeline_cli():
+    from dino_scale.engine.trainer import worker_count
+    from pipelines import _common as common
+
+    commands = _pipeline_commands()
+    modules = {m for m, _ in commands}
+    assert len(commands) >= 5  # README: pretrain x2, fine-tune x2; the RayJob entrypoint
+    assert {"pipelines.pretrain_o365", "pipelines.finetune_coco"} <= modules
+    for module, argv in commands:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                pytest.skip(f"{module} not written yet")
+            raise
+        args = mod.build_parser().parse_args(argv)
+        assert args.preset, f"{module}: name the preset explicitly on a cluster"
+        # What the pipeline builds (preset + --set + flags); unknown keys raise ConfigError,
+        # and the engine's check that the global batch divides over the workers must pass.
+        cfg = common.build_config(args)
+        assert worker_count(cfg) == cfg.train.num_workers and cfg.train.use_gpu, module
+        storage = [o.split("=", 1)[1] for o in args.overrides if o.startswith("train.storage_path=")]
+        assert storage and storage[0].startswith(("s3://", "gs://")), f"{module}: checkpoints to object storage"
+        # Data: the bucket's datasets/ prefix, mounted read-only at DATA_MOUNT on every node.
+        assert args.data and args.data.startswith(DATA_MOUNT + "/"), f"{module}: data from the bucket mount"
+
+
+# ------------------------------------------------------------------ image recipe
+
+def test_cluster_dockerfile_builds_extension_for_sm80_and_sm90():
+    text = (CLUSTER / "Dockerfile").read_text()
+    stages = re.split(r"(?m)^FROM ", text)[1:]
+    assert len(stages) == 2
+    assert stages[0].startswith("nvidia/cuda:${CUDA_VERSION}-devel-")
+    assert stages[1].startswith("nvidia/cuda:${CUDA_VERSION}-base-")
+    for stage in stages:  # build and runtime agree, so the loader finds the prebuilt library
+        assert 'TORCH_CUDA_ARCH_LIST="8.0;9.0"' in stage
+        assert "DINO_SCALE_EXT_DIR=/opt/dino-scale/ext" in stage
+    assert "python -m dino_scale.ops build" in stages[0]
+    assert "grep -q sm_80" in stages[0] and "grep -q sm_90" in stages[0]
+    # Same torch pair as the Makefile, from the index of the CUDA major the base image has.
+    make = (ROOT / "Makefile").read_text()
+    for pin in re.findall(r'"((?:torch|torchvision)==[0-9.]+)"', make):
+        assert f'"{pin}"' in text
+    cuda = re.search(r"ARG CUDA_VERSION=(\d+)\.(\d+)", text)
+    assert f"/whl/cu{cuda.group(1)}{cuda.group(2)}" in text
+    import torch
+
+    if torch.version.cuda:  # the venv's torch is the same CUDA line as the image
+        assert torch.version.cuda.split(".")[0] == cuda.group(1)
+    for src in re.findall(r"(?m)^COPY (?!--from)(.+?) \S+$", stages[0]):
+        for item in src.split():
+            if not item.endswith("*"):
+                assert (ROOT / item).exists(), f"COPY source {item} missing"
+    users = re.findall(r"(?m)^USER (\S+)", text)
+    assert users and users[-1] not in ("root", "0")
+    for name in re.findall(r"(?m)^(?:ARG|ENV) (\w+)", text):
+        assert not re.search("TOKEN|SECRET|PASSWORD|KEY", name), name
+    ignore = (CLUSTER / "Dockerfile.dockerignore").read_text().split()
+    assert ".venv" in ignore and ".git" in ignore
+
+
+def test_cluster_dockerfile_build_command_exists():
+    out = subprocess.run([sys.executable, "-m", "dino_scale.ops", "build", "--help"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ estimate
+
+def _estimate_module():
+    spec = importlib.util.spec_from_file_location("dino_scale_cluster_estimate", CLUSTER / "estimate.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cluster_estimate_formula_and_readme_table():
+    est = _estimate_module()
+    # Hand arithmetic: 26 * 1.74M images / (64 GPUs * 4.4 img/s * 0.85) / 3600 = 52.50 h.
+    o365, coco = est.recipe(4.4, "x")
+    assert o365.images_seen == 26 * 1_740_000
+    assert o365.wall_hours == pytest.approx(26 * 1.74e6 / (64 * 4.4 * 0.85) / 3600, rel=1e-12)
+    assert o365.wall_hours == pytest.approx(52.50, abs=0.01)
+    assert o365.gpu_hours == pytest.approx(64 * o365.wall_hours)
+    # Fine-tuning at 1.5x: 18 * 118287 / (16 * 4.4 / 2.25 * 0.9) / 3600 = 21.00 h.
+    assert coco.wall_hours == pytest.approx(18 * 118_287 / (16 * 4.4 / 2.25 * 0.9) / 3600, rel=1e-12)
+    assert coco.cost_spot == pytest.approx(coco.gpu_hours * est.PRICE_SPOT)
+    with pytest.raises(ValueError):
+        est.stage_estimate("s", "x", 0.0, 1, 1, 1, 0.9)
+    # The README shows exactly what the script prints for the anchors.
+    rows = [r for label, v in est.ANCHORS.items() for r in est.recipe(v, label)]
+    assert est.markdown(rows) in (CLUSTER / "README.md").read_text()

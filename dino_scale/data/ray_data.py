@@ -40,7 +40,16 @@ __all__ = ["build_train_dataset", "build_eval_dataset", "decode_skips", "set_epo
 
 log = logging.getLogger(__name__)
 _COUNTER_PREFIX = "dino_scale_decode_skips:"
-_handles: dict[str, Any] = {}
+_handles: dict[tuple[str, str, str], Any] = {}
+
+
+def _session_key(name: str) -> tuple[str, str, str]:
+    """Handles are only valid inside the Ray session that made them: a process that calls
+    ray.shutdown() and ray.init() again (tests, notebooks) must look the actors up anew."""
+    if not ray.is_initialized():
+        ray.init()  # what the first .remote() call would do anyway
+    ctx = ray.get_runtime_context()  # job ids restart at 01000000 in every new local cluster;
+    return (ctx.get_node_id(), ctx.get_job_id(), name)  # node ids are unique per cluster
 
 
 @ray.remote(num_cpus=0)
@@ -71,7 +80,7 @@ class _EpochClock:
 
 
 def _clock(name: str):
-    key = "clock:" + name
+    key = _session_key("clock:" + name)
     if key not in _handles:
         _handles[key] = _EpochClock.options(name="dino_scale_data_epoch:" + name, get_if_exists=True).remote()
     return _handles[key]
@@ -87,9 +96,10 @@ def current_epoch(stats_name: str = "train") -> int:
 
 
 def _counter(name: str):
-    if name not in _handles:
-        _handles[name] = _SkipCounter.options(name=_COUNTER_PREFIX + name, get_if_exists=True).remote()
-    return _handles[name]
+    key = _session_key(name)
+    if key not in _handles:
+        _handles[key] = _SkipCounter.options(name=_COUNTER_PREFIX + name, get_if_exists=True).remote()
+    return _handles[key]
 
 
 def decode_skips(stats_name: str = "train") -> dict[str, Any]:

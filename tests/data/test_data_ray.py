@@ -105,3 +105,22 @@ def _eval_and_decode_skips(shards, tmp_path):
     stats = decode_skips("eval_skips_test")
     assert stats["count"] == 9 and sorted(stats["image_ids"]) == sorted(v["image_id"] for v in victims)
     assert stats["by_reason"] == {"corrupt": 1, "missing_file": 1, "empty_file": 7}
+
+
+def test_data_ray_epoch_clock_survives_ray_restart(ray_lock):
+    """Actor handles are per Ray session: after shutdown + init in the same process the
+    epoch clock and skip counter are found again (a stale handle used to raise)."""
+    import ray
+
+    from dino_scale.data import current_epoch, decode_skips, set_epoch
+
+    for epoch in (1, 3):
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        try:
+            assert current_epoch() == 0  # a fresh session starts at epoch 0
+            set_epoch(epoch)
+            assert current_epoch() == epoch
+            assert decode_skips()["count"] == 0
+        finally:
+            ray.shutdown()

@@ -104,7 +104,8 @@ def build(name: str, device, args):
     if args.channels_last:
         model.backbone.to(memory_format=torch.channels_last)
     if args.compile:
-        model.backbone[0] = torch.compile(model.backbone[0])
+        from dino_scale.models.compile import compile_regions
+        compile_regions(model)
     return cfg, model, criterion, post
 
 
@@ -168,7 +169,8 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     p.add_argument("--boxes", type=int, default=8)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions where fp32 remains")
-    p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    p.add_argument("--compile", action="store_true",
+                   help="regional torch.compile: backbone, encoder and decoder layers (dino_scale.models.compile)")
     p.add_argument("--channels-last", action="store_true", help="channels_last backbone and input")
     p.add_argument("--no-finite-check", action="store_true", help="skip the NaN/Inf check (one host sync)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -127,6 +127,8 @@ class TrainConfig:
     min_workers: Optional[int] = None  # elastic: ScalingConfig(num_workers=(min_workers, num_workers))
     checkpoints_to_keep: int = 2
     torch_threads: Optional[int] = None  # intra-op threads per worker (None: torch default)
+    compile: bool = False  # regional torch.compile of backbone + encoder/decoder layers (models/compile.py)
+    tf32: bool = True  # TF32 matmuls/convolutions where fp32 remains (CUDA only)
 
 
 @dataclass

@@ -15,8 +15,10 @@ namespace dino_scale_msda {
 // grad_output channels with the 4 corner values; the gradients of the location and the weight
 // are reduced across the group with xor-shuffles (no atomics) and lane t of the group keeps
 // the result of point base+t, so the writes are coalesced and every element is written once.
-// The value gradient is scattered with (vector) atomics into an acc_t buffer.
-template <typename scalar_t, int VEC, bool ONE_CHUNK>
+// The value gradient is scattered with (vector) atomics into an acc_t buffer; VEC is 4 for
+// every 2/4-byte dtype so that one group's atomics cover one contiguous 128-byte line of the
+// fp32 buffer at D = 32 (VEC = 8 for the half types touched each line twice).
+template <typename scalar_t, int VEC, bool ONE_CHUNK, typename I>
 __global__ void __launch_bounds__(kBlockThreads) msda_backward_kernel(
     const scalar_t* __restrict__ value, const int64_t* __restrict__ spatial_shapes,
     const int64_t* __restrict__ level_start_index,
@@ -24,30 +26,30 @@ __global__ void __launch_bounds__(kBlockThreads) msda_backward_kernel(
     const typename AccType<scalar_t>::type* __restrict__ weights,
     const scalar_t* __restrict__ grad_out, typename AccType<scalar_t>::type* __restrict__ grad_value,
     typename AccType<scalar_t>::type* __restrict__ grad_loc,
-    typename AccType<scalar_t>::type* __restrict__ grad_w, int64_t groups, int64_t S, int M, int D,
+    typename AccType<scalar_t>::type* __restrict__ grad_w, I groups, I S, int M, int D,
     int Lq, int L, int P, int G) {
   using A = typename AccType<scalar_t>::type;
+  const I row = static_cast<I>(M) * D;
   __shared__ int sh_h[kMaxLevels], sh_w[kMaxLevels];
-  __shared__ int64_t sh_start[kMaxLevels];
+  __shared__ I sh_start[kMaxLevels];  // level start, in elements
   if (threadIdx.x < L) {
     sh_h[threadIdx.x] = static_cast<int>(spatial_shapes[2 * threadIdx.x]);
     sh_w[threadIdx.x] = static_cast<int>(spatial_shapes[2 * threadIdx.x + 1]);
-    sh_start[threadIdx.x] = level_start_index[threadIdx.x];
+    sh_start[threadIdx.x] = static_cast<I>(level_start_index[threadIdx.x]) * row;
   }
   __syncthreads();
 
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t grp = tid / G;
+  const I tid = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const I grp = tid / G;
   const int lane = static_cast<int>(tid & (G - 1));
   const bool active = grp < groups;
-  const int64_t g = active ? grp : 0;
+  const I g = active ? grp : 0;
   const int m = static_cast<int>(g % M);
-  const int64_t n = g / M / Lq;
+  const I n = g / M / Lq;
   const int LP = L * P;
-  const int64_t row = static_cast<int64_t>(M) * D;
   const A* loc_g = locations + g * LP * 2;
   const A* w_g = weights + g * LP;
-  const int64_t nm_off = n * S * row + static_cast<int64_t>(m) * D;
+  const I nm_off = n * S * row + static_cast<I>(m) * D;
   const scalar_t* v_nm = value + nm_off;
   A* gv_nm = grad_value + nm_off;
   const scalar_t* go_g = grad_out + g * D;
@@ -71,16 +73,17 @@ __global__ void __launch_bounds__(kBlockThreads) msda_backward_kernel(
     }
     A res_gx = 0, res_gy = 0, res_gw = 0;
     const int cnt = min(G, LP - base);
+#pragma unroll 2
     for (int t = 0; t < cnt; ++t) {
       const A x = __shfl_sync(kFullMask, my_x, t, G);
       const A y = __shfl_sync(kFullMask, my_y, t, G);
       const A w = __shfl_sync(kFullMask, my_w, t, G);
       const int l = (base + t) / P;
       const int H = sh_h[l], W = sh_w[l];
-      const Bilinear<A> b(x, y, H, W);
+      const Bilinear<A, I> b(x, y, H, W, row);
       A p_w = 0, p_lw = 0, p_lh = 0;  // lane partials of dL/dw, dL/dlw, dL/dlh (without w)
       if (active && b.sampled) {
-        const int64_t lvl_off = sh_start[l] * row;
+        const I lvl_off = sh_start[l];
         // d(sample)/d(lw) and d(sample)/d(lh) coefficients of the corners
         const A s_lw[4] = {-b.hh, b.hh, -b.lh, b.lh};
         const A s_lh[4] = {-b.hw, -b.lw, b.hw, b.lw};
@@ -95,21 +98,28 @@ __global__ void __launch_bounds__(kBlockThreads) msda_backward_kernel(
           } else {
             load_vec<scalar_t, VEC>(go_g + c, go);
           }
+          A v[4][VEC];  // issue the 4 corner loads before the atomics
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            if (b.ok[k]) {
+              load_vec<scalar_t, VEC>(v_nm + lvl_off + b.off[k] + c, v[k]);
+            } else {
+#pragma unroll
+              for (int i = 0; i < VEC; ++i) v[k][i] = static_cast<A>(0);
+            }
+          }
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
             if (!b.ok[k]) continue;
-            const int64_t off = lvl_off + b.off[k] * row + c;
-            A v[VEC];
-            load_vec<scalar_t, VEC>(v_nm + off, v);
             A dot = 0;
             A gv[VEC];
             const A cwk = w * b.cw[k];
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
-              dot += go[i] * v[i];
+              dot += go[i] * v[k][i];
               gv[i] = cwk * go[i];
             }
-            atomic_add_vec<VEC>(gv_nm + off, gv);
+            atomic_add_vec<VEC>(gv_nm + lvl_off + b.off[k] + c, gv);
             p_w += b.cw[k] * dot;
             p_lw += s_lw[k] * dot;
             p_lh += s_lh[k] * dot;
@@ -139,7 +149,7 @@ __global__ void __launch_bounds__(kBlockThreads) msda_backward_kernel(
   }
 }
 
-template <typename scalar_t, int VEC>
+template <typename scalar_t, int VEC, typename I>
 void launch_backward(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& lsi,
                      const at::Tensor& loc, const at::Tensor& attw, const at::Tensor& grad_out,
                      at::Tensor& grad_value, at::Tensor& grad_loc, at::Tensor& grad_w,
@@ -152,13 +162,14 @@ void launch_backward(const at::Tensor& value, const at::Tensor& shapes, const at
   TORCH_CHECK(blocks < (int64_t{1} << 31), "ms_deform_attn: problem too large for one launch");
   auto stream = c10::cuda::getCurrentCUDAStream();
 #define DINO_MSDA_BWD_LAUNCH(ONE)                                                              \
-  msda_backward_kernel<scalar_t, VEC, ONE>                                                     \
+  msda_backward_kernel<scalar_t, VEC, ONE, I>                                                  \
       <<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(                           \
           value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), lsi.data_ptr<int64_t>(),     \
           loc.data_ptr<A>(), attw.data_ptr<A>(), grad_out.data_ptr<scalar_t>(),                \
-          grad_value.data_ptr<A>(), grad_loc.data_ptr<A>(), grad_w.data_ptr<A>(), s.groups,    \
-          s.S, static_cast<int>(s.M), static_cast<int>(s.D), static_cast<int>(s.Lq),           \
-          static_cast<int>(s.L), static_cast<int>(s.P), G)
+          grad_value.data_ptr<A>(), grad_loc.data_ptr<A>(), grad_w.data_ptr<A>(),              \
+          static_cast<I>(s.groups), static_cast<I>(s.S), static_cast<int>(s.M),                \
+          static_cast<int>(s.D), static_cast<int>(s.Lq), static_cast<int>(s.L),                \
+          static_cast<int>(s.P), G)
   if (chunks <= G) {
     DINO_MSDA_BWD_LAUNCH(true);
   } else {
@@ -166,6 +177,20 @@ void launch_backward(const at::Tensor& value, const at::Tensor& shapes, const at
   }
 #undef DINO_MSDA_BWD_LAUNCH
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, int VEC>
+void launch_backward_any(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& lsi,
+                         const at::Tensor& loc, const at::Tensor& attw, const at::Tensor& grad_out,
+                         at::Tensor& grad_value, at::Tensor& grad_loc, at::Tensor& grad_w,
+                         const LaunchShape& s) {
+  if (fits_int32(s, VEC)) {
+    launch_backward<scalar_t, VEC, int>(value, shapes, lsi, loc, attw, grad_out, grad_value,
+                                        grad_loc, grad_w, s);
+  } else {
+    launch_backward<scalar_t, VEC, int64_t>(value, shapes, lsi, loc, attw, grad_out, grad_value,
+                                            grad_loc, grad_w, s);
+  }
 }
 
 }  // namespace dino_scale_msda
@@ -188,17 +213,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward_cuda(
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(),
                                     "msda_backward_cuda", [&] {
-      constexpr int kVec = 16 / sizeof(scalar_t);
+      // 4 channels per lane (16-byte fp32 / 8-byte half loads; 2 for double = 16 bytes)
+      constexpr int kVec = sizeof(scalar_t) == 8 ? 2 : 4;
       const bool vec_ok = s.D % kVec == 0 && aligned16(value.data_ptr()) &&
                           aligned16(grad_output.data_ptr());
       if (vec_ok) {
-        launch_backward<scalar_t, kVec>(value, spatial_shapes, level_start_index,
-                                        sampling_locations, attention_weights, grad_output,
-                                        grad_value_acc, grad_loc, grad_w, s);
+        launch_backward_any<scalar_t, kVec>(value, spatial_shapes, level_start_index,
+                                            sampling_locations, attention_weights, grad_output,
+                                            grad_value_acc, grad_loc, grad_w, s);
       } else {
-        launch_backward<scalar_t, 1>(value, spatial_shapes, level_start_index,
-                                     sampling_locations, attention_weights, grad_output,
-                                     grad_value_acc, grad_loc, grad_w, s);
+        launch_backward_any<scalar_t, 1>(value, spatial_shapes, level_start_index,
+                                         sampling_locations, attention_weights, grad_output,
+                                         grad_value_acc, grad_loc, grad_w, s);
       }
     });
   }

@@ -91,15 +91,17 @@ __device__ __forceinline__ void atomic_add_vec(A* p, const A (&v)[VEC]) {
 // Bilinear sampling geometry of one point, official convention:
 //   h_im = y * H - 0.5, w_im = x * W - 0.5; sampled only if -1 < h_im < H and -1 < w_im < W;
 //   corners outside the map contribute zero.
-template <typename A>
+// I is the index type (int when every tensor has < 2^31 elements, else int64_t); `row` is the
+// element stride of one pixel in value (M * D), so off[k] is an element offset in the level.
+template <typename A, typename I>
 struct Bilinear {
   bool sampled;
-  int64_t off[4];   // pixel index (within the level) of the 4 corners
+  I off[4];         // element offset (pixel * row) of the 4 corners within the level
   bool ok[4];       // corner inside the map
   A cw[4];          // corner weights hh*hw, hh*lw, lh*hw, lh*lw
   A lh, lw, hh, hw;
 
-  __device__ __forceinline__ Bilinear(A x, A y, int H, int W) {
+  __device__ __forceinline__ Bilinear(A x, A y, int H, int W, I row) {
     const A h_im = y * static_cast<A>(H) - static_cast<A>(0.5);
     const A w_im = x * static_cast<A>(W) - static_cast<A>(0.5);
     sampled = h_im > static_cast<A>(-1) && w_im > static_cast<A>(-1) &&
@@ -114,8 +116,8 @@ struct Bilinear {
     const bool h0 = h_low >= 0, h1 = h_high <= H - 1, w0 = w_low >= 0, w1 = w_high <= W - 1;
     ok[0] = sampled && h0 && w0; ok[1] = sampled && h0 && w1;
     ok[2] = sampled && h1 && w0; ok[3] = sampled && h1 && w1;
-    off[0] = static_cast<int64_t>(h_low) * W + w_low; off[1] = off[0] + 1;
-    off[2] = off[0] + W; off[3] = off[2] + 1;
+    off[0] = (static_cast<I>(h_low) * W + w_low) * row; off[1] = off[0] + row;
+    off[2] = off[0] + static_cast<I>(W) * row; off[3] = off[2] + row;
   }
 };
 

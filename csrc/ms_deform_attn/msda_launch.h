@@ -1,6 +1,7 @@
 // Host-side launch configuration shared by the forward and backward launchers.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include <ATen/core/Tensor.h>
@@ -27,6 +28,16 @@ inline int group_lanes(int64_t chunks) {
   int g = 1;
   while (g < chunks && g < 32) g <<= 1;
   return g;
+}
+
+// True when every index the kernels form fits in int32 (value, locations, output, threads),
+// so they can use 32-bit index arithmetic (cheaper than 64-bit multiplies).
+inline bool fits_int32(const LaunchShape& s, int vec) {
+  constexpr int64_t kLimit = (int64_t{1} << 31) - 1;
+  const int64_t lanes = static_cast<int64_t>(group_lanes((s.D + vec - 1) / vec));
+  const int64_t biggest = std::max({s.N * s.S * s.M * s.D, s.groups * s.L * s.P * 2,
+                                    s.groups * s.D, s.groups * lanes + 1024});
+  return biggest < kLimit;
 }
 
 }  // namespace dino_scale_msda

@@ -2,7 +2,10 @@
 // Schemas live here (TORCH_LIBRARY); the CUDA kernels are registered with TORCH_LIBRARY_IMPL.
 // Autograd and the fake (meta) implementation are registered from Python
 // (dino_scale/ops/ms_deform_attn_cuda.py) with torch.library.
+#include <string>
+
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include "msda_launch.h"
@@ -20,43 +23,62 @@ namespace {
 
 constexpr int64_t kMaxLevels = 16;  // must match msda_common.cuh
 
+// Error messages are assembled with std::to_string and std::string concatenation and thrown
+// through c10's exported torchCheckFail, never with TORCH_CHECK's ostream formatting: on an
+// H100 machine (torch 2.11, its bundled libstdc++) streaming an int64 into the message from
+// this library crashed the process inside std::ostream (seen with cuda-gdb) instead of raising.
+#define MSDA_CHECK(cond, msg)                                                                  \
+  do {                                                                                         \
+    if (!(cond)) {                                                                             \
+      ::c10::detail::torchCheckFail(__func__, __FILE__, static_cast<uint32_t>(__LINE__),       \
+                                    std::string("ms_deform_attn: ") + (msg));                  \
+    }                                                                                          \
+  } while (0)
+
+std::string sizes_str(const at::Tensor& t) {
+  std::string out = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) out += (i ? ", " : "") + std::to_string(t.size(i));
+  return out + "]";
+}
+
 void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                   const at::Tensor& level_start_index, const at::Tensor& loc,
                   const at::Tensor& attw) {
-  TORCH_CHECK(value.is_cuda(), "ms_deform_attn (cuda): value must be a CUDA tensor");
+  MSDA_CHECK(value.is_cuda(), "value must be a CUDA tensor");
   const auto dev = value.device();
   for (const at::Tensor* t : {&spatial_shapes, &level_start_index, &loc, &attw}) {
-    TORCH_CHECK(t->device() == dev, "ms_deform_attn (cuda): all inputs must be on ", dev);
-    TORCH_CHECK(t->is_contiguous(), "ms_deform_attn (cuda): inputs must be contiguous");
+    MSDA_CHECK(t->device() == dev, "all inputs must be on value's device");
+    MSDA_CHECK(t->is_contiguous(), "inputs must be contiguous");
   }
-  TORCH_CHECK(value.is_contiguous(), "ms_deform_attn (cuda): value must be contiguous");
-  TORCH_CHECK(value.dim() == 4, "ms_deform_attn: value must be (N, S, M, D), got ", value.sizes());
-  TORCH_CHECK(loc.dim() == 6 && loc.size(5) == 2,
-              "ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got ", loc.sizes());
-  TORCH_CHECK(attw.dim() == 5, "ms_deform_attn: attention_weights must be (N, Lq, M, L, P), got ",
-              attw.sizes());
+  MSDA_CHECK(value.is_contiguous(), "value must be contiguous");
+  MSDA_CHECK(value.dim() == 4, "value must be (N, S, M, D), got " + sizes_str(value));
+  MSDA_CHECK(loc.dim() == 6 && loc.size(5) == 2,
+             "sampling_locations must be (N, Lq, M, L, P, 2), got " + sizes_str(loc));
+  MSDA_CHECK(attw.dim() == 5, "attention_weights must be (N, Lq, M, L, P), got " + sizes_str(attw));
   const int64_t N = value.size(0), M = value.size(2), L = loc.size(3);
-  TORCH_CHECK(loc.size(0) == N && loc.size(2) == M,
-              "ms_deform_attn: sampling_locations batch/heads ", loc.sizes(),
-              " do not match value ", value.sizes());
-  TORCH_CHECK(attw.sizes() == loc.sizes().slice(0, 5),
-              "ms_deform_attn: attention_weights ", attw.sizes(),
-              " do not match sampling_locations ", loc.sizes());
-  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == L && spatial_shapes.size(1) == 2,
-              "ms_deform_attn: spatial_shapes must be (L, 2) with L = ", L, ", got ",
-              spatial_shapes.sizes());
-  TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == L,
-              "ms_deform_attn: level_start_index must be (L,) with L = ", L);
-  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
-              "ms_deform_attn: spatial_shapes and level_start_index must be int64");
-  TORCH_CHECK(L <= kMaxLevels, "ms_deform_attn (cuda): at most ", kMaxLevels, " levels, got ", L);
+  MSDA_CHECK(loc.size(0) == N && loc.size(2) == M,
+             "sampling_locations " + sizes_str(loc) + " do not match value " + sizes_str(value) +
+                 " in batch or heads");
+  MSDA_CHECK(attw.sizes() == loc.sizes().slice(0, 5),
+             "attention_weights " + sizes_str(attw) + " do not match sampling_locations " +
+                 sizes_str(loc));
+  MSDA_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == L && spatial_shapes.size(1) == 2,
+             "spatial_shapes must be (L, 2) with L = " + std::to_string(L) + ", got " +
+                 sizes_str(spatial_shapes));
+  MSDA_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == L,
+             "level_start_index must be (L,) with L = " + std::to_string(L) + ", got " +
+                 sizes_str(level_start_index));
+  MSDA_CHECK(spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
+             "spatial_shapes and level_start_index must be int64");
+  MSDA_CHECK(L <= kMaxLevels, "at most " + std::to_string(kMaxLevels) + " levels (cuda), got " +
+                                  std::to_string(L));
   const auto st = value.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
-              "ms_deform_attn (cuda): value dtype must be float32, float16, bfloat16 or float64");
+  MSDA_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
+             "value dtype must be float32, float16, bfloat16 or float64");
   const auto acc = st == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(loc.scalar_type() == acc && attw.scalar_type() == acc,
-              "ms_deform_attn (cuda): sampling_locations and attention_weights must be ",
-              c10::toString(acc), " for value dtype ", c10::toString(st));
+  MSDA_CHECK(loc.scalar_type() == acc && attw.scalar_type() == acc,
+             std::string("sampling_locations and attention_weights must be ") +
+                 (acc == at::kDouble ? "float64" : "float32") + " for this value dtype");
 }
 
 // The kernels read (x, y) as one 8/16-byte pair: re-home a location tensor whose storage offset
@@ -78,13 +100,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& level_start_index, const at::Tensor& loc, const at::Tensor& attw,
     const at::Tensor& grad_output) {
   check_inputs(value, spatial_shapes, level_start_index, loc, attw);
-  TORCH_CHECK(grad_output.is_contiguous() && grad_output.device() == value.device() &&
-                  grad_output.scalar_type() == value.scalar_type(),
-              "ms_deform_attn (cuda): grad_output must be contiguous, on value's device and dtype");
-  TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == value.size(0) &&
-                  grad_output.size(1) == loc.size(1) &&
-                  grad_output.size(2) == value.size(2) * value.size(3),
-              "ms_deform_attn: grad_output must be (N, Lq, M*D), got ", grad_output.sizes());
+  MSDA_CHECK(grad_output.is_contiguous() && grad_output.device() == value.device() &&
+                 grad_output.scalar_type() == value.scalar_type(),
+             "grad_output must be contiguous, on value's device and in value's dtype");
+  MSDA_CHECK(grad_output.dim() == 3 && grad_output.size(0) == value.size(0) &&
+                 grad_output.size(1) == loc.size(1) &&
+                 grad_output.size(2) == value.size(2) * value.size(3),
+             "grad_output must be (N, Lq, M*D), got " + sizes_str(grad_output));
   return msda_backward_cuda(value, spatial_shapes, level_start_index, pair_aligned(loc), attw,
                             grad_output);
 }

@@ -166,7 +166,15 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                                                     strict=bool(loop_cfg.get("init_strict", True)))
         if rank == 0 and (missing or unexpected):
             log.warning("init weights: %d missing, %d unexpected keys", len(missing), len(unexpected))
+    model.to(device)  # before the optimizer: on a GPU, build_optimizer picks fused AdamW
     criterion.to(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tc.tf32)
+    if tc.compile:
+        from dino_scale.models.compile import compile_regions
+        compiled = compile_regions(model)
+        if rank == 0:
+            log.info("regional torch.compile: %d modules (first steps compile)", len(compiled))
     micro = cfg.data.batch_size
     accum = grad_accum_steps(tc.global_batch_size, micro, world)
     steps_per_epoch = int(loop_cfg["steps_per_epoch"])

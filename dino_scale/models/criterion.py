@@ -10,8 +10,14 @@ with their original label and box; negatives and empty slots count as background
 the classification term and carry no box loss.
 
 Host syncs: none in the loss itself. The matcher copies the cost matrices of all output
-sets (final, aux, interm) to the host in one copy (assignment runs there); each set's
-matched indices go back in one copy.
+sets (final, aux, interm) to the host in one copy (assignment runs there); the matched
+indices of all sets go back in one copy.
+
+Launch count: the matched sets (final + aux + interm) are stacked into one (K, B, Q, C)
+tensor and their losses computed in one pass (per-set sums by ``index_add``), and so are the
+denoising layers; a step issues a few dozen loss kernels instead of one group per layer,
+which matters on a GPU where the step is bound by the host. ``matched_losses`` and
+``dn_layer_losses`` keep the one-set form (reference and tests).
 """
 from __future__ import annotations
 
@@ -100,6 +106,18 @@ class SetCriterion(nn.Module):
             return torch.clamp(n / torch.distributed.get_world_size(), min=1.0)
         return max(total, 1.0)
 
+    def _class_loss_sets(self, logits: Tensor, target_classes: Tensor, num_boxes) -> Tensor:
+        """logits (K, B, Q, C), target_classes (K, B, Q) in [0, C] -> (K,) focal terms, each
+        equal to :meth:`_class_loss` of one set."""
+        onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(logits.dtype)
+        prob = logits.sigmoid()
+        ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+        p_t = prob * onehot + (1 - prob) * (1 - onehot)
+        loss = ce * (1 - p_t) ** self.focal_gamma
+        if self.focal_alpha >= 0:
+            loss = (self.focal_alpha * onehot + (1 - self.focal_alpha) * (1 - onehot)) * loss
+        return loss.mean(2).sum((1, 2)) / num_boxes * logits.shape[2]
+
     def _class_loss(self, logits: Tensor, target_classes: Tensor, num_boxes) -> Tensor:
         """logits (B, Q, C), target_classes (B, Q) in [0, C] (C = background)."""
         onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(logits.dtype)
@@ -150,28 +168,108 @@ class SetCriterion(nn.Module):
         loss_bbox, loss_giou = self._box_losses(dn_out["pred_boxes"].float(), boxes, positive, num_boxes)
         return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
+    def matched_losses_sets(self, outputs_list: list[dict], targets: list[dict], num_boxes,
+                            all_indices: list[list]) -> list[dict[str, Tensor]]:
+        """:meth:`matched_losses` of K output sets with equal shapes in one pass.
+
+        outputs_list: K dicts with ``pred_logits`` (B, Q, C) and ``pred_boxes`` (B, Q, 4);
+        all_indices: K matcher results. Returns K dicts of loss_ce / loss_bbox / loss_giou."""
+        logits = torch.stack([o["pred_logits"] for o in outputs_list]).float()  # (K, B, Q, C)
+        boxes = torch.stack([o["pred_boxes"] for o in outputs_list]).float()    # (K, B, Q, 4)
+        k_sets, batch, queries, _ = logits.shape
+        device = logits.device
+        sizes = [int(t["labels"].shape[0]) for t in targets]
+        offsets = [0]
+        for n in sizes[:-1]:
+            offsets.append(offsets[-1] + n)
+        rows = []  # (set, image, query, flat target) per match, built on the host
+        for k, indices in enumerate(all_indices):
+            for b, (src, tgt) in enumerate(indices):
+                if src.numel():
+                    rows.append(torch.stack([torch.full_like(src, k), torch.full_like(src, b), src,
+                                             tgt + offsets[b]]))
+        index = (torch.cat(rows, 1) if rows else torch.zeros(4, 0, dtype=torch.long))
+        set_idx, batch_idx, src_idx, flat_tgt = index.to(device, non_blocking=True).unbind(0)
+
+        all_labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.long)
+        all_boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)
+        target_classes = torch.full((k_sets, batch, queries), self.num_classes, dtype=torch.long,
+                                    device=device)
+        target_classes[set_idx, batch_idx, src_idx] = all_labels[flat_tgt]
+        loss_ce = self._class_loss_sets(logits, target_classes, num_boxes)
+        src = boxes[set_idx, batch_idx, src_idx]
+        tgt = all_boxes[flat_tgt]
+        l1 = (src - tgt).abs().sum(-1)
+        giou = 1 - elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
+        zeros = torch.zeros(k_sets, device=device, dtype=l1.dtype)
+        loss_bbox = zeros.index_add(0, set_idx, l1) / num_boxes
+        loss_giou = zeros.index_add(0, set_idx, giou) / num_boxes
+        return [{"loss_ce": ce, "loss_bbox": bb, "loss_giou": gi}
+                for ce, bb, gi in zip(loss_ce.unbind(0), loss_bbox.unbind(0), loss_giou.unbind(0))]
+
+    def dn_losses_sets(self, dn_outs: list[dict], labels: Tensor, boxes: Tensor, positive: Tensor,
+                       num_boxes) -> list[dict[str, Tensor]]:
+        """:meth:`dn_layer_losses` of K denoising layers in one pass."""
+        logits = torch.stack([o["pred_logits"] for o in dn_outs]).float()  # (K, B, P, C)
+        pred = torch.stack([o["pred_boxes"] for o in dn_outs]).float()     # (K, B, P, 4)
+        k_sets = logits.shape[0]
+        loss_ce = self._class_loss_sets(logits, labels.expand(k_sets, *labels.shape), num_boxes)
+        tgt = boxes.expand(k_sets, *boxes.shape)
+        l1 = (pred - tgt).abs().sum(-1)
+        giou = 1 - elementwise_generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(tgt))
+        keep = positive.expand(k_sets, *positive.shape)
+        loss_bbox = torch.where(keep, l1, torch.zeros_like(l1)).sum((1, 2)) / num_boxes
+        loss_giou = torch.where(keep, giou, torch.zeros_like(giou)).sum((1, 2)) / num_boxes
+        return [{"loss_ce": ce, "loss_bbox": bb, "loss_giou": gi}
+                for ce, bb, gi in zip(loss_ce.unbind(0), loss_bbox.unbind(0), loss_giou.unbind(0))]
+
     # -- forward ------------------------------------------------------------------------
+    def _output_sets(self, outputs: dict) -> list[tuple[str, dict]]:
+        aux = outputs.get("aux_outputs") or []
+        sets = [("", outputs)] + [(f"_{i}", a) for i, a in enumerate(aux)]
+        if outputs.get("interm_outputs") is not None:
+            sets.append(("_interm", outputs["interm_outputs"]))
+        return sets
+
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         device = outputs["pred_logits"].device
         if len(targets) != outputs["pred_logits"].shape[0]:
             raise ValueError(f"criterion: {len(targets)} targets for a batch of "
                              f"{outputs['pred_logits'].shape[0]}")
         num_boxes = self._num_boxes(targets, device)
-        aux = outputs.get("aux_outputs") or []
-        sets = [("", outputs)] + [(f"_{i}", a) for i, a in enumerate(aux)]
-        if outputs.get("interm_outputs") is not None:
-            sets.append(("_interm", outputs["interm_outputs"]))
+        sets = self._output_sets(outputs)
         # one host copy for every set's cost matrices (see HungarianMatcher.match_many)
         all_indices = self.matcher.match_many([o for _, o in sets], targets)
         losses = {}
-        for (suffix, out), indices in zip(sets, all_indices):
-            terms = self.matched_losses(out, targets, num_boxes, indices)
+        same_shape = len({tuple(o["pred_logits"].shape) for _, o in sets}) == 1
+        if same_shape:
+            per_set = self.matched_losses_sets([o for _, o in sets], targets, num_boxes, all_indices)
+        else:  # e.g. interm with a different query count: one pass per set
+            per_set = [self.matched_losses(o, targets, num_boxes, ind) for (_, o), ind in zip(sets, all_indices)]
+        for (suffix, _), terms in zip(sets, per_set):
             losses.update({f"{k}{suffix}": v for k, v in terms.items()})
         if self.dn_losses:
-            losses.update(self._dn(outputs.get("dn_meta"), targets, num_boxes, len(aux), device))
+            num_aux = len(outputs.get("aux_outputs") or [])
+            losses.update(self._dn(outputs.get("dn_meta"), targets, num_boxes, num_aux, device))
         return losses
 
-    def _dn(self, dn_meta: Optional[dict], targets, num_boxes, num_aux: int, device) -> dict:
+    def forward_per_set(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+        """Reference path: the same losses computed one output set / dn layer at a time."""
+        num_boxes = self._num_boxes(targets, outputs["pred_logits"].device)
+        sets = self._output_sets(outputs)
+        all_indices = self.matcher.match_many([o for _, o in sets], targets)
+        losses = {}
+        for (suffix, out), indices in zip(sets, all_indices):
+            losses.update({f"{k}{suffix}": v for k, v in
+                           self.matched_losses(out, targets, num_boxes, indices).items()})
+        if self.dn_losses:
+            num_aux = len(outputs.get("aux_outputs") or [])
+            losses.update(self._dn(outputs.get("dn_meta"), targets, num_boxes, num_aux,
+                                   outputs["pred_logits"].device, vectorized=False))
+        return losses
+
+    def _dn(self, dn_meta: Optional[dict], targets, num_boxes, num_aux: int, device,
+            vectorized: bool = True) -> dict:
         known = dn_meta.get("output_known_lbs_bboxes") if dn_meta else None
         if not known or dn_meta["pad_size"] <= 0:
             zero = torch.zeros((), device=device)
@@ -182,15 +280,16 @@ class SetCriterion(nn.Module):
         labels, boxes, positive = dn_targets(targets, dn_meta, self.num_classes)
         labels, boxes, positive = labels.to(device), boxes.to(device), positive.to(device)
         norm = num_boxes * dn_meta["num_dn_group"]
-        out = {f"{k}_dn": v for k, v in
-               self.dn_layer_losses(known, labels, boxes, positive, norm).items()}
         aux_known = known.get("aux_outputs") or []
         if len(aux_known) != num_aux:
             raise ValueError(f"criterion: {len(aux_known)} dn aux outputs for {num_aux} aux layers")
-        for i, layer in enumerate(aux_known):
-            out.update({f"{k}_dn_{i}": v for k, v in
-                        self.dn_layer_losses(layer, labels, boxes, positive, norm).items()})
-        return out
+        layers = [known] + list(aux_known)
+        if vectorized:
+            per_layer = self.dn_losses_sets(layers, labels, boxes, positive, norm)
+        else:
+            per_layer = [self.dn_layer_losses(o, labels, boxes, positive, norm) for o in layers]
+        suffixes = ["_dn"] + [f"_dn_{i}" for i in range(num_aux)]
+        return {f"{k}{suffix}": v for suffix, terms in zip(suffixes, per_layer) for k, v in terms.items()}
 
 
 def build_criterion(model_cfg) -> SetCriterion:

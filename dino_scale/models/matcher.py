@@ -110,7 +110,15 @@ class HungarianMatcher(nn.Module):
         if labels.device.type == "cpu" and (labels.min() < 0 or
                                             labels.max() >= outputs_list[0]["pred_logits"].shape[-1]):
             raise ValueError(f"matcher: target labels must lie in [0, {outputs_list[0]['pred_logits'].shape[-1]})")
-        costs = [self.cost_matrix(o["pred_logits"], o["pred_boxes"], labels, boxes) for o in outputs_list]
+        k_sets = len(outputs_list)
+        if len({tuple(o["pred_logits"].shape) for o in outputs_list}) == 1:
+            # equal shapes: one batched cost computation for all K sets, (K*B, Q, N)
+            logits = torch.stack([o["pred_logits"] for o in outputs_list]).flatten(0, 1)
+            pboxes = torch.stack([o["pred_boxes"] for o in outputs_list]).flatten(0, 1)
+            cost = self.cost_matrix(logits, pboxes, labels.repeat(k_sets, 1), boxes.repeat(k_sets, 1, 1))
+            costs = list(cost.view(k_sets, -1, *cost.shape[1:]).unbind(0))
+        else:
+            costs = [self.cost_matrix(o["pred_logits"], o["pred_boxes"], labels, boxes) for o in outputs_list]
         flat = torch.cat([c.flatten() for c in costs]).cpu().numpy()  # the one host sync
         result, start = [], 0
         for c in costs:

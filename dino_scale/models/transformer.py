@@ -73,11 +73,12 @@ class DeformableEncoder(nn.Module):
         self.checkpointing = checkpointing
 
     @staticmethod
-    def reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+    def reference_points(spatial_shapes, valid_ratios: Tensor) -> Tensor:
         """Token centers in [0,1] of each level's valid area, times valid ratios:
-        spatial_shapes (L,2), valid_ratios (B,L,2) -> (B,S,L,2) as (x,y)."""
+        spatial_shapes (L,2) tensor or list of (H, W), valid_ratios (B,L,2) -> (B,S,L,2) as (x,y).
+        A list avoids reading a device tensor back to the host (a sync)."""
         refs = []
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        for lvl, (h, w) in enumerate(_shape_list(spatial_shapes)):
             ref_y, ref_x = torch.meshgrid(
                 torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=valid_ratios.device),
                 torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=valid_ratios.device), indexing="ij")
@@ -86,9 +87,11 @@ class DeformableEncoder(nn.Module):
             refs.append(torch.stack((ref_x, ref_y), -1))
         return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask):
-        """src, pos (B,S,C); padding_mask (B,S) -> memory (B,S,C)."""
-        ref = self.reference_points(spatial_shapes, valid_ratios)
+    def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask,
+                level_shapes: Optional[List[Tuple[int, int]]] = None):
+        """src, pos (B,S,C); padding_mask (B,S) -> memory (B,S,C). ``level_shapes``: the
+        (H, W) of ``spatial_shapes`` as Python ints, when the caller has them."""
+        ref = self.reference_points(level_shapes if level_shapes is not None else spatial_shapes, valid_ratios)
         out = src
         for layer in self.layers:
             if self.checkpointing and torch.is_grad_enabled():
@@ -171,7 +174,14 @@ class DeformableDecoder(nn.Module):
         return hs, refs
 
 
-def gen_encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor
+def _shape_list(spatial_shapes) -> List[Tuple[int, int]]:
+    """(L,2) tensor or sequence of (H, W) -> list of int pairs (a tensor is read back once)."""
+    if torch.is_tensor(spatial_shapes):
+        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    return [(int(h), int(w)) for h, w in spatial_shapes]
+
+
+def gen_encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes
                                  ) -> Tuple[Tensor, Tensor]:
     """One proposal per token: center of the token in its level's valid area, wh = 0.05*2**lvl.
 
@@ -181,7 +191,7 @@ def gen_encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_s
     B = memory.shape[0]
     proposals = []
     cur = 0
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(_shape_list(spatial_shapes)):
         m = padding_mask[:, cur:cur + h * w].view(B, h, w)
         valid_h = torch.sum(~m[:, :, 0], 1)
         valid_w = torch.sum(~m[:, 0, :], 1)
@@ -203,8 +213,19 @@ def gen_encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_s
 
 
 def select_topk_queries(class_logits: Tensor, k: int) -> Tensor:
-    """class_logits (B,S,C) -> indices (B,k) of the tokens with the largest max-class logit."""
-    return torch.topk(class_logits.max(-1)[0], k, dim=1)[1]
+    """class_logits (B,S,C) -> indices (B,k) of the tokens with the largest max-class logit,
+    in descending score order; equal scores are ordered by *descending* token index.
+
+    ``torch.topk`` leaves the order of equal scores to the implementation (CPU and CUDA differ,
+    so do torch versions), and ties are real here: invalid and padded tokens share one constant
+    score (see ``gen_encoder_output_proposals``). The order matters because each selected
+    position is paired with the learned content query of that slot. A stable sort over the
+    index-reversed scores makes the rule explicit and device-independent; it reproduces the
+    official outputs (CPU goldens), while plain ``topk`` on an H100 changed 9% of the boxes.
+    """
+    scores = class_logits.max(-1)[0].flip(1)  # reversed: the stable sort then favours high indices
+    order = torch.sort(scores, dim=1, descending=True, stable=True)[1][:, :k]
+    return scores.shape[1] - 1 - order
 
 
 class DeformableTransformer(nn.Module):
@@ -270,14 +291,16 @@ class DeformableTransformer(nn.Module):
         src_flat = torch.cat(src_flat, 1)
         mask_flat = torch.cat(mask_flat, 1)
         pos_flat = torch.cat(pos_flat, 1)
-        spatial_shapes = torch.as_tensor([tuple(s) for s in shapes], dtype=torch.long, device=src_flat.device)
+        level_shapes = [(int(h), int(w)) for h, w in shapes]  # host copy: no device read-back later
+        spatial_shapes = torch.as_tensor(level_shapes, dtype=torch.long, device=src_flat.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)
 
-        memory = self.encoder(src_flat, pos_flat, spatial_shapes, level_start_index, valid_ratios, mask_flat)
+        memory = self.encoder(src_flat, pos_flat, spatial_shapes, level_start_index, valid_ratios, mask_flat,
+                              level_shapes=level_shapes)
 
         # two-stage query selection
-        out_memory, out_proposals = gen_encoder_output_proposals(memory, mask_flat, spatial_shapes)
+        out_memory, out_proposals = gen_encoder_output_proposals(memory, mask_flat, level_shapes)
         out_memory = self.enc_output_norm(self.enc_output(out_memory))
         enc_class = self.enc_out_class_embed(out_memory)
         enc_coord = self.enc_out_bbox_embed(out_memory) + out_proposals  # logit space

@@ -27,8 +27,10 @@ EXT_PREFIX = "dino_scale_msda"
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc" / "ms_deform_attn"
 _SOURCE_SUFFIXES = (".cpp", ".cu")
 _HEADER_SUFFIXES = (".h", ".cuh")
-CXX_FLAGS = ["-O3", "-std=c++20"]
-NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
+# No -std flag: torch.utils.cpp_extension adds the C++ standard torch itself was built with
+# (C++17 for torch 2.11, C++20 for 2.14); the sources are valid in both.
+CXX_FLAGS = ["-O3"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
 
 
 class BuildError(RuntimeError):

@@ -113,6 +113,31 @@ def _register_python_side() -> None:
     _python_side_done = True
 
 
+def check_shapes(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                 sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> None:
+    """Shape agreement of the five inputs (metadata only: no device sync). Raises ValueError
+    naming the offending input, before anything reaches the kernel."""
+    if value.dim() != 4:
+        raise ValueError(f"ms_deform_attn: value must be (N, S, M, D), got {tuple(value.shape)}")
+    if sampling_locations.dim() != 6 or sampling_locations.shape[5] != 2:
+        raise ValueError("ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got "
+                         f"{tuple(sampling_locations.shape)}")
+    n, _, m, _ = value.shape
+    _, _, m_loc, n_levels, _, _ = sampling_locations.shape
+    if sampling_locations.shape[0] != n or m_loc != m:
+        raise ValueError(f"ms_deform_attn: sampling_locations {tuple(sampling_locations.shape)} do not "
+                         f"match value {tuple(value.shape)} in batch or heads")
+    if tuple(attention_weights.shape) != tuple(sampling_locations.shape[:5]):
+        raise ValueError(f"ms_deform_attn: attention_weights {tuple(attention_weights.shape)} must be "
+                         f"(N, Lq, M, L, P) = {tuple(sampling_locations.shape[:5])}")
+    if spatial_shapes.dim() != 2 or tuple(spatial_shapes.shape) != (n_levels, 2):
+        raise ValueError(f"ms_deform_attn: spatial_shapes must be (L, 2) with L = {n_levels}, got "
+                         f"{tuple(spatial_shapes.shape)}")
+    if tuple(level_start_index.shape) != (n_levels,):
+        raise ValueError(f"ms_deform_attn: level_start_index must be (L,) with L = {n_levels}, got "
+                         f"{tuple(level_start_index.shape)}")
+
+
 def ms_deform_attn_cuda(value: torch.Tensor, spatial_shapes: torch.Tensor,
                         level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
                         attention_weights: torch.Tensor) -> torch.Tensor:
@@ -125,6 +150,7 @@ def ms_deform_attn_cuda(value: torch.Tensor, spatial_shapes: torch.Tensor,
                          "use backend='pytorch' or None for CPU tensors")
     if value.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"ms_deform_attn (cuda): unsupported value dtype {value.dtype}")
+    check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if _loaded is None:  # plain global read: keeps the wrapper traceable by torch.compile
         load()
     acc = torch.float64 if value.dtype == torch.float64 else torch.float32

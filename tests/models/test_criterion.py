@@ -187,3 +187,26 @@ def test_num_boxes_under_torch_distributed(tmp_path):
         dist.destroy_process_group()
     for k in plain:
         assert dist_losses[k].item() == pytest.approx(plain[k].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("empty_image", [False, True])
+def test_stacked_sets_equal_per_set_reference_values_and_gradients(empty_image):
+    """The one-pass loss over all output sets / dn layers equals the per-set reference,
+    values and gradients, including an image without boxes."""
+    cfg = preset("tiny", ["model.dec_layers=3", "model.dn_number=6"]).model
+    crit = build_criterion(cfg)
+    t = [{"labels": torch.tensor([3, 5, 1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.4],
+                                                                    [0.4, 0.7, 0.1, 0.2]])},
+         {"labels": torch.tensor([7]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
+    if empty_image:
+        t[1] = {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}
+    out, cls, coord, _ = _model_like_outputs(t, cfg)
+    fast = crit(out, t)
+    ref = crit.forward_per_set(out, t)
+    assert list(fast) == list(ref)
+    for k in ref:
+        assert torch.allclose(fast[k], ref[k], rtol=1e-5, atol=1e-7), (k, fast[k], ref[k])
+    g_fast = torch.autograd.grad(weighted_loss(fast, crit.weight_dict), [cls, coord], retain_graph=True)
+    g_ref = torch.autograd.grad(weighted_loss(ref, crit.weight_dict), [cls, coord])
+    for a, b in zip(g_fast, g_ref):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)

@@ -141,3 +141,22 @@ def test_look_forward_twice_reaches_previous_layer_box_head():
     assert all(x is not None for x in g) and sum(x.abs().sum() for x in g) > 0
     g_hs = torch.autograd.grad(dec["hs"][1].sum(), head0, retain_graph=True, allow_unused=True)
     assert all(x is None for x in g_hs)
+
+
+def test_select_topk_queries_orders_ties_by_descending_index_on_every_device():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 500, 7, generator=g)
+    logits[:, 100:400] = 0.25  # 300 tied tokens (as padded / invalid tokens are)
+    logits[1, 7] = 0.25
+    idx = select_topk_queries(logits, 350)
+    scores = logits.max(-1)[0]
+    for b in range(2):
+        picked = scores[b, idx[b]]
+        assert (picked[1:] <= picked[:-1]).all()  # descending scores
+        tied = idx[b][picked == 0.25]
+        assert (tied[1:] < tied[:-1]).all()  # ties: descending index
+        above = (scores[b] > 0.25).nonzero().flatten().tolist()
+        assert set(above) <= set(idx[b].tolist())  # every strictly better token is selected
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        assert torch.equal(select_topk_queries(logits.to(dev), 350).cpu(), idx)

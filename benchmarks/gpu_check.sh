@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One GPU session in one command: build csrc/, run the GPU tests, time the MSDA kernel and
+# the train step. Logs and JSON go to $OUT (default benchmarks/results/gpu_<time>).
+#
+#   bash benchmarks/gpu_check.sh [all|PART[,PART...]] [extra train_step.py args...]
+#   PART: tests, msda, train, profile (profile: benchmarks/profile_step.py, r50_4scale bf16 bs2)
+#
+# Optional wheels (e.g. deformops for the MSDA comparison) are installed from ./.whl when
+# present. Each step has its own time limit so one hang cannot eat the whole session.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+part=${1:-all}; shift || true
+OUT=${OUT:-benchmarks/results/gpu_$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 DINO_SCALE_EXT_DIR=${DINO_SCALE_EXT_DIR:-/tmp/dino_scale_ext}
+export MAX_JOBS=${MAX_JOBS:-8}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+
+want() { [[ $part == all || ",$part," == *",$1,"* ]]; }
+t0=$(date +%s)
+timeout 300 python3 -m dino_scale.ops build 2>&1 | tee "$OUT/build.log" | tail -5
+echo "build: $(( $(date +%s) - t0 )) s"
+
+if want tests; then
+  timeout 300 python3 -m pytest -q -p no:cacheprovider --maxfail=30 -o addopts="" \
+    tests/ops/test_ops_msda_cuda.py tests/models/test_parity.py tests/models/test_matcher.py 2>&1 \
+    | tee "$OUT/tests.log" | tail -40
+fi
+if want msda; then
+  timeout 240 python3 benchmarks/msda.py --out "$OUT/msda.json" 2>&1 | tee "$OUT/msda.log" | tail -30
+fi
+if want train; then
+  timeout 400 python3 benchmarks/train_step.py --out "$OUT/train_step.json" "$@" 2>&1 | tee "$OUT/train_step.log" | tail -30
+fi
+if want profile; then
+  timeout 300 python3 benchmarks/profile_step.py --out "$OUT" 2>&1 | tee "$OUT/profile.log" | head -60
+fi

@@ -1,0 +1,36 @@
+"""Regional ``torch.compile`` of DINO: compile the repeated blocks, not the whole detector.
+
+The whole model does not compile well (host-side matching, denoising bookkeeping, varying
+query counts), but its cost on a GPU is dominated by launch overhead in a few repeated
+blocks: the 6 encoder layers, the 6 decoder layers and the backbone. Compiling each in place
+(``nn.Module.compile``) fuses their elementwise chains and turns each layer into one autograd
+node, while state-dict keys stay unchanged (no ``_orig_mod.`` prefix), so checkpoints and the
+official-weight loader are unaffected. Layers of one stack share their compiled code.
+
+Shapes vary between batches (multi-scale training, denoising padding): the first recompile
+marks the varying dimensions dynamic (``dynamic=None``), so a run settles after a few steps.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+__all__ = ["compile_regions"]
+
+
+def compile_regions(model: nn.Module, backbone: bool = True, mode: Optional[str] = None,
+                    dynamic: Optional[bool] = None) -> list[str]:
+    """Compile, in place, every encoder layer, every decoder layer and (``backbone``) the
+    backbone body of a DINO ``model``. Returns the compiled modules' names."""
+    names = []
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if kind in ("DeformableEncoderLayer", "DeformableDecoderLayer"):
+            module.compile(mode=mode, dynamic=dynamic)
+            names.append(name)
+    if backbone and hasattr(model, "backbone"):
+        body = model.backbone[0] if isinstance(model.backbone, nn.Sequential) else model.backbone
+        body.compile(mode=mode, dynamic=dynamic)
+        names.append("backbone.0" if isinstance(model.backbone, nn.Sequential) else "backbone")
+    return names

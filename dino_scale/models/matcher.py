@@ -31,7 +31,8 @@ def pad_targets(targets: list[dict], device, dtype=torch.float32):
     sizes = [int(t["labels"].shape[0]) for t in targets]
     n = max(sizes + [1])
     labels = torch.zeros(len(targets), n, dtype=torch.long, device=device)
-    boxes = torch.tensor([0.5, 0.5, 1.0, 1.0], device=device, dtype=dtype).repeat(len(targets), n, 1)
+    boxes = torch.full((len(targets), n, 4), 0.5, device=device, dtype=dtype)  # filled on the device:
+    boxes[..., 2:] = 1.0                                                        # no host copy / sync
     for b, t in enumerate(targets):  # per image, not per box
         if sizes[b]:
             labels[b, :sizes[b]] = t["labels"].to(device)

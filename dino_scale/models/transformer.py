@@ -292,7 +292,8 @@ class DeformableTransformer(nn.Module):
         mask_flat = torch.cat(mask_flat, 1)
         pos_flat = torch.cat(pos_flat, 1)
         level_shapes = [(int(h), int(w)) for h, w in shapes]  # host copy: no device read-back later
-        spatial_shapes = torch.as_tensor(level_shapes, dtype=torch.long, device=src_flat.device)
+        # non_blocking from host memory: staged at once, no wait for the queued backbone kernels
+        spatial_shapes = torch.tensor(level_shapes, dtype=torch.long).to(src_flat.device, non_blocking=True)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)
 

@@ -105,7 +105,7 @@ def build(name: str, device, args):
         model.backbone.to(memory_format=torch.channels_last)
     if args.compile:
         from dino_scale.models.compile import compile_regions
-        compile_regions(model)
+        compile_regions(model, granularity=args.compile_granularity)
     return cfg, model, criterion, post
 
 
@@ -171,6 +171,8 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions where fp32 remains")
     p.add_argument("--compile", action="store_true",
                    help="regional torch.compile: backbone, encoder and decoder layers (dino_scale.models.compile)")
+    p.add_argument("--compile-granularity", choices=("layer", "stack"), default="layer",
+                   help="with --compile: each layer (default) or whole encoder/decoder stacks")
     p.add_argument("--channels-last", action="store_true", help="channels_last backbone and input")
     p.add_argument("--no-finite-check", action="store_true", help="skip the NaN/Inf check (one host sync)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

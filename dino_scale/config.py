@@ -128,6 +128,7 @@ class TrainConfig:
     checkpoints_to_keep: int = 2
     torch_threads: Optional[int] = None  # intra-op threads per worker (None: torch default)
     compile: bool = False  # regional torch.compile of backbone + encoder/decoder layers (models/compile.py)
+    compile_granularity: str = "layer"  # layer | stack (whole encoder / decoder)
     tf32: bool = True  # TF32 matmuls/convolutions where fp32 remains (CUDA only)
 
 

@@ -172,7 +172,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tc.tf32)
     if tc.compile:
         from dino_scale.models.compile import compile_regions
-        compiled = compile_regions(model)
+        compiled = compile_regions(model, granularity=tc.compile_granularity)
         if rank == 0:
             log.info("regional torch.compile: %d modules (first steps compile)", len(compiled))
     micro = cfg.data.batch_size

@@ -40,3 +40,24 @@ def test_compiled_layers_match_eager_and_keep_keys():
     layer = model.transformer.encoder.layers[0]
     assert layer.linear1.weight.grad is not None and torch.isfinite(layer.linear1.weight.grad).all()
     assert model.transformer.decoder.layers[-1].cross_attn.value_proj.weight.grad is not None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_stack_granularity_matches_eager():
+    torch.manual_seed(0)
+    cfg = preset("tiny").model
+    model, _, _ = build_dino(cfg)
+    model.eval()
+    images = torch.randn(1, 3, 160, 224)
+    masks = torch.zeros(1, 160, 224, dtype=torch.bool)
+    with torch.no_grad():
+        ref = model(images, masks)
+    names = compile_regions(model, backbone=False, granularity="stack")
+    assert names == ["transformer.encoder", "transformer.decoder"]
+    with torch.no_grad():
+        out = model(images, masks)
+    for k in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="granularity"):
+        compile_regions(model, granularity="model")

@@ -122,13 +122,3 @@ struct Bilinear {
 };
 
 }  // namespace dino_scale_msda
-
-// Host-side launchers (defined in msda_forward.cu / msda_backward.cu).
-at::Tensor msda_forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                             const at::Tensor& level_start_index,
-                             const at::Tensor& sampling_locations,
-                             const at::Tensor& attention_weights);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward_cuda(
-    const at::Tensor& value, const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights, const at::Tensor& grad_output);

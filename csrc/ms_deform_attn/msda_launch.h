@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 
 #include <ATen/core/Tensor.h>
 
@@ -41,3 +42,13 @@ inline bool fits_int32(const LaunchShape& s, int vec) {
 }
 
 }  // namespace dino_scale_msda
+
+// Host-side launchers (defined in msda_forward.cu / msda_backward.cu; registered in msda_ops.cpp).
+at::Tensor msda_forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                             const at::Tensor& level_start_index,
+                             const at::Tensor& sampling_locations,
+                             const at::Tensor& attention_weights);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward_cuda(
+    const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights, const at::Tensor& grad_output);

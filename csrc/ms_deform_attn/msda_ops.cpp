@@ -10,15 +10,6 @@
 
 #include "msda_launch.h"
 
-at::Tensor msda_forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                             const at::Tensor& level_start_index,
-                             const at::Tensor& sampling_locations,
-                             const at::Tensor& attention_weights);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward_cuda(
-    const at::Tensor& value, const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights, const at::Tensor& grad_output);
-
 namespace {
 
 constexpr int64_t kMaxLevels = 16;  // must match msda_common.cuh

@@ -37,19 +37,31 @@ __all__ = ["SetCriterion", "sigmoid_focal_loss", "build_criterion", "build_weigh
 BASE_KEYS = ("loss_ce", "loss_bbox", "loss_giou")
 
 
-def sigmoid_focal_loss(logits: Tensor, targets: Tensor, num_boxes: Union[float, Tensor],
-                       alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """Focal loss (Lin et al.) as the official code computes it.
-
-    logits, targets (B, Q, C) (targets 0/1) -> ``loss.mean(1).sum() / num_boxes``.
-    """
+def focal_terms(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Elementwise focal loss (Lin et al.), official form: logits, targets (..., C) 0/1 -> (..., C)."""
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_t = prob * targets + (1 - prob) * (1 - targets)
     loss = ce * (1 - p_t) ** gamma
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.mean(1).sum() / num_boxes
+    return loss
+
+
+def sigmoid_focal_loss(logits: Tensor, targets: Tensor, num_boxes: Union[float, Tensor],
+                       alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Focal loss as the official code reduces it.
+
+    logits, targets (B, Q, C) (targets 0/1) -> ``loss.mean(1).sum() / num_boxes``.
+    """
+    return focal_terms(logits, targets, alpha, gamma).mean(1).sum() / num_boxes
+
+
+def box_terms(src: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
+    """src, tgt (..., 4) cxcywh -> elementwise (L1 distance, 1 - GIoU), each (...)."""
+    l1 = (src - tgt).abs().sum(-1)
+    giou = 1 - elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
+    return l1, giou
 
 
 def build_weight_dict(cls_coef: float = 1.0, bbox_coef: float = 5.0, giou_coef: float = 2.0,
@@ -110,12 +122,7 @@ class SetCriterion(nn.Module):
         """logits (K, B, Q, C), target_classes (K, B, Q) in [0, C] -> (K,) focal terms, each
         equal to :meth:`_class_loss` of one set."""
         onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(logits.dtype)
-        prob = logits.sigmoid()
-        ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
-        p_t = prob * onehot + (1 - prob) * (1 - onehot)
-        loss = ce * (1 - p_t) ** self.focal_gamma
-        if self.focal_alpha >= 0:
-            loss = (self.focal_alpha * onehot + (1 - self.focal_alpha) * (1 - onehot)) * loss
+        loss = focal_terms(logits, onehot, self.focal_alpha, self.focal_gamma)
         return loss.mean(2).sum((1, 2)) / num_boxes * logits.shape[2]
 
     def _class_loss(self, logits: Tensor, target_classes: Tensor, num_boxes) -> Tensor:
@@ -127,8 +134,7 @@ class SetCriterion(nn.Module):
     @staticmethod
     def _box_losses(src: Tensor, tgt: Tensor, weight: Optional[Tensor], num_boxes):
         """src, tgt (..., 4) cxcywh; weight (...) bool or None -> (l1, giou) sums / num_boxes."""
-        l1 = (src - tgt).abs().sum(-1)
-        giou = 1 - elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
+        l1, giou = box_terms(src, tgt)
         if weight is not None:
             l1 = torch.where(weight, l1, torch.zeros_like(l1))
             giou = torch.where(weight, giou, torch.zeros_like(giou))
@@ -199,8 +205,7 @@ class SetCriterion(nn.Module):
         loss_ce = self._class_loss_sets(logits, target_classes, num_boxes)
         src = boxes[set_idx, batch_idx, src_idx]
         tgt = all_boxes[flat_tgt]
-        l1 = (src - tgt).abs().sum(-1)
-        giou = 1 - elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
+        l1, giou = box_terms(src, tgt)
         zeros = torch.zeros(k_sets, device=device, dtype=l1.dtype)
         loss_bbox = zeros.index_add(0, set_idx, l1) / num_boxes
         loss_giou = zeros.index_add(0, set_idx, giou) / num_boxes
@@ -215,8 +220,7 @@ class SetCriterion(nn.Module):
         k_sets = logits.shape[0]
         loss_ce = self._class_loss_sets(logits, labels.expand(k_sets, *labels.shape), num_boxes)
         tgt = boxes.expand(k_sets, *boxes.shape)
-        l1 = (pred - tgt).abs().sum(-1)
-        giou = 1 - elementwise_generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(tgt))
+        l1, giou = box_terms(pred, tgt)
         keep = positive.expand(k_sets, *positive.shape)
         loss_bbox = torch.where(keep, l1, torch.zeros_like(l1)).sum((1, 2)) / num_boxes
         loss_giou = torch.where(keep, giou, torch.zeros_like(giou)).sum((1, 2)) / num_boxes

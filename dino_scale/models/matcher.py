@@ -118,9 +118,11 @@ class HungarianMatcher(nn.Module):
             pboxes = torch.stack([o["pred_boxes"] for o in outputs_list]).flatten(0, 1)
             cost = self.cost_matrix(logits, pboxes, labels.repeat(k_sets, 1), boxes.repeat(k_sets, 1, 1))
             costs = list(cost.view(k_sets, -1, *cost.shape[1:]).unbind(0))
+            flat = cost.flatten()  # already one tensor in set order: no concatenation copy
         else:
             costs = [self.cost_matrix(o["pred_logits"], o["pred_boxes"], labels, boxes) for o in outputs_list]
-        flat = torch.cat([c.flatten() for c in costs]).cpu().numpy()  # the one host sync
+            flat = torch.cat([c.flatten() for c in costs])
+        flat = flat.cpu().numpy()  # the one host sync
         result, start = [], 0
         for c in costs:
             block = flat[start:start + c.numel()].reshape(c.shape)

@@ -28,7 +28,8 @@ echo "build: $(( $(date +%s) - t0 )) s"
 
 if want tests; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider --maxfail=30 -o addopts="" \
-    tests/ops/test_ops_msda_cuda.py tests/models/test_parity.py tests/models/test_matcher.py 2>&1 \
+    tests/ops/test_ops_msda_cuda.py tests/models/test_parity.py tests/models/test_matcher.py \
+    tests/models/test_cuda_graph.py tests/ops/test_level_shapes.py 2>&1 \
     | tee "$OUT/tests.log" | tail -40
 fi
 if want msda; then

@@ -135,6 +135,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="fp32,bf16,fp16", help="dtypes for the CUDA kernel")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--cpp-cpu", action="store_true",
+                    help="on CPU, also time the compiled library's CPU kernel (loads it; builds it if missing)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "msda.json"))
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -151,6 +153,10 @@ def main(argv=None) -> int:
         for name in args.dtypes.split(","):
             impls.append(("ours-cuda", name, lambda *a: ms_deform_attn(*a, backend="cuda")))
     impls.append(("pytorch", "fp32", lambda *a: ms_deform_attn(*a, backend="pytorch")))
+    if args.device == "cpu" and args.cpp_cpu:
+        from dino_scale.ops import ms_deform_attn_cuda
+        ms_deform_attn_cuda.load()
+        impls.append(("ours-cpp-cpu", "fp32", torch.ops.dino_scale.ms_deform_attn_forward))
     if args.device == "cuda":
         impls.append(("pytorch", "bf16", lambda *a: ms_deform_attn(*a, backend="pytorch")))
         for name, dfn in deformops_fns().items():

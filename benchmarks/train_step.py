@@ -10,6 +10,7 @@ benchmarks/results/.
 
     python benchmarks/train_step.py                                   # GPU, three presets
     python benchmarks/train_step.py --precision bf16 --tf32 --channels-last
+    python benchmarks/train_step.py --precision bf16 --tf32 --compile --cuda-graphs
     python benchmarks/train_step.py --device cpu --preset tiny --iters 5 --height 256 --width 384
 """
 from __future__ import annotations
@@ -105,7 +106,7 @@ def build(name: str, device, args):
         model.backbone.to(memory_format=torch.channels_last)
     if args.compile:
         from dino_scale.models.compile import compile_regions
-        compile_regions(model, granularity=args.compile_granularity)
+        compile_regions(model, granularity=args.compile_granularity, mode=args.compile_mode)
     return cfg, model, criterion, post
 
 
@@ -142,9 +143,16 @@ def bench_preset(name: str, args, device) -> list[Row]:
             out = model(images, masks)
         post({"pred_logits": out["pred_logits"].float(), "pred_boxes": out["pred_boxes"].float()}, sizes)
 
+    note = ""
+    if args.cuda_graphs:
+        from dino_scale.models.cuda_graph import GraphedDetector
+        graphed = GraphedDetector(model, post, amp_dtype=amp)
+        infer = lambda: graphed(images, masks, sizes)  # noqa: E731 - captured on the first warm-up call
     times = _time(infer, args.warmup, args.iters, device)
+    if args.cuda_graphs:
+        note = "cuda graph" if graphed.stats["replays"] else "cuda graph not used (see log)"
     med = statistics.median(times)
-    rows.append(Row(name, "infer", 1, args.precision, med, 1 / med, _peak_gib(device), len(times)))
+    rows.append(Row(name, "infer", 1, args.precision, med, 1 / med, _peak_gib(device), len(times), note))
     return rows
 
 
@@ -171,8 +179,13 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions where fp32 remains")
     p.add_argument("--compile", action="store_true",
                    help="regional torch.compile: backbone, encoder and decoder layers (dino_scale.models.compile)")
+    p.add_argument("--compile-mode", default=None,
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="with --compile: torch.compile mode (reduce-overhead = CUDA graphs per region)")
     p.add_argument("--compile-granularity", choices=("layer", "stack"), default="layer",
                    help="with --compile: each layer (default) or whole encoder/decoder stacks")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="inference through dino_scale.models.cuda_graph.GraphedDetector (one captured graph)")
     p.add_argument("--channels-last", action="store_true", help="channels_last backbone and input")
     p.add_argument("--no-finite-check", action="store_true", help="skip the NaN/Inf check (one host sync)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

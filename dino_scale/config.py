@@ -129,6 +129,9 @@ class TrainConfig:
     torch_threads: Optional[int] = None  # intra-op threads per worker (None: torch default)
     compile: bool = False  # regional torch.compile of backbone + encoder/decoder layers (models/compile.py)
     compile_granularity: str = "layer"  # layer | stack (whole encoder / decoder)
+    # torch.compile mode of those regions: None (default) | reduce-overhead (CUDA graphs inside each
+    # region: fixed input sizes only, e.g. benchmarks; one graph set per size) | max-autotune
+    compile_mode: Optional[str] = None
     tf32: bool = True  # TF32 matmuls/convolutions where fp32 remains (CUDA only)
 
 

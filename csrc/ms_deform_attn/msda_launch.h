@@ -43,12 +43,21 @@ inline bool fits_int32(const LaunchShape& s, int vec) {
 
 }  // namespace dino_scale_msda
 
-// Host-side launchers (defined in msda_forward.cu / msda_backward.cu; registered in msda_ops.cpp).
+// Host-side launchers (defined in msda_forward.cu / msda_backward.cu; registered in msda_ops.cpp)
+// and the CPU kernels (msda_cpu.cpp).
 at::Tensor msda_forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
                              const at::Tensor& level_start_index,
                              const at::Tensor& sampling_locations,
                              const at::Tensor& attention_weights);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward_cuda(
+    const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights, const at::Tensor& grad_output);
+at::Tensor msda_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                            const at::Tensor& level_start_index,
+                            const at::Tensor& sampling_locations,
+                            const at::Tensor& attention_weights);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward_cpu(
     const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights, const at::Tensor& grad_output);

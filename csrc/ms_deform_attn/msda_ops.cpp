@@ -1,11 +1,14 @@
 // Registration of the dino_scale::ms_deform_attn_{forward,backward} custom operators.
-// Schemas live here (TORCH_LIBRARY); the CUDA kernels are registered with TORCH_LIBRARY_IMPL.
-// Autograd and the fake (meta) implementation are registered from Python
-// (dino_scale/ops/ms_deform_attn_cuda.py) with torch.library.
+// Schemas live here (TORCH_LIBRARY); the CUDA kernels (msda_forward.cu, msda_backward.cu) and
+// the CPU kernels (msda_cpu.cpp) are registered with TORCH_LIBRARY_IMPL, and so is the autograd
+// formula (a C++ autograd::Function: no Python on the forward or backward call path). The fake
+// (meta) implementations are registered from Python (dino_scale/ops/ms_deform_attn_cuda.py).
 #include <string>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "msda_launch.h"
@@ -35,7 +38,7 @@ std::string sizes_str(const at::Tensor& t) {
 void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                   const at::Tensor& level_start_index, const at::Tensor& loc,
                   const at::Tensor& attw) {
-  MSDA_CHECK(value.is_cuda(), "value must be a CUDA tensor");
+  MSDA_CHECK(value.is_cuda() || value.is_cpu(), "value must be a CUDA or CPU tensor");
   const auto dev = value.device();
   for (const at::Tensor* t : {&spatial_shapes, &level_start_index, &loc, &attw}) {
     MSDA_CHECK(t->device() == dev, "all inputs must be on value's device");
@@ -66,6 +69,8 @@ void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
   const auto st = value.scalar_type();
   MSDA_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
              "value dtype must be float32, float16, bfloat16 or float64");
+  MSDA_CHECK(value.is_cuda() || st == at::kFloat || st == at::kDouble,
+             "the CPU kernel takes float32 or float64 value (half types: CUDA only)");
   const auto acc = st == at::kDouble ? at::kDouble : at::kFloat;
   MSDA_CHECK(loc.scalar_type() == acc && attw.scalar_type() == acc,
              std::string("sampling_locations and attention_weights must be ") +
@@ -83,6 +88,7 @@ at::Tensor forward_impl(const at::Tensor& value, const at::Tensor& spatial_shape
                         const at::Tensor& level_start_index, const at::Tensor& loc,
                         const at::Tensor& attw) {
   check_inputs(value, spatial_shapes, level_start_index, loc, attw);
+  if (value.is_cpu()) return msda_forward_cpu(value, spatial_shapes, level_start_index, loc, attw);
   return msda_forward_cuda(value, spatial_shapes, level_start_index, pair_aligned(loc), attw);
 }
 
@@ -98,8 +104,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
                  grad_output.size(1) == loc.size(1) &&
                  grad_output.size(2) == value.size(2) * value.size(3),
              "grad_output must be (N, Lq, M*D), got " + sizes_str(grad_output));
+  if (value.is_cpu()) {
+    return msda_backward_cpu(value, spatial_shapes, level_start_index, loc, attw, grad_output);
+  }
   return msda_backward_cuda(value, spatial_shapes, level_start_index, pair_aligned(loc), attw,
                             grad_output);
+}
+
+using ForwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const at::Tensor&);
+using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&);
+
+// Autograd in C++: forward redispatches below autograd to the device kernel and saves its
+// inputs; backward calls the backward operator (so torch.compile traces both through their
+// fake implementations). Shapes and start indices get no gradient; the backward is not itself
+// differentiable (no double backward, as the official op).
+class MSDAFunction : public torch::autograd::Function<MSDAFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& value,
+                            const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                            const at::Tensor& loc, const at::Tensor& attw) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("dino_scale::ms_deform_attn_forward", "")
+                         .typed<ForwardSig>();
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = op.call(value, spatial_shapes, level_start_index, loc, attw);
+    }
+    ctx->save_for_backward({value, spatial_shapes, level_start_index, loc, attw});
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("dino_scale::ms_deform_attn_backward", "")
+                         .typed<BackwardSig>();
+    const auto saved = ctx->get_saved_variables();
+    auto result = op.call(saved[0], saved[1], saved[2], saved[3], saved[4], grads[0].contiguous());
+    return {std::get<0>(result), at::Tensor(), at::Tensor(), std::get<1>(result), std::get<2>(result)};
+  }
+};
+
+at::Tensor forward_autograd(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                            const at::Tensor& level_start_index, const at::Tensor& loc,
+                            const at::Tensor& attw) {
+  return MSDAFunction::apply(value, spatial_shapes, level_start_index, loc, attw);
 }
 
 }  // namespace
@@ -117,4 +170,13 @@ TORCH_LIBRARY(dino_scale, m) {
 TORCH_LIBRARY_IMPL(dino_scale, CUDA, m) {
   m.impl("ms_deform_attn_forward", &forward_impl);
   m.impl("ms_deform_attn_backward", &backward_impl);
+}
+
+TORCH_LIBRARY_IMPL(dino_scale, CPU, m) {
+  m.impl("ms_deform_attn_forward", &forward_impl);
+  m.impl("ms_deform_attn_backward", &backward_impl);
+}
+
+TORCH_LIBRARY_IMPL(dino_scale, Autograd, m) {
+  m.impl("ms_deform_attn_forward", &forward_autograd);
 }

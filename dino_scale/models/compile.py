@@ -19,6 +19,7 @@ from torch import nn
 __all__ = ["compile_regions"]
 
 
+_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _GRANULARITY = {
     "layer": ("DeformableEncoderLayer", "DeformableDecoderLayer"),
     "stack": ("DeformableEncoder", "DeformableDecoder"),
@@ -31,7 +32,11 @@ def compile_regions(model: nn.Module, backbone: bool = True, mode: Optional[str]
     ``model``. ``granularity``: "layer" (default, measured: each encoder and decoder layer;
     one compiled code shared by the layers of a stack) or "stack" (the whole encoder and the
     whole decoder with its box refinement: fewer, larger graphs and fewer calls per step, at a
-    longer first compile; not yet timed on a GPU). Returns the compiled modules' names."""
+    longer first compile; not yet timed on a GPU). ``mode`` is torch.compile's: "reduce-overhead"
+    replays each region as CUDA graphs (inputs of a fixed size; a new size records new graphs).
+    Returns the compiled modules' names."""
+    if mode not in _MODES:
+        raise ValueError(f"compile mode must be one of {_MODES}, got {mode!r}")
     if granularity not in _GRANULARITY:
         raise ValueError(f"compile granularity must be one of {sorted(_GRANULARITY)}, got {granularity!r}")
     names = []

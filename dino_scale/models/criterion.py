@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dino_scale.ops.transfer import host_to_device
+
 from .box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from .denoising import dn_targets
 from .matcher import HungarianMatcher, build_matcher
@@ -154,7 +156,7 @@ class SetCriterion(nn.Module):
         batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
         src_idx = torch.cat([src for src, _ in indices])
         flat_tgt = torch.cat([tgt + offsets[b] for b, (_, tgt) in enumerate(indices)])
-        index = torch.stack([batch_idx, src_idx, flat_tgt]).to(device, non_blocking=True)
+        index = host_to_device(torch.stack([batch_idx, src_idx, flat_tgt]), device)
         batch_idx, src_idx, flat_tgt = index.unbind(0)
 
         all_labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.long)
@@ -195,7 +197,7 @@ class SetCriterion(nn.Module):
                     rows.append(torch.stack([torch.full_like(src, k), torch.full_like(src, b), src,
                                              tgt + offsets[b]]))
         index = (torch.cat(rows, 1) if rows else torch.zeros(4, 0, dtype=torch.long))
-        set_idx, batch_idx, src_idx, flat_tgt = index.to(device, non_blocking=True).unbind(0)
+        set_idx, batch_idx, src_idx, flat_tgt = host_to_device(index, device).unbind(0)
 
         all_labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.long)
         all_boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)

@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from dino_scale.ops.transfer import host_to_device
+
 from .box_ops import inverse_sigmoid
 
 __all__ = ["prepare_for_cdn", "dn_post_process", "build_dn_attn_mask", "dn_targets",
@@ -127,8 +129,8 @@ def prepare_for_cdn(targets: list[dict], dn_number: int, label_noise_ratio: floa
     offsets = torch.cumsum(sizes_t, 0) - sizes_t
     local = torch.arange(total) - offsets[batch_idx]
     block = torch.arange(blocks).repeat_interleave(total)
-    slot = (block * max_gt + local.repeat(blocks)).to(device, non_blocking=True)
-    bid = batch_idx.repeat(blocks).to(device, non_blocking=True)
+    slot = block * max_gt + local.repeat(blocks)
+    bid, slot = host_to_device(torch.stack([batch_idx.repeat(blocks), slot]), device).unbind(0)  # one copy
     input_query_label[bid, slot] = label_enc(known_labels).to(dtype)
     input_query_bbox[bid, slot] = inverse_sigmoid(known_boxes).to(dtype)
     return input_query_label, input_query_bbox, attn_mask, dn_meta

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from dino_scale.ops import level_index_tensors, level_shapes_of
+
 from .box_ops import inverse_sigmoid
 from .deformable_attention import MSDeformAttn
 from .position_encoding import gen_sineembed_for_position
@@ -177,7 +179,7 @@ class DeformableDecoder(nn.Module):
 def _shape_list(spatial_shapes) -> List[Tuple[int, int]]:
     """(L,2) tensor or sequence of (H, W) -> list of int pairs (a tensor is read back once)."""
     if torch.is_tensor(spatial_shapes):
-        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+        return level_shapes_of(spatial_shapes)
     return [(int(h), int(w)) for h, w in spatial_shapes]
 
 
@@ -292,9 +294,7 @@ class DeformableTransformer(nn.Module):
         mask_flat = torch.cat(mask_flat, 1)
         pos_flat = torch.cat(pos_flat, 1)
         level_shapes = [(int(h), int(w)) for h, w in shapes]  # host copy: no device read-back later
-        # non_blocking from host memory: staged at once, no wait for the queued backbone kernels
-        spatial_shapes = torch.tensor(level_shapes, dtype=torch.long).to(src_flat.device, non_blocking=True)
-        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        spatial_shapes, level_start_index = level_index_tensors(level_shapes, src_flat.device)
         valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)
 
         memory = self.encoder(src_flat, pos_flat, spatial_shapes, level_start_index, valid_ratios, mask_flat,

@@ -13,9 +13,11 @@ from typing import Optional
 
 import torch
 
+from .level_shapes import level_index_tensors, level_shapes_of
 from .ms_deform_attn_torch import ms_deform_attn_pytorch
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_pytorch", "cuda_backend_available"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_pytorch", "cuda_backend_available", "level_index_tensors",
+           "level_shapes_of"]
 
 _log = logging.getLogger(__name__)
 _BACKENDS = (None, "pytorch", "cuda")

@@ -1,9 +1,10 @@
 """CUDA backend of multi-scale deformable attention: loader and op wrappers.
 
 The compiled library (``csrc/ms_deform_attn``) defines the custom operators
-``torch.ops.dino_scale.ms_deform_attn_forward`` / ``ms_deform_attn_backward`` (CUDA only).
-After loading it, this module registers their fake implementations (for ``torch.compile`` and
-meta tensors) and the autograd formula with ``torch.library``. Nothing here compiles at import
+``torch.ops.dino_scale.ms_deform_attn_forward`` / ``ms_deform_attn_backward`` with CUDA kernels
+(the fast path), CPU kernels (float32/float64, so the compiled op can be tested without a GPU)
+and their autograd formula in C++. After loading it, this module registers their fake
+implementations (for ``torch.compile`` and meta tensors) with ``torch.library``. Nothing here compiles at import
 time; :func:`load` builds on first use (see ``_build``) unless ``DINO_SCALE_MSDA_NO_JIT=1``, in
 which case only an already built library is loaded.
 """
@@ -82,7 +83,8 @@ _python_side_done = False
 
 
 def _register_python_side() -> None:
-    """Fake implementations and autograd for the C++ ops (idempotent)."""
+    """Fake (meta) implementations for the C++ ops (idempotent). Autograd is registered in C++
+    (csrc/ms_deform_attn/msda_ops.cpp): no Python runs on the op's forward or backward path."""
     global _python_side_done
     if _python_side_done:
         return
@@ -100,16 +102,6 @@ def _register_python_side() -> None:
         return (torch.empty_like(value), torch.empty_like(sampling_locations),
                 torch.empty_like(attention_weights))
 
-    def _setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def _backward(ctx, grad_output):
-        value, shapes, starts, locs, weights = ctx.saved_tensors
-        grad_value, grad_locs, grad_weights = torch.ops.dino_scale.ms_deform_attn_backward(
-            value, shapes, starts, locs, weights, grad_output.contiguous())
-        return grad_value, None, None, grad_locs, grad_weights
-
-    torch.library.register_autograd(fwd, _backward, setup_context=_setup_context)
     _python_side_done = True
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .level_shapes import level_shapes_of
+
 
 def ms_deform_attn_pytorch(
     value: torch.Tensor,
@@ -30,7 +32,7 @@ def ms_deform_attn_pytorch(
         return out.to(value.dtype)
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    shapes = level_shapes_of(spatial_shapes)  # no device read-back for the model's cached shapes
     value_list = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations.to(value.dtype) - 1
     sampled = []

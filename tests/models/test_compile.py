@@ -61,3 +61,5 @@ def test_stack_granularity_matches_eager():
         torch.testing.assert_close(out[k], ref[k], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="granularity"):
         compile_regions(model, granularity="model")
+    with pytest.raises(ValueError, match="compile mode"):
+        compile_regions(model, mode="fastest")

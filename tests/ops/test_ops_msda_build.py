@@ -1,7 +1,9 @@
 """CI compile test: builds csrc/ms_deform_attn for sm_90 with the local nvcc through the same
 function production uses (dino_scale.ops._build.build_extension), into a temporary cache
 directory, then loads the library in a fresh process through the production loader and checks
-the operator schemas, fake kernels and autograd registration on meta tensors."""
+the operator schemas, the fake kernels and the C++ autograd on meta tensors, and the library's
+CPU kernels against the float64 reference (tests/ops/compiled_op_cpu_check.py): the compiled
+operator's registration, autograd and argument checks are exercised without a GPU."""
 from __future__ import annotations
 
 import json
@@ -28,36 +30,9 @@ _BUILD = textwrap.dedent("""
 """)
 
 # A fresh process loads the prebuilt library through the production loader (JIT disabled, so a
-# cache miss would fail) and checks schemas, fake kernels and autograd on meta tensors.
-_LOAD = textwrap.dedent("""
-    import json, sys
-    import torch
-    from dino_scale.ops import ms_deform_attn_cuda
-    lib = ms_deform_attn_cuda.load(build_if_missing=False)
-    report = {"lib": str(lib), "compiled": "torch.utils.cpp_extension" in sys.modules}
-    fwd = torch.ops.dino_scale.ms_deform_attn_forward.default
-    bwd = torch.ops.dino_scale.ms_deform_attn_backward.default
-    report["schemas"] = [str(fwd._schema), str(bwd._schema)]
-    meta = dict(device="meta")
-    value = torch.empty(2, 40, 4, 32, dtype=torch.bfloat16, **meta).requires_grad_()
-    shapes = torch.empty(2, 2, dtype=torch.int64, **meta)
-    starts = torch.empty(2, dtype=torch.int64, **meta)
-    loc = torch.empty(2, 7, 4, 2, 3, 2, dtype=torch.float32, **meta).requires_grad_()
-    w = torch.empty(2, 7, 4, 2, 3, dtype=torch.float32, **meta).requires_grad_()
-    out = torch.ops.dino_scale.ms_deform_attn_forward(value, shapes, starts, loc, w)
-    report["out"] = [list(out.shape), str(out.dtype), out.device.type]
-    out.sum().backward()
-    report["grads"] = [[list(t.grad.shape), str(t.grad.dtype)] for t in (value, loc, w)]
-    # no CPU kernel: a CPU call must fail loudly, not return garbage
-    try:
-        torch.ops.dino_scale.ms_deform_attn_forward(
-            torch.zeros(1, 1, 1, 4), torch.ones(1, 2, dtype=torch.int64),
-            torch.zeros(1, dtype=torch.int64), torch.zeros(1, 1, 1, 1, 1, 2), torch.ones(1, 1, 1, 1, 1))
-        report["cpu_call"] = "returned"
-    except (NotImplementedError, RuntimeError) as exc:
-        report["cpu_call"] = type(exc).__name__
-    print("REPORT " + json.dumps(report))
-""")
+# cache miss would fail) and runs tests/ops/compiled_op_cpu_check.py: schemas, fake kernels and
+# the C++ autograd on meta tensors, and the CPU kernels against the float64 reference.
+_CPU_CHECK = Path(__file__).with_name("compiled_op_cpu_check.py")
 
 
 def _report(proc) -> dict:
@@ -79,15 +54,25 @@ def test_extension_compiles_for_sm90_and_registers_ops(tmp_path):
     assert lib.is_file() and lib.stat().st_size > 100_000
     print(f"compile time {built['seconds']:.1f} s")
 
-    report = _report(subprocess.run([sys.executable, "-c", _LOAD], env=env, capture_output=True,
-                                    text=True, timeout=300))
+    report = _report(subprocess.run([sys.executable, str(_CPU_CHECK)], env=env, capture_output=True,
+                                    text=True, timeout=600))
+    print(json.dumps(report, indent=1))
     assert report["lib"] == str(lib) and report["compiled"] is False
     assert "ms_deform_attn_forward(Tensor value" in report["schemas"][0]
     assert "-> (Tensor, Tensor, Tensor)" in report["schemas"][1]
-    assert report["out"] == [[2, 7, 128], "torch.bfloat16", "meta"]
-    assert report["grads"] == [[[2, 40, 4, 32], "torch.bfloat16"], [[2, 7, 4, 2, 3, 2], "torch.float32"],
-                               [[2, 7, 4, 2, 3], "torch.float32"]]
-    assert report["cpu_call"] in ("NotImplementedError", "RuntimeError")
+    assert report["meta_out"] == [[2, 7, 128], "torch.bfloat16", "meta"]
+    assert report["meta_grads"] == [[[2, 40, 4, 32], "torch.bfloat16"], [[2, 7, 4, 2, 3, 2], "torch.float32"],
+                                    [[2, 7, 4, 2, 3], "torch.float32"]]
+    # the CPU kernels: float64 exact to rounding, float32 within 1e-5, forward and backward
+    assert max(report["cpu_rel_err"]["float64"]) <= 1e-12, report["cpu_rel_err"]
+    assert max(report["cpu_rel_err"]["float32"]) <= 1e-5, report["cpu_rel_err"]
+    assert report["gradcheck"] is True
+    assert "MSDAFunction" in report["grad_fn"]  # autograd is the C++ node, not a Python one
+    assert report["compile_err"] <= 1e-12
+    raised = report["errors_raised"]
+    assert "half types: CUDA only" in raised["bf16_on_cpu"]
+    assert "attention_weights" in raised["bad_weights_shape"]
+    assert "spatial_shapes must be (L, 2)" in raised["levels_mismatch"]
 
 
 def test_loader_without_jit_fails_fast_on_cache_miss(tmp_path):

@@ -1,0 +1,54 @@
+"""Cached level-shape tensors (dino_scale.ops.level_shapes) and host_to_device."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dino_scale.ops import level_index_tensors, level_shapes_of, ms_deform_attn_pytorch
+from dino_scale.ops import level_shapes as cache_module
+from dino_scale.ops.transfer import host_to_device
+
+
+def test_values_and_cache_hit():
+    shapes, starts = level_index_tensors([(4, 6), (2, 3)], "cpu")
+    assert shapes.tolist() == [[4, 6], [2, 3]] and starts.tolist() == [0, 24]
+    again = level_index_tensors(((4, 6), (2, 3)), torch.device("cpu"))
+    assert again[0] is shapes and again[1] is starts
+
+
+def test_shapes_of_cached_tensor_needs_no_read_back():
+    shapes, _ = level_index_tensors([(5, 7), (3, 4)], "meta")
+    assert level_shapes_of(shapes) == [(5, 7), (3, 4)]  # a meta tensor cannot be read: served from cache
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        level_shapes_of(torch.empty(2, 2, dtype=torch.long, device="meta"))
+    assert level_shapes_of(torch.tensor([[2, 2]])) == [(2, 2)]  # any other tensor: read back
+
+
+def test_lru_eviction_forgets_evicted_tensors(monkeypatch):
+    monkeypatch.setattr(cache_module, "CACHE_SIZE", 2)
+    cache_module.clear_level_cache()
+    first, _ = level_index_tensors([(1, 1)], "cpu")
+    level_index_tensors([(2, 2)], "cpu")
+    level_index_tensors([(3, 3)], "cpu")
+    assert len(cache_module._CACHE) == 2 and id(first) not in cache_module._SHAPES_BY_ID
+    assert level_index_tensors([(1, 1)], "cpu")[0] is not first
+    with pytest.raises(ValueError, match="no levels"):
+        level_index_tensors([], "cpu")
+    cache_module.clear_level_cache()
+
+
+def test_made_in_inference_mode_still_usable_in_training():
+    cache_module.clear_level_cache()
+    with torch.inference_mode():
+        shapes, starts = level_index_tensors([(4, 4), (2, 2)], "cpu")
+    value = torch.randn(1, 20, 2, 4, requires_grad=True)
+    locs = torch.rand(1, 3, 2, 2, 2, 2, requires_grad=True)
+    weights = torch.rand(1, 3, 2, 2, 2, requires_grad=True)
+    ms_deform_attn_pytorch(value, shapes, starts, locs, weights).sum().backward()
+    assert value.grad is not None and locs.grad is not None
+
+
+def test_host_to_device_same_device_is_identity():
+    t = torch.arange(4)
+    assert host_to_device(t, "cpu") is t
+    assert host_to_device(t, "meta").device.type == "meta"

@@ -244,8 +244,14 @@ class SetCriterion(nn.Module):
                              f"{outputs['pred_logits'].shape[0]}")
         num_boxes = self._num_boxes(targets, device)
         sets = self._output_sets(outputs)
-        # one host copy for every set's cost matrices (see HungarianMatcher.match_many)
-        all_indices = self.matcher.match_many([o for _, o in sets], targets)
+        # one host copy for every set's cost matrices, started now and waited for after the
+        # denoising losses are queued: the device computes those while the host solves
+        pending = self.matcher.start_many([o for _, o in sets], targets)
+        dn = {}
+        if self.dn_losses:
+            num_aux = len(outputs.get("aux_outputs") or [])
+            dn = self._dn(outputs.get("dn_meta"), targets, num_boxes, num_aux, device)
+        all_indices = pending.result()
         losses = {}
         same_shape = len({tuple(o["pred_logits"].shape) for _, o in sets}) == 1
         if same_shape:
@@ -254,9 +260,7 @@ class SetCriterion(nn.Module):
             per_set = [self.matched_losses(o, targets, num_boxes, ind) for (_, o), ind in zip(sets, all_indices)]
         for (suffix, _), terms in zip(sets, per_set):
             losses.update({f"{k}{suffix}": v for k, v in terms.items()})
-        if self.dn_losses:
-            num_aux = len(outputs.get("aux_outputs") or [])
-            losses.update(self._dn(outputs.get("dn_meta"), targets, num_boxes, num_aux, device))
+        losses.update(dn)  # same key order as forward_per_set
         return losses
 
     def forward_per_set(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:

@@ -5,11 +5,15 @@ the class cost being the official focal form ``pos_cost - neg_cost`` at each tar
 
 The cost matrices of the whole batch are computed in one go on the predictions' device,
 as one (B, Q, max_targets) tensor (targets padded per image), then copied to the host
-once; ``scipy.optimize.linear_sum_assignment`` solves each image's (Q, n_i) block. The
+once; ``scipy.optimize.linear_sum_assignment`` solves each image's (Q, n_i) block.
+:meth:`HungarianMatcher.start_many` starts that copy without waiting, so the criterion
+queues the denoising losses (which need no matching) before the host waits and solves. The
 official code computes the full (B*Q, sum n_i) cross-image matrix instead; the padded
 form does B times less work for the same per-image blocks.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import torch
@@ -18,7 +22,7 @@ from torch import Tensor, nn
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
-__all__ = ["HungarianMatcher", "pad_targets", "build_matcher"]
+__all__ = ["HungarianMatcher", "PendingMatches", "pad_targets", "build_matcher"]
 
 
 def pad_targets(targets: list[dict], device, dtype=torch.float32):
@@ -99,15 +103,24 @@ class HungarianMatcher(nn.Module):
         """Match several output sets (final layer, aux layers, encoder proposals) to the same
         targets with ONE device-to-host copy for all their cost matrices.
         Returns one :meth:`forward` result per output set."""
+        return self.start_many(outputs_list, targets).result()
+
+    @torch.no_grad()
+    def start_many(self, outputs_list: list[dict], targets: list[dict]) -> "PendingMatches":
+        """First half of :meth:`match_many`: compute every cost matrix and start their copy to
+        the host without waiting for it (pinned memory, CUDA event). The caller may queue
+        more device work (the denoising losses need no matching) before ``.result()``
+        waits for the copy and solves the assignments, so the host's solve overlaps the
+        device's work instead of leaving the device idle."""
         if not outputs_list:
-            return []
+            return PendingMatches([], None, None, [])
         device = outputs_list[0]["pred_logits"].device
         labels, boxes, sizes = pad_targets(targets, device)
         for out in outputs_list:
             if len(targets) != out["pred_logits"].shape[0]:
                 raise ValueError(f"matcher: {len(targets)} targets for a batch of {out['pred_logits'].shape[0]}")
         if sum(sizes) == 0:
-            return [[_empty_match() for _ in sizes] for _ in outputs_list]
+            return PendingMatches([None] * len(outputs_list), None, None, sizes)
         if labels.device.type == "cpu" and (labels.min() < 0 or
                                             labels.max() >= outputs_list[0]["pred_logits"].shape[-1]):
             raise ValueError(f"matcher: target labels must lie in [0, {outputs_list[0]['pred_logits'].shape[-1]})")
@@ -117,19 +130,21 @@ class HungarianMatcher(nn.Module):
             logits = torch.stack([o["pred_logits"] for o in outputs_list]).flatten(0, 1)
             pboxes = torch.stack([o["pred_boxes"] for o in outputs_list]).flatten(0, 1)
             cost = self.cost_matrix(logits, pboxes, labels.repeat(k_sets, 1), boxes.repeat(k_sets, 1, 1))
-            costs = list(cost.view(k_sets, -1, *cost.shape[1:]).unbind(0))
+            shapes = [(cost.shape[0] // k_sets,) + tuple(cost.shape[1:])] * k_sets  # (B, Q, N) each
             flat = cost.flatten()  # already one tensor in set order: no concatenation copy
         else:
             costs = [self.cost_matrix(o["pred_logits"], o["pred_boxes"], labels, boxes) for o in outputs_list]
+            shapes = [tuple(c.shape) for c in costs]
             flat = torch.cat([c.flatten() for c in costs])
-        flat = flat.cpu().numpy()  # the one host sync
-        result, start = [], 0
-        for c in costs:
-            block = flat[start:start + c.numel()].reshape(c.shape)
-            start += c.numel()
-            result.append([_assign(block[b, :, :n]) if n else _empty_match() for b, n in enumerate(sizes)])
-        return result
-
+        event = None
+        if flat.is_cuda:
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = flat
+        return PendingMatches(shapes, host, event, sizes)
     @torch.no_grad()
     def forward_per_image(self, outputs: dict, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
         """Reference path: one cost matrix and one host copy per image (for tests and the
@@ -144,6 +159,28 @@ class HungarianMatcher(nn.Module):
                                     t["labels"][None].to(outputs["pred_logits"].device),
                                     t["boxes"][None].to(outputs["pred_boxes"].device))
             result.append(_assign(cost[0].cpu().numpy()))
+        return result
+
+
+class PendingMatches:
+    """Cost matrices on their way to the host (see :meth:`HungarianMatcher.start_many`)."""
+
+    def __init__(self, shapes: list, host: Optional[Tensor], event, sizes: list[int]):
+        self._shapes, self._host, self._event, self._sizes = shapes, host, event, sizes
+
+    def result(self) -> list[list[tuple[Tensor, Tensor]]]:
+        """Wait for the copy (the one host sync of the loss) and solve every assignment."""
+        if self._host is None:
+            return [[_empty_match() for _ in self._sizes] for _ in self._shapes]
+        if self._event is not None:
+            self._event.synchronize()
+        flat = self._host.numpy()
+        result, start = [], 0
+        for shape in self._shapes:
+            count = int(np.prod(shape))
+            block = flat[start:start + count].reshape(shape)
+            start += count
+            result.append([_assign(block[b, :, :n]) if n else _empty_match() for b, n in enumerate(self._sizes)])
         return result
 
 

@@ -145,3 +145,31 @@ def test_match_many_equals_separate_calls():
             assert torch.equal(r1, r2) and torch.equal(c1, c2)
     empty = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 3
     assert all(len(r) == 0 for res in matcher.match_many(sets, empty) for r, _ in res)
+
+
+def test_started_matching_survives_later_writes_and_mixed_shapes():
+    """start_many copies the costs before returning control: overwriting the predictions while
+    the match is pending (the device keeps working meanwhile) must not change the result."""
+    matcher = HungarianMatcher()
+    sets = [_problem(s, 2, 20, 6, [3, 5])[0] for s in range(2)] + [_problem(9, 2, 12, 6, [3, 5])[0]]
+    _, targets = _problem(0, 2, 20, 6, [3, 5])
+    expected = [matcher(out, targets) for out in sets]
+    pending = matcher.start_many(sets, targets)
+    for out in sets:
+        out["pred_boxes"].uniform_()
+    for got, want in zip(pending.result(), expected):
+        for (r1, c1), (r2, c2) in zip(got, want):
+            assert torch.equal(r1, r2) and torch.equal(c1, c2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_match_many_through_pinned_copy_matches_cpu():
+    matcher = HungarianMatcher()
+    sets = [_problem(s, 3, 40, 6, [4, 0, 7])[0] for s in range(4)]
+    _, targets = _problem(0, 3, 40, 6, [4, 0, 7])
+    cpu = matcher.match_many(sets, targets)
+    gpu = matcher.match_many([{k: v.cuda() for k, v in o.items()} for o in sets],
+                             [{k: v.cuda() for k, v in t.items()} for t in targets])
+    for a, b in zip(cpu, gpu):
+        for (r1, c1), (r2, c2) in zip(a, b):
+            assert torch.equal(r1, r2) and torch.equal(c1, c2)

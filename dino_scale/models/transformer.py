@@ -14,6 +14,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from dino_scale.ops import level_index_tensors, level_shapes_of
+from dino_scale.ops.level_shapes import cached_level_tensors
 
 from .box_ops import inverse_sigmoid
 from .deformable_attention import MSDeformAttn
@@ -78,16 +79,10 @@ class DeformableEncoder(nn.Module):
     def reference_points(spatial_shapes, valid_ratios: Tensor) -> Tensor:
         """Token centers in [0,1] of each level's valid area, times valid ratios:
         spatial_shapes (L,2) tensor or list of (H, W), valid_ratios (B,L,2) -> (B,S,L,2) as (x,y).
-        A list avoids reading a device tensor back to the host (a sync)."""
-        refs = []
-        for lvl, (h, w) in enumerate(_shape_list(spatial_shapes)):
-            ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=valid_ratios.device),
-                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=valid_ratios.device), indexing="ij")
-            ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
-            ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
-            refs.append(torch.stack((ref_x, ref_y), -1))
-        return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]
+        One pass over all tokens with the cached per-size grid (:func:`token_tables`)."""
+        centers, sizes, level, _, _ = token_tables(_shape_list(spatial_shapes), valid_ratios.device)
+        ref = centers / (valid_ratios[:, level] * sizes)  # (B,S,2): center / (ratio * size) per token
+        return ref[:, :, None] * valid_ratios[:, None]
 
     def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask,
                 level_shapes: Optional[List[Tuple[int, int]]] = None):
@@ -183,29 +178,52 @@ def _shape_list(spatial_shapes) -> List[Tuple[int, int]]:
     return [(int(h), int(w)) for h, w in spatial_shapes]
 
 
-def gen_encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes
-                                 ) -> Tuple[Tensor, Tensor]:
+def _token_table_build(shapes) -> Tuple[Tensor, ...]:
+    centers, sizes, levels, wh = [], [], [], []
+    for lvl, (h, w) in enumerate(shapes):
+        gy, gx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=torch.float32),
+                                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32), indexing="ij")
+        centers.append(torch.stack((gx.reshape(-1), gy.reshape(-1)), -1))
+        sizes.append(torch.tensor([float(w), float(h)]).expand(h * w, 2))
+        levels.append(torch.full((h * w,), lvl, dtype=torch.long))
+        wh.append(torch.ones(h * w, 2) * 0.05 * (2.0 ** lvl))
+    return (torch.cat(centers), torch.cat(sizes), torch.cat(levels), torch.cat(wh),
+            torch.tensor([[float(w), float(h)] for h, w in shapes]))
+
+
+def token_tables(level_shapes, device) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Constant per-token tables of the flattened levels (S = sum H_l * W_l), cached per size
+    and device: ``centers`` (S,2) float32 (x + 0.5, y + 0.5) in its level's pixels, ``sizes``
+    (S,2) float32 (W_l, H_l), ``level`` (S,) int64, ``wh`` (S,2) the proposal size
+    0.05 * 2**level, and ``level_sizes`` (L,2) float32 (W_l, H_l)."""
+    return cached_level_tensors("dino_tokens", level_shapes, device, _token_table_build)
+
+
+def valid_counts(masks: List[Tensor]) -> Tensor:
+    """Per-level masks [(B,H_l,W_l) True = padding] -> (B,L,2) int64 un-padded (width, height)."""
+    return torch.stack([torch.stack([(~m[:, 0, :]).sum(1), (~m[:, :, 0]).sum(1)], -1) for m in masks], 1)
+
+
+def gen_encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes,
+                                 counts: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """One proposal per token: center of the token in its level's valid area, wh = 0.05*2**lvl.
 
     memory (B,S,C), padding_mask (B,S) -> (memory with padded/invalid tokens zeroed (B,S,C),
     proposals in logit space (B,S,4), +inf where padded or any coordinate outside (0.01,0.99)).
+    ``counts`` (B,L,2): the levels' un-padded (width, height) (:func:`valid_counts`), read
+    from ``padding_mask`` when not given.
     """
     B = memory.shape[0]
-    proposals = []
-    cur = 0
-    for lvl, (h, w) in enumerate(_shape_list(spatial_shapes)):
-        m = padding_mask[:, cur:cur + h * w].view(B, h, w)
-        valid_h = torch.sum(~m[:, :, 0], 1)
-        valid_w = torch.sum(~m[:, 0, :], 1)
-        gy, gx = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-                                torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device), indexing="ij")
-        grid = torch.cat([gx.unsqueeze(-1), gy.unsqueeze(-1)], -1)  # (h,w,2)
-        scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(B, 1, 1, 2)
-        grid = (grid.unsqueeze(0).expand(B, -1, -1, -1) + 0.5) / scale
-        wh = torch.ones_like(grid) * 0.05 * (2.0 ** lvl)
-        proposals.append(torch.cat((grid, wh), -1).view(B, -1, 4))
-        cur += h * w
-    proposals = torch.cat(proposals, 1)
+    shapes = _shape_list(spatial_shapes)
+    if counts is None:
+        starts = [0]
+        for h, w in shapes:
+            starts.append(starts[-1] + h * w)
+        counts = valid_counts([padding_mask[:, a:a + h * w].view(B, h, w)
+                               for a, (h, w) in zip(starts, shapes)])
+    centers, _, level, wh, _ = token_tables(shapes, memory.device)
+    grid = centers / counts[:, level]  # (B,S,2) float32: (x + 0.5) / valid width, (y + 0.5) / valid height
+    proposals = torch.cat((grid, wh.expand(B, -1, -1)), -1)
     valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
     proposals = torch.log(proposals / (1 - proposals))
     proposals = proposals.masked_fill(padding_mask.unsqueeze(-1), float("inf"))
@@ -295,13 +313,14 @@ class DeformableTransformer(nn.Module):
         pos_flat = torch.cat(pos_flat, 1)
         level_shapes = [(int(h), int(w)) for h, w in shapes]  # host copy: no device read-back later
         spatial_shapes, level_start_index = level_index_tensors(level_shapes, src_flat.device)
-        valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)
+        counts = valid_counts(masks)  # (B,L,2) un-padded (width, height) per level
+        valid_ratios = counts.float() / token_tables(level_shapes, src_flat.device)[4]  # (B,L,2)
 
         memory = self.encoder(src_flat, pos_flat, spatial_shapes, level_start_index, valid_ratios, mask_flat,
                               level_shapes=level_shapes)
 
         # two-stage query selection
-        out_memory, out_proposals = gen_encoder_output_proposals(memory, mask_flat, level_shapes)
+        out_memory, out_proposals = gen_encoder_output_proposals(memory, mask_flat, level_shapes, counts)
         out_memory = self.enc_output_norm(self.enc_output(out_memory))
         enc_class = self.enc_out_class_embed(out_memory)
         enc_coord = self.enc_out_bbox_embed(out_memory) + out_proposals  # logit space

@@ -6,6 +6,8 @@ host-to-device copy, and reading them back (the PyTorch backend needs the sizes 
 ints) costs a device-to-host sync per call. :func:`level_index_tensors` caches the pair per
 (shapes, device); :func:`level_shapes_of` returns the Python shapes of a cached tensor
 without touching the device (any other tensor is read back, once per call, as before).
+:func:`cached_level_tensors` is the same cache for other per-size constant tables (the
+model's per-token grids), built on the host by a caller-given function.
 
 After the first step at a given input size the forward therefore makes neither a host copy
 nor a read-back for these tensors, which is what CUDA-graph capture requires (a pageable
@@ -14,44 +16,56 @@ host copy cannot be captured, a read-back is a sync).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["level_index_tensors", "level_shapes_of", "clear_level_cache"]
+__all__ = ["level_index_tensors", "level_shapes_of", "cached_level_tensors", "clear_level_cache"]
 
-_CACHE: "OrderedDict[tuple, Tuple[Tensor, Tensor]]" = OrderedDict()
-_SHAPES_BY_ID: dict[int, Tuple[Tensor, Tuple[Tuple[int, int], ...]]] = {}
-CACHE_SIZE = 128  # multi-scale training sees tens of sizes; each entry is two tiny tensors
+Shapes = Tuple[Tuple[int, int], ...]
+_CACHE: "OrderedDict[tuple, Tuple[Tensor, ...]]" = OrderedDict()
+_SHAPES_BY_ID: dict[int, Tuple[Tensor, Shapes]] = {}
+CACHE_SIZE = 256  # multi-scale training sees tens of sizes; each entry is a few small tensors
 
 
-def level_index_tensors(level_shapes: Sequence[Tuple[int, int]], device) -> Tuple[Tensor, Tensor]:
-    """[(H_l, W_l)] -> (spatial_shapes (L,2) int64, level_start_index (L,) int64) on ``device``.
-
-    Cached (LRU, :data:`CACHE_SIZE` entries): do not write into the returned tensors. They are
-    created outside inference mode, so a training step may save them for backward.
-    """
-    shapes = tuple((int(h), int(w)) for h, w in level_shapes)
+def cached_level_tensors(kind: str, level_shapes: Sequence[Tuple[int, int]], device,
+                         build: Callable[[Shapes], Tuple[Tensor, ...]]) -> Tuple[Tensor, ...]:
+    """``build(shapes)`` (CPU tensors) moved to ``device``, cached per (kind, shapes, device)
+    (LRU, :data:`CACHE_SIZE` entries in all). Do not write into the returned tensors. They are
+    created outside inference mode, so a training step may save them for backward."""
+    shapes: Shapes = tuple((int(h), int(w)) for h, w in level_shapes)
     if not shapes:
-        raise ValueError("level_index_tensors: no levels")
-    key = (shapes, str(torch.device(device)))
+        raise ValueError("level tensors: no levels")
+    key = (kind, shapes, str(torch.device(device)))
     hit = _CACHE.get(key)
     if hit is not None:
         _CACHE.move_to_end(key)
         return hit
     with torch.inference_mode(False), torch.no_grad():
-        host = torch.tensor(shapes, dtype=torch.long)
-        start = torch.cat((host.new_zeros((1,)), host.prod(1).cumsum(0)[:-1]))
-        value = (host.to(device), start.to(device))
+        value = tuple(t.to(device) for t in build(shapes))
     if torch.compiler.is_compiling():
         return value  # traced code keeps no module-level state
     _CACHE[key] = value
-    _SHAPES_BY_ID[id(value[0])] = (value[0], shapes)
+    if kind == "index":
+        _SHAPES_BY_ID[id(value[0])] = (value[0], shapes)
     if len(_CACHE) > CACHE_SIZE:
-        _, (old, _) = _CACHE.popitem(last=False)
-        _SHAPES_BY_ID.pop(id(old), None)
+        (old_kind, _, _), old = _CACHE.popitem(last=False)
+        if old_kind == "index":
+            _SHAPES_BY_ID.pop(id(old[0]), None)
     return value
+
+
+def _index_tables(shapes: Shapes) -> Tuple[Tensor, Tensor]:
+    host = torch.tensor(shapes, dtype=torch.long).reshape(-1, 2)
+    return host, torch.cat((host.new_zeros((1,)), host.prod(1).cumsum(0)[:-1]))
+
+
+def level_index_tensors(level_shapes: Sequence[Tuple[int, int]], device) -> Tuple[Tensor, Tensor]:
+    """[(H_l, W_l)] -> (spatial_shapes (L,2) int64, level_start_index (L,) int64) on ``device``,
+    cached (see :func:`cached_level_tensors`)."""
+    shapes, starts = cached_level_tensors("index", level_shapes, device, _index_tables)
+    return shapes, starts
 
 
 def level_shapes_of(spatial_shapes: Tensor) -> List[Tuple[int, int]]:

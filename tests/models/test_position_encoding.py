@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from dino_scale.models.position_encoding import PositionEmbeddingSine, gen_sineembed_for_position
@@ -43,3 +44,17 @@ def test_gen_sineembed_order_and_values():
     emb2 = gen_sineembed_for_position(box[..., :2])
     assert emb2.shape == (1, 1, 256)
     torch.testing.assert_close(emb2, emb[..., :256])
+
+
+def test_gen_sineembed_one_pass_equals_per_coordinate_bit_for_bit():
+    from dino_scale.models.position_encoding import _interleave_sin_cos
+    torch.manual_seed(0)
+    for n in (2, 4):
+        pos = torch.rand(3, 7, n)
+        dim = torch.arange(128, dtype=torch.float32)
+        dim_t = 10000.0 ** (2 * torch.div(dim, 2, rounding_mode="floor") / 128)
+        per = [_interleave_sin_cos((pos[..., i] * (2 * math.pi))[..., None] / dim_t) for i in range(n)]
+        want = torch.cat([per[1], per[0]] + per[2:], -1)
+        assert torch.equal(gen_sineembed_for_position(pos), want)
+    with pytest.raises(ValueError, match="shape"):
+        gen_sineembed_for_position(torch.rand(2, 3))

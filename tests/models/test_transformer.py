@@ -160,3 +160,47 @@ def test_select_topk_queries_orders_ties_by_descending_index_on_every_device():
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         assert torch.equal(select_topk_queries(logits.to(dev), 350).cpu(), idx)
+
+
+def _per_level_reference(memory, mask, level_shapes):
+    """The per-level formulation (one meshgrid per level, counts read from the flat mask):
+    proposals (B,S,4) before the logit, and the encoder reference points (B,S,L,2)."""
+    B = memory.shape[0]
+    props, refs, ratios, cur = [], [], [], 0
+    for lvl, (h, w) in enumerate(level_shapes):
+        m = mask[:, cur:cur + h * w].view(B, h, w)
+        vh, vw = (~m[:, :, 0]).sum(1), (~m[:, 0, :]).sum(1)
+        ratios.append(torch.stack([vw.float() / w, vh.float() / h], -1))
+        gy, gx = torch.meshgrid(torch.linspace(0, h - 1, h), torch.linspace(0, w - 1, w), indexing="ij")
+        grid = (torch.stack([gx, gy], -1)[None] + 0.5) / torch.stack([vw, vh], 1).view(B, 1, 1, 2)
+        props.append(torch.cat((grid, torch.ones_like(grid) * 0.05 * (2.0 ** lvl)), -1).view(B, -1, 4))
+        cur += h * w
+    ratios = torch.stack(ratios, 1)
+    for lvl, (h, w) in enumerate(level_shapes):
+        ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h), torch.linspace(0.5, w - 0.5, w), indexing="ij")
+        refs.append(torch.stack((rx.reshape(-1)[None] / (ratios[:, None, lvl, 0] * w),
+                                 ry.reshape(-1)[None] / (ratios[:, None, lvl, 1] * h)), -1))
+    return torch.cat(props, 1), torch.cat(refs, 1)[:, :, None] * ratios[:, None], ratios
+
+
+def test_vectorized_token_grids_equal_the_per_level_formulation_bit_for_bit():
+    shapes = [(7, 9), (4, 5), (2, 3), (1, 2)]
+    masks = []
+    for h, w in shapes:
+        m = torch.zeros(2, h, w, dtype=torch.bool)
+        m[1, max(1, h - 2):, :] = True
+        m[1, :, max(1, w - 3):] = True
+        masks.append(m)
+    flat = torch.cat([m.flatten(1) for m in masks], 1)
+    memory = torch.randn(2, flat.shape[1], 4)
+    want_props, want_refs, want_ratios = _per_level_reference(memory, flat, shapes)
+    counts = transformer_mod.valid_counts(masks)
+    ratios = counts.float() / transformer_mod.token_tables(shapes, "cpu")[4]
+    assert torch.equal(ratios, want_ratios)
+    assert torch.equal(transformer_mod.DeformableEncoder.reference_points(shapes, ratios), want_refs)
+    for given in (counts, None):  # counts passed in, or read from the flat mask
+        _, props = gen_encoder_output_proposals(memory, flat, shapes, given)
+        raw = want_props
+        expect = torch.log(raw / (1 - raw)).masked_fill(flat[..., None], float("inf"))
+        expect = expect.masked_fill(~((raw > 0.01) & (raw < 0.99)).all(-1, keepdim=True), float("inf"))
+        assert torch.equal(props, expect)

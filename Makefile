@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q --durations=20 tests
 
 demo: $(STAMP)
 	DS_ACCELERATOR=cpu $(PY) -m pipelines.demo

@@ -3,7 +3,8 @@
 # the train step. Logs and JSON go to $OUT (default benchmarks/results/gpu_<time>).
 #
 #   bash benchmarks/gpu_check.sh [all|PART[,PART...]] [extra train_step.py args...]
-#   PART: tests, msda, train, profile (profile: benchmarks/profile_step.py, r50_4scale bf16 bs2)
+#   PART: tests, msda, train, profile (profile: benchmarks/profile_step.py, r50_4scale bf16 bs2),
+#         graphs (inference only, bf16 + TF32 + compile, eager vs one CUDA graph, three presets)
 #
 # Optional wheels (e.g. deformops for the MSDA comparison) are installed from ./.whl when
 # present. Each step has its own time limit so one hang cannot eat the whole session.
@@ -37,6 +38,13 @@ if want msda; then
 fi
 if want train; then
   timeout 400 python3 benchmarks/train_step.py --out "$OUT/train_step.json" "$@" 2>&1 | tee "$OUT/train_step.log" | tail -30
+fi
+if want graphs; then
+  for g in "" --cuda-graphs; do
+    timeout 300 python3 benchmarks/train_step.py --batch-sizes "" --precision bf16 --tf32 --compile $g \
+      --preset r50_4scale --preset r50_5scale --preset swinl_4scale --out "$OUT/infer${g:+_graphs}.json" 2>&1 \
+      | tee "$OUT/infer${g:+_graphs}.log" | tail -8
+  done
 fi
 if want profile; then
   timeout 300 python3 benchmarks/profile_step.py --out "$OUT" 2>&1 | tee "$OUT/profile.log" | head -60

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from dino_scale.ops import level_index_tensors, level_shapes_of
 from dino_scale.ops.level_shapes import cached_level_tensors
+from dino_scale.ops.transfer import host_to_device
 
 from .box_ops import inverse_sigmoid
 from .deformable_attention import MSDeformAttn
@@ -80,8 +81,8 @@ class DeformableEncoder(nn.Module):
         """Token centers in [0,1] of each level's valid area, times valid ratios:
         spatial_shapes (L,2) tensor or list of (H, W), valid_ratios (B,L,2) -> (B,S,L,2) as (x,y).
         One pass over all tokens with the cached per-size grid (:func:`token_tables`)."""
-        centers, sizes, level, _, _ = token_tables(_shape_list(spatial_shapes), valid_ratios.device)
-        ref = centers / (valid_ratios[:, level] * sizes)  # (B,S,2): center / (ratio * size) per token
+        centers, level, level_sizes, _ = token_tables(_shape_list(spatial_shapes), valid_ratios.device)
+        ref = centers / (valid_ratios[:, level] * level_sizes[level])  # (B,S,2): center / (ratio * size)
         return ref[:, :, None] * valid_ratios[:, None]
 
     def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask,
@@ -178,24 +179,25 @@ def _shape_list(spatial_shapes) -> List[Tuple[int, int]]:
     return [(int(h), int(w)) for h, w in spatial_shapes]
 
 
-def _token_table_build(shapes) -> Tuple[Tensor, ...]:
-    centers, sizes, levels, wh = [], [], [], []
+def _token_table_build(shapes, device) -> Tuple[Tensor, ...]:
+    """Built on the device (the per-level arithmetic the forward used to repeat every step)."""
+    centers, levels = [], []
     for lvl, (h, w) in enumerate(shapes):
-        gy, gx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=torch.float32),
-                                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32), indexing="ij")
+        gy, gx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
+                                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device), indexing="ij")
         centers.append(torch.stack((gx.reshape(-1), gy.reshape(-1)), -1))
-        sizes.append(torch.tensor([float(w), float(h)]).expand(h * w, 2))
-        levels.append(torch.full((h * w,), lvl, dtype=torch.long))
-        wh.append(torch.ones(h * w, 2) * 0.05 * (2.0 ** lvl))
-    return (torch.cat(centers), torch.cat(sizes), torch.cat(levels), torch.cat(wh),
-            torch.tensor([[float(w), float(h)] for h, w in shapes]))
+        levels.append(torch.full((h * w,), lvl, dtype=torch.long, device=device))
+    per_level = torch.tensor([[float(w), float(h), 0.05, 0.05] for h, w in shapes])
+    per_level[:, 2:] *= torch.tensor([2.0 ** lvl for lvl in range(len(shapes))])[:, None]
+    per_level = host_to_device(per_level, device)
+    return torch.cat(centers), torch.cat(levels), per_level[:, :2].contiguous(), per_level[:, 2:].contiguous()
 
 
-def token_tables(level_shapes, device) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Constant per-token tables of the flattened levels (S = sum H_l * W_l), cached per size
-    and device: ``centers`` (S,2) float32 (x + 0.5, y + 0.5) in its level's pixels, ``sizes``
-    (S,2) float32 (W_l, H_l), ``level`` (S,) int64, ``wh`` (S,2) the proposal size
-    0.05 * 2**level, and ``level_sizes`` (L,2) float32 (W_l, H_l)."""
+def token_tables(level_shapes, device) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Constant tables of the flattened levels (S = sum H_l * W_l), cached per size and device:
+    ``centers`` (S,2) float32 (x + 0.5, y + 0.5) of each token in its level's pixels, ``level``
+    (S,) int64, ``level_sizes`` (L,2) float32 (W_l, H_l), ``level_wh`` (L,2) the proposal size
+    0.05 * 2**l."""
     return cached_level_tensors("dino_tokens", level_shapes, device, _token_table_build)
 
 
@@ -221,9 +223,9 @@ def gen_encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_s
             starts.append(starts[-1] + h * w)
         counts = valid_counts([padding_mask[:, a:a + h * w].view(B, h, w)
                                for a, (h, w) in zip(starts, shapes)])
-    centers, _, level, wh, _ = token_tables(shapes, memory.device)
+    centers, level, _, level_wh = token_tables(shapes, memory.device)
     grid = centers / counts[:, level]  # (B,S,2) float32: (x + 0.5) / valid width, (y + 0.5) / valid height
-    proposals = torch.cat((grid, wh.expand(B, -1, -1)), -1)
+    proposals = torch.cat((grid, level_wh[level].expand(B, -1, -1)), -1)
     valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
     proposals = torch.log(proposals / (1 - proposals))
     proposals = proposals.masked_fill(padding_mask.unsqueeze(-1), float("inf"))
@@ -314,7 +316,7 @@ class DeformableTransformer(nn.Module):
         level_shapes = [(int(h), int(w)) for h, w in shapes]  # host copy: no device read-back later
         spatial_shapes, level_start_index = level_index_tensors(level_shapes, src_flat.device)
         counts = valid_counts(masks)  # (B,L,2) un-padded (width, height) per level
-        valid_ratios = counts.float() / token_tables(level_shapes, src_flat.device)[4]  # (B,L,2)
+        valid_ratios = counts.float() / token_tables(level_shapes, src_flat.device)[2]  # (B,L,2)
 
         memory = self.encoder(src_flat, pos_flat, spatial_shapes, level_start_index, valid_ratios, mask_flat,
                               level_shapes=level_shapes)

@@ -7,7 +7,7 @@ ints) costs a device-to-host sync per call. :func:`level_index_tensors` caches t
 (shapes, device); :func:`level_shapes_of` returns the Python shapes of a cached tensor
 without touching the device (any other tensor is read back, once per call, as before).
 :func:`cached_level_tensors` is the same cache for other per-size constant tables (the
-model's per-token grids), built on the host by a caller-given function.
+model's per-token grids), built by a caller-given function.
 
 After the first step at a given input size the forward therefore makes neither a host copy
 nor a read-back for these tensors, which is what CUDA-graph capture requires (a pageable
@@ -21,18 +21,26 @@ from typing import Callable, List, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .transfer import host_to_device
+
 __all__ = ["level_index_tensors", "level_shapes_of", "cached_level_tensors", "clear_level_cache"]
 
 Shapes = Tuple[Tuple[int, int], ...]
 _CACHE: "OrderedDict[tuple, Tuple[Tensor, ...]]" = OrderedDict()
 _SHAPES_BY_ID: dict[int, Tuple[Tensor, Shapes]] = {}
-CACHE_SIZE = 256  # multi-scale training sees tens of sizes; each entry is a few small tensors
+# Entries in all kinds together. An entry of the model's per-token tables is ~16 bytes per token
+# (320 KB at 800x1199), so the cache holds at most ~20 MB of device memory; multi-scale
+# training with many distinct padded sizes misses more often, and a miss costs what building
+# the tables every step cost before (no host sync: see cached_level_tensors).
+CACHE_SIZE = 64
 
 
 def cached_level_tensors(kind: str, level_shapes: Sequence[Tuple[int, int]], device,
-                         build: Callable[[Shapes], Tuple[Tensor, ...]]) -> Tuple[Tensor, ...]:
-    """``build(shapes)`` (CPU tensors) moved to ``device``, cached per (kind, shapes, device)
-    (LRU, :data:`CACHE_SIZE` entries in all). Do not write into the returned tensors. They are
+                         build: Callable[[Shapes, torch.device], Tuple[Tensor, ...]]) -> Tuple[Tensor, ...]:
+    """``build(shapes, device)``, cached per (kind, shapes, device) (LRU, :data:`CACHE_SIZE`
+    entries in all). ``build`` should create its tensors on ``device`` directly, or copy host
+    tensors with :func:`host_to_device` (pinned, asynchronous): a plain ``.to(device)`` of host
+    memory would make every miss a host sync. Do not write into the returned tensors. They are
     created outside inference mode, so a training step may save them for backward."""
     shapes: Shapes = tuple((int(h), int(w)) for h, w in level_shapes)
     if not shapes:
@@ -43,7 +51,7 @@ def cached_level_tensors(kind: str, level_shapes: Sequence[Tuple[int, int]], dev
         _CACHE.move_to_end(key)
         return hit
     with torch.inference_mode(False), torch.no_grad():
-        value = tuple(t.to(device) for t in build(shapes))
+        value = tuple(build(shapes, torch.device(device)))
     if torch.compiler.is_compiling():
         return value  # traced code keeps no module-level state
     _CACHE[key] = value
@@ -56,9 +64,11 @@ def cached_level_tensors(kind: str, level_shapes: Sequence[Tuple[int, int]], dev
     return value
 
 
-def _index_tables(shapes: Shapes) -> Tuple[Tensor, Tensor]:
+def _index_tables(shapes: Shapes, device: torch.device) -> Tuple[Tensor, Tensor]:
     host = torch.tensor(shapes, dtype=torch.long).reshape(-1, 2)
-    return host, torch.cat((host.new_zeros((1,)), host.prod(1).cumsum(0)[:-1]))
+    starts = torch.cat((host.new_zeros((1,)), host.prod(1).cumsum(0)[:-1]))
+    both = host_to_device(torch.cat((host, starts[:, None]), 1), device)  # one copy: (L, 3)
+    return both[:, :2].contiguous(), both[:, 2].contiguous()
 
 
 def level_index_tensors(level_shapes: Sequence[Tuple[int, int]], device) -> Tuple[Tensor, Tensor]:

@@ -195,7 +195,7 @@ def test_vectorized_token_grids_equal_the_per_level_formulation_bit_for_bit():
     memory = torch.randn(2, flat.shape[1], 4)
     want_props, want_refs, want_ratios = _per_level_reference(memory, flat, shapes)
     counts = transformer_mod.valid_counts(masks)
-    ratios = counts.float() / transformer_mod.token_tables(shapes, "cpu")[4]
+    ratios = counts.float() / transformer_mod.token_tables(shapes, "cpu")[2]
     assert torch.equal(ratios, want_ratios)
     assert torch.equal(transformer_mod.DeformableEncoder.reference_points(shapes, ratios), want_refs)
     for given in (counts, None):  # counts passed in, or read from the flat mask

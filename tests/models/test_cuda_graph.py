@@ -165,6 +165,6 @@ def test_one_graph_per_size_with_lru_eviction(tiny):
     first = graphed(a[0], a[1])["pred_boxes"]
     graphed(b[0], b[1])
     again = graphed(a[0], a[1])["pred_boxes"]  # evicted, captured again
-    torch.testing.assert_close(first, again)
+    torch.testing.assert_close(first, again, rtol=1e-4, atol=1e-4)  # conv algorithms may differ per capture
     assert graphed.stats["captures"] == 3 and graphed.stats["evicted"] == 2
     model.cpu()

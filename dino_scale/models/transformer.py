@@ -286,14 +286,6 @@ class DeformableTransformer(nn.Module):
                 m.reset_parameters()
         nn.init.normal_(self.level_embed)
 
-    @staticmethod
-    def valid_ratio(mask: Tensor) -> Tensor:
-        """mask (B,H,W) True = padding -> (B,2) valid fraction of width and height."""
-        _, H, W = mask.shape
-        valid_h = torch.sum(~mask[:, :, 0], 1)
-        valid_w = torch.sum(~mask[:, 0, :], 1)
-        return torch.stack([valid_w.float() / W, valid_h.float() / H], -1)
-
     def forward(self, srcs: List[Tensor], masks: List[Tensor], pos_embeds: List[Tensor],
                 query_label: Optional[Tensor] = None, query_bbox: Optional[Tensor] = None,
                 attn_mask: Optional[Tensor] = None):

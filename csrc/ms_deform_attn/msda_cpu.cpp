@@ -111,7 +111,6 @@ void backward_kernel(const scalar_t* value, const scalar_t* loc, const scalar_t*
           const int64_t off = ((n * S + start[l]) * M + m) * D;
           for (int64_t p = 0; p < P; ++p) {
             const int64_t i = base + l * P + p;
-            gloc[2 * i] = gloc[2 * i + 1] = gattw[i] = scalar_t(0);
             const Corners c = corners_of(loc[2 * i], loc[2 * i + 1], H, W);
             if (!c.inside) continue;
             const double a = attw[i];

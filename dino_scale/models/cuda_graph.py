@@ -85,15 +85,15 @@ class GraphedDetector:
         # the autocast weight cache would hold casts made inside the capture: keep it off
         return torch.autocast(device.type, dtype=self.amp_dtype, cache_enabled=not capturing)
 
+    @torch.no_grad()
     def _forward(self, images: Tensor, masks: Tensor, sizes: Optional[Tensor],
                  capturing: bool = False) -> Tuple[Tensor, ...]:
-        with torch.no_grad(), self._autocast(images.device, capturing):
+        with self._autocast(images.device, capturing):
             out = self.model(images, masks)
         logits, boxes = out["pred_logits"].float(), out["pred_boxes"].float()
         if sizes is None or self.postprocess is None:
             return logits, boxes
-        with torch.no_grad():
-            results = self.postprocess({"pred_logits": logits, "pred_boxes": boxes}, sizes)
+        results = self.postprocess({"pred_logits": logits, "pred_boxes": boxes}, sizes)
         return tuple(torch.stack([r[k] for r in results]) for k in ("scores", "labels", "boxes"))
 
     @staticmethod

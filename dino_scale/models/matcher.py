@@ -145,6 +145,7 @@ class HungarianMatcher(nn.Module):
         else:
             host = flat
         return PendingMatches(shapes, host, event, sizes)
+
     @torch.no_grad()
     def forward_per_image(self, outputs: dict, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
         """Reference path: one cost matrix and one host copy per image (for tests and the

@@ -74,8 +74,7 @@ def _index_tables(shapes: Shapes, device: torch.device) -> Tuple[Tensor, Tensor]
 def level_index_tensors(level_shapes: Sequence[Tuple[int, int]], device) -> Tuple[Tensor, Tensor]:
     """[(H_l, W_l)] -> (spatial_shapes (L,2) int64, level_start_index (L,) int64) on ``device``,
     cached (see :func:`cached_level_tensors`)."""
-    shapes, starts = cached_level_tensors("index", level_shapes, device, _index_tables)
-    return shapes, starts
+    return cached_level_tensors("index", level_shapes, device, _index_tables)
 
 
 def level_shapes_of(spatial_shapes: Tensor) -> List[Tuple[int, int]]:

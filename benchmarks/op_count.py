@@ -5,8 +5,8 @@ call outside a compiled region costs host time whatever its size. This counts th
 operator calls of one forward (after one warm-up forward at the same size) on the meta device,
 at the real input size, in seconds on any machine, and attributes the eager ones to the
 ``dino_scale`` function that issued them. The regions are those of
-``dino_scale.models.compile.compile_regions`` at the chosen granularity (backbone body plus
-encoder/decoder layers, or whole stacks).
+``dino_scale.models.compile.compile_regions`` at the chosen granularity (backbone body, the
+levels' masks and position embeddings, plus encoder/decoder layers or whole stacks).
 
     python benchmarks/op_count.py                                  # r50_4scale, train + eval
     python benchmarks/op_count.py --preset swinl_4scale --granularity stack
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from dino_scale.config import preset  # noqa: E402
 from dino_scale.models import build_dino  # noqa: E402
-from dino_scale.models.compile import _GRANULARITY  # noqa: E402
+from dino_scale.models.compile import _GRANULARITY, METHOD_REGIONS  # noqa: E402
 
 
 class _Counter(TorchDispatchMode):
@@ -67,6 +67,19 @@ def count(name: str, mode: str, granularity: str, batch: int, height: int, width
     def post(m, _args, _out):
         depth[0] -= is_region(m)
 
+    def region_method(method):
+        def wrapped(*args, **kwargs):
+            depth[0] += 1
+            try:
+                return method(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+        return wrapped
+
+    for path in METHOD_REGIONS:  # compiled methods (compile_regions with backbone=True)
+        owner_path, _, attr = path.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        setattr(owner, attr, region_method(getattr(owner, attr)))
     hooks = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
              torch.nn.modules.module.register_module_forward_hook(post)]
     try:

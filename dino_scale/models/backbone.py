@@ -113,9 +113,18 @@ class Joiner(nn.Sequential):
 
     def forward(self, images: Tensor, mask: Tensor) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
         feats = self[0](images)
-        masks = [downsample_mask(mask, f.shape[-2:]) for f in feats]
-        pos = [self[1](m).to(f.dtype) for f, m in zip(feats, masks)]
+        masks, pos = self.level_encodings(mask, feats)
         return feats, masks, pos
+
+    def level_encodings(self, mask: Tensor, levels: Sequence[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+        """mask (B,H,W) bool and one tensor per level (B,C_l,H_l,W_l), used for its size and
+        dtype only -> (masks [(B,H_l,W_l) bool], pos [(B,hidden,H_l,W_l)] in each level's dtype).
+
+        All levels in one call: ``dino_scale.models.compile.compile_regions`` compiles this as
+        one region (the ~35 elementwise operators per level fuse into a few kernels)."""
+        masks = [downsample_mask(mask, f.shape[-2:]) for f in levels]
+        pos = [self[1](m).to(f.dtype) for f, m in zip(levels, masks)]
+        return masks, pos
 
 
 def _swin(cfg, num_levels: int) -> nn.Module:

@@ -14,12 +14,17 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
 __all__ = ["compile_regions"]
 
 
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Methods compiled as regions of their own (attribute paths from the DINO module): every level's
+# padding mask and sine position embedding in one call (with ``backbone``), the flattening of
+# the levels into encoder tokens, and the two-stage query selection.
+METHOD_REGIONS = ("backbone.level_encodings", "transformer.flatten_levels", "transformer.select_queries")
 _GRANULARITY = {
     "layer": ("DeformableEncoderLayer", "DeformableDecoderLayer"),
     "stack": ("DeformableEncoder", "DeformableDecoder"),
@@ -27,25 +32,44 @@ _GRANULARITY = {
 
 
 def compile_regions(model: nn.Module, backbone: bool = True, mode: Optional[str] = None,
-                    dynamic: Optional[bool] = None, granularity: str = "layer") -> list[str]:
+                    dynamic: Optional[bool] = None, granularity: str = "layer",
+                    backend: str = "inductor") -> list[str]:
     """Compile, in place, the transformer blocks and (``backbone``) the backbone body of a DINO
     ``model``. ``granularity``: "layer" (default, measured: each encoder and decoder layer;
     one compiled code shared by the layers of a stack) or "stack" (the whole encoder and the
     whole decoder with its box refinement: fewer, larger graphs and fewer calls per step, at a
-    longer first compile; not yet timed on a GPU). ``mode`` is torch.compile's: "reduce-overhead"
-    replays each region as CUDA graphs (inputs of a fixed size; a new size records new graphs).
-    Returns the compiled modules' names."""
+    longer first compile; not yet timed on a GPU). The levels' flattening and the two-stage
+    query selection are compiled as regions of their own, and with ``backbone`` all levels'
+    masks and position embeddings (:data:`METHOD_REGIONS`). ``mode`` is torch.compile's:
+    "reduce-overhead" replays each region as CUDA graphs (inputs of a fixed size; a new size
+    records new graphs). ``backend`` is torch.compile's (``"aot_eager"``: traced without code
+    generation, for debugging and quick CPU tests). Returns the compiled regions' names."""
     if mode not in _MODES:
         raise ValueError(f"compile mode must be one of {_MODES}, got {mode!r}")
     if granularity not in _GRANULARITY:
         raise ValueError(f"compile granularity must be one of {sorted(_GRANULARITY)}, got {granularity!r}")
+    # torch.compile accepts a mode only with the inductor backend
+    options = {"dynamic": dynamic, "backend": backend, **({"mode": mode} if mode is not None else {})}
     names = []
     for name, module in model.named_modules():
         if type(module).__name__ in _GRANULARITY[granularity]:
-            module.compile(mode=mode, dynamic=dynamic)
+            module.compile(**options)
             names.append(name)
     if backbone and hasattr(model, "backbone"):
         body = model.backbone[0] if isinstance(model.backbone, nn.Sequential) else model.backbone
-        body.compile(mode=mode, dynamic=dynamic)
+        body.compile(**options)
         names.append("backbone.0" if isinstance(model.backbone, nn.Sequential) else "backbone")
+    for path in METHOD_REGIONS:
+        owner_path, _, attr = path.rpartition(".")
+        if owner_path == "backbone" and not backbone:
+            continue
+        try:
+            owner = model.get_submodule(owner_path)
+        except AttributeError:
+            continue  # not a DINO model (a bare transformer, a test module)
+        method = getattr(owner, attr, None)
+        if method is not None and not hasattr(method, "_torchdynamo_orig_callable"):
+            # an instance attribute shadowing the method: state-dict keys are unaffected
+            setattr(owner, attr, torch.compile(method, **options))
+            names.append(path)
     return names

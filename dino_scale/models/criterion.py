@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -190,14 +191,12 @@ class SetCriterion(nn.Module):
         offsets = [0]
         for n in sizes[:-1]:
             offsets.append(offsets[-1] + n)
-        rows = []  # (set, image, query, flat target) per match, built on the host
-        for k, indices in enumerate(all_indices):
-            for b, (src, tgt) in enumerate(indices):
-                if src.numel():
-                    rows.append(torch.stack([torch.full_like(src, k), torch.full_like(src, b), src,
-                                             tgt + offsets[b]]))
-        index = (torch.cat(rows, 1) if rows else torch.zeros(4, 0, dtype=torch.long))
-        set_idx, batch_idx, src_idx, flat_tgt = host_to_device(index, device).unbind(0)
+        # (set, image, query, flat target) per match, built on the host with numpy (the matches
+        # are host tensors: no torch CPU operator calls) and sent in one pinned copy
+        rows = [np.stack([np.full(len(src), k), np.full(len(src), b), src.numpy(), tgt.numpy() + offsets[b]])
+                for k, indices in enumerate(all_indices) for b, (src, tgt) in enumerate(indices) if len(src)]
+        index = np.concatenate(rows, 1).astype(np.int64) if rows else np.zeros((4, 0), np.int64)
+        set_idx, batch_idx, src_idx, flat_tgt = host_to_device(torch.from_numpy(index), device).unbind(0)
 
         all_labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.long)
         all_boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dino_scale.ops.level_shapes import cached_level_tensors
 from dino_scale.ops.transfer import host_to_device
 
 from .box_ops import inverse_sigmoid
 
-__all__ = ["prepare_for_cdn", "dn_post_process", "build_dn_attn_mask", "dn_targets",
-           "num_dn_groups"]
+__all__ = ["prepare_for_cdn", "dn_post_process", "build_dn_attn_mask", "cached_dn_attn_mask", "dn_targets",
+           "dn_slot_indices", "num_dn_groups"]
 
 
 def num_dn_groups(dn_number: int, max_gt: int) -> int:
@@ -60,6 +62,30 @@ def build_dn_attn_mask(pad_size: int, num_queries: int, group_size: int,
     return mask
 
 
+
+def cached_dn_attn_mask(pad_size: int, num_queries: int, group_size: int, device) -> Tensor:
+    """:func:`build_dn_attn_mask`, cached per (sizes, device) in the per-size table cache
+    (``dino_scale.ops.level_shapes``; at most ~1.2 MB an entry with ``dn_number=100`` and 900
+    queries). The mask depends only on the three sizes, and a batch's ``pad_size`` takes few
+    values, so most steps reuse it: no device operators for it at all. Read-only."""
+    def build(_shapes, dev):
+        return (build_dn_attn_mask(pad_size, num_queries, group_size, dev),)
+    key = [(pad_size, num_queries), (group_size, 0)]
+    return cached_level_tensors("dn_attn_mask", key, device, build)[0]
+
+
+def dn_slot_indices(sizes: list[int], blocks: int) -> np.ndarray:
+    """Box counts per image ``sizes`` (B ints) and ``blocks`` = 2 * groups -> (2, blocks * total)
+    int64: row 0 the image, row 1 the slot of each denoising query, in the order of
+    ``labels.repeat(blocks)`` (block-major, then the batch's boxes in order); box ``j`` of an
+    image in block ``k`` goes to slot ``k * max(sizes) + j``."""
+    sizes = [int(n) for n in sizes]
+    max_gt = max(sizes, default=0)
+    image = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)                     # (total,)
+    local = np.concatenate([np.arange(n, dtype=np.int64) for n in sizes]) if sizes else np.zeros(0, np.int64)
+    slot = (np.arange(blocks, dtype=np.int64)[:, None] * max_gt + local[None]).reshape(-1)
+    return np.stack([np.tile(image, blocks), slot])
+
 def prepare_for_cdn(targets: list[dict], dn_number: int, label_noise_ratio: float,
                     box_noise_scale: float, num_queries: int, num_classes: int,
                     hidden_dim: int, label_enc: nn.Embedding):
@@ -91,7 +117,7 @@ def prepare_for_cdn(targets: list[dict], dn_number: int, label_noise_ratio: floa
 
     input_query_label = torch.zeros(batch, pad_size, hidden_dim, device=device, dtype=dtype)
     input_query_bbox = torch.zeros(batch, pad_size, 4, device=device, dtype=dtype)
-    attn_mask = build_dn_attn_mask(pad_size, num_queries, 2 * max(max_gt, 1), device)
+    attn_mask = cached_dn_attn_mask(pad_size, num_queries, 2 * max(max_gt, 1), device)
     dn_meta = {"pad_size": pad_size, "num_dn_group": groups, "single_pad": max_gt}
     if total == 0:
         return input_query_label, input_query_bbox, attn_mask, dn_meta
@@ -116,21 +142,16 @@ def prepare_for_cdn(targets: list[dict], dn_number: int, label_noise_ratio: floa
         half = (known_boxes[:, 2:] / 2).repeat(1, 2)
         sign = torch.randint(0, 2, known_boxes.shape, device=device).float() * 2.0 - 1.0
         part = torch.rand(known_boxes.shape, device=device)
-        negative = (torch.arange(blocks, device=device) % 2).repeat_interleave(total)
+        negative = (torch.arange(blocks * total, device=device) // total) % 2  # block parity per query
         part = (part + negative[:, None].float()) * sign
         corners = (corners + part * half * box_noise_scale).clamp(min=0.0, max=1.0)
         known_boxes = torch.cat([(corners[:, :2] + corners[:, 2:]) / 2,
                                  corners[:, 2:] - corners[:, :2]], dim=1)
 
     # Scatter into the padded (B, pad_size) layout: block k, box j of image b -> slot
-    # k * max_gt + j. Index tensors are built from host ints (shapes), no device sync.
-    sizes_t = torch.tensor(sizes, dtype=torch.long)
-    batch_idx = torch.repeat_interleave(torch.arange(batch), sizes_t)  # (total,)
-    offsets = torch.cumsum(sizes_t, 0) - sizes_t
-    local = torch.arange(total) - offsets[batch_idx]
-    block = torch.arange(blocks).repeat_interleave(total)
-    slot = block * max_gt + local.repeat(blocks)
-    bid, slot = host_to_device(torch.stack([batch_idx.repeat(blocks), slot]), device).unbind(0)  # one copy
+    # k * max_gt + j. The indices depend only on the box counts: built with numpy on the host
+    # (no torch CPU operators: no intra-op thread wake-ups) and sent in one pinned copy.
+    bid, slot = host_to_device(torch.from_numpy(dn_slot_indices(sizes, blocks)), device).unbind(0)
     input_query_label[bid, slot] = label_enc(known_labels).to(dtype)
     input_query_bbox[bid, slot] = inverse_sigmoid(known_boxes).to(dtype)
     return input_query_label, input_query_bbox, attn_mask, dn_meta

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .backbone import Joiner, downsample_mask
+from .backbone import Joiner
 from .box_ops import inverse_sigmoid
 from .denoising import dn_post_process, prepare_for_cdn
 from .transformer import MLP, DeformableTransformer
@@ -85,16 +85,34 @@ class DINO(nn.Module):
         transformer.enc_out_class_embed = copy.deepcopy(class_embed)
 
     def _features(self, images: Tensor, masks: Tensor):
-        feats, fmasks, poss = self.backbone(images, masks)
+        """-> srcs [(B,hidden,H_l,W_l)], masks [(B,H_l,W_l)], pos [(B,hidden,H_l,W_l)] of every level;
+        the backbone levels' positions in the backbone features' dtype, the extra levels' in theirs."""
+        feats = self.backbone[0](images)
         srcs = [proj(f) for proj, f in zip(self.input_proj, feats)]
-        fmasks, poss = list(fmasks), list(poss)
         for lvl in range(len(feats), self.num_feature_levels):
-            src = self.input_proj[lvl](feats[-1] if lvl == len(feats) else srcs[-1])
-            m = downsample_mask(masks, src.shape[-2:])
-            srcs.append(src)
-            fmasks.append(m)
-            poss.append(self.backbone[1](m).to(src.dtype))
-        return srcs, fmasks, poss
+            srcs.append(self.input_proj[lvl](feats[-1] if lvl == len(feats) else srcs[-1]))
+        fmasks, poss = self.backbone.level_encodings(masks, list(feats) + srcs[len(feats):])
+        return srcs, list(fmasks), list(poss)
+
+    def _decoder_heads(self, hs: list, refs: list) -> tuple:
+        """hs [L x (B,Q,C)], refs [(L+1) x (B,Q,4)] -> (logits (L,B,Q,classes), boxes (L,B,Q,4)).
+
+        Look forward twice: layer l's boxes refine refs[l], the (undetached) output of layer l-1.
+        A head shared by all layers (the released models) runs once on the stacked layers
+        (L times fewer operator calls, the same arithmetic per row); per-layer heads run per layer."""
+        shared_box = all(m is self.bbox_embed[0] for m in self.bbox_embed)
+        shared_cls = all(m is self.class_embed[0] for m in self.class_embed)
+        stacked = torch.stack(hs) if shared_box or shared_cls else None
+        if shared_box:
+            coords = (self.bbox_embed[0](stacked) + inverse_sigmoid(torch.stack(refs[:-1]))).sigmoid()
+        else:
+            coords = torch.stack([(embed(h) + inverse_sigmoid(ref)).sigmoid()
+                                  for ref, embed, h in zip(refs[:-1], self.bbox_embed, hs)])
+        if shared_cls:
+            logits = self.class_embed[0](stacked)
+        else:
+            logits = torch.stack([embed(h) for embed, h in zip(self.class_embed, hs)])
+        return logits, coords
 
     def forward(self, images: Tensor, masks: Tensor, targets: Optional[list] = None) -> dict:
         if images.dim() != 4 or masks.shape != (images.shape[0],) + tuple(images.shape[-2:]):
@@ -114,10 +132,7 @@ class DINO(nn.Module):
         # keep label_enc in the graph even when no denoising query exists (as official)
         hs[0] = hs[0] + self.label_enc.weight[0, 0] * 0.0
 
-        # look forward twice: layer l's boxes refine refs[l], the (undetached) output of layer l-1
-        coords = torch.stack([(embed(h) + inverse_sigmoid(ref)).sigmoid()
-                              for ref, embed, h in zip(refs[:-1], self.bbox_embed, hs)])
-        logits = torch.stack([embed(h) for embed, h in zip(self.class_embed, hs)])
+        logits, coords = self._decoder_heads(hs, refs)
         if dn_meta is not None:
             logits, coords = dn_post_process(logits, coords, dn_meta)
         interm_logits = self.transformer.enc_out_class_embed(hs_enc[-1])

@@ -194,7 +194,7 @@ def _assign(cost: np.ndarray) -> tuple[Tensor, Tensor]:
         # NaN/Inf predictions would make scipy raise mid-run; keep the assignment defined.
         cost = np.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
     rows, cols = linear_sum_assignment(cost)
-    return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
+    return torch.from_numpy(rows.astype(np.int64, copy=False)), torch.from_numpy(cols.astype(np.int64, copy=False))
 
 
 def build_matcher(model_cfg) -> HungarianMatcher:

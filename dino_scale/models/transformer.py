@@ -21,7 +21,8 @@ from .box_ops import inverse_sigmoid
 from .deformable_attention import MSDeformAttn
 from .position_encoding import gen_sineembed_for_position
 
-__all__ = ["MLP", "DeformableTransformer", "gen_encoder_output_proposals", "select_topk_queries"]
+__all__ = ["MLP", "DeformableTransformer", "gen_encoder_output_proposals", "proposals_from_tables",
+           "select_topk_queries", "valid_counts_flat"]
 
 
 class MLP(nn.Module):
@@ -202,8 +203,35 @@ def token_tables(level_shapes, device) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def valid_counts(masks: List[Tensor]) -> Tensor:
-    """Per-level masks [(B,H_l,W_l) True = padding] -> (B,L,2) int64 un-padded (width, height)."""
+    """Per-level masks [(B,H_l,W_l) True = padding] -> (B,L,2) int64 un-padded (width, height)
+    (the reference form of :func:`valid_counts_flat`)."""
     return torch.stack([torch.stack([(~m[:, 0, :]).sum(1), (~m[:, :, 0]).sum(1)], -1) for m in masks], 1)
+
+
+def _edge_table_build(shapes, device) -> Tuple[Tensor, Tensor]:
+    """Flat indices of every level's first row, then of its first column, and their bins
+    (l for row tokens, L + l for column tokens): built on the device."""
+    index, bins, start = [], [], 0
+    for lvl, (h, w) in enumerate(shapes):
+        index.append(start + torch.arange(w, device=device))
+        bins.append(torch.full((w,), lvl, dtype=torch.long, device=device))
+        index.append(start + w * torch.arange(h, device=device))
+        bins.append(torch.full((h,), len(shapes) + lvl, dtype=torch.long, device=device))
+        start += h * w
+    return torch.cat(index), torch.cat(bins)
+
+
+def valid_counts_flat(padding_mask: Tensor, level_shapes) -> Tensor:
+    """padding_mask (B,S) True = padding, the levels flattened as in the transformer ->
+    (B,L,2) int64 un-padded (width, height) per level: the un-padded tokens of each level's first
+    row and first column (:func:`valid_counts` of the per-level masks, in a handful of operator
+    calls for all levels: one gather and one ``index_add`` with a cached per-size index table)."""
+    shapes = _shape_list(level_shapes)
+    index, bins = cached_level_tensors("dino_edges", shapes, padding_mask.device, _edge_table_build)
+    B, L = padding_mask.shape[0], len(shapes)
+    edge = (~padding_mask[:, index]).long()  # (B, sum_l W_l + H_l)
+    counts = torch.zeros(B, 2 * L, dtype=torch.long, device=padding_mask.device).index_add_(1, bins, edge)
+    return counts.view(B, 2, L).transpose(1, 2)
 
 
 def gen_encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes,
@@ -215,15 +243,18 @@ def gen_encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_s
     ``counts`` (B,L,2): the levels' un-padded (width, height) (:func:`valid_counts`), read
     from ``padding_mask`` when not given.
     """
-    B = memory.shape[0]
     shapes = _shape_list(spatial_shapes)
     if counts is None:
-        starts = [0]
-        for h, w in shapes:
-            starts.append(starts[-1] + h * w)
-        counts = valid_counts([padding_mask[:, a:a + h * w].view(B, h, w)
-                               for a, (h, w) in zip(starts, shapes)])
+        counts = valid_counts_flat(padding_mask, shapes)
     centers, level, _, level_wh = token_tables(shapes, memory.device)
+    return proposals_from_tables(memory, padding_mask, counts, centers, level, level_wh)
+
+
+def proposals_from_tables(memory: Tensor, padding_mask: Tensor, counts: Tensor, centers: Tensor,
+                          level: Tensor, level_wh: Tensor) -> Tuple[Tensor, Tensor]:
+    """:func:`gen_encoder_output_proposals` given the size's tables (:func:`token_tables`) as
+    tensors: no Python sizes, so a compiled caller stays shape-generic."""
+    B = memory.shape[0]
     grid = centers / counts[:, level]  # (B,S,2) float32: (x + 0.5) / valid width, (y + 0.5) / valid height
     proposals = torch.cat((grid, level_wh[level].expand(B, -1, -1)), -1)
     valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
@@ -286,6 +317,37 @@ class DeformableTransformer(nn.Module):
                 m.reset_parameters()
         nn.init.normal_(self.level_embed)
 
+    def flatten_levels(self, srcs: List[Tensor], masks: List[Tensor], pos_embeds: List[Tensor]
+                       ) -> Tuple[Tensor, Tensor, Tensor]:
+        """srcs/pos_embeds [(B,C,H_l,W_l)], masks [(B,H_l,W_l)] -> the levels flattened and
+        concatenated token-wise: src (B,S,C), mask (B,S), pos (B,S,C) plus each level's
+        ``level_embed``. Tensors only: compiled as one region by ``compile_regions``."""
+        src_flat = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
+        mask_flat = torch.cat([mask.flatten(1) for mask in masks], 1)
+        pos = [p.flatten(2).transpose(1, 2) for p in pos_embeds]
+        if self.num_feature_levels > 1:
+            pos = [p + self.level_embed[lvl].view(1, 1, -1) for lvl, p in enumerate(pos)]
+        return src_flat, mask_flat, torch.cat(pos, 1)
+
+    def select_queries(self, memory: Tensor, mask_flat: Tensor, counts: Tensor, centers: Tensor, level: Tensor,
+                       level_wh: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Two-stage ("standard") selection of the ``num_queries`` best encoder tokens.
+
+        memory (B,S,C), mask_flat (B,S), counts (B,L,2) and the size's token tables
+        (:func:`token_tables`) -> (boxes (B,Q,4) in logit space, undetached: the encoder head's
+        refinement of the selected proposals; the raw proposals (B,Q,4) sigmoid; the selected
+        tokens' normalized memory (B,Q,C), undetached). Tensors only, so
+        ``dino_scale.models.compile.compile_regions`` compiles it as one region."""
+        out_memory, out_proposals = proposals_from_tables(memory, mask_flat, counts, centers, level, level_wh)
+        out_memory = self.enc_output_norm(self.enc_output(out_memory))
+        enc_class = self.enc_out_class_embed(out_memory)
+        enc_coord = self.enc_out_bbox_embed(out_memory) + out_proposals  # logit space
+        topk = select_topk_queries(enc_class, self.num_queries)
+        boxes = torch.gather(enc_coord, 1, topk.unsqueeze(-1).repeat(1, 1, 4))
+        proposals = torch.gather(out_proposals, 1, topk.unsqueeze(-1).repeat(1, 1, 4)).sigmoid()
+        tokens = torch.gather(out_memory, 1, topk.unsqueeze(-1).repeat(1, 1, self.d_model))
+        return boxes, proposals, tokens
+
     def forward(self, srcs: List[Tensor], masks: List[Tensor], pos_embeds: List[Tensor],
                 query_label: Optional[Tensor] = None, query_bbox: Optional[Tensor] = None,
                 attn_mask: Optional[Tensor] = None):
@@ -295,37 +357,23 @@ class DeformableTransformer(nn.Module):
         Returns hs [L x (B,pad+Q,C)], refs [(L+1) x (B,pad+Q,4)], hs_enc (1,B,Q,C),
         ref_enc (1,B,Q,4) (sigmoid, undetached), init_box_proposal (B,Q,4) (sigmoid).
         """
-        src_flat, mask_flat, pos_flat, shapes = [], [], [], []
-        for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
-            shapes.append(src.shape[-2:])
-            src_flat.append(src.flatten(2).transpose(1, 2))
-            mask_flat.append(mask.flatten(1))
-            pos = pos.flatten(2).transpose(1, 2)
-            pos_flat.append(pos + self.level_embed[lvl].view(1, 1, -1) if self.num_feature_levels > 1 else pos)
-        src_flat = torch.cat(src_flat, 1)
-        mask_flat = torch.cat(mask_flat, 1)
-        pos_flat = torch.cat(pos_flat, 1)
-        level_shapes = [(int(h), int(w)) for h, w in shapes]  # host copy: no device read-back later
+        level_shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]  # host ints: no device read-back
+        src_flat, mask_flat, pos_flat = self.flatten_levels(srcs, masks, pos_embeds)
         spatial_shapes, level_start_index = level_index_tensors(level_shapes, src_flat.device)
-        counts = valid_counts(masks)  # (B,L,2) un-padded (width, height) per level
+        counts = valid_counts_flat(mask_flat, level_shapes)  # (B,L,2) un-padded (width, height) per level
         valid_ratios = counts.float() / token_tables(level_shapes, src_flat.device)[2]  # (B,L,2)
 
         memory = self.encoder(src_flat, pos_flat, spatial_shapes, level_start_index, valid_ratios, mask_flat,
                               level_shapes=level_shapes)
 
         # two-stage query selection
-        out_memory, out_proposals = gen_encoder_output_proposals(memory, mask_flat, level_shapes, counts)
-        out_memory = self.enc_output_norm(self.enc_output(out_memory))
-        enc_class = self.enc_out_class_embed(out_memory)
-        enc_coord = self.enc_out_bbox_embed(out_memory) + out_proposals  # logit space
-        if enc_class.shape[1] < self.num_queries:
-            raise ValueError(f"input too small: {enc_class.shape[1]} encoder tokens for {self.num_queries} queries "
-                             f"(feature maps {[tuple(s) for s in shapes]}); use larger images or fewer queries")
-        topk = select_topk_queries(enc_class, self.num_queries)
-        refpoint_undetach = torch.gather(enc_coord, 1, topk.unsqueeze(-1).repeat(1, 1, 4))
+        if memory.shape[1] < self.num_queries:
+            raise ValueError(f"input too small: {memory.shape[1]} encoder tokens for {self.num_queries} queries "
+                             f"(feature maps {level_shapes}); use larger images or fewer queries")
+        centers, level, _, level_wh = token_tables(level_shapes, memory.device)
+        refpoint_undetach, init_box_proposal, tgt_undetach = self.select_queries(memory, mask_flat, counts, centers,
+                                                                                 level, level_wh)
         refpoint = refpoint_undetach.detach()
-        init_box_proposal = torch.gather(out_proposals, 1, topk.unsqueeze(-1).repeat(1, 1, 4)).sigmoid()
-        tgt_undetach = torch.gather(out_memory, 1, topk.unsqueeze(-1).repeat(1, 1, self.d_model))
         bs = memory.shape[0]
         tgt = self.tgt_embed.weight[None].repeat(bs, 1, 1)
         if query_bbox is not None:

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from dino_scale.models.box_ops import box_cxcywh_to_xyxy
-from dino_scale.models.denoising import (dn_post_process, dn_targets, num_dn_groups,
-                                         prepare_for_cdn)
+from dino_scale.models.denoising import (build_dn_attn_mask, cached_dn_attn_mask, dn_post_process,
+                                         dn_slot_indices, dn_targets, num_dn_groups, prepare_for_cdn)
+from dino_scale.ops.level_shapes import clear_level_cache
 
 
 def _one_hot_encoder(num_classes: int) -> nn.Embedding:
@@ -183,3 +184,28 @@ def test_gradients_reach_label_embedding():
     query_label, _, _, _ = prepare_for_cdn(t, 10, 0.5, 1.0, 3, 3, 8, enc)
     query_label.sum().backward()
     assert enc.weight.grad is not None and enc.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("sizes", [[3, 1], [0, 4, 2], [5], [1, 0, 0, 2]])
+def test_slot_indices_follow_the_documented_layout(sizes):
+    """Query q = block k, box j of image b (in labels.repeat(blocks) order) -> (b, k*max_gt + j)."""
+    blocks = 6
+    max_gt = max(sizes)
+    expected = [(b, k * max_gt + j) for k in range(blocks) for b, n in enumerate(sizes) for j in range(n)]
+    got = dn_slot_indices(sizes, blocks)
+    assert got.dtype.name == "int64" and got.shape == (2, blocks * sum(sizes))
+    assert list(zip(got[0].tolist(), got[1].tolist())) == expected
+    assert len(set(expected)) == len(expected)  # no two queries share a slot
+
+
+def test_cached_attention_mask_is_reused_and_equal():
+    clear_level_cache()
+    a = cached_dn_attn_mask(24, 10, 6, "cpu")
+    assert torch.equal(a, build_dn_attn_mask(24, 10, 6))
+    assert cached_dn_attn_mask(24, 10, 6, "cpu") is a       # same sizes: no new tensor
+    b = cached_dn_attn_mask(24, 10, 4, "cpu")               # another group size: another mask
+    assert b is not a and torch.equal(b, build_dn_attn_mask(24, 10, 4))
+    t = [{"labels": torch.tensor([1, 2, 0]), "boxes": torch.rand(3, 4) * 0.5 + 0.2}]
+    _, _, mask, meta = prepare_for_cdn(t, 12, 0.5, 1.0, 10, 3, 4, _one_hot_encoder(3))
+    assert torch.equal(mask, build_dn_attn_mask(meta["pad_size"], 10, 2 * meta["single_pad"]))
+    clear_level_cache()

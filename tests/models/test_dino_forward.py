@@ -131,3 +131,32 @@ def test_bf16_autocast_train_step(tiny):
     assert math.isfinite(loss.item())
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("share_box,share_cls", [(True, True), (False, True), (False, False)])
+def test_decoder_heads_batched_when_shared_equal_per_layer(share_box, share_cls):
+    """A head shared by all decoder layers runs once on the stacked layers; the values equal the
+    per-layer formulation (rows are independent), and unshared heads keep one head per layer."""
+    import dataclasses
+
+    from dino_scale.models.box_ops import inverse_sigmoid
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(preset("tiny").model, dec_pred_bbox_embed_share=share_box,
+                              dec_pred_class_embed_share=share_cls)
+    model, _, _ = build_dino(cfg)
+    L = cfg.dec_layers
+    assert (model.bbox_embed[0] is model.bbox_embed[1]) == share_box
+    with torch.no_grad():
+        for head in {id(m): m for m in model.bbox_embed}.values():
+            head.layers[-1].weight.normal_(0, 0.05)
+    hs = [torch.randn(2, 7, cfg.hidden_dim, requires_grad=True) for _ in range(L)]
+    refs = [torch.rand(2, 7, 4) for _ in range(L + 1)]
+    logits, boxes = model._decoder_heads(hs, refs)
+    assert logits.shape == (L, 2, 7, cfg.num_classes) and boxes.shape == (L, 2, 7, 4)
+    for l in range(L):
+        torch.testing.assert_close(boxes[l], (model.bbox_embed[l](hs[l]) + inverse_sigmoid(refs[l])).sigmoid(),
+                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(logits[l], model.class_embed[l](hs[l]), rtol=1e-6, atol=1e-6)
+    (logits.sum() + boxes.sum()).backward()
+    assert all(h.grad is not None and h.grad.abs().sum() > 0 for h in hs)

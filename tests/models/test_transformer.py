@@ -96,8 +96,9 @@ def test_look_forward_twice_with_autograd():
     images = torch.randn(1, 3, 96, 128)
     out = model(images, torch.zeros(1, 96, 128, dtype=torch.bool))
     L = cfg.dec_layers
-    assert len(calls) == 2 * L  # L refinements inside the decoder, then L predictions
-    refine, predict = calls[:L], calls[L:]
+    # L refinements inside the decoder, then the L predictions in one call of the shared head
+    assert len(calls) == L + 1 and calls[L].shape[0] == L
+    refine, predict = calls[:L], list(calls[L])
     hs, refs = dec["hs"], dec["refs"]
     boxes = [a["pred_boxes"] for a in out["aux_outputs"]] + [out["pred_boxes"]]
 
@@ -204,3 +205,23 @@ def test_vectorized_token_grids_equal_the_per_level_formulation_bit_for_bit():
         expect = torch.log(raw / (1 - raw)).masked_fill(flat[..., None], float("inf"))
         expect = expect.masked_fill(~((raw > 0.01) & (raw < 0.99)).all(-1, keepdim=True), float("inf"))
         assert torch.equal(props, expect)
+
+
+def test_flat_valid_counts_equal_the_per_level_counts():
+    """valid_counts_flat (one gather + index_add over the flattened mask) == valid_counts of the
+    per-level masks, for top-left images, odd sizes, a fully padded image and an irregular mask."""
+    shapes = [(7, 9), (4, 5), (2, 3), (1, 2), (1, 1)]
+    g = torch.Generator().manual_seed(0)
+    masks = []
+    for h, w in shapes:
+        m = torch.zeros(4, h, w, dtype=torch.bool)
+        m[1, max(1, h - 2):, :] = True
+        m[1, :, max(1, w - 3):] = True
+        m[2] = True                                     # nothing valid
+        m[3] = torch.rand(h, w, generator=g) < 0.4      # not a rectangle: counts its first row/column
+        masks.append(m)
+    flat = torch.cat([m.flatten(1) for m in masks], 1)
+    got = transformer_mod.valid_counts_flat(flat, shapes)
+    assert got.dtype == torch.long and got.shape == (4, len(shapes), 2)
+    assert torch.equal(got, transformer_mod.valid_counts(masks))
+    assert torch.equal(transformer_mod.valid_counts_flat(flat, torch.tensor(shapes)), got)  # shapes as a tensor

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from dino_scale.config import preset  # noqa: E402
 from dino_scale.models import build_dino  # noqa: E402
-from dino_scale.models.compile import _GRANULARITY, METHOD_REGIONS  # noqa: E402
+from dino_scale.models.compile import _GRANULARITY, region_methods  # noqa: E402
 
 
 class _Counter(TorchDispatchMode):
@@ -55,7 +55,7 @@ def count(name: str, mode: str, granularity: str, batch: int, height: int, width
     with torch.device("meta"):
         model, _, _ = build_dino(cfg)
     body = model.backbone[0]
-    region_types = _GRANULARITY[granularity]
+    region_types = _GRANULARITY[granularity]["modules"]
     depth = [0]
 
     def is_region(m):
@@ -76,7 +76,7 @@ def count(name: str, mode: str, granularity: str, batch: int, height: int, width
                 depth[0] -= 1
         return wrapped
 
-    for path in METHOD_REGIONS:  # compiled methods (compile_regions with backbone=True)
+    for path in region_methods(granularity):  # compiled methods (compile_regions with backbone=True)
         owner_path, _, attr = path.rpartition(".")
         owner = model.get_submodule(owner_path)
         setattr(owner, attr, region_method(getattr(owner, attr)))

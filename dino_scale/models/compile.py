@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["compile_regions"]
+__all__ = ["compile_regions", "region_methods", "METHOD_REGIONS"]
 
 
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -25,18 +25,27 @@ _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-c
 # padding mask and sine position embedding in one call (with ``backbone``), the flattening of
 # the levels into encoder tokens, and the two-stage query selection.
 METHOD_REGIONS = ("backbone.level_encodings", "transformer.flatten_levels", "transformer.select_queries")
+# Per granularity: module types compiled in place, and methods compiled as regions. At layer
+# granularity the decoder's region is its step (layer + query positions + box refinement + norm).
 _GRANULARITY = {
-    "layer": ("DeformableEncoderLayer", "DeformableDecoderLayer"),
-    "stack": ("DeformableEncoder", "DeformableDecoder"),
+    "layer": {"modules": ("DeformableEncoderLayer",), "methods": ("transformer.decoder.step",)},
+    "stack": {"modules": ("DeformableEncoder", "DeformableDecoder"), "methods": ()},
 }
+
+
+def region_methods(granularity: str, backbone: bool = True) -> list[str]:
+    """The attribute paths (from the DINO module) of the methods compiled as regions."""
+    methods = list(_GRANULARITY[granularity]["methods"]) + list(METHOD_REGIONS)
+    return [m for m in methods if backbone or not m.startswith("backbone.")]
 
 
 def compile_regions(model: nn.Module, backbone: bool = True, mode: Optional[str] = None,
                     dynamic: Optional[bool] = None, granularity: str = "layer",
                     backend: str = "inductor") -> list[str]:
     """Compile, in place, the transformer blocks and (``backbone``) the backbone body of a DINO
-    ``model``. ``granularity``: "layer" (default, measured: each encoder and decoder layer;
-    one compiled code shared by the layers of a stack) or "stack" (the whole encoder and the
+    ``model``. ``granularity``: "layer" (default: each encoder layer, and each decoder step,
+    i.e. layer + query positions + box refinement; one compiled code shared by the layers of a
+    stack) or "stack" (the whole encoder and the
     whole decoder with its box refinement: fewer, larger graphs and fewer calls per step, at a
     longer first compile; not yet timed on a GPU). The levels' flattening and the two-stage
     query selection are compiled as regions of their own, and with ``backbone`` all levels'
@@ -52,17 +61,15 @@ def compile_regions(model: nn.Module, backbone: bool = True, mode: Optional[str]
     options = {"dynamic": dynamic, "backend": backend, **({"mode": mode} if mode is not None else {})}
     names = []
     for name, module in model.named_modules():
-        if type(module).__name__ in _GRANULARITY[granularity]:
+        if type(module).__name__ in _GRANULARITY[granularity]["modules"]:
             module.compile(**options)
             names.append(name)
     if backbone and hasattr(model, "backbone"):
         body = model.backbone[0] if isinstance(model.backbone, nn.Sequential) else model.backbone
         body.compile(**options)
         names.append("backbone.0" if isinstance(model.backbone, nn.Sequential) else "backbone")
-    for path in METHOD_REGIONS:
+    for path in region_methods(granularity, backbone):
         owner_path, _, attr = path.rpartition(".")
-        if owner_path == "backbone" and not backbone:
-            continue
         try:
             owner = model.get_submodule(owner_path)
         except AttributeError:

@@ -160,17 +160,33 @@ class DeformableDecoder(nn.Module):
         hs = []
         ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B,1,L,4)
         for lid, layer in enumerate(self.layers):
-            ref_input = reference[:, :, None] * ratios  # (B,Q,L,4)
-            sine = gen_sineembed_for_position(ref_input[:, :, 0, :], self.d_model // 2)
-            query_pos = self.ref_point_head(sine)
-            output = layer(output, query_pos, ref_input, memory, spatial_shapes, level_start_index,
-                           memory_padding_mask, self_attn_mask)
-            if self.bbox_embed is not None:
-                new_reference = (self.bbox_embed[lid](output) + inverse_sigmoid(reference)).sigmoid()
+            box_head = self.bbox_embed[lid] if self.bbox_embed is not None else None
+            output, new_reference, normed = self.step(layer, box_head, output, reference, ratios, memory,
+                                                      spatial_shapes, level_start_index, memory_padding_mask,
+                                                      self_attn_mask)
+            if new_reference is not None:
                 reference = new_reference.detach()
                 refs.append(new_reference)
-            hs.append(self.norm(output))
+            hs.append(normed)
         return hs, refs
+
+    def step(self, layer: DeformableDecoderLayer, box_head: Optional[nn.Module], output: Tensor, reference: Tensor,
+             ratios: Tensor, memory: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+             memory_padding_mask: Tensor, self_attn_mask: Optional[Tensor] = None
+             ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+        """One decoder layer with its query positions and box refinement.
+
+        output (B,Q,C), reference (B,Q,4) sigmoid boxes (detached), ratios (B,1,L,4) ->
+        (the layer's raw output (B,Q,C), refined boxes ``sigmoid(box_head(output) +
+        inverse_sigmoid(reference))`` (B,Q,4) undetached, or None without ``box_head``, the
+        normalized output (B,Q,C)). ``dino_scale.models.compile.compile_regions`` compiles this
+        as the decoder's region at layer granularity (one code for the six layers)."""
+        ref_input = reference[:, :, None] * ratios  # (B,Q,L,4)
+        sine = gen_sineembed_for_position(ref_input[:, :, 0, :], self.d_model // 2)
+        output = layer(output, self.ref_point_head(sine), ref_input, memory, spatial_shapes, level_start_index,
+                       memory_padding_mask, self_attn_mask)
+        new_reference = None if box_head is None else (box_head(output) + inverse_sigmoid(reference)).sigmoid()
+        return output, new_reference, self.norm(output)
 
 
 def _shape_list(spatial_shapes) -> List[Tuple[int, int]]:

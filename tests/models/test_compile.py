@@ -26,8 +26,8 @@ def test_compiled_layers_match_eager_and_keep_keys():
         ref = model(images, masks)
     keys = list(model.state_dict())
     names = compile_regions(model, backbone=False)
-    assert len(names) == cfg.enc_layers + cfg.dec_layers + 2
-    assert names[-2:] == ["transformer.flatten_levels", "transformer.select_queries"]
+    assert len(names) == cfg.enc_layers + 3
+    assert names[-3:] == ["transformer.decoder.step", "transformer.flatten_levels", "transformer.select_queries"]
     assert list(model.state_dict()) == keys
     with torch.no_grad():
         out = model(images, masks)

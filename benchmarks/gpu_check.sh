@@ -4,7 +4,9 @@
 #
 #   bash benchmarks/gpu_check.sh [all|PART[,PART...]] [extra train_step.py args...]
 #   PART: tests, msda, train, profile (profile: benchmarks/profile_step.py, r50_4scale bf16 bs2),
-#         graphs (inference only, bf16 + TF32 + compile, eager vs one CUDA graph, three presets)
+#         graphs (inference only, bf16 + TF32 + compile, eager vs one CUDA graph, three presets),
+#         regions (r50_4scale bf16 + TF32 + compile: layer vs stack granularity, then
+#         reduce-overhead at layer granularity; train bs 2 and 8 + inference)
 #
 # Optional wheels (e.g. deformops for the MSDA comparison) are installed from ./.whl when
 # present. Each step has its own time limit so one hang cannot eat the whole session.
@@ -44,6 +46,13 @@ if want graphs; then
     timeout 300 python3 benchmarks/train_step.py --batch-sizes "" --precision bf16 --tf32 --compile $g \
       --preset r50_4scale --preset r50_5scale --preset swinl_4scale --out "$OUT/infer${g:+_graphs}.json" 2>&1 \
       | tee "$OUT/infer${g:+_graphs}.log" | tail -8
+  done
+fi
+if want regions; then
+  for args in "--compile-granularity layer" "--compile-granularity stack" "--compile-granularity layer --compile-mode reduce-overhead"; do
+    tag=$(echo "$args" | tr -d '-' | tr ' ' '_')
+    timeout 400 python3 benchmarks/train_step.py --preset r50_4scale --precision bf16 --tf32 --compile $args \
+      --out "$OUT/regions_$tag.json" 2>&1 | tee "$OUT/regions_$tag.log" | tail -8
   done
 fi
 if want profile; then

@@ -6,7 +6,9 @@ operator calls of one forward (after one warm-up forward at the same size) on th
 at the real input size, in seconds on any machine, and attributes the eager ones to the
 ``dino_scale`` function that issued them. The regions are those of
 ``dino_scale.models.compile.compile_regions`` at the chosen granularity (backbone body, the
-levels' masks and position embeddings, plus encoder/decoder layers or whole stacks).
+levels' masks and position embeddings, plus encoder/decoder layers or whole stacks). The
+``loss`` row counts one criterion call (matching + every loss, on the CPU at the real output
+shapes) against the regions of ``compile_criterion``.
 
     python benchmarks/op_count.py                                  # r50_4scale, train + eval
     python benchmarks/op_count.py --preset swinl_4scale --granularity stack
@@ -50,6 +52,56 @@ class _Counter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _wrap_methods(root: torch.nn.Module, paths, depth: list) -> None:
+    """Make each method at ``paths`` (from ``root``) count as a region while it runs."""
+    def region_method(method):
+        def wrapped(*args, **kwargs):
+            depth[0] += 1
+            try:
+                return method(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+        return wrapped
+
+    for path in paths:
+        owner_path, _, attr = path.rpartition(".")
+        owner = root.get_submodule(owner_path) if owner_path else root
+        setattr(owner, attr, region_method(getattr(owner, attr)))
+
+
+def count_criterion(name: str, batch: int, boxes: int) -> dict:
+    """Operator calls of one criterion forward (matching + all losses) on decoder outputs of the
+    real shapes: on the CPU (the matcher solves on the host, which the meta device cannot feed),
+    with outputs built as the model lays them out (denoising slots from ``prepare_for_cdn``)."""
+    from dino_scale.models.compile import CRITERION_REGIONS
+    from dino_scale.models.denoising import dn_post_process, prepare_for_cdn
+
+    cfg = preset(name).model
+    torch.manual_seed(0)
+    _, criterion, _ = build_dino(cfg)
+    targets = [{"labels": torch.randint(0, cfg.num_classes, (boxes,)), "boxes": torch.rand(boxes, 4) * 0.4 + 0.2}
+               for _ in range(batch)]
+    _, _, _, dn_meta = prepare_for_cdn(targets, cfg.dn_number, 0.5, 1.0, cfg.num_queries, cfg.num_classes, 8,
+                                       torch.nn.Embedding(cfg.dn_labelbook_size + 1, 8))
+    queries = dn_meta["pad_size"] + cfg.num_queries
+    logits, coords = dn_post_process(torch.randn(cfg.dec_layers, batch, queries, cfg.num_classes),
+                                     torch.rand(cfg.dec_layers, batch, queries, 4) * 0.5 + 0.25, dn_meta)
+    outputs = {"pred_logits": logits[-1], "pred_boxes": coords[-1],
+               "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], coords[:-1])],
+               "interm_outputs": {"pred_logits": torch.randn(batch, cfg.num_queries, cfg.num_classes),
+                                  "pred_boxes": torch.rand(batch, cfg.num_queries, 4) * 0.5 + 0.25},
+               "dn_meta": dn_meta}
+    depth = [0]
+    _wrap_methods(criterion, CRITERION_REGIONS, depth)
+    criterion(outputs, targets)  # warm-up
+    counter = _Counter(lambda: depth[0] > 0)
+    with counter:
+        criterion(outputs, targets)
+    return {"preset": name, "mode": "loss", "granularity": "criterion", "batch": batch,
+            "region_ops": counter.region_ops, "glue_ops": sum(counter.glue.values()),
+            "glue_by_function": dict(counter.glue.most_common())}
+
+
 def count(name: str, mode: str, granularity: str, batch: int, height: int, width: int, boxes: int) -> dict:
     cfg = preset(name).model
     with torch.device("meta"):
@@ -67,19 +119,7 @@ def count(name: str, mode: str, granularity: str, batch: int, height: int, width
     def post(m, _args, _out):
         depth[0] -= is_region(m)
 
-    def region_method(method):
-        def wrapped(*args, **kwargs):
-            depth[0] += 1
-            try:
-                return method(*args, **kwargs)
-            finally:
-                depth[0] -= 1
-        return wrapped
-
-    for path in region_methods(granularity):  # compiled methods (compile_regions with backbone=True)
-        owner_path, _, attr = path.rpartition(".")
-        owner = model.get_submodule(owner_path)
-        setattr(owner, attr, region_method(getattr(owner, attr)))
+    _wrap_methods(model, region_methods(granularity), depth)  # compiled methods (compile_regions, backbone=True)
     hooks = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
              torch.nn.modules.module.register_module_forward_hook(post)]
     try:
@@ -117,8 +157,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         for mode in ("train", "eval"):
             batch = args.batch_size if mode == "train" else 1
             rows.append(count(name, mode, args.granularity, batch, args.height, args.width, args.boxes))
+        rows.append(count_criterion(name, args.batch_size, args.boxes))
     print(f"## operator calls per forward ({args.height}x{args.width}, {args.boxes} boxes, "
-          f"regions: {args.granularity} granularity + backbone)")
+          f"regions: {args.granularity} granularity + backbone; loss: the criterion, compile_criterion's regions)")
     print("| preset | mode | bs | in compiled regions | eager glue |")
     print("|---|---|---|---|---|")
     for r in rows:

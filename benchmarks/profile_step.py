@@ -92,8 +92,9 @@ def main(argv=None):
     model, criterion, post = build_dino(cfg.model)
     model.to(device); criterion.to(device)
     if a.compile:
-        from dino_scale.models.compile import compile_regions
+        from dino_scale.models.compile import compile_criterion, compile_regions
         compile_regions(model)
+        compile_criterion(criterion)
     opt = build_optimizer(model, cfg.train)
     amp = autocast_dtype(a.precision)
     batch = synthetic_batch(a.batch_size, a.height, a.width, 8, cfg.model.num_classes, device)

@@ -105,8 +105,9 @@ def build(name: str, device, args):
     if args.channels_last:
         model.backbone.to(memory_format=torch.channels_last)
     if args.compile:
-        from dino_scale.models.compile import compile_regions
+        from dino_scale.models.compile import compile_criterion, compile_regions
         compile_regions(model, granularity=args.compile_granularity, mode=args.compile_mode)
+        compile_criterion(criterion)  # default mode: the match count varies every step
     return cfg, model, criterion, post
 
 

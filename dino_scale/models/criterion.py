@@ -121,12 +121,16 @@ class SetCriterion(nn.Module):
             return torch.clamp(n / torch.distributed.get_world_size(), min=1.0)
         return max(total, 1.0)
 
-    def _class_loss_sets(self, logits: Tensor, target_classes: Tensor, num_boxes) -> Tensor:
-        """logits (K, B, Q, C), target_classes (K, B, Q) in [0, C] -> (K,) focal terms, each
-        equal to :meth:`_class_loss` of one set."""
+    def _focal_set_sums(self, logits: Tensor, target_classes: Tensor) -> Tensor:
+        """logits (K, B, Q, C), target_classes (K, B, Q) in [0, C] -> (K,) focal sums (the
+        official ``loss.mean(1).sum()`` of each set, before ``/ num_boxes * Q``)."""
         onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(logits.dtype)
         loss = focal_terms(logits, onehot, self.focal_alpha, self.focal_gamma)
-        return loss.mean(2).sum((1, 2)) / num_boxes * logits.shape[2]
+        return loss.mean(2).sum((1, 2))
+
+    def _class_loss_sets(self, logits: Tensor, target_classes: Tensor, num_boxes) -> Tensor:
+        """(K,) focal terms, each equal to :meth:`_class_loss` of one set."""
+        return self._focal_set_sums(logits, target_classes) / num_boxes * logits.shape[2]
 
     def _class_loss(self, logits: Tensor, target_classes: Tensor, num_boxes) -> Tensor:
         """logits (B, Q, C), target_classes (B, Q) in [0, C] (C = background)."""
@@ -185,7 +189,6 @@ class SetCriterion(nn.Module):
         all_indices: K matcher results. Returns K dicts of loss_ce / loss_bbox / loss_giou."""
         logits = torch.stack([o["pred_logits"] for o in outputs_list]).float()  # (K, B, Q, C)
         boxes = torch.stack([o["pred_boxes"] for o in outputs_list]).float()    # (K, B, Q, 4)
-        k_sets, batch, queries, _ = logits.shape
         device = logits.device
         sizes = [int(t["labels"].shape[0]) for t in targets]
         offsets = [0]
@@ -200,33 +203,51 @@ class SetCriterion(nn.Module):
 
         all_labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.long)
         all_boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)
-        target_classes = torch.full((k_sets, batch, queries), self.num_classes, dtype=torch.long,
-                                    device=device)
-        target_classes[set_idx, batch_idx, src_idx] = all_labels[flat_tgt]
-        loss_ce = self._class_loss_sets(logits, target_classes, num_boxes)
-        src = boxes[set_idx, batch_idx, src_idx]
-        tgt = all_boxes[flat_tgt]
-        l1, giou = box_terms(src, tgt)
-        zeros = torch.zeros(k_sets, device=device, dtype=l1.dtype)
-        loss_bbox = zeros.index_add(0, set_idx, l1) / num_boxes
-        loss_giou = zeros.index_add(0, set_idx, giou) / num_boxes
+        focal, l1, giou = self.matched_set_terms(logits, boxes, set_idx, batch_idx, src_idx, flat_tgt, all_labels,
+                                                 all_boxes)
+        # normalized outside: num_boxes changes every step (a compiled graph would specialize on it)
+        loss_ce, loss_bbox, loss_giou = focal / num_boxes * logits.shape[2], l1 / num_boxes, giou / num_boxes
         return [{"loss_ce": ce, "loss_bbox": bb, "loss_giou": gi}
                 for ce, bb, gi in zip(loss_ce.unbind(0), loss_bbox.unbind(0), loss_giou.unbind(0))]
+
+    def matched_set_terms(self, logits: Tensor, boxes: Tensor, set_idx: Tensor, batch_idx: Tensor,
+                          src_idx: Tensor, flat_tgt: Tensor, all_labels: Tensor, all_boxes: Tensor
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+        """The tensor part of :meth:`matched_losses_sets`: logits (K,B,Q,C), boxes (K,B,Q,4), one
+        entry per match in set_idx / batch_idx / src_idx (query) / flat_tgt (index into the
+        batch's concatenated all_labels (N,) / all_boxes (N,4)) -> per-set sums (K,) of the focal
+        term (:meth:`_focal_set_sums`), L1 and 1 - GIoU, not normalized. Tensors only:
+        ``compile_criterion`` compiles it (the match count varies)."""
+        k_sets, batch, queries, _ = logits.shape
+        target_classes = torch.full((k_sets, batch, queries), self.num_classes, dtype=torch.long,
+                                    device=logits.device)
+        target_classes[set_idx, batch_idx, src_idx] = all_labels[flat_tgt]
+        focal = self._focal_set_sums(logits, target_classes)
+        l1, giou = box_terms(boxes[set_idx, batch_idx, src_idx], all_boxes[flat_tgt])
+        zeros = torch.zeros(k_sets, device=logits.device, dtype=l1.dtype)
+        return focal, zeros.index_add(0, set_idx, l1), zeros.index_add(0, set_idx, giou)
 
     def dn_losses_sets(self, dn_outs: list[dict], labels: Tensor, boxes: Tensor, positive: Tensor,
                        num_boxes) -> list[dict[str, Tensor]]:
         """:meth:`dn_layer_losses` of K denoising layers in one pass."""
         logits = torch.stack([o["pred_logits"] for o in dn_outs]).float()  # (K, B, P, C)
         pred = torch.stack([o["pred_boxes"] for o in dn_outs]).float()     # (K, B, P, 4)
-        k_sets = logits.shape[0]
-        loss_ce = self._class_loss_sets(logits, labels.expand(k_sets, *labels.shape), num_boxes)
-        tgt = boxes.expand(k_sets, *boxes.shape)
-        l1, giou = box_terms(pred, tgt)
-        keep = positive.expand(k_sets, *positive.shape)
-        loss_bbox = torch.where(keep, l1, torch.zeros_like(l1)).sum((1, 2)) / num_boxes
-        loss_giou = torch.where(keep, giou, torch.zeros_like(giou)).sum((1, 2)) / num_boxes
+        focal, l1, giou = self.dn_set_terms(logits, pred, labels, boxes, positive)
+        loss_ce, loss_bbox, loss_giou = focal / num_boxes * logits.shape[2], l1 / num_boxes, giou / num_boxes
         return [{"loss_ce": ce, "loss_bbox": bb, "loss_giou": gi}
                 for ce, bb, gi in zip(loss_ce.unbind(0), loss_bbox.unbind(0), loss_giou.unbind(0))]
+
+    def dn_set_terms(self, logits: Tensor, pred: Tensor, labels: Tensor, boxes: Tensor, positive: Tensor
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+        """The tensor part of :meth:`dn_losses_sets`: logits (K,B,P,C), pred (K,B,P,4), targets
+        labels (B,P), boxes (B,P,4), positive (B,P) -> per-layer sums (K,) of the focal term, L1
+        and 1 - GIoU (positives only), not normalized. ``compile_criterion`` compiles it."""
+        k_sets = logits.shape[0]
+        focal = self._focal_set_sums(logits, labels.expand(k_sets, *labels.shape))
+        l1, giou = box_terms(pred, boxes.expand(k_sets, *boxes.shape))
+        keep = positive.expand(k_sets, *positive.shape)
+        return (focal, torch.where(keep, l1, torch.zeros_like(l1)).sum((1, 2)),
+                torch.where(keep, giou, torch.zeros_like(giou)).sum((1, 2)))
 
     # -- forward ------------------------------------------------------------------------
     def _output_sets(self, outputs: dict) -> list[tuple[str, dict]]:

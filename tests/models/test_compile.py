@@ -105,3 +105,71 @@ def test_backbone_regions_compile_level_encodings_and_match_eager():
     compiled = model.backbone.level_encodings
     again = compile_regions(model, backbone=True, granularity="stack", backend="aot_eager")
     assert "backbone.level_encodings" not in again and model.backbone.level_encodings is compiled  # not twice
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_compiled_criterion_matches_eager_across_box_counts():
+    """compile_criterion compiles the cost matrix, the stacked matched-set losses and the stacked
+    denoising losses: same losses and gradients as eager for batches with different box counts
+    (the match count changes every step), and a third count reuses the compiled code."""
+    from torch._dynamo.utils import counters
+
+    from dino_scale.models.compile import CRITERION_REGIONS, compile_criterion
+
+    torch.manual_seed(0)
+    cfg = preset("tiny").model
+    model, criterion, _ = build_dino(cfg)
+    model.train()
+    images = torch.randn(2, 3, 160, 224)
+    masks = torch.zeros(2, 160, 224, dtype=torch.bool)
+
+    def targets(counts):
+        g = torch.Generator().manual_seed(sum(counts))
+        return [{"labels": torch.randint(0, cfg.num_classes, (n,), generator=g),
+                 "boxes": torch.rand(n, 4, generator=g) * 0.4 + 0.2} for n in counts]
+
+    batches = [targets(c) for c in ((2, 3), (4, 2), (5, 2))]  # box, match and dn slot counts all differ
+    outputs = []
+    for t in batches:
+        torch.manual_seed(1)
+        outputs.append(model(images, masks, t))
+
+    def leaves(obj, found):
+        """The model outputs as fresh leaf tensors (each loss gets its own graph)."""
+        if torch.is_tensor(obj):
+            leaf = obj.detach().requires_grad_(obj.is_floating_point())
+            found += [leaf] if leaf.requires_grad else []
+            return leaf
+        if isinstance(obj, dict):
+            return {k: leaves(v, found) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [leaves(v, found) for v in obj]
+        return obj
+
+    def losses_and_grads(out, t):
+        inputs = []
+        out = leaves(out, inputs)
+        losses = criterion(out, t)
+        grads = torch.autograd.grad(sum(losses.values()), inputs, allow_unused=True)
+        return {k: v.detach() for k, v in losses.items()}, grads
+
+    eager = [losses_and_grads(o, t) for o, t in zip(outputs, batches)]
+    names = compile_criterion(criterion, backend="aot_eager")
+    assert names == list(CRITERION_REGIONS) and compile_criterion(criterion, backend="aot_eager") == []
+    counters.clear()
+    for i, ((o, t), (ref_losses, ref_grads)) in enumerate(zip(zip(outputs, batches), eager)):
+        graphs_before = counters["stats"]["unique_graphs"]
+        losses, grads = losses_and_grads(o, t)
+        assert list(losses) == list(ref_losses)
+        for k in losses:
+            torch.testing.assert_close(losses[k], ref_losses[k], rtol=1e-5, atol=1e-7)
+        assert sum(g is not None for g in grads) == 2 * (cfg.dec_layers + 1) + 2 * cfg.dec_layers  # every set + dn layer
+        for a, b in zip(grads, ref_grads):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        if i == 2:  # a third box count: the dynamic code of the second is reused
+            assert counters["stats"]["unique_graphs"] == graphs_before
+    with pytest.raises(ValueError, match="compile mode"):
+        compile_criterion(criterion, mode="fastest")

@@ -127,7 +127,7 @@ class TrainConfig:
     min_workers: Optional[int] = None  # elastic: ScalingConfig(num_workers=(min_workers, num_workers))
     checkpoints_to_keep: int = 2
     torch_threads: Optional[int] = None  # intra-op threads per worker (None: torch default)
-    compile: bool = False  # regional torch.compile of backbone + encoder/decoder layers (models/compile.py)
+    compile: bool = False  # regional torch.compile of the model and the criterion (models/compile.py)
     compile_granularity: str = "layer"  # layer | stack (whole encoder / decoder)
     # torch.compile mode of those regions: None (default) | reduce-overhead (CUDA graphs inside each
     # region: fixed input sizes only, e.g. benchmarks; one graph set per size) | max-autotune

@@ -23,14 +23,32 @@ __all__ = ["compile_regions", "compile_criterion", "region_methods", "METHOD_REG
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Methods compiled as regions of their own (attribute paths from the DINO module): every level's
 # padding mask and sine position embedding in one call (with ``backbone``), the flattening of
-# the levels into encoder tokens, and the two-stage query selection.
-METHOD_REGIONS = ("backbone.level_encodings", "transformer.flatten_levels", "transformer.select_queries")
+# the levels into encoder tokens, the two-stage query selection and the decoder heads.
+METHOD_REGIONS = ("backbone.level_encodings", "transformer.flatten_levels", "transformer.select_queries",
+                  "_decoder_heads")
 # Per granularity: module types compiled in place, and methods compiled as regions. At layer
 # granularity the decoder's region is its step (layer + query positions + box refinement + norm).
 _GRANULARITY = {
     "layer": {"modules": ("DeformableEncoderLayer",), "methods": ("transformer.decoder.step",)},
     "stack": {"modules": ("DeformableEncoder", "DeformableDecoder"), "methods": ()},
 }
+
+
+def _mark_step_begin(_module, _args) -> None:
+    torch.compiler.cudagraph_mark_step_begin()
+
+
+def _mark_step_per_forward(model: nn.Module) -> None:
+    """With CUDA-graph regions, start a CUDA-graph-tree iteration at every top-level forward.
+
+    Without it, torch starts a new iteration at each region call that has no pending backward,
+    i.e. at every region of an eval forward, cloning the previous region's live outputs (the
+    encoder memory, the features) each time. Marking the step explicitly makes one forward (and
+    its backward) one iteration in training and in eval. Once marked, torch advances iterations
+    only on these calls, so the hook stays on the model for every later forward (added once)."""
+    if not getattr(model, "_dino_scale_marks_cudagraph_steps", False):
+        model.register_forward_pre_hook(_mark_step_begin)
+        model._dino_scale_marks_cudagraph_steps = True
 
 
 def region_methods(granularity: str, backbone: bool = True) -> list[str]:
@@ -47,8 +65,8 @@ def compile_regions(model: nn.Module, backbone: bool = True, mode: Optional[str]
     i.e. layer + query positions + box refinement; one compiled code shared by the layers of a
     stack) or "stack" (the whole encoder and the
     whole decoder with its box refinement: fewer, larger graphs and fewer calls per step, at a
-    longer first compile; not yet timed on a GPU). The levels' flattening and the two-stage
-    query selection are compiled as regions of their own, and with ``backbone`` all levels'
+    longer first compile; not yet timed on a GPU). The levels' flattening, the two-stage query
+    selection and the decoder heads are compiled as regions of their own, and with ``backbone`` all levels'
     masks and position embeddings (:data:`METHOD_REGIONS`). ``mode`` is torch.compile's:
     "reduce-overhead" replays each region as CUDA graphs (inputs of a fixed size; a new size
     records new graphs). ``backend`` is torch.compile's (``"aot_eager"``: traced without code
@@ -59,6 +77,8 @@ def compile_regions(model: nn.Module, backbone: bool = True, mode: Optional[str]
         raise ValueError(f"compile granularity must be one of {sorted(_GRANULARITY)}, got {granularity!r}")
     # torch.compile accepts a mode only with the inductor backend
     options = {"dynamic": dynamic, "backend": backend, **({"mode": mode} if mode is not None else {})}
+    if mode == "reduce-overhead":
+        _mark_step_per_forward(model)
     names = []
     for name, module in model.named_modules():
         if type(module).__name__ in _GRANULARITY[granularity]["modules"]:
@@ -71,7 +91,7 @@ def compile_regions(model: nn.Module, backbone: bool = True, mode: Optional[str]
     for path in region_methods(granularity, backbone):
         owner_path, _, attr = path.rpartition(".")
         try:
-            owner = model.get_submodule(owner_path)
+            owner = model.get_submodule(owner_path) if owner_path else model
         except AttributeError:
             continue  # not a DINO model (a bare transformer, a test module)
         method = getattr(owner, attr, None)

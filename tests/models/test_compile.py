@@ -26,8 +26,9 @@ def test_compiled_layers_match_eager_and_keep_keys():
         ref = model(images, masks)
     keys = list(model.state_dict())
     names = compile_regions(model, backbone=False)
-    assert len(names) == cfg.enc_layers + 3
-    assert names[-3:] == ["transformer.decoder.step", "transformer.flatten_levels", "transformer.select_queries"]
+    assert len(names) == cfg.enc_layers + 4
+    assert names[-4:] == ["transformer.decoder.step", "transformer.flatten_levels", "transformer.select_queries",
+                          "_decoder_heads"]
     assert list(model.state_dict()) == keys
     with torch.no_grad():
         out = model(images, masks)
@@ -56,7 +57,7 @@ def test_stack_granularity_matches_eager():
         ref = model(images, masks)
     names = compile_regions(model, backbone=False, granularity="stack")
     assert names == ["transformer.encoder", "transformer.decoder", "transformer.flatten_levels",
-                     "transformer.select_queries"]
+                     "transformer.select_queries", "_decoder_heads"]
     with torch.no_grad():
         out = model(images, masks)
     for k in ("pred_logits", "pred_boxes"):
@@ -173,3 +174,22 @@ def test_compiled_criterion_matches_eager_across_box_counts():
             assert counters["stats"]["unique_graphs"] == graphs_before
     with pytest.raises(ValueError, match="compile mode"):
         compile_criterion(criterion, mode="fastest")
+
+
+def test_reduce_overhead_marks_one_cudagraph_step_per_forward(monkeypatch):
+    """reduce-overhead (CUDA-graph regions): every top-level forward starts one CUDA-graph-tree
+    iteration (torch.compiler.cudagraph_mark_step_begin), added once however often regions are
+    compiled; other modes add nothing. Regions compile lazily, so nothing is compiled here."""
+    calls = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
+    cfg = preset("tiny").model
+    model, _, _ = build_dino(cfg)
+    compile_regions(model, mode="default")
+    assert not model._forward_pre_hooks
+    model, _, _ = build_dino(cfg)
+    compile_regions(model, mode="reduce-overhead")
+    compile_regions(model, mode="reduce-overhead")
+    hooks = list(model._forward_pre_hooks.values())
+    assert len(hooks) == 1
+    hooks[0](model, ())
+    assert calls == [1]

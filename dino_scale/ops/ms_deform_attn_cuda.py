@@ -140,6 +140,13 @@ def ms_deform_attn_cuda(value: torch.Tensor, spatial_shapes: torch.Tensor,
     if not value.is_cuda:
         raise ValueError(f"ms_deform_attn backend 'cuda' needs CUDA tensors, got value on {value.device}; "
                          "use backend='pytorch' or None for CPU tensors")
+    return call_compiled_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def call_compiled_op(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                     sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+    """:func:`ms_deform_attn_cuda` without the device check: the library also carries float32 /
+    float64 CPU kernels (used by the CPU checks of the compiled operator)."""
     if value.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"ms_deform_attn (cuda): unsupported value dtype {value.dtype}")
     check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)

@@ -8,7 +8,8 @@ CPU kernels (float64/float32) against the float64 loop reference on the shared s
 (odd sizes, 1-5 levels, 1-8 points, locations outside [0, 1] and on borders), forward and
 backward; float64 gradcheck; that the autograd node is the C++ one; torch.compile
 (fullgraph, aot_eager) of forward+backward; the C++ argument checks raising; CPU timing
-next to the PyTorch backend (reported, not asserted).
+next to the PyTorch backend (reported, not asserted); that the model's compiled regions trace
+without graph breaks when this op is their MSDA backend.
 """
 from __future__ import annotations
 
@@ -106,7 +107,44 @@ def main() -> dict:
             samples.append(time.perf_counter() - t0)
         times[name] = sorted(samples)[2] * 1000
     report["cpu_forward_ms_median"] = times
+    report["regions"] = region_graph_breaks()
     return report
+
+
+def region_graph_breaks() -> dict:
+    """The model's compiled regions (compile_regions + compile_criterion, aot_eager) with the
+    compiled op as the MSDA backend (its CPU kernels here; the CUDA ones on a GPU): a training
+    step and an eval forward of the tiny preset. On a GPU these regions trace the same way, so a
+    graph break here (host read-back, untraceable call) would also split them there."""
+    import dataclasses
+
+    from torch._dynamo.utils import counters
+
+    from dino_scale.config import preset
+    from dino_scale.models import build_dino
+    from dino_scale.models.compile import compile_criterion, compile_regions
+
+    # the production wrapper refuses CPU tensors; its op call (argument preparation included) is
+    # what the regions trace, so route backend "cuda" to it here
+    ms_deform_attn_cuda.ms_deform_attn_cuda = ms_deform_attn_cuda.call_compiled_op
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(preset("tiny").model, msda_backend="cuda")
+    model, criterion, _ = build_dino(cfg)
+    names = compile_regions(model, backend="aot_eager") + compile_criterion(criterion, backend="aot_eager")
+    images, masks = torch.randn(2, 3, 160, 224), torch.zeros(2, 160, 224, dtype=torch.bool)
+    masks[1, :, 190:] = True
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.4]])},
+               {"labels": torch.tensor([3]), "boxes": torch.tensor([[0.4, 0.5, 0.3, 0.3]])}]
+    counters.clear()
+    model.train()
+    losses = criterion(model(images, masks, targets), targets)
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        out = model(images, masks)
+    return {"names": names, "graph_breaks": {str(k): int(v) for k, v in counters["graph_break"].items()},
+            "unique_graphs": int(counters["stats"]["unique_graphs"]),
+            "finite": bool(torch.isfinite(out["pred_boxes"]).all() and torch.isfinite(sum(losses.values())))}
 
 
 if __name__ == "__main__":

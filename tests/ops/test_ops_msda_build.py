@@ -73,6 +73,12 @@ def test_extension_compiles_for_sm90_and_registers_ops(tmp_path):
     assert "half types: CUDA only" in raised["bf16_on_cpu"]
     assert "attention_weights" in raised["bad_weights_shape"]
     assert "spatial_shapes must be (L, 2)" in raised["levels_mismatch"]
+    # with the compiled op, every compiled region of a training step and an eval forward traces
+    # whole: no graph break (the PyTorch backend reads the level sizes back and breaks there)
+    regions = report["regions"]
+    assert "transformer.decoder.step" in regions["names"] and "matched_set_terms" in regions["names"]
+    assert regions["graph_breaks"] == {}, regions
+    assert regions["unique_graphs"] >= len(regions["names"]) and regions["finite"]
 
 
 def test_loader_without_jit_fails_fast_on_cache_miss(tmp_path):

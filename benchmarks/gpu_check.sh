@@ -6,7 +6,12 @@
 #   PART: tests, msda, train, profile (profile: benchmarks/profile_step.py, r50_4scale bf16 bs2),
 #         graphs (inference only, bf16 + TF32 + compile, eager vs one CUDA graph, three presets),
 #         regions (r50_4scale bf16 + TF32 + compile: layer vs stack granularity, then
-#         reduce-overhead at layer granularity; train bs 2 and 8 + inference)
+#         reduce-overhead at layer granularity; train bs 2 and 8 + inference; REGION_RUNS="layer stack"
+#         picks some)
+#
+# A device call runs at most 600 s, and the parts together take longer: run them over several
+# calls, e.g. "tests,msda", then "train --precision bf16 --tf32 --compile", then
+# REGION_RUNS="stack reduce-overhead" ... regions, then "graphs".
 #
 # Optional wheels (e.g. deformops for the MSDA comparison) are installed from ./.whl when
 # present. Each step has its own time limit so one hang cannot eat the whole session.
@@ -49,8 +54,15 @@ if want graphs; then
   done
 fi
 if want regions; then
-  for args in "--compile-granularity layer" "--compile-granularity stack" "--compile-granularity layer --compile-mode reduce-overhead"; do
-    tag=$(echo "$args" | tr -d '-' | tr ' ' '_')
+  # REGION_RUNS picks the runs (a device call is limited to 600 s: split them over calls)
+  for run in ${REGION_RUNS:-layer stack reduce-overhead}; do
+    case $run in
+      layer) args="--compile-granularity layer" ;;
+      stack) args="--compile-granularity stack" ;;
+      reduce-overhead) args="--compile-granularity layer --compile-mode reduce-overhead" ;;
+      *) echo "unknown REGION_RUNS entry $run (layer | stack | reduce-overhead)"; continue ;;
+    esac
+    tag=$run
     timeout 400 python3 benchmarks/train_step.py --preset r50_4scale --precision bf16 --tf32 --compile $args \
       --out "$OUT/regions_$tag.json" 2>&1 | tee "$OUT/regions_$tag.log" | tail -8
   done

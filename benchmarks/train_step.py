@@ -179,7 +179,7 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions where fp32 remains")
     p.add_argument("--compile", action="store_true",
-                   help="regional torch.compile: backbone, encoder and decoder layers (dino_scale.models.compile)")
+                   help="regional torch.compile of the model and the criterion (dino_scale.models.compile)")
     p.add_argument("--compile-mode", default=None,
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                    help="with --compile: torch.compile mode (reduce-overhead = CUDA graphs per region)")

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from dino_scale.config import preset  # noqa: E402
 from dino_scale.models import build_dino  # noqa: E402
-from dino_scale.models.compile import _GRANULARITY, region_methods  # noqa: E402
+from dino_scale.models.compile import _GRANULARITY, method_owner, region_methods  # noqa: E402
 
 
 class _Counter(TorchDispatchMode):
@@ -64,8 +64,7 @@ def _wrap_methods(root: torch.nn.Module, paths, depth: list) -> None:
         return wrapped
 
     for path in paths:
-        owner_path, _, attr = path.rpartition(".")
-        owner = root.get_submodule(owner_path) if owner_path else root
+        owner, attr = method_owner(root, path)
         setattr(owner, attr, region_method(getattr(owner, attr)))
 
 

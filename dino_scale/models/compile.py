@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["compile_regions", "compile_criterion", "region_methods", "METHOD_REGIONS", "CRITERION_REGIONS"]
+__all__ = ["compile_regions", "compile_criterion", "region_methods", "method_owner", "METHOD_REGIONS",
+           "CRITERION_REGIONS"]
 
 
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -51,6 +52,36 @@ def _mark_step_per_forward(model: nn.Module) -> None:
         model._dino_scale_marks_cudagraph_steps = True
 
 
+def _options(mode: Optional[str], dynamic: Optional[bool], backend: str) -> dict:
+    if mode not in _MODES:
+        raise ValueError(f"compile mode must be one of {_MODES}, got {mode!r}")
+    # torch.compile accepts a mode only with the inductor backend
+    return {"dynamic": dynamic, "backend": backend, **({"mode": mode} if mode is not None else {})}
+
+
+def method_owner(root: nn.Module, path: str) -> tuple[Optional[nn.Module], str]:
+    """Attribute path from ``root`` ("transformer.select_queries", "_decoder_heads") -> (the
+    module holding it, or None when ``root`` has no such submodule; the attribute name)."""
+    owner_path, _, attr = path.rpartition(".")
+    try:
+        return (root.get_submodule(owner_path) if owner_path else root), attr
+    except AttributeError:
+        return None, attr
+
+
+def _compile_methods(root: nn.Module, paths, options: dict) -> list[str]:
+    """torch.compile each method at ``paths`` in place, as an instance attribute shadowing it
+    (state-dict keys unaffected); skips missing ones and ones already compiled."""
+    names = []
+    for path in paths:
+        owner, attr = method_owner(root, path)
+        method = getattr(owner, attr, None) if owner is not None else None
+        if method is not None and not hasattr(method, "_torchdynamo_orig_callable"):
+            setattr(owner, attr, torch.compile(method, **options))
+            names.append(path)
+    return names
+
+
 def region_methods(granularity: str, backbone: bool = True) -> list[str]:
     """The attribute paths (from the DINO module) of the methods compiled as regions."""
     methods = list(_GRANULARITY[granularity]["methods"]) + list(METHOD_REGIONS)
@@ -66,17 +97,14 @@ def compile_regions(model: nn.Module, backbone: bool = True, mode: Optional[str]
     stack) or "stack" (the whole encoder and the
     whole decoder with its box refinement: fewer, larger graphs and fewer calls per step, at a
     longer first compile; not yet timed on a GPU). The levels' flattening, the two-stage query
-    selection and the decoder heads are compiled as regions of their own, and with ``backbone`` all levels'
-    masks and position embeddings (:data:`METHOD_REGIONS`). ``mode`` is torch.compile's:
+    selection and the decoder heads are compiled as regions of their own, and with ``backbone``
+    all levels' masks and position embeddings (:data:`METHOD_REGIONS`). ``mode`` is torch.compile's:
     "reduce-overhead" replays each region as CUDA graphs (inputs of a fixed size; a new size
     records new graphs). ``backend`` is torch.compile's (``"aot_eager"``: traced without code
     generation, for debugging and quick CPU tests). Returns the compiled regions' names."""
-    if mode not in _MODES:
-        raise ValueError(f"compile mode must be one of {_MODES}, got {mode!r}")
     if granularity not in _GRANULARITY:
         raise ValueError(f"compile granularity must be one of {sorted(_GRANULARITY)}, got {granularity!r}")
-    # torch.compile accepts a mode only with the inductor backend
-    options = {"dynamic": dynamic, "backend": backend, **({"mode": mode} if mode is not None else {})}
+    options = _options(mode, dynamic, backend)
     if mode == "reduce-overhead":
         _mark_step_per_forward(model)
     names = []
@@ -88,18 +116,7 @@ def compile_regions(model: nn.Module, backbone: bool = True, mode: Optional[str]
         body = model.backbone[0] if isinstance(model.backbone, nn.Sequential) else model.backbone
         body.compile(**options)
         names.append("backbone.0" if isinstance(model.backbone, nn.Sequential) else "backbone")
-    for path in region_methods(granularity, backbone):
-        owner_path, _, attr = path.rpartition(".")
-        try:
-            owner = model.get_submodule(owner_path) if owner_path else model
-        except AttributeError:
-            continue  # not a DINO model (a bare transformer, a test module)
-        method = getattr(owner, attr, None)
-        if method is not None and not hasattr(method, "_torchdynamo_orig_callable"):
-            # an instance attribute shadowing the method: state-dict keys are unaffected
-            setattr(owner, attr, torch.compile(method, **options))
-            names.append(path)
-    return names
+    return names + _compile_methods(model, region_methods(granularity, backbone), options)
 
 
 # Tensor-only methods of the loss (attribute paths from the SetCriterion): the batched matching
@@ -114,15 +131,4 @@ def compile_criterion(criterion: nn.Module, mode: Optional[str] = None, dynamic:
     (the assignment, the match index building) stay eager; the number of matches changes every
     step, so the second shape seen marks it dynamic and later steps reuse the code. Options as
     :func:`compile_regions`. Returns the compiled methods' paths (none twice)."""
-    if mode not in _MODES:
-        raise ValueError(f"compile mode must be one of {_MODES}, got {mode!r}")
-    options = {"dynamic": dynamic, "backend": backend, **({"mode": mode} if mode is not None else {})}
-    names = []
-    for path in CRITERION_REGIONS:
-        owner_path, _, attr = path.rpartition(".")
-        owner = criterion.get_submodule(owner_path) if owner_path else criterion
-        method = getattr(owner, attr, None)
-        if method is not None and not hasattr(method, "_torchdynamo_orig_callable"):
-            setattr(owner, attr, torch.compile(method, **options))
-            names.append(path)
-    return names
+    return _compile_methods(criterion, CRITERION_REGIONS, _options(mode, dynamic, backend))

@@ -62,7 +62,6 @@ def build_dn_attn_mask(pad_size: int, num_queries: int, group_size: int,
     return mask
 
 
-
 def cached_dn_attn_mask(pad_size: int, num_queries: int, group_size: int, device) -> Tensor:
     """:func:`build_dn_attn_mask`, cached per (sizes, device) in the per-size table cache
     (``dino_scale.ops.level_shapes``; at most ~1.2 MB an entry with ``dn_number=100`` and 900
@@ -85,6 +84,7 @@ def dn_slot_indices(sizes: list[int], blocks: int) -> np.ndarray:
     local = np.concatenate([np.arange(n, dtype=np.int64) for n in sizes]) if sizes else np.zeros(0, np.int64)
     slot = (np.arange(blocks, dtype=np.int64)[:, None] * max_gt + local[None]).reshape(-1)
     return np.stack([np.tile(image, blocks), slot])
+
 
 def prepare_for_cdn(targets: list[dict], dn_number: int, label_noise_ratio: float,
                     box_noise_scale: float, num_queries: int, num_classes: int,

@@ -92,7 +92,7 @@ class DINO(nn.Module):
         for lvl in range(len(feats), self.num_feature_levels):
             srcs.append(self.input_proj[lvl](feats[-1] if lvl == len(feats) else srcs[-1]))
         fmasks, poss = self.backbone.level_encodings(masks, list(feats) + srcs[len(feats):])
-        return srcs, list(fmasks), list(poss)
+        return srcs, fmasks, poss
 
     def _decoder_heads(self, hs: list, refs: list) -> tuple:
         """hs [L x (B,Q,C)], refs [(L+1) x (B,Q,4)] -> (logits (L,B,Q,classes), boxes (L,B,Q,4)).

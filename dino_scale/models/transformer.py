@@ -377,7 +377,8 @@ class DeformableTransformer(nn.Module):
         src_flat, mask_flat, pos_flat = self.flatten_levels(srcs, masks, pos_embeds)
         spatial_shapes, level_start_index = level_index_tensors(level_shapes, src_flat.device)
         counts = valid_counts_flat(mask_flat, level_shapes)  # (B,L,2) un-padded (width, height) per level
-        valid_ratios = counts.float() / token_tables(level_shapes, src_flat.device)[2]  # (B,L,2)
+        centers, level, level_sizes, level_wh = token_tables(level_shapes, src_flat.device)
+        valid_ratios = counts.float() / level_sizes  # (B,L,2)
 
         memory = self.encoder(src_flat, pos_flat, spatial_shapes, level_start_index, valid_ratios, mask_flat,
                               level_shapes=level_shapes)
@@ -386,7 +387,6 @@ class DeformableTransformer(nn.Module):
         if memory.shape[1] < self.num_queries:
             raise ValueError(f"input too small: {memory.shape[1]} encoder tokens for {self.num_queries} queries "
                              f"(feature maps {level_shapes}); use larger images or fewer queries")
-        centers, level, _, level_wh = token_tables(level_shapes, memory.device)
         refpoint_undetach, init_box_proposal, tgt_undetach = self.select_queries(memory, mask_flat, counts, centers,
                                                                                  level, level_wh)
         refpoint = refpoint_undetach.detach()

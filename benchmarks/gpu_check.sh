@@ -1,72 +1,114 @@
 #!/usr/bin/env bash
-# One GPU session in one command: build csrc/, run the GPU tests, time the MSDA kernel and
-# the train step. Logs and JSON go to $OUT (default benchmarks/results/gpu_<time>).
+# One GPU session in one device call: build csrc/, run the GPU tests, time the MSDA kernel,
+# the train step and inference, within a time budget. A lent machine gives a session 15 min of
+# device time in all (its start included) and 600 s per call, so the default plan runs the
+# steps in priority order and skips, by name, every step that no longer fits BUDGET_S.
 #
-#   bash benchmarks/gpu_check.sh [all|PART[,PART...]] [extra train_step.py args...]
-#   PART: tests, msda, train, profile (profile: benchmarks/profile_step.py, r50_4scale bf16 bs2),
-#         graphs (inference only, bf16 + TF32 + compile, eager vs one CUDA graph, three presets),
-#         regions (r50_4scale bf16 + TF32 + compile: layer vs stack granularity, then
-#         reduce-overhead at layer granularity; train bs 2 and 8 + inference; REGION_RUNS="layer stack"
-#         picks some)
+#   bash benchmarks/gpu_check.sh [PLAN] [train_step.py args for the "train" step...]
+#   PLAN: "session" (default) or a comma list of steps, run in the order given:
+#     tests-msda  MSDA kernel GPU tests (dtypes, gradcheck, C++ autograd, compile) + level caches
+#     msda        benchmarks/msda.py: issue 3's kernel table (ours, PyTorch, deformops if carried)
+#     train       r50_4scale bf16 + TF32 + regional compile: train bs 2 and 8, inference bs 1
+#                 (extra args replace these train_step.py arguments)
+#     graphs      r50_4scale inference through one CUDA graph (GraphedDetector)
+#     tests-models  parity on CUDA (three presets), matcher, GraphedDetector tests
+#     regions     REGION_RUNS (default "stack reduce-overhead") for r50_4scale
+#     presets     r50_5scale and swinl_4scale, train bs 2 + inference (bf16 + TF32 + compile)
+#     profile     benchmarks/profile_step.py, r50_4scale bf16 bs 2 (phases, op tables, syncs)
+#     ("tests" = tests-msda,tests-models; "all" = "session")
+#   session = tests-msda,msda,train,graphs,tests-models,regions,presets,profile
 #
-# A device call runs at most 600 s, and the parts together take longer: run them over several
-# calls, e.g. "tests,msda", then "train --precision bf16 --tf32 --compile", then
-# REGION_RUNS="stack reduce-overhead" ... regions, then "graphs".
+# Environment: OUT (default benchmarks/results/gpu_<time>), BUDGET_S (default 540: seconds after
+# which no step starts; each step's timeout is cut to what is left), DRY_RUN=1 (print the plan
+# with each step's estimate and limit, run nothing), BUILD=0 (skip the extension build, e.g. when
+# DINO_SCALE_EXT_DIR already holds it).
 #
-# Optional wheels (e.g. deformops for the MSDA comparison) are installed from ./.whl when
-# present. Each step has its own time limit so one hang cannot eat the whole session.
+# What comes back: a device call returns at most 8 files from $OUT, so logs and JSON are written
+# to a scratch folder and packed into $OUT/results.tgz after every step (a call killed at its
+# limit still returns what finished), beside $OUT/summary.txt (one line per step: exit status,
+# seconds, or why it was skipped). Wheels in ./.whl (e.g. deformops) are installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part=${1:-all}; shift || true
+plan=${1:-session}; shift || true
+steps=()
+for s in ${plan//,/ }; do
+  case $s in
+    all|session) steps+=(tests-msda msda train graphs tests-models regions presets profile) ;;
+    tests) steps+=(tests-msda tests-models) ;;
+    *) steps+=("$s") ;;
+  esac
+done
 OUT=${OUT:-benchmarks/results/gpu_$(date +%Y%m%d-%H%M%S)}
+BUDGET_S=${BUDGET_S:-540}
+DRY_RUN=${DRY_RUN:-0}
 mkdir -p "$OUT"
+WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
+SUMMARY=$OUT/summary.txt
+: > "$SUMMARY"
+T0=$(date +%s)
 export PYTHONUNBUFFERED=1 DINO_SCALE_EXT_DIR=${DINO_SCALE_EXT_DIR:-/tmp/dino_scale_ext}
 export MAX_JOBS=${MAX_JOBS:-8}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+say() { echo "$*" | tee -a "$SUMMARY"; }
+pack() { tar czf "$OUT/results.tgz.part" -C "$WORK" . && mv "$OUT/results.tgz.part" "$OUT/results.tgz"; }
 
-want() { [[ $part == all || ",$part," == *",$1,"* ]]; }
-t0=$(date +%s)
-timeout 300 python3 -m dino_scale.ops build 2>&1 | tee "$OUT/build.log" | tail -5
-echo "build: $(( $(date +%s) - t0 )) s"
+# step NAME ESTIMATE_S CAP_S CMD...: run CMD if ESTIMATE_S still fits the budget, with a timeout
+# of min(CAP_S, seconds left); its output goes to $WORK/NAME.log (last lines echoed).
+step() {
+  local name=$1 est=$2 cap=$3; shift 3
+  local left=$(( BUDGET_S - ($(date +%s) - T0) ))
+  if (( left < est )); then say "$name: skipped (${left} s left of ${BUDGET_S}, needs ~${est} s)"; return 0; fi
+  local limit=$(( cap < left ? cap : left ))
+  if [[ $DRY_RUN == 1 ]]; then say "$name: would run (~${est} s, limit ${limit} s): $*"; T0=$(( T0 - est )); return 0; fi
+  local t=$(date +%s)
+  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
+  local rc=$?
+  say "$name: rc=$rc, $(( $(date +%s) - t )) s (limit ${limit} s)$( (( rc == 124 )) && echo ', TIMED OUT')"
+  tail -n "${TAIL:-25}" "$WORK/$name.log"
+  pack
+}
 
-if want tests; then
-  timeout 300 python3 -m pytest -q -p no:cacheprovider --maxfail=30 -o addopts="" \
-    tests/ops/test_ops_msda_cuda.py tests/models/test_parity.py tests/models/test_matcher.py \
-    tests/models/test_cuda_graph.py tests/ops/test_level_shapes.py 2>&1 \
-    | tee "$OUT/tests.log" | tail -40
+if [[ $DRY_RUN != 1 ]]; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  fi
+  { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
+    python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } 2>&1 | tee "$WORK/gpu.txt"
 fi
-if want msda; then
-  timeout 240 python3 benchmarks/msda.py --out "$OUT/msda.json" 2>&1 | tee "$OUT/msda.log" | tail -30
-fi
-if want train; then
-  timeout 400 python3 benchmarks/train_step.py --out "$OUT/train_step.json" "$@" 2>&1 | tee "$OUT/train_step.log" | tail -30
-fi
-if want graphs; then
-  for g in "" --cuda-graphs; do
-    timeout 300 python3 benchmarks/train_step.py --batch-sizes "" --precision bf16 --tf32 --compile $g \
-      --preset r50_4scale --preset r50_5scale --preset swinl_4scale --out "$OUT/infer${g:+_graphs}.json" 2>&1 \
-      | tee "$OUT/infer${g:+_graphs}.log" | tail -8
-  done
-fi
-if want regions; then
-  # REGION_RUNS picks the runs (a device call is limited to 600 s: split them over calls)
-  for run in ${REGION_RUNS:-layer stack reduce-overhead}; do
-    case $run in
-      layer) args="--compile-granularity layer" ;;
-      stack) args="--compile-granularity stack" ;;
-      reduce-overhead) args="--compile-granularity layer --compile-mode reduce-overhead" ;;
-      *) echo "unknown REGION_RUNS entry $run (layer | stack | reduce-overhead)"; continue ;;
-    esac
-    tag=$run
-    timeout 400 python3 benchmarks/train_step.py --preset r50_4scale --precision bf16 --tf32 --compile $args \
-      --out "$OUT/regions_$tag.json" 2>&1 | tee "$OUT/regions_$tag.log" | tail -8
-  done
-fi
-if want profile; then
-  timeout 300 python3 benchmarks/profile_step.py --out "$OUT" 2>&1 | tee "$OUT/profile.log" | head -60
-fi
+say "plan: ${steps[*]} (budget ${BUDGET_S} s)"
+[[ ${BUILD:-1} == 0 ]] || step build 60 240 python3 -m dino_scale.ops build
+
+R50=(--preset r50_4scale --precision bf16 --tf32 --compile)
+for s in "${steps[@]}"; do
+  case $s in
+    tests-msda) step tests-msda 45 200 python3 -m pytest -q -p no:cacheprovider --maxfail=30 -o addopts="" \
+                  tests/ops/test_ops_msda_cuda.py tests/ops/test_level_shapes.py ;;
+    msda) step msda 45 180 python3 benchmarks/msda.py --out "$WORK/msda.json" ;;
+    train) if (( $# )); then args=("$@"); else args=("${R50[@]}"); fi
+           step train 150 330 python3 benchmarks/train_step.py --out "$WORK/train.json" "${args[@]}" ;;
+    graphs) step graphs 80 200 python3 benchmarks/train_step.py --batch-sizes "" --cuda-graphs "${R50[@]}" \
+              --out "$WORK/graphs.json" ;;
+    tests-models) step tests-models 90 240 python3 -m pytest -q -p no:cacheprovider --maxfail=30 -o addopts="" \
+                    tests/models/test_parity.py tests/models/test_matcher.py tests/models/test_cuda_graph.py ;;
+    regions)
+      for run in ${REGION_RUNS:-stack reduce-overhead}; do
+        case $run in
+          layer) args=(--compile-granularity layer) ;;
+          stack) args=(--compile-granularity stack) ;;
+          reduce-overhead) args=(--compile-granularity layer --compile-mode reduce-overhead) ;;
+          *) say "regions: unknown REGION_RUNS entry $run (layer | stack | reduce-overhead)"; continue ;;
+        esac
+        step "regions-$run" 150 330 python3 benchmarks/train_step.py "${R50[@]}" "${args[@]}" --out "$WORK/regions_$run.json"
+      done ;;
+    presets)
+      for p in r50_5scale swinl_4scale; do
+        step "preset-$p" 150 330 python3 benchmarks/train_step.py --preset "$p" --precision bf16 --tf32 --compile \
+          --batch-sizes 2 --out "$WORK/preset_$p.json"
+      done ;;
+    profile) step profile 120 240 python3 benchmarks/profile_step.py --tf32 --compile --out "$WORK/profile" ;;
+    *) say "unknown step $s" ;;
+  esac
+done
+say "total: $(( $(date +%s) - T0 )) s"
+[[ $DRY_RUN == 1 ]] || pack
+rm -rf "$WORK"

@@ -1,0 +1,78 @@
+"""benchmarks/gpu_check.sh: the one-call GPU session plan fits its budget and returns its files.
+
+A lent GPU gives a session 15 minutes of device time and 600 s per call, and a call returns at
+most 8 files from $OUT; a plan that overruns or scatters its logs loses the rarest measurements
+this project gets, so the script's plan and packing are checked here on the CPU."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+SESSION = ["build", "tests-msda", "msda", "train", "graphs", "tests-models", "regions-stack",
+           "regions-reduce-overhead", "preset-r50_5scale", "preset-swinl_4scale", "profile"]
+
+
+def _run(tmp_path, *args, **env):
+    out = tmp_path / "out"
+    full_env = dict(os.environ, OUT=str(out), **{k: str(v) for k, v in env.items()})
+    # the script calls `python3`: make it this interpreter (the venv's)
+    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env['PATH']}"
+    proc = subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout
+
+
+def _summary_steps(out: Path) -> dict[str, str]:
+    lines = (out / "summary.txt").read_text().splitlines()
+    return {m.group(1): m.group(2) for m in (re.match(r"([\w.-]+): (.*)", ln) for ln in lines) if m}
+
+
+def test_session_plan_runs_in_priority_order_within_the_budget(tmp_path):
+    out, _ = _run(tmp_path, DRY_RUN=1, BUDGET_S=540)
+    steps = _summary_steps(out)
+    assert [s for s in steps if s in SESSION] == SESSION, steps
+    ran = [s for s in SESSION if steps[s].startswith("would run")]
+    # the kernel's correctness and the headline timings come first, and they fit one call
+    assert ran[:5] == ["build", "tests-msda", "msda", "train", "graphs"]
+    estimates = [int(re.search(r"~(\d+) s", steps[s]).group(1)) for s in ran]
+    limits = [int(re.search(r"limit (\d+) s", steps[s]).group(1)) for s in ran]
+    assert sum(estimates) <= 540
+    # no step may be given more time than is left of the budget when it starts
+    elapsed = 0
+    for est, limit in zip(estimates, limits):
+        assert limit <= 540 - elapsed
+        elapsed += est
+    skipped = [s for s in SESSION if s not in ran]
+    assert skipped and all(steps[s].startswith("skipped") for s in skipped)
+
+
+def test_a_larger_budget_runs_every_step(tmp_path):
+    out, _ = _run(tmp_path, DRY_RUN=1, BUDGET_S=100000)
+    steps = _summary_steps(out)
+    assert all(steps[s].startswith("would run") for s in SESSION)
+
+
+def test_explicit_plan_and_train_arguments(tmp_path):
+    out, _ = _run(tmp_path, "tests,train", "--preset", "tiny", "--iters", "2", DRY_RUN=1, BUILD=0)
+    steps = _summary_steps(out)
+    assert "build" not in steps
+    assert [s for s in steps if s not in ("plan", "total")] == ["tests-msda", "tests-models", "train"]
+    assert steps["train"].endswith("--preset tiny --iters 2") and "r50_4scale" not in steps["train"]
+
+
+def test_results_are_packed_into_one_archive(tmp_path):
+    # a real (not dry) run of a plan with nothing to time: the summary and the archive with the
+    # machine description come back, and an unknown step is reported, not fatal
+    out, _ = _run(tmp_path, "nosuchstep", BUILD=0)
+    assert sorted(p.name for p in out.iterdir()) == ["results.tgz", "summary.txt"]
+    assert "unknown step nosuchstep" in (out / "summary.txt").read_text()
+    with tarfile.open(out / "results.tgz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert "gpu.txt" in names

@@ -24,9 +24,10 @@ __all__ = ["compile_regions", "compile_criterion", "region_methods", "method_own
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Methods compiled as regions of their own (attribute paths from the DINO module): every level's
 # padding mask and sine position embedding in one call (with ``backbone``), the flattening of
-# the levels into encoder tokens, the two-stage query selection and the decoder heads.
+# the levels into encoder tokens, the two-stage query selection, the decoder heads and the
+# denoising queries (noise, label embedding, scatter into the padded slots; training only).
 METHOD_REGIONS = ("backbone.level_encodings", "transformer.flatten_levels", "transformer.select_queries",
-                  "_decoder_heads")
+                  "_decoder_heads", "_dn_queries")
 # Per granularity: module types compiled in place, and methods compiled as regions. At layer
 # granularity the decoder's region is its step (layer + query positions + box refinement + norm).
 _GRANULARITY = {
@@ -97,8 +98,8 @@ def compile_regions(model: nn.Module, backbone: bool = True, mode: Optional[str]
     stack) or "stack" (the whole encoder and the
     whole decoder with its box refinement: fewer, larger graphs and fewer calls per step, at a
     longer first compile; not yet timed on a GPU). The levels' flattening, the two-stage query
-    selection and the decoder heads are compiled as regions of their own, and with ``backbone``
-    all levels' masks and position embeddings (:data:`METHOD_REGIONS`). ``mode`` is torch.compile's:
+    selection, the decoder heads and the denoising queries are compiled as regions of their
+    own, and with ``backbone`` all levels' masks and position embeddings (:data:`METHOD_REGIONS`). ``mode`` is torch.compile's:
     "reduce-overhead" replays each region as CUDA graphs (inputs of a fixed size; a new size
     records new graphs). ``backend`` is torch.compile's (``"aot_eager"``: traced without code
     generation, for debugging and quick CPU tests). Returns the compiled regions' names."""

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from dino_scale.ops.transfer import host_to_device
 
 from .box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
-from .denoising import dn_targets
-from .matcher import HungarianMatcher, build_matcher
+from .denoising import dn_slot_targets, dn_targets
+from .matcher import HungarianMatcher, build_matcher, pad_targets
 
 __all__ = ["SetCriterion", "sigmoid_focal_loss", "build_criterion", "build_weight_dict",
            "weighted_loss"]
@@ -227,22 +227,27 @@ class SetCriterion(nn.Module):
         zeros = torch.zeros(k_sets, device=logits.device, dtype=l1.dtype)
         return focal, zeros.index_add(0, set_idx, l1), zeros.index_add(0, set_idx, giou)
 
-    def dn_losses_sets(self, dn_outs: list[dict], labels: Tensor, boxes: Tensor, positive: Tensor,
+    def dn_losses_sets(self, dn_outs: list[dict], gt_labels: Tensor, gt_boxes: Tensor, counts: Tensor,
                        num_boxes) -> list[dict[str, Tensor]]:
-        """:meth:`dn_layer_losses` of K denoising layers in one pass."""
+        """:meth:`dn_layer_losses` of K denoising layers in one pass, from the padded targets
+        (``matcher.pad_targets``: gt_labels (B, N), gt_boxes (B, N, 4), box counts (B,) on the
+        device); the slot layout (:func:`.denoising.dn_slot_targets`) is built inside."""
         logits = torch.stack([o["pred_logits"] for o in dn_outs]).float()  # (K, B, P, C)
         pred = torch.stack([o["pred_boxes"] for o in dn_outs]).float()     # (K, B, P, 4)
-        focal, l1, giou = self.dn_set_terms(logits, pred, labels, boxes, positive)
+        focal, l1, giou = self.dn_set_terms(logits, pred, gt_labels, gt_boxes, counts)
         loss_ce, loss_bbox, loss_giou = focal / num_boxes * logits.shape[2], l1 / num_boxes, giou / num_boxes
         return [{"loss_ce": ce, "loss_bbox": bb, "loss_giou": gi}
                 for ce, bb, gi in zip(loss_ce.unbind(0), loss_bbox.unbind(0), loss_giou.unbind(0))]
 
-    def dn_set_terms(self, logits: Tensor, pred: Tensor, labels: Tensor, boxes: Tensor, positive: Tensor
+    def dn_set_terms(self, logits: Tensor, pred: Tensor, gt_labels: Tensor, gt_boxes: Tensor, counts: Tensor
                      ) -> tuple[Tensor, Tensor, Tensor]:
-        """The tensor part of :meth:`dn_losses_sets`: logits (K,B,P,C), pred (K,B,P,4), targets
-        labels (B,P), boxes (B,P,4), positive (B,P) -> per-layer sums (K,) of the focal term, L1
-        and 1 - GIoU (positives only), not normalized. ``compile_criterion`` compiles it."""
+        """The tensor part of :meth:`dn_losses_sets`: logits (K,B,P,C), pred (K,B,P,4) with
+        P = 2 * N * groups, padded targets gt_labels (B,N), gt_boxes (B,N,4), counts (B,) ->
+        per-layer sums (K,) of the focal term, L1 and 1 - GIoU (positives only), not normalized.
+        ``compile_criterion`` compiles it (the slot targets' ~35 operator calls included)."""
         k_sets = logits.shape[0]
+        groups = logits.shape[2] // (2 * gt_labels.shape[1])
+        labels, boxes, positive = dn_slot_targets(gt_labels, gt_boxes, counts, groups, self.num_classes)
         focal = self._focal_set_sums(logits, labels.expand(k_sets, *labels.shape))
         l1, giou = box_terms(pred, boxes.expand(k_sets, *boxes.shape))
         keep = positive.expand(k_sets, *positive.shape)
@@ -264,13 +269,14 @@ class SetCriterion(nn.Module):
                              f"{outputs['pred_logits'].shape[0]}")
         num_boxes = self._num_boxes(targets, device)
         sets = self._output_sets(outputs)
+        padded = pad_targets(targets, device)  # (B, N) labels / boxes: for the matcher and the dn targets
         # one host copy for every set's cost matrices, started now and waited for after the
         # denoising losses are queued: the device computes those while the host solves
-        pending = self.matcher.start_many([o for _, o in sets], targets)
+        pending = self.matcher.start_many([o for _, o in sets], targets, padded=padded)
         dn = {}
         if self.dn_losses:
             num_aux = len(outputs.get("aux_outputs") or [])
-            dn = self._dn(outputs.get("dn_meta"), targets, num_boxes, num_aux, device)
+            dn = self._dn(outputs.get("dn_meta"), targets, num_boxes, num_aux, device, padded=padded)
         all_indices = pending.result()
         losses = {}
         same_shape = len({tuple(o["pred_logits"].shape) for _, o in sets}) == 1
@@ -299,7 +305,10 @@ class SetCriterion(nn.Module):
         return losses
 
     def _dn(self, dn_meta: Optional[dict], targets, num_boxes, num_aux: int, device,
-            vectorized: bool = True) -> dict:
+            vectorized: bool = True, padded: Optional[tuple] = None) -> dict:
+        """The ``_dn`` / ``_dn_{i}`` losses. ``vectorized``: all layers in one pass from the
+        padded targets (``padded`` = ``pad_targets(targets, device)`` when the caller has them);
+        else the reference per-layer form from :func:`.denoising.dn_targets`."""
         known = dn_meta.get("output_known_lbs_bboxes") if dn_meta else None
         if not known or dn_meta["pad_size"] <= 0:
             zero = torch.zeros((), device=device)
@@ -307,16 +316,22 @@ class SetCriterion(nn.Module):
             for i in range(num_aux):
                 out.update({f"{k}_dn_{i}": zero for k in BASE_KEYS})
             return out
-        labels, boxes, positive = dn_targets(targets, dn_meta, self.num_classes)
-        labels, boxes, positive = labels.to(device), boxes.to(device), positive.to(device)
         norm = num_boxes * dn_meta["num_dn_group"]
         aux_known = known.get("aux_outputs") or []
         if len(aux_known) != num_aux:
             raise ValueError(f"criterion: {len(aux_known)} dn aux outputs for {num_aux} aux layers")
         layers = [known] + list(aux_known)
         if vectorized:
-            per_layer = self.dn_losses_sets(layers, labels, boxes, positive, norm)
+            gt_labels, gt_boxes, sizes = padded if padded is not None else pad_targets(targets, device)
+            if 2 * gt_labels.shape[1] * dn_meta["num_dn_group"] != dn_meta["pad_size"]:
+                raise ValueError(f"criterion: dn_meta (pad_size {dn_meta['pad_size']}, "
+                                 f"{dn_meta['num_dn_group']} groups) does not match targets with at most "
+                                 f"{gt_labels.shape[1]} boxes")
+            counts = host_to_device(torch.from_numpy(np.asarray(sizes, dtype=np.int64)), device)
+            per_layer = self.dn_losses_sets(layers, gt_labels, gt_boxes, counts, norm)
         else:
+            labels, boxes, positive = dn_targets(targets, dn_meta, self.num_classes)
+            labels, boxes, positive = labels.to(device), boxes.to(device), positive.to(device)
             per_layer = [self.dn_layer_losses(o, labels, boxes, positive, norm) for o in layers]
         suffixes = ["_dn"] + [f"_dn_{i}" for i in range(num_aux)]
         return {f"{k}{suffix}": v for suffix, terms in zip(suffixes, per_layer) for k, v in terms.items()}

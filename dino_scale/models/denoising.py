@@ -16,7 +16,7 @@ different random stream.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from dino_scale.ops.transfer import host_to_device
 
 from .box_ops import inverse_sigmoid
 
-__all__ = ["prepare_for_cdn", "dn_post_process", "build_dn_attn_mask", "cached_dn_attn_mask", "dn_targets",
+__all__ = ["prepare_for_cdn", "noised_queries", "dn_slot_targets", "dn_post_process", "build_dn_attn_mask", "cached_dn_attn_mask", "dn_targets",
            "dn_slot_indices", "num_dn_groups"]
 
 
@@ -86,45 +86,19 @@ def dn_slot_indices(sizes: list[int], blocks: int) -> np.ndarray:
     return np.stack([np.tile(image, blocks), slot])
 
 
-def prepare_for_cdn(targets: list[dict], dn_number: int, label_noise_ratio: float,
-                    box_noise_scale: float, num_queries: int, num_classes: int,
-                    hidden_dim: int, label_enc: nn.Embedding):
-    """Build the denoising queries of one training batch.
-
-    targets: B dicts with ``labels`` int64 (n_i,) and ``boxes`` (n_i, 4) cxcywh in [0, 1].
-    label_enc: ``nn.Embedding(dn_labelbook_size + 1, hidden_dim)``; label noise draws
-    classes in ``[0, num_classes)``.
-
-    Returns ``(input_query_label (B, pad_size, hidden_dim), input_query_bbox (B, pad_size, 4)
-    in inverse-sigmoid space, attn_mask bool (pad_size + num_queries)^2 True = blocked,
-    dn_meta)`` with ``dn_meta = {"pad_size", "num_dn_group", "single_pad"}`` where
-    ``single_pad`` = ``max_gt`` (positives per group and image; a group has
-    ``2 * single_pad`` slots). With no box in the batch ``pad_size`` is 0 (one empty group).
-    When ``dn_number <= 0`` denoising is off: returns ``(None, None, None, None)``.
-
-    The only host value read is ``max_gt`` (from tensor shapes, no device sync).
-    """
-    if dn_number <= 0:
-        return None, None, None, None
-    device = label_enc.weight.device
-    batch = len(targets)
-    sizes = [int(t["labels"].shape[0]) for t in targets]
-    max_gt = max(sizes) if sizes else 0
-    groups = num_dn_groups(dn_number, max_gt)
-    pad_size = 2 * max_gt * groups
-    total = sum(sizes)
+def noised_queries(labels: Tensor, boxes: Tensor, image: Tensor, slot: Tensor, batch: int, pad_size: int,
+                   blocks: int, label_noise_ratio: float, box_noise_scale: float, num_classes: int,
+                   label_enc: nn.Embedding) -> tuple[Tensor, Tensor]:
+    """The tensor part of :func:`prepare_for_cdn` (no host values read; ``DINO`` compiles it
+    as a region): the batch's boxes ``labels`` int64 (total,), ``boxes`` (total, 4) cxcywh, and
+    their slots ``image``, ``slot`` int64 (blocks * total,) (:func:`dn_slot_indices`) ->
+    ``(input_query_label (batch, pad_size, hidden), input_query_bbox (batch, pad_size, 4))``,
+    the noised queries in the padded slot layout (zeros in empty slots)."""
     dtype = label_enc.weight.dtype
-
-    input_query_label = torch.zeros(batch, pad_size, hidden_dim, device=device, dtype=dtype)
-    input_query_bbox = torch.zeros(batch, pad_size, 4, device=device, dtype=dtype)
-    attn_mask = cached_dn_attn_mask(pad_size, num_queries, 2 * max(max_gt, 1), device)
-    dn_meta = {"pad_size": pad_size, "num_dn_group": groups, "single_pad": max_gt}
-    if total == 0:
-        return input_query_label, input_query_bbox, attn_mask, dn_meta
-
-    labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.long)
-    boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)
-    blocks = 2 * groups  # block 2g: positives of group g; block 2g+1: its negatives
+    device = label_enc.weight.device
+    query_label = torch.zeros(batch, pad_size, label_enc.embedding_dim, device=device, dtype=dtype)
+    query_bbox = torch.zeros(batch, pad_size, 4, device=device, dtype=dtype)
+    total = labels.shape[0]
 
     # Label noise: with probability ratio/2 a query's label becomes a uniform class.
     known_labels = labels.repeat(blocks)  # (blocks * total,)
@@ -148,13 +122,61 @@ def prepare_for_cdn(targets: list[dict], dn_number: int, label_noise_ratio: floa
         known_boxes = torch.cat([(corners[:, :2] + corners[:, 2:]) / 2,
                                  corners[:, 2:] - corners[:, :2]], dim=1)
 
-    # Scatter into the padded (B, pad_size) layout: block k, box j of image b -> slot
-    # k * max_gt + j. The indices depend only on the box counts: built with numpy on the host
-    # (no torch CPU operators: no intra-op thread wake-ups) and sent in one pinned copy.
-    bid, slot = host_to_device(torch.from_numpy(dn_slot_indices(sizes, blocks)), device).unbind(0)
-    input_query_label[bid, slot] = label_enc(known_labels).to(dtype)
-    input_query_bbox[bid, slot] = inverse_sigmoid(known_boxes).to(dtype)
-    return input_query_label, input_query_bbox, attn_mask, dn_meta
+    # Scatter into the padded (B, pad_size) layout: block k, box j of image b -> slot k * max_gt + j.
+    query_label = query_label.index_put((image, slot), label_enc(known_labels).to(dtype))
+    query_bbox = query_bbox.index_put((image, slot), inverse_sigmoid(known_boxes).to(dtype))
+    return query_label, query_bbox
+
+
+def prepare_for_cdn(targets: list[dict], dn_number: int, label_noise_ratio: float,
+                    box_noise_scale: float, num_queries: int, num_classes: int,
+                    hidden_dim: int, label_enc: nn.Embedding,
+                    make_queries: Optional[Callable[..., tuple[Tensor, Tensor]]] = None):
+    """Build the denoising queries of one training batch.
+
+    targets: B dicts with ``labels`` int64 (n_i,) and ``boxes`` (n_i, 4) cxcywh in [0, 1].
+    label_enc: ``nn.Embedding(dn_labelbook_size + 1, hidden_dim)``; label noise draws
+    classes in ``[0, num_classes)``. ``make_queries`` (default :func:`noised_queries` with these
+    settings) is called as ``make_queries(labels, boxes, image, slot, batch, pad_size, blocks)``:
+    ``DINO`` passes its compiled region.
+
+    Returns ``(input_query_label (B, pad_size, hidden_dim), input_query_bbox (B, pad_size, 4)
+    in inverse-sigmoid space, attn_mask bool (pad_size + num_queries)^2 True = blocked,
+    dn_meta)`` with ``dn_meta = {"pad_size", "num_dn_group", "single_pad"}`` where
+    ``single_pad`` = ``max_gt`` (positives per group and image; a group has
+    ``2 * single_pad`` slots). With no box in the batch ``pad_size`` is 0 (one empty group).
+    When ``dn_number <= 0`` denoising is off: returns ``(None, None, None, None)``.
+
+    The only host value read is ``max_gt`` (from tensor shapes, no device sync).
+    """
+    if dn_number <= 0:
+        return None, None, None, None
+    device = label_enc.weight.device
+    batch = len(targets)
+    sizes = [int(t["labels"].shape[0]) for t in targets]
+    max_gt = max(sizes) if sizes else 0
+    groups = num_dn_groups(dn_number, max_gt)
+    pad_size = 2 * max_gt * groups
+    dtype = label_enc.weight.dtype
+    attn_mask = cached_dn_attn_mask(pad_size, num_queries, 2 * max(max_gt, 1), device)
+    dn_meta = {"pad_size": pad_size, "num_dn_group": groups, "single_pad": max_gt}
+    if sum(sizes) == 0:
+        return (torch.zeros(batch, pad_size, hidden_dim, device=device, dtype=dtype),
+                torch.zeros(batch, pad_size, 4, device=device, dtype=dtype), attn_mask, dn_meta)
+    if label_enc.embedding_dim != hidden_dim:
+        raise ValueError(f"label_enc has {label_enc.embedding_dim} features, hidden_dim is {hidden_dim}")
+
+    labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.long)
+    boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)
+    blocks = 2 * groups  # block 2g: positives of group g; block 2g+1: its negatives
+    # The slots depend only on the box counts: built with numpy on the host (no torch CPU
+    # operators: no intra-op thread wake-ups) and sent in one pinned copy.
+    image, slot = host_to_device(torch.from_numpy(dn_slot_indices(sizes, blocks)), device).unbind(0)
+    if make_queries is None:
+        def make_queries(*args):
+            return noised_queries(*args, label_noise_ratio, box_noise_scale, num_classes, label_enc)
+    query_label, query_bbox = make_queries(labels, boxes, image, slot, batch, pad_size, blocks)
+    return query_label, query_bbox, attn_mask, dn_meta
 
 
 def dn_post_process(outputs_class: Tensor, outputs_coord: Tensor, dn_meta: Optional[dict]):
@@ -208,3 +230,22 @@ def dn_targets(targets: list[dict], dn_meta: dict, num_classes: int):
     positive = torch.cat([valid, torch.zeros_like(valid)], 1).unsqueeze(1).expand(batch, groups, -1)
     return (labels.reshape(batch, pad), boxes.reshape(batch, pad, 4),
             positive.reshape(batch, pad))
+
+
+def dn_slot_targets(gt_labels: Tensor, gt_boxes: Tensor, counts: Tensor, groups: int, num_classes: int):
+    """:func:`dn_targets` from padded targets, tensors only (no host values read; the
+    criterion's compiled denoising region calls it): ``gt_labels`` int64 (B, N), ``gt_boxes``
+    (B, N, 4) with image b's boxes in its first ``counts[b]`` columns (``matcher.pad_targets``),
+    ``counts`` int64 (B,) on their device -> ``(labels (B, 2*N*groups), boxes (B, 2*N*groups, 4),
+    positive (B, 2*N*groups))`` exactly as :func:`dn_targets` lays them out for ``max_gt = N``."""
+    batch, n = gt_labels.shape
+    valid = torch.arange(n, device=counts.device)[None, :] < counts[:, None]             # (B, N)
+    labels = torch.where(valid, gt_labels, torch.full_like(gt_labels, num_classes))
+    boxes = torch.where(valid[..., None], gt_boxes, torch.full_like(gt_boxes, 0.5))
+    # (B, N) -> (B, groups, 2N): positives, then background negatives.
+    labels = torch.cat([labels, torch.full_like(labels, num_classes)], 1)
+    boxes = torch.cat([boxes, torch.full_like(boxes, 0.5)], 1)
+    positive = torch.cat([valid, torch.zeros_like(valid)], 1)
+    return (labels[:, None].expand(batch, groups, 2 * n).reshape(batch, -1),
+            boxes[:, None].expand(batch, groups, 2 * n, 4).reshape(batch, -1, 4),
+            positive[:, None].expand(batch, groups, 2 * n).reshape(batch, -1))

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .backbone import Joiner
 from .box_ops import inverse_sigmoid
-from .denoising import dn_post_process, prepare_for_cdn
+from .denoising import dn_post_process, noised_queries, prepare_for_cdn
 from .transformer import MLP, DeformableTransformer
 
 __all__ = ["DINO"]
@@ -114,6 +114,13 @@ class DINO(nn.Module):
             logits = torch.stack([embed(h) for embed, h in zip(self.class_embed, hs)])
         return logits, coords
 
+    def _dn_queries(self, labels: Tensor, boxes: Tensor, image: Tensor, slot: Tensor, batch: int,
+                    pad_size: int, blocks: int) -> tuple[Tensor, Tensor]:
+        """The denoising queries' tensor part (:func:`.denoising.noised_queries` with this
+        model's noise settings and ``label_enc``): one compiled region under ``compile_regions``."""
+        return noised_queries(labels, boxes, image, slot, batch, pad_size, blocks, self.dn_label_noise_ratio,
+                              self.dn_box_noise_scale, self.num_classes, self.label_enc)
+
     def forward(self, images: Tensor, masks: Tensor, targets: Optional[list] = None) -> dict:
         if images.dim() != 4 or masks.shape != (images.shape[0],) + tuple(images.shape[-2:]):
             raise ValueError(f"expected images (B,3,H,W) and masks (B,H,W), got {tuple(images.shape)} "
@@ -125,7 +132,7 @@ class DINO(nn.Module):
         if self.training and targets is not None and self.dn_number > 0:
             q_label, q_bbox, attn_mask, dn_meta = prepare_for_cdn(
                 targets, self.dn_number, self.dn_label_noise_ratio, self.dn_box_noise_scale, self.num_queries,
-                self.num_classes, self.hidden_dim, self.label_enc)
+                self.num_classes, self.hidden_dim, self.label_enc, make_queries=self._dn_queries)
 
         hs, refs, hs_enc, ref_enc, init_box_proposal = self.transformer(srcs, fmasks, poss, q_label, q_bbox,
                                                                         attn_mask)

@@ -106,16 +106,18 @@ class HungarianMatcher(nn.Module):
         return self.start_many(outputs_list, targets).result()
 
     @torch.no_grad()
-    def start_many(self, outputs_list: list[dict], targets: list[dict]) -> "PendingMatches":
+    def start_many(self, outputs_list: list[dict], targets: list[dict],
+                   padded: Optional[tuple[Tensor, Tensor, list[int]]] = None) -> "PendingMatches":
         """First half of :meth:`match_many`: compute every cost matrix and start their copy to
         the host without waiting for it (pinned memory, CUDA event). The caller may queue
         more device work (the denoising losses need no matching) before ``.result()``
         waits for the copy and solves the assignments, so the host's solve overlaps the
-        device's work instead of leaving the device idle."""
+        device's work instead of leaving the device idle. ``padded``: :func:`pad_targets` of
+        ``targets`` on the outputs' device, when the caller has it already."""
         if not outputs_list:
             return PendingMatches([], None, None, [])
         device = outputs_list[0]["pred_logits"].device
-        labels, boxes, sizes = pad_targets(targets, device)
+        labels, boxes, sizes = padded if padded is not None else pad_targets(targets, device)
         for out in outputs_list:
             if len(targets) != out["pred_logits"].shape[0]:
                 raise ValueError(f"matcher: {len(targets)} targets for a batch of {out['pred_logits'].shape[0]}")

@@ -26,9 +26,9 @@ def test_compiled_layers_match_eager_and_keep_keys():
         ref = model(images, masks)
     keys = list(model.state_dict())
     names = compile_regions(model, backbone=False)
-    assert len(names) == cfg.enc_layers + 4
-    assert names[-4:] == ["transformer.decoder.step", "transformer.flatten_levels", "transformer.select_queries",
-                          "_decoder_heads"]
+    assert len(names) == cfg.enc_layers + 5
+    assert names[-5:] == ["transformer.decoder.step", "transformer.flatten_levels", "transformer.select_queries",
+                          "_decoder_heads", "_dn_queries"]
     assert list(model.state_dict()) == keys
     with torch.no_grad():
         out = model(images, masks)
@@ -57,7 +57,7 @@ def test_stack_granularity_matches_eager():
         ref = model(images, masks)
     names = compile_regions(model, backbone=False, granularity="stack")
     assert names == ["transformer.encoder", "transformer.decoder", "transformer.flatten_levels",
-                     "transformer.select_queries", "_decoder_heads"]
+                     "transformer.select_queries", "_decoder_heads", "_dn_queries"]
     with torch.no_grad():
         out = model(images, masks)
     for k in ("pred_logits", "pred_boxes"):

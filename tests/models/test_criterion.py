@@ -151,6 +151,10 @@ def test_dn_negatives_get_no_box_loss_and_positives_their_label():
     l1 = sum((dn_boxes[0, gr, 0, j] - t[0]["boxes"][j]).abs().sum() for gr in range(2) for j in range(2))
     l1 = l1 + sum((dn_boxes[1, gr, 0, 0] - t[1]["boxes"][0]).abs().sum() for gr in range(2))
     assert losses["loss_bbox_dn"].item() == pytest.approx(l1.item() / (3 * 2), rel=1e-5)
+    # dn_meta built for other targets (here: one box more in an image) is a clear error
+    more = [t[0], {"labels": torch.tensor([7, 1, 2]), "boxes": torch.rand(3, 4) * 0.3 + 0.3}]
+    with pytest.raises(ValueError, match="does not match targets"):
+        crit(out, more)
 
 
 def test_weighted_loss_requires_known_keys():

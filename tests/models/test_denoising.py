@@ -8,7 +8,9 @@ from torch import nn
 
 from dino_scale.models.box_ops import box_cxcywh_to_xyxy
 from dino_scale.models.denoising import (build_dn_attn_mask, cached_dn_attn_mask, dn_post_process,
-                                         dn_slot_indices, dn_targets, num_dn_groups, prepare_for_cdn)
+                                         dn_slot_indices, dn_slot_targets, dn_targets, noised_queries,
+                                         num_dn_groups, prepare_for_cdn)
+from dino_scale.models.matcher import pad_targets
 from dino_scale.ops.level_shapes import clear_level_cache
 
 
@@ -150,6 +152,46 @@ def test_slot_layout_padding_and_dn_targets_use_original_labels():
     assert torch.allclose(boxes.view(2, groups, 2, max_gt, 4)[0, :, 0], t0["boxes"].expand(groups, 3, 4))
     noised = query_label[0].argmax(-1).view(groups, 2, max_gt)
     assert (noised != t0["labels"]).any()  # ratio 1.0 replaced some input labels
+
+
+def test_slot_targets_from_padded_targets_equal_the_per_image_reference():
+    """The criterion's vectorized dn targets (padded targets -> slot layout, tensors only) equal
+    dn_targets' per-image construction, with uneven counts and an image without boxes."""
+    torch.manual_seed(0)
+    num_classes = 11
+    targets = [{"labels": torch.randint(0, num_classes, (n,)), "boxes": torch.rand(n, 4) * 0.5 + 0.1}
+               for n in (4, 0, 1, 3)]
+    _, _, _, meta = prepare_for_cdn(targets, 10, 0.5, 1.0, 6, num_classes, num_classes + 1,
+                                    _one_hot_encoder(num_classes))
+    labels, boxes, positive = dn_targets(targets, meta, num_classes)
+    gt_labels, gt_boxes, sizes = pad_targets(targets, "cpu")
+    got = dn_slot_targets(gt_labels, gt_boxes, torch.tensor(sizes), meta["num_dn_group"], num_classes)
+    for ref, new in zip((labels, boxes, positive), got):
+        assert new.shape == ref.shape and torch.equal(new, ref)
+
+
+def test_noised_queries_is_the_tensor_part_of_prepare_for_cdn():
+    """prepare_for_cdn hands its tensor part to ``make_queries`` (DINO's compiled region) with
+    the slot indices; the default is noised_queries with the same draws in the same order."""
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.2, 0.3]])},
+               {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    enc = _one_hot_encoder(3)
+    torch.manual_seed(3)
+    ref_label, ref_bbox, _, meta = prepare_for_cdn(targets, 6, 0.5, 1.0, 4, 3, 4, enc)
+    seen = []
+
+    def make_queries(labels, boxes, image, slot, batch, pad_size, blocks):
+        seen.append((labels.tolist(), image.tolist(), slot.tolist(), batch, pad_size, blocks))
+        return noised_queries(labels, boxes, image, slot, batch, pad_size, blocks, 0.5, 1.0, 3, enc)
+
+    torch.manual_seed(3)
+    label, bbox, _, _ = prepare_for_cdn(targets, 6, 0.5, 1.0, 4, 3, 4, enc, make_queries=make_queries)
+    assert torch.equal(label, ref_label) and torch.equal(bbox, ref_bbox)
+    groups = meta["num_dn_group"]
+    assert seen == [([1, 2, 0], [0, 0, 1] * 2 * groups, dn_slot_indices([2, 1], 2 * groups)[1].tolist(), 2,
+                     meta["pad_size"], 2 * groups)]
+    with pytest.raises(ValueError, match="hidden_dim"):
+        prepare_for_cdn(targets, 6, 0.5, 1.0, 4, 3, 8, enc)
 
 
 def test_zero_box_batch():

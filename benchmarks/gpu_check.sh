@@ -49,7 +49,18 @@ T0=$(date +%s)
 export PYTHONUNBUFFERED=1 DINO_SCALE_EXT_DIR=${DINO_SCALE_EXT_DIR:-/tmp/dino_scale_ext}
 export MAX_JOBS=${MAX_JOBS:-8}
 say() { echo "$*" | tee -a "$SUMMARY"; }
-pack() { tar czf "$OUT/results.tgz.part" -C "$WORK" . && mv "$OUT/results.tgz.part" "$OUT/results.tgz"; }
+# pack: $WORK -> $OUT/results.tgz. A file back from the device may be 16 MiB at most: past
+# PACK_MAX_BYTES the archive is rebuilt without the files over PACK_BIG (find -size; default 1M),
+# named in summary.txt.
+pack() {
+  tar czf "$OUT/results.tgz.part" -C "$WORK" . || return
+  if (( $(stat -c %s "$OUT/results.tgz.part") > ${PACK_MAX_BYTES:-15000000} )); then
+    (cd "$WORK" && find . -type f -size "+${PACK_BIG:-1M}") > "$WORK/.too_large"
+    say "pack: left out of results.tgz (too large): $(tr '\n' ' ' < "$WORK/.too_large")"
+    tar czf "$OUT/results.tgz.part" -C "$WORK" -X "$WORK/.too_large" --exclude ./.too_large . || return
+  fi
+  mv "$OUT/results.tgz.part" "$OUT/results.tgz"
+}
 
 # step NAME ESTIMATE_S CAP_S CMD...: run CMD if ESTIMATE_S still fits the budget, with a timeout
 # of min(CAP_S, seconds left); its output goes to $WORK/NAME.log (last lines echoed).

@@ -6,7 +6,7 @@ Prints (1) a phase breakdown with a device sync between phases (forward, criteri
 clip + optimizer; median of --iters), (2) the torch.profiler tables of a few profiled steps:
 top ops by self CPU time and by self device time, and the count of host-device syncs
 (``aten::_local_scalar_dense``, ``cudaStreamSynchronize``, ``cudaMemcpy*`` D2H), and (3) the
-same for inference at batch 1. With --out, writes the tables and a chrome trace there.
+same for inference at batch 1. With --out, writes the phases and tables to a text file there.
 """
 from __future__ import annotations
 

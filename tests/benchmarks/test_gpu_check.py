@@ -76,3 +76,14 @@ def test_results_are_packed_into_one_archive(tmp_path):
     with tarfile.open(out / "results.tgz") as tar:
         names = {Path(n).name for n in tar.getnames()}
     assert "gpu.txt" in names
+
+
+def test_an_archive_over_the_size_limit_leaves_out_its_large_files(tmp_path):
+    # limits shrunk so that the machine description alone is "too large": it is named in the
+    # summary and left out, and the (now small) archive still comes back
+    out, _ = _run(tmp_path, "nosuchstep", BUILD=0, PACK_MAX_BYTES=1, PACK_BIG=0)
+    summary = (out / "summary.txt").read_text()
+    assert "left out of results.tgz (too large): ./gpu.txt" in summary
+    with tarfile.open(out / "results.tgz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert "gpu.txt" not in names and ".too_large" not in names

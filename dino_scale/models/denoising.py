@@ -27,8 +27,8 @@ from dino_scale.ops.transfer import host_to_device
 
 from .box_ops import inverse_sigmoid
 
-__all__ = ["prepare_for_cdn", "noised_queries", "dn_slot_targets", "dn_post_process", "build_dn_attn_mask", "cached_dn_attn_mask", "dn_targets",
-           "dn_slot_indices", "num_dn_groups"]
+__all__ = ["prepare_for_cdn", "noised_queries", "dn_post_process", "build_dn_attn_mask", "cached_dn_attn_mask",
+           "dn_targets", "dn_slot_targets", "dn_slot_indices", "num_dn_groups"]
 
 
 def num_dn_groups(dn_number: int, max_gt: int) -> int:
@@ -222,14 +222,21 @@ def dn_targets(targets: list[dict], dn_meta: dict, num_classes: int):
             gt_labels[b, :n] = t["labels"]
             gt_boxes[b, :n] = t["boxes"].to(gt_boxes.dtype)
             valid[b, :n] = True
-    # (B, max_gt) -> (B, groups, 2 * max_gt): positives, then background negatives.
-    bg_labels = torch.full_like(gt_labels, num_classes)
-    labels = torch.cat([gt_labels, bg_labels], 1).unsqueeze(1).expand(batch, groups, -1)
-    boxes = torch.cat([gt_boxes, torch.full_like(gt_boxes, 0.5)], 1)
-    boxes = boxes.unsqueeze(1).expand(batch, groups, -1, 4)
-    positive = torch.cat([valid, torch.zeros_like(valid)], 1).unsqueeze(1).expand(batch, groups, -1)
-    return (labels.reshape(batch, pad), boxes.reshape(batch, pad, 4),
-            positive.reshape(batch, pad))
+    return _group_slots(gt_labels, gt_boxes, valid, groups, num_classes)
+
+
+def _group_slots(labels: Tensor, boxes: Tensor, valid: Tensor, groups: int, num_classes: int):
+    """Per-image targets labels (B, N) (``num_classes`` where not ``valid``), boxes (B, N, 4)
+    (0.5 where not valid), valid (B, N) -> the slot layout (B, groups * 2N): each group holds
+    the positives, then as many background negatives (label ``num_classes``, box 0.5)."""
+    batch, n = labels.shape
+    slots = groups * 2 * n  # explicit, not -1: a batch without boxes has 0 slots
+    labels = torch.cat([labels, torch.full_like(labels, num_classes)], 1)
+    boxes = torch.cat([boxes, torch.full_like(boxes, 0.5)], 1)
+    positive = torch.cat([valid, torch.zeros_like(valid)], 1)
+    return (labels[:, None].expand(batch, groups, 2 * n).reshape(batch, slots),
+            boxes[:, None].expand(batch, groups, 2 * n, 4).reshape(batch, slots, 4),
+            positive[:, None].expand(batch, groups, 2 * n).reshape(batch, slots))
 
 
 def dn_slot_targets(gt_labels: Tensor, gt_boxes: Tensor, counts: Tensor, groups: int, num_classes: int):
@@ -238,14 +245,7 @@ def dn_slot_targets(gt_labels: Tensor, gt_boxes: Tensor, counts: Tensor, groups:
     (B, N, 4) with image b's boxes in its first ``counts[b]`` columns (``matcher.pad_targets``),
     ``counts`` int64 (B,) on their device -> ``(labels (B, 2*N*groups), boxes (B, 2*N*groups, 4),
     positive (B, 2*N*groups))`` exactly as :func:`dn_targets` lays them out for ``max_gt = N``."""
-    batch, n = gt_labels.shape
-    valid = torch.arange(n, device=counts.device)[None, :] < counts[:, None]             # (B, N)
+    valid = torch.arange(gt_labels.shape[1], device=counts.device)[None, :] < counts[:, None]  # (B, N)
     labels = torch.where(valid, gt_labels, torch.full_like(gt_labels, num_classes))
     boxes = torch.where(valid[..., None], gt_boxes, torch.full_like(gt_boxes, 0.5))
-    # (B, N) -> (B, groups, 2N): positives, then background negatives.
-    labels = torch.cat([labels, torch.full_like(labels, num_classes)], 1)
-    boxes = torch.cat([boxes, torch.full_like(boxes, 0.5)], 1)
-    positive = torch.cat([valid, torch.zeros_like(valid)], 1)
-    return (labels[:, None].expand(batch, groups, 2 * n).reshape(batch, -1),
-            boxes[:, None].expand(batch, groups, 2 * n, 4).reshape(batch, -1, 4),
-            positive[:, None].expand(batch, groups, 2 * n).reshape(batch, -1))
+    return _group_slots(labels, boxes, valid, groups, num_classes)

@@ -195,10 +195,12 @@ def test_zero3_exact_resume_after_worker_kill(ray_session, data, tmp_path, monke
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     train_dir, _ = data
+    # one epoch of 4 steps, checkpoints at 2 and 4: the kill after step 3 resumes mid-epoch (the
+    # consumed micro-batches of the epoch are skipped, the augmentation draws must line up)
     cfg = small_cfg(**{"train.zero_stage": 3, "train.deterministic": True, "train.max_failures": 1,
-                       "train.epochs": 2})
+                       "train.epochs": 1})
     ref = fit(cfg, train_dir, None, tmp_path / "ref", unique("ref"), experiment="engine-test", progress=False)
-    assert ref.metrics["step"] == 8 and ref.metrics["resumes"] == 0
+    assert ref.metrics["step"] == 4 and ref.metrics["resumes"] == 0
     assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= \
         set(os.listdir(Path(ref.checkpoint_path) / "ds"))
 
@@ -223,7 +225,7 @@ def test_zero3_exact_resume_after_worker_kill(ray_session, data, tmp_path, monke
               test_hooks=hooks, progress=False)
     thread.join(timeout=5)
     assert killed, "the worker pid was never written"
-    assert run.metrics["step"] == 8 and run.metrics["resumes"] == 1  # restarted once, from a checkpoint
+    assert run.metrics["step"] == 4 and run.metrics["resumes"] == 1  # restarted once, from a checkpoint
     a, b = load_weights(ref.weights_path), load_weights(run.weights_path)
     assert a.keys() == b.keys()
     init = _initial_state(cfg)

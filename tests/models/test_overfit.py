@@ -1,7 +1,7 @@
 """Learning check: the ``tiny`` preset overfits 8 synthetic images (colored shapes on noisy
 backgrounds, drawn here) to COCO AP50 >= 0.9, measured by pycocotools.
 
-Each class is a shape with its own color; 1-3 objects per image, 256x256 px. Training
+Each class is a shape with its own color; 1-3 objects per image (16-47% of the side), 160x160 px. Training
 uses the model, criterion (with denoising) and postprocessor of ``build_dino``, AdamW
 and gradient clipping as the engine does; evaluation runs the model in eval mode on the
 same images.
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-SIZE = 256
+SIZE = 160
 # class id -> (shape, RGB). Raw category ids (1..4), as COCO-style data would have.
 CLASSES = {1: ("rect", (0.9, 0.1, 0.1)), 2: ("ellipse", (0.1, 0.8, 0.1)),
            3: ("rect", (0.1, 0.2, 0.9)), 4: ("ellipse", (0.9, 0.9, 0.1))}
@@ -37,7 +37,7 @@ def make_dataset(n_images: int = 8, seed: int = 0):
         placed = []
         for _ in range(int(rng.integers(1, 4))):
             for _attempt in range(50):
-                w, h = rng.integers(40, 120, size=2)
+                w, h = rng.integers(int(SIZE * 0.16), int(SIZE * 0.47), size=2)
                 x0, y0 = rng.integers(0, SIZE - w), rng.integers(0, SIZE - h)
                 if all(x0 >= bx1 or x0 + w <= bx0 or y0 >= by1 or y0 + h <= by0
                        for bx0, by0, bx1, by1 in placed):

@@ -169,25 +169,7 @@ def connect_ray(num_cpus: Optional[int] = None) -> str:
         ray.init(address="local", num_cpus=cpus, dashboard_host="127.0.0.1", configure_logging=True,
                  logging_level="WARNING", log_to_driver=True)
         what = f"started embedded local Ray ({cpus} logical CPUs)"
-    _quiet_ray_data()
     return what
-
-
-def _quiet_ray_data() -> None:
-    """Ray Data's per-operator progress bars drown the training progress lines in a job
-    log; they stay off unless ``DINO_SCALE_RAY_PROGRESS=1``. (The DataContext is captured
-    by datasets created afterwards in this driver.)"""
-    if os.environ.get("DINO_SCALE_RAY_PROGRESS") == "1":
-        return
-    try:
-        from ray.data import DataContext
-
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = False
-        if hasattr(ctx, "enable_operator_progress_bars"):
-            ctx.enable_operator_progress_bars = False
-    except Exception:  # pragma: no cover - progress bars are cosmetic
-        pass
 
 
 def preset_needs_cluster(args: argparse.Namespace) -> bool:

@@ -60,6 +60,19 @@ def ensure_ray(address: Optional[str] = None, **init_kwargs) -> None:
     ray.init(address=address, **init_kwargs)
 
 
+def quiet_progress_bars(dataset) -> None:
+    """Turn off Ray Data's per-operator progress bars for ``dataset`` (its own DataContext,
+    not the process's): printed by the split coordinator, or by every worker in deterministic
+    mode (~50k lines for a 16-image test run), they drown the engine's progress lines and cost
+    CPU in the log monitor. ``DINO_SCALE_RAY_PROGRESS=1`` keeps them."""
+    if os.environ.get("DINO_SCALE_RAY_PROGRESS") == "1":
+        return
+    ctx = dataset.context
+    ctx.enable_progress_bars = False
+    if hasattr(ctx, "enable_operator_progress_bars"):
+        ctx.enable_operator_progress_bars = False
+
+
 def _num_images(data_dir: str) -> int:
     from dino_scale.data.records import data_dirs, read_manifest
 
@@ -123,6 +136,8 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
         datasets["val"] = build_eval_dataset(val_dir, cfg.data)
         val_gt = work / "val_gt.json"
         atomic_write_text(val_gt, json.dumps(to_coco_gt(val_dir)))
+    for ds in datasets.values():
+        quiet_progress_bars(ds)
     total = min(cfg.train.epochs * spe, cfg.train.max_steps or 10 ** 12) if train else 0
     loop_cfg = loop_config(cfg, steps_per_epoch=spe, datasets=list(datasets), run_id=run_id,
                            tracking_uri=tracking_uri, init_weights=str(init_weights) if init_weights else None,

@@ -12,13 +12,14 @@ Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<work_dir>/mlflow
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 __all__ = ["default_tracking_uri", "ResilientLogger", "flatten_params"]
 
@@ -58,17 +59,21 @@ class ResilientLogger:
     Args:
         tracking_uri: MLflow tracking URI (http(s)://, sqlite:///, file:).
         run_id: an existing run to log to; or call :meth:`start_run`.
-        timeout_s / max_retries: HTTP settings for this process (``MLFLOW_HTTP_REQUEST_TIMEOUT``
-            / ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, unless already set in the environment).
+        timeout_s / max_retries: HTTP settings of this logger's own requests
+            (``MLFLOW_HTTP_REQUEST_TIMEOUT`` / ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, with no
+            backoff; an explicit setting in the environment wins). They are in effect only
+            while the logger sends: other MLflow calls of the process keep MLflow's defaults
+            (a process-wide "no retries" made the registry calls after training fail on one
+            dropped keep-alive connection).
         retry_interval_s: after a failure, wait this long before the next attempt.
         max_buffer: oldest metric batches are dropped (and counted) beyond this many ops.
     """
 
     def __init__(self, tracking_uri: str, run_id: Optional[str] = None, *, timeout_s: float = 3.0,
                  max_retries: int = 0, retry_interval_s: float = 5.0, max_buffer: int = 100_000):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(1, timeout_s))))
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(int(max_retries)))
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+        self._http_env = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, timeout_s))),
+                          "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(max_retries)),
+                          "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
@@ -172,10 +177,26 @@ class ResilientLogger:
         else:  # pragma: no cover
             raise ValueError(kind)
 
+    @contextlib.contextmanager
+    def _http_settings(self) -> Iterator[None]:
+        """This logger's HTTP settings in the environment (MLflow reads them per request),
+        restored afterwards; a variable the user set is left alone."""
+        added = [k for k in self._http_env if k not in os.environ]
+        os.environ.update({k: self._http_env[k] for k in added})
+        try:
+            yield
+        finally:
+            for k in added:
+                os.environ.pop(k, None)
+
     def flush(self, force: bool = False) -> bool:
         """Send buffered ops in order; True when the buffer is empty afterwards."""
         if not force and self._down and time.monotonic() < self._next_try:
             return False
+        with self._http_settings():
+            return self._flush()
+
+    def _flush(self) -> bool:
         try:
             if self._pending_create:
                 self._create()

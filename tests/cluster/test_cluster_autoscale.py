@@ -4,7 +4,8 @@ A head with no CPU and no GPU-like resource starts alone. A Ray Train run of the
 loop asks for N workers that each need one ``fake_gpu`` (the stand-in for a GPU node type
 of cluster/aws.yaml); the autoscaler must launch N fake worker nodes, the run must train the
 ``tiny`` DINO preset for a few steps across them (Ray Data shards, DeepSpeed on CPU, a
-final checkpoint), and once idle the nodes must be removed again.
+final checkpoint; DeepSpeed ZeRO-2, so each rank holds its optimizer partition), and once idle
+the nodes must be removed again.
 
 The pip wheel lacks the provider's example config that ``AutoscalingCluster`` loads, so
 this file supplies the base config (same keys as a launcher YAML, provider
@@ -142,6 +143,7 @@ def test_cluster_autoscale_tiny_training_scales_up_and_back_down(ray_lock, tmp_p
     shards = _tiny_shards(tmp_path)
     cfg = preset("tiny", [f"train.num_workers={NUM_WORKERS}", "data.batch_size=1",
                           f"train.global_batch_size={NUM_WORKERS}", f"train.max_steps={STEPS}", "train.epochs=1",
+                          "train.zero_stage=2",
                           "data.train_scales=[96,112]", "data.train_max_size=160", "data.crop_resize_scales=[96]",
                           "data.crop_size_range=[80,96]"])
     spe = steps_per_epoch(NUM_IMAGES, cfg)
@@ -198,6 +200,9 @@ def test_cluster_autoscale_tiny_training_scales_up_and_back_down(ray_lock, tmp_p
         ray.shutdown()
         cluster.shutdown()
 
-    # The final checkpoint (written on the autoscaled nodes) holds loadable tiny weights.
+    # The final checkpoint (written on the autoscaled nodes) holds loadable tiny weights and the
+    # ZeRO-2 optimizer state, one partition per rank.
+    assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(NUM_WORKERS)} <= \
+        set(os.listdir(Path(result.checkpoint.path) / "ds"))
     model, _, _ = build_dino(cfg.model)
     model.load_state_dict(load_weights(result.checkpoint.path), strict=True)

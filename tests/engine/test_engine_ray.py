@@ -1,8 +1,9 @@
 """Ray Train + DeepSpeed on CPU: 2 workers (gloo), the tiny DINO, synthetic shards.
 
-One Ray session (and the host-wide Ray lock) serves the module. Runs: ZeRO-2 with a
-real MLflow server that is stopped mid-run, with distributed evaluation; NaN steps
-skipped then an abort; ZeRO-3 exact resume after a worker is SIGKILLed.
+One Ray session (and the host-wide Ray lock) serves the module. Runs: ZeRO-3 with a
+real MLflow server that is stopped mid-run, with distributed evaluation (also the reference
+of the resume test); NaN steps skipped then an abort under bf16 + ZeRO-1; ZeRO-3 exact resume
+after a worker is SIGKILLed; an evaluation-only run.
 """
 from __future__ import annotations
 
@@ -64,104 +65,129 @@ def _initial_state(cfg):
     return {k: v.float() for k, v in build_dino(cfg.model)[0].state_dict().items()}
 
 
-@pytest.mark.timeout(900)
-def test_zero2_fit_eval_and_mlflow_server_outage(ray_session, data, tmp_path, monkeypatch):
-    """ZeRO-2: trains (fixed-noise loss drops), checkpoints, evaluates; MLflow server goes
-    away mid-run and comes back; everything logged ends up on the server."""
-    from mlflow.tracking import MlflowClient
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+# One uninterrupted ZeRO-3 run serves two tests: its own checks (training, checkpoints, distributed
+# evaluation, an MLflow server outage) and, as the reference, the kill/resume test below. Each
+# Ray Train run costs ~1 min of fixed start-up on a 2-core CI box; ZeRO-2 runs in the
+# fake-autoscaler test (tests/cluster/test_cluster_autoscale.py).
+def _reference_cfg():
+    # one epoch of 4 optimizer steps, checkpoints at steps 2 and 4; deterministic so a resumed run
+    # can be compared bit for bit
+    return small_cfg(**{"train.zero_stage": 3, "train.deterministic": True, "train.max_failures": 1,
+                        "train.lr": 5e-4, "train.lr_backbone": 5e-4})
 
-    from dino_scale.data import LocalLoader, to_coco_gt
+
+@pytest.fixture(scope="module")
+def zero3_reference(ray_session, data, tmp_path_factory):
+    """The uninterrupted ZeRO-3 run, with a real MLflow server that is stopped after the first
+    checkpoint and restarted after the next one. Yields (cfg, result, storage, run_name, events,
+    server); the server stays up until the module ends so the tests can query it."""
     from dino_scale.engine import fit
-    from dino_scale.engine.evaluate import evaluate_batches
-    from dino_scale.models import build_dino
 
     train_dir, val_dir = data
-    cfg = small_cfg(**{"train.zero_stage": 2, "train.epochs": 2, "train.lr": 5e-4, "train.lr_backbone": 5e-4})
-    server = MlflowServer(tmp_path / "mlflow").start()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
-    storage = tmp_path / "ray"
+    base = tmp_path_factory.mktemp("zero3_reference")
+    cfg = _reference_cfg()
+    server = MlflowServer(base / "mlflow").start()
+    storage = base / "ray"
     events: list[str] = []
 
     def outage():  # stop the server after the first checkpoint, restart it after the next
         try:
             while not list(storage.glob("*/ckpt_*")):
                 time.sleep(0.1)
+            # by name, not count: with checkpoints_to_keep=2 the count stops growing. Taken before
+            # the stop so the step-4 checkpoint (written before the final flush) always counts as new.
+            seen = {p.name for p in storage.glob("*/*_0*")}
             server.stop()
             events.append("stopped")
-            # by name, not count: with checkpoints_to_keep=2 the count stops growing, and waiting
-            # for it to grow stalled this test until the 120 s deadline (bimodal 90 s / 195 s runs)
-            seen = {p.name for p in storage.glob("*/ckpt_*")}
             deadline = time.monotonic() + 120
-            while not ({p.name for p in storage.glob("*/ckpt_*")} - seen) and time.monotonic() < deadline:
+            while not ({p.name for p in storage.glob("*/*_0*")} - seen) and time.monotonic() < deadline:
                 time.sleep(0.1)
             server.start()
             events.append("restarted")
-        except Exception as exc:  # surfaced by the assertions below
+        except Exception as exc:  # surfaced by the assertions of the test
             events.append(f"error {exc!r}")
 
     thread = threading.Thread(target=outage, daemon=True)
     thread.start()
+    run_name = unique("zero3")
     try:
-        run_name = unique("zero2")
-        result = fit(cfg, train_dir, val_dir, tmp_path / "work", run_name, experiment="engine-test",
-                     storage_path=str(storage), tags={"purpose": "test"}, tracking_close_timeout_s=600)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_TRACKING_URI", server.uri)
+            result = fit(cfg, train_dir, val_dir, base / "work", run_name, experiment="engine-test",
+                         storage_path=str(storage), tags={"purpose": "test"}, tracking_close_timeout_s=600)
         thread.join(timeout=180)
-        assert events == ["stopped", "restarted"], events
-
-        # checkpoints and final weights
-        assert result.weights_path.is_file() and result.config_path.is_file()
-        final_sd = load_weights(result.weights_path)
-        ckpt_dirs = sorted(p.name for p in (storage / run_name).iterdir() if p.is_dir())
-        assert any(n.startswith("ckpt_") for n in ckpt_dirs) and any(n.startswith("final_") for n in ckpt_dirs)
-        final_ckpt = Path(result.checkpoint_path)
-        assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= \
-            set(os.listdir(final_ckpt / "ds"))
-        assert result.metrics["step"] == 8 and result.metrics["bad_steps_total"] == 0
-
-        # the loss went down (same images, same denoising noise, before vs after)
-        before = _fixed_loss(cfg, _initial_state(cfg), train_dir)
-        after = _fixed_loss(cfg, final_sd, train_dir)
-        assert after < before, (before, after)
-
-        # evaluation: the engine's AP equals pycocotools run directly on its detections
-        dets = json.loads((final_ckpt / "detections.json").read_text())
-        gt_path = tmp_path / "gt.json"
-        gt_path.write_text(json.dumps(to_coco_gt(val_dir)))
-        coco = COCO(str(gt_path))
-        ev = COCOeval(coco, coco.loadRes(dets), iouType="bbox")
-        ev.evaluate(), ev.accumulate(), ev.summarize()
-        for i, key in enumerate(("AP", "AP50", "AP75", "APs", "APm", "APl")):
-            assert result.metrics[key] == pytest.approx(float(ev.stats[i]), abs=1e-12), key
-        # ...and the gathered detections are what one process predicts with the final weights
-        model, _, post = build_dino(cfg.model)
-        model.load_state_dict(final_sd)
-        local = evaluate_batches(model, post, LocalLoader(val_dir, cfg.data, train=False, batch_size=1,
-                                                          normalize=True), torch.device("cpu"))
-        assert {d["image_id"] for d in dets} == {img["id"] for img in coco.dataset["images"]}
-        assert len(dets) == len(local) == 6 * cfg.model.num_select
-        for image_id in {d["image_id"] for d in dets}:
-            a = sorted((d["score"] for d in dets if d["image_id"] == image_id), reverse=True)[:10]
-            b = sorted((d["score"] for d in local if d["image_id"] == image_id), reverse=True)[:10]
-            assert a == pytest.approx(b, abs=1e-4)
-
-        # tracking: params, tags, per-step metrics (incl. those buffered during the outage), artifacts
-        client = MlflowClient(server.uri)
-        run = client.get_run(result.run_id)
-        assert run.info.status == "FINISHED"
-        assert run.data.params["train.zero_stage"] == "2" and run.data.params["model.hidden_dim"] == "64"
-        assert {"preset", "git_sha", "workers", "gpus"} <= set(run.data.tags)
-        assert run.data.tags["workers"] == "2" and run.data.tags["purpose"] == "test"
-        steps = sorted(m.step for m in client.get_metric_history(result.run_id, "loss"))
-        assert steps == list(range(1, 9)), steps
-        for key in ("lr", "img_per_s", "data_wait_share", "train/loss_ce", "eval/AP", "final/AP"):
-            assert client.get_metric_history(result.run_id, key), key
-        arts = {f.path for f in client.list_artifacts(result.run_id, "model")}
-        assert {"model/model.safetensors", "model/config.json", "model/lineage.json"} <= arts
+        yield cfg, result, storage, run_name, list(events), server
     finally:
         thread.join(timeout=1)
         server.stop()
+
+
+@pytest.mark.timeout(900)
+def test_zero3_fit_eval_and_mlflow_server_outage(zero3_reference, data):
+    """ZeRO-3: trains (fixed-noise loss drops), checkpoints, evaluates; MLflow server goes
+    away mid-run and comes back; everything logged ends up on the server."""
+    from mlflow.tracking import MlflowClient
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from dino_scale.data import LocalLoader, to_coco_gt
+    from dino_scale.engine.evaluate import evaluate_batches
+    from dino_scale.models import build_dino
+
+    cfg, result, storage, run_name, events, server = zero3_reference
+    train_dir, val_dir = data
+    assert events == ["stopped", "restarted"], events
+
+    # checkpoints (ZeRO-3: parameters and optimizer states partitioned over the 2 ranks) and final weights
+    assert result.weights_path.is_file() and result.config_path.is_file()
+    final_sd = load_weights(result.weights_path)
+    ckpt_dirs = sorted(p.name for p in (storage / run_name).iterdir() if p.is_dir())
+    assert any(n.startswith("ckpt_") for n in ckpt_dirs) and any(n.startswith("final_") for n in ckpt_dirs)
+    final_ckpt = Path(result.checkpoint_path)
+    assert {f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")} <= \
+        set(os.listdir(final_ckpt / "ds"))
+    assert result.metrics["step"] == 4 and result.metrics["bad_steps_total"] == 0
+    assert result.metrics["resumes"] == 0
+
+    # the loss went down (same images, same denoising noise, before vs after)
+    before = _fixed_loss(cfg, _initial_state(cfg), train_dir)
+    after = _fixed_loss(cfg, final_sd, train_dir)
+    assert after < before, (before, after)
+
+    # evaluation: the engine's AP equals pycocotools run directly on its detections
+    dets = json.loads((final_ckpt / "detections.json").read_text())
+    gt_path = final_ckpt.parent / "gt.json"
+    gt_path.write_text(json.dumps(to_coco_gt(val_dir)))
+    coco = COCO(str(gt_path))
+    ev = COCOeval(coco, coco.loadRes(dets), iouType="bbox")
+    ev.evaluate(), ev.accumulate(), ev.summarize()
+    for i, key in enumerate(("AP", "AP50", "AP75", "APs", "APm", "APl")):
+        assert result.metrics[key] == pytest.approx(float(ev.stats[i]), abs=1e-12), key
+    # ...and the gathered detections are what one process predicts with the final weights
+    model, _, post = build_dino(cfg.model)
+    model.load_state_dict(final_sd)
+    local = evaluate_batches(model, post, LocalLoader(val_dir, cfg.data, train=False, batch_size=1,
+                                                      normalize=True), torch.device("cpu"))
+    assert {d["image_id"] for d in dets} == {img["id"] for img in coco.dataset["images"]}
+    assert len(dets) == len(local) == 6 * cfg.model.num_select
+    for image_id in {d["image_id"] for d in dets}:
+        a = sorted((d["score"] for d in dets if d["image_id"] == image_id), reverse=True)[:10]
+        b = sorted((d["score"] for d in local if d["image_id"] == image_id), reverse=True)[:10]
+        assert a == pytest.approx(b, abs=1e-4)
+
+    # tracking: params, tags, per-step metrics (incl. those buffered during the outage), artifacts
+    client = MlflowClient(server.uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.zero_stage"] == "3" and run.data.params["model.hidden_dim"] == "64"
+    assert {"preset", "git_sha", "workers", "gpus"} <= set(run.data.tags)
+    assert run.data.tags["workers"] == "2" and run.data.tags["purpose"] == "test"
+    steps = sorted(m.step for m in client.get_metric_history(result.run_id, "loss"))
+    assert steps == list(range(1, 5)), steps
+    for key in ("lr", "img_per_s", "data_wait_share", "train/loss_ce", "eval/AP", "final/AP"):
+        assert client.get_metric_history(result.run_id, key), key
+    arts = {f.path for f in client.list_artifacts(result.run_id, "model")}
+    assert {"model/model.safetensors", "model/config.json", "model/lineage.json"} <= arts
 
 
 @pytest.mark.timeout(600)
@@ -188,21 +214,15 @@ def test_nan_steps_skipped_then_abort(ray_session, data, tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(900)
-def test_zero3_exact_resume_after_worker_kill(ray_session, data, tmp_path, monkeypatch):
+def test_zero3_exact_resume_after_worker_kill(zero3_reference, data, tmp_path, monkeypatch):
     """ZeRO-3, deterministic: SIGKILL a worker mid-run; Ray restarts the group from the last
-    checkpoint; the final weights equal those of an uninterrupted run."""
+    checkpoint; the final weights equal those of the uninterrupted reference run."""
     from dino_scale.engine import fit
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     train_dir, _ = data
-    # one epoch of 4 steps, checkpoints at 2 and 4: the kill after step 3 resumes mid-epoch (the
-    # consumed micro-batches of the epoch are skipped, the augmentation draws must line up)
-    cfg = small_cfg(**{"train.zero_stage": 3, "train.deterministic": True, "train.max_failures": 1,
-                       "train.epochs": 1})
-    ref = fit(cfg, train_dir, None, tmp_path / "ref", unique("ref"), experiment="engine-test", progress=False)
+    cfg, ref, *_ = zero3_reference
     assert ref.metrics["step"] == 4 and ref.metrics["resumes"] == 0
-    assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= \
-        set(os.listdir(Path(ref.checkpoint_path) / "ds"))
 
     pid_file = tmp_path / "worker.pid"
     killed: list[int] = []
@@ -218,8 +238,10 @@ def test_zero3_exact_resume_after_worker_kill(ray_session, data, tmp_path, monke
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    # rank 1 stops after step 3 (checkpoint at step 2); the delay lets the controller register
-    # the step-2 checkpoint before the kill
+    # rank 1 stops after step 3 (checkpoint at step 2): the kill resumes mid-epoch (the consumed
+    # micro-batches of the epoch are skipped, the augmentation draws must line up); the delay lets
+    # the controller register the step-2 checkpoint before the kill. No val set: the comparison
+    # is of weights (evaluation would not change them).
     hooks = {"pid_file": str(pid_file), "pid_rank": 1, "pid_after_step": 3, "pid_delay_s": 10, "pause_s": 120}
     run = fit(cfg, train_dir, None, tmp_path / "killed", unique("killed"), experiment="engine-test",
               test_hooks=hooks, progress=False)
@@ -258,3 +280,25 @@ def test_evaluate_weights_matches_single_process(ray_session, data, tmp_path, mo
     for key, value in direct.items():
         assert res.metrics[key] == pytest.approx(value, abs=1e-3), key
     assert torch.equal(load_weights(res.weights_path)["label_enc.weight"], model.state_dict()["label_enc.weight"])
+
+
+def test_progress_bars_off_for_engine_datasets_only(ray_session, data, monkeypatch):
+    """The engine quiets Ray Data's progress bars on the datasets it builds (a deterministic
+    run printed ~50k progress lines), not in the process's DataContext; opt back in by env."""
+    import ray.data
+
+    from dino_scale.data import build_train_dataset
+    from dino_scale.engine.api import quiet_progress_bars
+
+    train_dir, _ = data
+    cfg = small_cfg()
+    ds = build_train_dataset(train_dir, cfg.data)
+    assert ds.context.enable_progress_bars
+    monkeypatch.setenv("DINO_SCALE_RAY_PROGRESS", "1")
+    quiet_progress_bars(ds)
+    assert ds.context.enable_progress_bars
+    monkeypatch.delenv("DINO_SCALE_RAY_PROGRESS")
+    quiet_progress_bars(ds)
+    assert not ds.context.enable_progress_bars
+    assert not ds.map_batches(lambda b: b).context.enable_progress_bars  # derived datasets too
+    assert ray.data.DataContext.get_current().enable_progress_bars  # the process's default stays

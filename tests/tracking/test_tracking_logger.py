@@ -97,3 +97,38 @@ def test_run_created_later_when_server_down_at_start(tmp_path):
     logger.log_metrics({"loss": 1.0}, step=0)
     assert logger.pending == 2
     assert not logger.close(timeout_s=0.5)
+
+
+def test_http_settings_apply_to_the_loggers_requests_only(tmp_path, monkeypatch):
+    """No retries / short timeout while the logger sends; afterwards the process's other MLflow
+    calls (registry, user code) get MLflow's defaults back, and a user's own setting wins."""
+    import os
+
+    from mlflow_server import free_port
+
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "17")  # the user's
+    logger = ResilientLogger(f"sqlite:///{tmp_path / 'mlflow.db'}", timeout_s=2, max_retries=0)
+    seen = []
+    real = logger.client.log_batch
+
+    def spy(*args, **kwargs):
+        seen.append({k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+                                                     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")})
+        return real(*args, **kwargs)
+
+    logger.client.log_batch = spy
+    assert logger.start_run("http-settings", "run") is not None
+    logger.log_metrics({"loss": 1.0}, step=0)
+    assert logger.close(timeout_s=5)
+    assert seen == [{"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "17",
+                     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}]
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR" not in os.environ
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "17"
+    # ...and the same while the server is unreachable (the failed attempt restores them too)
+    down = ResilientLogger(f"http://127.0.0.1:{free_port()}", timeout_s=1, retry_interval_s=0.1)
+    assert down.start_run("x", "y") is None
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ

@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-compile --upgrade pip
 	$(PY) -m pip install -q --no-compile "torch==2.14.1" "torchvision==0.29.1"
 	$(PY) -m pip install -q --no-compile -e ".[dev]"
-	@# bytecode on every core (pip compiles on one: 172 -> 140 s for the venv on a 2-core box);
+	@# bytecode on every core (pip compiles on one: the venv took 172 -> 137 s on a 2-core box);
 	@# a few vendored Python-2 templates do not compile, which pip ignores too
 	-$(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null 2>&1
 	touch $(STAMP)

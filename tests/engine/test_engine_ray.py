@@ -90,17 +90,20 @@ def zero3_reference(ray_session, data, tmp_path_factory):
     storage = base / "ray"
     events: list[str] = []
 
+    def checkpoint_names() -> set[str]:  # step (ckpt_*) and final (final_*) checkpoints of the run
+        return {p.name for p in storage.glob("*/*") if p.name.startswith(("ckpt_", "final_"))}
+
     def outage():  # stop the server after the first checkpoint, restart it after the next
         try:
-            while not list(storage.glob("*/ckpt_*")):
+            while not checkpoint_names():
                 time.sleep(0.1)
             # by name, not count: with checkpoints_to_keep=2 the count stops growing. Taken before
             # the stop so the step-4 checkpoint (written before the final flush) always counts as new.
-            seen = {p.name for p in storage.glob("*/*_0*")}
+            seen = checkpoint_names()
             server.stop()
             events.append("stopped")
             deadline = time.monotonic() + 120
-            while not ({p.name for p in storage.glob("*/*_0*")} - seen) and time.monotonic() < deadline:
+            while not (checkpoint_names() - seen) and time.monotonic() < deadline:
                 time.sleep(0.1)
             server.start()
             events.append("restarted")

@@ -200,8 +200,9 @@ def test_cluster_autoscale_tiny_training_scales_up_and_back_down(ray_lock, tmp_p
         ray.shutdown()
         cluster.shutdown()
 
-    # The final checkpoint (written on the autoscaled nodes) holds loadable tiny weights and the
-    # ZeRO-2 optimizer state, one partition per rank.
+    # The final checkpoint, written from both autoscaled nodes into the shared storage path, holds
+    # loadable tiny weights and the ZeRO-2 optimizer state, one partition per rank.
+    assert (tmp_path / "storage") in Path(result.checkpoint.path).parents
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(NUM_WORKERS)} <= \
         set(os.listdir(Path(result.checkpoint.path) / "ds"))
     model, _, _ = build_dino(cfg.model)

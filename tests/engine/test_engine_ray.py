@@ -228,11 +228,21 @@ def test_zero3_exact_resume_after_worker_kill(zero3_reference, data, tmp_path, m
     assert ref.metrics["step"] == 4 and ref.metrics["resumes"] == 0
 
     pid_file = tmp_path / "worker.pid"
+    run_name = unique("killed")
+    # written by the Ray Train controller each time it registers a reported checkpoint
+    snapshot = tmp_path / "killed" / "ray" / run_name / "checkpoint_manager_snapshot.json"
     killed: list[int] = []
+
+    def registered_step() -> int:
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+            return int((latest.get("metrics") or {}).get("step", -1))
+        except (OSError, ValueError):  # not written yet, or caught mid-write
+            return -1
 
     def killer():
         deadline = time.monotonic() + 600
-        while not pid_file.exists() and time.monotonic() < deadline:
+        while not (pid_file.exists() and registered_step() >= 2) and time.monotonic() < deadline:
             time.sleep(0.05)
         if pid_file.exists():
             pid = int(pid_file.read_text())
@@ -242,11 +252,11 @@ def test_zero3_exact_resume_after_worker_kill(zero3_reference, data, tmp_path, m
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     # rank 1 stops after step 3 (checkpoint at step 2): the kill resumes mid-epoch (the consumed
-    # micro-batches of the epoch are skipped, the augmentation draws must line up); the delay lets
-    # the controller register the step-2 checkpoint before the kill. No val set: the comparison
-    # is of weights (evaluation would not change them).
-    hooks = {"pid_file": str(pid_file), "pid_rank": 1, "pid_after_step": 3, "pid_delay_s": 10, "pause_s": 120}
-    run = fit(cfg, train_dir, None, tmp_path / "killed", unique("killed"), experiment="engine-test",
+    # micro-batches of the epoch are skipped, the augmentation draws must line up). The kill waits
+    # until the controller has registered the step-2 checkpoint (its snapshot file says so). No
+    # val set: the comparison is of weights (evaluation would not change them).
+    hooks = {"pid_file": str(pid_file), "pid_rank": 1, "pid_after_step": 3, "pause_s": 120}
+    run = fit(cfg, train_dir, None, tmp_path / "killed", run_name, experiment="engine-test",
               test_hooks=hooks, progress=False)
     thread.join(timeout=5)
     assert killed, "the worker pid was never written"

@@ -26,6 +26,10 @@ counted by a named actor: :func:`decode_skips`.
 from __future__ import annotations
 
 import logging
+import math
+import os
+import threading
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import numpy as np
@@ -155,12 +159,44 @@ def _column(arrays: list) -> np.ndarray:
 _BATCH = 8  # images per preprocessing call (one epoch-clock lookup each)
 
 
+# Ray Data's Parquet reader lists files through a pool of FooterReader actors, 32 by default,
+# provisioned anew by every execution (each epoch, each evaluation), while it hands each actor
+# batches of 10 files: a dataset of a few shards started up to 32 processes per pass to use one.
+_FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+_FOOTER_BATCH_ENV = "RAY_DATA_PARQUET_FOOTER_BATCH_SIZE"
+_MAX_FOOTER_ACTORS = 32
+_env_lock = threading.Lock()
+
+
+def footer_reader_count(num_files: int) -> int:
+    """FooterReader actors a read of ``num_files`` shards can use: one per footer batch
+    (``RAY_DATA_PARQUET_FOOTER_BATCH_SIZE``, Ray's default 10 files), at most 32."""
+    per_actor = max(1, int(os.environ.get(_FOOTER_BATCH_ENV) or 10))
+    return max(1, min(_MAX_FOOTER_ACTORS, math.ceil(num_files / per_actor)))
+
+
+@contextmanager
+def _footer_readers(num_files: int):
+    """Size the footer-reader pool of the Parquet read created inside this block (Ray reads
+    the variable when the read is planned, in this process). A value the user set wins."""
+    if os.environ.get(_FOOTER_ACTORS_ENV):
+        yield
+        return
+    with _env_lock:
+        os.environ[_FOOTER_ACTORS_ENV] = str(footer_reader_count(num_files))
+        try:
+            yield
+        finally:
+            os.environ.pop(_FOOTER_ACTORS_ENV, None)
+
+
 def _read(data_dir, override_num_blocks: Optional[int]):
     files = [str(p) for p in shard_paths(data_dir)]
     if not files:
         raise ValueError(f"{data_dir}: the dataset has no shards (no images?)")
     kw = {"override_num_blocks": override_num_blocks} if override_num_blocks else {}
-    return ray.data.read_parquet(files, **kw)
+    with _footer_readers(len(files)):
+        return ray.data.read_parquet(files, **kw)
 
 
 def build_train_dataset(data_dir, data_cfg, image_root: Optional[str] = None, epoch: Optional[int] = None,

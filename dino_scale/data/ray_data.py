@@ -179,10 +179,10 @@ def footer_reader_count(num_files: int) -> int:
 def _footer_readers(num_files: int):
     """Size the footer-reader pool of the Parquet read created inside this block (Ray reads
     the variable when the read is planned, in this process). A value the user set wins."""
-    if os.environ.get(_FOOTER_ACTORS_ENV):
-        yield
-        return
-    with _env_lock:
+    with _env_lock:  # checked under the lock: another thread's temporary value is not the user's
+        if os.environ.get(_FOOTER_ACTORS_ENV):
+            yield
+            return
         os.environ[_FOOTER_ACTORS_ENV] = str(footer_reader_count(num_files))
         try:
             yield

@@ -141,14 +141,13 @@ def _report(metrics: dict[str, Any], write_fn=None, name: Optional[str] = None) 
 
 
 def _test_pid_hook(hooks: dict, rank: int, step: int) -> None:
-    """Test fault injection: after ``pid_after_step`` (and ``pid_delay_s``), write this worker's
-    pid once and pause ``pause_s`` so a test can kill it."""
+    """Test fault injection: after ``pid_after_step``, write this worker's pid once and pause
+    ``pause_s`` so a test can kill it."""
     path = hooks.get("pid_file")
     if not path or rank != int(hooks.get("pid_rank", 1)) or step < int(hooks.get("pid_after_step", 0)):
         return
     if os.path.exists(path):
         return
-    time.sleep(float(hooks.get("pid_delay_s", 0)))  # let the controller register earlier reports
     atomic_write_text(path, str(os.getpid()))
     deadline = time.monotonic() + float(hooks.get("pause_s", 0))
     while time.monotonic() < deadline:

@@ -8,6 +8,10 @@ original timestamps and steps. A run that could not be created at start is creat
 on the first successful flush.
 
 Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<work_dir>/mlflow.db``.
+With a local sqlite store, an experiment this logger creates keeps its artifacts next to
+the database (``<db folder>/mlartifacts/<experiment>``), not in MLflow's default
+``./mlruns`` under the process's working directory: for a ``ray job submit`` driver that
+is Ray's temporary copy of the submitted folder, which goes away with the cluster.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-__all__ = ["default_tracking_uri", "ResilientLogger", "flatten_params"]
+__all__ = ["default_tracking_uri", "sqlite_artifact_location", "ResilientLogger", "flatten_params"]
 
 log = logging.getLogger("dino_scale.tracking")
 _MAX_PARAM_LEN = 6000
@@ -38,6 +42,20 @@ def default_tracking_uri(work_dir: Optional[str | Path] = None) -> str:
     folder = Path(work_dir).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def sqlite_artifact_location(tracking_uri: str, experiment: str) -> Optional[str]:
+    """Artifact location (a ``file://`` URI) for a new experiment in a local sqlite store:
+    ``<db folder>/mlartifacts/<experiment>``; None for other stores (a tracking server's
+    ``--default-artifact-root`` / ``--artifacts-destination`` decides there) and in-memory
+    sqlite. A relative database path is taken from the current directory, as SQLAlchemy does."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+    if not db or db == ":memory:":
+        return None
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in experiment) or "default"
+    return (Path(db).resolve().parent / "mlartifacts" / safe).as_uri()
 
 
 def flatten_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -104,7 +122,12 @@ class ResilientLogger:
     def _create(self) -> None:
         spec = self._pending_create
         exp = self.client.get_experiment_by_name(spec["experiment"])
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(spec["experiment"])
+        if exp is not None:
+            exp_id = exp.experiment_id
+        else:
+            exp_id = self.client.create_experiment(
+                spec["experiment"],
+                artifact_location=sqlite_artifact_location(self.tracking_uri, spec["experiment"]))
         run = self.client.create_run(exp_id, run_name=spec["run_name"], tags=spec["tags"])
         self.run_id = run.info.run_id
         self._pending_create = None

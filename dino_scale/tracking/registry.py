@@ -141,12 +141,15 @@ def load_model_from_uri(uri: str, device: str = "cpu", tracking_uri: Optional[st
     from dino_scale.engine.checkpoint import load_weights
     from dino_scale.models import build_dino
 
-    resolved = resolve_model_uri(uri, tracking_uri=tracking_uri)
-    cfg = config or resolved.config
-    if cfg is None:
-        raise ValueError(f"{uri} has no config.json; pass config=")
+    # a registry/run download goes to a temp folder that is removed once the weights are
+    # in memory (each call used to leave a copy of the model under the temp dir)
+    with tempfile.TemporaryDirectory(prefix="dino_model_") as scratch:
+        resolved = resolve_model_uri(uri, dst_dir=scratch, tracking_uri=tracking_uri)
+        cfg = config or resolved.config
+        if cfg is None:
+            raise ValueError(f"{uri} has no config.json; pass config=")
+        state = load_weights(resolved.weights_path)
     model, _criterion, _post = build_dino(cfg.model)
-    state = load_weights(resolved.weights_path)
     try:
         from dino_scale.models.official import load_official_state_dict
 

@@ -77,6 +77,10 @@ def test_pipelines_ray_job_submit_pretrain_then_finetune(tmp_path, ray_lock):
     pre_run = client.get_run(pretrained.run_id)
     assert pre_run.info.status == "FINISHED"
     assert client.get_experiment(pre_run.info.experiment_id).name == "pretrain-o365"
+    # the job's cwd is Ray's temporary copy of the working dir: the registered weights must
+    # live next to the sqlite DB instead (MLflow's default ./mlruns would put them in that copy)
+    assert pretrained.source.startswith((tmp_path / "mlartifacts" / "pretrain-o365").as_uri())
+    assert list((tmp_path / "mlartifacts").rglob("model.safetensors"))
 
     coco_versions = client.search_model_versions("name='dino-tiny-coco'")
     assert [str(v.version) for v in coco_versions] == ["1"]

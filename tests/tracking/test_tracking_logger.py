@@ -12,13 +12,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mlflow_server import MlflowServer  # noqa: E402
 
 from dino_scale.config import flatten, preset  # noqa: E402
-from dino_scale.tracking.logger import ResilientLogger, default_tracking_uri  # noqa: E402
+from dino_scale.tracking.logger import (  # noqa: E402
+    ResilientLogger, default_tracking_uri, sqlite_artifact_location,
+)
 
 
 def test_sqlite_default_and_nested_runs(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cwd = tmp_path / "cwd"  # e.g. a `ray job submit` driver's temporary copy of the working dir
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     uri = default_tracking_uri(tmp_path / "work")
     assert uri == f"sqlite:///{(tmp_path / 'work' / 'mlflow.db').resolve()}"
     parent = ResilientLogger(uri)
@@ -42,6 +47,19 @@ def test_sqlite_default_and_nested_runs(tmp_path, monkeypatch):
     assert [m.value for m in client.get_metric_history(child_id, "loss")] == [10.0, 9.0, 8.0]
     assert run.info.status == "FINISHED"
     assert [f.path for f in client.list_artifacts(child_id, "model")] == ["model/config.json"]
+    # artifacts live next to the database, never in MLflow's default ./mlruns of the cwd
+    stored = tmp_path / "work" / "mlartifacts" / "stage-test" / child_id / "artifacts" / "model" / "config.json"
+    assert run.info.artifact_uri == (stored.parents[1]).as_uri() and stored.is_file()
+    assert list(cwd.iterdir()) == []
+
+
+def test_sqlite_artifact_location():
+    assert sqlite_artifact_location("sqlite:////data/runs/mlflow.db", "pretrain o365/v2") == \
+        "file:///data/runs/mlartifacts/pretrain_o365_v2"
+    assert sqlite_artifact_location("sqlite:////data/mlflow.db?timeout=30", "x") == "file:///data/mlartifacts/x"
+    assert sqlite_artifact_location("sqlite:///rel/mlflow.db", "x") == (Path.cwd() / "rel" / "mlartifacts" / "x").as_uri()
+    for uri in ("http://127.0.0.1:5000", "sqlite://", "sqlite:///:memory:", "file:///data/mlruns"):
+        assert sqlite_artifact_location(uri, "x") is None
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def logged_model(tmp_path):
     return uri, cfg, model, folder, runs
 
 
-def test_register_alias_resolve_load(logged_model, tmp_path):
+def test_register_alias_resolve_load(logged_model, tmp_path, monkeypatch):
     uri, cfg, model, folder, (run1, run2) = logged_model
     v1 = register_model(run1, "dino-tiny-coco", "model", tags={"AP": 0.1}, tracking_uri=uri)
     v2 = register_model(run2, "dino-tiny-coco", "model", tags={"AP": 0.2}, tracking_uri=uri)
@@ -59,7 +60,11 @@ def test_register_alias_resolve_load(logged_model, tmp_path):
     local_file = resolve_model_uri(str(folder / "model.safetensors"))
     assert local_dir.config is not None and local_file.weights_path == folder / "model.safetensors"
 
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     loaded, loaded_cfg = load_model_from_uri("models:/dino-tiny-coco@champion", tracking_uri=uri)
+    assert list(scratch.iterdir()) == []  # the downloaded copy is not left behind
     assert loaded_cfg.name == "tiny" and not loaded.training
     ref = model.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())

@@ -179,11 +179,11 @@ def preset_needs_cluster(args: argparse.Namespace) -> bool:
 
 
 def tracking_uri(work_dir: str | Path) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<abs work-dir>/mlflow.db``."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{Path(work_dir).expanduser().resolve() / 'mlflow.db'}"
+    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<abs work-dir>/mlflow.db`` (the
+    engine's rule, :func:`dino_scale.tracking.logger.default_tracking_uri`; creates work-dir)."""
+    from dino_scale.tracking.logger import default_tracking_uri
+
+    return default_tracking_uri(work_dir)
 
 
 def setup_tracking(work_dir: str | Path) -> str:

@@ -13,6 +13,7 @@ A model that carries its config (everything this project trains) uses it; an off
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -67,11 +68,21 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     work_dir = Path(args.work_dir).expanduser().resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     uri = common.setup_tracking(work_dir)
-    from pipelines._init import check_exists, lineage_tags, resolve
+    from pipelines._init import check_exists, resolve
 
     check_exists(args.model)
     run_name = args.run_name or f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
-    resolved = resolve(args.model, work_dir / "eval" / run_name / "source")
+    download = work_dir / "eval" / run_name  # a registry/run model is downloaded here, removed at the end
+    try:
+        return _evaluate(args, log, work_dir, uri, run_name, resolve(args.model, download / "source"))
+    finally:
+        if args.model.startswith(("models:/", "runs:/")):  # never a user's own files
+            shutil.rmtree(download, ignore_errors=True)
+
+
+def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> dict:
+    from pipelines._init import lineage_tags
+
     if resolved.config is not None:
         cfg = resolved.config
         if args.preset is not None and args.preset != cfg.name:

@@ -90,7 +90,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         extra.append(f"data.scale_factor={args.scale}")
     if args.tta:
         extra.append("eval.tta=true")
-    if common.preset_needs_cluster(args):
+    early_ray = common.preset_needs_cluster(args)  # the default preset looks at the cluster
+    if early_ray:
         log(f"Ray: {common.connect_ray()}")
     cfg = common.build_config(args, extra=extra)
     name = args.model_name or model_name(cfg.name)
@@ -113,7 +114,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         lineage["class_transfer"] = prepared.summary
     else:
         log("from scratch: no initial weights")
-    log(f"Ray: {common.connect_ray()}")
+    if not early_ray:
+        log(f"Ray: {common.connect_ray()}")
     log(f"preset {cfg.name}: {cfg.model.num_classes} classes, scale {cfg.data.scale_factor}, "
         f"{cfg.train.num_workers} worker(s), ZeRO-{cfg.train.zero_stage}, "
         f"max_steps={cfg.train.max_steps} epochs={cfg.train.epochs}, tta={cfg.eval.tta}")

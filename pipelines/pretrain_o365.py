@@ -59,10 +59,12 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                                              seed=0, log=log)
     categories = categories_of(train)
     uri = common.setup_tracking(work_dir)
-    if common.preset_needs_cluster(args):
+    early_ray = common.preset_needs_cluster(args)  # the default preset looks at the cluster
+    if early_ray:
         log(f"Ray: {common.connect_ray()}")
     cfg = common.build_config(args, extra=class_overrides(categories, args.overrides, minimum=366))
-    log(f"Ray: {common.connect_ray()}")
+    if not early_ray:
+        log(f"Ray: {common.connect_ray()}")
     name = args.model_name or model_name(cfg.name)
     run_name = args.run_name or f"pretrain-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     log(f"preset {cfg.name}: {cfg.model.backbone}, {cfg.model.num_classes} classes, "

@@ -4,8 +4,9 @@ It opens an MLflow run (nested under ``parent_run_id`` if given), builds the Ray
 datasets, runs the Ray Train ``TorchTrainer``, reads the final metrics (COCO AP from the
 distributed evaluation), copies the final weights (``model.safetensors`` +
 ``config.json`` + ``lineage.json``) to ``<work_dir>/final`` and logs them as the run's
-``model`` artifact. Ray is initialized only when it is not already (``ray_address``,
-else ``RAY_ADDRESS``, else a local instance), so fit works embedded and on a cluster.
+``model`` artifact (:func:`evaluate_weights`: the detections, as ``evaluation``). Ray is
+initialized only when it is not already (``ray_address``, else ``RAY_ADDRESS``, else a local
+instance), so fit works embedded and on a cluster.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class FitResult:
     ``AP75``, ``APs``, ``APm``, ``APl`` when evaluated, ``step``, ``bad_steps_total`` ...)."""
 
     checkpoint_path: str  # final Ray Train checkpoint (storage path or URI)
-    weights_path: Path  # <work_dir>/final/model.safetensors
+    weights_path: Path  # <work_dir>/final/model.safetensors (evaluate_weights: the weights evaluated)
     config_path: Path  # <work_dir>/final/config.json
     metrics: dict[str, Any]
     run_id: Optional[str]
@@ -79,16 +80,17 @@ def _num_images(data_dir: str) -> int:
     return sum(int(read_manifest(d)["num_images"]) for d in data_dirs(data_dir))
 
 
-def _copy_final(checkpoint, dest: Path) -> None:
-    """Copy the final weights and config out of a (possibly remote) Ray checkpoint."""
+def _copy_final(checkpoint, dest: Path, required: tuple[str, ...] = (WEIGHTS_NAME, CONFIG_NAME)) -> None:
+    """Copy the ``required`` files (the final weights and config) and ``detections.json``
+    when there is one out of a (possibly remote) Ray checkpoint."""
     import pyarrow.fs
 
     dest.mkdir(parents=True, exist_ok=True)
     fs = checkpoint.filesystem
-    for name in (WEIGHTS_NAME, CONFIG_NAME, "detections.json"):
+    for name in (*required, "detections.json"):
         src = f"{checkpoint.path.rstrip('/')}/{name}"
         if fs.get_file_info(src).type == pyarrow.fs.FileType.NotFound:
-            if name == "detections.json":
+            if name not in required:
                 continue
             raise FileNotFoundError(f"final checkpoint {checkpoint.path} has no {name}")
         pyarrow.fs.copy_files(src, str(dest / name), source_filesystem=fs,
@@ -164,7 +166,11 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_name} finished without a checkpoint")
     final = work / "final"
-    _copy_final(result.checkpoint, final)
+    if train:
+        _copy_final(result.checkpoint, final)
+    else:  # evaluation only: the weights are the caller's; keep the detections and the config
+        _copy_final(result.checkpoint, final, required=())
+        atomic_write_text(final / CONFIG_NAME, json.dumps(to_dict(cfg), indent=2))
     lineage.update({"run_id": run_id, "checkpoint": result.checkpoint.path, "metrics": {
         k: v for k, v in metrics.items() if k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "step")}})
     atomic_write_text(final / "lineage.json", json.dumps(lineage, indent=2, default=str))
@@ -172,14 +178,15 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
                     and not isinstance(v, bool)}
     tracker.log_metrics(eval_metrics, step=int(metrics.get("step", 0)))
     tracker.set_tags({"checkpoint": result.checkpoint.path})
-    tracker.log_artifacts(str(final), "model")
+    tracker.log_artifacts(str(final), "model" if train else "evaluation")
     tracker.end_run("FINISHED")
     tracker.close(timeout_s=tracking_close_timeout_s)
     try:
         history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
     except Exception:
         history = []
-    return FitResult(checkpoint_path=result.checkpoint.path, weights_path=final / WEIGHTS_NAME,
+    weights = final / WEIGHTS_NAME if train else Path(str(init_weights))
+    return FitResult(checkpoint_path=result.checkpoint.path, weights_path=weights,
                      config_path=final / CONFIG_NAME, metrics=metrics, run_id=tracker.run_id,
                      tracking_uri=tracking_uri, run_name=run_name, history=history)
 
@@ -210,7 +217,10 @@ def evaluate_weights(cfg: Config, weights: str, val_dir: str, work_dir: str | Pa
                      tags: Optional[dict[str, Any]] = None, ray_address: Optional[str] = None,
                      lineage: Optional[dict] = None) -> FitResult:
     """Distributed COCO evaluation of ``weights`` (no training) on ``cfg.train.num_workers``
-    workers; same result layout as :func:`fit` (``metrics`` holds AP...)."""
+    workers, in fp32 under ``cfg.train.precision``'s autocast (no DeepSpeed, no optimizer).
+    ``metrics`` holds AP... as for :func:`fit`; ``weights_path`` is ``weights`` (nothing is
+    copied: the run's ``evaluation`` artifact and ``<work_dir>/final`` hold ``detections.json``,
+    ``config.json`` and ``lineage.json``)."""
     return _run(cfg, train_dir=None, val_dir=val_dir, work_dir=work_dir, run_name=run_name, init_weights=weights,
                 init_strict=True, experiment=experiment, parent_run_id=parent_run_id, tags=tags, storage_path=None,
                 evaluate=True, train=False, progress=False, ray_address=ray_address, test_hooks=None,

@@ -1,8 +1,13 @@
 """DeepSpeed wiring: a ZeRO config from :class:`TrainConfig`, engine creation, EMA,
 full (consolidated) state dicts.
 
-* ZeRO stage 0/1/2/3 (``train.zero_stage``); bf16 (``train.precision="bf16"``) or fp16
-  with dynamic loss scaling (``"fp16"``); gradient clipping ``train.clip_max_norm`` (0.1).
+* ZeRO stage 0/1/2/3 (``train.zero_stage``); gradient clipping ``train.clip_max_norm`` (0.1).
+* Precision: ``train.precision="bf16"`` is torch autocast (the loop's) over fp32 weights: the
+  parameters, gradients and optimizer stay fp32, as in the benchmarks and the bf16 overfit
+  test, and saved weights are exact. DeepSpeed's own bf16 mode is not used: it casts the
+  module to bf16, so frozen weights and buffers are rounded for good and the module's
+  (saved) weights are bf16 copies of the fp32 masters. ``"fp16"`` is DeepSpeed's fp16 mode,
+  for its dynamic loss scaling (the module holds fp16 copies; the masters are fp32).
 * The global batch is fixed: ``gradient_accumulation_steps = global_batch_size /
   (batch_size per worker * world_size)``, so a job restarted on fewer workers takes the
   same optimizer steps (it must divide exactly, else :class:`ConfigError`).
@@ -62,12 +67,10 @@ def build_ds_config(cfg: TrainConfig, micro_batch_size: int, world_size: int) ->
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
-    if cfg.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    elif cfg.precision == "fp16":
+    if cfg.precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                       "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
-    elif cfg.precision != "fp32":
+    elif cfg.precision not in ("fp32", "bf16"):  # bf16: autocast over fp32 weights (module docstring)
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
     return ds
 

@@ -7,9 +7,12 @@ APm, APl`` (fractions in [0, 1], the first six ``COCOeval.stats``).
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import copy
 import io
+import logging
+import sys
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
@@ -20,6 +23,29 @@ __all__ = ["METRIC_NAMES", "to_coco_detections", "predict_batch", "coco_evaluate
            "evaluate_batches"]
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+log = logging.getLogger("dino_scale.engine")
+
+
+@contextlib.contextmanager
+def _prints_to(sink: io.StringIO):
+    """Send ``print`` output to ``sink`` (pycocotools prints its progress and summary). A
+    stdout redirect alone is not enough in a Ray Train worker: Ray patches ``builtins.print``
+    to log every call, whatever ``sys.stdout`` is. Prints to other files pass through."""
+    saved = builtins.print
+
+    def to_sink(*objects, sep=" ", end="\n", file=None, flush=False):
+        if file is not None and file is not sys.stdout:
+            saved(*objects, sep=sep, end=end, file=file, flush=flush)
+            return
+        sink.write((" " if sep is None else sep).join(map(str, objects)) + ("\n" if end is None else end))
+
+    builtins.print = to_sink
+    try:
+        with contextlib.redirect_stdout(sink):
+            yield sink
+    finally:
+        builtins.print = saved
 
 
 def to_coco_detections(results: Sequence[dict], image_ids: Sequence[int]) -> list[dict[str, Any]]:
@@ -120,7 +146,7 @@ def coco_evaluate(coco_gt: dict, detections: list[dict]) -> dict[str, float]:
     unknown = {d["image_id"] for d in detections} - known
     if unknown:
         raise ValueError(f"detections for {len(unknown)} image ids not in the ground truth, e.g. {sorted(unknown)[:5]}")
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _prints_to(io.StringIO()) as printed:
         gt = COCO()
         gt.dataset = copy.deepcopy(coco_gt)
         gt.createIndex()
@@ -129,6 +155,7 @@ def coco_evaluate(coco_gt: dict, detections: list[dict]) -> dict[str, float]:
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
+    log.debug("pycocotools:\n%s", printed.getvalue())
     return {name: float(ev.stats[i]) for i, name in enumerate(METRIC_NAMES)}
 
 

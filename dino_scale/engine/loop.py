@@ -4,8 +4,9 @@ checkpoints, exact resume, NaN/Inf guard, final weights and distributed evaluati
 Driven by a plain dict (``loop_config``) built by :func:`dino_scale.engine.trainer.loop_config`:
 ``config`` (Config as dict), ``steps_per_epoch`` (optimizer steps), ``run_id`` /
 ``tracking_uri`` (MLflow, rank 0 logs), ``init_weights`` (path), ``val_gt`` (path of a
-COCO-format JSON or None), ``evaluate`` (bool) and ``test_hooks`` (fault injection for
-tests: ``nan_micro_steps``, ``pid_file``/``pid_after_step``/``pid_rank``/``pause_s``).
+COCO-format JSON or None), ``evaluate`` (bool), ``train`` (bool; false: evaluate the
+initial weights only, without DeepSpeed) and ``test_hooks`` (fault injection for tests:
+``nan_micro_steps``, ``pid_file``/``pid_after_step``/``pid_rank``/``pause_s``).
 """
 from __future__ import annotations
 
@@ -154,11 +155,73 @@ def _test_pid_hook(hooks: dict, rank: int, step: int) -> None:
         time.sleep(0.05)
 
 
+def _rank0_tracker(loop_cfg: dict[str, Any], rank: int):
+    """Rank 0's MLflow logger of the driver's run (None on other ranks or without a run)."""
+    if rank != 0 or not loop_cfg.get("run_id"):
+        return None
+    from dino_scale.tracking.logger import ResilientLogger
+
+    return ResilientLogger(loop_cfg["tracking_uri"], run_id=loop_cfg["run_id"])
+
+
+def _wants_eval(loop_cfg: dict[str, Any]) -> bool:
+    return bool(loop_cfg.get("evaluate", True)) and "val" in loop_cfg.get("datasets", [])
+
+
+def _evaluate_val(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: torch.device,
+                  amp: Optional[torch.dtype], rank: int) -> tuple[dict[str, Any], Optional[list]]:
+    """COCO AP of ``model`` over this worker's shard of the ``val`` dataset. Returns
+    ``({AP..., num_detections}, detections)`` on rank 0 and ``({}, None)`` on the others;
+    every rank must call it (the detections are gathered)."""
+    import ray.train
+
+    from dino_scale.data.collate import collate
+
+    model.to(device).eval()
+    pad_multiple = getattr(cfg.data, "pad_multiple", None)
+    shard = ray.train.get_dataset_shard("val")
+    batches = (collate(rows_of(b), pad_multiple=pad_multiple) for b in shard.iter_batches(
+        batch_size=cfg.eval.batch_size, drop_last=False, batch_format="numpy", prefetch_batches=1))
+    batches = ((_prepare_images(i, m), m, t) for i, m, t in batches)
+    factors = [s / cfg.data.eval_size for s in cfg.eval.tta_scales] if cfg.eval.tta else [1.0]
+    local = evaluate_batches(model, postprocessor, batches, device, amp_dtype=amp, tta=cfg.eval.tta,
+                             tta_scale_factors=factors, num_select=cfg.model.num_select)
+    detections = gather_to_rank0(local)
+    if rank != 0:
+        return {}, None
+    ap = coco_evaluate(json.loads(Path(loop_cfg["val_gt"]).read_text()), detections)
+    return {**ap, "num_detections": len(detections)}, detections
+
+
+def _evaluate_only(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: torch.device, rank: int) -> None:
+    """An evaluation-only run (``loop_cfg["train"]`` false: :func:`dino_scale.engine.evaluate_weights`).
+    The loaded weights are evaluated as they are, in fp32 under the configured autocast: no
+    optimizer, no DeepSpeed engine (its bf16 mode would round the weights), no training state.
+    The final checkpoint holds only rank 0's ``detections.json``: the weights are the caller's."""
+    tracker = _rank0_tracker(loop_cfg, rank)
+    amp = autocast_dtype(cfg.train.precision) if cfg.train.precision != "fp32" else None
+    metrics: dict[str, Any] = {"step": 0, "epoch": 0, "final": True, "bad_steps_total": 0, "images_seen": 0,
+                               "resumes": 0}
+    detections = None
+    if _wants_eval(loop_cfg):
+        ap, detections = _evaluate_val(model, postprocessor, cfg, loop_cfg, device, amp, rank)
+        metrics.update(ap)
+        if tracker is not None:
+            tracker.log_metrics({f"eval/{k}": v for k, v in ap.items() if k != "num_detections"}, step=0)
+    if tracker is not None:
+        tracker.close(timeout_s=float(loop_cfg.get("tracking_close_timeout_s", 30)))
+
+    def write_detections(folder: Path) -> None:
+        if detections is not None:
+            atomic_write_text(folder / "detections.json", json.dumps(detections))
+
+    _report(metrics, write_detections, "final_000000000")
+
+
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from dino_scale.data.collate import collate
     from dino_scale.models import build_dino, build_model
 
     cfg = from_dict(loop_cfg["config"])
@@ -183,6 +246,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     criterion.to(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tc.tf32)
+    if not loop_cfg.get("train", True):
+        _evaluate_only(model, postprocessor, cfg, loop_cfg, device, rank)
+        return
     if tc.compile:
         from dino_scale.models.compile import compile_criterion, compile_regions
         compiled = compile_regions(model, granularity=tc.compile_granularity, mode=tc.compile_mode)
@@ -211,16 +277,11 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     guard = BadStepGuard(tc.max_bad_steps)
     guard.load_state_dict(state.bad_steps)
 
-    tracker = None
-    if rank == 0 and loop_cfg.get("run_id"):
-        from dino_scale.tracking.logger import ResilientLogger
-
-        tracker = ResilientLogger(loop_cfg["tracking_uri"], run_id=loop_cfg["run_id"])
+    tracker = _rank0_tracker(loop_cfg, rank)
 
     amp = autocast_dtype(tc.precision) if tc.precision != "fp32" else None
     pad_multiple = getattr(cfg.data, "pad_multiple", None)
-    do_train = bool(loop_cfg.get("train", True))
-    train_shard = ray.train.get_dataset_shard("train") if do_train else None
+    train_shard = ray.train.get_dataset_shard("train")
     meter, window = WindowMeter(world), _Window()
     abort: Optional[str] = None
     last_ckpt_step = -1
@@ -254,7 +315,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     micro_total = state.epoch * steps_per_epoch * accum + state.micro_in_epoch
     nan_steps = set(int(s) for s in hooks.get("nan_micro_steps", []))
     try:
-        while do_train and not state.finished and state.global_step < total_steps and state.epoch < tc.epochs:
+        while not state.finished and state.global_step < total_steps and state.epoch < tc.epochs:
             limit = steps_per_epoch * accum
             if state.micro_in_epoch >= limit:  # resumed from a checkpoint taken at the epoch's last step
                 state.epoch, state.micro_in_epoch = state.epoch + 1, 0
@@ -321,25 +382,14 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     if abort:
         final_metrics["abort_reason"] = abort
     detections = None
-    if abort is None and loop_cfg.get("evaluate", True) and "val" in loop_cfg.get("datasets", []):
+    if abort is None and _wants_eval(loop_cfg):
         eval_model = build_model(cfg.model)
         eval_model.load_state_dict(full, strict=True)
-        eval_model.to(device).eval()
-        val_shard = ray.train.get_dataset_shard("val")
-        batches = (collate(rows_of(b), pad_multiple=pad_multiple) for b in val_shard.iter_batches(
-            batch_size=cfg.eval.batch_size, drop_last=False, batch_format="numpy", prefetch_batches=1))
-        batches = ((_prepare_images(i, m), m, t) for i, m, t in batches)
-        factors = [s / cfg.data.eval_size for s in cfg.eval.tta_scales] if cfg.eval.tta else [1.0]
-        local = evaluate_batches(eval_model, postprocessor, batches, device, amp_dtype=amp,
-                                 tta=cfg.eval.tta, tta_scale_factors=factors, num_select=cfg.model.num_select)
-        detections = gather_to_rank0(local)
-        if rank == 0:
-            gt = json.loads(Path(loop_cfg["val_gt"]).read_text())
-            ap = coco_evaluate(gt, detections)
-            final_metrics.update(ap)
-            final_metrics["num_detections"] = len(detections)
-            if tracker is not None:
-                tracker.log_metrics({f"eval/{k}": v for k, v in ap.items()}, step=state.global_step)
+        ap, detections = _evaluate_val(eval_model, postprocessor, cfg, loop_cfg, device, amp, rank)
+        final_metrics.update(ap)
+        if tracker is not None:
+            tracker.log_metrics({f"eval/{k}": v for k, v in ap.items() if k != "num_detections"},
+                                step=state.global_step)
         del eval_model
     state.finished = abort is None
 

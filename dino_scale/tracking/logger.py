@@ -39,7 +39,7 @@ def default_tracking_uri(work_dir: Optional[str | Path] = None) -> str:
         return uri
     if work_dir is None:
         raise ValueError("set MLFLOW_TRACKING_URI or pass a work_dir for the sqlite store")
-    folder = Path(work_dir).resolve()
+    folder = Path(work_dir).expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}"
 

@@ -73,6 +73,37 @@ def test_ap_equals_pycocotools_directly():
     assert gather_to_rank0(dets) == dets  # no process group: identity
 
 
+def test_coco_evaluate_quiet_under_a_patched_print(monkeypatch, capsys):
+    """A Ray Train worker's ``print`` logs every call whatever ``sys.stdout`` is (Ray patches
+    ``builtins.print``): pycocotools' ~20 progress and summary lines reached the job log of
+    every evaluation. They go to the debug log now; prints to other files pass through."""
+    import builtins
+    import sys
+
+    logged = []
+
+    def patched(*objects, sep=" ", end="\n", file=None, flush=False):  # what Ray installs
+        logged.append(sep.join(map(str, objects)))
+
+    monkeypatch.setattr(builtins, "print", patched)
+    rng = np.random.default_rng(1)
+    gt = _gt(rng)
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+            for a in gt["annotations"]]
+    from dino_scale.engine import evaluate as evaluate_mod
+
+    captured = []
+    monkeypatch.setattr(evaluate_mod.log, "debug", lambda msg, *args: captured.append(msg % args))
+    assert coco_evaluate(gt, dets)["AP"] == pytest.approx(1.0)
+    assert logged == [] and capsys.readouterr().out == ""
+    assert "Average Precision" in captured[0]  # kept in the debug log
+    assert builtins.print is patched  # restored
+    with evaluate_mod._prints_to(io.StringIO()) as sink:
+        print("to stderr", file=sys.stderr)
+        print("to sink")
+    assert sink.getvalue() == "to sink\n" and logged == ["to stderr"]  # passed to the print in place
+
+
 def test_flip_stays_inside_the_unpadded_region():
     images = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
     masks = torch.zeros(2, 4, 6, dtype=torch.bool)

@@ -1,6 +1,13 @@
 """Parameter groups, schedules and the DeepSpeed config (no Ray)."""
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -68,7 +75,8 @@ def test_ds_config_and_fixed_global_batch():
     tc = preset("r50_4scale", {"train.zero_stage": 3, "train.precision": "bf16"}).train
     ds = build_ds_config(tc, micro_batch_size=2, world_size=4)
     assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 16
-    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"] == {"enabled": True}
+    # bf16 is the loop's autocast over fp32 weights: no DeepSpeed precision mode
+    assert ds["zero_optimization"]["stage"] == 3 and "bf16" not in ds and "fp16" not in ds
     assert ds["gradient_clipping"] == 0.1 and ds["zero_allow_untested_optimizer"]
     assert build_ds_config(tc, 2, 8)["gradient_accumulation_steps"] == 1  # fewer workers, more accumulation
     assert grad_accum_steps(16, 2, 2) == 4
@@ -92,3 +100,60 @@ def test_workers_resources_steps():
     assert worker_count(cfg) == (2, 4)
     cfg.train.use_gpu = True
     assert resources_per_worker(cfg) == {"CPU": 1.0, "GPU": 1.0}
+
+
+# One DeepSpeed engine in a fresh single-rank process (gloo): a bf16 step of the tiny model.
+_BF16_STEP = textwrap.dedent("""
+    import json, os, sys
+    import torch
+    from dino_scale.config import preset
+    from dino_scale.engine.deepspeed_utils import build_ds_config, full_state_dict, init_deepspeed
+    from dino_scale.engine.optim import build_optimizer
+    from dino_scale.engine.train_step import autocast_context
+    from dino_scale.models import build_dino
+
+    torch.distributed.init_process_group("gloo")
+    cfg = preset("tiny", {"train.precision": "bf16", "train.zero_stage": int(sys.argv[1]),
+                          "train.global_batch_size": 1})
+    torch.manual_seed(0)
+    model, criterion, _ = build_dino(cfg.model)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters(remove_duplicate=False))  # shared heads under every name
+    frozen = {n for n, p in params.items() if not p.requires_grad}
+    engine = init_deepspeed(model, build_optimizer(model, cfg.train), None, build_ds_config(cfg.train, 1, 1))
+    images, masks = torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool)
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3]])}]
+    with autocast_context(images.device, torch.bfloat16):
+        out = engine(images, masks, targets)
+    loss = sum(v * criterion.weight_dict[k] for k, v in criterion(out, targets).items() if k in criterion.weight_dict)
+    engine.backward(loss)
+    engine.step()
+    after = full_state_dict(engine, rank=0, all_ranks=True)
+    float_keys = [k for k, v in before.items() if v.is_floating_point()]
+    print("REPORT " + json.dumps({
+        "module_dtypes": sorted({str(v.dtype) for k, v in engine.module.state_dict().items() if k in float_keys}),
+        "frozen": len(frozen),
+        "frozen_or_buffer_changed": [k for k in float_keys if (k not in params or k in frozen)
+                                     and not torch.equal(after[k], before[k])],
+        "trained_changed": sum(not torch.equal(after[k], before[k]) for k in params if k not in frozen),
+    }))
+    torch.distributed.destroy_process_group()
+""")
+
+
+def test_bf16_trains_fp32_weights_and_keeps_frozen_ones_exact(stage=2):  # ZeRO-2: the presets' default
+    """train.precision=bf16 under DeepSpeed: autocast over fp32 weights. DeepSpeed's bf16 mode
+    (used before) cast the module to bf16: frozen backbone weights and BN buffers were rounded
+    for good, and the saved weights were bf16 copies of the optimizer's fp32 masters."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+               WORLD_SIZE="1", LOCAL_RANK="0", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _BF16_STEP, str(stage)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("REPORT "))[len("REPORT "):])
+    assert report["module_dtypes"] == ["torch.float32"]
+    assert report["frozen"] > 0 and report["frozen_or_buffer_changed"] == []
+    assert report["trained_changed"] > 0

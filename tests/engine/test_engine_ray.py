@@ -271,7 +271,11 @@ def test_zero3_exact_resume_after_worker_kill(zero3_reference, data, tmp_path, m
 
 @pytest.mark.timeout(600)
 def test_evaluate_weights_matches_single_process(ray_session, data, tmp_path, monkeypatch):
-    """Eval-only run (2 workers, no training): same detections and AP as one process."""
+    """Eval-only run (2 workers, no training, bf16 autocast): the same detections and AP as one
+    process evaluating the same fp32 weights under the same autocast (no DeepSpeed: its bf16
+    mode rounded the weights), and no copy of the weights written anywhere."""
+    from mlflow import MlflowClient
+
     from dino_scale.config import to_dict
     from dino_scale.data import LocalLoader, to_coco_gt
     from dino_scale.engine import evaluate_weights
@@ -281,18 +285,38 @@ def test_evaluate_weights_matches_single_process(ray_session, data, tmp_path, mo
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     _, val_dir = data
-    cfg = small_cfg()
+    cfg = small_cfg(**{"train.precision": "bf16", "train.zero_stage": 3})
     torch.manual_seed(11)
     model, _, post = build_dino(cfg.model)
     weights = save_weights(tmp_path / "w", model.state_dict(), config=to_dict(cfg))
     res = evaluate_weights(cfg, str(weights), val_dir, tmp_path / "work", unique("eval"))
-    local = evaluate_batches(model, post, LocalLoader(val_dir, cfg.data, train=False, batch_size=1, normalize=True),
-                             torch.device("cpu"))
+    local = evaluate_batches(model.eval(), post, LocalLoader(val_dir, cfg.data, train=False, batch_size=1,
+                                                             normalize=True),
+                             torch.device("cpu"), amp_dtype=torch.bfloat16)
     direct = coco_evaluate(to_coco_gt(val_dir), local)
     assert res.metrics["step"] == 0 and res.metrics["num_detections"] == len(local)
     for key, value in direct.items():
         assert res.metrics[key] == pytest.approx(value, abs=1e-3), key
-    assert torch.equal(load_weights(res.weights_path)["label_enc.weight"], model.state_dict()["label_enc.weight"])
+
+    def top_scores(dets):
+        by_image: dict = {}
+        for d in dets:
+            by_image.setdefault(d["image_id"], []).append(d["score"])
+        return {k: sorted(v, reverse=True)[:20] for k, v in by_image.items()}
+
+    final = res.config_path.parent
+    ours, ref = top_scores(json.loads((final / "detections.json").read_text())), top_scores(local)
+    assert ours.keys() == ref.keys()
+    gap = max(abs(a - b) for k in ref for a, b in zip(ours[k], ref[k]))
+    assert gap < 1e-5, f"eval-only scores differ from the same weights evaluated directly by {gap}"
+    # nothing but the detections: no weights, no DeepSpeed state, in the checkpoint or the run
+    assert res.weights_path == weights
+    assert sorted(p.name for p in Path(res.checkpoint_path).iterdir()) == ["detections.json"]
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", "detections.json", "lineage.json"]
+    client = MlflowClient(tracking_uri=res.tracking_uri)
+    assert [a.path for a in client.list_artifacts(res.run_id)] == ["config.json", "evaluation"]
+    assert {a.path for a in client.list_artifacts(res.run_id, "evaluation")} == {
+        "evaluation/config.json", "evaluation/detections.json", "evaluation/lineage.json"}
 
 
 def test_progress_bars_off_for_engine_datasets_only(ray_session, data, monkeypatch):

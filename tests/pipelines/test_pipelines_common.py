@@ -35,6 +35,9 @@ def test_pipelines_common_default_preset_and_uri(tmp_path, monkeypatch):
         common.resolve_preset_name("swinl")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert common.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("HOME", str(tmp_path))  # a --work-dir of ~/... is the user's home
+    assert common.tracking_uri("~/work") == f"sqlite:///{tmp_path.resolve() / 'work' / 'mlflow.db'}"
+    assert (tmp_path / "work").is_dir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert common.tracking_uri(tmp_path) == "http://127.0.0.1:5000"
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

@@ -66,6 +66,12 @@ def test_pipelines_ray_job_submit_pretrain_then_finetune(tmp_path, ray_lock):
                                          "--run-name", f"job-ft-{gcs}"])
         assert ft.returncode == 0, ft.stdout[-4000:] + ft.stderr[-2000:]
         assert "succeeded" in (ft.stdout + ft.stderr).lower()
+        ev = _submit(dash, runtime_env, ["python", "-m", "pipelines.evaluate", "--model",
+                                         "models:/dino-tiny-coco@champion", "--work-dir", str(work),
+                                         "--run-name", f"job-eval-{gcs}"])
+        assert ev.returncode == 0, ev.stdout[-4000:] + ev.stderr[-2000:]
+        assert "COCO box AP (%) of models:/dino-tiny-coco@champion" in ev.stdout
+        assert "Average Precision" not in ev.stdout + ev.stderr  # pycocotools' lines stay in the debug log
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
 
@@ -96,3 +102,15 @@ def test_pipelines_ray_job_submit_pretrain_then_finetune(tmp_path, ray_lock):
     # the first fine-tuned version with a measured AP becomes champion, AP tagged
     assert "AP" in v.tags and 0.0 <= float(v.tags["AP"]) <= 1.0
     assert str(client.get_model_version_by_alias("dino-tiny-coco", "champion").version) == "1"
+
+    # the evaluation: a run in experiment `evaluate` with the detections, no copy of the weights
+    # (not in the run's artifacts, not downloaded into the work dir, not in Ray's checkpoint)
+    (ev_run,) = client.search_runs([client.get_experiment_by_name("evaluate").experiment_id])
+    assert ev_run.info.status == "FINISHED" and ev_run.data.tags["stage"] == "evaluate"
+    assert ev_run.data.tags["source.uri"] == "models:/dino-tiny-coco@champion"
+    assert 0.0 <= ev_run.data.metrics["final/AP"] <= 1.0
+    assert [a.path for a in client.list_artifacts(ev_run.info.run_id)] == ["config.json", "evaluation"]
+    assert "evaluation/detections.json" in {a.path for a in client.list_artifacts(ev_run.info.run_id, "evaluation")}
+    assert not (work / "eval" / f"job-eval-{gcs}").exists()
+    ev_dir = work / "runs" / f"job-eval-{gcs}"
+    assert not list(ev_dir.rglob("*.safetensors")) and not list(ev_dir.rglob("*.pt"))

@@ -10,6 +10,7 @@ checks the result loads strictly, and writes ``out_dir/model.safetensors`` +
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -137,6 +138,8 @@ def prepare_init(uri: str, cfg: Config, target_categories: list[dict], out_dir: 
         + (f" (run {tags['source.run_id']})" if "source.run_id" in tags else ""))
     source = _source_state(resolved.weights_path)
     src_cats = _source_categories(resolved)
+    if uri.startswith(("models:/", "runs:/")):  # the downloaded copy is in memory now
+        shutil.rmtree(out_dir / "source", ignore_errors=True)
     torch.manual_seed(cfg.train.seed)
     model, _, _ = build_dino(cfg.model)
     fresh = model.state_dict()

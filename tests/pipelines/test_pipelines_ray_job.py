@@ -99,6 +99,9 @@ def test_pipelines_ray_job_submit_pretrain_then_finetune(tmp_path, ray_lock):
     assert ft_run.data.tags["source.run_id"] == pretrained.run_id
     assert ft_run.data.tags["source.uri"] == "models:/dino-tiny-o365@pretrained"
     assert client.get_experiment(ft_run.info.experiment_id).name == "finetune-coco"
+    # the class-mapped initial weights are kept with the run; the downloaded source copy is not
+    init_dir = work / "init" / f"job-ft-{gcs}"
+    assert (init_dir / "model.safetensors").is_file() and not (init_dir / "source").exists()
     # the first fine-tuned version with a measured AP becomes champion, AP tagged
     assert "AP" in v.tags and 0.0 <= float(v.tags["AP"]) <= 1.0
     assert str(client.get_model_version_by_alias("dino-tiny-coco", "champion").version) == "1"

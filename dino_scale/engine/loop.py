@@ -34,7 +34,7 @@ from dino_scale.engine.deepspeed_utils import (
 )
 from dino_scale.engine.evaluate import coco_evaluate, evaluate_batches, gather_to_rank0
 from dino_scale.engine.optim import build_optimizer, build_scheduler
-from dino_scale.engine.progress import WindowMeter
+from dino_scale.engine.progress import LossWindow, WindowMeter
 from dino_scale.data.ray_data import set_epoch as set_data_epoch
 from dino_scale.engine.train_step import (
     BadStepError, BadStepGuard, all_finite, autocast_dtype, compute_loss, move_batch,
@@ -81,49 +81,6 @@ def _prepare_images(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     from dino_scale.data.transforms import normalize_batch
 
     return normalize_batch(images, masks) if images.dtype == torch.uint8 else images
-
-
-class _Window:
-    """Loss sums over a reporting window, kept on the device: adding a step reads nothing back
-    (the ~40 loss terms of a DINO step were 40 host syncs per step when summed as floats); the
-    window is read back once, and reduced across ranks, at report time."""
-
-    def __init__(self):
-        self._sums: dict[tuple[str, ...], torch.Tensor] = {}  # term names -> [loss, *terms] sums
-        self.n = 0
-
-    def add(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
-        keys = tuple(sorted(terms))
-        vec = torch.stack([loss.detach().float().reshape(())] +
-                          [terms[k].detach().float().reshape(()) for k in keys])
-        acc = self._sums.get(keys)
-        self._sums[keys] = vec if acc is None else acc + vec
-        self.n += 1
-
-    def totals(self) -> tuple[float, dict[str, float]]:
-        """(loss sum, {term: sum}) over the window: one read-back per distinct term set."""
-        loss, terms = 0.0, {}
-        for keys, vec in self._sums.items():
-            values = vec.double().cpu().tolist()
-            loss += values[0]
-            for k, v in zip(keys, values[1:]):
-                terms[k] = terms.get(k, 0.0) + v
-        return loss, terms
-
-    def reduce(self) -> dict[str, float]:
-        """Mean loss and terms over the window on all ranks ({} for an empty window)."""
-        loss, terms = self.totals()
-        keys = sorted(terms)
-        vec = torch.tensor([loss, float(self.n)] + [terms[k] for k in keys], dtype=torch.float64)
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(vec)
-        n = float(vec[1])
-        self.__init__()
-        if n == 0:
-            return {}
-        out = {"loss": float(vec[0]) / n}
-        out.update({f"train/{k}": float(vec[2 + i]) / n for i, k in enumerate(keys)})
-        return out
 
 
 def _report(metrics: dict[str, Any], write_fn=None, name: Optional[str] = None) -> None:
@@ -282,7 +239,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     amp = autocast_dtype(tc.precision) if tc.precision != "fp32" else None
     pad_multiple = getattr(cfg.data, "pad_multiple", None)
     train_shard = ray.train.get_dataset_shard("train")
-    meter, window = WindowMeter(world), _Window()
+    meter, window = WindowMeter(world), LossWindow()
     abort: Optional[str] = None
     last_ckpt_step = -1
 

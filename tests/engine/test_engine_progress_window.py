@@ -1,14 +1,14 @@
-"""The training loop's loss window (dino_scale.engine.loop._Window): sums stay on the device."""
+"""The training loop's loss window (dino_scale.engine.progress.LossWindow): sums stay on the device."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dino_scale.engine.loop import _Window
+from dino_scale.engine.progress import LossWindow
 
 
 def test_add_reads_nothing_back():
-    window = _Window()
+    window = LossWindow()
     for _ in range(3):  # meta tensors hold no data: any read-back would raise
         window.add(torch.empty((), device="meta"), {"loss_ce": torch.empty((), device="meta"),
                                                     "loss_bbox": torch.empty((), device="meta")})
@@ -18,7 +18,7 @@ def test_add_reads_nothing_back():
 
 
 def test_means_over_the_window_and_reset():
-    window = _Window()
+    window = LossWindow()
     window.add(torch.tensor(1.0), {"a": torch.tensor(2.0), "b": torch.tensor(4.0, dtype=torch.bfloat16)})
     window.add(torch.tensor(3.0), {"a": torch.tensor(6.0), "b": torch.tensor(0.0)})
     window.add(torch.tensor(5.0), {"a": torch.tensor(1.0)})  # a step without "b": its own term set

@@ -26,13 +26,18 @@ class InitWeights:
     summary: str = ""
 
 
+def is_remote(uri: str) -> bool:
+    """A registry or run URI (downloaded from MLflow), not a local path."""
+    return uri.startswith(("models:/", "runs:/"))
+
+
 def check_exists(uri: str) -> None:
     """Cheap existence check of a model URI (no download): a one-line
     :class:`UsageError` when the registry name/alias/version, run or path is unknown."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    if not uri.startswith(("models:/", "runs:/")):
+    if not is_remote(uri):
         path = Path(uri[7:] if uri.startswith("file://") else uri)
         if not path.exists():
             raise UsageError(f"model not found: {uri} (expected models:/name@alias, models:/name/N, "
@@ -65,8 +70,7 @@ def resolve(uri: str, dst_dir: Path):
 
     from dino_scale.tracking.registry import resolve_model_uri
 
-    is_remote = uri.startswith(("models:/", "runs:/"))
-    if not is_remote and not Path(uri[7:] if uri.startswith("file://") else uri).exists():
+    if not is_remote(uri) and not Path(uri[7:] if uri.startswith("file://") else uri).exists():
         raise UsageError(f"model not found: {uri} (expected models:/name@alias, models:/name/N, "
                          f"runs:/<run_id>/model, a checkpoint folder/file or an official .pth)")
     try:
@@ -138,7 +142,7 @@ def prepare_init(uri: str, cfg: Config, target_categories: list[dict], out_dir: 
         + (f" (run {tags['source.run_id']})" if "source.run_id" in tags else ""))
     source = _source_state(resolved.weights_path)
     src_cats = _source_categories(resolved)
-    if uri.startswith(("models:/", "runs:/")):  # the downloaded copy is in memory now
+    if is_remote(uri):  # the downloaded copy is in memory now
         shutil.rmtree(out_dir / "source", ignore_errors=True)
     torch.manual_seed(cfg.train.seed)
     model, _, _ = build_dino(cfg.model)

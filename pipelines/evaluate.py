@@ -68,7 +68,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     work_dir = Path(args.work_dir).expanduser().resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     uri = common.setup_tracking(work_dir)
-    from pipelines._init import check_exists, resolve
+    from pipelines._init import check_exists, is_remote, resolve
 
     check_exists(args.model)
     run_name = args.run_name or f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -76,7 +76,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     try:
         return _evaluate(args, log, work_dir, uri, run_name, resolve(args.model, download / "source"))
     finally:
-        if args.model.startswith(("models:/", "runs:/")):  # never a user's own files
+        if is_remote(args.model):  # never a user's own files
             shutil.rmtree(download, ignore_errors=True)
 
 

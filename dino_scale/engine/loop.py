@@ -126,10 +126,11 @@ def _wants_eval(loop_cfg: dict[str, Any]) -> bool:
 
 
 def _evaluate_val(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: torch.device,
-                  amp: Optional[torch.dtype], rank: int) -> tuple[dict[str, Any], Optional[list]]:
-    """COCO AP of ``model`` over this worker's shard of the ``val`` dataset. Returns
-    ``({AP..., num_detections}, detections)`` on rank 0 and ``({}, None)`` on the others;
-    every rank must call it (the detections are gathered)."""
+                  amp: Optional[torch.dtype], rank: int, tracker, step: int
+                  ) -> tuple[dict[str, Any], Optional[list]]:
+    """COCO AP of ``model`` over this worker's shard of the ``val`` dataset, logged as ``eval/*``
+    at ``step`` when ``tracker`` is given. Returns ``({AP..., num_detections}, detections)`` on
+    rank 0 and ``({}, None)`` on the others; every rank must call it (detections are gathered)."""
     import ray.train
 
     from dino_scale.data.collate import collate
@@ -147,6 +148,8 @@ def _evaluate_val(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: t
     if rank != 0:
         return {}, None
     ap = coco_evaluate(json.loads(Path(loop_cfg["val_gt"]).read_text()), detections)
+    if tracker is not None:
+        tracker.log_metrics({f"eval/{k}": v for k, v in ap.items()}, step=step)
     return {**ap, "num_detections": len(detections)}, detections
 
 
@@ -156,15 +159,13 @@ def _evaluate_only(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: 
     optimizer, no DeepSpeed engine (its bf16 mode would round the weights), no training state.
     The final checkpoint holds only rank 0's ``detections.json``: the weights are the caller's."""
     tracker = _rank0_tracker(loop_cfg, rank)
-    amp = autocast_dtype(cfg.train.precision) if cfg.train.precision != "fp32" else None
+    amp = autocast_dtype(cfg.train.precision)
     metrics: dict[str, Any] = {"step": 0, "epoch": 0, "final": True, "bad_steps_total": 0, "images_seen": 0,
                                "resumes": 0}
     detections = None
     if _wants_eval(loop_cfg):
-        ap, detections = _evaluate_val(model, postprocessor, cfg, loop_cfg, device, amp, rank)
+        ap, detections = _evaluate_val(model, postprocessor, cfg, loop_cfg, device, amp, rank, tracker, 0)
         metrics.update(ap)
-        if tracker is not None:
-            tracker.log_metrics({f"eval/{k}": v for k, v in ap.items() if k != "num_detections"}, step=0)
     if tracker is not None:
         tracker.close(timeout_s=float(loop_cfg.get("tracking_close_timeout_s", 30)))
 
@@ -236,7 +237,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
 
     tracker = _rank0_tracker(loop_cfg, rank)
 
-    amp = autocast_dtype(tc.precision) if tc.precision != "fp32" else None
+    amp = autocast_dtype(tc.precision)
     pad_multiple = getattr(cfg.data, "pad_multiple", None)
     train_shard = ray.train.get_dataset_shard("train")
     meter, window = WindowMeter(world), LossWindow()
@@ -342,11 +343,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     if abort is None and _wants_eval(loop_cfg):
         eval_model = build_model(cfg.model)
         eval_model.load_state_dict(full, strict=True)
-        ap, detections = _evaluate_val(eval_model, postprocessor, cfg, loop_cfg, device, amp, rank)
+        ap, detections = _evaluate_val(eval_model, postprocessor, cfg, loop_cfg, device, amp, rank, tracker,
+                                       state.global_step)
         final_metrics.update(ap)
-        if tracker is not None:
-            tracker.log_metrics({f"eval/{k}": v for k, v in ap.items() if k != "num_detections"},
-                                step=state.global_step)
         del eval_model
     state.finished = abort is None
 

@@ -141,7 +141,7 @@ _BF16_STEP = textwrap.dedent("""
 """)
 
 
-def test_bf16_trains_fp32_weights_and_keeps_frozen_ones_exact(stage=2):  # ZeRO-2: the presets' default
+def test_bf16_trains_fp32_weights_and_keeps_frozen_ones_exact():
     """train.precision=bf16 under DeepSpeed: autocast over fp32 weights. DeepSpeed's bf16 mode
     (used before) cast the module to bf16: frozen backbone weights and BN buffers were rounded
     for good, and the saved weights were bf16 copies of the optimizer's fp32 masters."""
@@ -150,6 +150,7 @@ def test_bf16_trains_fp32_weights_and_keeps_frozen_ones_exact(stage=2):  # ZeRO-
         port = sock.getsockname()[1]
     env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
                WORLD_SIZE="1", LOCAL_RANK="0", OMP_NUM_THREADS="1")
+    stage = 2  # the presets' default
     proc = subprocess.run([sys.executable, "-c", _BF16_STEP, str(stage)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -7,7 +7,10 @@ full (consolidated) state dicts.
   test, and saved weights are exact. DeepSpeed's own bf16 mode is not used: it casts the
   module to bf16, so frozen weights and buffers are rounded for good and the module's
   (saved) weights are bf16 copies of the fp32 masters. ``"fp16"`` is DeepSpeed's fp16 mode,
-  for its dynamic loss scaling (the module holds fp16 copies; the masters are fp32).
+  for its dynamic loss scaling: the module holds fp16 copies of every parameter, and the
+  optimizer the fp32 masters of the trained ones. :func:`full_state_dict` saves the masters
+  and, for frozen parameters, the fp32 values they had before DeepSpeed cast them, so an
+  fp16 run saves exact fp32 weights too (its forward used the fp16 copies).
 * The global batch is fixed: ``gradient_accumulation_steps = global_batch_size /
   (batch_size per worker * world_size)``, so a job restarted on fewer workers takes the
   same optimizer steps (it must divide exactly, else :class:`ConfigError`).
@@ -101,15 +104,43 @@ def init_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+    frozen = None
+    if ds_config.get("fp16", {}).get("enabled"):  # DeepSpeed casts them to fp16; keep the originals
+        frozen = {id(p): p.detach().float().cpu().clone() for p in model.parameters() if not p.requires_grad}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
+    engine.dino_fp32_frozen = frozen
     return engine
+
+
+def _fp32_masters(engine) -> dict[int, torch.Tensor]:
+    """``id(param) -> full fp32 master`` of the trained parameters of an fp16 engine: from the
+    ZeRO-1/2/3 partitions (collective: every rank calls it, in the same order) or, without
+    ZeRO, from DeepSpeed's fp16 optimizer (fp16 group ``i`` <-> fp32 group ``i``)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters: dict[int, torch.Tensor] = {}
+    for p in engine.module.parameters():
+        if p.requires_grad and (hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")):
+            masters[id(p)] = safe_get_full_fp32_param(p)
+    if engine.zero_optimization_stage() > 0:
+        return masters
+    opt = engine.optimizer
+    for i, group in enumerate(opt.fp16_groups):
+        if hasattr(opt, "fp32_groups"):  # unfused: one fp32 tensor per parameter
+            values = opt.fp32_groups[i]
+        else:  # fused: one flat fp32 tensor per group
+            values = torch._utils._unflatten_dense_tensors(opt.fp32_groups_flat[i], group)
+        masters.update({id(p): v for p, v in zip(group, values) if id(p) not in masters})
+    return masters
 
 
 def full_state_dict(engine_or_model, rank: int = 0, all_ranks: bool = False
                     ) -> Optional[dict[str, torch.Tensor]]:
     """The full fp32 state dict on rank 0 (on every rank with ``all_ranks``; None on the
-    others). Gathers ZeRO-3 partitions, so every rank must call it.
+    others). Gathers ZeRO-3 partitions, so every rank must call it. Of an fp16 engine it
+    holds the optimizer's fp32 masters and the frozen weights' pre-cast values, not the
+    module's fp16 copies.
 
     Tensors are cloned CPU fp32, so aliased (shared) heads become separate copies
     (safetensors refuses shared storage).
@@ -117,11 +148,15 @@ def full_state_dict(engine_or_model, rank: int = 0, all_ranks: bool = False
     model = getattr(engine_or_model, "module", engine_or_model)
     stage = engine_or_model.zero_optimization_stage() if hasattr(engine_or_model, "zero_optimization_stage") else 0
     want = all_ranks or rank == 0
+    exact: dict[int, torch.Tensor] = {}
+    if getattr(engine_or_model, "dino_fp32_frozen", None) is not None:  # fp16 engine
+        exact = {**engine_or_model.dino_fp32_frozen, **_fp32_masters(engine_or_model)}
 
     def grab() -> Optional[dict[str, torch.Tensor]]:
         if not want:
             return None
-        return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+        return {k: exact.get(id(v), v).detach().float().cpu().clone()
+                for k, v in model.state_dict(keep_vars=True).items()}
 
     if stage == 3:
         import deepspeed
@@ -135,7 +170,9 @@ class ModelEMA:
     """Exponential moving average of the weights, kept in fp32 on the model's device.
 
     ``update`` is called after each optimizer step with the (possibly DeepSpeed-wrapped)
-    model; under ZeRO-3 every rank must call it (parameters are gathered).
+    model; under ZeRO-3 every rank must call it (parameters are gathered). Of an fp16 engine
+    it averages the module's fp16 copies (the fp32 masters would cost a collective per
+    parameter and step).
     """
 
     def __init__(self, model: nn.Module, decay: float):

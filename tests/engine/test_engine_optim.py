@@ -102,59 +102,101 @@ def test_workers_resources_steps():
     assert resources_per_worker(cfg) == {"CPU": 1.0, "GPU": 1.0}
 
 
-# One DeepSpeed engine in a fresh single-rank process (gloo): a bf16 step of the tiny model.
-_BF16_STEP = textwrap.dedent("""
+# DeepSpeed engines in a fresh single-rank process (gloo): steps of the tiny model in one
+# precision, for each ZeRO stage in argv[2], until DeepSpeed applies one (fp16 skips the
+# steps its dynamic loss scale overflows). This CPU has no fp16 support in oneDNN, so
+# DeepSpeed refuses fp16 here; for fp16 the script lifts that check (torch's fp16 CPU
+# kernels run the tiny model) and the rest is the real engine.
+_PRECISION_STEP = textwrap.dedent("""
     import json, os, sys
     import torch
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
     from dino_scale.config import preset
     from dino_scale.engine.deepspeed_utils import build_ds_config, full_state_dict, init_deepspeed
     from dino_scale.engine.optim import build_optimizer
-    from dino_scale.engine.train_step import autocast_context
+    from dino_scale.engine.train_step import autocast_context, autocast_dtype
     from dino_scale.models import build_dino
 
+    precision = sys.argv[1]
+    if precision == "fp16":
+        type(get_accelerator()).is_fp16_supported = lambda self: True
     torch.distributed.init_process_group("gloo")
-    cfg = preset("tiny", {"train.precision": "bf16", "train.zero_stage": int(sys.argv[1]),
-                          "train.global_batch_size": 1})
-    torch.manual_seed(0)
-    model, criterion, _ = build_dino(cfg.model)
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    params = dict(model.named_parameters(remove_duplicate=False))  # shared heads under every name
-    frozen = {n for n, p in params.items() if not p.requires_grad}
-    engine = init_deepspeed(model, build_optimizer(model, cfg.train), None, build_ds_config(cfg.train, 1, 1))
-    images, masks = torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool)
-    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3]])}]
-    with autocast_context(images.device, torch.bfloat16):
-        out = engine(images, masks, targets)
-    loss = sum(v * criterion.weight_dict[k] for k, v in criterion(out, targets).items() if k in criterion.weight_dict)
-    engine.backward(loss)
-    engine.step()
-    after = full_state_dict(engine, rank=0, all_ranks=True)
-    float_keys = [k for k, v in before.items() if v.is_floating_point()]
-    print("REPORT " + json.dumps({
-        "module_dtypes": sorted({str(v.dtype) for k, v in engine.module.state_dict().items() if k in float_keys}),
-        "frozen": len(frozen),
-        "frozen_or_buffer_changed": [k for k in float_keys if (k not in params or k in frozen)
-                                     and not torch.equal(after[k], before[k])],
-        "trained_changed": sum(not torch.equal(after[k], before[k]) for k in params if k not in frozen),
-    }))
+    for stage in map(int, sys.argv[2].split(",")):
+        cfg = preset("tiny", {"train.precision": precision, "train.zero_stage": stage,
+                              "train.global_batch_size": 1, "train.lr": 1e-3})
+        torch.manual_seed(0)
+        model, criterion, _ = build_dino(cfg.model)
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        params = dict(model.named_parameters(remove_duplicate=False))  # shared heads under every name
+        frozen = {n for n, p in params.items() if not p.requires_grad}
+        engine = init_deepspeed(model, build_optimizer(model, cfg.train), None, build_ds_config(cfg.train, 1, 1))
+        images, masks = torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool)
+        targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3]])}]
+        for steps in range(1, 41):
+            with autocast_context(images.device, autocast_dtype(precision)):
+                out = engine(images, masks, targets)
+                terms = criterion(out, targets)
+            engine.backward(sum(v * criterion.weight_dict[k] for k, v in terms.items() if k in criterion.weight_dict))
+            engine.step()
+            if engine.was_step_applied():
+                break
+        after = full_state_dict(engine, rank=0, all_ranks=True)
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
+            module = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        float_keys = [k for k, v in before.items() if v.is_floating_point()]
+        trained = [k for k in params if k not in frozen]
+        print("REPORT " + json.dumps({
+            "stage": stage, "steps": steps, "applied": engine.was_step_applied(),
+            "module_param_dtypes": sorted({str(v.dtype) for k, v in module.items() if k in params}),
+            "saved_dtypes": sorted({str(after[k].dtype) for k in float_keys}),
+            "frozen": len(frozen),
+            "frozen_or_buffer_changed": [k for k in float_keys if (k not in params or k in frozen)
+                                         and not torch.equal(after[k], before[k])],
+            "trained_changed": sum(not torch.equal(after[k], before[k]) for k in trained),
+            "trained": len(trained),
+            # the module's copy is the saved weight rounded to its dtype (the masters, for fp16)
+            "module_not_saved_rounded": [k for k in trained if not torch.equal(after[k].to(module[k].dtype), module[k])],
+            "saved_finer_than_module": sum(not torch.equal(after[k].to(module[k].dtype).float(), after[k])
+                                           for k in trained),
+        }), flush=True)
     torch.distributed.destroy_process_group()
 """)
+
+
+def _precision_steps(precision: str, stages: str) -> list[dict]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+               WORLD_SIZE="1", LOCAL_RANK="0", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _PRECISION_STEP, precision, stages], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads(l[len("REPORT "):]) for l in proc.stdout.splitlines() if l.startswith("REPORT ")]
 
 
 def test_bf16_trains_fp32_weights_and_keeps_frozen_ones_exact():
     """train.precision=bf16 under DeepSpeed: autocast over fp32 weights. DeepSpeed's bf16 mode
     (used before) cast the module to bf16: frozen backbone weights and BN buffers were rounded
     for good, and the saved weights were bf16 copies of the optimizer's fp32 masters."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
-               WORLD_SIZE="1", LOCAL_RANK="0", OMP_NUM_THREADS="1")
-    stage = 2  # the presets' default
-    proc = subprocess.run([sys.executable, "-c", _BF16_STEP, str(stage)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("REPORT "))[len("REPORT "):])
-    assert report["module_dtypes"] == ["torch.float32"]
+    (report,) = _precision_steps("bf16", "2")  # the presets' default stage
+    assert report["applied"] and report["steps"] == 1
+    assert report["module_param_dtypes"] == ["torch.float32"]
     assert report["frozen"] > 0 and report["frozen_or_buffer_changed"] == []
     assert report["trained_changed"] > 0
+
+
+def test_fp16_saves_the_fp32_masters_and_exact_frozen_weights():
+    """train.precision=fp16 is DeepSpeed's fp16 mode: the module trains fp16 copies. Saved weights
+    are the optimizer's fp32 masters (finer than, and rounding to, the module's copies) and the
+    frozen weights as they were before the cast, for ZeRO 0 (DeepSpeed's fp16 optimizer), 2 and 3."""
+    reports = _precision_steps("fp16", "0,2,3")
+    assert [r["stage"] for r in reports] == [0, 2, 3]
+    for r in reports:
+        assert r["applied"], r
+        assert r["module_param_dtypes"] == ["torch.float16"] and r["saved_dtypes"] == ["torch.float32"], r
+        assert r["frozen"] > 0 and r["frozen_or_buffer_changed"] == [], r
+        assert r["trained_changed"] == r["trained"], r
+        assert r["module_not_saved_rounded"] == [], r
+        assert r["saved_finer_than_module"] > r["trained"] // 2, r

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
                            shard_size_mb=a.shard_size_mb, max_images_per_shard=a.max_images_per_shard,
                            o365_val_split=a.o365_val_split, progress=not a.quiet,
                            check_files=not a.no_check_files)
-    except (MalformedJSONError, ConversionError, FileNotFoundError, ValueError) as e:
+    except (MalformedJSONError, ConversionError, OSError, ValueError) as e:  # OSError: unreadable input, unwritable out
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.o365_val_split is not None:

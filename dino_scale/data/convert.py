@@ -10,9 +10,13 @@ Shards therefore hold images grouped by bucket, in file order within a bucket.
 
 Bad input: non-finite or malformed coordinates, ``w <= 0`` or ``h <= 0``, boxes wholly
 outside the image, and boxes of unknown images are dropped; boxes partly outside are
-clipped; every case is counted. Images whose file is missing, empty or corrupt (when
-checked) and images with bad metadata or duplicate ids are skipped, counted and logged
-with their id; their boxes count as dropped. Unknown category ids stop the conversion
+clipped; every case is counted. Images whose file is missing, unreadable, empty or corrupt
+or whose pixels do not match the annotated size (when checked: ``size_mismatch``, see
+:func:`~.decode.sizes_agree`), and images with bad metadata (no int64 id or file name) or
+duplicate ids (the first usable entry keeps the id; with an Objects365 val split, an id on
+both sides is kept on neither) are skipped, counted and logged with their id, entry
+position and file name; their boxes count as dropped (``skipped_image``). A width or height
+that is not a whole pixel count in int32 range is read from the file header instead. Unknown category ids stop the conversion
 before anything is written. The manifest satisfies
 ``images_in == num_images + sum(images_skipped.values())`` and
 ``boxes_in == num_boxes + sum(boxes_dropped.values())``.
@@ -121,25 +125,30 @@ class _Converter:
         meta = pa.ipc.open_stream(str(path)).read_all() if path.is_file() else None
         apath = self.work / f"ann-{b:05d}.bin"
         ann = np.fromfile(apath, dtype=ANN) if apath.is_file() else np.zeros(0, ANN)
-        stats = {"orphan": 0, "other_split": 0, "outside": 0, "clipped": 0, "crowd": 0}
+        stats = {"orphan": 0, "other_split": 0, "skipped_meta": 0, "outside": 0, "clipped": 0, "crowd": 0}
         if meta is None or meta.num_rows == 0:
             other = np.isin(ann["iid"], excluded)
             stats["other_split"], stats["orphan"] = int(other.sum()), int((~other).sum())
             return None, np.zeros(0, ANN), stats
         ids = meta.column("image_id").to_numpy()
         status = np.array(meta.column("status").to_pylist(), dtype=object)
-        order = np.argsort(ids, kind="stable")
-        first = np.r_[True, ids[order][1:] != ids[order][:-1]]
-        dup = np.zeros(len(ids), bool)
-        dup[order[~first]] = True
-        status[dup & (status == "")] = "duplicate_id"
+        # an id that the sibling split (o365 val/train_extra) also lists is in neither
+        status[(status == "") & np.isin(ids, excluded)] = "duplicate_id"
+        # among the remaining usable entries the first keeps its id (a bad entry takes none)
+        usable = np.flatnonzero(status == "")
+        order = usable[np.argsort(ids[usable], kind="stable")]
+        repeat = np.zeros(len(order), bool)
+        repeat[1:] = ids[order][1:] == ids[order][:-1]
+        status[order[repeat]] = "duplicate_id"
         valid = np.flatnonzero(status == "")
         vorder = np.argsort(ids[valid], kind="stable")
         vids = ids[valid][vorder]
         p = np.minimum(np.searchsorted(vids, ann["iid"]), max(len(vids) - 1, 0))
         found = (vids[p] == ann["iid"]) if len(vids) else np.zeros(len(ann), bool)
         other = ~found & np.isin(ann["iid"], excluded)
-        stats["other_split"], stats["orphan"] = int(other.sum()), int((~found & ~other).sum())
+        of_skipped = ~found & ~other & np.isin(ann["iid"], ids[status != ""])
+        stats["other_split"], stats["skipped_meta"] = int(other.sum()), int(of_skipped.sum())
+        stats["orphan"] = int((~found & ~other & ~of_skipped).sum())
         ann = ann[found]
         pos = valid[vorder[p[found]]]
         w = meta.column("width").to_numpy()[pos].astype(np.float64)
@@ -196,27 +205,35 @@ class _Converter:
         status = np.array(meta.column("status").to_pylist(), dtype=object)
         ids = meta.column("image_id").to_numpy()
         names = meta.column("file_name")
+        pos_col = meta.column("pos").to_numpy()
         images: list[Optional[bytes]] = [None] * n
         if self.embed or (self.check_files and self.images is not None):
+            widths, heights = meta.column("width").to_pylist(), meta.column("height").to_pylist()
             for i in range(first, n):
                 if status[i]:
                     continue
                 p = resolve_image_path(self.images, names[i].as_py())
-                if p is None:
-                    status[i] = "missing_file"
-                elif self.embed:
-                    data = p.read_bytes()
-                    reason = verify_image_bytes(data) if self.verify else (None if data else "empty_file")
-                    status[i] = reason or ""
-                    images[i] = data if not reason else None
-                elif p.stat().st_size == 0:
-                    status[i] = "empty_file"
+                try:
+                    if p is None:
+                        status[i] = "missing_file"
+                    elif self.embed:
+                        data = p.read_bytes()
+                        reason = (verify_image_bytes(data, (widths[i], heights[i])) if self.verify
+                                  else (None if data else "empty_file"))
+                        status[i] = reason or ""
+                        images[i] = data if not reason else None
+                    elif p.stat().st_size == 0:
+                        status[i] = "empty_file"
+                except OSError as e:  # permissions, a failing network filesystem
+                    status[i] = "unreadable"
+                    log.debug("image id %s: %s", int(ids[i]), e)
         ok = status == ""
         ok[:first] = False
         for i in np.flatnonzero(~ok[first:]) + first:
             writer.add_skip(base + i, int(ids[i]), str(status[i]), int(counts[i]))
             if self._logged < _LOG_SKIPS:
-                log.warning("skipping image id %s (%s)", int(ids[i]), status[i])
+                log.warning("skipping image id %s (%s): entry %d of the file, file_name %r", int(ids[i]),
+                            status[i], int(pos_col[i]), names[i].as_py())
                 self._logged += 1
         if not ok.any():
             return stats
@@ -283,7 +300,8 @@ class _Converter:
         shards = [{k: r[k] for k in ("file", "num_images", "num_boxes", "bytes")} for r in records if r["file"]]
         dropped = dict(plan["ann"]["dropped"])
         dropped.update(orphan=totals.get("orphan", 0), outside=totals.get("outside", 0),
-                       skipped_image=sum(r["boxes_dropped_skipped_image"] for r in records))
+                       skipped_image=sum(r["boxes_dropped_skipped_image"] for r in records)
+                       + totals.get("skipped_meta", 0))
         m = {
             "format": FORMAT,
             "source": {"annotations": str(self.ann_path), "images": str(self.images) if self.images else None,

@@ -38,8 +38,8 @@ class ConversionError(ValueError):
 def read_categories(path: Path) -> list[dict[str, Any]]:
     cats = []
     for c in stream_items(path, "categories.item"):
-        if not isinstance(c, dict) or not isinstance(c.get("id"), int) or "name" not in c:
-            raise ConversionError(f"{path}: bad category entry {c!r} (need an integer id and a name)")
+        if (not isinstance(c, dict) or not _is_int(c.get("id"), -_INT32, _INT32 - 1) or "name" not in c):
+            raise ConversionError(f"{path}: bad category entry {c!r} (need an integer id in int32 range and a name)")
         cats.append({"id": int(c["id"]), "name": str(c["name"])})
     if not cats:
         raise ConversionError(f"{path}: no 'categories' in the annotation file")
@@ -48,6 +48,17 @@ def read_categories(path: Path) -> list[dict[str, Any]]:
     if dup:
         raise ConversionError(f"{path}: duplicate category ids {dup}")
     return sorted(cats, key=lambda c: c["id"])
+
+
+_INT32 = 2 ** 31
+_INT64 = 2 ** 63
+
+
+def _is_int(v: Any, lo: int, hi: int) -> bool:
+    """``v`` is an int (or integral float) in [lo, hi], not a bool."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return (isinstance(v, int) or (np.isfinite(v) and v == int(v))) and lo <= v <= hi
 
 
 def _size_from_file(images: Optional[Path], fname: str) -> Optional[tuple[int, int]]:
@@ -93,10 +104,10 @@ def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
         fname = str(img.get("file_name") or "") if ok_dict else ""
         w, h = (img.get("width"), img.get("height")) if ok_dict else (None, None)
         status = ""
-        if not isinstance(iid, int) or isinstance(iid, bool) or not fname:
-            status, iid = "bad_metadata", iid if isinstance(iid, int) else -1
-        elif not (isinstance(w, (int, float)) and isinstance(h, (int, float)) and w > 0 and h > 0):
-            size = _size_from_file(images, fname)  # width/height missing: read the header
+        if not (isinstance(iid, int) and _is_int(iid, -_INT64, _INT64 - 1)) or not fname:
+            status, iid = "bad_metadata", iid if isinstance(iid, int) and _is_int(iid, -_INT64, _INT64 - 1) else -1
+        elif not (_is_int(w, 1, _INT32 - 1) and _is_int(h, 1, _INT32 - 1)):
+            size = _size_from_file(images, fname)  # width/height missing or not a pixel count: the header
             w, h = size if size else (0, 0)
             status = "" if size else "bad_metadata"
         b = iid % nb

@@ -4,7 +4,12 @@ Grayscale, CMYK (incl. Adobe-inverted JPEG), RGBA/LA (alpha dropped, as the refe
 ``convert("RGB")``), palette (with or without transparency) and 16-bit grayscale all
 come out as 3-channel RGB. EXIF orientation: the image is turned upright, unless the
 annotation was clearly made on the raw pixel grid (the raw size matches the annotated
-size and the upright size does not).
+size and the upright size does not). The orientation tag is read for every format (phone
+cameras write JPEGs that PIL opens as ``MPO``).
+
+Pixels may differ from the annotated size by a uniform rescale (a downsized copy of a
+dataset: the boxes are scaled with the pixels); any other difference, e.g. width and height
+swapped, is the reason ``size_mismatch`` (:func:`sizes_agree`).
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["ImageDecodeError", "decode_image", "verify_image_bytes", "read_image_size"]
+__all__ = ["ImageDecodeError", "decode_image", "verify_image_bytes", "read_image_size", "sizes_agree"]
 
 _ORIENTATION = 0x0112
 
@@ -25,6 +30,20 @@ class ImageDecodeError(ValueError):
     def __init__(self, reason: str, detail: str = ""):
         self.reason = reason
         super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+def sizes_agree(pixels: tuple[int, int], annotated: tuple[int, int]) -> bool:
+    """Whether ``pixels`` (w, h) is ``annotated`` (w, h) rescaled uniformly, within the
+    rounding of each side to whole pixels: ``|w*ah - h*aw| <= max(aw, ah)``."""
+    (w, h), (aw, ah) = pixels, annotated
+    return abs(w * ah - h * aw) <= max(aw, ah)
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(_ORIENTATION, 1) or 1)
+    except Exception:  # a malformed EXIF block: leave the pixels as stored
+        return 1
 
 
 def _open(data: Optional[bytes]) -> Image.Image:
@@ -61,8 +80,8 @@ def decode_image(data: Optional[bytes], expected_size: Optional[tuple[int, int]]
     """
     im = _open(data)
     try:
-        orientation = im.getexif().get(_ORIENTATION, 1) if im.format in ("JPEG", "TIFF", "PNG", "WEBP") else 1
-        if draft_size is not None and im.format == "JPEG" and orientation in (1, None):
+        orientation = _orientation(im)
+        if draft_size is not None and im.format in ("JPEG", "MPO") and orientation == 1:
             im.draft("RGB", draft_size)
         im.load()
         if orientation in (2, 3, 4, 5, 6, 7, 8):
@@ -78,15 +97,22 @@ def decode_image(data: Optional[bytes], expected_size: Optional[tuple[int, int]]
         raise ImageDecodeError("corrupt", f"{type(e).__name__}: {e}") from None
 
 
-def verify_image_bytes(data: Optional[bytes]) -> Optional[str]:
-    """``None`` when the bytes decode completely, else the reason (``empty_file``/``corrupt``).
+def verify_image_bytes(data: Optional[bytes], expected_size: Optional[tuple[int, int]] = None) -> Optional[str]:
+    """``None`` when the bytes decode completely, else the reason (``empty_file``/``corrupt``,
+    or ``size_mismatch`` when neither the stored nor the upright size agrees with the
+    annotated ``expected_size`` (w, h); see :func:`sizes_agree`).
 
     JPEG is checked at 1/8 DCT scale: every entropy-coded byte is still read (so
     truncation is caught) at a fraction of the full decode cost.
     """
     try:
         im = _open(data)
-        if im.format == "JPEG":
+        if expected_size is not None:
+            w, h = im.size
+            upright = (h, w) if _orientation(im) in (5, 6, 7, 8) else (w, h)
+            if not (sizes_agree((w, h), expected_size) or sizes_agree(upright, expected_size)):
+                return "size_mismatch"
+        if im.format in ("JPEG", "MPO"):
             im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
         im.load()
     except ImageDecodeError as e:

@@ -24,7 +24,9 @@ class MalformedJSONError(ValueError):
         self.path, self.position, self.line, self.column = str(path), position, line, column
         hint = ""
         if "invalid char" in detail:
-            hint = " (NaN/Infinity literals are not JSON: write null instead)"
+            hint = " (NaN/Infinity literals and a UTF-8 byte-order mark are not JSON: write null; save without BOM)"
+        elif "overflow" in detail:
+            hint = " (a number beyond float range: write null)"
         first = detail.strip().splitlines()[0] if detail.strip() else "syntax error"
         self.detail = detail
         super().__init__(f"malformed JSON in {path} at byte {position} (line {line}, column {column}): "
@@ -52,7 +54,7 @@ def locate_json_error(path: Union[str, Path]) -> tuple[int, int, int, str]:
     the failing chunk, then that chunk byte by byte.
     """
     def feed(limit_chunk: int) -> tuple[int, str]:
-        coro = ijson.basic_parse_coro(ijson.utils.sendable_list())
+        coro = ijson.basic_parse_coro(ijson.utils.sendable_list(), use_float=True)  # as stream_items
         chunk_idx = 0
         with open(path, "rb") as fh:
             while True:

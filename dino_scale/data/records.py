@@ -96,14 +96,14 @@ def resolve_image_path(root: Optional[PathLike], file_name: str) -> Optional[Pat
 
     Objects365 annotation files name images ``images/v1/patchN/x.jpg`` (v2 also
     ``images/v2/patchN``) while the archives unpack to ``<root>/patchN/x.jpg``; the
-    prefixes ``images/v1/``, ``images/v2/`` and ``images/`` are tried stripped.
+    prefixes ``images/v1/``, ``images/v2/`` and ``images/`` are tried stripped. No other
+    fallback: a file of the same base name in another folder is another image.
     """
     base = Path(root) if root is not None else Path(".")
     candidates = [file_name]
     for prefix in ("images/v1/", "images/v2/", "images/"):
         if file_name.startswith(prefix):
             candidates.append(file_name[len(prefix):])
-    candidates.append(Path(file_name).name)
     for cand in candidates:
         p = base / cand
         if p.is_file():

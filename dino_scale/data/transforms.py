@@ -20,7 +20,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from .decode import decode_image
+from .decode import ImageDecodeError, decode_image, sizes_agree
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DetectionTransform", "dino_resize_size", "normalize_batch",
            "sample_rng"]
@@ -126,9 +126,11 @@ class DetectionTransform:
             from .records import resolve_image_path
             path = resolve_image_path(record.get("image_root") or self.image_root, record["file_name"])
             if path is None:
-                from .decode import ImageDecodeError
                 raise ImageDecodeError("missing_file", str(record["file_name"]))
-            data = path.read_bytes()
+            try:
+                data = path.read_bytes()
+            except OSError as e:  # permissions, a failing network filesystem: a counted skip
+                raise ImageDecodeError("unreadable", f"{path}: {e}") from None
         return decode_image(data, expected_size=(int(record["width"]), int(record["height"])))
 
     def __call__(self, record: dict[str, Any], epoch: int = 0) -> dict[str, Any]:
@@ -140,7 +142,9 @@ class DetectionTransform:
         crowd = np.asarray(record.get("iscrowd", np.zeros(len(labels), bool)), dtype=bool).reshape(-1)
         xywh, labels = xywh[~crowd], labels[~crowd]
         xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
-        if (H, W) != (rh, rw):  # pixels differ from the annotated size: follow the pixels
+        if (H, W) != (rh, rw):  # a uniformly rescaled copy: follow the pixels; else not this image
+            if not sizes_agree((W, H), (rw, rh)):
+                raise ImageDecodeError("size_mismatch", f"pixels {W}x{H}, annotated {rw}x{rh}")
             xyxy = xyxy * np.array([W / rw, H / rh, W / rw, H / rh], np.float32)
         img = tv_tensors.Image(torch.from_numpy(arr).permute(2, 0, 1))
         boxes = tv_tensors.BoundingBoxes(torch.from_numpy(xyxy), format="XYXY", canvas_size=(H, W))

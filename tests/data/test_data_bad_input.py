@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,3 +127,95 @@ def test_data_truncated_json_reports_end_of_file(tmp_path):
     ann.write_text(text[:-20])
     with pytest.raises(MalformedJSONError, match=f"at byte {len(text) - 20} "):
         convert_coco(ann, None, tmp_path / "out", progress=False)
+
+
+def test_data_same_base_name_elsewhere_is_not_the_image(tmp_path):
+    """``sub/x.jpg`` missing while ``x.jpg`` (another image) exists: a missing file, not that
+    other image with this one's boxes (a base-name fallback picked it before)."""
+    root, ann = _dataset(tmp_path, {"x.jpg": _jpeg(colour=(250, 0, 0)), "sub/x.jpg": None},
+                         [{"image_id": i, "category_id": 1, "bbox": [1, 2, 10, 10]} for i in (1, 2)])
+    for embed in (True, False):
+        m = convert_coco(ann, root, tmp_path / f"out{embed}", embed_images=embed, progress=False)
+        assert m["images_skipped"] == {"missing_file": 1} and m["skipped_images"][0]["image_id"] == 2
+
+
+def test_data_unreadable_and_size_mismatch_skipped(tmp_path, caplog, monkeypatch):
+    """A file that raises OSError on read and pixels that are not a uniform rescale of the
+    annotated size (width/height swapped) are counted skips, at conversion and at load time."""
+    good = _jpeg()
+    images = {"ok.jpg": good, "half.jpg": _jpeg(32, 24), "swapped.jpg": good, "locked.jpg": good}
+    root, ann = _dataset(tmp_path, images, [{"image_id": i, "category_id": 1, "bbox": [1, 2, 10, 10]}
+                                            for i in (1, 2, 3, 4)], sizes={3: (48, 64)})
+    read_bytes = Path.read_bytes
+
+    def failing_read(path):  # what a permission or network-filesystem error looks like (root ignores chmod)
+        if path.name == "locked.jpg":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", failing_read)
+    m = convert_coco(ann, root, tmp_path / "out", embed_images=False, check_files=False, progress=False)
+    assert m["num_images"] == 4  # nothing read at conversion: checked when loading
+    loader = LocalLoader(tmp_path / "out", preset("tiny").data, train=False, batch_size=4)
+    with caplog.at_level(logging.WARNING):
+        (images_, masks, targets), = list(loader)
+    assert loader.skips["by_reason"] == {"size_mismatch": 1, "unreadable": 1}
+    assert sorted(loader.skips["image_ids"]) == [3, 4]
+    assert [int(t["image_id"]) for t in targets] == [1, 2]  # a uniformly half-size copy follows its pixels
+    np.testing.assert_allclose(targets[1]["boxes"].numpy(), targets[0]["boxes"].numpy(), atol=1e-6)
+    m = convert_coco(ann, root, tmp_path / "emb", embed_images=True, progress=False)
+    assert m["images_skipped"] == {"size_mismatch": 1, "unreadable": 1}
+    assert m["boxes_dropped"]["skipped_image"] == 2
+    assert "image id 4 (unreadable)" in caplog.text and "'locked.jpg'" in caplog.text
+
+
+def test_data_bad_image_entries_and_duplicate_ids(tmp_path):
+    """A bad entry takes no id from a later usable one with the same id; boxes of skipped
+    entries are ``skipped_image``, not ``orphan``; sizes that are not int32 pixel counts are
+    read from the file; an id on both sides of the Objects365 val split is in neither."""
+    good = _jpeg()
+    root = tmp_path / "img"
+    root.mkdir()
+    for name in "abcde":
+        (root / f"{name}.jpg").write_bytes(good)
+    imgs = [{"id": 1, "file_name": "", "width": 64, "height": 48},  # bad: no file name
+            {"id": 1, "file_name": "a.jpg", "width": 64, "height": 48},  # keeps id 1
+            {"id": 2, "file_name": "b.jpg", "width": 3_000_000_000, "height": 48},  # size from the file
+            {"id": 3, "file_name": "c.jpg", "width": 64.9, "height": True},  # size from the file
+            {"id": 4, "file_name": "d.jpg"},
+            {"id": 2, "file_name": "e.jpg", "width": 64, "height": 48}]  # a duplicate
+    doc = {"images": imgs, "categories": [{"id": 1, "name": "a"}],
+           "annotations": [{"id": k, "image_id": i, "category_id": 1, "bbox": [1, 2, 10, 10]}
+                           for k, i in enumerate((1, 2, 3, 4, 4), 1)]}
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(doc))
+    m = convert_coco(ann, root, tmp_path / "out", embed_images=False, progress=False)
+    assert m["images_skipped"] == {"bad_metadata": 1, "duplicate_id": 1}
+    recs = {r["image_id"]: r for r in iter_records(tmp_path / "out")}
+    assert sorted(recs) == [1, 2, 3, 4] and recs[1]["file_name"] == "a.jpg"
+    assert {(r["width"], r["height"]) for r in recs.values()} == {(64, 48)}
+    assert m["num_boxes"] == 5 and m["boxes_dropped"]["orphan"] == 0
+    # val = the first 3 entries (ids 1, 1, 2), train_extra = the rest (ids 3, 4, 2): id 2 is on both sides
+    split = convert_coco(ann, root, tmp_path / "split", embed_images=False, o365_val_split=3, progress=False)
+    val_ids = sorted(r["image_id"] for r in iter_records(tmp_path / "split" / "val"))
+    extra_ids = sorted(r["image_id"] for r in iter_records(tmp_path / "split" / "train_extra"))
+    assert val_ids == [1] and extra_ids == [3, 4]
+    assert split["val"]["images_skipped"]["duplicate_id"] == 1
+    assert split["train_extra"]["images_skipped"]["duplicate_id"] == 1
+    for part in split.values():
+        assert part["boxes_in"] == part["num_boxes"] + sum(part["boxes_dropped"].values())
+
+
+def test_data_category_id_outside_int32_fails_fast(tmp_path):
+    root, ann = _dataset(tmp_path, {"a.jpg": _jpeg()}, [], categories=[{"id": 2 ** 31 + 5, "name": "big"}])
+    with pytest.raises(ConversionError, match="int32"):
+        convert_coco(ann, root, tmp_path / "out", progress=False)
+
+
+def test_data_float_overflow_in_json_is_located(tmp_path):
+    text = '{"images": [], "annotations": [{"bbox": [1, 1e400, 2, 3]}], "categories": []}'
+    ann = tmp_path / "big.json"
+    ann.write_text(text)
+    with pytest.raises(MalformedJSONError) as ei:
+        convert_coco(ann, None, tmp_path / "out", progress=False)
+    assert ei.value.position > 0 and "beyond float range" in str(ei.value)

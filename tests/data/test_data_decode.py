@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dino_scale.data.decode import ImageDecodeError, decode_image, verify_image_bytes
+from dino_scale.data.decode import ImageDecodeError, decode_image, sizes_agree, verify_image_bytes
 
 
 def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -72,3 +72,28 @@ def test_data_decode_bad_bytes():
     assert verify_image_bytes(good) is None
     assert verify_image_bytes(good[: len(good) // 2]) == "corrupt"
     assert verify_image_bytes(b"") == "empty_file"
+
+
+def test_data_decode_exif_rotated_mpo():
+    """Phone cameras write multi-picture JPEGs that PIL opens as ``MPO``: their EXIF
+    orientation is applied too (it was read only for JPEG/TIFF/PNG/WEBP)."""
+    raw = np.zeros((10, 30, 3), np.uint8)
+    raw[:, :5] = 255
+    im = Image.fromarray(raw)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    data = _encode(im, "MPO", exif=exif.tobytes(), quality=98, save_all=True, append_images=[im])
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    up = decode_image(data, expected_size=(10, 30))
+    assert up.shape == (30, 10, 3) and up[:5, :, 0].mean() > 200
+    assert decode_image(data, expected_size=(10, 30), draft_size=(5, 15)).shape[:2] == (30, 10)
+    assert verify_image_bytes(data, (10, 30)) is None and verify_image_bytes(data, (30, 10)) is None
+
+
+def test_data_sizes_agree_accepts_uniform_rescales_only():
+    assert sizes_agree((64, 48), (64, 48)) and sizes_agree((600, 400), (1199, 800))
+    assert sizes_agree((17, 9), (33, 17))  # each side rounded to whole pixels
+    assert not sizes_agree((48, 64), (64, 48)) and not sizes_agree((64, 40), (64, 48))
+    jpeg = _encode(Image.new("RGB", (64, 48)), "JPEG")
+    assert verify_image_bytes(jpeg, (32, 24)) is None
+    assert verify_image_bytes(jpeg, (48, 64)) == "size_mismatch"

@@ -86,6 +86,10 @@ def _synth(args) -> int:
 
     from dino_scale.data import convert_coco
 
+    if args.num_images < 1:
+        from pipelines._common import UsageError
+
+        raise UsageError("-n/--num-images must be >= 1")
     out = Path(args.out)
     print(f"generating {args.num_images} {args.flavour} images -> {out / 'raw'}", flush=True)
     root, ann = synthetic.generate(out / "raw", flavour=args.flavour, num_images=args.num_images,
@@ -115,6 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from pipelines._common import run_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) > 1 and argv[0] == "--debug":  # `dino-scale --debug CMD ...` = `dino-scale CMD --debug ...`
+        argv = [argv[1], "--debug", *argv[2:]]
     if argv and argv[0] in FORWARDED:
         return _dispatch(argv)  # the pipeline's own handler reports errors
     return run_main(_dispatch, argv)

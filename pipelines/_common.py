@@ -107,32 +107,70 @@ def build_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
     return cfg
 
 
+_FLAG_MINIMA = (("--workers", "workers", 1), ("--gpus", "gpus", 0), ("--max-steps", "max_steps", 1),
+                ("--epochs", "epochs", 1))
+
+
+def check_flag_values(args: argparse.Namespace) -> None:
+    """:class:`UsageError` for a flag out of range, or a ``--model-name`` / ``--alias`` that
+    the MLflow registry would refuse at registration (after training)."""
+    for flag, attr, low in _FLAG_MINIMA:
+        value = getattr(args, attr, None)
+        if value is not None and value < low:
+            raise UsageError(f"{flag} must be >= {low}")
+    name, alias = getattr(args, "model_name", None), getattr(args, "alias", None)
+    if name is None and alias is None:
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import validation
+
+    checks = [(validation._validate_model_name, name, "--model-name")] if name is not None else []
+    if alias is not None:
+        checks += [(validation._validate_model_alias_name, alias, "--alias"),
+                   (validation._validate_model_alias_name_reserved, alias, "--alias")]
+    for check, value, flag in checks:
+        try:
+            check(value)
+        except MlflowException as exc:
+            raise UsageError(f"{flag} {value!r}: {exc.message}") from None
+
+
 def apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
     """``--workers``, ``--gpus``, ``--zero-stage``, ``--max-steps``, ``--epochs`` on ``cfg``."""
+    check_flag_values(args)
     if args.workers is not None:
-        if args.workers < 1:
-            raise UsageError("--workers must be >= 1")
         cfg.train.num_workers = args.workers
     if args.gpus is not None:
-        if args.gpus < 0:
-            raise UsageError("--gpus must be >= 0")
         cfg.train.use_gpu = args.gpus > 0
     if getattr(args, "zero_stage", None) is not None:
         cfg.train.zero_stage = args.zero_stage
     if getattr(args, "max_steps", None) is not None:
-        if args.max_steps < 1:
-            raise UsageError("--max-steps must be >= 1")
         cfg.train.max_steps = args.max_steps
     if getattr(args, "epochs", None) is not None:
-        if args.epochs < 1:
-            raise UsageError("--epochs must be >= 1")
         cfg.train.epochs = args.epochs
     return cfg
 
 
+def set_eval_resources(cfg: Config, args: argparse.Namespace) -> Config:
+    """Evaluation and prediction run where they are started, not where the model was
+    trained: workers from ``--workers`` / ``--set train.num_workers`` else 1, GPUs from
+    ``--gpus`` / ``--set train.use_gpu`` else when this machine or the joined cluster has
+    any (call after :func:`connect_ray`)."""
+    user = {o.split("=", 1)[0].strip() for o in (args.overrides or [])}
+    if args.workers is None and "train.num_workers" not in user:
+        cfg.train.num_workers = 1
+    if "train.min_workers" not in user:
+        cfg.train.min_workers = None  # a fixed group: elastic scaling is for training
+    if args.gpus is None and "train.use_gpu" not in user:
+        cfg.train.use_gpu = _gpus_available()
+    return cfg
+
+
 def validate_config_args(args: argparse.Namespace) -> None:
-    """Raise :class:`ConfigError` now for a preset typo or a bad ``--set``, before any
-    data is generated or Ray is started."""
+    """Raise :class:`ConfigError` / :class:`UsageError` now for a preset typo, a bad ``--set``,
+    a flag out of range or a registry name/alias MLflow would refuse, before any data is
+    generated or Ray is started."""
+    check_flag_values(args)
     if args.preset is not None:
         resolve_preset_name(args.preset)
     preset(args.preset or CPU_PRESET, list(args.overrides or []))
@@ -205,6 +243,34 @@ def setup_tracking(work_dir: str | Path) -> str:
     return uri
 
 
+class StoreUnreachable(RuntimeError):
+    """The MLflow tracking server does not answer (exit code 1: not the user's mistake)."""
+
+
+def require_store(uri: str, looking_for: str = "") -> None:
+    """Fail fast, naming the store, where a lookup cannot work: a sqlite store that does not
+    exist (a mistyped ``--work-dir``: MLflow would create an empty one) or a tracking server
+    that does not answer its ``/health`` within 10 s (MLflow's own retries take minutes)."""
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///"):].split("?", 1)[0]
+        if db and db != ":memory:" and not Path(db).is_file():
+            raise UsageError((f"cannot resolve {looking_for}: " if looking_for else "") +
+                             f"no MLflow store at {db}: give the --work-dir your runs used, or set "
+                             f"MLFLOW_TRACKING_URI")
+    elif uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
+        except urllib.error.HTTPError:
+            return  # it answered (e.g. a proxy that wants credentials): MLflow's calls will tell
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise StoreUnreachable(f"MLflow tracking server {uri} unreachable ({reason}); start it, or "
+                                   f"point MLFLOW_TRACKING_URI at a running one") from None
+
+
 # --------------------------------------------------------------------------- output
 
 class Progress:
@@ -238,8 +304,7 @@ def _is_usage_error(exc: BaseException) -> bool:
             return True
     except Exception:  # pragma: no cover
         pass
-    # The registry helpers may raise LookupError/KeyError subclasses for unknown names.
-    return isinstance(exc, LookupError)
+    return False  # anything else (an IndexError, a KeyError...) is a failure, not the user's mistake
 
 
 def run_main(main: Callable[[Optional[Sequence[str]]], int | None],

@@ -83,7 +83,7 @@ def synthetic_dirs(work_dir: Path, flavour: str, num_images: int, seed: int,
             # Images embedded in the shards: the set is self-contained (any node can read it).
             convert_coco(str(ann), str(root), str(d), embed_images=True, progress=False)
         out.append(str(d))
-    return out[0], out[1]
+    return tuple(out)
 
 
 def resolve_datasets(args, work_dir: Path, flavour: str, default_images: int, seed: int,

@@ -26,6 +26,9 @@ class InitWeights:
     summary: str = ""
 
 
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # MLflow's "no such name/alias/run"
+
+
 def is_remote(uri: str) -> bool:
     """A registry or run URI (downloaded from MLflow), not a local path."""
     return uri.startswith(("models:/", "runs:/"))
@@ -34,6 +37,7 @@ def is_remote(uri: str) -> bool:
 def check_exists(uri: str) -> None:
     """Cheap existence check of a model URI (no download): a one-line
     :class:`UsageError` when the registry name/alias/version, run or path is unknown."""
+    import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -43,6 +47,9 @@ def check_exists(uri: str) -> None:
             raise UsageError(f"model not found: {uri} (expected models:/name@alias, models:/name/N, "
                              f"runs:/<run_id>/model, a checkpoint folder/file or an official .pth)")
         return
+    from pipelines._common import require_store
+
+    require_store(mlflow.get_tracking_uri(), looking_for=uri)
     client = MlflowClient()
     try:
         if uri.startswith("runs:/"):
@@ -59,9 +66,11 @@ def check_exists(uri: str) -> None:
         else:
             raise UsageError(f"bad model URI {uri}: use models:/<name>@<alias> or models:/<name>/<version>")
     except MlflowException as exc:
+        if exc.error_code not in _NOT_FOUND:
+            raise  # the store failed, not the lookup
         msg = str(exc).splitlines()[0]
-        raise UsageError(f"cannot resolve {uri}: {msg} (list models with `dino-scale registry list "
-                         f"--work-dir ...`; run pretraining first)") from None
+        raise UsageError(f"cannot resolve {uri}: {msg} (list models with `dino-scale registry "
+                         f"--work-dir DIR list`; run pretraining first)") from None
 
 
 def resolve(uri: str, dst_dir: Path):
@@ -76,10 +85,12 @@ def resolve(uri: str, dst_dir: Path):
     try:
         return resolve_model_uri(uri, dst_dir=dst_dir)
     except MlflowException as exc:
+        if exc.error_code not in _NOT_FOUND:
+            raise
         msg = str(exc).splitlines()[0]
         hint = ""
         if uri.startswith("models:/"):
-            hint = " (run pretraining first, or list models with `dino-scale registry list`)"
+            hint = " (run pretraining first, or list models with `dino-scale registry --work-dir DIR list`)"
         raise UsageError(f"cannot resolve {uri}: {msg}{hint}") from None
 
 

@@ -55,6 +55,10 @@ def _fmt(ap: Optional[float]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    for flag in ("pretrain_images", "finetune_images", "pretrain_steps", "finetune_steps"):
+        if getattr(args, flag) < 1:  # checked before anything runs, not after pretraining
+            raise common.UsageError(f"--{flag.replace('_', '-')} must be >= 1")
+    common.preset(PRESET, DEMO_OVERRIDES + list(args.overrides))  # a bad --set, before Ray starts
     t0 = time.monotonic()
     log = common.Progress("demo")
     work = Path(args.work_dir).expanduser().resolve()

@@ -8,7 +8,9 @@ Runs the distributed evaluation of the engine (Ray Train workers, pycocotools) a
 prints the AP table; logs a run in MLflow experiment ``evaluate``. Without ``--data``
 the synthetic validation set of the matching flavour is used (generated when missing).
 A model that carries its config (everything this project trains) uses it; an official
-``.pth`` needs ``--preset`` (its class count is read from the checkpoint).
+``.pth`` needs ``--preset`` (its class count is read from the checkpoint). Workers and GPUs
+are this machine's (``--workers``, ``--gpus``; default one worker, on a GPU when there is
+one), not the training run's.
 """
 from __future__ import annotations
 
@@ -115,8 +117,10 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
         val = _one(args.data, args.images, work_dir, "dataset path", log)
     n_cats = len(categories_of(val))
     log(f"Ray: {common.connect_ray()}")
+    common.set_eval_resources(cfg, args)
     log(f"evaluating {args.model} ({cfg.name}, {cfg.model.num_classes} classes, tta={cfg.eval.tta}) "
-        f"on {val} ({n_cats} categories)")
+        f"on {val} ({n_cats} categories), {cfg.train.num_workers} worker(s), "
+        f"{'GPU' if cfg.train.use_gpu else 'CPU'}")
     from dino_scale.engine import evaluate_weights
 
     tags = {**lineage_tags(resolved), "stage": "evaluate"}

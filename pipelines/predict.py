@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -97,11 +98,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log = common.Progress("predict")
     if not 0.0 <= args.threshold <= 1.0:
         raise common.UsageError("--threshold must be in [0, 1]")
+    if args.preset is not None:
+        common.resolve_preset_name(args.preset)  # a typo fails here, whether or not it is used
     files = list_images(args.images)
     common.setup_tracking(args.work_dir)
     import torch
     from PIL import Image
 
+    from dino_scale.data.decode import decode_image
     from dino_scale.models import build_dino
     from dino_scale.models.official import load_official_state_dict
     from pipelines._init import _source_state, check_exists, resolve
@@ -109,9 +113,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check_exists(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    resolved = resolve(args.model, out / ".model")
-    cfg = resolved.config
-    state = _source_state(resolved.weights_path)
+    with tempfile.TemporaryDirectory(prefix="dino_scale_predict_") as download:  # gone once loaded
+        resolved = resolve(args.model, Path(download))
+        cfg = resolved.config
+        state = _source_state(resolved.weights_path)
+        names = _categories(resolved, cfg)
+    if cfg is not None and args.preset is not None and args.preset != cfg.name:
+        log(f"note: --preset {args.preset} ignored; the model carries its config ({cfg.name})")
     if cfg is None:
         rows = next((int(v.shape[0]) for k, v in state.items() if k.endswith("class_embed.0.weight")), 91)
         cfg = common.preset(common.resolve_preset_name(args.preset),
@@ -119,16 +127,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model, _, post = build_dino(cfg.model)
     load_official_state_dict(model, state)
     model.eval()
-    names = _categories(resolved, cfg)
     log(f"model {args.model} ({cfg.name}, {cfg.model.num_classes} classes); {len(files)} image(s)")
     size = int(round(cfg.data.eval_size * cfg.data.scale_factor))
     max_size = int(round(cfg.data.eval_max_size * cfg.data.scale_factor))
     results, failed = [], []
     for i, f in enumerate(files, 1):
-        try:
-            with Image.open(f) as im:
-                image = im.convert("RGB")
-        except (OSError, ValueError) as exc:
+        try:  # the training decoder: any mode -> RGB, EXIF orientation applied (phone photos)
+            image = Image.fromarray(decode_image(f.read_bytes()))
+        except (OSError, ValueError) as exc:  # ImageDecodeError is a ValueError
             failed.append({"file": str(f), "error": str(exc).splitlines()[0]})
             log(f"skipped unreadable image {f}: {failed[-1]['error']}")
             continue

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 from pipelines import _common as common
 
 AP_TAG = "AP"
+_PAGE = 1000  # the most one MLflow search page may hold
 LINEAGE_TAGS = ("source.uri", "source.model_name", "source.model_version", "source.run_id")
 
 
@@ -100,17 +101,41 @@ def _aliases(model) -> dict[str, list[str]]:
     return out
 
 
+def _all_pages(search, **kwargs) -> list:
+    """Every result of an MLflow ``search_*`` call (they return one page, 100 models by default)."""
+    out, token = [], None
+    while True:
+        page = search(max_results=_PAGE, page_token=token, **kwargs)
+        out.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            return out
+
+
+def _get_model(client, name: str):
+    """The registered model ``name``, or None when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
 def registry_state(client=None, names: Optional[Sequence[str]] = None) -> list[dict]:
     """Every registered model (or those in ``names``) as plain dicts: versions with run
     id, aliases, AP and lineage tags. Sorted by name, versions ascending."""
     client = client or _client()
-    models = client.search_registered_models()
+    if names:
+        models = [m for m in (_get_model(client, n) for n in names) if m is not None]
+    else:
+        models = _all_pages(client.search_registered_models)
     out = []
     for m in sorted(models, key=lambda m: m.name):
-        if names and m.name not in names:
-            continue
         aliases = _aliases(m)
-        versions = client.search_model_versions(f"name='{m.name}'")
+        versions = _all_pages(client.search_model_versions, filter_string=f"name='{m.name}'")
         rows = []
         for v in sorted(versions, key=lambda v: int(v.version)):
             rows.append({"version": str(v.version), "run_id": v.run_id,
@@ -159,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    common.setup_tracking(args.work_dir)
+    common.require_store(common.setup_tracking(args.work_dir))
     client = _client()
     if args.action == "list":
         print(format_state(registry_state(client)))

@@ -111,14 +111,62 @@ def test_cli_registry_list_show_promote(tmp_path, monkeypatch, capsys):
         client.create_model_version("dino-tiny-coco", source=str(tmp_path),
                                     tags={"source.model_name": "dino-tiny-o365", "source.model_version": "1",
                                           "source.run_id": "abc123"})
+    for i in range(100):  # names sorted first: one page of MLflow's default search (100) missed the model
+        client.create_registered_model(f"a-filler-{i:03d}")
     base = ["registry", "--work-dir", str(tmp_path)]
+    assert cli.main(["--debug"] + base + ["show", "dino-tiny-coco"]) == 0  # --debug before the command
+    assert "v2" in capsys.readouterr().out
     assert cli.main(base + ["promote", "dino-tiny-coco", "2"]) == 0
     assert "dino-tiny-coco@champion -> version 2" in capsys.readouterr().out
     assert str(client.get_model_version_by_alias("dino-tiny-coco", "champion").version) == "2"
     assert cli.main(base + ["list"]) == 0
     out = capsys.readouterr().out
     assert "dino-tiny-coco" in out and "@champion" in out and "dino-tiny-o365 v1" in out
+    assert out.count("a-filler-") == 100
     assert cli.main(base + ["show", "no-such-model"]) == 2
     assert "not found" in capsys.readouterr().err
     assert cli.main(base + ["promote", "dino-tiny-coco", "7"]) == 2  # no such version
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_cli_predict_registry_model_and_exif_photo(tmp_path, capsys):
+    """``predict`` of a registry model keeps no copy of it in --out, and a phone photo (EXIF
+    orientation 6) is predicted upright, in the size it is displayed at."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from dino_scale.config import preset, to_dict
+    from dino_scale.engine.checkpoint import save_weights
+    from dino_scale.models import build_dino
+    from dino_scale.tracking import ResilientLogger, register_model
+
+    cfg = preset("tiny", ["model.num_classes=91"])
+    model, _, _ = build_dino(cfg.model)
+    ckpt = tmp_path / "ckpt"
+    save_weights(ckpt, model.state_dict(), config=to_dict(cfg))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = ResilientLogger(uri)
+    run_id = logger.start_run("cli-test", "train")
+    logger.log_artifacts(ckpt, "model")
+    logger.end_run()
+    assert logger.close(timeout_s=5)
+    assert register_model(run_id, "dino-tiny-coco", tracking_uri=uri) == "1"
+
+    raw = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 120, 3), dtype=np.uint8))
+    exif = raw.getexif()
+    exif[0x0112] = 6  # stored landscape 120x40, displayed portrait 40x120
+    photo = tmp_path / "photo.jpg"
+    buf = io.BytesIO()
+    raw.save(buf, format="JPEG", exif=exif.tobytes())
+    photo.write_bytes(buf.getvalue())
+    out = tmp_path / "pred"
+    assert cli.main(["predict", str(photo), "--model", "models:/dino-tiny-coco/1", "--out", str(out),
+                     "--threshold", "0.5", "--work-dir", str(tmp_path)]) == 0
+    pred = json.loads((out / "predictions.json").read_text())
+    (item,) = pred["images"]
+    assert (item["width"], item["height"]) == (40, 120)
+    assert Image.open(item["annotated"]).size == (40, 120)
+    assert sorted(p.name for p in out.iterdir()) == ["photo.jpg", "predictions.json"]  # no model copy

@@ -32,11 +32,24 @@ _MAX_PARAM_LEN = 6000
 _BATCH = 100
 
 
+def absolute_sqlite_uri(uri: str) -> str:
+    """``sqlite:///rel/path.db`` -> ``sqlite:////abs/path.db`` (from the current directory, as
+    SQLAlchemy reads it). Other URIs unchanged. Exported URIs must be absolute: Ray Train
+    workers run in their own trial folders, where a relative path names another database."""
+    if not uri.startswith("sqlite:///"):
+        return uri
+    db, sep, query = uri[len("sqlite:///"):].partition("?")
+    if not db or db == ":memory:" or db.startswith("/"):
+        return uri
+    return f"sqlite:///{Path(db).expanduser().resolve()}{sep}{query}"
+
+
 def default_tracking_uri(work_dir: Optional[str | Path] = None) -> str:
-    """``MLFLOW_TRACKING_URI`` or sqlite in ``work_dir`` (created)."""
+    """``MLFLOW_TRACKING_URI`` (a relative sqlite path made absolute) or sqlite in
+    ``work_dir`` (created)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        return uri
+        return absolute_sqlite_uri(uri)
     if work_dir is None:
         raise ValueError("set MLFLOW_TRACKING_URI or pass a work_dir for the sqlite store")
     folder = Path(work_dir).expanduser().resolve()

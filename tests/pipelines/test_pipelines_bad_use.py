@@ -43,6 +43,10 @@ def test_pipelines_bad_use_fails_fast(args, needles, tmp_path):
 
 
 def test_pipelines_bad_use_unknown_registry_name(tmp_path):
+    from mlflow import MlflowClient
+
+    (tmp_path / "w").mkdir()
+    MlflowClient(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}").search_experiments()  # an existing, empty store
     proc = _run(["pipelines.finetune_coco", "--preset", "tiny", "--init", "models:/no-such-model@pretrained"],
                 tmp_path)
     _assert_one_line_error(proc, "models:/no-such-model@pretrained", "not found")
@@ -56,3 +60,50 @@ def test_pipelines_bad_use_data_not_a_dataset(tmp_path):
     ann.write_text("{}")
     proc = _run(["pipelines.pretrain_o365", "--data", str(ann)], tmp_path)
     _assert_one_line_error(proc, "--images")
+
+
+@pytest.mark.parametrize("args,needles", [
+    # refused by the MLflow registry at registration, i.e. after the whole training: now up front
+    (["pipelines.pretrain_o365", "--alias", "latest"], ["--alias 'latest'", "reserved"]),
+    (["pipelines.pretrain_o365", "--alias", "v2"], ["--alias 'v2'"]),
+    (["pipelines.finetune_coco", "--init", "none", "--model-name", "team/dino"], ["--model-name", "'/'"]),
+    (["pipelines.pretrain_o365", "--max-steps", "0"], ["--max-steps must be >= 1"]),
+    (["pipelines.demo", "--finetune-steps", "0"], ["--finetune-steps must be >= 1"]),
+    (["pipelines.demo", "--set", "model.nope=1"], ["unknown config key 'model.nope'"]),
+])
+def test_pipelines_bad_use_caught_before_any_work(args, needles, tmp_path):
+    proc = _run(args, tmp_path)
+    _assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "w" / "data").exists()  # no data generated, no training started
+    assert "Ray:" not in proc.stdout
+
+
+def test_pipelines_bad_use_mistyped_work_dir_is_no_store(tmp_path):
+    """A lookup in a store that does not exist names it (MLflow would create an empty one)."""
+    proc = _run(["pipelines.registry", "list"], tmp_path)  # _run appends --work-dir after the action
+    assert proc.returncode == 2 and "unrecognized arguments: --work-dir" in proc.stderr
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, "-m", "pipelines.registry", "--work-dir", str(tmp_path / "typo"), "list"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    _assert_one_line_error(proc, "no MLflow store at", str(tmp_path / "typo" / "mlflow.db"))
+    assert not (tmp_path / "typo" / "mlflow.db").exists()
+    proc = _run(["pipelines.evaluate", "--model", "models:/dino-tiny-coco@champion"], tmp_path)
+    _assert_one_line_error(proc, "cannot resolve models:/dino-tiny-coco@champion: no MLflow store at")
+
+
+def test_pipelines_bad_use_unreachable_tracking_server_fails_fast(tmp_path):
+    """A tracking server that does not answer: exit 1 within seconds, naming it (MLflow's own
+    retries took 4 minutes, then the error claimed the model was not registered)."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.evaluate", "--model", "models:/dino-tiny-coco@champion",
+                           "--work-dir", str(tmp_path / "w")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"MLflow tracking server http://127.0.0.1:{port} unreachable" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -61,3 +61,32 @@ def test_pipelines_common_run_main_exit_codes(capsys):
     with pytest.raises(RuntimeError):
         common.run_main(crash, ["--debug"])
     assert common.run_main(lambda argv: 0, []) == 0
+
+
+def test_pipelines_common_internal_errors_are_not_usage_errors(capsys):
+    """An IndexError inside a pipeline is a failure (exit 1, with the --debug hint), not a
+    user mistake: `evaluate` without --data crashed as `error: list index out of range`, exit 2."""
+    def crash(argv):
+        return [][0]
+
+    assert common.run_main(crash, []) == 1
+    assert capsys.readouterr().err.startswith("error: IndexError: list index out of range (run with --debug")
+
+
+def test_pipelines_common_eval_resources_are_this_machines():
+    """A model trained on 16 GPU workers is evaluated with this machine's resources, unless the
+    user says otherwise (flags or --set), as `evaluate` applies them."""
+    from dino_scale.config import apply_overrides, preset
+
+    def evaluated(argv):
+        args = _parse(argv)
+        cfg = preset("tiny", ["train.num_workers=16", "train.use_gpu=true", "train.min_workers=8"])
+        apply_overrides(cfg, list(args.overrides))
+        return common.set_eval_resources(common.apply_flags(cfg, args), args).train
+
+    tc = evaluated([])
+    assert (tc.num_workers, tc.min_workers, tc.use_gpu) == (1, None, common._gpus_available())
+    tc = evaluated(["--workers", "2", "--gpus", "0"])
+    assert (tc.num_workers, tc.use_gpu) == (2, False)
+    tc = evaluated(["--set", "train.num_workers=3", "--set", "train.use_gpu=true"])
+    assert (tc.num_workers, tc.use_gpu) == (3, True)

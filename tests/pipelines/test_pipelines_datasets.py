@@ -55,3 +55,12 @@ def test_pipelines_datasets_synthetic_default(tmp_path):
     train, val, synth = resolve_datasets(_args(synthetic_images=4), tmp_path, "o365-like", 64, 0, lambda m: None)
     assert synth and train.endswith("synthetic-o365-like-4-s0/train") and val.endswith("/val")
     assert class_overrides(categories_of(train), [], minimum=366)[0] == "model.num_classes=366"
+
+
+def test_pipelines_datasets_synthetic_val_only(tmp_path):
+    """What `evaluate` without --data asks for: the validation split alone (a 1-tuple)."""
+    from pipelines._datasets import synthetic_dirs
+
+    (val,) = synthetic_dirs(tmp_path, "coco-like", 4, 1, lambda m: None, splits=("val",))
+    assert val.endswith("synthetic-coco-like-4-s1/val") and categories_of(val)
+    assert not (tmp_path / "data" / "synthetic-coco-like-4-s1" / "train").exists()

@@ -13,7 +13,7 @@ from mlflow_server import MlflowServer  # noqa: E402
 
 from dino_scale.config import flatten, preset  # noqa: E402
 from dino_scale.tracking.logger import (  # noqa: E402
-    ResilientLogger, default_tracking_uri, sqlite_artifact_location,
+    ResilientLogger, absolute_sqlite_uri, default_tracking_uri, sqlite_artifact_location,
 )
 
 
@@ -60,6 +60,16 @@ def test_sqlite_artifact_location():
     assert sqlite_artifact_location("sqlite:///rel/mlflow.db", "x") == (Path.cwd() / "rel" / "mlartifacts" / "x").as_uri()
     for uri in ("http://127.0.0.1:5000", "sqlite://", "sqlite:///:memory:", "file:///data/mlruns"):
         assert sqlite_artifact_location(uri, "x") is None
+
+
+def test_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI=sqlite:///mlflow.db is exported to Ray Train workers, which run in
+    their own trial folders: there it named another (empty) database and the metrics were lost."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db?timeout=30")
+    assert default_tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'runs' / 'mlflow.db'}?timeout=30"
+    for uri in ("sqlite:////data/mlflow.db", "sqlite:///:memory:", "sqlite://", "http://127.0.0.1:5000"):
+        assert absolute_sqlite_uri(uri) == uri
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dino_scale.config import Config, flatten, to_dict
-from dino_scale.engine.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text
+from dino_scale.engine.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, load_weights
 from dino_scale.engine.train_step import BadStepError
 
 __all__ = ["FitResult", "fit", "evaluate_weights", "git_sha", "ensure_ray"]
@@ -108,6 +108,9 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
         build_trainer, loop_config, normalize_storage_path, steps_per_epoch, worker_count,
     )
     from dino_scale.tracking.logger import ResilientLogger, default_tracking_uri
+    from dino_scale.tracking.relay import is_node_local, start_relay
+
+    import ray
 
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -133,18 +136,21 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     if train:
         datasets["train"] = build_train_dataset(train_dir, cfg.data)
         spe = steps_per_epoch(_num_images(train_dir), cfg)
+    # Handed to the workers through Ray's object store: on a cluster they run on other
+    # machines than this driver, where a file written here does not exist.
     val_gt = None
     if evaluate and val_dir:
         datasets["val"] = build_eval_dataset(val_dir, cfg.data)
-        val_gt = work / "val_gt.json"
-        atomic_write_text(val_gt, json.dumps(to_coco_gt(val_dir)))
+        val_gt = ray.put(to_coco_gt(val_dir))
+    init_state = ray.put(load_weights(init_weights)) if init_weights else None
+    relay = start_relay(tracking_uri, run_id) if run_id and is_node_local(tracking_uri) else None
     for ds in datasets.values():
         quiet_progress_bars(ds)
     total = min(cfg.train.epochs * spe, cfg.train.max_steps or 10 ** 12) if train else 0
     loop_cfg = loop_config(cfg, steps_per_epoch=spe, datasets=list(datasets), run_id=run_id,
                            tracking_uri=tracking_uri, init_weights=str(init_weights) if init_weights else None,
-                           init_strict=init_strict, val_gt=str(val_gt) if val_gt else None, evaluate=evaluate,
-                           train=train, test_hooks=test_hooks)
+                           init_strict=init_strict, init_state=init_state, val_gt=val_gt, tracking_relay=relay,
+                           evaluate=evaluate, train=train, test_hooks=test_hooks)
     loop_cfg["tracking_close_timeout_s"] = tracking_close_timeout_s
     callbacks = [ProgressCallback(total_steps=total)] if progress else []
     storage = normalize_storage_path(storage_path or cfg.train.storage_path, work / "ray")
@@ -157,6 +163,9 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
         tracker.end_run("FAILED")
         tracker.close(timeout_s=tracking_close_timeout_s)
         raise
+    finally:
+        if relay is not None:  # rank 0 flushed it before the run ended
+            ray.kill(relay)
     metrics = dict(result.metrics or {})
     if metrics.get("abort_reason"):
         tracker.set_tags({"error": metrics["abort_reason"][:500]})

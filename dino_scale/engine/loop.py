@@ -112,10 +112,24 @@ def _test_pid_hook(hooks: dict, rank: int, step: int) -> None:
         time.sleep(0.05)
 
 
+def _object(ref_or_value):
+    """A value the driver handed over: through Ray's object store (an ``ObjectRef``: readable on
+    every node, unlike a file the driver wrote) or inline."""
+    import ray
+
+    return ray.get(ref_or_value) if isinstance(ref_or_value, ray.ObjectRef) else ref_or_value
+
+
 def _rank0_tracker(loop_cfg: dict[str, Any], rank: int):
-    """Rank 0's MLflow logger of the driver's run (None on other ranks or without a run)."""
+    """Rank 0's MLflow logger of the driver's run (None on other ranks or without a run): the
+    driver's relay actor for a node-local store (sqlite on the driver's machine), else a
+    logger of its own."""
     if rank != 0 or not loop_cfg.get("run_id"):
         return None
+    if loop_cfg.get("tracking_relay") is not None:
+        from dino_scale.tracking.relay import RelayClient
+
+        return RelayClient(loop_cfg["tracking_relay"])
     from dino_scale.tracking.logger import ResilientLogger
 
     return ResilientLogger(loop_cfg["tracking_uri"], run_id=loop_cfg["run_id"])
@@ -147,7 +161,7 @@ def _evaluate_val(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: t
     detections = gather_to_rank0(local)
     if rank != 0:
         return {}, None
-    ap = coco_evaluate(json.loads(Path(loop_cfg["val_gt"]).read_text()), detections)
+    ap = coco_evaluate(_object(loop_cfg["val_gt"]), detections)
     if tracker is not None:
         tracker.log_metrics({f"eval/{k}": v for k, v in ap.items()}, step=step)
     return {**ap, "num_detections": len(detections)}, detections
@@ -196,7 +210,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     model, criterion, postprocessor = build_dino(cfg.model)
     seed_everything(tc.seed + 1000 * (rank + 1))  # per-rank streams (denoising noise)
     if loop_cfg.get("init_weights"):
-        missing, unexpected = model.load_state_dict(load_weights(loop_cfg["init_weights"]),
+        state = _object(loop_cfg["init_state"]) if loop_cfg.get("init_state") is not None else \
+            load_weights(loop_cfg["init_weights"])
+        missing, unexpected = model.load_state_dict(state,
                                                     strict=bool(loop_cfg.get("init_strict", True)))
         if rank == 0 and (missing or unexpected):
             log.warning("init weights: %d missing, %d unexpected keys", len(missing), len(unexpected))

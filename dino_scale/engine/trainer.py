@@ -72,13 +72,20 @@ def normalize_storage_path(path: Optional[str], default: Path) -> str:
 
 def loop_config(cfg: Config, *, steps_per_epoch: int, datasets: list[str], run_id: Optional[str] = None,
                 tracking_uri: Optional[str] = None, init_weights: Optional[str] = None, init_strict: bool = True,
-                val_gt: Optional[str] = None, evaluate: bool = True, train: bool = True,
-                test_hooks: Optional[dict] = None) -> dict[str, Any]:
-    """The plain-dict ``train_loop_config`` read by ``train_loop_per_worker``."""
+                init_state: Any = None, val_gt: Any = None, tracking_relay: Any = None, evaluate: bool = True,
+                train: bool = True, test_hooks: Optional[dict] = None) -> dict[str, Any]:
+    """The plain-dict ``train_loop_config`` read by ``train_loop_per_worker``.
+
+    Workers may run on other machines than the driver, so what the driver prepares travels
+    through Ray, never as a path on the driver's disk: ``init_state`` (the state dict to start
+    from; ``init_weights`` is then only its name) and ``val_gt`` (COCO ground truth of the
+    val set) are ``ObjectRef``\ s (or inline values), ``tracking_relay`` the driver-node
+    logging actor of a node-local MLflow store (:mod:`dino_scale.tracking.relay`).
+    """
     return {"config": to_dict(cfg), "steps_per_epoch": int(steps_per_epoch), "datasets": list(datasets),
             "run_id": run_id, "tracking_uri": tracking_uri, "init_weights": init_weights,
-            "init_strict": init_strict, "val_gt": val_gt, "evaluate": evaluate, "train": train,
-            "test_hooks": test_hooks or {}}
+            "init_strict": init_strict, "init_state": init_state, "val_gt": val_gt,
+            "tracking_relay": tracking_relay, "evaluate": evaluate, "train": train, "test_hooks": test_hooks or {}}
 
 
 def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_name: str, storage_path: str,

@@ -311,12 +311,49 @@ def test_evaluate_weights_matches_single_process(ray_session, data, tmp_path, mo
     assert gap < 1e-5, f"eval-only scores differ from the same weights evaluated directly by {gap}"
     # nothing but the detections: no weights, no DeepSpeed state, in the checkpoint or the run
     assert res.weights_path == weights
+    assert not (tmp_path / "work" / "val_gt.json").exists()  # the GT went through the object store
     assert sorted(p.name for p in Path(res.checkpoint_path).iterdir()) == ["detections.json"]
     assert sorted(p.name for p in final.iterdir()) == ["config.json", "detections.json", "lineage.json"]
     client = MlflowClient(tracking_uri=res.tracking_uri)
     assert [a.path for a in client.list_artifacts(res.run_id)] == ["config.json", "evaluation"]
     assert {a.path for a in client.list_artifacts(res.run_id, "evaluation")} == {
         "evaluation/config.json", "evaluation/detections.json", "evaluation/lineage.json"}
+
+
+def test_tracking_relay_logs_from_the_drivers_node(ray_session, tmp_path):
+    """A node-local (sqlite) store is written only on the driver's machine: rank 0 logs through
+    a relay actor pinned to the driver's node (workers on other nodes cannot open the file)."""
+    import ray
+    from mlflow import MlflowClient
+
+    from dino_scale.tracking.logger import ResilientLogger
+    from dino_scale.tracking.relay import RelayClient, is_node_local, start_relay
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert is_node_local(uri) and is_node_local("file:///x/mlruns") and not is_node_local("http://127.0.0.1:5000")
+    driver = ResilientLogger(uri)
+    run_id = driver.start_run("relay-test", "r")
+    relay = start_relay(uri, run_id)
+
+    @ray.remote(num_cpus=0)
+    def rank0(handle):  # what rank 0 does, from a task (which may run on any node)
+        client = RelayClient(handle)
+        for step in range(3):
+            client.log_metrics({"loss": 3.0 - step}, step=step)
+        client.set_tags({"from": "rank0"})
+        return client.close(timeout_s=20)
+
+    try:
+        assert ray.get(rank0.remote(relay), timeout=120) is True
+        node = ray.get(relay.__ray_call__.remote(lambda _self: ray.get_runtime_context().get_node_id()))
+        assert node == ray.get_runtime_context().get_node_id()  # pinned to the driver's node
+    finally:
+        ray.kill(relay)
+    driver.end_run()
+    assert driver.close(timeout_s=10)
+    client = MlflowClient(uri)
+    assert [m.value for m in client.get_metric_history(run_id, "loss")] == [3.0, 2.0, 1.0]
+    assert client.get_run(run_id).data.tags["from"] == "rank0"
 
 
 def test_progress_bars_off_for_engine_datasets_only(ray_session, data, monkeypatch):

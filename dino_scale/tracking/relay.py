@@ -1,0 +1,79 @@
+"""Rank 0's MLflow logging through an actor on the driver's node, for node-local stores.
+
+A sqlite (or ``file:``) tracking URI names a file on the driver's machine. Training workers
+run on other nodes of a cluster, where that path does not exist (or is another database),
+so rank 0 cannot log there itself. :func:`start_relay` starts a :class:`TrackingRelay`
+actor pinned to the driver's node (no CPU reserved) that owns a
+:class:`~dino_scale.tracking.logger.ResilientLogger` of the run; rank 0 talks to it through
+:class:`RelayClient`, which has the logger's methods. Stores on a server (``http(s)://``,
+``databricks``...) are reached by rank 0 directly.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+__all__ = ["is_node_local", "start_relay", "RelayClient"]
+
+
+def is_node_local(tracking_uri: str) -> bool:
+    """Whether ``tracking_uri`` is a file on the machine that names it (sqlite, ``file:``, a path)."""
+    return tracking_uri.startswith(("sqlite:", "file:", "/", ".")) or "://" not in tracking_uri
+
+
+class TrackingRelay:
+    """Actor body: one :class:`ResilientLogger` of ``run_id``; its calls are the logger's."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        from dino_scale.tracking.logger import ResilientLogger
+
+        self.logger = ResilientLogger(tracking_uri, run_id=run_id)
+
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        self.logger.log_metrics(metrics, step=step)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.logger.set_tags(tags)
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Send everything buffered (waits up to ``timeout_s``); the logger stays usable."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while not self.logger.flush(force=True):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+        return True
+
+
+def start_relay(tracking_uri: str, run_id: str):
+    """A :class:`TrackingRelay` actor on this (the driver's) node; ``ray.kill`` it after the run."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    actor = ray.remote(num_cpus=0, max_restarts=0)(TrackingRelay).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False))
+    return actor.remote(tracking_uri, run_id)
+
+
+class RelayClient:
+    """What rank 0 holds instead of a logger: the same calls, sent to the relay actor
+    (fire-and-forget); :meth:`close` waits for everything to be written."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        self.handle.log_metrics.remote(metrics, step)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.handle.set_tags.remote(tags)
+
+    def close(self, timeout_s: float = 30.0) -> bool:
+        import ray
+
+        try:
+            return bool(ray.get(self.handle.flush.remote(timeout_s), timeout=timeout_s + 10))
+        except Exception:  # the relay is gone or slow: training results do not depend on it
+            return False

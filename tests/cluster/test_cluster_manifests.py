@@ -277,6 +277,20 @@ def test_cluster_dockerfile_builds_extension_for_sm80_and_sm90():
     ignore = (CLUSTER / "Dockerfile.dockerignore").read_text().split()
     assert ".venv" in ignore and ".git" in ignore
 
+    # Ray pinned to what the KubeRay manifests declare (and this venv runs); the cloud SDKs the
+    # autoscaler's AWS/GCP node providers import; a C compiler and Python headers for Triton.
+    import ray
+
+    pin = re.search(r'"ray\[[a-z,]+\]==([0-9.]+)"', stages[0])
+    assert pin, "ray is not pinned in the image"
+    for manifest in ("raycluster.yaml", "rayjob.yaml"):
+        assert f'rayVersion: "{pin.group(1)}"' in (CLUSTER / "kuberay" / manifest).read_text(), manifest
+    assert ray.__version__ == pin.group(1)
+    assert "boto3" in stages[0] and "google-api-python-client" in stages[0]
+    assert "import torch, ray, deepspeed, mlflow, boto3, googleapiclient" in stages[1]
+    runtime_apt = re.search(r"apt-get install[^\n]+", stages[1]).group(0)
+    assert all(pkg in runtime_apt.split() for pkg in ("gcc", "python3-dev"))
+
 
 def test_cluster_dockerfile_build_command_exists():
     out = subprocess.run([sys.executable, "-m", "dino_scale.ops", "build", "--help"],

@@ -107,14 +107,18 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     from dino_scale.engine.trainer import (
         build_trainer, loop_config, normalize_storage_path, steps_per_epoch, worker_count,
     )
+    import ray
+
+    from dino_scale.engine.deepspeed_utils import check_train_config
     from dino_scale.tracking.logger import ResilientLogger, default_tracking_uri
     from dino_scale.tracking.relay import is_node_local, start_relay
 
-    import ray
-
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    worker_count(cfg)  # validates batch sizes before anything starts
+    workers = worker_count(cfg)  # validates batch sizes before anything starts
+    if train:
+        check_train_config(cfg.train, cfg.data.batch_size, workers if isinstance(workers, int) else workers[1])
+    spe = steps_per_epoch(_num_images(train_dir), cfg) if train else 1
     ensure_ray(ray_address)
     tracking_uri = default_tracking_uri(work)
     tracker = ResilientLogger(tracking_uri)
@@ -131,32 +135,31 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     if init_weights:
         tracker.set_tags({"init_weights": str(init_weights)})
 
-    datasets: dict[str, Any] = {}
-    spe = 1
-    if train:
-        datasets["train"] = build_train_dataset(train_dir, cfg.data)
-        spe = steps_per_epoch(_num_images(train_dir), cfg)
-    # Handed to the workers through Ray's object store: on a cluster they run on other
-    # machines than this driver, where a file written here does not exist.
-    val_gt = None
-    if evaluate and val_dir:
-        datasets["val"] = build_eval_dataset(val_dir, cfg.data)
-        val_gt = ray.put(to_coco_gt(val_dir))
-    init_state = ray.put(load_weights(init_weights)) if init_weights else None
-    relay = start_relay(tracking_uri, run_id) if run_id and is_node_local(tracking_uri) else None
-    for ds in datasets.values():
-        quiet_progress_bars(ds)
-    total = min(cfg.train.epochs * spe, cfg.train.max_steps or 10 ** 12) if train else 0
-    loop_cfg = loop_config(cfg, steps_per_epoch=spe, datasets=list(datasets), run_id=run_id,
-                           tracking_uri=tracking_uri, init_weights=str(init_weights) if init_weights else None,
-                           init_strict=init_strict, init_state=init_state, val_gt=val_gt, tracking_relay=relay,
-                           evaluate=evaluate, train=train, test_hooks=test_hooks)
-    loop_cfg["tracking_close_timeout_s"] = tracking_close_timeout_s
-    callbacks = [ProgressCallback(total_steps=total)] if progress else []
-    storage = normalize_storage_path(storage_path or cfg.train.storage_path, work / "ray")
-    trainer = build_trainer(cfg, datasets, run_name=run_name, storage_path=storage,
-                            train_loop_config=loop_cfg, callbacks=callbacks)
-    try:
+    relay = None
+    try:  # any failure from here on marks the MLflow run FAILED (it stayed RUNNING before)
+        datasets: dict[str, Any] = {}
+        if train:
+            datasets["train"] = build_train_dataset(train_dir, cfg.data)
+        # Handed to the workers through Ray's object store: on a cluster they run on other
+        # machines than this driver, where a file written here does not exist.
+        val_gt = None
+        if evaluate and val_dir:
+            datasets["val"] = build_eval_dataset(val_dir, cfg.data)
+            val_gt = ray.put(to_coco_gt(val_dir))
+        init_state = ray.put(load_weights(init_weights)) if init_weights else None
+        relay = start_relay(tracking_uri, run_id) if run_id and is_node_local(tracking_uri) else None
+        for ds in datasets.values():
+            quiet_progress_bars(ds)
+        total = min(cfg.train.epochs * spe, cfg.train.max_steps or 10 ** 12) if train else 0
+        loop_cfg = loop_config(cfg, steps_per_epoch=spe, datasets=list(datasets), run_id=run_id,
+                               tracking_uri=tracking_uri, init_weights=str(init_weights) if init_weights else None,
+                               init_strict=init_strict, init_state=init_state, val_gt=val_gt, tracking_relay=relay,
+                               evaluate=evaluate, train=train, test_hooks=test_hooks)
+        loop_cfg["tracking_close_timeout_s"] = tracking_close_timeout_s
+        callbacks = [ProgressCallback(total_steps=total)] if progress else []
+        storage = normalize_storage_path(storage_path or cfg.train.storage_path, work / "ray")
+        trainer = build_trainer(cfg, datasets, run_name=run_name, storage_path=storage,
+                                train_loop_config=loop_cfg, callbacks=callbacks)
         result = trainer.fit()
     except Exception as exc:
         tracker.set_tags({"error": f"{type(exc).__name__}: {str(exc)[:500]}"})

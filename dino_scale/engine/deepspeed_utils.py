@@ -31,7 +31,7 @@ from torch import nn
 from dino_scale.config import Config, ConfigError, TrainConfig
 
 __all__ = [
-    "grad_accum_steps", "build_ds_config", "init_deepspeed", "apply_activation_checkpointing",
+    "grad_accum_steps", "build_ds_config", "check_train_config", "init_deepspeed", "apply_activation_checkpointing",
     "full_state_dict", "ModelEMA",
 ]
 
@@ -76,6 +76,22 @@ def build_ds_config(cfg: TrainConfig, micro_batch_size: int, world_size: int) ->
     elif cfg.precision not in ("fp32", "bf16"):  # bf16: autocast over fp32 weights (module docstring)
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
     return ds
+
+
+def check_train_config(cfg: TrainConfig, micro_batch_size: int, world_size: int) -> None:
+    """Everything the workers would check on start, checked on the driver before a run,
+    Ray or MLflow starts (a :class:`ConfigError` there came back as a worker-group failure,
+    retried ``max_failures`` times): ZeRO stage, precision and batch sizes, the lr schedule,
+    the EMA decay and the checkpoint/log intervals (0 divided by zero after the first step)."""
+    from dino_scale.engine.optim import lr_factor_fn
+
+    build_ds_config(cfg, micro_batch_size, world_size)
+    lr_factor_fn(cfg, 1)
+    if cfg.ema_decay is not None and not 0.0 < cfg.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in (0, 1), got {cfg.ema_decay}")
+    for key in ("checkpoint_every_steps", "log_every_steps"):
+        if int(getattr(cfg, key)) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {getattr(cfg, key)}")
 
 
 def apply_activation_checkpointing(cfg: Config, enabled: bool = True) -> Config:

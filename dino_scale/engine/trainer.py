@@ -96,6 +96,7 @@ def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_name: str, stora
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from dino_scale.engine.data_config import EngineDataConfig
     from dino_scale.engine.loop import train_loop_per_worker
 
     tc = cfg.train
@@ -108,13 +109,14 @@ def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_name: str, stora
         failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, tc.checkpoints_to_keep)),
         callbacks=callbacks or None, worker_runtime_env={"env_vars": env})
+    # val: split with no row dropped (EngineDataConfig); train: split evenly, or in deterministic
+    # mode read whole by every worker, which keeps its slice of each global batch
     if tc.deterministic:
         opts = ExecutionOptions()
         opts.preserve_order = True
-        data_config = ray.train.DataConfig(datasets_to_split=[k for k in datasets if k != "train"],
-                                           execution_options=opts)
+        data_config = EngineDataConfig(datasets_to_split=[], execution_options=opts)
     else:
-        data_config = ray.train.DataConfig(datasets_to_split="all")
+        data_config = EngineDataConfig(datasets_to_split="all")
     return TorchTrainer(train_loop_per_worker, train_loop_config=train_loop_config, scaling_config=scaling,
                         run_config=run_config, datasets=datasets, dataset_config=data_config,
                         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"))

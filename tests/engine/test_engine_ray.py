@@ -320,6 +320,34 @@ def test_evaluate_weights_matches_single_process(ray_session, data, tmp_path, mo
         "evaluation/config.json", "evaluation/detections.json", "evaluation/lineage.json"}
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_val_split_covers_every_image_once(ray_session, data, tmp_path, deterministic):
+    """6 val images on 4 workers: Ray's DataConfig split them with equal=True and dropped 2,
+    which COCO AP then counted as missed. Every image must reach exactly one worker."""
+    from dino_scale.data import build_eval_dataset, build_train_dataset, to_coco_gt
+    from dino_scale.engine.trainer import build_trainer, loop_config
+
+    train_dir, val_dir = data
+    cfg = small_cfg(**{"train.num_workers": 4, "train.global_batch_size": 8, "train.deterministic": deterministic})
+    datasets = {"train": build_train_dataset(train_dir, cfg.data), "val": build_eval_dataset(val_dir, cfg.data)}
+    trainer = build_trainer(cfg, datasets, run_name=unique("split"), storage_path=str(tmp_path / "ray"),
+                            train_loop_config=loop_config(cfg, steps_per_epoch=1, datasets=list(datasets)))
+    splits = trainer.data_config.configure(datasets, world_size=4, worker_handles=None, worker_node_ids=None)
+    seen: list[list[int]] = [[] for _ in range(4)]
+
+    def consume(rank: int) -> None:  # the workers read their shards concurrently
+        for batch in splits[rank]["val"].iter_batches(batch_size=1, drop_last=False, batch_format="numpy"):
+            seen[rank].extend(int(i) for i in batch["image_id"])
+
+    threads = [threading.Thread(target=consume, args=(r,)) for r in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    ids = sorted(img["id"] for img in to_coco_gt(val_dir)["images"])
+    assert len(ids) == 6 and sorted(sum(seen, [])) == ids
+
+
 def test_tracking_relay_logs_from_the_drivers_node(ray_session, tmp_path):
     """A node-local (sqlite) store is written only on the driver's machine: rank 0 logs through
     a relay actor pinned to the driver's node (workers on other nodes cannot open the file)."""

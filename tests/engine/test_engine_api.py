@@ -1,0 +1,38 @@
+"""engine.api on the driver: what it checks before Ray, MLflow or any worker starts."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_fixtures import make_data, small_cfg, unique  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("api_data"))
+
+
+@pytest.mark.parametrize("override,needle", [
+    ({"train.schedule": "linear"}, "unknown schedule 'linear'"),
+    ({"train.checkpoint_every_steps": 0}, "checkpoint_every_steps must be >= 1"),
+    ({"train.ema_decay": 1.5}, "ema_decay must be in"),
+    ({"train.precision": "fp8"}, "precision must be"),
+    ({"train.global_batch_size": 64}, "fewer than one global batch"),
+])
+def test_config_errors_before_ray_or_mlflow(data, tmp_path, monkeypatch, override, needle):
+    """Checked on the driver before Ray or an MLflow run starts: in the workers these came back
+    as worker-group failures (retried max_failures times) and left the MLflow run RUNNING."""
+    import ray
+
+    from dino_scale.config import ConfigError
+    from dino_scale.engine import fit
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    train_dir, val_dir = data
+    ray_before = ray.is_initialized()  # False when this module runs alone or first
+    with pytest.raises(ConfigError, match=needle):
+        fit(small_cfg(**override), train_dir, val_dir, tmp_path / "work", unique("bad"), progress=False)
+    assert ray.is_initialized() == ray_before and not (tmp_path / "work" / "mlflow.db").exists()

@@ -31,6 +31,10 @@ class UsageError(Exception):
     """A user mistake with a one-line explanation (exit code 2)."""
 
 
+# MLflow error codes of a lookup that found nothing (no such name, alias, version or run)
+MLFLOW_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
 # --------------------------------------------------------------------------- arguments
 
 def add_common_args(parser: argparse.ArgumentParser, data_help: str,
@@ -299,8 +303,7 @@ def _is_usage_error(exc: BaseException) -> bool:
     try:
         from mlflow.exceptions import MlflowException
 
-        if isinstance(exc, MlflowException) and exc.error_code in (
-                "RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+        if isinstance(exc, MlflowException) and exc.error_code in MLFLOW_NOT_FOUND:
             return True
     except Exception:  # pragma: no cover
         pass

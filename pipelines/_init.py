@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dino_scale.config import Config, to_dict
-from pipelines._common import UsageError
+from pipelines._common import MLFLOW_NOT_FOUND, UsageError
 
 
 @dataclass
@@ -26,12 +26,16 @@ class InitWeights:
     summary: str = ""
 
 
-_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # MLflow's "no such name/alias/run"
-
-
 def is_remote(uri: str) -> bool:
     """A registry or run URI (downloaded from MLflow), not a local path."""
     return uri.startswith(("models:/", "runs:/"))
+
+
+def _require_local(uri: str) -> None:
+    """A one-line :class:`UsageError` when the local model path ``uri`` does not exist."""
+    if not Path(uri[7:] if uri.startswith("file://") else uri).exists():
+        raise UsageError(f"model not found: {uri} (expected models:/name@alias, models:/name/N, "
+                         f"runs:/<run_id>/model, a checkpoint folder/file or an official .pth)")
 
 
 def check_exists(uri: str) -> None:
@@ -42,10 +46,7 @@ def check_exists(uri: str) -> None:
     from mlflow.exceptions import MlflowException
 
     if not is_remote(uri):
-        path = Path(uri[7:] if uri.startswith("file://") else uri)
-        if not path.exists():
-            raise UsageError(f"model not found: {uri} (expected models:/name@alias, models:/name/N, "
-                             f"runs:/<run_id>/model, a checkpoint folder/file or an official .pth)")
+        _require_local(uri)
         return
     from pipelines._common import require_store
 
@@ -66,7 +67,7 @@ def check_exists(uri: str) -> None:
         else:
             raise UsageError(f"bad model URI {uri}: use models:/<name>@<alias> or models:/<name>/<version>")
     except MlflowException as exc:
-        if exc.error_code not in _NOT_FOUND:
+        if exc.error_code not in MLFLOW_NOT_FOUND:
             raise  # the store failed, not the lookup
         msg = str(exc).splitlines()[0]
         raise UsageError(f"cannot resolve {uri}: {msg} (list models with `dino-scale registry "
@@ -79,13 +80,12 @@ def resolve(uri: str, dst_dir: Path):
 
     from dino_scale.tracking.registry import resolve_model_uri
 
-    if not is_remote(uri) and not Path(uri[7:] if uri.startswith("file://") else uri).exists():
-        raise UsageError(f"model not found: {uri} (expected models:/name@alias, models:/name/N, "
-                         f"runs:/<run_id>/model, a checkpoint folder/file or an official .pth)")
+    if not is_remote(uri):
+        _require_local(uri)
     try:
         return resolve_model_uri(uri, dst_dir=dst_dir)
     except MlflowException as exc:
-        if exc.error_code not in _NOT_FOUND:
+        if exc.error_code not in MLFLOW_NOT_FOUND:
             raise
         msg = str(exc).splitlines()[0]
         hint = ""

@@ -194,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise common.UsageError(f"registered model {args.name!r} not found")
         print(format_state(state))
     else:
-        if not registry_state(client, [args.name]):
+        if _get_model(client, args.name) is None:
             raise common.UsageError(f"registered model {args.name!r} not found")
         client.get_model_version(args.name, str(args.version))
         set_alias(client, args.name, args.alias, str(args.version))

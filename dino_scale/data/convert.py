@@ -16,8 +16,8 @@ or whose pixels do not match the annotated size (when checked: ``size_mismatch``
 duplicate ids (the first usable entry keeps the id; with an Objects365 val split, an id on
 both sides is kept on neither) are skipped, counted and logged with their id, entry
 position and file name; their boxes count as dropped (``skipped_image``). A width or height
-that is not a whole pixel count in int32 range is read from the file header instead. Unknown category ids stop the conversion
-before anything is written. The manifest satisfies
+that is not a whole pixel count in int32 range is read from the file header instead.
+Unknown category ids stop the conversion before anything is written. The manifest satisfies
 ``images_in == num_images + sum(images_skipped.values())`` and
 ``boxes_in == num_boxes + sum(boxes_dropped.values())``.
 """

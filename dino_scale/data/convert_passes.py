@@ -104,8 +104,9 @@ def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
         fname = str(img.get("file_name") or "") if ok_dict else ""
         w, h = (img.get("width"), img.get("height")) if ok_dict else (None, None)
         status = ""
-        if not (isinstance(iid, int) and _is_int(iid, -_INT64, _INT64 - 1)) or not fname:
-            status, iid = "bad_metadata", iid if isinstance(iid, int) and _is_int(iid, -_INT64, _INT64 - 1) else -1
+        id_ok = isinstance(iid, int) and _is_int(iid, -_INT64, _INT64 - 1)  # an int, not an integral float
+        if not id_ok or not fname:
+            status, iid = "bad_metadata", iid if id_ok else -1
         elif not (_is_int(w, 1, _INT32 - 1) and _is_int(h, 1, _INT32 - 1)):
             size = _size_from_file(images, fname)  # width/height missing or not a pixel count: the header
             w, h = size if size else (0, 0)

@@ -17,7 +17,7 @@ __all__ = ["is_node_local", "start_relay", "RelayClient"]
 
 def is_node_local(tracking_uri: str) -> bool:
     """Whether ``tracking_uri`` is a file on the machine that names it (sqlite, ``file:``, a path)."""
-    return tracking_uri.startswith(("sqlite:", "file:", "/", ".")) or "://" not in tracking_uri
+    return tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
 
 
 class TrackingRelay:
@@ -35,15 +35,9 @@ class TrackingRelay:
         self.logger.set_tags(tags)
 
     def flush(self, timeout_s: float = 30.0) -> bool:
-        """Send everything buffered (waits up to ``timeout_s``); the logger stays usable."""
-        import time
-
-        deadline = time.monotonic() + timeout_s
-        while not self.logger.flush(force=True):
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.5)
-        return True
+        """Send everything buffered (waits up to ``timeout_s``); the logger stays usable, for
+        the rank 0 of a restarted worker group."""
+        return self.logger.close(timeout_s=timeout_s)
 
 
 def start_relay(tracking_uri: str, run_id: str):

@@ -58,6 +58,21 @@ class TrainState:
     bad_steps: dict = field(default_factory=lambda: {"total": 0, "consecutive": 0})
     finished: bool = False
     resumes: int = 0  # restarts from a checkpoint so far (worker failures, preemptions)
+    world: int = 0  # workers that counted ``micro_in_epoch`` (0: unknown, a checkpoint from before)
+
+    def rescale_to(self, world: int) -> bool:
+        """Convert the epoch position to ``world`` workers (an elastic restart on another worker
+        count): the samples of the epoch already consumed stay consumed. Checkpoints are taken
+        at optimizer steps, where the position is a whole number of global batches, so the
+        conversion is exact; returns False when it is not (the position rounds down: a few
+        samples are seen again)."""
+        world = int(world)
+        exact = True
+        if self.world and self.world != world:
+            samples = self.micro_in_epoch * self.world  # in micro-batches of every worker together
+            self.micro_in_epoch, exact = samples // world, samples % world == 0
+        self.world = world
+        return exact
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,6 +14,9 @@ full (consolidated) state dicts.
 * The global batch is fixed: ``gradient_accumulation_steps = global_batch_size /
   (batch_size per worker * world_size)``, so a job restarted on fewer workers takes the
   same optimizer steps (it must divide exactly, else :class:`ConfigError`).
+* Gradient accumulation is the loop's (DeepSpeed's ``managed_gradient_accumulation: false``):
+  :class:`AccumulationWindow` steps at fixed micro-batch positions of the epoch, so a skipped
+  (non-finite) micro-batch cannot shift the optimizer steps off the epochs and checkpoints.
 * Activation checkpointing is a model feature (``model.backbone_checkpointing``,
   ``model.encoder_checkpointing``); :func:`apply_activation_checkpointing` sets both.
 * A torch optimizer (AdamW with the DINO parameter groups) and a ``LambdaLR`` are passed
@@ -32,7 +35,7 @@ from dino_scale.config import Config, ConfigError, TrainConfig
 
 __all__ = [
     "grad_accum_steps", "build_ds_config", "check_train_config", "init_deepspeed", "apply_activation_checkpointing",
-    "full_state_dict", "ModelEMA",
+    "full_state_dict", "ModelEMA", "AccumulationWindow",
 ]
 
 
@@ -64,6 +67,9 @@ def build_ds_config(cfg: TrainConfig, micro_batch_size: int, world_size: int) ->
         "train_batch_size": cfg.global_batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": accum,
+        # the loop owns the boundary (AccumulationWindow): backward() accumulates, step() reduces
+        # and updates, whatever the number of backward passes since the last step
+        "managed_gradient_accumulation": False,
         "gradient_clipping": float(cfg.clip_max_norm) if cfg.clip_max_norm else 0.0,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
@@ -180,6 +186,41 @@ def full_state_dict(engine_or_model, rank: int = 0, all_ranks: bool = False
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             return grab()
     return grab()
+
+
+class AccumulationWindow:
+    """Gradient accumulation over fixed micro-batch positions, for a DeepSpeed engine built
+    with ``managed_gradient_accumulation: false``.
+
+    A window is ``accum`` consecutive micro-batches of an epoch, skipped (non-finite) ones
+    included. ``backward(loss)`` accumulates ``loss / accum``'s gradients (DeepSpeed scales by
+    its ``gradient_accumulation_steps``); ``flush()`` at the window's end applies one optimizer
+    step over them. A skipped micro-batch adds no gradient (its samples weigh zero in that
+    step), a window with none backpropagated takes no step, and an epoch ending mid-window
+    (the data ran out) is flushed. So no gradient is ever pending at an epoch end or a
+    checkpoint: a resumed run continues exactly. DeepSpeed's own counter counted successful
+    micro-batches only: one skip shifted every later step, steps spanned epochs, and the
+    gradients pending at a checkpoint were lost on resume.
+    """
+
+    def __init__(self, engine, accum: int):
+        self.engine, self.accum, self.pending = engine, int(accum), 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.pending += 1
+
+    def ends_at(self, micro_in_epoch: int) -> bool:
+        """Whether the window ends after the epoch's ``micro_in_epoch``-th micro-batch (1-based)."""
+        return micro_in_epoch % self.accum == 0
+
+    def flush(self) -> int:
+        """One optimizer step over the pending micro-batches; returns how many there were
+        (0: no step taken)."""
+        n, self.pending = self.pending, 0
+        if n:
+            self.engine.step()
+        return n
 
 
 class ModelEMA:

@@ -30,7 +30,7 @@ from dino_scale.engine.checkpoint import (
     save_weights,
 )
 from dino_scale.engine.deepspeed_utils import (
-    ModelEMA, build_ds_config, full_state_dict, grad_accum_steps, init_deepspeed,
+    AccumulationWindow, ModelEMA, build_ds_config, full_state_dict, grad_accum_steps, init_deepspeed,
 )
 from dino_scale.engine.evaluate import coco_evaluate, evaluate_batches, gather_to_rank0
 from dino_scale.engine.optim import build_optimizer, build_scheduler
@@ -240,14 +240,18 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     engine = init_deepspeed(model, optimizer, scheduler, build_ds_config(tc, micro, world))
     ema = ModelEMA(engine, tc.ema_decay) if tc.ema_decay else None
 
-    state = TrainState()
+    state = TrainState(world=world)
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
             state = load_training_checkpoint(folder, engine, rank, ema)
         state.resumes += 1
+        saved_world = state.world
+        exact = state.rescale_to(world)
         if rank == 0:
-            log.warning("resumed from %s at epoch %d, step %d", restored.path, state.epoch, state.global_step)
+            log.warning("resumed from %s at epoch %d, step %d%s", restored.path, state.epoch, state.global_step,
+                        f" ({saved_world} -> {world} workers{'' if exact else ', position rounded down'})"
+                        if saved_world and saved_world != world else "")
     guard = BadStepGuard(tc.max_bad_steps)
     guard.load_state_dict(state.bad_steps)
 
@@ -286,6 +290,25 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             tracker.log_metrics({k: v for k, v in m.items() if k not in ("step", "epoch")}, step=state.global_step)
         return m
 
+    accumulation = AccumulationWindow(engine, accum)
+
+    def after_window(micro_batches: int) -> None:
+        """Bookkeeping of one optimizer step over ``micro_batches`` successful micro-batches."""
+        nonlocal last_ckpt_step
+        if not micro_batches:  # every micro-batch of the window was skipped: no step
+            return
+        state.global_step += 1
+        state.images_seen += micro_batches * micro * world
+        meter.add_step()
+        if ema is not None:
+            ema.update(engine)
+        _test_pid_hook(hooks, rank, state.global_step)
+        if state.global_step % tc.checkpoint_every_steps == 0:
+            _report(metrics_now(), write_state, f"ckpt_{state.global_step:09d}_{state.epoch}_{state.micro_in_epoch}")
+            last_ckpt_step = state.global_step
+        elif state.global_step % tc.log_every_steps == 0:
+            _report(metrics_now())
+
     micro_total = state.epoch * steps_per_epoch * accum + state.micro_in_epoch
     nan_steps = set(int(s) for s in hooks.get("nan_micro_steps", []))
     try:
@@ -299,7 +322,6 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                                          seed=cfg.data.seed, pad_multiple=pad_multiple)
             for _ in range(state.micro_in_epoch):  # exact resume: skip what this epoch consumed
                 next(batches, None)
-            ok_in_window = 0
             batch = ()
             while state.micro_in_epoch < limit and state.global_step < total_steps:
                 t0 = time.perf_counter()
@@ -316,29 +338,17 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 loss, terms = compute_loss(engine, criterion, images, masks, targets, amp)
                 finite = all_finite(loss)
                 guard.update(finite, step=state.global_step, loss=None if finite else float(loss))
-                if not finite:
-                    if rank == 0:
-                        log.warning("non-finite loss at step %d: skipped (%d in a row, %d total)",
-                                    state.global_step, guard.consecutive, guard.total)
-                    continue
-                engine.backward(loss)
-                engine.step()
-                window.add(loss.detach(), {k: v.detach() for k, v in terms.items()})
-                meter.add_images(images.shape[0])
-                ok_in_window += 1
-                if ok_in_window % accum:
-                    continue
-                state.global_step += 1
-                state.images_seen += micro * world * accum
-                meter.add_step()
-                if ema is not None:
-                    ema.update(engine)
-                _test_pid_hook(hooks, rank, state.global_step)
-                if state.global_step % tc.checkpoint_every_steps == 0:
-                    _report(metrics_now(), write_state, f"ckpt_{state.global_step:09d}_{state.epoch}_{state.micro_in_epoch}")
-                    last_ckpt_step = state.global_step
-                elif state.global_step % tc.log_every_steps == 0:
-                    _report(metrics_now())
+                if finite:
+                    accumulation.backward(loss)
+                    window.add(loss.detach(), {k: v.detach() for k, v in terms.items()})
+                    meter.add_images(images.shape[0])
+                elif rank == 0:
+                    log.warning("non-finite loss at step %d: skipped (%d in a row, %d total)",
+                                state.global_step, guard.consecutive, guard.total)
+                if accumulation.ends_at(state.micro_in_epoch):
+                    after_window(accumulation.flush())
+            if accumulation.pending:  # the data ran out mid-window
+                after_window(accumulation.flush())
             if state.micro_in_epoch >= limit or batch is None:
                 state.epoch += 1
                 state.micro_in_epoch = 0

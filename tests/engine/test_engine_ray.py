@@ -70,10 +70,19 @@ def _initial_state(cfg):
 # Ray Train run costs ~1 min of fixed start-up on a 2-core CI box; ZeRO-2 runs in the
 # fake-autoscaler test (tests/cluster/test_cluster_autoscale.py).
 def _reference_cfg():
-    # one epoch of 4 optimizer steps, checkpoints at steps 2 and 4; deterministic so a resumed run
+    # two epochs of 2 optimizer steps, each over 2 micro-batches per worker (gradient accumulation),
+    # checkpoints at the epoch ends (steps 2 and 4) and at step 3; deterministic so a resumed run
     # can be compared bit for bit
     return small_cfg(**{"train.zero_stage": 3, "train.deterministic": True, "train.max_failures": 1,
-                        "train.lr": 5e-4, "train.lr_backbone": 5e-4})
+                        "train.lr": 5e-4, "train.lr_backbone": 5e-4, "train.global_batch_size": 8,
+                        "train.epochs": 2, "train.checkpoint_every_steps": 3})
+
+
+# Both runs skip the 3rd micro-batch (a NaN loss): the first of the epoch's second accumulation
+# window, so that step holds one micro-batch. DeepSpeed's own accumulation counted successful
+# micro-batches only: the skip shifted every later step (3 steps in place of 4, steps across the
+# epoch boundary, gradients pending at checkpoints and lost on resume).
+_REFERENCE_HOOKS = {"nan_micro_steps": [3]}
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +126,8 @@ def zero3_reference(ray_session, data, tmp_path_factory):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MLFLOW_TRACKING_URI", server.uri)
             result = fit(cfg, train_dir, val_dir, base / "work", run_name, experiment="engine-test",
-                         storage_path=str(storage), tags={"purpose": "test"}, tracking_close_timeout_s=600)
+                         storage_path=str(storage), tags={"purpose": "test"}, tracking_close_timeout_s=600,
+                         test_hooks=_REFERENCE_HOOKS)
         thread.join(timeout=180)
         yield cfg, result, storage, run_name, list(events), server
     finally:
@@ -149,8 +159,10 @@ def test_zero3_fit_eval_and_mlflow_server_outage(zero3_reference, data):
     final_ckpt = Path(result.checkpoint_path)
     assert {f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")} <= \
         set(os.listdir(final_ckpt / "ds"))
-    assert result.metrics["step"] == 4 and result.metrics["bad_steps_total"] == 0
-    assert result.metrics["resumes"] == 0
+    assert result.metrics["step"] == 4 and result.metrics["bad_steps_total"] == 1
+    assert result.metrics["resumes"] == 0 and result.metrics["epoch"] == 2
+    # 2 workers x 2 images x 8 micro-batches, less the skipped one's 2 x 2
+    assert result.metrics["images_seen"] == 28
 
     # the loss went down (same images, same denoising noise, before vs after)
     before = _fixed_loss(cfg, _initial_state(cfg), train_dir)
@@ -218,8 +230,9 @@ def test_nan_steps_skipped_then_abort(ray_session, data, tmp_path, monkeypatch):
 
 @pytest.mark.timeout(900)
 def test_zero3_exact_resume_after_worker_kill(zero3_reference, data, tmp_path, monkeypatch):
-    """ZeRO-3, deterministic: SIGKILL a worker mid-run; Ray restarts the group from the last
-    checkpoint; the final weights equal those of the uninterrupted reference run."""
+    """ZeRO-3, deterministic, gradient accumulation and a skipped micro-batch: SIGKILL a worker
+    mid-run; Ray restarts the group from the last checkpoint; the final weights equal those of
+    the uninterrupted reference run."""
     from dino_scale.engine import fit
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -242,7 +255,7 @@ def test_zero3_exact_resume_after_worker_kill(zero3_reference, data, tmp_path, m
 
     def killer():
         deadline = time.monotonic() + 600
-        while not (pid_file.exists() and registered_step() >= 2) and time.monotonic() < deadline:
+        while not (pid_file.exists() and registered_step() >= 3) and time.monotonic() < deadline:
             time.sleep(0.05)
         if pid_file.exists():
             pid = int(pid_file.read_text())
@@ -251,11 +264,12 @@ def test_zero3_exact_resume_after_worker_kill(zero3_reference, data, tmp_path, m
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    # rank 1 stops after step 3 (checkpoint at step 2): the kill resumes mid-epoch (the consumed
-    # micro-batches of the epoch are skipped, the augmentation draws must line up). The kill waits
-    # until the controller has registered the step-2 checkpoint (its snapshot file says so). No
-    # val set: the comparison is of weights (evaluation would not change them).
-    hooks = {"pid_file": str(pid_file), "pid_rank": 1, "pid_after_step": 3, "pause_s": 120}
+    # rank 1 stops after step 4 (checkpoint at step 3, half-way through the second epoch): the
+    # kill resumes mid-epoch (the consumed micro-batches of the epoch are skipped, the augmentation
+    # draws must line up). The kill waits until the controller has registered the step-3
+    # checkpoint (its snapshot file says so). No val set: the comparison is of weights
+    # (evaluation would not change them).
+    hooks = {**_REFERENCE_HOOKS, "pid_file": str(pid_file), "pid_rank": 1, "pid_after_step": 4, "pause_s": 120}
     run = fit(cfg, train_dir, None, tmp_path / "killed", run_name, experiment="engine-test",
               test_hooks=hooks, progress=False)
     thread.join(timeout=5)

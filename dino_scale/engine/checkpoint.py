@@ -259,13 +259,17 @@ def save_training_checkpoint(folder: PathLike, engine, state: TrainState, rank: 
         atomic_write_text(folder / STATE_NAME, json.dumps(state.to_dict(), indent=2))
 
 
-def load_training_checkpoint(folder: PathLike, engine, rank: int, ema=None) -> TrainState:
-    """Collective: restore engine (module, optimizer, scheduler), RNG and EMA; return the state."""
+def load_training_checkpoint(folder: PathLike, engine, rank: int, ema=None,
+                             universal_root: Optional[PathLike] = None) -> TrainState:
+    """Collective: restore engine (module, optimizer, scheduler), RNG and EMA; return the state.
+    ``universal_root``: the engine state from the checkpoint's universal copy there
+    (:mod:`dino_scale.engine.elastic`, another worker count) in place of ``folder/ds``."""
     folder = Path(folder)
     state_file = folder / STATE_NAME
     if not state_file.is_file():
         raise FileNotFoundError(f"{folder} is not a training checkpoint (no {STATE_NAME})")
-    load_path, _client = engine.load_checkpoint(str(folder), tag=DS_TAG, load_optimizer_states=True,
+    source, tag = (folder, DS_TAG) if universal_root is None else (Path(universal_root), f"{DS_TAG}_universal")
+    load_path, _client = engine.load_checkpoint(str(source), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder / DS_TAG}")

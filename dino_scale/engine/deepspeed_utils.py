@@ -88,11 +88,15 @@ def check_train_config(cfg: TrainConfig, micro_batch_size: int, world_size: int)
     """Everything the workers would check on start, checked on the driver before a run,
     Ray or MLflow starts (a :class:`ConfigError` there came back as a worker-group failure,
     retried ``max_failures`` times): ZeRO stage, precision and batch sizes, the lr schedule,
-    the EMA decay and the checkpoint/log intervals (0 divided by zero after the first step)."""
+    the EMA decay, the checkpoint/log intervals (0 divided by zero after the first step) and
+    an elastic run's ZeRO stage."""
     from dino_scale.engine.optim import lr_factor_fn
 
     build_ds_config(cfg, micro_batch_size, world_size)
     lr_factor_fn(cfg, 1)
+    if cfg.min_workers is not None and cfg.zero_stage >= 3:  # dino_scale.engine.elastic
+        raise ConfigError("an elastic run (train.min_workers) resumes on other worker counts, which "
+                          "DeepSpeed cannot do for ZeRO-3 checkpoints: use train.zero_stage <= 2")
     if cfg.ema_decay is not None and not 0.0 < cfg.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in (0, 1), got {cfg.ema_decay}")
     for key in ("checkpoint_every_steps", "log_every_steps"):

@@ -10,6 +10,7 @@ initial weights only, without DeepSpeed) and ``test_hooks`` (fault injection for
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from dino_scale.engine.checkpoint import (
 from dino_scale.engine.deepspeed_utils import (
     AccumulationWindow, ModelEMA, build_ds_config, full_state_dict, grad_accum_steps, init_deepspeed,
 )
+from dino_scale.engine.elastic import check_resumable, saved_world_size, universal_resume
 from dino_scale.engine.evaluate import coco_evaluate, evaluate_batches, gather_to_rank0
 from dino_scale.engine.optim import build_optimizer, build_scheduler
 from dino_scale.engine.progress import LossWindow, WindowMeter
@@ -237,21 +239,30 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         total_steps = min(total_steps, int(tc.max_steps))
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc, steps_per_epoch, tc.epochs * steps_per_epoch)
-    engine = init_deepspeed(model, optimizer, scheduler, build_ds_config(tc, micro, world))
-    ema = ModelEMA(engine, tc.ema_decay) if tc.ema_decay else None
-
+    ds_config = build_ds_config(tc, micro, world)
     state = TrainState(world=world)
     restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as folder:
-            state = load_training_checkpoint(folder, engine, rank, ema)
-        state.resumes += 1
-        saved_world = state.world
-        exact = state.rescale_to(world)
-        if rank == 0:
-            log.warning("resumed from %s at epoch %d, step %d%s", restored.path, state.epoch, state.global_step,
-                        f" ({saved_world} -> {world} workers{'' if exact else ', position rounded down'})"
-                        if saved_world and saved_world != world else "")
+    with restored.as_directory() if restored is not None else contextlib.nullcontext() as folder:
+        saved_world = saved_world_size(folder) if folder else world
+        universal = None
+        if folder and check_resumable(saved_world, world, tc.zero_stage):  # ZeRO-1/2, another worker count
+            universal = universal_resume(folder, restored.path, ctx.get_local_rank(), torch.distributed.barrier)
+            ds_config["checkpoint"] = {"load_universal": True}
+        engine = init_deepspeed(model, optimizer, scheduler, ds_config)
+        ema = ModelEMA(engine, tc.ema_decay) if tc.ema_decay else None
+        if folder:
+            state = load_training_checkpoint(folder, engine, rank, ema, universal_root=universal)
+            state.resumes += 1
+            state.world = state.world or saved_world  # a checkpoint from before TrainState.world
+            exact = state.rescale_to(world)
+            if universal is not None:
+                torch.distributed.barrier()  # every rank of the node has read the copy
+                if ctx.get_local_rank() == 0:
+                    shutil.rmtree(universal, ignore_errors=True)
+            if rank == 0:
+                log.warning("resumed from %s at epoch %d, step %d%s", restored.path, state.epoch, state.global_step,
+                            f" ({saved_world} -> {world} workers{'' if exact else ', position rounded down'})"
+                            if saved_world not in (0, world) else "")
     guard = BadStepGuard(tc.max_bad_steps)
     guard.load_state_dict(state.bad_steps)
 

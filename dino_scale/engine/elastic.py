@@ -1,0 +1,91 @@
+"""Resuming a training checkpoint on another worker count (an elastic run shrinking or
+growing, or a user changing ``train.num_workers`` between runs).
+
+DeepSpeed (0.19.8, checked on CPU) loads a plain checkpoint across a world-size change only
+without ZeRO. ZeRO-1/2 checkpoints hold one optimizer partition per rank, and the loader
+refuses another data-parallel size; DeepSpeed's *universal* format (``ds_to_universal``: one
+folder per parameter with its fp32 value and Adam moments) loads exactly on any worker count.
+:func:`universal_resume` converts once per node into a temporary folder, which the engine then
+loads with ``"checkpoint": {"load_universal": true}``. ZeRO-3 checkpoints cannot move: the plain
+loader fails, and the universal loader gives every parameter group the first group's lr and
+weight decay (DINO's backbone group trains with the wrong settings). :func:`check_resumable`
+refuses that with a clear error, and ``check_train_config`` refuses an elastic ZeRO-3 run up
+front.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Optional
+
+from dino_scale.config import ConfigError
+from dino_scale.engine.checkpoint import DS_TAG, STATE_NAME
+
+__all__ = ["saved_world_size", "check_resumable", "universal_resume", "UNIVERSAL_TAG"]
+
+UNIVERSAL_TAG = f"{DS_TAG}_universal"
+
+
+def saved_world_size(folder: Path) -> int:
+    """Workers that wrote the training checkpoint in ``folder``: the state's ``world``, else (a
+    checkpoint from before it was recorded) the ZeRO optimizer partitions; 0 when unknown."""
+    folder = Path(folder)
+    try:
+        world = int(json.loads((folder / STATE_NAME).read_text()).get("world", 0))
+    except (OSError, ValueError):
+        world = 0
+    return world or len(list((folder / DS_TAG).glob("*zero_pp_rank_*_optim_states.pt")))
+
+
+def check_resumable(saved_world: int, world: int, zero_stage: int) -> bool:
+    """True when the checkpoint needs the universal conversion (ZeRO-1/2 on another worker
+    count); raises :class:`ConfigError` for ZeRO-3 on another worker count."""
+    if not saved_world or saved_world == world or zero_stage == 0:
+        return False
+    if zero_stage >= 3:
+        raise ConfigError(
+            f"this ZeRO-3 checkpoint was written by {saved_world} workers and cannot resume on {world}: "
+            f"DeepSpeed's loaders fail or restore every parameter group with the first group's lr and "
+            f"weight decay. Resume on {saved_world} workers, or train with train.zero_stage <= 2")
+    return True
+
+
+def _convert(folder: Path, out: Path) -> None:
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--inject_missing_state",
+           "--num_extract_workers", "1", "--num_merge_workers", "1",
+           "--input_folder", str(folder / DS_TAG), "--output_folder", str(out / UNIVERSAL_TAG)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"converting {folder / DS_TAG} to DeepSpeed's universal format failed "
+                           f"(exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+
+
+def universal_resume(folder: Path, key: str, local_rank: int, barrier) -> Path:
+    """The universal copy of the checkpoint in ``folder``, converted by each node's local rank 0
+    into a temporary folder named after ``key`` (the checkpoint's storage path: every rank of a
+    node finds the same folder). Collective: every rank calls it; ``barrier()`` waits for all.
+    Load it with ``engine.load_checkpoint(root, tag=UNIVERSAL_TAG)`` and remove it with
+    :func:`shutil.rmtree` (local rank 0, after another barrier)."""
+    root = Path(tempfile.gettempdir()) / f"dino_universal_{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+    failure: Optional[BaseException] = None
+    if local_rank == 0:  # always afresh: a leftover copy may be of an older checkpoint at this path
+        tmp = root.with_name(f"{root.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            _convert(Path(folder), tmp)
+            shutil.rmtree(root, ignore_errors=True)
+            tmp.rename(root)
+        except BaseException as exc:  # raised after the barrier, so no rank waits forever
+            failure = exc
+            shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    if failure is not None:
+        raise failure
+    if not (root / UNIVERSAL_TAG).is_dir():
+        raise RuntimeError(f"no universal checkpoint at {root}: its conversion failed on this node's local rank 0")
+    return root

@@ -1,0 +1,145 @@
+"""Resuming a DeepSpeed training checkpoint on another worker count (dino_scale.engine.elastic):
+real engines on gloo CPU ranks, the project's save/load functions, compared with a run that
+kept its worker count."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from dino_scale.config import ConfigError, preset
+from dino_scale.engine.deepspeed_utils import check_train_config
+from dino_scale.engine.elastic import check_resumable, saved_world_size
+
+# ``save``: 2 optimizer steps on the global batches 0 and 1, a checkpoint, then step 2 (the
+# reference). ``load``: on this world size, the checkpoint (converted to the universal format
+# when needed), then step 2. A global batch is 8 samples (micro-batches of 2, accumulation
+# 8 / (2 x world)); which rank sees which sample does not change the averaged gradient. Two
+# parameter groups with their own lr and weight decay, and a frozen layer, as in DINO.
+_SCRIPT = textwrap.dedent("""
+    import json, shutil, sys
+    from pathlib import Path
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param
+    from dino_scale.config import preset
+    from dino_scale.engine.checkpoint import TrainState, load_training_checkpoint, save_training_checkpoint
+    from dino_scale.engine.deepspeed_utils import AccumulationWindow, build_ds_config, init_deepspeed
+    from dino_scale.engine.elastic import check_resumable, saved_world_size, universal_resume
+
+    mode, root, stages = sys.argv[1], Path(sys.argv[2]), [int(s) for s in sys.argv[3].split(",")]
+    torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    gen = torch.Generator().manual_seed(3)
+    samples = [(torch.randn(8, 6, generator=gen), torch.randn(8, 2, generator=gen)) for _ in range(3)]
+
+    def step(engine, window, t):
+        x, y = samples[t]
+        for m in range(window.accum):
+            i = (m * world + rank) * 2
+            window.backward(((engine(x[i:i + 2]) - y[i:i + 2]) ** 2).mean())
+        window.flush()
+
+    for stage in stages:
+        folder = root / f"stage{stage}"
+        tc = preset("tiny", {"train.zero_stage": stage, "train.global_batch_size": 8, "train.clip_max_norm": 1.0}).train
+        ds = build_ds_config(tc, 2, world)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 12),
+                                    torch.nn.Tanh(), torch.nn.Linear(12, 2))
+        model[0].requires_grad_(False)
+        groups = [{"params": list(model[2].parameters()), "lr": 3e-3, "weight_decay": 0.05},
+                  {"params": list(model[4].parameters()), "lr": 6e-3, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+        universal = None
+        if mode == "load":
+            saved = saved_world_size(folder)
+            if check_resumable(saved, world, stage):
+                universal = universal_resume(folder, str(folder), rank, torch.distributed.barrier)
+                ds["checkpoint"] = {"load_universal": True}
+        engine = init_deepspeed(model, optimizer, scheduler, ds)
+        window = AccumulationWindow(engine, ds["gradient_accumulation_steps"])
+        if mode == "save":
+            step(engine, window, 0)
+            step(engine, window, 1)
+            save_training_checkpoint(folder, engine, TrainState(global_step=2, world=world), rank)
+        else:
+            state = load_training_checkpoint(folder, engine, rank, universal_root=universal)
+            assert state.global_step == 2
+            if universal is not None:
+                torch.distributed.barrier()
+                if rank == 0:
+                    shutil.rmtree(universal)
+        step(engine, window, 2)
+        params = [(safe_get_full_fp32_param(p) if stage and p.requires_grad else p.detach()).tolist()
+                  for p in engine.module.parameters()]
+        if rank == 0:
+            print("REPORT " + json.dumps({
+                "stage": stage, "world": world, "universal": universal is not None, "params": params,
+                "groups": [(g["lr"], g["weight_decay"]) for g in engine.optimizer.param_groups]}), flush=True)
+    torch.distributed.destroy_process_group()
+""")
+
+
+def _run(world: int, *args: str) -> list[dict]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", _SCRIPT, *args], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:] + err[-3000:]
+    return [json.loads(l[len("REPORT "):]) for l in outs[0][0].splitlines() if l.startswith("REPORT ")]
+
+
+def _max_diff(a: list, b: list) -> float:
+    if isinstance(a, list):
+        return max((_max_diff(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
+    return abs(a - b)
+
+
+@pytest.mark.parametrize("saved_world, world, stages", [(2, 1, "0,1,2"), (1, 2, "2")])
+def test_resume_on_another_worker_count_matches_the_uninterrupted_run(tmp_path, saved_world, world, stages):
+    """ZeRO 0 (plain load), 1 and 2 (universal copy): the step after the resume on another worker
+    count equals the uninterrupted run's, parameter groups keep their lr and weight decay."""
+    reference = _run(saved_world, "save", str(tmp_path), stages)
+    assert saved_world_size(tmp_path / "stage2") == saved_world
+    resumed = _run(world, "load", str(tmp_path), stages)
+    assert [r["stage"] for r in resumed] == [int(s) for s in stages.split(",")]
+    for ref, res in zip(reference, resumed):
+        assert res["universal"] == (res["stage"] > 0), res["stage"]
+        assert _max_diff(ref["groups"], res["groups"]) < 1e-12, res["stage"]
+        assert _max_diff(ref["params"], res["params"]) < 1e-6, res["stage"]
+    assert not list(Path(tmp_path).glob("stage*/ds_universal"))  # converted beside, not into, the checkpoint
+
+
+def test_zero3_on_another_worker_count_is_refused_up_front():
+    assert check_resumable(2, 2, 3) is False and check_resumable(0, 4, 3) is False
+    with pytest.raises(ConfigError, match="ZeRO-3 checkpoint was written by 2 workers and cannot resume on 1"):
+        check_resumable(2, 1, 3)
+    tc = preset("tiny", {"train.zero_stage": 3, "train.min_workers": 1, "train.num_workers": 2,
+                         "train.global_batch_size": 4}).train
+    with pytest.raises(ConfigError, match="elastic run"):
+        check_train_config(tc, 2, 2)
+    tc.zero_stage = 2
+    check_train_config(tc, 2, 2)
+
+
+def test_saved_world_size_of_a_checkpoint_from_before_it_was_recorded(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"epoch": 0, "micro_in_epoch": 2}))
+    for r in range(4):
+        (tmp_path / "ds" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    assert saved_world_size(tmp_path) == 4
+    assert saved_world_size(tmp_path / "missing") == 0

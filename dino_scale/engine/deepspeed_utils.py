@@ -94,7 +94,8 @@ def check_train_config(cfg: TrainConfig, micro_batch_size: int, world_size: int)
 
     build_ds_config(cfg, micro_batch_size, world_size)
     lr_factor_fn(cfg, 1)
-    if cfg.min_workers is not None and cfg.zero_stage >= 3:  # dino_scale.engine.elastic
+    elastic = cfg.min_workers is not None and cfg.min_workers < cfg.num_workers  # as in trainer.worker_count
+    if elastic and cfg.zero_stage >= 3:  # dino_scale.engine.elastic
         raise ConfigError("an elastic run (train.min_workers) resumes on other worker counts, which "
                           "DeepSpeed cannot do for ZeRO-3 checkpoints: use train.zero_stage <= 2")
     if cfg.ema_decay is not None and not 0.0 < cfg.ema_decay < 1.0:
@@ -202,13 +203,15 @@ class AccumulationWindow:
     step over them. A skipped micro-batch adds no gradient (its samples weigh zero in that
     step), a window with none backpropagated takes no step, and an epoch ending mid-window
     (the data ran out) is flushed. So no gradient is ever pending at an epoch end or a
-    checkpoint: a resumed run continues exactly. DeepSpeed's own counter counted successful
+    checkpoint: a resumed run continues exactly. ``step_applied`` says whether the last flush
+    changed the weights (False when fp16 loss scaling found an overflow and skipped it). DeepSpeed's own counter counted successful
     micro-batches only: one skip shifted every later step, steps spanned epochs, and the
     gradients pending at a checkpoint were lost on resume.
     """
 
     def __init__(self, engine, accum: int):
         self.engine, self.accum, self.pending = engine, int(accum), 0
+        self.step_applied = False  # whether the last flush updated the weights (fp16: not on overflow)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -222,8 +225,10 @@ class AccumulationWindow:
         """One optimizer step over the pending micro-batches; returns how many there were
         (0: no step taken)."""
         n, self.pending = self.pending, 0
+        self.step_applied = False
         if n:
             self.engine.step()
+            self.step_applied = bool(self.engine.was_step_applied())
         return n
 
 

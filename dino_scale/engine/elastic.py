@@ -14,20 +14,23 @@ front.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from dino_scale.config import ConfigError
 from dino_scale.engine.checkpoint import DS_TAG, STATE_NAME
 
-__all__ = ["saved_world_size", "check_resumable", "universal_resume", "UNIVERSAL_TAG"]
+__all__ = ["saved_world_size", "check_resumable", "universal_resume", "resume_source", "ResumeSource", "UNIVERSAL_TAG"]
 
 UNIVERSAL_TAG = f"{DS_TAG}_universal"
 
@@ -68,11 +71,13 @@ def _convert(folder: Path, out: Path) -> None:
 
 def universal_resume(folder: Path, key: str, local_rank: int, barrier) -> Path:
     """The universal copy of the checkpoint in ``folder``, converted by each node's local rank 0
-    into a temporary folder named after ``key`` (the checkpoint's storage path: every rank of a
-    node finds the same folder). Collective: every rank calls it; ``barrier()`` waits for all.
+    into a temporary folder named after ``key`` (the checkpoint's storage path) and the host
+    name: every rank of a node finds the same folder, and nodes sharing a temporary
+    directory do not collide. Collective: every rank calls it; ``barrier()`` waits for all.
     Load it with ``engine.load_checkpoint(root, tag=UNIVERSAL_TAG)`` and remove it with
     :func:`shutil.rmtree` (local rank 0, after another barrier)."""
-    root = Path(tempfile.gettempdir()) / f"dino_universal_{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+    node_key = f"{socket.gethostname()}:{key}"  # one folder per node, also where /tmp is shared
+    root = Path(tempfile.gettempdir()) / f"dino_universal_{hashlib.sha1(node_key.encode()).hexdigest()[:16]}"
     failure: Optional[BaseException] = None
     if local_rank == 0:  # always afresh: a leftover copy may be of an older checkpoint at this path
         tmp = root.with_name(f"{root.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -89,3 +94,40 @@ def universal_resume(folder: Path, key: str, local_rank: int, barrier) -> Path:
     if not (root / UNIVERSAL_TAG).is_dir():
         raise RuntimeError(f"no universal checkpoint at {root}: its conversion failed on this node's local rank 0")
     return root
+
+
+@dataclass
+class ResumeSource:
+    """What a worker resumes from: ``folder`` (the checkpoint, None for a fresh start), the
+    worker count that wrote it, and ``universal`` (its universal copy, or None)."""
+
+    folder: Optional[Path] = None
+    saved_world: int = 0
+    universal: Optional[Path] = None
+
+
+@contextlib.contextmanager
+def resume_source(checkpoint, world: int, zero_stage: int, local_rank: int, barrier) -> Iterator[ResumeSource]:
+    """Collective: open a Ray Train ``checkpoint`` (or None) for this worker, converting it to
+    the universal format when it was written by another worker count (ZeRO-1/2). Set the
+    engine's ``"checkpoint": {"load_universal": true}`` when ``universal`` is set, build and
+    load it inside the block. On leaving, the universal copy is removed: after ``barrier()``
+    when the block succeeded, at once when it failed (a rank that failed alone must not wait
+    for ranks stuck in a collective)."""
+    if checkpoint is None:
+        yield ResumeSource()
+        return
+    with checkpoint.as_directory() as folder:
+        source = ResumeSource(Path(folder), saved_world_size(Path(folder)))
+        if check_resumable(source.saved_world, world, zero_stage):
+            source.universal = universal_resume(source.folder, checkpoint.path, local_rank, barrier)
+        ok = False
+        try:
+            yield source
+            ok = True
+        finally:
+            if source.universal is not None:
+                if ok:
+                    barrier()  # every rank of the node has read the copy
+                if local_rank == 0:
+                    shutil.rmtree(source.universal, ignore_errors=True)

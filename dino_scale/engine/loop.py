@@ -10,7 +10,6 @@ initial weights only, without DeepSpeed) and ``test_hooks`` (fault injection for
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -33,7 +32,7 @@ from dino_scale.engine.checkpoint import (
 from dino_scale.engine.deepspeed_utils import (
     AccumulationWindow, ModelEMA, build_ds_config, full_state_dict, grad_accum_steps, init_deepspeed,
 )
-from dino_scale.engine.elastic import check_resumable, saved_world_size, universal_resume
+from dino_scale.engine.elastic import resume_source
 from dino_scale.engine.evaluate import coco_evaluate, evaluate_batches, gather_to_rank0
 from dino_scale.engine.optim import build_optimizer, build_scheduler
 from dino_scale.engine.progress import LossWindow, WindowMeter
@@ -242,27 +241,20 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     ds_config = build_ds_config(tc, micro, world)
     state = TrainState(world=world)
     restored = ray.train.get_checkpoint()
-    with restored.as_directory() if restored is not None else contextlib.nullcontext() as folder:
-        saved_world = saved_world_size(folder) if folder else world
-        universal = None
-        if folder and check_resumable(saved_world, world, tc.zero_stage):  # ZeRO-1/2, another worker count
-            universal = universal_resume(folder, restored.path, ctx.get_local_rank(), torch.distributed.barrier)
+    with resume_source(restored, world, tc.zero_stage, ctx.get_local_rank(), torch.distributed.barrier) as source:
+        if source.universal is not None:  # ZeRO-1/2 written by another worker count
             ds_config["checkpoint"] = {"load_universal": True}
         engine = init_deepspeed(model, optimizer, scheduler, ds_config)
         ema = ModelEMA(engine, tc.ema_decay) if tc.ema_decay else None
-        if folder:
-            state = load_training_checkpoint(folder, engine, rank, ema, universal_root=universal)
+        if source.folder is not None:
+            state = load_training_checkpoint(source.folder, engine, rank, ema, universal_root=source.universal)
             state.resumes += 1
-            state.world = state.world or saved_world  # a checkpoint from before TrainState.world
+            state.world = state.world or source.saved_world  # a checkpoint from before TrainState.world
             exact = state.rescale_to(world)
-            if universal is not None:
-                torch.distributed.barrier()  # every rank of the node has read the copy
-                if ctx.get_local_rank() == 0:
-                    shutil.rmtree(universal, ignore_errors=True)
             if rank == 0:
                 log.warning("resumed from %s at epoch %d, step %d%s", restored.path, state.epoch, state.global_step,
-                            f" ({saved_world} -> {world} workers{'' if exact else ', position rounded down'})"
-                            if saved_world not in (0, world) else "")
+                            f" ({source.saved_world} -> {world} workers{'' if exact else ', position rounded down'})"
+                            if source.saved_world not in (0, world) else "")
     guard = BadStepGuard(tc.max_bad_steps)
     guard.load_state_dict(state.bad_steps)
 
@@ -308,6 +300,10 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         nonlocal last_ckpt_step
         if not micro_batches:  # every micro-batch of the window was skipped: no step
             return
+        if not accumulation.step_applied:  # fp16 loss scale overflowed: DeepSpeed skipped the update
+            if rank == 0:
+                log.warning("fp16 overflow at step %d: update skipped, loss scale lowered", state.global_step)
+            return
         state.global_step += 1
         state.images_seen += micro_batches * micro * world
         meter.add_step()
@@ -321,6 +317,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             _report(metrics_now())
 
     micro_total = state.epoch * steps_per_epoch * accum + state.micro_in_epoch
+    window_start = (state.micro_in_epoch, guard.state_dict())  # where an abort's checkpoint resumes
     nan_steps = set(int(s) for s in hooks.get("nan_micro_steps", []))
     try:
         while not state.finished and state.global_step < total_steps and state.epoch < tc.epochs:
@@ -335,6 +332,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 next(batches, None)
             batch = ()
             while state.micro_in_epoch < limit and state.global_step < total_steps:
+                if accumulation.ends_at(state.micro_in_epoch):  # a window starts
+                    window_start = (state.micro_in_epoch, guard.state_dict())
                 t0 = time.perf_counter()
                 batch = next(batches, None)
                 meter.add_wait(time.perf_counter() - t0)
@@ -367,12 +366,16 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                     _report(metrics_now(), write_state, f"ckpt_{state.global_step:09d}_{state.epoch}_0")
                     last_ckpt_step = state.global_step
     except BadStepError as exc:  # every rank raises together (the finiteness flag is all-reduced)
-        abort = str(exc)
+        abort, bad_total = str(exc), guard.total
+        # the final checkpoint resumes at the window's start: its micro-batches were never applied
+        state.micro_in_epoch, start_guard = window_start
+        guard.load_state_dict(start_guard)
+    bad_total = guard.total if abort is None else bad_total
 
     # final: full weights (all ranks gather for ZeRO-3), distributed evaluation, last report
     full = full_state_dict(engine, rank=rank, all_ranks=True)
     final_metrics: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch, "final": True,
-                                     "bad_steps_total": guard.total, "images_seen": state.images_seen,
+                                     "bad_steps_total": bad_total, "images_seen": state.images_seen,
                                      "resumes": state.resumes}
     if abort:
         final_metrics["abort_reason"] = abort
@@ -396,6 +399,6 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 atomic_write_text(folder / "detections.json", json.dumps(detections))
 
     if tracker is not None:
-        tracker.log_metrics({"bad_steps_total": guard.total}, step=state.global_step)
+        tracker.log_metrics({"bad_steps_total": bad_total}, step=state.global_step)
         tracker.close(timeout_s=float(loop_cfg.get("tracking_close_timeout_s", 30)))
     _report(final_metrics, write_final, f"final_{state.global_step:09d}")

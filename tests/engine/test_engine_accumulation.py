@@ -14,7 +14,7 @@ import pytest
 from dino_scale.engine.checkpoint import TrainState
 
 # Each rank runs this. Per stage: 4 accumulation windows of 2 micro-batches over the ranks' own
-# data ("ok" micro-batches are backpropagated, "skip" ones stand for non-finite losses):
+# data ("ok" micro-batches are backpropagated, "skip" ones, forward only, stand for non-finite losses):
 # [ok, ok] a full step; [skip, ok] a step over one micro-batch; [skip, skip] no step; [ok] a
 # window the data cut short. The reference replays the same steps in plain torch: the gradient
 # of a step is the sum over ranks and backpropagated micro-batches of loss / accum, averaged
@@ -51,9 +51,10 @@ _WINDOWS = textwrap.dedent("""
         for w, kinds in enumerate(pattern):
             for m, kind in enumerate(kinds):
                 micro += 1
+                x, y = data[rank][w][m]
+                loss = ((engine(x) - y) ** 2).mean()  # the loop runs the forward of a skipped one too
                 if kind == "ok":
-                    x, y = data[rank][w][m]
-                    window.backward(((engine(x) - y) ** 2).mean())
+                    window.backward(loss)
                 if window.ends_at(micro):
                     flushed.append(window.flush())
             if window.pending:  # the last window, cut short
@@ -125,3 +126,60 @@ def test_ds_config_hands_the_accumulation_boundary_to_the_loop(world):
     ds = build_ds_config(preset("tiny", {"train.global_batch_size": 8}).train, 2, world)
     assert ds["managed_gradient_accumulation"] is False
     assert ds["gradient_accumulation_steps"] * 2 * world == ds["train_batch_size"] == 8
+
+
+# fp16 (DeepSpeed's loss scaling; this CPU lacks oneDNN fp16, so the capability check is lifted as
+# in test_engine_optim): a window whose scaled gradients overflow is flushed without an update,
+# and ``step_applied`` says so; the loop then counts no step.
+_FP16 = textwrap.dedent("""
+    import json, sys
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    from dino_scale.config import preset
+    from dino_scale.engine.deepspeed_utils import AccumulationWindow, build_ds_config, init_deepspeed
+
+    type(get_accelerator()).is_fp16_supported = lambda self: True
+    torch.distributed.init_process_group("gloo")
+    for stage in map(int, sys.argv[1].split(",")):
+        tc = preset("tiny", {"train.zero_stage": stage, "train.precision": "fp16", "train.global_batch_size": 4}).train
+        ds = build_ds_config(tc, 2, 1)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        engine = init_deepspeed(model, torch.optim.AdamW(model.parameters(), lr=1e-3), None, ds)
+        window = AccumulationWindow(engine, ds["gradient_accumulation_steps"])
+        x, y = torch.randn(2, 8).half(), torch.randn(2, 3).half()
+
+        def run(scale):
+            for _ in range(window.accum):
+                window.backward(((engine(x) - y) ** 2).mean().float() * scale)
+            before = [p.detach().clone() for p in engine.module.parameters()]
+            window.flush()
+            return any(not torch.equal(a, p.detach()) for a, p in zip(before, engine.module.parameters()))
+
+        huge_changed = run(1e30)
+        huge_applied = window.step_applied
+        tries = 0
+        while tries < 40:
+            tries += 1
+            changed = run(1.0)
+            if window.step_applied:
+                break
+        print("REPORT " + json.dumps({"stage": stage, "huge_applied": huge_applied, "huge_changed": huge_changed,
+                                      "applied": window.step_applied, "changed": changed, "tries": tries}), flush=True)
+    torch.distributed.destroy_process_group()
+""")
+
+
+def test_fp16_overflow_window_is_flushed_without_an_update():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+               WORLD_SIZE="1", LOCAL_RANK="0", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _FP16, "0,2"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = [json.loads(l[len("REPORT "):]) for l in proc.stdout.splitlines() if l.startswith("REPORT ")]
+    assert [r["stage"] for r in reports] == [0, 2]
+    for r in reports:
+        assert r["huge_applied"] is False and r["huge_changed"] is False, r
+        assert r["applied"] is True and r["changed"] is True, r

@@ -132,7 +132,9 @@ def test_zero3_on_another_worker_count_is_refused_up_front():
                          "train.global_batch_size": 4}).train
     with pytest.raises(ConfigError, match="elastic run"):
         check_train_config(tc, 2, 2)
-    tc.zero_stage = 2
+    tc.min_workers = 2  # not elastic: min == max
+    check_train_config(tc, 2, 2)
+    tc.min_workers, tc.zero_stage = 1, 2
     check_train_config(tc, 2, 2)
 
 

@@ -207,7 +207,8 @@ def test_zero3_fit_eval_and_mlflow_server_outage(zero3_reference, data):
 
 @pytest.mark.timeout(600)
 def test_nan_steps_skipped_then_abort(ray_session, data, tmp_path, monkeypatch):
-    """bf16 + ZeRO-1: one NaN step is skipped and counted; two in a row abort clearly."""
+    """bf16 + ZeRO-1, accumulation 2: one NaN micro-batch is skipped and counted; two in a row
+    abort clearly, and the abort's checkpoint resumes at the aborted window's start."""
     from mlflow.tracking import MlflowClient
 
     from dino_scale.engine import fit
@@ -215,11 +216,19 @@ def test_nan_steps_skipped_then_abort(ray_session, data, tmp_path, monkeypatch):
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     train_dir, _ = data
-    cfg = small_cfg(**{"train.zero_stage": 1, "train.precision": "bf16", "train.max_bad_steps": 2})
-    hooks = {"nan_micro_steps": [1, 3, 4]}  # 1 isolated bad step, then 2 in a row (4 micro-batches/epoch)
+    cfg = small_cfg(**{"train.zero_stage": 1, "train.precision": "bf16", "train.max_bad_steps": 2,
+                       "train.global_batch_size": 8})
+    # 4 micro-batches per worker and epoch, accumulation 2: the first window [NaN, ok] is a step,
+    # the second [NaN, NaN] aborts (2 in a row)
+    hooks = {"nan_micro_steps": [1, 3, 4]}
     with pytest.raises(BadStepError, match=r"2 consecutive non-finite loss steps.*3 skipped in total"):
         fit(cfg, train_dir, None, tmp_path / "work", unique("nan"), experiment="engine-test", test_hooks=hooks,
             progress=False)
+    # the abort's checkpoint resumes at the start of the aborted window, with the guard as it was there
+    (final,) = (tmp_path / "work" / "ray").glob("*/final_*/trainer_state.json")
+    state = json.loads(final.read_text())
+    assert (state["global_step"], state["micro_in_epoch"], state["finished"]) == (1, 2, False), state
+    assert state["bad_steps"] == {"total": 1, "consecutive": 0}, state
     client = MlflowClient(f"sqlite:///{(tmp_path / 'work' / 'mlflow.db').resolve()}")
     runs = client.search_runs([client.get_experiment_by_name("engine-test").experiment_id])
     assert runs[0].info.status == "FAILED" and "consecutive non-finite" in runs[0].data.tags["error"]

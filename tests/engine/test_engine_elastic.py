@@ -23,14 +23,15 @@ from dino_scale.engine.elastic import check_resumable, saved_world_size
 # 8 / (2 x world)); which rank sees which sample does not change the averaged gradient. Two
 # parameter groups with their own lr and weight decay, and a frozen layer, as in DINO.
 _SCRIPT = textwrap.dedent("""
-    import json, shutil, sys
+    import json, sys
     from pathlib import Path
     import torch
     from deepspeed.utils import safe_get_full_fp32_param
     from dino_scale.config import preset
     from dino_scale.engine.checkpoint import TrainState, load_training_checkpoint, save_training_checkpoint
     from dino_scale.engine.deepspeed_utils import AccumulationWindow, build_ds_config, init_deepspeed
-    from dino_scale.engine.elastic import check_resumable, saved_world_size, universal_resume
+    from dino_scale.engine.elastic import resume_source
+    from ray.train import Checkpoint
 
     mode, root, stages = sys.argv[1], Path(sys.argv[2]), [int(s) for s in sys.argv[3].split(",")]
     torch.distributed.init_process_group("gloo")
@@ -57,31 +58,27 @@ _SCRIPT = textwrap.dedent("""
                   {"params": list(model[4].parameters()), "lr": 6e-3, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
-        universal = None
-        if mode == "load":
-            saved = saved_world_size(folder)
-            if check_resumable(saved, world, stage):
-                universal = universal_resume(folder, str(folder), rank, torch.distributed.barrier)
+        checkpoint = Checkpoint.from_directory(str(folder)) if mode == "load" else None
+        with resume_source(checkpoint, world, stage, rank, torch.distributed.barrier) as source:  # as the loop
+            if source.universal is not None:
                 ds["checkpoint"] = {"load_universal": True}
-        engine = init_deepspeed(model, optimizer, scheduler, ds)
+            engine = init_deepspeed(model, optimizer, scheduler, ds)
+            if mode == "load":
+                state = load_training_checkpoint(folder, engine, rank, universal_root=source.universal)
+                assert state.global_step == 2 and source.saved_world == state.world
+        universal = source.universal
         window = AccumulationWindow(engine, ds["gradient_accumulation_steps"])
         if mode == "save":
             step(engine, window, 0)
             step(engine, window, 1)
             save_training_checkpoint(folder, engine, TrainState(global_step=2, world=world), rank)
-        else:
-            state = load_training_checkpoint(folder, engine, rank, universal_root=universal)
-            assert state.global_step == 2
-            if universal is not None:
-                torch.distributed.barrier()
-                if rank == 0:
-                    shutil.rmtree(universal)
         step(engine, window, 2)
         params = [(safe_get_full_fp32_param(p) if stage and p.requires_grad else p.detach()).tolist()
                   for p in engine.module.parameters()]
         if rank == 0:
             print("REPORT " + json.dumps({
                 "stage": stage, "world": world, "universal": universal is not None, "params": params,
+                "copy_left": universal is not None and universal.exists(),
                 "groups": [(g["lr"], g["weight_decay"]) for g in engine.optimizer.param_groups]}), flush=True)
     torch.distributed.destroy_process_group()
 """)
@@ -118,7 +115,7 @@ def test_resume_on_another_worker_count_matches_the_uninterrupted_run(tmp_path, 
     resumed = _run(world, "load", str(tmp_path), stages)
     assert [r["stage"] for r in resumed] == [int(s) for s in stages.split(",")]
     for ref, res in zip(reference, resumed):
-        assert res["universal"] == (res["stage"] > 0), res["stage"]
+        assert res["universal"] == (res["stage"] > 0) and not res["copy_left"], res["stage"]
         assert _max_diff(ref["groups"], res["groups"]) < 1e-12, res["stage"]
         assert _max_diff(ref["params"], res["params"]) < 1e-6, res["stage"]
     assert not list(Path(tmp_path).glob("stage*/ds_universal"))  # converted beside, not into, the checkpoint
@@ -145,3 +142,25 @@ def test_saved_world_size_of_a_checkpoint_from_before_it_was_recorded(tmp_path):
         (tmp_path / "ds" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
     assert saved_world_size(tmp_path) == 4
     assert saved_world_size(tmp_path / "missing") == 0
+
+
+def test_a_failed_conversion_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    """A checkpoint of 2 workers resumed on 1 whose DeepSpeed files are unreadable: the error names
+    the conversion and its output; no temporary folder is left behind."""
+    import tempfile
+
+    from ray.train import Checkpoint
+
+    from dino_scale.engine.elastic import resume_source
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "ds").mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"world": 2}))
+    for r in range(2):
+        (ckpt / "ds" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"not a torch file")
+    with pytest.raises(RuntimeError, match=r"converting .*ds to DeepSpeed's universal format failed"):
+        with resume_source(Checkpoint.from_directory(str(ckpt)), 1, 2, 0, lambda: None):
+            pytest.fail("the block must not run")
+    assert list((tmp_path / "tmp").iterdir()) == []

@@ -70,18 +70,18 @@ def _initial_state(cfg):
 # Ray Train run costs ~1 min of fixed start-up on a 2-core CI box; ZeRO-2 runs in the
 # fake-autoscaler test (tests/cluster/test_cluster_autoscale.py).
 def _reference_cfg():
-    # two epochs of 2 optimizer steps, each over 2 micro-batches per worker (gradient accumulation),
-    # checkpoints at the epoch ends (steps 2 and 4) and at step 3; deterministic so a resumed run
-    # can be compared bit for bit
+    # one epoch of 2 optimizer steps, each over 2 micro-batches per worker (gradient accumulation),
+    # a checkpoint at each step; deterministic so a resumed run can be compared bit for bit
     return small_cfg(**{"train.zero_stage": 3, "train.deterministic": True, "train.max_failures": 1,
-                        "train.lr": 5e-4, "train.lr_backbone": 5e-4, "train.global_batch_size": 8,
-                        "train.epochs": 2, "train.checkpoint_every_steps": 3})
+                        "train.lr": 1e-3, "train.lr_backbone": 1e-3, "train.global_batch_size": 8,
+                        "train.checkpoint_every_steps": 1})
 
 
 # Both runs skip the 3rd micro-batch (a NaN loss): the first of the epoch's second accumulation
 # window, so that step holds one micro-batch. DeepSpeed's own accumulation counted successful
-# micro-batches only: the skip shifted every later step (3 steps in place of 4, steps across the
-# epoch boundary, gradients pending at checkpoints and lost on resume).
+# micro-batches only: the skip shifted every later step (here 1 step in place of 2, the last
+# micro-batch's gradient left pending at the epoch's end; with more epochs, steps across the
+# epoch boundary and gradients lost on resume).
 _REFERENCE_HOOKS = {"nan_micro_steps": [3]}
 
 
@@ -107,7 +107,7 @@ def zero3_reference(ray_session, data, tmp_path_factory):
             while not checkpoint_names():
                 time.sleep(0.1)
             # by name, not count: with checkpoints_to_keep=2 the count stops growing. Taken before
-            # the stop so the step-4 checkpoint (written before the final flush) always counts as new.
+            # the stop so the last step's checkpoint (written before the final flush) always counts as new.
             seen = checkpoint_names()
             server.stop()
             events.append("stopped")
@@ -159,10 +159,10 @@ def test_zero3_fit_eval_and_mlflow_server_outage(zero3_reference, data):
     final_ckpt = Path(result.checkpoint_path)
     assert {f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")} <= \
         set(os.listdir(final_ckpt / "ds"))
-    assert result.metrics["step"] == 4 and result.metrics["bad_steps_total"] == 1
-    assert result.metrics["resumes"] == 0 and result.metrics["epoch"] == 2
-    # 2 workers x 2 images x 8 micro-batches, less the skipped one's 2 x 2
-    assert result.metrics["images_seen"] == 28
+    assert result.metrics["step"] == 2 and result.metrics["bad_steps_total"] == 1
+    assert result.metrics["resumes"] == 0 and result.metrics["epoch"] == 1
+    # 2 workers x 2 images x 4 micro-batches, less the skipped one's 2 x 2
+    assert result.metrics["images_seen"] == 12
 
     # the loss went down (same images, same denoising noise, before vs after)
     before = _fixed_loss(cfg, _initial_state(cfg), train_dir)
@@ -198,7 +198,7 @@ def test_zero3_fit_eval_and_mlflow_server_outage(zero3_reference, data):
     assert {"preset", "git_sha", "workers", "gpus"} <= set(run.data.tags)
     assert run.data.tags["workers"] == "2" and run.data.tags["purpose"] == "test"
     steps = sorted(m.step for m in client.get_metric_history(result.run_id, "loss"))
-    assert steps == list(range(1, 5)), steps
+    assert steps == [1, 2], steps
     for key in ("lr", "img_per_s", "data_wait_share", "train/loss_ce", "eval/AP", "final/AP"):
         assert client.get_metric_history(result.run_id, key), key
     arts = {f.path for f in client.list_artifacts(result.run_id, "model")}
@@ -247,7 +247,7 @@ def test_zero3_exact_resume_after_worker_kill(zero3_reference, data, tmp_path, m
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     train_dir, _ = data
     cfg, ref, *_ = zero3_reference
-    assert ref.metrics["step"] == 4 and ref.metrics["resumes"] == 0
+    assert ref.metrics["step"] == 2 and ref.metrics["resumes"] == 0
 
     pid_file = tmp_path / "worker.pid"
     run_name = unique("killed")
@@ -264,7 +264,7 @@ def test_zero3_exact_resume_after_worker_kill(zero3_reference, data, tmp_path, m
 
     def killer():
         deadline = time.monotonic() + 600
-        while not (pid_file.exists() and registered_step() >= 3) and time.monotonic() < deadline:
+        while not (pid_file.exists() and registered_step() >= 1) and time.monotonic() < deadline:
             time.sleep(0.05)
         if pid_file.exists():
             pid = int(pid_file.read_text())
@@ -273,17 +273,17 @@ def test_zero3_exact_resume_after_worker_kill(zero3_reference, data, tmp_path, m
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    # rank 1 stops after step 4 (checkpoint at step 3, half-way through the second epoch): the
-    # kill resumes mid-epoch (the consumed micro-batches of the epoch are skipped, the augmentation
-    # draws must line up). The kill waits until the controller has registered the step-3
-    # checkpoint (its snapshot file says so). No val set: the comparison is of weights
-    # (evaluation would not change them).
-    hooks = {**_REFERENCE_HOOKS, "pid_file": str(pid_file), "pid_rank": 1, "pid_after_step": 4, "pause_s": 120}
+    # rank 1 stops after step 2 (checkpoint at step 1, half-way through the epoch): the kill
+    # resumes mid-epoch (the consumed micro-batches of the epoch are skipped, the augmentation
+    # draws must line up) and replays the window with the NaN micro-batch. The kill waits until
+    # the controller has registered the step-1 checkpoint (its snapshot file says so). No val
+    # set: the comparison is of weights (evaluation would not change them).
+    hooks = {**_REFERENCE_HOOKS, "pid_file": str(pid_file), "pid_rank": 1, "pid_after_step": 2, "pause_s": 120}
     run = fit(cfg, train_dir, None, tmp_path / "killed", run_name, experiment="engine-test",
               test_hooks=hooks, progress=False)
     thread.join(timeout=5)
     assert killed, "the worker pid was never written"
-    assert run.metrics["step"] == 4 and run.metrics["resumes"] == 1  # restarted once, from a checkpoint
+    assert run.metrics["step"] == 2 and run.metrics["resumes"] == 1  # restarted once, from a checkpoint
     a, b = load_weights(ref.weights_path), load_weights(run.weights_path)
     assert a.keys() == b.keys()
     init = _initial_state(cfg)

@@ -67,3 +67,28 @@ class RaySession:
         finally:
             fcntl.flock(self._fh, fcntl.LOCK_UN)
             self._fh.close()
+
+
+def run_ranks(script: str, world: int, *args: str, timeout: float = 600) -> list[dict]:
+    """Run ``python -c script *args`` as ``world`` torch.distributed ranks (gloo on 127.0.0.1,
+    DeepSpeed on CPU); return the JSON of rank 0's ``REPORT {...}`` lines. Any rank failing
+    fails the test with its output."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", script, *args], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:] + err[-3000:]
+    return [json.loads(line[len("REPORT "):]) for line in outs[0][0].splitlines() if line.startswith("REPORT ")]

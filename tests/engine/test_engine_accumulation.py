@@ -2,16 +2,16 @@
 DeepSpeed engine: 2 gloo ranks on CPU, ZeRO 0/1/2/3, compared with plain torch."""
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from dino_scale.engine.checkpoint import TrainState
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_fixtures import run_ranks  # noqa: E402
 
 # Each rank runs this. Per stage: 4 accumulation windows of 2 micro-batches over the ranks' own
 # data ("ok" micro-batches are backpropagated, "skip" ones, forward only, stand for non-finite losses):
@@ -77,26 +77,10 @@ _WINDOWS = textwrap.dedent("""
 """)
 
 
-def _run_ranks(world: int, stages: str) -> list[dict]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-c", _WINDOWS, stages], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:] + err[-3000:]
-    return [json.loads(l[len("REPORT "):]) for l in outs[0][0].splitlines() if l.startswith("REPORT ")]
-
-
 def test_windows_with_skipped_micro_batches_match_plain_torch():
     """Every ZeRO stage: a skipped micro-batch adds no gradient and never shifts the windows, an
     all-skipped window takes no step, and a window cut short is applied, not left pending."""
-    reports = _run_ranks(2, "0,1,2,3")
+    reports = run_ranks(_WINDOWS, 2, "0,1,2,3")
     assert [r["stage"] for r in reports] == [0, 1, 2, 3]
     for r in reports:
         assert r["accum"] == 2 and r["managed"] is False, r
@@ -171,14 +155,7 @@ _FP16 = textwrap.dedent("""
 
 
 def test_fp16_overflow_window_is_flushed_without_an_update():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
-               WORLD_SIZE="1", LOCAL_RANK="0", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _FP16, "0,2"], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reports = [json.loads(l[len("REPORT "):]) for l in proc.stdout.splitlines() if l.startswith("REPORT ")]
+    reports = run_ranks(_FP16, 1, "0,2")
     assert [r["stage"] for r in reports] == [0, 2]
     for r in reports:
         assert r["huge_applied"] is False and r["huge_changed"] is False, r

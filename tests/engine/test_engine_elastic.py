@@ -4,14 +4,14 @@ kept its worker count."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_fixtures import run_ranks  # noqa: E402
 
 from dino_scale.config import ConfigError, preset
 from dino_scale.engine.deepspeed_utils import check_train_config
@@ -84,22 +84,6 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run(world: int, *args: str) -> list[dict]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-c", _SCRIPT, *args], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:] + err[-3000:]
-    return [json.loads(l[len("REPORT "):]) for l in outs[0][0].splitlines() if l.startswith("REPORT ")]
-
-
 def _max_diff(a: list, b: list) -> float:
     if isinstance(a, list):
         return max((_max_diff(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
@@ -110,9 +94,9 @@ def _max_diff(a: list, b: list) -> float:
 def test_resume_on_another_worker_count_matches_the_uninterrupted_run(tmp_path, saved_world, world, stages):
     """ZeRO 0 (plain load), 1 and 2 (universal copy): the step after the resume on another worker
     count equals the uninterrupted run's, parameter groups keep their lr and weight decay."""
-    reference = _run(saved_world, "save", str(tmp_path), stages)
+    reference = run_ranks(_SCRIPT, saved_world, "save", str(tmp_path), stages)
     assert saved_world_size(tmp_path / "stage2") == saved_world
-    resumed = _run(world, "load", str(tmp_path), stages)
+    resumed = run_ranks(_SCRIPT, world, "load", str(tmp_path), stages)
     assert [r["stage"] for r in resumed] == [int(s) for s in stages.split(",")]
     for ref, res in zip(reference, resumed):
         assert res["universal"] == (res["stage"] > 0) and not res["copy_left"], res["stage"]

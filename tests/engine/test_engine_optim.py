@@ -1,12 +1,9 @@
 """Parameter groups, schedules and the DeepSpeed config (no Ray)."""
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +13,9 @@ from dino_scale.engine.deepspeed_utils import build_ds_config, grad_accum_steps
 from dino_scale.engine.optim import build_param_groups, build_scheduler, lr_factor_fn
 from dino_scale.engine.trainer import steps_per_epoch, worker_count, resources_per_worker
 from dino_scale.models import build_dino
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_fixtures import run_ranks  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -165,15 +165,7 @@ _PRECISION_STEP = textwrap.dedent("""
 
 
 def _precision_steps(precision: str, stages: str) -> list[dict]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
-               WORLD_SIZE="1", LOCAL_RANK="0", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _PRECISION_STEP, precision, stages], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads(l[len("REPORT "):]) for l in proc.stdout.splitlines() if l.startswith("REPORT ")]
+    return run_ranks(_PRECISION_STEP, 1, precision, stages)
 
 
 def test_bf16_trains_fp32_weights_and_keeps_frozen_ones_exact():

@@ -35,7 +35,7 @@ import torch
 __all__ = [
     "TrainState", "atomic_dir", "atomic_write_bytes", "atomic_write_text", "CheckpointManager",
     "save_rng_state", "load_rng_state", "save_weights", "load_weights", "save_training_checkpoint",
-    "load_training_checkpoint", "WEIGHTS_NAME", "CONFIG_NAME", "STATE_NAME", "DS_TAG", "COMPLETE_NAME",
+    "load_training_checkpoint", "WEIGHTS_NAME", "CONFIG_NAME", "STATE_NAME", "DS_TAG", "UNIVERSAL_TAG", "COMPLETE_NAME",
 ]
 
 PathLike = Union[str, Path]
@@ -44,6 +44,7 @@ CONFIG_NAME = "config.json"
 STATE_NAME = "trainer_state.json"
 COMPLETE_NAME = "COMPLETE"
 DS_TAG = "ds"
+UNIVERSAL_TAG = f"{DS_TAG}_universal"  # a universal-format copy of DS_TAG (dino_scale.engine.elastic)
 _TMP_MARK = ".tmp-"
 
 
@@ -268,11 +269,11 @@ def load_training_checkpoint(folder: PathLike, engine, rank: int, ema=None,
     state_file = folder / STATE_NAME
     if not state_file.is_file():
         raise FileNotFoundError(f"{folder} is not a training checkpoint (no {STATE_NAME})")
-    source, tag = (folder, DS_TAG) if universal_root is None else (Path(universal_root), f"{DS_TAG}_universal")
+    source, tag = (folder, DS_TAG) if universal_root is None else (Path(universal_root), UNIVERSAL_TAG)
     load_path, _client = engine.load_checkpoint(str(source), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder / DS_TAG}")
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {source / tag}")
     load_rng_state(folder, rank)
     if ema is not None and (folder / "ema.pt").is_file():
         ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=False))

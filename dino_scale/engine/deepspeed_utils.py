@@ -204,9 +204,9 @@ class AccumulationWindow:
     step), a window with none backpropagated takes no step, and an epoch ending mid-window
     (the data ran out) is flushed. So no gradient is ever pending at an epoch end or a
     checkpoint: a resumed run continues exactly. ``step_applied`` says whether the last flush
-    changed the weights (False when fp16 loss scaling found an overflow and skipped it). DeepSpeed's own counter counted successful
-    micro-batches only: one skip shifted every later step, steps spanned epochs, and the
-    gradients pending at a checkpoint were lost on resume.
+    changed the weights (False when fp16 loss scaling found an overflow and skipped it).
+    DeepSpeed's own counter counted successful micro-batches only: one skip shifted every later
+    step, steps spanned epochs, and the gradients pending at a checkpoint were lost on resume.
     """
 
     def __init__(self, engine, accum: int):

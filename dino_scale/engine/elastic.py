@@ -28,11 +28,9 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from dino_scale.config import ConfigError
-from dino_scale.engine.checkpoint import DS_TAG, STATE_NAME
+from dino_scale.engine.checkpoint import DS_TAG, STATE_NAME, UNIVERSAL_TAG
 
 __all__ = ["saved_world_size", "check_resumable", "universal_resume", "resume_source", "ResumeSource", "UNIVERSAL_TAG"]
-
-UNIVERSAL_TAG = f"{DS_TAG}_universal"
 
 
 def saved_world_size(folder: Path) -> int:
@@ -74,8 +72,8 @@ def universal_resume(folder: Path, key: str, local_rank: int, barrier) -> Path:
     into a temporary folder named after ``key`` (the checkpoint's storage path) and the host
     name: every rank of a node finds the same folder, and nodes sharing a temporary
     directory do not collide. Collective: every rank calls it; ``barrier()`` waits for all.
-    Load it with ``engine.load_checkpoint(root, tag=UNIVERSAL_TAG)`` and remove it with
-    :func:`shutil.rmtree` (local rank 0, after another barrier)."""
+    Load it with ``engine.load_checkpoint(root, tag=UNIVERSAL_TAG)``; :func:`resume_source`
+    removes it afterwards."""
     node_key = f"{socket.gethostname()}:{key}"  # one folder per node, also where /tmp is shared
     root = Path(tempfile.gettempdir()) / f"dino_universal_{hashlib.sha1(node_key.encode()).hexdigest()[:16]}"
     failure: Optional[BaseException] = None

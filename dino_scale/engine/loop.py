@@ -249,7 +249,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         if source.folder is not None:
             state = load_training_checkpoint(source.folder, engine, rank, ema, universal_root=source.universal)
             state.resumes += 1
-            state.world = state.world or source.saved_world  # a checkpoint from before TrainState.world
+            state.world = source.saved_world  # the state's own, or counted for a checkpoint from before it
             exact = state.rescale_to(world)
             if rank == 0:
                 log.warning("resumed from %s at epoch %d, step %d%s", restored.path, state.epoch, state.global_step,

@@ -83,11 +83,23 @@ class _EpochClock:
         return self.epoch
 
 
-def _clock(name: str):
-    key = _session_key("clock:" + name)
+def _named_actor(cls, name: str):
+    """The session's actor ``name`` of ``cls``, created on first use, pinned to the caller's
+    node. The datasets' builders call this on the driver, so these actors live on the
+    driver's node (the head, for a Ray job) and survive the loss of any training node, after
+    which an elastic run restarts and calls ``set_epoch`` again (an actor on the lost node
+    would fail that restart)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    key = _session_key(name)
     if key not in _handles:
-        _handles[key] = _EpochClock.options(name="dino_scale_data_epoch:" + name, get_if_exists=True).remote()
+        here = NodeAffinitySchedulingStrategy(node_id=key[0], soft=True)
+        _handles[key] = cls.options(name=name, get_if_exists=True, scheduling_strategy=here).remote()
     return _handles[key]
+
+
+def _clock(name: str):
+    return _named_actor(_EpochClock, "dino_scale_data_epoch:" + name)
 
 
 def set_epoch(epoch: int, stats_name: str = "train") -> None:
@@ -100,10 +112,7 @@ def current_epoch(stats_name: str = "train") -> int:
 
 
 def _counter(name: str):
-    key = _session_key(name)
-    if key not in _handles:
-        _handles[key] = _SkipCounter.options(name=_COUNTER_PREFIX + name, get_if_exists=True).remote()
-    return _handles[key]
+    return _named_actor(_SkipCounter, _COUNTER_PREFIX + name)
 
 
 def decode_skips(stats_name: str = "train") -> dict[str, Any]:

@@ -110,14 +110,17 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     import ray
 
     from dino_scale.engine.deepspeed_utils import check_train_config
+    from dino_scale.engine.elastic import check_restart
     from dino_scale.tracking.logger import ResilientLogger, default_tracking_uri
     from dino_scale.tracking.relay import is_node_local, start_relay
 
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     workers = worker_count(cfg)  # validates batch sizes before anything starts
+    storage = normalize_storage_path(storage_path or cfg.train.storage_path, work / "ray")
     if train:
         check_train_config(cfg.train, cfg.data.batch_size, workers if isinstance(workers, int) else workers[1])
+        check_restart(storage, run_name, cfg.train.num_workers, cfg.train.zero_stage)  # reusing a run name resumes it
     spe = steps_per_epoch(_num_images(train_dir), cfg) if train else 1
     ensure_ray(ray_address)
     tracking_uri = default_tracking_uri(work)
@@ -157,7 +160,6 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
                                evaluate=evaluate, train=train, test_hooks=test_hooks)
         loop_cfg["tracking_close_timeout_s"] = tracking_close_timeout_s
         callbacks = [ProgressCallback(total_steps=total)] if progress else []
-        storage = normalize_storage_path(storage_path or cfg.train.storage_path, work / "ray")
         trainer = build_trainer(cfg, datasets, run_name=run_name, storage_path=storage,
                                 train_loop_config=loop_cfg, callbacks=callbacks)
         result = trainer.fit()

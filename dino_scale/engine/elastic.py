@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -30,18 +31,33 @@ from typing import Iterator, Optional
 from dino_scale.config import ConfigError
 from dino_scale.engine.checkpoint import DS_TAG, STATE_NAME, UNIVERSAL_TAG
 
-__all__ = ["saved_world_size", "check_resumable", "universal_resume", "resume_source", "ResumeSource", "UNIVERSAL_TAG"]
+__all__ = ["saved_world_size", "check_resumable", "check_restart", "universal_resume", "resume_source",
+           "ResumeSource", "UNIVERSAL_TAG"]
 
 
-def saved_world_size(folder: Path) -> int:
+_PARTITION = re.compile(r".*zero_pp_rank_\d+.*_optim_states\.pt")  # one ZeRO optimizer partition per rank
+
+
+def saved_world_size(folder, filesystem=None) -> int:
     """Workers that wrote the training checkpoint in ``folder``: the state's ``world``, else (a
-    checkpoint from before it was recorded) the ZeRO optimizer partitions; 0 when unknown."""
-    folder = Path(folder)
+    checkpoint from before it was recorded) the ZeRO optimizer partitions; 0 when unknown.
+    ``filesystem``: a ``pyarrow.fs`` filesystem holding ``folder`` (a Ray ``Checkpoint``'s
+    ``filesystem`` and ``path``: read in place, also on an object store); local by default."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem or pafs.LocalFileSystem(), str(folder).rstrip("/")
     try:
-        world = int(json.loads((folder / STATE_NAME).read_text()).get("world", 0))
-    except (OSError, ValueError):
+        with fs.open_input_stream(f"{root}/{STATE_NAME}") as fh:
+            world = int(json.loads(fh.read().decode()).get("world", 0))
+    except (OSError, ValueError):  # missing (pyarrow raises FileNotFoundError, an OSError) or unreadable
         world = 0
-    return world or len(list((folder / DS_TAG).glob("*zero_pp_rank_*_optim_states.pt")))
+    if world:
+        return world
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(f"{root}/{DS_TAG}"))
+    except OSError:
+        return 0
+    return sum(1 for info in infos if _PARTITION.fullmatch(info.base_name))
 
 
 def check_resumable(saved_world: int, world: int, zero_stage: int) -> bool:
@@ -55,6 +71,30 @@ def check_resumable(saved_world: int, world: int, zero_stage: int) -> bool:
             f"DeepSpeed's loaders fail or restore every parameter group with the first group's lr and "
             f"weight decay. Resume on {saved_world} workers, or train with train.zero_stage <= 2")
     return True
+
+
+def check_restart(storage_path: str, run_name: str, world: int, zero_stage: int) -> None:
+    """On the driver, before any worker starts: a run that reuses ``run_name`` at
+    ``storage_path`` (Ray Train restores that run's latest checkpoint) must be able to load it
+    on ``world`` workers. Raises :class:`ConfigError` for a ZeRO-3 checkpoint of another worker
+    count, which every worker would otherwise refuse after a minute of start-up; nothing to
+    check for ZeRO-0/1/2 (they convert) or a new run name."""
+    if zero_stage < 3:
+        return
+    import ray.train
+
+    try:
+        previous = ray.train.Result.from_path(f"{str(storage_path).rstrip('/')}/{run_name}")
+    except RuntimeError:  # no run of that name there yet (Ray's "folder/snapshot doesn't exist")
+        return
+    checkpoint = previous.checkpoint
+    if checkpoint is None:
+        return
+    saved = saved_world_size(checkpoint.path, checkpoint.filesystem)
+    try:
+        check_resumable(saved, world, zero_stage)
+    except ConfigError as exc:
+        raise ConfigError(f"run {run_name!r} at {storage_path} resumes from {checkpoint.path}: {exc}") from None
 
 
 def _convert(folder: Path, out: Path) -> None:

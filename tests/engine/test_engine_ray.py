@@ -292,6 +292,27 @@ def test_zero3_exact_resume_after_worker_kill(zero3_reference, data, tmp_path, m
     assert not diff, f"resumed run differs from the uninterrupted one: {sorted(diff.items())[:5]}"
 
 
+def test_zero3_restart_on_another_worker_count_is_refused_on_the_driver(zero3_reference, data, tmp_path):
+    """Re-using the reference run's name resumes its latest checkpoint: on another worker count
+    its ZeRO-3 partitions cannot load, which the driver says before any worker starts (read in
+    place from Ray's run folder); the same count, or a new name, is fine."""
+    from dino_scale.config import ConfigError
+    from dino_scale.engine import fit
+    from dino_scale.engine.elastic import check_restart
+
+    train_dir, _ = data
+    cfg, _, storage, run_name, *_ = zero3_reference
+    check_restart(str(storage), run_name, 2, 3)
+    check_restart(str(storage), unique("new"), 1, 3)
+    check_restart(str(storage), run_name, 1, 2)  # ZeRO-2 converts
+    one = small_cfg(**{"train.zero_stage": 3, "train.num_workers": 1, "train.global_batch_size": 8})
+    before = sorted(p.name for p in (storage / run_name).iterdir())
+    with pytest.raises(ConfigError, match=r"written by 2 workers and cannot resume on 1") as err:
+        fit(one, train_dir, None, tmp_path / "work", run_name, storage_path=str(storage), progress=False)
+    assert run_name in str(err.value)
+    assert sorted(p.name for p in (storage / run_name).iterdir()) == before  # Ray Train never started
+
+
 @pytest.mark.timeout(600)
 def test_evaluate_weights_matches_single_process(ray_session, data, tmp_path, monkeypatch):
     """Eval-only run (2 workers, no training, bf16 autocast): the same detections and AP as one

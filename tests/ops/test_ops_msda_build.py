@@ -1,6 +1,7 @@
 """CI compile test: builds csrc/ms_deform_attn for sm_90 with the local nvcc through the same
 function production uses (dino_scale.ops._build.build_extension), into a temporary cache
-directory, then loads the library in a fresh process through the production loader and checks
+directory (started in the background when the session has collected this test:
+tests/ops/conftest.py), then loads the library in a fresh process through the production loader and checks
 the operator schemas, the fake kernels and the C++ autograd on meta tensors, and the library's
 CPU kernels against the float64 reference (tests/ops/compiled_op_cpu_check.py): the compiled
 operator's registration, autograd and argument checks are exercised without a GPU."""
@@ -20,15 +21,6 @@ from dino_scale.ops import _build
 pytestmark = pytest.mark.skipif(_build.find_cuda_home() is None,
                                 reason="no CUDA toolkit (nvcc) on this machine")
 
-_BUILD = textwrap.dedent("""
-    import json, sys, time
-    from pathlib import Path
-    from dino_scale.ops import _build
-    t0 = time.perf_counter()
-    lib = _build.build_extension(build_dir=Path(sys.argv[1]), arch_list="9.0", force=True)
-    print("REPORT " + json.dumps({"lib": str(lib), "seconds": time.perf_counter() - t0}))
-""")
-
 # A fresh process loads the prebuilt library through the production loader (JIT disabled, so a
 # cache miss would fail) and runs tests/ops/compiled_op_cpu_check.py: schemas, fake kernels and
 # the C++ autograd on meta tensors, and the CPU kernels against the float64 reference.
@@ -43,16 +35,14 @@ def _report(proc) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_extension_compiles_for_sm90_and_registers_ops(tmp_path):
-    env = dict(os.environ, MAX_JOBS="2", TORCH_CUDA_ARCH_LIST="9.0",
-               DINO_SCALE_EXT_DIR=str(tmp_path), DINO_SCALE_MSDA_NO_JIT="1")
-    build_dir = _build.build_dir_for("9.0", root=tmp_path)  # where the runtime loader looks
-    built = _report(subprocess.run([sys.executable, "-c", _BUILD, str(build_dir)], env=env,
-                                   capture_output=True, text=True, timeout=880))
+def test_extension_compiles_for_sm90_and_registers_ops(msda_build):
+    # the build itself started in the background at collection (tests/ops/conftest.py)
+    built = msda_build.wait(timeout=880)
+    env, build_dir = msda_build.env, msda_build.build_dir
     lib = Path(built["lib"])
     assert lib == _build.library_path(build_dir)
     assert lib.is_file() and lib.stat().st_size > 100_000
-    print(f"compile time {built['seconds']:.1f} s")
+    print(f"compile time {built['seconds']:.1f} s ({built['wall_since_start']:.1f} s since it started)")
 
     report = _report(subprocess.run([sys.executable, str(_CPU_CHECK)], env=env, capture_output=True,
                                     text=True, timeout=600))

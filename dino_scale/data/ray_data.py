@@ -87,13 +87,15 @@ def _named_actor(cls, name: str):
     """The session's actor ``name`` of ``cls``, created on first use, pinned to the caller's
     node. The datasets' builders call this on the driver, so these actors live on the
     driver's node (the head, for a Ray job) and survive the loss of any training node, after
-    which an elastic run restarts and calls ``set_epoch`` again (an actor on the lost node
-    would fail that restart)."""
+    which a restarted run calls ``set_epoch`` again. Left to the scheduler (or with a soft
+    affinity) Ray 2.60 put them on other nodes of a 3-node cluster, and a restart after that
+    node's loss failed with ``ActorDiedError``. A hard affinity cannot leave them pending: they
+    need no CPU, and the caller's node is alive."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     key = _session_key(name)
     if key not in _handles:
-        here = NodeAffinitySchedulingStrategy(node_id=key[0], soft=True)
+        here = NodeAffinitySchedulingStrategy(node_id=key[0], soft=False)
         _handles[key] = cls.options(name=name, get_if_exists=True, scheduling_strategy=here).remote()
     return _handles[key]
 

@@ -22,7 +22,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from engine_fixtures import make_data, small_cfg, unique  # noqa: E402
+from engine_fixtures import make_data, registered_step, small_cfg, unique  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -70,19 +70,12 @@ def test_elastic_run_loses_a_node_and_resumes_on_fewer_workers(ray_lock, tmp_pat
         cluster.wait_for_nodes()
         pid_file = tmp_path / "rank1.pid"
         run_name = unique("elastic")
-        snapshot = tmp_path / "work" / "ray" / run_name / "checkpoint_manager_snapshot.json"
+        run_dir = tmp_path / "work" / "ray" / run_name
         removed: list[str] = []
-
-        def registered_step() -> int:
-            try:
-                latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-                return int((latest.get("metrics") or {}).get("step", -1))
-            except (OSError, ValueError):
-                return -1
 
         def preempt():  # remove rank 1's node once it paused after step 2 and step 1 is registered
             deadline = time.monotonic() + 400
-            while not (pid_file.exists() and registered_step() >= 1) and time.monotonic() < deadline:
+            while not (pid_file.exists() and registered_step(run_dir) >= 1) and time.monotonic() < deadline:
                 time.sleep(0.05)
             if not pid_file.exists():
                 return
@@ -99,8 +92,8 @@ def test_elastic_run_loses_a_node_and_resumes_on_fewer_workers(ray_lock, tmp_pat
         print(f"elastic run took {time.monotonic() - t0:.1f}s")
         thread.join(timeout=5)
         # the data layer's bookkeeping actors (epoch clock, decode-skip counter) live on the
-        # driver's node: on a lost node the restarted group fails on its first set_epoch
-        # (seen here while the driver was attached to the removed node)
+        # driver's node: the scheduler alone put them on training nodes, and on the lost node
+        # the restarted group failed on its first set_epoch
         import ray._private.state as ray_state
 
         head = ray.get_runtime_context().get_node_id()

@@ -40,6 +40,20 @@ def make_data(base: Path) -> tuple[str, str]:
     return out["train"], out["val"]
 
 
+def registered_step(run_dir: Path) -> int:
+    """The step of the latest checkpoint the Ray Train controller of the run in ``run_dir``
+    (``<storage>/<run name>``) has registered: it rewrites its snapshot file each time; -1
+    before the first (or while the file is caught mid-write)."""
+    import json
+
+    try:
+        latest = json.loads((Path(run_dir) / "checkpoint_manager_snapshot.json").read_text())
+        latest = latest.get("latest_checkpoint_result") or {}
+        return int((latest.get("metrics") or {}).get("step", -1))
+    except (OSError, ValueError):
+        return -1
+
+
 class RaySession:
     """Holds the host-wide Ray test lock (same file as the ``ray_lock`` fixture) for the
     life of a test module and runs a private local Ray instance."""

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tracking"))
-from engine_fixtures import RaySession, make_data, small_cfg, unique  # noqa: E402
+from engine_fixtures import RaySession, make_data, registered_step, small_cfg, unique  # noqa: E402
 from mlflow_server import MlflowServer  # noqa: E402
 
 from dino_scale.engine.checkpoint import load_weights  # noqa: E402
@@ -251,20 +251,12 @@ def test_zero3_exact_resume_after_worker_kill(zero3_reference, data, tmp_path, m
 
     pid_file = tmp_path / "worker.pid"
     run_name = unique("killed")
-    # written by the Ray Train controller each time it registers a reported checkpoint
-    snapshot = tmp_path / "killed" / "ray" / run_name / "checkpoint_manager_snapshot.json"
+    run_dir = tmp_path / "killed" / "ray" / run_name
     killed: list[int] = []
-
-    def registered_step() -> int:
-        try:
-            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-            return int((latest.get("metrics") or {}).get("step", -1))
-        except (OSError, ValueError):  # not written yet, or caught mid-write
-            return -1
 
     def killer():
         deadline = time.monotonic() + 600
-        while not (pid_file.exists() and registered_step() >= 1) and time.monotonic() < deadline:
+        while not (pid_file.exists() and registered_step(run_dir) >= 1) and time.monotonic() < deadline:
             time.sleep(0.05)
         if pid_file.exists():
             pid = int(pid_file.read_text())

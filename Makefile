@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	DS_ACCELERATOR=cpu $(PY) -m pytest -q --durations=20 tests
+	DS_ACCELERATOR=cpu DINO_SCALE_TEST_HARD_EXIT=1 $(PY) -m pytest -q --durations=20 tests
 
 demo: $(STAMP)
 	DS_ACCELERATOR=cpu $(PY) -m pipelines.demo

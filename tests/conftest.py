@@ -44,3 +44,24 @@ def golden(reference_dir):
     import golden as golden_module  # noqa: E402
 
     return golden_module
+
+
+# `make test` sets DINO_SCALE_TEST_HARD_EXIT=1. Once the session has finished (every result and
+# the summary written), the process ends with pytest's own exit status and skips the
+# interpreter's finalization. A clean-clone run of the whole suite (341 passed) crashed there
+# once with a segmentation fault (make: Error 139), after the summary, in native teardown; the
+# cause was not found, and the test modules run alone exit cleanly. A failing test still fails
+# the run: the status is pytest's.
+_exit_status: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _exit_status.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    if os.environ.get("DINO_SCALE_TEST_HARD_EXIT") == "1" and _exit_status:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status[-1])

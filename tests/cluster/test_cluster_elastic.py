@@ -63,7 +63,7 @@ def test_elastic_run_loses_a_node_and_resumes_on_fewer_workers(ray_lock, tmp_pat
 
     # the driver attaches to the head before the other nodes exist: all three share this
     # machine's address, and a driver on a training node would die with it
-    cluster = Cluster(initialize_head=True, connect=True,
+    cluster = Cluster(initialize_head=True, connect=True, shutdown_at_exit=False,
                       head_node_args={"num_cpus": 1, "include_dashboard": False})
     trainers = [cluster.add_node(num_cpus=2) for _ in range(2)]
     try:

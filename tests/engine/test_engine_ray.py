@@ -293,7 +293,7 @@ def test_zero3_restart_on_another_worker_count_is_refused_on_the_driver(zero3_re
     from dino_scale.engine.elastic import check_restart
 
     train_dir, _ = data
-    cfg, _, storage, run_name, *_ = zero3_reference
+    _, _, storage, run_name, *_ = zero3_reference
     check_restart(str(storage), run_name, 2, 3)
     check_restart(str(storage), unique("new"), 1, 3)
     check_restart(str(storage), run_name, 1, 2)  # ZeRO-2 converts

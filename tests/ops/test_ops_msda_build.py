@@ -1,10 +1,10 @@
 """CI compile test: builds csrc/ms_deform_attn for sm_90 with the local nvcc through the same
 function production uses (dino_scale.ops._build.build_extension), into a temporary cache
 directory (started in the background when the session has collected this test:
-tests/ops/conftest.py), then loads the library in a fresh process through the production loader and checks
-the operator schemas, the fake kernels and the C++ autograd on meta tensors, and the library's
-CPU kernels against the float64 reference (tests/ops/compiled_op_cpu_check.py): the compiled
-operator's registration, autograd and argument checks are exercised without a GPU."""
+tests/ops/conftest.py), then loads the library in a fresh process through the production
+loader and checks the operator schemas, the fake kernels and the C++ autograd on meta tensors,
+and the library's CPU kernels against the float64 reference (tests/ops/compiled_op_cpu_check.py):
+the compiled operator's registration, autograd and argument checks are exercised without a GPU."""
 from __future__ import annotations
 
 import json

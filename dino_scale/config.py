@@ -125,6 +125,9 @@ class TrainConfig:
     # engine (issue 5)
     deterministic: bool = False  # seeded, order-preserving data and deterministic kernels (exact resume)
     min_workers: Optional[int] = None  # elastic: ScalingConfig(num_workers=(min_workers, num_workers))
+    # elastic: how often (s) a healthy run checks for room to grow back towards num_workers;
+    # growing restarts the workers from the latest checkpoint
+    elastic_resize_interval_s: float = 60.0
     checkpoints_to_keep: int = 2
     torch_threads: Optional[int] = None  # intra-op threads per worker (None: torch default)
     compile: bool = False  # regional torch.compile of the model and the criterion (models/compile.py)

@@ -6,7 +6,8 @@ Driven by a plain dict (``loop_config``) built by :func:`dino_scale.engine.train
 ``tracking_uri`` (MLflow, rank 0 logs), ``init_weights`` (path), ``val_gt`` (path of a
 COCO-format JSON or None), ``evaluate`` (bool), ``train`` (bool; false: evaluate the
 initial weights only, without DeepSpeed) and ``test_hooks`` (fault injection for tests:
-``nan_micro_steps``, ``pid_file``/``pid_after_step``/``pid_rank``/``pause_s``).
+``nan_micro_steps``, ``pid_file``/``pid_after_step``/``pid_rank``/``pid_world``/``pause_s``,
+``pauses``).
 """
 from __future__ import annotations
 
@@ -99,18 +100,20 @@ def _report(metrics: dict[str, Any], write_fn=None, name: Optional[str] = None) 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _test_pid_hook(hooks: dict, rank: int, step: int) -> None:
-    """Test fault injection: after ``pid_after_step``, write this worker's pid once and pause
-    ``pause_s`` so a test can kill it."""
-    path = hooks.get("pid_file")
-    if not path or rank != int(hooks.get("pid_rank", 1)) or step < int(hooks.get("pid_after_step", 0)):
-        return
-    if os.path.exists(path):
-        return
-    atomic_write_text(path, str(os.getpid()))
-    deadline = time.monotonic() + float(hooks.get("pause_s", 0))
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
+def _test_pid_hook(hooks: dict, rank: int, world: int, step: int) -> None:
+    """Test fault injection: after ``pid_after_step``, the worker of rank ``pid_rank`` (of a
+    group of ``pid_world`` workers, when given) writes its pid to ``pid_file`` once and pauses
+    ``pause_s`` so a test can kill it or change the cluster. ``hooks["pauses"]`` lists further
+    such points (dicts with the same keys)."""
+    for point in (hooks, *hooks.get("pauses", ())):
+        path = point.get("pid_file")
+        if (not path or rank != int(point.get("pid_rank", 1)) or step < int(point.get("pid_after_step", 0))
+                or world != int(point.get("pid_world", world)) or os.path.exists(path)):
+            continue
+        atomic_write_text(path, str(os.getpid()))
+        deadline = time.monotonic() + float(point.get("pause_s", 0))
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def _object(ref_or_value):
@@ -309,7 +312,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         meter.add_step()
         if ema is not None:
             ema.update(engine)
-        _test_pid_hook(hooks, rank, state.global_step)
+        _test_pid_hook(hooks, rank, world, state.global_step)
         if state.global_step % tc.checkpoint_every_steps == 0:
             _report(metrics_now(), write_state, f"ckpt_{state.global_step:09d}_{state.epoch}_{state.micro_in_epoch}")
             last_ckpt_step = state.global_step

@@ -32,6 +32,8 @@ def worker_count(cfg: Config) -> int | tuple[int, int]:
         return tc.num_workers
     if tc.min_workers < 1:
         raise ConfigError(f"train.min_workers must be >= 1, got {tc.min_workers}")
+    if not tc.elastic_resize_interval_s >= 0:
+        raise ConfigError(f"train.elastic_resize_interval_s must be >= 0, got {tc.elastic_resize_interval_s}")
     bad = [n for n in range(tc.min_workers, tc.num_workers + 1)
            if tc.global_batch_size % (cfg.data.batch_size * n)]
     if bad:
@@ -100,8 +102,11 @@ def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_name: str, stora
     from dino_scale.engine.loop import train_loop_per_worker
 
     tc = cfg.train
-    scaling = ray.train.ScalingConfig(num_workers=worker_count(cfg), use_gpu=tc.use_gpu,
-                                      resources_per_worker=resources_per_worker(cfg))
+    workers = worker_count(cfg)
+    elastic = ({"elastic_resize_monitor_interval_s": float(tc.elastic_resize_interval_s)}
+               if isinstance(workers, tuple) else {})
+    scaling = ray.train.ScalingConfig(num_workers=workers, use_gpu=tc.use_gpu,
+                                      resources_per_worker=resources_per_worker(cfg), **elastic)
     env = {"DS_ACCELERATOR": "cuda" if tc.use_gpu else "cpu", "PYTHONHASHSEED": str(tc.seed)}
     env.update(worker_env or {})
     run_config = ray.train.RunConfig(

@@ -1,5 +1,6 @@
-"""An elastic run (``train.min_workers``) that loses a node: Ray Train restarts it on fewer
-workers, and the loop resumes its ZeRO-2 checkpoint written by more.
+"""An elastic run (``train.min_workers``) that loses a node and gets one back: Ray Train
+restarts it on fewer workers, then on more, and each time the loop resumes a ZeRO-2 checkpoint
+written by another worker count.
 
 A three-node Ray cluster on this machine (``ray.cluster_utils.Cluster``): a head with one
 logical CPU for Ray Data, and two nodes that each fit exactly one training worker
@@ -7,7 +8,10 @@ logical CPU for Ray Data, and two nodes that each fit exactly one training worke
 once the controller has registered the step-1 checkpoint, rank 1's node is removed (its
 raylet and the worker die, as on a preempted machine). Ray Train restarts the group on the
 one node left, and the loop converts the 2-worker ZeRO-2 checkpoint to DeepSpeed's universal
-format, loads it and finishes the epoch on 1 worker (2 micro-batches per step).
+format, loads it and goes on on 1 worker (2 micro-batches per step). That worker pauses after
+step 3; once step 2's checkpoint (written by 1 worker) is registered, a node is added. Ray
+Train's elastic policy (``train.elastic_resize_interval_s``) grows the group back to 2 workers,
+which convert and resume the 1-worker checkpoint and finish the epoch.
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ def _node_of(pid: int, nodes):
     return raylets[proc.pid]
 
 
-def test_elastic_run_loses_a_node_and_resumes_on_fewer_workers(ray_lock, tmp_path, monkeypatch):
+def test_elastic_run_shrinks_on_a_lost_node_and_grows_on_a_new_one(ray_lock, tmp_path, monkeypatch):
     from ray.cluster_utils import Cluster
 
     from dino_scale.engine import fit
@@ -58,6 +62,7 @@ def test_elastic_run_loses_a_node_and_resumes_on_fewer_workers(ray_lock, tmp_pat
     # 16 images, global batch 4: 4 steps; on 2 workers 1 micro-batch per step, on 1 worker 2
     cfg = small_cfg(**{"train.zero_stage": 2, "train.min_workers": 1, "train.num_workers": 2,
                        "train.cpus_per_worker": 2, "train.max_failures": 1, "train.checkpoint_every_steps": 1,
+                       "train.elastic_resize_interval_s": 2.0,
                        "train.lr": 1e-3, "train.lr_backbone": 1e-3})
     before = _universal_copies()
 
@@ -68,24 +73,34 @@ def test_elastic_run_loses_a_node_and_resumes_on_fewer_workers(ray_lock, tmp_pat
     trainers = [cluster.add_node(num_cpus=2) for _ in range(2)]
     try:
         cluster.wait_for_nodes()
-        pid_file = tmp_path / "rank1.pid"
+        pid_file, alone_pid_file = tmp_path / "rank1.pid", tmp_path / "alone.pid"
         run_name = unique("elastic")
         run_dir = tmp_path / "work" / "ray" / run_name
         removed: list[str] = []
+        added: list[str] = []
 
-        def preempt():  # remove rank 1's node once it paused after step 2 and step 1 is registered
+        def wait_for(pid: Path, step: int) -> bool:
             deadline = time.monotonic() + 400
-            while not (pid_file.exists() and registered_step(run_dir) >= 1) and time.monotonic() < deadline:
+            while not (pid.exists() and registered_step(run_dir) >= step) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if not pid_file.exists():
+            return pid.exists()
+
+        def preempt_then_grow():
+            # remove rank 1's node once it paused after step 2 and step 1 is registered
+            if not wait_for(pid_file, 1):
                 return
             node = _node_of(int(pid_file.read_text()), trainers)
             cluster.remove_node(node, allow_graceful=True)
             removed.append(node.node_id)
+            # add a node once the lone worker paused after step 3 and step 2 is registered
+            if wait_for(alone_pid_file, 2):
+                added.append(cluster.add_node(num_cpus=2).node_id)
 
-        thread = threading.Thread(target=preempt, daemon=True)
+        thread = threading.Thread(target=preempt_then_grow, daemon=True)
         thread.start()
-        hooks = {"pid_file": str(pid_file), "pid_rank": 1, "pid_after_step": 2, "pause_s": 120}
+        hooks = {"pid_file": str(pid_file), "pid_rank": 1, "pid_after_step": 2, "pause_s": 120,
+                 "pauses": [{"pid_file": str(alone_pid_file), "pid_rank": 0, "pid_world": 1, "pid_after_step": 3,
+                             "pause_s": 120}]}
         t0 = time.monotonic()
         run = fit(cfg, train_dir, None, tmp_path / "work", run_name, experiment="elastic-test",
                   test_hooks=hooks, progress=False)
@@ -105,7 +120,9 @@ def test_elastic_run_loses_a_node_and_resumes_on_fewer_workers(ray_lock, tmp_pat
         cluster.shutdown()
 
     assert removed, "rank 1's node was never removed"
-    assert run.metrics["resumes"] == 1 and run.metrics["step"] == 4
+    assert added, "the lone worker never paused after step 3"
+    assert run.metrics["resumes"] == 2 and run.metrics["step"] == 4
     state = TrainState.from_dict(json.loads((Path(run.checkpoint_path) / STATE_NAME).read_text()))
-    assert state.world == 1 and state.global_step == 4 and state.images_seen == 16
-    assert _universal_copies() == before  # the converted copy is removed after loading
+    # 2 workers (steps 1-2), 1 worker from step 1's checkpoint (steps 2-3), 2 from step 2's (3-4)
+    assert state.world == 2 and state.global_step == 4 and state.images_seen == 16
+    assert _universal_copies() == before  # the converted copies are removed after loading

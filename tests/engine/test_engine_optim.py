@@ -98,6 +98,9 @@ def test_workers_resources_steps():
         worker_count(cfg)
     cfg.train.min_workers, cfg.train.global_batch_size = 2, 24
     assert worker_count(cfg) == (2, 4)
+    cfg.train.elastic_resize_interval_s = -1.0
+    with pytest.raises(ConfigError, match="elastic_resize_interval_s"):
+        worker_count(cfg)
     cfg.train.use_gpu = True
     assert resources_per_worker(cfg) == {"CPU": 1.0, "GPU": 1.0}
 

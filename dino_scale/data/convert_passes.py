@@ -52,6 +52,7 @@ def read_categories(path: Path) -> list[dict[str, Any]]:
 
 _INT32 = 2 ** 31
 _INT64 = 2 ** 63
+_FLOAT_EXACT = 2 ** 53  # float64 holds every integer up to this exactly
 
 
 def _is_int(v: Any, lo: int, hi: int) -> bool:
@@ -151,6 +152,27 @@ def _floats(values: list, width: int = 1) -> tuple[np.ndarray, np.ndarray]:
     return out, bad
 
 
+def _image_ids(values: list) -> tuple[np.ndarray, np.ndarray]:
+    """list -> exact int64 image ids and a 'malformed' mask (id -1 there).
+
+    Python ints in the int64 range are taken as they are (float64 would merge ids 1 apart
+    above 2**53); an integral float is accepted only where float64 holds it exactly (up to
+    2**53). Anything else (fractional, boolean, text, None) is malformed."""
+    if all(type(v) is int for v in values):
+        try:
+            return np.array(values, dtype=np.int64), np.zeros(len(values), bool)
+        except OverflowError:
+            pass
+    out = np.full(len(values), -1, np.int64)
+    bad = np.ones(len(values), bool)
+    for i, v in enumerate(values):
+        if type(v) is int and -_INT64 <= v < _INT64:
+            out[i], bad[i] = v, False
+        elif type(v) is float and v.is_integer() and abs(v) <= _FLOAT_EXACT:
+            out[i], bad[i] = int(v), False
+    return out, bad
+
+
 def scan_annotations(path: Path, work: Path, nb: int, progress=None) -> dict[str, Any]:
     """Annotation pass: spill valid-looking boxes per bucket; count what is dropped here."""
     dropped = {"malformed": 0, "nonfinite": 0, "degenerate": 0}
@@ -164,7 +186,7 @@ def scan_annotations(path: Path, work: Path, nb: int, progress=None) -> dict[str
     t0 = time.time()
 
     def process():
-        iid, bad_i = _floats(ids)
+        iid, bad_i = _image_ids(ids)
         cat, bad_c = _floats(cats)
         box, bad_b = _floats(boxes, 4)
         crowd, _ = _floats(crowds)
@@ -172,7 +194,7 @@ def scan_annotations(path: Path, work: Path, nb: int, progress=None) -> dict[str
         raw_cats = list(cats)
         for lst in (ids, cats, boxes, crowds, areas):
             lst.clear()
-        int_id = ~bad_i & np.isfinite(iid) & (np.mod(iid, 1) == 0)
+        int_id = ~bad_i
         int_cat = ~bad_c & np.isfinite(cat) & (np.mod(cat, 1) == 0)
         malformed = ~int_id | bad_b
         dropped["malformed"] += int(malformed.sum())
@@ -187,7 +209,7 @@ def scan_annotations(path: Path, work: Path, nb: int, progress=None) -> dict[str
         for i in np.flatnonzero(keep & ~int_cat)[:100]:
             seen_cats.add(repr(raw_cats[i]))
         rec = np.empty(int(keep.sum()), ANN)
-        rec["iid"] = iid[keep].astype(np.int64)
+        rec["iid"] = iid[keep]
         rec["box"] = box[keep]
         rec["cat"] = np.where(int_cat, cat, -1)[keep].astype(np.int64)
         rec["crowd"] = np.nan_to_num(crowd, nan=0.0)[keep] > 0

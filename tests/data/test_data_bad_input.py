@@ -206,6 +206,46 @@ def test_data_bad_image_entries_and_duplicate_ids(tmp_path):
         assert part["boxes_in"] == part["num_boxes"] + sum(part["boxes_dropped"].values())
 
 
+def test_data_image_ids_beyond_float_precision_keep_their_boxes(tmp_path):
+    """Image ids are int64: two ids 1 apart above 2**53 (equal as float64) keep their own boxes;
+    an annotation's id given as an integral float is accepted only where float64 holds it
+    exactly; fractional, boolean or text ids are malformed (counted). An integer beyond int64 is a
+    JSON parse error that names its position."""
+    good = _jpeg()
+    root = tmp_path / "img"
+    root.mkdir()
+    big = 2 ** 53
+    ids = (big, big + 1, 2 ** 63 - 1, 7)
+    for k in range(len(ids)):
+        (root / f"{k}.jpg").write_bytes(good)
+    imgs = [{"id": i, "file_name": f"{k}.jpg", "width": 64, "height": 48} for k, i in enumerate(ids)]
+    cats = [{"id": c, "name": f"c{c}"} for c in (1, 2, 3, 4)]
+    anns = [{"image_id": big, "category_id": 1, "bbox": [1, 2, 10, 10]},
+            {"image_id": big + 1, "category_id": 2, "bbox": [3, 4, 20, 20]},
+            {"image_id": 2 ** 63 - 1, "category_id": 3, "bbox": [5, 6, 30, 30]},
+            {"image_id": 7.0, "category_id": 4, "bbox": [1, 1, 5, 5]},  # integral float: image 7
+            {"image_id": float(big + 2), "category_id": 1, "bbox": [1, 1, 5, 5]},  # inexact: malformed
+            {"image_id": 7.5, "category_id": 1, "bbox": [1, 1, 5, 5]},
+            {"image_id": True, "category_id": 1, "bbox": [1, 1, 5, 5]},
+            {"image_id": "7", "category_id": 1, "bbox": [1, 1, 5, 5]}]
+    doc = {"images": imgs, "categories": cats,
+           "annotations": [{"id": k, "iscrowd": 0, **a} for k, a in enumerate(anns, 1)]}
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(doc))
+    m = convert_coco(ann, root, tmp_path / "out", embed_images=False, progress=False)
+    recs = {r["image_id"]: r for r in iter_records(tmp_path / "out")}
+    assert sorted(recs) == sorted(ids)
+    assert {i: recs[i]["category_ids"].tolist() for i in ids} == {big: [1], big + 1: [2], 2 ** 63 - 1: [3], 7: [4]}
+    np.testing.assert_allclose(recs[big + 1]["boxes"], [[3, 4, 20, 20]], atol=1e-3)
+    assert m["num_boxes"] == 4 and m["boxes_dropped"]["malformed"] == 4
+    assert m["boxes_in"] == m["num_boxes"] + sum(m["boxes_dropped"].values())
+    doc["annotations"][0]["image_id"] = 2 ** 64
+    ann.write_text(json.dumps(doc))
+    with pytest.raises(MalformedJSONError, match="int64") as ei:
+        convert_coco(ann, root, tmp_path / "out2", embed_images=False, progress=False)
+    assert ei.value.position > 0
+
+
 def test_data_category_id_outside_int32_fails_fast(tmp_path):
     root, ann = _dataset(tmp_path, {"a.jpg": _jpeg()}, [], categories=[{"id": 2 ** 31 + 5, "name": "big"}])
     with pytest.raises(ConversionError, match="int32"):

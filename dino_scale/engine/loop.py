@@ -20,12 +20,13 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from dino_scale.config import from_dict, to_dict
+from dino_scale.engine.batches import iter_micro_batches, rows_of
 from dino_scale.engine.checkpoint import (
     TrainState, atomic_write_text, load_training_checkpoint, load_weights, save_training_checkpoint,
     save_weights,
@@ -42,7 +43,7 @@ from dino_scale.engine.train_step import (
     BadStepError, BadStepGuard, all_finite, autocast_dtype, compute_loss, move_batch,
 )
 
-__all__ = ["train_loop_per_worker", "iter_micro_batches", "rows_of"]
+__all__ = ["train_loop_per_worker"]
 
 log = logging.getLogger("dino_scale.engine")
 
@@ -51,31 +52,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
-
-
-def rows_of(batch: dict[str, Any]) -> list[dict[str, Any]]:
-    """Columnar Ray Data batch (dict of arrays/lists) -> list of row dicts."""
-    keys = list(batch)
-    n = len(batch[keys[0]]) if keys else 0
-    return [{k: batch[k][i] for k in keys} for i in range(n)]
-
-
-def iter_micro_batches(shard, micro_bs: int, world: int, rank: int, deterministic: bool, *, epoch: int = 0,
-                       seed: int = 0, pad_multiple: Optional[int] = None, shuffle_buffer: int = 16) -> Iterator:
-    """``(images uint8, masks, targets)`` per micro-batch of this worker, locally shuffled
-    with a (seed, epoch) seed. Deterministic mode reads the whole (unsplit,
-    order-preserving) stream and keeps slice ``rank`` of each global batch."""
-    from dino_scale.data.collate import collate
-
-    kw = dict(drop_last=True, batch_format="numpy", prefetch_batches=1 if deterministic else 2)
-    if shuffle_buffer:
-        kw.update(local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=int(seed) * 1000 + int(epoch))
-    if deterministic:
-        for batch in shard.iter_batches(batch_size=micro_bs * world, **kw):
-            yield collate(rows_of(batch)[rank * micro_bs:(rank + 1) * micro_bs], pad_multiple=pad_multiple)
-    else:
-        for batch in shard.iter_batches(batch_size=micro_bs, **kw):
-            yield collate(rows_of(batch), pad_multiple=pad_multiple)
 
 
 def _prepare_images(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

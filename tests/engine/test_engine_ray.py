@@ -384,6 +384,39 @@ def test_val_split_covers_every_image_once(ray_session, data, tmp_path, determin
     assert len(ids) == 6 and sorted(sum(seen, [])) == ids
 
 
+def test_deterministic_sample_order_is_the_same_on_every_worker_count(ray_session, data, tmp_path):
+    """In deterministic mode every worker reads the whole order-preserving stream and keeps its
+    slice of each global batch: the epoch's samples come in one order on 1 and on 2 workers, so a
+    run resumed on another worker count (it skips the micro-batches its checkpoint consumed)
+    sees exactly the samples the first did not. Ray's local shuffle drained its buffer per
+    batch of micro x workers rows and gave each worker count its own order (this test failed
+    with it)."""
+    from dino_scale.data import build_train_dataset, set_epoch
+    from dino_scale.engine.batches import iter_micro_batches
+    from dino_scale.engine.trainer import build_trainer, loop_config
+
+    train_dir, _ = data
+    set_epoch(1)
+    orders = {}
+    for world in (1, 2):
+        cfg = small_cfg(**{"train.num_workers": world, "train.deterministic": True})
+        # several blocks, as a real dataset streams (these 16 images come as one block otherwise)
+        datasets = {"train": build_train_dataset(train_dir, cfg.data).repartition(4)}
+        trainer = build_trainer(cfg, datasets, run_name=unique("order"), storage_path=str(tmp_path / "ray"),
+                                train_loop_config=loop_config(cfg, steps_per_epoch=1, datasets=["train"]))
+        splits = trainer.data_config.configure(datasets, world_size=world, worker_handles=None, worker_node_ids=None)
+        micro = cfg.data.batch_size
+        per_rank = [[[int(t["image_id"]) for t in targets]
+                     for _, _, targets in iter_micro_batches(splits[rank]["train"], micro, world, rank, True,
+                                                             epoch=1, seed=cfg.data.seed, shuffle_buffer=4)]
+                    for rank in range(world)]
+        assert len({len(p) for p in per_rank}) == 1 and all(len(b) == micro for p in per_rank for b in p)
+        orders[world] = [i for group in zip(*per_rank) for batch in group for i in batch]
+    ids = sorted(img for img in orders[1])
+    assert len(set(ids)) == 16 and orders[1] != ids  # every image once, shuffled
+    assert orders[2] == orders[1]
+
+
 def test_tracking_relay_logs_from_the_drivers_node(ray_session, tmp_path):
     """A node-local (sqlite) store is written only on the driver's machine: rank 0 logs through
     a relay actor pinned to the driver's node (workers on other nodes cannot open the file)."""

@@ -1,0 +1,40 @@
+"""The loop's micro-batching (dino_scale.engine.batches): the deterministic-mode row shuffle
+does not depend on how the stream is batched, so every worker count sees one sample order."""
+from __future__ import annotations
+
+import numpy as np
+
+from dino_scale.engine.batches import rows_of, shuffled_rows
+
+
+def _batches(ids: list[int], size: int):
+    """The row stream ``ids`` cut into columnar batches of ``size`` rows (the last shorter)."""
+    for i in range(0, len(ids), size):
+        chunk = np.asarray(ids[i:i + size])
+        yield {"image_id": chunk, "twice": chunk * 2}
+
+
+def _order(ids, size, buffer=16, seed=7):
+    rows = list(shuffled_rows(_batches(ids, size), buffer, seed))
+    assert all(int(r["twice"]) == 2 * int(r["image_id"]) for r in rows)  # rows stay whole
+    return [int(r["image_id"]) for r in rows]
+
+
+def test_rows_of_splits_columns_into_rows():
+    assert [{k: int(v) for k, v in r.items()} for r in rows_of(next(_batches([4, 5], 2)))] == [
+        {"image_id": 4, "twice": 8}, {"image_id": 5, "twice": 10}]
+    assert rows_of({}) == []
+
+
+def test_shuffled_rows_depend_on_the_stream_and_seed_only():
+    ids = list(range(100, 203))
+    ref = _order(ids, 1)
+    assert sorted(ref) == ids and ref != ids  # a permutation, and a real one
+    for size in (2, 3, 4, 16, 17, 64, 500):  # micro-batch x worker counts cut the stream differently
+        assert _order(ids, size) == ref, size
+    assert _order(ids, 4, seed=8) != ref
+    assert _order(ids, 4, buffer=0) == ids
+    # a local shuffle: no row moves earlier than its position minus the buffer size
+    assert all(pos >= ids.index(i) - 16 for pos, i in enumerate(ref))
+    assert _order(ids[:5], 2) != ids[:5] and sorted(_order(ids[:5], 2)) == ids[:5]  # fewer rows than the buffer
+    assert _order([], 4) == []

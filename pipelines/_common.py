@@ -52,6 +52,9 @@ def add_common_args(parser: argparse.ArgumentParser, data_help: str,
                    help="0 trains on CPU, >=1 one GPU per worker (train.use_gpu); default: GPUs "
                         "when the machine or cluster has any")
     if training:
+        g.add_argument("--min-workers", type=int, default=None,
+                       help="elastic training: run on as few as this many workers and grow back to "
+                            "--workers when nodes return (train.min_workers; ZeRO stage <= 2)")
         g.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3],
                        help="DeepSpeed ZeRO stage (train.zero_stage)")
         g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
@@ -111,8 +114,8 @@ def build_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
     return cfg
 
 
-_FLAG_MINIMA = (("--workers", "workers", 1), ("--gpus", "gpus", 0), ("--max-steps", "max_steps", 1),
-                ("--epochs", "epochs", 1))
+_FLAG_MINIMA = (("--workers", "workers", 1), ("--min-workers", "min_workers", 1), ("--gpus", "gpus", 0),
+                ("--max-steps", "max_steps", 1), ("--epochs", "epochs", 1))
 
 
 def check_flag_values(args: argparse.Namespace) -> None:
@@ -140,10 +143,13 @@ def check_flag_values(args: argparse.Namespace) -> None:
 
 
 def apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
-    """``--workers``, ``--gpus``, ``--zero-stage``, ``--max-steps``, ``--epochs`` on ``cfg``."""
+    """``--workers``, ``--min-workers``, ``--gpus``, ``--zero-stage``, ``--max-steps``,
+    ``--epochs`` on ``cfg``."""
     check_flag_values(args)
     if args.workers is not None:
         cfg.train.num_workers = args.workers
+    if getattr(args, "min_workers", None) is not None:
+        cfg.train.min_workers = args.min_workers
     if args.gpus is not None:
         cfg.train.use_gpu = args.gpus > 0
     if getattr(args, "zero_stage", None) is not None:
@@ -178,6 +184,16 @@ def validate_config_args(args: argparse.Namespace) -> None:
     if args.preset is not None:
         resolve_preset_name(args.preset)
     preset(args.preset or CPU_PRESET, list(args.overrides or []))
+    if hasattr(args, "zero_stage") and not preset_needs_cluster(args):
+        # a training pipeline whose preset is known here: what the engine checks before a run
+        # (batch sizes per worker count, an elastic range, ZeRO stage, schedule), before a
+        # dataset is converted or Ray starts
+        from dino_scale.engine.deepspeed_utils import check_train_config
+        from dino_scale.engine.trainer import worker_count
+
+        cfg = apply_flags(preset(resolve_preset_name(args.preset), list(args.overrides or [])), args)
+        workers = worker_count(cfg)
+        check_train_config(cfg.train, cfg.data.batch_size, workers if isinstance(workers, int) else workers[1])
 
 
 def check_path(path: Optional[str], what: str) -> Optional[Path]:

@@ -68,6 +68,9 @@ def test_pipelines_bad_use_data_not_a_dataset(tmp_path):
     (["pipelines.pretrain_o365", "--alias", "v2"], ["--alias 'v2'"]),
     (["pipelines.finetune_coco", "--init", "none", "--model-name", "team/dino"], ["--model-name", "'/'"]),
     (["pipelines.pretrain_o365", "--max-steps", "0"], ["--max-steps must be >= 1"]),
+    (["pipelines.pretrain_o365", "--workers", "2", "--min-workers", "1", "--zero-stage", "3",
+      "--set", "train.global_batch_size=8"], ["elastic", "zero_stage <= 2"]),
+    (["pipelines.finetune_coco", "--init", "none", "--workers", "3"], ["not a multiple"]),
     (["pipelines.demo", "--finetune-steps", "0"], ["--finetune-steps must be >= 1"]),
     (["pipelines.demo", "--set", "model.nope=1"], ["unknown config key 'model.nope'"]),
 ])

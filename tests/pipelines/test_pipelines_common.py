@@ -26,6 +26,11 @@ def test_pipelines_common_flags_map_to_config():
     assert (cfg.train.max_steps, cfg.train.epochs) == (7, 2)
     with pytest.raises(common.UsageError, match="--workers"):
         common.build_config(_parse(["--preset", "tiny", "--workers", "0"]))
+    elastic = common.build_config(_parse(["--preset", "tiny", "--workers", "4", "--min-workers", "2",
+                                          "--set", "train.global_batch_size=8"]))
+    assert (elastic.train.min_workers, elastic.train.num_workers) == (2, 4)
+    with pytest.raises(common.UsageError, match="--min-workers"):
+        common.build_config(_parse(["--preset", "tiny", "--min-workers", "0"]))
 
 
 def test_pipelines_common_default_preset_and_uri(tmp_path, monkeypatch):

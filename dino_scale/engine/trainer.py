@@ -27,7 +27,10 @@ def worker_count(cfg: Config) -> int | tuple[int, int]:
     tc = cfg.train
     if tc.num_workers < 1:
         raise ConfigError(f"train.num_workers must be >= 1, got {tc.num_workers}")
-    if tc.min_workers is None or tc.min_workers >= tc.num_workers:
+    if tc.min_workers is not None and tc.min_workers > tc.num_workers:
+        raise ConfigError(f"train.min_workers ({tc.min_workers}) is above train.num_workers ({tc.num_workers}), "
+                          "the most workers an elastic run grows to")
+    if tc.min_workers is None or tc.min_workers == tc.num_workers:
         grad_accum_steps(tc.global_batch_size, cfg.data.batch_size, tc.num_workers)
         return tc.num_workers
     if tc.min_workers < 1:

@@ -98,6 +98,10 @@ def test_workers_resources_steps():
         worker_count(cfg)
     cfg.train.min_workers, cfg.train.global_batch_size = 2, 24
     assert worker_count(cfg) == (2, 4)
+    cfg.train.min_workers = 5
+    with pytest.raises(ConfigError, match="above train.num_workers"):
+        worker_count(cfg)
+    cfg.train.min_workers = 2
     cfg.train.elastic_resize_interval_s = -1.0
     with pytest.raises(ConfigError, match="elastic_resize_interval_s"):
         worker_count(cfg)

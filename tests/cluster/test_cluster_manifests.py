@@ -233,8 +233,10 @@ def test_cluster_commands_parse_with_the_pipeline_cli():
             raise
         args = mod.build_parser().parse_args(argv)
         assert args.preset, f"{module}: name the preset explicitly on a cluster"
-        # What the pipeline builds (preset + --set + flags); unknown keys raise ConfigError,
-        # and the engine's check that the global batch divides over the workers must pass.
+        # What the pipeline checks up front and builds (preset + --set + flags); unknown keys
+        # raise ConfigError, and the engine's check that the global batch divides over the
+        # workers must pass.
+        common.validate_config_args(args)
         cfg = common.build_config(args)
         assert worker_count(cfg) == cfg.train.num_workers and cfg.train.use_gpu, module
         storage = [o.split("=", 1)[1] for o in args.overrides if o.startswith("train.storage_path=")]

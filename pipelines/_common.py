@@ -181,19 +181,16 @@ def validate_config_args(args: argparse.Namespace) -> None:
     a flag out of range or a registry name/alias MLflow would refuse, before any data is
     generated or Ray is started."""
     check_flag_values(args)
-    if args.preset is not None:
-        resolve_preset_name(args.preset)
-    preset(args.preset or CPU_PRESET, list(args.overrides or []))
-    if hasattr(args, "zero_stage") and not preset_needs_cluster(args):
-        # a training pipeline whose preset is known here: what the engine checks before a run
-        # (batch sizes per worker count, an elastic range, ZeRO stage, schedule), before a
-        # dataset is converted or Ray starts
-        from dino_scale.engine.deepspeed_utils import check_train_config
-        from dino_scale.engine.trainer import worker_count
+    # a training pipeline whose preset is known here also gets the engine's pre-run checks
+    # (batch sizes per worker count, an elastic range, ZeRO stage, schedule) before a dataset
+    # is converted or Ray starts; otherwise the preset and --set keys are checked
+    known = hasattr(args, "zero_stage") and not preset_needs_cluster(args)
+    name = resolve_preset_name(args.preset) if known or args.preset is not None else CPU_PRESET
+    cfg = preset(name, list(args.overrides or []))
+    if known:
+        from dino_scale.engine.trainer import check_training_config
 
-        cfg = apply_flags(preset(resolve_preset_name(args.preset), list(args.overrides or [])), args)
-        workers = worker_count(cfg)
-        check_train_config(cfg.train, cfg.data.batch_size, workers if isinstance(workers, int) else workers[1])
+        check_training_config(apply_flags(cfg, args))
 
 
 def check_path(path: Optional[str], what: str) -> Optional[Path]:

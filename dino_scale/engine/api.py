@@ -105,21 +105,21 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     from dino_scale.data import build_eval_dataset, build_train_dataset, to_coco_gt
     from dino_scale.engine.progress import ProgressCallback
     from dino_scale.engine.trainer import (
-        build_trainer, loop_config, normalize_storage_path, steps_per_epoch, worker_count,
+        build_trainer, check_training_config, loop_config, normalize_storage_path, steps_per_epoch, worker_count,
     )
     import ray
 
-    from dino_scale.engine.deepspeed_utils import check_train_config
     from dino_scale.engine.elastic import check_restart
     from dino_scale.tracking.logger import ResilientLogger, default_tracking_uri
     from dino_scale.tracking.relay import is_node_local, start_relay
 
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    workers = worker_count(cfg)  # validates batch sizes before anything starts
     storage = normalize_storage_path(storage_path or cfg.train.storage_path, work / "ray")
     if train:
-        check_train_config(cfg.train, cfg.data.batch_size, workers if isinstance(workers, int) else workers[1])
+        check_training_config(cfg)
+    else:
+        worker_count(cfg)  # validates batch sizes before anything starts
         check_restart(storage, run_name, cfg.train.num_workers, cfg.train.zero_stage)  # reusing a run name resumes it
     spe = steps_per_epoch(_num_images(train_dir), cfg) if train else 1
     ensure_ray(ray_address)

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dino_scale.config import Config, ConfigError, to_dict
-from dino_scale.engine.deepspeed_utils import grad_accum_steps
+from dino_scale.engine.deepspeed_utils import check_train_config, grad_accum_steps
 
-__all__ = ["worker_count", "resources_per_worker", "steps_per_epoch", "loop_config", "build_trainer",
-           "normalize_storage_path"]
+__all__ = ["worker_count", "check_training_config", "resources_per_worker", "steps_per_epoch", "loop_config",
+           "build_trainer", "normalize_storage_path"]
 
 
 def worker_count(cfg: Config) -> int | tuple[int, int]:
@@ -43,6 +43,14 @@ def worker_count(cfg: Config) -> int | tuple[int, int]:
         raise ConfigError(f"elastic range {tc.min_workers}..{tc.num_workers}: global batch {tc.global_batch_size} "
                           f"is not a multiple of batch_size {cfg.data.batch_size} x workers for {bad}")
     return (tc.min_workers, tc.num_workers)
+
+
+def check_training_config(cfg: Config) -> None:
+    """What a training run checks before anything starts: the worker count or elastic range
+    (:func:`worker_count`) and the workers' own settings at the largest group
+    (:func:`~dino_scale.engine.deepspeed_utils.check_train_config`)."""
+    worker_count(cfg)
+    check_train_config(cfg.train, cfg.data.batch_size, cfg.train.num_workers)
 
 
 def resources_per_worker(cfg: Config) -> dict[str, float]:

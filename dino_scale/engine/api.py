@@ -118,9 +118,9 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     storage = normalize_storage_path(storage_path or cfg.train.storage_path, work / "ray")
     if train:
         check_training_config(cfg)
+        check_restart(storage, run_name, cfg.train.num_workers, cfg.train.zero_stage)  # reusing a run name resumes it
     else:
         worker_count(cfg)  # validates batch sizes before anything starts
-        check_restart(storage, run_name, cfg.train.num_workers, cfg.train.zero_stage)  # reusing a run name resumes it
     spe = steps_per_epoch(_num_images(train_dir), cfg) if train else 1
     ensure_ray(ray_address)
     tracking_uri = default_tracking_uri(work)

@@ -92,7 +92,7 @@ def loop_config(cfg: Config, *, steps_per_epoch: int, datasets: list[str], run_i
     Workers may run on other machines than the driver, so what the driver prepares travels
     through Ray, never as a path on the driver's disk: ``init_state`` (the state dict to start
     from; ``init_weights`` is then only its name) and ``val_gt`` (COCO ground truth of the
-    val set) are ``ObjectRef``\ s (or inline values), ``tracking_relay`` the driver-node
+    val set) are ``ObjectRef`` objects (or inline values), ``tracking_relay`` the driver-node
     logging actor of a node-local MLflow store (:mod:`dino_scale.tracking.relay`).
     """
     return {"config": to_dict(cfg), "steps_per_epoch": int(steps_per_epoch), "datasets": list(datasets),

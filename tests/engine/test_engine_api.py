@@ -36,3 +36,34 @@ def test_config_errors_before_ray_or_mlflow(data, tmp_path, monkeypatch, overrid
     with pytest.raises(ConfigError, match=needle):
         fit(small_cfg(**override), train_dir, val_dir, tmp_path / "work", unique("bad"), progress=False)
     assert ray.is_initialized() == ray_before and not (tmp_path / "work" / "mlflow.db").exists()
+
+
+def test_a_reused_run_name_is_checked_before_ray_for_training_only(data, tmp_path, monkeypatch):
+    """A training run checks, on the driver and before Ray starts, whether its run name resumes a
+    checkpoint it cannot load (engine.elastic.check_restart; exercised for real on a ZeRO-3 run
+    in test_engine_ray); an eval-only run resumes nothing and skips it. The check and Ray's
+    start are replaced by recorders here: this is about the order, which a refactor once broke."""
+    from dino_scale.engine import api, elastic, evaluate_weights, fit
+
+    calls: list = []
+
+    class RayStarted(Exception):
+        pass
+
+    def no_ray(*args, **kwargs):
+        calls.append("ray")
+        raise RayStarted
+
+    monkeypatch.setattr(elastic, "check_restart", lambda *args: calls.append(("check_restart",) + args))
+    monkeypatch.setattr(api, "ensure_ray", no_ray)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    train_dir, val_dir = data
+    cfg = small_cfg(**{"train.zero_stage": 3})
+    name = unique("reuse")
+    with pytest.raises(RayStarted):
+        fit(cfg, train_dir, val_dir, tmp_path / "work", name, storage_path=str(tmp_path / "ray"), progress=False)
+    assert calls == [("check_restart", str(tmp_path / "ray"), name, cfg.train.num_workers, 3), "ray"]
+    calls.clear()
+    with pytest.raises(RayStarted):
+        evaluate_weights(cfg, str(tmp_path / "weights.safetensors"), val_dir, tmp_path / "work", name)
+    assert calls == ["ray"]

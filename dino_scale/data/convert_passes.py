@@ -52,7 +52,7 @@ def read_categories(path: Path) -> list[dict[str, Any]]:
 
 _INT32 = 2 ** 31
 _INT64 = 2 ** 63
-_FLOAT_EXACT = 2 ** 53  # float64 holds every integer up to this exactly
+_FLOAT_EXACT = 2 ** 53  # float64 holds every integer below this exactly (2**53 may be a rounded 2**53 + 1)
 
 
 def _is_int(v: Any, lo: int, hi: int) -> bool:
@@ -156,8 +156,10 @@ def _image_ids(values: list) -> tuple[np.ndarray, np.ndarray]:
     """list -> exact int64 image ids and a 'malformed' mask (id -1 there).
 
     Python ints in the int64 range are taken as they are (float64 would merge ids 1 apart
-    above 2**53); an integral float is accepted only where float64 holds it exactly (up to
-    2**53). Anything else (fractional, boolean, text, None) is malformed."""
+    above 2**53); an integral float is accepted only where float64 holds it exactly (below
+    2**53, where no other integer rounds to it). Anything else (fractional, boolean, text,
+    None) is malformed. A fractional text with more digits than float64 keeps (such as
+    ``7.0000000000000001``) arrives already rounded to an integer and cannot be told apart."""
     if all(type(v) is int for v in values):
         try:
             return np.array(values, dtype=np.int64), np.zeros(len(values), bool)
@@ -168,7 +170,7 @@ def _image_ids(values: list) -> tuple[np.ndarray, np.ndarray]:
     for i, v in enumerate(values):
         if type(v) is int and -_INT64 <= v < _INT64:
             out[i], bad[i] = v, False
-        elif type(v) is float and v.is_integer() and abs(v) <= _FLOAT_EXACT:
+        elif type(v) is float and v.is_integer() and abs(v) < _FLOAT_EXACT:
             out[i], bad[i] = int(v), False
     return out, bad
 

@@ -26,7 +26,8 @@ class MalformedJSONError(ValueError):
         if "invalid char" in detail:
             hint = " (NaN/Infinity literals and a UTF-8 byte-order mark are not JSON: write null; save without BOM)"
         elif "integer overflow" in detail:
-            hint = " (an integer beyond the 64-bit range: ids must fit int64)"
+            hint = (" (an integer outside the JSON parser's range -(2**63 - 1) .. 2**63 - 1; ids and other "
+                    "integers must lie in it)")
         elif "overflow" in detail:
             hint = " (a number beyond float range: write null)"
         first = detail.strip().splitlines()[0] if detail.strip() else "syntax error"

@@ -120,7 +120,7 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
         check_training_config(cfg)
         check_restart(storage, run_name, cfg.train.num_workers, cfg.train.zero_stage)  # reusing a run name resumes it
     else:
-        worker_count(cfg)  # validates batch sizes before anything starts
+        worker_count(cfg, training=False)  # no batch-size arithmetic: evaluation accumulates nothing
     spe = steps_per_epoch(_num_images(train_dir), cfg) if train else 1
     ensure_ray(ray_address)
     tracking_uri = default_tracking_uri(work)

@@ -44,6 +44,8 @@ def grad_accum_steps(global_batch_size: int, micro_batch_size: int, world_size: 
     per_pass = micro_batch_size * world_size
     if micro_batch_size < 1 or world_size < 1:
         raise ConfigError("batch size per worker and worker count must be >= 1")
+    if global_batch_size < 1:
+        raise ConfigError(f"train.global_batch_size must be >= 1, got {global_batch_size}")
     if global_batch_size % per_pass:
         raise ConfigError(
             f"train.global_batch_size={global_batch_size} is not a multiple of data.batch_size "

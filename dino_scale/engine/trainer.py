@@ -21,12 +21,18 @@ __all__ = ["worker_count", "check_training_config", "resources_per_worker", "ste
            "build_trainer", "normalize_storage_path"]
 
 
-def worker_count(cfg: Config) -> int | tuple[int, int]:
+def worker_count(cfg: Config, training: bool = True) -> int | tuple[int, int]:
     """``num_workers``, or ``(min_workers, num_workers)`` for an elastic run (every count in
-    the range must keep the global batch exact)."""
+    the range must keep the global batch exact). An evaluation-only run (``training`` false)
+    accumulates nothing and runs one fixed group: only ``num_workers >= 1`` is checked."""
     tc = cfg.train
     if tc.num_workers < 1:
         raise ConfigError(f"train.num_workers must be >= 1, got {tc.num_workers}")
+    if not training:
+        return tc.num_workers
+    if cfg.data.batch_size < 1 or tc.global_batch_size < 1:
+        raise ConfigError(f"data.batch_size and train.global_batch_size must be >= 1, got "
+                          f"{cfg.data.batch_size} and {tc.global_batch_size}")
     if tc.min_workers is not None and tc.min_workers > tc.num_workers:
         raise ConfigError(f"train.min_workers ({tc.min_workers}) is above train.num_workers ({tc.num_workers}), "
                           "the most workers an elastic run grows to")
@@ -113,7 +119,7 @@ def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_name: str, stora
     from dino_scale.engine.loop import train_loop_per_worker
 
     tc = cfg.train
-    workers = worker_count(cfg)
+    workers = worker_count(cfg, training=bool(train_loop_config.get("train", True)))
     elastic = ({"elastic_resize_monitor_interval_s": float(tc.elastic_resize_interval_s)}
                if isinstance(workers, tuple) else {})
     scaling = ray.train.ScalingConfig(num_workers=workers, use_gpu=tc.use_gpu,

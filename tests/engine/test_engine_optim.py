@@ -82,6 +82,9 @@ def test_ds_config_and_fixed_global_batch():
     assert grad_accum_steps(16, 2, 2) == 4
     with pytest.raises(ConfigError, match="not a multiple"):
         grad_accum_steps(16, 2, 3)
+    for bad_global in (0, -4):  # 0 passed the modulo and divided by zero later; -4 read as "too few images"
+        with pytest.raises(ConfigError, match="global_batch_size must be >= 1"):
+            grad_accum_steps(bad_global, 2, 2)
     tc.precision = "fp16"
     assert build_ds_config(tc, 2, 8)["fp16"]["loss_scale"] == 0  # dynamic loss scaling
     tc.zero_stage = 4
@@ -102,9 +105,21 @@ def test_workers_resources_steps():
     with pytest.raises(ConfigError, match="above train.num_workers"):
         worker_count(cfg)
     cfg.train.min_workers = 2
+    cfg.data.batch_size = 0  # was a ZeroDivisionError in the elastic range's modulo
+    with pytest.raises(ConfigError, match="data.batch_size and train.global_batch_size must be >= 1"):
+        worker_count(cfg)
+    cfg.data.batch_size = 2
     cfg.train.elastic_resize_interval_s = -1.0
     with pytest.raises(ConfigError, match="elastic_resize_interval_s"):
         worker_count(cfg)
+    # evaluation accumulates nothing: any worker count >= 1, one fixed group
+    ev = preset("tiny", {"train.num_workers": 3})
+    with pytest.raises(ConfigError, match="not a multiple"):
+        worker_count(ev)
+    assert worker_count(ev, training=False) == 3
+    ev.train.num_workers = 0
+    with pytest.raises(ConfigError, match="num_workers must be >= 1"):
+        worker_count(ev, training=False)
     cfg.train.use_gpu = True
     assert resources_per_worker(cfg) == {"CPU": 1.0, "GPU": 1.0}
 

@@ -30,9 +30,6 @@ def worker_count(cfg: Config, training: bool = True) -> int | tuple[int, int]:
         raise ConfigError(f"train.num_workers must be >= 1, got {tc.num_workers}")
     if not training:
         return tc.num_workers
-    if cfg.data.batch_size < 1 or tc.global_batch_size < 1:
-        raise ConfigError(f"data.batch_size and train.global_batch_size must be >= 1, got "
-                          f"{cfg.data.batch_size} and {tc.global_batch_size}")
     if tc.min_workers is not None and tc.min_workers > tc.num_workers:
         raise ConfigError(f"train.min_workers ({tc.min_workers}) is above train.num_workers ({tc.num_workers}), "
                           "the most workers an elastic run grows to")
@@ -43,6 +40,9 @@ def worker_count(cfg: Config, training: bool = True) -> int | tuple[int, int]:
         raise ConfigError(f"train.min_workers must be >= 1, got {tc.min_workers}")
     if not tc.elastic_resize_interval_s >= 0:
         raise ConfigError(f"train.elastic_resize_interval_s must be >= 0, got {tc.elastic_resize_interval_s}")
+    if cfg.data.batch_size < 1 or tc.global_batch_size < 1:  # a fixed group: grad_accum_steps checks these
+        raise ConfigError(f"data.batch_size and train.global_batch_size must be >= 1, got "
+                          f"{cfg.data.batch_size} and {tc.global_batch_size}")
     bad = [n for n in range(tc.min_workers, tc.num_workers + 1)
            if tc.global_batch_size % (cfg.data.batch_size * n)]
     if bad:

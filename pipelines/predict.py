@@ -3,7 +3,9 @@
     python -m pipelines.predict img1.jpg photos/ --model models:/dino-tiny-coco@champion \\
         --out predictions/ [--threshold 0.3]
 
-For each image, ``<out>/<name>.jpg`` has the kept boxes drawn with label and score, and
+For each image, ``<out>/<name>.jpg`` has the kept boxes drawn with label and score
+(``<name>-<i>.jpg`` where that name is an input image or another image's copy: inputs are
+never overwritten, even with ``--out`` the input folder), and
 ``<out>/predictions.json`` lists ``{"file", "width", "height", "detections": [{"label",
 "category_id", "score", "box": [x1, y1, x2, y2]}]}`` (original pixels). Unreadable
 images are reported and counted, not fatal.
@@ -39,17 +41,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def list_images(inputs: Sequence[str]) -> list[Path]:
+def list_images(inputs: Sequence[str], skip_dir: Optional[Path] = None) -> list[Path]:
+    """Image files of ``inputs`` (files, or folders searched recursively). Files under
+    ``skip_dir`` (the output folder: annotated copies of an earlier run) are left out of a
+    folder's listing unless that folder is ``skip_dir`` itself."""
+    skip = skip_dir.resolve() if skip_dir is not None else None
     files: list[Path] = []
     for item in inputs:
         p = common.check_path(item, "image path")
         if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES))
+            inside = skip is not None and p.resolve() != skip
+            files.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+                                and not (inside and f.resolve().is_relative_to(skip))))
         else:
             files.append(p)
     if not files:
         raise common.UsageError(f"no images found in {', '.join(inputs)}")
     return files
+
+
+def output_path(out: Path, image: Path, index: int, taken: set[Path]) -> Path:
+    """``out/<stem>.jpg``, or ``out/<stem>-<index>[-k].jpg`` when that name is ``taken`` (an
+    input image, or an annotated copy of this run): never overwrites either. Adds the
+    chosen path to ``taken``."""
+    candidates = [out / f"{image.stem}.jpg", out / f"{image.stem}-{index}.jpg"]
+    k = 1
+    while True:
+        for target in candidates:
+            if target.resolve() not in taken:
+                taken.add(target.resolve())
+                return target
+        candidates = [out / f"{image.stem}-{index}-{k}.jpg"]
+        k += 1
 
 
 def preprocess(image, eval_size: int, max_size: int):
@@ -100,7 +123,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise common.UsageError("--threshold must be in [0, 1]")
     if args.preset is not None:
         common.resolve_preset_name(args.preset)  # a typo fails here, whether or not it is used
-    files = list_images(args.images)
+    out = Path(args.out)
+    files = list_images(args.images, skip_dir=out)
     common.setup_tracking(args.work_dir)
     import torch
     from PIL import Image
@@ -111,8 +135,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from pipelines._init import _source_state, check_exists, resolve
 
     check_exists(args.model)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    taken = {f.resolve() for f in files}  # the inputs are never overwritten
     with tempfile.TemporaryDirectory(prefix="dino_scale_predict_") as download:  # gone once loaded
         resolved = resolve(args.model, Path(download))
         cfg = resolved.config
@@ -147,9 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if score >= args.threshold:
                 dets.append({"label": names.get(int(label), str(int(label))), "category_id": int(label),
                              "score": round(float(score), 4), "box": [round(float(v), 2) for v in box]})
-        target = out / f"{f.stem}.jpg"
-        if target.exists() and any(r["annotated"] == str(target) for r in results):
-            target = out / f"{f.stem}-{i}.jpg"
+        target = output_path(out, f, i, taken)
         draw(image, dets, target)
         results.append({"file": str(f), "annotated": str(target), "width": image.size[0],
                         "height": image.size[1], "detections": dets})

@@ -1,0 +1,71 @@
+"""`pipelines.predict`: annotated copies never overwrite an input image or each other."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from pipelines.predict import list_images, main, output_path
+
+
+def _tiny_checkpoint(folder):
+    from dino_scale.config import preset, to_dict
+    from dino_scale.engine.checkpoint import save_weights
+    from dino_scale.models import build_dino
+
+    cfg = preset("tiny", ["model.num_classes=91"])
+    model, _, _ = build_dino(cfg.model)
+    save_weights(folder, model.state_dict(), config=to_dict(cfg))
+    return folder
+
+
+def test_output_names_skip_inputs_and_earlier_copies(tmp_path):
+    out = tmp_path / "photos"
+    inputs = [out / "a.jpg", out / "sub" / "a.jpg", out / "a-2.jpg"]
+    taken = {p.resolve() for p in inputs}
+    names = [output_path(out, p, i, taken) for i, p in enumerate(inputs, 1)]
+    assert len(set(names)) == 3 and not {n.resolve() for n in names} & {p.resolve() for p in inputs}
+    assert names == [out / "a-1.jpg", out / "a-2-1.jpg", out / "a-2-3.jpg"]
+
+
+def test_out_inside_an_input_folder_is_not_read_back(tmp_path):
+    photos = tmp_path / "photos"
+    (photos / "annotated").mkdir(parents=True)
+    for p in (photos / "a.jpg", photos / "annotated" / "a.jpg"):
+        Image.new("RGB", (8, 8)).save(p)
+    assert list_images([str(photos)], skip_dir=photos / "annotated") == [photos / "a.jpg"]
+    # the output folder given as the input is read whole
+    assert list_images([str(photos / "annotated")], skip_dir=photos / "annotated") == [photos / "annotated" / "a.jpg"]
+
+
+def test_predict_into_the_input_folder_keeps_every_input(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    colours = {"a.jpg": (200, 10, 10), "sub/a.jpg": (10, 200, 10), "a-2.jpg": (10, 10, 200)}
+    for name, colour in colours.items():
+        Image.new("RGB", (64, 48), colour).save(photos / name)
+    before = {name: (photos / name).read_bytes() for name in colours}
+    ckpt = _tiny_checkpoint(tmp_path / "ckpt")
+    try:
+        rc = main([str(photos), "--model", str(ckpt), "--out", str(photos), "--threshold", "1",
+                   "--work-dir", str(tmp_path / "runs")])
+    finally:
+        import os
+
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    assert rc == 0
+    assert {name: (photos / name).read_bytes() for name in colours} == before
+    pred = json.loads((photos / "predictions.json").read_text())
+    annotated = [item["annotated"] for item in pred["images"]]
+    assert len(pred["images"]) == 3 and len(set(annotated)) == 3
+    assert not set(annotated) & {str(photos / n) for n in colours}
+    for item in pred["images"]:  # threshold 1 draws no box: each copy shows its own input's colour
+        own = colours[str(Path(item["file"]).relative_to(photos))]
+        got = Image.open(item["annotated"]).convert("RGB").getpixel((32, 24))
+        assert max(abs(a - b) for a, b in zip(got, own)) < 12, (item, got, own)

@@ -118,13 +118,33 @@ _FLAG_MINIMA = (("--workers", "workers", 1), ("--min-workers", "min_workers", 1)
                 ("--max-steps", "max_steps", 1), ("--epochs", "epochs", 1))
 
 
+def check_run_name(name: Optional[str]) -> None:
+    """:class:`UsageError` unless ``name`` (``--run-name``) is usable as one folder name: it
+    names ``<work-dir>/runs/<name>`` (and the ``init``/``eval`` folders a run may delete)."""
+    if name is None:
+        return
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise UsageError(f"--run-name {name!r}: must be a single folder name (not empty, '.' or '..', "
+                         f"no '/' or '\\')")
+
+
+def default_run_name(prefix: str) -> str:
+    """``<prefix>-<yyyymmdd>-<hhmmss>-<6 hex>``: unique even for jobs started in the same
+    second (a reused run name resumes that run and shares its folders)."""
+    import uuid
+
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
 def check_flag_values(args: argparse.Namespace) -> None:
-    """:class:`UsageError` for a flag out of range, or a ``--model-name`` / ``--alias`` that
-    the MLflow registry would refuse at registration (after training)."""
+    """:class:`UsageError` for a flag out of range, a ``--run-name`` that is not one folder
+    name, or a ``--model-name`` / ``--alias`` that the MLflow registry would refuse at
+    registration (after training)."""
     for flag, attr, low in _FLAG_MINIMA:
         value = getattr(args, attr, None)
         if value is not None and value < low:
             raise UsageError(f"{flag} must be >= {low}")
+    check_run_name(getattr(args, "run_name", None))
     name, alias = getattr(args, "model_name", None), getattr(args, "alias", None)
     if name is None and alias is None:
         return

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -73,7 +72,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     from pipelines._init import check_exists, is_remote, resolve
 
     check_exists(args.model)
-    run_name = args.run_name or f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = args.run_name or common.default_run_name("evaluate")
     download = work_dir / "eval" / run_name  # a registry/run model is downloaded here, removed at the end
     try:
         return _evaluate(args, log, work_dir, uri, run_name, resolve(args.model, download / "source"))

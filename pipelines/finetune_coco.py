@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -96,8 +95,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     cfg = common.build_config(args, extra=extra)
     name = args.model_name or model_name(cfg.name)
     init = None if scratch else (args.init or default_init(cfg.name))
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_name = args.run_name or f"finetune-{cfg.name}-{'scratch' if scratch else 'init'}-{stamp}"
+    run_name = args.run_name or common.default_run_name(f"finetune-{cfg.name}-{'scratch' if scratch else 'init'}")
 
     tags = {"stage": "finetune", "synthetic_data": str(synthetic).lower(),
             "init": "scratch" if scratch else init}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -66,7 +65,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if not early_ray:
         log(f"Ray: {common.connect_ray()}")
     name = args.model_name or model_name(cfg.name)
-    run_name = args.run_name or f"pretrain-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = args.run_name or common.default_run_name(f"pretrain-{cfg.name}")
     log(f"preset {cfg.name}: {cfg.model.backbone}, {cfg.model.num_classes} classes, "
         f"{cfg.train.num_workers} worker(s), ZeRO-{cfg.train.zero_stage}, "
         f"max_steps={cfg.train.max_steps} epochs={cfg.train.epochs}")

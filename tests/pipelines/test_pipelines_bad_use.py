@@ -73,6 +73,9 @@ def test_pipelines_bad_use_data_not_a_dataset(tmp_path):
     (["pipelines.finetune_coco", "--init", "none", "--workers", "3"], ["not a multiple"]),
     (["pipelines.demo", "--finetune-steps", "0"], ["--finetune-steps must be >= 1"]),
     (["pipelines.demo", "--set", "model.nope=1"], ["unknown config key 'model.nope'"]),
+    # the run name names folders a run writes and (evaluate's download) deletes: '..' was the work dir
+    (["pipelines.evaluate", "--model", "models:/dino-tiny-coco@champion", "--run-name", ".."], ["--run-name '..'"]),
+    (["pipelines.pretrain_o365", "--run-name", "team/run1"], ["--run-name 'team/run1'", "single folder name"]),
 ])
 def test_pipelines_bad_use_caught_before_any_work(args, needles, tmp_path):
     proc = _run(args, tmp_path)

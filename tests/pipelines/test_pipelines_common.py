@@ -95,3 +95,13 @@ def test_pipelines_common_eval_resources_are_this_machines():
     assert (tc.num_workers, tc.use_gpu) == (2, False)
     tc = evaluated(["--set", "train.num_workers=3", "--set", "train.use_gpu=true"])
     assert (tc.num_workers, tc.use_gpu) == (3, True)
+
+
+def test_pipelines_common_run_names():
+    names = {common.default_run_name("pretrain-tiny") for _ in range(50)}  # same second, distinct
+    assert len(names) == 50 and all(n.startswith("pretrain-tiny-") for n in names)
+    for good in ("run1", "pre.train-2026", "a b"):
+        common.check_run_name(good)
+    for bad in ("", " ", ".", "..", "a/b", "/abs", "..\\x", "a\0b"):
+        with pytest.raises(common.UsageError, match="--run-name"):
+            common.check_run_name(bad)

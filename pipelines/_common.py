@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from dino_scale.config import PRESETS, Config, ConfigError, preset
+from dino_scale.tracking.registry import NOT_FOUND_CODES
 
 GPU_PRESET = "r50_4scale"
 CPU_PRESET = "tiny"
@@ -32,7 +33,7 @@ class UsageError(Exception):
 
 
 # MLflow error codes of a lookup that found nothing (no such name, alias, version or run)
-MLFLOW_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+MLFLOW_NOT_FOUND = NOT_FOUND_CODES
 
 
 # --------------------------------------------------------------------------- arguments

@@ -39,13 +39,19 @@ def _client():
 
 
 def _version_by_alias(client, name: str, alias: str):
-    """The version holding ``alias``, or ``None`` (no such alias yet)."""
+    """The version holding ``alias``, or ``None`` (no such model or alias yet). Any other
+    error (a locked sqlite store, a server error) is raised: read as "no champion", it would
+    promote the new version whatever its AP."""
     from mlflow.exceptions import MlflowException
+
+    from dino_scale.tracking.registry import is_not_found
 
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if is_not_found(exc):
+            return None
+        raise
 
 
 def _ap_of(version) -> Optional[float]:
@@ -124,6 +130,16 @@ def _get_model(client, name: str):
         raise
 
 
+def _name_filter(name: str) -> str:
+    """``name='<name>'`` for an MLflow search, quoted so that a name holding ``'`` (which the
+    registry accepts) does not break the filter."""
+    if "'" not in name:
+        return f"name='{name}'"
+    if '"' not in name:
+        return f'name="{name}"'
+    raise ValueError(f"model name {name!r} holds both quote characters: it cannot be searched by name")
+
+
 def registry_state(client=None, names: Optional[Sequence[str]] = None) -> list[dict]:
     """Every registered model (or those in ``names``) as plain dicts: versions with run
     id, aliases, AP and lineage tags. Sorted by name, versions ascending."""
@@ -135,7 +151,7 @@ def registry_state(client=None, names: Optional[Sequence[str]] = None) -> list[d
     out = []
     for m in sorted(models, key=lambda m: m.name):
         aliases = _aliases(m)
-        versions = _all_pages(client.search_model_versions, filter_string=f"name='{m.name}'")
+        versions = _all_pages(client.search_model_versions, filter_string=_name_filter(m.name))
         rows = []
         for v in sorted(versions, key=lambda v: int(v.version)):
             rows.append({"version": str(v.version), "run_id": v.run_id,

@@ -22,10 +22,18 @@ from dino_scale.config import Config, from_dict
 
 __all__ = [
     "ResolvedModel", "register_model", "set_alias", "get_version_by_alias", "resolve_model_uri",
-    "load_model_from_uri", "MODEL_ARTIFACT_PATH",
+    "load_model_from_uri", "is_not_found", "MODEL_ARTIFACT_PATH", "NOT_FOUND_CODES",
 ]
 
 MODEL_ARTIFACT_PATH = "model"
+# MLflow error codes of a lookup that found nothing (no such name, alias, version or run)
+NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def is_not_found(exc: BaseException) -> bool:
+    """An MLflow lookup error that means "there is none" (not an outage, a locked sqlite
+    store or a server error: those must not read as an empty registry)."""
+    return getattr(exc, "error_code", None) in NOT_FOUND_CODES
 
 
 def _client(tracking_uri: Optional[str] = None):
@@ -54,8 +62,14 @@ def register_model(run_id: str, name: str, artifact_path: str = MODEL_ARTIFACT_P
 
     try:
         client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name)
+    except MlflowException as exc:
+        if not is_not_found(exc):
+            raise
+        try:
+            client.create_registered_model(name)
+        except MlflowException as race:  # another job registered the first version meanwhile
+            if race.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     run = client.get_run(run_id)
     source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
     mv = client.create_model_version(name, source=source, run_id=run_id,
@@ -70,13 +84,16 @@ def set_alias(name: str, alias: str, version: str | int, tracking_uri: Optional[
 
 
 def get_version_by_alias(name: str, alias: str, tracking_uri: Optional[str] = None):
-    """The ``ModelVersion`` behind ``name@alias``, or None if the model or alias is missing."""
+    """The ``ModelVersion`` behind ``name@alias``, or None if the model or alias is missing
+    (any other MLflow error is raised)."""
     from mlflow.exceptions import MlflowException
 
     try:
         return _client(tracking_uri).get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if is_not_found(exc):
+            return None
+        raise
 
 
 def _from_local(path: Path, uri: str, lineage: dict[str, Any]) -> ResolvedModel:

@@ -70,3 +70,57 @@ def test_pipelines_champion_without_ap_tag_is_beaten(client, tmp_path):
     v2 = _new_version(client, tmp_path)
     assert promote_if_better("dino-tiny-coco", v2, 0.01, client=client).promoted
     assert str(client.get_model_version_by_alias("dino-tiny-coco", "champion").version) == v2
+
+
+class _LockedAliasLookup(mlflow.MlflowClient):
+    """The real client, except that the alias lookup fails the way a locked sqlite store does."""
+
+    def get_model_version_by_alias(self, name, alias):
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+        raise MlflowException("(sqlite3.OperationalError) database is locked", error_code=TEMPORARILY_UNAVAILABLE)
+
+
+def test_pipelines_champion_store_error_is_not_an_empty_alias(client, _store, tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    v1 = _new_version(client, tmp_path)
+    assert promote_if_better("dino-tiny-coco", v1, 0.50, client=client).promoted
+    v2 = _new_version(client, tmp_path)
+    failing = _LockedAliasLookup(tracking_uri=_store, registry_uri=_store)
+    with pytest.raises(MlflowException, match="locked"):  # was: "first version with an AP", promoted
+        promote_if_better("dino-tiny-coco", v2, 0.10, client=failing)
+    assert str(client.get_model_version_by_alias("dino-tiny-coco", "champion").version) == v1
+
+
+def test_pipelines_champion_registry_lists_a_name_with_a_quote(client, tmp_path):
+    client.create_registered_model("bob's-model")
+    client.create_model_version("bob's-model", source=str(tmp_path))
+    state = {m["name"]: m for m in registry_state(client)}
+    assert [v["version"] for v in state["bob's-model"]["versions"]] == ["1"]
+    assert [m["name"] for m in registry_state(client, names=["bob's-model"])] == ["bob's-model"]
+
+
+def test_pipelines_champion_first_registration_race(client, _store, tmp_path, monkeypatch):
+    """Two jobs registering a new name at once: the one whose create loses finds the model
+    there (RESOURCE_ALREADY_EXISTS from the real store) and registers its version."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    from dino_scale.tracking.registry import register_model
+
+    run = client.create_run(client.create_experiment(f"race-{tmp_path.name}"))
+    client.create_registered_model("dino-race")  # the other job's create won
+    real_get = mlflow.MlflowClient.get_registered_model
+    looked = []
+
+    def not_there_yet(self, name):  # this job's first look came before the other job's create
+        if name == "dino-race" and not looked:
+            looked.append(name)
+            raise MlflowException(f"Registered Model with name={name} not found", error_code=RESOURCE_DOES_NOT_EXIST)
+        return real_get(self, name)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_registered_model", not_there_yet)
+    assert register_model(run.info.run_id, "dino-race", tracking_uri=_store) == "1"
+    assert looked == ["dino-race"]

@@ -376,6 +376,24 @@ def result_ap(result) -> Optional[float]:
     return None if value is None else float(value)
 
 
+def ensure_logged_weights(client, run_id: str, final: Path, artifact_path: str, weights_name: str) -> None:
+    """The run's ``artifact_path`` must hold ``weights_name`` before a version is registered:
+    the engine logs the final folder in the background, and an MLflow outage longer than its
+    close timeout leaves the upload pending (a registered version, or an alias, would point at
+    no weights). Uploads ``final`` now when it is missing; raises when it still is."""
+    def logged() -> bool:
+        return any(Path(a.path).name == weights_name for a in client.list_artifacts(run_id, artifact_path))
+
+    if logged():
+        return
+    print(f"warning: run {run_id} has no {artifact_path}/{weights_name} yet (the tracking upload did not "
+          f"finish); uploading {final} now", file=sys.stderr, flush=True)
+    client.log_artifacts(run_id, str(final), artifact_path=artifact_path)
+    if not logged():
+        raise RuntimeError(f"run {run_id}: {artifact_path}/{weights_name} is still missing after uploading "
+                           f"{final}; the model was not registered (the weights are in {final})")
+
+
 def result_checkpoint(result) -> str:
     """The folder with the final ``model.safetensors`` + ``config.json`` + ``lineage.json``."""
     return str(Path(result.weights_path).parent)
@@ -383,19 +401,22 @@ def result_checkpoint(result) -> str:
 
 def register(result, name: str, alias: Optional[str], categories: list[dict],
              tags: Optional[dict] = None) -> str:
-    """Log ``categories.json`` beside the run's model artifact, register the model as
-    a new version of ``name`` and (when ``alias``) point the alias at it."""
+    """Write ``categories.json`` beside the final weights (so the checkpoint folder maps class
+    heads by name too) and log it into the run's model artifact; make sure the artifact holds
+    the weights; register the model as a new version of ``name`` and (when ``alias``) point the
+    alias at it."""
     import json
-    import tempfile
 
     from mlflow import MlflowClient
 
+    from dino_scale.engine.checkpoint import WEIGHTS_NAME
     from dino_scale.tracking.registry import MODEL_ARTIFACT_PATH, register_model, set_alias
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "categories.json"
-        path.write_text(json.dumps(categories))
-        MlflowClient().log_artifact(result.run_id, str(path), artifact_path=MODEL_ARTIFACT_PATH)
+    final = Path(result_checkpoint(result))
+    (final / "categories.json").write_text(json.dumps(categories))
+    client = MlflowClient()
+    client.log_artifact(result.run_id, str(final / "categories.json"), artifact_path=MODEL_ARTIFACT_PATH)
+    ensure_logged_weights(client, result.run_id, final, MODEL_ARTIFACT_PATH, WEIGHTS_NAME)
     tags = dict(tags or {})
     ap = result_ap(result)
     if ap is not None:

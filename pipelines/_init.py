@@ -110,16 +110,21 @@ def _source_state(weights: Path) -> dict:
 
 
 def _source_categories(resolved) -> Optional[list[dict]]:
+    """The source model's categories: ``categories.json`` beside its weights (registered
+    models, and final checkpoints of this project's runs), else the manifest of the data it
+    was trained on (``train_dir`` of its lineage: a checkpoint folder of an older run), else
+    None."""
     folder = resolved.weights_path.parent
     path = folder / "categories.json"
     if path.is_file():
         return json.loads(path.read_text())
     cfg = resolved.config
-    if cfg is not None and cfg.data.train:  # the manifest of the data it was trained on
+    trained_on = (resolved.lineage or {}).get("train_dir") or (cfg.data.train if cfg is not None else None)
+    if trained_on:
         try:
             from dino_scale.data import read_manifest
 
-            return read_manifest(cfg.data.train.split(",")[0])["categories"]
+            return read_manifest(str(trained_on).split(",")[0])["categories"]
         except (FileNotFoundError, ValueError, OSError):
             return None
     return None

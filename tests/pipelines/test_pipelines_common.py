@@ -105,3 +105,41 @@ def test_pipelines_common_run_names():
     for bad in ("", " ", ".", "..", "a/b", "/abs", "..\\x", "a\0b"):
         with pytest.raises(common.UsageError, match="--run-name"):
             common.check_run_name(bad)
+
+
+def test_pipelines_common_register_uploads_weights_the_tracker_left_behind(tmp_path, monkeypatch):
+    """An MLflow outage past the engine's close timeout leaves the final folder's upload
+    pending: registration uploads it itself instead of registering a version with no weights;
+    the categories land beside the local weights too."""
+    import json
+
+    import mlflow
+
+    from dino_scale.config import preset, to_dict
+    from dino_scale.engine.api import FitResult
+    from dino_scale.engine.checkpoint import save_weights
+    from dino_scale.models import build_dino
+    from dino_scale.tracking.registry import resolve_model_uri
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    run = client.create_run(client.create_experiment("pretrain-o365", artifact_location=str(tmp_path / "art")))
+    cfg = preset("tiny")
+    final = tmp_path / "final"
+    save_weights(final, build_dino(cfg.model)[0].state_dict(), config=to_dict(cfg))
+    result = FitResult(checkpoint_path=str(final), weights_path=final / "model.safetensors",
+                       config_path=final / "config.json", metrics={"AP": 0.25}, run_id=run.info.run_id,
+                       tracking_uri=uri, run_name="r")
+    cats = [{"id": 1, "name": "person"}]
+    try:
+        mlflow.set_registry_uri(uri)
+        version = common.register(result, "dino-tiny-o365", alias="pretrained", categories=cats)
+    finally:
+        mlflow.set_registry_uri(None)
+    assert version == "1"
+    assert json.loads((final / "categories.json").read_text()) == cats
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert {"model/model.safetensors", "model/config.json", "model/categories.json"} <= logged
+    resolved = resolve_model_uri("models:/dino-tiny-o365@pretrained", tmp_path / "dl", tracking_uri=uri)
+    assert resolved.weights_path.is_file() and client.get_model_version("dino-tiny-o365", "1").tags["AP"] == "0.250000"

@@ -57,3 +57,24 @@ def test_pipelines_init_wrong_preset_is_a_usage_error(o365_checkpoint, tmp_path)
     cfg = preset("tiny", ["model.num_classes=91", "model.hidden_dim=32", "model.dim_feedforward=64"])
     with pytest.raises(UsageError, match="does not fit preset"):
         prepare_init(str(ckpt), cfg, [{"id": 1, "name": "person"}], tmp_path / "init", log=lambda m: None)
+
+
+def test_pipelines_init_categories_of_a_checkpoint_folder(o365_checkpoint, tmp_path):
+    """A final folder of an older run (no categories.json beside the weights) still maps by
+    name: the categories come from the manifest of its lineage's ``train_dir``."""
+    import shutil
+
+    from dino_scale.data import convert_coco
+    from dino_scale.data.synthetic import generate
+    from pipelines._init import _source_categories, resolve
+
+    ckpt, _ = o365_checkpoint
+    folder = tmp_path / "final"
+    shutil.copytree(ckpt, folder)
+    (folder / "categories.json").unlink()
+    assert _source_categories(resolve(str(folder), tmp_path / "dl")) is None
+    images, ann = generate(tmp_path / "raw", "o365-like", 2, 0)
+    convert_coco(ann, images, tmp_path / "shards", progress=False)
+    (folder / "lineage.json").write_text(json.dumps({"train_dir": str(tmp_path / "shards")}))
+    cats = _source_categories(resolve(str(folder), tmp_path / "dl"))
+    assert cats is not None and {c["name"] for c in cats} == {c["name"] for c in synthetic.categories("o365-like")}

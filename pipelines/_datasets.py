@@ -87,11 +87,13 @@ def synthetic_dirs(work_dir: Path, flavour: str, num_images: int, seed: int,
 
 
 def resolve_datasets(args, work_dir: Path, flavour: str, default_images: int, seed: int,
-                     log: Callable[[str], None]) -> tuple[str, Optional[str], bool]:
+                     log: Callable[[str], None], require_val: Optional[str] = None
+                     ) -> tuple[str, Optional[str], bool]:
     """``(train, val, synthetic)``: dataset folder strings for the engine.
 
     ``val`` is ``None`` only when real training data was given without any validation
-    set (training then runs without evaluation).
+    set (training then runs without evaluation); with ``require_val`` (the message) that is
+    a :class:`UsageError`, raised before an annotation file is converted.
     """
     if args.data is None:
         if args.val_data is not None:
@@ -100,12 +102,15 @@ def resolve_datasets(args, work_dir: Path, flavour: str, default_images: int, se
         train, val = synthetic_dirs(work_dir, flavour, n, seed, log)
         return train, val, True
     val: Optional[str] = None
+    train: Optional[str] = None
     data = None if "," in args.data else check_path(args.data, "dataset path")
     if data is not None and data.is_dir() and not _is_dataset(data) and _is_dataset(data / "train"):
         train = str(data / "train")
         if _is_dataset(data / "val"):
             val = str(data / "val")
-    else:
+    if require_val and val is None and args.val_data is None:
+        raise UsageError(require_val)
+    if train is None:
         train = _one(args.data, args.images, work_dir, "dataset path", log)
     if args.val_data is not None:
         val = _one(args.val_data, args.val_images or args.images, work_dir, "validation dataset path", log)

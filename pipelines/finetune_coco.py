@@ -79,10 +79,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
         # fail fast, before data generation or Ray start
         check_exists(args.init or default_init(common.resolve_preset_name(args.preset)))
-    train, val, synthetic = resolve_datasets(args, work_dir, "coco-like", SYNTHETIC_IMAGES,
-                                             seed=1, log=log)
-    if val is None:
-        raise common.UsageError("fine-tuning evaluates: give a validation set with --val-data")
+    train, val, synthetic = resolve_datasets(
+        args, work_dir, "coco-like", SYNTHETIC_IMAGES, seed=1, log=log,
+        require_val="fine-tuning evaluates: give a validation set with --val-data")
     categories = categories_of(train)
     extra = class_overrides(categories, args.overrides, minimum=91)
     if args.scale is not None:

@@ -64,3 +64,19 @@ def test_pipelines_datasets_synthetic_val_only(tmp_path):
     (val,) = synthetic_dirs(tmp_path, "coco-like", 4, 1, lambda m: None, splits=("val",))
     assert val.endswith("synthetic-coco-like-4-s1/val") and categories_of(val)
     assert not (tmp_path / "data" / "synthetic-coco-like-4-s1" / "train").exists()
+
+
+def test_pipelines_datasets_missing_val_is_refused_before_converting(raw, tmp_path):
+    """Fine-tuning needs a validation set: an annotation JSON without --val-data is refused
+    before the (possibly hour-long) conversion of the training set, not after it."""
+    root, ann = raw
+    need = "give a validation set"
+    with pytest.raises(UsageError, match=need):
+        resolve_datasets(_args(data=str(ann), images=str(root)), tmp_path, "coco-like", 8, 0, lambda m: None,
+                         require_val=need)
+    assert not (tmp_path / "data").exists()  # nothing converted
+    parent = tmp_path / "ds"  # a parent with train/ and val/ has one
+    convert_coco(ann, root, parent / "train", progress=False)
+    convert_coco(ann, root, parent / "val", progress=False)
+    _, v, _ = resolve_datasets(_args(data=str(parent)), tmp_path, "coco-like", 8, 0, lambda m: None, require_val=need)
+    assert v == str(parent / "val")

@@ -31,10 +31,11 @@ def shards(tmp_path_factory, o365_like):
     return out, root
 
 
-def test_data_ray_datasets(ray_session, shards, tmp_path):
+def test_data_ray_datasets(ray_session, shards, tmp_path, image_folders):
     _footer_reader_pool_sized_to_the_shards(shards)
     _train_rows_match_local_and_split(shards)
     _eval_and_decode_skips(shards, tmp_path)
+    _folders_use_their_own_image_roots(image_folders)
 
 
 def _list_files_op(ds):
@@ -138,6 +139,26 @@ def _eval_and_decode_skips(shards, tmp_path):
     stats = decode_skips("eval_skips_test")
     assert stats["count"] == 9 and sorted(stats["image_ids"]) == sorted(v["image_id"] for v in victims)
     assert stats["by_reason"] == {"corrupt": 1, "missing_file": 1, "empty_file": 7}
+
+
+def _folders_use_their_own_image_roots(image_folders):
+    """Two folders converted against different image roots with the same file names: every
+    row decodes its own folder's image (the second folder's records were resolved against the
+    first folder's root: its images missing, or the first's pixels under its boxes)."""
+    from dino_scale.data import build_eval_dataset, build_train_dataset, decode_skips
+
+    first, _ = image_folders.convert("first")
+    second, _ = image_folders.convert("second")
+    cfg = preset("tiny").data
+    datasets = {"eval_folders_test": build_eval_dataset(f"{first},{second}", cfg, stats_name="eval_folders_test"),
+                "train_folders_test": build_train_dataset([first, second], cfg, epoch=0,
+                                                          stats_name="train_folders_test")}
+    for name, ds in datasets.items():
+        rows = ds.take_all()
+        assert sorted(int(r["image_id"]) for r in rows) == [1, 2, 11, 12]
+        for r in rows:
+            image_folders.check_sample(int(r["image_id"]), r["image"], r["orig_size"].tolist())
+        assert decode_skips(name)["count"] == 0
 
 
 def test_data_ray_epoch_clock_survives_ray_restart(ray_lock):

@@ -212,8 +212,8 @@ class _Converter:
             for i in range(first, n):
                 if status[i]:
                     continue
-                p = resolve_image_path(self.images, names[i].as_py())
-                try:
+                try:  # the lookup stats the file: EACCES, ENAMETOOLONG, EIO are "unreadable" too
+                    p = resolve_image_path(self.images, names[i].as_py())
                     if p is None:
                         status[i] = "missing_file"
                     elif self.embed:

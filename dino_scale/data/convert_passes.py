@@ -63,11 +63,11 @@ def _is_int(v: Any, lo: int, hi: int) -> bool:
 
 
 def _size_from_file(images: Optional[Path], fname: str) -> Optional[tuple[int, int]]:
-    path = resolve_image_path(images, fname) if images else None
-    if path is None:
-        return None
+    """(width, height) from the header of ``fname`` under ``images``; ``None`` when it is absent,
+    unreadable (also a name the OS refuses, e.g. too long) or not an image."""
     try:
-        return read_image_size(path.read_bytes())
+        path = resolve_image_path(images, fname) if images else None
+        return read_image_size(path.read_bytes()) if path is not None else None
     except (ImageDecodeError, OSError):
         return None
 

@@ -124,13 +124,13 @@ class DetectionTransform:
         data = record.get("image")
         if data is None:
             from .records import resolve_image_path
-            path = resolve_image_path(record.get("image_root") or self.image_root, record["file_name"])
+            try:  # the lookup stats the file too: EACCES, ENAMETOOLONG, EIO are counted skips
+                path = resolve_image_path(record.get("image_root") or self.image_root, record["file_name"])
+                data = path.read_bytes() if path is not None else None
+            except OSError as e:  # permissions, a failing network filesystem: a counted skip
+                raise ImageDecodeError("unreadable", f"{record['file_name']}: {e}") from None
             if path is None:
                 raise ImageDecodeError("missing_file", str(record["file_name"]))
-            try:
-                data = path.read_bytes()
-            except OSError as e:  # permissions, a failing network filesystem: a counted skip
-                raise ImageDecodeError("unreadable", f"{path}: {e}") from None
         return decode_image(data, expected_size=(int(record["width"]), int(record["height"])))
 
     def __call__(self, record: dict[str, Any], epoch: int = 0) -> dict[str, Any]:

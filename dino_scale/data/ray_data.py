@@ -20,6 +20,10 @@ small named actor holds the current epoch of the dataset, and the training loop 
 ``set_epoch(e)`` (from any or every worker, before iterating its shard for epoch ``e``);
 each preprocessing batch reads it once. Or fix it: ``epoch=e``; ``num_epochs > 1``
 then gives the union of epochs ``e .. e+num_epochs-1``. Rows carry ``epoch``.
+Block order (about one shard per block): seeded by ``data_cfg.seed``; with ``epoch=None``
+and ``reshuffle_each_epoch=True`` every pass (execution) of the dataset draws a new order,
+seeded by (seed, pass number) so a run repeats its orders, else every pass has the same order
+(what exact resume needs: a restarted run executes the dataset from pass 0 again).
 Images that fail to decode are dropped from the stream, logged with their id and
 counted by a named actor: :func:`decode_skips`.
 """
@@ -41,7 +45,8 @@ from .loader import folder_image_roots
 from .records import shard_paths
 from .transforms import DetectionTransform
 
-__all__ = ["build_train_dataset", "build_eval_dataset", "decode_skips", "set_epoch", "current_epoch"]
+__all__ = ["build_train_dataset", "build_eval_dataset", "decode_skips", "set_epoch", "current_epoch",
+           "block_order_seed"]
 
 log = logging.getLogger(__name__)
 _COUNTER_PREFIX = "dino_scale_decode_skips:"
@@ -243,13 +248,26 @@ def _read_records(data_dir, image_root, override_num_blocks: Optional[int]) -> t
     return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]), None
 
 
+def block_order_seed(seed: int, reshuffle_each_epoch: bool) -> "ray.data.RandomSeedConfig":
+    """The seed of ``randomize_block_order``: ``seed`` for every execution of the dataset, or
+    with ``reshuffle_each_epoch`` combined with the execution index (a new order each pass).
+    Ray turns a plain int seed into the former."""
+    return ray.data.RandomSeedConfig(seed=int(seed), reseed_after_execution=bool(reshuffle_each_epoch))
+
+
 def build_train_dataset(data_dir, data_cfg, image_root: Optional[str] = None, epoch: Optional[int] = None,
                         num_epochs: int = 1, stats_name: str = "train",
-                        override_num_blocks: Optional[int] = None) -> "ray.data.Dataset":
+                        override_num_blocks: Optional[int] = None,
+                        reshuffle_each_epoch: bool = False) -> "ray.data.Dataset":
     """Augmented training rows (see module doc). ``data_dir``: folder(s) of shards; each
     folder's records resolve image files against the root recorded in its manifest, unless
     ``image_root`` (else ``data_cfg.image_root``) overrides it: one root for all folders, or one
-    per folder (``"root_a,root_b"``; see :func:`~.loader.folder_image_roots`)."""
+    per folder (``"root_a,root_b"``; see :func:`~.loader.folder_image_roots`).
+
+    ``reshuffle_each_epoch`` (``epoch=None`` only; a fixed ``epoch`` seeds its order with
+    ``seed + epoch``): draw a new block order on each pass, for training that need not resume
+    exactly; keep it ``False`` for ``train.deterministic`` runs, whose restart re-executes the
+    dataset from pass 0 and must see the orders of the first run."""
     override = image_root or data_cfg.image_root
     _counter(stats_name)  # create the actors from the driver so tasks find them
     _clock(stats_name)
@@ -257,7 +275,7 @@ def build_train_dataset(data_dir, data_cfg, image_root: Optional[str] = None, ep
         if num_epochs != 1:
             raise ValueError("num_epochs > 1 needs a fixed start epoch")
         ds, root = _read_records(data_dir, override, override_num_blocks)
-        return ds.randomize_block_order(seed=int(data_cfg.seed)).map_batches(
+        return ds.randomize_block_order(seed=block_order_seed(data_cfg.seed, reshuffle_each_epoch)).map_batches(
             _ToSample(data_cfg, True, root, None, stats_name), batch_size=_BATCH, batch_format="numpy")
     parts = []
     for e in range(int(epoch), int(epoch) + int(num_epochs)):

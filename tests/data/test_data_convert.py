@@ -115,3 +115,52 @@ def test_data_convert_reference_mode_and_cli(coco_like, tmp_path, capsys):
     assert summary["num_images"] == m["num_images"] == 24 and not m["embed_images"]
     assert m["image_root"] == str(root.resolve())
     assert all(r["image"] is None for r in iter_records(tmp_path / "ref"))
+
+
+def _small_dataset(tmp_path, num_images: int, annotations: list) -> tuple:
+    """(image root, annotation json) of ``num_images`` 64x48 PNGs with ids 1.. and ``annotations``."""
+    import io
+
+    from PIL import Image
+
+    root = tmp_path / "img"
+    root.mkdir()
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buf, format="PNG")
+    images = []
+    for i in range(1, num_images + 1):
+        (root / f"{i}.png").write_bytes(buf.getvalue())
+        images.append({"id": i, "file_name": f"{i}.png", "width": 64, "height": 48})
+    doc = {"images": images, "categories": [{"id": 1, "name": "a"}],
+           "annotations": [{"id": k, "category_id": 1, "iscrowd": 0, **a} for k, a in enumerate(annotations, 1)]}
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(doc))
+    return root, ann
+
+
+def test_data_convert_val_split_counts_its_own_dropped_boxes(tmp_path):
+    """The annotation pass's drops (malformed, non-finite, degenerate) were counted for the whole
+    file in both split manifests. Each split counts those of its own images; boxes naming no
+    image of either split (an unusable id, an unknown one) are counted in both, as before."""
+    anns = [{"image_id": 1, "bbox": [1, 2, 10, 10]},
+            {"image_id": 1, "bbox": [1, 2, 0, 10]},  # degenerate, val
+            {"image_id": 2, "bbox": [1, None, 10, 10]},  # non-finite, val
+            {"image_id": 4, "bbox": [1, 2, 10, 10]},
+            {"image_id": 4, "bbox": [1, 2, 10, -1]},  # degenerate, train_extra
+            {"image_id": 5, "bbox": [1, 2, 3]},  # malformed, train_extra
+            {"image_id": "x", "bbox": [1, 2, 10, 10]},  # malformed, no image: both
+            {"image_id": 99, "bbox": [1, 2, 10, 10]}]  # unknown image: both
+    root, ann = _small_dataset(tmp_path, 5, anns)
+    res = convert_coco(ann, root, tmp_path / "split", o365_val_split=3, progress=False)
+    val, extra = res["val"], res["train_extra"]
+    assert val["boxes_dropped"] == {"malformed": 1, "nonfinite": 1, "degenerate": 1, "orphan": 1, "outside": 0,
+                                    "skipped_image": 0}
+    assert extra["boxes_dropped"] == {"malformed": 2, "nonfinite": 0, "degenerate": 1, "orphan": 1, "outside": 0,
+                                      "skipped_image": 0}
+    assert val["num_boxes"] == extra["num_boxes"] == 1
+    assert val["boxes_in"] == 5 and extra["boxes_in"] == 5
+    assert val["source"]["boxes_of_other_split"] == 3 and extra["source"]["boxes_of_other_split"] == 3
+    whole = convert_coco(ann, root, tmp_path / "whole", progress=False)  # no split: every drop counted once
+    assert whole["boxes_dropped"] == {"malformed": 2, "nonfinite": 1, "degenerate": 2, "orphan": 1, "outside": 0,
+                                      "skipped_image": 0}
+    assert whole["boxes_in"] == 8 and whole["source"]["boxes_of_other_split"] == 0

@@ -36,11 +36,12 @@ from typing import Any, Optional, Union
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from .convert_passes import ANN, DROP, DROP_REASONS, ConversionError, scan_annotations, scan_images
 from .decode import verify_image_bytes
 from .records import FORMAT, MANIFEST_NAME, SCHEMA, resolve_image_path
-from .shards import ShardWriter, load_progress
+from .shards import ShardWriter, crowd_boxes, load_progress
 
 __all__ = ["convert_coco", "ConversionError"]
 
@@ -127,7 +128,7 @@ class _Converter:
         meta = pa.ipc.open_stream(str(path)).read_all() if path.is_file() else None
         apath = self.work / f"ann-{b:05d}.bin"
         ann = np.fromfile(apath, dtype=ANN) if apath.is_file() else np.zeros(0, ANN)
-        stats = {"orphan": 0, "other_split": 0, "skipped_meta": 0, "outside": 0, "clipped": 0, "crowd": 0}
+        stats = {"orphan": 0, "other_split": 0, "skipped_meta": 0, "outside": 0, "clipped": 0}
         # boxes the annotation pass dropped whose image is in the sibling split are that split's
         dpath = self.work / f"drop-{b:05d}.bin"
         drop = np.fromfile(dpath, dtype=DROP) if dpath.is_file() else np.zeros(0, DROP)
@@ -171,7 +172,6 @@ class _Converter:
         ann["box"] = new
         area = ann["area"]
         ann["area"] = np.where(np.isfinite(area) & (area > 0), area, new[:, 2] * new[:, 3])
-        stats["crowd"] = int(ann["crowd"].sum())
         o = np.argsort(pos, kind="stable")
         ann, pos = ann[o], pos[o]
         ann_pos = np.empty(len(ann), dtype=[("pos", "<i8")] + [(n, ANN.fields[n][0]) for n in ANN.names])
@@ -297,6 +297,13 @@ class _Converter:
         shutil.rmtree(self.work, ignore_errors=True)
         return manifest
 
+    def _crowd_boxes(self, record: dict[str, Any]) -> int:
+        """Crowd boxes written to a shard (skipped images' boxes are not); a progress record from
+        before the count was kept has its shard read."""
+        if "num_crowd_boxes" in record or not record["file"]:
+            return int(record.get("num_crowd_boxes", 0))
+        return crowd_boxes(pq.read_table(self.out / record["file"], columns=["iscrowd"]))
+
     def _manifest(self, plan: dict[str, Any], records: list[dict[str, Any]], totals: dict[str, int]) -> dict:
         skipped: dict[str, int] = {}
         listed: list[dict[str, Any]] = []
@@ -322,7 +329,7 @@ class _Converter:
             "categories": plan["categories"],
             "num_images": sum(s["num_images"] for s in shards),
             "num_boxes": sum(s["num_boxes"] for s in shards),
-            "num_crowd_boxes": totals.get("crowd", 0),
+            "num_crowd_boxes": sum(self._crowd_boxes(r) for r in records),
             "images_in": plan["num_images"], "images_skipped": skipped, "skipped_images": listed,
             "boxes_in": plan["ann"]["boxes_in"] - other_split, "boxes_dropped": dropped,
             "boxes_clipped": totals.get("clipped", 0),

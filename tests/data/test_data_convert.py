@@ -164,3 +164,35 @@ def test_data_convert_val_split_counts_its_own_dropped_boxes(tmp_path):
     assert whole["boxes_dropped"] == {"malformed": 2, "nonfinite": 1, "degenerate": 2, "orphan": 1, "outside": 0,
                                       "skipped_image": 0}
     assert whole["boxes_in"] == 8 and whole["source"]["boxes_of_other_split"] == 0
+
+
+def test_data_convert_crowd_count_only_written_images(tmp_path, monkeypatch):
+    """num_crowd_boxes counted the crowd boxes of images skipped afterwards (a missing file):
+    it counts what the shards hold, also after a resume from progress records that lack it."""
+    crowd = {"bbox": [1, 2, 10, 10], "iscrowd": 1}
+    anns = [{"image_id": 1, "bbox": [1, 2, 10, 10]}, {"image_id": 1, **crowd},
+            {"image_id": 2, **crowd}, {"image_id": 2, **crowd}, {"image_id": 3, **crowd}]
+    root, ann = _small_dataset(tmp_path, 3, anns)
+    (root / "2.png").unlink()
+    m = convert_coco(ann, root, tmp_path / "out", max_images_per_shard=1, progress=False)
+    assert m["images_skipped"] == {"missing_file": 1} and m["boxes_dropped"]["skipped_image"] == 2
+    assert m["num_crowd_boxes"] == 2 == sum(int(r["iscrowd"].sum()) for r in iter_records(tmp_path / "out"))
+    # interrupted after the first shard; its progress record written without the count
+    real_flush = shards_mod.ShardWriter._flush
+    calls = {"n": 0}
+
+    def flaky(self, end_index):
+        if calls["n"] == 1:
+            raise KeyboardInterrupt("simulated interruption")
+        calls["n"] += 1
+        return real_flush(self, end_index)
+
+    monkeypatch.setattr(shards_mod.ShardWriter, "_flush", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        convert_coco(ann, root, tmp_path / "run", max_images_per_shard=1, progress=False)
+    monkeypatch.setattr(shards_mod.ShardWriter, "_flush", real_flush)
+    (progress_file,) = (tmp_path / "run" / ".convert-work").glob("shard-*.json")
+    record = json.loads(progress_file.read_text())
+    del record["num_crowd_boxes"]
+    progress_file.write_text(json.dumps(record))
+    assert convert_coco(ann, root, tmp_path / "run", max_images_per_shard=1, progress=False)["num_crowd_boxes"] == 2

@@ -98,7 +98,7 @@ class LocalLoader:
 
     def __init__(self, data_dir, data_cfg, train: bool = True, batch_size: Optional[int] = None,
                  shuffle: Optional[bool] = None, drop_last: bool = False, epoch: int = 0,
-                 image_root: Optional[str] = None, pad_multiple: Optional[int] = None, normalize: bool = False):
+                 image_root: Roots = None, pad_multiple: Optional[int] = None, normalize: bool = False):
         self.data_dir = data_dir
         self.image_root = image_root or data_cfg.image_root
         folder_image_roots(data_dir, self.image_root)  # a bad or ambiguous override fails here

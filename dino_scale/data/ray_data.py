@@ -41,7 +41,7 @@ import pyarrow as pa
 import ray
 
 from .decode import ImageDecodeError
-from .loader import folder_image_roots
+from .loader import Roots, folder_image_roots
 from .records import shard_paths
 from .transforms import DetectionTransform
 
@@ -228,7 +228,8 @@ def split_blocks(total: Optional[int], files_per_folder: list[int]) -> list[Opti
     return [max(1, round(int(total) * k / n)) for k in files_per_folder]
 
 
-def _read_records(data_dir, image_root, override_num_blocks: Optional[int]) -> tuple["ray.data.Dataset", Optional[str]]:
+def _read_records(data_dir, image_root: Roots,
+                  override_num_blocks: Optional[int]) -> tuple["ray.data.Dataset", Optional[str]]:
     """(record rows of every folder, the image root for :class:`_ToSample`).
 
     One folder: its shards, read as they are, and its root. Several: one read per folder, each
@@ -255,7 +256,7 @@ def block_order_seed(seed: int, reshuffle_each_epoch: bool) -> "ray.data.RandomS
     return ray.data.RandomSeedConfig(seed=int(seed), reseed_after_execution=bool(reshuffle_each_epoch))
 
 
-def build_train_dataset(data_dir, data_cfg, image_root: Optional[str] = None, epoch: Optional[int] = None,
+def build_train_dataset(data_dir, data_cfg, image_root: Roots = None, epoch: Optional[int] = None,
                         num_epochs: int = 1, stats_name: str = "train",
                         override_num_blocks: Optional[int] = None,
                         reshuffle_each_epoch: bool = False) -> "ray.data.Dataset":
@@ -286,7 +287,7 @@ def build_train_dataset(data_dir, data_cfg, image_root: Optional[str] = None, ep
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
-def build_eval_dataset(data_dir, data_cfg, image_root: Optional[str] = None, stats_name: str = "eval",
+def build_eval_dataset(data_dir, data_cfg, image_root: Roots = None, stats_name: str = "eval",
                        override_num_blocks: Optional[int] = None) -> "ray.data.Dataset":
     """Eval rows (resize to ``eval_size``/``eval_max_size``, no flip/crop), in shard order.
     Image roots per folder as in :func:`build_train_dataset`."""

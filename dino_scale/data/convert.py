@@ -15,7 +15,9 @@ or whose pixels do not match the annotated size (when checked: ``size_mismatch``
 :func:`~.decode.sizes_agree`), and images with bad metadata (no int64 id or file name) or
 duplicate ids (the first usable entry keeps the id; with an Objects365 val split, an id on
 both sides is kept on neither) are skipped, counted and logged with their id, entry
-position and file name; their boxes count as dropped (``skipped_image``). A width or height
+position and file name; their boxes count as dropped (``skipped_image``). With a val split,
+each split's manifest counts the boxes of its own images; boxes naming no image of either
+split (an unknown or unusable image id) are counted in both. A width or height
 that is not a whole pixel count in int32 range is read from the file header instead.
 Unknown category ids stop the conversion before anything is written. The manifest satisfies
 ``images_in == num_images + sum(images_skipped.values())`` and
@@ -34,11 +36,12 @@ from typing import Any, Optional, Union
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from .convert_passes import ANN, ConversionError, scan_annotations, scan_images
+from .convert_passes import ANN, DROP, DROP_REASONS, ConversionError, scan_annotations, scan_images
 from .decode import verify_image_bytes
 from .records import FORMAT, MANIFEST_NAME, SCHEMA, resolve_image_path
-from .shards import ShardWriter, load_progress
+from .shards import ShardWriter, crowd_boxes, load_progress
 
 __all__ = ["convert_coco", "ConversionError"]
 
@@ -125,7 +128,12 @@ class _Converter:
         meta = pa.ipc.open_stream(str(path)).read_all() if path.is_file() else None
         apath = self.work / f"ann-{b:05d}.bin"
         ann = np.fromfile(apath, dtype=ANN) if apath.is_file() else np.zeros(0, ANN)
-        stats = {"orphan": 0, "other_split": 0, "skipped_meta": 0, "outside": 0, "clipped": 0, "crowd": 0}
+        stats = {"orphan": 0, "other_split": 0, "skipped_meta": 0, "outside": 0, "clipped": 0}
+        # boxes the annotation pass dropped whose image is in the sibling split are that split's
+        dpath = self.work / f"drop-{b:05d}.bin"
+        drop = np.fromfile(dpath, dtype=DROP) if dpath.is_file() else np.zeros(0, DROP)
+        theirs = np.bincount(drop["reason"][np.isin(drop["iid"], excluded)], minlength=len(DROP_REASONS))
+        stats.update({f"other_split_{r}": int(n) for r, n in zip(DROP_REASONS, theirs)})
         if meta is None or meta.num_rows == 0:
             other = np.isin(ann["iid"], excluded)
             stats["other_split"], stats["orphan"] = int(other.sum()), int((~other).sum())
@@ -164,7 +172,6 @@ class _Converter:
         ann["box"] = new
         area = ann["area"]
         ann["area"] = np.where(np.isfinite(area) & (area > 0), area, new[:, 2] * new[:, 3])
-        stats["crowd"] = int(ann["crowd"].sum())
         o = np.argsort(pos, kind="stable")
         ann, pos = ann[o], pos[o]
         ann_pos = np.empty(len(ann), dtype=[("pos", "<i8")] + [(n, ANN.fields[n][0]) for n in ANN.names])
@@ -212,8 +219,8 @@ class _Converter:
             for i in range(first, n):
                 if status[i]:
                     continue
-                p = resolve_image_path(self.images, names[i].as_py())
-                try:
+                try:  # the lookup stats the file: EACCES, ENAMETOOLONG, EIO are "unreadable" too
+                    p = resolve_image_path(self.images, names[i].as_py())
                     if p is None:
                         status[i] = "missing_file"
                     elif self.embed:
@@ -290,6 +297,13 @@ class _Converter:
         shutil.rmtree(self.work, ignore_errors=True)
         return manifest
 
+    def _crowd_boxes(self, record: dict[str, Any]) -> int:
+        """Crowd boxes written to a shard (skipped images' boxes are not); a progress record from
+        before the count was kept has its shard read."""
+        if "num_crowd_boxes" in record or not record["file"]:
+            return int(record.get("num_crowd_boxes", 0))
+        return crowd_boxes(pq.read_table(self.out / record["file"], columns=["iscrowd"]))
+
     def _manifest(self, plan: dict[str, Any], records: list[dict[str, Any]], totals: dict[str, int]) -> dict:
         skipped: dict[str, int] = {}
         listed: list[dict[str, Any]] = []
@@ -298,7 +312,10 @@ class _Converter:
                 skipped[k] = skipped.get(k, 0) + v
             listed.extend(r["skipped_images"][: _MAX_LISTED - len(listed)])
         shards = [{k: r[k] for k in ("file", "num_images", "num_boxes", "bytes")} for r in records if r["file"]]
-        dropped = dict(plan["ann"]["dropped"])
+        dropped = dict(plan["ann"]["dropped"])  # of the whole file: less the sibling split's
+        theirs = {r: totals.get(f"other_split_{r}", 0) for r in DROP_REASONS}
+        dropped.update({r: dropped[r] - theirs[r] for r in DROP_REASONS})
+        other_split = totals.get("other_split", 0) + sum(theirs.values())
         dropped.update(orphan=totals.get("orphan", 0), outside=totals.get("outside", 0),
                        skipped_image=sum(r["boxes_dropped_skipped_image"] for r in records)
                        + totals.get("skipped_meta", 0))
@@ -306,15 +323,15 @@ class _Converter:
             "format": FORMAT,
             "source": {"annotations": str(self.ann_path), "images": str(self.images) if self.images else None,
                        "select": list(self.select), "images_in_file": plan["num_images_in_file"],
-                       "boxes_of_other_split": totals.get("other_split", 0)},
+                       "boxes_of_other_split": other_split},
             "embed_images": self.embed,
             "image_root": str(self.images.resolve()) if self.images and not self.embed else None,
             "categories": plan["categories"],
             "num_images": sum(s["num_images"] for s in shards),
             "num_boxes": sum(s["num_boxes"] for s in shards),
-            "num_crowd_boxes": totals.get("crowd", 0),
+            "num_crowd_boxes": sum(self._crowd_boxes(r) for r in records),
             "images_in": plan["num_images"], "images_skipped": skipped, "skipped_images": listed,
-            "boxes_in": plan["ann"]["boxes_in"] - totals.get("other_split", 0), "boxes_dropped": dropped,
+            "boxes_in": plan["ann"]["boxes_in"] - other_split, "boxes_dropped": dropped,
             "boxes_clipped": totals.get("clipped", 0),
             "shards": shards, "signature": self.signature,
         }

@@ -8,7 +8,9 @@ order of the file. Only per-chunk state stays in memory.
   the annotation pass on another core): ``images-BBBBB.arrow`` (IPC stream of
   position, image_id, file_name, width, height, status).
 - :func:`scan_annotations`: ``ann-BBBBB.bin`` (records of :data:`ANN`), box checks that
-  need no image (malformed, non-finite, ``w <= 0`` / ``h <= 0``) counted here.
+  need no image (malformed, non-finite, ``w <= 0`` / ``h <= 0``) counted here; the dropped
+  boxes that name a usable image id also go to ``drop-BBBBB.bin`` (records of :data:`DROP`),
+  so that an Objects365 val split can give them to the split of their image.
 """
 from __future__ import annotations
 
@@ -23,9 +25,12 @@ from .decode import ImageDecodeError, read_image_size
 from .json_stream import stream_items
 from .records import resolve_image_path
 
-__all__ = ["ANN", "IMAGE_SCHEMA", "ConversionError", "read_categories", "scan_images", "scan_annotations"]
+__all__ = ["ANN", "DROP", "DROP_REASONS", "IMAGE_SCHEMA", "ConversionError", "read_categories", "scan_images",
+           "scan_annotations"]
 
 ANN = np.dtype([("iid", "<i8"), ("box", "<f4", (4,)), ("cat", "<i4"), ("crowd", "u1"), ("area", "<f4")])
+DROP_REASONS = ("malformed", "nonfinite", "degenerate")  # the annotation pass's drops
+DROP = np.dtype([("iid", "<i8"), ("reason", "u1")])  # reason: index into DROP_REASONS
 IMAGE_SCHEMA = pa.schema([("pos", pa.int64()), ("image_id", pa.int64()), ("file_name", pa.string()),
                           ("width", pa.int32()), ("height", pa.int32()), ("status", pa.string())])
 _CHUNK = 262144
@@ -63,11 +68,11 @@ def _is_int(v: Any, lo: int, hi: int) -> bool:
 
 
 def _size_from_file(images: Optional[Path], fname: str) -> Optional[tuple[int, int]]:
-    path = resolve_image_path(images, fname) if images else None
-    if path is None:
-        return None
+    """(width, height) from the header of ``fname`` under ``images``; ``None`` when it is absent,
+    unreadable (also a name the OS refuses, e.g. too long) or not an image."""
     try:
-        return read_image_size(path.read_bytes())
+        path = resolve_image_path(images, fname) if images else None
+        return read_image_size(path.read_bytes()) if path is not None else None
     except (ImageDecodeError, OSError):
         return None
 
@@ -175,9 +180,23 @@ def _image_ids(values: list) -> tuple[np.ndarray, np.ndarray]:
     return out, bad
 
 
+def _spill(work: Path, nb: int, kind: str, rec: np.ndarray) -> None:
+    """Append records (n,) with an ``iid`` field (:data:`ANN`, :data:`DROP`) to
+    ``<kind>-BBBBB.bin``, bucket ``iid % nb``."""
+    if not len(rec):
+        return
+    bucket = rec["iid"] % nb
+    order = np.argsort(bucket, kind="stable")
+    rec, bucket = rec[order], bucket[order]
+    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+    for s, e in zip(starts, list(starts[1:]) + [len(bucket)]):
+        with open(work / f"{kind}-{int(bucket[s]):05d}.bin", "ab") as fh:
+            rec[s:e].tofile(fh)
+
+
 def scan_annotations(path: Path, work: Path, nb: int, progress=None) -> dict[str, Any]:
     """Annotation pass: spill valid-looking boxes per bucket; count what is dropped here."""
-    dropped = {"malformed": 0, "nonfinite": 0, "degenerate": 0}
+    dropped = dict.fromkeys(DROP_REASONS, 0)
     seen_cats: set = set()
     ids: list = []
     cats: list = []
@@ -206,6 +225,10 @@ def scan_annotations(path: Path, work: Path, nb: int, progress=None) -> dict[str
         keep &= finite
         degenerate = ~(box[:, 2] > 0) | ~(box[:, 3] > 0)
         dropped["degenerate"] += int((keep & degenerate).sum())
+        gone = int_id & (malformed | ~finite | degenerate)  # dropped, naming an image it belongs to
+        drop = np.empty(int(gone.sum()), DROP)
+        drop["iid"], drop["reason"] = iid[gone], np.where(malformed, 0, np.where(~finite, 1, 2))[gone]
+        _spill(work, nb, "drop", drop)
         keep &= ~degenerate
         seen_cats.update(np.unique(cat[keep & int_cat]).astype(np.int64).tolist())
         for i in np.flatnonzero(keep & ~int_cat)[:100]:
@@ -216,15 +239,7 @@ def scan_annotations(path: Path, work: Path, nb: int, progress=None) -> dict[str
         rec["cat"] = np.where(int_cat, cat, -1)[keep].astype(np.int64)
         rec["crowd"] = np.nan_to_num(crowd, nan=0.0)[keep] > 0
         rec["area"] = area[keep]
-        bucket = rec["iid"] % nb
-        order = np.argsort(bucket, kind="stable")
-        rec, bucket = rec[order], bucket[order]
-        if not len(bucket):
-            return
-        starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
-        for s, e in zip(starts, list(starts[1:]) + [len(bucket)]):
-            with open(work / f"ann-{int(bucket[s]):05d}.bin", "ab") as fh:
-                rec[s:e].tofile(fh)
+        _spill(work, nb, "ann", rec)
 
     ap_i, ap_c, ap_b, ap_cr, ap_a = ids.append, cats.append, boxes.append, crowds.append, areas.append
     for a in stream_items(path, "annotations.item"):

@@ -3,9 +3,10 @@
 Grayscale, CMYK (incl. Adobe-inverted JPEG), RGBA/LA (alpha dropped, as the reference
 ``convert("RGB")``), palette (with or without transparency) and 16-bit grayscale all
 come out as 3-channel RGB. EXIF orientation: the image is turned upright, unless the
-annotation was clearly made on the raw pixel grid (the raw size matches the annotated
-size and the upright size does not). The orientation tag is read for every format (phone
-cameras write JPEGs that PIL opens as ``MPO``).
+annotation was clearly made on the raw pixel grid (the raw size agrees with the annotated
+size, as a uniform rescale of it or exactly (:func:`sizes_agree`), and the upright size does
+not). The orientation tag is read for every format (phone cameras write JPEGs that PIL opens
+as ``MPO``).
 
 Pixels may differ from the annotated size by a uniform rescale (a downsized copy of a
 dataset: the boxes are scaled with the pixels); any other difference, e.g. width and height
@@ -86,8 +87,9 @@ def decode_image(data: Optional[bytes], expected_size: Optional[tuple[int, int]]
         im.load()
         if orientation in (2, 3, 4, 5, 6, 7, 8):
             upright = ImageOps.exif_transpose(im)
-            keep_raw = (expected_size is not None and tuple(im.size) == tuple(expected_size)
-                        and tuple(upright.size) != tuple(expected_size))
+            # the same rule as verify_image_bytes: a rescaled copy of a raw-grid annotation stays raw
+            keep_raw = (expected_size is not None and sizes_agree(tuple(im.size), tuple(expected_size))
+                        and not sizes_agree(tuple(upright.size), tuple(expected_size)))
             if not keep_raw:
                 im = upright
         return np.array(_to_rgb(im))

@@ -4,33 +4,78 @@
 :class:`~.transforms.DetectionTransform` as the Ray Data datasets, so samples are equal
 for the same (seed, epoch, image_id). Undecodable images are skipped, counted in
 ``loader.skips`` and logged with their image id.
+
+Records that reference image files resolve them against the image root of their own
+dataset folder (:func:`folder_image_roots`), also when several folders are joined.
 """
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from .collate import collate
 from .decode import ImageDecodeError
-from .records import PathLike, data_dirs, iter_records, read_manifest
+from .records import PathLike, data_dirs, iter_records, read_manifest, shard_paths
 from .transforms import DetectionTransform
 
-__all__ = ["LocalLoader", "iter_samples", "manifest_image_root"]
+__all__ = ["LocalLoader", "iter_samples", "folder_image_roots", "iter_rooted_records"]
 
 log = logging.getLogger(__name__)
 
+Roots = Union[None, str, Sequence[Optional[str]]]
 
-def manifest_image_root(data_dir: Union[PathLike, Sequence[PathLike]]) -> Optional[str]:
-    """Image root recorded at conversion (for records that reference files)."""
-    return read_manifest(data_dirs(data_dir)[0]).get("image_root")
+
+def folder_image_roots(data_dir: Union[PathLike, Sequence[PathLike]],
+                       image_root: Roots = None) -> list[tuple[Path, Optional[str]]]:
+    """``(folder, image root)`` for each dataset folder of ``data_dir`` (see :func:`data_dirs`).
+
+    Without ``image_root``, each folder's root is the one recorded in its own manifest at
+    conversion (``None`` for embedded images). ``image_root`` overrides it: one path applies
+    to every folder, which is refused (``ValueError``) when the folders that reference files
+    were converted against different roots, as one path cannot hold both folders' images;
+    give one root per folder instead, as a list or ``"root_a,root_b"`` in folder order.
+    """
+    dirs = data_dirs(data_dir)
+    manifests = [read_manifest(d) for d in dirs]
+    if not image_root:
+        return [(d, m.get("image_root")) for d, m in zip(dirs, manifests)]
+    roots = ([str(r) if r else "" for r in image_root] if not isinstance(image_root, (str, Path))
+             else [r.strip() for r in str(image_root).split(",")])
+    if len(roots) > 1:
+        if len(roots) != len(dirs):
+            raise ValueError(f"image_root names {len(roots)} roots for {len(dirs)} dataset folders "
+                             f"({', '.join(map(str, dirs))}): give one root, or one per folder in folder order")
+        return [(d, r or m.get("image_root")) for d, r, m in zip(dirs, roots, manifests)]
+    recorded = {m.get("image_root") for m in manifests if not m.get("embed_images")}
+    if len(recorded) > 1:
+        raise ValueError(
+            f"image_root={roots[0]!r} is ambiguous: the dataset folders {', '.join(map(str, dirs))} were "
+            f"converted against different image roots {sorted(map(str, recorded))}; give one root per "
+            f"folder in folder order (image_root='root_a,root_b'), or none to use the recorded ones")
+    return [(d, roots[0]) for d in dirs]
+
+
+def iter_rooted_records(data_dir: Union[PathLike, Sequence[PathLike]], image_root: Roots = None,
+                        **kw) -> Iterator[dict[str, Any]]:
+    """:func:`~.records.iter_records` of every folder, each record with its folder's
+    ``image_root`` (:func:`folder_image_roots`) for :class:`~.transforms.DetectionTransform`."""
+    roots = folder_image_roots(data_dir, image_root)
+    shard_paths([d for d, _ in roots])  # the folders' categories must agree
+    for folder, root in roots:
+        for rec in iter_records(folder, **kw):
+            rec["image_root"] = root
+            yield rec
 
 
 def iter_samples(data_dir, transform: DetectionTransform, epoch: int = 0,
-                 skips: Optional[dict[str, Any]] = None) -> Iterator[dict[str, Any]]:
-    """Transformed samples in record order; bad images are skipped and counted in ``skips``."""
-    for rec in iter_records(data_dir):
+                 skips: Optional[dict[str, Any]] = None, image_root: Roots = None) -> Iterator[dict[str, Any]]:
+    """Transformed samples in record order; bad images are skipped and counted in ``skips``.
+    Records resolve files against their folder's image root (``image_root``: an override, as in
+    :func:`folder_image_roots`); ``transform.image_root`` serves folders that recorded none."""
+    for rec in iter_rooted_records(data_dir, image_root):
         try:
             yield transform(rec, epoch=epoch)
         except ImageDecodeError as e:
@@ -47,14 +92,17 @@ class LocalLoader:
     ``shuffle`` orders samples by a permutation seeded with (seed, epoch) (records are
     read in full for that; fine at test/demo scale). ``set_epoch(e)`` changes both the
     order and the augmentation draws. ``normalize=True`` yields float images.
+    ``image_root`` (else ``data_cfg.image_root``) overrides the image roots recorded in the
+    folders' manifests, one for all folders or one per folder (:func:`folder_image_roots`).
     """
 
     def __init__(self, data_dir, data_cfg, train: bool = True, batch_size: Optional[int] = None,
                  shuffle: Optional[bool] = None, drop_last: bool = False, epoch: int = 0,
-                 image_root: Optional[str] = None, pad_multiple: Optional[int] = None, normalize: bool = False):
+                 image_root: Roots = None, pad_multiple: Optional[int] = None, normalize: bool = False):
         self.data_dir = data_dir
-        root = image_root or data_cfg.image_root or manifest_image_root(data_dir)
-        self.transform = DetectionTransform(data_cfg, train=train, image_root=root)
+        self.image_root = image_root or data_cfg.image_root
+        folder_image_roots(data_dir, self.image_root)  # a bad or ambiguous override fails here
+        self.transform = DetectionTransform(data_cfg, train=train, image_root=None)
         self.batch_size = int(batch_size or data_cfg.batch_size)
         self.shuffle = train if shuffle is None else shuffle
         self.drop_last, self.epoch, self.seed = drop_last, epoch, int(data_cfg.seed)
@@ -70,9 +118,9 @@ class LocalLoader:
 
     def _samples(self) -> Iterator[dict[str, Any]]:
         if not self.shuffle:
-            yield from iter_samples(self.data_dir, self.transform, self.epoch, self.skips)
+            yield from iter_samples(self.data_dir, self.transform, self.epoch, self.skips, self.image_root)
             return
-        recs = list(iter_records(self.data_dir))
+        recs = list(iter_rooted_records(self.data_dir, self.image_root))
         order = np.random.default_rng([self.seed, self.epoch, 7]).permutation(len(recs))
         for i in order:
             try:

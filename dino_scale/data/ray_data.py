@@ -20,6 +20,10 @@ small named actor holds the current epoch of the dataset, and the training loop 
 ``set_epoch(e)`` (from any or every worker, before iterating its shard for epoch ``e``);
 each preprocessing batch reads it once. Or fix it: ``epoch=e``; ``num_epochs > 1``
 then gives the union of epochs ``e .. e+num_epochs-1``. Rows carry ``epoch``.
+Block order (about one shard per block): seeded by ``data_cfg.seed``; with ``epoch=None``
+and ``reshuffle_each_epoch=True`` every pass (execution) of the dataset draws a new order,
+seeded by (seed, pass number) so a run repeats its orders, else every pass has the same order
+(what exact resume needs: a restarted run executes the dataset from pass 0 again).
 Images that fail to decode are dropped from the stream, logged with their id and
 counted by a named actor: :func:`decode_skips`.
 """
@@ -33,14 +37,16 @@ from contextlib import contextmanager
 from typing import Any, Optional
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from .decode import ImageDecodeError
-from .loader import manifest_image_root
+from .loader import Roots, folder_image_roots
 from .records import shard_paths
 from .transforms import DetectionTransform
 
-__all__ = ["build_train_dataset", "build_eval_dataset", "decode_skips", "set_epoch", "current_epoch"]
+__all__ = ["build_train_dataset", "build_eval_dataset", "decode_skips", "set_epoch", "current_epoch",
+           "block_order_seed"]
 
 log = logging.getLogger(__name__)
 _COUNTER_PREFIX = "dino_scale_decode_skips:"
@@ -201,39 +207,90 @@ def _footer_readers(num_files: int):
             os.environ.pop(_FOOTER_ACTORS_ENV, None)
 
 
-def _read(data_dir, override_num_blocks: Optional[int]):
-    files = [str(p) for p in shard_paths(data_dir)]
-    if not files:
-        raise ValueError(f"{data_dir}: the dataset has no shards (no images?)")
+def _read(files: list[str], override_num_blocks: Optional[int]):
     kw = {"override_num_blocks": override_num_blocks} if override_num_blocks else {}
     with _footer_readers(len(files)):
         return ray.data.read_parquet(files, **kw)
 
 
-def build_train_dataset(data_dir, data_cfg, image_root: Optional[str] = None, epoch: Optional[int] = None,
+def add_image_root(table: pa.Table, image_root: Optional[str]) -> pa.Table:
+    """Record rows (n rows) -> the same rows plus an ``image_root`` string column (n,) holding
+    ``image_root`` (null for ``None``: embedded images)."""
+    return table.append_column("image_root", pa.array([image_root] * table.num_rows, pa.string()))
+
+
+def split_blocks(total: Optional[int], files_per_folder: list[int]) -> list[Optional[int]]:
+    """``override_num_blocks`` of each folder's read: ``total`` shared in proportion to the
+    folders' shard counts, at least 1 each (``None``: Ray's default for every read)."""
+    if not total:
+        return [None] * len(files_per_folder)
+    n = sum(files_per_folder)
+    return [max(1, round(int(total) * k / n)) for k in files_per_folder]
+
+
+def _read_records(data_dir, image_root: Roots,
+                  override_num_blocks: Optional[int]) -> tuple["ray.data.Dataset", Optional[str]]:
+    """(record rows of every folder, the image root for :class:`_ToSample`).
+
+    One folder: its shards, read as they are, and its root. Several: one read per folder, each
+    row given its own folder's root (``image_root`` column, :func:`add_image_root`), the
+    reads unioned, and ``None``: every folder resolves file names against its own root."""
+    roots = folder_image_roots(data_dir, image_root)
+    files = [[str(p) for p in shard_paths(d)] for d, _ in roots]
+    shard_paths([d for d, _ in roots])  # the folders' categories must agree
+    if not sum(map(len, files)):
+        raise ValueError(f"{data_dir}: the dataset has no shards (no images?)")
+    if len(roots) == 1:
+        return _read(files[0], override_num_blocks), roots[0][1]
+    parts = [_read(f, blocks).map_batches(add_image_root, batch_format="pyarrow", batch_size=None,
+                                          zero_copy_batch=True, fn_kwargs={"image_root": root})
+             for f, (_, root), blocks in zip(files, roots, split_blocks(override_num_blocks, list(map(len, files))))
+             if f]
+    return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]), None
+
+
+def block_order_seed(seed: int, reshuffle_each_epoch: bool) -> "ray.data.RandomSeedConfig":
+    """The seed of ``randomize_block_order``: ``seed`` for every execution of the dataset, or
+    with ``reshuffle_each_epoch`` combined with the execution index (a new order each pass).
+    Ray turns a plain int seed into the former."""
+    return ray.data.RandomSeedConfig(seed=int(seed), reseed_after_execution=bool(reshuffle_each_epoch))
+
+
+def build_train_dataset(data_dir, data_cfg, image_root: Roots = None, epoch: Optional[int] = None,
                         num_epochs: int = 1, stats_name: str = "train",
-                        override_num_blocks: Optional[int] = None) -> "ray.data.Dataset":
-    """Augmented training rows (see module doc). ``data_dir``: folder(s) of shards."""
-    root = image_root or data_cfg.image_root or manifest_image_root(data_dir)
+                        override_num_blocks: Optional[int] = None,
+                        reshuffle_each_epoch: bool = False) -> "ray.data.Dataset":
+    """Augmented training rows (see module doc). ``data_dir``: folder(s) of shards; each
+    folder's records resolve image files against the root recorded in its manifest, unless
+    ``image_root`` (else ``data_cfg.image_root``) overrides it: one root for all folders, or one
+    per folder (``"root_a,root_b"``; see :func:`~.loader.folder_image_roots`).
+
+    ``reshuffle_each_epoch`` (``epoch=None`` only; a fixed ``epoch`` seeds its order with
+    ``seed + epoch``): draw a new block order on each pass, for training that need not resume
+    exactly; keep it ``False`` for ``train.deterministic`` runs, whose restart re-executes the
+    dataset from pass 0 and must see the orders of the first run."""
+    override = image_root or data_cfg.image_root
     _counter(stats_name)  # create the actors from the driver so tasks find them
     _clock(stats_name)
     if epoch is None:
         if num_epochs != 1:
             raise ValueError("num_epochs > 1 needs a fixed start epoch")
-        return _read(data_dir, override_num_blocks).randomize_block_order(seed=int(data_cfg.seed)).map_batches(
+        ds, root = _read_records(data_dir, override, override_num_blocks)
+        return ds.randomize_block_order(seed=block_order_seed(data_cfg.seed, reshuffle_each_epoch)).map_batches(
             _ToSample(data_cfg, True, root, None, stats_name), batch_size=_BATCH, batch_format="numpy")
     parts = []
     for e in range(int(epoch), int(epoch) + int(num_epochs)):
-        ds = _read(data_dir, override_num_blocks).randomize_block_order(seed=int(data_cfg.seed) + e)
+        ds, root = _read_records(data_dir, override, override_num_blocks)
+        ds = ds.randomize_block_order(seed=int(data_cfg.seed) + e)
         parts.append(ds.map_batches(_ToSample(data_cfg, True, root, e, stats_name), batch_size=_BATCH,
                                     batch_format="numpy"))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
-def build_eval_dataset(data_dir, data_cfg, image_root: Optional[str] = None, stats_name: str = "eval",
+def build_eval_dataset(data_dir, data_cfg, image_root: Roots = None, stats_name: str = "eval",
                        override_num_blocks: Optional[int] = None) -> "ray.data.Dataset":
-    """Eval rows (resize to ``eval_size``/``eval_max_size``, no flip/crop), in shard order."""
-    root = image_root or data_cfg.image_root or manifest_image_root(data_dir)
+    """Eval rows (resize to ``eval_size``/``eval_max_size``, no flip/crop), in shard order.
+    Image roots per folder as in :func:`build_train_dataset`."""
+    ds, root = _read_records(data_dir, image_root or data_cfg.image_root, override_num_blocks)
     _counter(stats_name)
-    return _read(data_dir, override_num_blocks).map_batches(_ToSample(data_cfg, False, root, 0, stats_name),
-                                                           batch_size=_BATCH, batch_format="numpy")
+    return ds.map_batches(_ToSample(data_cfg, False, root, 0, stats_name), batch_size=_BATCH, batch_format="numpy")

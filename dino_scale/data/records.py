@@ -98,6 +98,8 @@ def resolve_image_path(root: Optional[PathLike], file_name: str) -> Optional[Pat
     ``images/v2/patchN``) while the archives unpack to ``<root>/patchN/x.jpg``; the
     prefixes ``images/v1/``, ``images/v2/`` and ``images/`` are tried stripped. No other
     fallback: a file of the same base name in another folder is another image.
+    Raises ``OSError`` where the OS refuses the lookup (a name too long, no permission on a
+    folder, I/O errors): callers count that as an unreadable image.
     """
     base = Path(root) if root is not None else Path(".")
     candidates = [file_name]

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from .records import SCHEMA
 
-__all__ = ["ShardWriter", "shard_name", "load_progress"]
+__all__ = ["ShardWriter", "shard_name", "load_progress", "crowd_boxes"]
 
 
 def shard_name(i: int) -> str:
@@ -40,6 +40,13 @@ def load_progress(out: Path, work: Path) -> list[dict[str, Any]]:
         if not p.name.endswith(".parquet") or int(p.name[6:11]) >= i:
             p.unlink()
     return done
+
+
+def crowd_boxes(table: pa.Table) -> int:
+    """Boxes flagged ``iscrowd`` in record rows (``table`` with an ``iscrowd`` list<bool> column)."""
+    if not table.num_rows:
+        return 0
+    return int(pc.sum(pc.list_flatten(table["iscrowd"]).cast(pa.int64())).as_py() or 0)
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
@@ -107,7 +114,7 @@ class ShardWriter:
         record = {
             "file": shard_name(i) if table.num_rows else None,
             "start_index": self.start_index, "end_index": int(end_index),
-            "num_images": table.num_rows, "num_boxes": num_boxes,
+            "num_images": table.num_rows, "num_boxes": num_boxes, "num_crowd_boxes": crowd_boxes(table),
             "bytes": (self.out / shard_name(i)).stat().st_size if table.num_rows else 0,
             "skipped": reasons,
             "skipped_images": [{"image_id": s[1], "reason": s[2]} for s in mine],

@@ -76,8 +76,13 @@ class DetectionTransform:
     - ``labels`` int64 (n,) raw category ids
     - ``image_id`` int; ``orig_size`` int64 (2,) annotated (h, w); ``size`` int64 (2,) (h, w)
 
-    ``record`` is a dict as from :func:`~.records.iter_records` (``image`` bytes or a
-    ``path``; ``boxes`` (n,4) x,y,w,h pixels). Raises ``ImageDecodeError`` on bad bytes.
+    ``record`` is a dict as from :func:`~.records.iter_records`: ``image`` bytes, or ``None``
+    and ``file_name`` found under ``record["image_root"]`` (set per dataset folder by
+    :func:`~.loader.iter_rooted_records`), else under ``image_root``; ``width``/``height``
+    the annotated size; ``boxes`` (n,4) x,y,w,h pixels; ``category_ids`` (n,); optional
+    ``iscrowd`` (n,). Raises ``ImageDecodeError`` (a counted skip for the loaders) when the
+    file is missing or unreadable, the bytes do not decode, or the pixels are not a uniform
+    rescale of the annotated size.
     """
 
     def __init__(self, cfg, train: bool = True, image_root: Optional[str] = None):
@@ -124,13 +129,13 @@ class DetectionTransform:
         data = record.get("image")
         if data is None:
             from .records import resolve_image_path
-            path = resolve_image_path(record.get("image_root") or self.image_root, record["file_name"])
+            try:  # the lookup stats the file too: EACCES, ENAMETOOLONG, EIO are counted skips
+                path = resolve_image_path(record.get("image_root") or self.image_root, record["file_name"])
+                data = path.read_bytes() if path is not None else None
+            except OSError as e:  # permissions, a failing network filesystem: a counted skip
+                raise ImageDecodeError("unreadable", f"{record['file_name']}: {e}") from None
             if path is None:
                 raise ImageDecodeError("missing_file", str(record["file_name"]))
-            try:
-                data = path.read_bytes()
-            except OSError as e:  # permissions, a failing network filesystem: a counted skip
-                raise ImageDecodeError("unreadable", f"{path}: {e}") from None
         return decode_image(data, expected_size=(int(record["width"]), int(record["height"])))
 
     def __call__(self, record: dict[str, Any], epoch: int = 0) -> dict[str, Any]:

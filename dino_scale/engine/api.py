@@ -142,7 +142,9 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     try:  # any failure from here on marks the MLflow run FAILED (it stayed RUNNING before)
         datasets: dict[str, Any] = {}
         if train:
-            datasets["train"] = build_train_dataset(train_dir, cfg.data)
+            # a new block order each epoch, except where a restart must replay the first run's orders
+            datasets["train"] = build_train_dataset(train_dir, cfg.data,
+                                                    reshuffle_each_epoch=not cfg.train.deterministic)
         # Handed to the workers through Ray's object store: on a cluster they run on other
         # machines than this driver, where a file written here does not exist.
         val_gt = None

@@ -169,6 +169,29 @@ def test_data_unreadable_and_size_mismatch_skipped(tmp_path, caplog, monkeypatch
     assert "image id 4 (unreadable)" in caplog.text and "'locked.jpg'" in caplog.text
 
 
+def test_data_name_the_os_refuses_is_a_counted_skip(tmp_path):
+    """A 300-character file name: looking it up raises ENAMETOOLONG (not "absent"), which
+    crashed conversion and the decode tasks; it is an ``unreadable`` skip (a ``bad_metadata``
+    one where the size had to come from that file), at conversion and at load time."""
+    long = "x" * 296 + ".jpg"
+    root, ann = _dataset(tmp_path, {"ok.jpg": _jpeg(), long: None, "sub/" + long: None},
+                         [{"image_id": i, "category_id": 1, "bbox": [1, 2, 10, 10]} for i in (1, 2, 3)])
+    doc = json.loads(ann.read_text())
+    del doc["images"][2]["width"]  # the size must be read from the file's header
+    ann.write_text(json.dumps(doc))
+    for embed in (True, False):
+        m = convert_coco(ann, root, tmp_path / f"out{embed}", embed_images=embed, progress=False)
+        assert m["images_skipped"] == {"unreadable": 1, "bad_metadata": 1} and m["num_images"] == 1
+        assert sorted((s["image_id"], s["reason"]) for s in m["skipped_images"]) == [
+            (2, "unreadable"), (3, "bad_metadata")]
+    # records kept without file checks: the lookup fails when loading, a counted skip
+    convert_coco(ann, root, tmp_path / "unchecked", embed_images=False, check_files=False, progress=False)
+    loader = LocalLoader(tmp_path / "unchecked", preset("tiny").data, train=True, batch_size=4)
+    (_, _, targets), = list(loader)
+    assert [int(t["image_id"]) for t in targets] == [1]
+    assert loader.skips["by_reason"] == {"unreadable": 1} and loader.skips["image_ids"] == [2]
+
+
 def test_data_bad_image_entries_and_duplicate_ids(tmp_path):
     """A bad entry takes no id from a later usable one with the same id; boxes of skipped
     entries are ``skipped_image``, not ``orphan``; sizes that are not int32 pixel counts are

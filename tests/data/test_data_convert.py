@@ -115,3 +115,84 @@ def test_data_convert_reference_mode_and_cli(coco_like, tmp_path, capsys):
     assert summary["num_images"] == m["num_images"] == 24 and not m["embed_images"]
     assert m["image_root"] == str(root.resolve())
     assert all(r["image"] is None for r in iter_records(tmp_path / "ref"))
+
+
+def _small_dataset(tmp_path, num_images: int, annotations: list) -> tuple:
+    """(image root, annotation json) of ``num_images`` 64x48 PNGs with ids 1.. and ``annotations``."""
+    import io
+
+    from PIL import Image
+
+    root = tmp_path / "img"
+    root.mkdir()
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buf, format="PNG")
+    images = []
+    for i in range(1, num_images + 1):
+        (root / f"{i}.png").write_bytes(buf.getvalue())
+        images.append({"id": i, "file_name": f"{i}.png", "width": 64, "height": 48})
+    doc = {"images": images, "categories": [{"id": 1, "name": "a"}],
+           "annotations": [{"id": k, "category_id": 1, "iscrowd": 0, **a} for k, a in enumerate(annotations, 1)]}
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(doc))
+    return root, ann
+
+
+def test_data_convert_val_split_counts_its_own_dropped_boxes(tmp_path):
+    """The annotation pass's drops (malformed, non-finite, degenerate) were counted for the whole
+    file in both split manifests. Each split counts those of its own images; boxes naming no
+    image of either split (an unusable id, an unknown one) are counted in both, as before."""
+    anns = [{"image_id": 1, "bbox": [1, 2, 10, 10]},
+            {"image_id": 1, "bbox": [1, 2, 0, 10]},  # degenerate, val
+            {"image_id": 2, "bbox": [1, None, 10, 10]},  # non-finite, val
+            {"image_id": 4, "bbox": [1, 2, 10, 10]},
+            {"image_id": 4, "bbox": [1, 2, 10, -1]},  # degenerate, train_extra
+            {"image_id": 5, "bbox": [1, 2, 3]},  # malformed, train_extra
+            {"image_id": "x", "bbox": [1, 2, 10, 10]},  # malformed, no image: both
+            {"image_id": 99, "bbox": [1, 2, 10, 10]}]  # unknown image: both
+    root, ann = _small_dataset(tmp_path, 5, anns)
+    res = convert_coco(ann, root, tmp_path / "split", o365_val_split=3, progress=False)
+    val, extra = res["val"], res["train_extra"]
+    assert val["boxes_dropped"] == {"malformed": 1, "nonfinite": 1, "degenerate": 1, "orphan": 1, "outside": 0,
+                                    "skipped_image": 0}
+    assert extra["boxes_dropped"] == {"malformed": 2, "nonfinite": 0, "degenerate": 1, "orphan": 1, "outside": 0,
+                                      "skipped_image": 0}
+    assert val["num_boxes"] == extra["num_boxes"] == 1
+    assert val["boxes_in"] == 5 and extra["boxes_in"] == 5
+    assert val["source"]["boxes_of_other_split"] == 3 and extra["source"]["boxes_of_other_split"] == 3
+    whole = convert_coco(ann, root, tmp_path / "whole", progress=False)  # no split: every drop counted once
+    assert whole["boxes_dropped"] == {"malformed": 2, "nonfinite": 1, "degenerate": 2, "orphan": 1, "outside": 0,
+                                      "skipped_image": 0}
+    assert whole["boxes_in"] == 8 and whole["source"]["boxes_of_other_split"] == 0
+
+
+def test_data_convert_crowd_count_only_written_images(tmp_path, monkeypatch):
+    """num_crowd_boxes counted the crowd boxes of images skipped afterwards (a missing file):
+    it counts what the shards hold, also after a resume from progress records that lack it."""
+    crowd = {"bbox": [1, 2, 10, 10], "iscrowd": 1}
+    anns = [{"image_id": 1, "bbox": [1, 2, 10, 10]}, {"image_id": 1, **crowd},
+            {"image_id": 2, **crowd}, {"image_id": 2, **crowd}, {"image_id": 3, **crowd}]
+    root, ann = _small_dataset(tmp_path, 3, anns)
+    (root / "2.png").unlink()
+    m = convert_coco(ann, root, tmp_path / "out", max_images_per_shard=1, progress=False)
+    assert m["images_skipped"] == {"missing_file": 1} and m["boxes_dropped"]["skipped_image"] == 2
+    assert m["num_crowd_boxes"] == 2 == sum(int(r["iscrowd"].sum()) for r in iter_records(tmp_path / "out"))
+    # interrupted after the first shard; its progress record written without the count
+    real_flush = shards_mod.ShardWriter._flush
+    calls = {"n": 0}
+
+    def flaky(self, end_index):
+        if calls["n"] == 1:
+            raise KeyboardInterrupt("simulated interruption")
+        calls["n"] += 1
+        return real_flush(self, end_index)
+
+    monkeypatch.setattr(shards_mod.ShardWriter, "_flush", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        convert_coco(ann, root, tmp_path / "run", max_images_per_shard=1, progress=False)
+    monkeypatch.setattr(shards_mod.ShardWriter, "_flush", real_flush)
+    (progress_file,) = (tmp_path / "run" / ".convert-work").glob("shard-*.json")
+    record = json.loads(progress_file.read_text())
+    del record["num_crowd_boxes"]
+    progress_file.write_text(json.dumps(record))
+    assert convert_coco(ann, root, tmp_path / "run", max_images_per_shard=1, progress=False)["num_crowd_boxes"] == 2

@@ -59,6 +59,32 @@ def test_data_decode_exif_rotated():
     assert decode_image(data, expected_size=(30, 10)).shape == (10, 30, 3)  # annotated on the raw grid
 
 
+def test_data_decode_exif_rotated_rescaled_copy_of_a_raw_grid_annotation():
+    """A 64x48 JPEG with orientation 6 annotated as 128x96: a half-size copy of an image annotated
+    on its raw grid. verify_image_bytes accepted it (a uniform rescale), but decoding kept the raw
+    grid only for the exact annotated size, turned it upright (48x64) and every load was a
+    size_mismatch. Both now apply the same rule."""
+    from dino_scale.config import preset
+    from dino_scale.data.transforms import DetectionTransform
+
+    raw = np.zeros((48, 64, 3), np.uint8)
+    raw[:, :8] = 255  # white band on the left of the stored pixels
+    im = Image.fromarray(raw)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    data = _encode(im, "JPEG", exif=exif.tobytes(), quality=98)
+    assert verify_image_bytes(data, (128, 96)) is None
+    arr = decode_image(data, expected_size=(128, 96))
+    assert arr.shape == (48, 64, 3) and arr[:, :8, 0].mean() > 200  # the raw grid
+    assert decode_image(data, expected_size=(96, 128)).shape == (64, 48, 3)  # annotated upright: turned
+    rec = {"image_id": 1, "image": data, "width": 128, "height": 96, "file_name": "r.jpg",
+           "boxes": np.array([[0, 0, 16, 96]], np.float32), "category_ids": np.array([1]),
+           "iscrowd": np.array([False])}
+    s = DetectionTransform(preset("tiny").data, train=False)(rec)
+    assert s["orig_size"].tolist() == [96, 128] and s["size"][1] > s["size"][0]  # landscape, as annotated
+    np.testing.assert_allclose(s["boxes"].numpy(), [[1 / 16, 0.5, 1 / 8, 1.0]], atol=1e-6)  # the band
+
+
 def test_data_decode_bad_bytes():
     good = _encode(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
     with pytest.raises(ImageDecodeError) as e:

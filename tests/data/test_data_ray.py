@@ -31,10 +31,12 @@ def shards(tmp_path_factory, o365_like):
     return out, root
 
 
-def test_data_ray_datasets(ray_session, shards, tmp_path):
+def test_data_ray_datasets(ray_session, shards, tmp_path, image_folders, o365_like):
     _footer_reader_pool_sized_to_the_shards(shards)
     _train_rows_match_local_and_split(shards)
     _eval_and_decode_skips(shards, tmp_path)
+    _folders_use_their_own_image_roots(image_folders)
+    _block_order_new_each_pass_only_when_asked(o365_like, tmp_path)
 
 
 def _list_files_op(ds):
@@ -138,6 +140,56 @@ def _eval_and_decode_skips(shards, tmp_path):
     stats = decode_skips("eval_skips_test")
     assert stats["count"] == 9 and sorted(stats["image_ids"]) == sorted(v["image_id"] for v in victims)
     assert stats["by_reason"] == {"corrupt": 1, "missing_file": 1, "empty_file": 7}
+
+
+def _folders_use_their_own_image_roots(image_folders):
+    """Two folders converted against different image roots with the same file names: every
+    row decodes its own folder's image (the second folder's records were resolved against the
+    first folder's root: its images missing, or the first's pixels under its boxes)."""
+    from dino_scale.data import build_eval_dataset, build_train_dataset, decode_skips
+
+    first, _ = image_folders.convert("first")
+    second, _ = image_folders.convert("second")
+    cfg = preset("tiny").data
+    datasets = {"eval_folders_test": build_eval_dataset(f"{first},{second}", cfg, stats_name="eval_folders_test"),
+                "train_folders_test": build_train_dataset([first, second], cfg, epoch=0,
+                                                          stats_name="train_folders_test")}
+    for name, ds in datasets.items():
+        rows = ds.take_all()
+        assert sorted(int(r["image_id"]) for r in rows) == [1, 2, 11, 12]
+        for r in rows:
+            image_folders.check_sample(int(r["image_id"]), r["image"], r["orig_size"].tolist())
+        assert decode_skips(name)["count"] == 0
+
+
+def _find_op(ds, type_name: str):
+    ops = [ds._logical_plan.dag]
+    while ops:
+        op = ops.pop()
+        if type(op).__name__ == type_name:
+            return op
+        ops.extend(op.input_dependencies)
+    raise AssertionError(f"no {type_name} operator in the plan: Ray's plan changed")
+
+
+def _block_order_new_each_pass_only_when_asked(o365_like, tmp_path):
+    """reshuffle_each_epoch: every pass over the same dataset (an epoch) takes its blocks in a
+    new seeded order; without it (deterministic runs) every pass in the same order. Ray turns
+    the int seed it was given before into the latter, so the block order never changed."""
+    from dino_scale.data import build_train_dataset
+
+    root, ann = o365_like
+    out = tmp_path / "blocks"
+    convert_coco(ann, root, out, embed_images=False, max_images_per_shard=2, progress=False)  # 15 blocks
+    cfg = preset("tiny").data
+    for reshuffle in (False, True):
+        ds = build_train_dataset(out, cfg, reshuffle_each_epoch=reshuffle, stats_name="block_order_test")
+        seed = _find_op(ds, "RandomizeBlocks").seed_config
+        assert seed.seed == cfg.seed and seed.reseed_after_execution is reshuffle
+        ds.context.execution_options.preserve_order = True  # rows in block order
+        orders = [tuple(int(r["image_id"]) for r in ds.take_all()) for _ in range(3)]
+        assert len(orders[0]) == 30 and all(sorted(o) == sorted(orders[0]) for o in orders)
+        assert len(set(orders)) == (3 if reshuffle else 1), orders
 
 
 def test_data_ray_epoch_clock_survives_ray_restart(ray_lock):

@@ -1,0 +1,71 @@
+"""Several dataset folders read as one: each folder's records use that folder's image root."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from dino_scale.config import preset
+from dino_scale.data import convert_coco
+from dino_scale.data.loader import LocalLoader, folder_image_roots, iter_samples
+from dino_scale.data.transforms import DetectionTransform
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_data_folders_each_use_their_own_image_root(image_folders, shuffle):
+    first, _ = image_folders.convert("first")
+    second, _ = image_folders.convert("second")
+    cfg = preset("tiny").data
+    loader = LocalLoader(f"{first},{second}", cfg, train=False, batch_size=1, shuffle=shuffle)
+    seen = []
+    for images, _, targets in loader:
+        seen.append(int(targets[0]["image_id"]))
+        image_folders.check_sample(seen[-1], images[0].numpy(), targets[0]["orig_size"].tolist())
+    assert sorted(seen) == [1, 2, 11, 12] and loader.skips["count"] == 0
+
+
+def test_data_folders_image_root_override(image_folders, tmp_path):
+    first, root1 = image_folders.convert("first")
+    second, root2 = image_folders.convert("second")
+    both = [first, second]
+    assert folder_image_roots(both) == [(first, str(root1.resolve())), (second, str(root2.resolve()))]
+    # one root for folders converted against different roots cannot be right for both
+    with pytest.raises(ValueError, match="ambiguous.*one root per folder"):
+        folder_image_roots(both, str(root1))
+    with pytest.raises(ValueError, match="ambiguous"):
+        LocalLoader(both, preset("tiny").data, image_root=str(root1))
+    with pytest.raises(ValueError, match="2 roots for 3 dataset folders"):
+        folder_image_roots([first, second, first], f"{root1},{root2}")
+    # one root per folder, in folder order (moved copies of the image folders)
+    moved1, moved2 = tmp_path / "moved1", tmp_path / "moved2"
+    root1.rename(moved1)
+    root2.rename(moved2)
+    assert folder_image_roots(both, f"{moved1},{moved2}") == [(first, str(moved1)), (second, str(moved2))]
+    t = DetectionTransform(preset("tiny").data, train=False)
+    skips: dict = {}
+    samples = list(iter_samples(both, t, skips=skips, image_root=[str(moved1), str(moved2)]))
+    assert [s["image_id"] for s in samples] == [1, 2, 11, 12] and not skips
+    for s in samples:
+        image_folders.check_sample(s["image_id"], s["image"].numpy(), s["orig_size"].tolist())
+
+
+def test_data_folders_one_root_applies_to_all_when_unambiguous(image_folders, tmp_path):
+    """An embedded folder records no root: a single override is then the file folder's."""
+    first, root1 = image_folders.convert("first")
+    second, _ = image_folders.convert("second", embed=True)
+    moved = tmp_path / "moved"
+    root1.rename(moved)
+    assert folder_image_roots([first, second], str(moved)) == [(first, str(moved)), (second, str(moved))]
+    loader = LocalLoader([first, second], preset("tiny").data, train=False, batch_size=4, image_root=str(moved))
+    (images, _, targets), = list(loader)
+    assert [int(t["image_id"]) for t in targets] == [1, 2, 11, 12] and loader.skips["count"] == 0
+
+
+def test_data_folders_per_folder_read_helpers():
+    """The pieces of the per-folder Ray Data read (run inside Ray tasks / when planning)."""
+    from dino_scale.data.ray_data import add_image_root, split_blocks
+
+    table = pa.table({"image_id": pa.array([1, 2], pa.int64())})
+    assert add_image_root(table, "/r").column("image_root").to_pylist() == ["/r", "/r"]
+    out = add_image_root(table, None)
+    assert out.column("image_root").type == pa.string() and out.column("image_root").to_pylist() == [None, None]
+    assert split_blocks(None, [3, 1]) == [None, None]
+    assert split_blocks(8, [3, 1]) == [6, 2] and split_blocks(2, [30, 1]) == [2, 1]

@@ -98,6 +98,10 @@ class ResilientLogger:
             dropped keep-alive connection).
         retry_interval_s: after a failure, wait this long before the next attempt.
         max_buffer: oldest metric batches are dropped (and counted) beyond this many ops.
+
+    Counters: ``outages`` (times the store stopped answering), ``dropped`` (metric batches
+    dropped from a full buffer), ``flushed_after_outage`` (calls sent after the latest outage
+    began; reset when the next one begins).
     """
 
     def __init__(self, tracking_uri: str, run_id: Optional[str] = None, *, timeout_s: float = 3.0,
@@ -246,6 +250,7 @@ class ResilientLogger:
         except Exception as exc:  # the server is down or refused: keep going
             if not self._down:
                 self.outages += 1
+                self.flushed_after_outage = 0
                 log.warning("MLflow tracking at %s unreachable (%s: %s); training continues and "
                             "%d logging calls are buffered until it returns",
                             self.tracking_uri, type(exc).__name__, str(exc).splitlines()[0][:200],

@@ -5,7 +5,8 @@ flushed in order. When the server does not answer (short HTTP timeout, no retrie
 the logger warns once per outage, keeps buffering (bounded), and retries at most every
 ``retry_interval_s``; when the server answers again the buffer is flushed with the
 original timestamps and steps. A run that could not be created at start is created
-on the first successful flush.
+on the first successful flush, unless the caller needs its id at once
+(``start_run(..., wait_s=...)`` raises :class:`TrackingUnavailable` instead).
 
 A call the store refuses for good (:func:`~dino_scale.tracking.refusals.is_refusal`: an
 invalid key, a deleted run, an artifact store that refuses the write) would be refused again
@@ -35,7 +36,8 @@ from typing import Any, Iterator, Optional
 
 from dino_scale.tracking.refusals import QUIET, SPLITTABLE, describe, http_status, is_refusal
 
-__all__ = ["default_tracking_uri", "sqlite_artifact_location", "ResilientLogger", "flatten_params"]
+__all__ = ["default_tracking_uri", "sqlite_artifact_location", "ResilientLogger", "flatten_params",
+           "TrackingUnavailable"]
 
 log = logging.getLogger("dino_scale.tracking")
 _MAX_PARAM_LEN = 6000
@@ -94,6 +96,10 @@ def flatten_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+class TrackingUnavailable(RuntimeError):
+    """The MLflow run could not be created: the store did not answer in time, or refused it."""
+
+
 class ResilientLogger:
     """Buffered MLflow client for one run.
 
@@ -140,18 +146,36 @@ class ResilientLogger:
         self._dropped_kinds: collections.Counter = collections.Counter()
         self._logged_refusals: set = set()
         self._reported = 0  # drops reported by close() so far
+        self.last_error: Optional[str] = None  # the latest refusal or outage, in words
         self._overflow_logged = False
 
     # ------------------------------------------------------------------ run lifecycle
     def start_run(self, experiment: str, run_name: str, tags: Optional[dict[str, str]] = None,
-                  parent_run_id: Optional[str] = None) -> Optional[str]:
+                  parent_run_id: Optional[str] = None, wait_s: Optional[float] = None) -> Optional[str]:
         """Create a run (nested under ``parent_run_id`` if given); returns its id, or None
-        when the server is unreachable (the run is then created on a later flush)."""
+        when the server is unreachable (the run is then created on a later flush) or refused it.
+
+        With ``wait_s``, for a caller that hands the run id to other processes (a run created
+        later would miss what they log): the creation is retried every ``retry_interval_s`` for
+        up to ``wait_s`` seconds, then :class:`TrackingUnavailable` is raised, naming the store
+        and the last error; a refusal raises at once."""
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         self._pending_create = {"experiment": experiment, "run_name": run_name, "tags": tags}
         self.flush(force=True)
+        if wait_s is None or self.run_id is not None:
+            return self.run_id
+        deadline = time.monotonic() + wait_s
+        while self._pending_create and time.monotonic() < deadline:
+            time.sleep(min(self.retry_interval_s, max(0.0, deadline - time.monotonic())))
+            self.flush(force=True)
+        if self.run_id is None:
+            self._pending_create = None  # the caller gives up on it: no run created behind its back
+            raise TrackingUnavailable(
+                f"MLflow run {run_name!r} (experiment {experiment!r}) could not be created at {self.tracking_uri}"
+                f"{'' if self._no_run else f' within {wait_s:g} s'}: {self.last_error}; nothing would be tracked "
+                f"(start the tracking server, or point MLFLOW_TRACKING_URI at a running one)")
         return self.run_id
 
     def _create(self) -> None:
@@ -300,6 +324,7 @@ class ResilientLogger:
     def _refused(self, op: tuple, exc: Exception) -> None:
         """``op`` (at the head of the queue, or the run's creation) was refused for good."""
         reason = f"refused ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]})"
+        self.last_error = f"{describe(op)} {reason}"
         code = str(getattr(exc, "error_code", type(exc).__name__))
         if op[0] == "create":
             self._pending_create = None
@@ -328,14 +353,13 @@ class ResilientLogger:
 
     def _outage(self, exc: Exception) -> None:
         """The store did not answer (or cannot take calls now): keep buffering, retry later."""
+        self.last_error = f"unreachable ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]})"
         if not self._down:
             self.outages += 1
             self.flushed_after_outage = 0
             self._overflow_logged = False
-            log.warning("MLflow tracking at %s unreachable (%s: %s); training continues and "
-                        "%d logging calls are buffered until it returns",
-                        self.tracking_uri, type(exc).__name__, (str(exc).splitlines() or [""])[0][:200],
-                        self.pending)
+            log.warning("MLflow tracking at %s %s; training continues and %d logging calls are buffered "
+                        "until it returns", self.tracking_uri, self.last_error, self.pending)
         self._down = True
         self._next_try = time.monotonic() + self.retry_interval_s
 

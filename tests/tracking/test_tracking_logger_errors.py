@@ -219,3 +219,33 @@ def test_refusal_classification():
                 requests.Timeout("slow"), ConnectionResetError("reset"), TimeoutError("slow"), RuntimeError("?")]
     assert [e for e in refused if not is_refusal(e)] == []
     assert [e for e in retried if is_refusal(e)] == []
+
+
+def test_start_run_that_must_succeed(tmp_path):
+    """start_run(wait_s=...) for a caller that hands the run id to other processes (fit() gives
+    it to rank 0 before training): it retries, then raises naming the store and the cause,
+    instead of returning None (rank 0 then logged nothing) and creating the run later."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+    from mlflow_server import free_port
+
+    from dino_scale.tracking.logger import TrackingUnavailable
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    logger = ResilientLogger(uri, timeout_s=1, retry_interval_s=0.2)
+    t0 = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match=rf"MLflow run 'r' \(experiment 'x'\) could not be created at "
+                                                  rf"{uri} within 1 s: unreachable \(MlflowException: "):
+        logger.start_run("x", "r", wait_s=1.0)
+    assert 1.0 <= time.monotonic() - t0 < 10 and logger.outages == 1
+    assert logger.pending == 0  # no run created behind the caller's back once the server answers
+    sqlite = _sqlite(tmp_path)
+    client = MlflowClient(sqlite)
+    client.delete_experiment(client.create_experiment("gone"))
+    t0 = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match="could not be created at .*: create run 'r' in experiment 'gone' "
+                                                  r"refused \(MlflowException: The experiment .* deleted"):
+        ResilientLogger(sqlite, retry_interval_s=5).start_run("gone", "r", wait_s=60)
+    assert time.monotonic() - t0 < 30  # a refusal raises at once
+    assert ResilientLogger(sqlite).start_run("here", "r", wait_s=0) is not None

@@ -129,7 +129,9 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
                 "gpus": cfg.train.num_workers if cfg.train.use_gpu else 0, "zero_stage": cfg.train.zero_stage,
                 "precision": cfg.train.precision, "stage": "train" if train else "evaluate"}
     run_tags.update(tags or {})
-    run_id = tracker.start_run(experiment, run_name, {k: str(v) for k, v in run_tags.items()}, parent_run_id)
+    # rank 0 logs to this run: one that cannot be created now (TrackingUnavailable) would track nothing of training
+    run_id = tracker.start_run(experiment, run_name, {k: str(v) for k, v in run_tags.items()}, parent_run_id,
+                               wait_s=tracking_close_timeout_s)
     tracker.log_params(flatten(cfg))
     tracker.log_dict(to_dict(cfg), "config.json")
     lineage = dict(lineage or {})
@@ -219,7 +221,10 @@ def fit(cfg: Config, train_dir: str, val_dir: Optional[str], work_dir: str | Pat
     ``run_name`` names the MLflow run and the Ray Train run (re-using a name with the same
     storage resumes that Ray run). ``init_weights``: a local weights file/folder loaded
     before training (``init_strict=False`` tolerates missing/unexpected keys). Raises
-    :class:`BadStepError` when training diverged (too many NaN/Inf steps in a row).
+    :class:`BadStepError` when training diverged (too many NaN/Inf steps in a row), and
+    :class:`~dino_scale.tracking.TrackingUnavailable` before any training when the MLflow run
+    cannot be created (the store does not answer within ``tracking_close_timeout_s``, or
+    refuses it): rank 0 logs to that run. The same holds for :func:`evaluate_weights`.
     """
     return _run(cfg, train_dir=train_dir, val_dir=val_dir, work_dir=work_dir, run_name=run_name,
                 init_weights=init_weights, init_strict=init_strict, experiment=experiment,

@@ -1,11 +1,11 @@
 """MLflow tracking (resilient, buffered logging) and the model registry helpers."""
-from dino_scale.tracking.logger import ResilientLogger, default_tracking_uri, flatten_params
+from dino_scale.tracking.logger import ResilientLogger, TrackingUnavailable, default_tracking_uri, flatten_params
 from dino_scale.tracking.registry import (
     ResolvedModel, get_version_by_alias, load_model_from_uri, register_model, resolve_model_uri,
     set_alias,
 )
 
 __all__ = [
-    "ResilientLogger", "default_tracking_uri", "flatten_params", "ResolvedModel", "register_model",
-    "set_alias", "get_version_by_alias", "resolve_model_uri", "load_model_from_uri",
+    "ResilientLogger", "TrackingUnavailable", "default_tracking_uri", "flatten_params", "ResolvedModel",
+    "register_model", "set_alias", "get_version_by_alias", "resolve_model_uri", "load_model_from_uri",
 ]

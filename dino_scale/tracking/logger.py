@@ -5,7 +5,16 @@ flushed in order. When the server does not answer (short HTTP timeout, no retrie
 the logger warns once per outage, keeps buffering (bounded), and retries at most every
 ``retry_interval_s``; when the server answers again the buffer is flushed with the
 original timestamps and steps. A run that could not be created at start is created
-on the first successful flush.
+on the first successful flush, unless the caller needs its id at once
+(``start_run(..., wait_s=...)`` raises :class:`TrackingUnavailable` instead).
+
+A call the store refuses for good (:func:`~dino_scale.tracking.refusals.is_refusal`: an
+invalid key, a deleted run, an artifact store that refuses the write) would be refused again
+on every retry: it is logged as an error naming the call, dropped, counted (``dropped``;
+``failed_ops`` lists every refused call but metric batches) and the calls behind it are
+sent. A refused batch of params, metrics or tags is first resent value by value, so a bad
+key loses only its own value. :meth:`ResilientLogger.close` is True only when every call
+was sent.
 
 Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<work_dir>/mlflow.db``.
 With a local sqlite store, an experiment this logger creates keeps its artifacts next to
@@ -25,7 +34,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-__all__ = ["default_tracking_uri", "sqlite_artifact_location", "ResilientLogger", "flatten_params"]
+from dino_scale.tracking.refusals import QUIET, SPLITTABLE, describe, http_status, is_refusal
+
+__all__ = ["default_tracking_uri", "sqlite_artifact_location", "ResilientLogger", "flatten_params",
+           "TrackingUnavailable"]
 
 log = logging.getLogger("dino_scale.tracking")
 _MAX_PARAM_LEN = 6000
@@ -84,6 +96,10 @@ def flatten_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+class TrackingUnavailable(RuntimeError):
+    """The MLflow run could not be created: the store did not answer in time, or refused it."""
+
+
 class ResilientLogger:
     """Buffered MLflow client for one run.
 
@@ -98,6 +114,12 @@ class ResilientLogger:
             dropped keep-alive connection).
         retry_interval_s: after a failure, wait this long before the next attempt.
         max_buffer: oldest metric batches are dropped (and counted) beyond this many ops.
+
+    Counters: ``outages`` (times the store stopped answering), ``dropped`` (calls given up:
+    refused by the store, or metric batches dropped from a full buffer), ``failed_ops`` (one
+    line per refused call but metric batches: the run's end, artifacts, params...),
+    ``flushed_after_outage`` (calls sent after the latest outage began; reset when the next
+    one begins).
     """
 
     def __init__(self, tracking_uri: str, run_id: Optional[str] = None, *, timeout_s: float = 3.0,
@@ -117,19 +139,43 @@ class ResilientLogger:
         self._down = False
         self.outages = 0
         self.dropped = 0
+        self.failed_ops: list[str] = []
         self.flushed_after_outage = 0
         self._pending_create: Optional[dict] = None
+        self._no_run: Optional[str] = None  # why the run will never exist (its creation was refused)
+        self._dropped_kinds: collections.Counter = collections.Counter()
+        self._logged_refusals: set = set()
+        self._reported = 0  # drops reported by close() so far
+        self.last_error: Optional[str] = None  # the latest refusal or outage, in words
+        self._overflow_logged = False
 
     # ------------------------------------------------------------------ run lifecycle
     def start_run(self, experiment: str, run_name: str, tags: Optional[dict[str, str]] = None,
-                  parent_run_id: Optional[str] = None) -> Optional[str]:
+                  parent_run_id: Optional[str] = None, wait_s: Optional[float] = None) -> Optional[str]:
         """Create a run (nested under ``parent_run_id`` if given); returns its id, or None
-        when the server is unreachable (the run is then created on a later flush)."""
+        when the server is unreachable (the run is then created on a later flush) or refused it.
+
+        With ``wait_s``, for a caller that hands the run id to other processes (a run created
+        later would miss what they log): the creation is retried every ``retry_interval_s`` for
+        up to ``wait_s`` seconds, then :class:`TrackingUnavailable` is raised, naming the store
+        and the last error; a refusal raises at once."""
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         self._pending_create = {"experiment": experiment, "run_name": run_name, "tags": tags}
         self.flush(force=True)
+        if wait_s is None or self.run_id is not None:
+            return self.run_id
+        deadline = time.monotonic() + wait_s
+        while self._pending_create and time.monotonic() < deadline:
+            time.sleep(min(self.retry_interval_s, max(0.0, deadline - time.monotonic())))
+            self.flush(force=True)
+        if self.run_id is None:
+            self._pending_create = None  # the caller gives up on it: no run created behind its back
+            raise TrackingUnavailable(
+                f"MLflow run {run_name!r} (experiment {experiment!r}) could not be created at {self.tracking_uri}"
+                f"{'' if self._no_run else f' within {wait_s:g} s'}: {self.last_error}; nothing would be tracked "
+                f"(start the tracking server, or point MLFLOW_TRACKING_URI at a running one)")
         return self.run_id
 
     def _create(self) -> None:
@@ -138,9 +184,15 @@ class ResilientLogger:
         if exp is not None:
             exp_id = exp.experiment_id
         else:
-            exp_id = self.client.create_experiment(
-                spec["experiment"],
-                artifact_location=sqlite_artifact_location(self.tracking_uri, spec["experiment"]))
+            try:
+                exp_id = self.client.create_experiment(
+                    spec["experiment"],
+                    artifact_location=sqlite_artifact_location(self.tracking_uri, spec["experiment"]))
+            except Exception:  # RESOURCE_ALREADY_EXISTS: another process created it meanwhile
+                exp = self.client.get_experiment_by_name(spec["experiment"])
+                if exp is None:
+                    raise
+                exp_id = exp.experiment_id
         run = self.client.create_run(exp_id, run_name=spec["run_name"], tags=spec["tags"])
         self.run_id = run.info.run_id
         self._pending_create = None
@@ -187,6 +239,11 @@ class ResilientLogger:
                 if queued[0] == "metrics":
                     del self._queue[i]
                     self.dropped += 1
+                    self._dropped_kinds["metrics (buffer full)"] += 1
+                    if not self._overflow_logged:
+                        log.warning("MLflow: %d logging calls buffered; dropping the oldest metric batches "
+                                    "until %s answers", self.max_buffer, self.tracking_uri)
+                        self._overflow_logged = True
                     break
             else:
                 break
@@ -233,39 +290,94 @@ class ResilientLogger:
             return self._flush()
 
     def _flush(self) -> bool:
-        try:
-            if self._pending_create:
-                self._create()
-            while self._queue:
+        while True:
+            op: Optional[tuple] = None
+            try:
+                if self._pending_create:
+                    op = ("create", self._pending_create)
+                    self._create()
+                if not self._queue:
+                    break
+                op = self._queue[0]
                 if self.run_id is None:
-                    return False
-                self._apply(self._queue[0])
+                    if self._no_run is None:
+                        return False  # start_run not called yet
+                    self._queue.popleft()
+                    self._drop(op, self._no_run, "NO_RUN")
+                    continue
+                self._apply(op)
                 self._queue.popleft()
                 if self._down:
                     self.flushed_after_outage += 1
-        except Exception as exc:  # the server is down or refused: keep going
-            if not self._down:
-                self.outages += 1
-                log.warning("MLflow tracking at %s unreachable (%s: %s); training continues and "
-                            "%d logging calls are buffered until it returns",
-                            self.tracking_uri, type(exc).__name__, str(exc).splitlines()[0][:200],
-                            self.pending)
-            self._down = True
-            self._next_try = time.monotonic() + self.retry_interval_s
-            return False
+                continue
+            except Exception as exc:
+                if not is_refusal(exc):
+                    self._outage(exc)
+                    return False
+                self._refused(op, exc)
         if self._down:
             log.warning("MLflow tracking at %s reachable again; flushed %d buffered calls",
                         self.tracking_uri, self.flushed_after_outage)
             self._down = False
         return True
 
+    def _refused(self, op: tuple, exc: Exception) -> None:
+        """``op`` (at the head of the queue, or the run's creation) was refused for good."""
+        reason = f"refused ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]})"
+        self.last_error = f"{describe(op)} {reason}"
+        code = str(getattr(exc, "error_code", type(exc).__name__))
+        if op[0] == "create":
+            self._pending_create = None
+            self._no_run = "its run's creation was refused"
+            self._drop(op, reason, code)
+            return
+        self._queue.popleft()
+        if op[0] in SPLITTABLE and len(op[1]) > 1 and http_status(exc) == 400:  # one bad key?
+            for key in reversed(list(op[1])):
+                self._queue.appendleft((op[0], {key: op[1][key]}) + op[2:])
+            return
+        self._drop(op, reason, code)
+
+    def _drop(self, op: tuple, reason: str, code: str) -> None:
+        self.dropped += 1
+        self._dropped_kinds[op[0]] += 1
+        what = describe(op)
+        if op[0] != "metrics":
+            self.failed_ops.append(f"{what}: {reason}")
+        first = (op[0], code) not in self._logged_refusals
+        self._logged_refusals.add((op[0], code))
+        log.log(logging.ERROR if first or op[0] not in QUIET else logging.DEBUG,
+                "MLflow %s at %s: %s dropped, %s%s", f"run {self.run_id}" if self.run_id else "(no run)",
+                self.tracking_uri, what, reason, f"; more {op[0]} calls dropped for {code} are counted at close"
+                if first and op[0] in QUIET else "")
+
+    def _outage(self, exc: Exception) -> None:
+        """The store did not answer (or cannot take calls now): keep buffering, retry later."""
+        self.last_error = f"unreachable ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]})"
+        if not self._down:
+            self.outages += 1
+            self.flushed_after_outage = 0
+            self._overflow_logged = False
+            log.warning("MLflow tracking at %s %s; training continues and %d logging calls are buffered "
+                        "until it returns", self.tracking_uri, self.last_error, self.pending)
+        self._down = True
+        self._next_try = time.monotonic() + self.retry_interval_s
+
     def close(self, timeout_s: float = 30.0) -> bool:
-        """Flush until empty or ``timeout_s`` passes; True if everything was sent."""
+        """Flush until empty or ``timeout_s`` passes; True if every call was sent (False also
+        when calls were dropped: refused by the store, see ``failed_ops``, or from a full
+        buffer). The logger stays usable."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            if self.flush(force=True):
-                return True
+        while not self.flush(force=True):
             if time.monotonic() >= deadline:
                 log.warning("MLflow: %d logging calls could not be sent before shutdown", self.pending)
-                return False
+                break
             time.sleep(min(self.retry_interval_s, max(0.1, deadline - time.monotonic())))
+        if self.dropped > self._reported:
+            self._reported = self.dropped
+            log.error("MLflow run %s: %d logging calls were dropped (%s)%s", self.run_id, self.dropped,
+                      ", ".join(f"{kind} {n}" for kind, n in sorted(self._dropped_kinds.items())),
+                      "; refused: " + "; ".join(self.failed_ops[:10]) +
+                      (f"; ... {len(self.failed_ops)} in all" if len(self.failed_ops) > 10 else "")
+                      if self.failed_ops else "")
+        return self.pending == 0 and self.dropped == 0

@@ -1,23 +1,47 @@
 """Rank 0's MLflow logging through an actor on the driver's node, for node-local stores.
 
-A sqlite (or ``file:``) tracking URI names a file on the driver's machine. Training workers
-run on other nodes of a cluster, where that path does not exist (or is another database),
-so rank 0 cannot log there itself. :func:`start_relay` starts a :class:`TrackingRelay`
-actor pinned to the driver's node (no CPU reserved) that owns a
-:class:`~dino_scale.tracking.logger.ResilientLogger` of the run; rank 0 talks to it through
-:class:`RelayClient`, which has the logger's methods. Stores on a server (``http(s)://``,
-``databricks``...) are reached by rank 0 directly.
+A sqlite (or ``file:``) tracking URI names a file on the driver's machine, and a server at a
+loopback address (``http://127.0.0.1:5000``, ``http://localhost:5000``) one that runs there.
+Training workers run on other nodes of a cluster, where that path does not exist (or is
+another database) and that address is the worker's own node, so rank 0 cannot log there
+itself. :func:`start_relay` starts a :class:`TrackingRelay` actor pinned to the driver's
+node (no CPU reserved) that owns a :class:`~dino_scale.tracking.logger.ResilientLogger` of
+the run; rank 0 talks to it through :class:`RelayClient`, which has the logger's methods.
+Stores on a server other nodes can reach (``http(s)://`` with a host name or a non-loopback
+address, ``databricks``...) are reached by rank 0 directly (:func:`is_node_local`).
 """
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
 __all__ = ["is_node_local", "start_relay", "RelayClient"]
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # a host name: other nodes resolve it as the driver does
+        return False
+    return address.is_loopback or address.is_unspecified  # 0.0.0.0 / :: reach this machine too
+
+
 def is_node_local(tracking_uri: str) -> bool:
-    """Whether ``tracking_uri`` is a file on the machine that names it (sqlite, ``file:``, a path)."""
-    return tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
+    """Whether ``tracking_uri`` means something on the machine that names it: a file (sqlite,
+    ``file:``, a plain path) or a server at a loopback address (``http://127.0.0.1:5000``,
+    ``http://[::1]:5000``, ``http://localhost:5000``; also a database URI on localhost or a
+    socket). ``databricks`` and servers named by host name or address are reached from any node."""
+    if tracking_uri == "databricks" or tracking_uri.startswith("databricks:"):  # "databricks://profile"
+        return False
+    if "://" not in tracking_uri:
+        return True
+    parts = urlsplit(tracking_uri)
+    if parts.scheme in ("sqlite", "file"):
+        return True
+    return not parts.hostname or _loopback(parts.hostname)
 
 
 class TrackingRelay:

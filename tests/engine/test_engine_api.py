@@ -67,3 +67,36 @@ def test_a_reused_run_name_is_checked_before_ray_for_training_only(data, tmp_pat
     with pytest.raises(RayStarted):
         evaluate_weights(cfg, str(tmp_path / "weights.safetensors"), val_dir, tmp_path / "work", name)
     assert calls == ["ray"]
+
+
+def test_a_run_that_cannot_be_created_fails_before_training(data, tmp_path, monkeypatch):
+    """A tracking server that does not answer when the run is created: fit() raises (after
+    retrying for tracking_close_timeout_s) before any dataset or worker. It used to train with
+    run_id None: rank 0 got no logger and every training and eval metric of the run was lost,
+    the run being created only at the driver's last flush. Ray's start is a recorder here (the
+    order matters, not Ray); the MLflow side is real: nothing listens on the port."""
+    import socket
+
+    import dino_scale.data
+    from dino_scale.engine import api, fit
+    from dino_scale.tracking import TrackingUnavailable
+
+    class Training(Exception):
+        pass
+
+    def no_dataset(*args):
+        calls.append("dataset")
+        raise Training
+
+    calls: list = []
+    monkeypatch.setattr(api, "ensure_ray", lambda *args: calls.append("ray"))
+    monkeypatch.setattr(dino_scale.data, "build_train_dataset", no_dataset)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    train_dir, val_dir = data
+    with pytest.raises(TrackingUnavailable, match=rf"could not be created at http://127.0.0.1:{port} within 2 s"):
+        fit(small_cfg(), train_dir, val_dir, tmp_path / "work", unique("down"), progress=False,
+            storage_path=str(tmp_path / "ray"), tracking_close_timeout_s=2)
+    assert calls == ["ray"]

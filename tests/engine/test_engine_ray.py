@@ -427,7 +427,8 @@ def test_tracking_relay_logs_from_the_drivers_node(ray_session, tmp_path):
     from dino_scale.tracking.relay import RelayClient, is_node_local, start_relay
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert is_node_local(uri) and is_node_local("file:///x/mlruns") and not is_node_local("http://127.0.0.1:5000")
+    assert is_node_local(uri) and is_node_local("file:///x/mlruns") and is_node_local("http://127.0.0.1:5000")
+    assert not is_node_local("http://mlflow:5000")
     driver = ResilientLogger(uri)
     run_id = driver.start_run("relay-test", "r")
     relay = start_relay(uri, run_id)

@@ -1,0 +1,251 @@
+"""The resilient logger against stores that stop answering, and stores that refuse a call."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mlflow_server import MlflowServer  # noqa: E402
+
+from dino_scale.tracking.logger import ResilientLogger  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-errors")).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _freeze(server: MlflowServer, frozen: bool) -> None:
+    """Stop (SIGSTOP) or resume the server's processes: requests time out, as with a server
+    that hangs, without a restart."""
+    os.killpg(server.proc.pid, signal.SIGSTOP if frozen else signal.SIGCONT)
+
+
+@pytest.mark.timeout(300)
+def test_recovery_message_counts_each_outage_alone(server, caplog):
+    """'flushed N buffered calls' after the second outage counts that outage's calls only (it
+    was cumulative: 2 calls buffered in the second outage were reported as 5)."""
+    from mlflow.tracking import MlflowClient
+
+    caplog.set_level(logging.WARNING, logger="dino_scale.tracking")
+    logger = ResilientLogger(server.uri, timeout_s=1, retry_interval_s=0.0)
+    run_id = logger.start_run("errors", "two-outages")
+    assert run_id is not None
+    step = 0
+    for buffered in (3, 2):
+        _freeze(server, True)
+        try:
+            for _ in range(buffered):
+                logger.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+                step += 1
+            assert logger.pending == buffered
+        finally:
+            _freeze(server, False)
+        assert logger.flush(force=True)
+        assert logger.flushed_after_outage == buffered
+    recovered = [r.getMessage() for r in caplog.records if "reachable again" in r.getMessage()]
+    assert len(recovered) == 2 and logger.outages == 2
+    assert recovered[0].endswith("flushed 3 buffered calls") and recovered[1].endswith("flushed 2 buffered calls")
+    history = MlflowClient(server.uri).get_metric_history(run_id, "loss")
+    assert sorted({m.step for m in history}) == list(range(step))
+
+
+def _sqlite(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def _errors(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name == "dino_scale.tracking"]
+
+
+def test_refused_key_is_dropped_and_the_calls_behind_it_are_sent(tmp_path, caplog):
+    """An invalid metric key used to stay at the head of the queue for ever, retried as an
+    'unreachable' store: every later call (metrics, end_run) waited behind it and was lost."""
+    from mlflow.tracking import MlflowClient
+
+    caplog.set_level(logging.WARNING, logger="dino_scale.tracking")
+    uri = _sqlite(tmp_path)
+    logger = ResilientLogger(uri, retry_interval_s=0.1)
+    run_id = logger.start_run("errors", "bad-key")
+    logger.log_params({"lr": 1e-4, "bad@param": 1})
+    logger.log_metrics({"loss": 2.0, "bad@key": 1.0}, step=1)  # one batch: only the bad key is lost
+    for step in range(2, 5):
+        logger.log_metrics({"loss": 1.0 / step, "bad@key": 0.0}, step=step)
+    logger.end_run()
+    assert logger.pending == 0 and logger.outages == 0
+    assert not logger.close(timeout_s=5), "a dropped call must show in close()"
+    assert logger.dropped == 5
+    assert logger.failed_ops == ["log_params(bad@param): refused (MlflowException: Invalid value \"bad@param\" "
+                                 "for parameter 'params[0].key' supplied: Names may only contain alphanumerics, "
+                                 "underscores (_), dashes (-), periods (.), spaces ( ), colon(:) and slashes (/).)"]
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"lr": "0.0001"}
+    assert sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss")) == [1, 2, 3, 4]
+    errors = _errors(caplog)
+    assert len(errors) == 3, errors  # the param, the first bad metric (the rest are counted), the summary
+    assert f"MLflow run {run_id} at {uri}: log_metrics(bad@key) at step 1 dropped, refused (MlflowException: " \
+           "Invalid value \"bad@key\"" in errors[1]
+    assert errors[2].startswith(f"MLflow run {run_id}: 5 logging calls were dropped (metrics 4, params 1)")
+    assert not any("unreachable" in r.getMessage() for r in caplog.records)
+
+
+def test_run_deleted_during_training(tmp_path, caplog):
+    """Every call after the deletion is refused: dropped, not retried; the refused end_run is an
+    error the caller can see (failed_ops, close() False), and close() does not wait out its timeout."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    caplog.set_level(logging.WARNING, logger="dino_scale.tracking")
+    uri = _sqlite(tmp_path)
+    logger = ResilientLogger(uri, retry_interval_s=0.1)
+    run_id = logger.start_run("errors", "deleted")
+    logger.log_metrics({"loss": 1.0, "lr": 0.1}, step=0)
+    MlflowClient(uri).delete_run(run_id)
+    for step in range(1, 4):
+        logger.log_metrics({"loss": 1.0, "lr": 0.1}, step=step)
+    logger.end_run()
+    t0 = time.monotonic()
+    assert not logger.close(timeout_s=30)
+    assert time.monotonic() - t0 < 10
+    assert logger.pending == 0 and logger.dropped == 7  # 3 batches of 2, resent value by value; end_run
+    assert len(logger.failed_ops) == 1 and logger.failed_ops[0].startswith("end_run(FINISHED): refused (")
+    errors = _errors(caplog)
+    assert [e.split(" dropped,")[0] for e in errors[:2]] == [
+        f"MLflow run {run_id} at {uri}: log_metrics(loss) at step 1",
+        f"MLflow run {run_id} at {uri}: end_run(FINISHED)"]
+    assert "7 logging calls were dropped (end 1, metrics 6)" in errors[2]
+
+
+def test_artifact_store_refusing_the_write(tmp_path, caplog):
+    """The model's log_artifacts refused by the (file) artifact store: an error naming it, in
+    failed_ops; the run still ends FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    caplog.set_level(logging.WARNING, logger="dino_scale.tracking")
+    uri = _sqlite(tmp_path)
+    logger = ResilientLogger(uri, retry_interval_s=0.1)
+    run_id = logger.start_run("errors", "artifacts")
+    run = MlflowClient(uri).get_run(run_id)
+    blocked = Path(run.info.artifact_uri[len("file://"):])
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_text("not a folder")  # nothing can be written under it
+    model = tmp_path / "final"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    logger.log_artifacts(model, "model")
+    logger.log_metrics({"final/AP": 0.5}, step=3)
+    logger.end_run()
+    assert not logger.close(timeout_s=5) and logger.pending == 0 and logger.dropped == 1
+    assert logger.failed_ops[0].startswith(f"log_artifacts({model} -> model): refused (")
+    assert any(f"log_artifacts({model} -> model) dropped, refused" in e for e in _errors(caplog))
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"final/AP": 0.5}
+
+
+def test_refused_run_creation(tmp_path, caplog):
+    """An experiment that was deleted: the run cannot be created, ever. start_run returns None
+    and everything logged for it is dropped (it waited for a run that would never come)."""
+    from mlflow.tracking import MlflowClient
+
+    caplog.set_level(logging.WARNING, logger="dino_scale.tracking")
+    uri = _sqlite(tmp_path)
+    client = MlflowClient(uri)
+    client.delete_experiment(client.create_experiment("gone"))
+    logger = ResilientLogger(uri, retry_interval_s=0.1)
+    assert logger.start_run("gone", "run") is None
+    logger.log_metrics({"loss": 1.0}, step=0)
+    logger.end_run()
+    assert not logger.close(timeout_s=5) and logger.pending == 0 and logger.dropped == 3
+    assert [op.split(":")[0] for op in logger.failed_ops] == ["create run 'run' in experiment 'gone'",
+                                                               "end_run(FINISHED)"]
+    assert "end_run(FINISHED) dropped, its run's creation was refused" in "\n".join(_errors(caplog))
+
+
+@pytest.mark.timeout(120)
+def test_refusals_over_rest(server, caplog):
+    """The same through a tracking server (RestException): a bad key is dropped alone, a run
+    that does not exist (404) refuses everything; a frozen server is an outage, not a refusal."""
+    from mlflow.tracking import MlflowClient
+
+    caplog.set_level(logging.WARNING, logger="dino_scale.tracking")
+    logger = ResilientLogger(server.uri, timeout_s=1, retry_interval_s=0.1)
+    run_id = logger.start_run("errors", "rest")
+    logger.log_metrics({"loss": 1.0, "bad@key": 1.0}, step=0)
+    logger.log_metrics({"loss": 0.5}, step=1)
+    logger.end_run()
+    assert not logger.close(timeout_s=10) and logger.dropped == 1 and logger.failed_ops == []
+    assert sorted(m.step for m in MlflowClient(server.uri).get_metric_history(run_id, "loss")) == [0, 1]
+    assert MlflowClient(server.uri).get_run(run_id).info.status == "FINISHED"
+    missing = ResilientLogger(server.uri, "0" * 32, timeout_s=1, retry_interval_s=0.1)
+    missing.log_metrics({"loss": 1.0, "lr": 0.1}, step=0)  # RESOURCE_DOES_NOT_EXIST: not resent value by value
+    missing.end_run()
+    assert not missing.close(timeout_s=10) and missing.pending == 0 and missing.dropped == 2
+    assert "RESOURCE_DOES_NOT_EXIST" in missing.failed_ops[0]
+    assert not any("unreachable" in r.getMessage() for r in caplog.records)
+
+
+def test_refusal_classification():
+    """What is dropped (the store answered 'never') and what is retried (it may come back)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2 as codes
+
+    from dino_scale.tracking.refusals import is_refusal
+
+    def http_error(status: int) -> requests.HTTPError:
+        response = requests.Response()
+        response.status_code = status
+        return requests.HTTPError(f"{status}", response=response)
+
+    refused = [MlflowException("x", error_code=getattr(codes, name)) for name in (
+        "INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST", "PERMISSION_DENIED",
+        "RESOURCE_ALREADY_EXISTS", "ENDPOINT_NOT_FOUND")]
+    refused += [http_error(403), http_error(413), PermissionError("read-only"), NotADirectoryError("x"),
+                TypeError("not JSON serializable")]
+    retried = [MlflowException("x", error_code=getattr(codes, name)) for name in (
+        "TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED", "UNAUTHENTICATED",
+        "DEADLINE_EXCEEDED")]
+    retried += [http_error(500), http_error(503), http_error(429), requests.ConnectionError("refused"),
+                requests.Timeout("slow"), ConnectionResetError("reset"), TimeoutError("slow"), RuntimeError("?")]
+    assert [e for e in refused if not is_refusal(e)] == []
+    assert [e for e in retried if is_refusal(e)] == []
+
+
+def test_start_run_that_must_succeed(tmp_path):
+    """start_run(wait_s=...) for a caller that hands the run id to other processes (fit() gives
+    it to rank 0 before training): it retries, then raises naming the store and the cause,
+    instead of returning None (rank 0 then logged nothing) and creating the run later."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+    from mlflow_server import free_port
+
+    from dino_scale.tracking.logger import TrackingUnavailable
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    logger = ResilientLogger(uri, timeout_s=1, retry_interval_s=0.2)
+    t0 = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match=rf"MLflow run 'r' \(experiment 'x'\) could not be created at "
+                                                  rf"{uri} within 1 s: unreachable \(MlflowException: "):
+        logger.start_run("x", "r", wait_s=1.0)
+    assert 1.0 <= time.monotonic() - t0 < 10 and logger.outages == 1
+    assert logger.pending == 0  # no run created behind the caller's back once the server answers
+    sqlite = _sqlite(tmp_path)
+    client = MlflowClient(sqlite)
+    client.delete_experiment(client.create_experiment("gone"))
+    t0 = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match="could not be created at .*: create run 'r' in experiment 'gone' "
+                                                  r"refused \(MlflowException: The experiment .* deleted"):
+        ResilientLogger(sqlite, retry_interval_s=5).start_run("gone", "r", wait_s=60)
+    assert time.monotonic() - t0 < 30  # a refusal raises at once
+    assert ResilientLogger(sqlite).start_run("here", "r", wait_s=0) is not None

@@ -42,15 +42,16 @@ def _convert(ann: Path, images: Optional[str], work_dir: Path, log: Callable[[st
 
 
 def _one(arg: str, images: Optional[str], work_dir: Path, what: str,
-         log: Callable[[str], None]) -> str:
-    """A comma-separated list of dataset folders for one argument value."""
+         log: Callable[[str], None], convert: bool = True) -> str:
+    """A comma-separated list of dataset folders for one argument value (``convert=False``:
+    only check the value, converting no annotation file)."""
     parts = []
     for piece in [p.strip() for p in arg.split(",") if p.strip()]:
         p = check_path(piece, what)
         if p.is_file():
             if p.suffix.lower() != ".json":
                 raise UsageError(f"{what} {piece} is a file but not an annotation .json")
-            parts.append(str(_convert(p, images, work_dir, log)))
+            parts.append(str(_convert(p, images, work_dir, log)) if convert else str(p))
         elif _is_dataset(p):
             parts.append(str(p))
         else:
@@ -109,6 +110,8 @@ def resolve_datasets(args, work_dir: Path, flavour: str, default_images: int, se
         if _is_dataset(data / "val"):
             val = str(data / "val")
     if require_val and val is None and args.val_data is None:
+        if train is None:
+            _one(args.data, args.images, work_dir, "dataset path", log, convert=False)  # its own errors first
         raise UsageError(require_val)
     if train is None:
         train = _one(args.data, args.images, work_dir, "dataset path", log)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from dino_scale.config import PRESETS, Config, ConfigError, preset
-from dino_scale.tracking.registry import NOT_FOUND_CODES
+from dino_scale.tracking.registry import is_not_found
 
 GPU_PRESET = "r50_4scale"
 CPU_PRESET = "tiny"
@@ -31,9 +31,6 @@ CPU_PRESET = "tiny"
 class UsageError(Exception):
     """A user mistake with a one-line explanation (exit code 2)."""
 
-
-# MLflow error codes of a lookup that found nothing (no such name, alias, version or run)
-MLFLOW_NOT_FOUND = NOT_FOUND_CODES
 
 
 # --------------------------------------------------------------------------- arguments
@@ -337,7 +334,7 @@ def _is_usage_error(exc: BaseException) -> bool:
     try:
         from mlflow.exceptions import MlflowException
 
-        if isinstance(exc, MlflowException) and exc.error_code in MLFLOW_NOT_FOUND:
+        if isinstance(exc, MlflowException) and is_not_found(exc):
             return True
     except Exception:  # pragma: no cover
         pass

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dino_scale.config import Config, to_dict
-from pipelines._common import MLFLOW_NOT_FOUND, UsageError
+from dino_scale.tracking.registry import is_not_found
+from pipelines._common import UsageError
 
 
 @dataclass
@@ -67,7 +68,7 @@ def check_exists(uri: str) -> None:
         else:
             raise UsageError(f"bad model URI {uri}: use models:/<name>@<alias> or models:/<name>/<version>")
     except MlflowException as exc:
-        if exc.error_code not in MLFLOW_NOT_FOUND:
+        if not is_not_found(exc):
             raise  # the store failed, not the lookup
         msg = str(exc).splitlines()[0]
         raise UsageError(f"cannot resolve {uri}: {msg} (list models with `dino-scale registry "
@@ -85,7 +86,7 @@ def resolve(uri: str, dst_dir: Path):
     try:
         return resolve_model_uri(uri, dst_dir=dst_dir)
     except MlflowException as exc:
-        if exc.error_code not in MLFLOW_NOT_FOUND:
+        if not is_not_found(exc):
             raise
         msg = str(exc).splitlines()[0]
         hint = ""

@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from dino_scale.tracking.registry import is_not_found
 from pipelines import _common as common
 
 AP_TAG = "AP"
@@ -43,8 +44,6 @@ def _version_by_alias(client, name: str, alias: str):
     error (a locked sqlite store, a server error) is raised: read as "no champion", it would
     promote the new version whatever its AP."""
     from mlflow.exceptions import MlflowException
-
-    from dino_scale.tracking.registry import is_not_found
 
     try:
         return client.get_model_version_by_alias(name, alias)

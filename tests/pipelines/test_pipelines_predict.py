@@ -40,7 +40,9 @@ def test_out_inside_an_input_folder_is_not_read_back(tmp_path):
 
 
 def test_predict_into_the_input_folder_keeps_every_input(tmp_path, monkeypatch):
+    # predict points MLflow at its store (globals and environment): undone after the test
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     photos = tmp_path / "photos"
     (photos / "sub").mkdir(parents=True)
     colours = {"a.jpg": (200, 10, 10), "sub/a.jpg": (10, 200, 10), "a-2.jpg": (10, 10, 200)}
@@ -52,13 +54,10 @@ def test_predict_into_the_input_folder_keeps_every_input(tmp_path, monkeypatch):
         rc = main([str(photos), "--model", str(ckpt), "--out", str(photos), "--threshold", "1",
                    "--work-dir", str(tmp_path / "runs")])
     finally:
-        import os
-
         import mlflow
 
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
     assert rc == 0
     assert {name: (photos / name).read_bytes() for name in colours} == before
     pred = json.loads((photos / "predictions.json").read_text())

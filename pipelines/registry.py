@@ -6,12 +6,21 @@
 
 :func:`promote_if_better` moves alias ``champion`` to a new version only when its AP
 (tag ``AP`` on the version) beats the AP of the current champion.
+
+The registry has no compare-and-set, so two fine-tunes that finish together can both read
+the same champion, both beat it, and the worse one's alias write can land last. Every
+promotion therefore stamps its version with a fresh id (tag ``champion.promotion``) and the
+id of the holder it compared against (``champion.basis``), and after its write settles the
+race: among the versions promoted from the same holder (and promotions stacked on those),
+the best AP holds the alias. A holder from outside that family (a later, legitimate
+promotion, or ``promote`` by hand, which stamps a fresh id) is left alone.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import sys
+import uuid
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -19,6 +28,10 @@ from dino_scale.tracking.registry import is_not_found
 from pipelines import _common as common
 
 AP_TAG = "AP"
+PROMOTION_TAG = "champion.promotion"  # a fresh id for each time the alias is moved to the version
+BASIS_TAG = "champion.basis"  # the promotion id of the holder an automatic promotion beat
+_NO_HOLDER = "none"
+_SETTLE_ROUNDS = 10
 _PAGE = 1000  # the most one MLflow search page may hold
 LINEAGE_TAGS = ("source.uri", "source.model_name", "source.model_version", "source.run_id")
 
@@ -66,7 +79,8 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
     """Tag ``AP`` on ``name`` version ``version``; move ``alias`` to it only when ``ap``
     is strictly greater than the current holder's AP (or no version holds the alias).
     A version without a measured AP is never promoted; a current holder without an AP
-    tag counts as beaten."""
+    tag counts as beaten. A concurrent promotion from the same holder with a better AP
+    wins the alias back (module docstring)."""
     client = client or _client()
     version = str(version)
     if ap is not None and not math.isnan(ap):
@@ -83,10 +97,63 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
     if current is not None and prev_ap is not None and not ap > prev_ap:
         return Promotion(False, version, ap, prev_v, prev_ap,
                          f"AP {ap:.4f} does not beat @{alias} v{prev_v} (AP {prev_ap:.4f})")
-    set_alias(client, name, alias, version)
+    basis = _NO_HOLDER if current is None else _promotion_id(current)
+    _stamp_and_set(client, name, alias, version, basis)
     why = ("first version with an AP" if current is None else
            f"beats v{prev_v} ({'no AP' if prev_ap is None else f'AP {prev_ap:.4f}'})")
+    holder, rival = _settle(client, name, alias, basis)
+    if rival and str(holder.version) != version:
+        return Promotion(False, version, ap, prev_v, prev_ap,
+                         f"AP {ap:.4f} {why}, but v{holder.version} (AP {_ap_of(holder):.4f}), "
+                         f"promoted at the same time from the same @{alias}, is better")
     return Promotion(True, version, ap, prev_v, prev_ap, f"AP {ap:.4f} {why}")
+
+
+def _promotion_id(holder) -> str:
+    """The id of the alias move that made ``holder`` the holder (``v<version>`` for a
+    holder set outside this module, e.g. in the MLflow UI)."""
+    return holder.tags.get(PROMOTION_TAG) or f"v{holder.version}"
+
+
+def _stamp_and_set(client, name: str, alias: str, version: str, basis: str) -> None:
+    """Move ``alias`` to ``version`` under a fresh promotion id. ``basis``: the promotion id
+    of the holder an automatic promotion beat, ``"manual"`` for a move by hand (which
+    no automatic promotion's family contains)."""
+    client.set_model_version_tag(name, version, BASIS_TAG, basis)
+    client.set_model_version_tag(name, version, PROMOTION_TAG, uuid.uuid4().hex[:12])
+    set_alias(client, name, alias, version)
+
+
+def _settle(client, name: str, alias: str, basis: str):
+    """After an automatic promotion from the holder with promotion id ``basis``: while the
+    alias holder is one of the versions promoted from that holder (or from one of those,
+    transitively) and another of them has a better AP (ties: the older version), move the
+    alias to the best. Repeats until stable, so that the last writer always leaves the
+    best of the family. Returns the final holder (None: no holder) and whether it is of
+    the family."""
+    holder = None
+    for _ in range(_SETTLE_ROUNDS):
+        holder = _version_by_alias(client, name, alias)
+        if holder is None:
+            return None, False
+        versions = _all_pages(client.search_model_versions, filter_string=_name_filter(name))
+        family, ids, grown = {}, {basis}, True
+        while grown:
+            grown = False
+            for v in versions:
+                if v.tags.get(BASIS_TAG) in ids and str(v.version) not in family:
+                    family[str(v.version)] = v
+                    ids.add(_promotion_id(v))
+                    grown = True
+        if str(holder.version) not in family:
+            return holder, False  # moved by something outside this race: left alone
+        ranked = [v for v in family.values() if _ap_of(v) is not None]
+        best = max(ranked, key=lambda v: (_ap_of(v), -int(v.version)), default=holder)
+        if str(best.version) == str(holder.version):
+            return holder, True
+        set_alias(client, name, alias, str(best.version))
+    holder = _version_by_alias(client, name, alias)
+    return holder, holder is not None
 
 
 def set_alias(client, name: str, alias: str, version: str) -> None:
@@ -124,7 +191,7 @@ def _get_model(client, name: str):
     try:
         return client.get_registered_model(name)
     except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        if is_not_found(exc):
             return None
         raise
 
@@ -212,7 +279,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if _get_model(client, args.name) is None:
             raise common.UsageError(f"registered model {args.name!r} not found")
         client.get_model_version(args.name, str(args.version))
-        set_alias(client, args.name, args.alias, str(args.version))
+        _stamp_and_set(client, args.name, args.alias, str(args.version), "manual")
         print(f"{args.name}@{args.alias} -> version {args.version}")
     return 0
 

@@ -124,3 +124,64 @@ def test_pipelines_champion_first_registration_race(client, _store, tmp_path, mo
     monkeypatch.setattr(mlflow.MlflowClient, "get_registered_model", not_there_yet)
     assert register_model(run.info.run_id, "dino-race", tracking_uri=_store) == "1"
     assert looked == ["dino-race"]
+
+
+class _StaleAliasRead(mlflow.MlflowClient):
+    """The real client, except that its first alias lookup returns ``stale``: the champion
+    this job read before a concurrent job moved the alias."""
+
+    def __init__(self, stale, **kwargs):
+        super().__init__(**kwargs)
+        self._stale = stale
+
+    def get_model_version_by_alias(self, name, alias):
+        if self._stale is not None:
+            stale, self._stale = self._stale, None
+            return stale
+        return super().get_model_version_by_alias(name, alias)
+
+
+def _champion(client) -> str:
+    return str(client.get_model_version_by_alias("dino-tiny-coco", "champion").version)
+
+
+def test_pipelines_champion_concurrent_promotions_keep_the_better(client, _store, tmp_path):
+    """Two fine-tunes read the same champion and both beat it; the worse one's alias write
+    lands last. The better one holds the alias in the end, in either order (was: the last
+    writer, AP 0.53, over AP 0.55)."""
+    v1 = _new_version(client, tmp_path)
+    assert promote_if_better("dino-tiny-coco", v1, 0.50, client=client).promoted
+    read_v1 = client.get_model_version_by_alias("dino-tiny-coco", "champion")
+    v2, v3 = _new_version(client, tmp_path), _new_version(client, tmp_path)
+
+    assert promote_if_better("dino-tiny-coco", v2, 0.55, client=client).promoted
+    late = _StaleAliasRead(read_v1, tracking_uri=_store, registry_uri=_store)
+    p = promote_if_better("dino-tiny-coco", v3, 0.53, client=late)
+    assert _champion(client) == v2
+    assert not p.promoted and f"v{v2}" in p.reason and p.previous_version == v1
+
+    # the other order: the better one writes last and keeps it
+    v4, v5 = _new_version(client, tmp_path), _new_version(client, tmp_path)
+    read_v2 = client.get_model_version_by_alias("dino-tiny-coco", "champion")
+    assert promote_if_better("dino-tiny-coco", v4, 0.56, client=client).promoted
+    late = _StaleAliasRead(read_v2, tracking_uri=_store, registry_uri=_store)
+    assert promote_if_better("dino-tiny-coco", v5, 0.60, client=late).promoted
+    assert _champion(client) == v5
+
+
+def test_pipelines_champion_hand_set_champion_is_kept(client, _store, tmp_path, monkeypatch):
+    """`registry promote` rolls back to an older version; a later, better-than-it fine-tune
+    becomes champion, and the rolled-back-from version (higher AP, promoted from the same
+    version long before) does not take the alias back."""
+    from pipelines import registry
+
+    v1 = _new_version(client, tmp_path)
+    assert promote_if_better("dino-tiny-coco", v1, 0.50, client=client).promoted
+    v2 = _new_version(client, tmp_path)
+    assert promote_if_better("dino-tiny-coco", v2, 0.70, client=client).promoted
+    monkeypatch.setattr(registry, "_client", lambda: client)
+    assert registry.main(["--work-dir", str(tmp_path), "promote", "dino-tiny-coco", v1]) == 0
+    assert _champion(client) == v1
+    v3 = _new_version(client, tmp_path)
+    assert promote_if_better("dino-tiny-coco", v3, 0.55, client=client).promoted
+    assert _champion(client) == v3

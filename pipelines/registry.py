@@ -9,8 +9,8 @@
 
 The registry has no compare-and-set, so two fine-tunes that finish together can both read
 the same champion, both beat it, and the worse one's alias write can land last. Every
-promotion therefore stamps its version with a fresh id (tag ``champion.promotion``) and the
-id of the holder it compared against (``champion.basis``), and after its write settles the
+promotion therefore stamps its version with a fresh id (tag ``<alias>.promotion``) and the
+id of the holder it compared against (``<alias>.basis``), and after its write settles the
 race: among the versions promoted from the same holder (and promotions stacked on those),
 the best AP holds the alias. A holder from outside that family (a later, legitimate
 promotion, or ``promote`` by hand, which stamps a fresh id) is left alone.
@@ -28,8 +28,9 @@ from dino_scale.tracking.registry import is_not_found
 from pipelines import _common as common
 
 AP_TAG = "AP"
-PROMOTION_TAG = "champion.promotion"  # a fresh id for each time the alias is moved to the version
-BASIS_TAG = "champion.basis"  # the promotion id of the holder an automatic promotion beat
+# per alias: "<alias>.promotion", a fresh id each time the alias is moved to the version;
+# "<alias>.basis", the promotion id of the holder an automatic promotion beat
+PROMOTION_TAG, BASIS_TAG = "{}.promotion", "{}.basis"
 _NO_HOLDER = "none"
 _SETTLE_ROUNDS = 10
 _PAGE = 1000  # the most one MLflow search page may hold
@@ -97,7 +98,7 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
     if current is not None and prev_ap is not None and not ap > prev_ap:
         return Promotion(False, version, ap, prev_v, prev_ap,
                          f"AP {ap:.4f} does not beat @{alias} v{prev_v} (AP {prev_ap:.4f})")
-    basis = _NO_HOLDER if current is None else _promotion_id(current)
+    basis = _NO_HOLDER if current is None else _promotion_id(current, alias)
     _stamp_and_set(client, name, alias, version, basis)
     why = ("first version with an AP" if current is None else
            f"beats v{prev_v} ({'no AP' if prev_ap is None else f'AP {prev_ap:.4f}'})")
@@ -109,18 +110,18 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
     return Promotion(True, version, ap, prev_v, prev_ap, f"AP {ap:.4f} {why}")
 
 
-def _promotion_id(holder) -> str:
+def _promotion_id(holder, alias: str) -> str:
     """The id of the alias move that made ``holder`` the holder (``v<version>`` for a
     holder set outside this module, e.g. in the MLflow UI)."""
-    return holder.tags.get(PROMOTION_TAG) or f"v{holder.version}"
+    return holder.tags.get(PROMOTION_TAG.format(alias)) or f"v{holder.version}"
 
 
 def _stamp_and_set(client, name: str, alias: str, version: str, basis: str) -> None:
     """Move ``alias`` to ``version`` under a fresh promotion id. ``basis``: the promotion id
     of the holder an automatic promotion beat, ``"manual"`` for a move by hand (which
     no automatic promotion's family contains)."""
-    client.set_model_version_tag(name, version, BASIS_TAG, basis)
-    client.set_model_version_tag(name, version, PROMOTION_TAG, uuid.uuid4().hex[:12])
+    client.set_model_version_tag(name, version, BASIS_TAG.format(alias), basis)
+    client.set_model_version_tag(name, version, PROMOTION_TAG.format(alias), uuid.uuid4().hex[:12])
     set_alias(client, name, alias, version)
 
 
@@ -141,9 +142,9 @@ def _settle(client, name: str, alias: str, basis: str):
         while grown:
             grown = False
             for v in versions:
-                if v.tags.get(BASIS_TAG) in ids and str(v.version) not in family:
+                if v.tags.get(BASIS_TAG.format(alias)) in ids and str(v.version) not in family:
                     family[str(v.version)] = v
-                    ids.add(_promotion_id(v))
+                    ids.add(_promotion_id(v, alias))
                     grown = True
         if str(holder.version) not in family:
             return holder, False  # moved by something outside this race: left alone

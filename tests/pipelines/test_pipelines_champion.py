@@ -180,7 +180,12 @@ def test_pipelines_champion_hand_set_champion_is_kept(client, _store, tmp_path, 
     v2 = _new_version(client, tmp_path)
     assert promote_if_better("dino-tiny-coco", v2, 0.70, client=client).promoted
     monkeypatch.setattr(registry, "_client", lambda: client)
-    assert registry.main(["--work-dir", str(tmp_path), "promote", "dino-tiny-coco", v1]) == 0
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", _store)  # main() sets it: monkeypatch then removes it
+    try:
+        assert registry.main(["--work-dir", str(tmp_path), "promote", "dino-tiny-coco", v1]) == 0
+    finally:  # main() points MLflow's globals at the store: later tests must not inherit it
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
     assert _champion(client) == v1
     v3 = _new_version(client, tmp_path)
     assert promote_if_better("dino-tiny-coco", v3, 0.55, client=client).promoted

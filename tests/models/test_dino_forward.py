@@ -175,3 +175,21 @@ def test_more_classes_than_the_denoising_label_book_is_refused_at_build():
     model.train()
     out = model(images, masks, targets)
     assert out["dn_meta"]["pad_size"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_module_runs_without_autocast(dtype):
+    """A module cast to half precision (``model.half()``; what compute_loss / predict_batch feed
+    images of the parameters' dtype for) runs without autocast: the decoder's float32 sine
+    embedding of the reference boxes used to meet the half ``ref_point_head`` ('mat1 and mat2
+    must have the same dtype')."""
+    torch.manual_seed(0)
+    model = build_dino(preset("tiny").model)[0].to(dtype)
+    images, masks, targets = _batch()
+    model.train()
+    out = model(images.to(dtype), masks, targets)
+    assert out["pred_logits"].dtype == dtype and torch.isfinite(out["pred_boxes"]).all()
+    model.eval()
+    with torch.no_grad():
+        out = model(images.to(dtype), masks)
+    assert out["pred_logits"].shape == (2, model.num_queries, model.num_classes)

@@ -39,6 +39,12 @@ class DINO(nn.Module):
                  dn_label_noise_ratio: float = 0.5, dn_box_noise_scale: float = 1.0,
                  dn_labelbook_size: int = 91, share_bbox_embed: bool = True, share_class_embed: bool = True):
         super().__init__()
+        if dn_number > 0 and num_classes > dn_labelbook_size + 1:
+            # label noise draws classes in [0, num_classes) and embeds them with label_enc
+            # (dn_labelbook_size + 1 rows): a larger class count fails at the first training step
+            raise ValueError(f"num_classes {num_classes} needs dn_labelbook_size >= {num_classes - 1} with "
+                             f"denoising on (got {dn_labelbook_size}: label_enc has {dn_labelbook_size + 1} rows); "
+                             "set model.dn_labelbook_size, usually equal to model.num_classes")
         hidden = transformer.d_model
         self.transformer = transformer
         self.num_classes = num_classes

@@ -183,6 +183,7 @@ class DeformableDecoder(nn.Module):
         as the decoder's region at layer granularity (one code for the six layers)."""
         ref_input = reference[:, :, None] * ratios  # (B,Q,L,4)
         sine = gen_sineembed_for_position(ref_input[:, :, 0, :], self.d_model // 2)
+        sine = sine.to(self.ref_point_head.layers[0].weight.dtype)  # float32; a half-precision module's dtype
         output = layer(output, self.ref_point_head(sine), ref_input, memory, spatial_shapes, level_start_index,
                        memory_padding_mask, self_attn_mask)
         new_reference = None if box_head is None else (box_head(output) + inverse_sigmoid(reference)).sigmoid()

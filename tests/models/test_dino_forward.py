@@ -160,3 +160,36 @@ def test_decoder_heads_batched_when_shared_equal_per_layer(share_box, share_cls)
         torch.testing.assert_close(logits[l], model.class_embed[l](hs[l]), rtol=1e-6, atol=1e-6)
     (logits.sum() + boxes.sum()).backward()
     assert all(h.grad is not None and h.grad.abs().sum() > 0 for h in hs)
+
+
+def test_more_classes_than_the_denoising_label_book_is_refused_at_build():
+    """Label noise draws classes in [0, num_classes) and embeds them with ``label_enc``
+    (dn_labelbook_size + 1 rows): a larger class count used to pass the build and fail at the
+    first training step ('index out of range in self'; a device assert on a GPU)."""
+    with pytest.raises(ValueError, match="dn_labelbook_size"):
+        build_dino(preset("tiny", ["model.num_classes=100", "model.dn_labelbook_size=91"]).model)
+    build_dino(preset("tiny", ["model.num_classes=100", "model.dn_labelbook_size=91", "model.dn_number=0"]).model)
+    model = build_dino(preset("tiny", ["model.num_classes=92", "model.dn_labelbook_size=91"]).model)[0]
+    images, masks, targets = _batch()
+    targets[0]["labels"] = torch.tensor([91, 0])  # the largest class id the label book embeds
+    model.train()
+    out = model(images, masks, targets)
+    assert out["dn_meta"]["pad_size"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_module_runs_without_autocast(dtype):
+    """A module cast to half precision (``model.half()``; what compute_loss / predict_batch feed
+    images of the parameters' dtype for) runs without autocast: the decoder's float32 sine
+    embedding of the reference boxes used to meet the half ``ref_point_head`` ('mat1 and mat2
+    must have the same dtype')."""
+    torch.manual_seed(0)
+    model = build_dino(preset("tiny").model)[0].to(dtype)
+    images, masks, targets = _batch()
+    model.train()
+    out = model(images.to(dtype), masks, targets)
+    assert out["pred_logits"].dtype == dtype and torch.isfinite(out["pred_boxes"]).all()
+    model.eval()
+    with torch.no_grad():
+        out = model(images.to(dtype), masks)
+    assert out["pred_logits"].shape == (2, model.num_queries, model.num_classes)

@@ -131,12 +131,33 @@ def categories_of(dataset: str) -> list[dict]:
 def class_overrides(categories: list[dict], user_overrides: list[str], minimum: int = 0) -> list[str]:
     """``model.num_classes`` / ``model.dn_labelbook_size`` = max(max id + 1, ``minimum``)
     (366 for Objects365, 91 for COCO, so synthetic sets keep the real head layout),
-    unless the user set them with ``--set``."""
+    unless the user set them with ``--set``. A ``--set model.num_classes=N`` alone also
+    sizes the denoising label book (N, as in the released configs)."""
     n = max(max((c["id"] for c in categories), default=0) + 1, minimum)
-    keys = {o.split("=", 1)[0].strip() for o in user_overrides}
+    user = dict(_split_override(o) for o in user_overrides)
     out = []
-    if "model.num_classes" not in keys:
+    if "model.num_classes" not in user:
         out.append(f"model.num_classes={n}")
-    if "model.dn_labelbook_size" not in keys:
-        out.append(f"model.dn_labelbook_size={n}")
+    if "model.dn_labelbook_size" not in user:
+        book = user.get("model.num_classes", str(n))
+        out.append(f"model.dn_labelbook_size={book if book.isdigit() else n}")
     return out
+
+
+def _split_override(text: str) -> tuple[str, str]:
+    key, _, value = text.partition("=")
+    return key.strip(), value.strip()
+
+
+def check_classes(cfg, categories: list[dict], data: str) -> None:
+    """:class:`UsageError` before training when the class head cannot hold a category id of
+    ``data`` (the loss would index past it at the first step) or, with denoising on, the
+    label book is smaller than the class count (denoising draws labels from all classes)."""
+    m = cfg.model
+    need = max((c["id"] for c in categories), default=-1) + 1
+    if need > m.num_classes:
+        raise UsageError(f"{data} has category ids up to {need - 1}: model.num_classes must be >= {need} "
+                         f"(got {m.num_classes})")
+    if m.dn_number > 0 and m.num_classes > m.dn_labelbook_size + 1:
+        raise UsageError(f"model.num_classes {m.num_classes} needs model.dn_labelbook_size >= "
+                         f"{m.num_classes - 1} with denoising on (got {m.dn_labelbook_size})")

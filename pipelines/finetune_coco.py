@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pipelines import _common as common
-from pipelines._datasets import categories_of, class_overrides, resolve_datasets
+from pipelines._datasets import categories_of, check_classes, class_overrides, resolve_datasets
 
 EXPERIMENT = "finetune-coco"
 CHAMPION = "champion"
@@ -92,6 +92,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if early_ray:
         log(f"Ray: {common.connect_ray()}")
     cfg = common.build_config(args, extra=extra)
+    check_classes(cfg, categories, train)
     name = args.model_name or model_name(cfg.name)
     init = None if scratch else (args.init or default_init(cfg.name))
     run_name = args.run_name or common.default_run_name(f"finetune-{cfg.name}-{'scratch' if scratch else 'init'}")

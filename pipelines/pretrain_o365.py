@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pipelines import _common as common
-from pipelines._datasets import categories_of, class_overrides, resolve_datasets
+from pipelines._datasets import categories_of, check_classes, class_overrides, resolve_datasets
 
 EXPERIMENT = "pretrain-o365"
 ALIAS = "pretrained"
@@ -62,6 +62,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if early_ray:
         log(f"Ray: {common.connect_ray()}")
     cfg = common.build_config(args, extra=class_overrides(categories, args.overrides, minimum=366))
+    check_classes(cfg, categories, train)
     if not early_ray:
         log(f"Ray: {common.connect_ray()}")
     name = args.model_name or model_name(cfg.name)

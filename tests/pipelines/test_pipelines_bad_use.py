@@ -113,3 +113,13 @@ def test_pipelines_bad_use_unreachable_tracking_server_fails_fast(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert f"MLflow tracking server http://127.0.0.1:{port} unreachable" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_pipelines_bad_use_class_head_smaller_than_the_data(tmp_path):
+    """A class head that cannot hold the data's category ids is refused before Ray starts
+    (was: an index error in the loss at the first training step, on the workers)."""
+    proc = _run(["pipelines.pretrain_o365", "--preset", "tiny", "--synthetic-images", "4",
+                 "--set", "model.num_classes=5"], tmp_path)
+    _assert_one_line_error(proc, "has category ids up to", "model.num_classes must be >= ")
+    assert "Ray:" not in proc.stdout
+

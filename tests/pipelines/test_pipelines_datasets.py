@@ -80,3 +80,23 @@ def test_pipelines_datasets_missing_val_is_refused_before_converting(raw, tmp_pa
     convert_coco(ann, root, parent / "val", progress=False)
     _, v, _ = resolve_datasets(_args(data=str(parent)), tmp_path, "coco-like", 8, 0, lambda m: None, require_val=need)
     assert v == str(parent / "val")
+
+
+def test_pipelines_datasets_class_count_follows_the_user(raw):
+    """`--set model.num_classes=N` alone sizes the denoising label book too (was: the data's
+    91, and the model failed at its first training step with N > 92)."""
+    from pipelines._datasets import check_classes
+    from dino_scale.config import preset
+
+    cats = [{"id": 1, "name": "a"}, {"id": 90, "name": "b"}]
+    assert class_overrides(cats, [], minimum=0) == ["model.num_classes=91", "model.dn_labelbook_size=91"]
+    assert class_overrides(cats, ["model.num_classes = 120"]) == ["model.dn_labelbook_size=120"]
+    assert class_overrides(cats, ["model.num_classes=120", "model.dn_labelbook_size=130"]) == []
+    cfg = preset("tiny", class_overrides(cats, ["model.num_classes=120"]) + ["model.num_classes=120"])
+    check_classes(cfg, cats, "coco/train")
+    with pytest.raises(UsageError, match="category ids up to 90: model.num_classes must be >= 91"):
+        check_classes(preset("tiny", ["model.num_classes=50", "model.dn_labelbook_size=50"]), cats, "coco/train")
+    with pytest.raises(UsageError, match="dn_labelbook_size >= 119"):
+        check_classes(preset("tiny", ["model.num_classes=120", "model.dn_labelbook_size=91"]), cats, "coco/train")
+    check_classes(preset("tiny", ["model.num_classes=120", "model.dn_labelbook_size=91", "model.dn_number=0"]),
+                  cats, "coco/train")

@@ -275,6 +275,6 @@ def load_training_checkpoint(folder: PathLike, engine, rank: int, ema=None,
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {source / tag}")
     load_rng_state(folder, rank)
-    if ema is not None and (folder / "ema.pt").is_file():
-        ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=False))
+    if ema is not None and (folder / "ema.pt").is_file():  # rank 0 wrote it from its device: read on the CPU
+        ema.load_state_dict(torch.load(folder / "ema.pt", map_location="cpu", weights_only=False))
     return TrainState.from_dict(json.loads(state_file.read_text()))

@@ -283,6 +283,10 @@ class ModelEMA:
         return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the averages go to this EMA's device (the model's),
+        whatever device they were saved from (rank 0's GPU, for every rank that resumes)."""
         self.decay = float(state["decay"])
         self.updates = int(state["updates"])
-        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+        default = next(iter(self.shadow.values())).device if self.shadow else None
+        self.shadow = {k: v.to(self.shadow[k].device if k in self.shadow else default or v.device, copy=True)
+                       for k, v in state["shadow"].items()}

@@ -110,3 +110,35 @@ def test_process_killed_midway_keeps_previous(tmp_path):
     mgr.save(3, lambda d: save_weights(d, {"w": torch.ones(2, 3)}))  # next save cleans it up
     assert mgr.latest().name == "step_000000003"
     assert [p for p in root.iterdir() if ".tmp-" in p.name] == []
+
+
+class _LoadedEngine:
+    """Stands for the DeepSpeed engine, whose own state is not under test here."""
+
+    def load_checkpoint(self, *args, **kwargs):
+        return "loaded", {}
+
+
+def test_ema_written_from_another_device_resumes_on_this_ranks_device(tmp_path, monkeypatch):
+    """Rank 0 writes ``ema.pt`` from its GPU and every rank reads it back on resume: it must load
+    where that GPU is not (a CPU-only host, or another rank's GPU) and average on this rank's
+    device. (It was read with ``torch.load`` without ``map_location``: every rank put the
+    averages on cuda:0, and the next update mixed devices; a CPU host could not read it.)"""
+    import json
+    import torch.serialization
+
+    from dino_scale.engine.checkpoint import STATE_NAME, TrainState, load_training_checkpoint
+    from dino_scale.engine.deepspeed_utils import ModelEMA
+
+    saved = ModelEMA(torch.nn.Linear(3, 2), 0.9)
+    with monkeypatch.context() as patch:  # tensors tagged as rank 0's GPU wrote them
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(saved.state_dict(), tmp_path / "ema.pt")
+    atomic_write_text(tmp_path / STATE_NAME, json.dumps(TrainState(global_step=3).to_dict()))
+    with torch.device("meta"):  # this rank's device: not the writer's
+        model = torch.nn.Linear(3, 2)
+    ema = ModelEMA(model, 0.5)
+    state = load_training_checkpoint(tmp_path, _LoadedEngine(), rank=1, ema=ema)
+    assert state.global_step == 3 and ema.decay == 0.9
+    assert sorted(ema.shadow) == ["bias", "weight"]
+    assert all(v.device.type == "meta" for v in ema.shadow.values())

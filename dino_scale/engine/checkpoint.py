@@ -191,9 +191,12 @@ class CheckpointManager:
 
 
 def save_rng_state(folder: PathLike, rank: int) -> None:
+    """This rank's python/numpy/torch RNG states and, on a GPU, its own device's (the current
+    one: a rank uses one device; the states of every visible device did not restore where
+    fewer devices are visible, e.g. an elastic restart with fewer workers on the node)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.get_rng_state()
     path = Path(folder) / f"rng_rank{rank}.pt"
     tmp = path.with_name(path.name + _TMP_MARK + "w")
     torch.save(state, tmp)
@@ -209,8 +212,13 @@ def load_rng_state(folder: PathLike, rank: int) -> bool:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():
+        if "cuda_device" in state:
+            torch.cuda.set_rng_state(state["cuda_device"])  # onto this rank's (current) device
+        elif "cuda" in state:  # written before: every visible device's state, indexed by device
+            index = torch.cuda.current_device()
+            if index < len(state["cuda"]):
+                torch.cuda.set_rng_state(state["cuda"][index])
     return True
 
 
@@ -275,6 +283,6 @@ def load_training_checkpoint(folder: PathLike, engine, rank: int, ema=None,
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {source / tag}")
     load_rng_state(folder, rank)
-    if ema is not None and (folder / "ema.pt").is_file():
-        ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=False))
+    if ema is not None and (folder / "ema.pt").is_file():  # rank 0 wrote it from its device: read on the CPU
+        ema.load_state_dict(torch.load(folder / "ema.pt", map_location="cpu", weights_only=False))
     return TrainState.from_dict(json.loads(state_file.read_text()))

@@ -206,7 +206,11 @@ class AccumulationWindow:
     step), a window with none backpropagated takes no step, and an epoch ending mid-window
     (the data ran out) is flushed. So no gradient is ever pending at an epoch end or a
     checkpoint: a resumed run continues exactly. ``step_applied`` says whether the last flush
-    changed the weights (False when fp16 loss scaling found an overflow and skipped it).
+    changed the weights, and ``skip_reason`` why not: ``"fp16 overflow"`` (fp16 loss scaling
+    found one and lowered the scale) or ``"non-finite gradients"`` (a finite loss whose
+    gradients are not: DeepSpeed's ZeRO-1/2/3 optimizers skip such a step; without ZeRO and
+    fp16 DeepSpeed applied it and every weight became NaN, so the window checks the gradients
+    itself there, with one scalar all-reduce).
     DeepSpeed's own counter counted successful micro-batches only: one skip shifted every later
     step, steps spanned epochs, and the gradients pending at a checkpoint were lost on resume.
     """
@@ -214,6 +218,9 @@ class AccumulationWindow:
     def __init__(self, engine, accum: int):
         self.engine, self.accum, self.pending = engine, int(accum), 0
         self.step_applied = False  # whether the last flush updated the weights (fp16: not on overflow)
+        self.skip_reason: Optional[str] = None  # why the last flush with gradients did not
+        self._fp16 = bool(engine.fp16_enabled())
+        self._check_grads = engine.zero_optimization_stage() == 0 and not self._fp16
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -227,11 +234,32 @@ class AccumulationWindow:
         """One optimizer step over the pending micro-batches; returns how many there were
         (0: no step taken)."""
         n, self.pending = self.pending, 0
-        self.step_applied = False
-        if n:
-            self.engine.step()
-            self.step_applied = bool(self.engine.was_step_applied())
+        self.step_applied, self.skip_reason = False, None
+        if not n:
+            return 0
+        if self._check_grads and not self._gradients_finite():
+            self.engine.zero_grad()  # as DeepSpeed's ZeRO optimizers drop a non-finite step's gradients
+            if hasattr(self.engine, "_unmanaged_backward_count"):  # its sample counter: no step was taken
+                self.engine._unmanaged_backward_count = 0
+            self.skip_reason = "non-finite gradients"
+            return n
+        self.engine.step()
+        self.step_applied = bool(self.engine.was_step_applied())
+        if not self.step_applied:
+            self.skip_reason = "fp16 overflow" if self._fp16 else "non-finite gradients"
         return n
+
+    def _gradients_finite(self) -> bool:
+        """Whether every rank's accumulated (not yet reduced) gradients are finite."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        device = grads[0].device if grads else next(self.engine.module.parameters()).device
+        norms = torch._foreach_norm(grads) if grads else []
+        flag = (torch.isfinite(torch.stack(norms)).all() if norms else torch.tensor(True, device=device))
+        flag = flag.to(device=device, dtype=torch.float32).reshape(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item() > 0.5)
 
 
 class ModelEMA:
@@ -283,6 +311,10 @@ class ModelEMA:
         return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the averages go to this EMA's device (the model's),
+        whatever device they were saved from (rank 0's GPU, for every rank that resumes)."""
         self.decay = float(state["decay"])
         self.updates = int(state["updates"])
-        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+        default = next(iter(self.shadow.values())).device if self.shadow else None
+        self.shadow = {k: v.to(self.shadow[k].device if k in self.shadow else default or v.device, copy=True)
+                       for k, v in state["shadow"].items()}

@@ -280,9 +280,10 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         nonlocal last_ckpt_step
         if not micro_batches:  # every micro-batch of the window was skipped: no step
             return
-        if not accumulation.step_applied:  # fp16 loss scale overflowed: DeepSpeed skipped the update
+        if not accumulation.step_applied:  # fp16 overflow or non-finite gradients: the update was skipped
             if rank == 0:
-                log.warning("fp16 overflow at step %d: update skipped, loss scale lowered", state.global_step)
+                log.warning("%s at step %d: update skipped%s", accumulation.skip_reason, state.global_step,
+                            ", loss scale lowered" if accumulation.skip_reason == "fp16 overflow" else "")
             return
         state.global_step += 1
         state.images_seen += micro_batches * micro * world

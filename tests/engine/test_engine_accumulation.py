@@ -141,7 +141,7 @@ _FP16 = textwrap.dedent("""
             return any(not torch.equal(a, p.detach()) for a, p in zip(before, engine.module.parameters()))
 
         huge_changed = run(1e30)
-        huge_applied = window.step_applied
+        huge_applied, huge_reason = window.step_applied, window.skip_reason
         tries = 0
         while tries < 40:
             tries += 1
@@ -149,6 +149,7 @@ _FP16 = textwrap.dedent("""
             if window.step_applied:
                 break
         print("REPORT " + json.dumps({"stage": stage, "huge_applied": huge_applied, "huge_changed": huge_changed,
+                                      "huge_reason": huge_reason,
                                       "applied": window.step_applied, "changed": changed, "tries": tries}), flush=True)
     torch.distributed.destroy_process_group()
 """)
@@ -158,5 +159,55 @@ def test_fp16_overflow_window_is_flushed_without_an_update():
     reports = run_ranks(_FP16, 1, "0,2")
     assert [r["stage"] for r in reports] == [0, 2]
     for r in reports:
-        assert r["huge_applied"] is False and r["huge_changed"] is False, r
+        assert r["huge_applied"] is False and r["huge_changed"] is False and r["huge_reason"] == "fp16 overflow", r
         assert r["applied"] is True and r["changed"] is True, r
+
+
+# fp32: a window whose loss is finite but whose gradients are not (here NaN on rank 0 only: d/dx
+# sqrt(x) at 0 times 0). DeepSpeed's ZeRO optimizers skip that step; without ZeRO DeepSpeed applied
+# it, every weight became NaN and the run went on from there. The next window trains normally.
+_NAN_GRADS = textwrap.dedent("""
+    import json, sys
+    import torch
+    from dino_scale.config import preset
+    from dino_scale.engine.deepspeed_utils import AccumulationWindow, build_ds_config, init_deepspeed
+
+    torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    for stage in map(int, sys.argv[1].split(",")):
+        tc = preset("tiny", {"train.zero_stage": stage, "train.global_batch_size": 2 * world}).train
+        ds = build_ds_config(tc, 2, world)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        engine = init_deepspeed(model, torch.optim.AdamW(model.parameters(), lr=1e-2), None, ds)
+        window = AccumulationWindow(engine, ds["gradient_accumulation_steps"])
+        x, y = torch.randn(2, 8), torch.randn(2, 3)
+
+        def run(nan_grad):
+            out = engine(x)
+            loss = ((out - y) ** 2).mean()
+            if nan_grad and rank == 0:
+                loss = loss + (out * 0).sqrt().sum()  # still finite: 0
+            window.backward(loss)
+            before = [p.detach().clone() for p in engine.module.parameters()]
+            window.flush()
+            params = list(engine.module.parameters())
+            return {"finite_loss": bool(torch.isfinite(loss)), "applied": window.step_applied,
+                    "reason": window.skip_reason, "finite": all(bool(torch.isfinite(p).all()) for p in params),
+                    "changed": any(not torch.equal(a, p.detach()) for a, p in zip(before, params))}
+
+        bad, good = run(True), run(False)
+        if rank == 0:
+            print("REPORT " + json.dumps({"stage": stage, "bad": bad, "good": good}), flush=True)
+    torch.distributed.destroy_process_group()
+""")
+
+
+def test_non_finite_gradients_skip_the_update_without_zero_too():
+    reports = run_ranks(_NAN_GRADS, 2, "0,2")
+    assert [r["stage"] for r in reports] == [0, 2]
+    for r in reports:
+        bad, good = r["bad"], r["good"]
+        assert bad["finite_loss"] and not bad["applied"] and bad["reason"] == "non-finite gradients", r
+        assert bad["finite"] and not bad["changed"], r  # no NaN weights, no update
+        assert good["applied"] and good["reason"] is None and good["changed"] and good["finite"], r

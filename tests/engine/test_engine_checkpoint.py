@@ -110,3 +110,78 @@ def test_process_killed_midway_keeps_previous(tmp_path):
     mgr.save(3, lambda d: save_weights(d, {"w": torch.ones(2, 3)}))  # next save cleans it up
     assert mgr.latest().name == "step_000000003"
     assert [p for p in root.iterdir() if ".tmp-" in p.name] == []
+
+
+class _LoadedEngine:
+    """Stands for the DeepSpeed engine, whose own state is not under test here."""
+
+    def load_checkpoint(self, *args, **kwargs):
+        return "loaded", {}
+
+
+def test_ema_written_from_another_device_resumes_on_this_ranks_device(tmp_path, monkeypatch):
+    """Rank 0 writes ``ema.pt`` from its GPU and every rank reads it back on resume: it must load
+    where that GPU is not (a CPU-only host, or another rank's GPU) and average on this rank's
+    device. (It was read with ``torch.load`` without ``map_location``: every rank put the
+    averages on cuda:0, and the next update mixed devices; a CPU host could not read it.)"""
+    import json
+    import torch.serialization
+
+    from dino_scale.engine.checkpoint import STATE_NAME, TrainState, load_training_checkpoint
+    from dino_scale.engine.deepspeed_utils import ModelEMA
+
+    saved = ModelEMA(torch.nn.Linear(3, 2), 0.9)
+    with monkeypatch.context() as patch:  # tensors tagged as rank 0's GPU wrote them
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(saved.state_dict(), tmp_path / "ema.pt")
+    atomic_write_text(tmp_path / STATE_NAME, json.dumps(TrainState(global_step=3).to_dict()))
+    with torch.device("meta"):  # this rank's device: not the writer's
+        model = torch.nn.Linear(3, 2)
+    ema = ModelEMA(model, 0.5)
+    state = load_training_checkpoint(tmp_path, _LoadedEngine(), rank=1, ema=ema)
+    assert state.global_step == 3 and ema.decay == 0.9
+    assert sorted(ema.shadow) == ["bias", "weight"]
+    assert all(v.device.type == "meta" for v in ema.shadow.values())
+
+
+def test_cuda_rng_state_restores_on_a_host_with_fewer_visible_gpus(tmp_path, monkeypatch):
+    """A rank written where 2 GPUs were visible (2 workers on the node) resumes where 1 is (an
+    elastic restart with fewer workers there). It restored every visible device's state by
+    index, and torch's ``set_rng_state(state, 1)`` indexes ``default_generators[1]``:
+    IndexError, the resume failed. Only the rank's own (current) device's state matters.
+    CUDA is simulated: these hosts have no GPU."""
+    import torch.cuda.random
+
+    from dino_scale.engine.checkpoint import load_rng_state, save_rng_state
+
+    states = [torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)]
+    visible = {"count": 2, "current": 1}
+    restored: dict[int, torch.Tensor] = {}
+
+    def index_of(device) -> int:
+        if isinstance(device, int):
+            return device
+        device = torch.device(device)
+        return visible["current"] if device.index is None else device.index
+
+    def get_state(device="cuda"):
+        return states[index_of(device)].clone()
+
+    def set_state(state, device="cuda"):
+        index = index_of(device)
+        if index >= visible["count"]:
+            raise IndexError("tuple index out of range")  # torch.cuda.default_generators[index]
+        restored[index] = state
+
+    for module in (torch.cuda, torch.cuda.random):
+        monkeypatch.setattr(module, "get_rng_state", get_state)
+        monkeypatch.setattr(module, "set_rng_state", set_state)
+        monkeypatch.setattr(module, "get_rng_state_all", lambda: [s.clone() for s in states])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: visible["current"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible["count"])
+
+    save_rng_state(tmp_path, rank=0)  # the rank used cuda:1 of 2
+    visible.update(count=1, current=0)  # now the only GPU its node shows it
+    assert load_rng_state(tmp_path, rank=0)
+    assert list(restored) == [0] and torch.equal(restored[0], states[1])

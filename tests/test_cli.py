@@ -40,7 +40,19 @@ def test_cli_subcommand_help(command, capsys):
     assert cli.main([command, "--help"]) == 0
     out = capsys.readouterr().out
     assert "usage: dino-scale " + command in out, out[:300]
-    assert "--debug" in out or command == "prepare-data"
+    assert "--debug" in out
+
+
+def test_cli_debug_before_prepare_data_shows_the_traceback(tmp_path, capsys):
+    # `dino-scale --debug CMD` is `dino-scale CMD --debug` (the epilog's promise for every
+    # command): prepare-data used to refuse --debug as an unrecognized argument
+    argv = ["prepare-data", "--annotations", str(tmp_path / "missing.json"), "--images", str(tmp_path),
+            "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing.json" in err
+    with pytest.raises((OSError, ValueError)):
+        cli.main(["--debug"] + argv)
 
 
 def test_cli_registry_actions_help(capsys):

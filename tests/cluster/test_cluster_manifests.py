@@ -245,6 +245,21 @@ def test_cluster_commands_parse_with_the_pipeline_cli():
         assert args.data and args.data.startswith(DATA_MOUNT + "/"), f"{module}: data from the bucket mount"
 
 
+def test_cluster_o365_recipe_trains_on_train_and_val_minus_5k():
+    # The paper recipe (26 O365 epochs) trains on the train set plus the val images after the
+    # first 5k (prepare-data --o365-val-split 5000 writes them to <out>/train_extra) and validates
+    # on those 5k. A folder given as --data takes only its train/ and val/: the recipe commands
+    # used to drop train_extra silently.
+    full = [(m, argv) for m, argv in _pipeline_commands()
+            if m == "pipelines.pretrain_o365" and "--epochs" in argv and argv[argv.index("--epochs") + 1] == "26"]
+    assert len(full) >= 2  # cluster/README.md and the RayJob
+    for module, argv in full:
+        args = importlib.import_module(module).build_parser().parse_args(argv)
+        parts = {Path(part).name for part in args.data.split(",")}
+        assert parts == {"train", "train_extra"}, args.data
+        assert args.val_data and Path(args.val_data).name == "val", args.val_data
+
+
 # ------------------------------------------------------------------ image recipe
 
 def test_cluster_dockerfile_builds_extension_for_sm80_and_sm90():

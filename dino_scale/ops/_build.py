@@ -4,7 +4,9 @@ One function, :func:`build_extension`, is used by the lazy loader, by
 ``python -m dino_scale.ops build`` and by the CI compile test. The shared library lands in a
 cache directory keyed by torch/CUDA versions, target architectures and a hash of the sources;
 an ``fcntl`` lock on that directory makes concurrent processes on a node build it once (the
-others wait, then load the finished library). A finished library is loaded without a toolkit.
+others wait, then load the finished library). The compile runs in ``<dir>/build`` and the
+library is renamed into place when complete, so a killed build leaves no library behind and a
+loader never sees a half-written one. A finished library is loaded without a toolkit.
 
 Cache root: ``$DINO_SCALE_EXT_DIR`` if set, else ``~/.cache/dino_scale/ext``.
 """
@@ -160,10 +162,15 @@ def _compile(build_dir: Path, arch_list: str, verbose: bool) -> Path:
     env = {"CUDA_HOME": cuda_home, "TORCH_CUDA_ARCH_LIST": arch_list,
            "MAX_JOBS": os.environ.get("MAX_JOBS", str(min(4, os.cpu_count() or 1)))}
     srcs = [str(p) for p in source_files() if p.suffix in _SOURCE_SUFFIXES]
+    # ninja works (and the linker writes the library) in a staging folder; the finished library
+    # is renamed into place, so library_path never names a half-written file (a build killed
+    # mid-link, or a loader that looks while another process links).
+    stage = build_dir / "build"
+    stage.mkdir(parents=True, exist_ok=True)
     with _env(env):
         try:
             path = cpp_ext.load(
-                name=EXT_PREFIX, sources=srcs, build_directory=str(build_dir),
+                name=EXT_PREFIX, sources=srcs, build_directory=str(stage),
                 extra_cflags=CXX_FLAGS + sys_flags,
                 extra_cuda_cflags=NVCC_FLAGS + sys_flags,
                 extra_include_paths=[str(SOURCE_DIR)],
@@ -171,10 +178,9 @@ def _compile(build_dir: Path, arch_list: str, verbose: bool) -> Path:
         except Exception as exc:  # compiler errors arrive as RuntimeError/CalledProcessError
             raise BuildError(f"building the ms_deform_attn extension failed: {exc}") from exc
     lib = library_path(build_dir)
-    if path and Path(path) != lib and Path(path).is_file():
-        shutil.copy2(path, lib)
-    if not lib.is_file():
-        raise BuildError(f"build finished but {lib} is missing")
+    if not path or not Path(path).is_file():
+        raise BuildError(f"build finished but {path or stage} holds no library")
+    os.replace(path, lib)  # atomic on one file system: the library appears complete or not at all
     return lib
 
 

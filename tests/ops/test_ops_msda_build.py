@@ -124,3 +124,46 @@ def test_build_cli_reports_failure_without_toolkit(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 1 and "no CUDA toolkit found" in proc.stderr
+
+
+def _fake_toolchain(monkeypatch, tmp_path, load):
+    """``_compile`` with a stand-in for ``cpp_extension.load`` (no nvcc run)."""
+    import torch
+    import torch.utils.cpp_extension as cpp_ext
+
+    monkeypatch.setattr(_build, "find_cuda_home", lambda: str(tmp_path / "cuda"))
+    monkeypatch.setattr(_build, "extra_system_includes", lambda cuda_home: [])
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
+    monkeypatch.setattr(cpp_ext, "CUDA_HOME", cpp_ext.CUDA_HOME)  # _compile pins it; restore after
+    monkeypatch.setattr(cpp_ext, "load", load)
+
+
+def test_killed_build_leaves_no_library_and_is_rebuilt(tmp_path, monkeypatch):
+    # A build killed while the linker writes the library (SIGKILL of a Ray worker, OOM) must not
+    # leave a file at library_path: the loader would load it (fail, and fall back to the slow
+    # PyTorch backend for good) and build_extension would never rebuild it.
+    build_dir = tmp_path / "ext"
+    calls = []
+
+    def killed_mid_link(name, sources, build_directory, **kw):
+        calls.append(build_directory)
+        Path(build_directory, f"{name}.so").write_bytes(b"\x7fELF half-written")
+        raise KeyboardInterrupt  # stands for the kill: no cleanup runs
+
+    _fake_toolchain(monkeypatch, tmp_path, killed_mid_link)
+    with pytest.raises(KeyboardInterrupt):
+        _build.build_extension(build_dir=build_dir, arch_list="9.0")
+    assert not _build.library_path(build_dir).exists()
+
+    def good_build(name, sources, build_directory, **kw):
+        calls.append(build_directory)
+        out = Path(build_directory, f"{name}.so")
+        out.write_bytes(b"\x7fELF complete library")
+        return str(out)
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", good_build)
+    lib = _build.build_extension(build_dir=build_dir, arch_list="9.0")
+    assert len(calls) == 2, "the half-written library was taken for a finished build"
+    assert lib == _build.library_path(build_dir) and lib.read_bytes() == b"\x7fELF complete library"
+    # built once: a second call finds it without compiling
+    assert _build.build_extension(build_dir=build_dir, arch_list="9.0") == lib and len(calls) == 2

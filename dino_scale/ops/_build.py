@@ -123,6 +123,47 @@ def library_path(build_dir: Path) -> Path:
     return build_dir / f"{EXT_PREFIX}.so"
 
 
+ARCH_FILE = "arch_list"  # beside the library: the arch list it was built for
+
+
+def _arch_targets(arch_list: str) -> set[tuple[int, int]]:
+    """``"8.0;9.0+PTX"`` -> {(8, 0), (9, 0)} (separators ``;`` or spaces, suffixes ignored)."""
+    out = set()
+    for entry in arch_list.replace(";", " ").split():
+        major, _, minor = entry.split("+")[0].partition(".")
+        digits = "".join(ch for ch in minor if ch.isdigit())
+        if major.isdigit() and digits:
+            out.add((int(major), int(digits)))
+    return out
+
+
+def _visible_capabilities() -> set[tuple[int, int]]:
+    if not torch.cuda.is_available():
+        return set()
+    return {tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())}
+
+
+def find_library(arch_list: str, root: Optional[Path] = None) -> Path:
+    """The library the loader uses: the build for ``arch_list`` when it exists, else a finished
+    build of the same torch/CUDA/sources whose arch list has code for every visible GPU (e.g.
+    one made by ``python -m dino_scale.ops build --arch "8.0;9.0"`` while this process, without
+    TORCH_CUDA_ARCH_LIST, asks for its GPU's "9.0"), else the (missing) path for ``arch_list``."""
+    lib = library_path(build_dir_for(arch_list, root))
+    caps = _visible_capabilities()
+    if lib.is_file() or not caps:
+        return lib
+    tag = lib.parent.name.split("-sm", 1)[0]
+    for cand in sorted(Path(root or cache_root()).glob(f"{tag}-sm*")):
+        try:
+            built_for = (cand / ARCH_FILE).read_text().strip()
+        except OSError:
+            continue
+        if caps <= _arch_targets(built_for) and build_dir_for(built_for, root) == cand \
+                and library_path(cand).is_file():
+            return library_path(cand)
+    return lib
+
+
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     directory.mkdir(parents=True, exist_ok=True)
@@ -180,6 +221,7 @@ def _compile(build_dir: Path, arch_list: str, verbose: bool) -> Path:
     lib = library_path(build_dir)
     if not path or not Path(path).is_file():
         raise BuildError(f"build finished but {path or stage} holds no library")
+    (build_dir / ARCH_FILE).write_text(arch_list + "\n")  # for find_library; before the library shows
     os.replace(path, lib)  # atomic on one file system: the library appears complete or not at all
     return lib
 

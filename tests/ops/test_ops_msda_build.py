@@ -167,3 +167,42 @@ def test_killed_build_leaves_no_library_and_is_rebuilt(tmp_path, monkeypatch):
     assert lib == _build.library_path(build_dir) and lib.read_bytes() == b"\x7fELF complete library"
     # built once: a second call finds it without compiling
     assert _build.build_extension(build_dir=build_dir, arch_list="9.0") == lib and len(calls) == 2
+
+
+def test_loader_finds_a_multi_arch_build_for_its_gpu(tmp_path, monkeypatch):
+    # `python -m dino_scale.ops build --arch "8.0;9.0"` builds into the cache; a process on an
+    # H100 without TORCH_CUDA_ARCH_LIST asks for "9.0". The loader must use that build (it has
+    # sm_90 code), not report a cache miss (JIT disabled: error and the slow PyTorch backend;
+    # JIT enabled: a second compile on every node).
+    import torch
+
+    from dino_scale.ops import ms_deform_attn_cuda as m
+
+    monkeypatch.setenv("DINO_SCALE_EXT_DIR", str(tmp_path))
+    calls = []
+
+    def good_build(name, sources, build_directory, **kw):
+        out = Path(build_directory, f"{name}.so")
+        out.write_bytes(b"\x7fELF library")
+        return str(out)
+
+    _fake_toolchain(monkeypatch, tmp_path, good_build)
+    built = _build.build_extension(arch_list="8.0;9.0")
+    assert built.parent.parent == tmp_path
+
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setenv("DINO_SCALE_MSDA_NO_JIT", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (9, 0))
+    assert _build.default_arch_list() == "9.0"
+    monkeypatch.setattr(m, "_loaded", None)
+    monkeypatch.setattr(m, "_load_error", None)
+    monkeypatch.setattr(m, "_ops_registered", lambda: False)
+    monkeypatch.setattr(m, "_register_python_side", lambda: None)
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: calls.append(path))
+    assert m.load() == built and calls == [str(built)]
+
+    # a GPU the build has no code for (sm_100): a miss
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (10, 0))
+    assert _build.find_library(_build.default_arch_list()) != built

@@ -325,6 +325,17 @@ def _estimate_module():
     return mod
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "fast"])
+def test_cluster_estimate_bad_throughput_is_a_usage_error(value, capsys):
+    # was a ValueError traceback (0, -1) or a table of nan / 0 hours (nan, inf)
+    est = _estimate_module()
+    with pytest.raises(SystemExit) as exc:
+        est.main([f"--img-per-s={value}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--img-per-s" in err and "Traceback" not in err
+
+
 def test_cluster_estimate_formula_and_readme_table():
     est = _estimate_module()
     # Hand arithmetic: 26 * 1.74M images / (64 GPUs * 4.4 img/s * 0.85) / 3600 = 52.50 h.
@@ -338,6 +349,8 @@ def test_cluster_estimate_formula_and_readme_table():
     assert coco.cost_spot == pytest.approx(coco.gpu_hours * est.PRICE_SPOT)
     with pytest.raises(ValueError):
         est.stage_estimate("s", "x", 0.0, 1, 1, 1, 0.9)
+    with pytest.raises(ValueError):  # a NaN throughput used to print a table of nan hours
+        est.stage_estimate("s", "x", float("nan"), 1, 1, 1, 0.9)
     # The README shows exactly what the script prints for the anchors.
     rows = [r for label, v in est.ANCHORS.items() for r in est.recipe(v, label)]
     assert est.markdown(rows) in (CLUSTER / "README.md").read_text()

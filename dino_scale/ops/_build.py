@@ -208,6 +208,10 @@ def _compile(build_dir: Path, arch_list: str, verbose: bool) -> Path:
     # mid-link, or a loader that looks while another process links).
     stage = build_dir / "build"
     stage.mkdir(parents=True, exist_ok=True)
+    # torch before the FileLock change guards a JIT build with a FileBaton: a 'lock' file whose
+    # mere existence makes the next build wait forever once a builder was killed. Every builder
+    # of this folder holds the fcntl lock of _locked() (the caller), so a 'lock' here is stale.
+    (stage / "lock").unlink(missing_ok=True)
     with _env(env):
         try:
             path = cpp_ext.load(

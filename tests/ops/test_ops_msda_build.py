@@ -206,3 +206,26 @@ def test_loader_finds_a_multi_arch_build_for_its_gpu(tmp_path, monkeypatch):
     # a GPU the build has no code for (sm_100): a miss
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (10, 0))
     assert _build.find_library(_build.default_arch_list()) != built
+
+
+def test_build_after_a_killed_builder_does_not_wait_on_its_baton(tmp_path, monkeypatch):
+    # torch < the FileLock change (pyproject allows torch>=2.4) guards JIT builds with a
+    # FileBaton: build_directory/lock is created with O_EXCL and a later build waits while the
+    # file exists, forever when its builder was killed. Under the fcntl lock it is stale.
+    build_dir = tmp_path / "ext"
+    seen = []
+
+    def baton_load(name, sources, build_directory, **kw):
+        if Path(build_directory, "lock").exists():
+            raise TimeoutError("FileBaton.wait() would spin forever on a stale lock file")
+        seen.append(build_directory)
+        out = Path(build_directory, f"{name}.so")
+        out.write_bytes(b"\x7fELF library")
+        return str(out)
+
+    _fake_toolchain(monkeypatch, tmp_path, baton_load)
+    _build.build_extension(build_dir=build_dir, arch_list="9.0")
+    # a builder killed mid-compile left its baton where the compile runs
+    Path(seen[0], "lock").touch()
+    lib = _build.build_extension(build_dir=build_dir, arch_list="9.0", force=True)
+    assert lib.is_file() and len(seen) == 2

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
@@ -65,8 +66,9 @@ def stage_estimate(stage: str, label: str, img_per_s: float, epochs: int, images
                    efficiency: float, scale_cost: float = 1.0, price_on_demand: float = PRICE_ON_DEMAND,
                    price_spot: float = PRICE_SPOT) -> StageEstimate:
     """One stage of the recipe under the model in the module docstring."""
-    if img_per_s <= 0 or gpus <= 0 or not 0 < efficiency <= 1 or scale_cost <= 0:
-        raise ValueError("throughput, gpus, scale_cost must be > 0 and efficiency in (0, 1]")
+    if not (math.isfinite(img_per_s) and img_per_s > 0 and gpus > 0 and 0 < efficiency <= 1
+            and math.isfinite(scale_cost) and scale_cost > 0):
+        raise ValueError("throughput and scale_cost must be finite and > 0, gpus > 0, efficiency in (0, 1]")
     seen = epochs * images
     rate = gpus * img_per_s * scale_cost * efficiency  # images per second, whole cluster
     wall_h = seen / rate / 3600.0
@@ -96,9 +98,20 @@ def markdown(rows: Sequence[StageEstimate]) -> str:
     return "\n".join(lines)
 
 
+def _throughput(text: str) -> float:
+    """``--img-per-s`` value: a finite number > 0 (else a one-line usage error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--img-per-s", type=float, action="append", default=None,
+    p.add_argument("--img-per-s", type=_throughput, action="append", default=None,
                    help="per-GPU training img/s at standard scale (repeatable); default: the anchors")
     p.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     args = p.parse_args(argv)

@@ -40,6 +40,7 @@ def main(argv=None) -> int:
                    help="val file: first N images -> OUT/val, the rest -> OUT/train_extra (paper: 5000)")
     p.add_argument("--no-check-files", action="store_true", help="do not stat image files (reference mode)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(levelname)s %(message)s")
     try:
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
                            o365_val_split=a.o365_val_split, progress=not a.quiet,
                            check_files=not a.no_check_files)
     except (MalformedJSONError, ConversionError, OSError, ValueError) as e:  # OSError: unreadable input, unwritable out
+        if a.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.o365_val_split is not None:

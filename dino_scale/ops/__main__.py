@@ -22,7 +22,7 @@ def _info() -> int:
 
     arch = _build.default_arch_list()
     cuda_home = _build.find_cuda_home()
-    lib = _build.library_path(_build.build_dir_for(arch))
+    lib = _build.find_library(arch)
     print(f"torch            {torch.__version__} (CUDA {torch.version.cuda})")
     print(f"GPU available    {torch.cuda.is_available()}")
     print(f"sources          {_build.SOURCE_DIR}")

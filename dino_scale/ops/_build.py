@@ -4,7 +4,9 @@ One function, :func:`build_extension`, is used by the lazy loader, by
 ``python -m dino_scale.ops build`` and by the CI compile test. The shared library lands in a
 cache directory keyed by torch/CUDA versions, target architectures and a hash of the sources;
 an ``fcntl`` lock on that directory makes concurrent processes on a node build it once (the
-others wait, then load the finished library). A finished library is loaded without a toolkit.
+others wait, then load the finished library). The compile runs in ``<dir>/build`` and the
+library is renamed into place when complete, so a killed build leaves no library behind and a
+loader never sees a half-written one. A finished library is loaded without a toolkit.
 
 Cache root: ``$DINO_SCALE_EXT_DIR`` if set, else ``~/.cache/dino_scale/ext``.
 """
@@ -121,6 +123,47 @@ def library_path(build_dir: Path) -> Path:
     return build_dir / f"{EXT_PREFIX}.so"
 
 
+ARCH_FILE = "arch_list"  # beside the library: the arch list it was built for
+
+
+def _arch_targets(arch_list: str) -> set[tuple[int, int]]:
+    """``"8.0;9.0+PTX"`` -> {(8, 0), (9, 0)} (separators ``;`` or spaces, suffixes ignored)."""
+    out = set()
+    for entry in arch_list.replace(";", " ").split():
+        major, _, minor = entry.split("+")[0].partition(".")
+        digits = "".join(ch for ch in minor if ch.isdigit())
+        if major.isdigit() and digits:
+            out.add((int(major), int(digits)))
+    return out
+
+
+def _visible_capabilities() -> set[tuple[int, int]]:
+    if not torch.cuda.is_available():
+        return set()
+    return {tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())}
+
+
+def find_library(arch_list: str, root: Optional[Path] = None) -> Path:
+    """The library the loader uses: the build for ``arch_list`` when it exists, else a finished
+    build of the same torch/CUDA/sources whose arch list has code for every visible GPU (e.g.
+    one made by ``python -m dino_scale.ops build --arch "8.0;9.0"`` while this process, without
+    TORCH_CUDA_ARCH_LIST, asks for its GPU's "9.0"), else the (missing) path for ``arch_list``."""
+    lib = library_path(build_dir_for(arch_list, root))
+    caps = _visible_capabilities()
+    if lib.is_file() or not caps:
+        return lib
+    tag = lib.parent.name.split("-sm", 1)[0]
+    for cand in sorted(Path(root or cache_root()).glob(f"{tag}-sm*")):
+        try:
+            built_for = (cand / ARCH_FILE).read_text().strip()
+        except OSError:
+            continue
+        if caps <= _arch_targets(built_for) and build_dir_for(built_for, root) == cand \
+                and library_path(cand).is_file():
+            return library_path(cand)
+    return lib
+
+
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     directory.mkdir(parents=True, exist_ok=True)
@@ -160,10 +203,19 @@ def _compile(build_dir: Path, arch_list: str, verbose: bool) -> Path:
     env = {"CUDA_HOME": cuda_home, "TORCH_CUDA_ARCH_LIST": arch_list,
            "MAX_JOBS": os.environ.get("MAX_JOBS", str(min(4, os.cpu_count() or 1)))}
     srcs = [str(p) for p in source_files() if p.suffix in _SOURCE_SUFFIXES]
+    # ninja works (and the linker writes the library) in a staging folder; the finished library
+    # is renamed into place, so library_path never names a half-written file (a build killed
+    # mid-link, or a loader that looks while another process links).
+    stage = build_dir / "build"
+    stage.mkdir(parents=True, exist_ok=True)
+    # torch before the FileLock change guards a JIT build with a FileBaton: a 'lock' file whose
+    # mere existence makes the next build wait forever once a builder was killed. Every builder
+    # of this folder holds the fcntl lock of _locked() (the caller), so a 'lock' here is stale.
+    (stage / "lock").unlink(missing_ok=True)
     with _env(env):
         try:
             path = cpp_ext.load(
-                name=EXT_PREFIX, sources=srcs, build_directory=str(build_dir),
+                name=EXT_PREFIX, sources=srcs, build_directory=str(stage),
                 extra_cflags=CXX_FLAGS + sys_flags,
                 extra_cuda_cflags=NVCC_FLAGS + sys_flags,
                 extra_include_paths=[str(SOURCE_DIR)],
@@ -171,10 +223,10 @@ def _compile(build_dir: Path, arch_list: str, verbose: bool) -> Path:
         except Exception as exc:  # compiler errors arrive as RuntimeError/CalledProcessError
             raise BuildError(f"building the ms_deform_attn extension failed: {exc}") from exc
     lib = library_path(build_dir)
-    if path and Path(path) != lib and Path(path).is_file():
-        shutil.copy2(path, lib)
-    if not lib.is_file():
-        raise BuildError(f"build finished but {lib} is missing")
+    if not path or not Path(path).is_file():
+        raise BuildError(f"build finished but {path or stage} holds no library")
+    (build_dir / ARCH_FILE).write_text(arch_list + "\n")  # for find_library; before the library shows
+    os.replace(path, lib)  # atomic on one file system: the library appears complete or not at all
     return lib
 
 

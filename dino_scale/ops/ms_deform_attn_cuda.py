@@ -56,7 +56,7 @@ def load(build_if_missing: Optional[bool] = None, verbose: bool = False) -> Path
             build_if_missing = os.environ.get("DINO_SCALE_MSDA_NO_JIT", "0") != "1"
         try:
             arch = _build.default_arch_list()
-            lib = _build.library_path(_build.build_dir_for(arch))
+            lib = _build.find_library(arch)
             if not lib.is_file():
                 if not build_if_missing:
                     raise _build.BuildError(f"no prebuilt extension at {lib} and JIT disabled "

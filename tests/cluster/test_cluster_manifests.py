@@ -245,6 +245,21 @@ def test_cluster_commands_parse_with_the_pipeline_cli():
         assert args.data and args.data.startswith(DATA_MOUNT + "/"), f"{module}: data from the bucket mount"
 
 
+def test_cluster_o365_recipe_trains_on_train_and_val_minus_5k():
+    # The paper recipe (26 O365 epochs) trains on the train set plus the val images after the
+    # first 5k (prepare-data --o365-val-split 5000 writes them to <out>/train_extra) and validates
+    # on those 5k. A folder given as --data takes only its train/ and val/: the recipe commands
+    # used to drop train_extra silently.
+    full = [(m, argv) for m, argv in _pipeline_commands()
+            if m == "pipelines.pretrain_o365" and "--epochs" in argv and argv[argv.index("--epochs") + 1] == "26"]
+    assert len(full) >= 2  # cluster/README.md and the RayJob
+    for module, argv in full:
+        args = importlib.import_module(module).build_parser().parse_args(argv)
+        parts = {Path(part).name for part in args.data.split(",")}
+        assert parts == {"train", "train_extra"}, args.data
+        assert args.val_data and Path(args.val_data).name == "val", args.val_data
+
+
 # ------------------------------------------------------------------ image recipe
 
 def test_cluster_dockerfile_builds_extension_for_sm80_and_sm90():
@@ -310,6 +325,17 @@ def _estimate_module():
     return mod
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "fast"])
+def test_cluster_estimate_bad_throughput_is_a_usage_error(value, capsys):
+    # was a ValueError traceback (0, -1) or a table of nan / 0 hours (nan, inf)
+    est = _estimate_module()
+    with pytest.raises(SystemExit) as exc:
+        est.main([f"--img-per-s={value}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--img-per-s" in err and "Traceback" not in err
+
+
 def test_cluster_estimate_formula_and_readme_table():
     est = _estimate_module()
     # Hand arithmetic: 26 * 1.74M images / (64 GPUs * 4.4 img/s * 0.85) / 3600 = 52.50 h.
@@ -323,6 +349,8 @@ def test_cluster_estimate_formula_and_readme_table():
     assert coco.cost_spot == pytest.approx(coco.gpu_hours * est.PRICE_SPOT)
     with pytest.raises(ValueError):
         est.stage_estimate("s", "x", 0.0, 1, 1, 1, 0.9)
+    with pytest.raises(ValueError):  # a NaN throughput used to print a table of nan hours
+        est.stage_estimate("s", "x", float("nan"), 1, 1, 1, 0.9)
     # The README shows exactly what the script prints for the anchors.
     rows = [r for label, v in est.ANCHORS.items() for r in est.recipe(v, label)]
     assert est.markdown(rows) in (CLUSTER / "README.md").read_text()

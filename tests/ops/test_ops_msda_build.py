@@ -124,3 +124,108 @@ def test_build_cli_reports_failure_without_toolkit(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 1 and "no CUDA toolkit found" in proc.stderr
+
+
+def _fake_toolchain(monkeypatch, tmp_path, load):
+    """``_compile`` with a stand-in for ``cpp_extension.load`` (no nvcc run)."""
+    import torch
+    import torch.utils.cpp_extension as cpp_ext
+
+    monkeypatch.setattr(_build, "find_cuda_home", lambda: str(tmp_path / "cuda"))
+    monkeypatch.setattr(_build, "extra_system_includes", lambda cuda_home: [])
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
+    monkeypatch.setattr(cpp_ext, "CUDA_HOME", cpp_ext.CUDA_HOME)  # _compile pins it; restore after
+    monkeypatch.setattr(cpp_ext, "load", load)
+
+
+def test_killed_build_leaves_no_library_and_is_rebuilt(tmp_path, monkeypatch):
+    # A build killed while the linker writes the library (SIGKILL of a Ray worker, OOM) must not
+    # leave a file at library_path: the loader would load it (fail, and fall back to the slow
+    # PyTorch backend for good) and build_extension would never rebuild it.
+    build_dir = tmp_path / "ext"
+    calls = []
+
+    def killed_mid_link(name, sources, build_directory, **kw):
+        calls.append(build_directory)
+        Path(build_directory, f"{name}.so").write_bytes(b"\x7fELF half-written")
+        raise KeyboardInterrupt  # stands for the kill: no cleanup runs
+
+    _fake_toolchain(monkeypatch, tmp_path, killed_mid_link)
+    with pytest.raises(KeyboardInterrupt):
+        _build.build_extension(build_dir=build_dir, arch_list="9.0")
+    assert not _build.library_path(build_dir).exists()
+
+    def good_build(name, sources, build_directory, **kw):
+        calls.append(build_directory)
+        out = Path(build_directory, f"{name}.so")
+        out.write_bytes(b"\x7fELF complete library")
+        return str(out)
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", good_build)
+    lib = _build.build_extension(build_dir=build_dir, arch_list="9.0")
+    assert len(calls) == 2, "the half-written library was taken for a finished build"
+    assert lib == _build.library_path(build_dir) and lib.read_bytes() == b"\x7fELF complete library"
+    # built once: a second call finds it without compiling
+    assert _build.build_extension(build_dir=build_dir, arch_list="9.0") == lib and len(calls) == 2
+
+
+def test_loader_finds_a_multi_arch_build_for_its_gpu(tmp_path, monkeypatch):
+    # `python -m dino_scale.ops build --arch "8.0;9.0"` builds into the cache; a process on an
+    # H100 without TORCH_CUDA_ARCH_LIST asks for "9.0". The loader must use that build (it has
+    # sm_90 code), not report a cache miss (JIT disabled: error and the slow PyTorch backend;
+    # JIT enabled: a second compile on every node).
+    import torch
+
+    from dino_scale.ops import ms_deform_attn_cuda as m
+
+    monkeypatch.setenv("DINO_SCALE_EXT_DIR", str(tmp_path))
+    calls = []
+
+    def good_build(name, sources, build_directory, **kw):
+        out = Path(build_directory, f"{name}.so")
+        out.write_bytes(b"\x7fELF library")
+        return str(out)
+
+    _fake_toolchain(monkeypatch, tmp_path, good_build)
+    built = _build.build_extension(arch_list="8.0;9.0")
+    assert built.parent.parent == tmp_path
+
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setenv("DINO_SCALE_MSDA_NO_JIT", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (9, 0))
+    assert _build.default_arch_list() == "9.0"
+    monkeypatch.setattr(m, "_loaded", None)
+    monkeypatch.setattr(m, "_load_error", None)
+    monkeypatch.setattr(m, "_ops_registered", lambda: False)
+    monkeypatch.setattr(m, "_register_python_side", lambda: None)
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: calls.append(path))
+    assert m.load() == built and calls == [str(built)]
+
+    # a GPU the build has no code for (sm_100): a miss
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (10, 0))
+    assert _build.find_library(_build.default_arch_list()) != built
+
+
+def test_build_after_a_killed_builder_does_not_wait_on_its_baton(tmp_path, monkeypatch):
+    # torch < the FileLock change (pyproject allows torch>=2.4) guards JIT builds with a
+    # FileBaton: build_directory/lock is created with O_EXCL and a later build waits while the
+    # file exists, forever when its builder was killed. Under the fcntl lock it is stale.
+    build_dir = tmp_path / "ext"
+    seen = []
+
+    def baton_load(name, sources, build_directory, **kw):
+        if Path(build_directory, "lock").exists():
+            raise TimeoutError("FileBaton.wait() would spin forever on a stale lock file")
+        seen.append(build_directory)
+        out = Path(build_directory, f"{name}.so")
+        out.write_bytes(b"\x7fELF library")
+        return str(out)
+
+    _fake_toolchain(monkeypatch, tmp_path, baton_load)
+    _build.build_extension(build_dir=build_dir, arch_list="9.0")
+    # a builder killed mid-compile left its baton where the compile runs
+    Path(seen[0], "lock").touch()
+    lib = _build.build_extension(build_dir=build_dir, arch_list="9.0", force=True)
+    assert lib.is_file() and len(seen) == 2

@@ -106,7 +106,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     no_decay_norm_embed: bool = False
     schedule: str = "step"  # step | multistep | cosine
-    lr_drop_epochs: list[int] = field(default_factory=lambda: [11])
+    # None: the official 11-of-12 point of any length, round(epochs * 11 / 12) (epoch 11 of 12,
+    # 24 of 26, 17 of 18); the longer official schedules drop earlier (24 ep: 20; 36 ep: 30)
+    lr_drop_epochs: Optional[list[int]] = None
     warmup_steps: int = 0
     clip_max_norm: float = 0.1
     precision: str = "fp32"  # fp32 | bf16 | fp16
@@ -186,6 +188,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.lr": 2e-4,
         "train.lr_backbone": 2e-4,
         "train.epochs": 50,
+        "train.lr_drop_epochs": [11],  # runs are capped by max_steps; the demo's schedule
         "train.global_batch_size": 4,
         "train.zero_stage": 0,
         "train.checkpoint_every_steps": 50,

@@ -112,6 +112,15 @@ def build_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
     return cfg
 
 
+def schedule_text(cfg: Config) -> str:
+    """``lr drop x0.1 at epoch 24`` (``step``/``multistep``) or ``lr cosine``, for the start-up line."""
+    from dino_scale.engine.optim import lr_drop_epochs
+
+    if cfg.train.schedule == "cosine":
+        return "lr cosine"
+    return f"lr x0.1 at epoch {','.join(map(str, lr_drop_epochs(cfg.train)))}"
+
+
 _FLAG_MINIMA = (("--workers", "workers", 1), ("--min-workers", "min_workers", 1), ("--gpus", "gpus", 0),
                 ("--max-steps", "max_steps", 1), ("--epochs", "epochs", 1))
 

@@ -116,7 +116,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         log(f"Ray: {common.connect_ray()}")
     log(f"preset {cfg.name}: {cfg.model.num_classes} classes, scale {cfg.data.scale_factor}, "
         f"{cfg.train.num_workers} worker(s), ZeRO-{cfg.train.zero_stage}, "
-        f"max_steps={cfg.train.max_steps} epochs={cfg.train.epochs}, tta={cfg.eval.tta}")
+        f"max_steps={cfg.train.max_steps} epochs={cfg.train.epochs} {common.schedule_text(cfg)}, tta={cfg.eval.tta}")
     log(f"training on {train} (val: {val}); MLflow store {uri}")
     from dino_scale.engine import fit
 

@@ -69,7 +69,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     run_name = args.run_name or common.default_run_name(f"pretrain-{cfg.name}")
     log(f"preset {cfg.name}: {cfg.model.backbone}, {cfg.model.num_classes} classes, "
         f"{cfg.train.num_workers} worker(s), ZeRO-{cfg.train.zero_stage}, "
-        f"max_steps={cfg.train.max_steps} epochs={cfg.train.epochs}")
+        f"max_steps={cfg.train.max_steps} epochs={cfg.train.epochs} {common.schedule_text(cfg)}")
     log(f"training on {train} (val: {val or 'none'}); MLflow store {uri}")
 
     from dino_scale.engine import fit

@@ -14,7 +14,7 @@ def test_presets_carry_official_hyperparameters():
     assert m.dn_box_noise_scale == 1.0 and m.dn_label_noise_ratio == 0.5 and m.dn_number == 100
     assert (m.set_cost_class, m.set_cost_bbox, m.set_cost_giou) == (2.0, 5.0, 2.0)
     assert (cfg.train.lr, cfg.train.lr_backbone, cfg.train.weight_decay) == (1e-4, 1e-5, 1e-4)
-    assert cfg.train.clip_max_norm == 0.1 and cfg.train.lr_drop_epochs == [11]
+    assert cfg.train.clip_max_norm == 0.1 and cfg.train.lr_drop_epochs is None  # 11 of 12 (optim)
     assert C.preset("r50_5scale").model.num_feature_levels == 5
     swin = C.preset("swinl_5scale").model
     assert swin.backbone == "swin_large_384" and swin.backbone_checkpointing and swin.num_feature_levels == 5

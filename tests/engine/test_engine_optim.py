@@ -71,6 +71,22 @@ def test_schedules():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
 
 
+def test_lr_drop_follows_the_epoch_count():
+    """Unset, the drop is the recipe's 11-of-12 point of the run: `--epochs 26` (the Objects365
+    recipe) drops at 24, not at 11 (was: 15 of 26 epochs at 0.1x lr); an explicit list is kept."""
+    from dino_scale.engine.optim import lr_drop_epochs
+
+    tc = preset("r50_4scale", {"train.epochs": 26}).train
+    assert lr_drop_epochs(tc) == [24]
+    f = lr_factor_fn(tc, steps_per_epoch=10)
+    assert f(239) == 1.0 and f(240) == pytest.approx(0.1)
+    assert [lr_drop_epochs(preset("r50_4scale", {"train.epochs": n}).train) for n in (12, 18, 1)] == [[11], [17], [1]]
+    tc = preset("r50_4scale", ["train.epochs=26", "train.lr_drop_epochs=[20]"]).train
+    assert lr_drop_epochs(tc) == [20]
+    assert preset("r50_4scale", ["train.lr_drop_epochs=none"]).train.lr_drop_epochs is None
+    assert lr_drop_epochs(preset("tiny").train) == [11]  # pinned: the demo's schedule
+
+
 def test_ds_config_and_fixed_global_batch():
     tc = preset("r50_4scale", {"train.zero_stage": 3, "train.precision": "bf16"}).train
     ds = build_ds_config(tc, micro_batch_size=2, world_size=4)

@@ -28,16 +28,18 @@ __all__ = [
 
 
 class BadStepError(RuntimeError):
-    """Too many consecutive non-finite (NaN/Inf) loss steps; training is diverging."""
+    """Too many consecutive non-finite (NaN/Inf) loss or gradient steps; training is diverging."""
 
 
 @dataclass
 class BadStepGuard:
-    """Counts skipped non-finite steps; aborts after ``max_consecutive`` in a row."""
+    """Counts skipped non-finite steps; aborts after ``max_consecutive`` in a row (non-finite
+    losses, or optimizer steps skipped for non-finite gradients: :meth:`update_step`)."""
 
     max_consecutive: int = 5
     total: int = 0
     consecutive: int = 0
+    grad_consecutive: int = 0
 
     def update(self, finite: bool, step: int | None = None, loss: float | None = None) -> None:
         if finite:
@@ -52,12 +54,31 @@ class BadStepGuard:
                 f"{self.total} skipped in total. Training diverged: lower the learning rate, "
                 f"check the data, or raise train.max_bad_steps.")
 
+    def update_step(self, gradients_finite: bool, step: int | None = None) -> None:
+        """After an optimizer step over finite losses: ``gradients_finite=False`` when it was
+        skipped for non-finite gradients. Such skips count as bad steps, and
+        ``max_consecutive`` of them in a row abort too (a finite loss resets ``consecutive``
+        at every micro-batch, so without this a run whose gradients stay NaN skipped every
+        update to its end)."""
+        if gradients_finite:
+            self.grad_consecutive = 0
+            return
+        self.total += 1
+        self.grad_consecutive += 1
+        if self.max_consecutive > 0 and self.grad_consecutive >= self.max_consecutive:
+            where = f" (last at step {step})" if step is not None else ""
+            raise BadStepError(
+                f"{self.grad_consecutive} consecutive optimizer steps with non-finite gradients under a "
+                f"finite loss{where}; {self.total} bad steps in total. Training diverged: lower the "
+                f"learning rate, check the data, or raise train.max_bad_steps.")
+
     def state_dict(self) -> dict[str, int]:
-        return {"total": self.total, "consecutive": self.consecutive}
+        return {"total": self.total, "consecutive": self.consecutive, "grad_consecutive": self.grad_consecutive}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.total = int(state.get("total", 0))
         self.consecutive = int(state.get("consecutive", 0))
+        self.grad_consecutive = int(state.get("grad_consecutive", 0))
 
 
 @dataclass

@@ -228,7 +228,7 @@ def test_nan_steps_skipped_then_abort(ray_session, data, tmp_path, monkeypatch):
     (final,) = (tmp_path / "work" / "ray").glob("*/final_*/trainer_state.json")
     state = json.loads(final.read_text())
     assert (state["global_step"], state["micro_in_epoch"], state["finished"]) == (1, 2, False), state
-    assert state["bad_steps"] == {"total": 1, "consecutive": 0}, state
+    assert state["bad_steps"] == {"total": 1, "consecutive": 0, "grad_consecutive": 0}, state
     client = MlflowClient(f"sqlite:///{(tmp_path / 'work' / 'mlflow.db').resolve()}")
     runs = client.search_runs([client.get_experiment_by_name("engine-test").experiment_id])
     assert runs[0].info.status == "FAILED" and "consecutive non-finite" in runs[0].data.tags["error"]

@@ -74,6 +74,26 @@ def test_nan_step_skipped_and_counted_then_abort(tiny):
     assert guard.total == 5
 
 
+def test_steps_skipped_for_non_finite_gradients_abort_too():
+    """A finite loss with NaN gradients every step: each update is skipped (AccumulationWindow),
+    and max_bad_steps such steps in a row abort (was: never, the run skipped to its end)."""
+    guard = BadStepGuard(max_consecutive=3)
+    for step in range(2):
+        guard.update(True, step=step)  # the micro-batches' losses are finite
+        guard.update_step(False, step=step)
+    guard.update_step(True, step=2)  # an applied step resets the run of skips
+    assert guard.grad_consecutive == 0 and guard.total == 2
+    restored = BadStepGuard(max_consecutive=3)
+    for step in range(3, 5):
+        guard.update(True, step=step)
+        guard.update_step(False, step=step)
+    restored.load_state_dict(guard.state_dict())  # a resume keeps the run of skips
+    assert restored.grad_consecutive == 2
+    with pytest.raises(BadStepError, match="3 consecutive optimizer steps with non-finite gradients"):
+        restored.update_step(False, step=5)
+    assert restored.total == 5
+
+
 def test_activation_checkpointing_and_ema():
     from dino_scale.engine.deepspeed_utils import ModelEMA, apply_activation_checkpointing
 

@@ -113,7 +113,7 @@ def build_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
 
 
 def schedule_text(cfg: Config) -> str:
-    """``lr drop x0.1 at epoch 24`` (``step``/``multistep``) or ``lr cosine``, for the start-up line."""
+    """``lr x0.1 at epoch 24`` (``step``/``multistep``) or ``lr cosine``, for the start-up line."""
     from dino_scale.engine.optim import lr_drop_epochs
 
     if cfg.train.schedule == "cosine":

@@ -105,7 +105,7 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
     holder, rival = _settle(client, name, alias, basis)
     if rival and str(holder.version) != version:
         return Promotion(False, version, ap, prev_v, prev_ap,
-                         f"AP {ap:.4f} {why}, but v{holder.version} (AP {_ap_of(holder):.4f}), "
+                         f"AP {ap:.4f} {why}, but v{holder.version} (AP {_ap_of(holder) or float('nan'):.4f}), "
                          f"promoted at the same time from the same @{alias}, is better")
     return Promotion(True, version, ap, prev_v, prev_ap, f"AP {ap:.4f} {why}")
 

@@ -10,6 +10,7 @@
 // pair, so threads never write the same memory (no atomics, deterministic).
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -18,6 +19,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros_like.h>
+#include <c10/util/Exception.h>
 
 #include "msda_launch.h"
 
@@ -34,6 +36,11 @@ inline Corners corners_of(double x_norm, double y_norm, int64_t H, int64_t W) {
   const double x = x_norm * static_cast<double>(W) - 0.5;
   Corners c;
   c.inside = y > -1.0 && x > -1.0 && y < static_cast<double>(H) && x < static_cast<double>(W);
+  if (!c.inside) {  // NaN, inf or far outside: never cast such a coordinate to an integer
+    c.h0 = c.w0 = 0;
+    c.lh = c.lw = 0.0;
+    return c;
+  }
   const double fy = std::floor(y), fx = std::floor(x);
   c.h0 = static_cast<int64_t>(fy);
   c.w0 = static_cast<int64_t>(fx);
@@ -42,17 +49,27 @@ inline Corners corners_of(double x_norm, double y_norm, int64_t H, int64_t W) {
   return c;
 }
 
-// Reads the level's shapes once (host memory: the CPU kernel may read them directly).
+// Reads the level's shapes once (host memory: the CPU kernel may read them directly) and checks
+// that every level lies inside value's S rows: a level past the end would be read (forward) and
+// written (backward) out of bounds.
 std::vector<std::pair<int64_t, int64_t>> level_table(const at::Tensor& shapes, const at::Tensor& starts,
-                                                     std::vector<int64_t>* start_out) {
+                                                     int64_t S, std::vector<int64_t>* start_out) {
   const auto L = shapes.size(0);
   const int64_t* sp = shapes.data_ptr<int64_t>();
   const int64_t* st = starts.data_ptr<int64_t>();
   std::vector<std::pair<int64_t, int64_t>> hw(L);
   start_out->resize(L);
   for (int64_t l = 0; l < L; ++l) {
-    hw[l] = {sp[2 * l], sp[2 * l + 1]};
-    (*start_out)[l] = st[l];
+    const int64_t H = sp[2 * l], W = sp[2 * l + 1], start = st[l];
+    if (H < 0 || W < 0 || start < 0 || start > S || (W > 0 && H > (S - start) / W)) {
+      ::c10::detail::torchCheckFail(
+          __func__, __FILE__, static_cast<uint32_t>(__LINE__),
+          "ms_deform_attn: level " + std::to_string(l) + " (" + std::to_string(H) + " x " +
+              std::to_string(W) + " from row " + std::to_string(start) +
+              ") does not fit in value's " + std::to_string(S) + " rows");
+    }
+    hw[l] = {H, W};
+    (*start_out)[l] = start;
   }
   return hw;
 }
@@ -153,7 +170,7 @@ at::Tensor msda_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_s
   auto out = at::empty({s.N, s.Lq, s.M * s.D}, value.options());
   if (out.numel() == 0) return out;
   std::vector<int64_t> start;
-  const auto hw = level_table(spatial_shapes, level_start_index, &start);
+  const auto hw = level_table(spatial_shapes, level_start_index, value.size(1), &start);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "msda_forward_cpu", [&] {
     forward_kernel<scalar_t>(value.data_ptr<scalar_t>(), sampling_locations.data_ptr<scalar_t>(),
                              attention_weights.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), s, hw, start);
@@ -170,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msda_backward_cpu(
   auto grad_attw = at::zeros_like(attention_weights);
   if (grad_output.numel() == 0) return std::make_tuple(grad_value, grad_loc, grad_attw);
   std::vector<int64_t> start;
-  const auto hw = level_table(spatial_shapes, level_start_index, &start);
+  const auto hw = level_table(spatial_shapes, level_start_index, value.size(1), &start);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "msda_backward_cpu", [&] {
     backward_kernel<scalar_t>(value.data_ptr<scalar_t>(), sampling_locations.data_ptr<scalar_t>(),
                               attention_weights.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(),

@@ -3,12 +3,17 @@
 // the CPU kernels (msda_cpu.cpp) are registered with TORCH_LIBRARY_IMPL, and so is the autograd
 // formula (a C++ autograd::Function: no Python on the forward or backward call path). The fake
 // (meta) implementations are registered from Python (dino_scale/ops/ms_deform_attn_cuda.py).
+#include <memory>
 #include <string>
+#include <type_traits>
+#include <utility>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include "msda_launch.h"
@@ -84,6 +89,19 @@ at::Tensor pair_aligned(const at::Tensor& loc) {
   return addr % (2 * loc.element_size()) == 0 ? loc : loc.clone();
 }
 
+// A new autograd node, held the way this torch holds them (std::shared_ptr before the
+// switch to c10::intrusive_ptr, which newer torch uses: the build must work with both).
+using NodePtr = std::decay_t<decltype(std::declval<torch::autograd::Edge>().function)>;
+
+template <typename T, typename... Args>
+NodePtr make_node(Args&&... args) {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<T>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+  }
+}
+
 at::Tensor forward_impl(const at::Tensor& value, const at::Tensor& spatial_shapes,
                         const at::Tensor& level_start_index, const at::Tensor& loc,
                         const at::Tensor& attw) {
@@ -144,8 +162,25 @@ class MSDAFunction : public torch::autograd::Function<MSDAFunction> {
                          .findSchemaOrThrow("dino_scale::ms_deform_attn_backward", "")
                          .typed<BackwardSig>();
     const auto saved = ctx->get_saved_variables();
-    auto result = op.call(saved[0], saved[1], saved[2], saved[3], saved[4], grads[0].contiguous());
-    return {std::get<0>(result), at::Tensor(), at::Tensor(), std::get<1>(result), std::get<2>(result)};
+    std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;  // the backward op has no autograd formula
+      result = op.call(saved[0], saved[1], saved[2], saved[3], saved[4], grads[0].contiguous());
+    }
+    torch::autograd::variable_list out = {std::get<0>(result), std::get<1>(result), std::get<2>(result)};
+    bool differentiable = grads[0].requires_grad();
+    for (const auto& t : saved) differentiable = differentiable || (t.defined() && t.requires_grad());
+    if (at::GradMode::is_enabled() && differentiable) {
+      // create_graph=True: the gradients hang off a node that raises when differentiated
+      // again (the official op is @once_differentiable); before, the backward op's autograd
+      // fallback made every second-order gradient zero with a warning
+      auto error = make_node<torch::autograd::Error>(
+          std::string("ms_deform_attn: double backward is not supported (the op is differentiable "
+                      "once, as the official one); use backend='pytorch' for higher-order gradients"),
+          torch::autograd::collect_next_edges(saved[0], saved[3], saved[4], grads[0]));
+      for (auto& t : out) torch::autograd::set_history(t, error);
+    }
+    return {out[0], at::Tensor(), at::Tensor(), out[1], out[2]};
   }
 };
 

@@ -83,6 +83,9 @@ def main() -> dict:
         "bf16_on_cpu": lambda: op(v.detach().bfloat16(), sh, st, lo.detach().float(), wt.detach().float()),
         "bad_weights_shape": lambda: op(v.detach(), sh, st, lo.detach(), wt.detach()[:, :1]),
         "levels_mismatch": lambda: op(v.detach(), sh[:1], st[:1], lo.detach(), wt.detach()),
+        # the last level runs past value's rows: was read (and in backward written) out of bounds
+        "level_past_value": lambda: op(v.detach()[:, :-1].contiguous(), sh, st, lo.detach(), wt.detach()),
+        "level_start_negative": lambda: op(v.detach(), sh, st - 1, lo.detach(), wt.detach()),
     }
     for name, call in bad_calls.items():
         try:
@@ -91,6 +94,18 @@ def main() -> dict:
         except RuntimeError as exc:
             raised[name] = str(exc).splitlines()[0][:160]
     report["errors_raised"] = raised
+
+    # create_graph=True: first-order gradients as without it; differentiating them again raises
+    # (was: the backward op's autograd fallback returned zeros with a warning)
+    out = op(v, sh, st, lo, wt)
+    g_plain = torch.autograd.grad((out ** 2).sum(), inputs, retain_graph=True)
+    g_graph = torch.autograd.grad((out ** 2).sum(), inputs, create_graph=True)
+    report["create_graph_err"] = max(rel_err(a, b) for a, b in zip(g_graph, g_plain))
+    try:
+        torch.autograd.grad(g_graph[1].sum(), wt)
+        report["double_backward"] = "returned"
+    except RuntimeError as exc:
+        report["double_backward"] = str(exc).splitlines()[0][:160]
 
     # timing on this CPU (one DINO decoder-like call, 300 queries): reported only
     v, sh, st, lo, wt = make_inputs(1, [(50, 75), (25, 38), (13, 19), (7, 10)], 8, 32, 300, 4,

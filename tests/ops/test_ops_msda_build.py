@@ -63,6 +63,10 @@ def test_extension_compiles_for_sm90_and_registers_ops(msda_build):
     assert "half types: CUDA only" in raised["bf16_on_cpu"]
     assert "attention_weights" in raised["bad_weights_shape"]
     assert "spatial_shapes must be (L, 2)" in raised["levels_mismatch"]
+    assert "does not fit in value's" in raised["level_past_value"], raised
+    assert "does not fit in value's" in raised["level_start_negative"], raised
+    assert report["create_graph_err"] <= 1e-12
+    assert "double backward is not supported" in report["double_backward"], report["double_backward"]
     # with the compiled op, every compiled region of a training step and an eval forward traces
     # whole: no graph break (the PyTorch backend reads the level sizes back and breaks there)
     regions = report["regions"]

@@ -32,17 +32,7 @@ __global__ void __launch_bounds__(kBlockThreads) msda_backward_kernel(
   const I row = static_cast<I>(M) * D;
   __shared__ int sh_h[kMaxLevels], sh_w[kMaxLevels];
   __shared__ I sh_start[kMaxLevels];  // level start, in elements
-  if (threadIdx.x < L) {
-    const int64_t h = spatial_shapes[2 * threadIdx.x], w = spatial_shapes[2 * threadIdx.x + 1];
-    const int64_t start = level_start_index[threadIdx.x];
-    // a level outside value's S rows is read as empty: never an out-of-bounds access (the
-    // tables are on the device; the CPU kernel and the Python side raise for it)
-    const bool fits = h >= 0 && w >= 0 && start >= 0 && start <= static_cast<int64_t>(S) &&
-                      (w == 0 || h <= (static_cast<int64_t>(S) - start) / w);
-    sh_h[threadIdx.x] = fits ? static_cast<int>(h) : 0;
-    sh_w[threadIdx.x] = fits ? static_cast<int>(w) : 0;
-    sh_start[threadIdx.x] = fits ? static_cast<I>(start) * row : 0;
-  }
+  load_level_table(spatial_shapes, level_start_index, L, S, row, sh_h, sh_w, sh_start);
   __syncthreads();
 
   const I tid = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x;

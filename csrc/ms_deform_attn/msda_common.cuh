@@ -93,6 +93,25 @@ __device__ __forceinline__ void atomic_add_vec(A* p, const A (&v)[VEC]) {
 //   corners outside the map contribute zero.
 // I is the index type (int when every tensor has < 2^31 elements, else int64_t); `row` is the
 // element stride of one pixel in value (M * D), so off[k] is an element offset in the level.
+// Thread t < L copies level t of the tables into shared memory (the caller syncs). A level
+// outside value's S rows reads as empty (H = W = 0): never an out-of-bounds access. The tables
+// live on the device, so this is not checked on the host; the CPU kernel raises for it.
+template <typename I>
+__device__ __forceinline__ void load_level_table(const int64_t* __restrict__ spatial_shapes,
+                                                 const int64_t* __restrict__ level_start_index,
+                                                 int L, I S, I row, int* sh_h, int* sh_w,
+                                                 I* sh_start) {
+  const int t = threadIdx.x;
+  if (t >= L) return;
+  const int64_t h = spatial_shapes[2 * t], w = spatial_shapes[2 * t + 1];
+  const int64_t start = level_start_index[t], rows = static_cast<int64_t>(S);
+  const bool fits = h >= 0 && w >= 0 && start >= 0 && start <= rows &&
+                    (w == 0 || h <= (rows - start) / w);
+  sh_h[t] = fits ? static_cast<int>(h) : 0;
+  sh_w[t] = fits ? static_cast<int>(w) : 0;
+  sh_start[t] = fits ? static_cast<I>(start) * row : 0;
+}
+
 template <typename A, typename I>
 struct Bilinear {
   bool sampled;

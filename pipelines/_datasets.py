@@ -158,6 +158,9 @@ def check_classes(cfg, categories: list[dict], data: str) -> None:
     if need > m.num_classes:
         raise UsageError(f"{data} has category ids up to {need - 1}: model.num_classes must be >= {need} "
                          f"(got {m.num_classes})")
-    if m.dn_number > 0 and m.num_classes > m.dn_labelbook_size + 1:
-        raise UsageError(f"model.num_classes {m.num_classes} needs model.dn_labelbook_size >= "
-                         f"{m.num_classes - 1} with denoising on (got {m.dn_labelbook_size})")
+    from dino_scale.models.dino import check_label_book
+
+    try:
+        check_label_book(m.num_classes, m.dn_number, m.dn_labelbook_size)
+    except ValueError as exc:
+        raise UsageError(f"model.{exc}") from None

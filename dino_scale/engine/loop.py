@@ -280,14 +280,13 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         nonlocal last_ckpt_step
         if not micro_batches:  # every micro-batch of the window was skipped: no step
             return
-        grads_bad = not accumulation.step_applied and accumulation.skip_reason == "non-finite gradients"
-        if not accumulation.step_applied:  # fp16 overflow or non-finite gradients: the update was skipped
-            if rank == 0:
-                log.warning("%s at step %d: update skipped%s", accumulation.skip_reason, state.global_step,
-                            ", loss scale lowered" if accumulation.skip_reason == "fp16 overflow" else "")
-        if accumulation.skip_reason != "fp16 overflow":  # the loss scale's own search is not a bad step
-            guard.update_step(not grads_bad, step=state.global_step)  # every rank: the skip is global
-        if not accumulation.step_applied:
+        skipped = accumulation.skip_reason  # None: applied; fp16 overflow or non-finite gradients: not
+        if skipped is not None and rank == 0:
+            log.warning("%s at step %d: update skipped%s", skipped, state.global_step,
+                        ", loss scale lowered" if skipped == "fp16 overflow" else "")
+        if skipped != "fp16 overflow":  # the loss scale's own search is not a bad step
+            guard.update_step(skipped is None, step=state.global_step)  # every rank: the skip is global
+        if skipped is not None:
             return
         state.global_step += 1
         state.images_seen += micro_batches * micro * world

@@ -20,6 +20,16 @@ from .transformer import MLP, DeformableTransformer
 __all__ = ["DINO"]
 
 
+
+def check_label_book(num_classes: int, dn_number: int, dn_labelbook_size: int) -> None:
+    """ValueError unless the denoising label table can embed every class: label noise draws
+    classes in [0, num_classes) and embeds them with ``label_enc`` (dn_labelbook_size + 1
+    rows), so a larger class count would fail at the first training step."""
+    if dn_number > 0 and num_classes > dn_labelbook_size + 1:
+        raise ValueError(f"num_classes {num_classes} needs dn_labelbook_size >= {num_classes - 1} with "
+                         f"denoising on (got {dn_labelbook_size}: label_enc has {dn_labelbook_size + 1} rows); "
+                         "set model.dn_labelbook_size, usually equal to model.num_classes")
+
 class DINO(nn.Module):
     """DINO with shared decoder heads, two-stage mixed query selection and contrastive denoising.
 
@@ -39,12 +49,7 @@ class DINO(nn.Module):
                  dn_label_noise_ratio: float = 0.5, dn_box_noise_scale: float = 1.0,
                  dn_labelbook_size: int = 91, share_bbox_embed: bool = True, share_class_embed: bool = True):
         super().__init__()
-        if dn_number > 0 and num_classes > dn_labelbook_size + 1:
-            # label noise draws classes in [0, num_classes) and embeds them with label_enc
-            # (dn_labelbook_size + 1 rows): a larger class count fails at the first training step
-            raise ValueError(f"num_classes {num_classes} needs dn_labelbook_size >= {num_classes - 1} with "
-                             f"denoising on (got {dn_labelbook_size}: label_enc has {dn_labelbook_size + 1} rows); "
-                             "set model.dn_labelbook_size, usually equal to model.num_classes")
+        check_label_book(num_classes, dn_number, dn_labelbook_size)
         hidden = transformer.d_model
         self.transformer = transformer
         self.num_classes = num_classes

@@ -37,9 +37,16 @@ def is_not_found(exc: BaseException) -> bool:
 
 
 def _client(tracking_uri: Optional[str] = None):
+    """A client of ``tracking_uri``'s store for its runs and its registry alike (the registry
+    lives in the tracking store); ``None``: MLflow's configured URIs. Given only a tracking URI,
+    MLflow's client takes the registry from the process's global one (``mlflow.set_registry_uri``,
+    ``MLFLOW_REGISTRY_URI``), which may name another store: a version registered there would
+    point at runs of this one, and a lookup there would not find this store's models."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    if tracking_uri is None:
+        return MlflowClient()
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 @dataclass

@@ -70,6 +70,27 @@ def test_register_alias_resolve_load(logged_model, tmp_path, monkeypatch):
     assert all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())
 
 
+def test_an_explicit_store_is_also_the_registry(logged_model, tmp_path, monkeypatch):
+    """``tracking_uri=`` names the registry too, whatever registry this process was pointed at
+    before (a pipeline's ``setup_tracking`` sets the global one): the version goes next to its
+    run, and lookups in that store find it. Was: registered in, and looked up in, the other store."""
+    import mlflow
+
+    uri, _cfg, _model, _folder, (run1, _run2) = logged_model
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", other)  # removed again after the test
+    try:
+        mlflow.set_registry_uri(other)
+        assert register_model(run1, "dino-tiny-coco", "model", tracking_uri=uri) == "1"
+        set_alias("dino-tiny-coco", "champion", "1", tracking_uri=uri)
+        assert str(get_version_by_alias("dino-tiny-coco", "champion", tracking_uri=uri).version) == "1"
+        resolved = resolve_model_uri("models:/dino-tiny-coco/1", dst_dir=tmp_path / "dl", tracking_uri=uri)
+        assert resolved.lineage["run_id"] == run1 and resolved.weights_path.is_file()
+        assert mlflow.MlflowClient(tracking_uri=other, registry_uri=other).search_registered_models() == []
+    finally:
+        mlflow.set_registry_uri(None)
+
+
 def test_resolve_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         resolve_model_uri(str(tmp_path / "missing"))

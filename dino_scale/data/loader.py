@@ -18,44 +18,13 @@ import numpy as np
 
 from .collate import collate
 from .decode import ImageDecodeError
-from .records import PathLike, data_dirs, iter_records, read_manifest, shard_paths
+from .records import PathLike, Roots, data_dirs, folder_image_roots, iter_records, read_manifest, shard_paths
 from .transforms import DetectionTransform
 
 __all__ = ["LocalLoader", "iter_samples", "folder_image_roots", "iter_rooted_records"]
 
 log = logging.getLogger(__name__)
 
-Roots = Union[None, str, Sequence[Optional[str]]]
-
-
-def folder_image_roots(data_dir: Union[PathLike, Sequence[PathLike]],
-                       image_root: Roots = None) -> list[tuple[Path, Optional[str]]]:
-    """``(folder, image root)`` for each dataset folder of ``data_dir`` (see :func:`data_dirs`).
-
-    Without ``image_root``, each folder's root is the one recorded in its own manifest at
-    conversion (``None`` for embedded images). ``image_root`` overrides it: one path applies
-    to every folder, which is refused (``ValueError``) when the folders that reference files
-    were converted against different roots, as one path cannot hold both folders' images;
-    give one root per folder instead, as a list or ``"root_a,root_b"`` in folder order.
-    """
-    dirs = data_dirs(data_dir)
-    manifests = [read_manifest(d) for d in dirs]
-    if not image_root:
-        return [(d, m.get("image_root")) for d, m in zip(dirs, manifests)]
-    roots = ([str(r) if r else "" for r in image_root] if not isinstance(image_root, (str, Path))
-             else [r.strip() for r in str(image_root).split(",")])
-    if len(roots) > 1:
-        if len(roots) != len(dirs):
-            raise ValueError(f"image_root names {len(roots)} roots for {len(dirs)} dataset folders "
-                             f"({', '.join(map(str, dirs))}): give one root, or one per folder in folder order")
-        return [(d, r or m.get("image_root")) for d, r, m in zip(dirs, roots, manifests)]
-    recorded = {m.get("image_root") for m in manifests if not m.get("embed_images")}
-    if len(recorded) > 1:
-        raise ValueError(
-            f"image_root={roots[0]!r} is ambiguous: the dataset folders {', '.join(map(str, dirs))} were "
-            f"converted against different image roots {sorted(map(str, recorded))}; give one root per "
-            f"folder in folder order (image_root='root_a,root_b'), or none to use the recorded ones")
-    return [(d, roots[0]) for d in dirs]
 
 
 def iter_rooted_records(data_dir: Union[PathLike, Sequence[PathLike]], image_root: Roots = None,

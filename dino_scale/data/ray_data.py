@@ -41,9 +41,12 @@ import pyarrow as pa
 import ray
 
 from .decode import ImageDecodeError
-from .loader import Roots, folder_image_roots
-from .records import shard_paths
-from .transforms import DetectionTransform
+from .records import Roots, folder_image_roots, shard_paths
+
+# Not imported here: .transforms (torch, torchvision). Ray's SplitCoordinator, DatasetManager
+# and TrainController actors unpickle the datasets' plans, so they import this module, but only
+# the map tasks run _ToSample: it imports the transform where it runs (each such actor was
+# importing torch and torchvision, ~5 s of CPU and a few hundred MB each, on the driver's node).
 
 __all__ = ["build_train_dataset", "build_eval_dataset", "decode_skips", "set_epoch", "current_epoch",
            "block_order_seed"]
@@ -135,8 +138,24 @@ class _ToSample:
     """Picklable batch function: record rows -> sample rows (bad images dropped and counted)."""
 
     def __init__(self, data_cfg, train: bool, image_root: Optional[str], epoch: Optional[int], stats_name: str):
-        self.transform = DetectionTransform(data_cfg, train=train, image_root=image_root)
+        self._args = (data_cfg, bool(train), image_root)
         self.epoch, self.stats_name = epoch, stats_name
+        self._transform = self._build()  # bad settings fail here, where the dataset is built
+
+    def _build(self):
+        from .transforms import DetectionTransform
+
+        data_cfg, train, image_root = self._args
+        return DetectionTransform(data_cfg, train=train, image_root=image_root)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_transform": None}  # built again where the batches are mapped
+
+    @property
+    def transform(self):
+        if self._transform is None:
+            self._transform = self._build()
+        return self._transform
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         epoch = self.epoch if self.epoch is not None else current_epoch(self.stats_name)

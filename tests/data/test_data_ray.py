@@ -215,3 +215,36 @@ def test_data_ray_epoch_clock_survives_ray_restart(ray_lock):
             assert decode_skips()["count"] == 0
         finally:
             ray.shutdown()
+
+
+def test_data_ray_plan_unpickles_without_torch(shards):
+    """Ray's SplitCoordinator, DatasetManager and TrainController actors unpickle the
+    datasets' plans, never run them: that must not import torch or torchvision (each of those
+    actors used to, ~5 s of CPU and a few hundred MB each). The map function builds its
+    transform where it runs, and gives the samples of a transform built up front."""
+    import pickle
+    import subprocess
+    import sys
+
+    from dino_scale.data import ray_data
+    from dino_scale.data.transforms import DetectionTransform
+
+    cfg = preset("tiny").data
+    fn = ray_data._ToSample(cfg, True, str(shards[1]), 2, "train")
+    blob = pickle.dumps(fn)
+    probe = ("import pickle, sys; fn = pickle.loads(sys.stdin.buffer.read()); "
+             "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], input=blob, capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert out.stdout.decode().strip() == "[]"
+
+    rec = next(iter_records(shards[0]))
+    n = len(rec["category_ids"])
+    rec = {**rec, "boxes": np.asarray(rec["boxes"], np.float32).reshape(n, 4),
+           "category_ids": np.asarray(rec["category_ids"], np.int64), "iscrowd": np.asarray(rec["iscrowd"], bool)}
+    unpickled = pickle.loads(blob)
+    assert unpickled._transform is None
+    got = unpickled.transform(rec, epoch=2)
+    want = DetectionTransform(cfg, train=True, image_root=str(shards[1]))(rec, epoch=2)
+    assert np.array_equal(got["image"].numpy(), want["image"].numpy())
+    assert np.array_equal(got["boxes"].numpy(), want["boxes"].numpy())

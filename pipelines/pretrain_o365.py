@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "--images; default: generate a synthetic o365-like set")
     p.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
     p.add_argument("--model-name", default=None, help="registered model name (default dino-<preset>-o365)")
-    p.add_argument("--alias", default=ALIAS, help=f"alias set on the new version (default {ALIAS})")
+    # None until checked: the default needs no check, and the check imports MLflow (~2 s)
+    p.add_argument("--alias", default=None, help=f"alias set on the new version (default {ALIAS})")
     return p
 
 
@@ -52,6 +53,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     log = common.Progress("pretrain")
     # Fail fast on a preset typo or unknown override key, before any work.
     common.validate_config_args(args)
+    args.alias = args.alias or ALIAS
     work_dir = Path(args.work_dir).expanduser().resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     train, val, synthetic = resolve_datasets(args, work_dir, "o365-like", SYNTHETIC_IMAGES,

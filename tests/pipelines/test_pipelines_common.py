@@ -68,6 +68,22 @@ def test_pipelines_common_run_main_exit_codes(capsys):
     assert common.run_main(lambda argv: 0, []) == 0
 
 
+def test_pipelines_common_usage_errors_before_any_work_import_no_mlflow(tmp_path):
+    """A preset typo is reported without importing MLflow (~2 s): the error handler imported it
+    to classify every error, and pretrain's default --alias was validated with it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from pipelines import pretrain_o365 as p; from pipelines._common import run_main; "
+            f"rc = run_main(p.main, ['--preset', 'tinny', '--work-dir', {str(tmp_path)!r}]); "
+            "print(rc, 'mlflow' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr[-2000:]
+    assert "unknown preset 'tinny'" in proc.stderr
+
+
 def test_pipelines_common_internal_errors_are_not_usage_errors(capsys):
     """An IndexError inside a pipeline is a failure (exit 1, with the --debug hint), not a
     user mistake: `evaluate` without --data crashed as `error: list index out of range`, exit 2."""

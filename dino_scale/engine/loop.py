@@ -36,7 +36,7 @@ from dino_scale.engine.deepspeed_utils import (
 )
 from dino_scale.engine.elastic import resume_source
 from dino_scale.engine.evaluate import coco_evaluate, evaluate_batches, gather_to_rank0
-from dino_scale.engine.optim import build_optimizer, build_scheduler
+from dino_scale.engine.optim import applied_lr, build_optimizer, build_scheduler
 from dino_scale.engine.progress import LossWindow, WindowMeter
 from dino_scale.data.ray_data import set_epoch as set_data_epoch
 from dino_scale.engine.train_step import (
@@ -253,7 +253,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
 
     def metrics_now() -> dict[str, Any]:
         m = {"step": state.global_step, "epoch": state.epoch, "images_seen": state.images_seen,
-             "lr": scheduler.get_last_lr()[0], "bad_steps_total": guard.total,
+             "lr": applied_lr(scheduler), "bad_steps_total": guard.total,
              "bad_steps_consecutive": guard.consecutive, "workers": world, "grad_accum": accum}
         losses = window.reduce()
         m.update(losses)

@@ -24,7 +24,7 @@ from dino_scale.config import ConfigError, TrainConfig
 
 __all__ = [
     "BACKBONE_KEYS", "LINEAR_PROJ_KEYS", "build_param_groups", "build_optimizer",
-    "lr_factor_fn", "build_scheduler", "lr_drop_epochs",
+    "lr_factor_fn", "build_scheduler", "lr_drop_epochs", "applied_lr",
 ]
 
 BACKBONE_KEYS = ("backbone.",)
@@ -148,3 +148,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
                     total_steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` stepped once per optimizer step; its state dict resumes exactly."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(cfg, steps_per_epoch, total_steps))
+
+
+def applied_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, group: int = 0) -> float:
+    """The lr of ``group`` in the latest optimizer step (before any step: the first step's).
+
+    After a step the scheduler already holds the next step's lr, which is what
+    ``get_last_lr()`` returns: logged as the step's, it showed a drop or the warmup one step early."""
+    done = int(scheduler.last_epoch)  # steps taken
+    if done < 1:
+        return float(scheduler.get_last_lr()[group])
+    return float(scheduler.base_lrs[group] * scheduler.lr_lambdas[group](done - 1))

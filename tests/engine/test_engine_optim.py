@@ -71,6 +71,27 @@ def test_schedules():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
 
 
+def test_logged_lr_is_the_lr_the_step_used():
+    """``applied_lr`` after a step is the lr that step used (``get_last_lr`` is the next step's:
+    the log showed the drop, and each warmup value, one step early)."""
+    from dino_scale.engine.optim import applied_lr
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    tc = preset("tiny", ["train.lr_drop_epochs=[1]", "train.warmup_steps=2"]).train
+    tc.schedule = "step"
+    sched = build_scheduler(opt, tc, steps_per_epoch=4)
+    used = []
+    assert applied_lr(sched) == opt.param_groups[0]["lr"]  # no step yet: the first step's
+    for _ in range(6):
+        used.append(opt.param_groups[0]["lr"])  # what this step applies
+        opt.step()
+        sched.step()
+        assert applied_lr(sched) == pytest.approx(used[-1])
+    assert used[3] == pytest.approx(1.0) and used[4] == pytest.approx(0.1)  # the drop at step 5 (epoch 1)
+    assert used[0] < used[1] < used[2]  # warmup
+
+
 def test_lr_drop_follows_the_epoch_count():
     """Unset, the drop is the recipe's 11-of-12 point of the run: `--epochs 26` (the Objects365
     recipe) drops at 24, not at 11 (was: 15 of 26 epochs at 0.1x lr); an explicit list is kept."""

@@ -36,6 +36,7 @@ __all__ = [
     "TrainState", "atomic_dir", "atomic_write_bytes", "atomic_write_text", "CheckpointManager",
     "save_rng_state", "load_rng_state", "save_weights", "load_weights", "save_training_checkpoint",
     "load_training_checkpoint", "WEIGHTS_NAME", "CONFIG_NAME", "STATE_NAME", "DS_TAG", "UNIVERSAL_TAG", "COMPLETE_NAME",
+    "checkpoint_dir_name",
 ]
 
 PathLike = Union[str, Path]
@@ -286,3 +287,16 @@ def load_training_checkpoint(folder: PathLike, engine, rank: int, ema=None,
     if ema is not None and (folder / "ema.pt").is_file():  # rank 0 wrote it from its device: read on the CPU
         ema.load_state_dict(torch.load(folder / "ema.pt", map_location="cpu", weights_only=False))
     return TrainState.from_dict(json.loads(state_file.read_text()))
+
+
+def checkpoint_dir_name(step: int, world: int, epoch: Optional[int] = None, micro_in_epoch: int = 0) -> str:
+    """The storage folder of a training checkpoint: ``ckpt_<step>_<epoch>_<micro>_w<workers>``,
+    or ``final_<step>_w<workers>`` without ``epoch``.
+
+    The worker count is part of the name: Ray Train copies a checkpoint into its folder without
+    emptying it, so a folder left half-written by a crashed attempt and written again by a
+    restart on another worker count (the same step at an epoch's end, or the final one) kept
+    the old attempt's ZeRO partitions beside the new ones."""
+    if epoch is None:
+        return f"final_{int(step):09d}_w{int(world)}"
+    return f"ckpt_{int(step):09d}_{int(epoch)}_{int(micro_in_epoch)}_w{int(world)}"

@@ -28,8 +28,8 @@ import torch
 from dino_scale.config import from_dict, to_dict
 from dino_scale.engine.batches import iter_micro_batches, rows_of
 from dino_scale.engine.checkpoint import (
-    TrainState, atomic_write_text, load_training_checkpoint, load_weights, save_training_checkpoint,
-    save_weights,
+    TrainState, atomic_write_text, checkpoint_dir_name, load_training_checkpoint, load_weights,
+    save_training_checkpoint, save_weights,
 )
 from dino_scale.engine.deepspeed_utils import (
     AccumulationWindow, ModelEMA, build_ds_config, full_state_dict, grad_accum_steps, init_deepspeed,
@@ -295,7 +295,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             ema.update(engine)
         _test_pid_hook(hooks, rank, world, state.global_step)
         if state.global_step % tc.checkpoint_every_steps == 0:
-            _report(metrics_now(), write_state, f"ckpt_{state.global_step:09d}_{state.epoch}_{state.micro_in_epoch}")
+            _report(metrics_now(), write_state,
+                    checkpoint_dir_name(state.global_step, world, state.epoch, state.micro_in_epoch))
             last_ckpt_step = state.global_step
         elif state.global_step % tc.log_every_steps == 0:
             _report(metrics_now())
@@ -347,7 +348,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 state.epoch += 1
                 state.micro_in_epoch = 0
                 if last_ckpt_step != state.global_step:  # else the step checkpoint already holds this position
-                    _report(metrics_now(), write_state, f"ckpt_{state.global_step:09d}_{state.epoch}_0")
+                    _report(metrics_now(), write_state, checkpoint_dir_name(state.global_step, world, state.epoch))
                     last_ckpt_step = state.global_step
     except BadStepError as exc:  # every rank raises together (the finiteness flag is all-reduced)
         abort, bad_total = str(exc), guard.total
@@ -385,4 +386,4 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     if tracker is not None:
         tracker.log_metrics({"bad_steps_total": bad_total}, step=state.global_step)
         tracker.close(timeout_s=float(loop_cfg.get("tracking_close_timeout_s", 30)))
-    _report(final_metrics, write_final, f"final_{state.global_step:09d}")
+    _report(final_metrics, write_final, checkpoint_dir_name(state.global_step, world))

@@ -185,3 +185,19 @@ def test_cuda_rng_state_restores_on_a_host_with_fewer_visible_gpus(tmp_path, mon
     visible.update(count=1, current=0)  # now the only GPU its node shows it
     assert load_rng_state(tmp_path, rank=0)
     assert list(restored) == [0] and torch.equal(restored[0], states[1])
+
+
+def test_checkpoint_folders_of_different_worker_counts_never_share_a_name():
+    """Ray Train copies a checkpoint into its folder without emptying it: a folder a crashed
+    attempt left half-written, written again by a restart on another worker count, mixed both
+    attempts' ZeRO partitions. The epoch-end and final names did not depend on the count."""
+    from dino_scale.engine.checkpoint import checkpoint_dir_name
+
+    for args in ((8, 1, 0), (8, None, 0), (8, 1, 4)):
+        step, epoch, micro = args
+        names = {checkpoint_dir_name(step, world, epoch, micro) for world in (1, 2, 4, 8)}
+        assert len(names) == 4, names
+    assert checkpoint_dir_name(12, 2, 1, 0) == "ckpt_000000012_1_0_w2"
+    assert checkpoint_dir_name(12, 2) == "final_000000012_w2"
+    # sorted by name = sorted by step (Ray orders by report, users and scripts by name)
+    assert sorted([checkpoint_dir_name(10, 2, 0, 5), checkpoint_dir_name(9, 4, 0, 9)])[0].startswith("ckpt_000000009")

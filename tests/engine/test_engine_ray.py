@@ -3,7 +3,7 @@
 One Ray session (and the host-wide Ray lock) serves the module. Runs: ZeRO-3 with a
 real MLflow server that is stopped mid-run, with distributed evaluation (also the reference
 of the resume test); NaN steps skipped then an abort under bf16 + ZeRO-1; ZeRO-3 exact resume
-after a worker is SIGKILLed; an evaluation-only run.
+after a worker is SIGKILLed; the evaluation pipeline of a registered model (an eval-only run).
 """
 from __future__ import annotations
 
@@ -306,33 +306,60 @@ def test_zero3_restart_on_another_worker_count_is_refused_on_the_driver(zero3_re
 
 
 @pytest.mark.timeout(600)
-def test_evaluate_weights_matches_single_process(ray_session, data, tmp_path, monkeypatch):
-    """Eval-only run (2 workers, no training, bf16 autocast): the same detections and AP as one
-    process evaluating the same fp32 weights under the same autocast (no DeepSpeed: its bf16
-    mode rounded the weights), and no copy of the weights written anywhere."""
+def test_evaluate_pipeline_of_a_registered_model_matches_single_process(ray_session, data, tmp_path, monkeypatch,
+                                                                        capfd):
+    """``pipelines.evaluate --model models:/...@champion`` (2 workers, no training, bf16 autocast,
+    the registered model's own config): the same detections and AP as one process evaluating the
+    same fp32 weights under the same autocast (no DeepSpeed: its bf16 mode rounded the weights);
+    no copy of the weights is kept anywhere (not in the run, its work folder or Ray's checkpoint).
+    Runs in this module's Ray session (the pipeline joins an initialized Ray); ``ray job submit``
+    of the pipelines is tests/pipelines/test_pipelines_ray_job.py."""
+    import mlflow
     from mlflow import MlflowClient
 
     from dino_scale.config import to_dict
     from dino_scale.data import LocalLoader, to_coco_gt
-    from dino_scale.engine import evaluate_weights
     from dino_scale.engine.checkpoint import save_weights
     from dino_scale.engine.evaluate import coco_evaluate, evaluate_batches
     from dino_scale.models import build_dino
+    from dino_scale.tracking import ResilientLogger, register_model, set_alias
+    from pipelines import evaluate as evaluate_pipeline
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     _, val_dir = data
+    work = tmp_path / "work"
+    work.mkdir()
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the pipeline sets it: monkeypatch removes it again
     cfg = small_cfg(**{"train.precision": "bf16", "train.zero_stage": 3})
     torch.manual_seed(11)
     model, _, post = build_dino(cfg.model)
     weights = save_weights(tmp_path / "w", model.state_dict(), config=to_dict(cfg))
-    res = evaluate_weights(cfg, str(weights), val_dir, tmp_path / "work", unique("eval"))
+    logger = ResilientLogger(uri)
+    source_run = logger.start_run("train", "source")
+    logger.log_artifacts(weights.parent, "model")
+    logger.end_run()
+    assert logger.close(timeout_s=10)
+    set_alias("dino-tiny-coco", "champion", register_model(source_run, "dino-tiny-coco", tracking_uri=uri),
+              tracking_uri=uri)
+    run_name = unique("eval")
+    try:
+        out = evaluate_pipeline.run(["--model", "models:/dino-tiny-coco@champion", "--data", val_dir,
+                                     "--work-dir", str(work), "--workers", "2", "--run-name", run_name])
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    printed = capfd.readouterr()
+    assert "COCO box AP (%) of models:/dino-tiny-coco@champion" in printed.out
+    assert "Average Precision" not in printed.out + printed.err  # pycocotools' lines stay in the debug log
+
     local = evaluate_batches(model.eval(), post, LocalLoader(val_dir, cfg.data, train=False, batch_size=1,
                                                              normalize=True),
                              torch.device("cpu"), amp_dtype=torch.bfloat16)
     direct = coco_evaluate(to_coco_gt(val_dir), local)
-    assert res.metrics["step"] == 0 and res.metrics["num_detections"] == len(local)
+    metrics = out["metrics"]
+    assert metrics["step"] == 0 and metrics["num_detections"] == len(local)
     for key, value in direct.items():
-        assert res.metrics[key] == pytest.approx(value, abs=1e-3), key
+        assert metrics[key] == pytest.approx(value, abs=1e-3), key
 
     def top_scores(dets):
         by_image: dict = {}
@@ -340,19 +367,26 @@ def test_evaluate_weights_matches_single_process(ray_session, data, tmp_path, mo
             by_image.setdefault(d["image_id"], []).append(d["score"])
         return {k: sorted(v, reverse=True)[:20] for k, v in by_image.items()}
 
-    final = res.config_path.parent
+    run_dir = work / "runs" / run_name
+    (final,) = run_dir.glob("ray/*/final_*")  # Ray's checkpoint: the detections only
+    assert sorted(p.name for p in final.iterdir()) == ["detections.json"]
     ours, ref = top_scores(json.loads((final / "detections.json").read_text())), top_scores(local)
     assert ours.keys() == ref.keys()
     gap = max(abs(a - b) for k in ref for a, b in zip(ours[k], ref[k]))
     assert gap < 1e-5, f"eval-only scores differ from the same weights evaluated directly by {gap}"
-    # nothing but the detections: no weights, no DeepSpeed state, in the checkpoint or the run
-    assert res.weights_path == weights
-    assert not (tmp_path / "work" / "val_gt.json").exists()  # the GT went through the object store
-    assert sorted(p.name for p in Path(res.checkpoint_path).iterdir()) == ["detections.json"]
-    assert sorted(p.name for p in final.iterdir()) == ["config.json", "detections.json", "lineage.json"]
-    client = MlflowClient(tracking_uri=res.tracking_uri)
-    assert [a.path for a in client.list_artifacts(res.run_id)] == ["config.json", "evaluation"]
-    assert {a.path for a in client.list_artifacts(res.run_id, "evaluation")} == {
+    # no copy of the weights: not downloaded into the work dir, not in the run folder or Ray's
+    # checkpoint, not in the run's artifacts; the GT went through the object store
+    assert not (work / "eval" / run_name).exists()
+    assert not list(run_dir.rglob("*.safetensors")) and not list(run_dir.rglob("*.pt"))
+    assert not list(work.rglob("val_gt.json"))
+    client = MlflowClient(tracking_uri=uri)
+    ev_run = client.get_run(out["run_id"])
+    assert client.get_experiment(ev_run.info.experiment_id).name == "evaluate"
+    assert ev_run.info.status == "FINISHED" and ev_run.data.tags["stage"] == "evaluate"
+    assert ev_run.data.tags["source.uri"] == "models:/dino-tiny-coco@champion"
+    assert ev_run.data.metrics["final/AP"] == pytest.approx(metrics["AP"])
+    assert [a.path for a in client.list_artifacts(out["run_id"])] == ["config.json", "evaluation"]
+    assert {a.path for a in client.list_artifacts(out["run_id"], "evaluation")} == {
         "evaluation/config.json", "evaluation/detections.json", "evaluation/lineage.json"}
 
 

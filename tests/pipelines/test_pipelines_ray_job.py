@@ -1,5 +1,7 @@
 """`ray job submit` of pretrain_o365 then finetune_coco on a real `ray start --head`
-cluster on 127.0.0.1; the registry is checked with the MLflow client afterwards."""
+cluster on 127.0.0.1; the registry is checked with the MLflow client afterwards. (The
+evaluation pipeline of a registered model runs in tests/engine/test_engine_ray.py: a third
+job cost ~80 s of Ray start-up on the 2-core CI box for what the in-process run checks.)"""
 from __future__ import annotations
 
 import json
@@ -66,12 +68,6 @@ def test_pipelines_ray_job_submit_pretrain_then_finetune(tmp_path, ray_lock):
                                          "--run-name", f"job-ft-{gcs}"])
         assert ft.returncode == 0, ft.stdout[-4000:] + ft.stderr[-2000:]
         assert "succeeded" in (ft.stdout + ft.stderr).lower()
-        ev = _submit(dash, runtime_env, ["python", "-m", "pipelines.evaluate", "--model",
-                                         "models:/dino-tiny-coco@champion", "--work-dir", str(work),
-                                         "--run-name", f"job-eval-{gcs}"])
-        assert ev.returncode == 0, ev.stdout[-4000:] + ev.stderr[-2000:]
-        assert "COCO box AP (%) of models:/dino-tiny-coco@champion" in ev.stdout
-        assert "Average Precision" not in ev.stdout + ev.stderr  # pycocotools' lines stay in the debug log
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
 
@@ -106,14 +102,3 @@ def test_pipelines_ray_job_submit_pretrain_then_finetune(tmp_path, ray_lock):
     assert "AP" in v.tags and 0.0 <= float(v.tags["AP"]) <= 1.0
     assert str(client.get_model_version_by_alias("dino-tiny-coco", "champion").version) == "1"
 
-    # the evaluation: a run in experiment `evaluate` with the detections, no copy of the weights
-    # (not in the run's artifacts, not downloaded into the work dir, not in Ray's checkpoint)
-    (ev_run,) = client.search_runs([client.get_experiment_by_name("evaluate").experiment_id])
-    assert ev_run.info.status == "FINISHED" and ev_run.data.tags["stage"] == "evaluate"
-    assert ev_run.data.tags["source.uri"] == "models:/dino-tiny-coco@champion"
-    assert 0.0 <= ev_run.data.metrics["final/AP"] <= 1.0
-    assert [a.path for a in client.list_artifacts(ev_run.info.run_id)] == ["config.json", "evaluation"]
-    assert "evaluation/detections.json" in {a.path for a in client.list_artifacts(ev_run.info.run_id, "evaluation")}
-    assert not (work / "eval" / f"job-eval-{gcs}").exists()
-    ev_dir = work / "runs" / f"job-eval-{gcs}"
-    assert not list(ev_dir.rglob("*.safetensors")) and not list(ev_dir.rglob("*.pt"))

@@ -11,7 +11,6 @@ dataset folder (:func:`folder_image_roots`), also when several folders are joine
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np

@@ -53,7 +53,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     log = common.Progress("pretrain")
     # Fail fast on a preset typo or unknown override key, before any work.
     common.validate_config_args(args)
-    args.alias = args.alias or ALIAS
+    if args.alias is None:  # not given (an empty --alias stays MLflow's to refuse, above)
+        args.alias = ALIAS
     work_dir = Path(args.work_dir).expanduser().resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     train, val, synthetic = resolve_datasets(args, work_dir, "o365-like", SYNTHETIC_IMAGES,

@@ -20,7 +20,6 @@ from .transformer import MLP, DeformableTransformer
 __all__ = ["DINO"]
 
 
-
 def check_label_book(num_classes: int, dn_number: int, dn_labelbook_size: int) -> None:
     """ValueError unless the denoising label table can embed every class: label noise draws
     classes in [0, num_classes) and embeds them with ``label_enc`` (dn_labelbook_size + 1
@@ -29,6 +28,7 @@ def check_label_book(num_classes: int, dn_number: int, dn_labelbook_size: int) -
         raise ValueError(f"num_classes {num_classes} needs dn_labelbook_size >= {num_classes - 1} with "
                          f"denoising on (got {dn_labelbook_size}: label_enc has {dn_labelbook_size + 1} rows); "
                          "set model.dn_labelbook_size, usually equal to model.num_classes")
+
 
 class DINO(nn.Module):
     """DINO with shared decoder heads, two-stage mixed query selection and contrastive denoising.

@@ -410,24 +410,25 @@ def register(result, name: str, alias: Optional[str], categories: list[dict],
     """Write ``categories.json`` beside the final weights (so the checkpoint folder maps class
     heads by name too) and log it into the run's model artifact; make sure the artifact holds
     the weights; register the model as a new version of ``name`` and (when ``alias``) point the
-    alias at it."""
+    alias at it. All of it in the store that holds the run (``result.tracking_uri``), whatever
+    MLflow's process-wide URIs say."""
     import json
 
-    from mlflow import MlflowClient
-
     from dino_scale.engine.checkpoint import WEIGHTS_NAME
-    from dino_scale.tracking.registry import MODEL_ARTIFACT_PATH, register_model, set_alias
+    from dino_scale.tracking.registry import MODEL_ARTIFACT_PATH, register_model, set_alias, store_client
 
     final = Path(result_checkpoint(result))
     (final / "categories.json").write_text(json.dumps(categories))
-    client = MlflowClient()
+    uri = result.tracking_uri
+    client = store_client(uri)
     client.log_artifact(result.run_id, str(final / "categories.json"), artifact_path=MODEL_ARTIFACT_PATH)
     ensure_logged_weights(client, result.run_id, final, MODEL_ARTIFACT_PATH, WEIGHTS_NAME)
     tags = dict(tags or {})
     ap = result_ap(result)
     if ap is not None:
         tags.setdefault("AP", f"{ap:.6f}")
-    version = register_model(result.run_id, name, tags=tags)
+    version = register_model(result.run_id, name, tags=tags, tracking_uri=uri)
     if alias:
-        set_alias(name, alias, version)
+        set_alias(name, alias, version, tracking_uri=uri)
     return version
+

@@ -135,9 +135,10 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     version_tags = {k: v for k, v in tags.items() if k.startswith("source.")}
     version_tags.update({"stage": "finetune", "preset": cfg.name, "init": tags["init"]})
     version = common.register(result, name, alias=None, categories=categories, tags=version_tags)
+    from dino_scale.tracking import store_client
     from pipelines.registry import promote_if_better
 
-    promo = promote_if_better(name, version, ap, alias=CHAMPION)
+    promo = promote_if_better(name, version, ap, alias=CHAMPION, client=store_client(result.tracking_uri))
     print(f"Registered model  : {name} version {version}")
     print(f"Champion          : {'moved to v' + version if promo.promoted else 'unchanged'} ({promo.reason})")
     print(f"Model URI         : models:/{name}/{version}"

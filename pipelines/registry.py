@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from dino_scale.tracking.registry import is_not_found
+from dino_scale.tracking.registry import is_not_found, store_client
 from pipelines import _common as common
 
 AP_TAG = "AP"
@@ -45,12 +45,6 @@ class Promotion:
     previous_version: Optional[str]
     previous_ap: Optional[float]
     reason: str
-
-
-def _client():
-    from mlflow import MlflowClient
-
-    return MlflowClient()
 
 
 def _version_by_alias(client, name: str, alias: str):
@@ -82,7 +76,7 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
     A version without a measured AP is never promoted; a current holder without an AP
     tag counts as beaten. A concurrent promotion from the same holder with a better AP
     wins the alias back (module docstring)."""
-    client = client or _client()
+    client = client or store_client()
     version = str(version)
     if ap is not None and not math.isnan(ap):
         client.set_model_version_tag(name, version, AP_TAG, f"{ap:.6f}")
@@ -210,7 +204,7 @@ def _name_filter(name: str) -> str:
 def registry_state(client=None, names: Optional[Sequence[str]] = None) -> list[dict]:
     """Every registered model (or those in ``names``) as plain dicts: versions with run
     id, aliases, AP and lineage tags. Sorted by name, versions ascending."""
-    client = client or _client()
+    client = client or store_client()
     if names:
         models = [m for m in (_get_model(client, n) for n in names) if m is not None]
     else:
@@ -268,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     common.require_store(common.setup_tracking(args.work_dir))
-    client = _client()
+    client = store_client()
     if args.action == "list":
         print(format_state(registry_state(client)))
     elif args.action == "show":

@@ -30,6 +30,58 @@ def ray_lock():
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+_MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+def _mlflow_store_state() -> dict[str, object]:
+    """Where MLflow points this process: the two URI variables and MLflow's globals (which
+    ``mlflow.set_tracking_uri`` / ``set_registry_uri`` set, and which also export the
+    variables; ``set_registry_uri(None)`` leaves ``MLFLOW_REGISTRY_URI`` set)."""
+    state: dict[str, object] = {k: os.environ.get(k) for k in _MLFLOW_ENV}
+    tracking = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    registry = sys.modules.get("mlflow.tracking._model_registry.utils")
+    state["mlflow._tracking_uri"] = getattr(tracking, "_tracking_uri", None)
+    state["mlflow._registry_uri"] = getattr(registry, "_registry_uri", None)
+    return state
+
+
+def _restore_mlflow_store(state: dict[str, object]) -> None:
+    for key in _MLFLOW_ENV:
+        if state[key] is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = str(state[key])
+    tracking = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    registry = sys.modules.get("mlflow.tracking._model_registry.utils")
+    if tracking is not None:
+        tracking._tracking_uri = state["mlflow._tracking_uri"]
+    if registry is not None:
+        registry._registry_uri = state["mlflow._registry_uri"]
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_store_not_leaked():
+    """A test that leaves MLflow pointed at its store fails here, and the state is put back:
+    otherwise a later test's bare ``MlflowClient()`` would use that store (CI once registered
+    into another test's store). Tests that run a pipeline in-process use ``mlflow_store_restored``."""
+    before = _mlflow_store_state()
+    yield
+    after = _mlflow_store_state()
+    if after != before:
+        _restore_mlflow_store(before)
+        changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+        pytest.fail(f"the test left MLflow pointed elsewhere (before, after): {changed}", pytrace=False)
+
+
+@pytest.fixture
+def mlflow_store_restored():
+    """For a test that runs a pipeline in-process (``setup_tracking`` points MLflow's globals
+    and both URI variables at the pipeline's store): afterwards MLflow points where it did."""
+    before = _mlflow_store_state()
+    yield
+    _restore_mlflow_store(before)
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """tests/reference: official key lists, golden.py and golden outputs."""

@@ -2,10 +2,10 @@
 from dino_scale.tracking.logger import ResilientLogger, TrackingUnavailable, default_tracking_uri, flatten_params
 from dino_scale.tracking.registry import (
     ResolvedModel, get_version_by_alias, load_model_from_uri, register_model, resolve_model_uri,
-    set_alias,
+    set_alias, store_client,
 )
 
 __all__ = [
     "ResilientLogger", "TrackingUnavailable", "default_tracking_uri", "flatten_params", "ResolvedModel",
-    "register_model", "set_alias", "get_version_by_alias", "resolve_model_uri", "load_model_from_uri",
+    "register_model", "set_alias", "get_version_by_alias", "resolve_model_uri", "load_model_from_uri", "store_client",
 ]

@@ -36,7 +36,7 @@ def is_not_found(exc: BaseException) -> bool:
     return getattr(exc, "error_code", None) in NOT_FOUND_CODES
 
 
-def _client(tracking_uri: Optional[str] = None):
+def store_client(tracking_uri: Optional[str] = None):
     """A client of ``tracking_uri``'s store for its runs and its registry alike (the registry
     lives in the tracking store); ``None``: MLflow's configured URIs. Given only a tracking URI,
     MLflow's client takes the registry from the process's global one (``mlflow.set_registry_uri``,
@@ -64,7 +64,7 @@ def register_model(run_id: str, name: str, artifact_path: str = MODEL_ARTIFACT_P
                    description: Optional[str] = None) -> str:
     """Register ``runs:/<run_id>/<artifact_path>`` as a new version of ``name``; returns the
     version (string). The registered model is created when missing."""
-    client = _client(tracking_uri)
+    client = store_client(tracking_uri)
     from mlflow.exceptions import MlflowException
 
     try:
@@ -87,7 +87,7 @@ def register_model(run_id: str, name: str, artifact_path: str = MODEL_ARTIFACT_P
 
 def set_alias(name: str, alias: str, version: str | int, tracking_uri: Optional[str] = None) -> None:
     """Point ``name@alias`` at ``version`` (moving it if it pointed elsewhere)."""
-    _client(tracking_uri).set_registered_model_alias(name, alias, str(version))
+    store_client(tracking_uri).set_registered_model_alias(name, alias, str(version))
 
 
 def get_version_by_alias(name: str, alias: str, tracking_uri: Optional[str] = None):
@@ -96,7 +96,7 @@ def get_version_by_alias(name: str, alias: str, tracking_uri: Optional[str] = No
     from mlflow.exceptions import MlflowException
 
     try:
-        return _client(tracking_uri).get_model_version_by_alias(name, alias)
+        return store_client(tracking_uri).get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         if is_not_found(exc):
             return None
@@ -131,7 +131,7 @@ def resolve_model_uri(uri: str, dst_dir: Optional[str | Path] = None,
     ``run_id``, ``source``, ``aliases`` and version tags (plus the model's own lineage.json)."""
     lineage: dict[str, Any] = {"uri": uri}
     if uri.startswith("models:/") or uri.startswith("runs:/"):
-        client = _client(tracking_uri)
+        client = store_client(tracking_uri)
         if uri.startswith("models:/"):
             rest = uri[len("models:/"):]
             if "@" in rest:

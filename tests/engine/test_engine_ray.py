@@ -307,14 +307,13 @@ def test_zero3_restart_on_another_worker_count_is_refused_on_the_driver(zero3_re
 
 @pytest.mark.timeout(600)
 def test_evaluate_pipeline_of_a_registered_model_matches_single_process(ray_session, data, tmp_path, monkeypatch,
-                                                                        capfd):
+                                                                        capfd, mlflow_store_restored):
     """``pipelines.evaluate --model models:/...@champion`` (2 workers, no training, bf16 autocast,
     the registered model's own config): the same detections and AP as one process evaluating the
     same fp32 weights under the same autocast (no DeepSpeed: its bf16 mode rounded the weights);
     no copy of the weights is kept anywhere (not in the run, its work folder or Ray's checkpoint).
     Runs in this module's Ray session (the pipeline joins an initialized Ray); ``ray job submit``
     of the pipelines is tests/pipelines/test_pipelines_ray_job.py."""
-    import mlflow
     from mlflow import MlflowClient
 
     from dino_scale.config import to_dict
@@ -329,7 +328,7 @@ def test_evaluate_pipeline_of_a_registered_model_matches_single_process(ray_sess
     work = tmp_path / "work"
     work.mkdir()
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the pipeline sets it: monkeypatch removes it again
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     cfg = small_cfg(**{"train.precision": "bf16", "train.zero_stage": 3})
     torch.manual_seed(11)
     model, _, post = build_dino(cfg.model)
@@ -342,12 +341,8 @@ def test_evaluate_pipeline_of_a_registered_model_matches_single_process(ray_sess
     set_alias("dino-tiny-coco", "champion", register_model(source_run, "dino-tiny-coco", tracking_uri=uri),
               tracking_uri=uri)
     run_name = unique("eval")
-    try:
-        out = evaluate_pipeline.run(["--model", "models:/dino-tiny-coco@champion", "--data", val_dir,
-                                     "--work-dir", str(work), "--workers", "2", "--run-name", run_name])
-    finally:
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
+    out = evaluate_pipeline.run(["--model", "models:/dino-tiny-coco@champion", "--data", val_dir,
+                                 "--work-dir", str(work), "--workers", "2", "--run-name", run_name])
     printed = capfd.readouterr()
     assert "COCO box AP (%) of models:/dino-tiny-coco@champion" in printed.out
     assert "Average Precision" not in printed.out + printed.err  # pycocotools' lines stay in the debug log

@@ -169,7 +169,7 @@ def test_pipelines_champion_concurrent_promotions_keep_the_better(client, _store
     assert _champion(client) == v5
 
 
-def test_pipelines_champion_hand_set_champion_is_kept(client, _store, tmp_path, monkeypatch):
+def test_pipelines_champion_hand_set_champion_is_kept(client, _store, tmp_path, monkeypatch, mlflow_store_restored):
     """`registry promote` rolls back to an older version; a later, better-than-it fine-tune
     becomes champion, and the rolled-back-from version (higher AP, promoted from the same
     version long before) does not take the alias back."""
@@ -179,13 +179,8 @@ def test_pipelines_champion_hand_set_champion_is_kept(client, _store, tmp_path, 
     assert promote_if_better("dino-tiny-coco", v1, 0.50, client=client).promoted
     v2 = _new_version(client, tmp_path)
     assert promote_if_better("dino-tiny-coco", v2, 0.70, client=client).promoted
-    monkeypatch.setattr(registry, "_client", lambda: client)
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", _store)  # main() sets it: monkeypatch then removes it
-    try:
-        assert registry.main(["--work-dir", str(tmp_path), "promote", "dino-tiny-coco", v1]) == 0
-    finally:  # main() points MLflow's globals at the store: later tests must not inherit it
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
+    monkeypatch.setattr(registry, "store_client", lambda uri=None: client)
+    assert registry.main(["--work-dir", str(tmp_path), "promote", "dino-tiny-coco", v1]) == 0
     assert _champion(client) == v1
     v3 = _new_version(client, tmp_path)
     assert promote_if_better("dino-tiny-coco", v3, 0.55, client=client).promoted

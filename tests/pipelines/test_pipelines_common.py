@@ -126,7 +126,9 @@ def test_pipelines_common_run_names():
 def test_pipelines_common_register_uploads_weights_the_tracker_left_behind(tmp_path, monkeypatch):
     """An MLflow outage past the engine's close timeout leaves the final folder's upload
     pending: registration uploads it itself instead of registering a version with no weights;
-    the categories land beside the local weights too."""
+    the categories land beside the local weights too. All of it in the run's store, even with
+    the process pointed at another one (was: the process-wide registry, which in CI was another
+    test's store)."""
     import json
 
     import mlflow
@@ -138,7 +140,9 @@ def test_pipelines_common_register_uploads_weights_the_tracker_left_behind(tmp_p
     from dino_scale.tracking.registry import resolve_model_uri
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(var, other)
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     run = client.create_run(client.create_experiment("pretrain-o365", artifact_location=str(tmp_path / "art")))
     cfg = preset("tiny")
@@ -148,7 +152,6 @@ def test_pipelines_common_register_uploads_weights_the_tracker_left_behind(tmp_p
                        config_path=final / "config.json", metrics={"AP": 0.25}, run_id=run.info.run_id,
                        tracking_uri=uri, run_name="r")
     cats = [{"id": 1, "name": "person"}]
-    # the registry follows MLFLOW_TRACKING_URI (mlflow.set_registry_uri would outlive the test)
     version = common.register(result, "dino-tiny-o365", alias="pretrained", categories=cats)
     assert version == "1"
     assert json.loads((final / "categories.json").read_text()) == cats
@@ -156,3 +159,4 @@ def test_pipelines_common_register_uploads_weights_the_tracker_left_behind(tmp_p
     assert {"model/model.safetensors", "model/config.json", "model/categories.json"} <= logged
     resolved = resolve_model_uri("models:/dino-tiny-o365@pretrained", tmp_path / "dl", tracking_uri=uri)
     assert resolved.weights_path.is_file() and client.get_model_version("dino-tiny-o365", "1").tags["AP"] == "0.250000"
+    assert mlflow.MlflowClient(other, registry_uri=other).search_registered_models() == []

@@ -39,10 +39,9 @@ def test_out_inside_an_input_folder_is_not_read_back(tmp_path):
     assert list_images([str(photos / "annotated")], skip_dir=photos / "annotated") == [photos / "annotated" / "a.jpg"]
 
 
-def test_predict_into_the_input_folder_keeps_every_input(tmp_path, monkeypatch):
+def test_predict_into_the_input_folder_keeps_every_input(tmp_path, monkeypatch, mlflow_store_restored):
     # predict points MLflow at its store (globals and environment): undone after the test
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     photos = tmp_path / "photos"
     (photos / "sub").mkdir(parents=True)
     colours = {"a.jpg": (200, 10, 10), "sub/a.jpg": (10, 200, 10), "a-2.jpg": (10, 10, 200)}
@@ -50,14 +49,8 @@ def test_predict_into_the_input_folder_keeps_every_input(tmp_path, monkeypatch):
         Image.new("RGB", (64, 48), colour).save(photos / name)
     before = {name: (photos / name).read_bytes() for name in colours}
     ckpt = _tiny_checkpoint(tmp_path / "ckpt")
-    try:
-        rc = main([str(photos), "--model", str(ckpt), "--out", str(photos), "--threshold", "1",
-                   "--work-dir", str(tmp_path / "runs")])
-    finally:
-        import mlflow
-
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
+    rc = main([str(photos), "--model", str(ckpt), "--out", str(photos), "--threshold", "1",
+               "--work-dir", str(tmp_path / "runs")])
     assert rc == 0
     assert {name: (photos / name).read_bytes() for name in colours} == before
     pred = json.loads((photos / "predictions.json").read_text())

@@ -431,4 +431,3 @@ def register(result, name: str, alias: Optional[str], categories: list[dict],
     if alias:
         set_alias(name, alias, version, tracking_uri=uri)
     return version
-

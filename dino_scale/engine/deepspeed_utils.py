@@ -206,7 +206,9 @@ class AccumulationWindow:
     step), a window with none backpropagated takes no step, and an epoch ending mid-window
     (the data ran out) is flushed. So no gradient is ever pending at an epoch end or a
     checkpoint: a resumed run continues exactly. ``step_applied`` says whether the last flush
-    changed the weights, and ``skip_reason`` why not: ``"fp16 overflow"`` (fp16 loss scaling
+    changed the weights, ``grad_norm`` the global gradient norm (before clipping) DeepSpeed
+    computed for it (``None``: none computed, as without ZeRO in fp32 when clipping is off), and
+    ``skip_reason`` why not: ``"fp16 overflow"`` (fp16 loss scaling
     found one and lowered the scale) or ``"non-finite gradients"`` (a finite loss whose
     gradients are not: DeepSpeed's ZeRO-1/2/3 optimizers skip such a step; without ZeRO and
     fp16 DeepSpeed applied it and every weight became NaN, so the window checks the gradients
@@ -221,6 +223,31 @@ class AccumulationWindow:
         self.skip_reason: Optional[str] = None  # why the last flush with gradients did not
         self._fp16 = bool(engine.fp16_enabled())
         self._check_grads = engine.zero_optimization_stage() == 0 and not self._fp16
+        self._grad_norm = None  # of the last flush with gradients: a tensor, or what DeepSpeed keeps
+        self._clip_norm = None
+        if self._check_grads and not engine.bfloat16_enabled() and hasattr(engine, "clip_fp32_gradients"):
+            self._keep_fp32_clip_norm()
+
+    def _keep_fp32_clip_norm(self) -> None:
+        """Without ZeRO in fp32 DeepSpeed clips the gradients after their all-reduce with the
+        global norm, and drops the norm (``get_global_grad_norm()`` stays ``None``): the engine's
+        clipping is replaced by the same call that keeps it (one all-reduce, as before)."""
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        engine = self.engine
+
+        def clip_and_keep_norm() -> None:
+            self._clip_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                              max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+        engine.clip_fp32_gradients = clip_and_keep_norm
+
+    @property
+    def grad_norm(self) -> Optional[float]:
+        """The global gradient norm, before clipping, of the last flush with gradients (not finite
+        where the step was skipped for it); ``None``: not known (no such flush yet, a skip found
+        by the window's own check, or DeepSpeed computed none)."""
+        return None if self._grad_norm is None else float(self._grad_norm)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -237,14 +264,18 @@ class AccumulationWindow:
         self.step_applied, self.skip_reason = False, None
         if not n:
             return 0
+        self._grad_norm = None
         if self._check_grads and not self._gradients_finite():
             self.engine.zero_grad()  # as DeepSpeed's ZeRO optimizers drop a non-finite step's gradients
             if hasattr(self.engine, "_unmanaged_backward_count"):  # its sample counter: no step was taken
                 self.engine._unmanaged_backward_count = 0
             self.skip_reason = "non-finite gradients"
             return n
+        self._clip_norm = None
         self.engine.step()
         self.step_applied = bool(self.engine.was_step_applied())
+        norm = self.engine.get_global_grad_norm()
+        self._grad_norm = self._clip_norm if norm is None else norm
         if not self.step_applied:
             self.skip_reason = "fp16 overflow" if self._fp16 else "non-finite gradients"
         return n

@@ -259,9 +259,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         m.update(losses)
         snap = meter.snapshot()
         m.update(snap if losses else {"data_wait_share": snap["data_wait_share"]})
-        norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
-        if norm is not None and math.isfinite(float(norm)):
-            m["grad_norm"] = float(norm)
+        norm = accumulation.grad_norm
+        if norm is not None and math.isfinite(norm):
+            m["grad_norm"] = norm
         if rank == 0:
             try:  # images dropped at decode time (counted by the data layer)
                 from dino_scale.data.ray_data import decode_skips

@@ -47,7 +47,13 @@ _WINDOWS = textwrap.dedent("""
         gen = torch.Generator().manual_seed(1)
         data = [[[(torch.randn(2, 8, generator=gen), torch.randn(2, 3, generator=gen)) for _ in w] for w in pattern]
                 for _ in range(world)]
-        flushed, micro = [], 0
+        flushed, micro, norms, ref_norms = [], 0, [], []
+
+        def flush():
+            flushed.append(window.flush())
+            if flushed[-1]:
+                norms.append(window.grad_norm)
+
         for w, kinds in enumerate(pattern):
             for m, kind in enumerate(kinds):
                 micro += 1
@@ -56,21 +62,22 @@ _WINDOWS = textwrap.dedent("""
                 if kind == "ok":
                     window.backward(loss)
                 if window.ends_at(micro):
-                    flushed.append(window.flush())
+                    flush()
             if window.pending:  # the last window, cut short
-                flushed.append(window.flush())
+                flush()
             ok = [m for m, kind in enumerate(kinds) if kind == "ok"]
             if ok:
                 ref_opt.zero_grad()
                 loss = sum(((ref(data[r][w][m][0]) - data[r][w][m][1]) ** 2).mean() for r in range(world) for m in ok)
                 (loss / accum / world).backward()
-                torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+                ref_norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)))
                 ref_opt.step()
         diff = max(float(((safe_get_full_fp32_param(p) if stage else p.detach()) - q).abs().max())
                    for p, q in zip(engine.module.parameters(), ref.parameters()))
         moved = max(float((q - q0).abs().max()) for q, q0 in zip(ref.parameters(), init))
         if rank == 0:
             print("REPORT " + json.dumps({"stage": stage, "accum": accum, "flushed": flushed, "diff": diff, "moved": moved,
+                                          "norms": norms, "ref_norms": ref_norms,
                                           "engine_steps": engine.global_steps,
                                           "managed": ds["managed_gradient_accumulation"]}), flush=True)
     torch.distributed.destroy_process_group()
@@ -79,7 +86,8 @@ _WINDOWS = textwrap.dedent("""
 
 def test_windows_with_skipped_micro_batches_match_plain_torch():
     """Every ZeRO stage: a skipped micro-batch adds no gradient and never shifts the windows, an
-    all-skipped window takes no step, and a window cut short is applied, not left pending."""
+    all-skipped window takes no step, and a window cut short is applied, not left pending; each
+    step's ``grad_norm`` is the global norm before clipping (was: none without ZeRO in fp32)."""
     reports = run_ranks(_WINDOWS, 2, "0,1,2,3")
     assert [r["stage"] for r in reports] == [0, 1, 2, 3]
     for r in reports:
@@ -87,6 +95,8 @@ def test_windows_with_skipped_micro_batches_match_plain_torch():
         assert r["flushed"] == [2, 1, 0, 1], r
         assert r["engine_steps"] == 3, r
         assert r["diff"] < 1e-6 and r["moved"] > 1e-3, r
+        assert len(r["norms"]) == len(r["ref_norms"]) == 3 and min(r["ref_norms"]) > 0.1, r  # each step clipped
+        assert all(abs(a - b) <= 1e-5 * b for a, b in zip(r["norms"], r["ref_norms"])), r
 
 
 def test_train_state_position_rescales_to_another_worker_count():

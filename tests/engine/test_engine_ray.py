@@ -199,7 +199,7 @@ def test_zero3_fit_eval_and_mlflow_server_outage(zero3_reference, data):
     assert run.data.tags["workers"] == "2" and run.data.tags["purpose"] == "test"
     steps = sorted(m.step for m in client.get_metric_history(result.run_id, "loss"))
     assert steps == [1, 2], steps
-    for key in ("lr", "img_per_s", "data_wait_share", "train/loss_ce", "eval/AP", "final/AP"):
+    for key in ("lr", "grad_norm", "img_per_s", "data_wait_share", "train/loss_ce", "eval/AP", "final/AP"):
         assert client.get_metric_history(result.run_id, key), key
     arts = {f.path for f in client.list_artifacts(result.run_id, "model")}
     assert {"model/model.safetensors", "model/config.json", "model/lineage.json"} <= arts

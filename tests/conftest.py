@@ -46,17 +46,18 @@ def _mlflow_store_state() -> dict[str, object]:
 
 
 def _restore_mlflow_store(state: dict[str, object]) -> None:
+    """Put back a :func:`_mlflow_store_state`: MLflow's setters first (they also reset what
+    depends on the URI, e.g. the tracer), then the variables (the setters export theirs)."""
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(state["mlflow._tracking_uri"])
+        mlflow.set_registry_uri(state["mlflow._registry_uri"])
     for key in _MLFLOW_ENV:
         if state[key] is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = str(state[key])
-    tracking = sys.modules.get("mlflow.tracking._tracking_service.utils")
-    registry = sys.modules.get("mlflow.tracking._model_registry.utils")
-    if tracking is not None:
-        tracking._tracking_uri = state["mlflow._tracking_uri"]
-    if registry is not None:
-        registry._registry_uri = state["mlflow._registry_uri"]
 
 
 @pytest.fixture(autouse=True)

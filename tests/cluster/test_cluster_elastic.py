@@ -78,12 +78,13 @@ def test_elastic_run_shrinks_on_a_lost_node_and_grows_on_a_new_one(ray_lock, tmp
         run_dir = tmp_path / "work" / "ray" / run_name
         removed: list[str] = []
         added: list[str] = []
+        done = threading.Event()  # set when fit() returns or raises: no node changes after the shutdown
 
         def wait_for(pid: Path, step: int) -> bool:
-            deadline = time.monotonic() + 400
-            while not (pid.exists() and registered_step(run_dir) >= step) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            return pid.exists()
+            while not (pid.exists() and registered_step(run_dir) >= step):
+                if done.wait(0.05):
+                    return False
+            return True
 
         def preempt_then_grow():
             # remove rank 1's node once it paused after step 2 and step 1 is registered
@@ -102,10 +103,13 @@ def test_elastic_run_shrinks_on_a_lost_node_and_grows_on_a_new_one(ray_lock, tmp
                  "pauses": [{"pid_file": str(alone_pid_file), "pid_rank": 0, "pid_world": 1, "pid_after_step": 3,
                              "pause_s": 120}]}
         t0 = time.monotonic()
-        run = fit(cfg, train_dir, None, tmp_path / "work", run_name, experiment="elastic-test",
-                  test_hooks=hooks, progress=False)
+        try:
+            run = fit(cfg, train_dir, None, tmp_path / "work", run_name, experiment="elastic-test",
+                      test_hooks=hooks, progress=False)
+        finally:
+            done.set()
+            thread.join(timeout=5)
         print(f"elastic run took {time.monotonic() - t0:.1f}s")
-        thread.join(timeout=5)
         # the data layer's bookkeeping actors (epoch clock, decode-skip counter) live on the
         # driver's node: the scheduler alone put them on training nodes, and on the lost node
         # the restarted group failed on its first set_epoch

@@ -98,6 +98,7 @@ def zero3_reference(ray_session, data, tmp_path_factory):
     server = MlflowServer(base / "mlflow").start()
     storage = base / "ray"
     events: list[str] = []
+    done = threading.Event()  # set when fit() returns or raises: no server start after the fixture's stop
 
     def checkpoint_names() -> set[str]:  # step (ckpt_*) and final (final_*) checkpoints of the run
         return {p.name for p in storage.glob("*/*") if p.name.startswith(("ckpt_", "final_"))}
@@ -105,7 +106,8 @@ def zero3_reference(ray_session, data, tmp_path_factory):
     def outage():  # stop the server after the first checkpoint, restart it after the next
         try:
             while not checkpoint_names():
-                time.sleep(0.1)
+                if done.wait(0.1):
+                    return
             # by name, not count: with checkpoints_to_keep=2 the count stops growing. Taken before
             # the stop so the last step's checkpoint (written before the final flush) always counts as new.
             seen = checkpoint_names()
@@ -113,7 +115,8 @@ def zero3_reference(ray_session, data, tmp_path_factory):
             events.append("stopped")
             deadline = time.monotonic() + 120
             while not (checkpoint_names() - seen) and time.monotonic() < deadline:
-                time.sleep(0.1)
+                if done.wait(0.1):
+                    return
             server.start()
             events.append("restarted")
         except Exception as exc:  # surfaced by the assertions of the test
@@ -125,13 +128,15 @@ def zero3_reference(ray_session, data, tmp_path_factory):
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MLFLOW_TRACKING_URI", server.uri)
-            result = fit(cfg, train_dir, val_dir, base / "work", run_name, experiment="engine-test",
-                         storage_path=str(storage), tags={"purpose": "test"}, tracking_close_timeout_s=600,
-                         test_hooks=_REFERENCE_HOOKS)
-        thread.join(timeout=180)
+            try:
+                result = fit(cfg, train_dir, val_dir, base / "work", run_name, experiment="engine-test",
+                             storage_path=str(storage), tags={"purpose": "test"}, tracking_close_timeout_s=600,
+                             test_hooks=_REFERENCE_HOOKS)
+            finally:
+                done.set()
+                thread.join(timeout=180)
         yield cfg, result, storage, run_name, list(events), server
     finally:
-        thread.join(timeout=1)
         server.stop()
 
 
@@ -253,15 +258,15 @@ def test_zero3_exact_resume_after_worker_kill(zero3_reference, data, tmp_path, m
     run_name = unique("killed")
     run_dir = tmp_path / "killed" / "ray" / run_name
     killed: list[int] = []
+    done = threading.Event()  # set when fit() returns or raises: the thread must not kill later
 
     def killer():
-        deadline = time.monotonic() + 600
-        while not (pid_file.exists() and registered_step(run_dir) >= 1) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if pid_file.exists():
-            pid = int(pid_file.read_text())
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+        while not (pid_file.exists() and registered_step(run_dir) >= 1):
+            if done.wait(0.05):
+                return
+        pid = int(pid_file.read_text())
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
@@ -271,10 +276,13 @@ def test_zero3_exact_resume_after_worker_kill(zero3_reference, data, tmp_path, m
     # the controller has registered the step-1 checkpoint (its snapshot file says so). No val
     # set: the comparison is of weights (evaluation would not change them).
     hooks = {**_REFERENCE_HOOKS, "pid_file": str(pid_file), "pid_rank": 1, "pid_after_step": 2, "pause_s": 120}
-    run = fit(cfg, train_dir, None, tmp_path / "killed", run_name, experiment="engine-test",
-              test_hooks=hooks, progress=False)
-    thread.join(timeout=5)
-    assert killed, "the worker pid was never written"
+    try:
+        run = fit(cfg, train_dir, None, tmp_path / "killed", run_name, experiment="engine-test",
+                  test_hooks=hooks, progress=False)
+    finally:
+        done.set()
+        thread.join(timeout=5)
+    assert killed, "the worker was never killed (its pid or the step-1 checkpoint never appeared)"
     assert run.metrics["step"] == 2 and run.metrics["resumes"] == 1  # restarted once, from a checkpoint
     a, b = load_weights(ref.weights_path), load_weights(run.weights_path)
     assert a.keys() == b.keys()

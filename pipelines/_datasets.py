@@ -6,7 +6,7 @@ Accepted forms for each argument:
 - a folder holding ``train/`` and ``val/`` dataset folders (for ``--data`` only: both
   are used);
 - an annotation JSON (COCO / Objects365 format) plus ``--images``: converted first into
-  ``<work-dir>/data/<name>/`` (reused when already converted);
+  ``<work-dir>/data/<name>/`` (reused while the file is unchanged, converted again after an edit);
 - nothing: a synthetic set (``o365-like`` or ``coco-like``) is generated under
   ``<work-dir>/data/synthetic-<flavour>-<n>/{train,val}`` (reused when present).
 """
@@ -34,9 +34,11 @@ def _convert(ann: Path, images: Optional[str], work_dir: Path, log: Callable[[st
     key = hashlib.sha1(f"{ann.resolve()}|{root.resolve()}".encode()).hexdigest()[:8]
     out = work_dir / "data" / f"{ann.stem}-{key}"
     if _is_dataset(out):
-        log(f"using converted dataset {out}")
-        return out
-    log(f"converting {ann} (images under {root}) -> {out}")
+        log(f"using converted dataset {out} (converted again if {ann.name} changed since)")
+    else:
+        log(f"converting {ann} (images under {root}) -> {out}")
+    # the manifest's signature (the file's size and mtime) decides: an unchanged file returns
+    # at once, an edited one is converted again rather than trained on as it was before
     convert_coco(str(ann), str(root), str(out), progress=True)
     return out
 

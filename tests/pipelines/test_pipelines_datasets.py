@@ -100,3 +100,28 @@ def test_pipelines_datasets_class_count_follows_the_user(raw):
         check_classes(preset("tiny", ["model.num_classes=120", "model.dn_labelbook_size=91"]), cats, "coco/train")
     check_classes(preset("tiny", ["model.num_classes=120", "model.dn_labelbook_size=91", "model.dn_number=0"]),
                   cats, "coco/train")
+
+
+def test_pipelines_datasets_edited_annotation_file_is_converted_again(tmp_path):
+    """An annotation JSON given as --data is converted into <work-dir>/data once; after the
+    user edits the file (fixes labels, drops boxes) the next run converts it again (was: the
+    shards of the old file were reused and trained on without a word)."""
+    import json
+
+    from dino_scale.data import iter_records, read_manifest
+
+    root, ann = synthetic.generate(tmp_path / "coco", flavour="coco-like", num_images=4, seed=5)
+    args = _args(data=str(ann), images=str(root))
+    train, _, _ = resolve_datasets(args, tmp_path / "work", "coco-like", 8, 0, lambda m: None)
+    doc = json.loads(ann.read_text())
+    assert read_manifest(train)["num_boxes"] == len(doc["annotations"]) > 1
+    doc["annotations"] = doc["annotations"][:1]  # the user keeps one box, relabelled
+    doc["annotations"][0]["category_id"] = doc["categories"][-1]["id"]
+    ann.write_text(json.dumps(doc))
+    again, _, _ = resolve_datasets(args, tmp_path / "work", "coco-like", 8, 0, lambda m: None)
+    assert again == train
+    assert read_manifest(again)["num_boxes"] == 1
+    labels = [int(c) for r in iter_records(again) for c in r["category_ids"]]
+    assert labels == [doc["categories"][-1]["id"]]
+    unchanged, _, _ = resolve_datasets(args, tmp_path / "work", "coco-like", 8, 0, lambda m: None)
+    assert unchanged == again and read_manifest(unchanged)["num_boxes"] == 1  # reused while unchanged

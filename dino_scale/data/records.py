@@ -148,12 +148,21 @@ def to_coco_gt(data_dir: Union[PathLike, Sequence[PathLike]]) -> dict[str, Any]:
 
     Built from the shards, so it holds exactly what was converted (dropped boxes and
     skipped images are absent). Feed it to ``pycocotools.coco.COCO`` via ``dataset=``.
+    Several folders must not share an image id (``ValueError``): COCO evaluation keys
+    detections and ground truth by image id, so two images of one id would be scored as one.
     """
     dirs = data_dirs(data_dir)
+    shard_paths(dirs)  # the folders' categories must agree
     categories = read_manifest(dirs[0])["categories"]
     images, annotations = [], []
     cols = ["image_id", "file_name", "width", "height", "boxes", "category_ids", "iscrowd", "area"]
-    for rec in iter_records(dirs, columns=cols):
+    owner: dict[int, Path] = {}  # image id -> its folder (a converted folder never repeats an id)
+    for folder, rec in ((d, r) for d in dirs for r in iter_records(d, columns=cols)):
+        if rec["image_id"] in owner:
+            raise ValueError(f"image id {rec['image_id']} is in {owner[rec['image_id']]} and in {folder}: "
+                             f"evaluation matches detections to ground truth by image id, so the folders "
+                             f"need distinct ids (evaluate them separately, or renumber one before converting)")
+        owner[rec["image_id"]] = folder
         images.append({"id": rec["image_id"], "file_name": rec["file_name"],
                        "width": rec["width"], "height": rec["height"]})
         for box, cat, crowd, area in zip(rec["boxes"], rec["category_ids"], rec["iscrowd"], rec["area"]):

@@ -30,12 +30,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def dino_resize_size(hw: tuple[int, int], size: int, max_size: Optional[int] = None) -> tuple[int, int]:
-    """Output (h, w) for "short side = size, long side <= max_size" (DETR's rule, incl. rounding)."""
+    """Output (h, w) for "short side = size, long side <= max_size" (DETR's rule, incl. rounding).
+
+    The short side is at least 1 pixel: a strip thinner than ``max_size / (2 * size)`` of its
+    length (e.g. 1x4000 at 800/1333) keeps a 1-pixel short side (DETR's rule gives 0, and the
+    resize to 0 pixels crashed), so its long side may exceed ``max_size``."""
     h, w = hw
     if max_size is not None:
         lo, hi = float(min(w, h)), float(max(w, h))
         if hi / lo * size > max_size:
-            size = int(round(max_size * lo / hi))
+            size = max(1, int(round(max_size * lo / hi)))
     if (w <= h and w == size) or (h <= w and h == size):
         return h, w
     if w < h:

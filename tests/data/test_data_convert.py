@@ -196,3 +196,31 @@ def test_data_convert_crowd_count_only_written_images(tmp_path, monkeypatch):
     del record["num_crowd_boxes"]
     progress_file.write_text(json.dumps(record))
     assert convert_coco(ann, root, tmp_path / "run", max_images_per_shard=1, progress=False)["num_crowd_boxes"] == 2
+
+
+def test_data_coco_gt_refuses_an_image_id_of_two_folders(tmp_path):
+    """Detections are matched to ground truth by image id: with image id 1 in two val folders,
+    the ground truth held both images' boxes under one id, and a detection of each image's
+    object in the OTHER image scored AP 1.0 (truth: 0.0). Such folders are refused now."""
+    from PIL import Image
+
+    from dino_scale.engine.evaluate import coco_evaluate
+
+    def folder(name, box):
+        root = tmp_path / f"images_{name}"
+        root.mkdir()
+        Image.new("RGB", (64, 48), (200, 0, 0)).save(root / "a.png")
+        doc = {"images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 48}],
+               "categories": [{"id": 1, "name": "x"}],
+               "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": box}]}
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+        convert_coco(tmp_path / f"{name}.json", root, tmp_path / name, progress=False)
+        return tmp_path / name
+
+    a, b = folder("a", [2, 2, 20, 20]), folder("b", [30, 20, 20, 20])
+    # each folder alone is fine, and an object found in the wrong image scores nothing
+    assert coco_evaluate(to_coco_gt(a), [{"image_id": 1, "category_id": 1, "bbox": [30, 20, 20, 20],
+                                          "score": 0.9}])["AP"] == 0.0
+    for joined in (f"{a},{b}", [a, a]):
+        with pytest.raises(ValueError, match="image id 1 is in .* and in .*distinct ids"):
+            to_coco_gt(joined)

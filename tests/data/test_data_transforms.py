@@ -117,3 +117,20 @@ def test_data_normalize_batch():
     assert (x[0, :, :, 3:] == 0).all()
     with pytest.raises(Exception):
         collate([])
+
+
+def test_data_resize_keeps_a_thin_strip_non_empty():
+    """DETR's rule resized a strip thinner than max_size / (2 * size) of its length (1x4000 at
+    800/1333, 3x4000 at the tiny preset's 256/320) to 0 pixels: the resize raised, which ended
+    the evaluation / training data pipeline and `pipelines.predict` (no predictions.json)."""
+    from pipelines.predict import preprocess
+
+    assert dino_resize_size((1, 4000), 800, 1333) == (1, 4000)
+    assert dino_resize_size((4000, 1), 800, 1333) == (4000, 1)
+    assert dino_resize_size((3, 4000), 256, 320) == (1, 1333)
+    assert dino_resize_size((2, 4000), 800, 1333) == (1, 2000)  # unchanged where DETR's rule gives > 0
+    s = DetectionTransform(preset("tiny").data, train=False)(_record(w=4000, h=3, box=(100, 0, 50, 3)))
+    assert tuple(s["size"].tolist()) == (1, 1333) and tuple(s["orig_size"].tolist()) == (3, 4000)
+    np.testing.assert_allclose(s["boxes"][0].numpy(), [125 / 4000, 0.5, 50 / 4000, 1.0], atol=1e-5)
+    x, mask = preprocess(Image.new("RGB", (4000, 3)), 256, 320)
+    assert x.shape == (1, 3, 1, 1333) and mask.shape == (1, 1, 1333) and not mask.any()

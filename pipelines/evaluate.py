@@ -127,6 +127,10 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
                               run_name, experiment=args.experiment, tags=tags)
     print()
     print(format_table(result.metrics, f"COCO box AP (%) of {args.model} on {val}"))
+    unevaluated = int(result.metrics.get("images_unevaluated") or 0)
+    if unevaluated:
+        print(f"warning: {unevaluated} val image(s) could not be decoded and were not evaluated; their objects "
+              f"count as misses in the AP (image ids in the workers' log)")
     print(f"MLflow run: {result.run_id} (experiment {args.experiment}, store {uri})")
     return {"metrics": dict(result.metrics), "run_id": result.run_id, "val": val}
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 __all__ = ["METRIC_NAMES", "to_coco_detections", "predict_batch", "coco_evaluate", "gather_to_rank0",
-           "evaluate_batches"]
+           "evaluate_batches", "unevaluated_images"]
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -130,6 +130,14 @@ def gather_to_rank0(items: list) -> Optional[list]:
     if dist.get_rank() != 0:
         return None
     return [x for part in gathered for x in part]
+
+
+def unevaluated_images(coco_gt: dict, evaluated_ids: Iterable[int]) -> list[int]:
+    """Ids (sorted) of ``coco_gt``'s images that no worker evaluated: images the data layer
+    dropped because they would not decode. COCO evaluation still counts their objects as
+    missed, so the AP is that of the whole set; this says how many were never looked at."""
+    seen = {int(i) for i in evaluated_ids}
+    return sorted(int(img["id"]) for img in coco_gt.get("images", []) if int(img["id"]) not in seen)
 
 
 def coco_evaluate(coco_gt: dict, detections: list[dict]) -> dict[str, float]:

@@ -35,7 +35,7 @@ from dino_scale.engine.deepspeed_utils import (
     AccumulationWindow, ModelEMA, build_ds_config, full_state_dict, grad_accum_steps, init_deepspeed,
 )
 from dino_scale.engine.elastic import resume_source
-from dino_scale.engine.evaluate import coco_evaluate, evaluate_batches, gather_to_rank0
+from dino_scale.engine.evaluate import coco_evaluate, evaluate_batches, gather_to_rank0, unevaluated_images
 from dino_scale.engine.optim import applied_lr, build_optimizer, build_scheduler
 from dino_scale.engine.progress import LossWindow, WindowMeter
 from dino_scale.data.ray_data import set_epoch as set_data_epoch
@@ -124,8 +124,10 @@ def _evaluate_val(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: t
                   amp: Optional[torch.dtype], rank: int, tracker, step: int
                   ) -> tuple[dict[str, Any], Optional[list]]:
     """COCO AP of ``model`` over this worker's shard of the ``val`` dataset, logged as ``eval/*``
-    at ``step`` when ``tracker`` is given. Returns ``({AP..., num_detections}, detections)`` on
-    rank 0 and ``({}, None)`` on the others; every rank must call it (detections are gathered)."""
+    at ``step`` when ``tracker`` is given. Returns ``({AP..., num_detections, images_unevaluated},
+    detections)`` on rank 0 and ``({}, None)`` on the others; every rank must call it (detections
+    and evaluated image ids are gathered). Images the data layer dropped (undecodable) still
+    count in the AP as misses; their number is reported and logged with a warning."""
     import ray.train
 
     from dino_scale.data.collate import collate
@@ -135,14 +137,27 @@ def _evaluate_val(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: t
     shard = ray.train.get_dataset_shard("val")
     batches = (collate(rows_of(b), pad_multiple=pad_multiple) for b in shard.iter_batches(
         batch_size=cfg.eval.batch_size, drop_last=False, batch_format="numpy", prefetch_batches=1))
-    batches = ((_prepare_images(i, m), m, t) for i, m, t in batches)
+    evaluated: list[int] = []
+
+    def prepared(batches):
+        for images, masks, targets in batches:
+            evaluated.extend(int(torch.as_tensor(t["image_id"]).reshape(-1)[0]) for t in targets)
+            yield _prepare_images(images, masks), masks, targets
+
     factors = [s / cfg.data.eval_size for s in cfg.eval.tta_scales] if cfg.eval.tta else [1.0]
-    local = evaluate_batches(model, postprocessor, batches, device, amp_dtype=amp, tta=cfg.eval.tta,
+    local = evaluate_batches(model, postprocessor, prepared(batches), device, amp_dtype=amp, tta=cfg.eval.tta,
                              tta_scale_factors=factors, num_select=cfg.model.num_select)
     detections = gather_to_rank0(local)
+    evaluated_ids = gather_to_rank0(evaluated)
     if rank != 0:
         return {}, None
-    ap = coco_evaluate(_object(loop_cfg["val_gt"]), detections)
+    val_gt = _object(loop_cfg["val_gt"])
+    missing = unevaluated_images(val_gt, evaluated_ids)
+    if missing:
+        log.warning("evaluation at step %d: %d of %d val images could not be decoded and were not evaluated "
+                    "(their objects count as misses); image ids %s%s", step, len(missing),
+                    len(val_gt.get("images", [])), missing[:10], " ..." if len(missing) > 10 else "")
+    ap = {**coco_evaluate(val_gt, detections), "images_unevaluated": len(missing)}
     if tracker is not None:
         tracker.log_metrics({f"eval/{k}": v for k, v in ap.items()}, step=step)
     return {**ap, "num_detections": len(detections)}, detections

@@ -134,3 +134,14 @@ def test_tta_views_merged():
         assert float(b[:, [0, 2]].min()) >= -1e-3 and float(b[:, [0, 2]].max()) <= w + 1e-3
     # the best merged score is at least the best single-view score
     assert all(float(t["scores"][0]) >= float(p["scores"][0]) - 1e-6 for t, p in zip(tta, plain))
+
+
+def test_unevaluated_images_are_the_ground_truth_images_no_worker_saw():
+    """Images the data layer dropped (undecodable) are the ground truth's ids missing from the
+    gathered ids of the evaluated ones; order and repeats of the gathered ids do not matter."""
+    from dino_scale.engine.evaluate import unevaluated_images
+
+    gt = {"images": [{"id": i} for i in (7, 3, 12, 5)], "annotations": [], "categories": []}
+    assert unevaluated_images(gt, [5, 3, 5, 12, 7]) == []
+    assert unevaluated_images(gt, [12, 3]) == [5, 7]
+    assert unevaluated_images(gt, []) == [3, 5, 7, 12]

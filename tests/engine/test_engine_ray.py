@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -320,19 +321,24 @@ def test_evaluate_pipeline_of_a_registered_model_matches_single_process(ray_sess
     the registered model's own config): the same detections and AP as one process evaluating the
     same fp32 weights under the same autocast (no DeepSpeed: its bf16 mode rounded the weights);
     no copy of the weights is kept anywhere (not in the run, its work folder or Ray's checkpoint).
-    Runs in this module's Ray session (the pipeline joins an initialized Ray); ``ray job submit``
+    One val image no longer decodes (corrupted after conversion): the run counts it and says so
+    (was: its objects counted as misses without a word). Runs in this module's Ray session (the pipeline joins an initialized Ray); ``ray job submit``
     of the pipelines is tests/pipelines/test_pipelines_ray_job.py."""
     from mlflow import MlflowClient
 
     from dino_scale.config import to_dict
-    from dino_scale.data import LocalLoader, to_coco_gt
+    from dino_scale.data import LocalLoader, convert_coco, to_coco_gt
     from dino_scale.engine.checkpoint import save_weights
     from dino_scale.engine.evaluate import coco_evaluate, evaluate_batches
     from dino_scale.models import build_dino
     from dino_scale.tracking import ResilientLogger, register_model, set_alias
     from pipelines import evaluate as evaluate_pipeline
 
-    _, val_dir = data
+    raw = tmp_path / "raw_val"  # the images by path, one of them broken after conversion
+    shutil.copytree(Path(data[1]).parent / "raw_val", raw)
+    val_dir = str(tmp_path / "val")
+    convert_coco(raw / "annotations.json", raw / "images", val_dir, embed_images=False, progress=False)
+    sorted((raw / "images").glob("*.jpg"))[0].write_bytes(b"\xff\xd8 not a jpeg any more")
     work = tmp_path / "work"
     work.mkdir()
     uri = f"sqlite:///{work / 'mlflow.db'}"
@@ -355,12 +361,15 @@ def test_evaluate_pipeline_of_a_registered_model_matches_single_process(ray_sess
     assert "COCO box AP (%) of models:/dino-tiny-coco@champion" in printed.out
     assert "Average Precision" not in printed.out + printed.err  # pycocotools' lines stay in the debug log
 
-    local = evaluate_batches(model.eval(), post, LocalLoader(val_dir, cfg.data, train=False, batch_size=1,
-                                                             normalize=True),
-                             torch.device("cpu"), amp_dtype=torch.bfloat16)
+    assert "1 val image(s) could not be decoded" in printed.out
+
+    loader = LocalLoader(val_dir, cfg.data, train=False, batch_size=1, normalize=True)
+    local = evaluate_batches(model.eval(), post, loader, torch.device("cpu"), amp_dtype=torch.bfloat16)
+    assert loader.skips["count"] == 1  # the same image, skipped here too
     direct = coco_evaluate(to_coco_gt(val_dir), local)
     metrics = out["metrics"]
     assert metrics["step"] == 0 and metrics["num_detections"] == len(local)
+    assert metrics["images_unevaluated"] == 1
     for key, value in direct.items():
         assert metrics[key] == pytest.approx(value, abs=1e-3), key
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 __all__ = ["METRIC_NAMES", "to_coco_detections", "predict_batch", "coco_evaluate", "gather_to_rank0",
-           "evaluate_batches", "unevaluated_images"]
+           "evaluate_batches", "unevaluated_images", "target_image_ids"]
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -132,6 +132,11 @@ def gather_to_rank0(items: list) -> Optional[list]:
     return [x for part in gathered for x in part]
 
 
+def target_image_ids(targets: Sequence[dict]) -> list[int]:
+    """The ``image_id`` of each target of a batch (a scalar or a 1-element tensor/array)."""
+    return [int(torch.as_tensor(t["image_id"]).reshape(-1)[0]) for t in targets]
+
+
 def unevaluated_images(coco_gt: dict, evaluated_ids: Iterable[int]) -> list[int]:
     """Ids (sorted) of ``coco_gt``'s images that no worker evaluated: images the data layer
     dropped because they would not decode. COCO evaluation still counts their objects as
@@ -175,7 +180,7 @@ def evaluate_batches(model, postprocessor, batches: Iterable, device: torch.devi
     dets: list[dict] = []
     for images, masks, targets in batches:
         orig = torch.stack([torch.as_tensor(t["orig_size"]).reshape(2) for t in targets]).to(device)
-        ids = [int(torch.as_tensor(t["image_id"]).reshape(-1)[0]) for t in targets]
+        ids = target_image_ids(targets)
         results = predict_batch(model, postprocessor, images.to(device), masks.to(device), orig,
                                 amp_dtype=amp_dtype, tta=tta, tta_scale_factors=tta_scale_factors,
                                 num_select=num_select)

@@ -35,7 +35,9 @@ from dino_scale.engine.deepspeed_utils import (
     AccumulationWindow, ModelEMA, build_ds_config, full_state_dict, grad_accum_steps, init_deepspeed,
 )
 from dino_scale.engine.elastic import resume_source
-from dino_scale.engine.evaluate import coco_evaluate, evaluate_batches, gather_to_rank0, unevaluated_images
+from dino_scale.engine.evaluate import (
+    coco_evaluate, evaluate_batches, gather_to_rank0, target_image_ids, unevaluated_images,
+)
 from dino_scale.engine.optim import applied_lr, build_optimizer, build_scheduler
 from dino_scale.engine.progress import LossWindow, WindowMeter
 from dino_scale.data.ray_data import set_epoch as set_data_epoch
@@ -141,7 +143,7 @@ def _evaluate_val(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: t
 
     def prepared(batches):
         for images, masks, targets in batches:
-            evaluated.extend(int(torch.as_tensor(t["image_id"]).reshape(-1)[0]) for t in targets)
+            evaluated.extend(target_image_ids(targets))
             yield _prepare_images(images, masks), masks, targets
 
     factors = [s / cfg.data.eval_size for s in cfg.eval.tta_scales] if cfg.eval.tta else [1.0]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from engine_fixtures import make_data, registered_step, small_cfg, unique  # noqa: E402
+from engine_fixtures import make_data, paused_at, small_cfg, unique, watching  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -78,37 +77,25 @@ def test_elastic_run_shrinks_on_a_lost_node_and_grows_on_a_new_one(ray_lock, tmp
         run_dir = tmp_path / "work" / "ray" / run_name
         removed: list[str] = []
         added: list[str] = []
-        done = threading.Event()  # set when fit() returns or raises: no node changes after the shutdown
 
-        def wait_for(pid: Path, step: int) -> bool:
-            while not (pid.exists() and registered_step(run_dir) >= step):
-                if done.wait(0.05):
-                    return False
-            return True
-
-        def preempt_then_grow():
+        def preempt_then_grow(done):
             # remove rank 1's node once it paused after step 2 and step 1 is registered
-            if not wait_for(pid_file, 1):
+            if not paused_at(pid_file, run_dir, 1, done):
                 return
             node = _node_of(int(pid_file.read_text()), trainers)
             cluster.remove_node(node, allow_graceful=True)
             removed.append(node.node_id)
             # add a node once the lone worker paused after step 3 and step 2 is registered
-            if wait_for(alone_pid_file, 2):
+            if paused_at(alone_pid_file, run_dir, 2, done):
                 added.append(cluster.add_node(num_cpus=2).node_id)
 
-        thread = threading.Thread(target=preempt_then_grow, daemon=True)
-        thread.start()
         hooks = {"pid_file": str(pid_file), "pid_rank": 1, "pid_after_step": 2, "pause_s": 120,
                  "pauses": [{"pid_file": str(alone_pid_file), "pid_rank": 0, "pid_world": 1, "pid_after_step": 3,
                              "pause_s": 120}]}
         t0 = time.monotonic()
-        try:
+        with watching(preempt_then_grow):
             run = fit(cfg, train_dir, None, tmp_path / "work", run_name, experiment="elastic-test",
                       test_hooks=hooks, progress=False)
-        finally:
-            done.set()
-            thread.join(timeout=5)
         print(f"elastic run took {time.monotonic() - t0:.1f}s")
         # the data layer's bookkeeping actors (epoch clock, decode-skip counter) live on the
         # driver's node: the scheduler alone put them on training nodes, and on the lost node

@@ -2,9 +2,12 @@
 a small CPU config."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import threading
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from dino_scale.config import preset
 
@@ -52,6 +55,30 @@ def registered_step(run_dir: Path) -> int:
         return int((latest.get("metrics") or {}).get("step", -1))
     except (OSError, ValueError):
         return -1
+
+
+def paused_at(pid_file: Path, run_dir: Path, step: int, done: threading.Event) -> bool:
+    """Wait until a test hook wrote ``pid_file`` (its worker paused) and the run's controller
+    registered the checkpoint of ``step``; ``False`` if ``done`` is set first."""
+    while not (Path(pid_file).exists() and registered_step(run_dir) >= step):
+        if done.wait(0.05):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def watching(watch: Callable[[threading.Event], None], join_s: float = 5):
+    """Run ``watch(done)`` in a daemon thread while the with-block runs (a ``fit()``): ``done``
+    is set when the block ends, returned or raised, so a watcher that kills a worker, stops a
+    server or changes the cluster cannot act later, on another test's processes."""
+    done = threading.Event()
+    thread = threading.Thread(target=watch, args=(done,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=join_s)
 
 
 class RaySession:

@@ -21,7 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tracking"))
-from engine_fixtures import RaySession, make_data, registered_step, small_cfg, unique  # noqa: E402
+from engine_fixtures import (  # noqa: E402
+    RaySession, make_data, paused_at, small_cfg, unique, watching,
+)
 from mlflow_server import MlflowServer  # noqa: E402
 
 from dino_scale.engine.checkpoint import load_weights  # noqa: E402
@@ -99,12 +101,11 @@ def zero3_reference(ray_session, data, tmp_path_factory):
     server = MlflowServer(base / "mlflow").start()
     storage = base / "ray"
     events: list[str] = []
-    done = threading.Event()  # set when fit() returns or raises: no server start after the fixture's stop
 
     def checkpoint_names() -> set[str]:  # step (ckpt_*) and final (final_*) checkpoints of the run
         return {p.name for p in storage.glob("*/*") if p.name.startswith(("ckpt_", "final_"))}
 
-    def outage():  # stop the server after the first checkpoint, restart it after the next
+    def outage(done):  # stop the server after the first checkpoint, restart it after the next
         try:
             while not checkpoint_names():
                 if done.wait(0.1):
@@ -123,19 +124,13 @@ def zero3_reference(ray_session, data, tmp_path_factory):
         except Exception as exc:  # surfaced by the assertions of the test
             events.append(f"error {exc!r}")
 
-    thread = threading.Thread(target=outage, daemon=True)
-    thread.start()
     run_name = unique("zero3")
     try:
-        with pytest.MonkeyPatch.context() as mp:
+        with pytest.MonkeyPatch.context() as mp, watching(outage, join_s=180):
             mp.setenv("MLFLOW_TRACKING_URI", server.uri)
-            try:
-                result = fit(cfg, train_dir, val_dir, base / "work", run_name, experiment="engine-test",
-                             storage_path=str(storage), tags={"purpose": "test"}, tracking_close_timeout_s=600,
-                             test_hooks=_REFERENCE_HOOKS)
-            finally:
-                done.set()
-                thread.join(timeout=180)
+            result = fit(cfg, train_dir, val_dir, base / "work", run_name, experiment="engine-test",
+                         storage_path=str(storage), tags={"purpose": "test"}, tracking_close_timeout_s=600,
+                         test_hooks=_REFERENCE_HOOKS)
         yield cfg, result, storage, run_name, list(events), server
     finally:
         server.stop()
@@ -259,30 +254,22 @@ def test_zero3_exact_resume_after_worker_kill(zero3_reference, data, tmp_path, m
     run_name = unique("killed")
     run_dir = tmp_path / "killed" / "ray" / run_name
     killed: list[int] = []
-    done = threading.Event()  # set when fit() returns or raises: the thread must not kill later
 
-    def killer():
-        while not (pid_file.exists() and registered_step(run_dir) >= 1):
-            if done.wait(0.05):
-                return
-        pid = int(pid_file.read_text())
-        os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
+    def killer(done):
+        if paused_at(pid_file, run_dir, 1, done):
+            pid = int(pid_file.read_text())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
 
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
     # rank 1 stops after step 2 (checkpoint at step 1, half-way through the epoch): the kill
     # resumes mid-epoch (the consumed micro-batches of the epoch are skipped, the augmentation
     # draws must line up) and replays the window with the NaN micro-batch. The kill waits until
     # the controller has registered the step-1 checkpoint (its snapshot file says so). No val
     # set: the comparison is of weights (evaluation would not change them).
     hooks = {**_REFERENCE_HOOKS, "pid_file": str(pid_file), "pid_rank": 1, "pid_after_step": 2, "pause_s": 120}
-    try:
+    with watching(killer):
         run = fit(cfg, train_dir, None, tmp_path / "killed", run_name, experiment="engine-test",
                   test_hooks=hooks, progress=False)
-    finally:
-        done.set()
-        thread.join(timeout=5)
     assert killed, "the worker was never killed (its pid or the step-1 checkpoint never appeared)"
     assert run.metrics["step"] == 2 and run.metrics["resumes"] == 1  # restarted once, from a checkpoint
     a, b = load_weights(ref.weights_path), load_weights(run.weights_path)

@@ -2,7 +2,8 @@
 
 Semantics of the official op: bilinear sampling of each level's value map at
 ``sampling_locations`` in [0, 1] (align_corners=False pixel convention, zero padding
-outside the map), weighted by ``attention_weights`` and summed over levels and points.
+outside the map, NaN/inf locations included), weighted by ``attention_weights`` and summed
+over levels and points.
 """
 from __future__ import annotations
 
@@ -34,7 +35,11 @@ def ms_deform_attn_pytorch(
     _, Lq, _, L, P, _ = sampling_locations.shape
     shapes = level_shapes_of(spatial_shapes)  # no device read-back for the model's cached shapes
     value_list = value.split([h * w for h, w in shapes], dim=1)
-    grids = 2 * sampling_locations.to(value.dtype) - 1
+    # grid_sample returns NaN for a NaN/inf location; the official op (and our compiled one)
+    # treat any location off the map, non-finite ones included, as contributing zero. Every
+    # such grid coordinate maps to -2 or 2, outside every map (a sample needs -1 - 1/W < g <
+    # 1 + 1/W); finite in-range coordinates and their gradients are unchanged.
+    grids = (2 * sampling_locations.to(value.dtype) - 1).nan_to_num(nan=-2.0).clamp(-2.0, 2.0)
     sampled = []
     for lvl, (h, w) in enumerate(shapes):
         # (N, H*W, M, D) -> (N*M, D, H, W)

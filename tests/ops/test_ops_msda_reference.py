@@ -64,6 +64,28 @@ def test_pytorch_backend_gradients_match_naive(case):
         assert rel_err(g, r) < 1e-10, name
 
 
+def test_pytorch_backend_non_finite_locations_contribute_zero():
+    # the official op (and the compiled one) skips a location off the map, NaN/inf included;
+    # grid_sample alone would return NaN there and poison the whole output row
+    n, levels, m, d, lq, p = SHAPES[2]
+    value, shapes, starts, loc, w = make_inputs(n, levels, m, d, lq, p, seed=31)
+    bad = (float("nan"), float("inf"), float("-inf"), 1e30, -1e30)
+    flat = loc.view(-1)
+    for i, x in enumerate(bad):
+        flat[7 * i] = x  # x or y of a few points
+    flat[-1] = float("nan")
+    out = ms_deform_attn_pytorch(value, shapes, starts, loc, w)
+    ref = naive_ms_deform_attn(value, shapes, starts, loc, w)
+    assert torch.isfinite(out).all() and ref.abs().max() > 0.1
+    assert rel_err(out, ref) < 1e-12
+    gout = torch.randn(n, lq, m * d, dtype=torch.float64)
+    got = _grads(ms_deform_attn_pytorch, value, shapes, starts, loc, w, gout)
+    want = naive_ms_deform_attn_backward(value, shapes, starts, loc, w, gout)
+    for g, r, name in zip(got, want, ("value", "loc", "weight")):
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, r) < 1e-10, name
+
+
 def test_naive_backward_matches_finite_differences():
     # validates the hand-derived loop gradients on a few random elements of each input
     value, shapes, starts, loc, w = make_inputs(1, [(5, 7), (3, 2)], 2, 3, 3, 2, seed=21)

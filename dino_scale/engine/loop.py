@@ -42,7 +42,7 @@ from dino_scale.engine.optim import applied_lr, build_optimizer, build_scheduler
 from dino_scale.engine.progress import LossWindow, WindowMeter
 from dino_scale.data.ray_data import set_epoch as set_data_epoch
 from dino_scale.engine.train_step import (
-    BadStepError, BadStepGuard, all_finite, autocast_dtype, compute_loss, move_batch,
+    BadStepError, BadStepGuard, all_finite, autocast_dtype, check_target_labels, compute_loss, move_batch,
 )
 
 __all__ = ["train_loop_per_worker"]
@@ -343,6 +343,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                     break
                 state.micro_in_epoch += 1
                 micro_total += 1
+                check_target_labels(batch[2], cfg.model.num_classes)  # host side: no device assert
                 images, masks, targets = move_batch(batch, device)
                 images = _prepare_images(images, masks)
                 if micro_total in nan_steps:

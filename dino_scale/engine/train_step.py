@@ -23,7 +23,7 @@ from torch import nn
 
 __all__ = [
     "BadStepError", "BadStepGuard", "StepOutput", "autocast_dtype", "autocast_context",
-    "compute_loss", "all_finite", "train_step", "move_batch",
+    "compute_loss", "all_finite", "train_step", "move_batch", "check_target_labels",
 ]
 
 
@@ -125,6 +125,20 @@ def move_batch(batch, device: torch.device, non_blocking: bool = False):
     targets = [{k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v)
                 for k, v in t.items()} for t in targets]
     return images, masks, targets
+
+
+def check_target_labels(targets: list[dict], num_classes: int) -> None:
+    """ValueError naming the image unless every ``labels`` (N,) of ``targets`` lies in
+    [0, num_classes). Meant for host tensors, before :func:`move_batch`: on a GPU an
+    out-of-range label reaches the matcher's gather and the focal loss as a device-side
+    assert, which ends the process without saying which image or class was at fault."""
+    for t in targets:
+        labels = t["labels"]
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            image = int(t["image_id"]) if "image_id" in t else "?"
+            bad = sorted({int(x) for x in labels.reshape(-1) if not 0 <= int(x) < num_classes})
+            raise ValueError(f"image {image} has labels {bad[:10]} outside [0, {num_classes}): "
+                             f"model.num_classes must exceed the data's largest category id")
 
 
 def compute_loss(model: nn.Module, criterion: nn.Module, images: torch.Tensor, masks: torch.Tensor,

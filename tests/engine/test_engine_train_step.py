@@ -114,3 +114,16 @@ def test_activation_checkpointing_and_ema():
         torch.testing.assert_close(ema.shadow[k], 0.9 * before[k] + 0.1 * current[k].float())
     with pytest.raises(Exception, match="ema_decay"):
         ModelEMA(model, decay=1.5)
+
+
+def test_target_labels_outside_the_class_range_name_the_image():
+    from dino_scale.engine.train_step import check_target_labels
+
+    def target(image_id, labels):
+        return {"labels": torch.tensor(labels, dtype=torch.int64), "image_id": torch.tensor(image_id)}
+
+    check_target_labels([target(1, [0, 90]), target(2, [])], num_classes=91)  # in range; no boxes
+    with pytest.raises(ValueError, match=r"image 7 has labels \[91, 120\] outside \[0, 91\)"):
+        check_target_labels([target(1, [3]), target(7, [5, 91, 120, 91])], num_classes=91)
+    with pytest.raises(ValueError, match=r"image 3 has labels \[-1\]"):
+        check_target_labels([target(3, [-1, 2])], num_classes=91)

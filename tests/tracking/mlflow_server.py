@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -43,11 +44,23 @@ class MlflowServer:
             try:
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as r:
                     if r.status == 200:
+                        self._warm_up(deadline)
                         return self
             except OSError:
                 time.sleep(0.3)
         self.stop()
         raise TimeoutError("mlflow server did not become healthy")
+
+    def _warm_up(self, deadline: float) -> None:
+        """One tracking call with a generous timeout: the server's first store request (database
+        session, schema check) took over a second on a loaded 2-core box, and tests that give
+        their client a 1 s timeout saw the server as unreachable before any outage began."""
+        url = f"{self.uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
+        try:
+            with urllib.request.urlopen(url, timeout=max(1.0, deadline - time.monotonic())):
+                pass
+        except urllib.error.HTTPError:
+            pass  # answered (e.g. 404 where no Default experiment exists): the store is warm
 
     def stop(self) -> None:
         """End the server's process group (it forks workers); only processes we started."""

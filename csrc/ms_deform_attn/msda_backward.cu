@@ -30,9 +30,8 @@ __global__ void __launch_bounds__(kBlockThreads) msda_backward_kernel(
     int Lq, int L, int P, int G) {
   using A = typename AccType<scalar_t>::type;
   const I row = static_cast<I>(M) * D;
-  __shared__ int sh_h[kMaxLevels], sh_w[kMaxLevels];
-  __shared__ I sh_start[kMaxLevels];  // level start, in elements
-  load_level_table(spatial_shapes, level_start_index, L, S, row, sh_h, sh_w, sh_start);
+  LevelEntry<I>* tab = level_table_smem<I>();  // dynamic shared memory, L levels
+  load_level_table(spatial_shapes, level_start_index, L, S, row, tab);
   __syncthreads();
 
   const I tid = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -75,11 +74,11 @@ __global__ void __launch_bounds__(kBlockThreads) msda_backward_kernel(
       const A y = __shfl_sync(kFullMask, my_y, t, G);
       const A w = __shfl_sync(kFullMask, my_w, t, G);
       const int l = (base + t) / P;
-      const int H = sh_h[l], W = sh_w[l];
+      const int H = tab[l].h, W = tab[l].w;
       const Bilinear<A, I> b(x, y, H, W, row);
       A p_w = 0, p_lw = 0, p_lh = 0;  // lane partials of dL/dw, dL/dlw, dL/dlh (without w)
       if (active && b.sampled) {
-        const I lvl_off = sh_start[l];
+        const I lvl_off = tab[l].start;
         // d(sample)/d(lw) and d(sample)/d(lh) coefficients of the corners
         const A s_lw[4] = {-b.hh, b.hh, -b.lh, b.lh};
         const A s_lh[4] = {-b.hw, -b.lw, b.hw, b.lw};
@@ -156,10 +155,11 @@ void launch_backward(const at::Tensor& value, const at::Tensor& shapes, const at
   const int64_t threads = s.groups * G;
   const int64_t blocks = (threads + kBlockThreads - 1) / kBlockThreads;
   TORCH_CHECK(blocks < (int64_t{1} << 31), "ms_deform_attn: problem too large for one launch");
+  const size_t smem = checked_level_table_bytes<I>(s.L);  // the level table, L entries
   auto stream = c10::cuda::getCurrentCUDAStream();
 #define DINO_MSDA_BWD_LAUNCH(ONE)                                                              \
   msda_backward_kernel<scalar_t, VEC, ONE, I>                                                  \
-      <<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(                           \
+      <<<static_cast<unsigned>(blocks), kBlockThreads, smem, stream>>>(                        \
           value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), lsi.data_ptr<int64_t>(),     \
           loc.data_ptr<A>(), attw.data_ptr<A>(), grad_out.data_ptr<scalar_t>(),                \
           grad_value.data_ptr<A>(), grad_loc.data_ptr<A>(), grad_w.data_ptr<A>(),              \

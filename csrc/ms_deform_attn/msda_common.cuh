@@ -14,15 +14,18 @@
 // vector path applies) and, when D/VEC > G, every G-th chunk after that.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
 namespace dino_scale_msda {
 
-constexpr int kMaxLevels = 16;
 constexpr int kBlockThreads = 256;
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -88,30 +91,78 @@ __device__ __forceinline__ void atomic_add_vec(A* p, const A (&v)[VEC]) {
   }
 }
 
+// Level table in dynamic shared memory, so any number of levels L fits one block (sized at
+// launch by level_table_bytes): L entries (start, H, W), the I start first so that an int64_t
+// one sits 8-byte aligned (the buffer is 16-byte aligned; 12 bytes an entry for int, 16 for
+// int64_t). I is the index type (int when every tensor has < 2^31 elements, else int64_t).
+// One array of entries, not three arrays: every access is the buffer's fixed address plus
+// l * sizeof(entry), no L-dependent base pointers held in registers (with three arrays ptxas
+// used up to 5 more registers and spilled in some int64_t kernels). The kernels use no other
+// shared memory.
+template <typename I>
+struct LevelEntry {
+  I start;  // level start, in elements (start row * row)
+  int h, w;
+};
+static_assert(sizeof(LevelEntry<int>) == 12 && sizeof(LevelEntry<int64_t>) == 16,
+              "level table entries are packed");
+
+template <typename I>
+__device__ __forceinline__ LevelEntry<I>* level_table_smem() {
+  extern __shared__ __align__(16) unsigned char msda_smem[];
+  return reinterpret_cast<LevelEntry<I>*>(msda_smem);
+}
+
+// Dynamic shared memory bytes of an L-level table: L * (sizeof(I) + 2 * sizeof(int)).
+template <typename I>
+constexpr size_t level_table_bytes(int64_t L) {
+  return static_cast<size_t>(L) * sizeof(LevelEntry<I>);
+}
+
+// Host: raise (instead of a failed launch) when the table of L levels exceeds what one block of
+// the current device may use without opting in (sharedMemPerBlock, 48 KiB: 4096 levels with
+// int indices, 3072 with int64_t). The message is built with std::string (see MSDA_CHECK in
+// msda_ops.cpp for why not TORCH_CHECK's stream formatting).
+template <typename I>
+inline size_t checked_level_table_bytes(int64_t L) {
+  const size_t bytes = level_table_bytes<I>(L);
+  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlock;
+  if (bytes > limit) {
+    ::c10::detail::torchCheckFail(
+        __func__, __FILE__, static_cast<uint32_t>(__LINE__),
+        "ms_deform_attn: " + std::to_string(L) + " levels need " + std::to_string(bytes) +
+            " bytes of shared memory for the CUDA kernels' level table, above this GPU's " +
+            std::to_string(limit) + " bytes per block (at most " +
+            std::to_string(limit / level_table_bytes<I>(1)) + " levels on CUDA)");
+  }
+  return bytes;
+}
+
+// The block's threads copy the level table into shared memory, thread t taking levels
+// t, t + blockDim.x, ... (any L, also more levels than threads; the caller syncs). A level
+// outside value's S rows reads as empty (H = W = 0): never an out-of-bounds access. The shapes
+// and starts live on the device, so this is not checked on the host; the CPU kernel raises.
+template <typename I>
+__device__ __forceinline__ void load_level_table(const int64_t* __restrict__ spatial_shapes,
+                                                 const int64_t* __restrict__ level_start_index,
+                                                 int L, I S, I row, LevelEntry<I>* tab) {
+  const int64_t rows = static_cast<int64_t>(S);
+  for (int t = threadIdx.x; t < L; t += blockDim.x) {
+    const int64_t h = spatial_shapes[2 * t], w = spatial_shapes[2 * t + 1];
+    const int64_t start = level_start_index[t];
+    const bool fits = h >= 0 && w >= 0 && start >= 0 && start <= rows &&
+                      (w == 0 || h <= (rows - start) / w);
+    tab[t].h = fits ? static_cast<int>(h) : 0;
+    tab[t].w = fits ? static_cast<int>(w) : 0;
+    tab[t].start = fits ? static_cast<I>(start) * row : 0;
+  }
+}
+
 // Bilinear sampling geometry of one point, official convention:
 //   h_im = y * H - 0.5, w_im = x * W - 0.5; sampled only if -1 < h_im < H and -1 < w_im < W;
 //   corners outside the map contribute zero.
 // I is the index type (int when every tensor has < 2^31 elements, else int64_t); `row` is the
 // element stride of one pixel in value (M * D), so off[k] is an element offset in the level.
-// Thread t < L copies level t of the tables into shared memory (the caller syncs). A level
-// outside value's S rows reads as empty (H = W = 0): never an out-of-bounds access. The tables
-// live on the device, so this is not checked on the host; the CPU kernel raises for it.
-template <typename I>
-__device__ __forceinline__ void load_level_table(const int64_t* __restrict__ spatial_shapes,
-                                                 const int64_t* __restrict__ level_start_index,
-                                                 int L, I S, I row, int* sh_h, int* sh_w,
-                                                 I* sh_start) {
-  const int t = threadIdx.x;
-  if (t >= L) return;
-  const int64_t h = spatial_shapes[2 * t], w = spatial_shapes[2 * t + 1];
-  const int64_t start = level_start_index[t], rows = static_cast<int64_t>(S);
-  const bool fits = h >= 0 && w >= 0 && start >= 0 && start <= rows &&
-                    (w == 0 || h <= (rows - start) / w);
-  sh_h[t] = fits ? static_cast<int>(h) : 0;
-  sh_w[t] = fits ? static_cast<int>(w) : 0;
-  sh_start[t] = fits ? static_cast<I>(start) * row : 0;
-}
-
 template <typename A, typename I>
 struct Bilinear {
   bool sampled;

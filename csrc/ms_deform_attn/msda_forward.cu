@@ -24,9 +24,8 @@ __global__ void __launch_bounds__(kBlockThreads) msda_forward_kernel(
     I groups, I S, int M, int D, int Lq, int L, int P, int G) {
   using A = typename AccType<scalar_t>::type;
   const I row = static_cast<I>(M) * D;  // stride of one pixel in value
-  __shared__ int sh_h[kMaxLevels], sh_w[kMaxLevels];
-  __shared__ I sh_start[kMaxLevels];  // level start, in elements
-  load_level_table(spatial_shapes, level_start_index, L, S, row, sh_h, sh_w, sh_start);
+  LevelEntry<I>* tab = level_table_smem<I>();  // dynamic shared memory, L levels
+  load_level_table(spatial_shapes, level_start_index, L, S, row, tab);
   __syncthreads();
 
   const I tid = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -64,9 +63,9 @@ __global__ void __launch_bounds__(kBlockThreads) msda_forward_kernel(
         const A y = __shfl_sync(kFullMask, my_y, t, G);
         const A w = __shfl_sync(kFullMask, my_w, t, G);
         const int l = (base + t) / P;
-        const Bilinear<A, I> b(x, y, sh_h[l], sh_w[l], row);
+        const Bilinear<A, I> b(x, y, tab[l].h, tab[l].w, row);
         if (!has || !b.sampled) continue;
-        const scalar_t* vp = v_nm + sh_start[l] + c;
+        const scalar_t* vp = v_nm + tab[l].start + c;
         A v[4][VEC];  // the 4 corner loads are issued before any is used
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
@@ -98,8 +97,10 @@ void launch_forward(const at::Tensor& value, const at::Tensor& shapes, const at:
   const int64_t threads = s.groups * G;
   const int64_t blocks = (threads + kBlockThreads - 1) / kBlockThreads;
   TORCH_CHECK(blocks < (int64_t{1} << 31), "ms_deform_attn: problem too large for one launch");
+  const size_t smem = checked_level_table_bytes<I>(s.L);  // the level table, L entries
   auto stream = c10::cuda::getCurrentCUDAStream();
-  msda_forward_kernel<scalar_t, VEC, I><<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(
+  msda_forward_kernel<scalar_t, VEC, I>
+      <<<static_cast<unsigned>(blocks), kBlockThreads, smem, stream>>>(
       value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), lsi.data_ptr<int64_t>(),
       loc.data_ptr<A>(), attw.data_ptr<A>(), out.data_ptr<scalar_t>(), static_cast<I>(s.groups),
       static_cast<I>(s.S), static_cast<int>(s.M), static_cast<int>(s.D), static_cast<int>(s.Lq),

@@ -20,8 +20,6 @@
 
 namespace {
 
-constexpr int64_t kMaxLevels = 16;  // must match msda_common.cuh
-
 // Error messages are assembled with std::to_string and std::string concatenation and thrown
 // through c10's exported torchCheckFail, never with TORCH_CHECK's ostream formatting: on an
 // H100 machine (torch 2.11, its bundled libstdc++) streaming an int64 into the message from
@@ -40,6 +38,9 @@ std::string sizes_str(const at::Tensor& t) {
   return out + "]";
 }
 
+// Any number of levels L: the CPU kernel keeps its level table in a std::vector; the CUDA
+// launchers size theirs in shared memory and raise when it exceeds the device's block limit
+// (thousands of levels; checked_level_table_bytes in msda_common.cuh).
 void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                   const at::Tensor& level_start_index, const at::Tensor& loc,
                   const at::Tensor& attw) {
@@ -69,8 +70,6 @@ void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                  sizes_str(level_start_index));
   MSDA_CHECK(spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
              "spatial_shapes and level_start_index must be int64");
-  MSDA_CHECK(L <= kMaxLevels, "at most " + std::to_string(kMaxLevels) + " levels (cuda), got " +
-                                  std::to_string(L));
   const auto st = value.scalar_type();
   MSDA_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
              "value dtype must be float32, float16, bfloat16 or float64");

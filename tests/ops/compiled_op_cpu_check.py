@@ -6,10 +6,11 @@ itself, so the test shows every result.
 What it checks: the operator schemas; fake kernels and the C++ autograd on meta tensors; the
 CPU kernels (float64/float32) against the float64 loop reference on the shared shapes
 (odd sizes, 1-5 levels, 1-8 points, locations outside [0, 1] and on borders), forward and
-backward; float64 gradcheck; that the autograd node is the C++ one; torch.compile
-(fullgraph, aot_eager) of forward+backward; the C++ argument checks raising; CPU timing
-next to the PyTorch backend (reported, not asserted); that the model's compiled regions trace
-without graph breaks when this op is their MSDA backend.
+backward, and on 20 small levels (no cap on the number of levels); float64 gradcheck; that
+the autograd node is the C++ one; torch.compile (fullgraph, aot_eager) of forward+backward;
+the C++ argument checks raising; CPU timing next to the PyTorch backend (reported, not
+asserted); that the model's compiled regions trace without graph breaks when this op is their
+MSDA backend.
 """
 from __future__ import annotations
 
@@ -31,6 +32,28 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
+def cpu_errors(op, cases) -> dict:
+    """Largest relative error of the CPU kernels (float64, float32) over ``cases`` (argument
+    tuples of make_inputs): [forward vs the float64 loop reference, max over the three
+    gradients vs the float64 PyTorch backend]."""
+    errors = {"float64": [0.0, 0.0], "float32": [0.0, 0.0]}
+    for case in cases:
+        for dtype in (torch.float64, torch.float32):
+            v, sh, st, lo, wt = make_inputs(*case, dtype=dtype, seed=len(errors))
+            lo, wt = lo.to(dtype), wt.to(dtype)
+            v.requires_grad_(), lo.requires_grad_(), wt.requires_grad_()
+            got = op(v, sh, st, lo, wt)
+            ref = naive_ms_deform_attn(v, sh, st, lo, wt)
+            grad = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+            g_got = torch.autograd.grad(got, (v, lo, wt), grad.to(dtype))
+            v64, lo64, wt64 = (t.detach().double().requires_grad_() for t in (v, lo, wt))
+            g_ref = torch.autograd.grad(ms_deform_attn_pytorch(v64, sh, st, lo64, wt64), (v64, lo64, wt64), grad)
+            key = "float64" if dtype == torch.float64 else "float32"
+            errors[key][0] = max(errors[key][0], rel_err(got, ref))
+            errors[key][1] = max(errors[key][1], max(rel_err(a, b) for a, b in zip(g_got, g_ref)))
+    return errors
+
+
 def main() -> dict:
     lib = ms_deform_attn_cuda.load(build_if_missing=False)
     op = torch.ops.dino_scale.ms_deform_attn_forward
@@ -49,22 +72,14 @@ def main() -> dict:
     report["meta_grads"] = [[list(t.grad.shape), str(t.grad.dtype)] for t in (value, loc, w)]
 
     # CPU kernels vs the float64 loop reference (forward) and the PyTorch backend (backward)
-    errors = {"float64": [0.0, 0.0], "float32": [0.0, 0.0]}
-    for case in SHAPES:
-        for dtype in (torch.float64, torch.float32):
-            v, sh, st, lo, wt = make_inputs(*case, dtype=dtype, seed=len(errors))
-            lo, wt = lo.to(dtype), wt.to(dtype)
-            v.requires_grad_(), lo.requires_grad_(), wt.requires_grad_()
-            got = op(v, sh, st, lo, wt)
-            ref = naive_ms_deform_attn(v, sh, st, lo, wt)
-            grad = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-            g_got = torch.autograd.grad(got, (v, lo, wt), grad.to(dtype))
-            v64, lo64, wt64 = (t.detach().double().requires_grad_() for t in (v, lo, wt))
-            g_ref = torch.autograd.grad(ms_deform_attn_pytorch(v64, sh, st, lo64, wt64), (v64, lo64, wt64), grad)
-            key = "float64" if dtype == torch.float64 else "float32"
-            errors[key][0] = max(errors[key][0], rel_err(got, ref))
-            errors[key][1] = max(errors[key][1], max(rel_err(a, b) for a, b in zip(g_got, g_ref)))
-    report["cpu_rel_err"] = errors  # [forward, max over the three gradients]
+    report["cpu_rel_err"] = cpu_errors(op, SHAPES)  # [forward, max over the three gradients]
+    # more levels than the 16 the op once took (it raised "at most 16 levels" even on the CPU):
+    # 20 small maps, 1x1 up to 5x4
+    many = [(1 + i % 5, 1 + (3 * i) % 4) for i in range(20)]
+    try:
+        report["many_levels"] = {"L": len(many), "rel_err": cpu_errors(op, [(2, many, 2, 5, 3, 2)])}
+    except RuntimeError as exc:
+        report["many_levels"] = {"L": len(many), "raised": str(exc).splitlines()[0][:160]}
 
     v, sh, st, lo, wt = make_inputs(1, [(3, 4), (2, 3)], 2, 3, 2, 2, dtype=torch.float64, edges=False)
     inputs = tuple(t.requires_grad_() for t in (v, lo, wt))

@@ -56,6 +56,10 @@ def test_extension_compiles_for_sm90_and_registers_ops(msda_build):
     # the CPU kernels: float64 exact to rounding, float32 within 1e-5, forward and backward
     assert max(report["cpu_rel_err"]["float64"]) <= 1e-12, report["cpu_rel_err"]
     assert max(report["cpu_rel_err"]["float32"]) <= 1e-5, report["cpu_rel_err"]
+    # any number of levels: 20 (the op refused more than 16, on the CPU too), same tolerances
+    many = report["many_levels"]
+    assert many["L"] == 20 and "rel_err" in many, many
+    assert max(many["rel_err"]["float64"]) <= 1e-12 and max(many["rel_err"]["float32"]) <= 1e-5, many
     assert report["gradcheck"] is True
     assert "MSDAFunction" in report["grad_fn"]  # autograd is the C++ node, not a Python one
     assert report["compile_err"] <= 1e-12

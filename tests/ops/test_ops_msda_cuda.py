@@ -80,6 +80,44 @@ def test_cuda_forward_backward_match_float64_reference(case, dtype):
     assert grads[0].dtype == dtype and grads[1].dtype == loc.dtype
 
 
+# Any number of levels: the kernels keep the level table in dynamic shared memory, filled by a
+# loop over the block's threads. 20 levels (more than the 16 the op once took: 1x1 up to 5x4)
+# and 300 levels of 1x1 / 1x2 (more levels than the 256 threads of a block).
+MANY_LEVELS = {
+    "L20": (2, [(1 + i % 5, 1 + (3 * i) % 4) for i in range(20)], 2, 32, 37, 2),
+    "L300": (1, [(1, 1 + i % 2) for i in range(300)], 2, 8, 5, 1),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(MANY_LEVELS))
+def test_cuda_many_levels_match_float64_reference(name, dtype):
+    n, levels, m, d, lq, p = MANY_LEVELS[name]
+    value, shapes, starts, loc, w = make_inputs(n, levels, m, d, lq, p, device=DEV, seed=21)
+    value = value.to(dtype)
+    loc, w = (t.to(dtype) for t in (loc, w))
+    gout = torch.randn(n, lq, m * d, device=DEV, dtype=torch.float64).to(dtype)
+    ref_out, ref_grads = _reference(value, shapes, starts, loc, w, gout)
+    out, grads = _run_cuda(value, shapes, starts, loc, w, gout)
+    assert out.shape == (n, lq, m * d) and torch.isfinite(out).all()
+    assert rel_err(out, ref_out) <= TOL[dtype]
+    for g, r, label in zip(grads, ref_grads, ("value", "loc", "weight")):
+        assert torch.isfinite(g).all(), label
+        assert rel_err(g, r) <= TOL[dtype], (label, rel_err(g, r))
+    if name == "L20":  # the independent loop reference too
+        assert rel_err(out, naive_ms_deform_attn(value, shapes, starts, loc, w)) <= TOL[dtype]
+
+
+def test_cuda_too_many_levels_for_shared_memory_raise():
+    # 5000 levels need 60000 bytes of level table (12 per level), above the 48 KiB a block may
+    # use: a clear error naming the limit, not a failed launch
+    levels = [(1, 1)] * 5000
+    value, shapes, starts, loc, w = make_inputs(1, levels, 1, 4, 2, 1, device=DEV, edges=False)
+    limit = r"5000 levels need .* bytes per block \(at most \d+ levels on CUDA\)"
+    with pytest.raises(RuntimeError, match=limit):
+        ms_deform_attn(value.float(), shapes, starts, loc.float(), w.float(), backend="cuda")
+
+
 def test_cuda_exact_sampling_cutoff_matches_loop_reference():
     # points exactly at h_im = -1 / w_im = -1 are not sampled (official cut-off)
     n, levels, m, d, lq, p = GPU_SHAPES[3]

@@ -20,6 +20,15 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_store_template(tmp_path_factory):
+    """Where tests/mlflow_store.py builds the session's empty store (on first use only)."""
+    import mlflow_store
+
+    mlflow_store.TEMPLATE_DIR = tmp_path_factory.getbasetemp() / "mlflow-template"
+    yield
+
+
 @pytest.fixture
 def ray_lock():
     with open("/tmp/dino_scale_ray.lock", "w") as fh:

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from mlflow_store import seeded_store
 from dino_scale import cli
 
 @pytest.fixture(autouse=True)
@@ -116,7 +117,7 @@ def test_cli_synth_and_predict_write_images_and_json(tmp_path, capsys):
 def test_cli_registry_list_show_promote(tmp_path, monkeypatch, capsys):
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = seeded_store(tmp_path)
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.create_registered_model("dino-tiny-coco")
     for _ in range(2):
@@ -159,7 +160,7 @@ def test_cli_predict_registry_model_and_exif_photo(tmp_path, capsys):
     model, _, _ = build_dino(cfg.model)
     ckpt = tmp_path / "ckpt"
     save_weights(ckpt, model.state_dict(), config=to_dict(cfg))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = seeded_store(tmp_path)
     logger = ResilientLogger(uri)
     run_id = logger.start_run("cli-test", "train")
     logger.log_artifacts(ckpt, "model")

@@ -26,6 +26,7 @@ ray = pytest.importorskip("ray")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 from engine_fixtures import make_data, paused_at, small_cfg, unique, watching  # noqa: E402
+from mlflow_store import seeded_store  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -58,6 +59,7 @@ def test_elastic_run_shrinks_on_a_lost_node_and_grows_on_a_new_one(ray_lock, tmp
     # and Ray Train waits this long (default 60 s) for the second before it retries on 1
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
     train_dir, _ = make_data(tmp_path / "data")
+    seeded_store(tmp_path / "work")
     # 16 images, global batch 4: 4 steps; on 2 workers 1 micro-batch per step, on 1 worker 2
     cfg = small_cfg(**{"train.zero_stage": 2, "train.min_workers": 1, "train.num_workers": 2,
                        "train.cpus_per_worker": 2, "train.max_failures": 1, "train.checkpoint_every_steps": 1,

@@ -25,6 +25,7 @@ from engine_fixtures import (  # noqa: E402
     RaySession, make_data, paused_at, small_cfg, unique, watching,
 )
 from mlflow_server import MlflowServer  # noqa: E402
+from mlflow_store import seeded_store  # noqa: E402
 
 from dino_scale.engine.checkpoint import load_weights  # noqa: E402
 
@@ -222,6 +223,7 @@ def test_nan_steps_skipped_then_abort(ray_session, data, tmp_path, monkeypatch):
     # 4 micro-batches per worker and epoch, accumulation 2: the first window [NaN, ok] is a step,
     # the second [NaN, NaN] aborts (2 in a row)
     hooks = {"nan_micro_steps": [1, 3, 4]}
+    seeded_store(tmp_path / "work")
     with pytest.raises(BadStepError, match=r"2 consecutive non-finite loss steps.*3 skipped in total"):
         fit(cfg, train_dir, None, tmp_path / "work", unique("nan"), experiment="engine-test", test_hooks=hooks,
             progress=False)
@@ -267,6 +269,7 @@ def test_zero3_exact_resume_after_worker_kill(zero3_reference, data, tmp_path, m
     # the controller has registered the step-1 checkpoint (its snapshot file says so). No val
     # set: the comparison is of weights (evaluation would not change them).
     hooks = {**_REFERENCE_HOOKS, "pid_file": str(pid_file), "pid_rank": 1, "pid_after_step": 2, "pause_s": 120}
+    seeded_store(tmp_path / "killed")
     with watching(killer):
         run = fit(cfg, train_dir, None, tmp_path / "killed", run_name, experiment="engine-test",
                   test_hooks=hooks, progress=False)
@@ -328,7 +331,7 @@ def test_evaluate_pipeline_of_a_registered_model_matches_single_process(ray_sess
     sorted((raw / "images").glob("*.jpg"))[0].write_bytes(b"\xff\xd8 not a jpeg any more")
     work = tmp_path / "work"
     work.mkdir()
-    uri = f"sqlite:///{work / 'mlflow.db'}"
+    uri = seeded_store(work)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     cfg = small_cfg(**{"train.precision": "bf16", "train.zero_stage": 3})
     torch.manual_seed(11)
@@ -459,7 +462,7 @@ def test_tracking_relay_logs_from_the_drivers_node(ray_session, tmp_path):
     from dino_scale.tracking.logger import ResilientLogger
     from dino_scale.tracking.relay import RelayClient, is_node_local, start_relay
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = seeded_store(tmp_path)
     assert is_node_local(uri) and is_node_local("file:///x/mlruns") and is_node_local("http://127.0.0.1:5000")
     assert not is_node_local("http://mlflow:5000")
     driver = ResilientLogger(uri)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow_store import seeded_store
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,8 +46,7 @@ def test_pipelines_bad_use_fails_fast(args, needles, tmp_path):
 def test_pipelines_bad_use_unknown_registry_name(tmp_path):
     from mlflow import MlflowClient
 
-    (tmp_path / "w").mkdir()
-    MlflowClient(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}").search_experiments()  # an existing, empty store
+    MlflowClient(seeded_store(tmp_path / "w")).search_experiments()  # an existing, empty store
     proc = _run(["pipelines.finetune_coco", "--preset", "tiny", "--init", "models:/no-such-model@pretrained"],
                 tmp_path)
     _assert_one_line_error(proc, "models:/no-such-model@pretrained", "not found")

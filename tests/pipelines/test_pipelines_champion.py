@@ -6,13 +6,14 @@ import pytest
 
 mlflow = pytest.importorskip("mlflow")
 
+from mlflow_store import seeded_store
 from pipelines.registry import format_state, promote_if_better, registry_state  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def _store(tmp_path_factory):
-    """One sqlite store for the module (creating its schema takes seconds)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
+    """One sqlite store for the module."""
+    return seeded_store(tmp_path_factory.mktemp("registry"))
 
 
 @pytest.fixture

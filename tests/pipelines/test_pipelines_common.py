@@ -5,6 +5,7 @@ import argparse
 
 import pytest
 
+from mlflow_store import seeded_store
 from dino_scale.config import ConfigError
 from pipelines import _common as common
 
@@ -139,7 +140,7 @@ def test_pipelines_common_register_uploads_weights_the_tracker_left_behind(tmp_p
     from dino_scale.models import build_dino
     from dino_scale.tracking.registry import resolve_model_uri
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = seeded_store(tmp_path)
     other = f"sqlite:///{tmp_path / 'other.db'}"
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         monkeypatch.setenv(var, other)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow_store import seeded_store
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -45,7 +46,7 @@ def test_pipelines_ray_job_submit_pretrain_then_finetune(tmp_path, ray_lock):
     from mlflow import MlflowClient
 
     gcs, dash = _free_port(), _free_port()
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = seeded_store(tmp_path)
     work = tmp_path / "work"
     runtime_env = {"excludes": EXCLUDES,
                    "env_vars": {"MLFLOW_TRACKING_URI": uri, "DS_ACCELERATOR": "cpu",

@@ -30,6 +30,9 @@ class MlflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 120.0) -> "MlflowServer":
+        from mlflow_store import seeded_store
+
+        seeded_store(self.root)  # an empty store (kept on a restart): no migrations at start-up
         mlflow_bin = Path(sys.executable).with_name("mlflow")
         cmd = [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",

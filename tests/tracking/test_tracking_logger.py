@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mlflow_server import MlflowServer  # noqa: E402
 
+from mlflow_store import seeded_store
 from dino_scale.config import flatten, preset  # noqa: E402
 from dino_scale.tracking.logger import (  # noqa: E402
     ResilientLogger, absolute_sqlite_uri, default_tracking_uri, sqlite_artifact_location,
@@ -138,7 +139,7 @@ def test_http_settings_apply_to_the_loggers_requests_only(tmp_path, monkeypatch)
                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "17")  # the user's
-    logger = ResilientLogger(f"sqlite:///{tmp_path / 'mlflow.db'}", timeout_s=2, max_retries=0)
+    logger = ResilientLogger(seeded_store(tmp_path), timeout_s=2, max_retries=0)
     seen = []
     real = logger.client.log_batch
 

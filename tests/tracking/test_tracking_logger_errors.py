@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mlflow_server import MlflowServer  # noqa: E402
 
+from mlflow_store import seeded_store
 from dino_scale.tracking.logger import ResilientLogger  # noqa: E402
 
 
@@ -60,7 +61,7 @@ def test_recovery_message_counts_each_outage_alone(server, caplog):
 
 
 def _sqlite(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return seeded_store(tmp_path)
 
 
 def _errors(caplog) -> list[str]:

@@ -7,6 +7,7 @@ import tempfile
 import pytest
 import torch
 
+from mlflow_store import seeded_store
 from dino_scale.config import preset, to_dict
 from dino_scale.engine.checkpoint import save_weights
 from dino_scale.models import build_dino
@@ -17,7 +18,7 @@ from dino_scale.tracking import (
 
 @pytest.fixture
 def logged_model(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = seeded_store(tmp_path)
     cfg = preset("tiny")
     torch.manual_seed(3)
     model, _, _ = build_dino(cfg.model)

@@ -10,7 +10,10 @@ so nothing the tests check of dino_scale's tracking changes; MLflow's creation p
 runs for the template and for every store a test does not seed.
 
 ``tests/conftest.py`` points :data:`TEMPLATE_DIR` at a session folder; outside pytest the
-template goes to a temporary folder.
+template goes to a temporary folder. The copies share the template's Default experiment (id 0),
+whose artifact folder is ``<TEMPLATE_DIR>/mlruns/0``: dino_scale never logs there (its runs go
+to named experiments with artifacts next to the store), and a test that does should use a
+named experiment too.
 """
 from __future__ import annotations
 

@@ -36,10 +36,12 @@ def ms_deform_attn_pytorch(
     shapes = level_shapes_of(spatial_shapes)  # no device read-back for the model's cached shapes
     value_list = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample returns NaN for a NaN/inf location; the official op (and our compiled one)
-    # treat any location off the map, non-finite ones included, as contributing zero. Every
-    # such grid coordinate maps to -2 or 2, outside every map (a sample needs -1 - 1/W < g <
-    # 1 + 1/W); finite in-range coordinates and their gradients are unchanged.
-    grids = (2 * sampling_locations.to(value.dtype) - 1).nan_to_num(nan=-2.0).clamp(-2.0, 2.0)
+    # treat any location off the map, non-finite ones included, as contributing zero. A sample
+    # needs -1 - 1/W < g < 1 + 1/W (within [-2, 2] for every W >= 1), so clamping to [-3, 3]
+    # leaves finite in-range coordinates and their gradients unchanged, and +-3 puts every
+    # corner off the map even for W = 1 (at -2 a 1-pixel map's pixel still enters with weight
+    # 0, and 0 * inf is NaN).
+    grids = (2 * sampling_locations.to(value.dtype) - 1).nan_to_num(nan=-3.0).clamp(-3.0, 3.0)
     sampled = []
     for lvl, (h, w) in enumerate(shapes):
         # (N, H*W, M, D) -> (N*M, D, H, W)

@@ -86,6 +86,17 @@ def test_pytorch_backend_non_finite_locations_contribute_zero():
         assert rel_err(g, r) < 1e-10, name
 
 
+def test_pytorch_backend_off_map_points_never_touch_a_one_pixel_map():
+    # a 1x1 level holding inf: a NaN / -inf / far-off location must skip it (0), not add 0 * inf
+    value = torch.tensor([float("inf"), 2.0], dtype=torch.float64).view(1, 2, 1, 1)
+    shapes, starts = torch.tensor([[1, 1], [1, 1]]), torch.tensor([0, 1])
+    for x in (float("nan"), float("-inf"), -1e30, float("inf"), 1e30):
+        loc = torch.tensor([[x, 0.5], [0.5, 0.5]], dtype=torch.float64).view(1, 1, 1, 2, 1, 2)
+        w = torch.ones(1, 1, 1, 2, 1, dtype=torch.float64)
+        out = ms_deform_attn_pytorch(value, shapes, starts, loc, w)
+        assert out.item() == 2.0, (x, out)
+
+
 def test_naive_backward_matches_finite_differences():
     # validates the hand-derived loop gradients on a few random elements of each input
     value, shapes, starts, loc, w = make_inputs(1, [(5, 7), (3, 2)], 2, 3, 3, 2, seed=21)

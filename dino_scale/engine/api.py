@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from dino_scale.config import Config, flatten, to_dict
+from dino_scale.config import Config, ConfigError, flatten, to_dict
 from dino_scale.engine.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, load_weights
 from dino_scale.engine.train_step import BadStepError
 
@@ -80,6 +80,19 @@ def _num_images(data_dir: str) -> int:
     return sum(int(read_manifest(d)["num_images"]) for d in data_dirs(data_dir))
 
 
+def _check_classes(data_dir: str, cfg: Config) -> None:
+    """:class:`ConfigError` before anything starts when the class head cannot hold a category id
+    of the training data (the loop would stop at the first batch holding one; on a GPU it was a
+    device-side assert)."""
+    from dino_scale.data.records import data_dirs, read_manifest
+
+    need = max((int(c["id"]) for d in data_dirs(data_dir) for c in read_manifest(d)["categories"]),
+               default=-1) + 1
+    if need > cfg.model.num_classes:
+        raise ConfigError(f"{data_dir} has category ids up to {need - 1}: model.num_classes must be >= {need} "
+                          f"(got {cfg.model.num_classes})")
+
+
 def _copy_final(checkpoint, dest: Path, required: tuple[str, ...] = (WEIGHTS_NAME, CONFIG_NAME)) -> None:
     """Copy the ``required`` files (the final weights and config) and ``detections.json``
     when there is one out of a (possibly remote) Ray checkpoint."""
@@ -118,6 +131,7 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     storage = normalize_storage_path(storage_path or cfg.train.storage_path, work / "ray")
     if train:
         check_training_config(cfg)
+        _check_classes(train_dir, cfg)
         check_restart(storage, run_name, cfg.train.num_workers, cfg.train.zero_stage)  # reusing a run name resumes it
     else:
         worker_count(cfg, training=False)  # no batch-size arithmetic: evaluation accumulates nothing

@@ -21,6 +21,7 @@ def data(tmp_path_factory):
     ({"train.ema_decay": 1.5}, "ema_decay must be in"),
     ({"train.precision": "fp8"}, "precision must be"),
     ({"train.global_batch_size": 64}, "fewer than one global batch"),
+    ({"model.num_classes": 40}, r"category ids up to \d+: model.num_classes must be >= \d+ \(got 40\)"),
 ])
 def test_config_errors_before_ray_or_mlflow(data, tmp_path, monkeypatch, override, needle):
     """Checked on the driver before Ray or an MLflow run starts: in the workers these came back

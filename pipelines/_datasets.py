@@ -155,13 +155,14 @@ def check_classes(cfg, categories: list[dict], data: str) -> None:
     """:class:`UsageError` before training when the class head cannot hold a category id of
     ``data`` (the loss would index past it at the first step) or, with denoising on, the
     label book is smaller than the class count (denoising draws labels from all classes)."""
-    m = cfg.model
-    need = max((c["id"] for c in categories), default=-1) + 1
-    if need > m.num_classes:
-        raise UsageError(f"{data} has category ids up to {need - 1}: model.num_classes must be >= {need} "
-                         f"(got {m.num_classes})")
+    from dino_scale.engine.api import check_category_ids
     from dino_scale.models.dino import check_label_book
 
+    m = cfg.model
+    try:
+        check_category_ids(categories, m.num_classes, data)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     try:
         check_label_book(m.num_classes, m.dn_number, m.dn_labelbook_size)
     except ValueError as exc:

@@ -22,7 +22,7 @@ from dino_scale.config import Config, ConfigError, flatten, to_dict
 from dino_scale.engine.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, load_weights
 from dino_scale.engine.train_step import BadStepError
 
-__all__ = ["FitResult", "fit", "evaluate_weights", "git_sha", "ensure_ray"]
+__all__ = ["FitResult", "fit", "evaluate_weights", "git_sha", "ensure_ray", "check_category_ids"]
 
 log = logging.getLogger("dino_scale.engine")
 
@@ -80,17 +80,22 @@ def _num_images(data_dir: str) -> int:
     return sum(int(read_manifest(d)["num_images"]) for d in data_dirs(data_dir))
 
 
+def check_category_ids(categories: list[dict], num_classes: int, data: str) -> None:
+    """:class:`ConfigError` when a class head of ``num_classes`` cannot hold a category id of
+    ``categories`` (``[{"id", ...}]`` of dataset ``data``): the loop would stop at the first batch
+    holding one (on a GPU it was a device-side assert)."""
+    need = max((int(c["id"]) for c in categories), default=-1) + 1
+    if need > num_classes:
+        raise ConfigError(f"{data} has category ids up to {need - 1}: model.num_classes must be >= {need} "
+                          f"(got {num_classes})")
+
+
 def _check_classes(data_dir: str, cfg: Config) -> None:
-    """:class:`ConfigError` before anything starts when the class head cannot hold a category id
-    of the training data (the loop would stop at the first batch holding one; on a GPU it was a
-    device-side assert)."""
+    """:func:`check_category_ids` of every folder of the training data, before anything starts."""
     from dino_scale.data.records import data_dirs, read_manifest
 
-    need = max((int(c["id"]) for d in data_dirs(data_dir) for c in read_manifest(d)["categories"]),
-               default=-1) + 1
-    if need > cfg.model.num_classes:
-        raise ConfigError(f"{data_dir} has category ids up to {need - 1}: model.num_classes must be >= {need} "
-                          f"(got {cfg.model.num_classes})")
+    for d in data_dirs(data_dir):
+        check_category_ids(read_manifest(d)["categories"], cfg.model.num_classes, data_dir)
 
 
 def _copy_final(checkpoint, dest: Path, required: tuple[str, ...] = (WEIGHTS_NAME, CONFIG_NAME)) -> None:

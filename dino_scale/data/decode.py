@@ -26,7 +26,9 @@ _ORIENTATION = 0x0112
 
 
 class ImageDecodeError(ValueError):
-    """Bytes that are empty, truncated or not an image; ``reason`` is a short tag."""
+    """A record the loaders skip (and count): bytes that are empty, truncated or not an image,
+    a missing or unreadable file, or a record that disagrees with its annotation or manifest
+    (``size_mismatch``, ``unknown_category``); ``reason`` is that short tag."""
 
     def __init__(self, reason: str, detail: str = ""):
         self.reason = reason

@@ -3,7 +3,8 @@
 ``LocalLoader`` is what unit tests, overfit checks and benchmarks use; it runs the same
 :class:`~.transforms.DetectionTransform` as the Ray Data datasets, so samples are equal
 for the same (seed, epoch, image_id). Undecodable images are skipped, counted in
-``loader.skips`` and logged with their image id.
+``loader.skips`` and logged with their image id; so are, for training, records holding a
+category id their manifest does not list (``unknown_category``).
 
 Records that reference image files resolve them against the image root of their own
 dataset folder (:func:`folder_image_roots`), also when several folders are joined.
@@ -17,7 +18,9 @@ import numpy as np
 
 from .collate import collate
 from .decode import ImageDecodeError
-from .records import PathLike, Roots, data_dirs, folder_image_roots, iter_records, read_manifest, shard_paths
+from .records import (
+    PathLike, Roots, category_ids, data_dirs, folder_image_roots, iter_records, read_manifest, shard_paths,
+)
 from .transforms import DetectionTransform
 
 __all__ = ["LocalLoader", "iter_samples", "folder_image_roots", "iter_rooted_records"]
@@ -70,7 +73,10 @@ class LocalLoader:
         self.data_dir = data_dir
         self.image_root = image_root or data_cfg.image_root
         folder_image_roots(data_dir, self.image_root)  # a bad or ambiguous override fails here
-        self.transform = DetectionTransform(data_cfg, train=train, image_root=None)
+        # training checks each record's category ids against the manifest's: one it lacks would
+        # reach the loss outside the class head (a counted skip, as an undecodable image)
+        self.transform = DetectionTransform(data_cfg, train=train, image_root=None,
+                                            category_ids=category_ids(data_dir) if train else None)
         self.batch_size = int(batch_size or data_cfg.batch_size)
         self.shuffle = train if shuffle is None else shuffle
         self.drop_last, self.epoch, self.seed = drop_last, epoch, int(data_cfg.seed)

@@ -25,7 +25,8 @@ and ``reshuffle_each_epoch=True`` every pass (execution) of the dataset draws a 
 seeded by (seed, pass number) so a run repeats its orders, else every pass has the same order
 (what exact resume needs: a restarted run executes the dataset from pass 0 again).
 Images that fail to decode are dropped from the stream, logged with their id and
-counted by a named actor: :func:`decode_skips`.
+counted by a named actor: :func:`decode_skips`; so are training records that hold a category
+id their manifest does not list (reason ``unknown_category``).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ import pyarrow as pa
 import ray
 
 from .decode import ImageDecodeError
-from .records import Roots, folder_image_roots, shard_paths
+from .records import Roots, category_ids, folder_image_roots, shard_paths
 
 # Not imported here: .transforms (torch, torchvision). Ray's SplitCoordinator, DatasetManager
 # and TrainController actors unpickle the datasets' plans, so they import this module, but only
@@ -137,16 +138,17 @@ def decode_skips(stats_name: str = "train") -> dict[str, Any]:
 class _ToSample:
     """Picklable batch function: record rows -> sample rows (bad images dropped and counted)."""
 
-    def __init__(self, data_cfg, train: bool, image_root: Optional[str], epoch: Optional[int], stats_name: str):
-        self._args = (data_cfg, bool(train), image_root)
+    def __init__(self, data_cfg, train: bool, image_root: Optional[str], epoch: Optional[int], stats_name: str,
+                 known_ids: Optional[list[int]] = None):
+        self._args = (data_cfg, bool(train), image_root, known_ids)
         self.epoch, self.stats_name = epoch, stats_name
         self._transform = self._build()  # bad settings fail here, where the dataset is built
 
     def _build(self):
         from .transforms import DetectionTransform
 
-        data_cfg, train, image_root = self._args
-        return DetectionTransform(data_cfg, train=train, image_root=image_root)
+        data_cfg, train, image_root, known_ids = self._args
+        return DetectionTransform(data_cfg, train=train, image_root=image_root, category_ids=known_ids)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_transform": None}  # built again where the batches are mapped
@@ -289,6 +291,7 @@ def build_train_dataset(data_dir, data_cfg, image_root: Roots = None, epoch: Opt
     exactly; keep it ``False`` for ``train.deterministic`` runs, whose restart re-executes the
     dataset from pass 0 and must see the orders of the first run."""
     override = image_root or data_cfg.image_root
+    known = category_ids(data_dir)  # a record holding another id is a counted skip (its label is bad)
     _counter(stats_name)  # create the actors from the driver so tasks find them
     _clock(stats_name)
     if epoch is None:
@@ -296,12 +299,12 @@ def build_train_dataset(data_dir, data_cfg, image_root: Roots = None, epoch: Opt
             raise ValueError("num_epochs > 1 needs a fixed start epoch")
         ds, root = _read_records(data_dir, override, override_num_blocks)
         return ds.randomize_block_order(seed=block_order_seed(data_cfg.seed, reshuffle_each_epoch)).map_batches(
-            _ToSample(data_cfg, True, root, None, stats_name), batch_size=_BATCH, batch_format="numpy")
+            _ToSample(data_cfg, True, root, None, stats_name, known), batch_size=_BATCH, batch_format="numpy")
     parts = []
     for e in range(int(epoch), int(epoch) + int(num_epochs)):
         ds, root = _read_records(data_dir, override, override_num_blocks)
         ds = ds.randomize_block_order(seed=int(data_cfg.seed) + e)
-        parts.append(ds.map_batches(_ToSample(data_cfg, True, root, e, stats_name), batch_size=_BATCH,
+        parts.append(ds.map_batches(_ToSample(data_cfg, True, root, e, stats_name, known), batch_size=_BATCH,
                                     batch_format="numpy"))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 __all__ = [
     "SCHEMA", "MANIFEST_NAME", "FORMAT", "read_manifest", "shard_paths", "iter_records",
-    "to_coco_gt", "data_dirs", "resolve_image_path", "folder_image_roots", "Roots",
+    "to_coco_gt", "data_dirs", "resolve_image_path", "folder_image_roots", "Roots", "category_ids",
 ]
 
 FORMAT = "dino_scale.records/1"
@@ -89,6 +89,13 @@ def shard_paths(data_dir: Union[PathLike, Sequence[PathLike]]) -> list[Path]:
         categories = cats
         out.extend(d / s["file"] for s in manifest["shards"])
     return out
+
+
+def category_ids(data_dir: Union[PathLike, Sequence[PathLike]]) -> list[int]:
+    """The category ids of the dataset's manifest (several folders: theirs agree, see
+    :func:`shard_paths`, which raises ``ValueError`` otherwise)."""
+    shard_paths(data_dir)
+    return [int(c["id"]) for c in read_manifest(data_dirs(data_dir)[0])["categories"]]
 
 
 def resolve_image_path(root: Optional[PathLike], file_name: str) -> Optional[Path]:

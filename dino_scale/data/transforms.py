@@ -13,7 +13,7 @@ sample's augmentation does not depend on worker count or order.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
@@ -85,11 +85,14 @@ class DetectionTransform:
     :func:`~.loader.iter_rooted_records`), else under ``image_root``; ``width``/``height``
     the annotated size; ``boxes`` (n,4) x,y,w,h pixels; ``category_ids`` (n,); optional
     ``iscrowd`` (n,). Raises ``ImageDecodeError`` (a counted skip for the loaders) when the
-    file is missing or unreadable, the bytes do not decode, or the pixels are not a uniform
-    rescale of the annotated size.
+    file is missing or unreadable, the bytes do not decode, the pixels are not a uniform
+    rescale of the annotated size, or (with ``category_ids``, the ids of the dataset's
+    manifest) the record holds a category id the manifest does not list: its label would
+    reach the loss outside the class head that was sized from the manifest.
     """
 
-    def __init__(self, cfg, train: bool = True, image_root: Optional[str] = None):
+    def __init__(self, cfg, train: bool = True, image_root: Optional[str] = None,
+                 category_ids: Optional[Iterable[int]] = None):
         f = float(cfg.scale_factor)
         self.train, self.seed = train, int(cfg.seed)
         self.scales = [_scaled(s, f) for s in cfg.train_scales]
@@ -98,6 +101,7 @@ class DetectionTransform:
         self.crop_range = (_scaled(cfg.crop_size_range[0], f), _scaled(cfg.crop_size_range[1], f))
         self.eval_size, self.eval_max = _scaled(cfg.eval_size, f), _scaled(cfg.eval_max_size, f)
         self.image_root = image_root
+        self.category_ids = None if category_ids is None else frozenset(int(c) for c in category_ids)
 
     # -- geometry ------------------------------------------------------------------
     @staticmethod
@@ -142,7 +146,19 @@ class DetectionTransform:
                 raise ImageDecodeError("missing_file", str(record["file_name"]))
         return decode_image(data, expected_size=(int(record["width"]), int(record["height"])))
 
+    def check_categories(self, record: dict[str, Any]) -> None:
+        """``ImageDecodeError("unknown_category")`` when ``record`` holds a category id that
+        ``category_ids`` lacks (no check without ``category_ids``)."""
+        if self.category_ids is None:
+            return
+        ids = np.asarray(record["category_ids"] if record["category_ids"] is not None else [], np.int64)
+        unknown = sorted({int(c) for c in np.unique(ids)} - self.category_ids)
+        if unknown:
+            raise ImageDecodeError("unknown_category", f"category ids {unknown[:10]} are not among the "
+                                   f"{len(self.category_ids)} categories of the dataset's manifest")
+
     def __call__(self, record: dict[str, Any], epoch: int = 0) -> dict[str, Any]:
+        self.check_categories(record)  # before decoding: the image would be dropped anyway
         arr = self.load(record)
         H, W = arr.shape[:2]
         rh, rw = int(record["height"]), int(record["width"])

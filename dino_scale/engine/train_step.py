@@ -131,7 +131,9 @@ def check_target_labels(targets: list[dict], num_classes: int) -> None:
     """ValueError naming the image unless every ``labels`` (N,) of ``targets`` lies in
     [0, num_classes). Meant for host tensors, before :func:`move_batch`: on a GPU an
     out-of-range label reaches the matcher's gather and the focal loss as a device-side
-    assert, which ends the process without saying which image or class was at fault."""
+    assert, which ends the process without saying which image or class was at fault.
+    A backstop: ``fit`` refuses a manifest whose ids the head cannot hold, and the data layer
+    skips (and counts) records holding an id their manifest lacks."""
     for t in targets:
         labels = t["labels"]
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):

@@ -74,6 +74,49 @@ def test_data_decode_time_skips_counted(tmp_path, caplog):
     assert "image id 2" in caplog.text
 
 
+def drop_manifest_category(out: Path, category_id: int) -> None:
+    """Make a converted folder inconsistent: its manifest no longer lists ``category_id``
+    while its records still hold it (a shard written by another tool, a hand-edited manifest)."""
+    from dino_scale.data.records import MANIFEST_NAME
+
+    path = out / MANIFEST_NAME
+    m = json.loads(path.read_text())
+    m["categories"] = [c for c in m["categories"] if c["id"] != category_id]
+    path.write_text(json.dumps(m))
+
+
+def test_data_unknown_category_records_skipped_in_training(tmp_path, caplog):
+    """A record holding a category id its manifest does not list is a counted, logged skip for
+    training (the class head is sized from the manifest: its label would reach the loss out of
+    range, a device-side assert on a GPU); evaluation keeps it (labels never reach a loss)."""
+    from dino_scale.data.transforms import DetectionTransform
+
+    good = _jpeg()
+    root, ann = _dataset(tmp_path, {"a.jpg": good, "b.jpg": good, "c.jpg": good},
+                         [{"image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 10]},
+                          {"image_id": 2, "category_id": 1, "bbox": [1, 2, 10, 10]},
+                          {"image_id": 2, "category_id": 5, "bbox": [20, 2, 10, 10]},
+                          {"image_id": 3, "category_id": 1, "bbox": [1, 2, 10, 10]}])
+    convert_coco(ann, root, tmp_path / "out", embed_images=True, progress=False)
+    drop_manifest_category(tmp_path / "out", 5)
+    cfg = preset("tiny").data
+    loader = LocalLoader(tmp_path / "out", cfg, train=True, batch_size=2)
+    with caplog.at_level(logging.WARNING):
+        targets = [t for _, _, ts in loader for t in ts]
+    assert sorted(int(t["image_id"]) for t in targets) == [1, 3]
+    assert loader.skips == {"count": 1, "by_reason": {"unknown_category": 1}, "image_ids": [2]}
+    assert "image id 2" in caplog.text and "category ids [5]" in caplog.text
+    evaluated = [t for _, _, ts in LocalLoader(tmp_path / "out", cfg, train=False, batch_size=2) for t in ts]
+    assert sorted(int(t["image_id"]) for t in evaluated) == [1, 2, 3]
+    assert sorted(evaluated[1]["labels"].tolist()) == [1, 5]
+    # the transform checks only when given the ids; a record without boxes always passes
+    rec = next(r for r in iter_records(tmp_path / "out") if r["image_id"] == 2)
+    assert sorted(DetectionTransform(cfg, train=False)(rec)["labels"].tolist()) == [1, 5]
+    empty = {**rec, "boxes": np.zeros((0, 4), np.float32), "category_ids": np.zeros(0, np.int64),
+             "iscrowd": np.zeros(0, bool)}
+    assert DetectionTransform(cfg, train=True, category_ids=[1])(empty)["labels"].numel() == 0
+
+
 def test_data_bad_boxes_clipped_or_dropped(tmp_path):
     anns = [
         {"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]},  # fine

@@ -37,6 +37,7 @@ def test_data_ray_datasets(ray_session, shards, tmp_path, image_folders):
     _eval_and_decode_skips(shards, tmp_path)
     _folders_use_their_own_image_roots(image_folders)
     _block_order_new_each_pass_only_when_asked(tmp_path)
+    _train_records_of_unknown_categories_skipped(tmp_path)
 
 
 def _list_files_op(ds):
@@ -248,3 +249,29 @@ def test_data_ray_plan_unpickles_without_torch(shards):
     want = DetectionTransform(cfg, train=True, image_root=str(shards[1]))(rec, epoch=2)
     assert np.array_equal(got["image"].numpy(), want["image"].numpy())
     assert np.array_equal(got["boxes"].numpy(), want["boxes"].numpy())
+
+
+def _train_records_of_unknown_categories_skipped(tmp_path):
+    """Training rows whose record holds a category id the manifest does not list are dropped and
+    counted (their labels would reach the loss outside the class head sized from the manifest);
+    see tests/data/test_data_bad_input.py for the local loader."""
+    import json
+
+    from dino_scale.data import build_train_dataset, decode_skips
+    from dino_scale.data.records import MANIFEST_NAME
+    from dino_scale.data.synthetic import generate
+
+    root, ann = generate(tmp_path / "raw_unknown", "coco-like", num_images=6, seed=11,
+                         image_size=((32, 48), (40, 56)), max_objects=2, empty_fraction=0.0)
+    out = tmp_path / "unknown"
+    convert_coco(ann, root, out, embed_images=True, progress=False)
+    recs = list(iter_records(out))
+    dropped = int(recs[0]["category_ids"][0])
+    victims = sorted(int(r["image_id"]) for r in recs if dropped in set(map(int, r["category_ids"])))
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest["categories"] = [c for c in manifest["categories"] if c["id"] != dropped]
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    rows = build_train_dataset(out, preset("tiny").data, epoch=0, stats_name="train_unknown_test").take_all()
+    assert sorted(int(r["image_id"]) for r in rows) == sorted(set(int(r["image_id"]) for r in recs) - set(victims))
+    stats = decode_skips("train_unknown_test")
+    assert stats["by_reason"] == {"unknown_category": len(victims)} and sorted(stats["image_ids"]) == victims

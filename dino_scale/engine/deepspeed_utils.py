@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 from typing import Any, Optional
 
 import torch
@@ -115,29 +114,7 @@ def apply_activation_checkpointing(cfg: Config, enabled: bool = True) -> Config:
     return cfg
 
 
-def import_deepspeed():
-    """``import deepspeed`` without the MLflow import of its autotuner, which dino_scale never
-    runs: DeepSpeed's config module imports the autotuner, which imports ``mlflow`` (and pandas)
-    when installed, ~2 s of CPU per training process (5.1-6.8 s -> 3.4-4.0 s for
-    ``import torch, deepspeed`` on a 2-core box). Every worker pays it at start, and the ranks
-    that never log (all but rank 0) never use MLflow. Where MLflow is already imported (a
-    driver) nothing is hidden. While ``deepspeed`` imports, ``import mlflow`` in another thread
-    of this process would fail: the training loop starts its tracker afterwards."""
-    if "deepspeed" in sys.modules:
-        return sys.modules["deepspeed"]
-    hide = "mlflow" not in sys.modules
-    if hide:
-        sys.modules["mlflow"] = None  # the autotuner's ``import mlflow`` raises ImportError: no MLflow logging
-    try:
-        import deepspeed
-    finally:
-        if hide and "mlflow" in sys.modules and sys.modules["mlflow"] is None:
-            del sys.modules["mlflow"]
-    return deepspeed
-
-
 def _prepare_deepspeed_env() -> None:
-    import_deepspeed()
     # ZeRO-3 + bf16 on CPU crashes at exit in the shared-memory comm op; skip building it.
     try:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
@@ -152,7 +129,7 @@ def init_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
     up); returns the engine. The engine owns the optimizer, the lr scheduler, clipping
     and gradient accumulation."""
     _prepare_deepspeed_env()
-    deepspeed = import_deepspeed()
+    import deepspeed
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
@@ -211,7 +188,8 @@ def full_state_dict(engine_or_model, rank: int = 0, all_ranks: bool = False
                 for k, v in model.state_dict(keep_vars=True).items()}
 
     if stage == 3:
-        deepspeed = import_deepspeed()
+        import deepspeed
+
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             return grab()
     return grab()
@@ -337,7 +315,8 @@ class ModelEMA:
         params = [p for p in module.parameters()]
         ctx = None
         if any(hasattr(p, "ds_id") for p in params):
-            deepspeed = import_deepspeed()
+            import deepspeed
+
             ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
             ctx.__enter__()
         try:

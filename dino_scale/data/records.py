@@ -77,25 +77,27 @@ def read_manifest(data_dir: PathLike) -> dict[str, Any]:
     return manifest
 
 
-def shard_paths(data_dir: Union[PathLike, Sequence[PathLike]]) -> list[Path]:
-    """All shard files of one or several dataset folders, in manifest order."""
-    out: list[Path] = []
-    categories = None
+def _agreeing_manifests(data_dir: Union[PathLike, Sequence[PathLike]]) -> list[tuple[Path, dict[str, Any]]]:
+    """(folder, manifest) of each dataset folder; ``ValueError`` unless their categories agree."""
+    out: list[tuple[Path, dict[str, Any]]] = []
     for d in data_dirs(data_dir):
         manifest = read_manifest(d)
         cats = [(c["id"], c["name"]) for c in manifest["categories"]]
-        if categories is not None and cats != categories:
+        if out and cats != [(c["id"], c["name"]) for c in out[0][1]["categories"]]:
             raise ValueError(f"{d}: categories differ from the other dataset folders")
-        categories = cats
-        out.extend(d / s["file"] for s in manifest["shards"])
+        out.append((d, manifest))
     return out
 
 
+def shard_paths(data_dir: Union[PathLike, Sequence[PathLike]]) -> list[Path]:
+    """All shard files of one or several dataset folders, in manifest order."""
+    return [d / s["file"] for d, manifest in _agreeing_manifests(data_dir) for s in manifest["shards"]]
+
+
 def category_ids(data_dir: Union[PathLike, Sequence[PathLike]]) -> list[int]:
-    """The category ids of the dataset's manifest (several folders: theirs agree, see
-    :func:`shard_paths`, which raises ``ValueError`` otherwise)."""
-    shard_paths(data_dir)
-    return [int(c["id"]) for c in read_manifest(data_dirs(data_dir)[0])["categories"]]
+    """The category ids of the dataset's manifest (several folders: theirs must agree, else
+    ``ValueError``, as for :func:`shard_paths`)."""
+    return [int(c["id"]) for c in _agreeing_manifests(data_dir)[0][1]["categories"]]
 
 
 def resolve_image_path(root: Optional[PathLike], file_name: str) -> Optional[Path]:

@@ -255,10 +255,9 @@ def _train_records_of_unknown_categories_skipped(tmp_path):
     """Training rows whose record holds a category id the manifest does not list are dropped and
     counted (their labels would reach the loss outside the class head sized from the manifest);
     see tests/data/test_data_bad_input.py for the local loader."""
-    import json
+    from test_data_bad_input import drop_manifest_category
 
     from dino_scale.data import build_train_dataset, decode_skips
-    from dino_scale.data.records import MANIFEST_NAME
     from dino_scale.data.synthetic import generate
 
     root, ann = generate(tmp_path / "raw_unknown", "coco-like", num_images=6, seed=11,
@@ -268,9 +267,7 @@ def _train_records_of_unknown_categories_skipped(tmp_path):
     recs = list(iter_records(out))
     dropped = int(recs[0]["category_ids"][0])
     victims = sorted(int(r["image_id"]) for r in recs if dropped in set(map(int, r["category_ids"])))
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
-    manifest["categories"] = [c for c in manifest["categories"] if c["id"] != dropped]
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    drop_manifest_category(out, dropped)
     rows = build_train_dataset(out, preset("tiny").data, epoch=0, stats_name="train_unknown_test").take_all()
     assert sorted(int(r["image_id"]) for r in rows) == sorted(set(int(r["image_id"]) for r in recs) - set(victims))
     stats = decode_skips("train_unknown_test")

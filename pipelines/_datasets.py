@@ -89,6 +89,16 @@ def synthetic_dirs(work_dir: Path, flavour: str, num_images: int, seed: int,
     return tuple(out)
 
 
+def whole_dataset(dataset: str) -> str:
+    """``dataset`` (folders joined by commas) once every shard its manifests list is there at its
+    recorded size: a :class:`~dino_scale.data.ShardError` here, before Ray starts, names the
+    shards a half-finished copy left out or cut short."""
+    from dino_scale.data import shard_paths
+
+    shard_paths(dataset)
+    return dataset
+
+
 def resolve_datasets(args, work_dir: Path, flavour: str, default_images: int, seed: int,
                      log: Callable[[str], None], require_val: Optional[str] = None
                      ) -> tuple[str, Optional[str], bool]:
@@ -119,7 +129,7 @@ def resolve_datasets(args, work_dir: Path, flavour: str, default_images: int, se
         train = _one(args.data, args.images, work_dir, "dataset path", log)
     if args.val_data is not None:
         val = _one(args.val_data, args.val_images or args.images, work_dir, "validation dataset path", log)
-    return train, val, False
+    return whole_dataset(train), (whole_dataset(val) if val else None), False
 
 
 def categories_of(dataset: str) -> list[dict]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pipelines import _common as common
-from pipelines._datasets import categories_of, synthetic_dirs
+from pipelines._datasets import categories_of, synthetic_dirs, whole_dataset
 
 EXPERIMENT = "evaluate"
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -114,6 +114,7 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
         from pipelines._datasets import _one
 
         val = _one(args.data, args.images, work_dir, "dataset path", log)
+    whole_dataset(val)
     n_cats = len(categories_of(val))
     log(f"Ray: {common.connect_ray()}")
     common.set_eval_resources(cfg, args)

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from .convert_passes import ANN, DROP, DROP_REASONS, ConversionError, scan_annotations, scan_images
 from .decode import verify_image_bytes
-from .records import FORMAT, MANIFEST_NAME, SCHEMA, resolve_image_path
+from .records import FORMAT, MANIFEST_NAME, SCHEMA, ShardError, check_shards, resolve_image_path
 from .shards import ShardWriter, crowd_boxes, load_progress
 
 __all__ = ["convert_coco", "ConversionError"]
@@ -273,8 +273,12 @@ class _Converter:
         if manifest_path.is_file():
             old = json.loads(manifest_path.read_text())
             if old.get("signature") == self.signature:
-                self.say(f"{self.out}: already converted")
-                return old
+                try:  # the same input, but its shards must still be there, whole
+                    check_shards(self.out, old)
+                    self.say(f"{self.out}: already converted")
+                    return old
+                except ShardError as e:
+                    self.say(f"{self.out}: {e.detail}; converting again")
             manifest_path.unlink()
         self.out.mkdir(parents=True, exist_ok=True)
         plan_path = self.work / "plan.json"

@@ -19,7 +19,7 @@ import numpy as np
 from .collate import collate
 from .decode import ImageDecodeError
 from .records import (
-    PathLike, Roots, category_ids, data_dirs, folder_image_roots, iter_records, read_manifest, shard_paths,
+    PathLike, Roots, category_ids, data_dirs, folder_image_roots, iter_records, read_manifest,
 )
 from .transforms import DetectionTransform
 
@@ -34,7 +34,7 @@ def iter_rooted_records(data_dir: Union[PathLike, Sequence[PathLike]], image_roo
     """:func:`~.records.iter_records` of every folder, each record with its folder's
     ``image_root`` (:func:`folder_image_roots`) for :class:`~.transforms.DetectionTransform`."""
     roots = folder_image_roots(data_dir, image_root)
-    shard_paths([d for d, _ in roots])  # the folders' categories must agree
+    category_ids([d for d, _ in roots])  # the folders' categories must agree
     for folder, root in roots:
         for rec in iter_records(folder, **kw):
             rec["image_root"] = root

@@ -257,8 +257,8 @@ def _read_records(data_dir, image_root: Roots,
     row given its own folder's root (``image_root`` column, :func:`add_image_root`), the
     reads unioned, and ``None``: every folder resolves file names against its own root."""
     roots = folder_image_roots(data_dir, image_root)
+    category_ids([d for d, _ in roots])  # the folders' categories must agree
     files = [[str(p) for p in shard_paths(d)] for d, _ in roots]
-    shard_paths([d for d, _ in roots])  # the folders' categories must agree
     if not sum(map(len, files)):
         raise ValueError(f"{data_dir}: the dataset has no shards (no images?)")
     if len(roots) == 1:

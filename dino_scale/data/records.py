@@ -20,6 +20,7 @@ A dataset is a folder of ``shard-NNNNN.parquet`` files plus ``manifest.json``.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -30,6 +31,7 @@ import pyarrow.parquet as pq
 __all__ = [
     "SCHEMA", "MANIFEST_NAME", "FORMAT", "read_manifest", "shard_paths", "iter_records",
     "to_coco_gt", "data_dirs", "resolve_image_path", "folder_image_roots", "Roots", "category_ids",
+    "ShardError", "check_shards",
 ]
 
 FORMAT = "dino_scale.records/1"
@@ -89,9 +91,64 @@ def _agreeing_manifests(data_dir: Union[PathLike, Sequence[PathLike]]) -> list[t
     return out
 
 
+class ShardError(ValueError):
+    """Shard files of a dataset folder that are missing or not the size its manifest records
+    (a copy or sync that did not finish, a shard deleted or rewritten after conversion).
+    ``detail``: which shards, without the folder and the advice."""
+
+    def __init__(self, folder: Path, detail: str):
+        super().__init__(f"{folder}: {detail} (copy the folder again, or convert the data again with "
+                         f"python -m pipelines.prepare_data)")
+        self.folder, self.detail = folder, detail
+
+    def __reduce__(self):  # raised in a Ray task or actor, it is pickled to the caller
+        return type(self), (self.folder, self.detail)
+
+
+# how many bad shards an error names (the count covers them all)
+_NAMED_BAD_SHARDS = 5
+_STAT_THREADS = 32
+
+
+def _size(path: Path) -> Optional[int]:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
+
+
+def check_shards(folder: Path, manifest: dict[str, Any]) -> None:
+    """:class:`ShardError` unless every shard of ``manifest`` is a file of its recorded size.
+    One ``stat`` per shard, :data:`_STAT_THREADS` at a time (on a bucket mount, e.g. Mountpoint
+    for S3, each is a request); a same-size corruption is not detected."""
+    shards = manifest["shards"]
+    paths = [Path(folder) / s["file"] for s in shards]
+    if len(paths) > 1:
+        with ThreadPoolExecutor(min(_STAT_THREADS, len(paths))) as pool:
+            sizes = list(pool.map(_size, paths))
+    else:
+        sizes = [_size(p) for p in paths]
+    bad = []
+    for shard, size in zip(shards, sizes):
+        if size is None:
+            bad.append(f"{shard['file']} is missing")
+        elif "bytes" in shard and size != int(shard["bytes"]):
+            bad.append(f"{shard['file']} has {size} bytes, the manifest {int(shard['bytes'])}")
+    if bad:
+        more = f"; and {len(bad) - _NAMED_BAD_SHARDS} more" if len(bad) > _NAMED_BAD_SHARDS else ""
+        raise ShardError(folder, f"{len(bad)} of {len(manifest['shards'])} shards do not match {MANIFEST_NAME}: "
+                                 f"{'; '.join(bad[:_NAMED_BAD_SHARDS])}{more}")
+
+
 def shard_paths(data_dir: Union[PathLike, Sequence[PathLike]]) -> list[Path]:
-    """All shard files of one or several dataset folders, in manifest order."""
-    return [d / s["file"] for d, manifest in _agreeing_manifests(data_dir) for s in manifest["shards"]]
+    """All shard files of one or several dataset folders, in manifest order; :class:`ShardError`
+    when one is missing or not the size its manifest records (before any read: a read would
+    fail on it mid-epoch, or on every worker at once)."""
+    out = []
+    for d, manifest in _agreeing_manifests(data_dir):
+        check_shards(d, manifest)
+        out.extend(d / s["file"] for s in manifest["shards"])
+    return out
 
 
 def category_ids(data_dir: Union[PathLike, Sequence[PathLike]]) -> list[int]:
@@ -161,7 +218,7 @@ def to_coco_gt(data_dir: Union[PathLike, Sequence[PathLike]]) -> dict[str, Any]:
     detections and ground truth by image id, so two images of one id would be scored as one.
     """
     dirs = data_dirs(data_dir)
-    shard_paths(dirs)  # the folders' categories must agree
+    category_ids(dirs)  # the folders' categories must agree
     categories = read_manifest(dirs[0])["categories"]
     images, annotations = [], []
     cols = ["image_id", "file_name", "width", "height", "boxes", "category_ids", "iscrowd", "area"]

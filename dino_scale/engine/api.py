@@ -90,12 +90,19 @@ def check_category_ids(categories: list[dict], num_classes: int, data: str) -> N
                           f"(got {num_classes})")
 
 
-def _check_classes(data_dir: str, cfg: Config) -> None:
-    """:func:`check_category_ids` of every folder of the training data, before anything starts."""
-    from dino_scale.data.records import data_dirs, read_manifest
+def _check_data(train_dir: Optional[str], val_dir: Optional[str], cfg: Config) -> None:
+    """Before anything starts: the shards of both datasets are there, whole
+    (:class:`~dino_scale.data.ShardError`; Ray Data's planning failed on one after Ray and the
+    MLflow run had started, without the file's name), and the class head holds every category
+    id of the training data (:func:`check_category_ids`)."""
+    from dino_scale.data.records import data_dirs, read_manifest, shard_paths
 
-    for d in data_dirs(data_dir):
-        check_category_ids(read_manifest(d)["categories"], cfg.model.num_classes, data_dir)
+    for data in (train_dir, val_dir):
+        if data:
+            shard_paths(data)
+    if train_dir:
+        for d in data_dirs(train_dir):
+            check_category_ids(read_manifest(d)["categories"], cfg.model.num_classes, train_dir)
 
 
 def _copy_final(checkpoint, dest: Path, required: tuple[str, ...] = (WEIGHTS_NAME, CONFIG_NAME)) -> None:
@@ -134,9 +141,9 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     storage = normalize_storage_path(storage_path or cfg.train.storage_path, work / "ray")
+    _check_data(train_dir if train else None, val_dir if evaluate else None, cfg)
     if train:
         check_training_config(cfg)
-        _check_classes(train_dir, cfg)
         check_restart(storage, run_name, cfg.train.num_workers, cfg.train.zero_stage)  # reusing a run name resumes it
     else:
         worker_count(cfg, training=False)  # no batch-size arithmetic: evaluation accumulates nothing

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,42 @@ def test_data_unknown_category_records_skipped_in_training(tmp_path, caplog):
     empty = {**rec, "boxes": np.zeros((0, 4), np.float32), "category_ids": np.zeros(0, np.int64),
              "iscrowd": np.zeros(0, bool)}
     assert DetectionTransform(cfg, train=True, category_ids=[1])(empty)["labels"].numel() == 0
+
+
+def test_data_missing_or_truncated_shards_are_a_clear_error(tmp_path, capsys):
+    """A shard deleted, or cut short by a copy that did not finish, is named before any read (a
+    read fails on it mid-epoch, or on every worker at once); converting the same input again
+    rewrites the dataset instead of answering "already converted"."""
+    from dino_scale.data import ShardError, shard_paths, to_coco_gt
+
+    images = {f"{i}.jpg": _jpeg(colour=(20 * i, 30, 30)) for i in range(1, 7)}
+    anns = [{"image_id": i, "category_id": 1, "bbox": [1, 2, 10, 10]} for i in range(1, 7)]
+    root, ann = _dataset(tmp_path, images, anns)
+    out = tmp_path / "out"
+    m = convert_coco(ann, root, out, embed_images=True, max_images_per_shard=2, progress=False)
+    names = [s["file"] for s in m["shards"]]
+    assert len(names) == 3 and len(shard_paths(out)) == 3
+    whole = (out / names[1]).read_bytes()
+    (out / names[1]).write_bytes(whole[: len(whole) // 2])
+    (out / names[2]).unlink()
+    needle = (rf"2 of 3 shards do not match manifest.json: {names[1]} has {len(whole) // 2} bytes, "
+              rf"the manifest {len(whole)}; {names[2]} is missing \(copy the folder again")
+    with pytest.raises(ShardError, match=needle) as raised:
+        shard_paths(out)
+    assert str(pickle.loads(pickle.dumps(raised.value))) == str(raised.value)  # from a Ray task too
+    with pytest.raises(ShardError, match=needle):
+        to_coco_gt(out)
+    with pytest.raises(ShardError, match=needle):
+        next(iter(LocalLoader(out, preset("tiny").data, train=False, batch_size=2)))
+    with pytest.raises(ShardError, match=needle):  # two folders: the broken one is named
+        shard_paths([out, out])
+    # the same conversion again: not "already converted" (the manifest's shards are not there)
+    capsys.readouterr()
+    again = convert_coco(ann, root, out, embed_images=True, max_images_per_shard=2, progress=True)
+    assert "converting again" in capsys.readouterr().out
+    assert again["num_images"] == 6 and [r["image_id"] for r in iter_records(out)] == [1, 2, 3, 4, 5, 6]
+    convert_coco(ann, root, out, embed_images=True, max_images_per_shard=2, progress=True)
+    assert "already converted" in capsys.readouterr().out
 
 
 def test_data_bad_boxes_clipped_or_dropped(tmp_path):

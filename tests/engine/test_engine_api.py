@@ -1,6 +1,7 @@
 """engine.api on the driver: what it checks before Ray, MLflow or any worker starts."""
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -36,6 +37,34 @@ def test_config_errors_before_ray_or_mlflow(data, tmp_path, monkeypatch, overrid
     ray_before = ray.is_initialized()  # False when this module runs alone or first
     with pytest.raises(ConfigError, match=needle):
         fit(small_cfg(**override), train_dir, val_dir, tmp_path / "work", unique("bad"), progress=False)
+    assert ray.is_initialized() == ray_before and not (tmp_path / "work" / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_missing_shard_is_refused_before_ray_or_mlflow(data, tmp_path, monkeypatch, split):
+    """A dataset whose manifest lists a shard that is not there (a copy that did not finish) is
+    named before Ray or an MLflow run starts. Before, Ray Data's planning on the driver failed
+    after both had started: the one-line error was the bare path (a missing shard) or pyarrow's
+    "Parquet magic bytes not found" without the file's name (a truncated one)."""
+    import ray
+
+    from dino_scale.data import ShardError
+    from dino_scale.engine import evaluate_weights, fit
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    dirs = dict(zip(("train", "val"), data))
+    broken = tmp_path / split
+    shutil.copytree(dirs[split], broken)
+    shard = sorted(broken.glob("shard-*.parquet"))[0]
+    shard.unlink()
+    dirs[split] = str(broken)
+    ray_before = ray.is_initialized()
+    with pytest.raises(ShardError, match=rf"{shard.name} is missing"):
+        fit(small_cfg(), dirs["train"], dirs["val"], tmp_path / "work", unique("shard"), progress=False)
+    if split == "val":
+        with pytest.raises(ShardError, match=rf"{shard.name} is missing"):
+            evaluate_weights(small_cfg(), str(tmp_path / "weights.safetensors"), dirs["val"], tmp_path / "work",
+                             unique("shard"))
     assert ray.is_initialized() == ray_before and not (tmp_path / "work" / "mlflow.db").exists()
 
 

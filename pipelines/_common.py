@@ -341,7 +341,7 @@ def _is_usage_error(exc: BaseException) -> bool:
     if isinstance(exc, (UsageError, ConfigError, FileNotFoundError)):
         return True
     records = sys.modules.get("dino_scale.data.records")  # loaded wherever one was raised
-    if records is not None and isinstance(exc, records.ShardError):
+    if records is not None and isinstance(exc, (records.ShardError, records.ManifestError)):
         return True  # a dataset folder a copy left incomplete: the input, as a missing path is
     # an MLflow error implies MLflow is imported: importing it here (~2 s) only slowed the
     # usage errors raised before any MLflow work

@@ -10,7 +10,7 @@ import importlib
 from .convert import ConversionError, convert_coco
 from .decode import ImageDecodeError, decode_image
 from .json_stream import MalformedJSONError
-from .records import SCHEMA, ShardError, iter_records, read_manifest, shard_paths, to_coco_gt
+from .records import SCHEMA, ManifestError, ShardError, iter_records, read_manifest, shard_paths, to_coco_gt
 
 _LAZY = {
     "DetectionTransform": "transforms", "normalize_batch": "transforms", "dino_resize_size": "transforms",
@@ -21,7 +21,7 @@ _LAZY = {
 }
 
 __all__ = ["convert_coco", "ConversionError", "MalformedJSONError", "ImageDecodeError", "decode_image", "SCHEMA",
-           "ShardError", "iter_records", "read_manifest", "shard_paths", "to_coco_gt", *_LAZY]
+           "ManifestError", "ShardError", "iter_records", "read_manifest", "shard_paths", "to_coco_gt", *_LAZY]
 
 
 def __getattr__(name: str):

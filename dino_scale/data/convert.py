@@ -40,7 +40,9 @@ import pyarrow.parquet as pq
 
 from .convert_passes import ANN, DROP, DROP_REASONS, ConversionError, scan_annotations, scan_images
 from .decode import verify_image_bytes
-from .records import FORMAT, MANIFEST_NAME, SCHEMA, ShardError, check_shards, resolve_image_path
+from .records import (
+    FORMAT, MANIFEST_NAME, SCHEMA, ManifestError, ShardError, check_shards, read_manifest, resolve_image_path,
+)
 from .shards import ShardWriter, crowd_boxes, load_progress
 
 __all__ = ["convert_coco", "ConversionError"]
@@ -271,7 +273,11 @@ class _Converter:
     def run(self) -> dict[str, Any]:
         manifest_path = self.out / MANIFEST_NAME
         if manifest_path.is_file():
-            old = json.loads(manifest_path.read_text())
+            try:
+                old = read_manifest(self.out)
+            except ManifestError:  # cut short or edited: nothing in it can be trusted
+                self.say(f"{manifest_path}: unreadable or not a dataset manifest; converting again")
+                old = {}
             if old.get("signature") == self.signature:
                 try:  # the same input, but its shards must still be there, whole
                     check_shards(self.out, old)

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 __all__ = [
     "SCHEMA", "MANIFEST_NAME", "FORMAT", "read_manifest", "shard_paths", "iter_records",
     "to_coco_gt", "data_dirs", "resolve_image_path", "folder_image_roots", "Roots", "category_ids",
-    "ShardError", "check_shards",
+    "ShardError", "check_shards", "ManifestError",
 ]
 
 FORMAT = "dino_scale.records/1"
@@ -67,15 +67,45 @@ def data_dirs(data_dir: Union[PathLike, Sequence[PathLike]]) -> list[Path]:
     return [Path(p.strip()) for p in parts]
 
 
+class ManifestError(ValueError):
+    """A ``manifest.json`` that is not valid JSON, of another format, or without the entries
+    the readers use (``num_images``, ``categories`` with ids and names, ``shards`` with files)."""
+
+
+def _manifest_problem(manifest: Any) -> Optional[str]:
+    """What keeps ``manifest`` (parsed JSON) from being read, or ``None``."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    if manifest.get("format") != FORMAT:
+        return f"unknown format {manifest.get('format')!r} (expected {FORMAT})"
+    if not isinstance(manifest.get("num_images"), int):
+        return "no integer num_images"
+    categories, shards = manifest.get("categories"), manifest.get("shards")
+    if not isinstance(categories, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("id"), int) and isinstance(c.get("name"), str)
+            for c in categories):
+        return "categories is not a list of {id, name}"
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str)
+                                               for s in shards):
+        return "shards is not a list of {file, ...}"
+    return None
+
+
 def read_manifest(data_dir: PathLike) -> dict[str, Any]:
-    """The manifest of one dataset folder (dict; see :func:`convert_coco` for keys)."""
+    """The manifest of one dataset folder (dict; see :func:`convert_coco` for keys);
+    :class:`ManifestError` when it cannot be read as one."""
     path = Path(data_dir) / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST_NAME} in {data_dir}: not a converted dataset "
                                 f"(run python -m pipelines.prepare_data first)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ManifestError(f"{path}: not valid JSON ({e}); convert the data again with "
+                            f"python -m pipelines.prepare_data") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ManifestError(f"{path}: {problem}")
     return manifest
 
 

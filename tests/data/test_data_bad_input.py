@@ -154,6 +154,32 @@ def test_data_missing_or_truncated_shards_are_a_clear_error(tmp_path, capsys):
     assert "already converted" in capsys.readouterr().out
 
 
+def test_data_unreadable_manifest_is_a_clear_error_and_converted_again(tmp_path, capsys):
+    """A manifest.json cut short or edited into something else names itself (was: a JSONDecodeError
+    or a KeyError without the file), and converting the same input again rewrites the folder (was:
+    the same JSONDecodeError: the folder could only be fixed by hand)."""
+    from dino_scale.data import ManifestError, read_manifest, shard_paths
+
+    root, ann = _dataset(tmp_path, {"1.jpg": _jpeg()}, [{"image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 10]}])
+    out = tmp_path / "out"
+    convert_coco(ann, root, out, embed_images=True, progress=False)
+    path = out / "manifest.json"
+    whole = json.loads(path.read_text())
+    for text, needle in [(path.read_text()[:200], "not valid JSON"), ("[]", "a JSON list, not an object"),
+                         (json.dumps({**whole, "categories": [{"id": 1}]}), "categories is not a list of"),
+                         (json.dumps({k: v for k, v in whole.items() if k != "shards"}), "shards is not a list"),
+                         (json.dumps({**whole, "num_images": "1"}), "no integer num_images")]:
+        path.write_text(text)
+        with pytest.raises(ManifestError, match=rf"{path}: {needle}"):
+            read_manifest(out)
+        with pytest.raises(ManifestError, match=needle):
+            shard_paths(out)
+    capsys.readouterr()
+    again = convert_coco(ann, root, out, embed_images=True, progress=True)
+    assert "unreadable or not a dataset manifest; converting again" in capsys.readouterr().out
+    assert again["num_images"] == 1 and [r["image_id"] for r in iter_records(out)] == [1]
+
+
 def test_data_bad_boxes_clipped_or_dropped(tmp_path):
     anns = [
         {"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]},  # fine

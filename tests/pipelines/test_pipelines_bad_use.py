@@ -153,3 +153,8 @@ def test_pipelines_bad_use_incomplete_dataset_copy(tmp_path):
                  "--val-data", str(val_dir)], tmp_path)
     _assert_one_line_error(proc, f"{val_dir}: 1 of 2 shards do not match manifest.json: {gone} is missing")
     assert "Ray:" not in proc.stdout and not (tmp_path / "w" / "mlflow.db").exists()
+    manifest = val_dir / "manifest.json"
+    manifest.write_text(manifest.read_text()[:100])
+    proc = _run(["pipelines.pretrain_o365", "--preset", "tiny", "--data", str(train_dir), "--val-data",
+                 str(val_dir)], tmp_path)
+    _assert_one_line_error(proc, f"{manifest}: not valid JSON")

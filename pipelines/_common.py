@@ -343,6 +343,9 @@ def _is_usage_error(exc: BaseException) -> bool:
     records = sys.modules.get("dino_scale.data.records")  # loaded wherever one was raised
     if records is not None and isinstance(exc, (records.ShardError, records.ManifestError)):
         return True  # a dataset folder a copy left incomplete: the input, as a missing path is
+    weights = sys.modules.get("dino_scale.models.weights_file")
+    if weights is not None and isinstance(exc, weights.WeightsFileError):
+        return True  # a weights file cut short: the input too
     # an MLflow error implies MLflow is imported: importing it here (~2 s) only slowed the
     # usage errors raised before any MLflow work
     if "mlflow.exceptions" in sys.modules:

@@ -226,3 +226,27 @@ def test_readme_training_commands_pass_the_up_front_checks():
         args = mod.build_parser().parse_args(argv)
         if hasattr(args, "zero_stage") and args.preset is not None:
             common.validate_config_args(args)
+
+
+def test_cli_predict_weights_cut_short_is_one_line_naming_the_file(tmp_path, capsys):
+    """A checkpoint folder whose model.safetensors a copy cut short (was: "SafetensorError: Error
+    while deserializing header: incomplete metadata, file not fully covered", naming no file)."""
+    from PIL import Image
+
+    from dino_scale.config import preset, to_dict
+    from dino_scale.engine.checkpoint import save_weights
+    from dino_scale.models import build_dino
+
+    cfg = preset("tiny")
+    model, _, _ = build_dino(cfg.model)
+    ckpt = tmp_path / "ckpt"
+    save_weights(ckpt, model.state_dict(), config=to_dict(cfg))
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "a.jpg")
+    capsys.readouterr()
+    rc = cli.main(["predict", str(tmp_path / "a.jpg"), "--model", str(ckpt), "--out", str(tmp_path / "pred"),
+                   "--work-dir", str(tmp_path)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {weights}: not a readable safetensors file (SafetensorError: "), err

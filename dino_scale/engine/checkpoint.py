@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterator, Optional, Union
 import numpy as np
 import torch
 
+from dino_scale.models.weights_file import read_safetensors, read_torch_file
+
 __all__ = [
     "TrainState", "atomic_dir", "atomic_write_bytes", "atomic_write_text", "CheckpointManager",
     "save_rng_state", "load_rng_state", "save_weights", "load_weights", "save_training_checkpoint",
@@ -239,17 +241,16 @@ def save_weights(folder: PathLike, state_dict: dict[str, torch.Tensor], config: 
 
 def load_weights(path: PathLike) -> dict[str, torch.Tensor]:
     """State dict from a ``.safetensors`` file, a folder holding one, or a torch ``.pt``/``.pth``
-    (``model`` entry if present)."""
+    (``model`` entry if present); :class:`~dino_scale.models.weights_file.WeightsFileError`
+    naming the file when it is cut short or not that format."""
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS_NAME
     if not path.exists():
         raise FileNotFoundError(f"no weights at {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+        return read_safetensors(path)
+    obj = read_torch_file(path, weights_only=False)
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     return obj

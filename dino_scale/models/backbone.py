@@ -20,6 +20,7 @@ import torchvision
 from torch import Tensor, nn
 
 from .position_encoding import PositionEmbeddingSine
+from .weights_file import read_torch_file
 
 __all__ = ["FrozenBatchNorm2d", "ResNetBackbone", "Joiner", "build_backbone", "load_backbone_weights",
            "downsample_mask"]
@@ -180,7 +181,7 @@ def load_backbone_weights(backbone: nn.Module, path_or_url: str) -> dict:
     else:
         if not os.path.isfile(path_or_url):
             raise FileNotFoundError(f"backbone weights not found: {path_or_url}")
-        sd = torch.load(path_or_url, map_location="cpu", weights_only=True)
+        sd = read_torch_file(path_or_url, weights_only=True)
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):

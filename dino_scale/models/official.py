@@ -22,6 +22,8 @@ from typing import Dict, List
 import torch
 from torch import Tensor, nn
 
+from .weights_file import read_torch_file
+
 __all__ = ["load_official_state_dict", "official_state_dict", "load_official_checkpoint", "CheckpointMismatch"]
 
 OPTIONAL_BUFFERS = ("relative_position_index",)
@@ -126,7 +128,7 @@ def load_official_checkpoint(path: str) -> Dict[str, Tensor]:
     already a flat state dict). Any other pickled class raises ``pickle.UnpicklingError``.
     """
     with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_torch_file(path, weights_only=True)
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         return ckpt["model"]
     if isinstance(ckpt, dict) and ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):

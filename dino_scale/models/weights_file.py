@@ -1,0 +1,64 @@
+"""Reading a weights file so that a broken one names itself.
+
+A checkpoint cut short by a copy or download that did not finish fails deep in the reader with a
+message that names no file (safetensors: "Error while deserializing header: incomplete
+metadata"; torch: "PytorchStreamReader failed reading zip archive", an empty ``EOFError``, a
+``KeyError: 101``). These readers raise :class:`WeightsFileError` with the path instead. A file
+that ``weights_only`` loading refuses for what it holds keeps torch's own
+``pickle.UnpicklingError``: it is readable, and the callers explain that case themselves.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any, Dict, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["WeightsFileError", "read_safetensors", "read_torch_file"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class WeightsFileError(ValueError):
+    """A weights file that exists but cannot be read as the format its name says."""
+
+
+def _error(path: PathLike, kind: str, exc: BaseException) -> WeightsFileError:
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    detail = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    return WeightsFileError(f"{path}: not a readable {kind} file ({detail}; {size} bytes): cut short by a "
+                            f"copy or download that did not finish, or another format")
+
+
+def read_safetensors(path: PathLike) -> Dict[str, Tensor]:
+    """``safetensors.torch.load_file(path)``; :class:`WeightsFileError` naming ``path`` when the
+    file is not a whole safetensors file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise _error(path, "safetensors", e) from None
+
+
+def read_torch_file(path: PathLike, *, weights_only: bool, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, map_location, weights_only)``; :class:`WeightsFileError` naming
+    ``path`` when the file is not a whole torch file. With ``weights_only``, a file refused for
+    the objects it holds raises torch's ``pickle.UnpicklingError`` unchanged."""
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    # torch.save writes a zip archive ("PK"); its legacy format starts with a pickle protocol
+    # opcode (0x80). Other bytes are no torch file, which weights_only loading could take for
+    # pickled objects it refuses.
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+        raise _error(path, "torch", EOFError("empty file") if not head else ValueError(f"begins with {head!r}"))
+    errors: tuple = (RuntimeError, EOFError, KeyError)
+    if not weights_only:  # with weights_only, an UnpicklingError is that refusal
+        errors += (pickle.UnpicklingError,)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except errors as e:
+        raise _error(path, "torch", e) from None

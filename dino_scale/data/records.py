@@ -152,12 +152,8 @@ def check_shards(folder: Path, manifest: dict[str, Any]) -> None:
     One ``stat`` per shard, :data:`_STAT_THREADS` at a time (on a bucket mount, e.g. Mountpoint
     for S3, each is a request); a same-size corruption is not detected."""
     shards = manifest["shards"]
-    paths = [Path(folder) / s["file"] for s in shards]
-    if len(paths) > 1:
-        with ThreadPoolExecutor(min(_STAT_THREADS, len(paths))) as pool:
-            sizes = list(pool.map(_size, paths))
-    else:
-        sizes = [_size(p) for p in paths]
+    with ThreadPoolExecutor(max(1, min(_STAT_THREADS, len(shards)))) as pool:
+        sizes = list(pool.map(_size, [Path(folder) / s["file"] for s in shards]))
     bad = []
     for shard, size in zip(shards, sizes):
         if size is None:
@@ -248,8 +244,7 @@ def to_coco_gt(data_dir: Union[PathLike, Sequence[PathLike]]) -> dict[str, Any]:
     detections and ground truth by image id, so two images of one id would be scored as one.
     """
     dirs = data_dirs(data_dir)
-    category_ids(dirs)  # the folders' categories must agree
-    categories = read_manifest(dirs[0])["categories"]
+    categories = _agreeing_manifests(dirs)[0][1]["categories"]  # the folders' must agree
     images, annotations = [], []
     cols = ["image_id", "file_name", "width", "height", "boxes", "category_ids", "iscrowd", "area"]
     owner: dict[int, Path] = {}  # image id -> its folder (a converted folder never repeats an id)

@@ -99,10 +99,9 @@ def _check_data(train_dir: Optional[str], val_dir: Optional[str], cfg: Config) -
 
     for data in (train_dir, val_dir):
         if data:
-            shard_paths(data)
+            shard_paths(data)  # also: the folders' categories agree, so the first folder's hold for all
     if train_dir:
-        for d in data_dirs(train_dir):
-            check_category_ids(read_manifest(d)["categories"], cfg.model.num_classes, train_dir)
+        check_category_ids(read_manifest(data_dirs(train_dir)[0])["categories"], cfg.model.num_classes, train_dir)
 
 
 def _copy_final(checkpoint, dest: Path, required: tuple[str, ...] = (WEIGHTS_NAME, CONFIG_NAME)) -> None:

@@ -2,6 +2,7 @@
 
     dino-scale synth OUT --flavour coco-like -n 64      # synthetic dataset
     dino-scale prepare-data ...                         # annotation JSON + images -> shards
+    dino-scale check-data data/o365/train               # every record against its checksums
     dino-scale pretrain [--data O365] ...               # = python -m pipelines.pretrain_o365
     dino-scale finetune [--init URI] ...                # = python -m pipelines.finetune_coco
     dino-scale evaluate --model URI --data COCO_VAL     # = python -m pipelines.evaluate
@@ -21,6 +22,7 @@ from typing import Optional, Sequence
 # subcommand -> (module, one-line help); their arguments are forwarded untouched.
 FORWARDED = {
     "prepare-data": ("pipelines.prepare_data", "convert an annotation JSON + images into Parquet shards"),
+    "check-data": ("pipelines.check_data", "read converted datasets in full: records changed since conversion"),
     "pretrain": ("pipelines.pretrain_o365", "Objects365 pretraining -> dino-<preset>-o365@pretrained"),
     "finetune": ("pipelines.finetune_coco", "COCO fine-tuning from a registered model -> dino-<preset>-coco"),
     "evaluate": ("pipelines.evaluate", "COCO AP table of a registry URI, run URI, checkpoint or official .pth"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -26,7 +27,7 @@ def _isolated_mlflow(monkeypatch):
     os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
-SUBCOMMANDS = ["prepare-data", "synth", "pretrain", "finetune", "evaluate", "predict", "registry"]
+SUBCOMMANDS = ["prepare-data", "check-data", "synth", "pretrain", "finetune", "evaluate", "predict", "registry"]
 
 
 def test_cli_top_level_help_lists_subcommands(capsys):
@@ -250,3 +251,31 @@ def test_cli_predict_weights_cut_short_is_one_line_naming_the_file(tmp_path, cap
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith(f"error: {weights}: not a readable safetensors file (SafetensorError: "), err
+
+
+def test_cli_check_data_exit_status_names_damaged_records(tmp_path, capsys):
+    """``dino-scale check-data``: 0 when every record matches its checksums, 1 listing the damaged
+    records (and --json), 2 with one line when a folder's shards are not all there."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
+    from test_data_integrity import BOX, _convert, _replace_in_shard
+
+    import struct
+
+    good, _ = _convert(tmp_path / "good")
+    bad, _ = _convert(tmp_path / "bad")
+    _replace_in_shard(bad, struct.pack("<f", BOX), struct.pack("<f", BOX + 8))
+    assert cli.main(["check-data", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "1/1 shards read" in out and f"{good}: 4 records in 1 shards match their checksums" in out
+    report = tmp_path / "report.json"
+    assert cli.main(["check-data", str(good), str(bad), "--quiet", "--json", str(report)]) == 1
+    out = capsys.readouterr().out
+    assert "shards read" not in out and f"{bad}: 1 damaged record(s)" in out
+    assert "(image id 2): its labels do not match" in out
+    assert [len(r["damaged"]) for r in json.loads(report.read_text())] == [0, 1]
+    (bad / "shard-00000.parquet").unlink()
+    assert cli.main(["check-data", str(good), str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert "shards read" not in captured.out  # the folders are checked whole before any is read
+    err = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith(f"error: {bad}: 1 of 1 shards do not match manifest.json")

@@ -40,8 +40,9 @@ import pyarrow.parquet as pq
 
 from .convert_passes import ANN, DROP, DROP_REASONS, ConversionError, scan_annotations, scan_images
 from .decode import verify_image_bytes
+from .integrity import CHECKSUMS, add_checksums
 from .records import (
-    FORMAT, MANIFEST_NAME, SCHEMA, ManifestError, ShardError, check_shards, read_manifest, resolve_image_path,
+    CONTENT_SCHEMA, FORMAT, MANIFEST_NAME, ManifestError, ShardError, check_shards, read_manifest, resolve_image_path,
 )
 from .shards import ShardWriter, crowd_boxes, load_progress
 
@@ -80,6 +81,7 @@ class _Converter:
             "images": str(images.resolve()) if images else None, "embed_images": embed,
             "shard_bytes": shard_bytes, "max_images_per_shard": max_rows, "select": list(select),
             "check_files": check_files, "verify_images": verify, "buckets": self.nb, "format": FORMAT,
+            "checksums": CHECKSUMS,  # a folder converted without them (an older release) is converted again
         }
         self._logged = 0
 
@@ -252,7 +254,7 @@ class _Converter:
         off = np.r_[0, np.cumsum(sub)].astype(np.int32)
         take = pa.array(sel)
         img_col = pa.array([images[i] for i in sel], pa.binary())
-        table = pa.table({
+        table = add_checksums(pa.table({
             "image_id": pa.array(ids[sel], pa.int64()),
             "file_name": names.take(take),
             "width": meta.column("width").take(take),
@@ -262,7 +264,7 @@ class _Converter:
             "category_ids": pa.ListArray.from_arrays(pa.array(off), pa.array(a["cat"], pa.int32())),
             "iscrowd": pa.ListArray.from_arrays(pa.array(off), pa.array(a["crowd"].astype(bool))),
             "area": pa.ListArray.from_arrays(pa.array(off), pa.array(a["area"], pa.float32())),
-        }, schema=SCHEMA)
+        }, schema=CONTENT_SCHEMA))
         row_bytes = 64 + sub * 25 + pc.binary_length(table["file_name"]).to_numpy(zero_copy_only=False)
         if self.embed:
             row_bytes = row_bytes + pc.binary_length(img_col).to_numpy(zero_copy_only=False)
@@ -334,7 +336,7 @@ class _Converter:
             "source": {"annotations": str(self.ann_path), "images": str(self.images) if self.images else None,
                        "select": list(self.select), "images_in_file": plan["num_images_in_file"],
                        "boxes_of_other_split": other_split},
-            "embed_images": self.embed,
+            "embed_images": self.embed, "checksums": CHECKSUMS,
             "image_root": str(self.images.resolve()) if self.images and not self.embed else None,
             "categories": plan["categories"],
             "num_images": sum(s["num_images"] for s in shards),

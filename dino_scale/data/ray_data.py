@@ -42,7 +42,7 @@ import pyarrow as pa
 import ray
 
 from .decode import ImageDecodeError
-from .records import Roots, category_ids, folder_image_roots, shard_paths
+from .records import Roots, ShardError, category_ids, folder_image_roots, shard_paths
 
 # Not imported here: .transforms (torch, torchvision). Ray's SplitCoordinator, DatasetManager
 # and TrainController actors unpickle the datasets' plans, so they import this module, but only
@@ -50,7 +50,7 @@ from .records import Roots, category_ids, folder_image_roots, shard_paths
 # importing torch and torchvision, ~5 s of CPU and a few hundred MB each, on the driver's node).
 
 __all__ = ["build_train_dataset", "build_eval_dataset", "decode_skips", "set_epoch", "current_epoch",
-           "block_order_seed"]
+           "block_order_seed", "unreadable_shard"]
 
 log = logging.getLogger(__name__)
 _COUNTER_PREFIX = "dino_scale_decode_skips:"
@@ -316,3 +316,31 @@ def build_eval_dataset(data_dir, data_cfg, image_root: Roots = None, stats_name:
     ds, root = _read_records(data_dir, image_root or data_cfg.image_root, override_num_blocks)
     _counter(stats_name)
     return ds.map_batches(_ToSample(data_cfg, False, root, 0, stats_name), batch_size=_BATCH, batch_format="numpy")
+
+
+def unreadable_shard(exc: BaseException, data_dirs: list) -> Optional[ShardError]:
+    """The :class:`ShardError` behind a failed run whose datasets hit a shard Parquet cannot
+    read (damage to a page header or a compressed column: the record checksums cover the
+    values, not the file's structure), else ``None``.
+
+    ``exc``: what ``TorchTrainer.fit`` raised (a ``WorkerGroupError`` whose
+    ``worker_failures`` hold Ray Data's ``RayTaskError``, whose text names the file it failed
+    to read); ``data_dirs``: the run's dataset folders (any form :func:`shard_paths` takes).
+    Without this the run ended with ``WorkerGroupError: Training failed due to worker errors:``
+    and the file's name only in Ray's logs (seen)."""
+    failures = [*(getattr(exc, "worker_failures", None) or {}).values(), exc]  # the workers' errors first
+    texts = [(f, str(f)) for f in failures]
+    for data in (d for d in data_dirs if d):
+        try:
+            paths = shard_paths(data)
+        except (ShardError, ValueError, OSError) as gone:  # changed since the run began: that is the answer
+            return gone if isinstance(gone, ShardError) else None
+        for path in paths:
+            for failure, text in texts:
+                if str(path) in text:
+                    cause = getattr(failure, "cause", None) or failure
+                    lines = str(cause).strip().splitlines() or [""]
+                    return ShardError(path.parent, f"{path.name} cannot be read: {type(cause).__name__}: "
+                                                   f"{lines[0][:300]} (changed after conversion? "
+                                                   f"`dino-scale check-data {path.parent}` reads it in full)")
+    return None

@@ -13,7 +13,12 @@ boxes          list<float32>          x,y,w,h in pixels, flattened (4 per box)
 category_ids   list<int32>            raw category ids (COCO 1..90, Objects365 1..365)
 iscrowd        list<bool>             crowd flag per box (kept out of training targets)
 area           list<float32>          area per box (COCO ``area`` or w*h)
+labels_crc32   uint32                 CRC-32 of the columns above but ``image``
+image_crc32    uint32 (nullable)      CRC-32 of ``image``; null when read by path
 =============  =====================  ==================================================
+
+The two checksums (:mod:`.integrity`) find a shard changed after conversion where its
+records are read; shards written before they existed lack both columns and are read unchecked.
 
 A dataset is a folder of ``shard-NNNNN.parquet`` files plus ``manifest.json``.
 """
@@ -28,16 +33,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .integrity import CHECKSUM_FIELDS, damage_detail, record_damage
+
 __all__ = [
     "SCHEMA", "MANIFEST_NAME", "FORMAT", "read_manifest", "shard_paths", "iter_records",
     "to_coco_gt", "data_dirs", "resolve_image_path", "folder_image_roots", "Roots", "category_ids",
-    "ShardError", "check_shards", "ManifestError",
+    "ShardError", "check_shards", "ManifestError", "CONTENT_SCHEMA",
 ]
 
 FORMAT = "dino_scale.records/1"
 MANIFEST_NAME = "manifest.json"
 
-SCHEMA = pa.schema([
+CONTENT_SCHEMA = pa.schema([  # what a record holds; SCHEMA adds its checksums
     ("image_id", pa.int64()),
     ("file_name", pa.string()),
     ("width", pa.int32()),
@@ -48,6 +55,7 @@ SCHEMA = pa.schema([
     ("iscrowd", pa.list_(pa.bool_())),
     ("area", pa.list_(pa.float32())),
 ])
+SCHEMA = pa.schema(list(CONTENT_SCHEMA) + CHECKSUM_FIELDS)
 
 PathLike = Union[str, Path]
 
@@ -150,7 +158,8 @@ def _size(path: Path) -> Optional[int]:
 def check_shards(folder: Path, manifest: dict[str, Any]) -> None:
     """:class:`ShardError` unless every shard of ``manifest`` is a file of its recorded size.
     One ``stat`` per shard, :data:`_STAT_THREADS` at a time (on a bucket mount, e.g. Mountpoint
-    for S3, each is a request); a same-size corruption is not detected."""
+    for S3, each is a request); a change that keeps the size is found where the records are read
+    (their checksums, :mod:`.integrity`)."""
     shards = manifest["shards"]
     with ThreadPoolExecutor(max(1, min(_STAT_THREADS, len(shards)))) as pool:
         sizes = list(pool.map(_size, [Path(folder) / s["file"] for s in shards]))
@@ -218,21 +227,42 @@ def _row_to_record(row: dict[str, Any]) -> dict[str, Any]:
         "category_ids": np.asarray(row["category_ids"] or [], dtype=np.int64),
         "iscrowd": np.asarray(row["iscrowd"] or [], dtype=bool),
         "area": np.asarray(row["area"] or [], dtype=np.float32),
+        "labels_crc32": row.get("labels_crc32"),
+        "image_crc32": row.get("image_crc32"),
     }
 
 
 def iter_records(data_dir: Union[PathLike, Sequence[PathLike]], columns: Optional[list[str]] = None,
-                 batch_rows: int = 256) -> Iterator[dict[str, Any]]:
-    """Yield records (dicts, boxes as (n,4) x,y,w,h pixels) in shard order; no Ray needed."""
-    cols = columns or SCHEMA.names
+                 batch_rows: int = 256, verify: bool = False) -> Iterator[dict[str, Any]]:
+    """Yield records (dicts, boxes as (n,4) x,y,w,h pixels) in shard order; no Ray needed.
+
+    Records carry their checksums (``None`` in shards written without them); the loaders
+    skip a damaged one (:class:`~.transforms.DetectionTransform`). ``verify``: a record
+    that does not match its checksums raises :class:`ShardError` instead, for readers that
+    must not drop one (the ground truth of an evaluation). A shard whose Parquet structure
+    cannot be read raises :class:`ShardError` naming it."""
+    cols = list(columns or SCHEMA.names)
+    cols += [f.name for f in CHECKSUM_FIELDS if f.name not in cols]
     for path in shard_paths(data_dir):
-        pf = pq.ParquetFile(path)
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
-            for row in batch.to_pylist():
+        done = 0  # records of this shard yielded
+        try:
+            pf = pq.ParquetFile(path)
+            present = set(pf.schema_arrow.names)
+            batches = pf.iter_batches(batch_size=batch_rows, columns=[c for c in cols if c in present])
+            for row in (row for batch in batches for row in batch.to_pylist()):
                 full = {k: row.get(k) for k in SCHEMA.names}
                 if full["category_ids"] is None:
                     full["category_ids"] = []
-                yield _row_to_record(full)
+                rec = _row_to_record(full)
+                what = record_damage(row) if verify else None
+                if what:
+                    raise ShardError(path.parent, f"{path.name} row {done} (image id {rec['image_id']}): "
+                                                  f"{damage_detail(what)}")
+                yield rec
+                done += 1
+        except (OSError, pa.ArrowException) as e:  # a damaged footer, page header or encoding
+            raise ShardError(path.parent, f"{path.name} cannot be read after {done} records: "
+                                          f"{type(e).__name__}: {e}") from e
 
 
 def to_coco_gt(data_dir: Union[PathLike, Sequence[PathLike]]) -> dict[str, Any]:
@@ -242,13 +272,15 @@ def to_coco_gt(data_dir: Union[PathLike, Sequence[PathLike]]) -> dict[str, Any]:
     skipped images are absent). Feed it to ``pycocotools.coco.COCO`` via ``dataset=``.
     Several folders must not share an image id (``ValueError``): COCO evaluation keys
     detections and ground truth by image id, so two images of one id would be scored as one.
+    A record whose labels do not match their checksum raises :class:`ShardError`: scoring
+    against changed labels, or without that image, would not be the dataset's AP.
     """
     dirs = data_dirs(data_dir)
     categories = _agreeing_manifests(dirs)[0][1]["categories"]  # the folders' must agree
     images, annotations = [], []
-    cols = ["image_id", "file_name", "width", "height", "boxes", "category_ids", "iscrowd", "area"]
+    cols = ["image_id", "file_name", "width", "height", "boxes", "category_ids", "iscrowd", "area", "labels_crc32"]
     owner: dict[int, Path] = {}  # image id -> its folder (a converted folder never repeats an id)
-    for folder, rec in ((d, r) for d in dirs for r in iter_records(d, columns=cols)):
+    for folder, rec in ((d, r) for d in dirs for r in iter_records(d, columns=cols, verify=True)):
         if rec["image_id"] in owner:
             raise ValueError(f"image id {rec['image_id']} is in {owner[rec['image_id']]} and in {folder}: "
                              f"evaluation matches detections to ground truth by image id, so the folders "

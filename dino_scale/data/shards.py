@@ -54,8 +54,8 @@ def _write_parquet(table: pa.Table, path: Path) -> None:
     row_group = int(min(max(16, (32 << 20) // avg), max(16, table.num_rows)))
     compression = {name: ("NONE" if name == "image" else "ZSTD") for name in SCHEMA.names}
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, row_group_size=row_group, compression=compression,
-                   write_statistics=False, store_schema=False)
+    pq.write_table(table, tmp, row_group_size=row_group, compression=compression,  # page checksums: for
+                   write_statistics=False, store_schema=False, write_page_checksum=True)  # check_dataset
     os.replace(tmp, path)
 
 

@@ -85,6 +85,7 @@ class DetectionTransform:
     :func:`~.loader.iter_rooted_records`), else under ``image_root``; ``width``/``height``
     the annotated size; ``boxes`` (n,4) x,y,w,h pixels; ``category_ids`` (n,); optional
     ``iscrowd`` (n,). Raises ``ImageDecodeError`` (a counted skip for the loaders) when the
+    record does not match its checksums (``damaged``: the shard changed after conversion), the
     file is missing or unreadable, the bytes do not decode, the pixels are not a uniform
     rescale of the annotated size, or (with ``category_ids``, the ids of the dataset's
     manifest) the record holds a category id the manifest does not list: its label would
@@ -157,7 +158,19 @@ class DetectionTransform:
             raise ImageDecodeError("unknown_category", f"category ids {unknown[:10]} are not among the "
                                    f"{len(self.category_ids)} categories of the dataset's manifest")
 
+    @staticmethod
+    def check_integrity(record: dict[str, Any]) -> None:
+        """``ImageDecodeError("damaged")`` when ``record``'s labels or embedded image bytes do
+        not match the checksums written at conversion (:func:`~.integrity.record_damage`)."""
+        from .integrity import damage_detail, record_damage
+
+        what = record_damage(record)
+        if what:
+            raise ImageDecodeError("damaged", f"{damage_detail(what)}; `dino-scale check-data <folder>` lists "
+                                   f"every such record")
+
     def __call__(self, record: dict[str, Any], epoch: int = 0) -> dict[str, Any]:
+        self.check_integrity(record)  # changed labels or bytes would train silently on other data
         self.check_categories(record)  # before decoding: the image would be dropped anyway
         arr = self.load(record)
         H, W = arr.shape[:2]

@@ -127,6 +127,7 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
          progress: bool, ray_address: Optional[str], test_hooks: Optional[dict], lineage: Optional[dict],
          tracking_close_timeout_s: float) -> FitResult:
     from dino_scale.data import build_eval_dataset, build_train_dataset, to_coco_gt
+    from dino_scale.data.ray_data import unreadable_shard
     from dino_scale.engine.progress import ProgressCallback
     from dino_scale.engine.trainer import (
         build_trainer, check_training_config, loop_config, normalize_storage_path, steps_per_epoch, worker_count,
@@ -147,6 +148,9 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     else:
         worker_count(cfg, training=False)  # no batch-size arithmetic: evaluation accumulates nothing
     spe = steps_per_epoch(_num_images(train_dir), cfg) if train else 1
+    # read before Ray and the MLflow run start: a val record whose labels changed after conversion
+    # is refused here (ShardError), as scoring against it would not give the dataset's AP
+    coco_gt = to_coco_gt(val_dir) if evaluate and val_dir else None
     ensure_ray(ray_address)
     tracking_uri = default_tracking_uri(work)
     tracker = ResilientLogger(tracking_uri)
@@ -175,9 +179,9 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
         # Handed to the workers through Ray's object store: on a cluster they run on other
         # machines than this driver, where a file written here does not exist.
         val_gt = None
-        if evaluate and val_dir:
+        if coco_gt is not None:
             datasets["val"] = build_eval_dataset(val_dir, cfg.data)
-            val_gt = ray.put(to_coco_gt(val_dir))
+            val_gt = ray.put(coco_gt)
         init_state = ray.put(load_weights(init_weights)) if init_weights else None
         relay = start_relay(tracking_uri, run_id) if run_id and is_node_local(tracking_uri) else None
         for ds in datasets.values():
@@ -193,9 +197,13 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
                                 train_loop_config=loop_cfg, callbacks=callbacks)
         result = trainer.fit()
     except Exception as exc:
-        tracker.set_tags({"error": f"{type(exc).__name__}: {str(exc)[:500]}"})
+        shard_error = unreadable_shard(exc, [train_dir if train else None, val_dir if evaluate else None])
+        error = shard_error or exc
+        tracker.set_tags({"error": f"{type(error).__name__}: {str(error)[:500]}"})
         tracker.end_run("FAILED")
         tracker.close(timeout_s=tracking_close_timeout_s)
+        if shard_error is not None:  # the file's name, not "Training failed due to worker errors:"
+            raise shard_error from exc
         raise
     finally:
         if relay is not None:  # rank 0 flushed it before the run ended

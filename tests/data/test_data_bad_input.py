@@ -114,7 +114,7 @@ def test_data_unknown_category_records_skipped_in_training(tmp_path, caplog):
     rec = next(r for r in iter_records(tmp_path / "out") if r["image_id"] == 2)
     assert sorted(DetectionTransform(cfg, train=False)(rec)["labels"].tolist()) == [1, 5]
     empty = {**rec, "boxes": np.zeros((0, 4), np.float32), "category_ids": np.zeros(0, np.int64),
-             "iscrowd": np.zeros(0, bool)}
+             "iscrowd": np.zeros(0, bool), "labels_crc32": None}  # a new record: not the shard's
     assert DetectionTransform(cfg, train=True, category_ids=[1])(empty)["labels"].numel() == 0
 
 

@@ -38,6 +38,8 @@ def test_data_ray_datasets(ray_session, shards, tmp_path, image_folders):
     _folders_use_their_own_image_roots(image_folders)
     _block_order_new_each_pass_only_when_asked(tmp_path)
     _train_records_of_unknown_categories_skipped(tmp_path)
+    _records_changed_after_conversion_skipped(tmp_path)
+    _unreadable_shard_named(tmp_path)
 
 
 def _list_files_op(ds):
@@ -272,3 +274,59 @@ def _train_records_of_unknown_categories_skipped(tmp_path):
     assert sorted(int(r["image_id"]) for r in rows) == sorted(set(int(r["image_id"]) for r in recs) - set(victims))
     stats = decode_skips("train_unknown_test")
     assert stats["by_reason"] == {"unknown_category": len(victims)} and sorted(stats["image_ids"]) == victims
+
+
+def _records_changed_after_conversion_skipped(tmp_path):
+    """A record whose labels or embedded bytes no longer match the checksums written at
+    conversion is dropped and counted (``damaged``) by the Ray datasets too: their rows reach
+    the check as Ray's numpy batches, not as iter_records' lists (see
+    tests/data/test_data_integrity.py for the local loader)."""
+    import struct
+
+    from test_data_integrity import BOX, _convert, _replace_in_shard
+
+    from dino_scale.data import build_eval_dataset, build_train_dataset, decode_skips
+
+    out, images = _convert(tmp_path / "damaged")
+    jpeg = images[3]
+    mid = len(jpeg) // 2
+    _replace_in_shard(out, jpeg[mid - 8: mid + 8], bytes(b ^ 0x10 for b in jpeg[mid - 8: mid + 8]))
+    _replace_in_shard(out, struct.pack("<f", BOX), struct.pack("<f", BOX + 8))
+    cfg = preset("tiny").data
+    train = build_train_dataset(out, cfg, epoch=0, stats_name="train_damaged_test").take_all()
+    evaluated = build_eval_dataset(out, cfg, stats_name="eval_damaged_test").take_all()
+    for rows, name in ((train, "train_damaged_test"), (evaluated, "eval_damaged_test")):
+        assert sorted(int(r["image_id"]) for r in rows) == [1, 4]
+        stats = decode_skips(name)
+        assert stats["by_reason"] == {"damaged": 2} and stats["image_ids"] == [2, 3]
+
+
+def _unreadable_shard_named(tmp_path):
+    """Damage Parquet itself trips over (here a compressed column) fails Ray Data's read; a run
+    ended with "WorkerGroupError: Training failed due to worker errors:" and the file's name only
+    in Ray's logs (seen, `pipelines.pretrain_o365` on such a folder). ``unreadable_shard`` finds
+    the shard in Ray's real error, wrapped as Ray Train wraps it, and names it."""
+    import pyarrow.parquet as pq
+    import ray.train
+
+    from test_data_integrity import _convert
+
+    from dino_scale.data import ShardError, build_train_dataset
+    from dino_scale.data.ray_data import unreadable_shard
+
+    out, _ = _convert(tmp_path / "unreadable")
+    path = next(out.glob("shard-*.parquet"))
+    chunk = next(c for rg in [pq.ParquetFile(path).metadata.row_group(0)] for c in map(rg.column, range(rg.num_columns))
+                 if c.path_in_schema == "file_name")
+    data = bytearray(path.read_bytes())
+    at = (chunk.dictionary_page_offset or chunk.data_page_offset) + chunk.total_compressed_size // 2
+    data[at: at + 4] = bytes(b ^ 0x5A for b in data[at: at + 4])
+    path.write_bytes(bytes(data))
+    with pytest.raises(Exception) as raised:
+        build_train_dataset(out, preset("tiny").data, epoch=0, stats_name="train_unreadable_test").take_all()
+    failed = ray.train.WorkerGroupError("Training failed due to worker errors:", {0: raised.value})
+    error = unreadable_shard(failed, [None, str(out)])
+    assert isinstance(error, ShardError)
+    assert str(error).startswith(f"{out}: {path.name} cannot be read: OSError: ZSTD decompression failed")
+    assert f"dino-scale check-data {out}" in str(error)
+    assert unreadable_shard(RuntimeError("another failure"), [str(out)]) is None

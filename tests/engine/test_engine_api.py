@@ -68,6 +68,35 @@ def test_a_missing_shard_is_refused_before_ray_or_mlflow(data, tmp_path, monkeyp
     assert ray.is_initialized() == ray_before and not (tmp_path / "work" / "mlflow.db").exists()
 
 
+def test_val_labels_changed_after_conversion_are_refused_before_ray_or_mlflow(data, tmp_path, monkeypatch):
+    """A val record whose labels no longer match the checksum written at conversion (a shard
+    changed in place, same size) is refused where the ground truth is read, now before Ray and
+    the MLflow run: scoring against changed boxes, or without that image, is not the set's AP."""
+    import ray
+
+    from dino_scale.data import ShardError, iter_records, shard_paths
+    from dino_scale.engine import evaluate_weights, fit
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    train_dir, val_dir = data
+    broken = tmp_path / "val"
+    shutil.copytree(val_dir, broken)
+    for rec in (r for r in iter_records(broken) if len(r["boxes"])):  # a box whose 16 bytes occur once
+        old = rec["boxes"][0].astype("<f4").tobytes()
+        hits = [p for p in shard_paths(broken) if p.read_bytes().count(old) == 1]
+        if hits:
+            break
+    hits[0].write_bytes(hits[0].read_bytes().replace(old, (rec["boxes"][0] + 1).astype("<f4").tobytes()))
+    needle = rf"{hits[0].name} row \d+ \(image id {rec['image_id']}\): its labels do not match the checksum"
+    ray_before = ray.is_initialized()
+    with pytest.raises(ShardError, match=needle):
+        fit(small_cfg(), train_dir, str(broken), tmp_path / "work", unique("crc"), progress=False)
+    with pytest.raises(ShardError, match=needle):
+        evaluate_weights(small_cfg(), str(tmp_path / "weights.safetensors"), str(broken), tmp_path / "work",
+                         unique("crc"))
+    assert ray.is_initialized() == ray_before and not (tmp_path / "work" / "mlflow.db").exists()
+
+
 def test_a_reused_run_name_is_checked_before_ray_for_training_only(data, tmp_path, monkeypatch):
     """A training run checks, on the driver and before Ray starts, whether its run name resumes a
     checkpoint it cannot load (engine.elastic.check_restart; exercised for real on a ZeRO-3 run

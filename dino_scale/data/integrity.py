@@ -1,0 +1,188 @@
+"""Record checksums: damage to a shard after conversion is found where the record is read.
+
+The converter writes two CRC-32 columns into every record (DESIGN.md "Data records"):
+
+- ``labels_crc32`` uint32: over the record's id, file name, size and annotation lists
+  (:func:`labels_crc32` fixes the byte layout);
+- ``image_crc32`` uint32, null when the image is read by path: over the embedded bytes.
+
+A shard damaged without changing its size (a bad disk, a faulty copy) passes
+:func:`~.records.check_shards`, and Parquet reads most such damage without an error: a
+changed byte in an embedded JPEG decodes to other pixels, one in a box coordinate to
+another box (both seen). :func:`record_damage` names what no longer matches; the loaders
+skip and count such a record (reason ``damaged``, :class:`~.decode.ImageDecodeError`),
+the COCO ground truth refuses it (:class:`~.records.ShardError`), and :func:`check_dataset`
+(``dino-scale check-data``) reads a whole folder, page checksums included, and lists the
+damaged records, e.g. after a copy to a cluster. Shards written before these columns
+existed carry none and are not checked.
+"""
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+__all__ = ["CHECKSUMS", "CHECKSUM_FIELDS", "labels_crc32", "image_crc32", "add_checksums", "record_damage",
+           "check_dataset", "describe", "damage_detail"]
+
+CHECKSUMS = "crc32/1"  # the manifest's name for this layout (``checksums``)
+CHECKSUM_FIELDS = [pa.field("labels_crc32", pa.uint32()), pa.field("image_crc32", pa.uint32())]
+_HEADER = struct.Struct("<qiiIIIII")  # id, width, height, name bytes, boxes/ids/crowd/area lengths
+
+
+def _values(x: Any, dtype: str) -> np.ndarray:
+    return np.asarray([] if x is None else x, dtype=dtype).reshape(-1)
+
+
+def labels_crc32(image_id, file_name, width, height, boxes, category_ids, iscrowd, area) -> int:
+    """CRC-32 of one record's labels: ``image_id`` (int64), ``width``/``height`` (int32),
+    ``file_name`` (UTF-8), then ``boxes`` (float32, any shape: its 4n values), ``category_ids``
+    (int32), ``iscrowd`` (uint8) and ``area`` (float32), each little-endian and preceded by
+    its length, so that no two records of different content share a byte string. ``None``
+    lists count as empty."""
+    name = ("" if file_name is None else str(file_name)).encode("utf-8")
+    parts = [_values(boxes, "<f4"), _values(category_ids, "<i4"), _values(iscrowd, "?").astype("u1"),
+             _values(area, "<f4")]
+    crc = zlib.crc32(_HEADER.pack(int(image_id), int(width), int(height), len(name), *(p.size for p in parts)))
+    crc = zlib.crc32(name, crc)
+    for p in parts:
+        crc = zlib.crc32(p.tobytes(), crc)
+    return crc
+
+
+def image_crc32(image: Optional[bytes]) -> Optional[int]:
+    """CRC-32 of embedded image bytes; ``None`` for an image read by path."""
+    return None if image is None else zlib.crc32(image)
+
+
+def _lists(table: pa.Table, name: str, dtype: str) -> list[np.ndarray]:
+    """Column ``name`` (list<...>) of ``table`` -> one numpy array per row (null -> empty)."""
+    col = table[name].combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(dtype)
+    return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
+
+
+def add_checksums(table: pa.Table) -> pa.Table:
+    """Record rows (the record columns of :data:`~.records.SCHEMA`) -> the same rows with
+    ``labels_crc32`` and ``image_crc32`` appended (computed per row, as the readers do)."""
+    ids = table["image_id"].to_numpy()
+    widths, heights = table["width"].to_numpy(), table["height"].to_numpy()
+    names = table["file_name"].to_pylist()
+    boxes, cats = _lists(table, "boxes", "<f4"), _lists(table, "category_ids", "<i4")
+    crowd, area = _lists(table, "iscrowd", "?"), _lists(table, "area", "<f4")
+    labels = [labels_crc32(*row) for row in zip(ids, names, widths, heights, boxes, cats, crowd, area)]
+    images = [image_crc32(b.as_py()) for b in table["image"]]
+    table = table.append_column(CHECKSUM_FIELDS[0], pa.array(labels, pa.uint32()))
+    return table.append_column(CHECKSUM_FIELDS[1], pa.array(images, pa.uint32()))
+
+
+def _stored(value: Any) -> Optional[int]:
+    """A checksum cell as read back (int, numpy scalar, ``None``; NaN where a reader turned
+    a column with nulls into floats) -> ``int`` or ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, (float, np.floating)) and math.isnan(value):
+        return None
+    return int(value)
+
+
+def record_damage(record: dict[str, Any]) -> Optional[str]:
+    """What of ``record`` no longer matches its checksums: ``"labels"``, ``"image"``, or
+    ``None`` (intact, or a record without checksums). ``record`` holds the record columns
+    as :func:`~.records.iter_records` or a Ray Data numpy batch row gives them; a
+    checksum is compared only where the columns it covers are present."""
+    want = _stored(record.get("labels_crc32"))
+    if want is not None and all(k in record for k in ("boxes", "category_ids", "iscrowd", "area")):
+        got = labels_crc32(record["image_id"], record["file_name"], record["width"], record["height"],
+                           record["boxes"], record["category_ids"], record["iscrowd"], record["area"])
+        if got != want:
+            return "labels"
+    want = _stored(record.get("image_crc32"))
+    if want is not None and record.get("image") is not None and image_crc32(bytes(record["image"])) != want:
+        return "image"
+    return None
+
+
+def damage_detail(what: str) -> str:
+    """The words for a :func:`record_damage` result."""
+    return (f"{'its labels do' if what == 'labels' else 'its image bytes do'} not match the checksum written "
+            f"at conversion (the shard was changed after conversion)")
+
+
+def _scan(path: Path, verify_pages: bool, batch_rows: int) -> tuple[int, list[dict[str, Any]], bool]:
+    """(rows, damaged records, whether the shard has checksum columns) of one shard."""
+    import pyarrow.parquet as pq
+
+    from .records import SCHEMA
+
+    pf = pq.ParquetFile(path, page_checksum_verification=verify_pages)
+    present = set(pf.schema_arrow.names)
+    rows, damaged = 0, []
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=[n for n in SCHEMA.names if n in present]):
+        for rec in batch.to_pylist():
+            what = record_damage(rec)
+            if what:
+                damaged.append({"file": path.name, "row": rows, "image_id": rec["image_id"], "what": what})
+            rows += 1
+    return rows, damaged, "labels_crc32" in present
+
+
+def check_dataset(folder, on_shard: Optional[Callable[[str, int, int], None]] = None,
+                  batch_rows: int = 64) -> dict[str, Any]:
+    """Read every record of the dataset ``folder`` and compare it with its checksums.
+
+    Parquet's page checksums are verified too (shards written with them); a shard that fails
+    them is read again without, to name its damaged records. Returns ``{"folder", "shards",
+    "images", "damaged": [{"file", "row", "image_id", "what"}], "unreadable": [{"file",
+    "error"}], "unchecked": [files without checksum columns]}`` (``unreadable``: a shard whose
+    structure cannot be read, or whose pages fail their checksums where its records do not);
+    ``on_shard(file, done, total)`` is called after each shard. A missing or truncated shard
+    raises :class:`~.records.ShardError` first (:func:`~.records.shard_paths`)."""
+    from .records import shard_paths
+
+    paths = shard_paths(folder)
+    report: dict[str, Any] = {"folder": str(folder), "shards": len(paths), "images": 0, "damaged": [],
+                              "unreadable": [], "unchecked": []}
+    for done, path in enumerate(paths, 1):
+        try:
+            rows, damaged, checked = _scan(path, True, batch_rows)
+        except (OSError, pa.ArrowException) as page_error:  # a page checksum, footer or encoding
+            try:
+                rows, damaged, checked = _scan(path, False, batch_rows)
+                if not damaged:  # records intact: the change is in what the record checksums do not cover
+                    report["unreadable"].append({"file": path.name, "error": f"{type(page_error).__name__}: "
+                                                 f"{page_error} (every record matches its checksums)"})
+            except (OSError, pa.ArrowException) as e:
+                report["unreadable"].append({"file": path.name, "error": f"{type(e).__name__}: {e}"})
+                rows, damaged, checked = 0, [], True
+        report["images"] += rows
+        report["damaged"] += damaged
+        if not checked:
+            report["unchecked"].append(path.name)
+        if on_shard is not None:
+            on_shard(path.name, done, len(paths))
+    return report
+
+
+def describe(report: dict[str, Any]) -> str:
+    """One paragraph for a :func:`check_dataset` report."""
+    folder = report["folder"]
+    if not report["damaged"] and not report["unreadable"]:
+        tail = (f"; {len(report['unchecked'])} shard(s) written without checksums were read but not checked"
+                if report["unchecked"] else "")
+        return f"{folder}: {report['images']} records in {report['shards']} shards match their checksums{tail}"
+    lines = [f"{folder}: {len(report['damaged'])} damaged record(s), {len(report['unreadable'])} unreadable "
+             f"shard(s) of {report['shards']} (copy the folder again, or convert the data again)"]
+    lines += [f"  {d['file']} row {d['row']} (image id {d['image_id']}): {damage_detail(d['what'])}"
+              for d in report["damaged"][:20]]
+    if len(report["damaged"]) > 20:
+        lines.append(f"  ... and {len(report['damaged']) - 20} more")
+    lines += [f"  {u['file']}: {u['error']}" for u in report["unreadable"]]
+    return "\n".join(lines)

@@ -1,0 +1,144 @@
+"""Record checksums: a shard changed after conversion without changing its size (a bad disk, a
+faulty copy) is found where its records are read, never trained or scored on silently."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import struct
+import zlib
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dino_scale.config import preset
+from dino_scale.data import SCHEMA, ShardError, convert_coco, iter_records, read_manifest, to_coco_gt
+from dino_scale.data.integrity import CHECKSUMS, check_dataset, describe, labels_crc32, record_damage
+from dino_scale.data.loader import LocalLoader
+
+BOX = 17.25  # a coordinate only image 2 holds: found in the shard's bytes to change it
+
+
+def _noise_jpeg(seed: int, w: int = 64, h: int = 48) -> bytes:
+    """A JPEG of random pixels: changing a byte of its entropy-coded data still decodes."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _convert(tmp_path, embed: bool = True, name: str = "out"):
+    root = tmp_path / "img"
+    root.mkdir(parents=True, exist_ok=True)
+    images = {i: _noise_jpeg(i) for i in (1, 2, 3, 4)}
+    for i, data in images.items():
+        (root / f"{i}.jpg").write_bytes(data)
+    doc = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 64, "height": 48} for i in images],
+           "annotations": [{"id": i, "image_id": i, "category_id": 1, "iscrowd": 0,
+                            "bbox": [BOX if i == 2 else 3.0, 4.0, 20.0, 10.0]} for i in images],
+           "categories": [{"id": 1, "name": "a"}]}
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(doc))
+    out = tmp_path / name
+    convert_coco(ann, root, out, embed_images=embed, progress=False)
+    return out, images
+
+
+def _replace_in_shard(folder, old: bytes, new: bytes) -> None:
+    """Change bytes of the only shard of ``folder`` in place: same size, so the manifest agrees."""
+    path = folder / read_manifest(folder)["shards"][0]["file"]
+    data = path.read_bytes()
+    assert data.count(old) == 1, "the bytes to change must occur once in the shard"
+    path.write_bytes(data.replace(old, new))
+
+
+def test_data_checksums_written_at_conversion_match_on_read(tmp_path):
+    out, images = _convert(tmp_path)
+    assert read_manifest(out)["checksums"] == CHECKSUMS
+    shard = out / read_manifest(out)["shards"][0]["file"]
+    assert pq.read_schema(shard).equals(SCHEMA)
+    records = list(iter_records(out, verify=True))
+    assert [r["image_id"] for r in records] == [1, 2, 3, 4]
+    assert all(r["labels_crc32"] is not None and record_damage(r) is None for r in records)
+    assert [r["image_crc32"] for r in records] == [zlib.crc32(images[i]) for i in (1, 2, 3, 4)]
+    report = check_dataset(out)
+    assert (report["images"], report["damaged"], report["unreadable"], report["unchecked"]) == (4, [], [], [])
+    assert "4 records in 1 shards match their checksums" in describe(report)
+    # images read by path: no image checksum, labels still covered
+    ref, _ = _convert(tmp_path, embed=False, name="ref")
+    assert all(r["image_crc32"] is None and r["labels_crc32"] is not None for r in iter_records(ref))
+    assert check_dataset(ref)["damaged"] == []
+    # the layout puts each list's length first: moving a value between lists changes the sum
+    a = labels_crc32(1, "x", 2, 3, [1.0, 2.0, 3.0, 4.0], [5], [False], [6.0])
+    assert a != labels_crc32(1, "x", 2, 3, [1.0, 2.0, 3.0, 4.0], [], [False], [6.0])
+    assert a == labels_crc32(np.int64(1), "x", np.int32(2), 3, np.float32([[1, 2, 3, 4]]), np.int64([5]),
+                             np.bool_([False]), np.float32([6]))
+
+
+def test_data_record_changed_after_conversion_is_a_counted_skip(tmp_path, caplog):
+    """A changed byte of an embedded JPEG decodes to other pixels and a changed box coordinate
+    reads as another box: both were read without a word before the checksums (seen). Now the
+    loaders skip such a record (reason ``damaged``, counted, logged with its id), the ground
+    truth of an evaluation refuses it, and ``check_dataset`` lists it."""
+    out, images = _convert(tmp_path)
+    jpeg = images[3]
+    middle = len(jpeg) // 2
+    _replace_in_shard(out, jpeg[middle - 8: middle + 8], bytes(b ^ 0x10 for b in jpeg[middle - 8: middle + 8]))
+    damaged = Image.open(io.BytesIO(next(r["image"] for r in iter_records(out) if r["image_id"] == 3)))
+    damaged.load()  # still a decodable image: only the checksum tells
+    _replace_in_shard(out, struct.pack("<f", BOX), struct.pack("<f", BOX + 8))
+    assert next(r for r in iter_records(out) if r["image_id"] == 2)["boxes"][0, 0] == BOX + 8
+
+    cfg = preset("tiny").data
+    for train in (True, False):
+        loader = LocalLoader(out, cfg, train=train, batch_size=2)
+        with caplog.at_level(logging.WARNING):
+            seen = sorted(int(t["image_id"]) for _, _, ts in loader for t in ts)
+        assert seen == [1, 4]
+        assert loader.skips["count"] == 2 and loader.skips["by_reason"] == {"damaged": 2}
+        assert sorted(loader.skips["image_ids"]) == [2, 3]
+    assert "image id 2 (damaged: its labels do not match" in caplog.text
+    assert "image id 3 (damaged: its image bytes do not match" in caplog.text
+
+    shard = read_manifest(out)["shards"][0]["file"]
+    with pytest.raises(ShardError, match=rf"{shard} row 1 \(image id 2\): its labels do not match the checksum"):
+        to_coco_gt(out)
+    report = check_dataset(out)
+    assert [(d["row"], d["image_id"], d["what"]) for d in report["damaged"]] == [(1, 2, "labels"), (2, 3, "image")]
+    assert report["unreadable"] == []  # the page checksums failed; the records were named on a second read
+    text = describe(report)
+    assert "2 damaged record(s)" in text and "(image id 3): its image bytes do not match" in text
+
+
+def test_data_unreadable_shard_structure_is_named(tmp_path):
+    """Damage to what Parquet itself reads (here the file's closing magic bytes) is an error
+    naming the shard, not a bare ``ArrowInvalid`` from inside a reader."""
+    out, _ = _convert(tmp_path)
+    shard = read_manifest(out)["shards"][0]["file"]
+    data = (out / shard).read_bytes()
+    (out / shard).write_bytes(data[:-4] + b"PAR0")
+    report = check_dataset(out)
+    assert [u["file"] for u in report["unreadable"]] == [shard]
+    with pytest.raises(ShardError, match=rf"{shard} cannot be read after 0 records: ArrowInvalid: .*magic bytes"):
+        list(iter_records(out))
+
+
+def test_data_shards_without_checksums_are_read_unchecked(tmp_path):
+    """A folder converted by a release without checksums is still read (nothing to compare);
+    ``check_dataset`` says which shards it could not check, and converting again adds them."""
+    out, _ = _convert(tmp_path)
+    m = read_manifest(out)
+    path = out / m["shards"][0]["file"]
+    pq.write_table(pq.read_table(path).drop_columns(["labels_crc32", "image_crc32"]), path)
+    m["shards"][0]["bytes"] = path.stat().st_size
+    (out / "manifest.json").write_text(json.dumps(m))
+    records = list(iter_records(out, verify=True))
+    assert len(records) == 4 and all(r["labels_crc32"] is None for r in records)
+    assert len(to_coco_gt(out)["images"]) == 4
+    loader = LocalLoader(out, preset("tiny").data, train=False, batch_size=4)
+    assert sum(len(ts) for _, _, ts in loader) == 4 and loader.skips["count"] == 0
+    report = check_dataset(out)
+    assert report["unchecked"] == [path.name] and report["damaged"] == [] and report["images"] == 4
+    assert "written without checksums" in describe(report)

@@ -6,6 +6,9 @@
     ``normalize_batch``) side by side with a reference-style pipeline (PIL decode, DINO
     resize, flip, to float, normalize on the CPU). Rounds alternate between the two;
     the median images/s of the rounds is reported.
+(c) ``check``: ``dino-scale check-data`` (``data.integrity.check_dataset``) over a folder of
+    embedded 640x480 JPEGs at 1, 2 and 4 worker threads, against a plain read of the same
+    shards (``pyarrow`` batches to Python, no checks), rounds alternating; MB/s and images/s.
 (b) ``conversion``: writes a COCO-format JSON shaped like Objects365 (1.74M images,
     25M boxes, no image files), converts it in a subprocess (peak RSS from
     ``getrusage``), then loads the same file with ``pycocotools.coco.COCO`` in a
@@ -14,6 +17,7 @@
     python benchmarks/data_pipeline.py                 # both, full size
     python benchmarks/data_pipeline.py --small         # quick: 20k images / 290k boxes
     python benchmarks/data_pipeline.py --part throughput
+    python benchmarks/data_pipeline.py --part check --small
 Results: a table on stdout and JSON in benchmarks/results/data_pipeline[_small].json.
 """
 from __future__ import annotations
@@ -243,9 +247,50 @@ def bench_throughput(num_images: int, rounds: int) -> dict:
             "speedup": med["ours"] / med["reference"], "load_average": os.getloadavg()}
 
 
+# ----------------------------------------------------------------------------- (c)
+def bench_check(num_images: int, rounds: int, workdir: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    from dino_scale.data import convert_coco, read_manifest, shard_paths
+    from dino_scale.data.integrity import check_dataset
+
+    root = workdir / "images"
+    root.mkdir(parents=True)
+    for i, data in enumerate(_jpegs(num_images, seed=1), 1):
+        (root / f"{i}.jpg").write_bytes(data)
+    doc = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 640, "height": 480} for i in range(1, num_images + 1)],
+           "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [10, 20, 100, 80], "iscrowd": 0}
+                           for i in range(1, num_images + 1)], "categories": [{"id": 1, "name": "a"}]}
+    (workdir / "ann.json").write_text(json.dumps(doc))
+    out = workdir / "shards"
+    convert_coco(workdir / "ann.json", root, out, embed_images=True, shard_size_mb=16, progress=False)
+    paths = shard_paths(out)
+    total_mb = sum(p.stat().st_size for p in paths) / 1e6
+
+    def plain_read():
+        for p in paths:
+            for batch in pq.ParquetFile(p).iter_batches(batch_size=64):
+                batch.to_pylist()
+
+    runs = {"plain read (1 thread)": plain_read}
+    for w in (1, 2, 4):
+        runs[f"check_dataset workers={w}"] = (lambda w=w: check_dataset(out, workers=w))
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"images": num_images, "shards": len(paths), "megabytes": total_mb, "rounds": rounds,
+            "seconds": times, "median_s": med, "mb_per_s": {k: total_mb / v for k, v in med.items()},
+            "images_per_s": {k: num_images / v for k, v in med.items()},
+            "manifest_images": read_manifest(out)["num_images"], "load_average": os.getloadavg()}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["all", "throughput", "conversion", "pycocotools"], default="all",
+    p.add_argument("--part", choices=["all", "throughput", "conversion", "pycocotools", "check"], default="all",
                    help="pycocotools: only load an existing --json with COCO() (memory-capped)")
     p.add_argument("--json", default=None, help="for --part pycocotools")
     p.add_argument("--small", action="store_true", help="quick run: fewer images, 20k-image conversion")
@@ -284,6 +329,16 @@ def main(argv=None) -> None:
               f"{r['image_pass_child_peak_rss_mb']:.0f} MB)")
         note = "ok" if pc.get("ok") else f"{pc.get('error')} (RLIMIT_AS {pc['limit_gb']} GB)"
         print(f"{'pycocotools COCO()':<28}{pc.get('seconds') or float('nan'):>12.1f}{pc['peak_rss_mb']:>16.0f}  {note}")
+    if a.part in ("all", "check"):
+        n = 600 if a.small else 3000
+        with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
+            r = bench_check(n, a.rounds or 3, Path(tmp))
+        out["check"] = r
+        print(f"\n(c) check-data over {r['images']} embedded 640x480 JPEGs, {r['shards']} shards, "
+              f"{r['megabytes']:.0f} MB (median of {r['rounds']} alternating rounds; load average {r['load_average']})")
+        print(f"{'reader':<32}{'s':>8}{'MB/s':>9}{'img/s':>9}")
+        for k, v in r["median_s"].items():
+            print(f"{k:<32}{v:>8.2f}{r['mb_per_s'][k]:>9.0f}{r['images_per_s'][k]:>9.0f}")
     if a.part == "pycocotools":
         pc = run_pycocotools(Path(a.json), a.coco_limit_gb)
         out["pycocotools"] = {**pc, "json": a.json, "json_bytes": Path(a.json).stat().st_size}

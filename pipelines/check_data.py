@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Compare every record of dataset folders with its checksums.")
     p.add_argument("folders", nargs="+", help="dataset folders (shards + manifest.json)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the reports as JSON")
+    p.add_argument("--workers", type=int, default=4, help="shards read at a time (default 4)")
     p.add_argument("--quiet", action="store_true", help="print the summaries only")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p
@@ -36,6 +37,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from dino_scale.data.records import shard_paths
 
     a = build_parser().parse_args(argv)
+    if a.workers < 1:
+        from pipelines._common import UsageError
+
+        raise UsageError("--workers must be >= 1")
     for folder in a.folders:  # every folder is complete before any is read in full
         shard_paths(folder)
     reports = []
@@ -46,7 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not a.quiet:
                 print(f"  {folder}: {done}/{total} shards read ({name}, {time.time() - t0:.0f} s)", flush=True)
 
-        report = check_dataset(folder, on_shard=progress)
+        report = check_dataset(folder, on_shard=progress, workers=a.workers)
         print(describe(report), flush=True)
         reports.append(report)
     if a.json:

@@ -29,7 +29,7 @@ def _noise_jpeg(seed: int, w: int = 64, h: int = 48) -> bytes:
     return buf.getvalue()
 
 
-def _convert(tmp_path, embed: bool = True, name: str = "out"):
+def _convert(tmp_path, embed: bool = True, name: str = "out", per_shard: int = 10000):
     root = tmp_path / "img"
     root.mkdir(parents=True, exist_ok=True)
     images = {i: _noise_jpeg(i) for i in (1, 2, 3, 4)}
@@ -42,16 +42,16 @@ def _convert(tmp_path, embed: bool = True, name: str = "out"):
     ann = tmp_path / "ann.json"
     ann.write_text(json.dumps(doc))
     out = tmp_path / name
-    convert_coco(ann, root, out, embed_images=embed, progress=False)
+    convert_coco(ann, root, out, embed_images=embed, max_images_per_shard=per_shard, progress=False)
     return out, images
 
 
 def _replace_in_shard(folder, old: bytes, new: bytes) -> None:
-    """Change bytes of the only shard of ``folder`` in place: same size, so the manifest agrees."""
-    path = folder / read_manifest(folder)["shards"][0]["file"]
-    data = path.read_bytes()
-    assert data.count(old) == 1, "the bytes to change must occur once in the shard"
-    path.write_bytes(data.replace(old, new))
+    """Change bytes of a shard of ``folder`` in place: same size, so the manifest agrees."""
+    paths = [folder / s["file"] for s in read_manifest(folder)["shards"]]
+    hits = [(p, p.read_bytes()) for p in paths if old in p.read_bytes()]
+    assert len(hits) == 1 and hits[0][1].count(old) == 1, "the bytes to change must occur once in the folder"
+    hits[0][0].write_bytes(hits[0][1].replace(old, new))
 
 
 def test_data_checksums_written_at_conversion_match_on_read(tmp_path):
@@ -142,3 +142,19 @@ def test_data_shards_without_checksums_are_read_unchecked(tmp_path):
     report = check_dataset(out)
     assert report["unchecked"] == [path.name] and report["damaged"] == [] and report["images"] == 4
     assert "written without checksums" in describe(report)
+
+
+def test_data_check_dataset_reads_shards_concurrently_and_reports_in_order(tmp_path):
+    """Several shards read at a time (threads), the report in shard order whatever finishes first."""
+    out, images = _convert(tmp_path, per_shard=1)
+    names = [s["file"] for s in read_manifest(out)["shards"]]
+    assert len(names) == 4
+    _replace_in_shard(out, struct.pack("<f", BOX), struct.pack("<f", BOX + 8))  # image 2: the second shard
+    jpeg, mid = images[4], len(images[4]) // 2
+    _replace_in_shard(out, jpeg[mid: mid + 16], bytes(b ^ 1 for b in jpeg[mid: mid + 16]))  # image 4: the fourth
+    seen = []
+    report = check_dataset(out, on_shard=lambda name, done, total: seen.append((done, total)), workers=3)
+    assert [(d["file"], d["image_id"], d["what"]) for d in report["damaged"]] == [
+        (names[1], 2, "labels"), (names[3], 4, "image")]
+    assert report["images"] == 4 and seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert check_dataset(out, workers=1)["damaged"] == report["damaged"]

@@ -42,11 +42,12 @@ def _values(x: Any, dtype: str) -> np.ndarray:
 
 def labels_crc32(image_id, file_name, width, height, boxes, category_ids, iscrowd, area) -> int:
     """CRC-32 of one record's labels: ``image_id`` (int64), ``width``/``height`` (int32),
-    ``file_name`` (UTF-8), then ``boxes`` (float32, any shape: its 4n values), ``category_ids``
+    ``file_name`` (UTF-8; bytes as they are), then ``boxes`` (float32, any shape: its 4n values), ``category_ids``
     (int32), ``iscrowd`` (uint8) and ``area`` (float32), each little-endian and preceded by
     its length, so that no two records of different content share a byte string. ``None``
     lists count as empty."""
-    name = ("" if file_name is None else str(file_name)).encode("utf-8")
+    name = (file_name if isinstance(file_name, bytes)  # a damaged name read as bytes (surrogates: the same bytes)
+            else ("" if file_name is None else str(file_name)).encode("utf-8", "surrogateescape"))
     parts = [_values(boxes, "<f4"), _values(category_ids, "<i4"), _values(iscrowd, "?").astype("u1"),
              _values(area, "<f4")]
     crc = zlib.crc32(_HEADER.pack(int(image_id), int(width), int(height), len(name), *(p.size for p in parts)))
@@ -120,13 +121,14 @@ def _scan(path: Path, verify_pages: bool, batch_rows: int) -> tuple[int, list[di
     """(rows, damaged records, whether the shard has checksum columns) of one shard."""
     import pyarrow.parquet as pq
 
-    from .records import SCHEMA
+    from .records import SCHEMA, arrow_rows, check_schema, record_from_row
 
     pf = pq.ParquetFile(path, page_checksum_verification=verify_pages)
+    check_schema(path, pf.schema_arrow)
     present = set(pf.schema_arrow.names)
     rows, damaged = 0, []
     for batch in pf.iter_batches(batch_size=batch_rows, columns=[n for n in SCHEMA.names if n in present]):
-        for rec in batch.to_pylist():
+        for rec in map(record_from_row, arrow_rows(batch)):
             what = record_damage(rec)
             if what:
                 damaged.append({"file": path.name, "row": rows, "image_id": rec["image_id"], "what": what})
@@ -136,16 +138,26 @@ def _scan(path: Path, verify_pages: bool, batch_rows: int) -> tuple[int, list[di
 
 def _check_shard(path: Path, batch_rows: int) -> dict[str, Any]:
     """One shard's part of a :func:`check_dataset` report."""
+    from .records import ShardError
+
     out: dict[str, Any] = {"rows": 0, "damaged": [], "unreadable": None, "checked": True}
     try:
+        return _check_pages_then_records(path, batch_rows, out)
+    except ShardError as e:  # columns renamed or retyped: a damaged footer
+        out["unreadable"] = {"file": path.name, "error": e.detail}
+        return out
+
+
+def _check_pages_then_records(path: Path, batch_rows: int, out: dict[str, Any]) -> dict[str, Any]:
+    try:
         out["rows"], out["damaged"], out["checked"] = _scan(path, True, batch_rows)
-    except (OSError, pa.ArrowException) as page_error:  # a page checksum, footer or encoding
+    except (OSError, pa.ArrowException, UnicodeDecodeError) as page_error:  # a page checksum, footer or encoding
         try:
             out["rows"], out["damaged"], out["checked"] = _scan(path, False, batch_rows)
             if not out["damaged"]:  # records intact: the change is in what the record checksums do not cover
                 out["unreadable"] = {"file": path.name, "error": f"{type(page_error).__name__}: {page_error} "
                                                                  f"(every record matches its checksums)"}
-        except (OSError, pa.ArrowException) as e:
+        except (OSError, pa.ArrowException, UnicodeDecodeError) as e:
             out["unreadable"] = {"file": path.name, "error": f"{type(e).__name__}: {e}"}
     return out
 

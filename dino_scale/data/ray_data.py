@@ -42,7 +42,9 @@ import pyarrow as pa
 import ray
 
 from .decode import ImageDecodeError
-from .records import Roots, ShardError, category_ids, folder_image_roots, shard_paths
+from .records import (
+    Roots, ShardError, arrow_rows, category_ids, folder_image_roots, record_from_row, shard_paths,
+)
 
 # Not imported here: .transforms (torch, torchvision). Ray's SplitCoordinator, DatasetManager
 # and TrainController actors unpickle the datasets' plans, so they import this module, but only
@@ -159,21 +161,25 @@ class _ToSample:
             self._transform = self._build()
         return self._transform
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    def __call__(self, batch: pa.Table) -> dict[str, Any]:
+        """``batch``: record rows as an Arrow table (``batch_format="pyarrow"``: the rows are
+        converted here, ``file_name`` as bytes, so a damaged shard's bytes reach the checksum
+        check instead of failing Ray's numpy conversion of the whole batch)."""
         epoch = self.epoch if self.epoch is not None else current_epoch(self.stats_name)
         out: dict[str, list] = {k: [] for k in ("image", "boxes", "labels", "image_id", "orig_size", "size",
                                                 "epoch")}
-        for i in range(len(batch["image_id"])):
-            row = {k: batch[k][i] for k in batch}
-            n = len(row["category_ids"]) if row["category_ids"] is not None else 0
-            rec = {**row, "boxes": np.asarray(row["boxes"] if n else [], np.float32).reshape(n, 4),
-                   "category_ids": np.asarray(row["category_ids"] if n else [], np.int64),
-                   "iscrowd": np.asarray(row["iscrowd"] if n else [], bool)}
+        for row in arrow_rows(batch):
+            try:
+                rec = record_from_row(row)
+            except (TypeError, ValueError) as e:  # a column of another type: the shard's footer was changed
+                log.warning("decode: skipping a record of image id %r (damaged: %s)", row.get("image_id"), e)
+                _counter(self.stats_name).record.remote(-1, "damaged")
+                continue
             try:
                 s = self.transform(rec, epoch=epoch)
             except ImageDecodeError as e:
-                log.warning("decode: skipping image id %s (%s)", row["image_id"], e)
-                _counter(self.stats_name).record.remote(int(row["image_id"]), e.reason)
+                log.warning("decode: skipping image id %s (%s)", rec["image_id"], e)
+                _counter(self.stats_name).record.remote(rec["image_id"], e.reason)
                 continue
             out["image"].append(np.ascontiguousarray(s["image"].numpy()))
             out["boxes"].append(s["boxes"].numpy())
@@ -299,13 +305,13 @@ def build_train_dataset(data_dir, data_cfg, image_root: Roots = None, epoch: Opt
             raise ValueError("num_epochs > 1 needs a fixed start epoch")
         ds, root = _read_records(data_dir, override, override_num_blocks)
         return ds.randomize_block_order(seed=block_order_seed(data_cfg.seed, reshuffle_each_epoch)).map_batches(
-            _ToSample(data_cfg, True, root, None, stats_name, known), batch_size=_BATCH, batch_format="numpy")
+            _ToSample(data_cfg, True, root, None, stats_name, known), batch_size=_BATCH, batch_format="pyarrow")
     parts = []
     for e in range(int(epoch), int(epoch) + int(num_epochs)):
         ds, root = _read_records(data_dir, override, override_num_blocks)
         ds = ds.randomize_block_order(seed=int(data_cfg.seed) + e)
         parts.append(ds.map_batches(_ToSample(data_cfg, True, root, e, stats_name, known), batch_size=_BATCH,
-                                    batch_format="numpy"))
+                                    batch_format="pyarrow"))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
@@ -315,7 +321,8 @@ def build_eval_dataset(data_dir, data_cfg, image_root: Roots = None, stats_name:
     Image roots per folder as in :func:`build_train_dataset`."""
     ds, root = _read_records(data_dir, image_root or data_cfg.image_root, override_num_blocks)
     _counter(stats_name)
-    return ds.map_batches(_ToSample(data_cfg, False, root, 0, stats_name), batch_size=_BATCH, batch_format="numpy")
+    return ds.map_batches(_ToSample(data_cfg, False, root, 0, stats_name), batch_size=_BATCH,
+                          batch_format="pyarrow")
 
 
 def unreadable_shard(exc: BaseException, data_dirs: list) -> Optional[ShardError]:

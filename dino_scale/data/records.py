@@ -38,7 +38,8 @@ from .integrity import CHECKSUM_FIELDS, damage_detail, record_damage
 __all__ = [
     "SCHEMA", "MANIFEST_NAME", "FORMAT", "read_manifest", "shard_paths", "iter_records",
     "to_coco_gt", "data_dirs", "resolve_image_path", "folder_image_roots", "Roots", "category_ids",
-    "ShardError", "check_shards", "ManifestError", "CONTENT_SCHEMA",
+    "ShardError", "check_shards", "ManifestError", "CONTENT_SCHEMA", "record_from_row",
+    "arrow_rows", "check_schema",
 ]
 
 FORMAT = "dino_scale.records/1"
@@ -214,22 +215,68 @@ def resolve_image_path(root: Optional[PathLike], file_name: str) -> Optional[Pat
     return None
 
 
-def _row_to_record(row: dict[str, Any]) -> dict[str, Any]:
-    """Arrow row (python lists) -> record with numpy arrays; boxes (n,4) xywh float32."""
-    n = len(row["category_ids"] or [])
+def _name(value: Any) -> Optional[str]:
+    """A ``file_name`` cell as read (str, or bytes from a binary read) -> str; bytes that are not
+    UTF-8 (a damaged shard) keep their bytes as surrogates, so the labels checksum sees them."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", "surrogateescape")
+    return value
+
+
+def _int(value: Any, missing: int) -> int:
+    """An integer cell; ``missing`` for a null (the columns are never null as written)."""
+    return missing if value is None else int(value)
+
+
+def record_from_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row of the record columns (python lists or numpy arrays; ``file_name`` str or bytes;
+    any list may be null) -> a record: numpy arrays, ``boxes`` (n,4) x,y,w,h float32 for n
+    category ids. Lists whose lengths disagree (only a damaged shard has them) are kept as read,
+    ``boxes`` flat, for :class:`~.transforms.DetectionTransform` to skip the record (its
+    checksum no longer matches) instead of failing here. Other keys are kept."""
+    lists = {k: [] if row.get(k) is None else row[k] for k in ("boxes", "category_ids", "iscrowd", "area")}
+    n = len(lists["category_ids"])
+    boxes = np.asarray(lists["boxes"], dtype=np.float32).reshape(-1)
+    extra = {"image_root": _name(row["image_root"])} if "image_root" in row else {}  # (Ray rows: a folder's root)
     return {
-        "image_id": int(row["image_id"]),
-        "file_name": row["file_name"],
-        "width": int(row["width"]),
-        "height": int(row["height"]),
-        "image": row["image"],
-        "boxes": np.asarray(row["boxes"] or [], dtype=np.float32).reshape(n, 4),
-        "category_ids": np.asarray(row["category_ids"] or [], dtype=np.int64),
-        "iscrowd": np.asarray(row["iscrowd"] or [], dtype=bool),
-        "area": np.asarray(row["area"] or [], dtype=np.float32),
+        **row, **extra,
+        "image_id": _int(row["image_id"], -1),
+        "file_name": _name(row["file_name"]),
+        "width": _int(row["width"], 0),
+        "height": _int(row["height"], 0),
+        "image": row.get("image"),
+        "boxes": boxes.reshape(n, 4) if boxes.size == 4 * n else boxes,
+        "category_ids": np.asarray(lists["category_ids"], dtype=np.int64).reshape(-1),
+        "iscrowd": np.asarray(lists["iscrowd"], dtype=bool).reshape(-1),
+        "area": np.asarray(lists["area"], dtype=np.float32).reshape(-1),
         "labels_crc32": row.get("labels_crc32"),
         "image_crc32": row.get("image_crc32"),
     }
+
+
+def arrow_rows(batch: Union[pa.RecordBatch, pa.Table]) -> list[dict[str, Any]]:
+    """Rows of an Arrow batch as python values, strings as bytes (``file_name``: see
+    :func:`record_from_row`): pyarrow does not check that string data is UTF-8 when it reads a
+    file, and decoding a damaged name raised for the whole batch (``UnicodeDecodeError`` from
+    ``to_pylist``, seen)."""
+    strings = [i for i, f in enumerate(batch.schema) if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+    for i in strings:
+        batch = batch.set_column(i, batch.schema.field(i).name, batch.column(i).cast(pa.binary()))
+    return batch.to_pylist()
+
+
+def check_schema(path: Path, schema: pa.Schema) -> None:
+    """:class:`ShardError` unless the shard at ``path`` (its Arrow ``schema``) holds the record
+    columns with their types (the checksum columns may be absent: an older release). A footer
+    damaged after conversion can rename a column or change its type; its values would then
+    reach the readers as something else."""
+    have = {f.name: f.type for f in schema}
+    wrong = [f"{f.name} is missing" if f.name not in have else f"{f.name} is {have[f.name]}, not {f.type}"
+             for f in SCHEMA if (f.name in have and have[f.name] != f.type)
+             or (f.name not in have and f.name in CONTENT_SCHEMA.names)]
+    wrong += [f"{name} is not a record column" for name in have if name not in SCHEMA.names]
+    if wrong:
+        raise ShardError(path.parent, f"{path.name} does not hold the record columns ({'; '.join(wrong[:5])})")
 
 
 def iter_records(data_dir: Union[PathLike, Sequence[PathLike]], columns: Optional[list[str]] = None,
@@ -247,20 +294,18 @@ def iter_records(data_dir: Union[PathLike, Sequence[PathLike]], columns: Optiona
         done = 0  # records of this shard yielded
         try:
             pf = pq.ParquetFile(path)
+            check_schema(path, pf.schema_arrow)
             present = set(pf.schema_arrow.names)
             batches = pf.iter_batches(batch_size=batch_rows, columns=[c for c in cols if c in present])
-            for row in (row for batch in batches for row in batch.to_pylist()):
-                full = {k: row.get(k) for k in SCHEMA.names}
-                if full["category_ids"] is None:
-                    full["category_ids"] = []
-                rec = _row_to_record(full)
-                what = record_damage(row) if verify else None
+            for row in (row for batch in batches for row in arrow_rows(batch)):
+                rec = record_from_row({k: row.get(k) for k in SCHEMA.names})
+                what = record_damage(rec) if verify else None
                 if what:
                     raise ShardError(path.parent, f"{path.name} row {done} (image id {rec['image_id']}): "
                                                   f"{damage_detail(what)}")
                 yield rec
                 done += 1
-        except (OSError, pa.ArrowException) as e:  # a damaged footer, page header or encoding
+        except (OSError, pa.ArrowException, UnicodeDecodeError) as e:  # a damaged footer, page header or encoding
             raise ShardError(path.parent, f"{path.name} cannot be read after {done} records: "
                                           f"{type(e).__name__}: {e}") from e
 

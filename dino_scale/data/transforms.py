@@ -169,8 +169,21 @@ class DetectionTransform:
             raise ImageDecodeError("damaged", f"{damage_detail(what)}; `dino-scale check-data <folder>` lists "
                                    f"every such record")
 
+    @staticmethod
+    def check_lists(record: dict[str, Any]) -> None:
+        """``ImageDecodeError("damaged")`` when ``record``'s lists disagree in length (4 box
+        values and, where given, one crowd flag per category id): only a damaged shard, or one
+        written by another tool, holds such a record (its checksum is checked first)."""
+        n = np.asarray(record["category_ids"] if record["category_ids"] is not None else []).size
+        boxes = np.asarray(record["boxes"] if record["boxes"] is not None else []).size
+        crowd = record.get("iscrowd")
+        if boxes != 4 * n or (crowd is not None and np.asarray(crowd).size != n):
+            raise ImageDecodeError("damaged", f"its lists disagree: {boxes} box values, {n} category ids"
+                                   + ("" if crowd is None else f", {np.asarray(crowd).size} crowd flags"))
+
     def __call__(self, record: dict[str, Any], epoch: int = 0) -> dict[str, Any]:
         self.check_integrity(record)  # changed labels or bytes would train silently on other data
+        self.check_lists(record)
         self.check_categories(record)  # before decoding: the image would be dropped anyway
         arr = self.load(record)
         H, W = arr.shape[:2]

@@ -16,7 +16,9 @@ from PIL import Image
 from dino_scale.config import preset
 from dino_scale.data import SCHEMA, ShardError, convert_coco, iter_records, read_manifest, to_coco_gt
 from dino_scale.data.integrity import CHECKSUMS, check_dataset, describe, labels_crc32, record_damage
+from dino_scale.data.decode import ImageDecodeError
 from dino_scale.data.loader import LocalLoader
+from dino_scale.data.transforms import DetectionTransform
 
 BOX = 17.25  # a coordinate only image 2 holds: found in the shard's bytes to change it
 
@@ -158,3 +160,44 @@ def test_data_check_dataset_reads_shards_concurrently_and_reports_in_order(tmp_p
         (names[1], 2, "labels"), (names[3], 4, "image")]
     assert report["images"] == 4 and seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert check_dataset(out, workers=1)["damaged"] == report["damaged"]
+
+
+def _content(rec) -> tuple:
+    return (rec["image_id"], rec["file_name"], rec["width"], rec["height"], rec["image"], rec["boxes"].tobytes(),
+            rec["category_ids"].tobytes(), rec["iscrowd"].tobytes(), rec["area"].tobytes())
+
+
+@pytest.mark.parametrize("embed", [True, False], ids=["embedded", "by-path"])
+def test_data_random_byte_damage_is_never_read_silently(tmp_path, embed):
+    """One byte changed anywhere in a shard (150 positions): the read either stops with a
+    ShardError naming the shard (Parquet's own structure) or yields records of which the
+    loaders skip the changed ones (``damaged``); no changed record passes as intact. Before,
+    such flips also raised a bare ``UnicodeDecodeError`` (a file name no longer UTF-8) or
+    ``ValueError: cannot reshape`` (list lengths) out of the reader, naming no file (seen)."""
+    out, _ = _convert(tmp_path, embed=embed)
+    path = out / read_manifest(out)["shards"][0]["file"]
+    original = path.read_bytes()
+    intact = {r["image_id"]: _content(r) for r in iter_records(out)}
+    check = DetectionTransform(preset("tiny").data, train=False)
+    outcomes = {"stopped": 0, "skipped": 0, "unchanged": 0}
+    for pos in np.random.default_rng(0).integers(0, len(original), 150):
+        damaged = bytearray(original)
+        damaged[pos] ^= 0xFF
+        path.write_bytes(bytes(damaged))
+        try:
+            records = list(iter_records(out))
+        except ShardError as e:
+            assert path.name in str(e)
+            outcomes["stopped"] += 1
+            continue
+        for rec in records:
+            try:
+                check.check_integrity(rec)
+                check.check_lists(rec)
+            except ImageDecodeError as e:
+                assert e.reason == "damaged"
+                outcomes["skipped"] += 1
+                continue
+            assert intact.get(rec["image_id"]) == _content(rec), f"byte {pos}: a changed record read as intact"
+            outcomes["unchanged"] += 1
+    assert outcomes["skipped"] and outcomes["stopped"], outcomes

@@ -42,10 +42,10 @@ def _values(x: Any, dtype: str) -> np.ndarray:
 
 def labels_crc32(image_id, file_name, width, height, boxes, category_ids, iscrowd, area) -> int:
     """CRC-32 of one record's labels: ``image_id`` (int64), ``width``/``height`` (int32),
-    ``file_name`` (UTF-8; bytes as they are), then ``boxes`` (float32, any shape: its 4n values), ``category_ids``
-    (int32), ``iscrowd`` (uint8) and ``area`` (float32), each little-endian and preceded by
-    its length, so that no two records of different content share a byte string. ``None``
-    lists count as empty."""
+    ``file_name`` (UTF-8; bytes as they are), then ``boxes`` (float32, any shape: its 4n
+    values), ``category_ids`` (int32), ``iscrowd`` (uint8) and ``area`` (float32), each
+    little-endian and preceded by its length, so that no two records of different content
+    share a byte string. ``None`` lists count as empty."""
     name = (file_name if isinstance(file_name, bytes)  # a damaged name read as bytes (surrogates: the same bytes)
             else ("" if file_name is None else str(file_name)).encode("utf-8", "surrogateescape"))
     parts = [_values(boxes, "<f4"), _values(category_ids, "<i4"), _values(iscrowd, "?").astype("u1"),
@@ -96,9 +96,10 @@ def _stored(value: Any) -> Optional[int]:
 
 def record_damage(record: dict[str, Any]) -> Optional[str]:
     """What of ``record`` no longer matches its checksums: ``"labels"``, ``"image"``, or
-    ``None`` (intact, or a record without checksums). ``record`` holds the record columns
-    as :func:`~.records.iter_records` or a Ray Data numpy batch row gives them; a
-    checksum is compared only where the columns it covers are present."""
+    ``None`` (intact, or a record without checksums). ``record``: as
+    :func:`~.records.record_from_row` makes it (what :func:`~.records.iter_records` and the Ray
+    datasets' map function hold); a checksum is compared only where the columns it covers are
+    present."""
     want = _stored(record.get("labels_crc32"))
     if want is not None and all(k in record for k in ("boxes", "category_ids", "iscrowd", "area")):
         got = labels_crc32(record["image_id"], record["file_name"], record["width"], record["height"],

@@ -18,7 +18,6 @@ existed carry none and are not checked.
 """
 from __future__ import annotations
 
-import math
 import struct
 import zlib
 from pathlib import Path
@@ -85,13 +84,8 @@ def add_checksums(table: pa.Table) -> pa.Table:
 
 
 def _stored(value: Any) -> Optional[int]:
-    """A checksum cell as read back (int, numpy scalar, ``None``; NaN where a reader turned
-    a column with nulls into floats) -> ``int`` or ``None``."""
-    if value is None:
-        return None
-    if isinstance(value, (float, np.floating)) and math.isnan(value):
-        return None
-    return int(value)
+    """A checksum cell as :func:`~.records.record_from_row` holds it -> ``int`` or ``None``."""
+    return None if value is None else int(value)
 
 
 def record_damage(record: dict[str, Any]) -> Optional[str]:
@@ -137,29 +131,26 @@ def _scan(path: Path, verify_pages: bool, batch_rows: int) -> tuple[int, list[di
     return rows, damaged, "labels_crc32" in present
 
 
+_READ_ERRORS = (OSError, pa.ArrowException, UnicodeDecodeError)  # a page checksum, footer or encoding
+
+
 def _check_shard(path: Path, batch_rows: int) -> dict[str, Any]:
     """One shard's part of a :func:`check_dataset` report."""
     from .records import ShardError
 
     out: dict[str, Any] = {"rows": 0, "damaged": [], "unreadable": None, "checked": True}
     try:
-        return _check_pages_then_records(path, batch_rows, out)
-    except ShardError as e:  # columns renamed or retyped: a damaged footer
-        out["unreadable"] = {"file": path.name, "error": e.detail}
-        return out
-
-
-def _check_pages_then_records(path: Path, batch_rows: int, out: dict[str, Any]) -> dict[str, Any]:
-    try:
-        out["rows"], out["damaged"], out["checked"] = _scan(path, True, batch_rows)
-    except (OSError, pa.ArrowException, UnicodeDecodeError) as page_error:  # a page checksum, footer or encoding
         try:
+            out["rows"], out["damaged"], out["checked"] = _scan(path, True, batch_rows)
+        except _READ_ERRORS as page_error:  # read again without page checksums, to name the records
             out["rows"], out["damaged"], out["checked"] = _scan(path, False, batch_rows)
             if not out["damaged"]:  # records intact: the change is in what the record checksums do not cover
                 out["unreadable"] = {"file": path.name, "error": f"{type(page_error).__name__}: {page_error} "
                                                                  f"(every record matches its checksums)"}
-        except (OSError, pa.ArrowException, UnicodeDecodeError) as e:
-            out["unreadable"] = {"file": path.name, "error": f"{type(e).__name__}: {e}"}
+    except ShardError as e:  # columns renamed or retyped: a damaged footer
+        out.update(rows=0, damaged=[], unreadable={"file": path.name, "error": e.detail})
+    except _READ_ERRORS as e:
+        out.update(rows=0, damaged=[], unreadable={"file": path.name, "error": f"{type(e).__name__}: {e}"})
     return out
 
 

@@ -21,6 +21,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from .decode import ImageDecodeError, decode_image, sizes_agree
+from .integrity import damage_detail, record_damage
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DetectionTransform", "dino_resize_size", "normalize_batch",
            "sample_rng"]
@@ -162,8 +163,6 @@ class DetectionTransform:
     def check_integrity(record: dict[str, Any]) -> None:
         """``ImageDecodeError("damaged")`` when ``record``'s labels or embedded image bytes do
         not match the checksums written at conversion (:func:`~.integrity.record_damage`)."""
-        from .integrity import damage_detail, record_damage
-
         what = record_damage(record)
         if what:
             raise ImageDecodeError("damaged", f"{damage_detail(what)}; `dino-scale check-data <folder>` lists "

@@ -196,6 +196,30 @@ def test_cluster_kuberay_auth_network_policy_and_identity():
     assert job["spec"]["submitterPodTemplate"]["metadata"]["labels"][PART_OF[0]] == PART_OF[1]
 
 
+def test_cluster_kuberay_autoscaler_gets_its_kubernetes_token():
+    """The in-tree autoscaler (a sidecar of the head pod) reads the pod's ServiceAccount token
+    to scale the worker groups; without it every API call fails and the groups stay at 0 pods.
+    The account turns token mounting off, so the head pod must turn it back on; workers and
+    the RayJob submitter need no Kubernetes API and stay without one."""
+    from ray.autoscaler._private.kuberay import node_provider
+
+    # What the sidecar opens (no client certificate configured): the projected token.
+    assert node_provider.IN_CLUSTER_TOKEN_PATH == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    sa = next(d for d in _docs(KUBERAY / "common.yaml") if d["kind"] == "ServiceAccount")
+    sa_default = sa.get("automountServiceAccountToken", True)
+
+    def mounted(pod_spec: dict) -> bool:  # Kubernetes: the pod's field wins over the account's
+        return pod_spec.get("automountServiceAccountToken", sa_default)
+
+    for label, _, spec in _cluster_specs():
+        assert spec["enableInTreeAutoscaling"] is True
+        assert mounted(spec["headGroupSpec"]["template"]["spec"]), f"{label}: autoscaler has no token"
+        for g in spec["workerGroupSpecs"]:
+            assert not mounted(g["template"]["spec"]), (label, g["groupName"])
+    job = next(d for d in _docs(KUBERAY / "rayjob.yaml") if d["kind"] == "RayJob")
+    assert not mounted(job["spec"]["submitterPodTemplate"]["spec"])
+
+
 # ------------------------------------------------------------------ commands vs the pipelines CLI
 
 def _pipeline_commands() -> list[tuple[str, list[str]]]:

@@ -214,3 +214,20 @@ def test_cluster_gcp_network_and_identity_are_explicit():
         meta = {i["key"]: i["value"] for i in nc["metadata"]["items"]}
         assert meta["block-project-ssh-keys"] == "true"
         assert meta["ssh-keys"].startswith("ubuntu:ssh-")  # a public key placeholder
+
+
+def test_cluster_gcp_disk_types_are_urls_in_the_nodes_zone():
+    """instances.insert takes a disk type only as a (partial) URL: a bare `pd-ssd` is refused
+    ("The URL is malformed"), so no worker could start. Ray's GCP provider expands machineType
+    and acceleratorType to URLs but passes the disks through as written."""
+    cfg = _prepared("gcp")
+    zone = cfg["provider"]["availability_zone"]
+    seen = 0
+    for tname, t in cfg["available_node_types"].items():
+        for disk in t["node_config"]["disks"]:
+            dtype = disk["initializeParams"].get("diskType")
+            if dtype is not None:
+                seen += 1
+                assert dtype.startswith(f"zones/{zone}/diskTypes/") or f"/zones/{zone}/diskTypes/" in dtype, (
+                    tname, dtype)
+    assert seen >= 2  # the GPU types ask for SSD boot disks

@@ -231,3 +231,15 @@ def test_cluster_gcp_disk_types_are_urls_in_the_nodes_zone():
                 assert dtype.startswith(f"zones/{zone}/diskTypes/") or f"/zones/{zone}/diskTypes/" in dtype, (
                     tname, dtype)
     assert seen >= 2  # the GPU types ask for SSD boot disks
+
+
+def test_cluster_gcp_a3_nodes_ask_for_gvnic():
+    """A3 machine types support only the gVNIC network interface; an interface without
+    `nicType` asks for VirtIO-Net, which such an instance cannot have."""
+    cfg = _prepared("gcp")
+    a3 = {n: t for n, t in cfg["available_node_types"].items()
+          if t["node_config"]["machineType"].rsplit("/", 1)[-1].startswith("a3-")}
+    assert len(a3) >= 2
+    for tname, t in a3.items():
+        for nic in t["node_config"]["networkInterfaces"]:
+            assert nic.get("nicType") == "GVNIC", tname

@@ -25,12 +25,18 @@ def test_topk_over_queries_and_classes_scaled_boxes():
 
 
 def test_merge_tta_keeps_best_of_all_views():
-    a = {"scores": torch.tensor([0.9, 0.2]), "labels": torch.tensor([1, 2]),
-         "boxes": torch.tensor([[0.0, 0, 10, 10], [1, 1, 2, 2]])}
+    """The views' copies of one object (same label, IoU > 0.6) become its best-scoring copy;
+    another label on the same box, or the same label on another box, stays."""
+    a = {"scores": torch.tensor([0.9, 0.2, 0.6]), "labels": torch.tensor([1, 2, 1]),
+         "boxes": torch.tensor([[0.0, 0, 10, 10], [1, 1, 2, 2], [5.0, 0, 15, 10]])}  # IoU([0]) 1/3: kept
     flipped = {"scores": torch.tensor([0.5, 0.95]), "labels": torch.tensor([3, 1]),
                "boxes": hflip_boxes(torch.tensor([[0.0, 0, 10, 10], [90, 0, 100, 10]]), width=100)}
-    merged = merge_tta([a, flipped], num_select=3)
-    torch.testing.assert_close(merged["scores"], torch.tensor([0.95, 0.9, 0.5]))
-    assert merged["labels"].tolist() == [1, 1, 3]
+    merged = merge_tta([a, flipped], num_select=300)
+    torch.testing.assert_close(merged["scores"], torch.tensor([0.95, 0.6, 0.5, 0.2]))
+    assert merged["labels"].tolist() == [1, 1, 3, 2]
     torch.testing.assert_close(merged["boxes"][0], torch.tensor([0.0, 0, 10, 10]))  # flipped back
     torch.testing.assert_close(merged["boxes"][2], torch.tensor([90.0, 0, 100, 10]))
+    torch.testing.assert_close(merge_tta([a, flipped], num_select=2)["scores"], torch.tensor([0.95, 0.6]))
+    # with iou_threshold 0.3 the second label-1 box (IoU 1/3) counts as a copy of the first
+    assert merge_tta([a], iou_threshold=0.3)["labels"].tolist() == [1, 2]
+    torch.testing.assert_close(merge_tta([a])["scores"], torch.tensor([0.9, 0.6, 0.2]))

@@ -56,6 +56,31 @@ def _official_rows(weights: Path) -> Optional[int]:
     return next((int(v.shape[0]) for k, v in state.items() if k.endswith("class_embed.0.weight")), None)
 
 
+def label_space_check(model_categories: Optional[list[dict]], num_classes: int, data_categories: list[dict],
+                      data: str) -> Optional[str]:
+    """The model's class index i is scored as the dataset's category id i. :class:`UsageError`
+    when the class head (``num_classes``) holds no index for some category id of ``data``;
+    a warning line (else None) when the model's categories (its ``categories.json``, when known)
+    name some of ``data``'s ids otherwise: another label space, whose AP would mean nothing."""
+    need = max((int(c["id"]) for c in data_categories), default=-1) + 1
+    if need > num_classes:
+        raise common.UsageError(f"{data} has category ids up to {need - 1}, but the model's class head has "
+                                f"{num_classes} classes (class index = category id): it was trained on another "
+                                f"label space; fine-tune it on this one (class heads are mapped by name)")
+    if model_categories is None:
+        return None
+    names = {int(c["id"]): str(c["name"]).strip().lower() for c in model_categories}
+    differ = [c for c in data_categories if names.get(int(c["id"])) != str(c["name"]).strip().lower()]
+    if not differ:
+        return None
+    c = differ[0]
+    there = names.get(int(c["id"]))
+    return (f"warning: {len(differ)} of {len(data_categories)} categories of {data} are not the model's classes "
+            f"of the same id (id {c['id']} is {c['name']!r} here, "
+            f"{'absent' if there is None else repr(there)} in the model): its AP scores class index i as "
+            f"category id i, so it means little; fine-tune on this label space (class heads are mapped by name)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     run(argv)
     return 0
@@ -115,7 +140,13 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
 
         val = _one(args.data, args.images, work_dir, "dataset path", log)
     whole_dataset(val)
-    n_cats = len(categories_of(val))
+    from pipelines._init import _source_categories
+
+    val_categories = categories_of(val)
+    n_cats = len(val_categories)
+    mismatch = label_space_check(_source_categories(resolved), cfg.model.num_classes, val_categories, val)
+    if mismatch:
+        print(mismatch, file=sys.stderr, flush=True)
     log(f"Ray: {common.connect_ray()}")
     common.set_eval_resources(cfg, args)
     log(f"evaluating {args.model} ({cfg.name}, {cfg.model.num_classes} classes, tta={cfg.eval.tta}) "

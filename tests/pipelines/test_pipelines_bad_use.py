@@ -158,3 +158,33 @@ def test_pipelines_bad_use_incomplete_dataset_copy(tmp_path):
     proc = _run(["pipelines.pretrain_o365", "--preset", "tiny", "--data", str(train_dir), "--val-data",
                  str(val_dir)], tmp_path)
     _assert_one_line_error(proc, f"{manifest}: not valid JSON")
+
+
+def test_pipelines_bad_use_evaluate_on_another_label_space(tmp_path):
+    """The model's class index i is scored as category id i: data with ids the class head has no
+    index for is refused before Ray starts, and data whose ids name other categories than the
+    model's is warned about (both were scored silently, an AP of another label space)."""
+    from dino_scale.config import preset, to_dict
+    from dino_scale.data.synthetic import categories, generate
+    from dino_scale.engine.checkpoint import save_weights
+    from dino_scale.models import build_dino
+    from pipelines._common import UsageError
+    from pipelines.evaluate import label_space_check
+
+    cfg = preset("tiny", ["model.num_classes=20", "model.dn_labelbook_size=20"])
+    save_weights(tmp_path / "model", build_dino(cfg.model)[0].state_dict(), to_dict(cfg))
+    images, ann = generate(tmp_path / "o365", flavour="o365-like", num_images=2, seed=0)  # ids up to 36
+    proc = _run(["pipelines.evaluate", "--model", str(tmp_path / "model"), "--data", str(ann),
+                 "--images", str(images), "--gpus", "0"], tmp_path)
+    _assert_one_line_error(proc, "has category ids up to 36, but the model's class head has 20 classes")
+    assert "Ray:" not in proc.stdout
+    o365, coco = categories("o365-like"), categories("coco-like")
+    assert label_space_check(o365, 366, o365, "val") is None
+    assert label_space_check(None, 91, coco, "val") is None  # no categories known (an official .pth)
+    assert label_space_check([{**c, "name": c["name"].upper()} for c in coco], 91, coco, "val") is None
+    warning = label_space_check(o365, 366, coco, "coco/val")
+    assert warning.startswith("warning: 9 of 10 categories of coco/val are not the model's classes of the same id "
+                              "(id 2 is 'bicycle' here, 'car' in the model)"), warning
+    assert "absent in the model" in label_space_check(o365[:1], 366, coco, "val")
+    with pytest.raises(UsageError, match="up to 90, but the model's class head has 37 classes"):
+        label_space_check(o365, 37, coco, "val")

@@ -141,6 +141,11 @@ def test_cli_registry_list_show_promote(tmp_path, monkeypatch, capsys):
     assert "not found" in capsys.readouterr().err
     assert cli.main(base + ["promote", "dino-tiny-coco", "7"]) == 2  # no such version
     assert "error:" in capsys.readouterr().err
+    for alias in ("latest", "v3", "bad alias"):  # refused by MLflow: the version is left untouched
+        assert cli.main(base + ["promote", "dino-tiny-coco", "1", "--alias", alias]) == 2
+        assert not [k for k in client.get_model_version("dino-tiny-coco", "1").tags
+                    if k.startswith(f"{alias}.")]  # were: <alias>.promotion, .basis stamped before the refusal
+        assert f"error: --alias {alias!r}" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(300)

@@ -103,6 +103,22 @@ def test_pipelines_champion_registry_lists_a_name_with_a_quote(client, tmp_path)
     assert [m["name"] for m in registry_state(client, names=["bob's-model"])] == ["bob's-model"]
 
 
+def test_pipelines_champion_name_with_both_quotes_lists_and_promotes(client, tmp_path):
+    """The registry accepts a name holding ' and " (no search filter can quote it): it was a
+    ValueError for `registry list` (every model) and for the champion check after a fine-tune."""
+    name = """bob's "best" model"""
+    client.create_registered_model(name)
+    v1, v2 = (str(client.create_model_version(name, source=str(tmp_path)).version) for _ in range(2))
+    client.create_model_version("dino-tiny-coco", source=str(tmp_path))  # not one of its versions
+    state = {m["name"]: m for m in registry_state(client)}
+    assert [v["version"] for v in state[name]["versions"]] == ["1", "2"]
+    assert [v["version"] for v in state["dino-tiny-coco"]["versions"]] == ["1"]
+    assert promote_if_better(name, v1, 0.2, client=client).promoted
+    assert promote_if_better(name, v2, 0.3, client=client).promoted
+    (only,) = registry_state(client, names=[name])
+    assert [v["aliases"] for v in only["versions"]] == [[], ["champion"]]
+
+
 def test_pipelines_champion_first_registration_race(client, _store, tmp_path, monkeypatch):
     """Two jobs registering a new name at once: the one whose create loses finds the model
     there (RESOURCE_ALREADY_EXISTS from the real store) and registers its version."""

@@ -13,6 +13,7 @@ images are reported and counted, not fatal.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -148,7 +149,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows = next((int(v.shape[0]) for k, v in state.items() if k.endswith("class_embed.0.weight")), 91)
         cfg = common.preset(common.resolve_preset_name(args.preset),
                             [f"model.num_classes={rows}", f"model.dn_labelbook_size={rows}"])
-    model, _, post = build_dino(cfg.model)
+    # the weights replace the whole model: the ImageNet file its training started from (config
+    # model.backbone_weights, often a path on the training cluster) is not read
+    model, _, post = build_dino(dataclasses.replace(cfg.model, backbone_weights=None))
     load_official_state_dict(model, state)
     model.eval()
     log(f"model {args.model} ({cfg.name}, {cfg.model.num_classes} classes); {len(files)} image(s)")

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -276,7 +276,9 @@ def evaluate_weights(cfg: Config, weights: str, val_dir: str, work_dir: str | Pa
     copied: the run's ``evaluation`` artifact and ``<work_dir>/final`` hold ``detections.json``,
     ``config.json`` and ``lineage.json``). An elastic range (``train.min_workers``) is ignored:
     evaluation runs one fixed group (:func:`~dino_scale.engine.trainer.worker_count` with
-    ``training=False``)."""
+    ``training=False``). ``cfg.model.backbone_weights`` is not read: ``weights`` replace the whole
+    model (the ImageNet file a training run started from is often a path on its own cluster)."""
+    cfg = replace(cfg, model=replace(cfg.model, backbone_weights=None))
     return _run(cfg, train_dir=None, val_dir=val_dir, work_dir=work_dir, run_name=run_name, init_weights=weights,
                 init_strict=True, experiment=experiment, parent_run_id=parent_run_id, tags=tags, storage_path=None,
                 evaluate=True, train=False, progress=False, ray_address=ray_address, test_hooks=None,

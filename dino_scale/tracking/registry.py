@@ -12,6 +12,7 @@ A logged model is the run artifact folder ``model/`` holding ``model.safetensors
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -173,7 +174,9 @@ def load_model_from_uri(uri: str, device: str = "cpu", tracking_uri: Optional[st
         if cfg is None:
             raise ValueError(f"{uri} has no config.json; pass config=")
         state = load_weights(resolved.weights_path)
-    model, _criterion, _post = build_dino(cfg.model)
+    # the weights replace the whole model: model.backbone_weights (the ImageNet file its training
+    # started from, often a path on the training cluster) is not read
+    model, _criterion, _post = build_dino(dataclasses.replace(cfg.model, backbone_weights=None))
     try:
         from dino_scale.models.official import load_official_state_dict
 

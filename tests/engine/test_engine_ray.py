@@ -336,7 +336,11 @@ def test_evaluate_pipeline_of_a_registered_model_matches_single_process(ray_sess
     cfg = small_cfg(**{"train.precision": "bf16", "train.zero_stage": 3})
     torch.manual_seed(11)
     model, _, post = build_dino(cfg.model)
-    weights = save_weights(tmp_path / "w", model.state_dict(), config=to_dict(cfg))
+    # the model was trained from ImageNet weights at a path of its training cluster, absent here:
+    # the workers must not read them (was: WorkerGroupError, "backbone weights not found")
+    stored = to_dict(cfg)
+    stored["model"]["backbone_weights"] = str(tmp_path / "cluster-only" / "resnet18.pth")
+    weights = save_weights(tmp_path / "w", model.state_dict(), config=stored)
     logger = ResilientLogger(uri)
     source_run = logger.start_run("train", "source")
     logger.log_artifacts(weights.parent, "model")

@@ -16,6 +16,9 @@ def _tiny_checkpoint(folder):
 
     cfg = preset("tiny", ["model.num_classes=91"])
     model, _, _ = build_dino(cfg.model)
+    # trained from ImageNet weights at a path of its training cluster, absent here: predict must
+    # not read them (the model's weights replace the backbone's; was "backbone weights not found")
+    cfg.model.backbone_weights = str(folder.parent / "cluster-only" / "resnet18.pth")
     save_weights(folder, model.state_dict(), config=to_dict(cfg))
     return folder
 

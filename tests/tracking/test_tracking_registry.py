@@ -22,6 +22,9 @@ def logged_model(tmp_path):
     cfg = preset("tiny")
     torch.manual_seed(3)
     model, _, _ = build_dino(cfg.model)
+    # trained from ImageNet weights at a path of its training cluster, absent here: loading the
+    # model must not read them (its weights replace the backbone's; was FileNotFoundError)
+    cfg.model.backbone_weights = str(tmp_path / "cluster-only" / "resnet18.pth")
     folder = tmp_path / "final"
     save_weights(folder, model.state_dict(), config=to_dict(cfg))
     (folder / "lineage.json").write_text(json.dumps({"init_weights": "models:/dino-tiny-o365@pretrained"}))

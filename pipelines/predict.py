@@ -136,7 +136,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from pipelines._init import _source_state, check_exists, resolve
 
     check_exists(args.model)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise common.UsageError(f"--out {out}: a file is in the way; --out names a folder") from None
     taken = {f.resolve() for f in files}  # the inputs are never overwritten
     with tempfile.TemporaryDirectory(prefix="dino_scale_predict_") as download:  # gone once loaded
         resolved = resolve(args.model, Path(download))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from pipelines.predict import list_images, main, output_path
@@ -64,3 +65,17 @@ def test_predict_into_the_input_folder_keeps_every_input(tmp_path, monkeypatch, 
         own = colours[str(Path(item["file"]).relative_to(photos))]
         got = Image.open(item["annotated"]).convert("RGB").getpixel((32, 24))
         assert max(abs(a - b) for a, b in zip(got, own)) < 12, (item, got, own)
+
+
+@pytest.mark.parametrize("out", ["a-file", "a-file/sub"])
+def test_predict_out_blocked_by_a_file_is_a_usage_error(tmp_path, monkeypatch, mlflow_store_restored, out):
+    """Was ``FileExistsError: [Errno 17] File exists`` / ``NotADirectoryError`` (exit 1)."""
+    from pipelines._common import UsageError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    (tmp_path / "a-file").write_text("keep me")
+    with pytest.raises(UsageError, match=r"--out .*a-file.*: a file is in the way"):
+        main([str(tmp_path / "a.jpg"), "--model", str(_tiny_checkpoint(tmp_path / "ckpt")),
+              "--out", str(tmp_path / out), "--work-dir", str(tmp_path / "runs")])
+    assert (tmp_path / "a-file").read_text() == "keep me"

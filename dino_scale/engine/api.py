@@ -144,10 +144,11 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     _check_data(train_dir if train else None, val_dir if evaluate else None, cfg)
     if train:
         check_training_config(cfg)
-        check_restart(storage, run_name, cfg.train.num_workers, cfg.train.zero_stage)  # reusing a run name resumes it
     else:
         worker_count(cfg, training=False)  # no batch-size arithmetic: evaluation accumulates nothing
     spe = steps_per_epoch(_num_images(train_dir), cfg) if train else 1
+    if train:  # reusing a run name resumes it: on a worker count it can load, with the settings it trained with
+        check_restart(storage, run_name, cfg.train.num_workers, cfg.train.zero_stage, config=cfg, steps_per_epoch=spe)
     # read before Ray and the MLflow run start: a val record whose labels changed after conversion
     # is refused here (ShardError), as scoring against it would not give the dataset's AP
     coco_gt = to_coco_gt(val_dir) if evaluate and val_dir else None

@@ -7,8 +7,9 @@ A training checkpoint folder holds
 * ``trainer_state.json``: epoch, micro-batches consumed in that epoch, global step,
   images seen, bad-step counters (data position for exact resume);
 * ``rng_rank<r>.pt``: python/numpy/torch RNG states of each rank;
-* ``ema.pt`` (optional) and, in the final checkpoint, ``model.safetensors`` +
-  ``config.json`` (full fp32 weights and the :class:`Config`).
+* ``config.json``: the run's :class:`Config` (what a rerun under the same run name must keep:
+  :func:`dino_scale.engine.elastic.check_restart`);
+* ``ema.pt`` (optional) and, in the final checkpoint, ``model.safetensors`` (full fp32 weights).
 
 Atomicity: every folder is written under a temporary sibling name and renamed into
 place only when complete (``os.rename`` of a directory is atomic on POSIX), single
@@ -63,6 +64,7 @@ class TrainState:
     finished: bool = False
     resumes: int = 0  # restarts from a checkpoint so far (worker failures, preemptions)
     world: int = 0  # workers that counted ``micro_in_epoch`` (0: unknown, a checkpoint from before)
+    steps_per_epoch: int = 0  # optimizer steps per epoch of the run's data (0: unknown, a checkpoint from before)
 
     def rescale_to(self, world: int) -> bool:
         """Convert the epoch position to ``world`` workers (an elastic restart on another worker
@@ -257,8 +259,9 @@ def load_weights(path: PathLike) -> dict[str, torch.Tensor]:
 
 
 def save_training_checkpoint(folder: PathLike, engine, state: TrainState, rank: int,
-                             ema=None) -> None:
-    """Collective: every rank calls it with its own (local) ``folder``."""
+                             ema=None, config: Optional[dict] = None) -> None:
+    """Collective: every rank calls it with its own (local) ``folder``. ``config``: the run's
+    config as a dict, written by rank 0 as ``config.json``."""
     folder = Path(folder)
     engine.save_checkpoint(str(folder), tag=DS_TAG, client_state={"trainer_state": state.to_dict()})
     save_rng_state(folder, rank)
@@ -267,6 +270,8 @@ def save_training_checkpoint(folder: PathLike, engine, state: TrainState, rank: 
         torch.save(ema.state_dict(), tmp)
         os.replace(tmp, folder / "ema.pt")
     if rank == 0:
+        if config is not None:
+            atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2))
         atomic_write_text(folder / STATE_NAME, json.dumps(state.to_dict(), indent=2))
 
 
@@ -290,14 +295,19 @@ def load_training_checkpoint(folder: PathLike, engine, rank: int, ema=None,
     return TrainState.from_dict(json.loads(state_file.read_text()))
 
 
-def checkpoint_dir_name(step: int, world: int, epoch: Optional[int] = None, micro_in_epoch: int = 0) -> str:
+def checkpoint_dir_name(step: int, world: int, epoch: Optional[int] = None, micro_in_epoch: int = 0,
+                        resumes: int = 0) -> str:
     """The storage folder of a training checkpoint: ``ckpt_<step>_<epoch>_<micro>_w<workers>``,
-    or ``final_<step>_w<workers>`` without ``epoch``.
+    or ``final_<step>_w<workers>`` without ``epoch`` (``final_<step>_w<workers>_r<resumes>`` in a
+    resumed run).
 
     The worker count is part of the name: Ray Train copies a checkpoint into its folder without
     emptying it, so a folder left half-written by a crashed attempt and written again by a
     restart on another worker count (the same step at an epoch's end, or the final one) kept
-    the old attempt's ZeRO partitions beside the new ones."""
+    the old attempt's ZeRO partitions beside the new ones. The resume count is part of a final
+    name: a run resumed from its final checkpoint that takes no step (the same command run again,
+    or an abort replayed to the same step) reported its folder a second time, and Ray Train's
+    retention, pruning the older of the two entries, deleted the folder both named."""
     if epoch is None:
-        return f"final_{int(step):09d}_w{int(world)}"
+        return f"final_{int(step):09d}_w{int(world)}" + (f"_r{int(resumes)}" if resumes else "")
     return f"ckpt_{int(step):09d}_{int(epoch)}_{int(micro_in_epoch)}_w{int(world)}"

@@ -10,13 +10,15 @@ loads with ``"checkpoint": {"load_universal": true}``. ZeRO-3 checkpoints cannot
 loader fails, and the universal loader gives every parameter group the first group's lr and
 weight decay (DINO's backbone group trains with the wrong settings). :func:`check_resumable`
 refuses that with a clear error, and ``check_train_config`` refuses an elastic ZeRO-3 run up
-front.
+front. :func:`check_restart` checks a rerun under an existing run name on the driver: the
+worker count (ZeRO-3) and the settings it must keep (:func:`resume_changes`).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import logging
 import re
 import shutil
 import socket
@@ -26,13 +28,16 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
-from dino_scale.config import ConfigError
-from dino_scale.engine.checkpoint import DS_TAG, STATE_NAME, UNIVERSAL_TAG
+from dino_scale.config import Config, ConfigError, flatten, from_dict
+from dino_scale.engine.checkpoint import CONFIG_NAME, DS_TAG, STATE_NAME, UNIVERSAL_TAG
+from dino_scale.engine.optim import lr_drop_epochs
 
-__all__ = ["saved_world_size", "check_resumable", "check_restart", "universal_resume", "resume_source",
-           "ResumeSource", "UNIVERSAL_TAG"]
+__all__ = ["saved_world_size", "check_resumable", "check_restart", "resume_changes", "RESUME_FREE_KEYS",
+           "universal_resume", "resume_source", "ResumeSource", "UNIVERSAL_TAG"]
+
+log = logging.getLogger("dino_scale.engine")
 
 
 _PARTITION = re.compile(r".*zero_pp_rank_\d+.*_optim_states\.pt")  # one ZeRO optimizer partition per rank
@@ -73,13 +78,64 @@ def check_resumable(saved_world: int, world: int, zero_stage: int) -> bool:
     return True
 
 
-def check_restart(storage_path: str, run_name: str, world: int, zero_stage: int) -> None:
+# Settings a rerun under the same run name may change: where and how it runs, and its budget
+# (train.max_steps, train.epochs; the lr schedule they shape is compared as such). Everything
+# else decides what is trained: the resumed optimizer and lr scheduler keep the first run's lr
+# and weight decay whatever the new config says, so a change would be silently half-applied.
+RESUME_FREE_KEYS = frozenset({
+    "name", "model.backbone_weights", "model.msda_backend", "model.backbone_checkpointing",
+    "model.encoder_checkpointing", "data.train", "data.val", "data.image_root", "train.epochs",
+    "train.max_steps", "train.lr_drop_epochs", "train.num_workers", "train.min_workers",
+    "train.elastic_resize_interval_s", "train.use_gpu", "train.cpus_per_worker", "train.zero_stage",
+    "train.max_failures", "train.max_bad_steps", "train.storage_path", "train.log_every_steps",
+    "train.checkpoint_every_steps", "train.checkpoints_to_keep", "train.torch_threads", "train.compile",
+    "train.compile_granularity", "train.compile_mode", "train.tf32", "train.deterministic",
+})
+
+
+def _resume_settings(cfg: Config) -> dict[str, Any]:
+    """The settings of ``cfg`` a resumed run must keep (not :data:`RESUME_FREE_KEYS`, not ``eval.*``),
+    with the lr schedule as applied: the drop epochs (``step``/``multistep``) or the cosine's length."""
+    out = {k: v for k, v in flatten(cfg).items() if k not in RESUME_FREE_KEYS and not k.startswith("eval.")}
+    if cfg.train.schedule == "cosine":
+        out["train.epochs"] = cfg.train.epochs
+    else:
+        out["lr drop epochs"] = lr_drop_epochs(cfg.train)
+    return out
+
+
+def resume_changes(saved_config: dict, cfg: Config, saved_steps_per_epoch: int = 0,
+                   steps_per_epoch: int = 0) -> list[str]:
+    """``["train.lr 0.0002 -> 0.001", ...]``: how ``cfg`` differs from the config a checkpoint
+    was trained with (``saved_config``, a dict) in what a resumed run must keep, and the epoch
+    length in optimizer steps (training images // global batch) when both are known (> 0)."""
+    old, new = _resume_settings(from_dict(saved_config)), _resume_settings(cfg)
+    changes = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+               if old.get(k) != new.get(k)]
+    if saved_steps_per_epoch and steps_per_epoch and saved_steps_per_epoch != steps_per_epoch:
+        changes.append(f"steps per epoch (training images // global batch) {saved_steps_per_epoch} -> "
+                       f"{steps_per_epoch}")
+    return changes
+
+
+def _read_json(fs, path: str) -> Optional[dict]:
+    try:
+        with fs.open_input_stream(path) as fh:
+            return json.loads(fh.read().decode())
+    except (OSError, ValueError):  # missing (a checkpoint from before it was written) or unreadable
+        return None
+
+
+def check_restart(storage_path: str, run_name: str, world: int, zero_stage: int, config: Optional[Config] = None,
+                  steps_per_epoch: int = 0) -> None:
     """On the driver, before any worker starts: a run that reuses ``run_name`` at
     ``storage_path`` (Ray Train restores that run's latest checkpoint) must be able to load it
-    on ``world`` workers. Raises :class:`ConfigError` for a ZeRO-3 checkpoint of another worker
-    count, which every worker would otherwise refuse after a minute of start-up; nothing to
-    check for ZeRO-0/1/2 (they convert) or a new run name."""
-    if zero_stage < 3:
+    on ``world`` workers, and (given ``config`` and the run's ``steps_per_epoch``) must train
+    what that run trained (:func:`resume_changes`). Raises :class:`ConfigError` for a ZeRO-3
+    checkpoint of another worker count, which every worker would otherwise refuse after a
+    minute of start-up, and for a changed setting, which the resumed optimizer and schedule
+    would silently mix with the first run's; nothing to check for a new run name."""
+    if zero_stage < 3 and config is None:
         return
     import ray.train
 
@@ -90,11 +146,25 @@ def check_restart(storage_path: str, run_name: str, world: int, zero_stage: int)
     checkpoint = previous.checkpoint
     if checkpoint is None:
         return
+    where = f"run {run_name!r} at {storage_path} resumes from {checkpoint.path}"
     saved = saved_world_size(checkpoint.path, checkpoint.filesystem)
     try:
         check_resumable(saved, world, zero_stage)
     except ConfigError as exc:
-        raise ConfigError(f"run {run_name!r} at {storage_path} resumes from {checkpoint.path}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
+    root = checkpoint.path.rstrip("/")
+    saved_config = _read_json(checkpoint.filesystem, f"{root}/{CONFIG_NAME}") if config is not None else None
+    if saved_config is None:  # not asked, or a checkpoint written before the config was kept in it
+        return
+    state = _read_json(checkpoint.filesystem, f"{root}/{STATE_NAME}") or {}
+    try:
+        changes = resume_changes(saved_config, config, int(state.get("steps_per_epoch") or 0), steps_per_epoch)
+    except ConfigError as exc:  # a config of another release: cannot be compared key by key
+        log.warning("%s; its config.json cannot be compared with this run's (%s)", where, exc)
+        return
+    if changes:
+        raise ConfigError(f"{where}, trained with other settings: {'; '.join(changes)}. A resumed run keeps its "
+                          f"optimizer state and lr schedule: rerun with the run's settings, or use another run name")
 
 
 def _convert(folder: Path, out: Path) -> None:

@@ -265,8 +265,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     last_ckpt_step = -1
 
     def write_state(folder: Path) -> None:
-        state.bad_steps = guard.state_dict()
-        save_training_checkpoint(folder, engine, state, rank, ema)
+        state.bad_steps, state.steps_per_epoch = guard.state_dict(), steps_per_epoch
+        save_training_checkpoint(folder, engine, state, rank, ema, config=to_dict(cfg))
 
     def metrics_now() -> dict[str, Any]:
         m = {"step": state.global_step, "epoch": state.epoch, "images_seen": state.images_seen,
@@ -322,7 +322,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     window_start = (state.micro_in_epoch, guard.state_dict())  # where an abort's checkpoint resumes
     nan_steps = set(int(s) for s in hooks.get("nan_micro_steps", []))
     try:
-        while not state.finished and state.global_step < total_steps and state.epoch < tc.epochs:
+        # a finished run resumed with a larger budget (train.max_steps, train.epochs) goes on training
+        while state.global_step < total_steps and state.epoch < tc.epochs:
             limit = steps_per_epoch * accum
             if state.micro_in_epoch >= limit:  # resumed from a checkpoint taken at the epoch's last step
                 state.epoch, state.micro_in_epoch = state.epoch + 1, 0
@@ -404,4 +405,4 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     if tracker is not None:
         tracker.log_metrics({"bad_steps_total": bad_total}, step=state.global_step)
         tracker.close(timeout_s=float(loop_cfg.get("tracking_close_timeout_s", 30)))
-    _report(final_metrics, write_final, checkpoint_dir_name(state.global_step, world))
+    _report(final_metrics, write_final, checkpoint_dir_name(state.global_step, world, resumes=state.resumes))

@@ -99,8 +99,9 @@ def test_val_labels_changed_after_conversion_are_refused_before_ray_or_mlflow(da
 
 def test_a_reused_run_name_is_checked_before_ray_for_training_only(data, tmp_path, monkeypatch):
     """A training run checks, on the driver and before Ray starts, whether its run name resumes a
-    checkpoint it cannot load (engine.elastic.check_restart; exercised for real on a ZeRO-3 run
-    in test_engine_ray); an eval-only run resumes nothing and skips it. The check and Ray's
+    checkpoint it cannot load or trained with other settings (engine.elastic.check_restart;
+    exercised for real on a ZeRO-3 run in test_engine_ray, on changed settings in
+    test_engine_rerun); an eval-only run resumes nothing and skips it. The check and Ray's
     start are replaced by recorders here: this is about the order, which a refactor once broke."""
     from dino_scale.engine import api, elastic, evaluate_weights, fit
 
@@ -113,7 +114,8 @@ def test_a_reused_run_name_is_checked_before_ray_for_training_only(data, tmp_pat
         calls.append("ray")
         raise RayStarted
 
-    monkeypatch.setattr(elastic, "check_restart", lambda *args: calls.append(("check_restart",) + args))
+    monkeypatch.setattr(elastic, "check_restart",
+                        lambda *args, **kwargs: calls.append(("check_restart",) + args + tuple(sorted(kwargs))))
     monkeypatch.setattr(api, "ensure_ray", no_ray)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     train_dir, val_dir = data
@@ -121,7 +123,8 @@ def test_a_reused_run_name_is_checked_before_ray_for_training_only(data, tmp_pat
     name = unique("reuse")
     with pytest.raises(RayStarted):
         fit(cfg, train_dir, val_dir, tmp_path / "work", name, storage_path=str(tmp_path / "ray"), progress=False)
-    assert calls == [("check_restart", str(tmp_path / "ray"), name, cfg.train.num_workers, 3), "ray"]
+    assert calls == [("check_restart", str(tmp_path / "ray"), name, cfg.train.num_workers, 3, "config",
+                      "steps_per_epoch"), "ray"]
     calls.clear()
     with pytest.raises(RayStarted):
         evaluate_weights(cfg, str(tmp_path / "weights.safetensors"), val_dir, tmp_path / "work", name)

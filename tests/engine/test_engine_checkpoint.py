@@ -201,3 +201,16 @@ def test_checkpoint_folders_of_different_worker_counts_never_share_a_name():
     assert checkpoint_dir_name(12, 2) == "final_000000012_w2"
     # sorted by name = sorted by step (Ray orders by report, users and scripts by name)
     assert sorted([checkpoint_dir_name(10, 2, 0, 5), checkpoint_dir_name(9, 4, 0, 9)])[0].startswith("ckpt_000000009")
+
+
+def test_a_resumed_runs_final_folder_never_takes_an_earlier_final_name():
+    """A run resumed from its final checkpoint that takes no step (the same command again, or an
+    abort replayed to the same step) reported ``final_<step>_w<n>`` a second time: Ray Train
+    registered two entries for one folder and, pruning the older, deleted the folder of both (the
+    third such run failed with "final checkpoint ... has no model.safetensors", the run's weights
+    gone)."""
+    from dino_scale.engine.checkpoint import checkpoint_dir_name
+
+    names = [checkpoint_dir_name(4, 1, resumes=r) for r in range(3)]
+    assert names == ["final_000000004_w1", "final_000000004_w1_r1", "final_000000004_w1_r2"]
+    assert checkpoint_dir_name(4, 1, 0, 2, resumes=3) == "ckpt_000000004_0_2_w1"  # later steps: new names anyway

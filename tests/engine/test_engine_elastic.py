@@ -148,3 +148,40 @@ def test_a_failed_conversion_is_a_clear_error_and_leaves_nothing(tmp_path, monke
         with resume_source(Checkpoint.from_directory(str(ckpt)), 1, 2, 0, lambda: None):
             pytest.fail("the block must not run")
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_rerun_under_the_same_run_name_must_keep_what_the_run_trains_with():
+    """A resumed run restores the optimizer's parameter groups and the scheduler's base lrs from
+    its checkpoint: a changed train.lr or weight decay was silently ignored (the new value only
+    logged as the run's param), while the schedule's shape (drop epochs, warmup) came from the
+    new config. resume_changes names what differs; the budget and where it runs may change."""
+    from dino_scale.config import to_dict
+    from dino_scale.engine.elastic import resume_changes
+
+    base = preset("tiny", {"train.lr_drop_epochs": None, "train.epochs": 12})
+    saved = to_dict(base)
+    same = {"train.max_steps": 900, "train.num_workers": 4, "train.min_workers": 2, "train.zero_stage": 2,
+            "train.checkpoint_every_steps": 7, "train.log_every_steps": 3, "train.max_failures": 2,
+            "train.compile": True, "eval.tta": True, "model.msda_backend": "pytorch", "name": "other"}
+    assert resume_changes(saved, preset("tiny", {"train.lr_drop_epochs": None, "train.epochs": 12, **same})) == []
+    # more epochs with the drop pinned: the schedule so far is unchanged
+    pinned = to_dict(preset("tiny", {"train.lr_drop_epochs": [11], "train.epochs": 12}))
+    assert resume_changes(pinned, preset("tiny", {"train.lr_drop_epochs": [11], "train.epochs": 24})) == []
+    for overrides, needle in (
+            ({"train.lr": 1e-3}, "train.lr 0.0002 -> 0.001"),
+            ({"train.lr_backbone": 1e-5}, "train.lr_backbone 0.0002 -> 1e-05"),
+            ({"train.weight_decay": 0.05}, "train.weight_decay 0.0001 -> 0.05"),
+            ({"train.clip_max_norm": 1.0}, "train.clip_max_norm 0.1 -> 1.0"),
+            ({"data.batch_size": 2}, "data.batch_size 4 -> 2"),
+            ({"train.global_batch_size": 8}, "train.global_batch_size 4 -> 8"),
+            ({"train.epochs": 24}, "lr drop epochs [11] -> [22]"),  # the default drop moves with the length
+            ({"train.lr_drop_epochs": [8]}, "lr drop epochs [11] -> [8]"),
+            ({"train.warmup_steps": 100}, "train.warmup_steps 0 -> 100"),
+            ({"train.schedule": "cosine"}, "train.schedule 'step' -> 'cosine'"),
+            ({"model.num_queries": 60}, "model.num_queries 50 -> 60")):
+        cfg = preset("tiny", {"train.lr_drop_epochs": None, "train.epochs": 12, **overrides})
+        changes = resume_changes(saved, cfg)
+        assert needle in changes and (len(changes) == 1 or "schedule" in needle), changes
+    # the epoch length in optimizer steps (another dataset, or another size of it)
+    assert resume_changes(saved, base, 40, 40) == [] and resume_changes(saved, base, 0, 41) == []
+    assert resume_changes(saved, base, 40, 41) == ["steps per epoch (training images // global batch) 40 -> 41"]

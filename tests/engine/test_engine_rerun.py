@@ -1,0 +1,62 @@
+"""Reusing a run name (``fit`` / ``--run-name`` again): Ray Train restores the run's latest
+checkpoint. A real local Ray, one CPU worker, the tiny DINO on synthetic shards."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_fixtures import RaySession, make_data, small_cfg, unique  # noqa: E402
+
+from dino_scale.config import ConfigError  # noqa: E402
+
+pytestmark = [pytest.mark.slow]
+
+
+def _cfg(**overrides):
+    return small_cfg(**{"train.num_workers": 1, "train.global_batch_size": 2, "train.zero_stage": 0,
+                        "train.checkpoint_every_steps": 50, "train.max_steps": 2, **overrides})
+
+
+@pytest.mark.timeout(900)
+def test_a_run_name_reused_resumes_continues_with_more_steps_and_refuses_changed_settings(tmp_path, monkeypatch):
+    """The same run three times: (1) 2 steps; (2) the same command: nothing to train, its final
+    checkpoint reported again; (3) a changed lr is refused on the driver, before Ray Train starts;
+    (4) --max-steps 4: it trains steps 3 and 4.
+
+    Before: (2) reported the folder ``final_..2_w1`` a second time and Ray Train's retention,
+    pruning the older of the two entries at the next report, deleted the folder of both: (4)
+    failed with "final checkpoint ... has no model.safetensors" and the run's weights were gone.
+    (4) also trained nothing (the finished run's flag stopped the loop) while printing step 2/4.
+    (3) trained on with the first run's lr and logged the new one as the run's param."""
+    from dino_scale.engine import fit
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    train_dir, _ = make_data(tmp_path / "data")
+    storage, name = tmp_path / "ray", unique("rerun")
+    run = lambda cfg: fit(cfg, train_dir, None, tmp_path / "work", name, storage_path=str(storage),  # noqa: E731
+                          evaluate=False, progress=False, experiment="engine-test")
+
+    def state(result) -> dict:
+        return json.loads((Path(result.checkpoint_path) / "trainer_state.json").read_text())
+
+    with RaySession(num_cpus=4):
+        first = run(_cfg())
+        assert (first.metrics["step"], first.metrics["resumes"]) == (2, 0)
+        again = run(_cfg())
+        assert (again.metrics["step"], again.metrics["resumes"]) == (2, 1)
+        assert Path(again.checkpoint_path).name != Path(first.checkpoint_path).name
+        assert state(again)["steps_per_epoch"] == 8 and (Path(again.checkpoint_path) / "config.json").is_file()
+
+        before = sorted(p.name for p in (storage / name).iterdir())
+        with pytest.raises(ConfigError, match=r"trained with other settings: train\.lr 0\.0002 -> 0\.001\b"):
+            run(_cfg(**{"train.lr": 1e-3}))
+        assert sorted(p.name for p in (storage / name).iterdir()) == before  # Ray Train never started
+
+        longer = run(_cfg(**{"train.max_steps": 4}))
+        assert (longer.metrics["step"], longer.metrics["resumes"], longer.metrics["images_seen"]) == (4, 2, 8)
+        assert (Path(longer.checkpoint_path) / "model.safetensors").is_file()
+        assert state(longer)["global_step"] == 4 and state(longer)["finished"]

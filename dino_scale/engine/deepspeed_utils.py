@@ -90,8 +90,8 @@ def check_train_config(cfg: TrainConfig, micro_batch_size: int, world_size: int)
     """Everything the workers would check on start, checked on the driver before a run,
     Ray or MLflow starts (a :class:`ConfigError` there came back as a worker-group failure,
     retried ``max_failures`` times): ZeRO stage, precision and batch sizes, the lr schedule,
-    the EMA decay, the checkpoint/log intervals (0 divided by zero after the first step) and
-    an elastic run's ZeRO stage."""
+    the EMA decay, the checkpoint/log intervals (0 divided by zero after the first step), an
+    elastic run's ZeRO stage, the lrs, weight decay and clipping norm, and ``max_steps``."""
     from dino_scale.engine.optim import lr_factor_fn
 
     build_ds_config(cfg, micro_batch_size, world_size)
@@ -105,6 +105,13 @@ def check_train_config(cfg: TrainConfig, micro_batch_size: int, world_size: int)
     for key in ("checkpoint_every_steps", "log_every_steps"):
         if int(getattr(cfg, key)) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(cfg, key)}")
+    # AdamW checks only its default lr and weight decay: a group's own (the backbone's lr) went
+    # unchecked, so a negative one trained that group uphill
+    for key in ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay", "clip_max_norm"):
+        if not 0.0 <= float(getattr(cfg, key)) < float("inf"):
+            raise ConfigError(f"train.{key} must be a finite number >= 0, got {getattr(cfg, key)}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:  # 0 read as "no limit": every epoch was trained
+        raise ConfigError(f"train.max_steps must be >= 1 (or none: no limit), got {cfg.max_steps}")
 
 
 def apply_activation_checkpointing(cfg: Config, enabled: bool = True) -> Config:

@@ -23,6 +23,10 @@ def data(tmp_path_factory):
     ({"train.precision": "fp8"}, "precision must be"),
     ({"train.global_batch_size": 64}, "fewer than one global batch"),
     ({"model.num_classes": 40}, r"category ids up to \d+: model.num_classes must be >= \d+ \(got 40\)"),
+    # AdamW checks its default lr only: a negative backbone lr trained the backbone uphill
+    ({"train.lr_backbone": -1e-5}, r"train.lr_backbone must be a finite number >= 0, got -1e-05"),
+    ({"train.weight_decay": float("nan")}, "train.weight_decay must be a finite number >= 0"),
+    ({"train.max_steps": 0}, r"train.max_steps must be >= 1 \(or none"),  # 0 trained every epoch
 ])
 def test_config_errors_before_ray_or_mlflow(data, tmp_path, monkeypatch, override, needle):
     """Checked on the driver before Ray or an MLflow run starts: in the workers these came back

@@ -43,6 +43,16 @@ log = logging.getLogger("dino_scale.engine")
 _PARTITION = re.compile(r".*zero_pp_rank_\d+.*_optim_states\.pt")  # one ZeRO optimizer partition per rank
 
 
+def _read_json(fs, path: str) -> Optional[dict]:
+    """The JSON object at ``path`` of the ``pyarrow.fs`` filesystem ``fs``; None when missing
+    (pyarrow raises FileNotFoundError, an OSError) or unreadable."""
+    try:
+        with fs.open_input_stream(path) as fh:
+            return json.loads(fh.read().decode())
+    except (OSError, ValueError):
+        return None
+
+
 def saved_world_size(folder, filesystem=None) -> int:
     """Workers that wrote the training checkpoint in ``folder``: the state's ``world``, else (a
     checkpoint from before it was recorded) the ZeRO optimizer partitions; 0 when unknown.
@@ -52,9 +62,8 @@ def saved_world_size(folder, filesystem=None) -> int:
 
     fs, root = filesystem or pafs.LocalFileSystem(), str(folder).rstrip("/")
     try:
-        with fs.open_input_stream(f"{root}/{STATE_NAME}") as fh:
-            world = int(json.loads(fh.read().decode()).get("world", 0))
-    except (OSError, ValueError):  # missing (pyarrow raises FileNotFoundError, an OSError) or unreadable
+        world = int((_read_json(fs, f"{root}/{STATE_NAME}") or {}).get("world", 0))
+    except ValueError:  # a world that is not a number
         world = 0
     if world:
         return world
@@ -116,14 +125,6 @@ def resume_changes(saved_config: dict, cfg: Config, saved_steps_per_epoch: int =
         changes.append(f"steps per epoch (training images // global batch) {saved_steps_per_epoch} -> "
                        f"{steps_per_epoch}")
     return changes
-
-
-def _read_json(fs, path: str) -> Optional[dict]:
-    try:
-        with fs.open_input_stream(path) as fh:
-            return json.loads(fh.read().decode())
-    except (OSError, ValueError):  # missing (a checkpoint from before it was written) or unreadable
-        return None
 
 
 def check_restart(storage_path: str, run_name: str, world: int, zero_stage: int, config: Optional[Config] = None,

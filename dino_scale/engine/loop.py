@@ -396,7 +396,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     def write_final(folder: Path) -> None:
         write_state(folder)
         if rank == 0:
-            save_weights(folder, full, config=to_dict(cfg))
+            save_weights(folder, full)  # config.json: written by write_state
             if ema is not None:
                 save_weights(folder / "ema", ema.shadow, config=to_dict(cfg))
             if detections is not None:

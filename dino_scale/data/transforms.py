@@ -13,6 +13,7 @@ sample's augmentation does not depend on worker count or order.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -23,8 +24,8 @@ from torchvision.transforms.v2 import functional as F
 from .decode import ImageDecodeError, decode_image, sizes_agree
 from .integrity import damage_detail, record_damage
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DetectionTransform", "dino_resize_size", "normalize_batch",
-           "sample_rng"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DetectionTransform", "check_augmentation", "dino_resize_size",
+           "normalize_batch", "sample_rng"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,6 +74,42 @@ def _scaled(v: int, factor: float) -> int:
     return int(round(v * factor))
 
 
+def check_augmentation(cfg) -> None:
+    """:class:`~dino_scale.config.ConfigError` unless the augmentation sizes of ``cfg`` (a
+    ``DataConfig``) are usable: ``scale_factor`` finite and > 0; ``train_scales`` and
+    ``crop_resize_scales`` non-empty; ``crop_size_range`` two sizes ``[min, max]`` with
+    ``min <= max``; every size at least 1 pixel after ``scale_factor``; ``pad_multiple`` None
+    or >= 0. A bad one otherwise failed (or, ``train_max_size`` 0, shrank every image to a
+    1-pixel side) only where a sample was drawn: inside the data pipeline's tasks, after the
+    run had started, the crop settings only on the ~25% of samples that take the crop branch."""
+    from dino_scale.config import ConfigError
+
+    try:
+        f = float(cfg.scale_factor)
+    except (TypeError, ValueError):
+        f = math.nan
+    if not (math.isfinite(f) and f > 0):
+        raise ConfigError(f"data.scale_factor must be a finite number > 0, got {cfg.scale_factor!r}")
+    lists = {"train_scales": cfg.train_scales, "crop_resize_scales": cfg.crop_resize_scales,
+             "crop_size_range": cfg.crop_size_range}
+    for key, values in lists.items():
+        if not values:
+            raise ConfigError(f"data.{key} must name at least one size, got {values!r}")
+    if len(cfg.crop_size_range) != 2 or cfg.crop_size_range[0] > cfg.crop_size_range[1]:
+        raise ConfigError(f"data.crop_size_range must be two sizes [min, max] with min <= max, "
+                          f"got {cfg.crop_size_range!r}")
+    sizes = {f"data.{k}": list(v) for k, v in lists.items()}
+    sizes.update({f"data.{k}": [getattr(cfg, k)] for k in ("train_max_size", "eval_size", "eval_max_size")})
+    for key, values in sizes.items():
+        small = [v for v in values if _scaled(v, f) < 1]
+        if small:
+            raise ConfigError(f"{key} must be sizes of at least 1 pixel (after data.scale_factor={f}), "
+                              f"got {values!r}")
+    if cfg.pad_multiple is not None and cfg.pad_multiple < 0:
+        raise ConfigError(f"data.pad_multiple must be None (pad to the batch's largest image) or >= 0, "
+                          f"got {cfg.pad_multiple}")
+
+
 class DetectionTransform:
     """Record -> sample. ``__call__(record, epoch)`` returns a dict:
 
@@ -95,6 +132,7 @@ class DetectionTransform:
 
     def __init__(self, cfg, train: bool = True, image_root: Optional[str] = None,
                  category_ids: Optional[Iterable[int]] = None):
+        check_augmentation(cfg)  # here, where the dataset is built: not in a sample's task mid-run
         f = float(cfg.scale_factor)
         self.train, self.seed = train, int(cfg.seed)
         self.scales = [_scaled(s, f) for s in cfg.train_scales]

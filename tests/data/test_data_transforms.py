@@ -134,3 +134,35 @@ def test_data_resize_keeps_a_thin_strip_non_empty():
     np.testing.assert_allclose(s["boxes"][0].numpy(), [125 / 4000, 0.5, 50 / 4000, 1.0], atol=1e-5)
     x, mask = preprocess(Image.new("RGB", (4000, 3)), 256, 320)
     assert x.shape == (1, 3, 1, 1333) and mask.shape == (1, 1, 1333) and not mask.any()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.crop_size_range=[224,160]", "data.crop_size_range"),  # min/max swapped: 'low >= high' in a task
+    ("data.crop_size_range=[160]", "data.crop_size_range"),  # IndexError
+    ("data.crop_size_range=[0,10]", "data.crop_size_range"),  # a 0-pixel crop: ZeroDivisionError, epoch 13
+    ("data.train_scales=[]", "data.train_scales"),  # 'high <= 0' on every sample
+    ("data.crop_resize_scales=[-5]", "data.crop_resize_scales"),
+    ("data.scale_factor=0", "data.scale_factor"),
+    ("data.scale_factor=nan", "data.scale_factor"),
+    ("data.eval_size=0", "data.eval_size"),
+    ("data.train_max_size=0", "data.train_max_size"),  # silently: every training image 1 pixel short
+    ("data.pad_multiple=-32", "data.pad_multiple"),  # collate: 'The size of tensor a (224) must match'
+])
+def test_data_bad_augmentation_settings_refused_before_the_run(override, key):
+    """A bad augmentation size failed only where a sample was drawn (in the Ray Data tasks of a
+    started run; the crop settings only on the samples that take the crop branch, e.g. epoch 13
+    of one image for a 0-pixel crop), or trained on 1-pixel images: now a ConfigError naming the
+    key where the transform is built and in the pre-run training checks."""
+    from dino_scale.config import ConfigError
+    from dino_scale.engine.trainer import check_training_config
+
+    cfg = preset("tiny", [override])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        DetectionTransform(cfg.data, train=True)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        check_training_config(cfg)
+    for name in ("tiny", "r50_4scale", "swinl_4scale"):  # the shipped settings pass
+        for extra in ([], ["data.scale_factor=1.5", "data.pad_multiple=32"]):
+            ok = preset(name, extra)
+            DetectionTransform(ok.data, train=True)
+            check_training_config(ok)

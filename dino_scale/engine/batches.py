@@ -2,11 +2,12 @@
 a seeded local shuffle, and the per-worker slice of each global batch."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Optional
+import time
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-__all__ = ["rows_of", "shuffled_rows", "iter_micro_batches"]
+__all__ = ["rows_of", "shuffled_rows", "iter_micro_batches", "read_window"]
 
 
 def rows_of(batch: dict[str, Any]) -> list[dict[str, Any]]:
@@ -66,3 +67,19 @@ def iter_micro_batches(shard, micro_bs: int, world: int, rank: int, deterministi
         kw.update(local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=shuffle_seed)
     for batch in shard.iter_batches(batch_size=micro_bs, **kw):
         yield collate(rows_of(batch), pad_multiple=pad_multiple)
+
+
+def read_window(batches: Iterator, count: int, add_wait: Optional[Callable[[float], None]] = None) -> list:
+    """The next ``count`` micro-batches of ``batches`` (fewer where it runs out), read ahead so
+    that the box count of a whole accumulation window is known before its first loss;
+    ``add_wait`` gets the seconds each read waited."""
+    out = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        if add_wait is not None:
+            add_wait(time.perf_counter() - t0)
+        if batch is None:
+            break
+        out.append(batch)
+    return out

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from dino_scale.config import from_dict, to_dict
-from dino_scale.engine.batches import iter_micro_batches, rows_of
+from dino_scale.engine.batches import iter_micro_batches, read_window, rows_of
 from dino_scale.engine.checkpoint import (
     TrainState, atomic_write_text, checkpoint_dir_name, load_training_checkpoint, load_weights,
     save_training_checkpoint, save_weights,
@@ -43,6 +43,7 @@ from dino_scale.engine.progress import LossWindow, WindowMeter
 from dino_scale.data.ray_data import set_epoch as set_data_epoch
 from dino_scale.engine.train_step import (
     BadStepError, BadStepGuard, all_finite, autocast_dtype, check_target_labels, compute_loss, move_batch,
+    window_num_boxes,
 )
 
 __all__ = ["train_loop_per_worker"]
@@ -334,14 +335,20 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             for _ in range(state.micro_in_epoch):  # exact resume: skip what this epoch consumed
                 next(batches, None)
             batch = ()
+            queued: list = []  # the window's micro-batches not yet used, read ahead
+            step_boxes: Any = 1.0
             while state.micro_in_epoch < limit and state.global_step < total_steps:
                 if accumulation.ends_at(state.micro_in_epoch):  # a window starts
                     window_start = (state.micro_in_epoch, guard.state_dict())
-                t0 = time.perf_counter()
-                batch = next(batches, None)
-                meter.add_wait(time.perf_counter() - t0)
-                if batch is None:
+                if not queued:  # the window's micro-batches (its rest, after a resume mid-window) are
+                    # read first: the boxes of the whole step, on every rank, normalize each one's loss
+                    queued = read_window(batches, min(accum - state.micro_in_epoch % accum,
+                                                      limit - state.micro_in_epoch), meter.add_wait)
+                    step_boxes = window_num_boxes([sum(len(t["labels"]) for t in b[2]) for b in queued], accum, device)
+                if not queued:
+                    batch = None
                     break
+                batch = queued.pop(0)
                 state.micro_in_epoch += 1
                 micro_total += 1
                 check_target_labels(batch[2], cfg.model.num_classes)  # host side: no device assert
@@ -349,7 +356,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 images = _prepare_images(images, masks)
                 if micro_total in nan_steps:
                     images = images * float("nan")
-                loss, terms = compute_loss(engine, criterion, images, masks, targets, amp)
+                loss, terms = compute_loss(engine, criterion, images, masks, targets, amp, num_boxes=step_boxes)
                 finite = all_finite(loss)
                 guard.update(finite, step=state.global_step, loss=None if finite else float(loss))
                 if finite:

@@ -5,7 +5,7 @@ check (agreed across ranks when ``torch.distributed`` is initialized), backward,
 gradient clipping, optimizer step. A non-finite loss skips the update and is
 counted by :class:`BadStepGuard`, which raises :class:`BadStepError` after
 ``max_consecutive`` bad steps in a row. The Ray/DeepSpeed loop reuses
-:func:`compute_loss`, :func:`all_finite` and :class:`BadStepGuard`.
+:func:`compute_loss`, :func:`all_finite`, :func:`window_num_boxes` and :class:`BadStepGuard`.
 
 Shapes: ``images`` float (B,3,H,W) (already normalized), ``masks`` bool (B,H,W) True
 on padding, ``targets`` list of B dicts with ``labels`` int64 (N,) and ``boxes``
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,7 @@ from torch import nn
 
 __all__ = [
     "BadStepError", "BadStepGuard", "StepOutput", "autocast_dtype", "autocast_context",
-    "compute_loss", "all_finite", "train_step", "move_batch", "check_target_labels",
+    "compute_loss", "all_finite", "train_step", "move_batch", "check_target_labels", "window_num_boxes",
 ]
 
 
@@ -143,10 +143,36 @@ def check_target_labels(targets: list[dict], num_classes: int) -> None:
                              f"model.num_classes must exceed the data's largest category id")
 
 
+def window_num_boxes(box_counts: Sequence[int], accum: int, device: torch.device) -> Union[float, torch.Tensor]:
+    """The loss normalizer of one optimizer step made of ``accum`` accumulated micro-batches per
+    worker: ``box_counts`` the box count of each of this worker's micro-batches of the step ->
+    the boxes of the step on every worker / (workers x ``accum``), at least 1 (a float; a 0-d
+    tensor on ``device`` when distributed: one all-reduce, no host sync).
+
+    Each micro-batch's loss is divided by it, its gradient by ``accum`` (the accumulation) and by
+    the workers (the all-reduce average), so the step's gradient is the summed loss of all its
+    boxes divided by their number: the official per-step normalization (boxes averaged over the
+    workers of the one batch), whatever the split into workers and micro-batches. Normalizing
+    each micro-batch by its own count instead weighs a box by the count of its micro-batch (a
+    1-box micro-batch's box counted 4x where the step averages 4 boxes), so the same global batch
+    trained differently on another worker count."""
+    if accum < 1:
+        raise ValueError(f"accum must be >= 1, got {accum}")
+    total = float(sum(int(n) for n in box_counts))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        n = torch.tensor(total, dtype=torch.float32, device=device)
+        dist.all_reduce(n)
+        return torch.clamp(n / (dist.get_world_size() * accum), min=1.0)
+    return max(total / accum, 1.0)
+
+
 def compute_loss(model: nn.Module, criterion: nn.Module, images: torch.Tensor, masks: torch.Tensor,
-                 targets: list[dict], amp_dtype: Optional[torch.dtype] = None
+                 targets: list[dict], amp_dtype: Optional[torch.dtype] = None,
+                 num_boxes: Union[float, torch.Tensor, None] = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Forward + criterion. Returns the weighted total (0-d) and the unweighted terms."""
+    """Forward + criterion. Returns the weighted total (0-d) and the unweighted terms.
+    ``num_boxes``: the loss normalizer of the step (:func:`window_num_boxes`) when the batch is
+    one of several accumulated micro-batches; None: the batch's own box count."""
     from dino_scale.models.criterion import weighted_loss
 
     param = next(model.parameters())
@@ -155,7 +181,7 @@ def compute_loss(model: nn.Module, criterion: nn.Module, images: torch.Tensor, m
     with autocast_context(images.device, amp_dtype):
         outputs = model(images, masks, targets)
     outputs = _to_float(outputs)
-    loss_dict = criterion(outputs, targets)
+    loss_dict = criterion(outputs, targets) if num_boxes is None else criterion(outputs, targets, num_boxes=num_boxes)
     loss = weighted_loss(loss_dict, criterion.weight_dict)
     return loss, loss_dict
 

@@ -3,7 +3,8 @@ decoder layer, every auxiliary layer (suffix ``_{i}``), the encoder proposals (`
 and the denoising queries (``_dn`` and ``_dn_{i}``).
 
 Normalization follows the official implementation: every term is divided by the number
-of ground-truth boxes in the batch (averaged over distributed workers, at least 1); the
+of ground-truth boxes in the step's batch (averaged over distributed workers, at least 1;
+with gradient accumulation the caller passes that count for the whole step); the
 denoising terms by that times the number of denoising groups. The focal term is
 ``focal.mean(1).sum() / num_boxes * num_queries``. Denoising positives are supervised
 with their original label and box; negatives and empty slots count as background for
@@ -98,6 +99,10 @@ class SetCriterion(nn.Module):
     ``aux_outputs`` (list of such dicts, earlier decoder layers), ``interm_outputs``
     (encoder proposals, same form) and ``dn_meta`` (see :mod:`.denoising`).
     targets: B dicts with ``labels`` int64 (n_i,) raw ids in [0, C) and ``boxes`` (n_i, 4).
+    num_boxes: the normalizer, when the caller knows it (a float or a 0-d tensor, already
+    averaged over workers): a step split into accumulated micro-batches must normalize every
+    micro-batch by the box count of the whole step (``engine.train_step.window_num_boxes``),
+    not by its own. None: this batch's box count averaged over workers, at least 1.
     The dn keys are always present when ``dn_losses`` is on (zeros when a batch has no
     denoising part) so the key set is the same at every step.
     """
@@ -262,12 +267,13 @@ class SetCriterion(nn.Module):
             sets.append(("_interm", outputs["interm_outputs"]))
         return sets
 
-    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+    def forward(self, outputs: dict, targets: list[dict], num_boxes=None) -> dict[str, Tensor]:
         device = outputs["pred_logits"].device
         if len(targets) != outputs["pred_logits"].shape[0]:
             raise ValueError(f"criterion: {len(targets)} targets for a batch of "
                              f"{outputs['pred_logits'].shape[0]}")
-        num_boxes = self._num_boxes(targets, device)
+        if num_boxes is None:
+            num_boxes = self._num_boxes(targets, device)
         sets = self._output_sets(outputs)
         padded = pad_targets(targets, device)  # (B, N) labels / boxes: for the matcher and the dn targets
         # one host copy for every set's cost matrices, started now and waited for after the
@@ -289,9 +295,10 @@ class SetCriterion(nn.Module):
         losses.update(dn)  # same key order as forward_per_set
         return losses
 
-    def forward_per_set(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+    def forward_per_set(self, outputs: dict, targets: list[dict], num_boxes=None) -> dict[str, Tensor]:
         """Reference path: the same losses computed one output set / dn layer at a time."""
-        num_boxes = self._num_boxes(targets, outputs["pred_logits"].device)
+        if num_boxes is None:
+            num_boxes = self._num_boxes(targets, outputs["pred_logits"].device)
         sets = self._output_sets(outputs)
         all_indices = self.matcher.match_many([o for _, o in sets], targets)
         losses = {}

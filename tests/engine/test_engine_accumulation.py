@@ -221,3 +221,84 @@ def test_non_finite_gradients_skip_the_update_without_zero_too():
         assert bad["finite_loss"] and not bad["applied"] and bad["reason"] == "non-finite gradients", r
         assert bad["finite"] and not bad["changed"], r  # no NaN weights, no update
         assert good["applied"] and good["reason"] is None and good["changed"] and good["finite"], r
+
+
+# The DINO loss divides by the step's box count (official: the batch's boxes averaged over the
+# workers). Global batch: 4 images with 1, 0, 4 and 3 boxes, micro-batches of 2: on 1 worker two
+# accumulated micro-batches (1 and 7 boxes), on 2 workers one each. The "model" holds each image's
+# outputs as parameters (image id in pixel [0, 0, 0]); the real criterion and compute_loss run on a
+# real DeepSpeed engine, SGD without clipping, so any change of a box's weight moves the weights.
+# The reference: the whole global batch as one batch in plain torch.
+_BOX_NORM = textwrap.dedent("""
+    import json, sys
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param
+    from dino_scale.config import preset
+    from dino_scale.engine.deepspeed_utils import AccumulationWindow, build_ds_config, init_deepspeed
+    from dino_scale.engine.train_step import compute_loss, window_num_boxes
+    from dino_scale.models.criterion import SetCriterion, build_weight_dict
+    from dino_scale.models.matcher import HungarianMatcher
+
+    class Heads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.logits = torch.nn.Parameter(torch.randn(4, 5, 3, generator=g))
+            self.boxes = torch.nn.Parameter(torch.randn(4, 5, 4, generator=g) * 0.5)
+
+        def forward(self, images, masks, targets=None):
+            idx = images[:, 0, 0, 0].long()
+            return {"pred_logits": self.logits[idx], "pred_boxes": self.boxes[idx].sigmoid()}
+
+    torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    g = torch.Generator().manual_seed(1)
+    targets = [{"labels": torch.randint(0, 3, (n,), generator=g),
+                "boxes": torch.cat([torch.rand(n, 2, generator=g) * 0.5 + 0.25,
+                                    torch.rand(n, 2, generator=g) * 0.2 + 0.1], 1)} for n in (1, 0, 4, 3)]
+    images = torch.zeros(4, 3, 4, 4)
+    images[:, 0, 0, 0] = torch.arange(4.0)
+    masks = torch.zeros(4, 4, 4, dtype=torch.bool)
+    criterion = SetCriterion(3, HungarianMatcher(), build_weight_dict(dec_layers=1, dn=False, interm=False),
+                             dn_losses=False)
+    for stage in map(int, sys.argv[1].split(",")):
+        tc = preset("tiny", {"train.zero_stage": stage, "train.global_batch_size": 4, "train.clip_max_norm": 0}).train
+        ds = build_ds_config(tc, 2, world)
+        accum = ds["gradient_accumulation_steps"]
+        model, ref = Heads(), Heads()
+        engine = init_deepspeed(model, torch.optim.SGD(model.parameters(), lr=0.5), None, ds)
+        window = AccumulationWindow(engine, accum)
+        micro = [[(m * world + rank) * 2, (m * world + rank) * 2 + 1] for m in range(accum)]
+        num_boxes = window_num_boxes([sum(len(targets[i]["labels"]) for i in mb) for mb in micro], accum,
+                                     torch.device("cpu"))
+        for mb in micro:
+            loss, _ = compute_loss(engine, criterion, images[mb], masks[mb], [targets[i] for i in mb],
+                                   num_boxes=num_boxes)
+            window.backward(loss)
+        window.flush()
+        loss, _ = compute_loss(ref, criterion, images, masks, targets)  # one batch: the official normalization
+        loss.backward()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p -= 0.5 * p.grad
+        got = [(safe_get_full_fp32_param(p) if stage else p.detach()) for p in engine.module.parameters()]
+        diff = max(float((a - b).abs().max()) for a, b in zip(got, ref.parameters()))
+        moved = max(float((b - a).abs().max()) for a, b in zip(Heads().parameters(), ref.parameters()))
+        if rank == 0:
+            print("REPORT " + json.dumps({"stage": stage, "accum": accum, "num_boxes": float(num_boxes),
+                                          "diff": diff, "moved": moved}), flush=True)
+    torch.distributed.destroy_process_group()
+""")
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_step_gradient_does_not_depend_on_the_split_into_workers_and_micro_batches(world):
+    """One optimizer step over the same global batch equals the one-batch step on 1 worker with 2
+    accumulated micro-batches and on 2 workers with 1: every micro-batch's loss is divided by the
+    step's boxes per micro-batch (8 / 2 = 4), not by its own count (was: 1 and 7 on 1 worker, so
+    the 1-box image's gradient weighed 4x and the others' 4/7 of the 2-worker step's)."""
+    reports = run_ranks(_BOX_NORM, world, "0,2")
+    assert [r["stage"] for r in reports] == [0, 2]
+    for r in reports:
+        assert r["accum"] == 2 // world and r["num_boxes"] == 4.0, r
+        assert r["moved"] > 0.05 and r["diff"] < 1e-6, r

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dino_scale.engine.batches import rows_of, shuffled_rows
+from dino_scale.engine.batches import read_window, rows_of, shuffled_rows
 
 
 def _batches(ids: list[int], size: int):
@@ -38,3 +38,14 @@ def test_shuffled_rows_depend_on_the_stream_and_seed_only():
     assert all(pos >= ids.index(i) - 16 for pos, i in enumerate(ref))
     assert _order(ids[:5], 2) != ids[:5] and sorted(_order(ids[:5], 2)) == ids[:5]  # fewer rows than the buffer
     assert _order([], 4) == []
+
+
+def test_read_window_reads_ahead_the_rest_of_a_window_and_stops_where_the_data_ends():
+    """The loop reads a whole accumulation window before its first loss (its box count
+    normalizes every micro-batch's loss); the stream continues after it, a short end is kept."""
+    stream = iter(range(5))
+    waits: list[float] = []
+    assert read_window(stream, 2, waits.append) == [0, 1] and len(waits) == 2
+    assert read_window(stream, 2) == [2, 3]
+    assert read_window(stream, 2, waits.append) == [4] and len(waits) == 4  # the end's wait counted too
+    assert read_window(stream, 2) == []

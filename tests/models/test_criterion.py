@@ -214,3 +214,19 @@ def test_stacked_sets_equal_per_set_reference_values_and_gradients(empty_image):
     g_ref = torch.autograd.grad(weighted_loss(ref, crit.weight_dict), [cls, coord])
     for a, b in zip(g_fast, g_ref):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_given_num_boxes_replaces_the_batch_count_in_every_term():
+    """A micro-batch of an accumulated step is normalized by the step's box count: every term,
+    the dn ones included (x the group count), scales by own count / given count."""
+    cfg = preset("tiny", ["model.dec_layers=2", "model.dn_number=4"]).model
+    crit = build_criterion(cfg)
+    t = [{"labels": torch.tensor([3, 5]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.4]])},
+         {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
+    out = _model_like_outputs(t, cfg)[0]
+    own = crit(out, t)
+    given = crit(out, t, num_boxes=7.5)
+    assert set(given) == set(own)
+    for k in own:
+        assert given[k].item() == pytest.approx(own[k].item() * 3 / 7.5, rel=1e-5), k
+    assert own["loss_bbox_dn"].item() > 0 and own["loss_ce_interm"].item() > 0

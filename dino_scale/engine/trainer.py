@@ -54,13 +54,19 @@ def worker_count(cfg: Config, training: bool = True) -> int | tuple[int, int]:
 def check_training_config(cfg: Config) -> None:
     """What a training run checks before anything starts: the worker count or elastic range
     (:func:`worker_count`), the workers' own settings at the largest group
-    (:func:`~dino_scale.engine.deepspeed_utils.check_train_config`) and the augmentation sizes
-    (:func:`~dino_scale.data.transforms.check_augmentation`)."""
+    (:func:`~dino_scale.engine.deepspeed_utils.check_train_config`), the augmentation sizes
+    (:func:`~dino_scale.data.transforms.check_augmentation`) and the model's settings
+    (:func:`~dino_scale.models.check_model_config`)."""
     from dino_scale.data.transforms import check_augmentation
+    from dino_scale.models import check_model_config
 
     worker_count(cfg)
     check_train_config(cfg.train, cfg.data.batch_size, cfg.train.num_workers)
     check_augmentation(cfg.data)  # else a bad size failed in the data pipeline's tasks, mid-run
+    try:
+        check_model_config(cfg.model)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def resources_per_worker(cfg: Config) -> dict[str, float]:

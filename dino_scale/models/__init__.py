@@ -8,7 +8,24 @@ from typing import Tuple
 
 from torch import nn
 
-__all__ = ["build_dino", "build_model"]
+__all__ = ["build_dino", "build_model", "check_model_config"]
+
+
+def check_model_config(model_cfg) -> None:
+    """ValueError naming the ``model.*`` setting when a :class:`dino_scale.config.ModelConfig`
+    would fail at the first step or train / evaluate silently wrong (the checks
+    :func:`build_dino` makes, without building anything): the denoising label book, the
+    denoising noise settings and ``num_select``. A training run calls it before it starts."""
+    from .dino import check_dn_noise, check_label_book
+    from .postprocess import PostProcess
+
+    c = model_cfg
+    try:
+        check_label_book(c.num_classes, c.dn_number, c.dn_labelbook_size)
+        check_dn_noise(c.dn_label_noise_ratio, c.dn_box_noise_scale)
+        PostProcess(c.num_select)
+    except ValueError as exc:
+        raise ValueError(f"model.{exc}") from None
 
 
 def build_model(model_cfg) -> nn.Module:

@@ -30,6 +30,18 @@ def check_label_book(num_classes: int, dn_number: int, dn_labelbook_size: int) -
                          "set model.dn_labelbook_size, usually equal to model.num_classes")
 
 
+def check_dn_noise(dn_label_noise_ratio: float, dn_box_noise_scale: float) -> None:
+    """ValueError unless the denoising noise settings are what the recipe means: the label noise
+    ratio is a fraction in [0, 1] (a query's label is replaced with probability ratio / 2, so 50
+    meant as percent replaced every label, silently) and the box noise scale is >= 0 (a negative
+    one turned the box noise off without a word). Released: 0.5 and 1.0."""
+    if not 0.0 <= dn_label_noise_ratio <= 1.0:
+        raise ValueError(f"dn_label_noise_ratio must be a fraction in [0, 1] (released: 0.5), got {dn_label_noise_ratio}")
+    if not dn_box_noise_scale >= 0.0:
+        raise ValueError(f"dn_box_noise_scale must be >= 0 (released: 1.0; 0 turns box noise off), "
+                         f"got {dn_box_noise_scale}")
+
+
 class DINO(nn.Module):
     """DINO with shared decoder heads, two-stage mixed query selection and contrastive denoising.
 
@@ -50,6 +62,7 @@ class DINO(nn.Module):
                  dn_labelbook_size: int = 91, share_bbox_embed: bool = True, share_class_embed: bool = True):
         super().__init__()
         check_label_book(num_classes, dn_number, dn_labelbook_size)
+        check_dn_noise(dn_label_noise_ratio, dn_box_noise_scale)
         hidden = transformer.d_model
         self.transformer = transformer
         self.num_classes = num_classes

@@ -177,6 +177,25 @@ def test_more_classes_than_the_denoising_label_book_is_refused_at_build():
     assert out["dn_meta"]["pad_size"] > 0
 
 
+@pytest.mark.parametrize("setting, value", [("dn_label_noise_ratio", 50.0), ("dn_label_noise_ratio", -0.1),
+                                            ("dn_box_noise_scale", -1.0), ("dn_box_noise_scale", float("nan"))])
+def test_denoising_noise_out_of_range_is_refused_at_build_and_before_training(setting, value):
+    """A label noise ratio of 50 (meant as percent) replaced every denoising label by a random
+    class, a negative box noise scale turned the box noise off: both trained without a word.
+    Refused by the build and by the driver's check before a run starts; 0 and 1 stay valid."""
+    from dino_scale.config import ConfigError
+    from dino_scale.engine.trainer import check_training_config
+
+    cfg = preset("tiny", [f"model.{setting}={value}"])
+    with pytest.raises(ValueError, match=setting):
+        build_dino(cfg.model)
+    with pytest.raises(ConfigError, match=f"model.{setting}"):
+        check_training_config(cfg)
+    check_training_config(preset("tiny", ["model.dn_label_noise_ratio=1", "model.dn_box_noise_scale=0"]))
+    with pytest.raises(ConfigError, match="model.num_select"):
+        check_training_config(preset("tiny", ["model.num_select=0"]))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_module_runs_without_autocast(dtype):
     """A module cast to half precision (``model.half()``; what compute_loss / predict_batch feed

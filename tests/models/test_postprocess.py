@@ -40,3 +40,17 @@ def test_merge_tta_keeps_best_of_all_views():
     # with iou_threshold 0.3 the second label-1 box (IoU 1/3) counts as a copy of the first
     assert merge_tta([a], iou_threshold=0.3)["labels"].tolist() == [1, 2]
     torch.testing.assert_close(merge_tta([a])["scores"], torch.tensor([0.9, 0.6, 0.2]))
+
+
+def test_num_select_below_one_is_refused():
+    """num_select 0 used to give every image an empty result: a finished run evaluated to AP 0
+    with no error. It is refused when the postprocessor is built; 1 and numpy ints are fine."""
+    import numpy as np
+    import pytest
+
+    for bad in (0, -3, 2.5, None):
+        with pytest.raises(ValueError, match="num_select must be an int >= 1"):
+            PostProcess(num_select=bad)
+    logits, boxes = torch.zeros(1, 3, 2), torch.full((1, 3, 4), 0.5)
+    res = PostProcess(num_select=np.int64(1))({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[10, 20]]))
+    assert res[0]["scores"].shape == (1,) and res[0]["boxes"].tolist() == [[5.0, 2.5, 15.0, 7.5]]

@@ -38,18 +38,20 @@ class PostProcess(nn.Module):
     def forward(self, outputs: dict, target_sizes: Tensor) -> List[Dict[str, Tensor]]:
         """outputs: ``pred_logits`` (B,Q,C), ``pred_boxes`` (B,Q,4) cxcywh normalized;
         target_sizes (B,2) as (H,W). Returns B dicts: ``scores`` (k,), ``labels`` (k,) int64,
-        ``boxes`` (k,4) xyxy pixels, k = min(num_select, Q*C)."""
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        ``boxes`` (k,4) xyxy pixels, k = min(num_select, Q*C). Scores and boxes are float32
+        whatever the outputs' dtype: ranked in bf16 (a half-precision module, autocast) scores
+        tie, and boxes scaled in bf16 are off by up to ~7 px at 1333 px."""
+        logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
         if target_sizes.shape != (logits.shape[0], 2):
             raise ValueError(f"target_sizes must be (B,2)=({logits.shape[0]},2), got {tuple(target_sizes.shape)}")
         B, Q, C = logits.shape
         prob = logits.sigmoid()
         k = min(self.num_select, Q * C)
-        scores, idx = torch.topk(prob.view(B, -1), k, dim=1)
+        scores, idx = torch.topk(prob.reshape(B, -1), k, dim=1)
         query = torch.div(idx, C, rounding_mode="floor")
         labels = idx % C
         xyxy = torch.gather(box_cxcywh_to_xyxy(boxes), 1, query.unsqueeze(-1).repeat(1, 1, 4))
-        img_h, img_w = target_sizes.to(xyxy.dtype).unbind(1)
+        img_h, img_w = target_sizes.to(device=xyxy.device, dtype=xyxy.dtype).unbind(1)
         scale = torch.stack([img_w, img_h, img_w, img_h], dim=1)
         xyxy = xyxy * scale[:, None, :]
         return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, xyxy)]

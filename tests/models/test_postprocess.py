@@ -54,3 +54,22 @@ def test_num_select_below_one_is_refused():
     logits, boxes = torch.zeros(1, 3, 2), torch.full((1, 3, 4), 0.5)
     res = PostProcess(num_select=np.int64(1))({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[10, 20]]))
     assert res[0]["scores"].shape == (1,) and res[0]["boxes"].tolist() == [[5.0, 2.5, 15.0, 7.5]]
+
+
+def test_half_precision_outputs_are_ranked_and_scaled_in_float32():
+    """A half-precision module (supported: test_half_precision_module_runs_without_autocast) or
+    autocast gives bf16 logits / boxes. Scores were ranked and returned in bf16 (ties: 40
+    distinct of 50 here) and boxes scaled in bf16 (up to ~7 px off at 1333 px). Now the result
+    equals float32 post-processing of the same values."""
+    torch.manual_seed(0)
+    logits = torch.full((1, 100, 2), -5.0)
+    logits[0, :, 0] = torch.linspace(5, -5, 100)  # query i ranks i-th: no ties in float32
+    boxes = (torch.rand(1, 100, 4) * 0.5 + 0.25).bfloat16()
+    logits = logits.bfloat16()
+    sizes = torch.tensor([[800, 1333]])
+    got = PostProcess(50)({"pred_logits": logits, "pred_boxes": boxes}, sizes)[0]
+    want = PostProcess(50)({"pred_logits": logits.float(), "pred_boxes": boxes.float()}, sizes)[0]
+    assert got["scores"].dtype == got["boxes"].dtype == torch.float32
+    assert torch.equal(got["labels"], want["labels"])
+    torch.testing.assert_close(got["scores"], want["scores"], rtol=0, atol=0)
+    torch.testing.assert_close(got["boxes"], want["boxes"], rtol=0, atol=1e-4)

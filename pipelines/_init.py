@@ -131,6 +131,23 @@ def _source_categories(resolved) -> Optional[list[dict]]:
     return None
 
 
+def _check_same_tensors(uri: str, cfg: Config, source: dict, fresh: dict) -> None:
+    """:class:`UsageError` unless ``source`` and the target model name the same tensors (the
+    model's own integer buffers, e.g. Swin's ``relative_position_index``, may be absent): a
+    source with another number of encoder/decoder layers (same shapes) would otherwise start the
+    fine-tune with freshly initialized layers, or drop the source's extra ones, silently."""
+    from dino_scale.models.official import DROPPED_SUFFIXES, OPTIONAL_BUFFERS
+
+    missing = [k for k in fresh if k not in source and not k.endswith(OPTIONAL_BUFFERS)]
+    extra = [k for k in source if k not in fresh and not k.endswith(DROPPED_SUFFIXES)]
+    if missing or extra:
+        parts = [f"{len(missing)} model tensors missing from it (first: {', '.join(missing[:3])})"
+                 if missing else "",
+                 f"{len(extra)} tensors the model lacks (first: {', '.join(extra[:3])})" if extra else ""]
+        raise UsageError(f"{uri} does not fit preset {cfg.name!r}: " + "; ".join(p for p in parts if p)
+                         + "; pass the matching --preset and the source's layer counts (--set model.*)")
+
+
 def lineage_tags(resolved) -> dict[str, str]:
     lin = resolved.lineage or {}
     tags = {"source.uri": str(resolved.uri)}
@@ -164,6 +181,7 @@ def prepare_init(uri: str, cfg: Config, target_categories: list[dict], out_dir: 
     torch.manual_seed(cfg.train.seed)
     model, _, _ = build_dino(cfg.model)
     fresh = model.state_dict()
+    _check_same_tensors(uri, cfg, source, fresh)
     if src_cats is None:
         # No category names (e.g. an official .pth): same label space -> copy by id,
         # else fresh heads (what the official fine-tuning recipe does).

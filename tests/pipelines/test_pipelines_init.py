@@ -78,3 +78,20 @@ def test_pipelines_init_categories_of_a_checkpoint_folder(o365_checkpoint, tmp_p
     (folder / "lineage.json").write_text(json.dumps({"train_dir": str(tmp_path / "shards")}))
     cats = _source_categories(resolve(str(folder), tmp_path / "dl"))
     assert cats is not None and {c["name"] for c in cats} == {c["name"] for c in synthetic.categories("o365-like")}
+
+
+@pytest.mark.parametrize("override, named", [
+    ("model.enc_layers=3", "transformer.encoder.layers.2."),  # the source lacks a layer: was left fresh
+    ("model.dec_layers=1", "bbox_embed.1."),  # the source has a decoder layer more: was dropped
+    ("model.dec_layers=3", "transformer.decoder.layers.2."),  # was a CheckpointMismatch about aliases
+])
+def test_pipelines_init_other_layer_count_is_a_usage_error(o365_checkpoint, tmp_path, override, named):
+    """Same tensor shapes, other number of layers: every tensor of the model must come from the
+    source and every tensor of the source must land in the model, else a UsageError names them
+    (a fine-tune used to start with a freshly initialized encoder layer, logging success)."""
+    ckpt, _ = o365_checkpoint
+    cfg = preset("tiny", ["model.num_classes=91", override])
+    with pytest.raises(UsageError, match="does not fit preset") as err:
+        prepare_init(str(ckpt), cfg, [{"id": 1, "name": "person"}], tmp_path / "init", log=lambda m: None)
+    assert named in str(err.value)
+    assert not (tmp_path / "init" / "model.safetensors").exists()

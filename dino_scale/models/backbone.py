@@ -188,7 +188,7 @@ def load_backbone_weights(backbone: nn.Module, path_or_url: str) -> dict:
         sd = sd["state_dict"]
     target = features.body
     own = target.state_dict()
-    mapped, ignored = {}, []
+    mapped, ignored, unexpected = {}, [], []
     for key, value in sd.items():
         k = key
         for prefix in ("backbone.0.body.", "backbone.0.", "body.", "module."):
@@ -197,10 +197,10 @@ def load_backbone_weights(backbone: nn.Module, path_or_url: str) -> dict:
                 break
         if k in own:
             mapped[k] = value
-        else:
+        elif not k.endswith("num_batches_tracked"):
             ignored.append(key)
-    ignored = [k for k in ignored if not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in ignored if not k.startswith(CLASSIFIER_PREFIXES)]
+            if not k.startswith(CLASSIFIER_PREFIXES):  # the key without its prefix: module.fc.* too
+                unexpected.append(key)
     missing = [k for k in own if k not in mapped]
     bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in mapped.items()
            if tuple(v.shape) != tuple(own[k].shape)]

@@ -99,6 +99,25 @@ def test_load_backbone_weights_rejects_wrong_architecture(tmp_path):
         load_backbone_weights(joiner, str(tmp_path / "nope.pth"))
 
 
+@pytest.mark.parametrize("prefix", ["module.", "backbone.0.body."])
+def test_load_backbone_weights_ddp_saved_imagenet_file(tmp_path, prefix):
+    """A DataParallel/DDP-saved ImageNet checkpoint (PyTorch's ImageNet example: keys under
+    ``module.``, in ``state_dict``, classifier ``module.fc.*`` included) loads: the classifier
+    is ignored under a prefix too (was: ValueError "unexpected ['module.fc.weight', ...]")."""
+    net = _randomized_resnet18()
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save({"epoch": 90, "arch": "resnet18", "best_acc1": torch.tensor(69.8),
+                "state_dict": {prefix + k: v for k, v in net.state_dict().items()}}, path)
+    joiner = build_backbone(preset("tiny").model)
+    info = load_backbone_weights(joiner, str(path))
+    file_sd = net.state_dict()
+    own = joiner[0].body.state_dict()
+    assert info["loaded"] == len(own)
+    for k, v in own.items():
+        assert torch.equal(v, file_sd[k]), k
+    assert sorted(info["ignored"]) == sorted(prefix + k for k in ("fc.weight", "fc.bias"))
+
+
 def test_load_backbone_weights_from_url(tmp_path, monkeypatch):
     net = _randomized_resnet18()
     served = tmp_path / "served"

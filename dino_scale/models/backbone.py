@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from typing import List, Sequence, Tuple
 
 import torch
@@ -181,7 +182,11 @@ def load_backbone_weights(backbone: nn.Module, path_or_url: str) -> dict:
     else:
         if not os.path.isfile(path_or_url):
             raise FileNotFoundError(f"backbone weights not found: {path_or_url}")
-        sd = read_torch_file(path_or_url, weights_only=True)
+        try:
+            sd = read_torch_file(path_or_url, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"backbone weights {path_or_url}: refused by weights_only loading (the file "
+                             f"holds non-tensor objects; re-save its 'model' state dict): {e}") from e
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):

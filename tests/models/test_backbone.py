@@ -118,6 +118,21 @@ def test_load_backbone_weights_ddp_saved_imagenet_file(tmp_path, prefix):
     assert sorted(info["ignored"]) == sorted(prefix + k for k in ("fc.weight", "fc.bias"))
 
 
+def test_load_backbone_weights_refused_pickle_names_the_file(tmp_path):
+    """A training checkpoint holding objects beyond tensors (torchvision's reference scripts save
+    an ``argparse.Namespace`` under ``args``) is refused by weights_only loading with a
+    ValueError that names the file and says what to do, as the Swin loader does (was torch's
+    bare UnpicklingError, naming no file, raised inside every training worker)."""
+    import argparse
+
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": _randomized_resnet18().state_dict(), "epoch": 89,
+                "args": argparse.Namespace(model="resnet18")}, path)
+    joiner = build_backbone(preset("tiny").model)
+    with pytest.raises(ValueError, match=rf"{path}.*weights_only.*re-save its 'model' state dict"):
+        load_backbone_weights(joiner, str(path))
+
+
 def test_load_backbone_weights_from_url(tmp_path, monkeypatch):
     net = _randomized_resnet18()
     served = tmp_path / "served"

@@ -57,23 +57,41 @@ def normalize_name(name: str) -> str:
     return " ".join(re.sub(r"[_\-/]+", " ", str(name)).lower().split())
 
 
+# the same category spelled differently by COCO (key) and Objects365 v2 (value), normalized
+SPELLINGS = {"dining table": "dinning table", "hair drier": "hair dryer"}
+
+
 def category_map(source: Iterable[Mapping], target: Iterable[Mapping],
                  aliases: Optional[Mapping[str, str]] = None) -> tuple[dict[int, int], list[str]]:
     """Map target category ids to source category ids by normalized name.
 
-    ``source``/``target``: ``[{"id": int, "name": str}, ...]``. ``aliases`` maps a target
-    name to the source name to use (e.g. ``{"tv": "monitor/tv"}``). Returns
-    ``({target_id: source_id}, [unmatched target names])``.
+    ``source``/``target``: ``[{"id": int, "name": str}, ...]``. A source name made of
+    alternatives (Objects365's ``"Monitor/TV"``, ``"Bowl/Basin"``) also answers to each
+    alternative (``"tv"``, ``"bowl"``) that no other source category claims; a full name wins
+    over an alternative. :data:`SPELLINGS` holds COCO names Objects365 spells otherwise.
+    ``aliases`` maps a target name to the source name to use (e.g. ``{"bird": "wild bird"}``);
+    it wins over all of that. Returns ``({target_id: source_id}, [unmatched target names])``.
     """
+    source = list(source)
     by_name: dict[str, int] = {}
     for cat in source:
         by_name.setdefault(normalize_name(cat["name"]), int(cat["id"]))
+    parts: dict[str, set[int]] = {}
+    for cat in source:
+        alternatives = str(cat["name"]).split("/")
+        for part in alternatives if len(alternatives) > 1 else ():
+            parts.setdefault(normalize_name(part), set()).add(int(cat["id"]))
+    for part, ids in parts.items():
+        if part and len(ids) == 1:
+            by_name.setdefault(part, next(iter(ids)))
     alias = {normalize_name(k): normalize_name(v) for k, v in (aliases or {}).items()}
     mapping: dict[int, int] = {}
     unmatched: list[str] = []
     for cat in target:
         key = normalize_name(cat["name"])
-        src = by_name.get(alias.get(key, key))
+        src = by_name.get(alias[key]) if key in alias else by_name.get(key)
+        if src is None and key not in alias and key in SPELLINGS:
+            src = by_name.get(SPELLINGS[key])
         if src is None:
             unmatched.append(str(cat["name"]))
         else:

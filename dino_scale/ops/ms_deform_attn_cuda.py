@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from . import _build
+from .ms_deform_attn_torch import check_shapes  # noqa: F401 - shared with the PyTorch backend
 
 _log = logging.getLogger(__name__)
 _OPS_NS = "dino_scale"
@@ -103,31 +104,6 @@ def _register_python_side() -> None:
                 torch.empty_like(attention_weights))
 
     _python_side_done = True
-
-
-def check_shapes(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
-                 sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> None:
-    """Shape agreement of the five inputs (metadata only: no device sync). Raises ValueError
-    naming the offending input, before anything reaches the kernel."""
-    if value.dim() != 4:
-        raise ValueError(f"ms_deform_attn: value must be (N, S, M, D), got {tuple(value.shape)}")
-    if sampling_locations.dim() != 6 or sampling_locations.shape[5] != 2:
-        raise ValueError("ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got "
-                         f"{tuple(sampling_locations.shape)}")
-    n, _, m, _ = value.shape
-    _, _, m_loc, n_levels, _, _ = sampling_locations.shape
-    if sampling_locations.shape[0] != n or m_loc != m:
-        raise ValueError(f"ms_deform_attn: sampling_locations {tuple(sampling_locations.shape)} do not "
-                         f"match value {tuple(value.shape)} in batch or heads")
-    if tuple(attention_weights.shape) != tuple(sampling_locations.shape[:5]):
-        raise ValueError(f"ms_deform_attn: attention_weights {tuple(attention_weights.shape)} must be "
-                         f"(N, Lq, M, L, P) = {tuple(sampling_locations.shape[:5])}")
-    if spatial_shapes.dim() != 2 or tuple(spatial_shapes.shape) != (n_levels, 2):
-        raise ValueError(f"ms_deform_attn: spatial_shapes must be (L, 2) with L = {n_levels}, got "
-                         f"{tuple(spatial_shapes.shape)}")
-    if tuple(level_start_index.shape) != (n_levels,):
-        raise ValueError(f"ms_deform_attn: level_start_index must be (L,) with L = {n_levels}, got "
-                         f"{tuple(level_start_index.shape)}")
 
 
 def ms_deform_attn_cuda(value: torch.Tensor, spatial_shapes: torch.Tensor,

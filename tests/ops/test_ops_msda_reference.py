@@ -172,3 +172,24 @@ def test_import_does_not_compile():
             "assert 'torch.utils.cpp_extension' not in sys.modules; "
             "assert 'dino_scale.ops.ms_deform_attn_cuda' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("backend", [None, "pytorch"])
+def test_pytorch_backend_rejects_inputs_that_do_not_match(backend):
+    # the CPU default path once took these and returned a full-size output: spatial_shapes for
+    # fewer levels than the locations sample (levels silently dropped), weights without the P
+    # axis or in (N, M, Lq, L, P) order (broadcast / reshaped into the wrong queries)
+    value, shapes, starts, loc, w = make_inputs(1, [(4, 4), (2, 2), (1, 1)], 2, 4, 3, 1, seed=2)
+    bad = {
+        "spatial_shapes": (value[:, :16], shapes[:1], starts[:1], loc, w),
+        "attention_weights": (value, shapes, starts, loc, w[..., 0]),
+        "attention_weights ": (value, shapes, starts, loc, w.transpose(1, 2)),
+        "level_start_index": (value, shapes, starts[:2], loc, w),
+        "sampling_locations": (value, shapes, starts, loc[..., :1], w),
+        "value has S": (value[:, :20], shapes, starts, loc, w),
+    }
+    for name, args in bad.items():
+        with pytest.raises(ValueError, match=name.strip()):
+            ms_deform_attn(*args, backend=backend)
+    # the matching inputs still pass
+    assert ms_deform_attn(value, shapes, starts, loc, w, backend=backend).shape == (1, 3, 8)

@@ -137,6 +137,42 @@ def _arch_targets(arch_list: str) -> set[tuple[int, int]]:
     return out
 
 
+def arch_list_runs_on(arch_list: str, cap: tuple[int, int]) -> bool:
+    """Whether a library built for ``arch_list`` has code a GPU of compute capability ``cap`` runs:
+    machine code of the same major and a minor <= cap's ("8.0" runs on 8.6; an arch-specific
+    "9.0a" only on 9.0), or PTX ("+PTX") of an arch <= cap. An entry this does not parse (a named
+    arch such as "Hopper") counts as runnable: only a list known to lack code is refused."""
+    for entry in arch_list.replace(";", " ").split():
+        base, _, extra = entry.partition("+")
+        major, _, minor = base.partition(".")
+        digits = "".join(ch for ch in minor if ch.isdigit())
+        if not (major.isdigit() and digits):
+            return True
+        target, specific = (int(major), int(digits)), minor[len(digits):].lower() == "a"
+        if extra.upper() == "PTX" and target <= cap:
+            return True
+        if target == cap or (not specific and target[0] == cap[0] and target[1] <= cap[1]):
+            return True
+    return False
+
+
+def check_runs_on_visible_gpus(lib: Path, arch_list: str) -> None:
+    """Raise :class:`BuildError` when the library ``lib`` (built, or about to be built, for
+    ``arch_list``; a built one's own list is read beside it) has no code for a visible GPU: its
+    kernels would fail at the first call with "no kernel image is available"."""
+    try:
+        built_for = (lib.parent / ARCH_FILE).read_text().strip() if lib.is_file() else arch_list
+    except OSError:
+        built_for = arch_list
+    missing = sorted(c for c in _visible_capabilities() if not arch_list_runs_on(built_for, c))
+    if missing:
+        need = ";".join(f"{a}.{b}" for a, b in missing)
+        where = f"built at {lib}" if lib.is_file() else "not built yet"
+        raise BuildError(f"CUDA arch list {built_for!r} has no code for this GPU (compute capability "
+                         f"{need}): set TORCH_CUDA_ARCH_LIST to include {need}, or unset it to build "
+                         f"for the visible GPUs (ms_deform_attn extension {where})")
+
+
 def _visible_capabilities() -> set[tuple[int, int]]:
     if not torch.cuda.is_available():
         return set()
@@ -147,10 +183,11 @@ def find_library(arch_list: str, root: Optional[Path] = None) -> Path:
     """The library the loader uses: the build for ``arch_list`` when it exists, else a finished
     build of the same torch/CUDA/sources whose arch list has code for every visible GPU (e.g.
     one made by ``python -m dino_scale.ops build --arch "8.0;9.0"`` while this process, without
-    TORCH_CUDA_ARCH_LIST, asks for its GPU's "9.0"), else the (missing) path for ``arch_list``."""
+    TORCH_CUDA_ARCH_LIST, asks for its GPU's "9.0"), else the path for ``arch_list`` (missing, or
+    without code for these GPUs: :func:`check_runs_on_visible_gpus` tells)."""
     lib = library_path(build_dir_for(arch_list, root))
     caps = _visible_capabilities()
-    if lib.is_file() or not caps:
+    if not caps or (lib.is_file() and all(arch_list_runs_on(arch_list, c) for c in caps)):
         return lib
     tag = lib.parent.name.split("-sm", 1)[0]
     for cand in sorted(Path(root or cache_root()).glob(f"{tag}-sm*")):

@@ -58,6 +58,7 @@ def load(build_if_missing: Optional[bool] = None, verbose: bool = False) -> Path
         try:
             arch = _build.default_arch_list()
             lib = _build.find_library(arch)
+            _build.check_runs_on_visible_gpus(lib, arch)  # else: "no kernel image" at the first call
             if not lib.is_file():
                 if not build_if_missing:
                     raise _build.BuildError(f"no prebuilt extension at {lib} and JIT disabled "

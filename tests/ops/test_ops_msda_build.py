@@ -237,3 +237,63 @@ def test_build_after_a_killed_builder_does_not_wait_on_its_baton(tmp_path, monke
     Path(seen[0], "lock").touch()
     lib = _build.build_extension(build_dir=build_dir, arch_list="9.0", force=True)
     assert lib.is_file() and len(seen) == 2
+
+
+def test_loader_refuses_a_build_without_code_for_the_gpu(tmp_path, monkeypatch):
+    # TORCH_CUDA_ARCH_LIST="8.0" (an image made for A100s) on an H100: the loader used to build
+    # (or load) an sm_80-only library, load it, and the first forward died with "no kernel image
+    # is available for execution on the device" (no fallback: the extension had loaded). Now the
+    # load fails up front with the reason, so backend=None falls back with its one warning.
+    import torch
+
+    from dino_scale.ops import ms_deform_attn_cuda as m
+
+    monkeypatch.setenv("DINO_SCALE_EXT_DIR", str(tmp_path))
+    builds, loads = [], []
+
+    def good_build(name, sources, build_directory, **kw):
+        builds.append(build_directory)
+        out = Path(build_directory, f"{name}.so")
+        out.write_bytes(b"\x7fELF library")
+        return str(out)
+
+    _fake_toolchain(monkeypatch, tmp_path, good_build)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (9, 0))
+    monkeypatch.setattr(m, "_ops_registered", lambda: False)
+    monkeypatch.setattr(m, "_register_python_side", lambda: None)
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: loads.append(path))
+
+    def fresh_load():
+        monkeypatch.setattr(m, "_loaded", None)
+        monkeypatch.setattr(m, "_load_error", None)
+        return m.load()
+
+    for arch in ("8.0", "8.6;8.9", "10.0"):  # no sm_90 code, no PTX to JIT from
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch)
+        _build.build_extension(arch_list=arch)  # also when it is already built
+        with pytest.raises(_build.BuildError, match="no code for this GPU"):
+            fresh_load()
+    assert loads == []
+    # not built yet: refused before spending minutes on a useless compile
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5")
+    with pytest.raises(_build.BuildError, match="TORCH_CUDA_ARCH_LIST"):
+        fresh_load()
+    assert len(builds) == 3
+    # lists that do run on sm_90: exact, PTX of an older arch, several entries
+    # (the loader may take another finished build that covers the GPU: find_library)
+    for arch in ("8.0+PTX", "8.0;9.0", "9.0a", "9.0"):
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch)
+        lib = fresh_load()
+        assert lib.is_file() and loads[-1] == str(lib)
+        assert _build.arch_list_runs_on((lib.parent / _build.ARCH_FILE).read_text().strip(), (9, 0))
+        assert _build.arch_list_runs_on(arch, (9, 0))
+    # an sm_80-only build is passed over for a finished build that has sm_90 code
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    assert fresh_load() == lib
+    # same major, older minor: sm_80 code runs on an sm_86 GPU; sm_90a code only on sm_90
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (8, 6))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    assert fresh_load() == _build.library_path(_build.build_dir_for("8.0"))
+    assert not _build.arch_list_runs_on("9.0a", (9, 1)) and _build.arch_list_runs_on("Hopper", (9, 0))

@@ -124,6 +124,21 @@ def library_path(build_dir: Path) -> Path:
 
 
 ARCH_FILE = "arch_list"  # beside the library: the arch list it was built for
+STAMP_FILE = "sources_hash"  # beside the library: sources_hash(arch list) of its build
+
+
+def _up_to_date(build_dir: Path, arch_list: str) -> bool:
+    """The library in ``build_dir`` exists and was built from these sources for ``arch_list``
+    (its stamp says so; a cache folder is named by that hash, which serves for one built before
+    stamps were written). A ``--build-dir`` folder is not named by it: without the stamp, a
+    library for another arch list or older sources was taken for the requested build."""
+    if not library_path(build_dir).is_file():
+        return False
+    want = sources_hash(arch_list)
+    try:
+        return (build_dir / STAMP_FILE).read_text().strip() == want
+    except OSError:
+        return build_dir.name.endswith("-" + want)
 
 
 def _arch_targets(arch_list: str) -> set[tuple[int, int]]:
@@ -240,6 +255,7 @@ def _compile(build_dir: Path, arch_list: str, verbose: bool) -> Path:
     env = {"CUDA_HOME": cuda_home, "TORCH_CUDA_ARCH_LIST": arch_list,
            "MAX_JOBS": os.environ.get("MAX_JOBS", str(min(4, os.cpu_count() or 1)))}
     srcs = [str(p) for p in source_files() if p.suffix in _SOURCE_SUFFIXES]
+    stamp = sources_hash(arch_list)  # of the sources as the compile starts
     # ninja works (and the linker writes the library) in a staging folder; the finished library
     # is renamed into place, so library_path never names a half-written file (a build killed
     # mid-link, or a loader that looks while another process links).
@@ -263,6 +279,7 @@ def _compile(build_dir: Path, arch_list: str, verbose: bool) -> Path:
     if not path or not Path(path).is_file():
         raise BuildError(f"build finished but {path or stage} holds no library")
     (build_dir / ARCH_FILE).write_text(arch_list + "\n")  # for find_library; before the library shows
+    (build_dir / STAMP_FILE).write_text(stamp + "\n")
     os.replace(path, lib)  # atomic on one file system: the library appears complete or not at all
     return lib
 
@@ -279,7 +296,7 @@ def build_extension(build_dir: Optional[Path] = None, arch_list: Optional[str] =
     build_dir = Path(build_dir) if build_dir else build_dir_for(arch_list)
     with _locked(build_dir):
         lib = library_path(build_dir)
-        if lib.is_file() and not force:
+        if not force and _up_to_date(build_dir, arch_list):
             return lib
         if force and lib.exists():
             lib.unlink()

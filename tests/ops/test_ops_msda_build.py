@@ -297,3 +297,42 @@ def test_loader_refuses_a_build_without_code_for_the_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
     assert fresh_load() == _build.library_path(_build.build_dir_for("8.0"))
     assert not _build.arch_list_runs_on("9.0a", (9, 1)) and _build.arch_list_runs_on("Hopper", (9, 0))
+
+
+def test_explicit_build_dir_rebuilds_for_other_arch_or_sources(tmp_path, monkeypatch, capsys):
+    # `python -m dino_scale.ops build --build-dir DIR` (a folder not named by the sources hash)
+    # printed "built ... for arch 8.0 in 0.0 s" over a library made for 9.0, or from older
+    # sources after csrc/ was edited: the stale library was kept and reported as the new build
+    from dino_scale.ops import __main__ as cli
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in _build.source_files():
+        (src / p.name).write_bytes(p.read_bytes())
+    monkeypatch.setattr(_build, "SOURCE_DIR", src)
+    monkeypatch.setenv("DINO_SCALE_EXT_DIR", str(tmp_path / "cache"))
+    built = []
+
+    def good_build(name, sources, build_directory, **kw):
+        out = Path(build_directory, f"{name}.so")
+        out.write_bytes(b"\x7fELF library %d" % len(built))
+        built.append(os.environ["TORCH_CUDA_ARCH_LIST"])
+        return str(out)
+
+    _fake_toolchain(monkeypatch, tmp_path, good_build)
+    build_dir = tmp_path / "mine"
+    assert cli.main(["build", "--arch", "9.0", "--build-dir", str(build_dir)]) == 0
+    assert cli.main(["build", "--arch", "9.0", "--build-dir", str(build_dir)]) == 0
+    assert built == ["9.0"]  # up to date: not rebuilt
+    assert cli.main(["build", "--arch", "8.0", "--build-dir", str(build_dir)]) == 0
+    assert built == ["9.0", "8.0"], "a library for another arch list was reported as built"
+    (src / "msda_cpu.cpp").write_text((src / "msda_cpu.cpp").read_text() + "\n// edited\n")
+    lib = _build.build_extension(build_dir=build_dir, arch_list="8.0")
+    assert built == ["9.0", "8.0", "8.0"], "a library of older sources was reported as built"
+    assert lib.read_bytes() == b"\x7fELF library 2"
+    assert _build.build_extension(build_dir=build_dir, arch_list="8.0") == lib and len(built) == 3
+    # the cache folders (named by the hash) made before the stamp existed are still up to date
+    cached = _build.build_dir_for("9.0")
+    cached.mkdir(parents=True)
+    _build.library_path(cached).write_bytes(b"\x7fELF old cache")
+    assert _build.build_extension(arch_list="9.0").read_bytes() == b"\x7fELF old cache" and len(built) == 3

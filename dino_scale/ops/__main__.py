@@ -30,7 +30,8 @@ def _info() -> int:
     if cuda_home:
         print(f"extra includes   {_build.extra_system_includes(cuda_home)}")
     print(f"arch list        {arch}")
-    print(f"library          {lib} ({'built' if lib.is_file() else 'not built'})")
+    state = "built" if _build.library_complete(lib) else "incomplete: rebuild" if lib.exists() else "not built"
+    print(f"library          {lib} ({state})")
     return 0
 
 

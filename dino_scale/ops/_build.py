@@ -18,6 +18,7 @@ import glob
 import hashlib
 import os
 import shutil
+import struct
 import sys
 import sysconfig
 from pathlib import Path
@@ -127,12 +128,43 @@ ARCH_FILE = "arch_list"  # beside the library: the arch list it was built for
 STAMP_FILE = "sources_hash"  # beside the library: sources_hash(arch list) of its build
 
 
+def library_complete(lib: Path) -> bool:
+    """Whether ``lib`` is a whole ELF shared object: every loadable segment and the section header
+    table (the linker writes it last) lie within the file. A truncated library (a node crash
+    before the renamed file reached the disk, an interrupted copy of a cache folder) must never
+    reach the dynamic loader: it maps the segments past the end of the file and the process dies
+    of SIGBUS, with no exception to fall back on. 64-bit ELF only (32-bit: header present)."""
+    try:
+        with open(lib, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(64)
+            if len(head) < 52 or head[:4] != b"\x7fELF" or head[5] not in (1, 2):
+                return False
+            if head[4] != 2:
+                return True
+            e = "<" if head[5] == 1 else ">"
+            (phoff,) = struct.unpack_from(e + "Q", head, 0x20)
+            (shoff,) = struct.unpack_from(e + "Q", head, 0x28)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from(e + "HHHH", head, 0x36)
+            if shoff + shentsize * shnum > size or phoff + phentsize * phnum > size:
+                return False
+            fh.seek(phoff)
+            table = fh.read(phentsize * phnum)
+    except OSError:
+        return False
+    for i in range(phnum):  # (p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz)
+        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from(e + "IIQQQQ", table, i * phentsize)
+        if p_type == 1 and p_offset + p_filesz > size:  # PT_LOAD past the end
+            return False
+    return True
+
+
 def _up_to_date(build_dir: Path, arch_list: str) -> bool:
     """The library in ``build_dir`` exists and was built from these sources for ``arch_list``
     (its stamp says so; a cache folder is named by that hash, which serves for one built before
     stamps were written). A ``--build-dir`` folder is not named by it: without the stamp, a
     library for another arch list or older sources was taken for the requested build."""
-    if not library_path(build_dir).is_file():
+    if not library_complete(library_path(build_dir)):
         return False
     want = sources_hash(arch_list)
     try:
@@ -202,7 +234,7 @@ def find_library(arch_list: str, root: Optional[Path] = None) -> Path:
     without code for these GPUs: :func:`check_runs_on_visible_gpus` tells)."""
     lib = library_path(build_dir_for(arch_list, root))
     caps = _visible_capabilities()
-    if not caps or (lib.is_file() and all(arch_list_runs_on(arch_list, c) for c in caps)):
+    if not caps or (library_complete(lib) and all(arch_list_runs_on(arch_list, c) for c in caps)):
         return lib
     tag = lib.parent.name.split("-sm", 1)[0]
     for cand in sorted(Path(root or cache_root()).glob(f"{tag}-sm*")):
@@ -211,7 +243,7 @@ def find_library(arch_list: str, root: Optional[Path] = None) -> Path:
         except OSError:
             continue
         if caps <= _arch_targets(built_for) and build_dir_for(built_for, root) == cand \
-                and library_path(cand).is_file():
+                and library_complete(library_path(cand)):
             return library_path(cand)
     return lib
 
@@ -280,6 +312,8 @@ def _compile(build_dir: Path, arch_list: str, verbose: bool) -> Path:
         raise BuildError(f"build finished but {path or stage} holds no library")
     (build_dir / ARCH_FILE).write_text(arch_list + "\n")  # for find_library; before the library shows
     (build_dir / STAMP_FILE).write_text(stamp + "\n")
+    with open(path, "rb") as fh:  # on disk before it shows under its name (a crash: no stub)
+        os.fsync(fh.fileno())
     os.replace(path, lib)  # atomic on one file system: the library appears complete or not at all
     return lib
 

@@ -59,9 +59,10 @@ def load(build_if_missing: Optional[bool] = None, verbose: bool = False) -> Path
             arch = _build.default_arch_list()
             lib = _build.find_library(arch)
             _build.check_runs_on_visible_gpus(lib, arch)  # else: "no kernel image" at the first call
-            if not lib.is_file():
+            if not _build.library_complete(lib):  # missing, or truncated: loading that is SIGBUS
+                state = "an incomplete (truncated) library" if lib.exists() else "no prebuilt extension"
                 if not build_if_missing:
-                    raise _build.BuildError(f"no prebuilt extension at {lib} and JIT disabled "
+                    raise _build.BuildError(f"{state} at {lib} and JIT disabled "
                                             "(DINO_SCALE_MSDA_NO_JIT=1); run `python -m dino_scale.ops build`")
                 _log.warning("building the ms_deform_attn CUDA extension for arch %s into %s "
                              "(first use on this node; takes a minute or more)", arch, lib.parent)

@@ -134,6 +134,16 @@ def test_build_cli_reports_failure_without_toolkit(tmp_path):
     assert proc.returncode == 1 and "no CUDA toolkit found" in proc.stderr
 
 
+def _elf(payload: bytes) -> bytes:
+    """A stand-in library that passes _build.library_complete: a 64-bit ELF header with no
+    segments and an empty section header table, then ``payload``."""
+    import struct
+
+    ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    header = ident + struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, 64, 64, 0, 64, 56, 0, 64, 0, 0)
+    return header + payload
+
+
 def _fake_toolchain(monkeypatch, tmp_path, load):
     """``_compile`` with a stand-in for ``cpp_extension.load`` (no nvcc run)."""
     import torch
@@ -166,13 +176,13 @@ def test_killed_build_leaves_no_library_and_is_rebuilt(tmp_path, monkeypatch):
     def good_build(name, sources, build_directory, **kw):
         calls.append(build_directory)
         out = Path(build_directory, f"{name}.so")
-        out.write_bytes(b"\x7fELF complete library")
+        out.write_bytes(_elf(b"complete library"))
         return str(out)
 
     monkeypatch.setattr("torch.utils.cpp_extension.load", good_build)
     lib = _build.build_extension(build_dir=build_dir, arch_list="9.0")
     assert len(calls) == 2, "the half-written library was taken for a finished build"
-    assert lib == _build.library_path(build_dir) and lib.read_bytes() == b"\x7fELF complete library"
+    assert lib == _build.library_path(build_dir) and lib.read_bytes() == _elf(b"complete library")
     # built once: a second call finds it without compiling
     assert _build.build_extension(build_dir=build_dir, arch_list="9.0") == lib and len(calls) == 2
 
@@ -191,7 +201,7 @@ def test_loader_finds_a_multi_arch_build_for_its_gpu(tmp_path, monkeypatch):
 
     def good_build(name, sources, build_directory, **kw):
         out = Path(build_directory, f"{name}.so")
-        out.write_bytes(b"\x7fELF library")
+        out.write_bytes(_elf(b"library"))
         return str(out)
 
     _fake_toolchain(monkeypatch, tmp_path, good_build)
@@ -228,7 +238,7 @@ def test_build_after_a_killed_builder_does_not_wait_on_its_baton(tmp_path, monke
             raise TimeoutError("FileBaton.wait() would spin forever on a stale lock file")
         seen.append(build_directory)
         out = Path(build_directory, f"{name}.so")
-        out.write_bytes(b"\x7fELF library")
+        out.write_bytes(_elf(b"library"))
         return str(out)
 
     _fake_toolchain(monkeypatch, tmp_path, baton_load)
@@ -254,7 +264,7 @@ def test_loader_refuses_a_build_without_code_for_the_gpu(tmp_path, monkeypatch):
     def good_build(name, sources, build_directory, **kw):
         builds.append(build_directory)
         out = Path(build_directory, f"{name}.so")
-        out.write_bytes(b"\x7fELF library")
+        out.write_bytes(_elf(b"library"))
         return str(out)
 
     _fake_toolchain(monkeypatch, tmp_path, good_build)
@@ -315,7 +325,7 @@ def test_explicit_build_dir_rebuilds_for_other_arch_or_sources(tmp_path, monkeyp
 
     def good_build(name, sources, build_directory, **kw):
         out = Path(build_directory, f"{name}.so")
-        out.write_bytes(b"\x7fELF library %d" % len(built))
+        out.write_bytes(_elf(b"library %d" % len(built)))
         built.append(os.environ["TORCH_CUDA_ARCH_LIST"])
         return str(out)
 
@@ -329,10 +339,59 @@ def test_explicit_build_dir_rebuilds_for_other_arch_or_sources(tmp_path, monkeyp
     (src / "msda_cpu.cpp").write_text((src / "msda_cpu.cpp").read_text() + "\n// edited\n")
     lib = _build.build_extension(build_dir=build_dir, arch_list="8.0")
     assert built == ["9.0", "8.0", "8.0"], "a library of older sources was reported as built"
-    assert lib.read_bytes() == b"\x7fELF library 2"
+    assert lib.read_bytes() == _elf(b"library 2")
     assert _build.build_extension(build_dir=build_dir, arch_list="8.0") == lib and len(built) == 3
     # the cache folders (named by the hash) made before the stamp existed are still up to date
     cached = _build.build_dir_for("9.0")
     cached.mkdir(parents=True)
-    _build.library_path(cached).write_bytes(b"\x7fELF old cache")
-    assert _build.build_extension(arch_list="9.0").read_bytes() == b"\x7fELF old cache" and len(built) == 3
+    _build.library_path(cached).write_bytes(_elf(b"old cache"))
+    assert _build.build_extension(arch_list="9.0").read_bytes() == _elf(b"old cache") and len(built) == 3
+
+
+def _truncated_shared_object(dest: Path) -> Path:
+    """The first 4 KiB of a real shared object (CPython's _ctypes): what a crash before the
+    renamed library reached the disk, or an interrupted copy of a cache folder, leaves behind.
+    The dynamic loader maps its segments past the end of the file: SIGBUS, no exception."""
+    import _ctypes
+
+    dest.write_bytes(Path(_ctypes.__file__).read_bytes()[:4096])
+    return dest
+
+
+def test_truncated_library_is_never_loaded(tmp_path):
+    # a truncated library at the cache path killed every process that loaded the op with a Bus
+    # error (exit -7: no Python exception, so no fallback), and `python -m dino_scale.ops build`
+    # reported it as built; now the loader refuses it (JIT disabled: BuildError naming it) and a
+    # build replaces it
+    env = dict(os.environ, DINO_SCALE_EXT_DIR=str(tmp_path), DINO_SCALE_MSDA_NO_JIT="1",
+               TORCH_CUDA_ARCH_LIST="9.0")
+    lib = _build.library_path(_build.build_dir_for("9.0", root=tmp_path))
+    lib.parent.mkdir(parents=True)
+    _truncated_shared_object(lib)
+    code = ("from dino_scale.ops import ms_deform_attn_cuda as m\n"
+            "try:\n    m.load()\nexcept m._build.BuildError as e:\n    print('ERR', e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    assert "ERR" in proc.stdout and "incomplete" in proc.stdout and str(lib) in proc.stdout, proc.stdout
+    assert not _build.library_complete(lib)
+    import _ctypes
+    assert _build.library_complete(Path(_ctypes.__file__))
+
+
+def test_build_replaces_a_truncated_library(tmp_path, monkeypatch):
+    built = []
+
+    def good_build(name, sources, build_directory, **kw):
+        built.append(build_directory)
+        out = Path(build_directory, f"{name}.so")
+        out.write_bytes(_elf(b"library"))
+        return str(out)
+
+    _fake_toolchain(monkeypatch, tmp_path, good_build)
+    build_dir = tmp_path / "ext"
+    lib = _build.build_extension(build_dir=build_dir, arch_list="9.0")
+    assert len(built) == 1 and _build.build_extension(build_dir=build_dir, arch_list="9.0") == lib
+    _truncated_shared_object(lib)
+    assert _build.build_extension(build_dir=build_dir, arch_list="9.0") == lib and len(built) == 2
+    assert lib.read_bytes() == _elf(b"library")

@@ -122,7 +122,8 @@ def schedule_text(cfg: Config) -> str:
 
 
 _FLAG_MINIMA = (("--workers", "workers", 1), ("--min-workers", "min_workers", 1), ("--gpus", "gpus", 0),
-                ("--max-steps", "max_steps", 1), ("--epochs", "epochs", 1))
+                ("--max-steps", "max_steps", 1), ("--epochs", "epochs", 1),
+                ("--synthetic-images", "synthetic_images", 1))
 
 
 def check_run_name(name: Optional[str]) -> None:

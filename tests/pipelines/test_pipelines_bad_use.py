@@ -68,6 +68,11 @@ def test_pipelines_bad_use_data_not_a_dataset(tmp_path):
     (["pipelines.pretrain_o365", "--alias", "v2"], ["--alias 'v2'"]),
     (["pipelines.finetune_coco", "--init", "none", "--model-name", "team/dino"], ["--model-name", "'/'"]),
     (["pipelines.pretrain_o365", "--max-steps", "0"], ["--max-steps must be >= 1"]),
+    # was: a negative count generated an empty synthetic set and started Ray before the engine
+    # refused it; 0 silently trained on the default-sized set
+    (["pipelines.pretrain_o365", "--synthetic-images", "-3"], ["--synthetic-images must be >= 1"]),
+    (["pipelines.finetune_coco", "--init", "none", "--synthetic-images", "0", "--max-steps", "1"],
+     ["--synthetic-images must be >= 1"]),
     (["pipelines.pretrain_o365", "--workers", "2", "--min-workers", "1", "--zero-stage", "3",
       "--set", "train.global_batch_size=8"], ["elastic", "zero_stage <= 2"]),
     (["pipelines.finetune_coco", "--init", "none", "--workers", "3"], ["not a multiple"]),

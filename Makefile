@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+BENCH_OUT ?= runs/bench-cpu
 
 .PHONY: venv test demo clean bench-cpu
 
@@ -25,6 +26,17 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	DS_ACCELERATOR=cpu $(PY) -m pipelines.demo
+
+# The benchmarks' CPU modes at small sizes (a few minutes on 2 cores; a smoke check, not the
+# measured numbers). JSON goes to $(BENCH_OUT), never over the files in benchmarks/results/.
+bench-cpu: $(STAMP)
+	mkdir -p $(BENCH_OUT)
+	DS_ACCELERATOR=cpu $(PY) benchmarks/msda.py --device cpu --small --out $(BENCH_OUT)/msda.json
+	DS_ACCELERATOR=cpu $(PY) benchmarks/matcher.py --devices cpu --repeats 5 --out $(BENCH_OUT)/matcher.json
+	DS_ACCELERATOR=cpu $(PY) benchmarks/train_step.py --device cpu --preset tiny --iters 5 --warmup 1 \
+		--height 256 --width 384 --out $(BENCH_OUT)/train_step.json
+	DS_ACCELERATOR=cpu $(PY) benchmarks/op_count.py --out $(BENCH_OUT)/op_count.json
+	DS_ACCELERATOR=cpu $(PY) benchmarks/data_pipeline.py --small --results-dir $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -18,7 +18,8 @@
     python benchmarks/data_pipeline.py --small         # quick: 20k images / 290k boxes
     python benchmarks/data_pipeline.py --part throughput
     python benchmarks/data_pipeline.py --part check --small
-Results: a table on stdout and JSON in benchmarks/results/data_pipeline[_small].json.
+Results: a table on stdout and JSON in benchmarks/results/data_pipeline[_small][_<part>].json
+(``--results-dir`` elsewhere).
 """
 from __future__ import annotations
 
@@ -298,6 +299,8 @@ def main(argv=None) -> None:
     p.add_argument("--coco-limit-gb", type=float, default=12.0, help="address-space cap for pycocotools")
     p.add_argument("--workdir", default=None, help="where the big JSON goes (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the generated JSON and shards")
+    p.add_argument("--results-dir", default=str(RESULTS),
+                   help="folder of the JSON results (default benchmarks/results)")
     a = p.parse_args(argv)
     out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "small": a.small,
@@ -345,12 +348,13 @@ def main(argv=None) -> None:
         note = "ok" if pc.get("ok") else f"{pc.get('error')} (RLIMIT_AS {pc['limit_gb']} GB)"
         print(f"pycocotools COCO() on {a.json}: {pc.get('seconds') or float('nan'):.1f} s, "
               f"peak RSS {pc['peak_rss_mb']:.0f} MB, {note}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = Path(a.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
     name = "data_pipeline_small.json" if a.small else "data_pipeline.json"
     if a.part != "all":
         name = name.replace(".json", f"_{a.part}.json")
-    (RESULTS / name).write_text(json.dumps(out, indent=1))
-    print(f"\nwrote {RESULTS / name}")
+    (results / name).write_text(json.dumps(out, indent=1))
+    print(f"\nwrote {results / name}")
 
 
 if __name__ == "__main__":

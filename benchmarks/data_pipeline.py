@@ -302,6 +302,10 @@ def main(argv=None) -> None:
     p.add_argument("--results-dir", default=str(RESULTS),
                    help="folder of the JSON results (default benchmarks/results)")
     a = p.parse_args(argv)
+    if a.part == "pycocotools" and not a.json:
+        p.error("--part pycocotools loads an existing file: give --json FILE")
+    if a.rounds is not None and a.rounds < 1:
+        p.error("--rounds must be >= 1")
     out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "small": a.small,
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

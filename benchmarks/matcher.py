@@ -96,6 +96,8 @@ def main(argv=None):
                     help="process = CPU time (use on a shared, oversubscribed host with --threads 1)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "matcher.json"))
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
     global CLOCK
     if args.threads:
         torch.set_num_threads(args.threads)

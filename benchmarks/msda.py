@@ -139,6 +139,8 @@ def main(argv=None) -> int:
                     help="on CPU, also time the compiled library's CPU kernel (loads it; builds it if missing)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "msda.json"))
     args = ap.parse_args(argv)
+    if args.reps < 1 or args.warmup < 0:
+        ap.error("--reps must be >= 1 and --warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but no GPU is visible")
 

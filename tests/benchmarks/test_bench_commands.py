@@ -97,3 +97,31 @@ def test_benchmarks_readme_commands_parse(monkeypatch):
     assert len({s for s, _ in commands}) >= 6, commands
     for script, argv in commands:
         parse_benchmark_command(script, argv, monkeypatch)
+
+
+@pytest.mark.parametrize("script,argv,needle", [
+    # was: TypeError: expected str, bytes or os.PathLike object, not NoneType
+    ("benchmarks/data_pipeline.py", ["--part", "pycocotools"], "--json"),
+    ("benchmarks/data_pipeline.py", ["--part", "throughput", "--rounds", "0"], "--rounds"),
+    # was: statistics.StatisticsError: no median for empty data, after the first timings
+    ("benchmarks/matcher.py", ["--devices", "cpu", "--repeats", "0"], "--repeats"),
+    # was: every row "failed: StatisticsError", and a results file of no rows
+    ("benchmarks/msda.py", ["--device", "cpu", "--small", "--reps", "0"], "--reps"),
+])
+def test_benchmark_bad_counts_are_usage_errors(script, argv, needle, tmp_path, capsys):
+    path = ROOT / script
+    name = f"bench_{path.stem}"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    out = ["--out", str(tmp_path / "out.json")] if "data_pipeline" not in script else \
+        ["--results-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exc:
+        module.main(argv + out)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err.splitlines()[-1], err
+    assert not any(tmp_path.iterdir())  # nothing written

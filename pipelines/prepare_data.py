@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 
 from dino_scale.data import ConversionError, MalformedJSONError, convert_coco
@@ -28,20 +29,30 @@ def _summary(name: str, m: dict) -> str:
                        "categories": len(m["categories"])})
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="COCO-format annotations -> dino_scale record shards")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipelines.prepare_data",
+                                description="COCO-format annotations -> dino_scale record shards")
     p.add_argument("--annotations", required=True, help="COCO-format JSON (COCO 2017, Objects365 v1/v2)")
     p.add_argument("--images", required=True, help="image root folder")
     p.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
     p.add_argument("--embed-images", action="store_true", help="store image bytes in the shards")
-    p.add_argument("--shard-size-mb", type=float, default=256)
-    p.add_argument("--max-images-per-shard", type=int, default=10000)
+    p.add_argument("--shard-size-mb", type=float, default=256, help="shard size limit (default 256)")
+    p.add_argument("--max-images-per-shard", type=int, default=10000, help="default 10000")
     p.add_argument("--o365-val-split", type=int, default=None, metavar="N",
                    help="val file: first N images -> OUT/val, the rest -> OUT/train_extra (paper: 5000)")
     p.add_argument("--no-check-files", action="store_true", help="do not stat image files (reference mode)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    # a limit <= 0 (or NaN) made every image its own shard: 1.7M files for Objects365
+    for flag, value in (("--shard-size-mb", a.shard_size_mb), ("--max-images-per-shard", a.max_images_per_shard)):
+        if not (value > 0 and math.isfinite(value)):
+            print(f"error: {flag} must be > 0 (got {value})", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(levelname)s %(message)s")
     try:
         res = convert_coco(a.annotations, a.images, a.out, embed_images=a.embed_images,

@@ -15,7 +15,8 @@
 #     regions     REGION_RUNS (default "stack reduce-overhead") for r50_4scale
 #     presets     r50_5scale and swinl_4scale, train bs 2 + inference (bf16 + TF32 + compile)
 #     profile     benchmarks/profile_step.py, r50_4scale bf16 bs 2 (phases, op tables, syncs)
-#     ("tests" = tests-msda,tests-models; "all" = "session")
+#     ("tests" = tests-msda,tests-models; "all" = "session"; "none": the machine description only)
+#     An unknown step or REGION_RUNS entry is refused (exit 2) before anything runs.
 #   session = tests-msda,msda,train,graphs,tests-models,regions,presets,profile
 #
 # Environment: OUT (default benchmarks/results/gpu_<time>), BUDGET_S (default 540: seconds after
@@ -35,9 +36,22 @@ for s in ${plan//,/ }; do
   case $s in
     all|session) steps+=(tests-msda msda train graphs tests-models regions presets profile) ;;
     tests) steps+=(tests-msda tests-models) ;;
+    none) ;;  # the machine description only (GPU, torch), packed like any run
     *) steps+=("$s") ;;
   esac
 done
+# a mistyped step would be found only at its turn, after the build and the steps before it had
+# spent the call: refuse it before anything runs
+KNOWN_STEPS=" tests-msda msda train graphs tests-models regions presets profile "
+for s in "${steps[@]}"; do
+  [[ $KNOWN_STEPS == *" $s "* ]] || { echo "gpu_check.sh: unknown step '$s' (steps:${KNOWN_STEPS% }; or session, tests, all, none)" >&2; exit 2; }
+done
+if [[ " ${steps[*]} " == *" regions "* ]]; then
+  for run in ${REGION_RUNS:-stack reduce-overhead}; do
+    [[ $run == layer || $run == stack || $run == reduce-overhead ]] \
+      || { echo "gpu_check.sh: unknown REGION_RUNS entry '$run' (layer | stack | reduce-overhead)" >&2; exit 2; }
+  done
+fi
 OUT=${OUT:-benchmarks/results/gpu_$(date +%Y%m%d-%H%M%S)}
 BUDGET_S=${BUDGET_S:-540}
 DRY_RUN=${DRY_RUN:-0}

@@ -69,10 +69,10 @@ def test_explicit_plan_and_train_arguments(tmp_path):
 
 def test_results_are_packed_into_one_archive(tmp_path):
     # a real (not dry) run of a plan with nothing to time: the summary and the archive with the
-    # machine description come back, and an unknown step is reported, not fatal
-    out, _ = _run(tmp_path, "nosuchstep", BUILD=0)
+    # machine description come back
+    out, _ = _run(tmp_path, "none", BUILD=0)
     assert sorted(p.name for p in out.iterdir()) == ["results.tgz", "summary.txt"]
-    assert "unknown step nosuchstep" in (out / "summary.txt").read_text()
+    assert "plan:  (budget" in (out / "summary.txt").read_text()
     with tarfile.open(out / "results.tgz") as tar:
         names = {Path(n).name for n in tar.getnames()}
     assert "gpu.txt" in names
@@ -81,9 +81,23 @@ def test_results_are_packed_into_one_archive(tmp_path):
 def test_an_archive_over_the_size_limit_leaves_out_its_large_files(tmp_path):
     # limits shrunk so that the machine description alone is "too large": it is named in the
     # summary and left out, and the (now small) archive still comes back
-    out, _ = _run(tmp_path, "nosuchstep", BUILD=0, PACK_MAX_BYTES=1, PACK_BIG=0)
+    out, _ = _run(tmp_path, "none", BUILD=0, PACK_MAX_BYTES=1, PACK_BIG=0)
     summary = (out / "summary.txt").read_text()
     assert "left out of results.tgz (too large): ./gpu.txt" in summary
     with tarfile.open(out / "results.tgz") as tar:
         names = {Path(n).name for n in tar.getnames()}
     assert "gpu.txt" not in names and ".too_large" not in names
+
+
+def test_a_mistyped_step_is_refused_before_anything_runs(tmp_path):
+    # was: the build and every other step ran first, and the summary said "unknown step trian" at
+    # the end of the device call: the step the call was for never ran
+    for plan, env, needle in (("msda,trian", {}, "trian"),
+                              ("regions", {"REGION_RUNS": "stack reduce_overhead"}, "reduce_overhead")):
+        full_env = dict(os.environ, OUT=str(tmp_path / "out"), DRY_RUN="1", **env)
+        full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env['PATH']}"
+        proc = subprocess.run(["bash", str(SCRIPT), plan], cwd=ROOT, env=full_env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+        assert needle in proc.stderr and "would run" not in proc.stdout, proc.stdout + proc.stderr
+        assert not (tmp_path / "out").exists()

@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dino_scale.config import preset  # noqa: E402
+from dino_scale.config import PRESETS, preset  # noqa: E402
 from dino_scale.models import build_dino  # noqa: E402
 from dino_scale.models.compile import _GRANULARITY, method_owner, region_methods  # noqa: E402
 
@@ -151,6 +151,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     p.add_argument("--top", type=int, default=12, help="glue functions listed per row")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/op_count_<time>.json)")
     args = p.parse_args(argv)
+    for name in args.preset or ():  # before the first preset is counted
+        if name not in PRESETS:
+            p.error(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     rows = []
     for name in args.preset or ["r50_4scale"]:
         for mode in ("train", "eval"):

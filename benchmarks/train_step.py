@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dino_scale.config import preset  # noqa: E402
+from dino_scale.config import PRESETS, preset  # noqa: E402
 from dino_scale.engine.optim import build_optimizer  # noqa: E402
 from dino_scale.engine.train_step import autocast_dtype, train_step  # noqa: E402
 from dino_scale.models import build_dino  # noqa: E402
@@ -192,9 +192,20 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_step_<device>_<time>.json)")
     args = p.parse_args(argv)
-    args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
-    if args.iters < 1:
-        p.error("--iters must be >= 1")
+    try:
+        args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
+    except ValueError:
+        p.error(f"--batch-sizes {args.batch_sizes!r}: comma-separated integers, e.g. 2,8")
+    if any(b < 1 for b in args.batch_sizes):
+        p.error("--batch-sizes must be >= 1 each (empty: inference only)")
+    if args.iters < 1 or args.warmup < 0:
+        p.error("--iters must be >= 1 and --warmup >= 0")
+    # before the first preset is timed: a typo in the last one cost the others' results
+    for name in args.preset or ():
+        if name not in PRESETS:
+            p.error(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device} but no GPU is visible (use --device cpu)")
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

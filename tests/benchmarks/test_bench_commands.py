@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,6 +100,9 @@ def test_benchmarks_readme_commands_parse(monkeypatch):
         parse_benchmark_command(script, argv, monkeypatch)
 
 
+_TINY_RUN = ["--iters", "1", "--warmup", "0", "--height", "64", "--width", "64", "--batch-sizes", "1"]
+
+
 @pytest.mark.parametrize("script,argv,needle", [
     # was: TypeError: expected str, bytes or os.PathLike object, not NoneType
     ("benchmarks/data_pipeline.py", ["--part", "pycocotools"], "--json"),
@@ -107,6 +111,18 @@ def test_benchmarks_readme_commands_parse(monkeypatch):
     ("benchmarks/matcher.py", ["--devices", "cpu", "--repeats", "0"], "--repeats"),
     # was: every row "failed: StatisticsError", and a results file of no rows
     ("benchmarks/msda.py", ["--device", "cpu", "--small", "--reps", "0"], "--reps"),
+    # was: the presets before the mistyped one were timed (minutes each on a GPU), then
+    # ConfigError's traceback, and no JSON of the rows already measured
+    ("benchmarks/train_step.py", ["--device", "cpu", "--preset", "tiny", "--preset", "swinl_4scal",
+                                  *_TINY_RUN], "swinl_4scal"),
+    ("benchmarks/op_count.py", ["--preset", "tiny", "--preset", "r50_4scal", "--height", "64",
+                                "--width", "64"], "r50_4scal"),
+    # was: RuntimeError: Non-empty 4D data tensor expected ... deep in the backbone
+    ("benchmarks/train_step.py", ["--device", "cpu", "--preset", "tiny", *_TINY_RUN[:-2],
+                                  "--batch-sizes", "0"], "--batch-sizes"),
+    # was: RuntimeError: Found no NVIDIA driver on your system, from the first .to(device)
+    pytest.param("benchmarks/train_step.py", ["--device", "cuda", "--preset", "tiny", *_TINY_RUN], "GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
 ])
 def test_benchmark_bad_counts_are_usage_errors(script, argv, needle, tmp_path, capsys):
     path = ROOT / script

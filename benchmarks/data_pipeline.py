@@ -14,7 +14,7 @@
     ``getrusage``), then loads the same file with ``pycocotools.coco.COCO`` in a
     subprocess capped with ``RLIMIT_AS`` (reports "failed at limit" if it runs out).
 
-    python benchmarks/data_pipeline.py                 # both, full size
+    python benchmarks/data_pipeline.py                 # all three, full size
     python benchmarks/data_pipeline.py --small         # quick: 20k images / 290k boxes
     python benchmarks/data_pipeline.py --part throughput
     python benchmarks/data_pipeline.py --part check --small

@@ -44,6 +44,9 @@ def _build_cmd(args: argparse.Namespace) -> int:
     except _build.BuildError as exc:
         print(f"build failed: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a build folder that cannot be created or written (read-only, a file)
+        print(f"build failed: {exc}", file=sys.stderr)
+        return 1
     print(f"built ms_deform_attn extension for arch {arch} in {time.perf_counter() - t0:.1f} s:")
     print(lib)
     return 0

@@ -92,7 +92,7 @@ def _synth(args) -> int:
         from pipelines._common import UsageError
 
         raise UsageError("-n/--num-images must be >= 1")
-    out = Path(args.out)
+    out = Path(args.out).expanduser()  # '~' after '=' or in quotes reaches here unexpanded
     print(f"generating {args.num_images} {args.flavour} images -> {out / 'raw'}", flush=True)
     root, ann = synthetic.generate(out / "raw", flavour=args.flavour, num_images=args.num_images,
                                    seed=args.seed)

@@ -280,7 +280,7 @@ def setup_tracking(work_dir: str | Path) -> str:
     for name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    Path(work_dir).expanduser().mkdir(parents=True, exist_ok=True)  # as tracking_uri reads it
     uri = tracking_uri(work_dir)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)

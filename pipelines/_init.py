@@ -10,6 +10,7 @@ checks the result loads strictly, and writes ``out_dir/model.safetensors`` +
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ def is_remote(uri: str) -> bool:
 
 def _require_local(uri: str) -> None:
     """A one-line :class:`UsageError` when the local model path ``uri`` does not exist."""
-    if not Path(uri[7:] if uri.startswith("file://") else uri).exists():
+    if not Path(uri[7:] if uri.startswith("file://") else uri).expanduser().exists():
         raise UsageError(f"model not found: {uri} (expected models:/name@alias, models:/name/N, "
                          f"runs:/<run_id>/model, a checkpoint folder/file or an official .pth)")
 
@@ -82,6 +83,7 @@ def resolve(uri: str, dst_dir: Path):
     from dino_scale.tracking.registry import resolve_model_uri
 
     if not is_remote(uri):
+        uri = os.path.expanduser(uri)  # '~' the shell left (quoted, or after '=')
         _require_local(uri)
     try:
         return resolve_model_uri(uri, dst_dir=dst_dir)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from dino_scale.data.records import shard_paths
 
     a = build_parser().parse_args(argv)
+    a.folders = [os.path.expanduser(f) for f in a.folders]  # '~' the shell left (quoted, after '=')
     if a.workers < 1:
         from pipelines._common import UsageError
 
@@ -55,7 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(describe(report), flush=True)
         reports.append(report)
     if a.json:
-        Path(a.json).write_text(json.dumps(reports, indent=1))
+        Path(a.json).expanduser().write_text(json.dumps(reports, indent=1))
     return 1 if any(r["damaged"] or r["unreadable"] for r in reports) else 0
 
 

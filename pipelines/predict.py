@@ -124,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise common.UsageError("--threshold must be in [0, 1]")
     if args.preset is not None:
         common.resolve_preset_name(args.preset)  # a typo fails here, whether or not it is used
-    out = Path(args.out)
+    out = Path(args.out).expanduser()  # '~' the shell left (quoted, or after '=')
     files = list_images(args.images, skip_dir=out)
     common.setup_tracking(args.work_dir)
     import torch

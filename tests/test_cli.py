@@ -316,3 +316,31 @@ def test_prepare_data_module_help_names_the_module():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: python -m pipelines.prepare_data "), proc.stdout[:200]
+
+
+def test_cli_paths_starting_with_a_tilde_are_in_home(tmp_path, monkeypatch, capsys):
+    """`--out=~/preds` (the shell leaves a '~' after '=' alone) wrote into a folder named '~' in
+    the current folder, and so did synth, prepare-data and check-data; predict and registry made
+    an empty '~/<work-dir>' there while reading the store in the real home. Each path now means
+    the home folder, as --work-dir always did for the training pipelines."""
+    from dino_scale.config import preset, to_dict
+    from dino_scale.engine.checkpoint import save_weights
+    from dino_scale.models import build_dino
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    assert cli.main(["synth", "~/synth", "-n", "2"]) == 0
+    assert cli.main(["prepare-data", "--annotations", "~/synth/raw/annotations.json",
+                     "--images", "~/synth/raw/images", "--out", "~/conv", "--quiet"]) == 0
+    assert cli.main(["check-data", "~/conv", "--json", "~/check.json", "--quiet"]) == 0
+    cfg = preset("tiny", ["model.num_classes=91"])
+    save_weights(home / "ckpt", build_dino(cfg.model)[0].state_dict(), config=to_dict(cfg))
+    assert cli.main(["predict", "~/synth/raw/images", "--model", "~/ckpt", "--out", "~/preds",
+                     "--work-dir", "~/w"]) == 0
+    capsys.readouterr()
+    assert list(cwd.iterdir()) == []
+    assert (home / "conv" / "manifest.json").is_file() and (home / "check.json").is_file()
+    assert len(json.loads((home / "preds" / "predictions.json").read_text())["images"]) == 2

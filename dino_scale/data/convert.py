@@ -372,17 +372,19 @@ def convert_coco(annotations: Union[str, Path], images: Optional[Union[str, Path
     Rerunning with the same arguments resumes after the last finished shard; the same
     input always gives byte-identical shards.
     """
-    ann_path = Path(annotations)
+    # '~' expanded once here: pyarrow's writers expand it and pathlib does not, so '~/out' made a
+    # folder named '~' and then failed to open '<home>/out/.convert-work/...'
+    ann_path = Path(annotations).expanduser()
     if not ann_path.is_file():
         raise FileNotFoundError(f"annotation file not found: {ann_path}")
-    root = Path(images) if images is not None else None
+    root = Path(images).expanduser() if images is not None else None
     if root is not None and not root.is_dir() and (embed_images or check_files):
         raise FileNotFoundError(f"image folder not found: {root}")
     if embed_images and root is None:
         raise ValueError("embed_images needs the image folder")
     kw = dict(embed=embed_images, shard_bytes=int(shard_size_mb * (1 << 20)), max_rows=max_images_per_shard,
               check_files=check_files, verify=verify_images, progress=progress, parallel=parallel)
-    out = Path(out)
+    out = Path(out).expanduser()
     if o365_val_split is not None:
         if o365_val_split < 0:
             raise ValueError("o365_val_split must be >= 0")

@@ -19,7 +19,7 @@
 #     An unknown step or REGION_RUNS entry is refused (exit 2) before anything runs.
 #   session = tests-msda,msda,train,graphs,tests-models,regions,presets,profile
 #
-# Environment: OUT (default benchmarks/results/gpu_<time>), BUDGET_S (default 540: seconds after
+# Environment: OUT (default benchmarks/results/gpu_<time>; a dry run: none), BUDGET_S (default 540: seconds after
 # which no step starts; each step's timeout is cut to what is left), DRY_RUN=1 (print the plan
 # with each step's estimate and limit, run nothing), BUILD=0 (skip the extension build, e.g. when
 # DINO_SCALE_EXT_DIR already holds it).
@@ -52,9 +52,11 @@ if [[ " ${steps[*]} " == *" regions "* ]]; then
       || { echo "gpu_check.sh: unknown REGION_RUNS entry '$run' (layer | stack | reduce-overhead)" >&2; exit 2; }
   done
 fi
+DRY_RUN=${DRY_RUN:-0}
+DRY_OUT=""  # a dry run without OUT writes its summary to a scratch folder, not the checkout
+if [[ -z ${OUT:-} && $DRY_RUN == 1 ]]; then DRY_OUT=$(mktemp -d /tmp/gpu_check_plan.XXXXXX); OUT=$DRY_OUT; fi
 OUT=${OUT:-benchmarks/results/gpu_$(date +%Y%m%d-%H%M%S)}
 BUDGET_S=${BUDGET_S:-540}
-DRY_RUN=${DRY_RUN:-0}
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
 SUMMARY=$OUT/summary.txt
@@ -136,4 +138,4 @@ for s in "${steps[@]}"; do
 done
 say "total: $(( $(date +%s) - T0 )) s"
 [[ $DRY_RUN == 1 ]] || pack
-rm -rf "$WORK"
+rm -rf "$WORK" ${DRY_OUT:+"$DRY_OUT"}

@@ -101,3 +101,17 @@ def test_a_mistyped_step_is_refused_before_anything_runs(tmp_path):
         assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
         assert needle in proc.stderr and "would run" not in proc.stdout, proc.stdout + proc.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_a_dry_run_leaves_no_results_folder_in_the_checkout(tmp_path):
+    # was: DRY_RUN=1 without OUT made benchmarks/results/gpu_<time>/summary.txt in the checkout
+    # each time (an untracked folder that `git add -A` commits); the plan is on stdout
+    copy = tmp_path / "benchmarks" / "gpu_check.sh"
+    copy.parent.mkdir()
+    copy.write_text(SCRIPT.read_text())  # the script works in the folder above its own
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.run(["bash", str(copy)], cwd=tmp_path, env=dict(env, DRY_RUN="1"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "msda: would run" in proc.stdout
+    assert not (tmp_path / "benchmarks" / "results").exists()

@@ -218,7 +218,13 @@ def validate_config_args(args: argparse.Namespace) -> None:
     if known:
         from dino_scale.engine.trainer import check_training_config
 
-        check_training_config(apply_flags(cfg, args))
+        cfg = apply_flags(cfg, args)
+        check_training_config(cfg)
+        n = getattr(args, "synthetic_images", None)
+        if n is not None and args.data is None and n < cfg.train.global_batch_size:
+            # the engine refuses a training set smaller than one step, after the set is made
+            raise UsageError(f"--synthetic-images {n} is fewer than one global batch "
+                             f"({cfg.train.global_batch_size}); give at least that many")
 
 
 def check_path(path: Optional[str], what: str) -> Optional[Path]:

@@ -58,7 +58,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for flag in ("pretrain_images", "finetune_images", "pretrain_steps", "finetune_steps"):
         if getattr(args, flag) < 1:  # checked before anything runs, not after pretraining
             raise common.UsageError(f"--{flag.replace('_', '-')} must be >= 1")
-    common.preset(PRESET, DEMO_OVERRIDES + list(args.overrides))  # a bad --set, before Ray starts
+    cfg = common.preset(PRESET, DEMO_OVERRIDES + list(args.overrides))  # a bad --set, before Ray starts
+    for flag in ("pretrain_images", "finetune_images"):  # each stage trains at least one step
+        if getattr(args, flag) < cfg.train.global_batch_size:
+            raise common.UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is fewer than one "
+                                    f"global batch ({cfg.train.global_batch_size})")
     t0 = time.monotonic()
     log = common.Progress("demo")
     work = Path(args.work_dir).expanduser().resolve()

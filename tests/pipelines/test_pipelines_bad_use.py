@@ -80,6 +80,8 @@ def test_pipelines_bad_use_data_not_a_dataset(tmp_path):
       "--set", "train.global_batch_size=8"], ["elastic", "zero_stage <= 2"]),
     (["pipelines.finetune_coco", "--init", "none", "--workers", "3"], ["not a multiple"]),
     (["pipelines.demo", "--finetune-steps", "0"], ["--finetune-steps must be >= 1"]),
+    # was: Ray started and the data was made before pretraining refused the set
+    (["pipelines.demo", "--pretrain-images", "3"], ["--pretrain-images 3", "global batch (4)"]),
     (["pipelines.demo", "--set", "model.nope=1"], ["unknown config key 'model.nope'"]),
     # the run name names folders a run writes and (evaluate's download) deletes: '..' was the work dir
     (["pipelines.evaluate", "--model", "models:/dino-tiny-coco@champion", "--run-name", ".."], ["--run-name '..'"]),

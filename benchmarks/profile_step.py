@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from dino_scale.config import preset  # noqa: E402
+from dino_scale.config import PRESETS, preset  # noqa: E402
 from dino_scale.engine.optim import build_optimizer  # noqa: E402
 from dino_scale.engine.train_step import _to_float, autocast_context, autocast_dtype, train_step  # noqa: E402
 from dino_scale.models import build_dino  # noqa: E402
@@ -84,6 +84,10 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="regional torch.compile (dino_scale.models.compile)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    if a.preset not in PRESETS:
+        p.error(f"unknown preset {a.preset!r}; choose from {', '.join(PRESETS)}")
+    if a.iters < 1 or a.batch_size < 1:
+        p.error("--iters and --batch-size must be >= 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if a.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -120,6 +120,10 @@ _TINY_RUN = ["--iters", "1", "--warmup", "0", "--height", "64", "--width", "64",
     # was: RuntimeError: Non-empty 4D data tensor expected ... deep in the backbone
     ("benchmarks/train_step.py", ["--device", "cpu", "--preset", "tiny", *_TINY_RUN[:-2],
                                   "--batch-sizes", "0"], "--batch-sizes"),
+    # was: statistics.StatisticsError: no median for empty data, after the model was built and run
+    ("benchmarks/profile_step.py", ["--preset", "tiny", "--iters", "0", "--height", "64", "--width", "64"],
+     "--iters"),
+    ("benchmarks/profile_step.py", ["--preset", "tiyn"], "tiyn"),
     # was: RuntimeError: Found no NVIDIA driver on your system, from the first .to(device)
     pytest.param("benchmarks/train_step.py", ["--device", "cuda", "--preset", "tiny", *_TINY_RUN], "GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),

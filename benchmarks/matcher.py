@@ -98,6 +98,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    asked = [d for d in args.devices.split(",") if d]
+    if not asked or any(d not in ("cpu", "cuda") for d in asked):
+        ap.error(f"--devices {args.devices!r}: a comma list of cpu, cuda")
+    if asked == ["cuda"] and not torch.cuda.is_available():  # nothing would run
+        ap.error("--devices cuda but no GPU is visible (use --devices cpu)")
     global CLOCK
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -110,6 +110,11 @@ _TINY_RUN = ["--iters", "1", "--warmup", "0", "--height", "64", "--width", "64",
     # was: statistics.StatisticsError: no median for empty data, after the first timings
     ("benchmarks/matcher.py", ["--devices", "cpu", "--repeats", "0"], "--repeats"),
     # was: every row "failed: StatisticsError", and a results file of no rows
+    # was: no device to run, exit 0 and a results file of no rows (by default over the measured
+    # benchmarks/results/matcher.json)
+    ("benchmarks/matcher.py", ["--devices", "gpu", "--repeats", "1"], "gpu"),
+    pytest.param("benchmarks/matcher.py", ["--devices", "cuda", "--repeats", "1"], "GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
     ("benchmarks/msda.py", ["--device", "cpu", "--small", "--reps", "0"], "--reps"),
     # was: the presets before the mistyped one were timed (minutes each on a GPU), then
     # ConfigError's traceback, and no JSON of the rows already measured

@@ -141,6 +141,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.reps < 1 or args.warmup < 0:
         ap.error("--reps must be >= 1 and --warmup >= 0")
+    unknown = [d for d in args.dtypes.split(",") if d not in DTYPES]
+    if unknown:  # found only at its turn otherwise, after the dtypes before it were timed
+        ap.error(f"--dtypes: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(DTYPES)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but no GPU is visible")
 

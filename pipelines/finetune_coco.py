@@ -14,6 +14,7 @@ model is registered as ``dino-<preset>-coco``, its AP tagged on the version, and
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -68,8 +69,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     log = common.Progress("finetune")
     common.validate_config_args(args)
-    if args.scale is not None and args.scale <= 0:
-        raise common.UsageError("--scale must be > 0")
+    if args.scale is not None and not (math.isfinite(args.scale) and args.scale > 0):  # nan passed "<= 0"
+        raise common.UsageError("--scale must be a finite number > 0")
     work_dir = Path(args.work_dir).expanduser().resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     uri = common.setup_tracking(work_dir)

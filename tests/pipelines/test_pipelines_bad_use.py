@@ -79,6 +79,8 @@ def test_pipelines_bad_use_data_not_a_dataset(tmp_path):
     (["pipelines.pretrain_o365", "--workers", "2", "--min-workers", "1", "--zero-stage", "3",
       "--set", "train.global_batch_size=8"], ["elastic", "zero_stage <= 2"]),
     (["pipelines.finetune_coco", "--init", "none", "--workers", "3"], ["not a multiple"]),
+    # was: Ray started, then "error: ValueError: cannot convert float NaN to integer", exit 1
+    (["pipelines.finetune_coco", "--init", "none", "--scale", "nan"], ["--scale must be"]),
     (["pipelines.demo", "--finetune-steps", "0"], ["--finetune-steps must be >= 1"]),
     # was: Ray started and the data was made before pretraining refused the set
     (["pipelines.demo", "--pretrain-images", "3"], ["--pretrain-images 3", "global batch (4)"]),

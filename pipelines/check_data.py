@@ -43,6 +43,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from pipelines._common import UsageError
 
         raise UsageError("--workers must be >= 1")
+    if a.json:  # before the (long) read, not after it
+        parent = Path(a.json).expanduser().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            from pipelines._common import UsageError
+
+            raise UsageError(f"--json {a.json}: {parent} is not a folder this user can write to")
     for folder in a.folders:  # every folder is complete before any is read in full
         shard_paths(folder)
     reports = []

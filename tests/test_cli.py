@@ -344,3 +344,15 @@ def test_cli_paths_starting_with_a_tilde_are_in_home(tmp_path, monkeypatch, caps
     assert list(cwd.iterdir()) == []
     assert (home / "conv" / "manifest.json").is_file() and (home / "check.json").is_file()
     assert len(json.loads((home / "preds" / "predictions.json").read_text())["images"]) == 2
+
+
+def test_cli_check_data_json_destination_is_checked_before_reading(tmp_path, capsys):
+    """A --json in a folder that does not exist failed only after every shard was read (minutes
+    to hours on a cluster copy), with exit 2 instead of the check's own 0/1 and the report lost."""
+    assert cli.main(["synth", str(tmp_path / "d"), "-n", "2"]) == 0
+    capsys.readouterr()
+    assert cli.main(["check-data", str(tmp_path / "d"), "--json", str(tmp_path / "no" / "r.json")]) == 2
+    captured = capsys.readouterr()
+    assert "shards read" not in captured.out and "match their checksums" not in captured.out
+    err = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("error: --json") and str(tmp_path / "no") in err[0], err

@@ -144,6 +144,18 @@ def _elf(payload: bytes) -> bytes:
     return header + payload
 
 
+def _library_builder(log=None, payload=b"library"):
+    """A stand-in for torch's ``load``: writes a complete (ELF-headed) library named ``name``.so
+    into ``build_directory`` and appends that folder to ``log``."""
+    def build(name, sources, build_directory, **kw):
+        if log is not None:
+            log.append(build_directory)
+        out = Path(build_directory, f"{name}.so")
+        out.write_bytes(_elf(payload))
+        return str(out)
+    return build
+
+
 def _fake_toolchain(monkeypatch, tmp_path, load):
     """``_compile`` with a stand-in for ``cpp_extension.load`` (no nvcc run)."""
     import torch
@@ -173,11 +185,7 @@ def test_killed_build_leaves_no_library_and_is_rebuilt(tmp_path, monkeypatch):
         _build.build_extension(build_dir=build_dir, arch_list="9.0")
     assert not _build.library_path(build_dir).exists()
 
-    def good_build(name, sources, build_directory, **kw):
-        calls.append(build_directory)
-        out = Path(build_directory, f"{name}.so")
-        out.write_bytes(_elf(b"complete library"))
-        return str(out)
+    good_build = _library_builder(calls, b"complete library")
 
     monkeypatch.setattr("torch.utils.cpp_extension.load", good_build)
     lib = _build.build_extension(build_dir=build_dir, arch_list="9.0")
@@ -199,10 +207,7 @@ def test_loader_finds_a_multi_arch_build_for_its_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("DINO_SCALE_EXT_DIR", str(tmp_path))
     calls = []
 
-    def good_build(name, sources, build_directory, **kw):
-        out = Path(build_directory, f"{name}.so")
-        out.write_bytes(_elf(b"library"))
-        return str(out)
+    good_build = _library_builder()
 
     _fake_toolchain(monkeypatch, tmp_path, good_build)
     built = _build.build_extension(arch_list="8.0;9.0")
@@ -261,11 +266,7 @@ def test_loader_refuses_a_build_without_code_for_the_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("DINO_SCALE_EXT_DIR", str(tmp_path))
     builds, loads = [], []
 
-    def good_build(name, sources, build_directory, **kw):
-        builds.append(build_directory)
-        out = Path(build_directory, f"{name}.so")
-        out.write_bytes(_elf(b"library"))
-        return str(out)
+    good_build = _library_builder(builds)
 
     _fake_toolchain(monkeypatch, tmp_path, good_build)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -382,11 +383,7 @@ def test_truncated_library_is_never_loaded(tmp_path):
 def test_build_replaces_a_truncated_library(tmp_path, monkeypatch):
     built = []
 
-    def good_build(name, sources, build_directory, **kw):
-        built.append(build_directory)
-        out = Path(build_directory, f"{name}.so")
-        out.write_bytes(_elf(b"library"))
-        return str(out)
+    good_build = _library_builder(built)
 
     _fake_toolchain(monkeypatch, tmp_path, good_build)
     build_dir = tmp_path / "ext"

@@ -53,6 +53,8 @@ class DINO(nn.Module):
       ``dn_meta`` (dict with the denoising outputs under ``output_known_lbs_bboxes``) when
       training with targets and ``dn_number > 0``, else None.
     Denoising runs only in train mode; in eval mode targets are ignored (no dn).
+    A batch whose feature maps hold fewer tokens than ``num_queries`` (a thumbnail, a very wide
+    strip) is padded first (:meth:`pad_to_query_count`), as if batched with a larger image.
     ``share_bbox_embed``/``share_class_embed`` (default True, as released) share the decoder heads.
     """
 
@@ -108,6 +110,39 @@ class DINO(nn.Module):
         transformer.enc_out_bbox_embed = copy.deepcopy(bbox_embed)
         transformer.enc_out_class_embed = copy.deepcopy(class_embed)
 
+    def level_strides(self) -> list[int]:
+        """Stride of each feature level: the backbone's, then x2 per extra level."""
+        strides = list(self.backbone[0].strides)
+        while len(strides) < self.num_feature_levels:
+            strides.append(strides[-1] * 2)
+        return strides
+
+    def pad_to_query_count(self, images: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+        """images (B,3,H,W), masks (B,H,W) -> the same, padded right/bottom (zeros, mask True)
+        when the feature maps (ceil(H/s) x ceil(W/s) per level stride s) would hold fewer tokens
+        than ``num_queries``, which the two-stage selection needs: H and W go up to multiples of
+        the coarsest stride, then the smaller side grows by that stride until there are enough.
+        The padded batch is what a batch with a larger image would be (boxes stay in the unpadded
+        image's frame); a batch with enough tokens is returned unchanged."""
+        strides = self.level_strides()
+        H, W = int(images.shape[-2]), int(images.shape[-1])
+
+        def tokens(h: int, w: int) -> int:
+            return sum(-(-h // s) * -(-w // s) for s in strides)
+
+        if tokens(H, W) >= self.num_queries:
+            return images, masks
+        step = strides[-1]
+        h, w = -(-H // step) * step, -(-W // step) * step
+        while tokens(h, w) < self.num_queries:
+            if h <= w:
+                h += step
+            else:
+                w += step
+        images = torch.nn.functional.pad(images, (0, w - W, 0, h - H))
+        masks = torch.nn.functional.pad(masks, (0, w - W, 0, h - H), value=True)
+        return images, masks
+
     def _features(self, images: Tensor, masks: Tensor):
         """-> srcs [(B,hidden,H_l,W_l)], masks [(B,H_l,W_l)], pos [(B,hidden,H_l,W_l)] of every level;
         the backbone levels' positions in the backbone features' dtype, the extra levels' in theirs."""
@@ -150,6 +185,7 @@ class DINO(nn.Module):
             raise ValueError(f"expected images (B,3,H,W) and masks (B,H,W), got {tuple(images.shape)} "
                              f"and {tuple(masks.shape)}")
         masks = masks.to(torch.bool)
+        images, masks = self.pad_to_query_count(images, masks)
         srcs, fmasks, poss = self._features(images, masks)
 
         q_label = q_bbox = attn_mask = dn_meta = None

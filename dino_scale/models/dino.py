@@ -184,6 +184,12 @@ class DINO(nn.Module):
         if images.dim() != 4 or masks.shape != (images.shape[0],) + tuple(images.shape[-2:]):
             raise ValueError(f"expected images (B,3,H,W) and masks (B,H,W), got {tuple(images.shape)} "
                              f"and {tuple(masks.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floating-point, ImageNet-normalized (B,3,H,W) pixels, got "
+                             f"{images.dtype} (convert to float and normalize first, as the data pipeline does)")
+        if images.shape[1] != 3:
+            raise ValueError(f"images must have 3 channels (RGB), got {images.shape[1]} "
+                             "(convert grayscale/RGBA images to RGB first)")
         masks = masks.to(torch.bool)
         images, masks = self.pad_to_query_count(images, masks)
         srcs, fmasks, poss = self._features(images, masks)

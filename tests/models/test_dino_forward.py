@@ -240,3 +240,17 @@ def test_input_with_fewer_tokens_than_queries_runs_as_in_a_larger_batch(tiny):
     with torch.no_grad():
         out = wide(torch.randn(1, 3, 8, 320, generator=g), torch.zeros(1, 8, 320, dtype=torch.bool))
     assert out["pred_boxes"].shape == (1, 100, 4) and torch.isfinite(out["pred_boxes"]).all()
+
+
+def test_integer_or_wrong_channel_images_are_refused_clearly(tiny):
+    """uint8 pixels (an image not yet normalized) failed deep in the backbone with 'expected
+    scalar type Byte but found Float', naming neither the images nor the fix; grayscale/RGBA
+    tensors with conv1's channel message. Both are now a ValueError naming the images."""
+    _, model, _, _ = tiny
+    model.eval()
+    masks = torch.zeros(1, 64, 64, dtype=torch.bool)
+    with pytest.raises(ValueError, match="floating-point.*normalized"):
+        model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8), masks)
+    for channels in (1, 4):
+        with pytest.raises(ValueError, match=f"3 channels.*got {channels}"):
+            model(torch.zeros(1, channels, 64, 64), masks)

@@ -19,7 +19,8 @@ position and file name; their boxes count as dropped (``skipped_image``). With a
 each split's manifest counts the boxes of its own images; boxes naming no image of either
 split (an unknown or unusable image id) are counted in both. A width or height
 that is not a whole pixel count in int32 range is read from the file header instead.
-Unknown category ids stop the conversion before anything is written. The manifest satisfies
+Unknown or negative category ids (an id is the class index) stop the conversion before anything
+is written. The manifest satisfies
 ``images_in == num_images + sum(images_skipped.values())`` and
 ``boxes_in == num_boxes + sum(boxes_dropped.values())``.
 """

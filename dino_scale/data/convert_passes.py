@@ -45,6 +45,9 @@ def read_categories(path: Path) -> list[dict[str, Any]]:
     for c in stream_items(path, "categories.item"):
         if (not isinstance(c, dict) or not _is_int(c.get("id"), -_INT32, _INT32 - 1) or "name" not in c):
             raise ConversionError(f"{path}: bad category entry {c!r} (need an integer id in int32 range and a name)")
+        if c["id"] < 0:  # it passed the class-head check before a run and stopped the loop at its first batch
+            raise ConversionError(f"{path}: category {c!r} has a negative id; a category id is the class "
+                                  f"index (ids stay raw), so it must be >= 0: renumber the categories")
         cats.append({"id": int(c["id"]), "name": str(c["name"])})
     if not cats:
         raise ConversionError(f"{path}: no 'categories' in the annotation file")

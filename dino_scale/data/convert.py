@@ -11,7 +11,7 @@ Shards therefore hold images grouped by bucket, in file order within a bucket.
 Bad input: non-finite or malformed coordinates, ``w <= 0`` or ``h <= 0``, boxes wholly
 outside the image, and boxes of unknown images are dropped; boxes partly outside are
 clipped; every case is counted. Images whose file is missing, unreadable, empty or corrupt
-or whose pixels do not match the annotated size (when checked: ``size_mismatch``, see
+(or above PIL's pixel limit: ``too_large``) or whose pixels do not match the annotated size (when checked: ``size_mismatch``, see
 :func:`~.decode.sizes_agree`), and images with bad metadata (no int64 id or file name) or
 duplicate ids (the first usable entry keeps the id; with an Objects365 val split, an id on
 both sides is kept on neither) are skipped, counted and logged with their id, entry

@@ -26,9 +26,10 @@ _ORIENTATION = 0x0112
 
 
 class ImageDecodeError(ValueError):
-    """A record the loaders skip (and count): bytes that are empty, truncated or not an image,
-    a missing or unreadable file, or a record that disagrees with its annotation or manifest
-    (``size_mismatch``, ``unknown_category``); ``reason`` is that short tag."""
+    """A record the loaders skip (and count): bytes that are empty, truncated or not an image, an
+    image above PIL's pixel limit (``too_large``), a missing or unreadable file, or a record that
+    disagrees with its annotation or manifest (``size_mismatch``, ``unknown_category``); ``reason``
+    is that short tag."""
 
     def __init__(self, reason: str, detail: str = ""):
         self.reason = reason
@@ -49,11 +50,19 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
+def _too_large(e: Exception) -> ImageDecodeError:
+    """PIL's refusal of an image above twice ``Image.MAX_IMAGE_PIXELS`` (a possible decompression
+    bomb): the file is intact, so not ``corrupt``."""
+    return ImageDecodeError("too_large", f"{e} (PIL.Image.MAX_IMAGE_PIXELS); tile or downscale such images")
+
+
 def _open(data: Optional[bytes]) -> Image.Image:
     if not data:
         raise ImageDecodeError("empty_file", "zero bytes")
     try:
         return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise _too_large(e) from None
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError...
         raise ImageDecodeError("corrupt", f"{type(e).__name__}: {e}") from None
 
@@ -79,7 +88,8 @@ def decode_image(data: Optional[bytes], expected_size: Optional[tuple[int, int]]
     ``expected_size`` is the annotated (width, height), used only to decide EXIF
     orientation (see module doc). ``draft_size`` (w, h) lets JPEG decode at a reduced
     DCT scale no smaller than that size (faster when the output will be smaller).
-    Raises :class:`ImageDecodeError` (reason ``empty_file`` or ``corrupt``).
+    Raises :class:`ImageDecodeError` (reason ``empty_file``, ``corrupt``, or ``too_large`` for
+    an image PIL refuses to open: more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` pixels).
     """
     im = _open(data)
     try:
@@ -97,12 +107,14 @@ def decode_image(data: Optional[bytes], expected_size: Optional[tuple[int, int]]
         return np.array(_to_rgb(im))
     except ImageDecodeError:
         raise
+    except Image.DecompressionBombError as e:
+        raise _too_large(e) from None
     except Exception as e:  # truncated data: OSError("image file is truncated ...")
         raise ImageDecodeError("corrupt", f"{type(e).__name__}: {e}") from None
 
 
 def verify_image_bytes(data: Optional[bytes], expected_size: Optional[tuple[int, int]] = None) -> Optional[str]:
-    """``None`` when the bytes decode completely, else the reason (``empty_file``/``corrupt``,
+    """``None`` when the bytes decode completely, else the reason (``empty_file``/``corrupt``/``too_large``,
     or ``size_mismatch`` when neither the stored nor the upright size agrees with the
     annotated ``expected_size`` (w, h); see :func:`sizes_agree`).
 

@@ -1,4 +1,4 @@
-"""Converter input checks: category ids that can be no class index."""
+"""Converter input checks: category ids that can be no class index, images PIL refuses to open."""
 from __future__ import annotations
 
 import io
@@ -48,3 +48,33 @@ def test_data_negative_category_id_fails_fast(tmp_path):
     m = convert_coco(ann, root, tmp_path / "fine" / "out", progress=False)
     assert [c["id"] for c in m["categories"]] == [0, 3] and m["num_boxes"] == 2
 
+
+def test_data_image_above_pil_pixel_limit_is_too_large_not_corrupt(tmp_path, monkeypatch, caplog):
+    """PIL refuses to open an image of more than twice ``Image.MAX_IMAGE_PIXELS`` (178,956,970
+    pixels by default: e.g. 15000x12000 aerial tiles) as a possible decompression bomb. Such an
+    intact image was skipped as ``corrupt``, at conversion and at read time alike, so a user went
+    looking for damaged files; it is now the reason ``too_large``, its message naming the size
+    and the limit. (The limit is lowered here so that the test image stays small.)"""
+    import logging
+
+    from dino_scale.config import preset
+    from dino_scale.data.decode import ImageDecodeError, decode_image, verify_image_bytes
+    from dino_scale.data.loader import LocalLoader
+
+    images = {"a.png": _png(), "big.png": _png(160, 120)}
+    anns = [{"image_id": i, "category_id": 1, "bbox": [1, 1, 20, 20]} for i in (1, 2)]
+    root, ann = _dataset(tmp_path, [{"id": 1, "name": "x"}], anns, images)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 48)  # a.png (64x48) opens, big.png (160x120) not
+    big = (root / "big.png").read_bytes()
+    assert verify_image_bytes(big, (160, 120)) == "too_large"
+    with pytest.raises(ImageDecodeError, match=r"too_large: .*19200 pixels.*6144 pixels.*MAX_IMAGE_PIXELS") as ei:
+        decode_image(big)
+    assert ei.value.reason == "too_large"
+    with caplog.at_level(logging.WARNING):
+        m = convert_coco(ann, root, tmp_path / "embedded", embed_images=True, progress=False)
+    assert m["num_images"] == 1 and m["images_skipped"] == {"too_large": 1}
+    assert "skipping image id 2 (too_large)" in caplog.text
+    convert_coco(ann, root, tmp_path / "by_path", embed_images=False, progress=False)
+    loader = LocalLoader(tmp_path / "by_path", preset("tiny").data, train=False, batch_size=2)
+    assert [int(t["image_id"]) for _, _, ts in loader for t in ts] == [1]
+    assert loader.skips["by_reason"] == {"too_large": 1} and loader.skips["image_ids"] == [2]

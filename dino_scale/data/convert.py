@@ -11,9 +11,10 @@ Shards therefore hold images grouped by bucket, in file order within a bucket.
 Bad input: non-finite or malformed coordinates, ``w <= 0`` or ``h <= 0``, boxes wholly
 outside the image, and boxes of unknown images are dropped; boxes partly outside are
 clipped; every case is counted. Images whose file is missing, unreadable, empty or corrupt
-(or above PIL's pixel limit: ``too_large``) or whose pixels do not match the annotated size (when checked: ``size_mismatch``, see
-:func:`~.decode.sizes_agree`), and images with bad metadata (no int64 id or file name) or
-duplicate ids (the first usable entry keeps the id; with an Objects365 val split, an id on
+(or above PIL's pixel limit: ``too_large``) or whose pixels do not match the annotated size
+(when checked: ``size_mismatch``, see :func:`~.decode.sizes_agree`), and images with bad
+metadata (no file name, or an id that is neither an int64 nor an integral float below 2**53)
+or duplicate ids (the first usable entry keeps the id; with an Objects365 val split, an id on
 both sides is kept on neither) are skipped, counted and logged with their id, entry
 position and file name; their boxes count as dropped (``skipped_image``). With a val split,
 each split's manifest counts the boxes of its own images; boxes naming no image of either

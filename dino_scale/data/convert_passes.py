@@ -70,6 +70,17 @@ def _is_int(v: Any, lo: int, hi: int) -> bool:
     return (isinstance(v, int) or (np.isfinite(v) and v == int(v))) and lo <= v <= hi
 
 
+def _image_id(v: Any) -> Optional[int]:
+    """An image entry's ``id`` -> int, or ``None`` when it is none: the rule of the annotations'
+    ``image_id`` (:func:`_image_ids`), an int in int64 range or an integral float below 2**53
+    (a JSON written through numpy/pandas floats holds ``1.0``)."""
+    if type(v) is int and -_INT64 <= v < _INT64:
+        return v
+    if type(v) is float and v.is_integer() and abs(v) < _FLOAT_EXACT:
+        return int(v)
+    return None
+
+
 def _size_from_file(images: Optional[Path], fname: str) -> Optional[tuple[int, int]]:
     """(width, height) from the header of ``fname`` under ``images``; ``None`` when it is absent,
     unreadable (also a name the OS refuses, e.g. too long) or not an image."""
@@ -105,15 +116,15 @@ def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
         pos = n_all
         n_all += 1
         ok_dict = isinstance(img, dict)
-        iid = img.get("id") if ok_dict else None
+        iid = _image_id(img.get("id")) if ok_dict else None
         if pos < lo or (hi is not None and pos >= hi):
-            if isinstance(iid, int):
+            if iid is not None:
                 excluded.append(iid)
             continue
         fname = str(img.get("file_name") or "") if ok_dict else ""
         w, h = (img.get("width"), img.get("height")) if ok_dict else (None, None)
         status = ""
-        id_ok = isinstance(iid, int) and _is_int(iid, -_INT64, _INT64 - 1)  # an int, not an integral float
+        id_ok = iid is not None
         if not id_ok or not fname:
             status, iid = "bad_metadata", iid if id_ok else -1
         elif not (_is_int(w, 1, _INT32 - 1) and _is_int(h, 1, _INT32 - 1)):

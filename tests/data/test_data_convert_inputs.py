@@ -78,3 +78,35 @@ def test_data_image_above_pil_pixel_limit_is_too_large_not_corrupt(tmp_path, mon
     loader = LocalLoader(tmp_path / "by_path", preset("tiny").data, train=False, batch_size=2)
     assert [int(t["image_id"]) for _, _, ts in loader for t in ts] == [1]
     assert loader.skips["by_reason"] == {"too_large": 1} and loader.skips["image_ids"] == [2]
+
+
+def test_data_image_ids_written_as_integral_floats_are_kept(tmp_path, caplog):
+    """A JSON written through numpy/pandas floats holds every id as ``1.0``. The annotations'
+    ``image_id`` 1.0 (and category ids, widths, heights) were taken, but an image entry's ``id``
+    1.0 was bad metadata: every image was skipped (logged as 'image id -1') and its boxes counted
+    as orphans, an empty dataset. An image id now follows the annotations' rule: an int, or an
+    integral float below 2**53 (where float64 holds it exactly); fractional or larger floats
+    stay bad metadata, on both sides of an Objects365 val split."""
+    import logging
+
+    from dino_scale.data import iter_records
+
+    images = {f"{n}.png": _png() for n in "abcd"}
+    root, ann = _dataset(tmp_path, [{"id": 1, "name": "x"}], [], images)
+    doc = json.loads(ann.read_text())
+    for img, iid in zip(doc["images"], (1.0, 2.0, 2.5, 2.0 ** 53)):
+        img["id"] = iid
+    doc["annotations"] = [{"id": k, "image_id": iid, "category_id": 1.0, "bbox": [1.0, 1.0, 20.0, 20.0],
+                           "iscrowd": 0.0} for k, iid in enumerate((1.0, 2.0, 2.0, 2.5), 1)]
+    ann.write_text(json.dumps(doc))
+    with caplog.at_level(logging.WARNING):
+        m = convert_coco(ann, root, tmp_path / "out", progress=False)
+    assert {r["image_id"]: len(r["category_ids"]) for r in iter_records(tmp_path / "out")} == {1: 1, 2: 2}
+    assert m["images_skipped"] == {"bad_metadata": 2} and m["num_boxes"] == 3
+    assert m["boxes_dropped"]["malformed"] == 1  # image_id 2.5 names no image
+    assert "file_name 'c.png'" in caplog.text and "file_name 'd.png'" in caplog.text
+    split = convert_coco(ann, root, tmp_path / "split", o365_val_split=1, progress=False)
+    assert [r["image_id"] for r in iter_records(tmp_path / "split" / "val")] == [1]
+    assert [r["image_id"] for r in iter_records(tmp_path / "split" / "train_extra")] == [2]
+    # the val split's boxes are its own: image 2's two boxes belong to the other split, not orphans
+    assert split["val"]["boxes_dropped"]["orphan"] == 0 and split["val"]["num_boxes"] == 1

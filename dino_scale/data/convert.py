@@ -14,14 +14,15 @@ clipped; every case is counted. Images whose file is missing, unreadable, empty 
 (or above PIL's pixel limit: ``too_large``) or whose pixels do not match the annotated size
 (when checked: ``size_mismatch``, see :func:`~.decode.sizes_agree`), and images with bad
 metadata (no file name, or an id that is neither an int64 nor an integral float below 2**53)
-or duplicate ids (the first usable entry keeps the id; with an Objects365 val split, an id on
-both sides is kept on neither) are skipped, counted and logged with their id, entry
-position and file name; their boxes count as dropped (``skipped_image``). With a val split,
-each split's manifest counts the boxes of its own images; boxes naming no image of either
-split (an unknown or unusable image id) are counted in both. A width or height
-that is not a whole pixel count in int32 range is read from the file header instead.
-Unknown or negative category ids (an id is the class index) stop the conversion before anything
-is written. The manifest satisfies
+or duplicate ids (an id listed again for the same file keeps its first usable entry; an id
+given to different files is kept by none, as the annotations cannot tell whose boxes are
+whose; with an Objects365 val split, an id on both sides is kept on neither) are skipped,
+counted and logged with their id, entry position and file name; their boxes count as dropped
+(``skipped_image``). With a val split, each split's manifest counts the boxes of its own
+images; boxes naming no image of either split (an unknown or unusable image id) are counted
+in both. A width or height that is not a whole pixel count in int32 range is read from the
+file header instead. Unknown or negative category ids (an id is the class index) stop the
+conversion before anything is written. The manifest satisfies
 ``images_in == num_images + sum(images_skipped.values())`` and
 ``boxes_in == num_boxes + sum(boxes_dropped.values())``.
 """
@@ -148,12 +149,17 @@ class _Converter:
         status = np.array(meta.column("status").to_pylist(), dtype=object)
         # an id that the sibling split (o365 val/train_extra) also lists is in neither
         status[(status == "") & np.isin(ids, excluded)] = "duplicate_id"
-        # among the remaining usable entries the first keeps its id (a bad entry takes none)
+        # among the remaining usable entries (a bad entry takes no id) an id listed again for the
+        # same file keeps its first entry; one given to different files is kept by none of them:
+        # the annotations name the id only, so the first got the other files' boxes as its own
         usable = np.flatnonzero(status == "")
         order = usable[np.argsort(ids[usable], kind="stable")]
-        repeat = np.zeros(len(order), bool)
+        names = np.array(meta.column("file_name").to_pylist(), dtype=object)[order]
+        repeat, other_file = np.zeros(len(order), bool), np.zeros(len(order), bool)
         repeat[1:] = ids[order][1:] == ids[order][:-1]
-        status[order[repeat]] = "duplicate_id"
+        other_file[1:] = repeat[1:] & (names[1:] != names[:-1])
+        group = np.cumsum(~repeat)  # one number per id
+        status[order[repeat | np.isin(group, group[other_file])]] = "duplicate_id"
         valid = np.flatnonzero(status == "")
         vorder = np.argsort(ids[valid], kind="stable")
         vids = ids[valid][vorder]

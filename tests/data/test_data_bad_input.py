@@ -299,8 +299,9 @@ def test_data_name_the_os_refuses_is_a_counted_skip(tmp_path):
 
 
 def test_data_bad_image_entries_and_duplicate_ids(tmp_path):
-    """A bad entry takes no id from a later usable one with the same id; boxes of skipped
-    entries are ``skipped_image``, not ``orphan``; sizes that are not int32 pixel counts are
+    """A bad entry takes no id from a later usable one with the same id; a file listed twice
+    under its id keeps the first entry (one id for two files: test_data_one_id_for_two_files_keeps_neither);
+    boxes of skipped entries are ``skipped_image``, not ``orphan``; sizes that are not int32 pixel counts are
     read from the file; an id on both sides of the Objects365 val split is in neither."""
     good = _jpeg()
     root = tmp_path / "img"
@@ -312,7 +313,7 @@ def test_data_bad_image_entries_and_duplicate_ids(tmp_path):
             {"id": 2, "file_name": "b.jpg", "width": 3_000_000_000, "height": 48},  # size from the file
             {"id": 3, "file_name": "c.jpg", "width": 64.9, "height": True},  # size from the file
             {"id": 4, "file_name": "d.jpg"},
-            {"id": 2, "file_name": "e.jpg", "width": 64, "height": 48}]  # a duplicate
+            {"id": 2, "file_name": "b.jpg", "width": 64, "height": 48}]  # the same file listed again
     doc = {"images": imgs, "categories": [{"id": 1, "name": "a"}],
            "annotations": [{"id": k, "image_id": i, "category_id": 1, "bbox": [1, 2, 10, 10]}
                            for k, i in enumerate((1, 2, 3, 4, 4), 1)]}

@@ -110,3 +110,33 @@ def test_data_image_ids_written_as_integral_floats_are_kept(tmp_path, caplog):
     assert [r["image_id"] for r in iter_records(tmp_path / "split" / "train_extra")] == [2]
     # the val split's boxes are its own: image 2's two boxes belong to the other split, not orphans
     assert split["val"]["boxes_dropped"]["orphan"] == 0 and split["val"]["num_boxes"] == 1
+
+
+def test_data_one_id_for_two_files_keeps_neither(tmp_path, caplog):
+    """Two files under one image id (two annotation files merged whose ids collide): the
+    annotations name the id only, so which boxes are whose cannot be told. The first entry kept
+    the id and silently got the other file's boxes too (the manifest said the second was skipped
+    and that its boxes were not written). Now neither is kept and all their boxes count as
+    ``skipped_image``; an id listed twice for the same file keeps its first entry as before."""
+    import logging
+
+    from dino_scale.data import iter_records
+
+    images = {"a.png": _png(), "b.png": _png(), "c.png": _png()}
+    root, ann = _dataset(tmp_path, [{"id": 1, "name": "x"}, {"id": 2, "name": "y"}], [], images)
+    doc = json.loads(ann.read_text())
+    doc["images"] = [{"id": 7, "file_name": "a.png", "width": 64, "height": 48},
+                     {"id": 7, "file_name": "b.png", "width": 64, "height": 48},  # another file, id 7 again
+                     {"id": 8, "file_name": "c.png", "width": 64, "height": 48},
+                     {"id": 8, "file_name": "c.png", "width": 64, "height": 48}]  # the same file listed twice
+    doc["annotations"] = [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [1, 1, 20, 20]},  # a's
+                          {"id": 2, "image_id": 7, "category_id": 2, "bbox": [30, 20, 20, 20]},  # b's
+                          {"id": 3, "image_id": 8, "category_id": 1, "bbox": [5, 5, 10, 10]}]
+    ann.write_text(json.dumps(doc))
+    with caplog.at_level(logging.WARNING):
+        m = convert_coco(ann, root, tmp_path / "out", progress=False)
+    recs = {r["image_id"]: r for r in iter_records(tmp_path / "out")}
+    assert sorted(recs) == [8] and recs[8]["category_ids"].tolist() == [1]
+    assert m["images_skipped"] == {"duplicate_id": 3}
+    assert m["num_boxes"] == 1 and m["boxes_dropped"]["skipped_image"] == 2
+    assert "file_name 'a.png'" in caplog.text and "file_name 'b.png'" in caplog.text

@@ -35,7 +35,7 @@ from dino_scale.engine.checkpoint import CONFIG_NAME, DS_TAG, STATE_NAME, UNIVER
 from dino_scale.engine.optim import lr_drop_epochs
 
 __all__ = ["saved_world_size", "check_resumable", "check_restart", "resume_changes", "RESUME_FREE_KEYS",
-           "universal_resume", "resume_source", "ResumeSource", "UNIVERSAL_TAG"]
+           "universal_resume", "resume_source", "ResumeSource", "UNIVERSAL_TAG", "zero_checkpoint_layout"]
 
 log = logging.getLogger("dino_scale.engine")
 
@@ -88,7 +88,8 @@ def check_resumable(saved_world: int, world: int, zero_stage: int) -> bool:
 
 
 # Settings a rerun under the same run name may change: where and how it runs, and its budget
-# (train.max_steps, train.epochs; the lr schedule they shape is compared as such). Everything
+# (train.max_steps, train.epochs; the lr schedule they shape is compared as such; train.zero_stage
+# between 1 and 2 only, whose checkpoints DeepSpeed loads into each other). Everything
 # else decides what is trained: the resumed optimizer and lr scheduler keep the first run's lr
 # and weight decay whatever the new config says, so a change would be silently half-applied.
 RESUME_FREE_KEYS = frozenset({
@@ -102,10 +103,22 @@ RESUME_FREE_KEYS = frozenset({
 })
 
 
+def zero_checkpoint_layout(zero_stage: int) -> str:
+    """How a DeepSpeed checkpoint of ``zero_stage`` stores the optimizer: ZeRO-1 and ZeRO-2 write
+    the same per-rank partitions and load each other's checkpoints exactly; ZeRO-0 (the optimizer
+    in the model states file) and ZeRO-3 (partitioned parameters too) load only their own
+    (DeepSpeed 0.19.8 on CPU: 0 -> 1/2 FileNotFoundError of 'zero_pp_rank_0_..._optim_states.pt',
+    2 -> 0 AttributeError in the optimizer's load_state_dict, 2 <-> 3 an AssertionError in its
+    state dict loader, in every worker after the run had started)."""
+    return {0: "ZeRO-0", 1: "ZeRO-1/2", 2: "ZeRO-1/2", 3: "ZeRO-3"}.get(int(zero_stage), f"ZeRO-{zero_stage}")
+
+
 def _resume_settings(cfg: Config) -> dict[str, Any]:
     """The settings of ``cfg`` a resumed run must keep (not :data:`RESUME_FREE_KEYS`, not ``eval.*``),
-    with the lr schedule as applied: the drop epochs (``step``/``multistep``) or the cosine's length."""
+    with the lr schedule as applied: the drop epochs (``step``/``multistep``) or the cosine's length,
+    and the checkpoint layout of ``train.zero_stage`` (:func:`zero_checkpoint_layout`: 1 <-> 2 may change)."""
     out = {k: v for k, v in flatten(cfg).items() if k not in RESUME_FREE_KEYS and not k.startswith("eval.")}
+    out["train.zero_stage (checkpoint layout)"] = zero_checkpoint_layout(cfg.train.zero_stage)
     if cfg.train.schedule == "cosine":
         out["train.epochs"] = cfg.train.epochs
     else:

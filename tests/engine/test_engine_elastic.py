@@ -160,7 +160,7 @@ def test_a_rerun_under_the_same_run_name_must_keep_what_the_run_trains_with():
 
     base = preset("tiny", {"train.lr_drop_epochs": None, "train.epochs": 12})
     saved = to_dict(base)
-    same = {"train.max_steps": 900, "train.num_workers": 4, "train.min_workers": 2, "train.zero_stage": 2,
+    same = {"train.max_steps": 900, "train.num_workers": 4, "train.min_workers": 2,
             "train.checkpoint_every_steps": 7, "train.log_every_steps": 3, "train.max_failures": 2,
             "train.compile": True, "eval.tta": True, "model.msda_backend": "pytorch", "name": "other"}
     assert resume_changes(saved, preset("tiny", {"train.lr_drop_epochs": None, "train.epochs": 12, **same})) == []
@@ -185,3 +185,74 @@ def test_a_rerun_under_the_same_run_name_must_keep_what_the_run_trains_with():
     # the epoch length in optimizer steps (another dataset, or another size of it)
     assert resume_changes(saved, base, 40, 40) == [] and resume_changes(saved, base, 0, 41) == []
     assert resume_changes(saved, base, 40, 41) == ["steps per epoch (training images // global batch) 40 -> 41"]
+
+
+# One rank: 2 optimizer steps and a checkpoint under ZeRO ``save_stage`` (then the step after it:
+# the uninterrupted run), or the checkpoint loaded under ZeRO ``load_stage`` and that step.
+_STAGE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param
+    from dino_scale.config import preset
+    from dino_scale.engine.checkpoint import TrainState, load_training_checkpoint, save_training_checkpoint
+    from dino_scale.engine.deepspeed_utils import AccumulationWindow, build_ds_config, init_deepspeed
+
+    mode, folder, stage = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    torch.distributed.init_process_group("gloo")
+    gen = torch.Generator().manual_seed(3)
+    samples = [(torch.randn(4, 6, generator=gen), torch.randn(4, 2, generator=gen)) for _ in range(3)]
+    tc = preset("tiny", {"train.zero_stage": stage, "train.global_batch_size": 4, "train.clip_max_norm": 1.0}).train
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 2))
+    groups = [{"params": list(model[0].parameters()), "lr": 3e-3, "weight_decay": 0.05},
+              {"params": list(model[2].parameters()), "lr": 6e-3, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    engine = init_deepspeed(model, optimizer, scheduler, build_ds_config(tc, 2, 1))
+    window = AccumulationWindow(engine, 2)
+
+    def step(t):
+        x, y = samples[t]
+        for i in (0, 2):
+            window.backward(((engine(x[i:i + 2]) - y[i:i + 2]) ** 2).mean())
+        window.flush()
+
+    if mode == "save":
+        step(0), step(1)
+        save_training_checkpoint(folder, engine, TrainState(global_step=2, world=1), 0)
+    else:
+        load_training_checkpoint(folder, engine, 0)
+    step(2)
+    params = [(safe_get_full_fp32_param(p) if stage else p.detach()).tolist() for p in engine.module.parameters()]
+    print("REPORT " + json.dumps({"params": params, "lrs": [g["lr"] for g in engine.optimizer.param_groups]}))
+    torch.distributed.destroy_process_group()
+""")
+
+
+def test_a_rerun_may_change_the_zero_stage_only_between_checkpoint_layouts_deepspeed_loads():
+    """``--zero-stage`` was free on a rerun under the same run name, but DeepSpeed loads a ZeRO-0
+    checkpoint only under ZeRO-0, a ZeRO-3 one only under ZeRO-3: the driver let 0 -> 2, 2 -> 0 and
+    2 -> 3 through and every worker then failed at the resume (FileNotFoundError of
+    'zero_pp_rank_0_mp_rank_00_optim_states.pt', AttributeError: 'NoneType' object has no attribute
+    'copy', an AssertionError in DeepSpeed's state dict loader), retried max_failures times. ZeRO-1
+    and ZeRO-2 write the same partitions: 1 -> 2 resumes exactly (real engines below)."""
+    from dino_scale.config import to_dict
+    from dino_scale.engine.elastic import resume_changes
+
+    def changes(old: int, new: int) -> list[str]:
+        return resume_changes(to_dict(preset("tiny", {"train.zero_stage": old})),
+                              preset("tiny", {"train.zero_stage": new}))
+
+    for old, new, layouts in ((0, 2, "'ZeRO-0' -> 'ZeRO-1/2'"), (2, 0, "'ZeRO-1/2' -> 'ZeRO-0'"),
+                              (0, 1, "'ZeRO-0' -> 'ZeRO-1/2'"), (2, 3, "'ZeRO-1/2' -> 'ZeRO-3'"),
+                              (3, 1, "'ZeRO-3' -> 'ZeRO-1/2'"), (0, 3, "'ZeRO-0' -> 'ZeRO-3'")):
+        assert changes(old, new) == [f"train.zero_stage (checkpoint layout) {layouts}"], (old, new)
+    assert changes(1, 2) == changes(2, 1) == changes(3, 3) == []
+
+
+def test_a_zero1_checkpoint_resumes_exactly_under_zero2(tmp_path):
+    reference = run_ranks(_STAGE_SCRIPT, 1, "save", str(tmp_path / "ckpt"), "1")[0]
+    resumed = run_ranks(_STAGE_SCRIPT, 1, "load", str(tmp_path / "ckpt"), "2")[0]
+    assert resumed["lrs"] == reference["lrs"]
+    assert _max_diff(reference["params"], resumed["params"]) < 1e-7

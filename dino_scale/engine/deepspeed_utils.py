@@ -91,7 +91,8 @@ def check_train_config(cfg: TrainConfig, micro_batch_size: int, world_size: int)
     Ray or MLflow starts (a :class:`ConfigError` there came back as a worker-group failure,
     retried ``max_failures`` times): ZeRO stage, precision and batch sizes, the lr schedule,
     the EMA decay, the checkpoint/log intervals (0 divided by zero after the first step), an
-    elastic run's ZeRO stage, the lrs, weight decay and clipping norm, and ``max_steps``."""
+    elastic run's ZeRO stage, the lrs (``lr`` > 0), weight decay and clipping norm, ``max_steps``,
+    ``epochs`` and ``warmup_steps``."""
     from dino_scale.engine.optim import lr_factor_fn
 
     build_ds_config(cfg, micro_batch_size, world_size)
@@ -112,6 +113,15 @@ def check_train_config(cfg: TrainConfig, micro_batch_size: int, world_size: int)
             raise ConfigError(f"train.{key} must be a finite number >= 0, got {getattr(cfg, key)}")
     if cfg.max_steps is not None and cfg.max_steps < 1:  # 0 read as "no limit": every epoch was trained
         raise ConfigError(f"train.max_steps must be >= 1 (or none: no limit), got {cfg.max_steps}")
+    # these trained nothing, or not what was asked, and the run finished and registered its weights:
+    # epochs 0 or less took no step (the initial weights evaluated as the result), lr 0 left every
+    # group but the backbone as initialized, a negative warmup was read as none
+    if int(cfg.epochs) < 1:
+        raise ConfigError(f"train.epochs must be >= 1, got {cfg.epochs}")
+    if not float(cfg.lr) > 0.0:
+        raise ConfigError(f"train.lr must be > 0 (the transformer and heads train at it), got {cfg.lr}")
+    if int(cfg.warmup_steps) < 0:
+        raise ConfigError(f"train.warmup_steps must be >= 0, got {cfg.warmup_steps}")
 
 
 def apply_activation_checkpointing(cfg: Config, enabled: bool = True) -> Config:

@@ -27,6 +27,12 @@ def data(tmp_path_factory):
     ({"train.lr_backbone": -1e-5}, r"train.lr_backbone must be a finite number >= 0, got -1e-05"),
     ({"train.weight_decay": float("nan")}, "train.weight_decay must be a finite number >= 0"),
     ({"train.max_steps": 0}, r"train.max_steps must be >= 1 \(or none"),  # 0 trained every epoch
+    # these finished 'successfully' having trained nothing (epochs 0, -1: no step, the initial weights
+    # evaluated and copied as the result; lr 0: only the backbone trained) or without the warmup asked for
+    ({"train.epochs": 0}, r"train.epochs must be >= 1, got 0"),
+    ({"train.epochs": -1}, r"train.epochs must be >= 1, got -1"),
+    ({"train.lr": 0.0}, r"train.lr must be > 0"),
+    ({"train.warmup_steps": -100}, r"train.warmup_steps must be >= 0, got -100"),
 ])
 def test_config_errors_before_ray_or_mlflow(data, tmp_path, monkeypatch, override, needle):
     """Checked on the driver before Ray or an MLflow run starts: in the workers these came back

@@ -92,7 +92,7 @@ def check_train_config(cfg: TrainConfig, micro_batch_size: int, world_size: int)
     retried ``max_failures`` times): ZeRO stage, precision and batch sizes, the lr schedule,
     the EMA decay, the checkpoint/log intervals (0 divided by zero after the first step), an
     elastic run's ZeRO stage, the lrs (``lr`` > 0), weight decay and clipping norm, ``max_steps``,
-    ``epochs`` and ``warmup_steps``."""
+    ``epochs`` and ``warmup_steps``, ``torch_threads``, ``cpus_per_worker`` and the compile settings."""
     from dino_scale.engine.optim import lr_factor_fn
 
     build_ds_config(cfg, micro_batch_size, world_size)
@@ -122,6 +122,19 @@ def check_train_config(cfg: TrainConfig, micro_batch_size: int, world_size: int)
         raise ConfigError(f"train.lr must be > 0 (the transformer and heads train at it), got {cfg.lr}")
     if int(cfg.warmup_steps) < 0:
         raise ConfigError(f"train.warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    # these failed in every worker as it started (after Ray and the MLflow run had, retried max_failures times)
+    if cfg.torch_threads is not None and int(cfg.torch_threads) < 0:  # torch.set_num_threads refuses it
+        raise ConfigError(f"train.torch_threads must be >= 1 (0 or none: torch's default), got {cfg.torch_threads}")
+    if cfg.cpus_per_worker is not None and not 0.0 <= float(cfg.cpus_per_worker) < float("inf"):
+        raise ConfigError(f"train.cpus_per_worker must be a finite number >= 0, got {cfg.cpus_per_worker}")
+    if cfg.compile:
+        from dino_scale.models.compile import _GRANULARITY, _MODES
+
+        if cfg.compile_granularity not in _GRANULARITY:
+            raise ConfigError(f"train.compile_granularity must be one of {sorted(_GRANULARITY)}, "
+                              f"got {cfg.compile_granularity!r}")
+        if cfg.compile_mode not in _MODES:
+            raise ConfigError(f"train.compile_mode must be one of {list(_MODES)}, got {cfg.compile_mode!r}")
 
 
 def apply_activation_checkpointing(cfg: Config, enabled: bool = True) -> Config:

@@ -33,6 +33,13 @@ def data(tmp_path_factory):
     ({"train.epochs": -1}, r"train.epochs must be >= 1, got -1"),
     ({"train.lr": 0.0}, r"train.lr must be > 0"),
     ({"train.warmup_steps": -100}, r"train.warmup_steps must be >= 0, got -100"),
+    # these failed in every worker as it started ('set_num_threads expects a positive integer', the
+    # compile regions' ValueError), Ray and the MLflow run having started
+    ({"train.torch_threads": -1}, r"train.torch_threads must be >= 1 \(0 or none: torch's default\), got -1"),
+    ({"train.cpus_per_worker": -1.0}, r"train.cpus_per_worker must be a finite number >= 0, got -1.0"),
+    ({"train.compile": True, "train.compile_granularity": "block"},
+     r"train.compile_granularity must be one of \['layer', 'stack'\], got 'block'"),
+    ({"train.compile": True, "train.compile_mode": "fast"}, r"train.compile_mode must be one of .*got 'fast'"),
 ])
 def test_config_errors_before_ray_or_mlflow(data, tmp_path, monkeypatch, override, needle):
     """Checked on the driver before Ray or an MLflow run starts: in the workers these came back

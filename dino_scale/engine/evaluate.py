@@ -3,7 +3,9 @@ across workers, and pycocotools ``COCOeval`` on rank 0.
 
 Detections use the COCO results format: ``{"image_id", "category_id", "bbox": [x, y, w,
 h] in original pixels, "score"}``. :func:`coco_evaluate` returns ``AP, AP50, AP75, APs,
-APm, APl`` (fractions in [0, 1], the first six ``COCOeval.stats``).
+APm, APl`` (fractions in [0, 1], the first six ``COCOeval.stats``; -1 where the ground truth
+has no object of that size) and ``detections_nonfinite``: detections with a NaN/inf score or box
+(a diverged model, a half-precision overflow) are a counted, logged skip and never scored.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import sys
 from typing import Any, Iterable, Optional, Sequence
 
@@ -20,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 __all__ = ["METRIC_NAMES", "to_coco_detections", "predict_batch", "coco_evaluate", "gather_to_rank0",
-           "evaluate_batches", "unevaluated_images", "target_image_ids"]
+           "evaluate_batches", "unevaluated_images", "target_image_ids", "finite_detections"]
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -145,20 +148,41 @@ def unevaluated_images(coco_gt: dict, evaluated_ids: Iterable[int]) -> list[int]
     return sorted(int(img["id"]) for img in coco_gt.get("images", []) if int(img["id"]) not in seen)
 
 
-def coco_evaluate(coco_gt: dict, detections: list[dict]) -> dict[str, float]:
-    """pycocotools bbox ``COCOeval`` of ``detections`` against the COCO-format ``coco_gt``.
+def finite_detections(detections: list[dict]) -> tuple[list[dict], int]:
+    """``(kept, dropped)``: the COCO result dicts whose ``score`` and four ``bbox`` values are
+    all finite, and how many others there were. pycocotools must never see the others: a NaN
+    box matches every object (its ``iou < threshold`` test is False), so an all-NaN model scored
+    AP 0.75 on a test set."""
+    kept = [d for d in detections
+            if math.isfinite(float(d["score"])) and all(math.isfinite(float(v)) for v in d["bbox"])]
+    return kept, len(detections) - len(kept)
 
-    Detections of images outside ``coco_gt`` are an error; an empty list gives zeros.
+
+def coco_evaluate(coco_gt: dict, detections: list[dict]) -> dict[str, float]:
+    """pycocotools bbox ``COCOeval`` of ``detections`` against the COCO-format ``coco_gt``:
+    :data:`METRIC_NAMES` and ``detections_nonfinite``.
+
+    Detections of images outside ``coco_gt`` are an error; an empty list gives zeros (nothing
+    detected). Non-finite detections are dropped, counted and logged (their images' objects
+    count as misses); when every detection was non-finite the metrics are NaN (no measurement,
+    never AP 0 reported as a result).
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    if not detections:
-        return {k: 0.0 for k in METRIC_NAMES}
     known = {img["id"] for img in coco_gt["images"]}
     unknown = {d["image_id"] for d in detections} - known
     if unknown:
         raise ValueError(f"detections for {len(unknown)} image ids not in the ground truth, e.g. {sorted(unknown)[:5]}")
+    detections, nonfinite = finite_detections(detections)
+    if nonfinite:
+        log.warning("%d of %d detections have a non-finite score or box (the model's outputs hold NaN/inf) and "
+                    "were not scored%s", nonfinite, nonfinite + len(detections),
+                    "; no finite detection is left: AP is NaN" if not detections else
+                    "; their images' objects count as misses")
+    if not detections:
+        value = math.nan if nonfinite else 0.0
+        return {**{k: value for k in METRIC_NAMES}, "detections_nonfinite": nonfinite}
     with _prints_to(io.StringIO()) as printed:
         gt = COCO()
         gt.dataset = copy.deepcopy(coco_gt)
@@ -169,7 +193,7 @@ def coco_evaluate(coco_gt: dict, detections: list[dict]) -> dict[str, float]:
         ev.accumulate()
         ev.summarize()
     log.debug("pycocotools:\n%s", printed.getvalue())
-    return {name: float(ev.stats[i]) for i, name in enumerate(METRIC_NAMES)}
+    return {**{name: float(ev.stats[i]) for i, name in enumerate(METRIC_NAMES)}, "detections_nonfinite": nonfinite}
 
 
 def evaluate_batches(model, postprocessor, batches: Iterable, device: torch.device, *,

@@ -36,7 +36,7 @@ from dino_scale.engine.deepspeed_utils import (
 )
 from dino_scale.engine.elastic import resume_source
 from dino_scale.engine.evaluate import (
-    coco_evaluate, evaluate_batches, gather_to_rank0, target_image_ids, unevaluated_images,
+    coco_evaluate, evaluate_batches, finite_detections, gather_to_rank0, target_image_ids, unevaluated_images,
 )
 from dino_scale.engine.optim import applied_lr, build_optimizer, build_scheduler
 from dino_scale.engine.progress import LossWindow, WindowMeter
@@ -127,10 +127,12 @@ def _evaluate_val(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: t
                   amp: Optional[torch.dtype], rank: int, tracker, step: int
                   ) -> tuple[dict[str, Any], Optional[list]]:
     """COCO AP of ``model`` over this worker's shard of the ``val`` dataset, logged as ``eval/*``
-    at ``step`` when ``tracker`` is given. Returns ``({AP..., num_detections, images_unevaluated},
-    detections)`` on rank 0 and ``({}, None)`` on the others; every rank must call it (detections
-    and evaluated image ids are gathered). Images the data layer dropped (undecodable) still
-    count in the AP as misses; their number is reported and logged with a warning."""
+    at ``step`` when ``tracker`` is given. Returns ``({AP..., detections_nonfinite, num_detections,
+    images_unevaluated}, detections)`` on rank 0 (the detections with finite scores and boxes:
+    :func:`coco_evaluate` scores only those) and ``({}, None)`` on the others; every rank must
+    call it (detections and evaluated image ids are gathered). Images the data layer dropped
+    (undecodable) still count in the AP as misses; their number is reported and logged with a
+    warning."""
     import ray.train
 
     from dino_scale.data.collate import collate
@@ -161,6 +163,7 @@ def _evaluate_val(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: t
                     "(their objects count as misses); image ids %s%s", step, len(missing),
                     len(val_gt.get("images", [])), missing[:10], " ..." if len(missing) > 10 else "")
     ap = {**coco_evaluate(val_gt, detections), "images_unevaluated": len(missing)}
+    detections, _ = finite_detections(detections)  # detections.json: the scored ones (valid JSON, no NaN)
     if tracker is not None:
         tracker.log_metrics({f"eval/{k}": v for k, v in ap.items()}, step=step)
     return {**ap, "num_detections": len(detections)}, detections

@@ -199,3 +199,39 @@ def test_tta_of_a_perfect_detector_keeps_ap_one():
     assert plain["AP"] == pytest.approx(1.0)
     tta = predict_batch(model, post, images, masks, orig, tta=True, tta_scale_factors=(1.0,), num_select=10)
     assert coco_evaluate(gt, to_coco_detections(tta, ids))["AP"] == pytest.approx(1.0)
+
+
+def _nan_model_results(nan_images: set[int]):
+    """PostProcess results of a 2-image batch: image i outputs NaN everywhere when i is in
+    ``nan_images``, else one box on its object (the ground truth of :func:`_two_images_gt`)."""
+    logits = torch.full((2, 10, 2), -5.0)
+    logits[:, 0, 1] = 5.0
+    boxes = torch.tensor([0.25, 0.3125, 0.3, 0.375]).repeat(2, 10, 1)  # xywh 10,10,30,30 of 100x80
+    for i in nan_images:
+        logits[i], boxes[i] = float("nan"), float("nan")
+    return PostProcess(num_select=5)({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[80, 100]] * 2))
+
+
+def _two_images_gt():
+    return {"images": [{"id": 1, "width": 100, "height": 80}, {"id": 2, "width": 100, "height": 80}],
+            "annotations": [{"id": k, "image_id": k, "category_id": 1, "bbox": [10, 10, 30, 30], "area": 900.0,
+                             "iscrowd": 0} for k in (1, 2)],
+            "categories": [{"id": 1, "name": "a"}]}
+
+
+def test_non_finite_detections_are_dropped_and_counted_never_scored():
+    """pycocotools matches a NaN box to every object (``iou < threshold`` is False for NaN), so a
+    model whose outputs were all NaN (diverged, fp16 overflow) scored AP 0.75 here, and one with
+    NaN outputs on one image of two AP50 0.75 instead of 0.5. Non-finite detections are now a
+    counted, logged skip; when nothing finite is left the AP is NaN (no measurement), not 0."""
+    gt = _two_images_gt()
+    all_nan = coco_evaluate(gt, to_coco_detections(_nan_model_results({0, 1}), [1, 2]))
+    assert all(np.isnan(all_nan[k]) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")), all_nan
+    assert all_nan["detections_nonfinite"] == 10
+    one_nan = coco_evaluate(gt, to_coco_detections(_nan_model_results({0}), [1, 2]))
+    finite_only = coco_evaluate(gt, to_coco_detections(_nan_model_results({0}), [1, 2])[5:])
+    assert one_nan["detections_nonfinite"] == 5 and finite_only["detections_nonfinite"] == 0
+    assert one_nan["AP50"] == pytest.approx(0.5, abs=0.01)  # image 1's object is a miss
+    for k in ("AP", "AP50", "AP75", "APs"):
+        assert one_nan[k] == finite_only[k], k
+    assert coco_evaluate(gt, to_coco_detections(_nan_model_results(set()), [1, 2]))["AP"] == pytest.approx(1.0)

@@ -23,7 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 __all__ = ["METRIC_NAMES", "to_coco_detections", "predict_batch", "coco_evaluate", "gather_to_rank0",
-           "evaluate_batches", "unevaluated_images", "target_image_ids", "finite_detections"]
+           "evaluate_batches", "unevaluated_images", "target_image_ids", "finite_detections",
+           "val_metrics"]
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -210,3 +211,17 @@ def evaluate_batches(model, postprocessor, batches: Iterable, device: torch.devi
                                 num_select=num_select)
         dets.extend(to_coco_detections(results, ids))
     return dets
+
+
+def val_metrics(coco_gt: dict, detections: list[dict], evaluated_ids: Iterable[int]) -> dict[str, Any]:
+    """:func:`coco_evaluate` of the gathered ``detections`` plus ``images_unevaluated`` (the
+    ground truth's images missing from ``evaluated_ids``, see :func:`unevaluated_images`; their
+    objects count as misses). When no image was evaluated at all (every one skipped by the data
+    layer, e.g. image files missing) the AP metrics are NaN, never AP 0 reported as a result."""
+    evaluated = list(evaluated_ids)
+    missing = unevaluated_images(coco_gt, evaluated)
+    metrics = {**coco_evaluate(coco_gt, detections), "images_unevaluated": len(missing)}
+    if not evaluated:
+        log.error("no val image was evaluated (all %d were skipped by the data layer): no AP", len(missing))
+        metrics.update({k: math.nan for k in METRIC_NAMES})
+    return metrics

@@ -36,7 +36,7 @@ from dino_scale.engine.deepspeed_utils import (
 )
 from dino_scale.engine.elastic import resume_source
 from dino_scale.engine.evaluate import (
-    coco_evaluate, evaluate_batches, finite_detections, gather_to_rank0, target_image_ids, unevaluated_images,
+    evaluate_batches, finite_detections, gather_to_rank0, target_image_ids, unevaluated_images, val_metrics,
 )
 from dino_scale.engine.optim import applied_lr, build_optimizer, build_scheduler
 from dino_scale.engine.progress import LossWindow, WindowMeter
@@ -162,7 +162,7 @@ def _evaluate_val(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: t
         log.warning("evaluation at step %d: %d of %d val images could not be decoded and were not evaluated "
                     "(their objects count as misses); image ids %s%s", step, len(missing),
                     len(val_gt.get("images", [])), missing[:10], " ..." if len(missing) > 10 else "")
-    ap = {**coco_evaluate(val_gt, detections), "images_unevaluated": len(missing)}
+    ap = val_metrics(val_gt, detections, evaluated_ids)  # AP NaN when no image was evaluated
     detections, _ = finite_detections(detections)  # detections.json: the scored ones (valid JSON, no NaN)
     if tracker is not None:
         tracker.log_metrics({f"eval/{k}": v for k, v in ap.items()}, step=step)

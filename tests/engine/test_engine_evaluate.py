@@ -235,3 +235,22 @@ def test_non_finite_detections_are_dropped_and_counted_never_scored():
     for k in ("AP", "AP50", "AP75", "APs"):
         assert one_nan[k] == finite_only[k], k
     assert coco_evaluate(gt, to_coco_detections(_nan_model_results(set()), [1, 2]))["AP"] == pytest.approx(1.0)
+
+
+def test_an_evaluation_that_saw_no_image_has_no_ap():
+    """Every val image skipped by the data layer (files missing: a folder converted without
+    embedded images, read where its image root is not) gave AP 0.0 and a warning: a finished
+    evaluation whose AP a registry takes as the first champion's. With no image evaluated the
+    metrics are NaN (no measurement); with some evaluated, the rest count as misses as before."""
+    from dino_scale.engine.evaluate import val_metrics
+
+    gt = _two_images_gt()
+    none_seen = val_metrics(gt, [], [])
+    assert all(np.isnan(none_seen[k]) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")), none_seen
+    assert none_seen["images_unevaluated"] == 2
+    dets = to_coco_detections(_nan_model_results(set()), [1, 2])
+    one_seen = val_metrics(gt, dets[5:], [2])
+    assert one_seen["images_unevaluated"] == 1 and one_seen["AP50"] == pytest.approx(0.5, abs=0.01)
+    both = val_metrics(gt, dets, [2, 1])
+    assert both["images_unevaluated"] == 0 and both["AP"] == pytest.approx(1.0)
+    assert val_metrics(gt, [], [1, 2])["AP"] == 0.0  # images seen, nothing detected: AP 0 is the measurement

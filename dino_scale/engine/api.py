@@ -128,6 +128,7 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
          tracking_close_timeout_s: float) -> FitResult:
     from dino_scale.data import build_eval_dataset, build_train_dataset, to_coco_gt
     from dino_scale.data.ray_data import unreadable_shard
+    from dino_scale.engine.evaluate import check_eval_config
     from dino_scale.engine.progress import ProgressCallback
     from dino_scale.engine.trainer import (
         build_trainer, check_training_config, loop_config, normalize_storage_path, steps_per_epoch, worker_count,
@@ -138,6 +139,8 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     from dino_scale.tracking.logger import ResilientLogger, default_tracking_uri
     from dino_scale.tracking.relay import is_node_local, start_relay
 
+    if evaluate and val_dir:
+        check_eval_config(cfg)  # before any data is read: a bad one failed in every worker's evaluation
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     storage = normalize_storage_path(storage_path or cfg.train.storage_path, work / "ray")

@@ -55,9 +55,12 @@ def check_training_config(cfg: Config) -> None:
     """What a training run checks before anything starts: the worker count or elastic range
     (:func:`worker_count`), the workers' own settings at the largest group
     (:func:`~dino_scale.engine.deepspeed_utils.check_train_config`), the augmentation sizes
-    (:func:`~dino_scale.data.transforms.check_augmentation`) and the model's settings
-    (:func:`~dino_scale.models.check_model_config`)."""
+    (:func:`~dino_scale.data.transforms.check_augmentation`), the model's settings
+    (:func:`~dino_scale.models.check_model_config`) and the evaluation settings
+    (:func:`~dino_scale.engine.evaluate.check_eval_config`: the final evaluation runs after all
+    of the training)."""
     from dino_scale.data.transforms import check_augmentation
+    from dino_scale.engine.evaluate import check_eval_config
     from dino_scale.models import check_model_config
 
     worker_count(cfg)
@@ -67,6 +70,7 @@ def check_training_config(cfg: Config) -> None:
         check_model_config(cfg.model)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    check_eval_config(cfg)
 
 
 def resources_per_worker(cfg: Config) -> dict[str, float]:

@@ -254,3 +254,33 @@ def test_an_evaluation_that_saw_no_image_has_no_ap():
     both = val_metrics(gt, dets, [2, 1])
     assert both["images_unevaluated"] == 0 and both["AP"] == pytest.approx(1.0)
     assert val_metrics(gt, [], [1, 2])["AP"] == 0.0  # images seen, nothing detected: AP 0 is the measurement
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["eval.batch_size=0"], "eval.batch_size"),
+    (["eval.tta=true", "eval.tta_scales=[]"], "eval.tta_scales"),
+    (["eval.tta=true", "eval.tta_scales=[0]"], "eval.tta_scales"),
+    (["eval.tta=true", "eval.tta_scales=[256, -256]"], "eval.tta_scales"),
+])
+def test_bad_eval_settings_refused_before_the_run(overrides, key, tmp_path):
+    """Evaluation settings were not checked: a training run trained to the end and then failed in
+    its final evaluation, in every worker, before its final checkpoint was reported ('merge_tta
+    needs at least one result' for an empty eval.tta_scales, 'input too small' for a 0 or
+    negative scale, Ray's error for eval.batch_size 0). Now a ConfigError naming the key in the
+    pre-run training checks and before an evaluation-only run reads data or starts Ray."""
+    from dino_scale.config import ConfigError
+    from dino_scale.engine import evaluate_weights
+    from dino_scale.engine.evaluate import check_eval_config
+    from dino_scale.engine.trainer import check_training_config
+
+    cfg = preset("tiny", overrides)
+    pattern = key.replace(".", r"\.")
+    for check in (check_eval_config, check_training_config):
+        with pytest.raises(ConfigError, match=pattern):
+            check(cfg)
+    with pytest.raises(ConfigError, match=pattern):  # before the (absent) data and weights are looked at
+        evaluate_weights(cfg, str(tmp_path / "no-weights"), str(tmp_path / "no-val"), tmp_path / "work", "bad-eval")
+    for name in ("tiny", "r50_4scale", "swinl_4scale"):  # the shipped settings pass, with TTA too
+        for extra in ([], ["eval.tta=true", "eval.tta_scales=[640, 800, 960]"]):
+            check_eval_config(preset(name, extra))
+            check_training_config(preset(name, extra))

@@ -378,3 +378,38 @@ def test_cluster_estimate_formula_and_readme_table():
     # The README shows exactly what the script prints for the anchors.
     rows = [r for label, v in est.ANCHORS.items() for r in est.recipe(v, label)]
     assert est.markdown(rows) in (CLUSTER / "README.md").read_text()
+
+
+def _excludes_spot_nodes(pod_spec: dict) -> bool:
+    """Whether the pod can only be scheduled on nodes without GKE's Spot label (a required node
+    affinity term set in which every term says cloud.google.com/gke-spot DoesNotExist / NotIn true)."""
+    terms = (pod_spec.get("affinity", {}).get("nodeAffinity", {})
+             .get("requiredDuringSchedulingIgnoredDuringExecution", {}).get("nodeSelectorTerms", []))
+
+    def excludes(term: dict) -> bool:
+        return any(e.get("key") == "cloud.google.com/gke-spot" and (
+            e.get("operator") == "DoesNotExist" or (e.get("operator") == "NotIn" and "true" in e.get("values", [])))
+            for e in term.get("matchExpressions", []))
+
+    return bool(terms) and all(excludes(t) for t in terms)
+
+
+def test_cluster_kuberay_on_demand_groups_stay_off_spot_nodes():
+    """The on-demand groups' nodeSelector (H100, a3) matched the Spot node pool as well: GKE
+    labels Spot nodes cloud.google.com/gke-spot=true but taints a Standard node pool only when
+    asked, so a pod advertising gpu_ondemand could be placed on (or scale up) a Spot VM and be
+    preempted, and pinning a run to on-demand (README: maxReplicas 0 on the Spot group) did not
+    hold. Every group advertising gpu_ondemand must require nodes without the Spot label; every
+    gpu_spot group selects them."""
+    seen = set()
+    for label, _, spec in _cluster_specs():
+        for g in spec["workerGroupSpecs"]:
+            market = next(m for m in ("gpu_spot", "gpu_ondemand") if m in g["rayStartParams"]["resources"])
+            pod = g["template"]["spec"]
+            seen.add(market)
+            if market == "gpu_spot":
+                assert pod["nodeSelector"].get("cloud.google.com/gke-spot") == "true", (label, g["groupName"])
+            else:
+                assert "cloud.google.com/gke-spot" not in pod.get("nodeSelector", {}), (label, g["groupName"])
+                assert _excludes_spot_nodes(pod), (label, g["groupName"])
+    assert seen == {"gpu_spot", "gpu_ondemand"}

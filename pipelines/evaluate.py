@@ -15,6 +15,7 @@ one), not the training run's.
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -44,9 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_table(metrics: dict, title: str) -> str:
+    """The AP table in %. A metric pycocotools reports as -1 (the ground truth has no object of
+    that size) or NaN (no AP measured: no image evaluated, no finite detection) is '-' with a
+    line saying which, never '-100.00' or 'nan'."""
+    values = {m: float(metrics.get(m, float("nan"))) for m in METRICS}
     head = " | ".join(f"{m:>6}" for m in METRICS)
-    vals = " | ".join(f"{100 * float(metrics.get(m, float('nan'))):6.2f}" for m in METRICS)
-    return f"{title}\n{head}\n{vals}"
+    vals = " | ".join(f"{100 * v:6.2f}" if v >= 0 else f"{'-':>6}" for v in values.values())  # NaN >= 0: False
+    notes = []
+    absent = [m for m, v in values.items() if v < 0]
+    if absent:
+        notes.append(f"{', '.join(absent)}: the ground truth has no objects of that size")
+    if all(math.isnan(v) for v in values.values()):
+        notes.append("no AP was measured (no val image evaluated, or no detection with a finite score and box)")
+    return "\n".join([title, head, vals] + notes)
 
 
 def _official_rows(weights: Path) -> Optional[int]:

@@ -238,11 +238,16 @@ def val_metrics(coco_gt: dict, detections: list[dict], evaluated_ids: Iterable[i
     """:func:`coco_evaluate` of the gathered ``detections`` plus ``images_unevaluated`` (the
     ground truth's images missing from ``evaluated_ids``, see :func:`unevaluated_images`; their
     objects count as misses). When no image was evaluated at all (every one skipped by the data
-    layer, e.g. image files missing) the AP metrics are NaN, never AP 0 reported as a result."""
+    layer, e.g. image files missing) the AP metrics are NaN, never AP 0 reported as a result; so
+    they are when the ground truth holds no object to find (pycocotools' AP -1: no annotation, or
+    crowd regions only)."""
     evaluated = list(evaluated_ids)
     missing = unevaluated_images(coco_gt, evaluated)
     metrics = {**coco_evaluate(coco_gt, detections), "images_unevaluated": len(missing)}
     if not evaluated:
         log.error("no val image was evaluated (all %d were skipped by the data layer): no AP", len(missing))
+        metrics.update({k: math.nan for k in METRIC_NAMES})
+    elif metrics["AP"] < 0:  # -1: no ground-truth object of any size
+        log.error("the val ground truth holds no object to find (no annotation that is not a crowd region): no AP")
         metrics.update({k: math.nan for k in METRIC_NAMES})
     return metrics

@@ -284,3 +284,21 @@ def test_bad_eval_settings_refused_before_the_run(overrides, key, tmp_path):
         for extra in ([], ["eval.tta=true", "eval.tta_scales=[640, 800, 960]"]):
             check_eval_config(preset(name, extra))
             check_training_config(preset(name, extra))
+
+
+def test_a_ground_truth_without_objects_has_no_ap():
+    """A val set whose images hold no (non-crowd) object: pycocotools reports every metric as -1,
+    which went on as AP -1 (logged, tagged on the registered version, and taken by the registry
+    as a measured AP: the first version of a model became its champion with it). It is NaN now,
+    as for an evaluation that saw no image."""
+    from dino_scale.engine.evaluate import val_metrics
+
+    gt = {**_two_images_gt(), "annotations": []}
+    dets = to_coco_detections(_nan_model_results(set()), [1, 2])
+    empty = val_metrics(gt, dets, [1, 2])
+    assert all(np.isnan(empty[k]) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")), empty
+    crowd_only = {**_two_images_gt()}
+    crowd_only["annotations"] = [{**a, "iscrowd": 1} for a in crowd_only["annotations"]]
+    assert np.isnan(val_metrics(crowd_only, dets, [1, 2])["AP"])
+    sizes = val_metrics(_two_images_gt(), dets, [1, 2])  # objects of one size: the others stay -1
+    assert sizes["AP"] == pytest.approx(1.0) and sizes["APm"] == -1.0 and sizes["APl"] == -1.0

@@ -72,8 +72,41 @@ def check_exists(uri: str) -> None:
         if not is_not_found(exc):
             raise  # the store failed, not the lookup
         msg = str(exc).splitlines()[0]
-        raise UsageError(f"cannot resolve {uri}: {msg} (list models with `dino-scale registry "
-                         f"--work-dir DIR list`; run pretraining first)") from None
+        raise UsageError(f"cannot resolve {uri}: {msg} ({_what_exists(client, uri)})") from None
+
+
+def _what_exists(client, uri: str) -> str:
+    """For a registry URI that names nothing: what the registry does hold, in a few words (the
+    model's aliases and versions when the model exists, else the closest model names)."""
+    import difflib
+
+    from mlflow.exceptions import MlflowException
+
+    hint = "list models with `dino-scale registry --work-dir DIR list`"
+    if not uri.startswith("models:/"):
+        return hint
+    rest = uri[len("models:/"):]
+    name = rest.split("@", 1)[0] if "@" in rest else rest.rsplit("/", 1)[0]
+    try:
+        from pipelines.registry import _all_pages, _get_model, _versions
+
+        model = _get_model(client, name) if name else None
+        if model is not None:
+            versions = sorted(int(v.version) for v in _versions(client, name))
+            aliases = sorted((getattr(model, "aliases", None) or {}).items())
+            alias_text = ", ".join(f"@{a} (v{v})" for a, v in aliases)
+            return (f"{name} has " + (f"alias{'es' if len(aliases) > 1 else ''} {alias_text} and " if aliases
+                                      else "no aliases and ")
+                    + (f"versions {', '.join(map(str, versions[-10:]))}" if versions else "no versions")
+                    + (f" (the last 10 of {len(versions)})" if len(versions) > 10 else ""))
+        names = [m.name for m in _all_pages(client.search_registered_models)]
+    except MlflowException:
+        return hint  # the lookup's own error is the message; the listing is only a help
+    if not names:
+        return "the registry holds no models: run pretraining first, or give the --work-dir it used"
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    shown = close + [n for n in sorted(names) if n not in close][:max(0, 5 - len(close))]
+    return f"registered models: {', '.join(shown)}" + (f", ... {len(names)} in all" if len(names) > 5 else "")
 
 
 def resolve(uri: str, dst_dir: Path):
@@ -93,7 +126,9 @@ def resolve(uri: str, dst_dir: Path):
         msg = str(exc).splitlines()[0]
         hint = ""
         if uri.startswith("models:/"):
-            hint = " (run pretraining first, or list models with `dino-scale registry --work-dir DIR list`)"
+            from dino_scale.tracking import store_client
+
+            hint = f" ({_what_exists(store_client(), uri)})"
         raise UsageError(f"cannot resolve {uri}: {msg}{hint}") from None
 
 

@@ -95,3 +95,37 @@ def test_pipelines_init_other_layer_count_is_a_usage_error(o365_checkpoint, tmp_
         prepare_init(str(ckpt), cfg, [{"id": 1, "name": "person"}], tmp_path / "init", log=lambda m: None)
     assert named in str(err.value)
     assert not (tmp_path / "init" / "model.safetensors").exists()
+
+
+def test_pipelines_init_registry_typo_lists_what_exists(tmp_path, mlflow_store_restored):
+    """A mistyped alias, version or model name in a registry URI names what the registry holds
+    (the model's aliases with their versions, its versions, the closest model names). Was: MLflow's
+    'Registered model alias pretraind not found.' and the advice to 'run pretraining first', for a
+    model that pretraining had registered."""
+    import mlflow
+
+    from mlflow_store import seeded_store
+    from pipelines import _common as common
+    from pipelines._init import check_exists
+
+    seeded_store(tmp_path)
+    uri = common.setup_tracking(tmp_path)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    client.create_registered_model("dino-tiny-o365")
+    client.create_registered_model("dino-tiny-coco")
+    for _ in range(2):
+        client.create_model_version("dino-tiny-o365", source=str(tmp_path / "w"))
+    client.set_registered_model_alias("dino-tiny-o365", "pretrained", "2")
+    check_exists("models:/dino-tiny-o365@pretrained")
+    cases = {
+        "models:/dino-tiny-o365@pretraind": ["dino-tiny-o365 has alias @pretrained (v2) and versions 1, 2"],
+        "models:/dino-tiny-o365/7": ["dino-tiny-o365 has alias @pretrained (v2) and versions 1, 2"],
+        "models:/dino-tiny-o36@pretrained": ["registered models: dino-tiny-o365, dino-tiny-coco"],
+    }
+    for bad, needles in cases.items():
+        with pytest.raises(UsageError) as err:
+            check_exists(bad)
+        msg = str(err.value)
+        assert msg.startswith(f"cannot resolve {bad}: ") and "\n" not in msg, msg
+        assert all(n in msg for n in needles), msg
+        assert "run pretraining first" not in msg, msg

@@ -177,3 +177,22 @@ def check_classes(cfg, categories: list[dict], data: str) -> None:
         check_label_book(m.num_classes, m.dn_number, m.dn_labelbook_size)
     except ValueError as exc:
         raise UsageError(f"model.{exc}") from None
+
+
+def eval_fingerprint(val: str) -> str:
+    """16 hex digits naming the labels of the validation set ``val`` (folders joined by commas):
+    its images (id, width, height), boxes (image id, category id, x, y, w, h, crowd) and
+    category ids, in any order, whatever folder, copy or shard layout holds them. Tagged on a
+    registered version (``eval.data``) so that only APs measured on the same data are compared
+    for ``@champion``."""
+    import json
+
+    from dino_scale.data import to_coco_gt
+
+    gt = to_coco_gt(val)
+    images = sorted((int(i["id"]), int(i["width"]), int(i["height"])) for i in gt["images"])
+    boxes = sorted((int(a["image_id"]), int(a["category_id"]), *(round(float(v), 3) for v in a["bbox"]),
+                    int(a["iscrowd"])) for a in gt["annotations"])
+    cats = sorted(int(c["id"]) for c in gt["categories"])
+    text = json.dumps([images, boxes, cats], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

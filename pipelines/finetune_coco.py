@@ -8,8 +8,9 @@ run URI, a local checkpoint, an official ``.pth``, or ``none`` (train from scrat
 The source is recorded on the run (tags ``source.uri``, ``source.model_name``,
 ``source.model_version``, ``source.run_id``) and on the registered version. Class
 heads are mapped by category name (366 -> 91), the rest is fresh. After evaluation the
-model is registered as ``dino-<preset>-coco``, its AP tagged on the version, and alias
-``champion`` moves to it only when that AP beats the current champion's.
+model is registered as ``dino-<preset>-coco``, its AP tagged on the version (with what it was
+measured on: ``eval.data``, the validation labels' fingerprint, and ``eval.tta``), and alias
+``champion`` moves to it only when that AP beats the current champion's on the same data.
 """
 from __future__ import annotations
 
@@ -135,9 +136,13 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         return summary
     version_tags = {k: v for k, v in tags.items() if k.startswith("source.")}
     version_tags.update({"stage": "finetune", "preset": cfg.name, "init": tags["init"]})
-    version = common.register(result, name, alias=None, categories=categories, tags=version_tags)
     from dino_scale.tracking import store_client
-    from pipelines.registry import promote_if_better
+    from pipelines._datasets import eval_fingerprint
+    from pipelines.registry import EVAL_DATA_TAG, EVAL_TTA_TAG, promote_if_better
+
+    # what the AP was measured on: @champion moves only over an AP of the same data and protocol
+    version_tags.update({EVAL_DATA_TAG: eval_fingerprint(val), EVAL_TTA_TAG: str(bool(cfg.eval.tta)).lower()})
+    version = common.register(result, name, alias=None, categories=categories, tags=version_tags)
 
     promo = promote_if_better(name, version, ap, alias=CHAMPION, client=store_client(result.tracking_uri))
     print(f"Registered model  : {name} version {version}")

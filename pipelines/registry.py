@@ -5,7 +5,9 @@
     python -m pipelines.registry promote dino-tiny-coco 3 [--alias champion]
 
 :func:`promote_if_better` moves alias ``champion`` to a new version only when its AP
-(tag ``AP`` on the version) beats the AP of the current champion.
+(tag ``AP`` on the version) beats the AP of the current champion, measured on the same
+validation data with the same protocol (tags ``eval.data``, ``eval.tta``; a version without
+them is compared on its AP alone).
 
 The registry has no compare-and-set, so two fine-tunes that finish together can both read
 the same champion, both beat it, and the worse one's alias write can land last. Every
@@ -34,6 +36,9 @@ PROMOTION_TAG, BASIS_TAG = "{}.promotion", "{}.basis"
 _NO_HOLDER = "none"
 _SETTLE_ROUNDS = 10
 _PAGE = 1000  # the most one MLflow search page may hold
+# what the AP was measured on (pipelines._datasets.eval_fingerprint of the val set; eval.tta): only
+# APs of the same data and protocol are compared
+EVAL_DATA_TAG, EVAL_TTA_TAG = "eval.data", "eval.tta"
 LINEAGE_TAGS = ("source.uri", "source.model_name", "source.model_version", "source.run_id")
 
 
@@ -74,7 +79,8 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
     """Tag ``AP`` on ``name`` version ``version``; move ``alias`` to it only when ``ap``
     is strictly greater than the current holder's AP (or no version holds the alias).
     A version without a measured AP is never promoted; a current holder without an AP
-    tag counts as beaten. A concurrent promotion from the same holder with a better AP
+    tag counts as beaten. When both versions say what their AP was measured on (tags
+    ``eval.data``, ``eval.tta``) and that differs, the APs are not comparable: not promoted. A concurrent promotion from the same holder with a better AP
     wins the alias back (module docstring)."""
     client = client or store_client()
     version = str(version)
@@ -89,6 +95,13 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
         return Promotion(False, version, None, prev_v, prev_ap, "no AP measured; alias not moved")
     if current is not None and prev_v == version:
         return Promotion(True, version, ap, prev_v, prev_ap, f"already @{alias}")
+    ours, theirs = _evaluation(client.get_model_version(name, version)), _evaluation(current)
+    if ours is not None and theirs is not None and ours != theirs:
+        return Promotion(False, version, ap, prev_v, prev_ap,
+                         f"AP {ap:.4f} was measured on other validation data or protocol ({_eval_text(ours)}) than "
+                         f"@{alias} v{prev_v}'s (AP {'-' if prev_ap is None else f'{prev_ap:.4f}'}, "
+                         f"{_eval_text(theirs)}): not comparable, alias not moved (move it by hand with "
+                         f"`dino-scale registry promote`)")
     if current is not None and prev_ap is not None and not ap > prev_ap:
         return Promotion(False, version, ap, prev_v, prev_ap,
                          f"AP {ap:.4f} does not beat @{alias} v{prev_v} (AP {prev_ap:.4f})")
@@ -102,6 +115,19 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
                          f"AP {ap:.4f} {why}, but v{holder.version} (AP {_ap_of(holder) or float('nan'):.4f}), "
                          f"promoted at the same time from the same @{alias}, is better")
     return Promotion(True, version, ap, prev_v, prev_ap, f"AP {ap:.4f} {why}")
+
+
+def _evaluation(version) -> Optional[tuple[str, str]]:
+    """What a version's AP was measured on: (fingerprint of the validation labels, TTA) from its
+    ``eval.data`` / ``eval.tta`` tags; None for a version without them (registered before these
+    tags, or by hand), which is compared on its AP alone."""
+    if version is None or not version.tags.get(EVAL_DATA_TAG):
+        return None
+    return version.tags[EVAL_DATA_TAG], version.tags.get(EVAL_TTA_TAG, "false")
+
+
+def _eval_text(evaluation: tuple[str, str]) -> str:
+    return f"val data {evaluation[0]}{', TTA' if evaluation[1] == 'true' else ''}"
 
 
 def _promotion_id(holder, alias: str) -> str:

@@ -202,3 +202,30 @@ def test_pipelines_champion_hand_set_champion_is_kept(client, _store, tmp_path, 
     v3 = _new_version(client, tmp_path)
     assert promote_if_better("dino-tiny-coco", v3, 0.55, client=client).promoted
     assert _champion(client) == v3
+
+
+def test_pipelines_champion_ap_of_other_val_data_does_not_move_it(client, tmp_path):
+    """APs measured on different validation data (a synthetic smoke-test set, a subset of val)
+    or with/without test-time augmentation are not comparable: a fine-tune evaluated on other
+    data than the champion's must not take ``@champion`` with a higher number. Was: AP 0.90 on
+    an easy 8-image set beat the champion's 0.30 on the real val set and moved the alias."""
+    def version(data: str, tta: bool = False) -> str:
+        v = _new_version(client, tmp_path)
+        for key, value in (("eval.data", data), ("eval.tta", str(tta).lower())):
+            client.set_model_version_tag("dino-tiny-coco", v, key, value)
+        return v
+
+    v1 = version("val2017-fp")
+    assert promote_if_better("dino-tiny-coco", v1, 0.30, client=client).promoted
+    v2 = version("synthetic-fp")  # a much higher AP on other data: alias stays
+    p = promote_if_better("dino-tiny-coco", v2, 0.90, client=client)
+    assert not p.promoted and "other" in p.reason and p.previous_version == v1
+    assert str(client.get_model_version_by_alias("dino-tiny-coco", "champion").version) == v1
+    assert client.get_model_version("dino-tiny-coco", v2).tags["AP"] == "0.900000"  # still recorded
+    v3 = version("val2017-fp", tta=True)  # same data, TTA: not comparable either
+    assert not promote_if_better("dino-tiny-coco", v3, 0.35, client=client).promoted
+    v4 = version("val2017-fp")  # same data, same protocol, better: moves
+    p = promote_if_better("dino-tiny-coco", v4, 0.31, client=client)
+    assert p.promoted and p.previous_version == v1
+    v5 = _new_version(client, tmp_path)  # no evaluation tags (registered by hand): compared as before
+    assert promote_if_better("dino-tiny-coco", v5, 0.32, client=client).promoted

@@ -125,3 +125,25 @@ def test_pipelines_datasets_edited_annotation_file_is_converted_again(tmp_path):
     assert labels == [doc["categories"][-1]["id"]]
     unchanged, _, _ = resolve_datasets(args, tmp_path / "work", "coco-like", 8, 0, lambda m: None)
     assert unchanged == again and read_manifest(unchanged)["num_boxes"] == 1  # reused while unchanged
+
+
+def test_pipelines_datasets_eval_fingerprint_names_the_labels_not_the_copy(raw, tmp_path):
+    """The validation data's fingerprint (tagged on registered versions so that only APs of the
+    same data are compared) is the same for any conversion of the same labels (other folder,
+    other shard size), and differs for other labels."""
+    import json
+
+    from pipelines._datasets import eval_fingerprint
+
+    root, ann = raw
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    convert_coco(ann, root, a, progress=False)
+    convert_coco(ann, root, b, progress=False, max_images_per_shard=1)
+    data = json.loads(ann.read_text())
+    box = next(x for x in data["annotations"] if not x.get("iscrowd"))
+    box["bbox"][0] += 5.0
+    moved = tmp_path / "moved.json"
+    moved.write_text(json.dumps(data))
+    convert_coco(moved, root, c, progress=False)
+    fa = eval_fingerprint(str(a))
+    assert len(fa) == 16 and fa == eval_fingerprint(str(b)) != eval_fingerprint(str(c))

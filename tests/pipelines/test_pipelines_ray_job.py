@@ -101,5 +101,6 @@ def test_pipelines_ray_job_submit_pretrain_then_finetune(tmp_path, ray_lock):
     assert (init_dir / "model.safetensors").is_file() and not (init_dir / "source").exists()
     # the first fine-tuned version with a measured AP becomes champion, AP tagged
     assert "AP" in v.tags and 0.0 <= float(v.tags["AP"]) <= 1.0
+    assert len(v.tags["eval.data"]) == 16 and v.tags["eval.tta"] == "false"  # what the AP was measured on
     assert str(client.get_model_version_by_alias("dino-tiny-coco", "champion").version) == "1"
 

@@ -174,7 +174,7 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
         tracker.set_tags({"init_weights": str(init_weights)})
 
     relay = None
-    try:  # any failure from here on marks the MLflow run FAILED (it stayed RUNNING before)
+    try:  # any failure from here on marks the MLflow run FAILED, an interrupt KILLED
         datasets: dict[str, Any] = {}
         if train:
             # a new block order each epoch, except where a restart must replay the first run's orders
@@ -208,6 +208,11 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
         tracker.close(timeout_s=tracking_close_timeout_s)
         if shard_error is not None:  # the file's name, not "Training failed due to worker errors:"
             raise shard_error from exc
+        raise
+    except BaseException as exc:  # Ctrl-C (Ray's ray.get turns it into SystemExit): the run is over, not RUNNING
+        tracker.set_tags({"error": f"{type(exc).__name__}: interrupted before training finished"})
+        tracker.end_run("KILLED")
+        tracker.close(timeout_s=tracking_close_timeout_s)
         raise
     finally:
         if relay is not None:  # rank 0 flushed it before the run ended

@@ -224,14 +224,14 @@ def scan_annotations(path: Path, work: Path, nb: int, progress=None) -> dict[str
         iid, bad_i = _image_ids(ids)
         cat, bad_c = _floats(cats)
         box, bad_b = _floats(boxes, 4)
-        crowd, _ = _floats(crowds)
+        crowd, bad_cr = _floats(crowds)  # "true" or a list is no crowd flag: dropped, not read as 0
         area, _ = _floats(areas)
         raw_cats = list(cats)
         for lst in (ids, cats, boxes, crowds, areas):
             lst.clear()
         int_id = ~bad_i
         int_cat = ~bad_c & np.isfinite(cat) & (np.mod(cat, 1) == 0)
-        malformed = ~int_id | bad_b
+        malformed = ~int_id | bad_b | bad_cr
         dropped["malformed"] += int(malformed.sum())
         keep = ~malformed
         finite = np.isfinite(box).all(1)

@@ -140,3 +140,25 @@ def test_data_one_id_for_two_files_keeps_neither(tmp_path, caplog):
     assert m["images_skipped"] == {"duplicate_id": 3}
     assert m["num_boxes"] == 1 and m["boxes_dropped"]["skipped_image"] == 2
     assert "file_name 'a.png'" in caplog.text and "file_name 'b.png'" in caplog.text
+
+
+def test_data_unreadable_crowd_flag_is_malformed_not_a_plain_box(tmp_path):
+    """An ``iscrowd`` the converter cannot read as a number (``"true"``, a list) was taken as 0:
+    a crowd region (an ignore region for COCO evaluation, never a training target) became a
+    plain box, silently. Such an annotation is now dropped and counted as ``malformed``, like a
+    malformed ``bbox``; numbers, booleans, numeric text and a missing or null flag read as before."""
+    from dino_scale.data import iter_records
+
+    flags = [1, True, "1", 0, None, "true", [1]]
+    anns = [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 10 + k, 10]} for k in range(len(flags) + 1)]
+    for a, flag in zip(anns, flags):
+        a["iscrowd"] = flag  # the last annotation has none: not a crowd region
+    root, ann = _dataset(tmp_path, [{"id": 1, "name": "x"}], [])
+    doc = json.loads(ann.read_text())
+    doc["annotations"] = anns
+    ann.write_text(json.dumps(doc))
+    m = convert_coco(ann, root, tmp_path / "out", progress=False)
+    rec = next(iter_records(tmp_path / "out"))
+    assert rec["boxes"][:, 2].tolist() == [10, 11, 12, 13, 14, 17]
+    assert rec["iscrowd"].tolist() == [True, True, True, False, False, False]
+    assert m["boxes_dropped"]["malformed"] == 2 and m["num_crowd_boxes"] == 3

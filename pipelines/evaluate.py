@@ -10,7 +10,9 @@ the synthetic validation set of the matching flavour is used (generated when mis
 A model that carries its config (everything this project trains) uses it; an official
 ``.pth`` needs ``--preset`` (its class count is read from the checkpoint). Workers and GPUs
 are this machine's (``--workers``, ``--gpus``; default one worker, on a GPU when there is
-one), not the training run's.
+one), not the training run's. Exit status 0 when an AP was measured; 1 when none was (NaN:
+no image evaluated, no object in the ground truth, no finite detection) or on failure; 2 on
+bad usage.
 """
 from __future__ import annotations
 
@@ -92,9 +94,25 @@ def label_space_check(model_categories: Optional[list[dict]], num_classes: int, 
             f"category id i, so it means little; fine-tune on this label space (class heads are mapped by name)")
 
 
+def exit_status(metrics: dict) -> tuple[int, Optional[str]]:
+    """``(0, None)`` when an AP was measured, else ``(1, reason)``: a NaN or missing AP (no val
+    image evaluated, no object in the ground truth, no finite detection) is no result, and a
+    script that goes on to compare or promote on it must not read it as a success."""
+    ap = metrics.get("AP")
+    try:
+        measured = ap is not None and not math.isnan(float(ap))
+    except (TypeError, ValueError):
+        measured = False
+    if measured:
+        return 0, None
+    return 1, "no AP was measured (see the lines above the table); exit status 1"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    run(argv)
-    return 0
+    status, reason = exit_status(run(argv)["metrics"])
+    if reason:
+        print(f"error: {reason}", file=sys.stderr, flush=True)
+    return status
 
 
 def run(argv: Optional[Sequence[str]] = None) -> dict:

@@ -1,9 +1,9 @@
-"""pipelines.evaluate's printed AP table."""
+"""pipelines.evaluate's printed AP table and exit status."""
 from __future__ import annotations
 
 import math
 
-from pipelines.evaluate import format_table
+from pipelines.evaluate import exit_status, format_table
 
 
 def test_ap_table_shows_sizes_without_objects_and_no_measurement_as_dashes():
@@ -23,3 +23,14 @@ def test_ap_table_shows_sizes_without_objects_and_no_measurement_as_dashes():
     assert "no AP was measured" in nan_table
     assert "no AP was measured" not in table and "no objects" not in format_table({**metrics, "APs": 0.1,
                                                                                      "APm": 0.2}, "t")
+
+
+def test_evaluate_exits_nonzero_when_no_ap_was_measured():
+    """An evaluation that measured no AP (NaN: no image evaluated, no object in the ground truth,
+    every detection non-finite) exited 0, like a scored model: ``evaluate && promote`` went on.
+    It now exits 1 with an ``error:`` line; an AP of 0 is a measurement and exits 0."""
+    assert exit_status({"AP": 0.41, "AP50": 0.6}) == (0, None)
+    assert exit_status({"AP": 0.0}) == (0, None)
+    for metrics in ({"AP": math.nan, "AP50": math.nan}, {}, {"AP": None}, {"AP": "nan"}):
+        status, reason = exit_status(metrics)
+        assert status == 1 and "no AP was measured" in reason, metrics

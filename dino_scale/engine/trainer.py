@@ -143,7 +143,7 @@ def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_name: str, stora
     run_config = ray.train.RunConfig(
         name=run_name, storage_path=storage_path,
         failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, tc.checkpoints_to_keep)),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.checkpoints_to_keep),
         callbacks=callbacks or None, worker_runtime_env={"env_vars": env})
     # val: split with no row dropped (EngineDataConfig); train: split evenly, or in deterministic
     # mode read whole by every worker, which keeps its slice of each global batch

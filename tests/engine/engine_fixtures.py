@@ -113,7 +113,12 @@ class RaySession:
 def run_ranks(script: str, world: int, *args: str, timeout: float = 600) -> list[dict]:
     """Run ``python -c script *args`` as ``world`` torch.distributed ranks (gloo on 127.0.0.1,
     DeepSpeed on CPU); return the JSON of rank 0's ``REPORT {...}`` lines. Any rank failing
-    fails the test with its output."""
+    fails the test with its output.
+
+    A rank that reaches the end of ``script`` leaves with ``os._exit(0)`` after flushing its
+    output: the interpreter's own teardown of gloo/DeepSpeed background threads aborted once in
+    CI ("terminate called without an active exception") after every report was printed and the
+    process group destroyed. An exception raised by the script still fails the rank."""
     import json
     import os
     import socket
@@ -123,6 +128,7 @@ def run_ranks(script: str, world: int, *args: str, timeout: float = 600) -> list
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    script += "\nimport os as _os, sys as _sys\n_sys.stdout.flush(); _sys.stderr.flush(); _os._exit(0)\n"
     procs = []
     for rank in range(world):
         env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),

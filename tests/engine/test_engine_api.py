@@ -19,6 +19,9 @@ def data(tmp_path_factory):
 @pytest.mark.parametrize("override,needle", [
     ({"train.schedule": "linear"}, "unknown schedule 'linear'"),
     ({"train.checkpoint_every_steps": 0}, "checkpoint_every_steps must be >= 1"),
+    ({"train.checkpoints_to_keep": 0}, "checkpoints_to_keep must be >= 1, got 0"),  # was kept as 1
+    # 'step' dropped the lr at the first epoch listed only
+    ({"train.lr_drop_epochs": [8, 10]}, r"schedule 'step' drops the lr once.*\[8, 10\].*'multistep'"),
     ({"train.ema_decay": 1.5}, "ema_decay must be in"),
     ({"train.precision": "fp8"}, "precision must be"),
     ({"train.global_batch_size": 64}, "fewer than one global batch"),

@@ -64,6 +64,9 @@ def test_schedules():
         lr_factor_fn(tc, 10)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     tc.schedule = "step"
+    with pytest.raises(ConfigError, match=r"'step' drops the lr once.*\[4, 8\]"):  # it dropped at 4 only
+        build_scheduler(opt, tc, steps_per_epoch=2)
+    tc.lr_drop_epochs = [4]
     sched = build_scheduler(opt, tc, steps_per_epoch=2)
     for _ in range(22):
         opt.step()

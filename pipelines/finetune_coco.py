@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pipelines import _common as common
+from pipelines import _results as results
 from pipelines._datasets import categories_of, check_classes, class_overrides, resolve_datasets
 
 EXPERIMENT = "finetune-coco"
@@ -124,7 +125,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
     result = fit(cfg, train, val, work_dir / "runs" / run_name, run_name, init_weights=init_dir,
                  experiment=args.experiment, tags=tags, lineage=lineage)
-    ap = common.result_ap(result)
+    ap = results.result_ap(result)
     log(f"training done: run {result.run_id}, AP {'-' if ap is None else f'{ap:.4f}'}")
     print()
     print(f"MLflow run        : {result.run_id} (experiment {args.experiment}, store {uri})")
@@ -142,14 +143,14 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
     # what the AP was measured on: @champion moves only over an AP of the same data and protocol
     version_tags.update({EVAL_DATA_TAG: eval_fingerprint(val), EVAL_TTA_TAG: str(bool(cfg.eval.tta)).lower()})
-    version = common.register(result, name, alias=None, categories=categories, tags=version_tags)
+    version = results.register(result, name, alias=None, categories=categories, tags=version_tags)
 
     promo = promote_if_better(name, version, ap, alias=CHAMPION, client=store_client(result.tracking_uri))
     print(f"Registered model  : {name} version {version}")
     print(f"Champion          : {'moved to v' + version if promo.promoted else 'unchanged'} ({promo.reason})")
     print(f"Model URI         : models:/{name}/{version}"
           + (f"  (= models:/{name}@{CHAMPION})" if promo.promoted else ""))
-    print(f"Checkpoint        : {common.result_checkpoint(result)}")
+    print(f"Checkpoint        : {results.result_checkpoint(result)}")
     summary.update({"name": name, "version": version, "promoted": promo.promoted, "reason": promo.reason})
     return summary
 

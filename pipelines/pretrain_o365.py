@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pipelines import _common as common
+from pipelines import _results as results
 from pipelines._datasets import categories_of, check_classes, class_overrides, resolve_datasets
 
 EXPERIMENT = "pretrain-o365"
@@ -81,15 +82,15 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                  tags={"stage": "pretrain", "synthetic_data": str(synthetic).lower()},
                  evaluate=val is not None)
     log(f"training done: run {result.run_id}")
-    version = common.register(result, name, alias=args.alias, categories=categories,
+    version = results.register(result, name, alias=args.alias, categories=categories,
                               tags={"stage": "pretrain", "preset": cfg.name})
-    ap = common.result_ap(result)
+    ap = results.result_ap(result)
     print()
     print(f"Registered model  : {name} version {version} (alias @{args.alias})")
     print(f"Model URI         : models:/{name}@{args.alias}")
     print(f"MLflow run        : {result.run_id} (experiment {args.experiment})")
     print(f"MLflow store      : {uri}")
-    print(f"Checkpoint        : {common.result_checkpoint(result)}")
+    print(f"Checkpoint        : {results.result_checkpoint(result)}")
     print(f"Data              : train {train}; val {val or '-'}")
     print(f"AP (val)          : {'-' if ap is None else f'{ap:.4f}'}")
     print(f"Next              : python -m pipelines.finetune_coco --work-dir {args.work_dir} "

@@ -1,0 +1,85 @@
+"""What the training pipelines do with a finished run: its AP, its final checkpoint folder,
+and its registration as a model version (after making sure the run's model artifact holds every
+file of that folder)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+
+def result_ap(result) -> Optional[float]:
+    """The COCO AP (0..1) of a :class:`dino_scale.engine.FitResult`, or ``None`` when not
+    evaluated."""
+    value = (result.metrics or {}).get("AP")
+    return None if value is None else float(value)
+
+
+def ensure_logged_model(client, run_id: str, final: Path, artifact_path: str) -> None:
+    """The run's ``artifact_path`` must hold every file of ``final`` (weights, ``config.json``,
+    ``lineage.json``, ``categories.json``...) at its local size before a version is registered:
+    the engine logs the final folder in the background, and an MLflow outage longer than its
+    close timeout leaves the upload pending or cut short (a version registered then, or its
+    alias, would point at no weights, at weights without their config, or at a truncated file).
+    Uploads the files that are missing or of another size; raises when some still are."""
+    def differing() -> list[str]:
+        logged: dict[str, Optional[int]] = {}
+        folders = [artifact_path]
+        while folders:
+            for a in client.list_artifacts(run_id, folders.pop()):
+                if a.is_dir:
+                    folders.append(a.path)
+                else:
+                    logged[a.path] = a.file_size
+        out = []
+        for f in sorted(p for p in final.rglob("*") if p.is_file()):
+            rel = f.relative_to(final).as_posix()
+            if logged.get(f"{artifact_path}/{rel}", -1) != f.stat().st_size:
+                out.append(rel)
+        return out
+
+    todo = differing()
+    if not todo:
+        return
+    print(f"warning: run {run_id}: {artifact_path}/ lacks or holds a cut-short copy of {', '.join(todo)} (the "
+          f"tracking upload did not finish); uploading them from {final} now", file=sys.stderr, flush=True)
+    for rel in todo:
+        parent = Path(rel).parent.as_posix()
+        client.log_artifact(run_id, str(final / rel),
+                            artifact_path=artifact_path if parent == "." else f"{artifact_path}/{parent}")
+    still = differing()
+    if still:
+        raise RuntimeError(f"run {run_id}: {artifact_path}/ still lacks {', '.join(still)} after uploading "
+                           f"{final}; the model was not registered (the weights are in {final})")
+
+
+def result_checkpoint(result) -> str:
+    """The folder with the final ``model.safetensors`` + ``config.json`` + ``lineage.json``."""
+    return str(Path(result.weights_path).parent)
+
+
+def register(result, name: str, alias: Optional[str], categories: list[dict],
+             tags: Optional[dict] = None) -> str:
+    """Write ``categories.json`` beside the final weights (so the checkpoint folder maps class
+    heads by name too) and log it into the run's model artifact; make sure the artifact holds
+    every file of the final folder at its size; register the model as a new version of ``name``
+    and (when ``alias``) point the alias at it. All of it in the store that holds the run (``result.tracking_uri``), whatever
+    MLflow's process-wide URIs say."""
+    import json
+
+    from dino_scale.tracking.registry import MODEL_ARTIFACT_PATH, register_model, set_alias, store_client
+
+    final = Path(result_checkpoint(result))
+    (final / "categories.json").write_text(json.dumps(categories))
+    uri = result.tracking_uri
+    client = store_client(uri)
+    client.log_artifact(result.run_id, str(final / "categories.json"), artifact_path=MODEL_ARTIFACT_PATH)
+    ensure_logged_model(client, result.run_id, final, MODEL_ARTIFACT_PATH)
+    tags = dict(tags or {})
+    ap = result_ap(result)
+    if ap is not None:
+        tags.setdefault("AP", f"{ap:.6f}")
+    version = register_model(result.run_id, name, tags=tags, tracking_uri=uri)
+    if alias:
+        set_alias(name, alias, version, tracking_uri=uri)
+    return version

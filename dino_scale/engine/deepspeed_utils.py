@@ -20,7 +20,9 @@ full (consolidated) state dicts.
 * Activation checkpointing is a model feature (``model.backbone_checkpointing``,
   ``model.encoder_checkpointing``); :func:`apply_activation_checkpointing` sets both.
 * A torch optimizer (AdamW with the DINO parameter groups) and a ``LambdaLR`` are passed
-  in, so DeepSpeed steps the schedule once per optimizer step and checkpoints both.
+  in, so DeepSpeed steps the schedule once per applied optimizer step and checkpoints both;
+  :meth:`AccumulationWindow.flush` moves it to the window's data position before each step, so
+  a skipped step (which DeepSpeed does not count) does not delay the schedule.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 from dino_scale.config import Config, ConfigError, TrainConfig
+from dino_scale.engine.optim import seek_schedule
 
 __all__ = [
     "grad_accum_steps", "build_ds_config", "check_train_config", "init_deepspeed", "apply_activation_checkpointing",
@@ -288,9 +291,13 @@ class AccumulationWindow:
         """Whether the window ends after the epoch's ``micro_in_epoch``-th micro-batch (1-based)."""
         return micro_in_epoch % self.accum == 0
 
-    def flush(self) -> int:
+    def flush(self, position: Optional[int] = None) -> int:
         """One optimizer step over the pending micro-batches; returns how many there were
-        (0: no step taken)."""
+        (0: no step taken). ``position``: the window's data position (global step index,
+        skipped windows included: :func:`~dino_scale.engine.optim.window_position`); the engine's
+        lr scheduler is moved there before the step (:func:`~dino_scale.engine.optim.seek_schedule`),
+        so the step's lr follows the data, not the count of applied steps, and back to where it
+        was when the step is skipped (it then holds the last applied step's position + 1)."""
         n, self.pending = self.pending, 0
         self.step_applied, self.skip_reason = False, None
         if not n:
@@ -303,8 +310,14 @@ class AccumulationWindow:
             self.skip_reason = "non-finite gradients"
             return n
         self._clip_norm = None
-        self.engine.step()
+        scheduler = getattr(self.engine, "lr_scheduler", None) if position is not None else None
+        before = int(scheduler.last_epoch) if scheduler is not None else None
+        if scheduler is not None:
+            seek_schedule(scheduler, position)
+        self.engine.step()  # DeepSpeed steps the scheduler when the step is applied
         self.step_applied = bool(self.engine.was_step_applied())
+        if scheduler is not None and not self.step_applied:
+            seek_schedule(scheduler, before)
         norm = self.engine.get_global_grad_norm()
         self._grad_norm = self._clip_norm if norm is None else norm
         if not self.step_applied:

@@ -38,7 +38,7 @@ from dino_scale.engine.elastic import resume_source
 from dino_scale.engine.evaluate import (
     evaluate_batches, finite_detections, gather_to_rank0, target_image_ids, unevaluated_images, val_metrics,
 )
-from dino_scale.engine.optim import applied_lr, build_optimizer, build_scheduler
+from dino_scale.engine.optim import applied_lr, build_optimizer, build_scheduler, window_position
 from dino_scale.engine.progress import LossWindow, WindowMeter
 from dino_scale.data.ray_data import set_epoch as set_data_epoch
 from dino_scale.engine.train_step import (
@@ -296,6 +296,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
 
     accumulation = AccumulationWindow(engine, accum)
 
+    def flush() -> int:  # the window's step, its lr that of its data position (skipped windows count)
+        return accumulation.flush(window_position(state.epoch, state.micro_in_epoch, steps_per_epoch, accum))
+
     def after_window(micro_batches: int) -> None:
         """Bookkeeping of one optimizer step over ``micro_batches`` successful micro-batches."""
         nonlocal last_ckpt_step
@@ -370,9 +373,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                     log.warning("non-finite loss at step %d: skipped (%d in a row, %d total)",
                                 state.global_step, guard.consecutive, guard.total)
                 if accumulation.ends_at(state.micro_in_epoch):
-                    after_window(accumulation.flush())
+                    after_window(flush())
             if accumulation.pending:  # the data ran out mid-window
-                after_window(accumulation.flush())
+                after_window(flush())
             if state.micro_in_epoch >= limit or batch is None:
                 state.epoch += 1
                 state.micro_in_epoch = 0

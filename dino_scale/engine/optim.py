@@ -6,7 +6,10 @@ sampling-offset / reference-point projections of deformable attention at
 ``no_decay_norm_embed`` every group is split again so 1-d tensors (norm weights,
 biases) and embedding tables get no weight decay.
 
-Schedules are functions of the optimizer step (one step = one global batch):
+Schedules are functions of the data position: the step index of the accumulation window
+(one global batch) in the run, skipped windows included (non-finite loss or gradients, fp16
+overflow), so the drop lands at the start of its epoch and warmup and cosine follow the data
+as in the official per-epoch ``StepLR`` (:func:`seek_schedule`):
 ``step`` (x0.1 at ``lr_drop_epochs[0]``, the 11-of-12 recipe), ``multistep`` (x0.1 at
 each epoch in ``lr_drop_epochs``), ``cosine`` (to 0 at the last step). Each may start
 with a linear warmup of ``warmup_steps``. ``lr_drop_epochs=None`` is the 11-of-12 point
@@ -15,6 +18,7 @@ of ``epochs`` (:func:`lr_drop_epochs`).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -24,7 +28,7 @@ from dino_scale.config import ConfigError, TrainConfig
 
 __all__ = [
     "BACKBONE_KEYS", "LINEAR_PROJ_KEYS", "build_param_groups", "build_optimizer",
-    "lr_factor_fn", "build_scheduler", "lr_drop_epochs", "applied_lr",
+    "lr_factor_fn", "build_scheduler", "lr_drop_epochs", "applied_lr", "window_position", "seek_schedule",
 ]
 
 BACKBONE_KEYS = ("backbone.",)
@@ -110,7 +114,8 @@ def lr_drop_epochs(cfg: TrainConfig) -> list[int]:
 
 
 def lr_factor_fn(cfg: TrainConfig, steps_per_epoch: int, total_steps: int | None = None) -> Callable[[int], float]:
-    """Multiplier of each group's base lr as a function of the optimizer step (0-based).
+    """Multiplier of each group's base lr as a function of the data position (0-based step
+    index of the global batch in the run, skipped ones included: :func:`window_position`).
 
     ``total_steps`` defaults to ``epochs * steps_per_epoch`` (cosine needs it).
     """
@@ -149,7 +154,8 @@ def lr_factor_fn(cfg: TrainConfig, steps_per_epoch: int, total_steps: int | None
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
                     total_steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` stepped once per optimizer step; its state dict resumes exactly."""
+    """A ``LambdaLR`` stepped once per applied optimizer step (by DeepSpeed) and moved to the data
+    position before each step (:func:`seek_schedule`); its state dict resumes exactly."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(cfg, steps_per_epoch, total_steps))
 
 
@@ -162,3 +168,27 @@ def applied_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, group: int = 0) -> 
     if done < 1:
         return float(scheduler.get_last_lr()[group])
     return float(scheduler.base_lrs[group] * scheduler.lr_lambdas[group](done - 1))
+
+
+def window_position(epoch: int, micro_in_epoch: int, steps_per_epoch: int, accum: int) -> int:
+    """The data position (0-based global step index) of the accumulation window holding the
+    epoch's ``micro_in_epoch``-th micro-batch (1-based): ``epoch * steps_per_epoch`` plus the
+    window's index in the epoch. A window cut short by the end of the data keeps its index."""
+    return int(epoch) * int(steps_per_epoch) + max(0, int(micro_in_epoch) - 1) // int(accum)
+
+
+def seek_schedule(scheduler, position: int) -> None:
+    """Set ``scheduler`` (a ``LambdaLR``) and its optimizer's group lrs to the data ``position``
+    before the optimizer step of that window: the step then uses ``base_lr * factor(position)``
+    and the scheduler's own ``step()`` after it (DeepSpeed's, on an applied step only) leads to
+    ``position + 1``. DeepSpeed does not step the scheduler on a skipped step (fp16 overflow,
+    ZeRO's non-finite gradients) and the loop takes none for a window whose gradients or every
+    loss were non-finite, so counting applied steps put every later lr (warmup, drop, cosine)
+    one window late per skip. In the normal path (no skip so far) the scheduler is already
+    there and nothing changes. Other schedulers (no ``lr_lambdas``) are left alone."""
+    if getattr(scheduler, "lr_lambdas", None) is None or int(scheduler.last_epoch) == int(position):
+        return
+    scheduler.last_epoch = int(position) - 1
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": a seek, not a step
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()  # LambdaLR: base_lr * factor(last_epoch), into the groups and get_last_lr()

@@ -14,6 +14,7 @@ on padding, ``targets`` list of B dicts with ``labels`` int64 (N,) and ``boxes``
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -203,7 +204,8 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
     Gradients are clipped to ``clip_max_norm`` (total L2 norm, skipped when <= 0) and the
     pre-clip norm is returned. With ``check_finite`` a NaN/Inf loss skips backward and the
     update (``guard`` counts it, and raises after too many in a row). ``scaler`` enables
-    fp16 loss scaling. ``scheduler`` (optional) is stepped after a successful update.
+    fp16 loss scaling. ``scheduler`` (optional) is stepped once per call, after the update or
+    in place of a skipped one: the schedule follows the data position, not the applied steps.
     """
     images, masks, targets = batch
     model.train()
@@ -216,6 +218,10 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
         if guard is not None:
             guard.update(finite, step=step, loss=float(loss.detach()) if not finite else None)
         if not finite:
+            if scheduler is not None:  # a skipped batch still moves the schedule (no optimizer.step: no warning)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    scheduler.step()
             return StepOutput(loss=loss.detach(), loss_terms=terms, skipped=True, num_images=images.shape[0])
     if scaler is not None:
         scaler.scale(loss).backward()

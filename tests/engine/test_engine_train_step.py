@@ -127,3 +127,21 @@ def test_target_labels_outside_the_class_range_name_the_image():
         check_target_labels([target(1, [3]), target(7, [5, 91, 120, 91])], num_classes=91)
     with pytest.raises(ValueError, match=r"image 3 has labels \[-1\]"):
         check_target_labels([target(3, [-1, 2])], num_classes=91)
+
+
+def test_a_skipped_step_still_moves_the_schedule(tiny):
+    """train_step's scheduler follows the data position: a skipped (non-finite) batch advances it
+    like an applied one, so the next update takes its own position's lr (was: the schedule paused)."""
+    from dino_scale.engine.optim import build_scheduler, lr_factor_fn
+
+    cfg, model, criterion = tiny
+    tc = preset("tiny", {"train.lr": 1e-4, "train.lr_backbone": 1e-4, "train.warmup_steps": 4}).train
+    opt = build_optimizer(model, tc)
+    sched = build_scheduler(opt, tc, steps_per_epoch=10)
+    images, masks, targets = _batch()
+    bad = (images * float("nan"), masks, targets)
+    assert train_step(model, criterion, opt, bad, scheduler=sched).skipped
+    assert sched.last_epoch == 1
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 * lr_factor_fn(tc, 10)(1))
+    assert not train_step(model, criterion, opt, (images, masks, targets), scheduler=sched).skipped
+    assert sched.last_epoch == 2

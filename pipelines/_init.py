@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dino_scale.config import Config, to_dict
-from dino_scale.tracking.registry import is_not_found
+from dino_scale.tracking.registry import is_not_found, model_version_for_uri, parse_model_uri
 from pipelines._common import UsageError
 
 
@@ -36,7 +36,7 @@ def is_remote(uri: str) -> bool:
 def _require_local(uri: str) -> None:
     """A one-line :class:`UsageError` when the local model path ``uri`` does not exist."""
     if not Path(uri[7:] if uri.startswith("file://") else uri).expanduser().exists():
-        raise UsageError(f"model not found: {uri} (expected models:/name@alias, models:/name/N, "
+        raise UsageError(f"model not found: {uri} (expected models:/name@alias, models:/name/N, models:/name/latest, "
                          f"runs:/<run_id>/model, a checkpoint folder/file or an official .pth)")
 
 
@@ -58,16 +58,7 @@ def check_exists(uri: str) -> None:
         if uri.startswith("runs:/"):
             client.get_run(uri[len("runs:/"):].split("/", 1)[0])
             return
-        rest = uri[len("models:/"):]
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            client.get_registered_model(name)
-            client.get_model_version_by_alias(name, alias)
-        elif "/" in rest:
-            name, version = rest.rsplit("/", 1)
-            client.get_model_version(name, version)
-        else:
-            raise UsageError(f"bad model URI {uri}: use models:/<name>@<alias> or models:/<name>/<version>")
+        model_version_for_uri(client, uri)  # alias, version number or latest; a stage is refused
     except MlflowException as exc:
         if not is_not_found(exc):
             raise  # the store failed, not the lookup
@@ -85,8 +76,7 @@ def _what_exists(client, uri: str) -> str:
     hint = "list models with `dino-scale registry --work-dir DIR list`"
     if not uri.startswith("models:/"):
         return hint
-    rest = uri[len("models:/"):]
-    name = rest.split("@", 1)[0] if "@" in rest else rest.rsplit("/", 1)[0]
+    name = parse_model_uri(uri)[0]
     try:
         from pipelines.registry import _all_pages, _get_model, _versions
 

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pipelines.evaluate",
         description="COCO box AP table of a registered model, run, checkpoint or official .pth.")
     p.add_argument("--model", required=True,
-                   help="models:/name@alias, models:/name/N, runs:/<id>/model, a checkpoint "
+                   help="models:/name@alias, models:/name/N, models:/name/latest, runs:/<id>/model, a checkpoint "
                         "folder/file, or an official .pth (then give --preset)")
     common.add_common_args(p, training=False,
                            data_help="evaluation dataset folder (shards + manifest.json) or an "

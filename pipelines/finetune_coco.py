@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "train/ and val/, or an annotation .json with --images; "
                                         "default: generate a synthetic coco-like set")
     p.add_argument("--init", default=None,
-                   help="initial weights: models:/name@alias, models:/name/N, runs:/<id>/model, a "
+                   help="initial weights: models:/name@alias, models:/name/N, models:/name/latest, runs:/<id>/model, a "
                         "checkpoint folder/file, an official .pth, or 'none' for from-scratch "
                         "(default models:/dino-<preset>-o365@pretrained)")
     p.add_argument("--scale", type=float, default=None,

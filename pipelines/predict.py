@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "its boxes drawn, and write predictions.json.")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--model", required=True,
-                   help="models:/name@alias, models:/name/N, runs:/<id>/model, a checkpoint "
+                   help="models:/name@alias, models:/name/N, models:/name/latest, runs:/<id>/model, a checkpoint "
                         "folder/file, or an official .pth (then give --preset)")
     p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
     p.add_argument("--threshold", type=float, default=0.3, help="minimum score to keep (default 0.3)")

@@ -5,7 +5,10 @@ A logged model is the run artifact folder ``model/`` holding ``model.safetensors
 ``lineage.json`` (where its initial weights came from). URIs understood by
 :func:`resolve_model_uri`:
 
-* ``models:/<name>@<alias>`` and ``models:/<name>/<version>`` (registry),
+* ``models:/<name>@<alias>``, ``models:/<name>/<version>`` and ``models:/<name>/latest`` (the
+  highest version number; an error naming the model when it has no versions) from the registry.
+  MLflow's stage URIs (``models:/<name>/Production``, ``Staging``...) are refused with an error
+  that says to use an alias: MLflow 3 deprecated stages and this project never sets them,
 * ``runs:/<run_id>/<artifact_path>``,
 * a local folder (holding ``model.safetensors``, e.g. a final checkpoint) or a file
   (``.safetensors``, or an official ``.pth`` whose ``model`` entry is the state dict).
@@ -23,7 +26,8 @@ from dino_scale.config import Config, from_dict
 
 __all__ = [
     "ResolvedModel", "register_model", "set_alias", "get_version_by_alias", "resolve_model_uri",
-    "load_model_from_uri", "is_not_found", "MODEL_ARTIFACT_PATH", "NOT_FOUND_CODES",
+    "load_model_from_uri", "is_not_found", "parse_model_uri", "model_version_for_uri", "MODEL_ARTIFACT_PATH",
+    "NOT_FOUND_CODES",
 ]
 
 MODEL_ARTIFACT_PATH = "model"
@@ -48,6 +52,71 @@ def store_client(tracking_uri: Optional[str] = None):
     if tracking_uri is None:
         return MlflowClient()
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def parse_model_uri(uri: str) -> tuple[str, Optional[str], Optional[str]]:
+    """``(name, alias, version)`` of ``models:/<name>@<alias>`` or ``models:/<name>/<version>``
+    (``version`` as written: digits, ``latest`` or anything else, which
+    :func:`model_version_for_uri` refuses); ``name`` is "" when the URI names no model."""
+    rest = uri[len("models:/"):] if uri.startswith("models:/") else uri
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, alias, None
+    if "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        return name, None, version
+    return rest, None, None
+
+
+def _refuse(message: str, code: str = "INVALID_PARAMETER_VALUE"):
+    """An MLflow lookup error (``code``, one of :data:`NOT_FOUND_CODES`) saying ``message``."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2
+
+    return MlflowException(message, error_code=getattr(databricks_pb2, code))
+
+
+def _latest_version(client, name: str):
+    """The highest-numbered version of ``name`` (MLflow's ``models:/<name>/latest``)."""
+    client.get_registered_model(name)  # a missing model: MLflow's own not-found error
+    if "'" in name and '"' in name:  # MLflow's filter has no escape for a name holding both
+        found = [v for v in client.search_model_versions() if v.name == name]
+        found.sort(key=lambda v: -int(v.version))
+    else:
+        quote = '"' if "'" in name else "'"
+        found = client.search_model_versions(f"name={quote}{name}{quote}", max_results=1,
+                                             order_by=["version_number DESC"])
+    if not found:
+        raise _refuse(f"Registered model '{name}' has no versions: models:/{name}/latest names none",
+                      "RESOURCE_DOES_NOT_EXIST")
+    return found[0]
+
+
+def model_version_for_uri(client, uri: str):
+    """The ``ModelVersion`` a ``models:/`` URI names: by alias, version number or ``latest``.
+
+    A lookup that finds nothing raises MLflow's error (:func:`is_not_found` codes), as does a
+    URI this project does not read: a stage (deprecated in MLflow 3; use an alias), a version
+    that is not a number, or no version at all."""
+    name, alias, version = parse_model_uri(uri)
+    if not name:
+        raise _refuse(f"bad model URI {uri}: use models:/<name>@<alias> or models:/<name>/<version>")
+    if alias is not None:
+        client.get_registered_model(name)  # a model typo reads as one, not as a missing alias
+        return client.get_model_version_by_alias(name, alias)
+    if version is None:
+        raise _refuse(f"bad model URI {uri}: no version; use models:/{name}@<alias>, "
+                      f"models:/{name}/<version> or models:/{name}/latest")
+    if version.isdigit():
+        return client.get_model_version(name, version)
+    if version.lower() == "latest":
+        return _latest_version(client, name)
+    what = ("model stages (deprecated in MLflow 3) are not supported"
+            if version.lower() in ("production", "staging", "archived", "none")
+            else f"'{version}' is not a version number or 'latest'")
+    raise _refuse(f"bad model URI {uri}: {what}; use an alias, models:/{name}@<alias> (set one with "
+                  f"`dino-scale registry promote {name} <version> --alias <alias>`), a version number "
+                  f"models:/{name}/<version> or models:/{name}/latest")
 
 
 @dataclass
@@ -134,13 +203,7 @@ def resolve_model_uri(uri: str, dst_dir: Optional[str | Path] = None,
     if uri.startswith("models:/") or uri.startswith("runs:/"):
         client = store_client(tracking_uri)
         if uri.startswith("models:/"):
-            rest = uri[len("models:/"):]
-            if "@" in rest:
-                name, alias = rest.split("@", 1)
-                mv = client.get_model_version_by_alias(name, alias)
-            else:
-                name, version = rest.rsplit("/", 1)
-                mv = client.get_model_version(name, version)
+            mv = model_version_for_uri(client, uri)
             lineage.update({"name": mv.name, "version": str(mv.version), "run_id": mv.run_id,
                             "source": mv.source, "aliases": list(getattr(mv, "aliases", []) or []),
                             "tags": dict(mv.tags or {})})

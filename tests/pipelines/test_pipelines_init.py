@@ -117,7 +117,10 @@ def test_pipelines_init_registry_typo_lists_what_exists(tmp_path, mlflow_store_r
         client.create_model_version("dino-tiny-o365", source=str(tmp_path / "w"))
     client.set_registered_model_alias("dino-tiny-o365", "pretrained", "2")
     check_exists("models:/dino-tiny-o365@pretrained")
+    check_exists("models:/dino-tiny-o365/latest")  # MLflow's own form: the highest version
     cases = {
+        "models:/dino-tiny-o365/Production": ["use an alias", "dino-tiny-o365 has alias @pretrained (v2)"],
+        "models:/dino-tiny-coco/latest": ["'dino-tiny-coco' has no versions"],
         "models:/dino-tiny-o365@pretraind": ["dino-tiny-o365 has alias @pretrained (v2) and versions 1, 2"],
         "models:/dino-tiny-o365/7": ["dino-tiny-o365 has alias @pretrained (v2) and versions 1, 2"],
         "models:/dino-tiny-o36@pretrained": ["registered models: dino-tiny-o365, dino-tiny-coco"],

@@ -95,6 +95,40 @@ def test_an_explicit_store_is_also_the_registry(logged_model, tmp_path, monkeypa
         mlflow.set_registry_uri(None)
 
 
+def test_registry_uri_latest_and_stages(logged_model, tmp_path):
+    """``models:/<name>/latest`` is the highest version number (MLflow's own URI form); a model
+    without versions is named in the error. A stage (``Production``: deprecated in MLflow 3, never
+    set here) is refused with the advice to use an alias. Was: MLflow's "Parameter 'version' must
+    be an integer, got 'latest'" for both, and a ValueError from unpacking for ``models:/<name>``."""
+    from mlflow.exceptions import MlflowException
+
+    from dino_scale.tracking import store_client
+    from dino_scale.tracking.registry import is_not_found
+
+    uri, _cfg, _model, _folder, (run1, run2) = logged_model
+    for run_id in (run1, run2, run1):
+        register_model(run_id, "dino-tiny-coco", "model", tracking_uri=uri)
+    set_alias("dino-tiny-coco", "champion", "2", tracking_uri=uri)
+    latest = resolve_model_uri("models:/dino-tiny-coco/latest", dst_dir=tmp_path / "dl", tracking_uri=uri)
+    assert latest.lineage["version"] == "3" and latest.lineage["run_id"] == run1
+    assert latest.weights_path.is_file()
+
+    store_client(uri).create_registered_model("dino-tiny-o365")
+    cases = {
+        "models:/dino-tiny-o365/latest": ["Registered model 'dino-tiny-o365' has no versions"],
+        "models:/dino-tiny-coco/Production": ["stages", "use an alias", "models:/dino-tiny-coco@<alias>"],
+        "models:/dino-tiny-coco/Staging": ["stages", "use an alias"],
+        "models:/dino-tiny-coco/v2": ["'v2' is not a version number", "models:/dino-tiny-coco/latest"],
+        "models:/dino-tiny-coco": ["bad model URI models:/dino-tiny-coco: no version"],
+        "models:/no-such-model/latest": ["no-such-model"],
+    }
+    for bad, needles in cases.items():
+        with pytest.raises(MlflowException) as err:
+            resolve_model_uri(bad, dst_dir=tmp_path / "dl2", tracking_uri=uri)
+        msg = str(err.value)
+        assert is_not_found(err.value) and all(n in msg for n in needles), (bad, msg)
+
+
 def test_resolve_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         resolve_model_uri(str(tmp_path / "missing"))

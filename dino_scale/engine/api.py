@@ -4,7 +4,9 @@ It opens an MLflow run (nested under ``parent_run_id`` if given), builds the Ray
 datasets, runs the Ray Train ``TorchTrainer``, reads the final metrics (COCO AP from the
 distributed evaluation), copies the final weights (``model.safetensors`` +
 ``config.json`` + ``lineage.json``) to ``<work_dir>/final`` and logs them as the run's
-``model`` artifact (:func:`evaluate_weights`: the detections, as ``evaluation``). Ray is
+``model`` artifact (:func:`evaluate_weights`: the detections, as ``evaluation``). A run that
+reuses a run name resumes its checkpoint under a new MLflow run, tagged ``resumed_from_run_id``
+(:mod:`dino_scale.tracking.resume`). Ray is
 initialized only when it is not already (``ray_address``, else ``RAY_ADDRESS``, else a local
 instance), so fit works embedded and on a cluster.
 """
@@ -138,6 +140,7 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     from dino_scale.engine.elastic import check_restart
     from dino_scale.tracking.logger import ResilientLogger, default_tracking_uri
     from dino_scale.tracking.relay import is_node_local, start_relay
+    from dino_scale.tracking.resume import RESUMED_FROM_TAG, resumed_from_run_id
 
     if evaluate and val_dir:
         check_eval_config(cfg)  # before any data is read: a bad one failed in every worker's evaluation
@@ -150,8 +153,10 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     else:
         worker_count(cfg, training=False)  # no batch-size arithmetic: evaluation accumulates nothing
     spe = steps_per_epoch(_num_images(train_dir), cfg) if train else 1
-    if train:  # reusing a run name resumes it: on a worker count it can load, with the settings it trained with
-        check_restart(storage, run_name, cfg.train.num_workers, cfg.train.zero_stage, config=cfg, steps_per_epoch=spe)
+    resumes = None  # reusing a run name resumes it: on a worker count it can load, with the settings it trained with
+    if train:
+        resumes = check_restart(storage, run_name, cfg.train.num_workers, cfg.train.zero_stage, config=cfg,
+                                steps_per_epoch=spe)
     # read before Ray and the MLflow run start: a val record whose labels changed after conversion
     # is refused here (ShardError), as scoring against it would not give the dataset's AP
     coco_gt = to_coco_gt(val_dir) if evaluate and val_dir else None
@@ -165,6 +170,10 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     # rank 0 logs to this run: one that cannot be created now (TrackingUnavailable) would track nothing of training
     run_id = tracker.start_run(experiment, run_name, {k: str(v) for k, v in run_tags.items()}, parent_run_id,
                                wait_s=tracking_close_timeout_s)
+    if resumes is not None:  # link the MLflow run it continues (the one that wrote the checkpoint)
+        earlier = resumed_from_run_id(tracker.client, experiment, run_name, resumes.get("mlflow_run_id"), run_id)
+        if earlier:
+            tracker.set_tags({RESUMED_FROM_TAG: earlier})
     tracker.log_params(flatten(cfg))
     tracker.log_dict(to_dict(cfg), "config.json")
     lineage = dict(lineage or {})

@@ -65,6 +65,7 @@ class TrainState:
     resumes: int = 0  # restarts from a checkpoint so far (worker failures, preemptions)
     world: int = 0  # workers that counted ``micro_in_epoch`` (0: unknown, a checkpoint from before)
     steps_per_epoch: int = 0  # optimizer steps per epoch of the run's data (0: unknown, a checkpoint from before)
+    mlflow_run_id: str = ""  # the MLflow run that wrote it: a resumed run's resumed_from_run_id ("": untracked)
 
     def rescale_to(self, world: int) -> bool:
         """Convert the epoch position to ``world`` workers (an elastic restart on another worker

@@ -141,25 +141,26 @@ def resume_changes(saved_config: dict, cfg: Config, saved_steps_per_epoch: int =
 
 
 def check_restart(storage_path: str, run_name: str, world: int, zero_stage: int, config: Optional[Config] = None,
-                  steps_per_epoch: int = 0) -> None:
+                  steps_per_epoch: int = 0) -> Optional[dict]:
     """On the driver, before any worker starts: a run that reuses ``run_name`` at
     ``storage_path`` (Ray Train restores that run's latest checkpoint) must be able to load it
     on ``world`` workers, and (given ``config`` and the run's ``steps_per_epoch``) must train
     what that run trained (:func:`resume_changes`). Raises :class:`ConfigError` for a ZeRO-3
     checkpoint of another worker count, which every worker would otherwise refuse after a
     minute of start-up, and for a changed setting, which the resumed optimizer and schedule
-    would silently mix with the first run's; nothing to check for a new run name."""
-    if zero_stage < 3 and config is None:
-        return
+    would silently mix with the first run's; nothing to check for a new run name.
+
+    Returns the trainer state of the checkpoint the run resumes from (``mlflow_run_id``: the
+    MLflow run that wrote it; ``{}`` for a checkpoint without one), None when it resumes none."""
     import ray.train
 
     try:
         previous = ray.train.Result.from_path(f"{str(storage_path).rstrip('/')}/{run_name}")
     except RuntimeError:  # no run of that name there yet (Ray's "folder/snapshot doesn't exist")
-        return
+        return None
     checkpoint = previous.checkpoint
     if checkpoint is None:
-        return
+        return None
     where = f"run {run_name!r} at {storage_path} resumes from {checkpoint.path}"
     saved = saved_world_size(checkpoint.path, checkpoint.filesystem)
     try:
@@ -167,18 +168,19 @@ def check_restart(storage_path: str, run_name: str, world: int, zero_stage: int,
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     root = checkpoint.path.rstrip("/")
+    state = _read_json(checkpoint.filesystem, f"{root}/{STATE_NAME}") or {}
     saved_config = _read_json(checkpoint.filesystem, f"{root}/{CONFIG_NAME}") if config is not None else None
     if saved_config is None:  # not asked, or a checkpoint written before the config was kept in it
-        return
-    state = _read_json(checkpoint.filesystem, f"{root}/{STATE_NAME}") or {}
+        return state
     try:
         changes = resume_changes(saved_config, config, int(state.get("steps_per_epoch") or 0), steps_per_epoch)
     except ConfigError as exc:  # a config of another release: cannot be compared key by key
         log.warning("%s; its config.json cannot be compared with this run's (%s)", where, exc)
-        return
+        return state
     if changes:
         raise ConfigError(f"{where}, trained with other settings: {'; '.join(changes)}. A resumed run keeps its "
                           f"optimizer state and lr schedule: rerun with the run's settings, or use another run name")
+    return state
 
 
 def _convert(folder: Path, out: Path) -> None:

@@ -31,7 +31,8 @@ def test_a_run_name_reused_resumes_continues_with_more_steps_and_refuses_changed
     pruning the older of the two entries at the next report, deleted the folder of both: (4)
     failed with "final checkpoint ... has no model.safetensors" and the run's weights were gone.
     (4) also trained nothing (the finished run's flag stopped the loop) while printing step 2/4.
-    (3) trained on with the first run's lr and logged the new one as the run's param."""
+    (3) trained on with the first run's lr and logged the new one as the run's param. The MLflow
+    runs of (2) and (4) were not linked to the run they continue (tag resumed_from_run_id)."""
     from dino_scale.engine import fit
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -60,3 +61,12 @@ def test_a_run_name_reused_resumes_continues_with_more_steps_and_refuses_changed
         assert (longer.metrics["step"], longer.metrics["resumes"], longer.metrics["images_seen"]) == (4, 2, 8)
         assert (Path(longer.checkpoint_path) / "model.safetensors").is_file()
         assert state(longer)["global_step"] == 4 and state(longer)["finished"]
+
+    # each resumed run's MLflow run names the one it continues (the run that wrote its checkpoint)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(first.tracking_uri)
+    assert state(longer)["mlflow_run_id"] == longer.run_id
+    assert "resumed_from_run_id" not in client.get_run(first.run_id).data.tags
+    assert client.get_run(again.run_id).data.tags["resumed_from_run_id"] == first.run_id
+    assert client.get_run(longer.run_id).data.tags["resumed_from_run_id"] == again.run_id

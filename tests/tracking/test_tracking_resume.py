@@ -1,0 +1,59 @@
+"""Which MLflow run a resumed training run continues (tag ``resumed_from_run_id``), on a real
+sqlite store. The Ray side (a rerun under the same run name gets the tag) is asserted in
+tests/engine/test_engine_rerun.py."""
+from __future__ import annotations
+
+import logging
+import sys
+import uuid
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mlflow_server import free_port  # noqa: E402
+
+from mlflow_store import seeded_store  # noqa: E402
+from dino_scale.engine.checkpoint import TrainState  # noqa: E402
+from dino_scale.tracking.resume import resumed_from_run_id  # noqa: E402
+
+
+def _run(client, exp_id: str, name: str, start: int, stage: str = "train") -> str:
+    return client.create_run(exp_id, start_time=start, run_name=name, tags={"stage": stage}).info.run_id
+
+
+def test_resumed_run_links_the_run_that_wrote_its_checkpoint(tmp_path, caplog, monkeypatch):
+    """The checkpoint's own run id (``mlflow_run_id`` of its trainer state) is the link when this
+    store holds that run; a run of another store links to nothing (not to a same-named run here);
+    a checkpoint from before it named its run links to the newest earlier training run of the
+    same name in the same experiment. A store that fails is logged, not raised. Was: a resumed
+    run's MLflow run named nothing of the run it continued."""
+    uri = seeded_store(tmp_path)
+    client = MlflowClient(uri)
+    exp, other_exp = client.create_experiment("train-exp"), client.create_experiment("other-exp")
+    first = _run(client, exp, "r1", 1000)
+    second = _run(client, exp, "r1", 2000)
+    _run(client, exp, "r1", 2500, stage="evaluate")  # an evaluation under the same name
+    _run(client, exp, "r2", 2600)  # another run name
+    _run(client, other_exp, "r1", 2700)  # the same name in another experiment
+    current = _run(client, exp, "r1", 3000)
+    _run(client, exp, "r1", 4000)  # started after this one: not what it continues
+
+    assert TrainState.from_dict({"mlflow_run_id": first}).mlflow_run_id == first  # kept in the checkpoint
+    assert TrainState().mlflow_run_id == ""
+    assert resumed_from_run_id(client, "train-exp", "r1", first, current) == first
+    assert resumed_from_run_id(client, "train-exp", "r1", current, current) is None
+    assert resumed_from_run_id(client, "train-exp", "r1", uuid.uuid4().hex, current) is None  # another store
+    # a checkpoint without its run id: the newest earlier training run of that name in the experiment
+    assert resumed_from_run_id(client, "train-exp", "r1", "", current) == second
+    assert resumed_from_run_id(client, "train-exp", "r1", None, None) is not None
+    assert resumed_from_run_id(client, "train-exp", "r3", "", current) is None
+    assert resumed_from_run_id(client, "no-such-exp", "r1", "", current) is None
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a store that does not answer
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    down = MlflowClient(f"http://127.0.0.1:{free_port()}")
+    with caplog.at_level(logging.WARNING, logger="dino_scale.tracking.resume"):
+        assert resumed_from_run_id(down, "train-exp", "r1", first, current) is None
+        assert resumed_from_run_id(down, "train-exp", "r1", "", current) is None
+    assert "could not be looked up" in caplog.text and "resumed_from_run_id" in caplog.text

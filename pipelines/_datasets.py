@@ -91,11 +91,13 @@ def synthetic_dirs(work_dir: Path, flavour: str, num_images: int, seed: int,
 
 def whole_dataset(dataset: str) -> str:
     """``dataset`` (folders joined by commas) once every shard its manifests list is there at its
-    recorded size: a :class:`~dino_scale.data.ShardError` here, before Ray starts, names the
-    shards a half-finished copy left out or cut short."""
-    from dino_scale.data import shard_paths
+    recorded size with a readable footer of the record columns: a :class:`~dino_scale.data.ShardError`
+    here, before Ray starts, names the shards a half-finished copy left out or cut short and those
+    damaged in place (:func:`~dino_scale.data.preflight.preflight_shards`; the engine's own check
+    then reads no footer again)."""
+    from dino_scale.data.preflight import preflight_shards
 
-    shard_paths(dataset)
+    preflight_shards(dataset)
     return dataset
 
 

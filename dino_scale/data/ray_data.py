@@ -42,6 +42,7 @@ import pyarrow as pa
 import ray
 
 from .decode import ImageDecodeError
+from .preflight import preflight_shards
 from .records import (
     Roots, ShardError, arrow_rows, category_ids, folder_image_roots, record_from_row, shard_paths,
 )
@@ -264,7 +265,8 @@ def _read_records(data_dir, image_root: Roots,
     reads unioned, and ``None``: every folder resolves file names against its own root."""
     roots = folder_image_roots(data_dir, image_root)
     category_ids([d for d, _ in roots])  # the folders' categories must agree
-    files = [[str(p) for p in shard_paths(d)] for d, _ in roots]
+    # footers read before Ray plans the read (once per process: the engine's check already did)
+    files = [[str(p) for p in preflight_shards(d)] for d, _ in roots]
     if not sum(map(len, files)):
         raise ValueError(f"{data_dir}: the dataset has no shards (no images?)")
     if len(roots) == 1:

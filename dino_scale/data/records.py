@@ -39,7 +39,7 @@ __all__ = [
     "SCHEMA", "MANIFEST_NAME", "FORMAT", "read_manifest", "shard_paths", "iter_records",
     "to_coco_gt", "data_dirs", "resolve_image_path", "folder_image_roots", "Roots", "category_ids",
     "ShardError", "check_shards", "ManifestError", "CONTENT_SCHEMA", "record_from_row",
-    "arrow_rows", "check_schema",
+    "arrow_rows", "check_schema", "schema_problems",
 ]
 
 FORMAT = "dino_scale.records/1"
@@ -266,16 +266,22 @@ def arrow_rows(batch: Union[pa.RecordBatch, pa.Table]) -> list[dict[str, Any]]:
     return batch.to_pylist()
 
 
+def schema_problems(schema: pa.Schema) -> list[str]:
+    """What keeps a shard of Arrow ``schema`` from holding the record columns with their types
+    (empty: nothing; the checksum columns may be absent)."""
+    have = {f.name: f.type for f in schema}
+    wrong = [f"{f.name} is missing" if f.name not in have else f"{f.name} is {have[f.name]}, not {f.type}"
+             for f in SCHEMA if (f.name in have and have[f.name] != f.type)
+             or (f.name not in have and f.name in CONTENT_SCHEMA.names)]
+    return wrong + [f"{name} is not a record column" for name in have if name not in SCHEMA.names]
+
+
 def check_schema(path: Path, schema: pa.Schema) -> None:
     """:class:`ShardError` unless the shard at ``path`` (its Arrow ``schema``) holds the record
     columns with their types (the checksum columns may be absent: an older release). A footer
     damaged after conversion can rename a column or change its type; its values would then
     reach the readers as something else."""
-    have = {f.name: f.type for f in schema}
-    wrong = [f"{f.name} is missing" if f.name not in have else f"{f.name} is {have[f.name]}, not {f.type}"
-             for f in SCHEMA if (f.name in have and have[f.name] != f.type)
-             or (f.name not in have and f.name in CONTENT_SCHEMA.names)]
-    wrong += [f"{name} is not a record column" for name in have if name not in SCHEMA.names]
+    wrong = schema_problems(schema)
     if wrong:
         raise ShardError(path.parent, f"{path.name} does not hold the record columns ({'; '.join(wrong[:5])})")
 

@@ -40,6 +40,7 @@ def test_data_ray_datasets(ray_session, shards, tmp_path, image_folders):
     _train_records_of_unknown_categories_skipped(tmp_path)
     _records_changed_after_conversion_skipped(tmp_path)
     _unreadable_shard_named(tmp_path)
+    _shard_damaged_at_its_size_refused_when_built(tmp_path)
 
 
 def _list_files_op(ds):
@@ -347,3 +348,21 @@ def _unreadable_shard_named(tmp_path):
     assert str(error).startswith(f"{out}: {path.name} cannot be read: OSError: ZSTD decompression failed")
     assert f"dino-scale check-data {out}" in str(error)
     assert unreadable_shard(RuntimeError("another failure"), [str(out)]) is None
+
+
+def _shard_damaged_at_its_size_refused_when_built(tmp_path):
+    """A column renamed in a shard's footer (same size: the manifest agrees) is refused by name
+    where the dataset is built (data.preflight), before Ray Data plans a read. Before, the build
+    passed and every epoch dropped each record of that shard as ``damaged`` (all 4 here)."""
+    from test_data_integrity import _convert
+
+    from dino_scale.data import ShardError, build_eval_dataset, build_train_dataset
+
+    out, _ = _convert(tmp_path / "renamed")
+    path = next(out.glob("shard-*.parquet"))
+    path.write_bytes(path.read_bytes().replace(b"category_ids", b"category_idz"))
+    needle = rf"{path.name} does not hold the record columns \(category_ids is missing"
+    with pytest.raises(ShardError, match=needle):
+        build_train_dataset(out, preset("tiny").data, epoch=0, stats_name="train_renamed_test")
+    with pytest.raises(ShardError, match=needle):
+        build_eval_dataset(out, preset("tiny").data, stats_name="eval_renamed_test")

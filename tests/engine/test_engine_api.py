@@ -88,6 +88,40 @@ def test_a_missing_shard_is_refused_before_ray_or_mlflow(data, tmp_path, monkeyp
     assert ray.is_initialized() == ray_before and not (tmp_path / "work" / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize("damage", ["footer overwritten", "column renamed"])
+def test_a_train_shard_damaged_at_its_size_is_refused_before_ray_or_mlflow(data, tmp_path, monkeypatch, damage):
+    """A training shard damaged in place (same size, so its manifest agrees) is named before Ray or
+    an MLflow run starts (its footer read by data.preflight). Before, the check passed it: an
+    overwritten footer failed Ray Data's planning after both had started, with pyarrow's
+    "Couldn't deserialize thrift" and no file name; a column renamed in the footer trained on,
+    every record of that shard dropped as ``damaged`` in each epoch. Ray's start is a recorder."""
+    from dino_scale.data import ShardError
+    from dino_scale.engine import api, fit
+
+    class RayStarted(Exception):
+        pass
+
+    def no_ray(*args, **kwargs):
+        raise RayStarted
+
+    monkeypatch.setattr(api, "ensure_ray", no_ray)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    train_dir, val_dir = data
+    broken = tmp_path / "train"
+    shutil.copytree(train_dir, broken)
+    shard = sorted(broken.glob("shard-*.parquet"))[0]
+    whole = shard.read_bytes()
+    if damage == "footer overwritten":
+        shard.write_bytes(whole[:-204] + bytes(200) + whole[-4:])
+        needle = rf"{shard.name} has a footer Parquet cannot read \(OSError: Couldn't deserialize thrift"
+    else:
+        shard.write_bytes(whole.replace(b"category_ids", b"category_idz"))
+        needle = rf"{shard.name} does not hold the record columns \(category_ids is missing"
+    with pytest.raises(ShardError, match=needle):
+        fit(small_cfg(), str(broken), val_dir, tmp_path / "work", unique("footer"), progress=False)
+    assert not (tmp_path / "work" / "mlflow.db").exists()
+
+
 def test_val_labels_changed_after_conversion_are_refused_before_ray_or_mlflow(data, tmp_path, monkeypatch):
     """A val record whose labels no longer match the checksum written at conversion (a shard
     changed in place, same size) is refused where the ground truth is read, now before Ray and

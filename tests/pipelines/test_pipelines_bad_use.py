@@ -141,6 +141,7 @@ def test_pipelines_bad_use_incomplete_dataset_copy(tmp_path):
     """A dataset folder whose shards a copy left out or cut short is named before Ray starts
     (was: Ray's bare path, or pyarrow's "Parquet magic bytes not found" naming no file, after
     Ray and an MLflow run had started)."""
+    CHECKED = "checked against manifest.json and their Parquet footers before the run"
     from dino_scale.data import convert_coco
     from dino_scale.data.synthetic import generate
 
@@ -153,7 +154,7 @@ def test_pipelines_bad_use_incomplete_dataset_copy(tmp_path):
     train_dir, cut = data["train"]
     (train_dir / cut).write_bytes((train_dir / cut).read_bytes()[:100])
     proc = _run(["pipelines.pretrain_o365", "--preset", "tiny", "--data", str(train_dir)], tmp_path)
-    _assert_one_line_error(proc, f"{train_dir}: 1 of 2 shards do not match manifest.json: {cut} has 100 bytes")
+    _assert_one_line_error(proc, f"{train_dir}: 1 of 2 shards are damaged ({CHECKED}): {cut} has 100 bytes")
     val_dir, gone = data["val"]
     (val_dir / gone).unlink()
     proc = _run(["pipelines.finetune_coco", "--init", "none", "--preset", "tiny", "--data", str(train_dir),
@@ -163,7 +164,7 @@ def test_pipelines_bad_use_incomplete_dataset_copy(tmp_path):
     convert_coco(ann, root, train_dir, embed_images=True, max_images_per_shard=2, progress=False)  # whole again
     proc = _run(["pipelines.finetune_coco", "--init", "none", "--preset", "tiny", "--data", str(train_dir),
                  "--val-data", str(val_dir)], tmp_path)
-    _assert_one_line_error(proc, f"{val_dir}: 1 of 2 shards do not match manifest.json: {gone} is missing")
+    _assert_one_line_error(proc, f"{val_dir}: 1 of 2 shards are damaged ({CHECKED}): {gone} is missing")
     assert "Ray:" not in proc.stdout and not (tmp_path / "w" / "mlflow.db").exists()
     manifest = val_dir / "manifest.json"
     manifest.write_text(manifest.read_text()[:100])

@@ -1,0 +1,112 @@
+"""Before a run: every shard of a dataset is there, whole, and a Parquet file of the record columns.
+
+:func:`~.records.check_shards` compares each shard's size with its manifest (one ``stat``), which
+finds a missing shard and one cut short, but not damage that keeps the size (an overwritten
+footer, a column renamed or retyped in it), nor a truncated shard of a manifest that records no
+sizes. Such a shard passed the checks made before a run and then failed it where Ray Data opened
+the file: when the dataset was planned (after Ray and the MLflow run had started, with pyarrow's
+error and not the file's name), or inside an epoch; a column renamed in the footer instead
+dropped every record of that shard each epoch (counted ``damaged``).
+
+:func:`preflight_shards` reads, besides the ``stat``, each shard's Parquet footer (its metadata:
+a few KB at the end of the file, never row data), checks its schema against
+:data:`~.records.SCHEMA` and its row count against the manifest, and raises one
+:class:`~.records.ShardError` naming every damaged shard and what is wrong with it. The policy is
+that of :func:`~.records.check_shards`: a damaged shard is refused, not skipped, since skipping
+one drops its images from every epoch of the run unseen (a record is skipped and counted, a
+shard is not). The footers are read :data:`THREADS` at a time (on a bucket mount each read is a
+request or two); a footer read once in this process is not read again while the file keeps its
+size and modification time, so the engine's check and the Ray datasets it then builds cost one
+read per shard. Damage inside the row data (a page, a compressed column) is found where it is
+read, or up front by ``dino-scale check-data``, which reads every record.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .records import MANIFEST_NAME, PathLike, ShardError, _agreeing_manifests, schema_problems
+
+__all__ = ["preflight_shards", "shard_problem", "THREADS"]
+
+log = logging.getLogger(__name__)
+
+THREADS = 32  # shards inspected at a time
+_READ_ERRORS = (OSError, pa.ArrowException, ValueError)  # a footer Parquet cannot parse
+_checked: dict[str, tuple[int, int, Any, Any]] = {}  # path -> (size, mtime ns, manifest bytes, rows) found sound
+_checked_lock = threading.Lock()
+
+
+def shard_problem(path: Path, entry: dict[str, Any]) -> Optional[str]:
+    """What is wrong with the shard at ``path`` given its manifest ``entry`` (``file``, and
+    ``bytes`` / ``num_images`` where recorded), as words that follow its name, or ``None``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as e:
+        return f"cannot be opened ({type(e).__name__}: {e})"
+    want_bytes, want_rows = entry.get("bytes"), entry.get("num_images")
+    if want_bytes is not None and st.st_size != int(want_bytes):
+        return f"has {st.st_size} bytes, the manifest {int(want_bytes)}"
+    key = (st.st_size, st.st_mtime_ns, want_bytes, want_rows)
+    with _checked_lock:
+        if _checked.get(str(path)) == key:
+            return None
+    try:
+        meta = pq.read_metadata(path)
+        schema = meta.schema.to_arrow_schema()
+    except _READ_ERRORS as e:
+        return f"has a footer Parquet cannot read ({type(e).__name__}: {str(e).strip()[:200]})"
+    wrong = schema_problems(schema)
+    if wrong:
+        return f"does not hold the record columns ({'; '.join(wrong)})"
+    if want_rows is not None and meta.num_rows != int(want_rows):
+        return f"holds {meta.num_rows} records, the manifest {int(want_rows)}"
+    with _checked_lock:
+        _checked[str(path)] = key
+    return None
+
+
+def _describe(problems: list[tuple[str, str]], total: int) -> str:
+    """``(file, problem)`` pairs -> one line naming every file, those with the same problem together."""
+    groups: dict[str, list[str]] = {}
+    for name, problem in problems:
+        groups.setdefault(problem, []).append(name)
+    parts = [f"{names[0]} {problem}" if len(names) == 1 else f"{', '.join(names)} (each) {problem}"
+             for problem, names in groups.items()]
+    return (f"{len(problems)} of {total} shards are damaged (checked against {MANIFEST_NAME} and their "
+            f"Parquet footers before the run): {'; '.join(parts)}")
+
+
+def preflight_shards(data_dir: Union[PathLike, Sequence[PathLike]], threads: int = THREADS) -> list[Path]:
+    """All shard files of one or several dataset folders (as :func:`~.records.shard_paths`), once
+    each is there at its recorded size with a readable footer, the record columns and the
+    manifest's row count; else one :class:`~.records.ShardError` naming every damaged shard of
+    the first folder that has one and, in its text, those of the other folders."""
+    t0 = time.perf_counter()
+    folders = _agreeing_manifests(data_dir)
+    jobs = [(folder, folder / s["file"], s) for folder, manifest in folders for s in manifest["shards"]]
+    with ThreadPoolExecutor(max(1, min(int(threads), len(jobs) or 1))) as pool:
+        found = list(pool.map(lambda job: shard_problem(job[1], job[2]), jobs))
+    bad: dict[Path, list[tuple[str, str]]] = {}
+    for (folder, _, entry), problem in zip(jobs, found):
+        if problem is not None:
+            bad.setdefault(folder, []).append((entry["file"], problem))
+    log.info("preflight: %d shards of %d folder(s) checked in %.2f s", len(jobs), len(folders),
+             time.perf_counter() - t0)
+    if bad:
+        counts = {folder: len(manifest["shards"]) for folder, manifest in folders}
+        first, *others = bad
+        detail = _describe(bad[first], counts[first]) + "".join(
+            f"; and in {other}: {_describe(bad[other], counts[other])}" for other in others)
+        raise ShardError(first, detail)
+    return [path for _, path, _ in jobs]

@@ -45,8 +45,9 @@ from .convert_passes import ANN, DROP, DROP_REASONS, ConversionError, scan_annot
 from .decode import verify_image_bytes
 from .integrity import CHECKSUMS, add_checksums
 from .records import (
-    CONTENT_SCHEMA, FORMAT, MANIFEST_NAME, ManifestError, ShardError, check_shards, read_manifest, resolve_image_path,
+    CONTENT_SCHEMA, FORMAT, MANIFEST_NAME, ManifestError, ShardError, read_manifest, resolve_image_path,
 )
+from .preflight import preflight_shards
 from .shards import ShardWriter, crowd_boxes, load_progress
 
 __all__ = ["convert_coco", "ConversionError"]
@@ -289,8 +290,8 @@ class _Converter:
                 self.say(f"{manifest_path}: unreadable or not a dataset manifest; converting again")
                 old = {}
             if old.get("signature") == self.signature:
-                try:  # the same input, but its shards must still be there, whole
-                    check_shards(self.out, old)
+                try:  # the same input, but its shards must still be there, whole, with sound footers
+                    preflight_shards(self.out)  # (sizes alone passed a footer damaged in place)
                     self.say(f"{self.out}: already converted")
                     return old
                 except ShardError as e:

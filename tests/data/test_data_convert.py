@@ -224,3 +224,31 @@ def test_data_coco_gt_refuses_an_image_id_of_two_folders(tmp_path):
     for joined in (f"{a},{b}", [a, a]):
         with pytest.raises(ValueError, match="image id 1 is in .* and in .*distinct ids"):
             to_coco_gt(joined)
+
+
+@pytest.mark.parametrize("damage", ["footer overwritten", "column renamed"])
+def test_data_convert_again_rewrites_a_shard_damaged_at_its_size(coco_like, tmp_path, capsys, damage):
+    """Converting the same input again over a folder whose shard was damaged in place (same size)
+    converts again, as it does for a missing or cut-short shard. It answered "already converted"
+    (it compared sizes only) and returned the damaged folder, which the check before a run then
+    refused with the advice to convert again: the advice could not be followed."""
+    from dino_scale.data import ShardError
+    from dino_scale.data.preflight import preflight_shards
+
+    root, ann = coco_like
+    out = tmp_path / "out"
+    convert_coco(ann, root, out, embed_images=True, max_images_per_shard=8, progress=False)
+    before = [r["image_id"] for r in iter_records(out)]
+    shard = out / read_manifest(out)["shards"][1]["file"]
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:-204] + bytes(200) + whole[-4:] if damage == "footer overwritten"
+                      else whole.replace(b"category_ids", b"category_idz"))
+    with pytest.raises(ShardError, match=f"{shard.name} (has a footer|does not hold)"):
+        preflight_shards(out)
+    capsys.readouterr()
+    convert_coco(ann, root, out, embed_images=True, max_images_per_shard=8, progress=True)
+    said = capsys.readouterr().out
+    assert f"{shard.name} " in said and "converting again" in said and "already converted" not in said
+    assert preflight_shards(out) and [r["image_id"] for r in iter_records(out)] == before
+    convert_coco(ann, root, out, embed_images=True, max_images_per_shard=8, progress=True)
+    assert "already converted" in capsys.readouterr().out

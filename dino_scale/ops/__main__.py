@@ -25,7 +25,11 @@ def _info() -> int:
     lib = _build.find_library(arch)
     print(f"torch            {torch.__version__} (CUDA {torch.version.cuda})")
     print(f"GPU available    {torch.cuda.is_available()}")
-    print(f"sources          {_build.SOURCE_DIR}")
+    try:
+        sources = str(_build.source_dir())
+    except _build.BuildError as exc:
+        sources = str(exc)
+    print(f"sources          {sources}")
     print(f"CUDA_HOME        {cuda_home}")
     if cuda_home:
         print(f"extra includes   {_build.extra_system_includes(cuda_home)}")

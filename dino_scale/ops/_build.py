@@ -9,6 +9,11 @@ library is renamed into place when complete, so a killed build leaves no library
 loader never sees a half-written one. A finished library is loaded without a toolkit.
 
 Cache root: ``$DINO_SCALE_EXT_DIR`` if set, else ``~/.cache/dino_scale/ext``.
+
+Sources (:func:`source_dir`): the copy an installed package carries
+(``dino_scale/ops/csrc/ms_deform_attn``, put there by setup.py's build_py when a wheel is
+built), else ``csrc/ms_deform_attn`` of the source checkout this module sits in (an editable
+install). Both hold the same files, so the cache key (:func:`sources_hash`) is the same.
 """
 from __future__ import annotations
 
@@ -27,9 +32,12 @@ from typing import Iterator, Optional
 import torch
 
 EXT_PREFIX = "dino_scale_msda"
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc" / "ms_deform_attn"
+# where a wheel's build_py copies csrc/ms_deform_attn (setup.py), and where a checkout has it
+PACKAGED_SOURCE_DIR = Path(__file__).resolve().parent / "csrc" / "ms_deform_attn"
+CHECKOUT_SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc" / "ms_deform_attn"
+SOURCE_DIR: Optional[Path] = None  # set to use other sources (tests); None: source_dir() looks
 _SOURCE_SUFFIXES = (".cpp", ".cu")
-_HEADER_SUFFIXES = (".h", ".cuh")
+_HEADER_SUFFIXES = (".h", ".cuh")  # setup.py ships the same four suffixes
 # No -std flag: torch.utils.cpp_extension adds the C++ standard torch itself was built with
 # (C++17 for torch 2.11, C++20 for 2.14); the sources are valid in both.
 CXX_FLAGS = ["-O3"]
@@ -40,12 +48,34 @@ class BuildError(RuntimeError):
     """The extension could not be built or loaded."""
 
 
+def _has_sources(directory: Path) -> bool:
+    return directory.is_dir() and any(directory.glob("*.cu"))
+
+
+def source_dir() -> Path:
+    """The folder of the extension's sources: :data:`SOURCE_DIR` when set, else the copy inside
+    the installed package (:data:`PACKAGED_SOURCE_DIR`, a wheel or ``pip install .``), else the
+    source checkout's ``csrc/ms_deform_attn`` (:data:`CHECKOUT_SOURCE_DIR`, an editable install
+    or a plain checkout on ``sys.path``). A folder counts when it holds ``.cu`` files. Raises
+    :class:`BuildError` naming every place looked in when none does."""
+    if SOURCE_DIR is not None:
+        return Path(SOURCE_DIR)
+    for candidate in (PACKAGED_SOURCE_DIR, CHECKOUT_SOURCE_DIR):
+        if _has_sources(candidate):
+            return candidate
+    raise BuildError(f"CUDA sources of the ms_deform_attn extension not found: looked in "
+                     f"{PACKAGED_SOURCE_DIR} (installed package) and {CHECKOUT_SOURCE_DIR} (source "
+                     "checkout); reinstall dino-scale from a wheel or source tree that has csrc/")
+
+
 def source_files() -> list[Path]:
-    if not SOURCE_DIR.is_dir():
-        raise BuildError(f"CUDA sources not found at {SOURCE_DIR} (is this a source checkout?)")
-    files = sorted(p for p in SOURCE_DIR.iterdir() if p.suffix in _SOURCE_SUFFIXES + _HEADER_SUFFIXES)
+    """The extension's sources and headers (sorted by name) in :func:`source_dir`."""
+    src = source_dir()
+    if not src.is_dir():
+        raise BuildError(f"CUDA sources not found at {src}")
+    files = sorted(p for p in src.iterdir() if p.suffix in _SOURCE_SUFFIXES + _HEADER_SUFFIXES)
     if not any(p.suffix == ".cu" for p in files):
-        raise BuildError(f"no .cu sources in {SOURCE_DIR}")
+        raise BuildError(f"no .cu sources in {src}")
     return files
 
 
@@ -286,7 +316,8 @@ def _compile(build_dir: Path, arch_list: str, verbose: bool) -> Path:
     cpp_ext.CUDA_HOME = cuda_home  # torch resolves it once at import; pin the one we found
     env = {"CUDA_HOME": cuda_home, "TORCH_CUDA_ARCH_LIST": arch_list,
            "MAX_JOBS": os.environ.get("MAX_JOBS", str(min(4, os.cpu_count() or 1)))}
-    srcs = [str(p) for p in source_files() if p.suffix in _SOURCE_SUFFIXES]
+    files = source_files()
+    srcs = [str(p) for p in files if p.suffix in _SOURCE_SUFFIXES]
     stamp = sources_hash(arch_list)  # of the sources as the compile starts
     # ninja works (and the linker writes the library) in a staging folder; the finished library
     # is renamed into place, so library_path never names a half-written file (a build killed
@@ -303,7 +334,7 @@ def _compile(build_dir: Path, arch_list: str, verbose: bool) -> Path:
                 name=EXT_PREFIX, sources=srcs, build_directory=str(stage),
                 extra_cflags=CXX_FLAGS + sys_flags,
                 extra_cuda_cflags=NVCC_FLAGS + sys_flags,
-                extra_include_paths=[str(SOURCE_DIR)],
+                extra_include_paths=[str(files[0].parent)],
                 is_python_module=False, is_standalone=False, verbose=verbose)
         except Exception as exc:  # compiler errors arrive as RuntimeError/CalledProcessError
             raise BuildError(f"building the ms_deform_attn extension failed: {exc}") from exc

@@ -60,6 +60,11 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor,
     ``backend``: None picks "cuda" for CUDA tensors when the extension is available (else
     "pytorch", with one warning per process); "cuda" forces the extension (error on CPU tensors
     or when it cannot be built); "pytorch" always uses the reference implementation.
+
+    Both backends raise ValueError for inputs of disagreeing shapes, and for a level table that
+    disagrees with value: S != sum(H_l*W_l), or level_start_index not the running sum of H_l*W_l
+    (checked without a device sync for the pair ``level_index_tensors`` makes and for CPU
+    tensors; see ``ms_deform_attn_torch.check_levels`` for GPU tensors made elsewhere).
     """
     if backend not in _BACKENDS:
         raise ValueError(f"unknown ms_deform_attn backend {backend!r}: use None, 'cuda' or 'pytorch'")

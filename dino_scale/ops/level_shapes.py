@@ -5,7 +5,9 @@ The deformable-attention op takes ``spatial_shapes`` (L,2) int64 (H, W) and
 host-to-device copy, and reading them back (the PyTorch backend needs the sizes as Python
 ints) costs a device-to-host sync per call. :func:`level_index_tensors` caches the pair per
 (shapes, device); :func:`level_shapes_of` returns the Python shapes of a cached tensor
-without touching the device (any other tensor is read back, once per call, as before).
+without touching the device (any other tensor is read back, once per call, as before), and
+:func:`cached_level_shapes` does so for the cached pair only, whose start indices the op then
+knows to be consistent with the shapes.
 :func:`cached_level_tensors` is the same cache for other per-size constant tables (the
 model's per-token grids), built by a caller-given function.
 
@@ -16,18 +18,20 @@ host copy cannot be captured, a read-back is a sync).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .transfer import host_to_device
 
-__all__ = ["level_index_tensors", "level_shapes_of", "cached_level_tensors", "clear_level_cache"]
+__all__ = ["level_index_tensors", "level_shapes_of", "cached_level_shapes", "cached_level_tensors",
+           "clear_level_cache"]
 
 Shapes = Tuple[Tuple[int, int], ...]
 _CACHE: "OrderedDict[tuple, Tuple[Tensor, ...]]" = OrderedDict()
-_SHAPES_BY_ID: dict[int, Tuple[Tensor, Shapes]] = {}
+# id(spatial_shapes) -> (spatial_shapes, its Python shapes, its level_start_index), "index" kind
+_SHAPES_BY_ID: dict[int, Tuple[Tensor, Shapes, Tensor]] = {}
 # Entries in all kinds together. An entry of the model's per-token tables is ~16 bytes per token
 # (320 KB at 800x1199), so the cache holds at most ~20 MB of device memory; multi-scale
 # training with many distinct padded sizes misses more often, and a miss costs what building
@@ -56,7 +60,7 @@ def cached_level_tensors(kind: str, level_shapes: Sequence[Tuple[int, int]], dev
         return value  # traced code keeps no module-level state
     _CACHE[key] = value
     if kind == "index":
-        _SHAPES_BY_ID[id(value[0])] = (value[0], shapes)
+        _SHAPES_BY_ID[id(value[0])] = (value[0], shapes, value[1])
     if len(_CACHE) > CACHE_SIZE:
         (old_kind, _, _), old = _CACHE.popitem(last=False)
         if old_kind == "index":
@@ -85,6 +89,18 @@ def level_shapes_of(spatial_shapes: Tensor) -> List[Tuple[int, int]]:
         if known is not None and known[0] is spatial_shapes:
             return list(known[1])
     return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+
+
+def cached_level_shapes(spatial_shapes: Tensor, level_start_index: Tensor) -> Optional[List[Tuple[int, int]]]:
+    """[(H, W)] when ``spatial_shapes`` (L,2) and ``level_start_index`` (L,) are the very pair
+    :func:`level_index_tensors` made (the starts are then the running sum of H*W by
+    construction), without touching the device; None for any other pair."""
+    if torch.compiler.is_compiling():
+        return None
+    known = _SHAPES_BY_ID.get(id(spatial_shapes))
+    if known is None or known[0] is not spatial_shapes or known[2] is not level_start_index:
+        return None
+    return list(known[1])
 
 
 def clear_level_cache() -> None:

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from . import _build
-from .ms_deform_attn_torch import check_shapes  # noqa: F401 - shared with the PyTorch backend
+from .ms_deform_attn_torch import check_levels, check_shapes  # shared with the PyTorch backend
 
 _log = logging.getLogger(__name__)
 _OPS_NS = "dino_scale"
@@ -124,10 +124,14 @@ def ms_deform_attn_cuda(value: torch.Tensor, spatial_shapes: torch.Tensor,
 def call_compiled_op(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                      sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
     """:func:`ms_deform_attn_cuda` without the device check: the library also carries float32 /
-    float64 CPU kernels (used by the CPU checks of the compiled operator)."""
+    float64 CPU kernels (used by the CPU checks of the compiled operator).
+
+    The level table's values are checked (:func:`check_levels`) where that needs no device
+    sync: the model's cached pair, CPU tensors; other GPU tensors with DINO_SCALE_MSDA_CHECK=1."""
     if value.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"ms_deform_attn (cuda): unsupported value dtype {value.dtype}")
     check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    check_levels(value, spatial_shapes, level_start_index)
     if _loaded is None:  # plain global read: keeps the wrapper traceable by torch.compile
         load()
     acc = torch.float64 if value.dtype == torch.float64 else torch.float32

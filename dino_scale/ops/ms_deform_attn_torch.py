@@ -7,10 +7,17 @@ over levels and points.
 """
 from __future__ import annotations
 
+import os
+from typing import List, Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 
-from .level_shapes import level_shapes_of
+from .level_shapes import cached_level_shapes, level_shapes_of
+
+# DINO_SCALE_MSDA_CHECK=1: also check the level table's values (see check_levels) for GPU
+# tensors not made by level_index_tensors, at one device read-back per call of the CUDA backend
+CHECK_DEVICE_LEVELS = os.environ.get("DINO_SCALE_MSDA_CHECK", "0") == "1"
 
 
 def check_shapes(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
@@ -38,6 +45,53 @@ def check_shapes(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_
                          f"{tuple(level_start_index.shape)}")
 
 
+def _read_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor
+                 ) -> Tuple[List[Tuple[int, int]], List[int]]:
+    """spatial_shapes (L,2), level_start_index (L,) -> Python ints, in one host copy when both
+    are on one device (a device sync for GPU tensors)."""
+    if spatial_shapes.device == level_start_index.device:
+        rows = torch.cat((spatial_shapes.reshape(-1, 2).long(), level_start_index.reshape(-1, 1).long()), 1)
+        table = rows.tolist()
+        return [(h, w) for h, w, _ in table], [s for _, _, s in table]
+    return [(int(h), int(w)) for h, w in spatial_shapes.tolist()], [int(s) for s in level_start_index.tolist()]
+
+
+def check_levels(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                 read_back: bool = False) -> Optional[List[Tuple[int, int]]]:
+    """Check the level table's values against value (N,S,M,D): H, W >= 0, S = sum(H_l*W_l),
+    and level_start_index (L,) = the running sum of H_l*W_l before each level (0, H_0*W_0, ...).
+    Both backends must see one layout: the PyTorch backend splits value by the shapes alone,
+    the compiled kernels read each level from its start index. Raises ValueError.
+
+    Returns [(H, W)], or None when the values were not checked. Checked, without a device
+    sync: the pair :func:`level_index_tensors` made (the model's: values known on the host),
+    and CPU tensors. Other GPU tensors are read back (one sync) only with ``read_back`` (the
+    PyTorch backend, which needs the sizes anyway) or ``DINO_SCALE_MSDA_CHECK=1``; the CUDA
+    backend otherwise runs unchecked, its kernels zeroing a level that runs past value. Not
+    checked while torch.compile traces (the sizes would be data-dependent there)."""
+    if torch.compiler.is_compiling():
+        return None
+    shapes = cached_level_shapes(spatial_shapes, level_start_index)
+    if shapes is None:
+        on_host = spatial_shapes.device.type == "cpu" and level_start_index.device.type == "cpu"
+        if not (on_host or read_back or CHECK_DEVICE_LEVELS):
+            return None
+        shapes, starts = _read_levels(spatial_shapes, level_start_index)
+        if any(h < 0 or w < 0 for h, w in shapes):
+            raise ValueError(f"ms_deform_attn: spatial_shapes {shapes} has a negative size")
+        expected = [0]
+        for h, w in shapes[:-1]:
+            expected.append(expected[-1] + h * w)
+        if starts != expected:
+            raise ValueError(f"ms_deform_attn: level_start_index {starts} does not match spatial_shapes "
+                             f"{shapes}: each level starts at the sum of the H*W before it, {expected}")
+    total = sum(h * w for h, w in shapes)
+    if total != value.shape[1]:
+        raise ValueError(f"ms_deform_attn: spatial_shapes {shapes} cover {total} positions but value has "
+                         f"S = {value.shape[1]}")
+    return shapes
+
+
 def ms_deform_attn_pytorch(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -55,19 +109,25 @@ def ms_deform_attn_pytorch(
 
     Inputs whose shapes disagree raise ValueError (:func:`check_shapes`, metadata only): without
     it, too few levels in ``spatial_shapes`` or weights of another layout broadcast or reshape
-    into a full-size, wrong output."""
+    into a full-size, wrong output. So does a level table whose values disagree with value
+    (:func:`check_levels`): this backend splits value by the shapes, and would silently
+    ignore a ``level_start_index`` the compiled kernels follow."""
     check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    # no device read-back for the model's cached pair; traced: the sizes as before, unchecked
+    shapes = check_levels(value, spatial_shapes, level_start_index, read_back=True) \
+        or level_shapes_of(spatial_shapes)
     if value.dtype in (torch.float16, torch.bfloat16):
-        out = ms_deform_attn_pytorch(value.float(), spatial_shapes, level_start_index,
-                                     sampling_locations.float(), attention_weights.float())
+        out = _sample(value.float(), shapes, sampling_locations.float(), attention_weights.float())
         return out.to(value.dtype)
+    return _sample(value, shapes, sampling_locations, attention_weights)
+
+
+def _sample(value: torch.Tensor, shapes: List[Tuple[int, int]], sampling_locations: torch.Tensor,
+            attention_weights: torch.Tensor) -> torch.Tensor:
+    """value (N,S,M,D) float32/64, shapes [(H_l, W_l)] with sum H_l*W_l = S, locations
+    (N,Lq,M,L,P,2), weights (N,Lq,M,L,P) -> (N, Lq, M*D)."""
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
-    shapes = level_shapes_of(spatial_shapes)  # no device read-back for the model's cached shapes
-    # eager only: traced, the sizes may be data-dependent (unbacked) and split checks them anyway
-    if not torch.compiler.is_compiling() and sum(h * w for h, w in shapes) != S:
-        raise ValueError(f"ms_deform_attn: spatial_shapes {shapes} cover {sum(h * w for h, w in shapes)} "
-                         f"positions but value has S = {S}")
     value_list = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample returns NaN for a NaN/inf location; the official op (and our compiled one)
     # treat any location off the map, non-finite ones included, as contributing zero. A sample

@@ -193,3 +193,57 @@ def test_pytorch_backend_rejects_inputs_that_do_not_match(backend):
             ms_deform_attn(*args, backend=backend)
     # the matching inputs still pass
     assert ms_deform_attn(value, shapes, starts, loc, w, backend=backend).shape == (1, 3, 8)
+
+
+@pytest.mark.parametrize("backend", [None, "pytorch", "compiled"])
+def test_level_table_that_disagrees_with_value_is_refused_by_every_backend(backend, monkeypatch):
+    # the PyTorch backend split value by spatial_shapes alone and ignored level_start_index,
+    # which the compiled kernels follow (and they took S > sum(H*W)): one call, two results.
+    # "compiled" is the CUDA backend's wrapper (call_compiled_op): it checks before loading
+    from dino_scale.ops import ms_deform_attn_cuda
+
+    def must_not_load(*a, **k):
+        raise AssertionError("reached the compiled op")
+
+    monkeypatch.setattr(ms_deform_attn_cuda, "load", must_not_load)
+    call = ms_deform_attn_cuda.call_compiled_op if backend == "compiled" else \
+        (lambda *a: ms_deform_attn(*a, backend=backend))
+    value, shapes, starts, loc, w = make_inputs(1, [(4, 4), (2, 2), (1, 1)], 2, 4, 3, 2, seed=2)
+    assert starts.tolist() == [0, 16, 20]
+    bad = {
+        "level_start_index": (value, shapes, torch.tensor([0, 10, 20]), loc, w),
+        "level_start_index ": (value, shapes, torch.tensor([1, 17, 21]), loc, w),
+        "negative size": (value, torch.tensor([[4, 4], [2, 2], [-1, 1]]), starts, loc, w),
+        "value has S": (torch.cat([value, value[:, :3]], 1), shapes, starts, loc, w),
+    }
+    for name, args in bad.items():
+        with pytest.raises(ValueError, match=name.strip()):
+            call(*args)
+    if backend != "compiled":  # int32 tables of the right values still pass
+        ref = naive_ms_deform_attn(value, shapes, starts, loc, w)
+        torch.testing.assert_close(call(value, shapes.int(), starts.int(), loc, w), ref)
+
+
+def test_level_table_values_are_checked_without_a_device_read_back(monkeypatch):
+    # meta tensors stand in for GPU ones: reading them back raises, as a sync would cost
+    from dino_scale.ops import level_index_tensors, ms_deform_attn_cuda
+    from dino_scale.ops import ms_deform_attn_torch as torch_backend
+
+    shapes, starts = level_index_tensors([(4, 4), (2, 2)], "meta")  # the model's cached pair
+    value = torch.empty(1, 20, 2, 4, device="meta")
+    assert torch_backend.check_levels(value, shapes, starts) == [(4, 4), (2, 2)]
+    with pytest.raises(ValueError, match="value has S = 21"):
+        torch_backend.check_levels(torch.empty(1, 21, 2, 4, device="meta"), shapes, starts)
+    # a pair made elsewhere: unchecked on the CUDA backend's path (no sync) ...
+    other = torch.zeros(2, dtype=torch.long, device="meta")
+    assert torch_backend.check_levels(value, shapes, other) is None
+    monkeypatch.setattr(ms_deform_attn_cuda, "load", lambda *a, **k: (_ for _ in ()).throw(LookupError("load")))
+    loc, w = torch.empty(1, 3, 2, 2, 2, 2, device="meta"), torch.empty(1, 3, 2, 2, 2, device="meta")
+    with pytest.raises(LookupError, match="load"):
+        ms_deform_attn_cuda.call_compiled_op(value, shapes, other, loc, w)
+    # ... read back when the caller reads anyway (PyTorch backend) or DINO_SCALE_MSDA_CHECK=1
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch_backend.check_levels(value, shapes, other, read_back=True)
+    monkeypatch.setattr(torch_backend, "CHECK_DEVICE_LEVELS", True)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch_backend.check_levels(value, shapes, other)

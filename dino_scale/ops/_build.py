@@ -260,22 +260,32 @@ def find_library(arch_list: str, root: Optional[Path] = None) -> Path:
     """The library the loader uses: the build for ``arch_list`` when it exists, else a finished
     build of the same torch/CUDA/sources whose arch list has code for every visible GPU (e.g.
     one made by ``python -m dino_scale.ops build --arch "8.0;9.0"`` while this process, without
-    TORCH_CUDA_ARCH_LIST, asks for its GPU's "9.0"), else the path for ``arch_list`` (missing, or
-    without code for these GPUs: :func:`check_runs_on_visible_gpus` tells)."""
+    TORCH_CUDA_ARCH_LIST, asks for its GPU's "9.0", or for an A10G's "8.6", which sm_80 code
+    runs: :func:`arch_list_runs_on`), one with machine code for exactly these GPUs first, else
+    the path for ``arch_list`` (missing, or without code for these GPUs:
+    :func:`check_runs_on_visible_gpus` tells). A build whose list has an entry this does not
+    parse is taken only when asked for by name."""
     lib = library_path(build_dir_for(arch_list, root))
     caps = _visible_capabilities()
     if not caps or (library_complete(lib) and all(arch_list_runs_on(arch_list, c) for c in caps)):
         return lib
     tag = lib.parent.name.split("-sm", 1)[0]
+    runnable: Optional[Path] = None
     for cand in sorted(Path(root or cache_root()).glob(f"{tag}-sm*")):
         try:
             built_for = (cand / ARCH_FILE).read_text().strip()
         except OSError:
             continue
-        if caps <= _arch_targets(built_for) and build_dir_for(built_for, root) == cand \
-                and library_complete(library_path(cand)):
+        entries = built_for.replace(";", " ").split()
+        if not entries or not all(_arch_targets(e) for e in entries):
+            continue
+        if build_dir_for(built_for, root) != cand or not library_complete(library_path(cand)):
+            continue
+        if caps <= _arch_targets(built_for):
             return library_path(cand)
-    return lib
+        if runnable is None and all(arch_list_runs_on(built_for, c) for c in caps):
+            runnable = library_path(cand)
+    return runnable or lib
 
 
 @contextlib.contextmanager

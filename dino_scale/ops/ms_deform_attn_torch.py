@@ -2,8 +2,8 @@
 
 Semantics of the official op: bilinear sampling of each level's value map at
 ``sampling_locations`` in [0, 1] (align_corners=False pixel convention, zero padding
-outside the map, NaN/inf locations included), weighted by ``attention_weights`` and summed
-over levels and points.
+outside the map, NaN/inf locations included, an empty (H or W = 0) level contributing zero),
+weighted by ``attention_weights`` and summed over levels and points.
 """
 from __future__ import annotations
 
@@ -138,6 +138,10 @@ def _sample(value: torch.Tensor, shapes: List[Tuple[int, int]], sampling_locatio
     grids = (2 * sampling_locations.to(value.dtype) - 1).nan_to_num(nan=-3.0).clamp(-3.0, 3.0)
     sampled = []
     for lvl, (h, w) in enumerate(shapes):
+        if isinstance(h, int) and isinstance(w, int) and h * w == 0:
+            # an empty level samples nothing (as in the kernels); grid_sample refuses an empty map
+            sampled.append(value.new_zeros(N * M, D, Lq, P))
+            continue
         # (N, H*W, M, D) -> (N*M, D, H, W)
         v = value_list[lvl].flatten(2).transpose(1, 2).reshape(N * M, D, h, w)
         # (N, Lq, M, P, 2) -> (N*M, Lq, P, 2)

@@ -247,3 +247,16 @@ def test_level_table_values_are_checked_without_a_device_read_back(monkeypatch):
     monkeypatch.setattr(torch_backend, "CHECK_DEVICE_LEVELS", True)
     with pytest.raises((RuntimeError, NotImplementedError)):
         torch_backend.check_levels(value, shapes, other)
+
+
+@pytest.mark.parametrize("empty", [(0, 3), (3, 0), (0, 0)])
+def test_pytorch_backend_empty_level_contributes_zero(empty):
+    # the compiled kernels (and the official op) read an H or W = 0 level as sampling nothing;
+    # this backend raised grid_sampler's "expected input to have non-empty spatial dimensions"
+    value, shapes, starts, loc, w = make_inputs(2, [(4, 5), empty, (2, 2)], 2, 4, 3, 2, seed=4)
+    value.requires_grad_(), loc.requires_grad_(), w.requires_grad_()
+    out = ms_deform_attn(value, shapes, starts, loc, w, backend="pytorch")
+    torch.testing.assert_close(out, naive_ms_deform_attn(value, shapes, starts, loc, w))
+    gv, gl, gw = torch.autograd.grad(out.square().sum(), (value, loc, w))
+    assert not (gl[:, :, :, 1].any() or gw[:, :, :, 1].any())  # nothing sampled, nothing to learn
+    assert gv.abs().sum() > 0 and torch.isfinite(gl).all()

@@ -23,7 +23,8 @@ import pytest
 from dino_scale.ops import _build
 
 ROOT = Path(__file__).resolve().parents[2]
-# what a build of the project reads (the rest of the checkout is not needed for a wheel)
+# what a build of the project reads (the rest of the checkout is not needed for a wheel); pip
+# runs with --no-index and absolute paths: offline, and never a registry package of that name
 _PROJECT = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "dino_scale", "pipelines", "csrc")
 _PACKAGED = "dino_scale/ops/csrc/ms_deform_attn"
 _LOCATE = textwrap.dedent("""
@@ -75,7 +76,7 @@ def test_wheel_ships_the_cuda_sources_and_the_installed_package_finds_them(tmp_p
         tar.extractall(tmp_path / "unpacked", filter="data")
     top = sdist.name[: -len(".tar.gz")]
     assert {f"{top}/csrc/ms_deform_attn/{p.name}" for p in checkout} <= set(names), names
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w",
           str(wheel_dir), str(tmp_path / "unpacked" / top)], cwd=tmp_path, timeout=240)
     (wheel,) = wheel_dir.glob("dino_scale-*.whl")
     with zipfile.ZipFile(wheel) as zf:
@@ -85,8 +86,8 @@ def test_wheel_ships_the_cuda_sources_and_the_installed_package_finds_them(tmp_p
     # installed from the wheel (no checkout around it): the sources are found in the package,
     # and the cache key is the checkout's (same files), so a prebuilt library is still found
     target = tmp_path / "site"
-    _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-         cwd=tmp_path, timeout=240)
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target),
+          str(wheel)], cwd=tmp_path, timeout=240)
     out = _run([sys.executable, "-c", _LOCATE], cwd=tmp_path, env=_env(target)).stdout
     report = json.loads(next(l for l in out.splitlines() if l.startswith("REPORT "))[len("REPORT "):])
     assert Path(report["module"]).is_relative_to(target), report

@@ -7,14 +7,19 @@ For each image, ``<out>/<name>.jpg`` has the kept boxes drawn with label and sco
 (``<name>-<i>.jpg`` where that name is an input image or another image's copy: inputs are
 never overwritten, even with ``--out`` the input folder), and
 ``<out>/predictions.json`` lists ``{"file", "width", "height", "detections": [{"label",
-"category_id", "score", "box": [x1, y1, x2, y2]}]}`` (original pixels). Unreadable
-images are reported and counted, not fatal.
+"category_id", "score", "box": [x1, y1, x2, y2]}], "nonfinite"}`` (original pixels). Unreadable
+images are reported and counted, not fatal; so are detections with a NaN/inf score or box (a
+diverged model; ``nonfinite`` per image, ``detections_nonfinite`` in all), and when no detection
+of any image is finite the exit status is 1. Files are written whole or not at all (a temporary
+file renamed): a run cut short never leaves half a JSON document or image.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -52,7 +57,7 @@ def list_images(inputs: Sequence[str], skip_dir: Optional[Path] = None) -> list[
         p = common.check_path(item, "image path")
         if p.is_dir():
             inside = skip is not None and p.resolve() != skip
-            files.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+            files.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
                                 and not (inside and f.resolve().is_relative_to(skip))))
         else:
             files.append(p)
@@ -94,8 +99,20 @@ def preprocess(image, eval_size: int, max_size: int):
     return normalize_batch(x.unsqueeze(0), mask), mask
 
 
+def finite_detections(scores: list[float], labels: list[int], boxes: list[list[float]]
+                      ) -> tuple[list[tuple[float, int, list[float]]], int]:
+    """``(kept, dropped)``: the (score, label, box) of one image's post-processed detections
+    (``scores`` (k,), ``labels`` (k,), ``boxes`` (k,4)) whose score and four box values are all
+    finite, and how many others there were (drawing a NaN box raised; JSON has no NaN/inf)."""
+    kept = [(s, l, b) for s, l, b in zip(scores, labels, boxes)
+            if math.isfinite(s) and all(math.isfinite(v) for v in b)]
+    return kept, len(scores) - len(kept)
+
+
 def draw(image, detections: list[dict], path: Path) -> None:
     from PIL import ImageDraw
+
+    from dino_scale.engine.checkpoint import atomic_write_bytes
 
     im = image.copy()
     d = ImageDraw.Draw(im)
@@ -107,7 +124,9 @@ def draw(image, detections: list[dict], path: Path) -> None:
         text = f"{det['label']} {det['score']:.2f}"
         d.rectangle([x1, max(0, y1 - 12), x1 + 6 * len(text) + 4, y1], fill=(255, 40, 40))
         d.text((x1 + 2, max(0, y1 - 12)), text, fill=(255, 255, 255))
-    im.save(path, quality=92)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=92)
+    atomic_write_bytes(path, buf.getvalue())  # a kill mid-save leaves no half image
 
 
 def _categories(resolved, cfg) -> dict[int, str]:
@@ -131,6 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from PIL import Image
 
     from dino_scale.data.decode import decode_image
+    from dino_scale.engine.checkpoint import atomic_write_text
     from dino_scale.models import build_dino
     from dino_scale.models.official import load_official_state_dict
     from pipelines._init import _source_state, check_exists, resolve
@@ -160,7 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log(f"model {args.model} ({cfg.name}, {cfg.model.num_classes} classes); {len(files)} image(s)")
     size = int(round(cfg.data.eval_size * cfg.data.scale_factor))
     max_size = int(round(cfg.data.eval_max_size * cfg.data.scale_factor))
-    results, failed = [], []
+    results, failed, nonfinite, finite_total = [], [], 0, 0
     for i, f in enumerate(files, 1):
         try:  # the training decoder: any mode -> RGB, EXIF orientation applied (phone photos)
             image = Image.fromarray(decode_image(f.read_bytes()))
@@ -173,19 +193,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             outputs = model(x, mask)
             res = post(outputs, torch.tensor([[image.size[1], image.size[0]]]))[0]
         dets = []
-        for score, label, box in zip(res["scores"].tolist(), res["labels"].tolist(), res["boxes"].tolist()):
+        finite, dropped = finite_detections(res["scores"].tolist(), res["labels"].tolist(), res["boxes"].tolist())
+        nonfinite, finite_total = nonfinite + dropped, finite_total + len(finite)
+        for score, label, box in finite:
             if score >= args.threshold:
                 dets.append({"label": names.get(int(label), str(int(label))), "category_id": int(label),
                              "score": round(float(score), 4), "box": [round(float(v), 2) for v in box]})
         target = output_path(out, f, i, taken)
         draw(image, dets, target)
         results.append({"file": str(f), "annotated": str(target), "width": image.size[0],
-                        "height": image.size[1], "detections": dets})
-        log(f"[{i}/{len(files)}] {f.name}: {len(dets)} box(es) >= {args.threshold}")
-    (out / "predictions.json").write_text(json.dumps({"model": args.model, "threshold": args.threshold,
-                                                      "images": results, "failed": failed}, indent=2))
+                        "height": image.size[1], "detections": dets, "nonfinite": dropped})
+        log(f"[{i}/{len(files)}] {f.name}: {len(dets)} box(es) >= {args.threshold}"
+            + (f"; {dropped} detection(s) with a NaN/inf score or box dropped" if dropped else ""))
+    atomic_write_text(out / "predictions.json", json.dumps(
+        {"model": args.model, "threshold": args.threshold, "images": results, "failed": failed,
+         "detections_nonfinite": nonfinite}, indent=2))
     print(f"wrote {len(results)} annotated image(s) and {out / 'predictions.json'}"
           + (f"; {len(failed)} unreadable image(s) skipped" if failed else ""))
+    if nonfinite and not finite_total:  # a diverged model: no output to read as "nothing found"
+        print(f"error: every detection has a NaN/inf score or box ({nonfinite} in {len(results)} image(s)): the "
+              f"model's outputs hold NaN/inf; exit status 1", file=sys.stderr, flush=True)
+        return 1
     return 0 if results else 1
 
 

@@ -79,3 +79,101 @@ def test_predict_out_blocked_by_a_file_is_a_usage_error(tmp_path, monkeypatch, m
         main([str(tmp_path / "a.jpg"), "--model", str(_tiny_checkpoint(tmp_path / "ckpt")),
               "--out", str(tmp_path / out), "--work-dir", str(tmp_path / "runs")])
     assert (tmp_path / "a-file").read_text() == "keep me"
+
+
+def _predict(tmp_path, images, *extra, out=None):
+    return main([*map(str, images), "--model", str(_tiny_checkpoint(tmp_path / "ckpt")),
+                 "--out", str(out or tmp_path / "out"), "--work-dir", str(tmp_path / "runs"), *extra])
+
+
+def _strict_json(path: Path):
+    """``path``'s JSON, refusing the ``NaN``/``Infinity`` that Python writes and JSON lacks."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_predict_drops_and_counts_nonfinite_detections(tmp_path, monkeypatch, mlflow_store_restored):
+    """A detection with a NaN/inf box (a diverged model, a half-precision overflow) crashed the
+    whole run while drawing (``ValueError: cannot convert float NaN to integer``), an inf box was
+    written as ``Infinity`` (not JSON), and NaN scores were dropped unseen: a NaN model read as
+    "0 boxes". They are now dropped, counted per image (``nonfinite``) and logged; when no
+    detection at all is finite, predict exits 1."""
+    import math
+
+    import torch
+
+    from dino_scale.models.postprocess import PostProcess
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    forward = PostProcess.forward
+    broken = {"count": 3}
+
+    def with_nonfinite(self, outputs, target_sizes):
+        res = forward(self, outputs, target_sizes)
+        for r in res:
+            n = broken["count"]
+            r["scores"][:n] = torch.linspace(0.9, 0.8, n)[: len(r["scores"][:n])]
+            r["boxes"][0:1, 0] = math.nan
+            r["boxes"][1:2, 2] = math.inf
+            r["scores"][2:n] = math.nan
+        return res
+
+    monkeypatch.setattr(PostProcess, "forward", with_nonfinite)
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "a.jpg")
+    assert _predict(tmp_path, [tmp_path / "a.jpg"], "--threshold", "0") == 0
+    pred = _strict_json(tmp_path / "out" / "predictions.json")
+    (item,) = pred["images"]
+    assert item["nonfinite"] == 3 and pred["detections_nonfinite"] == 3
+    assert len(item["detections"]) == 50 - 3  # tiny: num_select 50
+    assert all(math.isfinite(v) for d in item["detections"] for v in [d["score"], *d["box"]])
+
+    broken["count"] = 50  # every detection of every image: no usable output
+    assert _predict(tmp_path, [tmp_path / "a.jpg"], "--threshold", "0", out=tmp_path / "out2") == 1
+    pred = _strict_json(tmp_path / "out2" / "predictions.json")
+    assert pred["detections_nonfinite"] == 50 and pred["images"][0]["detections"] == []
+
+
+def test_predictions_json_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch, mlflow_store_restored):
+    """predictions.json was rewritten in place: a write cut short (disk full, a file size limit,
+    a kill) left the earlier run's file truncated, half a JSON document. It is now written to a
+    temporary file and renamed: a failed write leaves the earlier file as it was."""
+    import resource
+    import signal
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "a.jpg")
+    assert _predict(tmp_path, [tmp_path / "a.jpg"], "--threshold", "0") == 0
+    target = tmp_path / "out" / "predictions.json"
+    before = target.read_bytes()
+    assert len(before) > 4096
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail (EFBIG)
+    dumps = json.dumps
+
+    def dumps_then_limit(obj, *args, **kwargs):
+        text = dumps(obj, *args, **kwargs)
+        if isinstance(obj, dict) and "images" in obj:  # the write that follows is cut short
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))
+        return text
+
+    monkeypatch.setattr(json, "dumps", dumps_then_limit)
+    try:
+        with pytest.raises(OSError):
+            _predict(tmp_path, [tmp_path / "a.jpg"], "--threshold", "0")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.jpg", "predictions.json"]
+
+
+def test_a_folder_named_like_an_image_is_searched_not_read(tmp_path):
+    """A folder named ``album.jpg`` was listed as an image and reported as an unreadable image
+    (``[Errno 21] Is a directory``); the images inside it are listed, the folder is not."""
+    (tmp_path / "album.jpg").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "album.jpg" / "b.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    assert list_images([str(tmp_path)]) == [tmp_path / "a.jpg", tmp_path / "album.jpg" / "b.png"]

@@ -94,6 +94,22 @@ def label_space_check(model_categories: Optional[list[dict]], num_classes: int, 
             f"category id i, so it means little; fine-tune on this label space (class heads are mapped by name)")
 
 
+def check_eval_settings(cfg) -> None:
+    """:class:`ConfigError` (exit 2) for a ``model.*`` setting the model cannot be built with
+    (``num_select`` < 1: the detections kept per image; the denoising label book) or an unusable
+    ``eval.*`` (batch size, TTA scales) of ``cfg`` (the model's config with ``--set`` and
+    ``--tta``): before a val set is generated or Ray starts, not in every worker."""
+    from dino_scale.config import ConfigError
+    from dino_scale.engine.evaluate import check_eval_config
+    from dino_scale.models import check_model_config
+
+    try:
+        check_model_config(cfg.model)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    check_eval_config(cfg)
+
+
 def exit_status(metrics: dict) -> tuple[int, Optional[str]]:
     """``(0, None)`` when an AP was measured, else ``(1, reason)``: a NaN or missing AP (no val
     image evaluated, no object in the ground truth, no finite detection) is no result, and a
@@ -156,6 +172,7 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
     common.apply_flags(cfg, args)
     if args.tta:
         cfg.eval.tta = True
+    check_eval_settings(cfg)
     trained_val = (resolved.lineage or {}).get("val_dir")
     if args.data is None and trained_val and all(Path(p).is_dir() for p in str(trained_val).split(",")):
         val = str(trained_val)

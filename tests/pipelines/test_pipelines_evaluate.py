@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from pipelines.evaluate import exit_status, format_table
 
 
@@ -34,3 +36,36 @@ def test_evaluate_exits_nonzero_when_no_ap_was_measured():
     for metrics in ({"AP": math.nan, "AP50": math.nan}, {}, {"AP": None}, {"AP": "nan"}):
         status, reason = exit_status(metrics)
         assert status == 1 and "no AP was measured" in reason, metrics
+
+
+@pytest.mark.parametrize("overrides, setting", [(["model.num_select=0"], "model.num_select"),
+                                                (["eval.batch_size=0"], "eval.batch_size"),
+                                                (["eval.tta=true", "eval.tta_scales=[]"], "eval.tta_scales")])
+def test_evaluate_bad_eval_settings_are_refused_before_data_or_ray(tmp_path, monkeypatch, capsys,
+                                                                   mlflow_store_restored, overrides, setting):
+    """``--set model.num_select=0`` (the detections kept per image) passed the up-front checks:
+    the synthetic val set was generated, Ray started and an MLflow run was opened before every
+    worker failed building its PostProcess (``error: WorkerGroupError: Training failed due to worker
+    errors:``, exit 1, 80 s on a 2-core box); a bad ``eval.*`` was
+    refused only after Ray started. Both are now a one-line usage error (exit 2) first."""
+    from dino_scale.config import preset, to_dict
+    from dino_scale.engine.checkpoint import save_weights
+    from dino_scale.models import build_dino
+    from pipelines import _common, evaluate
+    from pipelines._common import run_main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = preset("tiny", ["model.num_classes=91"])
+    save_weights(tmp_path / "ckpt", build_dino(cfg.model)[0].state_dict(), config=to_dict(cfg))
+
+    def started(*args, **kwargs):
+        raise AssertionError("data was generated or Ray started")
+
+    monkeypatch.setattr(_common, "connect_ray", started)
+    monkeypatch.setattr(evaluate, "synthetic_dirs", started)
+    argv = ["--model", str(tmp_path / "ckpt"), "--work-dir", str(tmp_path / "work")]
+    for o in overrides:
+        argv += ["--set", o]
+    assert run_main(evaluate.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and setting in err and len(err.strip().splitlines()) == 1, err

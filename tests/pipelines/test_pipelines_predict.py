@@ -177,3 +177,32 @@ def test_a_folder_named_like_an_image_is_searched_not_read(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "album.jpg" / "b.png")
     Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
     assert list_images([str(tmp_path)]) == [tmp_path / "a.jpg", tmp_path / "album.jpg" / "b.png"]
+
+
+@pytest.mark.parametrize("preset_args", [[], ["--preset", "tiny"]])
+def test_predict_official_file_of_another_preset_asks_for_preset(tmp_path, monkeypatch, capsys,
+                                                                 mlflow_store_restored, preset_args):
+    """An official ``.pth`` (no config) that is not the default preset's model (or not the
+    ``--preset`` given) failed as ``error: CheckpointMismatch: checkpoint does not fit the model;
+    unexpected keys: ...`` (exit 1), without a word of ``--preset``, which README says such a
+    file needs. It is now a usage error (exit 2) that names the preset tried and asks for the one
+    the file was trained with."""
+    import torch
+
+    from dino_scale.config import preset
+    from dino_scale.models import build_model
+    from pipelines import _common
+    from pipelines._common import run_main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(_common, "_gpus_available", lambda: False)  # the default preset: tiny
+    deeper = build_model(preset("tiny", ["model.dec_layers=3"]).model)  # not the tiny preset's layout
+    torch.save({"model": deeper.state_dict()}, tmp_path / "checkpoint.pth")
+    Image.new("RGB", (64, 48)).save(tmp_path / "a.jpg")
+    rc = run_main(main, [str(tmp_path / "a.jpg"), "--model", str(tmp_path / "checkpoint.pth"), *preset_args,
+                         "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "preset tiny" in err and "give --preset" in err and "r50_4scale" in err, err
+    assert not (tmp_path / "out" / "predictions.json").exists()

@@ -137,6 +137,38 @@ def _source_state(weights: Path) -> dict:
     return state
 
 
+def preset_misfit(uri: str, preset_name: str, preset_given: bool, exc: Exception) -> UsageError:
+    """The usage error of a model file without config (an official ``.pth``) that does not fit
+    the preset it was built with (``exc``: the :class:`CheckpointMismatch`)."""
+    from dino_scale.config import PRESETS
+
+    return UsageError(f"{uri} carries no config and does not fit preset {preset_name}"
+                      f"{'' if preset_given else ' (the default)'}: give --preset the file was trained with "
+                      f"({', '.join(PRESETS)}); {str(exc).splitlines()[0]}")
+
+
+def check_fits_preset(uri: str, state: dict, cfg: Config, preset_given: bool) -> None:
+    """:func:`preset_misfit` unless ``state`` (a model file without config) loads into the model
+    of ``cfg`` (the preset it will be evaluated with), built on the meta device (no memory, no
+    backbone file read): in the caller, before a val set is generated or Ray starts."""
+    import dataclasses
+    import warnings
+
+    import torch
+
+    from dino_scale.models import build_model
+    from dino_scale.models.official import CheckpointMismatch, load_official_state_dict
+
+    with torch.device("meta"):
+        model = build_model(dataclasses.replace(cfg.model, backbone_weights=None))
+    try:
+        with warnings.catch_warnings():  # copying into meta tensors is a no-op, and says so per key
+            warnings.simplefilter("ignore")
+            load_official_state_dict(model, state)
+    except CheckpointMismatch as exc:
+        raise preset_misfit(uri, cfg.name, preset_given, exc) from None
+
+
 def _source_categories(resolved) -> Optional[list[dict]]:
     """The source model's categories: ``categories.json`` beside its weights (registered
     models, and final checkpoints of this project's runs), else the manifest of the data it

@@ -62,10 +62,7 @@ def format_table(metrics: dict, title: str) -> str:
     return "\n".join([title, head, vals] + notes)
 
 
-def _official_rows(weights: Path) -> Optional[int]:
-    from pipelines._init import _source_state
-
-    state = _source_state(weights)
+def _official_rows(state: dict) -> Optional[int]:
     return next((int(v.shape[0]) for k, v in state.items() if k.endswith("class_embed.0.weight")), None)
 
 
@@ -162,13 +159,18 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
 
         apply_overrides(cfg, list(args.overrides))
     else:
+        from pipelines._init import _source_state, check_fits_preset
+
         extra = []
-        rows = _official_rows(resolved.weights_path)
+        state = _source_state(resolved.weights_path)
+        rows = _official_rows(state)
         if rows is not None:
             extra = [f"model.num_classes={rows}", f"model.dn_labelbook_size={rows}"]
         if args.preset is None and not common.preset_needs_cluster(args):
             log("note: the model carries no config; using the default preset (give --preset)")
         cfg = common.preset(common.resolve_preset_name(args.preset), extra + list(args.overrides))
+        check_fits_preset(args.model, state, cfg, args.preset is not None)  # else every worker fails loading it
+        del state
     common.apply_flags(cfg, args)
     if args.tta:
         cfg.eval.tta = True

@@ -153,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from dino_scale.engine.checkpoint import atomic_write_text
     from dino_scale.models import build_dino
     from dino_scale.models.official import CheckpointMismatch, load_official_state_dict
-    from pipelines._init import _source_state, check_exists, resolve
+    from pipelines._init import _source_state, check_exists, preset_misfit, resolve
 
     check_exists(args.model)
     try:
@@ -180,10 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CheckpointMismatch as exc:
         if resolved.config is not None:  # the model's own config: a damaged or foreign checkpoint
             raise
-        raise common.UsageError(
-            f"{args.model} carries no config and does not fit preset {cfg.name}"
-            f"{'' if args.preset else ' (the default)'}: give --preset the file was trained with "
-            f"({', '.join(common.PRESETS)}); {str(exc).splitlines()[0]}") from None
+        raise preset_misfit(args.model, cfg.name, args.preset is not None, exc) from None
     model.eval()
     log(f"model {args.model} ({cfg.name}, {cfg.model.num_classes} classes); {len(files)} image(s)")
     size = int(round(cfg.data.eval_size * cfg.data.scale_factor))

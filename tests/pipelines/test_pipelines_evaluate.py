@@ -69,3 +69,37 @@ def test_evaluate_bad_eval_settings_are_refused_before_data_or_ray(tmp_path, mon
     assert run_main(evaluate.main, argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and setting in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_evaluate_official_file_of_another_preset_is_refused_before_data_or_ray(tmp_path, monkeypatch, capsys,
+                                                                               mlflow_store_restored):
+    """An official ``.pth`` (no config) that is not the model of the preset it is evaluated with
+    (no ``--preset`` on a CPU machine: tiny) generated the val set and started Ray, and every
+    worker failed loading it (``error: WorkerGroupError: Training failed due to worker errors:``,
+    the workers' log ``RuntimeError: Error(s) in loading state_dict for DINO``, exit 1). It is now checked
+    against that preset's model (built on the meta device: no memory) first: a usage error (exit 2)
+    asking for ``--preset``."""
+    import torch
+
+    from dino_scale.config import preset
+    from dino_scale.models import build_model
+    from pipelines import _common, evaluate
+    from pipelines._common import run_main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(_common, "_gpus_available", lambda: False)  # the default preset: tiny
+
+    def started(*args, **kwargs):
+        raise AssertionError("data was generated or Ray started")
+
+    monkeypatch.setattr(_common, "connect_ray", started)
+    monkeypatch.setattr(evaluate, "synthetic_dirs", started)
+    deeper = build_model(preset("tiny", ["model.dec_layers=3"]).model)  # not the tiny preset's layout
+    torch.save({"model": deeper.state_dict()}, tmp_path / "checkpoint.pth")
+    assert run_main(evaluate.main, ["--model", str(tmp_path / "checkpoint.pth"), "--work-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit preset tiny (the default): give --preset" in err and len(err.strip().splitlines()) == 1
+    from pipelines._init import check_fits_preset
+
+    fitting = build_model(preset("tiny").model)
+    check_fits_preset("fits.pth", {"model": fitting.state_dict()}, preset("tiny"), False)  # no error

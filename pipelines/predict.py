@@ -4,8 +4,9 @@
         --out predictions/ [--threshold 0.3]
 
 For each image, ``<out>/<name>.jpg`` has the kept boxes drawn with label and score
-(``<name>-<i>.jpg`` where that name is an input image or another image's copy: inputs are
-never overwritten, even with ``--out`` the input folder), and
+(``<name>-<i>.jpg`` where that name is an input image, another image's copy or a file this
+command did not write: inputs are never overwritten, even with ``--out`` the input folder, and
+a file in ``--out`` only when its predictions.json lists it as an annotated copy), and
 ``<out>/predictions.json`` lists ``{"file", "width", "height", "detections": [{"label",
 "category_id", "score", "box": [x1, y1, x2, y2]}], "nonfinite"}`` (original pixels). Unreadable
 images are reported and counted, not fatal; so are detections with a NaN/inf score or box (a
@@ -79,6 +80,19 @@ def output_path(out: Path, image: Path, index: int, taken: set[Path]) -> Path:
                 return target
         candidates = [out / f"{image.stem}-{index}-{k}.jpg"]
         k += 1
+
+
+def foreign_files(out: Path) -> set[Path]:
+    """The resolved ``.jpg`` files in ``out`` that no earlier run wrote: every one but the
+    annotated copies listed in ``out/predictions.json`` (all of them when it is missing or
+    unreadable). Like the inputs, they are never overwritten."""
+    ours: set[Path] = set()
+    try:
+        listed = json.loads((out / "predictions.json").read_text())["images"]
+        ours = {Path(item["annotated"]).resolve() for item in listed}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return {p.resolve() for p in out.glob("*.jpg") if p.resolve() not in ours}
 
 
 def preprocess(image, eval_size: int, max_size: int):
@@ -160,7 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise common.UsageError(f"--out {out}: a file is in the way; --out names a folder") from None
-    taken = {f.resolve() for f in files}  # the inputs are never overwritten
+    taken = {f.resolve() for f in files} | foreign_files(out)  # nor are the user's own files in --out
     with tempfile.TemporaryDirectory(prefix="dino_scale_predict_") as download:  # gone once loaded
         resolved = resolve(args.model, Path(download))
         cfg = resolved.config

@@ -206,3 +206,26 @@ def test_predict_official_file_of_another_preset_asks_for_preset(tmp_path, monke
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert "preset tiny" in err and "give --preset" in err and "r50_4scale" in err, err
     assert not (tmp_path / "out" / "predictions.json").exists()
+
+
+def test_predict_never_overwrites_a_file_it_did_not_write(tmp_path, monkeypatch, mlflow_store_restored):
+    """``--out`` a folder that holds the user's own ``a.jpg`` (not an input): the annotated copy of
+    an input ``a.jpg`` replaced it, silently. A file in ``--out`` is now replaced only when the
+    folder's predictions.json lists it as an annotated copy (a rerun refreshes its own copies, under
+    the same names); any other file keeps its bytes and the copy is ``a-<i>.jpg``."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    new, out = tmp_path / "new", tmp_path / "album"
+    new.mkdir()
+    out.mkdir()
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(new / "a.jpg")
+    Image.new("RGB", (64, 48), (10, 200, 10)).save(new / "b.jpg")
+    Image.new("RGB", (30, 20), (10, 10, 200)).save(out / "a.jpg")  # the user's own photo
+    mine = (out / "a.jpg").read_bytes()
+    assert _predict(tmp_path, [new], "--threshold", "1", out=out) == 0
+    assert (out / "a.jpg").read_bytes() == mine
+    first = [item["annotated"] for item in json.loads((out / "predictions.json").read_text())["images"]]
+    assert first == [str(out / "a-1.jpg"), str(out / "b.jpg")]
+    assert _predict(tmp_path, [new], "--threshold", "1", out=out) == 0  # a rerun: its own copies, refreshed
+    again = [item["annotated"] for item in json.loads((out / "predictions.json").read_text())["images"]]
+    assert again == first and (out / "a.jpg").read_bytes() == mine
+    assert sorted(p.name for p in out.iterdir()) == ["a-1.jpg", "a.jpg", "b.jpg", "predictions.json"]

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 def list_images(inputs: Sequence[str], skip_dir: Optional[Path] = None) -> list[Path]:
     """Image files of ``inputs`` (files, or folders searched recursively). Files under
     ``skip_dir`` (the output folder: annotated copies of an earlier run) are left out of a
-    folder's listing unless that folder is ``skip_dir`` itself."""
+    folder's listing unless that folder is ``skip_dir`` itself. An image named more than once
+    (a file and its folder, overlapping folders) is listed once, where it first appears."""
     skip = skip_dir.resolve() if skip_dir is not None else None
     files: list[Path] = []
     for item in inputs:
@@ -62,6 +63,8 @@ def list_images(inputs: Sequence[str], skip_dir: Optional[Path] = None) -> list[
                                 and not (inside and f.resolve().is_relative_to(skip))))
         else:
             files.append(p)
+    seen: set[Path] = set()
+    files = [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
     if not files:
         raise common.UsageError(f"no images found in {', '.join(inputs)}")
     return files

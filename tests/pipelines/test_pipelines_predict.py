@@ -229,3 +229,15 @@ def test_predict_never_overwrites_a_file_it_did_not_write(tmp_path, monkeypatch,
     again = [item["annotated"] for item in json.loads((out / "predictions.json").read_text())["images"]]
     assert again == first and (out / "a.jpg").read_bytes() == mine
     assert sorted(p.name for p in out.iterdir()) == ["a-1.jpg", "a.jpg", "b.jpg", "predictions.json"]
+
+
+def test_an_image_named_twice_is_predicted_once(tmp_path):
+    """``predict photos/ photos/best.jpg`` (or overlapping folders) predicted best.jpg twice: two
+    annotated copies (best.jpg, best-2.jpg) and two entries in predictions.json. Each image is
+    listed once, where it first appears."""
+    (tmp_path / "sub").mkdir()
+    for name in ("a.jpg", "sub/b.jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    got = list_images([str(tmp_path / "sub" / "b.jpg"), str(tmp_path), str(tmp_path / "sub"),
+                       str(tmp_path / "sub" / ".." / "a.jpg")])
+    assert got == [tmp_path / "sub" / "b.jpg", tmp_path / "a.jpg"]

@@ -6,7 +6,7 @@
 For each image, ``<out>/<name>.jpg`` has the kept boxes drawn with label and score
 (``<name>-<i>.jpg`` where that name is an input image, another image's copy or a file this
 command did not write: inputs are never overwritten, even with ``--out`` the input folder, and
-a file in ``--out`` only when its predictions.json lists it as an annotated copy), and
+a file in ``--out`` only when it is an annotated copy: JPEG comment :data:`MARK`), and
 ``<out>/predictions.json`` lists ``{"file", "width", "height", "detections": [{"label",
 "category_id", "score", "box": [x1, y1, x2, y2]}], "nonfinite"}`` (original pixels). Unreadable
 images are reported and counted, not fatal; so are detections with a NaN/inf score or box (a
@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 from pipelines import _common as common
 
+MARK = b"dino-scale predict"  # the JPEG comment of an annotated copy: a rerun may replace it
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -85,17 +86,28 @@ def output_path(out: Path, image: Path, index: int, taken: set[Path]) -> Path:
         k += 1
 
 
+def _is_copy(path: Path) -> bool:
+    """Whether ``path`` is an annotated copy (its JPEG comment is :data:`MARK`)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:  # the header only
+            return im.info.get("comment") == MARK
+    except Exception:  # not an image PIL reads: not one of ours
+        return False
+
+
 def foreign_files(out: Path) -> set[Path]:
     """The resolved ``.jpg`` files in ``out`` that no earlier run wrote: every one but the
-    annotated copies listed in ``out/predictions.json`` (all of them when it is missing or
-    unreadable). Like the inputs, they are never overwritten."""
+    annotated copies (marked with :data:`MARK`, or listed in ``out/predictions.json``: copies of
+    a run cut short before it wrote the list are marked). Like the inputs, never overwritten."""
     ours: set[Path] = set()
     try:
         listed = json.loads((out / "predictions.json").read_text())["images"]
         ours = {Path(item["annotated"]).resolve() for item in listed}
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    return {p.resolve() for p in out.glob("*.jpg") if p.resolve() not in ours}
+    return {p.resolve() for p in out.glob("*.jpg") if p.resolve() not in ours and not _is_copy(p)}
 
 
 def preprocess(image, eval_size: int, max_size: int):
@@ -142,7 +154,7 @@ def draw(image, detections: list[dict], path: Path) -> None:
         d.rectangle([x1, max(0, y1 - 12), x1 + 6 * len(text) + 4, y1], fill=(255, 40, 40))
         d.text((x1 + 2, max(0, y1 - 12)), text, fill=(255, 255, 255))
     buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=92)
+    im.save(buf, format="JPEG", quality=92, comment=MARK)
     atomic_write_bytes(path, buf.getvalue())  # a kill mid-save leaves no half image
 
 

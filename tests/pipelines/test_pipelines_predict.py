@@ -210,9 +210,10 @@ def test_predict_official_file_of_another_preset_asks_for_preset(tmp_path, monke
 
 def test_predict_never_overwrites_a_file_it_did_not_write(tmp_path, monkeypatch, mlflow_store_restored):
     """``--out`` a folder that holds the user's own ``a.jpg`` (not an input): the annotated copy of
-    an input ``a.jpg`` replaced it, silently. A file in ``--out`` is now replaced only when the
-    folder's predictions.json lists it as an annotated copy (a rerun refreshes its own copies, under
-    the same names); any other file keeps its bytes and the copy is ``a-<i>.jpg``."""
+    an input ``a.jpg`` replaced it, silently. A file in ``--out`` is now replaced only when it is an
+    annotated copy (JPEG comment ``dino-scale predict``, or listed in the folder's predictions.json):
+    a rerun refreshes its own copies under the same names, even after a run cut short; any other
+    file keeps its bytes and the copy is ``a-<i>.jpg``."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     new, out = tmp_path / "new", tmp_path / "album"
     new.mkdir()
@@ -229,6 +230,10 @@ def test_predict_never_overwrites_a_file_it_did_not_write(tmp_path, monkeypatch,
     again = [item["annotated"] for item in json.loads((out / "predictions.json").read_text())["images"]]
     assert again == first and (out / "a.jpg").read_bytes() == mine
     assert sorted(p.name for p in out.iterdir()) == ["a-1.jpg", "a.jpg", "b.jpg", "predictions.json"]
+    (out / "predictions.json").unlink()  # a run cut short before writing it: its copies are still its own
+    assert _predict(tmp_path, [new], "--threshold", "1", out=out) == 0
+    assert [item["annotated"] for item in json.loads((out / "predictions.json").read_text())["images"]] == first
+    assert (out / "a.jpg").read_bytes() == mine
 
 
 def test_an_image_named_twice_is_predicted_once(tmp_path):

@@ -158,11 +158,12 @@ def draw(image, detections: list[dict], path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())  # a kill mid-save leaves no half image
 
 
-def _categories(resolved, cfg) -> dict[int, str]:
-    path = resolved.weights_path.parent / "categories.json"
-    if path.is_file():
-        return {int(c["id"]): str(c["name"]) for c in json.loads(path.read_text())}
-    return {}
+def _categories(resolved) -> dict[int, str]:
+    """Class index -> name: the model's categories.json, else the manifest of the data its lineage
+    names (:func:`pipelines._init._source_categories`, as fine-tuning and evaluate read them)."""
+    from pipelines._init import _source_categories
+
+    return {int(c["id"]): str(c["name"]) for c in _source_categories(resolved) or []}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -194,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         resolved = resolve(args.model, Path(download))
         cfg = resolved.config
         state = _source_state(resolved.weights_path)
-        names = _categories(resolved, cfg)
+        names = _categories(resolved)
     if cfg is not None and args.preset is not None and args.preset != cfg.name:
         log(f"note: --preset {args.preset} ignored; the model carries its config ({cfg.name})")
     if cfg is None:

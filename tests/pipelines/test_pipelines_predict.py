@@ -246,3 +246,26 @@ def test_an_image_named_twice_is_predicted_once(tmp_path):
     got = list_images([str(tmp_path / "sub" / "b.jpg"), str(tmp_path), str(tmp_path / "sub"),
                        str(tmp_path / "sub" / ".." / "a.jpg")])
     assert got == [tmp_path / "sub" / "b.jpg", tmp_path / "a.jpg"]
+
+
+def test_predict_names_labels_from_the_training_data_of_a_checkpoint(tmp_path, monkeypatch, mlflow_store_restored):
+    """A checkpoint folder without categories.json (the ``final/`` folder of ``engine.fit``: weights,
+    config.json, lineage.json) was labelled with bare class indices ("17") although its lineage
+    names the training data, whose manifest the other pipelines read the class names from
+    (README: fine-tuning, evaluate). predict now reads the same sources."""
+    from dino_scale.data.records import FORMAT
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = tmp_path / "train"
+    data.mkdir()
+    names = {i: f"thing-{i}" for i in range(91)}
+    (data / "manifest.json").write_text(json.dumps({
+        "format": FORMAT, "num_images": 0, "shards": [],
+        "categories": [{"id": i, "name": n} for i, n in names.items()]}))
+    ckpt = _tiny_checkpoint(tmp_path / "ckpt")
+    (ckpt / "lineage.json").write_text(json.dumps({"train_dir": str(data)}))
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "a.jpg")
+    assert main([str(tmp_path / "a.jpg"), "--model", str(ckpt), "--out", str(tmp_path / "out"), "--threshold", "0",
+                 "--work-dir", str(tmp_path / "runs")]) == 0
+    (item,) = json.loads((tmp_path / "out" / "predictions.json").read_text())["images"]
+    assert item["detections"] and all(d["label"] == names[d["category_id"]] for d in item["detections"])

@@ -8,10 +8,10 @@ For each image, ``<out>/<name>.jpg`` has the kept boxes drawn with label and sco
 command did not write: inputs are never overwritten, even with ``--out`` the input folder, and
 a file in ``--out`` only when it is an annotated copy: JPEG comment :data:`MARK`), and
 ``<out>/predictions.json`` lists ``{"file", "width", "height", "detections": [{"label",
-"category_id", "score", "box": [x1, y1, x2, y2]}], "nonfinite"}`` (original pixels). Unreadable
-images are reported and counted, not fatal; so are detections with a NaN/inf score or box (a
-diverged model; ``nonfinite`` per image, ``detections_nonfinite`` in all), and when no detection
-of any image is finite the exit status is 1. Files are written whole or not at all (a temporary
+"category_id", "score", "box": [x1, y1, x2, y2]}], "nonfinite"}`` (original pixels, clipped to the
+image). Unreadable images are reported and counted, not fatal; so are detections with a NaN/inf
+score or box (a diverged model; ``nonfinite`` per image, ``detections_nonfinite`` in all), and
+when no detection of any image is finite the exit status is 1. Files are written whole or not at all (a temporary
 file renamed): a run cut short never leaves half a JSON document or image.
 """
 from __future__ import annotations
@@ -230,8 +230,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dets = []
         finite, dropped = finite_detections(res["scores"].tolist(), res["labels"].tolist(), res["boxes"].tolist())
         nonfinite, finite_total = nonfinite + dropped, finite_total + len(finite)
-        for score, label, box in finite:
-            if score >= args.threshold:
+        w, h = image.size
+        for score, label, (x1, y1, x2, y2) in finite:
+            if score >= args.threshold:  # boxes across the border are clipped to the image
+                box = [min(max(x1, 0.0), w), min(max(y1, 0.0), h), min(max(x2, 0.0), w), min(max(y2, 0.0), h)]
                 dets.append({"label": names.get(int(label), str(int(label))), "category_id": int(label),
                              "score": round(float(score), 4), "box": [round(float(v), 2) for v in box]})
         target = output_path(out, f, i, taken)

@@ -269,3 +269,31 @@ def test_predict_names_labels_from_the_training_data_of_a_checkpoint(tmp_path, m
                  "--work-dir", str(tmp_path / "runs")]) == 0
     (item,) = json.loads((tmp_path / "out" / "predictions.json").read_text())["images"]
     assert item["detections"] and all(d["label"] == names[d["category_id"]] for d in item["detections"])
+
+
+def test_predict_boxes_lie_inside_the_image(tmp_path, monkeypatch, mlflow_store_restored):
+    """A box the model places across the image border (cx - w/2 < 0: an object cut by the frame)
+    was written as it came, e.g. [-3.0, 17.0, 13.0, 33.0] on a 40x40 image: a consumer cropping
+    ``img[y1:y2, x1:x2]`` with it gets an empty or wrapped slice. predictions.json boxes are now
+    clipped to the image, 0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height."""
+    import torch
+
+    from dino_scale.models.postprocess import PostProcess
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    forward = PostProcess.forward
+
+    def across_the_border(self, outputs, target_sizes):
+        res = forward(self, outputs, target_sizes)
+        for r in res:
+            r["boxes"][0] = torch.tensor([-3.0, 17.0, 13.0, 33.0])
+            r["boxes"][1] = torch.tensor([30.0, -5.0, 70.0, 60.0])
+        return res
+
+    monkeypatch.setattr(PostProcess, "forward", across_the_border)
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "a.jpg")
+    assert _predict(tmp_path, [tmp_path / "a.jpg"], "--threshold", "0") == 0
+    (item,) = json.loads((tmp_path / "out" / "predictions.json").read_text())["images"]
+    boxes = {tuple(d["box"]) for d in item["detections"]}
+    assert (0.0, 17.0, 13.0, 33.0) in boxes and (30.0, 0.0, 64.0, 48.0) in boxes
+    assert all(0 <= x1 <= x2 <= 64 and 0 <= y1 <= y2 <= 48 for x1, y1, x2, y2 in boxes)

@@ -5,6 +5,9 @@ import math
 
 import pytest
 
+from dino_scale.config import preset, to_dict
+from dino_scale.engine.checkpoint import save_weights
+from dino_scale.models import build_dino
 from pipelines.evaluate import exit_status, format_table
 
 
@@ -103,3 +106,35 @@ def test_evaluate_official_file_of_another_preset_is_refused_before_data_or_ray(
 
     fitting = build_model(preset("tiny").model)
     check_fits_preset("fits.pth", {"model": fitting.state_dict()}, preset("tiny"), False)  # no error
+
+
+def test_evaluate_gpus_this_machine_lacks_are_refused(tmp_path, monkeypatch, capsys, mlflow_store_restored):
+    """``--gpus 1`` on a machine without a GPU (the embedded local Ray: nothing can join it) asked
+    Ray Train for a GPU worker and waited for it forever ("No available node types can fulfill
+    resource request {'GPU': 1.0, 'CPU': 1.0}", still waiting when killed at 170 s). It is now a
+    usage error (exit 2) naming the GPUs there are; a joined cluster (``RAY_ADDRESS``) may still be
+    given GPU nodes, so it waits."""
+    import ray
+
+    import dino_scale.engine.api
+    from pipelines import _common, evaluate
+    from pipelines._common import run_main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = preset("tiny", ["model.num_classes=91"])
+    save_weights(tmp_path / "ckpt", build_dino(cfg.model)[0].state_dict(), config=to_dict(cfg))
+    monkeypatch.setattr(evaluate, "synthetic_dirs", lambda *a, **k: (str(tmp_path / "val"),))
+    monkeypatch.setattr(evaluate, "whole_dataset", lambda val: None)
+    monkeypatch.setattr(evaluate, "categories_of", lambda val: [{"id": 1, "name": "person"}])
+    monkeypatch.setattr(_common, "connect_ray", lambda *a, **k: "started embedded local Ray (4 logical CPUs)")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+
+    def train(*args, **kwargs):
+        raise AssertionError("Ray Train was asked for GPU workers")
+
+    monkeypatch.setattr(dino_scale.engine.api, "evaluate_weights", train)
+    argv = ["--model", str(tmp_path / "ckpt"), "--work-dir", str(tmp_path / "work"), "--gpus", "1"]
+    assert run_main(evaluate.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "--gpus 1" in err and "0 GPU" in err and len(err.strip().splitlines()) == 1, err

@@ -11,8 +11,8 @@ a file in ``--out`` only when it is an annotated copy: JPEG comment :data:`MARK`
 "category_id", "score", "box": [x1, y1, x2, y2]}], "nonfinite"}`` (original pixels, clipped to the
 image). Unreadable images are reported and counted, not fatal; so are detections with a NaN/inf
 score or box (a diverged model; ``nonfinite`` per image, ``detections_nonfinite`` in all), and
-when no detection of any image is finite the exit status is 1. Files are written whole or not at all (a temporary
-file renamed): a run cut short never leaves half a JSON document or image.
+when no detection of any image is finite the exit status is 1. Files are written whole or not at
+all (a temporary file renamed): a run cut short never leaves half a JSON document or image.
 """
 from __future__ import annotations
 

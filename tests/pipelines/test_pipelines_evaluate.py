@@ -51,9 +51,6 @@ def test_evaluate_bad_eval_settings_are_refused_before_data_or_ray(tmp_path, mon
     worker failed building its PostProcess (``error: WorkerGroupError: Training failed due to worker
     errors:``, exit 1, 80 s on a 2-core box); a bad ``eval.*`` was
     refused only after Ray started. Both are now a one-line usage error (exit 2) first."""
-    from dino_scale.config import preset, to_dict
-    from dino_scale.engine.checkpoint import save_weights
-    from dino_scale.models import build_dino
     from pipelines import _common, evaluate
     from pipelines._common import run_main
 
@@ -84,7 +81,6 @@ def test_evaluate_official_file_of_another_preset_is_refused_before_data_or_ray(
     asking for ``--preset``."""
     import torch
 
-    from dino_scale.config import preset
     from dino_scale.models import build_model
     from pipelines import _common, evaluate
     from pipelines._common import run_main

@@ -261,6 +261,21 @@ def connect_ray(num_cpus: Optional[int] = None) -> str:
     return what
 
 
+def check_gpus_here(cfg: Config, args: argparse.Namespace) -> None:
+    """:class:`UsageError` when ``cfg`` asks for GPU workers (``--gpus N``, ``train.use_gpu``) the
+    embedded local Ray lacks: nothing can join it, so Ray Train would wait for them forever. A
+    joined cluster (``RAY_ADDRESS``) may be given GPU nodes (an autoscaler): not checked."""
+    import ray
+
+    if not cfg.train.use_gpu or os.environ.get("RAY_ADDRESS"):
+        return
+    have = int(ray.cluster_resources().get("GPU", 0))
+    if have < cfg.train.num_workers:
+        asked = f"--gpus {args.gpus}" if getattr(args, "gpus", None) is not None else "train.use_gpu"
+        raise UsageError(f"{asked}: {cfg.train.num_workers} GPU worker(s), but this machine has {have} GPU(s) "
+                         "and Ray would wait for them forever; --gpus 0 runs on the CPU")
+
+
 def preset_needs_cluster(args: argparse.Namespace) -> bool:
     """No ``--preset`` while joining a cluster: connect first, so the default preset can
     look at the cluster's GPUs rather than the (often GPU-less) head node's."""

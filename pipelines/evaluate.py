@@ -107,23 +107,6 @@ def check_eval_settings(cfg) -> None:
     check_eval_config(cfg)
 
 
-def check_gpus_here(cfg, args) -> None:
-    """:class:`UsageError` when ``cfg`` asks for GPU workers (``--gpus N``, ``train.use_gpu``) that
-    the embedded local Ray lacks: nothing can join it, so Ray Train would wait for them forever.
-    A joined cluster (``RAY_ADDRESS``) may be given GPU nodes (an autoscaler): not checked."""
-    import os
-
-    import ray
-
-    if not cfg.train.use_gpu or os.environ.get("RAY_ADDRESS"):
-        return
-    have = int(ray.cluster_resources().get("GPU", 0))
-    if have < cfg.train.num_workers:
-        asked = f"--gpus {args.gpus}" if args.gpus is not None else "train.use_gpu"
-        raise common.UsageError(f"{asked}: {cfg.train.num_workers} GPU worker(s), but this machine has {have} GPU(s) "
-                                f"and Ray would wait for them forever; --gpus 0 evaluates on the CPU")
-
-
 def exit_status(metrics: dict) -> tuple[int, Optional[str]]:
     """``(0, None)`` when an AP was measured, else ``(1, reason)``: a NaN or missing AP (no val
     image evaluated, no object in the ground truth, no finite detection) is no result, and a
@@ -214,7 +197,7 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
         print(mismatch, file=sys.stderr, flush=True)
     log(f"Ray: {common.connect_ray()}")
     common.set_eval_resources(cfg, args)
-    check_gpus_here(cfg, args)
+    common.check_gpus_here(cfg, args)
     log(f"evaluating {args.model} ({cfg.name}, {cfg.model.num_classes} classes, tta={cfg.eval.tta}) "
         f"on {val} ({n_cats} categories), {cfg.train.num_workers} worker(s), "
         f"{'GPU' if cfg.train.use_gpu else 'CPU'}")

@@ -117,6 +117,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         log("from scratch: no initial weights")
     if not early_ray:
         log(f"Ray: {common.connect_ray()}")
+    common.check_gpus_here(cfg, args)
     log(f"preset {cfg.name}: {cfg.model.num_classes} classes, scale {cfg.data.scale_factor}, "
         f"{cfg.train.num_workers} worker(s), ZeRO-{cfg.train.zero_stage}, "
         f"max_steps={cfg.train.max_steps} epochs={cfg.train.epochs} {common.schedule_text(cfg)}, tta={cfg.eval.tta}")

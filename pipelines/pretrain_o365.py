@@ -69,6 +69,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     check_classes(cfg, categories, train)
     if not early_ray:
         log(f"Ray: {common.connect_ray()}")
+    common.check_gpus_here(cfg, args)
     name = args.model_name or model_name(cfg.name)
     run_name = args.run_name or common.default_run_name(f"pretrain-{cfg.name}")
     log(f"preset {cfg.name}: {cfg.model.backbone}, {cfg.model.num_classes} classes, "

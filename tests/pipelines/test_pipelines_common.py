@@ -122,3 +122,41 @@ def test_pipelines_common_run_names():
     for bad in ("", " ", ".", "..", "a/b", "/abs", "..\\x", "a\0b"):
         with pytest.raises(common.UsageError, match="--run-name"):
             common.check_run_name(bad)
+
+
+@pytest.mark.parametrize("pipeline", ["pretrain_o365", "finetune_coco"])
+def test_training_gpus_this_machine_lacks_are_refused(pipeline, tmp_path, monkeypatch, capsys,
+                                                      mlflow_store_restored):
+    """``--gpus 1`` on a machine without a GPU (the embedded local Ray: nothing can join it) made
+    pretraining and fine-tuning ask Ray Train for a GPU worker and wait for ever, as evaluate did:
+    all three now stop with a usage error (exit 2) naming the GPUs there are."""
+    import importlib
+
+    import ray
+
+    import dino_scale.engine
+
+    module = importlib.import_module(f"pipelines.{pipeline}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(module, "resolve_datasets",
+                        lambda *a, **k: (str(tmp_path / "train"), str(tmp_path / "val"), True))
+    monkeypatch.setattr(module, "categories_of", lambda data: [{"id": 1, "name": "person"}])
+    monkeypatch.setattr(module, "check_classes", lambda *a, **k: None)
+    monkeypatch.setattr(common, "connect_ray", lambda *a, **k: "started embedded local Ray (4 logical CPUs)")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+
+    def fit(*args, **kwargs):
+        raise AssertionError("Ray Train was asked for GPU workers")
+
+    monkeypatch.setattr(dino_scale.engine, "fit", fit)
+    argv = ["--work-dir", str(tmp_path / "work"), "--preset", "tiny", "--gpus", "1"]
+    if pipeline == "finetune_coco":
+        argv += ["--init", "scratch"]
+    assert common.run_main(module.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "--gpus 1" in err and "0 GPU" in err, err
+    # a joined cluster may be given GPU nodes: not refused here (fit is reached)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    with pytest.raises(AssertionError, match="asked for GPU workers"):
+        module.main(argv)

@@ -18,7 +18,7 @@ import io
 from typing import Optional
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["ImageDecodeError", "decode_image", "verify_image_bytes", "read_image_size", "sizes_agree"]
 
@@ -63,7 +63,9 @@ def _open(data: Optional[bytes]) -> Image.Image:
         return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise _too_large(e) from None
-    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError...
+    except UnidentifiedImageError:  # its text names the BytesIO's memory address: new each run
+        raise ImageDecodeError("corrupt", "UnidentifiedImageError: not an image format PIL can read") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError...
         raise ImageDecodeError("corrupt", f"{type(e).__name__}: {e}") from None
 
 

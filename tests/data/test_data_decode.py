@@ -123,3 +123,17 @@ def test_data_sizes_agree_accepts_uniform_rescales_only():
     jpeg = _encode(Image.new("RGB", (64, 48)), "JPEG")
     assert verify_image_bytes(jpeg, (32, 24)) is None
     assert verify_image_bytes(jpeg, (48, 64)) == "size_mismatch"
+
+
+def test_data_decode_unidentified_bytes_message_is_the_same_every_time():
+    """PIL's 'cannot identify image file <_io.BytesIO object at 0x7f...>' named a memory address,
+    so the error written for such a file (predict's predictions.json, a conversion's skip log)
+    differed from run to run; the message is now fixed text."""
+    messages = set()
+    for _ in range(3):
+        with pytest.raises(ImageDecodeError) as e:
+            decode_image(b"not an image at all")
+        assert e.value.reason == "corrupt"
+        messages.add(str(e.value))
+    (message,) = messages
+    assert "0x" not in message and "BytesIO" not in message and "PIL" in message, message

@@ -300,9 +300,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         if _get_model(client, args.name) is None:
             raise common.UsageError(f"registered model {args.name!r} not found")
-        client.get_model_version(args.name, str(args.version))
-        _stamp_and_set(client, args.name, args.alias, str(args.version), "manual")
-        print(f"{args.name}@{args.alias} -> version {args.version}")
+        text = args.version.strip()
+        if not text.isdigit() or int(text) < 1:
+            raise common.UsageError(f"version {args.version!r}: give a version number (1, 2, ...; "
+                                    f"'registry show {args.name}' lists them)")
+        version = str(int(text))  # ' 2', '02' -> '2': the form MLflow stores and prints
+        client.get_model_version(args.name, version)
+        _stamp_and_set(client, args.name, args.alias, version, "manual")
+        print(f"{args.name}@{args.alias} -> version {version}")
     return 0
 
 

@@ -141,6 +141,13 @@ def test_cli_registry_list_show_promote(tmp_path, monkeypatch, capsys):
     assert "not found" in capsys.readouterr().err
     assert cli.main(base + ["promote", "dino-tiny-coco", "7"]) == 2  # no such version
     assert "error:" in capsys.readouterr().err
+    # a version written with blanks or zeros is the version; anything else is refused before a tag
+    assert cli.main(base + ["promote", "dino-tiny-coco", " 01", "--alias", "spaced"]) == 0
+    assert "dino-tiny-coco@spaced -> version 1\n" in capsys.readouterr().out  # was 'version  01'
+    assert str(client.get_model_version_by_alias("dino-tiny-coco", "spaced").version) == "1"
+    for bad in ("v2", "0", "-1", "1.5", ""):
+        assert cli.main(base + ["promote", "dino-tiny-coco", bad, "--alias", "bad"]) == 2
+        assert "give a version number" in capsys.readouterr().err, bad
     for alias in ("latest", "v3", "bad alias"):  # refused by MLflow: the version is left untouched
         assert cli.main(base + ["promote", "dino-tiny-coco", "1", "--alias", alias]) == 2
         assert not [k for k in client.get_model_version("dino-tiny-coco", "1").tags

@@ -235,6 +235,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = [value]
         return [_coerce(v, args[0] if args else Any, key) for v in value]
     try:
+        if value is None or (isinstance(value, bool) and tp in (int, float)):
+            raise ValueError(value)  # JSON null for a non-optional field, true/false for a number
         if tp is bool:
             if isinstance(value, str):
                 low = value.strip().lower()
@@ -245,6 +247,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 raise ValueError(value)
             return bool(value)
         if tp is int:
+            if isinstance(value, str):  # '1e4', '2.0': whole numbers written as floats
+                try:
+                    return int(value)
+                except ValueError:
+                    value = float(value)
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return int(value)
@@ -268,8 +275,10 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Confi
                 raise ConfigError(f"unknown config key {key!r}")
             node = getattr(node, part)
         types = _field_types(node) if dataclasses.is_dataclass(node) else {}
-        if leaf not in types or dataclasses.is_dataclass(getattr(node, leaf)):
+        if leaf not in types:
             raise ConfigError(f"unknown config key {key!r}")
+        if dataclasses.is_dataclass(getattr(node, leaf)):
+            raise ConfigError(f"config key {key!r} is a section: set its keys one by one, e.g. {key}.<key>=value")
         setattr(node, leaf, _coerce(value, types[leaf], key))
     return cfg
 
@@ -288,12 +297,14 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 def from_dict(data: dict[str, Any]) -> Config:
     """Inverse of :func:`to_dict`; unknown keys are an error, missing keys take defaults."""
     cfg = Config()
+    if not isinstance(data, dict):  # an empty YAML file (None), a JSON list
+        raise ConfigError(f"a config must be a mapping of sections, not {type(data).__name__}")
     data = copy.deepcopy(data)
-    if "name" in data:
-        cfg.name = str(data.pop("name"))
-    flat = {}
+    flat = {"name": data.pop("name")} if "name" in data else {}
     for section, values in data.items():
         if not isinstance(values, dict):
+            if section in _field_types(cfg):
+                raise ConfigError(f"config section {section!r} must be a mapping of keys, not {values!r}")
             raise ConfigError(f"unknown config key {section!r}")
         for k, v in values.items():
             flat[f"{section}.{k}"] = v
@@ -325,7 +336,12 @@ def load(path: str | Path) -> Config:
     path = Path(path)
     text = path.read_text()
     if path.suffix == ".json":
-        return from_dict(json.loads(text))
-    import yaml
+        data = json.loads(text)
+    else:
+        import yaml
 
-    return from_dict(yaml.safe_load(text))
+        data = yaml.safe_load(text)
+    try:
+        return from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

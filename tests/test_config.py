@@ -52,3 +52,56 @@ def test_round_trip(tmp_path, suffix):
     assert C.from_dict(json.loads(json.dumps(C.to_dict(cfg)))) == cfg
     flat = C.flatten(cfg)
     assert flat["model.num_classes"] == 366 and flat["name"] == "swinl_4scale"
+
+
+def test_int_fields_take_whole_numbers_written_as_floats():
+    cfg = C.preset("tiny", ["train.max_steps=1e4", "train.num_workers=2.0", "train.checkpoint_every_steps=1E3"])
+    assert (cfg.train.max_steps, cfg.train.num_workers, cfg.train.checkpoint_every_steps) == (10000, 2, 1000)
+    assert type(cfg.train.max_steps) is int and type(cfg.train.num_workers) is int
+    for bad in ["train.num_workers=2.5", "train.max_steps=1e-3", "train.num_workers=two"]:
+        with pytest.raises(C.ConfigError, match="bad value .* \\(expected int\\)"):
+            C.preset("tiny", [bad])
+
+
+@pytest.mark.parametrize("key, value", [("model.backbone", None), ("train.use_gpu", None), ("name", None),
+                                        ("train.num_workers", True), ("train.lr", False)])
+def test_null_or_bool_for_a_plain_field_is_an_error_not_a_silent_value(key, value):
+    # JSON null used to become the backbone / name 'None' and use_gpu False; true became num_workers 1
+    section, _, leaf = key.rpartition(".")
+    with pytest.raises(C.ConfigError, match=f"bad value {value!r} for {key}"):
+        C.from_dict({section: {leaf: value}} if section else {key: value})
+
+
+@pytest.mark.parametrize("data, match", [(None, "mapping of sections, not NoneType"),
+                                         ([], "mapping of sections, not list"),
+                                         ({"model": None}, "section 'model' must be a mapping"),
+                                         ({"bogus": 1}, "unknown config key 'bogus'")])
+def test_from_dict_of_a_non_mapping_is_a_config_error(data, match):
+    with pytest.raises(C.ConfigError, match=match):
+        C.from_dict(data)
+
+
+def test_load_names_the_file(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(C.ConfigError, match="empty.yaml: a config must be a mapping"):
+        C.load(empty)
+    extra = tmp_path / "old.json"
+    extra.write_text(json.dumps({**C.to_dict(C.preset("tiny")), "model": {"removed_key": 1}}))
+    with pytest.raises(C.ConfigError, match="old.json: unknown config key 'model.removed_key'"):
+        C.load(extra)
+
+
+def test_a_whole_section_is_not_an_override():
+    with pytest.raises(C.ConfigError, match="'train' is a section: set its keys one by one"):
+        C.preset("tiny", ["train={}"])
+
+
+def test_overrides_do_not_touch_presets():
+    before = json.dumps(C.PRESETS, sort_keys=True)
+    a = C.preset("tiny", ["data.train_scales=[1,2]", "train.lr_drop_epochs=[3]"])
+    a.data.train_scales.append(9)
+    a.eval.tta_scales.append(9)
+    b = C.preset("tiny")
+    assert b.data.train_scales == [192, 224, 256] and b.eval.tta_scales == [256]
+    assert json.dumps(C.PRESETS, sort_keys=True) == before

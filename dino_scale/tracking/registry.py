@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from dino_scale.config import Config, from_dict
+from dino_scale.config import Config, ConfigError, from_dict
 
 __all__ = [
     "ResolvedModel", "register_model", "set_alias", "get_version_by_alias", "resolve_model_uri",
@@ -173,6 +173,15 @@ def get_version_by_alias(name: str, alias: str, tracking_uri: Optional[str] = No
         raise
 
 
+def _read_config(cfg_file: Path) -> Config:
+    """The model's ``config.json``; a key this version does not know (a config written by
+    another release) is a :class:`ConfigError` that names the file."""
+    try:
+        return from_dict(json.loads(cfg_file.read_text()))
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg_file}: {exc} (written by another version of dino_scale?)") from None
+
+
 def _from_local(path: Path, uri: str, lineage: dict[str, Any]) -> ResolvedModel:
     from dino_scale.engine.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
@@ -188,7 +197,7 @@ def _from_local(path: Path, uri: str, lineage: dict[str, Any]) -> ResolvedModel:
         lin_file = path.with_name("lineage.json")
     else:
         raise FileNotFoundError(f"{uri}: no such file or folder {path}")
-    config = from_dict(json.loads(cfg_file.read_text())) if cfg_file.is_file() else None
+    config = _read_config(cfg_file) if cfg_file.is_file() else None
     if lin_file.is_file():
         lineage = {**json.loads(lin_file.read_text()), **lineage}
     return ResolvedModel(uri=uri, weights_path=weights, config=config, lineage=lineage)

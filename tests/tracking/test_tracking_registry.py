@@ -135,3 +135,17 @@ def test_resolve_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         resolve_model_uri(str(tmp_path / "empty"))
+
+
+def test_resolve_names_a_config_json_of_another_version(tmp_path):
+    import json
+
+    from dino_scale.config import ConfigError, preset, to_dict
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"")
+    data = to_dict(preset("tiny"))
+    data["model"]["removed_key"] = 1
+    (tmp_path / "m" / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="config.json: unknown config key 'model.removed_key' .*another version"):
+        resolve_model_uri(str(tmp_path / "m"))

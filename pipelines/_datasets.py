@@ -153,9 +153,17 @@ def class_overrides(categories: list[dict], user_overrides: list[str], minimum: 
     if "model.num_classes" not in user:
         out.append(f"model.num_classes={n}")
     if "model.dn_labelbook_size" not in user:
-        book = user.get("model.num_classes", str(n))
-        out.append(f"model.dn_labelbook_size={book if book.isdigit() else n}")
+        out.append(f"model.dn_labelbook_size={_whole_number(user.get('model.num_classes'), n)}")
     return out
+
+
+def _whole_number(text, default: int) -> int:
+    """``text`` as the config reads an int ('100', '1e2', '100.0'), else ``default``."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return default
+    return int(value) if value.is_integer() else default
 
 
 def _split_override(text: str) -> tuple[str, str]:

@@ -147,3 +147,11 @@ def test_pipelines_datasets_eval_fingerprint_names_the_labels_not_the_copy(raw, 
     convert_coco(moved, root, c, progress=False)
     fa = eval_fingerprint(str(a))
     assert len(fa) == 16 and fa == eval_fingerprint(str(b)) != eval_fingerprint(str(c))
+
+
+def test_the_label_book_follows_a_num_classes_written_as_a_float():
+    # the config reads '1e2' / '100.0' as 100; the label book used to stay at the data's 91
+    cats = [{"id": 90, "name": "x"}]
+    for text in ["100", "1e2", "100.0", " 100 "]:
+        assert class_overrides(cats, [f"model.num_classes={text}"]) == ["model.dn_labelbook_size=100"], text
+    assert class_overrides(cats, ["model.num_classes=many"]) == ["model.dn_labelbook_size=91"]  # the config refuses it

@@ -37,7 +37,7 @@ from dino_scale.models.weights_file import read_safetensors, read_torch_file
 
 __all__ = [
     "TrainState", "atomic_dir", "atomic_write_bytes", "atomic_write_text", "CheckpointManager",
-    "save_rng_state", "load_rng_state", "save_weights", "load_weights", "save_training_checkpoint",
+    "save_rng_state", "load_rng_state", "save_weights", "load_weights", "load_into", "save_training_checkpoint",
     "load_training_checkpoint", "WEIGHTS_NAME", "CONFIG_NAME", "STATE_NAME", "DS_TAG", "UNIVERSAL_TAG", "COMPLETE_NAME",
     "checkpoint_dir_name",
 ]
@@ -257,6 +257,22 @@ def load_weights(path: PathLike) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     return obj
+
+
+def load_into(model: torch.nn.Module, state: dict, strict: bool = True) -> tuple[list[str], list[str]]:
+    """Load ``state`` into ``model`` as predict, the evaluate pre-check and the registry do, so a
+    file they accept also loads in every Ray worker: strict goes through
+    :func:`~dino_scale.models.official.load_official_state_dict` (official layouts: one copy of a
+    shared head, no Swin ``relative_position_index``, ``module.`` prefixes;
+    :class:`~dino_scale.models.official.CheckpointMismatch` otherwise) and returns ``([], [])``;
+    ``strict=False`` returns ``load_state_dict``'s ``(missing, unexpected)``."""
+    if strict:
+        from dino_scale.models.official import load_official_state_dict
+
+        load_official_state_dict(model, state)
+        return [], []
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    return list(missing), list(unexpected)
 
 
 def save_training_checkpoint(folder: PathLike, engine, state: TrainState, rank: int,

@@ -28,7 +28,7 @@ import torch
 from dino_scale.config import from_dict, to_dict
 from dino_scale.engine.batches import iter_micro_batches, read_window, rows_of
 from dino_scale.engine.checkpoint import (
-    TrainState, atomic_write_text, checkpoint_dir_name, load_training_checkpoint, load_weights,
+    TrainState, atomic_write_text, checkpoint_dir_name, load_into, load_training_checkpoint, load_weights,
     save_training_checkpoint, save_weights,
 )
 from dino_scale.engine.deepspeed_utils import (
@@ -214,8 +214,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     if loop_cfg.get("init_weights"):
         state = _object(loop_cfg["init_state"]) if loop_cfg.get("init_state") is not None else \
             load_weights(loop_cfg["init_weights"])
-        missing, unexpected = model.load_state_dict(state,
-                                                    strict=bool(loop_cfg.get("init_strict", True)))
+        missing, unexpected = load_into(model, state, strict=bool(loop_cfg.get("init_strict", True)))
         if rank == 0 and (missing or unexpected):
             log.warning("init weights: %d missing, %d unexpected keys", len(missing), len(unexpected))
     model.to(device)  # before the optimizer: on a GPU, build_optimizer picks fused AdamW

@@ -235,7 +235,7 @@ def load_model_from_uri(uri: str, device: str = "cpu", tracking_uri: Optional[st
     """``(model, cfg)`` with the weights at ``uri`` loaded strictly (eval mode).
 
     ``config`` is required when the URI carries none (e.g. an official ``.pth``)."""
-    from dino_scale.engine.checkpoint import load_weights
+    from dino_scale.engine.checkpoint import load_into, load_weights
     from dino_scale.models import build_dino
 
     # a registry/run download goes to a temp folder that is removed once the weights are
@@ -249,10 +249,5 @@ def load_model_from_uri(uri: str, device: str = "cpu", tracking_uri: Optional[st
     # the weights replace the whole model: model.backbone_weights (the ImageNet file its training
     # started from, often a path on the training cluster) is not read
     model, _criterion, _post = build_dino(dataclasses.replace(cfg.model, backbone_weights=None))
-    try:
-        from dino_scale.models.official import load_official_state_dict
-
-        load_official_state_dict(model, state)
-    except ImportError:
-        model.load_state_dict(state, strict=True)
+    load_into(model, state)  # as the Ray workers and the pipelines load it
     return model.to(device).eval(), cfg

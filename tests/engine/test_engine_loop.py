@@ -1,0 +1,71 @@
+"""The Ray Train worker function (dino_scale.engine.loop), run in-process without Ray."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dino_scale.config import preset, to_dict
+
+
+def _official_layout(state: dict) -> dict:
+    """``state`` as an official DINO .pth may hold it: a DDP ``module.`` prefix, the shared
+    decoder heads stored under one name only (``bbox_embed.*``/``class_embed.*``), a FrozenBN
+    ``num_batches_tracked``."""
+    out = {f"module.{k}": v.clone() for k, v in state.items()
+           if not k.startswith(("transformer.decoder.bbox_embed.", "transformer.decoder.class_embed."))}
+    out["module.backbone.0.body.bn1.num_batches_tracked"] = torch.tensor(0)
+    return out
+
+
+def _run_worker(monkeypatch, state: dict, strict: bool = True) -> torch.nn.Module:
+    """``train_loop_per_worker`` of an evaluation-only run handed ``state``: the model it
+    would evaluate."""
+    import ray.train
+    import ray.train.torch
+
+    from dino_scale.engine import loop
+
+    class Ctx:
+        def get_world_rank(self):
+            return 0
+
+        def get_world_size(self):
+            return 1
+
+    monkeypatch.setattr(ray.train, "get_context", lambda: Ctx())
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+    seen = {}
+    monkeypatch.setattr(loop, "_evaluate_only", lambda model, *a, **k: seen.setdefault("model", model))
+    cfg = preset("tiny")
+    loop.train_loop_per_worker({"config": to_dict(cfg), "train": False, "init_weights": "official.pth",
+                                "init_state": state, "init_strict": strict})
+    return seen["model"]
+
+
+def test_worker_loads_an_official_layout_checkpoint_the_pipelines_accept(monkeypatch):
+    """predict and the evaluate pre-check (load_official_state_dict) accept one copy of a shared
+    head and ``module.`` prefixes; the worker loaded with a plain strict load_state_dict and
+    failed on them in every worker, after the run had started."""
+    from dino_scale.models import build_model
+    from dino_scale.models.official import load_official_state_dict
+
+    torch.manual_seed(123)
+    source = build_model(preset("tiny").model)
+    state = _official_layout(source.state_dict())
+    load_official_state_dict(build_model(preset("tiny").model), state)  # what the pipelines check
+    model = _run_worker(monkeypatch, state)
+    got = model.state_dict()
+    for key, value in source.state_dict().items():
+        assert torch.equal(got[key], value), key
+    assert model.bbox_embed[0] is model.transformer.decoder.bbox_embed[0]
+
+
+def test_worker_refuses_a_checkpoint_that_does_not_fit_naming_keys(monkeypatch):
+    from dino_scale.models import build_model
+    from dino_scale.models.official import CheckpointMismatch
+
+    state = build_model(preset("tiny").model).state_dict()
+    state.pop("input_proj.0.0.weight")
+    with pytest.raises(CheckpointMismatch, match="input_proj.0.0.weight"):
+        _run_worker(monkeypatch, state)
+    _run_worker(monkeypatch, state, strict=False)  # init_strict=False still loads what is there

@@ -21,7 +21,7 @@ import torchvision
 from torch import Tensor, nn
 
 from .position_encoding import PositionEmbeddingSine
-from .weights_file import read_torch_file
+from .weights_file import download_weights, read_torch_file
 
 __all__ = ["FrozenBatchNorm2d", "ResNetBackbone", "Joiner", "build_backbone", "load_backbone_weights",
            "downsample_mask"]
@@ -177,16 +177,18 @@ def load_backbone_weights(backbone: nn.Module, path_or_url: str) -> dict:
 
         report = load_swin_imagenet_weights(features, path_or_url, strict=True)
         return {"loaded": len(report.loaded), "ignored": list(report.dropped)}
+    path = path_or_url
     if path_or_url.startswith(("http://", "https://")):
-        sd = torch.hub.load_state_dict_from_url(path_or_url, map_location="cpu", weights_only=True)
-    else:
-        if not os.path.isfile(path_or_url):
-            raise FileNotFoundError(f"backbone weights not found: {path_or_url}")
-        try:
-            sd = read_torch_file(path_or_url, weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"backbone weights {path_or_url}: refused by weights_only loading (the file "
-                             f"holds non-tensor objects; re-save its 'model' state dict): {e}") from e
+        path = download_weights(path_or_url)  # WeightsDownloadError naming the URL
+    elif os.path.isdir(path_or_url):
+        raise IsADirectoryError(f"backbone weights {path_or_url}: a directory, not a weights file")
+    elif not os.path.isfile(path_or_url):
+        raise FileNotFoundError(f"backbone weights not found: {path_or_url}")
+    try:
+        sd = read_torch_file(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"backbone weights {path_or_url}: refused by weights_only loading (the file "
+                         f"holds non-tensor objects; re-save its 'model' state dict): {e}") from e
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):

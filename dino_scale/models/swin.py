@@ -26,7 +26,7 @@ import torch.utils.checkpoint
 from torch import nn
 from timm.layers import DropPath, Mlp, trunc_normal_
 
-from .weights_file import read_safetensors, read_torch_file
+from .weights_file import download_weights, read_safetensors, read_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -330,21 +330,17 @@ class SwinLoadReport:
 
 
 def _read_state_dict(path_or_url: str) -> dict:
-    is_url = re.match(r"^[a-z]+://", str(path_or_url)) is not None
-    if str(path_or_url).endswith(".safetensors"):
-        path = path_or_url
-        if is_url:
-            path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(path_or_url))
-            if not os.path.exists(path):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                torch.hub.download_url_to_file(path_or_url, path)
-        return read_safetensors(path)
-    if is_url:
-        return torch.hub.load_state_dict_from_url(path_or_url, map_location="cpu", weights_only=True)
-    if not os.path.isfile(path_or_url):
+    path = path_or_url
+    if re.match(r"^[a-z]+://", str(path_or_url)):
+        path = download_weights(path_or_url)  # WeightsDownloadError naming the URL
+    elif os.path.isdir(path_or_url):
+        raise IsADirectoryError(f"Swin weights {path_or_url}: a directory, not a weights file")
+    elif not os.path.isfile(path_or_url):
         raise FileNotFoundError(f"Swin weights not found: {path_or_url}")
+    if str(path_or_url).endswith(".safetensors"):
+        return read_safetensors(path)
     try:
-        return read_torch_file(path_or_url, weights_only=True)
+        return read_torch_file(path, weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"Swin weights {path_or_url}: refused by weights_only loading (the file "
                          f"holds non-tensor objects; re-save its 'model' state dict): {e}") from e

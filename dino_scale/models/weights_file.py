@@ -16,13 +16,39 @@ from typing import Any, Dict, Union
 import torch
 from torch import Tensor
 
-__all__ = ["WeightsFileError", "read_safetensors", "read_torch_file"]
+__all__ = ["WeightsFileError", "WeightsDownloadError", "read_safetensors", "read_torch_file", "download_weights"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
 class WeightsFileError(ValueError):
     """A weights file that exists but cannot be read as the format its name says."""
+
+
+class WeightsDownloadError(OSError):
+    """A weights URL that could not be downloaded (unreachable host, HTTP error, bad address)."""
+
+
+def download_weights(url: str) -> str:
+    """The local copy of ``url`` in torch hub's cache (``<hub dir>/checkpoints/<file name>``, where
+    ``torch.hub.load_state_dict_from_url`` keeps it), downloaded when absent;
+    :class:`WeightsDownloadError` naming the URL when that fails (was urllib's ``URLError``, e.g.
+    ``<urlopen error [Errno 111] Connection refused>``, under a dozen urllib frames, naming no URL)."""
+    import urllib.error
+    import urllib.parse
+
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(url).path))
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, path, progress=False)
+        except urllib.error.HTTPError as e:
+            raise WeightsDownloadError(f"{url}: could not be downloaded (HTTP {e.code} {e.reason})") from None
+        except (OSError, ValueError) as e:  # URLError (an OSError): unreachable host; ValueError: bad address
+            reason = getattr(e, "reason", None) or e
+            raise WeightsDownloadError(f"{url}: could not be downloaded ({type(e).__name__}: {reason}); check "
+                                       f"the address and the network, or give a local file") from None
+    return path
 
 
 def _error(path: PathLike, kind: str, exc: BaseException) -> WeightsFileError:

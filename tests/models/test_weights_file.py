@@ -73,3 +73,55 @@ def test_model_loaders_name_a_cut_short_file(tmp_path):
     for path in (pth, sft):
         with pytest.raises(WeightsFileError, match=str(path)):
             _read_state_dict(str(path))
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_or_missing_url_names_the_url(tmp_path, monkeypatch):
+    """A weights URL that cannot be downloaded raised urllib's URLError ('<urlopen error [Errno
+    111] Connection refused>', naming no URL) from under a dozen urllib frames, in ResNet's and
+    Swin's loaders alike."""
+    import functools
+    import http.server
+    import threading
+
+    from dino_scale.config import preset
+    from dino_scale.models.backbone import build_backbone, load_backbone_weights
+    from dino_scale.models.swin import _read_state_dict
+    from dino_scale.models.weights_file import WeightsDownloadError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    joiner = build_backbone(preset("tiny").model)
+    refused = f"http://127.0.0.1:{_closed_port()}/resnet50.pth"
+    with pytest.raises(WeightsDownloadError, match=rf"{refused}: could not be downloaded .*refused"):
+        load_backbone_weights(joiner, refused)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for name in ("swin.pth", "swin.safetensors"):
+            missing = f"http://127.0.0.1:{server.server_port}/{name}"
+            with pytest.raises(WeightsDownloadError, match=rf"{missing}: could not be downloaded \(HTTP 404"):
+                _read_state_dict(missing)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not list((tmp_path / "torch_home").rglob("*.pth")), "no partial download left in the cache"
+
+
+def test_a_directory_given_as_weights_file_says_so(tmp_path):
+    """A folder was reported as 'not found' (it exists)."""
+    from dino_scale.config import preset
+    from dino_scale.models.backbone import build_backbone, load_backbone_weights
+    from dino_scale.models.swin import _read_state_dict
+
+    with pytest.raises(IsADirectoryError, match=rf"{tmp_path}: a directory"):
+        load_backbone_weights(build_backbone(preset("tiny").model), str(tmp_path))
+    with pytest.raises(IsADirectoryError, match=rf"{tmp_path}: a directory"):
+        _read_state_dict(str(tmp_path))

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import pickle
 import random
 import shutil
 import uuid
@@ -33,7 +34,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 import numpy as np
 import torch
 
-from dino_scale.models.weights_file import read_safetensors, read_torch_file
+from dino_scale.models.weights_file import read_safetensors
 
 __all__ = [
     "TrainState", "atomic_dir", "atomic_write_bytes", "atomic_write_text", "CheckpointManager",
@@ -244,7 +245,8 @@ def save_weights(folder: PathLike, state_dict: dict[str, torch.Tensor], config: 
 
 def load_weights(path: PathLike) -> dict[str, torch.Tensor]:
     """State dict from a ``.safetensors`` file, a folder holding one, or a torch ``.pt``/``.pth``
-    (``model`` entry if present); :class:`~dino_scale.models.weights_file.WeightsFileError`
+    (``model`` entry if present, read with ``weights_only``: ValueError naming the file for other
+    pickled objects); :class:`~dino_scale.models.weights_file.WeightsFileError`
     naming the file when it is cut short or not that format."""
     path = Path(path)
     if path.is_dir():
@@ -253,10 +255,13 @@ def load_weights(path: PathLike) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no weights at {path}")
     if path.suffix == ".safetensors":
         return read_safetensors(path)
-    obj = read_torch_file(path, weights_only=False)
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
-    return obj
+    from dino_scale.models.official import load_official_checkpoint
+
+    try:  # weights_only, as predict reads it: a pickle is never run (it was, with weights_only=False)
+        return load_official_checkpoint(str(path))
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused by weights_only loading (it holds objects beyond tensors and an "
+                         f"argparse.Namespace; re-save its 'model' state dict): {e}") from e
 
 
 def load_into(model: torch.nn.Module, state: dict, strict: bool = True) -> tuple[list[str], list[str]]:

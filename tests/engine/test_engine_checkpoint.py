@@ -214,3 +214,34 @@ def test_a_resumed_runs_final_folder_never_takes_an_earlier_final_name():
     names = [checkpoint_dir_name(4, 1, resumes=r) for r in range(3)]
     assert names == ["final_000000004_w1", "final_000000004_w1_r1", "final_000000004_w1_r2"]
     assert checkpoint_dir_name(4, 1, 0, 2, resumes=3) == "ckpt_000000004_0_2_w1"  # later steps: new names anyway
+
+
+class _RunsCode:
+    """A pickled object that runs code when unpickled (touches a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_load_weights_reads_a_pth_without_running_its_pickle(tmp_path):
+    """load_weights read a .pth/.pt with weights_only=False (the Ray driver for fit/evaluate_weights
+    init weights, registry.load_model_from_uri): an object pickled in the file ran while predict,
+    reading the same file with weights_only, refused it. An official layout (with its
+    argparse.Namespace 'args') still loads; a flat state dict too."""
+    import argparse
+
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "extra": _RunsCode(marker)}, evil)
+    with pytest.raises(ValueError, match=rf"{evil}: refused by weights_only"):
+        load_weights(evil)
+    assert not marker.exists()
+    official = tmp_path / "checkpoint0011_4scale.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "epoch": 11, "args": argparse.Namespace(lr=1e-4)}, official)
+    assert torch.equal(load_weights(official)["w"], torch.ones(2))
+    flat = tmp_path / "flat.pt"
+    torch.save({"w": torch.zeros(3)}, flat)
+    assert torch.equal(load_weights(flat)["w"], torch.zeros(3))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dino_scale.config import Config, ConfigError, flatten, to_dict
-from dino_scale.engine.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, load_weights
+from dino_scale.engine.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, load_into, load_weights
 from dino_scale.engine.train_step import BadStepError
 
 __all__ = ["FitResult", "fit", "evaluate_weights", "git_sha", "ensure_ray", "check_category_ids"]
@@ -108,6 +108,27 @@ def _check_data(train_dir: Optional[str], val_dir: Optional[str], cfg: Config) -
         check_category_ids(read_manifest(data_dirs(train_dir)[0])["categories"], cfg.model.num_classes, train_dir)
 
 
+def _check_init_fits(cfg: Config, weights: str, state: dict) -> None:
+    """:class:`~dino_scale.models.official.CheckpointMismatch` naming ``weights`` unless ``state``
+    loads (as each worker loads it, :func:`load_into`) into the model of ``cfg``, built on the meta
+    device (no memory, no backbone file read)."""
+    import warnings
+
+    import torch
+
+    from dino_scale.models import build_model
+    from dino_scale.models.official import CheckpointMismatch
+
+    with torch.device("meta"):
+        model = build_model(replace(cfg.model, backbone_weights=None))
+    try:
+        with warnings.catch_warnings():  # copying into meta tensors is a no-op, and says so per key
+            warnings.simplefilter("ignore")
+            load_into(model, state)
+    except CheckpointMismatch as exc:
+        raise CheckpointMismatch(f"{weights} does not fit the model of config {cfg.name!r}: {exc}") from None
+
+
 def _copy_final(checkpoint, dest: Path, required: tuple[str, ...] = (WEIGHTS_NAME, CONFIG_NAME)) -> None:
     """Copy the ``required`` files (the final weights and config) and ``detections.json``
     when there is one out of a (possibly remote) Ray checkpoint."""
@@ -162,6 +183,10 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     # read before Ray and the MLflow run start: a val record whose labels changed after conversion
     # is refused here (ShardError), as scoring against it would not give the dataset's AP
     coco_gt = to_coco_gt(val_dir) if evaluate and val_dir else None
+    # read and fitted here: a file that did not fit failed in every worker, after Ray and the MLflow run started
+    init_sd = load_weights(init_weights) if init_weights else None
+    if init_sd is not None and init_strict:
+        _check_init_fits(cfg, str(init_weights), init_sd)
     ensure_ray(ray_address)
     tracking_uri = default_tracking_uri(work)
     tracker = ResilientLogger(tracking_uri)
@@ -197,7 +222,8 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
         if coco_gt is not None:
             datasets["val"] = build_eval_dataset(val_dir, cfg.data)
             val_gt = ray.put(coco_gt)
-        init_state = ray.put(load_weights(init_weights)) if init_weights else None
+        init_state = ray.put(init_sd) if init_sd is not None else None
+        del init_sd  # the object store holds it
         relay = start_relay(tracking_uri, run_id) if run_id and is_node_local(tracking_uri) else None
         for ds in datasets.values():
             quiet_progress_bars(ds)

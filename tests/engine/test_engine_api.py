@@ -180,8 +180,12 @@ def test_a_reused_run_name_is_checked_before_ray_for_training_only(data, tmp_pat
     assert calls == [("check_restart", str(tmp_path / "ray"), name, cfg.train.num_workers, 3, "config",
                       "steps_per_epoch"), "ray"]
     calls.clear()
+    from dino_scale.engine.checkpoint import save_weights
+    from dino_scale.models import build_model
+
+    weights = save_weights(tmp_path / "weights", build_model(cfg.model).state_dict())  # read before Ray
     with pytest.raises(RayStarted):
-        evaluate_weights(cfg, str(tmp_path / "weights.safetensors"), val_dir, tmp_path / "work", name)
+        evaluate_weights(cfg, str(weights), val_dir, tmp_path / "work", name)
     assert calls == ["ray"]
 
 
@@ -252,3 +256,34 @@ def test_an_interrupted_run_is_marked_killed_not_left_running(data, tmp_path, mo
     client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("engine-test").experiment_id])
     assert run.info.status == "KILLED" and "interrupted" in run.data.tags["error"]
+
+
+def test_init_weights_that_do_not_fit_are_refused_before_ray_or_mlflow(data, tmp_path, monkeypatch):
+    """evaluate_weights (and fit with init_weights) read the file on the driver only to hand it
+    to the workers: one that did not fit the config (here 3 decoder layers for a 2-layer model)
+    failed in every worker, Ray and the MLflow run having started. It is now loaded as the
+    workers load it (official layouts pass) before Ray starts."""
+    import torch
+
+    from dino_scale.engine import api, evaluate_weights
+    from dino_scale.models import build_model
+    from dino_scale.models.official import CheckpointMismatch
+
+    class RayStarted(Exception):
+        pass
+
+    def ray_started(*a, **k):
+        raise RayStarted
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(api, "ensure_ray", ray_started)
+    _, val_dir = data
+    state = build_model(small_cfg().model).state_dict()
+    official = {f"module.{k}": v for k, v in state.items() if not k.startswith("transformer.decoder.bbox_embed.")}
+    path = tmp_path / "checkpoint_tiny.pth"
+    torch.save({"model": official, "epoch": 3}, path)
+    with pytest.raises(CheckpointMismatch, match=rf"{path} does not fit the model of config 'tiny'.*missing keys"):
+        evaluate_weights(small_cfg(**{"model.dec_layers": 3}), str(path), val_dir, tmp_path / "work", unique("e"))
+    assert not (tmp_path / "work" / "mlflow.db").exists()
+    with pytest.raises(RayStarted):  # the official layout fits the right config
+        evaluate_weights(small_cfg(), str(path), val_dir, tmp_path / "work", unique("e"))

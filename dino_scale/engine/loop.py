@@ -19,6 +19,7 @@ import random
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -209,7 +210,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
     device = ray.train.torch.get_device()
     seed_everything(tc.seed)  # identical initial weights on every rank
-    model, criterion, postprocessor = build_dino(cfg.model)
+    # strict init weights replace every weight: the ImageNet backbone file is not read (nor needed)
+    replaced = loop_cfg.get("init_weights") and bool(loop_cfg.get("init_strict", True))
+    model, criterion, postprocessor = build_dino(replace(cfg.model, backbone_weights=None) if replaced else cfg.model)
     seed_everything(tc.seed + 1000 * (rank + 1))  # per-rank streams (denoising noise)
     if loop_cfg.get("init_weights"):
         state = _object(loop_cfg["init_state"]) if loop_cfg.get("init_state") is not None else \
@@ -398,7 +401,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         final_metrics["abort_reason"] = abort
     detections = None
     if abort is None and _wants_eval(loop_cfg):
-        eval_model = build_model(cfg.model)
+        eval_model = build_model(replace(cfg.model, backbone_weights=None))  # all replaced by full
         eval_model.load_state_dict(full, strict=True)
         ap, detections = _evaluate_val(eval_model, postprocessor, cfg, loop_cfg, device, amp, rank, tracker,
                                        state.global_step)

@@ -17,7 +17,7 @@ def _official_layout(state: dict) -> dict:
     return out
 
 
-def _run_worker(monkeypatch, state: dict, strict: bool = True) -> torch.nn.Module:
+def _run_worker(monkeypatch, state: dict, strict: bool = True, **overrides) -> torch.nn.Module:
     """``train_loop_per_worker`` of an evaluation-only run handed ``state``: the model it
     would evaluate."""
     import ray.train
@@ -36,7 +36,7 @@ def _run_worker(monkeypatch, state: dict, strict: bool = True) -> torch.nn.Modul
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
     seen = {}
     monkeypatch.setattr(loop, "_evaluate_only", lambda model, *a, **k: seen.setdefault("model", model))
-    cfg = preset("tiny")
+    cfg = preset("tiny", overrides)
     loop.train_loop_per_worker({"config": to_dict(cfg), "train": False, "init_weights": "official.pth",
                                 "init_state": state, "init_strict": strict})
     return seen["model"]
@@ -69,3 +69,17 @@ def test_worker_refuses_a_checkpoint_that_does_not_fit_naming_keys(monkeypatch):
     with pytest.raises(CheckpointMismatch, match="input_proj.0.0.weight"):
         _run_worker(monkeypatch, state)
     _run_worker(monkeypatch, state, strict=False)  # init_strict=False still loads what is there
+
+
+def test_worker_with_strict_init_weights_does_not_read_the_imagenet_backbone_file(monkeypatch, tmp_path):
+    """Init weights loaded strictly replace every weight, yet each worker first loaded
+    model.backbone_weights (a download per worker for a URL), and a path absent where the workers
+    run (a config carried from another cluster) failed every worker with FileNotFoundError."""
+    from dino_scale.models import build_model
+
+    state = build_model(preset("tiny").model).state_dict()
+    absent = {"model.backbone_weights": str(tmp_path / "other-cluster" / "resnet18.pth")}
+    model = _run_worker(monkeypatch, state, **absent)
+    assert torch.equal(model.state_dict()["input_proj.0.0.weight"], state["input_proj.0.0.weight"])
+    with pytest.raises(FileNotFoundError, match="other-cluster"):  # not replaced: read as before
+        _run_worker(monkeypatch, state, strict=False, **absent)

@@ -149,22 +149,13 @@ def preset_misfit(uri: str, preset_name: str, preset_given: bool, exc: Exception
 
 def check_fits_preset(uri: str, state: dict, cfg: Config, preset_given: bool) -> None:
     """:func:`preset_misfit` unless ``state`` (a model file without config) loads into the model
-    of ``cfg`` (the preset it will be evaluated with), built on the meta device (no memory, no
-    backbone file read): in the caller, before a val set is generated or Ray starts."""
-    import dataclasses
-    import warnings
+    of ``cfg`` (the preset it will be evaluated with; :func:`~dino_scale.engine.checkpoint.check_fits`):
+    in the caller, before a val set is generated or Ray starts."""
+    from dino_scale.engine.checkpoint import check_fits
+    from dino_scale.models.official import CheckpointMismatch
 
-    import torch
-
-    from dino_scale.models import build_model
-    from dino_scale.models.official import CheckpointMismatch, load_official_state_dict
-
-    with torch.device("meta"):
-        model = build_model(dataclasses.replace(cfg.model, backbone_weights=None))
     try:
-        with warnings.catch_warnings():  # copying into meta tensors is a no-op, and says so per key
-            warnings.simplefilter("ignore")
-            load_official_state_dict(model, state)
+        check_fits(cfg.model, state)
     except CheckpointMismatch as exc:
         raise preset_misfit(uri, cfg.name, preset_given, exc) from None
 

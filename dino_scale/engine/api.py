@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dino_scale.config import Config, ConfigError, flatten, to_dict
-from dino_scale.engine.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, load_into, load_weights
+from dino_scale.engine.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, check_fits, load_weights
 from dino_scale.engine.train_step import BadStepError
 
 __all__ = ["FitResult", "fit", "evaluate_weights", "git_sha", "ensure_ray", "check_category_ids"]
@@ -110,21 +110,11 @@ def _check_data(train_dir: Optional[str], val_dir: Optional[str], cfg: Config) -
 
 def _check_init_fits(cfg: Config, weights: str, state: dict) -> None:
     """:class:`~dino_scale.models.official.CheckpointMismatch` naming ``weights`` unless ``state``
-    loads (as each worker loads it, :func:`load_into`) into the model of ``cfg``, built on the meta
-    device (no memory, no backbone file read)."""
-    import warnings
-
-    import torch
-
-    from dino_scale.models import build_model
+    loads into the model of ``cfg`` as each worker loads it (:func:`check_fits`)."""
     from dino_scale.models.official import CheckpointMismatch
 
-    with torch.device("meta"):
-        model = build_model(replace(cfg.model, backbone_weights=None))
     try:
-        with warnings.catch_warnings():  # copying into meta tensors is a no-op, and says so per key
-            warnings.simplefilter("ignore")
-            load_into(model, state)
+        check_fits(cfg.model, state)
     except CheckpointMismatch as exc:
         raise CheckpointMismatch(f"{weights} does not fit the model of config {cfg.name!r}: {exc}") from None
 

@@ -38,7 +38,7 @@ from dino_scale.models.weights_file import read_safetensors
 
 __all__ = [
     "TrainState", "atomic_dir", "atomic_write_bytes", "atomic_write_text", "CheckpointManager",
-    "save_rng_state", "load_rng_state", "save_weights", "load_weights", "load_into", "save_training_checkpoint",
+    "save_rng_state", "load_rng_state", "save_weights", "load_weights", "load_into", "check_fits", "save_training_checkpoint",
     "load_training_checkpoint", "WEIGHTS_NAME", "CONFIG_NAME", "STATE_NAME", "DS_TAG", "UNIVERSAL_TAG", "COMPLETE_NAME",
     "checkpoint_dir_name",
 ]
@@ -278,6 +278,22 @@ def load_into(model: torch.nn.Module, state: dict, strict: bool = True) -> tuple
         return [], []
     missing, unexpected = model.load_state_dict(state, strict=False)
     return list(missing), list(unexpected)
+
+
+def check_fits(model_cfg, state: dict) -> None:
+    """:class:`~dino_scale.models.official.CheckpointMismatch` unless ``state`` loads (as
+    :func:`load_into` loads it in every worker) into the model of ``model_cfg``
+    (:class:`~dino_scale.config.ModelConfig`), built on the meta device: no memory, no backbone
+    file read. For checks before a run or an evaluation starts."""
+    import warnings
+
+    from dino_scale.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(dataclasses.replace(model_cfg, backbone_weights=None))
+    with warnings.catch_warnings():  # copying into meta tensors is a no-op, and says so per key
+        warnings.simplefilter("ignore")
+        load_into(model, state)
 
 
 def save_training_checkpoint(folder: PathLike, engine, state: TrainState, rank: int,

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import io
 import json
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -128,16 +127,6 @@ def preprocess(image, eval_size: int, max_size: int):
     return normalize_batch(x.unsqueeze(0), mask), mask
 
 
-def finite_detections(scores: list[float], labels: list[int], boxes: list[list[float]]
-                      ) -> tuple[list[tuple[float, int, list[float]]], int]:
-    """``(kept, dropped)``: the (score, label, box) of one image's post-processed detections
-    (``scores`` (k,), ``labels`` (k,), ``boxes`` (k,4)) whose score and four box values are all
-    finite, and how many others there were (drawing a NaN box raised; JSON has no NaN/inf)."""
-    kept = [(s, l, b) for s, l, b in zip(scores, labels, boxes)
-            if math.isfinite(s) and all(math.isfinite(v) for v in b)]
-    return kept, len(scores) - len(kept)
-
-
 def draw(image, detections: list[dict], path: Path) -> None:
     from PIL import ImageDraw
 
@@ -181,6 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from dino_scale.data.decode import decode_image
     from dino_scale.engine.checkpoint import atomic_write_text
+    from dino_scale.engine.evaluate import finite_detections
     from dino_scale.models import build_dino
     from dino_scale.models.official import CheckpointMismatch, load_official_state_dict
     from pipelines._init import _source_state, check_exists, preset_misfit, resolve
@@ -228,10 +218,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             outputs = model(x, mask)
             res = post(outputs, torch.tensor([[image.size[1], image.size[0]]]))[0]
         dets = []
-        finite, dropped = finite_detections(res["scores"].tolist(), res["labels"].tolist(), res["boxes"].tolist())
+        # those with a NaN/inf score or box are dropped and counted (drawing one raised; JSON has no NaN)
+        finite, dropped = finite_detections([{"score": s, "category_id": l, "bbox": b} for s, l, b in
+                                             zip(res["scores"].tolist(), res["labels"].tolist(), res["boxes"].tolist())])
         nonfinite, finite_total = nonfinite + dropped, finite_total + len(finite)
         w, h = image.size
-        for score, label, (x1, y1, x2, y2) in finite:
+        for score, label, (x1, y1, x2, y2) in ((d["score"], d["category_id"], d["bbox"]) for d in finite):
             if score >= args.threshold:  # boxes across the border are clipped to the image
                 box = [min(max(x1, 0.0), w), min(max(y1, 0.0), h), min(max(x2, 0.0), w), min(max(y2, 0.0), h)]
                 dets.append({"label": names.get(int(label), str(int(label))), "category_id": int(label),

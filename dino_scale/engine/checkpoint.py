@@ -6,10 +6,10 @@ A training checkpoint folder holds
   scheduler), written collectively by ``engine.save_checkpoint``;
 * ``trainer_state.json``: epoch, micro-batches consumed in that epoch, global step,
   images seen, bad-step counters (data position for exact resume);
-* ``rng_rank<r>.pt``: python/numpy/torch RNG states of each rank;
+* ``rng_rank<r>.pt``: python/numpy/torch RNG states of each rank (:mod:`~dino_scale.engine.state_files`);
 * ``config.json``: the run's :class:`Config` (what a rerun under the same run name must keep:
   :func:`dino_scale.engine.elastic.check_restart`);
-* ``ema.pt`` (optional) and, in the final checkpoint, ``model.safetensors`` (full fp32 weights).
+* ``ema.pt`` (optional; read with ``weights_only``: a pickled object in it is refused, never run) and, in the final checkpoint, ``model.safetensors`` (full fp32 weights).
 
 Atomicity: every folder is written under a temporary sibling name and renamed into
 place only when complete (``os.rename`` of a directory is atomic on POSIX), single
@@ -24,23 +24,25 @@ import dataclasses
 import json
 import os
 import pickle
-import random
 import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
-import numpy as np
 import torch
 
+from dino_scale.engine.state_files import (  # noqa: F401 (re-exported: this module's interface)
+    EMA_NAME, TMP_MARK as _TMP_MARK, load_ema_state, load_rng_state, save_ema_state, save_rng_state,
+)
 from dino_scale.models.weights_file import read_safetensors
 
 __all__ = [
     "TrainState", "atomic_dir", "atomic_write_bytes", "atomic_write_text", "CheckpointManager",
-    "save_rng_state", "load_rng_state", "save_weights", "load_weights", "load_into", "check_fits", "save_training_checkpoint",
+    "save_rng_state", "load_rng_state", "save_ema_state", "load_ema_state", "save_weights", "load_weights",
+    "load_into", "check_fits", "save_training_checkpoint",
     "load_training_checkpoint", "WEIGHTS_NAME", "CONFIG_NAME", "STATE_NAME", "DS_TAG", "UNIVERSAL_TAG", "COMPLETE_NAME",
-    "checkpoint_dir_name",
+    "checkpoint_dir_name", "EMA_NAME",
 ]
 
 PathLike = Union[str, Path]
@@ -50,7 +52,6 @@ STATE_NAME = "trainer_state.json"
 COMPLETE_NAME = "COMPLETE"
 DS_TAG = "ds"
 UNIVERSAL_TAG = f"{DS_TAG}_universal"  # a universal-format copy of DS_TAG (dino_scale.engine.elastic)
-_TMP_MARK = ".tmp-"
 
 
 @dataclass
@@ -197,38 +198,6 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
 
 
-def save_rng_state(folder: PathLike, rank: int) -> None:
-    """This rank's python/numpy/torch RNG states and, on a GPU, its own device's (the current
-    one: a rank uses one device; the states of every visible device did not restore where
-    fewer devices are visible, e.g. an elastic restart with fewer workers on the node)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda_device"] = torch.cuda.get_rng_state()
-    path = Path(folder) / f"rng_rank{rank}.pt"
-    tmp = path.with_name(path.name + _TMP_MARK + "w")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_rng_state(folder: PathLike, rank: int) -> bool:
-    """Restore this rank's RNG states; False if the file is missing (e.g. new world size)."""
-    path = Path(folder) / f"rng_rank{rank}.pt"
-    if not path.is_file():
-        return False
-    state = torch.load(path, weights_only=False)
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available():
-        if "cuda_device" in state:
-            torch.cuda.set_rng_state(state["cuda_device"])  # onto this rank's (current) device
-        elif "cuda" in state:  # written before: every visible device's state, indexed by device
-            index = torch.cuda.current_device()
-            if index < len(state["cuda"]):
-                torch.cuda.set_rng_state(state["cuda"][index])
-    return True
-
-
 def save_weights(folder: PathLike, state_dict: dict[str, torch.Tensor], config: Optional[dict] = None,
                  metadata: Optional[dict[str, str]] = None) -> Path:
     """``model.safetensors`` (+ ``config.json``) in ``folder``, each written atomically."""
@@ -304,9 +273,7 @@ def save_training_checkpoint(folder: PathLike, engine, state: TrainState, rank: 
     engine.save_checkpoint(str(folder), tag=DS_TAG, client_state={"trainer_state": state.to_dict()})
     save_rng_state(folder, rank)
     if ema is not None and rank == 0:
-        tmp = folder / ("ema.pt" + _TMP_MARK + "w")
-        torch.save(ema.state_dict(), tmp)
-        os.replace(tmp, folder / "ema.pt")
+        save_ema_state(folder, ema)
     if rank == 0:
         if config is not None:
             atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2))
@@ -328,8 +295,8 @@ def load_training_checkpoint(folder: PathLike, engine, rank: int, ema=None,
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {source / tag}")
     load_rng_state(folder, rank)
-    if ema is not None and (folder / "ema.pt").is_file():  # rank 0 wrote it from its device: read on the CPU
-        ema.load_state_dict(torch.load(folder / "ema.pt", map_location="cpu", weights_only=False))
+    if ema is not None and (folder / EMA_NAME).is_file():  # rank 0 wrote it from its device: read on the CPU
+        ema.load_state_dict(load_ema_state(folder / EMA_NAME))
     return TrainState.from_dict(json.loads(state_file.read_text()))
 
 

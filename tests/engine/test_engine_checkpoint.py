@@ -245,3 +245,39 @@ def test_load_weights_reads_a_pth_without_running_its_pickle(tmp_path):
     flat = tmp_path / "flat.pt"
     torch.save({"w": torch.zeros(3)}, flat)
     assert torch.equal(load_weights(flat)["w"], torch.zeros(3))
+
+
+class _SavingEngine(_LoadedEngine):
+    """Stands for the DeepSpeed engine on both sides of a checkpoint (its own files untested here)."""
+
+    def save_checkpoint(self, *args, **kwargs):
+        pass
+
+
+def test_ema_round_trips_through_a_checkpoint_and_a_pickled_object_is_refused(tmp_path):
+    """ema.pt was read with weights_only=False: an object pickled in a checkpoint folder on
+    shared storage ran on every rank that resumed. The EMA state (decay, updates, shadow tensors)
+    still resumes; a file holding anything else is refused naming it, the pickle never run."""
+    from dino_scale.engine.checkpoint import TrainState, load_training_checkpoint, save_training_checkpoint
+    from dino_scale.engine.deepspeed_utils import ModelEMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    saved = ModelEMA(model, 0.9)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    saved.update(model)
+    save_training_checkpoint(tmp_path, _SavingEngine(), TrainState(global_step=7), rank=0, ema=saved)
+    ema = ModelEMA(torch.nn.Linear(3, 2), 0.5)
+    assert load_training_checkpoint(tmp_path, _SavingEngine(), rank=0, ema=ema).global_step == 7
+    assert (ema.decay, ema.updates) == (0.9, 1)
+    assert all(torch.equal(ema.shadow[k], v) for k, v in saved.shadow.items())
+
+    marker = tmp_path / "code-ran"
+    torch.save({**saved.state_dict(), "extra": _RunsCode(marker)}, tmp_path / "ema.pt")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'ema.pt'}: EMA state refused by weights_only"):
+        load_training_checkpoint(tmp_path, _SavingEngine(), rank=0, ema=ema)
+    assert not marker.exists()
+    torch.save({"shadow": [1, 2]}, tmp_path / "ema.pt")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'ema.pt'}: not an EMA state"):
+        load_training_checkpoint(tmp_path, _SavingEngine(), rank=0, ema=ema)

@@ -1,0 +1,92 @@
+"""The small torch-pickled files of a training checkpoint (:mod:`dino_scale.engine.checkpoint`):
+``rng_rank<r>.pt`` (each rank's python/numpy/torch RNG states) and ``ema.pt`` (the weights' moving
+average). Checkpoint folders come from shared storage, so ``ema.pt`` is read with
+``torch.load(weights_only=True)``: a pickled object in it is refused with a ValueError naming
+the file, never run.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import random
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+__all__ = ["save_rng_state", "load_rng_state", "save_ema_state", "load_ema_state", "EMA_NAME", "TMP_MARK"]
+
+PathLike = Union[str, Path]
+EMA_NAME = "ema.pt"
+TMP_MARK = ".tmp-"  # in the name of what is being written: readers ignore it
+
+
+def save_rng_state(folder: PathLike, rank: int) -> None:
+    """This rank's python/numpy/torch RNG states and, on a GPU, its own device's (the current
+    one: a rank uses one device; the states of every visible device did not restore where
+    fewer devices are visible, e.g. an elastic restart with fewer workers on the node)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_device"] = torch.cuda.get_rng_state()
+    path = Path(folder) / f"rng_rank{rank}.pt"
+    tmp = path.with_name(path.name + TMP_MARK + "w")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_rng_state(folder: PathLike, rank: int) -> bool:
+    """Restore this rank's RNG states; False if the file is missing (e.g. new world size)."""
+    path = Path(folder) / f"rng_rank{rank}.pt"
+    if not path.is_file():
+        return False
+    state = torch.load(path, weights_only=False)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available():
+        if "cuda_device" in state:
+            torch.cuda.set_rng_state(state["cuda_device"])  # onto this rank's (current) device
+        elif "cuda" in state:  # written before: every visible device's state, indexed by device
+            index = torch.cuda.current_device()
+            if index < len(state["cuda"]):
+                torch.cuda.set_rng_state(state["cuda"][index])
+    return True
+
+
+def _torch_load_safely(path: Path, what: str, fix: str, extra_globals: tuple = ()) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; a ValueError naming ``path``, ``what``
+    it is and ``fix`` when it holds pickled objects beyond tensors and plain values (which a
+    file written by this module never does): such a pickle is refused, never run."""
+    allowed = getattr(torch.serialization, "safe_globals", None)  # torch < 2.5: none beyond weights_only's own
+    try:
+        with allowed(list(extra_globals)) if allowed is not None else contextlib.nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: {what} refused by weights_only loading: it holds pickled objects "
+                         f"beyond tensors and plain values, which this project never writes; {fix} ({e})") from e
+
+
+def save_ema_state(folder: PathLike, ema) -> None:
+    """``ema.state_dict()`` (:class:`~dino_scale.engine.deepspeed_utils.ModelEMA`) as ``folder/ema.pt``,
+    through a temporary file."""
+    path = Path(folder) / EMA_NAME
+    tmp = path.with_name(path.name + TMP_MARK + "w")
+    torch.save(ema.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def load_ema_state(path: PathLike) -> dict[str, Any]:
+    """The :meth:`~dino_scale.engine.deepspeed_utils.ModelEMA.state_dict` saved in ``path``
+    (``{"decay": float, "updates": int, "shadow": {name: fp32 tensor}}``), read on the CPU with
+    ``weights_only``: ValueError naming the file when it holds other pickled objects (never
+    run) or another structure."""
+    path = Path(path)
+    fix = "resume from another checkpoint of the run, or start it again"
+    state = _torch_load_safely(path, "EMA state", fix)
+    if not (isinstance(state, dict) and isinstance(state.get("shadow"), dict) and "decay" in state
+            and "updates" in state and all(isinstance(v, torch.Tensor) for v in state["shadow"].values())):
+        raise ValueError(f"{path}: not an EMA state (expected 'decay', 'updates' and a 'shadow' dict of "
+                         f"tensors); {fix}")
+    return state

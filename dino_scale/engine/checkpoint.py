@@ -6,7 +6,8 @@ A training checkpoint folder holds
   scheduler), written collectively by ``engine.save_checkpoint``;
 * ``trainer_state.json``: epoch, micro-batches consumed in that epoch, global step,
   images seen, bad-step counters (data position for exact resume);
-* ``rng_rank<r>.pt``: python/numpy/torch RNG states of each rank (:mod:`~dino_scale.engine.state_files`);
+* ``rng_rank<r>.pt``: python/numpy/torch RNG states of each rank (:mod:`~dino_scale.engine.state_files`;
+  read with ``weights_only``, as ``ema.pt``);
 * ``config.json``: the run's :class:`Config` (what a rerun under the same run name must keep:
   :func:`dino_scale.engine.elastic.check_restart`);
 * ``ema.pt`` (optional; read with ``weights_only``: a pickled object in it is refused, never run) and, in the final checkpoint, ``model.safetensors`` (full fp32 weights).

@@ -1,7 +1,7 @@
 """The small torch-pickled files of a training checkpoint (:mod:`dino_scale.engine.checkpoint`):
 ``rng_rank<r>.pt`` (each rank's python/numpy/torch RNG states) and ``ema.pt`` (the weights' moving
-average). Checkpoint folders come from shared storage, so ``ema.pt`` is read with
-``torch.load(weights_only=True)``: a pickled object in it is refused with a ValueError naming
+average). Checkpoint folders come from shared storage, so both are read with
+``torch.load(weights_only=True)``: a pickled object in them is refused with a ValueError naming
 the file, never run.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import pickle
 import random
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -26,8 +26,14 @@ TMP_MARK = ".tmp-"  # in the name of what is being written: readers ignore it
 def save_rng_state(folder: PathLike, rank: int) -> None:
     """This rank's python/numpy/torch RNG states and, on a GPU, its own device's (the current
     one: a rank uses one device; the states of every visible device did not restore where
-    fewer devices are visible, e.g. an elastic restart with fewer workers on the node)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    fewer devices are visible, e.g. an elastic restart with fewer workers on the node).
+
+    Written so that ``torch.load(weights_only=True)`` reads it: numpy's state goes in as a dict
+    whose ``key`` is an int64 tensor (624,) rather than numpy's tuple holding an ndarray."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"bit_generator": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda_device"] = torch.cuda.get_rng_state()
     path = Path(folder) / f"rng_rank{rank}.pt"
@@ -36,23 +42,17 @@ def save_rng_state(folder: PathLike, rank: int) -> None:
     os.replace(tmp, path)
 
 
-def load_rng_state(folder: PathLike, rank: int) -> bool:
-    """Restore this rank's RNG states; False if the file is missing (e.g. new world size)."""
-    path = Path(folder) / f"rng_rank{rank}.pt"
-    if not path.is_file():
-        return False
-    state = torch.load(path, weights_only=False)
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available():
-        if "cuda_device" in state:
-            torch.cuda.set_rng_state(state["cuda_device"])  # onto this rank's (current) device
-        elif "cuda" in state:  # written before: every visible device's state, indexed by device
-            index = torch.cuda.current_device()
-            if index < len(state["cuda"]):
-                torch.cuda.set_rng_state(state["cuda"][index])
-    return True
+def _numpy_array_globals() -> list:
+    """What unpickling a numpy uint32 array needs (an ``rng_rank<r>.pt`` written before the
+    format above held numpy's state tuple with its uint32 key array), under numpy 2's module
+    name and numpy 1's, for ``torch.serialization.safe_globals``. Nothing else is allowed (an
+    object array's items are unpickled as any other object: refused)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), (_reconstruct, "numpy._core.multiarray._reconstruct"),
+            (_reconstruct, "numpy.core.multiarray._reconstruct")]
 
 
 def _torch_load_safely(path: Path, what: str, fix: str, extra_globals: tuple = ()) -> Any:
@@ -66,6 +66,45 @@ def _torch_load_safely(path: Path, what: str, fix: str, extra_globals: tuple = (
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: {what} refused by weights_only loading: it holds pickled objects "
                          f"beyond tensors and plain values, which this project never writes; {fix} ({e})") from e
+
+
+def _numpy_state(entry: Any) -> Optional[tuple]:
+    """numpy's legacy state tuple from the saved ``numpy`` entry (the dict written now, or the
+    tuple written before); None when it is neither."""
+    if isinstance(entry, dict) and {"bit_generator", "key", "pos", "has_gauss", "cached_gaussian"} <= set(entry) \
+            and isinstance(entry["key"], torch.Tensor):
+        return (entry["bit_generator"], entry["key"].numpy().astype(np.uint32), int(entry["pos"]),
+                int(entry["has_gauss"]), float(entry["cached_gaussian"]))
+    if isinstance(entry, tuple) and len(entry) == 5 and isinstance(entry[1], np.ndarray) \
+            and entry[1].dtype == np.uint32:
+        return entry
+    return None
+
+
+def load_rng_state(folder: PathLike, rank: int) -> bool:
+    """Restore this rank's RNG states; False if the file is missing (e.g. new world size).
+    Read with ``weights_only`` (files of the earlier format too: numpy arrays are the only
+    objects allowed beyond it); ValueError naming the file for anything else in it."""
+    path = Path(folder) / f"rng_rank{rank}.pt"
+    if not path.is_file():
+        return False
+    fix = "remove it to resume this rank with fresh random streams"
+    state = _torch_load_safely(path, "RNG state", fix, extra_globals=tuple(_numpy_array_globals()))
+    numpy_state = _numpy_state(state.get("numpy")) if isinstance(state, dict) else None
+    if numpy_state is None or "python" not in state or not isinstance(state.get("torch"), torch.Tensor):
+        raise ValueError(f"{path}: not an RNG state file (expected a dict of 'python', 'numpy' and "
+                         f"'torch' states); {fix}")
+    random.setstate(state["python"])
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available():
+        if "cuda_device" in state:
+            torch.cuda.set_rng_state(state["cuda_device"])  # onto this rank's (current) device
+        elif "cuda" in state:  # written before: every visible device's state, indexed by device
+            index = torch.cuda.current_device()
+            if index < len(state["cuda"]):
+                torch.cuda.set_rng_state(state["cuda"][index])
+    return True
 
 
 def save_ema_state(folder: PathLike, ema) -> None:

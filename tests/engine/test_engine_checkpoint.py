@@ -254,6 +254,84 @@ class _SavingEngine(_LoadedEngine):
         pass
 
 
+def _draws() -> tuple:
+    import random
+
+    import numpy as np
+
+    return random.random(), np.random.rand(3).tolist(), np.random.randn(), torch.rand(3).tolist()
+
+
+def _seed_streams(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    np.random.randn()  # an odd count: numpy holds a cached gaussian, part of its state
+
+
+def test_rng_state_round_trip_restores_every_stream_and_reads_with_weights_only(tmp_path):
+    """rng_rank<r>.pt was read with weights_only=False (a pickle in a checkpoint folder on shared
+    storage ran on resume): numpy's state tuple holds an ndarray. It is now written as tensors and
+    plain values, read with weights_only, and restores the python, numpy and torch streams."""
+    from dino_scale.engine.checkpoint import load_rng_state, save_rng_state
+
+    _seed_streams(1)
+    save_rng_state(tmp_path, rank=3)
+    expected = _draws()
+    _seed_streams(2)
+    assert load_rng_state(tmp_path, rank=3)
+    assert _draws() == expected
+    state = torch.load(tmp_path / "rng_rank3.pt", weights_only=True)  # no numpy object left in it
+    assert state["numpy"]["key"].shape == (624,)
+    assert not load_rng_state(tmp_path, rank=4)  # no file of that rank: nothing restored
+
+
+def test_rng_state_of_the_earlier_format_still_resumes(tmp_path):
+    """A checkpoint written before (numpy's get_state() tuple, its uint32 key array pickled)
+    still restores: numpy arrays are the only objects allowed beyond weights_only's own."""
+    import random
+
+    import numpy as np
+
+    from dino_scale.engine.checkpoint import load_rng_state
+
+    _seed_streams(5)
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+               tmp_path / "rng_rank0.pt")
+    expected = _draws()
+    _seed_streams(6)
+    assert load_rng_state(tmp_path, rank=0)
+    assert _draws() == expected
+
+
+@pytest.mark.parametrize("where", ["extra entry", "object array"])
+def test_rng_state_holding_a_pickled_object_is_refused_naming_the_file(tmp_path, where):
+    import random
+
+    import numpy as np
+
+    from dino_scale.engine.checkpoint import load_rng_state
+
+    marker = tmp_path / "code-ran"
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if where == "extra entry":
+        state["extra"] = _RunsCode(marker)
+    else:  # an ndarray is allowed, its objects are not
+        state["numpy"] = ("MT19937", np.array([_RunsCode(marker)], dtype=object), 0, 0, 0.0)
+    path = tmp_path / "rng_rank0.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=rf"{path}: RNG state refused by weights_only loading.*remove it"):
+        load_rng_state(tmp_path, rank=0)
+    assert not marker.exists()
+    torch.save({"python": random.getstate(), "torch": torch.get_rng_state()}, path)  # loads, but is not one
+    with pytest.raises(ValueError, match=rf"{path}: not an RNG state file"):
+        load_rng_state(tmp_path, rank=0)
+
+
 def test_ema_round_trips_through_a_checkpoint_and_a_pickled_object_is_refused(tmp_path):
     """ema.pt was read with weights_only=False: an object pickled in a checkpoint folder on
     shared storage ran on every rank that resumed. The EMA state (decay, updates, shadow tensors)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -119,6 +120,29 @@ def _check_init_fits(cfg: Config, weights: str, state: dict) -> None:
         raise CheckpointMismatch(f"{weights} does not fit the model of config {cfg.name!r}: {exc}") from None
 
 
+def _check_backbone_weights(cfg: Config, init_weights: Optional[str], init_strict: bool,
+                            ray_address: Optional[str]) -> None:
+    """``model.backbone_weights`` is read by every worker as it builds the model (unless init
+    weights loaded strictly replace every weight). A local path that is not a file here failed
+    every worker (FileNotFoundError, retried ``train.max_failures`` times) after Ray and the MLflow
+    run had started: :class:`ConfigError` naming it when the workers run on this machine. On a
+    cluster joined by address (``ray_address`` or ``RAY_ADDRESS``, as ``check_gpus_here`` of the
+    pipelines decides) the file may exist on the workers only: a warning. URLs are not checked."""
+    path = cfg.model.backbone_weights
+    if not path or (init_weights and init_strict) or re.match(r"^[a-z][a-z0-9+.-]*://", str(path)):
+        return
+    if os.path.isfile(path):
+        return
+    problem = "is a directory, not a weights file" if os.path.isdir(path) else "does not exist"
+    if (ray_address or os.environ.get("RAY_ADDRESS") or "local") != "local":
+        log.warning("model.backbone_weights %s %s on this machine: every worker of the joined cluster must "
+                    "have it at that path", path, problem)
+        return
+    raise ConfigError(f"model.backbone_weights {path} {problem}: every worker of this run reads it, on this "
+                      f"machine; give the path of the ImageNet weights file or an http(s) URL, or "
+                      f"model.backbone_weights=none to start the backbone from random weights")
+
+
 def _copy_final(checkpoint, dest: Path, required: tuple[str, ...] = (WEIGHTS_NAME, CONFIG_NAME)) -> None:
     """Copy the ``required`` files (the final weights and config) and ``detections.json``
     when there is one out of a (possibly remote) Ray checkpoint."""
@@ -165,6 +189,7 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
         check_training_config(cfg)
     else:
         worker_count(cfg, training=False)  # no batch-size arithmetic: evaluation accumulates nothing
+    _check_backbone_weights(cfg, init_weights, init_strict, ray_address)
     spe = steps_per_epoch(_num_images(train_dir), cfg) if train else 1
     resumes = None  # reusing a run name resumes it: on a worker count it can load, with the settings it trained with
     if train:

@@ -287,3 +287,48 @@ def test_init_weights_that_do_not_fit_are_refused_before_ray_or_mlflow(data, tmp
     assert not (tmp_path / "work" / "mlflow.db").exists()
     with pytest.raises(RayStarted):  # the official layout fits the right config
         evaluate_weights(small_cfg(), str(path), val_dir, tmp_path / "work", unique("e"))
+
+
+def test_a_backbone_weights_path_absent_here_is_refused_before_ray_or_mlflow(data, tmp_path, monkeypatch, caplog):
+    """Every worker reads model.backbone_weights as it builds the model: a local path that is not
+    a file failed each of them (FileNotFoundError, retried train.max_failures times) after Ray and
+    the MLflow run had started. Refused on the driver where the workers run on its machine; on a
+    cluster joined by address the file may exist on the workers only (a warning), and init weights
+    loaded strictly replace it (not read: not checked)."""
+    import logging
+
+    from dino_scale.config import ConfigError
+    from dino_scale.engine import api, fit
+    from dino_scale.engine.checkpoint import save_weights
+    from dino_scale.models import build_model
+
+    class RayStarted(Exception):
+        pass
+
+    def ray_started(*a, **k):
+        raise RayStarted
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(api, "ensure_ray", ray_started)
+    train_dir, val_dir = data
+    absent = tmp_path / "other-cluster" / "resnet18.pth"
+
+    def run(path, **kwargs):
+        cfg = small_cfg(**{"model.backbone_weights": str(path)})
+        return fit(cfg, train_dir, val_dir, tmp_path / "work", unique("bb"), progress=False, **kwargs)
+
+    with pytest.raises(ConfigError, match=rf"model.backbone_weights {absent} does not exist.*model.backbone_weights=none"):
+        run(absent)
+    with pytest.raises(ConfigError, match=rf"model.backbone_weights {tmp_path} is a directory"):
+        run(tmp_path)
+    assert not (tmp_path / "work" / "mlflow.db").exists()
+    init = save_weights(tmp_path / "init", build_model(small_cfg().model).state_dict())
+    with pytest.raises(RayStarted):  # strict init weights replace every weight: the file is not read
+        run(absent, init_weights=str(init))
+    with pytest.raises(ConfigError, match="does not exist"):  # init_strict=False: still read
+        run(absent, init_weights=str(init), init_strict=False)
+    monkeypatch.setenv("RAY_ADDRESS", "ray-head:6379")
+    with caplog.at_level(logging.WARNING, logger="dino_scale.engine"), pytest.raises(RayStarted):
+        run(absent)
+    assert f"model.backbone_weights {absent} does not exist on this machine" in caplog.text

@@ -1,5 +1,7 @@
 """``train_loop_per_worker``: the Ray Train worker loop (DeepSpeed step, reports,
-checkpoints, exact resume, NaN/Inf guard, final weights and distributed evaluation).
+checkpoints, exact resume, NaN/Inf guard, final weights and distributed evaluation); what it
+exchanges with the driver (reports, object-store values, rank 0's MLflow logger) is
+:mod:`dino_scale.engine.worker_io`.
 
 Driven by a plain dict (``loop_config``) built by :func:`dino_scale.engine.trainer.loop_config`:
 ``config`` (Config as dict), ``steps_per_epoch`` (optimizer steps), ``run_id`` /
@@ -16,8 +18,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -46,6 +46,7 @@ from dino_scale.engine.train_step import (
     BadStepError, BadStepGuard, all_finite, autocast_dtype, check_target_labels, compute_loss, move_batch,
     window_num_boxes,
 )
+from dino_scale.engine.worker_io import from_driver, rank0_tracker, report
 
 __all__ = ["train_loop_per_worker"]
 
@@ -65,21 +66,6 @@ def _prepare_images(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return normalize_batch(images, masks) if images.dtype == torch.uint8 else images
 
 
-def _report(metrics: dict[str, Any], write_fn=None, name: Optional[str] = None) -> None:
-    import ray.train
-
-    if write_fn is None:
-        ray.train.report(metrics)
-        return
-    tmp = Path(tempfile.mkdtemp(prefix="dino_ckpt_"))
-    try:
-        write_fn(tmp)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
-                         checkpoint_dir_name=name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _test_pid_hook(hooks: dict, rank: int, world: int, step: int) -> None:
     """Test fault injection: after ``pid_after_step``, the worker of rank ``pid_rank`` (of a
     group of ``pid_world`` workers, when given) writes its pid to ``pid_file`` once and pauses
@@ -94,30 +80,6 @@ def _test_pid_hook(hooks: dict, rank: int, world: int, step: int) -> None:
         deadline = time.monotonic() + float(point.get("pause_s", 0))
         while time.monotonic() < deadline:
             time.sleep(0.05)
-
-
-def _object(ref_or_value):
-    """A value the driver handed over: through Ray's object store (an ``ObjectRef``: readable on
-    every node, unlike a file the driver wrote) or inline."""
-    import ray
-
-    return ray.get(ref_or_value) if isinstance(ref_or_value, ray.ObjectRef) else ref_or_value
-
-
-def _rank0_tracker(loop_cfg: dict[str, Any], rank: int):
-    """Rank 0's MLflow logger of the driver's run (None on other ranks or without a run): the
-    driver's relay actor for a node-local store (sqlite on the driver's machine, or a server at
-    its loopback address: :func:`~dino_scale.tracking.relay.is_node_local`), else a logger of
-    its own."""
-    if rank != 0 or not loop_cfg.get("run_id"):
-        return None
-    if loop_cfg.get("tracking_relay") is not None:
-        from dino_scale.tracking.relay import RelayClient
-
-        return RelayClient(loop_cfg["tracking_relay"])
-    from dino_scale.tracking.logger import ResilientLogger
-
-    return ResilientLogger(loop_cfg["tracking_uri"], run_id=loop_cfg["run_id"])
 
 
 def _wants_eval(loop_cfg: dict[str, Any]) -> bool:
@@ -157,7 +119,7 @@ def _evaluate_val(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: t
     evaluated_ids = gather_to_rank0(evaluated)
     if rank != 0:
         return {}, None
-    val_gt = _object(loop_cfg["val_gt"])
+    val_gt = from_driver(loop_cfg["val_gt"])
     missing = unevaluated_images(val_gt, evaluated_ids)
     if missing:
         log.warning("evaluation at step %d: %d of %d val images could not be decoded and were not evaluated "
@@ -175,7 +137,7 @@ def _evaluate_only(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: 
     The loaded weights are evaluated as they are, in fp32 under the configured autocast: no
     optimizer, no DeepSpeed engine (its bf16 mode would round the weights), no training state.
     The final checkpoint holds only rank 0's ``detections.json``: the weights are the caller's."""
-    tracker = _rank0_tracker(loop_cfg, rank)
+    tracker = rank0_tracker(loop_cfg, rank)
     amp = autocast_dtype(cfg.train.precision)
     metrics: dict[str, Any] = {"step": 0, "epoch": 0, "final": True, "bad_steps_total": 0, "images_seen": 0,
                                "resumes": 0}
@@ -190,7 +152,7 @@ def _evaluate_only(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: 
         if detections is not None:
             atomic_write_text(folder / "detections.json", json.dumps(detections))
 
-    _report(metrics, write_detections, "final_000000000")
+    report(metrics, write_detections, "final_000000000")
 
 
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
@@ -215,7 +177,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     model, criterion, postprocessor = build_dino(replace(cfg.model, backbone_weights=None) if replaced else cfg.model)
     seed_everything(tc.seed + 1000 * (rank + 1))  # per-rank streams (denoising noise)
     if loop_cfg.get("init_weights"):
-        state = _object(loop_cfg["init_state"]) if loop_cfg.get("init_state") is not None else \
+        state = from_driver(loop_cfg["init_state"]) if loop_cfg.get("init_state") is not None else \
             load_weights(loop_cfg["init_weights"])
         missing, unexpected = load_into(model, state, strict=bool(loop_cfg.get("init_strict", True)))
         if rank == 0 and (missing or unexpected):
@@ -261,7 +223,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     guard = BadStepGuard(tc.max_bad_steps)
     guard.load_state_dict(state.bad_steps)
 
-    tracker = _rank0_tracker(loop_cfg, rank)
+    tracker = rank0_tracker(loop_cfg, rank)
 
     amp = autocast_dtype(tc.precision)
     pad_multiple = getattr(cfg.data, "pad_multiple", None)
@@ -322,11 +284,11 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             ema.update(engine)
         _test_pid_hook(hooks, rank, world, state.global_step)
         if state.global_step % tc.checkpoint_every_steps == 0:
-            _report(metrics_now(), write_state,
+            report(metrics_now(), write_state,
                     checkpoint_dir_name(state.global_step, world, state.epoch, state.micro_in_epoch))
             last_ckpt_step = state.global_step
         elif state.global_step % tc.log_every_steps == 0:
-            _report(metrics_now())
+            report(metrics_now())
 
     micro_total = state.epoch * steps_per_epoch * accum + state.micro_in_epoch
     window_start = (state.micro_in_epoch, guard.state_dict())  # where an abort's checkpoint resumes
@@ -383,7 +345,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 state.epoch += 1
                 state.micro_in_epoch = 0
                 if last_ckpt_step != state.global_step:  # else the step checkpoint already holds this position
-                    _report(metrics_now(), write_state, checkpoint_dir_name(state.global_step, world, state.epoch))
+                    report(metrics_now(), write_state, checkpoint_dir_name(state.global_step, world, state.epoch))
                     last_ckpt_step = state.global_step
     except BadStepError as exc:  # every rank raises together (the finiteness flag is all-reduced)
         abort, bad_total = str(exc), guard.total
@@ -421,4 +383,4 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     if tracker is not None:
         tracker.log_metrics({"bad_steps_total": bad_total}, step=state.global_step)
         tracker.close(timeout_s=float(loop_cfg.get("tracking_close_timeout_s", 30)))
-    _report(final_metrics, write_final, checkpoint_dir_name(state.global_step, world, resumes=state.resumes))
+    report(final_metrics, write_final, checkpoint_dir_name(state.global_step, world, resumes=state.resumes))

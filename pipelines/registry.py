@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from dino_scale.tracking.registry import is_not_found, store_client
+from dino_scale.tracking.search import filter_literal, pages
 from pipelines import _common as common
 
 AP_TAG = "AP"
@@ -35,7 +36,6 @@ AP_TAG = "AP"
 PROMOTION_TAG, BASIS_TAG = "{}.promotion", "{}.basis"
 _NO_HOLDER = "none"
 _SETTLE_ROUNDS = 10
-_PAGE = 1000  # the most one MLflow search page may hold
 # what the AP was measured on (pipelines._datasets.eval_fingerprint of the val set; eval.tta): only
 # APs of the same data and protocol are compared
 EVAL_DATA_TAG, EVAL_TTA_TAG = "eval.data", "eval.tta"
@@ -196,13 +196,7 @@ def _aliases(model) -> dict[str, list[str]]:
 
 def _all_pages(search, **kwargs) -> list:
     """Every result of an MLflow ``search_*`` call (they return one page, 100 models by default)."""
-    out, token = [], None
-    while True:
-        page = search(max_results=_PAGE, page_token=token, **kwargs)
-        out.extend(page)
-        token = getattr(page, "token", None)
-        if not token:
-            return out
+    return list(pages(search, **kwargs))
 
 
 def _get_model(client, name: str):
@@ -221,10 +215,10 @@ def _versions(client, name: str) -> list:
     """Every version of the registered model ``name``. The search filter is quoted so that a
     name holding ``'`` works; a name holding both ``'`` and ``"`` (the registry accepts it,
     MLflow's filter has no escape for it) is picked out of a search of every version."""
-    if "'" in name and '"' in name:
+    literal = filter_literal(name)
+    if literal is None:
         return [v for v in _all_pages(client.search_model_versions) if v.name == name]
-    quote = '"' if "'" in name else "'"
-    return _all_pages(client.search_model_versions, filter_string=f"name={quote}{name}{quote}")
+    return _all_pages(client.search_model_versions, filter_string=f"name={literal}")
 
 
 def registry_state(client=None, names: Optional[Sequence[str]] = None) -> list[dict]:

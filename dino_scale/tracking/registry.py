@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dino_scale.config import Config, ConfigError, from_dict
+from dino_scale.tracking.search import filter_literal, pages
 
 __all__ = [
     "ResolvedModel", "register_model", "set_alias", "get_version_by_alias", "resolve_model_uri",
@@ -79,13 +80,12 @@ def _refuse(message: str, code: str = "INVALID_PARAMETER_VALUE"):
 def _latest_version(client, name: str):
     """The highest-numbered version of ``name`` (MLflow's ``models:/<name>/latest``)."""
     client.get_registered_model(name)  # a missing model: MLflow's own not-found error
-    if "'" in name and '"' in name:  # MLflow's filter has no escape for a name holding both
-        found = [v for v in client.search_model_versions() if v.name == name]
+    literal = filter_literal(name)
+    if literal is None:  # no filter can name it: every version, picked out here
+        found = [v for v in pages(client.search_model_versions) if v.name == name]
         found.sort(key=lambda v: -int(v.version))
     else:
-        quote = '"' if "'" in name else "'"
-        found = client.search_model_versions(f"name={quote}{name}{quote}", max_results=1,
-                                             order_by=["version_number DESC"])
+        found = client.search_model_versions(f"name={literal}", max_results=1, order_by=["version_number DESC"])
     if not found:
         raise _refuse(f"Registered model '{name}' has no versions: models:/{name}/latest names none",
                       "RESOURCE_DOES_NOT_EXIST")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+from dino_scale.tracking.search import filter_literal, pages
+
 __all__ = ["RESUMED_FROM_TAG", "resumed_from_run_id"]
 
 log = logging.getLogger(__name__)
@@ -20,17 +22,19 @@ RESUMED_FROM_TAG = "resumed_from_run_id"
 
 def _by_name(client, experiment: str, run_name: str, current_run_id: Optional[str]) -> Optional[str]:
     """The newest training run named ``run_name`` in ``experiment`` that started before
-    ``current_run_id`` (any run when it is None)."""
+    ``current_run_id`` (any run when it is None). A name no filter can hold (both ``'`` and
+    ``"``) is matched in Python over the experiment's runs, newest first."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
     current = client.get_run(current_run_id) if current_run_id else None
-    if "'" in run_name and '"' in run_name:  # MLflow's filter has no escape for a name holding both
-        return None
-    quote = '"' if "'" in run_name else "'"
-    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.runName = {quote}{run_name}{quote}",
-                              order_by=["attributes.start_time DESC"], max_results=50)
+    literal = filter_literal(run_name)
+    runs = pages(client.search_runs, page_size=100, experiment_ids=[exp.experiment_id],
+                 filter_string=f"tags.mlflow.runName = {literal}" if literal else "",
+                 order_by=["attributes.start_time DESC"])
     for run in runs:
+        if run.data.tags.get("mlflow.runName") != run_name:  # the filtered search: already so
+            continue
         if run.info.run_id == current_run_id or run.data.tags.get("stage", "train") != "train":
             continue
         if current is None or run.info.start_time <= current.info.start_time:

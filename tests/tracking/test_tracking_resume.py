@@ -57,3 +57,39 @@ def test_resumed_run_links_the_run_that_wrote_its_checkpoint(tmp_path, caplog, m
         assert resumed_from_run_id(down, "train-exp", "r1", first, current) is None
         assert resumed_from_run_id(down, "train-exp", "r1", "", current) is None
     assert "could not be looked up" in caplog.text and "resumed_from_run_id" in caplog.text
+
+
+def test_resumed_run_whose_name_holds_both_quotes_links_its_earlier_run(tmp_path):
+    """A run name holding ' and " (MLflow takes it as a run name; no search filter can quote it)
+    is matched over the experiment's runs. Was: the lookup returned None, so a resumed run of
+    that name silently got no resumed_from_run_id tag."""
+    client = MlflowClient(seeded_store(tmp_path))
+    exp = client.create_experiment("train-exp")
+    name = """it's "r1\""""
+    first = _run(client, exp, name, 1000)
+    second = _run(client, exp, name, 2000)
+    _run(client, exp, name, 2500, stage="evaluate")
+    _run(client, exp, "its r1", 2600)  # a name without the quotes: not this run
+    current = _run(client, exp, name, 3000)
+    _run(client, exp, name, 4000)  # started after this one
+    assert resumed_from_run_id(client, "train-exp", name, "", current) == second
+    assert resumed_from_run_id(client, "train-exp", name, first, current) == first
+    assert resumed_from_run_id(client, "train-exp", name + "x", "", current) is None
+    # one quote kind: the filtered search (quoted with the other kind)
+    single = _run(client, exp, "it's", 1500)
+    assert resumed_from_run_id(client, "train-exp", "it's", "", _run(client, exp, "it's", 5000)) == single
+
+
+def test_search_pages_reads_every_page_and_quotes_names(tmp_path):
+    """The shared search helpers: a literal for a name with one quote kind, None for both;
+    every page of a search (runs past the first page were not looked at: one page of 50)."""
+    from dino_scale.tracking.search import filter_literal, pages
+
+    assert filter_literal("a") == "'a'" and filter_literal("it's") == '"it\'s"'
+    assert filter_literal('say "hi"') == """'say "hi"'""" and filter_literal("""it's "x\"""") is None
+    client = MlflowClient(seeded_store(tmp_path))
+    exp = client.create_experiment("e")
+    ids = [_run(client, exp, "r", 1000 + i) for i in range(5)]
+    got = [r.info.run_id for r in pages(client.search_runs, page_size=2, experiment_ids=[exp],
+                                       order_by=["attributes.start_time ASC"])]
+    assert got == ids

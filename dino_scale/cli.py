@@ -58,7 +58,7 @@ def _forward(command: str, argv: list[str]) -> int:
     """Run the pipeline module's ``main(argv)``; its usage lines read ``dino-scale <command>``."""
     import importlib
 
-    from pipelines._common import run_main
+    from pipelines._errors import run_main
 
     module_name, _ = FORWARDED[command]
     module = importlib.import_module(module_name)
@@ -118,7 +118,7 @@ def _dispatch(argv: list[str]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from pipelines._common import run_main
+    from pipelines._errors import run_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) > 1 and argv[0] == "--debug":  # `dino-scale --debug CMD ...` = `dino-scale CMD --debug ...`

@@ -8,29 +8,22 @@
   ``ray job submit`` does for its entrypoint), else starts an embedded local Ray.
 - :func:`setup_tracking`: ``MLFLOW_TRACKING_URI`` if set, else
   ``sqlite:///<work-dir>/mlflow.db``; exported so every stage shares one store.
-- :func:`run_main`: the top-level handler. Usage errors (unknown registry name, missing
-  path, preset typo, unknown override key) print ``error: ...`` on one line and exit
-  2; other failures print one line and exit 1; ``--debug`` shows the traceback.
+- :class:`UsageError` and :func:`run_main`, the top-level handler, live in
+  :mod:`pipelines._errors` and are re-exported here (``common.UsageError``, ``common.run_main``).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from dino_scale.config import PRESETS, Config, ConfigError, preset
-from dino_scale.tracking.registry import is_not_found
+from pipelines._errors import UsageError, run_main  # noqa: F401 - the pipelines' common.UsageError / run_main
 
 GPU_PRESET = "r50_4scale"
 CPU_PRESET = "tiny"
-
-
-class UsageError(Exception):
-    """A user mistake with a one-line explanation (exit code 2)."""
-
 
 
 # --------------------------------------------------------------------------- arguments
@@ -349,53 +342,3 @@ class Progress:
     def __call__(self, message: str) -> None:
         s = int(time.monotonic() - self.t0)
         print(f"[{self.stage} {s // 60:02d}:{s % 60:02d}] {message}", flush=True)
-
-
-# --------------------------------------------------------------------------- errors
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    first = text.splitlines()[0].strip()
-    return first if len(first) <= 400 else first[:397] + "..."
-
-
-def _is_usage_error(exc: BaseException) -> bool:
-    if isinstance(exc, (UsageError, ConfigError, FileNotFoundError)):
-        return True
-    records = sys.modules.get("dino_scale.data.records")  # loaded wherever one was raised
-    if records is not None and isinstance(exc, (records.ShardError, records.ManifestError)):
-        return True  # a dataset folder a copy left incomplete: the input, as a missing path is
-    weights = sys.modules.get("dino_scale.models.weights_file")
-    if weights is not None and isinstance(exc, weights.WeightsFileError):
-        return True  # a weights file cut short: the input too
-    # an MLflow error implies MLflow is imported: importing it here (~2 s) only slowed the
-    # usage errors raised before any MLflow work
-    if "mlflow.exceptions" in sys.modules:
-        from mlflow.exceptions import MlflowException
-
-        if isinstance(exc, MlflowException) and is_not_found(exc):
-            return True
-    return False  # anything else (an IndexError, a KeyError...) is a failure, not the user's mistake
-
-
-def run_main(main: Callable[[Optional[Sequence[str]]], int | None],
-             argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``main(argv)``; turn failures into one ``error: ...`` line and an exit code
-    (2: usage, 1: other, 130: interrupted). ``--debug`` in argv re-raises."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args or os.environ.get("DINO_SCALE_DEBUG") == "1"
-    try:
-        return int(main(args) or 0)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except SystemExit as exc:  # argparse
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    except BaseException as exc:  # noqa: BLE001 - this is the top-level handler
-        if debug:
-            raise
-        usage = _is_usage_error(exc)
-        prefix = "" if usage else f"{type(exc).__name__}: "
-        hint = "" if usage else " (run with --debug for the traceback)"
-        print(f"error: {prefix}{_one_line(exc)}{hint}", file=sys.stderr, flush=True)
-        return 2 if usage else 1

@@ -68,6 +68,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipelines._common import run_main
+    from pipelines._errors import run_main
 
     sys.exit(run_main(main))

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 __all__ = [
     "ModelConfig", "DataConfig", "TrainConfig", "EvalConfig", "Config", "ConfigError",
-    "PRESETS", "preset", "apply_overrides", "to_dict", "from_dict", "save", "load",
+    "PRESETS", "preset", "apply_overrides", "parse_override", "to_dict", "from_dict", "save", "load",
 ]
 
 
@@ -266,7 +266,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Config:
     """Set dotted keys in place, e.g. ``["model.num_queries=300", "train.lr=2e-4"]``."""
-    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides]
     for key, value in items:
         *path, leaf = key.split(".")
         node = cfg
@@ -283,11 +283,23 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Confi
     return cfg
 
 
-def _split(text: str) -> tuple[str, str]:
+def parse_override(text: str) -> tuple[str, str]:
+    """``(key, value)`` of an ``a.b=c`` override, whitespace around each stripped. A
+    :class:`ConfigError` naming the override for no ``=``, no key, whitespace inside the key
+    (``train. lr``: no key holds any) or no value (``model.backbone=`` set an empty name,
+    ``data.train_scales=`` an empty list; ``none`` and ``[]`` say those on purpose)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
-    key, value = text.split("=", 1)
-    return key.strip(), value.strip()
+    key, value = (part.strip() for part in text.split("=", 1))
+    if not key:
+        raise ConfigError(f"override {text!r} names no key: it must look like section.key=value")
+    if any(c.isspace() for c in key):
+        raise ConfigError(f"override {text!r}: the key {key!r} holds a space; write it without "
+                          f"({''.join(key.split())!r}?)")
+    if not value:
+        raise ConfigError(f"override {text!r} has no value: write {key}=<value> ('none' for an "
+                          f"optional key, '[]' for an empty list)")
+    return key, value
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from dino_scale.config import PRESETS, Config, ConfigError, preset
+from dino_scale.config import PRESETS, Config, ConfigError, parse_override, preset
 from pipelines._errors import UsageError, run_main  # noqa: F401 - the pipelines' common.UsageError / run_main
 
 GPU_PRESET = "r50_4scale"
@@ -27,6 +27,24 @@ CPU_PRESET = "tiny"
 
 
 # --------------------------------------------------------------------------- arguments
+
+class OverrideAction(argparse.Action):
+    """``--set KEY=VALUE``, repeatable: each kept as ``key=value`` with the whitespace around key
+    and value stripped. A :class:`ConfigError` naming the override (one ``error:`` line, exit 2,
+    before any work) for one that is not ``section.key=value`` (:func:`dino_scale.config.parse_override`)
+    and for a key given twice with two values (the last one used to win, silently)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        key, value = parse_override(values)
+        items = list(getattr(namespace, self.dest, None) or [])
+        for earlier in items:
+            old_key, old_value = earlier.split("=", 1)
+            if old_key == key and old_value != value:
+                raise ConfigError(f"{option_string} {key} given twice ({old_value!r} and {value!r}): give it once")
+        if f"{key}={value}" not in items:
+            items.append(f"{key}={value}")
+        setattr(namespace, self.dest, items)
+
 
 def add_common_args(parser: argparse.ArgumentParser, data_help: str,
                     training: bool = True) -> argparse.ArgumentParser:
@@ -36,8 +54,8 @@ def add_common_args(parser: argparse.ArgumentParser, data_help: str,
     g.add_argument("--preset", default=None,
                    help=f"config preset: {', '.join(PRESETS)} (default: {GPU_PRESET} when GPUs "
                         f"are available, else {CPU_PRESET})")
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set train.lr=2e-4 (repeatable)")
+    g.add_argument("--set", dest="overrides", action=OverrideAction, default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set train.lr=2e-4 (repeatable, once per key)")
     g.add_argument("--workers", type=int, default=None, help="Ray Train workers (train.num_workers)")
     g.add_argument("--gpus", type=int, default=None,
                    help="0 trains on CPU, >=1 one GPU per worker (train.use_gpu); default: GPUs "

@@ -42,11 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-steps", type=int, default=200, help="pretraining optimizer steps")
     p.add_argument("--finetune-steps", type=int, default=100, help="fine-tuning optimizer steps")
     p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch comparison run")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", action=common.OverrideAction, default=[], metavar="KEY=VALUE",
                    help=f"extra config override for every stage (repeatable; applied after the "
                         f"demo's own: {' '.join(DEMO_OVERRIDES)})")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+def stage_overrides(user: Sequence[str]) -> list[str]:
+    """The ``--set`` list each stage gets: the demo's own, less the keys the user sets, then the
+    user's (a stage refuses a key given twice with two values)."""
+    keys = {o.split("=", 1)[0] for o in user}
+    return [o for o in DEMO_OVERRIDES if o.split("=", 1)[0] not in keys] + list(user)
 
 
 def _fmt(ap: Optional[float]) -> str:
@@ -58,7 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for flag in ("pretrain_images", "finetune_images", "pretrain_steps", "finetune_steps"):
         if getattr(args, flag) < 1:  # checked before anything runs, not after pretraining
             raise common.UsageError(f"--{flag.replace('_', '-')} must be >= 1")
-    cfg = common.preset(PRESET, DEMO_OVERRIDES + list(args.overrides))  # a bad --set, before Ray starts
+    cfg = common.preset(PRESET, stage_overrides(args.overrides))  # a bad --set, before Ray starts
     for flag in ("pretrain_images", "finetune_images"):  # each stage trains at least one step
         if getattr(args, flag) < cfg.train.global_batch_size:
             raise common.UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is fewer than one "
@@ -72,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     common.setup_tracking(work)
     base = ["--work-dir", str(work), "--preset", PRESET]
-    for o in DEMO_OVERRIDES + list(args.overrides):
+    for o in stage_overrides(args.overrides):
         base += ["--set", o]
     log(f"Ray: {common.connect_ray()}")
 

@@ -105,3 +105,21 @@ def test_overrides_do_not_touch_presets():
     b = C.preset("tiny")
     assert b.data.train_scales == [192, 224, 256] and b.eval.tta_scales == [256]
     assert json.dumps(C.PRESETS, sort_keys=True) == before
+
+
+def test_override_text_is_stripped_or_refused_naming_it():
+    """Whitespace around key and value is stripped; no key, a key holding a space or no value is
+    refused naming the override. Was: '=1' read "unknown config key ''", 'train. lr=1' an
+    unknown key, and 'model.backbone=' / 'data.train_scales=' set an empty name or list."""
+    cfg = C.preset("tiny", [" train.lr = 1e-3 ", "\tmodel.num_queries=30"])
+    assert cfg.train.lr == 1e-3 and cfg.model.num_queries == 30
+    assert C.parse_override("  data.image_root =/a b ") == ("data.image_root", "/a b")
+    assert C.preset("tiny", ["data.train_scales=[]", "model.backbone_weights=none"]).data.train_scales == []
+    for bad, message in [("=1", "override '=1' names no key"), (" = 1", "names no key"),
+                         ("train. lr=1", "the key 'train. lr' holds a space.*'train.lr'"),
+                         ("train .lr=1", "holds a space"),
+                         ("model.backbone=", "override 'model.backbone=' has no value: write model.backbone="),
+                         ("data.train_scales= ", "has no value.*'\\[\\]' for an empty list"),
+                         ("train.lr", "must look like section.key=value")]:
+        with pytest.raises(C.ConfigError, match=message):
+            C.preset("tiny", [bad])

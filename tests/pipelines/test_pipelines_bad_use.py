@@ -85,6 +85,10 @@ def test_pipelines_bad_use_data_not_a_dataset(tmp_path):
     # was: Ray started and the data was made before pretraining refused the set
     (["pipelines.demo", "--pretrain-images", "3"], ["--pretrain-images 3", "global batch (4)"]),
     (["pipelines.demo", "--set", "model.nope=1"], ["unknown config key 'model.nope'"]),
+    # was: the second value silently won; '=1' read "unknown config key ''"
+    (["pipelines.pretrain_o365", "--set", "train.lr=1e-4", "--set", "train.lr=2e-4"],
+     ["--set train.lr given twice ('1e-4' and '2e-4')"]),
+    (["pipelines.finetune_coco", "--set", "=1"], ["override '=1' names no key"]),
     # the run name names folders a run writes and (evaluate's download) deletes: '..' was the work dir
     (["pipelines.evaluate", "--model", "models:/dino-tiny-coco@champion", "--run-name", ".."], ["--run-name '..'"]),
     (["pipelines.pretrain_o365", "--run-name", "team/run1"], ["--run-name 'team/run1'", "single folder name"]),

@@ -160,3 +160,27 @@ def test_training_gpus_this_machine_lacks_are_refused(pipeline, tmp_path, monkey
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     with pytest.raises(AssertionError, match="asked for GPU workers"):
         module.main(argv)
+
+
+def test_pipelines_common_set_is_normalized_and_checked_at_parse_time():
+    """``--set`` keeps ``key=value`` stripped; a bad one or a key given twice with two values is a
+    ConfigError naming it while the arguments are parsed (run_main: one line, exit 2, before any
+    data or Ray). Was: a second value silently won, '=1' read "unknown config key ''" and an
+    empty value set an empty backbone name."""
+    from pipelines import demo
+
+    args = _parse(["--preset", "tiny", "--set", " train.lr = 1e-3", "--set", "train.lr=1e-3",
+                   "--set", "model.num_queries =30"])
+    assert args.overrides == ["train.lr=1e-3", "model.num_queries=30"]  # a repeat of one value: kept once
+    assert common.build_config(args).train.lr == 1e-3
+    for argv, message in [(["--set", "train.lr=1", "--set", " train.lr=2"], "--set train.lr given twice \\('1' and '2'\\)"),
+                          (["--set", "=1"], "names no key"), (["--set", "train. lr=1"], "holds a space"),
+                          (["--set", "model.backbone="], "has no value"), (["--set", "train.lr"], "section.key=value")]:
+        with pytest.raises(ConfigError, match=message):
+            _parse(["--preset", "tiny", *argv])
+        with pytest.raises(ConfigError, match=message):
+            demo.build_parser().parse_args(argv)
+    # the demo hands each stage its own overrides less the keys the user sets, then the user's
+    assert demo.stage_overrides(["train.checkpoint_every_steps=5", "train.lr=1"]) == [
+        "train.checkpoint_every_steps=5", "train.lr=1"]
+    assert demo.stage_overrides([]) == demo.DEMO_OVERRIDES

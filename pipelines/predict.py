@@ -9,9 +9,11 @@ command did not write: inputs are never overwritten, even with ``--out`` the inp
 a file in ``--out`` only when it is an annotated copy: JPEG comment :data:`MARK`), and
 ``<out>/predictions.json`` lists ``{"file", "width", "height", "detections": [{"label",
 "category_id", "score", "box": [x1, y1, x2, y2]}], "nonfinite"}`` (original pixels, clipped to the
-image). Unreadable images are reported and counted, not fatal; so are detections with a NaN/inf
-score or box (a diverged model; ``nonfinite`` per image, ``detections_nonfinite`` in all), and
-when no detection of any image is finite the exit status is 1. Files are written whole or not at
+image). A folder's files without an image suffix (:data:`IMAGE_SUFFIXES`, any case) are listed
+(``skipped``) and counted in the summary. Unreadable images are reported and counted, not
+fatal; so are detections with a NaN/inf score or box (a diverged model; ``nonfinite`` per
+image, ``detections_nonfinite`` in all), and when no detection of any image is finite the exit
+status is 1. Files are written whole or not at
 all (a temporary file renamed): a run cut short never leaves half a JSON document or image.
 """
 from __future__ import annotations
@@ -28,7 +30,12 @@ from typing import Optional, Sequence
 from pipelines import _common as common
 
 MARK = b"dino-scale predict"  # the JPEG comment of an annotated copy: a rerun may replace it
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+# what a folder is searched for (any case): formats the decoder (dino_scale.data.decode: any mode
+# -> RGB, a GIF's first frame) reads with this project's Pillow. Other files of a folder are
+# listed in predictions.json ("skipped") and counted in the summary; a file named on the command
+# line is read whatever its suffix
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".webp", ".tif", ".tiff",
+                  ".gif", ".avif", ".jp2", ".j2k", ".pbm", ".pgm", ".ppm", ".pnm", ".tga"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,26 +55,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def list_images(inputs: Sequence[str], skip_dir: Optional[Path] = None) -> list[Path]:
-    """Image files of ``inputs`` (files, or folders searched recursively). Files under
-    ``skip_dir`` (the output folder: annotated copies of an earlier run) are left out of a
-    folder's listing unless that folder is ``skip_dir`` itself. An image named more than once
-    (a file and its folder, overlapping folders) is listed once, where it first appears."""
+def list_images(inputs: Sequence[str], skip_dir: Optional[Path] = None,
+                skipped: Optional[list[Path]] = None) -> list[Path]:
+    """Image files of ``inputs`` (files, or folders searched recursively for
+    :data:`IMAGE_SUFFIXES`). Files under ``skip_dir`` (the output folder: annotated copies of an
+    earlier run) are left out of a folder's listing unless that folder is ``skip_dir`` itself. An
+    image named more than once (a file and its folder, overlapping folders) is listed once, where
+    it first appears. A folder's other files (not under ``skip_dir``) are appended to
+    ``skipped``, when given: passed over, not silently lost."""
     skip = skip_dir.resolve() if skip_dir is not None else None
     files: list[Path] = []
+    others: list[Path] = []
     for item in inputs:
         p = common.check_path(item, "image path")
         if p.is_dir():
             inside = skip is not None and p.resolve() != skip
-            files.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
-                                and not (inside and f.resolve().is_relative_to(skip))))
+            for f in sorted(f for f in p.rglob("*") if f.is_file()):
+                if skip is not None and f.resolve().is_relative_to(skip) and (inside or f.suffix.lower()
+                                                                               not in IMAGE_SUFFIXES):
+                    continue  # the output folder's files: copies inside an input, predictions.json
+                (files if f.suffix.lower() in IMAGE_SUFFIXES else others).append(f)
         else:
             files.append(p)
     seen: set[Path] = set()
     files = [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
+    others = [f for f in others if not (f.resolve() in seen or seen.add(f.resolve()))]
+    if skipped is not None:
+        skipped.extend(others)
     if not files:
-        raise common.UsageError(f"no images found in {', '.join(inputs)}")
+        what = f" ({_skipped_text(others)}; name such a file to read it anyway)" if others else ""
+        raise common.UsageError(f"no images found in {', '.join(inputs)}{what}")
     return files
+
+
+def _skipped_text(others: Sequence[Path]) -> str:
+    """``3 file(s) without an image suffix skipped (.heic, .txt)``."""
+    suffixes = sorted({f.suffix.lower() or f.name for f in others})
+    shown = ", ".join(suffixes[:8]) + (", ..." if len(suffixes) > 8 else "")
+    return f"{len(others)} file(s) without an image suffix skipped ({shown})"
 
 
 def output_path(out: Path, image: Path, index: int, taken: set[Path]) -> Path:
@@ -163,7 +188,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.preset is not None:
         common.resolve_preset_name(args.preset)  # a typo fails here, whether or not it is used
     out = Path(args.out).expanduser()  # '~' the shell left (quoted, or after '=')
-    files = list_images(args.images, skip_dir=out)
+    skipped: list[Path] = []
+    files = list_images(args.images, skip_dir=out, skipped=skipped)
+    if skipped:
+        log(f"note: {_skipped_text(skipped)}; listed in predictions.json")
     common.setup_tracking(args.work_dir)
     import torch
     from PIL import Image
@@ -236,9 +264,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             + (f"; {dropped} detection(s) with a NaN/inf score or box dropped" if dropped else ""))
     atomic_write_text(out / "predictions.json", json.dumps(
         {"model": args.model, "threshold": args.threshold, "images": results, "failed": failed,
-         "detections_nonfinite": nonfinite}, indent=2))
+         "skipped": [str(f) for f in skipped], "detections_nonfinite": nonfinite}, indent=2))
     print(f"wrote {len(results)} annotated image(s) and {out / 'predictions.json'}"
-          + (f"; {len(failed)} unreadable image(s) skipped" if failed else ""))
+          + (f"; {len(failed)} unreadable image(s) skipped" if failed else "")
+          + (f"; {_skipped_text(skipped)}" if skipped else ""))
     if nonfinite and not finite_total:  # a diverged model: no output to read as "nothing found"
         print(f"error: every detection has a NaN/inf score or box ({nonfinite} in {len(results)} image(s)): the "
               f"model's outputs hold NaN/inf; exit status 1", file=sys.stderr, flush=True)

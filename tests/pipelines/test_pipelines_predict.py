@@ -297,3 +297,36 @@ def test_predict_boxes_lie_inside_the_image(tmp_path, monkeypatch, mlflow_store_
     boxes = {tuple(d["box"]) for d in item["detections"]}
     assert (0.0, 17.0, 13.0, 33.0) in boxes and (30.0, 0.0, 64.0, 48.0) in boxes
     assert all(0 <= x1 <= x2 <= 64 and 0 <= y1 <= y2 <= 48 for x1, y1, x2, y2 in boxes)
+
+
+def test_predict_reads_every_decodable_format_and_reports_other_files(tmp_path, monkeypatch, capsys,
+                                                                      mlflow_store_restored):
+    """A folder's GIFs (animated: the first frame), PGM (16-bit), TGA or upper-case suffixes are
+    predicted like JPEGs (the decoder reads them; was: a .gif, .pgm or .tga was silently left
+    out); its other files are listed in predictions.json ("skipped") and counted in the summary,
+    and a folder of only such files names them in its error."""
+    import numpy as np
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(photos / "A.JPG")
+    frames = [Image.new("P", (36, 24), i) for i in (3, 9)]
+    frames[0].save(photos / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.fromarray(np.full((20, 28), 40000, dtype=np.uint16)).save(photos / "depth.pgm")
+    Image.new("RGB", (16, 12), (10, 200, 10)).save(photos / "sub" / "b.TGA")
+    (photos / "notes.txt").write_text("not an image")
+    (photos / "sub" / "phone.heic").write_bytes(b"\0" * 64)
+    assert _predict(tmp_path, [photos], "--threshold", "1") == 0
+    pred = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    sizes = {Path(item["file"]).name: (item["width"], item["height"]) for item in pred["images"]}
+    assert sizes == {"A.JPG": (40, 30), "anim.gif": (36, 24), "depth.pgm": (28, 20), "b.TGA": (16, 12)}
+    assert pred["failed"] == [] and pred["skipped"] == [str(photos / "notes.txt"), str(photos / "sub" / "phone.heic")]
+    assert "2 file(s) without an image suffix skipped (.heic, .txt)" in capsys.readouterr().out
+    from pipelines._common import UsageError
+
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "x.HEIC").write_bytes(b"x")
+    with pytest.raises(UsageError, match=r"no images found in .*only \(1 file\(s\) without an image suffix "
+                                         r"skipped \(\.heic\); name such a file to read it anyway\)"):
+        list_images([str(tmp_path / "only")])

@@ -151,6 +151,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> dict:
     from pipelines._init import lineage_tags
 
+    held = None  # [the weights' state dict] when read here (a model without config)
     if resolved.config is not None:
         cfg = resolved.config
         if args.preset is not None and args.preset != cfg.name:
@@ -170,6 +171,7 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
             log("note: the model carries no config; using the default preset (give --preset)")
         cfg = common.preset(common.resolve_preset_name(args.preset), extra + list(args.overrides))
         check_fits_preset(args.model, state, cfg, args.preset is not None)  # else every worker fails loading it
+        held = [state]  # the engine takes it from here (the file was read once)
         del state
     common.apply_flags(cfg, args)
     if args.tta:
@@ -205,7 +207,7 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
 
     tags = {**lineage_tags(resolved), "stage": "evaluate"}
     result = evaluate_weights(cfg, str(resolved.weights_path), val, work_dir / "runs" / run_name,
-                              run_name, experiment=args.experiment, tags=tags)
+                              run_name, experiment=args.experiment, tags=tags, weights_state=held)
     print()
     print(format_table(result.metrics, f"COCO box AP (%) of {args.model} on {val}"))
     unevaluated = int(result.metrics.get("images_unevaluated") or 0)

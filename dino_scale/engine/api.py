@@ -164,7 +164,7 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
          init_weights: Optional[str], init_strict: bool, experiment: str, parent_run_id: Optional[str],
          tags: Optional[dict[str, Any]], storage_path: Optional[str], evaluate: bool, train: bool,
          progress: bool, ray_address: Optional[str], test_hooks: Optional[dict], lineage: Optional[dict],
-         tracking_close_timeout_s: float) -> FitResult:
+         tracking_close_timeout_s: float, preloaded: Optional[list] = None) -> FitResult:
     from dino_scale.data import build_eval_dataset, build_train_dataset, to_coco_gt
     from dino_scale.data.ray_data import unreadable_shard
     from dino_scale.engine.evaluate import check_eval_config
@@ -199,7 +199,9 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     # is refused here (ShardError), as scoring against it would not give the dataset's AP
     coco_gt = to_coco_gt(val_dir) if evaluate and val_dir else None
     # read and fitted here: a file that did not fit failed in every worker, after Ray and the MLflow run started
-    init_sd = load_weights(init_weights) if init_weights else None
+    # ``preloaded``: [the state dict of init_weights, already read by the caller], emptied here so
+    # that once it is in the object store no frame of this driver keeps it
+    init_sd = preloaded.pop() if preloaded else (load_weights(init_weights) if init_weights else None)
     if init_sd is not None and init_strict:
         _check_init_fits(cfg, str(init_weights), init_sd)
     ensure_ray(ray_address)
@@ -330,7 +332,7 @@ def fit(cfg: Config, train_dir: str, val_dir: Optional[str], work_dir: str | Pat
 def evaluate_weights(cfg: Config, weights: str, val_dir: str, work_dir: str | Path, run_name: str, *,
                      experiment: str = "dino-scale-eval", parent_run_id: Optional[str] = None,
                      tags: Optional[dict[str, Any]] = None, ray_address: Optional[str] = None,
-                     lineage: Optional[dict] = None) -> FitResult:
+                     lineage: Optional[dict] = None, weights_state: Optional[list] = None) -> FitResult:
     """Distributed COCO evaluation of ``weights`` (no training) on ``cfg.train.num_workers``
     workers, in fp32 under ``cfg.train.precision``'s autocast (no DeepSpeed, no optimizer).
     ``metrics`` holds AP... as for :func:`fit`; ``weights_path`` is ``weights`` (nothing is
@@ -338,9 +340,11 @@ def evaluate_weights(cfg: Config, weights: str, val_dir: str, work_dir: str | Pa
     ``config.json`` and ``lineage.json``). An elastic range (``train.min_workers``) is ignored:
     evaluation runs one fixed group (:func:`~dino_scale.engine.trainer.worker_count` with
     ``training=False``). ``cfg.model.backbone_weights`` is not read: ``weights`` replace the whole
-    model (the ImageNet file a training run started from is often a path on its own cluster)."""
+    model (the ImageNet file a training run started from is often a path on its own cluster).
+    ``weights_state``: ``[state dict]`` the caller already read from ``weights`` (not read again);
+    the list is emptied, so the driver holds no copy beside Ray's object store."""
     cfg = replace(cfg, model=replace(cfg.model, backbone_weights=None))
     return _run(cfg, train_dir=None, val_dir=val_dir, work_dir=work_dir, run_name=run_name, init_weights=weights,
                 init_strict=True, experiment=experiment, parent_run_id=parent_run_id, tags=tags, storage_path=None,
                 evaluate=True, train=False, progress=False, ray_address=ray_address, test_hooks=None,
-                lineage=lineage, tracking_close_timeout_s=60.0)
+                lineage=lineage, tracking_close_timeout_s=60.0, preloaded=weights_state)

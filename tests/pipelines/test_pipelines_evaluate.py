@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +135,39 @@ def test_evaluate_gpus_this_machine_lacks_are_refused(tmp_path, monkeypatch, cap
     assert run_main(evaluate.main, argv) == 2
     err = capsys.readouterr().err
     assert "--gpus 1" in err and "0 GPU" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_evaluate_reads_an_official_file_once(tmp_path, monkeypatch, mlflow_store_restored):
+    """An official ``.pth`` (no config) was read twice on the driver: for the preset check, then
+    again by the engine to hand to the workers (a Swin-L file: ~1 GB read and unpickled twice).
+    The state dict of the check is now handed to the engine. Stopped where Ray would start."""
+    import torch
+
+    from dino_scale.engine import api
+    from dino_scale.models import build_model
+    from pipelines import _common, evaluate
+
+    class RayStarted(Exception):
+        pass
+
+    def ray_started(*args, **kwargs):
+        raise RayStarted
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(_common, "_gpus_available", lambda: False)  # the default preset: tiny
+    monkeypatch.setattr(_common, "connect_ray", lambda *a, **k: "started embedded local Ray (4 logical CPUs)")
+    monkeypatch.setattr(api, "ensure_ray", ray_started)
+    path = tmp_path / "checkpoint.pth"
+    model = build_model(preset("tiny", ["model.num_classes=91"]).model)
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}, path)
+    reads, load = [], torch.load
+
+    def counting_load(f, *args, **kwargs):
+        if Path(getattr(f, "name", f)).resolve() == path.resolve():
+            reads.append(f)
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    with pytest.raises(RayStarted):  # read, checked against tiny, handed on: the engine reached Ray
+        evaluate.run(["--model", str(path), "--work-dir", str(tmp_path / "work")])
+    assert len(reads) == 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -229,7 +229,10 @@ def prepare_init(uri: str, cfg: Config, target_categories: list[dict], out_dir: 
     if is_remote(uri):  # the downloaded copy is in memory now
         shutil.rmtree(out_dir / "source", ignore_errors=True)
     torch.manual_seed(cfg.train.seed)
-    model, _, _ = build_dino(cfg.model)
+    # built without model.backbone_weights: _check_same_tensors and the strict load below make
+    # every backbone tensor the source's, so the ImageNet file (a path perhaps only the workers
+    # have, or a URL: a download) would be read only to be overwritten
+    model, _, _ = build_dino(replace(cfg.model, backbone_weights=None))
     fresh = model.state_dict()
     _check_same_tensors(uri, cfg, source, fresh)
     if src_cats is None:

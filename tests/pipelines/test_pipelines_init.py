@@ -132,3 +132,27 @@ def test_pipelines_init_registry_typo_lists_what_exists(tmp_path, mlflow_store_r
         assert msg.startswith(f"cannot resolve {bad}: ") and "\n" not in msg, msg
         assert all(n in msg for n in needles), msg
         assert "run pretraining first" not in msg, msg
+
+
+def test_pipelines_init_does_not_read_the_imagenet_backbone_file(o365_checkpoint, tmp_path):
+    """Every backbone tensor of the init comes from the source model, so model.backbone_weights
+    is not read: a real ImageNet file gives the same init as none, and a path that does not exist
+    here (a file only the workers have, or an unreachable URL) no longer fails the init (was:
+    FileNotFoundError from build_dino, before anything was written)."""
+    from dataclasses import replace
+
+    ckpt, src = o365_checkpoint
+    coco = [{"id": c["id"], "name": c["name"]} for c in synthetic.categories("coco-like")]
+    cfg = preset("tiny", ["model.num_classes=91", "model.dn_labelbook_size=91"])
+    reference = load_weights(prepare_init(str(ckpt), cfg, coco, tmp_path / "ref", log=lambda m: None).path)
+    body = {k: v + 0.5 for k, v in src.items() if k.startswith("backbone.0.body.") and v.is_floating_point()}
+    assert body
+    torch.save(body, tmp_path / "imagenet.pth")
+    for name, weights in (("file", str(tmp_path / "imagenet.pth")), ("missing", str(tmp_path / "nowhere.pth"))):
+        with_file = replace(cfg, model=replace(cfg.model, backbone_weights=weights))
+        init = prepare_init(str(ckpt), with_file, coco, tmp_path / name, log=lambda m: None)
+        state = load_weights(init.path)
+        assert state.keys() == reference.keys()
+        assert all(torch.equal(state[k], reference[k]) for k in state), name
+        assert all(torch.equal(state[k], src[k]) for k in state if k.startswith("backbone.")), name
+        assert json.loads((init.path / "config.json").read_text())["model"]["backbone_weights"] == weights

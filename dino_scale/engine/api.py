@@ -109,13 +109,14 @@ def _check_data(train_dir: Optional[str], val_dir: Optional[str], cfg: Config) -
         check_category_ids(read_manifest(data_dirs(train_dir)[0])["categories"], cfg.model.num_classes, train_dir)
 
 
-def _check_init_fits(cfg: Config, weights: str, state: dict) -> None:
+def _check_init_fits(cfg: Config, weights: str, state: dict, strict: bool = True) -> None:
     """:class:`~dino_scale.models.official.CheckpointMismatch` naming ``weights`` unless ``state``
-    loads into the model of ``cfg`` as each worker loads it (:func:`check_fits`)."""
+    loads into the model of ``cfg`` as each worker loads it (:func:`check_fits`; ``strict=False``:
+    missing and unexpected keys tolerated, but not a state holding under half of the model's tensors)."""
     from dino_scale.models.official import CheckpointMismatch
 
     try:
-        check_fits(cfg.model, state)
+        check_fits(cfg.model, state, strict=strict)
     except CheckpointMismatch as exc:
         raise CheckpointMismatch(f"{weights} does not fit the model of config {cfg.name!r}: {exc}") from None
 
@@ -202,8 +203,8 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     # ``preloaded``: [the state dict of init_weights, already read by the caller], emptied here so
     # that once it is in the object store no frame of this driver keeps it
     init_sd = preloaded.pop() if preloaded else (load_weights(init_weights) if init_weights else None)
-    if init_sd is not None and init_strict:
-        _check_init_fits(cfg, str(init_weights), init_sd)
+    if init_sd is not None:
+        _check_init_fits(cfg, str(init_weights), init_sd, strict=init_strict)
     ensure_ray(ray_address)
     tracking_uri = default_tracking_uri(work)
     tracker = ResilientLogger(tracking_uri)

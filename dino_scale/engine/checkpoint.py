@@ -240,17 +240,16 @@ def load_into(model: torch.nn.Module, state: dict, strict: bool = True) -> tuple
     :func:`~dino_scale.models.official.load_official_state_dict` (official layouts: one copy of a
     shared head, no Swin ``relative_position_index``, ``module.`` prefixes;
     :class:`~dino_scale.models.official.CheckpointMismatch` otherwise) and returns ``([], [])``;
-    ``strict=False`` returns ``load_state_dict``'s ``(missing, unexpected)``."""
-    if strict:
-        from dino_scale.models.official import load_official_state_dict
+    ``strict=False`` normalizes the keys the same way (was: a plain ``load_state_dict``, to
+    which every key of a ``module.``-prefixed official file was unexpected: nothing loaded) and
+    returns the ``(missing, unexpected)`` keys it tolerated; a state holding fewer than half of
+    the model's tensors is a ``CheckpointMismatch`` naming the counts."""
+    from dino_scale.models.official import load_official_state_dict
 
-        load_official_state_dict(model, state)
-        return [], []
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    return list(missing), list(unexpected)
+    return load_official_state_dict(model, state, strict=strict)
 
 
-def check_fits(model_cfg, state: dict) -> None:
+def check_fits(model_cfg, state: dict, strict: bool = True) -> None:
     """:class:`~dino_scale.models.official.CheckpointMismatch` unless ``state`` loads (as
     :func:`load_into` loads it in every worker) into the model of ``model_cfg``
     (:class:`~dino_scale.config.ModelConfig`), built on the meta device: no memory, no backbone
@@ -263,7 +262,7 @@ def check_fits(model_cfg, state: dict) -> None:
         model = build_model(dataclasses.replace(model_cfg, backbone_weights=None))
     with warnings.catch_warnings():  # copying into meta tensors is a no-op, and says so per key
         warnings.simplefilter("ignore")
-        load_into(model, state)
+        load_into(model, state, strict=strict)
 
 
 def save_training_checkpoint(folder: PathLike, engine, state: TrainState, rank: int,

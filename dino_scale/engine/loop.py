@@ -181,7 +181,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             load_weights(loop_cfg["init_weights"])
         missing, unexpected = load_into(model, state, strict=bool(loop_cfg.get("init_strict", True)))
         if rank == 0 and (missing or unexpected):
-            log.warning("init weights: %d missing, %d unexpected keys", len(missing), len(unexpected))
+            log.warning("init weights (init_strict=False): %d model tensors missing from them, left as built "
+                        "(first: %s); %d of their keys unknown to the model, ignored (first: %s)", len(missing),
+                        ", ".join(missing[:3]), len(unexpected), ", ".join(unexpected[:3]))
     model.to(device)  # before the optimizer: on a GPU, build_optimizer picks fused AdamW
     criterion.to(device)
     if device.type == "cuda":

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import argparse
 from collections import defaultdict
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .weights_file import read_torch_file
 
-__all__ = ["load_official_state_dict", "official_state_dict", "load_official_checkpoint", "CheckpointMismatch"]
+__all__ = ["load_official_state_dict", "normalize_keys", "official_state_dict", "load_official_checkpoint",
+           "CheckpointMismatch"]
 
 OPTIONAL_BUFFERS = ("relative_position_index",)
 DROPPED_SUFFIXES = ("num_batches_tracked",)
@@ -47,27 +48,40 @@ def _summary(items: List[str], limit: int = 15) -> str:
     return f"{head}{', ...' if len(items) > limit else ''} ({len(items)})"
 
 
-def load_official_state_dict(model: nn.Module, state_dict: Dict[str, Tensor]) -> None:
-    """Strictly load an official DINO ``model`` state dict (or one of this project's) into ``model``.
-
-    A whole checkpoint dict (with a ``model`` entry) is accepted too.
-
-    Raises :class:`CheckpointMismatch` listing missing keys, unexpected keys, shape
-    mismatches and alias groups whose copies differ. Tensors are copied (cast to each
-    parameter's dtype/device by ``load_state_dict``).
-    """
+def normalize_keys(state_dict) -> Dict[str, Tensor]:
+    """``state_dict`` (or a whole checkpoint's ``model`` entry) with the wrapper prefixes
+    (``module.``: DDP / DeepSpeed, ``_orig_mod.``: torch.compile) stripped and FrozenBN
+    ``num_batches_tracked`` dropped: the keys as this project's model names them."""
     if not isinstance(state_dict, dict):
         raise CheckpointMismatch(f"expected a state dict, got {type(state_dict).__name__}")
     if isinstance(state_dict.get("model"), dict):  # a whole checkpoint was passed: use its model entry
         state_dict = state_dict["model"]
     sd = {}
     for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):  # DDP / DeepSpeed and torch.compile wrappers
+        for prefix in ("module.", "_orig_mod."):
             if key.startswith(prefix):
                 key = key[len(prefix):]
         if key.endswith(DROPPED_SUFFIXES):
             continue
         sd[key] = value
+    return sd
+
+
+def load_official_state_dict(model: nn.Module, state_dict: Dict[str, Tensor],
+                             strict: bool = True) -> Tuple[List[str], List[str]]:
+    """Load an official DINO ``model`` state dict (or one of this project's) into ``model``.
+
+    A whole checkpoint dict (with a ``model`` entry) is accepted too; keys are normalized
+    (:func:`normalize_keys`) and shared heads loaded from any one of their names.
+
+    Raises :class:`CheckpointMismatch` listing missing keys, unexpected keys, shape
+    mismatches and alias groups whose copies differ. Tensors are copied (cast to each
+    parameter's dtype/device by ``load_state_dict``). ``strict=False`` tolerates missing and
+    unexpected keys (returned as ``(missing, unexpected)``; ``([], [])`` when strict), not
+    the other faults, nor a dict that holds fewer than half of the model's tensors (another
+    model or key layout: nothing or little would load, silently).
+    """
+    sd = normalize_keys(state_dict)
     own = model.state_dict()
     groups = _alias_groups(model)
     known = {k for keys in groups.values() for k in keys}
@@ -99,7 +113,16 @@ def load_official_state_dict(model: nn.Module, state_dict: Dict[str, Tensor]) ->
         for k in keys:
             full[k] = value
     unexpected = sorted(k for k in sd if k not in known)
-    if missing or unexpected or shapes or differing or bad_buffers:
+    if not strict and not (shapes or differing or bad_buffers):
+        needed = sum(1 for canon in groups if not canon.endswith(OPTIONAL_BUFFERS))
+        found = needed - len(missing)
+        if 2 * found < needed:
+            raise CheckpointMismatch(
+                f"checkpoint holds only {found} of the model's {needed} tensors ({len(unexpected)} of its "
+                f"{len(sd)} keys are unknown to the model: {_summary(unexpected, 5)}): a non-strict load "
+                f"tolerates a few missing or extra keys, not another model or key layout; give weights of "
+                f"this model (for ImageNet backbone weights: model.backbone_weights)")
+    if (strict and (missing or unexpected)) or shapes or differing or bad_buffers:
         parts = []
         if missing:
             parts.append(f"missing keys: {_summary(missing)}")
@@ -112,7 +135,8 @@ def load_official_state_dict(model: nn.Module, state_dict: Dict[str, Tensor]) ->
         if bad_buffers:
             parts.append(f"integer buffers differ from the model's own: {_summary(bad_buffers)}")
         raise CheckpointMismatch("checkpoint does not fit the model; " + "; ".join(parts))
-    model.load_state_dict(full, strict=True)
+    model.load_state_dict(full, strict=strict)
+    return missing, unexpected
 
 
 def official_state_dict(model: nn.Module) -> Dict[str, Tensor]:

@@ -332,3 +332,33 @@ def test_a_backbone_weights_path_absent_here_is_refused_before_ray_or_mlflow(dat
     with caplog.at_level(logging.WARNING, logger="dino_scale.engine"), pytest.raises(RayStarted):
         run(absent)
     assert f"model.backbone_weights {absent} does not exist on this machine" in caplog.text
+
+
+def test_non_strict_init_weights_of_another_layout_are_refused_before_ray(data, tmp_path, monkeypatch):
+    """init_strict=False had no pre-check: weights of another key layout loaded nothing in every
+    worker, silently. They are checked on the driver as the workers load them (keys normalized,
+    at least half of the model's tensors present), before Ray or the MLflow run start."""
+    from dino_scale.engine import api, fit
+    from dino_scale.engine.checkpoint import save_weights
+    from dino_scale.models import build_model
+    from dino_scale.models.official import CheckpointMismatch
+
+    class RayStarted(Exception):
+        pass
+
+    def ray_started(*a, **k):
+        raise RayStarted
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(api, "ensure_ray", ray_started)
+    train_dir, val_dir = data
+    state = build_model(small_cfg().model).state_dict()
+    renamed = save_weights(tmp_path / "renamed", {f"detector.{k}": v for k, v in state.items()})
+    with pytest.raises(CheckpointMismatch, match=rf"{renamed} does not fit .*holds only 0 of the model's"):
+        fit(small_cfg(), train_dir, val_dir, tmp_path / "work", unique("ns"), progress=False,
+            init_weights=str(renamed), init_strict=False)
+    assert not (tmp_path / "work" / "mlflow.db").exists()
+    prefixed = save_weights(tmp_path / "prefixed", {f"module.{k}": v for k, v in state.items()})
+    with pytest.raises(RayStarted):  # a DDP-saved file: normalized, every tensor found
+        fit(small_cfg(), train_dir, val_dir, tmp_path / "work", unique("ns"), progress=False,
+            init_weights=str(prefixed), init_strict=False)

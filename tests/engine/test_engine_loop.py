@@ -83,3 +83,39 @@ def test_worker_with_strict_init_weights_does_not_read_the_imagenet_backbone_fil
     assert torch.equal(model.state_dict()["input_proj.0.0.weight"], state["input_proj.0.0.weight"])
     with pytest.raises(FileNotFoundError, match="other-cluster"):  # not replaced: read as before
         _run_worker(monkeypatch, state, strict=False, **absent)
+
+
+def test_worker_non_strict_init_normalizes_official_keys_and_refuses_a_near_miss(monkeypatch, caplog):
+    """init_strict=False loaded the state with a plain load_state_dict: every key of an official
+    .pth (``module.`` prefixed) was unexpected, nothing loaded, and the run trained from scratch
+    after one warning line. The keys are now normalized as the strict path does; a state holding
+    under half of the model's tensors is refused naming the counts; a few missing keys are
+    tolerated, named in the warning."""
+    import logging
+
+    from dino_scale.models import build_model
+    from dino_scale.models.official import CheckpointMismatch
+
+    torch.manual_seed(321)
+    source = build_model(preset("tiny").model).state_dict()
+    model = _run_worker(monkeypatch, _official_layout(source), strict=False)
+    got = model.state_dict()
+    for key, value in source.items():
+        assert torch.equal(got[key], value), key
+    assert model.bbox_embed[0] is model.transformer.decoder.bbox_embed[0]
+
+    partial = _official_layout(source)
+    partial.pop("module.input_proj.0.0.weight")
+    partial["module.extra_head.weight"] = torch.zeros(2)
+    with caplog.at_level(logging.WARNING, logger="dino_scale"):
+        got = _run_worker(monkeypatch, partial, strict=False).state_dict()
+    assert torch.equal(got["input_proj.0.1.weight"], source["input_proj.0.1.weight"])
+    assert not torch.equal(got["input_proj.0.0.weight"], source["input_proj.0.0.weight"])  # left as built
+    assert "1 model tensors missing from them" in caplog.text and "extra_head.weight" in caplog.text
+
+    renamed = {f"detector.{k}": v for k, v in source.items()}  # another key layout
+    with pytest.raises(CheckpointMismatch, match=r"holds only 0 of the model's \d+ tensors.*detector\."):
+        _run_worker(monkeypatch, renamed, strict=False)
+    backbone_only = {k: v for k, v in source.items() if k.startswith("backbone.")}
+    with pytest.raises(CheckpointMismatch, match=r"holds only \d+ of the model's \d+ tensors.*backbone_weights"):
+        _run_worker(monkeypatch, backbone_only, strict=False)

@@ -34,7 +34,8 @@ from dino_scale.config import Config, ConfigError, flatten, from_dict
 from dino_scale.engine.checkpoint import CONFIG_NAME, DS_TAG, STATE_NAME, UNIVERSAL_TAG
 from dino_scale.engine.optim import lr_drop_epochs
 
-__all__ = ["saved_world_size", "check_resumable", "check_restart", "resume_changes", "RESUME_FREE_KEYS",
+__all__ = ["saved_world_size", "check_resumable", "resume_restores_every_tensor", "reads_backbone_weights",
+           "check_restart", "resume_changes", "RESUME_FREE_KEYS",
            "universal_resume", "resume_source", "ResumeSource", "UNIVERSAL_TAG", "zero_checkpoint_layout"]
 
 log = logging.getLogger("dino_scale.engine")
@@ -85,6 +86,47 @@ def check_resumable(saved_world: int, world: int, zero_stage: int) -> bool:
             f"DeepSpeed's loaders fail or restore every parameter group with the first group's lr and "
             f"weight decay. Resume on {saved_world} workers, or train with train.zero_stage <= 2")
     return True
+
+
+def resume_restores_every_tensor(saved_world: int, world: int, zero_stage: int, precision: str) -> bool:
+    """Whether resuming from a training checkpoint written by ``saved_world`` workers (0: unknown)
+    restores every tensor of the model, the frozen ones (ResNet stem and layer1, FrozenBN
+    statistics) included: only then may a worker skip ``model.backbone_weights`` as it builds the
+    model. True where DeepSpeed (0.19.8, checked on CPU) loads the module's state dict and every
+    partition: the same worker count (any count without ZeRO), fp32 weights (``bf16`` is autocast
+    over them). Not so: a universal load (ZeRO-1/2 on another worker count) restores only the
+    optimizer's (trained) parameters, from ``zero/``, and skips the module state dict; under
+    ``fp16`` the exact fp32 frozen weights :func:`full_state_dict` saves are taken at engine
+    creation, from the build. There the frozen tensors are the build's: the file's."""
+    if precision == "fp16":
+        return False
+    if zero_stage >= 3:
+        return saved_world in (0, world)  # another count is refused (check_resumable)
+    return not check_resumable(saved_world, world, zero_stage)
+
+
+def reads_backbone_weights(cfg: Config, *, init_weights: Optional[str], init_strict: bool,
+                           resumed_world: Optional[int], world: Optional[int] = None) -> bool:
+    """Whether a training worker reads ``cfg.model.backbone_weights`` as it builds the model: not
+    when none is set, nor when init weights loaded strictly replace every weight, nor when the run
+    resumes (``resumed_world``: the worker count that wrote the checkpoint it resumes from, 0 when
+    unknown; None when it resumes none) from a checkpoint that restores every tensor
+    (:func:`resume_restores_every_tensor`). ``world``: the worker's run size; None (the driver,
+    before the run): every size the run may take, where an elastic run resized between
+    checkpoints resumes from one of another size."""
+    tc = cfg.train
+    if not cfg.model.backbone_weights or (init_weights and init_strict):
+        return False
+    if resumed_world is None:
+        return True
+    if world is not None:
+        worlds = [world]
+    elif tc.min_workers is not None and tc.min_workers != tc.num_workers:
+        worlds = list(range(tc.min_workers, tc.num_workers + 1))
+    else:
+        worlds = [tc.num_workers]
+    saved = {resumed_world, *worlds} if len(worlds) > 1 else {resumed_world}
+    return not all(resume_restores_every_tensor(s, w, tc.zero_stage, tc.precision) for s in saved for w in worlds)
 
 
 # Settings a rerun under the same run name may change: where and how it runs, and its budget
@@ -151,7 +193,8 @@ def check_restart(storage_path: str, run_name: str, world: int, zero_stage: int,
     would silently mix with the first run's; nothing to check for a new run name.
 
     Returns the trainer state of the checkpoint the run resumes from (``mlflow_run_id``: the
-    MLflow run that wrote it; ``{}`` for a checkpoint without one), None when it resumes none."""
+    MLflow run that wrote it, absent for a checkpoint without one; ``world``: the worker count
+    that wrote it, :func:`saved_world_size`), None when it resumes none."""
     import ray.train
 
     try:
@@ -168,7 +211,7 @@ def check_restart(storage_path: str, run_name: str, world: int, zero_stage: int,
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     root = checkpoint.path.rstrip("/")
-    state = _read_json(checkpoint.filesystem, f"{root}/{STATE_NAME}") or {}
+    state = {**(_read_json(checkpoint.filesystem, f"{root}/{STATE_NAME}") or {}), "world": saved}
     saved_config = _read_json(checkpoint.filesystem, f"{root}/{CONFIG_NAME}") if config is not None else None
     if saved_config is None:  # not asked, or a checkpoint written before the config was kept in it
         return state

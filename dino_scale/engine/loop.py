@@ -35,7 +35,7 @@ from dino_scale.engine.checkpoint import (
 from dino_scale.engine.deepspeed_utils import (
     AccumulationWindow, ModelEMA, build_ds_config, full_state_dict, grad_accum_steps, init_deepspeed,
 )
-from dino_scale.engine.elastic import resume_source
+from dino_scale.engine.elastic import reads_backbone_weights, resume_source, saved_world_size
 from dino_scale.engine.evaluate import (
     evaluate_batches, finite_detections, gather_to_rank0, target_image_ids, unevaluated_images, val_metrics,
 )
@@ -172,9 +172,14 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
     device = ray.train.torch.get_device()
     seed_everything(tc.seed)  # identical initial weights on every rank
-    # strict init weights replace every weight: the ImageNet backbone file is not read (nor needed)
-    replaced = loop_cfg.get("init_weights") and bool(loop_cfg.get("init_strict", True))
-    model, criterion, postprocessor = build_dino(replace(cfg.model, backbone_weights=None) if replaced else cfg.model)
+    # the ImageNet backbone file is not read (nor needed) where strict init weights, or a checkpoint
+    # this run resumes from that restores every tensor, replace all it holds
+    restored = ray.train.get_checkpoint() if loop_cfg.get("train", True) else None
+    reads = reads_backbone_weights(cfg, init_weights=loop_cfg.get("init_weights"),
+                                   init_strict=bool(loop_cfg.get("init_strict", True)), world=world,
+                                   resumed_world=None if restored is None else
+                                   saved_world_size(restored.path, restored.filesystem))
+    model, criterion, postprocessor = build_dino(cfg.model if reads else replace(cfg.model, backbone_weights=None))
     seed_everything(tc.seed + 1000 * (rank + 1))  # per-rank streams (denoising noise)
     if loop_cfg.get("init_weights"):
         state = from_driver(loop_cfg["init_state"]) if loop_cfg.get("init_state") is not None else \
@@ -207,7 +212,6 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     scheduler = build_scheduler(optimizer, tc, steps_per_epoch, tc.epochs * steps_per_epoch)
     ds_config = build_ds_config(tc, micro, world)
     state = TrainState(world=world)
-    restored = ray.train.get_checkpoint()
     with resume_source(restored, world, tc.zero_stage, ctx.get_local_rank(), torch.distributed.barrier) as source:
         if source.universal is not None:  # ZeRO-1/2 written by another worker count
             ds_config["checkpoint"] = {"load_universal": True}

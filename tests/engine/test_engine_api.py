@@ -362,3 +362,31 @@ def test_non_strict_init_weights_of_another_layout_are_refused_before_ray(data, 
     with pytest.raises(RayStarted):  # a DDP-saved file: normalized, every tensor found
         fit(small_cfg(), train_dir, val_dir, tmp_path / "work", unique("ns"), progress=False,
             init_weights=str(prefixed), init_strict=False)
+
+
+def test_a_resumed_run_is_not_refused_for_a_backbone_file_it_does_not_read(data, tmp_path, monkeypatch):
+    """A run resuming a checkpoint that restores every tensor (same worker count, ZeRO-2) builds
+    its workers' model without model.backbone_weights: a path absent here no longer refuses it (was:
+    ConfigError before Ray). A resume onto another worker count (universal load: the frozen
+    backbone tensors come from the build) still reads it, and is still refused. check_restart
+    stands in for a run name whose checkpoint N workers wrote (real reruns: test_engine_rerun)."""
+    from dino_scale.config import ConfigError
+    from dino_scale.engine import api, elastic, fit
+
+    class RayStarted(Exception):
+        pass
+
+    def ray_started(*a, **k):
+        raise RayStarted
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(api, "ensure_ray", ray_started)
+    train_dir, val_dir = data
+    absent = tmp_path / "moved" / "resnet18.pth"
+    cfg = small_cfg(**{"model.backbone_weights": str(absent), "train.zero_stage": 2})
+    for saved_world, outcome in ((2, RayStarted), (1, ConfigError), (None, ConfigError)):
+        resumes = None if saved_world is None else {"world": saved_world}
+        monkeypatch.setattr(elastic, "check_restart", lambda *a, _r=resumes, **k: _r)
+        with pytest.raises(outcome):
+            fit(cfg, train_dir, val_dir, tmp_path / "work", unique("resumed"), progress=False)

@@ -256,3 +256,108 @@ def test_a_zero1_checkpoint_resumes_exactly_under_zero2(tmp_path):
     resumed = run_ranks(_STAGE_SCRIPT, 1, "load", str(tmp_path / "ckpt"), "2")[0]
     assert resumed["lrs"] == reference["lrs"]
     assert _max_diff(reference["params"], resumed["params"]) < 1e-7
+
+
+def test_which_resumes_skip_the_backbone_file():
+    """A worker skips model.backbone_weights only where the file would be overwritten entirely:
+    strict init weights, or a resume DeepSpeed restores every tensor of (the same worker count, or
+    any without ZeRO; not fp16). The driver (world None) also covers every size an
+    elastic run may take."""
+    from dino_scale.engine.elastic import reads_backbone_weights, resume_restores_every_tensor
+
+    def reads(resumed_world, world=None, init=None, strict=True, **over):
+        cfg = preset("tiny", {"model.backbone_weights": "/cluster/resnet18.pth", "train.num_workers": 2,
+                              "train.zero_stage": 2, **over})
+        return reads_backbone_weights(cfg, init_weights=init, init_strict=strict, resumed_world=resumed_world,
+                                      world=world)
+
+    assert reads(None) and reads(None, world=2)  # a new run: the file is the backbone's start
+    assert not reads(None, init="w.safetensors") and reads(None, init="w.safetensors", strict=False)
+    assert not reads(2) and not reads(2, world=2) and not reads(0)  # same worker count (0: unknown)
+    assert reads(4) and reads(2, world=1)  # universal load: frozen tensors come from the build
+    assert not reads(4, **{"train.zero_stage": 0}) and not reads(4, world=3, **{"train.zero_stage": 0})
+    assert not reads(2, **{"train.zero_stage": 3}) and reads(4, **{"train.zero_stage": 3})
+    assert reads(2, **{"train.precision": "fp16"})
+    assert not reads(2, **{"train.precision": "bf16"})  # autocast over fp32 weights
+    assert reads(2, **{"train.min_workers": 1})  # elastic ZeRO-2: a resize resumes universally
+    assert not reads(2, world=2, **{"train.min_workers": 1})  # the worker knows its size
+    assert not reads(2, **{"train.min_workers": 1, "train.zero_stage": 0})
+    assert not reads(None, **{"model.backbone_weights": None})
+    assert resume_restores_every_tensor(1, 1, 1, "fp32") and not resume_restores_every_tensor(2, 1, 1, "fp32")
+
+
+# ``save``: a net with a frozen layer and a buffer (as the backbone's stem and FrozenBN statistics),
+# one step, a checkpoint. ``load``: the net built from other values (a skipped backbone file), the
+# checkpoint resumed as the loop resumes it; prints the full state dict for the test to compare.
+_RESTORE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import torch
+    from dino_scale.config import preset
+    from dino_scale.engine.checkpoint import TrainState, load_training_checkpoint, save_training_checkpoint
+    from dino_scale.engine.deepspeed_utils import AccumulationWindow, build_ds_config, full_state_dict, init_deepspeed
+    from dino_scale.engine.elastic import resume_source
+    from ray.train import Checkpoint
+
+    mode, root, stages = sys.argv[1], Path(sys.argv[2]), [int(s) for s in sys.argv[3].split(",")]
+    torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.frozen, self.head = torch.nn.Linear(6, 6).requires_grad_(False), torch.nn.Linear(6, 2)
+            self.register_buffer("stat", torch.randn(6))
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.frozen(x) + self.stat))
+
+    for stage in stages:
+        folder = root / f"stage{stage}"
+        ds = build_ds_config(preset("tiny", {"train.zero_stage": stage, "train.global_batch_size": 4}).train, 2, world)
+        torch.manual_seed(0 if mode == "save" else 1)
+        model = Net()
+        optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        checkpoint = Checkpoint.from_directory(str(folder)) if mode == "load" else None
+        with resume_source(checkpoint, world, stage, rank, torch.distributed.barrier) as source:
+            if source.universal is not None:
+                ds["checkpoint"] = {"load_universal": True}
+            engine = init_deepspeed(model, optimizer, scheduler, ds)
+            if mode == "load":
+                load_training_checkpoint(folder, engine, rank, universal_root=source.universal)
+        if mode == "save":
+            window = AccumulationWindow(engine, ds["gradient_accumulation_steps"])
+            for m in range(window.accum):
+                window.backward(engine(torch.randn(2, 6)).square().mean())
+            window.flush()
+            save_training_checkpoint(folder, engine, TrainState(global_step=1, world=world), rank)
+        state = full_state_dict(engine, rank)
+        if rank == 0:
+            print("REPORT " + json.dumps({"stage": stage, "universal": source.universal is not None,
+                                          "state": {k: v.tolist() for k, v in state.items()}}), flush=True)
+    torch.distributed.destroy_process_group()
+""")
+
+
+def test_a_resume_that_skips_the_backbone_file_restores_every_tensor(tmp_path):
+    """Real engines: where resume_restores_every_tensor says so, a net built from other values
+    (the backbone file skipped) holds every tensor of the checkpoint after the resume, frozen
+    weights and buffers included; a universal load (ZeRO-2, 2 -> 1 workers) does not restore
+    them (DeepSpeed skips the module state dict), which is why the file is read there."""
+    from dino_scale.engine.elastic import resume_restores_every_tensor
+
+    cases = [(1, 1, "0,1,2,3"), (2, 2, "3"), (2, 1, "2")]
+    for saved_world, world, stages in cases:
+        base = tmp_path / f"w{saved_world}"
+        saved = run_ranks(_RESTORE_SCRIPT, saved_world, "save", str(base), stages)
+        loaded = run_ranks(_RESTORE_SCRIPT, world, "load", str(base), stages)
+        for ref, res in zip(saved, loaded, strict=True):
+            stage = res["stage"]
+            restored = {k for k in ref["state"] if _max_diff(ref["state"][k], res["state"][k]) < 1e-7}
+            assert {"head.weight", "head.bias"} <= restored, stage  # the optimizer's parameters, always
+            if resume_restores_every_tensor(saved_world, world, stage, "fp32"):
+                assert restored == set(ref["state"]), (saved_world, world, stage, restored)
+            if res["universal"]:
+                assert {"frozen.weight", "stat"}.isdisjoint(restored), stage
+    assert res["universal"]

@@ -32,35 +32,59 @@ def test_a_run_name_reused_resumes_continues_with_more_steps_and_refuses_changed
     failed with "final checkpoint ... has no model.safetensors" and the run's weights were gone.
     (4) also trained nothing (the finished run's flag stopped the loop) while printing step 2/4.
     (3) trained on with the first run's lr and logged the new one as the run's param. The MLflow
-    runs of (2) and (4) were not linked to the run they continue (tag resumed_from_run_id)."""
+    runs of (2) and (4) were not linked to the run they continue (tag resumed_from_run_id).
+
+    The run starts from an ImageNet backbone file, removed after (1): the resumed runs (ZeRO-0,
+    same worker count: DeepSpeed restores every tensor) do not read it (was: ConfigError "does
+    not exist" before Ray, and FileNotFoundError in every worker), and (4)'s frozen backbone
+    tensors are still the file's."""
+    import torch
+
     from dino_scale.engine import fit
+    from dino_scale.engine.checkpoint import load_weights
+    from dino_scale.models import build_model
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     train_dir, _ = make_data(tmp_path / "data")
     storage, name = tmp_path / "ray", unique("rerun")
-    run = lambda cfg: fit(cfg, train_dir, None, tmp_path / "work", name, storage_path=str(storage),  # noqa: E731
-                          evaluate=False, progress=False, experiment="engine-test")
+    backbone = tmp_path / "imagenet" / "resnet18.pth"
+    backbone.parent.mkdir()
+    body = {k: v * 1.05 + 0.01 for k, v in build_model(_cfg().model).state_dict().items()
+            if k.startswith("backbone.0.body.") and v.is_floating_point()}
+    torch.save(body, backbone)
+    frozen = [f"backbone.0.body.{k}" for k in ("conv1.weight", "layer1.0.conv1.weight", "bn1.running_mean",
+                                                "layer4.1.bn2.running_var")]
+
+    def _cfg_bb(**overrides):
+        return _cfg(**{"model.backbone_weights": str(backbone), **overrides})
+
+    def run(cfg):
+        return fit(cfg, train_dir, None, tmp_path / "work", name, storage_path=str(storage), evaluate=False,
+                   progress=False, experiment="engine-test")
 
     def state(result) -> dict:
         return json.loads((Path(result.checkpoint_path) / "trainer_state.json").read_text())
 
     with RaySession(num_cpus=4):
-        first = run(_cfg())
+        first = run(_cfg_bb())
         assert (first.metrics["step"], first.metrics["resumes"]) == (2, 0)
-        again = run(_cfg())
+        assert all(torch.equal(load_weights(first.checkpoint_path)[k], body[k]) for k in frozen)  # it was read
+        backbone.unlink()
+        again = run(_cfg_bb())
         assert (again.metrics["step"], again.metrics["resumes"]) == (2, 1)
         assert Path(again.checkpoint_path).name != Path(first.checkpoint_path).name
         assert state(again)["steps_per_epoch"] == 8 and (Path(again.checkpoint_path) / "config.json").is_file()
 
         before = sorted(p.name for p in (storage / name).iterdir())
         with pytest.raises(ConfigError, match=r"trained with other settings: train\.lr 0\.0002 -> 0\.001\b"):
-            run(_cfg(**{"train.lr": 1e-3}))
+            run(_cfg_bb(**{"train.lr": 1e-3}))
         assert sorted(p.name for p in (storage / name).iterdir()) == before  # Ray Train never started
 
-        longer = run(_cfg(**{"train.max_steps": 4}))
+        longer = run(_cfg_bb(**{"train.max_steps": 4}))
         assert (longer.metrics["step"], longer.metrics["resumes"], longer.metrics["images_seen"]) == (4, 2, 8)
         assert (Path(longer.checkpoint_path) / "model.safetensors").is_file()
         assert state(longer)["global_step"] == 4 and state(longer)["finished"]
+        assert all(torch.equal(load_weights(longer.checkpoint_path)[k], body[k]) for k in frozen)
 
     # each resumed run's MLflow run names the one it continues (the run that wrote its checkpoint)
     from mlflow.tracking import MlflowClient

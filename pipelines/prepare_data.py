@@ -6,6 +6,11 @@
     python -m pipelines.prepare_data --annotations zhiyuan_objv2_val.json --images val \
         --out data/o365 --o365-val-split 5000
 
+Images are written in a random order seeded by --shuffle-seed (default 0; recorded in the
+manifest), so that every shard samples the whole file: training reads shards in random order
+through a small shuffle buffer. --no-shuffle keeps file order (evaluation does not need the
+shuffle; the val part of --o365-val-split is never shuffled).
+
 Prints the manifest summary (images/boxes written, skipped and dropped counts). Rerun the
 same command to resume an interrupted conversion. Exit status 2 on bad input
 (malformed JSON, unknown category ids, missing files or folders).
@@ -40,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images-per-shard", type=int, default=10000, help="default 10000")
     p.add_argument("--o365-val-split", type=int, default=None, metavar="N",
                    help="val file: first N images -> OUT/val, the rest -> OUT/train_extra (paper: 5000)")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--shuffle-seed", type=int, default=0, metavar="N",
+                       help="seed of the images' random order across shards (default 0; an int >= 0)")
+    order.add_argument("--no-shuffle", action="store_true", help="write images in file order (evaluation sets)")
     p.add_argument("--no-check-files", action="store_true", help="do not stat image files (reference mode)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -53,12 +62,15 @@ def main(argv=None) -> int:
         if not (value > 0 and math.isfinite(value)):
             print(f"error: {flag} must be > 0 (got {value})", file=sys.stderr)
             return 2
+    if a.shuffle_seed < 0:
+        print(f"error: --shuffle-seed must be >= 0 (got {a.shuffle_seed})", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(levelname)s %(message)s")
     try:
         res = convert_coco(a.annotations, a.images, a.out, embed_images=a.embed_images,
                            shard_size_mb=a.shard_size_mb, max_images_per_shard=a.max_images_per_shard,
                            o365_val_split=a.o365_val_split, progress=not a.quiet,
-                           check_files=not a.no_check_files)
+                           check_files=not a.no_check_files, shuffle_seed=None if a.no_shuffle else a.shuffle_seed)
     except (MalformedJSONError, ConversionError, OSError, ValueError) as e:  # OSError: unreadable input, unwritable out
         if a.debug:
             raise

@@ -4,9 +4,13 @@ Memory stays bounded whatever the file size. The JSON is streamed with ijson
 (:mod:`.convert_passes`): categories + images in a child process while the annotations
 are read in this one; both spill to per-bucket files (bucket = ``image_id %
 num_buckets``, about one bucket per 16 MB of JSON). The write pass joins each bucket's
-images and annotations (vectorized), clips boxes to the image, optionally reads /
-verifies / embeds the image files, and hands rows to :class:`~.shards.ShardWriter`.
-Shards therefore hold images grouped by bucket, in file order within a bucket.
+images and annotations (vectorized, :mod:`.convert_buckets`), clips boxes to the image,
+optionally reads / verifies / embeds the image files, and hands rows to
+:class:`~.shards.ShardWriter`. Shards hold images grouped by bucket; with ``shuffle_seed``
+(the default) buckets and the rows within each come in a seeded random order, so that every
+shard samples the whole file rather than a run of neighbouring image ids (training reads
+shards in random order through a small shuffle buffer); without, buckets in turn, in file
+order within a bucket.
 
 Bad input: non-finite or malformed coordinates, ``w <= 0`` or ``h <= 0``, boxes wholly
 outside the image, and boxes of unknown images are dropped; boxes partly outside are
@@ -41,7 +45,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .convert_passes import ANN, DROP, DROP_REASONS, ConversionError, scan_annotations, scan_images
+from .convert_buckets import bucket_order, join_bucket, shuffle_bucket
+from .convert_passes import DROP_REASONS, ConversionError, scan_annotations, scan_images
 from .decode import verify_image_bytes
 from .integrity import CHECKSUMS, add_checksums
 from .records import (
@@ -72,10 +77,11 @@ def _images_child(conn, args) -> None:
 class _Converter:
     def __init__(self, ann_path: Path, images: Optional[Path], out: Path, embed: bool, shard_bytes: int,
                  max_rows: int, select: tuple[int, Optional[int]], check_files: bool, verify: bool,
-                 progress: bool, parallel: Optional[bool]):
+                 progress: bool, parallel: Optional[bool], shuffle_seed: Optional[int]):
         self.ann_path, self.images, self.out = ann_path, images, out
         self.embed, self.shard_bytes, self.max_rows = embed, shard_bytes, max_rows
         self.select, self.check_files, self.verify, self.progress = select, check_files, verify, progress
+        self.shuffle_seed = None if shuffle_seed is None else int(shuffle_seed)
         self.work = out / ".convert-work"
         size = ann_path.stat().st_size
         self.nb = max(1, -(-size // _BUCKET_BYTES))
@@ -86,6 +92,7 @@ class _Converter:
             "shard_bytes": shard_bytes, "max_images_per_shard": max_rows, "select": list(select),
             "check_files": check_files, "verify_images": verify, "buckets": self.nb, "format": FORMAT,
             "checksums": CHECKSUMS,  # a folder converted without them (an older release) is converted again
+            "shuffle_seed": self.shuffle_seed,  # as is one of an older release (rows not shuffled)
         }
         self._logged = 0
 
@@ -130,95 +137,34 @@ class _Converter:
         return {"signature": self.signature, **meta, "ann": ann}
 
     # -- write ---------------------------------------------------------------------
-    def _bucket(self, b: int, excluded: np.ndarray) -> tuple[Optional[pa.Table], np.ndarray, dict]:
-        """(image metadata, its annotations sorted by position, box stats) of bucket ``b``."""
-        path = self.work / f"images-{b:05d}.arrow"
-        meta = pa.ipc.open_stream(str(path)).read_all() if path.is_file() else None
-        apath = self.work / f"ann-{b:05d}.bin"
-        ann = np.fromfile(apath, dtype=ANN) if apath.is_file() else np.zeros(0, ANN)
-        stats = {"orphan": 0, "other_split": 0, "skipped_meta": 0, "outside": 0, "clipped": 0}
-        # boxes the annotation pass dropped whose image is in the sibling split are that split's
-        dpath = self.work / f"drop-{b:05d}.bin"
-        drop = np.fromfile(dpath, dtype=DROP) if dpath.is_file() else np.zeros(0, DROP)
-        theirs = np.bincount(drop["reason"][np.isin(drop["iid"], excluded)], minlength=len(DROP_REASONS))
-        stats.update({f"other_split_{r}": int(n) for r, n in zip(DROP_REASONS, theirs)})
-        if meta is None or meta.num_rows == 0:
-            other = np.isin(ann["iid"], excluded)
-            stats["other_split"], stats["orphan"] = int(other.sum()), int((~other).sum())
-            return None, np.zeros(0, ANN), stats
-        ids = meta.column("image_id").to_numpy()
-        status = np.array(meta.column("status").to_pylist(), dtype=object)
-        # an id that the sibling split (o365 val/train_extra) also lists is in neither
-        status[(status == "") & np.isin(ids, excluded)] = "duplicate_id"
-        # among the remaining usable entries (a bad entry takes no id) an id listed again for the
-        # same file keeps its first entry; one given to different files is kept by none of them:
-        # the annotations name the id only, so the first got the other files' boxes as its own
-        usable = np.flatnonzero(status == "")
-        order = usable[np.argsort(ids[usable], kind="stable")]
-        names = np.array(meta.column("file_name").to_pylist(), dtype=object)[order]
-        repeat, other_file = np.zeros(len(order), bool), np.zeros(len(order), bool)
-        repeat[1:] = ids[order][1:] == ids[order][:-1]
-        other_file[1:] = repeat[1:] & (names[1:] != names[:-1])
-        group = np.cumsum(~repeat)  # one number per id
-        status[order[repeat | np.isin(group, group[other_file])]] = "duplicate_id"
-        valid = np.flatnonzero(status == "")
-        vorder = np.argsort(ids[valid], kind="stable")
-        vids = ids[valid][vorder]
-        p = np.minimum(np.searchsorted(vids, ann["iid"]), max(len(vids) - 1, 0))
-        found = (vids[p] == ann["iid"]) if len(vids) else np.zeros(len(ann), bool)
-        other = ~found & np.isin(ann["iid"], excluded)
-        of_skipped = ~found & ~other & np.isin(ann["iid"], ids[status != ""])
-        stats["other_split"], stats["skipped_meta"] = int(other.sum()), int(of_skipped.sum())
-        stats["orphan"] = int((~found & ~other & ~of_skipped).sum())
-        ann = ann[found]
-        pos = valid[vorder[p[found]]]
-        w = meta.column("width").to_numpy()[pos].astype(np.float64)
-        h = meta.column("height").to_numpy()[pos].astype(np.float64)
-        box = ann["box"].astype(np.float64)
-        x1, y1 = np.clip(box[:, 0], 0, w), np.clip(box[:, 1], 0, h)
-        x2, y2 = np.clip(box[:, 0] + box[:, 2], 0, w), np.clip(box[:, 1] + box[:, 3], 0, h)
-        inside = (x2 > x1) & (y2 > y1)
-        stats["outside"] = int((~inside).sum())
-        new = np.stack([x1, y1, x2 - x1, y2 - y1], 1)
-        stats["clipped"] = int((inside & (np.abs(new - box).max(1) > 1e-3)).sum())
-        ann, pos, new = ann[inside], pos[inside], new[inside]
-        ann["box"] = new
-        area = ann["area"]
-        ann["area"] = np.where(np.isfinite(area) & (area > 0), area, new[:, 2] * new[:, 3])
-        o = np.argsort(pos, kind="stable")
-        ann, pos = ann[o], pos[o]
-        ann_pos = np.empty(len(ann), dtype=[("pos", "<i8")] + [(n, ANN.fields[n][0]) for n in ANN.names])
-        ann_pos["pos"] = pos
-        for n in ANN.names:
-            ann_pos[n] = ann[n]
-        meta = meta.set_column(meta.schema.get_field_index("status"), "status", pa.array(status.tolist(), pa.string()))
-        return meta, ann_pos, stats
-
     def write(self, plan: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, int]]:
         done = load_progress(self.out, self.work)
         writer = ShardWriter(self.out, self.work, self.shard_bytes, self.max_rows, done)
         start = writer.start_index
         excluded = np.load(self.work / "excluded.npy")
-        bases = np.r_[0, np.cumsum(plan["bucket_counts"])]
+        order = bucket_order(self.nb, self.shuffle_seed)  # global row index: position in this order
+        bases = np.r_[0, np.cumsum(np.asarray(plan["bucket_counts"], np.int64)[order])]
         totals: dict[str, int] = {}
         t0 = time.time()
-        for b in range(self.nb):
+        for k, b in enumerate(order.tolist()):
             spath = self.work / f"bucket-{b:05d}.json"
-            if bases[b + 1] <= start and spath.is_file():  # fully written before an interruption
+            if bases[k + 1] <= start and spath.is_file():  # fully written before an interruption
                 stats = json.loads(spath.read_text())
             else:
-                stats = self._write_bucket(b, excluded, writer, int(bases[b]), start)
+                stats = self._write_bucket(b, excluded, writer, int(bases[k]), start)
                 spath.write_text(json.dumps(stats))
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0) + v
-            if self.progress and b % 32 == 31:
-                self.say(f"  bucket {b + 1}/{self.nb}: {len(writer.done)} shards ({time.time() - t0:.0f}s)")
+            for key, v in stats.items():
+                totals[key] = totals.get(key, 0) + v
+            if self.progress and k % 32 == 31:
+                self.say(f"  bucket {k + 1}/{self.nb}: {len(writer.done)} shards ({time.time() - t0:.0f}s)")
         return writer.finish(int(bases[-1])), totals
 
     def _write_bucket(self, b: int, excluded: np.ndarray, writer: ShardWriter, base: int, start: int) -> dict:
-        meta, ann, stats = self._bucket(b, excluded)
+        meta, ann, stats = join_bucket(self.work, b, excluded)
         if meta is None:
             return stats
+        if self.shuffle_seed is not None:  # rows (and so the global indices) in the seeded order
+            meta, ann = shuffle_bucket(meta, ann, self.shuffle_seed, b)
         n = meta.num_rows
         first = max(0, start - base)
         counts = np.bincount(ann["pos"], minlength=n).astype(np.int64)
@@ -345,7 +291,7 @@ class _Converter:
             "source": {"annotations": str(self.ann_path), "images": str(self.images) if self.images else None,
                        "select": list(self.select), "images_in_file": plan["num_images_in_file"],
                        "boxes_of_other_split": other_split},
-            "embed_images": self.embed, "checksums": CHECKSUMS,
+            "embed_images": self.embed, "checksums": CHECKSUMS, "shuffle_seed": self.shuffle_seed,
             "image_root": str(self.images.resolve()) if self.images and not self.embed else None,
             "categories": plan["categories"],
             "num_images": sum(s["num_images"] for s in shards),
@@ -367,7 +313,8 @@ class _Converter:
 def convert_coco(annotations: Union[str, Path], images: Optional[Union[str, Path]], out: Union[str, Path],
                  embed_images: bool = False, shard_size_mb: float = 256, max_images_per_shard: int = 10000,
                  o365_val_split: Optional[int] = None, progress: bool = True, check_files: bool = True,
-                 verify_images: bool = True, parallel: Optional[bool] = None) -> dict[str, Any]:
+                 verify_images: bool = True, parallel: Optional[bool] = None,
+                 shuffle_seed: Optional[int] = 0) -> dict[str, Any]:
     """Convert a COCO-format annotation file to record shards in ``out``; returns the manifest.
 
     ``images``: the image root (``None``: no file checks; records keep file names).
@@ -378,8 +325,11 @@ def convert_coco(annotations: Union[str, Path], images: Optional[Union[str, Path
     ``out/train_extra`` (then train on ``"<o365 train dir>,<out>/train_extra"``); returns
     ``{"val": manifest, "train_extra": manifest}``.
     ``parallel``: read images in a child process (default: for files >= 64 MB).
+    ``shuffle_seed`` (an int >= 0, recorded in the manifest): write the images in a seeded
+    random order (see the module doc), what training needs; ``None``: buckets in turn, file order
+    within each. An Objects365 ``val`` split is never shuffled (evaluation reads it whole).
     Rerunning with the same arguments resumes after the last finished shard; the same
-    input always gives byte-identical shards.
+    input and seed always give byte-identical shards.
     """
     # '~' expanded once here: pyarrow's writers expand it and pathlib does not, so '~/out' made a
     # folder named '~' and then failed to open '<home>/out/.convert-work/...'
@@ -391,13 +341,17 @@ def convert_coco(annotations: Union[str, Path], images: Optional[Union[str, Path
         raise FileNotFoundError(f"image folder not found: {root}")
     if embed_images and root is None:
         raise ValueError("embed_images needs the image folder")
+    if shuffle_seed is not None and (isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, (int, np.integer))
+                                     or shuffle_seed < 0):
+        raise ValueError(f"shuffle_seed must be an int >= 0 or None (got {shuffle_seed!r})")
     kw = dict(embed=embed_images, shard_bytes=int(shard_size_mb * (1 << 20)), max_rows=max_images_per_shard,
               check_files=check_files, verify=verify_images, progress=progress, parallel=parallel)
     out = Path(out).expanduser()
     if o365_val_split is not None:
         if o365_val_split < 0:
             raise ValueError("o365_val_split must be >= 0")
-        return {"val": _Converter(ann_path, root, out / "val", select=(0, o365_val_split), **kw).run(),
+        return {"val": _Converter(ann_path, root, out / "val", select=(0, o365_val_split), shuffle_seed=None,
+                                  **kw).run(),
                 "train_extra": _Converter(ann_path, root, out / "train_extra", select=(o365_val_split, None),
-                                          **kw).run()}
-    return _Converter(ann_path, root, out, select=(0, None), **kw).run()
+                                          shuffle_seed=shuffle_seed, **kw).run()}
+    return _Converter(ann_path, root, out, select=(0, None), shuffle_seed=shuffle_seed, **kw).run()

@@ -44,7 +44,9 @@ def _convert(tmp_path, embed: bool = True, name: str = "out", per_shard: int = 1
     ann = tmp_path / "ann.json"
     ann.write_text(json.dumps(doc))
     out = tmp_path / name
-    convert_coco(ann, root, out, embed_images=embed, max_images_per_shard=per_shard, progress=False)
+    # file order (no shuffle): the tests name records by their shard and row
+    convert_coco(ann, root, out, embed_images=embed, max_images_per_shard=per_shard, progress=False,
+                 shuffle_seed=None)
     return out, images
 
 

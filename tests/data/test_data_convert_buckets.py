@@ -1,0 +1,141 @@
+"""Conversion order (convert_buckets): a training conversion writes its images in a seeded
+random order, so every shard samples the whole id range; same seed, same bytes; resume and
+'already converted' follow the seed."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dino_scale.data import convert as convert_mod
+from dino_scale.data import convert_coco, read_manifest
+from dino_scale.data import shards as shards_mod
+from pipelines import prepare_data
+
+N = 120  # image ids 1..N, listed in id order (as Objects365 / COCO files roughly are)
+
+
+def _box(iid: int, k: int) -> list[float]:
+    return [float(iid % 50 + k), float(k), float(5 + iid % 7), 4.0]
+
+
+@pytest.fixture
+def ann(tmp_path):
+    """An annotation JSON of N images (ids 1..N in id order; image ``i`` holds ``i % 3`` boxes
+    that name it: :func:`_box`, category ``i % 4 + 1``); no image files (reference mode)."""
+    images = [{"id": i, "file_name": f"img_{i:04d}.jpg", "width": 100, "height": 80} for i in range(1, N + 1)]
+    anns = [{"id": 1000 * i + k, "image_id": i, "category_id": i % 4 + 1, "bbox": _box(i, k), "iscrowd": 0}
+            for i in range(1, N + 1) for k in range(i % 3)]
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns,
+                                "categories": [{"id": c, "name": f"c{c}"} for c in range(1, 5)]}))
+    return path
+
+
+def _convert(ann, out, **kw):
+    kw.setdefault("max_images_per_shard", 40)
+    return convert_coco(ann, None, out, progress=False, check_files=False, **kw)
+
+
+def _shard_ids(out) -> list[list[int]]:
+    """Image ids of each shard, in row order."""
+    return [pq.read_table(p, columns=["image_id"])["image_id"].to_pylist() for p in sorted(out.glob("shard-*.parquet"))]
+
+
+def _shard_bytes(out) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*.parquet"))}
+
+
+def _check_records(out) -> None:
+    """Every image exactly once, each with its own boxes and categories."""
+    rows = [r for p in sorted(out.glob("shard-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert sorted(r["image_id"] for r in rows) == list(range(1, N + 1))
+    for r in rows:
+        i = r["image_id"]
+        assert r["file_name"] == f"img_{i:04d}.jpg"
+        want = np.reshape([_box(i, k) for k in range(i % 3)], (-1, 4))
+        np.testing.assert_allclose(np.reshape(r["boxes"], (-1, 4)), want)
+        assert r["category_ids"] == [i % 4 + 1] * (i % 3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_data_convert_buckets_shards_sample_the_whole_id_range(ann, tmp_path, seed):
+    m = _convert(ann, tmp_path / "out", shuffle_seed=seed)
+    shards = _shard_ids(tmp_path / "out")
+    assert [len(s) for s in shards] == [40, 40, 40] and m["shuffle_seed"] == seed
+    _check_records(tmp_path / "out")
+    flat = sum(shards, [])
+    assert flat != sorted(flat)
+    for ids in shards:  # id order would give shard k only the k-th third
+        assert {(i - 1) * 3 // N for i in ids} == {0, 1, 2}, ids
+        assert ids != sorted(ids)
+
+
+def test_data_convert_buckets_seed_decides_the_order(ann, tmp_path):
+    _convert(ann, tmp_path / "a", shuffle_seed=5)
+    _convert(ann, tmp_path / "b", shuffle_seed=5)
+    assert _shard_bytes(tmp_path / "a") == _shard_bytes(tmp_path / "b")
+    _convert(ann, tmp_path / "c", shuffle_seed=6)
+    assert _shard_ids(tmp_path / "c") != _shard_ids(tmp_path / "a")
+    m = _convert(ann, tmp_path / "plain", shuffle_seed=None)
+    assert sum(_shard_ids(tmp_path / "plain"), []) == list(range(1, N + 1)) and m["shuffle_seed"] is None
+    _check_records(tmp_path / "plain")
+    # a folder converted with another seed is converted again, not taken as 'already converted'
+    m = _convert(ann, tmp_path / "a", shuffle_seed=6)
+    assert m["shuffle_seed"] == 6 and _shard_bytes(tmp_path / "a") == _shard_bytes(tmp_path / "c")
+    assert read_manifest(tmp_path / "a")["shuffle_seed"] == 6
+    with pytest.raises(ValueError, match="shuffle_seed"):
+        _convert(ann, tmp_path / "bad", shuffle_seed=-1)
+
+
+def test_data_convert_buckets_many_buckets_resume(ann, tmp_path, monkeypatch):
+    """Several buckets (written in a seeded order, each shuffled): an interrupted conversion
+    resumes to the bytes of an uninterrupted one, every image once."""
+    monkeypatch.setattr(convert_mod, "_BUCKET_BYTES", 1500)
+    kw = dict(shuffle_seed=3, max_images_per_shard=15)
+    ref = _convert(ann, tmp_path / "ref", **kw)
+    assert ref["signature"]["buckets"] >= 4
+    _check_records(tmp_path / "ref")
+    ids = np.array(sum(_shard_ids(tmp_path / "ref"), []))
+    nb = ref["signature"]["buckets"]  # bucket of an image: id % nb; rows come bucket by bucket
+    runs = np.split(ids, np.flatnonzero(np.diff(ids % nb)) + 1)
+    order = [int(r[0] % nb) for r in runs]
+    assert sorted(order) == list(range(nb)) and order != sorted(order)
+    assert all(list(r) != sorted(r) for r in runs)
+    real_flush = shards_mod.ShardWriter._flush
+    calls = {"n": 0}
+
+    def flaky(self, end_index):
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        calls["n"] += 1
+        return real_flush(self, end_index)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(shards_mod.ShardWriter, "_flush", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        _convert(ann, out, **kw)
+    monkeypatch.setattr(shards_mod.ShardWriter, "_flush", real_flush)
+    assert len(list(out.glob("shard-*.parquet"))) == 3 and not (out / "manifest.json").exists()
+    m = _convert(ann, out, **kw)
+    assert _shard_bytes(out) == _shard_bytes(tmp_path / "ref")
+    assert {k: v for k, v in m.items() if k != "source"} == {k: v for k, v in ref.items() if k != "source"}
+
+
+def test_data_convert_buckets_cli_and_o365_val(ann, tmp_path, capsys):
+    base = ["--annotations", str(ann), "--images", str(tmp_path), "--no-check-files", "--quiet",
+            "--max-images-per-shard", "40"]
+    assert prepare_data.main(base + ["--out", str(tmp_path / "s"), "--shuffle-seed", "4"]) == 0
+    assert read_manifest(tmp_path / "s")["shuffle_seed"] == 4
+    assert prepare_data.main(base + ["--out", str(tmp_path / "n"), "--no-shuffle"]) == 0
+    assert sum(_shard_ids(tmp_path / "n"), []) == list(range(1, N + 1))
+    assert prepare_data.main(base + ["--out", str(tmp_path / "x"), "--shuffle-seed", "-2"]) == 2
+    assert "--shuffle-seed must be >= 0" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    # the paper's Objects365 split: the val part (evaluation) stays in file order, train_extra is shuffled
+    res = _convert(ann, tmp_path / "o365", o365_val_split=30, shuffle_seed=2)
+    assert res["val"]["shuffle_seed"] is None and res["train_extra"]["shuffle_seed"] == 2
+    assert sum(_shard_ids(tmp_path / "o365" / "val"), []) == list(range(1, 31))
+    extra = sum(_shard_ids(tmp_path / "o365" / "train_extra"), [])
+    assert sorted(extra) == list(range(31, N + 1)) and extra != sorted(extra)

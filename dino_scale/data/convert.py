@@ -227,6 +227,12 @@ class _Converter:
         return stats
 
     # -- driver --------------------------------------------------------------------
+    def _converted_before_shuffling(self, signature: Any) -> bool:
+        """Whether ``signature`` is this conversion's as an earlier release wrote it: the same
+        input and settings, without ``shuffle_seed`` (rows in file order, always)."""
+        return (isinstance(signature, dict) and "shuffle_seed" not in signature
+                and signature == {k: v for k, v in self.signature.items() if k != "shuffle_seed"})
+
     def run(self) -> dict[str, Any]:
         manifest_path = self.out / MANIFEST_NAME
         if manifest_path.is_file():
@@ -235,10 +241,14 @@ class _Converter:
             except ManifestError:  # cut short or edited: nothing in it can be trusted
                 self.say(f"{manifest_path}: unreadable or not a dataset manifest; converting again")
                 old = {}
-            if old.get("signature") == self.signature:
+            unshuffled = self._converted_before_shuffling(old.get("signature"))
+            if old.get("signature") == self.signature or unshuffled:
                 try:  # the same input, but its shards must still be there, whole, with sound footers
                     preflight_shards(self.out)  # (sizes alone passed a footer damaged in place)
-                    self.say(f"{self.out}: already converted")
+                    self.say(f"{self.out}: already converted" + (
+                        " by an earlier release, rows in file order (not shuffled): kept, as converting "
+                        "again can take hours; remove the folder to convert it with shuffled rows"
+                        if unshuffled else ""))
                     return old
                 except ShardError as e:
                     self.say(f"{self.out}: {e.detail}; converting again")

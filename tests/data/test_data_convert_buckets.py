@@ -139,3 +139,25 @@ def test_data_convert_buckets_cli_and_o365_val(ann, tmp_path, capsys):
     assert sum(_shard_ids(tmp_path / "o365" / "val"), []) == list(range(1, 31))
     extra = sum(_shard_ids(tmp_path / "o365" / "train_extra"), [])
     assert sorted(extra) == list(range(31, N + 1)) and extra != sorted(extra)
+
+
+def test_data_convert_buckets_a_folder_of_an_earlier_release_is_kept(ann, tmp_path, capsys):
+    """A folder an earlier release converted (rows in file order, no shuffle_seed in its
+    manifest) is kept as converted, saying its rows are not shuffled, not converted again: that
+    takes hours for Objects365. Another setting still converts again."""
+    out = tmp_path / "old"
+    _convert(ann, out, shuffle_seed=None)
+    manifest_path = out / convert_mod.MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["signature"]["shuffle_seed"]
+    del manifest["shuffle_seed"]
+    manifest_path.write_text(json.dumps(manifest))
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
+    capsys.readouterr()
+    kept = convert_coco(ann, None, out, progress=True, check_files=False, max_images_per_shard=40)
+    assert "shuffle_seed" not in kept and {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")} == before
+    said = capsys.readouterr()
+    assert "earlier release" in said.out + said.err and "not shuffled" in said.out + said.err
+    assert sum(_shard_ids(out), []) == list(range(1, N + 1))
+    again = _convert(ann, out, max_images_per_shard=30)  # another setting: converted again, shuffled
+    assert again["shuffle_seed"] == 0 and sum(_shard_ids(out), []) != list(range(1, N + 1))

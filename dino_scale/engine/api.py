@@ -122,10 +122,12 @@ def _check_init_fits(cfg: Config, weights: str, state: dict, strict: bool = True
 
 
 def _check_backbone_weights(cfg: Config, init_weights: Optional[str], init_strict: bool,
-                            ray_address: Optional[str], resumed_world: Optional[int] = None) -> None:
+                            ray_address: Optional[str], resumed_world: Optional[int] = None,
+                            resumed_frozen: bool = False) -> None:
     """``model.backbone_weights`` is read by every worker as it builds the model, unless init
     weights loaded strictly or the checkpoint the run resumes from (``resumed_world``: the worker
-    count that wrote it; None: a new run) replace every weight
+    count that wrote it; None: a new run; ``resumed_frozen``: it holds its frozen tensors, as every
+    checkpoint written since they are saved) replace every weight
     (:func:`~dino_scale.engine.elastic.reads_backbone_weights`). A local path that is not a file here failed
     every worker (FileNotFoundError, retried ``train.max_failures`` times) after Ray and the MLflow
     run had started: :class:`ConfigError` naming it when the workers run on this machine. On a
@@ -134,8 +136,8 @@ def _check_backbone_weights(cfg: Config, init_weights: Optional[str], init_stric
     from dino_scale.engine.elastic import reads_backbone_weights
 
     path = cfg.model.backbone_weights
-    if not reads_backbone_weights(cfg, init_weights=init_weights, init_strict=init_strict,
-                                  resumed_world=resumed_world) or re.match(r"^[a-z][a-z0-9+.-]*://", str(path)):
+    if not reads_backbone_weights(cfg, init_weights=init_weights, init_strict=init_strict, resumed_world=resumed_world,
+                                  resumed_frozen=resumed_frozen) or re.match(r"^[a-z][a-z0-9+.-]*://", str(path)):
         return
     if os.path.isfile(path):
         return
@@ -201,7 +203,8 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
         resumes = check_restart(storage, run_name, cfg.train.num_workers, cfg.train.zero_stage, config=cfg,
                                 steps_per_epoch=spe)
     _check_backbone_weights(cfg, init_weights, init_strict, ray_address,
-                            resumed_world=None if resumes is None else int(resumes.get("world") or 0))
+                            resumed_world=None if resumes is None else int(resumes.get("world") or 0),
+                            resumed_frozen=bool(resumes and resumes.get("frozen")))
     # read before Ray and the MLflow run start: a val record whose labels changed after conversion
     # is refused here (ShardError), as scoring against it would not give the dataset's AP
     coco_gt = to_coco_gt(val_dir) if evaluate and val_dir else None

@@ -8,6 +8,8 @@ A training checkpoint folder holds
   images seen, bad-step counters (data position for exact resume);
 * ``rng_rank<r>.pt``: python/numpy/torch RNG states of each rank (:mod:`~dino_scale.engine.state_files`;
   read with ``weights_only``, as ``ema.pt``);
+* ``frozen.safetensors``: the frozen parameters and buffers (fp32), which DeepSpeed's universal load
+  skips (:mod:`~dino_scale.engine.frozen_state`): every resume restores them from here;
 * ``config.json``: the run's :class:`Config` (what a rerun under the same run name must keep:
   :func:`dino_scale.engine.elastic.check_restart`);
 * ``ema.pt`` (optional; read with ``weights_only``: a pickled object in it is refused, never run) and, in the final checkpoint, ``model.safetensors`` (full fp32 weights).
@@ -33,6 +35,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
+from dino_scale.engine.frozen_state import FROZEN_NAME, frozen_tensors, restore_frozen
 from dino_scale.engine.state_files import (  # noqa: F401 (re-exported: this module's interface)
     EMA_NAME, TMP_MARK as _TMP_MARK, load_ema_state, load_rng_state, save_ema_state, save_rng_state,
 )
@@ -43,7 +46,7 @@ __all__ = [
     "save_rng_state", "load_rng_state", "save_ema_state", "load_ema_state", "save_weights", "load_weights",
     "load_into", "check_fits", "save_training_checkpoint",
     "load_training_checkpoint", "WEIGHTS_NAME", "CONFIG_NAME", "STATE_NAME", "DS_TAG", "UNIVERSAL_TAG", "COMPLETE_NAME",
-    "checkpoint_dir_name", "EMA_NAME",
+    "checkpoint_dir_name", "EMA_NAME", "FROZEN_NAME",
 ]
 
 PathLike = Union[str, Path]
@@ -268,9 +271,15 @@ def check_fits(model_cfg, state: dict, strict: bool = True) -> None:
 def save_training_checkpoint(folder: PathLike, engine, state: TrainState, rank: int,
                              ema=None, config: Optional[dict] = None) -> None:
     """Collective: every rank calls it with its own (local) ``folder``. ``config``: the run's
-    config as a dict, written by rank 0 as ``config.json``."""
+    config as a dict, written by rank 0 as ``config.json``. Rank 0 also writes the frozen
+    parameters and buffers (``frozen.safetensors``, fp32: :func:`~dino_scale.engine.frozen_state.frozen_tensors`)."""
+    from safetensors.torch import save as st_save
+
     folder = Path(folder)
     engine.save_checkpoint(str(folder), tag=DS_TAG, client_state={"trainer_state": state.to_dict()})
+    frozen = frozen_tensors(engine)  # collective under ZeRO-3
+    if rank == 0:
+        atomic_write_bytes(folder / FROZEN_NAME, st_save(frozen))
     save_rng_state(folder, rank)
     if ema is not None and rank == 0:
         save_ema_state(folder, ema)
@@ -284,7 +293,10 @@ def load_training_checkpoint(folder: PathLike, engine, rank: int, ema=None,
                              universal_root: Optional[PathLike] = None) -> TrainState:
     """Collective: restore engine (module, optimizer, scheduler), RNG and EMA; return the state.
     ``universal_root``: the engine state from the checkpoint's universal copy there
-    (:mod:`dino_scale.engine.elastic`, another worker count) in place of ``folder/ds``."""
+    (:mod:`dino_scale.engine.elastic`, another worker count) in place of ``folder/ds``. The frozen
+    parameters and buffers, which a universal load skips, come from ``frozen.safetensors``
+    (:func:`~dino_scale.engine.frozen_state.restore_frozen`); a checkpoint written before it was
+    saved leaves them as the model was built."""
     folder = Path(folder)
     state_file = folder / STATE_NAME
     if not state_file.is_file():
@@ -294,6 +306,8 @@ def load_training_checkpoint(folder: PathLike, engine, rank: int, ema=None,
                                                 load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {source / tag}")
+    if (folder / FROZEN_NAME).is_file():
+        restore_frozen(engine, read_safetensors(folder / FROZEN_NAME), str(folder / FROZEN_NAME))
     load_rng_state(folder, rank)
     if ema is not None and (folder / EMA_NAME).is_file():  # rank 0 wrote it from its device: read on the CPU
         ema.load_state_dict(load_ema_state(folder / EMA_NAME))

@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from dino_scale.config import Config, ConfigError, flatten, from_dict
-from dino_scale.engine.checkpoint import CONFIG_NAME, DS_TAG, STATE_NAME, UNIVERSAL_TAG
+from dino_scale.engine.checkpoint import CONFIG_NAME, DS_TAG, FROZEN_NAME, STATE_NAME, UNIVERSAL_TAG
 from dino_scale.engine.optim import lr_drop_epochs
 
 __all__ = ["saved_world_size", "check_resumable", "resume_restores_every_tensor", "reads_backbone_weights",
+           "holds_frozen_tensors",
            "check_restart", "resume_changes", "RESUME_FREE_KEYS",
            "universal_resume", "resume_source", "ResumeSource", "UNIVERSAL_TAG", "zero_checkpoint_layout"]
 
@@ -88,32 +89,54 @@ def check_resumable(saved_world: int, world: int, zero_stage: int) -> bool:
     return True
 
 
-def resume_restores_every_tensor(saved_world: int, world: int, zero_stage: int, precision: str) -> bool:
+def resume_restores_every_tensor(saved_world: int, world: int, zero_stage: int, precision: str,
+                                 frozen_saved: bool = False) -> bool:
     """Whether resuming from a training checkpoint written by ``saved_world`` workers (0: unknown)
     restores every tensor of the model, the frozen ones (ResNet stem and layer1, FrozenBN
     statistics) included: only then may a worker skip ``model.backbone_weights`` as it builds the
-    model. True where DeepSpeed (0.19.8, checked on CPU) loads the module's state dict and every
-    partition: the same worker count (any count without ZeRO), fp32 weights (``bf16`` is autocast
-    over them). Not so: a universal load (ZeRO-1/2 on another worker count) restores only the
-    optimizer's (trained) parameters, from ``zero/``, and skips the module state dict; under
+    model. ``frozen_saved``: the checkpoint holds its frozen parameters and buffers
+    (``frozen.safetensors``, :func:`holds_frozen_tensors`), which every resume restores
+    (:mod:`~dino_scale.engine.frozen_state`): True on any resume that can load (not ZeRO-3 on
+    another worker count, refused by :func:`check_resumable`). A checkpoint written before that
+    file was saved (DeepSpeed 0.19.8, checked on CPU): True where DeepSpeed loads the module's
+    state dict and every partition: the same worker count (any count without ZeRO), fp32 weights
+    (``bf16`` is autocast over them). Not so: a universal load (ZeRO-1/2 on another worker count)
+    restores only the optimizer's (trained) parameters and skips the module state dict; under
     ``fp16`` the exact fp32 frozen weights :func:`full_state_dict` saves are taken at engine
     creation, from the build. There the frozen tensors are the build's: the file's."""
+    if zero_stage >= 3 and saved_world not in (0, world):
+        return False  # refused (check_resumable)
+    if frozen_saved:
+        return True
     if precision == "fp16":
         return False
-    if zero_stage >= 3:
-        return saved_world in (0, world)  # another count is refused (check_resumable)
-    return not check_resumable(saved_world, world, zero_stage)
+    return zero_stage >= 3 or not check_resumable(saved_world, world, zero_stage)
+
+
+def holds_frozen_tensors(folder, filesystem=None) -> bool:
+    """Whether the training checkpoint in ``folder`` (of the ``pyarrow.fs`` ``filesystem``, local
+    by default: as :func:`saved_world_size`) holds its frozen parameters and buffers
+    (``frozen.safetensors``: checkpoints written since they are saved)."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem or pafs.LocalFileSystem(), str(folder).rstrip("/")
+    try:
+        return fs.get_file_info(f"{root}/{FROZEN_NAME}").type == pafs.FileType.File
+    except OSError:
+        return False
 
 
 def reads_backbone_weights(cfg: Config, *, init_weights: Optional[str], init_strict: bool,
-                           resumed_world: Optional[int], world: Optional[int] = None) -> bool:
+                           resumed_world: Optional[int], world: Optional[int] = None,
+                           resumed_frozen: bool = False) -> bool:
     """Whether a training worker reads ``cfg.model.backbone_weights`` as it builds the model: not
     when none is set, nor when init weights loaded strictly replace every weight, nor when the run
     resumes (``resumed_world``: the worker count that wrote the checkpoint it resumes from, 0 when
     unknown; None when it resumes none) from a checkpoint that restores every tensor
-    (:func:`resume_restores_every_tensor`). ``world``: the worker's run size; None (the driver,
-    before the run): every size the run may take, where an elastic run resized between
-    checkpoints resumes from one of another size."""
+    (:func:`resume_restores_every_tensor`; ``resumed_frozen``: it holds its frozen tensors,
+    :func:`holds_frozen_tensors`, so any resume does; not one written before). ``world``: the
+    worker's run size; None (the driver, before the run): every size the run may take, where an
+    elastic run resized between checkpoints resumes from one of another size."""
     tc = cfg.train
     if not cfg.model.backbone_weights or (init_weights and init_strict):
         return False
@@ -126,7 +149,8 @@ def reads_backbone_weights(cfg: Config, *, init_weights: Optional[str], init_str
     else:
         worlds = [tc.num_workers]
     saved = {resumed_world, *worlds} if len(worlds) > 1 else {resumed_world}
-    return not all(resume_restores_every_tensor(s, w, tc.zero_stage, tc.precision) for s in saved for w in worlds)
+    return not all(resume_restores_every_tensor(s, w, tc.zero_stage, tc.precision, resumed_frozen)
+                   for s in saved for w in worlds)
 
 
 # Settings a rerun under the same run name may change: where and how it runs, and its budget
@@ -194,7 +218,8 @@ def check_restart(storage_path: str, run_name: str, world: int, zero_stage: int,
 
     Returns the trainer state of the checkpoint the run resumes from (``mlflow_run_id``: the
     MLflow run that wrote it, absent for a checkpoint without one; ``world``: the worker count
-    that wrote it, :func:`saved_world_size`), None when it resumes none."""
+    that wrote it, :func:`saved_world_size`; ``frozen``: whether it holds its frozen tensors,
+    :func:`holds_frozen_tensors`), None when it resumes none."""
     import ray.train
 
     try:
@@ -211,7 +236,8 @@ def check_restart(storage_path: str, run_name: str, world: int, zero_stage: int,
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     root = checkpoint.path.rstrip("/")
-    state = {**(_read_json(checkpoint.filesystem, f"{root}/{STATE_NAME}") or {}), "world": saved}
+    state = {**(_read_json(checkpoint.filesystem, f"{root}/{STATE_NAME}") or {}), "world": saved,
+             "frozen": holds_frozen_tensors(root, checkpoint.filesystem)}
     saved_config = _read_json(checkpoint.filesystem, f"{root}/{CONFIG_NAME}") if config is not None else None
     if saved_config is None:  # not asked, or a checkpoint written before the config was kept in it
         return state

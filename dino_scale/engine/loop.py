@@ -35,7 +35,7 @@ from dino_scale.engine.checkpoint import (
 from dino_scale.engine.deepspeed_utils import (
     AccumulationWindow, ModelEMA, build_ds_config, full_state_dict, grad_accum_steps, init_deepspeed,
 )
-from dino_scale.engine.elastic import reads_backbone_weights, resume_source, saved_world_size
+from dino_scale.engine.elastic import holds_frozen_tensors, reads_backbone_weights, resume_source, saved_world_size
 from dino_scale.engine.evaluate import (
     evaluate_batches, finite_detections, gather_to_rank0, target_image_ids, unevaluated_images, val_metrics,
 )
@@ -173,12 +173,12 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     seed_everything(tc.seed)  # identical initial weights on every rank
     # the ImageNet backbone file is not read (nor needed) where strict init weights, or a checkpoint
-    # this run resumes from that restores every tensor, replace all it holds
+    # this run resumes from that restores every tensor (frozen ones saved in it), replace all it holds
     restored = ray.train.get_checkpoint() if loop_cfg.get("train", True) else None
-    reads = reads_backbone_weights(cfg, init_weights=loop_cfg.get("init_weights"),
-                                   init_strict=bool(loop_cfg.get("init_strict", True)), world=world,
-                                   resumed_world=None if restored is None else
-                                   saved_world_size(restored.path, restored.filesystem))
+    reads = reads_backbone_weights(
+        cfg, init_weights=loop_cfg.get("init_weights"), init_strict=bool(loop_cfg.get("init_strict", True)),
+        world=world, resumed_world=None if restored is None else saved_world_size(restored.path, restored.filesystem),
+        resumed_frozen=restored is not None and holds_frozen_tensors(restored.path, restored.filesystem))
     model, criterion, postprocessor = build_dino(cfg.model if reads else replace(cfg.model, backbone_weights=None))
     seed_everything(tc.seed + 1000 * (rank + 1))  # per-rank streams (denoising noise)
     if loop_cfg.get("init_weights"):

@@ -367,9 +367,10 @@ def test_non_strict_init_weights_of_another_layout_are_refused_before_ray(data, 
 def test_a_resumed_run_is_not_refused_for_a_backbone_file_it_does_not_read(data, tmp_path, monkeypatch):
     """A run resuming a checkpoint that restores every tensor (same worker count, ZeRO-2) builds
     its workers' model without model.backbone_weights: a path absent here no longer refuses it (was:
-    ConfigError before Ray). A resume onto another worker count (universal load: the frozen
-    backbone tensors come from the build) still reads it, and is still refused. check_restart
-    stands in for a run name whose checkpoint N workers wrote (real reruns: test_engine_rerun)."""
+    ConfigError before Ray). A resume onto another worker count (universal load) from a checkpoint
+    written before the frozen tensors were saved in it (they come from the build) still reads it,
+    and is still refused; from one holding them ("frozen") it does not. check_restart stands in
+    for a run name whose checkpoint N workers wrote (real reruns: test_engine_rerun)."""
     from dino_scale.config import ConfigError
     from dino_scale.engine import api, elastic, fit
 
@@ -385,8 +386,9 @@ def test_a_resumed_run_is_not_refused_for_a_backbone_file_it_does_not_read(data,
     train_dir, val_dir = data
     absent = tmp_path / "moved" / "resnet18.pth"
     cfg = small_cfg(**{"model.backbone_weights": str(absent), "train.zero_stage": 2})
-    for saved_world, outcome in ((2, RayStarted), (1, ConfigError), (None, ConfigError)):
-        resumes = None if saved_world is None else {"world": saved_world}
+    for saved_world, frozen, outcome in ((2, False, RayStarted), (1, False, ConfigError), (1, True, RayStarted),
+                                         (None, False, ConfigError)):
+        resumes = None if saved_world is None else {"world": saved_world, "frozen": frozen}
         monkeypatch.setattr(elastic, "check_restart", lambda *a, _r=resumes, **k: _r)
         with pytest.raises(outcome):
             fit(cfg, train_dir, val_dir, tmp_path / "work", unique("resumed"), progress=False)

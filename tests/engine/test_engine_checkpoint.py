@@ -248,10 +248,17 @@ def test_load_weights_reads_a_pth_without_running_its_pickle(tmp_path):
 
 
 class _SavingEngine(_LoadedEngine):
-    """Stands for the DeepSpeed engine on both sides of a checkpoint (its own files untested here)."""
+    """Stands for the DeepSpeed engine on both sides of a checkpoint (its own files untested here),
+    around a module with a frozen weight and a buffer (written to frozen.safetensors, and back)."""
+
+    def __init__(self):
+        self.module = torch.nn.BatchNorm1d(2).requires_grad_(False)
 
     def save_checkpoint(self, *args, **kwargs):
         pass
+
+    def zero_optimization_stage(self):
+        return 0
 
 
 def _draws() -> tuple:
@@ -359,3 +366,29 @@ def test_ema_round_trips_through_a_checkpoint_and_a_pickled_object_is_refused(tm
     torch.save({"shadow": [1, 2]}, tmp_path / "ema.pt")
     with pytest.raises(ValueError, match=rf"{tmp_path / 'ema.pt'}: not an EMA state"):
         load_training_checkpoint(tmp_path, _SavingEngine(), rank=0, ema=ema)
+
+
+def test_frozen_parameters_and_buffers_round_trip_through_a_checkpoint(tmp_path):
+    """DeepSpeed's universal load skips the module state dict (test_engine_elastic runs it): a
+    checkpoint holds the frozen parameters and buffers itself (frozen.safetensors, floating ones
+    fp32, others in their dtype) and a resume puts them back into a module built from other values.
+    A file that does not hold the model's frozen tensors is refused, naming it."""
+    from safetensors.torch import save_file
+
+    from dino_scale.engine.checkpoint import FROZEN_NAME, TrainState, load_training_checkpoint, save_training_checkpoint
+
+    saving = _SavingEngine()
+    saving.module.train()(torch.randn(8, 2) * 3 + 1)  # running statistics and num_batches_tracked move
+    with torch.no_grad():
+        saving.module.weight.copy_(torch.tensor([0.5, 2.0]))
+    save_training_checkpoint(tmp_path, saving, TrainState(global_step=3), rank=0)
+    loading = _SavingEngine()
+    load_training_checkpoint(tmp_path, loading, rank=0)
+    saved = saving.module.state_dict()
+    assert saved["num_batches_tracked"].item() == 1
+    assert all(torch.equal(v, saved[k]) for k, v in loading.module.state_dict().items())
+
+    save_file({"weight": torch.ones(2), "other": torch.ones(2)}, str(tmp_path / FROZEN_NAME))
+    with pytest.raises(RuntimeError, match=rf"{tmp_path / FROZEN_NAME} does not hold this model's frozen .* "
+                                           rf"4 missing .* 1 unknown"):
+        load_training_checkpoint(tmp_path, _SavingEngine(), rank=0)

@@ -128,6 +128,24 @@ def test_saved_world_size_of_a_checkpoint_from_before_it_was_recorded(tmp_path):
     assert saved_world_size(tmp_path / "missing") == 0
 
 
+def test_holds_frozen_tensors_says_whether_the_checkpoint_saved_them(tmp_path):
+    """Checkpoints written before frozen.safetensors was saved lack it: a resume from them still
+    needs the backbone file where DeepSpeed skips the frozen tensors. Read through a pyarrow
+    filesystem as Ray hands a checkpoint over (also an object store)."""
+    import pyarrow.fs as pafs
+
+    from dino_scale.engine.elastic import holds_frozen_tensors
+
+    assert not holds_frozen_tensors(tmp_path) and not holds_frozen_tensors(tmp_path / "missing")
+    (tmp_path / "frozen.safetensors").mkdir()  # not a file
+    assert not holds_frozen_tensors(tmp_path)
+    (tmp_path / "frozen.safetensors").rmdir()
+    (tmp_path / "frozen.safetensors").write_bytes(b"{}")
+    assert holds_frozen_tensors(tmp_path) and holds_frozen_tensors(f"{tmp_path}/", pafs.LocalFileSystem())
+    assert holds_frozen_tensors("ckpt", pafs.SubTreeFileSystem(str(tmp_path.parent), pafs.LocalFileSystem())) is False
+    assert holds_frozen_tensors(tmp_path.name, pafs.SubTreeFileSystem(str(tmp_path.parent), pafs.LocalFileSystem()))
+
+
 def test_a_failed_conversion_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
     """A checkpoint of 2 workers resumed on 1 whose DeepSpeed files are unreadable: the error names
     the conversion and its output; no temporary folder is left behind."""
@@ -260,16 +278,17 @@ def test_a_zero1_checkpoint_resumes_exactly_under_zero2(tmp_path):
 
 def test_which_resumes_skip_the_backbone_file():
     """A worker skips model.backbone_weights only where the file would be overwritten entirely:
-    strict init weights, or a resume DeepSpeed restores every tensor of (the same worker count, or
-    any without ZeRO; not fp16). The driver (world None) also covers every size an
-    elastic run may take."""
+    strict init weights, or a resume that restores every tensor: any from a checkpoint holding its
+    frozen tensors (resumed_frozen); from one written before, where DeepSpeed restores them (the
+    same worker count, or any without ZeRO; not fp16). The driver (world None) also covers every
+    size an elastic run may take."""
     from dino_scale.engine.elastic import reads_backbone_weights, resume_restores_every_tensor
 
-    def reads(resumed_world, world=None, init=None, strict=True, **over):
+    def reads(resumed_world, world=None, init=None, strict=True, resumed_frozen=False, **over):
         cfg = preset("tiny", {"model.backbone_weights": "/cluster/resnet18.pth", "train.num_workers": 2,
                               "train.zero_stage": 2, **over})
         return reads_backbone_weights(cfg, init_weights=init, init_strict=strict, resumed_world=resumed_world,
-                                      world=world)
+                                      world=world, resumed_frozen=resumed_frozen)
 
     assert reads(None) and reads(None, world=2)  # a new run: the file is the backbone's start
     assert not reads(None, init="w.safetensors") and reads(None, init="w.safetensors", strict=False)
@@ -284,22 +303,34 @@ def test_which_resumes_skip_the_backbone_file():
     assert not reads(2, **{"train.min_workers": 1, "train.zero_stage": 0})
     assert not reads(None, **{"model.backbone_weights": None})
     assert resume_restores_every_tensor(1, 1, 1, "fp32") and not resume_restores_every_tensor(2, 1, 1, "fp32")
+    # a checkpoint holding its frozen tensors (frozen.safetensors): every resume restores them
+    assert not reads(4, resumed_frozen=True) and not reads(2, world=1, resumed_frozen=True)
+    assert not reads(2, resumed_frozen=True, **{"train.precision": "fp16"})
+    assert not reads(2, resumed_frozen=True, **{"train.min_workers": 1})
+    assert reads(None, resumed_frozen=True)  # a new run
+    assert resume_restores_every_tensor(2, 1, 2, "fp16", frozen_saved=True)
+    assert not resume_restores_every_tensor(4, 2, 3, "fp32", frozen_saved=True)  # refused: check_resumable
 
 
 # ``save``: a net with a frozen layer and a buffer (as the backbone's stem and FrozenBN statistics),
 # one step, a checkpoint. ``load``: the net built from other values (a skipped backbone file), the
-# checkpoint resumed as the loop resumes it; prints the full state dict for the test to compare.
+# checkpoint resumed as the loop resumes it; prints the full state dict and the module's own frozen
+# tensors for the test to compare. A case is ``<stage>[h][o]``: ``h`` fp16 (the capability check
+# lifted, as in test_engine_accumulation), ``o`` a copy of the case's checkpoint without its
+# frozen.safetensors (one written before they were saved; the test makes it), folder ``case<case>``.
 _RESTORE_SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     import torch
+    from deepspeed.accelerator import get_accelerator
     from dino_scale.config import preset
     from dino_scale.engine.checkpoint import TrainState, load_training_checkpoint, save_training_checkpoint
     from dino_scale.engine.deepspeed_utils import AccumulationWindow, build_ds_config, full_state_dict, init_deepspeed
     from dino_scale.engine.elastic import resume_source
     from ray.train import Checkpoint
 
-    mode, root, stages = sys.argv[1], Path(sys.argv[2]), [int(s) for s in sys.argv[3].split(",")]
+    type(get_accelerator()).is_fp16_supported = lambda self: True
+    mode, root, cases = sys.argv[1], Path(sys.argv[2]), sys.argv[3].split(",")
     torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
@@ -310,11 +341,14 @@ _RESTORE_SCRIPT = textwrap.dedent("""
             self.register_buffer("stat", torch.randn(6))
 
         def forward(self, x):
-            return self.head(torch.tanh(self.frozen(x) + self.stat))
+            h = torch.tanh(self.frozen(x.to(self.frozen.weight.dtype)) + self.stat)
+            return self.head(h.to(self.head.weight.dtype)).float()
 
-    for stage in stages:
-        folder = root / f"stage{stage}"
-        ds = build_ds_config(preset("tiny", {"train.zero_stage": stage, "train.global_batch_size": 4}).train, 2, world)
+    for case in cases:
+        folder, stage = root / f"case{case}", int(case[0])
+        precision = "fp16" if "h" in case else "fp32"
+        tc = preset("tiny", {"train.zero_stage": stage, "train.global_batch_size": 4, "train.precision": precision})
+        ds = build_ds_config(tc.train, 2, world)
         torch.manual_seed(0 if mode == "save" else 1)
         model = Net()
         optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-2)
@@ -333,33 +367,56 @@ _RESTORE_SCRIPT = textwrap.dedent("""
             window.flush()
             save_training_checkpoint(folder, engine, TrainState(global_step=1, world=world), rank)
         state = full_state_dict(engine, rank)
+        module = {k: v.float().tolist() for k, v in engine.module.state_dict().items()
+                  if k in ("frozen.weight", "stat")} if stage < 3 else {}  # ZeRO-3: partitions
         if rank == 0:
-            print("REPORT " + json.dumps({"stage": stage, "universal": source.universal is not None,
+            print("REPORT " + json.dumps({"case": case, "universal": source.universal is not None, "module": module,
                                           "state": {k: v.tolist() for k, v in state.items()}}), flush=True)
     torch.distributed.destroy_process_group()
 """)
 
 
 def test_a_resume_that_skips_the_backbone_file_restores_every_tensor(tmp_path):
-    """Real engines: where resume_restores_every_tensor says so, a net built from other values
-    (the backbone file skipped) holds every tensor of the checkpoint after the resume, frozen
-    weights and buffers included; a universal load (ZeRO-2, 2 -> 1 workers) does not restore
-    them (DeepSpeed skips the module state dict), which is why the file is read there."""
-    from dino_scale.engine.elastic import resume_restores_every_tensor
+    """Real engines: a net built from other values (the backbone file skipped) holds every tensor
+    of the checkpoint after the resume, frozen weights and buffers included, on every resume:
+    also a universal load (ZeRO-2, 2 -> 1 workers), which skips the module state dict (the frozen
+    tensors come from the checkpoint's frozen.safetensors), and under fp16 (the fp32 originals,
+    not their fp16 copies; the module holds those copies rounded). A checkpoint without
+    frozen.safetensors (written before) keeps the build's frozen tensors under a universal load:
+    resume_restores_every_tensor says so, which is why the backbone file is read there."""
+    import shutil
 
-    saves = {1: "0,1,2,3", 2: "2,3"}  # one launch per saved worker count (stage folders apart)
-    saved = {w: {r["stage"]: r for r in run_ranks(_RESTORE_SCRIPT, w, "save", str(tmp_path / f"w{w}"), stages)}
-             for w, stages in saves.items()}
-    for saved_world, world, stages in [(1, 1, "0,1,2,3"), (2, 2, "3"), (2, 1, "2")]:
-        loaded = run_ranks(_RESTORE_SCRIPT, world, "load", str(tmp_path / f"w{saved_world}"), stages)
-        assert [r["stage"] for r in loaded] == [int(s) for s in stages.split(",")]
+    import torch
+
+    from dino_scale.engine.elastic import holds_frozen_tensors, resume_restores_every_tensor
+
+    saves = {1: "0,1,2,3,0h,2h", 2: "2,3,2h"}  # one launch per saved worker count (case folders apart)
+    saved = {w: {r["case"]: r for r in run_ranks(_RESTORE_SCRIPT, w, "save", str(tmp_path / f"w{w}"), cases)}
+             for w, cases in saves.items()}
+    for case in ("2", "2h"):  # as written before the frozen tensors were saved
+        shutil.copytree(tmp_path / f"w2/case{case}", tmp_path / f"w2/case{case}o")
+        (tmp_path / f"w2/case{case}o/frozen.safetensors").unlink()
+    checked = 0
+    for saved_world, world, cases in [(1, 1, "0,1,2,3,0h,2h"), (2, 2, "3,2h"), (2, 1, "2,2h,2o,2ho")]:
+        loaded = run_ranks(_RESTORE_SCRIPT, world, "load", str(tmp_path / f"w{saved_world}"), cases)
+        assert [r["case"] for r in loaded] == cases.split(",")
         for res in loaded:
-            stage = res["stage"]
-            ref = saved[saved_world][stage]
+            case, stage = res["case"], int(res["case"][0])
+            ref = saved[saved_world][case.rstrip("o")]
             restored = {k for k in ref["state"] if _max_diff(ref["state"][k], res["state"][k]) < 1e-7}
-            assert {"head.weight", "head.bias"} <= restored, stage  # the optimizer's parameters, always
-            if resume_restores_every_tensor(saved_world, world, stage, "fp32"):
-                assert restored == set(ref["state"]), (saved_world, world, stage, restored)
-            if res["universal"]:
-                assert {"frozen.weight", "stat"}.isdisjoint(restored), stage
-    assert res["universal"]
+            assert {"head.weight", "head.bias"} <= restored, case  # the optimizer's parameters, always
+            frozen_saved = holds_frozen_tensors(tmp_path / f"w{saved_world}/case{case}")
+            assert frozen_saved == ("o" not in case)
+            precision = "fp16" if "h" in case else "fp32"
+            if resume_restores_every_tensor(saved_world, world, stage, precision, frozen_saved):
+                assert restored == set(ref["state"]), (saved_world, world, case, restored)
+                checked += 1
+            else:
+                assert "o" in case, case
+            if res["universal"] and not frozen_saved:  # the build's: the backbone file's
+                assert {"frozen.weight", "stat"}.isdisjoint(restored), case
+            if frozen_saved and res["module"]:  # the module's own tensors (fp16: the originals rounded)
+                rounded = torch.tensor(ref["state"]["frozen.weight"]).to(torch.float16 if "h" in case else None)
+                assert torch.equal(torch.tensor(res["module"]["frozen.weight"]), rounded.float()), case
+                assert res["module"]["stat"] == ref["state"]["stat"], case
+    assert res["universal"] and checked == 10

@@ -69,6 +69,9 @@ def test_a_run_name_reused_resumes_continues_with_more_steps_and_refuses_changed
         first = run(_cfg_bb())
         assert (first.metrics["step"], first.metrics["resumes"]) == (2, 0)
         assert all(torch.equal(load_weights(first.checkpoint_path)[k], body[k]) for k in frozen)  # it was read
+        saved_frozen = load_weights(Path(first.checkpoint_path) / "frozen.safetensors")  # what a resume restores
+        assert all(torch.equal(saved_frozen[k], body[k]) for k in frozen)
+        assert not any(k.startswith("transformer.") for k in saved_frozen)  # trained: the optimizer's
         backbone.unlink()
         again = run(_cfg_bb())
         assert (again.metrics["step"], again.metrics["resumes"]) == (2, 1)

@@ -92,6 +92,11 @@ class DataConfig:
     batch_size: int = 2  # images per worker per step
     seed: int = 42
     pad_multiple: Optional[int] = None  # collate pads H, W up to a multiple of this (None: batch max)
+    # which pixels an annotated image's boxes lie on when it has an EXIF orientation tag:
+    # auto (sizes decide; a size-keeping tag, e.g. 3 = rotate 180, is a tie: upright, logged) |
+    # stored (never apply the tag: the official DINO's reading; use it for COCO/Objects365) |
+    # upright (always apply it: images annotated in labelme, Label Studio, Roboflow). Predict: upright.
+    exif_orientation: str = "auto"
 
 
 @dataclass

@@ -123,3 +123,19 @@ def test_override_text_is_stripped_or_refused_naming_it():
                          ("train.lr", "must look like section.key=value")]:
         with pytest.raises(C.ConfigError, match=message):
             C.preset("tiny", [bad])
+
+
+def test_exif_orientation_is_a_data_setting_recorded_with_the_run(tmp_path):
+    """Which pixels an EXIF-tagged image's boxes lie on is chosen once, in the config: default
+    ``auto``, set by an override, kept through save/load and among the flattened (MLflow) params."""
+    from dino_scale.data.decode import check_exif_orientation
+
+    assert C.preset("r50_4scale").data.exif_orientation == "auto"
+    cfg = C.preset("tiny", ["data.exif_orientation=stored"])
+    assert C.flatten(cfg)["data.exif_orientation"] == "stored"
+    C.save(cfg, tmp_path / "c.yaml")
+    assert C.load(tmp_path / "c.yaml").data.exif_orientation == "stored"
+    for mode in ("auto", "stored", "upright"):
+        assert check_exif_orientation(mode) == mode
+    with pytest.raises(C.ConfigError, match="data.exif_orientation must be one of auto, stored, upright.*'Stored'"):
+        check_exif_orientation("Stored")

@@ -2,11 +2,17 @@
 
 Grayscale, CMYK (incl. Adobe-inverted JPEG), RGBA/LA (alpha dropped, as the reference
 ``convert("RGB")``), palette (with or without transparency) and 16-bit grayscale all
-come out as 3-channel RGB. EXIF orientation: the image is turned upright, unless the
-annotation was clearly made on the raw pixel grid (the raw size agrees with the annotated
-size, as a uniform rescale of it or exactly (:func:`sizes_agree`), and the upright size does
-not). The orientation tag is read for every format (phone cameras write JPEGs that PIL opens
-as ``MPO``).
+come out as 3-channel RGB. EXIF orientation, with an annotated size, follows the setting
+``exif_orientation`` (``data.exif_orientation``, :data:`EXIF_ORIENTATION_MODES`): ``"stored"``
+keeps the stored pixels (the official DINO reads ``Image.open(...).convert("RGB")`` with no
+EXIF transpose, and COCO/Objects365 are annotated on that grid), ``"upright"`` always applies the
+tag (labelling tools such as labelme, Label Studio or Roboflow annotate the upright image), and
+``"auto"`` lets the sizes decide: upright unless the stored size agrees with the annotated size
+(as a uniform rescale of it or exactly, :func:`sizes_agree`) and the upright size does not. An
+orientation that keeps the size (2, 3, 4; 5-8 on a square image) cannot be decided by size: a
+tie (:func:`exif_tie`), which ``"auto"`` turns upright. Without an annotated size (predict) the
+image is always turned upright, as it is displayed. The orientation tag is read for every format
+(phone cameras write JPEGs that PIL opens as ``MPO``).
 
 Pixels may differ from the annotated size by a uniform rescale (a downsized copy of a
 dataset: the boxes are scaled with the pixels); any other difference, e.g. width and height
@@ -15,14 +21,17 @@ swapped, is the reason ``size_mismatch`` (:func:`sizes_agree`).
 from __future__ import annotations
 
 import io
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageDecodeError", "decode_image", "verify_image_bytes", "read_image_size", "sizes_agree"]
+__all__ = ["ImageDecodeError", "decode_image", "verify_image_bytes", "read_image_size", "sizes_agree",
+           "EXIF_ORIENTATION_MODES", "check_exif_orientation", "exif_tie"]
 
 _ORIENTATION = 0x0112
+#: ``data.exif_orientation``: which pixel grid an annotated image is decoded on (module doc)
+EXIF_ORIENTATION_MODES = ("auto", "stored", "upright")
 
 
 class ImageDecodeError(ValueError):
@@ -41,6 +50,44 @@ def sizes_agree(pixels: tuple[int, int], annotated: tuple[int, int]) -> bool:
     rounding of each side to whole pixels: ``|w*ah - h*aw| <= max(aw, ah)``."""
     (w, h), (aw, ah) = pixels, annotated
     return abs(w * ah - h * aw) <= max(aw, ah)
+
+
+def check_exif_orientation(mode: str) -> str:
+    """``mode`` when it is one of :data:`EXIF_ORIENTATION_MODES`, else a ``ConfigError`` naming them."""
+    if mode not in EXIF_ORIENTATION_MODES:
+        from dino_scale.config import ConfigError
+
+        raise ConfigError(f"data.exif_orientation must be one of {', '.join(EXIF_ORIENTATION_MODES)} "
+                          f"(stored: the official DINO's reading, for COCO/Objects365; upright: images "
+                          f"annotated by labelling tools that apply EXIF; auto: sizes decide), got {mode!r}")
+    return mode
+
+
+def _upright_size(stored: tuple[int, int], orientation: int) -> tuple[int, int]:
+    w, h = stored
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def exif_tie(stored: tuple[int, int], orientation: int, annotated: tuple[int, int]) -> bool:
+    """Whether the annotated (w, h) cannot tell the stored grid from the upright one: the tag turns
+    or mirrors the pixels (2..8) and both sizes agree with ``annotated`` (2, 3, 4; 5-8 square)."""
+    if orientation not in (2, 3, 4, 5, 6, 7, 8):
+        return False
+    annotated = tuple(annotated)
+    return sizes_agree(tuple(stored), annotated) and sizes_agree(_upright_size(stored, orientation), annotated)
+
+
+def _turn_upright(stored: tuple[int, int], orientation: int, expected_size: Optional[tuple[int, int]],
+                  mode: str) -> bool:
+    """Whether pixels stored as ``stored`` (w, h) with a turning ``orientation`` are turned upright:
+    always without an annotated size (predict) or with ``"upright"``, never with ``"stored"``;
+    ``"auto"``: unless only the stored size agrees with the annotated one (ties: upright)."""
+    if expected_size is None or mode == "upright":
+        return True
+    if mode == "stored":
+        return False
+    expected = tuple(expected_size)
+    return not (sizes_agree(tuple(stored), expected) and not sizes_agree(_upright_size(stored, orientation), expected))
 
 
 def _orientation(im: Image.Image) -> int:
@@ -84,15 +131,19 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def decode_image(data: Optional[bytes], expected_size: Optional[tuple[int, int]] = None,
-                 draft_size: Optional[tuple[int, int]] = None) -> np.ndarray:
+                 draft_size: Optional[tuple[int, int]] = None, exif_orientation: str = "auto",
+                 on_tie: Optional[Callable[[int], None]] = None) -> np.ndarray:
     """Decode to RGB uint8 (H, W, 3).
 
     ``expected_size`` is the annotated (width, height), used only to decide EXIF
-    orientation (see module doc). ``draft_size`` (w, h) lets JPEG decode at a reduced
-    DCT scale no smaller than that size (faster when the output will be smaller).
-    Raises :class:`ImageDecodeError` (reason ``empty_file``, ``corrupt``, or ``too_large`` for
-    an image PIL refuses to open: more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` pixels).
+    orientation with ``exif_orientation`` (see module doc); ``on_tie(orientation)`` is called
+    when that size cannot tell the grids apart (:func:`exif_tie`), whatever the mode. ``draft_size``
+    (w, h) lets JPEG decode at a reduced DCT scale no smaller than that size (faster when the output
+    will be smaller). Raises :class:`ImageDecodeError` (reason ``empty_file``, ``corrupt``, or
+    ``too_large`` for an image PIL refuses to open: more than twice ``PIL.Image.MAX_IMAGE_PIXELS``
+    pixels); ``ConfigError`` for an unknown ``exif_orientation``.
     """
+    check_exif_orientation(exif_orientation)
     im = _open(data)
     try:
         orientation = _orientation(im)
@@ -100,12 +151,10 @@ def decode_image(data: Optional[bytes], expected_size: Optional[tuple[int, int]]
             im.draft("RGB", draft_size)
         im.load()
         if orientation in (2, 3, 4, 5, 6, 7, 8):
-            upright = ImageOps.exif_transpose(im)
-            # the same rule as verify_image_bytes: a rescaled copy of a raw-grid annotation stays raw
-            keep_raw = (expected_size is not None and sizes_agree(tuple(im.size), tuple(expected_size))
-                        and not sizes_agree(tuple(upright.size), tuple(expected_size)))
-            if not keep_raw:
-                im = upright
+            if on_tie is not None and expected_size is not None and exif_tie(im.size, orientation, expected_size):
+                on_tie(orientation)
+            if _turn_upright(im.size, orientation, expected_size, exif_orientation):
+                im = ImageOps.exif_transpose(im)
         return np.array(_to_rgb(im))
     except ImageDecodeError:
         raise
@@ -118,7 +167,9 @@ def decode_image(data: Optional[bytes], expected_size: Optional[tuple[int, int]]
 def verify_image_bytes(data: Optional[bytes], expected_size: Optional[tuple[int, int]] = None) -> Optional[str]:
     """``None`` when the bytes decode completely, else the reason (``empty_file``/``corrupt``/``too_large``,
     or ``size_mismatch`` when neither the stored nor the upright size agrees with the
-    annotated ``expected_size`` (w, h); see :func:`sizes_agree`).
+    annotated ``expected_size`` (w, h); see :func:`sizes_agree`). Either size is accepted whatever
+    ``data.exif_orientation``: shards serve every reading mode, and the loaders refuse (a counted
+    ``size_mismatch``) an image whose annotated size does not fit the mode chosen for training.
 
     JPEG is checked at 1/8 DCT scale: every entropy-coded byte is still read (so
     truncation is caught) at a fraction of the full decode cost.
@@ -126,9 +177,8 @@ def verify_image_bytes(data: Optional[bytes], expected_size: Optional[tuple[int,
     try:
         im = _open(data)
         if expected_size is not None:
-            w, h = im.size
-            upright = (h, w) if _orientation(im) in (5, 6, 7, 8) else (w, h)
-            if not (sizes_agree((w, h), expected_size) or sizes_agree(upright, expected_size)):
+            upright = _upright_size(im.size, _orientation(im))
+            if not (sizes_agree(im.size, expected_size) or sizes_agree(upright, expected_size)):
                 return "size_mismatch"
         if im.format in ("JPEG", "MPO"):
             im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))

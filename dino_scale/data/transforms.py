@@ -13,6 +13,7 @@ sample's augmentation does not depend on worker count or order.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Iterable, Optional
 
@@ -21,11 +22,14 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from .decode import ImageDecodeError, decode_image, sizes_agree
+from .decode import ImageDecodeError, check_exif_orientation, decode_image, sizes_agree
 from .integrity import damage_detail, record_damage
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DetectionTransform", "check_augmentation", "dino_resize_size",
            "normalize_batch", "sample_rng"]
+
+log = logging.getLogger(__name__)
+_tie_warned = False  # the one warning per process about EXIF ties under data.exif_orientation=auto
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -79,11 +83,13 @@ def check_augmentation(cfg) -> None:
     ``DataConfig``) are usable: ``scale_factor`` finite and > 0; ``train_scales`` and
     ``crop_resize_scales`` non-empty; ``crop_size_range`` two sizes ``[min, max]`` with
     ``min <= max``; every size at least 1 pixel after ``scale_factor``; ``pad_multiple`` None
-    or >= 0. A bad one otherwise failed (or, ``train_max_size`` 0, shrank every image to a
-    1-pixel side) only where a sample was drawn: inside the data pipeline's tasks, after the
-    run had started, the crop settings only on the ~25% of samples that take the crop branch."""
+    or >= 0; ``exif_orientation`` one of :data:`~.decode.EXIF_ORIENTATION_MODES`. A bad one
+    otherwise failed (or, ``train_max_size`` 0, shrank every image to a 1-pixel side) only where
+    a sample was drawn: inside the data pipeline's tasks, after the run had started, the crop
+    settings only on the ~25% of samples that take the crop branch."""
     from dino_scale.config import ConfigError
 
+    check_exif_orientation(getattr(cfg, "exif_orientation", "auto"))
     try:
         f = float(cfg.scale_factor)
     except (TypeError, ValueError):
@@ -128,6 +134,11 @@ class DetectionTransform:
     rescale of the annotated size, or (with ``category_ids``, the ids of the dataset's
     manifest) the record holds a category id the manifest does not list: its label would
     reach the loss outside the class head that was sized from the manifest.
+
+    EXIF orientation follows ``cfg.exif_orientation`` (:mod:`.decode`). With ``"auto"``, an image
+    whose tag keeps its size (a tie: the sizes cannot tell the stored grid from the upright one)
+    is turned upright, its id added to ``exif_ties`` (once per image) and logged: a warning the
+    first time in the process, naming the setting, then at debug level.
     """
 
     def __init__(self, cfg, train: bool = True, image_root: Optional[str] = None,
@@ -142,6 +153,24 @@ class DetectionTransform:
         self.eval_size, self.eval_max = _scaled(cfg.eval_size, f), _scaled(cfg.eval_max_size, f)
         self.image_root = image_root
         self.category_ids = None if category_ids is None else frozenset(int(c) for c in category_ids)
+        self.exif_orientation = str(getattr(cfg, "exif_orientation", "auto"))
+        self.exif_ties: set[int] = set()  # ids of images decoded upright by a tie ("auto")
+
+    def _note_tie(self, image_id: int, orientation: int) -> None:
+        global _tie_warned
+        if image_id in self.exif_ties:
+            return
+        self.exif_ties.add(image_id)
+        if _tie_warned:
+            log.debug("image id %s: EXIF orientation %d keeps its size: turned upright (auto)", image_id, orientation)
+            return
+        _tie_warned = True
+        log.warning("image id %s has EXIF orientation %d, which keeps its size: its annotated size cannot tell "
+                    "whether the boxes lie on the stored or the upright pixels, and data.exif_orientation=auto "
+                    "turns it upright (further such images are logged at debug level). Set "
+                    "data.exif_orientation=stored for COCO/Objects365 (the official DINO's reading) or =upright "
+                    "for images annotated by tools that apply EXIF (labelme, Label Studio, Roboflow)",
+                    image_id, orientation)
 
     # -- geometry ------------------------------------------------------------------
     @staticmethod
@@ -184,7 +213,10 @@ class DetectionTransform:
                 raise ImageDecodeError("unreadable", f"{record['file_name']}: {e}") from None
             if path is None:
                 raise ImageDecodeError("missing_file", str(record["file_name"]))
-        return decode_image(data, expected_size=(int(record["width"]), int(record["height"])))
+        image_id = int(record["image_id"])
+        on_tie = (lambda o: self._note_tie(image_id, o)) if self.exif_orientation == "auto" else None
+        return decode_image(data, expected_size=(int(record["width"]), int(record["height"])),
+                            exif_orientation=self.exif_orientation, on_tie=on_tie)
 
     def check_categories(self, record: dict[str, Any]) -> None:
         """``ImageDecodeError("unknown_category")`` when ``record`` holds a category id that
@@ -232,7 +264,9 @@ class DetectionTransform:
         xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
         if (H, W) != (rh, rw):  # a uniformly rescaled copy: follow the pixels; else not this image
             if not sizes_agree((W, H), (rw, rh)):
-                raise ImageDecodeError("size_mismatch", f"pixels {W}x{H}, annotated {rw}x{rh}")
+                raise ImageDecodeError("size_mismatch", f"pixels {W}x{H}, annotated {rw}x{rh}"
+                                       + ("" if self.exif_orientation == "auto" else
+                                          f" (data.exif_orientation={self.exif_orientation})"))
             xyxy = xyxy * np.array([W / rw, H / rh, W / rw, H / rh], np.float32)
         img = tv_tensors.Image(torch.from_numpy(arr).permute(2, 0, 1))
         boxes = tv_tensors.BoundingBoxes(torch.from_numpy(xyxy), format="XYXY", canvas_size=(H, W))

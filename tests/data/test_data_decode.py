@@ -5,7 +5,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from dino_scale.data.decode import ImageDecodeError, decode_image, sizes_agree, verify_image_bytes
 
@@ -137,3 +137,106 @@ def test_data_decode_unidentified_bytes_message_is_the_same_every_time():
         messages.add(str(e.value))
     (message,) = messages
     assert "0x" not in message and "BytesIO" not in message and "PIL" in message, message
+
+
+def _tagged(orientation: int, hw: tuple[int, int]) -> tuple[bytes, np.ndarray]:
+    """A JPEG stored as ``hw`` (h, w) with a white block at the top left of its stored pixels and
+    EXIF ``orientation``; also its upright pixels as displayed."""
+    h, w = hw
+    raw = np.zeros((h, w, 3), np.uint8)
+    raw[:h // 2, :w // 4] = 255
+    im = Image.fromarray(raw)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    data = _encode(im, "JPEG", exif=exif.tobytes(), quality=98)
+    return data, np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+
+
+def _block_box(pixels: np.ndarray) -> list[float]:
+    """x, y, w, h of the white block in ``pixels`` (H, W, 3)."""
+    ys, xs = np.nonzero(pixels[..., 0] > 127)
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())]
+
+
+# (orientation, stored h, w); the annotation is made on the stored or the upright pixels
+_CASES = [(3, (12, 32)), (6, (12, 32)), (3, (16, 16)), (6, (16, 16))]
+
+
+@pytest.mark.parametrize("orientation, hw", _CASES)
+@pytest.mark.parametrize("annotated_on", ["stored", "upright"])
+@pytest.mark.parametrize("mode", ["auto", "stored", "upright"])
+def test_data_decode_exif_orientation_setting_decides_the_pixel_grid(mode, annotated_on, orientation, hw):
+    """``data.exif_orientation``: ``stored`` never applies the tag (the official DINO's reading, for
+    COCO/Objects365), ``upright`` always does (labelling tools), ``auto`` lets the sizes decide and
+    turns a tie (orientation 3; 6 on a square image) upright. The annotated box (the white block
+    on the grid it was annotated on) lands on the block through DetectionTransform when the mode
+    reads that grid; a non-square image annotated on the other grid is a counted size_mismatch.
+    Before the setting, decoding always followed ``auto``: a COCO-style orientation-3 image
+    annotated on its stored pixels came out rotated 180 degrees, its box on black pixels."""
+    from dino_scale.config import preset
+    from dino_scale.data.transforms import DetectionTransform
+
+    data, upright = _tagged(orientation, hw)
+    stored = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    truth = stored if annotated_on == "stored" else upright
+    H, W = truth.shape[:2]
+    square, turns = hw[0] == hw[1], orientation in (5, 6, 7, 8)
+    if mode == "auto":
+        reads = "stored" if (annotated_on == "stored" and turns and not square) else "upright"
+    else:
+        reads = mode
+    expected_pixels = stored if reads == "stored" else upright
+    arr = decode_image(data, expected_size=(W, H), exif_orientation=mode)
+    assert np.array_equal(arr, expected_pixels), f"not the {reads} grid"
+    assert verify_image_bytes(data, (W, H)) is None  # conversion accepts either grid, whatever the mode
+    assert np.array_equal(decode_image(data, exif_orientation=mode), upright)  # predict: as displayed
+    rec = {"image_id": 7, "image": data, "width": W, "height": H, "file_name": "r.jpg",
+           "boxes": np.array([_block_box(truth)], np.float32), "category_ids": np.array([1]),
+           "iscrowd": np.array([False])}
+    cfg = preset("tiny", [f"data.exif_orientation={mode}"]).data
+    if expected_pixels.shape != truth.shape:
+        with pytest.raises(ImageDecodeError, match=f"size_mismatch.*exif_orientation={mode}"):
+            DetectionTransform(cfg, train=False)(rec)
+        return
+    s = DetectionTransform(cfg, train=False)(rec)
+    img, (cx, cy, bw, bh) = s["image"], s["boxes"][0].tolist()
+    h, w = img.shape[-2:]
+    x1, x2 = int(round((cx - bw / 2) * w)), int(round((cx + bw / 2) * w))
+    y1, y2 = int(round((cy - bh / 2) * h)), int(round((cy + bh / 2) * h))
+    on_block = img[0, y1 + 1:y2 - 1, x1 + 1:x2 - 1].float().mean() > 200
+    assert on_block == (reads == annotated_on), "the box is not on the block" if reads == annotated_on else reads
+
+
+@pytest.mark.parametrize("orientation, hw, tie", [(3, (12, 32), True), (2, (12, 32), True), (6, (16, 16), True),
+                                                  (8, (16, 16), True), (6, (12, 32), False), (1, (12, 32), False)])
+def test_data_decode_exif_tie_is_counted_once_per_image_and_warned_once(orientation, hw, tie, caplog, monkeypatch):
+    """With ``auto``, an image whose tag keeps its size is a tie the sizes cannot decide: it was
+    turned upright silently; now its id is counted once (``DetectionTransform.exif_ties``) and the
+    first one in the process is a warning naming ``data.exif_orientation``. ``stored``/``upright``
+    decide, so nothing is counted."""
+    import logging
+
+    from dino_scale.config import preset
+    from dino_scale.data import transforms
+    from dino_scale.data.decode import exif_tie
+
+    monkeypatch.setattr(transforms, "_tie_warned", False)
+    data, _ = _tagged(orientation, hw)
+    h, w = hw
+    assert exif_tie((w, h), orientation, (w, h)) == tie
+    rec = {"image_id": 3, "image": data, "width": w, "height": h, "file_name": "r.jpg",
+           "boxes": np.array([[0, 0, 2, 2]], np.float32), "category_ids": np.array([1]),
+           "iscrowd": np.array([False])}
+    t = transforms.DetectionTransform(preset("tiny").data, train=False)
+    with caplog.at_level(logging.DEBUG, logger="dino_scale.data.transforms"):
+        for epoch in range(2):
+            t(rec, epoch=epoch)
+            t({**rec, "image_id": 4}, epoch=epoch)
+    assert t.exif_ties == ({3, 4} if tie else set())
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == int(tie) and all("data.exif_orientation=stored" in r.getMessage() for r in warnings)
+    assert len([r for r in caplog.records if r.levelno == logging.DEBUG and "image id 4" in r.getMessage()]) == int(tie)
+    for mode in ("stored", "upright") if tie else ():  # the setting decides a tie: nothing to count
+        decided = transforms.DetectionTransform(preset("tiny", [f"data.exif_orientation={mode}"]).data, train=False)
+        decided(rec)
+        assert decided.exif_ties == set()

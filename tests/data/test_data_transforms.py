@@ -147,6 +147,7 @@ def test_data_resize_keeps_a_thin_strip_non_empty():
     ("data.eval_size=0", "data.eval_size"),
     ("data.train_max_size=0", "data.train_max_size"),  # silently: every training image 1 pixel short
     ("data.pad_multiple=-32", "data.pad_multiple"),  # collate: 'The size of tensor a (224) must match'
+    ("data.exif_orientation=raw", "data.exif_orientation must be one of auto, stored, upright"),
 ])
 def test_data_bad_augmentation_settings_refused_before_the_run(override, key):
     """A bad augmentation size failed only where a sample was drawn (in the Ray Data tasks of a

@@ -16,7 +16,7 @@ _LAZY = {
     "DetectionTransform": "transforms", "normalize_batch": "transforms", "dino_resize_size": "transforms",
     "collate": "collate", "collate_numpy_batch": "collate", "LocalLoader": "loader", "iter_samples": "loader",
     "build_train_dataset": "ray_data", "build_eval_dataset": "ray_data", "decode_skips": "ray_data",
-    "set_epoch": "ray_data", "current_epoch": "ray_data",
+    "exif_ties": "ray_data", "set_epoch": "ray_data", "current_epoch": "ray_data",
     "generate_synthetic": "synthetic",
 }
 

@@ -26,7 +26,9 @@ seeded by (seed, pass number) so a run repeats its orders, else every pass has t
 (what exact resume needs: a restarted run executes the dataset from pass 0 again).
 Images that fail to decode are dropped from the stream, logged with their id and
 counted by a named actor: :func:`decode_skips`; so are training records that hold a category
-id their manifest does not list (reason ``unknown_category``).
+id their manifest does not list (reason ``unknown_category``). Images whose EXIF orientation the
+annotated size cannot decide (a tie under ``data.exif_orientation=auto``: turned upright, not
+dropped) are counted apart, once per image id: :func:`exif_ties`.
 """
 from __future__ import annotations
 
@@ -52,11 +54,13 @@ from .records import (
 # the map tasks run _ToSample: it imports the transform where it runs (each such actor was
 # importing torch and torchvision, ~5 s of CPU and a few hundred MB each, on the driver's node).
 
-__all__ = ["build_train_dataset", "build_eval_dataset", "decode_skips", "set_epoch", "current_epoch",
+__all__ = ["build_train_dataset", "build_eval_dataset", "decode_skips", "exif_ties", "set_epoch", "current_epoch",
            "block_order_seed", "unreadable_shard"]
 
 log = logging.getLogger(__name__)
 _COUNTER_PREFIX = "dino_scale_decode_skips:"
+_TIES_PREFIX = "dino_scale_exif_ties:"
+_MAX_TIE_IDS = 100_000  # ids kept (each counted once); past that, further ids are not counted
 _handles: dict[tuple[str, str, str], Any] = {}
 
 
@@ -82,6 +86,23 @@ class _SkipCounter:
 
     def get(self) -> dict[str, Any]:
         return {"count": self.count, "by_reason": dict(self.by_reason), "image_ids": sorted(self.image_ids)}
+
+
+@ray.remote(num_cpus=0)
+class _TieCounter:
+    def __init__(self):
+        self.image_ids: set[int] = set()
+        self.capped = False
+
+    def add(self, image_ids: list[int]) -> None:
+        for i in image_ids:
+            if len(self.image_ids) >= _MAX_TIE_IDS and int(i) not in self.image_ids:
+                self.capped = True
+                continue
+            self.image_ids.add(int(i))
+
+    def get(self) -> dict[str, Any]:
+        return {"count": len(self.image_ids), "image_ids": sorted(self.image_ids)[:10000], "capped": self.capped}
 
 
 @ray.remote(num_cpus=0)
@@ -138,6 +159,14 @@ def decode_skips(stats_name: str = "train") -> dict[str, Any]:
     return ray.get(_counter(stats_name).get.remote())
 
 
+def exif_ties(stats_name: str = "train") -> dict[str, Any]:
+    """Images whose EXIF orientation tag keeps their size, read with ``data.exif_orientation=auto``
+    (a tie the annotated size cannot decide; turned upright): ``{"count", "image_ids", "capped"}``,
+    each image once whatever the passes (``capped``: more than 100,000, the rest not counted). A
+    count above 0 says to choose ``stored`` (COCO/Objects365) or ``upright`` (labelling tools)."""
+    return ray.get(_named_actor(_TieCounter, _TIES_PREFIX + stats_name).get.remote())
+
+
 class _ToSample:
     """Picklable batch function: record rows -> sample rows (bad images dropped and counted)."""
 
@@ -189,6 +218,9 @@ class _ToSample:
             out["orig_size"].append(s["orig_size"].numpy())
             out["size"].append(s["size"].numpy())
             out["epoch"].append(epoch)
+        ties = self.transform.take_new_exif_ties()
+        if ties:
+            _named_actor(_TieCounter, _TIES_PREFIX + self.stats_name).add.remote(ties)
         return {k: (_column(v) if k in ("image", "boxes", "labels") else np.asarray(v, dtype=np.int64).reshape(
             len(v), 2) if k in ("orig_size", "size") else np.asarray(v, dtype=np.int64)) for k, v in out.items()}
 

@@ -155,12 +155,14 @@ class DetectionTransform:
         self.category_ids = None if category_ids is None else frozenset(int(c) for c in category_ids)
         self.exif_orientation = str(getattr(cfg, "exif_orientation", "auto"))
         self.exif_ties: set[int] = set()  # ids of images decoded upright by a tie ("auto")
+        self._new_ties: list[int] = []  # those not yet handed on (take_new_exif_ties)
 
     def _note_tie(self, image_id: int, orientation: int) -> None:
         global _tie_warned
         if image_id in self.exif_ties:
             return
         self.exif_ties.add(image_id)
+        self._new_ties.append(image_id)
         if _tie_warned:
             log.debug("image id %s: EXIF orientation %d keeps its size: turned upright (auto)", image_id, orientation)
             return
@@ -171,6 +173,11 @@ class DetectionTransform:
                     "data.exif_orientation=stored for COCO/Objects365 (the official DINO's reading) or =upright "
                     "for images annotated by tools that apply EXIF (labelme, Label Studio, Roboflow)",
                     image_id, orientation)
+
+    def take_new_exif_ties(self) -> list[int]:
+        """Ids added to ``exif_ties`` since the last call (for a counter shared across processes)."""
+        new, self._new_ties = self._new_ties, []
+        return new
 
     # -- geometry ------------------------------------------------------------------
     @staticmethod

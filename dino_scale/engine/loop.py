@@ -256,9 +256,12 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             m["grad_norm"] = norm
         if rank == 0:
             try:  # images dropped at decode time (counted by the data layer)
-                from dino_scale.data.ray_data import decode_skips
+                from dino_scale.data.ray_data import decode_skips, exif_ties
 
                 m["data_skipped"] = int(decode_skips("train")["count"])
+                ties = int(exif_ties("train")["count"])  # EXIF ties read upright (data.exif_orientation=auto)
+                if ties:
+                    m["data_exif_ties"] = ties
             except Exception:
                 pass
         if tracker is not None:

@@ -366,3 +366,41 @@ def _shard_damaged_at_its_size_refused_when_built(tmp_path):
         build_train_dataset(out, preset("tiny").data, epoch=0, stats_name="train_renamed_test")
     with pytest.raises(ShardError, match=needle):
         build_eval_dataset(out, preset("tiny").data, stats_name="eval_renamed_test")
+
+
+def test_data_ray_exif_ties_counted_once_per_image(ray_session, tmp_path):
+    """Under ``data.exif_orientation=auto`` an image whose EXIF tag keeps its size (here 3, rotate
+    180) is a tie the annotated size cannot decide: it was turned upright silently; the Ray
+    datasets now count each such image once, over passes and tasks (:func:`exif_ties`), apart from
+    the decode skips (it is not dropped). ``stored`` decides, so nothing is counted."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from dino_scale.data import build_eval_dataset, decode_skips, exif_ties
+
+    root = tmp_path / "img"
+    root.mkdir()
+    images, anns = [], []
+    for i in range(1, 6):
+        im = Image.new("RGB", (30, 12), (i * 40, 0, 0))
+        exif = im.getexif()
+        exif[0x0112] = 3 if i <= 3 else 1  # three ties, two untagged images
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+        (root / f"{i}.jpg").write_bytes(buf.getvalue())
+        images.append({"id": i, "file_name": f"{i}.jpg", "width": 30, "height": 12})
+        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [0, 0, 5, 6], "area": 30, "iscrowd": 0})
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}]}))
+    out = tmp_path / "shards"
+    convert_coco(ann, root, out, embed_images=True, progress=False)
+    for mode, expected in (("auto", [1, 2, 3]), ("stored", [])):
+        cfg = preset("tiny", [f"data.exif_orientation={mode}"]).data
+        name = f"eval_ties_{mode}_test"
+        for _ in range(2):  # two passes: each image is counted once
+            assert len(build_eval_dataset(out, cfg, stats_name=name).take_all()) == 5
+        ties = exif_ties(name)
+        assert ties["image_ids"] == expected and ties["count"] == len(expected) and not ties["capped"]
+        assert decode_skips(name)["count"] == 0

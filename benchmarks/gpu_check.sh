@@ -11,13 +11,16 @@
 #     train       r50_4scale bf16 + TF32 + regional compile: train bs 2 and 8, inference bs 1
 #                 (extra args replace these train_step.py arguments)
 #     graphs      r50_4scale inference through one CUDA graph (GraphedDetector)
+#     graphs-swinl  the same for swinl_4scale
 #     tests-models  parity on CUDA (three presets), matcher, GraphedDetector tests
 #     regions     REGION_RUNS (default "stack reduce-overhead") for r50_4scale
 #     presets     r50_5scale and swinl_4scale, train bs 2 + inference (bf16 + TF32 + compile)
 #     profile     benchmarks/profile_step.py, r50_4scale bf16 bs 2 (phases, op tables, syncs)
 #     ("tests" = tests-msda,tests-models; "all" = "session"; "none": the machine description only)
 #     An unknown step or REGION_RUNS entry is refused (exit 2) before anything runs.
-#   session = tests-msda,msda,train,graphs,tests-models,regions,presets,profile
+#   session = tests-msda,msda,train,graphs,tests-models,graphs-swinl,presets,regions,profile
+#   Estimates are the H200 times of 2026-12-04 plus a margin (build 28 s cold, tests-msda 27,
+#   msda 17, train 222, graphs 34, tests-models 39, preset r50_5scale 84, swinl_4scale 167).
 #
 # Environment: OUT (default benchmarks/results/gpu_<time>; a dry run: none), BUDGET_S (default 540: seconds after
 # which no step starts; each step's timeout is cut to what is left), DRY_RUN=1 (print the plan
@@ -34,7 +37,7 @@ plan=${1:-session}; shift || true
 steps=()
 for s in ${plan//,/ }; do
   case $s in
-    all|session) steps+=(tests-msda msda train graphs tests-models regions presets profile) ;;
+    all|session) steps+=(tests-msda msda train graphs tests-models graphs-swinl presets regions profile) ;;
     tests) steps+=(tests-msda tests-models) ;;
     none) ;;  # the machine description only (GPU, torch), packed like any run
     *) steps+=("$s") ;;
@@ -42,7 +45,7 @@ for s in ${plan//,/ }; do
 done
 # a mistyped step would be found only at its turn, after the build and the steps before it had
 # spent the call: refuse it before anything runs
-KNOWN_STEPS=" tests-msda msda train graphs tests-models regions presets profile "
+KNOWN_STEPS=" tests-msda msda train graphs graphs-swinl tests-models regions presets profile "
 for s in "${steps[@]}"; do
   [[ $KNOWN_STEPS == *" $s "* ]] || { echo "gpu_check.sh: unknown step '$s' (steps:${KNOWN_STEPS% }; or session, tests, all, none)" >&2; exit 2; }
 done
@@ -108,14 +111,16 @@ say "plan: ${steps[*]} (budget ${BUDGET_S} s)"
 R50=(--preset r50_4scale --precision bf16 --tf32 --compile)
 for s in "${steps[@]}"; do
   case $s in
-    tests-msda) step tests-msda 45 200 python3 -m pytest -q -p no:cacheprovider --maxfail=30 -o addopts="" \
+    tests-msda) step tests-msda 35 200 python3 -m pytest -q -p no:cacheprovider --maxfail=30 -o addopts="" \
                   tests/ops/test_ops_msda_cuda.py tests/ops/test_level_shapes.py ;;
-    msda) step msda 45 180 python3 benchmarks/msda.py --out "$WORK/msda.json" ;;
+    msda) step msda 25 180 python3 benchmarks/msda.py --out "$WORK/msda.json" ;;
     train) if (( $# )); then args=("$@"); else args=("${R50[@]}"); fi
-           step train 150 330 python3 benchmarks/train_step.py --out "$WORK/train.json" "${args[@]}" ;;
-    graphs) step graphs 80 200 python3 benchmarks/train_step.py --batch-sizes "" --cuda-graphs "${R50[@]}" \
+           step train 240 330 python3 benchmarks/train_step.py --out "$WORK/train.json" "${args[@]}" ;;
+    graphs) step graphs 45 200 python3 benchmarks/train_step.py --batch-sizes "" --cuda-graphs "${R50[@]}" \
               --out "$WORK/graphs.json" ;;
-    tests-models) step tests-models 90 240 python3 -m pytest -q -p no:cacheprovider --maxfail=30 -o addopts="" \
+    graphs-swinl) step graphs-swinl 60 200 python3 benchmarks/train_step.py --batch-sizes "" --cuda-graphs \
+                    --preset swinl_4scale --precision bf16 --tf32 --compile --out "$WORK/graphs_swinl.json" ;;
+    tests-models) step tests-models 50 240 python3 -m pytest -q -p no:cacheprovider --maxfail=30 -o addopts="" \
                     tests/models/test_parity.py tests/models/test_matcher.py tests/models/test_cuda_graph.py ;;
     regions)
       for run in ${REGION_RUNS:-stack reduce-overhead}; do
@@ -125,11 +130,12 @@ for s in "${steps[@]}"; do
           reduce-overhead) args=(--compile-granularity layer --compile-mode reduce-overhead) ;;
           *) say "regions: unknown REGION_RUNS entry $run (layer | stack | reduce-overhead)"; continue ;;
         esac
-        step "regions-$run" 150 330 python3 benchmarks/train_step.py "${R50[@]}" "${args[@]}" --out "$WORK/regions_$run.json"
+        step "regions-$run" 240 330 python3 benchmarks/train_step.py "${R50[@]}" "${args[@]}" --out "$WORK/regions_$run.json"
       done ;;
     presets)
       for p in r50_5scale swinl_4scale; do
-        step "preset-$p" 150 330 python3 benchmarks/train_step.py --preset "$p" --precision bf16 --tf32 --compile \
+        est=100; [[ $p == swinl_4scale ]] && est=180
+        step "preset-$p" "$est" 330 python3 benchmarks/train_step.py --preset "$p" --precision bf16 --tf32 --compile \
           --batch-sizes 2 --out "$WORK/preset_$p.json"
       done ;;
     profile) step profile 120 240 python3 benchmarks/profile_step.py --tf32 --compile --out "$WORK/profile" ;;

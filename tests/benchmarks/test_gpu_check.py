@@ -14,8 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-SESSION = ["build", "tests-msda", "msda", "train", "graphs", "tests-models", "regions-stack",
-           "regions-reduce-overhead", "preset-r50_5scale", "preset-swinl_4scale", "profile"]
+SESSION = ["build", "tests-msda", "msda", "train", "graphs", "tests-models", "graphs-swinl",
+           "preset-r50_5scale", "preset-swinl_4scale", "regions-stack", "regions-reduce-overhead", "profile"]
 
 
 def _run(tmp_path, *args, **env):

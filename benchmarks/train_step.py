@@ -151,10 +151,26 @@ def bench_preset(name: str, args, device) -> list[Row]:
         infer = lambda: graphed(images, masks, sizes)  # noqa: E731 - captured on the first warm-up call
     times = _time(infer, args.warmup, args.iters, device)
     if args.cuda_graphs:
-        note = "cuda graph" if graphed.stats["replays"] else "cuda graph not used (see log)"
+        note = graph_note(graphed, device)
     med = statistics.median(times)
     rows.append(Row(name, "infer", 1, args.precision, med, 1 / med, _peak_gib(device), len(times), note))
     return rows
+
+
+def graph_note(graphed, device, limit: int = 220) -> str:
+    """A row's note on its ``GraphedDetector``: "cuda graph" when replayed, else why not (the
+    capture failure's type, message and place, kept in the JSON), at most ``limit`` chars."""
+    if graphed.stats["replays"]:
+        return "cuda graph"
+    reason = graphed.last_capture_failure or (
+        f"{device.type} device, ran eagerly" if device.type != "cuda" else "no capture attempted")
+    note = f"cuda graph not used: {reason}"
+    if len(note) <= limit:
+        return note
+    head, sep, at = note.rpartition(" (at ")  # shorten the message, keep where it was raised
+    if not sep or len(sep + at) > limit // 2:
+        return note[:limit - 3] + "..."
+    return head[:limit - 3 - len(sep + at)] + "..." + sep + at
 
 
 def table(rows: list[Row], device_name: str) -> str:

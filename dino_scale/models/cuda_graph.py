@@ -4,9 +4,10 @@ At batch 1 a DINO forward launches a few thousand small kernels and the GPU wait
 host between them (profiled on an H100: host-bound). A CUDA graph replays the whole launch
 sequence with one call. Graphs need fixed shapes and a forward with no host synchronization
 and no host-to-device copy; the model's forward satisfies both after one call at a given
-size (tests/models/test_cuda_graph.py proves it on the meta device: no read-back, no host
-tensor reaches an op). Serving and benchmarks with fixed (padded) input sizes benefit;
-evaluation over COCO's many image sizes does not (one graph per size).
+size (tests/models/test_cuda_graph.py proves it on the meta device and on a fake CUDA
+device: no read-back, no host tensor reaches an op). Serving and benchmarks with fixed
+(padded) input sizes benefit; evaluation over COCO's many image sizes does not (one graph
+per size).
 
     graphed = GraphedDetector(model.eval(), postprocess, amp_dtype=torch.bfloat16)
     results = graphed(images, masks, target_sizes)   # list of {scores, labels, boxes}
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
@@ -25,10 +27,39 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GraphedDetector"]
+__all__ = ["GraphedDetector", "describe_failure"]
 
 _log = logging.getLogger(__name__)
 Result = Union[Dict[str, Tensor], List[Dict[str, Tensor]]]
+
+
+def _frame(f: traceback.FrameSummary) -> str:
+    parts = f.filename.replace("\\", "/").split("/")
+    return f"{'/'.join(parts[-2:])}:{f.lineno}"
+
+
+def describe_failure(exc: BaseException, limit: int = 400) -> str:
+    """One line, at most ``limit`` characters: ``"Type: message (at file:line; dino_scale
+    file:line)"`` - the exception's lines joined by " | ", where it was raised (innermost frame
+    of it or of its cause), and the innermost dino_scale frame on the way (the model code that
+    made the call) when that differs."""
+    msg = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    root, frames, seen = exc, [], set()
+    while root is not None and id(root) not in seen:
+        seen.add(id(root))
+        frames += traceback.extract_tb(root.__traceback__)
+        root = root.__cause__
+    where = []
+    if frames:
+        where.append(_frame(frames[-1]))
+        own = [f for f in frames if "/dino_scale/" in f.filename.replace("\\", "/")
+               and not f.filename.endswith("cuda_graph.py")]
+        if own and own[-1] is not frames[-1]:
+            where.append("dino_scale " + _frame(own[-1]))
+    at = f" (at {'; '.join(where)})" if where else ""
+    head = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+    room = max(limit - len(at), 40)
+    return (head if len(head) <= room else head[:room - 3] + "...") + at
 
 
 @dataclass
@@ -52,8 +83,11 @@ class GraphedDetector:
     recently used dropped); graphs share one memory pool, which is safe because replays are
     serialized on the caller's stream and outputs are copied out before returning. Each new
     key costs ``warmup_iters`` eager calls on a side stream plus the capture. ``amp_dtype``
-    runs the forward under autocast (with its weight cache off, as capture requires). A capture
-    failure logs a warning and that key runs eagerly from then on (``strict=True`` raises).
+    runs the forward under autocast with its weight cache off in every call (capture requires it;
+    torch.compile'd regions guard on that setting, so one setting for warm-up, capture and eager
+    calls means they compile in the warm-up, never inside the capture). A capture failure logs a
+    warning, is kept in ``last_capture_failure`` (one line: type, message, where it was raised;
+    :func:`describe_failure`), and that key runs eagerly from then on (``strict=True`` raises).
     The model must be in eval mode (no dropout, no denoising) and must not be modified while
     graphs exist: a graph keeps reading the parameters' storage it saw at capture, so copy new
     weights in place (``load_state_dict``) rather than replacing parameters.
@@ -77,18 +111,19 @@ class GraphedDetector:
         self._eager_keys: set = set()
         self._pool = None
         self.stats = {"captures": 0, "replays": 0, "eager_calls": 0, "evicted": 0, "capture_failures": 0}
+        self.last_capture_failure: Optional[str] = None  # "Type: message (at file:line ...)", latest
 
     # -- the function that is captured ------------------------------------------------------
-    def _autocast(self, device: torch.device, capturing: bool):
+    def _autocast(self, device: torch.device):
         if self.amp_dtype is None or not torch.amp.is_autocast_available(device.type):
             return contextlib.nullcontext()
-        # the autocast weight cache would hold casts made inside the capture: keep it off
-        return torch.autocast(device.type, dtype=self.amp_dtype, cache_enabled=not capturing)
+        # the autocast weight cache would hold casts made inside the capture: keep it off, in
+        # every call alike (dynamo guards on it: a change would recompile inside the capture)
+        return torch.autocast(device.type, dtype=self.amp_dtype, cache_enabled=False)
 
     @torch.no_grad()
-    def _forward(self, images: Tensor, masks: Tensor, sizes: Optional[Tensor],
-                 capturing: bool = False) -> Tuple[Tensor, ...]:
-        with self._autocast(images.device, capturing):
+    def _forward(self, images: Tensor, masks: Tensor, sizes: Optional[Tensor]) -> Tuple[Tensor, ...]:
+        with self._autocast(images.device):
             out = self.model(images, masks)
         logits, boxes = out["pred_logits"].float(), out["pred_boxes"].float()
         if sizes is None or self.postprocess is None:
@@ -141,21 +176,23 @@ class GraphedDetector:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):  # warm-up: builds/loads kernels, fills shape caches
-                for _ in range(self.warmup_iters):
+                for _ in range(self.warmup_iters):  # compiled regions compile here, not in the capture
                     self._forward(static_images, static_masks, static_sizes)
             torch.cuda.current_stream(device).wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                outputs = self._forward(static_images, static_masks, static_sizes, capturing=True)
+                outputs = self._forward(static_images, static_masks, static_sizes)
         except Exception as exc:  # noqa: BLE001 - the key falls back to eager, loudly
             self.stats["capture_failures"] += 1
+            self.last_capture_failure = describe_failure(exc)
             if self.strict:
                 raise
             self._eager_keys.add(key)
-            _log.warning("CUDA-graph capture failed for input %s (%s: %s); running this size eagerly",
-                         key[0], type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            _log.warning("CUDA-graph capture failed for input %s (%s); running this size eagerly",
+                         key[0], self.last_capture_failure)
+            _log.debug("CUDA-graph capture failure for input %s", key[0], exc_info=exc)
             return None
         entry = _Captured(graph, static_images, static_masks, static_sizes, outputs)
         self._graphs[key] = entry

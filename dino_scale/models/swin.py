@@ -26,6 +26,8 @@ import torch.utils.checkpoint
 from torch import nn
 from timm.layers import DropPath, Mlp, trunc_normal_
 
+from dino_scale.ops.level_shapes import cached_level_tensors
+
 from .weights_file import download_weights, read_safetensors, read_torch_file
 
 logger = logging.getLogger(__name__)
@@ -59,20 +61,27 @@ def window_reverse(windows: torch.Tensor, ws: int, H: int, W: int) -> torch.Tens
     return x.contiguous().view(B, H, W, -1)
 
 
+def shifted_window_regions(Hp: int, Wp: int, ws: int, shift: int, device=None) -> torch.Tensor:
+    """(nW, ws*ws) uint8 region id 0..8 per token per window of a padded (Hp,Wp) map rolled by
+    -shift: 3 bands per axis split at -ws and -shift from the end (the original's slice-filled
+    ``img_mask``; shift 0: one band). Made on ``device``; SwinStage caches it per size."""
+    def band(n: int) -> torch.Tensor:  # (n,) 0 | 1 | 2; shift 0: slice(-0, None) is everything
+        i = torch.arange(n, device=device)
+        return torch.full_like(i, 2) if shift == 0 else torch.where(i >= n - shift, 2, (i >= n - ws).long())
+    img = (3 * band(Hp)[:, None] + band(Wp)[None, :]).to(torch.uint8)[None, :, :, None]
+    return window_partition(img, ws).view(-1, ws * ws)
+
+
+def window_mask(regions: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """regions (nW, N) -> (nW, N, N) additive mask: 0 within a region, -100 across."""
+    return torch.where(regions[:, None, :] != regions[:, :, None], MASK_VALUE, 0.0).to(dtype)
+
+
 def shifted_window_mask(Hp: int, Wp: int, ws: int, shift: int, device=None,
                         dtype=torch.float32) -> torch.Tensor:
     """(nW, ws*ws, ws*ws) additive mask for shifted windows of a padded (Hp,Wp) map:
     0 within the same region, -100 across regions (original Swin semantics)."""
-    img = torch.zeros(1, Hp, Wp, 1, device=device, dtype=dtype)
-    cnt = 0
-    slices = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
-    for h in slices:
-        for w in slices:
-            img[:, h, w, :] = cnt
-            cnt += 1
-    win = window_partition(img, ws).view(-1, ws * ws)
-    diff = win.unsqueeze(1) - win.unsqueeze(2)
-    return diff.masked_fill(diff != 0, MASK_VALUE).masked_fill(diff == 0, 0.0)
+    return window_mask(shifted_window_regions(Hp, Wp, ws, shift, device), dtype)
 
 
 class WindowAttention(nn.Module):
@@ -196,7 +205,10 @@ class SwinStage(nn.Module):
     def forward(self, x: torch.Tensor, H: int, W: int):
         ws = self.window_size
         Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
-        mask = shifted_window_mask(Hp, Wp, ws, self.shift_size, device=x.device)
+        s = self.shift_size  # region table made once per (size, device): no per-forward construction
+        regions = cached_level_tensors("swin_regions", ((Hp, Wp), (ws, s)), x.device, lambda _, dev: (
+            shifted_window_regions(Hp, Wp, ws, s, dev),))[0]
+        mask = window_mask(regions)
         for blk in self.blocks:
             if self.use_checkpoint and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(blk, x, H, W, mask, use_reentrant=False)

@@ -4,24 +4,44 @@ call at a given size, DINO's forward makes no host read-back and feeds no host t
 The property is checked on the meta device (CPU-only CI): a meta tensor has no data, so any
 read-back (``.item()``, ``.tolist()``, ``nonzero``, a copy to the host) raises, and a
 dispatch mode records every op that receives a host tensor. The real presets run there at
-their real input size in milliseconds. The capture itself needs a GPU (tests at the bottom).
+their real input size in milliseconds. Some host tensors appear only for CUDA tensors (e.g.
+``t[idx] = number`` builds the number as a host tensor when ``t`` is on a GPU), so the same
+check also runs on a fake CUDA device (FakeTensorMode: CUDA tensors without data or a GPU).
+``GraphedDetector._capture`` runs on the CPU with stand-ins for the stream and graph calls (its
+warm-up, its failure record). The capture itself needs a GPU (tests at the bottom).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import traceback
+
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from dino_scale.config import preset
 from dino_scale.models import build_dino
-from dino_scale.models.cuda_graph import GraphedDetector
+from dino_scale.models import transformer as transformer_module
+from dino_scale.models.cuda_graph import GraphedDetector, describe_failure
+from dino_scale.models.deformable_attention import MSDeformAttn
+from dino_scale.ops import level_shapes
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def _model_frame() -> str:
+    """The innermost dino_scale frame of the current stack, as 'file.py:line'."""
+    for f in reversed(traceback.extract_stack()):
+        if "/dino_scale/" in f.filename.replace("\\", "/"):
+            return f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
+    return "?"
+
+
 class HostTensorRecorder(TorchDispatchMode):
-    """Records (op, stack summary) for every op that receives a CPU tensor."""
+    """Records "op at file:line" (innermost dino_scale frame) for every op that receives a CPU tensor."""
 
     def __init__(self):
         super().__init__()
@@ -32,7 +52,7 @@ class HostTensorRecorder(TorchDispatchMode):
         kwargs = kwargs or {}
         leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if any(t.device.type == "cpu" for t in leaves):
-            self.host_ops.append(str(func))
+            self.host_ops.append(f"{func} at {_model_frame()}")
         out = func(*args, **kwargs)
         if any(t.device.type == "cpu" for t in leaves) and any(
                 isinstance(o, torch.Tensor) and o.device.type == "meta" for o in tree_leaves(out)):
@@ -70,6 +90,71 @@ def test_eval_forward_and_postprocess_are_capture_safe(name, h, w):
             results = post(out, sizes)
     assert rec.host_ops == [], f"host tensors reached {rec.host_ops[:5]}"
     assert out["pred_boxes"].shape == (1, model.num_queries, 4)
+    assert results[0]["boxes"].shape[-1] == 4
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """A FakeTensorMode for CUDA tensors (no GPU needed), with the per-size caches emptied before
+    and after (entries made here hold fake tensors) and plain copies for the cache fills (fake
+    tensors cannot be pinned)."""
+    level_shapes.clear_level_cache()
+    for module in (level_shapes, transformer_module):
+        monkeypatch.setattr(module, "host_to_device", lambda host, device: host.to(device))
+    yield FakeTensorMode(allow_non_fake_inputs=True)
+    level_shapes.clear_level_cache()
+
+
+def _to_fake_cuda(model: torch.nn.Module) -> None:
+    """Replace a meta model's parameters and buffers by fake CUDA tensors (no values)."""
+    for m in model.modules():
+        for n, p in m._parameters.items():
+            if p is not None:
+                m._parameters[n] = torch.nn.Parameter(torch.empty_like(p, device="cuda"), p.requires_grad)
+        for n, b in m._buffers.items():
+            if b is not None:
+                m._buffers[n] = torch.zeros_like(b, device="cuda")
+        if isinstance(m, MSDeformAttn):
+            m.backend = "pytorch"  # the extension has no fake kernel (and would be built)
+
+
+@contextlib.contextmanager
+def _cuda_autocast(dtype):
+    """torch.autocast("cuda") refuses without a GPU; the dispatch state it sets works on fake
+    CUDA tensors. Weight cache off, as GraphedDetector runs."""
+    state = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"), torch.is_autocast_cache_enabled())
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", dtype)
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled("cuda", state[0])
+        torch.set_autocast_dtype("cuda", state[1])
+        torch.set_autocast_cache_enabled(state[2])
+
+
+@pytest.mark.parametrize("name", ["swinl_4scale", "r50_4scale"])
+def test_eval_forward_and_postprocess_are_capture_safe_on_a_fake_cuda_device(name, fake_cuda):
+    """What GraphedDetector captures (bf16 forward + post-processing), second call at a size, on
+    CUDA tensors: no host tensor reaches an op, nothing is read back (a fake tensor has no data:
+    ``.item()``, ``nonzero`` raise). Was: the Swin shifted-window mask filled its regions with
+    ``img[:, h, w, :] = cnt`` every forward, 36 host scalars per forward (swin.py)."""
+    _, model, post = _meta_model(name)
+    model.eval()
+    with fake_cuda:
+        _to_fake_cuda(model)
+        images = torch.empty(1, 3, 256, 384, device="cuda")
+        masks = torch.zeros(1, 256, 384, dtype=torch.bool, device="cuda")
+        sizes = torch.empty(1, 2, device="cuda")
+        with torch.no_grad(), _cuda_autocast(torch.bfloat16):
+            model(images, masks)  # warm-up: fills the per-size caches (host copies allowed)
+            rec = HostTensorRecorder()
+            with rec:
+                out = model(images, masks)
+                results = post({k: out[k].float() for k in ("pred_logits", "pred_boxes")}, sizes)
+    assert rec.host_ops == [], f"{len(rec.host_ops)} ops got host tensors: {sorted(set(rec.host_ops))[:5]}"
+    assert out["pred_boxes"].device.type == "cuda" and out["pred_logits"].dtype == torch.bfloat16
     assert results[0]["boxes"].shape[-1] == 4
 
 
@@ -132,6 +217,116 @@ def test_rejects_training_mode_and_bad_masks(tiny):
             GraphedDetector(model)(images, masks)
     finally:
         model.eval()
+
+
+class _CaptureStandIns:
+    """Stand-ins for the torch.cuda stream and graph calls of ``GraphedDetector._capture``, so its
+    warm-up and capture run (eagerly) on the CPU. ``capturing`` is True inside the capture block;
+    ``on_capture()`` runs when it begins."""
+
+    def __init__(self, monkeypatch, on_capture=lambda: None):
+        self.capturing = False
+        stand_ins = self
+
+        class Stream:
+            def __init__(self, *args, **kwargs):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        @contextlib.contextmanager
+        def graph(cuda_graph, pool=None, **kwargs):
+            on_capture()
+            stand_ins.capturing = True
+            try:
+                yield
+            finally:
+                stand_ins.capturing = False
+
+        for name, value in {"Stream": Stream, "current_stream": lambda device=None: Stream(),
+                            "stream": lambda s: contextlib.nullcontext(), "graph_pool_handle": lambda: None,
+                            "CUDAGraph": type("CUDAGraph", (), {}), "graph": graph}.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+def _capture_key(images, sizes):
+    return (tuple(images.shape), images.dtype, str(images.device), True, sizes.dtype)
+
+
+def test_warm_up_compiles_what_the_capture_runs(monkeypatch):
+    """A torch.compile'd region compiles during the warm-up, never inside the capture: dynamo
+    guards on the autocast weight-cache flag, so a capture run with the cache off after a warm-up
+    with it on recompiled every region inside the capture (was: 1 compile there)."""
+    torch.manual_seed(0)
+    model, _, post = build_dino(preset("tiny").model)
+    model.eval()
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(stand_ins.capturing)
+        return gm.forward
+
+    stand_ins = _CaptureStandIns(monkeypatch)
+    torch._dynamo.reset()
+    model.backbone[0].compile(backend=counting_backend)
+    try:
+        graphed = GraphedDetector(model, post, amp_dtype=torch.bfloat16)
+        images, masks, sizes = _batch(0, h=96, w=128)
+        entry = graphed._capture(_capture_key(images, sizes), images, masks, sizes)
+    finally:
+        torch._dynamo.reset()
+    assert entry is not None and graphed.stats["captures"] == 1, graphed.last_capture_failure
+    assert compiles and not any(compiles), f"compiles (True = inside the capture): {compiles}"
+
+
+def test_capture_failure_is_kept_with_its_place(tiny, monkeypatch, caplog):
+    """A failed capture keeps "Type: message (at file:line...)" in ``last_capture_failure`` (and
+    the warning says the same); the size then runs eagerly; ``strict`` raises after recording."""
+    model, post = tiny
+    message = "CUDA error: operation not permitted when stream is capturing\nCUDA kernel errors might be async"
+
+    def fail_in_capture(module, args):
+        if stand_ins.capturing:
+            raise RuntimeError(message)
+
+    stand_ins = _CaptureStandIns(monkeypatch)
+    handle = model.backbone[0].register_forward_pre_hook(fail_in_capture)
+    try:
+        graphed = GraphedDetector(model, post)
+        images, masks, sizes = _batch(0)
+        key = _capture_key(images, sizes)
+        with caplog.at_level(logging.WARNING, logger="dino_scale.models.cuda_graph"):
+            assert graphed._capture(key, images, masks, sizes) is None
+        failure = graphed.last_capture_failure
+        assert failure.startswith("RuntimeError: CUDA error: operation not permitted when stream is "
+                                  "capturing | CUDA kernel errors might be async (at "), failure
+        assert "test_cuda_graph.py:" in failure and "dino_scale models/" in failure and len(failure) <= 400
+        assert failure in caplog.text
+        assert key in graphed._eager_keys and graphed.stats["capture_failures"] == 1
+        strict = GraphedDetector(model, post, strict=True)
+        with pytest.raises(RuntimeError, match="stream is capturing"):
+            strict._capture(key, images, masks, sizes)
+        assert strict.last_capture_failure.split(" (at ")[0] == failure.split(" (at ")[0]
+    finally:
+        handle.remove()
+
+
+def test_describe_failure_follows_the_cause_and_fits_its_limit():
+    def inner():
+        raise ValueError("x" * 500)
+
+    try:
+        try:
+            inner()
+        except ValueError as e:
+            raise RuntimeError("backend='inductor' raised:\nValueError: xxx") from e
+    except RuntimeError as exc:
+        text = describe_failure(exc, limit=200)
+    assert text.startswith("RuntimeError: backend='inductor' raised: | ValueError: xxx (at ")
+    line = inner.__code__.co_firstlineno + 1
+    assert text.endswith(f"test_cuda_graph.py:{line})"), text  # where the cause was raised
+    assert len(describe_failure(ValueError("y" * 1000), limit=200)) <= 200
 
 
 # -- GraphedDetector on a GPU -------------------------------------------------------------------

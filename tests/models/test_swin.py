@@ -162,6 +162,59 @@ def test_shifted_window_mask_values():
     assert (mask[0] == 0).all()
 
 
+def _slice_filled_mask(Hp, Wp, ws, shift, dtype=torch.float32):
+    """The original Swin's construction (and this module's before the region table): regions
+    filled slice by slice into a zeros map, windowed, pairwise differences masked."""
+    img = torch.zeros(1, Hp, Wp, 1, dtype=dtype)
+    slices = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
+    for cnt, (h, w) in enumerate((h, w) for h in slices for w in slices):
+        img[:, h, w, :] = cnt
+    win = S.window_partition(img, ws).view(-1, ws * ws)
+    diff = win.unsqueeze(1) - win.unsqueeze(2)
+    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+
+
+@pytest.mark.parametrize("ws", [1, 2, 3, 4, 7, 12])
+def test_shifted_window_mask_equals_the_slice_filled_construction(ws):
+    for shift in sorted({0, 1, ws // 2, ws - 1, ws, ws + 1}):
+        for Hp, Wp in [(ws, ws), (ws, 3 * ws), (2 * ws, ws), (5 * ws, 3 * ws)]:
+            for dtype in (torch.float32, torch.bfloat16):
+                got = S.shifted_window_mask(Hp, Wp, ws, shift, dtype=dtype)
+                ref = _slice_filled_mask(Hp, Wp, ws, shift, dtype)
+                assert got.dtype == ref.dtype and torch.equal(got, ref), (Hp, Wp, ws, shift, dtype)
+
+
+def test_stage_makes_its_region_table_once_per_size():
+    """The per-size table is cached on the device: a second forward at a size runs no factory
+    (arange/full) and no indexing assignment, as a CUDA-graph capture needs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from dino_scale.ops.level_shapes import clear_level_cache
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    stage = S.SwinStage(16, 2, 2, 4, 4.0, [0.0, 0.0], downsample=False).eval()
+    x = torch.randn(1, 9 * 13, 16)
+    clear_level_cache()
+    with torch.no_grad():
+        first = Ops()
+        with first:
+            ref = stage(x, 9, 13)[0]
+        again = Ops()
+        with again:
+            out = stage(x, 9, 13)[0]
+    clear_level_cache()
+    assert any(n.startswith("arange") for n in first.names)
+    assert not [n for n in again.names if n.startswith(("arange", "full", "fill", "zeros", "index_put"))]
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 def test_patch_merging_order_and_odd_padding():
     torch.manual_seed(0)
     pm = S.PatchMerging(3)

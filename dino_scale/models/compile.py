@@ -235,7 +235,6 @@ def compile_regions(model: nn.Module, backbone: bool = True, mode: Optional[str]
     options = _options(mode, dynamic, backend)
     if mode == "reduce-overhead":
         _mark_step_per_forward(model)
-    _watch_recompile_limit()
     _load_msda_extension(model)
     names = []
     for name, module in model.named_modules():

@@ -173,7 +173,7 @@ def load_backbone_weights(backbone: nn.Module, path_or_url: str) -> dict:
     """
     features = backbone[0] if isinstance(backbone, Joiner) else backbone
     if not isinstance(features, ResNetBackbone):  # Swin: its own loader (original or timm keys)
-        from .swin import load_swin_imagenet_weights
+        from .swin_weights import load_swin_imagenet_weights
 
         report = load_swin_imagenet_weights(features, path_or_url, strict=True)
         return {"loaded": len(report.loaded), "ignored": list(report.dropped)}

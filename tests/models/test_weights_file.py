@@ -57,7 +57,7 @@ def test_model_loaders_name_a_cut_short_file(tmp_path):
     from dino_scale.models import build_dino
     from dino_scale.models.backbone import load_backbone_weights
     from dino_scale.models.official import load_official_checkpoint
-    from dino_scale.models.swin import _read_state_dict
+    from dino_scale.models.swin_weights import _read_state_dict
 
     pth = tmp_path / "checkpoint0033_4scale.pth"
     torch.save({"model": {"a": torch.ones(3)}}, pth)
@@ -93,7 +93,7 @@ def test_unreachable_or_missing_url_names_the_url(tmp_path, monkeypatch):
 
     from dino_scale.config import preset
     from dino_scale.models.backbone import build_backbone, load_backbone_weights
-    from dino_scale.models.swin import _read_state_dict
+    from dino_scale.models.swin_weights import _read_state_dict
     from dino_scale.models.weights_file import WeightsDownloadError
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
@@ -119,7 +119,7 @@ def test_a_directory_given_as_weights_file_says_so(tmp_path):
     """A folder was reported as 'not found' (it exists)."""
     from dino_scale.config import preset
     from dino_scale.models.backbone import build_backbone, load_backbone_weights
-    from dino_scale.models.swin import _read_state_dict
+    from dino_scale.models.swin_weights import _read_state_dict
 
     with pytest.raises(IsADirectoryError, match=rf"{tmp_path}: a directory"):
         load_backbone_weights(build_backbone(preset("tiny").model), str(tmp_path))

@@ -23,6 +23,9 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 
 from dino_scale.ops.level_shapes import cached_level_tensors
 
+# ImageNet weights (original Swin repo layout or timm's) live in swin_weights.py; re-exported here
+from .swin_weights import SwinLoadReport, convert_swin_state_dict, load_swin_imagenet_weights  # noqa: F401
+
 MASK_VALUE = -100.0
 
 
@@ -312,6 +315,3 @@ def swin_large_384(out_indices: Sequence[int] = (1, 2, 3), drop_path_rate: float
     return SwinTransformerDetection(192, (2, 2, 18, 2), (6, 12, 24, 48), 12, 4.0, drop_path_rate,
                                     out_indices, use_checkpoint)
 
-
-# ImageNet weights (original Swin repo layout or timm's): dino_scale/models/swin_weights.py
-from .swin_weights import SwinLoadReport, convert_swin_state_dict, load_swin_imagenet_weights  # noqa: E402,F401

@@ -16,7 +16,8 @@ worker's share (a streaming split; every row goes to exactly one worker per epoc
 
 Augmentation is seeded by (seed, epoch, image_id): the same image in the same epoch
 gets the same draws on any worker count. Which epoch: by default (``epoch=None``) a
-small named actor holds the current epoch of the dataset, and the training loop calls
+small named actor (one per ``stats_name``, on the driver's node; it also keeps the counts
+below) holds the current epoch of the dataset, and the training loop calls
 ``set_epoch(e)`` (from any or every worker, before iterating its shard for epoch ``e``);
 each preprocessing batch reads it once. Or fix it: ``epoch=e``; ``num_epochs > 1``
 then gives the union of epochs ``e .. e+num_epochs-1``. Rows carry ``epoch``.
@@ -25,7 +26,7 @@ and ``reshuffle_each_epoch=True`` every pass (execution) of the dataset draws a 
 seeded by (seed, pass number) so a run repeats its orders, else every pass has the same order
 (what exact resume needs: a restarted run executes the dataset from pass 0 again).
 Images that fail to decode are dropped from the stream, logged with their id and
-counted by a named actor: :func:`decode_skips`; so are training records that hold a category
+counted by that actor: :func:`decode_skips`; so are training records that hold a category
 id their manifest does not list (reason ``unknown_category``). Images whose EXIF orientation the
 annotated size cannot decide (a tie under ``data.exif_orientation=auto``: turned upright, not
 dropped) are counted apart, once per image id: :func:`exif_ties`.
@@ -58,8 +59,7 @@ __all__ = ["build_train_dataset", "build_eval_dataset", "decode_skips", "exif_ti
            "block_order_seed", "unreadable_shard"]
 
 log = logging.getLogger(__name__)
-_COUNTER_PREFIX = "dino_scale_decode_skips:"
-_TIES_PREFIX = "dino_scale_exif_ties:"
+_STATS_PREFIX = "dino_scale_data_stats:"
 _MAX_TIE_IDS = 100_000  # ids kept (each counted once); past that, further ids are not counted
 _handles: dict[tuple[str, str, str], Any] = {}
 
@@ -74,81 +74,69 @@ def _session_key(name: str) -> tuple[str, str, str]:
 
 
 @ray.remote(num_cpus=0)
-class _SkipCounter:
-    def __init__(self):
-        self.count, self.by_reason, self.image_ids = 0, {}, []
+class _DataStats:
+    """The bookkeeping of the datasets built with one ``stats_name``, in one actor (one process
+    on the driver's node, where three actors each took one): the epoch the next pass draws
+    (``set_epoch``), the images dropped at decode time and their reasons (:func:`decode_skips`),
+    and the ids of EXIF ties (:func:`exif_ties`, each image once)."""
 
-    def record(self, image_id: int, reason: str) -> None:
-        self.count += 1
-        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
-        if len(self.image_ids) < 10000:
-            self.image_ids.append(int(image_id))
-
-    def get(self) -> dict[str, Any]:
-        return {"count": self.count, "by_reason": dict(self.by_reason), "image_ids": sorted(self.image_ids)}
-
-
-@ray.remote(num_cpus=0)
-class _TieCounter:
-    def __init__(self):
-        self.image_ids: set[int] = set()
-        self.capped = False
-
-    def add(self, image_ids: list[int]) -> None:
-        for i in image_ids:
-            if len(self.image_ids) >= _MAX_TIE_IDS and int(i) not in self.image_ids:
-                self.capped = True
-                continue
-            self.image_ids.add(int(i))
-
-    def get(self) -> dict[str, Any]:
-        return {"count": len(self.image_ids), "image_ids": sorted(self.image_ids)[:10000], "capped": self.capped}
-
-
-@ray.remote(num_cpus=0)
-class _EpochClock:
     def __init__(self):
         self.epoch = 0
+        self.skips, self.skips_by_reason, self.skipped_ids = 0, {}, []
+        self.tie_ids: set[int] = set()
+        self.ties_capped = False
 
-    def set(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def get(self) -> int:
+    def get_epoch(self) -> int:
         return self.epoch
 
+    def record_skip(self, image_id: int, reason: str) -> None:
+        self.skips += 1
+        self.skips_by_reason[reason] = self.skips_by_reason.get(reason, 0) + 1
+        if len(self.skipped_ids) < 10000:
+            self.skipped_ids.append(int(image_id))
 
-def _named_actor(cls, name: str):
-    """The session's actor ``name`` of ``cls``, created on first use, pinned to the caller's
-    node. The datasets' builders call this on the driver, so these actors live on the
-    driver's node (the head, for a Ray job) and survive the loss of any training node, after
+    def get_skips(self) -> dict[str, Any]:
+        return {"count": self.skips, "by_reason": dict(self.skips_by_reason), "image_ids": sorted(self.skipped_ids)}
+
+    def add_ties(self, image_ids: list[int]) -> None:
+        for i in image_ids:
+            if len(self.tie_ids) >= _MAX_TIE_IDS and int(i) not in self.tie_ids:
+                self.ties_capped = True
+                continue
+            self.tie_ids.add(int(i))
+
+    def get_ties(self) -> dict[str, Any]:
+        return {"count": len(self.tie_ids), "image_ids": sorted(self.tie_ids)[:10000], "capped": self.ties_capped}
+
+
+def _stats(stats_name: str):
+    """The session's :class:`_DataStats` actor of ``stats_name``, created on first use, pinned to
+    the caller's node. The datasets' builders call this on the driver, so the actor lives on the
+    driver's node (the head, for a Ray job) and survives the loss of any training node, after
     which a restarted run calls ``set_epoch`` again. Left to the scheduler (or with a soft
-    affinity) Ray 2.60 put them on other nodes of a 3-node cluster, and a restart after that
-    node's loss failed with ``ActorDiedError``. A hard affinity cannot leave them pending: they
-    need no CPU, and the caller's node is alive."""
+    affinity) Ray 2.60 put such actors on other nodes of a 3-node cluster, and a restart after
+    that node's loss failed with ``ActorDiedError``. A hard affinity cannot leave it pending: it
+    needs no CPU, and the caller's node is alive."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    name = _STATS_PREFIX + stats_name
     key = _session_key(name)
     if key not in _handles:
         here = NodeAffinitySchedulingStrategy(node_id=key[0], soft=False)
-        _handles[key] = cls.options(name=name, get_if_exists=True, scheduling_strategy=here).remote()
+        _handles[key] = _DataStats.options(name=name, get_if_exists=True, scheduling_strategy=here).remote()
     return _handles[key]
-
-
-def _clock(name: str):
-    return _named_actor(_EpochClock, "dino_scale_data_epoch:" + name)
 
 
 def set_epoch(epoch: int, stats_name: str = "train") -> None:
     """Make the next pass over datasets built with ``epoch=None`` use ``epoch``'s draws."""
-    ray.get(_clock(stats_name).set.remote(int(epoch)))
+    ray.get(_stats(stats_name).set_epoch.remote(int(epoch)))
 
 
 def current_epoch(stats_name: str = "train") -> int:
-    return int(ray.get(_clock(stats_name).get.remote()))
-
-
-def _counter(name: str):
-    return _named_actor(_SkipCounter, _COUNTER_PREFIX + name)
+    return int(ray.get(_stats(stats_name).get_epoch.remote()))
 
 
 def decode_skips(stats_name: str = "train") -> dict[str, Any]:
@@ -156,7 +144,7 @@ def decode_skips(stats_name: str = "train") -> dict[str, Any]:
 
     Counts accumulate over every pass over datasets built with this ``stats_name``
     (a row that fails is counted once per epoch it is read in)."""
-    return ray.get(_counter(stats_name).get.remote())
+    return ray.get(_stats(stats_name).get_skips.remote())
 
 
 def exif_ties(stats_name: str = "train") -> dict[str, Any]:
@@ -164,7 +152,7 @@ def exif_ties(stats_name: str = "train") -> dict[str, Any]:
     (a tie the annotated size cannot decide; turned upright): ``{"count", "image_ids", "capped"}``,
     each image once whatever the passes (``capped``: more than 100,000, the rest not counted). A
     count above 0 says to choose ``stored`` (COCO/Objects365) or ``upright`` (labelling tools)."""
-    return ray.get(_named_actor(_TieCounter, _TIES_PREFIX + stats_name).get.remote())
+    return ray.get(_stats(stats_name).get_ties.remote())
 
 
 class _ToSample:
@@ -203,13 +191,13 @@ class _ToSample:
                 rec = record_from_row(row)
             except (TypeError, ValueError) as e:  # a column of another type: the shard's footer was changed
                 log.warning("decode: skipping a record of image id %r (damaged: %s)", row.get("image_id"), e)
-                _counter(self.stats_name).record.remote(-1, "damaged")
+                _stats(self.stats_name).record_skip.remote(-1, "damaged")
                 continue
             try:
                 s = self.transform(rec, epoch=epoch)
             except ImageDecodeError as e:
                 log.warning("decode: skipping image id %s (%s)", rec["image_id"], e)
-                _counter(self.stats_name).record.remote(rec["image_id"], e.reason)
+                _stats(self.stats_name).record_skip.remote(rec["image_id"], e.reason)
                 continue
             out["image"].append(np.ascontiguousarray(s["image"].numpy()))
             out["boxes"].append(s["boxes"].numpy())
@@ -220,7 +208,7 @@ class _ToSample:
             out["epoch"].append(epoch)
         ties = self.transform.take_new_exif_ties()
         if ties:
-            _named_actor(_TieCounter, _TIES_PREFIX + self.stats_name).add.remote(ties)
+            _stats(self.stats_name).add_ties.remote(ties)
         return {k: (_column(v) if k in ("image", "boxes", "labels") else np.asarray(v, dtype=np.int64).reshape(
             len(v), 2) if k in ("orig_size", "size") else np.asarray(v, dtype=np.int64)) for k, v in out.items()}
 
@@ -332,8 +320,7 @@ def build_train_dataset(data_dir, data_cfg, image_root: Roots = None, epoch: Opt
     dataset from pass 0 and must see the orders of the first run."""
     override = image_root or data_cfg.image_root
     known = category_ids(data_dir)  # a record holding another id is a counted skip (its label is bad)
-    _counter(stats_name)  # create the actors from the driver so tasks find them
-    _clock(stats_name)
+    _stats(stats_name)  # created from the driver, on its node (tasks and workers find it by name)
     if epoch is None:
         if num_epochs != 1:
             raise ValueError("num_epochs > 1 needs a fixed start epoch")
@@ -354,7 +341,7 @@ def build_eval_dataset(data_dir, data_cfg, image_root: Roots = None, stats_name:
     """Eval rows (resize to ``eval_size``/``eval_max_size``, no flip/crop), in shard order.
     Image roots per folder as in :func:`build_train_dataset`."""
     ds, root = _read_records(data_dir, image_root or data_cfg.image_root, override_num_blocks)
-    _counter(stats_name)
+    _stats(stats_name)
     return ds.map_batches(_ToSample(data_cfg, False, root, 0, stats_name), batch_size=_BATCH,
                           batch_format="pyarrow")
 

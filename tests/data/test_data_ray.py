@@ -404,3 +404,13 @@ def test_data_ray_exif_ties_counted_once_per_image(ray_session, tmp_path):
         ties = exif_ties(name)
         assert ties["image_ids"] == expected and ties["count"] == len(expected) and not ties["capped"]
         assert decode_skips(name)["count"] == 0
+    # one bookkeeping actor per stats name (epoch, skips and ties; was an actor each), on the
+    # driver's node: the ties' actor was created by the first map task that found one, on its node
+    import ray
+    import ray._private.state as ray_state
+
+    actors = [a for a in ray_state.actors().values() if a["Name"].startswith("dino_scale_")
+              and a["State"] == "ALIVE" and a["Name"].endswith(("_auto_test", "_stored_test"))]
+    assert sorted(a["Name"] for a in actors) == ["dino_scale_data_stats:eval_ties_auto_test",
+                                                 "dino_scale_data_stats:eval_ties_stored_test"], actors
+    assert {a["Address"]["NodeID"] for a in actors} == {ray.get_runtime_context().get_node_id()}

@@ -381,7 +381,7 @@ def test_a_resume_that_skips_the_backbone_file_restores_every_tensor(tmp_path):
     of the checkpoint after the resume, frozen weights and buffers included, on every resume:
     also a universal load (ZeRO-2, 2 -> 1 workers), which skips the module state dict (the frozen
     tensors come from the checkpoint's frozen.safetensors), and under fp16 (the fp32 originals,
-    not their fp16 copies; the module holds those copies rounded). A checkpoint without
+    not their fp16 copies; the module holds those copies rounded; ZeRO 0, 2 and 3). A checkpoint without
     frozen.safetensors (written before) keeps the build's frozen tensors under a universal load:
     resume_restores_every_tensor says so, which is why the backbone file is read there."""
     import shutil
@@ -390,14 +390,14 @@ def test_a_resume_that_skips_the_backbone_file_restores_every_tensor(tmp_path):
 
     from dino_scale.engine.elastic import holds_frozen_tensors, resume_restores_every_tensor
 
-    saves = {1: "0,1,2,3,0h,2h", 2: "2,3,2h"}  # one launch per saved worker count (case folders apart)
+    saves = {1: "0,1,2,3,0h,2h,3h", 2: "2,3,2h"}  # one launch per saved worker count (case folders apart)
     saved = {w: {r["case"]: r for r in run_ranks(_RESTORE_SCRIPT, w, "save", str(tmp_path / f"w{w}"), cases)}
              for w, cases in saves.items()}
     for case in ("2", "2h"):  # as written before the frozen tensors were saved
         shutil.copytree(tmp_path / f"w2/case{case}", tmp_path / f"w2/case{case}o")
         (tmp_path / f"w2/case{case}o/frozen.safetensors").unlink()
     checked = 0
-    for saved_world, world, cases in [(1, 1, "0,1,2,3,0h,2h"), (2, 2, "3,2h"), (2, 1, "2,2h,2o,2ho")]:
+    for saved_world, world, cases in [(1, 1, "0,1,2,3,0h,2h,3h"), (2, 2, "3,2h"), (2, 1, "2,2h,2o,2ho")]:
         loaded = run_ranks(_RESTORE_SCRIPT, world, "load", str(tmp_path / f"w{saved_world}"), cases)
         assert [r["case"] for r in loaded] == cases.split(",")
         for res in loaded:
@@ -419,4 +419,4 @@ def test_a_resume_that_skips_the_backbone_file_restores_every_tensor(tmp_path):
                 rounded = torch.tensor(ref["state"]["frozen.weight"]).to(torch.float16 if "h" in case else None)
                 assert torch.equal(torch.tensor(res["module"]["frozen.weight"]), rounded.float()), case
                 assert res["module"]["stat"] == ref["state"]["stat"], case
-    assert res["universal"] and checked == 10
+    assert res["universal"] and checked == 11

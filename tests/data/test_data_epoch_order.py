@@ -33,8 +33,7 @@ def test_data_epoch_block_order_reseeds_only_when_asked(monkeypatch, reshuffle):
     calls: list = []
     monkeypatch.setattr(ray_data, "_read_records", lambda *a: (_PlanStub(calls), None))
     monkeypatch.setattr(ray_data, "category_ids", lambda data_dir: [1])  # no manifest to read
-    monkeypatch.setattr(ray_data, "_counter", lambda name: None)
-    monkeypatch.setattr(ray_data, "_clock", lambda name: None)
+    monkeypatch.setattr(ray_data, "_stats", lambda name: None)  # the bookkeeping actor: no Ray here
     cfg = preset("tiny").data
     kw = {"reshuffle_each_epoch": reshuffle} if reshuffle else {}  # the default keeps the fixed order
     ray_data.build_train_dataset("unused", cfg, **kw)

@@ -405,7 +405,7 @@ def test_data_ray_exif_ties_counted_once_per_image(ray_session, tmp_path):
         assert ties["image_ids"] == expected and ties["count"] == len(expected) and not ties["capped"]
         assert decode_skips(name)["count"] == 0
     # one bookkeeping actor per stats name (epoch, skips and ties; was an actor each), on the
-    # driver's node: the ties' actor was created by the first map task that found one, on its node
+    # driver's node (was: the ties' actor made by the first map task that found one, on its node)
     import ray
     import ray._private.state as ray_state
 

@@ -1,6 +1,8 @@
 """The lr schedule follows the data position (windows consumed, skipped ones included), not the
-count of applied optimizer steps: a real DeepSpeed engine on 2 gloo ranks, ZeRO 0 and 2, and the
-loop end to end (Ray Train, the lr logged to MLflow)."""
+count of applied optimizer steps: a real DeepSpeed engine on 2 gloo ranks, ZeRO 0 and 2. The loop
+end to end (Ray Train, a skipped first window, the lr logged to MLflow) is part of one run in
+tests/engine/test_engine_ray.py (``test_nan_steps_skipped_lr_follows_the_data_position_then_abort``),
+sharing that run's Ray Train start-up."""
 from __future__ import annotations
 
 import sys
@@ -137,34 +139,3 @@ def test_window_position_counts_every_window_of_the_epochs_before():
     assert [window_position(0, m, 3, 2) for m in range(1, 7)] == [0, 0, 1, 1, 2, 2]
     assert window_position(2, 1, 3, 2) == 6 and window_position(1, 5, 3, 2) == 5
     assert window_position(1, 3, 3, 1) == 5
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_fit_logs_the_lr_of_the_data_position_after_a_skipped_window(tmp_path, monkeypatch):
-    """The loop end to end (Ray Train, 2 workers, accumulation 2, 2 steps per epoch, x0.1 at epoch
-    1): the first window's 2 micro-batches are non-finite, so the run's 3 steps are positions 1,
-    2, 3 and the logged lrs 1x, 0.1x, 0.1x (was 1x, 1x, 0.1x: the drop a step late, in epoch 1's
-    last step)."""
-    from mlflow.tracking import MlflowClient
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from engine_fixtures import RaySession, make_data, small_cfg, unique
-    from mlflow_store import seeded_store
-
-    from dino_scale.engine import fit
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    train_dir, _ = make_data(tmp_path / "data")
-    cfg = small_cfg(**{"train.global_batch_size": 8, "train.epochs": 2, "train.schedule": "step",
-                       "train.lr_drop_epochs": [1], "train.warmup_steps": 0, "train.lr": 1e-3,
-                       "train.max_bad_steps": 5})
-    seeded_store(tmp_path / "work")
-    with RaySession(num_cpus=4):
-        result = fit(cfg, train_dir, None, tmp_path / "work", unique("lrpos"), experiment="engine-test",
-                     test_hooks={"nan_micro_steps": [1, 2]}, progress=False)
-    assert result.metrics["step"] == 3 and result.metrics["bad_steps_total"] == 2, result.metrics
-    client = MlflowClient(f"sqlite:///{(tmp_path / 'work' / 'mlflow.db').resolve()}")
-    lrs = {m.step: m.value for m in client.get_metric_history(result.run_id, "lr")}
-    assert sorted(lrs) == [1, 2, 3], lrs
-    assert [lrs[s] for s in (1, 2, 3)] == pytest.approx([1e-3, 1e-4, 1e-4], rel=1e-9), lrs

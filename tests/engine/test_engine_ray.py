@@ -2,7 +2,7 @@
 
 One Ray session (and the host-wide Ray lock) serves the module. Runs: ZeRO-3 with a
 real MLflow server that is stopped mid-run, with distributed evaluation (also the reference
-of the resume test); NaN steps skipped then an abort under bf16 + ZeRO-1; ZeRO-3 exact resume
+of the resume test); NaN steps skipped (the lr following the data position) then an abort under bf16 + ZeRO-1; ZeRO-3 exact resume
 after a worker is SIGKILLed; the evaluation pipeline of a registered model (an eval-only run).
 """
 from __future__ import annotations
@@ -208,9 +208,14 @@ def test_zero3_fit_eval_and_mlflow_server_outage(zero3_reference, data):
 
 
 @pytest.mark.timeout(600)
-def test_nan_steps_skipped_then_abort(ray_session, data, tmp_path, monkeypatch):
-    """bf16 + ZeRO-1, accumulation 2: one NaN micro-batch is skipped and counted; two in a row
-    abort clearly, and the abort's checkpoint resumes at the aborted window's start."""
+def test_nan_steps_skipped_lr_follows_the_data_position_then_abort(ray_session, data, tmp_path, monkeypatch):
+    """bf16 + ZeRO-1, accumulation 2, 2 steps per epoch, 2 epochs, lr x0.1 at epoch 1. Non-finite
+    micro-batches 1, 2 (the first window: skipped whole), 6 (a window applied with its other
+    micro-batch), 7, 8 (with 6: 3 in a row, across a window boundary): skips are counted and
+    training goes on, the lr of each applied step is that of its data position (step 2, the
+    first of epoch 1, at 0.1x; was 1x: the scheduler counted applied steps only, so the drop
+    came a step late), 3 in a row abort clearly, and the abort's checkpoint resumes at the
+    aborted window's start with the guard as it was there."""
     from mlflow.tracking import MlflowClient
 
     from dino_scale.engine import fit
@@ -218,26 +223,31 @@ def test_nan_steps_skipped_then_abort(ray_session, data, tmp_path, monkeypatch):
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     train_dir, _ = data
-    cfg = small_cfg(**{"train.zero_stage": 1, "train.precision": "bf16", "train.max_bad_steps": 2,
-                       "train.global_batch_size": 8})
-    # 4 micro-batches per worker and epoch, accumulation 2: the first window [NaN, ok] is a step,
-    # the second [NaN, NaN] aborts (2 in a row)
-    hooks = {"nan_micro_steps": [1, 3, 4]}
+    cfg = small_cfg(**{"train.zero_stage": 1, "train.precision": "bf16", "train.max_bad_steps": 3,
+                       "train.global_batch_size": 8, "train.epochs": 2, "train.schedule": "step",
+                       "train.lr_drop_epochs": [1], "train.warmup_steps": 0, "train.lr": 1e-3})
+    # 4 micro-batches per worker and epoch (8 in the run), windows [1 2] [3 4] | [5 6] [7 8]
+    hooks = {"nan_micro_steps": [1, 2, 6, 7, 8]}
     seeded_store(tmp_path / "work")
-    with pytest.raises(BadStepError, match=r"2 consecutive non-finite loss steps.*3 skipped in total"):
+    with pytest.raises(BadStepError, match=r"3 consecutive non-finite loss steps.*5 skipped in total"):
         fit(cfg, train_dir, None, tmp_path / "work", unique("nan"), experiment="engine-test", test_hooks=hooks,
             progress=False)
-    # the abort's checkpoint resumes at the start of the aborted window, with the guard as it was there
+    # the abort's checkpoint resumes at the start of the aborted window (epoch 1, micro-batch 2),
+    # with the guard as it was there (micro-batch 6 bad, the last before the window)
     (final,) = (tmp_path / "work" / "ray").glob("*/final_*/trainer_state.json")
     state = json.loads(final.read_text())
-    assert (state["global_step"], state["micro_in_epoch"], state["finished"]) == (1, 2, False), state
-    assert state["bad_steps"] == {"total": 1, "consecutive": 0, "grad_consecutive": 0}, state
+    assert (state["global_step"], state["epoch"], state["micro_in_epoch"], state["finished"]) == (2, 1, 2, False), state
+    assert state["bad_steps"] == {"total": 3, "consecutive": 1, "grad_consecutive": 0}, state
     client = MlflowClient(f"sqlite:///{(tmp_path / 'work' / 'mlflow.db').resolve()}")
     runs = client.search_runs([client.get_experiment_by_name("engine-test").experiment_id])
     assert runs[0].info.status == "FAILED" and "consecutive non-finite" in runs[0].data.tags["error"]
-    bad = client.get_metric_history(runs[0].info.run_id, "bad_steps_total")
-    assert max(m.value for m in bad) == 3  # first bad step counted, training went on past it
-    assert any(m.value == 1 and m.step >= 1 for m in bad)
+    run_id = runs[0].info.run_id
+    lrs = {m.step: m.value for m in client.get_metric_history(run_id, "lr")}
+    assert sorted(lrs) == [1, 2], lrs  # the skipped first window is no step
+    assert [lrs[1], lrs[2]] == pytest.approx([1e-3, 1e-4], rel=1e-9), lrs
+    # counted as training went on (step 1 logged at the step and at the epoch's end), the abort's total last
+    bad = {(m.step, m.value) for m in client.get_metric_history(run_id, "bad_steps_total")}
+    assert bad == {(1, 2), (2, 3), (2, 5)}, bad
 
 
 @pytest.mark.timeout(900)

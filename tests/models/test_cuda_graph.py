@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_leaves
 
 from dino_scale.config import preset
 from dino_scale.models import build_dino
-from dino_scale.models import transformer as transformer_module
+from dino_scale.models import level_tables
 from dino_scale.models.cuda_graph import GraphedDetector, describe_failure
 from dino_scale.models.deformable_attention import MSDeformAttn
 from dino_scale.ops import level_shapes
@@ -99,7 +99,7 @@ def fake_cuda(monkeypatch):
     and after (entries made here hold fake tensors) and plain copies for the cache fills (fake
     tensors cannot be pinned)."""
     level_shapes.clear_level_cache()
-    for module in (level_shapes, transformer_module):
+    for module in (level_shapes, level_tables):
         monkeypatch.setattr(module, "host_to_device", lambda host, device: host.to(device))
     yield FakeTensorMode(allow_non_fake_inputs=True)
     level_shapes.clear_level_cache()

@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+import dino_scale.models.level_tables as level_tables
 import dino_scale.models.transformer as transformer_mod
 from dino_scale.config import preset
 from dino_scale.models import build_model
@@ -195,8 +196,8 @@ def test_vectorized_token_grids_equal_the_per_level_formulation_bit_for_bit():
     flat = torch.cat([m.flatten(1) for m in masks], 1)
     memory = torch.randn(2, flat.shape[1], 4)
     want_props, want_refs, want_ratios = _per_level_reference(memory, flat, shapes)
-    counts = transformer_mod.valid_counts(masks)
-    ratios = counts.float() / transformer_mod.token_tables(shapes, "cpu")[2]
+    counts = level_tables.valid_counts(masks)
+    ratios = counts.float() / level_tables.token_tables(shapes, "cpu")[2]
     assert torch.equal(ratios, want_ratios)
     assert torch.equal(transformer_mod.DeformableEncoder.reference_points(shapes, ratios), want_refs)
     for given in (counts, None):  # counts passed in, or read from the flat mask
@@ -221,7 +222,7 @@ def test_flat_valid_counts_equal_the_per_level_counts():
         m[3] = torch.rand(h, w, generator=g) < 0.4      # not a rectangle: counts its first row/column
         masks.append(m)
     flat = torch.cat([m.flatten(1) for m in masks], 1)
-    got = transformer_mod.valid_counts_flat(flat, shapes)
+    got = level_tables.valid_counts_flat(flat, shapes)
     assert got.dtype == torch.long and got.shape == (4, len(shapes), 2)
-    assert torch.equal(got, transformer_mod.valid_counts(masks))
-    assert torch.equal(transformer_mod.valid_counts_flat(flat, torch.tensor(shapes)), got)  # shapes as a tensor
+    assert torch.equal(got, level_tables.valid_counts(masks))
+    assert torch.equal(level_tables.valid_counts_flat(flat, torch.tensor(shapes)), got)  # shapes as a tensor

@@ -2,8 +2,9 @@
 
 One Ray session (and the host-wide Ray lock) serves the module. Runs: ZeRO-3 with a
 real MLflow server that is stopped mid-run, with distributed evaluation (also the reference
-of the resume test); NaN steps skipped (the lr following the data position) then an abort under bf16 + ZeRO-1; ZeRO-3 exact resume
-after a worker is SIGKILLed; the evaluation pipeline of a registered model (an eval-only run).
+of the resume test); NaN steps skipped (the lr following the data position) then an abort
+under bf16 + ZeRO-1; ZeRO-3 exact resume after a worker is SIGKILLed; the evaluation pipeline
+of a registered model (an eval-only run).
 """
 from __future__ import annotations
 

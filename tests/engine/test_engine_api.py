@@ -154,7 +154,7 @@ def test_val_labels_changed_after_conversion_are_refused_before_ray_or_mlflow(da
 def test_a_reused_run_name_is_checked_before_ray_for_training_only(data, tmp_path, monkeypatch):
     """A training run checks, on the driver and before Ray starts, whether its run name resumes a
     checkpoint it cannot load or trained with other settings (engine.elastic.check_restart;
-    exercised for real on a ZeRO-3 run in test_engine_ray, on changed settings in
+    exercised for real on a ZeRO-3 run in test_engine_ray_zero3, on changed settings in
     test_engine_rerun); an eval-only run resumes nothing and skips it. The check and Ray's
     start are replaced by recorders here: this is about the order, which a refactor once broke."""
     from dino_scale.engine import api, elastic, evaluate_weights, fit

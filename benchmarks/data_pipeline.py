@@ -259,7 +259,8 @@ def bench_check(num_images: int, rounds: int, workdir: Path) -> dict:
     root.mkdir(parents=True)
     for i, data in enumerate(_jpegs(num_images, seed=1), 1):
         (root / f"{i}.jpg").write_bytes(data)
-    doc = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 640, "height": 480} for i in range(1, num_images + 1)],
+    doc = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 640, "height": 480}
+                      for i in range(1, num_images + 1)],
            "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [10, 20, 100, 80], "iscrowd": 0}
                            for i in range(1, num_images + 1)], "categories": [{"id": 1, "name": "a"}]}
     (workdir / "ann.json").write_text(json.dumps(doc))
@@ -327,7 +328,8 @@ def main(argv=None) -> None:
             r = bench_conversion(imgs, boxes, a.coco_limit_gb, a.keep, work)
         out["conversion"] = r
         pc = r["pycocotools"]
-        print(f"\n(b) conversion of a {r['json_bytes'] / 1e9:.2f} GB COCO-format JSON ({imgs:,} images, {boxes:,} boxes)")
+        print(f"\n(b) conversion of a {r['json_bytes'] / 1e9:.2f} GB COCO-format JSON "
+              f"({imgs:,} images, {boxes:,} boxes)")
         print(f"{'loader':<28}{'time (s)':>12}{'peak RSS (MB)':>16}  note")
         print(f"load average {r['load_average_after']}; converter CPU time {r['convert_cpu_s'] or 0:.0f} s "
               f"(both processes)")

@@ -188,7 +188,8 @@ def main(argv=None) -> int:
         print(f"{r['call']:8} {r['impl']:16} {r['dtype']:5} {r['queries']:>7} {r['fwd_ms']:>9.3f} "
               f"{r['fwd_bwd_ms']:>11.3f} {peak:>12}")
     report = dict(device=args.device, device_name=dev_name, torch=torch.__version__,
-                  cpu_threads=torch.get_num_threads(), load_avg_1m=os.getloadavg()[0], batch=batch, levels=levels, heads=heads,
+                  cpu_threads=torch.get_num_threads(), load_avg_1m=os.getloadavg()[0], batch=batch, levels=levels,
+                  heads=heads,
                   head_dim=dim, points=points, small=args.small, reps=args.reps,
                   command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                   rows=rows)

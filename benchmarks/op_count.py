@@ -170,7 +170,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         print(f"\n{r['preset']} {r['mode']}: eager glue by function")
         for where, n in list(r["glue_by_function"].items())[:args.top]:
             print(f"  {n:6d}  {where}")
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"op_count_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"op_count_{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"torch": torch.__version__, "args": vars(args), "rows": rows}, indent=2))
     print(f"\nwrote {out}")

@@ -228,7 +228,8 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    cpu_name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name
     rows: list[Row] = []
     for name in args.preset or DEFAULT_PRESETS:
         rows.extend(bench_preset(name, args, device))

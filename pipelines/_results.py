@@ -63,8 +63,8 @@ def register(result, name: str, alias: Optional[str], categories: list[dict],
     """Write ``categories.json`` beside the final weights (so the checkpoint folder maps class
     heads by name too) and log it into the run's model artifact; make sure the artifact holds
     every file of the final folder at its size; register the model as a new version of ``name``
-    and (when ``alias``) point the alias at it. All of it in the store that holds the run (``result.tracking_uri``), whatever
-    MLflow's process-wide URIs say."""
+    and (when ``alias``) point the alias at it. All of it in the store that holds the run
+    (``result.tracking_uri``), whatever MLflow's process-wide URIs say."""
     import json
 
     from dino_scale.tracking.registry import MODEL_ARTIFACT_PATH, register_model, set_alias, store_client

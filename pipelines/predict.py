@@ -247,8 +247,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             res = post(outputs, torch.tensor([[image.size[1], image.size[0]]]))[0]
         dets = []
         # those with a NaN/inf score or box are dropped and counted (drawing one raised; JSON has no NaN)
-        finite, dropped = finite_detections([{"score": s, "category_id": l, "bbox": b} for s, l, b in
-                                             zip(res["scores"].tolist(), res["labels"].tolist(), res["boxes"].tolist())])
+        rows = zip(res["scores"].tolist(), res["labels"].tolist(), res["boxes"].tolist())
+        finite, dropped = finite_detections([{"score": s, "category_id": l, "bbox": b} for s, l, b in rows])
         nonfinite, finite_total = nonfinite + dropped, finite_total + len(finite)
         w, h = image.size
         for score, label, (x1, y1, x2, y2) in ((d["score"], d["category_id"], d["bbox"]) for d in finite):

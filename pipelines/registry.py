@@ -80,8 +80,9 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
     is strictly greater than the current holder's AP (or no version holds the alias).
     A version without a measured AP is never promoted; a current holder without an AP
     tag counts as beaten. When both versions say what their AP was measured on (tags
-    ``eval.data``, ``eval.tta``) and that differs, the APs are not comparable: not promoted. A concurrent promotion from the same holder with a better AP
-    wins the alias back (module docstring)."""
+    ``eval.data``, ``eval.tta``) and that differs, the APs are not comparable: not promoted.
+    A concurrent promotion from the same holder with a better AP wins the alias back (module
+    docstring)."""
     client = client or store_client()
     version = str(version)
     if ap is not None and not math.isnan(ap):

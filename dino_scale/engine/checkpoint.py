@@ -12,7 +12,8 @@ A training checkpoint folder holds
   skips (:mod:`~dino_scale.engine.frozen_state`): every resume restores them from here;
 * ``config.json``: the run's :class:`Config` (what a rerun under the same run name must keep:
   :func:`dino_scale.engine.elastic.check_restart`);
-* ``ema.pt`` (optional; read with ``weights_only``: a pickled object in it is refused, never run) and, in the final checkpoint, ``model.safetensors`` (full fp32 weights).
+* ``ema.pt`` (optional; read with ``weights_only``: a pickled object in it is refused, never
+  run) and, in the final checkpoint, ``model.safetensors`` (full fp32 weights).
 
 Atomicity: every folder is written under a temporary sibling name and renamed into
 place only when complete (``os.rename`` of a directory is atomic on POSIX), single

@@ -167,8 +167,9 @@ def load_backbone_weights(backbone: nn.Module, path_or_url: str) -> dict:
     ``torch.hub.load_state_dict_from_url``); both are read with ``weights_only=True``.
     ResNet: torchvision keys (``conv1.weight``, ``layer1.0...``; ``fc.*`` ignored), optionally
     under ``body.`` / ``backbone.0.body.`` / ``module.`` or inside a ``model``/``state_dict``
-    entry. Swin: delegated to :func:`swin.load_swin_imagenet_weights` (original or timm keys). Every backbone tensor must be present with the right shape and no
-    non-classifier key may be left over; otherwise a ValueError lists what is wrong.
+    entry. Swin: delegated to :func:`swin.load_swin_imagenet_weights` (original or timm keys).
+    Every backbone tensor must be present with the right shape and no non-classifier key may be
+    left over; otherwise a ValueError lists what is wrong.
     Returns {"loaded": n, "ignored": [keys]}.
     """
     features = backbone[0] if isinstance(backbone, Joiner) else backbone

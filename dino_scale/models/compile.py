@@ -224,12 +224,13 @@ def compile_regions(model: nn.Module, backbone: bool = True, mode: Optional[str]
     whole decoder with its box refinement: fewer, larger graphs and fewer calls per step, at a
     longer first compile; not yet timed on a GPU). The levels' flattening, the two-stage query
     selection, the decoder heads and the denoising queries are compiled as regions of their
-    own, and with ``backbone`` all levels' masks and position embeddings (:data:`METHOD_REGIONS`). ``mode`` is torch.compile's:
-    "reduce-overhead" replays each region as CUDA graphs (inputs of a fixed size; a new size
-    records new graphs). ``backend`` is torch.compile's (``"aot_eager"``: traced without code
-    generation, for debugging and quick CPU tests). Returns the compiled regions' names (ones
-    compiled before are skipped). Training and evaluation calls reach separate compiled entries
-    (module doc), so evaluating during training compiles what evaluation alone would."""
+    own, and with ``backbone`` all levels' masks and position embeddings (:data:`METHOD_REGIONS`).
+    ``mode`` is torch.compile's: "reduce-overhead" replays each region as CUDA graphs (inputs of
+    a fixed size; a new size records new graphs). ``backend`` is torch.compile's
+    (``"aot_eager"``: traced without code generation, for debugging and quick CPU tests).
+    Returns the compiled regions' names (ones compiled before are skipped). Training and
+    evaluation calls reach separate compiled entries (module doc), so evaluating during training
+    compiles what evaluation alone would."""
     if granularity not in _GRANULARITY:
         raise ValueError(f"compile granularity must be one of {sorted(_GRANULARITY)}, got {granularity!r}")
     options = _options(mode, dynamic, backend)

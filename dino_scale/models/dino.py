@@ -36,7 +36,8 @@ def check_dn_noise(dn_label_noise_ratio: float, dn_box_noise_scale: float) -> No
     meant as percent replaced every label, silently) and the box noise scale is >= 0 (a negative
     one turned the box noise off without a word). Released: 0.5 and 1.0."""
     if not 0.0 <= dn_label_noise_ratio <= 1.0:
-        raise ValueError(f"dn_label_noise_ratio must be a fraction in [0, 1] (released: 0.5), got {dn_label_noise_ratio}")
+        raise ValueError("dn_label_noise_ratio must be a fraction in [0, 1] (released: 0.5), "
+                         f"got {dn_label_noise_ratio}")
     if not dn_box_noise_scale >= 0.0:
         raise ValueError(f"dn_box_noise_scale must be >= 0 (released: 1.0; 0 turns box noise off), "
                          f"got {dn_box_noise_scale}")

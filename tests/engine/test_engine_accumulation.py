@@ -76,8 +76,8 @@ _WINDOWS = textwrap.dedent("""
                    for p, q in zip(engine.module.parameters(), ref.parameters()))
         moved = max(float((q - q0).abs().max()) for q, q0 in zip(ref.parameters(), init))
         if rank == 0:
-            print("REPORT " + json.dumps({"stage": stage, "accum": accum, "flushed": flushed, "diff": diff, "moved": moved,
-                                          "norms": norms, "ref_norms": ref_norms,
+            print("REPORT " + json.dumps({"stage": stage, "accum": accum, "flushed": flushed, "diff": diff,
+                                          "moved": moved, "norms": norms, "ref_norms": ref_norms,
                                           "engine_steps": engine.global_steps,
                                           "managed": ds["managed_gradient_accumulation"]}), flush=True)
     torch.distributed.destroy_process_group()

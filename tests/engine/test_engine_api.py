@@ -227,7 +227,8 @@ def test_a_run_that_cannot_be_created_fails_before_training(data, tmp_path, monk
 def test_an_interrupted_run_is_marked_killed_not_left_running(data, tmp_path, monkeypatch):
     """Ctrl-C (SIGINT) during training: the MLflow run ends KILLED, tagged with the reason, and the
     interrupt still reaches the caller. Was: ``fit`` ended the run only for an ``Exception``, so a
-    KeyboardInterrupt (or the SystemExit Ray raises for it inside ray.get) left it RUNNING for ever (the MLflow UI showed a live run that was long dead)."""
+    KeyboardInterrupt (or the SystemExit Ray raises for it inside ray.get) left it RUNNING for
+    ever (the MLflow UI showed a live run that was long dead)."""
     import os
     import signal
 
@@ -318,7 +319,8 @@ def test_a_backbone_weights_path_absent_here_is_refused_before_ray_or_mlflow(dat
         cfg = small_cfg(**{"model.backbone_weights": str(path)})
         return fit(cfg, train_dir, val_dir, tmp_path / "work", unique("bb"), progress=False, **kwargs)
 
-    with pytest.raises(ConfigError, match=rf"model.backbone_weights {absent} does not exist.*model.backbone_weights=none"):
+    absent_msg = rf"model.backbone_weights {absent} does not exist.*model.backbone_weights=none"
+    with pytest.raises(ConfigError, match=absent_msg):
         run(absent)
     with pytest.raises(ConfigError, match=rf"model.backbone_weights {tmp_path} is a directory"):
         run(tmp_path)

@@ -218,7 +218,8 @@ _PRECISION_STEP = textwrap.dedent("""
             "trained_changed": sum(not torch.equal(after[k], before[k]) for k in trained),
             "trained": len(trained),
             # the module's copy is the saved weight rounded to its dtype (the masters, for fp16)
-            "module_not_saved_rounded": [k for k in trained if not torch.equal(after[k].to(module[k].dtype), module[k])],
+            "module_not_saved_rounded": [k for k in trained
+                                         if not torch.equal(after[k].to(module[k].dtype), module[k])],
             "saved_finer_than_module": sum(not torch.equal(after[k].to(module[k].dtype).float(), after[k])
                                            for k in trained),
         }), flush=True)

@@ -222,7 +222,8 @@ def test_compiled_criterion_matches_eager_across_box_counts():
         assert list(losses) == list(ref_losses)
         for k in losses:
             torch.testing.assert_close(losses[k], ref_losses[k], rtol=1e-5, atol=1e-7)
-        assert sum(g is not None for g in grads) == 2 * (cfg.dec_layers + 1) + 2 * cfg.dec_layers  # every set + dn layer
+        # every matched set (decoder layers + encoder proposals) and every dn layer
+        assert sum(g is not None for g in grads) == 2 * (cfg.dec_layers + 1) + 2 * cfg.dec_layers
         for a, b in zip(grads, ref_grads):
             assert (a is None) == (b is None)
             if a is not None:

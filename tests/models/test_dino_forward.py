@@ -55,8 +55,9 @@ def test_train_forward_backward_with_denoising(tiny):
     assert math.isfinite(loss.item()) and "loss_bbox_dn" in losses
     loss.backward()
     params = dict(model.named_parameters(remove_duplicate=False))
-    for name in ["label_enc.weight", "transformer.tgt_embed.weight", "transformer.decoder.ref_point_head.layers.0.weight",
-                 "bbox_embed.0.layers.2.weight", "transformer.enc_out_class_embed.weight",
+    for name in ["label_enc.weight", "transformer.tgt_embed.weight",
+                 "transformer.decoder.ref_point_head.layers.0.weight", "bbox_embed.0.layers.2.weight",
+                 "transformer.enc_out_class_embed.weight",
                  "input_proj.3.0.weight", "backbone.0.body.layer2.0.conv1.weight",
                  "transformer.encoder.layers.0.self_attn.sampling_offsets.weight"]:
         assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name

@@ -53,7 +53,8 @@ def test_default_out_indices_and_swin_large_meta_keys(reference_dir):
     for line in open(os.path.join(reference_dir, "state_dict_swinl_4scale.tsv")):
         key, shape = line.rstrip("\n").split("\t")
         if key.startswith("backbone.0."):
-            expected.append((key[len("backbone.0."):], tuple(int(x) for x in shape.strip("()").split(",") if x.strip())))
+            dims = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
+            expected.append((key[len("backbone.0."):], dims))
     ours = [(k, tuple(v.shape)) for k, v in m4.state_dict().items()]
     assert sorted(ours) == sorted(expected)
     keys5 = set(m5.state_dict())

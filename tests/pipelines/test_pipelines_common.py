@@ -173,7 +173,8 @@ def test_pipelines_common_set_is_normalized_and_checked_at_parse_time():
                    "--set", "model.num_queries =30"])
     assert args.overrides == ["train.lr=1e-3", "model.num_queries=30"]  # a repeat of one value: kept once
     assert common.build_config(args).train.lr == 1e-3
-    for argv, message in [(["--set", "train.lr=1", "--set", " train.lr=2"], "--set train.lr given twice \\('1' and '2'\\)"),
+    for argv, message in [(["--set", "train.lr=1", "--set", " train.lr=2"],
+                           "--set train.lr given twice \\('1' and '2'\\)"),
                           (["--set", "=1"], "names no key"), (["--set", "train. lr=1"], "holds a space"),
                           (["--set", "model.backbone="], "has no value"), (["--set", "train.lr"], "section.key=value")]:
         with pytest.raises(ConfigError, match=message):

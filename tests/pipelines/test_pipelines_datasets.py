@@ -44,7 +44,8 @@ def test_pipelines_datasets_forms(raw, tmp_path):
     cats = categories_of(t)
     assert {c["name"] for c in cats} >= {"person", "kite"}
     assert class_overrides(cats, [], minimum=91) == ["model.num_classes=91", "model.dn_labelbook_size=91"]
-    assert class_overrides(cats, ["model.num_classes=100"]) == ["model.dn_labelbook_size=100"]  # the label book follows the head
+    # the label book follows the head
+    assert class_overrides(cats, ["model.num_classes=100"]) == ["model.dn_labelbook_size=100"]
     with pytest.raises(UsageError, match="dataset path not found"):
         resolve_datasets(_args(data=f"{parent / 'train'},/nope"), tmp_path, "coco-like", 8, 0, log)
     with pytest.raises(UsageError, match="needs --data"):

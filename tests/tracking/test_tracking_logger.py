@@ -58,7 +58,8 @@ def test_sqlite_artifact_location():
     assert sqlite_artifact_location("sqlite:////data/runs/mlflow.db", "pretrain o365/v2") == \
         "file:///data/runs/mlartifacts/pretrain_o365_v2"
     assert sqlite_artifact_location("sqlite:////data/mlflow.db?timeout=30", "x") == "file:///data/mlartifacts/x"
-    assert sqlite_artifact_location("sqlite:///rel/mlflow.db", "x") == (Path.cwd() / "rel" / "mlartifacts" / "x").as_uri()
+    relative = (Path.cwd() / "rel" / "mlartifacts" / "x").as_uri()
+    assert sqlite_artifact_location("sqlite:///rel/mlflow.db", "x") == relative
     for uri in ("http://127.0.0.1:5000", "sqlite://", "sqlite:///:memory:", "file:///data/mlruns"):
         assert sqlite_artifact_location(uri, "x") is None
 

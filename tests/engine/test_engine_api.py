@@ -8,12 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_fixtures import make_data, small_cfg, unique  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("api_data"))
+from engine_fixtures import small_cfg, unique  # noqa: E402
 
 
 @pytest.mark.parametrize("override,needle", [

@@ -19,21 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tracking"))
-from engine_fixtures import RaySession, make_data, small_cfg, unique  # noqa: E402
+from engine_fixtures import small_cfg, unique  # noqa: E402
 from mlflow_store import seeded_store  # noqa: E402
 
 pytestmark = [pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("engine_data"))
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    with RaySession(num_cpus=4) as session:
-        yield session
 
 
 @pytest.mark.timeout(600)

@@ -20,24 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tracking"))
-from engine_fixtures import RaySession, make_data, paused_at, small_cfg, unique, watching  # noqa: E402
+from engine_fixtures import paused_at, small_cfg, unique, watching  # noqa: E402
 from mlflow_server import MlflowServer  # noqa: E402
 from mlflow_store import seeded_store  # noqa: E402
 
 from dino_scale.engine.checkpoint import load_weights  # noqa: E402
 
 pytestmark = [pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("engine_data"))
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    with RaySession(num_cpus=4) as session:
-        yield session
 
 
 def _fixed_loss(cfg, state_dict, data_dir, seed=7):

@@ -1,6 +1,6 @@
-"""Fixtures of the engine tests that start Ray: each module gets its own synthetic shards and
-its own local Ray session (holding the host-wide Ray lock), so a module's runs never share a
-cluster with another module's."""
+"""Per-module fixtures of the engine tests: the tiny synthetic shards, and a local Ray session
+(holding the host-wide Ray lock) for the modules that train on Ray; a module's runs never share a
+Ray cluster with another module's."""
 from __future__ import annotations
 
 import pytest

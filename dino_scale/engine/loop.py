@@ -234,7 +234,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     amp = autocast_dtype(tc.precision)
     pad_multiple = getattr(cfg.data, "pad_multiple", None)
     train_shard = ray.train.get_dataset_shard("train")
-    meter, window = WindowMeter(world), LossWindow()
+    meter, window = WindowMeter(world), LossWindow(device)
     abort: Optional[str] = None
     last_ckpt_step = -1
 

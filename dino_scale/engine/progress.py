@@ -56,10 +56,12 @@ class WindowMeter:
 
 class LossWindow:
     """Loss sums over a reporting window, kept on the device: adding a step reads nothing back
-    (the ~40 loss terms of a DINO step were 40 host syncs per step when summed as floats); the
-    window is read back once, and reduced across ranks, at report time."""
+    and the window is reduced across ranks on the device (NCCL takes CUDA tensors only), then
+    read back once, at report time. ``device``: where an empty window's zeros go (the
+    training device), else the device of the losses added."""
 
-    def __init__(self):
+    def __init__(self, device: Optional[torch.device] = None):
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         self._sums: dict[tuple[str, ...], torch.Tensor] = {}  # term names -> [loss, *terms] sums
         self.n = 0
 
@@ -71,29 +73,39 @@ class LossWindow:
         self._sums[keys] = vec if acc is None else acc + vec
         self.n += 1
 
-    def totals(self) -> tuple[float, dict[str, float]]:
-        """(loss sum, {term: sum}) over the window: one read-back per distinct term set."""
-        loss, terms = 0.0, {}
+    def _merged(self) -> tuple[torch.Tensor, list[str]]:
+        """(loss sum, count, *term sums) as one float64 vector on the device, and the term names."""
+        device = next(iter(self._sums.values())).device if self._sums else self.device
+        loss = torch.zeros((), dtype=torch.float64, device=device)
+        terms: dict[str, torch.Tensor] = {}
         for keys, vec in self._sums.items():
-            values = vec.double().cpu().tolist()
-            loss += values[0]
-            for k, v in zip(keys, values[1:]):
-                terms[k] = terms.get(k, 0.0) + v
-        return loss, terms
+            vec = vec.double()
+            loss = loss + vec[0]
+            for i, k in enumerate(keys):
+                terms[k] = terms[k] + vec[1 + i] if k in terms else vec[1 + i]
+        names = sorted(terms)
+        count = torch.full((), float(self.n), dtype=torch.float64, device=device)
+        return torch.stack([loss, count] + [terms[k] for k in names]), names
+
+    def totals(self) -> tuple[float, dict[str, float]]:
+        """(loss sum, {term: sum}) over this rank's window: one read-back."""
+        vec, names = self._merged()
+        values = vec.cpu().tolist()
+        return values[0], dict(zip(names, values[2:]))
 
     def reduce(self) -> dict[str, float]:
-        """Mean loss and terms over the window on all ranks ({} for an empty window)."""
-        loss, terms = self.totals()
-        keys = sorted(terms)
-        vec = torch.tensor([loss, float(self.n)] + [terms[k] for k in keys], dtype=torch.float64)
+        """Mean loss and terms over the window on all ranks ({} for an empty window): one
+        all-reduce on the device, one read-back."""
+        vec, names = self._merged()
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(vec)
-        n = float(vec[1])
-        self.__init__()
+        values = vec.cpu().tolist()
+        self.__init__(self.device)
+        n = values[1]
         if n == 0:
             return {}
-        out = {"loss": float(vec[0]) / n}
-        out.update({f"train/{k}": float(vec[2 + i]) / n for i, k in enumerate(keys)})
+        out = {"loss": values[0] / n}
+        out.update({f"train/{k}": values[2 + i] / n for i, k in enumerate(names)})
         return out
 
 

@@ -15,9 +15,12 @@ The model of a stage:
 fine-tuning scale (assumption: step cost grows with pixel count). ``efficiency`` is the
 multi-node scaling efficiency (assumption). Prices are assumptions, not quotes.
 
-No per-GPU throughput of this project has been measured yet. The default anchors are the
-OFFICIAL DINO code's numbers measured by someone else on one H100 80GB (issue 8: Swin-L
-4-scale, batch 2 per GPU): 4.4 img/s with AMP + TF32 (its best) and 3.1 img/s in fp32.
+The default anchors: the OFFICIAL DINO code's numbers, measured by someone else on one H100
+80GB (issue 8: Swin-L 4-scale, batch 2 per GPU): 4.4 img/s with AMP + TF32 (its best) and
+3.1 img/s in fp32; and this project's own `benchmarks/train_step.py` numbers for the same
+shapes (benchmarks/README.md): 7.37 img/s on an H100 80GB (bf16 + TF32, eager, an earlier
+tree, median of 8 steps) and 11.16 img/s on an H200 (bf16 + TF32, compiled, median of 15).
+The prices are per H100-hour, so the H200 row's cost is low by the H200's price premium.
 """
 from __future__ import annotations
 
@@ -36,10 +39,14 @@ COCO_EPOCHS = 18
 COCO_GPUS = 16
 FINETUNE_SCALE = 1.5  # fine-tuning image side multiplier
 
-# Anchors: official DINO code, measured by someone else on one H100 80GB (issue 8), not ours.
+# Anchors: the official DINO code, measured by someone else on one H100 80GB (issue 8), and this
+# project's benchmarks/train_step.py on one GPU (benchmarks/results/train_step_h100_swinl_4scale_bf16.json,
+# train_step_h200_swinl_4scale_bf16_compile.json).
 ANCHORS = {
     "official Swin-L 4-scale AMP+TF32 (H100, issue 8)": 4.4,
     "official Swin-L 4-scale fp32 (H100, issue 8)": 3.1,
+    "dino_scale Swin-L 4-scale bf16, eager (H100, measured)": 7.37,
+    "dino_scale Swin-L 4-scale bf16, compiled (H200, measured)": 11.16,
 }
 
 # Assumptions (stated in the README; replace with your own).

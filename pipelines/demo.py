@@ -37,10 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                                             "local Ray, sqlite MLflow, synthetic data, tiny preset)")
     p.add_argument("--work-dir", default="runs/demo", help="demo work folder (default runs/demo)")
     p.add_argument("--fresh", action="store_true", help="delete the work folder first")
-    p.add_argument("--pretrain-images", type=int, default=384, help="synthetic o365-like training images")
-    p.add_argument("--finetune-images", type=int, default=192, help="synthetic coco-like training images")
-    p.add_argument("--pretrain-steps", type=int, default=200, help="pretraining optimizer steps")
-    p.add_argument("--finetune-steps", type=int, default=100, help="fine-tuning optimizer steps")
+    p.add_argument("--pretrain-images", type=int, default=384, help="synthetic o365-like training images (default 384)")
+    p.add_argument("--finetune-images", type=int, default=192, help="synthetic coco-like training images (default 192)")
+    p.add_argument("--pretrain-steps", type=int, default=200, help="pretraining optimizer steps (default 200)")
+    p.add_argument("--finetune-steps", type=int, default=100, help="fine-tuning optimizer steps (default 100)")
     p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch comparison run")
     p.add_argument("--set", dest="overrides", action=common.OverrideAction, default=[], metavar="KEY=VALUE",
                    help=f"extra config override for every stage (repeatable; applied after the "

@@ -34,9 +34,23 @@ def _info() -> int:
     if cuda_home:
         print(f"extra includes   {_build.extra_system_includes(cuda_home)}")
     print(f"arch list        {arch}")
-    state = "built" if _build.library_complete(lib) else "incomplete: rebuild" if lib.exists() else "not built"
+    built = _build.library_complete(lib)
+    state = "built" if built else "incomplete: rebuild" if lib.exists() else "not built"
     print(f"library          {lib} ({state})")
+    print(f"default backend  {_default_backend(torch.cuda.is_available(), built, cuda_home)}")
     return 0
+
+
+def _default_backend(gpu: bool, built: bool, cuda_home: str | None) -> str:
+    """What ``ms_deform_attn(backend=None)`` will run for CUDA inputs in a process started here,
+    said without building anything (CPU inputs always take the PyTorch backend)."""
+    if not gpu:
+        return "pytorch (no GPU visible)"
+    if built:
+        return "cuda (the library above, loaded on the first CUDA call)"
+    if cuda_home:
+        return "cuda after a JIT build on the first CUDA call (or run `python -m dino_scale.ops build` now)"
+    return "pytorch, with one warning (no CUDA toolkit found to build the extension)"
 
 
 def _build_cmd(args: argparse.Namespace) -> int:

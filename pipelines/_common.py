@@ -293,17 +293,20 @@ def preset_needs_cluster(args: argparse.Namespace) -> bool:
     return args.preset is None and bool(os.environ.get("RAY_ADDRESS"))
 
 
-def tracking_uri(work_dir: str | Path) -> str:
+def tracking_uri(work_dir: str | Path, create: bool = True) -> str:
     """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<abs work-dir>/mlflow.db`` (the
-    engine's rule, :func:`dino_scale.tracking.logger.default_tracking_uri`; creates work-dir)."""
+    engine's rule, :func:`dino_scale.tracking.logger.default_tracking_uri`; creates work-dir
+    unless ``create`` is False)."""
     from dino_scale.tracking.logger import default_tracking_uri
 
-    return default_tracking_uri(work_dir)
+    return default_tracking_uri(work_dir, create=create)
 
 
-def setup_tracking(work_dir: str | Path) -> str:
+def setup_tracking(work_dir: str | Path, create: bool = True) -> str:
     """Point MLflow (tracking and registry) at the shared store; exported in the
-    environment so processes started afterwards (Ray workers) use the same store."""
+    environment so processes started afterwards (Ray workers) use the same store.
+    ``create=False`` (lookups: registry, predict): a missing work folder is not created, so a
+    mistyped ``--work-dir`` leaves nothing behind and :func:`require_store` names it."""
     import logging
 
     import mlflow
@@ -312,8 +315,9 @@ def setup_tracking(work_dir: str | Path) -> str:
     for name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    Path(work_dir).expanduser().mkdir(parents=True, exist_ok=True)  # as tracking_uri reads it
-    uri = tracking_uri(work_dir)
+    if create:
+        Path(work_dir).expanduser().mkdir(parents=True, exist_ok=True)  # as tracking_uri reads it
+    uri = tracking_uri(work_dir, create=create)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

@@ -139,6 +139,10 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     from pipelines._init import check_exists, is_remote, resolve
 
     check_exists(args.model)
+    if args.data is not None:  # a mistyped --data is said before a registry model is downloaded and read
+        from pipelines._datasets import _one
+
+        _one(args.data, args.images, work_dir, "dataset path", log, convert=False)
     run_name = args.run_name or common.default_run_name("evaluate")
     download = work_dir / "eval" / run_name  # a registry/run model is downloaded here, removed at the end
     try:

@@ -188,11 +188,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.preset is not None:
         common.resolve_preset_name(args.preset)  # a typo fails here, whether or not it is used
     out = Path(args.out).expanduser()  # '~' the shell left (quoted, or after '=')
+    common.setup_tracking(args.work_dir, create=False)  # a lookup: a mistyped --work-dir is not created
+    from pipelines._init import check_exists
+
+    check_exists(args.model)  # before the image folders are walked (large trees take a while)
     skipped: list[Path] = []
     files = list_images(args.images, skip_dir=out, skipped=skipped)
     if skipped:
         log(f"note: {_skipped_text(skipped)}; listed in predictions.json")
-    common.setup_tracking(args.work_dir)
     import torch
     from PIL import Image
 
@@ -201,9 +204,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from dino_scale.engine.evaluate import finite_detections
     from dino_scale.models import build_dino
     from dino_scale.models.official import CheckpointMismatch, load_official_state_dict
-    from pipelines._init import _source_state, check_exists, preset_misfit, resolve
+    from pipelines._init import _source_state, preset_misfit, resolve
 
-    check_exists(args.model)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):

@@ -268,12 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
                                             "else <work-dir>/mlflow.db) and move aliases.")
     p.add_argument("--work-dir", default="./runs", help="work folder of the default MLflow store")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    # --work-dir / --debug after the action too (`registry list --work-dir X` was refused);
+    # SUPPRESS: an action's parser sets them only when given, over the value before the action
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--work-dir", default=argparse.SUPPRESS, help="as before the action")
+    after.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as before the action")
     sub = p.add_subparsers(dest="action", metavar="<action>")
     sub.required = True
-    sub.add_parser("list", help="every registered model with its versions, aliases, AP, lineage")
-    show = sub.add_parser("show", help="one model's versions: aliases, AP, lineage")
+    sub.add_parser("list", parents=[after], help="every registered model with its versions, aliases, AP, lineage")
+    show = sub.add_parser("show", parents=[after], help="one model's versions: aliases, AP, lineage")
     show.add_argument("name")
-    prom = sub.add_parser("promote", help="point an alias at a version (no AP check)")
+    prom = sub.add_parser("promote", parents=[after], help="point an alias at a version (no AP check)")
     prom.add_argument("name")
     prom.add_argument("version")
     prom.add_argument("--alias", default="champion")
@@ -283,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     common.check_flag_values(args)  # an alias MLflow refuses: before promote tags the version
-    common.require_store(common.setup_tracking(args.work_dir))
+    common.require_store(common.setup_tracking(args.work_dir, create=False))
     client = store_client()
     if args.action == "list":
         print(format_state(registry_state(client)))

@@ -56,16 +56,17 @@ def absolute_sqlite_uri(uri: str) -> str:
     return f"sqlite:///{Path(db).expanduser().resolve()}{sep}{query}"
 
 
-def default_tracking_uri(work_dir: Optional[str | Path] = None) -> str:
+def default_tracking_uri(work_dir: Optional[str | Path] = None, create: bool = True) -> str:
     """``MLFLOW_TRACKING_URI`` (a relative sqlite path made absolute) or sqlite in
-    ``work_dir`` (created)."""
+    ``work_dir`` (created unless ``create`` is False: a lookup must not leave a mistyped folder)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return absolute_sqlite_uri(uri)
     if work_dir is None:
         raise ValueError("set MLFLOW_TRACKING_URI or pass a work_dir for the sqlite store")
     folder = Path(work_dir).expanduser().resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 

@@ -102,16 +102,29 @@ def test_pipelines_bad_use_caught_before_any_work(args, needles, tmp_path):
 
 def test_pipelines_bad_use_mistyped_work_dir_is_no_store(tmp_path):
     """A lookup in a store that does not exist names it (MLflow would create an empty one)."""
-    proc = _run(["pipelines.registry", "list"], tmp_path)  # _run appends --work-dir after the action
-    assert proc.returncode == 2 and "unrecognized arguments: --work-dir" in proc.stderr
+    # _run appends --work-dir after the action (was refused there: "unrecognized arguments")
+    proc = _run(["pipelines.registry", "list"], tmp_path)
+    _assert_one_line_error(proc, "no MLflow store at", str(tmp_path / "w" / "mlflow.db"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run([sys.executable, "-m", "pipelines.registry", "--work-dir", str(tmp_path / "typo"), "list"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     _assert_one_line_error(proc, "no MLflow store at", str(tmp_path / "typo" / "mlflow.db"))
-    assert not (tmp_path / "typo" / "mlflow.db").exists()
+    proc = _run(["pipelines.predict", "--model", "models:/dino-tiny-coco@champion", str(tmp_path)],
+                tmp_path)  # the model is looked up before the image folders are walked
+    _assert_one_line_error(proc, "cannot resolve models:/dino-tiny-coco@champion: no MLflow store at")
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "w").exists()  # lookups create no folder
     proc = _run(["pipelines.evaluate", "--model", "models:/dino-tiny-coco@champion"], tmp_path)
     _assert_one_line_error(proc, "cannot resolve models:/dino-tiny-coco@champion: no MLflow store at")
+
+
+def test_pipelines_bad_use_evaluate_checks_data_before_reading_the_model(tmp_path):
+    # was: the model was resolved (a registry model downloaded) and its weights read first, and
+    # an empty model folder was reported instead of the mistyped --data
+    (tmp_path / "model").mkdir()
+    proc = _run(["pipelines.evaluate", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "nope")],
+                tmp_path)
+    _assert_one_line_error(proc, f"dataset path not found: {tmp_path / 'nope'}")
 
 
 def test_pipelines_bad_use_unreachable_tracking_server_fails_fast(tmp_path):

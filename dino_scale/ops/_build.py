@@ -136,6 +136,9 @@ def sources_hash(arch_list: str) -> str:
         h.update(p.name.encode())
         h.update(p.read_bytes())
     h.update(" ".join(CXX_FLAGS + NVCC_FLAGS + [arch_list]).encode())
+    # the ABI it links against: a --build-dir kept across a torch upgrade is stale (the cache
+    # folder's name carries the versions; an explicit folder has only this stamp)
+    h.update(f"torch {torch.__version__} cuda {torch.version.cuda}".encode())
     return h.hexdigest()[:12]
 
 
@@ -172,6 +175,8 @@ def library_complete(lib: Path) -> bool:
                 return False
             if head[4] != 2:
                 return True
+            if len(head) < 64:  # a 64-bit ELF header is 64 bytes (struct.error read past a shorter one)
+                return False
             e = "<" if head[5] == 1 else ">"
             (phoff,) = struct.unpack_from(e + "Q", head, 0x20)
             (shoff,) = struct.unpack_from(e + "Q", head, 0x28)
@@ -313,7 +318,22 @@ def _env(updates: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def ops_registered() -> bool:
+    """Whether this process has the ``dino_scale`` ops registered (a library of them loaded)."""
+    try:
+        torch.ops.dino_scale.ms_deform_attn_forward.default  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _compile(build_dir: Path, arch_list: str, verbose: bool) -> Path:
+    if ops_registered():
+        # cpp_extension.load loads what it links; a second TORCH_LIBRARY(dino_scale) fails in the
+        # library's static initializer, which aborts the process (std::terminate, no exception)
+        raise BuildError("the dino_scale ops are already loaded in this process and a library cannot be "
+                         "registered twice (the process would abort): build in a fresh process, "
+                         "`python -m dino_scale.ops build`")
     cuda_home = find_cuda_home()
     if cuda_home is None:
         raise BuildError("no CUDA toolkit found (nvcc): set CUDA_HOME or put nvcc on PATH")

@@ -29,11 +29,7 @@ _load_error: Optional[str] = None
 
 
 def _ops_registered() -> bool:
-    try:
-        torch.ops.dino_scale.ms_deform_attn_forward.default  # noqa: B018
-        return True
-    except (AttributeError, RuntimeError):
-        return False
+    return _build.ops_registered()
 
 
 def is_loaded() -> bool:
@@ -58,6 +54,10 @@ def load(build_if_missing: Optional[bool] = None, verbose: bool = False) -> Path
         try:
             arch = _build.default_arch_list()
             lib = _build.find_library(arch)
+            if _ops_registered():  # a library of the ops already loaded (from another path): use it
+                _register_python_side()
+                _loaded = lib
+                return lib
             _build.check_runs_on_visible_gpus(lib, arch)  # else: "no kernel image" at the first call
             if not _build.library_complete(lib):  # missing, or truncated: loading that is SIGBUS
                 state = "an incomplete (truncated) library" if lib.exists() else "no prebuilt extension"
@@ -67,8 +67,7 @@ def load(build_if_missing: Optional[bool] = None, verbose: bool = False) -> Path
                 _log.warning("building the ms_deform_attn CUDA extension for arch %s into %s "
                              "(first use on this node; takes a minute or more)", arch, lib.parent)
                 lib = _build.build_extension(arch_list=arch, verbose=verbose)
-            if not _ops_registered():
-                torch.ops.load_library(str(lib))
+            torch.ops.load_library(str(lib))
             _register_python_side()
         except Exception as exc:  # noqa: BLE001 - turned into one clear error/warning
             _load_error = f"{type(exc).__name__}: {exc}"

@@ -79,7 +79,7 @@ def check_levels(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_
         shapes, starts = _read_levels(spatial_shapes, level_start_index)
         if any(h < 0 or w < 0 for h, w in shapes):
             raise ValueError(f"ms_deform_attn: spatial_shapes {shapes} has a negative size")
-        expected = [0]
+        expected = [0] if shapes else []  # no levels: no starts
         for h, w in shapes[:-1]:
             expected.append(expected[-1] + h * w)
         if starts != expected:
@@ -128,6 +128,12 @@ def _sample(value: torch.Tensor, shapes: List[Tuple[int, int]], sampling_locatio
     (N,Lq,M,L,P,2), weights (N,Lq,M,L,P) -> (N, Lq, M*D)."""
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
+    if all(isinstance(h, int) and isinstance(w, int) and h * w == 0 for h, w in shapes):
+        # no level, or only empty ones (S = 0): zeros, connected to every input (zero gradients,
+        # as the kernels give; grid_sample refuses an empty map)
+        # sums over empty slices: zeros whatever the values (NaN included), gradients zero
+        nothing = (sampling_locations[..., :0].sum((3, 4, 5)) + attention_weights[..., :0].sum((3, 4)))
+        return (value[:, :0].sum(1).unsqueeze(1) + nothing.to(value.dtype).unsqueeze(-1)).reshape(N, Lq, M * D)
     value_list = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample returns NaN for a NaN/inf location; the official op (and our compiled one)
     # treat any location off the map, non-finite ones included, as contributing zero. A sample

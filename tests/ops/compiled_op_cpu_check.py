@@ -10,7 +10,7 @@ backward, and on 20 small levels (no cap on the number of levels); float64 gradc
 the autograd node is the C++ one; torch.compile (fullgraph, aot_eager) of forward+backward;
 the C++ argument checks raising; CPU timing next to the PyTorch backend (reported, not
 asserted); that the model's compiled regions trace without graph breaks when this op is their
-MSDA backend.
+MSDA backend; that a rebuild in the process that loaded the ops is refused, not an abort.
 """
 from __future__ import annotations
 
@@ -138,7 +138,23 @@ def main() -> dict:
         times[name] = sorted(samples)[2] * 1000
     report["cpu_forward_ms_median"] = times
     report["regions"] = region_graph_breaks()
+    report["rebuild_while_loaded"] = rebuild_while_loaded()
     return report
+
+
+def rebuild_while_loaded() -> str:
+    """A forced build in this process, which has the ops loaded, into another folder: refused
+    with a BuildError (it aborted the process: a second TORCH_LIBRARY(dino_scale) at load)."""
+    import tempfile
+
+    from dino_scale.ops import _build
+
+    with tempfile.TemporaryDirectory() as other:
+        try:
+            _build.build_extension(build_dir=Path(other), arch_list="9.0", force=True)
+        except _build.BuildError as exc:
+            return str(exc)
+    return "built"
 
 
 def region_graph_breaks() -> dict:

@@ -77,6 +77,7 @@ def test_extension_compiles_for_sm90_and_registers_ops(msda_build):
     assert "transformer.decoder.step" in regions["names"] and "matched_set_terms" in regions["names"]
     assert regions["graph_breaks"] == {}, regions
     assert regions["unique_graphs"] >= len(regions["names"]) and regions["finite"]
+    assert "already loaded in this process" in report["rebuild_while_loaded"], report["rebuild_while_loaded"]
 
 
 def test_loader_without_jit_fails_fast_on_cache_miss(tmp_path):
@@ -392,3 +393,34 @@ def test_build_replaces_a_truncated_library(tmp_path, monkeypatch):
     _truncated_shared_object(lib)
     assert _build.build_extension(build_dir=build_dir, arch_list="9.0") == lib and len(built) == 2
     assert lib.read_bytes() == _elf(b"library")
+
+
+def test_a_build_in_a_process_that_has_the_ops_refuses_instead_of_aborting(tmp_path, monkeypatch):
+    # cpp_extension.load loads the library it links: with the ops already registered (a forced
+    # rebuild after a load, a second build dir or arch list) TORCH_LIBRARY(dino_scale) ran twice
+    # and the process died in the library's static initializer (SIGABRT, rc 134), no exception
+    from dino_scale.ops import _build
+
+    monkeypatch.setattr(_build, "ops_registered", lambda: True)
+    monkeypatch.setattr(_build, "find_cuda_home", lambda: pytest.fail("got as far as compiling"))
+    with pytest.raises(_build.BuildError, match="already loaded in this process.*python -m dino_scale.ops build"):
+        _build.build_extension(build_dir=tmp_path / "ext", arch_list="9.0", force=True)
+    assert not _build.library_path(tmp_path / "ext").exists()
+
+
+def test_a_short_elf_header_is_incomplete_not_an_error(tmp_path):
+    # 52-63 bytes with a 64-bit ELF ident raised struct.error (a traceback from `ops info` and
+    # the builder) instead of counting as a library to rebuild
+    lib = tmp_path / "short.so"
+    lib.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(49))  # 56 bytes
+    assert _build.library_complete(lib) is False
+
+
+def test_the_build_stamp_changes_with_the_torch_it_links_against(monkeypatch):
+    import torch
+
+    # an explicit --build-dir is recognised by its stamp alone: a library built against another
+    # torch was taken as up to date after an upgrade
+    before = _build.sources_hash("9.0")
+    monkeypatch.setattr(torch, "__version__", "0.0.1-other")
+    assert _build.sources_hash("9.0") != before

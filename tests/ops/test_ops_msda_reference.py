@@ -260,3 +260,23 @@ def test_pytorch_backend_empty_level_contributes_zero(empty):
     gv, gl, gw = torch.autograd.grad(out.square().sum(), (value, loc, w))
     assert not (gl[:, :, :, 1].any() or gw[:, :, :, 1].any())  # nothing sampled, nothing to learn
     assert gv.abs().sum() > 0 and torch.isfinite(gl).all()
+
+
+@pytest.mark.parametrize("levels", [[], [(0, 5), (3, 0)]])
+def test_pytorch_backend_no_sampled_level_gives_zeros_with_zero_gradients(levels):
+    # no level at all: a wrong "level_start_index [] does not match ... [0]", then torch.stack([]);
+    # only empty levels: an output not connected to value/locations (autograd.grad raised). The
+    # compiled op returns zeros and zero gradients for both.
+    n, lq, m, d, p = 2, 3, 2, 4, 2
+    value = torch.randn(n, 0, m, d, dtype=torch.float64, requires_grad=True)
+    shapes = torch.tensor(levels, dtype=torch.long).reshape(len(levels), 2)
+    starts = torch.zeros(len(levels), dtype=torch.long)
+    loc = torch.rand(n, lq, m, len(levels), p, 2, dtype=torch.float64)
+    loc[0, 0] = float("nan")  # not turned into a NaN output
+    loc.requires_grad_()
+    w = torch.rand(n, lq, m, len(levels), p, dtype=torch.float64, requires_grad=True)
+    out = ms_deform_attn(value, shapes, starts, loc, w, backend="pytorch")
+    assert out.shape == (n, lq, m * d) and out.dtype == torch.float64 and not out.any()
+    grads = torch.autograd.grad(out.sum(), (value, loc, w))
+    assert [g.shape for g in grads] == [value.shape, loc.shape, w.shape]
+    assert not any(g.any() for g in grads)

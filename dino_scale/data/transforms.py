@@ -13,6 +13,7 @@ sample's augmentation does not depend on worker count or order.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, Iterable, Optional
@@ -58,6 +59,14 @@ def sample_rng(seed: int, epoch: int, image_id: int) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(image_id) & 0xFFFFFFFFFFFFFFFF])
 
 
+@functools.lru_cache(maxsize=16)
+def _mean_std(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1,3,1,1) float32 mean and std on ``device``, made once per device (each was a blocking
+    host-to-device copy per batch)."""
+    return (torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1).to(device),
+            torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1).to(device))
+
+
 def normalize_batch(images: torch.Tensor, masks: Optional[torch.Tensor] = None,
                     mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """uint8 (B,3,H,W) -> float32 ImageNet-normalized on the input's device.
@@ -66,8 +75,7 @@ def normalize_batch(images: torch.Tensor, masks: Optional[torch.Tensor] = None,
     as in the reference (which pads normalized images with zeros).
     """
     x = images.float().div_(255.0)
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    m, s = _mean_std(tuple(mean), tuple(std), x.device)
     x = x.sub_(m).div_(s)
     if masks is not None:
         x = x.masked_fill(masks[:, None], 0.0)

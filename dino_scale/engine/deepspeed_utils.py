@@ -366,6 +366,7 @@ class ModelEMA:
         try:
             with torch.no_grad():
                 d = self.decay
+                averages, values = [], []
                 for name, value in module.state_dict().items():
                     if not value.is_floating_point():
                         continue
@@ -373,7 +374,11 @@ class ModelEMA:
                     if init or name not in self.shadow:
                         self.shadow[name] = v.clone()
                     else:
-                        self.shadow[name].mul_(d).add_(v, alpha=1 - d)
+                        averages.append(self.shadow[name])
+                        values.append(v)
+                if averages:  # a few multi-tensor kernels, not two launches per tensor
+                    torch._foreach_mul_(averages, d)
+                    torch._foreach_add_(averages, values, alpha=1 - d)
         finally:
             if ctx is not None:
                 ctx.__exit__(None, None, None)

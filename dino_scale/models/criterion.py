@@ -121,7 +121,7 @@ class SetCriterion(nn.Module):
     def _num_boxes(self, targets: list[dict], device) -> Union[float, Tensor]:
         total = float(sum(int(t["labels"].shape[0]) for t in targets))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            n = torch.tensor(total, dtype=torch.float32, device=device)
+            n = torch.full((), total, dtype=torch.float32, device=device)  # a fill: no blocking copy
             torch.distributed.all_reduce(n)
             return torch.clamp(n / torch.distributed.get_world_size(), min=1.0)
         return max(total, 1.0)

@@ -143,7 +143,7 @@ class HungarianMatcher(nn.Module):
             host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
             host.copy_(flat, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(flat.device))  # the copy's stream, whatever the current device
         else:
             host = flat
         return PendingMatches(shapes, host, event, sizes)

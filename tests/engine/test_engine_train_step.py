@@ -112,6 +112,9 @@ def test_activation_checkpointing_and_ema():
     assert changed
     for k in changed[:20]:
         torch.testing.assert_close(ema.shadow[k], 0.9 * before[k] + 0.1 * current[k].float())
+    # the multi-tensor update is the per-tensor one bit for bit (was mul_ then add_ per tensor)
+    expected = {k: before[k].clone().mul_(0.9).add_(current[k].float(), alpha=1 - 0.9) for k in before}
+    assert all(torch.equal(ema.shadow[k], expected[k]) for k in before)
     with pytest.raises(Exception, match="ema_decay"):
         ModelEMA(model, decay=1.5)
 
@@ -145,3 +148,33 @@ def test_a_skipped_step_still_moves_the_schedule(tiny):
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 * lr_factor_fn(tc, 10)(1))
     assert not train_step(model, criterion, opt, (images, masks, targets), scheduler=sched).skipped
     assert sched.last_epoch == 2
+
+
+def test_move_batch_sends_each_target_field_in_one_copy(monkeypatch):
+    # a blocking copy per field and image was 2 + 5B host syncs per micro-batch on a GPU
+    from dino_scale.engine import train_step as ts
+
+    copies = []
+
+    def host_to_device(host, device):
+        copies.append(tuple(host.shape))
+        return host.clone()  # stays on the host: the values can be compared
+
+    monkeypatch.setattr(ts, "host_to_device", host_to_device)
+    images, masks = torch.zeros(3, 3, 8, 8, dtype=torch.uint8), torch.zeros(3, 8, 8, dtype=torch.bool)
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.rand(2, 4), "image_id": torch.tensor(7),
+                "orig_size": torch.tensor([8, 8])},
+               {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4), "image_id": torch.tensor(8),
+                "orig_size": torch.tensor([6, 8])},
+               {"labels": torch.tensor([3]), "boxes": torch.rand(1, 4), "image_id": torch.tensor(9),
+                "orig_size": torch.tensor([8, 5]), "note": "kept"}]
+    _, _, moved = ts.move_batch((images, masks, targets), torch.device("meta"))
+    assert len(copies) == 2 + 4  # images, masks, then one per tensor field for the whole batch
+    assert copies[2:] == [(3,), (3, 4), (3,), (6,)]
+    for t, m in zip(targets, moved):
+        assert m.keys() == t.keys()
+        for k, v in t.items():
+            assert torch.equal(m[k], v) and m[k].shape == v.shape if torch.is_tensor(v) else m[k] == v
+    # already on the device: nothing copied, the same objects back
+    copies.clear()
+    assert ts._targets_to(targets, torch.device("cpu")) is targets and not copies

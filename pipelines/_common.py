@@ -236,6 +236,13 @@ def validate_config_args(args: argparse.Namespace) -> None:
             # the engine refuses a training set smaller than one step, after the set is made
             raise UsageError(f"--synthetic-images {n} is fewer than one global batch "
                              f"({cfg.train.global_batch_size}); give at least that many")
+    if getattr(args, "gpus", None) and not os.environ.get("RAY_ADDRESS"):
+        # the embedded Ray will see the GPUs torch sees: refuse now, not after the data is made
+        # and Ray started (check_gpus_here stays the authoritative check)
+        import torch
+
+        _refuse_missing_gpus(args, cfg.train.num_workers if known else (args.workers or 1),
+                             torch.cuda.device_count())
 
 
 def check_path(path: Optional[str], what: str) -> Optional[Path]:
@@ -280,10 +287,13 @@ def check_gpus_here(cfg: Config, args: argparse.Namespace) -> None:
 
     if not cfg.train.use_gpu or os.environ.get("RAY_ADDRESS"):
         return
-    have = int(ray.cluster_resources().get("GPU", 0))
-    if have < cfg.train.num_workers:
+    _refuse_missing_gpus(args, cfg.train.num_workers, int(ray.cluster_resources().get("GPU", 0)))
+
+
+def _refuse_missing_gpus(args: argparse.Namespace, workers: int, have: int) -> None:
+    if have < workers:
         asked = f"--gpus {args.gpus}" if getattr(args, "gpus", None) is not None else "train.use_gpu"
-        raise UsageError(f"{asked}: {cfg.train.num_workers} GPU worker(s), but this machine has {have} GPU(s) "
+        raise UsageError(f"{asked}: {workers} GPU worker(s), but this machine has {have} GPU(s) "
                          "and Ray would wait for them forever; --gpus 0 runs on the CPU")
 
 

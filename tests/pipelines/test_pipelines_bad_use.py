@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow_store import seeded_store
 
 ROOT = Path(__file__).resolve().parents[2]
+_NEEDS_NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="refuses GPU workers on a machine without")
 
 
 def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
@@ -92,6 +94,10 @@ def test_pipelines_bad_use_data_not_a_dataset(tmp_path):
     # the run name names folders a run writes and (evaluate's download) deletes: '..' was the work dir
     (["pipelines.evaluate", "--model", "models:/dino-tiny-coco@champion", "--run-name", ".."], ["--run-name '..'"]),
     (["pipelines.pretrain_o365", "--run-name", "team/run1"], ["--run-name 'team/run1'", "single folder name"]),
+    # was: the synthetic set was made and Ray started before the GPU workers were refused
+    pytest.param(["pipelines.pretrain_o365", "--gpus", "1"], ["--gpus 1", "0 GPU(s)"], marks=_NEEDS_NO_GPU),
+    pytest.param(["pipelines.evaluate", "--model", "models:/dino-tiny-coco@champion", "--gpus", "1"],
+                 ["--gpus 1", "0 GPU(s)"], marks=_NEEDS_NO_GPU),
 ])
 def test_pipelines_bad_use_caught_before_any_work(args, needles, tmp_path):
     proc = _run(args, tmp_path)

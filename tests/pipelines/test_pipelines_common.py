@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
 from mlflow_store import seeded_store
 from dino_scale.config import ConfigError
@@ -145,6 +146,8 @@ def test_training_gpus_this_machine_lacks_are_refused(pipeline, tmp_path, monkey
     monkeypatch.setattr(module, "check_classes", lambda *a, **k: None)
     monkeypatch.setattr(common, "connect_ray", lambda *a, **k: "started embedded local Ray (4 logical CPUs)")
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    # torch sees a GPU (the early check of the flags passes): the check against Ray's resources refuses
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
 
     def fit(*args, **kwargs):
         raise AssertionError("Ray Train was asked for GPU workers")

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import sys
+from pathlib import Path
 
 from dino_scale.data import ConversionError, MalformedJSONError, convert_coco
 
@@ -65,6 +66,14 @@ def main(argv=None) -> int:
     if a.shuffle_seed < 0:
         print(f"error: --shuffle-seed must be >= 0 (got {a.shuffle_seed})", file=sys.stderr)
         return 2
+    if a.o365_val_split is not None and a.o365_val_split < 0:
+        print(f"error: --o365-val-split must be >= 0 (got {a.o365_val_split})", file=sys.stderr)
+        return 2
+    for flag, path in (("--out", a.out), ("--images", a.images)):
+        p = Path(path).expanduser()
+        if p.exists() and not p.is_dir():  # was "[Errno 17] File exists" / "image folder not found"
+            print(f"error: {flag} {path} is a file; {flag} names a folder", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(levelname)s %(message)s")
     try:
         res = convert_coco(a.annotations, a.images, a.out, embed_images=a.embed_images,

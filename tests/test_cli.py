@@ -220,12 +220,15 @@ def _readme_commands() -> list[tuple[str, list[str]]]:
     return out
 
 
-def test_readme_training_commands_pass_the_up_front_checks():
+def test_readme_training_commands_pass_the_up_front_checks(monkeypatch):
     # The README's commands parse with their pipeline's parser, and the training ones pass the
     # checks the pipeline runs before anything starts (preset, --set keys, batch sizes per worker
     # count). `--preset swinl_4scale --workers 64 --gpus 1` alone was refused: the preset's
-    # global batch 16 is not a multiple of 2 images x 64 workers.
+    # global batch 16 is not a multiple of 2 images x 64 workers. The multi-GPU ones are jobs
+    # submitted to a cluster (`ray job submit` sets RAY_ADDRESS), not runs on this machine.
     import importlib
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
 
     from pipelines import _common as common
 
@@ -309,6 +312,25 @@ def test_cli_prepare_data_shard_limits_must_be_positive(flag, value, tmp_path, c
     assert code == 2, err
     assert err.strip().splitlines()[-1].startswith("error: " + flag), err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["out_is_a_file", "images_is_a_file", "negative_val_split"])
+def test_cli_prepare_data_names_the_flag_at_fault(case, tmp_path, capsys):
+    """Was: "[Errno 17] File exists" (--out a file), "image folder not found" for an --images
+    that exists as a file, "o365_val_split must be >= 0" (no flag name)."""
+    from dino_scale.data import synthetic
+
+    root, ann = synthetic.generate(tmp_path / "raw", flavour="coco-like", num_images=2)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = {"out_is_a_file": ["--images", str(root), "--out", str(blocker)],
+            "images_is_a_file": ["--images", str(blocker), "--out", str(tmp_path / "out")],
+            "negative_val_split": ["--images", str(root), "--out", str(tmp_path / "out"), "--o365-val-split", "-5"]}
+    flag = {"out_is_a_file": "--out", "images_is_a_file": "--images", "negative_val_split": "--o365-val-split"}
+    code = cli.main(["prepare-data", "--annotations", str(ann), *argv[case]])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {flag[case]} "), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_prepare_data_module_help_names_the_module():

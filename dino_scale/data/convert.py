@@ -348,6 +348,8 @@ def convert_coco(annotations: Union[str, Path], images: Optional[Union[str, Path
         raise FileNotFoundError(f"annotation file not found: {ann_path}")
     root = Path(images).expanduser() if images is not None else None
     if root is not None and not root.is_dir() and (embed_images or check_files):
+        if root.exists():
+            raise NotADirectoryError(f"image folder {root} is not a folder")
         raise FileNotFoundError(f"image folder not found: {root}")
     if embed_images and root is None:
         raise ValueError("embed_images needs the image folder")

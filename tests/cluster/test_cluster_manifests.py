@@ -240,9 +240,11 @@ def _pipeline_commands() -> list[tuple[str, list[str]]]:
     return out
 
 
-def test_cluster_commands_parse_with_the_pipeline_cli():
+def test_cluster_commands_parse_with_the_pipeline_cli(monkeypatch):
     from dino_scale.engine.trainer import worker_count
     from pipelines import _common as common
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # jobs on a cluster: `ray job submit` sets it
 
     commands = _pipeline_commands()
     modules = {m for m, _ in commands}

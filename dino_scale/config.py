@@ -275,17 +275,34 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Confi
     for key, value in items:
         *path, leaf = key.split(".")
         node = cfg
-        for part in path:
+        for depth, part in enumerate(path):
             if not dataclasses.is_dataclass(node) or part not in _field_types(node):
-                raise ConfigError(f"unknown config key {key!r}")
+                raise ConfigError(f"unknown config key {key!r}" + _hint(node, path[:depth], part))
             node = getattr(node, part)
         types = _field_types(node) if dataclasses.is_dataclass(node) else {}
         if leaf not in types:
-            raise ConfigError(f"unknown config key {key!r}")
+            raise ConfigError(f"unknown config key {key!r}" + _hint(node, path, leaf))
         if dataclasses.is_dataclass(getattr(node, leaf)):
             raise ConfigError(f"config key {key!r} is a section: set its keys one by one, e.g. {key}.<key>=value")
         setattr(node, leaf, _coerce(value, types[leaf], key))
     return cfg
+
+
+def _hint(node: Any, prefix: list[str], name: str) -> str:
+    """``"; did you mean 'train.lr'?"`` (close matches among ``node``'s keys), else the keys or
+    sections there are."""
+    import difflib
+
+    if not dataclasses.is_dataclass(node):
+        return ""
+    keys = list(_field_types(node))
+    dotted = [".".join([*prefix, k]) for k in keys]
+    close = difflib.get_close_matches(name, keys, n=3, cutoff=0.6)
+    if close:
+        return "; did you mean " + " or ".join(repr(".".join([*prefix, k])) for k in close) + "?"
+    if len(dotted) <= 8:
+        return f"; keys here: {', '.join(dotted)}"
+    return f"; {len(dotted)} keys here ({', '.join(dotted[:4])}, ...: dino_scale/config.py lists them)"
 
 
 def parse_override(text: str) -> tuple[str, str]:

@@ -23,7 +23,7 @@ class UsageError(Exception):
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     first = text.splitlines()[0].strip()
-    return first if len(first) <= 400 else first[:397] + "..."
+    return first if len(first) <= 600 else first[:597] + "..."  # a lookup's message + what the registry holds
 
 
 def _is_usage_error(exc: BaseException) -> bool:

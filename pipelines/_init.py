@@ -74,6 +74,8 @@ def _what_exists(client, uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
     hint = "list models with `dino-scale registry --work-dir DIR list`"
+    if uri.startswith("runs:/"):
+        return "a run id as MLflow shows it (the run's page, or `mlflow runs list --experiment-id ID`)"
     if not uri.startswith("models:/"):
         return hint
     name = parse_model_uri(uri)[0]

@@ -305,7 +305,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise common.UsageError(f"version {args.version!r}: give a version number (1, 2, ...; "
                                     f"'registry show {args.name}' lists them)")
         version = str(int(text))  # ' 2', '02' -> '2': the form MLflow stores and prints
-        client.get_model_version(args.name, version)
+        known = sorted(int(v.version) for v in _versions(client, args.name))
+        if int(version) not in known:  # was MLflow's raw "Model Version (...) not found"
+            listed = ", ".join(map(str, known[-10:])) if known else "none"
+            raise common.UsageError(f"{args.name} has no version {version} (versions: {listed}; "
+                                    f"'registry show {args.name}' lists them)")
         _stamp_and_set(client, args.name, args.alias, version, "manual")
         print(f"{args.name}@{args.alias} -> version {version}")
     return 0

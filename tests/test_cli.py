@@ -140,7 +140,9 @@ def test_cli_registry_list_show_promote(tmp_path, monkeypatch, capsys):
     assert cli.main(base + ["show", "no-such-model"]) == 2
     assert "not found" in capsys.readouterr().err
     assert cli.main(base + ["promote", "dino-tiny-coco", "7"]) == 2  # no such version
-    assert "error:" in capsys.readouterr().err
+    # was MLflow's raw "Model Version (name=..., version=7) not found"
+    assert "error: dino-tiny-coco has no version 7 (versions: 1, 2; 'registry show dino-tiny-coco'" in \
+        capsys.readouterr().err
     # a version written with blanks or zeros is the version; anything else is refused before a tag
     assert cli.main(base + ["promote", "dino-tiny-coco", " 01", "--alias", "spaced"]) == 0
     assert "dino-tiny-coco@spaced -> version 1\n" in capsys.readouterr().out  # was 'version  01'

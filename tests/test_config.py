@@ -1,5 +1,6 @@
 """Config presets, overrides and round-trips."""
 import json
+import re
 
 import pytest
 
@@ -139,3 +140,15 @@ def test_exif_orientation_is_a_data_setting_recorded_with_the_run(tmp_path):
         assert check_exif_orientation(mode) == mode
     with pytest.raises(C.ConfigError, match="data.exif_orientation must be one of auto, stored, upright.*'Stored'"):
         check_exif_orientation("Stored")
+
+
+@pytest.mark.parametrize("override,hint", [
+    ("train.lrr=1", "did you mean 'train.lr'?"),
+    ("trian.lr=1", "did you mean 'train'?"),
+    ("foo=1", "keys here: name, model, data, train, eval"),
+    ("train.zzz=1", "keys here (train.epochs,"),
+])
+def test_an_unknown_key_says_what_is_there(override, hint):
+    # was "unknown config key 'train.lrr'" alone: no near match, no list of the section's keys
+    with pytest.raises(C.ConfigError, match=re.escape(hint)):
+        C.preset("tiny", [override])

@@ -114,9 +114,8 @@ def model_version_for_uri(client, uri: str):
     what = ("model stages (deprecated in MLflow 3) are not supported"
             if version.lower() in ("production", "staging", "archived", "none")
             else f"'{version}' is not a version number or 'latest'")
-    raise _refuse(f"bad model URI {uri}: {what}; use an alias, models:/{name}@<alias> (set one with "
-                  f"`dino-scale registry promote {name} <version> --alias <alias>`), a version number "
-                  f"models:/{name}/<version> or models:/{name}/latest")
+    raise _refuse(f"bad model URI {uri}: {what}; use an alias, models:/{name}@<alias> (`dino-scale registry promote "
+                  f"{name} <version> --alias <alias>` sets one), models:/{name}/<version> or models:/{name}/latest")
 
 
 @dataclass

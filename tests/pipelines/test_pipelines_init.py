@@ -106,6 +106,7 @@ def test_pipelines_init_registry_typo_lists_what_exists(tmp_path, mlflow_store_r
 
     from mlflow_store import seeded_store
     from pipelines import _common as common
+    from pipelines._errors import _one_line
     from pipelines._init import check_exists
 
     seeded_store(tmp_path)
@@ -124,6 +125,8 @@ def test_pipelines_init_registry_typo_lists_what_exists(tmp_path, mlflow_store_r
         "models:/dino-tiny-o365@pretraind": ["dino-tiny-o365 has alias @pretrained (v2) and versions 1, 2"],
         "models:/dino-tiny-o365/7": ["dino-tiny-o365 has alias @pretrained (v2) and versions 1, 2"],
         "models:/dino-tiny-o36@pretrained": ["registered models: dino-tiny-o365, dino-tiny-coco"],
+        # was: "list models with `dino-scale registry ... list`", which lists no runs
+        "runs:/0123456789abcdef/model": ["a run id as MLflow shows it"],
     }
     for bad, needles in cases.items():
         with pytest.raises(UsageError) as err:
@@ -132,6 +135,7 @@ def test_pipelines_init_registry_typo_lists_what_exists(tmp_path, mlflow_store_r
         assert msg.startswith(f"cannot resolve {bad}: ") and "\n" not in msg, msg
         assert all(n in msg for n in needles), msg
         assert "run pretraining first" not in msg, msg
+        assert not _one_line(err.value).endswith("..."), msg  # the stage hint was cut at 400 characters
 
 
 def test_pipelines_init_does_not_read_the_imagenet_backbone_file(o365_checkpoint, tmp_path):

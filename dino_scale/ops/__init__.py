@@ -8,6 +8,7 @@ cache, see ``dino_scale/ops/_build.py``) on the first CUDA call, or ahead of tim
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from typing import Optional
 
@@ -34,6 +35,19 @@ def cuda_backend_available() -> bool:
         return True
     except Exception:  # noqa: BLE001 - the reason is kept by ms_deform_attn_cuda.load_error()
         return False
+
+
+def failure_reason(text: str) -> str:
+    """One line for a build/load failure: its first line, and for a compile failure (whose first
+    line ends in the first compiler command ninja ran) the first line that reports an error."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return "unknown error"
+    first = lines[0]
+    detail = next((ln for ln in lines[1:] if re.search(r"\berror\b", ln, re.IGNORECASE)), None)
+    if detail is None:
+        return first[:300]
+    return f"{first.split(': [', 1)[0][:200]} ... {detail[:200]}"
 
 
 def _warn_fallback(reason: str) -> None:
@@ -79,7 +93,7 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor,
         if not ms_deform_attn_cuda.is_loaded():
             ms_deform_attn_cuda.load()
     except Exception as exc:  # noqa: BLE001 - any build/load failure means: fall back
-        _warn_fallback(str(exc).splitlines()[0][:300])
+        _warn_fallback(failure_reason(str(exc)))
         return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations,
                                       attention_weights)
     return ms_deform_attn_cuda.ms_deform_attn_cuda(value, spatial_shapes, level_start_index,

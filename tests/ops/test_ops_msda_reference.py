@@ -280,3 +280,15 @@ def test_pytorch_backend_no_sampled_level_gives_zeros_with_zero_gradients(levels
     grads = torch.autograd.grad(out.sum(), (value, loc, w))
     assert [g.shape for g in grads] == [value.shape, loc.shape, w.shape]
     assert not any(g.any() for g in grads)
+
+
+def test_fallback_reason_of_a_compile_failure_is_the_compiler_error():
+    # the warning showed the failure's first line: for a compile error, the nvcc command line
+    text = ("BuildError: building the ms_deform_attn extension failed: Error building extension "
+            "'dino_scale_msda': [1/4] /usr/local/cuda/bin/nvcc --generate-dependencies-with-compile -c a.cu\n"
+            "FAILED: msda_forward.cuda.o\n/usr/local/cuda/bin/nvcc -c msda_forward.cu\n"
+            "msda_forward.cu(12): error: identifier \"foo\" is undefined\n1 error detected\n")
+    reason = ops.failure_reason(text)
+    assert "nvcc" not in reason and reason.endswith('msda_forward.cu(12): error: identifier "foo" is undefined')
+    assert reason.startswith("BuildError: building the ms_deform_attn extension failed")
+    assert ops.failure_reason("BuildError: no CUDA toolkit found (nvcc)\n") == "BuildError: no CUDA toolkit found (nvcc)"

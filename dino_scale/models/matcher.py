@@ -20,6 +20,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from dino_scale.ops.transfer import host_to_device
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 __all__ = ["HungarianMatcher", "PendingMatches", "pad_targets", "build_matcher"]
@@ -36,11 +37,14 @@ def pad_targets(targets: list[dict], device, dtype=torch.float32):
     n = max(sizes + [1])
     labels = torch.zeros(len(targets), n, dtype=torch.long, device=device)
     boxes = torch.full((len(targets), n, 4), 0.5, device=device, dtype=dtype)  # filled on the device:
-    boxes[..., 2:] = 1.0                                                        # no host copy / sync
-    for b, t in enumerate(targets):  # per image, not per box
-        if sizes[b]:
-            labels[b, :sizes[b]] = t["labels"].to(device)
-            boxes[b, :sizes[b]] = t["boxes"].to(device=device, dtype=dtype)
+    boxes[..., 2:].fill_(1.0)                                                   # no host copy / sync
+    if sum(sizes):
+        # every image's rows in one scatter: the flat slot of box j of image b is b * n + j (host
+        # numpy, one pinned copy) instead of two copies per image
+        slots = np.concatenate([b * n + np.arange(k) for b, k in enumerate(sizes)]).astype(np.int64)
+        slots = host_to_device(torch.from_numpy(slots), device)
+        labels.view(-1).index_copy_(0, slots, torch.cat([t["labels"] for t in targets]).to(device, torch.long))
+        boxes.view(-1, 4).index_copy_(0, slots, torch.cat([t["boxes"] for t in targets]).to(device, dtype))
     return labels, boxes, sizes
 
 

@@ -173,3 +173,21 @@ def test_cuda_match_many_through_pinned_copy_matches_cpu():
     for a, b in zip(cpu, gpu):
         for (r1, c1), (r2, c2) in zip(a, b):
             assert torch.equal(r1, r2) and torch.equal(c1, c2)
+
+
+def test_pad_targets_places_every_box_and_pads_with_the_neutral_box():
+    from dino_scale.models.matcher import pad_targets
+
+    g = torch.Generator().manual_seed(3)
+    sizes = [2, 0, 4, 1]
+    targets = [{"labels": torch.randint(0, 9, (n,), generator=g), "boxes": torch.rand(n, 4, generator=g)}
+               for n in sizes]
+    labels, boxes, got = pad_targets(targets, "cpu", dtype=torch.float64)
+    assert got == sizes and labels.shape == (4, 4) and boxes.shape == (4, 4, 4) and boxes.dtype == torch.float64
+    for b, (t, n) in enumerate(zip(targets, sizes)):
+        assert torch.equal(labels[b, :n], t["labels"]) and torch.equal(boxes[b, :n], t["boxes"].double())
+        assert not labels[b, n:].any()
+        assert torch.equal(boxes[b, n:], torch.tensor([0.5, 0.5, 1.0, 1.0], dtype=torch.float64).expand(4 - n, 4))
+    empty_labels, empty_boxes, empty_sizes = pad_targets([{"labels": torch.zeros(0, dtype=torch.long),
+                                                           "boxes": torch.zeros(0, 4)}], "cpu")
+    assert empty_sizes == [0] and empty_labels.shape == (1, 1) and empty_boxes.tolist() == [[[0.5, 0.5, 1.0, 1.0]]]

@@ -143,6 +143,9 @@ class TrainConfig:
     # region: fixed input sizes only, e.g. benchmarks; one graph set per size) | max-autotune
     compile_mode: Optional[str] = None
     tf32: bool = True  # TF32 matmuls/convolutions where fp32 remains (CUDA only)
+    # seconds a collective waits before the process group gives up (NCCL watchdog): ranks wait in
+    # one while rank 0 scores the validation set alone; raise it for very large val sets
+    collective_timeout_s: int = 1800
 
 
 @dataclass

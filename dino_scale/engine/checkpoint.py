@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 import torch
 
 from dino_scale.engine.frozen_state import FROZEN_NAME, frozen_tensors, restore_frozen
+from dino_scale.engine.optim import steps_on_param_devices
 from dino_scale.engine.state_files import (  # noqa: F401 (re-exported: this module's interface)
     EMA_NAME, TMP_MARK as _TMP_MARK, load_ema_state, load_rng_state, save_ema_state, save_rng_state,
 )
@@ -307,6 +308,7 @@ def load_training_checkpoint(folder: PathLike, engine, rank: int, ema=None,
                                                 load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {source / tag}")
+    steps_on_param_devices(getattr(engine, "optimizer", None))  # a universal load leaves them on the host
     if (folder / FROZEN_NAME).is_file():
         restore_frozen(engine, read_safetensors(folder / FROZEN_NAME), str(folder / FROZEN_NAME))
     load_rng_state(folder, rank)

@@ -132,13 +132,20 @@ def check_train_config(cfg: TrainConfig, micro_batch_size: int, world_size: int)
     if cfg.cpus_per_worker is not None and not 0.0 <= float(cfg.cpus_per_worker) < float("inf"):
         raise ConfigError(f"train.cpus_per_worker must be a finite number >= 0, got {cfg.cpus_per_worker}")
     if cfg.compile:
-        from dino_scale.models.compile import _GRANULARITY, _MODES
+        from dino_scale.models.compile import _GRANULARITY, _MODES, CUDA_GRAPH_MODES
 
         if cfg.compile_granularity not in _GRANULARITY:
             raise ConfigError(f"train.compile_granularity must be one of {sorted(_GRANULARITY)}, "
                               f"got {cfg.compile_granularity!r}")
         if cfg.compile_mode not in _MODES:
             raise ConfigError(f"train.compile_mode must be one of {list(_MODES)}, got {cfg.compile_mode!r}")
+        if cfg.compile_mode in CUDA_GRAPH_MODES and cfg.zero_stage == 3:
+            # ZeRO-3 gathers the parameters into new memory every forward: the recorded graphs
+            # read parameters at fixed addresses, so every region re-records (up to 128 times each)
+            raise ConfigError(f"train.compile_mode={cfg.compile_mode} (CUDA graphs) does not work with "
+                              "train.zero_stage=3; use ZeRO-1/2 or compile_mode none")
+    if not int(cfg.collective_timeout_s) > 0:
+        raise ConfigError(f"train.collective_timeout_s must be >= 1, got {cfg.collective_timeout_s}")
 
 
 def apply_activation_checkpointing(cfg: Config, enabled: bool = True) -> Config:

@@ -150,9 +150,12 @@ def gather_to_rank0(items: list) -> Optional[list]:
     """Concatenate every rank's list on rank 0 (None elsewhere); identity without a group."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return list(items)
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, items)
-    if dist.get_rank() != 0:
+    # to rank 0 only: every rank unpickling every rank's detections (all_gather_object), through
+    # world x the largest pickle of GPU memory under NCCL, served nothing
+    rank0 = dist.get_rank() == 0
+    gathered: Optional[list] = [None] * dist.get_world_size() if rank0 else None
+    dist.gather_object(items, gathered, dst=0)
+    if not rank0:
         return None
     return [x for part in gathered for x in part]
 

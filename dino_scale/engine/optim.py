@@ -29,6 +29,7 @@ from dino_scale.config import ConfigError, TrainConfig
 __all__ = [
     "BACKBONE_KEYS", "LINEAR_PROJ_KEYS", "build_param_groups", "build_optimizer",
     "lr_factor_fn", "build_scheduler", "lr_drop_epochs", "applied_lr", "window_position", "seek_schedule",
+    "steps_on_param_devices",
 ]
 
 BACKBONE_KEYS = ("backbone.",)
@@ -102,6 +103,26 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool | None = Non
         params = [p for g in groups for p in g["params"]]
         fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=bool(fused) or None)
+
+
+def steps_on_param_devices(optimizer) -> int:
+    """Put each fused/capturable AdamW state's ``step`` on its parameter's device (float32); returns
+    how many moved. DeepSpeed's universal-checkpoint load assigns the step it read from disk (a CPU
+    tensor) straight into the torch optimizer's state, bypassing ``load_state_dict``, which would
+    move it: the fused CUDA kernel then fails at the first step after a resume on another worker
+    count. ``optimizer``: a torch optimizer or DeepSpeed's ZeRO wrapper of one."""
+    base = getattr(optimizer, "optimizer", optimizer)
+    moved = 0
+    for group in getattr(base, "param_groups", []):
+        if not (group.get("fused") or group.get("capturable")):
+            continue  # the plain implementations keep the step on the host
+        for p in group["params"]:
+            state = base.state.get(p)
+            step = state.get("step") if state else None
+            if torch.is_tensor(step) and step.device != p.device:
+                state["step"] = step.to(device=p.device, dtype=torch.float32)
+                moved += 1
+    return moved
 
 
 def lr_drop_epochs(cfg: TrainConfig) -> list[int]:

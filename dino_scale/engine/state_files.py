@@ -34,7 +34,7 @@ def save_rng_state(folder: PathLike, rank: int) -> None:
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": {"bit_generator": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # a CPU run on a GPU node: no context on GPU 0
         state["cuda_device"] = torch.cuda.get_rng_state()
     path = Path(folder) / f"rng_rank{rank}.pt"
     tmp = path.with_name(path.name + TMP_MARK + "w")
@@ -97,7 +97,7 @@ def load_rng_state(folder: PathLike, rank: int) -> bool:
     random.setstate(state["python"])
     np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # a GPU run has made its context by now
         if "cuda_device" in state:
             torch.cuda.set_rng_state(state["cuda_device"])  # onto this rank's (current) device
         elif "cuda" in state:  # written before: every visible device's state, indexed by device

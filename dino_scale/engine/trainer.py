@@ -155,4 +155,5 @@ def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_name: str, stora
         data_config = EngineDataConfig(datasets_to_split="all")
     return TorchTrainer(train_loop_per_worker, train_loop_config=train_loop_config, scaling_config=scaling,
                         run_config=run_config, datasets=datasets, dataset_config=data_config,
-                        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"))
+                        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo",
+                                                 timeout_s=int(tc.collective_timeout_s)))

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor records CUDA graphs in these
 # Methods compiled as regions of their own (attribute paths from the DINO module): every level's
 # padding mask and sine position embedding in one call (with ``backbone``), the flattening of
 # the levels into encoder tokens, the two-stage query selection, the decoder heads and the
@@ -236,6 +237,12 @@ def compile_regions(model: nn.Module, backbone: bool = True, mode: Optional[str]
     options = _options(mode, dynamic, backend)
     if mode == "reduce-overhead":
         _mark_step_per_forward(model)
+    if mode in CUDA_GRAPH_MODES:
+        # a region called at a new size (multi-scale training: nearly every batch) records a new
+        # graph set that is never freed; once dynamo makes the region dynamic, run that graph
+        # without CUDA graphs instead: recorded graphs stay bounded (process-wide inductor setting)
+        import torch._inductor.config as inductor_config
+        inductor_config.triton.cudagraph_skip_dynamic_graphs = True
     _load_msda_extension(model)
     names = []
     for name, module in model.named_modules():

@@ -27,6 +27,8 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from dino_scale.ops.level_shapes import cache_snapshot
+
 __all__ = ["GraphedDetector", "describe_failure"]
 
 _log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class _Captured:
     masks: Tensor
     sizes: Optional[Tensor]
     outputs: Tuple[Tensor, ...]
+    tables: tuple = ()  # the per-size tables the graph reads (ops.level_shapes.cache_snapshot)
 
 
 class GraphedDetector:
@@ -173,17 +176,19 @@ class GraphedDetector:
         static_images, static_masks = images.clone(), masks.to(torch.bool).clone()
         static_sizes = sizes.clone() if sizes is not None else None
         try:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):  # warm-up: builds/loads kernels, fills shape caches
-                for _ in range(self.warmup_iters):  # compiled regions compile here, not in the capture
-                    self._forward(static_images, static_masks, static_sizes)
-            torch.cuda.current_stream(device).wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                outputs = self._forward(static_images, static_masks, static_sizes)
+            with torch.cuda.device(device):  # capture's own stream is made on the current device
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):  # warm-up: builds/loads kernels, fills shape caches
+                    for _ in range(self.warmup_iters):  # compiled regions compile here, not in the capture
+                        self._forward(static_images, static_masks, static_sizes)
+                torch.cuda.current_stream(device).wait_stream(side)
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    outputs = self._forward(static_images, static_masks, static_sizes)
+                tables = cache_snapshot()
         except Exception as exc:  # noqa: BLE001 - the key falls back to eager, loudly
             self.stats["capture_failures"] += 1
             self.last_capture_failure = describe_failure(exc)
@@ -194,7 +199,7 @@ class GraphedDetector:
                          key[0], self.last_capture_failure)
             _log.debug("CUDA-graph capture failure for input %s", key[0], exc_info=exc)
             return None
-        entry = _Captured(graph, static_images, static_masks, static_sizes, outputs)
+        entry = _Captured(graph, static_images, static_masks, static_sizes, outputs, tables)
         self._graphs[key] = entry
         self.stats["captures"] += 1
         _log.info("captured a CUDA graph for input %s (%d kept)", key[0], len(self._graphs))

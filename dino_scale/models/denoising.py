@@ -64,9 +64,10 @@ def build_dn_attn_mask(pad_size: int, num_queries: int, group_size: int,
 
 def cached_dn_attn_mask(pad_size: int, num_queries: int, group_size: int, device) -> Tensor:
     """:func:`build_dn_attn_mask`, cached per (sizes, device) in the per-size table cache
-    (``dino_scale.ops.level_shapes``; at most ~1.2 MB an entry with ``dn_number=100`` and 900
-    queries). The mask depends only on the three sizes, and a batch's ``pad_size`` takes few
-    values, so most steps reuse it: no device operators for it at all. Read-only."""
+    (``dino_scale.ops.level_shapes``, at most ``KIND_LIMITS["dn_attn_mask"]`` masks; ~1.2 MB an
+    entry with ``dn_number=100`` and 900 queries, ~8.4 MB with 1000). The mask depends only on
+    the three sizes, and a batch's ``pad_size`` takes few values, so most steps reuse it: no
+    device operators for it at all. Read-only."""
     def build(_shapes, dev):
         return (build_dn_attn_mask(pad_size, num_queries, group_size, dev),)
     key = [(pad_size, num_queries), (group_size, 0)]

@@ -37,6 +37,17 @@ _SHAPES_BY_ID: dict[int, Tuple[Tensor, Shapes, Tensor]] = {}
 # training with many distinct padded sizes misses more often, and a miss costs what building
 # the tables every step cost before (no host sync: see cached_level_tensors).
 CACHE_SIZE = 64
+# Kinds whose entries are large, kept to fewer entries of their own: the denoising attention mask
+# is (pad + queries)^2 bytes, ~8.4 MB with the fine-tuning recipe's dn_number=1000 (pad ~2000),
+# and its pad size follows each batch's largest box count (64 masks: ~0.5 GB per GPU).
+KIND_LIMITS = {"dn_attn_mask": 8}
+
+
+def cache_snapshot() -> tuple:
+    """Every cached entry now (strong references). A CUDA graph captured over these tables keeps
+    reading their memory at replay, which the cache does not see: the holder of a graph keeps a
+    snapshot so that an entry evicted later is not freed (and its memory reused) under it."""
+    return tuple(_CACHE.values())
 
 
 def cached_level_tensors(kind: str, level_shapes: Sequence[Tuple[int, int]], device,
@@ -61,6 +72,11 @@ def cached_level_tensors(kind: str, level_shapes: Sequence[Tuple[int, int]], dev
     _CACHE[key] = value
     if kind == "index":
         _SHAPES_BY_ID[id(value[0])] = (value[0], shapes, value[1])
+    limit = KIND_LIMITS.get(kind)
+    if limit is not None:
+        same = [k for k in _CACHE if k[0] == kind]  # oldest first
+        for old_key in same[:max(0, len(same) - limit)]:
+            del _CACHE[old_key]
     if len(_CACHE) > CACHE_SIZE:
         (old_kind, _, _), old = _CACHE.popitem(last=False)
         if old_kind == "index":

@@ -38,6 +38,10 @@ from engine_fixtures import small_cfg, unique  # noqa: E402
     ({"train.compile": True, "train.compile_granularity": "block"},
      r"train.compile_granularity must be one of \['layer', 'stack'\], got 'block'"),
     ({"train.compile": True, "train.compile_mode": "fast"}, r"train.compile_mode must be one of .*got 'fast'"),
+    # CUDA graphs record parameters at fixed addresses; ZeRO-3 gathers them anew every forward
+    ({"train.compile": True, "train.compile_mode": "reduce-overhead", "train.zero_stage": 3},
+     r"compile_mode=reduce-overhead \(CUDA graphs\) does not work with train.zero_stage=3"),
+    ({"train.collective_timeout_s": 0}, r"train.collective_timeout_s must be >= 1, got 0"),
 ])
 def test_config_errors_before_ray_or_mlflow(data, tmp_path, monkeypatch, override, needle):
     """Checked on the driver before Ray or an MLflow run starts: in the workers these came back

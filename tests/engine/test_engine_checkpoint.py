@@ -180,7 +180,14 @@ def test_cuda_rng_state_restores_on_a_host_with_fewer_visible_gpus(tmp_path, mon
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: visible["current"])
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible["count"])
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: visible["initialized"])
 
+    # a CPU run on a GPU node (no CUDA context made): no CUDA state read or written, so no
+    # context is opened on GPU 0 by every worker's first checkpoint
+    visible["initialized"] = False
+    save_rng_state(tmp_path, rank=0)
+    assert "cuda_device" not in torch.load(tmp_path / "rng_rank0.pt", weights_only=True)
+    visible["initialized"] = True
     save_rng_state(tmp_path, rank=0)  # the rank used cuda:1 of 2
     visible.update(count=1, current=0)  # now the only GPU its node shows it
     assert load_rng_state(tmp_path, rank=0)

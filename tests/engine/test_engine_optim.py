@@ -255,3 +255,22 @@ def test_fp16_saves_the_fp32_masters_and_exact_frozen_weights():
         assert r["trained_changed"] == r["trained"], r
         assert r["module_not_saved_rounded"] == [], r
         assert r["saved_finer_than_module"] > r["trained"] // 2, r
+
+
+def test_a_universal_load_host_step_moves_to_the_parameters_device():
+    # DeepSpeed's universal load assigns the step it read (a CPU tensor) into the optimizer state,
+    # bypassing load_state_dict: the fused CUDA AdamW then failed at the first step after a resume
+    # on another worker count (device mismatch in _fused_adamw_). Meta stands in for the GPU.
+    from types import SimpleNamespace
+
+    from dino_scale.engine.optim import steps_on_param_devices
+
+    fused_p, plain_p, fresh_p = (torch.empty(3, device="meta") for _ in range(3))
+    state = {fused_p: {"step": torch.tensor(7.0, dtype=torch.float64)}, plain_p: {"step": torch.tensor(7.0)}}
+    inner = SimpleNamespace(param_groups=[{"params": [fused_p, fresh_p], "fused": True},
+                                          {"params": [plain_p], "fused": None}], state=state)
+    assert steps_on_param_devices(SimpleNamespace(optimizer=inner)) == 1  # through the ZeRO wrapper
+    step = state[fused_p]["step"]
+    assert step.device.type == "meta" and step.dtype == torch.float32
+    assert state[plain_p]["step"].device.type == "cpu"  # the plain implementation keeps it on the host
+    assert fresh_p not in state and steps_on_param_devices(inner) == 0

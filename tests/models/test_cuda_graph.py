@@ -245,7 +245,8 @@ class _CaptureStandIns:
                 stand_ins.capturing = False
 
         for name, value in {"Stream": Stream, "current_stream": lambda device=None: Stream(),
-                            "stream": lambda s: contextlib.nullcontext(), "graph_pool_handle": lambda: None,
+                            "stream": lambda s: contextlib.nullcontext(), "device": lambda d: contextlib.nullcontext(),
+                            "graph_pool_handle": lambda: None,
                             "CUDAGraph": type("CUDAGraph", (), {}), "graph": graph}.items():
             monkeypatch.setattr(torch.cuda, name, value)
 
@@ -278,6 +279,10 @@ def test_warm_up_compiles_what_the_capture_runs(monkeypatch):
         torch._dynamo.reset()
     assert entry is not None and graphed.stats["captures"] == 1, graphed.last_capture_failure
     assert compiles and not any(compiles), f"compiles (True = inside the capture): {compiles}"
+    # the per-size tables the graph reads stay alive with it, whatever the cache evicts later
+    from dino_scale.ops import level_shapes
+    held = {id(t) for entry_tables in entry.tables for t in entry_tables}
+    assert held and all(id(t) in held for v in level_shapes.cache_snapshot() for t in v)
 
 
 def test_capture_failure_is_kept_with_its_place(tiny, monkeypatch, caplog):

@@ -37,6 +37,24 @@ def test_lru_eviction_forgets_evicted_tensors(monkeypatch):
     cache_module.clear_level_cache()
 
 
+def test_large_kinds_keep_fewer_entries_and_snapshots_keep_evicted_ones():
+    # dn attention masks (~8.4 MB each with dn_number=1000) filled the 64-entry cache: ~0.5 GB a GPU
+    from dino_scale.models.denoising import cached_dn_attn_mask
+
+    cache_module.clear_level_cache()
+    tables, _ = level_index_tensors([(2, 3)], "cpu")
+    snapshot = cache_module.cache_snapshot()
+    masks = [cached_dn_attn_mask(2 * k, 5, 2, "cpu") for k in range(1, 12)]
+    kinds = [key[0] for key in cache_module._CACHE]
+    assert kinds.count("dn_attn_mask") == cache_module.KIND_LIMITS["dn_attn_mask"] == 8
+    assert kinds.count("index") == 1  # other kinds are not pushed out by the masks
+    assert cached_dn_attn_mask(22, 5, 2, "cpu") is masks[-1]  # the newest stay cached
+    assert cached_dn_attn_mask(2, 5, 2, "cpu") is not masks[0]  # the oldest were dropped
+    cache_module.clear_level_cache()
+    assert any(tables is entry[0] for entry in snapshot)  # a graph's snapshot still holds them
+    cache_module.clear_level_cache()
+
+
 def test_made_in_inference_mode_still_usable_in_training():
     cache_module.clear_level_cache()
     with torch.inference_mode():

@@ -134,8 +134,13 @@ def _check_backbone_weights(cfg: Config, init_weights: Optional[str], init_stric
     cluster joined by address (``ray_address`` or ``RAY_ADDRESS``, as ``check_gpus_here`` of the
     pipelines decides) the file may exist on the workers only: a warning. URLs are not checked."""
     from dino_scale.engine.elastic import reads_backbone_weights
+    from dino_scale.models.backbone import resolve_backbone_weights
 
-    path = cfg.model.backbone_weights
+    try:
+        path = resolve_backbone_weights(cfg.model.backbone, cfg.model.backbone_weights) \
+            if cfg.model.backbone_weights else cfg.model.backbone_weights
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if not reads_backbone_weights(cfg, init_weights=init_weights, init_strict=init_strict, resumed_world=resumed_world,
                                   resumed_frozen=resumed_frozen) or re.match(r"^[a-z][a-z0-9+.-]*://", str(path)):
         return

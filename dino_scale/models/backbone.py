@@ -24,6 +24,7 @@ from .position_encoding import PositionEmbeddingSine
 from .weights_file import download_weights, read_torch_file
 
 __all__ = ["FrozenBatchNorm2d", "ResNetBackbone", "Joiner", "build_backbone", "load_backbone_weights",
+           "IMAGENET_WEIGHTS", "resolve_backbone_weights",
            "downsample_mask"]
 
 logger = logging.getLogger(__name__)
@@ -156,8 +157,30 @@ def build_backbone(cfg) -> Joiner:
     pos = PositionEmbeddingSine(cfg.hidden_dim // 2, cfg.position_temperature, cfg.position_temperature)
     joiner = Joiner(features, pos)
     if getattr(cfg, "backbone_weights", None):
-        load_backbone_weights(joiner, cfg.backbone_weights)
+        load_backbone_weights(joiner, resolve_backbone_weights(cfg.backbone, cfg.backbone_weights))
     return joiner
+
+
+# The ImageNet weights the official DINO starts from: torchvision's ResNet (``pretrained=True``,
+# IMAGENET1K_V1) and the Swin repository's Swin-L 384 ImageNet-22k release (DINO's README).
+IMAGENET_WEIGHTS = {
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "swin_large_384": "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/"
+                      "swin_large_patch4_window12_384_22k.pth",
+}
+
+
+def resolve_backbone_weights(backbone: str, value: str) -> str:
+    """``model.backbone_weights`` as a path or URL: ``"imagenet"`` names the official ImageNet
+    weights of ``backbone`` (:data:`IMAGENET_WEIGHTS`, downloaded once into torch.hub's cache);
+    anything else is returned as given. ValueError for a backbone without such weights."""
+    if str(value).strip().lower() != "imagenet":
+        return value
+    if backbone not in IMAGENET_WEIGHTS:
+        raise ValueError(f"model.backbone_weights=imagenet: no ImageNet weights for backbone {backbone!r} "
+                         f"(known: {', '.join(IMAGENET_WEIGHTS)}); give a path or URL, or none")
+    return IMAGENET_WEIGHTS[backbone]
 
 
 def load_backbone_weights(backbone: nn.Module, path_or_url: str) -> dict:

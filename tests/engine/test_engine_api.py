@@ -42,6 +42,7 @@ from engine_fixtures import small_cfg, unique  # noqa: E402
     ({"train.compile": True, "train.compile_mode": "reduce-overhead", "train.zero_stage": 3},
      r"compile_mode=reduce-overhead \(CUDA graphs\) does not work with train.zero_stage=3"),
     ({"train.collective_timeout_s": 0}, r"train.collective_timeout_s must be >= 1, got 0"),
+    ({"model.backbone_weights": "imagenet"}, r"no ImageNet weights for backbone 'tiny_resnet'"),
 ])
 def test_config_errors_before_ray_or_mlflow(data, tmp_path, monkeypatch, override, needle):
     """Checked on the driver before Ray or an MLflow run starts: in the workers these came back

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+import dino_scale.models.backbone as backbone_module
 from dino_scale.config import preset
 from dino_scale.models.backbone import (FrozenBatchNorm2d, Joiner, ResNetBackbone, build_backbone,
                                         load_backbone_weights)
@@ -143,15 +144,25 @@ def test_load_backbone_weights_from_url(tmp_path, monkeypatch):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    url = f"http://127.0.0.1:{server.server_port}/resnet18-test.pth"
+    # "imagenet" names the backbone's official ImageNet weights (served here in their place)
+    monkeypatch.setitem(backbone_module.IMAGENET_WEIGHTS, "tiny_resnet", url)
     try:
         joiner = build_backbone(preset("tiny").model)
-        info = load_backbone_weights(joiner, f"http://127.0.0.1:{server.server_port}/resnet18-test.pth")
+        info = load_backbone_weights(joiner, url)
+        by_name = build_backbone(preset("tiny", {"model.backbone_weights": "imagenet"}).model)
     finally:
         server.shutdown()
         server.server_close()
     assert info["loaded"] == len(joiner[0].body.state_dict())
     torch.testing.assert_close(joiner[0].body.layer3[1].bn2.running_var, net.layer3[1].bn2.running_var)
+    torch.testing.assert_close(by_name[0].body.layer3[1].bn2.running_var, net.layer3[1].bn2.running_var)
     assert isinstance(joiner, Joiner)
+    assert backbone_module.resolve_backbone_weights("resnet50", "/w/r50.pth") == "/w/r50.pth"
+    assert backbone_module.resolve_backbone_weights("resnet50", "ImageNet").endswith("resnet50-0676ba61.pth")
+    monkeypatch.delitem(backbone_module.IMAGENET_WEIGHTS, "tiny_resnet")
+    with pytest.raises(ValueError, match="no ImageNet weights for backbone 'tiny_resnet'"):
+        backbone_module.resolve_backbone_weights("tiny_resnet", "imagenet")
 
 
 def test_load_backbone_weights_delegates_swin(tmp_path):

@@ -44,6 +44,18 @@ def test_giou_matches_torchvision_and_elementwise_equals_diagonal():
     assert torch.allclose(batched[1], ours.T, atol=1e-6)
 
 
+def test_iou_and_giou_divide_with_the_official_eps():
+    # official util/box_ops.py: inter / (union + 1e-6), (hull - union) / (hull + 1e-6); the
+    # matcher's GIoU cost and the GIoU loss differed from it by ~1e-5 relative (more for small boxes)
+    a = torch.tensor([[0.0, 0.0, 0.01, 0.01]], dtype=torch.float64)  # a small box: area 1e-4
+    b = torch.tensor([[0.005, 0.005, 0.015, 0.015]], dtype=torch.float64)  # inter 2.5e-5, union 1.75e-4, hull 2.25e-4
+    iou, union = box_iou(a, b)
+    assert iou.item() == pytest.approx(2.5e-5 / (1.75e-4 + 1e-6), rel=1e-12)
+    expected = 2.5e-5 / (1.75e-4 + 1e-6) - (2.25e-4 - 1.75e-4) / (2.25e-4 + 1e-6)
+    assert generalized_box_iou(a, b).item() == pytest.approx(expected, rel=1e-12)
+    assert elementwise_generalized_box_iou(a, b).item() == pytest.approx(expected, rel=1e-12)
+
+
 def test_inverse_sigmoid_clamps_with_eps_1e3():
     x = torch.tensor([-0.5, 0.0, 0.0005, 0.25, 0.5, 0.9995, 1.0, 1.5])
     y = inverse_sigmoid(x)

@@ -36,8 +36,10 @@ def test_hand_computed_final_layer_terms():
     ce = _focal(-1.0, 0) + _focal(2.0, 1) + _focal(0.5, 0) + _focal(-3.0, 0)  # / num_boxes 1
     assert losses["loss_ce"].item() == pytest.approx(ce, rel=1e-5)
     assert losses["loss_bbox"].item() == pytest.approx(0.05, rel=1e-5)
-    # pred (0.4,0.4,0.6,0.6), target (0.45,0.4,0.65,0.6): inter .03, union .05, hull .05
-    assert losses["loss_giou"].item() == pytest.approx(1 - 0.6, rel=1e-5)
+    # pred (0.4,0.4,0.6,0.6), target (0.45,0.4,0.65,0.6): inter .03, union .05, hull .05; the
+    # official divides by union + 1e-6 and hull + 1e-6
+    giou = 0.03 / (0.05 + 1e-6) - (0.05 - 0.05) / (0.05 + 1e-6)
+    assert losses["loss_giou"].item() == pytest.approx(1 - giou, rel=1e-6)
     assert set(losses) == {"loss_ce", "loss_bbox", "loss_giou"}
 
 

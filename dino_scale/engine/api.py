@@ -137,8 +137,7 @@ def _check_backbone_weights(cfg: Config, init_weights: Optional[str], init_stric
     from dino_scale.models.backbone import resolve_backbone_weights
 
     try:
-        path = resolve_backbone_weights(cfg.model.backbone, cfg.model.backbone_weights) \
-            if cfg.model.backbone_weights else cfg.model.backbone_weights
+        path = resolve_backbone_weights(cfg.model.backbone, cfg.model.backbone_weights)  # None stays None
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if not reads_backbone_weights(cfg, init_weights=init_weights, init_strict=init_strict, resumed_world=resumed_world,

@@ -139,15 +139,11 @@ def _targets_to(targets: list[dict], device: torch.device) -> list[dict]:
     out = [dict(t) for t in targets]
     for key in dict.fromkeys(k for t in targets for k in t):  # every field, in first-seen order
         values = [t.get(key) for t in targets]
-        if not all(torch.is_tensor(v) for v in values):
-            for t, v in zip(out, values):
+        rows = [v.reshape(1, *v.shape) if v.dim() == 0 else v for v in values if torch.is_tensor(v)]
+        if len(rows) < len(values) or len({(r.dtype, r.shape[1:], r.device) for r in rows}) != 1:
+            for t, v in zip(out, values):  # missing in some image, or not stackable: one copy each
                 if torch.is_tensor(v):
                     t[key] = host_to_device(v, device)
-            continue
-        rows = [v.reshape(1, *v.shape) if v.dim() == 0 else v for v in values]
-        if len({(r.dtype, r.shape[1:], r.device) for r in rows}) != 1:
-            for t, v in zip(out, values):
-                t[key] = host_to_device(v, device)
             continue
         packed = host_to_device(torch.cat(rows), device)
         for t, v, part in zip(out, values, packed.split([r.shape[0] for r in rows])):

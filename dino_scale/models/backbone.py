@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -171,7 +171,7 @@ IMAGENET_WEIGHTS = {
 }
 
 
-def resolve_backbone_weights(backbone: str, value: str) -> str:
+def resolve_backbone_weights(backbone: str, value: Optional[str]) -> Optional[str]:
     """``model.backbone_weights`` as a path or URL: ``"imagenet"`` names the official ImageNet
     weights of ``backbone`` (:data:`IMAGENET_WEIGHTS`, downloaded once into torch.hub's cache);
     anything else is returned as given. ValueError for a backbone without such weights."""

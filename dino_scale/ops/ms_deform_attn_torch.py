@@ -129,9 +129,9 @@ def _sample(value: torch.Tensor, shapes: List[Tuple[int, int]], sampling_locatio
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     if all(isinstance(h, int) and isinstance(w, int) and h * w == 0 for h, w in shapes):
-        # no level, or only empty ones (S = 0): zeros, connected to every input (zero gradients,
-        # as the kernels give; grid_sample refuses an empty map)
-        # sums over empty slices: zeros whatever the values (NaN included), gradients zero
+        # no level, or only empty ones (S = 0; grid_sample refuses an empty map): zeros connected
+        # to every input through sums over empty slices (zero whatever the values, NaN included),
+        # so the gradients are zeros, as the kernels give
         nothing = (sampling_locations[..., :0].sum((3, 4, 5)) + attention_weights[..., :0].sum((3, 4)))
         return (value[:, :0].sum(1).unsqueeze(1) + nothing.to(value.dtype).unsqueeze(-1)).reshape(N, Lq, M * D)
     value_list = value.split([h * w for h, w in shapes], dim=1)

@@ -27,6 +27,7 @@ full (consolidated) state dicts.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from typing import Any, Optional
 
@@ -165,11 +166,30 @@ def _prepare_deepspeed_env() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def init_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, ds_config: dict):
+def _use_device_as_local_rank(device: Optional[torch.device]) -> None:
+    """Make ``LOCAL_RANK`` the index of this worker's GPU, the one it trains on: DeepSpeed
+    moves the module to ``cuda:LOCAL_RANK`` and ZeRO-3 gathers parameters there. Ray Train
+    numbers a node's workers by GPU id as integers (0, 1, 2, ..., 10) but lists their shared
+    ``CUDA_VISIBLE_DEVICES`` sorted as strings ("0,1,10,11,2,..."), and ``get_device()`` is
+    the GPU's position in that list: on a node with 11 GPUs or more the two differ, and
+    DeepSpeed would put a worker's model on another worker's GPU."""
+    if device is None or device.type != "cuda" or device.index is None:
+        return
+    before = os.environ.get("LOCAL_RANK")
+    if before != str(device.index):
+        os.environ["LOCAL_RANK"] = str(device.index)
+        logging.getLogger("dino_scale.engine").info(
+            "LOCAL_RANK %s -> %d: the index of this worker's GPU (%s) for DeepSpeed", before, device.index, device)
+
+
+def init_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, ds_config: dict,
+                   device: Optional[torch.device] = None):
     """``deepspeed.initialize`` on an already-initialized process group (Ray Train sets it
     up); returns the engine. The engine owns the optimizer, the lr scheduler, clipping
-    and gradient accumulation."""
+    and gradient accumulation. ``device``: the worker's training device (the model is on it);
+    on a GPU, DeepSpeed is told to use the same one."""
     _prepare_deepspeed_env()
+    _use_device_as_local_rank(device)
     import deepspeed
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -215,7 +215,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     with resume_source(restored, world, tc.zero_stage, ctx.get_local_rank(), torch.distributed.barrier) as source:
         if source.universal is not None:  # ZeRO-1/2 written by another worker count
             ds_config["checkpoint"] = {"load_universal": True}
-        engine = init_deepspeed(model, optimizer, scheduler, ds_config)
+        engine = init_deepspeed(model, optimizer, scheduler, ds_config, device)
         ema = ModelEMA(engine, tc.ema_decay) if tc.ema_decay else None
         if source.folder is not None:
             state = load_training_checkpoint(source.folder, engine, rank, ema, universal_root=source.universal)

@@ -21,10 +21,9 @@ below) holds the current epoch of the dataset, and the training loop calls
 ``set_epoch(e)`` (from any or every worker, before iterating its shard for epoch ``e``);
 each preprocessing batch reads it once. Or fix it: ``epoch=e``; ``num_epochs > 1``
 then gives the union of epochs ``e .. e+num_epochs-1``. Rows carry ``epoch``.
-Block order (about one shard per block): seeded by ``data_cfg.seed``; with ``epoch=None``
-and ``reshuffle_each_epoch=True`` every pass (execution) of the dataset draws a new order,
-seeded by (seed, pass number) so a run repeats its orders, else every pass has the same order
-(what exact resume needs: a restarted run executes the dataset from pass 0 again).
+Shard order (drawn in the read, which streams): seeded by ``data_cfg.seed`` and the epoch, so
+every epoch has a new order and a resumed run replays the orders of the first
+(:class:`EpochFileOrder`).
 Images that fail to decode are dropped from the stream, logged with their id and
 counted by that actor: :func:`decode_skips`; so are training records that hold a category
 id their manifest does not list (reason ``unknown_category``). Images whose EXIF orientation the
@@ -38,6 +37,7 @@ import math
 import os
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -56,7 +56,7 @@ from .records import (
 # importing torch and torchvision, ~5 s of CPU and a few hundred MB each, on the driver's node).
 
 __all__ = ["build_train_dataset", "build_eval_dataset", "decode_skips", "exif_ties", "set_epoch", "current_epoch",
-           "block_order_seed", "unreadable_shard"]
+           "EpochFileOrder", "epoch_seed", "unreadable_shard"]
 
 log = logging.getLogger(__name__)
 _STATS_PREFIX = "dino_scale_data_stats:"
@@ -255,34 +255,41 @@ def _footer_readers(num_files: int):
             os.environ.pop(_FOOTER_ACTORS_ENV, None)
 
 
-def _read(files: list[str], override_num_blocks: Optional[int]):
+def _read(files: list[str], override_num_blocks: Optional[int],
+          order: Optional["ray.data.FileShuffleConfig"] = None, include_paths: bool = False):
     kw = {"override_num_blocks": override_num_blocks} if override_num_blocks else {}
     with _footer_readers(len(files)):
-        return ray.data.read_parquet(files, **kw)
+        return ray.data.read_parquet(files, shuffle=order, include_paths=include_paths, **kw)
 
 
-def add_image_root(table: pa.Table, image_root: Optional[str]) -> pa.Table:
-    """Record rows (n rows) -> the same rows plus an ``image_root`` string column (n,) holding
-    ``image_root`` (null for ``None``: embedded images)."""
-    return table.append_column("image_root", pa.array([image_root] * table.num_rows, pa.string()))
+def _path_key(path: str) -> str:
+    """A shard's path as Ray's ``include_paths`` column gives it: without a ``scheme://``."""
+    return str(path).split("://", 1)[-1]
 
 
-def split_blocks(total: Optional[int], files_per_folder: list[int]) -> list[Optional[int]]:
-    """``override_num_blocks`` of each folder's read: ``total`` shared in proportion to the
-    folders' shard counts, at least 1 each (``None``: Ray's default for every read)."""
-    if not total:
-        return [None] * len(files_per_folder)
-    n = sum(files_per_folder)
-    return [max(1, round(int(total) * k / n)) for k in files_per_folder]
+def image_root_from_path(table: pa.Table, roots: dict[str, Optional[str]]) -> pa.Table:
+    """Record rows (n rows) read with their shard's ``path`` -> the same rows with an
+    ``image_root`` string column (n,) instead: the root of the shard's folder (``roots``: path
+    key -> root; null for ``None``, embedded images)."""
+    paths = table.column("path").to_pylist()
+    try:
+        column = [roots[_path_key(p)] for p in paths]
+    except KeyError as e:  # pragma: no cover - Ray reports a path we did not give it
+        raise ShardError(f"a row of shard {e.args[0]!r}, which is not one of the dataset's shards") from None
+    table = table.drop_columns(["path"])
+    return table.append_column("image_root", pa.array(column, pa.string()))
 
 
-def _read_records(data_dir, image_root: Roots,
-                  override_num_blocks: Optional[int]) -> tuple["ray.data.Dataset", Optional[str]]:
+def _read_records(data_dir, image_root: Roots, override_num_blocks: Optional[int],
+                  order: Optional["ray.data.FileShuffleConfig"] = None) -> tuple["ray.data.Dataset", Optional[str]]:
     """(record rows of every folder, the image root for :class:`_ToSample`).
 
-    One folder: its shards, read as they are, and its root. Several: one read per folder, each
-    row given its own folder's root (``image_root`` column, :func:`add_image_root`), the
-    reads unioned, and ``None``: every folder resolves file names against its own root."""
+    One read over the shards of every folder, in the file order ``order`` draws (``None``: as
+    listed): one folder's rows as they are, with its root; several folders' rows each given its
+    own folder's root (``image_root`` column, :func:`image_root_from_path`), and ``None``: every
+    folder resolves file names against its own root. (Drawing the order in the read keeps the
+    pass streaming: ``randomize_block_order`` is an all-to-all step that waits for every shard
+    to be read, so each epoch held the whole dataset in the object store before its first batch.)"""
     roots = folder_image_roots(data_dir, image_root)
     category_ids([d for d, _ in roots])  # the folders' categories must agree
     # footers read before Ray plans the read (once per process: the engine's check already did)
@@ -290,47 +297,55 @@ def _read_records(data_dir, image_root: Roots,
     if not sum(map(len, files)):
         raise ValueError(f"{data_dir}: the dataset has no shards (no images?)")
     if len(roots) == 1:
-        return _read(files[0], override_num_blocks), roots[0][1]
-    parts = [_read(f, blocks).map_batches(add_image_root, batch_format="pyarrow", batch_size=None,
-                                          zero_copy_batch=True, fn_kwargs={"image_root": root})
-             for f, (_, root), blocks in zip(files, roots, split_blocks(override_num_blocks, list(map(len, files))))
-             if f]
-    return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]), None
+        return _read(files[0], override_num_blocks, order), roots[0][1]
+    root_of = {_path_key(f): root for folder, (_, root) in zip(files, roots) for f in folder}
+    ds = _read([f for folder in files for f in folder], override_num_blocks, order, include_paths=True)
+    return ds.map_batches(image_root_from_path, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+                          fn_kwargs={"roots": root_of}), None
 
 
-def block_order_seed(seed: int, reshuffle_each_epoch: bool) -> "ray.data.RandomSeedConfig":
-    """The seed of ``randomize_block_order``: ``seed`` for every execution of the dataset, or
-    with ``reshuffle_each_epoch`` combined with the execution index (a new order each pass).
-    Ray turns a plain int seed into the former."""
-    return ray.data.RandomSeedConfig(seed=int(seed), reseed_after_execution=bool(reshuffle_each_epoch))
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch``'s shard order (the same in every process and run)."""
+    return hash((int(seed), int(epoch))) % 2 ** 32  # ints hash alike everywhere (PYTHONHASHSEED is for str)
+
+
+@dataclass
+class EpochFileOrder(ray.data.FileShuffleConfig):
+    """A shard order drawn anew for each epoch and always the same for the same epoch: Ray asks
+    for the seed when a pass over the dataset starts (where it lists the files), and gets
+    :func:`epoch_seed` of ``seed`` and the epoch clock's epoch (``stats_name``). So a resumed
+    run (whose restart executes the dataset from pass 0 again) sees the orders of the first, and
+    every epoch a new one; with Ray's execution index instead, those two could not both hold."""
+    stats_name: str = "train"
+
+    def get_seed(self, execution_idx: int = 0) -> int:
+        return epoch_seed(self.seed, current_epoch(self.stats_name))
 
 
 def build_train_dataset(data_dir, data_cfg, image_root: Roots = None, epoch: Optional[int] = None,
                         num_epochs: int = 1, stats_name: str = "train",
-                        override_num_blocks: Optional[int] = None,
-                        reshuffle_each_epoch: bool = False) -> "ray.data.Dataset":
+                        override_num_blocks: Optional[int] = None) -> "ray.data.Dataset":
     """Augmented training rows (see module doc). ``data_dir``: folder(s) of shards; each
     folder's records resolve image files against the root recorded in its manifest, unless
     ``image_root`` (else ``data_cfg.image_root``) overrides it: one root for all folders, or one
     per folder (``"root_a,root_b"``; see :func:`~.loader.folder_image_roots`).
 
-    ``reshuffle_each_epoch`` (``epoch=None`` only; a fixed ``epoch`` seeds its order with
-    ``seed + epoch``): draw a new block order on each pass, for training that need not resume
-    exactly; keep it ``False`` for ``train.deterministic`` runs, whose restart re-executes the
-    dataset from pass 0 and must see the orders of the first run."""
+    The shards are read in an order drawn from (``data_cfg.seed``, epoch): the epoch clock's
+    (:class:`EpochFileOrder`), or each fixed ``epoch``'s; the same order for an epoch either way."""
     override = image_root or data_cfg.image_root
     known = category_ids(data_dir)  # a record holding another id is a counted skip (its label is bad)
     _stats(stats_name)  # created from the driver, on its node (tasks and workers find it by name)
     if epoch is None:
         if num_epochs != 1:
             raise ValueError("num_epochs > 1 needs a fixed start epoch")
-        ds, root = _read_records(data_dir, override, override_num_blocks)
-        return ds.randomize_block_order(seed=block_order_seed(data_cfg.seed, reshuffle_each_epoch)).map_batches(
-            _ToSample(data_cfg, True, root, None, stats_name, known), batch_size=_BATCH, batch_format="pyarrow")
+        ds, root = _read_records(data_dir, override, override_num_blocks,
+                                 EpochFileOrder(seed=int(data_cfg.seed), stats_name=stats_name))
+        return ds.map_batches(_ToSample(data_cfg, True, root, None, stats_name, known), batch_size=_BATCH,
+                              batch_format="pyarrow")
     parts = []
     for e in range(int(epoch), int(epoch) + int(num_epochs)):
-        ds, root = _read_records(data_dir, override, override_num_blocks)
-        ds = ds.randomize_block_order(seed=int(data_cfg.seed) + e)
+        ds, root = _read_records(data_dir, override, override_num_blocks, order=ray.data.FileShuffleConfig(
+            seed=epoch_seed(data_cfg.seed, e), reseed_after_execution=False))
         parts.append(ds.map_batches(_ToSample(data_cfg, True, root, e, stats_name, known), batch_size=_BATCH,
                                     batch_format="pyarrow"))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])

@@ -1,7 +1,5 @@
-"""Block order of the training dataset across epochs, checked on the plan without Ray."""
+"""Shard order of the training dataset across epochs, checked on the plan without Ray."""
 from __future__ import annotations
-
-import pytest
 
 from dino_scale.config import preset
 
@@ -12,42 +10,59 @@ class _PlanStub:
     def __init__(self, calls: list):
         self.calls = calls
 
-    def randomize_block_order(self, seed=None):
-        self.calls.append(("randomize_block_order", seed))
-        return self
-
     def map_batches(self, fn, **kw):
         self.calls.append(("map_batches", fn))
         return self
 
+    def union(self, *others):
+        return self
 
-@pytest.mark.parametrize("reshuffle", [True, False])
-def test_data_epoch_block_order_reseeds_only_when_asked(monkeypatch, reshuffle):
-    """An int seed is Ray's RandomSeedConfig(reseed_after_execution=False): the same block order
-    every epoch. Non-deterministic training asks for a new, seeded order per pass; deterministic
-    training keeps the fixed order (a restart re-executes from pass 0)."""
+
+def test_data_epoch_shard_order_is_drawn_per_epoch(monkeypatch):
+    """The read draws the shard order from (seed, epoch): the epoch clock's when it is read
+    (a new order every epoch, the same for the same epoch on any pass, so a restarted run replays
+    its orders), or each fixed epoch's, with the same seed the clock gives for that epoch."""
     import ray.data
 
     from dino_scale.data import ray_data
 
     calls: list = []
-    monkeypatch.setattr(ray_data, "_read_records", lambda *a: (_PlanStub(calls), None))
+
+    def read_records(data_dir, image_root, override_num_blocks, order=None):
+        calls.append(("read", order))
+        return _PlanStub(calls), None
+
+    clock = {"epoch": 0}
+    monkeypatch.setattr(ray_data, "_read_records", read_records)
     monkeypatch.setattr(ray_data, "category_ids", lambda data_dir: [1])  # no manifest to read
     monkeypatch.setattr(ray_data, "_stats", lambda name: None)  # the bookkeeping actor: no Ray here
+    monkeypatch.setattr(ray_data, "current_epoch", lambda name: clock["epoch"] if name == "trainset" else -1)
     cfg = preset("tiny").data
-    kw = {"reshuffle_each_epoch": reshuffle} if reshuffle else {}  # the default keeps the fixed order
-    ray_data.build_train_dataset("unused", cfg, **kw)
-    (name, seed), = [c for c in calls if c[0] == "randomize_block_order"]
-    assert isinstance(seed, ray.data.RandomSeedConfig)
-    assert seed.seed == cfg.seed and seed.reseed_after_execution is reshuffle
-    # a fixed start epoch seeds each epoch's order itself (seed + epoch)
+    ray_data.build_train_dataset("unused", cfg, stats_name="trainset")
+    (_, order), = [c for c in calls if c[0] == "read"]
+    assert isinstance(order, ray_data.EpochFileOrder) and isinstance(order, ray.data.FileShuffleConfig)
+    seeds = {}
+    for epoch in (0, 1, 2, 1, 0):
+        clock["epoch"] = epoch
+        for execution in (0, 5):  # Ray's execution index does not matter
+            seeds.setdefault(epoch, set()).add(order.get_seed(execution))
+    assert all(len(s) == 1 for s in seeds.values()) and len({s.pop() for s in seeds.values()}) == 3
     calls.clear()
-    ray_data.build_train_dataset("unused", cfg, epoch=3, num_epochs=1, reshuffle_each_epoch=reshuffle)
-    assert [c[1] for c in calls if c[0] == "randomize_block_order"] == [cfg.seed + 3]
+    ray_data.build_train_dataset("unused", cfg, epoch=3, num_epochs=2)
+    fixed = [c[1] for c in calls if c[0] == "read"]
+    assert [(o.seed, o.reseed_after_execution) for o in fixed] == [
+        (ray_data.epoch_seed(cfg.seed, 3), False), (ray_data.epoch_seed(cfg.seed, 4), False)]
+    clock["epoch"] = 4
+    assert order.get_seed() == fixed[1].get_seed(7)
 
 
-def test_data_block_order_seed_config():
-    from dino_scale.data.ray_data import block_order_seed
+def test_data_epoch_seed_is_the_same_in_every_process():
+    import subprocess
+    import sys
 
-    assert block_order_seed(7, True).reseed_after_execution and block_order_seed(7, True).seed == 7
-    assert not block_order_seed(7, False).reseed_after_execution
+    from dino_scale.data.ray_data import epoch_seed
+
+    code = "from dino_scale.data.ray_data import epoch_seed; print(epoch_seed(42, 3))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout.split()[-1]
+    assert int(other) == epoch_seed(42, 3) and epoch_seed(42, 3) != epoch_seed(42, 4) != epoch_seed(43, 4)

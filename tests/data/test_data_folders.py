@@ -59,13 +59,14 @@ def test_data_folders_one_root_applies_to_all_when_unambiguous(image_folders, tm
     assert [int(t["image_id"]) for t in targets] == [1, 2, 11, 12] and loader.skips["count"] == 0
 
 
-def test_data_folders_per_folder_read_helpers():
-    """The pieces of the per-folder Ray Data read (run inside Ray tasks / when planning)."""
-    from dino_scale.data.ray_data import add_image_root, split_blocks
+def test_data_folders_rows_get_their_shard_folders_root():
+    """One Ray Data read over every folder's shards (``include_paths``): each row's
+    ``image_root`` is its shard's folder's root (run inside Ray tasks)."""
+    from dino_scale.data.ray_data import _path_key, image_root_from_path
 
-    table = pa.table({"image_id": pa.array([1, 2], pa.int64())})
-    assert add_image_root(table, "/r").column("image_root").to_pylist() == ["/r", "/r"]
-    out = add_image_root(table, None)
-    assert out.column("image_root").type == pa.string() and out.column("image_root").to_pylist() == [None, None]
-    assert split_blocks(None, [3, 1]) == [None, None]
-    assert split_blocks(8, [3, 1]) == [6, 2] and split_blocks(2, [30, 1]) == [2, 1]
+    roots = {_path_key("file:///d/a/shard-0.parquet"): "/r", _path_key("/d/b/shard-0.parquet"): None}
+    table = pa.table({"image_id": pa.array([1, 2, 3], pa.int64()),
+                      "path": pa.array(["/d/a/shard-0.parquet", "/d/b/shard-0.parquet", "/d/a/shard-0.parquet"])})
+    out = image_root_from_path(table, roots)
+    assert out.column_names == ["image_id", "image_root"] and out.column("image_root").type == pa.string()
+    assert out.column("image_root").to_pylist() == ["/r", None, "/r"]

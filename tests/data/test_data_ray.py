@@ -36,7 +36,7 @@ def test_data_ray_datasets(ray_session, shards, tmp_path, image_folders):
     _train_rows_match_local_and_split(shards)
     _eval_and_decode_skips(shards, tmp_path)
     _folders_use_their_own_image_roots(image_folders)
-    _block_order_new_each_pass_only_when_asked(tmp_path)
+    _shard_order_drawn_per_epoch(tmp_path)
     _train_records_of_unknown_categories_skipped(tmp_path)
     _records_changed_after_conversion_skipped(tmp_path)
     _unreadable_shard_named(tmp_path)
@@ -176,11 +176,14 @@ def _find_op(ds, type_name: str):
     raise AssertionError(f"no {type_name} operator in the plan: Ray's plan changed")
 
 
-def _block_order_new_each_pass_only_when_asked(tmp_path):
-    """reshuffle_each_epoch: every pass over the same dataset (an epoch) takes its blocks in a
-    new seeded order; without it (deterministic runs) every pass in the same order. Ray turns
-    the int seed it was given before into the latter, so the block order never changed."""
-    from dino_scale.data import build_train_dataset
+def _shard_order_drawn_per_epoch(tmp_path):
+    """Every epoch reads the shards in a new order, the same one on every pass over that epoch
+    (a restarted run replays it) and for a dataset built for that fixed epoch. The order is
+    drawn in the read, so the plan has no all-to-all step (``randomize_block_order`` waited for
+    every shard to be read before the first row went on: the whole dataset in the object store)."""
+    from ray.data._internal.logical.operators import AbstractAllToAll
+
+    from dino_scale.data import build_train_dataset, set_epoch
     from dino_scale.data.synthetic import generate
 
     root, ann = generate(tmp_path / "raw_blocks", "coco-like", num_images=10, seed=9,
@@ -188,18 +191,26 @@ def _block_order_new_each_pass_only_when_asked(tmp_path):
     out = tmp_path / "blocks"
     convert_coco(ann, root, out, embed_images=False, max_images_per_shard=1, progress=False)
     cfg = preset("tiny").data
-    for reshuffle in (False, True):
-        ds = build_train_dataset(out, cfg, reshuffle_each_epoch=reshuffle, stats_name="block_order_test")
-        seed = _find_op(ds, "RandomizeBlocks").seed_config
-        assert seed.seed == cfg.seed and seed.reseed_after_execution is reshuffle
-        ds.context.execution_options.preserve_order = True  # rows in block order
-        # Ray packs small files into one block (nothing to reorder); tiny blocks give several
-        ds.context.target_max_block_size, ds.context.target_min_block_size = 64, 1
-        orders = [tuple(int(r["image_id"]) for r in ds.take_all()) for _ in range(4)]
-        assert len(orders[0]) == 10 and all(sorted(o) == sorted(orders[0]) for o in orders)
-        assert orders[0] != tuple(sorted(orders[0]))  # the blocks are reordered at all
-        # fixed: every pass the same order; reshuffled: new orders (a repeat is a 1/10! chance)
-        assert len(set(orders)) == 1 if not reshuffle else len(set(orders)) >= 3, orders
+    ds = build_train_dataset(out, cfg, stats_name="order_test")
+    ops = [ds._logical_plan.dag]
+    while ops:
+        op = ops.pop()
+        assert not isinstance(op, AbstractAllToAll), f"{type(op).__name__} in the training plan"
+        ops.extend(op.input_dependencies)
+
+    def order(dataset):
+        dataset.context.execution_options.preserve_order = True  # rows in shard order
+        return tuple(int(r["image_id"]) for r in dataset.take_all())
+
+    orders = {}
+    for epoch in (0, 1, 2, 1, 0):
+        set_epoch(epoch, "order_test")
+        orders.setdefault(epoch, set()).add(order(ds))
+    assert all(len(o) == 1 for o in orders.values()), orders  # an epoch's order on every pass
+    first, second, third = (orders[e].pop() for e in (0, 1, 2))
+    assert len(first) == 10 and sorted(first) == sorted(second) == sorted(third)
+    assert len({first, second, third}) == 3 and first != tuple(sorted(first))  # a repeat: a 1/10! chance
+    assert order(build_train_dataset(out, cfg, epoch=1, stats_name="order_test")) == second
 
 
 def test_data_ray_epoch_clock_survives_ray_restart(ray_lock):

@@ -244,9 +244,7 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     try:  # any failure from here on marks the MLflow run FAILED, an interrupt KILLED
         datasets: dict[str, Any] = {}
         if train:
-            # a new block order each epoch, except where a restart must replay the first run's orders
-            datasets["train"] = build_train_dataset(train_dir, cfg.data,
-                                                    reshuffle_each_epoch=not cfg.train.deterministic)
+            datasets["train"] = build_train_dataset(train_dir, cfg.data)  # a shard order per (seed, epoch)
         # Handed to the workers through Ray's object store: on a cluster they run on other
         # machines than this driver, where a file written here does not exist.
         val_gt = None
@@ -286,22 +284,31 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
         if relay is not None:  # rank 0 flushed it before the run ended
             ray.kill(relay)
     metrics = dict(result.metrics or {})
-    if metrics.get("abort_reason"):
-        tracker.set_tags({"error": metrics["abort_reason"][:500]})
+    try:  # a failure or interrupt while the results are saved ends the run too (not left RUNNING)
+        if metrics.get("abort_reason"):
+            raise BadStepError(metrics["abort_reason"])
+        if result.checkpoint is None:
+            raise RuntimeError(f"run {run_name} finished without a checkpoint")
+        final = work / "final"
+        if train:
+            _copy_final(result.checkpoint, final)
+        else:  # evaluation only: the weights are the caller's; keep the detections and the config
+            _copy_final(result.checkpoint, final, required=())
+            atomic_write_text(final / CONFIG_NAME, json.dumps(to_dict(cfg), indent=2))
+        lineage.update({"run_id": run_id, "checkpoint": result.checkpoint.path, "metrics": {
+            k: v for k, v in metrics.items() if k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "step")}})
+        atomic_write_text(final / "lineage.json", json.dumps(lineage, indent=2, default=str))
+    except Exception as exc:
+        tracker.set_tags({"error": str(exc)[:500] if isinstance(exc, BadStepError) else
+                          f"{type(exc).__name__} after training: {str(exc)[:500]}"})
         tracker.end_run("FAILED")
         tracker.close(timeout_s=tracking_close_timeout_s)
-        raise BadStepError(metrics["abort_reason"])
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {run_name} finished without a checkpoint")
-    final = work / "final"
-    if train:
-        _copy_final(result.checkpoint, final)
-    else:  # evaluation only: the weights are the caller's; keep the detections and the config
-        _copy_final(result.checkpoint, final, required=())
-        atomic_write_text(final / CONFIG_NAME, json.dumps(to_dict(cfg), indent=2))
-    lineage.update({"run_id": run_id, "checkpoint": result.checkpoint.path, "metrics": {
-        k: v for k, v in metrics.items() if k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "step")}})
-    atomic_write_text(final / "lineage.json", json.dumps(lineage, indent=2, default=str))
+        raise
+    except BaseException as exc:
+        tracker.set_tags({"error": f"{type(exc).__name__}: interrupted while the results were saved"})
+        tracker.end_run("KILLED")
+        tracker.close(timeout_s=tracking_close_timeout_s)
+        raise
     eval_metrics = {f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))
                     and not isinstance(v, bool)}
     tracker.log_metrics(eval_metrics, step=int(metrics.get("step", 0)))

@@ -394,3 +394,50 @@ def test_a_resumed_run_is_not_refused_for_a_backbone_file_it_does_not_read(data,
         monkeypatch.setattr(elastic, "check_restart", lambda *a, _r=resumes, **k: _r)
         with pytest.raises(outcome):
             fit(cfg, train_dir, val_dir, tmp_path / "work", unique("resumed"), progress=False)
+
+
+@pytest.mark.parametrize("failure", ["no_checkpoint", "copy_failed", "interrupt"])
+def test_a_failure_while_the_results_are_saved_ends_the_run(data, tmp_path, monkeypatch, failure):
+    """After ``trainer.fit()`` returns, the driver copies the final weights out of the checkpoint
+    and logs them. A failure there (no checkpoint, a copy that fails, Ctrl-C during a multi-GB
+    copy) left the MLflow run RUNNING for ever; it now ends FAILED (KILLED for an interrupt),
+    tagged with the reason, and the error still reaches the caller. The trainer is a stand-in
+    that returns a result at once: what runs is the driver's code after training."""
+    from types import SimpleNamespace
+
+    import ray.train
+    from mlflow import MlflowClient
+
+    import dino_scale.data
+    import dino_scale.engine.trainer
+    import dino_scale.tracking.relay
+    from dino_scale.engine import api, fit
+
+    class Trainer:
+        def fit(self):
+            path = tmp_path / "checkpoint_000001"
+            path.mkdir(exist_ok=True)  # holds no weights: the copy fails
+            checkpoint = None if failure == "no_checkpoint" else ray.train.Checkpoint(str(path))
+            return SimpleNamespace(metrics={"step": 1}, checkpoint=checkpoint, metrics_dataframe=None)
+
+    def interrupted_copy(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(api, "ensure_ray", lambda *args: None)
+    monkeypatch.setattr(api, "quiet_progress_bars", lambda ds: None)
+    monkeypatch.setattr(dino_scale.data, "build_train_dataset", lambda *args, **kwargs: object())
+    monkeypatch.setattr(dino_scale.tracking.relay, "start_relay", lambda *args: None)
+    monkeypatch.setattr(dino_scale.engine.trainer, "build_trainer", lambda *args, **kwargs: Trainer())
+    if failure == "interrupt":
+        monkeypatch.setattr(api, "_copy_final", interrupted_copy)
+    train_dir, _ = data
+    error = {"no_checkpoint": RuntimeError, "copy_failed": FileNotFoundError, "interrupt": KeyboardInterrupt}
+    with pytest.raises(error[failure]):
+        fit(small_cfg(), train_dir, None, tmp_path / "work", unique("after-fit"), evaluate=False, progress=False,
+            experiment="engine-test", storage_path=str(tmp_path / "ray"), tracking_close_timeout_s=5)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("engine-test").experiment_id])
+    expected = ("KILLED", "interrupted while the results were saved") if failure == "interrupt" else \
+        ("FAILED", f"{error[failure].__name__} after training")
+    assert (run.info.status, expected[1] in run.data.tags.get("error", "")) == (expected[0], True), run.data.tags

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -40,8 +41,23 @@ __all__ = ["default_tracking_uri", "sqlite_artifact_location", "ResilientLogger"
            "TrackingUnavailable"]
 
 log = logging.getLogger("dino_scale.tracking")
+CREATE_ID_TAG = "dino_scale.create_id"  # one per start_run: a retried creation finds the run an earlier try made
 _MAX_PARAM_LEN = 6000
 _BATCH = 100
+
+
+def upload_timeout_s(local_dir: str | Path, floor_s: float, min_rate_bytes_s: float = 5e6) -> float:
+    """The request timeout of an artifact upload of ``local_dir``: 60 s plus its size at 5 MB/s,
+    at least ``floor_s``. The logger's short timeout (a hung server must not stall training)
+    cut off uploads a tracking server answers only once stored (e.g. in S3): each try was
+    counted as an outage and sent again from the start, so the run's end never went out."""
+    path = Path(local_dir)
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else []
+    size = 0
+    for f in files:
+        with contextlib.suppress(OSError):
+            size += f.stat().st_size
+    return max(float(floor_s), 60.0 + size / float(min_rate_bytes_s))
 
 
 def absolute_sqlite_uri(uri: str) -> str:
@@ -125,6 +141,7 @@ class ResilientLogger:
 
     def __init__(self, tracking_uri: str, run_id: Optional[str] = None, *, timeout_s: float = 3.0,
                  max_retries: int = 0, retry_interval_s: float = 5.0, max_buffer: int = 100_000):
+        self.timeout_s = float(timeout_s)
         self._http_env = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, timeout_s))),
                           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(max_retries)),
                           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}
@@ -163,7 +180,8 @@ class ResilientLogger:
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        self._pending_create = {"experiment": experiment, "run_name": run_name, "tags": tags}
+        tags[CREATE_ID_TAG] = uuid.uuid4().hex
+        self._pending_create = {"experiment": experiment, "run_name": run_name, "tags": tags, "tried": False}
         self.flush(force=True)
         if wait_s is None or self.run_id is not None:
             return self.run_id
@@ -194,6 +212,15 @@ class ResilientLogger:
                 if exp is None:
                     raise
                 exp_id = exp.experiment_id
+        if spec["tried"]:  # an earlier try may have created it and its answer been lost (a timeout)
+            token = spec["tags"][CREATE_ID_TAG]
+            found = self.client.search_runs([exp_id], filter_string=f"tags.`{CREATE_ID_TAG}` = '{token}'",
+                                            max_results=1)
+            if found:
+                self.run_id = found[0].info.run_id
+                self._pending_create = None
+                return
+        spec["tried"] = True
         run = self.client.create_run(exp_id, run_name=spec["run_name"], tags=spec["tags"])
         self.run_id = run.info.run_id
         self._pending_create = None
@@ -263,7 +290,8 @@ class ResilientLogger:
             metrics = [Metric(k, v if math.isfinite(v) else float("nan"), ts, step) for k, v in values.items()]
             self.client.log_batch(self.run_id, metrics=metrics)
         elif kind == "artifacts":
-            self.client.log_artifacts(self.run_id, op[1], op[2])
+            with self._request_timeout(upload_timeout_s(op[1], self.timeout_s)):
+                self.client.log_artifacts(self.run_id, op[1], op[2])
         elif kind == "dict":
             self.client.log_dict(self.run_id, op[1], op[2])
         elif kind == "end":
@@ -277,11 +305,27 @@ class ResilientLogger:
         restored afterwards; a variable the user set is left alone."""
         added = [k for k in self._http_env if k not in os.environ]
         os.environ.update({k: self._http_env[k] for k in added})
+        self._set_here = set(added)
         try:
             yield
         finally:
+            self._set_here = set()
             for k in added:
                 os.environ.pop(k, None)
+
+    @contextlib.contextmanager
+    def _request_timeout(self, seconds: float) -> Iterator[None]:
+        """The request timeout for the calls inside (within :meth:`_http_settings`, unless the
+        user set ``MLFLOW_HTTP_REQUEST_TIMEOUT``)."""
+        key = "MLFLOW_HTTP_REQUEST_TIMEOUT"
+        if key not in getattr(self, "_set_here", ()):
+            yield
+            return
+        os.environ[key] = str(int(max(1, seconds)))
+        try:
+            yield
+        finally:
+            os.environ[key] = self._http_env[key]
 
     def flush(self, force: bool = False) -> bool:
         """Send buffered ops in order; True when the buffer is empty afterwards."""

@@ -250,3 +250,63 @@ def test_start_run_that_must_succeed(tmp_path):
         ResilientLogger(sqlite, retry_interval_s=5).start_run("gone", "r", wait_s=60)
     assert time.monotonic() - t0 < 30  # a refusal raises at once
     assert ResilientLogger(sqlite).start_run("here", "r", wait_s=0) is not None
+
+
+@pytest.mark.timeout(300)
+def test_a_run_whose_creation_answer_was_lost_is_not_created_again(server):
+    """The server created the run but its answer came after the logger's timeout: the retry
+    found that run (by the creation tag) instead of creating another (every retry made one:
+    orphan RUNNING runs with the same name, which a resumed run could be linked to)."""
+    from mlflow.tracking import MlflowClient
+
+    from slow_proxy import SlowProxy
+
+    proxy = SlowProxy(server.uri, ("POST", "runs/create"), delay_s=3)
+    try:
+        logger = ResilientLogger(proxy.uri, timeout_s=1, retry_interval_s=0.5)
+        run_id = logger.start_run("slow-create", "created-once", wait_s=30)
+        logger.log_metrics({"loss": 1.0}, step=1)
+        logger.end_run("FINISHED")
+        assert logger.close(timeout_s=30)
+    finally:
+        proxy.close()
+    assert proxy.count("POST", "runs/create") == 1
+    client = MlflowClient(server.uri)
+    runs = client.search_runs([client.get_experiment_by_name("slow-create").experiment_id])
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "FINISHED")]
+    assert [m.value for m in client.get_metric_history(run_id, "loss")] == [1.0]
+
+
+@pytest.mark.timeout(300)
+def test_an_upload_answered_late_is_sent_once_and_the_run_ends(server, tmp_path):
+    """A tracking server that answers an artifact upload only once it has stored it (in S3,
+    say) answered after the logger's short timeout: the upload was counted as an outage and
+    sent again from the start every retry, and the run's end, queued behind it, never went
+    out (the run stayed RUNNING). Uploads get a timeout sized to what they send."""
+    from mlflow.tracking import MlflowClient
+
+    from slow_proxy import SlowProxy
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"\0" * 200_000)
+    proxy = SlowProxy(server.uri, ("PUT", "mlflow-artifacts/artifacts"), delay_s=3)
+    try:
+        logger = ResilientLogger(proxy.uri, timeout_s=1, retry_interval_s=0.5)
+        run_id = logger.start_run("slow-upload", "uploaded-once", wait_s=30)
+        logger.log_artifacts(str(folder), "model")
+        logger.end_run("FINISHED")
+        assert logger.close(timeout_s=30) and logger.outages == 0
+    finally:
+        proxy.close()
+    assert proxy.count("PUT", "mlflow-artifacts/artifacts") == 1
+    client = MlflowClient(server.uri)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [(a.path, a.file_size) for a in client.list_artifacts(run_id, "model")] == [("model/weights.bin", 200_000)]
+
+
+def test_upload_timeout_grows_with_the_size():
+    from dino_scale.tracking.logger import upload_timeout_s
+
+    assert upload_timeout_s("/no/such/folder", 3) == 60
+    assert upload_timeout_s("/no/such/folder", 90) == 90

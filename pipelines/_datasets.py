@@ -157,6 +157,14 @@ def class_overrides(categories: list[dict], user_overrides: list[str], minimum: 
     return out
 
 
+def stored_pixels(user_overrides: list[str]) -> list[str]:
+    """``data.exif_orientation=stored`` unless the user set it: COCO and Objects365 boxes lie on
+    the pixels as stored (the official DINO never applies an EXIF tag), and the default ``auto``
+    turns an image whose tag keeps its size (rotate 180, mirror) upright, off its boxes."""
+    user = dict(_split_override(o) for o in user_overrides)
+    return [] if "data.exif_orientation" in user else ["data.exif_orientation=stored"]
+
+
 def _whole_number(text, default: int) -> int:
     """``text`` as the config reads an int ('100', '1e2', '100.0'), else ``default``."""
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pipelines import _common as common
-from pipelines._datasets import categories_of, synthetic_dirs, whole_dataset
+from pipelines._datasets import categories_of, stored_pixels, synthetic_dirs, whole_dataset
 
 EXPERIMENT = "evaluate"
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -173,6 +173,7 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
             extra = [f"model.num_classes={rows}", f"model.dn_labelbook_size={rows}"]
         if args.preset is None and not common.preset_needs_cluster(args):
             log("note: the model carries no config; using the default preset (give --preset)")
+        extra += stored_pixels(args.overrides)  # as pretraining and fine-tuning read COCO-style data
         cfg = common.preset(common.resolve_preset_name(args.preset), extra + list(args.overrides))
         check_fits_preset(args.model, state, cfg, args.preset is not None)  # else every worker fails loading it
         held = [state]  # the engine takes it from here (the file was read once)

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 from pipelines import _common as common
 from pipelines import _results as results
-from pipelines._datasets import categories_of, check_classes, class_overrides, resolve_datasets
+from pipelines._datasets import categories_of, check_classes, class_overrides, resolve_datasets, stored_pixels
 
 EXPERIMENT = "finetune-coco"
 CHAMPION = "champion"
@@ -86,7 +86,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         args, work_dir, "coco-like", SYNTHETIC_IMAGES, seed=1, log=log,
         require_val="fine-tuning evaluates: give a validation set with --val-data")
     categories = categories_of(train)
-    extra = class_overrides(categories, args.overrides, minimum=91)
+    extra = class_overrides(categories, args.overrides, minimum=91) + stored_pixels(args.overrides)
     if args.scale is not None:
         extra.append(f"data.scale_factor={args.scale}")
     if args.tta:

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from pipelines import _common as common
 from pipelines import _results as results
-from pipelines._datasets import categories_of, check_classes, class_overrides, resolve_datasets
+from pipelines._datasets import categories_of, check_classes, class_overrides, resolve_datasets, stored_pixels
 
 EXPERIMENT = "pretrain-o365"
 ALIAS = "pretrained"
@@ -65,7 +65,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     early_ray = common.preset_needs_cluster(args)  # the default preset looks at the cluster
     if early_ray:
         log(f"Ray: {common.connect_ray()}")
-    cfg = common.build_config(args, extra=class_overrides(categories, args.overrides, minimum=366))
+    cfg = common.build_config(args, extra=class_overrides(categories, args.overrides, minimum=366)
+                              + stored_pixels(args.overrides))
     check_classes(cfg, categories, train)
     if not early_ray:
         log(f"Ray: {common.connect_ray()}")

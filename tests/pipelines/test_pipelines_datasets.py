@@ -7,7 +7,7 @@ import pytest
 
 from dino_scale.data import convert_coco, synthetic
 from pipelines._common import UsageError
-from pipelines._datasets import categories_of, class_overrides, resolve_datasets
+from pipelines._datasets import categories_of, class_overrides, resolve_datasets, stored_pixels
 
 
 def _args(**kw):
@@ -156,3 +156,9 @@ def test_the_label_book_follows_a_num_classes_written_as_a_float():
     for text in ["100", "1e2", "100.0", " 100 "]:
         assert class_overrides(cats, [f"model.num_classes={text}"]) == ["model.dn_labelbook_size=100"], text
     assert class_overrides(cats, ["model.num_classes=many"]) == ["model.dn_labelbook_size=91"]  # the config refuses it
+
+
+def test_coco_style_data_is_read_on_its_stored_pixels_unless_the_user_says_otherwise():
+    assert stored_pixels([]) == ["data.exif_orientation=stored"]
+    assert stored_pixels(["train.lr=1e-4"]) == ["data.exif_orientation=stored"]
+    assert stored_pixels([" data.exif_orientation = upright"]) == []

@@ -96,6 +96,8 @@ def test_pipelines_ray_job_submit_pretrain_then_finetune(tmp_path, ray_lock):
     assert ft_run.data.tags["source.run_id"] == pretrained.run_id
     assert ft_run.data.tags["source.uri"] == "models:/dino-tiny-o365@pretrained"
     assert client.get_experiment(ft_run.info.experiment_id).name == "finetune-coco"
+    # COCO/Objects365 boxes lie on the stored pixels: both stages read them so (the official reading)
+    assert pre_run.data.params["data.exif_orientation"] == ft_run.data.params["data.exif_orientation"] == "stored"
     # the class-mapped initial weights are kept with the run; the downloaded source copy is not
     init_dir = work / "init" / f"job-ft-{gcs}"
     assert (init_dir / "model.safetensors").is_file() and not (init_dir / "source").exists()

@@ -30,6 +30,7 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DetectionTransform", "check_augment
            "normalize_batch", "sample_rng"]
 
 log = logging.getLogger(__name__)
+CROP_BRANCH_PIXEL_LIMIT = 40_000_000  # ~1:110 at a 600-pixel short side (COCO's most elongated image is ~1:8)
 _tie_warned = False  # the one warning per process about EXIF ties under data.exif_orientation=auto
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -233,6 +234,20 @@ class DetectionTransform:
         return decode_image(data, expected_size=(int(record["width"]), int(record["height"])),
                             exif_orientation=self.exif_orientation, on_tie=on_tie)
 
+    def check_crop_branch_size(self, record: dict[str, Any]) -> None:
+        """``ImageDecodeError("extreme_aspect")`` for a training image the crop branch's first
+        resize (short side to ``crop_resize_scales``, no long-side cap, as in the official DINO)
+        would make larger than :data:`CROP_BRANCH_PIXEL_LIMIT` pixels: a 1x4000 strip became
+        400x1,600,000 (1.9 GB as uint8, more while resizing) and could kill a data worker. Decided
+        from the annotated size, before decoding, so the image is skipped in every epoch."""
+        if not self.train:
+            return
+        h, w = int(record["height"]), int(record["width"])
+        oh, ow = dino_resize_size((h, w), max(self.crop_resize), None)
+        if oh * ow > CROP_BRANCH_PIXEL_LIMIT:
+            raise ImageDecodeError("extreme_aspect", f"{w}x{h} would be resized to {ow}x{oh} by the crop branch "
+                                   f"(over {CROP_BRANCH_PIXEL_LIMIT:,} pixels)")
+
     def check_categories(self, record: dict[str, Any]) -> None:
         """``ImageDecodeError("unknown_category")`` when ``record`` holds a category id that
         ``category_ids`` lacks (no check without ``category_ids``)."""
@@ -269,6 +284,7 @@ class DetectionTransform:
         self.check_integrity(record)  # changed labels or bytes would train silently on other data
         self.check_lists(record)
         self.check_categories(record)  # before decoding: the image would be dropped anyway
+        self.check_crop_branch_size(record)
         arr = self.load(record)
         H, W = arr.shape[:2]
         rh, rw = int(record["height"]), int(record["width"])

@@ -167,3 +167,24 @@ def test_data_bad_augmentation_settings_refused_before_the_run(override, key):
             ok = preset(name, extra)
             DetectionTransform(ok.data, train=True)
             check_training_config(ok)
+
+
+def test_data_a_training_image_the_crop_branch_would_blow_up_is_a_counted_skip():
+    """The crop branch resizes the short side to 400/500/600 with no cap on the long side (as the
+    official DINO): a 1x4000 strip became 400x1,600,000 pixels, enough to kill a data worker. Such
+    an image is refused (a counted skip, reason extreme_aspect) in training, in every epoch,
+    decided before decoding; evaluation caps the long side and still reads it."""
+    from dino_scale.data.decode import ImageDecodeError
+    from dino_scale.data.transforms import CROP_BRANCH_PIXEL_LIMIT
+
+    cfg = preset("r50_4scale").data  # crop branch resizes to 400/500/600
+    strip = _record(w=4000, h=1, box=(100, 0, 50, 1))
+    train = DetectionTransform(cfg, train=True)
+    for epoch in range(3):
+        with pytest.raises(ImageDecodeError, match="extreme_aspect: 4000x1 would be resized to 2400000x600"):
+            train(strip, epoch=epoch)
+    assert tuple(DetectionTransform(cfg, train=False)(strip)["size"].tolist()) == (1, 4000)
+    # an elongated image well inside the limit trains as before (1:100 at 600 -> 36M pixels)
+    assert 600 * 60_000 < CROP_BRANCH_PIXEL_LIMIT
+    s = train(_record(w=2000, h=100, box=(100, 0, 50, 100)), epoch=0)
+    assert s["image"].shape[0] == 3 and s["boxes"].shape[1] == 4

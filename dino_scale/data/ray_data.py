@@ -83,6 +83,7 @@ class _DataStats:
     def __init__(self):
         self.epoch = 0
         self.skips, self.skips_by_reason, self.skipped_ids = 0, {}, []
+        self._seen: set[tuple[int, int, str]] = set()
         self.tie_ids: set[int] = set()
         self.ties_capped = False
 
@@ -92,7 +93,16 @@ class _DataStats:
     def get_epoch(self) -> int:
         return self.epoch
 
-    def record_skip(self, image_id: int, reason: str) -> None:
+    def record_skip(self, image_id: int, reason: str, epoch: Optional[int] = None) -> None:
+        """One image dropped in ``epoch``; again for the same (epoch, id, reason) not counted: in
+        deterministic runs every worker reads the whole stream, and a resume reads again the
+        part of its epoch it skips. (Past 1M such keys, or without an id, every call counts.)"""
+        if epoch is not None and int(image_id) >= 0:
+            key = (int(epoch), int(image_id), reason)
+            if key in self._seen:
+                return
+            if len(self._seen) < 1_000_000:
+                self._seen.add(key)
         self.skips += 1
         self.skips_by_reason[reason] = self.skips_by_reason.get(reason, 0) + 1
         if len(self.skipped_ids) < 10000:
@@ -143,7 +153,7 @@ def decode_skips(stats_name: str = "train") -> dict[str, Any]:
     """Images dropped at decode time so far: ``{"count", "by_reason", "image_ids"}``.
 
     Counts accumulate over every pass over datasets built with this ``stats_name``
-    (a row that fails is counted once per epoch it is read in)."""
+    (a row that fails is counted once per epoch it is read in, however many workers or passes read it)."""
     return ray.get(_stats(stats_name).get_skips.remote())
 
 
@@ -191,13 +201,13 @@ class _ToSample:
                 rec = record_from_row(row)
             except (TypeError, ValueError) as e:  # a column of another type: the shard's footer was changed
                 log.warning("decode: skipping a record of image id %r (damaged: %s)", row.get("image_id"), e)
-                _stats(self.stats_name).record_skip.remote(-1, "damaged")
+                _stats(self.stats_name).record_skip.remote(_int_or(row.get("image_id"), -1), "damaged", epoch)
                 continue
             try:
                 s = self.transform(rec, epoch=epoch)
             except ImageDecodeError as e:
                 log.warning("decode: skipping image id %s (%s)", rec["image_id"], e)
-                _stats(self.stats_name).record_skip.remote(rec["image_id"], e.reason)
+                _stats(self.stats_name).record_skip.remote(rec["image_id"], e.reason, epoch)
                 continue
             out["image"].append(np.ascontiguousarray(s["image"].numpy()))
             out["boxes"].append(s["boxes"].numpy())
@@ -211,6 +221,13 @@ class _ToSample:
             _stats(self.stats_name).add_ties.remote(ties)
         return {k: (_column(v) if k in ("image", "boxes", "labels") else np.asarray(v, dtype=np.int64).reshape(
             len(v), 2) if k in ("orig_size", "size") else np.asarray(v, dtype=np.int64)) for k, v in out.items()}
+
+
+def _int_or(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return default
 
 
 def _column(arrays: list) -> np.ndarray:

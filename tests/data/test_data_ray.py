@@ -144,6 +144,16 @@ def _eval_and_decode_skips(shards, tmp_path):
     stats = decode_skips("eval_skips_test")
     assert stats["count"] == 9 and sorted(stats["image_ids"]) == sorted(v["image_id"] for v in victims)
     assert stats["by_reason"] == {"corrupt": 1, "missing_file": 1, "empty_file": 7}
+    # a second pass over the same epoch (every worker of a deterministic run reads the whole
+    # stream; a resume reads again what it skips) counts nothing new; another epoch does
+    import ray
+
+    from dino_scale.data.ray_data import _stats
+
+    ds.take_all()
+    assert decode_skips("eval_skips_test")["count"] == 9
+    ray.get(_stats("eval_skips_test").record_skip.remote(victims[0]["image_id"], "corrupt", 1))
+    assert decode_skips("eval_skips_test")["count"] == 10
 
 
 def _folders_use_their_own_image_roots(image_folders):

@@ -145,10 +145,12 @@ def main(argv=None) -> None:
     print(f"(object store {a.object_store_mb} MB; its use and what was spilled to disk when the first batch came)")
     print(f"{'plan':<34}{'first batch (s)':>18}{'object store (MiB)':>20}{'spilled (MiB)':>16}")
     for k in PLANS:
-        print(f"{k:<34}{med[k]['first_batch_s']:>18.2f}{med[k]['object_store_mib']:>20.0f}{med[k]['spilled_mib']:>16.0f}")
+        m = med[k]
+        print(f"{k:<34}{m['first_batch_s']:>18.2f}{m['object_store_mib']:>20.0f}{m['spilled_mib']:>16.0f}")
     out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "shards": a.shards,
-           "images_per_shard": a.per_shard, "megabytes": mb, "object_store_mb": a.object_store_mb, "cpus": a.cpus, "rounds": runs, "median": med,
+           "images_per_shard": a.per_shard, "megabytes": mb, "object_store_mb": a.object_store_mb, "cpus": a.cpus,
+           "rounds": runs, "median": med,
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_average": os.getloadavg()}
     res = Path(a.results_dir)
     res.mkdir(parents=True, exist_ok=True)

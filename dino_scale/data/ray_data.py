@@ -292,7 +292,7 @@ def image_root_from_path(table: pa.Table, roots: dict[str, Optional[str]]) -> pa
     try:
         column = [roots[_path_key(p)] for p in paths]
     except KeyError as e:  # pragma: no cover - Ray reports a path we did not give it
-        raise ShardError(f"a row of shard {e.args[0]!r}, which is not one of the dataset's shards") from None
+        raise ValueError(f"Ray read a row of {e.args[0]!r}, which is not one of the dataset's shards") from None
     table = table.drop_columns(["path"])
     return table.append_column("image_root", pa.array(column, pa.string()))
 

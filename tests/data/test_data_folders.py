@@ -70,3 +70,5 @@ def test_data_folders_rows_get_their_shard_folders_root():
     out = image_root_from_path(table, roots)
     assert out.column_names == ["image_id", "image_root"] and out.column("image_root").type == pa.string()
     assert out.column("image_root").to_pylist() == ["/r", None, "/r"]
+    with pytest.raises(ValueError, match="'/d/c/shard-0.parquet', which is not one of the dataset's shards"):
+        image_root_from_path(pa.table({"path": pa.array(["/d/c/shard-0.parquet"])}), roots)

@@ -240,6 +240,12 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     if init_weights:
         tracker.set_tags({"init_weights": str(init_weights)})
 
+    def end_run(status: str, error: str) -> None:
+        """End the MLflow run early (``FAILED``/``KILLED``), tagged with ``error``."""
+        tracker.set_tags({"error": error})
+        tracker.end_run(status)
+        tracker.close(timeout_s=tracking_close_timeout_s)
+
     relay = None
     try:  # any failure from here on marks the MLflow run FAILED, an interrupt KILLED
         datasets: dict[str, Any] = {}
@@ -269,16 +275,12 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     except Exception as exc:
         shard_error = unreadable_shard(exc, [train_dir if train else None, val_dir if evaluate else None])
         error = shard_error or exc
-        tracker.set_tags({"error": f"{type(error).__name__}: {str(error)[:500]}"})
-        tracker.end_run("FAILED")
-        tracker.close(timeout_s=tracking_close_timeout_s)
+        end_run("FAILED", f"{type(error).__name__}: {str(error)[:500]}")
         if shard_error is not None:  # the file's name, not "Training failed due to worker errors:"
             raise shard_error from exc
         raise
     except BaseException as exc:  # Ctrl-C (Ray's ray.get turns it into SystemExit): the run is over, not RUNNING
-        tracker.set_tags({"error": f"{type(exc).__name__}: interrupted before training finished"})
-        tracker.end_run("KILLED")
-        tracker.close(timeout_s=tracking_close_timeout_s)
+        end_run("KILLED", f"{type(exc).__name__}: interrupted before training finished")
         raise
     finally:
         if relay is not None:  # rank 0 flushed it before the run ended
@@ -299,15 +301,11 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
             k: v for k, v in metrics.items() if k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "step")}})
         atomic_write_text(final / "lineage.json", json.dumps(lineage, indent=2, default=str))
     except Exception as exc:
-        tracker.set_tags({"error": str(exc)[:500] if isinstance(exc, BadStepError) else
-                          f"{type(exc).__name__} after training: {str(exc)[:500]}"})
-        tracker.end_run("FAILED")
-        tracker.close(timeout_s=tracking_close_timeout_s)
+        end_run("FAILED", str(exc)[:500] if isinstance(exc, BadStepError) else
+                f"{type(exc).__name__} after training: {str(exc)[:500]}")
         raise
     except BaseException as exc:
-        tracker.set_tags({"error": f"{type(exc).__name__}: interrupted while the results were saved"})
-        tracker.end_run("KILLED")
-        tracker.close(timeout_s=tracking_close_timeout_s)
+        end_run("KILLED", f"{type(exc).__name__}: interrupted while the results were saved")
         raise
     eval_metrics = {f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))
                     and not isinstance(v, bool)}

@@ -166,6 +166,7 @@ class ResilientLogger:
         self._reported = 0  # drops reported by close() so far
         self.last_error: Optional[str] = None  # the latest refusal or outage, in words
         self._overflow_logged = False
+        self._set_here: set[str] = set()  # HTTP variables _http_settings put in the environment
 
     # ------------------------------------------------------------------ run lifecycle
     def start_run(self, experiment: str, run_name: str, tags: Optional[dict[str, str]] = None,
@@ -318,7 +319,7 @@ class ResilientLogger:
         """The request timeout for the calls inside (within :meth:`_http_settings`, unless the
         user set ``MLFLOW_HTTP_REQUEST_TIMEOUT``)."""
         key = "MLFLOW_HTTP_REQUEST_TIMEOUT"
-        if key not in getattr(self, "_set_here", ()):
+        if key not in self._set_here:
             yield
             return
         os.environ[key] = str(int(max(1, seconds)))

@@ -116,14 +116,23 @@ def _open(data: Optional[bytes]) -> Image.Image:
         raise ImageDecodeError("corrupt", f"{type(e).__name__}: {e}") from None
 
 
+def _integer_peak(mode: str, arr: np.ndarray) -> int:
+    """The value shown as white for an integer grayscale image: 65535 for 16-bit modes; for 32-bit
+    ``"I"`` the smallest of 255 / 65535 / the image's own maximum that holds every value, so an
+    8-bit or 16-bit picture stored as 32-bit keeps its brightness (a dark image is not stretched)."""
+    if mode.startswith("I;16"):
+        return 65535
+    top = int(arr.max()) if arr.size else 0
+    return 255 if top <= 255 else 65535 if top <= 65535 else top
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     mode = im.mode
     if mode == "RGB":
         return im
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(im, dtype=np.int64)
-        peak = 65535 if mode.startswith("I;16") else max(1, int(arr.max()))
-        arr = np.clip(arr * 255 // peak, 0, 255).astype(np.uint8)
+        arr = np.clip(arr * 255 // _integer_peak(mode, arr), 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
     if mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")

@@ -26,6 +26,18 @@ def test_data_decode_16bit_grayscale():
     assert arr.shape == (6, 8, 3) and (arr == 255).all()
 
 
+@pytest.mark.parametrize("values, shown", [(40, 40), (255, 255), (257 * 40, 40), (70000, 255)])
+def test_data_decode_32bit_grayscale_keeps_its_brightness(values, shown):
+    """A 32-bit ``"I"`` image is scaled by its value range (8-bit, 16-bit, else its own maximum), never
+    stretched by its own maximum: a dark 8-bit picture stored as 32-bit stays dark."""
+    arr32 = np.zeros((6, 8), np.int32)
+    arr32[:, :4] = values
+    im = Image.open(io.BytesIO(_encode(Image.fromarray(arr32), "TIFF")))
+    assert im.mode == "I"
+    arr = decode_image(_encode(Image.fromarray(arr32), "TIFF"))
+    assert arr.shape == (6, 8, 3) and (arr[:, :4] == shown).all() and (arr[:, 4:] == 0).all()
+
+
 def test_data_decode_cmyk_jpeg():
     data = _encode(Image.new("CMYK", (16, 12), (0, 255, 255, 0)), "JPEG", quality=95)  # red in CMYK
     arr = decode_image(data)

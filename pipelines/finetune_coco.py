@@ -6,7 +6,8 @@
 ``--init`` takes a registry URI (default ``models:/dino-<preset>-o365@pretrained``), a
 run URI, a local checkpoint, an official ``.pth``, or ``none`` (train from scratch).
 The source is recorded on the run (tags ``source.uri``, ``source.model_name``,
-``source.model_version``, ``source.run_id``) and on the registered version. Class
+``source.model_version``, ``source.run_id``) and on the registered version; a rerun that
+resumes a run name must start from the same source (the alias moved: refused, see README). Class
 heads are mapped by category name (366 -> 91), the rest is fresh. After evaluation the
 model is registered as ``dino-<preset>-coco``, its AP tagged on the version (with what it was
 measured on: ``eval.data``, the validation labels' fingerprint, and ``eval.tta``), and alias

@@ -189,7 +189,8 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     from dino_scale.engine.elastic import check_restart
     from dino_scale.tracking.logger import ResilientLogger, default_tracking_uri
     from dino_scale.tracking.relay import is_node_local, start_relay
-    from dino_scale.tracking.resume import RESUMED_FROM_TAG, resumed_from_run_id
+    from dino_scale.tracking.registry import store_client
+    from dino_scale.tracking.resume import RESUMED_FROM_TAG, check_same_source, resumed_from_run_id
 
     if evaluate and val_dir:
         check_eval_config(cfg)  # before any data is read: a bad one failed in every worker's evaluation
@@ -206,6 +207,9 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     if train:
         resumes = check_restart(storage, run_name, cfg.train.num_workers, cfg.train.zero_stage, config=cfg,
                                 steps_per_epoch=spe)
+    tracking_uri = default_tracking_uri(work)
+    if resumes is not None:  # a resumed run keeps the lineage of the run it continues
+        check_same_source(store_client(tracking_uri), experiment, run_name, resumes.get("mlflow_run_id"), tags or {})
     _check_backbone_weights(cfg, init_weights, init_strict, ray_address,
                             resumed_world=None if resumes is None else int(resumes.get("world") or 0),
                             resumed_frozen=bool(resumes and resumes.get("frozen")))
@@ -219,7 +223,6 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     if init_sd is not None:
         _check_init_fits(cfg, str(init_weights), init_sd, strict=init_strict)
     ensure_ray(ray_address)
-    tracking_uri = default_tracking_uri(work)
     tracker = ResilientLogger(tracking_uri)
     run_tags = {"preset": cfg.name, "git_sha": git_sha(), "workers": cfg.train.num_workers,
                 "gpus": cfg.train.num_workers if cfg.train.use_gpu else 0, "zero_stage": cfg.train.zero_stage,

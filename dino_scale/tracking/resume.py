@@ -6,6 +6,10 @@ that run, when this store holds it, is the one continued; a checkpoint that name
 another store (the earlier run tracked elsewhere) links to none. A checkpoint written before it
 named its run is linked to the newest earlier training run of the same name in the same
 experiment.
+
+A resumed run keeps the lineage of the run it continues: :func:`check_same_source` refuses to
+resume one whose initial weights (``source.*`` tags) differ from the call's, e.g. a fine-tune
+resumed after the ``@pretrained`` alias moved to another version.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from typing import Optional
 
 from dino_scale.tracking.search import filter_literal, pages
 
-__all__ = ["RESUMED_FROM_TAG", "resumed_from_run_id"]
+__all__ = ["RESUMED_FROM_TAG", "check_same_source", "resumed_from_run_id", "source_identity"]
 
 log = logging.getLogger(__name__)
 RESUMED_FROM_TAG = "resumed_from_run_id"
@@ -70,3 +74,51 @@ def resumed_from_run_id(client, experiment: str, run_name: str, checkpoint_run_i
         log.warning("run %r: the MLflow run it resumes could not be looked up (%s: %s); no %s tag",
                     run_name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", RESUMED_FROM_TAG)
         return None
+
+
+_SOURCE_IDS = ("source.model_name", "source.model_version", "source.run_id")
+
+
+def source_identity(tags: dict) -> Optional[tuple[tuple[str, str], ...]]:
+    """What the initial weights named by a run's tags are: its registered model name/version and
+    run id (``source.*``) when given, else ``source.uri``; None for a run without initial weights.
+    A registry alias and the version it points at are the same weights (not the URI text)."""
+    ids = tuple((k, str(tags[k])) for k in _SOURCE_IDS if tags.get(k) not in (None, ""))
+    if ids:
+        return ids
+    return (("source.uri", str(tags["source.uri"])),) if tags.get("source.uri") else None
+
+
+def _describe(identity, tags: dict) -> str:
+    if identity is None:
+        return "no initial weights"
+    if tags.get("source.model_name"):
+        return f"models:/{tags['source.model_name']}/{tags.get('source.model_version', '')}"
+    return ", ".join(f"{k}={v}" for k, v in identity)
+
+
+def check_same_source(client, experiment: str, run_name: str, checkpoint_run_id: Optional[str],
+                      tags: dict) -> None:
+    """Raise :class:`~dino_scale.config.ConfigError` when the run ``run_name`` resumes (a checkpoint
+    written by MLflow run ``checkpoint_run_id``, see :func:`resumed_from_run_id`) an MLflow run
+    whose initial weights differ from ``tags``' (:func:`source_identity`): the resumed weights
+    come from the checkpoint, so the new run's ``source.*`` tags (and a version registered from
+    it) would name weights it never started from. Best effort: a store that cannot say is logged."""
+    from dino_scale.config import ConfigError
+
+    earlier = resumed_from_run_id(client, experiment, run_name, checkpoint_run_id)
+    if earlier is None:
+        return
+    try:
+        earlier_tags = dict(client.get_run(earlier).data.tags)
+    except Exception as exc:  # noqa: BLE001 - an outage: the lineage is not checked, training goes on
+        log.warning("run %r: the initial weights of MLflow run %s could not be read (%s); not compared",
+                    run_name, earlier, type(exc).__name__)
+        return
+    before, now = source_identity(earlier_tags), source_identity(tags)
+    if before != now:
+        raise ConfigError(
+            f"run name {run_name!r} resumes MLflow run {earlier}, which started from "
+            f"{_describe(before, earlier_tags)}; this call starts from {_describe(now, tags)}. A resumed run "
+            f"continues its checkpoint, so its lineage would be wrong: start it from the same weights "
+            f"({_describe(before, earlier_tags)}) to resume, or give another run name to start over")

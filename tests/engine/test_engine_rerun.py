@@ -24,7 +24,8 @@ def _cfg(**overrides):
 @pytest.mark.timeout(900)
 def test_a_run_name_reused_resumes_continues_with_more_steps_and_refuses_changed_settings(tmp_path, monkeypatch):
     """The same run three times: (1) 2 steps; (2) the same command: nothing to train, its final
-    checkpoint reported again; (3) a changed lr is refused on the driver, before Ray Train starts;
+    checkpoint reported again; (3) a changed lr, or (3b) other initial weights (``source.*`` tags), is refused on the driver, before
+    Ray Train starts;
     (4) --max-steps 4: it trains steps 3 and 4.
 
     Before: (2) reported the folder ``final_..2_w1`` a second time and Ray Train's retention,
@@ -58,9 +59,9 @@ def test_a_run_name_reused_resumes_continues_with_more_steps_and_refuses_changed
     def _cfg_bb(**overrides):
         return _cfg(**{"model.backbone_weights": str(backbone), **overrides})
 
-    def run(cfg):
+    def run(cfg, tags=None):
         return fit(cfg, train_dir, None, tmp_path / "work", name, storage_path=str(storage), evaluate=False,
-                   progress=False, experiment="engine-test")
+                   progress=False, experiment="engine-test", tags=tags)
 
     def state(result) -> dict:
         return json.loads((Path(result.checkpoint_path) / "trainer_state.json").read_text())
@@ -82,6 +83,11 @@ def test_a_run_name_reused_resumes_continues_with_more_steps_and_refuses_changed
         with pytest.raises(ConfigError, match=r"trained with other settings: train\.lr 0\.0002 -> 0\.001\b"):
             run(_cfg_bb(**{"train.lr": 1e-3}))
         assert sorted(p.name for p in (storage / name).iterdir()) == before  # Ray Train never started
+        # other initial weights (e.g. a moved @pretrained alias): refused before an MLflow run exists
+        with pytest.raises(ConfigError, match=r"which started from no initial weights; this call starts from "
+                                              r"models:/dino-o365/4"):
+            run(_cfg_bb(), tags={"source.model_name": "dino-o365", "source.model_version": "4"})
+        assert sorted(p.name for p in (storage / name).iterdir()) == before
 
         longer = run(_cfg_bb(**{"train.max_steps": 4}))
         assert (longer.metrics["step"], longer.metrics["resumes"], longer.metrics["images_seen"]) == (4, 2, 8)
@@ -97,3 +103,4 @@ def test_a_run_name_reused_resumes_continues_with_more_steps_and_refuses_changed
     assert "resumed_from_run_id" not in client.get_run(first.run_id).data.tags
     assert client.get_run(again.run_id).data.tags["resumed_from_run_id"] == first.run_id
     assert client.get_run(longer.run_id).data.tags["resumed_from_run_id"] == again.run_id
+    assert len(client.search_runs([client.get_run(first.run_id).info.experiment_id])) == 3  # none for (3), (3b)

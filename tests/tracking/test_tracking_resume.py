@@ -93,3 +93,39 @@ def test_search_pages_reads_every_page_and_quotes_names(tmp_path):
     got = [r.info.run_id for r in pages(client.search_runs, page_size=2, experiment_ids=[exp],
                                        order_by=["attributes.start_time ASC"])]
     assert got == ids
+
+
+def test_a_resume_from_other_initial_weights_is_refused(tmp_path):
+    """A resumed run continues its checkpoint, so it keeps the initial weights of the run it
+    continues: the same registered version (named through an alias or a version number alike) is
+    accepted; another version (the ``@pretrained`` alias moved), weights where there were none,
+    or none where there were some is a ConfigError naming both. Was: the resumed fine-tune's run
+    and the version registered from it named the new version, whose weights it never used."""
+    import pytest
+
+    from dino_scale.config import ConfigError
+    from dino_scale.tracking.resume import check_same_source, source_identity
+
+    uri = seeded_store(tmp_path)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("finetune")
+    v3 = {"stage": "train", "source.uri": "models:/dino-o365@pretrained", "source.model_name": "dino-o365",
+          "source.model_version": "3", "source.run_id": "abc"}
+    first = client.create_run(exp, start_time=1000, run_name="ft", tags=v3).info.run_id
+    scratch = client.create_run(exp, start_time=1000, run_name="ft-scratch", tags={"stage": "train"}).info.run_id
+
+    same_by_number = dict(v3, **{"source.uri": "models:/dino-o365/3"})
+    check_same_source(client, "finetune", "ft", first, same_by_number)
+    assert source_identity(same_by_number) == source_identity(v3)
+    moved = dict(v3, **{"source.model_version": "4", "source.run_id": "def"})
+    with pytest.raises(ConfigError, match=r"started from models:/dino-o365/3; this call starts from "
+                                          r"models:/dino-o365/4"):
+        check_same_source(client, "finetune", "ft", first, moved)
+    with pytest.raises(ConfigError, match="this call starts from no initial weights"):
+        check_same_source(client, "finetune", "ft", first, {})
+    with pytest.raises(ConfigError, match="started from no initial weights"):
+        check_same_source(client, "finetune", "ft-scratch", scratch, v3)
+    check_same_source(client, "finetune", "ft-scratch", scratch, {"init": "scratch"})
+    # a local file is named by its URI; nothing to compare with when the store has no such run
+    assert source_identity({"source.uri": "/ckpt/a.pth"}) == (("source.uri", "/ckpt/a.pth"),)
+    check_same_source(client, "finetune", "ft", uuid.uuid4().hex, moved)

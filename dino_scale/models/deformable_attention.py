@@ -7,7 +7,6 @@ Sampling locations and attention weights are computed in float32 even under auto
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional
 
@@ -16,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dino_scale.ops import ms_deform_attn
+
+from .precision import autocast_off
 
 __all__ = ["MSDeformAttn"]
 
@@ -69,10 +70,7 @@ class MSDeformAttn(nn.Module):
         if padding_mask is not None:
             value = value.masked_fill(padding_mask[..., None], 0.0)
         value = value.view(N, S, M, self.d_model // M)
-        # autocast off (where the device has autocast; "meta" has none)
-        no_autocast = (torch.autocast(device_type=query.device.type, enabled=False)
-                       if torch.amp.is_autocast_available(query.device.type) else contextlib.nullcontext())
-        with no_autocast:
+        with autocast_off(query.device):
             q = query.float()
             offsets = F.linear(q, self.sampling_offsets.weight.float(), self.sampling_offsets.bias.float())
             offsets = offsets.view(N, Lq, M, L, P, 2)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .backbone import Joiner
 from .box_ops import inverse_sigmoid
 from .denoising import dn_post_process, noised_queries, prepare_for_cdn
+from .precision import class_head_fp32
 from .transformer import MLP, DeformableTransformer
 
 __all__ = ["DINO"]
@@ -169,9 +170,9 @@ class DINO(nn.Module):
             coords = torch.stack([(embed(h) + inverse_sigmoid(ref)).sigmoid()
                                   for ref, embed, h in zip(refs[:-1], self.bbox_embed, hs)])
         if shared_cls:
-            logits = self.class_embed[0](stacked)
+            logits = class_head_fp32(self.class_embed[0], stacked)
         else:
-            logits = torch.stack([embed(h) for embed, h in zip(self.class_embed, hs)])
+            logits = torch.stack([class_head_fp32(embed, h) for embed, h in zip(self.class_embed, hs)])
         return logits, coords
 
     def _dn_queries(self, labels: Tensor, boxes: Tensor, image: Tensor, slot: Tensor, batch: int,
@@ -209,7 +210,7 @@ class DINO(nn.Module):
         logits, coords = self._decoder_heads(hs, refs)
         if dn_meta is not None:
             logits, coords = dn_post_process(logits, coords, dn_meta)
-        interm_logits = self.transformer.enc_out_class_embed(hs_enc[-1])
+        interm_logits = class_head_fp32(self.transformer.enc_out_class_embed, hs_enc[-1])
         return {
             "pred_logits": logits[-1],
             "pred_boxes": coords[-1],

@@ -21,6 +21,7 @@ from .deformable_attention import MSDeformAttn
 from .level_tables import (gen_encoder_output_proposals, level_shape_list, proposals_from_tables, token_tables,
                            valid_counts_flat)
 from .position_encoding import gen_sineembed_for_position
+from .precision import class_head_fp32
 
 __all__ = ["MLP", "DeformableTransformer", "gen_encoder_output_proposals", "proposals_from_tables",
            "select_topk_queries", "valid_counts_flat"]
@@ -266,7 +267,7 @@ class DeformableTransformer(nn.Module):
         ``dino_scale.models.compile.compile_regions`` compiles it as one region."""
         out_memory, out_proposals = proposals_from_tables(memory, mask_flat, counts, centers, level, level_wh)
         out_memory = self.enc_output_norm(self.enc_output(out_memory))
-        enc_class = self.enc_out_class_embed(out_memory)
+        enc_class = class_head_fp32(self.enc_out_class_embed, out_memory)  # top-k over fp32 scores
         enc_coord = self.enc_out_bbox_embed(out_memory) + out_proposals  # logit space
         topk = select_topk_queries(enc_class, self.num_queries)
         boxes = torch.gather(enc_coord, 1, topk.unsqueeze(-1).repeat(1, 1, 4))

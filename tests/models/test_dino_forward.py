@@ -131,6 +131,33 @@ def test_bf16_autocast_train_step(tiny):
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("share_cls", [True, False])
+def test_class_scores_are_fp32_under_bf16_autocast(share_cls):
+    """Under bf16 autocast (precision=bf16 training and evaluation) every class head runs in fp32:
+    the decoder's logits (final and aux), the encoder head's scores the two-stage top-k selects
+    from and its interm outputs. Was: bf16 logits, whose 8-bit mantissa tied many detections'
+    scores (COCOeval then ranks ties by list position) and the encoder tokens top-k chose from."""
+    torch.manual_seed(0)
+    cfg = preset("tiny").model
+    cfg = type(cfg)(**{**cfg.__dict__, "dec_pred_class_embed_share": share_cls})
+    model = build_dino(cfg)[0].eval()
+    head_outputs = []
+    heads = list({id(h): h for h in [model.transformer.enc_out_class_embed, *model.class_embed]}.values())
+    hooks = [h.register_forward_hook(lambda m, i, o: head_outputs.append((i[0].dtype, o.dtype))) for h in heads]
+    images, masks, _ = _batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images, masks)
+    for h in hooks:
+        h.remove()
+    assert head_outputs and set(head_outputs) == {(torch.float32, torch.float32)}
+    assert len(head_outputs) == 2 + (1 if share_cls else len(model.class_embed))
+    logits = [out["pred_logits"], out["interm_outputs"]["pred_logits"], *(a["pred_logits"] for a in out["aux_outputs"])]
+    assert all(t.dtype == torch.float32 for t in logits)
+    final = out["pred_logits"]
+    assert (final.to(torch.bfloat16).float() != final).float().mean() > 0.9  # not bf16 values
+    assert final.unique().numel() > 0.9 * final.numel()
+
+
 @pytest.mark.parametrize("share_box,share_cls", [(True, True), (False, True), (False, False)])
 def test_decoder_heads_batched_when_shared_equal_per_layer(share_box, share_cls):
     """A head shared by all decoder layers runs once on the stacked layers; the values equal the

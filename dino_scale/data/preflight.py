@@ -19,6 +19,11 @@ request or two); a footer read once in this process is not read again while the 
 size and modification time, so the engine's check and the Ray datasets it then builds cost one
 read per shard. Damage inside the row data (a page, a compressed column) is found where it is
 read, or up front by ``dino-scale check-data``, which reads every record.
+
+:func:`check_image_roots`: a folder converted without ``--embed-images`` names its images by a
+root recorded at conversion (the converting machine's path). Where that root does not exist, or
+holds none of the first images, every record was a counted ``missing_file`` skip: a run on a
+cluster trained on nothing. Refused before the run, naming the fix.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ import pyarrow.parquet as pq
 
 from .records import MANIFEST_NAME, PathLike, ShardError, _agreeing_manifests, schema_problems
 
-__all__ = ["preflight_shards", "shard_problem", "THREADS"]
+__all__ = ["check_image_roots", "preflight_shards", "shard_problem", "THREADS"]
 
 log = logging.getLogger(__name__)
 
@@ -110,3 +115,43 @@ def preflight_shards(data_dir: Union[PathLike, Sequence[PathLike]], threads: int
             f"; and in {other}: {_describe(bad[other], counts[other])}" for other in others)
         raise ShardError(first, detail)
     return [path for _, path, _ in jobs]
+
+
+def _first_file_names(folder: Path, count: int) -> list[str]:
+    """The ``file_name`` of the first ``count`` records of ``folder``'s first non-empty shard."""
+    from .records import shard_paths
+
+    for path in shard_paths(folder):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=count, columns=["file_name"]):
+            names = [n.decode("utf-8", "surrogateescape") if isinstance(n, bytes) else str(n)
+                     for n in batch.column(0).to_pylist() if n is not None]
+            if names:
+                return names
+    return []
+
+
+def check_image_roots(data_dir: Union[PathLike, Sequence[PathLike]], image_root: Optional[Any] = None,
+                      samples: int = 8) -> None:
+    """:class:`~dino_scale.config.ConfigError` unless each dataset folder that references image
+    files (converted without ``--embed-images``) has its image root (recorded, or ``image_root``:
+    the ``data.image_root`` override, see :func:`~.records.folder_image_roots`) as a folder on this
+    machine holding at least one of its first ``samples`` images. The workers resolve the same
+    paths: a driver that does not see the images is a node that would not either (the cluster
+    YAMLs mount the data on every node). Files missing past that are counted skips, not refused."""
+    from dino_scale.config import ConfigError
+
+    from .records import folder_image_roots, read_manifest, resolve_image_path
+
+    fix = ("pass --set data.image_root=<the images' folder on the nodes> (one per dataset folder, "
+           "comma-separated, in order), or convert with --embed-images to keep the images in the shards")
+    for folder, root in folder_image_roots(data_dir, image_root):
+        if read_manifest(folder).get("embed_images") or root is None:
+            continue
+        if not Path(root).is_dir():
+            raise ConfigError(f"the images of {folder} are read from {root} (recorded at conversion"
+                              f"{'' if not image_root else ', or data.image_root'}), which is not a folder "
+                              f"on this machine: every image would be skipped as missing. {fix}")
+        names = _first_file_names(folder, samples)
+        if names and not any(resolve_image_path(root, n) for n in names):
+            raise ConfigError(f"none of the first {len(names)} images of {folder} is under {root} (e.g. "
+                              f"{names[0]!r}): every image would be skipped as missing. {fix}")

@@ -97,14 +97,16 @@ def _check_data(train_dir: Optional[str], val_dir: Optional[str], cfg: Config) -
     """Before anything starts: the shards of both datasets are there, whole, with readable
     footers holding the record columns (:func:`~dino_scale.data.preflight.preflight_shards`, one
     :class:`~dino_scale.data.ShardError` naming every damaged shard; Ray Data's planning failed on
-    one after Ray and the MLflow run had started, without the file's name, or an epoch did), and
+    one after Ray and the MLflow run had started, without the file's name, or an epoch did), the
+    folders' image roots hold their images (:func:`~dino_scale.data.preflight.check_image_roots`), and
     the class head holds every category id of the training data (:func:`check_category_ids`)."""
-    from dino_scale.data.preflight import preflight_shards
+    from dino_scale.data.preflight import check_image_roots, preflight_shards
     from dino_scale.data.records import data_dirs, read_manifest
 
     for data in (train_dir, val_dir):
         if data:
             preflight_shards(data)  # also: the folders' categories agree, so the first folder's hold for all
+            check_image_roots(data, cfg.data.image_root)  # a root the nodes lack: every image skipped
     if train_dir:
         check_category_ids(read_manifest(data_dirs(train_dir)[0])["categories"], cfg.model.num_classes, train_dir)
 

@@ -139,3 +139,39 @@ def test_data_preflight_reads_each_footer_once_while_the_file_is_unchanged(healt
     with pytest.raises(ShardError, match=f"{paths[1].name} does not hold the record columns"):
         preflight_shards(out)
     assert list(map(str, reads)) == [str(paths[1])]
+
+
+def test_image_roots_that_hold_no_image_are_refused_before_a_run(image_folders, tmp_path):
+    """A folder converted without ``--embed-images`` reads its images from the root recorded at
+    conversion (or ``data.image_root``): a root that is not a folder here, or holds none of the
+    first images, is a ConfigError naming the fix; embedded images need no root. Was: every record
+    a counted ``missing_file`` skip, and a cluster run (data converted on another machine) trained
+    on nothing for all its epochs."""
+    from dino_scale.config import ConfigError, preset
+    from dino_scale.data.preflight import check_image_roots
+    from dino_scale.engine import fit
+
+    first, root1 = image_folders.convert("first")
+    second, root2 = image_folders.convert("second")
+    embedded = tmp_path / "embedded"
+    convert_coco(tmp_path / "first.json", root1, embedded, embed_images=True, progress=False)
+    check_image_roots([first, second])
+    moved = tmp_path / "elsewhere" / "images_first"
+    moved.parent.mkdir()
+    root1.rename(moved)
+    with pytest.raises(ConfigError, match=rf"images of {first} are read from {root1.resolve()} \(recorded at "
+                                          r"conversion\), which is not a folder on this machine.*data\.image_root="):
+        check_image_roots([first, second])
+    check_image_roots([first, second], f"{moved},{root2}")  # the override that finds them
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=rf"none of the first 2 images of {first} is under {empty} \(e\.g\. "
+                                          r"'a\.png'\).*--embed-images"):
+        check_image_roots([first, second], f"{empty},{root2}")  # a folder, but not these images
+    (moved / "a.png").unlink()
+    check_image_roots(first, str(moved))  # one image left: the rest are counted skips, not refused
+    check_image_roots(embedded)  # its recorded root is gone: the shards hold the images
+    # the engine refuses before Ray starts or an MLflow run exists
+    with pytest.raises(ConfigError, match="not a folder on this machine"):
+        fit(preset("tiny"), str(first), None, tmp_path / "work", "never-starts", evaluate=False, progress=False)
+    assert not (tmp_path / "work" / "mlflow.db").exists()

@@ -122,6 +122,9 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: Optional[float] = None  # None: 0.5 without GPUs (leaves CPUs to Ray Data), 1 with
+    # extra Ray resources each worker asks for, "name" (1) or "name:amount": gpu_h100 pins a run to the
+    # cluster YAMLs' H100 nodes, gpu_spot / gpu_ondemand to a market (cluster/README.md)
+    worker_resources: list[str] = field(default_factory=list)
     ema_decay: Optional[float] = None
     checkpoint_every_steps: int = 500
     max_failures: int = 0

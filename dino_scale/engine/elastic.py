@@ -162,8 +162,8 @@ RESUME_FREE_KEYS = frozenset({
     "name", "model.backbone_weights", "model.msda_backend", "model.backbone_checkpointing",
     "model.encoder_checkpointing", "data.train", "data.val", "data.image_root", "train.epochs",
     "train.max_steps", "train.lr_drop_epochs", "train.num_workers", "train.min_workers",
-    "train.elastic_resize_interval_s", "train.use_gpu", "train.cpus_per_worker", "train.zero_stage",
-    "train.max_failures", "train.max_bad_steps", "train.storage_path", "train.log_every_steps",
+    "train.elastic_resize_interval_s", "train.use_gpu", "train.cpus_per_worker", "train.worker_resources",
+    "train.zero_stage", "train.max_failures", "train.max_bad_steps", "train.storage_path", "train.log_every_steps",
     "train.checkpoint_every_steps", "train.checkpoints_to_keep", "train.torch_threads", "train.compile",
     "train.compile_granularity", "train.compile_mode", "train.tf32", "train.deterministic",
 })

@@ -17,8 +17,8 @@ from typing import Any, Optional
 from dino_scale.config import Config, ConfigError, to_dict
 from dino_scale.engine.deepspeed_utils import check_train_config, grad_accum_steps
 
-__all__ = ["worker_count", "check_training_config", "resources_per_worker", "steps_per_epoch", "loop_config",
-           "build_trainer", "normalize_storage_path"]
+__all__ = ["worker_count", "check_training_config", "resources_per_worker", "extra_worker_resources",
+           "steps_per_epoch", "loop_config", "build_trainer", "normalize_storage_path"]
 
 
 def worker_count(cfg: Config, training: bool = True) -> int | tuple[int, int]:
@@ -58,13 +58,14 @@ def check_training_config(cfg: Config) -> None:
     (:func:`~dino_scale.data.transforms.check_augmentation`), the model's settings
     (:func:`~dino_scale.models.check_model_config`) and the evaluation settings
     (:func:`~dino_scale.engine.evaluate.check_eval_config`: the final evaluation runs after all
-    of the training)."""
+    of the training), and the extra worker resources (:func:`extra_worker_resources`)."""
     from dino_scale.data.transforms import check_augmentation
     from dino_scale.engine.evaluate import check_eval_config
     from dino_scale.models import check_model_config
 
     worker_count(cfg)
     check_train_config(cfg.train, cfg.data.batch_size, cfg.train.num_workers)
+    extra_worker_resources(cfg.train.worker_resources)
     check_augmentation(cfg.data)  # else a bad size failed in the data pipeline's tasks, mid-run
     try:
         check_model_config(cfg.model)
@@ -73,12 +74,46 @@ def check_training_config(cfg: Config) -> None:
     check_eval_config(cfg)
 
 
+_BUILT_IN_RESOURCES = {"cpu": "train.cpus_per_worker", "gpu": "train.use_gpu (one GPU a worker)",
+                       "memory": None, "object_store_memory": None}
+
+
+def extra_worker_resources(entries: list[str]) -> dict[str, float]:
+    """``train.worker_resources`` (``["gpu_h100", "gpu_spot:1"]``) -> ``{"gpu_h100": 1.0, "gpu_spot": 1.0}``.
+    :class:`ConfigError` for an empty name, a built-in resource (set by its own key), a name given
+    twice, or an amount that is not a finite number > 0 (Ray refused it in the worker group's
+    placement, after Ray and the MLflow run had started, or waited for it forever)."""
+    out: dict[str, float] = {}
+    for entry in entries or []:
+        name, _, amount = str(entry).strip().partition(":")
+        name = name.strip()
+        if not name:
+            raise ConfigError(f"train.worker_resources: {entry!r} names no resource (use name or name:amount)")
+        if name.lower() in _BUILT_IN_RESOURCES:
+            key = _BUILT_IN_RESOURCES[name.lower()]
+            raise ConfigError(f"train.worker_resources: {name!r} is Ray's own resource"
+                              + (f"; set it with {key}" if key else ""))
+        try:
+            value = float(amount) if amount.strip() else 1.0
+        except ValueError:
+            value = float("nan")
+        if not 0.0 < value < float("inf"):
+            raise ConfigError(f"train.worker_resources: {entry!r} needs an amount > 0 (name or name:amount)")
+        if name in out:
+            raise ConfigError(f"train.worker_resources names {name!r} twice")
+        out[name] = value
+    return out
+
+
 def resources_per_worker(cfg: Config) -> dict[str, float]:
+    """What each Ray Train worker asks for: CPUs (``train.cpus_per_worker``; 1 with a GPU, else
+    0.5, leaving CPUs to Ray Data), one GPU with ``train.use_gpu``, and ``train.worker_resources``."""
     tc = cfg.train
     cpus = tc.cpus_per_worker if tc.cpus_per_worker is not None else (1.0 if tc.use_gpu else 0.5)
     res = {"CPU": float(cpus)}
     if tc.use_gpu:
         res["GPU"] = 1.0
+    res.update(extra_worker_resources(tc.worker_resources))
     return res
 
 

@@ -89,6 +89,59 @@ def test_cluster_gcp_offers_a3_on_demand_and_spot():
     assert set(markets) == {True, False}
 
 
+def _nodes_launched_for(cfg: dict, worker: dict, workers: int) -> dict:
+    """The node types Ray's autoscaler (its resource demand scheduler, default scorer) launches
+    for ``workers`` Ray Train workers asking ``worker`` each, on an empty cluster."""
+    from ray.autoscaler._private import resource_demand_scheduler as rds
+    from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
+
+    summary = NodeAvailabilitySummary(node_availabilities={})
+
+    def scorer(resources, demands, node_type):
+        return rds._default_utilization_scorer(resources, demands, node_type, node_availability_summary=summary)
+
+    head = cfg["head_node_type"]
+    launch, unfulfilled = rds.get_nodes_for(cfg["available_node_types"], {head: 1}, head, 100,
+                                            [dict(worker) for _ in range(workers)], scorer)
+    assert not unfulfilled
+    return dict(launch)
+
+
+@pytest.mark.parametrize("name, pinned, expected", [
+    ("aws", ["gpu_h100"], {"gpu.p5.ondemand", "gpu.p5.spot"}),
+    ("aws", ["gpu_h100", "gpu_ondemand"], {"gpu.p5.ondemand"}),
+    ("aws", ["gpu_h100", "gpu_spot"], {"gpu.p5.spot"}),
+    ("gcp", ["gpu_ondemand"], {"gpu_a3_ondemand"}),
+    ("gcp", ["gpu_spot"], {"gpu_a3_spot"}),
+])
+def test_cluster_worker_resources_pin_the_node_type_the_autoscaler_launches(name, pinned, expected):
+    """``train.worker_resources`` reaches each worker's request, and Ray's own scheduler then
+    launches only the pinned type: 64 workers -> 8 nodes. A plain GPU request scores p4d (A100,
+    96 CPUs) above p5 (H100, 192 CPUs) and spot above on-demand: the recipe's cluster commands
+    pin ``gpu_h100``. Was: no way to ask for it, and the H100 recipe ran on A100-40GB spot nodes."""
+    from dino_scale.config import apply_overrides, preset
+    from dino_scale.engine.trainer import resources_per_worker
+
+    cfg = apply_overrides(preset("tiny"), {"train.use_gpu": True, "train.worker_resources": ",".join(pinned)})
+    worker = resources_per_worker(cfg)
+    assert worker == {"CPU": 1.0, "GPU": 1.0, **{k: 1.0 for k in pinned}}
+    launched = _nodes_launched_for(_prepared(name), worker, 64)
+    assert set(launched) <= expected and sum(launched.values()) == 8, launched
+    plain = _nodes_launched_for(_prepared(name), {"CPU": 1.0, "GPU": 1.0}, 64)
+    assert sum(plain.values()) == 8 and (name == "gcp" or set(plain) <= {"gpu.p4d.spot", "gpu.p4d.ondemand",
+                                                                         "gpu.p5.spot", "gpu.p5.ondemand"})
+
+
+def test_cluster_readme_recipe_commands_pin_h100_nodes():
+    """Every training command in cluster/README.md asks for the H100 nodes the cost estimate
+    assumes (``train.worker_resources`` with ``gpu_h100``, or a market on GCP/KubeRay's A3-only pools)."""
+    text = (CLUSTER / "README.md").read_text()
+    commands = [line for line in text.splitlines() if "python -m pipelines." in line and "--workers" in line]
+    assert commands
+    for line in commands:
+        assert "train.worker_resources=" in line, line
+
+
 @pytest.mark.parametrize("name", LAUNCHERS)
 def test_cluster_launcher_uses_prebuilt_image_and_minimal_setup(name):
     cfg = _prepared(name)

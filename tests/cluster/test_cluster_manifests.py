@@ -193,6 +193,12 @@ def test_cluster_kuberay_auth_network_policy_and_identity():
             assert data["readOnly"] is True and data["volumeAttributes"]["bucketName"] == "my-dino-bucket"
     job = next(d for d in _docs(KUBERAY / "rayjob.yaml") if d["kind"] == "RayJob")
     assert job["spec"]["shutdownAfterJobFinishes"] is True
+    # the job pins its workers (train.worker_resources) to what every GPU worker group advertises
+    pins = [a.split("=", 1)[1] for a in job["spec"]["entrypoint"].split() if a.startswith("train.worker_resources=")]
+    assert pins == ["gpu_h100"]
+    for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        advertised = json.loads(json.loads(group["rayStartParams"]["resources"]))
+        assert all(name in advertised for name in pins[0].split(",")), group["groupName"]
     assert job["spec"]["submitterPodTemplate"]["metadata"]["labels"][PART_OF[0]] == PART_OF[1]
 
 

@@ -162,6 +162,28 @@ def test_workers_resources_steps():
         worker_count(ev, training=False)
     cfg.train.use_gpu = True
     assert resources_per_worker(cfg) == {"CPU": 1.0, "GPU": 1.0}
+    cfg.train.worker_resources = ["gpu_h100", " gpu_spot:0.5 "]
+    assert resources_per_worker(cfg) == {"CPU": 1.0, "GPU": 1.0, "gpu_h100": 1.0, "gpu_spot": 0.5}
+
+
+@pytest.mark.parametrize("entries, needle", [
+    (["GPU:2"], r"'GPU' is Ray's own resource; set it with train.use_gpu"),
+    (["cpu"], r"'cpu' is Ray's own resource; set it with train.cpus_per_worker"),
+    (["memory:100"], r"'memory' is Ray's own resource"),
+    ([":1"], r"':1' names no resource"),
+    (["gpu_h100:0"], r"'gpu_h100:0' needs an amount > 0"),
+    (["gpu_h100:nan"], r"'gpu_h100:nan' needs an amount > 0"),
+    (["gpu_h100:x"], r"'gpu_h100:x' needs an amount > 0"),
+    (["gpu_h100", "gpu_h100:2"], r"names 'gpu_h100' twice"),
+])
+def test_worker_resources_errors(entries, needle):
+    """``train.worker_resources`` is checked with the training config, before Ray starts: Ray
+    refused these in the worker group's placement (or waited forever for an amount of 0 ...)."""
+    from dino_scale.engine.trainer import check_training_config
+
+    cfg = preset("tiny", {"train.worker_resources": entries})
+    with pytest.raises(ConfigError, match=needle):
+        check_training_config(cfg)
 
 
 # DeepSpeed engines in a fresh single-rank process (gloo): steps of the tiny model in one

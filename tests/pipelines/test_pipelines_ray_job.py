@@ -26,18 +26,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env() -> dict:
+def _env(token_path: Path) -> dict:
+    """The cluster's and the client's environment: token auth on, with this test's own token file
+    (``ray start --head`` makes no token: it refuses to start in token mode without one, and in a
+    fresh home this test passed only where an earlier ``ray.init`` had written ~/.ray/auth_token)."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "token"}
-    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+           "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(token_path)}
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN"):
         env.pop(key, None)
     return env
 
 
-def _submit(dash_port: int, runtime_env: dict, entrypoint: list[str]) -> subprocess.CompletedProcess:
+def _submit(dash_port: int, runtime_env: dict, entrypoint: list[str], token_path: Path) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash_port}",
            "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=480)
+    return subprocess.run(cmd, cwd=ROOT, env=_env(token_path), capture_output=True, text=True, timeout=480)
 
 
 @pytest.mark.slow
@@ -45,7 +49,12 @@ def _submit(dash_port: int, runtime_env: dict, entrypoint: list[str]) -> subproc
 def test_pipelines_ray_job_submit_pretrain_then_finetune(tmp_path, ray_lock):
     from mlflow import MlflowClient
 
+    import secrets
+
     gcs, dash = _free_port(), _free_port()
+    token = tmp_path / "ray_auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
     uri = seeded_store(tmp_path)
     work = tmp_path / "work"
     runtime_env = {"excludes": EXCLUDES,
@@ -54,23 +63,23 @@ def test_pipelines_ray_job_submit_pretrain_then_finetune(tmp_path, ray_lock):
     start = subprocess.run(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
          "--disable-usage-stats", "--port", str(gcs), "--dashboard-port", str(dash), "--num-cpus", "4"],
-        env=_env(), capture_output=True, text=True, timeout=180)
+        env=_env(token), capture_output=True, text=True, timeout=180)
     try:
         assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
         common = ["--work-dir", str(work), "--preset", "tiny", "--max-steps", "2", "--synthetic-images", "8",
                   "--set", "data.batch_size=2", "--set", "train.global_batch_size=2"]
         pre = _submit(dash, runtime_env, ["python", "-m", "pipelines.pretrain_o365", *common,
-                                          "--run-name", f"job-pre-{gcs}"])
+                                          "--run-name", f"job-pre-{gcs}"], token)
         assert pre.returncode == 0, pre.stdout[-4000:] + pre.stderr[-2000:]
         assert "succeeded" in (pre.stdout + pre.stderr).lower()
         assert "joined Ray cluster" in pre.stdout  # the job used the cluster, not an embedded Ray
         assert "models:/dino-tiny-o365@pretrained" in pre.stdout
         ft = _submit(dash, runtime_env, ["python", "-m", "pipelines.finetune_coco", *common,
-                                         "--run-name", f"job-ft-{gcs}"])
+                                         "--run-name", f"job-ft-{gcs}"], token)
         assert ft.returncode == 0, ft.stdout[-4000:] + ft.stderr[-2000:]
         assert "succeeded" in (ft.stdout + ft.stderr).lower()
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(token), capture_output=True, timeout=120)
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     pre_versions = client.search_model_versions("name='dino-tiny-o365'")

@@ -15,6 +15,18 @@ def result_ap(result) -> Optional[float]:
     return None if value is None else float(value)
 
 
+def conversion_note(metrics: dict) -> Optional[str]:
+    """A warning line when the validation set lost images or boxes at conversion (the engine's
+    ``val_*_at_conversion`` metrics), else None: the AP is over the rest."""
+    images = int(metrics.get("val_images_skipped_at_conversion") or 0)
+    boxes = int(metrics.get("val_boxes_dropped_at_conversion") or 0)
+    if not images and not boxes:
+        return None
+    return (f"warning: the validation set lost {images} image(s) and {boxes} box(es) at conversion (missing or "
+            f"bad files, malformed boxes: its manifest.json lists why); the AP is over the rest, so it is not "
+            f"the AP of the whole annotation file")
+
+
 def ensure_logged_model(client, run_id: str, final: Path, artifact_path: str) -> None:
     """The run's ``artifact_path`` must hold every file of ``final`` (weights, ``config.json``,
     ``lineage.json``, ``categories.json``...) at its local size before a version is registered:

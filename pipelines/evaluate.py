@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 from pipelines import _common as common
 from pipelines._datasets import categories_of, stored_pixels, synthetic_dirs, whole_dataset
+from pipelines._results import conversion_note
 
 EXPERIMENT = "evaluate"
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -219,6 +220,8 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
     if unevaluated:
         print(f"warning: {unevaluated} val image(s) could not be decoded and were not evaluated; their objects "
               f"count as misses in the AP (image ids in the workers' log)")
+    if conversion_note(result.metrics):
+        print(conversion_note(result.metrics))
     print(f"MLflow run: {result.run_id} (experiment {args.experiment}, store {uri})")
     return {"metrics": dict(result.metrics), "run_id": result.run_id, "val": val}
 

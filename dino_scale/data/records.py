@@ -37,7 +37,7 @@ from .integrity import CHECKSUM_FIELDS, damage_detail, record_damage
 
 __all__ = [
     "SCHEMA", "MANIFEST_NAME", "FORMAT", "read_manifest", "shard_paths", "iter_records",
-    "to_coco_gt", "data_dirs", "resolve_image_path", "folder_image_roots", "Roots", "category_ids",
+    "to_coco_gt", "conversion_losses", "data_dirs", "resolve_image_path", "folder_image_roots", "Roots", "category_ids",
     "ShardError", "check_shards", "ManifestError", "CONTENT_SCHEMA", "record_from_row",
     "arrow_rows", "check_schema", "schema_problems",
 ]
@@ -324,7 +324,7 @@ def to_coco_gt(data_dir: Union[PathLike, Sequence[PathLike]]) -> dict[str, Any]:
     """Ground truth in COCO format (images, annotations incl. iscrowd, categories).
 
     Built from the shards, so it holds exactly what was converted (dropped boxes and
-    skipped images are absent). Feed it to ``pycocotools.coco.COCO`` via ``dataset=``.
+    skipped images are absent: :func:`conversion_losses` counts them). Feed it to ``pycocotools.coco.COCO`` via ``dataset=``.
     Several folders must not share an image id (``ValueError``): COCO evaluation keys
     detections and ground truth by image id, so two images of one id would be scored as one.
     A record whose labels do not match their checksum raises :class:`ShardError`: scoring
@@ -349,6 +349,20 @@ def to_coco_gt(data_dir: Union[PathLike, Sequence[PathLike]]) -> dict[str, Any]:
                                 "area": float(area), "iscrowd": int(bool(crowd))})
     return {"images": images, "annotations": annotations,
             "categories": [{"id": c["id"], "name": c["name"]} for c in categories]}
+
+
+def conversion_losses(data_dir: Union[PathLike, Sequence[PathLike]]) -> dict[str, int]:
+    """What conversion left out of the dataset folders, from their manifests: ``images_skipped``
+    (missing, unreadable, corrupt ... files) and ``boxes_dropped`` (malformed, degenerate, outside
+    the image, or of a skipped image; not those of ids absent from the file's image list, which
+    no evaluation counts). :func:`to_coco_gt` holds neither, so an AP against it is over fewer
+    objects than the annotation file's: the evaluation reports these beside it."""
+    images = boxes = 0
+    for folder in data_dirs(data_dir):
+        m = read_manifest(folder)
+        images += sum(int(v) for v in (m.get("images_skipped") or {}).values())
+        boxes += sum(int(v) for k, v in (m.get("boxes_dropped") or {}).items() if k != "orphan")
+    return {"images_skipped": images, "boxes_dropped": boxes}
 
 
 # an image-root override: none, one root for every folder, or one per folder (list or "a,b")

@@ -111,6 +111,21 @@ def _check_data(train_dir: Optional[str], val_dir: Optional[str], cfg: Config) -
         check_category_ids(read_manifest(data_dirs(train_dir)[0])["categories"], cfg.model.num_classes, train_dir)
 
 
+def _conversion_losses(val_dir: str) -> dict[str, int]:
+    """``val_images_skipped_at_conversion`` / ``val_boxes_dropped_at_conversion`` of ``val_dir``
+    (:func:`~dino_scale.data.records.conversion_losses`), warned about when not 0: the AP is then
+    over fewer objects than the annotation file's (the official evaluation counts them as misses)."""
+    from dino_scale.data.records import conversion_losses
+
+    lost = conversion_losses(val_dir)
+    if lost["images_skipped"] or lost["boxes_dropped"]:
+        log.warning("the validation set %s lost %d image(s) and %d box(es) at conversion (its manifest lists "
+                    "why): the AP is over the rest, not over the whole annotation file", val_dir,
+                    lost["images_skipped"], lost["boxes_dropped"])
+    return {"val_images_skipped_at_conversion": lost["images_skipped"],
+            "val_boxes_dropped_at_conversion": lost["boxes_dropped"]}
+
+
 def _check_init_fits(cfg: Config, weights: str, state: dict, strict: bool = True) -> None:
     """:class:`~dino_scale.models.official.CheckpointMismatch` naming ``weights`` unless ``state``
     loads into the model of ``cfg`` as each worker loads it (:func:`check_fits`; ``strict=False``:
@@ -291,6 +306,8 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
         if relay is not None:  # rank 0 flushed it before the run ended
             ray.kill(relay)
     metrics = dict(result.metrics or {})
+    if evaluate and val_dir and "AP" in metrics:  # what the AP is not over (to_coco_gt holds converted data only)
+        metrics.update(_conversion_losses(val_dir))
     try:  # a failure or interrupt while the results are saved ends the run too (not left RUNNING)
         if metrics.get("abort_reason"):
             raise BadStepError(metrics["abort_reason"])
@@ -303,7 +320,8 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
             _copy_final(result.checkpoint, final, required=())
             atomic_write_text(final / CONFIG_NAME, json.dumps(to_dict(cfg), indent=2))
         lineage.update({"run_id": run_id, "checkpoint": result.checkpoint.path, "metrics": {
-            k: v for k, v in metrics.items() if k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "step")}})
+            k: v for k, v in metrics.items() if k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "step")
+            or k.endswith("_at_conversion")}})
         atomic_write_text(final / "lineage.json", json.dumps(lineage, indent=2, default=str))
     except Exception as exc:
         end_run("FAILED", str(exc)[:500] if isinstance(exc, BadStepError) else

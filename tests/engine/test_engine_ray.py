@@ -76,7 +76,8 @@ def test_evaluate_pipeline_of_a_registered_model_matches_single_process(ray_sess
     same fp32 weights under the same autocast (no DeepSpeed: its bf16 mode rounded the weights);
     no copy of the weights is kept anywhere (not in the run, its work folder or Ray's checkpoint).
     One val image no longer decodes (corrupted after conversion): the run counts it and says so
-    (was: its objects counted as misses without a word). Runs in this module's Ray session (the
+    (was: its objects counted as misses without a word). Another was missing at conversion: the
+    run reports the image and boxes the ground truth lacks (was: a higher AP, without a word). Runs in this module's Ray session (the
     pipeline joins an initialized Ray); ``ray job submit`` of the pipelines is
     tests/pipelines/test_pipelines_ray_job.py."""
     from mlflow import MlflowClient
@@ -92,6 +93,11 @@ def test_evaluate_pipeline_of_a_registered_model_matches_single_process(ray_sess
     raw = tmp_path / "raw_val"  # the images by path, one of them broken after conversion
     shutil.copytree(Path(data[1]).parent / "raw_val", raw)
     val_dir = str(tmp_path / "val")
+    gone = sorted((raw / "images").glob("*.jpg"))[-1]  # missing at conversion: skipped and counted there
+    doc = json.loads((raw / "annotations.json").read_text())
+    gone_id = next(im["id"] for im in doc["images"] if Path(im["file_name"]).name == gone.name)
+    gone_boxes = sum(a["image_id"] == gone_id for a in doc["annotations"])
+    gone.unlink()
     convert_coco(raw / "annotations.json", raw / "images", val_dir, embed_images=False, progress=False)
     sorted((raw / "images").glob("*.jpg"))[0].write_bytes(b"\xff\xd8 not a jpeg any more")
     work = tmp_path / "work"
@@ -121,6 +127,8 @@ def test_evaluate_pipeline_of_a_registered_model_matches_single_process(ray_sess
     assert "Average Precision" not in printed.out + printed.err  # pycocotools' lines stay in the debug log
 
     assert "1 val image(s) could not be decoded" in printed.out
+    # the image missing at conversion is not in the ground truth: reported beside the AP (was: not a word)
+    assert f"lost 1 image(s) and {gone_boxes} box(es) at conversion" in printed.out and gone_boxes > 0
 
     loader = LocalLoader(val_dir, cfg.data, train=False, batch_size=1, normalize=True)
     local = evaluate_batches(model.eval(), post, loader, torch.device("cpu"), amp_dtype=torch.bfloat16)
@@ -129,6 +137,7 @@ def test_evaluate_pipeline_of_a_registered_model_matches_single_process(ray_sess
     metrics = out["metrics"]
     assert metrics["step"] == 0 and metrics["num_detections"] == len(local)
     assert metrics["images_unevaluated"] == 1
+    assert (metrics["val_images_skipped_at_conversion"], metrics["val_boxes_dropped_at_conversion"]) == (1, gone_boxes)
     for key, value in direct.items():
         assert metrics[key] == pytest.approx(value, abs=1e-3), key
 
@@ -156,6 +165,7 @@ def test_evaluate_pipeline_of_a_registered_model_matches_single_process(ray_sess
     assert ev_run.info.status == "FINISHED" and ev_run.data.tags["stage"] == "evaluate"
     assert ev_run.data.tags["source.uri"] == "models:/dino-tiny-coco@champion"
     assert ev_run.data.metrics["final/AP"] == pytest.approx(metrics["AP"])
+    assert ev_run.data.metrics["final/val_images_skipped_at_conversion"] == 1
     assert [a.path for a in client.list_artifacts(out["run_id"])] == ["config.json", "evaluation"]
     assert {a.path for a in client.list_artifacts(out["run_id"], "evaluation")} == {
         "evaluation/config.json", "evaluation/detections.json", "evaluation/lineage.json"}

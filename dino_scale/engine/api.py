@@ -174,7 +174,9 @@ def _check_backbone_weights(cfg: Config, init_weights: Optional[str], init_stric
 
 def _copy_final(checkpoint, dest: Path, required: tuple[str, ...] = (WEIGHTS_NAME, CONFIG_NAME)) -> None:
     """Copy the ``required`` files (the final weights and config) and ``detections.json``
-    when there is one out of a (possibly remote) Ray checkpoint."""
+    when there is one out of a (possibly remote) Ray checkpoint; a ``detections.json`` left in
+    ``dest`` by an earlier run of the work folder is removed when this checkpoint has none (it
+    was logged as this run's, computed from other weights)."""
     import pyarrow.fs
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -183,6 +185,7 @@ def _copy_final(checkpoint, dest: Path, required: tuple[str, ...] = (WEIGHTS_NAM
         src = f"{checkpoint.path.rstrip('/')}/{name}"
         if fs.get_file_info(src).type == pyarrow.fs.FileType.NotFound:
             if name not in required:
+                (dest / name).unlink(missing_ok=True)
                 continue
             raise FileNotFoundError(f"final checkpoint {checkpoint.path} has no {name}")
         pyarrow.fs.copy_files(src, str(dest / name), source_filesystem=fs,

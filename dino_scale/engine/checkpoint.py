@@ -15,24 +15,21 @@ A training checkpoint folder holds
 * ``ema.pt`` (optional; read with ``weights_only``: a pickled object in it is refused, never
   run) and, in the final checkpoint, ``model.safetensors`` (full fp32 weights).
 
-Atomicity: every folder is written under a temporary sibling name and renamed into
-place only when complete (``os.rename`` of a directory is atomic on POSIX), single
-files through a temporary file + ``os.replace``; :class:`CheckpointManager` keeps a
-``LATEST`` pointer that is replaced atomically after the folder is complete. A save that
-dies midway leaves at most a ``*.tmp-*`` folder, which readers ignore.
+Atomicity: single files are written through a temporary file + ``os.replace``
+(:func:`atomic_write_bytes`); a checkpoint folder becomes a run's checkpoint only once every
+rank has reported its part (Ray Train registers it then), so a save that dies midway is never
+the one resumed.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import pickle
-import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -44,10 +41,10 @@ from dino_scale.engine.state_files import (  # noqa: F401 (re-exported: this mod
 from dino_scale.models.weights_file import read_safetensors
 
 __all__ = [
-    "TrainState", "atomic_dir", "atomic_write_bytes", "atomic_write_text", "CheckpointManager",
+    "TrainState", "atomic_write_bytes", "atomic_write_text",
     "save_rng_state", "load_rng_state", "save_ema_state", "load_ema_state", "save_weights", "load_weights",
     "load_into", "check_fits", "save_training_checkpoint",
-    "load_training_checkpoint", "WEIGHTS_NAME", "CONFIG_NAME", "STATE_NAME", "DS_TAG", "UNIVERSAL_TAG", "COMPLETE_NAME",
+    "load_training_checkpoint", "WEIGHTS_NAME", "CONFIG_NAME", "STATE_NAME", "DS_TAG", "UNIVERSAL_TAG",
     "checkpoint_dir_name", "EMA_NAME", "FROZEN_NAME",
 ]
 
@@ -55,7 +52,6 @@ PathLike = Union[str, Path]
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 STATE_NAME = "trainer_state.json"
-COMPLETE_NAME = "COMPLETE"
 DS_TAG = "ds"
 UNIVERSAL_TAG = f"{DS_TAG}_universal"  # a universal-format copy of DS_TAG (dino_scale.engine.elastic)
 
@@ -129,79 +125,6 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
-
-
-@contextlib.contextmanager
-def atomic_dir(final: PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of ``final``; rename it to ``final`` on success.
-
-    On an exception the temporary folder is removed and ``final`` (new or old) is left
-    untouched. An existing ``final`` is replaced (old moved aside, then deleted).
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        _fsync_dir(tmp)
-        if final.exists():
-            old = final.with_name(f"{final.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-class CheckpointManager:
-    """Numbered checkpoint folders ``step_<n>`` under ``root`` with an atomic ``LATEST``.
-
-    ``save(step, write_fn)`` calls ``write_fn(folder)`` on a temporary folder, marks it
-    complete, renames it into place, then points ``LATEST`` at it and prunes old ones
-    (``keep`` newest). ``latest()`` returns the newest complete folder or None.
-    """
-
-    def __init__(self, root: PathLike, keep: int = 2):
-        self.root = Path(root)
-        self.keep = max(1, int(keep))
-
-    def save(self, step: int, write_fn: Callable[[Path], None]) -> Path:
-        final = self.root / f"step_{int(step):09d}"
-        with atomic_dir(final) as tmp:
-            write_fn(tmp)
-            atomic_write_text(tmp / COMPLETE_NAME, str(int(step)))
-        atomic_write_text(self.root / "LATEST", final.name)
-        self._prune()
-        return final
-
-    def complete(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        dirs = [p for p in self.root.iterdir()
-                if p.is_dir() and p.name.startswith("step_") and _TMP_MARK not in p.name
-                and ".old-" not in p.name and (p / COMPLETE_NAME).is_file()]
-        return sorted(dirs, key=lambda p: p.name)
-
-    def latest(self) -> Optional[Path]:
-        pointer = self.root / "LATEST"
-        if pointer.is_file():
-            cand = self.root / pointer.read_text().strip()
-            if (cand / COMPLETE_NAME).is_file():
-                return cand
-        done = self.complete()
-        return done[-1] if done else None
-
-    def _prune(self) -> None:
-        for old in self.complete()[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in self.root.iterdir():
-            if _TMP_MARK in stale.name and stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
 
 
 def save_weights(folder: PathLike, state_dict: dict[str, torch.Tensor], config: Optional[dict] = None,

@@ -1,115 +1,13 @@
-"""Checkpoint writes are atomic: an interrupted save leaves the previous one loadable."""
+"""Checkpoint files: the EMA and training state read back on another device, the state file's
+position fields, weights files read without running a pickle."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from dino_scale.config import preset, to_dict
-from dino_scale.engine.checkpoint import (
-    CheckpointManager, atomic_dir, atomic_write_text, load_weights, save_weights,
-)
-from dino_scale.models import build_dino
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tiny_state():
-    torch.manual_seed(0)
-    cfg = preset("tiny")
-    model, _, _ = build_dino(cfg.model)
-    return cfg, model.state_dict()
-
-
-def _writer(state, cfg, fail_after_weights=False):
-    def write(folder: Path):
-        save_weights(folder, state, config=to_dict(cfg))
-        if fail_after_weights:
-            raise RuntimeError("injected failure between files")
-        atomic_write_text(folder / "trainer_state.json", '{"global_step": 1}')
-    return write
-
-
-def test_exception_midway_keeps_previous(tmp_path, tiny_state):
-    cfg, state = tiny_state
-    mgr = CheckpointManager(tmp_path / "ckpts", keep=2)
-    first = mgr.save(1, _writer(state, cfg))
-    assert mgr.latest() == first
-    changed = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
-    with pytest.raises(RuntimeError, match="injected"):
-        mgr.save(2, _writer(changed, cfg, fail_after_weights=True))
-    assert mgr.latest() == first
-    assert not (tmp_path / "ckpts" / "step_000000002").exists()
-    assert [p.name for p in (tmp_path / "ckpts").iterdir() if ".tmp-" in p.name] == []
-    loaded = load_weights(first)
-    model, _, _ = build_dino(cfg.model)
-    model.load_state_dict(loaded, strict=True)
-    assert all(torch.equal(loaded[k], state[k].float()) for k in state if state[k].is_floating_point())
-
-
-def test_replacing_a_folder_is_atomic(tmp_path):
-    final = tmp_path / "final"
-    with atomic_dir(final) as tmp:
-        (tmp / "a.txt").write_text("old")
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_dir(final) as tmp:
-            (tmp / "a.txt").write_text("new")
-            raise KeyboardInterrupt
-    assert (final / "a.txt").read_text() == "old"
-    with atomic_dir(final) as tmp:
-        (tmp / "a.txt").write_text("new")
-    assert (final / "a.txt").read_text() == "new"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
-
-
-_KILL_SCRIPT = r"""
-import sys, time
-from pathlib import Path
-import torch
-from dino_scale.engine.checkpoint import CheckpointManager, save_weights, atomic_write_text
-root = Path(sys.argv[1])
-mgr = CheckpointManager(root, keep=3)
-w = {"w": torch.arange(6.0).reshape(2, 3)}
-mgr.save(1, lambda d: (save_weights(d, w), atomic_write_text(d / "trainer_state.json", "{}")))
-def slow(d):
-    save_weights(d, {"w": torch.zeros(2, 3)})
-    (root.parent / "midway").write_text("x")
-    time.sleep(60)  # killed here, between files
-    atomic_write_text(d / "trainer_state.json", "{}")
-mgr.save(2, slow)
-"""
-
-
-def test_process_killed_midway_keeps_previous(tmp_path):
-    root = tmp_path / "ckpts"
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(root)], cwd=ROOT)
-    try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "midway").exists():
-            assert proc.poll() is None, "writer exited early"
-            assert time.monotonic() < deadline, "writer never reached the midway point"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    mgr = CheckpointManager(root)
-    latest = mgr.latest()
-    assert latest is not None and latest.name == "step_000000001"
-    assert torch.equal(load_weights(latest)["w"], torch.arange(6.0).reshape(2, 3))
-    leftovers = [p for p in root.iterdir() if ".tmp-" in p.name]
-    assert leftovers, "the interrupted save should have left only a temporary folder"
-    mgr.save(3, lambda d: save_weights(d, {"w": torch.ones(2, 3)}))  # next save cleans it up
-    assert mgr.latest().name == "step_000000003"
-    assert [p for p in root.iterdir() if ".tmp-" in p.name] == []
+from dino_scale.engine.checkpoint import atomic_write_text, load_weights, save_weights
 
 
 class _LoadedEngine:
@@ -399,3 +297,24 @@ def test_frozen_parameters_and_buffers_round_trip_through_a_checkpoint(tmp_path)
     with pytest.raises(RuntimeError, match=rf"{tmp_path / FROZEN_NAME} does not hold this model's frozen .* "
                                            rf"4 missing .* 1 unknown"):
         load_training_checkpoint(tmp_path, _SavingEngine(), rank=0)
+
+
+def test_final_copy_drops_an_earlier_runs_detections(tmp_path):
+    """A rerun into the same work folder without evaluation left the earlier run's
+    ``detections.json`` in ``final/``, logged in the new run's ``model`` artifact though computed
+    from other weights. The final copy now holds what the checkpoint holds."""
+    from ray.train import Checkpoint
+
+    from dino_scale.engine.api import _copy_final
+
+    evaluated, trained = tmp_path / "ckpt_a", tmp_path / "ckpt_b"
+    for folder in (evaluated, trained):
+        save_weights(folder, {"w": torch.ones(2)}, config={"name": "tiny"})
+    atomic_write_text(evaluated / "detections.json", "[]")
+    final = tmp_path / "final"
+    _copy_final(Checkpoint.from_directory(str(evaluated)), final)
+    assert (final / "detections.json").read_text() == "[]"
+    _copy_final(Checkpoint.from_directory(str(trained)), final)
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors"]
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
+        _copy_final(Checkpoint.from_directory(str(tmp_path / "empty")), final)

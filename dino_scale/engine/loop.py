@@ -32,6 +32,7 @@ from dino_scale.engine.checkpoint import (
     TrainState, atomic_write_text, checkpoint_dir_name, load_into, load_training_checkpoint, load_weights,
     save_training_checkpoint, save_weights,
 )
+from dino_scale.engine.state_files import rng_untouched
 from dino_scale.engine.deepspeed_utils import (
     AccumulationWindow, ModelEMA, build_ds_config, full_state_dict, grad_accum_steps, init_deepspeed,
 )
@@ -372,10 +373,11 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         final_metrics["abort_reason"] = abort
     detections = None
     if abort is None and _wants_eval(loop_cfg):
-        eval_model = build_model(replace(cfg.model, backbone_weights=None))  # all replaced by full
-        eval_model.load_state_dict(full, strict=True)
-        ap, detections = _evaluate_val(eval_model, postprocessor, cfg, loop_cfg, device, amp, rank, tracker,
-                                       state.global_step)
+        with rng_untouched():  # the final checkpoint's RNG files: as after the last step (a longer rerun goes on)
+            eval_model = build_model(replace(cfg.model, backbone_weights=None))  # all replaced by full
+            eval_model.load_state_dict(full, strict=True)
+            ap, detections = _evaluate_val(eval_model, postprocessor, cfg, loop_cfg, device, amp, rank, tracker,
+                                           state.global_step)
         final_metrics.update(ap)
         del eval_model
     state.finished = abort is None

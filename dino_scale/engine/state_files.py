@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-__all__ = ["save_rng_state", "load_rng_state", "save_ema_state", "load_ema_state", "EMA_NAME", "TMP_MARK"]
+__all__ = ["save_rng_state", "load_rng_state", "rng_untouched", "save_ema_state", "load_ema_state", "EMA_NAME", "TMP_MARK"]
 
 PathLike = Union[str, Path]
 EMA_NAME = "ema.pt"
@@ -105,6 +105,25 @@ def load_rng_state(folder: PathLike, rank: int) -> bool:
             if index < len(state["cuda"]):
                 torch.cuda.set_rng_state(state["cuda"][index])
     return True
+
+
+@contextlib.contextmanager
+def rng_untouched():
+    """Run a block without moving this process's python/numpy/torch RNG streams (and the current
+    CUDA device's, where a context exists): their states are restored on exit. For work between
+    the last training step and the final checkpoint's RNG file (building and running the
+    evaluation model drew from torch's stream, so a finished run extended with more steps went on
+    with other noise than one run to the longer length)."""
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+              torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state(states[3])
 
 
 def save_ema_state(folder: PathLike, ema) -> None:

@@ -318,3 +318,27 @@ def test_final_copy_drops_an_earlier_runs_detections(tmp_path):
     assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors"]
     with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
         _copy_final(Checkpoint.from_directory(str(tmp_path / "empty")), final)
+
+
+def test_rng_untouched_restores_every_stream():
+    """What the final evaluation draws (building its model) does not move the streams the final
+    checkpoint's RNG files save: the draws after the block are those a run without it makes."""
+    import random
+
+    import numpy as np
+
+    from dino_scale.engine.state_files import rng_untouched
+
+    def draws():
+        return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    expected = draws()
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    with rng_untouched():
+        torch.nn.Linear(64, 64)  # initialization draws from torch's stream
+        draws()
+    assert draws() == expected
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    torch.nn.Linear(64, 64)
+    assert draws() != expected  # what the final checkpoint saved before

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dino_scale.config import Config, ConfigError, flatten, to_dict
-from dino_scale.engine.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, check_fits, load_weights
+from dino_scale.engine.checkpoint import (
+    CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, check_fits, evaluation_dir_name, load_weights,
+)
 from dino_scale.engine.train_step import BadStepError
 
 __all__ = ["FitResult", "fit", "evaluate_weights", "git_sha", "ensure_ray", "check_category_ids"]
@@ -291,6 +293,8 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
                                init_strict=init_strict, init_state=init_state, val_gt=val_gt, tracking_relay=relay,
                                evaluate=evaluate, train=train, test_hooks=test_hooks)
         loop_cfg["tracking_close_timeout_s"] = tracking_close_timeout_s
+        if not train:  # one name for every worker, new for each evaluation (see evaluation_dir_name)
+            loop_cfg["evaluation_dir_name"] = evaluation_dir_name()
         callbacks = [ProgressCallback(total_steps=total)] if progress else []
         trainer = build_trainer(cfg, datasets, run_name=run_name, storage_path=storage,
                                 train_loop_config=loop_cfg, callbacks=callbacks)

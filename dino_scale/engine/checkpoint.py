@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import pickle
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ __all__ = [
     "save_rng_state", "load_rng_state", "save_ema_state", "load_ema_state", "save_weights", "load_weights",
     "load_into", "check_fits", "save_training_checkpoint",
     "load_training_checkpoint", "WEIGHTS_NAME", "CONFIG_NAME", "STATE_NAME", "DS_TAG", "UNIVERSAL_TAG",
-    "checkpoint_dir_name", "EMA_NAME", "FROZEN_NAME",
+    "checkpoint_dir_name", "evaluation_dir_name", "EMA_NAME", "FROZEN_NAME",
 ]
 
 PathLike = Union[str, Path]
@@ -256,3 +257,12 @@ def checkpoint_dir_name(step: int, world: int, epoch: Optional[int] = None, micr
     if epoch is None:
         return f"final_{int(step):09d}_w{int(world)}" + (f"_r{int(resumes)}" if resumes else "")
     return f"ckpt_{int(step):09d}_{int(epoch)}_{int(micro_in_epoch)}_w{int(world)}"
+
+
+def evaluation_dir_name() -> str:
+    """The storage folder of an evaluation's result (its detections): ``final_000000000_eval_<time>_<id>``,
+    new for each call (made on the driver, handed to every worker). A fixed name was reported again
+    by each evaluation under a reused run name (Ray Train resumes its checkpoint list), and its
+    retention, deleting by path, removed the folder of the latest when it pruned the oldest entry:
+    the third evaluation of a run name lost its detections (seen)."""
+    return f"final_{0:09d}_eval_{time.strftime('%Y%m%dT%H%M%S')}_{uuid.uuid4().hex[:6]}"

@@ -29,8 +29,8 @@ import torch
 from dino_scale.config import from_dict, to_dict
 from dino_scale.engine.batches import iter_micro_batches, read_window, rows_of
 from dino_scale.engine.checkpoint import (
-    TrainState, atomic_write_text, checkpoint_dir_name, load_into, load_training_checkpoint, load_weights,
-    save_training_checkpoint, save_weights,
+    TrainState, atomic_write_text, checkpoint_dir_name, evaluation_dir_name, load_into, load_training_checkpoint,
+    load_weights, save_training_checkpoint, save_weights,
 )
 from dino_scale.engine.state_files import rng_untouched
 from dino_scale.engine.deepspeed_utils import (
@@ -153,7 +153,7 @@ def _evaluate_only(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: 
         if detections is not None:
             atomic_write_text(folder / "detections.json", json.dumps(detections))
 
-    report(metrics, write_detections, "final_000000000")
+    report(metrics, write_detections, loop_cfg.get("evaluation_dir_name") or evaluation_dir_name())
 
 
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:

@@ -108,6 +108,21 @@ def test_checkpoint_folders_of_different_worker_counts_never_share_a_name():
     assert sorted([checkpoint_dir_name(10, 2, 0, 5), checkpoint_dir_name(9, 4, 0, 9)])[0].startswith("ckpt_000000009")
 
 
+def test_each_evaluation_gets_its_own_result_folder():
+    """Evaluations under one run name each report a new folder name: with the fixed
+    ``final_000000000`` the third evaluation of a run name lost its detections (Ray Train's
+    retention deleted the folder the latest entry named while pruning the oldest; seen with three
+    ``evaluate_weights`` calls of one run name, 2 checkpoints kept: ``final/`` had no
+    ``detections.json`` and Ray's run folder no final)."""
+    import re
+
+    from dino_scale.engine.checkpoint import evaluation_dir_name
+
+    names = {evaluation_dir_name() for _ in range(50)}
+    assert len(names) == 50
+    assert all(re.fullmatch(r"final_000000000_eval_\d{8}T\d{6}_[0-9a-f]{6}", n) for n in names), names
+
+
 def test_a_resumed_runs_final_folder_never_takes_an_earlier_final_name():
     """A run resumed from its final checkpoint that takes no step (the same command again, or an
     abort replayed to the same step) reported ``final_<step>_w<n>`` a second time: Ray Train

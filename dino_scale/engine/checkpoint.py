@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pickle
 import time
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 PathLike = Union[str, Path]
+log = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 STATE_NAME = "trainer_state.json"
@@ -235,9 +237,15 @@ def load_training_checkpoint(folder: PathLike, engine, rank: int, ema=None,
     steps_on_param_devices(getattr(engine, "optimizer", None))  # a universal load leaves them on the host
     if (folder / FROZEN_NAME).is_file():
         restore_frozen(engine, read_safetensors(folder / FROZEN_NAME), str(folder / FROZEN_NAME))
-    load_rng_state(folder, rank)
+    if not load_rng_state(folder, rank):
+        log.info("%s holds no RNG state of rank %d (a rank its run did not have): fresh random streams",
+                 folder, rank)
     if ema is not None and (folder / EMA_NAME).is_file():  # rank 0 wrote it from its device: read on the CPU
         ema.load_state_dict(load_ema_state(folder / EMA_NAME))
+    elif ema is not None:  # it averaged the weights as built: start over from the resumed ones
+        ema.reset(engine)
+        log.warning("%s holds no %s (its run kept no EMA): the EMA of the weights starts over from the resumed "
+                    "weights", folder, EMA_NAME)
     return TrainState.from_dict(json.loads(state_file.read_text()))
 
 

@@ -414,6 +414,11 @@ class ModelEMA:
         self._gather(model, init=False)
         self.updates += 1
 
+    def reset(self, model: nn.Module) -> None:
+        """Start the averages over from ``model``'s weights (collective under ZeRO-3, as ``update``)."""
+        self._gather(model, init=True)
+        self.updates = 0
+
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
 

@@ -357,3 +357,33 @@ def test_rng_untouched_restores_every_stream():
     torch.manual_seed(5), random.seed(5), np.random.seed(5)
     torch.nn.Linear(64, 64)
     assert draws() != expected  # what the final checkpoint saved before
+
+
+def test_a_checkpoint_without_ema_restarts_the_ema_from_the_resumed_weights(tmp_path, caplog):
+    """``train.ema_decay`` set on a run whose checkpoint holds no ``ema.pt`` (its run kept no EMA):
+    the EMA averaged the weights as built (before the checkpoint loaded) and went on from there,
+    without a word. It now starts over from the resumed weights, with a warning; a rank the
+    checkpoint has no RNG file for is logged too."""
+    import json
+    import logging
+
+    from dino_scale.engine.checkpoint import STATE_NAME, TrainState, load_training_checkpoint
+    from dino_scale.engine.deepspeed_utils import ModelEMA
+
+    model = torch.nn.Linear(3, 2)
+
+    class _Resuming(_LoadedEngine):
+        module = model
+
+        def load_checkpoint(self, *args, **kwargs):
+            with torch.no_grad():
+                model.weight.fill_(7.0)
+            return "loaded", {}
+
+    atomic_write_text(tmp_path / STATE_NAME, json.dumps(TrainState(global_step=3).to_dict()))
+    ema = ModelEMA(model, 0.9)
+    ema.update(model)
+    with caplog.at_level(logging.INFO, logger="dino_scale.engine.checkpoint"):
+        load_training_checkpoint(tmp_path, _Resuming(), rank=1, ema=ema)
+    assert torch.equal(ema.shadow["weight"], torch.full((2, 3), 7.0)) and ema.updates == 0
+    assert "holds no ema.pt" in caplog.text and "no RNG state of rank 1" in caplog.text

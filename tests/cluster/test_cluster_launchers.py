@@ -209,6 +209,9 @@ def test_cluster_aws_network_and_identity_are_explicit():
     for tname, t in cfg["available_node_types"].items():
         nc = t["node_config"]
         assert nc["SecurityGroupIds"] and nc["SubnetIds"], tname
+        # Ray keeps only subnets of the listed zones: a zone needs a subnet of its own (one subnet, one zone)
+        zones = [z for z in cfg["provider"]["availability_zone"].split(",") if z.strip()]
+        assert len(zones) <= len(set(nc["SubnetIds"])), (tname, zones)
         assert "KeyName" in nc, f"{tname}: ssh_private_key needs KeyName (Ray's bootstrap asserts it)"
         kind = "head" if tname == head_type else "worker"
         assert nc["IamInstanceProfile"]["Arn"].endswith(f"instance-profile/dino-scale-{kind}"), tname

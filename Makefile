@@ -11,11 +11,12 @@ venv: $(STAMP)
 
 # Idempotent: the venv is created once; the project is reinstalled only when
 # pyproject.toml changes. torch/torchvision are pinned first (a pair timm needs).
-$(STAMP): pyproject.toml
+# The libraries the engine leans on at the versions in cluster/constraints.txt (the image's too).
+$(STAMP): pyproject.toml cluster/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --no-compile --upgrade pip
 	$(PY) -m pip install -q --no-compile "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install -q --no-compile -e ".[dev]"
+	$(PY) -m pip install -q --no-compile -c cluster/constraints.txt -e ".[dev]"
 	@# bytecode on every core (pip compiles on one: the venv took 172 -> 137 s on a 2-core box);
 	@# a few vendored Python-2 templates do not compile, which pip ignores too
 	-$(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null 2>&1

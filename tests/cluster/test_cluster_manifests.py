@@ -294,6 +294,36 @@ def test_cluster_o365_recipe_trains_on_train_and_val_minus_5k():
 
 # ------------------------------------------------------------------ image recipe
 
+def test_cluster_constraints_are_what_the_suite_runs_and_the_image_installs():
+    """cluster/constraints.txt pins the libraries the engine leans on: this venv (the Makefile
+    installs with it) holds exactly those versions, each within pyproject.toml's range, and the
+    image installs with the same file and the same Ray as the KubeRay manifests. Was: the image
+    took the newest DeepSpeed / MLflow / timm / pyarrow at build time, versions no test had run."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in (CLUSTER / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name.lower()] = version
+    assert {"ray", "deepspeed", "mlflow", "timm", "pyarrow", "pycocotools"} <= set(pins)
+    for name, version in pins.items():
+        assert importlib.metadata.version(name) == version, (name, importlib.metadata.version(name), version)
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in map(Requirement, deps):
+        if dep.name.lower() in pins:
+            assert dep.specifier.contains(pins[dep.name.lower()]), (dep, pins[dep.name.lower()])
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert "COPY cluster/constraints.txt" in text and "pip install -c cluster/constraints.txt -e ." in text
+    assert f'"ray[train,data,default]=={pins["ray"]}"' in text
+    assert "-c cluster/constraints.txt" in (ROOT / "Makefile").read_text()
+
+
 def test_cluster_dockerfile_builds_extension_for_sm80_and_sm90():
     text = (CLUSTER / "Dockerfile").read_text()
     stages = re.split(r"(?m)^FROM ", text)[1:]

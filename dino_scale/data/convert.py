@@ -113,7 +113,15 @@ class _Converter:
             child.close()
             try:
                 ann = scan_annotations(self.ann_path, self.work, self.nb, self.say)
-                status, meta = parent.recv()
+                try:
+                    status, meta = parent.recv()
+                except EOFError:  # the child died without a word: killed (memory), or could not start
+                    proc.join(timeout=10)
+                    raise ConversionError(
+                        f"the image pass (a child process, used for annotation files of 64 MB and more) ended "
+                        f"without a result, exit code {proc.exitcode} (killed for memory? a script calling "
+                        f"convert_coco needs an `if __name__ == \"__main__\":` guard for its spawned child); "
+                        f"pass parallel=False to run it in this process") from None
             except BaseException:
                 proc.terminate()
                 raise
@@ -268,11 +276,28 @@ class _Converter:
             self.say(f"{self.out}: resuming after {len(load_progress(self.out, self.work))} finished shards")
         records, totals = self.write(plan)
         manifest = self._manifest(plan, records, totals)
+        self._check_some_image_used(manifest)
         tmp = manifest_path.with_name(MANIFEST_NAME + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
         tmp.replace(manifest_path)
         shutil.rmtree(self.work, ignore_errors=True)
         return manifest
+
+    def _check_some_image_used(self, manifest: dict[str, Any]) -> None:
+        """:class:`ConversionError` when the file lists images but none was usable for reasons of
+        their files (an ``--images`` folder that is not the one holding them): a dataset of 0
+        images, converted "successfully" (exit 0), trained on nothing. The partial output is
+        removed, so the next run (the right folder, or the files put in place) converts afresh."""
+        skipped = manifest["images_skipped"]
+        if manifest["num_images"] or not manifest["images_in"] or not set(skipped) <= _FILE_REASONS:
+            return
+        shutil.rmtree(self.work, ignore_errors=True)
+        for p in self.out.glob("shard-*.parquet*"):
+            p.unlink()
+        raise ConversionError(
+            f"none of the {manifest['images_in']} images of {self.ann_path} could be used from the image folder "
+            f"{self.images} ({', '.join(f'{k}: {v}' for k, v in sorted(skipped.items()))}): is it the folder that "
+            f"holds the files the annotation file names (with their sub-folders)?")
 
     def _crowd_boxes(self, record: dict[str, Any]) -> int:
         """Crowd boxes written to a shard (skipped images' boxes are not); a progress record from
@@ -318,6 +343,10 @@ class _Converter:
                 m["boxes_in"] != m["num_boxes"] + sum(dropped.values()):
             raise RuntimeError(f"internal error: manifest counts do not add up: {json.dumps(m)[:2000]}")
         return m
+
+
+# skip reasons that come from the image files (not the annotations)
+_FILE_REASONS = frozenset({"missing_file", "unreadable", "empty_file", "corrupt", "too_large", "size_mismatch"})
 
 
 def convert_coco(annotations: Union[str, Path], images: Optional[Union[str, Path]], out: Union[str, Path],

@@ -392,3 +392,38 @@ def test_data_float_overflow_in_json_is_located(tmp_path):
     with pytest.raises(MalformedJSONError) as ei:
         convert_coco(ann, None, tmp_path / "out", progress=False)
     assert ei.value.position > 0 and "beyond float range" in str(ei.value)
+
+
+@pytest.mark.parametrize("embed", [False, True])
+def test_data_an_image_folder_holding_none_of_the_images_is_an_error(tmp_path, embed):
+    """``--images`` naming a folder that holds none of the files (its parent, say): every image a
+    counted ``missing_file`` made a dataset of 0 images and exit 0. Now a ConversionError naming the
+    folder, with no manifest and nothing to resume, so the run with the right folder converts."""
+    root, ann = _dataset(tmp_path, {"a.jpg": _jpeg(), "b.jpg": _jpeg()},
+                         [{"image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 10]}])
+    wrong = tmp_path / "elsewhere"
+    wrong.mkdir()
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match=rf"none of the 2 images of .* from the image folder {wrong} "
+                                              r"\(missing_file: 2\): is it the folder that holds the files"):
+        convert_coco(ann, wrong, out, embed_images=embed, progress=False)
+    assert not (out / "manifest.json").exists() and not list(out.glob("shard-*")) and not list(out.glob(".convert*"))
+    m = convert_coco(ann, root, out, embed_images=embed, progress=False)
+    assert m["num_images"] == 2
+    # some usable images: the rest are counted skips, as before
+    (root / "b.jpg").unlink()
+    assert convert_coco(ann, root, tmp_path / "out2", embed_images=embed, progress=False)["num_images"] == 1
+
+
+def test_data_a_dead_image_pass_child_is_a_clear_error(tmp_path, monkeypatch):
+    """The image pass runs in a spawned child for large files: a child that died (killed for memory,
+    or a script without a ``__main__`` guard) surfaced as a bare EOFError after the annotation pass."""
+    import functools
+    import os
+
+    from dino_scale.data import convert as convert_module
+
+    root, ann = _dataset(tmp_path, {"a.jpg": _jpeg()}, [{"image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 10]}])
+    monkeypatch.setattr(convert_module, "_images_child", functools.partial(os._exit, 3))  # dies: TypeError, exit 1
+    with pytest.raises(ConversionError, match=r"image pass .* ended without a result, exit code 1 .*parallel=False"):
+        convert_coco(ann, root, tmp_path / "out", parallel=True, progress=False)

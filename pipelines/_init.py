@@ -139,6 +139,17 @@ def _source_state(weights: Path) -> dict:
     return state
 
 
+def head_sizes(state: dict) -> list[str]:
+    """Overrides fitting a preset's heads to a config-less (official) state dict: ``model.num_classes``
+    from the ``class_embed.0`` rows and ``model.dn_labelbook_size`` from the ``label_enc`` rows less
+    one (two settings in the official code: custom-data models keep the default labelbook of 91
+    over fewer classes, which the class count did not fit); none for what the state lacks."""
+    classes = next((int(v.shape[0]) for k, v in state.items() if k.endswith("class_embed.0.weight")), None)
+    book = next((int(v.shape[0]) - 1 for k, v in state.items() if k.endswith("label_enc.weight")), classes)
+    return ([f"model.num_classes={classes}"] if classes is not None else []) + (
+        [f"model.dn_labelbook_size={book}"] if book is not None else [])
+
+
 def preset_misfit(uri: str, preset_name: str, preset_given: bool, exc: Exception) -> UsageError:
     """The usage error of a model file without config (an official ``.pth``) that does not fit
     the preset it was built with (``exc``: the :class:`CheckpointMismatch`)."""

@@ -63,10 +63,6 @@ def format_table(metrics: dict, title: str) -> str:
     return "\n".join([title, head, vals] + notes)
 
 
-def _official_rows(state: dict) -> Optional[int]:
-    return next((int(v.shape[0]) for k, v in state.items() if k.endswith("class_embed.0.weight")), None)
-
-
 def label_space_check(model_categories: Optional[list[dict]], num_classes: int, data_categories: list[dict],
                       data: str) -> Optional[str]:
     """The model's class index i is scored as the dataset's category id i. :class:`UsageError`
@@ -163,15 +159,13 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
             log(f"note: --preset {args.preset} ignored; the model carries its config ({cfg.name})")
         from dino_scale.config import apply_overrides
 
+        cfg.model.msda_backend = None  # where it runs is this run's choice (trained on cuda, evaluated on CPU)
         apply_overrides(cfg, list(args.overrides))
     else:
-        from pipelines._init import _source_state, check_fits_preset
+        from pipelines._init import _source_state, check_fits_preset, head_sizes
 
-        extra = []
         state = _source_state(resolved.weights_path)
-        rows = _official_rows(state)
-        if rows is not None:
-            extra = [f"model.num_classes={rows}", f"model.dn_labelbook_size={rows}"]
+        extra = head_sizes(state)
         if args.preset is None and not common.preset_needs_cluster(args):
             log("note: the model carries no config; using the default preset (give --preset)")
         extra += stored_pixels(args.overrides)  # as pretraining and fine-tuning read COCO-style data

@@ -10,11 +10,13 @@ a file in ``--out`` only when it is an annotated copy: JPEG comment :data:`MARK`
 ``<out>/predictions.json`` lists ``{"file", "width", "height", "detections": [{"label",
 "category_id", "score", "box": [x1, y1, x2, y2]}], "nonfinite"}`` (original pixels, clipped to the
 image). A folder's files without an image suffix (:data:`IMAGE_SUFFIXES`, any case) are listed
-(``skipped``) and counted in the summary. Unreadable images are reported and counted, not
-fatal; so are detections with a NaN/inf score or box (a diverged model; ``nonfinite`` per
+(``skipped``) and counted in the summary. Unreadable images, and images that fail past
+decoding (an annotated copy too large for a JPEG ...), are listed under ``failed``, not fatal;
+so are detections with a NaN/inf score or box (a diverged model; ``nonfinite`` per
 image, ``detections_nonfinite`` in all), and when no detection of any image is finite the exit
 status is 1. Files are written whole or not at
-all (a temporary file renamed): a run cut short never leaves half a JSON document or image.
+all (a temporary file renamed): a run cut short never leaves half a JSON document or image,
+and predictions.json is written however the run ends (``"complete": false`` when cut short).
 """
 from __future__ import annotations
 
@@ -59,7 +61,8 @@ def list_images(inputs: Sequence[str], skip_dir: Optional[Path] = None,
                 skipped: Optional[list[Path]] = None) -> list[Path]:
     """Image files of ``inputs`` (files, or folders searched recursively for
     :data:`IMAGE_SUFFIXES`). Files under ``skip_dir`` (the output folder: annotated copies of an
-    earlier run) are left out of a folder's listing unless that folder is ``skip_dir`` itself. An
+    earlier run) are left out of a folder's listing; where that folder is ``skip_dir`` itself, only
+    the annotated copies (:func:`_is_copy`: a rerun into the input folder read them as new photos). An
     image named more than once (a file and its folder, overlapping folders) is listed once, where
     it first appears. A folder's other files (not under ``skip_dir``) are appended to
     ``skipped``, when given: passed over, not silently lost."""
@@ -71,9 +74,9 @@ def list_images(inputs: Sequence[str], skip_dir: Optional[Path] = None,
         if p.is_dir():
             inside = skip is not None and p.resolve() != skip
             for f in sorted(f for f in p.rglob("*") if f.is_file()):
-                if skip is not None and f.resolve().is_relative_to(skip) and (inside or f.suffix.lower()
-                                                                               not in IMAGE_SUFFIXES):
-                    continue  # the output folder's files: copies inside an input, predictions.json
+                if skip is not None and f.resolve().is_relative_to(skip) and (
+                        inside or f.suffix.lower() not in IMAGE_SUFFIXES or _is_copy(f)):
+                    continue  # the output folder's files: copies (also in an input that is --out), predictions.json
                 (files if f.suffix.lower() in IMAGE_SUFFIXES else others).append(f)
         else:
             files.append(p)
@@ -204,7 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from dino_scale.engine.evaluate import finite_detections
     from dino_scale.models import build_dino
     from dino_scale.models.official import CheckpointMismatch, load_official_state_dict
-    from pipelines._init import _source_state, preset_misfit, resolve
+    from pipelines._init import _source_state, head_sizes, preset_misfit, resolve
 
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -219,12 +222,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if cfg is not None and args.preset is not None and args.preset != cfg.name:
         log(f"note: --preset {args.preset} ignored; the model carries its config ({cfg.name})")
     if cfg is None:
-        rows = next((int(v.shape[0]) for k, v in state.items() if k.endswith("class_embed.0.weight")), 91)
-        cfg = common.preset(common.resolve_preset_name(args.preset),
-                            [f"model.num_classes={rows}", f"model.dn_labelbook_size={rows}"])
+        cfg = common.preset(common.resolve_preset_name(args.preset), head_sizes(state))
     # the weights replace the whole model: the ImageNet file its training started from (config
-    # model.backbone_weights, often a path on the training cluster) is not read
-    model, _, post = build_dino(dataclasses.replace(cfg.model, backbone_weights=None))
+    # model.backbone_weights, often a path on the training cluster) is not read; the attention
+    # backend is this machine's choice (a model trained with msda_backend=cuda runs here on the CPU)
+    model, _, post = build_dino(dataclasses.replace(cfg.model, backbone_weights=None, msda_backend=None))
     try:
         load_official_state_dict(model, state)
     except CheckpointMismatch as exc:
@@ -236,39 +238,49 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     size = int(round(cfg.data.eval_size * cfg.data.scale_factor))
     max_size = int(round(cfg.data.eval_max_size * cfg.data.scale_factor))
     results, failed, nonfinite, finite_total = [], [], 0, 0
-    for i, f in enumerate(files, 1):
-        try:  # the training decoder: any mode -> RGB, EXIF orientation applied (phone photos)
-            image = Image.fromarray(decode_image(f.read_bytes()))
-        except (OSError, ValueError) as exc:  # ImageDecodeError is a ValueError
-            failed.append({"file": str(f), "error": str(exc).splitlines()[0]})
-            log(f"skipped unreadable image {f}: {failed[-1]['error']}")
-            continue
-        x, mask = preprocess(image, size, max_size)
-        with torch.no_grad():
-            outputs = model(x, mask)
-            res = post(outputs, torch.tensor([[image.size[1], image.size[0]]]))[0]
-        dets = []
-        # those with a NaN/inf score or box are dropped and counted (drawing one raised; JSON has no NaN)
-        rows = zip(res["scores"].tolist(), res["labels"].tolist(), res["boxes"].tolist())
-        finite, dropped = finite_detections([{"score": s, "category_id": l, "bbox": b} for s, l, b in rows])
-        nonfinite, finite_total = nonfinite + dropped, finite_total + len(finite)
-        w, h = image.size
-        for score, label, (x1, y1, x2, y2) in ((d["score"], d["category_id"], d["bbox"]) for d in finite):
-            if score >= args.threshold:  # boxes across the border are clipped to the image
-                box = [min(max(x1, 0.0), w), min(max(y1, 0.0), h), min(max(x2, 0.0), w), min(max(y2, 0.0), h)]
-                dets.append({"label": names.get(int(label), str(int(label))), "category_id": int(label),
-                             "score": round(float(score), 4), "box": [round(float(v), 2) for v in box]})
-        target = output_path(out, f, i, taken)
-        draw(image, dets, target)
-        results.append({"file": str(f), "annotated": str(target), "width": image.size[0],
-                        "height": image.size[1], "detections": dets, "nonfinite": dropped})
-        log(f"[{i}/{len(files)}] {f.name}: {len(dets)} box(es) >= {args.threshold}"
-            + (f"; {dropped} detection(s) with a NaN/inf score or box dropped" if dropped else ""))
-    atomic_write_text(out / "predictions.json", json.dumps(
-        {"model": args.model, "threshold": args.threshold, "images": results, "failed": failed,
-         "skipped": [str(f) for f in skipped], "detections_nonfinite": nonfinite}, indent=2))
+    done = False
+    try:  # predictions.json is written however the loop ends (Ctrl-C included: "complete": false)
+        for i, f in enumerate(files, 1):
+            try:  # the training decoder: any mode -> RGB, EXIF orientation applied (phone photos)
+                image = Image.fromarray(decode_image(f.read_bytes()))
+            except (OSError, ValueError) as exc:  # ImageDecodeError is a ValueError
+                failed.append({"file": str(f), "error": str(exc).splitlines()[0]})
+                log(f"skipped unreadable image {f}: {failed[-1]['error']}")
+                continue
+            try:  # one image that fails past decoding (its annotated copy too large for JPEG ...) is reported
+                x, mask = preprocess(image, size, max_size)
+                with torch.no_grad():
+                    outputs = model(x, mask)
+                    res = post(outputs, torch.tensor([[image.size[1], image.size[0]]]))[0]
+                dets = []
+                # those with a NaN/inf score or box are dropped and counted (drawing one raised; JSON has no NaN)
+                rows = zip(res["scores"].tolist(), res["labels"].tolist(), res["boxes"].tolist())
+                finite, dropped = finite_detections([{"score": s, "category_id": l, "bbox": b} for s, l, b in rows])
+                w, h = image.size
+                for score, label, (x1, y1, x2, y2) in ((d["score"], d["category_id"], d["bbox"]) for d in finite):
+                    if score >= args.threshold:  # boxes across the border are clipped to the image
+                        box = [min(max(x1, 0.0), w), min(max(y1, 0.0), h), min(max(x2, 0.0), w),
+                               min(max(y2, 0.0), h)]
+                        dets.append({"label": names.get(int(label), str(int(label))), "category_id": int(label),
+                                     "score": round(float(score), 4), "box": [round(float(v), 2) for v in box]})
+                target = output_path(out, f, i, taken)
+                draw(image, dets, target)
+            except Exception as exc:  # noqa: BLE001 - counted and reported; the other images go on
+                failed.append({"file": str(f), "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
+                log(f"failed on image {f}: {failed[-1]['error']}")
+                continue
+            nonfinite, finite_total = nonfinite + dropped, finite_total + len(finite)
+            results.append({"file": str(f), "annotated": str(target), "width": image.size[0],
+                            "height": image.size[1], "detections": dets, "nonfinite": dropped})
+            log(f"[{i}/{len(files)}] {f.name}: {len(dets)} box(es) >= {args.threshold}"
+                + (f"; {dropped} detection(s) with a NaN/inf score or box dropped" if dropped else ""))
+        done = True
+    finally:
+        atomic_write_text(out / "predictions.json", json.dumps(
+            {"model": args.model, "threshold": args.threshold, "complete": done, "images": results,
+             "failed": failed, "skipped": [str(f) for f in skipped], "detections_nonfinite": nonfinite}, indent=2))
     print(f"wrote {len(results)} annotated image(s) and {out / 'predictions.json'}"
-          + (f"; {len(failed)} unreadable image(s) skipped" if failed else "")
+          + (f"; {len(failed)} image(s) failed (listed as \"failed\")" if failed else "")
           + (f"; {_skipped_text(skipped)}" if skipped else ""))
     if nonfinite and not finite_total:  # a diverged model: no output to read as "nothing found"
         print(f"error: every detection has a NaN/inf score or box ({nonfinite} in {len(results)} image(s)): the "

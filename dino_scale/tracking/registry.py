@@ -246,7 +246,8 @@ def load_model_from_uri(uri: str, device: str = "cpu", tracking_uri: Optional[st
             raise ValueError(f"{uri} has no config.json; pass config=")
         state = load_weights(resolved.weights_path)
     # the weights replace the whole model: model.backbone_weights (the ImageNet file its training
-    # started from, often a path on the training cluster) is not read
-    model, _criterion, _post = build_dino(dataclasses.replace(cfg.model, backbone_weights=None))
+    # started from, often a path on the training cluster) is not read; the attention backend is
+    # chosen for ``device`` (a model trained with msda_backend=cuda loads on a CPU)
+    model, _criterion, _post = build_dino(dataclasses.replace(cfg.model, backbone_weights=None, msda_backend=None))
     load_into(model, state)  # as the Ray workers and the pipelines load it
     return model.to(device).eval(), cfg

@@ -65,6 +65,14 @@ def test_predict_into_the_input_folder_keeps_every_input(tmp_path, monkeypatch, 
         own = colours[str(Path(item["file"]).relative_to(photos))]
         got = Image.open(item["annotated"]).convert("RGB").getpixel((32, 24))
         assert max(abs(a - b) for a, b in zip(got, own)) < 12, (item, got, own)
+    # the same command again: the copies are not read as new photos (was: 3, then 6, 12 ... images,
+    # detections on copies reported as the user's; no copy ever replaced)
+    files_before = sorted(p.name for p in photos.rglob("*"))
+    assert main([str(photos), "--model", str(ckpt), "--out", str(photos), "--threshold", "1",
+                 "--work-dir", str(tmp_path / "runs")]) == 0
+    again = json.loads((photos / "predictions.json").read_text())
+    assert sorted(item["file"] for item in again["images"]) == sorted(item["file"] for item in pred["images"])
+    assert sorted(p.name for p in photos.rglob("*")) == files_before and again["complete"] is True
 
 
 @pytest.mark.parametrize("out", ["a-file", "a-file/sub"])
@@ -330,3 +338,48 @@ def test_predict_reads_every_decodable_format_and_reports_other_files(tmp_path, 
     with pytest.raises(UsageError, match=r"no images found in .*only \(1 file\(s\) without an image suffix "
                                          r"skipped \(\.heic\); name such a file to read it anyway\)"):
         list_images([str(tmp_path / "only")])
+
+
+def test_an_image_failing_past_decoding_is_reported_and_the_others_go_on(tmp_path, monkeypatch,
+                                                                         mlflow_store_restored):
+    """A 70000x4 PNG decodes, but its annotated copy cannot be a JPEG (65500 px at most): the run
+    stopped there (exit 1), the images after it never predicted and no predictions.json written.
+    It is now listed under "failed" with the error, and the run goes on."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.jpg", "c.jpg"):
+        Image.new("RGB", (64, 48), (90, 90, 90)).save(photos / name)
+    Image.new("RGB", (70000, 4), (90, 90, 90)).save(photos / "b.png")
+    ckpt = _tiny_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    assert main([str(photos), "--model", str(ckpt), "--out", str(out), "--work-dir", str(tmp_path / "runs")]) == 0
+    pred = json.loads((out / "predictions.json").read_text())
+    assert [Path(item["file"]).name for item in pred["images"]] == ["a.jpg", "c.jpg"] and pred["complete"]
+    assert [Path(item["file"]).name for item in pred["failed"]] == ["b.png"]
+    assert "OSError" in pred["failed"][0]["error"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.jpg", "c.jpg", "predictions.json"]
+
+
+def test_predict_loads_an_official_file_with_its_own_labelbook_and_a_cuda_trained_config(
+        tmp_path, monkeypatch, mlflow_store_restored):
+    """An official ``.pth`` of 5 classes keeps the default denoising labelbook of 91 (two settings
+    in the official code): it was refused ('label_enc.weight: checkpoint (92, 64) vs model (6, 64)',
+    asking for a --preset that could not help). A model whose config says msda_backend=cuda (it
+    trained on GPUs) failed on this CPU ('backend cuda needs CUDA tensors')."""
+    import torch
+
+    from dino_scale.config import preset, to_dict
+    from dino_scale.engine.checkpoint import save_weights
+    from dino_scale.models import build_model
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    Image.new("RGB", (64, 48)).save(tmp_path / "a.jpg")
+    five = build_model(preset("tiny", ["model.num_classes=5", "model.dn_labelbook_size=91"]).model)
+    torch.save({"model": five.state_dict()}, tmp_path / "custom.pth")
+    assert main([str(tmp_path / "a.jpg"), "--model", str(tmp_path / "custom.pth"), "--preset", "tiny",
+                 "--out", str(tmp_path / "out1"), "--work-dir", str(tmp_path / "runs")]) == 0
+    cfg = preset("tiny", ["model.num_classes=91", "model.msda_backend=cuda"])
+    save_weights(tmp_path / "gpu_trained", build_model(preset("tiny").model).state_dict(), config=to_dict(cfg))
+    assert main([str(tmp_path / "a.jpg"), "--model", str(tmp_path / "gpu_trained"),
+                 "--out", str(tmp_path / "out2"), "--work-dir", str(tmp_path / "runs")]) == 0

@@ -204,7 +204,7 @@ class _Converter:
         ok = status == ""
         ok[:first] = False
         for i in np.flatnonzero(~ok[first:]) + first:
-            writer.add_skip(base + i, int(ids[i]), str(status[i]), int(counts[i]))
+            writer.add_skip(base + i, int(ids[i]), str(status[i]), int(counts[i]), names[i].as_py())
             if self._logged < _LOG_SKIPS:
                 log.warning("skipping image id %s (%s): entry %d of the file, file_name %r", int(ids[i]),
                             status[i], int(pos_col[i]), names[i].as_py())
@@ -250,7 +250,11 @@ class _Converter:
                 self.say(f"{manifest_path}: unreadable or not a dataset manifest; converting again")
                 old = {}
             unshuffled = self._converted_before_shuffling(old.get("signature"))
-            if old.get("signature") == self.signature or unshuffled:
+            back = self._skipped_files_back(old) if old.get("signature") == self.signature else []
+            if back:
+                self.say(f"{self.out}: {len(back)} image(s) skipped at the last conversion as missing or empty "
+                         f"are there now (e.g. {back[0]}); converting again")
+            elif old.get("signature") == self.signature or unshuffled:
                 try:  # the same input, but its shards must still be there, whole, with sound footers
                     preflight_shards(self.out)  # (sizes alone passed a footer damaged in place)
                     self.say(f"{self.out}: already converted" + (
@@ -282,6 +286,26 @@ class _Converter:
         tmp.replace(manifest_path)
         shutil.rmtree(self.work, ignore_errors=True)
         return manifest
+
+    def _skipped_files_back(self, manifest: dict[str, Any]) -> list[str]:
+        """File names of images the conversion behind ``manifest`` skipped as ``missing_file`` or
+        ``empty_file`` (among the first :data:`_MAX_LISTED` listed) that are now in the image folder
+        with content: the same command again used to answer "already converted" and keep them
+        skipped after the user put the files in place (an archive unpacked late)."""
+        if self.images is None or not (self.embed or self.check_files):
+            return []
+        back = []
+        for entry in manifest.get("skipped_images") or []:
+            name = entry.get("file_name")
+            if entry.get("reason") not in ("missing_file", "empty_file") or not name:
+                continue
+            try:
+                path = resolve_image_path(self.images, name)
+                if path is not None and path.stat().st_size > 0:
+                    back.append(name)
+            except OSError:
+                continue
+        return back
 
     def _check_some_image_used(self, manifest: dict[str, Any]) -> None:
         """:class:`ConversionError` when the file lists images but none was usable for reasons of

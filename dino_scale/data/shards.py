@@ -72,11 +72,12 @@ class ShardWriter:
         self._rows = 0
         self._bytes = 0
         self._last_index = -1
-        self._skips: list[tuple[int, int, str, int]] = []  # (global index, image id, reason, boxes)
+        # (global index, image id, reason, boxes, file name)
+        self._skips: list[tuple[int, int, str, int, Optional[str]]] = []
         self.tail: Optional[dict[str, Any]] = None
 
-    def add_skip(self, index: int, image_id: int, reason: str, num_boxes: int) -> None:
-        self._skips.append((int(index), int(image_id), reason, int(num_boxes)))
+    def add_skip(self, index: int, image_id: int, reason: str, num_boxes: int, file_name: Optional[str] = None) -> None:
+        self._skips.append((int(index), int(image_id), reason, int(num_boxes), file_name))
 
     def add(self, table: pa.Table, indices: np.ndarray, row_bytes: np.ndarray) -> None:
         """Append rows (``table`` in SCHEMA) with global indices and estimated sizes."""
@@ -107,7 +108,7 @@ class ShardWriter:
         mine = [s for s in self._skips if s[0] < end_index]
         self._skips = [s for s in self._skips if s[0] >= end_index]
         reasons: dict[str, int] = {}
-        for _, _, reason, _ in mine:
+        for _, _, reason, _, _ in mine:
             reasons[reason] = reasons.get(reason, 0) + 1
         num_boxes = int(pc.sum(pc.list_value_length(table["category_ids"])).as_py() or 0) \
             if table.num_rows else 0
@@ -117,7 +118,8 @@ class ShardWriter:
             "num_images": table.num_rows, "num_boxes": num_boxes, "num_crowd_boxes": crowd_boxes(table),
             "bytes": (self.out / shard_name(i)).stat().st_size if table.num_rows else 0,
             "skipped": reasons,
-            "skipped_images": [{"image_id": s[1], "reason": s[2]} for s in mine],
+            "skipped_images": [{"image_id": s[1], "reason": s[2], **({"file_name": s[4]} if s[4] else {})}
+                               for s in mine],
             "boxes_dropped_skipped_image": sum(s[3] for s in mine),
         }
         if table.num_rows:

@@ -427,3 +427,25 @@ def test_data_a_dead_image_pass_child_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(convert_module, "_images_child", functools.partial(os._exit, 3))  # dies: TypeError, exit 1
     with pytest.raises(ConversionError, match=r"image pass .* ended without a result, exit code 1 .*parallel=False"):
         convert_coco(ann, root, tmp_path / "out", parallel=True, progress=False)
+
+
+@pytest.mark.parametrize("embed", [False, True])
+def test_data_rerun_converts_again_once_skipped_files_are_there(tmp_path, embed, capsys):
+    """An image skipped as missing (an archive not unpacked yet) and put in place afterwards: the
+    same command answered "already converted" and kept it skipped. Listed skips now name their
+    file; one that is there now makes the rerun convert again. Without a change it is reused."""
+    root, ann = _dataset(tmp_path, {"a.jpg": _jpeg(), "b.jpg": None, "c.jpg": _jpeg()},
+                         [{"image_id": i, "category_id": 1, "bbox": [1, 2, 10, 10]} for i in (1, 2, 3)])
+    out = tmp_path / "out"
+    m = convert_coco(ann, root, out, embed_images=embed)
+    assert m["num_images"] == 2 and m["skipped_images"] == [{"image_id": 2, "reason": "missing_file",
+                                                            "file_name": "b.jpg"}]
+    capsys.readouterr()
+    assert convert_coco(ann, root, out, embed_images=embed)["num_images"] == 2  # nothing changed: reused
+    assert "already converted" in capsys.readouterr().out
+    (root / "b.jpg").write_bytes(_jpeg())
+    again = convert_coco(ann, root, out, embed_images=embed)
+    assert "1 image(s) skipped at the last conversion as missing or empty are there now (e.g. b.jpg)" in \
+        capsys.readouterr().out
+    assert again["num_images"] == 3 and again["images_skipped"] == {}
+    assert sorted(r["image_id"] for r in iter_records(out)) == [1, 2, 3]

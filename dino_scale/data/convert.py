@@ -53,7 +53,7 @@ from .records import (
     CONTENT_SCHEMA, FORMAT, MANIFEST_NAME, ManifestError, ShardError, read_manifest, resolve_image_path,
 )
 from .preflight import preflight_shards
-from .shards import ShardWriter, crowd_boxes, load_progress
+from .shards import ShardWriter, crowd_boxes, load_progress, read_json_or_none, write_json_atomic
 
 __all__ = ["convert_coco", "ConversionError"]
 
@@ -156,11 +156,10 @@ class _Converter:
         t0 = time.time()
         for k, b in enumerate(order.tolist()):
             spath = self.work / f"bucket-{b:05d}.json"
-            if bases[k + 1] <= start and spath.is_file():  # fully written before an interruption
-                stats = json.loads(spath.read_text())
-            else:
+            stats = read_json_or_none(spath) if bases[k + 1] <= start else None  # done before an interruption
+            if not isinstance(stats, dict):
                 stats = self._write_bucket(b, excluded, writer, int(bases[k]), start)
-                spath.write_text(json.dumps(stats))
+                write_json_atomic(spath, stats)
             for key, v in stats.items():
                 totals[key] = totals.get(key, 0) + v
             if self.progress and k % 32 == 31:
@@ -267,15 +266,15 @@ class _Converter:
             manifest_path.unlink()
         self.out.mkdir(parents=True, exist_ok=True)
         plan_path = self.work / "plan.json"
-        plan = json.loads(plan_path.read_text()) if plan_path.is_file() else None
-        if plan is None or plan.get("signature") != self.signature:
+        plan = read_json_or_none(plan_path)  # absent, or cut short by a crash: planned again
+        if not isinstance(plan, dict) or plan.get("signature") != self.signature:
             if self.work.exists():
                 shutil.rmtree(self.work)
             for p in self.out.glob("shard-*.parquet*"):
                 p.unlink()
             self.work.mkdir(parents=True)
             plan = self.scan()
-            plan_path.write_text(json.dumps(plan))
+            write_json_atomic(plan_path, plan)
         else:
             self.say(f"{self.out}: resuming after {len(load_progress(self.out, self.work))} finished shards")
         records, totals = self.write(plan)

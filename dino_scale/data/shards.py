@@ -29,12 +29,37 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.parquet"
 
 
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """``obj`` as JSON in ``path`` through a temporary sibling and ``os.replace``: a kill or a full
+    disk mid-write leaves the previous file or none, never an empty or cut one (a progress file
+    cut short made every later run of the conversion fail with a bare JSON error)."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_json_or_none(path: Path) -> Optional[Any]:
+    """The JSON document in ``path``, or None when it is absent or not readable JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def load_progress(out: Path, work: Path) -> list[dict[str, Any]]:
-    """Progress records of finished shards, contiguous from 0; stale files beyond are removed."""
+    """Progress records of finished shards, contiguous from 0 (a progress file that does not read,
+    and every shard after it, are done again); stale files beyond are removed."""
     done = []
     i = 0
-    while (work / f"{shard_name(i)}.json").is_file() and (out / shard_name(i)).is_file():
-        done.append(json.loads((work / f"{shard_name(i)}.json").read_text()))
+    while (out / shard_name(i)).is_file():
+        record = read_json_or_none(work / f"{shard_name(i)}.json")
+        if not isinstance(record, dict):
+            break
+        done.append(record)
         i += 1
     for p in sorted(out.glob("shard-*.parquet*")):  # partial or orphaned files from a crash
         if not p.name.endswith(".parquet") or int(p.name[6:11]) >= i:
@@ -123,7 +148,7 @@ class ShardWriter:
             "boxes_dropped_skipped_image": sum(s[3] for s in mine),
         }
         if table.num_rows:
-            (self.work / f"{shard_name(i)}.json").write_text(json.dumps(record))
+            write_json_atomic(self.work / f"{shard_name(i)}.json", record)
             self.done.append(record)
         else:
             self.tail = record

@@ -229,6 +229,15 @@ def _int(value: Any, missing: int) -> int:
     return missing if value is None else int(value)
 
 
+_NULL_ITEM = {"boxes": float("nan"), "category_ids": -1, "iscrowd": False, "area": float("nan")}
+
+
+def _without_nulls(values: Any, fill: Any) -> list:
+    """``values`` (a list, nested lists allowed) with each None replaced by ``fill``."""
+    return [fill if v is None else _without_nulls(v, fill) if isinstance(v, (list, tuple, np.ndarray)) else v
+            for v in values]
+
+
 def record_from_row(row: dict[str, Any]) -> dict[str, Any]:
     """A row of the record columns (python lists or numpy arrays; ``file_name`` str or bytes;
     any list may be null) -> a record: numpy arrays, ``boxes`` (n,4) x,y,w,h float32 for n
@@ -236,8 +245,17 @@ def record_from_row(row: dict[str, Any]) -> dict[str, Any]:
     ``boxes`` flat, for :class:`~.transforms.DetectionTransform` to skip the record (its
     checksum no longer matches) instead of failing here. Other keys are kept."""
     lists = {k: [] if row.get(k) is None else row[k] for k in ("boxes", "category_ids", "iscrowd", "area")}
+    # a null item (only a damaged shard has one) is read as NaN / -1 / False: the record then no
+    # longer matches its labels checksum and is skipped, where np.asarray raised TypeError for
+    # the whole batch (a Ray Data task mid-run, or check-data's report)
     n = len(lists["category_ids"])
-    boxes = np.asarray(lists["boxes"], dtype=np.float32).reshape(-1)
+    arrays = {}
+    for key, dtype in (("boxes", np.float32), ("category_ids", np.int64), ("iscrowd", bool), ("area", np.float32)):
+        try:
+            arrays[key] = np.asarray(lists[key], dtype=dtype).reshape(-1)
+        except (TypeError, ValueError):  # null items (nested too: a box's coordinate)
+            arrays[key] = np.asarray(_without_nulls(lists[key], _NULL_ITEM[key]), dtype=dtype).reshape(-1)
+    boxes = arrays["boxes"]
     extra = {"image_root": _name(row["image_root"])} if "image_root" in row else {}  # (Ray rows: a folder's root)
     return {
         **row, **extra,
@@ -247,9 +265,9 @@ def record_from_row(row: dict[str, Any]) -> dict[str, Any]:
         "height": _int(row["height"], 0),
         "image": row.get("image"),
         "boxes": boxes.reshape(n, 4) if boxes.size == 4 * n else boxes,
-        "category_ids": np.asarray(lists["category_ids"], dtype=np.int64).reshape(-1),
-        "iscrowd": np.asarray(lists["iscrowd"], dtype=bool).reshape(-1),
-        "area": np.asarray(lists["area"], dtype=np.float32).reshape(-1),
+        "category_ids": arrays["category_ids"],
+        "iscrowd": arrays["iscrowd"],
+        "area": arrays["area"],
         "labels_crc32": row.get("labels_crc32"),
         "image_crc32": row.get("image_crc32"),
     }

@@ -81,6 +81,21 @@ def test_data_checksums_written_at_conversion_match_on_read(tmp_path):
                              np.bool_([False]), np.float32([6]))
 
 
+@pytest.mark.parametrize("column, items", [("category_ids", [None]), ("boxes", [[1.0, None, 3.0, 4.0]]),
+                                           ("area", [None])])
+def test_data_a_null_list_item_is_a_damaged_record_not_a_crash(tmp_path, column, items):
+    """A damaged shard whose list holds a null item: np.asarray raised TypeError for the whole batch
+    (check-data wrote no report; a Ray Data task failed mid-run). The record is read, with NaN /
+    -1 in place of the null, and no longer matches its labels checksum."""
+    from dino_scale.data.records import arrow_rows, record_from_row
+
+    out, _ = _convert(tmp_path)
+    row = arrow_rows(pq.read_table(out / read_manifest(out)["shards"][0]["file"]).slice(0, 1))[0]
+    assert record_damage(record_from_row(row)) is None
+    rec = record_from_row({**row, column: items})
+    assert record_damage(rec) == "labels"
+
+
 def test_data_record_changed_after_conversion_is_a_counted_skip(tmp_path, caplog):
     """A changed byte of an embedded JPEG decodes to other pixels and a changed box coordinate
     reads as another box: both were read without a word before the checksums (seen). Now the

@@ -178,8 +178,8 @@ class _Converter:
         status = np.array(meta.column("status").to_pylist(), dtype=object)
         ids = meta.column("image_id").to_numpy()
         names = meta.column("file_name")
-        pos_col = meta.column("pos").to_numpy()
         images: list[Optional[bytes]] = [None] * n
+        chunk_start, held = first, 0  # rows [chunk_start, i] read; held: their image bytes
         if self.embed or (self.check_files and self.images is not None):
             widths, heights = meta.column("width").to_pylist(), meta.column("height").to_pylist()
             for i in range(first, n):
@@ -195,27 +195,44 @@ class _Converter:
                                   else (None if data else "empty_file"))
                         status[i] = reason or ""
                         images[i] = data if not reason else None
+                        held += len(data) if not reason else 0
                     elif p.stat().st_size == 0:
                         status[i] = "empty_file"
                 except OSError as e:  # permissions, a failing network filesystem
                     status[i] = "unreadable"
                     log.debug("image id %s: %s", int(ids[i]), e)
-        ok = status == ""
-        ok[:first] = False
-        for i in np.flatnonzero(~ok[first:]) + first:
+                if held >= _CHUNK_IMAGE_BYTES:  # hand these rows on: a bucket's images are not all held at once
+                    self._add_rows(writer, meta, ann, status, images, counts, base, chunk_start, i + 1)
+                    chunk_start, held = i + 1, 0
+        self._add_rows(writer, meta, ann, status, images, counts, base, chunk_start, n)
+        return stats
+
+    def _add_rows(self, writer: ShardWriter, meta: pa.Table, ann: np.ndarray, status: np.ndarray,
+                  images: list, counts: np.ndarray, base: int, lo: int, hi: int) -> None:
+        """Rows ``lo..hi-1`` of a bucket (``status`` decided for each) to ``writer``: the skipped
+        ones as counted skips (logged), the others as records; their image bytes are then released
+        from ``images``. Called in bucket order, so the shards are those of one call per bucket."""
+        ids = meta.column("image_id").to_numpy()
+        names = meta.column("file_name")
+        pos_col = meta.column("pos").to_numpy()
+        ok = np.zeros(len(status), bool)
+        ok[lo:hi] = status[lo:hi] == ""
+        for i in np.flatnonzero(~ok[lo:hi]) + lo:
             writer.add_skip(base + i, int(ids[i]), str(status[i]), int(counts[i]), names[i].as_py())
             if self._logged < _LOG_SKIPS:
                 log.warning("skipping image id %s (%s): entry %d of the file, file_name %r", int(ids[i]),
                             status[i], int(pos_col[i]), names[i].as_py())
                 self._logged += 1
         if not ok.any():
-            return stats
+            return
         sel = np.flatnonzero(ok)
         a = ann[np.repeat(ok, counts)]
         sub = counts[sel]
         off = np.r_[0, np.cumsum(sub)].astype(np.int32)
         take = pa.array(sel)
         img_col = pa.array([images[i] for i in sel], pa.binary())
+        for i in sel:
+            images[i] = None
         table = add_checksums(pa.table({
             "image_id": pa.array(ids[sel], pa.int64()),
             "file_name": names.take(take),
@@ -231,7 +248,6 @@ class _Converter:
         if self.embed:
             row_bytes = row_bytes + pc.binary_length(img_col).to_numpy(zero_copy_only=False)
         writer.add(table, base + sel, row_bytes.astype(np.int64))
-        return stats
 
     # -- driver --------------------------------------------------------------------
     def _converted_before_shuffling(self, signature: Any) -> bool:
@@ -367,6 +383,10 @@ class _Converter:
             raise RuntimeError(f"internal error: manifest counts do not add up: {json.dumps(m)[:2000]}")
         return m
 
+
+# image bytes a bucket's conversion holds before handing its rows on: buckets are sized by
+# annotation bytes, so a small file of large images held every image at once (~3.4x their size)
+_CHUNK_IMAGE_BYTES = 64 * 1024 * 1024
 
 # skip reasons that come from the image files (not the annotations)
 _FILE_REASONS = frozenset({"missing_file", "unreadable", "empty_file", "corrupt", "too_large", "size_mismatch"})

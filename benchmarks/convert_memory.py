@@ -80,8 +80,9 @@ def main(argv=None) -> int:
               flush=True)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     path = args.results_dir / "convert_memory.json"
-    path.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-                                "chunk_mb": args.chunk_mb or None, "rows": rows}, indent=2))
+    path.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
+                                "python": platform.python_version(), "chunk_mb": args.chunk_mb or None,
+                                "rows": rows}, indent=2))
     print(f"wrote {path}")
     return 0
 

@@ -214,8 +214,8 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
     if unevaluated:
         print(f"warning: {unevaluated} val image(s) could not be decoded and were not evaluated; their objects "
               f"count as misses in the AP (image ids in the workers' log)")
-    if conversion_note(result.metrics):
-        print(conversion_note(result.metrics))
+    if note := conversion_note(result.metrics):
+        print(note)
     print(f"MLflow run: {result.run_id} (experiment {args.experiment}, store {uri})")
     return {"metrics": dict(result.metrics), "run_id": result.run_id, "val": val}
 

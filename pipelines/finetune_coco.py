@@ -136,8 +136,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     print(f"MLflow run        : {result.run_id} (experiment {args.experiment}, store {uri})")
     print(f"Initial weights   : {init or 'none (from scratch)'}")
     print(f"AP (val)          : {'-' if ap is None else f'{ap:.4f}'}")
-    if results.conversion_note(result.metrics or {}):
-        print(results.conversion_note(result.metrics))
+    if note := results.conversion_note(result.metrics or {}):
+        print(note)
     summary = {"run_id": result.run_id, "ap": ap, "metrics": dict(result.metrics), "init": init,
                "name": None, "version": None, "promoted": False, "tracking_uri": uri}
     if args.no_register:

@@ -266,7 +266,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 target = output_path(out, f, i, taken)
                 draw(image, dets, target)
             except Exception as exc:  # noqa: BLE001 - counted and reported; the other images go on
-                failed.append({"file": str(f), "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
+                first_line = str(exc).splitlines()[0] if str(exc) else ""
+                failed.append({"file": str(f), "error": f"{type(exc).__name__}: {first_line}"})
                 log(f"failed on image {f}: {failed[-1]['error']}")
                 continue
             nonfinite, finite_total = nonfinite + dropped, finite_total + len(finite)

@@ -98,8 +98,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     print(f"Checkpoint        : {results.result_checkpoint(result)}")
     print(f"Data              : train {train}; val {val or '-'}")
     print(f"AP (val)          : {'-' if ap is None else f'{ap:.4f}'}")
-    if results.conversion_note(result.metrics or {}):
-        print(results.conversion_note(result.metrics))
+    if note := results.conversion_note(result.metrics or {}):
+        print(note)
     print(f"Next              : python -m pipelines.finetune_coco --work-dir {args.work_dir} "
           f"--preset {cfg.name}")
     return {"name": name, "version": version, "alias": args.alias, "run_id": result.run_id, "ap": ap,

@@ -119,12 +119,11 @@ def preflight_shards(data_dir: Union[PathLike, Sequence[PathLike]], threads: int
 
 def _first_file_names(folder: Path, count: int) -> list[str]:
     """The ``file_name`` of the first ``count`` records of ``folder``'s first non-empty shard."""
-    from .records import shard_paths
+    from .records import _name, shard_paths
 
     for path in shard_paths(folder):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=count, columns=["file_name"]):
-            names = [n.decode("utf-8", "surrogateescape") if isinstance(n, bytes) else str(n)
-                     for n in batch.column(0).to_pylist() if n is not None]
+            names = [_name(n) for n in batch.column(0).to_pylist() if n is not None]
             if names:
                 return names
     return []

@@ -342,7 +342,8 @@ def to_coco_gt(data_dir: Union[PathLike, Sequence[PathLike]]) -> dict[str, Any]:
     """Ground truth in COCO format (images, annotations incl. iscrowd, categories).
 
     Built from the shards, so it holds exactly what was converted (dropped boxes and
-    skipped images are absent: :func:`conversion_losses` counts them). Feed it to ``pycocotools.coco.COCO`` via ``dataset=``.
+    skipped images are absent: :func:`conversion_losses` counts them). Feed it to
+    ``pycocotools.coco.COCO`` via ``dataset=``.
     Several folders must not share an image id (``ValueError``): COCO evaluation keys
     detections and ground truth by image id, so two images of one id would be scored as one.
     A record whose labels do not match their checksum raises :class:`ShardError`: scoring

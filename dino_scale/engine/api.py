@@ -22,9 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dino_scale.config import Config, ConfigError, flatten, to_dict
-from dino_scale.engine.checkpoint import (
-    CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, check_fits, evaluation_dir_name, load_weights,
-)
+from dino_scale.engine.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, check_fits, load_weights
 from dino_scale.engine.train_step import BadStepError
 
 __all__ = ["FitResult", "fit", "evaluate_weights", "git_sha", "ensure_ray", "check_category_ids"]
@@ -212,7 +210,7 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     from dino_scale.tracking.logger import ResilientLogger, default_tracking_uri
     from dino_scale.tracking.relay import is_node_local, start_relay
     from dino_scale.tracking.registry import store_client
-    from dino_scale.tracking.resume import RESUMED_FROM_TAG, check_same_source, resumed_from_run_id
+    from dino_scale.tracking.resume import RESUMED_FROM_TAG, check_same_source
 
     if evaluate and val_dir:
         check_eval_config(cfg)  # before any data is read: a bad one failed in every worker's evaluation
@@ -230,8 +228,10 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
         resumes = check_restart(storage, run_name, cfg.train.num_workers, cfg.train.zero_stage, config=cfg,
                                 steps_per_epoch=spe)
     tracking_uri = default_tracking_uri(work)
-    if resumes is not None:  # a resumed run keeps the lineage of the run it continues
-        check_same_source(store_client(tracking_uri), experiment, run_name, resumes.get("mlflow_run_id"), tags or {})
+    earlier = None  # the MLflow run a resumed run continues: its lineage must be this call's (and it is linked)
+    if resumes is not None:
+        earlier = check_same_source(store_client(tracking_uri), experiment, run_name, resumes.get("mlflow_run_id"),
+                                    tags or {})
     _check_backbone_weights(cfg, init_weights, init_strict, ray_address,
                             resumed_world=None if resumes is None else int(resumes.get("world") or 0),
                             resumed_frozen=bool(resumes and resumes.get("frozen")))
@@ -253,10 +253,8 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     # rank 0 logs to this run: one that cannot be created now (TrackingUnavailable) would track nothing of training
     run_id = tracker.start_run(experiment, run_name, {k: str(v) for k, v in run_tags.items()}, parent_run_id,
                                wait_s=tracking_close_timeout_s)
-    if resumes is not None:  # link the MLflow run it continues (the one that wrote the checkpoint)
-        earlier = resumed_from_run_id(tracker.client, experiment, run_name, resumes.get("mlflow_run_id"), run_id)
-        if earlier:
-            tracker.set_tags({RESUMED_FROM_TAG: earlier})
+    if earlier:  # link the MLflow run it continues (the one that wrote the checkpoint)
+        tracker.set_tags({RESUMED_FROM_TAG: earlier})
     tracker.log_params(flatten(cfg))
     tracker.log_dict(to_dict(cfg), "config.json")
     lineage = dict(lineage or {})
@@ -293,8 +291,6 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
                                init_strict=init_strict, init_state=init_state, val_gt=val_gt, tracking_relay=relay,
                                evaluate=evaluate, train=train, test_hooks=test_hooks)
         loop_cfg["tracking_close_timeout_s"] = tracking_close_timeout_s
-        if not train:  # one name for every worker, new for each evaluation (see evaluation_dir_name)
-            loop_cfg["evaluation_dir_name"] = evaluation_dir_name()
         callbacks = [ProgressCallback(total_steps=total)] if progress else []
         trainer = build_trainer(cfg, datasets, run_name=run_name, storage_path=storage,
                                 train_loop_config=loop_cfg, callbacks=callbacks)

@@ -273,4 +273,4 @@ def evaluation_dir_name() -> str:
     by each evaluation under a reused run name (Ray Train resumes its checkpoint list), and its
     retention, deleting by path, removed the folder of the latest when it pruned the oldest entry:
     the third evaluation of a run name lost its detections (seen)."""
-    return f"final_{0:09d}_eval_{time.strftime('%Y%m%dT%H%M%S')}_{uuid.uuid4().hex[:6]}"
+    return f"final_000000000_eval_{time.strftime('%Y%m%dT%H%M%S')}_{uuid.uuid4().hex[:6]}"

@@ -16,7 +16,8 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-__all__ = ["save_rng_state", "load_rng_state", "rng_untouched", "save_ema_state", "load_ema_state", "EMA_NAME", "TMP_MARK"]
+__all__ = ["save_rng_state", "load_rng_state", "rng_untouched", "save_ema_state", "load_ema_state", "EMA_NAME",
+           "TMP_MARK"]
 
 PathLike = Union[str, Path]
 EMA_NAME = "ema.pt"

@@ -150,10 +150,14 @@ def loop_config(cfg: Config, *, steps_per_epoch: int, datasets: list[str], run_i
     val set) are ``ObjectRef`` objects (or inline values), ``tracking_relay`` the driver-node
     logging actor of a node-local MLflow store (:mod:`dino_scale.tracking.relay`).
     """
+    from dino_scale.engine.checkpoint import evaluation_dir_name
+
     return {"config": to_dict(cfg), "steps_per_epoch": int(steps_per_epoch), "datasets": list(datasets),
             "run_id": run_id, "tracking_uri": tracking_uri, "init_weights": init_weights,
             "init_strict": init_strict, "init_state": init_state, "val_gt": val_gt,
-            "tracking_relay": tracking_relay, "evaluate": evaluate, "train": train, "test_hooks": test_hooks or {}}
+            "tracking_relay": tracking_relay, "evaluate": evaluate, "train": train, "test_hooks": test_hooks or {},
+            # an evaluation's result folder: one name for every worker, new for each call
+            "evaluation_dir_name": None if train else evaluation_dir_name()}
 
 
 def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_name: str, storage_path: str,

@@ -98,23 +98,24 @@ def _describe(identity, tags: dict) -> str:
 
 
 def check_same_source(client, experiment: str, run_name: str, checkpoint_run_id: Optional[str],
-                      tags: dict) -> None:
+                      tags: dict) -> Optional[str]:
     """Raise :class:`~dino_scale.config.ConfigError` when the run ``run_name`` resumes (a checkpoint
     written by MLflow run ``checkpoint_run_id``, see :func:`resumed_from_run_id`) an MLflow run
     whose initial weights differ from ``tags``' (:func:`source_identity`): the resumed weights
     come from the checkpoint, so the new run's ``source.*`` tags (and a version registered from
-    it) would name weights it never started from. Best effort: a store that cannot say is logged."""
+    it) would name weights it never started from. Best effort: a store that cannot say is logged.
+    Returns that earlier run's id (None when there is none to name), for its ``resumed_from_run_id`` tag."""
     from dino_scale.config import ConfigError
 
     earlier = resumed_from_run_id(client, experiment, run_name, checkpoint_run_id)
     if earlier is None:
-        return
+        return None
     try:
         earlier_tags = dict(client.get_run(earlier).data.tags)
     except Exception as exc:  # noqa: BLE001 - an outage: the lineage is not checked, training goes on
         log.warning("run %r: the initial weights of MLflow run %s could not be read (%s); not compared",
                     run_name, earlier, type(exc).__name__)
-        return
+        return earlier
     before, now = source_identity(earlier_tags), source_identity(tags)
     if before != now:
         raise ConfigError(
@@ -122,3 +123,4 @@ def check_same_source(client, experiment: str, run_name: str, checkpoint_run_id:
             f"{_describe(before, earlier_tags)}; this call starts from {_describe(now, tags)}. A resumed run "
             f"continues its checkpoint, so its lineage would be wrong: start it from the same weights "
             f"({_describe(before, earlier_tags)}) to resume, or give another run name to start over")
+    return earlier

@@ -77,9 +77,9 @@ def test_evaluate_pipeline_of_a_registered_model_matches_single_process(ray_sess
     no copy of the weights is kept anywhere (not in the run, its work folder or Ray's checkpoint).
     One val image no longer decodes (corrupted after conversion): the run counts it and says so
     (was: its objects counted as misses without a word). Another was missing at conversion: the
-    run reports the image and boxes the ground truth lacks (was: a higher AP, without a word). Runs in this module's Ray session (the
-    pipeline joins an initialized Ray); ``ray job submit`` of the pipelines is
-    tests/pipelines/test_pipelines_ray_job.py."""
+    run reports the image and boxes the ground truth lacks (was: a higher AP, without a word). Runs
+    in this module's Ray session (the pipeline joins an initialized Ray); ``ray job submit`` of the
+    pipelines is tests/pipelines/test_pipelines_ray_job.py."""
     from mlflow import MlflowClient
 
     from dino_scale.config import to_dict

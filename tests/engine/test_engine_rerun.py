@@ -24,9 +24,8 @@ def _cfg(**overrides):
 @pytest.mark.timeout(900)
 def test_a_run_name_reused_resumes_continues_with_more_steps_and_refuses_changed_settings(tmp_path, monkeypatch):
     """The same run three times: (1) 2 steps; (2) the same command: nothing to train, its final
-    checkpoint reported again; (3) a changed lr, or (3b) other initial weights (``source.*`` tags), is refused on the driver, before
-    Ray Train starts;
-    (4) --max-steps 4: it trains steps 3 and 4.
+    checkpoint reported again; (3) a changed lr, or (3b) other initial weights (``source.*`` tags), is
+    refused on the driver, before Ray Train starts; (4) --max-steps 4: it trains steps 3 and 4.
 
     Before: (2) reported the folder ``final_..2_w1`` a second time and Ray Train's retention,
     pruning the older of the two entries at the next report, deleted the folder of both: (4)

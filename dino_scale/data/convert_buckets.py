@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from .convert_passes import ANN, DROP, DROP_REASONS
+from .convert_passes import ANN, DROP, DROP_REASONS, read_image_rows
 
 __all__ = ["join_bucket", "bucket_order", "shuffle_bucket"]
 
@@ -52,8 +52,7 @@ def join_bucket(work: Path, b: int, excluded: np.ndarray) -> tuple[Optional[pa.T
     annotations: a structured array of the boxes kept (clipped to their image), ``pos`` (row of
     the metadata, ascending) then the :data:`~.convert_passes.ANN` fields. The stats: dropped /
     clipped box counts by reason."""
-    path = work / f"images-{b:05d}.arrow"
-    meta = pa.ipc.open_stream(str(path)).read_all() if path.is_file() else None
+    meta = read_image_rows(work / f"images-{b:05d}.arrow")
     apath = work / f"ann-{b:05d}.bin"
     ann = np.fromfile(apath, dtype=ANN) if apath.is_file() else np.zeros(0, ANN)
     stats = {"orphan": 0, "other_split": 0, "skipped_meta": 0, "outside": 0, "clipped": 0}

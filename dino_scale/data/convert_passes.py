@@ -5,8 +5,8 @@ num_buckets`` so that an image and its annotations land in the same bucket whate
 order of the file. Only per-chunk state stays in memory.
 
 - :func:`scan_images` (categories, then images; run in a child process so it overlaps
-  the annotation pass on another core): ``images-BBBBB.arrow`` (IPC stream of
-  position, image_id, file_name, width, height, status).
+  the annotation pass on another core): ``images-BBBBB.arrow`` (frames of
+  :data:`IMAGE_SCHEMA` rows, read back by :func:`read_image_rows`).
 - :func:`scan_annotations`: ``ann-BBBBB.bin`` (records of :data:`ANN`), box checks that
   need no image (malformed, non-finite, ``w <= 0`` / ``h <= 0``) counted here; the dropped
   boxes that name a usable image id also go to ``drop-BBBBB.bin`` (records of :data:`DROP`),
@@ -26,7 +26,7 @@ from .json_stream import stream_items
 from .records import resolve_image_path
 
 __all__ = ["ANN", "DROP", "DROP_REASONS", "IMAGE_SCHEMA", "ConversionError", "read_categories", "scan_images",
-           "scan_annotations"]
+           "scan_annotations", "read_image_rows"]
 
 ANN = np.dtype([("iid", "<i8"), ("box", "<f4", (4,)), ("cat", "<i4"), ("crowd", "u1"), ("area", "<f4")])
 DROP_REASONS = ("malformed", "nonfinite", "degenerate")  # the annotation pass's drops
@@ -34,6 +34,7 @@ DROP = np.dtype([("iid", "<i8"), ("reason", "u1")])  # reason: index into DROP_R
 IMAGE_SCHEMA = pa.schema([("pos", pa.int64()), ("image_id", pa.int64()), ("file_name", pa.string()),
                           ("width", pa.int32()), ("height", pa.int32()), ("status", pa.string())])
 _CHUNK = 262144
+_IMAGE_FLUSH_ROWS = 65536  # the image pass appends its rows to the bucket files every this many images
 
 
 class ConversionError(ValueError):
@@ -91,13 +92,44 @@ def _size_from_file(images: Optional[Path], fname: str) -> Optional[tuple[int, i
         return None
 
 
+def _append_frame(path: Path, batch: pa.RecordBatch) -> None:
+    """Append ``batch`` to ``path`` as one frame: its byte length (8 bytes, little endian), then
+    a whole Arrow IPC stream holding it. The file is open only while it is written, so the
+    image pass holds one file at a time whatever the number of buckets (it kept one open per
+    bucket: a 4 GB JSON over ``ulimit -n 256``)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    data = sink.getvalue()
+    with open(path, "ab") as fh:
+        fh.write(len(data).to_bytes(8, "little"))
+        fh.write(memoryview(data))
+
+
+def read_image_rows(path: Path) -> Optional[pa.Table]:
+    """The rows (:data:`IMAGE_SCHEMA`) the image pass appended to ``path`` in their order;
+    ``None`` when the file is absent. A frame cut short raises :class:`ConversionError` (the
+    plan is written after the pass ends, so only a file changed since then has one)."""
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    tables, at = [], 0
+    while at < len(data):
+        n = int.from_bytes(data[at:at + 8], "little") if len(data) - at >= 8 else len(data)
+        if at + 8 + n > len(data):
+            raise ConversionError(f"{path}: a frame is cut short at byte {at}; delete {path.parent} to "
+                                  f"convert again")
+        tables.append(pa.ipc.open_stream(pa.py_buffer(data[at + 8:at + 8 + n])).read_all())
+        at += 8 + n
+    return pa.concat_tables(tables) if tables else IMAGE_SCHEMA.empty_table()
+
+
 def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
                 select: tuple[int, Optional[int]]) -> dict[str, Any]:
     """Categories + images pass; returns counts. Images outside ``select`` (file-order
     range) are recorded in ``excluded.npy``: their annotations belong to the sibling split."""
     cats = read_categories(path)
     lo, hi = select
-    writers: dict[int, Any] = {}
     buf: dict[int, list[tuple]] = {}
     excluded: list[int] = []
     counts = np.zeros(nb, np.int64)
@@ -105,10 +137,8 @@ def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
 
     def flush():
         for b, rows in buf.items():
-            if b not in writers:
-                writers[b] = pa.ipc.new_stream(str(work / f"images-{b:05d}.arrow"), IMAGE_SCHEMA)
             cols = list(zip(*rows))
-            writers[b].write_batch(pa.record_batch(
+            _append_frame(work / f"images-{b:05d}.arrow", pa.record_batch(
                 [pa.array(c, f.type) for c, f in zip(cols, IMAGE_SCHEMA)], schema=IMAGE_SCHEMA))
         buf.clear()
 
@@ -137,12 +167,10 @@ def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
         counts[b] += 1
         n += 1
         pending += 1
-        if pending >= 65536:
+        if pending >= _IMAGE_FLUSH_ROWS:
             flush()
             pending = 0
     flush()
-    for w in writers.values():
-        w.close()
     np.save(work / "excluded.npy", np.unique(np.asarray(excluded, dtype=np.int64)))
     return {"categories": cats, "num_images": n, "num_images_in_file": n_all, "bucket_counts": counts.tolist()}
 

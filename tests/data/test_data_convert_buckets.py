@@ -167,3 +167,39 @@ def test_data_convert_buckets_a_folder_of_an_earlier_release_is_kept(ann, tmp_pa
     assert sum(_shard_ids(out), []) == list(range(1, N + 1))
     again = _convert(ann, out, max_images_per_shard=30)  # another setting: converted again, shuffled
     assert again["shuffle_seed"] == 0 and sum(_shard_ids(out), []) != list(range(1, N + 1))
+
+
+def test_data_convert_buckets_image_pass_holds_one_file_at_a_time(ann, tmp_path, monkeypatch):
+    """The image pass appends each bucket's rows in frames, so it runs under an open-file limit
+    far below the number of buckets (it kept one writer open per bucket: a 4 GB JSON has 256
+    buckets) and its many frames give the bytes of one frame per bucket."""
+    import os
+    import resource
+
+    from dino_scale.data import convert_passes
+    monkeypatch.setattr(convert_mod, "_BUCKET_BYTES", 1500)
+    ref = _convert(ann, tmp_path / "ref", shuffle_seed=3)
+    nb = ref["signature"]["buckets"]
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setattr(convert_passes, "_IMAGE_FLUSH_ROWS", 7)  # several frames in each bucket file
+    nb_many = 200
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 24, hard))
+    try:
+        counts = convert_passes.scan_images(ann, None, work, nb_many, (0, None))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert counts["num_images"] == N and sum(counts["bucket_counts"]) == N
+    rows = [convert_passes.read_image_rows(work / f"images-{b:05d}.arrow") for b in range(nb_many)]
+    ids = sorted(i for t in rows if t is not None for i in t.column("image_id").to_pylist())
+    assert ids == list(range(1, N + 1))
+    assert rows[0] is None and rows[1].column("image_id").to_pylist() == [1]  # ids 1..120 of 200 buckets
+    # frames cut short are an error, not rows lost
+    path = work / "images-00001.arrow"
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(convert_passes.ConversionError, match="cut short"):
+        convert_passes.read_image_rows(path)
+    # a whole conversion with many frames per bucket writes the bytes of one with one frame each
+    _convert(ann, tmp_path / "frames", shuffle_seed=3)
+    assert nb >= 4 and _shard_bytes(tmp_path / "frames") == _shard_bytes(tmp_path / "ref")

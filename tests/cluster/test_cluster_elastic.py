@@ -108,6 +108,10 @@ def test_elastic_run_shrinks_on_a_lost_node_and_grows_on_a_new_one(ray_lock, tmp
         bookkeeping = {a["Name"]: a["Address"]["NodeID"] for a in ray_state.actors().values()
                        if a["Name"].startswith("dino_scale_data_")}
         assert "dino_scale_data_stats:train" in bookkeeping and set(bookkeeping.values()) == {head}, bookkeeping
+        # so does the tracking relay (the store is a sqlite file of the driver's machine), killed by now
+        relays = [a["Address"]["NodeID"] for a in ray_state.actors().values()
+                  if a["ActorClassName"].endswith("TrackingRelay")]
+        assert relays and set(relays) == {head}, relays
     finally:
         ray.shutdown()
         cluster.shutdown()

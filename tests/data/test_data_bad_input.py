@@ -415,17 +415,21 @@ def test_data_an_image_folder_holding_none_of_the_images_is_an_error(tmp_path, e
     assert convert_coco(ann, root, tmp_path / "out2", embed_images=embed, progress=False)["num_images"] == 1
 
 
+def _image_pass_child_that_dies(conn, args):
+    """Stands in for the image pass's child: exits with code 3 without a word (as one killed would)."""
+    import os
+    os._exit(3)
+
+
 def test_data_a_dead_image_pass_child_is_a_clear_error(tmp_path, monkeypatch):
     """The image pass runs in a spawned child for large files: a child that died (killed for memory,
-    or a script without a ``__main__`` guard) surfaced as a bare EOFError after the annotation pass."""
-    import functools
-    import os
-
+    or a script without a ``__main__`` guard) surfaced as a bare EOFError after the annotation pass.
+    The error names the child's exit code."""
     from dino_scale.data import convert as convert_module
 
     root, ann = _dataset(tmp_path, {"a.jpg": _jpeg()}, [{"image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 10]}])
-    monkeypatch.setattr(convert_module, "_images_child", functools.partial(os._exit, 3))  # dies: TypeError, exit 1
-    with pytest.raises(ConversionError, match=r"image pass .* ended without a result, exit code 1 .*parallel=False"):
+    monkeypatch.setattr(convert_module, "_images_child", _image_pass_child_that_dies)
+    with pytest.raises(ConversionError, match=r"image pass .* ended without a result, exit code 3 .*parallel=False"):
         convert_coco(ann, root, tmp_path / "out", parallel=True, progress=False)
 
 

@@ -172,6 +172,15 @@ def _check_backbone_weights(cfg: Config, init_weights: Optional[str], init_stric
                       f"model.backbone_weights=none to start the backbone from random weights")
 
 
+def _drain(relay: Any, timeout_s: float) -> None:
+    """Send what the tracking ``relay`` actor (or ``None``) still holds, then end it; ``None``, so
+    that ``relay = _drain(relay, ...)`` makes a later call a no-op."""
+    if relay is not None:
+        from dino_scale.tracking.relay import drain_relay
+
+        drain_relay(relay, timeout_s)
+
+
 def _copy_final(checkpoint, dest: Path, required: tuple[str, ...] = (WEIGHTS_NAME, CONFIG_NAME)) -> None:
     """Copy the ``required`` files (the final weights and config) and ``detections.json``
     when there is one out of a (possibly remote) Ray checkpoint; a ``detections.json`` left in
@@ -298,16 +307,18 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     except Exception as exc:
         shard_error = unreadable_shard(exc, [train_dir if train else None, val_dir if evaluate else None])
         error = shard_error or exc
+        relay = _drain(relay, tracking_close_timeout_s)  # what rank 0 logged, before the run ends
         end_run("FAILED", f"{type(error).__name__}: {str(error)[:500]}")
         if shard_error is not None:  # the file's name, not "Training failed due to worker errors:"
             raise shard_error from exc
         raise
     except BaseException as exc:  # Ctrl-C (Ray's ray.get turns it into SystemExit): the run is over, not RUNNING
+        relay = _drain(relay, min(5.0, tracking_close_timeout_s))  # a short wait: interrupted
         end_run("KILLED", f"{type(exc).__name__}: interrupted before training finished")
         raise
     finally:
-        if relay is not None:  # rank 0 flushed it before the run ended
-            ray.kill(relay)
+        # rank 0 flushed it when the run ended; what a timed-out flush left is sent here
+        _drain(relay, tracking_close_timeout_s)
     metrics = dict(result.metrics or {})
     if evaluate and val_dir and "AP" in metrics:  # what the AP is not over (to_coco_gt holds converted data only)
         metrics.update(_conversion_losses(val_dir))

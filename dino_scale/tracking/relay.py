@@ -13,10 +13,13 @@ address, ``databricks``...) are reached by rank 0 directly (:func:`is_node_local
 from __future__ import annotations
 
 import ipaddress
+import logging
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
-__all__ = ["is_node_local", "start_relay", "RelayClient"]
+__all__ = ["is_node_local", "start_relay", "RelayClient", "drain_relay"]
+
+log = logging.getLogger("dino_scale.tracking")
 
 
 def _loopback(host: str) -> bool:
@@ -95,3 +98,21 @@ class RelayClient:
             return bool(ray.get(self.handle.flush.remote(timeout_s), timeout=timeout_s + 10))
         except Exception:  # the relay is gone or slow: training results do not depend on it
             return False
+
+
+def drain_relay(handle, timeout_s: float = 30.0) -> bool:
+    """End the relay ``handle`` after sending what it still buffers (up to ``timeout_s``): rank 0
+    flushes it when the run ends, but a run that failed or was cut short left the calls it
+    buffered while the store was down there, and killing it at once lost them without a word.
+    True when everything was sent; a warning on the driver otherwise."""
+    import ray
+
+    sent = RelayClient(handle).close(timeout_s=timeout_s)
+    if not sent:
+        log.warning("MLflow: not everything rank 0 logged reached the store through the tracking relay "
+                    "within %.0f s (unreachable, or calls refused: the relay's log says which)", timeout_s)
+    try:
+        ray.kill(handle)
+    except Exception:  # already gone with its node or with Ray
+        pass
+    return sent

@@ -269,6 +269,42 @@ def test_tracking_relay_logs_from_the_drivers_node(ray_session, tmp_path):
     assert client.get_run(run_id).data.tags["from"] == "rank0"
 
 
+def test_tracking_relay_is_drained_before_it_is_ended(ray_session, tmp_path):
+    """Rank 0 of a run that fails mid-run leaves in the relay the calls it buffered while the
+    store was down (rank 0 flushes only at the run's end). ``drain_relay`` (what ``fit`` does
+    when the run ends, fails or is interrupted) sends them once the store is back; was: the
+    driver killed the relay at once and they were lost without a word."""
+    import ray
+    from mlflow import MlflowClient
+    from mlflow_server import MlflowServer
+
+    from dino_scale.tracking.logger import ResilientLogger
+    from dino_scale.tracking.relay import RelayClient, drain_relay, start_relay
+
+    server = MlflowServer(tmp_path / "server").start()
+    try:
+        driver = ResilientLogger(server.uri)
+        run_id = driver.start_run("relay-drain", "r")
+        assert driver.close(timeout_s=10)
+        relay = start_relay(server.uri, run_id)
+        server.stop()
+
+        @ray.remote(num_cpus=0)
+        def rank0_then_crash(handle):  # logs, then dies without closing its client
+            client = RelayClient(handle)
+            for step in range(3):
+                client.log_metrics({"loss": float(step)}, step=step)
+            return ray.get(handle.__ray_call__.remote(lambda relay_self: relay_self.logger.pending))
+
+        assert ray.get(rank0_then_crash.remote(relay), timeout=120) > 0  # buffered: the store is down
+        server.start()
+        assert drain_relay(relay, timeout_s=60)
+        history = MlflowClient(server.uri).get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == [0, 1, 2]
+    finally:
+        server.stop()
+
+
 def test_progress_bars_off_for_engine_datasets_only(ray_session, data, monkeypatch):
     """The engine quiets Ray Data's progress bars on the datasets it builds (a deterministic
     run printed ~50k progress lines), not in the process's DataContext; opt back in by env."""

@@ -117,10 +117,24 @@ def build_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
     name = resolve_preset_name(args.preset)
     args.preset = name
     cfg = apply_flags(preset(name, list(extra) + list(args.overrides or [])), args)
-    user_keys = {o.split("=", 1)[0].strip() for o in (args.overrides or [])}
-    if getattr(args, "gpus", None) is None and "train.use_gpu" not in user_keys and _gpus_available():
+    if not gpu_choice_given(args) and _gpus_available():
         cfg.train.use_gpu = True  # GPUs are there and the user did not say otherwise
     return cfg
+
+
+def gpu_choice_given(args: argparse.Namespace) -> bool:
+    """Whether the user said where to train (``--gpus``, ``--set train.use_gpu=...``)."""
+    user_keys = {o.split("=", 1)[0].strip() for o in (getattr(args, "overrides", None) or [])}
+    return getattr(args, "gpus", None) is not None or "train.use_gpu" in user_keys
+
+
+def device_note(cfg: Config, args: argparse.Namespace) -> Optional[str]:
+    """A note when a run joining a cluster trains on CPU without being asked to: the cluster has
+    no GPU now, and an autoscaler launches GPU nodes only for GPU workers."""
+    if cfg.train.use_gpu or gpu_choice_given(args) or not os.environ.get("RAY_ADDRESS"):
+        return None
+    return ("note: training on CPU: the joined cluster has no GPU now (an autoscaling cluster launches "
+            "GPU nodes only when GPU workers ask for them): pass --gpus 1 for one GPU per worker")
 
 
 def schedule_text(cfg: Config) -> str:
@@ -313,6 +327,14 @@ def preset_needs_cluster(args: argparse.Namespace) -> bool:
     """No ``--preset`` while joining a cluster: connect first, so the default preset can
     look at the cluster's GPUs rather than the (often GPU-less) head node's."""
     return args.preset is None and bool(os.environ.get("RAY_ADDRESS"))
+
+
+def config_needs_cluster(args: argparse.Namespace) -> bool:
+    """Whether a training pipeline joins the cluster before it builds its config: no
+    ``--preset`` (:func:`preset_needs_cluster`), or no ``--gpus`` / ``train.use_gpu``, whose
+    default also looks at the cluster's GPUs (was: at the head node's only, so a job submitted
+    with ``--preset`` and no ``--gpus`` trained on CPU on a GPU cluster)."""
+    return bool(os.environ.get("RAY_ADDRESS")) and (args.preset is None or not gpu_choice_given(args))
 
 
 def tracking_uri(work_dir: str | Path, create: bool = True) -> str:

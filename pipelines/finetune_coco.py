@@ -92,7 +92,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         extra.append(f"data.scale_factor={args.scale}")
     if args.tta:
         extra.append("eval.tta=true")
-    early_ray = common.preset_needs_cluster(args)  # the default preset looks at the cluster
+    early_ray = common.config_needs_cluster(args)  # the default preset and GPU use look at the cluster
     if early_ray:
         log(f"Ray: {common.connect_ray()}")
     cfg = common.build_config(args, extra=extra)
@@ -122,8 +122,10 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if not early_ray:
         log(f"Ray: {common.connect_ray()}")
     common.check_gpus_here(cfg, args)
+    if note := common.device_note(cfg, args):
+        log(note)
     log(f"preset {cfg.name}: {cfg.model.num_classes} classes, scale {cfg.data.scale_factor}, "
-        f"{cfg.train.num_workers} worker(s), ZeRO-{cfg.train.zero_stage}, "
+        f"{cfg.train.num_workers} {'GPU' if cfg.train.use_gpu else 'CPU'} worker(s), ZeRO-{cfg.train.zero_stage}, "
         f"max_steps={cfg.train.max_steps} epochs={cfg.train.epochs} {common.schedule_text(cfg)}, tta={cfg.eval.tta}")
     log(f"training on {train} (val: {val}); MLflow store {uri}")
     from dino_scale.engine import fit

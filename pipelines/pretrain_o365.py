@@ -62,7 +62,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                                              seed=0, log=log)
     categories = categories_of(train)
     uri = common.setup_tracking(work_dir)
-    early_ray = common.preset_needs_cluster(args)  # the default preset looks at the cluster
+    early_ray = common.config_needs_cluster(args)  # the default preset and GPU use look at the cluster
     if early_ray:
         log(f"Ray: {common.connect_ray()}")
     cfg = common.build_config(args, extra=class_overrides(categories, args.overrides, minimum=366)
@@ -71,10 +71,12 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if not early_ray:
         log(f"Ray: {common.connect_ray()}")
     common.check_gpus_here(cfg, args)
+    if note := common.device_note(cfg, args):
+        log(note)
     name = args.model_name or model_name(cfg.name)
     run_name = args.run_name or common.default_run_name(f"pretrain-{cfg.name}")
     log(f"preset {cfg.name}: {cfg.model.backbone}, {cfg.model.num_classes} classes, "
-        f"{cfg.train.num_workers} worker(s), ZeRO-{cfg.train.zero_stage}, "
+        f"{cfg.train.num_workers} {'GPU' if cfg.train.use_gpu else 'CPU'} worker(s), ZeRO-{cfg.train.zero_stage}, "
         f"max_steps={cfg.train.max_steps} epochs={cfg.train.epochs} {common.schedule_text(cfg)}")
     log(f"training on {train} (val: {val or 'none'}); MLflow store {uri}")
     note = common.backbone_start_note(cfg)

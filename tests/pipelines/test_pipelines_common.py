@@ -200,3 +200,35 @@ def test_pipelines_common_note_when_the_backbone_starts_from_random_weights():
     assert "resnet50-0676ba61.pth" in common.backbone_start_note(preset("r50_4scale"))
     assert common.backbone_start_note(preset("r50_4scale", ["model.backbone_weights=/w/r50.pth"])) is None
     assert common.backbone_start_note(preset("tiny")) is None  # no published weights for it
+
+
+def test_pipelines_common_gpu_default_looks_at_the_joined_cluster(monkeypatch, ray_lock):
+    """A job submitted with ``--preset`` and no ``--gpus`` trained on CPU on a GPU cluster: the
+    config (whose GPU default asks Ray for GPUs) was built before the pipeline joined the
+    cluster, so only the head node's torch was asked. It now joins first unless the user chose
+    (``--gpus``, ``train.use_gpu``), and a run that trains on CPU there says so."""
+    import ray
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert common.config_needs_cluster(_parse(["--preset", "tiny"]))
+    assert common.config_needs_cluster(_parse([]))
+    assert not common.config_needs_cluster(_parse(["--preset", "tiny", "--gpus", "1"]))
+    assert not common.config_needs_cluster(_parse(["--preset", "tiny", "--set", "train.use_gpu=false"]))
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert not common.config_needs_cluster(_parse(["--preset", "tiny"]))
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # what the pipelines read (ray.init is done here)
+    ray.init(address="local", num_cpus=1, num_gpus=2, include_dashboard=False)  # a cluster with (logical) GPUs
+    try:
+        args = _parse(["--preset", "tiny"])
+        cfg = common.build_config(args)
+        assert cfg.train.use_gpu and common.device_note(cfg, args) is None
+        args = _parse(["--preset", "tiny", "--gpus", "0"])
+        assert not common.build_config(args).train.use_gpu
+        assert common.device_note(common.build_config(args), args) is None  # asked for
+    finally:
+        ray.shutdown()
+    if not torch.cuda.is_available():  # joined, no GPU there: the run says it trains on CPU
+        args = _parse(["--preset", "tiny"])
+        cfg = common.build_config(args)
+        assert not cfg.train.use_gpu and "training on CPU" in common.device_note(cfg, args)

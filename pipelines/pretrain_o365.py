@@ -90,7 +90,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                  evaluate=val is not None)
     log(f"training done: run {result.run_id}")
     version = results.register(result, name, alias=args.alias, categories=categories,
-                              tags={"stage": "pretrain", "preset": cfg.name})
+                              tags={"stage": "pretrain", "preset": cfg.name, "synthetic_data": str(synthetic).lower()})
     ap = results.result_ap(result)
     print()
     print(f"Registered model  : {name} version {version} (alias @{args.alias})")

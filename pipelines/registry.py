@@ -39,6 +39,7 @@ _SETTLE_ROUNDS = 10
 # what the AP was measured on (pipelines._datasets.eval_fingerprint of the val set; eval.tta): only
 # APs of the same data and protocol are compared
 EVAL_DATA_TAG, EVAL_TTA_TAG = "eval.data", "eval.tta"
+SYNTHETIC_TAG = "synthetic_data"  # "true" on a version trained and evaluated on a generated set
 LINEAGE_TAGS = ("source.uri", "source.model_name", "source.model_version", "source.run_id")
 
 
@@ -80,8 +81,9 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
     is strictly greater than the current holder's AP (or no version holds the alias).
     A version without a measured AP is never promoted; a current holder without an AP
     tag counts as beaten. When both versions say what their AP was measured on (tags
-    ``eval.data``, ``eval.tta``) and that differs, the APs are not comparable: not promoted.
-    A concurrent promotion from the same holder with a better AP wins the alias back (module
+    ``eval.data``, ``eval.tta``) and that differs, the APs are not comparable: not promoted,
+    unless the holder was measured on a generated set (tag ``synthetic_data``) and this version
+    on real data (a smoke test that took the alias first held it for good). A concurrent promotion from the same holder with a better AP wins the alias back (module
     docstring)."""
     client = client or store_client()
     version = str(version)
@@ -96,19 +98,22 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
         return Promotion(False, version, None, prev_v, prev_ap, "no AP measured; alias not moved")
     if current is not None and prev_v == version:
         return Promotion(True, version, ap, prev_v, prev_ap, f"already @{alias}")
-    ours, theirs = _evaluation(client.get_model_version(name, version)), _evaluation(current)
-    if ours is not None and theirs is not None and ours != theirs:
+    mine = client.get_model_version(name, version)
+    ours, theirs = _evaluation(mine), _evaluation(current)
+    over_synthetic = bool(_synthetic(current)) and _synthetic(mine) is False  # real data replaces a smoke test
+    if ours is not None and theirs is not None and ours != theirs and not over_synthetic:
         return Promotion(False, version, ap, prev_v, prev_ap,
                          f"AP {ap:.4f} was measured on other validation data or protocol ({_eval_text(ours)}) than "
                          f"@{alias} v{prev_v}'s (AP {'-' if prev_ap is None else f'{prev_ap:.4f}'}, "
                          f"{_eval_text(theirs)}): not comparable, alias not moved (move it by hand with "
                          f"`dino-scale registry promote`)")
-    if current is not None and prev_ap is not None and not ap > prev_ap:
+    if current is not None and prev_ap is not None and not ap > prev_ap and not over_synthetic:
         return Promotion(False, version, ap, prev_v, prev_ap,
                          f"AP {ap:.4f} does not beat @{alias} v{prev_v} (AP {prev_ap:.4f})")
     basis = _NO_HOLDER if current is None else _promotion_id(current, alias)
     _stamp_and_set(client, name, alias, version, basis)
     why = ("first version with an AP" if current is None else
+           f"replaces v{prev_v}, measured on synthetic data" if over_synthetic else
            f"beats v{prev_v} ({'no AP' if prev_ap is None else f'AP {prev_ap:.4f}'})")
     holder, rival = _settle(client, name, alias, basis)
     if rival and str(holder.version) != version:
@@ -116,6 +121,12 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
                          f"AP {ap:.4f} {why}, but v{holder.version} (AP {_ap_of(holder) or float('nan'):.4f}), "
                          f"promoted at the same time from the same @{alias}, is better")
     return Promotion(True, version, ap, prev_v, prev_ap, f"AP {ap:.4f} {why}")
+
+
+def _synthetic(version) -> Optional[bool]:
+    """A version's ``synthetic_data`` tag: True / False, None when absent (or no version)."""
+    value = None if version is None else version.tags.get(SYNTHETIC_TAG)
+    return None if value is None else value.lower() == "true"
 
 
 def _evaluation(version) -> Optional[tuple[str, str]]:

@@ -229,3 +229,28 @@ def test_pipelines_champion_ap_of_other_val_data_does_not_move_it(client, tmp_pa
     assert p.promoted and p.previous_version == v1
     v5 = _new_version(client, tmp_path)  # no evaluation tags (registered by hand): compared as before
     assert promote_if_better("dino-tiny-coco", v5, 0.32, client=client).promoted
+
+
+def test_pipelines_champion_held_by_a_smoke_test_gives_way_to_real_data(client, tmp_path):
+    """The first version with an AP takes ``@champion``: when that was a smoke test on generated
+    data, every real fine-tune after it (other ``eval.data``) was "not comparable" and the alias
+    never moved again. A version measured on real data now replaces a holder measured on
+    synthetic data (tag ``synthetic_data``), whatever the two APs; not the other way round, and
+    two real sets stay not comparable."""
+    def version(data: str, synthetic: bool) -> str:
+        v = _new_version(client, tmp_path)
+        for key, value in (("eval.data", data), ("eval.tta", "false"), ("synthetic_data", str(synthetic).lower())):
+            client.set_model_version_tag("dino-tiny-coco", v, key, value)
+        return v
+
+    smoke = version("synthetic-fp", synthetic=True)
+    assert promote_if_better("dino-tiny-coco", smoke, 0.80, client=client).promoted
+    real = version("val2017-fp", synthetic=False)
+    p = promote_if_better("dino-tiny-coco", real, 0.30, client=client)  # lower AP, but on real data
+    assert p.promoted and p.previous_version == smoke and "synthetic" in p.reason
+    assert str(client.get_model_version_by_alias("dino-tiny-coco", "champion").version) == real
+    smoke2 = version("synthetic-fp", synthetic=True)  # a smoke test never takes it back from real data
+    assert not promote_if_better("dino-tiny-coco", smoke2, 0.95, client=client).promoted
+    subset = version("val-subset-fp", synthetic=False)  # other real data: not comparable, as before
+    assert not promote_if_better("dino-tiny-coco", subset, 0.60, client=client).promoted
+    assert str(client.get_model_version_by_alias("dino-tiny-coco", "champion").version) == real

@@ -83,8 +83,8 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
     tag counts as beaten. When both versions say what their AP was measured on (tags
     ``eval.data``, ``eval.tta``) and that differs, the APs are not comparable: not promoted,
     unless the holder was measured on a generated set (tag ``synthetic_data``) and this version
-    on real data (a smoke test that took the alias first held it for good). A concurrent promotion from the same holder with a better AP wins the alias back (module
-    docstring)."""
+    on real data (a smoke test that took the alias first held it for good). A concurrent
+    promotion from the same holder with a better AP wins the alias back (module docstring)."""
     client = client or store_client()
     version = str(version)
     if ap is not None and not math.isnan(ap):

@@ -69,6 +69,7 @@ def synthetic_dirs(work_dir: Path, flavour: str, num_images: int, seed: int,
     """Generate (or reuse) a synthetic train/val pair under ``<work-dir>/data``
     (``num_images`` training images, ``min(48, max(8, num_images // 4))`` validation images)."""
     from dino_scale.data import convert_coco, synthetic
+    from dino_scale.data.shards import folder_lock
 
     base = work_dir / "data" / f"synthetic-{flavour}-{num_images}-s{seed}"
     num_val = min(48, max(8, num_images // 4))
@@ -77,14 +78,16 @@ def synthetic_dirs(work_dir: Path, flavour: str, num_images: int, seed: int,
     for split in splits:
         n, s = plan[split]
         d = base / split
-        if _is_dataset(d):
-            log(f"using synthetic {flavour} {split} set {d}")
-        else:
-            log(f"generating synthetic {flavour} {split} set: {n} images -> {d}")
-            root, ann = synthetic.generate(str(base / f"raw-{split}"), flavour=flavour,
-                                           num_images=n, seed=s)
-            # Images embedded in the shards: the set is self-contained (any node can read it).
-            convert_coco(str(ann), str(root), str(d), embed_images=True, progress=False)
+        # two pipelines sharing the work folder: one generates, the other waits and reuses it
+        with folder_lock(base / f".{split}.lock", log, f"synthetic {flavour} {split} set {d}"):
+            if _is_dataset(d):
+                log(f"using synthetic {flavour} {split} set {d}")
+            else:
+                log(f"generating synthetic {flavour} {split} set: {n} images -> {d}")
+                root, ann = synthetic.generate(str(base / f"raw-{split}"), flavour=flavour,
+                                               num_images=n, seed=s)
+                # Images embedded in the shards: the set is self-contained (any node can read it).
+                convert_coco(str(ann), str(root), str(d), embed_images=True, progress=False)
         out.append(str(d))
     return tuple(out)
 

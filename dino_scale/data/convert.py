@@ -53,7 +53,7 @@ from .records import (
     CONTENT_SCHEMA, FORMAT, MANIFEST_NAME, ManifestError, ShardError, read_manifest, resolve_image_path,
 )
 from .preflight import preflight_shards
-from .shards import ShardWriter, crowd_boxes, load_progress, read_json_or_none, write_json_atomic
+from .shards import ShardWriter, crowd_boxes, folder_lock, load_progress, read_json_or_none, write_json_atomic
 
 __all__ = ["convert_coco", "ConversionError"]
 
@@ -63,6 +63,7 @@ _BUCKET_BYTES = 16 << 20  # JSON bytes per bucket
 _LOG_SKIPS = 50  # individual skip lines logged before only counting
 _MAX_LISTED = 1000  # skipped image ids listed in the manifest
 _PARALLEL_MIN_BYTES = 64 << 20  # below this, one process reads everything
+LOCK_NAME = ".lock"  # in the output folder: one conversion of it at a time (shards.folder_lock)
 
 
 def _images_child(conn, args) -> None:
@@ -257,6 +258,10 @@ class _Converter:
                 and signature == {k: v for k, v in self.signature.items() if k != "shuffle_seed"})
 
     def run(self) -> dict[str, Any]:
+        with folder_lock(self.out / LOCK_NAME, self.say, str(self.out)):  # one conversion of a folder at a time
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         manifest_path = self.out / MANIFEST_NAME
         if manifest_path.is_file():
             try:

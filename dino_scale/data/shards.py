@@ -10,10 +10,12 @@ writes the same shards as an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -22,11 +24,41 @@ import pyarrow.parquet as pq
 
 from .records import SCHEMA
 
-__all__ = ["ShardWriter", "shard_name", "load_progress", "crowd_boxes"]
+__all__ = ["ShardWriter", "shard_name", "load_progress", "crowd_boxes", "folder_lock"]
 
 
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}.parquet"
+
+
+@contextlib.contextmanager
+def folder_lock(lock_file: Path, say: Callable[[str], None], what: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_file`` (created with its folder): one process at a time
+    converts or generates a dataset folder. Two pipelines sharing a work folder both deleted and
+    rebuilt the same work files (one failed with FileNotFoundError, or both with "manifest counts
+    do not add up"). The second waits, saying so, and then finds the folder done. ``flock`` locks
+    hold on a local disk and on NFS; a process that dies releases its lock. A folder where the lock
+    cannot be made (a read-only copy: nothing can be written there anyway) is used unlocked."""
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock_file, "a")
+    except OSError:
+        yield
+        return
+    with fh:
+        locked = True
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"{what}: another process is writing it; waiting for that to finish")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without flock
+            locked = False
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -203,3 +203,31 @@ def test_data_convert_buckets_image_pass_holds_one_file_at_a_time(ann, tmp_path,
     # a whole conversion with many frames per bucket writes the bytes of one with one frame each
     _convert(ann, tmp_path / "frames", shuffle_seed=3)
     assert nb >= 4 and _shard_bytes(tmp_path / "frames") == _shard_bytes(tmp_path / "ref")
+
+
+def test_data_convert_buckets_one_conversion_of_a_folder_at_a_time(ann, tmp_path, caplog):
+    """Two pipelines sharing a work folder converted the same JSON into one folder at once, both
+    deleting and rebuilding its work files (FileNotFoundError in one, or "manifest counts do not
+    add up" in both). A conversion now holds the folder's lock: another waits, saying so, and
+    converts (or finds the folder converted) once the lock is free."""
+    import logging
+    import threading
+
+    from dino_scale.data import convert as convert_module
+    from dino_scale.data.shards import folder_lock
+
+    out = tmp_path / "out"
+    ref = _convert(ann, tmp_path / "ref", shuffle_seed=3)
+    result: dict = {}
+    caplog.set_level(logging.INFO, logger="dino_scale.data.convert")
+    with folder_lock(out / convert_module.LOCK_NAME, print, "test"):  # another process's conversion
+        thread = threading.Thread(target=lambda: result.update(m=_convert(ann, out, shuffle_seed=3)))
+        thread.start()
+        thread.join(timeout=1.5)
+        assert thread.is_alive() and not list(out.glob("shard-*")) and not (out / ".convert-work").exists()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert any("another process is writing it; waiting" in r.getMessage() for r in caplog.records)
+    assert result["m"]["num_images"] == N and _shard_bytes(out) == _shard_bytes(tmp_path / "ref")
+    assert {k: v for k, v in result["m"].items() if k != "source"} == {
+        k: v for k, v in ref.items() if k != "source"}

@@ -39,7 +39,9 @@ def _by_name(client, experiment: str, run_name: str, current_run_id: Optional[st
     for run in runs:
         if run.data.tags.get("mlflow.runName") != run_name:  # the filtered search: already so
             continue
-        if run.info.run_id == current_run_id or run.data.tags.get("stage", "train") != "train":
+        # a training run: the engine tags "train", the pipelines "pretrain" / "finetune" (only
+        # "train" counted: a pipeline's run was never found)
+        if run.info.run_id == current_run_id or run.data.tags.get("stage") == "evaluate":
             continue
         if current is None or run.info.start_time <= current.info.start_time:
             return run.info.run_id

@@ -49,6 +49,14 @@ def test_resumed_run_links_the_run_that_wrote_its_checkpoint(tmp_path, caplog, m
     assert resumed_from_run_id(client, "train-exp", "r1", None, None) is not None
     assert resumed_from_run_id(client, "train-exp", "r3", "", current) is None
     assert resumed_from_run_id(client, "no-such-exp", "r1", "", current) is None
+    # the pipelines tag their training runs with their stage: a fine-tune continues a fine-tune
+    ft_first = _run(client, exp, "ft", 5000, stage="finetune")
+    _run(client, exp, "ft", 5500, stage="evaluate")
+    ft_now = _run(client, exp, "ft", 6000, stage="finetune")
+    assert resumed_from_run_id(client, "train-exp", "ft", "", ft_now) == ft_first
+    pre_first = _run(client, exp, "pre", 7000, stage="pretrain")
+    pre_now = _run(client, exp, "pre", 8000, stage="pretrain")
+    assert resumed_from_run_id(client, "train-exp", "pre", None, pre_now) == pre_first
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a store that does not answer
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")

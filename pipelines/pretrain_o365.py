@@ -102,8 +102,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     print(f"AP (val)          : {'-' if ap is None else f'{ap:.4f}'}")
     if note := results.conversion_note(result.metrics or {}):
         print(note)
+    init = "" if (name, args.alias) == (model_name(cfg.name), ALIAS) else f" --init models:/{name}@{args.alias}"
     print(f"Next              : python -m pipelines.finetune_coco --work-dir {args.work_dir} "
-          f"--preset {cfg.name}")
+          f"--preset {cfg.name}{init}")
     return {"name": name, "version": version, "alias": args.alias, "run_id": result.run_id, "ap": ap,
             "metrics": dict(result.metrics), "tracking_uri": uri, "train": train, "val": val}
 

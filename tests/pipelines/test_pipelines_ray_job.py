@@ -74,6 +74,9 @@ def test_pipelines_ray_job_submit_pretrain_then_finetune(tmp_path, ray_lock):
         assert "succeeded" in (pre.stdout + pre.stderr).lower()
         assert "joined Ray cluster" in pre.stdout  # the job used the cluster, not an embedded Ray
         assert "models:/dino-tiny-o365@pretrained" in pre.stdout
+        # no --gpus on a cluster without GPUs: CPU workers, and the run says why (was: the GPU
+        # default asked the head node's torch only, before joining: CPU on a GPU cluster too)
+        assert "1 CPU worker(s)" in pre.stdout and "training on CPU: the joined cluster has no GPU" in pre.stdout
         ft = _submit(dash, runtime_env, ["python", "-m", "pipelines.finetune_coco", *common,
                                          "--run-name", f"job-ft-{gcs}"], token)
         assert ft.returncode == 0, ft.stdout[-4000:] + ft.stderr[-2000:]
@@ -85,7 +88,7 @@ def test_pipelines_ray_job_submit_pretrain_then_finetune(tmp_path, ray_lock):
     pre_versions = client.search_model_versions("name='dino-tiny-o365'")
     assert [str(v.version) for v in pre_versions] == ["1"]
     pretrained = client.get_model_version_by_alias("dino-tiny-o365", "pretrained")
-    assert str(pretrained.version) == "1"
+    assert str(pretrained.version) == "1" and pretrained.tags["synthetic_data"] == "true"
     pre_run = client.get_run(pretrained.run_id)
     assert pre_run.info.status == "FINISHED"
     assert client.get_experiment(pre_run.info.experiment_id).name == "pretrain-o365"
@@ -113,5 +116,6 @@ def test_pipelines_ray_job_submit_pretrain_then_finetune(tmp_path, ray_lock):
     # the first fine-tuned version with a measured AP becomes champion, AP tagged
     assert "AP" in v.tags and 0.0 <= float(v.tags["AP"]) <= 1.0
     assert len(v.tags["eval.data"]) == 16 and v.tags["eval.tta"] == "false"  # what the AP was measured on
+    assert v.tags["synthetic_data"] == "true"  # a real-data version takes @champion from it
     assert str(client.get_model_version_by_alias("dino-tiny-coco", "champion").version) == "1"
 

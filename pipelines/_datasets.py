@@ -16,6 +16,7 @@ import hashlib
 from pathlib import Path
 from typing import Callable, Optional
 
+from dino_scale.data.records import absolute_data_dirs
 from pipelines._common import UsageError, check_path
 
 MANIFEST = "manifest.json"
@@ -134,6 +135,8 @@ def resolve_datasets(args, work_dir: Path, flavour: str, default_images: int, se
         train = _one(args.data, args.images, work_dir, "dataset path", log)
     if args.val_data is not None:
         val = _one(args.val_data, args.val_images or args.images, work_dir, "validation dataset path", log)
+    # absolute: what the run records (a later evaluate reads it from the lineage, elsewhere)
+    train, val = absolute_data_dirs(train), absolute_data_dirs(val)
     return whole_dataset(train), (whole_dataset(val) if val else None), False
 
 

@@ -5,8 +5,9 @@
         --data val2017.json --images val2017/
 
 Runs the distributed evaluation of the engine (Ray Train workers, pycocotools) and
-prints the AP table; logs a run in MLflow experiment ``evaluate``. Without ``--data``
-the synthetic validation set of the matching flavour is used (generated when missing).
+prints the AP table; logs a run in MLflow experiment ``evaluate``. Without ``--data`` the
+validation set recorded in the model's lineage is used when it is on this machine, else the
+synthetic validation set of the matching flavour (generated when missing), with a note.
 A model that carries its config (everything this project trains) uses it; an official
 ``.pth`` needs ``--preset`` (its class count is read from the checkpoint). Workers and GPUs
 are this machine's (``--workers``, ``--gpus``; default one worker, on a GPU when there is
@@ -40,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder/file, or an official .pth (then give --preset)")
     common.add_common_args(p, training=False,
                            data_help="evaluation dataset folder (shards + manifest.json) or an "
-                                     "annotation .json with --images; default: the synthetic "
-                                     "validation set of the model's flavour")
+                                     "annotation .json with --images; default: the validation set "
+                                     "the model was evaluated on at training (when it is here), else "
+                                     "the synthetic validation set of the model's flavour")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (eval.tta)")
     p.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
     return p
@@ -182,6 +184,9 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
         val = str(trained_val)
         log(f"no --data: using the validation set recorded in the model's lineage")
     elif args.data is None:
+        if trained_val:  # recorded relative by an older release, or on another machine
+            log(f"note: the validation set in the model's lineage ({trained_val}) is not here; "
+                f"using a synthetic one (give --data)")
         flavour = "o365-like" if cfg.model.num_classes >= 366 else "coco-like"
         seed = 0 if flavour == "o365-like" else 1  # the pipelines' default sets
         (val,) = synthetic_dirs(work_dir, flavour, 64, seed, log, splits=("val",))

@@ -37,7 +37,8 @@ from .integrity import CHECKSUM_FIELDS, damage_detail, record_damage
 
 __all__ = [
     "SCHEMA", "MANIFEST_NAME", "FORMAT", "read_manifest", "shard_paths", "iter_records",
-    "to_coco_gt", "conversion_losses", "data_dirs", "resolve_image_path", "folder_image_roots", "Roots", "category_ids",
+    "to_coco_gt", "conversion_losses", "data_dirs", "absolute_data_dirs", "resolve_image_path",
+    "folder_image_roots", "Roots", "category_ids",
     "ShardError", "check_shards", "ManifestError", "CONTENT_SCHEMA", "record_from_row",
     "arrow_rows", "check_schema", "schema_problems",
 ]
@@ -75,6 +76,16 @@ def data_dirs(data_dir: Union[PathLike, Sequence[PathLike]]) -> list[Path]:
     if not parts:
         raise ValueError("no dataset folder given")
     return [Path(p.strip()) for p in parts]
+
+
+def absolute_data_dirs(data_dir: Optional[str]) -> Optional[str]:
+    """``data_dir`` (``"a,b"``) with each folder made absolute (``~`` expanded); ``None`` stays.
+    What a run reads and records: a relative folder meant the driver's working folder, not the
+    workers' (other machines, Ray's copy of a job's working folder), and a later ``evaluate``
+    that read it from a run's lineage in another folder found nothing there."""
+    if data_dir is None:
+        return None
+    return ",".join(str(p.expanduser().resolve()) for p in data_dirs(data_dir))
 
 
 class ManifestError(ValueError):

@@ -221,6 +221,9 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     from dino_scale.tracking.registry import store_client
     from dino_scale.tracking.resume import RESUMED_FROM_TAG, check_same_source
 
+    from dino_scale.data.records import absolute_data_dirs
+
+    train_dir, val_dir = absolute_data_dirs(train_dir), absolute_data_dirs(val_dir)  # as read and as recorded
     if evaluate and val_dir:
         check_eval_config(cfg)  # before any data is read: a bad one failed in every worker's evaluation
     work = Path(work_dir).resolve()

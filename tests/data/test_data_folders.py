@@ -72,3 +72,15 @@ def test_data_folders_rows_get_their_shard_folders_root():
     assert out.column("image_root").to_pylist() == ["/r", None, "/r"]
     with pytest.raises(ValueError, match="'/d/c/shard-0.parquet', which is not one of the dataset's shards"):
         image_root_from_path(pa.table({"path": pa.array(["/d/c/shard-0.parquet"])}), roots)
+
+
+def test_data_folders_made_absolute_for_the_run(tmp_path, monkeypatch):
+    """What a run reads and records (``fit``'s train/val folders): each folder of a comma list
+    absolute, ``~`` expanded, None kept."""
+    from dino_scale.data.records import absolute_data_dirs
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert absolute_data_dirs(None) is None
+    assert absolute_data_dirs("a, ./b/../c,~/d") == f"{tmp_path / 'a'},{tmp_path / 'c'},{tmp_path / 'home' / 'd'}"
+    assert absolute_data_dirs(str(tmp_path / "x")) == str(tmp_path / "x")

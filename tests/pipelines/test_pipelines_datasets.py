@@ -23,7 +23,7 @@ def raw(tmp_path_factory):
     return root, ann
 
 
-def test_pipelines_datasets_forms(raw, tmp_path):
+def test_pipelines_datasets_forms(raw, tmp_path, monkeypatch):
     root, ann = raw
     log = lambda m: None  # noqa: E731
     # annotation JSON + images: converted once into <work>/data, then reused
@@ -46,6 +46,13 @@ def test_pipelines_datasets_forms(raw, tmp_path):
     assert class_overrides(cats, [], minimum=91) == ["model.num_classes=91", "model.dn_labelbook_size=91"]
     # the label book follows the head
     assert class_overrides(cats, ["model.num_classes=100"]) == ["model.dn_labelbook_size=100"]
+    # relative folders come back absolute: what the run reads on other machines and records in
+    # its lineage (evaluate, started elsewhere, read a relative val_dir against its own folder)
+    monkeypatch.chdir(tmp_path)
+    t, v, _ = resolve_datasets(_args(data="ds/train,ds/train", val_data="./ds/val"), tmp_path, "coco-like", 8, 0, log)
+    assert (t, v) == (f"{parent / 'train'},{parent / 'train'}", str(parent / "val"))
+    t, v, _ = resolve_datasets(_args(data="ds"), tmp_path, "coco-like", 8, 0, log)
+    assert (t, v) == (str(parent / "train"), str(parent / "val"))
     with pytest.raises(UsageError, match="dataset path not found"):
         resolve_datasets(_args(data=f"{parent / 'train'},/nope"), tmp_path, "coco-like", 8, 0, log)
     with pytest.raises(UsageError, match="needs --data"):

@@ -329,6 +329,18 @@ def preset_needs_cluster(args: argparse.Namespace) -> bool:
     return args.preset is None and bool(os.environ.get("RAY_ADDRESS"))
 
 
+def work_dir_note(args: argparse.Namespace) -> Optional[str]:
+    """A note when a job joining a cluster keeps its work folder (data, checkpoints, the sqlite
+    store, ``final/``) under a relative ``--work-dir``: a ``ray job submit`` driver runs in Ray's
+    temporary copy of ``--working-dir``, which goes with the cluster's session."""
+    if not os.environ.get("RAY_ADDRESS") or Path(args.work_dir).expanduser().is_absolute():
+        return None
+    return (f"note: --work-dir {args.work_dir} is relative to this driver's folder ({Path.cwd()}); under "
+            f"`ray job submit` that is Ray's temporary copy of --working-dir, removed with the cluster: give an "
+            f"absolute --work-dir on storage that outlives the job (and train.storage_path for the checkpoints "
+            f"of a multi-node run)")
+
+
 def config_needs_cluster(args: argparse.Namespace) -> bool:
     """Whether a training pipeline joins the cluster before it builds its config: no
     ``--preset`` (:func:`preset_needs_cluster`), or no ``--gpus`` / ``train.use_gpu``, whose

@@ -133,6 +133,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     log = common.Progress("evaluate")
     common.validate_config_args(args)
     work_dir = Path(args.work_dir).expanduser().resolve()
+    if note := common.work_dir_note(args):
+        log(note)
     work_dir.mkdir(parents=True, exist_ok=True)
     uri = common.setup_tracking(work_dir)
     from pipelines._init import check_exists, is_remote, resolve

@@ -75,6 +75,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if args.scale is not None and not (math.isfinite(args.scale) and args.scale > 0):  # nan passed "<= 0"
         raise common.UsageError("--scale must be a finite number > 0")
     work_dir = Path(args.work_dir).expanduser().resolve()
+    if note := common.work_dir_note(args):
+        log(note)
     work_dir.mkdir(parents=True, exist_ok=True)
     uri = common.setup_tracking(work_dir)
     scratch = (args.init or "").lower() in SCRATCH

@@ -57,6 +57,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if args.alias is None:  # not given (an empty --alias stays MLflow's to refuse, above)
         args.alias = ALIAS
     work_dir = Path(args.work_dir).expanduser().resolve()
+    if note := common.work_dir_note(args):
+        log(note)
     work_dir.mkdir(parents=True, exist_ok=True)
     train, val, synthetic = resolve_datasets(args, work_dir, "o365-like", SYNTHETIC_IMAGES,
                                              seed=0, log=log)

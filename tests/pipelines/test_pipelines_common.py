@@ -232,3 +232,15 @@ def test_pipelines_common_gpu_default_looks_at_the_joined_cluster(monkeypatch, r
         args = _parse(["--preset", "tiny"])
         cfg = common.build_config(args)
         assert not cfg.train.use_gpu and "training on CPU" in common.device_note(cfg, args)
+
+
+def test_pipelines_common_relative_work_dir_of_a_job_gets_a_note(monkeypatch, tmp_path):
+    """Under ``ray job submit`` the driver runs in Ray's temporary copy of the working folder: a
+    relative ``--work-dir`` (the default ``./runs``) put data, checkpoints and the store there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert common.work_dir_note(_parse([])) is None  # a local run: ./runs is where the user is
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    note = common.work_dir_note(_parse([]))
+    assert "--work-dir ./runs is relative" in note and str(tmp_path) in note
+    assert common.work_dir_note(_parse(["--work-dir", str(tmp_path / "w")])) is None

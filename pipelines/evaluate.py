@@ -28,6 +28,7 @@ from pipelines import _common as common
 from pipelines._datasets import categories_of, stored_pixels, synthetic_dirs, whole_dataset
 from pipelines._results import conversion_note
 
+EVALUATIONS = "evaluations"  # <work-dir>/evaluations/<run name>: apart from the training runs
 EXPERIMENT = "evaluate"
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -213,7 +214,9 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
     from dino_scale.engine import evaluate_weights
 
     tags = {**lineage_tags(resolved), "stage": "evaluate"}
-    result = evaluate_weights(cfg, str(resolved.weights_path), val, work_dir / "runs" / run_name,
+    # its own folder tree: under runs/ a --run-name of a training run rewrote that run's final/
+    # config and lineage, and Ray Train took the training run's checkpoints for this run's
+    result = evaluate_weights(cfg, str(resolved.weights_path), val, work_dir / EVALUATIONS / run_name,
                               run_name, experiment=args.experiment, tags=tags, weights_state=held)
     print()
     print(format_table(result.metrics, f"COCO box AP (%) of {args.model} on {val}"))

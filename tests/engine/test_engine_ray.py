@@ -120,6 +120,9 @@ def test_evaluate_pipeline_of_a_registered_model_matches_single_process(ray_sess
     set_alias("dino-tiny-coco", "champion", register_model(source_run, "dino-tiny-coco", tracking_uri=uri),
               tracking_uri=uri)
     run_name = unique("eval")
+    trained_final = work / "runs" / run_name / "final"  # a training run of that name in the same work folder
+    trained_final.mkdir(parents=True)
+    (trained_final / "config.json").write_text("the training run's")
     out = evaluate_pipeline.run(["--model", "models:/dino-tiny-coco@champion", "--data", val_dir,
                                  "--work-dir", str(work), "--workers", "2", "--run-name", run_name])
     printed = capfd.readouterr()
@@ -147,7 +150,9 @@ def test_evaluate_pipeline_of_a_registered_model_matches_single_process(ray_sess
             by_image.setdefault(d["image_id"], []).append(d["score"])
         return {k: sorted(v, reverse=True)[:20] for k, v in by_image.items()}
 
-    run_dir = work / "runs" / run_name
+    run_dir = work / "evaluations" / run_name  # not under runs/, where a training run of that name lives
+    assert (trained_final / "config.json").read_text() == "the training run's"
+    assert sorted(p.name for p in (work / "runs" / run_name).iterdir()) == ["final"]
     (final,) = run_dir.glob("ray/*/final_*")  # Ray's checkpoint: the detections only
     assert sorted(p.name for p in final.iterdir()) == ["detections.json"]
     ours, ref = top_scores(json.loads((final / "detections.json").read_text())), top_scores(local)

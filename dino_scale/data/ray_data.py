@@ -81,6 +81,11 @@ class _DataStats:
     and the ids of EXIF ties (:func:`exif_ties`, each image once)."""
 
     def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """A new run's counts (the builders call it on the driver: a second ``fit`` in one process
+        found the first one's actor, and reported its skips and ties as its own)."""
         self.epoch = 0
         self.skips, self.skips_by_reason, self.skipped_ids = 0, {}, []
         self._seen: set[tuple[int, int, str]] = set()
@@ -351,7 +356,8 @@ def build_train_dataset(data_dir, data_cfg, image_root: Roots = None, epoch: Opt
     (:class:`EpochFileOrder`), or each fixed ``epoch``'s; the same order for an epoch either way."""
     override = image_root or data_cfg.image_root
     known = category_ids(data_dir)  # a record holding another id is a counted skip (its label is bad)
-    _stats(stats_name)  # created from the driver, on its node (tasks and workers find it by name)
+    # created from the driver, on its node (tasks and workers find it by name); counts from zero
+    ray.get(_stats(stats_name).reset.remote())
     if epoch is None:
         if num_epochs != 1:
             raise ValueError("num_epochs > 1 needs a fixed start epoch")
@@ -373,7 +379,7 @@ def build_eval_dataset(data_dir, data_cfg, image_root: Roots = None, stats_name:
     """Eval rows (resize to ``eval_size``/``eval_max_size``, no flip/crop), in shard order.
     Image roots per folder as in :func:`build_train_dataset`."""
     ds, root = _read_records(data_dir, image_root or data_cfg.image_root, override_num_blocks)
-    _stats(stats_name)
+    ray.get(_stats(stats_name).reset.remote())  # a new run's counts
     return ds.map_batches(_ToSample(data_cfg, False, root, 0, stats_name), batch_size=_BATCH,
                           batch_format="pyarrow")
 

@@ -154,6 +154,12 @@ def _eval_and_decode_skips(shards, tmp_path):
     assert decode_skips("eval_skips_test")["count"] == 9
     ray.get(_stats("eval_skips_test").record_skip.remote(victims[0]["image_id"], "corrupt", 1))
     assert decode_skips("eval_skips_test")["count"] == 10
+    # another run in this process (a second fit: same session, same actor) counts its own skips:
+    # was 10 here with the intact root, and 10 again (not 9) after one more broken run
+    clean = build_eval_dataset(out, cfg, image_root=str(root), stats_name="eval_skips_test")
+    assert len(clean.take_all()) == len(recs) and decode_skips("eval_skips_test")["count"] == 0
+    build_eval_dataset(out, cfg, image_root=str(broken_root), stats_name="eval_skips_test").take_all()
+    assert decode_skips("eval_skips_test")["count"] == 9
 
 
 def _folders_use_their_own_image_roots(image_folders):

@@ -134,6 +134,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         arr = np.asarray(im, dtype=np.int64)
         arr = np.clip(arr * 255 // _integer_peak(mode, arr), 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "F":  # 32-bit float grey: PIL clips to 0..255, so a [0, 1] image came out black
+        arr = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        top = float(arr.max()) if arr.size else 0.0
+        peak = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0 if top <= 65535.0 else top
+        arr = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
     if mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     return im.convert("RGB")

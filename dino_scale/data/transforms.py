@@ -92,13 +92,18 @@ def check_augmentation(cfg) -> None:
     ``DataConfig``) are usable: ``scale_factor`` finite and > 0; ``train_scales`` and
     ``crop_resize_scales`` non-empty; ``crop_size_range`` two sizes ``[min, max]`` with
     ``min <= max``; every size at least 1 pixel after ``scale_factor``; ``pad_multiple`` None
-    or >= 0; ``exif_orientation`` one of :data:`~.decode.EXIF_ORIENTATION_MODES`. A bad one
+    or >= 0; ``seed`` an int >= 0 (the shuffles' generators refuse a negative one: every worker
+    failed at its first batch); ``exif_orientation`` one of
+    :data:`~.decode.EXIF_ORIENTATION_MODES`. A bad one
     otherwise failed (or, ``train_max_size`` 0, shrank every image to a 1-pixel side) only where
     a sample was drawn: inside the data pipeline's tasks, after the run had started, the crop
     settings only on the ~25% of samples that take the crop branch."""
     from dino_scale.config import ConfigError
 
     check_exif_orientation(getattr(cfg, "exif_orientation", "auto"))
+    seed = getattr(cfg, "seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"data.seed must be an integer >= 0, got {seed!r}")
     try:
         f = float(cfg.scale_factor)
     except (TypeError, ValueError):

@@ -38,6 +38,18 @@ def test_data_decode_32bit_grayscale_keeps_its_brightness(values, shown):
     assert arr.shape == (6, 8, 3) and (arr[:, :4] == shown).all() and (arr[:, 4:] == 0).all()
 
 
+@pytest.mark.parametrize("values, shown", [(0.5, 128), (1.0, 255), (40.0, 40), (257.0 * 40, 40), (float("nan"), 0)])
+def test_data_decode_float_grayscale_keeps_its_brightness(values, shown):
+    """A 32-bit float ``"F"`` image (a [0, 1] TIFF) came out black: PIL's conversion clips to
+    0..255. It is scaled by its value range ([0, 1], 8-bit, 16-bit, else its own maximum)."""
+    arr32 = np.zeros((6, 8), np.float32)
+    arr32[:, :4] = values
+    data = _encode(Image.fromarray(arr32), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "F"
+    arr = decode_image(data)
+    assert arr.shape == (6, 8, 3) and (arr[:, :4] == shown).all() and (arr[:, 4:] == 0).all()
+
+
 def test_data_decode_cmyk_jpeg():
     data = _encode(Image.new("CMYK", (16, 12), (0, 255, 255, 0)), "JPEG", quality=95)  # red in CMYK
     arr = decode_image(data)

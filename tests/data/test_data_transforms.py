@@ -156,6 +156,7 @@ def test_data_resize_keeps_a_thin_strip_non_empty():
     ("data.train_max_size=0", "data.train_max_size"),  # silently: every training image 1 pixel short
     ("data.pad_multiple=-32", "data.pad_multiple"),  # collate: 'The size of tensor a (224) must match'
     ("data.exif_orientation=raw", "data.exif_orientation must be one of auto, stored, upright"),
+    ("data.seed=-1", "data.seed must be an integer >= 0"),  # every worker: 'expected non-negative integer'
 ])
 def test_data_bad_augmentation_settings_refused_before_the_run(override, key):
     """A bad augmentation size failed only where a sample was drawn (in the Ray Data tasks of a

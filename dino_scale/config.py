@@ -82,6 +82,7 @@ class DataConfig:
     train: Optional[str] = None  # folder of Parquet shards (with manifest.json)
     val: Optional[str] = None
     image_root: Optional[str] = None  # overrides the manifests' image roots: one, or one per folder 'a,b'
+    val_image_root: Optional[str] = None  # the same for the validation folders (unset: image_root)
     train_scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
     train_max_size: int = 1333
     crop_resize_scales: list[int] = field(default_factory=lambda: [400, 500, 600])

@@ -130,7 +130,7 @@ def _first_file_names(folder: Path, count: int) -> list[str]:
 
 
 def check_image_roots(data_dir: Union[PathLike, Sequence[PathLike]], image_root: Optional[Any] = None,
-                      samples: int = 8) -> None:
+                      samples: int = 8, key: str = "data.image_root") -> None:
     """:class:`~dino_scale.config.ConfigError` unless each dataset folder that references image
     files (converted without ``--embed-images``) has its image root (recorded, or ``image_root``:
     the ``data.image_root`` override, see :func:`~.records.folder_image_roots`) as a folder on this
@@ -141,14 +141,14 @@ def check_image_roots(data_dir: Union[PathLike, Sequence[PathLike]], image_root:
 
     from .records import folder_image_roots, read_manifest, resolve_image_path
 
-    fix = ("pass --set data.image_root=<the images' folder on the nodes> (one per dataset folder, "
+    fix = (f"pass --set {key}=<the images' folder on the nodes> (one per dataset folder, "
            "comma-separated, in order), or convert with --embed-images to keep the images in the shards")
     for folder, root in folder_image_roots(data_dir, image_root):
         if read_manifest(folder).get("embed_images") or root is None:
             continue
         if not Path(root).is_dir():
             raise ConfigError(f"the images of {folder} are read from {root} (recorded at conversion"
-                              f"{'' if not image_root else ', or data.image_root'}), which is not a folder "
+                              f"{'' if not image_root else ', or ' + key}), which is not a folder "
                               f"on this machine: every image would be skipped as missing. {fix}")
         names = _first_file_names(folder, samples)
         if names and not any(resolve_image_path(root, n) for n in names):

@@ -377,8 +377,11 @@ def build_train_dataset(data_dir, data_cfg, image_root: Roots = None, epoch: Opt
 def build_eval_dataset(data_dir, data_cfg, image_root: Roots = None, stats_name: str = "eval",
                        override_num_blocks: Optional[int] = None) -> "ray.data.Dataset":
     """Eval rows (resize to ``eval_size``/``eval_max_size``, no flip/crop), in shard order.
-    Image roots per folder as in :func:`build_train_dataset`."""
-    ds, root = _read_records(data_dir, image_root or data_cfg.image_root, override_num_blocks)
+    Image roots per folder as in :func:`build_train_dataset`; the override is ``image_root``, else
+    ``data_cfg.val_image_root``, else ``data_cfg.image_root`` (so that a training folder and a
+    validation folder can both be moved: one ``data.image_root`` served both)."""
+    roots = image_root or getattr(data_cfg, "val_image_root", None) or data_cfg.image_root
+    ds, root = _read_records(data_dir, roots, override_num_blocks)
     ray.get(_stats(stats_name).reset.remote())  # a new run's counts
     return ds.map_batches(_ToSample(data_cfg, False, root, 0, stats_name), batch_size=_BATCH,
                           batch_format="pyarrow")

@@ -160,7 +160,8 @@ def reads_backbone_weights(cfg: Config, *, init_weights: Optional[str], init_str
 # and weight decay whatever the new config says, so a change would be silently half-applied.
 RESUME_FREE_KEYS = frozenset({
     "name", "model.backbone_weights", "model.msda_backend", "model.backbone_checkpointing",
-    "model.encoder_checkpointing", "data.train", "data.val", "data.image_root", "train.epochs",
+    "model.encoder_checkpointing", "data.train", "data.val", "data.image_root", "data.val_image_root",
+    "train.epochs",
     "train.max_steps", "train.lr_drop_epochs", "train.num_workers", "train.min_workers",
     "train.elastic_resize_interval_s", "train.use_gpu", "train.cpus_per_worker", "train.worker_resources",
     "train.zero_stage", "train.max_failures", "train.max_bad_steps", "train.storage_path", "train.log_every_steps",

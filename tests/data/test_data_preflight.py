@@ -171,6 +171,18 @@ def test_image_roots_that_hold_no_image_are_refused_before_a_run(image_folders, 
     (moved / "a.png").unlink()
     check_image_roots(first, str(moved))  # one image left: the rest are counted skips, not refused
     check_image_roots(embedded)  # its recorded root is gone: the shards hold the images
+    # a training folder and a validation folder both moved: data.image_root (train) and
+    # data.val_image_root (val); one data.image_root served both, and no value could work
+    from dino_scale.engine.api import _check_data
+
+    moved2 = tmp_path / "elsewhere" / "images_second"
+    root2.rename(moved2)
+    _check_data(str(first), str(second), preset("tiny", [f"data.image_root={moved}",
+                                                          f"data.val_image_root={moved2}"]))
+    with pytest.raises(ConfigError, match=rf"none of the first 2 images of {second} is under {empty}.*"
+                                          r"--set data\.val_image_root="):  # the validation folder's own root
+        _check_data(str(first), str(second), preset("tiny", [f"data.image_root={moved}",
+                                                              f"data.val_image_root={empty}"]))
     # the engine refuses before Ray starts or an MLflow run exists
     with pytest.raises(ConfigError, match="not a folder on this machine"):
         fit(preset("tiny"), str(first), None, tmp_path / "work", "never-starts", evaluate=False, progress=False)

@@ -158,7 +158,9 @@ def _eval_and_decode_skips(shards, tmp_path):
     # was 10 here with the intact root, and 10 again (not 9) after one more broken run
     clean = build_eval_dataset(out, cfg, image_root=str(root), stats_name="eval_skips_test")
     assert len(clean.take_all()) == len(recs) and decode_skips("eval_skips_test")["count"] == 0
-    build_eval_dataset(out, cfg, image_root=str(broken_root), stats_name="eval_skips_test").take_all()
+    # (the validation root from data.val_image_root: the recorded root holds every image)
+    val_cfg = preset("tiny", [f"data.val_image_root={broken_root}"]).data
+    build_eval_dataset(out, val_cfg, stats_name="eval_skips_test").take_all()
     assert decode_skips("eval_skips_test")["count"] == 9
 
 

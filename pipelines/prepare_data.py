@@ -93,5 +93,7 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # one error line and an exit code, as `dino-scale prepare-data` (was: a traceback)
+    from pipelines._errors import run_main
+
+    sys.exit(run_main(main))

@@ -352,6 +352,26 @@ def test_prepare_data_module_help_names_the_module():
     assert proc.stdout.startswith("usage: python -m pipelines.prepare_data "), proc.stdout[:200]
 
 
+def test_prepare_data_module_fails_with_one_line(tmp_path):
+    """`python -m pipelines.prepare_data` ended an unexpected failure (or Ctrl-C) with a traceback;
+    `dino-scale prepare-data` printed one line: both now go through the same handler."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    ann = tmp_path / "a.json"
+    ann.write_text("{}")
+    code = ("import runpy, sys, dino_scale.data as d\n"
+            "def boom(*a, **k):\n    raise RuntimeError('disk on fire')\n"
+            "d.convert_coco = boom\n"
+            "sys.argv = ['prepare_data', '--annotations', sys.argv[1], '--images', sys.argv[2], '--out', sys.argv[2]]\n"
+            "runpy.run_module('pipelines.prepare_data', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(ann), str(tmp_path / "out")], cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "error: RuntimeError: disk on fire" in proc.stderr, proc.stderr
+
+
 def test_cli_paths_starting_with_a_tilde_are_in_home(tmp_path, monkeypatch, capsys):
     """`--out=~/preds` (the shell leaves a '~' after '=' alone) wrote into a folder named '~' in
     the current folder, and so did synth, prepare-data and check-data; predict and registry made

@@ -17,6 +17,7 @@ preset. Steps:
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -60,6 +61,18 @@ def _fmt(ap: Optional[float]) -> str:
     return "-" if ap is None else f"{100 * ap:.2f}"
 
 
+def use_own_store(work: Path, log) -> str:
+    """Point MLflow at ``<work>/mlflow.db`` whatever the environment says (returns the URI): with
+    ``MLFLOW_TRACKING_URI`` set (a team's server), the demo registered its dino-tiny-* models and
+    moved their aliases there, and ``--fresh`` did not reset them."""
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        if os.environ.get(var):
+            log(f"note: {var}={os.environ[var]} is not used: the demo keeps its runs and registry in "
+                f"{work / 'mlflow.db'}")
+            del os.environ[var]
+    return common.setup_tracking(work)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     for flag in ("pretrain_images", "finetune_images", "pretrain_steps", "finetune_steps"):
@@ -77,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log(f"removing {work}")
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    common.setup_tracking(work)
+    use_own_store(work, log)
     base = ["--work-dir", str(work), "--preset", PRESET]
     for o in stage_overrides(args.overrides):
         base += ["--set", o]

@@ -244,3 +244,18 @@ def test_pipelines_common_relative_work_dir_of_a_job_gets_a_note(monkeypatch, tm
     note = common.work_dir_note(_parse([]))
     assert "--work-dir ./runs is relative" in note and str(tmp_path) in note
     assert common.work_dir_note(_parse(["--work-dir", str(tmp_path / "w")])) is None
+
+
+def test_pipelines_demo_keeps_its_own_store(tmp_path, monkeypatch, mlflow_store_restored):
+    """The demo registers dino-tiny-* models and moves their aliases: with MLFLOW_TRACKING_URI set
+    (a team's server) it did so there. It now always uses ``<work-dir>/mlflow.db``, with a note."""
+    from pipelines.demo import use_own_store
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "http://mlflow.example:5000")
+    said: list[str] = []
+    uri = use_own_store(tmp_path, said.append)
+    assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    import mlflow
+    assert mlflow.get_tracking_uri() == uri and mlflow.get_registry_uri() == uri
+    assert len(said) == 2 and all("is not used" in m for m in said)

@@ -151,10 +151,10 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                          "synthetic_data": tags["synthetic_data"]})
     from dino_scale.tracking import store_client
     from pipelines._datasets import eval_fingerprint
-    from pipelines.registry import EVAL_DATA_TAG, EVAL_TTA_TAG, promote_if_better
+    from pipelines.registry import EVAL_DATA_TAG, EVAL_TTA_TAG, promote_if_better, tta_protocol
 
     # what the AP was measured on: @champion moves only over an AP of the same data and protocol
-    version_tags.update({EVAL_DATA_TAG: eval_fingerprint(val), EVAL_TTA_TAG: str(bool(cfg.eval.tta)).lower()})
+    version_tags.update({EVAL_DATA_TAG: eval_fingerprint(val), EVAL_TTA_TAG: tta_protocol(cfg)})
     version = results.register(result, name, alias=None, categories=categories, tags=version_tags)
 
     promo = promote_if_better(name, version, ap, alias=CHAMPION, client=store_client(result.tracking_uri))

@@ -123,6 +123,15 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
     return Promotion(True, version, ap, prev_v, prev_ap, f"AP {ap:.4f} {why}")
 
 
+def tta_protocol(cfg) -> str:
+    """The ``eval.tta`` tag of an AP measured with ``cfg.eval``: ``"false"``, or ``"true:"`` and
+    the TTA sizes (``"true:800,1000"``): APs with other sizes are not comparable either (a plain
+    ``"true"``, which said nothing of the sizes, compares equal only to itself)."""
+    if not cfg.eval.tta:
+        return "false"
+    return "true:" + ",".join(str(int(s)) for s in sorted(cfg.eval.tta_scales))
+
+
 def _synthetic(version) -> Optional[bool]:
     """A version's ``synthetic_data`` tag: True / False, None when absent (or no version)."""
     value = None if version is None else version.tags.get(SYNTHETIC_TAG)

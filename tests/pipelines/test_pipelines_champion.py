@@ -254,3 +254,23 @@ def test_pipelines_champion_held_by_a_smoke_test_gives_way_to_real_data(client, 
     subset = version("val-subset-fp", synthetic=False)  # other real data: not comparable, as before
     assert not promote_if_better("dino-tiny-coco", subset, 0.60, client=client).promoted
     assert str(client.get_model_version_by_alias("dino-tiny-coco", "champion").version) == real
+
+
+def test_pipelines_champion_tta_sizes_are_part_of_the_protocol(client, tmp_path):
+    """``eval.tta`` said true/false only: APs measured with other TTA sizes compared as equal."""
+    from dino_scale.config import preset
+    from pipelines.registry import tta_protocol
+
+    assert tta_protocol(preset("tiny")) == "false"
+    assert tta_protocol(preset("tiny", ["eval.tta=true", "eval.tta_scales=[1000,800]"])) == "true:800,1000"
+    assert tta_protocol(preset("r50_4scale", ["eval.tta=true"])) == "true:800"  # the default sizes
+
+    def version(tta: str) -> str:
+        v = _new_version(client, tmp_path)
+        for key, value in (("eval.data", "val2017-fp"), ("eval.tta", tta)):
+            client.set_model_version_tag("dino-tiny-coco", v, key, value)
+        return v
+
+    assert promote_if_better("dino-tiny-coco", version("true:800"), 0.30, client=client).promoted
+    assert not promote_if_better("dino-tiny-coco", version("true:800,1000"), 0.40, client=client).promoted
+    assert promote_if_better("dino-tiny-coco", version("true:800"), 0.31, client=client).promoted

@@ -93,6 +93,9 @@ class DataConfig:
     batch_size: int = 2  # images per worker per step
     seed: int = 42
     pad_multiple: Optional[int] = None  # collate pads H, W up to a multiple of this (None: batch max)
+    # decoded rows each worker shuffles its stream through (a shard's rows keep their conversion
+    # order every epoch; the shard order changes): more mixes more, at ~4 MB a row at 800x1333
+    shuffle_buffer: int = 16
     # which pixels an annotated image's boxes lie on when it has an EXIF orientation tag:
     # auto (sizes decide; a size-keeping tag, e.g. 3 = rotate 180, is a tie: upright, logged) |
     # stored (never apply the tag: the official DINO's reading; use it for COCO/Objects365) |

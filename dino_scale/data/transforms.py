@@ -104,6 +104,8 @@ def check_augmentation(cfg) -> None:
     seed = getattr(cfg, "seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"data.seed must be an integer >= 0, got {seed!r}")
+    if getattr(cfg, "shuffle_buffer", 0) < 0:
+        raise ConfigError(f"data.shuffle_buffer must be >= 0 (0: no shuffle), got {cfg.shuffle_buffer}")
     try:
         f = float(cfg.scale_factor)
     except (TypeError, ValueError):

@@ -312,6 +312,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 continue
             set_data_epoch(state.epoch)  # augmentation draws of this epoch (seed, epoch, image_id)
             batches = iter_micro_batches(train_shard, micro, world, rank, tc.deterministic, epoch=state.epoch,
+                                         shuffle_buffer=cfg.data.shuffle_buffer,
                                          seed=cfg.data.seed, pad_multiple=pad_multiple)
             for _ in range(state.micro_in_epoch):  # exact resume: skip what this epoch consumed
                 next(batches, None)

@@ -157,6 +157,7 @@ def test_data_resize_keeps_a_thin_strip_non_empty():
     ("data.pad_multiple=-32", "data.pad_multiple"),  # collate: 'The size of tensor a (224) must match'
     ("data.exif_orientation=raw", "data.exif_orientation must be one of auto, stored, upright"),
     ("data.seed=-1", "data.seed must be an integer >= 0"),  # every worker: 'expected non-negative integer'
+    ("data.shuffle_buffer=-4", "data.shuffle_buffer must be >= 0"),
 ])
 def test_data_bad_augmentation_settings_refused_before_the_run(override, key):
     """A bad augmentation size failed only where a sample was drawn (in the Ray Data tasks of a

@@ -147,6 +147,12 @@ def _stats(stats_name: str):
     return _handles[key]
 
 
+def _new_run_stats(stats_name: str) -> None:
+    """The :class:`_DataStats` of ``stats_name`` (created here: call from the driver) with a new
+    run's counts: a second run in one process found the first one's actor and its counts."""
+    ray.get(_stats(stats_name).reset.remote())
+
+
 def set_epoch(epoch: int, stats_name: str = "train") -> None:
     """Make the next pass over datasets built with ``epoch=None`` use ``epoch``'s draws."""
     ray.get(_stats(stats_name).set_epoch.remote(int(epoch)))
@@ -358,8 +364,7 @@ def build_train_dataset(data_dir, data_cfg, image_root: Roots = None, epoch: Opt
     (:class:`EpochFileOrder`), or each fixed ``epoch``'s; the same order for an epoch either way."""
     override = image_root or data_cfg.image_root
     known = category_ids(data_dir)  # a record holding another id is a counted skip (its label is bad)
-    # created from the driver, on its node (tasks and workers find it by name); counts from zero
-    ray.get(_stats(stats_name).reset.remote())
+    _new_run_stats(stats_name)  # created from the driver, on its node (tasks and workers find it by name)
     if epoch is None:
         if num_epochs != 1:
             raise ValueError("num_epochs > 1 needs a fixed start epoch")
@@ -384,7 +389,7 @@ def build_eval_dataset(data_dir, data_cfg, image_root: Roots = None, stats_name:
     validation folder can both be moved: one ``data.image_root`` served both)."""
     roots = image_root or getattr(data_cfg, "val_image_root", None) or data_cfg.image_root
     ds, root = _read_records(data_dir, roots, override_num_blocks)
-    ray.get(_stats(stats_name).reset.remote())  # a new run's counts
+    _new_run_stats(stats_name)
     return ds.map_batches(_ToSample(data_cfg, False, root, 0, stats_name), batch_size=_BATCH,
                           batch_format="pyarrow")
 

@@ -35,7 +35,7 @@ def test_data_epoch_shard_order_is_drawn_per_epoch(monkeypatch):
     clock = {"epoch": 0}
     monkeypatch.setattr(ray_data, "_read_records", read_records)
     monkeypatch.setattr(ray_data, "category_ids", lambda data_dir: [1])  # no manifest to read
-    monkeypatch.setattr(ray_data, "_stats", lambda name: None)  # the bookkeeping actor: no Ray here
+    monkeypatch.setattr(ray_data, "_new_run_stats", lambda name: None)  # the bookkeeping actor: no Ray here
     monkeypatch.setattr(ray_data, "current_epoch", lambda name: clock["epoch"] if name == "trainset" else -1)
     cfg = preset("tiny").data
     ray_data.build_train_dataset("unused", cfg, stats_name="trainset")

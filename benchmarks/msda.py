@@ -1,12 +1,27 @@
 """Benchmark of multi-scale deformable attention at the DINO shapes.
 
     python benchmarks/msda.py                       # GPU: our kernel (fp32/bf16/fp16), PyTorch, deformops
+    python benchmarks/msda.py --timer events --warmup 5 --reps 50   # GPU, CUDA events over --reps runs
     python benchmarks/msda.py --device cpu --small  # CPU: the PyTorch backend at a reduced shape
 
-Times forward and forward+backward (median over --reps runs after --warmup; CUDA events, or
-triton.testing.do_bench when available; time.perf_counter on CPU) for the encoder (all
-tokens as queries) and decoder (1100 queries) calls, and on CUDA the peak extra memory of the
-backward (peak allocated during backward minus allocated before it). Prints a table and
+Times forward and forward+backward for the encoder (all tokens as queries) and decoder (1100
+queries) calls, and on CUDA the peak extra memory of the backward in MiB (peak allocated during
+backward minus allocated before it). Timers (``--timer``; the JSON's ``timer`` and
+``timer_settings`` say which ran, with its settings):
+
+- ``do_bench`` (GPU, the default when triton imports): ``triton.testing.do_bench(warmup=25,
+  rep=100, return_mode="median")``: about 25 ms of warm-up runs, then as many runs as fit in
+  about 100 ms (the count comes from a 5-run estimate), queued back to back with the L2 cache
+  flushed before each; median ms. ``--warmup`` and ``--reps`` do not apply.
+- ``events`` (GPU; the default without triton): ``--warmup`` runs, then ``--reps`` runs, each
+  timed by CUDA events and synchronized (L2 not flushed); median ms.
+- on CPU: ``--warmup`` runs, then ``--reps`` runs timed by ``time.perf_counter``; median ms.
+
+Every implementation uses the level tables the model uses (``level_index_tensors``: cached, so
+the PyTorch backend reads no sizes back from the device per call). Before it is timed at a shape,
+its forward output is compared with the fp32 PyTorch backend's on the same inputs (value rounded
+to the row's dtype first): max |out - ref| / max |ref| at most 1e-4 (fp32) or 2e-2 (bf16/fp16).
+A row that fails the check, or raises, is reported as failed and not timed. Prints a table and
 writes JSON (default benchmarks/results/msda.json).
 """
 from __future__ import annotations
@@ -25,11 +40,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from dino_scale.ops import ms_deform_attn  # noqa: E402
+from dino_scale.ops import level_index_tensors, ms_deform_attn, ms_deform_attn_pytorch  # noqa: E402
 
 DINO_LEVELS = [(100, 150), (50, 75), (25, 38), (13, 19)]
 SMALL_LEVELS = [(25, 38), (13, 19), (7, 10), (4, 5)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# output check against the fp32 PyTorch backend: max |out - ref| / max |ref|
+CHECK_TOL = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-2}
+DO_BENCH = dict(warmup=25, rep=100, return_mode="median")  # triton.testing.do_bench's settings here
 
 
 def cpu_name() -> str:
@@ -42,17 +60,41 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def make_inputs(batch, levels, heads, dim, points, queries, dtype, device, seed=0):
+def make_inputs(batch, levels, heads, dim, points, queries, device, seed=0):
+    """fp32 (value, spatial_shapes, level_start_index, sampling_locations, attention_weights) on
+    ``device``. The level tables are the model's: the cached pair of ``level_index_tensors``
+    (tables made with a plain ``.to(device)`` make the PyTorch backend read the sizes back from
+    the device on every call, a GPU sync the model never pays)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    shapes = torch.tensor(levels, dtype=torch.int64)
-    areas = shapes.prod(1)
-    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
-    s, n_lvl = int(areas.sum()), len(levels)
-    value = torch.randn(batch, s, heads, dim, generator=g).to(device=device, dtype=dtype)
+    s = sum(h * w for h, w in levels)
+    n_lvl = len(levels)
+    value = torch.randn(batch, s, heads, dim, generator=g).to(device)
     loc = torch.rand(batch, queries, heads, n_lvl, points, 2, generator=g).to(device)
     w = torch.rand(batch, queries, heads, n_lvl * points, generator=g).softmax(-1)
     w = w.view(batch, queries, heads, n_lvl, points).to(device)
-    return value, shapes.to(device), starts.to(device), loc, w
+    shapes, starts = level_index_tensors(levels, device)
+    return value, shapes, starts, loc, w
+
+
+def as_dtype(inputs, dtype):
+    """``inputs`` with value in ``dtype`` (locations and weights stay fp32, as the model passes them)."""
+    value, shapes, starts, loc, w = inputs
+    return (value.to(dtype), shapes, starts, loc, w)
+
+
+def reference(inputs) -> torch.Tensor:
+    """The fp32 PyTorch backend's forward output on ``inputs`` (value upcast to fp32)."""
+    value, shapes, starts, loc, w = inputs
+    with torch.no_grad():
+        return ms_deform_attn_pytorch(value.float(), shapes, starts, loc.float(), w.float())
+
+
+def output_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref| (inf for a wrong shape; NaN when out has NaN)."""
+    if tuple(out.shape) != tuple(ref.shape):
+        return float("inf")
+    scale = ref.abs().max().clamp_min(1e-30)
+    return float((out.float() - ref).abs().max() / scale)
 
 
 def deformops_fns() -> dict:
@@ -74,13 +116,19 @@ def deformops_fns() -> dict:
     return {"deformops-triton": make(Backend.TRITON), "deformops-cuda": make(Backend.CUDA)}
 
 
-def _timer(device: str, warmup: int, reps: int):
+def _timer(device: str, warmup: int, reps: int, kind: str = "auto"):
+    """(timer fn -> median ms, timer name, its settings) for ``device`` and ``--timer kind``."""
     if device == "cuda":
-        try:
-            from triton.testing import do_bench
-            return lambda fn: float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-        except Exception:  # noqa: BLE001
-            pass
+        if kind in ("auto", "do_bench"):
+            try:
+                from triton.testing import do_bench
+            except Exception as exc:  # noqa: BLE001
+                if kind == "do_bench":
+                    raise ImportError(f"{type(exc).__name__}: {exc}") from exc
+            else:
+                return (lambda fn: float(do_bench(fn, **DO_BENCH)), "triton.testing.do_bench",
+                        {"warmup_ms": DO_BENCH["warmup"], "rep_ms": DO_BENCH["rep"],
+                         "return_mode": DO_BENCH["return_mode"], "l2_flushed_per_run": True})
 
         def cuda_events(fn):
             for _ in range(warmup):
@@ -92,7 +140,7 @@ def _timer(device: str, warmup: int, reps: int):
                 torch.cuda.synchronize()
                 times.append(a.elapsed_time(b))
             return statistics.median(times)
-        return cuda_events
+        return cuda_events, "cuda_events", {"warmup": warmup, "reps": reps, "return_mode": "median"}
 
     def cpu_timer(fn):
         for _ in range(warmup):
@@ -101,7 +149,7 @@ def _timer(device: str, warmup: int, reps: int):
         for _ in range(reps):
             t0 = time.perf_counter(); fn(); times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
-    return cpu_timer
+    return cpu_timer, "time.perf_counter", {"warmup": warmup, "reps": reps, "return_mode": "median"}
 
 
 def bench_one(fn, inputs, device, timer):
@@ -115,7 +163,7 @@ def bench_one(fn, inputs, device, timer):
         v.grad = l_.grad = w_.grad = None
         fn(v, shapes, starts, l_, w_).backward(gout)
     fb_ms = timer(fwd_bwd)
-    peak_mb = None
+    peak_mib = None
     if device == "cuda":
         v.grad = l_.grad = w_.grad = None
         out = fn(v, shapes, starts, l_, w_)
@@ -124,8 +172,44 @@ def bench_one(fn, inputs, device, timer):
         torch.cuda.reset_peak_memory_stats()
         out.backward(gout)
         torch.cuda.synchronize()
-        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return fwd_ms, fb_ms, peak_mb
+        peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return fwd_ms, fb_ms, peak_mib
+
+
+def implementations(device: str, dtypes: list, cpp_cpu: bool = False) -> list:
+    """[(name, dtype name, fn(value, spatial_shapes, level_start_index, locations, weights))]."""
+    impls = []
+    if device == "cuda":
+        for name in dtypes:
+            impls.append(("ours-cuda", name, lambda *a: ms_deform_attn(*a, backend="cuda")))
+    impls.append(("pytorch", "fp32", lambda *a: ms_deform_attn(*a, backend="pytorch")))
+    if device == "cpu" and cpp_cpu:
+        from dino_scale.ops import ms_deform_attn_cuda
+        ms_deform_attn_cuda.load()
+        impls.append(("ours-cpp-cpu", "fp32", torch.ops.dino_scale.ms_deform_attn_forward))
+    if device == "cuda":
+        impls.append(("pytorch", "bf16", lambda *a: ms_deform_attn(*a, backend="pytorch")))
+        for name, dfn in deformops_fns().items():
+            impls += [(name, "fp32", dfn), (name, "bf16", dfn)]
+    return impls
+
+
+def run_row(call, queries, name, dname, fn, inputs, ref, device, timer) -> dict:
+    """One table row: the output check, then (passed) the timings; a failure is recorded, not raised."""
+    row = dict(call=call, impl=name, dtype=dname, queries=queries, checked=False, max_rel_err=None,
+               check_tol=CHECK_TOL[dname], fwd_ms=None, fwd_bwd_ms=None, bwd_peak_extra_mib=None, error=None)
+    try:
+        with torch.no_grad():
+            err = output_error(fn(*inputs), ref)
+        row["max_rel_err"] = err
+        if not err <= CHECK_TOL[dname]:  # NaN fails too
+            row["error"] = f"output check failed: max rel err {err:.3g} > {CHECK_TOL[dname]:g}"
+            return row
+        row["checked"] = True
+        row["fwd_ms"], row["fwd_bwd_ms"], row["bwd_peak_extra_mib"] = bench_one(fn, inputs, device, timer)
+    except Exception as exc:  # noqa: BLE001 - one failing implementation must not hide the rest
+        row["error"] = f"{type(exc).__name__}: {exc}"
+    return row
 
 
 def main(argv=None) -> int:
@@ -135,6 +219,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="fp32,bf16,fp16", help="dtypes for the CUDA kernel")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--timer", choices=("auto", "do_bench", "events"), default="auto",
+                    help="GPU timer: triton.testing.do_bench (auto when triton imports; ignores --warmup/--reps) "
+                         "or CUDA events over --reps runs after --warmup; CPU: always time.perf_counter")
     ap.add_argument("--cpp-cpu", action="store_true",
                     help="on CPU, also time the compiled library's CPU kernel (loads it; builds it if missing)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "msda.json"))
@@ -151,46 +238,43 @@ def main(argv=None) -> int:
     batch = 1 if args.small else 2
     heads, dim, points = 8, 32, 4
     calls = {"encoder": sum(h * w for h, w in levels), "decoder": 300 if args.small else 1100}
-    timer = _timer(args.device, args.warmup, args.reps)
-
-    impls = []  # (name, dtype name, fn)
-    if args.device == "cuda":
-        for name in args.dtypes.split(","):
-            impls.append(("ours-cuda", name, lambda *a: ms_deform_attn(*a, backend="cuda")))
-    impls.append(("pytorch", "fp32", lambda *a: ms_deform_attn(*a, backend="pytorch")))
-    if args.device == "cpu" and args.cpp_cpu:
-        from dino_scale.ops import ms_deform_attn_cuda
-        ms_deform_attn_cuda.load()
-        impls.append(("ours-cpp-cpu", "fp32", torch.ops.dino_scale.ms_deform_attn_forward))
-    if args.device == "cuda":
-        impls.append(("pytorch", "bf16", lambda *a: ms_deform_attn(*a, backend="pytorch")))
-        for name, dfn in deformops_fns().items():
-            impls += [(name, "fp32", dfn), (name, "bf16", dfn)]
+    try:
+        timer, timer_name, timer_settings = _timer(args.device, args.warmup, args.reps, args.timer)
+    except ImportError as exc:
+        ap.error(f"--timer do_bench: triton.testing does not import ({exc})")
+    impls = implementations(args.device, args.dtypes.split(","), args.cpp_cpu)
 
     rows = []
     for call, queries in calls.items():
+        base = make_inputs(batch, levels, heads, dim, points, queries, args.device)
+        refs = {}  # dtype name -> the fp32 PyTorch backend's output on the inputs of that dtype
         for name, dname, fn in impls:
-            inputs = make_inputs(batch, levels, heads, dim, points, queries, DTYPES[dname], args.device)
-            try:
-                fwd, fb, peak = bench_one(fn, inputs, args.device, timer)
-            except Exception as exc:  # noqa: BLE001 - one failing implementation must not hide the rest
-                print(f"{name} {dname} {call}: failed: {type(exc).__name__}: {exc}")
-                continue
-            rows.append(dict(call=call, impl=name, dtype=dname, queries=queries, fwd_ms=fwd,
-                             fwd_bwd_ms=fb, bwd_peak_extra_mb=peak))
+            inputs = as_dtype(base, DTYPES[dname])
+            if dname not in refs:
+                refs[dname] = reference(inputs)
+            row = run_row(call, queries, name, dname, fn, inputs, refs[dname], args.device, timer)
+            if row["error"]:
+                print(f"{name} {dname} {call}: failed: {row['error']}")
+            rows.append(row)
+        del base, refs
 
     dev_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     print(f"\nms_deform_attn on {args.device} ({dev_name}); batch {batch}, levels {levels}, "
-          f"{heads} heads x {dim}, {points} points; median ms")
-    print(f"{'call':8} {'impl':16} {'dtype':5} {'queries':>7} {'fwd ms':>9} {'fwd+bwd ms':>11} {'bwd peak MB':>12}")
+          f"{heads} heads x {dim}, {points} points; {timer_name} {timer_settings}; median ms")
+    print(f"{'call':8} {'impl':16} {'dtype':5} {'queries':>7} {'max rel err':>11} {'fwd ms':>9} {'fwd+bwd ms':>11} "
+          f"{'bwd peak MiB':>12}")
     for r in rows:
-        peak = "-" if r["bwd_peak_extra_mb"] is None else f"{r['bwd_peak_extra_mb']:.1f}"
-        print(f"{r['call']:8} {r['impl']:16} {r['dtype']:5} {r['queries']:>7} {r['fwd_ms']:>9.3f} "
-              f"{r['fwd_bwd_ms']:>11.3f} {peak:>12}")
+        err = "-" if r["max_rel_err"] is None else f"{r['max_rel_err']:.1e}"
+        head = f"{r['call']:8} {r['impl']:16} {r['dtype']:5} {r['queries']:>7} {err:>11}"
+        if r["error"]:
+            print(f"{head} failed: {r['error']}")
+            continue
+        peak = "-" if r["bwd_peak_extra_mib"] is None else f"{r['bwd_peak_extra_mib']:.1f}"
+        print(f"{head} {r['fwd_ms']:>9.3f} {r['fwd_bwd_ms']:>11.3f} {peak:>12}")
     report = dict(device=args.device, device_name=dev_name, torch=torch.__version__,
                   cpu_threads=torch.get_num_threads(), load_avg_1m=os.getloadavg()[0], batch=batch, levels=levels,
-                  heads=heads,
-                  head_dim=dim, points=points, small=args.small, reps=args.reps,
+                  heads=heads, head_dim=dim, points=points, small=args.small,
+                  timer=timer_name, timer_settings=timer_settings,
                   command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                   rows=rows)
     out = Path(args.out)

@@ -4,9 +4,14 @@
 
 Prints (1) a phase breakdown with a device sync between phases (forward, criterion, backward,
 clip + optimizer; median of --iters), (2) the torch.profiler tables of a few profiled steps:
-top ops by self CPU time and by self device time, and the count of host-device syncs
-(``aten::_local_scalar_dense``, ``cudaStreamSynchronize``, ``cudaMemcpy*`` D2H), and (3) the
-same for inference at batch 1. With --out, writes the phases and tables to a text file there.
+top ops by self CPU time and by self device time, the device busy time per step (the summed
+time of the device's own activity: kernels, memcpy and memset, each counted once, as the
+profiler table's "Self CUDA time total"; kernels that overlap on several streams are summed),
+and the host syncs per step (calls where the host waits for the device: ``cudaStreamSynchronize``,
+``cudaEventSynchronize``, ``cudaDeviceSynchronize``; each ``.item()``, ``.tolist()``, blocking
+device-to-host copy or ``nonzero`` makes one) beside the device-to-host copies (``Memcpy DtoH``),
+and (3) the same for inference at batch 1. On CPU there is no device activity to count.
+With --out, writes the phases and tables to a text file there.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -29,8 +35,13 @@ from dino_scale.models import build_dino  # noqa: E402
 from dino_scale.models.criterion import weighted_loss  # noqa: E402
 from train_step import synthetic_batch  # noqa: E402
 
-SYNC_OPS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
-            "cudaMemcpyAsync", "cudaEventSynchronize", "aten::nonzero", "aten::item")
+# CUDA runtime calls in which the host waits for the device. `.item()` (aten::item ->
+# aten::_local_scalar_dense), a blocking device-to-host copy and aten::nonzero each end in one
+# cudaStreamSynchronize, so counting these calls counts each sync once; counting the ATen ops
+# too counted one `.item()` two or three times, and every cudaMemcpyAsync (host-to-device
+# copies included) as a sync.
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")
+D2H_COPY = "Memcpy DtoH"  # the device's own record of a device-to-host copy (Memcpy DtoH (Device -> ...))
 
 
 def _sync(device):
@@ -63,12 +74,35 @@ def phases(model, criterion, opt, batch, amp, clip, iters, device):
     return {k: statistics.median(v) for k, v in rec.items()}
 
 
-def sync_counts(prof) -> dict:
-    counts = {}
-    for e in prof.key_averages():
-        if e.key in SYNC_OPS:
-            counts[e.key] = counts.get(e.key, 0) + e.count
-    return counts
+def _is_device_event(e) -> bool:
+    """An event of the device's own activity (kernel, memcpy, memset), not a host-side op or range."""
+    return e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)
+
+
+def sync_counts(events, steps: int, own_syncs: int = 0) -> dict:
+    """Per-step host syncs of profiled ``events`` (``prof.key_averages()``): each SYNC_CALLS call
+    once, less ``own_syncs`` cudaDeviceSynchronize calls the script made itself inside the
+    profile; ``total``; and ``d2h_copies`` (device-to-host copies, blocking or not; those that
+    block are already in the sync calls)."""
+    counts = {k: 0 for k in SYNC_CALLS}
+    d2h = 0
+    for e in events:
+        if e.key in SYNC_CALLS:
+            counts[e.key] += e.count
+        elif e.key.startswith(D2H_COPY) and _is_device_event(e):
+            d2h += e.count
+    counts["cudaDeviceSynchronize"] = max(0, counts["cudaDeviceSynchronize"] - own_syncs)
+    out = {k: v / steps for k, v in counts.items() if v}
+    out["total"] = sum(counts.values()) / steps
+    out["d2h_copies"] = d2h / steps
+    return out
+
+
+def device_busy_ms(events, steps: int) -> float:
+    """Per-step device time (ms) of profiled ``events``: the self time of the device's own events
+    only (kernels, memcpy, memset; each once). The host-side ops' self device time is the same
+    kernels again, and ranges such as Optimizer.step cover them a third time."""
+    return sum(e.self_device_time_total for e in events if _is_device_event(e)) / steps / 1e3
 
 
 def main(argv=None):
@@ -113,11 +147,16 @@ def main(argv=None):
         for _ in range(steps):
             train_step(model, criterion, opt, batch, clip_max_norm=cfg.train.clip_max_norm, amp_dtype=amp)
         _sync(device)
+    on_gpu = device.type == "cuda"
+    own = 1 if on_gpu else 0  # the _sync above: one cudaDeviceSynchronize of this script's own
     text = []
-    text.append(f"## train: per-step sync-like calls {({k: v / steps for k, v in sync_counts(prof).items()})}")
     ka = prof.key_averages()
-    total_dev = sum(e.self_device_time_total for e in ka) / steps / 1e3
-    text.append(f"## train: device busy ~{total_dev:.1f} ms per step (sum of self device time)")
+    if on_gpu:
+        text.append(f"## train: host syncs per step {sync_counts(ka, steps, own)}")
+        text.append(f"## train: device busy ~{device_busy_ms(ka, steps):.1f} ms per step (kernels, memcpy and "
+                    "memset on the device, each once; summed over streams)")
+    else:
+        text.append("## train: on CPU: no device time or host-device syncs to count")
     text.append(ka.table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=60))
     text.append(ka.table(sort_by="self_device_time_total", row_limit=a.rows, max_name_column_width=60))
 
@@ -142,9 +181,11 @@ def main(argv=None):
             infer()
         _sync(device)
     ka2 = prof2.key_averages()
-    dev2 = sum(e.self_device_time_total for e in ka2) / steps / 1e3
-    text.append(f"## infer bs1: {statistics.median(t):.1f} ms wall, device busy ~{dev2:.1f} ms; "
-                f"syncs {({k: v / steps for k, v in sync_counts(prof2).items()})}")
+    if on_gpu:
+        text.append(f"## infer bs1: {statistics.median(t):.1f} ms wall, device busy ~{device_busy_ms(ka2, steps):.1f} "
+                    f"ms (kernels, memcpy, memset); host syncs per call {sync_counts(ka2, steps, own)}")
+    else:
+        text.append(f"## infer bs1: {statistics.median(t):.1f} ms wall")
     text.append(ka2.table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=60))
     text.append(ka2.table(sort_by="self_device_time_total", row_limit=a.rows, max_name_column_width=60))
     report = "\n".join(text)

@@ -4,9 +4,15 @@ For each preset: a training step (forward with targets, criterion, backward, cli
 AdamW step; ``dino_scale.engine.train_step.train_step``) at each batch size, and
 inference (forward + post-processing) at batch 1, on synthetic images (default 800x1199,
 8 boxes each) with random weights. Reports the median over ``--iters`` timed iterations
-after ``--warmup``: img/s (train), FPS (inference) and peak memory (CUDA: max allocated;
-CPU: the process's peak RSS so far). Prints a table and writes JSON under
-benchmarks/results/.
+after ``--warmup``: img/s (train), FPS (inference) and peak memory (CUDA: max allocated
+since the row's start, model weights included; CPU: the process's peak RSS so far, which
+no reset lowers). Before the inference row the training rows' optimizer state and gradients
+are freed, so its CUDA peak is the model's weights plus the inference itself. A training step
+that ``train_step`` skipped for a non-finite loss (no backward, no optimizer step) is counted
+(``skipped_steps``: of the timed steps; ``warmup_skipped``); a row with a skipped timed step
+is an error row (no timing, exit status 1), since its median would not be of full steps.
+With ``--no-finite-check`` no step is checked, so none can be seen as skipped. Prints a
+table and writes JSON under benchmarks/results/.
 
     python benchmarks/train_step.py                                   # GPU, three presets
     python benchmarks/train_step.py --precision bf16 --tf32 --channels-last
@@ -16,6 +22,7 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import resource
@@ -50,6 +57,8 @@ class Row:
     peak_gib: float
     iters: int
     note: str = ""
+    skipped_steps: int = 0  # train: timed steps train_step skipped (non-finite loss); an error when > 0
+    warmup_skipped: int = 0  # train: warm-up steps it skipped
 
 
 def synthetic_batch(b: int, h: int, w: int, n_boxes: int, num_classes: int, device, seed: int = 0):
@@ -96,6 +105,46 @@ def _time(fn, warmup: int, iters: int, device) -> list[float]:
     return times
 
 
+class StepRecorder:
+    """Calls ``train_step`` and keeps each call's ``skipped`` flag (a Python bool: no sync)."""
+
+    def __init__(self, step_fn):
+        self.step_fn = step_fn
+        self.skipped: list[bool] = []
+
+    def __call__(self):
+        out = self.step_fn()
+        self.skipped.append(bool(out.skipped))
+        return out
+
+
+def train_row(name: str, bs: int, precision: str, times: list[float], skipped: list[bool], peak: float) -> Row:
+    """The row of a timed training run: ``skipped`` holds every call's flag, warm-up first, the
+    timed ones (``len(times)``) last. Any skipped timed step makes it an error row."""
+    timed = skipped[len(skipped) - len(times):]
+    n_skip, n_warm = sum(timed), sum(skipped[:len(skipped) - len(times)])
+    if n_skip:
+        note = (f"error: {n_skip} of {len(times)} timed steps skipped by train_step (non-finite loss: no "
+                "backward or optimizer step); not a timing of full steps")
+        return Row(name, "train", bs, precision, float("nan"), float("nan"), peak, len(times), note, n_skip, n_warm)
+    note = f"{n_warm} warm-up steps skipped (non-finite loss)" if n_warm else ""
+    med = statistics.median(times)
+    return Row(name, "train", bs, precision, med, bs / med, peak, len(times), note, 0, n_warm)
+
+
+def free_training_state(opt, model, device) -> None:
+    """Drop the optimizer's state and the gradients, so that the inference row's peak memory is
+    the weights plus inference, not the leftover AdamW state of the training rows."""
+    opt.zero_grad(set_to_none=True)
+    opt.state.clear()
+    for p in model.parameters():
+        p.grad = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
 def build(name: str, device, args):
     cfg = preset(name)
     torch.manual_seed(0)
@@ -121,17 +170,18 @@ def bench_preset(name: str, args, device) -> list[Row]:
         images, masks, targets = synthetic_batch(bs, args.height, args.width, args.boxes, cfg.model.num_classes, device)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        step = StepRecorder(lambda: train_step(model, criterion, opt, (images, masks, targets),
+                                               clip_max_norm=cfg.train.clip_max_norm, amp_dtype=amp,
+                                               check_finite=not args.no_finite_check))
         try:
-            times = _time(lambda: train_step(model, criterion, opt, (images, masks, targets),
-                                             clip_max_norm=cfg.train.clip_max_norm, amp_dtype=amp,
-                                             check_finite=not args.no_finite_check),
-                          args.warmup, args.iters, device)
-            med = statistics.median(times)
-            rows.append(Row(name, "train", bs, args.precision, med, bs / med, _peak_gib(device), len(times)))
+            times = _time(step, args.warmup, args.iters, device)
+            rows.append(train_row(name, bs, args.precision, times, step.skipped, _peak_gib(device)))
         except torch.OutOfMemoryError:
             rows.append(Row(name, "train", bs, args.precision, float("nan"), float("nan"), _peak_gib(device), 0, "OOM"))
         opt.zero_grad(set_to_none=True)
-        del images, masks, targets
+        del images, masks, targets, step
+    free_training_state(opt, model, device)
+    del opt
     _reset_peak(device)
     model.eval()
     images, masks, _ = synthetic_batch(1, args.height, args.width, args.boxes, cfg.model.num_classes, device)
@@ -174,7 +224,7 @@ def graph_note(graphed, device, limit: int = 220) -> str:
 
 
 def table(rows: list[Row], device_name: str) -> str:
-    mem = "peak GiB" if not device_name.startswith("cpu") else "peak RSS GiB"
+    mem = "peak GiB" if not device_name.startswith("cpu") else "process peak RSS GiB"
     lines = [f"| preset | mode | bs | precision | median ms | img/s or FPS | {mem} |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.preset} | {r.mode} | {r.batch_size} | {r.precision} | {r.median_s * 1000:.1f} | "
@@ -243,8 +293,12 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     out.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "args": {
         k: v for k, v in vars(args).items()}, "rows": [asdict(r) for r in rows]}, indent=2))
     print(f"wrote {out}")
+    bad = [r for r in rows if r.skipped_steps]
+    if bad:
+        print(f"ERROR: {len(bad)} training row(s) timed steps that train_step skipped (non-finite loss): "
+              + ", ".join(f"{r.preset} bs {r.batch_size}" for r in bad), file=sys.stderr)
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if any(r.skipped_steps for r in main()) else 0)

@@ -115,3 +115,19 @@ def test_a_dry_run_leaves_no_results_folder_in_the_checkout(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "msda: would run" in proc.stdout
     assert not (tmp_path / "benchmarks" / "results").exists()
+
+
+def test_presets_train_at_batch_2_and_8_each_within_one_call(tmp_path):
+    # the presets step trained r50_5scale and swinl_4scale at bs 2 only; both at bs 2 and 8 do not
+    # fit one call's budget together, so each preset is a step of its own that does
+    for preset in ("r50_5scale", "swinl_4scale"):
+        out, _ = _run(tmp_path / preset, f"preset-{preset}", DRY_RUN=1, BUDGET_S=540)
+        steps = _summary_steps(out)
+        line = steps[f"preset-{preset}"]
+        assert line.startswith("would run") and f"--preset {preset}" in line and "--batch-sizes 2,8" in line, line
+        est, limit = (int(re.search(p, line).group(1)) for p in (r"~(\d+) s", r"limit (\d+) s"))
+        assert 60 + est <= 540 and limit <= 540 - 60  # after the build
+    out, _ = _run(tmp_path / "both", "presets", DRY_RUN=1, BUDGET_S=100000)
+    steps = _summary_steps(out)
+    assert [s for s in steps if s.startswith("preset-")] == ["preset-r50_5scale", "preset-swinl_4scale"]
+    assert all("--batch-sizes 2,8" in steps[s] for s in ("preset-r50_5scale", "preset-swinl_4scale"))

@@ -7,7 +7,9 @@ Usage errors (unknown registry name, missing path, preset typo, unknown override
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import Callable, Optional, Sequence
 
 from dino_scale.config import ConfigError
@@ -45,17 +47,35 @@ def _is_usage_error(exc: BaseException) -> bool:
     return False  # anything else (an IndexError, a KeyError...) is a failure, not the user's mistake
 
 
+class Terminated(SystemExit):
+    """SIGTERM (``ray job stop``, a pod stopped) as an exception: Python's default ended the
+    process without running any cleanup, so the MLflow run stayed RUNNING for good."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated(143)
+
+
 def run_main(main: Callable[[Optional[Sequence[str]]], int | None],
              argv: Optional[Sequence[str]] = None) -> int:
     """Run ``main(argv)``; turn failures into one ``error: ...`` line and an exit code
-    (2: usage, 1: other, 130: interrupted). ``--debug`` in argv re-raises."""
+    (2: usage, 1: other, 130: interrupted, 143: terminated). ``--debug`` in argv re-raises.
+    SIGTERM raises :class:`Terminated` while ``main`` runs (main thread, where no handler was
+    set), so the run's cleanup marks it KILLED as for Ctrl-C."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("DINO_SCALE_DEBUG") == "1"
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
+            signal.SIG_DFL, None):
+        previous = signal.signal(signal.SIGTERM, _on_sigterm) or signal.SIG_DFL
     try:
         return int(main(args) or 0)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("error: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except SystemExit as exc:  # argparse
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     except BaseException as exc:  # noqa: BLE001 - this is the top-level handler
@@ -66,3 +86,6 @@ def run_main(main: Callable[[Optional[Sequence[str]]], int | None],
         hint = "" if usage else " (run with --debug for the traceback)"
         print(f"error: {prefix}{_one_line(exc)}{hint}", file=sys.stderr, flush=True)
         return 2 if usage else 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -218,7 +218,7 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
 
     from dino_scale.engine.elastic import check_restart
     from dino_scale.tracking.logger import ResilientLogger, default_tracking_uri
-    from dino_scale.tracking.relay import is_node_local, start_relay
+    from dino_scale.tracking.relay import start_relay
     from dino_scale.tracking.registry import store_client
     from dino_scale.tracking.resume import RESUMED_FROM_TAG, check_same_source
 
@@ -295,7 +295,11 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
             val_gt = ray.put(coco_gt)
         init_state = ray.put(init_sd) if init_sd is not None else None
         del init_sd  # the object store holds it
-        relay = start_relay(tracking_uri, run_id) if run_id and is_node_local(tracking_uri) else None
+        # rank 0 logs through an actor on this node whatever the store: a node-local one (sqlite, a
+        # loopback server) exists only here, a server's credentials (MLFLOW_TRACKING_TOKEN...) are
+        # this process's only (workers do not get the driver's environment: rank 0 was refused,
+        # 401, and every step metric lost), and rank 0 never waits on a slow store
+        relay = start_relay(tracking_uri, run_id) if run_id else None
         for ds in datasets.values():
             quiet_progress_bars(ds)
         total = min(cfg.train.epochs * spe, cfg.train.max_steps or 10 ** 12) if train else 0

@@ -41,9 +41,8 @@ def from_driver(ref_or_value):
 
 def rank0_tracker(loop_cfg: dict[str, Any], rank: int):
     """Rank 0's MLflow logger of the driver's run (None on other ranks or without a run): the
-    driver's relay actor for a node-local store (sqlite on the driver's machine, or a server at
-    its loopback address: :func:`~dino_scale.tracking.relay.is_node_local`), else a logger of
-    its own."""
+    driver's relay actor (``fit`` starts one for every run: the store may exist on the driver's
+    machine only, and its credentials are the driver's), else a logger of its own."""
     if rank != 0 or not loop_cfg.get("run_id"):
         return None
     if loop_cfg.get("tracking_relay") is not None:

@@ -1,4 +1,4 @@
-"""Rank 0's MLflow logging through an actor on the driver's node, for node-local stores.
+"""Rank 0's MLflow logging through an actor on the driver's node.
 
 A sqlite (or ``file:``) tracking URI names a file on the driver's machine, and a server at a
 loopback address (``http://127.0.0.1:5000``, ``http://localhost:5000``) one that runs there.
@@ -7,8 +7,12 @@ another database) and that address is the worker's own node, so rank 0 cannot lo
 itself. :func:`start_relay` starts a :class:`TrackingRelay` actor pinned to the driver's
 node (no CPU reserved) that owns a :class:`~dino_scale.tracking.logger.ResilientLogger` of
 the run; rank 0 talks to it through :class:`RelayClient`, which has the logger's methods.
-Stores on a server other nodes can reach (``http(s)://`` with a host name or a non-loopback
-address, ``databricks``...) are reached by rank 0 directly (:func:`is_node_local`).
+``fit`` uses the relay for every store: also a server other nodes can reach (``http(s)://``
+with a host name, ``databricks``...), whose credentials (``MLFLOW_TRACKING_TOKEN``, ...) are in
+the driver's environment only (Ray does not hand it to the workers: rank 0 logging itself was
+refused and lost every step metric), and through it rank 0 never waits on a slow store (its
+calls are fire-and-forget). :func:`is_node_local` still tells the stores that exist on one
+machine only.
 """
 from __future__ import annotations
 

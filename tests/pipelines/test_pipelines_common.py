@@ -70,6 +70,31 @@ def test_pipelines_common_run_main_exit_codes(capsys):
     assert common.run_main(lambda argv: 0, []) == 0
 
 
+def test_pipelines_common_sigterm_runs_the_cleanup(capsys):
+    """SIGTERM (``ray job stop``, a pod stopped) ended the process at once: no ``except
+    BaseException`` ran, so the MLflow run stayed RUNNING. It is an exception while a pipeline
+    runs (exit 143), and the default handler is back afterwards."""
+    import os
+    import signal
+    import time
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    cleaned: list[str] = []
+
+    def main(argv):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the handler raises here
+        except BaseException as exc:  # what fit does: end the MLflow run as KILLED
+            cleaned.append(type(exc).__name__)
+            raise
+        return 0
+
+    assert common.run_main(main, []) == 143
+    assert cleaned == ["Terminated"] and "terminated (SIGTERM)" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_pipelines_common_usage_errors_before_any_work_import_no_mlflow(tmp_path):
     """A preset typo is reported without importing MLflow (~2 s): the error handler imported it
     to classify every error, and pretrain's default --alias was validated with it."""

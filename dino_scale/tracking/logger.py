@@ -43,6 +43,7 @@ __all__ = ["default_tracking_uri", "sqlite_artifact_location", "ResilientLogger"
 log = logging.getLogger("dino_scale.tracking")
 CREATE_ID_TAG = "dino_scale.create_id"  # one per start_run: a retried creation finds the run an earlier try made
 _MAX_PARAM_LEN = 6000
+_MAX_BATCH_METRICS = 1000  # MLflow's log_batch limit: queued metric calls go out merged up to it
 _BATCH = 100
 
 
@@ -153,6 +154,7 @@ class ResilientLogger:
         self.retry_interval_s = retry_interval_s
         self.max_buffer = max_buffer
         self._queue: collections.deque = collections.deque()
+        self._merge_cap = _MAX_BATCH_METRICS  # queued metric calls merged into one request, at most
         self._next_try = 0.0
         self._down = False
         self.outages = 0
@@ -278,6 +280,42 @@ class ResilientLogger:
                 break
         self.flush()
 
+    def _send_head(self) -> int:
+        """Send the op at the head of the queue; returns how many queued ops went out. Metric
+        calls queued one after another go as one ``log_batch`` (up to :data:`_MAX_BATCH_METRICS`
+        values): after an outage rank 0's backlog was one request per step (1500 buffered calls:
+        one ``log_metrics`` call blocked for 123 s). A merged batch the store refuses is tried
+        again in halves until the call holding the bad value goes alone (its refusal handled as
+        before); 0 when nothing went out yet."""
+        from mlflow.entities import Metric
+
+        head = self._queue[0]
+        if head[0] == "metrics":
+            merged, count = [], 0
+            for op in self._queue:
+                full = count + len(op[1]) > _MAX_BATCH_METRICS or len(merged) >= self._merge_cap
+                if op[0] != "metrics" or full:
+                    break
+                merged.append(op)
+                count += len(op[1])
+            if len(merged) > 1:
+                metrics = [Metric(k, v if math.isfinite(v) else float("nan"), ts, step)
+                           for _, values, ts, step in merged for k, v in values.items()]
+                try:
+                    self.client.log_batch(self.run_id, metrics=metrics)
+                    self._merge_cap = _MAX_BATCH_METRICS
+                    return len(merged)
+                except Exception as exc:
+                    if not is_refusal(exc):
+                        raise
+                    self._merge_cap = len(merged) // 2  # halves until the refused call goes alone
+                    if self._merge_cap > 1:
+                        return 0
+        self._apply(head)
+        if head[0] == "metrics":  # grows back once past a refused call
+            self._merge_cap = min(_MAX_BATCH_METRICS, max(2, 2 * self._merge_cap))
+        return 1
+
     def _apply(self, op: tuple) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
@@ -328,15 +366,18 @@ class ResilientLogger:
         finally:
             os.environ[key] = self._http_env[key]
 
-    def flush(self, force: bool = False) -> bool:
-        """Send buffered ops in order; True when the buffer is empty afterwards."""
+    def flush(self, force: bool = False, deadline: Optional[float] = None) -> bool:
+        """Send buffered ops in order; True when the buffer is empty afterwards. ``deadline``
+        (``time.monotonic()``): no request starts after it (the rest stays buffered)."""
         if not force and self._down and time.monotonic() < self._next_try:
             return False
         with self._http_settings():
-            return self._flush()
+            return self._flush(deadline)
 
-    def _flush(self) -> bool:
+    def _flush(self, deadline: Optional[float] = None) -> bool:
         while True:
+            if deadline is not None and time.monotonic() >= deadline and (self._queue or self._pending_create):
+                return False
             op: Optional[tuple] = None
             try:
                 if self._pending_create:
@@ -351,10 +392,11 @@ class ResilientLogger:
                     self._queue.popleft()
                     self._drop(op, self._no_run, "NO_RUN")
                     continue
-                self._apply(op)
-                self._queue.popleft()
+                sent = self._send_head()
+                for _ in range(sent):
+                    self._queue.popleft()
                 if self._down:
-                    self.flushed_after_outage += 1
+                    self.flushed_after_outage += sent
                 continue
             except Exception as exc:
                 if not is_refusal(exc):
@@ -414,7 +456,7 @@ class ResilientLogger:
         when calls were dropped: refused by the store, see ``failed_ops``, or from a full
         buffer). The logger stays usable."""
         deadline = time.monotonic() + timeout_s
-        while not self.flush(force=True):
+        while not self.flush(force=True, deadline=deadline):
             if time.monotonic() >= deadline:
                 log.warning("MLflow: %d logging calls could not be sent before shutdown", self.pending)
                 break

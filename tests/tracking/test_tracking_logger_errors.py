@@ -310,3 +310,37 @@ def test_upload_timeout_grows_with_the_size():
 
     assert upload_timeout_s("/no/such/folder", 3) == 60
     assert upload_timeout_s("/no/such/folder", 90) == 90
+
+
+@pytest.mark.timeout(300)
+def test_a_backlog_goes_out_in_merged_batches(server):
+    """Metric calls buffered during an outage go out as few ``log_batch`` requests (up to 1000
+    values each), not one per call: rank 0's backlog of 1500 steps took one request each, 123 s
+    inside a single ``log_metrics``. A bad key in a merged batch costs only its own call."""
+    from mlflow.tracking import MlflowClient
+
+    from slow_proxy import SlowProxy
+
+    proxy = SlowProxy(server.uri, ("GET", "-none-"), delay_s=0)  # counts the requests
+    try:
+        logger = ResilientLogger(proxy.uri, timeout_s=1, retry_interval_s=1000)  # no retry until close
+        run_id = logger.start_run("errors", "backlog")
+        _freeze(server, True)
+        try:
+            for step in range(300):
+                logger.log_metrics({"loss": 1.0 / (step + 1), "lr": 1e-4}, step=step)
+            logger.log_metrics({"bad@key": 1.0}, step=300)  # refused by the store
+            for step in range(301, 310):
+                logger.log_metrics({"loss": 0.1}, step=step)
+            assert logger.pending == 310
+        finally:
+            _freeze(server, False)
+        before = proxy.count("POST", "log-batch")
+        assert not logger.close(timeout_s=60)  # False: the bad key's call was dropped
+        sent = proxy.count("POST", "log-batch") - before
+    finally:
+        proxy.close()
+    assert logger.pending == 0 and logger.dropped == 1
+    steps = sorted({m.step for m in MlflowClient(server.uri).get_metric_history(run_id, "loss")})
+    assert steps == [s for s in range(310) if s != 300]
+    assert sent <= 30, sent  # was 311: one per call; a refused merged batch is tried again in halves

@@ -128,10 +128,13 @@ def steps_on_param_devices(optimizer) -> int:
 def lr_drop_epochs(cfg: TrainConfig) -> list[int]:
     """The epochs at which the lr drops x0.1: ``cfg.lr_drop_epochs``, or when None the
     official recipe's point (epoch 11 of 12) scaled to ``cfg.epochs``: round(epochs * 11/12)
-    (24 of 26 for the Objects365 pretraining, 17 of 18 for the COCO fine-tuning)."""
+    (24 of 26 for the Objects365 pretraining, 17 of 18 for the COCO fine-tuning), and at least
+    the last epoch at 0.1x as in the recipe (rounding gave ``epochs`` itself for 2 to 6 epochs:
+    a short fine-tune never dropped); a 1-epoch run does not drop."""
     if cfg.lr_drop_epochs is not None:
         return sorted(int(e) for e in cfg.lr_drop_epochs)
-    return [int(cfg.epochs * 11 / 12 + 0.5)]
+    epochs = int(cfg.epochs)
+    return [min(int(epochs * 11 / 12 + 0.5), max(1, epochs - 1))]
 
 
 def lr_factor_fn(cfg: TrainConfig, steps_per_epoch: int, total_steps: int | None = None) -> Callable[[int], float]:

@@ -105,6 +105,9 @@ def test_lr_drop_follows_the_epoch_count():
     f = lr_factor_fn(tc, steps_per_epoch=10)
     assert f(239) == 1.0 and f(240) == pytest.approx(0.1)
     assert [lr_drop_epochs(preset("r50_4scale", {"train.epochs": n}).train) for n in (12, 18, 1)] == [[11], [17], [1]]
+    # 2 to 6 epochs: rounding gave the epoch count itself (no drop at all); the last epoch drops
+    assert [lr_drop_epochs(preset("r50_4scale", {"train.epochs": n}).train)[0] for n in range(2, 9)] == [
+        1, 2, 3, 4, 5, 6, 7]
     tc = preset("r50_4scale", ["train.epochs=26", "train.lr_drop_epochs=[20]"]).train
     assert lr_drop_epochs(tc) == [20]
     assert preset("r50_4scale", ["train.lr_drop_epochs=none"]).train.lr_drop_epochs is None

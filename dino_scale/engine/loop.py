@@ -296,6 +296,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         if state.global_step % tc.checkpoint_every_steps == 0:
             report(metrics_now(), write_state,
                     checkpoint_dir_name(state.global_step, world, state.epoch, state.micro_in_epoch))
+            meter.reset()  # the next window's rate starts after the save (it counted the write)
             last_ckpt_step = state.global_step
         elif state.global_step % tc.log_every_steps == 0:
             report(metrics_now())
@@ -357,6 +358,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 state.micro_in_epoch = 0
                 if last_ckpt_step != state.global_step:  # else the step checkpoint already holds this position
                     report(metrics_now(), write_state, checkpoint_dir_name(state.global_step, world, state.epoch))
+                    meter.reset()
                     last_ckpt_step = state.global_step
     except BadStepError as exc:  # every rank raises together (the finiteness flag is all-reduced)
         abort, bad_total = str(exc), guard.total

@@ -81,6 +81,12 @@ def register(result, name: str, alias: Optional[str], categories: list[dict],
 
     from dino_scale.tracking.registry import MODEL_ARTIFACT_PATH, register_model, set_alias, store_client
 
+    # the run's own end first (final metrics, checkpoint tag, FINISHED): buffered when the store
+    # was down as the run ended, which left it RUNNING while its version was registered
+    finish = getattr(result, "finish_tracking", None)
+    if finish is not None and not finish(timeout_s=60):
+        print(f"warning: MLflow run {result.run_id}: its final metrics and end status could not be sent "
+              f"(store unreachable); it shows RUNNING", file=sys.stderr, flush=True)
     final = Path(result_checkpoint(result))
     (final / "categories.json").write_text(json.dumps(categories))
     uri = result.tracking_uri

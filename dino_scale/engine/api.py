@@ -43,6 +43,18 @@ class FitResult:
     tracking_uri: str
     run_name: str
     history: list[dict[str, Any]] = field(default_factory=list)
+    # the run's logger while calls are still buffered (the store was down when the run ended: the
+    # final metrics, the checkpoint tag and the end status); None once everything was sent
+    pending_tracking: Any = field(default=None, repr=False, compare=False)
+
+    def finish_tracking(self, timeout_s: float = 30.0) -> bool:
+        """Send what the run's logger still buffers (the pipelines call it before registering);
+        True when nothing is left. A run whose end could not be sent stayed RUNNING."""
+        if self.pending_tracking is None:
+            return True
+        if self.pending_tracking.close(timeout_s=timeout_s):
+            self.pending_tracking = None
+        return self.pending_tracking is None
 
 
 def git_sha() -> str:
@@ -358,7 +370,11 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     tracker.set_tags({"checkpoint": result.checkpoint.path})
     tracker.log_artifacts(str(final), "model" if train else "evaluation")
     tracker.end_run("FINISHED")
-    tracker.close(timeout_s=tracking_close_timeout_s)
+    complete = tracker.close(timeout_s=tracking_close_timeout_s)
+    if not complete and tracker.pending:
+        log.warning("MLflow: %d calls of run %s (its final metrics, checkpoint tag, end status) could not be "
+                    "sent yet; the run shows RUNNING until they are (FitResult.finish_tracking, which the "
+                    "pipelines call before registering)", tracker.pending, tracker.run_id)
     try:
         history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
     except Exception:
@@ -366,7 +382,8 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     weights = final / WEIGHTS_NAME if train else Path(str(init_weights))
     return FitResult(checkpoint_path=result.checkpoint.path, weights_path=weights,
                      config_path=final / CONFIG_NAME, metrics=metrics, run_id=tracker.run_id,
-                     tracking_uri=tracking_uri, run_name=run_name, history=history)
+                     tracking_uri=tracking_uri, run_name=run_name, history=history,
+                     pending_tracking=tracker if tracker.pending else None)
 
 
 def fit(cfg: Config, train_dir: str, val_dir: Optional[str], work_dir: str | Path, run_name: str, *,

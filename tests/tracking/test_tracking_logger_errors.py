@@ -344,3 +344,31 @@ def test_a_backlog_goes_out_in_merged_batches(server):
     steps = sorted({m.step for m in MlflowClient(server.uri).get_metric_history(run_id, "loss")})
     assert steps == [s for s in range(310) if s != 300]
     assert sent <= 30, sent  # was 311: one per call; a refused merged batch is tried again in halves
+
+
+@pytest.mark.timeout(300)
+def test_a_run_ended_while_the_store_was_down_is_finished_before_registration(server):
+    """``fit`` closed its logger with the store down and dropped it: the final metrics, the
+    checkpoint tag and the end status were never sent, and the pipelines registered a version of
+    a run left RUNNING. ``FitResult`` keeps the logger while calls are buffered, and
+    ``finish_tracking`` (called by the pipelines before registering) sends them."""
+    from mlflow.tracking import MlflowClient
+
+    from dino_scale.engine.api import FitResult
+
+    logger = ResilientLogger(server.uri, timeout_s=1, retry_interval_s=1000)
+    run_id = logger.start_run("errors", "ended-while-down")
+    _freeze(server, True)
+    try:
+        logger.log_metrics({"final/AP": 0.5}, step=3)
+        logger.end_run("FINISHED")
+        assert not logger.close(timeout_s=2) and logger.pending == 2
+    finally:
+        _freeze(server, False)
+    result = FitResult(checkpoint_path="ckpt", weights_path=Path("w"), config_path=Path("c"), metrics={},
+                       run_id=run_id, tracking_uri=server.uri, run_name="r", pending_tracking=logger)
+    assert result.finish_tracking(timeout_s=60) and result.pending_tracking is None
+    client = MlflowClient(server.uri)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [m.value for m in client.get_metric_history(run_id, "final/AP")] == [0.5]
+    assert FitResult("c", Path("w"), Path("c"), {}, run_id, server.uri, "r").finish_tracking()  # nothing pending

@@ -7,7 +7,6 @@ nothing, fails here instead of in a user's shell."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 import shlex
 import shutil
@@ -17,6 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_module import load_benchmark  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,13 +33,7 @@ def parse_benchmark_command(script: str, argv: list[str], monkeypatch) -> argpar
     """``benchmarks/<script>.py argv`` parsed by that script's parser; SystemExit on a bad flag."""
     path = ROOT / script
     assert path.is_file(), f"{script} does not exist"
-    name = f"bench_{path.stem}"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # its dataclasses look their module up there
-        spec.loader.exec_module(module)
+    module = load_benchmark(script)
     original = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(self, args=None, namespace=None):
@@ -136,14 +132,7 @@ _TINY_RUN = ["--iters", "1", "--warmup", "0", "--height", "64", "--width", "64",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
 ])
 def test_benchmark_bad_counts_are_usage_errors(script, argv, needle, tmp_path, capsys):
-    path = ROOT / script
-    name = f"bench_{path.stem}"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+    module = load_benchmark(script)
     out = ["--out", str(tmp_path / "out.json")] if "data_pipeline" not in script else \
         ["--results-dir", str(tmp_path)]
     with pytest.raises(SystemExit) as exc:

@@ -2,7 +2,6 @@
 recorded in the JSON, MiB labels."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -10,19 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_module import load_benchmark  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(batch=1, levels=[(6, 8), (3, 4)], heads=2, dim=4, points=2, queries=5)
 
 
 def _msda():
-    name = "bench_msda"  # the name test_bench_commands.py loads it under
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "msda.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return module
+    return load_benchmark("msda")
 
 
 def test_pytorch_rows_read_no_level_sizes_back_per_call():

@@ -2,7 +2,6 @@
 ``prof.key_averages()`` gives them on a GPU (no GPU here: the profiler records no CUDA events)."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,18 +9,14 @@ from types import SimpleNamespace
 import pytest
 from torch.autograd import DeviceType
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_module import load_benchmark  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _profile_step():
-    name = "bench_profile_step"  # the name test_bench_commands.py loads it under
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "profile_step.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return module
+    return load_benchmark("profile_step")
 
 
 def _ev(key, count=1, device=DeviceType.CPU, self_dev_us=0, annotation=False):

@@ -3,7 +3,6 @@ capture failure itself (type, message, where), so the results JSON keeps it (it 
 not used (see log)" while the log was not kept)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -11,18 +10,14 @@ from types import SimpleNamespace
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_module import load_benchmark  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _train_step_module():
-    name = "bench_train_step"  # the name test_bench_commands.py loads it under
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "train_step.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # its dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_step")
 
 
 def _graphed(replays=0, failure=None):

@@ -3,7 +3,6 @@ optimizer step) are counted, and a row that timed one is an error row, not a thr
 inference row's peak comes after the training state is freed."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -11,20 +10,16 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_module import load_benchmark  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--device", "cpu", "--preset", "tiny", "--iters", "2", "--warmup", "1", "--height", "64", "--width", "64",
         "--batch-sizes", "1"]
 
 
 def _train_step_module():
-    name = "bench_train_step"  # the name test_bench_commands.py loads it under
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "train_step.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_step")
 
 
 def test_row_counts_skipped_steps_warmup_apart():

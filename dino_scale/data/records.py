@@ -25,6 +25,7 @@ A dataset is a folder of ``shard-NNNNN.parquet`` files plus ``manifest.json``.
 from __future__ import annotations
 
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -85,7 +86,9 @@ def absolute_data_dirs(data_dir: Optional[str]) -> Optional[str]:
     that read it from a run's lineage in another folder found nothing there."""
     if data_dir is None:
         return None
-    return ",".join(str(p.expanduser().resolve()) for p in data_dirs(data_dir))
+    # abspath, not resolve: a symlinked mount (/data -> /mnt/nfs/data on the driver) keeps the
+    # name the nodes know it by
+    return ",".join(os.path.abspath(p.expanduser()) for p in data_dirs(data_dir))
 
 
 class ManifestError(ValueError):

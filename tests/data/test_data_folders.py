@@ -84,3 +84,13 @@ def test_data_folders_made_absolute_for_the_run(tmp_path, monkeypatch):
     assert absolute_data_dirs(None) is None
     assert absolute_data_dirs("a, ./b/../c,~/d") == f"{tmp_path / 'a'},{tmp_path / 'c'},{tmp_path / 'home' / 'd'}"
     assert absolute_data_dirs(str(tmp_path / "x")) == str(tmp_path / "x")
+
+
+def test_data_folders_keep_the_symlinked_name(tmp_path, monkeypatch):
+    """A mount reached through a symlink on the driver keeps the name the nodes know it by."""
+    from dino_scale.data.records import absolute_data_dirs
+
+    (tmp_path / "nfs").mkdir()
+    (tmp_path / "data").symlink_to(tmp_path / "nfs")
+    monkeypatch.chdir(tmp_path)
+    assert absolute_data_dirs("data/train") == str(tmp_path / "data" / "train")

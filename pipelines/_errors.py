@@ -48,8 +48,9 @@ def _is_usage_error(exc: BaseException) -> bool:
 
 
 class Terminated(SystemExit):
-    """SIGTERM (``ray job stop``, a pod stopped) as an exception: Python's default ended the
-    process without running any cleanup, so the MLflow run stayed RUNNING for good."""
+    """SIGTERM (``ray job stop``, a pod stopped) as an exception before Ray starts (``ray.init``
+    then installs its own handler, ``sys.exit(15)``): Python's default ended the process without
+    running any cleanup, e.g. a conversion's image-pass child was left running."""
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -61,7 +62,8 @@ def run_main(main: Callable[[Optional[Sequence[str]]], int | None],
     """Run ``main(argv)``; turn failures into one ``error: ...`` line and an exit code
     (2: usage, 1: other, 130: interrupted, 143: terminated). ``--debug`` in argv re-raises.
     SIGTERM raises :class:`Terminated` while ``main`` runs (main thread, where no handler was
-    set), so the run's cleanup marks it KILLED as for Ctrl-C."""
+    set), so cleanup code runs (after ``ray.init``, Ray's handler exits with 15: the same
+    message and 143)."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("DINO_SCALE_DEBUG") == "1"
     previous = None
@@ -73,10 +75,10 @@ def run_main(main: Callable[[Optional[Sequence[str]]], int | None],
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Terminated:
-        print("error: terminated (SIGTERM)", file=sys.stderr)
-        return 143
-    except SystemExit as exc:  # argparse
+    except SystemExit as exc:  # argparse; SIGTERM: ours before Ray starts, Ray's after (sys.exit(15))
+        if isinstance(exc, Terminated) or exc.code == signal.SIGTERM:
+            print("error: terminated (SIGTERM)", file=sys.stderr)
+            return 143
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     except BaseException as exc:  # noqa: BLE001 - this is the top-level handler
         if debug:

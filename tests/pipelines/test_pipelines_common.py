@@ -71,9 +71,10 @@ def test_pipelines_common_run_main_exit_codes(capsys):
 
 
 def test_pipelines_common_sigterm_runs_the_cleanup(capsys):
-    """SIGTERM (``ray job stop``, a pod stopped) ended the process at once: no ``except
-    BaseException`` ran, so the MLflow run stayed RUNNING. It is an exception while a pipeline
-    runs (exit 143), and the default handler is back afterwards."""
+    """SIGTERM (``ray job stop``, a pod stopped) before Ray started ended the process at once: no
+    cleanup ran (a conversion's child process was left running). It is an exception while a
+    pipeline runs (exit 143, as after ``ray.init``, whose handler exits with 15), and the default
+    handler is back afterwards."""
     import os
     import signal
     import time
@@ -93,6 +94,11 @@ def test_pipelines_common_sigterm_runs_the_cleanup(capsys):
     assert common.run_main(main, []) == 143
     assert cleaned == ["Terminated"] and "terminated (SIGTERM)" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+    def ray_started(argv):  # ray.init's own handler: sys.exit(15)
+        raise SystemExit(signal.SIGTERM)
+
+    assert common.run_main(ray_started, []) == 143 and "terminated (SIGTERM)" in capsys.readouterr().err
 
 
 def test_pipelines_common_usage_errors_before_any_work_import_no_mlflow(tmp_path):

@@ -147,11 +147,12 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if args.no_register:
         return summary
     version_tags = {k: v for k, v in tags.items() if k.startswith("source.")}
-    version_tags.update({"stage": "finetune", "preset": cfg.name, "init": tags["init"],
-                         "synthetic_data": tags["synthetic_data"]})
     from dino_scale.tracking import store_client
     from pipelines._datasets import eval_fingerprint
-    from pipelines.registry import EVAL_DATA_TAG, EVAL_TTA_TAG, promote_if_better, tta_protocol
+    from pipelines.registry import EVAL_DATA_TAG, EVAL_TTA_TAG, SYNTHETIC_TAG, promote_if_better, tta_protocol
+
+    version_tags.update({"stage": "finetune", "preset": cfg.name, "init": tags["init"],
+                         SYNTHETIC_TAG: tags["synthetic_data"]})
 
     # what the AP was measured on: @champion moves only over an AP of the same data and protocol
     version_tags.update({EVAL_DATA_TAG: eval_fingerprint(val), EVAL_TTA_TAG: tta_protocol(cfg)})

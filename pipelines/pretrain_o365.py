@@ -86,13 +86,14 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         log(note)
 
     from dino_scale.engine import fit
+    from pipelines.registry import SYNTHETIC_TAG
 
     result = fit(cfg, train, val, work_dir / "runs" / run_name, run_name, experiment=args.experiment,
                  tags={"stage": "pretrain", "synthetic_data": str(synthetic).lower()},
                  evaluate=val is not None)
     log(f"training done: run {result.run_id}")
     version = results.register(result, name, alias=args.alias, categories=categories,
-                              tags={"stage": "pretrain", "preset": cfg.name, "synthetic_data": str(synthetic).lower()})
+                              tags={"stage": "pretrain", "preset": cfg.name, SYNTHETIC_TAG: str(synthetic).lower()})
     ap = results.result_ap(result)
     print()
     print(f"Registered model  : {name} version {version} (alias @{args.alias})")

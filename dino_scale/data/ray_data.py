@@ -49,7 +49,7 @@ import ray
 from .decode import ImageDecodeError
 from .preflight import preflight_shards
 from .records import (
-    Roots, ShardError, arrow_rows, category_ids, folder_image_roots, record_from_row, shard_paths,
+    Roots, ShardError, arrow_rows, category_ids, folder_image_roots, record_from_row, shard_paths, val_image_roots,
 )
 
 # Not imported here: .transforms (torch, torchvision). Ray's SplitCoordinator, DatasetManager
@@ -387,8 +387,7 @@ def build_eval_dataset(data_dir, data_cfg, image_root: Roots = None, stats_name:
     Image roots per folder as in :func:`build_train_dataset`; the override is ``image_root``, else
     ``data_cfg.val_image_root``, else ``data_cfg.image_root`` (so that a training folder and a
     validation folder can both be moved: one ``data.image_root`` served both)."""
-    roots = image_root or getattr(data_cfg, "val_image_root", None) or data_cfg.image_root
-    ds, root = _read_records(data_dir, roots, override_num_blocks)
+    ds, root = _read_records(data_dir, image_root or val_image_roots(data_cfg), override_num_blocks)
     _new_run_stats(stats_name)
     return ds.map_batches(_ToSample(data_cfg, False, root, 0, stats_name), batch_size=_BATCH,
                           batch_format="pyarrow")

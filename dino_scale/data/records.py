@@ -39,7 +39,7 @@ from .integrity import CHECKSUM_FIELDS, damage_detail, record_damage
 __all__ = [
     "SCHEMA", "MANIFEST_NAME", "FORMAT", "read_manifest", "shard_paths", "iter_records",
     "to_coco_gt", "conversion_losses", "data_dirs", "absolute_data_dirs", "resolve_image_path",
-    "folder_image_roots", "Roots", "category_ids",
+    "folder_image_roots", "val_image_roots", "Roots", "category_ids",
     "ShardError", "check_shards", "ManifestError", "CONTENT_SCHEMA", "record_from_row",
     "arrow_rows", "check_schema", "schema_problems",
 ]
@@ -89,6 +89,13 @@ def absolute_data_dirs(data_dir: Optional[str]) -> Optional[str]:
     # abspath, not resolve: a symlinked mount (/data -> /mnt/nfs/data on the driver) keeps the
     # name the nodes know it by
     return ",".join(os.path.abspath(p.expanduser()) for p in data_dirs(data_dir))
+
+
+def val_image_roots(data_cfg) -> Optional[str]:
+    """The image-root override of the validation folders: ``data.val_image_root``, else
+    ``data.image_root`` (one setting served both, so moved train and val folders could not both
+    be found)."""
+    return getattr(data_cfg, "val_image_root", None) or data_cfg.image_root
 
 
 class ManifestError(ValueError):

@@ -113,12 +113,12 @@ def _check_data(train_dir: Optional[str], val_dir: Optional[str], cfg: Config) -
     folders' image roots hold their images (:func:`~dino_scale.data.preflight.check_image_roots`), and
     the class head holds every category id of the training data (:func:`check_category_ids`)."""
     from dino_scale.data.preflight import check_image_roots, preflight_shards
-    from dino_scale.data.records import data_dirs, read_manifest
+    from dino_scale.data.records import data_dirs, read_manifest, val_image_roots
 
-    for data, key in ((train_dir, "data.image_root"), (val_dir, "data.val_image_root")):
+    for data, roots, key in ((train_dir, cfg.data.image_root, "data.image_root"),
+                             (val_dir, val_image_roots(cfg.data), "data.val_image_root")):
         if data:
             preflight_shards(data)  # also: the folders' categories agree, so the first folder's hold for all
-            roots = cfg.data.val_image_root or cfg.data.image_root if data is val_dir else cfg.data.image_root
             check_image_roots(data, roots, key=key)  # a root the nodes lack: every image skipped
     if train_dir:
         check_category_ids(read_manifest(data_dirs(train_dir)[0])["categories"], cfg.model.num_classes, train_dir)

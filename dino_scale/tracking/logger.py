@@ -118,6 +118,15 @@ class TrackingUnavailable(RuntimeError):
     """The MLflow run could not be created: the store did not answer in time, or refused it."""
 
 
+def _metric_entities(op: tuple) -> list:
+    """MLflow ``Metric`` entities of a queued ``("metrics", values, timestamp, step)`` call
+    (non-finite values as NaN)."""
+    from mlflow.entities import Metric
+
+    _, values, ts, step = op
+    return [Metric(k, v if math.isfinite(v) else float("nan"), ts, step) for k, v in values.items()]
+
+
 class ResilientLogger:
     """Buffered MLflow client for one run.
 
@@ -287,8 +296,6 @@ class ResilientLogger:
         one ``log_metrics`` call blocked for 123 s). A merged batch the store refuses is tried
         again in halves until the call holding the bad value goes alone (its refusal handled as
         before); 0 when nothing went out yet."""
-        from mlflow.entities import Metric
-
         head = self._queue[0]
         if head[0] == "metrics":
             merged, count = [], 0
@@ -299,10 +306,8 @@ class ResilientLogger:
                 merged.append(op)
                 count += len(op[1])
             if len(merged) > 1:
-                metrics = [Metric(k, v if math.isfinite(v) else float("nan"), ts, step)
-                           for _, values, ts, step in merged for k, v in values.items()]
                 try:
-                    self.client.log_batch(self.run_id, metrics=metrics)
+                    self.client.log_batch(self.run_id, metrics=[m for op in merged for m in _metric_entities(op)])
                     self._merge_cap = _MAX_BATCH_METRICS
                     return len(merged)
                 except Exception as exc:
@@ -317,7 +322,7 @@ class ResilientLogger:
         return 1
 
     def _apply(self, op: tuple) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Param, RunTag
 
         kind = op[0]
         if kind == "params":
@@ -325,9 +330,7 @@ class ResilientLogger:
         elif kind == "tags":
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in op[1].items()])
         elif kind == "metrics":
-            _, values, ts, step = op
-            metrics = [Metric(k, v if math.isfinite(v) else float("nan"), ts, step) for k, v in values.items()]
-            self.client.log_batch(self.run_id, metrics=metrics)
+            self.client.log_batch(self.run_id, metrics=_metric_entities(op))
         elif kind == "artifacts":
             with self._request_timeout(upload_timeout_s(op[1], self.timeout_s)):
                 self.client.log_artifacts(self.run_id, op[1], op[2])

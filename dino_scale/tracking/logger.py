@@ -45,6 +45,25 @@ CREATE_ID_TAG = "dino_scale.create_id"  # one per start_run: a retried creation 
 _MAX_PARAM_LEN = 6000
 _MAX_BATCH_METRICS = 1000  # MLflow's log_batch limit: queued metric calls go out merged up to it
 _BATCH = 100
+_MAX_TIMEOUT_S = 60.0  # a store that answers late: the request timeout doubles up to this
+
+
+def _answered_late(exc: BaseException) -> bool:
+    """Whether ``exc`` is a request that reached the store and got no answer in time (a read
+    timeout), unlike a refused connection: a slow or overloaded store, or a hung one."""
+    import requests
+    from urllib3.exceptions import MaxRetryError, ReadTimeoutError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:  # MLflow's error, raised while handling requests'
+        seen.add(id(exc))
+        if isinstance(exc, (requests.exceptions.ReadTimeout, ReadTimeoutError)):
+            return True
+        # Without retries urllib3 ends on MaxRetryError(reason=ReadTimeoutError): requests' ConnectionError
+        if any(isinstance(a, MaxRetryError) and isinstance(a.reason, ReadTimeoutError) for a in exc.args):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def upload_timeout_s(local_dir: str | Path, floor_s: float, min_rate_bytes_s: float = 5e6) -> float:
@@ -135,7 +154,10 @@ class ResilientLogger:
         run_id: an existing run to log to; or call :meth:`start_run`.
         timeout_s / max_retries: HTTP settings of this logger's own requests
             (``MLFLOW_HTTP_REQUEST_TIMEOUT`` / ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, with no
-            backoff; an explicit setting in the environment wins). They are in effect only
+            backoff; an explicit setting in the environment wins). A request the store did not
+            answer in time doubles the timeout (``request_timeout_s``, up to 60 s; not past
+            :meth:`close`'s deadline): a slow store got the same request again every retry, for
+            ever, and a hung one costs a longer wait per retry. They are in effect only
             while the logger sends: other MLflow calls of the process keep MLflow's defaults
             (a process-wide "no retries" made the registry calls after training fail on one
             dropped keep-alive connection).
@@ -152,6 +174,7 @@ class ResilientLogger:
     def __init__(self, tracking_uri: str, run_id: Optional[str] = None, *, timeout_s: float = 3.0,
                  max_retries: int = 0, retry_interval_s: float = 5.0, max_buffer: int = 100_000):
         self.timeout_s = float(timeout_s)
+        self.request_timeout_s = self.timeout_s  # grows while the store answers after it (read timeouts)
         self._http_env = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, timeout_s))),
                           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(max_retries)),
                           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}
@@ -342,9 +365,14 @@ class ResilientLogger:
             raise ValueError(kind)
 
     @contextlib.contextmanager
-    def _http_settings(self) -> Iterator[None]:
+    def _http_settings(self, deadline: Optional[float] = None) -> Iterator[None]:
         """This logger's HTTP settings in the environment (MLflow reads them per request),
-        restored afterwards; a variable the user set is left alone."""
+        restored afterwards; a variable the user set is left alone. The request timeout is
+        :attr:`request_timeout_s`, cut to what is left before ``deadline`` (not below ``timeout_s``)."""
+        timeout = self.request_timeout_s
+        if deadline is not None:
+            timeout = max(self.timeout_s, min(timeout, deadline - time.monotonic()))
+        self._http_env["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(max(1, math.ceil(timeout))))
         added = [k for k in self._http_env if k not in os.environ]
         os.environ.update({k: self._http_env[k] for k in added})
         self._set_here = set(added)
@@ -363,7 +391,7 @@ class ResilientLogger:
         if key not in self._set_here:
             yield
             return
-        os.environ[key] = str(int(max(1, seconds)))
+        os.environ[key] = str(int(max(1, seconds, math.ceil(self.request_timeout_s))))
         try:
             yield
         finally:
@@ -374,7 +402,7 @@ class ResilientLogger:
         (``time.monotonic()``): no request starts after it (the rest stays buffered)."""
         if not force and self._down and time.monotonic() < self._next_try:
             return False
-        with self._http_settings():
+        with self._http_settings(deadline):
             return self._flush(deadline)
 
     def _flush(self, deadline: Optional[float] = None) -> bool:
@@ -445,6 +473,12 @@ class ResilientLogger:
     def _outage(self, exc: Exception) -> None:
         """The store did not answer (or cannot take calls now): keep buffering, retry later."""
         self.last_error = f"unreachable ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]})"
+        if _answered_late(exc) and self.request_timeout_s < _MAX_TIMEOUT_S:
+            # A store slower than the timeout got the same request again every retry, for ever
+            # (the retry is safe: MLflow stores a metric, param or tag sent twice once).
+            self.request_timeout_s = min(_MAX_TIMEOUT_S, 2 * self.request_timeout_s)
+            log.info("MLflow tracking at %s did not answer within the request timeout; waiting up to %.0f s "
+                     "from now on", self.tracking_uri, self.request_timeout_s)
         if not self._down:
             self.outages += 1
             self.flushed_after_outage = 0

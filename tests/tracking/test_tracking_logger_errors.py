@@ -305,6 +305,29 @@ def test_an_upload_answered_late_is_sent_once_and_the_run_ends(server, tmp_path)
     assert [(a.path, a.file_size) for a in client.list_artifacts(run_id, "model")] == [("model/weights.bin", 200_000)]
 
 
+@pytest.mark.timeout(300)
+def test_a_store_slower_than_the_timeout_gets_longer_timeouts(server):
+    """A store answering every metric batch after the logger's timeout got the same request again
+    each retry, for ever (``close`` gave up with the calls unsent). A late answer doubles the
+    request timeout; the retried batch is stored once (MLflow keeps an identical metric once)."""
+    from mlflow.tracking import MlflowClient
+
+    from slow_proxy import SlowProxy
+
+    proxy = SlowProxy(server.uri, ("POST", "log-batch"), delay_s=2.5)
+    try:
+        logger = ResilientLogger(proxy.uri, timeout_s=1, retry_interval_s=0.2)
+        run_id = logger.start_run("slow-store", "slow-batches", wait_s=30)
+        for step in range(5):
+            logger.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+        assert logger.close(timeout_s=40), logger.last_error
+    finally:
+        proxy.close()
+    assert logger.request_timeout_s == 4  # 1 s, 2 s: late; 4 s: answered
+    history = MlflowClient(server.uri).get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, 1.0 / (s + 1)) for s in range(5)]
+
+
 def test_upload_timeout_grows_with_the_size():
     from dino_scale.tracking.logger import upload_timeout_s
 

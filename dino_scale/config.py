@@ -159,7 +159,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     tta: bool = False
-    tta_scales: list[int] = field(default_factory=lambda: [800])
+    tta_scales: list[int] = field(default_factory=lambda: [800])  # views' short sides, before data.scale_factor
     batch_size: int = 2
 
 

@@ -49,7 +49,8 @@ def check_eval_config(cfg) -> None:
            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0]
     if not scales or bad:
         raise ConfigError(f"eval.tta_scales must name at least one size > 0 when eval.tta is on (the short side of "
-                          f"each view; data.eval_size={cfg.data.eval_size} is the plain view), got {ec.tta_scales!r}")
+                          f"each view before data.scale_factor, like data.eval_size={cfg.data.eval_size}, the plain "
+                          f"view), got {ec.tta_scales!r}")
 
 
 @contextlib.contextmanager

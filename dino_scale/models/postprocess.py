@@ -4,14 +4,16 @@
 top ``num_select`` (300) pairs per image, no NMS; labels are class indices (= raw category
 ids); boxes x1,y1,x2,y2 scaled by each image's original (H, W).
 
-:func:`merge_tta` merges the results of several test-time views of one image (class-wise NMS
-over the union: each view finds the same objects).
+:func:`merge_tta` merges the results of several test-time views of one image (each detection
+absorbs its best-overlapping copy of the same label in every other view: each view finds the
+same objects).
 """
 from __future__ import annotations
 
 import operator
 from typing import Dict, List, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -19,7 +21,7 @@ from .box_ops import box_cxcywh_to_xyxy
 
 __all__ = ["PostProcess", "merge_tta", "hflip_boxes", "TTA_NMS_IOU"]
 
-TTA_NMS_IOU = 0.6  # merge_tta: same-label detections of the views overlapping more are one object
+TTA_NMS_IOU = 0.6  # merge_tta: same-label detections of two views overlapping more can be one object
 
 
 class PostProcess(nn.Module):
@@ -66,22 +68,54 @@ def merge_tta(results: Sequence[Dict[str, Tensor]], num_select: int = 300,
               iou_threshold: float = TTA_NMS_IOU) -> Dict[str, Tensor]:
     """Merge one image's detections from several test-time views (flips, rescales).
 
-    Each element of ``results`` is a :class:`PostProcess` result ALREADY mapped back to the
-    original image's pixel frame (use ``target_sizes`` = original (H, W) for rescaled views
-    and :func:`hflip_boxes` for flipped ones): ``scores`` (k,), ``labels`` (k,), ``boxes``
-    (k,4) xyxy pixels. Detections of all views are concatenated and reduced by class-wise NMS
-    (a detection overlapping a higher-scoring one of the same label by IoU > ``iou_threshold``
-    is dropped), then the ``num_select`` highest-scoring are kept. Every view finds the same
-    objects: kept, the other views' copies are false positives that COCO AP ranks above the
-    true positives of less confident objects (a perfect detector's two views scored AP 0.79).
-    Returns the same dict layout, sorted by score (descending).
+    Each element of ``results`` is one view's :class:`PostProcess` result ALREADY mapped back
+    to the original image's pixel frame (use ``target_sizes`` = original (H, W) for rescaled
+    views and :func:`hflip_boxes` for flipped ones): ``scores`` (k,), ``labels`` (k,), ``boxes``
+    (k,4) xyxy pixels. Every view finds the same objects: kept, the other views' copies are false
+    positives that COCO AP ranks above the true positives of less confident objects (a perfect
+    detector's two views scored AP 0.79). In descending score order, a detection not yet taken
+    is kept and takes, from each OTHER view, the one untaken detection of its label that overlaps
+    it most with IoU > ``iou_threshold`` (its copy there). A view's own detections never remove
+    each other (DINO's output has no NMS: class-wise NMS over the union dropped one of two
+    same-class objects side by side, even with one view), and one detection removes at most one
+    per view (its neighbour's copies stay for the neighbour). Returns the ``num_select``
+    highest-scoring kept detections, same dict layout, sorted by score (descending).
     """
-    from torchvision.ops import batched_nms
+    from torchvision.ops import box_iou
 
     if not results:
         raise ValueError("merge_tta needs at least one result")
     scores = torch.cat([r["scores"] for r in results])
     labels = torch.cat([r["labels"] for r in results])
     boxes = torch.cat([r["boxes"] for r in results])
-    keep = batched_nms(boxes.float(), scores.float(), labels, float(iou_threshold))[:num_select]
+    views = torch.cat([torch.full((len(r["scores"]),), v, dtype=torch.long) for v, r in enumerate(results)])
+    order = torch.sort(scores.detach().float().cpu(), descending=True, stable=True).indices
+    kept = _claim_copies(boxes.detach().float().cpu()[order], labels.cpu()[order], views[order],
+                         num_select, float(iou_threshold), box_iou)
+    keep = order[kept].to(scores.device)
     return {"scores": scores[keep], "labels": labels[keep], "boxes": boxes[keep]}
+
+
+def _claim_copies(boxes: Tensor, labels: Tensor, views: Tensor, limit: int, iou_threshold: float,
+                  box_iou) -> Tensor:
+    """:func:`merge_tta`'s matching over detections sorted by score: boxes (K,4), labels (K,),
+    views (K,) -> positions (<= limit,) of the kept ones, ascending."""
+    if len(views) == 0 or int(views.max()) == 0:  # one view: nothing to merge
+        return torch.arange(min(limit, len(views)))
+    iou = box_iou(boxes, boxes)
+    copy = (iou > iou_threshold) & (labels[:, None] == labels[None, :]) & (views[:, None] != views[None, :])
+    iou, copy, views_np = iou.numpy(), copy.numpy(), views.numpy()
+    taken = np.zeros(len(views_np), dtype=bool)
+    kept = []
+    for i in range(len(views_np)):
+        if taken[i]:
+            continue
+        kept.append(i)
+        if len(kept) == limit:
+            break
+        taken[i] = True
+        candidates = np.flatnonzero(copy[i] & ~taken)
+        for view in np.unique(views_np[candidates]):
+            in_view = candidates[views_np[candidates] == view]
+            taken[in_view[np.argmax(iou[i, in_view])]] = True
+    return torch.as_tensor(kept, dtype=torch.long)

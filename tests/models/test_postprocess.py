@@ -37,9 +37,29 @@ def test_merge_tta_keeps_best_of_all_views():
     torch.testing.assert_close(merged["boxes"][0], torch.tensor([0.0, 0, 10, 10]))  # flipped back
     torch.testing.assert_close(merged["boxes"][2], torch.tensor([90.0, 0, 100, 10]))
     torch.testing.assert_close(merge_tta([a, flipped], num_select=2)["scores"], torch.tensor([0.95, 0.6]))
-    # with iou_threshold 0.3 the second label-1 box (IoU 1/3) counts as a copy of the first
-    assert merge_tta([a], iou_threshold=0.3)["labels"].tolist() == [1, 2]
+    # one view: nothing to merge, whatever the threshold (its detections are the model's output)
+    for threshold in (0.6, 0.3, 0.0):
+        assert merge_tta([a], iou_threshold=threshold)["labels"].tolist() == [1, 1, 2]
     torch.testing.assert_close(merge_tta([a])["scores"], torch.tensor([0.9, 0.6, 0.2]))
+    torch.testing.assert_close(merge_tta([a], num_select=2)["scores"], torch.tensor([0.9, 0.6]))
+
+
+def test_merge_tta_keeps_two_same_class_objects_side_by_side():
+    """Two people side by side (IoU 2/3), each found by both views: class-wise NMS over the union
+    kept one of them (AP 0.5 for a perfect detector; with one view too). Each detection now takes
+    only its own copy in the other view."""
+    p, q = [0.0, 0, 10, 10], [2.0, 0, 12, 10]  # IoU 8/12
+    plain = {"scores": torch.tensor([0.9, 0.85]), "labels": torch.tensor([1, 1]), "boxes": torch.tensor([p, q])}
+    other = {"scores": torch.tensor([0.88, 0.83]), "labels": torch.tensor([1, 1]),
+             "boxes": torch.tensor([[0.2, 0, 10.2, 10], [2.1, 0, 12.1, 10]])}
+    merged = merge_tta([plain, other])
+    torch.testing.assert_close(merged["scores"], torch.tensor([0.9, 0.85]))
+    torch.testing.assert_close(merged["boxes"], torch.tensor([p, q]))
+    assert merge_tta([plain])["scores"].tolist() == plain["scores"].tolist()
+    # three views: the best copy takes one copy in each other view
+    third = {"scores": torch.tensor([0.5]), "labels": torch.tensor([1]), "boxes": torch.tensor([[0.1, 0, 10.1, 10]])}
+    merged = merge_tta([plain, other, third])
+    torch.testing.assert_close(merged["scores"], torch.tensor([0.9, 0.85]))
 
 
 def test_num_select_below_one_is_refused():

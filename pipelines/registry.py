@@ -13,15 +13,19 @@ The registry has no compare-and-set, so two fine-tunes that finish together can 
 the same champion, both beat it, and the worse one's alias write can land last. Every
 promotion therefore stamps its version with a fresh id (tag ``<alias>.promotion``) and the
 id of the holder it compared against (``<alias>.basis``), and after its write settles the
-race: among the versions promoted from the same holder (and promotions stacked on those),
-the best AP holds the alias. A holder from outside that family (a later, legitimate
-promotion, or ``promote`` by hand, which stamps a fresh id) is left alone.
+race: among the versions promoted from the same holder (and promotions stacked on those)
+since shortly before this promotion read the holder (tag ``<alias>.promoted_at``), the best AP
+holds the alias. A holder from outside that family (a later, legitimate promotion, or
+``promote`` by hand, which stamps a fresh id) is left alone, and so is a version promoted
+from the same holder long before: the holder got the alias back in between (moved in the
+MLflow UI, which stamps nothing) and the old promotion is no rival.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -34,6 +38,8 @@ AP_TAG = "AP"
 # per alias: "<alias>.promotion", a fresh id each time the alias is moved to the version;
 # "<alias>.basis", the promotion id of the holder an automatic promotion beat
 PROMOTION_TAG, BASIS_TAG = "{}.promotion", "{}.basis"
+PROMOTED_AT_TAG = "{}.promoted_at"  # the promotion's time (Unix seconds): rivals are promoted at about the same time
+_RACE_SLACK_S = 60.0  # a rival's promotion is at most this much older than the holder's read (clocks, latency)
 _NO_HOLDER = "none"
 _SETTLE_ROUNDS = 10
 # what the AP was measured on (pipelines._datasets.eval_fingerprint of the val set; eval.tta): only
@@ -91,6 +97,7 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
         client.set_model_version_tag(name, version, AP_TAG, f"{ap:.6f}")
     else:
         ap = None
+    read_at = time.time()
     current = _version_by_alias(client, name, alias)
     prev_v = None if current is None else str(current.version)
     prev_ap = None if current is None else _ap_of(current)
@@ -115,7 +122,7 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
     why = ("first version with an AP" if current is None else
            f"replaces v{prev_v}, measured on synthetic data" if over_synthetic else
            f"beats v{prev_v} ({'no AP' if prev_ap is None else f'AP {prev_ap:.4f}'})")
-    holder, rival = _settle(client, name, alias, basis)
+    holder, rival = _settle(client, name, alias, basis, since=read_at - _RACE_SLACK_S)
     if rival and str(holder.version) != version:
         return Promotion(False, version, ap, prev_v, prev_ap,
                          f"AP {ap:.4f} {why}, but v{holder.version} (AP {_ap_of(holder) or float('nan'):.4f}), "
@@ -162,17 +169,26 @@ def _stamp_and_set(client, name: str, alias: str, version: str, basis: str) -> N
     of the holder an automatic promotion beat, ``"manual"`` for a move by hand (which
     no automatic promotion's family contains)."""
     client.set_model_version_tag(name, version, BASIS_TAG.format(alias), basis)
+    client.set_model_version_tag(name, version, PROMOTED_AT_TAG.format(alias), f"{time.time():.3f}")
     client.set_model_version_tag(name, version, PROMOTION_TAG.format(alias), uuid.uuid4().hex[:12])
     set_alias(client, name, alias, version)
 
 
-def _settle(client, name: str, alias: str, basis: str):
+def _promoted_at(version, alias: str) -> float:
+    """When ``version`` was last promoted to ``alias`` (Unix seconds; -inf: never, or before the tag)."""
+    try:
+        return float(version.tags.get(PROMOTED_AT_TAG.format(alias)))
+    except (TypeError, ValueError):
+        return -math.inf
+
+
+def _settle(client, name: str, alias: str, basis: str, since: float = -math.inf):
     """After an automatic promotion from the holder with promotion id ``basis``: while the
     alias holder is one of the versions promoted from that holder (or from one of those,
-    transitively) and another of them has a better AP (ties: the older version), move the
-    alias to the best. Repeats until stable, so that the last writer always leaves the
-    best of the family. Returns the final holder (None: no holder) and whether it is of
-    the family."""
+    transitively) at ``since`` or later and another of them has a better AP (ties: the older
+    version), move the alias to the best. Repeats until stable, so that the last writer always
+    leaves the best of the family. Returns the final holder (None: no holder) and whether it
+    is of the family."""
     holder = None
     for _ in range(_SETTLE_ROUNDS):
         holder = _version_by_alias(client, name, alias)
@@ -183,7 +199,8 @@ def _settle(client, name: str, alias: str, basis: str):
         while grown:
             grown = False
             for v in versions:
-                if v.tags.get(BASIS_TAG.format(alias)) in ids and str(v.version) not in family:
+                if (v.tags.get(BASIS_TAG.format(alias)) in ids and str(v.version) not in family
+                        and _promoted_at(v, alias) >= since):
                     family[str(v.version)] = v
                     ids.add(_promotion_id(v, alias))
                     grown = True

@@ -204,6 +204,26 @@ def test_pipelines_champion_hand_set_champion_is_kept(client, _store, tmp_path, 
     assert _champion(client) == v3
 
 
+def test_pipelines_champion_reverted_in_the_ui_is_not_taken_back_by_an_old_promotion(client, tmp_path):
+    """v2 was promoted over v1 an hour ago; someone moved the alias back to v1 in the MLflow UI
+    (which stamps nothing, so v1 keeps its promotion id). A new version that beats v1 became
+    champion and then gave it to v2, "promoted at the same time from the same @champion": any
+    promotion ever made from v1 counted as a rival. Rivals are promoted at about the same time."""
+    from pipelines.registry import PROMOTED_AT_TAG
+
+    v1 = _new_version(client, tmp_path)
+    client.set_registered_model_alias("dino-tiny-coco", "champion", v1)  # set by hand, no tags
+    v2 = _new_version(client, tmp_path)
+    assert promote_if_better("dino-tiny-coco", v2, 0.95, client=client).promoted
+    promoted_at = float(client.get_model_version("dino-tiny-coco", v2).tags[PROMOTED_AT_TAG.format("champion")])
+    client.set_model_version_tag("dino-tiny-coco", v2, PROMOTED_AT_TAG.format("champion"), str(promoted_at - 3600))
+    client.set_registered_model_alias("dino-tiny-coco", "champion", v1)  # reverted in the UI
+    v3 = _new_version(client, tmp_path)
+    p = promote_if_better("dino-tiny-coco", v3, 0.80, client=client)
+    assert p.promoted and p.previous_version == v1, p.reason
+    assert _champion(client) == v3
+
+
 def test_pipelines_champion_ap_of_other_val_data_does_not_move_it(client, tmp_path):
     """APs measured on different validation data (a synthetic smoke-test set, a subset of val)
     or with/without test-time augmentation are not comparable: a fine-tune evaluated on other

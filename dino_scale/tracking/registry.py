@@ -60,12 +60,12 @@ def parse_model_uri(uri: str) -> tuple[str, Optional[str], Optional[str]]:
     (``version`` as written: digits, ``latest`` or anything else, which
     :func:`model_version_for_uri` refuses); ``name`` is "" when the URI names no model."""
     rest = uri[len("models:/"):] if uri.startswith("models:/") else uri
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        return name, alias, None
-    if "/" in rest:
+    if "/" in rest:  # a model name has no "/" (MLflow refuses one), but may hold "@"
         name, version = rest.rsplit("/", 1)
         return name, None, version
+    if "@" in rest:  # an alias has no "@": the last one splits
+        name, alias = rest.rsplit("@", 1)
+        return name, alias, None
     return rest, None, None
 
 
@@ -210,23 +210,41 @@ def resolve_model_uri(uri: str, dst_dir: Optional[str | Path] = None,
     lineage: dict[str, Any] = {"uri": uri}
     if uri.startswith("models:/") or uri.startswith("runs:/"):
         client = store_client(tracking_uri)
+        dst = Path(dst_dir) if dst_dir else Path(tempfile.mkdtemp(prefix="dino_model_"))
+        dst.mkdir(parents=True, exist_ok=True)
         if uri.startswith("models:/"):
             mv = model_version_for_uri(client, uri)
             lineage.update({"name": mv.name, "version": str(mv.version), "run_id": mv.run_id,
                             "source": mv.source, "aliases": list(getattr(mv, "aliases", []) or []),
                             "tags": dict(mv.tags or {})})
-            run_id = mv.run_id
-            base = client.get_run(run_id).info.artifact_uri.rstrip("/")
-            path = mv.source[len(base):].strip("/") if mv.source.startswith(base) else MODEL_ARTIFACT_PATH
-        else:
-            run_id, _, path = uri[len("runs:/"):].partition("/")
-            lineage["run_id"] = run_id
-        dst = Path(dst_dir) if dst_dir else Path(tempfile.mkdtemp(prefix="dino_model_"))
-        dst.mkdir(parents=True, exist_ok=True)
+            return _from_local(_download_version(client, mv, dst, tracking_uri), uri, lineage)
+        run_id, _, path = uri[len("runs:/"):].partition("/")
+        lineage["run_id"] = run_id
         local = client.download_artifacts(run_id, path or MODEL_ARTIFACT_PATH, str(dst))
         return _from_local(Path(local), uri, lineage)
     path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
     return _from_local(path, uri, lineage)
+
+
+def _download_version(client, mv, dst: Path, tracking_uri: Optional[str]) -> Path:
+    """The local copy (under ``dst``) of what model version ``mv`` registered: its ``source``, a
+    folder of its run's artifacts (``register_model``: ``<run artifact root>/model``), a
+    ``runs:/<run id>/<path>`` URI, or any other artifact location MLflow reads (a path, ``s3://``,
+    a logged model). A source outside its run's artifacts used to be read as the run's ``model``
+    folder: another artifact than the one registered."""
+    import mlflow.artifacts
+
+    source = mv.source.rstrip("/")
+    if source.startswith("runs:/"):
+        run_id, _, path = source[len("runs:/"):].partition("/")
+        return Path(client.download_artifacts(run_id, path, str(dst)))
+    if mv.run_id:
+        base = client.get_run(mv.run_id).info.artifact_uri.rstrip("/")
+        if source == base or source.startswith(base + "/"):
+            path = source[len(base):].strip("/")
+            return Path(client.download_artifacts(mv.run_id, path or MODEL_ARTIFACT_PATH, str(dst)))
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst),
+                                                    tracking_uri=tracking_uri))
 
 
 def load_model_from_uri(uri: str, device: str = "cpu", tracking_uri: Optional[str] = None,

@@ -149,3 +149,33 @@ def test_resolve_names_a_config_json_of_another_version(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="config.json: unknown config key 'model.removed_key'.*another version"):
         resolve_model_uri(str(tmp_path / "m"))
+
+
+def test_a_version_registered_from_another_artifact_resolves_to_that_artifact(tmp_path):
+    """A version registered by hand or by another tool with a source other than the run's
+    ``model`` folder (``runs:/<id>/best``, a plain path) resolved to the run's ``model`` folder:
+    another artifact than the registered one, without a word."""
+    from mlflow.tracking import MlflowClient
+
+    from dino_scale.engine.checkpoint import WEIGHTS_NAME
+
+    uri = seeded_store(tmp_path)
+    for sub in ("best", "model", "elsewhere"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / WEIGHTS_NAME).write_text(sub)
+    logger = ResilientLogger(uri)
+    run_id = logger.start_run("registry-sources", "two-artifacts")
+    logger.log_artifacts(tmp_path / "best", "best")
+    logger.log_artifacts(tmp_path / "model", "model")
+    logger.end_run()
+    assert logger.close(timeout_s=5)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("dino-@sources")  # MLflow takes "@" in a name
+    client.create_model_version("dino-@sources", source=f"runs:/{run_id}/best", run_id=run_id)
+    client.create_model_version("dino-@sources", source=str(tmp_path / "elsewhere"), run_id=run_id)
+    assert register_model(run_id, "dino-@sources", tracking_uri=uri) == "3"
+    set_alias("dino-@sources", "champion", "1", tracking_uri=uri)
+    for model_uri, want in (("models:/dino-@sources/1", "best"), ("models:/dino-@sources@champion", "best"),
+                            ("models:/dino-@sources/2", "elsewhere"), ("models:/dino-@sources/latest", "model")):
+        resolved = resolve_model_uri(model_uri, dst_dir=tmp_path / "dl" / want, tracking_uri=uri)
+        assert resolved.weights_path.read_text() == want, model_uri

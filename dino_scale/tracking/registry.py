@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from dino_scale.config import Config, ConfigError, from_dict
+from dino_scale.tracking.refusals import is_refusal
 from dino_scale.tracking.search import filter_literal, pages
 
 __all__ = [
@@ -31,7 +34,9 @@ __all__ = [
     "NOT_FOUND_CODES",
 ]
 
+log = logging.getLogger("dino_scale.tracking")
 MODEL_ARTIFACT_PATH = "model"
+REGISTER_ID_TAG = "dino_scale.register_id"  # one per register_model call: finds versions its resends made
 # MLflow error codes of a lookup that found nothing (no such name, alias, version or run)
 NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
@@ -148,10 +153,40 @@ def register_model(run_id: str, name: str, artifact_path: str = MODEL_ARTIFACT_P
                 raise
     run = client.get_run(run_id)
     source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
-    mv = client.create_model_version(name, source=source, run_id=run_id,
-                                     tags={k: str(v) for k, v in (tags or {}).items()},
-                                     description=description)
-    return str(mv.version)
+    token = uuid.uuid4().hex
+    try:
+        mv = client.create_model_version(name, source=source, run_id=run_id,
+                                         tags={**{k: str(v) for k, v in (tags or {}).items()}, REGISTER_ID_TAG: token},
+                                         description=description)
+    except MlflowException as exc:
+        if is_refusal(exc):
+            raise
+        made = _registered_by(client, name, run_id, token)  # the store made it; its answer was lost
+        if not made:
+            raise
+        mv = made[0]
+    return _one_version(client, name, run_id, token, str(mv.version))
+
+
+def _registered_by(client, name: str, run_id: str, token: str) -> list:
+    """The versions of ``name`` registered from ``run_id`` with ``token``, oldest first."""
+    literal = filter_literal(name)
+    query = f"run_id='{run_id}'" + (f" and name={literal}" if literal is not None else "")
+    found = [v for v in pages(client.search_model_versions, filter_string=query)
+             if v.name == name and (v.tags or {}).get(REGISTER_ID_TAG) == token]
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def _one_version(client, name: str, run_id: str, token: str, version: str) -> str:
+    """After a registration: its oldest version. MLflow's client resends a create whose answer
+    was a 502/503/504 (a proxy or load balancer timing out while the store did the work), and
+    each resend made another version of the same run; the extra ones are deleted."""
+    made = _registered_by(client, name, run_id, token)
+    for extra in made[1:]:
+        log.warning("registry: %s version %s duplicates version %s (a registration request was sent again "
+                    "after its answer was lost); deleting it", name, extra.version, made[0].version)
+        client.delete_model_version(name, str(extra.version))
+    return str(made[0].version) if made else version
 
 
 def set_alias(name: str, alias: str, version: str | int, tracking_uri: Optional[str] = None) -> None:

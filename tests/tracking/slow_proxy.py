@@ -12,9 +12,11 @@ from collections import Counter
 
 
 class SlowProxy:
-    def __init__(self, upstream: str, slow: tuple[str, str], delay_s: float):
-        """``slow``: (HTTP method, a part of the path) of the requests answered late."""
-        self.upstream, self.slow, self.delay_s = upstream, slow, delay_s
+    def __init__(self, upstream: str, slow: tuple[str, str], delay_s: float, lose_answers: int = 0):
+        """``slow``: (HTTP method, a part of the path) of the requests answered late. The first
+        ``lose_answers`` of them get a 504 instead of the server's answer (a gateway that timed
+        out while the server did the work)."""
+        self.upstream, self.slow, self.delay_s, self.lose_answers = upstream, slow, delay_s, lose_answers
         self.requests: Counter = Counter()  # (method, path) -> count
         proxy = self
 
@@ -33,6 +35,9 @@ class SlowProxy:
                     code, data, ctype = e.code, e.read(), e.headers.get("Content-Type")
                 if self.command == proxy.slow[0] and proxy.slow[1] in self.path:
                     time.sleep(proxy.delay_s)
+                    if proxy.lose_answers > 0:
+                        proxy.lose_answers -= 1
+                        code, data = 504, b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "gateway timeout"}'
                 try:
                     self.send_response(code)
                     self.send_header("Content-Type", ctype or "application/json")

@@ -1,4 +1,5 @@
-"""The resilient logger against stores that stop answering, and stores that refuse a call."""
+"""The resilient logger (and registration) against stores that stop answering, answer late or
+refuse a call."""
 from __future__ import annotations
 
 import logging
@@ -395,3 +396,29 @@ def test_a_run_ended_while_the_store_was_down_is_finished_before_registration(se
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [m.value for m in client.get_metric_history(run_id, "final/AP")] == [0.5]
     assert FitResult("c", Path("w"), Path("c"), {}, run_id, server.uri, "r").finish_tracking()  # nothing pending
+
+
+@pytest.mark.timeout(300)
+def test_a_registration_whose_answer_was_lost_makes_one_version(server, monkeypatch):
+    """A gateway answered 504 to a model-version create the server had done: MLflow's client
+    sent it again, and the run got two versions (the pipelines then tagged and promoted the
+    second, leaving an orphan). ``register_model`` keeps the first and deletes the resends'."""
+    from mlflow.tracking import MlflowClient
+
+    from dino_scale.tracking.registry import register_model
+    from slow_proxy import SlowProxy
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    logger = ResilientLogger(server.uri)
+    run_id = logger.start_run("errors", "registered-once")
+    logger.end_run()
+    assert logger.close(timeout_s=30), logger.last_error
+    proxy = SlowProxy(server.uri, ("POST", "model-versions/create"), delay_s=0, lose_answers=1)
+    try:
+        version = register_model(run_id, "dino-registered-once", tracking_uri=proxy.uri)
+    finally:
+        proxy.close()
+    assert proxy.count("POST", "model-versions/create") == 2  # the resend happened
+    client = MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
+    versions = client.search_model_versions("name='dino-registered-once'")
+    assert [(v.version, v.run_id) for v in versions] == [(version, run_id)] and version == "1"

@@ -22,7 +22,10 @@ def _info() -> int:
 
     arch = _build.default_arch_list()
     cuda_home = _build.find_cuda_home()
-    lib = _build.find_library(arch)
+    try:
+        lib = _build.find_library(arch)  # named by a hash of the sources
+    except _build.BuildError:
+        lib = None
     print(f"torch            {torch.__version__} (CUDA {torch.version.cuda})")
     print(f"GPU available    {torch.cuda.is_available()}")
     try:
@@ -34,9 +37,12 @@ def _info() -> int:
     if cuda_home:
         print(f"extra includes   {_build.extra_system_includes(cuda_home)}")
     print(f"arch list        {arch}")
-    built = _build.library_complete(lib)
-    state = "built" if built else "incomplete: rebuild" if lib.exists() else "not built"
-    print(f"library          {lib} ({state})")
+    built = lib is not None and _build.library_complete(lib)
+    if lib is None:
+        print("library          unknown: the CUDA sources are missing (an installation without csrc/)")
+    else:
+        state = "built" if built else "incomplete: rebuild" if lib.exists() else "not built"
+        print(f"library          {lib} ({state})")
     print(f"default backend  {_default_backend(torch.cuda.is_available(), built, cuda_home)}")
     return 0
 

@@ -295,13 +295,24 @@ def find_library(arch_list: str, root: Optional[Path] = None) -> Path:
 
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
+    """Hold the build lock of ``directory`` (an fcntl lock: a killed holder frees it). The lock
+    file is made writable by all; one another user made before (mode 0644) is opened read-only,
+    which locks as well (opened for writing, it refused that user's ``build`` of a library
+    already up to date)."""
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    path = directory / ".lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -358,6 +369,9 @@ def _compile(build_dir: Path, arch_list: str, verbose: bool) -> Path:
     # mere existence makes the next build wait forever once a builder was killed. Every builder
     # of this folder holds the fcntl lock of _locked() (the caller), so a 'lock' here is stale.
     (stage / "lock").unlink(missing_ok=True)
+    # the stamp says "the library here is of these sources": gone until the new library is in
+    # place (a build killed before that left the old library under the new stamp: up to date)
+    (build_dir / STAMP_FILE).unlink(missing_ok=True)
     with _env(env):
         try:
             path = cpp_ext.load(
@@ -372,10 +386,10 @@ def _compile(build_dir: Path, arch_list: str, verbose: bool) -> Path:
     if not path or not Path(path).is_file():
         raise BuildError(f"build finished but {path or stage} holds no library")
     (build_dir / ARCH_FILE).write_text(arch_list + "\n")  # for find_library; before the library shows
-    (build_dir / STAMP_FILE).write_text(stamp + "\n")
     with open(path, "rb") as fh:  # on disk before it shows under its name (a crash: no stub)
         os.fsync(fh.fileno())
     os.replace(path, lib)  # atomic on one file system: the library appears complete or not at all
+    (build_dir / STAMP_FILE).write_text(stamp + "\n")
     return lib
 
 

@@ -352,6 +352,49 @@ def test_explicit_build_dir_rebuilds_for_other_arch_or_sources(tmp_path, monkeyp
     assert _build.build_extension(arch_list="9.0").read_bytes() == _elf(b"old cache") and len(built) == 3
 
 
+def test_a_rebuild_killed_before_its_library_is_in_place_is_not_up_to_date(tmp_path, monkeypatch, capsys):
+    """A `--build-dir` rebuild after csrc/ changed, killed after the new stamp was written and
+    before the new library replaced the old one, left the old library under the new stamp: the
+    next build called it up to date. The stamp now goes after the library."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in _build.source_files():
+        (src / p.name).write_bytes(p.read_bytes())
+    monkeypatch.setattr(_build, "SOURCE_DIR", src)
+    built = []
+
+    def good_build(name, sources, build_directory, **kw):
+        out = Path(build_directory, f"{name}.so")
+        out.write_bytes(_elf(b"library %d" % len(built)))
+        built.append(name)
+        return str(out)
+
+    _fake_toolchain(monkeypatch, tmp_path, good_build)
+    build_dir = tmp_path / "mine"
+    old = _build.build_extension(build_dir=build_dir, arch_list="9.0")
+    (src / "msda_cpu.cpp").write_text((src / "msda_cpu.cpp").read_text() + "\n// edited\n")
+
+    def killed_at_the_rename(src_path, dst_path):
+        raise KeyboardInterrupt  # stands for the kill between the compile and the rename
+
+    monkeypatch.setattr(_build.os, "replace", killed_at_the_rename)
+    with pytest.raises(KeyboardInterrupt):
+        _build.build_extension(build_dir=build_dir, arch_list="9.0")
+    monkeypatch.undo()
+    monkeypatch.setattr(_build, "SOURCE_DIR", src)
+    _fake_toolchain(monkeypatch, tmp_path, good_build)
+    assert old.read_bytes() == _elf(b"library 0")  # the old library is still there
+    lib = _build.build_extension(build_dir=build_dir, arch_list="9.0")
+    assert len(built) == 3 and lib.read_bytes() == _elf(b"library 2"), "the old library was taken as up to date"
+
+    # `info` without sources (an installation without csrc/): says so instead of a traceback
+    from dino_scale.ops import __main__ as cli
+
+    monkeypatch.setattr(_build, "SOURCE_DIR", tmp_path / "no-sources")
+    assert cli.main(["info"]) == 0
+    assert "the CUDA sources are missing" in capsys.readouterr().out
+
+
 def _truncated_shared_object(dest: Path) -> Path:
     """The first 4 KiB of a real shared object (CPython's _ctypes): what a crash before the
     renamed library reached the disk, or an interrupted copy of a cache folder, leaves behind.

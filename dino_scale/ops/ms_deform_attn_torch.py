@@ -23,7 +23,19 @@ CHECK_DEVICE_LEVELS = os.environ.get("DINO_SCALE_MSDA_CHECK", "0") == "1"
 def check_shapes(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                  sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> None:
     """Shape agreement of the five inputs (metadata only: no device sync). Raises ValueError
-    naming the offending input, before anything reaches the kernel."""
+    naming the offending input, before anything reaches the kernel; TypeError for a dtype no
+    backend takes (value, locations and weights floating point; the level table integers: a
+    float table was truncated, 4.7 read as 4), and ValueError for inputs on another device than
+    value (the level table excepted: the CUDA backend moves it)."""
+    for label, tensor in (("value", value), ("sampling_locations", sampling_locations),
+                          ("attention_weights", attention_weights)):
+        if not tensor.dtype.is_floating_point:
+            raise TypeError(f"ms_deform_attn: {label} must be a floating-point tensor, got {tensor.dtype}")
+        if tensor.device != value.device:
+            raise ValueError(f"ms_deform_attn: {label} is on {tensor.device}, value on {value.device}")
+    for label, tensor in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+            raise TypeError(f"ms_deform_attn: {label} must be an integer tensor (int64), got {tensor.dtype}")
     if value.dim() != 4:
         raise ValueError(f"ms_deform_attn: value must be (N, S, M, D), got {tuple(value.shape)}")
     if sampling_locations.dim() != 6 or sampling_locations.shape[5] != 2:

@@ -196,6 +196,35 @@ def test_pytorch_backend_rejects_inputs_that_do_not_match(backend):
 
 
 @pytest.mark.parametrize("backend", [None, "pytorch", "compiled"])
+def test_inputs_of_a_wrong_dtype_or_device_are_refused_by_name(backend, monkeypatch):
+    """A float level table was truncated (4.7 read as 4) and integer locations taken silently;
+    an integer value raised torch's NotImplementedError from deep inside grid_sample, and
+    inputs on two devices torch's own device error. Each now names the input."""
+    from dino_scale.ops import ms_deform_attn_cuda
+
+    def must_not_load(*a, **k):
+        raise AssertionError("reached the compiled op")
+
+    monkeypatch.setattr(ms_deform_attn_cuda, "load", must_not_load)
+    call = ms_deform_attn_cuda.call_compiled_op if backend == "compiled" else \
+        (lambda *a: ms_deform_attn(*a, backend=backend))
+    value, shapes, starts, loc, w = make_inputs(1, [(4, 5), (2, 2)], 2, 4, 3, 2, seed=2)
+    wrong_dtype = {
+        "spatial_shapes": (value, shapes.float() + 0.7, starts, loc, w),
+        "level_start_index": (value, shapes, starts.float(), loc, w),
+        "sampling_locations": (value, shapes, starts, (loc * 4).long(), w),
+        "attention_weights": (value, shapes, starts, loc, w.bool()),
+    }
+    if backend != "compiled":  # the compiled wrapper names value's dtype itself
+        wrong_dtype["value"] = (value.long(), shapes, starts, loc, w)
+    for name, args in wrong_dtype.items():
+        with pytest.raises(TypeError, match=name):
+            call(*args)
+    with pytest.raises(ValueError, match="attention_weights is on meta"):
+        call(value, shapes, starts, loc, w.to("meta"))
+
+
+@pytest.mark.parametrize("backend", [None, "pytorch", "compiled"])
 def test_level_table_that_disagrees_with_value_is_refused_by_every_backend(backend, monkeypatch):
     # the PyTorch backend split value by spatial_shapes alone and ignored level_start_index,
     # which the compiled kernels follow (and they took S > sum(H*W)): one call, two results.

@@ -76,7 +76,8 @@ def add_common_args(parser: argparse.ArgumentParser, data_help: str,
     d.add_argument("--images", default=None, help="image root for an annotation JSON given as --data")
     if training:
         d.add_argument("--val-data", default=None,
-                       help="validation set (same forms as --data); default: <data>/val when present")
+                       help="validation set: dataset folder(s), comma-separated, or an annotation JSON (with "
+                            "--val-images); default: <data>/val when --data is a folder holding train/ and val/")
         d.add_argument("--val-images", default=None, help="image root for --val-data (default: --images)")
         d.add_argument("--synthetic-images", type=int, default=None,
                        help="images in the generated synthetic training set when no --data is given")

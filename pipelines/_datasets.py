@@ -4,7 +4,8 @@ Accepted forms for each argument:
 
 - a dataset folder (``manifest.json`` + Parquet shards), or several joined by commas;
 - a folder holding ``train/`` and ``val/`` dataset folders (for ``--data`` only: both
-  are used);
+  are used; a ``train_extra/`` beside them, the rest of Objects365 val that
+  ``prepare-data --o365-val-split`` writes, is trained on too, as in the paper's recipe);
 - an annotation JSON (COCO / Objects365 format) plus ``--images``: converted first into
   ``<work-dir>/data/<name>/`` (reused while the file is unchanged, converted again after an edit);
 - nothing: a synthetic set (``o365-like`` or ``coco-like``) is generated under
@@ -125,6 +126,9 @@ def resolve_datasets(args, work_dir: Path, flavour: str, default_images: int, se
     data = None if "," in args.data else check_path(args.data, "dataset path")
     if data is not None and data.is_dir() and not _is_dataset(data) and _is_dataset(data / "train"):
         train = str(data / "train")
+        if _is_dataset(data / "train_extra"):  # was left out without a word
+            train += f",{data / 'train_extra'}"
+            log(f"training on {data / 'train'} and {data / 'train_extra'} (the rest of the Objects365 val split)")
         if _is_dataset(data / "val"):
             val = str(data / "val")
     if require_val and val is None and args.val_data is None:

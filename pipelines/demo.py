@@ -12,7 +12,7 @@ preset. Steps:
 5. prints both APs, the wall time and the registry: both models, aliases, lineage.
 
     python -m pipelines.demo [--work-dir runs/demo] [--fresh] [--pretrain-steps N]
-                             [--finetune-steps N] [--no-scratch]
+                             [--finetune-steps N] [--no-scratch] [--gpus 0|1]
 """
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-steps", type=int, default=200, help="pretraining optimizer steps (default 200)")
     p.add_argument("--finetune-steps", type=int, default=100, help="fine-tuning optimizer steps (default 100)")
     p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch comparison run")
+    p.add_argument("--gpus", type=int, default=None, choices=(0, 1),
+                   help="1: every stage on one GPU worker; default CPU (0), unless --set train.use_gpu says "
+                        "otherwise (a stage's own default takes a GPU whenever the machine has one)")
     p.add_argument("--set", dest="overrides", action=common.OverrideAction, default=[], metavar="KEY=VALUE",
                    help=f"extra config override for every stage (repeatable; applied after the "
                         f"demo's own: {' '.join(DEMO_OVERRIDES)})")
@@ -55,6 +58,22 @@ def stage_overrides(user: Sequence[str]) -> list[str]:
     user's (a stage refuses a key given twice with two values)."""
     keys = {o.split("=", 1)[0] for o in user}
     return [o for o in DEMO_OVERRIDES if o.split("=", 1)[0] not in keys] + list(user)
+
+
+def _gpu_args(gpus: Optional[int], user: Sequence[str]) -> list[str]:
+    """``--gpus`` for each stage: the demo runs on CPU (its docs, its 15-minute budget) unless told
+    otherwise; without a word a stage took a GPU whenever the machine had one."""
+    if gpus is None and any(o.split("=", 1)[0].strip() == "train.use_gpu" for o in user):
+        return []  # the user's --set says where
+    return ["--gpus", str(gpus or 0)]
+
+
+def stage_args(work: Path, gpus: Optional[int], user: Sequence[str]) -> list[str]:
+    """The arguments every training stage gets: work folder, preset, device, ``--set`` list."""
+    base = ["--work-dir", str(work), "--preset", PRESET] + _gpu_args(gpus, user)
+    for o in stage_overrides(user):
+        base += ["--set", o]
+    return base
 
 
 def _fmt(ap: Optional[float]) -> str:
@@ -91,9 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     use_own_store(work, log)
-    base = ["--work-dir", str(work), "--preset", PRESET]
-    for o in stage_overrides(args.overrides):
-        base += ["--set", o]
+    base = stage_args(work, args.gpus, args.overrides)
     log(f"Ray: {common.connect_ray()}")
 
     from pipelines import evaluate, finetune_coco, pretrain_o365
@@ -121,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log("3/4 from-scratch comparison skipped (--no-scratch)")
     log(f"4/4 evaluating models:/{ft['name']}@champion")
     t = time.monotonic()
-    ev = evaluate.run(["--model", f"models:/{ft['name']}@champion", "--work-dir", str(work)])
+    ev = evaluate.run(["--model", f"models:/{ft['name']}@champion"] + base[:2] + _gpu_args(args.gpus, args.overrides))
     timings["evaluate"] = time.monotonic() - t
     wall = time.monotonic() - t0
 

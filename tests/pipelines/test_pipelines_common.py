@@ -290,3 +290,20 @@ def test_pipelines_demo_keeps_its_own_store(tmp_path, monkeypatch, mlflow_store_
     import mlflow
     assert mlflow.get_tracking_uri() == uri and mlflow.get_registry_uri() == uri
     assert len(said) == 2 and all("is not used" in m for m in said)
+
+
+def test_pipelines_demo_stages_run_on_cpu_unless_told(tmp_path, monkeypatch):
+    """The demo is documented as a CPU run, but passed no --gpus: on a machine with a GPU every
+    stage took it. It passes --gpus 0 unless its own --gpus or --set train.use_gpu says otherwise."""
+    from pipelines import demo, pretrain_o365
+
+    monkeypatch.setattr(common, "_gpus_available", lambda: True)
+
+    def use_gpu(gpus, user):
+        args = pretrain_o365.build_parser().parse_args(demo.stage_args(tmp_path, gpus, user))
+        return common.build_config(args).train.use_gpu
+
+    assert use_gpu(None, []) is False
+    assert use_gpu(1, []) is True
+    assert use_gpu(None, ["train.use_gpu=true"]) is True
+    assert demo.stage_args(tmp_path, None, [])[:6] == ["--work-dir", str(tmp_path), "--preset", "tiny", "--gpus", "0"]

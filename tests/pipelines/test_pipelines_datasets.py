@@ -53,6 +53,12 @@ def test_pipelines_datasets_forms(raw, tmp_path, monkeypatch):
     assert (t, v) == (f"{parent / 'train'},{parent / 'train'}", str(parent / "val"))
     t, v, _ = resolve_datasets(_args(data="ds"), tmp_path, "coco-like", 8, 0, log)
     assert (t, v) == (str(parent / "train"), str(parent / "val"))
+    # a train_extra/ beside them (prepare-data --o365-val-split) is trained on too: it was left out
+    convert_coco(ann, root, parent / "train_extra", progress=False)
+    said = []
+    t, v, _ = resolve_datasets(_args(data="ds"), tmp_path, "coco-like", 8, 0, said.append)
+    assert (t, v) == (f"{parent / 'train'},{parent / 'train_extra'}", str(parent / "val"))
+    assert any("train_extra" in line for line in said)
     with pytest.raises(UsageError, match="dataset path not found"):
         resolve_datasets(_args(data=f"{parent / 'train'},/nope"), tmp_path, "coco-like", 8, 0, log)
     with pytest.raises(UsageError, match="needs --data"):

@@ -294,18 +294,6 @@ def connect_ray(num_cpus: Optional[int] = None) -> str:
     return what
 
 
-def backbone_start_note(cfg: Config) -> Optional[str]:
-    """A note when a run trains its backbone from random weights where the official recipe starts
-    from ImageNet weights (every backbone with published ones; ``model.backbone_weights`` unset)."""
-    from dino_scale.models.backbone import IMAGENET_WEIGHTS
-
-    if cfg.model.backbone_weights or cfg.model.backbone not in IMAGENET_WEIGHTS:
-        return None
-    return (f"note: model.backbone_weights is not set, so the {cfg.model.backbone} backbone starts from "
-            f"random weights; the official recipe starts from ImageNet weights: --set "
-            f"model.backbone_weights=imagenet (downloads {IMAGENET_WEIGHTS[cfg.model.backbone]}) or a local copy")
-
-
 def check_gpus_here(cfg: Config, args: argparse.Namespace) -> None:
     """:class:`UsageError` when ``cfg`` asks for GPU workers (``--gpus N``, ``train.use_gpu``) the
     embedded local Ray lacks: nothing can join it, so Ray Train would wait for them forever. A

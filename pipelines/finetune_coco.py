@@ -118,9 +118,6 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         lineage["class_transfer"] = prepared.summary
     else:
         log("from scratch: no initial weights")
-        note = common.backbone_start_note(cfg)
-        if note:
-            log(note)
     if not early_ray:
         log(f"Ray: {common.connect_ray()}")
     common.check_gpus_here(cfg, args)

@@ -81,9 +81,6 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         f"{cfg.train.num_workers} {'GPU' if cfg.train.use_gpu else 'CPU'} worker(s), ZeRO-{cfg.train.zero_stage}, "
         f"max_steps={cfg.train.max_steps} epochs={cfg.train.epochs} {common.schedule_text(cfg)}")
     log(f"training on {train} (val: {val or 'none'}); MLflow store {uri}")
-    note = common.backbone_start_note(cfg)
-    if note:
-        log(note)
 
     from dino_scale.engine import fit
     from pipelines.registry import SYNTHETIC_TAG

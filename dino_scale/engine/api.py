@@ -151,6 +151,18 @@ def _check_init_fits(cfg: Config, weights: str, state: dict, strict: bool = True
         raise CheckpointMismatch(f"{weights} does not fit the model of config {cfg.name!r}: {exc}") from None
 
 
+def backbone_start_note(cfg: Config) -> Optional[str]:
+    """A note when a run trains its backbone from random weights where the official recipe starts
+    from ImageNet weights (every backbone with published ones; ``model.backbone_weights`` unset)."""
+    from dino_scale.models.backbone import IMAGENET_WEIGHTS
+
+    if cfg.model.backbone_weights or cfg.model.backbone not in IMAGENET_WEIGHTS:
+        return None
+    return (f"note: model.backbone_weights is not set, so the {cfg.model.backbone} backbone starts from "
+            f"random weights; the official recipe starts from ImageNet weights: --set "
+            f"model.backbone_weights=imagenet (downloads {IMAGENET_WEIGHTS[cfg.model.backbone]}) or a local copy")
+
+
 def _check_backbone_weights(cfg: Config, init_weights: Optional[str], init_strict: bool,
                             ray_address: Optional[str], resumed_world: Optional[int] = None,
                             resumed_frozen: bool = False) -> None:
@@ -162,7 +174,8 @@ def _check_backbone_weights(cfg: Config, init_weights: Optional[str], init_stric
     every worker (FileNotFoundError, retried ``train.max_failures`` times) after Ray and the MLflow
     run had started: :class:`ConfigError` naming it when the workers run on this machine. On a
     cluster joined by address (``ray_address`` or ``RAY_ADDRESS``, as ``check_gpus_here`` of the
-    pipelines decides) the file may exist on the workers only: a warning. URLs are not checked."""
+    pipelines decides) the file may exist on the workers only: a warning. URLs are not checked.
+    A new run from no weights at all logs :func:`backbone_start_note`."""
     from dino_scale.engine.elastic import reads_backbone_weights
     from dino_scale.models.backbone import resolve_backbone_weights
 
@@ -170,6 +183,9 @@ def _check_backbone_weights(cfg: Config, init_weights: Optional[str], init_stric
         path = resolve_backbone_weights(cfg.model.backbone, cfg.model.backbone_weights)  # None stays None
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    note = backbone_start_note(cfg) if init_weights is None and resumed_world is None else None
+    if note:  # said by fit itself: a caller of the API (not the pipelines) trained from random weights unwarned
+        log.warning("%s", note)
     if not reads_backbone_weights(cfg, init_weights=init_weights, init_strict=init_strict, resumed_world=resumed_world,
                                   resumed_frozen=resumed_frozen) or re.match(r"^[a-z][a-z0-9+.-]*://", str(path)):
         return

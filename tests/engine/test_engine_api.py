@@ -441,3 +441,24 @@ def test_a_failure_while_the_results_are_saved_ends_the_run(data, tmp_path, monk
     expected = ("KILLED", "interrupted while the results were saved") if failure == "interrupt" else \
         ("FAILED", f"{error[failure].__name__} after training")
     assert (run.info.status, expected[1] in run.data.tags.get("error", "")) == (expected[0], True), run.data.tags
+
+
+def test_a_new_run_with_no_weights_at_all_notes_the_random_backbone(caplog):
+    """The presets leave model.backbone_weights unset: a Swin-L or R50 run started through the
+    API trained its backbone from random weights without a word (only the pipelines said so),
+    where the official recipe starts from ImageNet weights. ``fit`` says it itself."""
+    import logging
+
+    from dino_scale.config import preset
+    from dino_scale.engine.api import _check_backbone_weights, backbone_start_note
+
+    note = backbone_start_note(preset("swinl_4scale"))
+    assert note and "model.backbone_weights=imagenet" in note and "swin_large_patch4_window12_384_22k.pth" in note
+    assert "resnet50-0676ba61.pth" in backbone_start_note(preset("r50_4scale"))
+    assert backbone_start_note(preset("r50_4scale", ["model.backbone_weights=https://x/r50.pth"])) is None
+    assert backbone_start_note(preset("tiny")) is None  # no published weights for it
+    caplog.set_level(logging.WARNING, logger="dino_scale.engine")
+    for init, resumed, said in ((None, None, True), ("/w/dino.safetensors", None, False), (None, 2, False)):
+        caplog.clear()
+        _check_backbone_weights(preset("r50_4scale"), init, True, None, resumed_world=resumed)
+        assert ("starts from random weights" in caplog.text) is said, (init, resumed)

@@ -221,18 +221,6 @@ def test_pipelines_common_set_is_normalized_and_checked_at_parse_time():
     assert demo.stage_overrides([]) == demo.DEMO_OVERRIDES
 
 
-def test_pipelines_common_note_when_the_backbone_starts_from_random_weights():
-    # the presets leave model.backbone_weights unset: a Swin-L or R50 run trained its backbone from
-    # random weights without a word, where the official recipe starts from ImageNet weights
-    from dino_scale.config import preset
-
-    note = common.backbone_start_note(preset("swinl_4scale"))
-    assert note and "model.backbone_weights=imagenet" in note and "swin_large_patch4_window12_384_22k.pth" in note
-    assert "resnet50-0676ba61.pth" in common.backbone_start_note(preset("r50_4scale"))
-    assert common.backbone_start_note(preset("r50_4scale", ["model.backbone_weights=/w/r50.pth"])) is None
-    assert common.backbone_start_note(preset("tiny")) is None  # no published weights for it
-
-
 def test_pipelines_common_gpu_default_looks_at_the_joined_cluster(monkeypatch, ray_lock):
     """A job submitted with ``--preset`` and no ``--gpus`` trained on CPU on a GPU cluster: the
     config (whose GPU default asks Ray for GPUs) was built before the pipeline joined the

@@ -181,7 +181,12 @@ def _one_version(client, name: str, run_id: str, token: str, version: str) -> st
     """After a registration: its oldest version. MLflow's client resends a create whose answer
     was a 502/503/504 (a proxy or load balancer timing out while the store did the work), and
     each resend made another version of the same run; the extra ones are deleted."""
-    made = _registered_by(client, name, run_id, token)
+    try:
+        made = _registered_by(client, name, run_id, token)
+    except Exception as exc:  # the version exists: a failed check must not fail the registration
+        log.warning("registry: could not check %s for duplicate versions of run %s (%s); version %s is kept",
+                    name, run_id, exc, version)
+        return version
     for extra in made[1:]:
         log.warning("registry: %s version %s duplicates version %s (a registration request was sent again "
                     "after its answer was lost); deleting it", name, extra.version, made[0].version)

@@ -53,7 +53,8 @@ from .records import (
     CONTENT_SCHEMA, FORMAT, MANIFEST_NAME, ManifestError, ShardError, read_manifest, resolve_image_path,
 )
 from .preflight import preflight_shards
-from .shards import ShardWriter, crowd_boxes, folder_lock, load_progress, read_json_or_none, write_json_atomic
+from .shards import (ShardWriter, crowd_boxes, folder_lock, load_progress, read_json_or_none, shard_files,
+                     write_json_atomic)
 
 __all__ = ["convert_coco", "ConversionError"]
 
@@ -269,12 +270,16 @@ class _Converter:
             except ManifestError:  # cut short or edited: nothing in it can be trusted
                 self.say(f"{manifest_path}: unreadable or not a dataset manifest; converting again")
                 old = {}
+            self._refuse_another_dataset(old)
             unshuffled = self._converted_before_shuffling(old.get("signature"))
             back = self._skipped_files_back(old) if old.get("signature") == self.signature else []
             if back:
                 self.say(f"{self.out}: {len(back)} image(s) skipped at the last conversion as missing or empty "
                          f"are there now (e.g. {back[0]}); converting again")
-            elif old.get("signature") == self.signature or unshuffled:
+            elif old and old.get("signature") != self.signature and not unshuffled:
+                self.say(f"{self.out}: the annotation file or the settings changed since its conversion; "
+                         f"converting again")
+            if not back and (old.get("signature") == self.signature or unshuffled):
                 try:  # the same input, but its shards must still be there, whole, with sound footers
                     preflight_shards(self.out)  # (sizes alone passed a footer damaged in place)
                     self.say(f"{self.out}: already converted" + (
@@ -291,7 +296,7 @@ class _Converter:
         if not isinstance(plan, dict) or plan.get("signature") != self.signature:
             if self.work.exists():
                 shutil.rmtree(self.work)
-            for p in self.out.glob("shard-*.parquet*"):
+            for p, _ in shard_files(self.out):
                 p.unlink()
             self.work.mkdir(parents=True)
             plan = self.scan()
@@ -300,7 +305,7 @@ class _Converter:
             self.say(f"{self.out}: resuming after {len(load_progress(self.out, self.work))} finished shards")
         records, totals = self.write(plan)
         manifest = self._manifest(plan, records, totals)
-        self._check_some_image_used(manifest)
+        self._check_usable(manifest)
         tmp = manifest_path.with_name(MANIFEST_NAME + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
         tmp.replace(manifest_path)
@@ -327,21 +332,46 @@ class _Converter:
                 continue
         return back
 
-    def _check_some_image_used(self, manifest: dict[str, Any]) -> None:
-        """:class:`ConversionError` when the file lists images but none was usable for reasons of
-        their files (an ``--images`` folder that is not the one holding them): a dataset of 0
-        images, converted "successfully" (exit 0), trained on nothing. The partial output is
-        removed, so the next run (the right folder, or the files put in place) converts afresh."""
-        skipped = manifest["images_skipped"]
-        if manifest["num_images"] or not manifest["images_in"] or not set(skipped) <= _FILE_REASONS:
+    def _refuse_another_dataset(self, old: dict[str, Any]) -> None:
+        """:class:`ConversionError` when ``out`` holds the dataset of another annotation file: it
+        was replaced without a word (converting its own file again, edited or with other
+        settings, is fine)."""
+        source = (old.get("signature") or {}).get("annotations") if isinstance(old.get("signature"), dict) else None
+        if source is None or source == self.signature["annotations"]:
+            return
+        raise ConversionError(
+            f"{self.out} holds the dataset converted from {source} ({old.get('num_images', '?')} images): converting "
+            f"{self.ann_path} there would replace it; choose another output folder, or remove that one first")
+
+    def _check_usable(self, manifest: dict[str, Any]) -> None:
+        """:class:`ConversionError` when the result cannot be trained on, converted "successfully"
+        (exit 0) all the same: no image listed (no ``images`` list), none usable (for reasons of
+        their files: an ``--images`` folder that is not the one holding them; or of their entries),
+        or annotations listed and every one dropped (``bbox`` or ``image_id`` of another format).
+        The partial output is removed, so that the next run converts afresh."""
+        skipped, dropped = manifest["images_skipped"], manifest["boxes_dropped"]
+        problem = None
+        if not manifest["images_in"]:
+            problem = (f"{self.ann_path} lists no image{'' if tuple(self.select) == (0, None) else ' in this split'} "
+                       f"(its 'images' must be a list of {{id, file_name, width, height}} entries)")
+        elif not manifest["num_images"]:
+            if set(skipped) <= _FILE_REASONS:
+                problem = (f"none of the {manifest['images_in']} images of {self.ann_path} could be used from the "
+                           f"image folder {self.images} ({_counts(skipped)}): is it the folder that holds the files "
+                           f"the annotation file names (with their sub-folders)?")
+            else:
+                problem = (f"none of the {manifest['images_in']} images of {self.ann_path} could be used "
+                           f"({_counts(skipped)}; the log above names the images and why)")
+        elif manifest["boxes_in"] and not manifest["num_boxes"]:
+            problem = (f"every one of the {manifest['boxes_in']} annotations of {self.ann_path} was dropped "
+                       f"({_counts(dropped)}): a dataset without a single box trains on nothing (each must have "
+                       f"an integer image_id of a listed image and a bbox [x, y, w, h] of numbers)")
+        if problem is None:
             return
         shutil.rmtree(self.work, ignore_errors=True)
-        for p in self.out.glob("shard-*.parquet*"):
+        for p, _ in shard_files(self.out):
             p.unlink()
-        raise ConversionError(
-            f"none of the {manifest['images_in']} images of {self.ann_path} could be used from the image folder "
-            f"{self.images} ({', '.join(f'{k}: {v}' for k, v in sorted(skipped.items()))}): is it the folder that "
-            f"holds the files the annotation file names (with their sub-folders)?")
+        raise ConversionError(problem)
 
     def _crowd_boxes(self, record: dict[str, Any]) -> int:
         """Crowd boxes written to a shard (skipped images' boxes are not); a progress record from
@@ -383,6 +413,9 @@ class _Converter:
         }
         if skipped:
             log.warning("%s: skipped %d images %s", self.out, sum(skipped.values()), skipped)
+        if any(dropped.values()):  # counted in the manifest; said here too (an all-malformed file was silent)
+            log.warning("%s: dropped %d of %d boxes (%s)", self.out, sum(dropped.values()), m["boxes_in"],
+                        _counts(dropped))
         if m["images_in"] != m["num_images"] + sum(skipped.values()) or \
                 m["boxes_in"] != m["num_boxes"] + sum(dropped.values()):
             raise RuntimeError(f"internal error: manifest counts do not add up: {json.dumps(m)[:2000]}")
@@ -394,6 +427,11 @@ class _Converter:
 _CHUNK_IMAGE_BYTES = 64 * 1024 * 1024
 
 # skip reasons that come from the image files (not the annotations)
+def _counts(counts: dict[str, int]) -> str:
+    """``{"malformed": 3, "orphan": 0}`` -> ``"malformed: 3"`` (the non-zero ones)."""
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if v) or "none"
+
+
 _FILE_REASONS = frozenset({"missing_file", "unreadable", "empty_file", "corrupt", "too_large", "size_mismatch"})
 
 

@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -24,11 +25,26 @@ import pyarrow.parquet as pq
 
 from .records import SCHEMA
 
-__all__ = ["ShardWriter", "shard_name", "load_progress", "crowd_boxes", "folder_lock"]
+__all__ = ["ShardWriter", "shard_name", "shard_files", "load_progress", "crowd_boxes", "folder_lock"]
 
 
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}.parquet"
+
+
+_SHARD_FILE = re.compile(r"shard-(\d{5})\.parquet(\.tmp)?")
+
+
+def shard_files(out: Path) -> list[tuple[Path, int]]:
+    """The conversion's own shard files in ``out`` (finished, and ``.tmp`` ones a crash left), with
+    their index: a ``shard-old.parquet`` or ``shard-00000.parquet.bak`` of the user's is none of them
+    (such names were deleted, or stopped every later run with a bare int() error)."""
+    out_files = []
+    for p in sorted(out.glob("shard-*.parquet*")):
+        match = _SHARD_FILE.fullmatch(p.name)
+        if match and p.is_file():
+            out_files.append((p, int(match.group(1))))
+    return out_files
 
 
 @contextlib.contextmanager
@@ -93,8 +109,8 @@ def load_progress(out: Path, work: Path) -> list[dict[str, Any]]:
             break
         done.append(record)
         i += 1
-    for p in sorted(out.glob("shard-*.parquet*")):  # partial or orphaned files from a crash
-        if not p.name.endswith(".parquet") or int(p.name[6:11]) >= i:
+    for p, index in shard_files(out):  # partial or orphaned files from a crash
+        if not p.name.endswith(".parquet") or index >= i:
             p.unlink()
     return done
 

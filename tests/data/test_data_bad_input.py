@@ -453,3 +453,50 @@ def test_data_rerun_converts_again_once_skipped_files_are_there(tmp_path, embed,
         capsys.readouterr().out
     assert again["num_images"] == 3 and again["images_skipped"] == {}
     assert sorted(r["image_id"] for r in iter_records(out)) == [1, 2, 3]
+
+
+def test_data_a_file_whose_labels_all_drop_or_that_lists_no_image_is_an_error(tmp_path, caplog):
+    """An annotation file whose every bbox or image_id is of another format (an object, a string
+    id), or with no 'images' list, converted to a dataset of no box or no image with exit 0 and not
+    a log line. Now a ConversionError that says what was dropped; box drops are logged too."""
+    images = {"a.jpg": _jpeg(), "b.jpg": _jpeg(), "c.jpg": _jpeg()}
+    boxes = [{"image_id": str(i), "category_id": 1, "bbox": [1, 2, 10, 12]} for i in (1, 2, 3)]
+    root, ann = _dataset(tmp_path, images, boxes)
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match=r"every one of the 3 annotations of .* was dropped \(malformed: 3\)"):
+        convert_coco(ann, root, out, progress=False)
+    assert not (out / "manifest.json").exists() and not list(out.glob("shard-*"))
+    doc = json.loads(ann.read_text())
+    ann.write_text(json.dumps({"annotations": doc["annotations"], "categories": doc["categories"]}))
+    with pytest.raises(ConversionError, match=r"lists no image \(its 'images' must be a list"):
+        convert_coco(ann, root, out, progress=False)
+    # one good box among bad ones: converted, and the drops are said, not only counted
+    root, ann = _dataset(tmp_path, images, boxes[:2] + [{"image_id": 3, "category_id": 1, "bbox": [1, 2, 10, 12]}])
+    with caplog.at_level(logging.WARNING, logger="dino_scale.data.convert"):
+        m = convert_coco(ann, root, out, progress=False)
+    assert m["num_boxes"] == 1 and "dropped 2 of 3 boxes (malformed: 2)" in caplog.text
+
+
+def test_data_an_output_folder_holding_another_dataset_is_not_replaced(tmp_path):
+    """Converting a second annotation file into the folder of the first replaced that dataset
+    without a word, and deleted any file named like a shard (``shard-old.parquet``, a ``.bak``
+    copy); such a file also stopped every later run with a bare int() error."""
+    root, ann = _dataset(tmp_path, {"a.jpg": _jpeg()}, [{"image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 12]}])
+    out = tmp_path / "out"
+    out.mkdir()
+    keep = {"shard-old.parquet": b"mine", "shard-00000.parquet.bak": b"backup"}
+    for name, data in keep.items():
+        (out / name).write_bytes(data)
+    first = convert_coco(ann, root, out, progress=False)
+    assert {name: (out / name).read_bytes() for name in keep} == keep
+    other = tmp_path / "other.json"
+    other.write_text(ann.read_text())
+    with pytest.raises(ConversionError, match=rf"{out} holds the dataset converted from {ann}.*choose another"):
+        convert_coco(other, root, out, progress=False)
+    assert json.loads((out / "manifest.json").read_text())["shards"] == first["shards"]
+    # its own file, edited: converted again
+    doc = json.loads(ann.read_text())
+    doc["annotations"].append({"id": 9, "iscrowd": 0, "image_id": 1, "category_id": 5, "bbox": [3, 3, 5, 5]})
+    ann.write_text(json.dumps(doc))
+    assert convert_coco(ann, root, out, progress=False)["num_boxes"] == 2
+    assert {name: (out / name).read_bytes() for name in keep} == keep

@@ -216,7 +216,8 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
     tags = {**lineage_tags(resolved), "stage": "evaluate"}
     # its own folder tree: under runs/ a --run-name of a training run rewrote that run's final/
     # config and lineage, and Ray Train took the training run's checkpoints for this run's
-    result = evaluate_weights(cfg, str(resolved.weights_path), val, work_dir / EVALUATIONS / run_name,
+    # absolute: the lineage records it (a relative path named nothing read from another folder)
+    result = evaluate_weights(cfg, str(Path(resolved.weights_path).resolve()), val, work_dir / EVALUATIONS / run_name,
                               run_name, experiment=args.experiment, tags=tags, weights_state=held)
     print()
     print(format_table(result.metrics, f"COCO box AP (%) of {args.model} on {val}"))
@@ -226,7 +227,8 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
               f"count as misses in the AP (image ids in the workers' log)")
     if note := conversion_note(result.metrics):
         print(note)
-    print(f"MLflow run: {result.run_id} (experiment {args.experiment}, store {uri})")
+    print(f"MLflow run: {result.run_id} (experiment {args.experiment}, store {uri}); detections and lineage in "
+          f"{work_dir / EVALUATIONS / run_name / 'final'}")
     return {"metrics": dict(result.metrics), "run_id": result.run_id, "val": val}
 
 

@@ -14,9 +14,12 @@ image). A folder's files without an image suffix (:data:`IMAGE_SUFFIXES`, any ca
 decoding (an annotated copy too large for a JPEG ...), are listed under ``failed``, not fatal;
 so are detections with a NaN/inf score or box (a diverged model; ``nonfinite`` per
 image, ``detections_nonfinite`` in all), and when no detection of any image is finite the exit
-status is 1. Files are written whole or not at
-all (a temporary file renamed): a run cut short never leaves half a JSON document or image,
-and predictions.json is written however the run ends (``"complete": false`` when cut short).
+status is 1. An image whose annotated copy cannot be written keeps its detections (``"annotated":
+null`` and ``"annotated_error"``). Files are written whole or not at all (a temporary file
+renamed): a run cut short never leaves half a JSON document or image, and predictions.json is
+written however the run ends (``"complete": false`` when cut short). A predictions.json of an
+earlier run that lists images this run did not predict is kept as ``predictions.<n>.json``.
+``--device auto`` (default) runs on the first GPU when there is one.
 """
 from __future__ import annotations
 
@@ -52,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
     p.add_argument("--threshold", type=float, default=0.3, help="minimum score to keep (default 0.3)")
     p.add_argument("--preset", default=None, help="preset of a model without config (official .pth)")
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (the first GPU when there is one, else the CPU), cpu, cuda, "
+                        "cuda:N")
     p.add_argument("--work-dir", default="./runs", help="work folder of the default MLflow store")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -131,7 +137,7 @@ def foreign_files(out: Path) -> set[Path]:
     ours: set[Path] = set()
     try:
         listed = json.loads((out / "predictions.json").read_text())["images"]
-        ours = {Path(item["annotated"]).resolve() for item in listed}
+        ours = {Path(item["annotated"]).resolve() for item in listed if item.get("annotated")}
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return {p.resolve() for p in out.glob("*.jpg") if p.resolve() not in ours and not _is_copy(p)}
@@ -175,6 +181,51 @@ def draw(image, detections: list[dict], path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())  # a kill mid-save leaves no half image
 
 
+def pick_device(name: str):
+    """``--device``: ``auto`` is the first GPU when torch sees one, else the CPU; a GPU named on a
+    machine without one is a usage error (the model ran on the CPU whatever the machine had)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise common.UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise common.UsageError(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s) here")
+    if device.type not in ("cpu", "cuda"):
+        raise common.UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def keep_earlier_predictions(path: Path, results: list[dict], log) -> Optional[Path]:
+    """Before ``path`` (predictions.json) is replaced: when it lists images this run did not
+    predict (a rerun on other images, or one whose every image failed), it is kept as
+    ``predictions.<n>.json`` (the first free n), with a note: the rerun replaced it, and the
+    earlier images' annotated copies stayed in the folder with nothing listing them."""
+    from dino_scale.engine.checkpoint import atomic_write_bytes
+
+    try:
+        earlier = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        listed = {str(Path(item["file"]).resolve()) for item in json.loads(earlier).get("images", [])}
+    except (ValueError, AttributeError, TypeError, KeyError):
+        listed = {None}  # not one of ours, or damaged: kept whole
+    listed -= {str(Path(item["file"]).resolve()) for item in results}
+    if not listed:
+        return None
+    n = 1
+    while path.with_name(f"predictions.{n}.json").exists():
+        n += 1
+    kept = path.with_name(f"predictions.{n}.json")
+    atomic_write_bytes(kept, earlier)
+    log(f"note: the earlier {path.name} listed {len(listed)} image(s) this run did not predict; kept as {kept.name}")
+    return kept
+
+
 def _categories(resolved) -> dict[int, str]:
     """Class index -> name: the model's categories.json, else the manifest of the data its lineage
     names (:func:`pipelines._init._source_categories`, as fine-tuning and evaluate read them)."""
@@ -190,6 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise common.UsageError("--threshold must be in [0, 1]")
     if args.preset is not None:
         common.resolve_preset_name(args.preset)  # a typo fails here, whether or not it is used
+    device = pick_device(args.device)  # before the model is read: a GPU asked for that is not here
     out = Path(args.out).expanduser()  # '~' the shell left (quoted, or after '=')
     common.setup_tracking(args.work_dir, create=False)  # a lookup: a mistyped --work-dir is not created
     from pipelines._init import check_exists
@@ -223,6 +275,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log(f"note: --preset {args.preset} ignored; the model carries its config ({cfg.name})")
     if cfg is None:
         cfg = common.preset(common.resolve_preset_name(args.preset), head_sizes(state))
+        log(f"note: the model carries no config; using {'--preset' if args.preset else 'the default preset'} "
+            f"{cfg.name} (its eval size and num_select too)")
     # the weights replace the whole model: the ImageNet file its training started from (config
     # model.backbone_weights, often a path on the training cluster) is not read; the attention
     # backend is this machine's choice (a model trained with msda_backend=cuda runs here on the CPU)
@@ -233,11 +287,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if resolved.config is not None:  # the model's own config: a damaged or foreign checkpoint
             raise
         raise preset_misfit(args.model, cfg.name, args.preset is not None, exc) from None
-    model.eval()
-    log(f"model {args.model} ({cfg.name}, {cfg.model.num_classes} classes); {len(files)} image(s)")
+    model.to(device).eval()
+    log(f"model {args.model} ({cfg.name}, {cfg.model.num_classes} classes) on {device}; {len(files)} image(s)")
     size = int(round(cfg.data.eval_size * cfg.data.scale_factor))
     max_size = int(round(cfg.data.eval_max_size * cfg.data.scale_factor))
-    results, failed, nonfinite, finite_total = [], [], 0, 0
+    results, failed, nonfinite, finite_total, no_copy = [], [], 0, 0, 0
     done = False
     try:  # predictions.json is written however the loop ends (Ctrl-C included: "complete": false)
         for i, f in enumerate(files, 1):
@@ -250,8 +304,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             try:  # one image that fails past decoding (its annotated copy too large for JPEG ...) is reported
                 x, mask = preprocess(image, size, max_size)
                 with torch.no_grad():
-                    outputs = model(x, mask)
-                    res = post(outputs, torch.tensor([[image.size[1], image.size[0]]]))[0]
+                    outputs = model(x.to(device), mask.to(device))
+                    res = post(outputs, torch.tensor([[image.size[1], image.size[0]]], device=device))[0]
                 dets = []
                 # those with a NaN/inf score or box are dropped and counted (drawing one raised; JSON has no NaN)
                 rows = zip(res["scores"].tolist(), res["labels"].tolist(), res["boxes"].tolist())
@@ -263,24 +317,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                min(max(y2, 0.0), h)]
                         dets.append({"label": names.get(int(label), str(int(label))), "category_id": int(label),
                                      "score": round(float(score), 4), "box": [round(float(v), 2) for v in box]})
-                target = output_path(out, f, i, taken)
-                draw(image, dets, target)
             except Exception as exc:  # noqa: BLE001 - counted and reported; the other images go on
                 first_line = str(exc).splitlines()[0] if str(exc) else ""
                 failed.append({"file": str(f), "error": f"{type(exc).__name__}: {first_line}"})
                 log(f"failed on image {f}: {failed[-1]['error']}")
                 continue
             nonfinite, finite_total = nonfinite + dropped, finite_total + len(finite)
-            results.append({"file": str(f), "annotated": str(target), "width": image.size[0],
-                            "height": image.size[1], "detections": dets, "nonfinite": dropped})
+            entry = {"file": str(f), "annotated": None, "width": image.size[0], "height": image.size[1],
+                     "detections": dets, "nonfinite": dropped}
+            try:  # a copy that cannot be written (too large for a JPEG ...) loses the copy, not the detections
+                target = output_path(out, f, i, taken)
+                draw(image, dets, target)
+                entry["annotated"] = str(target)
+            except Exception as exc:  # noqa: BLE001 - reported with the image's entry
+                first_line = str(exc).splitlines()[0] if str(exc) else ""
+                entry["annotated_error"] = f"{type(exc).__name__}: {first_line}"
+                no_copy += 1
+                log(f"no annotated copy of {f}: {entry['annotated_error']} (its detections are in predictions.json)")
+            results.append(entry)
             log(f"[{i}/{len(files)}] {f.name}: {len(dets)} box(es) >= {args.threshold}"
                 + (f"; {dropped} detection(s) with a NaN/inf score or box dropped" if dropped else ""))
         done = True
     finally:
+        keep_earlier_predictions(out / "predictions.json", results, log)
         atomic_write_text(out / "predictions.json", json.dumps(
             {"model": args.model, "threshold": args.threshold, "complete": done, "images": results,
              "failed": failed, "skipped": [str(f) for f in skipped], "detections_nonfinite": nonfinite}, indent=2))
-    print(f"wrote {len(results)} annotated image(s) and {out / 'predictions.json'}"
+    print(f"wrote {len(results) - no_copy} annotated image(s) and {out / 'predictions.json'}"
+          + (f" ({no_copy} image(s) without an annotated copy: \"annotated_error\")" if no_copy else "")
           + (f"; {len(failed)} image(s) failed (listed as \"failed\")" if failed else "")
           + (f"; {_skipped_text(skipped)}" if skipped else ""))
     if nonfinite and not finite_total:  # a diverged model: no output to read as "nothing found"

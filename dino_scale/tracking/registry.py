@@ -216,9 +216,16 @@ def _read_config(cfg_file: Path) -> Config:
     """The model's ``config.json``; a key this version does not know (a config written by
     another release) is a :class:`ConfigError` that names the file."""
     try:
-        return from_dict(json.loads(cfg_file.read_text()))
+        data = json.loads(cfg_file.read_text())
+    except ValueError as exc:  # was a bare JSONDecodeError that named no file
+        raise ConfigError(f"{cfg_file} is not a readable config ({exc}): the model's config.json is damaged; "
+                          f"replace it, or remove it and give --preset") from None
+    try:
+        return from_dict(data)
     except ConfigError as exc:
         raise ConfigError(f"{cfg_file}: {exc} (written by another version of dino_scale?)") from None
+    except (TypeError, AttributeError) as exc:  # a JSON document of another shape (a list, a string)
+        raise ConfigError(f"{cfg_file} is not a dino_scale config ({exc})") from None
 
 
 def _from_local(path: Path, uri: str, lineage: dict[str, Any]) -> ResolvedModel:
@@ -260,10 +267,24 @@ def resolve_model_uri(uri: str, dst_dir: Optional[str | Path] = None,
             return _from_local(_download_version(client, mv, dst, tracking_uri), uri, lineage)
         run_id, _, path = uri[len("runs:/"):].partition("/")
         lineage["run_id"] = run_id
-        local = client.download_artifacts(run_id, path or MODEL_ARTIFACT_PATH, str(dst))
-        return _from_local(Path(local), uri, lineage)
+        local = Path(client.download_artifacts(run_id, path or MODEL_ARTIFACT_PATH, str(dst)))
+        if local.is_file():  # runs:/<id>/model/model.safetensors: its config and lineage beside it too
+            _download_siblings(client, run_id, path, dst)
+        return _from_local(local, uri, lineage)
     path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
     return _from_local(path, uri, lineage)
+
+
+def _download_siblings(client, run_id: str, path: str, dst: Path) -> None:
+    """The ``config.json`` and ``lineage.json`` next to the run artifact file ``path`` (downloaded
+    under ``dst``), where the run has them: a file URI lost the model's config."""
+    from dino_scale.engine.checkpoint import CONFIG_NAME
+
+    folder = path.strip("/").rpartition("/")[0]
+    listed = {Path(a.path).name for a in client.list_artifacts(run_id, folder or None)}
+    for name in (CONFIG_NAME, "lineage.json"):
+        if name in listed:
+            client.download_artifacts(run_id, f"{folder}/{name}" if folder else name, str(dst))
 
 
 def _download_version(client, mv, dst: Path, tracking_uri: Optional[str]) -> Path:

@@ -127,6 +127,7 @@ def test_evaluate_pipeline_of_a_registered_model_matches_single_process(ray_sess
                                  "--work-dir", str(work), "--workers", "2", "--run-name", run_name])
     printed = capfd.readouterr()
     assert "COCO box AP (%) of models:/dino-tiny-coco@champion" in printed.out
+    assert f"detections and lineage in {work / 'evaluations' / run_name / 'final'}" in printed.out  # where, on disk
     assert "Average Precision" not in printed.out + printed.err  # pycocotools' lines stay in the debug log
 
     assert "1 val image(s) could not be decoded" in printed.out

@@ -344,7 +344,8 @@ def test_an_image_failing_past_decoding_is_reported_and_the_others_go_on(tmp_pat
                                                                          mlflow_store_restored):
     """A 70000x4 PNG decodes, but its annotated copy cannot be a JPEG (65500 px at most): the run
     stopped there (exit 1), the images after it never predicted and no predictions.json written.
-    It is now listed under "failed" with the error, and the run goes on."""
+    Then it was listed under "failed", its detections thrown away. Now its entry has them, with
+    the copy's error, and the run goes on."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -355,10 +356,45 @@ def test_an_image_failing_past_decoding_is_reported_and_the_others_go_on(tmp_pat
     out = tmp_path / "out"
     assert main([str(photos), "--model", str(ckpt), "--out", str(out), "--work-dir", str(tmp_path / "runs")]) == 0
     pred = json.loads((out / "predictions.json").read_text())
-    assert [Path(item["file"]).name for item in pred["images"]] == ["a.jpg", "c.jpg"] and pred["complete"]
-    assert [Path(item["file"]).name for item in pred["failed"]] == ["b.png"]
-    assert "OSError" in pred["failed"][0]["error"]
+    assert [Path(item["file"]).name for item in pred["images"]] == ["a.jpg", "b.png", "c.jpg"] and pred["complete"]
+    wide = pred["images"][1]
+    assert wide["annotated"] is None and "OSError" in wide["annotated_error"] and pred["failed"] == []
+    assert (wide["width"], wide["height"]) == (70000, 4) and isinstance(wide["detections"], list)
     assert sorted(p.name for p in out.iterdir()) == ["a.jpg", "c.jpg", "predictions.json"]
+
+
+def test_a_rerun_on_other_images_keeps_the_earlier_predictions(tmp_path, monkeypatch, capsys, mlflow_store_restored):
+    """A second run into the same --out on other images (or one whose every image failed)
+    replaced predictions.json: the first run's detections were gone, their annotated copies left
+    with nothing listing them. That file is now kept as predictions.1.json; a rerun on the same
+    images replaces it as before. ``--device`` names where the model runs."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (64, 48), (90, 90, 90)).save(tmp_path / name)
+    ckpt = _tiny_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "out"
+
+    def run(*images, device="cpu"):
+        return main([*map(str, images), "--model", str(ckpt), "--out", str(out), "--work-dir", str(tmp_path / "runs"),
+                     "--threshold", "0", "--device", device])
+
+    import torch
+
+    from pipelines._common import UsageError
+
+    assert run(tmp_path / "a.jpg") == 0
+    first = (out / "predictions.json").read_bytes()
+    assert run(tmp_path / "a.jpg") == 0 and not (out / "predictions.1.json").exists()  # same image: replaced
+    assert run(tmp_path / "b.jpg") == 0
+    assert (out / "predictions.1.json").read_bytes() == first
+    said = capsys.readouterr()
+    assert "kept as predictions.1.json" in said.out + said.err and ") on cpu; 1 image(s)" in said.out + said.err
+    assert [Path(i["file"]).name for i in json.loads((out / "predictions.json").read_text())["images"]] == ["b.jpg"]
+    with pytest.raises(UsageError, match="--device"):
+        run(tmp_path / "a.jpg", device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="--device cuda: torch sees 0 GPU"):
+            run(tmp_path / "a.jpg", device="cuda")
 
 
 def test_predict_loads_an_official_file_with_its_own_labelbook_and_a_cuda_trained_config(

@@ -179,3 +179,19 @@ def test_a_version_registered_from_another_artifact_resolves_to_that_artifact(tm
                             ("models:/dino-@sources/2", "elsewhere"), ("models:/dino-@sources/latest", "model")):
         resolved = resolve_model_uri(model_uri, dst_dir=tmp_path / "dl" / want, tracking_uri=uri)
         assert resolved.weights_path.read_text() == want, model_uri
+
+
+def test_a_run_uri_naming_the_weights_file_brings_its_config(logged_model, tmp_path):
+    """``runs:/<id>/model/model.safetensors`` downloaded the file alone: the model's config.json
+    beside it in the run was not read ("carries no config"). A damaged config.json was a bare
+    JSONDecodeError naming no file."""
+    from dino_scale.config import ConfigError
+
+    uri, cfg, _model, folder, runs = logged_model
+    resolved = resolve_model_uri(f"runs:/{runs[0]}/model/model.safetensors", dst_dir=tmp_path / "dl", tracking_uri=uri)
+    assert resolved.weights_path.name == "model.safetensors" and resolved.config is not None
+    assert resolved.config.model.num_classes == cfg.model.num_classes
+    assert resolved.lineage["init_weights"] == "models:/dino-tiny-o365@pretrained"
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"config.json is not a readable config .*damaged"):
+        resolve_model_uri(str(folder))

@@ -146,6 +146,20 @@ def test_data_unreadable_shard_structure_is_named(tmp_path):
         list(iter_records(out))
 
 
+def test_data_a_manifest_that_miscounts_a_shard_fails_the_check(tmp_path):
+    """check-data said every record matched when the manifest listed more (or fewer) records for
+    a shard than it holds (an edited manifest, a shard of another conversion put in its place):
+    training's pre-flight refuses that folder. The check names the shard and both counts."""
+    out, _ = _convert(tmp_path, per_shard=2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    shard = manifest["shards"][1]
+    shard["num_images"] += 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    report = check_dataset(out)
+    assert report["unreadable"] == [{"file": shard["file"], "error": "2 records where the manifest lists 3"}]
+    assert "1 unreadable shard(s) of 2" in describe(report)
+
+
 def test_data_shards_without_checksums_are_read_unchecked(tmp_path):
     """A folder converted by a release without checksums is still read (nothing to compare);
     ``check_dataset`` says which shards it could not check, and converting again adds them."""

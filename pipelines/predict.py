@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import io
 import json
 import sys
@@ -65,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def list_images(inputs: Sequence[str], skip_dir: Optional[Path] = None,
                 skipped: Optional[list[Path]] = None) -> list[Path]:
-    """Image files of ``inputs`` (files, or folders searched recursively for
-    :data:`IMAGE_SUFFIXES`). Files under ``skip_dir`` (the output folder: annotated copies of an
+    """Image files of ``inputs`` (files, glob patterns the shell left, or folders searched recursively
+    for :data:`IMAGE_SUFFIXES`; macOS ``._*`` metadata files are not images). Files under ``skip_dir`` (the output folder: annotated copies of an
     earlier run) are left out of a folder's listing; where that folder is ``skip_dir`` itself, only
     the annotated copies (:func:`_is_copy`: a rerun into the input folder read them as new photos). An
     image named more than once (a file and its folder, overlapping folders) is listed once, where
@@ -75,7 +76,16 @@ def list_images(inputs: Sequence[str], skip_dir: Optional[Path] = None,
     skip = skip_dir.resolve() if skip_dir is not None else None
     files: list[Path] = []
     others: list[Path] = []
-    for item in inputs:
+    expanded: list[str] = []
+    for item in inputs:  # a pattern the shell did not expand (quoted, or a Windows-style shell)
+        if not Path(item).expanduser().exists() and glob.has_magic(item):
+            matches = sorted(glob.glob(str(Path(item).expanduser()), recursive=True))
+            if not matches:
+                raise common.UsageError(f"no file matches the image pattern {item}")
+            expanded.extend(matches)
+        else:
+            expanded.append(item)
+    for item in expanded:
         p = common.check_path(item, "image path")
         if p.is_dir():
             inside = skip is not None and p.resolve() != skip
@@ -83,7 +93,9 @@ def list_images(inputs: Sequence[str], skip_dir: Optional[Path] = None,
                 if skip is not None and f.resolve().is_relative_to(skip) and (
                         inside or f.suffix.lower() not in IMAGE_SUFFIXES or _is_copy(f)):
                     continue  # the output folder's files: copies (also in an input that is --out), predictions.json
-                (files if f.suffix.lower() in IMAGE_SUFFIXES else others).append(f)
+                # "._x.jpg": macOS metadata beside x.jpg on a copied volume, not an image
+                image = f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("._")
+                (files if image else others).append(f)
         else:
             files.append(p)
     seen: set[Path] = set()

@@ -419,3 +419,22 @@ def test_predict_loads_an_official_file_with_its_own_labelbook_and_a_cuda_traine
     save_weights(tmp_path / "gpu_trained", build_model(preset("tiny").model).state_dict(), config=to_dict(cfg))
     assert main([str(tmp_path / "a.jpg"), "--model", str(tmp_path / "gpu_trained"),
                  "--out", str(tmp_path / "out2"), "--work-dir", str(tmp_path / "runs")]) == 0
+
+
+def test_a_quoted_pattern_is_expanded_and_macos_metadata_files_are_not_images(tmp_path):
+    """``predict 'photos/*.jpg'`` (quoted: the shell left the pattern) was "image path not found";
+    a folder copied from a Mac holds ``._name.jpg`` metadata files, which were read as images and
+    listed as failed."""
+    from pipelines._common import UsageError
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.png"):
+        Image.new("RGB", (8, 8)).save(photos / name)
+    (photos / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert [p.name for p in list_images([str(photos / "*.jpg")])] == ["a.jpg", "b.jpg"]
+    skipped: list = []
+    assert [p.name for p in list_images([str(photos)], skipped=skipped)] == ["a.jpg", "b.jpg", "c.png"]
+    assert [p.name for p in skipped] == ["._a.jpg"]
+    with pytest.raises(UsageError, match="no file matches the image pattern"):
+        list_images([str(photos / "*.gif")])

@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 def list_images(inputs: Sequence[str], skip_dir: Optional[Path] = None,
                 skipped: Optional[list[Path]] = None) -> list[Path]:
     """Image files of ``inputs`` (files, glob patterns the shell left, or folders searched recursively
-    for :data:`IMAGE_SUFFIXES`; macOS ``._*`` metadata files are not images). Files under ``skip_dir`` (the output folder: annotated copies of an
-    earlier run) are left out of a folder's listing; where that folder is ``skip_dir`` itself, only
+    for :data:`IMAGE_SUFFIXES`; macOS ``._*`` metadata files are not images). Files under
+    ``skip_dir`` (the output folder: annotated copies of an earlier run) are left out of a folder's
+    listing; where that folder is ``skip_dir`` itself, only
     the annotated copies (:func:`_is_copy`: a rerun into the input folder read them as new photos). An
     image named more than once (a file and its folder, overlapping folders) is listed once, where
     it first appears. A folder's other files (not under ``skip_dir``) are appended to

@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from dino_scale.tracking.refusals import QUIET, SPLITTABLE, describe, http_status, is_refusal
+from dino_scale.tracking.refusals import QUIET, SPLITTABLE, answered_late, describe, http_status, is_refusal
 
 __all__ = ["default_tracking_uri", "sqlite_artifact_location", "ResilientLogger", "flatten_params",
            "TrackingUnavailable"]
@@ -46,24 +46,6 @@ _MAX_PARAM_LEN = 6000
 _MAX_BATCH_METRICS = 1000  # MLflow's log_batch limit: queued metric calls go out merged up to it
 _BATCH = 100
 _MAX_TIMEOUT_S = 60.0  # a store that answers late: the request timeout doubles up to this
-
-
-def _answered_late(exc: BaseException) -> bool:
-    """Whether ``exc`` is a request that reached the store and got no answer in time (a read
-    timeout), unlike a refused connection: a slow or overloaded store, or a hung one."""
-    import requests
-    from urllib3.exceptions import MaxRetryError, ReadTimeoutError
-
-    seen = set()
-    while exc is not None and id(exc) not in seen:  # MLflow's error, raised while handling requests'
-        seen.add(id(exc))
-        if isinstance(exc, (requests.exceptions.ReadTimeout, ReadTimeoutError)):
-            return True
-        # Without retries urllib3 ends on MaxRetryError(reason=ReadTimeoutError): requests' ConnectionError
-        if any(isinstance(a, MaxRetryError) and isinstance(a.reason, ReadTimeoutError) for a in exc.args):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def upload_timeout_s(local_dir: str | Path, floor_s: float, min_rate_bytes_s: float = 5e6) -> float:
@@ -473,7 +455,7 @@ class ResilientLogger:
     def _outage(self, exc: Exception) -> None:
         """The store did not answer (or cannot take calls now): keep buffering, retry later."""
         self.last_error = f"unreachable ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]})"
-        if _answered_late(exc) and self.request_timeout_s < _MAX_TIMEOUT_S:
+        if answered_late(exc) and self.request_timeout_s < _MAX_TIMEOUT_S:
             # A store slower than the timeout got the same request again every retry, for ever
             # (the retry is safe: MLflow stores a metric, param or tag sent twice once).
             self.request_timeout_s = min(_MAX_TIMEOUT_S, 2 * self.request_timeout_s)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["is_refusal", "http_status", "describe"]
+__all__ = ["is_refusal", "http_status", "describe", "answered_late"]
 
 # Client-error statuses of a store that may take the call later: retried, like an outage
 # (401: credentials can be renewed; 408: request timeout; 429: rate limit).
@@ -41,6 +41,24 @@ def is_refusal(exc: BaseException) -> bool:
     if status is not None:
         return 400 <= status < 500 and status not in _RETRIED_4XX
     return isinstance(exc, _LOCAL_REFUSALS)
+
+
+def answered_late(exc: BaseException) -> bool:
+    """Whether ``exc`` is a request that reached the store and got no answer in time (a read
+    timeout), unlike a refused connection: a slow or overloaded store, or a hung one."""
+    import requests
+    from urllib3.exceptions import MaxRetryError, ReadTimeoutError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:  # MLflow's error, raised while handling requests'
+        seen.add(id(exc))
+        if isinstance(exc, (requests.exceptions.ReadTimeout, ReadTimeoutError)):
+            return True
+        # Without retries urllib3 ends on MaxRetryError(reason=ReadTimeoutError): requests' ConnectionError
+        if any(isinstance(a, MaxRetryError) and isinstance(a.reason, ReadTimeoutError) for a in exc.args):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def describe(op: tuple) -> str:

@@ -61,11 +61,13 @@ def stage_overrides(user: Sequence[str]) -> list[str]:
 
 
 def _gpu_args(gpus: Optional[int], user: Sequence[str]) -> list[str]:
-    """``--gpus`` for each stage: the demo runs on CPU (its docs, its 15-minute budget) unless told
-    otherwise; without a word a stage took a GPU whenever the machine had one."""
-    if gpus is None and any(o.split("=", 1)[0].strip() == "train.use_gpu" for o in user):
-        return []  # the user's --set says where
-    return ["--gpus", str(gpus or 0)]
+    """``--gpus`` for each stage, evaluation included: the demo runs on CPU (its docs, its 15-minute
+    budget) unless its ``--gpus`` or a ``--set train.use_gpu`` says otherwise; without a word a stage
+    took a GPU whenever the machine had one."""
+    if gpus is None:
+        said = [o.split("=", 1)[1].strip().lower() for o in user if o.split("=", 1)[0].strip() == "train.use_gpu"]
+        gpus = 1 if said and said[-1] in ("true", "1", "yes", "on") else 0
+    return ["--gpus", str(gpus)]
 
 
 def stage_args(work: Path, gpus: Optional[int], user: Sequence[str]) -> list[str]:

@@ -352,7 +352,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 + (f"; {dropped} detection(s) with a NaN/inf score or box dropped" if dropped else ""))
         done = True
     finally:
-        keep_earlier_predictions(out / "predictions.json", results, log)
+        try:
+            keep_earlier_predictions(out / "predictions.json", results, log)
+        except OSError as exc:  # this run's predictions.json is written all the same
+            log(f"warning: could not keep the earlier predictions.json ({exc})")
         atomic_write_text(out / "predictions.json", json.dumps(
             {"model": args.model, "threshold": args.threshold, "complete": done, "images": results,
              "failed": failed, "skipped": [str(f) for f in skipped], "detections_nonfinite": nonfinite}, indent=2))

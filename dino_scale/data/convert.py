@@ -352,8 +352,12 @@ class _Converter:
         skipped, dropped = manifest["images_skipped"], manifest["boxes_dropped"]
         problem = None
         if not manifest["images_in"]:
-            problem = (f"{self.ann_path} lists no image{'' if tuple(self.select) == (0, None) else ' in this split'} "
-                       f"(its 'images' must be a list of {{id, file_name, width, height}} entries)")
+            if tuple(self.select) != (0, None):  # --o365-val-split past the file's images: an empty split, said
+                self.say(f"{self.out}: no image of {self.ann_path} falls in this split (images "
+                         f"{self.select[0]}..{'end' if self.select[1] is None else self.select[1] - 1}): empty")
+                return
+            problem = (f"{self.ann_path} lists no image (its 'images' must be a list of "
+                       f"{{id, file_name, width, height}} entries)")
         elif not manifest["num_images"]:
             if set(skipped) <= _FILE_REASONS:
                 problem = (f"none of the {manifest['images_in']} images of {self.ann_path} could be used from the "

@@ -169,16 +169,17 @@ def check_dataset(folder, on_shard: Optional[Callable[[str, int, int], None]] = 
     truncated shard raises :class:`~.records.ShardError` first (:func:`~.records.shard_paths`)."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    from .records import read_manifest, shard_paths
+    from .records import _agreeing_manifests, shard_paths
 
     paths = shard_paths(folder)
-    listed = {Path(str(s.get("file"))).name: s.get("num_images") for s in read_manifest(folder).get("shards", [])}
+    listed = {d / str(s.get("file")): s.get("num_images")  # each folder's shards (a comma list: several)
+              for d, manifest in _agreeing_manifests(folder) for s in manifest.get("shards", [])}
     parts: list[Optional[dict[str, Any]]] = [None] * len(paths)
     with ThreadPoolExecutor(max(1, min(int(workers), len(paths) or 1))) as pool:
         pending = {pool.submit(_check_shard, p, batch_rows): i for i, p in enumerate(paths)}
         for done, future in enumerate(as_completed(pending), 1):
             part = parts[pending[future]] = future.result()
-            expected = listed.get(paths[pending[future]].name)
+            expected = listed.get(paths[pending[future]])
             if not part["unreadable"] and isinstance(expected, int) and part["rows"] != expected:
                 # every record sound, but not the records listed: training's pre-flight refuses the folder
                 part["unreadable"] = {"file": paths[pending[future]].name,

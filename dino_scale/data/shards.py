@@ -32,7 +32,7 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.parquet"
 
 
-_SHARD_FILE = re.compile(r"shard-(\d{5})\.parquet(\.tmp)?")
+_SHARD_FILE = re.compile(r"shard-(\d{5,})\.parquet(\.tmp)?")
 
 
 def shard_files(out: Path) -> list[tuple[Path, int]]:

@@ -296,13 +296,17 @@ def find_library(arch_list: str, root: Optional[Path] = None) -> Path:
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """Hold the build lock of ``directory`` (an fcntl lock: a killed holder frees it). The lock
-    file is made writable by all; one another user made before (mode 0644) is opened read-only,
-    which locks as well (opened for writing, it refused that user's ``build`` of a library
-    already up to date)."""
+    file its maker creates is made writable by all (a shared cache folder); one another user
+    made (mode 0644) is opened read-only, which locks as well (opened for writing, it refused
+    that user's ``build`` of a library already up to date)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / ".lock"
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            os.fchmod(fd, 0o666)  # the umask took the group/other write bits
+        except OSError:  # another user's file, opened for writing all the same
+            pass
     except PermissionError:
         fd = os.open(path, os.O_RDONLY)
     try:

@@ -45,7 +45,9 @@ CREATE_ID_TAG = "dino_scale.create_id"  # one per start_run: a retried creation 
 _MAX_PARAM_LEN = 6000
 _MAX_BATCH_METRICS = 1000  # MLflow's log_batch limit: queued metric calls go out merged up to it
 _BATCH = 100
-_MAX_TIMEOUT_S = 60.0  # a store that answers late: the request timeout doubles up to this
+# a store that answers late: the request timeout doubles up to this (a hung store then blocks the
+# caller, rank 0's relay actor, this long per retry: RelayClient.close allows for it)
+MAX_REQUEST_TIMEOUT_S = 30.0
 
 
 def upload_timeout_s(local_dir: str | Path, floor_s: float, min_rate_bytes_s: float = 5e6) -> float:
@@ -137,7 +139,7 @@ class ResilientLogger:
         timeout_s / max_retries: HTTP settings of this logger's own requests
             (``MLFLOW_HTTP_REQUEST_TIMEOUT`` / ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, with no
             backoff; an explicit setting in the environment wins). A request the store did not
-            answer in time doubles the timeout (``request_timeout_s``, up to 60 s; not past
+            answer in time doubles the timeout (``request_timeout_s``, up to 30 s; not past
             :meth:`close`'s deadline): a slow store got the same request again every retry, for
             ever, and a hung one costs a longer wait per retry. They are in effect only
             while the logger sends: other MLflow calls of the process keep MLflow's defaults
@@ -455,10 +457,10 @@ class ResilientLogger:
     def _outage(self, exc: Exception) -> None:
         """The store did not answer (or cannot take calls now): keep buffering, retry later."""
         self.last_error = f"unreachable ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]})"
-        if answered_late(exc) and self.request_timeout_s < _MAX_TIMEOUT_S:
+        if answered_late(exc) and self.request_timeout_s < MAX_REQUEST_TIMEOUT_S:
             # A store slower than the timeout got the same request again every retry, for ever
             # (the retry is safe: MLflow stores a metric, param or tag sent twice once).
-            self.request_timeout_s = min(_MAX_TIMEOUT_S, 2 * self.request_timeout_s)
+            self.request_timeout_s = min(MAX_REQUEST_TIMEOUT_S, 2 * self.request_timeout_s)
             log.info("MLflow tracking at %s did not answer within the request timeout; waiting up to %.0f s "
                      "from now on", self.tracking_uri, self.request_timeout_s)
         if not self._down:

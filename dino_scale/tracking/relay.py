@@ -98,8 +98,10 @@ class RelayClient:
     def close(self, timeout_s: float = 30.0) -> bool:
         import ray
 
-        try:
-            return bool(ray.get(self.handle.flush.remote(timeout_s), timeout=timeout_s + 10))
+        from dino_scale.tracking.logger import MAX_REQUEST_TIMEOUT_S
+
+        try:  # the relay may be inside a request to a slow store (up to its longest timeout) before it flushes
+            return bool(ray.get(self.handle.flush.remote(timeout_s), timeout=timeout_s + 10 + MAX_REQUEST_TIMEOUT_S))
         except Exception:  # the relay is gone or slow: training results do not depend on it
             return False
 

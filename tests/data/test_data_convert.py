@@ -64,6 +64,14 @@ def test_data_convert_o365_nested_names_and_val_split(o365_like, tmp_path):
     # both folders read as one training set
     both = list(iter_records(f"{tmp_path / 'o365' / 'val'},{tmp_path / 'o365' / 'train_extra'}"))
     assert len(both) == len(src["images"])
+    # check-data of both folders as one dataset string (each folder's manifest counts its shards)
+    from dino_scale.data.integrity import check_dataset
+
+    report = check_dataset(f"{tmp_path / 'o365' / 'val'},{tmp_path / 'o365' / 'train_extra'}")
+    assert report["images"] == len(src["images"]) and not report["unreadable"] and not report["damaged"]
+    # a split past the file's images is empty, not an error (a file that lists no image at all is)
+    res = convert_coco(ann, root, tmp_path / "all-val", o365_val_split=len(src["images"]) + 5, progress=False)
+    assert res["val"]["num_images"] == len(src["images"]) and res["train_extra"]["num_images"] == 0
 
 
 def test_data_convert_deterministic_and_parallel(coco_like, tmp_path):

@@ -294,4 +294,8 @@ def test_pipelines_demo_stages_run_on_cpu_unless_told(tmp_path, monkeypatch):
     assert use_gpu(None, []) is False
     assert use_gpu(1, []) is True
     assert use_gpu(None, ["train.use_gpu=true"]) is True
+    assert use_gpu(None, ["train.use_gpu=false"]) is False
     assert demo.stage_args(tmp_path, None, [])[:6] == ["--work-dir", str(tmp_path), "--preset", "tiny", "--gpus", "0"]
+    # the evaluate stage gets no --set: its --gpus carries the user's choice
+    assert demo._gpu_args(None, ["train.use_gpu=false"]) == ["--gpus", "0"]
+    assert demo._gpu_args(None, ["train.use_gpu=true"]) == ["--gpus", "1"]

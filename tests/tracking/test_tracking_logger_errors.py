@@ -325,7 +325,7 @@ def test_a_store_slower_than_the_timeout_gets_longer_timeouts(server):
         assert logger.close(timeout_s=40), logger.last_error
     finally:
         proxy.close()
-    assert logger.request_timeout_s == 4  # 1 s, 2 s: late; 4 s: answered
+    assert 4 <= logger.request_timeout_s <= 16  # 1 s, 2 s: late; 4 s: answered (8, 16 on a loaded machine)
     history = MlflowClient(server.uri).get_metric_history(run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(s, 1.0 / (s + 1)) for s in range(5)]
 

@@ -140,8 +140,8 @@ class ResilientLogger:
             (``MLFLOW_HTTP_REQUEST_TIMEOUT`` / ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, with no
             backoff; an explicit setting in the environment wins). A request the store did not
             answer in time doubles the timeout (``request_timeout_s``, up to 30 s; not past
-            :meth:`close`'s deadline): a slow store got the same request again every retry, for
-            ever, and a hung one costs a longer wait per retry. They are in effect only
+            :meth:`close`'s deadline; ``max_timeout_s``, at most 30 s): a slow store got the same
+            request again every retry, for ever, and a hung one costs a longer wait per retry. They are in effect only
             while the logger sends: other MLflow calls of the process keep MLflow's defaults
             (a process-wide "no retries" made the registry calls after training fail on one
             dropped keep-alive connection).
@@ -156,8 +156,10 @@ class ResilientLogger:
     """
 
     def __init__(self, tracking_uri: str, run_id: Optional[str] = None, *, timeout_s: float = 3.0,
-                 max_retries: int = 0, retry_interval_s: float = 5.0, max_buffer: int = 100_000):
+                 max_retries: int = 0, retry_interval_s: float = 5.0, max_buffer: int = 100_000,
+                 max_timeout_s: float = MAX_REQUEST_TIMEOUT_S):
         self.timeout_s = float(timeout_s)
+        self.max_timeout_s = min(float(max_timeout_s), MAX_REQUEST_TIMEOUT_S)  # the relay's close allows for 30 s
         self.request_timeout_s = self.timeout_s  # grows while the store answers after it (read timeouts)
         self._http_env = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, timeout_s))),
                           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(max_retries)),
@@ -457,10 +459,10 @@ class ResilientLogger:
     def _outage(self, exc: Exception) -> None:
         """The store did not answer (or cannot take calls now): keep buffering, retry later."""
         self.last_error = f"unreachable ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]})"
-        if answered_late(exc) and self.request_timeout_s < MAX_REQUEST_TIMEOUT_S:
+        if answered_late(exc) and self.request_timeout_s < self.max_timeout_s:
             # A store slower than the timeout got the same request again every retry, for ever
             # (the retry is safe: MLflow stores a metric, param or tag sent twice once).
-            self.request_timeout_s = min(MAX_REQUEST_TIMEOUT_S, 2 * self.request_timeout_s)
+            self.request_timeout_s = min(self.max_timeout_s, 2 * self.request_timeout_s)
             log.info("MLflow tracking at %s did not answer within the request timeout; waiting up to %.0f s "
                      "from now on", self.tracking_uri, self.request_timeout_s)
         if not self._down:

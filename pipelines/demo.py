@@ -140,7 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log("3/4 from-scratch comparison skipped (--no-scratch)")
     log(f"4/4 evaluating models:/{ft['name']}@champion")
     t = time.monotonic()
-    ev = evaluate.run(["--model", f"models:/{ft['name']}@champion"] + base[:2] + _gpu_args(args.gpus, args.overrides))
+    ev = evaluate.run(["--model", f"models:/{ft['name']}@champion", "--work-dir", str(work)]
+                      + _gpu_args(args.gpus, args.overrides))
     timings["evaluate"] = time.monotonic() - t
     wall = time.monotonic() - t0
 

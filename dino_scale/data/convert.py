@@ -336,7 +336,8 @@ class _Converter:
         """:class:`ConversionError` when ``out`` holds the dataset of another annotation file: it
         was replaced without a word (converting its own file again, edited or with other
         settings, is fine)."""
-        source = (old.get("signature") or {}).get("annotations") if isinstance(old.get("signature"), dict) else None
+        signature = old.get("signature")
+        source = signature.get("annotations") if isinstance(signature, dict) else None
         if source is None or source == self.signature["annotations"]:
             return
         raise ConversionError(
@@ -430,12 +431,12 @@ class _Converter:
 # annotation bytes, so a small file of large images held every image at once (~3.4x their size)
 _CHUNK_IMAGE_BYTES = 64 * 1024 * 1024
 
-# skip reasons that come from the image files (not the annotations)
 def _counts(counts: dict[str, int]) -> str:
     """``{"malformed": 3, "orphan": 0}`` -> ``"malformed: 3"`` (the non-zero ones)."""
     return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if v) or "none"
 
 
+# skip reasons that come from the image files (not the annotations)
 _FILE_REASONS = frozenset({"missing_file", "unreadable", "empty_file", "corrupt", "too_large", "size_mismatch"})
 
 

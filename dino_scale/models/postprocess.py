@@ -81,8 +81,6 @@ def merge_tta(results: Sequence[Dict[str, Tensor]], num_select: int = 300,
     per view (its neighbour's copies stay for the neighbour). Returns the ``num_select``
     highest-scoring kept detections, same dict layout, sorted by score (descending).
     """
-    from torchvision.ops import box_iou
-
     if not results:
         raise ValueError("merge_tta needs at least one result")
     scores = torch.cat([r["scores"] for r in results])
@@ -91,15 +89,16 @@ def merge_tta(results: Sequence[Dict[str, Tensor]], num_select: int = 300,
     views = torch.cat([torch.full((len(r["scores"]),), v, dtype=torch.long) for v, r in enumerate(results)])
     order = torch.sort(scores.detach().float().cpu(), descending=True, stable=True).indices
     kept = _claim_copies(boxes.detach().float().cpu()[order], labels.cpu()[order], views[order],
-                         num_select, float(iou_threshold), box_iou)
+                         num_select, float(iou_threshold))
     keep = order[kept].to(scores.device)
     return {"scores": scores[keep], "labels": labels[keep], "boxes": boxes[keep]}
 
 
-def _claim_copies(boxes: Tensor, labels: Tensor, views: Tensor, limit: int, iou_threshold: float,
-                  box_iou) -> Tensor:
+def _claim_copies(boxes: Tensor, labels: Tensor, views: Tensor, limit: int, iou_threshold: float) -> Tensor:
     """:func:`merge_tta`'s matching over detections sorted by score: boxes (K,4), labels (K,),
     views (K,) -> positions (<= limit,) of the kept ones, ascending."""
+    from torchvision.ops import box_iou
+
     if limit <= 0 or len(views) == 0:
         return torch.zeros(0, dtype=torch.long)
     if int(views.max()) == 0:  # one view: nothing to merge

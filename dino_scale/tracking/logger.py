@@ -139,9 +139,9 @@ class ResilientLogger:
         timeout_s / max_retries: HTTP settings of this logger's own requests
             (``MLFLOW_HTTP_REQUEST_TIMEOUT`` / ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, with no
             backoff; an explicit setting in the environment wins). A request the store did not
-            answer in time doubles the timeout (``request_timeout_s``, up to 30 s; not past
-            :meth:`close`'s deadline; ``max_timeout_s``, at most 30 s): a slow store got the same
-            request again every retry, for ever, and a hung one costs a longer wait per retry. They are in effect only
+            answer in time doubles the timeout (``request_timeout_s``, up to ``max_timeout_s``,
+            at most 30 s; not past :meth:`close`'s deadline): a slow store got the same request
+            again every retry, for ever, and a hung one costs a longer wait per retry. They are in effect only
             while the logger sends: other MLflow calls of the process keep MLflow's defaults
             (a process-wide "no retries" made the registry calls after training fail on one
             dropped keep-alive connection).

@@ -265,7 +265,7 @@ def resolve_model_uri(uri: str, dst_dir: Optional[str | Path] = None,
                             "source": mv.source, "aliases": list(getattr(mv, "aliases", []) or []),
                             "tags": dict(mv.tags or {})})
             return _from_local(_download_version(client, mv, dst, tracking_uri), uri, lineage)
-        run_id, _, path = uri[len("runs:/"):].partition("/")
+        run_id, path = _run_and_path(uri)
         lineage["run_id"] = run_id
         local = Path(client.download_artifacts(run_id, path or MODEL_ARTIFACT_PATH, str(dst)))
         if local.is_file():  # runs:/<id>/model/model.safetensors: its config and lineage beside it too
@@ -273,6 +273,12 @@ def resolve_model_uri(uri: str, dst_dir: Optional[str | Path] = None,
         return _from_local(local, uri, lineage)
     path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
     return _from_local(path, uri, lineage)
+
+
+def _run_and_path(uri: str) -> tuple[str, str]:
+    """``runs:/<run id>/<artifact path>`` -> (run id, artifact path; "" when none)."""
+    run_id, _, path = uri[len("runs:/"):].partition("/")
+    return run_id, path
 
 
 def _download_siblings(client, run_id: str, path: str, dst: Path) -> None:
@@ -297,7 +303,7 @@ def _download_version(client, mv, dst: Path, tracking_uri: Optional[str]) -> Pat
 
     source = mv.source.rstrip("/")
     if source.startswith("runs:/"):
-        run_id, _, path = source[len("runs:/"):].partition("/")
+        run_id, path = _run_and_path(source)
         return Path(client.download_artifacts(run_id, path, str(dst)))
     if mv.run_id:
         base = client.get_run(mv.run_id).info.artifact_uri.rstrip("/")

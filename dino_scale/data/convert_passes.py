@@ -73,7 +73,7 @@ def _is_int(v: Any, lo: int, hi: int) -> bool:
 
 def _image_id(v: Any) -> Optional[int]:
     """An image entry's ``id`` -> int, or ``None`` when it is none: the rule of the annotations'
-    ``image_id`` (:func:`_image_ids`), an int in int64 range or an integral float below 2**53
+    ``image_id`` (:func:`_exact_ints`), an int in int64 range or an integral float below 2**53
     (a JSON written through numpy/pandas floats holds ``1.0``)."""
     if type(v) is int and -_INT64 <= v < _INT64:
         return v
@@ -199,8 +199,8 @@ def _floats(values: list, width: int = 1) -> tuple[np.ndarray, np.ndarray]:
     return out, bad
 
 
-def _image_ids(values: list) -> tuple[np.ndarray, np.ndarray]:
-    """list -> exact int64 image ids and a 'malformed' mask (id -1 there).
+def _exact_ints(values: list) -> tuple[np.ndarray, np.ndarray]:
+    """list -> exact int64 ids (image or category ids) and a 'malformed' mask (id -1 there).
 
     Python ints in the int64 range are taken as they are (float64 would merge ids 1 apart
     above 2**53); an integral float is accepted only where float64 holds it exactly (below
@@ -249,8 +249,8 @@ def scan_annotations(path: Path, work: Path, nb: int, progress=None) -> dict[str
     t0 = time.time()
 
     def process():
-        iid, bad_i = _image_ids(ids)
-        cat, bad_c = _floats(cats)
+        iid, bad_i = _exact_ints(ids)
+        cat, bad_c = _exact_ints(cats)  # True or "3" is no category id (numpy would read 1.0, 3.0)
         box, bad_b = _floats(boxes, 4)
         crowd, bad_cr = _floats(crowds)  # "true" or a list is no crowd flag: dropped, not read as 0
         area, _ = _floats(areas)
@@ -258,7 +258,7 @@ def scan_annotations(path: Path, work: Path, nb: int, progress=None) -> dict[str
         for lst in (ids, cats, boxes, crowds, areas):
             lst.clear()
         int_id = ~bad_i
-        int_cat = ~bad_c & np.isfinite(cat) & (np.mod(cat, 1) == 0)
+        int_cat = ~bad_c
         malformed = ~int_id | bad_b | bad_cr
         dropped["malformed"] += int(malformed.sum())
         keep = ~malformed
@@ -272,13 +272,13 @@ def scan_annotations(path: Path, work: Path, nb: int, progress=None) -> dict[str
         drop["iid"], drop["reason"] = iid[gone], np.where(malformed, 0, np.where(~finite, 1, 2))[gone]
         _spill(work, nb, "drop", drop)
         keep &= ~degenerate
-        seen_cats.update(np.unique(cat[keep & int_cat]).astype(np.int64).tolist())
+        seen_cats.update(np.unique(cat[keep & int_cat]).tolist())
         for i in np.flatnonzero(keep & ~int_cat)[:100]:
             seen_cats.add(repr(raw_cats[i]))
         rec = np.empty(int(keep.sum()), ANN)
         rec["iid"] = iid[keep]
         rec["box"] = box[keep]
-        rec["cat"] = np.where(int_cat, cat, -1)[keep].astype(np.int64)
+        rec["cat"] = np.where(int_cat, cat, -1)[keep]
         rec["crowd"] = np.nan_to_num(crowd, nan=0.0)[keep] > 0
         rec["area"] = area[keep]
         _spill(work, nb, "ann", rec)

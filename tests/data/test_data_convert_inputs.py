@@ -162,3 +162,21 @@ def test_data_unreadable_crowd_flag_is_malformed_not_a_plain_box(tmp_path):
     assert rec["boxes"][:, 2].tolist() == [10, 11, 12, 13, 14, 17]
     assert rec["iscrowd"].tolist() == [True, True, True, False, False, False]
     assert m["boxes_dropped"]["malformed"] == 2 and m["num_crowd_boxes"] == 3
+
+
+def test_data_category_ids_of_another_type_are_refused_not_read_as_numbers(tmp_path):
+    """An annotation's ``category_id`` of ``true`` converted as category 1 and ``"3"`` as category 3
+    (numpy reads both as numbers), while a category list holding them was refused. Such ids now
+    stop the conversion like any id missing from 'categories'; an integral float (2.0) is the
+    integer it holds, as for image ids."""
+    from dino_scale.data import iter_records
+
+    cats = [{"id": 1, "name": "one"}, {"id": 2, "name": "two"}, {"id": 3, "name": "three"}]
+    box = {"image_id": 1, "bbox": [1, 1, 10, 10]}
+    root, ann = _dataset(tmp_path, cats, [{**box, "category_id": c} for c in (True, "3", 2, 3)])
+    with pytest.raises(ConversionError, match=r"not in 'categories': \[\"'3'\", 'True'\]"):
+        convert_coco(ann, root, tmp_path / "out", progress=False)
+
+    root, ann = _dataset(tmp_path, cats, [{**box, "category_id": c} for c in (2.0, 3, 1)])
+    convert_coco(ann, root, tmp_path / "out2", progress=False)
+    assert next(iter_records(tmp_path / "out2"))["category_ids"].tolist() == [2, 3, 1]

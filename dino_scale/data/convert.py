@@ -144,6 +144,13 @@ class _Converter:
                 f"{min(known)}..{max(known)}); fix the file or its category list")
         self.say(f"{self.ann_path.name}: {len(known)} categories, {meta['num_images']:,} images, "
                  f"{ann['boxes_in']:,} annotations read in {time.time() - t0:.0f}s; writing shards")
+        turned = meta.get("turned_sizes_read") or {}
+        if turned.get("images"):
+            log.warning("%s: %d images have no width/height in the file and an EXIF orientation that turns "
+                        "them (e.g. %s): their size was read as stored, so data.exif_orientation=auto decodes "
+                        "them as stored (the official reading); if their boxes were drawn on the upright image "
+                        "(labelling tools that apply EXIF), train with --set data.exif_orientation=upright",
+                        self.ann_path, turned["images"], ", ".join(map(repr, turned["examples"])))
         return {"signature": self.signature, **meta, "ann": ann}
 
     # -- write ---------------------------------------------------------------------

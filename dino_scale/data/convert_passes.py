@@ -21,7 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from .decode import ImageDecodeError, read_image_size
+from .decode import ImageDecodeError, read_size_and_orientation
 from .json_stream import stream_items
 from .records import resolve_image_path
 
@@ -82,12 +82,13 @@ def _image_id(v: Any) -> Optional[int]:
     return None
 
 
-def _size_from_file(images: Optional[Path], fname: str) -> Optional[tuple[int, int]]:
-    """(width, height) from the header of ``fname`` under ``images``; ``None`` when it is absent,
-    unreadable (also a name the OS refuses, e.g. too long) or not an image."""
+def _size_from_file(images: Optional[Path], fname: str) -> Optional[tuple[tuple[int, int], int]]:
+    """((width, height) as stored, EXIF orientation) from the header of ``fname`` under
+    ``images``; ``None`` when it is absent, unreadable (also a name the OS refuses, e.g. too
+    long) or not an image."""
     try:
         path = resolve_image_path(images, fname) if images else None
-        return read_image_size(path.read_bytes()) if path is not None else None
+        return read_size_and_orientation(path.read_bytes()) if path is not None else None
     except (ImageDecodeError, OSError):
         return None
 
@@ -127,13 +128,18 @@ def read_image_rows(path: Path) -> Optional[pa.Table]:
 def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
                 select: tuple[int, Optional[int]]) -> dict[str, Any]:
     """Categories + images pass; returns counts. Images outside ``select`` (file-order
-    range) are recorded in ``excluded.npy``: their annotations belong to the sibling split."""
+    range) are recorded in ``excluded.npy``: their annotations belong to the sibling split.
+    ``turned_sizes_read``: images without a usable width/height whose file turns them by EXIF
+    (orientation 5-8), with the first file names: their size is recorded as stored, so
+    ``data.exif_orientation=auto`` decodes them as stored, which their boxes may not be drawn on."""
     cats = read_categories(path)
     lo, hi = select
     buf: dict[int, list[tuple]] = {}
     excluded: list[int] = []
     counts = np.zeros(nb, np.int64)
     n_all = n = pending = 0
+    turned: list[str] = []
+    n_turned = 0
 
     def flush():
         for b, rows in buf.items():
@@ -158,9 +164,13 @@ def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
         if not id_ok or not fname:
             status, iid = "bad_metadata", iid if id_ok else -1
         elif not (_is_int(w, 1, _INT32 - 1) and _is_int(h, 1, _INT32 - 1)):
-            size = _size_from_file(images, fname)  # width/height missing or not a pixel count: the header
-            w, h = size if size else (0, 0)
-            status = "" if size else "bad_metadata"
+            read = _size_from_file(images, fname)  # width/height missing or not a pixel count: the header
+            (w, h), orientation = read if read else ((0, 0), 1)
+            status = "" if read else "bad_metadata"
+            if read and orientation in (5, 6, 7, 8) and w != h:
+                n_turned += 1
+                if len(turned) < 5:
+                    turned.append(fname)
         b = iid % nb
         buf.setdefault(b, []).append((pos, iid, fname, int(w) if not status else 0, int(h) if not status else 0,
                                       status))
@@ -172,7 +182,8 @@ def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
             pending = 0
     flush()
     np.save(work / "excluded.npy", np.unique(np.asarray(excluded, dtype=np.int64)))
-    return {"categories": cats, "num_images": n, "num_images_in_file": n_all, "bucket_counts": counts.tolist()}
+    return {"categories": cats, "num_images": n, "num_images_in_file": n_all, "bucket_counts": counts.tolist(),
+            "turned_sizes_read": {"images": n_turned, "examples": turned}}
 
 
 def _floats(values: list, width: int = 1) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["ImageDecodeError", "decode_image", "verify_image_bytes", "read_image_size", "sizes_agree",
-           "EXIF_ORIENTATION_MODES", "check_exif_orientation", "exif_tie"]
+           "EXIF_ORIENTATION_MODES", "check_exif_orientation", "exif_tie", "read_size_and_orientation"]
 
 _ORIENTATION = 0x0112
 #: ``data.exif_orientation``: which pixel grid an annotated image is decoded on (module doc)
@@ -208,3 +208,9 @@ def verify_image_bytes(data: Optional[bytes], expected_size: Optional[tuple[int,
 def read_image_size(data: bytes) -> tuple[int, int]:
     """(width, height) as stored (before EXIF orientation) from the header only."""
     return tuple(_open(data).size)  # type: ignore[return-value]
+
+
+def read_size_and_orientation(data: bytes) -> tuple[tuple[int, int], int]:
+    """((width, height) as stored, EXIF orientation 1..8; 1 without a tag) from the header only."""
+    im = _open(data)
+    return tuple(im.size), _orientation(im)  # type: ignore[return-value]

@@ -180,3 +180,37 @@ def test_data_category_ids_of_another_type_are_refused_not_read_as_numbers(tmp_p
     root, ann = _dataset(tmp_path, cats, [{**box, "category_id": c} for c in (2.0, 3, 1)])
     convert_coco(ann, root, tmp_path / "out2", progress=False)
     assert next(iter_records(tmp_path / "out2"))["category_ids"].tolist() == [2, 3, 1]
+
+
+def _jpeg_turned(orientation: int, w: int = 64, h: int = 48) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 120, 200)).save(buf, format="JPEG", exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_data_sizes_read_from_exif_turned_files_are_warned_about(tmp_path, caplog):
+    """An image without width/height gets its size from the file header, as stored. For a file
+    whose EXIF tag turns it (5-8) that size makes data.exif_orientation=auto decode it as stored,
+    while its boxes may have been drawn upright (labelling tools apply EXIF): a silent quarter turn
+    of every label. The conversion says how many such images there are and what to set."""
+    import logging
+
+    from dino_scale.data import iter_records
+
+    images = {"turned.jpg": _jpeg_turned(6), "mirrored.jpg": _jpeg_turned(2), "square.jpg": _jpeg_turned(6, 48, 48),
+              "sized.jpg": _jpeg_turned(6)}
+    root, ann = _dataset(tmp_path, [{"id": 1, "name": "x"}],
+                         [{"image_id": i, "category_id": 1, "bbox": [1, 1, 10, 10]} for i in range(1, 5)], images)
+    doc = json.loads(ann.read_text())
+    for entry in doc["images"][:3]:  # sized.jpg keeps the width/height of the file: nothing to guess
+        del entry["width"], entry["height"]
+    ann.write_text(json.dumps(doc))
+    with caplog.at_level(logging.WARNING, logger="dino_scale.data.convert"):
+        m = convert_coco(ann, root, tmp_path / "out", progress=False)
+    assert m["num_images"] == 4
+    assert {r["file_name"]: (r["width"], r["height"]) for r in iter_records(tmp_path / "out")}["turned.jpg"] == (64, 48)
+    warned = [r.getMessage() for r in caplog.records if "EXIF orientation that turns" in r.getMessage()]
+    assert len(warned) == 1 and "1 images" in warned[0] and "'turned.jpg'" in warned[0], warned
+    assert "data.exif_orientation=upright" in warned[0]

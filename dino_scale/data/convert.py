@@ -151,6 +151,13 @@ class _Converter:
                         "them as stored (the official reading); if their boxes were drawn on the upright image "
                         "(labelling tools that apply EXIF), train with --set data.exif_orientation=upright",
                         self.ann_path, turned["images"], ", ".join(map(repr, turned["examples"])))
+        shared = meta.get("shared_files") or {}
+        if shared.get("files"):
+            log.warning("%s: %d image files are named by %d image entries with different ids (e.g. %s): each "
+                        "entry is converted as an image of its own with its own boxes, so such a file is "
+                        "trained on once per id, the other entries' objects as background; merge their "
+                        "annotations under one id if they are one image", self.ann_path, shared["files"],
+                        shared["entries"], ", ".join(map(repr, shared["examples"])))
         return {"signature": self.signature, **meta, "ann": ann}
 
     # -- write ---------------------------------------------------------------------

@@ -15,6 +15,7 @@ order of the file. Only per-chunk state stays in memory.
 from __future__ import annotations
 
 import time
+from array import array
 from pathlib import Path
 from typing import Any, Optional
 
@@ -131,7 +132,8 @@ def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
     range) are recorded in ``excluded.npy``: their annotations belong to the sibling split.
     ``turned_sizes_read``: images without a usable width/height whose file turns them by EXIF
     (orientation 5-8), with the first file names: their size is recorded as stored, so
-    ``data.exif_orientation=auto`` decodes them as stored, which their boxes may not be drawn on."""
+    ``data.exif_orientation=auto`` decodes them as stored, which their boxes may not be drawn on.
+    ``shared_files``: :func:`shared_files` of the usable entries."""
     cats = read_categories(path)
     lo, hi = select
     buf: dict[int, list[tuple]] = {}
@@ -140,6 +142,7 @@ def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
     n_all = n = pending = 0
     turned: list[str] = []
     n_turned = 0
+    name_hashes = array("q")  # hash(file_name) of each usable entry: files named by several ids
 
     def flush():
         for b, rows in buf.items():
@@ -171,6 +174,8 @@ def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
                 n_turned += 1
                 if len(turned) < 5:
                     turned.append(fname)
+        if not status:
+            name_hashes.append(hash(fname))
         b = iid % nb
         buf.setdefault(b, []).append((pos, iid, fname, int(w) if not status else 0, int(h) if not status else 0,
                                       status))
@@ -183,7 +188,29 @@ def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
     flush()
     np.save(work / "excluded.npy", np.unique(np.asarray(excluded, dtype=np.int64)))
     return {"categories": cats, "num_images": n, "num_images_in_file": n_all, "bucket_counts": counts.tolist(),
-            "turned_sizes_read": {"images": n_turned, "examples": turned}}
+            "turned_sizes_read": {"images": n_turned, "examples": turned},
+            "shared_files": shared_files(work, nb, np.frombuffer(name_hashes, np.int64))}
+
+
+def shared_files(work: Path, nb: int, name_hashes: np.ndarray) -> dict[str, Any]:
+    """Files that several image ids name (``files``, their ``entries``, the first ``examples``):
+    each id brings its own annotations, so such a file is trained on once per id with the other
+    ids' objects as background. An id listed twice for one file is not counted here (that is a
+    ``duplicate_id`` skip). ``name_hashes``: ``hash(file_name)`` (int64) of the usable entries;
+    the names behind repeated hashes are read back from the image pass's frames in ``work``."""
+    ordered = np.sort(name_hashes)
+    repeated = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+    ids_of: dict[str, set] = {}
+    if repeated:
+        for b in range(nb):
+            rows = read_image_rows(work / f"images-{b:05d}.arrow")
+            if rows is None:
+                continue
+            for iid, name, status in zip(*(rows.column(c).to_pylist() for c in ("image_id", "file_name", "status"))):
+                if not status and hash(name) in repeated:
+                    ids_of.setdefault(name, set()).add(iid)
+    shared = sorted(name for name, ids in ids_of.items() if len(ids) > 1)
+    return {"files": len(shared), "entries": sum(len(ids_of[name]) for name in shared), "examples": shared[:5]}
 
 
 def _floats(values: list, width: int = 1) -> tuple[np.ndarray, np.ndarray]:

@@ -214,3 +214,25 @@ def test_data_sizes_read_from_exif_turned_files_are_warned_about(tmp_path, caplo
     warned = [r.getMessage() for r in caplog.records if "EXIF orientation that turns" in r.getMessage()]
     assert len(warned) == 1 and "1 images" in warned[0] and "'turned.jpg'" in warned[0], warned
     assert "data.exif_orientation=upright" in warned[0]
+
+
+def test_data_one_file_under_several_ids_is_warned_about(tmp_path, caplog):
+    """Two image entries with different ids naming one file were converted as two images, each with
+    its own boxes: the file was trained on twice per epoch, each time with the other entry's
+    objects as background, and nothing said so. The conversion counts and names such files (an id
+    listed twice for the same file is a ``duplicate_id`` skip, not this)."""
+    import logging
+
+    root, ann = _dataset(tmp_path, [{"id": 1, "name": "x"}],
+                         [{"image_id": i, "category_id": 1, "bbox": [1, 1, 10 + i, 10]} for i in (1, 2, 3)],
+                         {"a.png": _png(), "b.png": _png()})
+    doc = json.loads(ann.read_text())
+    doc["images"].append({"id": 3, "file_name": "a.png", "width": 64, "height": 48})  # a.png under a 2nd id
+    doc["images"].append(dict(doc["images"][0]))  # id 1 listed again for a.png: a duplicate_id skip
+    ann.write_text(json.dumps(doc))
+    with caplog.at_level(logging.WARNING, logger="dino_scale.data.convert"):
+        m = convert_coco(ann, root, tmp_path / "out", progress=False)
+    assert m["num_images"] == 3 and m["images_skipped"] == {"duplicate_id": 1} and m["num_boxes"] == 3
+    warned = [r.getMessage() for r in caplog.records if "named by" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "1 image files are named by 2 image entries" in warned[0] and "'a.png'" in warned[0], warned

@@ -138,7 +138,9 @@ class TrainConfig:
     seed: int = 42
     log_every_steps: int = 10
     # engine (issue 5)
-    deterministic: bool = False  # seeded, order-preserving data and deterministic kernels (exact resume)
+    # seeded, order-preserving data and deterministic kernels (exact resume); on a GPU the
+    # deformable-attention backward sums with atomics (PyTorch's warn_only mode says so once)
+    deterministic: bool = False
     min_workers: Optional[int] = None  # elastic: ScalingConfig(num_workers=(min_workers, num_workers))
     # elastic: how often (s) a healthy run checks for room to grow back towards num_workers;
     # growing restarts the workers from the latest checkpoint

@@ -8,6 +8,7 @@
 #include <type_traits>
 #include <utility>
 
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
@@ -124,6 +125,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   if (value.is_cpu()) {
     return msda_backward_cpu(value, spatial_shapes, level_start_index, loc, attw, grad_output);
   }
+  // The CUDA value gradient is summed with atomics, so its last bits follow the threads' order
+  // (as in PyTorch's grid_sample backward): torch.use_deterministic_algorithms(True) raises here,
+  // and warns with warn_only=True (train.deterministic). The CPU kernels above are deterministic.
+  at::globalContext().alertNotDeterministic("ms_deform_attn_backward (CUDA)");
   return msda_backward_cuda(value, spatial_shapes, level_start_index, pair_aligned(loc), attw,
                             grad_output);
 }

@@ -122,6 +122,18 @@ def main() -> dict:
     except RuntimeError as exc:
         report["double_backward"] = str(exc).splitlines()[0][:160]
 
+    # torch.use_deterministic_algorithms: the CPU kernels are deterministic (no atomics), so the
+    # backward runs; the CUDA backward alerts (tests/ops/test_ops_msda_cuda.py)
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = op(v, sh, st, lo, wt)
+        torch.autograd.grad(out.sum(), inputs)
+        report["deterministic_mode_cpu"] = "ran"
+    except RuntimeError as exc:
+        report["deterministic_mode_cpu"] = str(exc).splitlines()[0][:160]
+    finally:
+        torch.use_deterministic_algorithms(False)
+
     # timing on this CPU (one DINO decoder-like call, 300 queries): reported only
     v, sh, st, lo, wt = make_inputs(1, [(50, 75), (25, 38), (13, 19), (7, 10)], 8, 32, 300, 4,
                                     dtype=torch.float32, edges=False)

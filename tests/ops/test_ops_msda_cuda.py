@@ -128,6 +128,26 @@ def test_cuda_exact_sampling_cutoff_matches_loop_reference():
     assert rel_err(out, ref) <= 1e-5
 
 
+def test_cuda_backward_alerts_deterministic_mode():
+    """The value gradient's atomics make the CUDA backward's bits depend on thread order; it said
+    nothing under torch.use_deterministic_algorithms (train.deterministic promised exact resume).
+    It now raises there, and warns with warn_only=True, as PyTorch's grid_sample backward does."""
+    value, shapes, starts, loc, w = make_inputs(1, [(3, 5), (2, 3)], 2, 32, 3, 2, device=DEV, seed=3)
+    value.requires_grad_()
+    try:
+        torch.use_deterministic_algorithms(True)
+        out = ms_deform_attn(value, shapes, starts, loc, w, backend="cuda")
+        with pytest.raises(RuntimeError, match="ms_deform_attn_backward"):
+            out.sum().backward()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        out = ms_deform_attn(value, shapes, starts, loc, w, backend="cuda")
+        with pytest.warns(UserWarning, match="ms_deform_attn_backward"):
+            out.sum().backward()
+        assert value.grad is not None and torch.isfinite(value.grad).all()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_cuda_gradcheck_float64():
     value, shapes, starts, loc, w = make_inputs(1, [(3, 5), (2, 3)], 2, 4, 3, 2, device=DEV, seed=7,
                                                 edges=False)

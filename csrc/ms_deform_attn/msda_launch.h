@@ -32,11 +32,14 @@ inline int group_lanes(int64_t chunks) {
 }
 
 // True when every index the kernels form fits in int32 (value, locations, output, threads),
-// so they can use 32-bit index arithmetic (cheaper than 64-bit multiplies).
+// so they can use 32-bit index arithmetic (cheaper than 64-bit multiplies). The bilinear corners
+// of a point on a level's last row or column are formed (not read) one row and one column past
+// the level, so the value's index range gets a margin of (S + 1) rows of M*D (W + 1 <= S + 1).
 inline bool fits_int32(const LaunchShape& s, int vec) {
   constexpr int64_t kLimit = (int64_t{1} << 31) - 1;
   const int64_t lanes = static_cast<int64_t>(group_lanes((s.D + vec - 1) / vec));
-  const int64_t biggest = std::max({s.N * s.S * s.M * s.D, s.groups * s.L * s.P * 2,
+  const int64_t value_span = (s.N * s.S + s.S + 1) * s.M * s.D;
+  const int64_t biggest = std::max({value_span, s.groups * s.L * s.P * 2,
                                     s.groups * s.D, s.groups * lanes + 1024});
   return biggest < kLimit;
 }

@@ -138,8 +138,8 @@ class TrainConfig:
     seed: int = 42
     log_every_steps: int = 10
     # engine (issue 5)
-    # seeded, order-preserving data and deterministic kernels (exact resume); on a GPU the
-    # deformable-attention backward sums with atomics (PyTorch's warn_only mode says so once)
+    # seeded, order-preserving data; deterministic kernels on CPU (exact resume). On a GPU the
+    # deformable-attention backward sums with atomics: runs repeat to rounding (a warning says so)
     deterministic: bool = False
     min_workers: Optional[int] = None  # elastic: ScalingConfig(num_workers=(min_workers, num_workers))
     # elastic: how often (s) a healthy run checks for room to grow back towards num_workers;

@@ -150,8 +150,9 @@ __device__ __forceinline__ void load_level_table(const int64_t* __restrict__ spa
   for (int t = threadIdx.x; t < L; t += blockDim.x) {
     const int64_t h = spatial_shapes[2 * t], w = spatial_shapes[2 * t + 1];
     const int64_t start = level_start_index[t];
-    const bool fits = h >= 0 && w >= 0 && start >= 0 && start <= rows &&
-                      (w == 0 || h <= (rows - start) / w);
+    // a level with no pixel (h or w 0) is empty: its geometry is never formed (W * row could
+    // pass the int32 range for a 0 x huge level)
+    const bool fits = h > 0 && w > 0 && start >= 0 && start <= rows && h <= (rows - start) / w;
     tab[t].h = fits ? static_cast<int>(h) : 0;
     tab[t].w = fits ? static_cast<int>(w) : 0;
     tab[t].start = fits ? static_cast<I>(start) * row : 0;

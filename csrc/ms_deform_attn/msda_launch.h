@@ -34,7 +34,8 @@ inline int group_lanes(int64_t chunks) {
 // True when every index the kernels form fits in int32 (value, locations, output, threads),
 // so they can use 32-bit index arithmetic (cheaper than 64-bit multiplies). The bilinear corners
 // of a point on a level's last row or column are formed (not read) one row and one column past
-// the level, so the value's index range gets a margin of (S + 1) rows of M*D (W + 1 <= S + 1).
+// the level, so the value's index range gets a margin of (S + 1) rows of M*D (W + 1 <= S + 1: a
+// level with pixels has H >= 1, so W <= H * W <= S; load_level_table empties the others).
 inline bool fits_int32(const LaunchShape& s, int vec) {
   constexpr int64_t kLimit = (int64_t{1} << 31) - 1;
   const int64_t lanes = static_cast<int64_t>(group_lanes((s.D + vec - 1) / vec));

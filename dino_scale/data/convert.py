@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .convert_buckets import bucket_order, join_bucket, shuffle_bucket
-from .convert_passes import DROP_REASONS, ConversionError, scan_annotations, scan_images
+from .convert_passes import DROP_REASONS, ConversionError, image_check_warnings, scan_annotations, scan_images
 from .decode import verify_image_bytes
 from .integrity import CHECKSUMS, add_checksums
 from .records import (
@@ -144,20 +144,6 @@ class _Converter:
                 f"{min(known)}..{max(known)}); fix the file or its category list")
         self.say(f"{self.ann_path.name}: {len(known)} categories, {meta['num_images']:,} images, "
                  f"{ann['boxes_in']:,} annotations read in {time.time() - t0:.0f}s; writing shards")
-        turned = meta.get("turned_sizes_read") or {}
-        if turned.get("images"):
-            log.warning("%s: %d images have no width/height in the file and an EXIF orientation that turns "
-                        "them (e.g. %s): their size was read as stored, so data.exif_orientation=auto decodes "
-                        "them as stored (the official reading); if their boxes were drawn on the upright image "
-                        "(labelling tools that apply EXIF), train with --set data.exif_orientation=upright",
-                        self.ann_path, turned["images"], ", ".join(map(repr, turned["examples"])))
-        shared = meta.get("shared_files") or {}
-        if shared.get("files"):
-            log.warning("%s: %d image files are named by %d image entries with different ids (e.g. %s): each "
-                        "entry is converted as an image of its own with its own boxes, so such a file is "
-                        "trained on once per id, the other entries' objects as background; merge their "
-                        "annotations under one id if they are one image", self.ann_path, shared["files"],
-                        shared["entries"], ", ".join(map(repr, shared["examples"])))
         return {"signature": self.signature, **meta, "ann": ann}
 
     # -- write ---------------------------------------------------------------------
@@ -429,7 +415,10 @@ class _Converter:
             "boxes_in": plan["ann"]["boxes_in"] - other_split, "boxes_dropped": dropped,
             "boxes_clipped": totals.get("clipped", 0),
             "shards": shards, "signature": self.signature,
+            "image_checks": plan.get("image_checks", {}),  # worded by image_check_warnings
         }
+        for text in image_check_warnings(m["image_checks"]):  # here, not at the scan: a resumed run says it too
+            log.warning("%s: %s", self.ann_path, text)
         if skipped:
             log.warning("%s: skipped %d images %s", self.out, sum(skipped.values()), skipped)
         if any(dropped.values()):  # counted in the manifest; said here too (an all-malformed file was silent)

@@ -26,8 +26,8 @@ from .decode import ImageDecodeError, read_size_and_orientation
 from .json_stream import stream_items
 from .records import resolve_image_path
 
-__all__ = ["ANN", "DROP", "DROP_REASONS", "IMAGE_SCHEMA", "ConversionError", "read_categories", "scan_images",
-           "scan_annotations", "read_image_rows"]
+__all__ = ["ANN", "DROP", "DROP_REASONS", "IMAGE_SCHEMA", "ConversionError", "image_check_warnings",
+           "read_categories", "scan_images", "scan_annotations", "read_image_rows"]
 
 ANN = np.dtype([("iid", "<i8"), ("box", "<f4", (4,)), ("cat", "<i4"), ("crowd", "u1"), ("area", "<f4")])
 DROP_REASONS = ("malformed", "nonfinite", "degenerate")  # the annotation pass's drops
@@ -130,10 +130,11 @@ def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
                 select: tuple[int, Optional[int]]) -> dict[str, Any]:
     """Categories + images pass; returns counts. Images outside ``select`` (file-order
     range) are recorded in ``excluded.npy``: their annotations belong to the sibling split.
-    ``turned_sizes_read``: images without a usable width/height whose file turns them by EXIF
-    (orientation 5-8), with the first file names: their size is recorded as stored, so
-    ``data.exif_orientation=auto`` decodes them as stored, which their boxes may not be drawn on.
-    ``shared_files``: :func:`shared_files` of the usable entries."""
+    ``image_checks`` (:func:`image_check_warnings` words them): ``turned_sizes_read``, images
+    without a usable width/height whose file turns them by EXIF (orientation 5-8, not square),
+    with the first file names: their size is recorded as stored, so ``data.exif_orientation=auto``
+    decodes them as stored, which their boxes may not be drawn on; ``shared_files``
+    (:func:`_shared_files`)."""
     cats = read_categories(path)
     lo, hi = select
     buf: dict[int, list[tuple]] = {}
@@ -188,29 +189,63 @@ def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
     flush()
     np.save(work / "excluded.npy", np.unique(np.asarray(excluded, dtype=np.int64)))
     return {"categories": cats, "num_images": n, "num_images_in_file": n_all, "bucket_counts": counts.tolist(),
-            "turned_sizes_read": {"images": n_turned, "examples": turned},
-            "shared_files": shared_files(work, nb, np.frombuffer(name_hashes, np.int64))}
+            "image_checks": {"turned_sizes_read": {"images": n_turned, "examples": turned},
+                             "shared_files": _shared_files(work, nb, np.frombuffer(name_hashes, np.int64))}}
 
 
-def shared_files(work: Path, nb: int, name_hashes: np.ndarray) -> dict[str, Any]:
+def _usable_rows(work: Path, nb: int):
+    """(image id, file name) of every usable entry the image pass wrote to ``work``."""
+    for b in range(nb):
+        rows = read_image_rows(work / f"images-{b:05d}.arrow")
+        if rows is not None:
+            cols = (rows.column(c).to_pylist() for c in ("image_id", "file_name", "status"))
+            yield from ((iid, name) for iid, name, status in zip(*cols) if not status)
+
+
+def _shared_files(work: Path, nb: int, name_hashes: np.ndarray) -> dict[str, Any]:
     """Files that several image ids name (``files``, their ``entries``, the first ``examples``):
     each id brings its own annotations, so such a file is trained on once per id with the other
-    ids' objects as background. An id listed twice for one file is not counted here (that is a
-    ``duplicate_id`` skip). ``name_hashes``: ``hash(file_name)`` (int64) of the usable entries;
-    the names behind repeated hashes are read back from the image pass's frames in ``work``."""
+    ids' objects as background. Ids the conversion skips as ``duplicate_id`` are left out (an id
+    that names several files, or that the sibling split lists); an id listed twice for one file
+    counts once. ``name_hashes``: (n,) int64, ``hash(file_name)`` of the usable entries; only the
+    names behind a repeated hash are read back from the image pass's frames in ``work``."""
     ordered = np.sort(name_hashes)
     repeated = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
     ids_of: dict[str, set] = {}
     if repeated:
-        for b in range(nb):
-            rows = read_image_rows(work / f"images-{b:05d}.arrow")
-            if rows is None:
-                continue
-            for iid, name, status in zip(*(rows.column(c).to_pylist() for c in ("image_id", "file_name", "status"))):
-                if not status and hash(name) in repeated:
-                    ids_of.setdefault(name, set()).add(iid)
+        for iid, name in _usable_rows(work, nb):
+            if hash(name) in repeated:
+                ids_of.setdefault(name, set()).add(iid)
+    candidates = {i for ids in ids_of.values() if len(ids) > 1 for i in ids}
+    if candidates:  # drop the ids that name another file too, or that the sibling split lists
+        names_of: dict[int, set] = {}
+        for iid, name in _usable_rows(work, nb):
+            if iid in candidates:
+                names_of.setdefault(iid, set()).add(name)
+        excluded = set(np.load(work / "excluded.npy").tolist())
+        kept = {i for i in candidates if len(names_of[i]) == 1 and i not in excluded}
+        ids_of = {name: ids & kept for name, ids in ids_of.items()}
     shared = sorted(name for name, ids in ids_of.items() if len(ids) > 1)
     return {"files": len(shared), "entries": sum(len(ids_of[name]) for name in shared), "examples": shared[:5]}
+
+
+def image_check_warnings(checks: dict[str, Any]) -> list[str]:
+    """What :func:`scan_images`' ``image_checks`` ask the user to look at, one text each."""
+    out = []
+    turned = checks.get("turned_sizes_read") or {}
+    if turned.get("images"):
+        out.append(f"{turned['images']} images have no width/height in the file and an EXIF orientation that "
+                   f"turns them (e.g. {', '.join(map(repr, turned['examples']))}): their size was read as "
+                   f"stored, so data.exif_orientation=auto decodes them as stored (the official reading); if "
+                   f"their boxes were drawn on the upright image (labelling tools that apply EXIF), write their "
+                   f"upright width/height (swapped) into those entries and convert again: auto then turns them")
+    shared = checks.get("shared_files") or {}
+    if shared.get("files"):
+        out.append(f"{shared['files']} image files are named by {shared['entries']} image entries with different "
+                   f"ids (e.g. {', '.join(map(repr, shared['examples']))}): each entry is converted as an image of "
+                   f"its own with its own boxes, so such a file is trained on once per id, the other entries' "
+                   f"objects as background; merge their annotations under one id if they are one image")
+    return out
 
 
 def _floats(values: list, width: int = 1) -> tuple[np.ndarray, np.ndarray]:

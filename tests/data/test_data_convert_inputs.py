@@ -194,10 +194,12 @@ def test_data_sizes_read_from_exif_turned_files_are_warned_about(tmp_path, caplo
     """An image without width/height gets its size from the file header, as stored. For a file
     whose EXIF tag turns it (5-8) that size makes data.exif_orientation=auto decode it as stored,
     while its boxes may have been drawn upright (labelling tools apply EXIF): a silent quarter turn
-    of every label. The conversion says how many such images there are and what to set."""
+    of every label. The conversion says how many such images there are (in the manifest too) and
+    what to do; the advice works: with the upright size written in, auto decodes them upright."""
     import logging
 
     from dino_scale.data import iter_records
+    from dino_scale.data.decode import decode_image
 
     images = {"turned.jpg": _jpeg_turned(6), "mirrored.jpg": _jpeg_turned(2), "square.jpg": _jpeg_turned(6, 48, 48),
               "sized.jpg": _jpeg_turned(6)}
@@ -210,29 +212,44 @@ def test_data_sizes_read_from_exif_turned_files_are_warned_about(tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="dino_scale.data.convert"):
         m = convert_coco(ann, root, tmp_path / "out", progress=False)
     assert m["num_images"] == 4
-    assert {r["file_name"]: (r["width"], r["height"]) for r in iter_records(tmp_path / "out")}["turned.jpg"] == (64, 48)
+    assert m["image_checks"]["turned_sizes_read"] == {"images": 1, "examples": ["turned.jpg"]}
+    size = {r["file_name"]: (r["width"], r["height"]) for r in iter_records(tmp_path / "out")}["turned.jpg"]
+    assert size == (64, 48)
     warned = [r.getMessage() for r in caplog.records if "EXIF orientation that turns" in r.getMessage()]
     assert len(warned) == 1 and "1 images" in warned[0] and "'turned.jpg'" in warned[0], warned
-    assert "data.exif_orientation=upright" in warned[0]
+    assert "write their upright width/height (swapped)" in warned[0]
+    data = (root / "turned.jpg").read_bytes()
+    assert decode_image(data, expected_size=size, exif_orientation="auto").shape == (48, 64, 3)  # as stored
+    # the advice: the upright size in the entry; auto then turns the pixels upright, and no warning
+    doc["images"][0].update(width=48, height=64)
+    ann.write_text(json.dumps(doc))
+    m = convert_coco(ann, root, tmp_path / "out2", progress=False)
+    assert m["image_checks"]["turned_sizes_read"]["images"] == 0
+    size = {r["file_name"]: (r["width"], r["height"]) for r in iter_records(tmp_path / "out2")}["turned.jpg"]
+    assert decode_image(data, expected_size=size, exif_orientation="auto").shape == (64, 48, 3)
 
 
 def test_data_one_file_under_several_ids_is_warned_about(tmp_path, caplog):
     """Two image entries with different ids naming one file were converted as two images, each with
     its own boxes: the file was trained on twice per epoch, each time with the other entry's
-    objects as background, and nothing said so. The conversion counts and names such files (an id
-    listed twice for the same file is a ``duplicate_id`` skip, not this)."""
+    objects as background, and nothing said so. The conversion counts and names such files, in its
+    log and manifest. Ids it skips as duplicate_id are not counted: an id listed twice for the
+    same file (kept once), an id that names two files (kept by neither)."""
     import logging
 
+    pngs = {name: _png() for name in ("a.png", "b.png", "c.png", "d.png")}
     root, ann = _dataset(tmp_path, [{"id": 1, "name": "x"}],
-                         [{"image_id": i, "category_id": 1, "bbox": [1, 1, 10 + i, 10]} for i in (1, 2, 3)],
-                         {"a.png": _png(), "b.png": _png()})
-    doc = json.loads(ann.read_text())
-    doc["images"].append({"id": 3, "file_name": "a.png", "width": 64, "height": 48})  # a.png under a 2nd id
+                         [{"image_id": i, "category_id": 1, "bbox": [1, 1, 10 + i, 10]} for i in (1, 2, 3)], pngs)
+    doc = json.loads(ann.read_text())  # a.png 1, b.png 2, c.png 3, d.png 4
+    doc["images"].append({"id": 5, "file_name": "a.png", "width": 64, "height": 48})  # a.png under a 2nd id
     doc["images"].append(dict(doc["images"][0]))  # id 1 listed again for a.png: a duplicate_id skip
+    doc["images"] += [{"id": 6, "file_name": "c.png", "width": 64, "height": 48},  # id 6: c.png and d.png,
+                      {"id": 6, "file_name": "d.png", "width": 64, "height": 48}]  # skipped: c.png is once
     ann.write_text(json.dumps(doc))
     with caplog.at_level(logging.WARNING, logger="dino_scale.data.convert"):
         m = convert_coco(ann, root, tmp_path / "out", progress=False)
-    assert m["num_images"] == 3 and m["images_skipped"] == {"duplicate_id": 1} and m["num_boxes"] == 3
+    assert m["num_images"] == 5 and m["images_skipped"] == {"duplicate_id": 3} and m["num_boxes"] == 3
+    assert m["image_checks"]["shared_files"] == {"files": 1, "entries": 2, "examples": ["a.png"]}
     warned = [r.getMessage() for r in caplog.records if "named by" in r.getMessage()]
     assert len(warned) == 1, warned
     assert "1 image files are named by 2 image entries" in warned[0] and "'a.png'" in warned[0], warned

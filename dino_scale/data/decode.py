@@ -26,8 +26,8 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageDecodeError", "decode_image", "verify_image_bytes", "read_image_size", "sizes_agree",
-           "EXIF_ORIENTATION_MODES", "check_exif_orientation", "exif_tie", "read_size_and_orientation"]
+__all__ = ["ImageDecodeError", "decode_image", "verify_image_bytes", "read_size_and_orientation", "sizes_agree",
+           "EXIF_ORIENTATION_MODES", "check_exif_orientation", "exif_tie"]
 
 _ORIENTATION = 0x0112
 #: ``data.exif_orientation``: which pixel grid an annotated image is decoded on (module doc)
@@ -203,11 +203,6 @@ def verify_image_bytes(data: Optional[bytes], expected_size: Optional[tuple[int,
     except Exception:
         return "corrupt"
     return None
-
-
-def read_image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) as stored (before EXIF orientation) from the header only."""
-    return tuple(_open(data).size)  # type: ignore[return-value]
 
 
 def read_size_and_orientation(data: bytes) -> tuple[tuple[int, int], int]:

@@ -5,24 +5,14 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("ray")
 
 from test_cluster_manifests import (  # noqa: E402
-    CLUSTER, DATA_MOUNT, KUBERAY, ROOT, _cluster_specs, _docs, _excludes_spot_nodes, _pipeline_commands)
-
-def _bash_commands(path: Path, module: str) -> list[list[str]]:
-    """argv after ``python -m <module>`` of every such line in ``path``'s bash blocks."""
-    blocks = re.findall(r"(?ms)^```bash\n(.*?)^```", path.read_text())
-    out = []
-    for line in "\n".join(b.replace("\\\n", " ") for b in blocks).splitlines():
-        if f"python -m {module} " in line:
-            out.append(shlex.split(line[line.index(f"python -m {module} "):].split("#")[0])[3:])
-    return out
+    CLUSTER, DATA_MOUNT, KUBERAY, ROOT, _bash_blocks, _cluster_specs, _commands_in, _docs, _excludes_spot_nodes,
+    _pipeline_commands)
 
 
 def test_cluster_finetune_recipe_commands_carry_the_paper_settings():
@@ -30,8 +20,9 @@ def test_cluster_finetune_recipe_commands_carry_the_paper_settings():
     the AWS line and README.md call not optional for the 63 AP recipe: 100 denoising queries in
     fp32 at about twice the GPU time. Every 18-epoch fine-tune command in both READMEs has both."""
     recipe = [argv for path in (CLUSTER / "README.md", ROOT / "README.md")
-              for argv in _bash_commands(path, "pipelines.finetune_coco")
-              if "--epochs" in argv and argv[argv.index("--epochs") + 1] == "18"]
+              for module, argv in _commands_in(_bash_blocks(path))
+              if module == "pipelines.finetune_coco" and "--epochs" in argv
+              and argv[argv.index("--epochs") + 1] == "18"]
     assert len(recipe) >= 3, recipe  # cluster/README.md: AWS and Kubernetes; README.md: ray job submit
     for argv in recipe:
         sets = {argv[i + 1] for i, a in enumerate(argv) if a == "--set"}
@@ -80,9 +71,8 @@ def test_cluster_workload_identity_binding_matches_the_service_accounts():
     gsa = sa["metadata"]["annotations"]["iam.gke.io/gcp-service-account"]
     project = gsa.split("@", 1)[1].split(".", 1)[0]
     member = f"serviceAccount:{project}.svc.id.goog[{sa['metadata']['namespace']}/{sa['metadata']['name']}]"
-    text = " ".join(b.replace("\\\n", " ") for b in re.findall(r"(?ms)^```bash\n(.*?)^```",
-                                                              (CLUSTER / "README.md").read_text()))
-    binding = next(line for line in text.splitlines() if "roles/iam.workloadIdentityUser" in line)
+    lines = "\n".join(_bash_blocks(CLUSTER / "README.md")).splitlines()
+    binding = next(line for line in lines if "roles/iam.workloadIdentityUser" in line)
     assert f"add-iam-policy-binding {gsa}" in binding and f'--member "{member}"' in binding, binding
 
 

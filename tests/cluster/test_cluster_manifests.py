@@ -236,22 +236,28 @@ def test_cluster_kuberay_autoscaler_gets_its_kubernetes_token():
 
 # ------------------------------------------------------------------ commands vs the pipelines CLI
 
-def _pipeline_commands() -> list[tuple[str, list[str]]]:
-    """Every `python -m pipelines.X ...` in the README's bash blocks (continuations joined)
-    and the RayJob entrypoint, as (module, argv)."""
-    readme = (CLUSTER / "README.md").read_text()
-    blocks = re.findall(r"(?ms)^```bash\n(.*?)^```", readme)
-    texts = [b.replace("\\\n", " ") for b in blocks]
-    job = next(d for d in _docs(KUBERAY / "rayjob.yaml") if d["kind"] == "RayJob")
-    texts.append(job["spec"]["entrypoint"])
+def _bash_blocks(path: Path) -> list[str]:
+    """The ```bash blocks of the markdown file ``path``, line continuations joined."""
+    return [b.replace("\\\n", " ") for b in re.findall(r"(?ms)^```bash\n(.*?)^```", path.read_text())]
+
+
+def _commands_in(texts: list[str]) -> list[tuple[str, list[str]]]:
+    """(module, argv) of every `python -m pipelines.X ...` line of ``texts`` (shell comments cut)."""
     out = []
     for text in texts:
         for line in text.splitlines():
             if "python -m pipelines." not in line:
                 continue
-            argv = shlex.split(line[line.index("python -m pipelines."):].split("`")[0])
+            argv = shlex.split(line[line.index("python -m pipelines."):].split("`")[0], comments=True)
             out.append((argv[2], argv[3:]))
     return out
+
+
+def _pipeline_commands() -> list[tuple[str, list[str]]]:
+    """Every `python -m pipelines.X ...` in the README's bash blocks (continuations joined)
+    and the RayJob entrypoint, as (module, argv)."""
+    job = next(d for d in _docs(KUBERAY / "rayjob.yaml") if d["kind"] == "RayJob")
+    return _commands_in(_bash_blocks(CLUSTER / "README.md") + [job["spec"]["entrypoint"]])
 
 
 def test_cluster_commands_parse_with_the_pipeline_cli(monkeypatch):
@@ -459,4 +465,3 @@ def test_cluster_kuberay_on_demand_groups_stay_off_spot_nodes():
                 assert "cloud.google.com/gke-spot" not in pod.get("nodeSelector", {}), (label, g["groupName"])
                 assert _excludes_spot_nodes(pod), (label, g["groupName"])
     assert seen == {"gpu_spot", "gpu_ondemand"}
-

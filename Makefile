@@ -4,6 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 BENCH_OUT ?= runs/bench-cpu
+# Free disk the first venv build asks for: the venv is ~6.6 GB (torch's CUDA build), a test run
+# needs ~1 GB more. Checked before a new venv is made, so a full disk fails in a second with the
+# numbers instead of in pip minutes later (ENOSPC half-way through an install).
+MIN_FREE_GIB ?= 8
 
 .PHONY: venv test demo clean bench-cpu
 
@@ -13,6 +17,14 @@ venv: $(STAMP)
 # pyproject.toml changes. torch/torchvision are pinned first (a pair timm needs).
 # The libraries the engine leans on at the versions in cluster/constraints.txt (the image's too).
 $(STAMP): pyproject.toml cluster/constraints.txt
+	@test -x $(PY) || $(PYTHON) -c 'import os, shutil, sys; \
+	d = os.path.dirname(os.path.abspath("$(VENV)")); \
+	d = d if os.path.isdir(d) else next(p for p in __import__("pathlib").Path(d).parents if p.is_dir()); \
+	free = shutil.disk_usage(d).free / 2**30; \
+	sys.exit(None if free >= $(MIN_FREE_GIB) else \
+	f"make: {free:.1f} GiB free under {d}; a new venv needs {$(MIN_FREE_GIB)} GiB (about 6.6 for " \
+	"the venv, torch being a CUDA build, and the rest for a test run). Free some disk (df -h) or " \
+	"set MIN_FREE_GIB.")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --no-compile --upgrade pip
 	$(PY) -m pip install -q --no-compile "torch==2.14.1" "torchvision==0.29.1"

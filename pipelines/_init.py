@@ -226,21 +226,23 @@ def prepare_init(uri: str, cfg: Config, target_categories: list[dict], out_dir: 
                  log=print) -> InitWeights:
     import torch
 
-    from dino_scale.engine.checkpoint import save_weights
+    from dino_scale.engine.checkpoint import atomic_write_text, save_weights
     from dino_scale.models import build_dino
     from dino_scale.models.class_transfer import transfer_class_heads
     from dino_scale.models.official import load_official_state_dict
 
     out_dir = Path(out_dir)
-    resolved = resolve(uri, out_dir / "source")
-    tags = lineage_tags(resolved)
-    log(f"init from {uri}" + (f" = {tags['source.model_name']} v{tags['source.model_version']}"
-                              if "source.model_name" in tags else "")
-        + (f" (run {tags['source.run_id']})" if "source.run_id" in tags else ""))
-    source = _source_state(resolved.weights_path)
-    src_cats = _source_categories(resolved)
-    if is_remote(uri):  # the downloaded copy is in memory now
-        shutil.rmtree(out_dir / "source", ignore_errors=True)
+    try:
+        resolved = resolve(uri, out_dir / "source")
+        tags = lineage_tags(resolved)
+        log(f"init from {uri}" + (f" = {tags['source.model_name']} v{tags['source.model_version']}"
+                                  if "source.model_name" in tags else "")
+            + (f" (run {tags['source.run_id']})" if "source.run_id" in tags else ""))
+        source = _source_state(resolved.weights_path)
+        src_cats = _source_categories(resolved)
+    finally:  # a downloaded copy is in memory now, or useless (a failed or partial download)
+        if is_remote(uri):
+            shutil.rmtree(out_dir / "source", ignore_errors=True)
     torch.manual_seed(cfg.train.seed)
     # built without model.backbone_weights: _check_same_tensors and the strict load below make
     # every backbone tensor the source's, so the ImageNet file (a path perhaps only the workers
@@ -269,5 +271,5 @@ def prepare_init(uri: str, cfg: Config, target_categories: list[dict], out_dir: 
                "class_transfer": {"matched": {str(k): v for k, v in report.matched.items()},
                                   "fresh": report.unmatched_target}}
     save_weights(out_dir, model.state_dict(), config=to_dict(cfg))
-    (out_dir / "lineage.json").write_text(json.dumps(lineage, indent=2))
+    atomic_write_text(out_dir / "lineage.json", json.dumps(lineage, indent=2))
     return InitWeights(path=out_dir, lineage=tags, summary=report.summary())

@@ -79,6 +79,7 @@ def register(result, name: str, alias: Optional[str], categories: list[dict],
     (``result.tracking_uri``), whatever MLflow's process-wide URIs say."""
     import json
 
+    from dino_scale.engine.checkpoint import atomic_write_text
     from dino_scale.tracking.registry import MODEL_ARTIFACT_PATH, register_model, set_alias, store_client
 
     # the run's own end first (final metrics, checkpoint tag, FINISHED): buffered when the store
@@ -88,7 +89,7 @@ def register(result, name: str, alias: Optional[str], categories: list[dict],
         print(f"warning: MLflow run {result.run_id}: its final metrics and end status could not be sent "
               f"(store unreachable); it shows RUNNING", file=sys.stderr, flush=True)
     final = Path(result_checkpoint(result))
-    (final / "categories.json").write_text(json.dumps(categories))
+    atomic_write_text(final / "categories.json", json.dumps(categories))  # read by --init and predict
     uri = result.tracking_uri
     client = store_client(uri)
     client.log_artifact(result.run_id, str(final / "categories.json"), artifact_path=MODEL_ARTIFACT_PATH)

@@ -16,7 +16,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -214,20 +216,32 @@ def _copy_final(checkpoint, dest: Path, required: tuple[str, ...] = (WEIGHTS_NAM
     """Copy the ``required`` files (the final weights and config) and ``detections.json``
     when there is one out of a (possibly remote) Ray checkpoint; a ``detections.json`` left in
     ``dest`` by an earlier run of the work folder is removed when this checkpoint has none (it
-    was logged as this run's, computed from other weights)."""
+    was logged as this run's, computed from other weights). Everything is copied into a staging
+    folder beside ``dest`` first and then renamed over the old files, so a copy that fails (a
+    full disk, a storage error) leaves the earlier run's files in ``dest`` whole."""
     import pyarrow.fs
 
     dest.mkdir(parents=True, exist_ok=True)
     fs = checkpoint.filesystem
-    for name in (*required, "detections.json"):
-        src = f"{checkpoint.path.rstrip('/')}/{name}"
-        if fs.get_file_info(src).type == pyarrow.fs.FileType.NotFound:
-            if name not in required:
-                (dest / name).unlink(missing_ok=True)
+    staging = dest.with_name(f".{dest.name}.incoming-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        copied = []
+        for name in (*required, "detections.json"):
+            src = f"{checkpoint.path.rstrip('/')}/{name}"
+            if fs.get_file_info(src).type == pyarrow.fs.FileType.NotFound:
+                if name in required:
+                    raise FileNotFoundError(f"final checkpoint {checkpoint.path} has no {name}")
                 continue
-            raise FileNotFoundError(f"final checkpoint {checkpoint.path} has no {name}")
-        pyarrow.fs.copy_files(src, str(dest / name), source_filesystem=fs,
-                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+            pyarrow.fs.copy_files(src, str(staging / name), source_filesystem=fs,
+                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
+            copied.append(name)
+        for name in copied:  # renames within one folder's parent: no space needed, each atomic
+            os.replace(staging / name, dest / name)
+        if "detections.json" not in copied:
+            (dest / "detections.json").unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_dir: str | Path, run_name: str,

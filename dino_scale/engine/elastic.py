@@ -33,6 +33,7 @@ from typing import Any, Iterator, Optional
 from dino_scale.config import Config, ConfigError, flatten, from_dict
 from dino_scale.engine.checkpoint import CONFIG_NAME, DS_TAG, FROZEN_NAME, STATE_NAME, UNIVERSAL_TAG
 from dino_scale.engine.optim import lr_drop_epochs
+from dino_scale.engine.scratch import sweep_dead, write_owner
 
 __all__ = ["saved_world_size", "check_resumable", "resume_restores_every_tensor", "reads_backbone_weights",
            "holds_frozen_tensors",
@@ -274,8 +275,11 @@ def universal_resume(folder: Path, key: str, local_rank: int, barrier) -> Path:
     root = Path(tempfile.gettempdir()) / f"dino_universal_{hashlib.sha1(node_key.encode()).hexdigest()[:16]}"
     failure: Optional[BaseException] = None
     if local_rank == 0:  # always afresh: a leftover copy may be of an older checkpoint at this path
+        sweep_dead("universal")  # copies (and half-made ones) of workers killed on this host
         tmp = root.with_name(f"{root.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
+            tmp.mkdir()
+            write_owner(tmp)  # kept by the rename: the copy is swept if this process is killed
             _convert(Path(folder), tmp)
             shutil.rmtree(root, ignore_errors=True)
             tmp.rename(root)
@@ -321,7 +325,9 @@ def resume_source(checkpoint, world: int, zero_stage: int, local_rank: int, barr
             ok = True
         finally:
             if source.universal is not None:
-                if ok:
-                    barrier()  # every rank of the node has read the copy
-                if local_rank == 0:
-                    shutil.rmtree(source.universal, ignore_errors=True)
+                try:
+                    if ok:
+                        barrier()  # every rank of the node has read the copy
+                finally:  # also when that barrier fails (a peer died): the copy is gigabytes
+                    if local_rank == 0:
+                        shutil.rmtree(source.universal, ignore_errors=True)

@@ -6,9 +6,10 @@ object store, and rank 0's MLflow logger of the driver's run. Used by the worker
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from dino_scale.engine.scratch import make_scratch, sweep_dead
 
 __all__ = ["report", "from_driver", "rank0_tracker"]
 
@@ -22,7 +23,8 @@ def report(metrics: dict[str, Any], write_fn: Optional[Callable[[Path], None]] =
     if write_fn is None:
         ray.train.report(metrics)
         return
-    tmp = Path(tempfile.mkdtemp(prefix="dino_ckpt_"))
+    sweep_dead("ckpt")  # staging folders of workers killed on this host mid-checkpoint
+    tmp = make_scratch("ckpt")
     try:
         write_fn(tmp)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -259,18 +260,23 @@ def resolve_model_uri(uri: str, dst_dir: Optional[str | Path] = None,
         client = store_client(tracking_uri)
         dst = Path(dst_dir) if dst_dir else Path(tempfile.mkdtemp(prefix="dino_model_"))
         dst.mkdir(parents=True, exist_ok=True)
-        if uri.startswith("models:/"):
-            mv = model_version_for_uri(client, uri)
-            lineage.update({"name": mv.name, "version": str(mv.version), "run_id": mv.run_id,
-                            "source": mv.source, "aliases": list(getattr(mv, "aliases", []) or []),
-                            "tags": dict(mv.tags or {})})
-            return _from_local(_download_version(client, mv, dst, tracking_uri), uri, lineage)
-        run_id, path = _run_and_path(uri)
-        lineage["run_id"] = run_id
-        local = Path(client.download_artifacts(run_id, path or MODEL_ARTIFACT_PATH, str(dst)))
-        if local.is_file():  # runs:/<id>/model/model.safetensors: its config and lineage beside it too
-            _download_siblings(client, run_id, path, dst)
-        return _from_local(local, uri, lineage)
+        try:
+            if uri.startswith("models:/"):
+                mv = model_version_for_uri(client, uri)
+                lineage.update({"name": mv.name, "version": str(mv.version), "run_id": mv.run_id,
+                                "source": mv.source, "aliases": list(getattr(mv, "aliases", []) or []),
+                                "tags": dict(mv.tags or {})})
+                return _from_local(_download_version(client, mv, dst, tracking_uri), uri, lineage)
+            run_id, path = _run_and_path(uri)
+            lineage["run_id"] = run_id
+            local = Path(client.download_artifacts(run_id, path or MODEL_ARTIFACT_PATH, str(dst)))
+            if local.is_file():  # runs:/<id>/model/model.safetensors: its config and lineage beside it too
+                _download_siblings(client, run_id, path, dst)
+            return _from_local(local, uri, lineage)
+        except BaseException:
+            if not dst_dir:  # a folder the caller never learns of: the download (gigabytes) would stay
+                shutil.rmtree(dst, ignore_errors=True)
+            raise
     path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
     return _from_local(path, uri, lineage)
 

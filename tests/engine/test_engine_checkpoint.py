@@ -335,6 +335,28 @@ def test_final_copy_drops_an_earlier_runs_detections(tmp_path):
         _copy_final(Checkpoint.from_directory(str(tmp_path / "empty")), final)
 
 
+def test_a_failed_final_copy_leaves_the_earlier_files_whole(tmp_path):
+    """The final copy wrote each file straight over the earlier run's: one that failed half-way
+    (a full disk; here a checkpoint without its config, found after the weights were copied) left
+    new weights beside the old config, or a truncated weights file where a good one was. Now
+    everything is staged beside ``final/`` and renamed in once all of it is copied."""
+    from ray.train import Checkpoint
+
+    from dino_scale.engine.api import _copy_final
+
+    earlier, broken = tmp_path / "ckpt_a", tmp_path / "ckpt_b"
+    save_weights(earlier, {"w": torch.ones(2)}, config={"name": "tiny"})
+    atomic_write_text(earlier / "detections.json", "[]")
+    save_weights(broken, {"w": torch.zeros(2)})  # no config.json
+    final = tmp_path / "work" / "final"
+    _copy_final(Checkpoint.from_directory(str(earlier)), final)
+    before = {p.name: p.read_bytes() for p in final.iterdir()}
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        _copy_final(Checkpoint.from_directory(str(broken)), final)
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == before
+    assert [p.name for p in final.parent.iterdir()] == ["final"]  # no staging folder left
+
+
 def test_rng_untouched_restores_every_stream():
     """What the final evaluation draws (building its model) does not move the streams the final
     checkpoint's RNG files save: the draws after the block are those a run without it makes."""

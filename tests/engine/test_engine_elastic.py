@@ -4,6 +4,7 @@ kept its worker count."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -166,6 +167,71 @@ def test_a_failed_conversion_is_a_clear_error_and_leaves_nothing(tmp_path, monke
         with resume_source(Checkpoint.from_directory(str(ckpt)), 1, 2, 0, lambda: None):
             pytest.fail("the block must not run")
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def _two_worker_checkpoint(folder):
+    (folder / "ds").mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"world": 2}))
+    return folder
+
+
+def test_the_universal_copy_is_removed_when_the_last_barrier_fails(tmp_path, monkeypatch):
+    """The copy (fp32 weights and both Adam moments: gigabytes) was removed after the block's
+    closing barrier, in the same ``finally``: when that barrier raised (a peer rank died), local
+    rank 0 left it in /tmp for good. The conversion itself is DeepSpeed's (a test above runs it);
+    here it is replaced by a folder of the same layout."""
+    import tempfile
+
+    from ray.train import Checkpoint
+
+    from dino_scale.engine import elastic
+    from dino_scale.engine.checkpoint import UNIVERSAL_TAG
+    from dino_scale.engine.scratch import OWNER_FILE, owner_tag
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(elastic, "_convert", lambda folder, out: (out / UNIVERSAL_TAG).mkdir(parents=True))
+    calls = []
+
+    def barrier():
+        calls.append(1)
+        if len(calls) == 2:  # the one after the block: a peer is gone
+            raise RuntimeError("Connection closed by peer")
+
+    ckpt = _two_worker_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(RuntimeError, match="closed by peer"):
+        with elastic.resume_source(Checkpoint.from_directory(str(ckpt)), 1, 2, 0, barrier) as source:
+            assert (source.universal / UNIVERSAL_TAG).is_dir()
+            assert (source.universal / OWNER_FILE).read_text() == owner_tag()  # swept if this process dies
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_copies_of_killed_workers_are_swept_before_converting(tmp_path, monkeypatch):
+    """A worker killed while converting (or loading) left its copy behind; the next local rank 0
+    of the host removes it (the owner is dead) and leaves copies of live workers alone."""
+    import subprocess
+    import tempfile
+
+    from ray.train import Checkpoint
+
+    from dino_scale.engine import elastic
+    from dino_scale.engine.checkpoint import UNIVERSAL_TAG
+    from dino_scale.engine.scratch import OWNER_FILE, owner_tag
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.setattr(elastic, "_convert", lambda folder, out: (out / UNIVERSAL_TAG).mkdir(parents=True))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    left, half, busy = tmp / "dino_universal_0123", tmp / "dino_universal_4567.tmp-89ab", tmp / "dino_universal_cdef"
+    for folder, pid in ((left, gone.pid), (half, gone.pid), (busy, os.getpid())):
+        (folder / UNIVERSAL_TAG).mkdir(parents=True)
+        (folder / OWNER_FILE).write_text(owner_tag(pid))
+    ckpt = _two_worker_checkpoint(tmp_path / "ckpt")
+    with elastic.resume_source(Checkpoint.from_directory(str(ckpt)), 1, 2, 0, lambda: None) as source:
+        assert sorted(p.name for p in tmp.iterdir()) == sorted([busy.name, source.universal.name])
+    assert [p.name for p in tmp.iterdir()] == [busy.name]
 
 
 def test_a_rerun_under_the_same_run_name_must_keep_what_the_run_trains_with():

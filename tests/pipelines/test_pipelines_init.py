@@ -160,3 +160,33 @@ def test_pipelines_init_does_not_read_the_imagenet_backbone_file(o365_checkpoint
         assert all(torch.equal(state[k], reference[k]) for k in state), name
         assert all(torch.equal(state[k], src[k]) for k in state if k.startswith("backbone.")), name
         assert json.loads((init.path / "config.json").read_text())["model"]["backbone_weights"] == weights
+
+
+def test_pipelines_init_removes_a_download_it_could_not_use(o365_checkpoint, tmp_path, mlflow_store_restored):
+    """A registry model downloaded into ``<init>/source`` was removed only when the init got past
+    reading it: a file that failed to load (here a truncated weights file) left the whole
+    download in the work folder."""
+    import mlflow
+
+    from mlflow_store import seeded_store
+    from pipelines import _common as common
+    from dino_scale.models.weights_file import WeightsFileError
+
+    ckpt, _ = o365_checkpoint
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("config.json", "categories.json"):
+        (bad / name).write_bytes((ckpt / name).read_bytes())
+    (bad / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes()[:5000])
+    seeded_store(tmp_path)
+    uri = common.setup_tracking(tmp_path)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    run = client.create_run(client.create_experiment("init-test"))
+    client.log_artifacts(run.info.run_id, str(bad), "model")
+    client.create_registered_model("dino-tiny-o365")
+    client.create_model_version("dino-tiny-o365", source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    cfg = preset("tiny", ["model.num_classes=91"])
+    with pytest.raises(WeightsFileError, match="model.safetensors"):
+        prepare_init("models:/dino-tiny-o365/1", cfg, [{"id": 1, "name": "person"}], tmp_path / "init",
+                     log=lambda m: None)
+    assert not (tmp_path / "init" / "source").exists()

@@ -129,6 +129,21 @@ def test_registry_uri_latest_and_stages(logged_model, tmp_path):
         assert is_not_found(err.value) and all(n in msg for n in needles), (bad, msg)
 
 
+def test_a_failed_download_into_a_folder_of_its_own_leaves_nothing(logged_model, tmp_path, monkeypatch):
+    """Without ``dst_dir`` the download goes to a temporary folder the caller learns of only from
+    the result: when the lookup or the download failed, that folder stayed in /tmp for good."""
+    uri = logged_model[0]
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    from mlflow.exceptions import MlflowException
+
+    for bad in ("models:/no-such-model/1", "runs:/0123456789abcdef0123456789abcdef/model"):
+        with pytest.raises(MlflowException):
+            resolve_model_uri(bad, tracking_uri=uri)
+        assert list(scratch.iterdir()) == [], bad
+
+
 def test_resolve_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         resolve_model_uri(str(tmp_path / "missing"))

@@ -79,7 +79,9 @@ class ModelConfig:
 class DataConfig:
     """Datasets and augmentation. Sizes are in pixels before ``scale_factor``."""
 
-    train: Optional[str] = None  # folder of Parquet shards (with manifest.json)
+    # folders of Parquet shards (with manifest.json), for Python callers' own use: fit() reads its
+    # train_dir / val_dir arguments, and the pipelines take them from --data / --val-data only
+    train: Optional[str] = None
     val: Optional[str] = None
     image_root: Optional[str] = None  # overrides the manifests' image roots: one, or one per folder 'a,b'
     val_image_root: Optional[str] = None  # the same for the validation folders (unset: image_root)
@@ -362,8 +364,8 @@ def flatten(cfg: Config) -> dict[str, Any]:
     """``{"model.hidden_dim": 256, ...}``: for tracking params."""
     out = {"name": cfg.name}
     for section, values in to_dict(cfg).items():
-        if isinstance(values, dict):
-            out.update({f"{section}.{k}": v for k, v in values.items()})
+        if isinstance(values, dict):  # a tuple set from Python reads back from JSON as a list
+            out.update({f"{section}.{k}": list(v) if isinstance(v, tuple) else v for k, v in values.items()})
     return out
 
 

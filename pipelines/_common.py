@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 from dino_scale.config import PRESETS, Config, ConfigError, parse_override, preset
 from pipelines._errors import UsageError, run_main  # noqa: F401 - the pipelines' common.UsageError / run_main
+from pipelines._flags import apply_flags, check_flag_conflicts, check_flag_values, check_run_name  # noqa: F401
 
 GPU_PRESET = "r50_4scale"
 CPU_PRESET = "tiny"
@@ -144,22 +145,11 @@ def schedule_text(cfg: Config) -> str:
 
     if cfg.train.schedule == "cosine":
         return "lr cosine"
-    return f"lr x0.1 at epoch {','.join(map(str, lr_drop_epochs(cfg.train)))}"
-
-
-_FLAG_MINIMA = (("--workers", "workers", 1), ("--min-workers", "min_workers", 1), ("--gpus", "gpus", 0),
-                ("--max-steps", "max_steps", 1), ("--epochs", "epochs", 1),
-                ("--synthetic-images", "synthetic_images", 1))
-
-
-def check_run_name(name: Optional[str]) -> None:
-    """:class:`UsageError` unless ``name`` (``--run-name``) is usable as one folder name: it
-    names ``<work-dir>/runs/<name>`` (and the ``init``/``eval`` folders a run may delete)."""
-    if name is None:
-        return
-    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
-        raise UsageError(f"--run-name {name!r}: must be a single folder name (not empty, '.' or '..', "
-                         f"no '/' or '\\')")
+    drops = lr_drop_epochs(cfg.train)
+    text = f"lr x0.1 at epoch {','.join(map(str, drops))}"
+    if drops and min(drops) >= cfg.train.epochs:  # a pinned drop (the tiny preset's 11) past a shorter run
+        text += f" (after this run's {cfg.train.epochs} epochs: the lr never drops; set train.lr_drop_epochs)"
+    return text
 
 
 def default_run_name(prefix: str) -> str:
@@ -168,51 +158,6 @@ def default_run_name(prefix: str) -> str:
     import uuid
 
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-
-
-def check_flag_values(args: argparse.Namespace) -> None:
-    """:class:`UsageError` for a flag out of range, a ``--run-name`` that is not one folder
-    name, or a ``--model-name`` / ``--alias`` that the MLflow registry would refuse at
-    registration (after training)."""
-    for flag, attr, low in _FLAG_MINIMA:
-        value = getattr(args, attr, None)
-        if value is not None and value < low:
-            raise UsageError(f"{flag} must be >= {low}")
-    check_run_name(getattr(args, "run_name", None))
-    name, alias = getattr(args, "model_name", None), getattr(args, "alias", None)
-    if name is None and alias is None:
-        return
-    from mlflow.exceptions import MlflowException
-    from mlflow.utils import validation
-
-    checks = [(validation._validate_model_name, name, "--model-name")] if name is not None else []
-    if alias is not None:
-        checks += [(validation._validate_model_alias_name, alias, "--alias"),
-                   (validation._validate_model_alias_name_reserved, alias, "--alias")]
-    for check, value, flag in checks:
-        try:
-            check(value)
-        except MlflowException as exc:
-            raise UsageError(f"{flag} {value!r}: {exc.message}") from None
-
-
-def apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
-    """``--workers``, ``--min-workers``, ``--gpus``, ``--zero-stage``, ``--max-steps``,
-    ``--epochs`` on ``cfg``."""
-    check_flag_values(args)
-    if args.workers is not None:
-        cfg.train.num_workers = args.workers
-    if getattr(args, "min_workers", None) is not None:
-        cfg.train.min_workers = args.min_workers
-    if args.gpus is not None:
-        cfg.train.use_gpu = args.gpus > 0
-    if getattr(args, "zero_stage", None) is not None:
-        cfg.train.zero_stage = args.zero_stage
-    if getattr(args, "max_steps", None) is not None:
-        cfg.train.max_steps = args.max_steps
-    if getattr(args, "epochs", None) is not None:
-        cfg.train.epochs = args.epochs
-    return cfg
 
 
 def set_eval_resources(cfg: Config, args: argparse.Namespace) -> Config:
@@ -230,17 +175,19 @@ def set_eval_resources(cfg: Config, args: argparse.Namespace) -> Config:
     return cfg
 
 
-def validate_config_args(args: argparse.Namespace) -> None:
+def validate_config_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> None:
     """Raise :class:`ConfigError` / :class:`UsageError` now for a preset typo, a bad ``--set``,
     a flag out of range or a registry name/alias MLflow would refuse, before any data is
-    generated or Ray is started."""
+    generated or Ray is started. ``extra``: the pipeline's own overrides known this early
+    (applied before ``--set``, as :func:`build_config` applies them)."""
     check_flag_values(args)
     # a training pipeline whose preset is known here also gets the engine's pre-run checks
     # (batch sizes per worker count, an elastic range, ZeRO stage, schedule) before a dataset
     # is converted or Ray starts; otherwise the preset and --set keys are checked
     known = hasattr(args, "zero_stage") and not preset_needs_cluster(args)
     name = resolve_preset_name(args.preset) if known or args.preset is not None else CPU_PRESET
-    cfg = preset(name, list(args.overrides or []))
+    check_flag_conflicts(args, preset(name, list(args.overrides or [])))
+    cfg = preset(name, list(extra) + list(args.overrides or []))
     if known:
         from dino_scale.engine.trainer import check_training_config
 

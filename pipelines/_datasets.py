@@ -167,6 +167,17 @@ def class_overrides(categories: list[dict], user_overrides: list[str], minimum: 
     return out
 
 
+def user_label_book(user_overrides: list[str]) -> list[str]:
+    """What :func:`class_overrides` adds for a ``--set model.num_classes=N`` alone
+    (``model.dn_labelbook_size=N``), known before the data is: for the checks made before it is
+    converted (they refused N above the preset's label book, which the run itself sizes)."""
+    user = dict(_split_override(o) for o in user_overrides)
+    if "model.num_classes" in user and "model.dn_labelbook_size" not in user:
+        n = _whole_number(user["model.num_classes"], -1)
+        return [f"model.dn_labelbook_size={n}"] if n >= 0 else []
+    return []
+
+
 def stored_pixels(user_overrides: list[str]) -> list[str]:
     """``data.exif_orientation=stored`` unless the user set it: COCO and Objects365 boxes lie on
     the pixels as stored (the official DINO never applies an EXIF tag), and the default ``auto``

@@ -100,6 +100,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if getattr(args, flag) < 1:  # checked before anything runs, not after pretraining
             raise common.UsageError(f"--{flag.replace('_', '-')} must be >= 1")
     cfg = common.preset(PRESET, stage_overrides(args.overrides))  # a bad --set, before Ray starts
+    for o in args.overrides:  # keys each stage sets from the demo's own flags (was: silently replaced)
+        key = o.split("=", 1)[0]
+        if key == "train.max_steps":
+            raise common.UsageError(f"--set {o}: the demo's stages train --pretrain-steps and --finetune-steps "
+                                    f"steps; give those")
+        if key in ("data.train", "data.val"):
+            raise common.UsageError(f"--set {o}: the demo trains on synthetic sets it makes "
+                                    f"(python -m pipelines.pretrain_o365 --data ... for yours)")
     for flag in ("pretrain_images", "finetune_images"):  # each stage trains at least one step
         if getattr(args, flag) < cfg.train.global_batch_size:
             raise common.UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is fewer than one "

@@ -23,7 +23,9 @@ from typing import Optional, Sequence
 
 from pipelines import _common as common
 from pipelines import _results as results
-from pipelines._datasets import categories_of, check_classes, class_overrides, resolve_datasets, stored_pixels
+from pipelines._datasets import (
+    categories_of, check_classes, class_overrides, resolve_datasets, stored_pixels, user_label_book,
+)
 
 EXPERIMENT = "finetune-coco"
 CHAMPION = "champion"
@@ -71,7 +73,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     """The pipeline; returns ``{"run_id", "ap", "name", "version", "promoted", ...}``."""
     args = build_parser().parse_args(argv)
     log = common.Progress("finetune")
-    common.validate_config_args(args)
+    common.validate_config_args(args, extra=user_label_book(args.overrides))
     if args.scale is not None and not (math.isfinite(args.scale) and args.scale > 0):  # nan passed "<= 0"
         raise common.UsageError("--scale must be a finite number > 0")
     work_dir = Path(args.work_dir).expanduser().resolve()

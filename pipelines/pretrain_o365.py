@@ -17,7 +17,9 @@ from typing import Optional, Sequence
 
 from pipelines import _common as common
 from pipelines import _results as results
-from pipelines._datasets import categories_of, check_classes, class_overrides, resolve_datasets, stored_pixels
+from pipelines._datasets import (
+    categories_of, check_classes, class_overrides, resolve_datasets, stored_pixels, user_label_book,
+)
 
 EXPERIMENT = "pretrain-o365"
 ALIAS = "pretrained"
@@ -53,7 +55,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     log = common.Progress("pretrain")
     # Fail fast on a preset typo or unknown override key, before any work.
-    common.validate_config_args(args)
+    common.validate_config_args(args, extra=user_label_book(args.overrides))
     if args.alias is None:  # not given (an empty --alias stays MLflow's to refuse, above)
         args.alias = ALIAS
     work_dir = Path(args.work_dir).expanduser().resolve()

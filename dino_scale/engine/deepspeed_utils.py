@@ -127,6 +127,8 @@ def check_train_config(cfg: TrainConfig, micro_batch_size: int, world_size: int)
         raise ConfigError(f"train.lr must be > 0 (the transformer and heads train at it), got {cfg.lr}")
     if int(cfg.warmup_steps) < 0:
         raise ConfigError(f"train.warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    if int(cfg.max_failures) < -1:  # Ray Train's -1: retry without limit
+        raise ConfigError(f"train.max_failures must be >= 0 (or -1: retry without limit), got {cfg.max_failures}")
     # these failed in every worker as it started (after Ray and the MLflow run had, retried max_failures times)
     if cfg.torch_threads is not None and int(cfg.torch_threads) < 0:  # torch.set_num_threads refuses it
         raise ConfigError(f"train.torch_threads must be >= 1 (0 or none: torch's default), got {cfg.torch_threads}")

@@ -152,6 +152,9 @@ def lr_factor_fn(cfg: TrainConfig, steps_per_epoch: int, total_steps: int | None
         raise ConfigError(f"unknown schedule {cfg.schedule!r}; choose step, multistep or cosine")
     if cfg.schedule in ("step", "multistep") and not drops:
         raise ConfigError(f"schedule {cfg.schedule!r} needs train.lr_drop_epochs")
+    if cfg.schedule in ("step", "multistep") and drops[0] < 1:  # was: the lr at 0.1x from the first step
+        raise ConfigError(f"train.lr_drop_epochs {drops}: a drop at epoch e lowers the lr after e epochs, so "
+                          f"each must be >= 1")
     if cfg.schedule == "step" and len(drops) > 1:  # it dropped at the first only, the rest ignored
         raise ConfigError(f"schedule 'step' drops the lr once, train.lr_drop_epochs lists {drops}: "
                           f"use schedule 'multistep' to drop at each, or give one epoch")

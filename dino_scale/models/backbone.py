@@ -141,6 +141,9 @@ def _swin(cfg, num_levels: int) -> nn.Module:
                                     use_checkpoint=cfg.backbone_checkpointing)
 
 
+BACKBONE_NAMES = ("resnet50", "resnet18", "tiny_resnet", "swin_large_384", "swin_large")
+
+
 def build_backbone(cfg) -> Joiner:
     """ModelConfig -> Joiner. 4 feature levels use 3 backbone stages (2-4), 5 use 4 (1-4);
     the remaining level is the extra stride-2 conv of the DINO module."""
@@ -151,7 +154,7 @@ def build_backbone(cfg) -> Joiner:
     elif cfg.backbone.startswith("swin"):
         features = _swin(cfg, num_levels)
     else:
-        raise ValueError(f"unknown backbone {cfg.backbone!r}: resnet50 | resnet18 | tiny_resnet | swin_large_384")
+        raise ValueError(f"unknown backbone {cfg.backbone!r}: {' | '.join(BACKBONE_NAMES[:4])}")
     if cfg.hidden_dim % 2:
         raise ValueError(f"hidden_dim must be even, got {cfg.hidden_dim}")
     pos = PositionEmbeddingSine(cfg.hidden_dim // 2, cfg.position_temperature, cfg.position_temperature)

@@ -44,6 +44,9 @@ class MLP(nn.Module):
         return x
 
 
+ACTIVATIONS = ("relu", "gelu")
+
+
 def _activation(name: str):
     acts = {"relu": F.relu, "gelu": F.gelu}
     if name not in acts:

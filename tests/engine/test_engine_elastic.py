@@ -234,6 +234,17 @@ def test_copies_of_killed_workers_are_swept_before_converting(tmp_path, monkeypa
     assert [p.name for p in tmp.iterdir()] == [busy.name]
 
 
+def test_a_tuple_set_from_python_is_the_list_its_checkpoint_saved():
+    """``cfg.data.train_scales = (192, 224)`` (Python API) was compared with the ``[192, 224]``
+    that the checkpoint's config.json reads back: a rerun of the same run was refused."""
+    from dino_scale.config import to_dict
+    from dino_scale.engine.elastic import resume_changes
+
+    cfg = preset("tiny")
+    cfg.data.train_scales = (192, 224)
+    assert resume_changes(json.loads(json.dumps(to_dict(cfg))), cfg) == []
+
+
 def test_a_rerun_under_the_same_run_name_must_keep_what_the_run_trains_with():
     """A resumed run restores the optimizer's parameter groups and the scheduler's base lrs from
     its checkpoint: a changed train.lr or weight decay was silently ignored (the new value only

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -219,6 +220,38 @@ def test_denoising_noise_out_of_range_is_refused_at_build_and_before_training(se
     check_training_config(preset("tiny", ["model.dn_label_noise_ratio=1", "model.dn_box_noise_scale=0"]))
     with pytest.raises(ConfigError, match="model.num_select"):
         check_training_config(preset("tiny", ["model.num_select=0"]))
+
+
+@pytest.mark.parametrize("override, needle, build_fails", [
+    ("model.backbone=resnet51", "model.backbone 'resnet51' is not one of resnet50", True),
+    ("model.activation=gelux", "model.activation 'gelux' is not one of relu, gelu", True),
+    ("model.msda_backend=pytorchx", "model.msda_backend 'pytorchx' is not one of none, pytorch, cuda", True),
+    ("model.hidden_dim=100", "model.hidden_dim 100 must be a multiple of 32", True),  # GroupNorm(32, .)
+    ("model.nheads=3", "of model.nheads 3", True),
+    ("model.num_queries=0", "model.num_queries must be >= 1", False),  # no detections at all
+    ("model.num_classes=0", "model.num_classes must be >= 1", False),
+    ("model.dec_n_points=0", "model.dec_n_points must be >= 1", False),  # attends to nothing
+    ("model.dn_number=-1", "model.dn_number must be >= 0", False),  # was: denoising off, without a word
+    ("model.dropout=1.5", "model.dropout must be in [0, 1)", False),
+    ("model.dropout=nan", "model.dropout must be in [0, 1), got nan", False),
+])
+def test_a_model_setting_that_cannot_build_is_refused_before_training(override, needle, build_fails):
+    """These passed the driver's checks: the run converted its data, started Ray and an MLflow
+    run, then failed in the workers' build, or trained something that detects nothing, with
+    denoising off or with NaN dropout. Each is named before anything starts."""
+    from dino_scale.config import ConfigError
+    from dino_scale.engine.trainer import check_training_config
+
+    cfg = preset("tiny", [override])
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        check_training_config(cfg)
+    if build_fails:
+        with pytest.raises(ValueError):  # what the check stands in for
+            model = build_dino(cfg.model)[0]
+            model.eval()
+            model(*_batch()[:2])
+    build_dino(preset("tiny", ["model.enc_layers=0", "model.hidden_dim=96", "model.nheads=3"]).model)
+    check_training_config(preset("tiny", ["model.enc_layers=0", "model.hidden_dim=96", "model.nheads=3"]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

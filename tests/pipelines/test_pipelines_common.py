@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 import torch
 
 from mlflow_store import seeded_store
-from dino_scale.config import ConfigError
+from dino_scale.config import ConfigError, preset
 from pipelines import _common as common
 
 
@@ -299,3 +300,66 @@ def test_pipelines_demo_stages_run_on_cpu_unless_told(tmp_path, monkeypatch):
     # the evaluate stage gets no --set: its --gpus carries the user's choice
     assert demo._gpu_args(None, ["train.use_gpu=false"]) == ["--gpus", "0"]
     assert demo._gpu_args(None, ["train.use_gpu=true"]) == ["--gpus", "1"]
+
+
+def test_a_flag_and_a_set_for_one_field_must_agree():
+    """``--epochs 5 --set train.epochs=10`` trained 5 epochs, ``--scale 1.5 --set
+    data.scale_factor=2.0`` trained at 2.0: one of the two won (the flag for some fields, the
+    ``--set`` for others), without a word. Two values for one field are refused before any work;
+    the same value twice is fine. ``--set data.train=...`` was accepted, recorded in the run's
+    config, and ignored (the run trained on a synthetic set): the data comes from ``--data``."""
+    from pipelines import evaluate, finetune_coco, pretrain_o365
+    from pipelines._datasets import user_label_book
+
+    def check(module, argv):
+        args = module.build_parser().parse_args(["--preset", "tiny", *argv])
+        common.validate_config_args(args, extra=user_label_book(args.overrides))
+
+    for module, argv, needle in [
+            (pretrain_o365, ["--epochs", "5", "--set", "train.epochs=10"], "--epochs 5 and --set train.epochs=10 disagree"),
+            (pretrain_o365, ["--workers", "2", "--set", "train.num_workers=4"], "--workers 2 and --set train.num_workers=4"),
+            (pretrain_o365, ["--gpus", "0", "--set", "train.use_gpu=true"], "--gpus 0 and --set train.use_gpu=true"),
+            (pretrain_o365, ["--max-steps", "3", "--set", "train.max_steps=none"], "--max-steps 3 and --set train.max_steps"),
+            (pretrain_o365, ["--zero-stage", "1", "--set", "train.zero_stage=2"], "--zero-stage 1 and"),
+            (finetune_coco, ["--scale", "1.5", "--set", "data.scale_factor=2.0"], "--scale 1.5 and --set data.scale_factor"),
+            (finetune_coco, ["--tta", "--set", "eval.tta=false"], "--tta and --set eval.tta=false disagree"),
+            (evaluate, ["--model", "m", "--tta", "--set", "eval.tta=false"], "--tta and --set eval.tta=false"),
+            (pretrain_o365, ["--set", "data.train=/mnt/o365/train"], "given with --data, not --set (pass --data /mnt"),
+            (finetune_coco, ["--set", "data.val=/mnt/coco/val"], "given with --val-data, not --set"),
+            (evaluate, ["--model", "m", "--set", "data.val=/mnt/coco/val"], "given with --data, not --set")]:
+        with pytest.raises(common.UsageError, match=re.escape(needle)):
+            check(module, argv)
+    for module, argv in [(pretrain_o365, ["--epochs", "5", "--set", "train.epochs=5"]),
+                         (pretrain_o365, ["--gpus", "0", "--set", "train.use_gpu=false"]),
+                         (finetune_coco, ["--scale", "1.5", "--set", "data.scale_factor=1.5"]),
+                         (finetune_coco, ["--set", "eval.tta=false"]),
+                         # alone, it sizes the label book too (the run does): was refused here
+                         (pretrain_o365, ["--set", "model.num_classes=366"])]:
+        check(module, argv)
+    with pytest.raises(ConfigError, match="needs dn_labelbook_size >= 365"):  # both given: the user's
+        check(pretrain_o365, ["--set", "model.num_classes=366", "--set", "model.dn_labelbook_size=91"])
+
+
+def test_pipelines_demo_refuses_sets_its_stages_would_override(tmp_path, monkeypatch):
+    """The demo adds ``--max-steps`` (its --pretrain-steps / --finetune-steps) after the user's
+    ``--set``: ``--set train.max_steps=10`` was silently replaced by 200."""
+    from pipelines import demo
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the demo got past its checks and started Ray")
+
+    monkeypatch.setattr(common, "connect_ray", no_ray)
+    for argv, needle in [(["--set", "train.max_steps=10"], "--pretrain-steps and --finetune-steps"),
+                         (["--set", "data.train=/data/o365"], "synthetic sets it makes")]:
+        with pytest.raises(common.UsageError, match=needle):
+            demo.main(["--work-dir", str(tmp_path / "w"), *argv])
+    assert not (tmp_path / "w").exists()  # refused before anything ran
+
+
+def test_the_start_up_line_says_when_the_lr_never_drops():
+    cfg = preset("tiny", ["train.epochs=6"])  # the tiny preset pins its drop at epoch 11
+    assert common.schedule_text(cfg) == ("lr x0.1 at epoch 11 (after this run's 6 epochs: the lr never drops; "
+                                         "set train.lr_drop_epochs)")
+    assert common.schedule_text(preset("tiny", ["train.epochs=12"])) == "lr x0.1 at epoch 11"
+    assert common.schedule_text(preset("r50_4scale", ["train.epochs=6"])) == "lr x0.1 at epoch 5"
+    assert common.schedule_text(preset("tiny", ["train.schedule=cosine"])) == "lr cosine"

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,9 +40,18 @@ def _env(token_path: Path) -> dict:
 
 
 def _submit(dash_port: int, runtime_env: dict, entrypoint: list[str], token_path: Path) -> subprocess.CompletedProcess:
+    """``ray job submit``; resubmitted while the new head's job agent has not registered yet (Ray
+    refuses with 'No available agent to submit job' before it creates a job: seen on a loaded
+    2-core box a few seconds after ``ray start``), for up to 90 s."""
     cmd = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash_port}",
            "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(token_path), capture_output=True, text=True, timeout=480)
+    deadline = time.monotonic() + 90
+    while True:
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(token_path), capture_output=True, text=True, timeout=480)
+        if proc.returncode == 0 or "No available agent to submit job" not in proc.stderr + proc.stdout \
+                or time.monotonic() > deadline:
+            return proc
+        time.sleep(3)
 
 
 @pytest.mark.slow

@@ -1,0 +1,105 @@
+"""The pipelines' shortcut flags: their ranges (:func:`check_flag_values`), the config fields
+they set (:func:`apply_flags`) and a flag and a ``--set`` that disagree on one field
+(:func:`check_flag_conflicts`). Re-exported by :mod:`pipelines._common`."""
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+from dino_scale.config import Config
+from pipelines._errors import UsageError
+
+_FLAG_MINIMA = (("--workers", "workers", 1), ("--min-workers", "min_workers", 1), ("--gpus", "gpus", 0),
+                ("--max-steps", "max_steps", 1), ("--epochs", "epochs", 1),
+                ("--synthetic-images", "synthetic_images", 1))
+
+
+def check_run_name(name: Optional[str]) -> None:
+    """:class:`UsageError` unless ``name`` (``--run-name``) is usable as one folder name: it
+    names ``<work-dir>/runs/<name>`` (and the ``init``/``eval`` folders a run may delete)."""
+    if name is None:
+        return
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise UsageError(f"--run-name {name!r}: must be a single folder name (not empty, '.' or '..', "
+                         f"no '/' or '\\')")
+
+
+def check_flag_values(args: argparse.Namespace) -> None:
+    """:class:`UsageError` for a flag out of range, a ``--run-name`` that is not one folder
+    name, or a ``--model-name`` / ``--alias`` that the MLflow registry would refuse at
+    registration (after training)."""
+    for flag, attr, low in _FLAG_MINIMA:
+        value = getattr(args, attr, None)
+        if value is not None and value < low:
+            raise UsageError(f"{flag} must be >= {low}")
+    check_run_name(getattr(args, "run_name", None))
+    name, alias = getattr(args, "model_name", None), getattr(args, "alias", None)
+    if name is None and alias is None:
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import validation
+
+    checks = [(validation._validate_model_name, name, "--model-name")] if name is not None else []
+    if alias is not None:
+        checks += [(validation._validate_model_alias_name, alias, "--alias"),
+                   (validation._validate_model_alias_name_reserved, alias, "--alias")]
+    for check, value, flag in checks:
+        try:
+            check(value)
+        except MlflowException as exc:
+            raise UsageError(f"{flag} {value!r}: {exc.message}") from None
+
+
+def apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
+    """``--workers``, ``--min-workers``, ``--gpus``, ``--zero-stage``, ``--max-steps``,
+    ``--epochs`` on ``cfg``."""
+    check_flag_values(args)
+    if args.workers is not None:
+        cfg.train.num_workers = args.workers
+    if getattr(args, "min_workers", None) is not None:
+        cfg.train.min_workers = args.min_workers
+    if args.gpus is not None:
+        cfg.train.use_gpu = args.gpus > 0
+    if getattr(args, "zero_stage", None) is not None:
+        cfg.train.zero_stage = args.zero_stage
+    if getattr(args, "max_steps", None) is not None:
+        cfg.train.max_steps = args.max_steps
+    if getattr(args, "epochs", None) is not None:
+        cfg.train.epochs = args.epochs
+    return cfg
+
+
+# the shortcut flags and the config field each sets: (flag, attribute, key, the field's value)
+_FLAG_FIELDS = (("--workers", "workers", "train.num_workers", lambda v: v),
+                ("--min-workers", "min_workers", "train.min_workers", lambda v: v),
+                ("--gpus", "gpus", "train.use_gpu", lambda v: v > 0),
+                ("--zero-stage", "zero_stage", "train.zero_stage", lambda v: v),
+                ("--max-steps", "max_steps", "train.max_steps", lambda v: v),
+                ("--epochs", "epochs", "train.epochs", lambda v: v),
+                ("--scale", "scale", "data.scale_factor", lambda v: v),
+                ("--tta", "tta", "eval.tta", lambda v: v or None))  # store_true: False is "not given"
+
+
+def check_flag_conflicts(args: argparse.Namespace, cfg: Config) -> None:
+    """:class:`UsageError` when a flag and a ``--set`` give one config field two values (one
+    silently won: the flag for --workers/--epochs/..., the ``--set`` for --scale/--tta), or a
+    ``--set`` names a field the pipeline takes from a flag (``data.train``: it trained on ``--data``,
+    or on a synthetic set, while the config recorded the path). ``cfg``: preset + ``--set``."""
+    user = {}
+    for o in getattr(args, "overrides", None) or []:
+        key, value = o.split("=", 1)
+        user[key.strip()] = value.strip()
+    # the data folders come from flags only (fit takes them as arguments)
+    val_flag = "--val-data" if hasattr(args, "val_data") else "--data"
+    for key, flag in (("data.train", "--data"), ("data.val", val_flag)):
+        if key in user:
+            raise UsageError(f"--set {key}={user[key]}: the data to use is given with {flag}, not --set "
+                             f"(pass {flag} {user[key]})")
+    for flag, attr, key, field_value in _FLAG_FIELDS:
+        given = getattr(args, attr, None)
+        if given is None or key not in user or field_value(given) is None:
+            continue
+        section, leaf = key.split(".")
+        if getattr(getattr(cfg, section), leaf) != field_value(given):
+            shown = "" if isinstance(given, bool) else f" {given}"
+            raise UsageError(f"{flag}{shown} and --set {key}={user[key]} disagree: give one of them")

@@ -89,6 +89,9 @@ def check_flag_conflicts(args: argparse.Namespace, cfg: Config) -> None:
     for o in getattr(args, "overrides", None) or []:
         key, value = o.split("=", 1)
         user[key.strip()] = value.strip()
+    if "name" in user:  # renamed the registered model and the runs, while the next steps named a preset
+        raise UsageError(f"--set name={user['name']}: name is the preset's (--preset); the registered "
+                         f"model's name is --model-name, the run's --run-name")
     # the data folders come from flags only (fit takes them as arguments)
     val_flag = "--val-data" if hasattr(args, "val_data") else "--data"
     for key, flag in (("data.train", "--data"), ("data.val", val_flag)):

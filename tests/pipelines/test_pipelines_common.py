@@ -315,18 +315,21 @@ def test_a_flag_and_a_set_for_one_field_must_agree():
         args = module.build_parser().parse_args(["--preset", "tiny", *argv])
         common.validate_config_args(args, extra=user_label_book(args.overrides))
 
+    pre, fine = pretrain_o365, finetune_coco
     for module, argv, needle in [
-            (pretrain_o365, ["--epochs", "5", "--set", "train.epochs=10"], "--epochs 5 and --set train.epochs=10 disagree"),
-            (pretrain_o365, ["--workers", "2", "--set", "train.num_workers=4"], "--workers 2 and --set train.num_workers=4"),
-            (pretrain_o365, ["--gpus", "0", "--set", "train.use_gpu=true"], "--gpus 0 and --set train.use_gpu=true"),
-            (pretrain_o365, ["--max-steps", "3", "--set", "train.max_steps=none"], "--max-steps 3 and --set train.max_steps"),
-            (pretrain_o365, ["--zero-stage", "1", "--set", "train.zero_stage=2"], "--zero-stage 1 and"),
-            (finetune_coco, ["--scale", "1.5", "--set", "data.scale_factor=2.0"], "--scale 1.5 and --set data.scale_factor"),
-            (finetune_coco, ["--tta", "--set", "eval.tta=false"], "--tta and --set eval.tta=false disagree"),
+            (pre, ["--epochs", "5", "--set", "train.epochs=10"], "--epochs 5 and --set train.epochs=10 disagree"),
+            (pre, ["--workers", "2", "--set", "train.num_workers=4"], "--workers 2 and --set train.num_workers=4"),
+            (pre, ["--gpus", "0", "--set", "train.use_gpu=true"], "--gpus 0 and --set train.use_gpu=true"),
+            (pre, ["--max-steps", "3", "--set", "train.max_steps=none"], "--max-steps 3 and --set train.max_steps"),
+            (pre, ["--zero-stage", "1", "--set", "train.zero_stage=2"], "--zero-stage 1 and"),
+            (fine, ["--scale", "1.5", "--set", "data.scale_factor=2.0"], "--scale 1.5 and --set data.scale_factor"),
+            (fine, ["--tta", "--set", "eval.tta=false"], "--tta and --set eval.tta=false disagree"),
             (evaluate, ["--model", "m", "--tta", "--set", "eval.tta=false"], "--tta and --set eval.tta=false"),
-            (pretrain_o365, ["--set", "data.train=/mnt/o365/train"], "given with --data, not --set (pass --data /mnt"),
-            (finetune_coco, ["--set", "data.val=/mnt/coco/val"], "given with --val-data, not --set"),
-            (evaluate, ["--model", "m", "--set", "data.val=/mnt/coco/val"], "given with --data, not --set")]:
+            (pre, ["--set", "data.train=/mnt/o365/train"], "given with --data, not --set (pass --data /mnt"),
+            (fine, ["--set", "data.val=/mnt/coco/val"], "given with --val-data, not --set"),
+            (evaluate, ["--model", "m", "--set", "data.val=/mnt/coco/val"], "given with --data, not --set"),
+            # renamed the registered model; the printed next step then named a preset that is not one
+            (pre, ["--set", "name=mine"], "name is the preset's (--preset); the registered model's name is")]:
         with pytest.raises(common.UsageError, match=re.escape(needle)):
             check(module, argv)
     for module, argv in [(pretrain_o365, ["--epochs", "5", "--set", "train.epochs=5"]),

@@ -53,6 +53,18 @@ def test_data_eval_transform_sizes_and_boxes():
     assert tuple(big["size"].tolist()) == (1200, 1600)
 
 
+def test_scaled_sizes_are_truncated_like_the_official_recipe():
+    """The fine-tuning recipe's ``data_aug_scale_overlap`` 1.5 truncates each size (``int(i * 1.5)``):
+    the longest side is at most 1999 (rounded, it was 2000: images over ~1.67:1 came out 1 px larger)."""
+    t = DetectionTransform(preset("r50_4scale", ["data.scale_factor=1.5"]).data, train=True)
+    assert (t.max_size, t.eval_size, t.eval_max) == (1999, 1200, 1999)
+    assert t.scales == [720, 768, 816, 864, 912, 960, 1008, 1056, 1104, 1152, 1200]
+    assert t.crop_resize == [600, 750, 900] and t.crop_range == (576, 900)
+    long = DetectionTransform(preset("r50_4scale", ["data.scale_factor=1.5"]).data, train=False)(
+        _record(w=640, h=360))
+    assert tuple(long["size"].tolist()) == (1124, 1998)  # the official size (was 1125 x 2000)
+
+
 def test_data_train_boxes_follow_pixels_and_sizes_allowed():
     cfg = preset("tiny").data
     t = DetectionTransform(cfg, train=True)

@@ -37,6 +37,9 @@ def _is_usage_error(exc: BaseException) -> bool:
     weights = sys.modules.get("dino_scale.models.weights_file")
     if weights is not None and isinstance(exc, weights.WeightsFileError):
         return True  # a weights file cut short: the input too
+    lock = sys.modules.get("dino_scale.engine.run_lock")
+    if lock is not None and isinstance(exc, lock.RunInUseError):
+        return True  # a run name a live job uses: the user's choice of name
     # an MLflow error implies MLflow is imported: importing it here (~2 s) only slowed the
     # usage errors raised before any MLflow work
     if "mlflow.exceptions" in sys.modules:

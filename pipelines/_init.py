@@ -44,8 +44,9 @@ def check_exists(uri: str) -> None:
     """Cheap existence check of a model URI (no download): a one-line
     :class:`UsageError` when the registry name/alias/version, run or path is unknown."""
     import mlflow
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+
+    from dino_scale.tracking.clients import mlflow_client
 
     if not is_remote(uri):
         _require_local(uri)
@@ -53,7 +54,7 @@ def check_exists(uri: str) -> None:
     from pipelines._common import require_store
 
     require_store(mlflow.get_tracking_uri(), looking_for=uri)
-    client = MlflowClient()
+    client = mlflow_client()
     try:
         if uri.startswith("runs:/"):
             client.get_run(uri[len("runs:/"):].split("/", 1)[0])

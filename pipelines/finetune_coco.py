@@ -16,11 +16,13 @@ measured on: ``eval.data``, the validation labels' fingerprint, and ``eval.tta``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from dino_scale.engine.run_lock import run_lock
 from pipelines import _common as common
 from pipelines import _results as results
 from pipelines._datasets import (
@@ -71,6 +73,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run(argv: Optional[Sequence[str]] = None) -> dict:
     """The pipeline; returns ``{"run_id", "ap", "name", "version", "promoted", ...}``."""
+    with contextlib.ExitStack() as held:  # the run folder's lock, once the run name is known
+        return _run(argv, held)
+
+
+def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
     args = build_parser().parse_args(argv)
     log = common.Progress("finetune")
     common.validate_config_args(args, extra=user_label_book(args.overrides))
@@ -80,6 +87,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if note := common.work_dir_note(args):
         log(note)
     work_dir.mkdir(parents=True, exist_ok=True)
+    if args.run_name:  # a name a live job uses: refused before any work (default names are unique)
+        held.enter_context(run_lock(work_dir / "runs" / args.run_name, f"run {args.run_name!r}"))
     uri = common.setup_tracking(work_dir)
     scratch = (args.init or "").lower() in SCRATCH
     if not scratch and (args.init is not None or not common.preset_needs_cluster(args)):

@@ -11,10 +11,12 @@ model with alias ``pretrained`` and printing where everything is.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from dino_scale.engine.run_lock import run_lock
 from pipelines import _common as common
 from pipelines import _results as results
 from pipelines._datasets import (
@@ -52,6 +54,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run(argv: Optional[Sequence[str]] = None) -> dict:
     """The pipeline; returns ``{"name", "version", "run_id", "ap", "uri", ...}``."""
+    with contextlib.ExitStack() as held:  # the run folder's lock, once the run name is known
+        return _run(argv, held)
+
+
+def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
     args = build_parser().parse_args(argv)
     log = common.Progress("pretrain")
     # Fail fast on a preset typo or unknown override key, before any work.
@@ -62,6 +69,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if note := common.work_dir_note(args):
         log(note)
     work_dir.mkdir(parents=True, exist_ok=True)
+    if args.run_name:  # a name a live job uses: refused before any work (default names are unique)
+        held.enter_context(run_lock(work_dir / "runs" / args.run_name, f"run {args.run_name!r}"))
     train, val, synthetic = resolve_datasets(args, work_dir, "o365-like", SYNTHETIC_IMAGES,
                                              seed=0, log=log)
     categories = categories_of(train)

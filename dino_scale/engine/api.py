@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 from dino_scale.config import Config, ConfigError, flatten, to_dict
 from dino_scale.engine.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, check_fits, load_weights
+from dino_scale.engine.run_lock import run_lock
 from dino_scale.engine.train_step import BadStepError
 
 __all__ = ["FitResult", "fit", "evaluate_weights", "git_sha", "ensure_ray", "check_category_ids"]
@@ -433,11 +434,12 @@ def fit(cfg: Config, train_dir: str, val_dir: Optional[str], work_dir: str | Pat
     cannot be created (the store does not answer within ``tracking_close_timeout_s``, or
     refuses it): rank 0 logs to that run. The same holds for :func:`evaluate_weights`.
     """
-    return _run(cfg, train_dir=train_dir, val_dir=val_dir, work_dir=work_dir, run_name=run_name,
-                init_weights=init_weights, init_strict=init_strict, experiment=experiment,
-                parent_run_id=parent_run_id, tags=tags, storage_path=storage_path, evaluate=evaluate, train=True,
-                progress=progress, ray_address=ray_address, test_hooks=test_hooks, lineage=lineage,
-                tracking_close_timeout_s=tracking_close_timeout_s)
+    with run_lock(work_dir, f"run {run_name!r}"):  # a second live job of this run is refused
+        return _run(cfg, train_dir=train_dir, val_dir=val_dir, work_dir=work_dir, run_name=run_name,
+                    init_weights=init_weights, init_strict=init_strict, experiment=experiment,
+                    parent_run_id=parent_run_id, tags=tags, storage_path=storage_path, evaluate=evaluate,
+                    train=True, progress=progress, ray_address=ray_address, test_hooks=test_hooks, lineage=lineage,
+                    tracking_close_timeout_s=tracking_close_timeout_s)
 
 
 def evaluate_weights(cfg: Config, weights: str, val_dir: str, work_dir: str | Path, run_name: str, *,
@@ -455,7 +457,9 @@ def evaluate_weights(cfg: Config, weights: str, val_dir: str, work_dir: str | Pa
     ``weights_state``: ``[state dict]`` the caller already read from ``weights`` (not read again);
     the list is emptied, so the driver holds no copy beside Ray's object store."""
     cfg = replace(cfg, model=replace(cfg.model, backbone_weights=None))
-    return _run(cfg, train_dir=None, val_dir=val_dir, work_dir=work_dir, run_name=run_name, init_weights=weights,
-                init_strict=True, experiment=experiment, parent_run_id=parent_run_id, tags=tags, storage_path=None,
-                evaluate=True, train=False, progress=False, ray_address=ray_address, test_hooks=None,
-                lineage=lineage, tracking_close_timeout_s=60.0, preloaded=weights_state)
+    with run_lock(work_dir, f"evaluation run {run_name!r}"):
+        return _run(cfg, train_dir=None, val_dir=val_dir, work_dir=work_dir, run_name=run_name,
+                    init_weights=weights, init_strict=True, experiment=experiment, parent_run_id=parent_run_id,
+                    tags=tags, storage_path=None, evaluate=True, train=False, progress=False,
+                    ray_address=ray_address, test_hooks=None, lineage=lineage, tracking_close_timeout_s=60.0,
+                    preloaded=weights_state)

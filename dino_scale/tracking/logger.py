@@ -164,10 +164,10 @@ class ResilientLogger:
         self._http_env = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, timeout_s))),
                           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(max_retries)),
                           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}
-        from mlflow.tracking import MlflowClient
+        from dino_scale.tracking.clients import mlflow_client
 
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = mlflow_client(tracking_uri)  # a new sqlite store: one process migrates it
         self.run_id = run_id
         self.retry_interval_s = retry_interval_s
         self.max_buffer = max_buffer

@@ -54,11 +54,11 @@ def store_client(tracking_uri: Optional[str] = None):
     MLflow's client takes the registry from the process's global one (``mlflow.set_registry_uri``,
     ``MLFLOW_REGISTRY_URI``), which may name another store: a version registered there would
     point at runs of this one, and a lookup there would not find this store's models."""
-    from mlflow.tracking import MlflowClient
+    from dino_scale.tracking.clients import mlflow_client
 
     if tracking_uri is None:
-        return MlflowClient()
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        return mlflow_client()
+    return mlflow_client(tracking_uri, registry_uri=tracking_uri)
 
 
 def parse_model_uri(uri: str) -> tuple[str, Optional[str], Optional[str]]:
@@ -196,8 +196,20 @@ def _one_version(client, name: str, run_id: str, token: str, version: str) -> st
 
 
 def set_alias(name: str, alias: str, version: str | int, tracking_uri: Optional[str] = None) -> None:
-    """Point ``name@alias`` at ``version`` (moving it if it pointed elsewhere)."""
-    store_client(tracking_uri).set_registered_model_alias(name, alias, str(version))
+    """Point ``name@alias`` at ``version`` (moving it if it pointed elsewhere). MLflow's sqlite
+    store reads, then inserts a new alias: two processes making one alias at once (two first
+    fine-tunes promoting to an empty ``@champion``) failed the loser with 'UNIQUE constraint
+    failed' (11 of 80 tries). Set again, the alias exists and is moved."""
+    from mlflow.exceptions import MlflowException
+
+    client = store_client(tracking_uri)
+    try:
+        client.set_registered_model_alias(name, alias, str(version))
+    except MlflowException as exc:
+        if "UNIQUE constraint failed" not in str(exc):
+            raise
+        log.info("registry: %s@%s was made by another process at the same time; moving it", name, alias)
+        client.set_registered_model_alias(name, alias, str(version))
 
 
 def get_version_by_alias(name: str, alias: str, tracking_uri: Optional[str] = None):

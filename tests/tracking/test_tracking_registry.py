@@ -210,3 +210,46 @@ def test_a_run_uri_naming_the_weights_file_brings_its_config(logged_model, tmp_p
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"config.json is not a readable config .*damaged"):
         resolve_model_uri(str(folder))
+
+
+_MAKE_ALIASES = """
+import sys, time
+from pathlib import Path
+from dino_scale.tracking import set_alias
+uri, me, other, version, n = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+failed = []
+for i in range(n):
+    Path(f"{me}.{i}").touch()
+    while not Path(f"{other}.{i}").exists():  # both make alias a<i> at the same moment
+        time.sleep(0.002)
+    try:
+        set_alias("dino-tiny-coco", f"a{i}", version, tracking_uri=uri)
+    except Exception as exc:
+        failed.append(f"a{i}: {type(exc).__name__}: {str(exc)[:120]}")
+print(len(failed), failed[:2])
+"""
+
+
+def test_two_processes_making_one_new_alias_at_once_both_succeed(tmp_path):
+    """MLflow's sqlite store reads whether an alias exists, then inserts it: two processes making
+    the same new alias (two first fine-tunes promoting to an empty @champion) failed the loser
+    with 'UNIQUE constraint failed' after its version was registered (11 of 80 tries). Here two
+    processes make 30 new aliases in lockstep: none may fail (a regression fails ~99 % of runs)."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    uri = seeded_store(tmp_path)
+    client = MlflowClient(uri, registry_uri=uri)
+    client.create_registered_model("dino-tiny-coco")
+    for _ in range(2):
+        client.create_model_version("dino-tiny-coco", source=str(tmp_path / "w"))
+    a, b = tmp_path / "a", tmp_path / "b"
+    procs = [subprocess.Popen([sys.executable, "-c", _MAKE_ALIASES, uri, str(me), str(other), version, "30"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for me, other, version in ((a, b, "1"), (b, a, "2"))]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [out.split(" ", 1)[0] for out, _ in outs] == ["0", "0"], outs
+    aliases = client.get_registered_model("dino-tiny-coco").aliases
+    assert sorted(aliases) == sorted(f"a{i}" for i in range(30))

@@ -40,6 +40,9 @@ def _is_usage_error(exc: BaseException) -> bool:
     lock = sys.modules.get("dino_scale.engine.run_lock")
     if lock is not None and isinstance(exc, lock.RunInUseError):
         return True  # a run name a live job uses: the user's choice of name
+    readers = sys.modules.get("dino_scale.data.readers")
+    if readers is not None and isinstance(exc, readers.DatasetInUseError):
+        return True  # a dataset folder a live job reads: the user's choice of folder
     # an MLflow error implies MLflow is imported: importing it here (~2 s) only slowed the
     # usage errors raised before any MLflow work
     if "mlflow.exceptions" in sys.modules:

@@ -32,6 +32,7 @@ conversion before anything is written. The manifest satisfies
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing as mp
@@ -53,6 +54,7 @@ from .records import (
     CONTENT_SCHEMA, FORMAT, MANIFEST_NAME, ManifestError, ShardError, read_manifest, resolve_image_path,
 )
 from .preflight import preflight_shards
+from .readers import rewriting_dataset
 from .shards import (ShardWriter, crowd_boxes, folder_lock, load_progress, read_json_or_none, shard_files,
                      write_json_atomic)
 
@@ -259,12 +261,14 @@ class _Converter:
                 and signature == {k: v for k, v in self.signature.items() if k != "shuffle_seed"})
 
     def run(self) -> dict[str, Any]:
-        with folder_lock(self.out / LOCK_NAME, self.say, str(self.out)):  # one conversion of a folder at a time
-            return self._run()
+        # one conversion of a folder at a time; and none that rewrites a folder a running job reads
+        with folder_lock(self.out / LOCK_NAME, self.say, str(self.out)), contextlib.ExitStack() as rewrite:
+            return self._run(rewrite)
 
-    def _run(self) -> dict[str, Any]:
+    def _run(self, rewrite: contextlib.ExitStack) -> dict[str, Any]:
         manifest_path = self.out / MANIFEST_NAME
         if manifest_path.is_file():
+            why = "its manifest is unreadable"
             try:
                 old = read_manifest(self.out)
             except ManifestError:  # cut short or edited: nothing in it can be trusted
@@ -274,9 +278,11 @@ class _Converter:
             unshuffled = self._converted_before_shuffling(old.get("signature"))
             back = self._skipped_files_back(old) if old.get("signature") == self.signature else []
             if back:
+                why = f"{len(back)} image(s) skipped at its conversion as missing or empty are there now"
                 self.say(f"{self.out}: {len(back)} image(s) skipped at the last conversion as missing or empty "
                          f"are there now (e.g. {back[0]}); converting again")
             elif old and old.get("signature") != self.signature and not unshuffled:
+                why = "the annotation file or the settings changed since its conversion"
                 self.say(f"{self.out}: the annotation file or the settings changed since its conversion; "
                          f"converting again")
             if not back and (old.get("signature") == self.signature or unshuffled):
@@ -288,7 +294,9 @@ class _Converter:
                         if unshuffled else ""))
                     return old
                 except ShardError as e:
+                    why = e.detail
                     self.say(f"{self.out}: {e.detail}; converting again")
+            rewrite.enter_context(rewriting_dataset(self.out, why))  # held to the end: new readers wait
             manifest_path.unlink()
         self.out.mkdir(parents=True, exist_ok=True)
         plan_path = self.work / "plan.json"

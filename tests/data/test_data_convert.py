@@ -271,3 +271,47 @@ def test_data_convert_again_rewrites_a_shard_damaged_at_its_size(coco_like, tmp_
     assert preflight_shards(out) and [r["image_id"] for r in iter_records(out)] == before
     convert_coco(ann, root, out, embed_images=True, max_images_per_shard=8, progress=True)
     assert "already converted" in capsys.readouterr().out
+
+
+_READ = ("import sys, time; from dino_scale.data.readers import reading_datasets\n"
+         "with reading_datasets([sys.argv[1]], print):\n"
+         "    print('reading', flush=True); time.sleep(120)\n")
+
+
+def test_data_convert_again_refuses_a_folder_a_running_job_reads(coco_like, tmp_path):
+    """A second job converting an edited annotation file into the folder a running job trains on
+    deleted its shards and wrote new ones under the same names: the first job failed mid-epoch on
+    an unreadable shard, or read other data part-way. While a job reads it (a shared lock its
+    driver holds), such a conversion is refused and leaves the folder as it was; the same input
+    again ("already converted") is fine, and once the job ends the conversion goes ahead."""
+    import subprocess
+    import sys
+
+    from dino_scale.data.readers import DatasetInUseError
+
+    root, original = coco_like
+    ann, out = tmp_path / "annotations.json", tmp_path / "out"
+    ann.write_text(original.read_text())
+    convert_coco(ann, root, out, max_images_per_shard=8, progress=False)
+
+    def state():
+        return {p.name: p.read_bytes() for p in sorted(out.glob("*.parquet"))} | {
+            "manifest": (out / "manifest.json").read_bytes()}
+
+    before = state()
+    job = subprocess.Popen([sys.executable, "-c", _READ, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert job.stdout.readline().strip() == "reading"
+        convert_coco(ann, root, out, max_images_per_shard=8, progress=False)  # unchanged: nothing rewritten
+        data = json.loads(ann.read_text())
+        data["annotations"] = data["annotations"][:-3]  # edited in place
+        ann.write_text(json.dumps(data))
+        with pytest.raises(DatasetInUseError, match=r"the annotation file or the settings changed .* a running "
+                                                    r"job reads it .* Wait for that job to end, or convert into"):
+            convert_coco(ann, root, out, max_images_per_shard=8, progress=False)
+        assert state() == before
+    finally:
+        job.kill()
+        job.wait()
+    convert_coco(ann, root, out, max_images_per_shard=8, progress=False)
+    assert state()["manifest"] != before["manifest"]

@@ -79,3 +79,30 @@ def test_a_pipeline_with_a_run_name_in_use_exits_2_before_any_work(held_elsewher
     err = capsys.readouterr().err
     assert f"run 'r1' is in use by another job (process {proc.pid}" in err and "Traceback" not in err
     assert sorted(p.name for p in work.iterdir()) == ["runs"]  # no synthetic data, no store
+
+
+def test_fit_holds_its_datasets_against_a_rewrite_while_it_runs(tmp_path, monkeypatch):
+    """While ``fit`` runs, its train and val folders are held (shared): a conversion that would
+    rewrite one is refused (tests/data/test_data_convert.py has the conversion side)."""
+    from dino_scale.engine import api
+
+    train, val = tmp_path / "train", tmp_path / "val"
+    for folder in (train, val):
+        folder.mkdir()
+    probe = ("import sys; from dino_scale.data.readers import DatasetInUseError, rewriting_dataset\n"
+             "try:\n    with rewriting_dataset(sys.argv[1], 'changed'): print('free')\n"
+             "except DatasetInUseError: print('held')\n")
+    seen = {}
+
+    def run_probe(*args, **kwargs):
+        for folder in (train, val):
+            seen[folder.name] = subprocess.run([sys.executable, "-c", probe, str(folder)], capture_output=True,
+                                               text=True).stdout.strip()
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(api, "_run", run_probe)
+    with pytest.raises(RuntimeError, match="stop here"):
+        api.fit(preset("tiny"), str(train), str(val), tmp_path / "runs" / "r", "r", progress=False)
+    assert seen == {"train": "held", "val": "held"}
+    assert subprocess.run([sys.executable, "-c", probe, str(train)], capture_output=True,
+                          text=True).stdout.strip() == "free"  # released when fit returned

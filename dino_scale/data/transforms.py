@@ -75,7 +75,8 @@ def normalize_batch(images: torch.Tensor, masks: Optional[torch.Tensor] = None,
     With ``masks`` (B,H,W; True on padding) the padding is set to 0 after normalizing,
     as in the reference (which pads normalized images with zeros).
     """
-    x = images.float().div_(255.0)
+    # a float32 input: .float() is the input itself, which div_ would overwrite (the caller's tensor)
+    x = images.div(255.0) if images.dtype == torch.float32 else images.float().div_(255.0)
     m, s = _mean_std(tuple(mean), tuple(std), x.device)
     x = x.sub_(m).div_(s)
     if masks is not None:

@@ -210,3 +210,13 @@ def test_data_a_training_image_the_crop_branch_would_blow_up_is_a_counted_skip()
     assert 600 * 60_000 < CROP_BRANCH_PIXEL_LIMIT
     s = train(_record(w=2000, h=100, box=(100, 0, 50, 100)), epoch=0)
     assert s["image"].shape[0] == 3 and s["boxes"].shape[1] == 4
+
+
+def test_normalize_batch_leaves_a_float_input_as_it_was():
+    """A float32 batch was normalized in place: the caller's tensor held the normalized values."""
+    from dino_scale.data.transforms import normalize_batch
+
+    images = torch.full((1, 3, 4, 4), 255.0)
+    out = normalize_batch(images)
+    assert torch.equal(images, torch.full((1, 3, 4, 4), 255.0)) and out.data_ptr() != images.data_ptr()
+    assert torch.allclose(out, normalize_batch(images.to(torch.uint8)))

@@ -73,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run(argv: Optional[Sequence[str]] = None) -> dict:
     """The pipeline; returns ``{"run_id", "ap", "name", "version", "promoted", ...}``."""
-    with contextlib.ExitStack() as held:  # the run folder's lock, once the run name is known
+    with contextlib.ExitStack() as held:  # the run folder's lock when --run-name names it
         return _run(argv, held)
 
 

@@ -54,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run(argv: Optional[Sequence[str]] = None) -> dict:
     """The pipeline; returns ``{"name", "version", "run_id", "ap", "uri", ...}``."""
-    with contextlib.ExitStack() as held:  # the run folder's lock, once the run name is known
+    with contextlib.ExitStack() as held:  # the run folder's lock when --run-name names it
         return _run(argv, held)
 
 

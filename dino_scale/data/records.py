@@ -24,6 +24,7 @@ A dataset is a folder of ``shard-NNNNN.parquet`` files plus ``manifest.json``.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -223,8 +224,15 @@ def resolve_image_path(root: Optional[PathLike], file_name: str) -> Optional[Pat
     prefixes ``images/v1/``, ``images/v2/`` and ``images/`` are tried stripped. No other
     fallback: a file of the same base name in another folder is another image.
     Raises ``OSError`` where the OS refuses the lookup (a name too long, no permission on a
-    folder, I/O errors): callers count that as an unreadable image.
+    folder, I/O errors): callers count that as an unreadable image. So is a name that leaves
+    ``root`` (absolute, or climbing out with ``..``): an annotation file copied any file its
+    reader could read into the shards (``--embed-images``), or trained on it. Symbolic links
+    inside ``root`` are followed (the check is on the name).
     """
+    if root is not None:
+        normal = os.path.normpath(file_name)
+        if os.path.isabs(file_name) or normal == os.pardir or normal.startswith(os.pardir + os.sep):
+            raise PermissionError(errno.EACCES, f"{file_name} lies outside the image root {root}")
     base = Path(root) if root is not None else Path(".")
     candidates = [file_name]
     for prefix in ("images/v1/", "images/v2/", "images/"):

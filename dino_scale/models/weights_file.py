@@ -31,24 +31,51 @@ class WeightsDownloadError(OSError):
 
 def download_weights(url: str) -> str:
     """The local copy of ``url`` in torch hub's cache (``<hub dir>/checkpoints/<file name>``, where
-    ``torch.hub.load_state_dict_from_url`` keeps it), downloaded when absent;
-    :class:`WeightsDownloadError` naming the URL when that fails (was urllib's ``URLError``, e.g.
-    ``<urlopen error [Errno 111] Connection refused>``, under a dozen urllib frames, naming no URL)."""
+    ``torch.hub.load_state_dict_from_url`` keeps it, so a file put there by hand on an offline
+    cluster is used), downloaded when absent; :class:`WeightsDownloadError` naming the URL when
+    that fails (was urllib's ``URLError``, naming no URL). Each download records its URL beside the
+    file (``<file>.url``): another URL of the same file name (``.../a/model.pth`` and
+    ``.../b/model.pth``, every Hugging Face ``resolve/main/model.safetensors``) gets a file of its
+    own (it was handed the first one's weights). A name with torch hub's hash suffix
+    (``resnet50-0676ba61.pth``) is checked against the download's SHA-256, as torch hub does."""
+    import hashlib
+    import re
     import urllib.error
     import urllib.parse
 
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(url).path))
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    if not name:
+        raise WeightsDownloadError(f"{url}: names no file (the address ends in '/'); give the file's URL")
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    path = os.path.join(folder, name)
+    if os.path.exists(path) and _source_of(path) not in (None, url):  # another URL's file of that name
+        path = os.path.join(folder, f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}")
     if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
+        stated = re.search(r"-([a-f0-9]{6,})\.", name)  # torch hub's HASH_REGEX, at least 6 digits
         try:
-            torch.hub.download_url_to_file(url, path, progress=False)
+            torch.hub.download_url_to_file(url, path, hash_prefix=stated.group(1) if stated else None,
+                                           progress=False)
         except urllib.error.HTTPError as e:
             raise WeightsDownloadError(f"{url}: could not be downloaded (HTTP {e.code} {e.reason})") from None
         except (OSError, ValueError) as e:  # URLError (an OSError): unreachable host; ValueError: bad address
             reason = getattr(e, "reason", None) or e
             raise WeightsDownloadError(f"{url}: could not be downloaded ({type(e).__name__}: {reason}); check "
                                        f"the address and the network, or give a local file") from None
+        except RuntimeError as e:  # torch hub: 'invalid hash value' (the partial file is removed)
+            raise WeightsDownloadError(f"{url}: the download is not the file its name states ({e})") from None
+        with open(path + ".url", "w") as fh:
+            fh.write(url)
     return path
+
+
+def _source_of(path: str) -> str | None:
+    """The URL a cached file was downloaded from (None: put there by hand, or by torch hub)."""
+    try:
+        with open(path + ".url") as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
 
 
 def _error(path: PathLike, kind: str, exc: BaseException) -> WeightsFileError:

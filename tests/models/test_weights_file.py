@@ -125,3 +125,42 @@ def test_a_directory_given_as_weights_file_says_so(tmp_path):
         load_backbone_weights(build_backbone(preset("tiny").model), str(tmp_path))
     with pytest.raises(IsADirectoryError, match=rf"{tmp_path}: a directory"):
         _read_state_dict(str(tmp_path))
+
+
+def test_two_urls_of_one_file_name_get_their_own_weights(tmp_path, monkeypatch):
+    """The cache kept a download under its file name alone: ``.../a/model.pth`` then
+    ``.../b/model.pth`` returned a's weights for b (so does every Hugging Face
+    ``resolve/main/model.safetensors``). A name stating torch hub's hash suffix is checked, and
+    an address naming no file is refused (it returned the cache folder itself)."""
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    from dino_scale.models.weights_file import WeightsDownloadError, download_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    served = tmp_path / "served"
+    for folder, value in (("a", 1.0), ("b", 2.0)):
+        (served / folder).mkdir(parents=True)
+        torch.save({"w": torch.tensor([value])}, served / folder / "model.pth")
+    good = (served / "a" / "model.pth").read_bytes()
+    (served / f"ok-{hashlib.sha256(good).hexdigest()[:8]}.pth").write_bytes(good)
+    (served / "bad-0123abcd.pth").write_bytes(good)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        values = [torch.load(download_weights(f"{base}/{f}/model.pth"), weights_only=True)["w"].item()
+                  for f in ("a", "b", "a", "b")]
+        assert values == [1.0, 2.0, 1.0, 2.0]
+        assert download_weights(f"{base}/ok-{hashlib.sha256(good).hexdigest()[:8]}.pth")
+        with pytest.raises(WeightsDownloadError, match=r"bad-0123abcd.pth: the download is not the file its name"):
+            download_weights(f"{base}/bad-0123abcd.pth")
+        with pytest.raises(WeightsDownloadError, match="names no file"):
+            download_weights(f"{base}/a/")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not list((tmp_path / "torch_home").rglob("bad-*")), "no unchecked download left in the cache"

@@ -155,11 +155,9 @@ class ProgressCallback(_UserCallback):
         self.total_steps = total_steps
         self.stream = stream
         self.prefix = prefix
-        self.lines: list[str] = []
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         if not metrics:
             return
         line = f"{self.prefix} {format_progress(metrics[0], self.total_steps)}" + (" [ckpt]" if checkpoint else "")
-        self.lines.append(line)
         print(line, file=self.stream or sys.stdout, flush=True)

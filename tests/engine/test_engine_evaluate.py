@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 
 import numpy as np
 import pytest
@@ -53,7 +54,12 @@ def test_ap_equals_pycocotools_directly():
         results.append({"boxes": torch.tensor(boxes), "scores": torch.tensor(scores), "labels": torch.tensor(labels)})
         ids.append(img["id"])
     dets = to_coco_detections(results, ids)
+    gt_before, dets_before = json.dumps(gt), json.dumps(dets)
     ours = coco_evaluate(gt, dets)
+    # the inputs are as they were (pycocotools adds keys to the dicts it gets: copies of them),
+    # and scoring them again gives the same numbers
+    assert (json.dumps(gt), json.dumps(dets)) == (gt_before, dets_before)
+    assert coco_evaluate(gt, dets) == ours
     # pycocotools directly, with xywh computed independently from the xyxy results
     direct = []
     for res, image_id in zip(results, ids):

@@ -133,3 +133,190 @@ def test_max_failures_below_minus_one_is_refused():
     with pytest.raises(ConfigError, match=r"train.max_failures must be >= 0 \(or -1: retry without limit\), got -5"):
         check_training_config(preset("tiny", ["train.max_failures=-5"]))
     check_training_config(preset("tiny", ["train.max_failures=-1"]))
+
+
+def test_ds_config_and_fixed_global_batch():
+    tc = preset("r50_4scale", {"train.zero_stage": 3, "train.precision": "bf16"}).train
+    ds = build_ds_config(tc, micro_batch_size=2, world_size=4)
+    assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 16
+    # bf16 is the loop's autocast over fp32 weights: no DeepSpeed precision mode
+    assert ds["zero_optimization"]["stage"] == 3 and "bf16" not in ds and "fp16" not in ds
+    assert ds["gradient_clipping"] == 0.1 and ds["zero_allow_untested_optimizer"]
+    assert build_ds_config(tc, 2, 8)["gradient_accumulation_steps"] == 1  # fewer workers, more accumulation
+    assert grad_accum_steps(16, 2, 2) == 4
+    with pytest.raises(ConfigError, match="not a multiple"):
+        grad_accum_steps(16, 2, 3)
+    for bad_global in (0, -4):  # 0 passed the modulo and divided by zero later; -4 read as "too few images"
+        with pytest.raises(ConfigError, match="global_batch_size must be >= 1"):
+            grad_accum_steps(bad_global, 2, 2)
+    tc.precision = "fp16"
+    assert build_ds_config(tc, 2, 8)["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+    tc.zero_stage = 4
+    with pytest.raises(ConfigError, match="zero_stage"):
+        build_ds_config(tc, 2, 8)
+
+
+def test_workers_resources_steps():
+    cfg = preset("tiny", {"train.num_workers": 2, "data.batch_size": 2})
+    assert worker_count(cfg) == 2 and resources_per_worker(cfg) == {"CPU": 0.5}
+    assert steps_per_epoch(17, cfg) == 4  # 8 images/worker -> 4 micro-batches -> 4 steps (global 4)
+    cfg.train.min_workers, cfg.train.num_workers, cfg.train.global_batch_size = 1, 4, 8
+    with pytest.raises(ConfigError, match=r"\[3\]"):
+        worker_count(cfg)
+    cfg.train.min_workers, cfg.train.global_batch_size = 2, 24
+    assert worker_count(cfg) == (2, 4)
+    cfg.train.min_workers = 5
+    with pytest.raises(ConfigError, match="above train.num_workers"):
+        worker_count(cfg)
+    cfg.train.min_workers = 2
+    cfg.data.batch_size = 0  # was a ZeroDivisionError in the elastic range's modulo
+    with pytest.raises(ConfigError, match="data.batch_size and train.global_batch_size must be >= 1"):
+        worker_count(cfg)
+    cfg.data.batch_size = 2
+    cfg.train.elastic_resize_interval_s = -1.0
+    with pytest.raises(ConfigError, match="elastic_resize_interval_s"):
+        worker_count(cfg)
+    # evaluation accumulates nothing: any worker count >= 1, one fixed group
+    ev = preset("tiny", {"train.num_workers": 3})
+    with pytest.raises(ConfigError, match="not a multiple"):
+        worker_count(ev)
+    assert worker_count(ev, training=False) == 3
+    ev.train.num_workers = 0
+    with pytest.raises(ConfigError, match="num_workers must be >= 1"):
+        worker_count(ev, training=False)
+    cfg.train.use_gpu = True
+    assert resources_per_worker(cfg) == {"CPU": 1.0, "GPU": 1.0}
+    cfg.train.worker_resources = ["gpu_h100", " gpu_spot:0.5 "]
+    assert resources_per_worker(cfg) == {"CPU": 1.0, "GPU": 1.0, "gpu_h100": 1.0, "gpu_spot": 0.5}
+
+
+@pytest.mark.parametrize("entries, needle", [
+    (["GPU:2"], r"'GPU' is Ray's own resource; set it with train.use_gpu"),
+    (["cpu"], r"'cpu' is Ray's own resource; set it with train.cpus_per_worker"),
+    (["memory:100"], r"'memory' is Ray's own resource"),
+    ([":1"], r"':1' names no resource"),
+    (["gpu_h100:0"], r"'gpu_h100:0' needs an amount > 0"),
+    (["gpu_h100:nan"], r"'gpu_h100:nan' needs an amount > 0"),
+    (["gpu_h100:x"], r"'gpu_h100:x' needs an amount > 0"),
+    (["gpu_h100", "gpu_h100:2"], r"names 'gpu_h100' twice"),
+])
+def test_worker_resources_errors(entries, needle):
+    """``train.worker_resources`` is checked with the training config, before Ray starts: Ray
+    refused these in the worker group's placement (or waited forever for an amount of 0 ...)."""
+    from dino_scale.engine.trainer import check_training_config
+
+    cfg = preset("tiny", {"train.worker_resources": entries})
+    with pytest.raises(ConfigError, match=needle):
+        check_training_config(cfg)
+
+
+# DeepSpeed engines in a fresh single-rank process (gloo): steps of the tiny model in one
+# precision, for each ZeRO stage in argv[2], until DeepSpeed applies one (fp16 skips the
+# steps its dynamic loss scale overflows). This CPU has no fp16 support in oneDNN, so
+# DeepSpeed refuses fp16 here; for fp16 the script lifts that check (torch's fp16 CPU
+# kernels run the tiny model) and the rest is the real engine.
+_PRECISION_STEP = textwrap.dedent("""
+    import json, os, sys
+    import torch
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from dino_scale.config import preset
+    from dino_scale.engine.deepspeed_utils import build_ds_config, full_state_dict, init_deepspeed
+    from dino_scale.engine.optim import build_optimizer
+    from dino_scale.engine.train_step import autocast_context, autocast_dtype
+    from dino_scale.models import build_dino
+
+    precision = sys.argv[1]
+    if precision == "fp16":
+        type(get_accelerator()).is_fp16_supported = lambda self: True
+    torch.distributed.init_process_group("gloo")
+    for stage in map(int, sys.argv[2].split(",")):
+        cfg = preset("tiny", {"train.precision": precision, "train.zero_stage": stage,
+                              "train.global_batch_size": 1, "train.lr": 1e-3})
+        torch.manual_seed(0)
+        model, criterion, _ = build_dino(cfg.model)
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        params = dict(model.named_parameters(remove_duplicate=False))  # shared heads under every name
+        frozen = {n for n, p in params.items() if not p.requires_grad}
+        engine = init_deepspeed(model, build_optimizer(model, cfg.train), None, build_ds_config(cfg.train, 1, 1))
+        images, masks = torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool)
+        targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3]])}]
+        for steps in range(1, 41):
+            with autocast_context(images.device, autocast_dtype(precision)):
+                out = engine(images, masks, targets)
+                terms = criterion(out, targets)
+            engine.backward(sum(v * criterion.weight_dict[k] for k, v in terms.items() if k in criterion.weight_dict))
+            engine.step()
+            if engine.was_step_applied():
+                break
+        after = full_state_dict(engine, rank=0, all_ranks=True)
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
+            module = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        float_keys = [k for k, v in before.items() if v.is_floating_point()]
+        trained = [k for k in params if k not in frozen]
+        print("REPORT " + json.dumps({
+            "stage": stage, "steps": steps, "applied": engine.was_step_applied(),
+            "module_param_dtypes": sorted({str(v.dtype) for k, v in module.items() if k in params}),
+            "saved_dtypes": sorted({str(after[k].dtype) for k in float_keys}),
+            "frozen": len(frozen),
+            "frozen_or_buffer_changed": [k for k in float_keys if (k not in params or k in frozen)
+                                         and not torch.equal(after[k], before[k])],
+            "trained_changed": sum(not torch.equal(after[k], before[k]) for k in trained),
+            "trained": len(trained),
+            # the module's copy is the saved weight rounded to its dtype (the masters, for fp16)
+            "module_not_saved_rounded": [k for k in trained
+                                         if not torch.equal(after[k].to(module[k].dtype), module[k])],
+            "saved_finer_than_module": sum(not torch.equal(after[k].to(module[k].dtype).float(), after[k])
+                                           for k in trained),
+        }), flush=True)
+    torch.distributed.destroy_process_group()
+""")
+
+
+def _precision_steps(precision: str, stages: str) -> list[dict]:
+    return run_ranks(_PRECISION_STEP, 1, precision, stages)
+
+
+def test_bf16_trains_fp32_weights_and_keeps_frozen_ones_exact():
+    """train.precision=bf16 under DeepSpeed: autocast over fp32 weights. DeepSpeed's bf16 mode
+    (used before) cast the module to bf16: frozen backbone weights and BN buffers were rounded
+    for good, and the saved weights were bf16 copies of the optimizer's fp32 masters."""
+    (report,) = _precision_steps("bf16", "2")  # the presets' default stage
+    assert report["applied"] and report["steps"] == 1
+    assert report["module_param_dtypes"] == ["torch.float32"]
+    assert report["frozen"] > 0 and report["frozen_or_buffer_changed"] == []
+    assert report["trained_changed"] > 0
+
+
+def test_fp16_saves_the_fp32_masters_and_exact_frozen_weights():
+    """train.precision=fp16 is DeepSpeed's fp16 mode: the module trains fp16 copies. Saved weights
+    are the optimizer's fp32 masters (finer than, and rounding to, the module's copies) and the
+    frozen weights as they were before the cast, for ZeRO 0 (DeepSpeed's fp16 optimizer), 2 and 3."""
+    reports = _precision_steps("fp16", "0,2,3")
+    assert [r["stage"] for r in reports] == [0, 2, 3]
+    for r in reports:
+        assert r["applied"], r
+        assert r["module_param_dtypes"] == ["torch.float16"] and r["saved_dtypes"] == ["torch.float32"], r
+        assert r["frozen"] > 0 and r["frozen_or_buffer_changed"] == [], r
+        assert r["trained_changed"] == r["trained"], r
+        assert r["module_not_saved_rounded"] == [], r
+        assert r["saved_finer_than_module"] > r["trained"] // 2, r
+
+
+def test_a_universal_load_host_step_moves_to_the_parameters_device():
+    # DeepSpeed's universal load assigns the step it read (a CPU tensor) into the optimizer state,
+    # bypassing load_state_dict: the fused CUDA AdamW then failed at the first step after a resume
+    # on another worker count (device mismatch in _fused_adamw_). Meta stands in for the GPU.
+    from types import SimpleNamespace
+
+    from dino_scale.engine.optim import steps_on_param_devices
+
+    fused_p, plain_p, fresh_p = (torch.empty(3, device="meta") for _ in range(3))
+    state = {fused_p: {"step": torch.tensor(7.0, dtype=torch.float64)}, plain_p: {"step": torch.tensor(7.0)}}
+    inner = SimpleNamespace(param_groups=[{"params": [fused_p, fresh_p], "fused": True},
+                                          {"params": [plain_p], "fused": None}], state=state)
+    assert steps_on_param_devices(SimpleNamespace(optimizer=inner)) == 1  # through the ZeRO wrapper
+    step = state[fused_p]["step"]
+    assert step.device.type == "meta" and step.dtype == torch.float32
+    assert state[plain_p]["step"].device.type == "cpu"  # the plain implementation keeps it on the host
+    assert fresh_p not in state and steps_on_param_devices(inner) == 0

@@ -147,7 +147,7 @@ def schedule_text(cfg: Config) -> str:
         return "lr cosine"
     drops = lr_drop_epochs(cfg.train)
     text = f"lr x0.1 at epoch {','.join(map(str, drops))}"
-    if drops and min(drops) >= cfg.train.epochs:  # a pinned drop (the tiny preset's 11) past a shorter run
+    if cfg.train.lr_drop_epochs is not None and drops and min(drops) >= cfg.train.epochs:  # pinned, past the run
         text += f" (after this run's {cfg.train.epochs} epochs: the lr never drops; set train.lr_drop_epochs)"
     return text
 

@@ -55,9 +55,12 @@ def run_lock(folder: str | Path, what: str) -> Iterator[Path]:
                     os.close(fd)
                 raise RunInUseError(f"{what} is in use by another job (process {holder}): its folder {folder} "
                                     f"is locked. Wait for that job to end, or use another run name") from None
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
             _held[key] = [fd, 1]
+            try:  # who holds it, for the message of a refused job: best effort (a full disk)
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
+            except OSError:
+                pass
     try:
         yield path
     finally:

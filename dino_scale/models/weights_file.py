@@ -30,14 +30,16 @@ class WeightsDownloadError(OSError):
 
 
 def download_weights(url: str) -> str:
-    """The local copy of ``url`` in torch hub's cache (``<hub dir>/checkpoints/<file name>``, where
-    ``torch.hub.load_state_dict_from_url`` keeps it, so a file put there by hand on an offline
-    cluster is used), downloaded when absent; :class:`WeightsDownloadError` naming the URL when
-    that fails (was urllib's ``URLError``, naming no URL). Each download records its URL beside the
-    file (``<file>.url``): another URL of the same file name (``.../a/model.pth`` and
-    ``.../b/model.pth``, every Hugging Face ``resolve/main/model.safetensors``) gets a file of its
-    own (it was handed the first one's weights). A name with torch hub's hash suffix
-    (``resnet50-0676ba61.pth``) is checked against the download's SHA-256, as torch hub does."""
+    """The local copy of ``url`` in torch hub's cache folder (``<hub dir>/checkpoints``),
+    downloaded when absent; :class:`WeightsDownloadError` naming the URL when that fails (was
+    urllib's ``URLError``, naming no URL). A file of the URL's name already there (put by hand on
+    an offline cluster, or by ``torch.hub.load_state_dict_from_url``) is used unless it records
+    another URL; a download goes to ``<12 hex of the URL's SHA-256>-<name>`` with its URL beside it
+    (``.url``): another URL of the same file name (``.../a/model.pth`` and ``.../b/model.pth``,
+    every Hugging Face ``resolve/main/model.safetensors``) gets its own file (it was handed the
+    first one's weights). A name with torch hub's hash suffix (``resnet50-0676ba61.pth``: 8 or
+    more hex digits, a letter among them, before the extension) is checked against the
+    download's SHA-256."""
     import hashlib
     import re
     import urllib.error
@@ -47,15 +49,16 @@ def download_weights(url: str) -> str:
     if not name:
         raise WeightsDownloadError(f"{url}: names no file (the address ends in '/'); give the file's URL")
     folder = os.path.join(torch.hub.get_dir(), "checkpoints")
-    path = os.path.join(folder, name)
-    if os.path.exists(path) and _source_of(path) not in (None, url):  # another URL's file of that name
-        path = os.path.join(folder, f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}")
+    plain = os.path.join(folder, name)
+    if os.path.exists(plain) and _source_of(plain) in (None, url):
+        return plain
+    path = os.path.join(folder, f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}")
     if not os.path.exists(path):
         os.makedirs(folder, exist_ok=True)
-        stated = re.search(r"-([a-f0-9]{6,})\.", name)  # torch hub's HASH_REGEX, at least 6 digits
+        stated = re.search(r"-([a-f0-9]{8,64})\.[A-Za-z]+$", name)
+        prefix = stated.group(1) if stated and re.search("[a-f]", stated.group(1)) else None
         try:
-            torch.hub.download_url_to_file(url, path, hash_prefix=stated.group(1) if stated else None,
-                                           progress=False)
+            torch.hub.download_url_to_file(url, path, hash_prefix=prefix, progress=False)
         except urllib.error.HTTPError as e:
             raise WeightsDownloadError(f"{url}: could not be downloaded (HTTP {e.code} {e.reason})") from None
         except (OSError, ValueError) as e:  # URLError (an OSError): unreachable host; ValueError: bad address

@@ -32,7 +32,12 @@ def _schema_lock(uri: Optional[str]) -> Iterator[None]:
         return
     import fcntl
 
-    with open(db.with_name(db.name + ".lock"), "a") as fh:
+    try:
+        fh = open(db.with_name(db.name + ".lock"), "a")
+    except OSError:  # a store this user may only read (a team's folder, a read-only mount): nothing to migrate
+        yield
+        return
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
         yield
 

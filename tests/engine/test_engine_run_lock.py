@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -57,11 +56,9 @@ def test_fit_refuses_a_run_a_live_job_uses_before_any_work(held_elsewhere, tmp_p
     from dino_scale.engine import fit
 
     folder, proc = held_elsewhere
-    t0 = time.monotonic()
-    with pytest.raises(RunInUseError, match=f"process {proc.pid}"):
+    with pytest.raises(RunInUseError, match=f"process {proc.pid}"):  # before the data (none there) is read
         fit(preset("tiny"), str(tmp_path / "no-data"), None, folder, "r1", progress=False)
-    assert time.monotonic() - t0 < 10  # no data read, no Ray started
-    assert sorted(p.name for p in folder.iterdir()) == [LOCK_NAME]
+    assert sorted(p.name for p in folder.iterdir()) == [LOCK_NAME]  # nothing written
 
 
 def test_a_pipeline_with_a_run_name_in_use_exits_2_before_any_work(held_elsewhere, tmp_path, capsys, monkeypatch):

@@ -147,6 +147,7 @@ def test_two_urls_of_one_file_name_get_their_own_weights(tmp_path, monkeypatch):
     good = (served / "a" / "model.pth").read_bytes()
     (served / f"ok-{hashlib.sha256(good).hexdigest()[:8]}.pth").write_bytes(good)
     (served / "bad-0123abcd.pth").write_bytes(good)
+    (served / "checkpoint-00010000.pth").write_bytes(good)  # digits only: a step count, not a hash
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -160,6 +161,12 @@ def test_two_urls_of_one_file_name_get_their_own_weights(tmp_path, monkeypatch):
             download_weights(f"{base}/bad-0123abcd.pth")
         with pytest.raises(WeightsDownloadError, match="names no file"):
             download_weights(f"{base}/a/")
+        assert download_weights(f"{base}/checkpoint-00010000.pth")
+        # a file of the URL's name put in the cache by hand (an offline cluster) is used as it is
+        by_hand = tmp_path / "torch_home" / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
+        by_hand.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"w": torch.tensor([7.0])}, by_hand)
+        assert download_weights(f"{base}/resnet50-0676ba61.pth") == str(by_hand)
     finally:
         server.shutdown()
         server.server_close()

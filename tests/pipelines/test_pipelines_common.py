@@ -364,5 +364,7 @@ def test_the_start_up_line_says_when_the_lr_never_drops():
     assert common.schedule_text(cfg) == ("lr x0.1 at epoch 11 (after this run's 6 epochs: the lr never drops; "
                                          "set train.lr_drop_epochs)")
     assert common.schedule_text(preset("tiny", ["train.epochs=12"])) == "lr x0.1 at epoch 11"
+    # the default schedule of a 1-epoch run does not drop, as documented: no advice to change it
+    assert common.schedule_text(preset("r50_4scale", ["train.epochs=1"])) == "lr x0.1 at epoch 1"
     assert common.schedule_text(preset("r50_4scale", ["train.epochs=6"])) == "lr x0.1 at epoch 5"
     assert common.schedule_text(preset("tiny", ["train.schedule=cosine"])) == "lr cosine"

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from dino_scale.engine.run_lock import run_lock
 from pipelines import _common as common
 from pipelines._datasets import categories_of, stored_pixels, synthetic_dirs, whole_dataset
 from pipelines._results import conversion_note
@@ -147,11 +148,13 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         _one(args.data, args.images, work_dir, "dataset path", log, convert=False)
     run_name = args.run_name or common.default_run_name("evaluate")
     download = work_dir / "eval" / run_name  # a registry/run model is downloaded here, removed at the end
-    try:
-        return _evaluate(args, log, work_dir, uri, run_name, resolve(args.model, download / "source"))
-    finally:
-        if is_remote(args.model):  # never a user's own files
-            shutil.rmtree(download, ignore_errors=True)
+    # before the download: a second job of this run name replaced, then removed, the first one's
+    with run_lock(work_dir / EVALUATIONS / run_name, f"evaluation run {run_name!r}"):
+        try:
+            return _evaluate(args, log, work_dir, uri, run_name, resolve(args.model, download / "source"))
+        finally:
+            if is_remote(args.model):  # never a user's own files
+                shutil.rmtree(download, ignore_errors=True)
 
 
 def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> dict:

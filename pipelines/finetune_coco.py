@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from dino_scale.data.readers import reading_datasets
 from dino_scale.engine.run_lock import run_lock
 from pipelines import _common as common
 from pipelines import _results as results
@@ -99,6 +100,8 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
     train, val, synthetic = resolve_datasets(
         args, work_dir, "coco-like", SYNTHETIC_IMAGES, seed=1, log=log,
         require_val="fine-tuning evaluates: give a validation set with --val-data")
+    # held through registration: a conversion that would rewrite them under this job is refused
+    held.enter_context(reading_datasets((train, val), log))
     categories = categories_of(train)
     extra = class_overrides(categories, args.overrides, minimum=91) + stored_pixels(args.overrides)
     if args.scale is not None:

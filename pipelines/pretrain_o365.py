@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from dino_scale.data.readers import reading_datasets
 from dino_scale.engine.run_lock import run_lock
 from pipelines import _common as common
 from pipelines import _results as results
@@ -73,6 +74,8 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
         held.enter_context(run_lock(work_dir / "runs" / args.run_name, f"run {args.run_name!r}"))
     train, val, synthetic = resolve_datasets(args, work_dir, "o365-like", SYNTHETIC_IMAGES,
                                              seed=0, log=log)
+    # held through registration: a conversion that would rewrite them under this job is refused
+    held.enter_context(reading_datasets((train, val), log))
     categories = categories_of(train)
     uri = common.setup_tracking(work_dir)
     early_ray = common.config_needs_cluster(args)  # the default preset and GPU use look at the cluster

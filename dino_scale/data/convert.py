@@ -51,7 +51,8 @@ from .convert_passes import DROP_REASONS, ConversionError, image_check_warnings,
 from .decode import verify_image_bytes
 from .integrity import CHECKSUMS, add_checksums
 from .records import (
-    CONTENT_SCHEMA, FORMAT, MANIFEST_NAME, ManifestError, ShardError, read_manifest, resolve_image_path,
+    CONTENT_SCHEMA, FORMAT, MANIFEST_NAME, OUTSIDE_ROOT, ManifestError, ShardError, read_manifest,
+    resolve_image_path,
 )
 from .preflight import preflight_shards
 from .readers import rewriting_dataset
@@ -99,6 +100,7 @@ class _Converter:
             "shuffle_seed": self.shuffle_seed,  # as is one of an older release (rows not shuffled)
         }
         self._logged = 0
+        self._said_outside = False  # an image name outside the image root was warned about
 
     def say(self, msg: str) -> None:
         if self.progress:
@@ -204,7 +206,10 @@ class _Converter:
                         status[i] = "empty_file"
                 except OSError as e:  # permissions, a failing network filesystem
                     status[i] = "unreadable"
-                    log.debug("image id %s: %s", int(ids[i]), e)
+                    outside = OUTSIDE_ROOT in str(e) and not self._said_outside  # said once, else debug
+                    (log.warning if outside else log.debug)("image id %s: %s%s", int(ids[i]), e,
+                                                            " (such names are unreadable skips)" if outside else "")
+                    self._said_outside = self._said_outside or outside
                 if held >= _CHUNK_IMAGE_BYTES:  # hand these rows on: a bucket's images are not all held at once
                     self._add_rows(writer, meta, ann, status, images, counts, base, chunk_start, i + 1)
                     chunk_start, held = i + 1, 0

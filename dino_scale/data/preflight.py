@@ -139,7 +139,7 @@ def check_image_roots(data_dir: Union[PathLike, Sequence[PathLike]], image_root:
     YAMLs mount the data on every node). Files missing past that are counted skips, not refused."""
     from dino_scale.config import ConfigError
 
-    from .records import folder_image_roots, read_manifest, resolve_image_path
+    from .records import folder_image_roots, read_manifest
 
     fix = (f"pass --set {key}=<the images' folder on the nodes> (one per dataset folder, "
            "comma-separated, in order), or convert with --embed-images to keep the images in the shards")
@@ -151,6 +151,17 @@ def check_image_roots(data_dir: Union[PathLike, Sequence[PathLike]], image_root:
                               f"{'' if not image_root else ', or ' + key}), which is not a folder "
                               f"on this machine: every image would be skipped as missing. {fix}")
         names = _first_file_names(folder, samples)
-        if names and not any(resolve_image_path(root, n) for n in names):
+        if names and not any(_found(root, n) for n in names):
             raise ConfigError(f"none of the first {len(names)} images of {folder} is under {root} (e.g. "
                               f"{names[0]!r}): every image would be skipped as missing. {fix}")
+
+
+def _found(root, name: str) -> bool:
+    """Whether ``name`` is a file under ``root`` (a name the lookup refuses, e.g. one outside the
+    root or too long for the OS, is not: each such image is an ``unreadable`` skip)."""
+    from .records import resolve_image_path
+
+    try:
+        return resolve_image_path(root, name) is not None
+    except OSError:
+        return False

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 __all__ = ["READERS_LOCK", "DatasetInUseError", "reading_datasets", "rewriting_dataset"]
 
@@ -26,14 +26,22 @@ class DatasetInUseError(RuntimeError):
 
 
 @contextlib.contextmanager
-def reading_datasets(folders: Iterable[str | Path], say: Callable[[str], None]) -> Iterator[None]:
-    """A shared lock on each of ``folders`` (converted dataset folders) for the block; waits,
-    saying so, while one is being converted again."""
+def reading_datasets(datasets: Iterable[Optional[str | Path]], say: Callable[[str], None]) -> Iterator[None]:
+    """A shared lock on each folder of ``datasets`` (converted dataset folders, each a folder or
+    ``"a,b"``; None: none) for the block; waits, saying so, while one is being converted again."""
+    from .records import data_dirs
+
+    folders = [f for d in datasets if d for f in data_dirs(str(d))]
     with contextlib.ExitStack() as held:
-        for folder in dict.fromkeys(Path(f).resolve() for f in folders):
-            try:
-                fh = held.enter_context(open(folder / READERS_LOCK, "a"))
-            except OSError:  # read-only or gone: nothing rewrites it from here (a missing one fails later)
+        for folder in dict.fromkeys(Path(f).expanduser().resolve() for f in folders):
+            fh = None
+            for mode in ("a", "r"):  # "r": a folder this user may only read (a teammate's), lock made by its owner
+                try:
+                    fh = held.enter_context(open(folder / READERS_LOCK, mode))
+                    break
+                except OSError:
+                    continue
+            if fh is None:  # no lock file and none can be made here (a read-only copy), or gone (fails later)
                 continue
             try:
                 fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -216,6 +216,9 @@ def category_ids(data_dir: Union[PathLike, Sequence[PathLike]]) -> list[int]:
     return [int(c["id"]) for c in _agreeing_manifests(data_dir)[0][1]["categories"]]
 
 
+OUTSIDE_ROOT = "lies outside the image root"
+
+
 def resolve_image_path(root: Optional[PathLike], file_name: str) -> Optional[Path]:
     """Find ``file_name`` under ``root``; ``None`` when absent.
 
@@ -225,14 +228,14 @@ def resolve_image_path(root: Optional[PathLike], file_name: str) -> Optional[Pat
     fallback: a file of the same base name in another folder is another image.
     Raises ``OSError`` where the OS refuses the lookup (a name too long, no permission on a
     folder, I/O errors): callers count that as an unreadable image. So is a name that leaves
-    ``root`` (absolute, or climbing out with ``..``): an annotation file copied any file its
+    ``root`` (an absolute path elsewhere, or climbing out with ``..``): an annotation file copied any file its
     reader could read into the shards (``--embed-images``), or trained on it. Symbolic links
     inside ``root`` are followed (the check is on the name).
     """
-    if root is not None:
-        normal = os.path.normpath(file_name)
-        if os.path.isabs(file_name) or normal == os.pardir or normal.startswith(os.pardir + os.sep):
-            raise PermissionError(errno.EACCES, f"{file_name} lies outside the image root {root}")
+    if root is not None:  # by name: an absolute name inside the root is fine, as is a/../b
+        top = os.path.abspath(root)
+        if os.path.commonpath([top, os.path.normpath(os.path.join(top, file_name))]) != top:
+            raise PermissionError(errno.EACCES, f"{file_name} {OUTSIDE_ROOT} {root}")
     base = Path(root) if root is not None else Path(".")
     candidates = [file_name]
     for prefix in ("images/v1/", "images/v2/", "images/"):

@@ -84,7 +84,7 @@ def normalize_batch(images: torch.Tensor, masks: Optional[torch.Tensor] = None,
     return x
 
 
-def _scaled(v: int, factor: float) -> int:
+def scaled_size(v: int, factor: float) -> int:
     """``v`` pixels at ``scale_factor``, truncated as the official DINO does (``int(i * overlap)``
     in its make_coco_transforms): 1333 at 1.5 is 1999, not 2000."""
     return int(v * factor)
@@ -126,7 +126,7 @@ def check_augmentation(cfg) -> None:
     sizes = {f"data.{k}": list(v) for k, v in lists.items()}
     sizes.update({f"data.{k}": [getattr(cfg, k)] for k in ("train_max_size", "eval_size", "eval_max_size")})
     for key, values in sizes.items():
-        small = [v for v in values if _scaled(v, f) < 1]
+        small = [v for v in values if scaled_size(v, f) < 1]
         if small:
             raise ConfigError(f"{key} must be sizes of at least 1 pixel (after data.scale_factor={f}), "
                               f"got {values!r}")
@@ -165,11 +165,11 @@ class DetectionTransform:
         check_augmentation(cfg)  # here, where the dataset is built: not in a sample's task mid-run
         f = float(cfg.scale_factor)
         self.train, self.seed = train, int(cfg.seed)
-        self.scales = [_scaled(s, f) for s in cfg.train_scales]
-        self.max_size = _scaled(cfg.train_max_size, f)
-        self.crop_resize = [_scaled(s, f) for s in cfg.crop_resize_scales]
-        self.crop_range = (_scaled(cfg.crop_size_range[0], f), _scaled(cfg.crop_size_range[1], f))
-        self.eval_size, self.eval_max = _scaled(cfg.eval_size, f), _scaled(cfg.eval_max_size, f)
+        self.scales = [scaled_size(s, f) for s in cfg.train_scales]
+        self.max_size = scaled_size(cfg.train_max_size, f)
+        self.crop_resize = [scaled_size(s, f) for s in cfg.crop_resize_scales]
+        self.crop_range = (scaled_size(cfg.crop_size_range[0], f), scaled_size(cfg.crop_size_range[1], f))
+        self.eval_size, self.eval_max = scaled_size(cfg.eval_size, f), scaled_size(cfg.eval_max_size, f)
         self.image_root = image_root
         self.category_ids = None if category_ids is None else frozenset(int(c) for c in category_ids)
         self.exif_orientation = str(getattr(cfg, "exif_orientation", "auto"))

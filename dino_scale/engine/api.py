@@ -225,6 +225,8 @@ def _copy_final(checkpoint, dest: Path, required: tuple[str, ...] = (WEIGHTS_NAM
 
     dest.mkdir(parents=True, exist_ok=True)
     fs = checkpoint.filesystem
+    for stale in dest.parent.glob(f".{dest.name}.incoming-*"):  # of a copy killed mid-way (the run lock is ours)
+        shutil.rmtree(stale, ignore_errors=True)
     staging = dest.with_name(f".{dest.name}.incoming-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
@@ -418,13 +420,6 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
                      pending_tracking=tracker if tracker.pending else None)
 
 
-def _folders(*datasets: Optional[str]) -> list[Path]:
-    """The local folders of ``datasets`` (each a folder or ``"a,b"``; None: none)."""
-    from dino_scale.data.records import data_dirs
-
-    return [f for d in datasets if d for f in data_dirs(d)]
-
-
 def fit(cfg: Config, train_dir: str, val_dir: Optional[str], work_dir: str | Path, run_name: str, *,
         init_weights: Optional[str] = None, init_strict: bool = True, experiment: str = "dino-scale",
         parent_run_id: Optional[str] = None, tags: Optional[dict[str, Any]] = None,
@@ -443,7 +438,7 @@ def fit(cfg: Config, train_dir: str, val_dir: Optional[str], work_dir: str | Pat
     refuses it): rank 0 logs to that run. The same holds for :func:`evaluate_weights`.
     """
     # a second live job of this run is refused; a conversion rewriting its data waits for it
-    with run_lock(work_dir, f"run {run_name!r}"), reading_datasets(_folders(train_dir, val_dir), log.warning):
+    with run_lock(work_dir, f"run {run_name!r}"), reading_datasets((train_dir, val_dir), log.warning):
         return _run(cfg, train_dir=train_dir, val_dir=val_dir, work_dir=work_dir, run_name=run_name,
                     init_weights=init_weights, init_strict=init_strict, experiment=experiment,
                     parent_run_id=parent_run_id, tags=tags, storage_path=storage_path, evaluate=evaluate,
@@ -466,7 +461,7 @@ def evaluate_weights(cfg: Config, weights: str, val_dir: str, work_dir: str | Pa
     ``weights_state``: ``[state dict]`` the caller already read from ``weights`` (not read again);
     the list is emptied, so the driver holds no copy beside Ray's object store."""
     cfg = replace(cfg, model=replace(cfg.model, backbone_weights=None))
-    with run_lock(work_dir, f"evaluation run {run_name!r}"), reading_datasets(_folders(val_dir), log.warning):
+    with run_lock(work_dir, f"evaluation run {run_name!r}"), reading_datasets((val_dir,), log.warning):
         return _run(cfg, train_dir=None, val_dir=val_dir, work_dir=work_dir, run_name=run_name,
                     init_weights=weights, init_strict=True, experiment=experiment, parent_run_id=parent_run_id,
                     tags=tags, storage_path=None, evaluate=True, train=False, progress=False,

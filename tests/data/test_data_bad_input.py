@@ -502,7 +502,7 @@ def test_data_an_output_folder_holding_another_dataset_is_not_replaced(tmp_path)
     assert {name: (out / name).read_bytes() for name in keep} == keep
 
 
-def test_data_file_names_leaving_the_image_root_are_counted_skips(tmp_path):
+def test_data_file_names_leaving_the_image_root_are_counted_skips(tmp_path, caplog):
     """An annotation ``file_name`` of ``../outside/x.jpg`` or ``/abs/x.jpg`` read a file outside the
     image root: with ``--embed-images`` its bytes went into the shards (any image the user could
     read; without verification any file at all). Such names are ``unreadable`` skips, at
@@ -516,16 +516,19 @@ def test_data_file_names_leaving_the_image_root_are_counted_skips(tmp_path):
     (root / "sub").mkdir()  # "sub/../ok2.jpg" stays inside the root
     (root / "linked").symlink_to(outside)  # a folder of the root that links elsewhere: the user's own layout
     doc = json.loads(ann.read_text())
-    for i, name in ((3, "../outside/private.jpg"), (4, str(outside / "private.jpg")), (5, "linked/private.jpg")):
+    for i, name in ((3, "../outside/private.jpg"), (4, str(outside / "private.jpg")), (5, "linked/private.jpg"),
+                    (6, str(root / "ok.jpg"))):  # an absolute name inside the root is fine
         doc["images"].append({"id": i, "file_name": name, "width": 64, "height": 48})
     ann.write_text(json.dumps(doc))
     for embed, verify in ((True, True), (True, False)):
-        m = convert_coco(ann, root, tmp_path / f"out{embed}{verify}", embed_images=embed, verify_images=verify,
-                         progress=False)
-        assert m["images_skipped"] == {"unreadable": 2} and m["num_images"] == 3, m["images_skipped"]
+        with caplog.at_level(logging.WARNING):
+            m = convert_coco(ann, root, tmp_path / f"out{embed}{verify}", embed_images=embed, verify_images=verify,
+                             progress=False)
+        assert m["images_skipped"] == {"unreadable": 2} and m["num_images"] == 4, m["images_skipped"]
         assert sorted(s["image_id"] for s in m["skipped_images"]) == [3, 4]
+    assert "lies outside the image root" in caplog.text  # said (once a conversion), not only counted
     convert_coco(ann, root, tmp_path / "unchecked", embed_images=False, check_files=False, progress=False)
     loader = LocalLoader(tmp_path / "unchecked", preset("tiny").data, train=False, batch_size=8)
     (_, _, targets), = list(loader)
-    assert sorted(int(t["image_id"]) for t in targets) == [1, 2, 5]
+    assert sorted(int(t["image_id"]) for t in targets) == [1, 2, 5, 6]
     assert loader.skips["by_reason"] == {"unreadable": 2} and sorted(loader.skips["image_ids"]) == [3, 4]

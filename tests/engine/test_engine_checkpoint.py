@@ -355,6 +355,11 @@ def test_a_failed_final_copy_leaves_the_earlier_files_whole(tmp_path):
         _copy_final(Checkpoint.from_directory(str(broken)), final)
     assert {p.name: p.read_bytes() for p in final.iterdir()} == before
     assert [p.name for p in final.parent.iterdir()] == ["final"]  # no staging folder left
+    killed = final.parent / ".final.incoming-0badc0de"  # of a copy whose process was killed
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"x" * 100)
+    _copy_final(Checkpoint.from_directory(str(earlier)), final)
+    assert [p.name for p in final.parent.iterdir()] == ["final"]
 
 
 def test_rng_untouched_restores_every_stream():

@@ -103,3 +103,70 @@ def test_fit_holds_its_datasets_against_a_rewrite_while_it_runs(tmp_path, monkey
     assert seen == {"train": "held", "val": "held"}
     assert subprocess.run([sys.executable, "-c", probe, str(train)], capture_output=True,
                           text=True).stdout.strip() == "free"  # released when fit returned
+
+
+def test_the_evaluate_pipeline_locks_its_run_before_it_downloads(tmp_path, capsys, mlflow_store_restored):
+    """The evaluate pipeline downloads a registry model into ``eval/<run>`` and removes that folder
+    at the end: a second job of the same --run-name replaced the first one's download, then
+    removed it. Its run is locked before anything is read or written."""
+    import torch
+
+    from dino_scale.config import to_dict
+    from dino_scale.engine.checkpoint import save_weights
+    from dino_scale.models import build_dino
+    from pipelines import _common as common
+    from pipelines import evaluate
+
+    from mlflow.tracking import MlflowClient
+    from mlflow_store import seeded_store
+
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    save_weights(tmp_path / "model", build_dino(cfg.model)[0].state_dict(), config=to_dict(cfg))
+    work = tmp_path / "work"
+    uri = seeded_store(work)  # the work folder's own store, where the pipeline looks
+    client = MlflowClient(uri, registry_uri=uri)
+    run = client.create_run(client.create_experiment("lock-test"))
+    client.log_artifacts(run.info.run_id, str(tmp_path / "model"), "model")
+    client.create_registered_model("dino-tiny-coco")
+    client.create_model_version("dino-tiny-coco", source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(work / "evaluations" / "e1")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code = common.run_main(evaluate.main, ["--work-dir", str(work), "--model", "models:/dino-tiny-coco/1",
+                                               "--run-name", "e1"])
+        assert code == 2 and f"evaluation run 'e1' is in use by another job (process {holder.pid}" in (
+            capsys.readouterr().err)
+        assert not (work / "eval").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_pipeline_holds_its_datasets_until_it_has_registered(tmp_path, monkeypatch, mlflow_store_restored):
+    """The pipelines read the data before ``fit`` (its categories: the class count) and after it
+    (the val set's fingerprint at registration): a rewrite in between gave a stale class count or
+    an AP registered with another set's fingerprint. They hold the folders from the moment they
+    are resolved."""
+    import dino_scale.engine
+    from pipelines import _common as common
+    from pipelines import pretrain_o365
+
+    probe = ("import sys; from dino_scale.data.readers import DatasetInUseError, rewriting_dataset\n"
+             "try:\n    with rewriting_dataset(sys.argv[1], 'changed'): print('free')\n"
+             "except DatasetInUseError: print('held')\n")
+    seen = []
+
+    def probing_fit(cfg, train, val, *args, **kwargs):
+        for folder in (train, val):
+            seen.append(subprocess.run([sys.executable, "-c", probe, folder], capture_output=True,
+                                       text=True).stdout.strip())
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(common, "connect_ray", lambda *a, **k: "not started (test)")
+    monkeypatch.setattr(dino_scale.engine, "fit", probing_fit)
+    with pytest.raises(RuntimeError, match="stop before training"):
+        pretrain_o365.run(["--work-dir", str(tmp_path / "w"), "--preset", "tiny", "--synthetic-images", "8",
+                           "--gpus", "0", "--run-name", "p1"])
+    assert seen == ["held", "held"]

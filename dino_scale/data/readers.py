@@ -16,6 +16,8 @@ import fcntl
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
+from .shards import flock_or_wait
+
 __all__ = ["READERS_LOCK", "DatasetInUseError", "reading_datasets", "rewriting_dataset"]
 
 READERS_LOCK = ".readers.lock"
@@ -43,13 +45,8 @@ def reading_datasets(datasets: Iterable[Optional[str | Path]], say: Callable[[st
                     continue
             if fh is None:  # no lock file and none can be made here (a read-only copy), or gone (fails later)
                 continue
-            try:
-                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                say(f"{folder}: being converted again by another process; waiting for it to finish")
-                fcntl.flock(fh, fcntl.LOCK_SH)
-            except OSError:  # a filesystem without flock
-                pass
+            flock_or_wait(fh, fcntl.LOCK_SH, lambda f=folder: say(f"{f}: being converted again by another "
+                                                                  f"process; waiting for it to finish"))
         yield
 
 

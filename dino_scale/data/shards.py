@@ -47,6 +47,19 @@ def shard_files(out: Path) -> list[tuple[Path, int]]:
     return out_files
 
 
+def flock_or_wait(fh, mode: int, on_wait: Callable[[], None]) -> bool:
+    """``flock(fh, mode)`` (``LOCK_EX`` / ``LOCK_SH``); when another process holds it, ``on_wait()``
+    (say so) and wait. False on a filesystem without ``flock`` (nothing is locked)."""
+    try:
+        fcntl.flock(fh, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        on_wait()
+        fcntl.flock(fh, mode)
+    except OSError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def folder_lock(lock_file: Path, say: Callable[[str], None], what: str) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``lock_file`` (created with its folder): one process at a time
@@ -62,14 +75,8 @@ def folder_lock(lock_file: Path, say: Callable[[str], None], what: str) -> Itera
         yield
         return
     with fh:
-        locked = True
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(f"{what}: another process is writing it; waiting for that to finish")
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        except OSError:  # a filesystem without flock
-            locked = False
+        locked = flock_or_wait(fh, fcntl.LOCK_EX, lambda: say(f"{what}: another process is writing it; "
+                                                              f"waiting for that to finish"))
         try:
             yield
         finally:

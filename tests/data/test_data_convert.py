@@ -315,3 +315,32 @@ def test_data_convert_again_refuses_a_folder_a_running_job_reads(coco_like, tmp_
         job.wait()
     convert_coco(ann, root, out, max_images_per_shard=8, progress=False)
     assert state()["manifest"] != before["manifest"]
+
+
+def test_a_job_waits_for_a_conversion_rewriting_its_dataset(tmp_path):
+    """A job that starts while its dataset folder is being converted again waits for the new
+    folder, saying so, instead of reading shards as they are deleted and written."""
+    import subprocess
+    import sys
+    import time
+
+    from dino_scale.data.readers import reading_datasets
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rewrite = ("import sys, time; from dino_scale.data.readers import rewriting_dataset\n"
+               "with rewriting_dataset(sys.argv[1], 'changed'):\n"
+               "    print('rewriting', flush=True); time.sleep(1.5); released = time.time()\n"
+               "print(released, flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", rewrite, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "rewriting"
+        said = []
+        with reading_datasets([str(folder)], said.append):
+            entered = time.time()
+        released = float(proc.stdout.readline())
+        assert entered >= released  # entered only once the rewrite had ended
+        assert said == [f"{folder.resolve()}: being converted again by another process; waiting for it to finish"]
+    finally:
+        proc.kill()
+        proc.wait()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from dino_scale.config import Config
+from dino_scale.config import Config, parse_override
 from pipelines._errors import UsageError
 
 _FLAG_MINIMA = (("--workers", "workers", 1), ("--min-workers", "min_workers", 1), ("--gpus", "gpus", 0),
@@ -50,34 +50,28 @@ def check_flag_values(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} {value!r}: {exc.message}") from None
 
 
-def apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
-    """``--workers``, ``--min-workers``, ``--gpus``, ``--zero-stage``, ``--max-steps``,
-    ``--epochs`` on ``cfg``."""
-    check_flag_values(args)
-    if args.workers is not None:
-        cfg.train.num_workers = args.workers
-    if getattr(args, "min_workers", None) is not None:
-        cfg.train.min_workers = args.min_workers
-    if args.gpus is not None:
-        cfg.train.use_gpu = args.gpus > 0
-    if getattr(args, "zero_stage", None) is not None:
-        cfg.train.zero_stage = args.zero_stage
-    if getattr(args, "max_steps", None) is not None:
-        cfg.train.max_steps = args.max_steps
-    if getattr(args, "epochs", None) is not None:
-        cfg.train.epochs = args.epochs
-    return cfg
-
-
-# the shortcut flags and the config field each sets: (flag, attribute, key, the field's value)
-_FLAG_FIELDS = (("--workers", "workers", "train.num_workers", lambda v: v),
+# the shortcut flags and the config field each sets: (flag, attribute, key, the field's value).
+# apply_flags sets these; --scale / --tta reach the config as the pipeline's own overrides
+_TRAIN_FLAGS = (("--workers", "workers", "train.num_workers", lambda v: v),
                 ("--min-workers", "min_workers", "train.min_workers", lambda v: v),
                 ("--gpus", "gpus", "train.use_gpu", lambda v: v > 0),
                 ("--zero-stage", "zero_stage", "train.zero_stage", lambda v: v),
                 ("--max-steps", "max_steps", "train.max_steps", lambda v: v),
-                ("--epochs", "epochs", "train.epochs", lambda v: v),
-                ("--scale", "scale", "data.scale_factor", lambda v: v),
-                ("--tta", "tta", "eval.tta", lambda v: v or None))  # store_true: False is "not given"
+                ("--epochs", "epochs", "train.epochs", lambda v: v))
+_FLAG_FIELDS = _TRAIN_FLAGS + (("--scale", "scale", "data.scale_factor", lambda v: v),
+                               ("--tta", "tta", "eval.tta", lambda v: v or None))  # store_true: False: not given
+
+
+def apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
+    """``--workers``, ``--min-workers``, ``--gpus``, ``--zero-stage``, ``--max-steps``,
+    ``--epochs`` on ``cfg``."""
+    check_flag_values(args)
+    for _, attr, key, field_value in _TRAIN_FLAGS:
+        given = getattr(args, attr, None)
+        if given is not None:
+            section, leaf = key.split(".")
+            setattr(getattr(cfg, section), leaf, field_value(given))
+    return cfg
 
 
 def check_flag_conflicts(args: argparse.Namespace, cfg: Config) -> None:
@@ -85,10 +79,7 @@ def check_flag_conflicts(args: argparse.Namespace, cfg: Config) -> None:
     silently won: the flag for --workers/--epochs/..., the ``--set`` for --scale/--tta), or a
     ``--set`` names a field the pipeline takes from a flag (``data.train``: it trained on ``--data``,
     or on a synthetic set, while the config recorded the path). ``cfg``: preset + ``--set``."""
-    user = {}
-    for o in getattr(args, "overrides", None) or []:
-        key, value = o.split("=", 1)
-        user[key.strip()] = value.strip()
+    user = dict(parse_override(o) for o in getattr(args, "overrides", None) or [])
     if "name" in user:  # renamed the registered model and the runs, while the next steps named a preset
         raise UsageError(f"--set name={user['name']}: name is the preset's (--preset); the registered "
                          f"model's name is --model-name, the run's --run-name")

@@ -44,14 +44,14 @@ class MLP(nn.Module):
         return x
 
 
-ACTIVATIONS = ("relu", "gelu")
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+ACTIVATIONS = tuple(_ACTIVATIONS)  # the names model.activation takes
 
 
 def _activation(name: str):
-    acts = {"relu": F.relu, "gelu": F.gelu}
-    if name not in acts:
-        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(acts)}")
-    return acts[name]
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
 
 
 class DeformableEncoderLayer(nn.Module):

@@ -236,8 +236,10 @@ def test_an_interrupted_run_is_marked_killed_not_left_running(data, tmp_path, mo
 
     from dino_scale.engine import fit
     from engine_fixtures import RaySession, watching
+    from mlflow_store import seeded_store
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    seeded_store(tmp_path / "work")  # an empty store: no migrations inside the run
     train_dir, _ = data
     pid_file = tmp_path / "paused.pid"
     cfg = small_cfg(**{"train.num_workers": 1, "train.global_batch_size": 2, "train.zero_stage": 0,

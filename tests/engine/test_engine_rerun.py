@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_fixtures import RaySession, make_data, small_cfg, unique  # noqa: E402
+from mlflow_store import seeded_store  # noqa: E402
 
 from dino_scale.config import ConfigError  # noqa: E402
 
@@ -46,6 +47,7 @@ def test_a_run_name_reused_resumes_continues_with_more_steps_and_refuses_changed
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     train_dir, _ = make_data(tmp_path / "data")
+    seeded_store(tmp_path / "work")  # an empty store: no migrations inside the first run
     storage, name = tmp_path / "ray", unique("rerun")
     backbone = tmp_path / "imagenet" / "resnet18.pth"
     backbone.parent.mkdir()

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from dino_scale.config import PRESETS, Config, ConfigError, parse_override, preset
+from dino_scale.config_checks import check_training_config, lr_drop_epochs
 from pipelines._errors import UsageError, run_main  # noqa: F401 - the pipelines' common.UsageError / run_main
 from pipelines._flags import apply_flags, check_flag_conflicts, check_flag_values, check_run_name  # noqa: F401
 
@@ -98,18 +100,29 @@ def resolve_preset_name(name: Optional[str], gpus_available: Optional[bool] = No
     return GPU_PRESET if gpus_available else CPU_PRESET
 
 
-def _gpus_available() -> bool:
+# device files of the drivers torch's GPU builds use (NVIDIA, ROCm, WSL2): without any of them
+# torch.cuda sees no GPU, which this host can tell without importing torch (1-2 s)
+_GPU_DRIVER_FILES = ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
+
+
+def local_gpu_count() -> int:
+    """The GPUs torch sees on this machine; 0 without importing torch when no GPU driver is there."""
+    if not any(os.path.exists(p) for p in _GPU_DRIVER_FILES):
+        return 0
     try:
         import torch
 
-        if torch.cuda.is_available():
-            return True
+        return torch.cuda.device_count()
     except Exception:  # pragma: no cover - torch import problems surface elsewhere
-        pass
-    try:
-        import ray
+        return 0
 
-        return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+def _gpus_available() -> bool:
+    if local_gpu_count() > 0:
+        return True
+    ray = sys.modules.get("ray")  # not imported: not initialized either
+    try:
+        return bool(ray and ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0)
     except Exception:
         return False
 
@@ -141,8 +154,6 @@ def device_note(cfg: Config, args: argparse.Namespace) -> Optional[str]:
 
 def schedule_text(cfg: Config) -> str:
     """``lr x0.1 at epoch 24`` (``step``/``multistep``) or ``lr cosine``, for the start-up line."""
-    from dino_scale.engine.optim import lr_drop_epochs
-
     if cfg.train.schedule == "cosine":
         return "lr cosine"
     drops = lr_drop_epochs(cfg.train)
@@ -189,8 +200,6 @@ def validate_config_args(args: argparse.Namespace, extra: Sequence[str] = ()) ->
     check_flag_conflicts(args, preset(name, list(args.overrides or [])))
     cfg = preset(name, list(extra) + list(args.overrides or []))
     if known:
-        from dino_scale.engine.trainer import check_training_config
-
         cfg = apply_flags(cfg, args)
         check_training_config(cfg)
         n = getattr(args, "synthetic_images", None)
@@ -201,10 +210,7 @@ def validate_config_args(args: argparse.Namespace, extra: Sequence[str] = ()) ->
     if getattr(args, "gpus", None) and not os.environ.get("RAY_ADDRESS"):
         # the embedded Ray will see the GPUs torch sees: refuse now, not after the data is made
         # and Ray started (check_gpus_here stays the authoritative check)
-        import torch
-
-        _refuse_missing_gpus(args, cfg.train.num_workers if known else (args.workers or 1),
-                             torch.cuda.device_count())
+        _refuse_missing_gpus(args, cfg.train.num_workers if known else (args.workers or 1), local_gpu_count())
 
 
 def check_path(path: Optional[str], what: str) -> Optional[Path]:

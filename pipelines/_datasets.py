@@ -205,7 +205,7 @@ def check_classes(cfg, categories: list[dict], data: str) -> None:
     ``data`` (the loss would index past it at the first step) or, with denoising on, the
     label book is smaller than the class count (denoising draws labels from all classes)."""
     from dino_scale.engine.api import check_category_ids
-    from dino_scale.models.dino import check_label_book
+    from dino_scale.config_checks import check_label_book
 
     m = cfg.model
     try:

@@ -97,14 +97,9 @@ def check_eval_settings(cfg) -> None:
     (``num_select`` < 1: the detections kept per image; the denoising label book) or an unusable
     ``eval.*`` (batch size, TTA scales) of ``cfg`` (the model's config with ``--set`` and
     ``--tta``): before a val set is generated or Ray starts, not in every worker."""
-    from dino_scale.config import ConfigError
-    from dino_scale.engine.evaluate import check_eval_config
-    from dino_scale.models import check_model_config
+    from dino_scale.config_checks import check_eval_config, check_model_config
 
-    try:
-        check_model_config(cfg.model)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    check_model_config(cfg.model)
     check_eval_config(cfg)
 
 

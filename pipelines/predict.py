@@ -302,7 +302,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise preset_misfit(args.model, cfg.name, args.preset is not None, exc) from None
     model.to(device).eval()
     log(f"model {args.model} ({cfg.name}, {cfg.model.num_classes} classes) on {device}; {len(files)} image(s)")
-    from dino_scale.data.transforms import scaled_size
+    from dino_scale.config_checks import scaled_size
 
     size = scaled_size(cfg.data.eval_size, cfg.data.scale_factor)  # as evaluation sizes it (1333 x 1.5: 1999)
     max_size = scaled_size(cfg.data.eval_max_size, cfg.data.scale_factor)

@@ -26,12 +26,12 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dino_scale.config_checks import EXIF_ORIENTATION_MODES, check_exif_orientation
+
 __all__ = ["ImageDecodeError", "decode_image", "verify_image_bytes", "read_size_and_orientation", "sizes_agree",
            "EXIF_ORIENTATION_MODES", "check_exif_orientation", "exif_tie"]
 
 _ORIENTATION = 0x0112
-#: ``data.exif_orientation``: which pixel grid an annotated image is decoded on (module doc)
-EXIF_ORIENTATION_MODES = ("auto", "stored", "upright")
 
 
 class ImageDecodeError(ValueError):
@@ -50,17 +50,6 @@ def sizes_agree(pixels: tuple[int, int], annotated: tuple[int, int]) -> bool:
     rounding of each side to whole pixels: ``|w*ah - h*aw| <= max(aw, ah)``."""
     (w, h), (aw, ah) = pixels, annotated
     return abs(w * ah - h * aw) <= max(aw, ah)
-
-
-def check_exif_orientation(mode: str) -> str:
-    """``mode`` when it is one of :data:`EXIF_ORIENTATION_MODES`, else a ``ConfigError`` naming them."""
-    if mode not in EXIF_ORIENTATION_MODES:
-        from dino_scale.config import ConfigError
-
-        raise ConfigError(f"data.exif_orientation must be one of {', '.join(EXIF_ORIENTATION_MODES)} "
-                          f"(stored: the official DINO's reading, for COCO/Objects365; upright: images "
-                          f"annotated by labelling tools that apply EXIF; auto: sizes decide), got {mode!r}")
-    return mode
 
 
 def _upright_size(stored: tuple[int, int], orientation: int) -> tuple[int, int]:

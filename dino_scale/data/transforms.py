@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -23,7 +22,9 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from .decode import ImageDecodeError, check_exif_orientation, decode_image, sizes_agree
+from dino_scale.config_checks import check_augmentation, scaled_size
+
+from .decode import ImageDecodeError, decode_image, sizes_agree
 from .integrity import damage_detail, record_damage
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DetectionTransform", "check_augmentation", "dino_resize_size",
@@ -82,57 +83,6 @@ def normalize_batch(images: torch.Tensor, masks: Optional[torch.Tensor] = None,
     if masks is not None:
         x = x.masked_fill(masks[:, None], 0.0)
     return x
-
-
-def scaled_size(v: int, factor: float) -> int:
-    """``v`` pixels at ``scale_factor``, truncated as the official DINO does (``int(i * overlap)``
-    in its make_coco_transforms): 1333 at 1.5 is 1999, not 2000."""
-    return int(v * factor)
-
-
-def check_augmentation(cfg) -> None:
-    """:class:`~dino_scale.config.ConfigError` unless the augmentation sizes of ``cfg`` (a
-    ``DataConfig``) are usable: ``scale_factor`` finite and > 0; ``train_scales`` and
-    ``crop_resize_scales`` non-empty; ``crop_size_range`` two sizes ``[min, max]`` with
-    ``min <= max``; every size at least 1 pixel after ``scale_factor``; ``pad_multiple`` None
-    or >= 0; ``seed`` an int >= 0 (the shuffles' generators refuse a negative one: every worker
-    failed at its first batch); ``exif_orientation`` one of
-    :data:`~.decode.EXIF_ORIENTATION_MODES`. A bad one
-    otherwise failed (or, ``train_max_size`` 0, shrank every image to a 1-pixel side) only where
-    a sample was drawn: inside the data pipeline's tasks, after the run had started, the crop
-    settings only on the ~25% of samples that take the crop branch."""
-    from dino_scale.config import ConfigError
-
-    check_exif_orientation(getattr(cfg, "exif_orientation", "auto"))
-    seed = getattr(cfg, "seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"data.seed must be an integer >= 0, got {seed!r}")
-    if getattr(cfg, "shuffle_buffer", 0) < 0:
-        raise ConfigError(f"data.shuffle_buffer must be >= 0 (0: no shuffle), got {cfg.shuffle_buffer}")
-    try:
-        f = float(cfg.scale_factor)
-    except (TypeError, ValueError):
-        f = math.nan
-    if not (math.isfinite(f) and f > 0):
-        raise ConfigError(f"data.scale_factor must be a finite number > 0, got {cfg.scale_factor!r}")
-    lists = {"train_scales": cfg.train_scales, "crop_resize_scales": cfg.crop_resize_scales,
-             "crop_size_range": cfg.crop_size_range}
-    for key, values in lists.items():
-        if not values:
-            raise ConfigError(f"data.{key} must name at least one size, got {values!r}")
-    if len(cfg.crop_size_range) != 2 or cfg.crop_size_range[0] > cfg.crop_size_range[1]:
-        raise ConfigError(f"data.crop_size_range must be two sizes [min, max] with min <= max, "
-                          f"got {cfg.crop_size_range!r}")
-    sizes = {f"data.{k}": list(v) for k, v in lists.items()}
-    sizes.update({f"data.{k}": [getattr(cfg, k)] for k in ("train_max_size", "eval_size", "eval_max_size")})
-    for key, values in sizes.items():
-        small = [v for v in values if scaled_size(v, f) < 1]
-        if small:
-            raise ConfigError(f"{key} must be sizes of at least 1 pixel (after data.scale_factor={f}), "
-                              f"got {values!r}")
-    if cfg.pad_multiple is not None and cfg.pad_multiple < 0:
-        raise ConfigError(f"data.pad_multiple must be None (pad to the batch's largest image) or >= 0, "
-                          f"got {cfg.pad_multiple}")
 
 
 class DetectionTransform:

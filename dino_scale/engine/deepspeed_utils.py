@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from dino_scale.config import Config, ConfigError, TrainConfig
+from dino_scale.config_checks import check_train_config, check_zero_and_precision, grad_accum_steps
 from dino_scale.engine.optim import seek_schedule
 
 __all__ = [
@@ -43,24 +44,9 @@ __all__ = [
 ]
 
 
-def grad_accum_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
-    """Micro-batches per optimizer step that keep ``global_batch_size`` fixed."""
-    per_pass = micro_batch_size * world_size
-    if micro_batch_size < 1 or world_size < 1:
-        raise ConfigError("batch size per worker and worker count must be >= 1")
-    if global_batch_size < 1:
-        raise ConfigError(f"train.global_batch_size must be >= 1, got {global_batch_size}")
-    if global_batch_size % per_pass:
-        raise ConfigError(
-            f"train.global_batch_size={global_batch_size} is not a multiple of data.batch_size "
-            f"({micro_batch_size}) x workers ({world_size}) = {per_pass}; pick sizes that divide")
-    return global_batch_size // per_pass
-
-
 def build_ds_config(cfg: TrainConfig, micro_batch_size: int, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config for ``cfg`` on ``world_size`` workers."""
-    if cfg.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
+    check_zero_and_precision(cfg)
     accum = grad_accum_steps(cfg.global_batch_size, micro_batch_size, world_size)
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage >= 2:
@@ -85,70 +71,8 @@ def build_ds_config(cfg: TrainConfig, micro_batch_size: int, world_size: int) ->
     if cfg.precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                       "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
-    elif cfg.precision not in ("fp32", "bf16"):  # bf16: autocast over fp32 weights (module docstring)
-        raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
+    # bf16: autocast over fp32 weights (module docstring), nothing in the DeepSpeed config
     return ds
-
-
-def check_train_config(cfg: TrainConfig, micro_batch_size: int, world_size: int) -> None:
-    """Everything the workers would check on start, checked on the driver before a run,
-    Ray or MLflow starts (a :class:`ConfigError` there came back as a worker-group failure,
-    retried ``max_failures`` times): ZeRO stage, precision and batch sizes, the lr schedule,
-    the EMA decay, the checkpoint/log intervals (0 divided by zero after the first step) and the
-    checkpoints kept (0 was read as 1), an
-    elastic run's ZeRO stage, the lrs (``lr`` > 0), weight decay and clipping norm, ``max_steps``,
-    ``epochs`` and ``warmup_steps``, ``torch_threads``, ``cpus_per_worker`` and the compile settings."""
-    from dino_scale.engine.optim import lr_factor_fn
-
-    build_ds_config(cfg, micro_batch_size, world_size)
-    lr_factor_fn(cfg, 1)
-    elastic = cfg.min_workers is not None and cfg.min_workers < cfg.num_workers  # as in trainer.worker_count
-    if elastic and cfg.zero_stage >= 3:  # dino_scale.engine.elastic
-        raise ConfigError("an elastic run (train.min_workers) resumes on other worker counts, which "
-                          "DeepSpeed cannot do for ZeRO-3 checkpoints: use train.zero_stage <= 2")
-    if cfg.ema_decay is not None and not 0.0 < cfg.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay must be in (0, 1), got {cfg.ema_decay}")
-    for key in ("checkpoint_every_steps", "log_every_steps", "checkpoints_to_keep"):
-        if int(getattr(cfg, key)) < 1:
-            raise ConfigError(f"train.{key} must be >= 1, got {getattr(cfg, key)}")
-    # AdamW checks only its default lr and weight decay: a group's own (the backbone's lr) went
-    # unchecked, so a negative one trained that group uphill
-    for key in ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay", "clip_max_norm"):
-        if not 0.0 <= float(getattr(cfg, key)) < float("inf"):
-            raise ConfigError(f"train.{key} must be a finite number >= 0, got {getattr(cfg, key)}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:  # 0 read as "no limit": every epoch was trained
-        raise ConfigError(f"train.max_steps must be >= 1 (or none: no limit), got {cfg.max_steps}")
-    # these trained nothing, or not what was asked, and the run finished and registered its weights:
-    # epochs 0 or less took no step (the initial weights evaluated as the result), lr 0 left every
-    # group but the backbone as initialized, a negative warmup was read as none
-    if int(cfg.epochs) < 1:
-        raise ConfigError(f"train.epochs must be >= 1, got {cfg.epochs}")
-    if not float(cfg.lr) > 0.0:
-        raise ConfigError(f"train.lr must be > 0 (the transformer and heads train at it), got {cfg.lr}")
-    if int(cfg.warmup_steps) < 0:
-        raise ConfigError(f"train.warmup_steps must be >= 0, got {cfg.warmup_steps}")
-    if int(cfg.max_failures) < -1:  # Ray Train's -1: retry without limit
-        raise ConfigError(f"train.max_failures must be >= 0 (or -1: retry without limit), got {cfg.max_failures}")
-    # these failed in every worker as it started (after Ray and the MLflow run had, retried max_failures times)
-    if cfg.torch_threads is not None and int(cfg.torch_threads) < 0:  # torch.set_num_threads refuses it
-        raise ConfigError(f"train.torch_threads must be >= 1 (0 or none: torch's default), got {cfg.torch_threads}")
-    if cfg.cpus_per_worker is not None and not 0.0 <= float(cfg.cpus_per_worker) < float("inf"):
-        raise ConfigError(f"train.cpus_per_worker must be a finite number >= 0, got {cfg.cpus_per_worker}")
-    if cfg.compile:
-        from dino_scale.models.compile import _GRANULARITY, _MODES, CUDA_GRAPH_MODES
-
-        if cfg.compile_granularity not in _GRANULARITY:
-            raise ConfigError(f"train.compile_granularity must be one of {sorted(_GRANULARITY)}, "
-                              f"got {cfg.compile_granularity!r}")
-        if cfg.compile_mode not in _MODES:
-            raise ConfigError(f"train.compile_mode must be one of {list(_MODES)}, got {cfg.compile_mode!r}")
-        if cfg.compile_mode in CUDA_GRAPH_MODES and cfg.zero_stage == 3:
-            # ZeRO-3 gathers the parameters into new memory every forward: the recorded graphs
-            # read parameters at fixed addresses, so every region re-records (up to 128 times each)
-            raise ConfigError(f"train.compile_mode={cfg.compile_mode} (CUDA graphs) does not work with "
-                              "train.zero_stage=3; use ZeRO-1/2 or compile_mode none")
-    if not int(cfg.collective_timeout_s) > 0:
-        raise ConfigError(f"train.collective_timeout_s must be >= 1, got {cfg.collective_timeout_s}")
 
 
 def apply_activation_checkpointing(cfg: Config, enabled: bool = True) -> Config:

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from dino_scale.config_checks import check_eval_config
+
 __all__ = ["METRIC_NAMES", "to_coco_detections", "predict_batch", "coco_evaluate", "gather_to_rank0",
            "evaluate_batches", "unevaluated_images", "target_image_ids", "finite_detections",
            "val_metrics", "check_eval_config"]
@@ -29,28 +31,6 @@ __all__ = ["METRIC_NAMES", "to_coco_detections", "predict_batch", "coco_evaluate
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 log = logging.getLogger("dino_scale.engine")
-
-
-def check_eval_config(cfg) -> None:
-    """:class:`~dino_scale.config.ConfigError` unless ``cfg.eval`` (of a ``Config``) is usable:
-    ``batch_size`` an int >= 1 and, with ``tta``, ``tta_scales`` one or more sizes > 0 (the
-    views' short sides; each view is the eval image rescaled by ``size / data.eval_size``). A bad
-    one otherwise failed in every worker's evaluation, after the whole training run and before its
-    final checkpoint was reported."""
-    from dino_scale.config import ConfigError
-
-    ec = cfg.eval
-    if isinstance(ec.batch_size, bool) or not isinstance(ec.batch_size, int) or ec.batch_size < 1:
-        raise ConfigError(f"eval.batch_size must be an int >= 1, got {ec.batch_size!r}")
-    if not ec.tta:
-        return
-    scales = list(ec.tta_scales or [])
-    bad = [s for s in scales
-           if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0]
-    if not scales or bad:
-        raise ConfigError(f"eval.tta_scales must name at least one size > 0 when eval.tta is on (the short side of "
-                          f"each view before data.scale_factor, like data.eval_size={cfg.data.eval_size}, the plain "
-                          f"view), got {ec.tta_scales!r}")
 
 
 @contextlib.contextmanager

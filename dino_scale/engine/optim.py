@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from dino_scale.config import ConfigError, TrainConfig
+from dino_scale.config_checks import check_schedule, lr_drop_epochs  # noqa: F401 - lr_drop_epochs: optim's API
 
 __all__ = [
     "BACKBONE_KEYS", "LINEAR_PROJ_KEYS", "build_param_groups", "build_optimizer",
@@ -125,18 +126,6 @@ def steps_on_param_devices(optimizer) -> int:
     return moved
 
 
-def lr_drop_epochs(cfg: TrainConfig) -> list[int]:
-    """The epochs at which the lr drops x0.1: ``cfg.lr_drop_epochs``, or when None the
-    official recipe's point (epoch 11 of 12) scaled to ``cfg.epochs``: round(epochs * 11/12)
-    (24 of 26 for the Objects365 pretraining, 17 of 18 for the COCO fine-tuning), and at least
-    the last epoch at 0.1x as in the recipe (rounding gave ``epochs`` itself for 2 to 6 epochs:
-    a short fine-tune never dropped); a 1-epoch run does not drop."""
-    if cfg.lr_drop_epochs is not None:
-        return sorted(int(e) for e in cfg.lr_drop_epochs)
-    epochs = int(cfg.epochs)
-    return [min(int(epochs * 11 / 12 + 0.5), max(1, epochs - 1))]
-
-
 def lr_factor_fn(cfg: TrainConfig, steps_per_epoch: int, total_steps: int | None = None) -> Callable[[int], float]:
     """Multiplier of each group's base lr as a function of the data position (0-based step
     index of the global batch in the run, skipped ones included: :func:`window_position`).
@@ -147,17 +136,7 @@ def lr_factor_fn(cfg: TrainConfig, steps_per_epoch: int, total_steps: int | None
         raise ConfigError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
     total = total_steps or cfg.epochs * steps_per_epoch
     warmup = max(0, int(cfg.warmup_steps))
-    drops = lr_drop_epochs(cfg)
-    if cfg.schedule not in ("step", "multistep", "cosine"):
-        raise ConfigError(f"unknown schedule {cfg.schedule!r}; choose step, multistep or cosine")
-    if cfg.schedule in ("step", "multistep") and not drops:
-        raise ConfigError(f"schedule {cfg.schedule!r} needs train.lr_drop_epochs")
-    if cfg.schedule in ("step", "multistep") and drops[0] < 1:  # was: the lr at 0.1x from the first step
-        raise ConfigError(f"train.lr_drop_epochs {drops}: a drop at epoch e lowers the lr after e epochs, so "
-                          f"each must be >= 1")
-    if cfg.schedule == "step" and len(drops) > 1:  # it dropped at the first only, the rest ignored
-        raise ConfigError(f"schedule 'step' drops the lr once, train.lr_drop_epochs lists {drops}: "
-                          f"use schedule 'multistep' to drop at each, or give one epoch")
+    drops = check_schedule(cfg)
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -15,94 +15,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dino_scale.config import Config, ConfigError, to_dict
-from dino_scale.engine.deepspeed_utils import check_train_config, grad_accum_steps
+from dino_scale.config_checks import check_training_config, extra_worker_resources, grad_accum_steps, worker_count
 
 __all__ = ["worker_count", "check_training_config", "resources_per_worker", "extra_worker_resources",
            "steps_per_epoch", "loop_config", "build_trainer", "normalize_storage_path"]
-
-
-def worker_count(cfg: Config, training: bool = True) -> int | tuple[int, int]:
-    """``num_workers``, or ``(min_workers, num_workers)`` for an elastic run (every count in
-    the range must keep the global batch exact). An evaluation-only run (``training`` false)
-    accumulates nothing and runs one fixed group: only ``num_workers >= 1`` is checked."""
-    tc = cfg.train
-    if tc.num_workers < 1:
-        raise ConfigError(f"train.num_workers must be >= 1, got {tc.num_workers}")
-    if not training:
-        return tc.num_workers
-    if tc.min_workers is not None and tc.min_workers > tc.num_workers:
-        raise ConfigError(f"train.min_workers ({tc.min_workers}) is above train.num_workers ({tc.num_workers}), "
-                          "the most workers an elastic run grows to")
-    if tc.min_workers is None or tc.min_workers == tc.num_workers:
-        grad_accum_steps(tc.global_batch_size, cfg.data.batch_size, tc.num_workers)
-        return tc.num_workers
-    if tc.min_workers < 1:
-        raise ConfigError(f"train.min_workers must be >= 1, got {tc.min_workers}")
-    if not tc.elastic_resize_interval_s >= 0:
-        raise ConfigError(f"train.elastic_resize_interval_s must be >= 0, got {tc.elastic_resize_interval_s}")
-    if cfg.data.batch_size < 1 or tc.global_batch_size < 1:  # a fixed group: grad_accum_steps checks these
-        raise ConfigError(f"data.batch_size and train.global_batch_size must be >= 1, got "
-                          f"{cfg.data.batch_size} and {tc.global_batch_size}")
-    bad = [n for n in range(tc.min_workers, tc.num_workers + 1)
-           if tc.global_batch_size % (cfg.data.batch_size * n)]
-    if bad:
-        raise ConfigError(f"elastic range {tc.min_workers}..{tc.num_workers}: global batch {tc.global_batch_size} "
-                          f"is not a multiple of batch_size {cfg.data.batch_size} x workers for {bad}")
-    return (tc.min_workers, tc.num_workers)
-
-
-def check_training_config(cfg: Config) -> None:
-    """What a training run checks before anything starts: the worker count or elastic range
-    (:func:`worker_count`), the workers' own settings at the largest group
-    (:func:`~dino_scale.engine.deepspeed_utils.check_train_config`), the augmentation sizes
-    (:func:`~dino_scale.data.transforms.check_augmentation`), the model's settings
-    (:func:`~dino_scale.models.check_model_config`) and the evaluation settings
-    (:func:`~dino_scale.engine.evaluate.check_eval_config`: the final evaluation runs after all
-    of the training), and the extra worker resources (:func:`extra_worker_resources`)."""
-    from dino_scale.data.transforms import check_augmentation
-    from dino_scale.engine.evaluate import check_eval_config
-    from dino_scale.models import check_model_config
-
-    worker_count(cfg)
-    check_train_config(cfg.train, cfg.data.batch_size, cfg.train.num_workers)
-    extra_worker_resources(cfg.train.worker_resources)
-    check_augmentation(cfg.data)  # else a bad size failed in the data pipeline's tasks, mid-run
-    try:
-        check_model_config(cfg.model)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    check_eval_config(cfg)
-
-
-_BUILT_IN_RESOURCES = {"cpu": "train.cpus_per_worker", "gpu": "train.use_gpu (one GPU a worker)",
-                       "memory": None, "object_store_memory": None}
-
-
-def extra_worker_resources(entries: list[str]) -> dict[str, float]:
-    """``train.worker_resources`` (``["gpu_h100", "gpu_spot:1"]``) -> ``{"gpu_h100": 1.0, "gpu_spot": 1.0}``.
-    :class:`ConfigError` for an empty name, a built-in resource (set by its own key), a name given
-    twice, or an amount that is not a finite number > 0 (Ray refused it in the worker group's
-    placement, after Ray and the MLflow run had started, or waited for it forever)."""
-    out: dict[str, float] = {}
-    for entry in entries or []:
-        name, _, amount = str(entry).strip().partition(":")
-        name = name.strip()
-        if not name:
-            raise ConfigError(f"train.worker_resources: {entry!r} names no resource (use name or name:amount)")
-        if name.lower() in _BUILT_IN_RESOURCES:
-            key = _BUILT_IN_RESOURCES[name.lower()]
-            raise ConfigError(f"train.worker_resources: {name!r} is Ray's own resource"
-                              + (f"; set it with {key}" if key else ""))
-        try:
-            value = float(amount) if amount.strip() else 1.0
-        except ValueError:
-            value = float("nan")
-        if not 0.0 < value < float("inf"):
-            raise ConfigError(f"train.worker_resources: {entry!r} needs an amount > 0 (name or name:amount)")
-        if name in out:
-            raise ConfigError(f"train.worker_resources names {name!r} twice")
-        out[name] = value
-    return out
 
 
 def resources_per_worker(cfg: Config) -> dict[str, float]:

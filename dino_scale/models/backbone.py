@@ -20,6 +20,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from dino_scale.config_checks import BACKBONE_NAMES
+
 from .position_encoding import PositionEmbeddingSine
 from .weights_file import download_weights, read_torch_file
 
@@ -139,9 +141,6 @@ def _swin(cfg, num_levels: int) -> nn.Module:
                                     window_size=12, drop_path_rate=cfg.backbone_drop_path,
                                     out_indices=tuple(range(4 - num_levels, 4)),
                                     use_checkpoint=cfg.backbone_checkpointing)
-
-
-BACKBONE_NAMES = ("resnet50", "resnet18", "tiny_resnet", "swin_large_384", "swin_large")
 
 
 def build_backbone(cfg) -> Joiner:

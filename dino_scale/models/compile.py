@@ -32,14 +32,15 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from dino_scale.config_checks import COMPILE_MODES, CUDA_GRAPH_MODES
+
 __all__ = ["compile_regions", "compile_criterion", "region_methods", "method_owner", "METHOD_REGIONS",
            "CRITERION_REGIONS", "RECOMPILE_LIMIT_HITS"]
 
 log = logging.getLogger(__name__)
 
 
-_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor records CUDA graphs in these
+_MODES = COMPILE_MODES
 # Methods compiled as regions of their own (attribute paths from the DINO module): every level's
 # padding mask and sine position embedding in one call (with ``backbone``), the flattening of
 # the levels into encoder tokens, the two-stage query selection, the decoder heads and the

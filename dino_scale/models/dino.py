@@ -13,35 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from .backbone import Joiner
+from dino_scale.config_checks import check_dn_noise, check_label_book
+
 from .box_ops import inverse_sigmoid
 from .denoising import dn_post_process, noised_queries, prepare_for_cdn
 from .precision import class_head_fp32
 from .transformer import MLP, DeformableTransformer
 
 __all__ = ["DINO"]
-
-
-def check_label_book(num_classes: int, dn_number: int, dn_labelbook_size: int) -> None:
-    """ValueError unless the denoising label table can embed every class: label noise draws
-    classes in [0, num_classes) and embeds them with ``label_enc`` (dn_labelbook_size + 1
-    rows), so a larger class count would fail at the first training step."""
-    if dn_number > 0 and num_classes > dn_labelbook_size + 1:
-        raise ValueError(f"num_classes {num_classes} needs dn_labelbook_size >= {num_classes - 1} with "
-                         f"denoising on (got {dn_labelbook_size}: label_enc has {dn_labelbook_size + 1} rows); "
-                         "set model.dn_labelbook_size, usually equal to model.num_classes")
-
-
-def check_dn_noise(dn_label_noise_ratio: float, dn_box_noise_scale: float) -> None:
-    """ValueError unless the denoising noise settings are what the recipe means: the label noise
-    ratio is a fraction in [0, 1] (a query's label is replaced with probability ratio / 2, so 50
-    meant as percent replaced every label, silently) and the box noise scale is >= 0 (a negative
-    one turned the box noise off without a word). Released: 0.5 and 1.0."""
-    if not 0.0 <= dn_label_noise_ratio <= 1.0:
-        raise ValueError("dn_label_noise_ratio must be a fraction in [0, 1] (released: 0.5), "
-                         f"got {dn_label_noise_ratio}")
-    if not dn_box_noise_scale >= 0.0:
-        raise ValueError(f"dn_box_noise_scale must be >= 0 (released: 1.0; 0 turns box noise off), "
-                         f"got {dn_box_noise_scale}")
 
 
 class DINO(nn.Module):

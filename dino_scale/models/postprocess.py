@@ -10,12 +10,13 @@ same objects).
 """
 from __future__ import annotations
 
-import operator
 from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from dino_scale.config_checks import check_num_select
 
 from .box_ops import box_cxcywh_to_xyxy
 
@@ -27,14 +28,7 @@ TTA_NMS_IOU = 0.6  # merge_tta: same-label detections of two views overlapping m
 class PostProcess(nn.Module):
     def __init__(self, num_select: int = 300):
         super().__init__()
-        try:
-            count = operator.index(num_select)
-        except TypeError:
-            count = 0
-        if count < 1:  # 0 gave every image no detection: a finished run evaluated to AP 0 without an error
-            raise ValueError(f"num_select must be an int >= 1 (detections kept per image; released: 300), "
-                             f"got {num_select!r}")
-        self.num_select = count
+        self.num_select = check_num_select(num_select)
 
     @torch.no_grad()
     def forward(self, outputs: dict, target_sizes: Tensor) -> List[Dict[str, Tensor]]:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from dino_scale.config_checks import ACTIVATION_NAMES
 from dino_scale.ops import level_index_tensors
 
 from .box_ops import inverse_sigmoid
@@ -44,8 +45,8 @@ class MLP(nn.Module):
         return x
 
 
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
-ACTIVATIONS = tuple(_ACTIVATIONS)  # the names model.activation takes
+_ACTIVATIONS = {name: getattr(F, name) for name in ACTIVATION_NAMES}
+ACTIVATIONS = ACTIVATION_NAMES  # the names model.activation takes
 
 
 def _activation(name: str):

@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from dino_scale.config_checks import MSDA_BACKENDS
+
 from .level_shapes import level_index_tensors, level_shapes_of
 from .ms_deform_attn_torch import ms_deform_attn_pytorch
 
@@ -21,7 +23,7 @@ __all__ = ["ms_deform_attn", "ms_deform_attn_pytorch", "cuda_backend_available",
            "level_shapes_of"]
 
 _log = logging.getLogger(__name__)
-_BACKENDS = (None, "pytorch", "cuda")
+_BACKENDS = MSDA_BACKENDS
 _fallback_warned = False
 
 

@@ -7,7 +7,6 @@ import re
 import pytest
 import torch
 
-from mlflow_store import seeded_store
 from dino_scale.config import ConfigError, preset
 from pipelines import _common as common
 
@@ -178,8 +177,8 @@ def test_training_gpus_this_machine_lacks_are_refused(pipeline, tmp_path, monkey
     monkeypatch.setattr(module, "check_classes", lambda *a, **k: None)
     monkeypatch.setattr(common, "connect_ray", lambda *a, **k: "started embedded local Ray (4 logical CPUs)")
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
-    # torch sees a GPU (the early check of the flags passes): the check against Ray's resources refuses
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    # this machine has a GPU (the early check of the flags passes): the check against Ray's resources refuses
+    monkeypatch.setattr(common, "local_gpu_count", lambda: 1)
 
     def fit(*args, **kwargs):
         raise AssertionError("Ray Train was asked for GPU workers")

@@ -127,7 +127,7 @@ def test_evaluate_gpus_this_machine_lacks_are_refused(tmp_path, monkeypatch, cap
     monkeypatch.setattr(evaluate, "categories_of", lambda val: [{"id": 1, "name": "person"}])
     monkeypatch.setattr(_common, "connect_ray", lambda *a, **k: "started embedded local Ray (4 logical CPUs)")
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # past the early check of the flags
+    monkeypatch.setattr(_common, "local_gpu_count", lambda: 1)  # past the early check of the flags
 
     def train(*args, **kwargs):
         raise AssertionError("Ray Train was asked for GPU workers")

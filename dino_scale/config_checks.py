@@ -9,9 +9,12 @@ from here, so each exists once: :mod:`~dino_scale.engine.deepspeed_utils` (ZeRO 
 batch sizes), :mod:`~dino_scale.engine.optim` (the lr schedule), :mod:`~dino_scale.engine.trainer`
 (worker counts, resources), :mod:`~dino_scale.data.transforms` (augmentation sizes),
 :mod:`~dino_scale.models` (model settings), :mod:`~dino_scale.engine.evaluate` (evaluation) and
-:mod:`~dino_scale.models.compile` (compile modes).
+:mod:`~dino_scale.models.compile` (compile modes; what each granularity compiles stays there, keyed
+by :data:`COMPILE_GRANULARITIES`, which a test keeps in step).
 
-Every check raises :class:`~dino_scale.config.ConfigError` (a ``ValueError``) naming the key.
+The checks of a config raise :class:`~dino_scale.config.ConfigError` (a ``ValueError``) naming the
+key; :func:`check_label_book`, :func:`check_dn_noise` and :func:`check_num_select`, which the model's
+constructors call with plain arguments, raise ``ValueError`` naming the argument.
 """
 from __future__ import annotations
 

@@ -55,14 +55,16 @@ def add_common_args(parser: argparse.ArgumentParser, data_help: str,
     ``--synthetic-images``/``--val-*``."""
     g = parser.add_argument_group("configuration")
     g.add_argument("--preset", default=None,
-                   help=f"config preset: {', '.join(PRESETS)} (default: {GPU_PRESET} when GPUs "
-                        f"are available, else {CPU_PRESET})")
+                   help=("" if training else "for a model that carries no config (a .pth file; a model "
+                         "saved by dino_scale carries its own): ")
+                        + f"config preset: {', '.join(PRESETS)} (default: {GPU_PRESET} when GPUs "
+                          f"are available, else {CPU_PRESET})")
     g.add_argument("--set", dest="overrides", action=OverrideAction, default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set train.lr=2e-4 (repeatable, once per key)")
     g.add_argument("--workers", type=int, default=None, help="Ray Train workers (train.num_workers)")
     g.add_argument("--gpus", type=int, default=None,
-                   help="0 trains on CPU, >=1 one GPU per worker (train.use_gpu); default: GPUs "
-                        "when the machine or cluster has any")
+                   help=f"0 {'trains' if training else 'runs'} on CPU, >=1 one GPU per worker (train.use_gpu); "
+                        "default: GPUs when the machine or cluster has any")
     if training:
         g.add_argument("--min-workers", type=int, default=None,
                        help="elastic training: run on as few as this many workers and grow back to "
@@ -106,20 +108,21 @@ _GPU_DRIVER_FILES = ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/kfd", "/dev/
 
 
 def local_gpu_count() -> int:
-    """The GPUs torch sees on this machine; 0 without importing torch when no GPU driver is there."""
+    """The GPUs torch can use on this machine (0 where CUDA cannot start, e.g. a driver older than
+    torch's CUDA build); 0 without importing torch when no GPU driver is there."""
     if not any(os.path.exists(p) for p in _GPU_DRIVER_FILES):
         return 0
-    try:
-        import torch
+    import torch
 
-        return torch.cuda.device_count()
-    except Exception:  # pragma: no cover - torch import problems surface elsewhere
-        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _gpus_available() -> bool:
-    if local_gpu_count() > 0:
-        return True
+    try:
+        if local_gpu_count() > 0:
+            return True
+    except ImportError:  # pragma: no cover - a broken torch surfaces where a stage needs it
+        pass
     ray = sys.modules.get("ray")  # not imported: not initialized either
     try:
         return bool(ray and ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0)

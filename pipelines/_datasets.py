@@ -9,7 +9,7 @@ Accepted forms for each argument:
 - an annotation JSON (COCO / Objects365 format) plus ``--images``: converted first into
   ``<work-dir>/data/<name>/`` (reused while the file is unchanged, converted again after an edit);
 - nothing: a synthetic set (``o365-like`` or ``coco-like``) is generated under
-  ``<work-dir>/data/synthetic-<flavour>-<n>/{train,val}`` (reused when present).
+  ``<work-dir>/data/synthetic-<flavour>-<n>-s<seed>/{train,val}`` (reused when present).
 """
 from __future__ import annotations
 

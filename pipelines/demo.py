@@ -1,6 +1,7 @@
 """``make demo``: pretrain -> fine-tune -> evaluate on embedded defaults, then the registry.
 
-Everything local: an embedded Ray, sqlite MLflow in ``<work-dir>/mlflow.db``, synthetic
+Embedded defaults: a local Ray (or the cluster ``RAY_ADDRESS`` names, as under ``ray job
+submit``), sqlite MLflow in ``<work-dir>/mlflow.db``, synthetic
 data (``o365-like`` for pretraining, ``coco-like`` for fine-tuning), the CPU ``tiny``
 preset. Steps:
 
@@ -112,28 +113,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if getattr(args, flag) < cfg.train.global_batch_size:
             raise common.UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is fewer than one "
                                     f"global batch ({cfg.train.global_batch_size})")
+    from pipelines import evaluate, finetune_coco, pretrain_o365
+
+    work = Path(args.work_dir).expanduser().resolve()
+    base = stage_args(work, args.gpus, args.overrides)
+    pre_args = base + ["--max-steps", str(args.pretrain_steps), "--synthetic-images", str(args.pretrain_images)]
+    ft_args = base + ["--max-steps", str(args.finetune_steps), "--synthetic-images", str(args.finetune_images)]
+    # each training stage's own up-front checks (worker counts, model, schedule), before Ray starts:
+    # a bad --set was refused by the first stage, after Ray had started
+    pretrain_o365.check_args(pre_args)
+    finetune_coco.check_args(ft_args)
     t0 = time.monotonic()
     log = common.Progress("demo")
-    work = Path(args.work_dir).expanduser().resolve()
     if args.fresh and work.exists():
         log(f"removing {work}")
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     use_own_store(work, log)
-    base = stage_args(work, args.gpus, args.overrides)
     log(f"Ray: {common.connect_ray()}")
 
-    from pipelines import evaluate, finetune_coco, pretrain_o365
     from pipelines.registry import format_state, registry_state
 
     timings = {}
     log(f"1/4 pretraining on synthetic o365-like data ({args.pretrain_steps} steps)")
     t = time.monotonic()
-    pre = pretrain_o365.run(base + ["--max-steps", str(args.pretrain_steps),
-                                    "--synthetic-images", str(args.pretrain_images)])
+    pre = pretrain_o365.run(pre_args)
     timings["pretrain"] = time.monotonic() - t
-    ft_args = base + ["--max-steps", str(args.finetune_steps),
-                      "--synthetic-images", str(args.finetune_images)]
     log(f"2/4 fine-tuning from models:/{pre['name']}@{pre['alias']} ({args.finetune_steps} steps)")
     t = time.monotonic()
     ft = finetune_coco.run(ft_args)

@@ -78,12 +78,19 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         return _run(argv, held)
 
 
-def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
+def check_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """``argv`` parsed and checked as :func:`run` checks it before any work (no torch, Ray or MLflow):
+    a preset typo, an unknown or bad ``--set``, a flag out of range."""
     args = build_parser().parse_args(argv)
-    log = common.Progress("finetune")
     common.validate_config_args(args, extra=user_label_book(args.overrides))
     if args.scale is not None and not (math.isfinite(args.scale) and args.scale > 0):  # nan passed "<= 0"
         raise common.UsageError("--scale must be a finite number > 0")
+    return args
+
+
+def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
+    args = check_args(argv)
+    log = common.Progress("finetune")
     work_dir = Path(args.work_dir).expanduser().resolve()
     if note := common.work_dir_note(args):
         log(note)

@@ -59,11 +59,17 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         return _run(argv, held)
 
 
-def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
+def check_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """``argv`` parsed and checked as :func:`run` checks it before any work (no torch, Ray or MLflow):
+    a preset typo, an unknown or bad ``--set``, a flag out of range."""
     args = build_parser().parse_args(argv)
-    log = common.Progress("pretrain")
-    # Fail fast on a preset typo or unknown override key, before any work.
     common.validate_config_args(args, extra=user_label_book(args.overrides))
+    return args
+
+
+def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
+    args = check_args(argv)
+    log = common.Progress("pretrain")
     if args.alias is None:  # not given (an empty --alias stays MLflow's to refuse, above)
         args.alias = ALIAS
     work_dir = Path(args.work_dir).expanduser().resolve()

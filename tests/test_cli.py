@@ -410,3 +410,29 @@ def test_cli_check_data_json_destination_is_checked_before_reading(tmp_path, cap
     assert "shards read" not in captured.out and "match their checksums" not in captured.out
     err = [ln for ln in captured.err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("error: --json") and str(tmp_path / "no") in err[0], err
+
+
+def test_readme_ray_job_excludes_keep_every_source_file():
+    """The `excludes` of each `--runtime-env-json` in the docs, matched as Ray matches them
+    (.gitignore patterns): `"data"` left dino_scale/data/ out of the job's upload."""
+    import json
+    import re
+    from pathlib import Path
+
+    from ray._private.runtime_env.packaging import _get_excludes  # the matcher `ray job submit` uses
+
+    root = Path(__file__).resolve().parents[1]
+    sources = [p for d in ("dino_scale", "pipelines", "csrc") for p in (root / d).rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts]
+    found = 0
+    for doc in [root / "README.md", *sorted((root / "cluster").glob("*.md"))]:
+        for spec in re.findall(r"--runtime-env-json '(\{.*?\})'", doc.read_text(), flags=re.S):
+            excludes = json.loads(spec).get("excludes")
+            if not excludes:
+                continue
+            found += 1
+            excluded = _get_excludes(root, excludes)
+            dropped = [str(p.relative_to(root)) for p in sources if excluded(p)]
+            assert not dropped, f"{doc.name}: excludes {excludes} leave out {dropped[:5]}"
+            assert excluded(root / "data" / "o365") and excluded(root / "runs" / "x")
+    assert found >= 1

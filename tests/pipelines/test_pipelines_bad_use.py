@@ -87,6 +87,8 @@ def test_pipelines_bad_use_data_not_a_dataset(tmp_path):
     # was: Ray started and the data was made before pretraining refused the set
     (["pipelines.demo", "--pretrain-images", "3"], ["--pretrain-images 3", "global batch (4)"]),
     (["pipelines.demo", "--set", "model.nope=1"], ["unknown config key 'model.nope'"]),
+    # was: refused by the pretraining stage, after the demo had started Ray
+    (["pipelines.demo", "--set", "model.activation=silu"], ["model.activation 'silu'"]),
     # was: the second value silently won; '=1' read "unknown config key ''"
     (["pipelines.pretrain_o365", "--set", "train.lr=1e-4", "--set", "train.lr=2e-4"],
      ["--set train.lr given twice ('1e-4' and '2e-4')"]),

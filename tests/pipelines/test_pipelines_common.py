@@ -175,7 +175,9 @@ def test_training_gpus_this_machine_lacks_are_refused(pipeline, tmp_path, monkey
                         lambda *a, **k: (str(tmp_path / "train"), str(tmp_path / "val"), True))
     monkeypatch.setattr(module, "categories_of", lambda data: [{"id": 1, "name": "person"}])
     monkeypatch.setattr(module, "check_classes", lambda *a, **k: None)
-    monkeypatch.setattr(common, "connect_ray", lambda *a, **k: "started embedded local Ray (4 logical CPUs)")
+    started = []
+    monkeypatch.setattr(common, "connect_ray",
+                        lambda *a, **k: started.append(1) or "started embedded local Ray (4 logical CPUs)")
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
     # this machine has a GPU (the early check of the flags passes): the check against Ray's resources refuses
     monkeypatch.setattr(common, "local_gpu_count", lambda: 1)
@@ -190,6 +192,7 @@ def test_training_gpus_this_machine_lacks_are_refused(pipeline, tmp_path, monkey
     assert common.run_main(module.main, argv) == 2
     err = capsys.readouterr().err
     assert "--gpus 1" in err and "0 GPU" in err, err
+    assert started == [1]  # refused by the check of Ray's resources, not the early one
     # a joined cluster may be given GPU nodes: not refused here (fit is reached)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     with pytest.raises(AssertionError, match="asked for GPU workers"):

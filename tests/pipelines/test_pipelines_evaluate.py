@@ -125,7 +125,9 @@ def test_evaluate_gpus_this_machine_lacks_are_refused(tmp_path, monkeypatch, cap
     monkeypatch.setattr(evaluate, "synthetic_dirs", lambda *a, **k: (str(tmp_path / "val"),))
     monkeypatch.setattr(evaluate, "whole_dataset", lambda val: None)
     monkeypatch.setattr(evaluate, "categories_of", lambda val: [{"id": 1, "name": "person"}])
-    monkeypatch.setattr(_common, "connect_ray", lambda *a, **k: "started embedded local Ray (4 logical CPUs)")
+    started = []
+    monkeypatch.setattr(_common, "connect_ray",
+                        lambda *a, **k: started.append(1) or "started embedded local Ray (4 logical CPUs)")
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
     monkeypatch.setattr(_common, "local_gpu_count", lambda: 1)  # past the early check of the flags
 
@@ -137,6 +139,7 @@ def test_evaluate_gpus_this_machine_lacks_are_refused(tmp_path, monkeypatch, cap
     assert run_main(evaluate.main, argv) == 2
     err = capsys.readouterr().err
     assert "--gpus 1" in err and "0 GPU" in err and len(err.strip().splitlines()) == 1, err
+    assert started == [1]  # refused by the check of Ray's resources, not the early one
 
 
 def test_evaluate_reads_an_official_file_once(tmp_path, monkeypatch, mlflow_store_restored):

@@ -60,7 +60,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def check_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    """``argv`` parsed and checked as :func:`run` checks it before any work (no torch, Ray or MLflow):
+    """``argv`` parsed and checked as :func:`run` checks it before any work (no data, Ray or MLflow run):
     a preset typo, an unknown or bad ``--set``, a flag out of range."""
     args = build_parser().parse_args(argv)
     common.validate_config_args(args, extra=user_label_book(args.overrides))

@@ -168,6 +168,10 @@ RESUME_FREE_KEYS = frozenset({
     "train.zero_stage", "train.max_failures", "train.max_bad_steps", "train.storage_path", "train.log_every_steps",
     "train.checkpoint_every_steps", "train.checkpoints_to_keep", "train.torch_threads", "train.compile",
     "train.compile_granularity", "train.compile_mode", "train.tf32", "train.deterministic",
+    # how long a collective may wait (the README's advice when the final evaluation outlasts it: a
+    # rerun that raised it was refused, so only a new run name, trained from scratch, got past it)
+    # and the evaluation's image sizes (like eval.*)
+    "train.collective_timeout_s", "data.eval_size", "data.eval_max_size",
 })
 
 

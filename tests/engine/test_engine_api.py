@@ -464,3 +464,20 @@ def test_a_new_run_with_no_weights_at_all_notes_the_random_backbone(caplog):
         caplog.clear()
         _check_backbone_weights(preset("r50_4scale"), init, True, None, resumed_world=resumed)
         assert ("starts from random weights" in caplog.text) is said, (init, resumed)
+
+
+@pytest.mark.parametrize("storage,expected", [(None, None), ("s3://bucket/dino/", "s3://bucket/dino/evaluations"),
+                                              ("/mnt/runs", "/mnt/runs/evaluations")])
+def test_an_evaluation_never_runs_in_the_training_runs_storage(tmp_path, monkeypatch, storage, expected):
+    """A trained model's config carries its run's train.storage_path: an evaluation given the training
+    run's name ran in that run's Ray folder, where Ray Train took its result for the run's newest
+    checkpoint and deleted the run's older ones (checkpoints_to_keep)."""
+    from dino_scale.config import preset
+    from dino_scale.engine import api
+
+    seen = {}
+    monkeypatch.setattr(api, "_run", lambda cfg, **kw: seen.update(kw) or "result")
+    cfg = preset("tiny", {"train.storage_path": storage})
+    (tmp_path / "val").mkdir()
+    assert api.evaluate_weights(cfg, str(tmp_path / "w"), str(tmp_path / "val"), tmp_path / "work", "run1") == "result"
+    assert seen["storage_path"] == expected and seen["train"] is False

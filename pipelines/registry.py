@@ -108,6 +108,11 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
     mine = client.get_model_version(name, version)
     ours, theirs = _evaluation(mine), _evaluation(current)
     over_synthetic = bool(_synthetic(current)) and _synthetic(mine) is False  # real data replaces a smoke test
+    if _synthetic(mine) is True and _synthetic(current) is False:  # and never the other way round, even where
+        # the holder carries no evaluation tags to compare (registered by an older release or by hand)
+        return Promotion(False, version, ap, prev_v, prev_ap,
+                         f"AP {ap:.4f} was measured on synthetic data and @{alias} v{prev_v} on real data: "
+                         f"alias not moved")
     if ours is not None and theirs is not None and ours != theirs and not over_synthetic:
         return Promotion(False, version, ap, prev_v, prev_ap,
                          f"AP {ap:.4f} was measured on other validation data or protocol ({_eval_text(ours)}) than "
@@ -155,7 +160,12 @@ def _evaluation(version) -> Optional[tuple[str, str]]:
 
 
 def _eval_text(evaluation: tuple[str, str]) -> str:
-    return f"val data {evaluation[0]}{', TTA' if evaluation[1] == 'true' else ''}"
+    """``val data <fingerprint>`` and the TTA protocol (:func:`tta_protocol`): ``, TTA 800,1000``."""
+    tta = evaluation[1]
+    if tta in ("", "false"):
+        return f"val data {evaluation[0]}"
+    sizes = tta.partition(":")[2]
+    return f"val data {evaluation[0]}, TTA" + (f" {sizes}" if sizes else "")
 
 
 def _promotion_id(holder, alias: str) -> str:

@@ -244,6 +244,10 @@ def test_pipelines_champion_ap_of_other_val_data_does_not_move_it(client, tmp_pa
     assert client.get_model_version("dino-tiny-coco", v2).tags["AP"] == "0.900000"  # still recorded
     v3 = version("val2017-fp", tta=True)  # same data, TTA: not comparable either
     assert not promote_if_better("dino-tiny-coco", v3, 0.35, client=client).promoted
+    v3s = version("val2017-fp")
+    client.set_model_version_tag("dino-tiny-coco", v3s, "eval.tta", "true:800,1000")  # as tta_protocol writes it
+    p = promote_if_better("dino-tiny-coco", v3s, 0.35, client=client)
+    assert not p.promoted and "(val data val2017-fp, TTA 800,1000) than" in p.reason, p.reason
     v4 = version("val2017-fp")  # same data, same protocol, better: moves
     p = promote_if_better("dino-tiny-coco", v4, 0.31, client=client)
     assert p.promoted and p.previous_version == v1
@@ -273,6 +277,10 @@ def test_pipelines_champion_held_by_a_smoke_test_gives_way_to_real_data(client, 
     assert not promote_if_better("dino-tiny-coco", smoke2, 0.95, client=client).promoted
     subset = version("val-subset-fp", synthetic=False)  # other real data: not comparable, as before
     assert not promote_if_better("dino-tiny-coco", subset, 0.60, client=client).promoted
+    for key in ("eval.data", "eval.tta"):  # not even from a holder with nothing to compare (set by hand)
+        client.delete_model_version_tag("dino-tiny-coco", real, key)
+    p = promote_if_better("dino-tiny-coco", smoke2, 0.95, client=client)
+    assert not p.promoted and "synthetic data and @champion" in p.reason, p.reason
     assert str(client.get_model_version_by_alias("dino-tiny-coco", "champion").version) == real
 
 

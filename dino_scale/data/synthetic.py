@@ -199,6 +199,9 @@ def main(argv=None) -> None:
     p.add_argument("--min-size", type=int, default=224, help="smallest image side range start")
     p.add_argument("--max-size", type=int, default=400, help="largest image side")
     a = p.parse_args(argv)
+    if a.num_images < 1 or not 1 <= a.min_size <= a.max_size:  # numpy's "low >= high" traceback, before
+        p.error(f"--num-images must be >= 1 and 1 <= --min-size <= --max-size, got {a.num_images}, "
+                f"{a.min_size} and {a.max_size}")
     root, ann = generate(a.out, a.flavour, a.num_images, a.seed,
                          image_size=((a.min_size, max(a.min_size, a.max_size * 4 // 5)), (a.min_size, a.max_size)))
     print(f"images: {root}\nannotations: {ann}")

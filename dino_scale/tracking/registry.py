@@ -66,6 +66,7 @@ def parse_model_uri(uri: str) -> tuple[str, Optional[str], Optional[str]]:
     (``version`` as written: digits, ``latest`` or anything else, which
     :func:`model_version_for_uri` refuses); ``name`` is "" when the URI names no model."""
     rest = uri[len("models:/"):] if uri.startswith("models:/") else uri
+    rest = rest.rstrip("/")  # models:/m@champion/ read as model "m@champion", version ""
     if "/" in rest:  # a model name has no "/" (MLflow refuses one), but may hold "@"
         name, version = rest.rsplit("/", 1)
         return name, None, version

@@ -62,3 +62,6 @@ def test_data_synthetic_deterministic_and_cli(tmp_path):
     assert out.returncode == 0, out.stderr
     doc = json.loads((tmp_path / "cli" / "annotations.json").read_text())
     assert len(doc["images"]) == 3 and all(64 <= im["width"] <= 96 for im in doc["images"])
+    bad = subprocess.run([sys.executable, "-m", "dino_scale.data.synthetic", "--out", str(tmp_path / "bad"),
+                          "--min-size", "300", "--max-size", "200"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--min-size <= --max-size" in bad.stderr and "Traceback" not in bad.stderr

@@ -103,7 +103,7 @@ def test_registry_uri_latest_and_stages(logged_model, tmp_path):
     from mlflow.exceptions import MlflowException
 
     from dino_scale.tracking import store_client
-    from dino_scale.tracking.registry import is_not_found
+    from dino_scale.tracking.registry import is_not_found, parse_model_uri
 
     uri, _cfg, _model, _folder, (run1, run2) = logged_model
     for run_id in (run1, run2, run1):
@@ -112,6 +112,9 @@ def test_registry_uri_latest_and_stages(logged_model, tmp_path):
     latest = resolve_model_uri("models:/dino-tiny-coco/latest", dst_dir=tmp_path / "dl", tracking_uri=uri)
     assert latest.lineage["version"] == "3" and latest.lineage["run_id"] == run1
     assert latest.weights_path.is_file()
+    # a trailing slash (shell completion of a path-like URI) names the same version, not model "name@alias"
+    assert parse_model_uri("models:/dino-tiny-coco@champion/") == ("dino-tiny-coco", "champion", None)
+    assert parse_model_uri("models:/dino-tiny-coco/2/") == ("dino-tiny-coco", None, "2")
 
     store_client(uri).create_registered_model("dino-tiny-o365")
     cases = {

@@ -69,6 +69,10 @@ def main(argv=None) -> int:
     if a.o365_val_split is not None and a.o365_val_split < 0:
         print(f"error: --o365-val-split must be >= 0 (got {a.o365_val_split})", file=sys.stderr)
         return 2
+    if "," in str(a.out):  # the pipelines' --data/--val-data read "a,b" as two dataset folders
+        print(f"error: --out {a.out}: a dataset folder name cannot hold ',' (the training pipelines read "
+              f"--data a,b as two folders); pick another name", file=sys.stderr)
+        return 2
     for flag, path in (("--out", a.out), ("--images", a.images)):
         p = Path(path).expanduser()
         if p.exists() and not p.is_dir():  # was "[Errno 17] File exists" / "image folder not found"

@@ -385,6 +385,12 @@ class _Converter:
                        f"({_counts(dropped)}): a dataset without a single box trains on nothing (each must have "
                        f"an integer image_id of a listed image and a bbox [x, y, w, h] of numbers)")
         if problem is None:
+            if manifest["num_images"] and manifest["num_boxes"] <= manifest.get("num_crowd_boxes", 0):
+                # was silent (exit 0): a misspelled or non-list "annotations", or crowd boxes only, which
+                # training removes: every target empty, a model trained on nothing
+                log.warning("%s: no box to train on in %s (%d boxes, %d of them crowd): is its 'annotations' a "
+                            "list of {image_id, bbox, category_id}? Fine for images to predict on, not to train on",
+                            self.out, self.ann_path, manifest["num_boxes"], manifest.get("num_crowd_boxes", 0))
             return
         shutil.rmtree(self.work, ignore_errors=True)
         for p, _ in shard_files(self.out):

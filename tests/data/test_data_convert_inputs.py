@@ -253,3 +253,25 @@ def test_data_one_file_under_several_ids_is_warned_about(tmp_path, caplog):
     warned = [r.getMessage() for r in caplog.records if "named by" in r.getMessage()]
     assert len(warned) == 1, warned
     assert "1 image files are named by 2 image entries" in warned[0] and "'a.png'" in warned[0], warned
+
+
+@pytest.mark.parametrize("case", ["misspelled_key", "not_a_list", "crowd_only", "fine"])
+def test_data_a_dataset_without_a_box_to_train_on_is_said(tmp_path, caplog, case):
+    """A misspelled ``annotations`` key, an ``annotations`` object instead of a list, or crowd boxes
+    only (which training removes) converted with exit 0 and not a word: a model trained on nothing."""
+    import logging
+
+    box = {"image_id": 1, "category_id": 1, "bbox": [2, 2, 20, 20]}
+    root, ann = _dataset(tmp_path, [{"id": 1, "name": "x"}], [box])
+    doc = json.loads(ann.read_text())
+    if case == "misspelled_key":
+        doc["annotation"] = doc.pop("annotations")
+    elif case == "not_a_list":
+        doc["annotations"] = {"1": doc["annotations"][0]}
+    elif case == "crowd_only":
+        doc["annotations"][0]["iscrowd"] = 1
+    ann.write_text(json.dumps(doc))
+    with caplog.at_level(logging.WARNING):
+        m = convert_coco(ann, root, tmp_path / "out", progress=False)
+    assert m["num_images"] == 1
+    assert ("no box to train on" in caplog.text) == (case != "fine"), caplog.text

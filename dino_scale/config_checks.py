@@ -38,7 +38,7 @@ BACKBONE_NAMES = ("resnet50", "resnet18", "tiny_resnet", "swin_large_384", "swin
 ACTIVATION_NAMES = ("relu", "gelu")
 #: ``model.msda_backend``: None picks the CUDA kernel for GPU inputs (:func:`dino_scale.ops.ms_deform_attn`)
 MSDA_BACKENDS = (None, "pytorch", "cuda")
-#: ``train.compile_mode`` (:func:`dino_scale.models.compile.compile_model`)
+#: ``train.compile_mode`` (:func:`dino_scale.models.compile.compile_regions`)
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor records CUDA graphs in these
 #: ``train.compile_granularity``: compiled regions per encoder layer or per encoder/decoder stack

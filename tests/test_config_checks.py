@@ -9,11 +9,11 @@ import pytest
 
 from dino_scale import config_checks as checks
 from dino_scale.config import ConfigError, preset
+from pipelines._common import _GPU_DRIVER_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "deepspeed", "ray", "mlflow", "pycocotools")
-_NO_GPU_DRIVER = not any(os.path.exists(p) for p in ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/kfd",
-                                                     "/dev/dxg"))
+_NO_GPU_DRIVER = not any(os.path.exists(p) for p in _GPU_DRIVER_FILES)
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess:

@@ -53,10 +53,13 @@ class FitResult:
 
     def finish_tracking(self, timeout_s: float = 30.0) -> bool:
         """Send what the run's logger still buffers (the pipelines call it before registering);
-        True when nothing is left. A run whose end could not be sent stayed RUNNING."""
+        True when nothing is left to send. A run whose end could not be sent stayed RUNNING.
+        Calls the store refused (a bad metric key) are dropped, not left: the logger logs them
+        as an error and they do not make this False."""
         if self.pending_tracking is None:
             return True
-        if self.pending_tracking.close(timeout_s=timeout_s):
+        self.pending_tracking.close(timeout_s=timeout_s)
+        if self.pending_tracking.pending == 0:
             self.pending_tracking = None
         return self.pending_tracking is None
 

@@ -196,18 +196,33 @@ def _one_version(client, name: str, run_id: str, token: str, version: str) -> st
     return str(made[0].version) if made else version
 
 
+# how the databases MLflow's SQL store runs on word a duplicate-key insert (SQLite, PostgreSQL,
+# MySQL/MariaDB, SQL Server), lower-cased
+_UNIQUE_VIOLATION_TEXTS = ("unique constraint failed", "duplicate key value violates unique constraint",
+                           "duplicate entry", "cannot insert duplicate key", "violation of unique key constraint",
+                           "violation of primary key constraint")
+
+
+def is_unique_violation(exc: BaseException) -> bool:
+    """True when ``exc`` (an MLflow error from a SQL-backed store, directly or through ``mlflow
+    server``) says a row with that key already exists: the loser of an insert race."""
+    text = str(exc).lower()
+    return any(words in text for words in _UNIQUE_VIOLATION_TEXTS)
+
+
 def set_alias(name: str, alias: str, version: str | int, tracking_uri: Optional[str] = None) -> None:
     """Point ``name@alias`` at ``version`` (moving it if it pointed elsewhere). MLflow's sqlite
     store reads, then inserts a new alias: two processes making one alias at once (two first
     fine-tunes promoting to an empty ``@champion``) failed the loser with 'UNIQUE constraint
-    failed' (11 of 80 tries). Set again, the alias exists and is moved."""
+    failed' (11 of 80 tries; PostgreSQL and MySQL word it otherwise, see
+    :func:`is_unique_violation`). Set again, the alias exists and is moved."""
     from mlflow.exceptions import MlflowException
 
     client = store_client(tracking_uri)
     try:
         client.set_registered_model_alias(name, alias, str(version))
     except MlflowException as exc:
-        if "UNIQUE constraint failed" not in str(exc):
+        if not is_unique_violation(exc):
             raise
         log.info("registry: %s@%s was made by another process at the same time; moving it", name, alias)
         client.set_registered_model_alias(name, alias, str(version))

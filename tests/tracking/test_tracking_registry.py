@@ -256,3 +256,57 @@ def test_two_processes_making_one_new_alias_at_once_both_succeed(tmp_path):
     assert [out.split(" ", 1)[0] for out, _ in outs] == ["0", "0"], outs
     aliases = client.get_registered_model("dino-tiny-coco").aliases
     assert sorted(aliases) == sorted(f"a{i}" for i in range(30))
+
+
+# the duplicate-key errors of the SQL databases MLflow's store runs on, as their drivers word them
+_DUPLICATE_KEY_ERRORS = {
+    "sqlite": "(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases.name, "
+              "registered_model_aliases.alias",
+    "postgresql": '(psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint '
+                  '"registered_model_alias_pk"',
+    "mysql": "(pymysql.err.IntegrityError) (1062, \"Duplicate entry 'dino-tiny-coco-champion' for key "
+             "'registered_model_aliases.PRIMARY'\")",
+    "mssql": "(pyodbc.IntegrityError) Violation of PRIMARY KEY constraint 'registered_model_alias_pk'. "
+             "Cannot insert duplicate key in object 'dbo.registered_model_aliases'.",
+}
+
+
+@pytest.mark.parametrize("database", sorted(_DUPLICATE_KEY_ERRORS))
+def test_an_alias_race_lost_on_any_sql_database_is_set_again(tmp_path, monkeypatch, database):
+    """The loser of two processes making one new alias is set again whatever database the store
+    runs on: only SQLite's wording ('UNIQUE constraint failed') was recognised, so on PostgreSQL or
+    MySQL the second first fine-tune failed after its version was registered. The race is injected
+    (the first insert answers with that database's duplicate-key error); the store is real."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from dino_scale.tracking.registry import is_unique_violation
+
+    uri = seeded_store(tmp_path)
+    client = MlflowClient(uri, registry_uri=uri)
+    client.create_registered_model("dino-tiny-coco")
+    client.create_model_version("dino-tiny-coco", source=str(tmp_path / "w"))
+    real = MlflowClient.set_registered_model_alias
+    calls = []
+
+    def lose_the_first_race(self, name, alias, version):
+        calls.append(version)
+        if len(calls) == 1:
+            raise MlflowException(_DUPLICATE_KEY_ERRORS[database])
+        return real(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", lose_the_first_race)
+    set_alias("dino-tiny-coco", "champion", "1", tracking_uri=uri)
+    assert calls == ["1", "1"]
+    assert str(client.get_model_version_by_alias("dino-tiny-coco", "champion").version) == "1"
+    assert is_unique_violation(MlflowException(_DUPLICATE_KEY_ERRORS[database]))
+
+
+def test_other_registry_errors_are_not_taken_for_an_alias_race():
+    from mlflow.exceptions import MlflowException
+
+    from dino_scale.tracking.registry import is_unique_violation
+
+    for text in ("Registered Model with name=dino-tiny-coco not found",
+                 "(sqlite3.OperationalError) database is locked", "Model Version (name=x, version=9) not found"):
+        assert not is_unique_violation(MlflowException(text)), text

@@ -14,8 +14,9 @@ the same champion, both beat it, and the worse one's alias write can land last. 
 promotion therefore stamps its version with a fresh id (tag ``<alias>.promotion``) and the
 id of the holder it compared against (``<alias>.basis``), and after its write settles the
 race: among the versions promoted from the same holder (and promotions stacked on those)
-since shortly before this promotion read the holder (tag ``<alias>.promoted_at``), the best AP
-holds the alias. A holder from outside that family (a later, legitimate promotion, or
+since shortly before this promotion read the holder (tag ``<alias>.promoted_at``), the best
+holds the alias, by the rule of a promotion applied between the rivals (real data over synthetic,
+APs compared only on the same validation data and protocol). A holder from outside that family (a later, legitimate promotion, or
 ``promote`` by hand, which stamps a fresh id) is left alone, and so is a version promoted
 from the same holder long before: the holder got the alias back in between (moved in the
 MLflow UI, which stamps nothing) and the old promotion is no rival.
@@ -106,22 +107,10 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
     if current is not None and prev_v == version:
         return Promotion(True, version, ap, prev_v, prev_ap, f"already @{alias}")
     mine = client.get_model_version(name, version)
-    ours, theirs = _evaluation(mine), _evaluation(current)
-    over_synthetic = bool(_synthetic(current)) and _synthetic(mine) is False  # real data replaces a smoke test
-    if _synthetic(mine) is True and _synthetic(current) is False:  # and never the other way round, even where
-        # the holder carries no evaluation tags to compare (registered by an older release or by hand)
-        return Promotion(False, version, ap, prev_v, prev_ap,
-                         f"AP {ap:.4f} was measured on synthetic data and @{alias} v{prev_v} on real data: "
-                         f"alias not moved")
-    if ours is not None and theirs is not None and ours != theirs and not over_synthetic:
-        return Promotion(False, version, ap, prev_v, prev_ap,
-                         f"AP {ap:.4f} was measured on other validation data or protocol ({_eval_text(ours)}) than "
-                         f"@{alias} v{prev_v}'s (AP {'-' if prev_ap is None else f'{prev_ap:.4f}'}, "
-                         f"{_eval_text(theirs)}): not comparable, alias not moved (move it by hand with "
-                         f"`dino-scale registry promote`)")
-    if current is not None and prev_ap is not None and not ap > prev_ap and not over_synthetic:
-        return Promotion(False, version, ap, prev_v, prev_ap,
-                         f"AP {ap:.4f} does not beat @{alias} v{prev_v} (AP {prev_ap:.4f})")
+    refusal = _refusal(mine, ap, current, alias)
+    if refusal:
+        return Promotion(False, version, ap, prev_v, prev_ap, refusal)
+    over_synthetic = _over_synthetic(mine, current)
     basis = _NO_HOLDER if current is None else _promotion_id(current, alias)
     _stamp_and_set(client, name, alias, version, basis)
     why = ("first version with an AP" if current is None else
@@ -133,6 +122,38 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
                          f"AP {ap:.4f} {why}, but v{holder.version} (AP {_ap_of(holder) or float('nan'):.4f}), "
                          f"promoted at the same time from the same @{alias}, is better")
     return Promotion(True, version, ap, prev_v, prev_ap, f"AP {ap:.4f} {why}")
+
+
+def _over_synthetic(mine, holder) -> bool:
+    """``mine`` was measured on real data and ``holder`` on a generated set: it replaces it."""
+    return bool(_synthetic(holder)) and _synthetic(mine) is False
+
+
+def _refusal(mine, ap: float, holder, alias: str, tie_wins: bool = False) -> Optional[str]:
+    """Why ``mine`` (AP ``ap``) may not take ``alias`` from ``holder``; None when it beats it.
+    One rule for a promotion and for settling a race between promotions (:func:`_settle`):
+    a version measured on synthetic data never replaces one measured on real data; one measured
+    on real data replaces one measured on synthetic data whatever the APs; otherwise APs of other
+    validation data or protocol are not comparable, and the AP must be strictly greater (a
+    holder without an AP counts as beaten; ``tie_wins``: an equal AP is enough)."""
+    if holder is None:
+        return None
+    prev_v, prev_ap = str(holder.version), _ap_of(holder)
+    if _synthetic(mine) is True and _synthetic(holder) is False:  # even where the holder carries no
+        # evaluation tags to compare (registered by an older release or by hand)
+        return (f"AP {ap:.4f} was measured on synthetic data and @{alias} v{prev_v} on real data: "
+                f"alias not moved")
+    if _over_synthetic(mine, holder):  # real data replaces a smoke test that took the alias first
+        return None
+    ours, theirs = _evaluation(mine), _evaluation(holder)
+    if ours is not None and theirs is not None and ours != theirs:
+        return (f"AP {ap:.4f} was measured on other validation data or protocol ({_eval_text(ours)}) than "
+                f"@{alias} v{prev_v}'s (AP {'-' if prev_ap is None else f'{prev_ap:.4f}'}, "
+                f"{_eval_text(theirs)}): not comparable, alias not moved (move it by hand with "
+                f"`dino-scale registry promote`)")
+    if prev_ap is not None and not (ap > prev_ap or tie_wins and ap == prev_ap):
+        return f"AP {ap:.4f} does not beat @{alias} v{prev_v} (AP {prev_ap:.4f})"
+    return None
 
 
 def tta_protocol(cfg) -> str:
@@ -195,10 +216,11 @@ def _promoted_at(version, alias: str) -> float:
 def _settle(client, name: str, alias: str, basis: str, since: float = -math.inf):
     """After an automatic promotion from the holder with promotion id ``basis``: while the
     alias holder is one of the versions promoted from that holder (or from one of those,
-    transitively) at ``since`` or later and another of them has a better AP (ties: the older
-    version), move the alias to the best. Repeats until stable, so that the last writer always
-    leaves the best of the family. Returns the final holder (None: no holder) and whether it
-    is of the family."""
+    transitively) at ``since`` or later and others of them beat it by the rule of a promotion
+    (:func:`_refusal`: real data over synthetic, a strictly better AP on the same validation data
+    and protocol; ties: the older version), move the alias to the best of those. Repeats until
+    stable, so that the last writer always leaves a holder no rival beats. Returns the final
+    holder (None: no holder) and whether it is of the family."""
     holder = None
     for _ in range(_SETTLE_ROUNDS):
         holder = _version_by_alias(client, name, alias)
@@ -216,13 +238,23 @@ def _settle(client, name: str, alias: str, basis: str, since: float = -math.inf)
                     grown = True
         if str(holder.version) not in family:
             return holder, False  # moved by something outside this race: left alone
-        ranked = [v for v in family.values() if _ap_of(v) is not None]
-        best = max(ranked, key=lambda v: (_ap_of(v), -int(v.version)), default=holder)
-        if str(best.version) == str(holder.version):
+        # each rival passed the rule against the holder it was promoted from, not against the
+        # others: one measured on other data, or on a generated set, must not win on its AP alone
+        rivals = [v for v in family.values() if str(v.version) != str(holder.version)
+                  and _ap_of(v) is not None and _beats(v, holder, alias)]
+        if not rivals:
             return holder, True
+        best = max(rivals, key=lambda v: (_synthetic(v) is not True, _ap_of(v), -int(v.version)))
         set_alias(client, name, alias, str(best.version))
     holder = _version_by_alias(client, name, alias)
     return holder, holder is not None
+
+
+def _beats(rival, holder, alias: str) -> bool:
+    """``rival`` would take ``alias`` from ``holder`` (:func:`_refusal`); an equal AP on comparable
+    data goes to the older version."""
+    older = int(rival.version) < int(holder.version)
+    return _refusal(rival, _ap_of(rival), holder, alias, tie_wins=older) is None
 
 
 def set_alias(client, name: str, alias: str, version: str) -> None:

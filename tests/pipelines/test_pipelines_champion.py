@@ -302,3 +302,38 @@ def test_pipelines_champion_tta_sizes_are_part_of_the_protocol(client, tmp_path)
     assert promote_if_better("dino-tiny-coco", version("true:800"), 0.30, client=client).promoted
     assert not promote_if_better("dino-tiny-coco", version("true:800,1000"), 0.40, client=client).promoted
     assert promote_if_better("dino-tiny-coco", version("true:800"), 0.31, client=client).promoted
+
+
+def test_pipelines_champion_race_is_settled_by_the_rule_of_a_promotion(client, _store, tmp_path):
+    """Two fine-tunes beat a champion set by hand (no evaluation tags), at the same time: one
+    measured on real data, one on a generated set with a higher AP. Settling the race compared
+    the two APs alone and gave the alias to the smoke test, which a promotion never does over
+    real data; and a real version on other validation data lost the alias to a higher AP it
+    cannot be compared with. Settling now applies the promotion rule between the rivals."""
+    def version(data: str, synthetic: bool) -> str:
+        v = _new_version(client, tmp_path)
+        for key, value in (("eval.data", data), ("eval.tta", "false"), ("synthetic_data", str(synthetic).lower())):
+            client.set_model_version_tag("dino-tiny-coco", v, key, value)
+        return v
+
+    v1 = _new_version(client, tmp_path)
+    client.set_model_version_tag("dino-tiny-coco", v1, "AP", "0.500000")
+    client.set_registered_model_alias("dino-tiny-coco", "champion", v1)  # by hand: nothing to compare
+    read_v1 = client.get_model_version_by_alias("dino-tiny-coco", "champion")
+    real, smoke = version("val2017-fp", False), version("synthetic-fp", True)
+    assert promote_if_better("dino-tiny-coco", real, 0.55, client=client).promoted
+    late = _StaleAliasRead(read_v1, tracking_uri=_store, registry_uri=_store)
+    p = promote_if_better("dino-tiny-coco", smoke, 0.90, client=late)  # read v1 before `real` took it
+    assert _champion(client) == real
+    assert not p.promoted and f"v{real}" in p.reason, p.reason
+
+    # two real sets: neither AP beats the other, so the settled holder is not moved on its AP
+    by_hand = _new_version(client, tmp_path)
+    client.set_model_version_tag("dino-tiny-coco", by_hand, "AP", "0.500000")
+    client.set_registered_model_alias("dino-tiny-coco", "champion", by_hand)
+    read = client.get_model_version_by_alias("dino-tiny-coco", "champion")
+    other, subset = version("val2017-fp", False), version("val-subset-fp", False)
+    assert promote_if_better("dino-tiny-coco", other, 0.95, client=client).promoted
+    late = _StaleAliasRead(read, tracking_uri=_store, registry_uri=_store)
+    p = promote_if_better("dino-tiny-coco", subset, 0.60, client=late)
+    assert p.promoted and _champion(client) == subset, p.reason  # was: given to v(0.95) "is better"

@@ -26,6 +26,30 @@ class InitWeights:
     path: Path  # folder with model.safetensors, config.json, lineage.json
     lineage: dict[str, Any] = field(default_factory=dict)  # source.* tags for the run
     summary: str = ""
+    created: bool = False  # the folder was made by this call (a run refused before training removes it)
+
+
+def _folder_for(out_dir: Path, tags: dict[str, str], log=print) -> Path:
+    """``out_dir``, unless it holds the initial weights of another source (a rerun of a run name
+    with other ``--init``): then ``<out_dir>-<digest of this source>``, so that the weights an
+    earlier run of that name started from are never overwritten (a resumed run refuses another
+    source, after this folder was written)."""
+    import hashlib
+
+    from dino_scale.tracking.resume import source_identity
+
+    try:
+        before = json.loads((out_dir / "lineage.json").read_text())
+    except (OSError, ValueError):
+        return out_dir  # none yet (or unreadable: nothing to keep)
+    now = source_identity(tags)
+    if not isinstance(before, dict) or source_identity(before) == now:
+        return out_dir
+    digest = hashlib.sha256(repr(now).encode()).hexdigest()[:8]
+    other = out_dir.with_name(f"{out_dir.name}-{digest}")
+    log(f"{out_dir} holds the initial weights of {before.get('init_uri') or 'another source'}: kept; "
+        f"this source's go to {other}")
+    return other
 
 
 def is_remote(uri: str) -> bool:
@@ -233,6 +257,7 @@ def prepare_init(uri: str, cfg: Config, target_categories: list[dict], out_dir: 
     from dino_scale.models.official import load_official_state_dict
 
     out_dir = Path(out_dir)
+    existed = out_dir.exists()  # before a download into it
     try:
         resolved = resolve(uri, out_dir / "source")
         tags = lineage_tags(resolved)
@@ -244,6 +269,9 @@ def prepare_init(uri: str, cfg: Config, target_categories: list[dict], out_dir: 
     finally:  # a downloaded copy is in memory now, or useless (a failed or partial download)
         if is_remote(uri):
             shutil.rmtree(out_dir / "source", ignore_errors=True)
+    chosen = _folder_for(out_dir, tags, log)
+    created = not chosen.exists() if chosen != out_dir else not existed
+    out_dir = chosen
     torch.manual_seed(cfg.train.seed)
     # built without model.backbone_weights: _check_same_tensors and the strict load below make
     # every backbone tensor the source's, so the ImageNet file (a path perhaps only the workers
@@ -273,4 +301,4 @@ def prepare_init(uri: str, cfg: Config, target_categories: list[dict], out_dir: 
                                   "fresh": report.unmatched_target}}
     save_weights(out_dir, model.state_dict(), config=to_dict(cfg))
     atomic_write_text(out_dir / "lineage.json", json.dumps(lineage, indent=2))
-    return InitWeights(path=out_dir, lineage=tags, summary=report.summary())
+    return InitWeights(path=out_dir, lineage=tags, summary=report.summary(), created=created)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -150,8 +151,15 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
     log(f"training on {train} (val: {val}); MLflow store {uri}")
     from dino_scale.engine import fit
 
-    result = fit(cfg, train, val, work_dir / "runs" / run_name, run_name, init_weights=init_dir,
-                 experiment=args.experiment, tags=tags, lineage=lineage)
+    from dino_scale.config import ConfigError
+
+    try:
+        result = fit(cfg, train, val, work_dir / "runs" / run_name, run_name, init_weights=init_dir,
+                     experiment=args.experiment, tags=tags, lineage=lineage)
+    except ConfigError:  # refused before training (a resumed run of other weights): nothing uses the folder
+        if init_dir is not None and prepared.created:
+            shutil.rmtree(init_dir, ignore_errors=True)
+        raise
     ap = results.result_ap(result)
     log(f"training done: run {result.run_id}, AP {'-' if ap is None else f'{ap:.4f}'}")
     print()

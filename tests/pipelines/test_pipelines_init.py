@@ -190,3 +190,55 @@ def test_pipelines_init_removes_a_download_it_could_not_use(o365_checkpoint, tmp
         prepare_init("models:/dino-tiny-o365/1", cfg, [{"id": 1, "name": "person"}], tmp_path / "init",
                      log=lambda m: None)
     assert not (tmp_path / "init" / "source").exists()
+
+
+def test_pipelines_init_of_another_source_keeps_the_earlier_runs_folder(o365_checkpoint, tmp_path, monkeypatch,
+                                                                        capsys, mlflow_store_restored):
+    """A rerun of a run name from other weights (`--init` changed) wrote its init over
+    ``work/init/<run>``, the weights the earlier run of that name started from, and then the
+    engine refused it (a resumed run must start from the same weights): the refused call had
+    already destroyed them. Another source now goes to ``work/init/<run>-<digest>``, which a
+    refused run removes; the same source reuses the folder."""
+    import dino_scale.engine
+    from dino_scale.config import ConfigError
+    from pipelines import _common as common
+    from pipelines import finetune_coco
+
+    ckpt, src = o365_checkpoint
+    other = tmp_path / "other"
+    save_weights(other, {k: v + 1 if v.is_floating_point() else v for k, v in src.items()},
+                 config=json.loads((ckpt / "config.json").read_text()))
+    (other / "categories.json").write_text((ckpt / "categories.json").read_text())
+    coco = [{"id": c["id"], "name": c["name"]} for c in synthetic.categories("coco-like")]
+    cfg = preset("tiny", ["model.num_classes=91", "model.dn_labelbook_size=91"])
+    out = tmp_path / "work" / "init" / "ft"
+    first = prepare_init(str(ckpt), cfg, coco, out, log=lambda m: None)
+    assert first.path == out and first.created
+    kept = (out / "model.safetensors").read_bytes()
+    again = prepare_init(str(ckpt), cfg, coco, out, log=lambda m: None)  # same source: same folder
+    assert again.path == out and not again.created
+    second = prepare_init(str(other), cfg, coco, out, log=lambda m: None)
+    assert second.path.parent == out.parent and second.path.name.startswith("ft-") and second.created
+    assert (out / "model.safetensors").read_bytes() == kept
+    assert json.loads((second.path / "lineage.json").read_text())["init_uri"] == str(other)
+    import shutil
+    shutil.rmtree(second.path)
+
+    # the pipeline: the engine refuses the rerun; the earlier run's weights are intact, no folder is left
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(finetune_coco, "resolve_datasets",
+                        lambda *a, **k: (str(tmp_path / "train"), str(tmp_path / "val"), True))
+    monkeypatch.setattr(finetune_coco, "categories_of", lambda data: coco)
+    monkeypatch.setattr(finetune_coco, "check_classes", lambda *a, **k: None)
+    monkeypatch.setattr(common, "connect_ray", lambda *a, **k: "Ray stand-in (the engine is refused below)")
+
+    def refuse(*args, init_weights=None, **kwargs):
+        assert init_weights != str(out)
+        raise ConfigError("run name 'ft' resumes MLflow run abc, which started from other weights")
+
+    monkeypatch.setattr(dino_scale.engine, "fit", refuse)
+    argv = ["--work-dir", str(tmp_path / "work"), "--preset", "tiny", "--run-name", "ft", "--init", str(other)]
+    assert common.run_main(finetune_coco.main, argv) == 2
+    assert "resumes MLflow run" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == kept
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ft"]

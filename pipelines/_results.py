@@ -89,16 +89,23 @@ def register(result, name: str, alias: Optional[str], categories: list[dict],
         print(f"warning: MLflow run {result.run_id}: its final metrics and end status could not be sent "
               f"(store unreachable); it shows RUNNING", file=sys.stderr, flush=True)
     final = Path(result_checkpoint(result))
-    atomic_write_text(final / "categories.json", json.dumps(categories))  # read by --init and predict
     uri = result.tracking_uri
-    client = store_client(uri)
-    client.log_artifact(result.run_id, str(final / "categories.json"), artifact_path=MODEL_ARTIFACT_PATH)
-    ensure_logged_model(client, result.run_id, final, MODEL_ARTIFACT_PATH)
-    tags = dict(tags or {})
-    ap = result_ap(result)
-    if ap is not None:
-        tags.setdefault("AP", f"{ap:.6f}")
-    version = register_model(result.run_id, name, tags=tags, tracking_uri=uri)
-    if alias:
-        set_alias(name, alias, version, tracking_uri=uri)
+    try:
+        atomic_write_text(final / "categories.json", json.dumps(categories))  # read by --init and predict
+        client = store_client(uri)
+        client.log_artifact(result.run_id, str(final / "categories.json"), artifact_path=MODEL_ARTIFACT_PATH)
+        ensure_logged_model(client, result.run_id, final, MODEL_ARTIFACT_PATH)
+        tags = dict(tags or {})
+        ap = result_ap(result)
+        if ap is not None:
+            tags.setdefault("AP", f"{ap:.6f}")
+        version = register_model(result.run_id, name, tags=tags, tracking_uri=uri)
+        if alias:
+            set_alias(name, alias, version, tracking_uri=uri)
+    except Exception as exc:  # training is done: say how to register it without training again
+        print(f"note: training finished (MLflow run {result.run_id}, weights in {final}) but registering {name} "
+              f"failed ({type(exc).__name__}). To register it without training again, run the same command "
+              f"with --run-name {result.run_name} once {uri} answers: the run resumes its final checkpoint, "
+              f"evaluates it again and registers it", file=sys.stderr, flush=True)
+        raise
     return version

@@ -88,3 +88,28 @@ def test_pipelines_results_register_completes_a_partial_model_upload(tmp_path):
         assert loaded_cfg.model.num_queries == 17
         ref = model.state_dict()
         assert all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())
+
+
+def test_pipelines_results_failed_registration_says_how_to_register_without_training(tmp_path, capsys):
+    """Registration failing after a long training (the store went away, the run was deleted)
+    printed the error only: the run name, generated with a timestamp, was nowhere on screen,
+    and rerunning without it trained again from the start. The note names the run, its weights
+    and the --run-name that resumes the finished run and registers it."""
+    import pytest
+    from mlflow.exceptions import MlflowException
+
+    from dino_scale.config import preset, to_dict
+    from dino_scale.engine.api import FitResult
+    from dino_scale.engine.checkpoint import save_weights
+    from dino_scale.models import build_dino
+
+    uri = seeded_store(tmp_path)
+    final = tmp_path / "final"
+    save_weights(final, build_dino(preset("tiny").model)[0].state_dict(), config=to_dict(preset("tiny")))
+    result = FitResult(checkpoint_path=str(final), weights_path=final / "model.safetensors",
+                       config_path=final / "config.json", metrics={"AP": 0.25}, run_id="0" * 32,
+                       tracking_uri=uri, run_name="finetune-tiny-init-20261206-101500")
+    with pytest.raises(MlflowException):  # no such run in this store
+        results.register(result, "dino-tiny-coco", alias=None, categories=[{"id": 1, "name": "person"}])
+    err = capsys.readouterr().err
+    assert "--run-name finetune-tiny-init-20261206-101500" in err and str(final) in err and "0" * 32 in err, err

@@ -23,7 +23,10 @@ class MalformedJSONError(ValueError):
     def __init__(self, path: Union[str, Path], position: int, line: int, column: int, detail: str):
         self.path, self.position, self.line, self.column = str(path), position, line, column
         hint = ""
-        if "invalid char" in detail:
+        if "invalid bytes in utf8" in detail.lower():
+            hint = (" (JSON is UTF-8 and this file is not: re-save it as UTF-8, e.g. "
+                    "`iconv -f latin1 -t utf-8 in.json > out.json` for a Latin-1 file)")
+        elif "invalid char" in detail:
             hint = " (NaN/Infinity literals and a UTF-8 byte-order mark are not JSON: write null; save without BOM)"
         elif "integer overflow" in detail:
             hint = (" (an integer outside the JSON parser's range -(2**63 - 1) .. 2**63 - 1; ids and other "

@@ -228,6 +228,17 @@ def test_data_malformed_json_names_byte_position(tmp_path, text, needle):
         assert "write null" in str(ei.value)
 
 
+def test_data_json_not_in_utf8_says_so(tmp_path):
+    """A Latin-1 file (a category name with an accent) failed as "lexical error: invalid bytes in
+    UTF8 string" only: the message now says the file must be re-saved as UTF-8, and where."""
+    ann = tmp_path / "latin1.json"
+    text = '{"images": [], "annotations": [], "categories": [{"id": 1, "name": "caf\u00e9"}]}'
+    ann.write_bytes(text.encode("latin-1"))
+    with pytest.raises(MalformedJSONError, match="re-save it as UTF-8") as ei:
+        convert_coco(ann, None, tmp_path / "out", progress=False)
+    assert text.index("\u00e9") <= ei.value.position <= text.index("\u00e9") + 1  # the parser stops at or after it
+
+
 def test_data_truncated_json_reports_end_of_file(tmp_path):
     text = json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "width": 4, "height": 4}] * 3,
                        "categories": [{"id": 1, "name": "a"}]})

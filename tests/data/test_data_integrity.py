@@ -96,6 +96,23 @@ def test_data_a_null_list_item_is_a_damaged_record_not_a_crash(tmp_path, column,
     assert record_damage(rec) == "labels"
 
 
+def test_data_an_embedded_image_whose_bytes_were_nulled_is_damaged(tmp_path):
+    """A record of an embedded set whose image cell became null (its checksum still there) was
+    not damaged: it was read by path instead, against no image root, from the worker's working
+    folder (a counted missing_file at best, another image if one had that name)."""
+    from dino_scale.data.records import arrow_rows, record_from_row
+
+    out, _ = _convert(tmp_path)
+    row = arrow_rows(pq.read_table(out / read_manifest(out)["shards"][0]["file"]).slice(0, 1))[0]
+    rec = record_from_row({**row, "image": None})
+    assert record_damage(rec) == "image"
+    with pytest.raises(ImageDecodeError, match="damaged: its image bytes do not match"):
+        DetectionTransform(preset("tiny").data, train=False)(rec)
+    # a set read by path stores no image checksum: its null cells are as written
+    ref, _ = _convert(tmp_path, embed=False, name="ref")
+    assert all(record_damage(r) is None for r in iter_records(ref, verify=True))
+
+
 def test_data_record_changed_after_conversion_is_a_counted_skip(tmp_path, caplog):
     """A changed byte of an embedded JPEG decodes to other pixels and a changed box coordinate
     reads as another box: both were read without a word before the checksums (seen). Now the

@@ -85,6 +85,13 @@ def normalize_batch(images: torch.Tensor, masks: Optional[torch.Tensor] = None,
     return x
 
 
+def _inside(boxes: tv_tensors.BoundingBoxes) -> tuple[tv_tensors.BoundingBoxes, torch.Tensor]:
+    """``boxes`` (n, 4) XYXY clamped to their canvas, and the (n,) mask of those with area left.
+    Converted boxes lie inside their image already (clipped at conversion): a no-op for them."""
+    boxes = F.clamp_bounding_boxes(boxes)
+    return boxes, (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
 class DetectionTransform:
     """Record -> sample. ``__call__(record, epoch)`` returns a dict:
 
@@ -164,7 +171,8 @@ class DetectionTransform:
         if rng.random() < 0.5:
             img, boxes = F.horizontal_flip(img), F.horizontal_flip(boxes)
         if rng.random() < 0.5:
-            return (*self._resize(img, boxes, self.scales[rng.integers(len(self.scales))], self.max_size), keep)
+            img, boxes = self._resize(img, boxes, self.scales[rng.integers(len(self.scales))], self.max_size)
+            return img, *_inside(boxes)
         img, boxes = self._resize(img, boxes, self.crop_resize[rng.integers(len(self.crop_resize))], None)
         h, w = img.shape[-2:]
         lo, hi = self.crop_range
@@ -172,8 +180,7 @@ class DetectionTransform:
         ch = int(rng.integers(min(lo, h), min(h, hi) + 1))
         top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
         img, boxes = F.crop(img, top, left, ch, cw), F.crop(boxes, top, left, ch, cw)
-        boxes = F.clamp_bounding_boxes(boxes)
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, keep = _inside(boxes)
         img, boxes = self._resize(img, boxes, self.scales[rng.integers(len(self.scales))], self.max_size)
         return img, boxes, keep
 
@@ -240,9 +247,37 @@ class DetectionTransform:
             raise ImageDecodeError("damaged", f"its lists disagree: {boxes} box values, {n} category ids"
                                    + ("" if crowd is None else f", {np.asarray(crowd).size} crowd flags"))
 
+    @staticmethod
+    def check_fields(record: dict[str, Any]) -> None:
+        """``ImageDecodeError("damaged")`` for fields no converted record holds (the converter
+        refuses or drops them; a shard written by another tool, without checksums, may): a width
+        or height that is not a positive integer (a division by zero in the resize), a file record
+        without a file name, a box that is not finite or has no area (NaN targets in the loss)."""
+        def bad(detail: str) -> ImageDecodeError:
+            return ImageDecodeError("damaged", f"{detail}: only a shard written by another tool holds such a "
+                                    f"record (`dino-scale prepare-data` drops or refuses it)")
+
+        for key in ("width", "height"):
+            value = record.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise bad(f"{key} {value!r} is not a positive integer")
+        name = record.get("file_name")
+        if record.get("image") is None and (not isinstance(name, str) or not name):
+            raise bad(f"no embedded image and file_name {name!r}")
+        if record["boxes"] is not None and len(record["boxes"]):
+            xywh = np.asarray(record["boxes"], dtype=np.float64).reshape(-1, 4)
+            crowd = record.get("iscrowd")
+            if crowd is not None:
+                xywh = xywh[~np.asarray(crowd, dtype=bool).reshape(-1)]
+            wrong = ~np.isfinite(xywh).all(1) | (xywh[:, 2] <= 0) | (xywh[:, 3] <= 0)
+            if wrong.any():
+                raise bad(f"{int(wrong.sum())} box(es) not finite or without area (first: "
+                          f"{xywh[wrong][0].tolist()})")
+
     def __call__(self, record: dict[str, Any], epoch: int = 0) -> dict[str, Any]:
         self.check_integrity(record)  # changed labels or bytes would train silently on other data
         self.check_lists(record)
+        self.check_fields(record)
         self.check_categories(record)  # before decoding: the image would be dropped anyway
         self.check_crop_branch_size(record)
         arr = self.load(record)
@@ -265,7 +300,7 @@ class DetectionTransform:
             img, boxes, keep = self.augment(img, boxes, sample_rng(self.seed, epoch, int(record["image_id"])))
         else:
             img, boxes = self._resize(img, boxes, self.eval_size, self.eval_max)
-            keep = torch.ones(boxes.shape[0], dtype=torch.bool)
+            boxes, keep = _inside(boxes)
         h, w = img.shape[-2:]
         b = boxes.as_subclass(torch.Tensor)[keep]
         cxcywh = torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0],

@@ -220,3 +220,46 @@ def test_normalize_batch_leaves_a_float_input_as_it_was():
     out = normalize_batch(images)
     assert torch.equal(images, torch.full((1, 3, 4, 4), 255.0)) and out.data_ptr() != images.data_ptr()
     assert torch.allclose(out, normalize_batch(images.to(torch.uint8)))
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"width": 0, "height": 0}, "width 0 is not a positive integer"),
+    ({"height": -3}, "height -3"),
+    ({"image": None, "file_name": None}, "no embedded image and file_name None"),
+    ({"boxes": np.array([[40, 30, 60, 50], [np.nan, 1, 2, 3]], np.float32),
+      "category_ids": np.array([3, 3]), "iscrowd": np.array([False, False])}, "1 box(es) not finite"),
+    ({"boxes": np.array([[100, 100, -50, 0]], np.float32)}, "without area (first: [100.0, 100.0, -50.0, 0.0])"),
+])
+def test_data_a_record_no_converter_writes_is_a_counted_skip(change, needle):
+    """Shards written by another tool carry no checksums, so nothing checked their fields: a width
+    of 0 raised ZeroDivisionError in the resize (a failed Ray task, then the job), a file record
+    without a name a TypeError, and NaN or negative boxes reached the loss. Each is now an
+    ImageDecodeError ("damaged"), which the loaders count and log as a skip, in every mode."""
+    from dino_scale.data.decode import ImageDecodeError
+
+    record = {**_record(), **change}
+    for train in (True, False):
+        with pytest.raises(ImageDecodeError, match="damaged") as ei:
+            DetectionTransform(preset("tiny").data, train=train)(record)
+        assert needle in str(ei.value), str(ei.value)
+    crowd = _record(crowd=True)  # a crowd box is not trained on: not checked
+    crowd["boxes"][1] = [0, 0, 0, 0]
+    assert DetectionTransform(preset("tiny").data, train=False)(crowd)["boxes"].shape == (1, 4)
+
+
+def test_data_boxes_beyond_the_image_are_clipped_in_every_branch():
+    """Only the crop branch clamped boxes to the image: a box reaching past the border (from a
+    shard written by another tool) gave normalized boxes above 1 in evaluation and in the
+    resize branch of training; one wholly outside is dropped."""
+    record = _record(w=200, h=150, box=(150, 100, 100, 100))
+    record["boxes"] = np.array([[150, 100, 100, 100], [300, 10, 20, 20]], np.float32)
+    record["category_ids"], record["iscrowd"] = np.array([3, 4]), np.array([False, False])
+    samples = [DetectionTransform(preset("tiny").data, train=False)(record)]
+    train = DetectionTransform(preset("tiny").data, train=True)
+    samples += [train(record, epoch=e) for e in range(8)]
+    assert samples[0]["labels"].tolist() == [3]
+    for s in samples:  # (a random crop may cut the first box away too)
+        assert s["labels"].tolist() in ([3], []) and s["boxes"].shape == (len(s["labels"]), 4)
+        for cx, cy, w, h in s["boxes"].tolist():
+            assert 0 <= cx - w / 2 and cx + w / 2 <= 1 + 1e-6 and 0 <= cy - h / 2 and cy + h / 2 <= 1 + 1e-6, s
+    assert sum(len(s["labels"]) for s in samples[1:]) >= 4  # the resize branch kept it (clipped)

@@ -10,6 +10,7 @@ runtime loader looks in (``$DINO_SCALE_EXT_DIR`` or ``~/.cache/dino_scale/ext``)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,17 +44,31 @@ def _info() -> int:
     else:
         state = "built" if built else "incomplete: rebuild" if lib.exists() else "not built"
         print(f"library          {lib} ({state})")
-    print(f"default backend  {_default_backend(torch.cuda.is_available(), built, cuda_home)}")
+    gpu, arch_problem = torch.cuda.is_available(), None
+    if gpu and lib is not None:
+        try:  # the loader refuses a library without code for a visible GPU (as it would fail at the first call)
+            _build.check_runs_on_visible_gpus(lib, arch)
+        except _build.BuildError as exc:
+            arch_problem = str(exc)
+    jit = os.environ.get("DINO_SCALE_MSDA_NO_JIT", "0") != "1"
+    print(f"default backend  {_default_backend(gpu, built, cuda_home, arch_problem, jit)}")
     return 0
 
 
-def _default_backend(gpu: bool, built: bool, cuda_home: str | None) -> str:
+def _default_backend(gpu: bool, built: bool, cuda_home: str | None, arch_problem: str | None = None,
+                     jit: bool = True) -> str:
     """What ``ms_deform_attn(backend=None)`` will run for CUDA inputs in a process started here,
-    said without building anything (CPU inputs always take the PyTorch backend)."""
+    said without building anything (CPU inputs always take the PyTorch backend). ``arch_problem``:
+    why the library cannot run on a visible GPU; ``jit``: DINO_SCALE_MSDA_NO_JIT is not 1."""
     if not gpu:
         return "pytorch (no GPU visible)"
+    if arch_problem:
+        return f"pytorch, with one warning ({arch_problem})"
     if built:
         return "cuda (the library above, loaded on the first CUDA call)"
+    if not jit:
+        return ("pytorch, with one warning (not built and DINO_SCALE_MSDA_NO_JIT=1: run "
+                "`python -m dino_scale.ops build`)")
     if cuda_home:
         return "cuda after a JIT build on the first CUDA call (or run `python -m dino_scale.ops build` now)"
     return "pytorch, with one warning (no CUDA toolkit found to build the extension)"

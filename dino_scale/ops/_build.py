@@ -183,6 +183,8 @@ def library_complete(lib: Path) -> bool:
             phentsize, phnum, shentsize, shnum = struct.unpack_from(e + "HHHH", head, 0x36)
             if shoff + shentsize * shnum > size or phoff + phentsize * phnum > size:
                 return False
+            if phnum and phentsize != 56:  # an ELF64 program header entry is 56 bytes (a damaged header:
+                return False  # a smaller size raised struct.error reading the entries below)
             fh.seek(phoff)
             table = fh.read(phentsize * phnum)
     except OSError:
@@ -299,16 +301,20 @@ def _locked(directory: Path) -> Iterator[None]:
     file its maker creates is made writable by all (a shared cache folder); one another user
     made (mode 0644) is opened read-only, which locks as well (opened for writing, it refused
     that user's ``build`` of a library already up to date)."""
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / ".lock"
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        directory.mkdir(parents=True, exist_ok=True)
         try:
-            os.fchmod(fd, 0o666)  # the umask took the group/other write bits
-        except OSError:  # another user's file, opened for writing all the same
-            pass
-    except PermissionError:
-        fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                os.fchmod(fd, 0o666)  # the umask took the group/other write bits
+            except OSError:  # another user's file, opened for writing all the same
+                pass
+        except OSError:  # another user's lock file (0644), or a read-only file system (EROFS)
+            fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:  # was the raw error of the fallback: "No such file or directory: .../.lock"
+        raise BuildError(f"the build folder {directory} cannot be written ({exc.strerror or exc}): point "
+                         f"DINO_SCALE_EXT_DIR (or `build --build-dir`) at a folder this user can write") from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
@@ -375,6 +381,10 @@ def _compile(build_dir: Path, arch_list: str, verbose: bool) -> Path:
     (stage / "lock").unlink(missing_ok=True)
     # the stamp says "the library here is of these sources": gone until the new library is in
     # place (a build killed before that left the old library under the new stamp: up to date)
+    try:
+        old_stamp: Optional[str] = (build_dir / STAMP_FILE).read_text()
+    except OSError:
+        old_stamp = None
     (build_dir / STAMP_FILE).unlink(missing_ok=True)
     with _env(env):
         try:
@@ -385,6 +395,8 @@ def _compile(build_dir: Path, arch_list: str, verbose: bool) -> Path:
                 extra_include_paths=[str(files[0].parent)],
                 is_python_module=False, is_standalone=False, verbose=verbose)
         except Exception as exc:  # compiler errors arrive as RuntimeError/CalledProcessError
+            if old_stamp is not None and library_complete(library_path(build_dir)):
+                (build_dir / STAMP_FILE).write_text(old_stamp)  # the library there is still that build
             raise BuildError(f"building the ms_deform_attn extension failed: {exc}") from exc
     lib = library_path(build_dir)
     if not path or not Path(path).is_file():
@@ -407,10 +419,13 @@ def build_extension(build_dir: Optional[Path] = None, arch_list: Optional[str] =
     """
     arch_list = arch_list or default_arch_list()
     build_dir = Path(build_dir) if build_dir else build_dir_for(arch_list)
+    if not force and _up_to_date(build_dir, arch_list):  # nothing to do: no lock needed (a read-only cache)
+        return library_path(build_dir)
     with _locked(build_dir):
         lib = library_path(build_dir)
-        if not force and _up_to_date(build_dir, arch_list):
+        if not force and _up_to_date(build_dir, arch_list):  # built by another process meanwhile
             return lib
-        if force and lib.exists():
-            lib.unlink()
+        # a forced build compiles again and replaces the library only once the new one is linked:
+        # unlinked first, a failed build (no nvcc on this node, a compiler error) left the cache
+        # without one, and jobs with DINO_SCALE_MSDA_NO_JIT=1 ran on the PyTorch backend
         return _compile(build_dir, arch_list, verbose)

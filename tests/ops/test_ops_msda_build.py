@@ -454,6 +454,46 @@ def test_a_build_in_a_process_that_has_the_ops_refuses_instead_of_aborting(tmp_p
     assert not _build.library_path(tmp_path / "ext").exists()
 
 
+@pytest.mark.parametrize("failure", ["no toolkit", "compiler error"])
+def test_a_forced_build_that_fails_keeps_the_library_it_would_replace(tmp_path, monkeypatch, failure):
+    """``build --force`` deleted the library before compiling: a build that then failed (no nvcc
+    on this node, a compiler error) left the cache without one, and jobs that may not JIT-build
+    (DINO_SCALE_MSDA_NO_JIT=1) ran on the PyTorch backend. The library and its stamp stay."""
+    import torch.utils.cpp_extension as cpp_ext
+
+    from dino_scale.ops import _build
+
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    monkeypatch.setattr(_build, "ops_registered", lambda: False)
+    monkeypatch.setattr(_build, "find_cuda_home", lambda: str(tmp_path))
+    monkeypatch.setattr(cpp_ext, "load", _library_builder(payload=b"the library jobs load"))
+    monkeypatch.setattr(_build.torch.version, "cuda", "13.0")
+    lib = _build.build_extension(build_dir=ext, arch_list="9.0")
+    before = lib.read_bytes()
+    assert _build._up_to_date(ext, "9.0")
+    if failure == "no toolkit":
+        monkeypatch.setattr(_build, "find_cuda_home", lambda: None)
+    else:
+        def compiler_error(**kwargs):
+            raise RuntimeError("Error building extension 'dino_scale_msda': nvcc exited with 1")
+        monkeypatch.setattr(cpp_ext, "load", compiler_error)
+    with pytest.raises(_build.BuildError):
+        _build.build_extension(build_dir=ext, arch_list="9.0", force=True)
+    assert lib.read_bytes() == before and _build._up_to_date(ext, "9.0")
+
+
+def test_a_program_header_size_no_elf64_has_is_incomplete_not_an_error(tmp_path):
+    # e_phentsize 8 with one entry: struct.error (a traceback from `ops info` and `build`)
+    import struct
+
+    ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    header = ident + struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, 64, 0, 0, 64, 8, 1, 64, 0, 0)
+    lib = tmp_path / "damaged.so"
+    lib.write_bytes(header + bytes(64))
+    assert _build.library_complete(lib) is False
+
+
 def test_a_short_elf_header_is_incomplete_not_an_error(tmp_path):
     # 52-63 bytes with a 64-bit ELF ident raised struct.error (a traceback from `ops info` and
     # the builder) instead of counting as a library to rebuild
@@ -470,3 +510,37 @@ def test_the_build_stamp_changes_with_the_torch_it_links_against(monkeypatch):
     before = _build.sources_hash("9.0")
     monkeypatch.setattr(torch, "__version__", "0.0.1-other")
     assert _build.sources_hash("9.0") != before
+
+
+def test_a_read_only_build_folder_serves_its_library_and_refuses_a_build_in_one_line(tmp_path, monkeypatch):
+    """A shared cache this user cannot write (another user's folder, a read-only image): ``build``
+    took the lock before seeing the library was up to date, and failed with "No such file or
+    directory: .../.lock" (the read-only fallback could not create it; EROFS was not caught at
+    all). An up-to-date library is now returned without the lock; a needed build names the
+    folder and DINO_SCALE_EXT_DIR."""
+    import errno
+
+    import torch.utils.cpp_extension as cpp_ext
+
+    from dino_scale.ops import _build
+
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    monkeypatch.setattr(_build, "ops_registered", lambda: False)
+    monkeypatch.setattr(_build, "find_cuda_home", lambda: str(tmp_path))
+    monkeypatch.setattr(cpp_ext, "load", _library_builder())
+    monkeypatch.setattr(_build.torch.version, "cuda", "13.0")
+    lib = _build.build_extension(build_dir=ext, arch_list="9.0")
+    (ext / ".lock").unlink()
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(_build.os, "open", read_only)
+    assert _build.build_extension(build_dir=ext, arch_list="9.0") == lib
+    with pytest.raises(_build.BuildError, match=rf"build folder {ext} cannot be written \(Read-only file system\)"
+                                                r".*DINO_SCALE_EXT_DIR"):
+        _build.build_extension(build_dir=ext, arch_list="8.0")  # another arch: a build is needed

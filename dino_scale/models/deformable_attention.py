@@ -66,6 +66,14 @@ class MSDeformAttn(nn.Module):
         N, Lq, _ = query.shape
         S = value_in.shape[1]
         M, L, P = self.n_heads, self.n_levels, self.n_points
+        # levels of the inputs vs the layer's: a raw broadcast error, or a silent broadcast of one
+        # level's reference points to every level, before
+        if spatial_shapes.dim() != 2 or spatial_shapes.shape[0] != L:
+            raise ValueError(f"spatial_shapes {tuple(spatial_shapes.shape)} must be ({L}, 2): this layer "
+                             f"attends over n_levels={L} feature levels")
+        if reference_points.dim() != 4 or tuple(reference_points.shape[:3]) != (N, Lq, L):
+            raise ValueError(f"reference_points {tuple(reference_points.shape)} must be ({N}, {Lq}, {L}, 2 or 4) "
+                             f"(batch, queries, n_levels={L}, coordinates)")
         value = self.value_proj(value_in)
         if padding_mask is not None:
             value = value.masked_fill(padding_mask[..., None], 0.0)

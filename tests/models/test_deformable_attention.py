@@ -26,8 +26,24 @@ def test_levels_of_the_input_must_match_n_levels():
     m = MSDeformAttn(32, n_levels=2, n_heads=4, n_points=1, backend="pytorch")
     query, ref = torch.randn(2, 5, 32), torch.rand(2, 5, 2, 4)
     shapes, starts = level_index_tensors([(4, 4)], "cpu")
-    with pytest.raises(ValueError, match="spatial_shapes must be"):
+    with pytest.raises(ValueError, match=r"spatial_shapes \(1, 2\) must be \(2, 2\)"):
         m(query, ref, torch.randn(2, 16, 32), shapes, starts)
     shapes2, starts2 = level_index_tensors([(4, 4), (1, 2)], "cpu")
     out = m(query, ref, torch.randn(2, 18, 32), shapes2, starts2)
     assert out.shape == (2, 5, 32) and torch.isfinite(out).all()
+
+
+def test_msdeform_attn_inputs_of_another_level_count_are_refused_by_name():
+    """Inputs built for another number of levels than the layer's: a raw broadcast error
+    ("size of tensor a (4) must match ... (3)"), or, for reference points of one level, a silent
+    broadcast to every level. Each is refused naming the input and the layer's n_levels."""
+    layer = MSDeformAttn(32, n_levels=4, n_heads=4, n_points=2, backend="pytorch")
+    shapes, start = level_index_tensors([(6, 8), (3, 4), (2, 2), (1, 1)], "cpu")
+    S = 48 + 12 + 4 + 1
+    query, value = torch.randn(2, 5, 32), torch.randn(2, S, 32)
+    assert layer(query, torch.rand(2, 5, 4, 2), value, shapes, start).shape == (2, 5, 32)
+    with pytest.raises(ValueError, match=r"spatial_shapes \(3, 2\) must be \(4, 2\).*n_levels=4"):
+        layer(query, torch.rand(2, 5, 4, 2), value, shapes[:3], start[:3])
+    for levels in (3, 1):
+        with pytest.raises(ValueError, match=rf"reference_points \(2, 5, {levels}, 2\) must be \(2, 5, 4, 2 or 4\)"):
+            layer(query, torch.rand(2, 5, levels, 2), value, shapes, start)

@@ -170,6 +170,39 @@ def decode_skips(stats_name: str = "train") -> dict[str, Any]:
     return ray.get(_stats(stats_name).get_skips.remote())
 
 
+def skip_metrics(stats_name: str = "train", prefix: str = "data_skipped") -> dict[str, int]:
+    """:func:`decode_skips` as metrics: ``{prefix: count, prefix/<reason>: count of that reason}``
+    (``data_skipped/missing_file``...): which reasons, not only how many."""
+    skips = decode_skips(stats_name)
+    return {prefix: int(skips["count"]), **{f"{prefix}/{reason}": int(n) for reason, n in
+                                            sorted(skips["by_reason"].items())}}
+
+
+def describe_skips(stats_name: str = "train") -> Optional[str]:
+    """One line on the images dropped at decode time (count by reason, the first ids), or None."""
+    skips = decode_skips(stats_name)
+    if not skips["count"]:
+        return None
+    ids = skips["image_ids"]
+    return (f"{skips['count']} image(s) skipped at decode time ("
+            + ", ".join(f"{reason} {n}" for reason, n in sorted(skips["by_reason"].items()))
+            + f"); image ids {ids[:10]}{' ...' if len(ids) > 10 else ''}. The data workers log each with its "
+              f"reason; `dino-scale check-data <folder>` lists damaged records")
+
+
+def skips_at_end(stats_name: str = "train") -> dict[str, int]:
+    """:func:`skip_metrics` for a run's final metrics, logged with the first image ids
+    (:func:`describe_skips`); empty when the counts cannot be read (they do not fail a run)."""
+    try:
+        metrics = skip_metrics(stats_name)
+        if metrics["data_skipped"]:
+            log.warning("%s data: %s", stats_name, describe_skips(stats_name))
+        return metrics
+    except Exception as exc:  # noqa: BLE001 - a count is not worth a failed run
+        log.warning("%s data: the decode-time skip counts could not be read (%s)", stats_name, type(exc).__name__)
+        return {}
+
+
 def exif_ties(stats_name: str = "train") -> dict[str, Any]:
     """Images whose EXIF orientation tag keeps their size, read with ``data.exif_orientation=auto``
     (a tie the annotated size cannot decide; turned upright): ``{"count", "image_ids", "capped"}``,

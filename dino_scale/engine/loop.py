@@ -123,9 +123,12 @@ def _evaluate_val(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: t
     val_gt = from_driver(loop_cfg["val_gt"])
     missing = unevaluated_images(val_gt, evaluated_ids)
     if missing:
+        from dino_scale.data.ray_data import decode_skips
+
         log.warning("evaluation at step %d: %d of %d val images could not be decoded and were not evaluated "
-                    "(their objects count as misses); image ids %s%s", step, len(missing),
-                    len(val_gt.get("images", [])), missing[:10], " ..." if len(missing) > 10 else "")
+                    "(their objects count as misses; reasons: %s); image ids %s%s", step, len(missing),
+                    len(val_gt.get("images", [])), ", ".join(sorted(decode_skips("eval")["by_reason"])) or "-",
+                    missing[:10], " ..." if len(missing) > 10 else "")
     ap = val_metrics(val_gt, detections, evaluated_ids)  # AP NaN when no image was evaluated
     detections, _ = finite_detections(detections)  # detections.json: the scored ones (valid JSON, no NaN)
     if tracker is not None:
@@ -257,9 +260,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             m["grad_norm"] = norm
         if rank == 0:
             try:  # images dropped at decode time (counted by the data layer)
-                from dino_scale.data.ray_data import decode_skips, exif_ties
+                from dino_scale.data.ray_data import exif_ties, skip_metrics
 
-                m["data_skipped"] = int(decode_skips("train")["count"])
+                m.update(skip_metrics("train"))  # data_skipped and data_skipped/<reason>
                 ties = int(exif_ties("train")["count"])  # EXIF ties read upright (data.exif_orientation=auto)
                 if ties:
                     m["data_exif_ties"] = ties
@@ -374,6 +377,10 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                                      "resumes": state.resumes}
     if abort:
         final_metrics["abort_reason"] = abort
+    if rank == 0:  # the run's decode-time skips, by reason, in its final metrics (and one log line)
+        from dino_scale.data.ray_data import skips_at_end
+
+        final_metrics.update(skips_at_end("train"))
     detections = None
     if abort is None and _wants_eval(loop_cfg):
         with rng_untouched():  # the final checkpoint's RNG files: as after the last step (a longer rerun goes on)

@@ -144,6 +144,15 @@ def _eval_and_decode_skips(shards, tmp_path):
     stats = decode_skips("eval_skips_test")
     assert stats["count"] == 9 and sorted(stats["image_ids"]) == sorted(v["image_id"] for v in victims)
     assert stats["by_reason"] == {"corrupt": 1, "missing_file": 1, "empty_file": 7}
+    # which reasons, not only how many: metrics per reason and one line for the run's end (was a count only)
+    from dino_scale.data.ray_data import describe_skips, skip_metrics, skips_at_end
+
+    assert skip_metrics("eval_skips_test") == {"data_skipped": 9, "data_skipped/corrupt": 1,
+                                               "data_skipped/empty_file": 7, "data_skipped/missing_file": 1}
+    assert skips_at_end("eval_skips_test") == skip_metrics("eval_skips_test")
+    text = describe_skips("eval_skips_test")
+    assert text.startswith("9 image(s) skipped at decode time (corrupt 1, empty_file 7, missing_file 1); "
+                           f"image ids {sorted(v['image_id'] for v in victims)[:10]}"), text
     # a second pass over the same epoch (every worker of a deterministic run reads the whole
     # stream; a resume reads again what it skips) counts nothing new; another epoch does
     import ray

@@ -149,6 +149,7 @@ def test_zero3_fit_eval_and_mlflow_server_outage(zero3_reference, data):
         set(os.listdir(final_ckpt / "ds"))
     assert result.metrics["step"] == 2 and result.metrics["bad_steps_total"] == 1
     assert result.metrics["resumes"] == 0 and result.metrics["epoch"] == 1
+    assert result.metrics["data_skipped"] == 0  # with data_skipped/<reason> for each reason when some were
     # 2 workers x 2 images x 4 micro-batches, less the skipped one's 2 x 2
     assert result.metrics["images_seen"] == 12
 

@@ -33,17 +33,18 @@ def collate(samples: Sequence[dict[str, Any]], pad_multiple: Optional[int] = Non
     int64 (n,), ``boxes`` float32 (n,4) cx,cy,w,h normalized, ``image_id`` int64 (),
     ``orig_size`` int64 (2,), ``size`` int64 (2,)).
 
-    Images may be CHW (3,H,W) or HWC (H,W,3) uint8.
+    Images are CHW (3,H,W) uint8, as :class:`~.transforms.DetectionTransform` makes them (HWC
+    was accepted too, by guessing: a (3,W,3) HWC image, 3 rows high, was taken as CHW).
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
     imgs = []
     for s in samples:
         im = _tensor(s["image"])
-        if im.ndim != 3:
-            raise ValueError(f"image must be 3-D, got shape {tuple(im.shape)}")
-        if im.shape[0] != 3 and im.shape[-1] == 3:
-            im = im.permute(2, 0, 1)
+        if im.ndim != 3 or im.shape[0] != 3:
+            raise ValueError(f"image of sample {s.get('image_id')!r} must be CHW (3, H, W), got shape "
+                             f"{tuple(im.shape)}" + (" (HWC? permute it to CHW)" if im.ndim == 3 and
+                                                     im.shape[-1] == 3 else ""))
         imgs.append(im)
     H = max(int(i.shape[1]) for i in imgs)
     W = max(int(i.shape[2]) for i in imgs)

@@ -134,6 +134,17 @@ def test_data_normalize_batch():
     assert (x[0, :, :, 3:] == 0).all()
 
 
+def test_data_collate_takes_chw_only_and_says_so():
+    """collate guessed the layout from the shape: HWC when the first axis was not 3, so an HWC
+    image 3 rows high, (3, W, 3), was read as CHW (W rows, 3 columns) while other HWC images were
+    permuted. CHW only now, whatever the shape; HWC is refused with what to do."""
+    s = DetectionTransform(preset("tiny").data, train=False)(_record(200, 150))
+    images, masks, _ = collate([{**s, "image": torch.zeros(3, 50, 3, dtype=torch.uint8)}])
+    assert images.shape == (1, 3, 50, 3)  # CHW: 50 rows, 3 columns
+    with pytest.raises(ValueError, match=r"image of sample 7 must be CHW \(3, H, W\), got shape .* \(HWC\?"):
+        collate([{**s, "image": s["image"].permute(1, 2, 0)}])
+
+
 def test_data_collate_refuses_no_samples():
     with pytest.raises(ValueError, match="at least one sample"):
         collate([])

@@ -7,7 +7,7 @@ For each image, ``<out>/<name>.jpg`` has the kept boxes drawn with label and sco
 (``<name>-<i>.jpg`` where that name is an input image, another image's copy or a file this
 command did not write: inputs are never overwritten, even with ``--out`` the input folder, and
 a file in ``--out`` only when it is an annotated copy: JPEG comment :data:`MARK`), and
-``<out>/predictions.json`` lists ``{"file", "width", "height", "detections": [{"label",
+``<out>/predictions.json`` lists ``{"file", "annotated" (absolute paths), "width", "height", "detections": [{"label",
 "category_id", "score", "box": [x1, y1, x2, y2]}], "nonfinite"}`` (original pixels, clipped to the
 image). A folder's files without an image suffix (:data:`IMAGE_SUFFIXES`, any case) are listed
 (``skipped``) and counted in the summary. Unreadable images, and images that fail past
@@ -18,7 +18,8 @@ status is 1. An image whose annotated copy cannot be written keeps its detection
 null`` and ``"annotated_error"``). Files are written whole or not at all (a temporary file
 renamed): a run cut short never leaves half a JSON document or image, and predictions.json is
 written however the run ends (``"complete": false`` when cut short). A predictions.json of an
-earlier run that lists images this run did not predict is kept as ``predictions.<n>.json``.
+earlier run that lists images this run did not predict is kept as ``predictions.<n>.json``, and
+the annotated copies it lists for them are not written over.
 ``--device auto`` (default) runs on the first GPU when there is one.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ import dataclasses
 import glob
 import io
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -67,13 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
 def list_images(inputs: Sequence[str], skip_dir: Optional[Path] = None,
                 skipped: Optional[list[Path]] = None) -> list[Path]:
     """Image files of ``inputs`` (files, glob patterns the shell left, or folders searched recursively
-    for :data:`IMAGE_SUFFIXES`; macOS ``._*`` metadata files are not images). Files under
-    ``skip_dir`` (the output folder: annotated copies of an earlier run) are left out of a folder's
-    listing; where that folder is ``skip_dir`` itself, only
-    the annotated copies (:func:`_is_copy`: a rerun into the input folder read them as new photos). An
-    image named more than once (a file and its folder, overlapping folders) is listed once, where
-    it first appears. A folder's other files (not under ``skip_dir``) are appended to
-    ``skipped``, when given: passed over, not silently lost."""
+    for :data:`IMAGE_SUFFIXES`; macOS ``._*`` metadata files are not images). ``skip_dir`` is the
+    output folder: where it lies inside a searched folder, all its files are left out (annotated
+    copies of an earlier run, its predictions files); where the searched folder is ``skip_dir`` or
+    lies inside it (``--out .`` over ``photos/``), only what predict writes into ``skip_dir``
+    itself is: the annotated copies (:func:`_is_copy`: a rerun into the input folder read them as
+    new photos) and ``predictions*.json``. An image named more than once (a file and its folder,
+    overlapping folders) is listed once, where it first appears. A folder's other files are
+    appended to ``skipped``, when given: passed over, not silently lost."""
     skip = skip_dir.resolve() if skip_dir is not None else None
     files: list[Path] = []
     others: list[Path] = []
@@ -89,11 +92,17 @@ def list_images(inputs: Sequence[str], skip_dir: Optional[Path] = None,
     for item in expanded:
         p = common.check_path(item, "image path")
         if p.is_dir():
-            inside = skip is not None and p.resolve() != skip
+            root = p.resolve()
+            # --out is a folder of this input (photos/annotated): none of its files is an input. Was
+            # also taken for an input inside --out (`--out .`), whose every file was then dropped unsaid
+            out_within = skip is not None and skip != root and skip.is_relative_to(root)
             for f in sorted(f for f in p.rglob("*") if f.is_file()):
-                if skip is not None and f.resolve().is_relative_to(skip) and (
-                        inside or f.suffix.lower() not in IMAGE_SUFFIXES or _is_copy(f)):
-                    continue  # the output folder's files: copies (also in an input that is --out), predictions.json
+                where = f.resolve() if skip is not None else None
+                if out_within and where.is_relative_to(skip):
+                    continue
+                if where is not None and where.parent == skip and (
+                        _is_copy(f) if f.suffix.lower() in IMAGE_SUFFIXES else _is_predictions_file(f)):
+                    continue  # what predict writes into --out: copies (also in an input that is --out), predictions
                 # "._x.jpg": macOS metadata beside x.jpg on a copied volume, not an image
                 image = f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("._")
                 (files if image else others).append(f)
@@ -130,6 +139,13 @@ def output_path(out: Path, image: Path, index: int, taken: set[Path]) -> Path:
                 return target
         candidates = [out / f"{image.stem}-{index}-{k}.jpg"]
         k += 1
+
+
+def _is_predictions_file(path: Path) -> bool:
+    """``predictions.json`` or a kept earlier one, ``predictions.<n>.json``."""
+    parts = path.name.split(".")
+    return parts[0] == "predictions" and parts[-1] == "json" and (
+        len(parts) == 2 or len(parts) == 3 and parts[1].isdigit())
 
 
 def _is_copy(path: Path) -> bool:
@@ -212,6 +228,26 @@ def pick_device(name: str):
     return device
 
 
+def listed_copies(out: Path, exclude: Sequence[Path] = ()) -> set[Path]:
+    """The resolved annotated copies that ``out``'s predictions files (``predictions.json`` and
+    the kept ``predictions.<n>.json``) list for images other than ``exclude``: a rerun on other
+    images wrote its copies over them (``p2/cat.jpg`` over ``p1/cat.jpg``'s ``cat.jpg``), and the
+    kept list then showed another image under an entry. A copy of an image of this run may be
+    replaced: it shows the same image."""
+    skip = {f.resolve() for f in exclude}
+    copies: set[Path] = set()
+    for path in sorted(out.glob("predictions*.json")):
+        if not _is_predictions_file(path):
+            continue
+        try:
+            items = json.loads(path.read_text()).get("images", [])
+            copies |= {Path(item["annotated"]).resolve() for item in items
+                       if item.get("annotated") and Path(item["file"]).resolve() not in skip}
+        except (OSError, ValueError, AttributeError, TypeError, KeyError):
+            continue  # not one of ours, or damaged: its copies are the user's files to foreign_files
+    return copies
+
+
 def keep_earlier_predictions(path: Path, results: list[dict], log) -> Optional[Path]:
     """Before ``path`` (predictions.json) is replaced: when it lists images this run did not
     predict (a rerun on other images, or one whose every image failed), it is kept as
@@ -279,6 +315,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileExistsError, NotADirectoryError):
         raise common.UsageError(f"--out {out}: a file is in the way; --out names a folder") from None
     taken = {f.resolve() for f in files} | foreign_files(out)  # nor are the user's own files in --out
+    taken |= listed_copies(out, exclude=files)  # nor the copies an earlier run's predictions list for other images
     with tempfile.TemporaryDirectory(prefix="dino_scale_predict_") as download:  # gone once loaded
         resolved = resolve(args.model, Path(download))
         cfg = resolved.config
@@ -313,7 +350,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             try:  # the training decoder: any mode -> RGB, EXIF orientation applied (phone photos)
                 image = Image.fromarray(decode_image(f.read_bytes()))
             except (OSError, ValueError) as exc:  # ImageDecodeError is a ValueError
-                failed.append({"file": str(f), "error": str(exc).splitlines()[0]})
+                failed.append({"file": os.path.abspath(f), "error": str(exc).splitlines()[0]})
                 log(f"skipped unreadable image {f}: {failed[-1]['error']}")
                 continue
             try:  # one image that fails past decoding (its annotated copy too large for JPEG ...) is reported
@@ -334,16 +371,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      "score": round(float(score), 4), "box": [round(float(v), 2) for v in box]})
             except Exception as exc:  # noqa: BLE001 - counted and reported; the other images go on
                 first_line = str(exc).splitlines()[0] if str(exc) else ""
-                failed.append({"file": str(f), "error": f"{type(exc).__name__}: {first_line}"})
+                failed.append({"file": os.path.abspath(f), "error": f"{type(exc).__name__}: {first_line}"})
                 log(f"failed on image {f}: {failed[-1]['error']}")
                 continue
             nonfinite, finite_total = nonfinite + dropped, finite_total + len(finite)
-            entry = {"file": str(f), "annotated": None, "width": image.size[0], "height": image.size[1],
+            entry = {"file": os.path.abspath(f), "annotated": None, "width": image.size[0], "height": image.size[1],
                      "detections": dets, "nonfinite": dropped}
             try:  # a copy that cannot be written (too large for a JPEG ...) loses the copy, not the detections
                 target = output_path(out, f, i, taken)
                 draw(image, dets, target)
-                entry["annotated"] = str(target)
+                entry["annotated"] = os.path.abspath(target)
             except Exception as exc:  # noqa: BLE001 - reported with the image's entry
                 first_line = str(exc).splitlines()[0] if str(exc) else ""
                 entry["annotated_error"] = f"{type(exc).__name__}: {first_line}"
@@ -360,7 +397,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             log(f"warning: could not keep the earlier predictions.json ({exc})")
         atomic_write_text(out / "predictions.json", json.dumps(
             {"model": args.model, "threshold": args.threshold, "complete": done, "images": results,
-             "failed": failed, "skipped": [str(f) for f in skipped], "detections_nonfinite": nonfinite}, indent=2))
+             "failed": failed, "skipped": [os.path.abspath(f) for f in skipped], "detections_nonfinite": nonfinite}, indent=2))
     print(f"wrote {len(results) - no_copy} annotated image(s) and {out / 'predictions.json'}"
           + (f" ({no_copy} image(s) without an annotated copy: \"annotated_error\")" if no_copy else "")
           + (f"; {len(failed)} image(s) failed (listed as \"failed\")" if failed else "")

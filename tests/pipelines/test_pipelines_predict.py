@@ -43,6 +43,34 @@ def test_out_inside_an_input_folder_is_not_read_back(tmp_path):
     assert list_images([str(photos / "annotated")], skip_dir=photos / "annotated") == [photos / "annotated" / "a.jpg"]
 
 
+def test_out_above_an_input_folder_drops_none_of_its_images(tmp_path, monkeypatch):
+    """``predict photos/ --out .`` (or ``--out ..``, ``~``): every file under the output folder was
+    left out unless the input folder was the output folder itself, so an input folder inside
+    ``--out`` lost all its images, unsaid ("no images found", or a run over the other inputs).
+    Only what predict writes into ``--out`` itself is left out now."""
+    from pipelines.predict import MARK
+
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    for p in (photos / "a.jpg", photos / "sub" / "b.png"):
+        Image.new("RGB", (8, 8)).save(p)
+    (photos / "notes.txt").write_text("not an image")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg", comment=MARK)  # an annotated copy of an earlier run
+    (tmp_path / "predictions.json").write_text("{}")
+    (tmp_path / "predictions.2.json").write_text("{}")
+    Image.new("RGB", (8, 8)).save(tmp_path / "mine.jpg")  # the user's photo beside them
+    monkeypatch.chdir(tmp_path)
+    for out in (Path("."), tmp_path):
+        skipped: list = []
+        assert list_images(["photos"], skip_dir=out, skipped=skipped) == [Path("photos/a.jpg"),
+                                                                          Path("photos/sub/b.png")]
+        assert skipped == [Path("photos/notes.txt")]
+        skipped = []
+        assert list_images(["."], skip_dir=out, skipped=skipped) == [Path("mine.jpg"), Path("photos/a.jpg"),
+                                                                     Path("photos/sub/b.png")]
+        assert skipped == [Path("photos/notes.txt")]
+
+
 def test_predict_into_the_input_folder_keeps_every_input(tmp_path, monkeypatch, mlflow_store_restored):
     # predict points MLflow at its store (globals and environment): undone after the test
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -395,6 +423,32 @@ def test_a_rerun_on_other_images_keeps_the_earlier_predictions(tmp_path, monkeyp
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="--device cuda: torch sees 0 GPU"):
             run(tmp_path / "a.jpg", device="cuda")
+
+
+def test_a_rerun_on_another_image_of_the_same_name_keeps_the_copy_the_kept_list_names(
+        tmp_path, monkeypatch, mlflow_store_restored):
+    """``predict p1/cat.jpg --out preds`` then ``predict p2/cat.jpg --out preds``: the second run
+    kept the first's list as predictions.1.json and wrote p2's copy over ``preds/cat.jpg``, the
+    copy that list names for p1's cat (another image under its entry). Paths in the lists were as
+    typed, relative to where the command ran: a rerun elsewhere with the same relative names was
+    taken for the same images. Both are absolute now, and listed copies are not written over."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    colours = {"p1": (200, 10, 10), "p2": (10, 10, 200)}
+    for folder, colour in colours.items():
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (64, 48), colour).save(tmp_path / folder / "cat.jpg")
+    ckpt = _tiny_checkpoint(tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    for folder in colours:
+        assert main([f"{folder}/cat.jpg", "--model", str(ckpt), "--out", "preds", "--threshold", "1",
+                     "--work-dir", str(tmp_path / "runs")]) == 0
+    lists = [json.loads((tmp_path / "preds" / name).read_text()) for name in ("predictions.1.json", "predictions.json")]
+    for listed, folder in zip(lists, colours):
+        (item,) = listed["images"]
+        assert item["file"] == str(tmp_path / folder / "cat.jpg") and Path(item["annotated"]).is_absolute()
+        got = Image.open(item["annotated"]).convert("RGB").getpixel((32, 24))
+        assert max(abs(a - b) for a, b in zip(got, colours[folder])) < 12, (folder, item, got)
+    assert lists[0]["images"][0]["annotated"] != lists[1]["images"][0]["annotated"]
 
 
 def test_predict_loads_an_official_file_with_its_own_labelbook_and_a_cuda_trained_config(

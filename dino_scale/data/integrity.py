@@ -209,3 +209,32 @@ def describe(report: dict[str, Any]) -> str:
         lines.append(f"  ... and {len(report['damaged']) - 20} more")
     lines += [f"  {u['file']}: {u['error']}" for u in report["unreadable"]]
     return "\n".join(lines)
+
+
+def labels_fingerprint(data_dir) -> str:
+    """16 hex digits naming the labelled images of a dataset (one folder, several, or ``"a,b"``):
+    the multiset of its records' ``labels_crc32`` (image id, file name, size, boxes, categories),
+    so a moved copy or a conversion with other shard sizes or row order names the same data.
+    Reads that one column of each shard. Shards written without checksums count by their
+    manifest entry (images and boxes) instead. A resumed run compares it with the one its
+    checkpoint was trained on (:func:`dino_scale.engine.elastic.resume_changes`)."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from .records import _agreeing_manifests, check_shards
+
+    crcs, unchecked = [], []
+    for folder, manifest in _agreeing_manifests(data_dir):
+        check_shards(folder, manifest)
+        for entry in manifest["shards"]:
+            path = folder / entry["file"]
+            column = pq.read_table(path, columns=["labels_crc32"]).column(0) \
+                if "labels_crc32" in pq.read_schema(path).names else None
+            if column is None or column.null_count:
+                unchecked.append((int(entry["num_images"]), int(entry["num_boxes"])))
+            else:
+                crcs.append(column.to_numpy(zero_copy_only=False).astype("<u4"))
+    digest = hashlib.sha256(np.sort(np.concatenate(crcs)).tobytes() if crcs else b"")
+    digest.update(repr(sorted(unchecked)).encode())
+    return digest.hexdigest()[:16]

@@ -271,6 +271,7 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     from dino_scale.tracking.registry import store_client
     from dino_scale.tracking.resume import RESUMED_FROM_TAG, check_same_source
 
+    from dino_scale.data.integrity import labels_fingerprint
     from dino_scale.data.records import absolute_data_dirs
 
     train_dir, val_dir = absolute_data_dirs(train_dir), absolute_data_dirs(val_dir)  # as read and as recorded
@@ -285,10 +286,11 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     else:
         worker_count(cfg, training=False)  # no batch-size arithmetic: evaluation accumulates nothing
     spe = steps_per_epoch(_num_images(train_dir), cfg) if train else 1
+    train_data = labels_fingerprint(train_dir) if train else ""  # a resumed run must train on the same data
     resumes = None  # reusing a run name resumes it: on a worker count it can load, with the settings it trained with
     if train:
         resumes = check_restart(storage, run_name, cfg.train.num_workers, cfg.train.zero_stage, config=cfg,
-                                steps_per_epoch=spe)
+                                steps_per_epoch=spe, train_data=train_data)
     tracking_uri = default_tracking_uri(work)
     earlier = None  # the MLflow run a resumed run continues: its lineage must be this call's (and it is linked)
     if resumes is not None:
@@ -355,7 +357,7 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
         loop_cfg = loop_config(cfg, steps_per_epoch=spe, datasets=list(datasets), run_id=run_id,
                                tracking_uri=tracking_uri, init_weights=str(init_weights) if init_weights else None,
                                init_strict=init_strict, init_state=init_state, val_gt=val_gt, tracking_relay=relay,
-                               evaluate=evaluate, train=train, test_hooks=test_hooks)
+                               evaluate=evaluate, train=train, test_hooks=test_hooks, train_data=train_data)
         loop_cfg["tracking_close_timeout_s"] = tracking_close_timeout_s
         callbacks = [ProgressCallback(total_steps=total)] if progress else []
         trainer = build_trainer(cfg, datasets, run_name=run_name, storage_path=storage,

@@ -73,6 +73,7 @@ class TrainState:
     world: int = 0  # workers that counted ``micro_in_epoch`` (0: unknown, a checkpoint from before)
     steps_per_epoch: int = 0  # optimizer steps per epoch of the run's data (0: unknown, a checkpoint from before)
     mlflow_run_id: str = ""  # the MLflow run that wrote it: a resumed run's resumed_from_run_id ("": untracked)
+    train_data: str = ""  # labels_fingerprint of the training data ("": unknown, a checkpoint from before)
 
     def rescale_to(self, world: int) -> bool:
         """Convert the epoch position to ``world`` workers (an elastic restart on another worker

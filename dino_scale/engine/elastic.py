@@ -199,25 +199,29 @@ def _resume_settings(cfg: Config) -> dict[str, Any]:
 
 
 def resume_changes(saved_config: dict, cfg: Config, saved_steps_per_epoch: int = 0,
-                   steps_per_epoch: int = 0) -> list[str]:
+                   steps_per_epoch: int = 0, saved_train_data: str = "", train_data: str = "") -> list[str]:
     """``["train.lr 0.0002 -> 0.001", ...]``: how ``cfg`` differs from the config a checkpoint
-    was trained with (``saved_config``, a dict) in what a resumed run must keep, and the epoch
-    length in optimizer steps (training images // global batch) when both are known (> 0)."""
+    was trained with (``saved_config``, a dict) in what a resumed run must keep, the epoch
+    length in optimizer steps (training images // global batch) and the training data (their
+    :func:`~dino_scale.data.integrity.labels_fingerprint`) when both are known."""
     old, new = _resume_settings(from_dict(saved_config)), _resume_settings(cfg)
     changes = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
                if old.get(k) != new.get(k)]
     if saved_steps_per_epoch and steps_per_epoch and saved_steps_per_epoch != steps_per_epoch:
         changes.append(f"steps per epoch (training images // global batch) {saved_steps_per_epoch} -> "
                        f"{steps_per_epoch}")
+    if saved_train_data and train_data and saved_train_data != train_data:  # same size, other images or labels:
+        # the resumed epoch position would continue in another dataset
+        changes.append(f"training data (fingerprint of their labelled images) {saved_train_data} -> {train_data}")
     return changes
 
 
 def check_restart(storage_path: str, run_name: str, world: int, zero_stage: int, config: Optional[Config] = None,
-                  steps_per_epoch: int = 0) -> Optional[dict]:
+                  steps_per_epoch: int = 0, train_data: str = "") -> Optional[dict]:
     """On the driver, before any worker starts: a run that reuses ``run_name`` at
     ``storage_path`` (Ray Train restores that run's latest checkpoint) must be able to load it
-    on ``world`` workers, and (given ``config`` and the run's ``steps_per_epoch``) must train
-    what that run trained (:func:`resume_changes`). Raises :class:`ConfigError` for a ZeRO-3
+    on ``world`` workers, and (given ``config``, the run's ``steps_per_epoch`` and ``train_data``
+    fingerprint) must train what that run trained (:func:`resume_changes`). Raises :class:`ConfigError` for a ZeRO-3
     checkpoint of another worker count, which every worker would otherwise refuse after a
     minute of start-up, and for a changed setting, which the resumed optimizer and schedule
     would silently mix with the first run's; nothing to check for a new run name.
@@ -248,7 +252,8 @@ def check_restart(storage_path: str, run_name: str, world: int, zero_stage: int,
     if saved_config is None:  # not asked, or a checkpoint written before the config was kept in it
         return state
     try:
-        changes = resume_changes(saved_config, config, int(state.get("steps_per_epoch") or 0), steps_per_epoch)
+        changes = resume_changes(saved_config, config, int(state.get("steps_per_epoch") or 0), steps_per_epoch,
+                                 str(state.get("train_data") or ""), train_data)
     except ConfigError as exc:  # a config of another release: cannot be compared key by key
         log.warning("%s; its config.json cannot be compared with this run's (%s)", where, exc)
         return state

@@ -245,6 +245,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     def write_state(folder: Path) -> None:
         state.bad_steps, state.steps_per_epoch = guard.state_dict(), steps_per_epoch
         state.mlflow_run_id = loop_cfg.get("run_id") or ""  # the run a run resuming from it continues
+        state.train_data = loop_cfg.get("train_data") or ""  # what a run resuming from it must train on
         save_training_checkpoint(folder, engine, state, rank, ema, config=to_dict(cfg))
 
     def metrics_now() -> dict[str, Any]:

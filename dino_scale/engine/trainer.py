@@ -57,14 +57,15 @@ def normalize_storage_path(path: Optional[str], default: Path) -> str:
 def loop_config(cfg: Config, *, steps_per_epoch: int, datasets: list[str], run_id: Optional[str] = None,
                 tracking_uri: Optional[str] = None, init_weights: Optional[str] = None, init_strict: bool = True,
                 init_state: Any = None, val_gt: Any = None, tracking_relay: Any = None, evaluate: bool = True,
-                train: bool = True, test_hooks: Optional[dict] = None) -> dict[str, Any]:
+                train: bool = True, test_hooks: Optional[dict] = None, train_data: str = "") -> dict[str, Any]:
     """The plain-dict ``train_loop_config`` read by ``train_loop_per_worker``.
 
     Workers may run on other machines than the driver, so what the driver prepares travels
     through Ray, never as a path on the driver's disk: ``init_state`` (the state dict to start
     from; ``init_weights`` is then only its name) and ``val_gt`` (COCO ground truth of the
     val set) are ``ObjectRef`` objects (or inline values), ``tracking_relay`` the driver-node
-    logging actor of a node-local MLflow store (:mod:`dino_scale.tracking.relay`).
+    logging actor of a node-local MLflow store (:mod:`dino_scale.tracking.relay`); ``train_data``
+    the training data's :func:`~dino_scale.data.integrity.labels_fingerprint`, kept in checkpoints.
     """
     from dino_scale.engine.checkpoint import evaluation_dir_name
 
@@ -72,6 +73,7 @@ def loop_config(cfg: Config, *, steps_per_epoch: int, datasets: list[str], run_i
             "run_id": run_id, "tracking_uri": tracking_uri, "init_weights": init_weights,
             "init_strict": init_strict, "init_state": init_state, "val_gt": val_gt,
             "tracking_relay": tracking_relay, "evaluate": evaluate, "train": train, "test_hooks": test_hooks or {},
+            "train_data": train_data,
             # an evaluation's result folder: one name for every worker, new for each call
             "evaluation_dir_name": None if train else evaluation_dir_name()}
 

@@ -251,3 +251,27 @@ def test_data_random_byte_damage_is_never_read_silently(tmp_path, embed):
             assert intact.get(rec["image_id"]) == _content(rec), f"byte {pos}: a changed record read as intact"
             outcomes["unchanged"] += 1
     assert outcomes["skipped"] and outcomes["stopped"], outcomes
+
+
+def test_data_labels_fingerprint_names_the_data_not_the_copy(tmp_path):
+    """A resumed run must train on the data its checkpoint was trained on: another set of the
+    same size (same steps per epoch) was resumed silently, its epoch position continuing in other
+    images. The fingerprint is the same for a moved copy or another shard layout and row order,
+    and differs when a box or an image differs."""
+    import shutil
+
+    from dino_scale.data.integrity import labels_fingerprint
+
+    out, _ = _convert(tmp_path)
+    base = labels_fingerprint(out)
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    assert labels_fingerprint(moved) == base
+    split, _ = _convert(tmp_path / "again", name="split", per_shard=1)  # 4 shards of 1 row
+    assert len(read_manifest(split)["shards"]) == 4 and labels_fingerprint(split) == base
+    doc = json.loads((tmp_path / "ann.json").read_text())
+    doc["annotations"][0]["bbox"][2] = 21.0  # one box 1 pixel wider
+    (tmp_path / "ann.json").write_text(json.dumps(doc))
+    convert_coco(tmp_path / "ann.json", tmp_path / "img", tmp_path / "changed", progress=False, shuffle_seed=None)
+    assert labels_fingerprint(tmp_path / "changed") != base
+    assert labels_fingerprint(f"{out},{tmp_path / 'changed'}") not in (base, labels_fingerprint(tmp_path / "changed"))

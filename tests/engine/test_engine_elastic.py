@@ -498,3 +498,18 @@ def test_a_resume_that_skips_the_backbone_file_restores_every_tensor(tmp_path):
                 assert torch.equal(torch.tensor(res["module"]["frozen.weight"]), rounded.float()), case
                 assert res["module"]["stat"] == ref["state"]["stat"], case
     assert res["universal"] and checked == 11
+
+
+def test_a_rerun_on_other_training_data_of_the_same_size_is_a_change():
+    """The epoch length caught a training set of another size only: another set of the same size
+    was resumed silently. The data's fingerprint, kept in the checkpoint, is compared too; a
+    checkpoint from before it (no fingerprint) is not refused."""
+    from dino_scale.config import to_dict
+    from dino_scale.engine.elastic import resume_changes
+
+    cfg = preset("tiny")
+    saved = to_dict(cfg)
+    assert resume_changes(saved, cfg, 8, 8, "a1b2c3d4e5f60718", "a1b2c3d4e5f60718") == []
+    assert resume_changes(saved, cfg, 8, 8, "", "a1b2c3d4e5f60718") == []
+    assert resume_changes(saved, cfg, 8, 8, "a1b2c3d4e5f60718", "99b2c3d4e5f60718") == [
+        "training data (fingerprint of their labelled images) a1b2c3d4e5f60718 -> 99b2c3d4e5f60718"]

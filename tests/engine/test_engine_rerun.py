@@ -22,11 +22,23 @@ def _cfg(**overrides):
                         "train.checkpoint_every_steps": 50, "train.max_steps": 2, **overrides})
 
 
+def _other_train_set(base: Path) -> str:
+    """16 other synthetic images (make_data's training set holds 16 too)."""
+    from dino_scale.data import convert_coco
+    from dino_scale.data.synthetic import generate
+
+    root, ann = generate(base / "raw", "coco-like", 16, 7, image_size=((96, 128), (120, 160)), max_objects=3,
+                         empty_fraction=0.0)
+    convert_coco(ann, root, base / "train", embed_images=True, progress=False)
+    return str(base / "train")
+
+
 @pytest.mark.timeout(900)
 def test_a_run_name_reused_resumes_continues_with_more_steps_and_refuses_changed_settings(tmp_path, monkeypatch):
     """The same run three times: (1) 2 steps; (2) the same command: nothing to train, its final
-    checkpoint reported again; (3) a changed lr, or (3b) other initial weights (``source.*`` tags), is
-    refused on the driver, before Ray Train starts; (4) --max-steps 4: it trains steps 3 and 4.
+    checkpoint reported again; (3) a changed lr, or (3b) other initial weights (``source.*`` tags), or
+    (3c) another training set of the same size, is refused on the driver, before Ray Train starts;
+    (4) --max-steps 4: it trains steps 3 and 4.
 
     Before: (2) reported the folder ``final_..2_w1`` a second time and Ray Train's retention,
     pruning the older of the two entries at the next report, deleted the folder of both: (4)
@@ -88,6 +100,12 @@ def test_a_run_name_reused_resumes_continues_with_more_steps_and_refuses_changed
         with pytest.raises(ConfigError, match=r"which started from no initial weights; this call starts from "
                                               r"models:/dino-o365/4"):
             run(_cfg_bb(), tags={"source.model_name": "dino-o365", "source.model_version": "4"})
+        assert sorted(p.name for p in (storage / name).iterdir()) == before
+        # (3c) another training set of the same size (same steps per epoch): refused as well
+        other_train = _other_train_set(tmp_path / "other")
+        with pytest.raises(ConfigError, match=r"trained with other settings: training data \(fingerprint"):
+            fit(_cfg_bb(), other_train, None, tmp_path / "work", name, storage_path=str(storage), evaluate=False,
+                progress=False, experiment="engine-test")
         assert sorted(p.name for p in (storage / name).iterdir()) == before
 
         longer = run(_cfg_bb(**{"train.max_steps": 4}))

@@ -46,9 +46,10 @@ def _convert(ann: Path, images: Optional[str], work_dir: Path, log: Callable[[st
 
 
 def _one(arg: str, images: Optional[str], work_dir: Path, what: str,
-         log: Callable[[str], None], convert: bool = True) -> str:
+         log: Callable[[str], None], convert: bool = True, split: Optional[str] = None) -> str:
     """A comma-separated list of dataset folders for one argument value (``convert=False``:
-    only check the value, converting no annotation file)."""
+    only check the value, converting no annotation file). ``split``: a folder holding that split
+    as a dataset (``data/coco`` with ``val/``, as the training pipelines take it) stands for it."""
     parts = []
     for piece in [p.strip() for p in arg.split(",") if p.strip()]:
         p = check_path(piece, what)
@@ -58,6 +59,10 @@ def _one(arg: str, images: Optional[str], work_dir: Path, what: str,
             parts.append(str(_convert(p, images, work_dir, log)) if convert else str(p))
         elif _is_dataset(p):
             parts.append(str(p))
+        elif split is not None and _is_dataset(p / split):
+            if convert:
+                log(f"using {p / split} (the {split} split of {piece})")
+            parts.append(str(p / split))
         else:
             raise UsageError(f"{what} {piece} is not a dataset folder (no {MANIFEST}); convert it "
                              f"with `dino-scale prepare-data` or pass an annotation .json with --images")

@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models:/name@alias, models:/name/N, models:/name/latest, runs:/<id>/model, a checkpoint "
                         "folder/file, or an official .pth (then give --preset)")
     common.add_common_args(p, training=False,
-                           data_help="evaluation dataset folder (shards + manifest.json) or an "
-                                     "annotation .json with --images; default: the validation set "
+                           data_help="evaluation dataset folder (shards + manifest.json), a folder with "
+                                     "val/ (its val split), or an annotation .json with --images; default: the validation set "
                                      "the model was evaluated on at training (when it is here), else "
                                      "the synthetic validation set of the model's flavour")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (eval.tta)")
@@ -140,7 +140,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if args.data is not None:  # a mistyped --data is said before a registry model is downloaded and read
         from pipelines._datasets import _one
 
-        _one(args.data, args.images, work_dir, "dataset path", log, convert=False)
+        _one(args.data, args.images, work_dir, "dataset path", log, convert=False, split="val")
     run_name = args.run_name or common.default_run_name("evaluate")
     download = work_dir / "eval" / run_name  # a registry/run model is downloaded here, removed at the end
     # before the download: a second job of this run name replaced, then removed, the first one's
@@ -194,7 +194,7 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
     else:
         from pipelines._datasets import _one
 
-        val = _one(args.data, args.images, work_dir, "dataset path", log)
+        val = _one(args.data, args.images, work_dir, "dataset path", log, split="val")
     whole_dataset(val)
     from pipelines._init import _source_categories
 

@@ -59,6 +59,14 @@ def test_pipelines_datasets_forms(raw, tmp_path, monkeypatch):
     t, v, _ = resolve_datasets(_args(data="ds"), tmp_path, "coco-like", 8, 0, said.append)
     assert (t, v) == (f"{parent / 'train'},{parent / 'train_extra'}", str(parent / "val"))
     assert any("train_extra" in line for line in said)
+    # evaluate's --data takes the same parent for its val/ (was: "not a dataset folder ... convert it")
+    from pipelines._datasets import _one
+
+    said = []
+    assert _one("ds", None, tmp_path, "dataset path", said.append, split="val") == "ds/val"  # made absolute by fit
+    assert said == ["using ds/val (the val split of ds)"]
+    with pytest.raises(UsageError, match="not a dataset folder"):
+        _one("ds", None, tmp_path, "dataset path", log)  # no split asked for: as before
     with pytest.raises(UsageError, match="dataset path not found"):
         resolve_datasets(_args(data=f"{parent / 'train'},/nope"), tmp_path, "coco-like", 8, 0, log)
     with pytest.raises(UsageError, match="needs --data"):

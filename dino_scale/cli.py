@@ -70,7 +70,11 @@ def _forward(command: str, argv: list[str]) -> int:
 
             def parser_with_prog():
                 parser = original()
-                parser.prog = f"dino-scale {command}"
+                before, parser.prog = parser.prog, f"dino-scale {command}"
+                for action in parser._actions:  # sub-commands took the old name when they were made
+                    if isinstance(action, argparse._SubParsersAction):
+                        for sub in action.choices.values():
+                            sub.prog = sub.prog.replace(before, parser.prog, 1)
                 return parser
 
             module.build_parser = parser_with_prog
@@ -121,8 +125,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from pipelines._errors import run_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) > 1 and argv[0] == "--debug":  # `dino-scale --debug CMD ...` = `dino-scale CMD --debug ...`
-        argv = [argv[1], "--debug", *argv[2:]]
+    if argv and argv[0] == "--debug":  # `dino-scale --debug CMD ...` = `dino-scale CMD --debug ...`
+        argv = [argv[1], "--debug", *argv[2:]] if len(argv) > 1 else []  # alone: the help, as with no command
     if argv and argv[0] in FORWARDED:
         return _dispatch(argv)  # the pipeline's own handler reports errors
     return run_main(_dispatch, argv)

@@ -132,8 +132,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     work_dir = Path(args.work_dir).expanduser().resolve()
     if note := common.work_dir_note(args):
         log(note)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    uri = common.setup_tracking(work_dir)
+    # the checks first, creating nothing: a mistyped --model or --data left an empty ./runs behind
+    common.setup_tracking(work_dir, create=False)
     from pipelines._init import check_exists, is_remote, resolve
 
     check_exists(args.model)
@@ -141,6 +141,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         from pipelines._datasets import _one
 
         _one(args.data, args.images, work_dir, "dataset path", log, convert=False, split="val")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    uri = common.setup_tracking(work_dir)
     run_name = args.run_name or common.default_run_name("evaluate")
     download = work_dir / "eval" / run_name  # a registry/run model is downloaded here, removed at the end
     # before the download: a second job of this run name replaced, then removed, the first one's

@@ -58,13 +58,16 @@ def test_cli_debug_before_prepare_data_shows_the_traceback(tmp_path, capsys):
 
 
 def test_cli_registry_actions_help(capsys):
+    # the actions' usage named the module (`usage: python -m pipelines.registry promote`), not the command typed
     for action in ("list", "show", "promote"):
         assert cli.main(["registry", action, "--help"]) == 0
-        assert "usage:" in capsys.readouterr().out
+        assert f"usage: dino-scale registry {action}" in capsys.readouterr().out
 
 
 def test_cli_no_command_prints_help(capsys):
     assert cli.main([]) == 2
+    assert "usage: dino-scale" in capsys.readouterr().out
+    assert cli.main(["--debug"]) == 2  # was "unrecognized arguments: --debug", which the help suggests adding
     assert "usage: dino-scale" in capsys.readouterr().out
 
 

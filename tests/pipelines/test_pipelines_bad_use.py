@@ -124,6 +124,9 @@ def test_pipelines_bad_use_mistyped_work_dir_is_no_store(tmp_path):
     assert not (tmp_path / "typo").exists() and not (tmp_path / "w").exists()  # lookups create no folder
     proc = _run(["pipelines.evaluate", "--model", "models:/dino-tiny-coco@champion"], tmp_path)
     _assert_one_line_error(proc, "cannot resolve models:/dino-tiny-coco@champion: no MLflow store at")
+    proc = _run(["pipelines.evaluate", "--model", str(tmp_path / "nope.pth")], tmp_path)
+    _assert_one_line_error(proc, f"model not found: {tmp_path / 'nope.pth'}")
+    assert not (tmp_path / "w").exists()  # evaluate made the work folder (an empty ./runs) before its checks
 
 
 def test_pipelines_bad_use_evaluate_checks_data_before_reading_the_model(tmp_path):

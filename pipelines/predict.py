@@ -96,7 +96,8 @@ def list_images(inputs: Sequence[str], skip_dir: Optional[Path] = None,
             # --out is a folder of this input (photos/annotated): none of its files is an input. Was
             # also taken for an input inside --out (`--out .`), whose every file was then dropped unsaid
             out_within = skip is not None and skip != root and skip.is_relative_to(root)
-            for f in sorted(f for f in p.rglob("*") if f.is_file()):
+            # a dangling link too: listed (an image name fails, counted; another is skipped), not lost unsaid
+            for f in sorted(f for f in p.rglob("*") if f.is_file() or f.is_symlink() and not f.exists()):
                 where = f.resolve() if skip is not None else None
                 if out_within and where.is_relative_to(skip):
                     continue

@@ -492,3 +492,17 @@ def test_a_quoted_pattern_is_expanded_and_macos_metadata_files_are_not_images(tm
     assert [p.name for p in skipped] == ["._a.jpg"]
     with pytest.raises(UsageError, match="no file matches the image pattern"):
         list_images([str(photos / "*.gif")])
+
+
+def test_a_dangling_link_in_a_folder_is_listed_not_lost(tmp_path):
+    """A symbolic link whose target is gone was neither predicted nor listed as skipped (the walk
+    kept regular files only): an image name is now listed (its read fails, counted under
+    "failed"), another name is skipped and counted."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (8, 8)).save(photos / "a.jpg")
+    (photos / "gone.jpg").symlink_to(tmp_path / "moved-away.jpg")
+    (photos / "gone.txt").symlink_to(tmp_path / "moved-away.txt")
+    skipped: list = []
+    assert list_images([str(photos)], skipped=skipped) == [photos / "a.jpg", photos / "gone.jpg"]
+    assert skipped == [photos / "gone.txt"]

@@ -121,6 +121,10 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # named the temporary file, a name the user never chose and cannot find
+        if exc.errno is None or exc.filename != str(tmp):
+            raise
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
     finally:
         if tmp.exists():
             tmp.unlink()

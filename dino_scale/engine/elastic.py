@@ -86,7 +86,8 @@ def check_resumable(saved_world: int, world: int, zero_stage: int) -> bool:
         raise ConfigError(
             f"this ZeRO-3 checkpoint was written by {saved_world} workers and cannot resume on {world}: "
             f"DeepSpeed's loaders fail or restore every parameter group with the first group's lr and "
-            f"weight decay. Resume on {saved_world} workers, or train with train.zero_stage <= 2")
+            f"weight decay. Resume on {saved_world} workers, or give another run name to start over (a "
+            f"resumed run keeps its ZeRO stage: the checkpoint's layout is ZeRO-3's)")
     return True
 
 
@@ -241,25 +242,24 @@ def check_restart(storage_path: str, run_name: str, world: int, zero_stage: int,
         return None
     where = f"run {run_name!r} at {storage_path} resumes from {checkpoint.path}"
     saved = saved_world_size(checkpoint.path, checkpoint.filesystem)
-    try:
-        check_resumable(saved, world, zero_stage)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
     root = checkpoint.path.rstrip("/")
     state = {**(_read_json(checkpoint.filesystem, f"{root}/{STATE_NAME}") or {}), "world": saved,
              "frozen": holds_frozen_tensors(root, checkpoint.filesystem)}
     saved_config = _read_json(checkpoint.filesystem, f"{root}/{CONFIG_NAME}") if config is not None else None
-    if saved_config is None:  # not asked, or a checkpoint written before the config was kept in it
-        return state
-    try:
-        changes = resume_changes(saved_config, config, int(state.get("steps_per_epoch") or 0), steps_per_epoch,
-                                 str(state.get("train_data") or ""), train_data)
-    except ConfigError as exc:  # a config of another release: cannot be compared key by key
-        log.warning("%s; its config.json cannot be compared with this run's (%s)", where, exc)
-        return state
-    if changes:
+    changes: list[str] = []
+    if saved_config is not None:  # None: not asked, or a checkpoint written before the config was kept in it
+        try:
+            changes = resume_changes(saved_config, config, int(state.get("steps_per_epoch") or 0), steps_per_epoch,
+                                     str(state.get("train_data") or ""), train_data)
+        except ConfigError as exc:  # a config of another release: cannot be compared key by key
+            log.warning("%s; its config.json cannot be compared with this run's (%s)", where, exc)
+    if changes:  # first: a changed ZeRO stage is said as such, not judged by the new stage's rules below
         raise ConfigError(f"{where}, trained with other settings: {'; '.join(changes)}. A resumed run keeps its "
                           f"optimizer state and lr schedule: rerun with the run's settings, or use another run name")
+    try:
+        check_resumable(saved, world, zero_stage)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     return state
 
 

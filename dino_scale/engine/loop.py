@@ -321,6 +321,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                                          seed=cfg.data.seed, pad_multiple=pad_multiple)
             for _ in range(state.micro_in_epoch):  # exact resume: skip what this epoch consumed
                 next(batches, None)
+            if state.micro_in_epoch:  # the replay is no step's data wait: it made the first rate and ETA wrong
+                meter.reset()
             batch = ()
             queued: list = []  # the window's micro-batches not yet used, read ahead
             step_boxes: Any = 1.0

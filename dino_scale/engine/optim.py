@@ -11,9 +11,9 @@ Schedules are functions of the data position: the step index of the accumulation
 overflow), so the drop lands at the start of its epoch and warmup and cosine follow the data
 as in the official per-epoch ``StepLR`` (:func:`seek_schedule`):
 ``step`` (x0.1 at ``lr_drop_epochs[0]``, the 11-of-12 recipe), ``multistep`` (x0.1 at
-each epoch in ``lr_drop_epochs``), ``cosine`` (to 0 at the last step). Each may start
-with a linear warmup of ``warmup_steps``. ``lr_drop_epochs=None`` is the 11-of-12 point
-of ``epochs`` (:func:`lr_drop_epochs`).
+each epoch in ``lr_drop_epochs``), ``cosine`` (toward 0, reached at step ``total_steps``, just
+after the last step taken). Each may start with a linear warmup of ``warmup_steps``.
+``lr_drop_epochs=None`` is the 11-of-12 point of ``epochs`` (:func:`lr_drop_epochs`).
 """
 from __future__ import annotations
 

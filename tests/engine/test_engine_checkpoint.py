@@ -414,3 +414,17 @@ def test_a_checkpoint_without_ema_restarts_the_ema_from_the_resumed_weights(tmp_
         load_training_checkpoint(tmp_path, _Resuming(), rank=1, ema=ema)
     assert torch.equal(ema.shadow["weight"], torch.full((2, 3), 7.0)) and ema.updates == 0
     assert "holds no ema.pt" in caplog.text and "no RNG state of rank 1" in caplog.text
+
+
+def test_a_failed_atomic_write_names_the_file_asked_for(tmp_path):
+    """A write into a missing folder said "No such file or directory: 'model.json.tmp-eeebc697'":
+    the temporary file's name, which the user never chose and cannot find. It names the target."""
+    import pytest
+
+    from dino_scale.engine.checkpoint import atomic_write_text
+
+    target = tmp_path / "nodir" / "model.json"
+    with pytest.raises(FileNotFoundError) as err:
+        atomic_write_text(target, "x")
+    assert err.value.filename == str(target) and str(target) in str(err.value) and ".tmp-" not in str(err.value)
+    assert not (tmp_path / "nodir").exists()

@@ -59,12 +59,12 @@ def _initial_state(cfg):
 # evaluation, an MLflow server outage) and, as the reference, the kill/resume test below. Each
 # Ray Train run costs ~1 min of fixed start-up on a 2-core CI box; ZeRO-2 runs in the
 # fake-autoscaler test (tests/cluster/test_cluster_autoscale.py).
-def _reference_cfg():
+def _reference_cfg(**overrides):
     # one epoch of 2 optimizer steps, each over 2 micro-batches per worker (gradient accumulation),
     # a checkpoint at each step; deterministic so a resumed run can be compared bit for bit
     return small_cfg(**{"train.zero_stage": 3, "train.deterministic": True, "train.max_failures": 1,
                         "train.lr": 1e-3, "train.lr_backbone": 1e-3, "train.global_batch_size": 8,
-                        "train.checkpoint_every_steps": 1})
+                        "train.checkpoint_every_steps": 1, **overrides})
 
 
 # Both runs skip the 3rd micro-batch (a NaN loss): the first of the epoch's second accumulation
@@ -250,11 +250,17 @@ def test_zero3_restart_on_another_worker_count_is_refused_on_the_driver(zero3_re
     check_restart(str(storage), run_name, 2, 3)
     check_restart(str(storage), unique("new"), 1, 3)
     check_restart(str(storage), run_name, 1, 2)  # ZeRO-2 converts
-    one = small_cfg(**{"train.zero_stage": 3, "train.num_workers": 1, "train.global_batch_size": 8})
+    one = _reference_cfg(**{"train.num_workers": 1})  # the run's settings, on 1 worker
     before = sorted(p.name for p in (storage / run_name).iterdir())
     with pytest.raises(ConfigError, match=r"written by 2 workers and cannot resume on 1") as err:
         fit(one, train_dir, None, tmp_path / "work", run_name, storage_path=str(storage), progress=False)
     assert run_name in str(err.value)
     assert sorted(p.name for p in (storage / run_name).iterdir()) == before  # Ray Train never started
-
-
+    # the same run on 1 worker with ZeRO-2: the stage change is what the driver says (was "cannot
+    # resume on 1 ... or train with train.zero_stage <= 2", judged by the new stage, advice refused next)
+    two = _reference_cfg(**{"train.zero_stage": 2, "train.num_workers": 1})
+    with pytest.raises(ConfigError, match=r"other settings: train\.zero_stage \(checkpoint layout\) 'ZeRO-3' -> "
+                                          r"'ZeRO-1/2'\. "):
+        check_restart(str(storage), run_name, 1, 2, config=two)
+    with pytest.raises(ConfigError, match=r"cannot resume on 1.*another run name"):  # its own stage, fewer workers
+        check_restart(str(storage), run_name, 1, 3, config=one)

@@ -32,7 +32,7 @@ from dino_scale.engine.checkpoint import (
     TrainState, atomic_write_text, checkpoint_dir_name, evaluation_dir_name, load_into, load_training_checkpoint,
     load_weights, save_training_checkpoint, save_weights,
 )
-from dino_scale.engine.state_files import rng_untouched
+from dino_scale.engine.state_files import rng_states, rng_untouched, set_rng_states
 from dino_scale.engine.deepspeed_utils import (
     AccumulationWindow, ModelEMA, build_ds_config, full_state_dict, grad_accum_steps, init_deepspeed,
 )
@@ -306,7 +306,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             report(metrics_now())
 
     micro_total = state.epoch * steps_per_epoch * accum + state.micro_in_epoch
-    window_start = (state.micro_in_epoch, guard.state_dict())  # where an abort's checkpoint resumes
+    # where an abort's checkpoint resumes: the window's position, guard and RNG streams (its replay draws
+    # the same denoising noise; the checkpoint held the streams after the aborted window's draws)
+    window_start = (state.micro_in_epoch, guard.state_dict(), rng_states())
     nan_steps = set(int(s) for s in hooks.get("nan_micro_steps", []))
     try:
         # a finished run resumed with a larger budget (train.max_steps, train.epochs) goes on training
@@ -328,7 +330,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             step_boxes: Any = 1.0
             while state.micro_in_epoch < limit and state.global_step < total_steps:
                 if accumulation.ends_at(state.micro_in_epoch):  # a window starts
-                    window_start = (state.micro_in_epoch, guard.state_dict())
+                    window_start = (state.micro_in_epoch, guard.state_dict(), rng_states())
                 if not queued:  # the window's micro-batches (its rest, after a resume mid-window) are
                     # read first: the boxes of the whole step, on every rank, normalize each one's loss
                     queued = read_window(batches, min(accum - state.micro_in_epoch % accum,
@@ -369,8 +371,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     except BadStepError as exc:  # every rank raises together (the finiteness flag is all-reduced)
         abort, bad_total = str(exc), guard.total
         # the final checkpoint resumes at the window's start: its micro-batches were never applied
-        state.micro_in_epoch, start_guard = window_start
+        state.micro_in_epoch, start_guard, start_rng = window_start
         guard.load_state_dict(start_guard)
+        set_rng_states(start_rng)
     bad_total = guard.total if abort is None else bad_total
 
     # final: full weights (all ranks gather for ZeRO-3), distributed evaluation, last report

@@ -108,6 +108,22 @@ def load_rng_state(folder: PathLike, rank: int) -> bool:
     return True
 
 
+def rng_states() -> tuple:
+    """This process's python/numpy/torch RNG states (and the current CUDA device's, where a
+    context exists), for :func:`set_rng_states`. Host-side copies: no device synchronization."""
+    return (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+            torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+
+
+def set_rng_states(states: tuple) -> None:
+    """Put back what :func:`rng_states` returned."""
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
+    if states[3] is not None:
+        torch.cuda.set_rng_state(states[3])
+
+
 @contextlib.contextmanager
 def rng_untouched():
     """Run a block without moving this process's python/numpy/torch RNG streams (and the current
@@ -115,16 +131,11 @@ def rng_untouched():
     the last training step and the final checkpoint's RNG file (building and running the
     evaluation model drew from torch's stream, so a finished run extended with more steps went on
     with other noise than one run to the longer length)."""
-    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-              torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+    states = rng_states()
     try:
         yield
     finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-        if states[3] is not None:
-            torch.cuda.set_rng_state(states[3])
+        set_rng_states(states)
 
 
 def save_ema_state(folder: PathLike, ema) -> None:

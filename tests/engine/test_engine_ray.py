@@ -56,6 +56,12 @@ def test_nan_steps_skipped_lr_follows_the_data_position_then_abort(ray_session, 
     state = json.loads(final.read_text())
     assert (state["global_step"], state["epoch"], state["micro_in_epoch"], state["finished"]) == (2, 1, 2, False), state
     assert state["bad_steps"] == {"total": 3, "consecutive": 1, "grad_consecutive": 0}, state
+    # and with the RNG streams of that window's start: those the step-2 checkpoint saved just before it
+    # (was: the streams after the aborted window's draws, so a rerun replayed it with other noise)
+    (step2,) = (tmp_path / "work" / "ray").glob("*/ckpt_*2_*")
+    for rank in (0, 1):
+        at_abort, at_start = (torch.load(f / f"rng_rank{rank}.pt", weights_only=True) for f in (final.parent, step2))
+        assert torch.equal(at_abort["torch"], at_start["torch"]) and at_abort["python"] == at_start["python"], rank
     client = MlflowClient(f"sqlite:///{(tmp_path / 'work' / 'mlflow.db').resolve()}")
     runs = client.search_runs([client.get_experiment_by_name("engine-test").experiment_id])
     assert runs[0].info.status == "FAILED" and "consecutive non-finite" in runs[0].data.tags["error"]

@@ -56,8 +56,8 @@ from .records import (
 )
 from .preflight import preflight_shards
 from .readers import rewriting_dataset
-from .shards import (ShardWriter, crowd_boxes, folder_lock, load_progress, read_json_or_none, shard_files,
-                     write_json_atomic)
+from .shards import (ShardWriter, crowd_boxes, finish_swap, folder_lock, load_progress, read_json_or_none,
+                     shard_files, staging_folder, write_json_atomic)
 
 __all__ = ["convert_coco", "ConversionError"]
 
@@ -272,6 +272,9 @@ class _Converter:
 
     def _run(self, rewrite: contextlib.ExitStack) -> dict[str, Any]:
         manifest_path = self.out / MANIFEST_NAME
+        stage = staging_folder(self.out)
+        if finish_swap(self.out):  # a staged conversion finished, its swap cut short
+            self.say(f"{self.out}: finished putting the conversion staged in {stage.name}/ in place")
         if manifest_path.is_file():
             why = "its manifest is unreadable"
             try:
@@ -290,6 +293,7 @@ class _Converter:
                 why = "the annotation file or the settings changed since its conversion"
                 self.say(f"{self.out}: the annotation file or the settings changed since its conversion; "
                          f"converting again")
+            intact = bool(old)  # readable: its shards are checked below only when it is kept as it is
             if not back and (old.get("signature") == self.signature or unshuffled):
                 try:  # the same input, but its shards must still be there, whole, with sound footers
                     preflight_shards(self.out)  # (sizes alone passed a footer damaged in place)
@@ -297,12 +301,37 @@ class _Converter:
                         " by an earlier release, rows in file order (not shuffled): kept, as converting "
                         "again can take hours; remove the folder to convert it with shuffled rows"
                         if unshuffled else ""))
+                    if stage.exists():  # a conversion with other settings, given up: its partial output
+                        shutil.rmtree(stage)
+                        self.say(f"{self.out}: removed {stage.name}/, an unfinished conversion with other settings")
                     return old
                 except ShardError as e:
-                    why = e.detail
+                    why, intact = e.detail, False
                     self.say(f"{self.out}: {e.detail}; converting again")
             rewrite.enter_context(rewriting_dataset(self.out, why))  # held to the end: new readers wait
+            if intact:  # converted anew beside it, swapped in once usable (needs room for both)
+                return self._staged(stage)
             manifest_path.unlink()
+        return self._convert()
+
+    def _staged(self, stage: Path) -> dict[str, Any]:
+        """Convert into ``stage`` (resuming there), then swap the result into place."""
+        self.say(f"{self.out}: the current dataset stays until the new one is complete (converting into "
+                 f"{stage.name}/: room for both is needed)")
+        out, self.out, self.work = self.out, stage, stage / ".convert-work"
+        try:
+            manifest = self._convert()
+        except ConversionError:  # not usable (an image folder without the images ...): the dataset stays
+            shutil.rmtree(stage, ignore_errors=True)
+            self.say(f"{out}: the new conversion is not usable; the dataset converted before is kept as it was")
+            raise
+        finally:
+            self.out, self.work = out, out / ".convert-work"
+        finish_swap(self.out)
+        return manifest
+
+    def _convert(self) -> dict[str, Any]:
+        manifest_path = self.out / MANIFEST_NAME
         self.out.mkdir(parents=True, exist_ok=True)
         plan_path = self.work / "plan.json"
         plan = read_json_or_none(plan_path)  # absent, or cut short by a crash: planned again

@@ -219,3 +219,38 @@ class ShardWriter:
         if self.tail is not None:
             records.append(self.tail)
         return records
+
+
+STAGING_DIR = ".next"  # a new conversion of a folder that holds a dataset is written here first
+
+
+def finish_swap(out: Path, manifest_name: str = "manifest.json") -> bool:
+    """Replace the dataset in ``out`` by the finished one in ``out/.next`` (a conversion staged
+    there: see :func:`staging_folder`); False when there is none. Idempotent, so a swap cut
+    short (a crash) is finished by calling it again: ``out``'s manifest goes first (``out`` holds
+    no dataset from then on), then each shard the new manifest lists is moved in (replacing an old
+    one of its name), the old shards it does not list are removed, and its manifest comes last."""
+    import shutil
+
+    stage = out / STAGING_DIR
+    new_manifest = stage / manifest_name
+    if not new_manifest.is_file():
+        return False
+    listed = {s["file"] for s in json.loads(new_manifest.read_text())["shards"]}
+    (out / manifest_name).unlink(missing_ok=True)
+    for name in sorted(listed):
+        if (stage / name).is_file():
+            os.replace(stage / name, out / name)
+    for path, _ in shard_files(out):
+        if path.name not in listed:
+            path.unlink()
+    os.replace(new_manifest, out / manifest_name)
+    shutil.rmtree(stage, ignore_errors=True)
+    return True
+
+
+def staging_folder(out: Path) -> Path:
+    """``out/.next``: where a conversion of a folder that holds an intact dataset writes its shards
+    and manifest, so the dataset stays whole until the new one is (a rerun with another image
+    folder that turned out empty, or a crash, removed it before: hours of conversion lost)."""
+    return out / STAGING_DIR

@@ -344,3 +344,44 @@ def test_a_job_waits_for_a_conversion_rewriting_its_dataset(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_data_convert_again_keeps_the_dataset_until_the_new_one_is_usable(coco_like, tmp_path, monkeypatch):
+    """A rerun with other settings removed the dataset before converting again: with a mistyped
+    image folder (every image missing) the new conversion failed, and the folder was left with
+    nothing (hours of conversion lost). The new conversion is staged in ``.next/`` and swapped in
+    once usable; a swap cut short (a crash) is finished by the next run."""
+    import os
+
+    from dino_scale.data import ConversionError
+    from dino_scale.data.records import shard_paths
+
+    root, ann = coco_like
+    out = tmp_path / "out"
+    first = convert_coco(ann, root, out, progress=False)
+    before = _shard_bytes(out)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConversionError, match="could be used from the image folder"):
+        convert_coco(ann, tmp_path / "empty", out, progress=False)
+    assert read_manifest(out) == first and _shard_bytes(out) == before and not (out / ".next").exists()
+    assert len(list(iter_records(out))) == first["num_images"]
+
+    # other settings that work: swapped in; the swap cut short after its first shard is finished next time
+    replace, moved = os.replace, []
+
+    def crash_after_one_shard(src, dst):
+        if str(src).endswith(".parquet") and ".next" in str(src) and moved:
+            raise KeyboardInterrupt("killed mid-swap")
+        moved.append(src)
+        return replace(src, dst)
+
+    monkeypatch.setattr(shards_mod.os, "replace", crash_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        convert_coco(ann, root, out, progress=False, max_images_per_shard=3)
+    monkeypatch.setattr(shards_mod.os, "replace", replace)
+    assert not (out / "manifest.json").exists() and (out / ".next" / "manifest.json").exists()
+    again = convert_coco(ann, root, out, progress=False, max_images_per_shard=3)  # finishes the swap
+    assert again["num_images"] == first["num_images"] and len(again["shards"]) > len(first["shards"])
+    assert read_manifest(out) == again and not (out / ".next").exists()
+    assert sorted(p.name for p in shard_paths(out)) == sorted(p.name for p in out.glob("shard-*.parquet"))
+    assert len(list(iter_records(out))) == first["num_images"]

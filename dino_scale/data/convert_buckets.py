@@ -56,16 +56,18 @@ def join_bucket(work: Path, b: int, excluded: np.ndarray) -> tuple[Optional[pa.T
     apath = work / f"ann-{b:05d}.bin"
     ann = np.fromfile(apath, dtype=ANN) if apath.is_file() else np.zeros(0, ANN)
     stats = {"orphan": 0, "other_split": 0, "skipped_meta": 0, "outside": 0, "clipped": 0}
-    # boxes the annotation pass dropped whose image is in the sibling split are that split's
+    ids = meta.column("image_id").to_numpy() if meta is not None else np.zeros(0, np.int64)
+    # boxes the annotation pass dropped whose image only the sibling split lists are that split's (an
+    # id both list, a duplicate_id skip in each, is each one's: its boxes were counted by neither)
     dpath = work / f"drop-{b:05d}.bin"
     drop = np.fromfile(dpath, dtype=DROP) if dpath.is_file() else np.zeros(0, DROP)
-    theirs = np.bincount(drop["reason"][np.isin(drop["iid"], excluded)], minlength=len(DROP_REASONS))
+    only_theirs = np.isin(drop["iid"], excluded) & ~np.isin(drop["iid"], ids)
+    theirs = np.bincount(drop["reason"][only_theirs], minlength=len(DROP_REASONS))
     stats.update({f"other_split_{r}": int(n) for r, n in zip(DROP_REASONS, theirs)})
     if meta is None or meta.num_rows == 0:
         other = np.isin(ann["iid"], excluded)
         stats["other_split"], stats["orphan"] = int(other.sum()), int((~other).sum())
         return None, np.zeros(0, ANN), stats
-    ids = meta.column("image_id").to_numpy()
     status = np.array(meta.column("status").to_pylist(), dtype=object)
     # an id that the sibling split (o365 val/train_extra) also lists is in neither
     status[(status == "") & np.isin(ids, excluded)] = "duplicate_id"
@@ -85,7 +87,7 @@ def join_bucket(work: Path, b: int, excluded: np.ndarray) -> tuple[Optional[pa.T
     vids = ids[valid][vorder]
     p = np.minimum(np.searchsorted(vids, ann["iid"]), max(len(vids) - 1, 0))
     found = (vids[p] == ann["iid"]) if len(vids) else np.zeros(len(ann), bool)
-    other = ~found & np.isin(ann["iid"], excluded)
+    other = ~found & np.isin(ann["iid"], excluded) & ~np.isin(ann["iid"], ids)
     of_skipped = ~found & ~other & np.isin(ann["iid"], ids[status != ""])
     stats["other_split"], stats["skipped_meta"] = int(other.sum()), int(of_skipped.sum())
     stats["orphan"] = int((~found & ~other & ~of_skipped).sum())

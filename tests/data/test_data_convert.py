@@ -385,3 +385,23 @@ def test_data_convert_again_keeps_the_dataset_until_the_new_one_is_usable(coco_l
     assert read_manifest(out) == again and not (out / ".next").exists()
     assert sorted(p.name for p in shard_paths(out)) == sorted(p.name for p in out.glob("shard-*.parquet"))
     assert len(list(iter_records(out))) == first["num_images"]
+
+
+def test_data_convert_val_split_counts_the_boxes_of_an_id_both_splits_list(tmp_path):
+    """An image id listed in both --o365-val-split parts (a duplicate_id skip in each): its boxes
+    were taken as the sibling split's in both manifests, so no manifest counted them as dropped.
+    Each split now counts them (skipped_meta for the kept ones, their reason for the annotation
+    pass's drops), and every manifest's counts add up."""
+    anns = [{"image_id": 1, "bbox": [1, 2, 10, 10]}, {"image_id": 2, "bbox": [1, 2, 10, 10]},
+            {"image_id": 2, "bbox": [1, 2, 0, 10]},  # degenerate, on the id both list
+            {"image_id": 3, "bbox": [1, 2, 10, 10]}]
+    root, ann = _small_dataset(tmp_path, 4, anns)
+    doc = json.loads(ann.read_text())
+    doc["images"][3] = {**doc["images"][3], "id": 2}  # the 4th image (train_extra) takes id 2 of the val part
+    ann.write_text(json.dumps(doc))
+    res = convert_coco(ann, root, tmp_path / "split", o365_val_split=2, progress=False)
+    for part in ("val", "train_extra"):
+        m = res[part]
+        assert m["images_skipped"].get("duplicate_id") == 1, (part, m["images_skipped"])
+        assert m["boxes_dropped"]["skipped_image"] == 1 and m["boxes_dropped"]["degenerate"] == 1, (part, m)
+        assert m["boxes_in"] == m["num_boxes"] + sum(m["boxes_dropped"].values()), (part, m)

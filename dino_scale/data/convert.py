@@ -286,9 +286,9 @@ class _Converter:
             unshuffled = self._converted_before_shuffling(old.get("signature"))
             back = self._skipped_files_back(old) if old.get("signature") == self.signature else []
             if back:
-                why = f"{len(back)} image(s) skipped at its conversion as missing or empty are there now"
-                self.say(f"{self.out}: {len(back)} image(s) skipped at the last conversion as missing or empty "
-                         f"are there now (e.g. {back[0]}); converting again")
+                why = f"{len(back)} image file(s) skipped at its conversion are there now or changed since"
+                self.say(f"{self.out}: {len(back)} image file(s) skipped at the last conversion (missing, empty, "
+                         f"unreadable ...) are there now or changed since (e.g. {back[0]}); converting again")
             elif old and old.get("signature") != self.signature and not unshuffled:
                 why = "the annotation file or the settings changed since its conversion"
                 self.say(f"{self.out}: the annotation file or the settings changed since its conversion; "
@@ -355,23 +355,32 @@ class _Converter:
         return manifest
 
     def _skipped_files_back(self, manifest: dict[str, Any]) -> list[str]:
-        """File names of images the conversion behind ``manifest`` skipped as ``missing_file`` or
-        ``empty_file`` (among the first :data:`_MAX_LISTED` listed) that are now in the image folder
-        with content: the same command again used to answer "already converted" and keep them
-        skipped after the user put the files in place (an archive unpacked late)."""
+        """File names of images the conversion behind ``manifest`` skipped for their files (among
+        the first :data:`_MAX_LISTED` listed) that may be usable now: a ``missing_file`` or
+        ``empty_file`` now there with content, and a file skipped for what it held (corrupt,
+        unreadable, too large, of another size) that was replaced or had its permissions changed
+        since (its ctime is past the manifest's). The same command again used to answer "already
+        converted" and keep them skipped after the user put the files right (an archive unpacked
+        late, a file downloaded again)."""
         if self.images is None or not (self.embed or self.check_files):
+            return []
+        try:
+            converted_at = (self.out / MANIFEST_NAME).stat().st_mtime_ns
+        except OSError:
             return []
         back = []
         for entry in manifest.get("skipped_images") or []:
-            name = entry.get("file_name")
-            if entry.get("reason") not in ("missing_file", "empty_file") or not name:
+            name, reason = entry.get("file_name"), entry.get("reason")
+            if reason not in _FILE_REASONS or not name:
                 continue
             try:
                 path = resolve_image_path(self.images, name)
-                if path is not None and path.stat().st_size > 0:
-                    back.append(name)
+                stat = path.stat() if path is not None else None
             except OSError:
                 continue
+            if stat is not None and stat.st_size > 0 and (
+                    reason in ("missing_file", "empty_file") or stat.st_ctime_ns > converted_at):
+                back.append(name)
         return back
 
     def _refuse_another_dataset(self, old: dict[str, Any]) -> None:

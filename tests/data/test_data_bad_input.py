@@ -460,10 +460,31 @@ def test_data_rerun_converts_again_once_skipped_files_are_there(tmp_path, embed,
     assert "already converted" in capsys.readouterr().out
     (root / "b.jpg").write_bytes(_jpeg())
     again = convert_coco(ann, root, out, embed_images=embed)
-    assert "1 image(s) skipped at the last conversion as missing or empty are there now (e.g. b.jpg)" in \
-        capsys.readouterr().out
+    assert "1 image file(s) skipped at the last conversion (missing, empty, unreadable ...) are there now or " \
+           "changed since (e.g. b.jpg)" in capsys.readouterr().out
     assert again["num_images"] == 3 and again["images_skipped"] == {}
     assert sorted(r["image_id"] for r in iter_records(out)) == [1, 2, 3]
+
+
+def test_data_rerun_converts_again_once_a_corrupt_file_was_replaced(tmp_path, capsys):
+    """Only missing and empty files were looked at again: an image skipped as corrupt (a download
+    cut short) stayed skipped after it was downloaded again ("already converted"). A skipped file
+    changed since the conversion makes the rerun convert again; an unchanged one does not."""
+    import time
+
+    good = _jpeg()
+    root, ann = _dataset(tmp_path, {"a.jpg": good, "b.jpg": good[: len(good) // 2]},
+                         [{"image_id": i, "category_id": 1, "bbox": [1, 2, 10, 10]} for i in (1, 2)])
+    out = tmp_path / "out"
+    assert convert_coco(ann, root, out, embed_images=True)["images_skipped"] == {"corrupt": 1}
+    capsys.readouterr()
+    assert convert_coco(ann, root, out, embed_images=True)["num_images"] == 1  # unchanged: reused
+    assert "already converted" in capsys.readouterr().out
+    time.sleep(0.05)  # past the file-time tick of the manifest's write
+    (root / "b.jpg").write_bytes(good)
+    again = convert_coco(ann, root, out, embed_images=True)
+    assert "are there now or changed since (e.g. b.jpg)" in capsys.readouterr().out
+    assert again["num_images"] == 2 and again["images_skipped"] == {}
 
 
 def test_data_a_file_whose_labels_all_drop_or_that_lists_no_image_is_an_error(tmp_path, caplog):

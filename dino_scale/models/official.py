@@ -58,9 +58,8 @@ def normalize_keys(state_dict) -> Dict[str, Tensor]:
         state_dict = state_dict["model"]
     sd = {}
     for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
+        while key.startswith(("module.", "_orig_mod.")):  # in any order, nested (compile of DDP, DDP of compile)
+            key = key.partition(".")[2]
         if key.endswith(DROPPED_SUFFIXES):
             continue
         sd[key] = value

@@ -118,6 +118,16 @@ def test_prefix_and_single_copy_heads_load(golden):
     assert torch.equal(out["class_embed.5.weight"], good["class_embed.0.weight"])
 
 
+def test_wrapper_prefixes_are_stripped_in_any_order():
+    """``_orig_mod.module.x`` (torch.compile of a DDP model) kept ``module.``: the prefixes were
+    stripped in one order only, and the strict load failed with unexpected keys."""
+    from dino_scale.models.official import normalize_keys
+
+    one = torch.zeros(1)
+    keys = ["module._orig_mod.a.b", "_orig_mod.module.a.c", "module.module.a.d", "a.e", "a.module.f"]
+    assert list(normalize_keys({k: one for k in keys})) == ["a.b", "a.c", "a.d", "a.e", "a.module.f"]
+
+
 class NotAllowed:  # any class outside the allowlist
     def __init__(self):
         self.x = 1

@@ -232,3 +232,26 @@ def test_given_num_boxes_replaces_the_batch_count_in_every_term():
     for k in own:
         assert given[k].item() == pytest.approx(own[k].item() * 3 / 7.5, rel=1e-5), k
     assert own["loss_bbox_dn"].item() > 0 and own["loss_ce_interm"].item() > 0
+
+
+def _num_boxes_rank(rank: int, path: str, counts: list, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=len(counts))
+    try:
+        crit = _criterion(num_classes=3)
+        t = [{"labels": torch.zeros(counts[rank], dtype=torch.long), "boxes": torch.rand(counts[rank], 4)}]
+        torch.save(crit._num_boxes(t, torch.device("cpu")), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("counts,expected", [([0, 3], 1.5), ([4, 6], 5.0)])
+def test_num_boxes_is_the_mean_over_two_ranks(tmp_path, counts, expected):
+    """The 1-process test above could not tell a sum from a mean: with 2 gloo ranks holding
+    different box counts, both normalize by clamp(total / world, min=1), as the official code."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_num_boxes_rank, args=(str(tmp_path / "pg"), counts, str(tmp_path / "nb")), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"nb.{r}").item() for r in (0, 1)]
+    assert got == [expected, expected], got

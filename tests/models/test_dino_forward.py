@@ -315,3 +315,30 @@ def test_integer_or_wrong_channel_images_are_refused_clearly(tiny):
     for channels in (1, 4):
         with pytest.raises(ValueError, match=f"3 channels.*got {channels}"):
             model(torch.zeros(1, channels, 64, 64), masks)
+
+
+def test_denoising_queries_do_not_leak_into_the_matching_queries(tiny, monkeypatch):
+    """The denoising mask was only compared with the reference's example, never checked inside
+    the model: dropped or transposed in the decoder, the matching queries would see the noised
+    ground truth and every other test would pass. A training forward with targets (denoising
+    queries present) gives the matching queries the outputs of one without; without the mask
+    they differ."""
+    cfg, model, _, _ = tiny
+    images, masks, targets = _batch()
+    model.train()
+
+    def matching(with_targets: bool) -> dict:
+        torch.manual_seed(5)
+        with torch.no_grad():
+            out = model(images, masks, targets if with_targets else None)
+        assert (out["dn_meta"] is not None) == with_targets
+        return out
+
+    plain, with_dn = matching(False), matching(True)
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.allclose(with_dn[key], plain[key], atol=1e-5, rtol=1e-5), key
+    # the test can fail: the same forward with the decoder's mask dropped
+    forward = model.transformer.forward
+    monkeypatch.setattr(model.transformer, "forward", lambda *a: forward(*a[:-1], None))
+    leaked = matching(True)
+    assert not torch.allclose(leaked["pred_logits"], plain["pred_logits"], atol=1e-5, rtol=1e-5)

@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dino_scale.config import Config, ConfigError, from_dict
+from dino_scale.tracking.downloads import (
+    MODEL_ARTIFACT_PATH, download_run_artifact, download_siblings, download_version, run_and_path,
+)
 from dino_scale.tracking.refusals import is_refusal
 from dino_scale.tracking.search import filter_literal, pages
 
@@ -36,7 +39,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("dino_scale.tracking")
-MODEL_ARTIFACT_PATH = "model"
 REGISTER_ID_TAG = "dino_scale.register_id"  # one per register_model call: finds versions its resends made
 # MLflow error codes of a lookup that found nothing (no such name, alias, version or run)
 NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
@@ -274,7 +276,11 @@ def _from_local(path: Path, uri: str, lineage: dict[str, Any]) -> ResolvedModel:
         raise FileNotFoundError(f"{uri}: no such file or folder {path}")
     config = _read_config(cfg_file) if cfg_file.is_file() else None
     if lin_file.is_file():
-        lineage = {**json.loads(lin_file.read_text()), **lineage}
+        try:
+            lineage = {**json.loads(lin_file.read_text()), **lineage}
+        except (ValueError, TypeError) as exc:  # was a bare JSONDecodeError that named no file
+            raise ConfigError(f"{lin_file} is not a readable lineage file ({exc}): the model's lineage.json is "
+                              f"damaged; restore it, or remove it to load the model without its lineage") from None
     return ResolvedModel(uri=uri, weights_path=weights, config=config, lineage=lineage)
 
 
@@ -286,66 +292,30 @@ def resolve_model_uri(uri: str, dst_dir: Optional[str | Path] = None,
     lineage: dict[str, Any] = {"uri": uri}
     if uri.startswith("models:/") or uri.startswith("runs:/"):
         client = store_client(tracking_uri)
-        dst = Path(dst_dir) if dst_dir else Path(tempfile.mkdtemp(prefix="dino_model_"))
-        dst.mkdir(parents=True, exist_ok=True)
+        if dst_dir:  # a fresh folder in it: a download merged into an earlier one's files (its lineage.json)
+            Path(dst_dir).mkdir(parents=True, exist_ok=True)
+            dst = Path(tempfile.mkdtemp(prefix="download-", dir=dst_dir))
+        else:
+            dst = Path(tempfile.mkdtemp(prefix="dino_model_"))
         try:
             if uri.startswith("models:/"):
                 mv = model_version_for_uri(client, uri)
                 lineage.update({"name": mv.name, "version": str(mv.version), "run_id": mv.run_id,
                                 "source": mv.source, "aliases": list(getattr(mv, "aliases", []) or []),
                                 "tags": dict(mv.tags or {})})
-                return _from_local(_download_version(client, mv, dst, tracking_uri), uri, lineage)
-            run_id, path = _run_and_path(uri)
+                return _from_local(download_version(client, mv, dst, tracking_uri), uri, lineage)
+            run_id, path = run_and_path(uri)
             lineage["run_id"] = run_id
-            local = Path(client.download_artifacts(run_id, path or MODEL_ARTIFACT_PATH, str(dst)))
+            store = tracking_uri or getattr(client, "tracking_uri", None)
+            local = download_run_artifact(client, run_id, path or MODEL_ARTIFACT_PATH, dst, store)
             if local.is_file():  # runs:/<id>/model/model.safetensors: its config and lineage beside it too
-                _download_siblings(client, run_id, path, dst)
+                download_siblings(client, run_id, path, dst, store)
             return _from_local(local, uri, lineage)
-        except BaseException:
-            if not dst_dir:  # a folder the caller never learns of: the download (gigabytes) would stay
-                shutil.rmtree(dst, ignore_errors=True)
+        except BaseException:  # the folder made above, which the caller never learns of: the download
+            shutil.rmtree(dst, ignore_errors=True)  # (gigabytes) would stay
             raise
     path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
     return _from_local(path, uri, lineage)
-
-
-def _run_and_path(uri: str) -> tuple[str, str]:
-    """``runs:/<run id>/<artifact path>`` -> (run id, artifact path; "" when none)."""
-    run_id, _, path = uri[len("runs:/"):].partition("/")
-    return run_id, path
-
-
-def _download_siblings(client, run_id: str, path: str, dst: Path) -> None:
-    """The ``config.json`` and ``lineage.json`` next to the run artifact file ``path`` (downloaded
-    under ``dst``), where the run has them: a file URI lost the model's config."""
-    from dino_scale.engine.checkpoint import CONFIG_NAME
-
-    folder = path.strip("/").rpartition("/")[0]
-    listed = {Path(a.path).name for a in client.list_artifacts(run_id, folder or None)}
-    for name in (CONFIG_NAME, "lineage.json"):
-        if name in listed:
-            client.download_artifacts(run_id, f"{folder}/{name}" if folder else name, str(dst))
-
-
-def _download_version(client, mv, dst: Path, tracking_uri: Optional[str]) -> Path:
-    """The local copy (under ``dst``) of what model version ``mv`` registered: its ``source``, a
-    folder of its run's artifacts (``register_model``: ``<run artifact root>/model``), a
-    ``runs:/<run id>/<path>`` URI, or any other artifact location MLflow reads (a path, ``s3://``,
-    a logged model). A source outside its run's artifacts used to be read as the run's ``model``
-    folder: another artifact than the one registered."""
-    import mlflow.artifacts
-
-    source = mv.source.rstrip("/")
-    if source.startswith("runs:/"):
-        run_id, path = _run_and_path(source)
-        return Path(client.download_artifacts(run_id, path, str(dst)))
-    if mv.run_id:
-        base = client.get_run(mv.run_id).info.artifact_uri.rstrip("/")
-        if source == base or source.startswith(base + "/"):
-            path = source[len(base):].strip("/")
-            return Path(client.download_artifacts(mv.run_id, path or MODEL_ARTIFACT_PATH, str(dst)))
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst),
-                                                    tracking_uri=tracking_uri))
 
 
 def load_model_from_uri(uri: str, device: str = "cpu", tracking_uri: Optional[str] = None,

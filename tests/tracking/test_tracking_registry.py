@@ -310,3 +310,49 @@ def test_other_registry_errors_are_not_taken_for_an_alias_race():
     for text in ("Registered Model with name=dino-tiny-coco not found",
                  "(sqlite3.OperationalError) database is locked", "Model Version (name=x, version=9) not found"):
         assert not is_unique_violation(MlflowException(text)), text
+
+
+def test_a_store_copied_off_its_machine_still_loads_its_models(logged_model, tmp_path):
+    """The head's work folder copied down (``ray rsync-down``, as cluster/README.md says) keeps a
+    store whose runs record absolute ``file://`` artifact roots of the head: every model version
+    failed to download ("please ensure that the path is correct"). A root that is gone here is
+    read from the copy's own ``mlartifacts`` folder."""
+    import shutil
+
+    uri, cfg, model, folder, (run1, _) = logged_model
+    assert register_model(run1, "dino-tiny-coco", "model", tracking_uri=uri) == "1"
+    here = tmp_path.parent / f"{tmp_path.name}-copied"
+    shutil.copytree(tmp_path, here)
+    shutil.rmtree(tmp_path / "mlartifacts")  # the head's folder: not on this machine
+    copied = f"sqlite:///{here / 'mlflow.db'}"
+    for model_uri in ("models:/dino-tiny-coco/1", f"runs:/{run1}/model", f"runs:/{run1}/model/model.safetensors"):
+        loaded, loaded_cfg = load_model_from_uri(model_uri, tracking_uri=copied)
+        assert loaded_cfg.model.num_queries == cfg.model.num_queries, model_uri
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items()), model_uri
+    shutil.rmtree(here)
+
+
+def test_a_download_into_a_used_folder_takes_nothing_of_the_earlier_one(logged_model, tmp_path):
+    """Resolving one version, then another into the same folder, merged the second into the
+    first's files: version 2 (no lineage.json) came back with version 1's lineage. Each download
+    goes to a fresh folder in it; a damaged lineage.json is an error naming the file."""
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    from mlflow.tracking import MlflowClient
+
+    from dino_scale.config import ConfigError
+
+    uri, cfg, model, folder, (run1, run2) = logged_model
+    client = MlflowClient(uri)
+    register_model(run1, "dino-tiny-coco", "model", tracking_uri=uri)
+    (Path(urlparse(client.get_run(run2).info.artifact_uri).path) / "model" / "lineage.json").unlink()
+    register_model(run2, "dino-tiny-coco", "model", tracking_uri=uri)
+    dst = tmp_path / "dl"
+    first = resolve_model_uri("models:/dino-tiny-coco/1", dst, tracking_uri=uri)
+    second = resolve_model_uri("models:/dino-tiny-coco/2", dst, tracking_uri=uri)
+    assert "init_weights" in first.lineage and "init_weights" not in second.lineage
+    assert first.weights_path.parent != second.weights_path.parent
+    (first.weights_path.parent / "lineage.json").write_text("{cut")
+    with pytest.raises(ConfigError, match=r"lineage.json is not a readable lineage file"):
+        resolve_model_uri(str(first.weights_path.parent), tracking_uri=uri)

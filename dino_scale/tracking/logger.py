@@ -215,7 +215,10 @@ class ResilientLogger:
             raise TrackingUnavailable(
                 f"MLflow run {run_name!r} (experiment {experiment!r}) could not be created at {self.tracking_uri}"
                 f"{'' if self._no_run else f' within {wait_s:g} s'}: {self.last_error}; nothing would be tracked "
-                f"(start the tracking server, or point MLFLOW_TRACKING_URI at a running one)")
+                + ("(the store answered and refused: a deleted experiment of that name is restored with `mlflow "
+                   "experiments restore` or its name given up with --experiment; check the store's permissions)"
+                   if self._no_run else
+                   "(start the tracking server, or point MLFLOW_TRACKING_URI at a running one)"))
         return self.run_id
 
     def _create(self) -> None:

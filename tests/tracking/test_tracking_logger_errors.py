@@ -250,8 +250,10 @@ def test_start_run_that_must_succeed(tmp_path):
     client.delete_experiment(client.create_experiment("gone"))
     t0 = time.monotonic()
     with pytest.raises(TrackingUnavailable, match="could not be created at .*: create run 'r' in experiment 'gone' "
-                                                  r"refused \(MlflowException: The experiment .* deleted"):
+                                                  r"refused \(MlflowException: The experiment .* deleted") as err:
         ResilientLogger(sqlite, retry_interval_s=5).start_run("gone", "r", wait_s=60)
+    # advice for a refusal, not for an outage (was "start the tracking server")
+    assert "mlflow experiments restore" in str(err.value) and "start the tracking server" not in str(err.value)
     assert time.monotonic() - t0 < 30  # a refusal raises at once
     assert ResilientLogger(sqlite).start_run("here", "r", wait_s=0) is not None
 

@@ -35,7 +35,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from dino_scale.tracking.refusals import QUIET, SPLITTABLE, answered_late, describe, http_status, is_refusal
+from dino_scale.tracking.refusals import (
+    QUIET, SPLITTABLE, answered_late, describe, http_status, is_refusal, run_refused,
+)
 
 __all__ = ["default_tracking_uri", "sqlite_artifact_location", "ResilientLogger", "flatten_params",
            "TrackingUnavailable"]
@@ -179,6 +181,7 @@ class ResilientLogger:
         self.dropped = 0
         self.failed_ops: list[str] = []
         self.flushed_after_outage = 0
+        self._dropped_at_outage = 0
         self._pending_create: Optional[dict] = None
         self._no_run: Optional[str] = None  # why the run will never exist (its creation was refused)
         self._dropped_kinds: collections.Counter = collections.Counter()
@@ -406,7 +409,7 @@ class ResilientLogger:
                 if not self._queue:
                     break
                 op = self._queue[0]
-                if self.run_id is None:
+                if self.run_id is None or self._no_run is not None:  # no run, or one that takes nothing more
                     if self._no_run is None:
                         return False  # start_run not called yet
                     self._queue.popleft()
@@ -424,8 +427,9 @@ class ResilientLogger:
                     return False
                 self._refused(op, exc)
         if self._down:
-            log.warning("MLflow tracking at %s reachable again; flushed %d buffered calls",
-                        self.tracking_uri, self.flushed_after_outage)
+            gone = self.dropped - self._dropped_at_outage
+            log.warning("MLflow tracking at %s reachable again; flushed %d buffered calls%s",
+                        self.tracking_uri, self.flushed_after_outage, f", dropped {gone}" if gone else "")
             self._down = False
         return True
 
@@ -440,6 +444,10 @@ class ResilientLogger:
             self._drop(op, reason, code)
             return
         self._queue.popleft()
+        if run_refused(exc):  # deleted (or ended) while it ran: every call after this one would be refused
+            self._no_run = f"its run {self.run_id} takes no more calls, {reason}"
+            self._drop(op, reason, code)
+            return
         if op[0] in SPLITTABLE and len(op[1]) > 1 and http_status(exc) == 400:  # one bad key?
             for key in reversed(list(op[1])):
                 self._queue.appendleft((op[0], {key: op[1][key]}) + op[2:])
@@ -470,7 +478,7 @@ class ResilientLogger:
                      "from now on", self.tracking_uri, self.request_timeout_s)
         if not self._down:
             self.outages += 1
-            self.flushed_after_outage = 0
+            self.flushed_after_outage, self._dropped_at_outage = 0, self.dropped
             self._overflow_logged = False
             log.warning("MLflow tracking at %s %s; training continues and %d logging calls are buffered "
                         "until it returns", self.tracking_uri, self.last_error, self.pending)

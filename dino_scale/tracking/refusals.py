@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["is_refusal", "http_status", "describe", "answered_late"]
+__all__ = ["is_refusal", "run_refused", "http_status", "describe", "answered_late"]
 
 # Client-error statuses of a store that may take the call later: retried, like an outage
 # (401: credentials can be renewed; 408: request timeout; 429: rate limit).
@@ -41,6 +41,15 @@ def is_refusal(exc: BaseException) -> bool:
     if status is not None:
         return 400 <= status < 500 and status not in _RETRIED_4XX
     return isinstance(exc, _LOCAL_REFUSALS)
+
+
+def run_refused(exc: BaseException) -> bool:
+    """Whether the refusal ``exc`` is about the run, not the call: a run deleted (or ended) while
+    it was logged to takes no call at all, so resending a refused batch key by key (the cure for
+    one bad key) made one request per key and step, each refused again."""
+    text = str(exc)
+    return ("must be in the 'active' state" in text
+            or getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST" and "Run " in text)
 
 
 def answered_late(exc: BaseException) -> bool:

@@ -121,13 +121,17 @@ def test_run_deleted_during_training(tmp_path, caplog):
     t0 = time.monotonic()
     assert not logger.close(timeout_s=30)
     assert time.monotonic() - t0 < 10
-    assert logger.pending == 0 and logger.dropped == 7  # 3 batches of 2, resent value by value; end_run
-    assert len(logger.failed_ops) == 1 and logger.failed_ops[0].startswith("end_run(FINISHED): refused (")
+    # 3 batches of 2 and end_run: the first refusal names the run, so the rest are dropped unsent
+    # (was: each batch resent value by value, each value refused again: 7 drops, 9 requests)
+    assert logger.pending == 0 and logger.dropped == 4
+    assert len(logger.failed_ops) == 1 and logger.failed_ops[0].startswith(
+        f"end_run(FINISHED): its run {run_id} takes no more calls, refused (")
     errors = _errors(caplog)
-    assert [e.split(" dropped,")[0] for e in errors[:2]] == [
-        f"MLflow run {run_id} at {uri}: log_metrics(loss) at step 1",
+    assert [e.split(" dropped,")[0] for e in errors[:3]] == [
+        f"MLflow run {run_id} at {uri}: log_metrics(loss, lr) at step 1",  # refused
+        f"MLflow run {run_id} at {uri}: log_metrics(loss, lr) at step 2",  # the first dropped unsent
         f"MLflow run {run_id} at {uri}: end_run(FINISHED)"]
-    assert "7 logging calls were dropped (end 1, metrics 6)" in errors[2]
+    assert "4 logging calls were dropped (end 1, metrics 3)" in errors[3]
 
 
 def test_artifact_store_refusing_the_write(tmp_path, caplog):
@@ -431,3 +435,32 @@ def test_a_registration_whose_answer_was_lost_makes_one_version(server, monkeypa
     client = MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
     versions = client.search_model_versions("name='dino-registered-once'")
     assert [(v.version, v.run_id) for v in versions] == [(version, run_id)] and version == "1"
+
+
+def test_a_run_deleted_while_it_is_logged_to_costs_one_refused_call(tmp_path, monkeypatch, caplog):
+    """A run deleted in the UI while training logs to it: each refused batch was resent key by key
+    (the cure for one bad key), every one refused again: 200 steps of 10 keys made 2,206 requests,
+    and each later step K more. The first refusal that names the run drops the rest unsent."""
+    from mlflow.tracking import MlflowClient
+
+    uri = _sqlite(tmp_path)
+    logger = ResilientLogger(uri, retry_interval_s=1000)
+    run_id = logger.start_run("errors", "deleted")
+    logger.log_metrics({"loss": 1.0}, step=0)
+    assert logger.close(timeout_s=10)
+    MlflowClient(uri).delete_run(run_id)
+    calls = []
+    real = MlflowClient.log_batch
+
+    def counted(self, *args, **kwargs):  # the real call, counted
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counted)
+    with caplog.at_level(logging.ERROR):
+        for step in range(1, 51):
+            logger.log_metrics({f"k{i}": float(step) for i in range(10)}, step=step)
+        assert not logger.close(timeout_s=10)
+    assert len(calls) <= 2, len(calls)
+    assert logger.pending == 0 and logger.dropped == 50
+    assert "must be in the 'active' state" in caplog.text

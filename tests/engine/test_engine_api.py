@@ -178,7 +178,7 @@ def test_a_reused_run_name_is_checked_before_ray_for_training_only(data, tmp_pat
     with pytest.raises(RayStarted):
         fit(cfg, train_dir, val_dir, tmp_path / "work", name, storage_path=str(tmp_path / "ray"), progress=False)
     assert calls == [("check_restart", str(tmp_path / "ray"), name, cfg.train.num_workers, 3, "config",
-                      "steps_per_epoch"), "ray"]
+                      "steps_per_epoch", "train_data"), "ray"]
     calls.clear()
     from dino_scale.engine.checkpoint import save_weights
     from dino_scale.models import build_model

@@ -14,6 +14,8 @@ order of the file. Only per-chunk state stays in memory.
 """
 from __future__ import annotations
 
+import logging
+
 import time
 from array import array
 from pathlib import Path
@@ -30,6 +32,7 @@ __all__ = ["ANN", "DROP", "DROP_REASONS", "IMAGE_SCHEMA", "ConversionError", "im
            "read_categories", "scan_images", "scan_annotations", "read_image_rows"]
 
 ANN = np.dtype([("iid", "<i8"), ("box", "<f4", (4,)), ("cat", "<i4"), ("crowd", "u1"), ("area", "<f4")])
+log = logging.getLogger(__name__)
 DROP_REASONS = ("malformed", "nonfinite", "degenerate")  # the annotation pass's drops
 DROP = np.dtype([("iid", "<i8"), ("reason", "u1")])  # reason: index into DROP_REASONS
 IMAGE_SCHEMA = pa.schema([("pos", pa.int64()), ("image_id", pa.int64()), ("file_name", pa.string()),
@@ -309,6 +312,9 @@ def _spill(work: Path, nb: int, kind: str, rec: np.ndarray) -> None:
             rec[s:e].tofile(fh)
 
 
+_MALFORMED_SHOWN = 5  # malformed annotations named in the log, each with the field at fault
+
+
 def scan_annotations(path: Path, work: Path, nb: int, progress=None) -> dict[str, Any]:
     """Annotation pass: spill valid-looking boxes per bucket; count what is dropped here."""
     dropped = dict.fromkeys(DROP_REASONS, 0)
@@ -320,6 +326,7 @@ def scan_annotations(path: Path, work: Path, nb: int, progress=None) -> dict[str
     areas: list = []
     total = 0
     t0 = time.time()
+    said = [0]  # malformed annotations shown so far
 
     def process():
         iid, bad_i = _exact_ints(ids)
@@ -328,12 +335,19 @@ def scan_annotations(path: Path, work: Path, nb: int, progress=None) -> dict[str
         crowd, bad_cr = _floats(crowds)  # "true" or a list is no crowd flag: dropped, not read as 0
         area, _ = _floats(areas)
         raw_cats = list(cats)
-        for lst in (ids, cats, boxes, crowds, areas):
-            lst.clear()
         int_id = ~bad_i
         int_cat = ~bad_c
         malformed = ~int_id | bad_b | bad_cr
         dropped["malformed"] += int(malformed.sum())
+        for i in np.flatnonzero(malformed)[:max(0, _MALFORMED_SHOWN - said[0])]:  # which field: the count alone
+            # did not say (a segmentation-only entry, iscrowd "true", a string image_id)
+            what = (f"image_id {ids[i]!r} is not an integer" if bad_i[i] else f"bbox {boxes[i]!r} is not "
+                    f"[x, y, w, h] numbers" if bad_b[i] else f"iscrowd {crowds[i]!r} is not 0/1")
+            log.warning("%s: annotation #%d dropped as malformed: %s%s", path.name, total - len(ids) + i + 1,
+                        str(what)[:200], "" if said[0] + 1 < _MALFORMED_SHOWN else " (more are counted, not shown)")
+            said[0] += 1
+        for lst in (ids, cats, boxes, crowds, areas):
+            lst.clear()
         keep = ~malformed
         finite = np.isfinite(box).all(1)
         dropped["nonfinite"] += int((keep & ~finite).sum())

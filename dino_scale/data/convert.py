@@ -471,6 +471,7 @@ class _Converter:
             "images_in": plan["num_images"], "images_skipped": skipped, "skipped_images": listed,
             "boxes_in": plan["ann"]["boxes_in"] - other_split, "boxes_dropped": dropped,
             "boxes_clipped": totals.get("clipped", 0),
+            "boxes_repeated": totals.get("repeated", 0),  # kept: the same image, category and box as another
             "shards": shards, "signature": self.signature,
             "image_checks": plan.get("image_checks", {}),  # worded by image_check_warnings
         }
@@ -478,6 +479,9 @@ class _Converter:
             log.warning("%s: %s", self.ann_path, text)
         if skipped:
             log.warning("%s: skipped %d images %s", self.out, sum(skipped.values()), skipped)
+        if m["boxes_repeated"]:
+            log.warning("%s: %d annotation(s) repeat another's image, category and box exactly (kept, as the "
+                        "file lists them; a merged or doubly exported annotation file?)", self.out, m["boxes_repeated"])
         if any(dropped.values()):  # counted in the manifest; said here too (an all-malformed file was silent)
             log.warning("%s: dropped %d of %d boxes (%s)", self.out, sum(dropped.values()), m["boxes_in"],
                         _counts(dropped))

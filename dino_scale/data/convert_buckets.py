@@ -104,6 +104,10 @@ def join_bucket(work: Path, b: int, excluded: np.ndarray) -> tuple[Optional[pa.T
     stats["clipped"] = int((inside & (np.abs(new - box).max(1) > 1e-3)).sum())
     ann, pos, new = ann[inside], pos[inside], new[inside]
     ann["box"] = new
+    # an annotation listed twice (merged exports) reads as two identical boxes: counted, kept as given
+    key = np.empty(len(ann), [("iid", "<i8"), ("cat", ANN.fields["cat"][0]), ("crowd", "?"), ("box", "<f4", (4,))])
+    key["iid"], key["cat"], key["crowd"], key["box"] = ann["iid"], ann["cat"], ann["crowd"], new
+    stats["repeated"] = int(len(key) - len(np.unique(key.view(f"V{key.dtype.itemsize}")))) if len(key) else 0
     area = ann["area"]
     ann["area"] = np.where(np.isfinite(area) & (area > 0), area, new[:, 2] * new[:, 3])
     o = np.argsort(pos, kind="stable")

@@ -584,3 +584,18 @@ def test_data_malformed_annotations_are_named_with_the_field_at_fault(tmp_path, 
     assert "annotation #2 dropped as malformed: bbox None is not [x, y, w, h] numbers" in caplog.text
     assert "annotation #3 dropped as malformed: iscrowd 'true' is not 0/1" in caplog.text
     assert "annotation #4 dropped as malformed: image_id '1' is not an integer" in caplog.text
+
+
+def test_data_an_annotation_listed_twice_is_counted_and_said(tmp_path, caplog):
+    """The same annotation listed twice (a merged export) became two identical boxes, unsaid.
+    It is kept as the file lists it (the official recipe trains on the file as it is), counted in
+    the manifest (``boxes_repeated``) and warned about."""
+    anns = [{"image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 10]},
+            {"image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 10]},  # the same again
+            {"image_id": 1, "category_id": 5, "bbox": [1, 2, 10, 10]},  # another category: not a repeat
+            {"image_id": 2, "category_id": 1, "bbox": [1, 2, 10, 10]}]  # another image: not a repeat
+    root, ann = _dataset(tmp_path, {"a.jpg": _jpeg(), "b.jpg": _jpeg()}, anns)
+    with caplog.at_level(logging.WARNING):
+        m = convert_coco(ann, root, tmp_path / "out", progress=False)
+    assert m["num_boxes"] == 4 and m["boxes_repeated"] == 1
+    assert "1 annotation(s) repeat another's image, category and box exactly" in caplog.text

@@ -95,6 +95,26 @@ def use_own_store(work: Path, log) -> str:
     return common.setup_tracking(work)
 
 
+# what a demo work folder holds (its store, data, runs ...): --fresh removes a folder holding nothing else
+_DEMO_ENTRIES = frozenset({"mlflow.db", "mlflow.db-journal", "mlflow.db-wal", "mlflow.db-shm", "mlartifacts", "data",
+                           "runs", "init", "evaluations", "eval", "ray", ".run.lock"})
+
+
+def check_fresh_removable(work: Path) -> None:
+    """:class:`UsageError` unless ``work`` looks like a demo work folder (only what a demo writes)
+    and is not the current folder, one above it or the home folder: ``--work-dir . --fresh``
+    deleted the folder the user stood in, whatever it held."""
+    here, home = Path.cwd().resolve(), Path.home().resolve()
+    if work == home or here == work or here.is_relative_to(work):
+        raise common.UsageError(f"--fresh would remove {work}, which holds the current folder or is the home "
+                                f"folder: give the demo its own --work-dir")
+    other = sorted(p.name for p in work.iterdir() if p.name not in _DEMO_ENTRIES)
+    if other:
+        raise common.UsageError(f"--fresh would remove {work}, which holds more than a demo's output "
+                                f"({', '.join(other[:5])}{' ...' if len(other) > 5 else ''}): give the demo its "
+                                f"own --work-dir, or remove that folder yourself")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     for flag in ("pretrain_images", "finetune_images", "pretrain_steps", "finetune_steps"):
@@ -126,6 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.monotonic()
     log = common.Progress("demo")
     if args.fresh and work.exists():
+        check_fresh_removable(work)
         log(f"removing {work}")
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)

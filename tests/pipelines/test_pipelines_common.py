@@ -361,6 +361,36 @@ def test_pipelines_demo_refuses_sets_its_stages_would_override(tmp_path, monkeyp
     assert not (tmp_path / "w").exists()  # refused before anything ran
 
 
+def test_pipelines_demo_fresh_removes_only_a_demo_work_folder(tmp_path, monkeypatch):
+    """``demo --work-dir . --fresh`` removed the folder the user stood in, whatever it held (a
+    project with its .git): --fresh now removes only a folder holding what a demo writes, never
+    the current folder, one above it or the home folder."""
+    from pipelines import demo
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the demo got past its checks and started Ray")
+
+    monkeypatch.setattr(common, "connect_ray", no_ray)
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "important.py").write_text("x = 1\n")
+    with pytest.raises(common.UsageError, match=r"holds more than a demo's output \(src\)"):
+        demo.main(["--work-dir", str(project), "--fresh"])
+    assert (project / "src" / "important.py").is_file()
+    monkeypatch.chdir(project / "src")
+    with pytest.raises(common.UsageError, match="holds the current folder"):
+        demo.main(["--work-dir", "..", "--fresh"])
+    demo_work = tmp_path / "demo"
+    for name in ("data", "runs", "init", "evaluations"):
+        (demo_work / name).mkdir(parents=True)
+    (demo_work / "mlflow.db").write_text("")
+    demo.check_fresh_removable(demo_work)  # a demo's own folder: removable
+    from pathlib import Path
+
+    with pytest.raises(common.UsageError, match="home folder"):
+        demo.check_fresh_removable(Path.home().resolve())
+
+
 def test_the_start_up_line_says_when_the_lr_never_drops():
     cfg = preset("tiny", ["train.epochs=6"])  # the tiny preset pins its drop at epoch 11
     assert common.schedule_text(cfg) == ("lr x0.1 at epoch 11 (after this run's 6 epochs: the lr never drops; "

@@ -109,3 +109,21 @@ def register(result, name: str, alias: Optional[str], categories: list[dict],
               f"evaluates it again and registers it", file=sys.stderr, flush=True)
         raise
     return version
+
+
+def move_alias(result, name: str, alias: str, version: str, synthetic: bool) -> Optional[str]:
+    """Point ``name@alias`` at ``version`` (a new pretraining), unless ``version`` was trained on
+    generated data and the holder on real data: a smoke test (``--preset swinl_4scale
+    --max-steps 10``) in a shared store took ``@pretrained`` from the Objects365 model, and the
+    next default fine-tune started from its weights. Returns why the alias stayed (None: moved)."""
+    from dino_scale.tracking.registry import get_version_by_alias, set_alias
+    from pipelines.registry import SYNTHETIC_TAG
+
+    uri = result.tracking_uri
+    holder = get_version_by_alias(name, alias, tracking_uri=uri)
+    if synthetic and holder is not None and str(holder.tags.get(SYNTHETIC_TAG, "")).lower() == "false":
+        return (f"@{alias} stays on v{holder.version} (trained on real data); this version was trained on a "
+                f"synthetic set (move it by hand: dino-scale registry promote {name} {version} --alias {alias})")
+    set_alias(name, alias, version, tracking_uri=uri)
+    return None
+

@@ -109,12 +109,15 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
                  tags={"stage": "pretrain", "synthetic_data": str(synthetic).lower()},
                  evaluate=val is not None)
     log(f"training done: run {result.run_id}")
-    version = results.register(result, name, alias=args.alias, categories=categories,
+    version = results.register(result, name, alias=None, categories=categories,
                               tags={"stage": "pretrain", "preset": cfg.name, SYNTHETIC_TAG: str(synthetic).lower()})
+    kept = results.move_alias(result, name, args.alias, version, synthetic)
     ap = results.result_ap(result)
     print()
-    print(f"Registered model  : {name} version {version} (alias @{args.alias})")
-    print(f"Model URI         : models:/{name}@{args.alias}")
+    print(f"Registered model  : {name} version {version}" + (f" (alias @{args.alias})" if kept is None else ""))
+    if kept is not None:
+        print(f"Alias             : {kept}")
+    print(f"Model URI         : models:/{name}/{version}" if kept else f"Model URI         : models:/{name}@{args.alias}")
     print(f"MLflow run        : {result.run_id} (experiment {args.experiment})")
     print(f"MLflow store      : {uri}")
     print(f"Checkpoint        : {results.result_checkpoint(result)}")
@@ -122,10 +125,12 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
     print(f"AP (val)          : {'-' if ap is None else f'{ap:.4f}'}")
     if note := results.conversion_note(result.metrics or {}):
         print(note)
-    init = "" if (name, args.alias) == (model_name(cfg.name), ALIAS) else f" --init models:/{name}@{args.alias}"
+    init = (f" --init models:/{name}/{version}" if kept else
+            "" if (name, args.alias) == (model_name(cfg.name), ALIAS) else f" --init models:/{name}@{args.alias}")
     print(f"Next              : python -m pipelines.finetune_coco --work-dir {args.work_dir} "
           f"--preset {cfg.name}{init}")
-    return {"name": name, "version": version, "alias": args.alias, "run_id": result.run_id, "ap": ap,
+    return {"name": name, "version": version, "alias": args.alias, "alias_moved": kept is None,
+            "run_id": result.run_id, "ap": ap,
             "metrics": dict(result.metrics), "tracking_uri": uri, "train": train, "val": val}
 
 

@@ -113,3 +113,36 @@ def test_pipelines_results_failed_registration_says_how_to_register_without_trai
         results.register(result, "dino-tiny-coco", alias=None, categories=[{"id": 1, "name": "person"}])
     err = capsys.readouterr().err
     assert "--run-name finetune-tiny-init-20261206-101500" in err and str(final) in err and "0" * 32 in err, err
+
+
+def test_pipelines_results_a_smoke_test_never_takes_pretrained_from_real_data(tmp_path):
+    """Every pretraining moved ``@pretrained`` to its version: a synthetic smoke test in a shared
+    store took it from the Objects365 model, and the next default fine-tune started from junk.
+    A synthetic version takes it only from no holder or another synthetic one."""
+    import mlflow
+
+    from dino_scale.engine.api import FitResult
+    from dino_scale.tracking.registry import get_version_by_alias
+
+    uri = seeded_store(tmp_path)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    client.create_registered_model("dino-tiny-o365")
+
+    def version(synthetic: bool) -> str:
+        v = client.create_model_version("dino-tiny-o365", source=str(tmp_path / "w")).version
+        client.set_model_version_tag("dino-tiny-o365", v, "synthetic_data", str(synthetic).lower())
+        return str(v)
+
+    result = FitResult("c", tmp_path / "w", tmp_path / "c", {}, None, uri, "r")
+
+    def holder() -> str:
+        return str(get_version_by_alias("dino-tiny-o365", "pretrained", tracking_uri=uri).version)
+
+    assert results.move_alias(result, "dino-tiny-o365", "pretrained", version(True), True) is None  # no holder
+    assert holder() == "1"
+    assert results.move_alias(result, "dino-tiny-o365", "pretrained", version(False), False) is None
+    assert holder() == "2"
+    kept = results.move_alias(result, "dino-tiny-o365", "pretrained", version(True), True)
+    assert holder() == "2" and "stays on v2 (trained on real data)" in kept and "registry promote" in kept
+    assert results.move_alias(result, "dino-tiny-o365", "pretrained", version(False), False) is None
+    assert holder() == "4"

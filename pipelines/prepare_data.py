@@ -66,8 +66,9 @@ def main(argv=None) -> int:
     if a.shuffle_seed < 0:
         print(f"error: --shuffle-seed must be >= 0 (got {a.shuffle_seed})", file=sys.stderr)
         return 2
-    if a.o365_val_split is not None and a.o365_val_split < 0:
-        print(f"error: --o365-val-split must be >= 0 (got {a.o365_val_split})", file=sys.stderr)
+    if a.o365_val_split is not None and a.o365_val_split < 1:  # 0: an empty val set, on which no AP is measured
+        print(f"error: --o365-val-split must be >= 1 (got {a.o365_val_split}): the first N images are the "
+              f"validation set", file=sys.stderr)
         return 2
     if "," in str(a.out):  # the pipelines' --data/--val-data read "a,b" as two dataset folders
         print(f"error: --out {a.out}: a dataset folder name cannot hold ',' (the training pipelines read "

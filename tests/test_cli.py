@@ -322,7 +322,8 @@ def test_cli_prepare_data_shard_limits_must_be_positive(flag, value, tmp_path, c
     assert not out.exists()
 
 
-@pytest.mark.parametrize("case", ["out_is_a_file", "images_is_a_file", "negative_val_split", "comma_in_out"])
+@pytest.mark.parametrize("case", ["out_is_a_file", "images_is_a_file", "negative_val_split", "zero_val_split",
+                                  "comma_in_out"])
 def test_cli_prepare_data_names_the_flag_at_fault(case, tmp_path, capsys):
     """Was: "[Errno 17] File exists" (--out a file), "image folder not found" for an --images
     that exists as a file, "o365_val_split must be >= 0" (no flag name); an --out with a comma
@@ -335,9 +336,10 @@ def test_cli_prepare_data_names_the_flag_at_fault(case, tmp_path, capsys):
     argv = {"out_is_a_file": ["--images", str(root), "--out", str(blocker)],
             "images_is_a_file": ["--images", str(blocker), "--out", str(tmp_path / "out")],
             "negative_val_split": ["--images", str(root), "--out", str(tmp_path / "out"), "--o365-val-split", "-5"],
+            "zero_val_split": ["--images", str(root), "--out", str(tmp_path / "out"), "--o365-val-split", "0"],
             "comma_in_out": ["--images", str(root), "--out", str(tmp_path / "out" / "coco,v2")]}
     flag = {"out_is_a_file": "--out", "images_is_a_file": "--images", "negative_val_split": "--o365-val-split",
-            "comma_in_out": "--out"}
+            "zero_val_split": "--o365-val-split", "comma_in_out": "--out"}
     code = cli.main(["prepare-data", "--annotations", str(ann), *argv[case]])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {flag[case]} "), err

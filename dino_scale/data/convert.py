@@ -544,8 +544,8 @@ def convert_coco(annotations: Union[str, Path], images: Optional[Union[str, Path
               check_files=check_files, verify=verify_images, progress=progress, parallel=parallel)
     out = Path(out).expanduser()
     if o365_val_split is not None:
-        if o365_val_split < 0:
-            raise ValueError("o365_val_split must be >= 0")
+        if o365_val_split < 1:  # 0 made an empty val set, which every evaluation then scored as nothing
+            raise ValueError("o365_val_split must be >= 1: the first N images are the validation set")
         return {"val": _Converter(ann_path, root, out / "val", select=(0, o365_val_split), shuffle_seed=None,
                                   **kw).run(),
                 "train_extra": _Converter(ann_path, root, out / "train_extra", select=(o365_val_split, None),

@@ -129,6 +129,9 @@ def _check_data(train_dir: Optional[str], val_dir: Optional[str], cfg: Config) -
             check_image_roots(data, roots, key=key)  # a root the nodes lack: every image skipped
     if train_dir:
         check_category_ids(read_manifest(data_dirs(train_dir)[0])["categories"], cfg.model.num_classes, train_dir)
+    if val_dir and not sum(int(read_manifest(d)["num_images"]) for d in data_dirs(val_dir)):
+        raise ConfigError(f"validation set {val_dir} holds no image: no AP can be measured on it (an "
+                          f"--o365-val-split of 0, or every image skipped at conversion: its manifest says why)")
 
 
 def _conversion_losses(val_dir: str) -> dict[str, int]:

@@ -1,6 +1,7 @@
 """engine.api on the driver: what it checks before Ray, MLflow or any worker starts."""
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -57,6 +58,28 @@ def test_config_errors_before_ray_or_mlflow(data, tmp_path, monkeypatch, overrid
     ray_before = ray.is_initialized()  # False when this module runs alone or first
     with pytest.raises(ConfigError, match=needle):
         fit(small_cfg(**override), train_dir, val_dir, tmp_path / "work", unique("bad"), progress=False)
+    assert ray.is_initialized() == ray_before and not (tmp_path / "work" / "mlflow.db").exists()
+
+
+def test_an_empty_validation_set_is_refused_before_ray_or_mlflow(data, tmp_path, monkeypatch):
+    """A val set of no image (``prepare-data --o365-val-split 0``, or every image skipped) was
+    accepted: the run trained to its end, then measured nothing."""
+    import ray
+
+    from dino_scale.config import ConfigError
+    from dino_scale.engine import fit
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    empty = tmp_path / "empty_val"  # the val/ part of a split past the file's images: no shard, no image
+    shutil.copytree(data[1], empty)
+    manifest = json.loads((empty / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        (empty / shard["file"]).unlink()
+    manifest.update(shards=[], num_images=0, num_boxes=0, num_crowd_boxes=0)
+    (empty / "manifest.json").write_text(json.dumps(manifest))
+    ray_before = ray.is_initialized()
+    with pytest.raises(ConfigError, match=r"validation set .*empty_val holds no image"):
+        fit(small_cfg(), data[0], str(empty), tmp_path / "work", unique("empty"), progress=False)
     assert ray.is_initialized() == ray_before and not (tmp_path / "work" / "mlflow.db").exists()
 
 

@@ -13,7 +13,8 @@
 #     graphs      r50_4scale inference through one CUDA graph (GraphedDetector)
 #     graphs-swinl  the same for swinl_4scale
 #     tests-models  parity on CUDA (three presets), matcher, GraphedDetector tests
-#     regions     REGION_RUNS (default "stack reduce-overhead") for r50_4scale
+#     regions     REGION_RUNS (default "stack reduce-overhead") for r50_4scale; its baseline is the
+#                 train step (layer granularity, default mode): run one entry with train per call
 #     presets     r50_5scale and swinl_4scale, train bs 2 and 8 + inference (bf16 + TF32 + compile);
 #                 each preset is also a step of its own (preset-r50_5scale, preset-swinl_4scale): both
 #                 together (~630 s with the build) do not fit one call's budget, so run them as two calls
@@ -105,6 +106,7 @@ step() {
   say "$name: rc=$rc, $(( $(date +%s) - t )) s (limit ${limit} s)$( (( rc == 124 )) && echo ', TIMED OUT')"
   tail -n "${TAIL:-25}" "$WORK/$name.log"
   pack
+  return $rc
 }
 
 if [[ $DRY_RUN != 1 ]]; then
@@ -116,7 +118,13 @@ if [[ $DRY_RUN != 1 ]]; then
     python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } 2>&1 | tee "$WORK/gpu.txt"
 fi
 say "plan: ${steps[*]} (budget ${BUDGET_S} s)"
-[[ ${BUILD:-1} == 0 ]] || step build 60 240 python3 -m dino_scale.ops build
+if [[ ${BUILD:-1} != 0 ]]; then
+  if ! step build 60 240 python3 -m dino_scale.ops build; then
+    # every later step would try the JIT build again (minutes each) and then time the PyTorch fallback
+    say "build failed: later steps run with DINO_SCALE_MSDA_NO_JIT=1 (their JSON says which kernel ran)"
+    export DINO_SCALE_MSDA_NO_JIT=1
+  fi
+fi
 
 R50=(--preset r50_4scale --precision bf16 --tf32 --compile)
 for s in "${steps[@]}"; do

@@ -15,13 +15,17 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from dino_scale.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from dino_scale.models.matcher import HungarianMatcher, _assign, pad_targets
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # as the other benchmarks: the device machine installs no package
+
+from dino_scale.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou  # noqa: E402
+from dino_scale.models.matcher import HungarianMatcher, _assign, pad_targets  # noqa: E402
 
 
 def official_layout_cost(m: HungarianMatcher, outputs, targets):

@@ -160,12 +160,17 @@ def build(name: str, device, args):
     return cfg, model, criterion, post
 
 
-def bench_preset(name: str, args, device) -> list[Row]:
+def bench_preset(name: str, args, device, on_row=None) -> list[Row]:
+    """The rows of one preset; ``on_row(row)`` is called as each is measured (a run killed by its
+    time limit keeps the rows it finished: they were written only once the preset was done)."""
     rows = []
+    on_row = on_row or (lambda row: None)
     cfg, model, criterion, post = build(name, device, args)
     amp = autocast_dtype(args.precision)
     opt = build_optimizer(model, cfg.train)
-    for bs in args.batch_sizes:
+    for k, bs in enumerate(args.batch_sizes):
+        if k and args.compile:  # else bs 8 ran the regions recompiled for a dynamic batch size (bs 2 first)
+            torch._dynamo.reset()
         _reset_peak(device)
         images, masks, targets = synthetic_batch(bs, args.height, args.width, args.boxes, cfg.model.num_classes, device)
         if args.channels_last:
@@ -178,6 +183,7 @@ def bench_preset(name: str, args, device) -> list[Row]:
             rows.append(train_row(name, bs, args.precision, times, step.skipped, _peak_gib(device)))
         except torch.OutOfMemoryError:
             rows.append(Row(name, "train", bs, args.precision, float("nan"), float("nan"), _peak_gib(device), 0, "OOM"))
+        on_row(rows[-1])
         opt.zero_grad(set_to_none=True)
         del images, masks, targets, step
     free_training_state(opt, model, device)
@@ -204,7 +210,16 @@ def bench_preset(name: str, args, device) -> list[Row]:
         note = graph_note(graphed, device)
     med = statistics.median(times)
     rows.append(Row(name, "infer", 1, args.precision, med, 1 / med, _peak_gib(device), len(times), note))
+    on_row(rows[-1])
     return rows
+
+
+def msda_state() -> dict:
+    """Which deformable-attention kernel the rows ran: the CUDA extension (loaded) or the PyTorch
+    fallback after a failed build or load (its error), so that such rows are not read as ours."""
+    from dino_scale.ops import ms_deform_attn_cuda
+
+    return {"cuda_extension_loaded": ms_deform_attn_cuda.is_loaded(), "load_error": ms_deform_attn_cuda.load_error()}
 
 
 def graph_note(graphed, device, limit: int = 220) -> str:
@@ -281,17 +296,26 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     cpu_name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name
     rows: list[Row] = []
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / \
+        f"train_step_{device.type}_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(row: Optional[Row] = None) -> None:  # after every row: a killed run keeps what it measured
+        if row is not None:
+            rows.append(row)
+            print(f"row: {row.preset} {row.mode} bs {row.batch_size}: {row.throughput:.2f} img/s, "
+                  f"peak {row.peak_gib:.2f} GiB {row.note}".rstrip(), flush=True)
+        out.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "msda": msda_state(),
+                                   "args": {k: v for k, v in vars(args).items()},
+                                   "rows": [asdict(r) for r in rows]}, indent=2))
+
     for name in args.preset or DEFAULT_PRESETS:
-        rows.extend(bench_preset(name, args, device))
+        bench_preset(name, args, device, on_row=write)
         print(table(rows[-len(args.batch_sizes) - 1:], device_name), flush=True)
     print(f"\n## train_step on {device_name}; {args.height}x{args.width}, {args.boxes} boxes, "
           f"median of {args.iters} after {args.warmup} warm-up")
     print(table(rows, device_name))
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / \
-        f"train_step_{device.type}_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "args": {
-        k: v for k, v in vars(args).items()}, "rows": [asdict(r) for r in rows]}, indent=2))
+    write()
     print(f"wrote {out}")
     bad = [r for r in rows if r.skipped_steps]
     if bad:

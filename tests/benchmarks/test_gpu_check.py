@@ -131,3 +131,27 @@ def test_presets_train_at_batch_2_and_8_each_within_one_call(tmp_path):
     steps = _summary_steps(out)
     assert [s for s in steps if s.startswith("preset-")] == ["preset-r50_5scale", "preset-swinl_4scale"]
     assert all("--batch-sizes 2,8" in steps[s] for s in ("preset-r50_5scale", "preset-swinl_4scale"))
+
+
+def test_a_failed_build_makes_later_steps_skip_the_jit_build(tmp_path):
+    """A failed `ops build` (no toolkit on the node, a compiler error) left every later step to
+    try the JIT build again (minutes each of the device's 15) and then time the PyTorch fallback.
+    Later steps run with DINO_SCALE_MSDA_NO_JIT=1. Stand-ins for `python3` and `nvidia-smi` play
+    the device: the build fails, the msda step prints the variable it was given."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(
+        '#!/bin/bash\n'
+        'if [[ "$*" == *"dino_scale.ops build"* ]]; then echo "build failed: no CUDA toolkit"; exit 1; fi\n'
+        'if [[ "$*" == *"benchmarks/msda.py"* ]]; then echo "msda ran with NO_JIT=${DINO_SCALE_MSDA_NO_JIT:-unset}"; fi\n'
+        'exit 0\n')
+    (bin_dir / "nvidia-smi").write_text("#!/bin/bash\necho 'NVIDIA H100, 81559 MiB'\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), BUDGET_S="300", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(SCRIPT), "msda"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "build failed: later steps run with DINO_SCALE_MSDA_NO_JIT=1" in proc.stdout, proc.stdout
+    assert "msda ran with NO_JIT=1" in proc.stdout, proc.stdout

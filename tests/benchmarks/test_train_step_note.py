@@ -44,3 +44,39 @@ def test_cpu_run_writes_the_note_to_the_json(tmp_path):
                                       "--out", str(out)])
     assert [r.note for r in rows] == ["cuda graph not used: cpu device, ran eagerly"]
     assert json.loads(out.read_text())["rows"][0]["note"] == rows[0].note
+
+
+def test_each_row_is_in_the_json_as_soon_as_it_is_measured(tmp_path, monkeypatch):
+    """The rows were written once every preset was done: a step killed by gpu_check's time limit
+    during the inference row lost its finished training rows too. The JSON is rewritten after
+    each row, and says which deformable-attention kernel the rows ran (a failed build falls back
+    to the PyTorch backend, whose numbers must not be read as the CUDA kernel's)."""
+    module = _train_step_module()
+    out = tmp_path / "rows.json"
+    seen = []
+
+    class Killed(Exception):
+        pass
+
+    def killed_at_inference(*args, **kwargs):  # the time limit, reached in the inference row
+        seen.append(json.loads(out.read_text()))
+        raise Killed
+
+    monkeypatch.setattr(module, "synthetic_batch", _killed_on_second_call(module.synthetic_batch, killed_at_inference))
+    try:
+        module.main(["--device", "cpu", "--preset", "tiny", "--batch-sizes", "1", "--iters", "1", "--warmup", "0",
+                     "--height", "64", "--width", "64", "--out", str(out)])
+    except Killed:
+        pass
+    (saved,) = seen
+    assert [(r["mode"], r["batch_size"]) for r in saved["rows"]] == [("train", 1)]
+    assert saved["msda"]["cuda_extension_loaded"] is False  # (no GPU here: the PyTorch backend ran)
+
+
+def _killed_on_second_call(real, kill):
+    calls = []
+
+    def batch(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs) if len(calls) == 1 else kill()
+    return batch

@@ -1,7 +1,7 @@
 """What every pipeline shares: arguments, config, Ray connection, MLflow store, errors.
 
 - :func:`add_common_args` / :func:`build_config`: ``--preset`` (default: a GPU preset
-  when GPUs exist, else ``tiny``), ``--set a.b=c`` (repeatable), ``--workers``,
+  when GPUs are asked for or, unsaid, exist; else ``tiny``), ``--set a.b=c`` (repeatable), ``--workers``,
   ``--gpus``, ``--zero-stage``, ``--max-steps``, ``--epochs``, ``--work-dir``,
   ``--data``, ``--debug``.
 - :func:`connect_ray`: joins a running cluster when ``RAY_ADDRESS`` is set (which
@@ -57,8 +57,8 @@ def add_common_args(parser: argparse.ArgumentParser, data_help: str,
     g.add_argument("--preset", default=None,
                    help=("" if training else "for a model that carries no config (a .pth file; a model "
                          "saved by dino_scale carries its own): ")
-                        + f"config preset: {', '.join(PRESETS)} (default: {GPU_PRESET} when GPUs "
-                          f"are available, else {CPU_PRESET})")
+                        + f"config preset: {', '.join(PRESETS)} (default: {GPU_PRESET} with --gpus >= 1, or "
+                          f"without --gpus when GPUs are available; else {CPU_PRESET})")
     g.add_argument("--set", dest="overrides", action=OverrideAction, default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set train.lr=2e-4 (repeatable, once per key)")
     g.add_argument("--workers", type=int, default=None, help="Ray Train workers (train.num_workers)")
@@ -130,9 +130,23 @@ def _gpus_available() -> bool:
         return False
 
 
+def gpus_asked(args: argparse.Namespace) -> Optional[bool]:
+    """What the user said of GPUs: ``--gpus N`` (N >= 1: True, 0: False), else the last
+    ``--set train.use_gpu=...``; None when neither was given."""
+    gpus = getattr(args, "gpus", None)
+    if gpus is not None:
+        return gpus > 0
+    said = [o.split("=", 1)[1].strip().lower() for o in (getattr(args, "overrides", None) or [])
+            if "=" in o and o.split("=", 1)[0].strip() == "train.use_gpu"]
+    return said[-1] in ("true", "1", "yes") if said else None
+
+
 def build_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
-    """Preset + ``extra`` overrides (pipeline defaults) + ``--set`` + the shortcut flags."""
-    name = resolve_preset_name(args.preset)
+    """Preset + ``extra`` overrides (pipeline defaults) + ``--set`` + the shortcut flags. Without
+    ``--preset``, the GPU preset when GPUs are asked for (``--gpus 1``) or, unsaid, are there; the CPU
+    one when ``--gpus 0`` (was: whatever this machine had, so ``--gpus 8`` on a GPU-less head trained
+    the CPU demo model on 8 GPUs, and ``--gpus 0`` on a GPU node ResNet-50 on the CPU)."""
+    name = resolve_preset_name(args.preset, gpus_asked(args))
     args.preset = name
     cfg = apply_flags(preset(name, list(extra) + list(args.overrides or [])), args)
     if not gpu_choice_given(args) and _gpus_available():
@@ -199,7 +213,7 @@ def validate_config_args(args: argparse.Namespace, extra: Sequence[str] = ()) ->
     # (batch sizes per worker count, an elastic range, ZeRO stage, schedule) before a dataset
     # is converted or Ray starts; otherwise the preset and --set keys are checked
     known = hasattr(args, "zero_stage") and not preset_needs_cluster(args)
-    name = resolve_preset_name(args.preset) if known or args.preset is not None else CPU_PRESET
+    name = resolve_preset_name(args.preset, gpus_asked(args)) if known or args.preset is not None else CPU_PRESET
     check_flag_conflicts(args, preset(name, list(args.overrides or [])))
     cfg = preset(name, list(extra) + list(args.overrides or []))
     if known:

@@ -104,7 +104,7 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
         from pipelines._init import check_exists
 
         # fail fast, before data generation or Ray start
-        check_exists(args.init or default_init(common.resolve_preset_name(args.preset)))
+        check_exists(args.init or default_init(common.resolve_preset_name(args.preset, common.gpus_asked(args))))
     train, val, synthetic = resolve_datasets(
         args, work_dir, "coco-like", SYNTHETIC_IMAGES, seed=1, log=log,
         require_val="fine-tuning evaluates: give a validation set with --val-data")

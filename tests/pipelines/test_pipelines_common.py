@@ -35,6 +35,20 @@ def test_pipelines_common_flags_map_to_config():
         common.build_config(_parse(["--preset", "tiny", "--min-workers", "0"]))
 
 
+@pytest.mark.parametrize("gpus_here", [False, True])
+def test_the_default_preset_follows_what_the_user_asks_of_gpus(gpus_here, monkeypatch):
+    """Without --preset the default followed the GPUs this machine (or cluster) has, whatever
+    --gpus said: --gpus 8 on a GPU-less head trained the CPU demo model on 8 GPUs (registered as
+    the pretrained model), --gpus 0 on a GPU node ResNet-50 on the CPU. Unsaid, the machine decides."""
+    monkeypatch.setattr(common, "_gpus_available", lambda: gpus_here)
+    asked = {("--gpus", "1"): ("r50_4scale", True), ("--gpus", "0"): ("tiny", False),
+             ("--set", "train.use_gpu=true"): ("r50_4scale", True), ("--set", "train.use_gpu=false"): ("tiny", False),
+             (): ("r50_4scale", True) if gpus_here else ("tiny", False)}
+    for argv, (name, use_gpu) in asked.items():
+        cfg = common.build_config(_parse(list(argv)))
+        assert (cfg.name, cfg.train.use_gpu) == (name, use_gpu), argv
+
+
 def test_pipelines_common_default_preset_and_uri(tmp_path, monkeypatch):
     assert common.resolve_preset_name(None, gpus_available=True) == "r50_4scale"
     assert common.resolve_preset_name(None, gpus_available=False) == "tiny"

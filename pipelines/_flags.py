@@ -33,6 +33,7 @@ def check_flag_values(args: argparse.Namespace) -> None:
         if value is not None and value < low:
             raise UsageError(f"{flag} must be >= {low}")
     check_run_name(getattr(args, "run_name", None))
+    check_data_flags(args)
     name, alias = getattr(args, "model_name", None), getattr(args, "alias", None)
     if name is None and alias is None:
         return
@@ -48,6 +49,29 @@ def check_flag_values(args: argparse.Namespace) -> None:
             check(value)
         except MlflowException as exc:
             raise UsageError(f"{flag} {value!r}: {exc.message}") from None
+
+
+def _has_json(value: Optional[str]) -> bool:
+    return bool(value) and any(p.strip().lower().endswith(".json") for p in str(value).split(","))
+
+
+def check_data_flags(args: argparse.Namespace) -> None:
+    """:class:`UsageError` for a data flag that would be ignored: ``--images`` / ``--val-images``
+    without an annotation ``.json`` to read them for (a dataset folder's images moved: that is
+    ``--set data.image_root=...``), ``--val-data`` without ``--data``, ``--synthetic-images`` with
+    ``--data``. Each was accepted without a word (a finetune's ``--val-data`` mistake was even
+    hidden behind a registry error)."""
+    data, val = getattr(args, "data", None), getattr(args, "val_data", None)
+    if val is not None and data is None:
+        raise UsageError("--val-data needs --data (without --data a synthetic set is generated)")
+    if getattr(args, "synthetic_images", None) is not None and data is not None:
+        raise UsageError("--synthetic-images sizes the generated set used without --data; it does nothing with --data")
+    for flag, attr, given in (("--images", "images", data), ("--val-images", "val_images", val)):
+        if getattr(args, attr, None) is not None and not _has_json(given):
+            raise UsageError(f"{flag} is the image folder of an annotation .json given with "
+                             f"{'--data' if attr == 'images' else '--val-data'}; for a converted dataset whose "
+                             f"images moved, use --set {'data.image_root' if attr == 'images' else 'data.val_image_root'}"
+                             f"=<folder>")
 
 
 # the shortcut flags and the config field each sets: (flag, attribute, key, the field's value).

@@ -258,6 +258,8 @@ def prepare_init(uri: str, cfg: Config, target_categories: list[dict], out_dir: 
 
     out_dir = Path(out_dir)
     existed = out_dir.exists()  # before a download into it
+    if is_remote(uri):  # a Swin-L model is ~0.9 GB: nothing was said until it was in
+        log(f"downloading {uri} ...")
     try:
         resolved = resolve(uri, out_dir / "source")
         tags = lineage_tags(resolved)

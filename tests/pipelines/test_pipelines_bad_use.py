@@ -93,6 +93,8 @@ def test_pipelines_bad_use_data_not_a_dataset(tmp_path):
     (["pipelines.pretrain_o365", "--set", "train.lr=1e-4", "--set", "train.lr=2e-4"],
      ["--set train.lr given twice ('1e-4' and '2e-4')"]),
     (["pipelines.finetune_coco", "--set", "=1"], ["override '=1' names no key"]),
+    # was "cannot resolve models:/dino-tiny-o365@pretrained: no MLflow store": the flag mistake unsaid
+    (["pipelines.finetune_coco", "--val-data", "/data/coco/val"], ["--val-data needs --data"]),
     # the run name names folders a run writes and (evaluate's download) deletes: '..' was the work dir
     (["pipelines.evaluate", "--model", "models:/dino-tiny-coco@champion", "--run-name", ".."], ["--run-name '..'"]),
     (["pipelines.pretrain_o365", "--run-name", "team/run1"], ["--run-name 'team/run1'", "single folder name"]),

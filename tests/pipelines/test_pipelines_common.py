@@ -49,6 +49,23 @@ def test_the_default_preset_follows_what_the_user_asks_of_gpus(gpus_here, monkey
         assert (cfg.name, cfg.train.use_gpu) == (name, use_gpu), argv
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["--val-data", "v"], "--val-data needs --data"),
+    (["--data", "d", "--synthetic-images", "64"], "--synthetic-images sizes the generated set"),
+    (["--data", "d", "--images", "img"], "--set data.image_root=<folder>"),
+    (["--data", "a.json", "--val-data", "v", "--val-images", "img"], "--set data.val_image_root=<folder>"),
+])
+def test_data_flags_that_would_be_ignored_are_refused(argv, needle):
+    """--images with a dataset folder (images moved: data.image_root), --val-images without a
+    --val-data .json, --synthetic-images with --data, --val-data without --data: each was
+    accepted and ignored without a word."""
+    p = argparse.ArgumentParser()
+    common.add_common_args(p, data_help="data", training=True)
+    with pytest.raises(common.UsageError, match=re.escape(needle)):
+        common.check_flag_values(p.parse_args(argv))
+    common.check_flag_values(p.parse_args(["--data", "a.json,b", "--images", "img"]))  # a .json: read with them
+
+
 def test_pipelines_common_default_preset_and_uri(tmp_path, monkeypatch):
     assert common.resolve_preset_name(None, gpus_available=True) == "r50_4scale"
     assert common.resolve_preset_name(None, gpus_available=False) == "tiny"

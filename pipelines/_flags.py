@@ -68,10 +68,10 @@ def check_data_flags(args: argparse.Namespace) -> None:
         raise UsageError("--synthetic-images sizes the generated set used without --data; it does nothing with --data")
     for flag, attr, given in (("--images", "images", data), ("--val-images", "val_images", val)):
         if getattr(args, attr, None) is not None and not _has_json(given):
+            key = "data.image_root" if attr == "images" else "data.val_image_root"
             raise UsageError(f"{flag} is the image folder of an annotation .json given with "
                              f"{'--data' if attr == 'images' else '--val-data'}; for a converted dataset whose "
-                             f"images moved, use --set {'data.image_root' if attr == 'images' else 'data.val_image_root'}"
-                             f"=<folder>")
+                             f"images moved, use --set {key}=<folder>")
 
 
 # the shortcut flags and the config field each sets: (flag, attribute, key, the field's value).

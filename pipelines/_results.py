@@ -71,7 +71,7 @@ def result_checkpoint(result) -> str:
 
 
 def register(result, name: str, alias: Optional[str], categories: list[dict],
-             tags: Optional[dict] = None) -> str:
+             tags: Optional[dict] = None, stage: str = "the same command") -> str:
     """Write ``categories.json`` beside the final weights (so the checkpoint folder maps class
     heads by name too) and log it into the run's model artifact; make sure the artifact holds
     every file of the final folder at its size; register the model as a new version of ``name``
@@ -104,9 +104,9 @@ def register(result, name: str, alias: Optional[str], categories: list[dict],
             set_alias(name, alias, version, tracking_uri=uri)
     except Exception as exc:  # training is done: say how to register it without training again
         print(f"note: training finished (MLflow run {result.run_id}, weights in {final}) but registering {name} "
-              f"failed ({type(exc).__name__}). To register it without training again, run the same command "
-              f"with --run-name {result.run_name} once {uri} answers: the run resumes its final checkpoint, "
-              f"evaluates it again and registers it", file=sys.stderr, flush=True)
+              f"failed ({type(exc).__name__}). To register it without training again, run {stage} (with the "
+              f"flags this run had) with --run-name {result.run_name} once {uri} answers: the run resumes its "
+              f"final checkpoint, evaluates it again and registers it", file=sys.stderr, flush=True)
         raise
     return version
 

@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder/file, or an official .pth (then give --preset)")
     common.add_common_args(p, training=False,
                            data_help="evaluation dataset folder (shards + manifest.json), a folder with "
-                                     "val/ (its val split), or an annotation .json with --images; default: the validation set "
-                                     "the model was evaluated on at training (when it is here), else "
+                                     "val/ (its val split), or an annotation .json with --images; default: "
+                                     "the validation set the model was evaluated on at training (when it is "
+                                     "here), else "
                                      "the synthetic validation set of the model's flavour")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (eval.tta)")
     p.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")

@@ -182,7 +182,8 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
 
     # what the AP was measured on: @champion moves only over an AP of the same data and protocol
     version_tags.update({EVAL_DATA_TAG: eval_fingerprint(val), EVAL_TTA_TAG: tta_protocol(cfg)})
-    version = results.register(result, name, alias=None, categories=categories, tags=version_tags)
+    version = results.register(result, name, alias=None, categories=categories, tags=version_tags,
+                               stage="python -m pipelines.finetune_coco")
 
     promo = promote_if_better(name, version, ap, alias=CHAMPION, client=store_client(result.tracking_uri))
     print(f"Registered model  : {name} version {version}")

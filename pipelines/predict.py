@@ -398,7 +398,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             log(f"warning: could not keep the earlier predictions.json ({exc})")
         atomic_write_text(out / "predictions.json", json.dumps(
             {"model": args.model, "threshold": args.threshold, "complete": done, "images": results,
-             "failed": failed, "skipped": [os.path.abspath(f) for f in skipped], "detections_nonfinite": nonfinite}, indent=2))
+             "failed": failed, "skipped": [os.path.abspath(f) for f in skipped],
+             "detections_nonfinite": nonfinite}, indent=2))
     print(f"wrote {len(results) - no_copy} annotated image(s) and {out / 'predictions.json'}"
           + (f" ({no_copy} image(s) without an annotated copy: \"annotated_error\")" if no_copy else "")
           + (f"; {len(failed)} image(s) failed (listed as \"failed\")" if failed else "")

@@ -110,14 +110,15 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
                  evaluate=val is not None)
     log(f"training done: run {result.run_id}")
     version = results.register(result, name, alias=None, categories=categories,
-                              tags={"stage": "pretrain", "preset": cfg.name, SYNTHETIC_TAG: str(synthetic).lower()})
+                               stage="python -m pipelines.pretrain_o365",
+                               tags={"stage": "pretrain", "preset": cfg.name, SYNTHETIC_TAG: str(synthetic).lower()})
     kept = results.move_alias(result, name, args.alias, version, synthetic)
     ap = results.result_ap(result)
     print()
     print(f"Registered model  : {name} version {version}" + (f" (alias @{args.alias})" if kept is None else ""))
     if kept is not None:
         print(f"Alias             : {kept}")
-    print(f"Model URI         : models:/{name}/{version}" if kept else f"Model URI         : models:/{name}@{args.alias}")
+    print(f"Model URI         : models:/{name}" + (f"/{version}" if kept else f"@{args.alias}"))
     print(f"MLflow run        : {result.run_id} (experiment {args.experiment})")
     print(f"MLflow store      : {uri}")
     print(f"Checkpoint        : {results.result_checkpoint(result)}")

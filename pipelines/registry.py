@@ -16,10 +16,10 @@ id of the holder it compared against (``<alias>.basis``), and after its write se
 race: among the versions promoted from the same holder (and promotions stacked on those)
 since shortly before this promotion read the holder (tag ``<alias>.promoted_at``), the best
 holds the alias, by the rule of a promotion applied between the rivals (real data over synthetic,
-APs compared only on the same validation data and protocol). A holder from outside that family (a later, legitimate promotion, or
-``promote`` by hand, which stamps a fresh id) is left alone, and so is a version promoted
-from the same holder long before: the holder got the alias back in between (moved in the
-MLflow UI, which stamps nothing) and the old promotion is no rival.
+APs compared only on the same validation data and protocol). A holder from outside that family
+(a later, legitimate promotion, or ``promote`` by hand, which stamps a fresh id) is left alone,
+and so is a version promoted from the same holder long before: the holder got the alias back in
+between (moved in the MLflow UI, which stamps nothing) and the old promotion is no rival.
 """
 from __future__ import annotations
 

@@ -143,7 +143,8 @@ def test_a_failed_build_makes_later_steps_skip_the_jit_build(tmp_path):
     (bin_dir / "python3").write_text(
         '#!/bin/bash\n'
         'if [[ "$*" == *"dino_scale.ops build"* ]]; then echo "build failed: no CUDA toolkit"; exit 1; fi\n'
-        'if [[ "$*" == *"benchmarks/msda.py"* ]]; then echo "msda ran with NO_JIT=${DINO_SCALE_MSDA_NO_JIT:-unset}"; fi\n'
+        'if [[ "$*" == *"benchmarks/msda.py"* ]]; then\n'
+        '  echo "msda ran with NO_JIT=${DINO_SCALE_MSDA_NO_JIT:-unset}"; fi\n'
         'exit 0\n')
     (bin_dir / "nvidia-smi").write_text("#!/bin/bash\necho 'NVIDIA H100, 81559 MiB'\n")
     for f in bin_dir.iterdir():

@@ -172,7 +172,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         timings["scratch"] = time.monotonic() - t
     else:
         log("3/4 from-scratch comparison skipped (--no-scratch)")
-    log(f"4/4 evaluating models:/{ft['name']}@champion")
+    from dino_scale.tracking.registry import get_version_by_alias
+
+    champion = get_version_by_alias(ft["name"], "champion")  # this run's version, or an earlier better one
+    champion_v = str(champion.version) if champion is not None else "?"
+    log(f"4/4 evaluating models:/{ft['name']}@champion (v{champion_v})")
     t = time.monotonic()
     ev = evaluate.run(["--model", f"models:/{ft['name']}@champion", "--work-dir", str(work)]
                       + _gpu_args(args.gpus, args.overrides))
@@ -193,7 +197,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if ft["ap"] is not None and scratch["ap"] is not None:
             diff = 100 * (ft["ap"] - scratch["ap"])
             print(f"pretraining effect    : {diff:+.2f} AP points")
-    print(f"@champion re-evaluated: AP {_fmt(ev['metrics'].get('AP'))}")
+    print(f"@champion re-evaluated: v{champion_v}, AP {_fmt(ev['metrics'].get('AP'))}"
+          + ("" if champion_v == str(ft["version"]) else
+             f"  (an earlier version than this run's v{ft['version']}, on its own validation set)"))
     print(f"wall time             : {wall / 60:.1f} min ("
           + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + ")")
     print(f"MLflow store          : {common.tracking_uri(work)}")

@@ -96,8 +96,7 @@ def use_own_store(work: Path, log) -> str:
 
 
 # what a demo work folder holds (its store, data, runs ...): --fresh removes a folder holding nothing else
-_DEMO_ENTRIES = frozenset({"mlflow.db", "mlflow.db-journal", "mlflow.db-wal", "mlflow.db-shm", "mlartifacts", "data",
-                           "runs", "init", "evaluations", "eval", "ray", ".run.lock"})
+_DEMO_ENTRIES = frozenset({"mlartifacts", "data", "runs", "init", "evaluations", "eval", "ray", ".run.lock"})
 
 
 def check_fresh_removable(work: Path) -> None:
@@ -108,7 +107,8 @@ def check_fresh_removable(work: Path) -> None:
     if work == home or here == work or here.is_relative_to(work):
         raise common.UsageError(f"--fresh would remove {work}, which holds the current folder or is the home "
                                 f"folder: give the demo its own --work-dir")
-    other = sorted(p.name for p in work.iterdir() if p.name not in _DEMO_ENTRIES)
+    other = sorted(p.name for p in work.iterdir()  # (the store: mlflow.db, its .lock, -journal, -wal ...)
+                   if p.name not in _DEMO_ENTRIES and not p.name.startswith("mlflow.db"))
     if other:
         raise common.UsageError(f"--fresh would remove {work}, which holds more than a demo's output "
                                 f"({', '.join(other[:5])}{' ...' if len(other) > 5 else ''}): give the demo its "

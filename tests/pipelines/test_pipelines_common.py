@@ -414,7 +414,8 @@ def test_pipelines_demo_fresh_removes_only_a_demo_work_folder(tmp_path, monkeypa
     demo_work = tmp_path / "demo"
     for name in ("data", "runs", "init", "evaluations"):
         (demo_work / name).mkdir(parents=True)
-    (demo_work / "mlflow.db").write_text("")
+    for name in ("mlflow.db", "mlflow.db.lock"):  # as a demo leaves them (ls of a real run's folder)
+        (demo_work / name).write_text("")
     demo.check_fresh_removable(demo_work)  # a demo's own folder: removable
     from pathlib import Path
 

@@ -190,6 +190,15 @@ def describe_skips(stats_name: str = "train") -> Optional[str]:
               f"reason; `dino-scale check-data <folder>` lists damaged records")
 
 
+def skip_reasons(stats_name: str = "eval") -> list[str]:
+    """The reasons images of ``stats_name`` were dropped for, sorted; [] when the counts cannot be
+    read (a warning that names them must not fail an evaluation)."""
+    try:
+        return sorted(decode_skips(stats_name)["by_reason"])
+    except Exception:  # noqa: BLE001
+        return []
+
+
 def skips_at_end(stats_name: str = "train") -> dict[str, int]:
     """:func:`skip_metrics` for a run's final metrics, logged with the first image ids
     (:func:`describe_skips`); empty when the counts cannot be read (they do not fail a run)."""

@@ -123,11 +123,11 @@ def _evaluate_val(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: t
     val_gt = from_driver(loop_cfg["val_gt"])
     missing = unevaluated_images(val_gt, evaluated_ids)
     if missing:
-        from dino_scale.data.ray_data import decode_skips
+        from dino_scale.data.ray_data import skip_reasons
 
         log.warning("evaluation at step %d: %d of %d val images could not be decoded and were not evaluated "
                     "(their objects count as misses; reasons: %s); image ids %s%s", step, len(missing),
-                    len(val_gt.get("images", [])), ", ".join(sorted(decode_skips("eval")["by_reason"])) or "-",
+                    len(val_gt.get("images", [])), ", ".join(skip_reasons("eval")) or "-",
                     missing[:10], " ..." if len(missing) > 10 else "")
     ap = val_metrics(val_gt, detections, evaluated_ids)  # AP NaN when no image was evaluated
     detections, _ = finite_detections(detections)  # detections.json: the scored ones (valid JSON, no NaN)

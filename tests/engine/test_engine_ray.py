@@ -9,6 +9,7 @@ outage, exact resume after a worker kill) are in test_engine_ray_zero3.py.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import threading
@@ -137,6 +138,9 @@ def test_evaluate_pipeline_of_a_registered_model_matches_single_process(ray_sess
     assert "Average Precision" not in printed.out + printed.err  # pycocotools' lines stay in the debug log
 
     assert "1 val image(s) could not be decoded" in printed.out
+    # the worker's warning names the reason (was: the ids only; the reasons were in no log or metric)
+    assert re.search(r"could not be decoded and were not evaluated \(their objects count as misses; reasons: "
+                     r"(damaged|corrupt)\)", printed.out + printed.err), printed.err[-3000:]
     # the image missing at conversion is not in the ground truth: reported beside the AP (was: not a word)
     assert f"lost 1 image(s) and {gone_boxes} box(es) at conversion" in printed.out and gone_boxes > 0
 

@@ -20,9 +20,9 @@ def run_and_path(uri: str) -> tuple[str, str]:
 def download_siblings(client, run_id: str, path: str, dst: Path, store: Optional[str] = None) -> None:
     """The ``config.json`` and ``lineage.json`` next to the run artifact file ``path`` (downloaded
     under ``dst``), where the run has them: a file URI lost the model's config."""
-    from dino_scale.engine.checkpoint import CONFIG_NAME
-
     from urllib.parse import unquote, urlparse
+
+    from dino_scale.engine.checkpoint import CONFIG_NAME
 
     folder = path.strip("/").rpartition("/")[0]
     moved = moved_store_uri(client.get_run(run_id).info.artifact_uri, store)

@@ -183,7 +183,8 @@ class ResilientLogger:
         self.flushed_after_outage = 0
         self._dropped_at_outage = 0
         self._pending_create: Optional[dict] = None
-        self._no_run: Optional[str] = None  # why the run will never exist (its creation was refused)
+        # why no call can be sent: the run's creation was refused, or the run was deleted while logged to
+        self._no_run: Optional[str] = None
         self._dropped_kinds: collections.Counter = collections.Counter()
         self._logged_refusals: set = set()
         self._reported = 0  # drops reported by close() so far

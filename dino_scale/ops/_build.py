@@ -379,13 +379,9 @@ def _compile(build_dir: Path, arch_list: str, verbose: bool) -> Path:
     # mere existence makes the next build wait forever once a builder was killed. Every builder
     # of this folder holds the fcntl lock of _locked() (the caller), so a 'lock' here is stale.
     (stage / "lock").unlink(missing_ok=True)
-    # the stamp says "the library here is of these sources": gone until the new library is in
-    # place (a build killed before that left the old library under the new stamp: up to date)
-    try:
-        old_stamp: Optional[str] = (build_dir / STAMP_FILE).read_text()
-    except OSError:
-        old_stamp = None
-    (build_dir / STAMP_FILE).unlink(missing_ok=True)
+    # the stamp says "the library here is of these sources": it is left as it is until the new
+    # library is in place (written after it, below), so a build that fails or is killed leaves
+    # the old library under its own stamp
     with _env(env):
         try:
             path = cpp_ext.load(
@@ -395,8 +391,6 @@ def _compile(build_dir: Path, arch_list: str, verbose: bool) -> Path:
                 extra_include_paths=[str(files[0].parent)],
                 is_python_module=False, is_standalone=False, verbose=verbose)
         except Exception as exc:  # compiler errors arrive as RuntimeError/CalledProcessError
-            if old_stamp is not None and library_complete(library_path(build_dir)):
-                (build_dir / STAMP_FILE).write_text(old_stamp)  # the library there is still that build
             raise BuildError(f"building the ms_deform_attn extension failed: {exc}") from exc
     lib = library_path(build_dir)
     if not path or not Path(path).is_file():

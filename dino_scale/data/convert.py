@@ -56,8 +56,8 @@ from .records import (
 )
 from .preflight import preflight_shards
 from .readers import rewriting_dataset
-from .shards import (ShardWriter, crowd_boxes, finish_swap, folder_lock, load_progress, read_json_or_none,
-                     shard_files, staging_folder, write_json_atomic)
+from .shards import (STAGING_DIR, ShardWriter, crowd_boxes, finish_swap, folder_lock, load_progress,
+                     read_json_or_none, shard_files, write_json_atomic)
 
 __all__ = ["convert_coco", "ConversionError"]
 
@@ -272,7 +272,7 @@ class _Converter:
 
     def _run(self, rewrite: contextlib.ExitStack) -> dict[str, Any]:
         manifest_path = self.out / MANIFEST_NAME
-        stage = staging_folder(self.out)
+        stage = self.out / STAGING_DIR
         if finish_swap(self.out):  # a staged conversion finished, its swap cut short
             self.say(f"{self.out}: finished putting the conversion staged in {stage.name}/ in place")
         if manifest_path.is_file():

@@ -15,7 +15,6 @@ order of the file. Only per-chunk state stays in memory.
 from __future__ import annotations
 
 import logging
-
 import time
 from array import array
 from pathlib import Path

@@ -221,12 +221,15 @@ class ShardWriter:
         return records
 
 
-STAGING_DIR = ".next"  # a new conversion of a folder that holds a dataset is written here first
+# a new conversion of a folder that holds an intact dataset writes its shards and manifest here, so
+# the dataset stays whole until the new one is (a rerun with another image folder that turned out
+# empty, or a crash, removed it before: hours of conversion lost)
+STAGING_DIR = ".next"
 
 
 def finish_swap(out: Path, manifest_name: str = "manifest.json") -> bool:
     """Replace the dataset in ``out`` by the finished one in ``out/.next`` (a conversion staged
-    there: see :func:`staging_folder`); False when there is none. Idempotent, so a swap cut
+    there: :data:`STAGING_DIR`); False when there is none. Idempotent, so a swap cut
     short (a crash) is finished by calling it again: ``out``'s manifest goes first (``out`` holds
     no dataset from then on), then each shard the new manifest lists is moved in (replacing an old
     one of its name), the old shards it does not list are removed, and its manifest comes last."""
@@ -248,9 +251,3 @@ def finish_swap(out: Path, manifest_name: str = "manifest.json") -> bool:
     shutil.rmtree(stage, ignore_errors=True)
     return True
 
-
-def staging_folder(out: Path) -> Path:
-    """``out/.next``: where a conversion of a folder that holds an intact dataset writes its shards
-    and manifest, so the dataset stays whole until the new one is (a rerun with another image
-    folder that turned out empty, or a crash, removed it before: hours of conversion lost)."""
-    return out / STAGING_DIR

@@ -117,11 +117,11 @@ def move_alias(result, name: str, alias: str, version: str, synthetic: bool) -> 
     --max-steps 10``) in a shared store took ``@pretrained`` from the Objects365 model, and the
     next default fine-tune started from its weights. Returns why the alias stayed (None: moved)."""
     from dino_scale.tracking.registry import get_version_by_alias, set_alias
-    from pipelines.registry import SYNTHETIC_TAG
+    from pipelines.registry import _synthetic  # the champion rule's reading of the synthetic_data tag
 
     uri = result.tracking_uri
     holder = get_version_by_alias(name, alias, tracking_uri=uri)
-    if synthetic and holder is not None and str(holder.tags.get(SYNTHETIC_TAG, "")).lower() == "false":
+    if synthetic and _synthetic(holder) is False:
         return (f"@{alias} stays on v{holder.version} (trained on real data); this version was trained on a "
                 f"synthetic set (move it by hand: dino-scale registry promote {name} {version} --alias {alias})")
     set_alias(name, alias, version, tracking_uri=uri)

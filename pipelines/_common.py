@@ -136,9 +136,8 @@ def gpus_asked(args: argparse.Namespace) -> Optional[bool]:
     gpus = getattr(args, "gpus", None)
     if gpus is not None:
         return gpus > 0
-    said = [o.split("=", 1)[1].strip().lower() for o in (getattr(args, "overrides", None) or [])
-            if "=" in o and o.split("=", 1)[0].strip() == "train.use_gpu"]
-    return said[-1] in ("true", "1", "yes") if said else None
+    said = [o for o in (getattr(args, "overrides", None) or []) if o.split("=", 1)[0].strip() == "train.use_gpu"]
+    return preset(CPU_PRESET, said[-1:]).train.use_gpu if said else None  # read as the config reads it
 
 
 def build_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
@@ -156,8 +155,7 @@ def build_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
 
 def gpu_choice_given(args: argparse.Namespace) -> bool:
     """Whether the user said where to train (``--gpus``, ``--set train.use_gpu=...``)."""
-    user_keys = {o.split("=", 1)[0].strip() for o in (getattr(args, "overrides", None) or [])}
-    return getattr(args, "gpus", None) is not None or "train.use_gpu" in user_keys
+    return gpus_asked(args) is not None
 
 
 def device_note(cfg: Config, args: argparse.Namespace) -> Optional[str]:

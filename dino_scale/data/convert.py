@@ -2,8 +2,8 @@
 
 Memory stays bounded whatever the file size. The JSON is streamed with ijson
 (:mod:`.convert_passes`): categories + images in a child process while the annotations
-are read in this one; both spill to per-bucket files (bucket = ``image_id %
-num_buckets``, about one bucket per 16 MB of JSON). The write pass joins each bucket's
+are read in this one; both spill to per-bucket files (bucket: a hash of ``image_id`` modulo
+the bucket count, about one bucket per 16 MB of JSON). The write pass joins each bucket's
 images and annotations (vectorized, :mod:`.convert_buckets`), clips boxes to the image,
 optionally reads / verifies / embeds the image files, and hands rows to
 :class:`~.shards.ShardWriter`. Shards hold images grouped by bucket; with ``shuffle_seed``
@@ -47,7 +47,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .convert_buckets import bucket_order, join_bucket, shuffle_bucket
-from .convert_passes import DROP_REASONS, ConversionError, image_check_warnings, scan_annotations, scan_images
+from .convert_passes import (
+    BUCKETING, DROP_REASONS, ConversionError, image_check_warnings, scan_annotations, scan_images,
+)
 from .decode import verify_image_bytes
 from .integrity import CHECKSUMS, add_checksums
 from .records import (
@@ -98,6 +100,7 @@ class _Converter:
             "check_files": check_files, "verify_images": verify, "buckets": self.nb, "format": FORMAT,
             "checksums": CHECKSUMS,  # a folder converted without them (an older release) is converted again
             "shuffle_seed": self.shuffle_seed,  # as is one of an older release (rows not shuffled)
+            "bucketing": BUCKETING,  # (a finished folder bucketed by `id % buckets` is kept: _same_input)
         }
         self._logged = 0
         self._said_outside = False  # an image name outside the image root was warned about
@@ -259,11 +262,19 @@ class _Converter:
         writer.add(table, base + sel, row_bytes.astype(np.int64))
 
     # -- driver --------------------------------------------------------------------
+    def _same_input(self, signature: Any) -> bool:
+        """Whether ``signature`` is this conversion's, or one an earlier release wrote for the same
+        input and settings before ``bucketing`` was kept (images bucketed by ``id % buckets``: a
+        finished dataset is as usable; only an unfinished work folder is planned again)."""
+        return signature == self.signature or (isinstance(signature, dict) and "bucketing" not in signature and
+                                               signature == {k: v for k, v in self.signature.items()
+                                                             if k != "bucketing"})
+
     def _converted_before_shuffling(self, signature: Any) -> bool:
         """Whether ``signature`` is this conversion's as an earlier release wrote it: the same
         input and settings, without ``shuffle_seed`` (rows in file order, always)."""
-        return (isinstance(signature, dict) and "shuffle_seed" not in signature
-                and signature == {k: v for k, v in self.signature.items() if k != "shuffle_seed"})
+        return (isinstance(signature, dict) and "shuffle_seed" not in signature and "bucketing" not in signature
+                and signature == {k: v for k, v in self.signature.items() if k not in ("shuffle_seed", "bucketing")})
 
     def run(self) -> dict[str, Any]:
         # one conversion of a folder at a time; and none that rewrites a folder a running job reads
@@ -284,17 +295,18 @@ class _Converter:
                 old = {}
             self._refuse_another_dataset(old)
             unshuffled = self._converted_before_shuffling(old.get("signature"))
-            back = self._skipped_files_back(old) if old.get("signature") == self.signature else []
+            same = self._same_input(old.get("signature"))
+            back = self._skipped_files_back(old) if same else []
             if back:
                 why = f"{len(back)} image file(s) skipped at its conversion are there now or changed since"
                 self.say(f"{self.out}: {len(back)} image file(s) skipped at the last conversion (missing, empty, "
                          f"unreadable ...) are there now or changed since (e.g. {back[0]}); converting again")
-            elif old and old.get("signature") != self.signature and not unshuffled:
+            elif old and not same and not unshuffled:
                 why = "the annotation file or the settings changed since its conversion"
                 self.say(f"{self.out}: the annotation file or the settings changed since its conversion; "
                          f"converting again")
             intact = bool(old)  # readable: its shards are checked below only when it is kept as it is
-            if not back and (old.get("signature") == self.signature or unshuffled):
+            if not back and (same or unshuffled):
                 try:  # the same input, but its shards must still be there, whole, with sound footers
                     preflight_shards(self.out)  # (sizes alone passed a footer damaged in place)
                     self.say(f"{self.out}: already converted" + (

@@ -1,8 +1,9 @@
 """The streaming passes of :mod:`.convert` over a COCO-format JSON.
 
-Both passes spill to per-bucket files in a work folder, a bucket being ``image_id %
-num_buckets`` so that an image and its annotations land in the same bucket whatever the
-order of the file. Only per-chunk state stays in memory.
+Both passes spill to per-bucket files in a work folder, the bucket of an image id given by
+:func:`bucket_of` (a 64-bit mix of the id, modulo the bucket count) so that an image and its
+annotations land in the same bucket whatever the order of the file. Only per-chunk state
+stays in memory.
 
 - :func:`scan_images` (categories, then images; run in a child process so it overlaps
   the annotation pass on another core): ``images-BBBBB.arrow`` (frames of
@@ -27,8 +28,8 @@ from .decode import ImageDecodeError, read_size_and_orientation
 from .json_stream import stream_items
 from .records import resolve_image_path
 
-__all__ = ["ANN", "DROP", "DROP_REASONS", "IMAGE_SCHEMA", "ConversionError", "image_check_warnings",
-           "read_categories", "scan_images", "scan_annotations", "read_image_rows"]
+__all__ = ["ANN", "BUCKETING", "DROP", "DROP_REASONS", "IMAGE_SCHEMA", "ConversionError", "bucket_of",
+           "bucket_of_id", "image_check_warnings", "read_categories", "scan_images", "scan_annotations", "read_image_rows"]
 
 ANN = np.dtype([("iid", "<i8"), ("box", "<f4", (4,)), ("cat", "<i4"), ("crowd", "u1"), ("area", "<f4")])
 log = logging.getLogger(__name__)
@@ -72,6 +73,30 @@ def _is_int(v: Any, lo: int, hi: int) -> bool:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return False
     return (isinstance(v, int) or (np.isfinite(v) and v == int(v))) and lo <= v <= hi
+
+
+BUCKETING = "splitmix64"  # the rule of bucket_of, kept in a conversion's signature
+_U64 = (1 << 64) - 1
+
+
+def bucket_of(image_ids: np.ndarray, nb: int) -> np.ndarray:
+    """Bucket (int64, the shape of ``image_ids``) of each image id (int64): splitmix64's
+    finaliser of the id's 64 bits, modulo ``nb``. ``id % nb`` put ids spaced at a common step
+    (all multiples of ``nb``, of 1000 ...) into one bucket, which the write pass holds whole."""
+    z = np.asarray(image_ids, np.int64).astype(np.uint64)  # a negative id: its two's complement bits
+    with np.errstate(over="ignore"):  # the products wrap modulo 2**64, as they should
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z % np.uint64(nb)).astype(np.int64)
+
+
+def bucket_of_id(image_id: int, nb: int) -> int:
+    """:func:`bucket_of` of one id (a Python int in int64 range), without numpy per row."""
+    z = image_id & _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    return (z ^ (z >> 31)) % nb
 
 
 def _image_id(v: Any) -> Optional[int]:
@@ -179,7 +204,7 @@ def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
                     turned.append(fname)
         if not status:
             name_hashes.append(hash(fname))
-        b = iid % nb
+        b = bucket_of_id(iid, nb)
         buf.setdefault(b, []).append((pos, iid, fname, int(w) if not status else 0, int(h) if not status else 0,
                                       status))
         counts[b] += 1
@@ -299,10 +324,10 @@ def _exact_ints(values: list) -> tuple[np.ndarray, np.ndarray]:
 
 def _spill(work: Path, nb: int, kind: str, rec: np.ndarray) -> None:
     """Append records (n,) with an ``iid`` field (:data:`ANN`, :data:`DROP`) to
-    ``<kind>-BBBBB.bin``, bucket ``iid % nb``."""
+    ``<kind>-BBBBB.bin``, bucket :func:`bucket_of` of ``iid``."""
     if not len(rec):
         return
-    bucket = rec["iid"] % nb
+    bucket = bucket_of(rec["iid"], nb)
     order = np.argsort(bucket, kind="stable")
     rec, bucket = rec[order], bucket[order]
     starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])

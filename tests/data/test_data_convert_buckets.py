@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dino_scale.data import convert as convert_mod
+from dino_scale.data import convert_passes
 from dino_scale.data import convert_coco, read_manifest
 from dino_scale.data import shards as shards_mod
 from pipelines import prepare_data
@@ -99,9 +100,10 @@ def test_data_convert_buckets_many_buckets_resume(ann, tmp_path, monkeypatch):
     assert ref["signature"]["buckets"] >= 4
     _check_records(tmp_path / "ref")
     ids = np.array(sum(_shard_ids(tmp_path / "ref"), []))
-    nb = ref["signature"]["buckets"]  # bucket of an image: id % nb; rows come bucket by bucket
-    runs = np.split(ids, np.flatnonzero(np.diff(ids % nb)) + 1)
-    order = [int(r[0] % nb) for r in runs]
+    nb = ref["signature"]["buckets"]  # rows come bucket by bucket
+    buckets = convert_passes.bucket_of(ids, nb)
+    runs = np.split(ids, np.flatnonzero(np.diff(buckets)) + 1)
+    order = [int(convert_passes.bucket_of(r[:1], nb)[0]) for r in runs]
     assert sorted(order) == list(range(nb)) and order != sorted(order)
     assert all(list(r) != sorted(r) for r in runs)
     real_flush = shards_mod.ShardWriter._flush
@@ -155,7 +157,7 @@ def test_data_convert_buckets_a_folder_of_an_earlier_release_is_kept(ann, tmp_pa
     _convert(ann, out, shuffle_seed=None)
     manifest_path = out / convert_mod.MANIFEST_NAME
     manifest = json.loads(manifest_path.read_text())
-    del manifest["signature"]["shuffle_seed"]
+    del manifest["signature"]["shuffle_seed"], manifest["signature"]["bucketing"]
     del manifest["shuffle_seed"]
     manifest_path.write_text(json.dumps(manifest))
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
@@ -176,7 +178,6 @@ def test_data_convert_buckets_image_pass_holds_one_file_at_a_time(ann, tmp_path,
     import os
     import resource
 
-    from dino_scale.data import convert_passes
     monkeypatch.setattr(convert_mod, "_BUCKET_BYTES", 1500)
     ref = _convert(ann, tmp_path / "ref", shuffle_seed=3)
     nb = ref["signature"]["buckets"]
@@ -194,9 +195,12 @@ def test_data_convert_buckets_image_pass_holds_one_file_at_a_time(ann, tmp_path,
     rows = [convert_passes.read_image_rows(work / f"images-{b:05d}.arrow") for b in range(nb_many)]
     ids = sorted(i for t in rows if t is not None for i in t.column("image_id").to_pylist())
     assert ids == list(range(1, N + 1))
-    assert rows[0] is None and rows[1].column("image_id").to_pylist() == [1]  # ids 1..120 of 200 buckets
+    for b, t in enumerate(rows):  # each bucket: its ids (convert_passes.bucket_of), in file order
+        want = [i for i in range(1, N + 1) if convert_passes.bucket_of_id(i, nb_many) == b]
+        assert (t.column("image_id").to_pylist() if t is not None else []) == want
+    first = convert_passes.bucket_of_id(1, nb_many)
     # frames cut short are an error, not rows lost
-    path = work / "images-00001.arrow"
+    path = work / f"images-{first:05d}.arrow"
     path.write_bytes(path.read_bytes()[:-3])
     with pytest.raises(convert_passes.ConversionError, match="cut short"):
         convert_passes.read_image_rows(path)
@@ -231,3 +235,74 @@ def test_data_convert_buckets_one_conversion_of_a_folder_at_a_time(ann, tmp_path
     assert result["m"]["num_images"] == N and _shard_bytes(out) == _shard_bytes(tmp_path / "ref")
     assert {k: v for k, v in result["m"].items() if k != "source"} == {
         k: v for k, v in ref.items() if k != "source"}
+
+
+def test_data_convert_buckets_bucket_of_spreads_ids_at_a_common_step(tmp_path, monkeypatch):
+    """Image ids spaced at a common step (here multiples of the bucket count) spread over the
+    buckets: ``id % buckets`` sent them all to one, which the write pass holds whole. The numpy
+    and per-row rules agree, negative and int64-extreme ids included."""
+    rng = np.random.default_rng(0)
+    ids = np.r_[rng.integers(-2**63, 2**63 - 1, 500, dtype=np.int64), [-1, 0, 1, 2**63 - 1, -2**63]]
+    for nb in (1, 7, 64, 256):
+        assert convert_passes.bucket_of(ids, nb).tolist() == [convert_passes.bucket_of_id(int(i), nb) for i in ids]
+    n, nb = 400, 16
+    images = [{"id": nb * 1000 * i, "file_name": f"i{i}.jpg", "width": 64, "height": 48} for i in range(1, n + 1)]
+    anns = [{"id": i, "image_id": nb * 1000 * i, "category_id": 1, "bbox": [1.0, 2.0, 10.0, 12.0], "iscrowd": 0}
+            for i in range(1, n + 1)]
+    path = tmp_path / "stepped.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}]}))
+    monkeypatch.setattr(convert_mod, "_BUCKET_BYTES", path.stat().st_size // nb + 1)
+    joined = []
+    real_join = convert_mod.join_bucket
+
+    def counting_join(work, b, excluded):
+        meta, ann, stats = real_join(work, b, excluded)
+        joined.append((0 if meta is None else meta.num_rows, len(ann)))
+        return meta, ann, stats
+
+    monkeypatch.setattr(convert_mod, "join_bucket", counting_join)
+    m = _convert(path, tmp_path / "out", max_images_per_shard=50)
+    assert m["signature"]["buckets"] == nb and m["num_images"] == n and len(joined) == nb
+    assert sum(r for r, _ in joined) == n and sum(a for _, a in joined) == n
+    assert max(r for r, _ in joined) <= 3 * n // nb  # (was: all 400 in one bucket)
+
+
+def test_data_convert_buckets_a_folder_bucketed_by_id_modulo_is_kept(ann, tmp_path, monkeypatch, capsys):
+    """A folder converted before images were bucketed by a hash (its signature lacks
+    ``bucketing``) is as usable: kept as converted, not converted again. An unfinished
+    conversion of that release (its work folder spilled by ``id % buckets``) is planned again,
+    not joined by the new rule, which would lose rows."""
+    monkeypatch.setattr(convert_mod, "_BUCKET_BYTES", 1500)
+    out = tmp_path / "old"
+    _convert(ann, out, shuffle_seed=3)
+    manifest_path = out / convert_mod.MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["signature"]["bucketing"]
+    manifest_path.write_text(json.dumps(manifest))
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
+    capsys.readouterr()
+    convert_coco(ann, None, out, progress=True, check_files=False, max_images_per_shard=40, shuffle_seed=3)
+    said = capsys.readouterr().out
+    assert "already converted" in said and "earlier release" not in said and "converting again" not in said
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")} == before
+
+    real_flush = shards_mod.ShardWriter._flush
+    calls = {"n": 0}
+
+    def flaky(self, end_index):
+        if calls["n"] == 1:
+            raise KeyboardInterrupt("simulated interruption")
+        calls["n"] += 1
+        return real_flush(self, end_index)
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(shards_mod.ShardWriter, "_flush", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        _convert(ann, part, shuffle_seed=3, max_images_per_shard=15)
+    monkeypatch.setattr(shards_mod.ShardWriter, "_flush", real_flush)
+    plan_path = part / ".convert-work" / "plan.json"
+    plan = json.loads(plan_path.read_text())
+    del plan["signature"]["bucketing"]  # as the earlier release planned it
+    plan_path.write_text(json.dumps(plan))
+    _convert(ann, part, shuffle_seed=3, max_images_per_shard=15)
+    _check_records(part)

@@ -218,14 +218,21 @@ class AccumulationWindow:
     def _keep_fp32_clip_norm(self) -> None:
         """Without ZeRO in fp32 DeepSpeed clips the gradients after their all-reduce with the
         global norm, and drops the norm (``get_global_grad_norm()`` stays ``None``): the engine's
-        clipping is replaced by the same call that keeps it (one all-reduce, as before)."""
-        from deepspeed.runtime.utils import clip_grad_norm_
-
+        clipping is replaced by torch's, which keeps it. The gradients are already the same on
+        every rank, so their norm is too: torch's clipping needs no all-reduce, and it reads
+        nothing back to the host (DeepSpeed's made two blocking host-to-device copies and one
+        norm kernel per parameter each step). A model-parallel ``mpu`` keeps DeepSpeed's."""
         engine = self.engine
+        if engine.mpu is not None:
+            from deepspeed.runtime.utils import clip_grad_norm_ as ds_clip
 
-        def clip_and_keep_norm() -> None:
-            self._clip_norm = clip_grad_norm_(parameters=engine.module.parameters(),
-                                              max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+            def clip_and_keep_norm() -> None:
+                self._clip_norm = ds_clip(parameters=engine.module.parameters(),
+                                          max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+        else:
+            def clip_and_keep_norm() -> None:
+                self._clip_norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(),
+                                                                 engine.gradient_clipping())
 
         engine.clip_fp32_gradients = clip_and_keep_norm
 

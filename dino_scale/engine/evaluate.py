@@ -210,13 +210,21 @@ def coco_evaluate(coco_gt: dict, detections: list[dict]) -> dict[str, float]:
 def evaluate_batches(model, postprocessor, batches: Iterable, device: torch.device, *,
                      amp_dtype: Optional[torch.dtype] = None, tta: bool = False,
                      tta_scale_factors: Sequence[float] = (1.0,), num_select: int = 300) -> list[dict]:
-    """COCO detections for an iterable of ``(images, masks, targets)`` (normalized float
-    images); ``targets[i]`` must hold ``image_id`` and ``orig_size`` (H, W)."""
+    """COCO detections for an iterable of ``(images, masks, targets)``: images uint8 (B,3,H,W),
+    normalized on ``device`` (a quarter of the bytes to copy, and no float pass on the host), or
+    already normalized float; ``targets[i]`` must hold ``image_id`` and ``orig_size`` (H, W).
+    The batch is copied asynchronously (:func:`~dino_scale.ops.transfer.host_to_device`)."""
+    from dino_scale.data.transforms import normalize_batch
+    from dino_scale.ops.transfer import host_to_device
+
     dets: list[dict] = []
     for images, masks, targets in batches:
-        orig = torch.stack([torch.as_tensor(t["orig_size"]).reshape(2) for t in targets]).to(device)
+        orig = host_to_device(torch.stack([torch.as_tensor(t["orig_size"]).reshape(2) for t in targets]), device)
         ids = target_image_ids(targets)
-        results = predict_batch(model, postprocessor, images.to(device), masks.to(device), orig,
+        images, masks = host_to_device(images, device), host_to_device(masks, device)
+        if images.dtype == torch.uint8:
+            images = normalize_batch(images, masks)
+        results = predict_batch(model, postprocessor, images, masks, orig,
                                 amp_dtype=amp_dtype, tta=tta, tta_scale_factors=tta_scale_factors,
                                 num_select=num_select)
         dets.extend(to_coco_detections(results, ids))

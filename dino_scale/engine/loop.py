@@ -111,7 +111,7 @@ def _evaluate_val(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: t
     def prepared(batches):
         for images, masks, targets in batches:
             evaluated.extend(target_image_ids(targets))
-            yield _prepare_images(images, masks), masks, targets
+            yield images, masks, targets  # uint8: normalized on the device by evaluate_batches
 
     factors = [s / cfg.data.eval_size for s in cfg.eval.tta_scales] if cfg.eval.tta else [1.0]
     local = evaluate_batches(model, postprocessor, prepared(batches), device, amp_dtype=amp, tta=cfg.eval.tta,

@@ -11,7 +11,7 @@ import torch
 
 from dino_scale.config import preset
 from dino_scale.engine.evaluate import (
-    _flip_valid, coco_evaluate, gather_to_rank0, predict_batch, to_coco_detections,
+    _flip_valid, coco_evaluate, evaluate_batches, gather_to_rank0, predict_batch, to_coco_detections,
 )
 from dino_scale.models import build_dino
 from dino_scale.models.postprocess import PostProcess
@@ -141,6 +141,29 @@ def test_tta_views_merged():
         assert float(b[:, [0, 2]].min()) >= -1e-3 and float(b[:, [0, 2]].max()) <= w + 1e-3
     # the best merged score is at least the best single-view score
     assert all(float(t["scores"][0]) >= float(p["scores"][0]) - 1e-6 for t, p in zip(tta, plain))
+
+
+def test_evaluate_batches_normalizes_uint8_batches_where_it_runs():
+    """A uint8 batch (as collate gives it) is normalized on the evaluation device, its padding
+    zeroed: the detections are those of the batch normalized on the host beforehand."""
+    from dino_scale.data.transforms import normalize_batch
+
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    model, _, post = build_dino(cfg.model)
+    model.eval()
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8, generator=gen)
+    masks = torch.zeros(2, 64, 96, dtype=torch.bool)
+    masks[1, :, 80:] = True
+    images[1, :, :, 80:] = 0
+    targets = [{"image_id": 7, "orig_size": torch.tensor([128, 192])},
+               {"image_id": 9, "orig_size": torch.tensor([128, 160])}]
+    raw = evaluate_batches(model, post, [(images, masks, targets)], torch.device("cpu"))
+    ref = evaluate_batches(model, post, [(normalize_batch(images, masks), masks, targets)], torch.device("cpu"))
+    assert len(raw) == len(ref) == 2 * cfg.model.num_select and {d["image_id"] for d in raw} == {7, 9}
+    assert raw == ref
+    assert images.dtype == torch.uint8 and int(images.max()) > 200  # the caller's batch is left as it was
 
 
 def test_unevaluated_images_are_the_ground_truth_images_no_worker_saw():

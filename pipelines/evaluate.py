@@ -172,10 +172,13 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
 
         state = _source_state(resolved.weights_path)
         extra = head_sizes(state)
-        if args.preset is None and not common.preset_needs_cluster(args):
-            log("note: the model carries no config; using the default preset (give --preset)")
+        if args.preset is None and common.config_needs_cluster(args):
+            log(f"Ray: {common.connect_ray()}")  # the default preset looks at the cluster's GPUs, not this node's
+        name = common.resolve_preset_name(args.preset, common.gpus_asked(args))  # --gpus 0: tiny, as training
+        if args.preset is None:
+            log(f"note: the model carries no config; using the default preset {name} (give --preset)")
         extra += stored_pixels(args.overrides)  # as pretraining and fine-tuning read COCO-style data
-        cfg = common.preset(common.resolve_preset_name(args.preset), extra + list(args.overrides))
+        cfg = common.preset(name, extra + list(args.overrides))
         check_fits_preset(args.model, state, cfg, args.preset is not None)  # else every worker fails loading it
         held = [state]  # the engine takes it from here (the file was read once)
         del state
@@ -206,7 +209,9 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
     mismatch = label_space_check(_source_categories(resolved), cfg.model.num_classes, val_categories, val)
     if mismatch:
         print(mismatch, file=sys.stderr, flush=True)
-    log(f"Ray: {common.connect_ray()}")
+    ray_said = common.connect_ray()
+    if ray_said != "connected":  # (joined above for the default preset)
+        log(f"Ray: {ray_said}")
     common.set_eval_resources(cfg, args)
     common.check_gpus_here(cfg, args)
     log(f"evaluating {args.model} ({cfg.name}, {cfg.model.num_classes} classes, tta={cfg.eval.tta}) "

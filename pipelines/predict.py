@@ -57,10 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder/file, or an official .pth (then give --preset)")
     p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
     p.add_argument("--threshold", type=float, default=0.3, help="minimum score to keep (default 0.3)")
-    p.add_argument("--preset", default=None, help="preset of a model without config (official .pth)")
+    p.add_argument("--preset", default=None,
+                   help="preset of a model without config (official .pth); default: r50_4scale where the model "
+                        "runs on a GPU, else tiny")
     p.add_argument("--device", default="auto",
-                   help="where the model runs: auto (the first GPU when there is one, else the CPU), cpu, cuda, "
-                        "cuda:N")
+                   help="where the model runs: auto (default: the first GPU when there is one, else the CPU), cpu, "
+                        "cuda, cuda:N")
     p.add_argument("--work-dir", default="./runs", help="work folder of the default MLflow store")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -325,7 +327,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if cfg is not None and args.preset is not None and args.preset != cfg.name:
         log(f"note: --preset {args.preset} ignored; the model carries its config ({cfg.name})")
     if cfg is None:
-        cfg = common.preset(common.resolve_preset_name(args.preset), head_sizes(state))
+        # the default preset: that of the device the model runs on (--device cpu on a GPU node: tiny)
+        cfg = common.preset(common.resolve_preset_name(args.preset, device.type != "cpu"), head_sizes(state))
         log(f"note: the model carries no config; using {'--preset' if args.preset else 'the default preset'} "
             f"{cfg.name} (its eval size and num_select too)")
     # the weights replace the whole model: the ImageNet file its training started from (config

@@ -106,6 +106,40 @@ def test_evaluate_official_file_of_another_preset_is_refused_before_data_or_ray(
     check_fits_preset("fits.pth", {"model": fitting.state_dict()}, preset("tiny"), False)  # no error
 
 
+@pytest.mark.parametrize("flags, joined, want", [
+    (["--gpus", "0"], False, "tiny"),  # GPUs here, but --gpus 0: the CPU preset, as training picks it
+    ([], True, "r50_4scale"),  # a joined cluster: its GPUs decide (this node has none)
+])
+def test_evaluate_default_preset_follows_gpus_asked_and_the_cluster(flags, joined, want, tmp_path, monkeypatch, capsys,
+                                                                     mlflow_store_restored):
+    """The default preset of a model without a config followed this node's GPUs only: ``--gpus 0``
+    on a GPU node picked ResNet-50, and a job joining a GPU cluster from a GPU-less head picked
+    ``tiny`` (the training pipelines follow ``--gpus``, then the cluster's GPUs)."""
+    import torch
+
+    from dino_scale.models import build_model
+    from pipelines import _common, evaluate
+    from pipelines._common import run_main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    connected = []
+    if joined:
+        monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # never dialled: connect_ray is replaced
+        monkeypatch.setattr(_common, "_gpus_available", lambda: bool(connected))  # GPUs in the cluster only
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        monkeypatch.setattr(_common, "_gpus_available", lambda: True)
+    monkeypatch.setattr(_common, "connect_ray", lambda *a, **k: connected.append(1) or "joined")
+    deeper = build_model(preset("tiny", ["model.dec_layers=3"]).model)  # fits no preset: refused after the pick
+    torch.save({"model": deeper.state_dict()}, tmp_path / "checkpoint.pth")
+    assert run_main(evaluate.main, ["--model", str(tmp_path / "checkpoint.pth"), "--work-dir", str(tmp_path),
+                                    *flags]) == 2
+    said = capsys.readouterr()
+    assert f"does not fit preset {want} (the default): give --preset" in said.err
+    assert f"using the default preset {want}" in said.out
+    assert bool(connected) == joined
+
+
 def test_evaluate_gpus_this_machine_lacks_are_refused(tmp_path, monkeypatch, capsys, mlflow_store_restored):
     """``--gpus 1`` on a machine without a GPU (the embedded local Ray: nothing can join it) asked
     Ray Train for a GPU worker and waited for it forever ("No available node types can fulfill

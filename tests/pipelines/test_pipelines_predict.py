@@ -215,9 +215,10 @@ def test_a_folder_named_like_an_image_is_searched_not_read(tmp_path):
     assert list_images([str(tmp_path)]) == [tmp_path / "a.jpg", tmp_path / "album.jpg" / "b.png"]
 
 
-@pytest.mark.parametrize("preset_args", [[], ["--preset", "tiny"]])
+@pytest.mark.parametrize("preset_args, gpus_here", [([], False), (["--preset", "tiny"], False),
+                                                    (["--device", "cpu"], True)])
 def test_predict_official_file_of_another_preset_asks_for_preset(tmp_path, monkeypatch, capsys,
-                                                                 mlflow_store_restored, preset_args):
+                                                                 mlflow_store_restored, preset_args, gpus_here):
     """An official ``.pth`` (no config) that is not the default preset's model (or not the
     ``--preset`` given) failed as ``error: CheckpointMismatch: checkpoint does not fit the model;
     unexpected keys: ...`` (exit 1), without a word of ``--preset``, which README says such a
@@ -231,7 +232,9 @@ def test_predict_official_file_of_another_preset_asks_for_preset(tmp_path, monke
     from pipelines._common import run_main
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(_common, "_gpus_available", lambda: False)  # the default preset: tiny
+    # the default preset: tiny, where the model runs on the CPU (--device cpu on a GPU node too: it
+    # was r50_4scale there)
+    monkeypatch.setattr(_common, "_gpus_available", lambda: gpus_here)
     deeper = build_model(preset("tiny", ["model.dec_layers=3"]).model)  # not the tiny preset's layout
     torch.save({"model": deeper.state_dict()}, tmp_path / "checkpoint.pth")
     Image.new("RGB", (64, 48)).save(tmp_path / "a.jpg")

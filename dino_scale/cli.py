@@ -46,9 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate a synthetic detection dataset (shards + manifest.json) "
                                    "with the category names of Objects365 or COCO.")
     s.add_argument("out", help="output dataset folder")
-    s.add_argument("--flavour", default="coco-like", choices=["coco-like", "o365-like"])
-    s.add_argument("-n", "--num-images", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--flavour", default="coco-like", choices=["coco-like", "o365-like"],
+                   help="coco-like: 10 categories with sparse COCO ids (num_classes=91); o365-like: 36 with ids "
+                        "1..36 (num_classes=366) (default coco-like)")
+    s.add_argument("-n", "--num-images", type=int, default=64, help="images to generate (default 64)")
+    s.add_argument("--seed", type=int, default=0, help="random seed: the same seed, the same set (default 0)")
     s.add_argument("--debug", action="store_true")
 
     return p

@@ -2,8 +2,9 @@
 
 - :func:`add_common_args` / :func:`build_config`: ``--preset`` (default: a GPU preset
   when GPUs are asked for or, unsaid, exist; else ``tiny``), ``--set a.b=c`` (repeatable), ``--workers``,
-  ``--gpus``, ``--zero-stage``, ``--max-steps``, ``--epochs``, ``--work-dir``,
-  ``--data``, ``--debug``.
+  ``--min-workers``, ``--gpus``, ``--zero-stage``, ``--max-steps``, ``--epochs``, ``--work-dir``,
+  ``--data``, ``--images``, ``--val-data``, ``--val-images``, ``--synthetic-images``, ``--run-name``,
+  ``--debug`` (the flag checks and shortcuts: :mod:`pipelines._flags`).
 - :func:`connect_ray`: joins a running cluster when ``RAY_ADDRESS`` is set (which
   ``ray job submit`` does for its entrypoint), else starts an embedded local Ray.
 - :func:`setup_tracking`: ``MLFLOW_TRACKING_URI`` if set, else
@@ -85,7 +86,7 @@ def add_common_args(parser: argparse.ArgumentParser, data_help: str,
                             "--val-images); default: <data>/val when --data is a folder holding train/ and val/")
         d.add_argument("--val-images", default=None, help="image root for --val-data (default: --images)")
         d.add_argument("--synthetic-images", type=int, default=None,
-                       help="images in the generated synthetic training set when no --data is given")
+                       help="images in the generated synthetic training set when no --data is given (default 64)")
     parser.add_argument("--run-name", default=None, help="MLflow / Ray Train run name (default: generated)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return parser

@@ -7,7 +7,8 @@
 Runs the distributed evaluation of the engine (Ray Train workers, pycocotools) and
 prints the AP table; logs a run in MLflow experiment ``evaluate``. Without ``--data`` the
 validation set recorded in the model's lineage is used when it is on this machine, else the
-synthetic validation set of the matching flavour (generated when missing), with a note.
+synthetic validation set of the matching flavour (generated when missing; with a note when the
+lineage names a validation set that is not on this machine).
 A model that carries its config (everything this project trains) uses it; an official
 ``.pth`` needs ``--preset`` (its class count is read from the checkpoint). Workers and GPUs
 are this machine's (``--workers``, ``--gpus``; default one worker, on a GPU when there is

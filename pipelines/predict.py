@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="where the model runs: auto (default: the first GPU when there is one, else the CPU), cpu, "
                         "cuda, cuda:N")
-    p.add_argument("--work-dir", default="./runs", help="work folder of the default MLflow store")
+    p.add_argument("--work-dir", default="./runs",
+                   help="work folder of the default MLflow store, <work-dir>/mlflow.db (default ./runs); "
+                        "MLFLOW_TRACKING_URI overrides it")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 

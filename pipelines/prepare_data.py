@@ -13,7 +13,8 @@ shuffle; the val part of --o365-val-split is never shuffled).
 
 Prints the manifest summary (images/boxes written, skipped and dropped counts). Rerun the
 same command to resume an interrupted conversion. Exit status 2 on bad input
-(malformed JSON, unknown category ids, missing files or folders).
+(malformed JSON, unknown category ids, a missing annotation file or folder, no usable image at
+all); image files missing or unreadable are counted skips, listed in the manifest.
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
     p.add_argument("--embed-images", action="store_true", help="store image bytes in the shards")
     p.add_argument("--shard-size-mb", type=float, default=256, help="shard size limit (default 256)")
-    p.add_argument("--max-images-per-shard", type=int, default=10000, help="default 10000")
+    p.add_argument("--max-images-per-shard", type=int, default=10000,
+                   help="images per shard at most, whatever --shard-size-mb allows (default 10000)")
     p.add_argument("--o365-val-split", type=int, default=None, metavar="N",
                    help="val file: first N images -> OUT/val, the rest -> OUT/train_extra (paper: 5000)")
     order = p.add_mutually_exclusive_group()

@@ -345,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.registry",
                                 description="Inspect the MLflow model registry (MLFLOW_TRACKING_URI, "
                                             "else <work-dir>/mlflow.db) and move aliases.")
-    p.add_argument("--work-dir", default="./runs", help="work folder of the default MLflow store")
+    p.add_argument("--work-dir", default="./runs",
+                   help="work folder of the default MLflow store, <work-dir>/mlflow.db (default ./runs); "
+                        "MLFLOW_TRACKING_URI overrides it")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     # --work-dir / --debug after the action too (`registry list --work-dir X` was refused);
     # SUPPRESS: an action's parser sets them only when given, over the value before the action
@@ -360,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     prom = sub.add_parser("promote", parents=[after], help="point an alias at a version (no AP check)")
     prom.add_argument("name")
     prom.add_argument("version")
-    prom.add_argument("--alias", default="champion")
+    prom.add_argument("--alias", default="champion", help="alias to move (default champion)")
     return p
 
 

@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kBlockThreads) msda_backward_kernel(
         p_lw += __shfl_xor_sync(kFullMask, p_lw, o, G);
         p_lh += __shfl_xor_sync(kFullMask, p_lh, o, G);
       }
-      if (lane == t) {
+      if (lane == t && b.sampled) {  // an unsampled point keeps 0 (w * 0 is NaN for a non-finite w)
         res_gw = p_w;
         res_gx = w * p_lw * static_cast<A>(W);
         res_gy = w * p_lh * static_cast<A>(H);

@@ -287,3 +287,22 @@ def test_cuda_op_under_torch_compile(dtype):
     out_c.float().square().sum().backward()
     for a, b in zip(args_c, args_e):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_off_map_points_with_non_finite_weights_get_zero_location_gradients():
+    """A point sampled nowhere (off every map) takes no part: its location gradient is 0 as in the
+    CPU kernel and the official op, whatever its weight; it was ``w * 0``, NaN for an inf or NaN
+    weight, spreading into the sampling-offset weights. The rest match the reference."""
+    n, levels, m, d, lq, p = GPU_SHAPES[3]
+    value, shapes, starts, loc, w = make_inputs(n, levels, m, d, lq, p, seed=6)
+    loc, w = loc.float().clone(), w.float().clone()
+    loc[:, ::3, :, :, 0] = 5.0  # every third query: its first point of every level off the map
+    w[:, ::3, :, :, 0] = float("inf")
+    gout = torch.randn(n, lq, m * d, device=DEV)
+    _, (gv, gl, gw) = _run_cuda(value.float().to(DEV), shapes.to(DEV), starts.to(DEV), loc.to(DEV), w.to(DEV), gout)
+    assert torch.all(gl[:, ::3, :, :, 0] == 0)
+    # the gradients of the same inputs with those weights 0 (the reference's grid_sample would
+    # multiply its zero sample by inf)
+    _, ref = _reference(value, shapes, starts, loc, torch.where(torch.isinf(w), 0.0, w), gout)
+    for got, want in zip((gv, gl, gw), ref):
+        assert torch.isfinite(got).all() and rel_err(got, want) <= TOL[torch.float32]

@@ -1,6 +1,7 @@
 """Parameter groups, schedules and the DeepSpeed config (no Ray)."""
 from __future__ import annotations
 
+import math
 import sys
 import textwrap
 from pathlib import Path
@@ -27,11 +28,14 @@ def tiny_model():
 
 def test_param_groups(tiny_model):
     cfg, model = tiny_model
-    tc = preset("tiny", {"train.lr": 1e-4, "train.lr_backbone": 1e-5, "train.lr_linear_proj_mult": 0.1}).train
+    # lr * mult (2e-5) differs from lr_backbone (1e-5) and from lr: a linear_proj group at either is caught
+    tc = preset("tiny", {"train.lr": 1e-4, "train.lr_backbone": 1e-5, "train.lr_linear_proj_mult": 0.2}).train
     groups = {g["name"]: g for g in build_param_groups(model, tc)}
     assert set(groups) == {"default", "backbone", "linear_proj"}
     assert groups["default"]["lr"] == 1e-4 and groups["backbone"]["lr"] == 1e-5
-    assert groups["linear_proj"]["lr"] == pytest.approx(1e-5)
+    assert groups["linear_proj"]["lr"] == pytest.approx(1e-4 * 0.2)
+    assert groups["linear_proj"]["lr"] != pytest.approx(groups["backbone"]["lr"])
+    assert groups["linear_proj"]["lr"] != pytest.approx(groups["default"]["lr"])
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(names[id(p)].startswith("backbone.") for p in groups["backbone"]["params"])
     assert all(("sampling_offsets" in names[id(p)] or "reference_points" in names[id(p)])
@@ -59,6 +63,11 @@ def test_schedules():
     f = lr_factor_fn(tc, 10)
     assert f(0) == pytest.approx(1e-3) and f(5) == pytest.approx(0.5 * (1 + 1e-3), rel=1e-3)
     assert f(10) == pytest.approx(1.0) and f(65) == pytest.approx(0.5) and f(120) == pytest.approx(0.0, abs=1e-9)
+    # off the midpoint cosine and linear decay differ: progress = (step - warmup) / (total - warmup)
+    assert f(10 + 22) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))  # 22/110: 0.9045, linear 0.8
+    assert f(10 + 88) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.8)))  # 88/110: 0.0955, linear 0.2
+    q = lr_factor_fn(tc, 10, total_steps=130)  # decay span 120: a quarter of it is 30 steps after warmup
+    assert q(40) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))  # 0.8536, linear 0.75
     tc.schedule = "poly"
     with pytest.raises(ConfigError, match="unknown schedule"):
         lr_factor_fn(tc, 10)

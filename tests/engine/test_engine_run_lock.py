@@ -2,6 +2,7 @@
 it reads or writes anything (it resumed from, wrote and pruned the first job's checkpoints)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -47,8 +48,11 @@ def test_the_lock_is_reentrant_in_one_process_and_released_after(tmp_path):
     with run_lock(folder, "run 'r2'"):
         with run_lock(folder, "run 'r2'"):  # a pipeline holds it, fit inside takes it again
             pass
-        # still held by the outer block: another process is refused
-        assert subprocess.run(check, capture_output=True, text=True).returncode != 0
+        # still held by the outer block: another process is refused, by the lock (not any crash)
+        refused = subprocess.run(check, capture_output=True, text=True)
+        assert refused.returncode != 0
+        assert (f"RunInUseError: run is in use by another job (process {os.getpid()} on " in refused.stderr
+                and f"its folder {folder.resolve()} is locked" in refused.stderr), refused.stderr[-2000:]
     assert subprocess.run(check, capture_output=True, text=True).returncode == 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dino_scale.config import preset
+from dino_scale.config import ConfigError, preset
 from dino_scale.engine.optim import build_optimizer
 from dino_scale.engine.train_step import BadStepError, BadStepGuard, compute_loss, train_step
 from dino_scale.models import build_dino
@@ -115,7 +115,7 @@ def test_activation_checkpointing_and_ema():
     # the multi-tensor update is the per-tensor one bit for bit (was mul_ then add_ per tensor)
     expected = {k: before[k].clone().mul_(0.9).add_(current[k].float(), alpha=1 - 0.9) for k in before}
     assert all(torch.equal(ema.shadow[k], expected[k]) for k in before)
-    with pytest.raises(Exception, match="ema_decay"):
+    with pytest.raises(ConfigError, match=r"train\.ema_decay must be in \(0, 1\), got 1\.5"):
         ModelEMA(model, decay=1.5)
 
 

@@ -160,7 +160,7 @@ def test_dn_negatives_get_no_box_loss_and_positives_their_label():
 
 
 def test_weighted_loss_requires_known_keys():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="weighted_loss: no loss key has a weight"):
         weighted_loss({"nope": torch.tensor(1.0)}, {"loss_ce": 1.0})
 
 

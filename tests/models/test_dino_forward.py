@@ -93,19 +93,35 @@ def test_batch_without_boxes_trains(tiny):
     assert math.isfinite(loss.item()) and model.label_enc.weight.grad is not None
 
 
-def test_encoder_checkpointing_gives_same_outputs_and_grads():
-    cfg = preset("tiny", {"model.enc_layers": 1, "model.dec_layers": 1}).model
+def test_encoder_checkpointing_gives_same_outputs_and_grads(monkeypatch):
+    import torch.utils.checkpoint as tc
+
+    cfg = preset("tiny", {"model.enc_layers": 2, "model.dec_layers": 1}).model
     torch.manual_seed(0)
     model, _, _ = build_dino(cfg)
     model.eval()
     images, masks, _ = _batch()
-    results = []
+    # the encoder calls torch.utils.checkpoint.checkpoint (looked up at call time): count its calls,
+    # so that a switch that never reaches it (same outputs and grads, trivially) is caught
+    checkpointed = []
+    real = tc.checkpoint
+
+    def counting(fn, *args, **kwargs):
+        checkpointed.append(fn)
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(tc, "checkpoint", counting)
+    results, calls = [], []
     for ckpt in (False, True):
         model.transformer.encoder.checkpointing = ckpt
         model.zero_grad(set_to_none=True)
+        checkpointed.clear()
         out = model(images, masks)
         (out["pred_boxes"].sum() + out["pred_logits"].sum()).backward()
+        calls.append(list(checkpointed))
         results.append((out["pred_logits"].detach(), model.transformer.encoder.layers[0].linear1.weight.grad.clone()))
+    assert calls[0] == []  # off: never checkpointed
+    assert [id(f) for f in calls[1]] == [id(layer) for layer in model.transformer.encoder.layers]  # on: each layer once
     torch.testing.assert_close(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1])
 
@@ -223,17 +239,20 @@ def test_denoising_noise_out_of_range_is_refused_at_build_and_before_training(se
 
 
 @pytest.mark.parametrize("override, needle, build_fails", [
-    ("model.backbone=resnet51", "model.backbone 'resnet51' is not one of resnet50", True),
-    ("model.activation=gelux", "model.activation 'gelux' is not one of relu, gelu", True),
-    ("model.msda_backend=pytorchx", "model.msda_backend 'pytorchx' is not one of none, pytorch, cuda", True),
-    ("model.hidden_dim=100", "model.hidden_dim 100 must be a multiple of 32", True),  # GroupNorm(32, .)
-    ("model.nheads=3", "of model.nheads 3", True),
-    ("model.num_queries=0", "model.num_queries must be >= 1", False),  # no detections at all
-    ("model.num_classes=0", "model.num_classes must be >= 1", False),
-    ("model.dec_n_points=0", "model.dec_n_points must be >= 1", False),  # attends to nothing
-    ("model.dn_number=-1", "model.dn_number must be >= 0", False),  # was: denoising off, without a word
-    ("model.dropout=1.5", "model.dropout must be in [0, 1)", False),
-    ("model.dropout=nan", "model.dropout must be in [0, 1), got nan", False),
+    # build_fails: the ValueError the build or forward raises without the check (None: it builds)
+    ("model.backbone=resnet51", "model.backbone 'resnet51' is not one of resnet50", "unknown backbone 'resnet51'"),
+    ("model.activation=gelux", "model.activation 'gelux' is not one of relu, gelu", "unknown activation 'gelux'"),
+    ("model.msda_backend=pytorchx", "model.msda_backend 'pytorchx' is not one of none, pytorch, cuda",
+     "unknown ms_deform_attn backend 'pytorchx'"),
+    ("model.hidden_dim=100", "model.hidden_dim 100 must be a multiple of 32",  # GroupNorm(32, .)
+     "num_channels (100) must be divisible by num_groups (32)"),
+    ("model.nheads=3", "of model.nheads 3", "d_model must be divisible by n_heads, got 64 and 3"),
+    ("model.num_queries=0", "model.num_queries must be >= 1", None),  # no detections at all
+    ("model.num_classes=0", "model.num_classes must be >= 1", None),
+    ("model.dec_n_points=0", "model.dec_n_points must be >= 1", None),  # attends to nothing
+    ("model.dn_number=-1", "model.dn_number must be >= 0", None),  # was: denoising off, without a word
+    ("model.dropout=1.5", "model.dropout must be in [0, 1)", None),
+    ("model.dropout=nan", "model.dropout must be in [0, 1), got nan", None),
 ])
 def test_a_model_setting_that_cannot_build_is_refused_before_training(override, needle, build_fails):
     """These passed the driver's checks: the run converted its data, started Ray and an MLflow
@@ -246,7 +265,7 @@ def test_a_model_setting_that_cannot_build_is_refused_before_training(override, 
     with pytest.raises(ConfigError, match=re.escape(needle)):
         check_training_config(cfg)
     if build_fails:
-        with pytest.raises(ValueError):  # what the check stands in for
+        with pytest.raises(ValueError, match=re.escape(build_fails)):  # what the check stands in for
             model = build_dino(cfg.model)[0]
             model.eval()
             model(*_batch()[:2])

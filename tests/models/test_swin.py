@@ -1,5 +1,6 @@
 """Tests for the detection-variant Swin backbone (dino_scale/models/swin.py)."""
 import os
+import re
 
 import pytest
 import torch
@@ -63,11 +64,12 @@ def test_default_out_indices_and_swin_large_meta_keys(reference_dir):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError):
+    order = "out_indices must be increasing stage indices in [0,4)"
+    with pytest.raises(ValueError, match=re.escape(f"{order}, got (4,)")):
         small(out_indices=(4,))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape(f"{order}, got (2, 1)")):
         small(out_indices=(2, 1))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("expected images (B,3,H,W), got (1, 1, 32, 32)")):
         small()(torch.randn(1, 1, 32, 32))
 
 
@@ -264,6 +266,7 @@ def test_matches_timm_where_timm_agrees(tmp_path):
     with torch.no_grad():
         feats = ref.forward_intermediates(x, intermediates_only=True)
         outs = ours(x)
+    assert len(outs) == len(feats) == 4  # every stage compared: zip would stop at the shorter list
     for i, (o, f) in enumerate(zip(outs, feats)):
         norm = getattr(ours, f"norm{i}")
         expected = norm(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -287,21 +290,38 @@ def test_zero_padded_image_differs_from_cropped_only_through_padding():
 
 # ---------------------------------------------------------------- checkpointing
 
-def test_activation_checkpointing_same_outputs_and_grads():
+def test_activation_checkpointing_same_outputs_and_grads(monkeypatch):
+    import torch.utils.checkpoint as tc
+
     model = small(drop_path_rate=0.0)
     model.train()
     x = torch.randn(2, 3, 72, 100)
+    # the stages call torch.utils.checkpoint.checkpoint (looked up at call time): count its calls,
+    # so that a flag that never reaches it (same outputs and grads, trivially) is caught
+    checkpointed = []
+    real = tc.checkpoint
+
+    def counting(fn, *args, **kwargs):
+        checkpointed.append(fn)
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(tc, "checkpoint", counting)
 
     def run():
         model.zero_grad()
+        checkpointed.clear()
         outs = model(x)
         sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs).backward()
         return [o.detach() for o in outs], {n: p.grad.clone() for n, p in model.named_parameters()}
 
     o1, g1 = run()
+    assert checkpointed == []  # off: never checkpointed
     model.use_checkpoint = True
     assert all(layer.use_checkpoint for layer in model.layers)
     o2, g2 = run()
+    blocks = [blk for layer in model.layers for blk in layer.blocks]
+    assert len(blocks) == sum(SMALL["depths"])
+    assert [id(f) for f in checkpointed] == [id(blk) for blk in blocks]  # on: every block, once each
     for a, b in zip(o1, o2):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert set(g1) == set(g2)

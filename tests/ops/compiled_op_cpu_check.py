@@ -37,9 +37,9 @@ def cpu_errors(op, cases) -> dict:
     tuples of make_inputs): [forward vs the float64 loop reference, max over the three
     gradients vs the float64 PyTorch backend]."""
     errors = {"float64": [0.0, 0.0], "float32": [0.0, 0.0]}
-    for case in cases:
-        for dtype in (torch.float64, torch.float32):
-            v, sh, st, lo, wt = make_inputs(*case, dtype=dtype, seed=len(errors))
+    for index, case in enumerate(cases):
+        for dtype in (torch.float64, torch.float32):  # one case: the same inputs at both precisions
+            v, sh, st, lo, wt = make_inputs(*case, dtype=dtype, seed=index)
             lo, wt = lo.to(dtype), wt.to(dtype)
             v.requires_grad_(), lo.requires_grad_(), wt.requires_grad_()
             got = op(v, sh, st, lo, wt)

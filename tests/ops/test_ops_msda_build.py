@@ -110,21 +110,54 @@ def test_cache_dir_is_keyed_by_sources_and_arch(tmp_path, monkeypatch):
     assert _build.library_path(a).name == "dino_scale_msda.so"
 
 
+@pytest.mark.timeout(60)
 def test_build_lock_serializes_processes(tmp_path):
-    # two processes take the build lock of one directory: their critical sections never overlap
+    # Child 1 takes the build lock of a directory and holds it 2 s; child 2 asks for it only once
+    # child 1 has said (from inside the lock) that it holds it: child 2 must wait for the release.
+    # Both import first and wait for a "go" line, so neither's start-up time blurs the timings
+    # (time.monotonic is one clock for all processes on Linux).
     code = textwrap.dedent("""
         import sys, time
         from pathlib import Path
         from dino_scale.ops import _build
+        print("READY", flush=True)
+        sys.stdin.readline()  # the parent's go
+        requested = time.monotonic()
         with _build._locked(Path(sys.argv[1])):
-            t0 = time.time(); time.sleep(0.5); t1 = time.time()
-        print(t0, t1)
+            acquired = time.monotonic()
+            print("ACQUIRED", requested, acquired, flush=True)
+            time.sleep(float(sys.argv[2]))
+            released = time.monotonic()  # taken before the unlock: a later holder acquires after it
+        print("RELEASED", released, flush=True)
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    spans = sorted(tuple(map(float, p.communicate(timeout=120)[0].split())) for p in procs)
-    assert all(p.returncode == 0 for p in procs)
-    assert spans[0][1] <= spans[1][0]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), hold], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for hold in ("2.0", "0")]
+
+    def line(p, tag):
+        got = p.stdout.readline().split()
+        assert got and got[0] == tag, (tag, got, p.poll())
+        return [float(v) for v in got[1:]]
+
+    try:
+        for p in procs:
+            line(p, "READY")
+        first, second = procs
+        first.stdin.write("go\n"); first.stdin.flush()
+        _, acquired1 = line(first, "ACQUIRED")  # child 1 holds the lock now
+        second.stdin.write("go\n"); second.stdin.flush()
+        requested2, acquired2 = line(second, "ACQUIRED")
+        (released1,) = line(first, "RELEASED")
+        line(second, "RELEASED")
+        for p in procs:
+            p.stdin.close()
+            assert p.wait(timeout=30) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert acquired1 <= requested2  # child 2 asked while child 1 held the lock
+    assert acquired2 >= released1  # and got it only after child 1 let go
+    assert acquired2 - requested2 >= 1.5  # so it waited (most of child 1's 2 s hold)
 
 
 def test_build_cli_reports_failure_without_toolkit(tmp_path):
@@ -478,7 +511,10 @@ def test_a_forced_build_that_fails_keeps_the_library_it_would_replace(tmp_path, 
         def compiler_error(**kwargs):
             raise RuntimeError("Error building extension 'dino_scale_msda': nvcc exited with 1")
         monkeypatch.setattr(cpp_ext, "load", compiler_error)
-    with pytest.raises(_build.BuildError):
+    expected = {"no toolkit": r"no CUDA toolkit found \(nvcc\): set CUDA_HOME",
+                "compiler error": r"building the ms_deform_attn extension failed: Error building extension "
+                                  r"'dino_scale_msda': nvcc exited with 1"}[failure]
+    with pytest.raises(_build.BuildError, match=expected):
         _build.build_extension(build_dir=ext, arch_list="9.0", force=True)
     assert lib.read_bytes() == before and _build._up_to_date(ext, "9.0")
 

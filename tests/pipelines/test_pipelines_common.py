@@ -96,7 +96,7 @@ def test_pipelines_common_run_main_exit_codes(capsys):
     assert common.run_main(crash, []) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: RuntimeError: worker died (run with --debug") and err.count("\n") == 1
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="^worker died\nlong details$"):  # --debug: the error itself
         common.run_main(crash, ["--debug"])
     assert common.run_main(lambda argv: 0, []) == 0
 

@@ -338,11 +338,26 @@ def test_a_store_slower_than_the_timeout_gets_longer_timeouts(server):
     assert sorted((m.step, m.value) for m in history) == [(s, 1.0 / (s + 1)) for s in range(5)]
 
 
-def test_upload_timeout_grows_with_the_size():
+def test_upload_timeout_grows_with_the_size(tmp_path):
+    """60 s plus the size at 5 MB/s (every file under a folder, nested ones too), at least the floor."""
     from dino_scale.tracking.logger import upload_timeout_s
 
     assert upload_timeout_s("/no/such/folder", 3) == 60
     assert upload_timeout_s("/no/such/folder", 90) == 90
+    folder = tmp_path / "ckpt"
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    big = folder / "model.bin"
+    big.write_bytes(b"\0" * 10_000_000)  # 10 MB: 2 s at 5 MB/s
+    (folder / "sub" / "deeper" / "state.pt").write_bytes(b"\1" * 2_500_000)  # nested: 0.5 s
+    (tmp_path / "empty").mkdir()
+    assert upload_timeout_s(tmp_path / "empty", 3) == 60
+    assert upload_timeout_s(big, 3) == pytest.approx(60 + 10_000_000 / 5e6)  # a single file: 62
+    assert upload_timeout_s(str(big), 3) == pytest.approx(62.0)
+    assert upload_timeout_s(folder, 3) == pytest.approx(60 + 12_500_000 / 5e6)  # the folder: 62.5
+    assert upload_timeout_s(folder / "sub", 3) == pytest.approx(60.5)  # only what is under it
+    assert upload_timeout_s(folder, 61) == pytest.approx(62.5)  # a floor below the size's time
+    assert upload_timeout_s(folder, 90) == 90  # the floor wins
+    assert upload_timeout_s(folder, 3, min_rate_bytes_s=1e6) == pytest.approx(60 + 12.5)
 
 
 @pytest.mark.timeout(300)

@@ -1,6 +1,7 @@
 """Small synthetic datasets shared by the data tests (generated once per session)."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from types import SimpleNamespace
@@ -10,8 +11,35 @@ import pytest
 from PIL import Image
 
 from dino_scale.data import convert_coco
+from dino_scale.data import shards as shards_mod
 
 from dino_scale.data.synthetic import generate
+
+
+@pytest.fixture
+def cut_short_after(monkeypatch):
+    """``with cut_short_after(n): convert(...)``: the conversion inside is interrupted
+    (KeyboardInterrupt, as Ctrl-C) when it would write shard ``n + 1``; shard writes after the
+    block are real again."""
+    @contextlib.contextmanager
+    def cut(n: int):
+        real_flush = shards_mod.ShardWriter._flush
+        calls = {"n": 0}
+
+        def flaky(self, end_index):
+            if calls["n"] == n:
+                raise KeyboardInterrupt("simulated interruption")
+            calls["n"] += 1
+            return real_flush(self, end_index)
+
+        monkeypatch.setattr(shards_mod.ShardWriter, "_flush", flaky)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                yield
+        finally:
+            monkeypatch.setattr(shards_mod.ShardWriter, "_flush", real_flush)
+
+    return cut
 
 
 @pytest.fixture(scope="session")

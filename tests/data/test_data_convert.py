@@ -86,7 +86,7 @@ def test_data_convert_deterministic_and_parallel(coco_like, tmp_path):
 
 
 @pytest.mark.parametrize("chunk_bytes", [None, 1])
-def test_data_convert_resume_after_interrupt(coco_like, tmp_path, monkeypatch, chunk_bytes):
+def test_data_convert_resume_after_interrupt(coco_like, tmp_path, monkeypatch, chunk_bytes, cut_short_after):
     """An interrupted conversion resumes to the bytes of an uninterrupted one. ``chunk_bytes=1``:
     a bucket's rows are handed on image by image (``_CHUNK_IMAGE_BYTES``; a bucket held all its
     images at once, ~3.4x their size, before it wrote any): the same shards and manifest, resumed too."""
@@ -99,20 +99,9 @@ def test_data_convert_resume_after_interrupt(coco_like, tmp_path, monkeypatch, c
         whole = convert_coco(ann, root, tmp_path / "chunked", embed_images=True, shard_size_mb=0.05, progress=False)
         assert _shard_bytes(tmp_path / "chunked") == _shard_bytes(tmp_path / "ref")
         assert {k: v for k, v in whole.items() if k != "source"} == {k: v for k, v in ref.items() if k != "source"}
-    real_flush = shards_mod.ShardWriter._flush
-    calls = {"n": 0}
-
-    def flaky(self, end_index):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated interruption")
-        calls["n"] += 1
-        return real_flush(self, end_index)
-
     out = tmp_path / "run"
-    monkeypatch.setattr(shards_mod.ShardWriter, "_flush", flaky)
-    with pytest.raises(KeyboardInterrupt):
+    with cut_short_after(2):
         convert_coco(ann, root, out, embed_images=True, shard_size_mb=0.05, progress=False)
-    monkeypatch.setattr(shards_mod.ShardWriter, "_flush", real_flush)
     finished = sorted(out.glob("shard-*.parquet"))
     assert len(finished) == 2 and not (out / "manifest.json").exists()
     stamps = {p.name: p.stat().st_mtime_ns for p in finished}
@@ -185,7 +174,7 @@ def test_data_convert_val_split_counts_its_own_dropped_boxes(tmp_path):
     assert whole["boxes_in"] == 8 and whole["source"]["boxes_of_other_split"] == 0
 
 
-def test_data_convert_crowd_count_only_written_images(tmp_path, monkeypatch):
+def test_data_convert_crowd_count_only_written_images(tmp_path, cut_short_after):
     """num_crowd_boxes counted the crowd boxes of images skipped afterwards (a missing file):
     it counts what the shards hold, also after a resume from progress records that lack it."""
     crowd = {"bbox": [1, 2, 10, 10], "iscrowd": 1}
@@ -197,19 +186,8 @@ def test_data_convert_crowd_count_only_written_images(tmp_path, monkeypatch):
     assert m["images_skipped"] == {"missing_file": 1} and m["boxes_dropped"]["skipped_image"] == 2
     assert m["num_crowd_boxes"] == 2 == sum(int(r["iscrowd"].sum()) for r in iter_records(tmp_path / "out"))
     # interrupted after the first shard; its progress record written without the count
-    real_flush = shards_mod.ShardWriter._flush
-    calls = {"n": 0}
-
-    def flaky(self, end_index):
-        if calls["n"] == 1:
-            raise KeyboardInterrupt("simulated interruption")
-        calls["n"] += 1
-        return real_flush(self, end_index)
-
-    monkeypatch.setattr(shards_mod.ShardWriter, "_flush", flaky)
-    with pytest.raises(KeyboardInterrupt):
+    with cut_short_after(1):
         convert_coco(ann, root, tmp_path / "run", max_images_per_shard=1, progress=False)
-    monkeypatch.setattr(shards_mod.ShardWriter, "_flush", real_flush)
     (progress_file,) = (tmp_path / "run" / ".convert-work").glob("shard-*.json")
     record = json.loads(progress_file.read_text())
     del record["num_crowd_boxes"]

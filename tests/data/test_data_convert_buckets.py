@@ -12,7 +12,6 @@ import pytest
 from dino_scale.data import convert as convert_mod
 from dino_scale.data import convert_passes
 from dino_scale.data import convert_coco, read_manifest
-from dino_scale.data import shards as shards_mod
 from pipelines import prepare_data
 
 N = 120  # image ids 1..N, listed in id order (as Objects365 / COCO files roughly are)
@@ -91,7 +90,7 @@ def test_data_convert_buckets_seed_decides_the_order(ann, tmp_path):
         _convert(ann, tmp_path / "bad", shuffle_seed=-1)
 
 
-def test_data_convert_buckets_many_buckets_resume(ann, tmp_path, monkeypatch):
+def test_data_convert_buckets_many_buckets_resume(ann, tmp_path, monkeypatch, cut_short_after):
     """Several buckets (written in a seeded order, each shuffled): an interrupted conversion
     resumes to the bytes of an uninterrupted one, every image once."""
     monkeypatch.setattr(convert_mod, "_BUCKET_BYTES", 1500)
@@ -106,20 +105,9 @@ def test_data_convert_buckets_many_buckets_resume(ann, tmp_path, monkeypatch):
     order = [int(convert_passes.bucket_of(r[:1], nb)[0]) for r in runs]
     assert sorted(order) == list(range(nb)) and order != sorted(order)
     assert all(list(r) != sorted(r) for r in runs)
-    real_flush = shards_mod.ShardWriter._flush
-    calls = {"n": 0}
-
-    def flaky(self, end_index):
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated interruption")
-        calls["n"] += 1
-        return real_flush(self, end_index)
-
     out = tmp_path / "run"
-    monkeypatch.setattr(shards_mod.ShardWriter, "_flush", flaky)
-    with pytest.raises(KeyboardInterrupt):
+    with cut_short_after(3):
         _convert(ann, out, **kw)
-    monkeypatch.setattr(shards_mod.ShardWriter, "_flush", real_flush)
     assert len(list(out.glob("shard-*.parquet"))) == 3 and not (out / "manifest.json").exists()
     # progress files cut short by the crash (written in place, they failed every later run with a
     # bare "Expecting value"): such a shard, and those after it, are done again
@@ -267,7 +255,8 @@ def test_data_convert_buckets_bucket_of_spreads_ids_at_a_common_step(tmp_path, m
     assert max(r for r, _ in joined) <= 3 * n // nb  # (was: all 400 in one bucket)
 
 
-def test_data_convert_buckets_a_folder_bucketed_by_id_modulo_is_kept(ann, tmp_path, monkeypatch, capsys):
+def test_data_convert_buckets_a_folder_bucketed_by_id_modulo_is_kept(ann, tmp_path, monkeypatch, capsys,
+                                                                      cut_short_after):
     """A folder converted before images were bucketed by a hash (its signature lacks
     ``bucketing``) is as usable: kept as converted, not converted again. An unfinished
     conversion of that release (its work folder spilled by ``id % buckets``) is planned again,
@@ -286,20 +275,9 @@ def test_data_convert_buckets_a_folder_bucketed_by_id_modulo_is_kept(ann, tmp_pa
     assert "already converted" in said and "earlier release" not in said and "converting again" not in said
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")} == before
 
-    real_flush = shards_mod.ShardWriter._flush
-    calls = {"n": 0}
-
-    def flaky(self, end_index):
-        if calls["n"] == 1:
-            raise KeyboardInterrupt("simulated interruption")
-        calls["n"] += 1
-        return real_flush(self, end_index)
-
     part = tmp_path / "part"
-    monkeypatch.setattr(shards_mod.ShardWriter, "_flush", flaky)
-    with pytest.raises(KeyboardInterrupt):
+    with cut_short_after(1):
         _convert(ann, part, shuffle_seed=3, max_images_per_shard=15)
-    monkeypatch.setattr(shards_mod.ShardWriter, "_flush", real_flush)
     plan_path = part / ".convert-work" / "plan.json"
     plan = json.loads(plan_path.read_text())
     del plan["signature"]["bucketing"]  # as the earlier release planned it

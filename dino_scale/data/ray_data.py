@@ -22,8 +22,9 @@ below) holds the current epoch of the dataset, and the training loop calls
 each preprocessing batch reads it once. Or fix it: ``epoch=e``; ``num_epochs > 1``
 then gives the union of epochs ``e .. e+num_epochs-1``. Rows carry ``epoch``.
 Shard order (drawn in the read, which streams): seeded by ``data_cfg.seed`` and the epoch, so
-every epoch reads the shards in a new order and a resumed run replays the orders of the first
-(:class:`EpochFileOrder`). Within a shard the rows keep the order the conversion drew for them
+every epoch reads the shards in a new order and a resumed run replays the shard orders of the
+first (:class:`EpochFileOrder`; which rows reach which worker follows the read's timing, except in
+deterministic mode, where every worker reads the whole stream). Within a shard the rows keep the order the conversion drew for them
 (seeded, once): per epoch they are mixed only by the workers' ``data.shuffle_buffer`` and by the
 split across workers, not permuted as the official DINO's sampler does.
 Images that fail to decode are dropped from the stream, logged with their id and

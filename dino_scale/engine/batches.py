@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-__all__ = ["rows_of", "shuffled_rows", "iter_micro_batches", "read_window"]
+__all__ = ["rows_of", "shuffled_rows", "iter_micro_batches", "read_window", "agreed_window"]
 
 
 def rows_of(batch: dict[str, Any]) -> list[dict[str, Any]]:
@@ -83,3 +83,23 @@ def read_window(batches: Iterator, count: int, add_wait: Optional[Callable[[floa
             break
         out.append(batch)
     return out
+
+
+def agreed_window(window: list, device) -> list:
+    """``window`` (this rank's micro-batches of one optimizer step, :func:`read_window`) cut to
+    the shortest on any rank (one MIN all-reduce and a read-back; identity without a group).
+
+    For deterministic mode, where every rank reads the whole stream and a row dropped on one
+    rank only (an image read failing there, e.g. a network file system's EIO) leaves that rank a
+    group short at the epoch's end: its window was shorter, so the ranks' collectives (the box
+    count, then one rank's backward and optimizer step against another's next all-reduce) no
+    longer paired, and the run hung. The split of the default mode gives every rank the same
+    number of rows."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return window
+    n = torch.full((1,), len(window), dtype=torch.int64, device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    return window[:int(n.item())]

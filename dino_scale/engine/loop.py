@@ -1,5 +1,7 @@
 """``train_loop_per_worker``: the Ray Train worker loop (DeepSpeed step, reports,
-checkpoints, exact resume, NaN/Inf guard, final weights and distributed evaluation); what it
+checkpoints, resume at the epoch's position (the very samples not yet seen with
+``train.deterministic``; as many samples otherwise: the split across workers follows the read's
+timing), NaN/Inf guard, final weights and distributed evaluation); what it
 exchanges with the driver (reports, object-store values, rank 0's MLflow logger) is
 :mod:`dino_scale.engine.worker_io`.
 
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from dino_scale.config import from_dict, to_dict
-from dino_scale.engine.batches import iter_micro_batches, read_window, rows_of
+from dino_scale.engine.batches import agreed_window, iter_micro_batches, read_window, rows_of
 from dino_scale.engine.checkpoint import (
     TrainState, atomic_write_text, checkpoint_dir_name, evaluation_dir_name, load_into, load_training_checkpoint,
     load_weights, save_training_checkpoint, save_weights,
@@ -335,6 +337,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                     # read first: the boxes of the whole step, on every rank, normalize each one's loss
                     queued = read_window(batches, min(accum - state.micro_in_epoch % accum,
                                                       limit - state.micro_in_epoch), meter.add_wait)
+                    if tc.deterministic:  # a row one rank could not read: the ranks' windows must still pair
+                        queued = agreed_window(queued, device)
                     step_boxes = window_num_boxes([sum(len(t["labels"]) for t in b[2]) for b in queued], accum, device)
                 if not queued:
                     batch = None

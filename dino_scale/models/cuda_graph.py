@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from dino_scale.ops.level_shapes import cache_snapshot
+from dino_scale.ops.transfer import host_to_device
 
 __all__ = ["GraphedDetector", "describe_failure"]
 
@@ -148,8 +149,8 @@ class GraphedDetector:
         if masks.shape != (images.shape[0],) + tuple(images.shape[-2:]):
             raise ValueError(f"expected masks (B,H,W) matching images {tuple(images.shape)}, got {tuple(masks.shape)}")
         sizes = target_sizes if self.postprocess is not None else None
-        if sizes is not None:
-            sizes = sizes.to(images.device)
+        if sizes is not None:  # host sizes: a pinned asynchronous copy, not a blocking one per call
+            sizes = host_to_device(sizes, images.device)
         key = (tuple(images.shape), images.dtype, str(images.device), sizes is not None,
                None if sizes is None else sizes.dtype)
         if not (self.enabled and images.is_cuda) or key in self._eager_keys:

@@ -24,9 +24,10 @@ then gives the union of epochs ``e .. e+num_epochs-1``. Rows carry ``epoch``.
 Shard order (drawn in the read, which streams): seeded by ``data_cfg.seed`` and the epoch, so
 every epoch reads the shards in a new order and a resumed run replays the shard orders of the
 first (:class:`EpochFileOrder`; which rows reach which worker follows the read's timing, except in
-deterministic mode, where every worker reads the whole stream). Within a shard the rows keep the order the conversion drew for them
-(seeded, once): per epoch they are mixed only by the workers' ``data.shuffle_buffer`` and by the
-split across workers, not permuted as the official DINO's sampler does.
+deterministic mode, where every worker reads the whole stream). Within a shard the rows keep the
+order the conversion drew for them (seeded, once): per epoch they are mixed only by the workers'
+``data.shuffle_buffer`` and by the split across workers, not permuted as the official DINO's
+sampler does.
 Images that fail to decode are dropped from the stream, logged with their id and
 counted by that actor: :func:`decode_skips`; so are training records that hold a category
 id their manifest does not list (reason ``unknown_category``). Images whose EXIF orientation the

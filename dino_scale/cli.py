@@ -94,11 +94,18 @@ def _synth(args) -> int:
 
     from dino_scale.data import convert_coco
 
-    if args.num_images < 1:
-        from pipelines._common import UsageError
+    from pipelines._common import UsageError
 
+    if args.num_images < 1:
         raise UsageError("-n/--num-images must be >= 1")
     out = Path(args.out).expanduser()  # '~' after '=' or in quotes reaches here unexpanded
+    for q in (out, *out.parents):  # before generating: was NotADirectoryError (exit 1), or images
+        if q.exists():             # written into a dataset folder the conversion then refused
+            if not q.is_dir():
+                raise UsageError(f"{args.out}: {q} is a file, not a folder")
+            break
+    if (out / "manifest.json").exists() and not (out / "raw" / "annotations.json").exists():
+        raise UsageError(f"{args.out} holds a dataset that synth did not make; give a new folder")
     print(f"generating {args.num_images} {args.flavour} images -> {out / 'raw'}", flush=True)
     root, ann = synthetic.generate(out / "raw", flavour=args.flavour, num_images=args.num_images,
                                    seed=args.seed)

@@ -14,6 +14,7 @@ Accepted forms for each argument:
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -68,6 +69,12 @@ def _one(arg: str, images: Optional[str], work_dir: Path, what: str,
                              f"with `dino-scale prepare-data` or pass an annotation .json with --images")
     if not parts:
         raise UsageError(f"empty {what} argument")
+    seen: dict[str, str] = {}
+    for part in parts:  # one folder twice was read twice: every image of it twice an epoch
+        real = os.path.realpath(part)
+        if real in seen:
+            raise UsageError(f"{what} {arg!r} names the dataset {seen[real]} twice ({part}): give each folder once")
+        seen[real] = part
     return ",".join(parts)
 
 

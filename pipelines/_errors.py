@@ -40,6 +40,11 @@ def _is_usage_error(exc: BaseException) -> bool:
     lock = sys.modules.get("dino_scale.engine.run_lock")
     if lock is not None and isinstance(exc, lock.RunInUseError):
         return True  # a run name a live job uses: the user's choice of name
+    for module, name in (("dino_scale.data.json_stream", "MalformedJSONError"),
+                         ("dino_scale.data.convert_passes", "ConversionError")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(exc, cls):
+            return True  # an annotation file that cannot be converted: exit 2, as prepare-data says it
     readers = sys.modules.get("dino_scale.data.readers")
     if readers is not None and isinstance(exc, readers.DatasetInUseError):
         return True  # a dataset folder a live job reads: the user's choice of folder

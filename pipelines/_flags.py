@@ -4,6 +4,7 @@ they set (:func:`apply_flags`) and a flag and a ``--set`` that disagree on one f
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Optional
 
 from dino_scale.config import Config, parse_override
@@ -22,6 +23,22 @@ def check_run_name(name: Optional[str]) -> None:
     if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
         raise UsageError(f"--run-name {name!r}: must be a single folder name (not empty, '.' or '..', "
                          f"no '/' or '\\')")
+    if not (name.isascii() and name.isprintable()):  # Ray Train tags its metrics with it: ASCII only
+        raise UsageError(f"--run-name {name!r}: use printable ASCII characters only (Ray Train's metrics "
+                         f"are tagged with the run name and refuse others, after the run has started)")
+
+
+def check_work_dir(path: Optional[str]) -> None:
+    """:class:`UsageError` when ``--work-dir`` is a file or lies under one (was ``FileExistsError`` /
+    ``NotADirectoryError``, exit 1, from the first folder a stage made)."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    for q in (p, *p.parents):  # the nearest part that exists decides
+        if q.exists():
+            if not q.is_dir():
+                raise UsageError(f"--work-dir {path}: {q} is a file, not a folder")
+            return
 
 
 def check_flag_values(args: argparse.Namespace) -> None:
@@ -33,6 +50,7 @@ def check_flag_values(args: argparse.Namespace) -> None:
         if value is not None and value < low:
             raise UsageError(f"{flag} must be >= {low}")
     check_run_name(getattr(args, "run_name", None))
+    check_work_dir(getattr(args, "work_dir", None))
     check_data_flags(args)
     name, alias = getattr(args, "model_name", None), getattr(args, "alias", None)
     if name is None and alias is None:

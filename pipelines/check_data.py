@@ -38,16 +38,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from dino_scale.data.records import shard_paths
 
     a = build_parser().parse_args(argv)
+    from pipelines._common import UsageError
+
     a.folders = [os.path.expanduser(f) for f in a.folders]  # '~' the shell left (quoted, after '=')
     if a.workers < 1:
-        from pipelines._common import UsageError
-
         raise UsageError("--workers must be >= 1")
+    for folder in a.folders:
+        if not folder.strip():
+            raise UsageError("a dataset folder argument is empty; give a path")
+        if not Path(folder).exists():  # was "no manifest.json in ...", as for a folder not yet converted
+            raise UsageError(f"dataset folder not found: {folder}")
     if a.json:  # before the (long) read, not after it
-        parent = Path(a.json).expanduser().parent
+        target = Path(a.json).expanduser()
+        if target.is_dir():
+            raise UsageError(f"--json {a.json} is a folder; give a file name")
+        parent = target.parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
-            from pipelines._common import UsageError
-
             raise UsageError(f"--json {a.json}: {parent} is not a folder this user can write to")
     for folder in a.folders:  # every folder is complete before any is read in full
         shard_paths(folder)

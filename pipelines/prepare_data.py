@@ -72,6 +72,10 @@ def main(argv=None) -> int:
         print(f"error: --o365-val-split must be >= 1 (got {a.o365_val_split}): the first N images are the "
               f"validation set", file=sys.stderr)
         return 2
+    for flag, path in (("--annotations", a.annotations), ("--images", a.images), ("--out", a.out)):
+        if path is not None and not str(path).strip():  # "" was the current folder: --out "" converted into it
+            print(f"error: {flag} is empty; give a path", file=sys.stderr)
+            return 2
     if "," in str(a.out):  # the pipelines' --data/--val-data read "a,b" as two dataset folders
         print(f"error: --out {a.out}: a dataset folder name cannot hold ',' (the training pipelines read "
               f"--data a,b as two folders); pick another name", file=sys.stderr)

@@ -77,7 +77,12 @@ def data_dirs(data_dir: Union[PathLike, Sequence[PathLike]]) -> list[Path]:
         parts = [str(p) for p in data_dir]
     if not parts:
         raise ValueError("no dataset folder given")
-    return [Path(p.strip()) for p in parts]
+    out = [Path(p.strip()) for p in parts]
+    real = [os.path.realpath(p.expanduser()) for p in out]
+    twice = sorted({str(p) for p, r in zip(out, real) if real.count(r) > 1})
+    if twice:  # read twice, every image of it twice an epoch
+        raise ValueError(f"dataset folder given twice: {', '.join(twice)}")
+    return out
 
 
 def absolute_data_dirs(data_dir: Optional[str]) -> Optional[str]:

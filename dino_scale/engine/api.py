@@ -277,6 +277,9 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     from dino_scale.data.integrity import labels_fingerprint
     from dino_scale.data.records import absolute_data_dirs
 
+    if not (run_name.isascii() and run_name.isprintable()):  # before any work: Ray Train refuses it mid-start
+        raise ConfigError(f"run name {run_name!r}: use printable ASCII characters only (Ray Train tags its "
+                          f"metrics with it)")
     train_dir, val_dir = absolute_data_dirs(train_dir), absolute_data_dirs(val_dir)  # as read and as recorded
     if evaluate and val_dir:
         check_eval_config(cfg)  # before any data is read: a bad one failed in every worker's evaluation

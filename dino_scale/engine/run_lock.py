@@ -23,7 +23,7 @@ from typing import Iterator
 __all__ = ["RunInUseError", "LOCK_NAME", "run_lock"]
 
 LOCK_NAME = ".run.lock"
-_held: dict[str, list[int]] = {}  # lock path -> [fd, depth]
+_held: dict[str, list] = {}  # lock path -> [fd, depth, whether the folder was made for it]
 _guard = threading.Lock()
 
 
@@ -34,7 +34,8 @@ class RunInUseError(RuntimeError):
 @contextlib.contextmanager
 def run_lock(folder: str | Path, what: str) -> Iterator[Path]:
     """Hold ``<folder>/.run.lock`` (``folder`` is made) for the block; :class:`RunInUseError`
-    naming ``what`` and the holder (pid, host) when another process holds it."""
+    naming ``what`` and the holder (pid, host) when another process holds it. A folder made here
+    that holds nothing but the lock when the block ends is removed."""
     import fcntl
 
     folder = Path(folder).resolve()
@@ -44,6 +45,7 @@ def run_lock(folder: str | Path, what: str) -> Iterator[Path]:
         if key in _held:  # this process holds it already (a pipeline around fit)
             _held[key][1] += 1
         else:
+            created = not folder.exists()
             folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -55,7 +57,7 @@ def run_lock(folder: str | Path, what: str) -> Iterator[Path]:
                     os.close(fd)
                 raise RunInUseError(f"{what} is in use by another job (process {holder}): its folder {folder} "
                                     f"is locked. Wait for that job to end, or use another run name") from None
-            _held[key] = [fd, 1]
+            _held[key] = [fd, 1, created]
             try:  # who holds it, for the message of a refused job: best effort (a full disk)
                 os.ftruncate(fd, 0)
                 os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
@@ -67,5 +69,18 @@ def run_lock(folder: str | Path, what: str) -> Iterator[Path]:
         with _guard:
             _held[key][1] -= 1
             if _held[key][1] == 0:
-                fd = _held.pop(key)[0]
+                fd, _, created = _held.pop(key)
+                # a run refused before it wrote anything (bad data, a setting checked after Ray
+                # started) left an empty run folder per attempt: one this call made, holding the
+                # lock only, goes (the lock file first, while still held)
+                emptied = False
+                try:
+                    if created and os.listdir(folder) == [LOCK_NAME]:
+                        os.unlink(path)
+                        emptied = True
+                except OSError:
+                    pass
                 os.close(fd)  # closing the only descriptor releases the flock
+                if emptied:
+                    with contextlib.suppress(OSError):  # another job may have started in it meanwhile
+                        folder.rmdir()

@@ -129,6 +129,8 @@ def test_data_missing_or_truncated_shards_are_a_clear_error(tmp_path, capsys):
     root, ann = _dataset(tmp_path, images, anns)
     out = tmp_path / "out"
     m = convert_coco(ann, root, out, embed_images=True, max_images_per_shard=2, progress=False)
+    sound = tmp_path / "sound"
+    convert_coco(ann, root, sound, embed_images=True, max_images_per_shard=2, progress=False)
     names = [s["file"] for s in m["shards"]]
     assert len(names) == 3 and len(shard_paths(out)) == 3
     order = [r["image_id"] for r in iter_records(out)]
@@ -146,7 +148,7 @@ def test_data_missing_or_truncated_shards_are_a_clear_error(tmp_path, capsys):
     with pytest.raises(ShardError, match=needle):
         next(iter(LocalLoader(out, preset("tiny").data, train=False, batch_size=2)))
     with pytest.raises(ShardError, match=needle):  # two folders: the broken one is named
-        shard_paths([out, out])
+        shard_paths([sound, out])
     # the same conversion again: not "already converted" (the manifest's shards are not there)
     capsys.readouterr()
     again = convert_coco(ann, root, out, embed_images=True, max_images_per_shard=2, progress=True)

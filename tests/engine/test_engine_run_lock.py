@@ -56,6 +56,27 @@ def test_the_lock_is_reentrant_in_one_process_and_released_after(tmp_path):
     assert subprocess.run(check, capture_output=True, text=True).returncode == 0
 
 
+def test_a_run_folder_left_empty_goes_with_its_lock(tmp_path):
+    """A run refused before it wrote anything left ``runs/<name>/.run.lock`` per attempt: a
+    folder the lock made that holds only the lock when it is released goes; one that holds
+    anything else, or was there before, stays as it is."""
+    empty, used, before = tmp_path / "runs" / "a", tmp_path / "runs" / "b", tmp_path / "runs" / "c"
+    with pytest.raises(ValueError, match="refused"):
+        with run_lock(empty, "run 'a'"):
+            with run_lock(empty, "run 'a'"):  # re-entered (a pipeline around fit): removed at the outer end
+                pass
+            assert (empty / LOCK_NAME).is_file()
+            raise ValueError("refused")
+    assert not empty.exists() and (tmp_path / "runs").is_dir()
+    with run_lock(used, "run 'b'"):
+        (used / "final").mkdir()
+    assert sorted(p.name for p in used.iterdir()) == [LOCK_NAME, "final"]
+    before.mkdir()
+    with run_lock(before, "run 'c'"):
+        pass
+    assert sorted(p.name for p in before.iterdir()) == [LOCK_NAME]
+
+
 def test_fit_refuses_a_run_a_live_job_uses_before_any_work(held_elsewhere, tmp_path):
     from dino_scale.engine import fit
 

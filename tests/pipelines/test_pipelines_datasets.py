@@ -49,8 +49,16 @@ def test_pipelines_datasets_forms(raw, tmp_path, monkeypatch):
     # relative folders come back absolute: what the run reads on other machines and records in
     # its lineage (evaluate, started elsewhere, read a relative val_dir against its own folder)
     monkeypatch.chdir(tmp_path)
-    t, v, _ = resolve_datasets(_args(data="ds/train,ds/train", val_data="./ds/val"), tmp_path, "coco-like", 8, 0, log)
-    assert (t, v) == (f"{parent / 'train'},{parent / 'train'}", str(parent / "val"))
+    t, v, _ = resolve_datasets(_args(data="ds/train", val_data="./ds/val"), tmp_path, "coco-like", 8, 0, log)
+    assert (t, v) == (str(parent / "train"), str(parent / "val"))
+    # one folder named twice (was read twice: every image of it twice an epoch), however it is spelt
+    for twice in ("ds/train,ds/train", f"ds/train,{parent / 'train'}/"):
+        with pytest.raises(UsageError, match="twice"):
+            resolve_datasets(_args(data=twice), tmp_path, "coco-like", 8, 0, log)
+    from dino_scale.data.records import data_dirs
+
+    with pytest.raises(ValueError, match="dataset folder given twice: .*ds/train, ds/train"):  # the library's own
+        data_dirs(f"ds/train,{parent / 'train'}")
     t, v, _ = resolve_datasets(_args(data="ds"), tmp_path, "coco-like", 8, 0, log)
     assert (t, v) == (str(parent / "train"), str(parent / "val"))
     # a train_extra/ beside them (prepare-data --o365-val-split) is trained on too: it was left out

@@ -6,10 +6,12 @@ Run it after copying or syncing a dataset to a cluster's storage, before a long 
 each shard in full (page checksums included) and lists the records whose labels or embedded
 image bytes changed after conversion, and the shards whose structure cannot be read. Training
 would skip such records (counted, reason ``damaged``) and an evaluation refuses them; this
-finds them up front. Prints a line per shard (``--quiet``: the summary only) and a summary
-per folder; ``--json FILE`` also writes the reports. Exit status 0 when every record matches,
-1 when any is damaged or unreadable, 2 on a missing, truncated or unreadable manifest/shard
-set (the copy did not finish).
+finds them up front. A dataset converted without ``--embed-images`` names image files: each
+is looked up too (``--no-image-files``: not), under the root recorded at conversion or
+``--image-root``. Prints a line per shard (``--quiet``: the summary only) and a summary
+per folder; ``--json FILE`` also writes the reports. Exit status 0 when every record matches
+(and every image file is there), 1 when any is damaged or unreadable or an image file is
+missing, 2 on a missing, truncated or unreadable manifest/shard set (the copy did not finish).
 """
 from __future__ import annotations
 
@@ -27,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Compare every record of dataset folders with its checksums.")
     p.add_argument("folders", nargs="+", help="dataset folders (shards + manifest.json)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the reports as JSON")
+    p.add_argument("--image-root", default=None, metavar="DIR",
+                   help="the images' folder of a dataset converted without --embed-images, where it is not the "
+                        "one recorded at conversion (one per folder, comma-separated; as data.image_root)")
+    p.add_argument("--no-image-files", action="store_true",
+                   help="do not look for the image files such a dataset names (a stat per image)")
     p.add_argument("--workers", type=int, default=4, help="shards read at a time (default 4)")
     p.add_argument("--quiet", action="store_true", help="print the summaries only")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -67,10 +74,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         report = check_dataset(folder, on_shard=progress, workers=a.workers)
         print(describe(report), flush=True)
+        if not a.no_image_files:
+            report["image_files"] = _image_files(folder, a, t0)
         reports.append(report)
     if a.json:
         Path(a.json).expanduser().write_text(json.dumps(reports, indent=1))
-    return 1 if any(r["damaged"] or r["unreadable"] for r in reports) else 0
+    lost = any(r.get("image_files", {}).get("missing") for r in reports)
+    return 1 if lost or any(r["damaged"] or r["unreadable"] for r in reports) else 0
+
+
+def _image_files(folder: str, a: argparse.Namespace, t0: float) -> dict:
+    """:func:`~dino_scale.data.preflight.check_image_files` of ``folder``, with its summary printed."""
+    from dino_scale.config import ConfigError
+    from dino_scale.data.preflight import check_image_files
+
+    def progress(done: int, total: int) -> None:
+        if not a.quiet:
+            print(f"  {folder}: {done}/{total} image files looked up ({time.time() - t0:.0f} s)", flush=True)
+
+    try:
+        files = check_image_files(folder, a.image_root, workers=max(8, a.workers), on_progress=progress)
+    except ValueError as exc:  # an --image-root that does not fit the folders
+        raise ConfigError(f"--image-root: {exc}") from None
+    if files["checked"]:
+        if files["missing"]:
+            print(f"{folder}: {files['missing']} of {files['checked']} image files are missing (training skips "
+                  f"them; copy the images again, or give their folder with --image-root), e.g.", flush=True)
+            for name in files["examples"]:
+                print(f"  {name}", flush=True)
+        else:
+            print(f"{folder}: all {files['checked']} image files are there", flush=True)
+    return files
 
 
 if __name__ == "__main__":

@@ -408,6 +408,41 @@ def test_cli_paths_starting_with_a_tilde_are_in_home(tmp_path, monkeypatch, caps
     assert len(json.loads((home / "preds" / "predictions.json").read_text())["images"]) == 2
 
 
+def test_cli_check_data_looks_for_the_image_files_a_dataset_names(tmp_path, capsys):
+    """A dataset converted without --embed-images passed check-data with its images gone (it read
+    the shards only): training then skipped every image, or refused the folder after Ray started.
+    Each record's file is now looked up (exit 1 naming the missing ones; --image-root for images
+    that moved; --no-image-files to skip the lookups); an embedded dataset is not looked at."""
+    import shutil
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
+    from test_data_integrity import _convert
+
+    ref, _ = _convert(tmp_path, embed=False, name="ref")
+    report = tmp_path / "r.json"
+    assert cli.main(["check-data", str(ref), "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert f"{ref}: all 4 image files are there" in out and "4/4 image files looked up" in out
+    assert json.loads(report.read_text())[0]["image_files"]["missing"] == 0
+    (tmp_path / "img" / "3.jpg").unlink()
+    assert cli.main(["check-data", str(ref), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert f"{ref}: 1 of 4 image files are missing" in out and str(tmp_path / "img" / "3.jpg") in out
+    assert "looked up" not in out  # --quiet
+    assert cli.main(["check-data", str(ref), "--no-image-files"]) == 0
+    assert "image files" not in capsys.readouterr().out
+    shutil.move(str(tmp_path / "img"), str(tmp_path / "moved"))  # every image elsewhere now
+    assert cli.main(["check-data", str(ref), "--quiet"]) == 1
+    assert f"{ref}: 4 of 4 image files are missing" in capsys.readouterr().out
+    (tmp_path / "moved" / "3.jpg").write_bytes(b"x")
+    assert cli.main(["check-data", str(ref), "--image-root", str(tmp_path / "moved")]) == 0
+    assert "all 4 image files are there" in capsys.readouterr().out
+    embedded, _ = _convert(tmp_path / "e", embed=True)
+    shutil.rmtree(tmp_path / "e" / "img")
+    assert cli.main(["check-data", str(embedded)]) == 0
+    assert "image files" not in capsys.readouterr().out
+
+
 def test_cli_check_data_json_destination_is_checked_before_reading(tmp_path, capsys):
     """A --json in a folder that does not exist failed only after every shard was read (minutes
     to hours on a cluster copy), with exit 2 instead of the check's own 0/1 and the report lost."""

@@ -23,7 +23,8 @@ read, or up front by ``dino-scale check-data``, which reads every record.
 :func:`check_image_roots`: a folder converted without ``--embed-images`` names its images by a
 root recorded at conversion (the converting machine's path). Where that root does not exist, or
 holds none of the first images, every record was a counted ``missing_file`` skip: a run on a
-cluster trained on nothing. Refused before the run, naming the fix.
+cluster trained on nothing. Refused before the run, naming the fix. :func:`check_image_files`
+(``check-data``) looks for every record's image file.
 """
 from __future__ import annotations
 
@@ -33,14 +34,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .records import MANIFEST_NAME, PathLike, ShardError, _agreeing_manifests, schema_problems
 
-__all__ = ["check_image_roots", "preflight_shards", "shard_problem", "THREADS"]
+__all__ = ["check_image_files", "check_image_roots", "preflight_shards", "shard_problem", "THREADS"]
 
 log = logging.getLogger(__name__)
 
@@ -165,3 +166,41 @@ def _found(root, name: str) -> bool:
         return resolve_image_path(root, name) is not None
     except OSError:
         return False
+
+
+MISSING_LISTED = 20  # image files a check_image_files report names
+
+
+def check_image_files(data_dir, image_root: Optional[Any] = None, workers: int = 8,
+                      on_progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
+    """Whether the image file of every record of ``data_dir`` (one folder, several, or ``"a,b"``)
+    is there: folders converted with ``--embed-images`` hold their images and are not looked
+    at; the others name files under their recorded root (or ``image_root``, as
+    :func:`check_image_roots` takes it). Returns ``{"checked": records looked up, "missing":
+    count, "examples": the first missing ones as "<root>/<file name>", "embedded": folders
+    holding their images}``. ``workers`` lookups at a time (threads: each is a ``stat``, a
+    request on a network mount); ``on_progress(done, total)`` per folder, every 10k records."""
+    from .records import _name, folder_image_roots, read_manifest, shard_paths
+
+    out: dict[str, Any] = {"checked": 0, "missing": 0, "examples": [], "embedded": []}
+    for folder, root in folder_image_roots(data_dir, image_root):
+        if read_manifest(folder).get("embed_images"):
+            out["embedded"].append(str(folder))
+            continue
+        total = int(read_manifest(folder).get("num_images") or 0)
+        done = 0
+        with ThreadPoolExecutor(max(1, int(workers))) as pool:
+            for path in shard_paths(folder):  # a shard's names at a time, looked up 10k at a time
+                names = [_name(n) for n in pq.read_table(path, columns=["file_name"]).column(0).to_pylist()]
+                for start in range(0, len(names), 10000):
+                    chunk = names[start:start + 10000]
+                    for name, found in zip(chunk, pool.map(lambda n: bool(n) and _found(root, n), chunk)):
+                        if not found:
+                            out["missing"] += 1
+                            if len(out["examples"]) < MISSING_LISTED:
+                                out["examples"].append(str(Path(root or ".") / str(name or "")))
+                    done += len(chunk)
+                    if on_progress is not None:
+                        on_progress(done, max(total, done))
+        out["checked"] += done
+    return out

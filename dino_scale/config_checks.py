@@ -128,8 +128,10 @@ def extra_worker_resources(entries: list[str]) -> dict[str, float]:
 def grad_accum_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
     """Micro-batches per optimizer step that keep ``global_batch_size`` fixed."""
     per_pass = micro_batch_size * world_size
-    if micro_batch_size < 1 or world_size < 1:
-        raise ConfigError("batch size per worker and worker count must be >= 1")
+    if micro_batch_size < 1:
+        raise ConfigError(f"data.batch_size (images per worker) must be >= 1, got {micro_batch_size}")
+    if world_size < 1:
+        raise ConfigError(f"train.num_workers must be >= 1, got {world_size}")
     if global_batch_size < 1:
         raise ConfigError(f"train.global_batch_size must be >= 1, got {global_batch_size}")
     if global_batch_size % per_pass:

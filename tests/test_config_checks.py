@@ -53,6 +53,7 @@ def test_config_checks_name_tables_are_the_torch_modules_own():
     (["train.schedule=linear"], "unknown schedule 'linear'"),
     (["data.exif_orientation=rotated"], "data.exif_orientation must be one of auto, stored, upright"),
     (["eval.tta=true", "eval.tta_scales=[]"], "eval.tta_scales must name at least one size"),
+    (["data.batch_size=0"], r"data.batch_size \(images per worker\) must be >= 1, got 0"),  # the key, named
 ])
 def test_check_training_config_refuses_each_section_with_a_config_error(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -53,7 +53,7 @@ from .convert_passes import (
 from .decode import verify_image_bytes
 from .integrity import CHECKSUMS, add_checksums
 from .records import (
-    CONTENT_SCHEMA, FORMAT, MANIFEST_NAME, OUTSIDE_ROOT, ManifestError, ShardError, read_manifest,
+    CONTENT_SCHEMA, CONVERT_WORK_NAME, FORMAT, MANIFEST_NAME, OUTSIDE_ROOT, ManifestError, ShardError, read_manifest,
     resolve_image_path,
 )
 from .preflight import preflight_shards
@@ -89,7 +89,7 @@ class _Converter:
         self.embed, self.shard_bytes, self.max_rows = embed, shard_bytes, max_rows
         self.select, self.check_files, self.verify, self.progress = select, check_files, verify, progress
         self.shuffle_seed = None if shuffle_seed is None else int(shuffle_seed)
-        self.work = out / ".convert-work"
+        self.work = out / CONVERT_WORK_NAME
         size = ann_path.stat().st_size
         self.nb = max(1, -(-size // _BUCKET_BYTES))
         self.parallel = size >= _PARALLEL_MIN_BYTES if parallel is None else parallel
@@ -330,7 +330,7 @@ class _Converter:
         """Convert into ``stage`` (resuming there), then swap the result into place."""
         self.say(f"{self.out}: the current dataset stays until the new one is complete (converting into "
                  f"{stage.name}/: room for both is needed)")
-        out, self.out, self.work = self.out, stage, stage / ".convert-work"
+        out, self.out, self.work = self.out, stage, stage / CONVERT_WORK_NAME
         try:
             manifest = self._convert()
         except ConversionError:  # not usable (an image folder without the images ...): the dataset stays
@@ -338,7 +338,7 @@ class _Converter:
             self.say(f"{out}: the new conversion is not usable; the dataset converted before is kept as it was")
             raise
         finally:
-            self.out, self.work = out, out / ".convert-work"
+            self.out, self.work = out, out / CONVERT_WORK_NAME
         finish_swap(self.out)
         return manifest
 

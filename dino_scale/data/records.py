@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 FORMAT = "dino_scale.records/1"
+CONVERT_WORK_NAME = ".convert-work"  # a conversion's work folder, in its dataset folder until it finishes
 MANIFEST_NAME = "manifest.json"
 
 CONTENT_SCHEMA = pa.schema([  # what a record holds; SCHEMA adds its checksums
@@ -133,6 +134,9 @@ def read_manifest(data_dir: PathLike) -> dict[str, Any]:
     :class:`ManifestError` when it cannot be read as one."""
     path = Path(data_dir) / MANIFEST_NAME
     if not path.is_file():
+        if (Path(data_dir) / CONVERT_WORK_NAME).is_dir():  # a conversion cut short
+            raise FileNotFoundError(f"no {MANIFEST_NAME} in {data_dir}: its conversion did not finish (rerun the "
+                                    f"same prepare-data command to resume it)")
         raise FileNotFoundError(f"no {MANIFEST_NAME} in {data_dir}: not a converted dataset "
                                 f"(run python -m pipelines.prepare_data first)")
     try:

@@ -104,6 +104,8 @@ def test_data_convert_resume_after_interrupt(coco_like, tmp_path, monkeypatch, c
         convert_coco(ann, root, out, embed_images=True, shard_size_mb=0.05, progress=False)
     finished = sorted(out.glob("shard-*.parquet"))
     assert len(finished) == 2 and not (out / "manifest.json").exists()
+    with pytest.raises(FileNotFoundError, match="its conversion did not finish"):  # check-data, training: said so
+        read_manifest(out)
     stamps = {p.name: p.stat().st_mtime_ns for p in finished}
     m = convert_coco(ann, root, out, embed_images=True, shard_size_mb=0.05, progress=False)
     assert {p: (out / p).stat().st_mtime_ns for p in stamps} == stamps, "finished shards were rewritten"

@@ -32,8 +32,8 @@ def test_data_folders_image_root_override(image_folders, tmp_path):
         folder_image_roots(both, str(root1))
     with pytest.raises(ValueError, match="ambiguous"):
         LocalLoader(both, preset("tiny").data, image_root=str(root1))
-    with pytest.raises(ValueError, match="2 roots for 3 dataset folders"):
-        folder_image_roots([first, second, first], f"{root1},{root2}")
+    with pytest.raises(ValueError, match="3 roots for 2 dataset folders"):
+        folder_image_roots([first, second], f"{root1},{root2},{root1}")
     # one root per folder, in folder order (moved copies of the image folders)
     moved1, moved2 = tmp_path / "moved1", tmp_path / "moved2"
     root1.rename(moved1)

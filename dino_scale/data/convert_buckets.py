@@ -3,9 +3,9 @@ annotations (duplicate ids, box clipping) and the order its rows are written in.
 
 Order: with a shuffle seed the buckets are written in a seeded permutation and each bucket's
 rows in a seeded permutation of their own (file order otherwise). A bucket holds the ids that
-:func:`~.convert_passes.bucket_of` (a hash) sends to it, so it samples the whole id range; a shard (a run of rows
-of one or a few buckets) then mixes images from all over the file, not a run of neighbouring
-ids, which in COCO / Objects365 files come from the same source and collection. The draws depend
+:func:`~.convert_passes.bucket_of` (a hash) sends to it, so it samples the whole id range; a
+shard (a run of rows of one or a few buckets) then mixes images from all over the file, not a
+run of neighbouring ids, which in COCO / Objects365 files come from the same source and collection. The draws depend
 on (seed, bucket) only, so the same input and seed give the same rows in the same order.
 """
 from __future__ import annotations

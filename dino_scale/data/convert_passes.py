@@ -29,7 +29,8 @@ from .json_stream import stream_items
 from .records import resolve_image_path
 
 __all__ = ["ANN", "BUCKETING", "DROP", "DROP_REASONS", "IMAGE_SCHEMA", "ConversionError", "bucket_of",
-           "bucket_of_id", "image_check_warnings", "read_categories", "scan_images", "scan_annotations", "read_image_rows"]
+           "bucket_of_id", "image_check_warnings", "read_categories", "scan_images", "scan_annotations",
+           "read_image_rows"]
 
 ANN = np.dtype([("iid", "<i8"), ("box", "<f4", (4,)), ("cat", "<i4"), ("crowd", "u1"), ("area", "<f4")])
 log = logging.getLogger(__name__)

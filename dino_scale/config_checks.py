@@ -131,7 +131,7 @@ def grad_accum_steps(global_batch_size: int, micro_batch_size: int, world_size: 
     if micro_batch_size < 1:
         raise ConfigError(f"data.batch_size (images per worker) must be >= 1, got {micro_batch_size}")
     if world_size < 1:
-        raise ConfigError(f"train.num_workers must be >= 1, got {world_size}")
+        raise ConfigError(f"the worker count must be >= 1, got {world_size}")
     if global_batch_size < 1:
         raise ConfigError(f"train.global_batch_size must be >= 1, got {global_batch_size}")
     if global_batch_size % per_pass:

@@ -52,7 +52,14 @@ def _one(arg: str, images: Optional[str], work_dir: Path, what: str,
     only check the value, converting no annotation file). ``split``: a folder holding that split
     as a dataset (``data/coco`` with ``val/``, as the training pipelines take it) stands for it."""
     parts = []
-    for piece in [p.strip() for p in arg.split(",") if p.strip()]:
+    pieces = [p.strip() for p in arg.split(",") if p.strip()]
+    given: dict[str, str] = {}
+    for piece in pieces:  # before any is converted (an Objects365 file named twice converted for hours first)
+        real = os.path.realpath(os.path.expanduser(piece))
+        if real in given:
+            raise UsageError(f"{what} {arg!r} names {given[real]} twice ({piece}): give each once")
+        given[real] = piece
+    for piece in pieces:
         p = check_path(piece, what)
         if p.is_file():
             if p.suffix.lower() != ".json":

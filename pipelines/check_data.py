@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "one recorded at conversion (one per folder, comma-separated; as data.image_root)")
     p.add_argument("--no-image-files", action="store_true",
                    help="do not look for the image files such a dataset names (a stat per image)")
-    p.add_argument("--workers", type=int, default=4, help="shards read at a time (default 4)")
+    p.add_argument("--workers", type=int, default=4,
+                   help="shards read at a time (default 4); image files are looked up twice as many at a time")
     p.add_argument("--quiet", action="store_true", help="print the summaries only")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p
@@ -64,8 +65,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UsageError(f"--json {a.json}: {parent} is not a folder this user can write to")
     for folder in a.folders:  # every folder is complete before any is read in full
         shard_paths(folder)
+    roots = _image_roots(a)  # an --image-root that does not fit the folders: refused before the read
     reports = []
-    for folder in a.folders:
+    for folder, root in zip(a.folders, roots):
         t0 = time.time()
 
         def progress(name: str, done: int, total: int) -> None:
@@ -75,7 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report = check_dataset(folder, on_shard=progress, workers=a.workers)
         print(describe(report), flush=True)
         if not a.no_image_files:
-            report["image_files"] = _image_files(folder, a, t0)
+            report["image_files"] = _image_files(folder, root, a, t0)
         reports.append(report)
     if a.json:
         Path(a.json).expanduser().write_text(json.dumps(reports, indent=1))
@@ -83,19 +85,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 1 if lost or any(r["damaged"] or r["unreadable"] for r in reports) else 0
 
 
-def _image_files(folder: str, a: argparse.Namespace, t0: float) -> dict:
-    """:func:`~dino_scale.data.preflight.check_image_files` of ``folder``, with its summary printed."""
-    from dino_scale.config import ConfigError
+def _image_roots(a: argparse.Namespace) -> list:
+    """The ``--image-root`` of each folder of ``a.folders`` (``None``: the recorded one): one root
+    for every folder, or one per folder in order, checked as training checks ``data.image_root``
+    (one root for folders converted against different roots is ambiguous)."""
+    from dino_scale.data.records import folder_image_roots
+    from pipelines._common import UsageError
+
+    if not a.image_root or a.no_image_files:
+        return [None] * len(a.folders)
+    roots = [r.strip() for r in a.image_root.split(",")]
+    try:
+        folder_image_roots(a.folders, a.image_root)
+    except ValueError as exc:
+        raise UsageError(f"--image-root: {exc}") from None
+    return roots if len(roots) > 1 else roots * len(a.folders)
+
+
+def _image_files(folder: str, root, a: argparse.Namespace, t0: float) -> dict:
+    """:func:`~dino_scale.data.preflight.check_image_files` of ``folder`` (its images under
+    ``root``, else the recorded root), with its summary printed."""
     from dino_scale.data.preflight import check_image_files
 
     def progress(done: int, total: int) -> None:
         if not a.quiet:
             print(f"  {folder}: {done}/{total} image files looked up ({time.time() - t0:.0f} s)", flush=True)
 
-    try:
-        files = check_image_files(folder, a.image_root, workers=max(8, a.workers), on_progress=progress)
-    except ValueError as exc:  # an --image-root that does not fit the folders
-        raise ConfigError(f"--image-root: {exc}") from None
+    files = check_image_files(folder, root, workers=2 * a.workers, on_progress=progress)
+    for name in files["no_root"]:
+        print(f"{name}: no image root recorded (converted without one): its image files were not looked up",
+              flush=True)
     if files["checked"]:
         if files["missing"]:
             print(f"{folder}: {files['missing']} of {files['checked']} image files are missing (training skips "

@@ -441,6 +441,23 @@ def test_cli_check_data_looks_for_the_image_files_a_dataset_names(tmp_path, caps
     shutil.rmtree(tmp_path / "e" / "img")
     assert cli.main(["check-data", str(embedded)]) == 0
     assert "image files" not in capsys.readouterr().out
+    # one root per folder, in order (was: refused, after the first folder's full read); one root for
+    # folders converted against different roots is ambiguous: refused before any read
+    other, _ = _convert(tmp_path / "o", embed=False, name="other")
+    assert cli.main(["check-data", str(ref), str(other), "--quiet", "--image-root",
+                     f"{tmp_path / 'moved'},{tmp_path / 'o' / 'img'}"]) == 0
+    out = capsys.readouterr().out
+    assert f"{ref}: all 4 image files are there" in out and f"{other}: all 4 image files are there" in out
+    assert cli.main(["check-data", str(ref), str(other), "--image-root", str(tmp_path / "moved")]) == 2
+    captured = capsys.readouterr()
+    assert "ambiguous" in captured.err and "match their checksums" not in captured.out
+    # a folder converted (by the library) without an image root: not looked up, and said so
+    from dino_scale.data import convert_coco
+
+    bare = tmp_path / "bare"
+    convert_coco(tmp_path / "ann.json", None, bare, check_files=False, progress=False)
+    assert cli.main(["check-data", str(bare)]) == 0
+    assert "no image root recorded" in capsys.readouterr().out
 
 
 def test_cli_check_data_json_destination_is_checked_before_reading(tmp_path, capsys):

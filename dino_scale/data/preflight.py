@@ -178,14 +178,18 @@ def check_image_files(data_dir, image_root: Optional[Any] = None, workers: int =
     at; the others name files under their recorded root (or ``image_root``, as
     :func:`check_image_roots` takes it). Returns ``{"checked": records looked up, "missing":
     count, "examples": the first missing ones as "<root>/<file name>", "embedded": folders
-    holding their images}``. ``workers`` lookups at a time (threads: each is a ``stat``, a
+    holding their images, "no_root": folders recorded without an image root (not looked up, as
+    :func:`check_image_roots` does not)}``. ``workers`` lookups at a time (threads: each is a ``stat``, a
     request on a network mount); ``on_progress(done, total)`` per folder, every 10k records."""
     from .records import _name, folder_image_roots, read_manifest, shard_paths
 
-    out: dict[str, Any] = {"checked": 0, "missing": 0, "examples": [], "embedded": []}
+    out: dict[str, Any] = {"checked": 0, "missing": 0, "examples": [], "embedded": [], "no_root": []}
     for folder, root in folder_image_roots(data_dir, image_root):
         if read_manifest(folder).get("embed_images"):
             out["embedded"].append(str(folder))
+            continue
+        if not root:  # converted by the library without an image root: names relative to each reader
+            out["no_root"].append(str(folder))
             continue
         total = int(read_manifest(folder).get("num_images") or 0)
         done = 0

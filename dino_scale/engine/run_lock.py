@@ -31,13 +31,44 @@ class RunInUseError(RuntimeError):
     """Another live process holds the run folder."""
 
 
+def _take(folder: Path, path: Path, what: str) -> tuple[int, bool]:
+    """(descriptor holding the flock of ``path``, whether ``folder`` was made for it). A holder
+    that found its folder empty at release unlinks the lock file and removes the folder: a lock
+    taken on that unlinked file, or whose folder went between ``mkdir`` and ``open``, is taken
+    again on the file now at ``path``, so two live jobs never hold two files of one name."""
+    import fcntl
+
+    for _ in range(20):
+        created = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the folder was removed by a holder releasing it empty
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise RunInUseError(f"{what} is in use by another job (process {holder}): its folder {folder} "
+                                f"is locked. Wait for that job to end, or use another run name") from None
+        try:
+            current = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            current = False
+        if current:
+            return fd, created
+        os.close(fd)  # locked a file its last holder unlinked: take the one at the path now
+    raise RunInUseError(f"{what}: its lock {path} kept changing under this job; try again")
+
+
 @contextlib.contextmanager
 def run_lock(folder: str | Path, what: str) -> Iterator[Path]:
     """Hold ``<folder>/.run.lock`` (``folder`` is made) for the block; :class:`RunInUseError`
     naming ``what`` and the holder (pid, host) when another process holds it. A folder made here
     that holds nothing but the lock when the block ends is removed."""
-    import fcntl
-
     folder = Path(folder).resolve()
     path = folder / LOCK_NAME
     key = str(path)
@@ -45,18 +76,7 @@ def run_lock(folder: str | Path, what: str) -> Iterator[Path]:
         if key in _held:  # this process holds it already (a pipeline around fit)
             _held[key][1] += 1
         else:
-            created = not folder.exists()
-            folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                try:
-                    holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
-                finally:
-                    os.close(fd)
-                raise RunInUseError(f"{what} is in use by another job (process {holder}): its folder {folder} "
-                                    f"is locked. Wait for that job to end, or use another run name") from None
+            fd, created = _take(folder, path, what)
             _held[key] = [fd, 1, created]
             try:  # who holds it, for the message of a refused job: best effort (a full disk)
                 os.ftruncate(fd, 0)

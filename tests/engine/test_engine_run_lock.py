@@ -77,6 +77,37 @@ def test_a_run_folder_left_empty_goes_with_its_lock(tmp_path):
     assert sorted(p.name for p in before.iterdir()) == [LOCK_NAME]
 
 
+def test_a_lock_taken_on_a_file_its_last_holder_unlinked_is_taken_again(tmp_path, monkeypatch):
+    """A holder releasing an empty run folder unlinks the lock file: a job that had opened that file
+    just before, then locked it, held a file no later job sees, and a third job then took the new
+    file: two live jobs in one run folder. The lock is taken again on the file at the path."""
+    import fcntl
+
+    from dino_scale.engine import run_lock as module
+
+    folder = tmp_path / "runs" / "r"
+    folder.mkdir(parents=True)
+    (folder / LOCK_NAME).write_text("")
+    real_flock, calls = fcntl.flock, []
+
+    def flock_then_released_meanwhile(fd, op):
+        real_flock(fd, op)
+        calls.append(fd)
+        if len(calls) == 1:  # the last holder's release: its file unlinked, a new one made by a third job
+            os.unlink(folder / LOCK_NAME)
+            (folder / LOCK_NAME).write_text("")
+
+    monkeypatch.setattr(fcntl, "flock", flock_then_released_meanwhile)
+    with run_lock(folder, "run 'r'") as path:
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        assert len(calls) == 2  # taken again
+        check = [sys.executable, "-c", "import sys; from dino_scale.engine.run_lock import run_lock\n"
+                 "with run_lock(sys.argv[1], 'run'): pass\n", str(folder)]
+        refused = subprocess.run(check, capture_output=True, text=True)
+        assert refused.returncode != 0 and "RunInUseError" in refused.stderr  # the file at the path is held
+        assert path == folder / LOCK_NAME and module._held[str(path)][0] == calls[1]
+
+
 def test_fit_refuses_a_run_a_live_job_uses_before_any_work(held_elsewhere, tmp_path):
     from dino_scale.engine import fit
 

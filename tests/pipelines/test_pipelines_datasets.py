@@ -55,6 +55,11 @@ def test_pipelines_datasets_forms(raw, tmp_path, monkeypatch):
     for twice in ("ds/train,ds/train", f"ds/train,{parent / 'train'}/"):
         with pytest.raises(UsageError, match="twice"):
             resolve_datasets(_args(data=twice), tmp_path, "coco-like", 8, 0, log)
+    converted = []
+    monkeypatch.setattr("pipelines._datasets._convert", lambda *a, **k: converted.append(a) or tmp_path / "x")
+    with pytest.raises(UsageError, match=f"names {ann} twice"):  # refused before converting it (hours for O365)
+        resolve_datasets(_args(data=f"{ann},{ann}", images=str(root)), tmp_path, "coco-like", 8, 0, log)
+    assert converted == []
     from dino_scale.data.records import data_dirs
 
     with pytest.raises(ValueError, match="dataset folder given twice: .*ds/train, ds/train"):  # the library's own

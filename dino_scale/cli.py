@@ -95,15 +95,13 @@ def _synth(args) -> int:
     from dino_scale.data import convert_coco
 
     from pipelines._common import UsageError
+    from pipelines._flags import check_folder_path
 
     if args.num_images < 1:
         raise UsageError("-n/--num-images must be >= 1")
     out = Path(args.out).expanduser()  # '~' after '=' or in quotes reaches here unexpanded
-    for q in (out, *out.parents):  # before generating: was NotADirectoryError (exit 1), or images
-        if q.exists():             # written into a dataset folder the conversion then refused
-            if not q.is_dir():
-                raise UsageError(f"{args.out}: {q} is a file, not a folder")
-            break
+    # before generating: images were written into a dataset folder the conversion then refused
+    check_folder_path(args.out)
     if (out / "manifest.json").exists() and not (out / "raw" / "annotations.json").exists():
         raise UsageError(f"{args.out} holds a dataset that synth did not make; give a new folder")
     print(f"generating {args.num_images} {args.flavour} images -> {out / 'raw'}", flush=True)

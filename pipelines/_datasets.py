@@ -14,11 +14,10 @@ Accepted forms for each argument:
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Callable, Optional
 
-from dino_scale.data.records import absolute_data_dirs
+from dino_scale.data.records import absolute_data_dirs, repeated_paths
 from pipelines._common import UsageError, check_path
 
 MANIFEST = "manifest.json"
@@ -53,12 +52,9 @@ def _one(arg: str, images: Optional[str], work_dir: Path, what: str,
     as a dataset (``data/coco`` with ``val/``, as the training pipelines take it) stands for it."""
     parts = []
     pieces = [p.strip() for p in arg.split(",") if p.strip()]
-    given: dict[str, str] = {}
-    for piece in pieces:  # before any is converted (an Objects365 file named twice converted for hours first)
-        real = os.path.realpath(os.path.expanduser(piece))
-        if real in given:
-            raise UsageError(f"{what} {arg!r} names {given[real]} twice ({piece}): give each once")
-        given[real] = piece
+    twice = repeated_paths(pieces)  # before any is converted (an Objects365 file named twice converted for hours)
+    if twice:
+        raise UsageError(f"{what} {arg!r} names {' and '.join(twice)} twice: give each once")
     for piece in pieces:
         p = check_path(piece, what)
         if p.is_file():
@@ -76,12 +72,9 @@ def _one(arg: str, images: Optional[str], work_dir: Path, what: str,
                              f"with `dino-scale prepare-data` or pass an annotation .json with --images")
     if not parts:
         raise UsageError(f"empty {what} argument")
-    seen: dict[str, str] = {}
-    for part in parts:  # one folder twice was read twice: every image of it twice an epoch
-        real = os.path.realpath(part)
-        if real in seen:
-            raise UsageError(f"{what} {arg!r} names the dataset {seen[real]} twice ({part}): give each folder once")
-        seen[real] = part
+    twice = repeated_paths(parts)  # a folder and its parent's split: one dataset, read twice an epoch
+    if twice:
+        raise UsageError(f"{what} {arg!r} names the dataset {' and '.join(twice)} twice: give each folder once")
     return ",".join(parts)
 
 

@@ -28,16 +28,17 @@ def check_run_name(name: Optional[str]) -> None:
                          f"are tagged with the run name and refuse others, after the run has started)")
 
 
-def check_work_dir(path: Optional[str]) -> None:
-    """:class:`UsageError` when ``--work-dir`` is a file or lies under one (was ``FileExistsError`` /
-    ``NotADirectoryError``, exit 1, from the first folder a stage made)."""
+def check_folder_path(path: Optional[str], what: str = "") -> None:
+    """:class:`UsageError` when the folder ``path`` (``what``: the flag naming it, if any) is a file
+    or lies under one (was ``FileExistsError`` / ``NotADirectoryError``, exit 1, from the first
+    folder made in it)."""
     if path is None:
         return
     p = Path(path).expanduser()
     for q in (p, *p.parents):  # the nearest part that exists decides
         if q.exists():
             if not q.is_dir():
-                raise UsageError(f"--work-dir {path}: {q} is a file, not a folder")
+                raise UsageError(f"{what + ' ' if what else ''}{path}: {q} is a file, not a folder")
             return
 
 
@@ -50,7 +51,7 @@ def check_flag_values(args: argparse.Namespace) -> None:
         if value is not None and value < low:
             raise UsageError(f"{flag} must be >= {low}")
     check_run_name(getattr(args, "run_name", None))
-    check_work_dir(getattr(args, "work_dir", None))
+    check_folder_path(getattr(args, "work_dir", None), "--work-dir")
     check_data_flags(args)
     name, alias = getattr(args, "model_name", None), getattr(args, "alias", None)
     if name is None and alias is None:

@@ -126,4 +126,3 @@ def move_alias(result, name: str, alias: str, version: str, synthetic: bool) -> 
                 f"synthetic set (move it by hand: dino-scale registry promote {name} {version} --alias {alias})")
     set_alias(name, alias, version, tracking_uri=uri)
     return None
-

@@ -160,6 +160,7 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
     from pipelines._init import lineage_tags
 
     held = None  # [the weights' state dict] when read here (a model without config)
+    joined = False  # Ray joined for the default preset (the cluster's GPUs)
     if resolved.config is not None:
         cfg = resolved.config
         if args.preset is not None and args.preset != cfg.name:
@@ -175,6 +176,7 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
         extra = head_sizes(state)
         if args.preset is None and common.config_needs_cluster(args):
             log(f"Ray: {common.connect_ray()}")  # the default preset looks at the cluster's GPUs, not this node's
+            joined = True
         name = common.resolve_preset_name(args.preset, common.gpus_asked(args))  # --gpus 0: tiny, as training
         if args.preset is None:
             log(f"note: the model carries no config; using the default preset {name} (give --preset)")
@@ -210,9 +212,8 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
     mismatch = label_space_check(_source_categories(resolved), cfg.model.num_classes, val_categories, val)
     if mismatch:
         print(mismatch, file=sys.stderr, flush=True)
-    ray_said = common.connect_ray()
-    if ray_said != "connected":  # (joined above for the default preset)
-        log(f"Ray: {ray_said}")
+    if not joined:
+        log(f"Ray: {common.connect_ray()}")
     common.set_eval_resources(cfg, args)
     common.check_gpus_here(cfg, args)
     log(f"evaluating {args.model} ({cfg.name}, {cfg.model.num_classes} classes, tta={cfg.eval.tta}) "

@@ -262,19 +262,22 @@ class _Converter:
         writer.add(table, base + sel, row_bytes.astype(np.int64))
 
     # -- driver --------------------------------------------------------------------
+    def _written_before(self, signature: Any, *added: str) -> bool:
+        """Whether ``signature`` is this conversion's as a release before the keys ``added`` wrote it:
+        the same input and settings, none of those keys."""
+        return (isinstance(signature, dict) and not any(k in signature for k in added)
+                and signature == {k: v for k, v in self.signature.items() if k not in added})
+
     def _same_input(self, signature: Any) -> bool:
         """Whether ``signature`` is this conversion's, or one an earlier release wrote for the same
         input and settings before ``bucketing`` was kept (images bucketed by ``id % buckets``: a
         finished dataset is as usable; only an unfinished work folder is planned again)."""
-        return signature == self.signature or (isinstance(signature, dict) and "bucketing" not in signature and
-                                               signature == {k: v for k, v in self.signature.items()
-                                                             if k != "bucketing"})
+        return signature == self.signature or self._written_before(signature, "bucketing")
 
     def _converted_before_shuffling(self, signature: Any) -> bool:
         """Whether ``signature`` is this conversion's as an earlier release wrote it: the same
         input and settings, without ``shuffle_seed`` (rows in file order, always)."""
-        return (isinstance(signature, dict) and "shuffle_seed" not in signature and "bucketing" not in signature
-                and signature == {k: v for k, v in self.signature.items() if k not in ("shuffle_seed", "bucketing")})
+        return self._written_before(signature, "shuffle_seed", "bucketing")
 
     def run(self) -> dict[str, Any]:
         # one conversion of a folder at a time; and none that rewrites a folder a running job reads

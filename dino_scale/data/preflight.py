@@ -185,13 +185,14 @@ def check_image_files(data_dir, image_root: Optional[Any] = None, workers: int =
 
     out: dict[str, Any] = {"checked": 0, "missing": 0, "examples": [], "embedded": [], "no_root": []}
     for folder, root in folder_image_roots(data_dir, image_root):
-        if read_manifest(folder).get("embed_images"):
+        manifest = read_manifest(folder)
+        if manifest.get("embed_images"):
             out["embedded"].append(str(folder))
             continue
         if not root:  # converted by the library without an image root: names relative to each reader
             out["no_root"].append(str(folder))
             continue
-        total = int(read_manifest(folder).get("num_images") or 0)
+        total = int(manifest.get("num_images") or 0)
         done = 0
         with ThreadPoolExecutor(max(1, int(workers))) as pool:
             for path in shard_paths(folder):  # a shard's names at a time, looked up 10k at a time

@@ -39,8 +39,8 @@ from .integrity import CHECKSUM_FIELDS, damage_detail, record_damage
 
 __all__ = [
     "SCHEMA", "MANIFEST_NAME", "FORMAT", "read_manifest", "shard_paths", "iter_records",
-    "to_coco_gt", "conversion_losses", "data_dirs", "absolute_data_dirs", "resolve_image_path",
-    "folder_image_roots", "val_image_roots", "Roots", "category_ids",
+    "to_coco_gt", "conversion_losses", "data_dirs", "repeated_paths", "absolute_data_dirs",
+    "resolve_image_path", "folder_image_roots", "val_image_roots", "Roots", "category_ids",
     "ShardError", "check_shards", "ManifestError", "CONTENT_SCHEMA", "record_from_row",
     "arrow_rows", "check_schema", "schema_problems",
 ]
@@ -79,11 +79,17 @@ def data_dirs(data_dir: Union[PathLike, Sequence[PathLike]]) -> list[Path]:
     if not parts:
         raise ValueError("no dataset folder given")
     out = [Path(p.strip()) for p in parts]
-    real = [os.path.realpath(p.expanduser()) for p in out]
-    twice = sorted({str(p) for p, r in zip(out, real) if real.count(r) > 1})
+    twice = repeated_paths(out)
     if twice:  # read twice, every image of it twice an epoch
         raise ValueError(f"dataset folder given twice: {', '.join(twice)}")
     return out
+
+
+def repeated_paths(paths: Sequence[PathLike]) -> list[str]:
+    """The entries of ``paths`` (sorted, as given) that name a file or folder another entry names
+    too, however spelt (``a``, ``./a/``, a link to it): [] when each is named once."""
+    real = [os.path.realpath(os.path.expanduser(str(p))) for p in paths]
+    return sorted({str(p) for p, r in zip(paths, real) if real.count(r) > 1})
 
 
 def absolute_data_dirs(data_dir: Optional[str]) -> Optional[str]:

@@ -8,6 +8,9 @@ BENCH_OUT ?= runs/bench-cpu
 # needs ~1 GB more. Checked before a new venv is made, so a full disk fails in a second with the
 # numbers instead of in pip minutes later (ENOSPC half-way through an install).
 MIN_FREE_GIB ?= 8
+# pytest-xdist workers of `make test`: the tests that start Ray (tests/conftest.py, RAY_MODULES)
+# run on one of them, in order, the rest on the others; 0 runs everything in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: venv test demo clean bench-cpu
 
@@ -35,7 +38,8 @@ $(STAMP): pyproject.toml cluster/constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	DS_ACCELERATOR=cpu DINO_SCALE_TEST_HARD_EXIT=1 $(PY) -m pytest -q --durations=20 tests
+	DS_ACCELERATOR=cpu DINO_SCALE_TEST_HARD_EXIT=1 $(PY) -m pytest -q --durations=20 \
+		-n $(TEST_WORKERS) --dist loadgroup tests
 
 demo: $(STAMP)
 	DS_ACCELERATOR=cpu $(PY) -m pipelines.demo

@@ -2,8 +2,9 @@
 
 ``ray_lock``: every test that starts Ray (``ray.init``, ``ray start``, a Cluster) holds
 this host-wide file lock, because ``ray stop`` and the fake autoscaler end every Ray
-process on the host. In CI tests run one at a time anyway; the lock matters when several
-pytest processes share a machine.
+process on the host. `make test` runs the modules that start Ray (``RAY_MODULES``) on one
+pytest-xdist worker and the rest on another; the lock also covers several pytest processes
+sharing a machine.
 """
 from __future__ import annotations
 
@@ -39,8 +40,46 @@ def _mlflow_store_template(tmp_path_factory):
     yield
 
 
+# `make test` runs the suite on two pytest-xdist workers with ``--dist loadgroup``. The tests of
+# these modules start Ray (ray.init, a Cluster, `ray start`, fit/evaluate_weights, or a pipeline
+# in a subprocess that joins or starts Ray) and take the host-wide lock below: they are one
+# group, run by one worker in file order, while the other worker runs the rest. Two workers
+# each starting Ray would take turns at the lock anyway, and `ray stop` ends every Ray process.
+RAY_MODULES = frozenset(f"tests/{name}.py" for name in (
+    "cluster/test_cluster_autoscale", "cluster/test_cluster_elastic",
+    "data/test_data_preflight", "data/test_data_ray",
+    "engine/test_engine_api", "engine/test_engine_elastic", "engine/test_engine_evaluate", "engine/test_engine_ray",
+    "engine/test_engine_ray_zero3", "engine/test_engine_rerun", "engine/test_engine_run_lock",
+    "pipelines/test_pipelines_bad_use", "pipelines/test_pipelines_common", "pipelines/test_pipelines_evaluate",
+    "pipelines/test_pipelines_ray_job", "test_cli",
+))
+
+
+def _in_ray_group(nodeid: str) -> bool:
+    return nodeid.split("::", 1)[0] in RAY_MODULES
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _in_ray_group(item.nodeid):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_in_its_group(request):
+    """Fails a test outside :data:`RAY_MODULES` that leaves Ray running in this process: under
+    xdist it would run beside the group's tests and their `ray stop`."""
+    yield
+    ray = sys.modules.get("ray")
+    if not _in_ray_group(request.node.nodeid) and ray is not None and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail(f"{request.node.nodeid} started Ray: add its module to RAY_MODULES in tests/conftest.py")
+
+
 @pytest.fixture
-def ray_lock():
+def ray_lock(request):
+    if not _in_ray_group(request.node.nodeid):
+        pytest.fail(f"{request.node.nodeid} takes the Ray lock: add its module to RAY_MODULES in tests/conftest.py")
     with open("/tmp/dino_scale_ray.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:

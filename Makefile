@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml cluster/constraints.txt
 
 test: $(STAMP)
 	DS_ACCELERATOR=cpu DINO_SCALE_TEST_HARD_EXIT=1 $(PY) -m pytest -q --durations=20 \
-		-n $(TEST_WORKERS) --dist loadgroup tests
+		-n $(TEST_WORKERS) tests
 
 demo: $(STAMP)
 	DS_ACCELERATOR=cpu $(PY) -m pipelines.demo

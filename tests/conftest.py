@@ -40,11 +40,13 @@ def _mlflow_store_template(tmp_path_factory):
     yield
 
 
-# `make test` runs the suite on two pytest-xdist workers with ``--dist loadgroup``. The tests of
-# these modules start Ray (ray.init, a Cluster, `ray start`, fit/evaluate_weights, or a pipeline
-# in a subprocess that joins or starts Ray) and take the host-wide lock below: they are one
-# group, run by one worker in file order, while the other worker runs the rest. Two workers
-# each starting Ray would take turns at the lock anyway, and `ray stop` ends every Ray process.
+# `make test` runs the suite on two pytest-xdist workers. The tests of these modules start Ray
+# (ray.init, a Cluster, `ray start`, fit/evaluate_weights, or a pipeline in a subprocess that
+# joins or starts Ray) or share host state with those that do (tests/engine/test_engine_elastic's
+# /tmp/dino_universal_* copies, which tests/cluster/test_cluster_elastic counts): they are one
+# unit of work, run by one worker in file order, while the other worker runs the rest, a module
+# at a time. Two workers each starting Ray would take turns at the lock below anyway, and
+# `ray stop` ends every Ray process on the host.
 RAY_MODULES = frozenset(f"tests/{name}.py" for name in (
     "cluster/test_cluster_autoscale", "cluster/test_cluster_elastic",
     "data/test_data_preflight", "data/test_data_ray",
@@ -59,10 +61,22 @@ def _in_ray_group(nodeid: str) -> bool:
     return nodeid.split("::", 1)[0] in RAY_MODULES
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if _in_ray_group(item.nodeid):
-            item.add_marker(pytest.mark.xdist_group("ray"))
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's scheduling by scope with two kinds of scope: every test of
+    :data:`RAY_MODULES` in one, any other test in its module's. Scopes go out largest (most
+    tests) first, so the Ray group starts at once. (xdist's own ``--dist loadgroup`` reads
+    ``xdist_group`` marks into a node id attribute that pytest 9 no longer uses: its groups
+    never formed.)"""
+    if config.getvalue("dist") in ("no", "each"):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "ray" if _in_ray_group(nodeid) else nodeid.split("::", 1)[0]
+
+    return RayGroupScheduling(config, log)
 
 
 @pytest.fixture(autouse=True)

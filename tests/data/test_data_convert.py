@@ -303,25 +303,40 @@ def test_a_job_waits_for_a_conversion_rewriting_its_dataset(tmp_path):
     folder, saying so, instead of reading shards as they are deleted and written."""
     import subprocess
     import sys
+    import threading
     import time
 
     from dino_scale.data.readers import reading_datasets
 
     folder = tmp_path / "data"
     folder.mkdir()
+    # the rewrite ends when told to (a line on its stdin), once the job has said it waits
     rewrite = ("import sys, time; from dino_scale.data.readers import rewriting_dataset\n"
                "with rewriting_dataset(sys.argv[1], 'changed'):\n"
-               "    print('rewriting', flush=True); time.sleep(1.5); released = time.time()\n"
+               "    print('rewriting', flush=True); sys.stdin.readline(); released = time.time()\n"
                "print(released, flush=True)\n")
-    proc = subprocess.Popen([sys.executable, "-c", rewrite, str(folder)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", rewrite, str(folder)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "rewriting"
-        said = []
-        with reading_datasets([str(folder)], said.append):
-            entered = time.time()
-        released = float(proc.stdout.readline())
-        assert entered >= released  # entered only once the rewrite had ended
+        said, entered = [], []
+
+        def job():
+            with reading_datasets([str(folder)], said.append):
+                entered.append(time.time())
+
+        thread = threading.Thread(target=job, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not said and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert said == [f"{folder.resolve()}: being converted again by another process; waiting for it to finish"]
+        assert not entered  # still waiting
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        released = float(proc.stdout.readline())
+        thread.join(timeout=60)
+        assert entered and entered[0] >= released  # entered only once the rewrite had ended
     finally:
         proc.kill()
         proc.wait()

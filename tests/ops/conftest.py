@@ -6,11 +6,16 @@ it (tests/cluster, tests/data, tests/engine) leave most of this 2-core machine i
 process start-up and health checks. The build is the same call as before
 (``_build.build_extension`` in a fresh process, ``force=True``, sm_90, into a temporary cache
 directory); only its start moved. Skipped where there is no toolkit, like the test itself.
+
+Under pytest-xdist every worker collects every test, and only one runs this test: there the
+build starts when the test asks for it (the other worker is running the Ray tests meanwhile).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -48,8 +53,9 @@ class BackgroundBuild:
         self.log = self.root / "build.log"
         self.started = time.monotonic()
         with open(self.log, "w") as out:  # a file, not a pipe: nobody reads it until the end
+            # its own process group: close() ends ninja and nvcc with it, not only the Python parent
             self.proc = subprocess.Popen([sys.executable, "-c", _BUILD, str(self.build_dir), ARCH], env=self.env,
-                                         stdout=out, stderr=subprocess.STDOUT, text=True)
+                                         stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
     def wait(self, timeout: float) -> dict:
         rc = self.proc.wait(timeout=timeout)
@@ -62,7 +68,8 @@ class BackgroundBuild:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -71,7 +78,7 @@ _builds: list[BackgroundBuild] = []
 
 
 def pytest_collection_finish(session):
-    if not any(item.name == BUILD_TEST for item in session.items):
+    if os.environ.get("PYTEST_XDIST_WORKER") or not any(item.name == BUILD_TEST for item in session.items):
         return
     from dino_scale.ops import _build
 
@@ -87,7 +94,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture
 def msda_build() -> BackgroundBuild:
     """The session's background build (started at collection); one afresh when there is none
-    (the test collected some other way)."""
+    (the test collected some other way, or under pytest-xdist)."""
     if not _builds:
         _builds.append(BackgroundBuild())
     return _builds[0]

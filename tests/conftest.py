@@ -42,17 +42,16 @@ def _mlflow_store_template(tmp_path_factory):
 
 # `make test` runs the suite on two pytest-xdist workers. The tests of these modules start Ray
 # (ray.init, a Cluster, `ray start`, fit/evaluate_weights, or a pipeline in a subprocess that
-# joins or starts Ray) or share host state with those that do (tests/engine/test_engine_elastic's
-# /tmp/dino_universal_* copies, which tests/cluster/test_cluster_elastic counts): they are one
-# unit of work, run by one worker in file order, while the other worker runs the rest, a module
-# at a time. Two workers each starting Ray would take turns at the lock below anyway, and
-# `ray stop` ends every Ray process on the host.
+# joins or starts Ray), or come close to it and refuse first: they are one unit of work, run by
+# one worker in file order, while the other worker runs the rest, a module at a time. Two
+# workers each starting Ray would take turns at the lock below anyway, and `ray stop` ends every
+# Ray process on the host.
 RAY_MODULES = frozenset(f"tests/{name}.py" for name in (
     "cluster/test_cluster_autoscale", "cluster/test_cluster_elastic",
     "data/test_data_preflight", "data/test_data_ray",
-    "engine/test_engine_api", "engine/test_engine_elastic", "engine/test_engine_evaluate", "engine/test_engine_ray",
+    "engine/test_engine_api", "engine/test_engine_evaluate", "engine/test_engine_ray",
     "engine/test_engine_ray_zero3", "engine/test_engine_rerun", "engine/test_engine_run_lock",
-    "pipelines/test_pipelines_bad_use", "pipelines/test_pipelines_common", "pipelines/test_pipelines_evaluate",
+    "pipelines/test_pipelines_common", "pipelines/test_pipelines_evaluate",
     "pipelines/test_pipelines_ray_job", "test_cli",
 ))
 

@@ -118,24 +118,38 @@ def run_ranks(script: str, world: int, *args: str, timeout: float = 600) -> list
     A rank that reaches the end of ``script`` leaves with ``os._exit(0)`` after flushing its
     output: the interpreter's own teardown of gloo/DeepSpeed background threads aborted once in
     CI ("terminate called without an active exception") after every report was printed and the
-    process group destroyed. An exception raised by the script still fails the rank."""
+    process group destroyed. An exception raised by the script still fails the rank.
+
+    The ranks share a temporary directory of their own (``TMPDIR``), removed afterwards: what
+    they write there (universal checkpoint copies, ``/tmp/dino_universal_*`` otherwise) is not
+    seen by tests running beside them under pytest-xdist."""
     import json
     import os
+    import shutil
     import socket
     import subprocess
     import sys
+    import tempfile
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     script += "\nimport os as _os, sys as _sys\n_sys.stdout.flush(); _sys.stderr.flush(); _os._exit(0)\n"
     procs = []
-    for rank in range(world):
-        env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-c", script, *args], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    outs = [p.communicate(timeout=timeout) for p in procs]
+    tmp = tempfile.mkdtemp(prefix="dino_ranks_")
+    try:
+        for rank in range(world):
+            env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                       RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", TMPDIR=tmp)
+            procs.append(subprocess.Popen([sys.executable, "-c", script, *args], env=env, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, out[-3000:] + err[-3000:]
     return [json.loads(line[len("REPORT "):]) for line in outs[0][0].splitlines() if line.startswith("REPORT ")]

@@ -247,9 +247,18 @@ def lineage_tags(resolved) -> dict[str, str]:
     return tags
 
 
+CLASS_HEADS = ("map", "fresh")
+
+
 def prepare_init(uri: str, cfg: Config, target_categories: list[dict], out_dir: Path,
-                 log=print) -> InitWeights:
+                 log=print, class_heads: str = "map") -> InitWeights:
+    """The initial weights of a fine-tuning run from ``uri``, written to ``out_dir`` (or to a
+    sibling, see :func:`_folder_for`). ``class_heads``: ``map`` copies the class-head rows
+    (``class_embed.*``, ``enc_out_class_embed``, ``label_enc``) of categories the source names
+    alike; ``fresh`` initializes them all afresh (seeded), as the official fine-tuning does."""
     import torch
+
+    from dino_scale.tracking.resume import CLASS_HEADS_TAG
 
     from dino_scale.engine.checkpoint import atomic_write_text, save_weights
     from dino_scale.models import build_dino
@@ -260,9 +269,13 @@ def prepare_init(uri: str, cfg: Config, target_categories: list[dict], out_dir: 
     existed = out_dir.exists()  # before a download into it
     if is_remote(uri):  # a Swin-L model is ~0.9 GB: nothing was said until it was in
         log(f"downloading {uri} ...")
+    if class_heads not in CLASS_HEADS:
+        raise UsageError(f"class heads {class_heads!r}: use one of {', '.join(CLASS_HEADS)}")
     try:
         resolved = resolve(uri, out_dir / "source")
         tags = lineage_tags(resolved)
+        if class_heads == "fresh":
+            tags[CLASS_HEADS_TAG] = class_heads
         log(f"init from {uri}" + (f" = {tags['source.model_name']} v{tags['source.model_version']}"
                                   if "source.model_name" in tags else "")
             + (f" (run {tags['source.run_id']})" if "source.run_id" in tags else ""))
@@ -281,7 +294,10 @@ def prepare_init(uri: str, cfg: Config, target_categories: list[dict], out_dir: 
     model, _, _ = build_dino(replace(cfg.model, backbone_weights=None))
     fresh = model.state_dict()
     _check_same_tensors(uri, cfg, source, fresh)
-    if src_cats is None:
+    if class_heads == "fresh":
+        src_cats = []  # no category in common: every class-head row is the fresh model's
+        log("class heads freshly initialized (--class-heads fresh)")
+    elif src_cats is None:
         # No category names (e.g. an official .pth): same label space -> copy by id,
         # else fresh heads (what the official fine-tuning recipe does).
         rows = next((v.shape[0] for k, v in source.items() if k.endswith("class_embed.0.weight")), None)

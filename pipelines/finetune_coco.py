@@ -27,6 +27,7 @@ from dino_scale.data.readers import reading_datasets
 from dino_scale.engine.run_lock import run_lock
 from pipelines import _common as common
 from pipelines import _results as results
+from pipelines._init import CLASS_HEADS
 from pipelines._datasets import (
     categories_of, check_classes, class_overrides, resolve_datasets, stored_pixels, user_label_book,
 )
@@ -58,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initial weights: models:/name@alias, models:/name/N, models:/name/latest, runs:/<id>/model, a "
                         "checkpoint folder/file, an official .pth, or 'none' for from-scratch "
                         "(default models:/dino-<preset>-o365@pretrained)")
+    p.add_argument("--class-heads", choices=CLASS_HEADS, default="map",
+                   help="class heads of the fine-tuned model: 'map' copies the rows of categories the initial "
+                        "weights name alike (e.g. 366 Objects365 -> 91 COCO ids), 'fresh' initializes them all, as "
+                        "the official fine-tuning recipe does (default map)")
     p.add_argument("--scale", type=float, default=None,
                    help="image scale factor (data.scale_factor); the paper fine-tunes at 1.5")
     p.add_argument("--tta", action="store_true", help="evaluate with test-time augmentation")
@@ -133,7 +138,8 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
         from pipelines._init import check_exists, prepare_init
 
         check_exists(init)
-        prepared = prepare_init(init, cfg, categories, work_dir / "init" / run_name, log=log)
+        prepared = prepare_init(init, cfg, categories, work_dir / "init" / run_name, log=log,
+                                class_heads=args.class_heads)
         init_dir = str(prepared.path)
         tags.update(prepared.lineage)
         lineage.update(prepared.lineage)

@@ -79,24 +79,30 @@ def resumed_from_run_id(client, experiment: str, run_name: str, checkpoint_run_i
 
 
 _SOURCE_IDS = ("source.model_name", "source.model_version", "source.run_id")
+CLASS_HEADS_TAG = "source.class_heads"  # how fine-tuning made the class heads: "fresh" (else mapped)
 
 
 def source_identity(tags: dict) -> Optional[tuple[tuple[str, str], ...]]:
     """What the initial weights named by a run's tags are: its registered model name/version and
     run id (``source.*``) when given, else ``source.uri``; None for a run without initial weights.
-    A registry alias and the version it points at are the same weights (not the URI text)."""
+    A registry alias and the version it points at are the same weights (not the URI text).
+    Fresh class heads (``source.class_heads``: ``fresh``, fine-tuning's ``--class-heads fresh``)
+    make other initial weights than heads mapped from the same source (no tag)."""
     ids = tuple((k, str(tags[k])) for k in _SOURCE_IDS if tags.get(k) not in (None, ""))
-    if ids:
-        return ids
-    return (("source.uri", str(tags["source.uri"])),) if tags.get("source.uri") else None
+    if not ids:
+        ids = (("source.uri", str(tags["source.uri"])),) if tags.get("source.uri") else ()
+    if ids and tags.get(CLASS_HEADS_TAG) not in (None, "", "map"):
+        ids += ((CLASS_HEADS_TAG, str(tags[CLASS_HEADS_TAG])),)
+    return ids or None
 
 
 def _describe(identity, tags: dict) -> str:
     if identity is None:
         return "no initial weights"
+    heads = " with fresh class heads" if dict(identity).get(CLASS_HEADS_TAG) == "fresh" else ""
     if tags.get("source.model_name"):
-        return f"models:/{tags['source.model_name']}/{tags.get('source.model_version', '')}"
-    return ", ".join(f"{k}={v}" for k, v in identity)
+        return f"models:/{tags['source.model_name']}/{tags.get('source.model_version', '')}{heads}"
+    return ", ".join(f"{k}={v}" for k, v in identity if k != CLASS_HEADS_TAG) + heads
 
 
 def check_same_source(client, experiment: str, run_name: str, checkpoint_run_id: Optional[str],

@@ -52,6 +52,39 @@ def test_pipelines_init_maps_heads_by_name(o365_checkpoint, tmp_path):
     model.load_state_dict(state, strict=True)
 
 
+def test_pipelines_init_fresh_class_heads_take_no_source_row(o365_checkpoint, tmp_path):
+    """``--class-heads fresh`` (the official fine-tuning): every class-head row is the seeded fresh
+    model's, every other tensor the source's; the choice is part of the source's identity, so a
+    mapped init of the same run name is kept in its own folder."""
+    ckpt, src = o365_checkpoint
+    coco = [{"id": c["id"], "name": c["name"]} for c in synthetic.categories("coco-like")]
+    cfg = preset("tiny", ["model.num_classes=91", "model.dn_labelbook_size=91"])
+    said: list[str] = []
+    out = tmp_path / "init"
+    mapped = prepare_init(str(ckpt), cfg, coco, out, log=lambda m: None)
+    init = prepare_init(str(ckpt), cfg, coco, out, log=said.append, class_heads="fresh")
+    assert mapped.path == out and init.path.name.startswith("init-") and init.created
+    state = load_weights(init.path)
+    torch.manual_seed(cfg.train.seed)
+    fresh = build_dino(cfg.model)[0].state_dict()
+    def is_head(key: str) -> bool:  # class_embed.*, transformer.decoder.class_embed.*, enc_out_class_embed, label_enc
+        return "class_embed" in key or key.startswith("label_enc.")
+
+    assert sum(map(is_head, state)) > 4
+    for key, value in state.items():
+        if is_head(key):
+            assert torch.equal(value, fresh[key]), key
+        else:
+            assert torch.equal(value, src[key]), key
+    person = 1  # shared by both label spaces: the mapped init took its source row, the fresh one did not
+    assert not torch.equal(state["class_embed.0.weight"][person], load_weights(out)["class_embed.0.weight"][person])
+    assert init.lineage["source.class_heads"] == "fresh" and "source.class_heads" not in mapped.lineage
+    assert json.loads((init.path / "lineage.json").read_text())["source.class_heads"] == "fresh"
+    assert "class heads freshly initialized (--class-heads fresh)" in said
+    with pytest.raises(UsageError, match="class heads 'reinit': use one of map, fresh"):
+        prepare_init(str(ckpt), cfg, coco, tmp_path / "other", log=lambda m: None, class_heads="reinit")
+
+
 def test_pipelines_init_wrong_preset_is_a_usage_error(o365_checkpoint, tmp_path):
     ckpt, _ = o365_checkpoint
     cfg = preset("tiny", ["model.num_classes=91", "model.hidden_dim=32", "model.dim_feedforward=64"])
@@ -192,6 +225,20 @@ def test_pipelines_init_removes_a_download_it_could_not_use(o365_checkpoint, tmp
     assert not (tmp_path / "init" / "source").exists()
 
 
+def _finetune_without_data_or_ray(monkeypatch, tmp_path, categories: list[dict]) -> None:
+    """``finetune_coco.main`` up to its initial weights: the datasets, their categories and the
+    Ray connection stood in (each test stops the pipeline before the engine)."""
+    from pipelines import _common as common
+    from pipelines import finetune_coco
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(finetune_coco, "resolve_datasets",
+                        lambda *a, **k: (str(tmp_path / "train"), str(tmp_path / "val"), True))
+    monkeypatch.setattr(finetune_coco, "categories_of", lambda data: categories)
+    monkeypatch.setattr(finetune_coco, "check_classes", lambda *a, **k: None)
+    monkeypatch.setattr(common, "connect_ray", lambda *a, **k: "Ray stand-in (stopped before the engine)")
+
+
 def test_pipelines_init_of_another_source_keeps_the_earlier_runs_folder(o365_checkpoint, tmp_path, monkeypatch,
                                                                         capsys, mlflow_store_restored):
     """A rerun of a run name from other weights (`--init` changed) wrote its init over
@@ -225,12 +272,7 @@ def test_pipelines_init_of_another_source_keeps_the_earlier_runs_folder(o365_che
     shutil.rmtree(second.path)
 
     # the pipeline: the engine refuses the rerun; the earlier run's weights are intact, no folder is left
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(finetune_coco, "resolve_datasets",
-                        lambda *a, **k: (str(tmp_path / "train"), str(tmp_path / "val"), True))
-    monkeypatch.setattr(finetune_coco, "categories_of", lambda data: coco)
-    monkeypatch.setattr(finetune_coco, "check_classes", lambda *a, **k: None)
-    monkeypatch.setattr(common, "connect_ray", lambda *a, **k: "Ray stand-in (the engine is refused below)")
+    _finetune_without_data_or_ray(monkeypatch, tmp_path, coco)
 
     def refuse(*args, init_weights=None, **kwargs):
         assert init_weights != str(out)
@@ -242,3 +284,28 @@ def test_pipelines_init_of_another_source_keeps_the_earlier_runs_folder(o365_che
     assert "resumes MLflow run" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == kept
     assert sorted(p.name for p in out.parent.iterdir()) == ["ft"]
+
+
+def test_pipelines_init_finetune_passes_its_class_heads_flag(tmp_path, monkeypatch, capsys, mlflow_store_restored):
+    """``finetune_coco --class-heads fresh`` reaches ``prepare_init``; the default maps; another
+    value is refused by the parser (exit 2)."""
+    from pipelines import _common as common
+    from pipelines import _init, finetune_coco
+
+    coco = [{"id": c["id"], "name": c["name"]} for c in synthetic.categories("coco-like")]
+    _finetune_without_data_or_ray(monkeypatch, tmp_path, coco)
+    monkeypatch.setattr(_init, "check_exists", lambda uri: None)
+    asked: list[str] = []
+
+    def stop(uri, cfg, categories, out_dir, log=print, class_heads="map"):
+        asked.append(class_heads)
+        raise UsageError("stop here")
+
+    monkeypatch.setattr(_init, "prepare_init", stop)
+    argv = ["--work-dir", str(tmp_path / "work"), "--preset", "tiny", "--init", str(tmp_path / "w")]
+    assert common.run_main(finetune_coco.main, argv + ["--class-heads", "fresh"]) == 2
+    assert common.run_main(finetune_coco.main, argv) == 2
+    assert asked == ["fresh", "map"] and "stop here" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        finetune_coco.build_parser().parse_args(argv + ["--class-heads", "reinit"])
+    assert exited.value.code == 2

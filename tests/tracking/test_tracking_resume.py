@@ -136,4 +136,13 @@ def test_a_resume_from_other_initial_weights_is_refused(tmp_path):
     check_same_source(client, "finetune", "ft-scratch", scratch, {"init": "scratch"})
     # a local file is named by its URI; nothing to compare with when the store has no such run
     assert source_identity({"source.uri": "/ckpt/a.pth"}) == (("source.uri", "/ckpt/a.pth"),)
+    # fresh class heads (--class-heads fresh) are other initial weights than mapped ones
+    fresh = dict(v3, **{"source.class_heads": "fresh"})
+    assert source_identity(dict(v3, **{"source.class_heads": "map"})) == source_identity(v3) != source_identity(fresh)
+    assert source_identity({"source.uri": "/a.pth", "source.class_heads": "fresh"}) == (
+        ("source.uri", "/a.pth"), ("source.class_heads", "fresh"))
+    assert source_identity({"source.class_heads": "fresh"}) is None
+    with pytest.raises(ConfigError, match=r"started from models:/dino-o365/3; this call starts from "
+                                          r"models:/dino-o365/3 with fresh class heads"):
+        check_same_source(client, "finetune", "ft", first, fresh)
     check_same_source(client, "finetune", "ft", uuid.uuid4().hex, moved)

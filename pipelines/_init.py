@@ -258,19 +258,19 @@ def prepare_init(uri: str, cfg: Config, target_categories: list[dict], out_dir: 
     alike; ``fresh`` initializes them all afresh (seeded), as the official fine-tuning does."""
     import torch
 
-    from dino_scale.tracking.resume import CLASS_HEADS_TAG
-
     from dino_scale.engine.checkpoint import atomic_write_text, save_weights
     from dino_scale.models import build_dino
     from dino_scale.models.class_transfer import transfer_class_heads
     from dino_scale.models.official import load_official_state_dict
+    from dino_scale.tracking.resume import CLASS_HEADS_TAG
+
+    if class_heads not in CLASS_HEADS:
+        raise UsageError(f"class heads {class_heads!r}: use one of {', '.join(CLASS_HEADS)}")
 
     out_dir = Path(out_dir)
     existed = out_dir.exists()  # before a download into it
     if is_remote(uri):  # a Swin-L model is ~0.9 GB: nothing was said until it was in
         log(f"downloading {uri} ...")
-    if class_heads not in CLASS_HEADS:
-        raise UsageError(f"class heads {class_heads!r}: use one of {', '.join(CLASS_HEADS)}")
     try:
         resolved = resolve(uri, out_dir / "source")
         tags = lineage_tags(resolved)

@@ -9,7 +9,8 @@ BENCH_OUT ?= runs/bench-cpu
 # numbers instead of in pip minutes later (ENOSPC half-way through an install).
 MIN_FREE_GIB ?= 8
 # pytest-xdist workers of `make test`: the tests that start Ray (tests/conftest.py, RAY_MODULES)
-# run on one of them, in order, the rest on the others; 0 runs everything in this process.
+# run on one of them, in order, the rest on the others (and on that one once its group is done);
+# 0 runs everything in this process.
 TEST_WORKERS ?= 2
 
 .PHONY: venv test demo clean bench-cpu

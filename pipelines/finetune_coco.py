@@ -1,14 +1,16 @@
 """COCO fine-tuning: registry lookup -> class-head transfer -> train -> evaluate -> register.
 
     python -m pipelines.finetune_coco [--init models:/dino-tiny-o365@pretrained]
-                                      [--data COCO_SHARDS] [--scale 1.5] [--tta]
+                                      [--data COCO_SHARDS] [--scale 1.5] [--tta] [--class-heads fresh]
 
 ``--init`` takes a registry URI (default ``models:/dino-<preset>-o365@pretrained``), a
 run URI, a local checkpoint, an official ``.pth``, or ``none`` (train from scratch).
 The source is recorded on the run (tags ``source.uri``, ``source.model_name``,
-``source.model_version``, ``source.run_id``) and on the registered version; a rerun that
-resumes a run name must start from the same source (the alias moved: refused, see README). Class
-heads are mapped by category name (366 -> 91), the rest is fresh. After evaluation the
+``source.model_version``, ``source.run_id``, and ``source.class_heads`` with ``--class-heads
+fresh``) and on the registered version; a rerun that resumes a run name must start from the same
+source (the alias moved: refused, see README). Class heads are mapped by category name (366 ->
+91), or all initialized afresh with ``--class-heads fresh`` (the official recipe); every other
+tensor comes from the source. After evaluation the
 model is registered as ``dino-<preset>-coco``, its AP tagged on the version (with what it was
 measured on: ``eval.data``, the validation labels' fingerprint, and ``eval.tta``), and alias
 ``champion`` moves to it only when that AP beats the current champion's on the same data.
@@ -145,7 +147,8 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
         lineage.update(prepared.lineage)
         lineage["class_transfer"] = prepared.summary
     else:
-        log("from scratch: no initial weights")
+        log("from scratch: no initial weights" + (" (--class-heads fresh changes nothing: every tensor is fresh)"
+                                                  if args.class_heads == "fresh" else ""))
     if not early_ray:
         log(f"Ray: {common.connect_ray()}")
     common.check_gpus_here(cfg, args)

@@ -47,7 +47,7 @@ _SETTLE_ROUNDS = 10
 # APs of the same data and protocol are compared
 EVAL_DATA_TAG, EVAL_TTA_TAG = "eval.data", "eval.tta"
 SYNTHETIC_TAG = "synthetic_data"  # "true" on a version trained and evaluated on a generated set
-LINEAGE_TAGS = ("source.uri", "source.model_name", "source.model_version", "source.run_id")
+LINEAGE_TAGS = ("source.uri", "source.model_name", "source.model_version", "source.run_id", "source.class_heads")
 
 
 @dataclass

@@ -43,9 +43,9 @@ def _mlflow_store_template(tmp_path_factory):
 # `make test` runs the suite on two pytest-xdist workers. The tests of these modules start Ray
 # (ray.init, a Cluster, `ray start`, fit/evaluate_weights, or a pipeline in a subprocess that
 # joins or starts Ray), or come close to it and refuse first: they are one unit of work, run by
-# one worker in file order, while the other worker runs the rest, a module at a time. Two
-# workers each starting Ray would take turns at the lock below anyway, and `ray stop` ends every
-# Ray process on the host.
+# one worker in file order, while the other worker runs the rest, a module at a time (the first
+# worker takes the modules left once its group is done). Two workers each starting Ray would take
+# turns at the lock below anyway, and `ray stop` ends every Ray process on the host.
 RAY_MODULES = frozenset(f"tests/{name}.py" for name in (
     "cluster/test_cluster_autoscale", "cluster/test_cluster_elastic",
     "data/test_data_preflight", "data/test_data_ray",
@@ -56,8 +56,9 @@ RAY_MODULES = frozenset(f"tests/{name}.py" for name in (
 ))
 
 
-def _in_ray_group(nodeid: str) -> bool:
-    return nodeid.split("::", 1)[0] in RAY_MODULES
+def _in_ray_group(path: Path) -> bool:
+    """Whether the test file at ``path`` is one of :data:`RAY_MODULES` (wherever pytest's root is)."""
+    return path.resolve().relative_to(ROOT).as_posix() in RAY_MODULES
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -71,27 +72,36 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
+    root = config.rootpath
+
     class RayGroupScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "ray" if _in_ray_group(nodeid) else nodeid.split("::", 1)[0]
+            module = nodeid.split("::", 1)[0]
+            return "ray" if _in_ray_group(root / module) else module
 
     return RayGroupScheduling(config, log)
 
 
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 @pytest.fixture(autouse=True)
 def _ray_only_in_its_group(request):
-    """Fails a test outside :data:`RAY_MODULES` that leaves Ray running in this process: under
-    xdist it would run beside the group's tests and their `ray stop`."""
+    """Fails a test outside :data:`RAY_MODULES` that starts Ray in this process and leaves it
+    running: under xdist it would run beside the group's tests and their `ray stop`. (Ray that a
+    group test left running, as ``fit`` does, is not this test's.)"""
+    before = _ray_running()
     yield
-    ray = sys.modules.get("ray")
-    if not _in_ray_group(request.node.nodeid) and ray is not None and ray.is_initialized():
-        ray.shutdown()
+    if not before and _ray_running() and not _in_ray_group(request.node.path):
+        sys.modules["ray"].shutdown()
         pytest.fail(f"{request.node.nodeid} started Ray: add its module to RAY_MODULES in tests/conftest.py")
 
 
 @pytest.fixture
 def ray_lock(request):
-    if not _in_ray_group(request.node.nodeid):
+    if not _in_ray_group(request.node.path):
         pytest.fail(f"{request.node.nodeid} takes the Ray lock: add its module to RAY_MODULES in tests/conftest.py")
     with open("/tmp/dino_scale_ray.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)

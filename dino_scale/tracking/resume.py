@@ -96,6 +96,10 @@ def source_identity(tags: dict) -> Optional[tuple[tuple[str, str], ...]]:
     return ids or None
 
 
+def _without_heads(identity):
+    return None if identity is None else tuple(kv for kv in identity if kv[0] != CLASS_HEADS_TAG)
+
+
 def _describe(identity, tags: dict) -> str:
     if identity is None:
         return "no initial weights"
@@ -125,6 +129,11 @@ def check_same_source(client, experiment: str, run_name: str, checkpoint_run_id:
                     run_name, earlier, type(exc).__name__)
         return earlier
     before, now = source_identity(earlier_tags), source_identity(tags)
+    if before != now and _without_heads(before) == _without_heads(now):
+        choice = dict(before).get(CLASS_HEADS_TAG, "map")
+        raise ConfigError(
+            f"run name {run_name!r} resumes MLflow run {earlier}, which started from the same weights with "
+            f"--class-heads {choice}: pass --class-heads {choice} to resume, or give another run name to start over")
     if before != now:
         raise ConfigError(
             f"run name {run_name!r} resumes MLflow run {earlier}, which started from "

@@ -319,24 +319,28 @@ def test_a_job_waits_for_a_conversion_rewriting_its_dataset(tmp_path):
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "rewriting"
-        said, entered = [], []
+        said, entered, failed = [], [], []
 
         def job():
-            with reading_datasets([str(folder)], said.append):
-                entered.append(time.time())
+            try:
+                with reading_datasets([str(folder)], said.append):
+                    entered.append(time.time())
+            except BaseException as exc:  # noqa: BLE001 - reported by the test below
+                failed.append(exc)
 
         thread = threading.Thread(target=job, daemon=True)
         thread.start()
         deadline = time.monotonic() + 60
         while not said and thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert not failed, failed
         assert said == [f"{folder.resolve()}: being converted again by another process; waiting for it to finish"]
         assert not entered  # still waiting
         proc.stdin.write("go\n")
         proc.stdin.flush()
         released = float(proc.stdout.readline())
         thread.join(timeout=60)
-        assert entered and entered[0] >= released  # entered only once the rewrite had ended
+        assert not failed and entered and entered[0] >= released, failed  # entered once the rewrite had ended
     finally:
         proc.kill()
         proc.wait()

@@ -1,14 +1,14 @@
 """The csrc/ compile of ``test_ops_msda_build.py`` starts in the background as soon as the
 session has collected it, and its test waits for it.
 
-nvcc works on one translation unit at a time for ~1.5 min, while the Ray tests that run before
-it (tests/cluster, tests/data, tests/engine) leave most of this 2-core machine idle waiting on
-process start-up and health checks. The build is the same call as before
+nvcc works on one translation unit at a time for ~1.5 min. In one pytest process, the Ray tests
+that run before it (tests/cluster, tests/data, tests/engine) leave most of this 2-core machine
+idle waiting on process start-up and health checks. The build is the same call as before
 (``_build.build_extension`` in a fresh process, ``force=True``, sm_90, into a temporary cache
 directory); only its start moved. Skipped where there is no toolkit, like the test itself.
 
-Under pytest-xdist every worker collects every test, and only one runs this test: there the
-build starts when the test asks for it (the other worker is running the Ray tests meanwhile).
+Under pytest-xdist (`make test`) every worker collects every test, and only one runs this test:
+there the build starts when the test asks for it, while the other worker runs the Ray tests.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """CI compile test: builds csrc/ms_deform_attn for sm_90 with the local nvcc through the same
 function production uses (dino_scale.ops._build.build_extension), into a temporary cache
-directory (started in the background when the session has collected this test:
-tests/ops/conftest.py), then loads the library in a fresh process through the production
+directory (started in the background when the session has collected this test, or when the test
+starts under pytest-xdist: tests/ops/conftest.py), then loads the library in a fresh process through the production
 loader and checks the operator schemas, the fake kernels and the C++ autograd on meta tensors,
 and the library's CPU kernels against the float64 reference (tests/ops/compiled_op_cpu_check.py):
 the compiled operator's registration, autograd and argument checks are exercised without a GPU."""
@@ -37,7 +37,7 @@ def _report(proc) -> dict:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_extension_compiles_for_sm90_and_registers_ops(msda_build):
-    # the build itself started in the background at collection (tests/ops/conftest.py)
+    # the build started in the background at collection, or here under xdist (tests/ops/conftest.py)
     built = msda_build.wait(timeout=880)
     env, build_dir = msda_build.env, msda_build.build_dir
     lib = Path(built["lib"])

@@ -60,9 +60,15 @@ def test_pipelines_champion_moves_only_on_better_ap(client, tmp_path):
     assert "AP" not in client.get_model_version("dino-tiny-coco", v5).tags
     assert str(client.get_model_version_by_alias("dino-tiny-coco", "champion").version) == v4
 
+    # lineage tags, the class-head choice of a fresh-heads fine-tune among them (other tags are not lineage)
+    client.set_model_version_tag("dino-tiny-coco", v5, "source.class_heads", "fresh")
+    client.set_model_version_tag("dino-tiny-coco", v5, "source.uri", "models:/dino-tiny-o365/1")
+    client.set_model_version_tag("dino-tiny-coco", v5, "stage", "finetune")
     state = registry_state(client)
     assert [v["aliases"] for v in state[0]["versions"]] == [[], [], [], ["champion"], []]
     assert "@champion" in format_state(state) and "0.2500" in format_state(state)
+    assert state[0]["versions"][-1]["lineage"] == {"source.uri": "models:/dino-tiny-o365/1",
+                                                   "source.class_heads": "fresh"}
 
 
 def test_pipelines_champion_without_ap_tag_is_beaten(client, tmp_path):

@@ -214,7 +214,7 @@ def test_pipelines_init_removes_a_download_it_could_not_use(o365_checkpoint, tmp
     seeded_store(tmp_path)
     uri = common.setup_tracking(tmp_path)
     client = mlflow.MlflowClient(uri, registry_uri=uri)
-    run = client.create_run(client.create_experiment("init-test"))
+    run = client.create_run(client.create_experiment("init-test", artifact_location=(tmp_path / "art").as_uri()))
     client.log_artifacts(run.info.run_id, str(bad), "model")
     client.create_registered_model("dino-tiny-o365")
     client.create_model_version("dino-tiny-o365", source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)

@@ -142,7 +142,10 @@ def test_a_resume_from_other_initial_weights_is_refused(tmp_path):
     assert source_identity({"source.uri": "/a.pth", "source.class_heads": "fresh"}) == (
         ("source.uri", "/a.pth"), ("source.class_heads", "fresh"))
     assert source_identity({"source.class_heads": "fresh"}) is None
-    with pytest.raises(ConfigError, match=r"started from models:/dino-o365/3; this call starts from "
-                                          r"models:/dino-o365/3 with fresh class heads"):
+    with pytest.raises(ConfigError, match=r"started from the same weights with --class-heads map: pass "
+                                          r"--class-heads map to resume"):
         check_same_source(client, "finetune", "ft", first, fresh)
+    with pytest.raises(ConfigError, match=r"started from models:/dino-o365/3; this call starts from "
+                                          r"models:/dino-o365/4 with fresh class heads"):
+        check_same_source(client, "finetune", "ft", first, dict(moved, **{"source.class_heads": "fresh"}))
     check_same_source(client, "finetune", "ft", uuid.uuid4().hex, moved)

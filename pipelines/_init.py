@@ -280,7 +280,8 @@ def prepare_init(uri: str, cfg: Config, target_categories: list[dict], out_dir: 
                                   if "source.model_name" in tags else "")
             + (f" (run {tags['source.run_id']})" if "source.run_id" in tags else ""))
         source = _source_state(resolved.weights_path)
-        src_cats = _source_categories(resolved)
+        # fresh: no category in common, every class-head row is the fresh model's (none is read)
+        src_cats = [] if class_heads == "fresh" else _source_categories(resolved)
     finally:  # a downloaded copy is in memory now, or useless (a failed or partial download)
         if is_remote(uri):
             shutil.rmtree(out_dir / "source", ignore_errors=True)
@@ -295,7 +296,6 @@ def prepare_init(uri: str, cfg: Config, target_categories: list[dict], out_dir: 
     fresh = model.state_dict()
     _check_same_tensors(uri, cfg, source, fresh)
     if class_heads == "fresh":
-        src_cats = []  # no category in common: every class-head row is the fresh model's
         log("class heads freshly initialized (--class-heads fresh)")
     elif src_cats is None:
         # No category names (e.g. an official .pth): same label space -> copy by id,

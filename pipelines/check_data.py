@@ -94,12 +94,10 @@ def _image_roots(a: argparse.Namespace) -> list:
 
     if not a.image_root or a.no_image_files:
         return [None] * len(a.folders)
-    roots = [r.strip() for r in a.image_root.split(",")]
     try:
-        folder_image_roots(a.folders, a.image_root)
+        return [root for _, root in folder_image_roots(a.folders, a.image_root)]
     except ValueError as exc:
         raise UsageError(f"--image-root: {exc}") from None
-    return roots if len(roots) > 1 else roots * len(a.folders)
 
 
 def _image_files(folder: str, root, a: argparse.Namespace, t0: float) -> dict:

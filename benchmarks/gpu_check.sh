@@ -13,6 +13,8 @@
 #     graphs      r50_4scale inference through one CUDA graph (GraphedDetector)
 #     graphs-swinl  the same for swinl_4scale
 #     tests-models  parity on CUDA (three presets), matcher, GraphedDetector tests
+#     finite      r50_4scale bf16 + TF32 eager, train bs 2: the NaN/Inf check on the host, then on the
+#                 device (--finite-check host / auto; steps finite-host, finite-auto): the sync's cost
 #     regions     REGION_RUNS (default "stack reduce-overhead") for r50_4scale; its baseline is the
 #                 train step (layer granularity, default mode): run one entry with train per call
 #     presets     r50_5scale and swinl_4scale, train bs 2 and 8 + inference (bf16 + TF32 + compile);
@@ -21,7 +23,7 @@
 #     profile     benchmarks/profile_step.py, r50_4scale bf16 bs 2 (phases, op tables, syncs)
 #     ("tests" = tests-msda,tests-models; "all" = "session"; "none": the machine description only)
 #     An unknown step or REGION_RUNS entry is refused (exit 2) before anything runs.
-#   session = tests-msda,msda,train,graphs,tests-models,graphs-swinl,presets,regions,profile
+#   session = tests-msda,msda,train,graphs,tests-models,finite,graphs-swinl,presets,regions,profile
 #   Estimates are the H200 times of 2026-12-04 plus a margin (build 28 s cold, tests-msda 27,
 #   msda 17, train 222, graphs 34, tests-models 39, preset r50_5scale 84, swinl_4scale 167, both
 #   presets at bs 2 only). The presets' bs 2 + 8 estimates (240, 330) are not measured: their bs 2
@@ -42,8 +44,8 @@ plan=${1:-session}; shift || true
 steps=()
 for s in ${plan//,/ }; do
   case $s in
-    all|session) steps+=(tests-msda msda train graphs tests-models graphs-swinl preset-r50_5scale preset-swinl_4scale
-                         regions profile) ;;
+    all|session) steps+=(tests-msda msda train graphs tests-models finite graphs-swinl preset-r50_5scale
+                         preset-swinl_4scale regions profile) ;;
     tests) steps+=(tests-msda tests-models) ;;
     none) ;;  # the machine description only (GPU, torch), packed like any run
     presets) steps+=(preset-r50_5scale preset-swinl_4scale) ;;
@@ -53,7 +55,7 @@ done
 # a mistyped step would be found only at its turn, after the build and the steps before it had
 # spent the call: refuse it before anything runs
 KNOWN_STEPS=" tests-msda msda train graphs graphs-swinl tests-models regions preset-r50_5scale preset-swinl_4scale"
-KNOWN_STEPS+=" profile "
+KNOWN_STEPS+=" finite profile "
 for s in "${steps[@]}"; do
   [[ $KNOWN_STEPS == *" $s "* ]] || {
     echo "gpu_check.sh: unknown step '$s' (steps:${KNOWN_STEPS% }; or session, tests, presets, all, none)" >&2
@@ -140,6 +142,11 @@ for s in "${steps[@]}"; do
                     --preset swinl_4scale --precision bf16 --tf32 --compile --out "$WORK/graphs_swinl.json" ;;
     tests-models) step tests-models 50 240 python3 -m pytest -q -p no:cacheprovider --maxfail=30 -o addopts="" \
                     tests/models/test_parity.py tests/models/test_matcher.py tests/models/test_cuda_graph.py ;;
+    finite)  # estimates not measured: an eager bs 2 row and the inference row, ~20 steps each
+      for check in host auto; do
+        step "finite-$check" 45 150 python3 benchmarks/train_step.py --preset r50_4scale --precision bf16 --tf32 \
+          --batch-sizes 2 --finite-check "$check" --out "$WORK/finite_$check.json"
+      done ;;
     regions)
       for run in ${REGION_RUNS:-stack reduce-overhead}; do
         case $run in

@@ -8,10 +8,13 @@ after ``--warmup``: img/s (train), FPS (inference) and peak memory (CUDA: max al
 since the row's start, model weights included; CPU: the process's peak RSS so far, which
 no reset lowers). Before the inference row the training rows' optimizer state and gradients
 are freed, so its CUDA peak is the model's weights plus the inference itself. A training step
-that ``train_step`` skipped for a non-finite loss (no backward, no optimizer step) is counted
+that ``train_step`` skipped (a non-finite loss or gradients: no weight update) is counted
 (``skipped_steps``: of the timed steps; ``warmup_skipped``); a row with a skipped timed step
 is an error row (no timing, exit status 1), since its median would not be of full steps.
-With ``--no-finite-check`` no step is checked, so none can be seen as skipped. Prints a
+``--finite-check`` says where that check is made: ``auto`` on the device with a fused AdamW (the
+default on a GPU; read back after the timing), else on the host (one sync per step); ``device``
+also uses a fused AdamW on the CPU; ``host``; ``none`` (no step is checked, so none can be
+seen as skipped). Prints a
 table and writes JSON under benchmarks/results/.
 
     python benchmarks/train_step.py                                   # GPU, three presets
@@ -57,7 +60,7 @@ class Row:
     peak_gib: float
     iters: int
     note: str = ""
-    skipped_steps: int = 0  # train: timed steps train_step skipped (non-finite loss); an error when > 0
+    skipped_steps: int = 0  # train: timed steps train_step skipped (non-finite); an error when > 0
     warmup_skipped: int = 0  # train: warm-up steps it skipped
 
 
@@ -106,16 +109,21 @@ def _time(fn, warmup: int, iters: int, device) -> list[float]:
 
 
 class StepRecorder:
-    """Calls ``train_step`` and keeps each call's ``skipped`` flag (a Python bool: no sync)."""
+    """Calls ``train_step`` and keeps each call's output; ``skipped`` reads their flags after the
+    timing (a step checked on the device is read back then, not inside the timed loop)."""
 
     def __init__(self, step_fn):
         self.step_fn = step_fn
-        self.skipped: list[bool] = []
+        self.outputs: list = []
 
     def __call__(self):
         out = self.step_fn()
-        self.skipped.append(bool(out.skipped))
+        self.outputs.append(out)
         return out
+
+    @property
+    def skipped(self) -> list[bool]:
+        return [bool(out.skipped) for out in self.outputs]
 
 
 def train_row(name: str, bs: int, precision: str, times: list[float], skipped: list[bool], peak: float) -> Row:
@@ -124,10 +132,10 @@ def train_row(name: str, bs: int, precision: str, times: list[float], skipped: l
     timed = skipped[len(skipped) - len(times):]
     n_skip, n_warm = sum(timed), sum(skipped[:len(skipped) - len(times)])
     if n_skip:
-        note = (f"error: {n_skip} of {len(times)} timed steps skipped by train_step (non-finite loss: no "
-                "backward or optimizer step); not a timing of full steps")
+        note = (f"error: {n_skip} of {len(times)} timed steps skipped by train_step (non-finite loss or "
+                "gradients: no update); not a timing of full steps")
         return Row(name, "train", bs, precision, float("nan"), float("nan"), peak, len(times), note, n_skip, n_warm)
-    note = f"{n_warm} warm-up steps skipped (non-finite loss)" if n_warm else ""
+    note = f"{n_warm} warm-up steps skipped (non-finite loss or gradients)" if n_warm else ""
     med = statistics.median(times)
     return Row(name, "train", bs, precision, med, bs / med, peak, len(times), note, 0, n_warm)
 
@@ -167,7 +175,8 @@ def bench_preset(name: str, args, device, on_row=None) -> list[Row]:
     on_row = on_row or (lambda row: None)
     cfg, model, criterion, post = build(name, device, args)
     amp = autocast_dtype(args.precision)
-    opt = build_optimizer(model, cfg.train)
+    opt = build_optimizer(model, cfg.train, fused=True if args.finite_check == "device" else None)
+    device_check = {"auto": None, "device": True, "host": False}.get(args.finite_check)
     for k, bs in enumerate(args.batch_sizes):
         if k and args.compile:  # else bs 8 ran the regions recompiled for a dynamic batch size (bs 2 first)
             torch._dynamo.reset()
@@ -177,7 +186,8 @@ def bench_preset(name: str, args, device, on_row=None) -> list[Row]:
             images = images.contiguous(memory_format=torch.channels_last)
         step = StepRecorder(lambda: train_step(model, criterion, opt, (images, masks, targets),
                                                clip_max_norm=cfg.train.clip_max_norm, amp_dtype=amp,
-                                               check_finite=not args.no_finite_check))
+                                               check_finite=args.finite_check != "none",
+                                               device_check=device_check))
         try:
             times = _time(step, args.warmup, args.iters, device)
             rows.append(train_row(name, bs, args.precision, times, step.skipped, _peak_gib(device)))
@@ -269,7 +279,11 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="inference through dino_scale.models.cuda_graph.GraphedDetector (one captured graph)")
     p.add_argument("--channels-last", action="store_true", help="channels_last backbone and input")
-    p.add_argument("--no-finite-check", action="store_true", help="skip the NaN/Inf check (one host sync)")
+    p.add_argument("--finite-check", choices=("auto", "device", "host", "none"), default="auto",
+                   help="the NaN/Inf check of each step: auto = on the device where the AdamW is fused "
+                        "(GPU), else on the host (one sync); device = fused AdamW also on the CPU; none = off")
+    p.add_argument("--no-finite-check", action="store_const", dest="finite_check", const="none",
+                   help="= --finite-check none")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_step_<device>_<time>.json)")
     args = p.parse_args(argv)
@@ -319,7 +333,7 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     print(f"wrote {out}")
     bad = [r for r in rows if r.skipped_steps]
     if bad:
-        print(f"ERROR: {len(bad)} training row(s) timed steps that train_step skipped (non-finite loss): "
+        print(f"ERROR: {len(bad)} training row(s) timed steps that train_step skipped (non-finite): "
               + ", ".join(f"{r.preset} bs {r.batch_size}" for r in bad), file=sys.stderr)
     return rows
 

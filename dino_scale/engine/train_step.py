@@ -4,7 +4,11 @@
 check (agreed across ranks when ``torch.distributed`` is initialized), backward,
 gradient clipping, optimizer step. A non-finite loss skips the update and is
 counted by :class:`BadStepGuard`, which raises :class:`BadStepError` after
-``max_consecutive`` bad steps in a row. The Ray/DeepSpeed loop reuses
+``max_consecutive`` bad steps in a row. With a fused AdamW/Adam (the default on a GPU) the
+check is made on the device (:class:`StepVerdict`): the optimizer skips the update itself, and
+the host reads the verdict a step later, without waiting for the device; otherwise it is two
+host reads (the loss before the backward, the gradient norm before the update). The
+skip-counting classes live in :mod:`dino_scale.engine.step_guard`. The Ray/DeepSpeed loop reuses
 :func:`compute_loss`, :func:`all_finite`, :func:`window_num_boxes` and :class:`BadStepGuard`.
 
 Shapes: ``images`` float (B,3,H,W) (already normalized), ``masks`` bool (B,H,W) True
@@ -22,77 +26,35 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dino_scale.engine.step_guard import BadStepError, BadStepGuard, StepVerdict
 from dino_scale.ops.transfer import host_to_device
 
 __all__ = [
-    "BadStepError", "BadStepGuard", "StepOutput", "autocast_dtype", "autocast_context",
-    "compute_loss", "all_finite", "train_step", "move_batch", "check_target_labels", "window_num_boxes",
+    "BadStepError", "BadStepGuard", "StepOutput", "StepVerdict", "autocast_dtype", "autocast_context",
+    "compute_loss", "all_finite", "skips_on_device", "train_step", "move_batch", "check_target_labels",
+    "window_num_boxes",
 ]
-
-
-class BadStepError(RuntimeError):
-    """Too many consecutive non-finite (NaN/Inf) loss or gradient steps; training is diverging."""
-
-
-@dataclass
-class BadStepGuard:
-    """Counts skipped non-finite steps; aborts after ``max_consecutive`` in a row (non-finite
-    losses, or optimizer steps skipped for non-finite gradients: :meth:`update_step`)."""
-
-    max_consecutive: int = 5
-    total: int = 0
-    consecutive: int = 0
-    grad_consecutive: int = 0
-
-    def update(self, finite: bool, step: int | None = None, loss: float | None = None) -> None:
-        if finite:
-            self.consecutive = 0
-            return
-        self.total += 1
-        self.consecutive += 1
-        if self.max_consecutive > 0 and self.consecutive >= self.max_consecutive:
-            where = f" (last at step {step}, loss {loss})" if step is not None else ""
-            raise BadStepError(
-                f"{self.consecutive} consecutive non-finite loss steps{where}; "
-                f"{self.total} skipped in total. Training diverged: lower the learning rate, "
-                f"check the data, or raise train.max_bad_steps.")
-
-    def update_step(self, gradients_finite: bool, step: int | None = None) -> None:
-        """After an optimizer step over finite losses: ``gradients_finite=False`` when it was
-        skipped for non-finite gradients. Such skips count as bad steps, and
-        ``max_consecutive`` of them in a row abort too (a finite loss resets ``consecutive``
-        at every micro-batch, so without this a run whose gradients stay NaN skipped every
-        update to its end)."""
-        if gradients_finite:
-            self.grad_consecutive = 0
-            return
-        self.total += 1
-        self.grad_consecutive += 1
-        if self.max_consecutive > 0 and self.grad_consecutive >= self.max_consecutive:
-            where = f" (last at step {step})" if step is not None else ""
-            raise BadStepError(
-                f"{self.grad_consecutive} consecutive optimizer steps with non-finite gradients under a "
-                f"finite loss{where}; {self.total} bad steps in total. Training diverged: lower the "
-                f"learning rate, check the data, or raise train.max_bad_steps.")
-
-    def state_dict(self) -> dict[str, int]:
-        return {"total": self.total, "consecutive": self.consecutive, "grad_consecutive": self.grad_consecutive}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.total = int(state.get("total", 0))
-        self.consecutive = int(state.get("consecutive", 0))
-        self.grad_consecutive = int(state.get("grad_consecutive", 0))
 
 
 @dataclass
 class StepOutput:
-    """What one step did. ``loss`` / ``loss_terms`` are detached 0-d tensors (no host sync)."""
+    """What one step did. ``loss`` / ``loss_terms`` are detached 0-d tensors (no host sync).
+    ``skipped``: the update was not applied (non-finite loss or gradients); a device-side
+    ``verdict`` is read when ``skipped`` is asked for (a wait for this step's end on a GPU)."""
 
     loss: torch.Tensor
     loss_terms: dict[str, torch.Tensor] = field(default_factory=dict)
     grad_norm: Optional[torch.Tensor] = None
-    skipped: bool = False
+    skipped_on_host: bool = False
     num_images: int = 0
+    verdict: Optional[StepVerdict] = None
+
+    @property
+    def skipped(self) -> bool:
+        if self.verdict is not None:
+            loss_ok, grads_ok = self.verdict.read()
+            return not (loss_ok and grads_ok)
+        return self.skipped_on_host
 
 
 def autocast_dtype(precision: str) -> Optional[torch.dtype]:
@@ -218,34 +180,59 @@ def all_finite(loss: torch.Tensor) -> bool:
     return bool(flag.item() > 0.5)
 
 
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` honours a ``found_inf`` tensor (skips the update on the device
+    when it is 1): torch's fused Adam/AdamW, the kind :class:`torch.amp.GradScaler` drives so."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        g.get("fused") for g in optimizer.param_groups)
+
+
 def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, batch,
                *, clip_max_norm: float = 0.1, amp_dtype: Optional[torch.dtype] = None,
                scaler: Optional[torch.amp.GradScaler] = None, guard: Optional[BadStepGuard] = None,
-               scheduler=None, check_finite: bool = True, step: int | None = None) -> StepOutput:
+               scheduler=None, check_finite: bool = True, step: int | None = None,
+               device_check: Optional[bool] = None) -> StepOutput:
     """One optimizer step on ``batch = (images, masks, targets)`` (already on the device).
 
     Gradients are clipped to ``clip_max_norm`` (total L2 norm, skipped when <= 0) and the
-    pre-clip norm is returned. With ``check_finite`` a NaN/Inf loss skips backward and the
-    update (``guard`` counts it, and raises after too many in a row). ``scaler`` enables
-    fp16 loss scaling. ``scheduler`` (optional) is stepped once per call, after the update or
-    in place of a skipped one: the schedule follows the data position, not the applied steps.
+    pre-clip norm is returned. With ``check_finite`` a NaN/Inf loss skips the update (``guard``
+    counts it, and raises after too many in a row). ``scaler`` enables fp16 loss scaling.
+    ``scheduler`` (optional) is stepped once per call, after the update or in place of a
+    skipped one: the schedule follows the data position, not the applied steps.
+
+    Where the check happens (``device_check``: None = on the device where it can be, False = on
+    the host, True = on the device or a ValueError). With a fused Adam/AdamW
+    (:func:`skips_on_device`) and no ``scaler``, on the device: the backward always runs, the
+    loss's and the gradient norm's finiteness become the optimizer's ``found_inf`` (it then
+    changes no weight, moment or step count), and ``guard`` gets the step's :class:`StepVerdict`
+    (:meth:`BadStepGuard.observe`: counted a step later; :meth:`BadStepGuard.settle` counts the
+    rest). No host read, so the host queues the backward while the device still runs the loss.
+    This also skips a finite loss whose gradients are not (counted as
+    :meth:`BadStepGuard.update_step` counts). Otherwise two host reads: the loss's finiteness
+    before the backward, which a non-finite loss then skips, and the gradient norm's before the
+    update, which non-finite gradients skip.
     """
+    on_device = check_finite and scaler is None and skips_on_device(optimizer)
+    if device_check and check_finite and not on_device:
+        raise ValueError("device_check=True needs a fused Adam/AdamW (fused=True) and no GradScaler")
+    on_device = on_device and device_check is not False
     images, masks, targets = batch
     model.train()
     criterion.train()
     optimizer.zero_grad(set_to_none=True)
     loss, loss_dict = compute_loss(model, criterion, images, masks, targets, amp_dtype)
     terms = {k: v.detach() for k, v in loss_dict.items()}
+    if on_device:
+        return _step_checked_on_device(loss, terms, optimizer, clip_max_norm, guard, scheduler, step,
+                                       images.shape[0])
     if check_finite:
         finite = all_finite(loss)
         if guard is not None:
+            guard.settle()  # device verdicts of earlier calls first: counted in step order
             guard.update(finite, step=step, loss=float(loss.detach()) if not finite else None)
         if not finite:
-            if scheduler is not None:  # a skipped batch still moves the schedule (no optimizer.step: no warning)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)
-                    scheduler.step()
-            return StepOutput(loss=loss.detach(), loss_terms=terms, skipped=True, num_images=images.shape[0])
+            _step_schedule_only(scheduler)
+            return StepOutput(loss=loss.detach(), loss_terms=terms, skipped_on_host=True, num_images=images.shape[0])
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -255,6 +242,15 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
     grad_norm = None
     if clip_max_norm and clip_max_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
+    if check_finite and scaler is None and params:  # (a GradScaler skips such a step itself)
+        norm = grad_norm if grad_norm is not None else torch.nn.utils.get_total_norm([p.grad for p in params])
+        grads_finite = all_finite(norm)  # a finite loss with NaN gradients made every weight NaN
+        if guard is not None:
+            guard.update_step(grads_finite, step=step)
+        if not grads_finite:
+            _step_schedule_only(scheduler)
+            return StepOutput(loss=loss.detach(), loss_terms=terms, grad_norm=grad_norm, skipped_on_host=True,
+                              num_images=images.shape[0])
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -262,5 +258,41 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
         optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return StepOutput(loss=loss.detach(), loss_terms=terms, grad_norm=grad_norm, skipped=False,
-                      num_images=images.shape[0])
+    return StepOutput(loss=loss.detach(), loss_terms=terms, grad_norm=grad_norm, num_images=images.shape[0])
+
+
+def _step_schedule_only(scheduler) -> None:
+    """A skipped batch still moves the schedule (without optimizer.step: torch's warning muted)."""
+    if scheduler is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
+
+
+def _step_checked_on_device(loss: torch.Tensor, terms: dict, optimizer: torch.optim.Optimizer,
+                            clip_max_norm: float, guard: Optional[BadStepGuard], scheduler, step: Optional[int],
+                            num_images: int) -> StepOutput:
+    """The rest of :func:`train_step` with its finiteness check on the device (no host read)."""
+    loss_finite = torch.isfinite(loss.detach())
+    loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if clip_max_norm and clip_max_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_max_norm)  # NaN when any gradient is
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
+    flags = torch.stack([loss_finite, torch.isfinite(grad_norm) if grad_norm is not None else loss_finite])
+    flags = flags.to(torch.float32)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)  # every rank skips together
+    optimizer.found_inf = 1.0 - flags.min()  # read by the fused step: 1 = skip the update
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+    if scheduler is not None:
+        scheduler.step()
+    verdict = StepVerdict(flags, loss)
+    if guard is not None:
+        guard.observe(verdict, step=step)
+    return StepOutput(loss=loss.detach(), loss_terms=terms, grad_norm=grad_norm, num_images=num_images,
+                      verdict=verdict)

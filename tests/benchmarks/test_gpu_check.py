@@ -14,7 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-SESSION = ["build", "tests-msda", "msda", "train", "graphs", "tests-models", "graphs-swinl",
+SESSION = ["build", "tests-msda", "msda", "train", "graphs", "tests-models", "finite-host", "finite-auto",
+           "graphs-swinl",
            "preset-r50_5scale", "preset-swinl_4scale", "regions-stack", "regions-reduce-overhead", "profile"]
 
 

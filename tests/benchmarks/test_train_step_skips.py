@@ -1,5 +1,5 @@
-"""benchmarks/train_step.py: steps that train_step skipped (non-finite loss: no backward, no
-optimizer step) are counted, and a row that timed one is an error row, not a throughput; the
+"""benchmarks/train_step.py: steps that train_step skipped (non-finite loss: no weight update)
+are counted, and a row that timed one is an error row, not a throughput; the
 inference row's peak comes after the training state is freed."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,8 +34,10 @@ def test_row_counts_skipped_steps_warmup_apart():
     assert bad.note.startswith("error: 1 of 3 timed steps skipped")
 
 
-def test_a_non_finite_loss_makes_an_error_row(tmp_path, monkeypatch):
-    # the loss (not the benchmark) made NaN: one loss weight NaN, so the real train_step skips
+@pytest.mark.parametrize("check", ["host", "device"])
+def test_a_non_finite_loss_makes_an_error_row(tmp_path, monkeypatch, check):
+    # the loss (not the benchmark) made NaN: one loss weight NaN, so the real train_step skips;
+    # checked on the device (fused AdamW), each step's verdict is read after the timed loop
     module = _train_step_module()
     real_build = module.build
 
@@ -46,7 +49,7 @@ def test_a_non_finite_loss_makes_an_error_row(tmp_path, monkeypatch):
 
     monkeypatch.setattr(module, "build", build_with_nan_loss)
     out = tmp_path / "rows.json"
-    rows = module.main(TINY + ["--out", str(out)])
+    rows = module.main(TINY + ["--out", str(out), "--finite-check", check])
     train = [r for r in rows if r.mode == "train"]
     assert [(r.skipped_steps, r.warmup_skipped) for r in train] == [(2, 1)]
     assert math.isnan(train[0].throughput) and train[0].note.startswith("error:")

@@ -109,21 +109,28 @@ def _time(fn, warmup: int, iters: int, device) -> list[float]:
 
 
 class StepRecorder:
-    """Calls ``train_step`` and keeps each call's output; ``skipped`` reads their flags after the
-    timing (a step checked on the device is read back then, not inside the timed loop)."""
+    """Calls ``train_step`` and keeps each call's skip flag. A step checked on the device keeps
+    its verdict until the verdict has reached the host without a wait (asked at each later call,
+    then dropped: its pinned buffer is reused), or until ``skipped`` is read after the timing."""
 
     def __init__(self, step_fn):
         self.step_fn = step_fn
-        self.outputs: list = []
+        self.flags: list = []  # bool, or the StepOutput whose verdict is not read yet
 
     def __call__(self):
+        for i in range(len(self.flags) - 1, -1, -1):  # the newest unread first: older ones are ready too
+            flag = self.flags[i]
+            if isinstance(flag, bool):
+                break
+            if flag.verdict is None or flag.verdict.ready():
+                self.flags[i] = bool(flag.skipped)
         out = self.step_fn()
-        self.outputs.append(out)
+        self.flags.append(out if out.verdict is not None else bool(out.skipped))
         return out
 
     @property
     def skipped(self) -> list[bool]:
-        return [bool(out.skipped) for out in self.outputs]
+        return [flag if isinstance(flag, bool) else bool(flag.skipped) for flag in self.flags]
 
 
 def train_row(name: str, bs: int, precision: str, times: list[float], skipped: list[bool], peak: float) -> Row:

@@ -77,10 +77,14 @@ class BadStepGuard:
                 self.update_step(grads_finite, step=step)
 
     def state_dict(self) -> dict[str, int]:
-        """The counts (settle first: queued device verdicts are not in them)."""
+        """The counts, every queued device verdict counted first (a wait for the last; raises as
+        :meth:`update` when that count aborts)."""
+        self.settle()
         return {"total": self.total, "consecutive": self.consecutive, "grad_consecutive": self.grad_consecutive}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Back to ``state``; verdicts still queued (steps after it) are dropped, not counted."""
+        self.pending.clear()
         self.total = int(state.get("total", 0))
         self.consecutive = int(state.get("consecutive", 0))
         self.grad_consecutive = int(state.get("grad_consecutive", 0))

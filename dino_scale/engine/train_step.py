@@ -181,10 +181,12 @@ def all_finite(loss: torch.Tensor) -> bool:
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer.step`` honours a ``found_inf`` tensor (skips the update on the device
-    when it is 1): torch's fused Adam/AdamW, the kind :class:`torch.amp.GradScaler` drives so."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
-        g.get("fused") for g in optimizer.param_groups)
+    """Whether ``optimizer.step`` skips its whole update on the device when given a ``found_inf``
+    tensor of 1, as :class:`torch.amp.GradScaler` drives it: torch's fused Adam/AdamW (AdamW is an
+    Adam). Not fused SGD: its first skipped step leaves an uninitialized momentum buffer."""
+    return (isinstance(optimizer, torch.optim.Adam)
+            and bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+            and all(g.get("fused") for g in optimizer.param_groups))
 
 
 def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, batch,
@@ -208,7 +210,8 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
     (:meth:`BadStepGuard.observe`: counted a step later; :meth:`BadStepGuard.settle` counts the
     rest). No host read, so the host queues the backward while the device still runs the loss.
     This also skips a finite loss whose gradients are not (counted as
-    :meth:`BadStepGuard.update_step` counts). Otherwise two host reads: the loss's finiteness
+    :meth:`BadStepGuard.update_step` counts), or whose norm overflows float32 (an element above
+    ~1e19: divergence). ``grad_norm`` (pre-clip) is returned whenever it was computed. Otherwise two host reads: the loss's finiteness
     before the backward, which a non-finite loss then skips, and the gradient norm's before the
     update, which non-finite gradients skip.
     """
@@ -243,8 +246,9 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
     if clip_max_norm and clip_max_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
     if check_finite and scaler is None and params:  # (a GradScaler skips such a step itself)
-        norm = grad_norm if grad_norm is not None else torch.nn.utils.get_total_norm([p.grad for p in params])
-        grads_finite = all_finite(norm)  # a finite loss with NaN gradients made every weight NaN
+        if grad_norm is None:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        grads_finite = all_finite(grad_norm)  # a finite loss with NaN gradients made every weight NaN
         if guard is not None:
             guard.update_step(grads_finite, step=step)
         if not grads_finite:
@@ -276,11 +280,13 @@ def _step_checked_on_device(loss: torch.Tensor, terms: dict, optimizer: torch.op
     loss_finite = torch.isfinite(loss.detach())
     loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if clip_max_norm and clip_max_norm > 0:
+    grad_norm = None
+    if params and clip_max_norm and clip_max_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_max_norm)  # NaN when any gradient is
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
-    flags = torch.stack([loss_finite, torch.isfinite(grad_norm) if grad_norm is not None else loss_finite])
+    elif params:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    grads_finite = torch.isfinite(grad_norm).to(loss_finite.device) if grad_norm is not None else loss_finite
+    flags = torch.stack([loss_finite, grads_finite])
     flags = flags.to(torch.float32)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)  # every rank skips together

@@ -14,8 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-SESSION = ["build", "tests-msda", "msda", "train", "graphs", "tests-models", "finite-host", "finite-auto",
-           "graphs-swinl",
+SESSION = ["build", "tests-msda", "msda", "train", "graphs", "tests-models", "graphs-swinl", "finite-host",
+           "finite-auto",
            "preset-r50_5scale", "preset-swinl_4scale", "regions-stack", "regions-reduce-overhead", "profile"]
 
 
@@ -52,6 +52,18 @@ def test_session_plan_runs_in_priority_order_within_the_budget(tmp_path):
         elapsed += est
     skipped = [s for s in SESSION if s not in ran]
     assert skipped and all(steps[s].startswith("skipped") for s in skipped)
+    # the finite pair is one comparison: both rows or neither (a lone host row compares with nothing)
+    assert ("finite-host" in ran) == ("finite-auto" in ran), steps
+
+
+def test_the_finite_pair_starts_only_when_both_fit(tmp_path):
+    out, _ = _run(tmp_path / "fits", "finite", DRY_RUN=1, BUILD=0, BUDGET_S=95)
+    steps = _summary_steps(out)
+    assert steps["finite-host"].startswith("would run") and steps["finite-auto"].startswith("would run"), steps
+    out, _ = _run(tmp_path / "short", "finite", DRY_RUN=1, BUILD=0, BUDGET_S=60)
+    steps = _summary_steps(out)
+    assert all(steps[f"finite-{c}"].startswith("skipped (60 s left") for c in ("host", "auto")), steps
+    assert not any(v.startswith("would run") for v in steps.values()), steps
 
 
 def test_a_larger_budget_runs_every_step(tmp_path):

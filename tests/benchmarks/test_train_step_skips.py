@@ -71,3 +71,33 @@ def test_finite_run_skips_nothing_and_frees_the_optimizer_before_inference(tmp_p
     assert [(r.mode, r.skipped_steps, r.note) for r in rows] == [("train", 0, ""), ("infer", 0, "")]
     assert freed == [(0, 0)]
     assert all(torch.isfinite(torch.tensor(r.throughput)) for r in rows)
+
+
+def test_the_recorder_reads_a_device_verdict_only_once_it_is_ready():
+    class Verdict:
+        def __init__(self, skipped):
+            self.is_ready, self.skipped = False, skipped
+
+        def ready(self):
+            return self.is_ready
+
+    class Output:
+        def __init__(self, verdict):
+            self.verdict = verdict
+            self.reads = 0
+
+        @property
+        def skipped(self):
+            self.reads += 1
+            return self.verdict.skipped
+
+    outputs = [Output(Verdict(k == 1)) for k in range(3)]
+    it = iter(outputs)
+    recorder = _train_step_module().StepRecorder(lambda: next(it))
+    recorder()
+    recorder()  # the first verdict has not reached the host: not read (a read would wait)
+    assert outputs[0].reads == 0 and recorder.flags[0] is outputs[0]
+    outputs[0].verdict.is_ready = outputs[1].verdict.is_ready = True
+    recorder()  # both ready now: read without a wait and dropped (their pinned buffers are freed)
+    assert recorder.flags[:2] == [False, True] and recorder.flags[2] is outputs[2]
+    assert recorder.skipped == [False, True, False]  # after the timing: the last one is read, waiting

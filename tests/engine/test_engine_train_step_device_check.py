@@ -179,3 +179,25 @@ def test_the_guard_waits_for_no_verdict_but_the_one_before_the_last():
         assert first.waited and not second.waited and guard.total == 1
         guard.observe(third, step=2)  # counts the second: the abort comes one step late
     assert second.waited and not third.waited and guard.total == 2
+
+
+def test_only_a_fused_adam_skips_on_the_device():
+    # fused SGD honours found_inf too, but its first skipped step leaves an uninitialized momentum buffer
+    params = [torch.nn.Parameter(torch.ones(2))]
+    assert skips_on_device(torch.optim.AdamW(params, fused=True))
+    assert skips_on_device(torch.optim.Adam(params, fused=True))
+    assert not skips_on_device(torch.optim.AdamW(params))
+    assert not skips_on_device(torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True))
+
+
+def test_the_guard_state_counts_queued_verdicts_and_a_rollback_drops_them():
+    guard = BadStepGuard(max_consecutive=5)
+    queued = _LateVerdict(False)
+    guard.observe(queued, step=0)
+    saved = guard.state_dict()  # counts the queued verdict first
+    assert queued.waited and saved["total"] == 1 and not guard.pending
+    guard.observe(_LateVerdict(False), step=1)
+    guard.load_state_dict(saved)  # back to step 0: the later step's verdict is not counted
+    assert not guard.pending
+    guard.settle()
+    assert guard.total == 1

@@ -96,6 +96,9 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
     version = str(version)
     if ap is not None and not math.isnan(ap):
         client.set_model_version_tag(name, version, AP_TAG, f"{ap:.6f}")
+        # compared as tagged: the holder's AP is read back from its 6-decimal tag, so the full
+        # value of an equal AP (0.000157140... against 0.000157) beat it and moved the alias
+        ap = float(f"{ap:.6f}")
     else:
         ap = None
     read_at = time.time()

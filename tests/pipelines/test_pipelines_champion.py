@@ -71,6 +71,19 @@ def test_pipelines_champion_moves_only_on_better_ap(client, tmp_path):
                                                    "source.class_heads": "fresh"}
 
 
+def test_pipelines_champion_an_ap_equal_as_tagged_is_a_tie(client, tmp_path):
+    # the holder's AP is read back from its 6-decimal tag: the full value of the same AP
+    # (0.000157140714... against "0.000157") beat it and moved the alias, "AP 0.0002 beats v1 (AP 0.0002)"
+    v1 = _new_version(client, tmp_path)
+    assert promote_if_better("dino-tiny-coco", v1, 0.00015714071407140715, client=client).promoted
+    v2 = _new_version(client, tmp_path)
+    p = promote_if_better("dino-tiny-coco", v2, 0.00015714071407140715, client=client)
+    assert not p.promoted and "does not beat" in p.reason, p.reason
+    assert str(client.get_model_version_by_alias("dino-tiny-coco", "champion").version) == v1
+    v3 = _new_version(client, tmp_path)  # better in the 6th decimal: moves
+    assert promote_if_better("dino-tiny-coco", v3, 0.000158, client=client).promoted
+
+
 def test_pipelines_champion_without_ap_tag_is_beaten(client, tmp_path):
     v1 = _new_version(client, tmp_path)
     client.set_registered_model_alias("dino-tiny-coco", "champion", v1)  # set by hand, no AP

@@ -27,7 +27,8 @@ from typing import Optional, Sequence
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.check_data",
                                 description="Compare every record of dataset folders with its checksums.")
-    p.add_argument("folders", nargs="+", help="dataset folders (shards + manifest.json)")
+    p.add_argument("folders", nargs="+", help="dataset folders (shards + manifest.json), or folders holding "
+                                               "train/, train_extra/, val/ datasets (as --data takes them)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the reports as JSON")
     p.add_argument("--image-root", default=None, metavar="DIR",
                    help="the images' folder of a dataset converted without --embed-images, where it is not the "
@@ -56,6 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UsageError("a dataset folder argument is empty; give a path")
         if not Path(folder).exists():  # was "no manifest.json in ...", as for a folder not yet converted
             raise UsageError(f"dataset folder not found: {folder}")
+    a.folders = _dataset_folders(a.folders)
     if a.json:  # before the (long) read, not after it
         target = Path(a.json).expanduser()
         if target.is_dir():
@@ -83,6 +85,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         Path(a.json).expanduser().write_text(json.dumps(reports, indent=1))
     lost = any(r.get("image_files", {}).get("missing") for r in reports)
     return 1 if lost or any(r["damaged"] or r["unreadable"] for r in reports) else 0
+
+
+def _dataset_folders(folders: list[str]) -> list[str]:
+    """``folders`` with each folder that holds ``train/``, ``train_extra/`` or ``val/`` datasets (the
+    form ``--data`` takes) replaced by those, said once (was: "no manifest.json ... not a
+    converted dataset", for data the training pipelines read)."""
+    from pipelines._datasets import MANIFEST
+
+    out = []
+    for folder in folders:
+        parent = Path(folder)
+        parts = [] if (parent / MANIFEST).is_file() else \
+            [parent / name for name in ("train", "train_extra", "val") if (parent / name / MANIFEST).is_file()]
+        if parts:
+            print(f"{folder} holds datasets: checking {', '.join(p.name for p in parts)}", flush=True)
+        out += [str(p) for p in parts] or [folder]
+    return out
 
 
 def _image_roots(a: argparse.Namespace) -> list:

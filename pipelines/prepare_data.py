@@ -28,8 +28,9 @@ from pathlib import Path
 from dino_scale.data import ConversionError, MalformedJSONError, convert_coco
 
 
-def _summary(name: str, m: dict) -> str:
-    return json.dumps({"dataset": name, "num_images": m["num_images"], "num_boxes": m["num_boxes"],
+def _summary(folder: Path, m: dict) -> str:
+    """One JSON line: the dataset folder written (was ``"dataset": "out"`` for every conversion) and its counts."""
+    return json.dumps({"dataset": str(folder), "num_images": m["num_images"], "num_boxes": m["num_boxes"],
                        "images_in": m["images_in"], "images_skipped": m["images_skipped"],
                        "boxes_in": m["boxes_in"], "boxes_dropped": m["boxes_dropped"],
                        "boxes_clipped": m["boxes_clipped"], "shards": len(m["shards"]),
@@ -96,11 +97,12 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    out = Path(a.out).expanduser()
     if a.o365_val_split is not None:
         for name, m in res.items():
-            print(_summary(name, m))
+            print(_summary(out / name, m))
     else:
-        print(_summary("out", res))
+        print(_summary(out, res))
     return 0
 
 

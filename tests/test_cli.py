@@ -408,6 +408,24 @@ def test_cli_paths_starting_with_a_tilde_are_in_home(tmp_path, monkeypatch, caps
     assert len(json.loads((home / "preds" / "predictions.json").read_text())["images"]) == 2
 
 
+def test_cli_check_data_of_a_folder_holding_train_and_val_checks_both(tmp_path, capsys):
+    """A folder holding train/ and val/ (what --data takes) was refused: "no manifest.json in ...:
+    not a converted dataset"."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
+    from test_data_integrity import _convert
+
+    _convert(tmp_path / "coco", name="train")
+    _convert(tmp_path / "coco", name="val")
+    (tmp_path / "coco" / "img").rename(tmp_path / "img")  # not a dataset: not checked
+    assert cli.main(["check-data", str(tmp_path / "coco"), "--quiet", "--no-image-files"]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'coco'} holds datasets: checking train, val" in out
+    assert all(f"{tmp_path / 'coco' / n}: 4 records in 1 shards match" in out for n in ("train", "val")), out
+    (tmp_path / "empty").mkdir()  # neither a dataset nor a folder of datasets: the manifest error, as before
+    assert cli.main(["check-data", str(tmp_path / "empty")]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
 def test_cli_check_data_looks_for_the_image_files_a_dataset_names(tmp_path, capsys):
     """A dataset converted without --embed-images passed check-data with its images gone (it read
     the shards only): training then skipped every image, or refused the folder after Ray started.

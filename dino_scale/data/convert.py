@@ -149,8 +149,10 @@ class _Converter:
                 f"{self.ann_path}: annotations use category ids that are not in 'categories': "
                 f"{ids[:100]}{' ...' if len(ids) > 100 else ''} (known: {len(known)} ids, "
                 f"{min(known)}..{max(known)}); fix the file or its category list")
-        self.say(f"{self.ann_path.name}: {len(known)} categories, {meta['num_images']:,} images, "
-                 f"{ann['boxes_in']:,} annotations read in {time.time() - t0:.0f}s; writing shards")
+        part = "" if tuple(self.select) == (0, None) else f" for {self.out.name}"  # the file's annotations all
+        self.say(f"{self.ann_path.name}: {len(known)} categories, {meta['num_images']:,} images{part}, "
+                 f"{ann['boxes_in']:,} annotations in the file, read in {time.time() - t0:.0f}s; writing shards "
+                 f"to {self.out}")
         return {"signature": self.signature, **meta, "ann": ann}
 
     # -- write ---------------------------------------------------------------------

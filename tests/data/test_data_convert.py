@@ -123,8 +123,24 @@ def test_data_convert_reference_mode_and_cli(coco_like, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     m = read_manifest(tmp_path / "ref")
     assert summary["num_images"] == m["num_images"] == 24 and not m["embed_images"]
+    assert summary["dataset"] == str(tmp_path / "ref")  # was "out" for every conversion
     assert m["image_root"] == str(root.resolve())
     assert all(r["image"] is None for r in iter_records(tmp_path / "ref"))
+
+
+def test_data_convert_cli_names_each_split_folder(coco_like, tmp_path, capsys):
+    # the summaries said "dataset": "out" (or the bare split name), and both splits' header lines
+    # said "N images, <every annotation of the file> annotations read" as if each split held them all
+    root, ann = coco_like
+    from pipelines.prepare_data import main
+    out = tmp_path / "o365"
+    assert main(["--annotations", str(ann), "--images", str(root), "--out", str(out), "--o365-val-split", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summaries = [json.loads(ln) for ln in lines if ln.startswith("{")]
+    assert [(s["dataset"], s["num_images"]) for s in summaries] == [(str(out / "val"), 3), (str(out / "train_extra"), 21)]
+    headers = [ln for ln in lines if "annotations in the file" in ln]
+    assert len(headers) == 2 and "3 images for val," in headers[0] and "21 images for train_extra," in headers[1]
+    assert headers[0].endswith(f"writing shards to {out / 'val'}"), headers
 
 
 def _small_dataset(tmp_path, num_images: int, annotations: list) -> tuple:

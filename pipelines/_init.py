@@ -94,8 +94,6 @@ def check_exists(uri: str) -> None:
 def _what_exists(client, uri: str) -> str:
     """For a registry URI that names nothing: what the registry does hold, in a few words (the
     model's aliases and versions when the model exists, else the closest model names)."""
-    import difflib
-
     from mlflow.exceptions import MlflowException
 
     hint = "list models with `dino-scale registry --work-dir DIR list`"
@@ -105,7 +103,7 @@ def _what_exists(client, uri: str) -> str:
         return hint
     name = parse_model_uri(uri)[0]
     try:
-        from pipelines.registry import _all_pages, _get_model, _versions
+        from pipelines.registry import _get_model, _versions, model_names_hint
 
         model = _get_model(client, name) if name else None
         if model is not None:
@@ -116,14 +114,9 @@ def _what_exists(client, uri: str) -> str:
                                       else "no aliases and ")
                     + (f"versions {', '.join(map(str, versions[-10:]))}" if versions else "no versions")
                     + (f" (the last 10 of {len(versions)})" if len(versions) > 10 else ""))
-        names = [m.name for m in _all_pages(client.search_registered_models)]
+        return model_names_hint(client, name)
     except MlflowException:
         return hint  # the lookup's own error is the message; the listing is only a help
-    if not names:
-        return "the registry holds no models: run pretraining first, or give the --work-dir it used"
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
-    shown = close + [n for n in sorted(names) if n not in close][:max(0, 5 - len(close))]
-    return f"registered models: {', '.join(shown)}" + (f", ... {len(names)} in all" if len(names) > 5 else "")
 
 
 def resolve(uri: str, dst_dir: Path):

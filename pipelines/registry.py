@@ -369,6 +369,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def model_names_hint(client, name: str) -> str:
+    """For a model ``name`` the registry does not hold: the closest names it does hold, in a few
+    words (raises the store's MlflowException when the listing fails)."""
+    import difflib
+
+    names = [m.name for m in _all_pages(client.search_registered_models)]
+    if not names:
+        return "the registry holds no models: run pretraining first, or give the --work-dir it used"
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    shown = close + [n for n in sorted(names) if n not in close][:max(0, 5 - len(close))]
+    return f"registered models: {', '.join(shown)}" + (f", ... {len(names)} in all" if len(names) > 5 else "")
+
+
+def _not_found(client, name: str) -> common.UsageError:
+    return common.UsageError(f"registered model {name!r} not found ({model_names_hint(client, name)})")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     common.check_flag_values(args)  # an alias MLflow refuses: before promote tags the version
@@ -379,11 +396,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.action == "show":
         state = registry_state(client, [args.name])
         if not state:
-            raise common.UsageError(f"registered model {args.name!r} not found")
+            raise _not_found(client, args.name)
         print(format_state(state))
     else:
         if _get_model(client, args.name) is None:
-            raise common.UsageError(f"registered model {args.name!r} not found")
+            raise _not_found(client, args.name)
         text = args.version.strip()
         if not text.isdigit() or int(text) < 1:
             raise common.UsageError(f"version {args.version!r}: give a version number (1, 2, ...; "

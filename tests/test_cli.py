@@ -140,8 +140,11 @@ def test_cli_registry_list_show_promote(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "dino-tiny-coco" in out and "@champion" in out and "dino-tiny-o365 v1" in out
     assert out.count("a-filler-") == 100
-    assert cli.main(base + ["show", "no-such-model"]) == 2
-    assert "not found" in capsys.readouterr().err
+    assert cli.main(base + ["show", "dino-tiny-cocoa"]) == 2  # names the closest models (as evaluate does)
+    assert "error: registered model 'dino-tiny-cocoa' not found (registered models: dino-tiny-coco, a-filler-000" in \
+        capsys.readouterr().err
+    assert cli.main(base + ["promote", "no-such-model", "1"]) == 2
+    assert "not found (registered models: " in capsys.readouterr().err
     assert cli.main(base + ["promote", "dino-tiny-coco", "7"]) == 2  # no such version
     # was MLflow's raw "Model Version (name=..., version=7) not found"
     assert "error: dino-tiny-coco has no version 7 (versions: 1, 2; 'registry show dino-tiny-coco'" in \

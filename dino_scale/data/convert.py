@@ -282,9 +282,27 @@ class _Converter:
         return self._written_before(signature, "shuffle_seed", "bucketing")
 
     def run(self) -> dict[str, Any]:
-        # one conversion of a folder at a time; and none that rewrites a folder a running job reads
-        with folder_lock(self.out / LOCK_NAME, self.say, str(self.out)), contextlib.ExitStack() as rewrite:
-            return self._run(rewrite)
+        made = not self.out.exists()
+        try:
+            # one conversion of a folder at a time; and none that rewrites a folder a running job reads
+            with folder_lock(self.out / LOCK_NAME, self.say, str(self.out)), contextlib.ExitStack() as rewrite:
+                return self._run(rewrite)
+        except ValueError:  # the input refused (malformed JSON, no usable image ...): nothing to resume
+            if made:
+                self._remove_made_folder()
+            raise
+
+    def _remove_made_folder(self) -> None:
+        """Remove the output folder this conversion made, when it holds only the lock and the work
+        folder (no shard, manifest or anything else): a refused input left ``.lock`` and
+        ``.convert-work/`` behind. Anything more (a shard written before the error) is kept."""
+        entries = {p.name for p in self.out.iterdir()} if self.out.is_dir() else {"?"}
+        if entries - {LOCK_NAME, CONVERT_WORK_NAME} or shard_files(self.out):
+            return
+        shutil.rmtree(self.out / CONVERT_WORK_NAME, ignore_errors=True)
+        (self.out / LOCK_NAME).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.out.rmdir()
 
     def _run(self, rewrite: contextlib.ExitStack) -> dict[str, Any]:
         manifest_path = self.out / MANIFEST_NAME

@@ -22,8 +22,12 @@ class MalformedJSONError(ValueError):
 
     def __init__(self, path: Union[str, Path], position: int, line: int, column: int, detail: str):
         self.path, self.position, self.line, self.column = str(path), position, line, column
+        detail = _parser_words(detail)
         hint = ""
-        if "invalid bytes in utf8" in detail.lower():
+        other = _not_json(path) if position == 0 else None
+        if other:
+            hint = f" (not a JSON file: {other}; the annotation file is COCO-format JSON)"
+        elif "invalid bytes in utf8" in detail.lower():
             hint = (" (JSON is UTF-8 and this file is not: re-save it as UTF-8, e.g. "
                     "`iconv -f latin1 -t utf-8 in.json > out.json` for a Latin-1 file)")
         elif "invalid char" in detail:
@@ -41,6 +45,38 @@ class MalformedJSONError(ValueError):
 
     def __reduce__(self):  # picklable across processes (the image pass runs in a child)
         return (MalformedJSONError, (self.path, self.position, self.line, self.column, self.detail))
+
+
+_SIGNATURES = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"\x1f\x8b", "gzip-compressed"),
+               (b"PK\x03\x04", "a zip archive"), (b"%PDF", "a PDF"), (b"BM", "a BMP image"), (b"GIF8", "a GIF image"))
+
+
+def _parser_words(detail: str) -> str:
+    """The parser's message as text: the C backend gives it as the repr of bytes (``b'lexical error:
+    ...\\n ...'``), which printed escapes and raw bytes in the error line."""
+    if detail[:2] in ("b'", 'b"'):
+        import ast
+
+        try:
+            return ast.literal_eval(detail).decode("utf-8", "replace")
+        except (ValueError, SyntaxError):
+            pass
+    return detail
+
+
+def _not_json(path: Union[str, Path]) -> str | None:
+    """What the file is instead, when its first byte cannot start JSON (a JSON document starts
+    with ``{`` or ``[`` after blanks): its kind where the signature is known, else its first bytes."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError:
+        return None
+    body = head.lstrip(b" \t\r\n")
+    if not body or body[:1] in b"{[" or body.startswith(b"\xef\xbb\xbf"):  # (a BOM has its own hint)
+        return None
+    kind = next((name for sig, name in _SIGNATURES if body.startswith(sig)), None)
+    return f"it is {kind}" if kind else f"it starts with {body[:8]!r}"
 
 
 class _CountingReader:

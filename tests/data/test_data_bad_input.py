@@ -228,6 +228,29 @@ def test_data_malformed_json_names_byte_position(tmp_path, text, needle):
     assert f"at byte {expected}" in str(ei.value) and "bad.json" in str(ei.value)
     if needle == "NaN":
         assert "write null" in str(ei.value)
+    assert not (tmp_path / "out").exists()  # the folder it made (was left with .lock and .convert-work/)
+    kept = tmp_path / "kept"  # a folder that was there is kept, with what the user had in it
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(MalformedJSONError):
+        convert_coco(ann, None, kept, progress=False)
+    assert (kept / "notes.txt").read_text() == "mine"
+
+
+def test_data_a_file_that_is_not_json_says_what_it_is(tmp_path):
+    # an image given as the annotation file: the message held the parser's bytes repr
+    # (b'lexical error: ...\\n ... \\xff ...') and a hint about NaN literals and byte-order marks
+    jpeg = tmp_path / "0.jpg"
+    jpeg.write_bytes(_jpeg())
+    with pytest.raises(MalformedJSONError) as ei:
+        convert_coco(jpeg, None, tmp_path / "out", progress=False)
+    message = str(ei.value)
+    assert message.endswith("at byte 0 (line 1, column 1): lexical error: invalid char in json text. (not a JSON "
+                            "file: it is a JPEG image; the annotation file is COCO-format JSON)"), message
+    text = tmp_path / "notes.json"
+    text.write_text("hello")
+    with pytest.raises(MalformedJSONError, match=r"not a JSON file: it starts with b'hello'"):
+        convert_coco(text, None, tmp_path / "out", progress=False)
 
 
 def test_data_json_not_in_utf8_says_so(tmp_path):
@@ -420,7 +443,7 @@ def test_data_an_image_folder_holding_none_of_the_images_is_an_error(tmp_path, e
     with pytest.raises(ConversionError, match=rf"none of the 2 images of .* from the image folder {wrong} "
                                               r"\(missing_file: 2\): is it the folder that holds the files"):
         convert_coco(ann, wrong, out, embed_images=embed, progress=False)
-    assert not (out / "manifest.json").exists() and not list(out.glob("shard-*")) and not list(out.glob(".convert*"))
+    assert not out.exists()  # made by the refused run: removed (was left with .lock and .convert-work/)
     m = convert_coco(ann, root, out, embed_images=embed, progress=False)
     assert m["num_images"] == 2
     # some usable images: the rest are counted skips, as before

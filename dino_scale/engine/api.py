@@ -161,6 +161,22 @@ def _check_init_fits(cfg: Config, weights: str, state: dict, strict: bool = True
         raise CheckpointMismatch(f"{weights} does not fit the model of config {cfg.name!r}: {exc}") from None
 
 
+def resume_note(run_name: str, state: dict, cfg: Config, steps_per_epoch: int) -> str:
+    """One line on what a run that reuses ``run_name`` does, from its checkpoint's trainer
+    ``state``: where it goes on from, or that it has nothing left to train (Ray's own message
+    about the run's snapshot advises deleting the folder, which a user rerunning on purpose
+    should not do)."""
+    step, epoch = int(state.get("global_step") or 0), int(state.get("epoch") or 0)
+    total = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps:
+        total = min(total, int(cfg.train.max_steps))
+    if step >= total:
+        return (f"run {run_name!r} finished at step {step} of {total}: nothing left to train; its weights are "
+                f"evaluated{' and registered' if state.get('finished') else ''} again (a larger --max-steps or "
+                f"--epochs trains on; another --run-name starts a new run)")
+    return f"run {run_name!r} resumes from its checkpoint at step {step} of {total} (epoch {epoch})"
+
+
 def backbone_start_note(cfg: Config) -> Optional[str]:
     """A note when a run trains its backbone from random weights where the official recipe starts
     from ImageNet weights (every backbone with published ones; ``model.backbone_weights`` unset)."""
@@ -297,6 +313,8 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     if train:
         resumes = check_restart(storage, run_name, cfg.train.num_workers, cfg.train.zero_stage, config=cfg,
                                 steps_per_epoch=spe, train_data=train_data)
+        if resumes is not None:
+            log.warning("%s", resume_note(run_name, resumes, cfg, spe))
     tracking_uri = default_tracking_uri(work)
     earlier = None  # the MLflow run a resumed run continues: its lineage must be this call's (and it is linked)
     if resumes is not None:

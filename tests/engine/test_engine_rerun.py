@@ -34,7 +34,8 @@ def _other_train_set(base: Path) -> str:
 
 
 @pytest.mark.timeout(900)
-def test_a_run_name_reused_resumes_continues_with_more_steps_and_refuses_changed_settings(tmp_path, monkeypatch):
+def test_a_run_name_reused_resumes_continues_with_more_steps_and_refuses_changed_settings(tmp_path, monkeypatch,
+                                                                                          caplog):
     """The same run three times: (1) 2 steps; (2) the same command: nothing to train, its final
     checkpoint reported again; (3) a changed lr, or (3b) other initial weights (``source.*`` tags), or
     (3c) another training set of the same size, is refused on the driver, before Ray Train starts;
@@ -87,7 +88,10 @@ def test_a_run_name_reused_resumes_continues_with_more_steps_and_refuses_changed
         assert all(torch.equal(saved_frozen[k], body[k]) for k in frozen)
         assert not any(k.startswith("transformer.") for k in saved_frozen)  # trained: the optimizer's
         backbone.unlink()
+        caplog.clear()
         again = run(_cfg_bb())
+        # said on the driver (Ray's own line only advises deleting the run's folder)
+        assert f"run {name!r} finished at step 2 of 2: nothing left to train" in caplog.text
         assert (again.metrics["step"], again.metrics["resumes"]) == (2, 1)
         assert Path(again.checkpoint_path).name != Path(first.checkpoint_path).name
         assert state(again)["steps_per_epoch"] == 8 and (Path(again.checkpoint_path) / "config.json").is_file()
@@ -108,7 +112,9 @@ def test_a_run_name_reused_resumes_continues_with_more_steps_and_refuses_changed
                 progress=False, experiment="engine-test")
         assert sorted(p.name for p in (storage / name).iterdir()) == before
 
+        caplog.clear()
         longer = run(_cfg_bb(**{"train.max_steps": 4}))
+        assert f"run {name!r} resumes from its checkpoint at step 2 of 4 (epoch 0)" in caplog.text
         assert (longer.metrics["step"], longer.metrics["resumes"], longer.metrics["images_seen"]) == (4, 2, 8)
         assert (Path(longer.checkpoint_path) / "model.safetensors").is_file()
         assert state(longer)["global_step"] == 4 and state(longer)["finished"]

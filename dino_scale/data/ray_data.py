@@ -24,10 +24,12 @@ then gives the union of epochs ``e .. e+num_epochs-1``. Rows carry ``epoch``.
 Shard order (drawn in the read, which streams): seeded by ``data_cfg.seed`` and the epoch, so
 every epoch reads the shards in a new order and a resumed run replays the shard orders of the
 first (:class:`EpochFileOrder`; which rows reach which worker follows the read's timing, except in
-deterministic mode, where every worker reads the whole stream). Within a shard the rows keep the
-order the conversion drew for them (seeded, once): per epoch they are mixed only by the workers'
-``data.shuffle_buffer`` and by the split across workers, not permuted as the official DINO's
-sampler does.
+deterministic mode, where every worker reads the whole stream). Within each block of the read (a
+shard's rows, up to Ray's block size) the rows come in an order drawn per epoch
+(:class:`BlockOrder`), then the workers' ``data.shuffle_buffer`` and the split across workers mix
+them further; in deterministic mode they keep the order the conversion drew for them (seeded,
+once), as block boundaries are Ray's and differ between clusters. Neither is the full permutation
+of every image that the official DINO's sampler draws.
 Images that fail to decode are dropped from the stream, logged with their id and
 counted by that actor: :func:`decode_skips`; so are training records that hold a category
 id their manifest does not list (reason ``unknown_category``). Images whose EXIF orientation the
@@ -396,16 +398,41 @@ class EpochFileOrder(ray.data.FileShuffleConfig):
         return epoch_seed(self.seed, current_epoch(self.stats_name))
 
 
+class BlockOrder:
+    """Picklable batch function: the record rows of one read block (``batch_size=None``: the whole
+    block, images still encoded) in an order drawn anew each epoch, seeded by (``seed``, the epoch,
+    the block's first image id and row count): the conversion's one order within a shard became an
+    order per epoch, nearer the official sampler's permutation of every image, for the price of one
+    take of encoded bytes per block. Which rows share a block is Ray's read's choice (a shard's row
+    groups, up to Ray's block size), so the order is not the same on every cluster: only where the
+    order already follows the read's timing (not ``train.deterministic``)."""
+
+    def __init__(self, seed: int, epoch: Optional[int], stats_name: str):
+        self.seed, self.epoch, self.stats_name = int(seed), epoch, stats_name
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        """``block``: record rows (n,) as an Arrow table -> the same rows, permuted."""
+        n = block.num_rows
+        if n < 2:
+            return block
+        epoch = self.epoch if self.epoch is not None else current_epoch(self.stats_name)
+        first = block.column("image_id")[0].as_py() if "image_id" in block.column_names else None
+        key = [self.seed, int(epoch), int(first or 0) % 2 ** 63, n]
+        return block.take(pa.array(np.random.default_rng(key).permutation(n)))
+
+
 def build_train_dataset(data_dir, data_cfg, image_root: Roots = None, epoch: Optional[int] = None,
                         num_epochs: int = 1, stats_name: str = "train",
-                        override_num_blocks: Optional[int] = None) -> "ray.data.Dataset":
+                        override_num_blocks: Optional[int] = None, block_order: bool = True) -> "ray.data.Dataset":
     """Augmented training rows (see module doc). ``data_dir``: folder(s) of shards; each
     folder's records resolve image files against the root recorded in its manifest, unless
     ``image_root`` (else ``data_cfg.image_root``) overrides it: one root for all folders, or one
     per folder (``"root_a,root_b"``; see :func:`~.loader.folder_image_roots`).
 
     The shards are read in an order drawn from (``data_cfg.seed``, epoch): the epoch clock's
-    (:class:`EpochFileOrder`), or each fixed ``epoch``'s; the same order for an epoch either way."""
+    (:class:`EpochFileOrder`), or each fixed ``epoch``'s; the same order for an epoch either way.
+    ``block_order``: each read block's rows in an order drawn per epoch (:class:`BlockOrder`);
+    False (``train.deterministic``): in the conversion's order, the same on every cluster."""
     override = image_root or data_cfg.image_root
     known = category_ids(data_dir)  # a record holding another id is a counted skip (its label is bad)
     _new_run_stats(stats_name)  # created from the driver, on its node (tasks and workers find it by name)
@@ -414,15 +441,22 @@ def build_train_dataset(data_dir, data_cfg, image_root: Roots = None, epoch: Opt
             raise ValueError("num_epochs > 1 needs a fixed start epoch")
         ds, root = _read_records(data_dir, override, override_num_blocks,
                                  EpochFileOrder(seed=int(data_cfg.seed), stats_name=stats_name))
+        ds = _in_block_order(ds, data_cfg, None, stats_name) if block_order else ds
         return ds.map_batches(_ToSample(data_cfg, True, root, None, stats_name, known), batch_size=_BATCH,
                               batch_format="pyarrow")
     parts = []
     for e in range(int(epoch), int(epoch) + int(num_epochs)):
         ds, root = _read_records(data_dir, override, override_num_blocks, order=ray.data.FileShuffleConfig(
             seed=epoch_seed(data_cfg.seed, e), reseed_after_execution=False))
+        ds = _in_block_order(ds, data_cfg, e, stats_name) if block_order else ds
         parts.append(ds.map_batches(_ToSample(data_cfg, True, root, e, stats_name, known), batch_size=_BATCH,
                                     batch_format="pyarrow"))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+def _in_block_order(ds: "ray.data.Dataset", data_cfg, epoch: Optional[int], stats_name: str) -> "ray.data.Dataset":
+    return ds.map_batches(BlockOrder(data_cfg.seed, epoch, stats_name), batch_size=None, batch_format="pyarrow",
+                          zero_copy_batch=True)
 
 
 def build_eval_dataset(data_dir, data_cfg, image_root: Roots = None, stats_name: str = "eval",

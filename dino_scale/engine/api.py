@@ -361,7 +361,9 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     try:  # any failure from here on marks the MLflow run FAILED, an interrupt KILLED
         datasets: dict[str, Any] = {}
         if train:
-            datasets["train"] = build_train_dataset(train_dir, cfg.data)  # a shard order per (seed, epoch)
+            # a shard order and an order within each read block per (seed, epoch); the latter's blocks
+            # are Ray's choice, so not in deterministic mode (the same order on every cluster)
+            datasets["train"] = build_train_dataset(train_dir, cfg.data, block_order=not cfg.train.deterministic)
         # Handed to the workers through Ray's object store: on a cluster they run on other
         # machines than this driver, where a file written here does not exist.
         val_gt = None

@@ -37,6 +37,7 @@ def test_data_ray_datasets(ray_session, shards, tmp_path, image_folders):
     _eval_and_decode_skips(shards, tmp_path)
     _folders_use_their_own_image_roots(image_folders)
     _shard_order_drawn_per_epoch(tmp_path)
+    _rows_of_a_block_ordered_per_epoch(tmp_path)
     _train_records_of_unknown_categories_skipped(tmp_path)
     _records_changed_after_conversion_skipped(tmp_path)
     _unreadable_shard_named(tmp_path)
@@ -238,6 +239,38 @@ def _shard_order_drawn_per_epoch(tmp_path):
     assert len(first) == 10 and sorted(first) == sorted(second) == sorted(third)
     assert len({first, second, third}) == 3 and first != tuple(sorted(first))  # a repeat: a 1/10! chance
     assert order(build_train_dataset(out, cfg, epoch=1, stats_name="order_test")) == second
+
+
+def _rows_of_a_block_ordered_per_epoch(tmp_path):
+    """Within a shard (one read block here) the rows came in the conversion's order every epoch:
+    now in an order drawn per epoch, the same on every pass over that epoch and for a dataset
+    built for that fixed epoch; ``block_order=False`` (deterministic mode) keeps the shard's."""
+    from dino_scale.data import build_train_dataset, set_epoch
+    from dino_scale.data.synthetic import generate
+
+    root, ann = generate(tmp_path / "raw_rows", "coco-like", num_images=12, seed=4,
+                         image_size=((32, 48), (40, 56)), max_objects=1, empty_fraction=0.0)
+    out = tmp_path / "rows"
+    convert_coco(ann, root, out, embed_images=False, progress=False)
+    stored = tuple(int(r["image_id"]) for r in iter_records(out))
+    cfg = preset("tiny").data
+
+    def order(dataset):
+        dataset.context.execution_options.preserve_order = True
+        return tuple(int(r["image_id"]) for r in dataset.take_all())
+
+    ds, kept = build_train_dataset(out, cfg, stats_name="rows_test"), build_train_dataset(
+        out, cfg, stats_name="rows_test", block_order=False)
+    orders = {}
+    for epoch in (0, 1, 0):
+        set_epoch(epoch, "rows_test")
+        orders.setdefault(epoch, set()).add(order(ds))
+        assert order(kept) == stored
+    assert all(len(o) == 1 for o in orders.values()), orders
+    first, second = orders[0].pop(), orders[1].pop()
+    assert sorted(first) == sorted(second) == sorted(stored)
+    assert len({first, second, stored}) == 3  # a repeat: a 1/12! chance each
+    assert order(build_train_dataset(out, cfg, epoch=1, stats_name="rows_test")) == second
 
 
 def test_data_ray_epoch_clock_survives_ray_restart(ray_lock):

@@ -15,8 +15,8 @@ from .records import SCHEMA, ManifestError, ShardError, iter_records, read_manif
 _LAZY = {
     "DetectionTransform": "transforms", "normalize_batch": "transforms", "dino_resize_size": "transforms",
     "collate": "collate", "collate_numpy_batch": "collate", "LocalLoader": "loader", "iter_samples": "loader",
-    "build_train_dataset": "ray_data", "build_eval_dataset": "ray_data", "decode_skips": "ray_data",
-    "exif_ties": "ray_data", "set_epoch": "ray_data", "current_epoch": "ray_data",
+    "build_train_dataset": "ray_data", "build_eval_dataset": "ray_data", "decode_skips": "run_stats",
+    "exif_ties": "run_stats", "set_epoch": "run_stats", "current_epoch": "run_stats",
     "generate_synthetic": "synthetic",
 }
 

@@ -44,7 +44,7 @@ from dino_scale.engine.evaluate import (
 )
 from dino_scale.engine.optim import applied_lr, build_optimizer, build_scheduler, window_position
 from dino_scale.engine.progress import LossWindow, WindowMeter
-from dino_scale.data.ray_data import set_epoch as set_data_epoch
+from dino_scale.data.run_stats import set_epoch as set_data_epoch
 from dino_scale.engine.train_step import (
     BadStepError, BadStepGuard, all_finite, autocast_dtype, check_target_labels, compute_loss, move_batch,
     window_num_boxes,
@@ -125,7 +125,7 @@ def _evaluate_val(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: t
     val_gt = from_driver(loop_cfg["val_gt"])
     missing = unevaluated_images(val_gt, evaluated_ids)
     if missing:
-        from dino_scale.data.ray_data import skip_reasons
+        from dino_scale.data.run_stats import skip_reasons
 
         log.warning("evaluation at step %d: %d of %d val images could not be decoded and were not evaluated "
                     "(their objects count as misses; reasons: %s); image ids %s%s", step, len(missing),
@@ -263,7 +263,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             m["grad_norm"] = norm
         if rank == 0:
             try:  # images dropped at decode time (counted by the data layer)
-                from dino_scale.data.ray_data import exif_ties, skip_metrics
+                from dino_scale.data.run_stats import exif_ties, skip_metrics
 
                 m.update(skip_metrics("train"))  # data_skipped and data_skipped/<reason>
                 ties = int(exif_ties("train")["count"])  # EXIF ties read upright (data.exif_orientation=auto)
@@ -388,7 +388,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     if abort:
         final_metrics["abort_reason"] = abort
     if rank == 0:  # the run's decode-time skips, by reason, in its final metrics (and one log line)
-        from dino_scale.data.ray_data import skips_at_end
+        from dino_scale.data.run_stats import skips_at_end
 
         final_metrics.update(skips_at_end("train"))
     detections = None

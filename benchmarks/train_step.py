@@ -12,9 +12,10 @@ that ``train_step`` skipped (a non-finite loss or gradients: no weight update) i
 (``skipped_steps``: of the timed steps; ``warmup_skipped``); a row with a skipped timed step
 is an error row (no timing, exit status 1), since its median would not be of full steps.
 ``--finite-check`` says where that check is made: ``auto`` on the device with a fused AdamW (the
-default on a GPU; read back after the timing), else on the host (one sync per step); ``device``
-also uses a fused AdamW on the CPU; ``host``; ``none`` (no step is checked, so none can be
-seen as skipped). Prints a
+default on a GPU; each step's verdict read once it has reached the host, never waited for in the
+timed loop), else on the host (two syncs per step: the loss, the gradient norm); ``device`` also
+uses a fused AdamW on the CPU; ``host``; ``none`` (no step is checked, so none can be seen as
+skipped). Prints a
 table and writes JSON under benchmarks/results/.
 
     python benchmarks/train_step.py                                   # GPU, three presets
@@ -288,7 +289,7 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     p.add_argument("--channels-last", action="store_true", help="channels_last backbone and input")
     p.add_argument("--finite-check", choices=("auto", "device", "host", "none"), default="auto",
                    help="the NaN/Inf check of each step: auto = on the device where the AdamW is fused "
-                        "(GPU), else on the host (one sync); device = fused AdamW also on the CPU; none = off")
+                        "(GPU), else on the host (two syncs); device = fused AdamW also on the CPU; none = off")
     p.add_argument("--no-finite-check", action="store_const", dest="finite_check", const="none",
                    help="= --finite-check none")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

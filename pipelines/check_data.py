@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the reports as JSON")
     p.add_argument("--image-root", default=None, metavar="DIR",
                    help="the images' folder of a dataset converted without --embed-images, where it is not the "
-                        "one recorded at conversion (one per folder, comma-separated; as data.image_root)")
+                        "one recorded at conversion (one per folder, comma-separated; as data.image_root; a "
+                        "folder holding train/ and val/ counts as those two)")
     p.add_argument("--no-image-files", action="store_true",
                    help="do not look for the image files such a dataset names (a stat per image)")
     p.add_argument("--workers", type=int, default=4,
@@ -57,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UsageError("a dataset folder argument is empty; give a path")
         if not Path(folder).exists():  # was "no manifest.json in ...", as for a folder not yet converted
             raise UsageError(f"dataset folder not found: {folder}")
-    a.folders = _dataset_folders(a.folders)
+    a.folders = _dataset_folders(a.folders, say=None if a.quiet else print)
     if a.json:  # before the (long) read, not after it
         target = Path(a.json).expanduser()
         if target.is_dir():
@@ -87,20 +88,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 1 if lost or any(r["damaged"] or r["unreadable"] for r in reports) else 0
 
 
-def _dataset_folders(folders: list[str]) -> list[str]:
+def _dataset_folders(folders: list[str], say=print) -> list[str]:
     """``folders`` with each folder that holds ``train/``, ``train_extra/`` or ``val/`` datasets (the
-    form ``--data`` takes) replaced by those, said once (was: "no manifest.json ... not a
-    converted dataset", for data the training pipelines read)."""
+    form ``--data`` takes) replaced by those, said (``say``; None: not), each folder once (was:
+    "no manifest.json ... not a converted dataset", for data the training pipelines read).
+    ``--image-root`` then gives one root for all of them, or one per folder of this list."""
     from pipelines._datasets import MANIFEST
 
-    out = []
+    out: list[str] = []
     for folder in folders:
         parent = Path(folder)
         parts = [] if (parent / MANIFEST).is_file() else \
             [parent / name for name in ("train", "train_extra", "val") if (parent / name / MANIFEST).is_file()]
-        if parts:
-            print(f"{folder} holds datasets: checking {', '.join(p.name for p in parts)}", flush=True)
-        out += [str(p) for p in parts] or [folder]
+        if parts and say is not None:
+            say(f"{folder} holds datasets: checking {', '.join(p.name for p in parts)}")
+        out += [f for f in ([str(p) for p in parts] or [folder]) if f not in out]
     return out
 
 

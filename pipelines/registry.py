@@ -383,7 +383,13 @@ def model_names_hint(client, name: str) -> str:
 
 
 def _not_found(client, name: str) -> common.UsageError:
-    return common.UsageError(f"registered model {name!r} not found ({model_names_hint(client, name)})")
+    from mlflow.exceptions import MlflowException
+
+    try:
+        hint = f" ({model_names_hint(client, name)})"
+    except MlflowException:  # the listing is only a help: the "not found" is the message
+        hint = ""
+    return common.UsageError(f"registered model {name!r} not found{hint}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -420,10 +420,15 @@ def test_cli_check_data_of_a_folder_holding_train_and_val_checks_both(tmp_path, 
     _convert(tmp_path / "coco", name="train")
     _convert(tmp_path / "coco", name="val")
     (tmp_path / "coco" / "img").rename(tmp_path / "img")  # not a dataset: not checked
-    assert cli.main(["check-data", str(tmp_path / "coco"), "--quiet", "--no-image-files"]) == 0
+    assert cli.main(["check-data", str(tmp_path / "coco"), "--no-image-files"]) == 0
     out = capsys.readouterr().out
     assert f"{tmp_path / 'coco'} holds datasets: checking train, val" in out
     assert all(f"{tmp_path / 'coco' / n}: 4 records in 1 shards match" in out for n in ("train", "val")), out
+    # a folder named twice (itself and through its parent) is checked once; --quiet: the summaries only
+    assert cli.main(["check-data", str(tmp_path / "coco"), str(tmp_path / "coco" / "val"), "--quiet",
+                     "--no-image-files"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("records in 1 shards match") == 2 and "holds datasets" not in out, out
     (tmp_path / "empty").mkdir()  # neither a dataset nor a folder of datasets: the manifest error, as before
     assert cli.main(["check-data", str(tmp_path / "empty")]) == 2
     assert "no manifest.json" in capsys.readouterr().err

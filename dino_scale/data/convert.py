@@ -51,6 +51,7 @@ from .convert_passes import (
     BUCKETING, DROP_REASONS, ConversionError, image_check_warnings, scan_annotations, scan_images,
 )
 from .decode import verify_image_bytes
+from .json_stream import MalformedJSONError
 from .integrity import CHECKSUMS, add_checksums
 from .records import (
     CONTENT_SCHEMA, CONVERT_WORK_NAME, FORMAT, MANIFEST_NAME, OUTSIDE_ROOT, ManifestError, ShardError, read_manifest,
@@ -283,23 +284,24 @@ class _Converter:
 
     def run(self) -> dict[str, Any]:
         made = not self.out.exists()
-        try:
-            # one conversion of a folder at a time; and none that rewrites a folder a running job reads
-            with folder_lock(self.out / LOCK_NAME, self.say, str(self.out)), contextlib.ExitStack() as rewrite:
+        # one conversion of a folder at a time; and none that rewrites a folder a running job reads
+        with folder_lock(self.out / LOCK_NAME, self.say, str(self.out)), contextlib.ExitStack() as rewrite:
+            try:
                 return self._run(rewrite)
-        except ValueError:  # the input refused (malformed JSON, no usable image ...): nothing to resume
-            if made:
-                self._remove_made_folder()
-            raise
+            except (ConversionError, MalformedJSONError):  # the input refused: nothing in the folder to resume
+                if made:
+                    self._remove_made_folder()
+                raise
 
     def _remove_made_folder(self) -> None:
-        """Remove the output folder this conversion made, when it holds only the lock and the work
-        folder (no shard, manifest or anything else): a refused input left ``.lock`` and
-        ``.convert-work/`` behind. Anything more (a shard written before the error) is kept."""
+        """Remove the output folder this conversion made (the lock held: a conversion waiting on it
+        then makes the folder anew, :func:`~.shards.folder_lock`), when it holds only the lock and a
+        work folder without a finished scan (no plan, shard, manifest or anything else): a refused
+        input left ``.lock`` and ``.convert-work/`` behind. A scan that finished is kept (resumable)."""
         entries = {p.name for p in self.out.iterdir()} if self.out.is_dir() else {"?"}
-        if entries - {LOCK_NAME, CONVERT_WORK_NAME} or shard_files(self.out):
+        if entries - {LOCK_NAME, CONVERT_WORK_NAME} or shard_files(self.out) or (self.work / "plan.json").exists():
             return
-        shutil.rmtree(self.out / CONVERT_WORK_NAME, ignore_errors=True)
+        shutil.rmtree(self.work, ignore_errors=True)
         (self.out / LOCK_NAME).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.out.rmdir()

@@ -47,8 +47,10 @@ class MalformedJSONError(ValueError):
         return (MalformedJSONError, (self.path, self.position, self.line, self.column, self.detail))
 
 
-_SIGNATURES = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"\x1f\x8b", "gzip-compressed"),
-               (b"PK\x03\x04", "a zip archive"), (b"%PDF", "a PDF"), (b"BM", "a BMP image"), (b"GIF8", "a GIF image"))
+_UTF16 = "UTF-16 text (JSON is UTF-8: re-save it as UTF-8)"
+_SIGNATURES = ((b"\xff\xfe", _UTF16), (b"\xfe\xff", _UTF16), (b"\xff\xd8\xff", "a JPEG image"),
+               (b"\x89PNG", "a PNG image"), (b"\x1f\x8b", "gzip-compressed"), (b"PK\x03\x04", "a zip archive"),
+               (b"%PDF", "a PDF"), (b"BM", "a BMP image"), (b"GIF8", "a GIF image"))
 
 
 def _parser_words(detail: str) -> str:
@@ -58,9 +60,11 @@ def _parser_words(detail: str) -> str:
         import ast
 
         try:
-            return ast.literal_eval(detail).decode("utf-8", "replace")
+            words = ast.literal_eval(detail)
         except (ValueError, SyntaxError):
-            pass
+            return detail
+        if isinstance(words, bytes):
+            return words.decode("utf-8", "replace")
     return detail
 
 

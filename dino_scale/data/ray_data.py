@@ -24,8 +24,8 @@ then gives the union of epochs ``e .. e+num_epochs-1``. Rows carry ``epoch``.
 Shard order (drawn in the read, which streams): seeded by ``data_cfg.seed`` and the epoch, so
 every epoch reads the shards in a new order and a resumed run replays the shard orders of the
 first (:class:`EpochFileOrder`; which rows reach which worker follows the read's timing, except in
-deterministic mode, where every worker reads the whole stream). Within each block of the read (a
-shard's rows, up to Ray's block size) the rows come in an order drawn per epoch
+deterministic mode, where every worker reads the whole stream). Within each block of the read (rows
+of one shard or more, up to Ray's block size) the rows come in an order drawn per epoch
 (:class:`BlockOrder`), then the workers' ``data.shuffle_buffer`` and the split across workers mix
 them further; in deterministic mode they keep the order the conversion drew for them (seeded,
 once), as block boundaries are Ray's and differ between clusters. Neither is the full permutation
@@ -250,8 +250,8 @@ class BlockOrder:
     block, images still encoded) in an order drawn anew each epoch, seeded by (``seed``, the epoch,
     the block's first image id and row count): the conversion's one order within a shard became an
     order per epoch, nearer the official sampler's permutation of every image, for the price of one
-    take of encoded bytes per block. Which rows share a block is Ray's read's choice (a shard's row
-    groups, up to Ray's block size), so the order is not the same on every cluster: only where the
+    take of encoded bytes per block. Which rows share a block is Ray's read's choice (rows of one
+    shard or more, up to Ray's block size), so the order is not the same on every cluster: only where the
     order already follows the read's timing (not ``train.deterministic``)."""
 
     def __init__(self, seed: int, epoch: Optional[int], stats_name: str):

@@ -68,20 +68,35 @@ def folder_lock(lock_file: Path, say: Callable[[str], None], what: str) -> Itera
     do not add up"). The second waits, saying so, and then finds the folder done. ``flock`` locks
     hold on a local disk and on NFS; a process that dies releases its lock. A folder where the lock
     cannot be made (a read-only copy: nothing can be written there anyway) is used unlocked."""
-    try:
-        lock_file.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(lock_file, "a")
-    except OSError:
-        yield
-        return
-    with fh:
-        locked = flock_or_wait(fh, fcntl.LOCK_EX, lambda: say(f"{what}: another process is writing it; "
-                                                              f"waiting for that to finish"))
+    while True:
         try:
+            lock_file.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(lock_file, "a")
+        except OSError:
             yield
-        finally:
-            if locked:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+            return
+        with fh:
+            locked = flock_or_wait(fh, fcntl.LOCK_EX, lambda: say(f"{what}: another process is writing it; "
+                                                                  f"waiting for that to finish"))
+            if locked and not _still_at(fh, lock_file):  # the holder removed it (and its folder) before it
+                fcntl.flock(fh, fcntl.LOCK_UN)           # let go: a lock on a file no path leads to locks
+                continue                                  # nothing, so make the folder and lock anew
+            try:
+                yield
+            finally:
+                if locked:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+            return
+
+
+def _still_at(fh, path: Path) -> bool:
+    """Whether the open file ``fh`` is still the file at ``path`` (not unlinked or replaced)."""
+    try:
+        here = os.stat(path)
+    except OSError:
+        return False
+    mine = os.fstat(fh.fileno())
+    return (mine.st_dev, mine.st_ino) == (here.st_dev, here.st_ino)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

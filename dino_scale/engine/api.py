@@ -166,14 +166,16 @@ def resume_note(run_name: str, state: dict, cfg: Config, steps_per_epoch: int) -
     ``state``: where it goes on from, or that it has nothing left to train (Ray's own message
     about the run's snapshot advises deleting the folder, which a user rerunning on purpose
     should not do)."""
+    if "global_step" not in state:  # a checkpoint without its trainer state (an older release's)
+        return f"run {run_name!r} resumes from its latest checkpoint"
     step, epoch = int(state.get("global_step") or 0), int(state.get("epoch") or 0)
-    total = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps:
+    total = cfg.train.epochs * steps_per_epoch  # the training loop's stop: this many steps, or the epochs
+    if cfg.train.max_steps:                     # (an epoch that lost images to decode skips ends early)
         total = min(total, int(cfg.train.max_steps))
-    if step >= total:
-        return (f"run {run_name!r} finished at step {step} of {total}: nothing left to train; its weights are "
-                f"evaluated{' and registered' if state.get('finished') else ''} again (a larger --max-steps or "
-                f"--epochs trains on; another --run-name starts a new run)")
+    if step >= total or epoch >= cfg.train.epochs:
+        return (f"run {run_name!r} finished at step {step} of {total}: nothing left to train; its final weights "
+                f"are reported again (a larger --max-steps or --epochs trains on; another --run-name starts a "
+                f"new run)")
     return f"run {run_name!r} resumes from its checkpoint at step {step} of {total} (epoch {epoch})"
 
 

@@ -184,7 +184,7 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step`` skips its whole update on the device when given a ``found_inf``
     tensor of 1, as :class:`torch.amp.GradScaler` drives it: torch's fused Adam/AdamW (AdamW is an
     Adam). Not fused SGD: its first skipped step leaves an uninitialized momentum buffer."""
-    return (isinstance(optimizer, torch.optim.Adam)
+    return (isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))  # (AdamW is no Adam before torch 2.7)
             and bool(getattr(optimizer, "_step_supports_amp_scaling", False))
             and all(g.get("fused") for g in optimizer.param_groups))
 
@@ -211,9 +211,9 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
     rest). No host read, so the host queues the backward while the device still runs the loss.
     This also skips a finite loss whose gradients are not (counted as
     :meth:`BadStepGuard.update_step` counts), or whose norm overflows float32 (an element above
-    ~1e19: divergence). ``grad_norm`` (pre-clip) is returned whenever it was computed. Otherwise two host reads: the loss's finiteness
-    before the backward, which a non-finite loss then skips, and the gradient norm's before the
-    update, which non-finite gradients skip.
+    ~1e19: divergence). ``grad_norm`` (pre-clip) is returned whenever it was computed. Otherwise
+    two host reads: the loss's finiteness before the backward, which a non-finite loss then skips,
+    and the gradient norm's before the update, which non-finite gradients skip.
     """
     on_device = check_finite and scaler is None and skips_on_device(optimizer)
     if device_check and check_finite and not on_device:

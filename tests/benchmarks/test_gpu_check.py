@@ -60,6 +60,9 @@ def test_the_finite_pair_starts_only_when_both_fit(tmp_path):
     out, _ = _run(tmp_path / "fits", "finite", DRY_RUN=1, BUILD=0, BUDGET_S=95)
     steps = _summary_steps(out)
     assert steps["finite-host"].startswith("would run") and steps["finite-auto"].startswith("would run"), steps
+    out, _ = _run(tmp_path / "tight", "finite", DRY_RUN=1, BUILD=0, BUDGET_S=100)
+    steps = _summary_steps(out)  # the host row may not take the time the device row needs
+    assert "limit 55 s" in steps["finite-host"] and steps["finite-auto"].startswith("would run"), steps
     out, _ = _run(tmp_path / "short", "finite", DRY_RUN=1, BUILD=0, BUDGET_S=60)
     steps = _summary_steps(out)
     assert all(steps[f"finite-{c}"].startswith("skipped (60 s left") for c in ("host", "auto")), steps

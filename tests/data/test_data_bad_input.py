@@ -251,6 +251,10 @@ def test_data_a_file_that_is_not_json_says_what_it_is(tmp_path):
     text.write_text("hello")
     with pytest.raises(MalformedJSONError, match=r"not a JSON file: it starts with b'hello'"):
         convert_coco(text, None, tmp_path / "out", progress=False)
+    utf16 = tmp_path / "utf16.json"  # Windows tools save "Unicode" so
+    utf16.write_text('{"images": []}', encoding="utf-16")
+    with pytest.raises(MalformedJSONError, match=r"not a JSON file: it is UTF-16 text \(JSON is UTF-8: re-save"):
+        convert_coco(utf16, None, tmp_path / "out", progress=False)
 
 
 def test_data_json_not_in_utf8_says_so(tmp_path):

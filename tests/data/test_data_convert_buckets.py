@@ -284,3 +284,47 @@ def test_data_convert_buckets_a_folder_bucketed_by_id_modulo_is_kept(ann, tmp_pa
     plan_path.write_text(json.dumps(plan))
     _convert(ann, part, shuffle_seed=3, max_images_per_shard=15)
     _check_records(part)
+
+
+def test_data_convert_buckets_a_waiting_conversion_locks_anew_after_the_folder_went(tmp_path):
+    """A refused conversion removes the folder it made, lock file included, while holding the lock.
+    One that waited on that lock held it then on a file no path led to: a third conversion made a
+    new lock file and ran beside it, and its writes failed in the removed folder. The waiter now
+    finds the path gone and locks the new file (the folder made again)."""
+    import fcntl
+    import threading
+    import time
+
+    from dino_scale.data.shards import folder_lock
+
+    folder = tmp_path / "new"
+    lock = folder / ".lock"
+    holding, removed, seen = threading.Event(), threading.Event(), []
+
+    def refused_conversion():
+        with folder_lock(lock, lambda msg: None, "first"):
+            holding.set()
+            removed.wait(10)
+            lock.unlink()
+            folder.rmdir()
+
+    def waiting_conversion():
+        with folder_lock(lock, lambda msg: None, "second"):
+            seen.append(folder.is_dir() and lock.is_file())
+            with open(lock) as other:  # the lock is on the file at the path: a third one must wait
+                try:
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    seen.append("free")
+                except BlockingIOError:
+                    seen.append("held")
+
+    first = threading.Thread(target=refused_conversion)
+    first.start()
+    assert holding.wait(10)
+    second = threading.Thread(target=waiting_conversion)
+    second.start()
+    time.sleep(0.5)  # the second is waiting on the first's lock file
+    removed.set()
+    first.join(10)
+    second.join(10)
+    assert seen == [True, "held"], seen

@@ -506,3 +506,18 @@ def test_an_evaluation_never_runs_in_the_training_runs_storage(tmp_path, monkeyp
     (tmp_path / "val").mkdir()
     assert api.evaluate_weights(cfg, str(tmp_path / "w"), str(tmp_path / "val"), tmp_path / "work", "run1") == "result"
     assert seen["storage_path"] == expected and seen["train"] is False
+
+
+def test_the_resume_note_says_what_a_rerun_will_train():
+    from dino_scale.config import preset
+    from dino_scale.engine.api import resume_note
+
+    cfg = preset("tiny", {"train.epochs": 3, "train.max_steps": 20})
+    assert resume_note("r", {"global_step": 5, "epoch": 0}, cfg, 8) == \
+        "run 'r' resumes from its checkpoint at step 5 of 20 (epoch 0)"
+    assert "finished at step 20 of 20: nothing left to train" in resume_note("r", {"global_step": 20, "epoch": 2},
+                                                                             cfg, 8)
+    # the epochs ran out first (decode-time skips shortened them): the loop trains nothing either
+    cfg = preset("tiny", {"train.epochs": 3})
+    assert "finished at step 22 of 24: nothing left" in resume_note("r", {"global_step": 22, "epoch": 3}, cfg, 8)
+    assert resume_note("r", {}, cfg, 8) == "run 'r' resumes from its latest checkpoint"  # no trainer state

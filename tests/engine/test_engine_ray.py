@@ -196,7 +196,8 @@ def test_val_split_covers_every_image_once(ray_session, data, tmp_path, determin
 
     train_dir, val_dir = data
     cfg = small_cfg(**{"train.num_workers": 4, "train.global_batch_size": 8, "train.deterministic": deterministic})
-    datasets = {"train": build_train_dataset(train_dir, cfg.data), "val": build_eval_dataset(val_dir, cfg.data)}
+    datasets = {"train": build_train_dataset(train_dir, cfg.data, block_order=not deterministic),  # as fit builds it
+                "val": build_eval_dataset(val_dir, cfg.data)}
     trainer = build_trainer(cfg, datasets, run_name=unique("split"), storage_path=str(tmp_path / "ray"),
                             train_loop_config=loop_config(cfg, steps_per_epoch=1, datasets=list(datasets)))
     splits = trainer.data_config.configure(datasets, world_size=4, worker_handles=None, worker_node_ids=None)
@@ -232,7 +233,7 @@ def test_deterministic_sample_order_is_the_same_on_every_worker_count(ray_sessio
     for world in (1, 2):
         cfg = small_cfg(**{"train.num_workers": world, "train.deterministic": True})
         # several blocks, as a real dataset streams (these 16 images come as one block otherwise)
-        datasets = {"train": build_train_dataset(train_dir, cfg.data).repartition(4)}
+        datasets = {"train": build_train_dataset(train_dir, cfg.data, block_order=False).repartition(4)}  # as fit
         trainer = build_trainer(cfg, datasets, run_name=unique("order"), storage_path=str(tmp_path / "ray"),
                                 train_loop_config=loop_config(cfg, steps_per_epoch=1, datasets=["train"]))
         splits = trainer.data_config.configure(datasets, world_size=world, worker_handles=None, worker_node_ids=None)

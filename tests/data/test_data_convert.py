@@ -137,7 +137,8 @@ def test_data_convert_cli_names_each_split_folder(coco_like, tmp_path, capsys):
     assert main(["--annotations", str(ann), "--images", str(root), "--out", str(out), "--o365-val-split", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     summaries = [json.loads(ln) for ln in lines if ln.startswith("{")]
-    assert [(s["dataset"], s["num_images"]) for s in summaries] == [(str(out / "val"), 3), (str(out / "train_extra"), 21)]
+    assert [(s["dataset"], s["num_images"]) for s in summaries] == [(str(out / "val"), 3),
+                                                                      (str(out / "train_extra"), 21)]
     headers = [ln for ln in lines if "annotations in the file" in ln]
     assert len(headers) == 2 and "3 images for val," in headers[0] and "21 images for train_extra," in headers[1]
     assert headers[0].endswith(f"writing shards to {out / 'val'}"), headers

@@ -174,7 +174,7 @@ def test_image_roots_that_hold_no_image_are_refused_before_a_run(image_folders, 
     check_image_roots(embedded)  # its recorded root is gone: the shards hold the images
     # a training folder and a validation folder both moved: data.image_root (train) and
     # data.val_image_root (val); one data.image_root served both, and no value could work
-    from dino_scale.engine.api import _check_data
+    from dino_scale.engine.run_checks import _check_data
 
     moved2 = tmp_path / "elsewhere" / "images_second"
     root2.rename(moved2)

@@ -477,7 +477,7 @@ def test_a_new_run_with_no_weights_at_all_notes_the_random_backbone(caplog):
     import logging
 
     from dino_scale.config import preset
-    from dino_scale.engine.api import _check_backbone_weights, backbone_start_note
+    from dino_scale.engine.run_checks import _check_backbone_weights, backbone_start_note
 
     note = backbone_start_note(preset("swinl_4scale"))
     assert note and "model.backbone_weights=imagenet" in note and "swin_large_patch4_window12_384_22k.pth" in note
@@ -510,7 +510,7 @@ def test_an_evaluation_never_runs_in_the_training_runs_storage(tmp_path, monkeyp
 
 def test_the_resume_note_says_what_a_rerun_will_train():
     from dino_scale.config import preset
-    from dino_scale.engine.api import resume_note
+    from dino_scale.engine.run_checks import resume_note
 
     cfg = preset("tiny", {"train.epochs": 3, "train.max_steps": 20})
     assert resume_note("r", {"global_step": 5, "epoch": 0}, cfg, 8) == \

@@ -182,9 +182,10 @@ def all_finite(loss: torch.Tensor) -> bool:
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step`` skips its whole update on the device when given a ``found_inf``
-    tensor of 1, as :class:`torch.amp.GradScaler` drives it: torch's fused Adam/AdamW (AdamW is an
-    Adam). Not fused SGD: its first skipped step leaves an uninitialized momentum buffer."""
-    return (isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))  # (AdamW is no Adam before torch 2.7)
+    tensor of 1, as :class:`torch.amp.GradScaler` drives it: torch's fused Adam or AdamW (both named:
+    AdamW subclasses Adam only from torch 2.7). Not fused SGD: its first skipped step leaves an
+    uninitialized momentum buffer."""
+    return (isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
             and bool(getattr(optimizer, "_step_supports_amp_scaling", False))
             and all(g.get("fused") for g in optimizer.param_groups))
 

@@ -583,8 +583,15 @@ def convert_coco(annotations: Union[str, Path], images: Optional[Union[str, Path
     if o365_val_split is not None:
         if o365_val_split < 1:  # 0 made an empty val set, which every evaluation then scored as nothing
             raise ValueError("o365_val_split must be >= 1: the first N images are the validation set")
-        return {"val": _Converter(ann_path, root, out / "val", select=(0, o365_val_split), shuffle_seed=None,
-                                  **kw).run(),
-                "train_extra": _Converter(ann_path, root, out / "train_extra", select=(o365_val_split, None),
-                                          shuffle_seed=shuffle_seed, **kw).run()}
+        made = not out.exists()
+        try:
+            return {"val": _Converter(ann_path, root, out / "val", select=(0, o365_val_split), shuffle_seed=None,
+                                      **kw).run(),
+                    "train_extra": _Converter(ann_path, root, out / "train_extra", select=(o365_val_split, None),
+                                              shuffle_seed=shuffle_seed, **kw).run()}
+        except (ConversionError, MalformedJSONError):  # each part removed the folder it made; the parent too
+            if made:
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # only when empty
+            raise
     return _Converter(ann_path, root, out, select=(0, None), shuffle_seed=shuffle_seed, **kw).run()

@@ -229,6 +229,9 @@ def test_data_malformed_json_names_byte_position(tmp_path, text, needle):
     if needle == "NaN":
         assert "write null" in str(ei.value)
     assert not (tmp_path / "out").exists()  # the folder it made (was left with .lock and .convert-work/)
+    with pytest.raises(MalformedJSONError):  # an Objects365 split: out/val refused, and out itself gone
+        convert_coco(ann, None, tmp_path / "split", o365_val_split=1, progress=False)
+    assert not (tmp_path / "split").exists()
     kept = tmp_path / "kept"  # a folder that was there is kept, with what the user had in it
     kept.mkdir()
     (kept / "notes.txt").write_text("mine")

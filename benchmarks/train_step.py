@@ -123,7 +123,7 @@ class StepRecorder:
             flag = self.flags[i]
             if isinstance(flag, bool):
                 break
-            if flag.verdict is None or flag.verdict.ready():
+            if flag.verdict.ready():  # (only outputs with a device verdict are kept unread)
                 self.flags[i] = bool(flag.skipped)
         out = self.step_fn()
         self.flags.append(out if out.verdict is not None else bool(out.skipped))

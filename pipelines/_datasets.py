@@ -27,6 +27,14 @@ def _is_dataset(p: Path) -> bool:
     return (p / MANIFEST).is_file()
 
 
+def dataset_parts(folder: Path) -> dict[str, Path]:
+    """The ``train``, ``train_extra`` and ``val`` datasets a folder that is no dataset itself holds
+    (the form ``--data`` takes), by name, in that order; {} for a dataset folder."""
+    if _is_dataset(folder):
+        return {}
+    return {name: folder / name for name in ("train", "train_extra", "val") if _is_dataset(folder / name)}
+
+
 def _convert(ann: Path, images: Optional[str], work_dir: Path, log: Callable[[str], None]) -> Path:
     from dino_scale.data import convert_coco
 
@@ -136,13 +144,14 @@ def resolve_datasets(args, work_dir: Path, flavour: str, default_images: int, se
     val: Optional[str] = None
     train: Optional[str] = None
     data = None if "," in args.data else check_path(args.data, "dataset path")
-    if data is not None and data.is_dir() and not _is_dataset(data) and _is_dataset(data / "train"):
-        train = str(data / "train")
-        if _is_dataset(data / "train_extra"):  # was left out without a word
-            train += f",{data / 'train_extra'}"
+    parts = dataset_parts(data) if data is not None and data.is_dir() else {}
+    if "train" in parts:
+        train = str(parts["train"])
+        if "train_extra" in parts:  # was left out without a word
+            train += f",{parts['train_extra']}"
             log(f"training on {data / 'train'} and {data / 'train_extra'} (the rest of the Objects365 val split)")
-        if _is_dataset(data / "val"):
-            val = str(data / "val")
+        if "val" in parts:
+            val = str(parts["val"])
     if require_val and val is None and args.val_data is None:
         if train is None:
             _one(args.data, args.images, work_dir, "dataset path", log, convert=False)  # its own errors first

@@ -93,16 +93,14 @@ def _dataset_folders(folders: list[str], say=print) -> list[str]:
     form ``--data`` takes) replaced by those, said (``say``; None: not), each folder once (was:
     "no manifest.json ... not a converted dataset", for data the training pipelines read).
     ``--image-root`` then gives one root for all of them, or one per folder of this list."""
-    from pipelines._datasets import MANIFEST
+    from pipelines._datasets import dataset_parts
 
     out: list[str] = []
     for folder in folders:
-        parent = Path(folder)
-        parts = [] if (parent / MANIFEST).is_file() else \
-            [parent / name for name in ("train", "train_extra", "val") if (parent / name / MANIFEST).is_file()]
+        parts = dataset_parts(Path(folder))
         if parts and say is not None:
-            say(f"{folder} holds datasets: checking {', '.join(p.name for p in parts)}")
-        out += [f for f in ([str(p) for p in parts] or [folder]) if f not in out]
+            say(f"{folder} holds datasets: checking {', '.join(parts)}")
+        out += [f for f in ([str(p) for p in parts.values()] or [folder]) if f not in out]
     return out
 
 

@@ -70,6 +70,7 @@ _BUCKET_BYTES = 16 << 20  # JSON bytes per bucket
 _LOG_SKIPS = 50  # individual skip lines logged before only counting
 _MAX_LISTED = 1000  # skipped image ids listed in the manifest
 _PARALLEL_MIN_BYTES = 64 << 20  # below this, one process reads everything
+PLAN_NAME = "plan.json"  # in the work folder: the finished scan (resumable)
 LOCK_NAME = ".lock"  # in the output folder: one conversion of it at a time (shards.folder_lock)
 
 
@@ -299,7 +300,7 @@ class _Converter:
         work folder without a finished scan (no plan, shard, manifest or anything else): a refused
         input left ``.lock`` and ``.convert-work/`` behind. A scan that finished is kept (resumable)."""
         entries = {p.name for p in self.out.iterdir()} if self.out.is_dir() else {"?"}
-        if entries - {LOCK_NAME, CONVERT_WORK_NAME} or shard_files(self.out) or (self.work / "plan.json").exists():
+        if entries - {LOCK_NAME, CONVERT_WORK_NAME} or shard_files(self.out) or (self.work / PLAN_NAME).exists():
             return
         shutil.rmtree(self.work, ignore_errors=True)
         (self.out / LOCK_NAME).unlink(missing_ok=True)
@@ -370,7 +371,7 @@ class _Converter:
     def _convert(self) -> dict[str, Any]:
         manifest_path = self.out / MANIFEST_NAME
         self.out.mkdir(parents=True, exist_ok=True)
-        plan_path = self.work / "plan.json"
+        plan_path = self.work / PLAN_NAME
         plan = read_json_or_none(plan_path)  # absent, or cut short by a crash: planned again
         if not isinstance(plan, dict) or plan.get("signature") != self.signature:
             if self.work.exists():

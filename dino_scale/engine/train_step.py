@@ -243,12 +243,9 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
     else:
         loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    grad_norm = None
-    if clip_max_norm and clip_max_norm > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
-    if check_finite and scaler is None and params:  # (a GradScaler skips such a step itself)
-        if grad_norm is None:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    check_grads = check_finite and scaler is None and bool(params)  # (a GradScaler skips such a step itself)
+    grad_norm = _clip_or_measure(params, clip_max_norm, measure=check_grads)
+    if check_grads:
         grads_finite = all_finite(grad_norm)  # a finite loss with NaN gradients made every weight NaN
         if guard is not None:
             guard.update_step(grads_finite, step=step)
@@ -266,6 +263,15 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
     return StepOutput(loss=loss.detach(), loss_terms=terms, grad_norm=grad_norm, num_images=images.shape[0])
 
 
+def _clip_or_measure(params: list, clip_max_norm: float, measure: bool) -> Optional[torch.Tensor]:
+    """The total gradient norm of ``params`` before clipping (0-d, on the gradients' device): the
+    gradients clipped to ``clip_max_norm`` when it is > 0, else only measured, when ``measure``
+    (None otherwise)."""
+    if clip_max_norm and clip_max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params]) if measure else None
+
+
 def _step_schedule_only(scheduler) -> None:
     """A skipped batch still moves the schedule (without optimizer.step: torch's warning muted)."""
     if scheduler is not None:
@@ -281,14 +287,9 @@ def _step_checked_on_device(loss: torch.Tensor, terms: dict, optimizer: torch.op
     loss_finite = torch.isfinite(loss.detach())
     loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    grad_norm = None
-    if params and clip_max_norm and clip_max_norm > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_max_norm)  # NaN when any gradient is
-    elif params:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    grad_norm = _clip_or_measure(params, clip_max_norm, measure=True) if params else None  # NaN: a NaN gradient
     grads_finite = torch.isfinite(grad_norm).to(loss_finite.device) if grad_norm is not None else loss_finite
-    flags = torch.stack([loss_finite, grads_finite])
-    flags = flags.to(torch.float32)
+    flags = torch.stack([loss_finite, grads_finite]).to(torch.float32)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)  # every rank skips together
     optimizer.found_inf = 1.0 - flags.min()  # read by the fused step: 1 = skip the update

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import shutil
 import time
@@ -316,7 +317,9 @@ class _Converter:
             why = "its manifest is unreadable"
             try:
                 old = read_manifest(self.out)
-            except ManifestError:  # cut short or edited: nothing in it can be trusted
+            except ManifestError:  # cut short or edited: nothing in it can be trusted, but the file it
+                raw = read_json_or_none(manifest_path)  # names (another release's format) still counts
+                self._refuse_another_dataset(raw if isinstance(raw, dict) else {})
                 self.say(f"{manifest_path}: unreadable or not a dataset manifest; converting again")
                 old = {}
             self._refuse_another_dataset(old)
@@ -542,6 +545,13 @@ def _counts(counts: dict[str, int]) -> str:
 _FILE_REASONS = frozenset({"missing_file", "unreadable", "empty_file", "corrupt", "too_large", "size_mismatch"})
 
 
+def _int_at_least(name: str, value: Any, least: int, more: str = "") -> int:
+    """``value`` as a plain int; :class:`ValueError` unless it is an integer (numpy's too) >= ``least``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        raise ValueError(f"{name} must be an int >= {least}{' ' + more if more else ''} (got {value!r})")
+    return int(value)
+
+
 def convert_coco(annotations: Union[str, Path], images: Optional[Union[str, Path]], out: Union[str, Path],
                  embed_images: bool = False, shard_size_mb: float = 256, max_images_per_shard: int = 10000,
                  o365_val_split: Optional[int] = None, progress: bool = True, check_files: bool = True,
@@ -566,6 +576,9 @@ def convert_coco(annotations: Union[str, Path], images: Optional[Union[str, Path
     # '~' expanded once here: pyarrow's writers expand it and pathlib does not, so '~/out' made a
     # folder named '~' and then failed to open '<home>/out/.convert-work/...'
     ann_path = Path(annotations).expanduser()
+    if ann_path.is_dir():  # was "annotation file not found" for a folder that is there
+        raise IsADirectoryError(f"annotation file {ann_path} is a folder: give the JSON file in it "
+                                f"(e.g. annotations/instances_train2017.json)")
     if not ann_path.is_file():
         raise FileNotFoundError(f"annotation file not found: {ann_path}")
     root = Path(images).expanduser() if images is not None else None
@@ -575,15 +588,18 @@ def convert_coco(annotations: Union[str, Path], images: Optional[Union[str, Path
         raise FileNotFoundError(f"image folder not found: {root}")
     if embed_images and root is None:
         raise ValueError("embed_images needs the image folder")
-    if shuffle_seed is not None and (isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, (int, np.integer))
-                                     or shuffle_seed < 0):
-        raise ValueError(f"shuffle_seed must be an int >= 0 or None (got {shuffle_seed!r})")
+    # plain ints: a numpy integer went into the plan and failed its JSON write after the whole scan
+    shuffle_seed = None if shuffle_seed is None else _int_at_least("shuffle_seed", shuffle_seed, 0, "or None")
+    max_images_per_shard = _int_at_least("max_images_per_shard", max_images_per_shard, 1)
+    if o365_val_split is not None:  # 0 made an empty val set, which every evaluation then scored as nothing
+        o365_val_split = _int_at_least("o365_val_split", o365_val_split, 1, "(the first N images are the val set)")
+    if isinstance(shard_size_mb, bool) or not isinstance(shard_size_mb, (int, float, np.number)) or \
+            not (shard_size_mb > 0 and math.isfinite(shard_size_mb)):
+        raise ValueError(f"shard_size_mb must be a number > 0 (got {shard_size_mb!r})")
     kw = dict(embed=embed_images, shard_bytes=int(shard_size_mb * (1 << 20)), max_rows=max_images_per_shard,
               check_files=check_files, verify=verify_images, progress=progress, parallel=parallel)
     out = Path(out).expanduser()
     if o365_val_split is not None:
-        if o365_val_split < 1:  # 0 made an empty val set, which every evaluation then scored as nothing
-            raise ValueError("o365_val_split must be >= 1: the first N images are the validation set")
         made = not out.exists()
         try:
             return {"val": _Converter(ann_path, root, out / "val", select=(0, o365_val_split), shuffle_seed=None,

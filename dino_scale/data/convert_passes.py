@@ -111,15 +111,23 @@ def _image_id(v: Any) -> Optional[int]:
     return None
 
 
-def _size_from_file(images: Optional[Path], fname: str) -> Optional[tuple[tuple[int, int], int]]:
+def _size_from_file(images: Optional[Path], fname: str) -> tuple[Optional[tuple[tuple[int, int], int]], str]:
     """((width, height) as stored, EXIF orientation) from the header of ``fname`` under
-    ``images``; ``None`` when it is absent, unreadable (also a name the OS refuses, e.g. too
-    long) or not an image."""
+    ``images``, and ``""``; or ``None`` and the skip reason the write pass gives such a file:
+    ``missing_file``, ``unreadable`` (also a name the OS refuses, e.g. too long, or one leaving
+    ``images``), ``empty_file``, ``corrupt``, ``too_large``; ``bad_metadata`` without ``images``
+    (nothing to read the size from)."""
+    if not images:
+        return None, "bad_metadata"
     try:
-        path = resolve_image_path(images, fname) if images else None
-        return read_size_and_orientation(path.read_bytes()) if path is not None else None
-    except (ImageDecodeError, OSError):
-        return None
+        path = resolve_image_path(images, fname)
+        if path is None:
+            return None, "missing_file"
+        return read_size_and_orientation(path.read_bytes()), ""
+    except ImageDecodeError as e:
+        return None, e.reason
+    except OSError:
+        return None, "unreadable"
 
 
 def _append_frame(path: Path, batch: pa.RecordBatch) -> None:
@@ -196,9 +204,8 @@ def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
         if not id_ok or not fname:
             status, iid = "bad_metadata", iid if id_ok else -1
         elif not (_is_int(w, 1, _INT32 - 1) and _is_int(h, 1, _INT32 - 1)):
-            read = _size_from_file(images, fname)  # width/height missing or not a pixel count: the header
+            read, status = _size_from_file(images, fname)  # width/height missing or not a pixel count: the header
             (w, h), orientation = read if read else ((0, 0), 1)
-            status = "" if read else "bad_metadata"
             if read and orientation in (5, 6, 7, 8) and w != h:
                 n_turned += 1
                 if len(turned) < 5:

@@ -78,7 +78,7 @@ def data_dirs(data_dir: Union[PathLike, Sequence[PathLike]]) -> list[Path]:
         parts = [str(p) for p in data_dir]
     if not parts:
         raise ValueError("no dataset folder given")
-    out = [Path(p.strip()) for p in parts]
+    out = [Path(p.strip()).expanduser() for p in parts]  # as convert_coco wrote "~/out"
     twice = repeated_paths(out)
     if twice:  # read twice, every image of it twice an epoch
         raise ValueError(f"dataset folder given twice: {', '.join(twice)}")
@@ -247,15 +247,16 @@ def resolve_image_path(root: Optional[PathLike], file_name: str) -> Optional[Pat
     reader could read into the shards (``--embed-images``), or trained on it. Symbolic links
     inside ``root`` are followed (the check is on the name).
     """
-    if root is not None:  # by name: an absolute name inside the root is fine, as is a/../b
-        top = os.path.abspath(root)
-        if os.path.commonpath([top, os.path.normpath(os.path.join(top, file_name))]) != top:
-            raise PermissionError(errno.EACCES, f"{file_name} {OUTSIDE_ROOT} {root}")
     base = Path(root) if root is not None else Path(".")
     candidates = [file_name]
     for prefix in ("images/v1/", "images/v2/", "images/"):
         if file_name.startswith(prefix):
             candidates.append(file_name[len(prefix):])
+    if root is not None:  # by name: an absolute name inside the root is fine, as is a/../b;
+        top = os.path.abspath(root)  # each stripped name too ("images/v1/../../x" is "../../x")
+        for cand in candidates:
+            if os.path.commonpath([top, os.path.normpath(os.path.join(top, cand))]) != top:
+                raise PermissionError(errno.EACCES, f"{file_name} {OUTSIDE_ROOT} {root}")
     for cand in candidates:
         p = base / cand
         if p.is_file():

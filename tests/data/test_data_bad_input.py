@@ -322,8 +322,9 @@ def test_data_unreadable_and_size_mismatch_skipped(tmp_path, caplog, monkeypatch
 
 def test_data_name_the_os_refuses_is_a_counted_skip(tmp_path):
     """A 300-character file name: looking it up raises ENAMETOOLONG (not "absent"), which
-    crashed conversion and the decode tasks; it is an ``unreadable`` skip (a ``bad_metadata``
-    one where the size had to come from that file), at conversion and at load time."""
+    crashed conversion and the decode tasks; it is an ``unreadable`` skip, at conversion and at load
+    time. (In a sub-folder that is not there, the lookup stops at the folder: ``missing_file``;
+    where the size had to come from that file, it was ``bad_metadata``.)"""
     long = "x" * 296 + ".jpg"
     root, ann = _dataset(tmp_path, {"ok.jpg": _jpeg(), long: None, "sub/" + long: None},
                          [{"image_id": i, "category_id": 1, "bbox": [1, 2, 10, 10]} for i in (1, 2, 3)])
@@ -332,9 +333,9 @@ def test_data_name_the_os_refuses_is_a_counted_skip(tmp_path):
     ann.write_text(json.dumps(doc))
     for embed in (True, False):
         m = convert_coco(ann, root, tmp_path / f"out{embed}", embed_images=embed, progress=False)
-        assert m["images_skipped"] == {"unreadable": 1, "bad_metadata": 1} and m["num_images"] == 1
+        assert m["images_skipped"] == {"unreadable": 1, "missing_file": 1} and m["num_images"] == 1
         assert sorted((s["image_id"], s["reason"]) for s in m["skipped_images"]) == [
-            (2, "unreadable"), (3, "bad_metadata")]
+            (2, "unreadable"), (3, "missing_file")]
     # records kept without file checks: the lookup fails when loading, a counted skip
     convert_coco(ann, root, tmp_path / "unchecked", embed_images=False, check_files=False, progress=False)
     loader = LocalLoader(tmp_path / "unchecked", preset("tiny").data, train=True, batch_size=4)
@@ -558,6 +559,12 @@ def test_data_an_output_folder_holding_another_dataset_is_not_replaced(tmp_path)
     with pytest.raises(ConversionError, match=rf"{out} holds the dataset converted from {ann}.*choose another"):
         convert_coco(other, root, out, progress=False)
     assert json.loads((out / "manifest.json").read_text())["shards"] == first["shards"]
+    manifest = json.loads((out / "manifest.json").read_text())  # a manifest this release cannot read
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format": "records-v99"}))  # (a newer one's)
+    with pytest.raises(ConversionError, match=rf"{out} holds the dataset converted from {ann}.*choose another"):
+        convert_coco(other, root, out, progress=False)  # was: manifest and shards deleted, converted over
+    assert {p.name for p in out.glob("shard-0*.parquet")} == {s["file"] for s in first["shards"]}
+    (out / "manifest.json").write_text(json.dumps(manifest))
     # its own file, edited: converted again
     doc = json.loads(ann.read_text())
     doc["annotations"].append({"id": 9, "iscrowd": 0, "image_id": 1, "category_id": 5, "bbox": [3, 3, 5, 5]})
@@ -566,10 +573,34 @@ def test_data_an_output_folder_holding_another_dataset_is_not_replaced(tmp_path)
     assert {name: (out / name).read_bytes() for name in keep} == keep
 
 
+def test_data_files_read_for_their_size_are_skipped_for_what_is_wrong_with_the_file(tmp_path):
+    """An entry without width/height has its size read from its file. A missing, empty or corrupt
+    file was counted as ``bad_metadata``: a wrong image folder was blamed on the entries, and once
+    the files were there the same command answered "already converted" with the images still
+    dropped. Such skips carry the file's reason, and the images come back once the files do."""
+    root, ann = _dataset(tmp_path, {"ok.jpg": _jpeg(), "gone.jpg": None, "empty.jpg": b"", "junk.jpg": b"not"},
+                         [{"image_id": i, "category_id": 1, "bbox": [1, 2, 10, 10]} for i in (1, 2, 3, 4)])
+    doc = json.loads(ann.read_text())
+    for img in doc["images"]:
+        del img["width"], img["height"]
+    ann.write_text(json.dumps(doc))
+    for embed in (True, False):
+        m = convert_coco(ann, root, tmp_path / f"out{embed}", embed_images=embed, progress=False)
+        assert sorted((s["image_id"], s["reason"]) for s in m["skipped_images"]) == [
+            (2, "missing_file"), (3, "empty_file"), (4, "corrupt")]
+    (root / "gone.jpg").write_bytes(_jpeg())  # the file is there now: converted again, kept
+    m = convert_coco(ann, root, tmp_path / "outTrue", embed_images=True, progress=False)
+    assert m["num_images"] == 2 and sorted(r["image_id"] for r in iter_records(tmp_path / "outTrue")) == [1, 2]
+    (tmp_path / "elsewhere").mkdir()  # a wrong image folder: the files are named, not the entries
+    with pytest.raises(ConversionError, match="is it the folder that holds the files"):
+        convert_coco(ann, tmp_path / "elsewhere", tmp_path / "wrong_root", progress=False)
+
+
 def test_data_file_names_leaving_the_image_root_are_counted_skips(tmp_path, caplog):
-    """An annotation ``file_name`` of ``../outside/x.jpg`` or ``/abs/x.jpg`` read a file outside the
-    image root: with ``--embed-images`` its bytes went into the shards (any image the user could
-    read; without verification any file at all). Such names are ``unreadable`` skips, at
+    """An annotation ``file_name`` of ``../outside/x.jpg``, ``/abs/x.jpg`` or (once its Objects365
+    prefix was cut) ``images/v1/../outside/x.jpg`` read a file outside the image root: with
+    ``--embed-images`` its bytes went into the shards (any image the user could read; without
+    verification any file at all). Such names are ``unreadable`` skips, at
     conversion and at load time; names inside the root, also through a symbolic link, still work."""
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -581,21 +612,22 @@ def test_data_file_names_leaving_the_image_root_are_counted_skips(tmp_path, capl
     (root / "linked").symlink_to(outside)  # a folder of the root that links elsewhere: the user's own layout
     doc = json.loads(ann.read_text())
     for i, name in ((3, "../outside/private.jpg"), (4, str(outside / "private.jpg")), (5, "linked/private.jpg"),
-                    (6, str(root / "ok.jpg"))):  # an absolute name inside the root is fine
+                    (6, str(root / "ok.jpg")),  # an absolute name inside the root is fine
+                    (7, "images/v1/../outside/private.jpg")):  # inside, until the Objects365 prefix is cut
         doc["images"].append({"id": i, "file_name": name, "width": 64, "height": 48})
     ann.write_text(json.dumps(doc))
     for embed, verify in ((True, True), (True, False)):
         with caplog.at_level(logging.WARNING):
             m = convert_coco(ann, root, tmp_path / f"out{embed}{verify}", embed_images=embed, verify_images=verify,
                              progress=False)
-        assert m["images_skipped"] == {"unreadable": 2} and m["num_images"] == 4, m["images_skipped"]
-        assert sorted(s["image_id"] for s in m["skipped_images"]) == [3, 4]
+        assert m["images_skipped"] == {"unreadable": 3} and m["num_images"] == 4, m["images_skipped"]
+        assert sorted(s["image_id"] for s in m["skipped_images"]) == [3, 4, 7]
     assert "lies outside the image root" in caplog.text  # said (once a conversion), not only counted
     convert_coco(ann, root, tmp_path / "unchecked", embed_images=False, check_files=False, progress=False)
     loader = LocalLoader(tmp_path / "unchecked", preset("tiny").data, train=False, batch_size=8)
     (_, _, targets), = list(loader)
     assert sorted(int(t["image_id"]) for t in targets) == [1, 2, 5, 6]
-    assert loader.skips["by_reason"] == {"unreadable": 2} and sorted(loader.skips["image_ids"]) == [3, 4]
+    assert loader.skips["by_reason"] == {"unreadable": 3} and sorted(loader.skips["image_ids"]) == [3, 4, 7]
 
 
 def test_data_malformed_annotations_are_named_with_the_field_at_fault(tmp_path, caplog):

@@ -275,3 +275,33 @@ def test_data_a_dataset_without_a_box_to_train_on_is_said(tmp_path, caplog, case
         m = convert_coco(ann, root, tmp_path / "out", progress=False)
     assert m["num_images"] == 1
     assert ("no box to train on" in caplog.text) == (case != "fine"), caplog.text
+
+
+def test_data_convert_arguments_are_checked_before_the_scan(tmp_path):
+    """A numpy integer (a value read from a config array) for ``max_images_per_shard`` or
+    ``o365_val_split`` went into the plan, whose JSON write then failed after the whole scan,
+    leaving ``.convert-work`` behind; numpy ints are taken as ints, other values refused before
+    any work. An annotation path that is a folder was "annotation file not found"."""
+    import numpy as np
+
+    from dino_scale.data import iter_records
+
+    images = {f"{n}.png": _png() for n in "abc"}
+    anns = [{"image_id": i, "category_id": 1, "bbox": [1, 1, 20, 20]} for i in (1, 2, 3)]
+    root, ann = _dataset(tmp_path, [{"id": 1, "name": "x"}], anns, images)
+    m = convert_coco(ann, root, tmp_path / "out", max_images_per_shard=np.int64(2), o365_val_split=np.int32(1),
+                     shuffle_seed=np.int64(3), progress=False)
+    assert m["val"]["num_images"] == 1 and m["train_extra"]["num_images"] == 2
+    assert len(m["train_extra"]["shards"]) == 1 and sorted(
+        r["image_id"] for r in iter_records(tmp_path / "out" / "train_extra")) == [2, 3]
+    for kw, words in (({"max_images_per_shard": 0}, "max_images_per_shard must be an int >= 1"),
+                      ({"max_images_per_shard": 2.5}, "max_images_per_shard must be an int >= 1"),
+                      ({"o365_val_split": True}, "o365_val_split must be an int >= 1"),
+                      ({"shuffle_seed": -1}, "shuffle_seed must be an int >= 0 or None"),
+                      ({"shard_size_mb": float("nan")}, "shard_size_mb must be a number > 0"),
+                      ({"shard_size_mb": 0}, "shard_size_mb must be a number > 0")):
+        with pytest.raises(ValueError, match=words):
+            convert_coco(ann, root, tmp_path / "refused", progress=False, **kw)
+        assert not (tmp_path / "refused").exists()
+    with pytest.raises(IsADirectoryError, match="is a folder: give the JSON file in it"):
+        convert_coco(root, root, tmp_path / "refused", progress=False)

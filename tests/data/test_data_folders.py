@@ -1,6 +1,8 @@
 """Several dataset folders read as one: each folder's records use that folder's image root."""
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pytest
 
@@ -84,6 +86,22 @@ def test_data_folders_made_absolute_for_the_run(tmp_path, monkeypatch):
     assert absolute_data_dirs(None) is None
     assert absolute_data_dirs("a, ./b/../c,~/d") == f"{tmp_path / 'a'},{tmp_path / 'c'},{tmp_path / 'home' / 'd'}"
     assert absolute_data_dirs(str(tmp_path / "x")) == str(tmp_path / "x")
+
+
+def test_data_folders_read_with_a_tilde(tmp_path, monkeypatch):
+    """``convert_coco(..., "~/out")`` wrote ``<home>/out``; reading ``"~/out"`` back
+    (``iter_records``, ``to_coco_gt``) said "not a converted dataset"."""
+    from dino_scale.data import iter_records
+    from dino_scale.data.records import data_dirs
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data_dirs("~/a, ~/b") == [tmp_path / "home" / "a", tmp_path / "home" / "b"]
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "x.jpg", "width": 8, "height": 6}],
+                               "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2]}],
+                               "categories": [{"id": 1, "name": "a"}]}))
+    convert_coco(ann, None, "~/out", check_files=False, progress=False)
+    assert [r["image_id"] for r in iter_records("~/out")] == [1]
 
 
 def test_data_folders_keep_the_symlinked_name(tmp_path, monkeypatch):

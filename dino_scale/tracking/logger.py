@@ -489,7 +489,10 @@ class ResilientLogger:
     def close(self, timeout_s: float = 30.0) -> bool:
         """Flush until empty or ``timeout_s`` passes; True if every call was sent (False also
         when calls were dropped: refused by the store, see ``failed_ops``, or from a full
-        buffer). The logger stays usable."""
+        buffer). The logger stays usable. No request starts after ``timeout_s``, but an artifact
+        upload started before runs to its own timeout (:func:`upload_timeout_s`, 60 s plus 5 MB/s:
+        minutes for a Swin-L checkpoint), as one cut at the deadline is sent again from its
+        start and never lands."""
         deadline = time.monotonic() + timeout_s
         while not self.flush(force=True, deadline=deadline):
             if time.monotonic() >= deadline:

@@ -10,8 +10,8 @@ the run; rank 0 talks to it through :class:`RelayClient`, which has the logger's
 ``fit`` uses the relay for every store: also a server other nodes can reach (``http(s)://``
 with a host name, ``databricks``...), whose credentials (``MLFLOW_TRACKING_TOKEN``, ...) are in
 the driver's environment only (Ray does not hand it to the workers: rank 0 logging itself was
-refused and lost every step metric), and through it rank 0 never waits on a slow store (its
-calls are fire-and-forget). :func:`is_node_local` still tells the stores that exist on one
+refused and lost every step metric; the relay is handed them, :func:`client_env`), and through
+it rank 0 never waits on a slow store (its calls are fire-and-forget). :func:`is_node_local` still tells the stores that exist on one
 machine only.
 """
 from __future__ import annotations
@@ -51,12 +51,38 @@ def is_node_local(tracking_uri: str) -> bool:
     return not parts.hostname or _loopback(parts.hostname)
 
 
-class TrackingRelay:
-    """Actor body: one :class:`ResilientLogger` of ``run_id``; its calls are the logger's."""
+# What a client of the store reads from its environment: MLflow's own settings (token, user and
+# password, TLS), Databricks' host and token, and the proxy and CA bundle of the HTTP stack.
+_CLIENT_ENV_PREFIXES = ("MLFLOW_", "DATABRICKS_")
+_CLIENT_ENV_NAMES = frozenset(
+    [n for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY") for n in (name, name.lower())]
+    + ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"])
 
-    def __init__(self, tracking_uri: str, run_id: str):
+
+def client_env(environ: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """The variables of ``environ`` (``os.environ``) a store's client reads: see
+    :data:`_CLIENT_ENV_PREFIXES` and :data:`_CLIENT_ENV_NAMES`."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if k.startswith(_CLIENT_ENV_PREFIXES) or k in _CLIENT_ENV_NAMES}
+
+
+class TrackingRelay:
+    """Actor body: one :class:`ResilientLogger` of ``run_id``; its calls are the logger's.
+
+    ``env``: the driver's :func:`client_env`, set in the actor's process first. A Ray worker
+    process gets the environment of the node's raylet, not the driver's: a token exported for the
+    driver that joins a running cluster (``RAY_ADDRESS=... MLFLOW_TRACKING_TOKEN=... python -m
+    ...``) was not the relay's, whose calls were refused and every step metric lost. (Constructor
+    arguments, not ``runtime_env``: the dashboard shows an actor's ``runtime_env``.)"""
+
+    def __init__(self, tracking_uri: str, run_id: str, env: Optional[dict[str, str]] = None):
+        import os
+
         from dino_scale.tracking.logger import ResilientLogger
 
+        os.environ.update(env or {})  # this actor's own process
         self.logger = ResilientLogger(tracking_uri, run_id=run_id)
 
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
@@ -79,7 +105,7 @@ def start_relay(tracking_uri: str, run_id: str):
     node = ray.get_runtime_context().get_node_id()
     actor = ray.remote(num_cpus=0, max_restarts=0)(TrackingRelay).options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False))
-    return actor.remote(tracking_uri, run_id)
+    return actor.remote(tracking_uri, run_id, client_env())
 
 
 class RelayClient:

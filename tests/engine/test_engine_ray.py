@@ -249,9 +249,13 @@ def test_deterministic_sample_order_is_the_same_on_every_worker_count(ray_sessio
     assert orders[2] == orders[1]
 
 
-def test_tracking_relay_logs_from_the_drivers_node(ray_session, tmp_path):
+def test_tracking_relay_logs_from_the_drivers_node(ray_session, tmp_path, monkeypatch):
     """A node-local (sqlite) store is written only on the driver's machine: rank 0 logs through
-    a relay actor pinned to the driver's node (workers on other nodes cannot open the file)."""
+    a relay actor pinned to the driver's node (workers on other nodes cannot open the file). The
+    relay has the store client's variables of the driver's environment: a token exported after
+    Ray started (as for a driver joining a running cluster) was not the relay's."""
+    import os
+
     import ray
     from mlflow import MlflowClient
 
@@ -263,6 +267,8 @@ def test_tracking_relay_logs_from_the_drivers_node(ray_session, tmp_path):
     assert not is_node_local("http://mlflow:5000")
     driver = ResilientLogger(uri)
     run_id = driver.start_run("relay-test", "r")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "only-the-drivers")  # Ray's processes were started without it
+    monkeypatch.setenv("DINO_SCALE_NOT_FOR_THE_STORE", "x")
     relay = start_relay(uri, run_id)
 
     @ray.remote(num_cpus=0)
@@ -277,6 +283,9 @@ def test_tracking_relay_logs_from_the_drivers_node(ray_session, tmp_path):
         assert ray.get(rank0.remote(relay), timeout=120) is True
         node = ray.get(relay.__ray_call__.remote(lambda _self: ray.get_runtime_context().get_node_id()))
         assert node == ray.get_runtime_context().get_node_id()  # 1 node here; 3 in test_cluster_elastic
+        env = ray.get(relay.__ray_call__.remote(lambda _self: {k: os.environ.get(k) for k in (
+            "MLFLOW_TRACKING_TOKEN", "DINO_SCALE_NOT_FOR_THE_STORE")}))
+        assert env == {"MLFLOW_TRACKING_TOKEN": "only-the-drivers", "DINO_SCALE_NOT_FOR_THE_STORE": None}
     finally:
         ray.kill(relay)
     driver.end_run()

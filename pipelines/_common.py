@@ -289,14 +289,24 @@ def preset_needs_cluster(args: argparse.Namespace) -> bool:
 
 def work_dir_note(args: argparse.Namespace) -> Optional[str]:
     """A note when a job joining a cluster keeps its work folder (data, checkpoints, the sqlite
-    store, ``final/``) under a relative ``--work-dir``: a ``ray job submit`` driver runs in Ray's
+    store, ``final/``) under a relative ``--work-dir``, or its MLflow store in a relative sqlite
+    file (``MLFLOW_TRACKING_URI=sqlite:///mlflow.db``): a ``ray job submit`` driver runs in Ray's
     temporary copy of ``--working-dir``, which goes with the cluster's session."""
-    if not os.environ.get("RAY_ADDRESS") or Path(args.work_dir).expanduser().is_absolute():
+    if not os.environ.get("RAY_ADDRESS"):
         return None
-    return (f"note: --work-dir {args.work_dir} is relative to this driver's folder ({Path.cwd()}); under "
-            f"`ray job submit` that is Ray's temporary copy of --working-dir, removed with the cluster: give an "
-            f"absolute --work-dir on storage that outlives the job (and train.storage_path for the checkpoints "
-            f"of a multi-node run)")
+    notes = []
+    if not Path(args.work_dir).expanduser().is_absolute():
+        notes.append(f"note: --work-dir {args.work_dir} is relative to this driver's folder ({Path.cwd()}); under "
+                     f"`ray job submit` that is Ray's temporary copy of --working-dir, removed with the cluster: give "
+                     f"an absolute --work-dir on storage that outlives the job (and train.storage_path for the "
+                     f"checkpoints of a multi-node run)")
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    db = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+    if db and db != ":memory:" and not Path(db).expanduser().is_absolute():  # the runs and the registry
+        notes.append(f"note: MLFLOW_TRACKING_URI {uri} names a file relative to this driver's folder "
+                     f"({Path.cwd()}), Ray's temporary copy under `ray job submit`: its runs and registry go with "
+                     f"the cluster; give an absolute path (sqlite:////shared/mlflow.db, four slashes)")
+    return "\n".join(notes) or None
 
 
 def config_needs_cluster(args: argparse.Namespace) -> bool:
@@ -332,6 +342,8 @@ def setup_tracking(work_dir: str | Path, create: bool = True) -> str:
     if create:
         Path(work_dir).expanduser().mkdir(parents=True, exist_ok=True)  # as tracking_uri reads it
     uri = tracking_uri(work_dir, create=create)
+    if create and uri.startswith(("http://", "https://")):  # a stage that logs: a server that does not
+        require_store(uri)  # answer fails it now, not after its data checks and Ray start (minutes)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

@@ -42,10 +42,13 @@ def check_folder_path(path: Optional[str], what: str = "") -> None:
             return
 
 
+_MAX_EXPERIMENT_NAME = 500  # mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH (mlflow not imported here)
+
+
 def check_flag_values(args: argparse.Namespace) -> None:
     """:class:`UsageError` for a flag out of range, a ``--run-name`` that is not one folder
-    name, or a ``--model-name`` / ``--alias`` that the MLflow registry would refuse at
-    registration (after training)."""
+    name, or a ``--model-name`` / ``--alias`` / ``--experiment`` that MLflow would refuse at
+    registration (after training) or at the run's creation."""
     for flag, attr, low in _FLAG_MINIMA:
         value = getattr(args, attr, None)
         if value is not None and value < low:
@@ -53,6 +56,11 @@ def check_flag_values(args: argparse.Namespace) -> None:
     check_run_name(getattr(args, "run_name", None))
     check_folder_path(getattr(args, "work_dir", None), "--work-dir")
     check_data_flags(args)
+    experiment = getattr(args, "experiment", None)  # "" was refused at the run's creation, after the
+    if experiment is not None and not experiment.strip():  # data checks and Ray's start
+        raise UsageError(f"--experiment {experiment!r}: give an MLflow experiment name")
+    if experiment is not None and len(experiment) > _MAX_EXPERIMENT_NAME:
+        raise UsageError(f"--experiment: {len(experiment)} characters, MLflow takes {_MAX_EXPERIMENT_NAME} at most")
     name, alias = getattr(args, "model_name", None), getattr(args, "alias", None)
     if name is None and alias is None:
         return

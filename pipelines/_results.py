@@ -3,6 +3,7 @@ and its registration as a model version (after making sure the run's model artif
 file of that folder)."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Optional
@@ -109,6 +110,22 @@ def register(result, name: str, alias: Optional[str], categories: list[dict],
               f"final checkpoint, evaluates it again and registers it", file=sys.stderr, flush=True)
         raise
     return version
+
+
+@contextlib.contextmanager
+def alias_note(name: str, version: str, alias: str, uri: str, flags: str = ""):
+    """Around moving ``name@alias`` to the just registered ``version``: when that fails (a store
+    error, a locked sqlite database), a note says the version is registered and the command that
+    moves the alias, before the error goes on. The job ended without naming the version, and the
+    ``--run-name`` rerun the register note advises registered a duplicate."""
+    try:
+        yield
+    except Exception as exc:
+        print(f"note: {name} version {version} is registered, but moving @{alias} to it failed "
+              f"({type(exc).__name__}); once {uri} answers, run: dino-scale registry promote {name} {version} "
+              f"--alias {alias}{' ' + flags if flags else ''} (with this job's MLFLOW_TRACKING_URI or "
+              f"--work-dir); do not run the training again", file=sys.stderr, flush=True)
+        raise
 
 
 def move_alias(result, name: str, alias: str, version: str, synthetic: bool) -> Optional[str]:

@@ -207,7 +207,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("Registry (models, versions, aliases, AP, lineage):")
     print(format_state(registry_state(names=[pre["name"], ft["name"]])))
     print()
-    print(f"Inspect: .venv/bin/dino-scale registry --work-dir {args.work_dir} list")
+    # the store named: with MLFLOW_TRACKING_URI exported (which the demo set aside), `--work-dir`
+    # alone listed the team server's registry
+    print(f"Inspect: MLFLOW_TRACKING_URI={common.tracking_uri(work)} .venv/bin/dino-scale registry list")
     print(f"         .venv/bin/mlflow ui --backend-store-uri {common.tracking_uri(work)}")
     return 0
 

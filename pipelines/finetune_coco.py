@@ -194,8 +194,9 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
     version = results.register(result, name, alias=None, categories=categories, tags=version_tags,
                                stage="python -m pipelines.finetune_coco")
 
-    promo = promote_if_better(name, version, ap, alias=CHAMPION, client=store_client(result.tracking_uri))
-    print(f"Registered model  : {name} version {version}")
+    print(f"Registered model  : {name} version {version}", flush=True)  # said before a promotion that may fail
+    with results.alias_note(name, version, CHAMPION, result.tracking_uri, "--if-better"):
+        promo = promote_if_better(name, version, ap, alias=CHAMPION, client=store_client(result.tracking_uri))
     print(f"Champion          : {'moved to v' + version if promo.promoted else 'unchanged'} ({promo.reason})")
     print(f"Model URI         : models:/{name}/{version}"
           + (f"  (= models:/{name}@{CHAMPION})" if promo.promoted else ""))

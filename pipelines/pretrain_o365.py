@@ -78,12 +78,12 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
     work_dir.mkdir(parents=True, exist_ok=True)
     if args.run_name:  # a name a live job uses: refused before any work (default names are unique)
         held.enter_context(run_lock(work_dir / "runs" / args.run_name, f"run {args.run_name!r}"))
+    uri = common.setup_tracking(work_dir)  # (a tracking server that does not answer: before any data work)
     train, val, synthetic = resolve_datasets(args, work_dir, "o365-like", SYNTHETIC_IMAGES,
                                              seed=0, log=log)
     # held through registration: a conversion that would rewrite them under this job is refused
     held.enter_context(reading_datasets((train, val), log))
     categories = categories_of(train)
-    uri = common.setup_tracking(work_dir)
     early_ray = common.config_needs_cluster(args)  # the default preset and GPU use look at the cluster
     if early_ray:
         log(f"Ray: {common.connect_ray()}")
@@ -112,7 +112,8 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
     version = results.register(result, name, alias=None, categories=categories,
                                stage="python -m pipelines.pretrain_o365",
                                tags={"stage": "pretrain", "preset": cfg.name, SYNTHETIC_TAG: str(synthetic).lower()})
-    kept = results.move_alias(result, name, args.alias, version, synthetic)
+    with results.alias_note(name, version, args.alias, result.tracking_uri):
+        kept = results.move_alias(result, name, args.alias, version, synthetic)
     ap = results.result_ap(result)
     print()
     print(f"Registered model  : {name} version {version}" + (f" (alias @{args.alias})" if kept is None else ""))

@@ -82,6 +82,10 @@ def _ap_of(version) -> Optional[float]:
     return None if math.isnan(value) else value
 
 
+def _ap_text(ap: Optional[float]) -> str:
+    return "no AP" if ap is None else f"AP {ap:.4f}"  # (an AP of 0.0 printed as nan)
+
+
 def promote_if_better(name: str, version: str | int, ap: Optional[float], alias: str = "champion",
                       client=None) -> Promotion:
     """Tag ``AP`` on ``name`` version ``version``; move ``alias`` to it only when ``ap``
@@ -118,11 +122,11 @@ def promote_if_better(name: str, version: str | int, ap: Optional[float], alias:
     _stamp_and_set(client, name, alias, version, basis)
     why = ("first version with an AP" if current is None else
            f"replaces v{prev_v}, measured on synthetic data" if over_synthetic else
-           f"beats v{prev_v} ({'no AP' if prev_ap is None else f'AP {prev_ap:.4f}'})")
+           f"beats v{prev_v} ({_ap_text(prev_ap)})")
     holder, rival = _settle(client, name, alias, basis, since=read_at - _RACE_SLACK_S)
     if rival and str(holder.version) != version:
         return Promotion(False, version, ap, prev_v, prev_ap,
-                         f"AP {ap:.4f} {why}, but v{holder.version} (AP {_ap_of(holder) or float('nan'):.4f}), "
+                         f"AP {ap:.4f} {why}, but v{holder.version} ({_ap_text(_ap_of(holder))}), "
                          f"promoted at the same time from the same @{alias}, is better")
     return Promotion(True, version, ap, prev_v, prev_ap, f"AP {ap:.4f} {why}")
 
@@ -362,10 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", parents=[after], help="every registered model with its versions, aliases, AP, lineage")
     show = sub.add_parser("show", parents=[after], help="one model's versions: aliases, AP, lineage")
     show.add_argument("name")
-    prom = sub.add_parser("promote", parents=[after], help="point an alias at a version (no AP check)")
+    prom = sub.add_parser("promote", parents=[after], help="point an alias at a version (no AP check, unless "
+                                                           "--if-better)")
     prom.add_argument("name")
     prom.add_argument("version")
     prom.add_argument("--alias", default="champion", help="alias to move (default champion)")
+    prom.add_argument("--if-better", action="store_true",
+                      help="the fine-tuning pipeline's check: move the alias only when the version's AP tag beats "
+                           "the holder's, measured on the same data (a fine-tune whose promotion failed)")
     return p
 
 
@@ -417,6 +425,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             listed = ", ".join(map(str, known[-10:])) if known else "none"
             raise common.UsageError(f"{args.name} has no version {version} (versions: {listed}; "
                                     f"'registry show {args.name}' lists them)")
+        if args.if_better:
+            mine = client.get_model_version(args.name, version)
+            promo = promote_if_better(args.name, version, _ap_of(mine), alias=args.alias, client=client)
+            print(f"{args.name}@{args.alias} -> version {version}" if promo.promoted else
+                  f"{args.name}@{args.alias} unchanged", f"({promo.reason})")
+            return 0
         _stamp_and_set(client, args.name, args.alias, version, "manual")
         print(f"{args.name}@{args.alias} -> version {version}")
     return 0

@@ -70,6 +70,9 @@ def test_pipelines_bad_use_data_not_a_dataset(tmp_path):
     (["pipelines.pretrain_o365", "--alias", "v2"], ["--alias 'v2'"]),
     (["pipelines.finetune_coco", "--init", "none", "--model-name", "team/dino"], ["--model-name", "'/'"]),
     (["pipelines.pretrain_o365", "--max-steps", "0"], ["--max-steps must be >= 1"]),
+    # was: refused at the run's creation, after the data checks and Ray's start, with a hint to
+    # restore a deleted experiment
+    (["pipelines.pretrain_o365", "--experiment", ""], ["--experiment ''", "give an MLflow experiment name"]),
     # was: a negative count generated an empty synthetic set and started Ray before the engine
     # refused it; 0 silently trained on the default-sized set
     (["pipelines.pretrain_o365", "--synthetic-images", "-3"], ["--synthetic-images must be >= 1"]),
@@ -157,6 +160,13 @@ def test_pipelines_bad_use_unreachable_tracking_server_fails_fast(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert f"MLflow tracking server http://127.0.0.1:{port} unreachable" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # a training stage too: before its data is generated or read, and before Ray (was: after both)
+    proc = subprocess.run([sys.executable, "-m", "pipelines.pretrain_o365", "--preset", "tiny", "--synthetic-images",
+                           "4", "--work-dir", str(tmp_path / "w")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"MLflow tracking server http://127.0.0.1:{port} unreachable" in proc.stderr
+    assert "Ray:" not in proc.stdout and not list((tmp_path / "w").rglob("*.parquet"))
 
 
 def test_pipelines_bad_use_class_head_smaller_than_the_data(tmp_path):

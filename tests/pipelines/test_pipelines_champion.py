@@ -223,6 +223,33 @@ def test_pipelines_champion_hand_set_champion_is_kept(client, _store, tmp_path, 
     assert _champion(client) == v3
 
 
+def test_pipelines_champion_promotion_that_failed_is_applied_later(client, _store, tmp_path, monkeypatch, capsys,
+                                                                   mlflow_store_restored):
+    """A fine-tune whose promotion failed after its version was registered (a store error, a locked
+    sqlite database) exited without naming the version, and no command applied the AP check later
+    (the advised rerun registered a duplicate). The job names the version and the command:
+    ``registry promote NAME V --if-better``, the fine-tune's own rule on the version's AP tag."""
+    from pipelines import _results, registry
+
+    v1 = _new_version(client, tmp_path)
+    assert promote_if_better("dino-tiny-coco", v1, 0.50, client=client).promoted
+    v2, v3 = _new_version(client, tmp_path), _new_version(client, tmp_path)
+    client.set_model_version_tag("dino-tiny-coco", v2, "AP", "0.400000")
+    client.set_model_version_tag("dino-tiny-coco", v3, "AP", "0.600000")
+    with pytest.raises(RuntimeError, match="database is locked"):
+        with _results.alias_note("dino-tiny-coco", v3, "champion", _store, "--if-better"):
+            raise RuntimeError("database is locked")
+    assert (f"note: dino-tiny-coco version {v3} is registered, but moving @champion to it failed (RuntimeError)"
+            in capsys.readouterr().err)
+    assert _champion(client) == v1
+    monkeypatch.setattr(registry, "store_client", lambda uri=None: client)
+    argv = ["--work-dir", str(tmp_path), "promote", "dino-tiny-coco"]
+    assert registry.main(argv + [v2, "--if-better"]) == 0  # AP 0.40 does not beat 0.50
+    assert _champion(client) == v1 and "dino-tiny-coco@champion unchanged (AP 0.4000" in capsys.readouterr().out
+    assert registry.main(argv + [v3, "--if-better"]) == 0
+    assert _champion(client) == v3 and f"@champion -> version {v3} (AP 0.6000 beats v{v1}" in capsys.readouterr().out
+
+
 def test_pipelines_champion_reverted_in_the_ui_is_not_taken_back_by_an_old_promotion(client, tmp_path):
     """v2 was promoted over v1 an hour ago; someone moved the alias back to v1 in the MLflow UI
     (which stamps nothing, so v1 keeps its promotion id). A new version that beats v1 became

@@ -66,6 +66,22 @@ def test_data_flags_that_would_be_ignored_are_refused(argv, needle):
     common.check_flag_values(p.parse_args(["--data", "a.json,b", "--images", "img"]))  # a .json: read with them
 
 
+def test_experiment_names_mlflow_refuses_are_refused_up_front():
+    """``--experiment ""`` was refused by MLflow at the run's creation, after the data checks and
+    Ray's start, with a hint about deleted experiments. Checked without importing MLflow (usage
+    errors stay fast): the length limit is MLflow's."""
+    from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH
+
+    from pipelines import _flags
+
+    assert _flags._MAX_EXPERIMENT_NAME == MAX_EXPERIMENT_NAME_LENGTH
+    for name, needle in (("", "give an MLflow experiment name"), ("  ", "give an MLflow experiment name"),
+                         ("x" * 501, "501 characters, MLflow takes 500 at most")):
+        with pytest.raises(common.UsageError, match=needle):
+            common.check_flag_values(argparse.Namespace(experiment=name))
+    common.check_flag_values(argparse.Namespace(experiment="x" * 500))
+
+
 def test_pipelines_common_default_preset_and_uri(tmp_path, monkeypatch):
     assert common.resolve_preset_name(None, gpus_available=True) == "r50_4scale"
     assert common.resolve_preset_name(None, gpus_available=False) == "tiny"
@@ -296,6 +312,12 @@ def test_pipelines_common_relative_work_dir_of_a_job_gets_a_note(monkeypatch, tm
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     note = common.work_dir_note(_parse([]))
     assert "--work-dir ./runs is relative" in note and str(tmp_path) in note
+    assert common.work_dir_note(_parse(["--work-dir", str(tmp_path / "w")])) is None
+    # a relative sqlite store (the README's local example) under a job: its runs and registry lost
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    note = common.work_dir_note(_parse(["--work-dir", str(tmp_path / "w")]))
+    assert "MLFLOW_TRACKING_URI sqlite:///mlflow.db names a file relative" in note and "--work-dir" not in note
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     assert common.work_dir_note(_parse(["--work-dir", str(tmp_path / "w")])) is None
 
 

@@ -319,9 +319,9 @@ def config_needs_cluster(args: argparse.Namespace) -> bool:
 
 def tracking_uri(work_dir: str | Path, create: bool = True) -> str:
     """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<abs work-dir>/mlflow.db`` (the
-    engine's rule, :func:`dino_scale.tracking.logger.default_tracking_uri`; creates work-dir
+    engine's rule, :func:`dino_scale.tracking.uris.default_tracking_uri`; creates work-dir
     unless ``create`` is False)."""
-    from dino_scale.tracking.logger import default_tracking_uri
+    from dino_scale.tracking.uris import default_tracking_uri
 
     return default_tracking_uri(work_dir, create=create)
 

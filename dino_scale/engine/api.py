@@ -157,10 +157,11 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     import ray
 
     from dino_scale.engine.elastic import check_restart
-    from dino_scale.tracking.logger import ResilientLogger, default_tracking_uri
-    from dino_scale.tracking.relay import start_relay
+    from dino_scale.tracking.logger import ResilientLogger
     from dino_scale.tracking.registry import store_client
+    from dino_scale.tracking.relay import start_relay
     from dino_scale.tracking.resume import RESUMED_FROM_TAG, check_same_source
+    from dino_scale.tracking.uris import default_tracking_uri
 
     from dino_scale.data.integrity import labels_fingerprint
     from dino_scale.data.records import absolute_data_dirs

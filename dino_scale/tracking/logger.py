@@ -16,123 +16,43 @@ sent. A refused batch of params, metrics or tags is first resent value by value,
 key loses only its own value. :meth:`ResilientLogger.close` is True only when every call
 was sent.
 
-Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<work_dir>/mlflow.db``.
-With a local sqlite store, an experiment this logger creates keeps its artifacts next to
-the database (``<db folder>/mlartifacts/<experiment>``), not in MLflow's default
-``./mlruns`` under the process's working directory: for a ``ray job submit`` driver that
-is Ray's temporary copy of the submitted folder, which goes away with the cluster.
+With a local sqlite store, an experiment this logger creates keeps its artifacts next to the
+database (:func:`~.uris.sqlite_artifact_location`). Its pieces: :mod:`.ops` (what a queued call
+is), :mod:`.http_settings` (its requests' timeouts and retries), :mod:`.refusals` (a refusal
+told from an outage).
 """
 from __future__ import annotations
 
 import collections
-import contextlib
-import json
 import logging
-import math
-import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
+from dino_scale.tracking.http_settings import HttpSettings
+from dino_scale.tracking.ops import (
+    MAX_BATCH_METRICS, PARAMS_PER_CALL, flatten_params, metric_entities, upload_timeout_s,
+)
 from dino_scale.tracking.refusals import (
     QUIET, SPLITTABLE, answered_late, describe, http_status, is_refusal, run_refused,
 )
+from dino_scale.tracking.uris import sqlite_artifact_location
 
-__all__ = ["default_tracking_uri", "sqlite_artifact_location", "ResilientLogger", "flatten_params",
-           "TrackingUnavailable"]
+__all__ = ["ResilientLogger", "TrackingUnavailable", "CREATE_ID_TAG", "MAX_REQUEST_TIMEOUT_S"]
 
 log = logging.getLogger("dino_scale.tracking")
 CREATE_ID_TAG = "dino_scale.create_id"  # one per start_run: a retried creation finds the run an earlier try made
-_MAX_PARAM_LEN = 6000
-_MAX_BATCH_METRICS = 1000  # MLflow's log_batch limit: queued metric calls go out merged up to it
-_BATCH = 100
 # a store that answers late: the request timeout doubles up to this (a hung store then blocks the
 # caller, rank 0's relay actor, this long per retry: RelayClient.close allows for it)
 MAX_REQUEST_TIMEOUT_S = 30.0
-
-
-def upload_timeout_s(local_dir: str | Path, floor_s: float, min_rate_bytes_s: float = 5e6) -> float:
-    """The request timeout of an artifact upload of ``local_dir``: 60 s plus its size at 5 MB/s,
-    at least ``floor_s``. The logger's short timeout (a hung server must not stall training)
-    cut off uploads a tracking server answers only once stored (e.g. in S3): each try was
-    counted as an outage and sent again from the start, so the run's end never went out."""
-    path = Path(local_dir)
-    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else []
-    size = 0
-    for f in files:
-        with contextlib.suppress(OSError):
-            size += f.stat().st_size
-    return max(float(floor_s), 60.0 + size / float(min_rate_bytes_s))
-
-
-def absolute_sqlite_uri(uri: str) -> str:
-    """``sqlite:///rel/path.db`` -> ``sqlite:////abs/path.db`` (from the current directory, as
-    SQLAlchemy reads it). Other URIs unchanged. Exported URIs must be absolute: Ray Train
-    workers run in their own trial folders, where a relative path names another database."""
-    if not uri.startswith("sqlite:///"):
-        return uri
-    db, sep, query = uri[len("sqlite:///"):].partition("?")
-    if not db or db == ":memory:" or db.startswith("/"):
-        return uri
-    return f"sqlite:///{Path(db).expanduser().resolve()}{sep}{query}"
-
-
-def default_tracking_uri(work_dir: Optional[str | Path] = None, create: bool = True) -> str:
-    """``MLFLOW_TRACKING_URI`` (a relative sqlite path made absolute) or sqlite in
-    ``work_dir`` (created unless ``create`` is False: a lookup must not leave a mistyped folder)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return absolute_sqlite_uri(uri)
-    if work_dir is None:
-        raise ValueError("set MLFLOW_TRACKING_URI or pass a work_dir for the sqlite store")
-    folder = Path(work_dir).expanduser().resolve()
-    if create:
-        folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'mlflow.db'}"
-
-
-def sqlite_artifact_location(tracking_uri: str, experiment: str) -> Optional[str]:
-    """Artifact location (a ``file://`` URI) for a new experiment in a local sqlite store:
-    ``<db folder>/mlartifacts/<experiment>``; None for other stores (a tracking server's
-    ``--default-artifact-root`` / ``--artifacts-destination`` decides there) and in-memory
-    sqlite. A relative database path is taken from the current directory, as SQLAlchemy does."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    db = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
-    if not db or db == ":memory:":
-        return None
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in experiment) or "default"
-    return (Path(db).resolve().parent / "mlartifacts" / safe).as_uri()
-
-
-def flatten_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested dict -> ``{"a.b": "value"}`` with string values cut to MLflow's limit."""
-    out: dict[str, str] = {}
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten_params(v, key + "."))
-        else:
-            text = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
-            out[key] = text[:_MAX_PARAM_LEN]
-    return out
 
 
 class TrackingUnavailable(RuntimeError):
     """The MLflow run could not be created: the store did not answer in time, or refused it."""
 
 
-def _metric_entities(op: tuple) -> list:
-    """MLflow ``Metric`` entities of a queued ``("metrics", values, timestamp, step)`` call
-    (non-finite values as NaN)."""
-    from mlflow.entities import Metric
-
-    _, values, ts, step = op
-    return [Metric(k, v if math.isfinite(v) else float("nan"), ts, step) for k, v in values.items()]
-
-
-class ResilientLogger:
+class ResilientLogger(HttpSettings):
     """Buffered MLflow client for one run.
 
     Args:
@@ -174,7 +94,7 @@ class ResilientLogger:
         self.retry_interval_s = retry_interval_s
         self.max_buffer = max_buffer
         self._queue: collections.deque = collections.deque()
-        self._merge_cap = _MAX_BATCH_METRICS  # queued metric calls merged into one request, at most
+        self._merge_cap = MAX_BATCH_METRICS  # queued metric calls merged into one request, at most
         self._next_try = 0.0
         self._down = False
         self.outages = 0
@@ -260,8 +180,8 @@ class ResilientLogger:
     def log_params(self, params: dict[str, Any]) -> None:
         flat = flatten_params(params)
         items = list(flat.items())
-        for i in range(0, len(items), _BATCH):
-            self._enqueue(("params", dict(items[i:i + _BATCH])))
+        for i in range(0, len(items), PARAMS_PER_CALL):
+            self._enqueue(("params", dict(items[i:i + PARAMS_PER_CALL])))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._enqueue(("tags", {k: str(v) for k, v in tags.items()}))
@@ -307,7 +227,7 @@ class ResilientLogger:
 
     def _send_head(self) -> int:
         """Send the op at the head of the queue; returns how many queued ops went out. Metric
-        calls queued one after another go as one ``log_batch`` (up to :data:`_MAX_BATCH_METRICS`
+        calls queued one after another go as one ``log_batch`` (up to :data:`~.ops.MAX_BATCH_METRICS`
         values): after an outage rank 0's backlog was one request per step (1500 buffered calls:
         one ``log_metrics`` call blocked for 123 s). A merged batch the store refuses is tried
         again in halves until the call holding the bad value goes alone (its refusal handled as
@@ -316,15 +236,15 @@ class ResilientLogger:
         if head[0] == "metrics":
             merged, count = [], 0
             for op in self._queue:
-                full = count + len(op[1]) > _MAX_BATCH_METRICS or len(merged) >= self._merge_cap
+                full = count + len(op[1]) > MAX_BATCH_METRICS or len(merged) >= self._merge_cap
                 if op[0] != "metrics" or full:
                     break
                 merged.append(op)
                 count += len(op[1])
             if len(merged) > 1:
                 try:
-                    self.client.log_batch(self.run_id, metrics=[m for op in merged for m in _metric_entities(op)])
-                    self._merge_cap = _MAX_BATCH_METRICS
+                    self.client.log_batch(self.run_id, metrics=[m for op in merged for m in metric_entities(op)])
+                    self._merge_cap = MAX_BATCH_METRICS
                     return len(merged)
                 except Exception as exc:
                     if not is_refusal(exc):
@@ -334,7 +254,7 @@ class ResilientLogger:
                         return 0
         self._apply(head)
         if head[0] == "metrics":  # grows back once past a refused call
-            self._merge_cap = min(_MAX_BATCH_METRICS, max(2, 2 * self._merge_cap))
+            self._merge_cap = min(MAX_BATCH_METRICS, max(2, 2 * self._merge_cap))
         return 1
 
     def _apply(self, op: tuple) -> None:
@@ -346,7 +266,7 @@ class ResilientLogger:
         elif kind == "tags":
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in op[1].items()])
         elif kind == "metrics":
-            self.client.log_batch(self.run_id, metrics=_metric_entities(op))
+            self.client.log_batch(self.run_id, metrics=metric_entities(op))
         elif kind == "artifacts":
             with self._request_timeout(upload_timeout_s(op[1], self.timeout_s)):
                 self.client.log_artifacts(self.run_id, op[1], op[2])
@@ -356,39 +276,6 @@ class ResilientLogger:
             self.client.set_terminated(self.run_id, status=op[1])
         else:  # pragma: no cover
             raise ValueError(kind)
-
-    @contextlib.contextmanager
-    def _http_settings(self, deadline: Optional[float] = None) -> Iterator[None]:
-        """This logger's HTTP settings in the environment (MLflow reads them per request),
-        restored afterwards; a variable the user set is left alone. The request timeout is
-        :attr:`request_timeout_s`, cut to what is left before ``deadline`` (not below ``timeout_s``)."""
-        timeout = self.request_timeout_s
-        if deadline is not None:
-            timeout = max(self.timeout_s, min(timeout, deadline - time.monotonic()))
-        self._http_env["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(max(1, math.ceil(timeout))))
-        added = [k for k in self._http_env if k not in os.environ]
-        os.environ.update({k: self._http_env[k] for k in added})
-        self._set_here = set(added)
-        try:
-            yield
-        finally:
-            self._set_here = set()
-            for k in added:
-                os.environ.pop(k, None)
-
-    @contextlib.contextmanager
-    def _request_timeout(self, seconds: float) -> Iterator[None]:
-        """The request timeout for the calls inside (within :meth:`_http_settings`, unless the
-        user set ``MLFLOW_HTTP_REQUEST_TIMEOUT``)."""
-        key = "MLFLOW_HTTP_REQUEST_TIMEOUT"
-        if key not in self._set_here:
-            yield
-            return
-        os.environ[key] = str(int(max(1, seconds, math.ceil(self.request_timeout_s))))
-        try:
-            yield
-        finally:
-            os.environ[key] = self._http_env[key]
 
     def flush(self, force: bool = False, deadline: Optional[float] = None) -> bool:
         """Send buffered ops in order; True when the buffer is empty afterwards. ``deadline``
@@ -490,7 +377,7 @@ class ResilientLogger:
         """Flush until empty or ``timeout_s`` passes; True if every call was sent (False also
         when calls were dropped: refused by the store, see ``failed_ops``, or from a full
         buffer). The logger stays usable. No request starts after ``timeout_s``, but an artifact
-        upload started before runs to its own timeout (:func:`upload_timeout_s`, 60 s plus 5 MB/s:
+        upload started before runs to its own timeout (:func:`~.ops.upload_timeout_s`, 60 s plus 5 MB/s:
         minutes for a Swin-L checkpoint), as one cut at the deadline is sent again from its
         start and never lands."""
         deadline = time.monotonic() + timeout_s

@@ -11,8 +11,8 @@ the run; rank 0 talks to it through :class:`RelayClient`, which has the logger's
 with a host name, ``databricks``...), whose credentials (``MLFLOW_TRACKING_TOKEN``, ...) are in
 the driver's environment only (Ray does not hand it to the workers: rank 0 logging itself was
 refused and lost every step metric; the relay is handed them, :func:`client_env`), and through
-it rank 0 never waits on a slow store (its calls are fire-and-forget). :func:`is_node_local` still tells the stores that exist on one
-machine only.
+it rank 0 never waits on a slow store (its calls are fire-and-forget). :func:`is_node_local`
+still tells the stores that exist on one machine only.
 """
 from __future__ import annotations
 

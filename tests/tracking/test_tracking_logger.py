@@ -13,9 +13,8 @@ from mlflow_server import MlflowServer  # noqa: E402
 
 from mlflow_store import seeded_store
 from dino_scale.config import flatten, preset  # noqa: E402
-from dino_scale.tracking.logger import (  # noqa: E402
-    ResilientLogger, absolute_sqlite_uri, default_tracking_uri, sqlite_artifact_location,
-)
+from dino_scale.tracking.logger import ResilientLogger  # noqa: E402
+from dino_scale.tracking.uris import absolute_sqlite_uri, default_tracking_uri, sqlite_artifact_location  # noqa: E402
 
 
 def test_sqlite_default_and_nested_runs(tmp_path, monkeypatch):

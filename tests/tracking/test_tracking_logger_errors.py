@@ -340,7 +340,7 @@ def test_a_store_slower_than_the_timeout_gets_longer_timeouts(server):
 
 def test_upload_timeout_grows_with_the_size(tmp_path):
     """60 s plus the size at 5 MB/s (every file under a folder, nested ones too), at least the floor."""
-    from dino_scale.tracking.logger import upload_timeout_s
+    from dino_scale.tracking.ops import upload_timeout_s
 
     assert upload_timeout_s("/no/such/folder", 3) == 60
     assert upload_timeout_s("/no/such/folder", 90) == 90

@@ -5,7 +5,7 @@ large images is one bucket. Each size runs in a fresh process (``ru_maxrss`` onl
 ``N`` copies of one 800x800 noise PNG (1.83 MB, so every byte is image data), an annotation
 file naming them, one conversion with ``--embed-images`` (no decode check, 64 MB shards,
 in-process image pass). ``--chunk-mb`` overrides how many image bytes a bucket holds before
-it hands its rows on (``dino_scale.data.convert._CHUNK_IMAGE_BYTES``; 0 = the default).
+it hands its rows on (``dino_scale.data.convert_write._CHUNK_IMAGE_BYTES``; 0 = the default).
 
     python benchmarks/convert_memory.py                     # 100, 400, 800 images
     python benchmarks/convert_memory.py --images 100 --repeats 1
@@ -31,12 +31,12 @@ import io, json, logging, resource, sys
 from pathlib import Path
 import numpy as np
 from PIL import Image
-import dino_scale.data.convert as cm
+import dino_scale.data.convert_write as cw
 from dino_scale.data import convert_coco
 logging.disable(logging.WARNING)
 work, n, chunk = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 if chunk:
-    cm._CHUNK_IMAGE_BYTES = chunk
+    cw._CHUNK_IMAGE_BYTES = chunk
 buf = io.BytesIO()
 Image.fromarray(np.random.default_rng(0).integers(0, 255, (800, 800, 3), dtype=np.uint8)).save(buf, "PNG")
 data = buf.getvalue()

@@ -17,7 +17,7 @@ import hashlib
 from pathlib import Path
 from typing import Callable, Optional
 
-from dino_scale.data.records import absolute_data_dirs, repeated_paths
+from dino_scale.data.manifest import absolute_data_dirs, repeated_paths
 from pipelines._common import UsageError, check_path
 
 MANIFEST = "manifest.json"

@@ -31,8 +31,8 @@ def _one_line(exc: BaseException) -> str:
 def _is_usage_error(exc: BaseException) -> bool:
     if isinstance(exc, (UsageError, ConfigError, FileNotFoundError)):
         return True
-    records = sys.modules.get("dino_scale.data.records")  # loaded wherever one was raised
-    if records is not None and isinstance(exc, (records.ShardError, records.ManifestError)):
+    manifest = sys.modules.get("dino_scale.data.manifest")  # loaded wherever one was raised
+    if manifest is not None and isinstance(exc, (manifest.ShardError, manifest.ManifestError)):
         return True  # a dataset folder a copy left incomplete: the input, as a missing path is
     weights = sys.modules.get("dino_scale.models.weights_file")
     if weights is not None and isinstance(exc, weights.WeightsFileError):

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from dino_scale.data.integrity import check_dataset, describe
-    from dino_scale.data.records import shard_paths
+    from dino_scale.data.manifest import shard_paths
 
     a = build_parser().parse_args(argv)
     from pipelines._common import UsageError
@@ -108,7 +108,7 @@ def _image_roots(a: argparse.Namespace) -> list:
     """The ``--image-root`` of each folder of ``a.folders`` (``None``: the recorded one): one root
     for every folder, or one per folder in order, checked as training checks ``data.image_root``
     (one root for folders converted against different roots is ambiguous)."""
-    from dino_scale.data.records import folder_image_roots
+    from dino_scale.data.image_paths import folder_image_roots
     from pipelines._common import UsageError
 
     if not a.image_root or a.no_image_files:

@@ -192,7 +192,7 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
     trained_val = (resolved.lineage or {}).get("val_dir")
     if args.data is None and trained_val and all(Path(p).is_dir() for p in str(trained_val).split(",")):
         val = str(trained_val)
-        log(f"no --data: using the validation set recorded in the model's lineage")
+        log("no --data: using the validation set recorded in the model's lineage")
     elif args.data is None:
         if trained_val:  # recorded relative by an older release, or on another machine
             log(f"note: the validation set in the model's lineage ({trained_val}) is not here; "

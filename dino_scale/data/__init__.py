@@ -10,7 +10,8 @@ import importlib
 from .convert import ConversionError, convert_coco
 from .decode import ImageDecodeError, decode_image
 from .json_stream import MalformedJSONError
-from .records import SCHEMA, ManifestError, ShardError, iter_records, read_manifest, shard_paths, to_coco_gt
+from .manifest import ManifestError, ShardError, read_manifest, shard_paths
+from .records import SCHEMA, iter_records, to_coco_gt
 
 _LAZY = {
     "DetectionTransform": "transforms", "normalize_batch": "transforms", "dino_resize_size": "transforms",

@@ -3,9 +3,9 @@
 Memory stays bounded whatever the file size. The JSON is streamed with ijson
 (:mod:`.convert_passes`): categories + images in a child process while the annotations
 are read in this one; both spill to per-bucket files (bucket: a hash of ``image_id`` modulo
-the bucket count, about one bucket per 16 MB of JSON). The write pass joins each bucket's
-images and annotations (vectorized, :mod:`.convert_buckets`), clips boxes to the image,
-optionally reads / verifies / embeds the image files, and hands rows to
+the bucket count, about one bucket per 16 MB of JSON). The write pass (:mod:`.convert_write`)
+joins each bucket's images and annotations (vectorized, :mod:`.convert_buckets`), clips boxes
+to the image, optionally reads / verifies / embeds the image files, and hands rows to
 :class:`~.shards.ShardWriter`. Shards hold images grouped by bucket; with ``shuffle_seed``
 (the default) buckets and the rows within each come in a seeded random order, so that every
 shard samples the whole file rather than a run of neighbouring image ids (training reads
@@ -26,7 +26,7 @@ counted and logged with their id, entry position and file name; their boxes coun
 images; boxes naming no image of either split (an unknown or unusable image id) are counted
 in both. A width or height that is not a whole pixel count in int32 range is read from the
 file header instead. Unknown or negative category ids (an id is the class index) stop the
-conversion before anything is written. The manifest satisfies
+conversion before anything is written. The manifest (:mod:`.convert_manifest`) satisfies
 ``images_in == num_images + sum(images_skipped.values())`` and
 ``boxes_in == num_boxes + sum(boxes_dropped.values())``.
 """
@@ -43,33 +43,24 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from .convert_buckets import bucket_order, join_bucket, shuffle_bucket
-from .convert_passes import (
-    BUCKETING, DROP_REASONS, ConversionError, image_check_warnings, scan_annotations, scan_images,
-)
-from .decode import verify_image_bytes
+from .convert_manifest import _FILE_REASONS, _ManifestAssembly
+from .convert_passes import BUCKETING, ConversionError, scan_annotations, scan_images
+from .convert_write import _WritePass
+from .image_paths import resolve_image_path
 from .json_stream import MalformedJSONError
-from .integrity import CHECKSUMS, add_checksums
-from .records import (
-    CONTENT_SCHEMA, CONVERT_WORK_NAME, FORMAT, MANIFEST_NAME, OUTSIDE_ROOT, ManifestError, ShardError, read_manifest,
-    resolve_image_path,
-)
+from .integrity import CHECKSUMS
+from .manifest import CONVERT_WORK_NAME, FORMAT, MANIFEST_NAME, ManifestError, ShardError, read_manifest
 from .preflight import preflight_shards
 from .readers import rewriting_dataset
-from .shards import (STAGING_DIR, ShardWriter, crowd_boxes, finish_swap, folder_lock, load_progress,
-                     read_json_or_none, shard_files, write_json_atomic)
+from .shards import (STAGING_DIR, finish_swap, folder_lock, load_progress, read_json_or_none, shard_files,
+                     write_json_atomic)
 
 __all__ = ["convert_coco", "ConversionError"]
 
 log = logging.getLogger(__name__)
 
 _BUCKET_BYTES = 16 << 20  # JSON bytes per bucket
-_LOG_SKIPS = 50  # individual skip lines logged before only counting
-_MAX_LISTED = 1000  # skipped image ids listed in the manifest
 _PARALLEL_MIN_BYTES = 64 << 20  # below this, one process reads everything
 PLAN_NAME = "plan.json"  # in the work folder: the finished scan (resumable)
 LOCK_NAME = ".lock"  # in the output folder: one conversion of it at a time (shards.folder_lock)
@@ -84,7 +75,7 @@ def _images_child(conn, args) -> None:
         conn.close()
 
 
-class _Converter:
+class _Converter(_WritePass, _ManifestAssembly):
     def __init__(self, ann_path: Path, images: Optional[Path], out: Path, embed: bool, shard_bytes: int,
                  max_rows: int, select: tuple[int, Optional[int]], check_files: bool, verify: bool,
                  progress: bool, parallel: Optional[bool], shuffle_seed: Optional[int]):
@@ -157,114 +148,6 @@ class _Converter:
                  f"{ann['boxes_in']:,} annotations in the file, read in {time.time() - t0:.0f}s; writing shards "
                  f"to {self.out}")
         return {"signature": self.signature, **meta, "ann": ann}
-
-    # -- write ---------------------------------------------------------------------
-    def write(self, plan: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, int]]:
-        done = load_progress(self.out, self.work)
-        writer = ShardWriter(self.out, self.work, self.shard_bytes, self.max_rows, done)
-        start = writer.start_index
-        excluded = np.load(self.work / "excluded.npy")
-        order = bucket_order(self.nb, self.shuffle_seed)  # global row index: position in this order
-        bases = np.r_[0, np.cumsum(np.asarray(plan["bucket_counts"], np.int64)[order])]
-        totals: dict[str, int] = {}
-        t0 = time.time()
-        for k, b in enumerate(order.tolist()):
-            spath = self.work / f"bucket-{b:05d}.json"
-            stats = read_json_or_none(spath) if bases[k + 1] <= start else None  # done before an interruption
-            if not isinstance(stats, dict):
-                stats = self._write_bucket(b, excluded, writer, int(bases[k]), start)
-                write_json_atomic(spath, stats)
-            for key, v in stats.items():
-                totals[key] = totals.get(key, 0) + v
-            if self.progress and k % 32 == 31:
-                self.say(f"  bucket {k + 1}/{self.nb}: {len(writer.done)} shards ({time.time() - t0:.0f}s)")
-        return writer.finish(int(bases[-1])), totals
-
-    def _write_bucket(self, b: int, excluded: np.ndarray, writer: ShardWriter, base: int, start: int) -> dict:
-        meta, ann, stats = join_bucket(self.work, b, excluded)
-        if meta is None:
-            return stats
-        if self.shuffle_seed is not None:  # rows (and so the global indices) in the seeded order
-            meta, ann = shuffle_bucket(meta, ann, self.shuffle_seed, b)
-        n = meta.num_rows
-        first = max(0, start - base)
-        counts = np.bincount(ann["pos"], minlength=n).astype(np.int64)
-        status = np.array(meta.column("status").to_pylist(), dtype=object)
-        ids = meta.column("image_id").to_numpy()
-        names = meta.column("file_name")
-        images: list[Optional[bytes]] = [None] * n
-        chunk_start, held = first, 0  # rows [chunk_start, i] read; held: their image bytes
-        if self.embed or (self.check_files and self.images is not None):
-            widths, heights = meta.column("width").to_pylist(), meta.column("height").to_pylist()
-            for i in range(first, n):
-                if status[i]:
-                    continue
-                try:  # the lookup stats the file: EACCES, ENAMETOOLONG, EIO are "unreadable" too
-                    p = resolve_image_path(self.images, names[i].as_py())
-                    if p is None:
-                        status[i] = "missing_file"
-                    elif self.embed:
-                        data = p.read_bytes()
-                        reason = (verify_image_bytes(data, (widths[i], heights[i])) if self.verify
-                                  else (None if data else "empty_file"))
-                        status[i] = reason or ""
-                        images[i] = data if not reason else None
-                        held += len(data) if not reason else 0
-                    elif p.stat().st_size == 0:
-                        status[i] = "empty_file"
-                except OSError as e:  # permissions, a failing network filesystem
-                    status[i] = "unreadable"
-                    outside = OUTSIDE_ROOT in str(e) and not self._said_outside  # said once, else debug
-                    (log.warning if outside else log.debug)("image id %s: %s%s", int(ids[i]), e,
-                                                            " (such names are unreadable skips)" if outside else "")
-                    self._said_outside = self._said_outside or outside
-                if held >= _CHUNK_IMAGE_BYTES:  # hand these rows on: a bucket's images are not all held at once
-                    self._add_rows(writer, meta, ann, status, images, counts, base, chunk_start, i + 1)
-                    chunk_start, held = i + 1, 0
-        self._add_rows(writer, meta, ann, status, images, counts, base, chunk_start, n)
-        return stats
-
-    def _add_rows(self, writer: ShardWriter, meta: pa.Table, ann: np.ndarray, status: np.ndarray,
-                  images: list, counts: np.ndarray, base: int, lo: int, hi: int) -> None:
-        """Rows ``lo..hi-1`` of a bucket (``status`` decided for each) to ``writer``: the skipped
-        ones as counted skips (logged), the others as records; their image bytes are then released
-        from ``images``. Called in bucket order, so the shards are those of one call per bucket."""
-        ids = meta.column("image_id").to_numpy()
-        names = meta.column("file_name")
-        pos_col = meta.column("pos").to_numpy()
-        ok = np.zeros(len(status), bool)
-        ok[lo:hi] = status[lo:hi] == ""
-        for i in np.flatnonzero(~ok[lo:hi]) + lo:
-            writer.add_skip(base + i, int(ids[i]), str(status[i]), int(counts[i]), names[i].as_py())
-            if self._logged < _LOG_SKIPS:
-                log.warning("skipping image id %s (%s): entry %d of the file, file_name %r", int(ids[i]),
-                            status[i], int(pos_col[i]), names[i].as_py())
-                self._logged += 1
-        if not ok.any():
-            return
-        sel = np.flatnonzero(ok)
-        a = ann[np.repeat(ok, counts)]
-        sub = counts[sel]
-        off = np.r_[0, np.cumsum(sub)].astype(np.int32)
-        take = pa.array(sel)
-        img_col = pa.array([images[i] for i in sel], pa.binary())
-        for i in sel:
-            images[i] = None
-        table = add_checksums(pa.table({
-            "image_id": pa.array(ids[sel], pa.int64()),
-            "file_name": names.take(take),
-            "width": meta.column("width").take(take),
-            "height": meta.column("height").take(take),
-            "image": img_col,
-            "boxes": pa.ListArray.from_arrays(pa.array(off * 4), pa.array(a["box"].reshape(-1), pa.float32())),
-            "category_ids": pa.ListArray.from_arrays(pa.array(off), pa.array(a["cat"], pa.int32())),
-            "iscrowd": pa.ListArray.from_arrays(pa.array(off), pa.array(a["crowd"].astype(bool))),
-            "area": pa.ListArray.from_arrays(pa.array(off), pa.array(a["area"], pa.float32())),
-        }, schema=CONTENT_SCHEMA))
-        row_bytes = 64 + sub * 25 + pc.binary_length(table["file_name"]).to_numpy(zero_copy_only=False)
-        if self.embed:
-            row_bytes = row_bytes + pc.binary_length(img_col).to_numpy(zero_copy_only=False)
-        writer.add(table, base + sel, row_bytes.astype(np.int64))
 
     # -- driver --------------------------------------------------------------------
     def _written_before(self, signature: Any, *added: str) -> bool:
@@ -397,7 +280,7 @@ class _Converter:
 
     def _skipped_files_back(self, manifest: dict[str, Any]) -> list[str]:
         """File names of images the conversion behind ``manifest`` skipped for their files (among
-        the first :data:`_MAX_LISTED` listed) that may be usable now: a ``missing_file`` or
+        the first :data:`~.convert_manifest._MAX_LISTED` listed) that may be usable now: a ``missing_file`` or
         ``empty_file`` now there with content, and a file skipped for what it held (corrupt,
         unreadable, too large, of another size) that was replaced or had its permissions changed
         since (its ctime is past the manifest's). The same command again used to answer "already
@@ -435,114 +318,6 @@ class _Converter:
         raise ConversionError(
             f"{self.out} holds the dataset converted from {source} ({old.get('num_images', '?')} images): converting "
             f"{self.ann_path} there would replace it; choose another output folder, or remove that one first")
-
-    def _check_usable(self, manifest: dict[str, Any]) -> None:
-        """:class:`ConversionError` when the result cannot be trained on, converted "successfully"
-        (exit 0) all the same: no image listed (no ``images`` list), none usable (for reasons of
-        their files: an ``--images`` folder that is not the one holding them; or of their entries),
-        or annotations listed and every one dropped (``bbox`` or ``image_id`` of another format).
-        The partial output is removed, so that the next run converts afresh."""
-        skipped, dropped = manifest["images_skipped"], manifest["boxes_dropped"]
-        problem = None
-        if not manifest["images_in"]:
-            if tuple(self.select) != (0, None):  # --o365-val-split past the file's images: an empty split, said
-                self.say(f"{self.out}: no image of {self.ann_path} falls in this split (images "
-                         f"{self.select[0]}..{'end' if self.select[1] is None else self.select[1] - 1}): empty")
-                return
-            problem = (f"{self.ann_path} lists no image (its 'images' must be a list of "
-                       f"{{id, file_name, width, height}} entries)")
-        elif not manifest["num_images"]:
-            if set(skipped) <= _FILE_REASONS:
-                problem = (f"none of the {manifest['images_in']} images of {self.ann_path} could be used from the "
-                           f"image folder {self.images} ({_counts(skipped)}): is it the folder that holds the files "
-                           f"the annotation file names (with their sub-folders)?")
-            else:
-                problem = (f"none of the {manifest['images_in']} images of {self.ann_path} could be used "
-                           f"({_counts(skipped)}; the log above names the images and why)")
-        elif manifest["boxes_in"] and not manifest["num_boxes"]:
-            problem = (f"every one of the {manifest['boxes_in']} annotations of {self.ann_path} was dropped "
-                       f"({_counts(dropped)}): a dataset without a single box trains on nothing (each must have "
-                       f"an integer image_id of a listed image and a bbox [x, y, w, h] of numbers)")
-        if problem is None:
-            if manifest["num_images"] and manifest["num_boxes"] <= manifest.get("num_crowd_boxes", 0):
-                # was silent (exit 0): a misspelled or non-list "annotations", or crowd boxes only, which
-                # training removes: every target empty, a model trained on nothing
-                log.warning("%s: no box to train on in %s (%d boxes, %d of them crowd): is its 'annotations' a "
-                            "list of {image_id, bbox, category_id}? Fine for images to predict on, not to train on",
-                            self.out, self.ann_path, manifest["num_boxes"], manifest.get("num_crowd_boxes", 0))
-            return
-        shutil.rmtree(self.work, ignore_errors=True)
-        for p, _ in shard_files(self.out):
-            p.unlink()
-        raise ConversionError(problem)
-
-    def _crowd_boxes(self, record: dict[str, Any]) -> int:
-        """Crowd boxes written to a shard (skipped images' boxes are not); a progress record from
-        before the count was kept has its shard read."""
-        if "num_crowd_boxes" in record or not record["file"]:
-            return int(record.get("num_crowd_boxes", 0))
-        return crowd_boxes(pq.read_table(self.out / record["file"], columns=["iscrowd"]))
-
-    def _manifest(self, plan: dict[str, Any], records: list[dict[str, Any]], totals: dict[str, int]) -> dict:
-        skipped: dict[str, int] = {}
-        listed: list[dict[str, Any]] = []
-        for r in records:
-            for k, v in r["skipped"].items():
-                skipped[k] = skipped.get(k, 0) + v
-            listed.extend(r["skipped_images"][: _MAX_LISTED - len(listed)])
-        shards = [{k: r[k] for k in ("file", "num_images", "num_boxes", "bytes")} for r in records if r["file"]]
-        dropped = dict(plan["ann"]["dropped"])  # of the whole file: less the sibling split's
-        theirs = {r: totals.get(f"other_split_{r}", 0) for r in DROP_REASONS}
-        dropped.update({r: dropped[r] - theirs[r] for r in DROP_REASONS})
-        other_split = totals.get("other_split", 0) + sum(theirs.values())
-        dropped.update(orphan=totals.get("orphan", 0), outside=totals.get("outside", 0),
-                       skipped_image=sum(r["boxes_dropped_skipped_image"] for r in records)
-                       + totals.get("skipped_meta", 0))
-        m = {
-            "format": FORMAT,
-            "source": {"annotations": str(self.ann_path), "images": str(self.images) if self.images else None,
-                       "select": list(self.select), "images_in_file": plan["num_images_in_file"],
-                       "boxes_of_other_split": other_split},
-            "embed_images": self.embed, "checksums": CHECKSUMS, "shuffle_seed": self.shuffle_seed,
-            "image_root": str(self.images.resolve()) if self.images and not self.embed else None,
-            "categories": plan["categories"],
-            "num_images": sum(s["num_images"] for s in shards),
-            "num_boxes": sum(s["num_boxes"] for s in shards),
-            "num_crowd_boxes": sum(self._crowd_boxes(r) for r in records),
-            "images_in": plan["num_images"], "images_skipped": skipped, "skipped_images": listed,
-            "boxes_in": plan["ann"]["boxes_in"] - other_split, "boxes_dropped": dropped,
-            "boxes_clipped": totals.get("clipped", 0),
-            "boxes_repeated": totals.get("repeated", 0),  # kept: the same image, category and box as another
-            "shards": shards, "signature": self.signature,
-            "image_checks": plan.get("image_checks", {}),  # worded by image_check_warnings
-        }
-        for text in image_check_warnings(m["image_checks"]):  # here, not at the scan: a resumed run says it too
-            log.warning("%s: %s", self.ann_path, text)
-        if skipped:
-            log.warning("%s: skipped %d images %s", self.out, sum(skipped.values()), skipped)
-        if m["boxes_repeated"]:
-            log.warning("%s: %d annotation(s) repeat another's image, category and box exactly (kept, as the "
-                        "file lists them; a merged or doubly exported annotation file?)", self.out, m["boxes_repeated"])
-        if any(dropped.values()):  # counted in the manifest; said here too (an all-malformed file was silent)
-            log.warning("%s: dropped %d of %d boxes (%s)", self.out, sum(dropped.values()), m["boxes_in"],
-                        _counts(dropped))
-        if m["images_in"] != m["num_images"] + sum(skipped.values()) or \
-                m["boxes_in"] != m["num_boxes"] + sum(dropped.values()):
-            raise RuntimeError(f"internal error: manifest counts do not add up: {json.dumps(m)[:2000]}")
-        return m
-
-
-# image bytes a bucket's conversion holds before handing its rows on: buckets are sized by
-# annotation bytes, so a small file of large images held every image at once (~3.4x their size)
-_CHUNK_IMAGE_BYTES = 64 * 1024 * 1024
-
-def _counts(counts: dict[str, int]) -> str:
-    """``{"malformed": 3, "orphan": 0}`` -> ``"malformed: 3"`` (the non-zero ones)."""
-    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if v) or "none"
-
-
-# skip reasons that come from the image files (not the annotations)
-_FILE_REASONS = frozenset({"missing_file", "unreadable", "empty_file", "corrupt", "too_large", "size_mismatch"})
 
 
 def _int_at_least(name: str, value: Any, least: int, more: str = "") -> int:

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from .decode import ImageDecodeError, read_size_and_orientation
 from .json_stream import stream_items
-from .records import resolve_image_path
+from .image_paths import resolve_image_path
 
 __all__ = ["ANN", "BUCKETING", "DROP", "DROP_REASONS", "IMAGE_SCHEMA", "ConversionError", "bucket_of",
            "bucket_of_id", "image_check_warnings", "read_categories", "scan_images", "scan_annotations",

@@ -7,11 +7,11 @@ The converter writes two CRC-32 columns into every record (DESIGN.md "Data recor
 - ``image_crc32`` uint32, null when the image is read by path: over the embedded bytes.
 
 A shard damaged without changing its size (a bad disk, a faulty copy) passes
-:func:`~.records.check_shards`, and Parquet reads most such damage without an error: a
+:func:`~.manifest.check_shards`, and Parquet reads most such damage without an error: a
 changed byte in an embedded JPEG decodes to other pixels, one in a box coordinate to
 another box (both seen). :func:`record_damage` names what no longer matches; the loaders
 skip and count such a record (reason ``damaged``, :class:`~.decode.ImageDecodeError`),
-the COCO ground truth refuses it (:class:`~.records.ShardError`), and :func:`check_dataset`
+the COCO ground truth refuses it (:class:`~.manifest.ShardError`), and :func:`check_dataset`
 (``dino-scale check-data``) reads a whole folder, page checksums included, and lists the
 damaged records, e.g. after a copy to a cluster. Shards written before these columns
 existed carry none and are not checked.
@@ -138,7 +138,7 @@ _READ_ERRORS = (OSError, pa.ArrowException, UnicodeDecodeError)  # a page checks
 
 def _check_shard(path: Path, batch_rows: int) -> dict[str, Any]:
     """One shard's part of a :func:`check_dataset` report."""
-    from .records import ShardError
+    from .manifest import ShardError
 
     out: dict[str, Any] = {"rows": 0, "damaged": [], "unreadable": None, "checked": True}
     try:
@@ -168,10 +168,10 @@ def check_dataset(folder, on_shard: Optional[Callable[[str, int, int], None]] = 
     checksums where its records do not). ``workers`` shards are read at a time (threads:
     pyarrow's reads and ``zlib.crc32`` release the GIL; on a bucket mount the reads wait on
     the network); ``on_shard(file, done, total)`` is called as each finishes. A missing or
-    truncated shard raises :class:`~.records.ShardError` first (:func:`~.records.shard_paths`)."""
+    truncated shard raises :class:`~.manifest.ShardError` first (:func:`~.manifest.shard_paths`)."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    from .records import _agreeing_manifests, shard_paths
+    from .manifest import _agreeing_manifests, shard_paths
 
     paths = shard_paths(folder)
     listed = {d / str(s.get("file")): s.get("num_images")  # each folder's shards (a comma list: several)
@@ -222,7 +222,7 @@ def labels_fingerprint(data_dir) -> str:
 
     import pyarrow.parquet as pq
 
-    from .records import _agreeing_manifests, check_shards
+    from .manifest import _agreeing_manifests, check_shards
 
     crcs, unchecked = [], []
     for folder, manifest in _agreeing_manifests(data_dir):

@@ -18,9 +18,9 @@ import numpy as np
 
 from .collate import collate
 from .decode import ImageDecodeError
-from .records import (
-    PathLike, Roots, category_ids, data_dirs, folder_image_roots, iter_records, read_manifest,
-)
+from .image_paths import Roots, folder_image_roots
+from .manifest import PathLike, category_ids, data_dirs, read_manifest
+from .records import iter_records
 from .transforms import DetectionTransform
 
 __all__ = ["LocalLoader", "iter_samples", "folder_image_roots", "iter_rooted_records"]

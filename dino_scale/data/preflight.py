@@ -1,6 +1,6 @@
 """Before a run: every shard of a dataset is there, whole, and a Parquet file of the record columns.
 
-:func:`~.records.check_shards` compares each shard's size with its manifest (one ``stat``), which
+:func:`~.manifest.check_shards` compares each shard's size with its manifest (one ``stat``), which
 finds a missing shard and one cut short, but not damage that keeps the size (an overwritten
 footer, a column renamed or retyped in it), nor a truncated shard of a manifest that records no
 sizes. Such a shard passed the checks made before a run and then failed it where Ray Data opened
@@ -11,8 +11,8 @@ dropped every record of that shard each epoch (counted ``damaged``).
 :func:`preflight_shards` reads, besides the ``stat``, each shard's Parquet footer (its metadata:
 a few KB at the end of the file, never row data), checks its schema against
 :data:`~.records.SCHEMA` and its row count against the manifest, and raises one
-:class:`~.records.ShardError` naming every damaged shard and what is wrong with it. The policy is
-that of :func:`~.records.check_shards`: a damaged shard is refused, not skipped, since skipping
+:class:`~.manifest.ShardError` naming every damaged shard and what is wrong with it. The policy is
+that of :func:`~.manifest.check_shards`: a damaged shard is refused, not skipped, since skipping
 one drops its images from every epoch of the run unseen (a record is skipped and counted, a
 shard is not). The footers are read :data:`THREADS` at a time (on a bucket mount each read is a
 request or two); a footer read once in this process is not read again while the file keeps its
@@ -39,7 +39,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .records import MANIFEST_NAME, PathLike, ShardError, _agreeing_manifests, schema_problems
+from .manifest import MANIFEST_NAME, PathLike, ShardError, _agreeing_manifests
+from .records import schema_problems
 
 __all__ = ["check_image_files", "check_image_roots", "preflight_shards", "shard_problem", "THREADS"]
 
@@ -94,9 +95,9 @@ def _describe(problems: list[tuple[str, str]], total: int) -> str:
 
 
 def preflight_shards(data_dir: Union[PathLike, Sequence[PathLike]], threads: int = THREADS) -> list[Path]:
-    """All shard files of one or several dataset folders (as :func:`~.records.shard_paths`), once
+    """All shard files of one or several dataset folders (as :func:`~.manifest.shard_paths`), once
     each is there at its recorded size with a readable footer, the record columns and the
-    manifest's row count; else one :class:`~.records.ShardError` naming every damaged shard of
+    manifest's row count; else one :class:`~.manifest.ShardError` naming every damaged shard of
     the first folder that has one and, in its text, those of the other folders."""
     t0 = time.perf_counter()
     folders = _agreeing_manifests(data_dir)
@@ -120,7 +121,8 @@ def preflight_shards(data_dir: Union[PathLike, Sequence[PathLike]], threads: int
 
 def _first_file_names(folder: Path, count: int) -> list[str]:
     """The ``file_name`` of the first ``count`` records of ``folder``'s first non-empty shard."""
-    from .records import _name, shard_paths
+    from .manifest import shard_paths
+    from .records import _name
 
     for path in shard_paths(folder):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=count, columns=["file_name"]):
@@ -134,13 +136,14 @@ def check_image_roots(data_dir: Union[PathLike, Sequence[PathLike]], image_root:
                       samples: int = 8, key: str = "data.image_root") -> None:
     """:class:`~dino_scale.config.ConfigError` unless each dataset folder that references image
     files (converted without ``--embed-images``) has its image root (recorded, or ``image_root``:
-    the ``data.image_root`` override, see :func:`~.records.folder_image_roots`) as a folder on this
+    the ``data.image_root`` override, see :func:`~.image_paths.folder_image_roots`) as a folder on this
     machine holding at least one of its first ``samples`` images. The workers resolve the same
     paths: a driver that does not see the images is a node that would not either (the cluster
     YAMLs mount the data on every node). Files missing past that are counted skips, not refused."""
     from dino_scale.config import ConfigError
 
-    from .records import folder_image_roots, read_manifest
+    from .image_paths import folder_image_roots
+    from .manifest import read_manifest
 
     fix = (f"pass --set {key}=<the images' folder on the nodes> (one per dataset folder, "
            "comma-separated, in order), or convert with --embed-images to keep the images in the shards")
@@ -160,7 +163,7 @@ def check_image_roots(data_dir: Union[PathLike, Sequence[PathLike]], image_root:
 def _found(root, name: str) -> bool:
     """Whether ``name`` is a file under ``root`` (a name the lookup refuses, e.g. one outside the
     root or too long for the OS, is not: each such image is an ``unreadable`` skip)."""
-    from .records import resolve_image_path
+    from .image_paths import resolve_image_path
 
     try:
         return resolve_image_path(root, name) is not None
@@ -181,7 +184,9 @@ def check_image_files(data_dir, image_root: Optional[Any] = None, workers: int =
     holding their images, "no_root": folders recorded without an image root (not looked up, as
     :func:`check_image_roots` does not)}``. ``workers`` lookups at a time (threads: each is a ``stat``, a
     request on a network mount); ``on_progress(done, total)`` per folder, every 10k records."""
-    from .records import _name, folder_image_roots, read_manifest, shard_paths
+    from .image_paths import folder_image_roots
+    from .manifest import read_manifest, shard_paths
+    from .records import _name
 
     out: dict[str, Any] = {"checked": 0, "missing": 0, "examples": [], "embedded": [], "no_root": []}
     for folder, root in folder_image_roots(data_dir, image_root):

@@ -52,9 +52,9 @@ import ray
 
 from .decode import ImageDecodeError
 from .preflight import preflight_shards
-from .records import (
-    Roots, ShardError, arrow_rows, category_ids, folder_image_roots, record_from_row, shard_paths, val_image_roots,
-)
+from .image_paths import Roots, folder_image_roots, val_image_roots
+from .manifest import ShardError, category_ids, shard_paths
+from .records import arrow_rows, record_from_row
 from .run_stats import (  # noqa: F401 - re-exported: the datasets' bookkeeping, long imported from here
     _new_run_stats, _stats, current_epoch, decode_skips, describe_skips, exif_ties, set_epoch, skip_metrics,
     skip_reasons, skips_at_end,

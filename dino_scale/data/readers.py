@@ -31,7 +31,7 @@ class DatasetInUseError(RuntimeError):
 def reading_datasets(datasets: Iterable[Optional[str | Path]], say: Callable[[str], None]) -> Iterator[None]:
     """A shared lock on each folder of ``datasets`` (converted dataset folders, each a folder or
     ``"a,b"``; None: none) for the block; waits, saying so, while one is being converted again."""
-    from .records import data_dirs
+    from .manifest import data_dirs
 
     folders = [f for d in datasets if d for f in data_dirs(str(d))]
     with contextlib.ExitStack() as held:

@@ -188,7 +188,7 @@ class DetectionTransform:
     def load(self, record: dict[str, Any]) -> np.ndarray:
         data = record.get("image")
         if data is None:
-            from .records import resolve_image_path
+            from .image_paths import resolve_image_path
             try:  # the lookup stats the file too: EACCES, ENAMETOOLONG, EIO are counted skips
                 path = resolve_image_path(record.get("image_root") or self.image_root, record["file_name"])
                 data = path.read_bytes() if path is not None else None

@@ -164,7 +164,7 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     from dino_scale.tracking.uris import default_tracking_uri
 
     from dino_scale.data.integrity import labels_fingerprint
-    from dino_scale.data.records import absolute_data_dirs
+    from dino_scale.data.manifest import absolute_data_dirs
 
     if not (run_name.isascii() and run_name.isprintable()):  # before any work: Ray Train refuses it mid-start
         raise ConfigError(f"run name {run_name!r}: use printable ASCII characters only (Ray Train tags its "

@@ -18,7 +18,7 @@ log = logging.getLogger("dino_scale.engine")  # the logger of fit's own lines
 
 
 def _num_images(data_dir: str) -> int:
-    from dino_scale.data.records import data_dirs, read_manifest
+    from dino_scale.data.manifest import data_dirs, read_manifest
 
     return sum(int(read_manifest(d)["num_images"]) for d in data_dirs(data_dir))
 
@@ -41,7 +41,8 @@ def _check_data(train_dir: Optional[str], val_dir: Optional[str], cfg: Config) -
     folders' image roots hold their images (:func:`~dino_scale.data.preflight.check_image_roots`), and
     the class head holds every category id of the training data (:func:`check_category_ids`)."""
     from dino_scale.data.preflight import check_image_roots, preflight_shards
-    from dino_scale.data.records import data_dirs, read_manifest, val_image_roots
+    from dino_scale.data.image_paths import val_image_roots
+    from dino_scale.data.manifest import data_dirs, read_manifest
 
     for data, roots, key in ((train_dir, cfg.data.image_root, "data.image_root"),
                              (val_dir, val_image_roots(cfg.data), "data.val_image_root")):
@@ -57,9 +58,9 @@ def _check_data(train_dir: Optional[str], val_dir: Optional[str], cfg: Config) -
 
 def _conversion_losses(val_dir: str) -> dict[str, int]:
     """``val_images_skipped_at_conversion`` / ``val_boxes_dropped_at_conversion`` of ``val_dir``
-    (:func:`~dino_scale.data.records.conversion_losses`), warned about when not 0: the AP is then
+    (:func:`~dino_scale.data.manifest.conversion_losses`), warned about when not 0: the AP is then
     over fewer objects than the annotation file's (the official evaluation counts them as misses)."""
-    from dino_scale.data.records import conversion_losses
+    from dino_scale.data.manifest import conversion_losses
 
     lost = conversion_losses(val_dir)
     if lost["images_skipped"] or lost["boxes_dropped"]:

@@ -81,7 +81,8 @@ def test_cluster_image_root_example_resolves_for_the_recipe_folders(tmp_path):
     comes from the Objects365 val file) and left the validation folder to inherit those two
     roots, which folder_image_roots refuses. Its settings now resolve for the recipe's folders."""
     from dino_scale.config import preset
-    from dino_scale.data.records import FORMAT, MANIFEST_NAME, folder_image_roots, val_image_roots
+    from dino_scale.data.image_paths import folder_image_roots, val_image_roots
+    from dino_scale.data.manifest import FORMAT, MANIFEST_NAME
 
     readme = " ".join((CLUSTER / "README.md").read_text().split())
     sets = dict(m.split("=", 1) for m in re.findall(r"--set (data\.(?:val_)?image_root=[^` ]+)", readme))

@@ -78,7 +78,7 @@ def test_data_decode_time_skips_counted(tmp_path, caplog):
 def drop_manifest_category(out: Path, category_id: int) -> None:
     """Make a converted folder inconsistent: its manifest no longer lists ``category_id``
     while its records still hold it (a shard written by another tool, a hand-edited manifest)."""
-    from dino_scale.data.records import MANIFEST_NAME
+    from dino_scale.data.manifest import MANIFEST_NAME
 
     path = out / MANIFEST_NAME
     m = json.loads(path.read_text())

@@ -90,12 +90,12 @@ def test_data_convert_resume_after_interrupt(coco_like, tmp_path, monkeypatch, c
     """An interrupted conversion resumes to the bytes of an uninterrupted one. ``chunk_bytes=1``:
     a bucket's rows are handed on image by image (``_CHUNK_IMAGE_BYTES``; a bucket held all its
     images at once, ~3.4x their size, before it wrote any): the same shards and manifest, resumed too."""
-    from dino_scale.data import convert as convert_mod
+    from dino_scale.data import convert_write
 
     root, ann = coco_like
     ref = convert_coco(ann, root, tmp_path / "ref", embed_images=True, shard_size_mb=0.05, progress=False)
     if chunk_bytes is not None:
-        monkeypatch.setattr(convert_mod, "_CHUNK_IMAGE_BYTES", chunk_bytes)
+        monkeypatch.setattr(convert_write, "_CHUNK_IMAGE_BYTES", chunk_bytes)
         whole = convert_coco(ann, root, tmp_path / "chunked", embed_images=True, shard_size_mb=0.05, progress=False)
         assert _shard_bytes(tmp_path / "chunked") == _shard_bytes(tmp_path / "ref")
         assert {k: v for k, v in whole.items() if k != "source"} == {k: v for k, v in ref.items() if k != "source"}
@@ -371,7 +371,7 @@ def test_data_convert_again_keeps_the_dataset_until_the_new_one_is_usable(coco_l
     import os
 
     from dino_scale.data import ConversionError
-    from dino_scale.data.records import shard_paths
+    from dino_scale.data.manifest import shard_paths
 
     root, ann = coco_like
     out = tmp_path / "out"

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dino_scale.data import convert as convert_mod
-from dino_scale.data import convert_passes
+from dino_scale.data import convert_passes, convert_write
 from dino_scale.data import convert_coco, read_manifest
 from pipelines import prepare_data
 
@@ -241,14 +241,14 @@ def test_data_convert_buckets_bucket_of_spreads_ids_at_a_common_step(tmp_path, m
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}]}))
     monkeypatch.setattr(convert_mod, "_BUCKET_BYTES", path.stat().st_size // nb + 1)
     joined = []
-    real_join = convert_mod.join_bucket
+    real_join = convert_write.join_bucket
 
     def counting_join(work, b, excluded):
         meta, ann, stats = real_join(work, b, excluded)
         joined.append((0 if meta is None else meta.num_rows, len(ann)))
         return meta, ann, stats
 
-    monkeypatch.setattr(convert_mod, "join_bucket", counting_join)
+    monkeypatch.setattr(convert_write, "join_bucket", counting_join)  # where the write pass looks it up
     m = _convert(path, tmp_path / "out", max_images_per_shard=50)
     assert m["signature"]["buckets"] == nb and m["num_images"] == n and len(joined) == nb
     assert sum(r for r, _ in joined) == n and sum(a for _, a in joined) == n

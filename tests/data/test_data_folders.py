@@ -79,7 +79,7 @@ def test_data_folders_rows_get_their_shard_folders_root():
 def test_data_folders_made_absolute_for_the_run(tmp_path, monkeypatch):
     """What a run reads and records (``fit``'s train/val folders): each folder of a comma list
     absolute, ``~`` expanded, None kept."""
-    from dino_scale.data.records import absolute_data_dirs
+    from dino_scale.data.manifest import absolute_data_dirs
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -92,7 +92,7 @@ def test_data_folders_read_with_a_tilde(tmp_path, monkeypatch):
     """``convert_coco(..., "~/out")`` wrote ``<home>/out``; reading ``"~/out"`` back
     (``iter_records``, ``to_coco_gt``) said "not a converted dataset"."""
     from dino_scale.data import iter_records
-    from dino_scale.data.records import data_dirs
+    from dino_scale.data.manifest import data_dirs
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert data_dirs("~/a, ~/b") == [tmp_path / "home" / "a", tmp_path / "home" / "b"]
@@ -106,7 +106,7 @@ def test_data_folders_read_with_a_tilde(tmp_path, monkeypatch):
 
 def test_data_folders_keep_the_symlinked_name(tmp_path, monkeypatch):
     """A mount reached through a symlink on the driver keeps the name the nodes know it by."""
-    from dino_scale.data.records import absolute_data_dirs
+    from dino_scale.data.manifest import absolute_data_dirs
 
     (tmp_path / "nfs").mkdir()
     (tmp_path / "data").symlink_to(tmp_path / "nfs")

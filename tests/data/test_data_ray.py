@@ -130,7 +130,7 @@ def _eval_and_decode_skips(shards, tmp_path):
 
     broken_root = tmp_path / "root"
     shutil.copytree(root, broken_root)
-    from dino_scale.data.records import resolve_image_path
+    from dino_scale.data.image_paths import resolve_image_path
 
     p0 = resolve_image_path(broken_root, victims[0]["file_name"])
     p0.write_bytes(p0.read_bytes()[:200])

@@ -60,7 +60,7 @@ def test_pipelines_datasets_forms(raw, tmp_path, monkeypatch):
     with pytest.raises(UsageError, match=f"names {ann} twice"):  # refused before converting it (hours for O365)
         resolve_datasets(_args(data=f"{ann},{ann}", images=str(root)), tmp_path, "coco-like", 8, 0, log)
     assert converted == []
-    from dino_scale.data.records import data_dirs
+    from dino_scale.data.manifest import data_dirs
 
     with pytest.raises(ValueError, match="dataset folder given twice: .*ds/train, ds/train"):  # the library's own
         data_dirs(f"ds/train,{parent / 'train'}")

@@ -292,7 +292,7 @@ def test_predict_names_labels_from_the_training_data_of_a_checkpoint(tmp_path, m
     config.json, lineage.json) was labelled with bare class indices ("17") although its lineage
     names the training data, whose manifest the other pipelines read the class names from
     (README: fine-tuning, evaluate). predict now reads the same sources."""
-    from dino_scale.data.records import FORMAT
+    from dino_scale.data.manifest import FORMAT
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     data = tmp_path / "train"

@@ -18,6 +18,10 @@ case "$ADMIN_CIDR" in
 esac
 g() { gcloud --project "$PROJECT" "$@"; }
 
+# the APIs the steps below call (a fresh project has none of them on: the script stopped part-way)
+g services enable compute.googleapis.com iam.googleapis.com secretmanager.googleapis.com \
+  artifactregistry.googleapis.com cloudresourcemanager.googleapis.com
+
 g compute networks create "$NAME" --subnet-mode=custom
 g compute networks subnets create "$NAME" --network "$NAME" --region "$REGION" \
   --range 10.42.0.0/20 --enable-private-ip-google-access

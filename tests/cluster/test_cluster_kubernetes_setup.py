@@ -30,6 +30,22 @@ def test_cluster_finetune_recipe_commands_carry_the_paper_settings():
         assert argv[argv.index("--scale") + 1] == "1.5", argv
 
 
+def test_cluster_training_commands_survive_a_lost_node_and_run_in_bf16():
+    """The cluster's GPU workers land on spot nodes. The README's 64-GPU pretraining and the
+    16-GPU fine-tunes set neither ``train.max_failures`` (a reclaimed node ended a 12-hour job)
+    nor ``--run-name`` (resubmitted, it started over under a new name), and the README's
+    pretraining ran in fp32 where the cost table assumes bf16. Every multi-node training
+    command of both READMEs and the RayJob has all three."""
+    commands = [(m, argv) for m, argv in _pipeline_commands() + _commands_in(_bash_blocks(ROOT / "README.md"))
+                if m in ("pipelines.pretrain_o365", "pipelines.finetune_coco") and "--workers" in argv
+                and int(argv[argv.index("--workers") + 1]) >= 16]
+    assert len(commands) >= 5, commands  # cluster/README: 64-GPU pretrain, AWS and k8s fine-tunes; README: both
+    for module, argv in commands:
+        sets = dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--set")
+        assert sets.get("train.precision") == "bf16" and int(sets.get("train.max_failures", 0)) >= 1, argv
+        assert "--run-name" in argv, argv
+
+
 def test_cluster_kuberay_head_stays_off_gpu_and_spot_nodes():
     """The head (8 CPUs, no node constraint) could land on an a3 GPU node, which then never
     scaled down, or on a Spot node whose loss ends the job; with only GPU pools it had nowhere

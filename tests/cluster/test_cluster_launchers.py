@@ -165,6 +165,21 @@ def test_cluster_launcher_mounts_the_bucket_read_only_for_data(name):
     assert ("mount-s3 --read-only" if name == "aws" else "-o ro,") in mount[0]
 
 
+def test_cluster_gcp_setup_runs_on_a_fresh_project_and_image():
+    """Two steps that stopped ``ray up`` / the setup script part-way: ``gpg --dearmor -o`` over a
+    keyring the image already holds asked to overwrite (no terminal: it failed), and a fresh project
+    has none of the APIs the setup script calls (under ``set -e`` it stopped at the first)."""
+    init = " ".join(_prepared("gcp")["initialization_commands"])
+    assert "gpg --dearmor" not in init and "gpg --batch --yes --dearmor" in init
+    script = (CLUSTER / "gcp" / "setup.sh").read_text()
+    enable = script.index("services enable")
+    apis = script[enable:script.index("\n\n", enable)].split()
+    assert {"compute.googleapis.com", "iam.googleapis.com", "secretmanager.googleapis.com",
+            "artifactregistry.googleapis.com"} <= set(apis)
+    first_call = min(script.index(f"g {svc} ") for svc in ("compute", "iam", "secrets", "artifacts"))
+    assert enable < first_call
+
+
 def _ray_start_flags(commands: list[str]) -> dict[str, str]:
     flags = {}
     for cmd in commands:

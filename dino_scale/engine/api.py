@@ -350,15 +350,16 @@ def fit(cfg: Config, train_dir: str, val_dir: Optional[str], work_dir: str | Pat
                     tracking_close_timeout_s=tracking_close_timeout_s)
 
 
-def evaluation_storage(cfg: Config) -> Optional[str]:
+def evaluation_storage(cfg: Config, work_dir: str | Path) -> str:
     """Ray Train storage of an evaluation-only run: ``<train.storage_path>/evaluations`` when the
-    config names a storage path (a trained model's config carries its training run's), else None
-    (``<work_dir>/ray``). In the training runs' own storage, an evaluation given a training run's
-    name ran in that run's folder: Ray Train took the evaluation's result as the run's newest
-    checkpoint and, keeping ``checkpoints_to_keep``, deleted the run's older ones; a resume of the
-    training run then failed on the evaluation's folder (no ``trainer_state.json``)."""
+    config names a storage path (a trained model's config carries its training run's), else
+    ``<work_dir>/ray-evaluations`` (beside the training runs' ``<work_dir>/ray``). In the training
+    runs' own storage, an evaluation given a training run's name ran in that run's folder: Ray Train
+    took the evaluation's result as the run's newest checkpoint and, keeping
+    ``checkpoints_to_keep``, deleted the run's older ones; a resume of the training run then failed
+    on the evaluation's folder (no ``trainer_state.json``)."""
     path = cfg.train.storage_path
-    return f"{str(path).rstrip('/')}/evaluations" if path else None
+    return f"{str(path).rstrip('/')}/evaluations" if path else str(Path(work_dir).expanduser() / "ray-evaluations")
 
 
 def evaluate_weights(cfg: Config, weights: str, val_dir: str, work_dir: str | Path, run_name: str, *,
@@ -379,6 +380,6 @@ def evaluate_weights(cfg: Config, weights: str, val_dir: str, work_dir: str | Pa
     with run_lock(work_dir, f"evaluation run {run_name!r}"), reading_datasets((val_dir,), log.warning):
         return _run(cfg, train_dir=None, val_dir=val_dir, work_dir=work_dir, run_name=run_name,
                     init_weights=weights, init_strict=True, experiment=experiment, parent_run_id=parent_run_id,
-                    tags=tags, storage_path=evaluation_storage(cfg), evaluate=True, train=False, progress=False,
+                    tags=tags, storage_path=evaluation_storage(cfg, work_dir), evaluate=True, train=False, progress=False,
                     ray_address=ray_address, test_hooks=None, lineage=lineage, tracking_close_timeout_s=60.0,
                     preloaded=weights_state)

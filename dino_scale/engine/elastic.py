@@ -171,8 +171,8 @@ RESUME_FREE_KEYS = frozenset({
     "train.compile_granularity", "train.compile_mode", "train.tf32", "train.deterministic",
     # how long a collective may wait (the README's advice when the final evaluation outlasts it: a
     # rerun that raised it was refused, so only a new run name, trained from scratch, got past it)
-    # and the evaluation's image sizes (like eval.*)
-    "train.collective_timeout_s", "data.eval_size", "data.eval_max_size",
+    # and the evaluation's image sizes and detections per image (like eval.*: never trained on)
+    "train.collective_timeout_s", "data.eval_size", "data.eval_max_size", "model.num_select",
 })
 
 

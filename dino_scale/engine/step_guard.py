@@ -34,8 +34,8 @@ class BadStepGuard:
         self.consecutive += 1
         if self.max_consecutive > 0 and self.consecutive >= self.max_consecutive:
             where = f" (last at step {step}, loss {loss})" if step is not None else ""
-            raise BadStepError(
-                f"{self.consecutive} consecutive non-finite loss steps{where}; "
+            raise BadStepError(  # micro-batches: with accumulation, several make one optimizer step
+                f"{self.consecutive} consecutive micro-batches with a non-finite loss{where}; "
                 f"{self.total} skipped in total. Training diverged: lower the learning rate, "
                 f"check the data, or raise train.max_bad_steps.")
 

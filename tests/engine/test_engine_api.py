@@ -491,12 +491,15 @@ def test_a_new_run_with_no_weights_at_all_notes_the_random_backbone(caplog):
         assert ("starts from random weights" in caplog.text) is said, (init, resumed)
 
 
-@pytest.mark.parametrize("storage,expected", [(None, None), ("s3://bucket/dino/", "s3://bucket/dino/evaluations"),
+@pytest.mark.parametrize("storage,expected", [(None, "WORK/ray-evaluations"),
+                                              ("s3://bucket/dino/", "s3://bucket/dino/evaluations"),
                                               ("/mnt/runs", "/mnt/runs/evaluations")])
 def test_an_evaluation_never_runs_in_the_training_runs_storage(tmp_path, monkeypatch, storage, expected):
     """A trained model's config carries its run's train.storage_path: an evaluation given the training
     run's name ran in that run's Ray folder, where Ray Train took its result for the run's newest
-    checkpoint and deleted the run's older ones (checkpoints_to_keep)."""
+    checkpoint and deleted the run's older ones (checkpoints_to_keep). Without a storage path too:
+    both defaulted to ``<work_dir>/ray``."""
+    expected = expected.replace("WORK", str(tmp_path / "work"))
     from dino_scale.config import preset
     from dino_scale.engine import api
 

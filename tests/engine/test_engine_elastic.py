@@ -258,7 +258,8 @@ def test_a_rerun_under_the_same_run_name_must_keep_what_the_run_trains_with():
     same = {"train.max_steps": 900, "train.num_workers": 4, "train.min_workers": 2,
             "train.checkpoint_every_steps": 7, "train.log_every_steps": 3, "train.max_failures": 2,
             "train.compile": True, "eval.tta": True, "model.msda_backend": "pytorch", "name": "other",
-            "train.collective_timeout_s": 7200, "data.eval_size": 320, "data.eval_max_size": 544}
+            "train.collective_timeout_s": 7200, "data.eval_size": 320, "data.eval_max_size": 544,
+            "model.num_select": 100}  # (detections kept per image: evaluation only, was refused)
     assert resume_changes(saved, preset("tiny", {"train.lr_drop_epochs": None, "train.epochs": 12, **same})) == []
     # more epochs with the drop pinned: the schedule so far is unchanged
     pinned = to_dict(preset("tiny", {"train.lr_drop_epochs": [11], "train.epochs": 12}))

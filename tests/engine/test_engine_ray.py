@@ -48,7 +48,7 @@ def test_nan_steps_skipped_lr_follows_the_data_position_then_abort(ray_session, 
     # 4 micro-batches per worker and epoch (8 in the run), windows [1 2] [3 4] | [5 6] [7 8]
     hooks = {"nan_micro_steps": [1, 2, 6, 7, 8]}
     seeded_store(tmp_path / "work")
-    with pytest.raises(BadStepError, match=r"3 consecutive non-finite loss steps.*5 skipped in total"):
+    with pytest.raises(BadStepError, match=r"3 consecutive micro-batches with a non-finite loss.*5 skipped in total"):
         fit(cfg, train_dir, None, tmp_path / "work", unique("nan"), experiment="engine-test", test_hooks=hooks,
             progress=False)
     # the abort's checkpoint resumes at the start of the aborted window (epoch 1, micro-batch 2),
@@ -65,7 +65,7 @@ def test_nan_steps_skipped_lr_follows_the_data_position_then_abort(ray_session, 
         assert torch.equal(at_abort["torch"], at_start["torch"]) and at_abort["python"] == at_start["python"], rank
     client = MlflowClient(f"sqlite:///{(tmp_path / 'work' / 'mlflow.db').resolve()}")
     runs = client.search_runs([client.get_experiment_by_name("engine-test").experiment_id])
-    assert runs[0].info.status == "FAILED" and "consecutive non-finite" in runs[0].data.tags["error"]
+    assert runs[0].info.status == "FAILED" and "micro-batches with a non-finite loss" in runs[0].data.tags["error"]
     run_id = runs[0].info.run_id
     lrs = {m.step: m.value for m in client.get_metric_history(run_id, "lr")}
     assert sorted(lrs) == [1, 2], lrs  # the skipped first window is no step

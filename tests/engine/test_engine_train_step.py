@@ -69,7 +69,7 @@ def test_nan_step_skipped_and_counted_then_abort(tiny):
     assert not good.skipped and guard.consecutive == 0 and guard.total == 2
     train_step(model, criterion, opt, bad, guard=guard, step=3)
     train_step(model, criterion, opt, bad, guard=guard, step=4)
-    with pytest.raises(BadStepError, match="3 consecutive non-finite loss steps"):
+    with pytest.raises(BadStepError, match="3 consecutive micro-batches with a non-finite loss"):
         train_step(model, criterion, opt, bad, guard=guard, step=5)
     assert guard.total == 5
 

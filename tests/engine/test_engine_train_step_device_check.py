@@ -84,7 +84,7 @@ def test_a_non_finite_step_changes_no_weight_moment_or_step_count(device):
     guard.settle()
     assert not good.skipped and guard.grad_consecutive == 0 and guard.total == 2
     assert not _equal(before[0], _snapshot(model, opt)[0])
-    with pytest.raises(BadStepError, match="3 consecutive non-finite loss steps"):
+    with pytest.raises(BadStepError, match="3 consecutive micro-batches with a non-finite loss"):
         for step in range(4, 7):
             train_step(model, criterion, opt, _batch(device, nan=True), guard=guard, step=step)
         guard.settle()
@@ -174,7 +174,7 @@ def test_the_guard_waits_for_no_verdict_but_the_one_before_the_last():
     first, second, third = _LateVerdict(False), _LateVerdict(False), _LateVerdict(True)
     guard.observe(first, step=0)
     assert not first.waited and guard.total == 0 and len(guard.pending) == 1
-    with pytest.raises(BadStepError, match=r"2 consecutive non-finite loss steps \(last at step 1"):
+    with pytest.raises(BadStepError, match=r"2 consecutive micro-batches with a non-finite loss \(last at step 1"):
         guard.observe(second, step=1)
         assert first.waited and not second.waited and guard.total == 1
         guard.observe(third, step=2)  # counts the second: the abort comes one step late

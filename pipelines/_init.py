@@ -103,7 +103,8 @@ def _what_exists(client, uri: str) -> str:
         return hint
     name = parse_model_uri(uri)[0]
     try:
-        from pipelines.registry import _get_model, _versions, model_names_hint
+        from pipelines.champion import _versions
+        from pipelines.registry import _get_model, model_names_hint
 
         model = _get_model(client, name) if name else None
         if model is not None:

@@ -134,7 +134,7 @@ def move_alias(result, name: str, alias: str, version: str, synthetic: bool) -> 
     --max-steps 10``) in a shared store took ``@pretrained`` from the Objects365 model, and the
     next default fine-tune started from its weights. Returns why the alias stayed (None: moved)."""
     from dino_scale.tracking.registry import get_version_by_alias, set_alias
-    from pipelines.registry import _synthetic  # the champion rule's reading of the synthetic_data tag
+    from pipelines.champion import _synthetic  # the champion rule's reading of the synthetic_data tag
 
     uri = result.tracking_uri
     holder = get_version_by_alias(name, alias, tracking_uri=uri)

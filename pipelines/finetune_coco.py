@@ -184,7 +184,7 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
     version_tags = {k: v for k, v in tags.items() if k.startswith("source.")}
     from dino_scale.tracking import store_client
     from pipelines._datasets import eval_fingerprint
-    from pipelines.registry import EVAL_DATA_TAG, EVAL_TTA_TAG, SYNTHETIC_TAG, promote_if_better, tta_protocol
+    from pipelines.champion import EVAL_DATA_TAG, EVAL_TTA_TAG, SYNTHETIC_TAG, promote_if_better, tta_protocol
 
     version_tags.update({"stage": "finetune", "preset": cfg.name, "init": tags["init"],
                          SYNTHETIC_TAG: tags["synthetic_data"]})

@@ -103,7 +103,7 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
     log(f"training on {train} (val: {val or 'none'}); MLflow store {uri}")
 
     from dino_scale.engine import fit
-    from pipelines.registry import SYNTHETIC_TAG
+    from pipelines.champion import SYNTHETIC_TAG
 
     result = fit(cfg, train, val, work_dir / "runs" / run_name, run_name, experiment=args.experiment,
                  tags={"stage": "pretrain", "synthetic_data": str(synthetic).lower()},

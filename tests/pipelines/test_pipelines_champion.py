@@ -7,7 +7,8 @@ import pytest
 mlflow = pytest.importorskip("mlflow")
 
 from mlflow_store import seeded_store
-from pipelines.registry import format_state, promote_if_better, registry_state  # noqa: E402
+from pipelines.champion import promote_if_better  # noqa: E402
+from pipelines.registry import format_state, registry_state  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +256,7 @@ def test_pipelines_champion_reverted_in_the_ui_is_not_taken_back_by_an_old_promo
     (which stamps nothing, so v1 keeps its promotion id). A new version that beats v1 became
     champion and then gave it to v2, "promoted at the same time from the same @champion": any
     promotion ever made from v1 counted as a rival. Rivals are promoted at about the same time."""
-    from pipelines.registry import PROMOTED_AT_TAG
+    from pipelines.champion import PROMOTED_AT_TAG
 
     v1 = _new_version(client, tmp_path)
     client.set_registered_model_alias("dino-tiny-coco", "champion", v1)  # set by hand, no tags
@@ -333,7 +334,7 @@ def test_pipelines_champion_held_by_a_smoke_test_gives_way_to_real_data(client, 
 def test_pipelines_champion_tta_sizes_are_part_of_the_protocol(client, tmp_path):
     """``eval.tta`` said true/false only: APs measured with other TTA sizes compared as equal."""
     from dino_scale.config import preset
-    from pipelines.registry import tta_protocol
+    from pipelines.champion import tta_protocol
 
     assert tta_protocol(preset("tiny")) == "false"
     assert tta_protocol(preset("tiny", ["eval.tta=true", "eval.tta_scales=[1000,800]"])) == "true:800,1000"

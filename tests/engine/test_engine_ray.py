@@ -164,7 +164,7 @@ def test_evaluate_pipeline_of_a_registered_model_matches_single_process(ray_sess
     run_dir = work / "evaluations" / run_name  # not under runs/, where a training run of that name lives
     assert (trained_final / "config.json").read_text() == "the training run's"
     assert sorted(p.name for p in (work / "runs" / run_name).iterdir()) == ["final"]
-    (final,) = run_dir.glob("ray/*/final_*")  # Ray's checkpoint: the detections only
+    (final,) = run_dir.glob("ray-evaluations/*/final_*")  # Ray's checkpoint: the detections only
     assert sorted(p.name for p in final.iterdir()) == ["detections.json"]
     ours, ref = top_scores(json.loads((final / "detections.json").read_text())), top_scores(local)
     assert ours.keys() == ref.keys()

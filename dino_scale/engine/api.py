@@ -380,6 +380,7 @@ def evaluate_weights(cfg: Config, weights: str, val_dir: str, work_dir: str | Pa
     with run_lock(work_dir, f"evaluation run {run_name!r}"), reading_datasets((val_dir,), log.warning):
         return _run(cfg, train_dir=None, val_dir=val_dir, work_dir=work_dir, run_name=run_name,
                     init_weights=weights, init_strict=True, experiment=experiment, parent_run_id=parent_run_id,
-                    tags=tags, storage_path=evaluation_storage(cfg, work_dir), evaluate=True, train=False, progress=False,
-                    ray_address=ray_address, test_hooks=None, lineage=lineage, tracking_close_timeout_s=60.0,
+                    tags=tags, storage_path=evaluation_storage(cfg, work_dir), evaluate=True, train=False,
+                    progress=False, ray_address=ray_address, test_hooks=None, lineage=lineage,
+                    tracking_close_timeout_s=60.0,
                     preloaded=weights_state)

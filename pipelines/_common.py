@@ -300,9 +300,11 @@ def work_dir_note(args: argparse.Namespace) -> Optional[str]:
                      f"`ray job submit` that is Ray's temporary copy of --working-dir, removed with the cluster: give "
                      f"an absolute --work-dir on storage that outlives the job (and train.storage_path for the "
                      f"checkpoints of a multi-node run)")
+    from dino_scale.tracking.clients import sqlite_path
+
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    db = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
-    if db and db != ":memory:" and not Path(db).expanduser().is_absolute():  # the runs and the registry
+    db = sqlite_path(uri)
+    if db is not None and str(db) not in (".", ":memory:") and not db.expanduser().is_absolute():  # runs, registry
         notes.append(f"note: MLFLOW_TRACKING_URI {uri} names a file relative to this driver's folder "
                      f"({Path.cwd()}), Ray's temporary copy under `ray job submit`: its runs and registry go with "
                      f"the cluster; give an absolute path (sqlite:////shared/mlflow.db, four slashes)")

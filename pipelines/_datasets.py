@@ -17,10 +17,8 @@ import hashlib
 from pathlib import Path
 from typing import Callable, Optional
 
-from dino_scale.data.manifest import absolute_data_dirs, repeated_paths
+from dino_scale.data.manifest import MANIFEST_NAME as MANIFEST, absolute_data_dirs, repeated_paths
 from pipelines._common import UsageError, check_path
-
-MANIFEST = "manifest.json"
 
 
 def _is_dataset(p: Path) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
@@ -62,8 +63,6 @@ _CLIENT_ENV_NAMES = frozenset(
 def client_env(environ: Optional[dict[str, str]] = None) -> dict[str, str]:
     """The variables of ``environ`` (``os.environ``) a store's client reads: see
     :data:`_CLIENT_ENV_PREFIXES` and :data:`_CLIENT_ENV_NAMES`."""
-    import os
-
     environ = os.environ if environ is None else environ
     return {k: v for k, v in environ.items() if k.startswith(_CLIENT_ENV_PREFIXES) or k in _CLIENT_ENV_NAMES}
 
@@ -78,8 +77,6 @@ class TrackingRelay:
     arguments, not ``runtime_env``: the dashboard shows an actor's ``runtime_env``.)"""
 
     def __init__(self, tracking_uri: str, run_id: str, env: Optional[dict[str, str]] = None):
-        import os
-
         from dino_scale.tracking.logger import ResilientLogger
 
         os.environ.update(env or {})  # this actor's own process

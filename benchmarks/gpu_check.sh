@@ -79,6 +79,10 @@ WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
 SUMMARY=$OUT/summary.txt
 : > "$SUMMARY"
 T0=$(date +%s)
+# the clock the plan reads: a dry run's stands still, so its plan is the sum of the estimates alone
+# (a slow machine's real seconds would otherwise shift the limits it prints)
+now() { if [[ $DRY_RUN == 1 ]]; then echo "$T_START"; else date +%s; fi; }
+T_START=$T0
 export PYTHONUNBUFFERED=1 DINO_SCALE_EXT_DIR=${DINO_SCALE_EXT_DIR:-/tmp/dino_scale_ext}
 export MAX_JOBS=${MAX_JOBS:-8}
 say() { echo "$*" | tee -a "$SUMMARY"; }
@@ -99,7 +103,7 @@ pack() {
 # of min(CAP_S, seconds left); its output goes to $WORK/NAME.log (last lines echoed).
 step() {
   local name=$1 est=$2 cap=$3; shift 3
-  local left=$(( BUDGET_S - ($(date +%s) - T0) ))
+  local left=$(( BUDGET_S - ($(now) - T0) ))
   if (( left < est )); then say "$name: skipped (${left} s left of ${BUDGET_S}, needs ~${est} s)"; return 0; fi
   local limit=$(( cap < left ? cap : left ))
   if [[ $DRY_RUN == 1 ]]; then say "$name: would run (~${est} s, limit ${limit} s): $*"; T0=$(( T0 - est )); return 0; fi
@@ -144,7 +148,7 @@ for s in "${steps[@]}"; do
     tests-models) step tests-models 50 240 python3 -m pytest -q -p no:cacheprovider --maxfail=30 -o addopts="" \
                     tests/models/test_parity.py tests/models/test_matcher.py tests/models/test_cuda_graph.py ;;
     finite)  # estimates not measured: an eager bs 2 row and the inference row, ~20 steps each
-      left=$(( BUDGET_S - ($(date +%s) - T0) ))
+      left=$(( BUDGET_S - ($(now) - T0) ))
       if (( left < 90 )); then
         for check in host auto; do say "finite-$check: skipped (${left} s left of ${BUDGET_S}, the pair needs ~90 s)"; done
         continue
@@ -173,6 +177,6 @@ for s in "${steps[@]}"; do
     *) say "unknown step $s" ;;
   esac
 done
-say "total: $(( $(date +%s) - T0 )) s"
+say "total: $(( $(now) - T0 )) s"
 [[ $DRY_RUN == 1 ]] || pack
 rm -rf "$WORK" ${DRY_OUT:+"$DRY_OUT"}

@@ -69,6 +69,28 @@ def test_the_finite_pair_starts_only_when_both_fit(tmp_path):
     assert not any(v.startswith("would run") for v in steps.values()), steps
 
 
+def test_a_dry_run_plan_does_not_depend_on_how_fast_the_machine_runs_it(tmp_path):
+    # a `date` that jumps 20 s at every call stands for a slow, loaded CI machine: the dry run's
+    # plan (its limits and what it skips) must be the one a fast machine prints
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    clock = tmp_path / "clock"
+    clock.write_text("1000000")
+    (fake_bin / "date").write_text(f"#!/bin/bash\nt=$(( $(cat {clock}) + 20 )); echo $t > {clock}; echo $t\n")
+    (fake_bin / "date").chmod(0o755)
+    fast, _ = _run(tmp_path / "fast", "finite", DRY_RUN=1, BUILD=0, BUDGET_S=100)
+    env_path = f"{fake_bin}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    full_env = dict(os.environ, OUT=str(tmp_path / "slow" / "out"), DRY_RUN="1", BUILD="0", BUDGET_S="100",
+                    PATH=env_path)
+    proc = subprocess.run(["bash", str(SCRIPT), "finite"], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert int(clock.read_text()) > 1000000  # the fake clock was read
+    fast_steps, slow_steps = _summary_steps(fast), _summary_steps(tmp_path / "slow" / "out")
+    strip = (lambda steps: {k: re.sub(r"/tmp/gpu_check\.\w+", "WORK", v) for k, v in steps.items()})
+    assert strip(slow_steps) == strip(fast_steps)
+
+
 def test_a_larger_budget_runs_every_step(tmp_path):
     out, _ = _run(tmp_path, DRY_RUN=1, BUDGET_S=100000)
     steps = _summary_steps(out)

@@ -24,7 +24,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+# the test took 113-147 s on the 2-core CI box: the limit leaves a slower, loaded machine room
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 NUM_WORKERS = 2
 NUM_IMAGES = 8
@@ -192,7 +193,7 @@ def test_cluster_autoscale_tiny_training_scales_up_and_back_down(ray_lock, tmp_p
 
         # Idle for longer than idle_timeout_minutes: the autoscaler removes them all.
         t_idle = time.monotonic()
-        _wait_for(lambda: [n["NodeID"] for n in _alive_nodes()] == [head_id], 90,
+        _wait_for(lambda: [n["NodeID"] for n in _alive_nodes()] == [head_id], 180,
                   "idle worker nodes to be removed")
         print(f"scale-down took {time.monotonic() - t_idle:.1f}s")
         assert ray.cluster_resources().get("fake_gpu", 0) == 0

@@ -204,6 +204,7 @@ def test_data_convert_buckets_one_conversion_of_a_folder_at_a_time(ann, tmp_path
     converts (or finds the folder converted) once the lock is free."""
     import logging
     import threading
+    import time
 
     from dino_scale.data import convert as convert_module
     from dino_scale.data.shards import folder_lock
@@ -215,7 +216,12 @@ def test_data_convert_buckets_one_conversion_of_a_folder_at_a_time(ann, tmp_path
     with folder_lock(out / convert_module.LOCK_NAME, print, "test"):  # another process's conversion
         thread = threading.Thread(target=lambda: result.update(m=_convert(ann, out, shuffle_seed=3)))
         thread.start()
-        thread.join(timeout=1.5)
+        # the conversion reaches the held lock and says it waits (polled: a loaded machine may
+        # take longer than any fixed pause to get there; left before, it would never wait)
+        deadline = time.monotonic() + 60
+        while not any("another process is writing it; waiting" in r.getMessage() for r in caplog.records):
+            assert thread.is_alive() and time.monotonic() < deadline, "the conversion never waited for the lock"
+            time.sleep(0.05)
         assert thread.is_alive() and not list(out.glob("shard-*")) and not (out / ".convert-work").exists()
     thread.join(timeout=60)
     assert not thread.is_alive()

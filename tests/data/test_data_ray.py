@@ -8,7 +8,7 @@ from dino_scale.config import preset
 from dino_scale.data import convert_coco, iter_records
 from dino_scale.data.transforms import DetectionTransform
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture

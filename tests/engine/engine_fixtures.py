@@ -126,14 +126,13 @@ def run_ranks(script: str, world: int, *args: str, timeout: float = 600) -> list
     import json
     import os
     import shutil
-    import socket
     import subprocess
     import sys
     import tempfile
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from free_ports import listen_port
+
+    port = listen_port()  # rank 0 binds it once started: outside the range outgoing connections use
     script += "\nimport os as _os, sys as _sys\n_sys.stdout.flush(); _sys.stderr.flush(); _os._exit(0)\n"
     procs = []
     tmp = tempfile.mkdtemp(prefix="dino_ranks_")

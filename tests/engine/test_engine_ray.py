@@ -310,7 +310,7 @@ def test_tracking_relay_is_drained_before_it_is_ended(ray_session, tmp_path):
     server = MlflowServer(tmp_path / "server").start()
     try:
         driver = ResilientLogger(server.uri)
-        run_id = driver.start_run("relay-drain", "r")
+        run_id = driver.start_run("relay-drain", "r", wait_s=60)
         assert driver.close(timeout_s=10)
         relay = start_relay(server.uri, run_id)
         server.stop()

@@ -112,7 +112,7 @@ def test_cache_dir_is_keyed_by_sources_and_arch(tmp_path, monkeypatch):
 
 @pytest.mark.timeout(60)
 def test_build_lock_serializes_processes(tmp_path):
-    # Child 1 takes the build lock of a directory and holds it 2 s; child 2 asks for it only once
+    # Child 1 takes the build lock of a directory and holds it 4 s; child 2 asks for it only once
     # child 1 has said (from inside the lock) that it holds it: child 2 must wait for the release.
     # Both import first and wait for a "go" line, so neither's start-up time blurs the timings
     # (time.monotonic is one clock for all processes on Linux).
@@ -131,7 +131,7 @@ def test_build_lock_serializes_processes(tmp_path):
         print("RELEASED", released, flush=True)
     """)
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), hold], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True) for hold in ("2.0", "0")]
+                              stdout=subprocess.PIPE, text=True) for hold in ("4.0", "0")]
 
     def line(p, tag):
         got = p.stdout.readline().split()
@@ -155,9 +155,9 @@ def test_build_lock_serializes_processes(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert acquired1 <= requested2  # child 2 asked while child 1 held the lock
-    assert acquired2 >= released1  # and got it only after child 1 let go
-    assert acquired2 - requested2 >= 1.5  # so it waited (most of child 1's 2 s hold)
+    # child 2 asked while child 1 held the lock, and got it only after child 1 let go (ordered
+    # times, not a waited duration: a loaded machine's slow hand-over cannot fail it)
+    assert acquired1 <= requested2 < released1 <= acquired2
 
 
 def test_build_cli_reports_failure_without_toolkit(tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,9 +21,9 @@ EXCLUDES = [".git", ".venv", "tests/reference", "runs", "benchmarks/results", "b
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from free_ports import listen_port  # bound later by `ray start`: outside the ephemeral range
+
+    return listen_port()
 
 
 def _env(token_path: Path) -> dict:

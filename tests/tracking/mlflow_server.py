@@ -13,9 +13,10 @@ from pathlib import Path
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port the server binds later, and binds again on a restart (tests/free_ports.py)."""
+    from free_ports import listen_port
+
+    return listen_port()
 
 
 class MlflowServer:

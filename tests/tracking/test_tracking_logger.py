@@ -87,7 +87,7 @@ def test_server_stopped_mid_run_training_continues(tmp_path, caplog):
     server = MlflowServer(tmp_path / "server").start()
     try:
         logger = ResilientLogger(server.uri, timeout_s=2, retry_interval_s=0.5)
-        run_id = logger.start_run("resilience", "server-stop", {"preset": "tiny"})
+        run_id = logger.start_run("resilience", "server-stop", {"preset": "tiny"}, wait_s=60)
         assert run_id is not None
         cfg = preset("tiny", {"train.lr": 1e-4, "train.lr_backbone": 1e-4})
         torch.manual_seed(0)

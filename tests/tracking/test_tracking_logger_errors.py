@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def test_recovery_message_counts_each_outage_alone(server, caplog):
     # a frozen server answers late: the first call of each outage waits out its 1 s timeout, the
     # later ones are buffered without a retry (the next is a minute away) until the forced flush
     logger = ResilientLogger(server.uri, timeout_s=1, retry_interval_s=60.0, max_timeout_s=2)
-    run_id = logger.start_run("errors", "two-outages")
+    run_id = logger.start_run("errors", "two-outages", wait_s=120)  # a loaded machine's late answer: retried
     assert run_id is not None
     step = 0
     for buffered in (3, 2):
@@ -54,7 +55,10 @@ def test_recovery_message_counts_each_outage_alone(server, caplog):
             assert logger.pending == buffered
         finally:
             _freeze(server, False)
-        assert logger.flush(force=True)
+        deadline = time.monotonic() + 60  # the woken server may answer its queue first: tried until sent
+        while not logger.flush(force=True):
+            assert time.monotonic() < deadline, logger.last_error
+            time.sleep(0.2)
         assert logger.flushed_after_outage == buffered
     recovered = [r.getMessage() for r in caplog.records if "reachable again" in r.getMessage()]
     assert len(recovered) == 2 and logger.outages == 2
@@ -371,8 +375,9 @@ def test_a_backlog_goes_out_in_merged_batches(server):
 
     proxy = SlowProxy(server.uri, ("GET", "-none-"), delay_s=0)  # counts the requests
     try:
-        logger = ResilientLogger(proxy.uri, timeout_s=1, retry_interval_s=1000)  # no retry until close
-        run_id = logger.start_run("errors", "backlog")
+        logger = ResilientLogger(proxy.uri, timeout_s=1, retry_interval_s=0.5)
+        run_id = logger.start_run("errors", "backlog", wait_s=60)
+        logger.retry_interval_s = 1000  # no retry until close
         _freeze(server, True)
         try:
             for step in range(300):
@@ -383,6 +388,7 @@ def test_a_backlog_goes_out_in_merged_batches(server):
             assert logger.pending == 310
         finally:
             _freeze(server, False)
+        logger.retry_interval_s = 0.5  # close retries a late answer of the woken server
         before = proxy.count("POST", "log-batch")
         assert not logger.close(timeout_s=60)  # False: the bad key's call was dropped
         sent = proxy.count("POST", "log-batch") - before
@@ -404,8 +410,9 @@ def test_a_run_ended_while_the_store_was_down_is_finished_before_registration(se
 
     from dino_scale.engine.api import FitResult
 
-    logger = ResilientLogger(server.uri, timeout_s=1, retry_interval_s=1000)
-    run_id = logger.start_run("errors", "ended-while-down")
+    logger = ResilientLogger(server.uri, timeout_s=1, retry_interval_s=0.5)
+    run_id = logger.start_run("errors", "ended-while-down", wait_s=60)
+    logger.retry_interval_s = 1000  # no retry until finish_tracking
     _freeze(server, True)
     try:
         logger.log_metrics({"final/AP": 0.5}, step=3)
@@ -414,6 +421,7 @@ def test_a_run_ended_while_the_store_was_down_is_finished_before_registration(se
         assert not logger.close(timeout_s=2) and logger.pending == 3
     finally:
         _freeze(server, False)
+    logger.retry_interval_s = 0.5  # finish_tracking retries a late answer of the woken server
     result = FitResult(checkpoint_path="ckpt", weights_path=Path("w"), config_path=Path("c"), metrics={},
                        run_id=run_id, tracking_uri=server.uri, run_name="r", pending_tracking=logger)
     # True although a call was dropped: the end status went out (the pipelines warned "it shows
@@ -438,7 +446,7 @@ def test_a_registration_whose_answer_was_lost_makes_one_version(server, monkeypa
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     logger = ResilientLogger(server.uri)
-    run_id = logger.start_run("errors", "registered-once")
+    run_id = logger.start_run("errors", "registered-once", wait_s=60)
     logger.end_run()
     assert logger.close(timeout_s=30), logger.last_error
     proxy = SlowProxy(server.uri, ("POST", "model-versions/create"), delay_s=0, lose_answers=1)

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from dino_scale.config import PRESETS, Config, ConfigError, parse_override, preset
 from dino_scale.config_checks import check_training_config, lr_drop_epochs
@@ -227,6 +227,23 @@ def validate_config_args(args: argparse.Namespace, extra: Sequence[str] = ()) ->
         # the embedded Ray will see the GPUs torch sees: refuse now, not after the data is made
         # and Ray started (check_gpus_here stays the authoritative check)
         _refuse_missing_gpus(args, cfg.train.num_workers if known else (args.workers or 1), local_gpu_count())
+
+
+def join_cluster_for_the_preset(args: argparse.Namespace, log: Callable[[str], None],
+                                extra: Sequence[str] = ()) -> bool:
+    """A training pipeline with no ``--preset`` under ``RAY_ADDRESS`` (:func:`preset_needs_cluster`):
+    join the cluster now, before any data is converted, and run the training checks
+    :func:`validate_config_args` left for it on the preset the cluster's GPUs pick (``extra``: the
+    pipeline's overrides known this early). Was: first checked inside ``fit``, after the conversion
+    and, for fine-tuning, the starting model's download. Returns whether it joined."""
+    import copy
+
+    if not preset_needs_cluster(args):
+        return False
+    log(f"Ray: {connect_ray()}")
+    if hasattr(args, "zero_stage"):
+        check_training_config(build_config(copy.copy(args), extra))  # a copy: build_config sets its preset
+    return True
 
 
 def check_path(path: Optional[str], what: str) -> Optional[Path]:

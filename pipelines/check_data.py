@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", default=None, metavar="DIR",
                    help="the images' folder of a dataset converted without --embed-images, where it is not the "
                         "one recorded at conversion (one per folder, comma-separated; as data.image_root; a "
-                        "folder holding train/ and val/ counts as those two)")
+                        "folder holding train/, train_extra/, val/ counts as each of those it holds, in that "
+                        "order)")
     p.add_argument("--no-image-files", action="store_true",
                    help="do not look for the image files such a dataset names (a stat per image)")
     p.add_argument("--workers", type=int, default=4,

@@ -106,11 +106,12 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
     if args.run_name:  # a name a live job uses: refused before any work (default names are unique)
         held.enter_context(run_lock(work_dir / "runs" / args.run_name, f"run {args.run_name!r}"))
     uri = common.setup_tracking(work_dir)
+    joined = common.join_cluster_for_the_preset(args, log, extra=user_label_book(args.overrides))
     scratch = (args.init or "").lower() in SCRATCH
-    if not scratch and (args.init is not None or not common.preset_needs_cluster(args)):
+    if not scratch:
         from pipelines._init import check_exists
 
-        # fail fast, before data generation or Ray start
+        # fail fast, before data generation (and before Ray starts, unless the preset waited on it)
         check_exists(args.init or default_init(common.resolve_preset_name(args.preset, common.gpus_asked(args))))
     train, val, synthetic = resolve_datasets(
         args, work_dir, "coco-like", SYNTHETIC_IMAGES, seed=1, log=log,
@@ -124,7 +125,7 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
     if args.tta:
         extra.append("eval.tta=true")
     early_ray = common.config_needs_cluster(args)  # the default preset and GPU use look at the cluster
-    if early_ray:
+    if early_ray and not joined:
         log(f"Ray: {common.connect_ray()}")
     cfg = common.build_config(args, extra=extra)
     check_classes(cfg, categories, train)

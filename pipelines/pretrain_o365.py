@@ -79,13 +79,14 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
     if args.run_name:  # a name a live job uses: refused before any work (default names are unique)
         held.enter_context(run_lock(work_dir / "runs" / args.run_name, f"run {args.run_name!r}"))
     uri = common.setup_tracking(work_dir)  # (a tracking server that does not answer: before any data work)
+    joined = common.join_cluster_for_the_preset(args, log, extra=user_label_book(args.overrides))
     train, val, synthetic = resolve_datasets(args, work_dir, "o365-like", SYNTHETIC_IMAGES,
                                              seed=0, log=log)
     # held through registration: a conversion that would rewrite them under this job is refused
     held.enter_context(reading_datasets((train, val), log))
     categories = categories_of(train)
     early_ray = common.config_needs_cluster(args)  # the default preset and GPU use look at the cluster
-    if early_ray:
+    if early_ray and not joined:
         log(f"Ray: {common.connect_ray()}")
     cfg = common.build_config(args, extra=class_overrides(categories, args.overrides, minimum=366)
                               + stored_pixels(args.overrides))

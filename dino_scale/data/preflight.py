@@ -134,8 +134,9 @@ def _first_file_names(folder: Path, count: int) -> list[str]:
 
 def check_image_roots(data_dir: Union[PathLike, Sequence[PathLike]], image_root: Optional[Any] = None,
                       samples: int = 8, key: str = "data.image_root") -> None:
-    """:class:`~dino_scale.config.ConfigError` unless each dataset folder that references image
-    files (converted without ``--embed-images``) has its image root (recorded, or ``image_root``:
+    """:class:`~dino_scale.config.ConfigError` (also for roots that do not fit the folders: too
+    many, or one for folders converted against different roots) unless each dataset folder that
+    references image files (converted without ``--embed-images``) has its image root (recorded, or ``image_root``:
     the ``data.image_root`` override, see :func:`~.image_paths.folder_image_roots`) as a folder on this
     machine holding at least one of its first ``samples`` images. The workers resolve the same
     paths: a driver that does not see the images is a node that would not either (the cluster
@@ -147,7 +148,11 @@ def check_image_roots(data_dir: Union[PathLike, Sequence[PathLike]], image_root:
 
     fix = (f"pass --set {key}=<the images' folder on the nodes> (one per dataset folder, "
            "comma-separated, in order), or convert with --embed-images to keep the images in the shards")
-    for folder, root in folder_image_roots(data_dir, image_root):
+    try:
+        roots = folder_image_roots(data_dir, image_root)
+    except ValueError as exc:  # roots that do not fit the folders: the user's setting, named as such
+        raise ConfigError(f"{key}: {exc}") from exc
+    for folder, root in roots:
         if read_manifest(folder).get("embed_images") or root is None:
             continue
         if not Path(root).is_dir():

@@ -124,8 +124,10 @@ def _check_backbone_weights(cfg: Config, init_weights: Optional[str], init_stric
     every worker (FileNotFoundError, retried ``train.max_failures`` times) after Ray and the MLflow
     run had started: :class:`ConfigError` naming it when the workers run on this machine. On a
     cluster joined by address (``ray_address`` or ``RAY_ADDRESS``, as ``check_gpus_here`` of the
-    pipelines decides) the file may exist on the workers only: a warning. URLs are not checked.
-    A new run from no weights at all logs :func:`backbone_start_note`."""
+    pipelines decides) the file may exist on the workers only: a warning. A file here that is cut
+    short (:func:`~dino_scale.models.weights_file.check_weights_file`, its structure only) is a
+    ``WeightsFileError`` naming it. URLs are not checked. A new run from no weights at all logs
+    :func:`backbone_start_note`."""
     from dino_scale.engine.elastic import reads_backbone_weights
     from dino_scale.models.backbone import resolve_backbone_weights
 
@@ -140,6 +142,9 @@ def _check_backbone_weights(cfg: Config, init_weights: Optional[str], init_stric
                                   resumed_frozen=resumed_frozen) or re.match(r"^[a-z][a-z0-9+.-]*://", str(path)):
         return
     if os.path.isfile(path):
+        from dino_scale.models.weights_file import check_weights_file
+
+        check_weights_file(path)  # cut short: named here (exit 2), not in every worker after Ray started
         return
     problem = "is a directory, not a weights file" if os.path.isdir(path) else "does not exist"
     if (ray_address or os.environ.get("RAY_ADDRESS") or "local") != "local":

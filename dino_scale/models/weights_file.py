@@ -16,7 +16,8 @@ from typing import Any, Dict, Union
 import torch
 from torch import Tensor
 
-__all__ = ["WeightsFileError", "WeightsDownloadError", "read_safetensors", "read_torch_file", "download_weights"]
+__all__ = ["WeightsFileError", "WeightsDownloadError", "check_weights_file", "read_safetensors", "read_torch_file",
+           "download_weights"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -118,3 +119,43 @@ def read_torch_file(path: PathLike, *, weights_only: bool, map_location: Any = "
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except errors as e:
         raise _error(path, "torch", e) from None
+
+
+def check_weights_file(path: PathLike) -> None:
+    """:class:`WeightsFileError` naming ``path`` when the file is cut short or not the format its
+    name says (``.safetensors``, else a torch file), read from its structure alone: a safetensors
+    header and the size its tensors need, or a torch zip archive's directory (kept at the end,
+    so a cut-short archive has none). Cheap (no tensor data is read), for a driver to refuse a
+    file before the workers that load it start. A torch file of the legacy (pickle) format has
+    no such structure and is not checked here; its reader still names it."""
+    import json
+    import struct
+    import zipfile
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if str(path).endswith(".safetensors"):
+            try:
+                if len(head) < 8:
+                    raise EOFError("no header length")
+                (n,) = struct.unpack("<Q", head)
+                if 8 + n > size:
+                    raise EOFError(f"header of {n} bytes past the end")
+                header = json.loads(fh.read(n))
+                need = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+            except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+                raise _error(path, "safetensors", e) from None
+            if 8 + n + need > size:
+                raise _error(path, "safetensors", EOFError(f"its tensors need {8 + n + need} bytes"))
+            return
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+        raise _error(path, "torch", EOFError("empty file") if not head else ValueError(f"begins with {head[:2]!r}"))
+    if head[:2] == b"PK":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                end = max((i.header_offset + i.compress_size for i in archive.infolist()), default=0)
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise _error(path, "torch", e) from None
+        if end > size:
+            raise _error(path, "torch", EOFError(f"its records need more than {end} bytes"))

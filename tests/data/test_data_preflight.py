@@ -164,6 +164,12 @@ def test_image_roots_that_hold_no_image_are_refused_before_a_run(image_folders, 
                                           r"conversion\), which is not a folder on this machine.*data\.image_root="):
         check_image_roots([first, second])
     check_image_roots([first, second], f"{moved},{root2}")  # the override that finds them
+    # roots that do not fit the folders are the setting's error (exit 2 in the pipelines), named by
+    # its key (was: a ValueError, exit 1 with a traceback hint)
+    with pytest.raises(ConfigError, match=r"^data\.val_image_root: image_root names 3 roots for 2 dataset"):
+        check_image_roots([first, second], f"{moved},{root2},{root2}", key="data.val_image_root")
+    with pytest.raises(ConfigError, match=r"^data\.image_root: image_root=.* is ambiguous"):
+        check_image_roots([first, second], str(moved))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ConfigError, match=rf"none of the first 2 images of {first} is under {empty} \(e\.g\. "

@@ -324,10 +324,13 @@ def test_a_backbone_weights_path_absent_here_is_refused_before_ray_or_mlflow(dat
     loaded strictly replace it (not read: not checked)."""
     import logging
 
+    import torch
+
     from dino_scale.config import ConfigError
     from dino_scale.engine import api, fit
     from dino_scale.engine.checkpoint import save_weights
     from dino_scale.models import build_model
+    from dino_scale.models.weights_file import WeightsFileError
 
     class RayStarted(Exception):
         pass
@@ -350,6 +353,13 @@ def test_a_backbone_weights_path_absent_here_is_refused_before_ray_or_mlflow(dat
         run(absent)
     with pytest.raises(ConfigError, match=rf"model.backbone_weights {tmp_path} is a directory"):
         run(tmp_path)
+    # a file cut short by a copy: named on the driver (exit 2 in the pipelines), not in every worker
+    cut = tmp_path / "cut" / "resnet18.pth"
+    cut.parent.mkdir()
+    torch.save({"conv1.weight": torch.ones(64, 3, 7, 7)}, cut)
+    cut.write_bytes(cut.read_bytes()[:20000])
+    with pytest.raises(WeightsFileError, match=rf"{cut}: not a readable torch file"):
+        run(cut)
     assert not (tmp_path / "work" / "mlflow.db").exists()
     init = save_weights(tmp_path / "init", build_model(small_cfg().model).state_dict())
     with pytest.raises(RayStarted):  # strict init weights replace every weight: the file is not read

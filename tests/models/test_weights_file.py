@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dino_scale.models.weights_file import WeightsFileError, read_safetensors, read_torch_file
+from dino_scale.models.weights_file import WeightsFileError, check_weights_file, read_safetensors, read_torch_file
 
 
 def _cut(path, keep: float) -> None:
@@ -39,6 +39,29 @@ def test_torch_file_cut_short_or_garbage_names_the_file(tmp_path, weights_only, 
         _cut(path, 0.5 if damage == "half" else 0.0)
     with pytest.raises(WeightsFileError, match=rf"{path}: not a readable torch file \("):
         read_torch_file(path, weights_only=weights_only)
+
+
+@pytest.mark.parametrize("keep", [0.999, 0.5, 0.05, 0.0])
+def test_check_weights_file_finds_a_cut_short_file_from_its_structure(tmp_path, keep):
+    """The driver's cheap check (no tensor data read) refuses what the readers refuse: a
+    safetensors file or a torch archive cut anywhere (was: only the workers' full read, after
+    Ray started). Whole files, and the legacy pickle format it cannot check, pass."""
+    tensors = {"a": torch.arange(4096.0), "b": torch.ones(3, 5)}
+    st, pth, legacy = tmp_path / "w.safetensors", tmp_path / "w.pth", tmp_path / "legacy.pth"
+    save_file(tensors, str(st))
+    torch.save({"model": tensors}, pth)
+    torch.save({"model": tensors}, legacy, _use_new_zipfile_serialization=False)
+    for path in (st, pth, legacy):
+        check_weights_file(path)
+    _cut(st, keep)
+    _cut(pth, keep)
+    with pytest.raises(WeightsFileError, match=rf"{st}: not a readable safetensors file \("):
+        check_weights_file(st)
+    with pytest.raises(WeightsFileError, match=rf"{pth}: not a readable torch file \("):
+        check_weights_file(pth)
+    pth.write_bytes(b"certainly not a torch file")
+    with pytest.raises(WeightsFileError, match="begins with"):
+        check_weights_file(pth)
 
 
 def test_weights_only_refusal_keeps_torchs_error(tmp_path):

@@ -454,3 +454,36 @@ def test_the_start_up_line_says_when_the_lr_never_drops():
     assert common.schedule_text(preset("r50_4scale", ["train.epochs=1"])) == "lr x0.1 at epoch 1"
     assert common.schedule_text(preset("r50_4scale", ["train.epochs=6"])) == "lr x0.1 at epoch 5"
     assert common.schedule_text(preset("tiny", ["train.schedule=cosine"])) == "lr cosine"
+
+
+@pytest.mark.parametrize("stage", ["pretrain_o365", "finetune_coco"])
+def test_pipelines_common_a_job_without_a_preset_is_checked_once_joined_before_any_data(stage, tmp_path, monkeypatch,
+                                                                                         capsys, mlflow_store_restored):
+    """A job joining a cluster without ``--preset`` (its default preset looks at the cluster's
+    GPUs) had its training settings checked first inside ``fit``: after the training data was
+    converted or generated, and for fine-tuning after its starting model was fetched. It now
+    joins the cluster before any data work and is refused there (exit 2). The cluster is not
+    dialled: what is checked is the pipeline's order, so its join is recorded instead."""
+    import importlib
+
+    from pipelines._common import run_main
+
+    pipeline = importlib.import_module(f"pipelines.{stage}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    joined = []
+    monkeypatch.setattr(common, "connect_ray", lambda *a, **k: joined.append(1) or "joined")
+    monkeypatch.setattr(common, "_gpus_available", lambda: False)  # a CPU cluster: the tiny preset
+    work = tmp_path / "work"
+    argv = ["--work-dir", str(work), "--workers", "2", "--set", "train.global_batch_size=7"]
+    if stage == "finetune_coco":
+        argv += ["--init", "scratch"]
+    assert run_main(pipeline.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "global_batch_size" in err and joined == [1], err
+    assert not (work / "data").exists() and not list(work.glob("**/*.parquet"))  # no data generated
+    if stage == "finetune_coco":  # the default starting model, looked up once joined (none registered here)
+        monkeypatch.setattr(common, "_gpus_available", lambda: False)
+        assert run_main(pipeline.main, ["--work-dir", str(work)]) == 2
+        err = capsys.readouterr().err
+        assert "models:/dino-tiny-o365@pretrained" in err and not (work / "data").exists(), err

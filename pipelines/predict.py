@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import io
 import json
 import os
@@ -36,14 +35,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pipelines import _common as common
+# what a folder is searched for, and what predict wrote (its inputs: pipelines/predict_inputs.py)
+from pipelines.predict_inputs import IMAGE_SUFFIXES, MARK, _is_copy, _is_predictions_file, _skipped_text, list_images
 
-MARK = b"dino-scale predict"  # the JPEG comment of an annotated copy: a rerun may replace it
-# what a folder is searched for (any case): formats the decoder (dino_scale.data.decode: any mode
-# -> RGB, a GIF's first frame) reads with this project's Pillow. Other files of a folder are
-# listed in predictions.json ("skipped") and counted in the summary; a file named on the command
-# line is read whatever its suffix
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".webp", ".tif", ".tiff",
-                  ".gif", ".avif", ".jp2", ".j2k", ".pbm", ".pgm", ".ppm", ".pnm", ".tga"}
+__all__ = ["IMAGE_SUFFIXES", "MARK", "build_parser", "list_images", "main", "output_path"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,67 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def list_images(inputs: Sequence[str], skip_dir: Optional[Path] = None,
-                skipped: Optional[list[Path]] = None) -> list[Path]:
-    """Image files of ``inputs`` (files, glob patterns the shell left, or folders searched recursively
-    for :data:`IMAGE_SUFFIXES`; macOS ``._*`` metadata files are not images). ``skip_dir`` is the
-    output folder: where it lies inside a searched folder, all its files are left out (annotated
-    copies of an earlier run, its predictions files); where the searched folder is ``skip_dir`` or
-    lies inside it (``--out .`` over ``photos/``), only what predict writes into ``skip_dir``
-    itself is: the annotated copies (:func:`_is_copy`: a rerun into the input folder read them as
-    new photos) and ``predictions*.json``. An image named more than once (a file and its folder,
-    overlapping folders) is listed once, where it first appears. A folder's other files are
-    appended to ``skipped``, when given: passed over, not silently lost."""
-    skip = skip_dir.resolve() if skip_dir is not None else None
-    files: list[Path] = []
-    others: list[Path] = []
-    expanded: list[str] = []
-    for item in inputs:  # a pattern the shell did not expand (quoted, or a Windows-style shell)
-        if not Path(item).expanduser().exists() and glob.has_magic(item):
-            matches = sorted(glob.glob(str(Path(item).expanduser()), recursive=True))
-            if not matches:
-                raise common.UsageError(f"no file matches the image pattern {item}")
-            expanded.extend(matches)
-        else:
-            expanded.append(item)
-    for item in expanded:
-        p = common.check_path(item, "image path")
-        if p.is_dir():
-            root = p.resolve()
-            # --out is a folder of this input (photos/annotated): none of its files is an input. Was
-            # also taken for an input inside --out (`--out .`), whose every file was then dropped unsaid
-            out_within = skip is not None and skip != root and skip.is_relative_to(root)
-            # a dangling link too: listed (an image name fails, counted; another is skipped), not lost unsaid
-            for f in sorted(f for f in p.rglob("*") if f.is_file() or f.is_symlink() and not f.exists()):
-                where = f.resolve() if skip is not None else None
-                if out_within and where.is_relative_to(skip):
-                    continue
-                if where is not None and where.parent == skip and (
-                        _is_copy(f) if f.suffix.lower() in IMAGE_SUFFIXES else _is_predictions_file(f)):
-                    continue  # what predict writes into --out: copies (also in an input that is --out), predictions
-                # "._x.jpg": macOS metadata beside x.jpg on a copied volume, not an image
-                image = f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("._")
-                (files if image else others).append(f)
-        else:
-            files.append(p)
-    seen: set[Path] = set()
-    files = [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
-    others = [f for f in others if not (f.resolve() in seen or seen.add(f.resolve()))]
-    if skipped is not None:
-        skipped.extend(others)
-    if not files:
-        what = f" ({_skipped_text(others)}; name such a file to read it anyway)" if others else ""
-        raise common.UsageError(f"no images found in {', '.join(inputs)}{what}")
-    return files
-
-
-def _skipped_text(others: Sequence[Path]) -> str:
-    """``3 file(s) without an image suffix skipped (.heic, .txt)``."""
-    suffixes = sorted({f.suffix.lower() or f.name for f in others})
-    shown = ", ".join(suffixes[:8]) + (", ..." if len(suffixes) > 8 else "")
-    return f"{len(others)} file(s) without an image suffix skipped ({shown})"
-
-
 def output_path(out: Path, image: Path, index: int, taken: set[Path]) -> Path:
     """``out/<stem>.jpg``, or ``out/<stem>-<index>[-k].jpg`` when that name is ``taken`` (an
     input image, or an annotated copy of this run): never overwrites either. Adds the
@@ -144,24 +78,6 @@ def output_path(out: Path, image: Path, index: int, taken: set[Path]) -> Path:
                 return target
         candidates = [out / f"{image.stem}-{index}-{k}.jpg"]
         k += 1
-
-
-def _is_predictions_file(path: Path) -> bool:
-    """``predictions.json`` or a kept earlier one, ``predictions.<n>.json``."""
-    parts = path.name.split(".")
-    return parts[0] == "predictions" and parts[-1] == "json" and (
-        len(parts) == 2 or len(parts) == 3 and parts[1].isdigit())
-
-
-def _is_copy(path: Path) -> bool:
-    """Whether ``path`` is an annotated copy (its JPEG comment is :data:`MARK`)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:  # the header only
-            return im.info.get("comment") == MARK
-    except Exception:  # not an image PIL reads: not one of ours
-        return False
 
 
 def foreign_files(out: Path) -> set[Path]:

@@ -1,7 +1,9 @@
 """`pipelines.predict`: annotated copies never overwrite an input image or each other."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -509,3 +511,76 @@ def test_a_dangling_link_in_a_folder_is_listed_not_lost(tmp_path):
     skipped: list = []
     assert list_images([str(photos)], skipped=skipped) == [photos / "a.jpg", photos / "gone.jpg"]
     assert skipped == [photos / "gone.txt"]
+
+
+def test_images_in_a_linked_folder_are_listed(tmp_path):
+    """``rglob`` passed over a symbolic link to a folder (and the link is no file): every image in
+    it was neither predicted nor listed as skipped or failed. Links to folders are followed."""
+    photos, shared = tmp_path / "photos", tmp_path / "shared"
+    (shared / "deeper").mkdir(parents=True)
+    photos.mkdir()
+    for p in (photos / "a.jpg", shared / "b.png", shared / "deeper" / "c.jpg"):
+        Image.new("RGB", (8, 8)).save(p)
+    (shared / "notes.txt").write_text("not an image")
+    (photos / "linked").symlink_to(shared, target_is_directory=True)
+    skipped: list = []
+    assert list_images([str(photos)], skipped=skipped) == [photos / "a.jpg", photos / "linked" / "b.png",
+                                                           photos / "linked" / "deeper" / "c.jpg"]
+    assert skipped == [photos / "linked" / "notes.txt"]
+
+
+def test_a_link_cycle_ends_and_lists_each_image_once(tmp_path):
+    """Followed links to folders may lead back up (``photos/ext -> shared``, ``shared/back -> photos``,
+    ``photos/sub/up -> photos``): each folder is walked once, each image listed once, under its name
+    outside the links where it has one (``sub/b.jpg``, not ``alias/b.jpg``)."""
+    photos, shared = tmp_path / "photos", tmp_path / "shared"
+    (photos / "sub").mkdir(parents=True)
+    shared.mkdir()
+    for p in (photos / "a.jpg", photos / "sub" / "b.jpg", shared / "c.jpg"):
+        Image.new("RGB", (8, 8)).save(p)
+    (photos / "ext").symlink_to(shared, target_is_directory=True)
+    (shared / "back").symlink_to(photos, target_is_directory=True)
+    (photos / "sub" / "up").symlink_to(photos, target_is_directory=True)
+    (photos / "alias").symlink_to(photos / "sub", target_is_directory=True)  # sorts before sub
+    want = [photos / "a.jpg", photos / "ext" / "c.jpg", photos / "sub" / "b.jpg"]
+    assert list_images([str(photos)]) == want
+    from pipelines.predict_inputs import _walk
+
+    unlisted: list = []
+    assert _walk(photos, unlisted) == want and unlisted == []  # the walk itself, before list_images drops repeats
+
+
+def test_a_folder_that_cannot_be_read_is_reported_as_skipped(tmp_path, monkeypatch):
+    """A folder whose listing fails (permission denied) was dropped unsaid, with its images; it is
+    listed under ``skipped`` and named in the summary. Where mode 000 does not stop this user
+    (root), the listing fails as it does for another user."""
+    from pipelines._common import UsageError
+    from pipelines.predict_inputs import _skipped_text
+
+    photos = tmp_path / "photos"
+    private = photos / "private"
+    private.mkdir(parents=True)
+    for p in (photos / "a.jpg", private / "b.jpg"):
+        Image.new("RGB", (8, 8)).save(p)
+    (photos / "notes.txt").write_text("not an image")
+    private.chmod(0)
+    try:
+        if os.access(private, os.R_OK):
+            real_scandir = os.scandir
+
+            def scandir(path="."):
+                if os.path.abspath(path) == str(private):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+                return real_scandir(path)
+
+            monkeypatch.setattr(os, "scandir", scandir)
+        skipped: list = []
+        assert list_images([str(photos)], skipped=skipped) == [photos / "a.jpg"]
+        assert skipped == [private, photos / "notes.txt"]
+        assert _skipped_text(skipped) == ("1 file(s) without an image suffix skipped (.txt); "
+                                          f"1 folder(s) that could not be read skipped ({private})")
+        with pytest.raises(UsageError, match=r"no images found in .*private \(1 folder\(s\) that could not be "
+                                             r"read skipped \(.*private\)\)$"):
+            list_images([str(private)])
+    finally:
+        private.chmod(0o755)

@@ -64,7 +64,15 @@ class MSDeformAttn(nn.Module):
         int64 (H,W); level_start_index (L,); padding_mask (N,S) bool True = padding.
         Returns (N,Lq,C)."""
         N, Lq, _ = query.shape
+        # another batch's value or padding mask: a raw view error, or a (1,S)/(S,) mask silently
+        # applied to every image, before (shapes only: free, and no graph break under compile)
+        if value_in.dim() != 3 or value_in.shape[0] != N or value_in.shape[2] != self.d_model:
+            raise ValueError(f"value_in {tuple(value_in.shape)} must be ({N}, S, {self.d_model}): the query "
+                             f"{tuple(query.shape)} has batch {N}")
         S = value_in.shape[1]
+        if padding_mask is not None and tuple(padding_mask.shape) != (N, S):
+            raise ValueError(f"padding_mask {tuple(padding_mask.shape)} must be ({N}, {S}) (batch, value tokens), "
+                             f"as value_in {tuple(value_in.shape)}")
         M, L, P = self.n_heads, self.n_levels, self.n_points
         # levels of the inputs vs the layer's: a raw broadcast error, or a silent broadcast of one
         # level's reference points to every level, before

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from .backbone import Joiner
 from dino_scale.config_checks import check_dn_noise, check_label_book
@@ -21,6 +22,35 @@ from .precision import class_head_fp32
 from .transformer import MLP, DeformableTransformer
 
 __all__ = ["DINO"]
+
+
+def _host_readable(t: Tensor) -> bool:
+    """Whether ``t``'s values may be read on the host here: not while compiling (a graph break),
+    not for meta or fake tensors (no data), not while a CUDA stream is capturing (an error)."""
+    if torch.compiler.is_compiling() or t.device.type == "meta" or is_fake(t):
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _check_targets(targets: list, batch: int, num_classes: int) -> None:
+    """targets: ``batch`` dicts with ``labels`` (n,) in [0, num_classes) and ``boxes`` (n, 4);
+    ValueError naming the image otherwise. Shapes only, but the labels' range where they are
+    host tensors (CPU: no device sync)."""
+    if len(targets) != batch:
+        raise ValueError(f"got {len(targets)} targets for {batch} images: one dict per image")
+    for i, t in enumerate(targets):
+        if not isinstance(t, dict) or "labels" not in t or "boxes" not in t:
+            got = f"keys {list(t)}" if isinstance(t, dict) else type(t).__name__
+            raise ValueError(f"target of image {i} must be a dict with 'labels' (n,) and 'boxes' (n, 4), got {got}")
+        labels, boxes = t["labels"], t["boxes"]
+        if labels.dim() != 1 or tuple(boxes.shape) != (labels.shape[0], 4):
+            raise ValueError(f"target of image {i}: expected labels (n,) and boxes (n, 4), got labels "
+                             f"{tuple(labels.shape)} and boxes {tuple(boxes.shape)}")
+        if labels.numel() and labels.device.type == "cpu" and _host_readable(labels):
+            low, high = int(labels.min()), int(labels.max())
+            if low < 0 or high >= num_classes:
+                raise ValueError(f"target of image {i}: label {low if low < 0 else high} is outside "
+                                 f"[0, num_classes={num_classes})")
 
 
 class DINO(nn.Module):
@@ -162,6 +192,16 @@ class DINO(nn.Module):
                               self.dn_box_noise_scale, self.num_classes, self.label_enc)
 
     def forward(self, images: Tensor, masks: Tensor, targets: Optional[list] = None) -> dict:
+        """images (B,3,H,W) float, B, H, W >= 1; masks (B,H,W) True = padding, each image's valid
+        area at its top-left (padding right/bottom; the valid extents are read from the first
+        row/column); targets: B dicts ``labels`` (n,) in [0, num_classes), ``boxes`` (n,4) cxcywh.
+        Returns the dict of the class docstring. Shapes are always checked (free). Values need a
+        host read, so they are checked only where that costs no device sync per training step,
+        graph break or capture error: a mask whose top-left pixel is padding (an inverted 1 = valid
+        mask: constant, image-independent detections) is refused for CPU masks and in eval mode,
+        target labels out of range for CPU labels; neither under ``torch.compile``, during CUDA-graph
+        capture, for meta/fake tensors, nor (masks) for GPU masks in training, which the data
+        pipeline builds itself."""
         if images.dim() != 4 or masks.shape != (images.shape[0],) + tuple(images.shape[-2:]):
             raise ValueError(f"expected images (B,3,H,W) and masks (B,H,W), got {tuple(images.shape)} "
                              f"and {tuple(masks.shape)}")
@@ -171,7 +211,19 @@ class DINO(nn.Module):
         if images.shape[1] != 3:
             raise ValueError(f"images must have 3 channels (RGB), got {images.shape[1]} "
                              "(convert grayscale/RGBA images to RGB first)")
+        if images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
+            raise ValueError(f"images {tuple(images.shape)} hold no pixels: expected B >= 1 images of "
+                             "H, W >= 1 (skip an empty batch before the model)")
         masks = masks.to(torch.bool)
+        if (masks.device.type == "cpu" or not self.training) and _host_readable(masks):
+            bad = [i for i, padded in enumerate(masks[:, 0, 0].tolist()) if padded]
+            if bad:
+                raise ValueError(f"masks mark the top-left pixel of image(s) {bad} as padding: mask True "
+                                 "means padding (False = valid pixel), and an image's valid area starts at the "
+                                 "top-left (pad right/bottom); invert a 1 = valid mask (e.g. Hugging Face "
+                                 "pixel_mask) with ~mask.bool()")
+        if self.training and targets is not None:
+            _check_targets(targets, images.shape[0], self.num_classes)
         images, masks = self.pad_to_query_count(images, masks)
         srcs, fmasks, poss = self._features(images, masks)
 

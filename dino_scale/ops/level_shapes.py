@@ -17,6 +17,7 @@ host copy cannot be captured, a read-back is a sync).
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -41,13 +42,18 @@ CACHE_SIZE = 64
 # is (pad + queries)^2 bytes, ~8.4 MB with the fine-tuning recipe's dn_number=1000 (pad ~2000),
 # and its pad size follows each batch's largest box count (64 masks: ~0.5 GB per GPU).
 KIND_LIMITS = {"dn_attn_mask": 8}
+# Guards _CACHE and _SHAPES_BY_ID: threads sharing one model (a server) hit and evict at once, and a
+# key evicted between another thread's get and move_to_end was a KeyError. Not taken while
+# compiling (dynamo cannot trace a lock; traced code only reads the cache).
+_LOCK = threading.Lock()
 
 
 def cache_snapshot() -> tuple:
     """Every cached entry now (strong references). A CUDA graph captured over these tables keeps
     reading their memory at replay, which the cache does not see: the holder of a graph keeps a
     snapshot so that an entry evicted later is not freed (and its memory reused) under it."""
-    return tuple(_CACHE.values())
+    with _LOCK:
+        return tuple(_CACHE.values())
 
 
 def cached_level_tensors(kind: str, level_shapes: Sequence[Tuple[int, int]], device,
@@ -61,14 +67,31 @@ def cached_level_tensors(kind: str, level_shapes: Sequence[Tuple[int, int]], dev
     if not shapes:
         raise ValueError("level tensors: no levels")
     key = (kind, shapes, str(torch.device(device)))
-    hit = _CACHE.get(key)
-    if hit is not None:
-        _CACHE.move_to_end(key)
-        return hit
-    with torch.inference_mode(False), torch.no_grad():
+    if torch.compiler.is_compiling():
+        hit = _CACHE.get(key)
+        if hit is not None:
+            return hit
+    else:
+        with _LOCK:
+            hit = _CACHE.get(key)
+            if hit is not None:
+                _CACHE.move_to_end(key)
+                return hit
+    with torch.inference_mode(False), torch.no_grad():  # outside the lock: build may use the cache
         value = tuple(build(shapes, torch.device(device)))
     if torch.compiler.is_compiling():
         return value  # traced code keeps no module-level state
+    with _LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:  # another thread built it meanwhile: one tensor per key, as for a hit
+            _CACHE.move_to_end(key)
+            return hit
+        _insert(kind, key, shapes, value)
+    return value
+
+
+def _insert(kind: str, key: tuple, shapes: Shapes, value: Tuple[Tensor, ...]) -> None:
+    """Cache ``value`` under ``key``, then evict past the limits (caller holds ``_LOCK``)."""
     _CACHE[key] = value
     if kind == "index":
         _SHAPES_BY_ID[id(value[0])] = (value[0], shapes, value[1])
@@ -81,7 +104,6 @@ def cached_level_tensors(kind: str, level_shapes: Sequence[Tuple[int, int]], dev
         (old_kind, _, _), old = _CACHE.popitem(last=False)
         if old_kind == "index":
             _SHAPES_BY_ID.pop(id(old[0]), None)
-    return value
 
 
 def _index_tables(shapes: Shapes, device: torch.device) -> Tuple[Tensor, Tensor]:
@@ -121,5 +143,6 @@ def cached_level_shapes(spatial_shapes: Tensor, level_start_index: Tensor) -> Op
 
 def clear_level_cache() -> None:
     """Drop every cached tensor (tests; freeing device memory is not a reason: it is tiny)."""
-    _CACHE.clear()
-    _SHAPES_BY_ID.clear()
+    with _LOCK:
+        _CACHE.clear()
+        _SHAPES_BY_ID.clear()

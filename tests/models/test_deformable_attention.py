@@ -1,6 +1,8 @@
 """MSDeformAttn module: argument checks at construction and shape checks at forward (CPU)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -47,3 +49,21 @@ def test_msdeform_attn_inputs_of_another_level_count_are_refused_by_name():
     for levels in (3, 1):
         with pytest.raises(ValueError, match=rf"reference_points \(2, 5, {levels}, 2\) must be \(2, 5, 4, 2 or 4\)"):
             layer(query, torch.rand(2, 5, levels, 2), value, shapes, start)
+
+
+def test_padding_mask_or_value_of_another_batch_is_refused_by_name():
+    """A (1,S) or (S,) padding mask was broadcast silently to every image (each image masked as
+    the first one), and a value of another batch than the query's failed with a raw ``view``
+    error. Both are refused naming the shapes (shapes only: no read-back)."""
+    layer = MSDeformAttn(32, n_levels=2, n_heads=4, n_points=2, backend="pytorch")
+    shapes, start = level_index_tensors([(4, 4), (2, 2)], "cpu")
+    query, ref, value = torch.randn(2, 5, 32), torch.rand(2, 5, 2, 2), torch.randn(2, 20, 32)
+    mask = torch.zeros(2, 20, dtype=torch.bool)
+    mask[1, 12:16] = True
+    assert layer(query, ref, value, shapes, start, mask).shape == (2, 5, 32)
+    for bad in (mask[:1], mask[0], mask[:, :19]):
+        with pytest.raises(ValueError, match=rf"padding_mask {re.escape(str(tuple(bad.shape)))} must be \(2, 20\)"):
+            layer(query, ref, value, shapes, start, bad)
+    for bad in (value[:1], value[0], value[..., :16]):
+        with pytest.raises(ValueError, match=rf"value_in {re.escape(str(tuple(bad.shape)))} must be \(2, S, 32\)"):
+            layer(query, ref, bad, shapes, start)

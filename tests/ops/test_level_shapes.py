@@ -1,6 +1,11 @@
 """Cached level-shape tensors (dino_scale.ops.level_shapes) and host_to_device."""
 from __future__ import annotations
 
+import random
+import sys
+import threading
+import time
+
 import pytest
 import torch
 
@@ -74,3 +79,43 @@ def test_host_to_device_same_device_is_identity():
     t = torch.arange(4)
     assert host_to_device(t, "cpu") is t
     assert host_to_device(t, "meta").device.type == "meta"
+
+
+def test_concurrent_use_from_threads_never_loses_an_entry():
+    """Threads sharing one model (a server) hit and fill the cache at once: a key evicted by one
+    thread between another's ``get`` and ``move_to_end`` was a KeyError there (and iterating the
+    cache for a kind's limit or a snapshot while another thread inserted, a RuntimeError). A
+    switch interval of 1 us makes the interleaving that raised common."""
+    cache_module.clear_level_cache()
+    errors: list = []
+    stop = time.monotonic() + 1.5
+
+    def build(shapes, device):
+        table = torch.tensor(shapes, device=device)
+        return table, table.prod(1)
+
+    def hammer(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            while time.monotonic() < stop:
+                shapes = [(rng.randint(1, 12), rng.randint(1, 12))]  # 144 sizes: more than CACHE_SIZE
+                kind = rng.choice(("index", "dn_attn_mask", "other"))
+                got = cache_module.cached_level_tensors(kind, shapes, "cpu", build)
+                assert got[0].tolist() == [list(hw) for hw in shapes]
+                if rng.random() < 0.05:
+                    cache_module.cache_snapshot()
+        except Exception as e:  # noqa: BLE001 - any exception in a thread fails the test
+            errors.append(e)
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=hammer, args=(seed,)) for seed in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old_interval)
+        cache_module.clear_level_cache()
+    assert not errors, f"{len(errors)} thread(s) failed: {sorted({repr(e) for e in errors})}"

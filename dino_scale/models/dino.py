@@ -196,12 +196,11 @@ class DINO(nn.Module):
         area at its top-left (padding right/bottom; the valid extents are read from the first
         row/column); targets: B dicts ``labels`` (n,) in [0, num_classes), ``boxes`` (n,4) cxcywh.
         Returns the dict of the class docstring. Shapes are always checked (free). Values need a
-        host read, so they are checked only where that costs no device sync per training step,
-        graph break or capture error: a mask whose top-left pixel is padding (an inverted 1 = valid
-        mask: constant, image-independent detections) is refused for CPU masks and in eval mode,
-        target labels out of range for CPU labels; neither under ``torch.compile``, during CUDA-graph
-        capture, for meta/fake tensors, nor (masks) for GPU masks in training, which the data
-        pipeline builds itself."""
+        host read, so they are checked only where that costs no device sync, graph break or capture
+        error, i.e. for host (CPU) tensors: a mask whose top-left pixel is padding (an inverted
+        1 = valid mask: constant, image-independent detections) and target labels out of range are
+        refused there; not under ``torch.compile``, for meta/fake tensors, nor on a GPU (the eval and
+        CUDA-graph paths keep no read-back; the data pipeline and predict build their masks)."""
         if images.dim() != 4 or masks.shape != (images.shape[0],) + tuple(images.shape[-2:]):
             raise ValueError(f"expected images (B,3,H,W) and masks (B,H,W), got {tuple(images.shape)} "
                              f"and {tuple(masks.shape)}")
@@ -215,7 +214,7 @@ class DINO(nn.Module):
             raise ValueError(f"images {tuple(images.shape)} hold no pixels: expected B >= 1 images of "
                              "H, W >= 1 (skip an empty batch before the model)")
         masks = masks.to(torch.bool)
-        if (masks.device.type == "cpu" or not self.training) and _host_readable(masks):
+        if masks.device.type == "cpu" and _host_readable(masks):
             bad = [i for i, padded in enumerate(masks[:, 0, 0].tolist()) if padded]
             if bad:
                 raise ValueError(f"masks mark the top-left pixel of image(s) {bad} as padding: mask True "

@@ -271,7 +271,11 @@ def main(argv=None) -> int:
             continue
         peak = "-" if r["bwd_peak_extra_mib"] is None else f"{r['bwd_peak_extra_mib']:.1f}"
         print(f"{head} {r['fwd_ms']:>9.3f} {r['fwd_bwd_ms']:>11.3f} {peak:>12}")
+    from dino_scale.ops import ms_deform_attn_cuda  # which kernel the ours-cuda rows ran, as train_step.py says
+
     report = dict(device=args.device, device_name=dev_name, torch=torch.__version__,
+                  msda={"cuda_extension_loaded": ms_deform_attn_cuda.is_loaded(),
+                        "load_error": ms_deform_attn_cuda.load_error()},
                   cpu_threads=torch.get_num_threads(), load_avg_1m=os.getloadavg()[0], batch=batch, levels=levels,
                   heads=heads, head_dim=dim, points=points, small=args.small,
                   timer=timer_name, timer_settings=timer_settings,

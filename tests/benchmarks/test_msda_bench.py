@@ -69,6 +69,7 @@ def test_cpu_json_records_the_timer_the_check_and_mib(tmp_path):
     assert _msda().main(["--device", "cpu", "--small", "--warmup", "0", "--reps", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["timer"] == "time.perf_counter"
+    assert set(report["msda"]) == {"cuda_extension_loaded", "load_error"}  # which kernel the CUDA rows ran
     assert report["timer_settings"] == {"warmup": 0, "reps": 1, "return_mode": "median"}
     assert [r["call"] for r in report["rows"]] == ["encoder", "decoder"]
     for row in report["rows"]:

@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from dino_scale.ops.level_shapes import cache_snapshot
+
+from .dino import check_padding_masks
 from dino_scale.ops.transfer import host_to_device
 
 __all__ = ["GraphedDetector", "describe_failure"]
@@ -148,6 +150,7 @@ class GraphedDetector:
             raise RuntimeError("GraphedDetector needs the model in eval mode (call model.eval())")
         if masks.shape != (images.shape[0],) + tuple(images.shape[-2:]):
             raise ValueError(f"expected masks (B,H,W) matching images {tuple(images.shape)}, got {tuple(masks.shape)}")
+        check_padding_masks(masks)  # host masks: a replay copies them in without the model's own check
         sizes = target_sizes if self.postprocess is not None else None
         if sizes is not None:  # host sizes: a pinned asynchronous copy, not a blocking one per call
             sizes = host_to_device(sizes, images.device)

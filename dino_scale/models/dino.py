@@ -21,7 +21,7 @@ from .denoising import dn_post_process, noised_queries, prepare_for_cdn
 from .precision import class_head_fp32
 from .transformer import MLP, DeformableTransformer
 
-__all__ = ["DINO"]
+__all__ = ["DINO", "check_padding_masks"]
 
 
 def _host_readable(t: Tensor) -> bool:
@@ -30,6 +30,21 @@ def _host_readable(t: Tensor) -> bool:
     if torch.compiler.is_compiling() or t.device.type == "meta" or is_fake(t):
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def check_padding_masks(masks: Tensor) -> None:
+    """masks (B,H,W), True = padding: ValueError naming the images whose top-left pixel is
+    padding (an inverted 1 = valid mask: constant, image-independent detections; or padding on the
+    left/top). Read only for host masks (:func:`_host_readable`, on the CPU): on a GPU the read is
+    a sync, and the data pipeline and predict build their masks themselves."""
+    if masks.device.type != "cpu" or not _host_readable(masks) or not masks.numel():
+        return
+    bad = [i for i, padded in enumerate(masks[:, 0, 0].tolist()) if padded]
+    if bad:
+        raise ValueError(f"masks mark the top-left pixel of image(s) {bad} as padding: mask True "
+                         "means padding (False = valid pixel), and an image's valid area starts at the "
+                         "top-left (pad right/bottom); invert a 1 = valid mask (e.g. Hugging Face "
+                         "pixel_mask) with ~mask.bool()")
 
 
 def _check_targets(targets: list, batch: int, num_classes: int) -> None:
@@ -214,13 +229,7 @@ class DINO(nn.Module):
             raise ValueError(f"images {tuple(images.shape)} hold no pixels: expected B >= 1 images of "
                              "H, W >= 1 (skip an empty batch before the model)")
         masks = masks.to(torch.bool)
-        if masks.device.type == "cpu" and _host_readable(masks):
-            bad = [i for i, padded in enumerate(masks[:, 0, 0].tolist()) if padded]
-            if bad:
-                raise ValueError(f"masks mark the top-left pixel of image(s) {bad} as padding: mask True "
-                                 "means padding (False = valid pixel), and an image's valid area starts at the "
-                                 "top-left (pad right/bottom); invert a 1 = valid mask (e.g. Hugging Face "
-                                 "pixel_mask) with ~mask.bool()")
+        check_padding_masks(masks)
         if self.training and targets is not None:
             _check_targets(targets, images.shape[0], self.num_classes)
         images, masks = self.pad_to_query_count(images, masks)

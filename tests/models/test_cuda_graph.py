@@ -369,3 +369,21 @@ def test_one_graph_per_size_with_lru_eviction(tiny):
     torch.testing.assert_close(first, again, rtol=1e-4, atol=1e-4)  # conv algorithms may differ per capture
     assert graphed.stats["captures"] == 3 and graphed.stats["evicted"] == 2
     model.cpu()
+
+
+def test_host_masks_with_a_padded_top_left_are_refused_before_any_replay():
+    """A replay copies the masks into the captured buffers without the model's own forward, so
+    the model's check of host masks never ran there: an inverted mask (1 = valid) gave constant
+    detections. GraphedDetector checks host masks itself (a model that checks nothing stands in
+    for the replay here)."""
+    class Unchecked(torch.nn.Module):
+        def forward(self, images, masks):
+            b = images.shape[0]
+            return {"pred_logits": torch.zeros(b, 5, 3), "pred_boxes": torch.full((b, 5, 4), 0.5)}
+
+    graphed = GraphedDetector(Unchecked().eval())
+    images = torch.zeros(2, 3, 8, 8)
+    assert graphed(images, torch.zeros(2, 8, 8, dtype=torch.bool))["pred_boxes"].shape == (2, 5, 4)
+    pixel_mask = torch.ones(2, 8, 8, dtype=torch.long)  # Hugging Face style: 1 = valid
+    with pytest.raises(ValueError, match=r"top-left pixel of image\(s\) \[0, 1\] as padding"):
+        graphed(images, pixel_mask)

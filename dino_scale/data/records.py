@@ -187,7 +187,8 @@ def to_coco_gt(data_dir: Union[PathLike, Sequence[PathLike]]) -> dict[str, Any]:
     Several folders must not share an image id (``ValueError``): COCO evaluation keys
     detections and ground truth by image id, so two images of one id would be scored as one.
     A record whose labels do not match their checksum raises :class:`~.manifest.ShardError`: scoring
-    against changed labels, or without that image, would not be the dataset's AP.
+    against changed labels, or without that image, would not be the dataset's AP. So does one (of a
+    shard without checksums) whose label lists differ in length.
     """
     dirs = data_dirs(data_dir)
     categories = _agreeing_manifests(dirs)[0][1]["categories"]  # the folders' must agree
@@ -202,7 +203,12 @@ def to_coco_gt(data_dir: Union[PathLike, Sequence[PathLike]]) -> dict[str, Any]:
         owner[rec["image_id"]] = folder
         images.append({"id": rec["image_id"], "file_name": rec["file_name"],
                        "width": rec["width"], "height": rec["height"]})
-        for box, cat, crowd, area in zip(rec["boxes"], rec["category_ids"], rec["iscrowd"], rec["area"]):
+        lists = (rec["boxes"], rec["category_ids"], rec["iscrowd"], rec["area"])
+        if len({len(x) for x in lists}) > 1:  # a shard without checksums: zip would drop objects unsaid
+            raise ShardError(folder, f"image id {rec['image_id']}: its boxes, category ids, iscrowd flags and "
+                                     f"areas differ in number ({', '.join(str(len(x)) for x in lists)}): a damaged "
+                                     f"shard (convert the annotations again)")
+        for box, cat, crowd, area in zip(*lists):
             annotations.append({"id": len(annotations) + 1, "image_id": rec["image_id"],
                                 "category_id": int(cat), "bbox": [float(v) for v in box],
                                 "area": float(area), "iscrowd": int(bool(crowd))})

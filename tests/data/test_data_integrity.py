@@ -9,6 +9,7 @@ import struct
 import zlib
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -194,6 +195,18 @@ def test_data_shards_without_checksums_are_read_unchecked(tmp_path):
     report = check_dataset(out)
     assert report["unchecked"] == [path.name] and report["damaged"] == [] and report["images"] == 4
     assert "written without checksums" in describe(report)
+    # label lists of different lengths there (nothing to check them against): the ground truth
+    # silently lost objects (zip stops at the shortest), and the AP was scored without them
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    victim = next(r for r in rows if len(r["boxes"]) >= 1)
+    victim["area"] = victim["area"][:-1]
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    m["shards"][0]["bytes"] = path.stat().st_size
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ShardError, match=rf"image id {victim['image_id']}: its boxes, category ids, iscrowd flags "
+                                         r"and areas differ in number"):
+        to_coco_gt(out)
 
 
 def test_data_check_dataset_reads_shards_concurrently_and_reports_in_order(tmp_path):

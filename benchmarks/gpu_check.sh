@@ -151,7 +151,8 @@ for s in "${steps[@]}"; do
     graphs-swinl) step graphs-swinl 60 200 python3 benchmarks/train_step.py --batch-sizes "" --cuda-graphs \
                     --preset swinl_4scale --precision bf16 --tf32 --compile --out "$WORK/graphs_swinl.json" ;;
     tests-models) step tests-models 50 240 python3 -m pytest -v -p no:cacheprovider --maxfail=30 -o addopts="" \
-                    -m "not slow" tests/models/test_parity.py tests/models/test_matcher.py tests/models/test_cuda_graph.py ;;
+                    -m "not slow" tests/models/test_parity.py tests/models/test_matcher.py \
+                    tests/models/test_cuda_graph.py ;;
     finite)  # estimates not measured: an eager bs 2 row and the inference row, ~20 steps each
       left=$(( BUDGET_S - ($(now) - T0) ))
       if (( left < 90 )); then

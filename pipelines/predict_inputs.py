@@ -92,7 +92,11 @@ def _walk(folder: Path, unlisted: list[Path]) -> list[Path]:
             continue
         walked.add(key)
         dirs.sort(key=lambda d: (os.path.islink(os.path.join(top, d)), d))  # the walk order picks the name kept
-        found += [f for f in (Path(top) / n for n in names) if f.is_file() or f.is_symlink() and not f.exists()]
+        try:
+            found += [f for f in (Path(top) / n for n in names) if f.is_file() or f.is_symlink() and not f.exists()]
+        except PermissionError:  # listed but not entered (mode r--): none of its files can be read
+            unlisted.append(Path(top))
+            dirs.clear()
     return sorted(found)
 
 

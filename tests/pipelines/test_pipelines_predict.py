@@ -584,3 +584,25 @@ def test_a_folder_that_cannot_be_read_is_reported_as_skipped(tmp_path, monkeypat
             list_images([str(private)])
     finally:
         private.chmod(0o755)
+
+
+def test_a_folder_that_can_be_listed_but_not_entered_is_skipped_not_fatal(tmp_path, monkeypatch):
+    """A folder of mode r-- lists its names but refuses a stat of its files: checking them raised
+    PermissionError and predict stopped on the first such folder. It is skipped and named, as a
+    folder that cannot be listed is. (Root passes any mode: the refused stat is made here.)"""
+    photos = tmp_path / "photos"
+    locked = photos / "locked"
+    locked.mkdir(parents=True)
+    for p in (photos / "a.jpg", locked / "b.jpg"):
+        Image.new("RGB", (8, 8)).save(p)
+    real_is_file = Path.is_file
+
+    def is_file(self):
+        if self.parent == locked:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    skipped: list = []
+    assert list_images([str(photos)], skipped=skipped) == [photos / "a.jpg"]
+    assert skipped == [locked]

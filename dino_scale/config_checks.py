@@ -109,6 +109,8 @@ def extra_worker_resources(entries: list[str]) -> dict[str, float]:
         name = name.strip()
         if not name:
             raise ConfigError(f"train.worker_resources: {entry!r} names no resource (use name or name:amount)")
+        if name.lower() in ("none", "null"):  # `=none` became ["none"]: a resource no node has, waited for forever
+            raise ConfigError(f"train.worker_resources: {entry!r} is no resource name; for none give []")
         if name.lower() in _BUILT_IN_RESOURCES:
             key = _BUILT_IN_RESOURCES[name.lower()]
             raise ConfigError(f"train.worker_resources: {name!r} is Ray's own resource"
@@ -174,6 +176,8 @@ def check_schedule(cfg: TrainConfig) -> list[int]:
     if cfg.schedule in ("step", "multistep") and drops[0] < 1:  # was: the lr at 0.1x from the first step
         raise ConfigError(f"train.lr_drop_epochs {drops}: a drop at epoch e lowers the lr after e epochs, so "
                           f"each must be >= 1")
+    if len(set(drops)) != len(drops):  # multistep dropped once per entry: [8, 8] was 0.01x at epoch 8
+        raise ConfigError(f"train.lr_drop_epochs {drops} names an epoch twice; give each drop's epoch once")
     if cfg.schedule == "step" and len(drops) > 1:  # it dropped at the first only, the rest ignored
         raise ConfigError(f"schedule 'step' drops the lr once, train.lr_drop_epochs lists {drops}: "
                           f"use schedule 'multistep' to drop at each, or give one epoch")
@@ -234,6 +238,10 @@ def check_train_config(cfg: TrainConfig, micro_batch_size: int, world_size: int)
             # read parameters at fixed addresses, so every region re-records (up to 128 times each)
             raise ConfigError(f"train.compile_mode={cfg.compile_mode} (CUDA graphs) does not work with "
                               "train.zero_stage=3; use ZeRO-1/2 or compile_mode none")
+    # the workers' PYTHONHASHSEED: Python refuses to start outside this range (every worker failed)
+    if isinstance(cfg.seed, bool) or not 0 <= int(cfg.seed) <= 2**32 - 1:
+        raise ConfigError(f"train.seed must be an integer in [0, 4294967295] (the workers' PYTHONHASHSEED), "
+                          f"got {cfg.seed}")
     if not int(cfg.collective_timeout_s) > 0:
         raise ConfigError(f"train.collective_timeout_s must be >= 1, got {cfg.collective_timeout_s}")
 
@@ -357,6 +365,16 @@ def check_model_config(model_cfg: ModelConfig) -> None:
     for key in ("dropout", "backbone_drop_path"):
         if not 0 <= getattr(c, key) < 1:  # NaN fails too
             raise ConfigError(f"model.{key} must be in [0, 1), got {getattr(c, key)}")
+    # a NaN weight made every loss NaN (the run aborted in the workers), a negative one trained its
+    # term uphill, NaN matcher costs matched at random; a NaN also never compared equal on a rerun
+    for key in ("cls_loss_coef", "bbox_loss_coef", "giou_loss_coef", "interm_loss_coef", "set_cost_class",
+                "set_cost_bbox", "set_cost_giou", "focal_gamma"):
+        if not 0 <= float(getattr(c, key)) < float("inf"):
+            raise ConfigError(f"model.{key} must be a finite number >= 0, got {getattr(c, key)}")
+    if not 0 <= float(c.focal_alpha) <= 1:
+        raise ConfigError(f"model.focal_alpha must be in [0, 1], got {c.focal_alpha}")
+    if not 0 < float(c.position_temperature) < float("inf"):
+        raise ConfigError(f"model.position_temperature must be a finite number > 0, got {c.position_temperature}")
     try:
         check_label_book(c.num_classes, c.dn_number, c.dn_labelbook_size)
         check_dn_noise(c.dn_label_noise_ratio, c.dn_box_noise_scale)

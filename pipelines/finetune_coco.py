@@ -90,10 +90,18 @@ def check_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     """``argv`` parsed and checked as :func:`run` checks it before any work (no data, Ray or MLflow run):
     a preset typo, an unknown or bad ``--set``, a flag out of range."""
     args = build_parser().parse_args(argv)
-    common.validate_config_args(args, extra=user_label_book(args.overrides))
     if args.scale is not None and not (math.isfinite(args.scale) and args.scale > 0):  # nan passed "<= 0"
         raise common.UsageError("--scale must be a finite number > 0")
+    common.validate_config_args(args, extra=user_label_book(args.overrides) + flag_overrides(args))
     return args
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides of ``--scale`` and ``--tta`` (checked with the rest before any work: a scale
+    that leaves no pixel, or TTA without sizes, was refused only after the data and the initial
+    model were prepared)."""
+    return ([f"data.scale_factor={args.scale}"] if args.scale is not None else []) + (
+        ["eval.tta=true"] if args.tta else [])
 
 
 def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
@@ -106,7 +114,7 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
     if args.run_name:  # a name a live job uses: refused before any work (default names are unique)
         held.enter_context(run_lock(work_dir / "runs" / args.run_name, f"run {args.run_name!r}"))
     uri = common.setup_tracking(work_dir)
-    joined = common.join_cluster_for_the_preset(args, log, extra=user_label_book(args.overrides))
+    joined = common.join_cluster_for_the_preset(args, log, extra=user_label_book(args.overrides) + flag_overrides(args))
     scratch = (args.init or "").lower() in SCRATCH
     if not scratch:
         from pipelines._init import check_exists
@@ -119,11 +127,8 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
     # held through registration: a conversion that would rewrite them under this job is refused
     held.enter_context(reading_datasets((train, val), log))
     categories = categories_of(train)
-    extra = class_overrides(categories, args.overrides, minimum=91) + stored_pixels(args.overrides)
-    if args.scale is not None:
-        extra.append(f"data.scale_factor={args.scale}")
-    if args.tta:
-        extra.append("eval.tta=true")
+    extra = (class_overrides(categories, args.overrides, minimum=91) + stored_pixels(args.overrides)
+             + flag_overrides(args))
     early_ray = common.config_needs_cluster(args)  # the default preset and GPU use look at the cluster
     if early_ray and not joined:
         log(f"Ray: {common.connect_ray()}")

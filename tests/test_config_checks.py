@@ -54,6 +54,17 @@ def test_config_checks_name_tables_are_the_torch_modules_own():
     (["data.exif_orientation=rotated"], "data.exif_orientation must be one of auto, stored, upright"),
     (["eval.tta=true", "eval.tta_scales=[]"], "eval.tta_scales must name at least one size"),
     (["data.batch_size=0"], r"data.batch_size \(images per worker\) must be >= 1, got 0"),  # the key, named
+    # accepted before, then every worker failed or trained wrong: Python refuses a PYTHONHASHSEED
+    # outside [0, 2**32); a NaN loss weight aborted the run, a negative one trained uphill, NaN
+    # matcher costs matched at random; [8, 8] dropped the lr twice at epoch 8; "none" was a resource
+    (["train.seed=-1"], r"train.seed must be an integer in \[0, 4294967295\]"),
+    (["train.seed=20261207090000"], "the workers' PYTHONHASHSEED"),
+    (["model.focal_alpha=nan"], r"model.focal_alpha must be in \[0, 1\], got nan"),
+    (["model.bbox_loss_coef=-1"], "model.bbox_loss_coef must be a finite number >= 0, got -1"),
+    (["model.set_cost_giou=inf"], "model.set_cost_giou must be a finite number >= 0"),
+    (["model.position_temperature=0"], "model.position_temperature must be a finite number > 0"),
+    (["train.schedule=multistep", "train.lr_drop_epochs=[8,8]"], r"lr_drop_epochs \[8, 8\] names an epoch twice"),
+    (["train.worker_resources=none"], "'none' is no resource name; for none give"),
 ])
 def test_check_training_config_refuses_each_section_with_a_config_error(overrides, match):
     with pytest.raises(ConfigError, match=match):

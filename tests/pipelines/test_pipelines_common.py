@@ -487,3 +487,17 @@ def test_pipelines_common_a_job_without_a_preset_is_checked_once_joined_before_a
         assert run_main(pipeline.main, ["--work-dir", str(work)]) == 2
         err = capsys.readouterr().err
         assert "models:/dino-tiny-o365@pretrained" in err and not (work / "data").exists(), err
+
+
+def test_pipelines_common_finetune_checks_its_scale_and_tta_flags_before_any_work(monkeypatch):
+    """``--scale`` and ``--tta`` reached the config only once the data and the initial model were
+    prepared, so a scale that leaves no pixel, or TTA without sizes, was refused that late (in
+    ``fit``). They are checked with the other settings before any work now."""
+    from pipelines import finetune_coco
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match="data.train_scales must be sizes of at least 1 pixel"):
+        finetune_coco.check_args(["--init", "scratch", "--scale", "0.001"])
+    with pytest.raises(ConfigError, match="eval.tta_scales must name at least one size"):
+        finetune_coco.check_args(["--init", "scratch", "--tta", "--set", "eval.tta_scales=[]"])
+    finetune_coco.check_args(["--init", "scratch", "--scale", "1.5", "--tta"])  # fine ones pass

@@ -176,6 +176,9 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     work.mkdir(parents=True, exist_ok=True)
     storage = normalize_storage_path(storage_path or cfg.train.storage_path, work / "ray")
     _check_data(train_dir if train else None, val_dir if evaluate else None, cfg)
+    if cfg.model.msda_backend == "cuda" and not cfg.train.use_gpu:  # was: every worker's first forward failed
+        raise ConfigError("model.msda_backend=cuda needs GPU workers (train.use_gpu=true, --gpus 1); CPU "
+                          "workers run the pytorch backend (model.msda_backend=none picks it)")
     if train:
         check_training_config(cfg)
     else:

@@ -534,3 +534,30 @@ def test_the_resume_note_says_what_a_rerun_will_train():
     cfg = preset("tiny", {"train.epochs": 3})
     assert "finished at step 22 of 24: nothing left" in resume_note("r", {"global_step": 22, "epoch": 3}, cfg, 8)
     assert resume_note("r", {}, cfg, 8) == "run 'r' resumes from its latest checkpoint"  # no trainer state
+
+
+def test_the_cuda_kernel_on_cpu_workers_is_refused_before_ray(data, tmp_path, monkeypatch):
+    """``model.msda_backend=cuda`` with CPU workers passed every check, then each worker's first
+    forward failed ("needs CUDA tensors"), retried ``train.max_failures`` times."""
+    from dino_scale.config import ConfigError
+    from dino_scale.engine import api, evaluate_weights, fit
+    from dino_scale.engine.checkpoint import save_weights
+    from dino_scale.models import build_model
+
+    class RayStarted(Exception):
+        pass
+
+    def ray_started(*a, **k):
+        raise RayStarted
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(api, "ensure_ray", ray_started)
+    train_dir, val_dir = data
+    cfg = small_cfg(**{"model.msda_backend": "cuda", "train.use_gpu": False})
+    with pytest.raises(ConfigError, match="model.msda_backend=cuda needs GPU workers"):
+        fit(cfg, train_dir, val_dir, tmp_path / "work", unique("cuda-on-cpu"), progress=False)
+    weights = save_weights(tmp_path / "w", build_model(small_cfg().model).state_dict())
+    with pytest.raises(ConfigError, match="model.msda_backend=cuda needs GPU workers"):
+        evaluate_weights(cfg, str(weights), val_dir, tmp_path / "work", unique("cuda-on-cpu-eval"))
+    with pytest.raises(RayStarted):  # the default backend on CPU workers goes on
+        fit(small_cfg(), train_dir, val_dir, tmp_path / "work", unique("cpu"), progress=False)

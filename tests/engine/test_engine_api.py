@@ -13,6 +13,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_fixtures import small_cfg, unique  # noqa: E402
 
 
+class RayStarted(Exception):
+    """Raised where Ray would start (:func:`ray_refused`): a test that expects a refusal before Ray
+    sees this when the refusal did not come."""
+
+
+@pytest.fixture
+def ray_refused(monkeypatch):
+    """``api.ensure_ray`` raises :class:`RayStarted` instead of starting Ray."""
+    from dino_scale.engine import api
+
+    def refuse(*args, **kwargs):
+        raise RayStarted
+
+    monkeypatch.setattr(api, "ensure_ray", refuse)
+
+
 @pytest.mark.parametrize("override,needle", [
     ({"train.schedule": "linear"}, "unknown schedule 'linear'"),
     ({"train.checkpoint_every_steps": 0}, "checkpoint_every_steps must be >= 1"),
@@ -113,22 +129,17 @@ def test_a_missing_shard_is_refused_before_ray_or_mlflow(data, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("damage", ["footer overwritten", "column renamed"])
-def test_a_train_shard_damaged_at_its_size_is_refused_before_ray_or_mlflow(data, tmp_path, monkeypatch, damage):
+def test_a_train_shard_damaged_at_its_size_is_refused_before_ray_or_mlflow(data, tmp_path, monkeypatch, ray_refused,
+                                                                         damage):
     """A training shard damaged in place (same size, so its manifest agrees) is named before Ray or
     an MLflow run starts (its footer read by data.preflight). Before, the check passed it: an
     overwritten footer failed Ray Data's planning after both had started, with pyarrow's
     "Couldn't deserialize thrift" and no file name; a column renamed in the footer trained on,
     every record of that shard dropped as ``damaged`` in each epoch. Ray's start is a recorder."""
     from dino_scale.data import ShardError
-    from dino_scale.engine import api, fit
+    from dino_scale.engine import fit
 
-    class RayStarted(Exception):
-        pass
 
-    def no_ray(*args, **kwargs):
-        raise RayStarted
-
-    monkeypatch.setattr(api, "ensure_ray", no_ray)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     train_dir, val_dir = data
     broken = tmp_path / "train"
@@ -184,9 +195,6 @@ def test_a_reused_run_name_is_checked_before_ray_for_training_only(data, tmp_pat
     from dino_scale.engine import api, elastic, evaluate_weights, fit
 
     calls: list = []
-
-    class RayStarted(Exception):
-        pass
 
     def no_ray(*args, **kwargs):
         calls.append("ray")
@@ -285,25 +293,19 @@ def test_an_interrupted_run_is_marked_killed_not_left_running(data, tmp_path, mo
     assert run.info.status == "KILLED" and "interrupted" in run.data.tags["error"]
 
 
-def test_init_weights_that_do_not_fit_are_refused_before_ray_or_mlflow(data, tmp_path, monkeypatch):
+def test_init_weights_that_do_not_fit_are_refused_before_ray_or_mlflow(data, tmp_path, monkeypatch, ray_refused):
     """evaluate_weights (and fit with init_weights) read the file on the driver only to hand it
     to the workers: one that did not fit the config (here 3 decoder layers for a 2-layer model)
     failed in every worker, Ray and the MLflow run having started. It is now loaded as the
     workers load it (official layouts pass) before Ray starts."""
     import torch
 
-    from dino_scale.engine import api, evaluate_weights
+    from dino_scale.engine import evaluate_weights
     from dino_scale.models import build_model
     from dino_scale.models.official import CheckpointMismatch
 
-    class RayStarted(Exception):
-        pass
-
-    def ray_started(*a, **k):
-        raise RayStarted
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(api, "ensure_ray", ray_started)
     _, val_dir = data
     state = build_model(small_cfg().model).state_dict()
     official = {f"module.{k}": v for k, v in state.items() if not k.startswith("transformer.decoder.bbox_embed.")}
@@ -316,7 +318,8 @@ def test_init_weights_that_do_not_fit_are_refused_before_ray_or_mlflow(data, tmp
         evaluate_weights(small_cfg(), str(path), val_dir, tmp_path / "work", unique("e"))
 
 
-def test_a_backbone_weights_path_absent_here_is_refused_before_ray_or_mlflow(data, tmp_path, monkeypatch, caplog):
+def test_a_backbone_weights_path_absent_here_is_refused_before_ray_or_mlflow(data, tmp_path, monkeypatch, ray_refused,
+                                                                            caplog):
     """Every worker reads model.backbone_weights as it builds the model: a local path that is not
     a file failed each of them (FileNotFoundError, retried train.max_failures times) after Ray and
     the MLflow run had started. Refused on the driver where the workers run on its machine; on a
@@ -327,20 +330,14 @@ def test_a_backbone_weights_path_absent_here_is_refused_before_ray_or_mlflow(dat
     import torch
 
     from dino_scale.config import ConfigError
-    from dino_scale.engine import api, fit
+    from dino_scale.engine import fit
     from dino_scale.engine.checkpoint import save_weights
     from dino_scale.models import build_model
     from dino_scale.models.weights_file import WeightsFileError
 
-    class RayStarted(Exception):
-        pass
-
-    def ray_started(*a, **k):
-        raise RayStarted
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(api, "ensure_ray", ray_started)
     train_dir, val_dir = data
     absent = tmp_path / "other-cluster" / "resnet18.pth"
 
@@ -372,23 +369,17 @@ def test_a_backbone_weights_path_absent_here_is_refused_before_ray_or_mlflow(dat
     assert f"model.backbone_weights {absent} does not exist on this machine" in caplog.text
 
 
-def test_non_strict_init_weights_of_another_layout_are_refused_before_ray(data, tmp_path, monkeypatch):
+def test_non_strict_init_weights_of_another_layout_are_refused_before_ray(data, tmp_path, monkeypatch, ray_refused):
     """init_strict=False had no pre-check: weights of another key layout loaded nothing in every
     worker, silently. They are checked on the driver as the workers load them (keys normalized,
     at least half of the model's tensors present), before Ray or the MLflow run start."""
-    from dino_scale.engine import api, fit
+    from dino_scale.engine import fit
     from dino_scale.engine.checkpoint import save_weights
     from dino_scale.models import build_model
     from dino_scale.models.official import CheckpointMismatch
 
-    class RayStarted(Exception):
-        pass
-
-    def ray_started(*a, **k):
-        raise RayStarted
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(api, "ensure_ray", ray_started)
     train_dir, val_dir = data
     state = build_model(small_cfg().model).state_dict()
     renamed = save_weights(tmp_path / "renamed", {f"detector.{k}": v for k, v in state.items()})
@@ -402,7 +393,7 @@ def test_non_strict_init_weights_of_another_layout_are_refused_before_ray(data, 
             init_weights=str(prefixed), init_strict=False)
 
 
-def test_a_resumed_run_is_not_refused_for_a_backbone_file_it_does_not_read(data, tmp_path, monkeypatch):
+def test_a_resumed_run_is_not_refused_for_a_backbone_file_it_does_not_read(data, tmp_path, monkeypatch, ray_refused):
     """A run resuming a checkpoint that restores every tensor (same worker count, ZeRO-2) builds
     its workers' model without model.backbone_weights: a path absent here no longer refuses it (was:
     ConfigError before Ray). A resume onto another worker count (universal load) from a checkpoint
@@ -410,17 +401,11 @@ def test_a_resumed_run_is_not_refused_for_a_backbone_file_it_does_not_read(data,
     and is still refused; from one holding them ("frozen") it does not. check_restart stands in
     for a run name whose checkpoint N workers wrote (real reruns: test_engine_rerun)."""
     from dino_scale.config import ConfigError
-    from dino_scale.engine import api, elastic, fit
+    from dino_scale.engine import elastic, fit
 
-    class RayStarted(Exception):
-        pass
-
-    def ray_started(*a, **k):
-        raise RayStarted
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(api, "ensure_ray", ray_started)
     train_dir, val_dir = data
     absent = tmp_path / "moved" / "resnet18.pth"
     cfg = small_cfg(**{"model.backbone_weights": str(absent), "train.zero_stage": 2})
@@ -536,22 +521,16 @@ def test_the_resume_note_says_what_a_rerun_will_train():
     assert resume_note("r", {}, cfg, 8) == "run 'r' resumes from its latest checkpoint"  # no trainer state
 
 
-def test_the_cuda_kernel_on_cpu_workers_is_refused_before_ray(data, tmp_path, monkeypatch):
+def test_the_cuda_kernel_on_cpu_workers_is_refused_before_ray(data, tmp_path, monkeypatch, ray_refused):
     """``model.msda_backend=cuda`` with CPU workers passed every check, then each worker's first
     forward failed ("needs CUDA tensors"), retried ``train.max_failures`` times."""
     from dino_scale.config import ConfigError
-    from dino_scale.engine import api, evaluate_weights, fit
+    from dino_scale.engine import evaluate_weights, fit
     from dino_scale.engine.checkpoint import save_weights
     from dino_scale.models import build_model
 
-    class RayStarted(Exception):
-        pass
-
-    def ray_started(*a, **k):
-        raise RayStarted
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(api, "ensure_ray", ray_started)
     train_dir, val_dir = data
     cfg = small_cfg(**{"model.msda_backend": "cuda", "train.use_gpu": False})
     with pytest.raises(ConfigError, match="model.msda_backend=cuda needs GPU workers"):

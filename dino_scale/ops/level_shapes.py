@@ -67,27 +67,31 @@ def cached_level_tensors(kind: str, level_shapes: Sequence[Tuple[int, int]], dev
     if not shapes:
         raise ValueError("level tensors: no levels")
     key = (kind, shapes, str(torch.device(device)))
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if compiling:  # traced code only reads the cache
         hit = _CACHE.get(key)
-        if hit is not None:
-            return hit
     else:
         with _LOCK:
-            hit = _CACHE.get(key)
-            if hit is not None:
-                _CACHE.move_to_end(key)
-                return hit
+            hit = _recent(key)
+    if hit is not None:
+        return hit
     with torch.inference_mode(False), torch.no_grad():  # outside the lock: build may use the cache
         value = tuple(build(shapes, torch.device(device)))
-    if torch.compiler.is_compiling():
+    if compiling:
         return value  # traced code keeps no module-level state
     with _LOCK:
-        hit = _CACHE.get(key)
-        if hit is not None:  # another thread built it meanwhile: one tensor per key, as for a hit
-            _CACHE.move_to_end(key)
-            return hit
-        _insert(kind, key, shapes, value)
-    return value
+        hit = _recent(key)  # another thread built it meanwhile: one tensor per key, as for a hit
+        if hit is None:
+            _insert(kind, key, shapes, value)
+    return value if hit is None else hit
+
+
+def _recent(key: tuple) -> Optional[Tuple[Tensor, ...]]:
+    """The entry of ``key``, marked most recently used; None if absent (caller holds ``_LOCK``)."""
+    hit = _CACHE.get(key)
+    if hit is not None:
+        _CACHE.move_to_end(key)
+    return hit
 
 
 def _insert(kind: str, key: tuple, shapes: Shapes, value: Tuple[Tensor, ...]) -> None:

@@ -101,17 +101,20 @@ def read_safetensors(path: PathLike) -> Dict[str, Tensor]:
         raise _error(path, "safetensors", e) from None
 
 
+def _check_torch_head(path: PathLike, head: bytes) -> None:
+    """torch.save writes a zip archive ("PK"); its legacy format starts with a pickle protocol
+    opcode (0x80). Other first bytes (``head``, 2) are no torch file, which weights_only loading
+    could take for pickled objects it refuses: :class:`WeightsFileError`."""
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+        raise _error(path, "torch", EOFError("empty file") if not head else ValueError(f"begins with {head!r}"))
+
+
 def read_torch_file(path: PathLike, *, weights_only: bool, map_location: Any = "cpu") -> Any:
     """``torch.load(path, map_location, weights_only)``; :class:`WeightsFileError` naming
     ``path`` when the file is not a whole torch file. With ``weights_only``, a file refused for
     the objects it holds raises torch's ``pickle.UnpicklingError`` unchanged."""
     with open(path, "rb") as fh:
-        head = fh.read(2)
-    # torch.save writes a zip archive ("PK"); its legacy format starts with a pickle protocol
-    # opcode (0x80). Other bytes are no torch file, which weights_only loading could take for
-    # pickled objects it refuses.
-    if head[:2] != b"PK" and head[:1] != b"\x80":
-        raise _error(path, "torch", EOFError("empty file") if not head else ValueError(f"begins with {head!r}"))
+        _check_torch_head(path, fh.read(2))
     errors: tuple = (RuntimeError, EOFError, KeyError)
     if not weights_only:  # with weights_only, an UnpicklingError is that refusal
         errors += (pickle.UnpicklingError,)
@@ -149,8 +152,7 @@ def check_weights_file(path: PathLike) -> None:
             if 8 + n + need > size:
                 raise _error(path, "safetensors", EOFError(f"its tensors need {8 + n + need} bytes"))
             return
-    if head[:2] != b"PK" and head[:1] != b"\x80":
-        raise _error(path, "torch", EOFError("empty file") if not head else ValueError(f"begins with {head[:2]!r}"))
+    _check_torch_head(path, head[:2])
     if head[:2] == b"PK":
         try:
             with zipfile.ZipFile(path) as archive:

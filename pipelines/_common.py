@@ -9,6 +9,7 @@
   ``ray job submit`` does for its entrypoint), else starts an embedded local Ray.
 - :func:`setup_tracking`: ``MLFLOW_TRACKING_URI`` if set, else
   ``sqlite:///<work-dir>/mlflow.db``; exported so every stage shares one store.
+  It and :func:`require_store` live in :mod:`pipelines._store`, re-exported here.
 - :class:`UsageError` and :func:`run_main`, the top-level handler, live in
   :mod:`pipelines._errors` and are re-exported here (``common.UsageError``, ``common.run_main``).
 """
@@ -25,6 +26,7 @@ from dino_scale.config import PRESETS, Config, ConfigError, parse_override, pres
 from dino_scale.config_checks import check_training_config, lr_drop_epochs
 from pipelines._errors import UsageError, run_main  # noqa: F401 - the pipelines' common.UsageError / run_main
 from pipelines._flags import apply_flags, check_flag_conflicts, check_flag_values, check_run_name  # noqa: F401
+from pipelines._store import StoreUnreachable, require_store, setup_tracking, tracking_uri  # noqa: F401
 
 GPU_PRESET = "r50_4scale"
 CPU_PRESET = "tiny"
@@ -334,67 +336,6 @@ def config_needs_cluster(args: argparse.Namespace) -> bool:
     default also looks at the cluster's GPUs (was: at the head node's only, so a job submitted
     with ``--preset`` and no ``--gpus`` trained on CPU on a GPU cluster)."""
     return bool(os.environ.get("RAY_ADDRESS")) and (args.preset is None or not gpu_choice_given(args))
-
-
-def tracking_uri(work_dir: str | Path, create: bool = True) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<abs work-dir>/mlflow.db`` (the
-    engine's rule, :func:`dino_scale.tracking.uris.default_tracking_uri`; creates work-dir
-    unless ``create`` is False)."""
-    from dino_scale.tracking.uris import default_tracking_uri
-
-    return default_tracking_uri(work_dir, create=create)
-
-
-def setup_tracking(work_dir: str | Path, create: bool = True) -> str:
-    """Point MLflow (tracking and registry) at the shared store; exported in the
-    environment so processes started afterwards (Ray workers) use the same store.
-    ``create=False`` (lookups: registry, predict): a missing work folder is not created, so a
-    mistyped ``--work-dir`` leaves nothing behind and :func:`require_store` names it."""
-    import logging
-
-    import mlflow
-
-    # A new sqlite store announces its schema migration at INFO on stderr: noise for users.
-    for name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if create:
-        Path(work_dir).expanduser().mkdir(parents=True, exist_ok=True)  # as tracking_uri reads it
-    uri = tracking_uri(work_dir, create=create)
-    if create and uri.startswith(("http://", "https://")):  # a stage that logs: a server that does not
-        require_store(uri)  # answer fails it now, not after its data checks and Ray start (minutes)
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return uri
-
-
-class StoreUnreachable(RuntimeError):
-    """The MLflow tracking server does not answer (exit code 1: not the user's mistake)."""
-
-
-def require_store(uri: str, looking_for: str = "") -> None:
-    """Fail fast, naming the store, where a lookup cannot work: a sqlite store that does not
-    exist (a mistyped ``--work-dir``: MLflow would create an empty one) or a tracking server
-    that does not answer its ``/health`` within 10 s (MLflow's own retries take minutes)."""
-    if uri.startswith("sqlite:///"):
-        db = uri[len("sqlite:///"):].split("?", 1)[0]
-        if db and db != ":memory:" and not Path(db).is_file():
-            raise UsageError((f"cannot resolve {looking_for}: " if looking_for else "") +
-                             f"no MLflow store at {db}: give the --work-dir your runs used, or set "
-                             f"MLFLOW_TRACKING_URI")
-    elif uri.startswith(("http://", "https://")):
-        import urllib.error
-        import urllib.request
-
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
-        except urllib.error.HTTPError:
-            return  # it answered (e.g. a proxy that wants credentials): MLflow's calls will tell
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise StoreUnreachable(f"MLflow tracking server {uri} unreachable ({reason}); start it, or "
-                                   f"point MLFLOW_TRACKING_URI at a running one") from None
 
 
 # --------------------------------------------------------------------------- output

@@ -75,7 +75,7 @@ def check_exists(uri: str) -> None:
     if not is_remote(uri):
         _require_local(uri)
         return
-    from pipelines._common import require_store
+    from pipelines._store import require_store
 
     require_store(mlflow.get_tracking_uri(), looking_for=uri)
     client = mlflow_client()

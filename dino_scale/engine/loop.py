@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from dino_scale.config import from_dict, to_dict
-from dino_scale.engine.batches import agreed_window, iter_micro_batches, read_window, rows_of
+from dino_scale.engine.batches import agreed_window, iter_micro_batches, read_window
 from dino_scale.engine.checkpoint import (
-    TrainState, atomic_write_text, checkpoint_dir_name, evaluation_dir_name, load_into, load_training_checkpoint,
+    TrainState, atomic_write_text, checkpoint_dir_name, load_into, load_training_checkpoint,
     load_weights, save_training_checkpoint, save_weights,
 )
 from dino_scale.engine.state_files import rng_states, rng_untouched, set_rng_states
@@ -39,9 +39,7 @@ from dino_scale.engine.deepspeed_utils import (
     AccumulationWindow, ModelEMA, build_ds_config, full_state_dict, grad_accum_steps, init_deepspeed,
 )
 from dino_scale.engine.elastic import holds_frozen_tensors, reads_backbone_weights, resume_source, saved_world_size
-from dino_scale.engine.evaluate import (
-    evaluate_batches, finite_detections, gather_to_rank0, target_image_ids, unevaluated_images, val_metrics,
-)
+from dino_scale.engine.loop_eval import evaluate_only, evaluate_val, wants_eval
 from dino_scale.engine.optim import applied_lr, build_optimizer, build_scheduler, window_position
 from dino_scale.engine.progress import LossWindow, WindowMeter
 from dino_scale.data.run_stats import set_epoch as set_data_epoch
@@ -85,82 +83,6 @@ def _test_pid_hook(hooks: dict, rank: int, world: int, step: int) -> None:
             time.sleep(0.05)
 
 
-def _wants_eval(loop_cfg: dict[str, Any]) -> bool:
-    return bool(loop_cfg.get("evaluate", True)) and "val" in loop_cfg.get("datasets", [])
-
-
-def _evaluate_val(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: torch.device,
-                  amp: Optional[torch.dtype], rank: int, tracker, step: int
-                  ) -> tuple[dict[str, Any], Optional[list]]:
-    """COCO AP of ``model`` over this worker's shard of the ``val`` dataset, logged as ``eval/*``
-    at ``step`` when ``tracker`` is given. Returns ``({AP..., detections_nonfinite, num_detections,
-    images_unevaluated}, detections)`` on rank 0 (the detections with finite scores and boxes:
-    :func:`coco_evaluate` scores only those) and ``({}, None)`` on the others; every rank must
-    call it (detections and evaluated image ids are gathered). Images the data layer dropped
-    (undecodable) still count in the AP as misses; their number is reported and logged with a
-    warning."""
-    import ray.train
-
-    from dino_scale.data.collate import collate
-
-    model.to(device).eval()
-    pad_multiple = getattr(cfg.data, "pad_multiple", None)
-    shard = ray.train.get_dataset_shard("val")
-    batches = (collate(rows_of(b), pad_multiple=pad_multiple) for b in shard.iter_batches(
-        batch_size=cfg.eval.batch_size, drop_last=False, batch_format="numpy", prefetch_batches=1))
-    evaluated: list[int] = []
-
-    def prepared(batches):
-        for images, masks, targets in batches:
-            evaluated.extend(target_image_ids(targets))
-            yield images, masks, targets  # uint8: normalized on the device by evaluate_batches
-
-    factors = [s / cfg.data.eval_size for s in cfg.eval.tta_scales] if cfg.eval.tta else [1.0]
-    local = evaluate_batches(model, postprocessor, prepared(batches), device, amp_dtype=amp, tta=cfg.eval.tta,
-                             tta_scale_factors=factors, num_select=cfg.model.num_select)
-    detections = gather_to_rank0(local)
-    evaluated_ids = gather_to_rank0(evaluated)
-    if rank != 0:
-        return {}, None
-    val_gt = from_driver(loop_cfg["val_gt"])
-    missing = unevaluated_images(val_gt, evaluated_ids)
-    if missing:
-        from dino_scale.data.run_stats import skip_reasons
-
-        log.warning("evaluation at step %d: %d of %d val images could not be decoded and were not evaluated "
-                    "(their objects count as misses; reasons: %s); image ids %s%s", step, len(missing),
-                    len(val_gt.get("images", [])), ", ".join(skip_reasons("eval")) or "-",
-                    missing[:10], " ..." if len(missing) > 10 else "")
-    ap = val_metrics(val_gt, detections, evaluated_ids)  # AP NaN when no image was evaluated
-    detections, _ = finite_detections(detections)  # detections.json: the scored ones (valid JSON, no NaN)
-    if tracker is not None:
-        tracker.log_metrics({f"eval/{k}": v for k, v in ap.items()}, step=step)
-    return {**ap, "num_detections": len(detections)}, detections
-
-
-def _evaluate_only(model, postprocessor, cfg, loop_cfg: dict[str, Any], device: torch.device, rank: int) -> None:
-    """An evaluation-only run (``loop_cfg["train"]`` false: :func:`dino_scale.engine.evaluate_weights`).
-    The loaded weights are evaluated as they are, in fp32 under the configured autocast: no
-    optimizer, no DeepSpeed engine (its bf16 mode would round the weights), no training state.
-    The final checkpoint holds only rank 0's ``detections.json``: the weights are the caller's."""
-    tracker = rank0_tracker(loop_cfg, rank)
-    amp = autocast_dtype(cfg.train.precision)
-    metrics: dict[str, Any] = {"step": 0, "epoch": 0, "final": True, "bad_steps_total": 0, "images_seen": 0,
-                               "resumes": 0}
-    detections = None
-    if _wants_eval(loop_cfg):
-        ap, detections = _evaluate_val(model, postprocessor, cfg, loop_cfg, device, amp, rank, tracker, 0)
-        metrics.update(ap)
-    if tracker is not None:
-        tracker.close(timeout_s=float(loop_cfg.get("tracking_close_timeout_s", 30)))
-
-    def write_detections(folder: Path) -> None:
-        if detections is not None:
-            atomic_write_text(folder / "detections.json", json.dumps(detections))
-
-    report(metrics, write_detections, loop_cfg.get("evaluation_dir_name") or evaluation_dir_name())
-
-
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -200,7 +122,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tc.tf32)
     if not loop_cfg.get("train", True):
-        _evaluate_only(model, postprocessor, cfg, loop_cfg, device, rank)
+        evaluate_only(model, postprocessor, cfg, loop_cfg, device, rank)
         return
     if tc.compile:
         from dino_scale.models.compile import compile_criterion, compile_regions
@@ -392,11 +314,11 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
 
         final_metrics.update(skips_at_end("train"))
     detections = None
-    if abort is None and _wants_eval(loop_cfg):
+    if abort is None and wants_eval(loop_cfg):
         with rng_untouched():  # the final checkpoint's RNG files: as after the last step (a longer rerun goes on)
             eval_model = build_model(replace(cfg.model, backbone_weights=None))  # all replaced by full
             eval_model.load_state_dict(full, strict=True)
-            ap, detections = _evaluate_val(eval_model, postprocessor, cfg, loop_cfg, device, amp, rank, tracker,
+            ap, detections = evaluate_val(eval_model, postprocessor, cfg, loop_cfg, device, amp, rank, tracker,
                                            state.global_step)
         final_metrics.update(ap)
         del eval_model

@@ -35,7 +35,7 @@ def _run_worker(monkeypatch, state: dict, strict: bool = True, **overrides) -> t
     monkeypatch.setattr(ray.train, "get_context", lambda: Ctx())
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
     seen = {}
-    monkeypatch.setattr(loop, "_evaluate_only", lambda model, *a, **k: seen.setdefault("model", model))
+    monkeypatch.setattr(loop, "evaluate_only", lambda model, *a, **k: seen.setdefault("model", model))
     cfg = preset("tiny", overrides)
     loop.train_loop_per_worker({"config": to_dict(cfg), "train": False, "init_weights": "official.pth",
                                 "init_state": state, "init_strict": strict})

@@ -31,6 +31,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from dino_scale.ops._arch import arch_list_runs_on, arch_targets, default_arch_list, visible_capabilities
+
 EXT_PREFIX = "dino_scale_msda"
 # where a wheel's build_py copies csrc/ms_deform_attn (setup.py), and where a checkout has it
 PACKAGED_SOURCE_DIR = Path(__file__).resolve().parent / "csrc" / "ms_deform_attn"
@@ -119,17 +121,6 @@ def extra_system_includes(cuda_home: str) -> list[str]:
     return found
 
 
-def default_arch_list() -> str:
-    """$TORCH_CUDA_ARCH_LIST, else the visible GPUs' capabilities, else "9.0"."""
-    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if env:
-        return env
-    if torch.cuda.is_available():
-        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-        return ";".join(f"{a}.{b}" for a, b in caps)
-    return "9.0"
-
-
 def sources_hash(arch_list: str) -> str:
     h = hashlib.sha256()
     for p in source_files():
@@ -210,36 +201,6 @@ def _up_to_date(build_dir: Path, arch_list: str) -> bool:
         return build_dir.name.endswith("-" + want)
 
 
-def _arch_targets(arch_list: str) -> set[tuple[int, int]]:
-    """``"8.0;9.0+PTX"`` -> {(8, 0), (9, 0)} (separators ``;`` or spaces, suffixes ignored)."""
-    out = set()
-    for entry in arch_list.replace(";", " ").split():
-        major, _, minor = entry.split("+")[0].partition(".")
-        digits = "".join(ch for ch in minor if ch.isdigit())
-        if major.isdigit() and digits:
-            out.add((int(major), int(digits)))
-    return out
-
-
-def arch_list_runs_on(arch_list: str, cap: tuple[int, int]) -> bool:
-    """Whether a library built for ``arch_list`` has code a GPU of compute capability ``cap`` runs:
-    machine code of the same major and a minor <= cap's ("8.0" runs on 8.6; an arch-specific
-    "9.0a" only on 9.0), or PTX ("+PTX") of an arch <= cap. An entry this does not parse (a named
-    arch such as "Hopper") counts as runnable: only a list known to lack code is refused."""
-    for entry in arch_list.replace(";", " ").split():
-        base, _, extra = entry.partition("+")
-        major, _, minor = base.partition(".")
-        digits = "".join(ch for ch in minor if ch.isdigit())
-        if not (major.isdigit() and digits):
-            return True
-        target, specific = (int(major), int(digits)), minor[len(digits):].lower() == "a"
-        if extra.upper() == "PTX" and target <= cap:
-            return True
-        if target == cap or (not specific and target[0] == cap[0] and target[1] <= cap[1]):
-            return True
-    return False
-
-
 def check_runs_on_visible_gpus(lib: Path, arch_list: str) -> None:
     """Raise :class:`BuildError` when the library ``lib`` (built, or about to be built, for
     ``arch_list``; a built one's own list is read beside it) has no code for a visible GPU: its
@@ -248,19 +209,13 @@ def check_runs_on_visible_gpus(lib: Path, arch_list: str) -> None:
         built_for = (lib.parent / ARCH_FILE).read_text().strip() if lib.is_file() else arch_list
     except OSError:
         built_for = arch_list
-    missing = sorted(c for c in _visible_capabilities() if not arch_list_runs_on(built_for, c))
+    missing = sorted(c for c in visible_capabilities() if not arch_list_runs_on(built_for, c))
     if missing:
         need = ";".join(f"{a}.{b}" for a, b in missing)
         where = f"built at {lib}" if lib.is_file() else "not built yet"
         raise BuildError(f"CUDA arch list {built_for!r} has no code for this GPU (compute capability "
                          f"{need}): set TORCH_CUDA_ARCH_LIST to include {need}, or unset it to build "
                          f"for the visible GPUs (ms_deform_attn extension {where})")
-
-
-def _visible_capabilities() -> set[tuple[int, int]]:
-    if not torch.cuda.is_available():
-        return set()
-    return {tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())}
 
 
 def find_library(arch_list: str, root: Optional[Path] = None) -> Path:
@@ -273,7 +228,7 @@ def find_library(arch_list: str, root: Optional[Path] = None) -> Path:
     :func:`check_runs_on_visible_gpus` tells). A build whose list has an entry this does not
     parse is taken only when asked for by name."""
     lib = library_path(build_dir_for(arch_list, root))
-    caps = _visible_capabilities()
+    caps = visible_capabilities()
     if not caps or (library_complete(lib) and all(arch_list_runs_on(arch_list, c) for c in caps)):
         return lib
     tag = lib.parent.name.split("-sm", 1)[0]
@@ -284,11 +239,11 @@ def find_library(arch_list: str, root: Optional[Path] = None) -> Path:
         except OSError:
             continue
         entries = built_for.replace(";", " ").split()
-        if not entries or not all(_arch_targets(e) for e in entries):
+        if not entries or not all(arch_targets(e) for e in entries):
             continue
         if build_dir_for(built_for, root) != cand or not library_complete(library_path(cand)):
             continue
-        if caps <= _arch_targets(built_for):
+        if caps <= arch_targets(built_for):
             return library_path(cand)
         if runnable is None and all(arch_list_runs_on(built_for, c) for c in caps):
             runnable = library_path(cand)

@@ -49,7 +49,7 @@ def test_info_says_pytorch_where_the_loader_would_refuse(tmp_path, monkeypatch, 
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
     monkeypatch.delenv("DINO_SCALE_MSDA_NO_JIT", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(_build, "_visible_capabilities", lambda: {(9, 0)})
+    monkeypatch.setattr(_build, "visible_capabilities", lambda: {(9, 0)})
     lib = _build.find_library("8.0")
     lib.parent.mkdir(parents=True, exist_ok=True)
     ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
@@ -63,7 +63,7 @@ def test_info_says_pytorch_where_the_loader_would_refuse(tmp_path, monkeypatch, 
     line = backend_line()
     assert "pytorch, with one warning" in line and "has no code for this GPU (compute capability 9.0)" in line, line
     lib.unlink()  # nothing built, JIT off
-    monkeypatch.setattr(_build, "_visible_capabilities", lambda: {(8, 0)})
+    monkeypatch.setattr(_build, "visible_capabilities", lambda: {(8, 0)})
     monkeypatch.setenv("DINO_SCALE_MSDA_NO_JIT", "1")
     line = backend_line()
     assert "pytorch, with one warning (not built and DINO_SCALE_MSDA_NO_JIT=1" in line, line

@@ -27,6 +27,7 @@ import pyarrow as pa
 from .decode import ImageDecodeError, read_size_and_orientation
 from .json_stream import stream_items
 from .image_paths import resolve_image_path
+from .json_values import INT32, exact_ints, floats_of, image_id_of, is_int
 
 __all__ = ["ANN", "BUCKETING", "DROP", "DROP_REASONS", "IMAGE_SCHEMA", "ConversionError", "bucket_of",
            "bucket_of_id", "image_check_warnings", "read_categories", "scan_images", "scan_annotations",
@@ -49,7 +50,7 @@ class ConversionError(ValueError):
 def read_categories(path: Path) -> list[dict[str, Any]]:
     cats = []
     for c in stream_items(path, "categories.item"):
-        if (not isinstance(c, dict) or not _is_int(c.get("id"), -_INT32, _INT32 - 1) or "name" not in c):
+        if (not isinstance(c, dict) or not is_int(c.get("id"), -INT32, INT32 - 1) or "name" not in c):
             raise ConversionError(f"{path}: bad category entry {c!r} (need an integer id in int32 range and a name)")
         if c["id"] < 0:  # it passed the class-head check before a run and stopped the loop at its first batch
             raise ConversionError(f"{path}: category {c!r} has a negative id; a category id is the class "
@@ -62,18 +63,6 @@ def read_categories(path: Path) -> list[dict[str, Any]]:
     if dup:
         raise ConversionError(f"{path}: duplicate category ids {dup}")
     return sorted(cats, key=lambda c: c["id"])
-
-
-_INT32 = 2 ** 31
-_INT64 = 2 ** 63
-_FLOAT_EXACT = 2 ** 53  # float64 holds every integer below this exactly (2**53 may be a rounded 2**53 + 1)
-
-
-def _is_int(v: Any, lo: int, hi: int) -> bool:
-    """``v`` is an int (or integral float) in [lo, hi], not a bool."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    return (isinstance(v, int) or (np.isfinite(v) and v == int(v))) and lo <= v <= hi
 
 
 BUCKETING = "splitmix64"  # the rule of bucket_of, kept in a conversion's signature
@@ -98,17 +87,6 @@ def bucket_of_id(image_id: int, nb: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
     return (z ^ (z >> 31)) % nb
-
-
-def _image_id(v: Any) -> Optional[int]:
-    """An image entry's ``id`` -> int, or ``None`` when it is none: the rule of the annotations'
-    ``image_id`` (:func:`_exact_ints`), an int in int64 range or an integral float below 2**53
-    (a JSON written through numpy/pandas floats holds ``1.0``)."""
-    if type(v) is int and -_INT64 <= v < _INT64:
-        return v
-    if type(v) is float and v.is_integer() and abs(v) < _FLOAT_EXACT:
-        return int(v)
-    return None
 
 
 def _size_from_file(images: Optional[Path], fname: str) -> tuple[Optional[tuple[tuple[int, int], int]], str]:
@@ -192,7 +170,7 @@ def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
         pos = n_all
         n_all += 1
         ok_dict = isinstance(img, dict)
-        iid = _image_id(img.get("id")) if ok_dict else None
+        iid = image_id_of(img.get("id")) if ok_dict else None
         if pos < lo or (hi is not None and pos >= hi):
             if iid is not None:
                 excluded.append(iid)
@@ -203,7 +181,7 @@ def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
         id_ok = iid is not None
         if not id_ok or not fname:
             status, iid = "bad_metadata", iid if id_ok else -1
-        elif not (_is_int(w, 1, _INT32 - 1) and _is_int(h, 1, _INT32 - 1)):
+        elif not (is_int(w, 1, INT32 - 1) and is_int(h, 1, INT32 - 1)):
             read, status = _size_from_file(images, fname)  # width/height missing or not a pixel count: the header
             (w, h), orientation = read if read else ((0, 0), 1)
             if read and orientation in (5, 6, 7, 8) and w != h:
@@ -283,53 +261,6 @@ def image_check_warnings(checks: dict[str, Any]) -> list[str]:
     return out
 
 
-def _floats(values: list, width: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """list -> float64 array ((n,) or (n, width)) and a 'malformed' mask; None -> NaN."""
-    shape = (len(values), width) if width > 1 else (len(values),)
-    try:
-        arr = np.array(values, dtype=np.float64)
-        if arr.shape == shape:
-            return arr, np.zeros(len(values), bool)
-    except (TypeError, ValueError):
-        pass
-    out = np.full(shape, np.nan)
-    bad = np.zeros(len(values), bool)
-    for i, v in enumerate(values):
-        try:
-            if width > 1:
-                if isinstance(v, (str, bytes)) or len(v) != width:
-                    raise ValueError
-                out[i] = [float(x) if x is not None else np.nan for x in v]
-            else:
-                out[i] = float(v) if v is not None else np.nan
-        except (TypeError, ValueError):
-            bad[i] = True
-    return out, bad
-
-
-def _exact_ints(values: list) -> tuple[np.ndarray, np.ndarray]:
-    """list -> exact int64 ids (image or category ids) and a 'malformed' mask (id -1 there).
-
-    Python ints in the int64 range are taken as they are (float64 would merge ids 1 apart
-    above 2**53); an integral float is accepted only where float64 holds it exactly (below
-    2**53, where no other integer rounds to it). Anything else (fractional, boolean, text,
-    None) is malformed. A fractional text with more digits than float64 keeps (such as
-    ``7.0000000000000001``) arrives already rounded to an integer and cannot be told apart."""
-    if all(type(v) is int for v in values):
-        try:
-            return np.array(values, dtype=np.int64), np.zeros(len(values), bool)
-        except OverflowError:
-            pass
-    out = np.full(len(values), -1, np.int64)
-    bad = np.ones(len(values), bool)
-    for i, v in enumerate(values):
-        if type(v) is int and -_INT64 <= v < _INT64:
-            out[i], bad[i] = v, False
-        elif type(v) is float and v.is_integer() and abs(v) < _FLOAT_EXACT:
-            out[i], bad[i] = int(v), False
-    return out, bad
-
-
 def _spill(work: Path, nb: int, kind: str, rec: np.ndarray) -> None:
     """Append records (n,) with an ``iid`` field (:data:`ANN`, :data:`DROP`) to
     ``<kind>-BBBBB.bin``, bucket :func:`bucket_of` of ``iid``."""
@@ -361,11 +292,11 @@ def scan_annotations(path: Path, work: Path, nb: int, progress=None) -> dict[str
     said = [0]  # malformed annotations shown so far
 
     def process():
-        iid, bad_i = _exact_ints(ids)
-        cat, bad_c = _exact_ints(cats)  # True or "3" is no category id (numpy would read 1.0, 3.0)
-        box, bad_b = _floats(boxes, 4)
-        crowd, bad_cr = _floats(crowds)  # "true" or a list is no crowd flag: dropped, not read as 0
-        area, _ = _floats(areas)
+        iid, bad_i = exact_ints(ids)
+        cat, bad_c = exact_ints(cats)  # True or "3" is no category id (numpy would read 1.0, 3.0)
+        box, bad_b = floats_of(boxes, 4)
+        crowd, bad_cr = floats_of(crowds)  # "true" or a list is no crowd flag: dropped, not read as 0
+        area, _ = floats_of(areas)
         raw_cats = list(cats)
         int_id = ~bad_i
         int_cat = ~bad_c

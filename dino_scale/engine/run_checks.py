@@ -154,3 +154,31 @@ def _check_backbone_weights(cfg: Config, init_weights: Optional[str], init_stric
     raise ConfigError(f"model.backbone_weights {path} {problem}: every worker of this run reads it, on this "
                       f"machine; give the path of the ImageNet weights file or an http(s) URL, or "
                       f"model.backbone_weights=none to start the backbone from random weights")
+
+
+def _cpu_runs_fp16() -> bool:
+    """Whether this machine's CPU runs fp16 as DeepSpeed's CPU accelerator asks it to (oneDNN's
+    fp16 support, e.g. AVX512-FP16 or AMX-FP16)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def check_worker_precision(cfg: Config, ray_address: Optional[str]) -> None:
+    """``train.precision=fp16`` on CPU workers (``train.use_gpu`` false) on a CPU without oneDNN
+    fp16 (:func:`_cpu_runs_fp16`): every worker's ``deepspeed.initialize`` raised "Type fp16 is not
+    supported on your device", retried ``train.max_failures`` times, after Ray and the MLflow run
+    had started. :class:`ConfigError` when the workers run on this machine; on a cluster joined by
+    address (as :func:`_check_backbone_weights` decides) its nodes' CPUs may differ: a warning."""
+    if cfg.train.precision != "fp16" or cfg.train.use_gpu or _cpu_runs_fp16():
+        return
+    if (ray_address or os.environ.get("RAY_ADDRESS") or "local") != "local":
+        log.warning("train.precision=fp16 with CPU workers: this machine's CPU has no fp16 support (oneDNN), so "
+                    "DeepSpeed refuses fp16 on CPU nodes like it; bf16 or fp32 run on any CPU")
+        return
+    raise ConfigError("train.precision=fp16 with CPU workers: DeepSpeed's CPU accelerator needs a CPU with fp16 "
+                      "support (oneDNN), which this machine lacks; train in bf16 or fp32 on CPUs, or use GPU "
+                      "workers (train.use_gpu=true, --gpus 1)")

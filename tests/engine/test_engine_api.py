@@ -540,3 +540,31 @@ def test_the_cuda_kernel_on_cpu_workers_is_refused_before_ray(data, tmp_path, mo
         evaluate_weights(cfg, str(weights), val_dir, tmp_path / "work", unique("cuda-on-cpu-eval"))
     with pytest.raises(RayStarted):  # the default backend on CPU workers goes on
         fit(small_cfg(), train_dir, val_dir, tmp_path / "work", unique("cpu"), progress=False)
+
+
+def test_fp16_on_cpu_workers_without_cpu_fp16_is_refused_before_ray(data, tmp_path, monkeypatch, ray_refused,
+                                                                     caplog):
+    """``train.precision=fp16`` with CPU workers on a CPU without oneDNN fp16 (this box's) passed every
+    check, then each worker's ``deepspeed.initialize`` raised "Type fp16 is not supported on your
+    device", retried ``train.max_failures`` times. A CPU with fp16 goes on; on a joined cluster,
+    whose nodes' CPUs may differ, it is a warning."""
+    from dino_scale.config import ConfigError
+    from dino_scale.engine import fit, run_checks
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    train_dir, _ = data
+    cfg = small_cfg(**{"train.precision": "fp16", "train.use_gpu": False})
+    monkeypatch.setattr(run_checks, "_cpu_runs_fp16", lambda: False)
+    with pytest.raises(ConfigError, match=r"train\.precision=fp16 with CPU workers: .* train in bf16 or fp32"):
+        fit(cfg, train_dir, None, tmp_path / "work", unique("fp16-cpu"), progress=False)
+    with pytest.raises(RayStarted):  # bf16 on CPU workers goes on
+        fit(small_cfg(**{"train.precision": "bf16"}), train_dir, None, tmp_path / "work", unique("bf16-cpu"),
+            progress=False)
+    with pytest.raises(RayStarted), caplog.at_level("WARNING"):  # a cluster's nodes may have fp16 CPUs
+        fit(cfg, train_dir, None, tmp_path / "work", unique("fp16-cluster"), progress=False,
+            ray_address="ray://10.0.0.1:10001")
+    assert "train.precision=fp16 with CPU workers: this machine's CPU has no fp16 support" in caplog.text
+    monkeypatch.setattr(run_checks, "_cpu_runs_fp16", lambda: True)  # e.g. a Sapphire Rapids CPU
+    with pytest.raises(RayStarted):
+        fit(cfg, train_dir, None, tmp_path / "work", unique("fp16-cpu-ok"), progress=False)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from dino_scale.config import PRESETS, Config, ConfigError, parse_override, preset
+from dino_scale.config import PRESETS, Config, ConfigError, apply_overrides, flatten, parse_override, preset
 from dino_scale.config_checks import check_training_config, lr_drop_epochs
 from pipelines._errors import UsageError, run_main  # noqa: F401 - the pipelines' common.UsageError / run_main
 from pipelines._flags import apply_flags, check_flag_conflicts, check_flag_values, check_run_name  # noqa: F401
@@ -38,18 +38,33 @@ class OverrideAction(argparse.Action):
     """``--set KEY=VALUE``, repeatable: each kept as ``key=value`` with the whitespace around key
     and value stripped. A :class:`ConfigError` naming the override (one ``error:`` line, exit 2,
     before any work) for one that is not ``section.key=value`` (:func:`dino_scale.config.parse_override`)
-    and for a key given twice with two values (the last one used to win, silently)."""
+    and for a key given twice with two values (the last one used to win, silently). Two spellings
+    of one value (``1e-4`` and ``0.0001``, ``true`` and ``1``) are one setting, kept once as
+    first written."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         key, value = parse_override(values)
         items = list(getattr(namespace, self.dest, None) or [])
         for earlier in items:
             old_key, old_value = earlier.split("=", 1)
-            if old_key == key and old_value != value:
+            if old_key != key:
+                continue
+            if old_value != value and not _same_setting(key, old_value, value):
                 raise ConfigError(f"{option_string} {key} given twice ({old_value!r} and {value!r}): give it once")
-        if f"{key}={value}" not in items:
+            break
+        else:
             items.append(f"{key}={value}")
         setattr(namespace, self.dest, items)
+
+
+def _same_setting(key: str, a: str, b: str) -> bool:
+    """Whether ``key=a`` and ``key=b`` set the same value (as the config reads them); False when
+    either is refused (an unknown key, a bad value: the config check names it later)."""
+    try:
+        x, y = (flatten(apply_overrides(Config(), [f"{key}={v}"]))[key] for v in (a, b))
+    except (ConfigError, KeyError):
+        return False
+    return x == y
 
 
 def add_common_args(parser: argparse.ArgumentParser, data_help: str,

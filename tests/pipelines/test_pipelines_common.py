@@ -257,8 +257,19 @@ def test_pipelines_common_set_is_normalized_and_checked_at_parse_time():
                    "--set", "model.num_queries =30"])
     assert args.overrides == ["train.lr=1e-3", "model.num_queries=30"]  # a repeat of one value: kept once
     assert common.build_config(args).train.lr == 1e-3
+    # two spellings of one value are one setting (were refused as "given twice"), kept as first written
+    args = _parse(["--preset", "tiny", "--set", "train.lr=1e-4", "--set", "train.lr=0.0001", "--set",
+                   "train.use_gpu=true", "--set", "train.use_gpu=1", "--set", "data.train_scales=[96, 128]",
+                   "--set", "data.train_scales=96,128", "--set", "model.num_queries=30",
+                   "--set", "model.num_queries=3e1"])
+    assert args.overrides == ["train.lr=1e-4", "train.use_gpu=true", "data.train_scales=[96, 128]",
+                              "model.num_queries=30"]
     for argv, message in [(["--set", "train.lr=1", "--set", " train.lr=2"],
                            "--set train.lr given twice \\('1' and '2'\\)"),
+                          (["--set", "train.lr=1e-4", "--set", "train.lr=1e-5"],
+                           "--set train.lr given twice \\('1e-4' and '1e-5'\\)"),
+                          (["--set", "train.nope=1", "--set", "train.nope=1.0"],  # unknown: not read as one value
+                           "--set train.nope given twice"),
                           (["--set", "=1"], "names no key"), (["--set", "train. lr=1"], "holds a space"),
                           (["--set", "model.backbone="], "has no value"), (["--set", "train.lr"], "section.key=value")]:
         with pytest.raises(ConfigError, match=message):

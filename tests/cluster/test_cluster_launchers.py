@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -163,6 +164,11 @@ def test_cluster_launcher_mounts_the_bucket_read_only_for_data(name):
     mount = [c for c in cfg["initialization_commands"] if f"my-dino-bucket {DATA_MOUNT}" in c]
     assert len(mount) == 1
     assert ("mount-s3 --read-only" if name == "aws" else "-o ro,") in mount[0]
+    # the mount tool's package pulls dependencies (mount-s3: libfuse2) from the archive: a fresh image's
+    # package lists may be empty or stale, so every install on the host updates them first
+    for command in cfg["initialization_commands"]:
+        for install in re.finditer(r"apt-get install", command):
+            assert "apt-get update &&" in command[:install.start()], command
 
 
 def test_cluster_gcp_setup_runs_on_a_fresh_project_and_image():
@@ -243,7 +249,8 @@ def _statements(path: Path) -> list[dict]:
 @pytest.mark.parametrize("kind", ["head", "worker"])
 def test_cluster_aws_iam_policy_is_least_privilege(kind):
     statements = _statements(CLUSTER / "aws" / f"iam-{kind}-policy.json")
-    star_ok = {"ecr:GetAuthorizationToken", "ec2:RunInstances", "ec2:CreateTags"}
+    star_ok = {"ecr:GetAuthorizationToken", "ec2:RunInstances"}  # CreateTags on "*": any instance could be
+    # tagged ray-cluster-name=<ours>, which is what lets the head terminate it
     for s in statements:
         assert s["Effect"] == "Allow"
         for action in s["Action"]:
@@ -263,7 +270,19 @@ def test_cluster_aws_iam_policy_is_least_privilege(kind):
         passrole = [s for s in statements if "iam:PassRole" in s["Action"]]
         assert passrole and passrole[0]["Resource"] == ["arn:aws:iam::123456789012:role/dino-scale-worker"]
         term = [s for s in statements if "ec2:TerminateInstances" in s["Action"]][0]
-        assert term["Condition"]["StringEquals"]["aws:ResourceTag/ray-cluster-name"] == _raw("aws")["cluster_name"]
+        name = _raw("aws")["cluster_name"]
+        assert term["Condition"]["StringEquals"]["aws:ResourceTag/ray-cluster-name"] == name
+        # tags: at launch, only with the cluster's name; later, only on the cluster's instances and never
+        # that name (Ray's node provider re-tags status keys of its own instances)
+        tagging = [s for s in statements if "ec2:CreateTags" in s["Action"]]
+        assert tagging and all(s["Resource"] == ["arn:aws:ec2:us-west-2:123456789012:instance/*"] for s in tagging)
+        for s in tagging:
+            cond = s["Condition"]["StringEquals"]
+            if "ec2:CreateAction" in cond:
+                assert cond == {"ec2:CreateAction": "RunInstances", "aws:RequestTag/ray-cluster-name": name}, s
+            else:
+                assert cond == {"aws:ResourceTag/ray-cluster-name": name}, s
+                assert s["Condition"]["ForAllValues:StringNotEquals"] == {"aws:TagKeys": ["ray-cluster-name"]}, s
 
 
 def test_cluster_gcp_network_and_identity_are_explicit():

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from dino_scale.config import Config, to_dict
+from dino_scale.config import Config, ConfigError, to_dict
 from dino_scale.tracking.registry import is_not_found, model_version_for_uri, parse_model_uri
 from pipelines._common import UsageError
 
@@ -200,7 +200,15 @@ def _source_categories(resolved) -> Optional[list[dict]]:
     folder = resolved.weights_path.parent
     path = folder / "categories.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        try:
+            categories = json.loads(path.read_text())
+            if not (isinstance(categories, list) and all(isinstance(c, dict) and "id" in c and "name" in c
+                                                         for c in categories)):
+                raise ValueError("not a list of {id, name} entries")
+        except ValueError as exc:  # was a bare JSONDecodeError / TypeError (exit 1) that named no file
+            raise ConfigError(f"{path} is not a readable categories file ({exc}): the model's categories.json "
+                              f"is damaged; restore it from where the model came from") from None
+        return categories
     cfg = resolved.config
     trained_on = (resolved.lineage or {}).get("train_dir") or (cfg.data.train if cfg is not None else None)
     if trained_on:

@@ -65,16 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def output_path(out: Path, image: Path, index: int, taken: set[Path]) -> Path:
-    """``out/<stem>.jpg``, or ``out/<stem>-<index>[-k].jpg`` when that name is ``taken`` (an
-    input image, or an annotated copy of this run): never overwrites either. Adds the
-    chosen path to ``taken``."""
+def name_key(path: Path) -> str:
+    """How :func:`output_path` compares names: the resolved path, case folded (``IMG_1.JPG`` and
+    ``IMG_1.jpg`` are one file on macOS, Windows and FAT/exFAT camera cards)."""
+    return str(path.resolve()).casefold()
+
+
+def output_path(out: Path, image: Path, index: int, taken: set[str]) -> Path:
+    """``out/<stem>.jpg``, or ``out/<stem>-<index>[-k].jpg`` when that name is ``taken`` (the
+    :func:`name_key` of an input image, a file predict must not overwrite, or an annotated copy of
+    this run): never overwrites either. Adds the chosen name to ``taken``."""
     candidates = [out / f"{image.stem}.jpg", out / f"{image.stem}-{index}.jpg"]
     k = 1
     while True:
         for target in candidates:
-            if target.resolve() not in taken:
-                taken.add(target.resolve())
+            if name_key(target) not in taken:
+                taken.add(name_key(target))
                 return target
         candidates = [out / f"{image.stem}-{index}-{k}.jpg"]
         k += 1
@@ -90,13 +96,15 @@ def foreign_files(out: Path) -> set[Path]:
         ours = {Path(item["annotated"]).resolve() for item in listed if item.get("annotated")}
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    return {p.resolve() for p in out.glob("*.jpg") if p.resolve() not in ours and not _is_copy(p)}
+    return {p.resolve() for p in out.iterdir() if p.suffix.lower() == ".jpg" and p.resolve() not in ours
+            and not _is_copy(p)}
 
 
-def preprocess(image, eval_size: int, max_size: int):
-    """PIL RGB image -> ImageNet-normalized float (1,3,h,w), resized as the evaluation
-    transform does (short side ``eval_size``, long side <= ``max_size``), and its
-    padding mask (1,h,w), all False."""
+def preprocess(image, eval_size: int, max_size: int, pad_multiple: Optional[int] = None):
+    """PIL RGB image -> ImageNet-normalized float (1,3,H,W), resized as the evaluation
+    transform does (short side ``eval_size``, long side <= ``max_size``), and its padding mask
+    (1,H,W): all False, unless ``pad_multiple`` (the model's ``data.pad_multiple``, as evaluation
+    collates) pads H and W up to a multiple of it (zeros, mask True there)."""
     import numpy as np
     import torch
     from torchvision.transforms.v2 import functional as F
@@ -107,7 +115,11 @@ def preprocess(image, eval_size: int, max_size: int):
     oh, ow = dino_resize_size(tuple(x.shape[-2:]), eval_size, max_size)
     if (oh, ow) != tuple(x.shape[-2:]):
         x = F.resize(x, [oh, ow], antialias=True)
-    mask = torch.zeros(1, oh, ow, dtype=torch.bool)
+    if pad_multiple:
+        ph, pw = -(-oh // pad_multiple) * pad_multiple, -(-ow // pad_multiple) * pad_multiple
+        x = torch.nn.functional.pad(x, (0, pw - ow, 0, ph - oh))
+    mask = torch.ones(1, *x.shape[-2:], dtype=torch.bool)
+    mask[:, :oh, :ow] = False
     return normalize_batch(x.unsqueeze(0), mask), mask
 
 
@@ -181,7 +193,10 @@ def keep_earlier_predictions(path: Path, results: list[dict], log) -> Optional[P
     except OSError:
         return None
     try:
-        listed = {str(Path(item["file"]).resolve()) for item in json.loads(earlier).get("images", [])}
+        doc = json.loads(earlier)
+        if not (isinstance(doc, dict) and "model" in doc and isinstance(doc.get("images"), list)):
+            raise ValueError("not written by predict")  # was replaced unsaid when it had no "images"
+        listed = {str(Path(item["file"]).resolve()) for item in doc["images"]}
     except (ValueError, AttributeError, TypeError, KeyError):
         listed = {None}  # not one of ours, or damaged: kept whole
     listed -= {str(Path(item["file"]).resolve()) for item in results}
@@ -235,8 +250,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise common.UsageError(f"--out {out}: a file is in the way; --out names a folder") from None
-    taken = {f.resolve() for f in files} | foreign_files(out)  # nor are the user's own files in --out
-    taken |= listed_copies(out, exclude=files)  # nor the copies an earlier run's predictions list for other images
+    taken = {name_key(f) for f in files} | {name_key(f) for f in foreign_files(out)}  # nor the user's files in --out
+    # nor the copies an earlier run's predictions list for other images
+    taken |= {name_key(f) for f in listed_copies(out, exclude=files)}
     with tempfile.TemporaryDirectory(prefix="dino_scale_predict_") as download:  # gone once loaded
         resolved = resolve(args.model, Path(download))
         cfg = resolved.config
@@ -276,7 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 log(f"skipped unreadable image {f}: {failed[-1]['error']}")
                 continue
             try:  # one image that fails past decoding (its annotated copy too large for JPEG ...) is reported
-                x, mask = preprocess(image, size, max_size)
+                x, mask = preprocess(image, size, max_size, cfg.data.pad_multiple)
                 with torch.no_grad():
                     outputs = model(x.to(device), mask.to(device))
                     res = post(outputs, torch.tensor([[image.size[1], image.size[0]]], device=device))[0]

@@ -25,9 +25,10 @@ def list_images(inputs: Sequence[str], skip_dir: Optional[Path] = None,
     for :data:`IMAGE_SUFFIXES`; macOS ``._*`` metadata files are not images). ``skip_dir`` is the
     output folder: where it lies inside a searched folder, all its files are left out (annotated
     copies of an earlier run, its predictions files); where the searched folder is ``skip_dir`` or
-    lies inside it (``--out .`` over ``photos/``), only what predict writes into ``skip_dir``
-    itself is: the annotated copies (:func:`_is_copy`: a rerun into the input folder read them as
-    new photos) and ``predictions*.json``. An image named more than once (a file and its folder,
+    lies inside it (``--out .`` over ``photos/``), only its ``predictions*.json`` are. Annotated
+    copies (:func:`_is_copy`) are no photos wherever a folder search or a pattern finds them (in
+    ``skip_dir``, or in another run's output folder inside an input: they were read as new photos);
+    a copy named as a file is read. An image named more than once (a file and its folder,
     overlapping folders) is listed once, where it first appears. A folder's other files, and the
     folders that could not be read (:func:`_walk`), are appended to ``skipped``, when given: passed
     over, not silently lost."""
@@ -40,7 +41,11 @@ def list_images(inputs: Sequence[str], skip_dir: Optional[Path] = None,
             matches = sorted(glob.glob(str(Path(item).expanduser()), recursive=True))
             if not matches:
                 raise common.UsageError(f"no file matches the image pattern {item}")
-            expanded.extend(matches)
+            photos = [m for m in matches if not _is_copy(Path(m))]  # "photos/*.jpg" over earlier copies
+            if not photos:
+                raise common.UsageError(f"every file matching the image pattern {item} is an annotated copy "
+                                        f"predict wrote; name one to read it anyway")
+            expanded.extend(photos)
         else:
             expanded.append(item)
     for item in expanded:
@@ -54,11 +59,12 @@ def list_images(inputs: Sequence[str], skip_dir: Optional[Path] = None,
                 where = f.resolve() if skip is not None else None
                 if out_within and where.is_relative_to(skip):
                     continue
-                if where is not None and where.parent == skip and (
-                        _is_copy(f) if f.suffix.lower() in IMAGE_SUFFIXES else _is_predictions_file(f)):
-                    continue  # what predict writes into --out: copies (also in an input that is --out), predictions
                 # "._x.jpg": macOS metadata beside x.jpg on a copied volume, not an image
                 image = f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("._")
+                if image and _is_copy(f):
+                    continue  # an annotated copy, in --out or in an earlier run's output folder (was read as a photo)
+                if where is not None and where.parent == skip and _is_predictions_file(f):
+                    continue  # what predict writes into --out besides its copies
                 (files if image else others).append(f)
         else:
             files.append(p)

@@ -66,6 +66,15 @@ def normalize_keys(state_dict) -> Dict[str, Tensor]:
     return sd
 
 
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Whether two copies of one shared (aliased) tensor hold the same values, NaN equal to NaN:
+    the copies of a diverged model's shared heads are NaN alike (``torch.equal`` called them
+    different, so the model was refused as "does not fit" instead of scored as diverged)."""
+    if torch.equal(a, b):
+        return True
+    return a.dtype == b.dtype and a.is_floating_point() and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
 def load_official_state_dict(model: nn.Module, state_dict: Dict[str, Tensor],
                              strict: bool = True) -> Tuple[List[str], List[str]]:
     """Load an official DINO ``model`` state dict (or one of this project's) into ``model``.
@@ -99,7 +108,7 @@ def load_official_state_dict(model: nn.Module, state_dict: Dict[str, Tensor],
             if not isinstance(value, Tensor):
                 shapes.append(f"{present[0]}: not a tensor ({type(value).__name__})")
                 continue
-            if any(not isinstance(sd[k], Tensor) or sd[k].shape != value.shape or not torch.equal(sd[k], value)
+            if any(not isinstance(sd[k], Tensor) or sd[k].shape != value.shape or not _same_values(sd[k], value)
                    for k in present[1:]):
                 differing.append(f"{present[0]} vs {[k for k in present[1:]]}")
                 continue

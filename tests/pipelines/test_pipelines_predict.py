@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipelines.predict import list_images, main, output_path
+from pipelines.predict import list_images, main, name_key, output_path
 
 
 def _tiny_checkpoint(folder):
@@ -29,7 +29,7 @@ def _tiny_checkpoint(folder):
 def test_output_names_skip_inputs_and_earlier_copies(tmp_path):
     out = tmp_path / "photos"
     inputs = [out / "a.jpg", out / "sub" / "a.jpg", out / "a-2.jpg"]
-    taken = {p.resolve() for p in inputs}
+    taken = {name_key(p) for p in inputs}
     names = [output_path(out, p, i, taken) for i, p in enumerate(inputs, 1)]
     assert len(set(names)) == 3 and not {n.resolve() for n in names} & {p.resolve() for p in inputs}
     assert names == [out / "a-1.jpg", out / "a-2-1.jpg", out / "a-2-3.jpg"]

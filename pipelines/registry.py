@@ -147,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if _get_model(client, args.name) is None:
             raise _not_found(client, args.name)
         text = args.version.strip()
-        if not text.isdigit() or int(text) < 1:
+        if not (text.isascii() and text.isdigit()) or int(text) < 1:  # "²" is a digit int() refuses
             raise common.UsageError(f"version {args.version!r}: give a version number (1, 2, ...; "
                                     f"'registry show {args.name}' lists them)")
         version = str(int(text))  # ' 2', '02' -> '2': the form MLflow stores and prints

@@ -153,7 +153,7 @@ def test_cli_registry_list_show_promote(tmp_path, monkeypatch, capsys):
     assert cli.main(base + ["promote", "dino-tiny-coco", " 01", "--alias", "spaced"]) == 0
     assert "dino-tiny-coco@spaced -> version 1\n" in capsys.readouterr().out  # was 'version  01'
     assert str(client.get_model_version_by_alias("dino-tiny-coco", "spaced").version) == "1"
-    for bad in ("v2", "0", "-1", "1.5", ""):
+    for bad in ("v2", "0", "-1", "1.5", "", "²"):  # "²": a digit to str.isdigit, which int() refuses (exit 1)
         assert cli.main(base + ["promote", "dino-tiny-coco", bad, "--alias", "bad"]) == 2
         assert "give a version number" in capsys.readouterr().err, bad
     for alias in ("latest", "v3", "bad alias"):  # refused by MLflow: the version is left untouched

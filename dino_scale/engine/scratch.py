@@ -69,7 +69,7 @@ def _owner_pid(path: Path, kind: str, host: str) -> Optional[int]:
         if not owner.startswith(f"{host}-"):
             return None
         tag = owner[len(host) + 1:]
-    return int(tag) if tag.isdigit() else None
+    return int(tag) if tag.isascii() and tag.isdigit() else None
 
 
 def sweep_dead(kind: str, tmp_dir: Optional[Path] = None) -> list[Path]:

@@ -25,8 +25,8 @@ def arch_targets(arch_list: str) -> set[tuple[int, int]]:
     out = set()
     for entry in arch_list.replace(";", " ").split():
         major, _, minor = entry.split("+")[0].partition(".")
-        digits = "".join(ch for ch in minor if ch.isdigit())
-        if major.isdigit() and digits:
+        digits = "".join(ch for ch in minor if ch in "0123456789")
+        if major.isascii() and major.isdigit() and digits:
             out.add((int(major), int(digits)))
     return out
 
@@ -39,8 +39,8 @@ def arch_list_runs_on(arch_list: str, cap: tuple[int, int]) -> bool:
     for entry in arch_list.replace(";", " ").split():
         base, _, extra = entry.partition("+")
         major, _, minor = base.partition(".")
-        digits = "".join(ch for ch in minor if ch.isdigit())
-        if not (major.isdigit() and digits):
+        digits = "".join(ch for ch in minor if ch in "0123456789")
+        if not (major.isascii() and major.isdigit() and digits):
             return True
         target, specific = (int(major), int(digits)), minor[len(digits):].lower() == "a"
         if extra.upper() == "PTX" and target <= cap:

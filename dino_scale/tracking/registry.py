@@ -116,7 +116,7 @@ def model_version_for_uri(client, uri: str):
     if version is None:
         raise _refuse(f"bad model URI {uri}: no version; use models:/{name}@<alias>, "
                       f"models:/{name}/<version> or models:/{name}/latest")
-    if version.isdigit():
+    if version.isascii() and version.isdigit():  # "²": a digit to str, no number to MLflow
         return client.get_model_version(name, version)
     if version.lower() == "latest":
         return _latest_version(client, name)

@@ -63,6 +63,9 @@ def test_folders_named_by_others_are_swept_by_their_owner_file(tmp_path):
     foreign = tmp_path / "dino_universal_dddd"
     foreign.mkdir()
     (foreign / OWNER_FILE).write_text(f"0000zzzz-{_dead_pid()}")
-    assert sweep_dead("universal", tmp_path) == [dead]
-    assert live.is_dir() and unmarked.is_dir() and foreign.is_dir()
+    odd = tmp_path / "dino_universal_eeee"  # an owner file whose pid is a digit to str.isdigit, not to int()
+    odd.mkdir()
+    (odd / OWNER_FILE).write_text(owner_tag().rsplit("-", 1)[0] + "-²")
+    assert sweep_dead("universal", tmp_path) == [dead]  # was ValueError from int("²")
+    assert live.is_dir() and unmarked.is_dir() and foreign.is_dir() and odd.is_dir()
     assert sweep_dead("universal", tmp_path / "missing") == []  # no such folder: nothing, no error

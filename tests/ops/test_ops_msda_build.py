@@ -345,6 +345,8 @@ def test_loader_refuses_a_build_without_code_for_the_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
     assert fresh_load() == _build.library_path(_build.build_dir_for("8.0"))
     assert not _build.arch_list_runs_on("9.0a", (9, 1)) and _build.arch_list_runs_on("Hopper", (9, 0))
+    # digits str.isdigit takes and int() refuses (ValueError) are no version: the entry is not parsed
+    assert _build.arch_list_runs_on("9.²", (9, 0)) and _build.arch_list_runs_on("².0", (9, 0))
 
 
 def test_explicit_build_dir_rebuilds_for_other_arch_or_sources(tmp_path, monkeypatch, capsys):

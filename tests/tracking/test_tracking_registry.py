@@ -122,6 +122,7 @@ def test_registry_uri_latest_and_stages(logged_model, tmp_path):
         "models:/dino-tiny-coco/Production": ["stages", "use an alias", "models:/dino-tiny-coco@<alias>"],
         "models:/dino-tiny-coco/Staging": ["stages", "use an alias"],
         "models:/dino-tiny-coco/v2": ["'v2' is not a version number", "models:/dino-tiny-coco/latest"],
+        "models:/dino-tiny-coco/²": ["'²' is not a version number"],  # str.isdigit's digit, no number
         "models:/dino-tiny-coco": ["bad model URI models:/dino-tiny-coco: no version"],
         "models:/no-such-model/latest": ["no-such-model"],
     }

@@ -113,18 +113,23 @@ def register(result, name: str, alias: Optional[str], categories: list[dict],
 
 
 @contextlib.contextmanager
-def alias_note(name: str, version: str, alias: str, uri: str, flags: str = ""):
+def alias_note(name: str, version: str, alias: str, uri: str, flags: str = "", synthetic: bool = False):
     """Around moving ``name@alias`` to the just registered ``version``: when that fails (a store
     error, a locked sqlite database), a note says the version is registered and the command that
     moves the alias, before the error goes on. The job ended without naming the version, and the
-    ``--run-name`` rerun the register note advises registered a duplicate."""
+    ``--run-name`` rerun the register note advises registered a duplicate. ``synthetic``: the
+    version was trained on a generated set, and the command moves the alias whatever its holder
+    was trained on (:func:`move_alias` keeps one trained on real data): the note says so."""
     try:
         yield
     except Exception as exc:
+        caution = (f"; this version was trained on a synthetic set and promote moves @{alias} from any holder: "
+                   f"look first (dino-scale registry show {name}), and leave it on a model trained on real data"
+                   if synthetic else "")
         print(f"note: {name} version {version} is registered, but moving @{alias} to it failed "
               f"({type(exc).__name__}); once {uri} answers, run: dino-scale registry promote {name} {version} "
               f"--alias {alias}{' ' + flags if flags else ''} (with this job's MLFLOW_TRACKING_URI or "
-              f"--work-dir); do not run the training again", file=sys.stderr, flush=True)
+              f"--work-dir); do not run the training again{caution}", file=sys.stderr, flush=True)
         raise
 
 

@@ -113,7 +113,7 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> dict:
     version = results.register(result, name, alias=None, categories=categories,
                                stage="python -m pipelines.pretrain_o365",
                                tags={"stage": "pretrain", "preset": cfg.name, SYNTHETIC_TAG: str(synthetic).lower()})
-    with results.alias_note(name, version, args.alias, result.tracking_uri):
+    with results.alias_note(name, version, args.alias, result.tracking_uri, synthetic=synthetic):
         kept = results.move_alias(result, name, args.alias, version, synthetic)
     ap = results.result_ap(result)
     print()

@@ -242,6 +242,14 @@ def test_pipelines_champion_promotion_that_failed_is_applied_later(client, _stor
             raise RuntimeError("database is locked")
     assert (f"note: dino-tiny-coco version {v3} is registered, but moving @champion to it failed (RuntimeError)"
             in capsys.readouterr().err)
+    # a pretraining on generated data: the advised plain promote would move @pretrained off a model trained on
+    # real data, which the pipeline's own move (move_alias) never does; the note says to look first
+    with pytest.raises(RuntimeError):
+        with _results.alias_note("dino-tiny-o365", "4", "pretrained", _store, synthetic=True):
+            raise RuntimeError("database is locked")
+    note = capsys.readouterr().err
+    assert "registry promote dino-tiny-o365 4 --alias pretrained" in note
+    assert "trained on a synthetic set" in note and "registry show dino-tiny-o365" in note
     assert _champion(client) == v1
     monkeypatch.setattr(registry, "store_client", lambda uri=None: client)
     argv = ["--work-dir", str(tmp_path), "promote", "dino-tiny-coco"]

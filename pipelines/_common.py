@@ -235,6 +235,11 @@ def validate_config_args(args: argparse.Namespace, extra: Sequence[str] = ()) ->
     if known:
         cfg = apply_flags(cfg, args)
         check_training_config(cfg)
+        asks_gpu_only = cfg.model.msda_backend == "cuda" or cfg.train.precision == "fp16"
+        if asks_gpu_only and (gpu_choice_given(args) or not os.environ.get("RAY_ADDRESS")):  # else: the cluster's
+            if not gpu_choice_given(args) and _gpus_available():  # GPUs decide, once joined
+                cfg.train.use_gpu = True  # as build_config will set it
+            check_worker_device(cfg)
         n = getattr(args, "synthetic_images", None)
         if n is not None and args.data is None and n < cfg.train.global_batch_size:
             # the engine refuses a training set smaller than one step, after the set is made
@@ -259,8 +264,22 @@ def join_cluster_for_the_preset(args: argparse.Namespace, log: Callable[[str], N
         return False
     log(f"Ray: {connect_ray()}")
     if hasattr(args, "zero_stage"):
-        check_training_config(build_config(copy.copy(args), extra))  # a copy: build_config sets its preset
+        cfg = build_config(copy.copy(args), extra)  # a copy: build_config sets its preset
+        check_training_config(cfg)
+        check_worker_device(cfg)
     return True
+
+
+def check_worker_device(cfg: Config) -> None:
+    """The engine's refusal of what CPU workers cannot run (``model.msda_backend=cuda``, fp16 on a CPU
+    without it: :func:`dino_scale.engine.run_checks.check_worker_device`) on ``cfg`` as the run will
+    have it (``train.use_gpu`` decided), before any data work. Was: in ``fit`` only, after the
+    dataset's conversion and Ray's start. torch is imported only when one of them is asked for."""
+    if cfg.train.use_gpu or (cfg.model.msda_backend != "cuda" and cfg.train.precision != "fp16"):
+        return
+    from dino_scale.engine.run_checks import check_worker_device as engine_check
+
+    engine_check(cfg, None)  # a cluster joined by RAY_ADDRESS: the fp16 check warns there
 
 
 def check_path(path: Optional[str], what: str) -> Optional[Path]:

@@ -27,7 +27,7 @@ from dino_scale.engine.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write
 from dino_scale.data.readers import reading_datasets
 from dino_scale.engine.run_checks import (
     _check_backbone_weights, _check_data, _check_init_fits, _conversion_losses, _num_images, check_category_ids,
-    check_worker_precision, resume_note,
+    check_worker_device, resume_note,
 )
 from dino_scale.engine.run_lock import run_lock
 from dino_scale.engine.train_step import BadStepError
@@ -176,12 +176,9 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     work.mkdir(parents=True, exist_ok=True)
     storage = normalize_storage_path(storage_path or cfg.train.storage_path, work / "ray")
     _check_data(train_dir if train else None, val_dir if evaluate else None, cfg)
-    if cfg.model.msda_backend == "cuda" and not cfg.train.use_gpu:  # was: every worker's first forward failed
-        raise ConfigError("model.msda_backend=cuda needs GPU workers (train.use_gpu=true, --gpus 1); CPU "
-                          "workers run the pytorch backend (model.msda_backend=none picks it)")
+    check_worker_device(cfg, ray_address, training=train)
     if train:
         check_training_config(cfg)
-        check_worker_precision(cfg, ray_address)
     else:
         worker_count(cfg, training=False)  # no batch-size arithmetic: evaluation accumulates nothing
     spe = steps_per_epoch(_num_images(train_dir), cfg) if train else 1

@@ -167,13 +167,24 @@ def _cpu_runs_fp16() -> bool:
         return False
 
 
-def check_worker_precision(cfg: Config, ray_address: Optional[str]) -> None:
-    """``train.precision=fp16`` on CPU workers (``train.use_gpu`` false) on a CPU without oneDNN
-    fp16 (:func:`_cpu_runs_fp16`): every worker's ``deepspeed.initialize`` raised "Type fp16 is not
-    supported on your device", retried ``train.max_failures`` times, after Ray and the MLflow run
-    had started. :class:`ConfigError` when the workers run on this machine; on a cluster joined by
-    address (as :func:`_check_backbone_weights` decides) its nodes' CPUs may differ: a warning."""
-    if cfg.train.precision != "fp16" or cfg.train.use_gpu or _cpu_runs_fp16():
+def check_worker_device(cfg: Config, ray_address: Optional[str], training: bool = True) -> None:
+    """What CPU workers (``train.use_gpu`` false: ``cfg`` as the run will have it) cannot run, refused
+    before Ray starts (``fit``, ``evaluate_weights``; the training pipelines call it before any data
+    work):
+
+    - ``model.msda_backend=cuda``: every worker's first forward failed ("needs CUDA tensors").
+    - (``training``) ``train.precision=fp16`` on a CPU without oneDNN fp16 (:func:`_cpu_runs_fp16`):
+      every worker's ``deepspeed.initialize`` raised "Type fp16 is not supported on your device".
+
+    Both were retried ``train.max_failures`` times, after Ray and the MLflow run had started. The
+    fp16 one is a :class:`ConfigError` when the workers run on this machine; on a cluster joined
+    by address (as :func:`_check_backbone_weights` decides) its nodes' CPUs may differ: a warning."""
+    if cfg.train.use_gpu:
+        return
+    if cfg.model.msda_backend == "cuda":
+        raise ConfigError("model.msda_backend=cuda needs GPU workers (train.use_gpu=true, --gpus 1); CPU "
+                          "workers run the pytorch backend (model.msda_backend=none picks it)")
+    if not training or cfg.train.precision != "fp16" or _cpu_runs_fp16():
         return
     if (ray_address or os.environ.get("RAY_ADDRESS") or "local") != "local":
         log.warning("train.precision=fp16 with CPU workers: this machine's CPU has no fp16 support (oneDNN), so "

@@ -512,3 +512,45 @@ def test_pipelines_common_finetune_checks_its_scale_and_tta_flags_before_any_wor
     with pytest.raises(ConfigError, match="eval.tta_scales must name at least one size"):
         finetune_coco.check_args(["--init", "scratch", "--tta", "--set", "eval.tta_scales=[]"])
     finetune_coco.check_args(["--init", "scratch", "--scale", "1.5", "--tta"])  # fine ones pass
+
+
+@pytest.mark.parametrize("stage", ["pretrain_o365", "finetune_coco"])
+def test_pipelines_common_what_cpu_workers_cannot_run_is_refused_before_any_data(stage, tmp_path, monkeypatch,
+                                                                                  capsys, caplog, mlflow_store_restored):
+    """``--set model.msda_backend=cuda`` or ``--set train.precision=fp16`` (on a CPU without fp16) with
+    CPU workers was refused inside ``fit`` only: after the dataset was converted (hours for
+    Objects365) and Ray had started. Refused now with the other settings, before any data work;
+    a job joining a cluster without ``--preset``, once joined; GPU workers run both."""
+    import importlib
+
+    from dino_scale.engine import run_checks
+    from pipelines._common import run_main
+
+    pipeline = importlib.import_module(f"pipelines.{stage}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(run_checks, "_cpu_runs_fp16", lambda: False)
+    monkeypatch.setattr(common, "_gpus_available", lambda: False)
+    started = []
+    monkeypatch.setattr(common, "connect_ray", lambda *a, **k: started.append(1) or "joined")
+    work = tmp_path / "work"
+    init = ["--init", "scratch"] if stage == "finetune_coco" else []
+    for setting, needle in (("model.msda_backend=cuda", "model.msda_backend=cuda needs GPU workers"),
+                            ("train.precision=fp16", "train.precision=fp16 with CPU workers")):
+        assert run_main(pipeline.main, ["--work-dir", str(work), "--preset", "tiny", "--set", setting, *init]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and not started, err
+        assert not (work / "data").exists() and not list(work.glob("**/*.parquet"))  # no data generated
+        pipeline.check_args(["--preset", "tiny", "--set", "train.use_gpu=true", "--set", setting, *init])  # fine
+        monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # no --preset: checked once joined, still before data
+        if setting.startswith("model."):
+            assert run_main(pipeline.main, ["--work-dir", str(work), "--set", setting, *init]) == 2
+            err = capsys.readouterr().err
+            assert needle in err and started == [1] and not (work / "data").exists(), err
+        else:  # fp16 on a joined cluster: a warning, its nodes' CPUs may differ (the run goes on)
+            args = pipeline.check_args(["--set", setting, *init])
+            with caplog.at_level("WARNING"):
+                assert common.join_cluster_for_the_preset(args, print) and started == [1]
+            assert "this machine's CPU has no fp16 support" in caplog.text
+        monkeypatch.delenv("RAY_ADDRESS")
+        started.clear()

@@ -429,6 +429,11 @@ def test_cli_check_data_of_a_folder_holding_train_and_val_checks_both(tmp_path, 
                      "--no-image-files"]) == 0
     out = capsys.readouterr().out
     assert out.count("records in 1 shards match") == 2 and "holds datasets" not in out, out
+    # a split whose manifest is gone (an incomplete copy, a conversion cut short) was passed over, exit 0
+    (tmp_path / "coco" / "val" / "manifest.json").unlink()
+    assert cli.main(["check-data", str(tmp_path / "coco"), "--no-image-files"]) == 2
+    err = capsys.readouterr().err
+    assert f"no manifest.json in {tmp_path / 'coco' / 'val'}, which holds shards: an incomplete copy" in err, err
     (tmp_path / "empty").mkdir()  # neither a dataset nor a folder of datasets: the manifest error, as before
     assert cli.main(["check-data", str(tmp_path / "empty")]) == 2
     assert "no manifest.json" in capsys.readouterr().err

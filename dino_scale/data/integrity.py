@@ -202,7 +202,7 @@ def describe(report: dict[str, Any]) -> str:
                 if report["unchecked"] else "")
         return f"{folder}: {report['images']} records in {report['shards']} shards match their checksums{tail}"
     lines = [f"{folder}: {len(report['damaged'])} damaged record(s), {len(report['unreadable'])} unreadable "
-             f"shard(s) of {report['shards']} (copy the folder again, or convert the data again)"]
+             f"shard(s) of {report['shards']} (copy the folder again, or remove it and convert the data again)"]
     lines += [f"  {d['file']} row {d['row']} (image id {d['image_id']}): {damage_detail(d['what'])}"
               for d in report["damaged"][:20]]
     if len(report["damaged"]) > 20:

@@ -7,6 +7,8 @@ byte at a time to a fresh parser.
 """
 from __future__ import annotations
 
+import mmap
+import re
 from pathlib import Path
 from typing import Any, Iterator, Union
 
@@ -30,6 +32,9 @@ class MalformedJSONError(ValueError):
         elif "invalid bytes in utf8" in detail.lower():
             hint = (" (JSON is UTF-8 and this file is not: re-save it as UTF-8, e.g. "
                     "`iconv -f latin1 -t utf-8 in.json > out.json` for a Latin-1 file)")
+        elif "lone surrogate" in detail:
+            hint = (" (no Unicode character: Python's json.dump writes a file name that is not UTF-8, as listed "
+                    "by os.listdir, this way; rename that file to UTF-8 and write the JSON again)")
         elif "invalid char" in detail:
             hint = " (NaN/Infinity literals and a UTF-8 byte-order mark are not JSON: write null; save without BOM)"
         elif "integer overflow" in detail:
@@ -158,3 +163,27 @@ def stream_items(path: Union[str, Path], prefix: str) -> Iterator[Any]:
             if pos < 0:  # should not happen; fall back to the parser's own words
                 raise MalformedJSONError(path, -1, 0, 0, str(e)) from None
             raise MalformedJSONError(path, pos, line, col, msg) from None
+        except UnicodeDecodeError as e:  # ijson's C parser: a \\uD800-\\uDFFF escape that pairs with none
+            pos, line, col = _lone_surrogate(path)  # was a bare UnicodeDecodeError naming no file
+            raise MalformedJSONError(path, pos, line, col, f"a \\u escape of a lone surrogate ({e.reason})") from None
+
+
+_SURROGATE = re.compile(rb"\\[uU]([dD][89abAB][0-9a-fA-F]{2})(\\[uU][dD][c-fC-F][0-9a-fA-F]{2})?|"
+                        rb"\\[uU][dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate(path: Union[str, Path]) -> tuple[int, int, int]:
+    """(byte offset, line, column) of the first ``\\uD800``-``\\uDFFF`` escape in ``path`` that is
+    not half of a pair (a high one followed by a low one), or (-1, 0, 0). Reads the file mapped."""
+    with open(path, "rb") as fh:
+        try:
+            data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # an empty file
+            return -1, 0, 0
+        with data:
+            for m in _SURROGATE.finditer(data):
+                if m.group(1) is None or m.group(2) is None:  # a low one alone, or a high one unpaired
+                    pos = m.start()
+                    line = data[:pos].count(b"\n") + 1
+                    return pos, line, pos - (data.rfind(b"\n", 0, pos) + 1) + 1
+    return -1, 0, 0

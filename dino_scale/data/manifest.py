@@ -95,13 +95,17 @@ def read_manifest(data_dir: PathLike) -> dict[str, Any]:
         if (Path(data_dir) / CONVERT_WORK_NAME).is_dir():  # a conversion cut short
             raise FileNotFoundError(f"no {MANIFEST_NAME} in {data_dir}: its conversion did not finish (rerun the "
                                     f"same prepare-data command to resume it)")
+        if any(Path(data_dir).glob("shard-*.parquet")):  # a conversion writes its manifest last
+            raise FileNotFoundError(f"no {MANIFEST_NAME} in {data_dir}, which holds shards: an incomplete copy of a "
+                                    f"converted dataset (copy the folder again, or convert the data again with "
+                                    f"python -m pipelines.prepare_data)")
         raise FileNotFoundError(f"no {MANIFEST_NAME} in {data_dir}: not a converted dataset "
                                 f"(run python -m pipelines.prepare_data first)")
     try:
         manifest = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise ManifestError(f"{path}: not valid JSON ({e}); convert the data again with "
-                            f"python -m pipelines.prepare_data") from None
+        raise ManifestError(f"{path}: not valid JSON ({e}); copy the folder again, or remove it and convert the "
+                            f"data again with python -m pipelines.prepare_data") from None
     problem = _manifest_problem(manifest)
     if problem:
         raise ManifestError(f"{path}: {problem}")
@@ -126,8 +130,9 @@ class ShardError(ValueError):
     ``detail``: which shards, without the folder and the advice."""
 
     def __init__(self, folder: Path, detail: str):
-        super().__init__(f"{folder}: {detail} (copy the folder again, or convert the data again with "
-                         f"python -m pipelines.prepare_data)")
+        super().__init__(f"{folder}: {detail} (copy the folder again, or remove it and convert the data again "
+                         f"with python -m pipelines.prepare_data: a folder whose manifest is intact reads as "
+                         f"already converted)")
         self.folder, self.detail = folder, detail
 
     def __reduce__(self):  # raised in a Ray task or actor, it is pickled to the caller

@@ -271,6 +271,22 @@ def test_data_json_not_in_utf8_says_so(tmp_path):
     assert text.index("\u00e9") <= ei.value.position <= text.index("\u00e9") + 1  # the parser stops at or after it
 
 
+def test_data_json_with_a_lone_surrogate_escape_is_located(tmp_path):
+    """``"caf\\udce9.jpg"``: how Python's ``json.dump`` writes a file name that is not UTF-8 (from
+    ``os.listdir``), which Python reads back but ijson's parser refuses with a bare
+    ``UnicodeDecodeError``: the conversion stopped with "'utf-8' codec can't decode byte ..." (no
+    file, no place) and left its new output folder (``.lock``, ``.convert-work/``) behind."""
+    doc = {"info": {"description": "x"}, "categories": [{"id": 1, "name": "\U0001F600 a pair is fine"}],
+           "images": [{"id": 1, "file_name": "caf\udce9.jpg", "width": 4, "height": 4}], "annotations": []}
+    ann = tmp_path / "names.json"
+    ann.write_text(json.dumps(doc, indent=1))
+    text = ann.read_text()
+    with pytest.raises(MalformedJSONError, match=r"\(line 14, column 21\): a \\u escape of a lone surrogate") as ei:
+        convert_coco(ann, tmp_path, tmp_path / "out", progress=False)
+    assert ei.value.position == text.index("\\udce9") and "rename that file to UTF-8" in str(ei.value)
+    assert not (tmp_path / "out").exists()  # the folder it made is removed
+
+
 def test_data_truncated_json_reports_end_of_file(tmp_path):
     text = json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "width": 4, "height": 4}] * 3,
                        "categories": [{"id": 1, "name": "a"}]})

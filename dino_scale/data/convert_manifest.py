@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from typing import Any
 
@@ -100,7 +101,9 @@ class _ManifestAssembly:
                        "select": list(self.select), "images_in_file": plan["num_images_in_file"],
                        "boxes_of_other_split": other_split},
             "embed_images": self.embed, "checksums": CHECKSUMS, "shuffle_seed": self.shuffle_seed,
-            "image_root": str(self.images.resolve()) if self.images and not self.embed else None,
+            # absolute, links kept (manifest.py's rule for dataset folders): "/data/imgs" over a link
+            # /data -> /mnt/nfs-a still finds the images once the link points at their new place
+            "image_root": os.path.abspath(self.images) if self.images and not self.embed else None,
             "categories": plan["categories"],
             "num_images": sum(s["num_images"] for s in shards),
             "num_boxes": sum(s["num_boxes"] for s in shards),

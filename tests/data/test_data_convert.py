@@ -126,6 +126,22 @@ def test_data_convert_reference_mode_and_cli(coco_like, tmp_path, capsys):
     assert summary["dataset"] == str(tmp_path / "ref")  # was "out" for every conversion
     assert m["image_root"] == str(root.resolve())
     assert all(r["image"] is None for r in iter_records(tmp_path / "ref"))
+    # images reached through a link (/data -> /mnt/nfs-a): the root is recorded as given, so the images
+    # are found once the link points at their new place (was the link's target: "missing" after the move)
+    import shutil
+
+    from dino_scale.data.preflight import check_image_files
+
+    (tmp_path / "nfs-a").mkdir()
+    shutil.copytree(root, tmp_path / "nfs-a" / "images")
+    (tmp_path / "data").symlink_to(tmp_path / "nfs-a")
+    assert main(["--annotations", str(ann), "--images", str(tmp_path / "data" / "images"), "--out",
+                 str(tmp_path / "linked"), "--quiet"]) == 0
+    assert read_manifest(tmp_path / "linked")["image_root"] == str(tmp_path / "data" / "images")
+    (tmp_path / "nfs-a").rename(tmp_path / "nfs-b")
+    (tmp_path / "data").unlink()
+    (tmp_path / "data").symlink_to(tmp_path / "nfs-b")
+    assert check_image_files(tmp_path / "linked", None)["missing"] == 0
 
 
 def test_data_convert_cli_names_each_split_folder(coco_like, tmp_path, capsys):

@@ -4,7 +4,8 @@
 
 Run it after copying or syncing a dataset to a cluster's storage, before a long run: it reads
 each shard in full (page checksums included) and lists the records whose labels or embedded
-image bytes changed after conversion, and the shards whose structure cannot be read. Training
+image bytes changed after conversion, or that hold a category id the manifest does not list,
+and the shards whose structure cannot be read. Training
 would skip such records (counted, reason ``damaged``) and an evaluation refuses them; this
 finds them up front. A dataset converted without ``--embed-images`` names image files: each
 is looked up too (``--no-image-files``: not), under the root recorded at conversion or

@@ -109,13 +109,19 @@ def record_damage(record: dict[str, Any]) -> Optional[str]:
 
 
 def damage_detail(what: str) -> str:
-    """The words for a :func:`record_damage` result."""
+    """The words for a :func:`record_damage` result (or :func:`_scan`'s ``"category"``)."""
+    if what == "category":
+        return ("a category id the manifest does not list (the manifest or the shard was changed after "
+                "conversion; training skips the image)")
     return (f"{'its labels do' if what == 'labels' else 'its image bytes do'} not match the checksum written "
             f"at conversion (the shard was changed after conversion)")
 
 
-def _scan(path: Path, verify_pages: bool, batch_rows: int) -> tuple[int, list[dict[str, Any]], bool]:
-    """(rows, damaged records, whether the shard has checksum columns) of one shard."""
+def _scan(path: Path, verify_pages: bool, batch_rows: int, known: frozenset = frozenset()
+          ) -> tuple[int, list[dict[str, Any]], bool]:
+    """(rows, damaged records, whether the shard has checksum columns) of one shard. A record whose
+    checksums match but that holds a category id not in ``known`` (the manifest's; empty: not
+    checked) is listed with ``what`` ``"category"``: training skips it (``unknown_category``)."""
     import pyarrow.parquet as pq
 
     from .records import SCHEMA, arrow_rows, check_schema, record_from_row
@@ -127,6 +133,8 @@ def _scan(path: Path, verify_pages: bool, batch_rows: int) -> tuple[int, list[di
     for batch in pf.iter_batches(batch_size=batch_rows, columns=[n for n in SCHEMA.names if n in present]):
         for rec in map(record_from_row, arrow_rows(batch)):
             what = record_damage(rec)
+            if not what and known and not {int(c) for c in rec["category_ids"] or ()} <= known:
+                what = "category"
             if what:
                 damaged.append({"file": path.name, "row": rows, "image_id": rec["image_id"], "what": what})
             rows += 1
@@ -136,16 +144,16 @@ def _scan(path: Path, verify_pages: bool, batch_rows: int) -> tuple[int, list[di
 _READ_ERRORS = (OSError, pa.ArrowException, UnicodeDecodeError)  # a page checksum, footer or encoding
 
 
-def _check_shard(path: Path, batch_rows: int) -> dict[str, Any]:
-    """One shard's part of a :func:`check_dataset` report."""
+def _check_shard(path: Path, batch_rows: int, known: frozenset = frozenset()) -> dict[str, Any]:
+    """One shard's part of a :func:`check_dataset` report (``known``: the manifest's category ids)."""
     from .manifest import ShardError
 
     out: dict[str, Any] = {"rows": 0, "damaged": [], "unreadable": None, "checked": True}
     try:
         try:
-            out["rows"], out["damaged"], out["checked"] = _scan(path, True, batch_rows)
+            out["rows"], out["damaged"], out["checked"] = _scan(path, True, batch_rows, known)
         except _READ_ERRORS as page_error:  # read again without page checksums, to name the records
-            out["rows"], out["damaged"], out["checked"] = _scan(path, False, batch_rows)
+            out["rows"], out["damaged"], out["checked"] = _scan(path, False, batch_rows, known)
             if not out["damaged"]:  # records intact: the change is in what the record checksums do not cover
                 out["unreadable"] = {"file": path.name, "error": f"{type(page_error).__name__}: {page_error} "
                                                                  f"(every record matches its checksums)"}
@@ -161,7 +169,9 @@ def check_dataset(folder, on_shard: Optional[Callable[[str, int, int], None]] = 
     """Read every record of the dataset ``folder`` and compare it with its checksums.
 
     Parquet's page checksums are verified too (shards written with them); a shard that fails
-    them is read again without, to name its damaged records. Returns ``{"folder", "shards",
+    them is read again without, to name its damaged records; a record is also damaged when it holds a
+    category id the manifest does not list (``what`` ``"category"``: training skips it; was passed,
+    exit 0, after one changed id in ``manifest.json``). Returns ``{"folder", "shards",
     "images", "damaged": [{"file", "row", "image_id", "what"}], "unreadable": [{"file",
     "error"}], "unchecked": [files without checksum columns]}``, in shard order
     (``unreadable``: a shard whose structure cannot be read, or whose pages fail their
@@ -174,11 +184,14 @@ def check_dataset(folder, on_shard: Optional[Callable[[str, int, int], None]] = 
     from .manifest import _agreeing_manifests, shard_paths
 
     paths = shard_paths(folder)
+    manifests = _agreeing_manifests(folder)
     listed = {d / str(s.get("file")): s.get("num_images")  # each folder's shards (a comma list: several)
-              for d, manifest in _agreeing_manifests(folder) for s in manifest.get("shards", [])}
+              for d, manifest in manifests for s in manifest.get("shards", [])}
+    # the categories training reads records against (agreeing: one list); a record with another id is skipped
+    known = frozenset(int(c["id"]) for c in manifests[0][1].get("categories", [])) if manifests else frozenset()
     parts: list[Optional[dict[str, Any]]] = [None] * len(paths)
     with ThreadPoolExecutor(max(1, min(int(workers), len(paths) or 1))) as pool:
-        pending = {pool.submit(_check_shard, p, batch_rows): i for i, p in enumerate(paths)}
+        pending = {pool.submit(_check_shard, p, batch_rows, known): i for i, p in enumerate(paths)}
         for done, future in enumerate(as_completed(pending), 1):
             part = parts[pending[future]] = future.result()
             expected = listed.get(paths[pending[future]])

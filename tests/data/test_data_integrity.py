@@ -178,6 +178,24 @@ def test_data_a_manifest_that_miscounts_a_shard_fails_the_check(tmp_path):
     assert "1 unreadable shard(s) of 2" in describe(report)
 
 
+def test_data_a_category_the_manifest_does_not_list_fails_the_check(tmp_path):
+    """One changed id in ``manifest.json`` (category 1 -> 5): check-data said every record matched
+    (exit 0) while training skipped every image (``unknown_category``): the manifest carries no
+    checksum. Records holding an id the manifest does not list are named; exit 1."""
+    from pipelines.check_data import main as check_data
+
+    out, _ = _convert(tmp_path, per_shard=2)
+    assert check_dataset(out)["damaged"] == [] and check_data([str(out), "--no-image-files"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["categories"] = [{"id": 5, "name": "a"}]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    report = check_dataset(out)
+    assert [(d["file"], d["row"], d["what"]) for d in report["damaged"]] == [
+        (f"shard-0000{i}.parquet", row, "category") for i in (0, 1) for row in (0, 1)]
+    assert "a category id the manifest does not list" in describe(report)
+    assert check_data([str(out), "--no-image-files"]) == 1
+
+
 def test_data_shards_without_checksums_are_read_unchecked(tmp_path):
     """A folder converted by a release without checksums is still read (nothing to compare);
     ``check_dataset`` says which shards it could not check, and converting again adds them."""

@@ -515,8 +515,8 @@ def test_pipelines_common_finetune_checks_its_scale_and_tta_flags_before_any_wor
 
 
 @pytest.mark.parametrize("stage", ["pretrain_o365", "finetune_coco"])
-def test_pipelines_common_what_cpu_workers_cannot_run_is_refused_before_any_data(stage, tmp_path, monkeypatch,
-                                                                                  capsys, caplog, mlflow_store_restored):
+def test_pipelines_common_what_cpu_workers_cannot_run_is_refused_before_any_data(
+        stage, tmp_path, monkeypatch, capsys, caplog, mlflow_store_restored):
     """``--set model.msda_backend=cuda`` or ``--set train.precision=fp16`` (on a CPU without fp16) with
     CPU workers was refused inside ``fit`` only: after the dataset was converted (hours for
     Objects365) and Ray had started. Refused now with the other settings, before any data work;

@@ -126,8 +126,8 @@ def test_predict_pads_like_evaluation_for_a_model_with_pad_multiple():
     resized, _ = preprocess(image, 64, 100)
     assert tuple(resized.shape) == (1, 3, 64, 82)
     # the evaluation's batching of an image of that resized size: the same padding mask
-    sample = {"image": torch.zeros(3, 64, 82, dtype=torch.uint8), "labels": [], "boxes": np.zeros((0, 4), np.float32), "image_id": 1,
-              "orig_size": [70, 90]}
+    sample = {"image": torch.zeros(3, 64, 82, dtype=torch.uint8), "labels": [], "boxes": np.zeros((0, 4), np.float32),
+              "image_id": 1, "orig_size": [70, 90]}
     _, masks, _ = collate([sample], pad_multiple=32, normalize=True)
     assert torch.equal(masks, mask)
     torch.testing.assert_close(x[..., 82:], torch.zeros_like(x[..., 82:]))  # padding zeroed after normalizing

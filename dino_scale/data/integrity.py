@@ -133,7 +133,8 @@ def _scan(path: Path, verify_pages: bool, batch_rows: int, known: frozenset = fr
     for batch in pf.iter_batches(batch_size=batch_rows, columns=[n for n in SCHEMA.names if n in present]):
         for rec in map(record_from_row, arrow_rows(batch)):
             what = record_damage(rec)
-            if not what and known and not {int(c) for c in rec["category_ids"] or ()} <= known:
+            ids = rec["category_ids"]  # an array (None in a damaged record)
+            if not what and known and ids is not None and not {int(c) for c in ids} <= known:
                 what = "category"
             if what:
                 damaged.append({"file": path.name, "row": rows, "image_id": rec["image_id"], "what": what})

@@ -194,6 +194,24 @@ def test_data_a_category_the_manifest_does_not_list_fails_the_check(tmp_path):
         (f"shard-0000{i}.parquet", row, "category") for i in (0, 1) for row in (0, 1)]
     assert "a category id the manifest does not list" in describe(report)
     assert check_data([str(out), "--no-image-files"]) == 1
+    # images with several boxes (an id array of many: the check raised "truth value of an array is
+    # ambiguous" on them); one category dropped from the manifest names exactly its images
+    from dino_scale.data.records import iter_records
+    from dino_scale.data.synthetic import generate
+
+    root, ann = generate(tmp_path / "raw", "coco-like", 12, 3, image_size=((48, 48), (64, 64)), max_objects=4,
+                         empty_fraction=0.0)
+    many = tmp_path / "many"
+    convert_coco(ann, root, many, embed_images=True, progress=False)
+    assert check_dataset(many)["damaged"] == [] and check_data([str(many), "--no-image-files"]) == 0
+    manifest = json.loads((many / "manifest.json").read_text())
+    records = list(iter_records(many))
+    assert max(len(r["category_ids"]) for r in records) > 1
+    dropped = int(records[0]["category_ids"][0])
+    manifest["categories"] = [c for c in manifest["categories"] if c["id"] != dropped]
+    (many / "manifest.json").write_text(json.dumps(manifest))
+    named = {d["image_id"] for d in check_dataset(many)["damaged"] if d["what"] == "category"}
+    assert named == {r["image_id"] for r in records if dropped in set(map(int, r["category_ids"]))}
 
 
 def test_data_shards_without_checksums_are_read_unchecked(tmp_path):

@@ -165,9 +165,13 @@ def build_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
     the CPU demo model on 8 GPUs, and ``--gpus 0`` on a GPU node ResNet-50 on the CPU)."""
     name = resolve_preset_name(args.preset, gpus_asked(args))
     args.preset = name
-    cfg = apply_flags(preset(name, list(extra) + list(args.overrides or [])), args)
+    return _gpus_by_default(apply_flags(preset(name, list(extra) + list(args.overrides or [])), args), args)
+
+
+def _gpus_by_default(cfg: Config, args: argparse.Namespace) -> Config:
+    """``cfg`` with ``train.use_gpu`` set when GPUs are there and the user did not say otherwise."""
     if not gpu_choice_given(args) and _gpus_available():
-        cfg.train.use_gpu = True  # GPUs are there and the user did not say otherwise
+        cfg.train.use_gpu = True
     return cfg
 
 
@@ -237,9 +241,7 @@ def validate_config_args(args: argparse.Namespace, extra: Sequence[str] = ()) ->
         check_training_config(cfg)
         asks_gpu_only = cfg.model.msda_backend == "cuda" or cfg.train.precision == "fp16"
         if asks_gpu_only and (gpu_choice_given(args) or not os.environ.get("RAY_ADDRESS")):  # else: the cluster's
-            if not gpu_choice_given(args) and _gpus_available():  # GPUs decide, once joined
-                cfg.train.use_gpu = True  # as build_config will set it
-            check_worker_device(cfg)
+            check_worker_device(_gpus_by_default(cfg, args))  # GPUs decide, once joined
         n = getattr(args, "synthetic_images", None)
         if n is not None and args.data is None and n < cfg.train.global_batch_size:
             # the engine refuses a training set smaller than one step, after the set is made

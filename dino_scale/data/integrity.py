@@ -122,15 +122,14 @@ def _scan(path: Path, verify_pages: bool, batch_rows: int, known: frozenset = fr
     """(rows, damaged records, whether the shard has checksum columns) of one shard. A record whose
     checksums match but that holds a category id not in ``known`` (the manifest's; empty: not
     checked) is listed with ``what`` ``"category"``: training skips it (``unknown_category``)."""
-    import pyarrow.parquet as pq
-
     from .records import SCHEMA, arrow_rows, check_schema, record_from_row
+    from .shard_read import open_shard, shard_batches
 
-    pf = pq.ParquetFile(path, page_checksum_verification=verify_pages)
-    check_schema(path, pf.schema_arrow)
-    present = set(pf.schema_arrow.names)
+    shard = open_shard(path, verify_pages)  # read as Ray Data reads it: what passes here, a run reads
+    check_schema(path, shard.physical_schema)
+    present = set(shard.physical_schema.names)
     rows, damaged = 0, []
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=[n for n in SCHEMA.names if n in present]):
+    for batch in shard_batches(shard, [n for n in SCHEMA.names if n in present], batch_rows):
         for rec in map(record_from_row, arrow_rows(batch)):
             what = record_damage(rec)
             ids = rec["category_ids"]  # an array (None in a damaged record)
@@ -234,17 +233,16 @@ def labels_fingerprint(data_dir) -> str:
     checkpoint was trained on (:func:`dino_scale.engine.elastic.resume_changes`)."""
     import hashlib
 
-    import pyarrow.parquet as pq
-
     from .manifest import _agreeing_manifests, check_shards
+    from .shard_read import open_shard, read_columns
 
     crcs, unchecked = [], []
     for folder, manifest in _agreeing_manifests(data_dir):
         check_shards(folder, manifest)
         for entry in manifest["shards"]:
-            shard = pq.ParquetFile(folder / entry["file"])  # one open: its footer, then the one column
-            column = shard.read(columns=["labels_crc32"]).column(0) \
-                if "labels_crc32" in shard.schema_arrow.names else None
+            shard = open_shard(folder / entry["file"])  # one open: its footer, then the one column
+            column = read_columns(shard, ["labels_crc32"]).column(0) \
+                if "labels_crc32" in shard.physical_schema.names else None
             if column is None or column.null_count:
                 unchecked.append((int(entry["num_images"]), int(entry["num_boxes"])))
             else:

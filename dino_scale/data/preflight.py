@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 
 from .manifest import MANIFEST_NAME, PathLike, ShardError, _agreeing_manifests
 from .records import schema_problems
+from .shard_read import open_shard, read_columns, shard_batches
 
 __all__ = ["check_image_files", "check_image_roots", "preflight_shards", "shard_problem", "THREADS"]
 
@@ -125,7 +126,7 @@ def _first_file_names(folder: Path, count: int) -> list[str]:
     from .records import _name
 
     for path in shard_paths(folder):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=count, columns=["file_name"]):
+        for batch in shard_batches(open_shard(path), ["file_name"], count):
             names = [_name(n) for n in batch.column(0).to_pylist() if n is not None]
             if names:
                 return names
@@ -206,7 +207,7 @@ def check_image_files(data_dir, image_root: Optional[Any] = None, workers: int =
         done = 0
         with ThreadPoolExecutor(max(1, int(workers))) as pool:
             for path in shard_paths(folder):  # a shard's names at a time, looked up 10k at a time
-                names = [_name(n) for n in pq.read_table(path, columns=["file_name"]).column(0).to_pylist()]
+                names = [_name(n) for n in read_columns(path, ["file_name"]).column(0).to_pylist()]
                 for start in range(0, len(names), 10000):
                     chunk = names[start:start + 10000]
                     for name, found in zip(chunk, pool.map(lambda n: bool(n) and _found(root, n), chunk)):

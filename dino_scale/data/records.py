@@ -29,10 +29,10 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .integrity import CHECKSUM_FIELDS, damage_detail, record_damage
 from .manifest import PathLike, ShardError, _agreeing_manifests, data_dirs, shard_paths
+from .shard_read import open_shard, shard_batches
 
 __all__ = [
     "SCHEMA", "iter_records", "to_coco_gt", "CONTENT_SCHEMA", "record_from_row", "arrow_rows", "check_schema",
@@ -156,10 +156,10 @@ def iter_records(data_dir: Union[PathLike, Sequence[PathLike]], columns: Optiona
     for path in shard_paths(data_dir):
         done = 0  # records of this shard yielded
         try:
-            pf = pq.ParquetFile(path)
-            check_schema(path, pf.schema_arrow)
-            present = set(pf.schema_arrow.names)
-            batches = pf.iter_batches(batch_size=batch_rows, columns=[c for c in cols if c in present])
+            shard = open_shard(path)  # as Ray Data reads it (the same damage refused)
+            check_schema(path, shard.physical_schema)
+            present = set(shard.physical_schema.names)
+            batches = shard_batches(shard, [c for c in cols if c in present], batch_rows)
             labels_read = set(_LABEL_COLUMNS) <= set(cols)  # else the labels checksum cannot be compared
             for row in (row for batch in batches for row in arrow_rows(batch)):
                 rec = record_from_row({k: row.get(k) for k in SCHEMA.names})

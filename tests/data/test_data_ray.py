@@ -41,6 +41,7 @@ def test_data_ray_datasets(ray_session, shards, tmp_path, image_folders):
     _train_records_of_unknown_categories_skipped(tmp_path)
     _records_changed_after_conversion_skipped(tmp_path)
     _unreadable_shard_named(tmp_path)
+    _footer_change_ray_refuses_is_one_check_data_lists(tmp_path)
     _shard_damaged_at_its_size_refused_when_built(tmp_path)
 
 
@@ -419,6 +420,23 @@ def _unreadable_shard_named(tmp_path):
     assert str(error).startswith(f"{out}: {path.name} cannot be read: OSError: ZSTD decompression failed")
     assert f"dino-scale check-data {out}" in str(error)
     assert unreadable_shard(RuntimeError("another failure"), [str(out)]) is None
+
+
+def _footer_change_ray_refuses_is_one_check_data_lists(tmp_path):
+    """A footer bit flip that ``pq.ParquetFile`` reads past and Ray Data's reader refuses (see
+    test_data_integrity.py): the real Ray read fails on it, and check-data lists the shard."""
+    from test_data_integrity import _convert, footer_changes_ray_refuses
+
+    from dino_scale.data import build_train_dataset
+    from dino_scale.data.integrity import check_dataset
+
+    out, _ = _convert(tmp_path / "footer_bit", extra_boxes=True)
+    path = next(out.glob("shard-*.parquet"))
+    _, refused = footer_changes_ray_refuses(path, bits=(0x10,))
+    path.write_bytes(refused[0])
+    with pytest.raises(Exception, match="expected length|Negative size"):
+        build_train_dataset(out, preset("tiny").data, epoch=0, stats_name="train_footer_bit_test").take_all()
+    assert [u["file"] for u in check_dataset(out)["unreadable"]] == [path.name]
 
 
 def _shard_damaged_at_its_size_refused_when_built(tmp_path):

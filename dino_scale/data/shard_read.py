@@ -1,0 +1,64 @@
+"""Reading a shard's record batches the way Ray Data's Parquet reader reads them.
+
+Training and distributed evaluation read shards through ``ray.data.read_parquet``: a
+``pyarrow.dataset`` Parquet fragment per file, read with ``fragment.to_batches`` through a
+buffered input stream (Ray 2.60's defaults, ``RAY_DATA_PARQUET_READER_FRAGMENT_*``).
+``pyarrow.parquet.ParquetFile.iter_batches`` is another reader, and the two do not refuse the
+same damage: a changed byte in a column chunk's footer entry (its value count, its offset) was
+read without an error by ``ParquetFile`` (so ``dino-scale check-data`` passed the shard) and
+refused by the dataset reader (``ArrowInvalid: Column 1 named file_name expected length 4 but
+got length 0``, ``OSError: Negative size``): 29 of 5,910 one-byte changes to one footer. Every
+reader of records here (:func:`~.records.iter_records`, :func:`~.integrity.check_dataset`) goes
+through this module, so what check-data reads is what a run reads. No Ray import.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+__all__ = ["open_shard", "shard_batches", "read_columns"]
+
+# Ray Data's reader settings (ray/data/_internal/datasource/parquet_datasource.py, read from the
+# same variables): buffered input streams of 8 MiB instead of whole row groups in memory.
+_BUFFERED_ENV = "RAY_DATA_PARQUET_READER_FRAGMENT_USE_BUFFERED_STREAM"
+_BUFFER_SIZE_ENV = "RAY_DATA_PARQUET_READER_FRAGMENT_SCAN_BUFFER_SIZE"
+
+
+def _scan_options(verify_pages: bool) -> pads.ParquetFragmentScanOptions:
+    buffered = os.environ.get(_BUFFERED_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    kw = {"use_buffered_stream": True, "buffer_size": int(os.environ.get(_BUFFER_SIZE_ENV) or 8 << 20)} \
+        if buffered else {}
+    return pads.ParquetFragmentScanOptions(page_checksum_verification=bool(verify_pages), **kw)
+
+
+def open_shard(path: Union[str, Path], verify_pages: bool = False) -> pads.ParquetFileFragment:
+    """The shard at local ``path`` as a ``pyarrow.dataset`` Parquet fragment; its footer is read here
+    (``fragment.physical_schema``: the shard's Arrow schema). ``verify_pages``: reads check
+    Parquet's page checksums (shards written with them). Raises what pyarrow raises on a
+    damaged footer (``OSError``, ``pyarrow.ArrowException``)."""
+    fmt = pads.ParquetFileFormat(default_fragment_scan_options=_scan_options(verify_pages))
+    fragment = fmt.make_fragment(str(Path(path).absolute()), filesystem=pafs.LocalFileSystem())
+    fragment.physical_schema  # noqa: B018 - reads the footer now, not at the first batch
+    return fragment
+
+
+def shard_batches(fragment: pads.ParquetFileFragment, columns: Optional[Sequence[str]] = None,
+                  batch_rows: int = 256) -> Iterator[pa.RecordBatch]:
+    """The record batches (up to ``batch_rows`` rows each, in the file's row order) of a
+    fragment from :func:`open_shard`, ``columns`` only (``None``: all). Raises what pyarrow
+    raises where a page, its header or its footer entry is damaged, possibly after some batches."""
+    return fragment.to_batches(columns=None if columns is None else list(columns), batch_size=int(batch_rows),
+                               use_threads=False)
+
+
+def read_columns(shard: Union[str, Path, pads.ParquetFileFragment], columns: Sequence[str]) -> pa.Table:
+    """The ``columns`` of every record of ``shard`` (a local path, or a fragment from
+    :func:`open_shard`), read as :func:`shard_batches` reads."""
+    fragment = shard if isinstance(shard, pads.ParquetFileFragment) else open_shard(shard)
+    schema = pa.schema([fragment.physical_schema.field(c) for c in columns])
+    return pa.Table.from_batches(list(shard_batches(fragment, columns, 1 << 16)), schema=schema)

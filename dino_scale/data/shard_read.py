@@ -4,11 +4,12 @@ Training and distributed evaluation read shards through ``ray.data.read_parquet`
 ``pyarrow.dataset`` Parquet fragment per file, read with ``fragment.to_batches`` through a
 buffered input stream (Ray 2.60's defaults, ``RAY_DATA_PARQUET_READER_FRAGMENT_*``).
 ``pyarrow.parquet.ParquetFile.iter_batches`` is another reader, and the two do not refuse the
-same damage: a changed byte in a column chunk's footer entry (its value count, its offset) was
-read without an error by ``ParquetFile`` (so ``dino-scale check-data`` passed the shard) and
-refused by the dataset reader (``ArrowInvalid: Column 1 named file_name expected length 4 but
-got length 0``, ``OSError: Negative size``): 29 of 5,910 one-byte changes to one footer. Every
-reader of records here (:func:`~.records.iter_records`, :func:`~.integrity.check_dataset`) goes
+same damage: a flipped bit in a list column's value count in the footer was read in full by
+``ParquetFile``, every record matching its checksums (so ``dino-scale check-data`` passed the
+shard: 3 of the 9,408 one-bit changes of a test shard's footer), and refused by the dataset
+reader (e.g. ``ArrowInvalid: Column 6 named category_ids expected length 4 but got length 3``), which
+failed the run. Every reader of records here (:func:`~.records.iter_records`,
+:func:`~.integrity.check_dataset`, the pre-flight's file-name reads) goes
 through this module, so what check-data reads is what a run reads. No Ray import.
 """
 from __future__ import annotations
@@ -30,7 +31,8 @@ _BUFFER_SIZE_ENV = "RAY_DATA_PARQUET_READER_FRAGMENT_SCAN_BUFFER_SIZE"
 
 
 def _scan_options(verify_pages: bool) -> pads.ParquetFragmentScanOptions:
-    buffered = os.environ.get(_BUFFERED_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    value = os.environ.get(_BUFFERED_ENV)  # parsed as Ray parses it: "true" or "1" is on
+    buffered = value is None or value.lower() in ("true", "1")
     kw = {"use_buffered_stream": True, "buffer_size": int(os.environ.get(_BUFFER_SIZE_ENV) or 8 << 20)} \
         if buffered else {}
     return pads.ParquetFragmentScanOptions(page_checksum_verification=bool(verify_pages), **kw)

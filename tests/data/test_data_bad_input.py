@@ -1,10 +1,11 @@
-"""Bad input: broken images, bad boxes, unknown categories, malformed JSON; nothing lost silently."""
+"""Bad input: broken images, bad boxes, unknown categories, malformed annotations; nothing lost silently.
+
+The annotation file's format and encoding: test_data_bad_json.py; the folders: test_data_bad_folders.py."""
 from __future__ import annotations
 
 import io
 import json
 import logging
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -118,72 +119,6 @@ def test_data_unknown_category_records_skipped_in_training(tmp_path, caplog):
     assert DetectionTransform(cfg, train=True, category_ids=[1])(empty)["labels"].numel() == 0
 
 
-def test_data_missing_or_truncated_shards_are_a_clear_error(tmp_path, capsys):
-    """A shard deleted, or cut short by a copy that did not finish, is named before any read (a
-    read fails on it mid-epoch, or on every worker at once); converting the same input again
-    rewrites the dataset instead of answering "already converted"."""
-    from dino_scale.data import ShardError, shard_paths, to_coco_gt
-
-    images = {f"{i}.jpg": _jpeg(colour=(20 * i, 30, 30)) for i in range(1, 7)}
-    anns = [{"image_id": i, "category_id": 1, "bbox": [1, 2, 10, 10]} for i in range(1, 7)]
-    root, ann = _dataset(tmp_path, images, anns)
-    out = tmp_path / "out"
-    m = convert_coco(ann, root, out, embed_images=True, max_images_per_shard=2, progress=False)
-    sound = tmp_path / "sound"
-    convert_coco(ann, root, sound, embed_images=True, max_images_per_shard=2, progress=False)
-    names = [s["file"] for s in m["shards"]]
-    assert len(names) == 3 and len(shard_paths(out)) == 3
-    order = [r["image_id"] for r in iter_records(out)]
-    assert sorted(order) == [1, 2, 3, 4, 5, 6]
-    whole = (out / names[1]).read_bytes()
-    (out / names[1]).write_bytes(whole[: len(whole) // 2])
-    (out / names[2]).unlink()
-    needle = (rf"2 of 3 shards do not match manifest.json: {names[1]} has {len(whole) // 2} bytes, "
-              rf"the manifest {len(whole)}; {names[2]} is missing \(copy the folder again")
-    with pytest.raises(ShardError, match=needle) as raised:
-        shard_paths(out)
-    assert str(pickle.loads(pickle.dumps(raised.value))) == str(raised.value)  # from a Ray task too
-    with pytest.raises(ShardError, match=needle):
-        to_coco_gt(out)
-    with pytest.raises(ShardError, match=needle):
-        next(iter(LocalLoader(out, preset("tiny").data, train=False, batch_size=2)))
-    with pytest.raises(ShardError, match=needle):  # two folders: the broken one is named
-        shard_paths([sound, out])
-    # the same conversion again: not "already converted" (the manifest's shards are not there)
-    capsys.readouterr()
-    again = convert_coco(ann, root, out, embed_images=True, max_images_per_shard=2, progress=True)
-    assert "converting again" in capsys.readouterr().out
-    assert again["num_images"] == 6 and [r["image_id"] for r in iter_records(out)] == order  # same seed
-    convert_coco(ann, root, out, embed_images=True, max_images_per_shard=2, progress=True)
-    assert "already converted" in capsys.readouterr().out
-
-
-def test_data_unreadable_manifest_is_a_clear_error_and_converted_again(tmp_path, capsys):
-    """A manifest.json cut short or edited into something else names itself (was: a JSONDecodeError
-    or a KeyError without the file), and converting the same input again rewrites the folder (was:
-    the same JSONDecodeError: the folder could only be fixed by hand)."""
-    from dino_scale.data import ManifestError, read_manifest, shard_paths
-
-    root, ann = _dataset(tmp_path, {"1.jpg": _jpeg()}, [{"image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 10]}])
-    out = tmp_path / "out"
-    convert_coco(ann, root, out, embed_images=True, progress=False)
-    path = out / "manifest.json"
-    whole = json.loads(path.read_text())
-    for text, needle in [(path.read_text()[:200], "not valid JSON"), ("[]", "a JSON list, not an object"),
-                         (json.dumps({**whole, "categories": [{"id": 1}]}), "categories is not a list of"),
-                         (json.dumps({k: v for k, v in whole.items() if k != "shards"}), "shards is not a list"),
-                         (json.dumps({**whole, "num_images": "1"}), "no integer num_images")]:
-        path.write_text(text)
-        with pytest.raises(ManifestError, match=rf"{path}: {needle}"):
-            read_manifest(out)
-        with pytest.raises(ManifestError, match=needle):
-            shard_paths(out)
-    capsys.readouterr()
-    again = convert_coco(ann, root, out, embed_images=True, progress=True)
-    assert "unreadable or not a dataset manifest; converting again" in capsys.readouterr().out
-    assert again["num_images"] == 1 and [r["image_id"] for r in iter_records(out)] == [1]
-
-
 def test_data_bad_boxes_clipped_or_dropped(tmp_path):
     anns = [
         {"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]},  # fine
@@ -212,88 +147,6 @@ def test_data_unknown_category_fails_fast(tmp_path):
     with pytest.raises(ConversionError, match=r"not in 'categories': \[7, 12\]"):
         convert_coco(ann, root, tmp_path / "out", progress=False)
     assert not list((tmp_path / "out").glob("shard-*")) and not (tmp_path / "out" / "manifest.json").exists()
-
-
-@pytest.mark.parametrize("text,needle", [
-    ('{"images": [{"id": 1,, "file_name": "a.jpg"}], "annotations": [], "categories": []}', ",,"),
-    ('{"images": [], "annotations": [{"bbox": [1, NaN, 2, 3]}], "categories": []}', "NaN"),
-])
-def test_data_malformed_json_names_byte_position(tmp_path, text, needle):
-    ann = tmp_path / "bad.json"
-    ann.write_text(text)
-    with pytest.raises(MalformedJSONError) as ei:
-        convert_coco(ann, None, tmp_path / "out", progress=False)
-    expected = text.index(needle) + (1 if needle == ",," else 0)
-    assert ei.value.position == expected, str(ei.value)
-    assert f"at byte {expected}" in str(ei.value) and "bad.json" in str(ei.value)
-    if needle == "NaN":
-        assert "write null" in str(ei.value)
-    assert not (tmp_path / "out").exists()  # the folder it made (was left with .lock and .convert-work/)
-    with pytest.raises(MalformedJSONError):  # an Objects365 split: out/val refused, and out itself gone
-        convert_coco(ann, None, tmp_path / "split", o365_val_split=1, progress=False)
-    assert not (tmp_path / "split").exists()
-    kept = tmp_path / "kept"  # a folder that was there is kept, with what the user had in it
-    kept.mkdir()
-    (kept / "notes.txt").write_text("mine")
-    with pytest.raises(MalformedJSONError):
-        convert_coco(ann, None, kept, progress=False)
-    assert (kept / "notes.txt").read_text() == "mine"
-
-
-def test_data_a_file_that_is_not_json_says_what_it_is(tmp_path):
-    # an image given as the annotation file: the message held the parser's bytes repr
-    # (b'lexical error: ...\\n ... \\xff ...') and a hint about NaN literals and byte-order marks
-    jpeg = tmp_path / "0.jpg"
-    jpeg.write_bytes(_jpeg())
-    with pytest.raises(MalformedJSONError) as ei:
-        convert_coco(jpeg, None, tmp_path / "out", progress=False)
-    message = str(ei.value)
-    assert message.endswith("at byte 0 (line 1, column 1): lexical error: invalid char in json text. (not a JSON "
-                            "file: it is a JPEG image; the annotation file is COCO-format JSON)"), message
-    text = tmp_path / "notes.json"
-    text.write_text("hello")
-    with pytest.raises(MalformedJSONError, match=r"not a JSON file: it starts with b'hello'"):
-        convert_coco(text, None, tmp_path / "out", progress=False)
-    utf16 = tmp_path / "utf16.json"  # Windows tools save "Unicode" so
-    utf16.write_text('{"images": []}', encoding="utf-16")
-    with pytest.raises(MalformedJSONError, match=r"not a JSON file: it is UTF-16 text \(JSON is UTF-8: re-save"):
-        convert_coco(utf16, None, tmp_path / "out", progress=False)
-
-
-def test_data_json_not_in_utf8_says_so(tmp_path):
-    """A Latin-1 file (a category name with an accent) failed as "lexical error: invalid bytes in
-    UTF8 string" only: the message now says the file must be re-saved as UTF-8, and where."""
-    ann = tmp_path / "latin1.json"
-    text = '{"images": [], "annotations": [], "categories": [{"id": 1, "name": "caf\u00e9"}]}'
-    ann.write_bytes(text.encode("latin-1"))
-    with pytest.raises(MalformedJSONError, match="re-save it as UTF-8") as ei:
-        convert_coco(ann, None, tmp_path / "out", progress=False)
-    assert text.index("\u00e9") <= ei.value.position <= text.index("\u00e9") + 1  # the parser stops at or after it
-
-
-def test_data_json_with_a_lone_surrogate_escape_is_located(tmp_path):
-    """``"caf\\udce9.jpg"``: how Python's ``json.dump`` writes a file name that is not UTF-8 (from
-    ``os.listdir``), which Python reads back but ijson's parser refuses with a bare
-    ``UnicodeDecodeError``: the conversion stopped with "'utf-8' codec can't decode byte ..." (no
-    file, no place) and left its new output folder (``.lock``, ``.convert-work/``) behind."""
-    doc = {"info": {"description": "x"}, "categories": [{"id": 1, "name": "\U0001F600 a pair is fine"}],
-           "images": [{"id": 1, "file_name": "caf\udce9.jpg", "width": 4, "height": 4}], "annotations": []}
-    ann = tmp_path / "names.json"
-    ann.write_text(json.dumps(doc, indent=1))
-    text = ann.read_text()
-    with pytest.raises(MalformedJSONError, match=r"\(line 14, column 21\): a \\u escape of a lone surrogate") as ei:
-        convert_coco(ann, tmp_path, tmp_path / "out", progress=False)
-    assert ei.value.position == text.index("\\udce9") and "rename that file to UTF-8" in str(ei.value)
-    assert not (tmp_path / "out").exists()  # the folder it made is removed
-
-
-def test_data_truncated_json_reports_end_of_file(tmp_path):
-    text = json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "width": 4, "height": 4}] * 3,
-                       "categories": [{"id": 1, "name": "a"}]})
-    ann = tmp_path / "cut.json"
-    ann.write_text(text[:-20])
-    with pytest.raises(MalformedJSONError, match=f"at byte {len(text) - 20} "):
-        convert_coco(ann, None, tmp_path / "out", progress=False)
 
 
 def test_data_same_base_name_elsewhere_is_not_the_image(tmp_path):
@@ -445,97 +298,6 @@ def test_data_category_id_outside_int32_fails_fast(tmp_path):
         convert_coco(ann, root, tmp_path / "out", progress=False)
 
 
-def test_data_float_overflow_in_json_is_located(tmp_path):
-    text = '{"images": [], "annotations": [{"bbox": [1, 1e400, 2, 3]}], "categories": []}'
-    ann = tmp_path / "big.json"
-    ann.write_text(text)
-    with pytest.raises(MalformedJSONError) as ei:
-        convert_coco(ann, None, tmp_path / "out", progress=False)
-    assert ei.value.position > 0 and "beyond float range" in str(ei.value)
-
-
-@pytest.mark.parametrize("embed", [False, True])
-def test_data_an_image_folder_holding_none_of_the_images_is_an_error(tmp_path, embed):
-    """``--images`` naming a folder that holds none of the files (its parent, say): every image a
-    counted ``missing_file`` made a dataset of 0 images and exit 0. Now a ConversionError naming the
-    folder, with no manifest and nothing to resume, so the run with the right folder converts."""
-    root, ann = _dataset(tmp_path, {"a.jpg": _jpeg(), "b.jpg": _jpeg()},
-                         [{"image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 10]}])
-    wrong = tmp_path / "elsewhere"
-    wrong.mkdir()
-    out = tmp_path / "out"
-    with pytest.raises(ConversionError, match=rf"none of the 2 images of .* from the image folder {wrong} "
-                                              r"\(missing_file: 2\): is it the folder that holds the files"):
-        convert_coco(ann, wrong, out, embed_images=embed, progress=False)
-    assert not out.exists()  # made by the refused run: removed (was left with .lock and .convert-work/)
-    m = convert_coco(ann, root, out, embed_images=embed, progress=False)
-    assert m["num_images"] == 2
-    # some usable images: the rest are counted skips, as before
-    (root / "b.jpg").unlink()
-    assert convert_coco(ann, root, tmp_path / "out2", embed_images=embed, progress=False)["num_images"] == 1
-
-
-def _image_pass_child_that_dies(conn, args):
-    """Stands in for the image pass's child: exits with code 3 without a word (as one killed would)."""
-    import os
-    os._exit(3)
-
-
-def test_data_a_dead_image_pass_child_is_a_clear_error(tmp_path, monkeypatch):
-    """The image pass runs in a spawned child for large files: a child that died (killed for memory,
-    or a script without a ``__main__`` guard) surfaced as a bare EOFError after the annotation pass.
-    The error names the child's exit code."""
-    from dino_scale.data import convert as convert_module
-
-    root, ann = _dataset(tmp_path, {"a.jpg": _jpeg()}, [{"image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 10]}])
-    monkeypatch.setattr(convert_module, "_images_child", _image_pass_child_that_dies)
-    with pytest.raises(ConversionError, match=r"image pass .* ended without a result, exit code 3 .*parallel=False"):
-        convert_coco(ann, root, tmp_path / "out", parallel=True, progress=False)
-
-
-@pytest.mark.parametrize("embed", [False, True])
-def test_data_rerun_converts_again_once_skipped_files_are_there(tmp_path, embed, capsys):
-    """An image skipped as missing (an archive not unpacked yet) and put in place afterwards: the
-    same command answered "already converted" and kept it skipped. Listed skips now name their
-    file; one that is there now makes the rerun convert again. Without a change it is reused."""
-    root, ann = _dataset(tmp_path, {"a.jpg": _jpeg(), "b.jpg": None, "c.jpg": _jpeg()},
-                         [{"image_id": i, "category_id": 1, "bbox": [1, 2, 10, 10]} for i in (1, 2, 3)])
-    out = tmp_path / "out"
-    m = convert_coco(ann, root, out, embed_images=embed)
-    assert m["num_images"] == 2 and m["skipped_images"] == [{"image_id": 2, "reason": "missing_file",
-                                                            "file_name": "b.jpg"}]
-    capsys.readouterr()
-    assert convert_coco(ann, root, out, embed_images=embed)["num_images"] == 2  # nothing changed: reused
-    assert "already converted" in capsys.readouterr().out
-    (root / "b.jpg").write_bytes(_jpeg())
-    again = convert_coco(ann, root, out, embed_images=embed)
-    assert "1 image file(s) skipped at the last conversion (missing, empty, unreadable ...) are there now or " \
-           "changed since (e.g. b.jpg)" in capsys.readouterr().out
-    assert again["num_images"] == 3 and again["images_skipped"] == {}
-    assert sorted(r["image_id"] for r in iter_records(out)) == [1, 2, 3]
-
-
-def test_data_rerun_converts_again_once_a_corrupt_file_was_replaced(tmp_path, capsys):
-    """Only missing and empty files were looked at again: an image skipped as corrupt (a download
-    cut short) stayed skipped after it was downloaded again ("already converted"). A skipped file
-    changed since the conversion makes the rerun convert again; an unchanged one does not."""
-    import time
-
-    good = _jpeg()
-    root, ann = _dataset(tmp_path, {"a.jpg": good, "b.jpg": good[: len(good) // 2]},
-                         [{"image_id": i, "category_id": 1, "bbox": [1, 2, 10, 10]} for i in (1, 2)])
-    out = tmp_path / "out"
-    assert convert_coco(ann, root, out, embed_images=True)["images_skipped"] == {"corrupt": 1}
-    capsys.readouterr()
-    assert convert_coco(ann, root, out, embed_images=True)["num_images"] == 1  # unchanged: reused
-    assert "already converted" in capsys.readouterr().out
-    time.sleep(0.05)  # past the file-time tick of the manifest's write
-    (root / "b.jpg").write_bytes(good)
-    again = convert_coco(ann, root, out, embed_images=True)
-    assert "are there now or changed since (e.g. b.jpg)" in capsys.readouterr().out
-    assert again["num_images"] == 2 and again["images_skipped"] == {}
-
-
 def test_data_a_file_whose_labels_all_drop_or_that_lists_no_image_is_an_error(tmp_path, caplog):
     """An annotation file whose every bbox or image_id is of another format (an object, a string
     id), or with no 'images' list, converted to a dataset of no box or no image with exit 0 and not
@@ -556,37 +318,6 @@ def test_data_a_file_whose_labels_all_drop_or_that_lists_no_image_is_an_error(tm
     with caplog.at_level(logging.WARNING, logger="dino_scale.data.convert"):
         m = convert_coco(ann, root, out, progress=False)
     assert m["num_boxes"] == 1 and "dropped 2 of 3 boxes (malformed: 2)" in caplog.text
-
-
-def test_data_an_output_folder_holding_another_dataset_is_not_replaced(tmp_path):
-    """Converting a second annotation file into the folder of the first replaced that dataset
-    without a word, and deleted any file named like a shard (``shard-old.parquet``, a ``.bak``
-    copy); such a file also stopped every later run with a bare int() error."""
-    root, ann = _dataset(tmp_path, {"a.jpg": _jpeg()}, [{"image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 12]}])
-    out = tmp_path / "out"
-    out.mkdir()
-    keep = {"shard-old.parquet": b"mine", "shard-00000.parquet.bak": b"backup"}
-    for name, data in keep.items():
-        (out / name).write_bytes(data)
-    first = convert_coco(ann, root, out, progress=False)
-    assert {name: (out / name).read_bytes() for name in keep} == keep
-    other = tmp_path / "other.json"
-    other.write_text(ann.read_text())
-    with pytest.raises(ConversionError, match=rf"{out} holds the dataset converted from {ann}.*choose another"):
-        convert_coco(other, root, out, progress=False)
-    assert json.loads((out / "manifest.json").read_text())["shards"] == first["shards"]
-    manifest = json.loads((out / "manifest.json").read_text())  # a manifest this release cannot read
-    (out / "manifest.json").write_text(json.dumps({**manifest, "format": "records-v99"}))  # (a newer one's)
-    with pytest.raises(ConversionError, match=rf"{out} holds the dataset converted from {ann}.*choose another"):
-        convert_coco(other, root, out, progress=False)  # was: manifest and shards deleted, converted over
-    assert {p.name for p in out.glob("shard-0*.parquet")} == {s["file"] for s in first["shards"]}
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    # its own file, edited: converted again
-    doc = json.loads(ann.read_text())
-    doc["annotations"].append({"id": 9, "iscrowd": 0, "image_id": 1, "category_id": 5, "bbox": [3, 3, 5, 5]})
-    ann.write_text(json.dumps(doc))
-    assert convert_coco(ann, root, out, progress=False)["num_boxes"] == 2
-    assert {name: (out / name).read_bytes() for name in keep} == keep
 
 
 def test_data_files_read_for_their_size_are_skipped_for_what_is_wrong_with_the_file(tmp_path):

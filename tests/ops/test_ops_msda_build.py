@@ -4,7 +4,8 @@ directory (started in the background when the session has collected this test, o
 starts under pytest-xdist: tests/ops/conftest.py), then loads the library in a fresh process through the production
 loader and checks the operator schemas, the fake kernels and the C++ autograd on meta tensors,
 and the library's CPU kernels against the float64 reference (tests/ops/compiled_op_cpu_check.py):
-the compiled operator's registration, autograd and argument checks are exercised without a GPU."""
+the compiled operator's registration, autograd and argument checks are exercised without a GPU.
+Also the build's cache, lock, loader and command; builds killed or failed: test_ops_msda_build_recovery.py."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from dino_scale.ops import _build
+from fake_build import elf, fake_toolchain, library_builder
 
 # only the real build and the toolkit's paths need nvcc; the other tests use stand-ins for it
 needs_toolkit = pytest.mark.skipif(_build.find_cuda_home() is None, reason="no CUDA toolkit (nvcc) on this machine")
@@ -171,67 +173,6 @@ def test_build_cli_reports_failure_without_toolkit(tmp_path):
     assert proc.returncode == 1 and "no CUDA toolkit found" in proc.stderr
 
 
-def _elf(payload: bytes) -> bytes:
-    """A stand-in library that passes _build.library_complete: a 64-bit ELF header with no
-    segments and an empty section header table, then ``payload``."""
-    import struct
-
-    ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
-    header = ident + struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, 64, 64, 0, 64, 56, 0, 64, 0, 0)
-    return header + payload
-
-
-def _library_builder(log=None, payload=b"library"):
-    """A stand-in for torch's ``load``: writes a complete (ELF-headed) library named ``name``.so
-    into ``build_directory`` and appends that folder to ``log``."""
-    def build(name, sources, build_directory, **kw):
-        if log is not None:
-            log.append(build_directory)
-        out = Path(build_directory, f"{name}.so")
-        out.write_bytes(_elf(payload))
-        return str(out)
-    return build
-
-
-def _fake_toolchain(monkeypatch, tmp_path, load):
-    """``_compile`` with a stand-in for ``cpp_extension.load`` (no nvcc run)."""
-    import torch
-    import torch.utils.cpp_extension as cpp_ext
-
-    monkeypatch.setattr(_build, "find_cuda_home", lambda: str(tmp_path / "cuda"))
-    monkeypatch.setattr(_build, "extra_system_includes", lambda cuda_home: [])
-    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
-    monkeypatch.setattr(cpp_ext, "CUDA_HOME", cpp_ext.CUDA_HOME)  # _compile pins it; restore after
-    monkeypatch.setattr(cpp_ext, "load", load)
-
-
-def test_killed_build_leaves_no_library_and_is_rebuilt(tmp_path, monkeypatch):
-    # A build killed while the linker writes the library (SIGKILL of a Ray worker, OOM) must not
-    # leave a file at library_path: the loader would load it (fail, and fall back to the slow
-    # PyTorch backend for good) and build_extension would never rebuild it.
-    build_dir = tmp_path / "ext"
-    calls = []
-
-    def killed_mid_link(name, sources, build_directory, **kw):
-        calls.append(build_directory)
-        Path(build_directory, f"{name}.so").write_bytes(b"\x7fELF half-written")
-        raise KeyboardInterrupt  # stands for the kill: no cleanup runs
-
-    _fake_toolchain(monkeypatch, tmp_path, killed_mid_link)
-    with pytest.raises(KeyboardInterrupt):
-        _build.build_extension(build_dir=build_dir, arch_list="9.0")
-    assert not _build.library_path(build_dir).exists()
-
-    good_build = _library_builder(calls, b"complete library")
-
-    monkeypatch.setattr("torch.utils.cpp_extension.load", good_build)
-    lib = _build.build_extension(build_dir=build_dir, arch_list="9.0")
-    assert len(calls) == 2, "the half-written library was taken for a finished build"
-    assert lib == _build.library_path(build_dir) and lib.read_bytes() == _elf(b"complete library")
-    # built once: a second call finds it without compiling
-    assert _build.build_extension(build_dir=build_dir, arch_list="9.0") == lib and len(calls) == 2
-
-
 def test_loader_finds_a_multi_arch_build_for_its_gpu(tmp_path, monkeypatch):
     # `python -m dino_scale.ops build --arch "8.0;9.0"` builds into the cache; a process on an
     # H100 without TORCH_CUDA_ARCH_LIST asks for "9.0". The loader must use that build (it has
@@ -244,9 +185,9 @@ def test_loader_finds_a_multi_arch_build_for_its_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("DINO_SCALE_EXT_DIR", str(tmp_path))
     calls = []
 
-    good_build = _library_builder()
+    good_build = library_builder()
 
-    _fake_toolchain(monkeypatch, tmp_path, good_build)
+    fake_toolchain(monkeypatch, tmp_path, good_build)
     built = _build.build_extension(arch_list="8.0;9.0")
     assert built.parent.parent == tmp_path
 
@@ -268,29 +209,6 @@ def test_loader_finds_a_multi_arch_build_for_its_gpu(tmp_path, monkeypatch):
     assert _build.find_library(_build.default_arch_list()) != built
 
 
-def test_build_after_a_killed_builder_does_not_wait_on_its_baton(tmp_path, monkeypatch):
-    # torch < the FileLock change (pyproject allows torch>=2.4) guards JIT builds with a
-    # FileBaton: build_directory/lock is created with O_EXCL and a later build waits while the
-    # file exists, forever when its builder was killed. Under the fcntl lock it is stale.
-    build_dir = tmp_path / "ext"
-    seen = []
-
-    def baton_load(name, sources, build_directory, **kw):
-        if Path(build_directory, "lock").exists():
-            raise TimeoutError("FileBaton.wait() would spin forever on a stale lock file")
-        seen.append(build_directory)
-        out = Path(build_directory, f"{name}.so")
-        out.write_bytes(_elf(b"library"))
-        return str(out)
-
-    _fake_toolchain(monkeypatch, tmp_path, baton_load)
-    _build.build_extension(build_dir=build_dir, arch_list="9.0")
-    # a builder killed mid-compile left its baton where the compile runs
-    Path(seen[0], "lock").touch()
-    lib = _build.build_extension(build_dir=build_dir, arch_list="9.0", force=True)
-    assert lib.is_file() and len(seen) == 2
-
-
 def test_loader_refuses_a_build_without_code_for_the_gpu(tmp_path, monkeypatch):
     # TORCH_CUDA_ARCH_LIST="8.0" (an image made for A100s) on an H100: the loader used to build
     # (or load) an sm_80-only library, load it, and the first forward died with "no kernel image
@@ -303,9 +221,9 @@ def test_loader_refuses_a_build_without_code_for_the_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("DINO_SCALE_EXT_DIR", str(tmp_path))
     builds, loads = [], []
 
-    good_build = _library_builder(builds)
+    good_build = library_builder(builds)
 
-    _fake_toolchain(monkeypatch, tmp_path, good_build)
+    fake_toolchain(monkeypatch, tmp_path, good_build)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (9, 0))
@@ -365,11 +283,11 @@ def test_explicit_build_dir_rebuilds_for_other_arch_or_sources(tmp_path, monkeyp
 
     def good_build(name, sources, build_directory, **kw):
         out = Path(build_directory, f"{name}.so")
-        out.write_bytes(_elf(b"library %d" % len(built)))
+        out.write_bytes(elf(b"library %d" % len(built)))
         built.append(os.environ["TORCH_CUDA_ARCH_LIST"])
         return str(out)
 
-    _fake_toolchain(monkeypatch, tmp_path, good_build)
+    fake_toolchain(monkeypatch, tmp_path, good_build)
     build_dir = tmp_path / "mine"
     assert cli.main(["build", "--arch", "9.0", "--build-dir", str(build_dir)]) == 0
     assert cli.main(["build", "--arch", "9.0", "--build-dir", str(build_dir)]) == 0
@@ -379,165 +297,13 @@ def test_explicit_build_dir_rebuilds_for_other_arch_or_sources(tmp_path, monkeyp
     (src / "msda_cpu.cpp").write_text((src / "msda_cpu.cpp").read_text() + "\n// edited\n")
     lib = _build.build_extension(build_dir=build_dir, arch_list="8.0")
     assert built == ["9.0", "8.0", "8.0"], "a library of older sources was reported as built"
-    assert lib.read_bytes() == _elf(b"library 2")
+    assert lib.read_bytes() == elf(b"library 2")
     assert _build.build_extension(build_dir=build_dir, arch_list="8.0") == lib and len(built) == 3
     # the cache folders (named by the hash) made before the stamp existed are still up to date
     cached = _build.build_dir_for("9.0")
     cached.mkdir(parents=True)
-    _build.library_path(cached).write_bytes(_elf(b"old cache"))
-    assert _build.build_extension(arch_list="9.0").read_bytes() == _elf(b"old cache") and len(built) == 3
-
-
-def test_a_rebuild_killed_before_its_library_is_in_place_is_not_up_to_date(tmp_path, monkeypatch, capsys):
-    """A `--build-dir` rebuild after csrc/ changed, killed after the new stamp was written and
-    before the new library replaced the old one, left the old library under the new stamp: the
-    next build called it up to date. The stamp now goes after the library."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for p in _build.source_files():
-        (src / p.name).write_bytes(p.read_bytes())
-    monkeypatch.setattr(_build, "SOURCE_DIR", src)
-    built = []
-
-    def good_build(name, sources, build_directory, **kw):
-        out = Path(build_directory, f"{name}.so")
-        out.write_bytes(_elf(b"library %d" % len(built)))
-        built.append(name)
-        return str(out)
-
-    _fake_toolchain(monkeypatch, tmp_path, good_build)
-    build_dir = tmp_path / "mine"
-    old = _build.build_extension(build_dir=build_dir, arch_list="9.0")
-    (src / "msda_cpu.cpp").write_text((src / "msda_cpu.cpp").read_text() + "\n// edited\n")
-
-    def killed_at_the_rename(src_path, dst_path):
-        raise KeyboardInterrupt  # stands for the kill between the compile and the rename
-
-    monkeypatch.setattr(_build.os, "replace", killed_at_the_rename)
-    with pytest.raises(KeyboardInterrupt):
-        _build.build_extension(build_dir=build_dir, arch_list="9.0")
-    monkeypatch.undo()
-    monkeypatch.setattr(_build, "SOURCE_DIR", src)
-    _fake_toolchain(monkeypatch, tmp_path, good_build)
-    assert old.read_bytes() == _elf(b"library 0")  # the old library is still there
-    lib = _build.build_extension(build_dir=build_dir, arch_list="9.0")
-    assert len(built) == 3 and lib.read_bytes() == _elf(b"library 2"), "the old library was taken as up to date"
-
-    # `info` without sources (an installation without csrc/): says so instead of a traceback
-    from dino_scale.ops import __main__ as cli
-
-    monkeypatch.setattr(_build, "SOURCE_DIR", tmp_path / "no-sources")
-    assert cli.main(["info"]) == 0
-    assert "the CUDA sources are missing" in capsys.readouterr().out
-
-
-def _truncated_shared_object(dest: Path) -> Path:
-    """The first 4 KiB of a real shared object (CPython's _ctypes): what a crash before the
-    renamed library reached the disk, or an interrupted copy of a cache folder, leaves behind.
-    The dynamic loader maps its segments past the end of the file: SIGBUS, no exception."""
-    import _ctypes
-
-    dest.write_bytes(Path(_ctypes.__file__).read_bytes()[:4096])
-    return dest
-
-
-def test_truncated_library_is_never_loaded(tmp_path):
-    # a truncated library at the cache path killed every process that loaded the op with a Bus
-    # error (exit -7: no Python exception, so no fallback), and `python -m dino_scale.ops build`
-    # reported it as built; now the loader refuses it (JIT disabled: BuildError naming it) and a
-    # build replaces it
-    env = dict(os.environ, DINO_SCALE_EXT_DIR=str(tmp_path), DINO_SCALE_MSDA_NO_JIT="1",
-               TORCH_CUDA_ARCH_LIST="9.0")
-    lib = _build.library_path(_build.build_dir_for("9.0", root=tmp_path))
-    lib.parent.mkdir(parents=True)
-    _truncated_shared_object(lib)
-    code = ("from dino_scale.ops import ms_deform_attn_cuda as m\n"
-            "try:\n    m.load()\nexcept m._build.BuildError as e:\n    print('ERR', e)\n")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
-    assert "ERR" in proc.stdout and "incomplete" in proc.stdout and str(lib) in proc.stdout, proc.stdout
-    assert not _build.library_complete(lib)
-    import _ctypes
-    assert _build.library_complete(Path(_ctypes.__file__))
-
-
-def test_build_replaces_a_truncated_library(tmp_path, monkeypatch):
-    built = []
-
-    good_build = _library_builder(built)
-
-    _fake_toolchain(monkeypatch, tmp_path, good_build)
-    build_dir = tmp_path / "ext"
-    lib = _build.build_extension(build_dir=build_dir, arch_list="9.0")
-    assert len(built) == 1 and _build.build_extension(build_dir=build_dir, arch_list="9.0") == lib
-    _truncated_shared_object(lib)
-    assert _build.build_extension(build_dir=build_dir, arch_list="9.0") == lib and len(built) == 2
-    assert lib.read_bytes() == _elf(b"library")
-
-
-def test_a_build_in_a_process_that_has_the_ops_refuses_instead_of_aborting(tmp_path, monkeypatch):
-    # cpp_extension.load loads the library it links: with the ops already registered (a forced
-    # rebuild after a load, a second build dir or arch list) TORCH_LIBRARY(dino_scale) ran twice
-    # and the process died in the library's static initializer (SIGABRT, rc 134), no exception
-    from dino_scale.ops import _build
-
-    monkeypatch.setattr(_build, "ops_registered", lambda: True)
-    monkeypatch.setattr(_build, "find_cuda_home", lambda: pytest.fail("got as far as compiling"))
-    with pytest.raises(_build.BuildError, match="already loaded in this process.*python -m dino_scale.ops build"):
-        _build.build_extension(build_dir=tmp_path / "ext", arch_list="9.0", force=True)
-    assert not _build.library_path(tmp_path / "ext").exists()
-
-
-@pytest.mark.parametrize("failure", ["no toolkit", "compiler error"])
-def test_a_forced_build_that_fails_keeps_the_library_it_would_replace(tmp_path, monkeypatch, failure):
-    """``build --force`` deleted the library before compiling: a build that then failed (no nvcc
-    on this node, a compiler error) left the cache without one, and jobs that may not JIT-build
-    (DINO_SCALE_MSDA_NO_JIT=1) ran on the PyTorch backend. The library and its stamp stay."""
-    import torch.utils.cpp_extension as cpp_ext
-
-    from dino_scale.ops import _build
-
-    ext = tmp_path / "ext"
-    ext.mkdir()
-    monkeypatch.setattr(_build, "ops_registered", lambda: False)
-    monkeypatch.setattr(_build, "find_cuda_home", lambda: str(tmp_path))
-    monkeypatch.setattr(cpp_ext, "load", _library_builder(payload=b"the library jobs load"))
-    monkeypatch.setattr(_build.torch.version, "cuda", "13.0")
-    lib = _build.build_extension(build_dir=ext, arch_list="9.0")
-    before = lib.read_bytes()
-    assert _build._up_to_date(ext, "9.0")
-    if failure == "no toolkit":
-        monkeypatch.setattr(_build, "find_cuda_home", lambda: None)
-    else:
-        def compiler_error(**kwargs):
-            raise RuntimeError("Error building extension 'dino_scale_msda': nvcc exited with 1")
-        monkeypatch.setattr(cpp_ext, "load", compiler_error)
-    expected = {"no toolkit": r"no CUDA toolkit found \(nvcc\): set CUDA_HOME",
-                "compiler error": r"building the ms_deform_attn extension failed: Error building extension "
-                                  r"'dino_scale_msda': nvcc exited with 1"}[failure]
-    with pytest.raises(_build.BuildError, match=expected):
-        _build.build_extension(build_dir=ext, arch_list="9.0", force=True)
-    assert lib.read_bytes() == before and _build._up_to_date(ext, "9.0")
-
-
-def test_a_program_header_size_no_elf64_has_is_incomplete_not_an_error(tmp_path):
-    # e_phentsize 8 with one entry: struct.error (a traceback from `ops info` and `build`)
-    import struct
-
-    ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
-    header = ident + struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, 64, 0, 0, 64, 8, 1, 64, 0, 0)
-    lib = tmp_path / "damaged.so"
-    lib.write_bytes(header + bytes(64))
-    assert _build.library_complete(lib) is False
-
-
-def test_a_short_elf_header_is_incomplete_not_an_error(tmp_path):
-    # 52-63 bytes with a 64-bit ELF ident raised struct.error (a traceback from `ops info` and
-    # the builder) instead of counting as a library to rebuild
-    lib = tmp_path / "short.so"
-    lib.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(49))  # 56 bytes
-    assert _build.library_complete(lib) is False
+    _build.library_path(cached).write_bytes(elf(b"old cache"))
+    assert _build.build_extension(arch_list="9.0").read_bytes() == elf(b"old cache") and len(built) == 3
 
 
 def test_the_build_stamp_changes_with_the_torch_it_links_against(monkeypatch):
@@ -566,7 +332,7 @@ def test_a_read_only_build_folder_serves_its_library_and_refuses_a_build_in_one_
     ext.mkdir()
     monkeypatch.setattr(_build, "ops_registered", lambda: False)
     monkeypatch.setattr(_build, "find_cuda_home", lambda: str(tmp_path))
-    monkeypatch.setattr(cpp_ext, "load", _library_builder())
+    monkeypatch.setattr(cpp_ext, "load", library_builder())
     monkeypatch.setattr(_build.torch.version, "cuda", "13.0")
     lib = _build.build_extension(build_dir=ext, arch_list="9.0")
     (ext / ".lock").unlink()

@@ -32,10 +32,10 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # OpenMP threads that wait for work sleep instead of spinning (GNU libgomp: read when torch loads
 # it, so set before any import of torch here; Ray's processes and subprocesses inherit it). `make
 # test` runs two workers on 2 cores beside Ray's processes: a spinning thread of one takes a core
-# from the others. The whole suite through .ci/run on one 2-core box: 870.5 and 929.2 s of pytest
-# with PASSIVE, 928.7, 1017.3 and 1085.1 s without (the Ray tests faster, in-process model tests slower:
-# alone, a 2-thread process trains 6.1-6.3 s with the default, 8.2-8.3 s with PASSIVE; see
-# benchmarks/README.md, "CI suite time", fifty-second session).
+# from the others. The whole suite through .ci/run on one 2-core box: 814.7, 870.5 and 929.2 s of
+# pytest with PASSIVE, 928.7, 1017.3 and 1085.1 s without; the Ray tests faster, the in-process
+# model tests slower (alone, a 2-thread process trains 6.1-6.3 s with the default, 8.2-8.3 s with
+# PASSIVE; benchmarks/README.md, "CI suite time", fifty-second session).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

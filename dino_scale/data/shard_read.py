@@ -60,7 +60,6 @@ def shard_batches(fragment: pads.ParquetFileFragment, columns: Optional[Sequence
 
 def read_columns(shard: Union[str, Path, pads.ParquetFileFragment], columns: Sequence[str]) -> pa.Table:
     """The ``columns`` of every record of ``shard`` (a local path, or a fragment from
-    :func:`open_shard`), read as :func:`shard_batches` reads."""
+    :func:`open_shard`), with the fragment's scan options, as :func:`shard_batches` reads."""
     fragment = shard if isinstance(shard, pads.ParquetFileFragment) else open_shard(shard)
-    schema = pa.schema([fragment.physical_schema.field(c) for c in columns])
-    return pa.Table.from_batches(list(shard_batches(fragment, columns, 1 << 16)), schema=schema)
+    return fragment.to_table(columns=list(columns), use_threads=False)

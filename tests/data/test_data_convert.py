@@ -1,4 +1,5 @@
-"""Conversion: schema, manifest counts, Objects365 specifics, determinism, resume."""
+"""Conversion: schema, manifest counts, Objects365 specifics, determinism, resume (converting again
+into a folder: test_data_convert_again.py)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from dino_scale.data import SCHEMA, convert_coco, iter_records, read_manifest, to_coco_gt
-from dino_scale.data import shards as shards_mod
 
 
 def _shard_bytes(out):
@@ -257,167 +257,6 @@ def test_data_coco_gt_refuses_an_image_id_of_two_folders(tmp_path):
         to_coco_gt(f"{a},{b}")
     with pytest.raises(ValueError, match="dataset folder given twice"):  # one folder twice: refused first
         to_coco_gt([a, a])
-
-
-@pytest.mark.parametrize("damage", ["footer overwritten", "column renamed"])
-def test_data_convert_again_rewrites_a_shard_damaged_at_its_size(coco_like, tmp_path, capsys, damage):
-    """Converting the same input again over a folder whose shard was damaged in place (same size)
-    converts again, as it does for a missing or cut-short shard. It answered "already converted"
-    (it compared sizes only) and returned the damaged folder, which the check before a run then
-    refused with the advice to convert again: the advice could not be followed."""
-    from dino_scale.data import ShardError
-    from dino_scale.data.preflight import preflight_shards
-
-    root, ann = coco_like
-    out = tmp_path / "out"
-    convert_coco(ann, root, out, embed_images=True, max_images_per_shard=8, progress=False)
-    before = [r["image_id"] for r in iter_records(out)]
-    shard = out / read_manifest(out)["shards"][1]["file"]
-    whole = shard.read_bytes()
-    shard.write_bytes(whole[:-204] + bytes(200) + whole[-4:] if damage == "footer overwritten"
-                      else whole.replace(b"category_ids", b"category_idz"))
-    with pytest.raises(ShardError, match=f"{shard.name} (has a footer|does not hold)"):
-        preflight_shards(out)
-    capsys.readouterr()
-    convert_coco(ann, root, out, embed_images=True, max_images_per_shard=8, progress=True)
-    said = capsys.readouterr().out
-    assert f"{shard.name} " in said and "converting again" in said and "already converted" not in said
-    assert preflight_shards(out) and [r["image_id"] for r in iter_records(out)] == before
-    convert_coco(ann, root, out, embed_images=True, max_images_per_shard=8, progress=True)
-    assert "already converted" in capsys.readouterr().out
-
-
-_READ = ("import sys, time; from dino_scale.data.readers import reading_datasets\n"
-         "with reading_datasets([sys.argv[1]], print):\n"
-         "    print('reading', flush=True); time.sleep(120)\n")
-
-
-def test_data_convert_again_refuses_a_folder_a_running_job_reads(coco_like, tmp_path):
-    """A second job converting an edited annotation file into the folder a running job trains on
-    deleted its shards and wrote new ones under the same names: the first job failed mid-epoch on
-    an unreadable shard, or read other data part-way. While a job reads it (a shared lock its
-    driver holds), such a conversion is refused and leaves the folder as it was; the same input
-    again ("already converted") is fine, and once the job ends the conversion goes ahead."""
-    import subprocess
-    import sys
-
-    from dino_scale.data.readers import DatasetInUseError
-
-    root, original = coco_like
-    ann, out = tmp_path / "annotations.json", tmp_path / "out"
-    ann.write_text(original.read_text())
-    convert_coco(ann, root, out, max_images_per_shard=8, progress=False)
-
-    def state():
-        return {p.name: p.read_bytes() for p in sorted(out.glob("*.parquet"))} | {
-            "manifest": (out / "manifest.json").read_bytes()}
-
-    before = state()
-    job = subprocess.Popen([sys.executable, "-c", _READ, str(out)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert job.stdout.readline().strip() == "reading"
-        convert_coco(ann, root, out, max_images_per_shard=8, progress=False)  # unchanged: nothing rewritten
-        data = json.loads(ann.read_text())
-        data["annotations"] = data["annotations"][:-3]  # edited in place
-        ann.write_text(json.dumps(data))
-        with pytest.raises(DatasetInUseError, match=r"the annotation file or the settings changed .* a running "
-                                                    r"job reads it .* Wait for that job to end, or convert into"):
-            convert_coco(ann, root, out, max_images_per_shard=8, progress=False)
-        assert state() == before
-    finally:
-        job.kill()
-        job.wait()
-    convert_coco(ann, root, out, max_images_per_shard=8, progress=False)
-    assert state()["manifest"] != before["manifest"]
-
-
-def test_a_job_waits_for_a_conversion_rewriting_its_dataset(tmp_path):
-    """A job that starts while its dataset folder is being converted again waits for the new
-    folder, saying so, instead of reading shards as they are deleted and written."""
-    import subprocess
-    import sys
-    import threading
-    import time
-
-    from dino_scale.data.readers import reading_datasets
-
-    folder = tmp_path / "data"
-    folder.mkdir()
-    # the rewrite ends when told to (a line on its stdin), once the job has said it waits
-    rewrite = ("import sys, time; from dino_scale.data.readers import rewriting_dataset\n"
-               "with rewriting_dataset(sys.argv[1], 'changed'):\n"
-               "    print('rewriting', flush=True); sys.stdin.readline(); released = time.time()\n"
-               "print(released, flush=True)\n")
-    proc = subprocess.Popen([sys.executable, "-c", rewrite, str(folder)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "rewriting"
-        said, entered, failed = [], [], []
-
-        def job():
-            try:
-                with reading_datasets([str(folder)], said.append):
-                    entered.append(time.time())
-            except BaseException as exc:  # noqa: BLE001 - reported by the test below
-                failed.append(exc)
-
-        thread = threading.Thread(target=job, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 60
-        while not said and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not failed, failed
-        assert said == [f"{folder.resolve()}: being converted again by another process; waiting for it to finish"]
-        assert not entered  # still waiting
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        released = float(proc.stdout.readline())
-        thread.join(timeout=60)
-        assert not failed and entered and entered[0] >= released, failed  # entered once the rewrite had ended
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-def test_data_convert_again_keeps_the_dataset_until_the_new_one_is_usable(coco_like, tmp_path, monkeypatch):
-    """A rerun with other settings removed the dataset before converting again: with a mistyped
-    image folder (every image missing) the new conversion failed, and the folder was left with
-    nothing (hours of conversion lost). The new conversion is staged in ``.next/`` and swapped in
-    once usable; a swap cut short (a crash) is finished by the next run."""
-    import os
-
-    from dino_scale.data import ConversionError
-    from dino_scale.data.manifest import shard_paths
-
-    root, ann = coco_like
-    out = tmp_path / "out"
-    first = convert_coco(ann, root, out, progress=False)
-    before = _shard_bytes(out)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ConversionError, match="could be used from the image folder"):
-        convert_coco(ann, tmp_path / "empty", out, progress=False)
-    assert read_manifest(out) == first and _shard_bytes(out) == before and not (out / ".next").exists()
-    assert len(list(iter_records(out))) == first["num_images"]
-
-    # other settings that work: swapped in; the swap cut short after its first shard is finished next time
-    replace, moved = os.replace, []
-
-    def crash_after_one_shard(src, dst):
-        if str(src).endswith(".parquet") and ".next" in str(src) and moved:
-            raise KeyboardInterrupt("killed mid-swap")
-        moved.append(src)
-        return replace(src, dst)
-
-    monkeypatch.setattr(shards_mod.os, "replace", crash_after_one_shard)
-    with pytest.raises(KeyboardInterrupt):
-        convert_coco(ann, root, out, progress=False, max_images_per_shard=3)
-    monkeypatch.setattr(shards_mod.os, "replace", replace)
-    assert not (out / "manifest.json").exists() and (out / ".next" / "manifest.json").exists()
-    again = convert_coco(ann, root, out, progress=False, max_images_per_shard=3)  # finishes the swap
-    assert again["num_images"] == first["num_images"] and len(again["shards"]) > len(first["shards"])
-    assert read_manifest(out) == again and not (out / ".next").exists()
-    assert sorted(p.name for p in shard_paths(out)) == sorted(p.name for p in out.glob("shard-*.parquet"))
-    assert len(list(iter_records(out))) == first["num_images"]
 
 
 def test_data_convert_val_split_counts_the_boxes_of_an_id_both_splits_list(tmp_path):

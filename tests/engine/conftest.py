@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine_fixtures import RaySession, make_data
+from engine_fixtures import RaySession, RayStarted, make_data
 
 
 @pytest.fixture(scope="module")
@@ -18,3 +18,14 @@ def data(tmp_path_factory):
 def ray_session():
     with RaySession(num_cpus=4) as session:
         yield session
+
+
+@pytest.fixture
+def ray_refused(monkeypatch):
+    """``api.ensure_ray`` raises :class:`~engine_fixtures.RayStarted` instead of starting Ray."""
+    from dino_scale.engine import api
+
+    def refuse(*args, **kwargs):
+        raise RayStarted
+
+    monkeypatch.setattr(api, "ensure_ray", refuse)

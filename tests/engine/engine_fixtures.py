@@ -21,6 +21,11 @@ SMALL = {
 }
 
 
+class RayStarted(Exception):
+    """Raised where Ray would start (the ``ray_refused`` fixture): a test that expects a refusal
+    before Ray sees this when the refusal did not come."""
+
+
 def small_cfg(**overrides):
     return preset("tiny", {**SMALL, **overrides})
 
@@ -108,6 +113,13 @@ class RaySession:
         finally:
             fcntl.flock(self._fh, fcntl.LOCK_UN)
             self._fh.close()
+
+
+def max_diff(a: list, b: list) -> float:
+    """The largest absolute difference between two equally nested lists of numbers."""
+    if isinstance(a, list):
+        return max((max_diff(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
+    return abs(a - b)
 
 
 def run_ranks(script: str, world: int, *args: str, timeout: float = 600) -> list[dict]:

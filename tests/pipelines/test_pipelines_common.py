@@ -1,11 +1,12 @@
-"""Shared pipeline options and the top-level error handler."""
+"""Shared pipeline options and the top-level error handler (the demo's own rules:
+test_pipelines_demo.py; the GPU default of a job on a joined cluster: test_pipelines_joined_cluster.py;
+what is refused before any data work: test_pipelines_before_data.py)."""
 from __future__ import annotations
 
 import argparse
 import re
 
 import pytest
-import torch
 
 from dino_scale.config import ConfigError, preset
 from pipelines import _common as common
@@ -282,38 +283,6 @@ def test_pipelines_common_set_is_normalized_and_checked_at_parse_time():
     assert demo.stage_overrides([]) == demo.DEMO_OVERRIDES
 
 
-def test_pipelines_common_gpu_default_looks_at_the_joined_cluster(monkeypatch, ray_lock):
-    """A job submitted with ``--preset`` and no ``--gpus`` trained on CPU on a GPU cluster: the
-    config (whose GPU default asks Ray for GPUs) was built before the pipeline joined the
-    cluster, so only the head node's torch was asked. It now joins first unless the user chose
-    (``--gpus``, ``train.use_gpu``), and a run that trains on CPU there says so."""
-    import ray
-
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    assert common.config_needs_cluster(_parse(["--preset", "tiny"]))
-    assert common.config_needs_cluster(_parse([]))
-    assert not common.config_needs_cluster(_parse(["--preset", "tiny", "--gpus", "1"]))
-    assert not common.config_needs_cluster(_parse(["--preset", "tiny", "--set", "train.use_gpu=false"]))
-    monkeypatch.delenv("RAY_ADDRESS")
-    assert not common.config_needs_cluster(_parse(["--preset", "tiny"]))
-
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # what the pipelines read (ray.init is done here)
-    ray.init(address="local", num_cpus=1, num_gpus=2, include_dashboard=False)  # a cluster with (logical) GPUs
-    try:
-        args = _parse(["--preset", "tiny"])
-        cfg = common.build_config(args)
-        assert cfg.train.use_gpu and common.device_note(cfg, args) is None
-        args = _parse(["--preset", "tiny", "--gpus", "0"])
-        assert not common.build_config(args).train.use_gpu
-        assert common.device_note(common.build_config(args), args) is None  # asked for
-    finally:
-        ray.shutdown()
-    if not torch.cuda.is_available():  # joined, no GPU there: the run says it trains on CPU
-        args = _parse(["--preset", "tiny"])
-        cfg = common.build_config(args)
-        assert not cfg.train.use_gpu and "training on CPU" in common.device_note(cfg, args)
-
-
 def test_pipelines_common_relative_work_dir_of_a_job_gets_a_note(monkeypatch, tmp_path):
     """Under ``ray job submit`` the driver runs in Ray's temporary copy of the working folder: a
     relative ``--work-dir`` (the default ``./runs``) put data, checkpoints and the store there."""
@@ -330,42 +299,6 @@ def test_pipelines_common_relative_work_dir_of_a_job_gets_a_note(monkeypatch, tm
     assert "MLFLOW_TRACKING_URI sqlite:///mlflow.db names a file relative" in note and "--work-dir" not in note
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     assert common.work_dir_note(_parse(["--work-dir", str(tmp_path / "w")])) is None
-
-
-def test_pipelines_demo_keeps_its_own_store(tmp_path, monkeypatch, mlflow_store_restored):
-    """The demo registers dino-tiny-* models and moves their aliases: with MLFLOW_TRACKING_URI set
-    (a team's server) it did so there. It now always uses ``<work-dir>/mlflow.db``, with a note."""
-    from pipelines.demo import use_own_store
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "http://mlflow.example:5000")
-    said: list[str] = []
-    uri = use_own_store(tmp_path, said.append)
-    assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
-    import mlflow
-    assert mlflow.get_tracking_uri() == uri and mlflow.get_registry_uri() == uri
-    assert len(said) == 2 and all("is not used" in m for m in said)
-
-
-def test_pipelines_demo_stages_run_on_cpu_unless_told(tmp_path, monkeypatch):
-    """The demo is documented as a CPU run, but passed no --gpus: on a machine with a GPU every
-    stage took it. It passes --gpus 0 unless its own --gpus or --set train.use_gpu says otherwise."""
-    from pipelines import demo, pretrain_o365
-
-    monkeypatch.setattr(common, "_gpus_available", lambda: True)
-
-    def use_gpu(gpus, user):
-        args = pretrain_o365.build_parser().parse_args(demo.stage_args(tmp_path, gpus, user))
-        return common.build_config(args).train.use_gpu
-
-    assert use_gpu(None, []) is False
-    assert use_gpu(1, []) is True
-    assert use_gpu(None, ["train.use_gpu=true"]) is True
-    assert use_gpu(None, ["train.use_gpu=false"]) is False
-    assert demo.stage_args(tmp_path, None, [])[:6] == ["--work-dir", str(tmp_path), "--preset", "tiny", "--gpus", "0"]
-    # the evaluate stage gets no --set: its --gpus carries the user's choice
-    assert demo._gpu_args(None, ["train.use_gpu=false"]) == ["--gpus", "0"]
-    assert demo._gpu_args(None, ["train.use_gpu=true"]) == ["--gpus", "1"]
 
 
 def test_a_flag_and_a_set_for_one_field_must_agree():
@@ -409,53 +342,6 @@ def test_a_flag_and_a_set_for_one_field_must_agree():
         check(pretrain_o365, ["--set", "model.num_classes=366", "--set", "model.dn_labelbook_size=91"])
 
 
-def test_pipelines_demo_refuses_sets_its_stages_would_override(tmp_path, monkeypatch):
-    """The demo adds ``--max-steps`` (its --pretrain-steps / --finetune-steps) after the user's
-    ``--set``: ``--set train.max_steps=10`` was silently replaced by 200."""
-    from pipelines import demo
-
-    def no_ray(*args, **kwargs):
-        raise AssertionError("the demo got past its checks and started Ray")
-
-    monkeypatch.setattr(common, "connect_ray", no_ray)
-    for argv, needle in [(["--set", "train.max_steps=10"], "--pretrain-steps and --finetune-steps"),
-                         (["--set", "data.train=/data/o365"], "synthetic sets it makes")]:
-        with pytest.raises(common.UsageError, match=needle):
-            demo.main(["--work-dir", str(tmp_path / "w"), *argv])
-    assert not (tmp_path / "w").exists()  # refused before anything ran
-
-
-def test_pipelines_demo_fresh_removes_only_a_demo_work_folder(tmp_path, monkeypatch):
-    """``demo --work-dir . --fresh`` removed the folder the user stood in, whatever it held (a
-    project with its .git): --fresh now removes only a folder holding what a demo writes, never
-    the current folder, one above it or the home folder."""
-    from pipelines import demo
-
-    def no_ray(*args, **kwargs):
-        raise AssertionError("the demo got past its checks and started Ray")
-
-    monkeypatch.setattr(common, "connect_ray", no_ray)
-    project = tmp_path / "project"
-    (project / "src").mkdir(parents=True)
-    (project / "src" / "important.py").write_text("x = 1\n")
-    with pytest.raises(common.UsageError, match=r"holds more than a demo's output \(src\)"):
-        demo.main(["--work-dir", str(project), "--fresh"])
-    assert (project / "src" / "important.py").is_file()
-    monkeypatch.chdir(project / "src")
-    with pytest.raises(common.UsageError, match="holds the current folder"):
-        demo.main(["--work-dir", "..", "--fresh"])
-    demo_work = tmp_path / "demo"
-    for name in ("data", "runs", "init", "evaluations"):
-        (demo_work / name).mkdir(parents=True)
-    for name in ("mlflow.db", "mlflow.db.lock"):  # as a demo leaves them (ls of a real run's folder)
-        (demo_work / name).write_text("")
-    demo.check_fresh_removable(demo_work)  # a demo's own folder: removable
-    from pathlib import Path
-
-    with pytest.raises(common.UsageError, match="home folder"):
-        demo.check_fresh_removable(Path.home().resolve())
-
-
 def test_the_start_up_line_says_when_the_lr_never_drops():
     cfg = preset("tiny", ["train.epochs=6"])  # the tiny preset pins its drop at epoch 11
     assert common.schedule_text(cfg) == ("lr x0.1 at epoch 11 (after this run's 6 epochs: the lr never drops; "
@@ -465,92 +351,3 @@ def test_the_start_up_line_says_when_the_lr_never_drops():
     assert common.schedule_text(preset("r50_4scale", ["train.epochs=1"])) == "lr x0.1 at epoch 1"
     assert common.schedule_text(preset("r50_4scale", ["train.epochs=6"])) == "lr x0.1 at epoch 5"
     assert common.schedule_text(preset("tiny", ["train.schedule=cosine"])) == "lr cosine"
-
-
-@pytest.mark.parametrize("stage", ["pretrain_o365", "finetune_coco"])
-def test_pipelines_common_a_job_without_a_preset_is_checked_once_joined_before_any_data(stage, tmp_path, monkeypatch,
-                                                                                         capsys, mlflow_store_restored):
-    """A job joining a cluster without ``--preset`` (its default preset looks at the cluster's
-    GPUs) had its training settings checked first inside ``fit``: after the training data was
-    converted or generated, and for fine-tuning after its starting model was fetched. It now
-    joins the cluster before any data work and is refused there (exit 2). The cluster is not
-    dialled: what is checked is the pipeline's order, so its join is recorded instead."""
-    import importlib
-
-    from pipelines._common import run_main
-
-    pipeline = importlib.import_module(f"pipelines.{stage}")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
-    joined = []
-    monkeypatch.setattr(common, "connect_ray", lambda *a, **k: joined.append(1) or "joined")
-    monkeypatch.setattr(common, "_gpus_available", lambda: False)  # a CPU cluster: the tiny preset
-    work = tmp_path / "work"
-    argv = ["--work-dir", str(work), "--workers", "2", "--set", "train.global_batch_size=7"]
-    if stage == "finetune_coco":
-        argv += ["--init", "scratch"]
-    assert run_main(pipeline.main, argv) == 2
-    err = capsys.readouterr().err
-    assert "global_batch_size" in err and joined == [1], err
-    assert not (work / "data").exists() and not list(work.glob("**/*.parquet"))  # no data generated
-    if stage == "finetune_coco":  # the default starting model, looked up once joined (none registered here)
-        monkeypatch.setattr(common, "_gpus_available", lambda: False)
-        assert run_main(pipeline.main, ["--work-dir", str(work)]) == 2
-        err = capsys.readouterr().err
-        assert "models:/dino-tiny-o365@pretrained" in err and not (work / "data").exists(), err
-
-
-def test_pipelines_common_finetune_checks_its_scale_and_tta_flags_before_any_work(monkeypatch):
-    """``--scale`` and ``--tta`` reached the config only once the data and the initial model were
-    prepared, so a scale that leaves no pixel, or TTA without sizes, was refused that late (in
-    ``fit``). They are checked with the other settings before any work now."""
-    from pipelines import finetune_coco
-
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with pytest.raises(ConfigError, match="data.train_scales must be sizes of at least 1 pixel"):
-        finetune_coco.check_args(["--init", "scratch", "--scale", "0.001"])
-    with pytest.raises(ConfigError, match="eval.tta_scales must name at least one size"):
-        finetune_coco.check_args(["--init", "scratch", "--tta", "--set", "eval.tta_scales=[]"])
-    finetune_coco.check_args(["--init", "scratch", "--scale", "1.5", "--tta"])  # fine ones pass
-
-
-@pytest.mark.parametrize("stage", ["pretrain_o365", "finetune_coco"])
-def test_pipelines_common_what_cpu_workers_cannot_run_is_refused_before_any_data(
-        stage, tmp_path, monkeypatch, capsys, caplog, mlflow_store_restored):
-    """``--set model.msda_backend=cuda`` or ``--set train.precision=fp16`` (on a CPU without fp16) with
-    CPU workers was refused inside ``fit`` only: after the dataset was converted (hours for
-    Objects365) and Ray had started. Refused now with the other settings, before any data work;
-    a job joining a cluster without ``--preset``, once joined; GPU workers run both."""
-    import importlib
-
-    from dino_scale.engine import run_checks
-    from pipelines._common import run_main
-
-    pipeline = importlib.import_module(f"pipelines.{stage}")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(run_checks, "_cpu_runs_fp16", lambda: False)
-    monkeypatch.setattr(common, "_gpus_available", lambda: False)
-    started = []
-    monkeypatch.setattr(common, "connect_ray", lambda *a, **k: started.append(1) or "joined")
-    work = tmp_path / "work"
-    init = ["--init", "scratch"] if stage == "finetune_coco" else []
-    for setting, needle in (("model.msda_backend=cuda", "model.msda_backend=cuda needs GPU workers"),
-                            ("train.precision=fp16", "train.precision=fp16 with CPU workers")):
-        assert run_main(pipeline.main, ["--work-dir", str(work), "--preset", "tiny", "--set", setting, *init]) == 2
-        err = capsys.readouterr().err
-        assert needle in err and not started, err
-        assert not (work / "data").exists() and not list(work.glob("**/*.parquet"))  # no data generated
-        pipeline.check_args(["--preset", "tiny", "--set", "train.use_gpu=true", "--set", setting, *init])  # fine
-        monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # no --preset: checked once joined, still before data
-        if setting.startswith("model."):
-            assert run_main(pipeline.main, ["--work-dir", str(work), "--set", setting, *init]) == 2
-            err = capsys.readouterr().err
-            assert needle in err and started == [1] and not (work / "data").exists(), err
-        else:  # fp16 on a joined cluster: a warning, its nodes' CPUs may differ (the run goes on)
-            args = pipeline.check_args(["--set", setting, *init])
-            with caplog.at_level("WARNING"):
-                assert common.join_cluster_for_the_preset(args, print) and started == [1]
-            assert "this machine's CPU has no fp16 support" in caplog.text
-        monkeypatch.delenv("RAY_ADDRESS")
-        started.clear()

@@ -81,8 +81,6 @@ def test_evaluate_official_file_of_another_preset_is_refused_before_data_or_ray(
     the workers' log ``RuntimeError: Error(s) in loading state_dict for DINO``, exit 1). It is now checked
     against that preset's model (built on the meta device: no memory) first: a usage error (exit 2)
     asking for ``--preset``."""
-    import torch
-
     from dino_scale.models import build_model
     from pipelines import _common, evaluate
     from pipelines._common import run_main
@@ -115,8 +113,6 @@ def test_evaluate_default_preset_follows_gpus_asked_and_the_cluster(flags, joine
     """The default preset of a model without a config followed this node's GPUs only: ``--gpus 0``
     on a GPU node picked ResNet-50, and a job joining a GPU cluster from a GPU-less head picked
     ``tiny`` (the training pipelines follow ``--gpus``, then the cluster's GPUs)."""
-    import torch
-
     from dino_scale.models import build_model
     from pipelines import _common, evaluate
     from pipelines._common import run_main
@@ -180,8 +176,6 @@ def test_evaluate_reads_an_official_file_once(tmp_path, monkeypatch, mlflow_stor
     """An official ``.pth`` (no config) was read twice on the driver: for the preset check, then
     again by the engine to hand to the workers (a Swin-L file: ~1 GB read and unpickled twice).
     The state dict of the check is now handed to the engine. Stopped where Ray would start."""
-    import torch
-
     from dino_scale.engine import api
     from dino_scale.models import build_model
     from pipelines import _common, evaluate
@@ -210,3 +204,4 @@ def test_evaluate_reads_an_official_file_once(tmp_path, monkeypatch, mlflow_stor
     with pytest.raises(RayStarted):  # read, checked against tiny, handed on: the engine reached Ray
         evaluate.run(["--model", str(path), "--work-dir", str(tmp_path / "work")])
     assert len(reads) == 1
+

@@ -208,11 +208,16 @@ def default_run_name(prefix: str) -> str:
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def set_eval_resources(cfg: Config, args: argparse.Namespace) -> Config:
+def set_eval_resources(cfg: Config, args: argparse.Namespace,
+                       log: Optional[Callable[[str], None]] = None) -> Config:
     """Evaluation and prediction run where they are started, not where the model was
     trained: workers from ``--workers`` / ``--set train.num_workers`` else 1, GPUs from
     ``--gpus`` / ``--set train.use_gpu`` else when this machine or the joined cluster has
-    any (call after :func:`connect_ray`)."""
+    any (call after :func:`connect_ray`). Without ``RAY_ADDRESS`` (Ray is this machine's) the
+    training cluster's ``train.worker_resources``, ``train.cpus_per_worker`` and
+    ``train.storage_path`` are dropped too, unless set in this call: a worker asking for a node
+    resource this machine lacks (``gpu_h100``) waited for ever, and the evaluation wrote to the
+    training run's bucket. Each dropped value is said through ``log``."""
     user = {o.split("=", 1)[0].strip() for o in (args.overrides or [])}
     if args.workers is None and "train.num_workers" not in user:
         cfg.train.num_workers = 1
@@ -220,6 +225,14 @@ def set_eval_resources(cfg: Config, args: argparse.Namespace) -> Config:
         cfg.train.min_workers = None  # a fixed group: elastic scaling is for training
     if args.gpus is None and "train.use_gpu" not in user:
         cfg.train.use_gpu = _gpus_available()
+    if not os.environ.get("RAY_ADDRESS"):
+        for key, unset in (("worker_resources", []), ("cpus_per_worker", None), ("storage_path", None)):
+            value = getattr(cfg.train, key)
+            if f"train.{key}" not in user and value != unset:
+                setattr(cfg.train, key, unset)
+                if log is not None:
+                    log(f"note: train.{key}={value!r} of the training run is not used on this machine's Ray "
+                        f"(--set train.{key}=... to use one)")
     return cfg
 
 

@@ -156,6 +156,27 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                 shutil.rmtree(download, ignore_errors=True)
 
 
+def use_own_image_roots(cfg, args: argparse.Namespace, val: str, trained_val: Optional[str], log) -> None:
+    """A validation set other than the model's own (``--data``, or a synthetic one) is read from the
+    image root its manifest records: the model's config carried its training run's
+    ``data.image_root`` / ``data.val_image_root`` (set with ``--set`` where that cluster keeps the
+    images), which were applied to it. The set was refused for a folder absent here, or scored on
+    the other folder's files of the same names. Those set in this call stay; each dropped is said."""
+    def folders(spec: Optional[str]) -> set:
+        return {Path(p).expanduser().resolve() for p in str(spec).split(",")} if spec else set()
+
+    if folders(val) == folders(trained_val):
+        return
+    user = {o.split("=", 1)[0].strip() for o in (args.overrides or [])}
+    for key in ("image_root", "val_image_root"):
+        value = getattr(cfg.data, key)
+        if value is not None and f"data.{key}" not in user:
+            setattr(cfg.data, key, None)
+            log(f"note: data.{key}={value} of the model's training run is not applied to {val} (not the "
+                f"set it was trained with): its images are read where its manifest says (--set data.{key}=... "
+                f"to change that)")
+
+
 def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> dict:
     from pipelines._init import lineage_tags
 
@@ -205,6 +226,8 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
 
         val = _one(args.data, args.images, work_dir, "dataset path", log, split="val")
     whole_dataset(val)
+    if resolved.config is not None:
+        use_own_image_roots(cfg, args, val, trained_val, log)
     from pipelines._init import _source_categories
 
     val_categories = categories_of(val)
@@ -214,7 +237,7 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
         print(mismatch, file=sys.stderr, flush=True)
     if not joined:
         log(f"Ray: {common.connect_ray()}")
-    common.set_eval_resources(cfg, args)
+    common.set_eval_resources(cfg, args, log)
     common.check_gpus_here(cfg, args)
     log(f"evaluating {args.model} ({cfg.name}, {cfg.model.num_classes} classes, tta={cfg.eval.tta}) "
         f"on {val} ({n_cats} categories), {cfg.train.num_workers} worker(s), "

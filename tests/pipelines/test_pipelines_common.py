@@ -194,6 +194,38 @@ def test_pipelines_common_eval_resources_are_this_machines():
     assert (tc.num_workers, tc.use_gpu) == (3, True)
 
 
+def test_eval_on_this_machines_ray_drops_the_training_clusters_resources_and_storage(monkeypatch):
+    """A model trained with the cluster YAMLs' node pin (``train.worker_resources=gpu_h100``), CPUs
+    per worker and a bucket was evaluated on a laptop's Ray with all three: the worker asked for a
+    resource no node there has (Ray Train waits for it, retrying), and the detections went to the
+    training run's bucket. Without RAY_ADDRESS they are dropped and said; a value set in this call,
+    or a joined cluster (its own nodes and storage), keeps them."""
+    from dino_scale.config import apply_overrides, preset
+
+    trained = ["train.worker_resources=[gpu_h100]", "train.cpus_per_worker=8", "train.storage_path=s3://b/ckpts"]
+
+    def evaluated(argv):
+        args, said = _parse(argv), []
+        cfg = preset("tiny", trained)
+        apply_overrides(cfg, list(args.overrides))
+        tc = common.set_eval_resources(common.apply_flags(cfg, args), args, said.append).train
+        return (tc.worker_resources, tc.cpus_per_worker, tc.storage_path), said
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    values, said = evaluated([])
+    assert values == ([], None, None)
+    assert said == ["note: train.worker_resources=['gpu_h100'] of the training run is not used on this machine's Ray "
+                    "(--set train.worker_resources=... to use one)",
+                    "note: train.cpus_per_worker=8.0 of the training run is not used on this machine's Ray "
+                    "(--set train.cpus_per_worker=... to use one)",
+                    "note: train.storage_path='s3://b/ckpts' of the training run is not used on this machine's Ray "
+                    "(--set train.storage_path=... to use one)"]
+    values, said = evaluated(["--set", "train.worker_resources=[big_cpu:2]", "--set", "train.cpus_per_worker=2"])
+    assert values == (["big_cpu:2"], 2.0, None) and len(said) == 1 and "storage_path" in said[0]
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a joined cluster: never dialled here
+    assert evaluated([]) == ((["gpu_h100"], 8.0, "s3://b/ckpts"), [])
+
+
 def test_pipelines_common_run_names():
     names = {common.default_run_name("pretrain-tiny") for _ in range(50)}  # same second, distinct
     assert len(names) == 50 and all(n.startswith("pretrain-tiny-") for n in names)

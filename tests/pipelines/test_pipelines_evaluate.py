@@ -1,6 +1,7 @@
 """pipelines.evaluate's printed AP table and exit status."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -205,3 +206,50 @@ def test_evaluate_reads_an_official_file_once(tmp_path, monkeypatch, mlflow_stor
         evaluate.run(["--model", str(path), "--work-dir", str(tmp_path / "work")])
     assert len(reads) == 1
 
+
+def test_evaluate_on_another_val_set_reads_its_own_images(tmp_path, monkeypatch, capsys, mlflow_store_restored):
+    """A model trained with ``--set data.val_image_root=<the cluster's folder>`` carries it in its
+    config, and ``evaluate --data <a val set here>`` applied it to that set: refused when the
+    folder is absent here, or scored on that folder's files of the same names. Another set is read
+    from its own manifest's image root; the lineage's own set, or a root set in this call, keeps
+    the value. Stopped where Ray Train would start."""
+    import dino_scale.engine.api
+    import pipelines._datasets
+    from pipelines import _common, evaluate
+    from pipelines._common import run_main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    trained_val, here = tmp_path / "trained-val", tmp_path / "val-here"
+    trained_val.mkdir()
+    cfg = preset("tiny", ["model.num_classes=91", "data.image_root=/mnt/cluster/images",
+                          "data.val_image_root=/mnt/cluster/val2017"])
+    save_weights(tmp_path / "ckpt", build_dino(cfg.model)[0].state_dict(), config=to_dict(cfg))
+    (tmp_path / "ckpt" / "lineage.json").write_text(json.dumps({"val_dir": str(trained_val)}))
+    monkeypatch.setattr(pipelines._datasets, "_one", lambda path, *a, **k: str(path))
+    monkeypatch.setattr(evaluate, "whole_dataset", lambda val: None)
+    monkeypatch.setattr(evaluate, "categories_of", lambda val: [{"id": 1, "name": "person"}])
+    monkeypatch.setattr(_common, "connect_ray", lambda *a, **k: "started embedded local Ray (4 logical CPUs)")
+    monkeypatch.setattr(_common, "_gpus_available", lambda: False)
+    seen = []
+
+    def train(cfg, weights, val, *args, **kwargs):
+        seen.append((val, cfg.data.image_root, cfg.data.val_image_root))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(dino_scale.engine.api, "evaluate_weights", train)
+
+    def evaluated(*argv):
+        assert run_main(evaluate.main, ["--model", str(tmp_path / "ckpt"), "--work-dir", str(tmp_path / "w"),
+                                        *argv]) == 0
+        return seen.pop(), capsys.readouterr().out
+
+    (val, root, val_root), out = evaluated("--data", str(here))
+    assert (val, root, val_root) == (str(here), None, None)
+    assert f"note: data.val_image_root=/mnt/cluster/val2017 of the model's training run is not applied to {here}" \
+           in out and "note: data.image_root=/mnt/cluster/images" in out
+    assert evaluated("--data", str(here), "--set", "data.val_image_root=/data/val")[0] == \
+        (str(here), None, "/data/val")
+    (val, root, val_root), out = evaluated()  # the set it was trained with: the run's roots are its own
+    assert (val, root, val_root) == (str(trained_val), "/mnt/cluster/images", "/mnt/cluster/val2017")
+    assert "is not applied" not in out

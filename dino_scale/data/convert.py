@@ -44,7 +44,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .convert_manifest import _FILE_REASONS, _ManifestAssembly
+from .convert_manifest import _FILE_REASONS, _ManifestAssembly, refuse_mixed_layout
 from .convert_passes import BUCKETING, ConversionError, scan_annotations, scan_images
 from .convert_write import _WritePass
 from .image_paths import resolve_image_path
@@ -374,6 +374,7 @@ def convert_coco(annotations: Union[str, Path], images: Optional[Union[str, Path
     kw = dict(embed=embed_images, shard_bytes=int(shard_size_mb * (1 << 20)), max_rows=max_images_per_shard,
               check_files=check_files, verify=verify_images, progress=progress, parallel=parallel)
     out = Path(out).expanduser()
+    refuse_mixed_layout(out, split=o365_val_split is not None)
     if o365_val_split is not None:
         made = not out.exists()
         try:

@@ -10,6 +10,7 @@ on (seed, bucket) only, so the same input and seed give the same rows in the sam
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -76,7 +77,8 @@ def join_bucket(work: Path, b: int, excluded: np.ndarray) -> tuple[Optional[pa.T
     # the annotations name the id only, so the first got the other files' boxes as its own
     usable = np.flatnonzero(status == "")
     order = usable[np.argsort(ids[usable], kind="stable")]
-    names = np.array(meta.column("file_name").to_pylist(), dtype=object)[order]
+    # one file however its name is spelled ('a.jpg', './a.jpg'): it resolves to one path under the root
+    names = np.array([os.path.normpath(n) for n in meta.column("file_name").to_pylist()], dtype=object)[order]
     repeat, other_file = np.zeros(len(order), bool), np.zeros(len(order), bool)
     repeat[1:] = ids[order][1:] == ids[order][:-1]
     other_file[1:] = repeat[1:] & (names[1:] != names[:-1])

@@ -8,13 +8,14 @@ import json
 import logging
 import os
 import shutil
+from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
 from .convert_passes import DROP_REASONS, ConversionError, image_check_warnings
 from .integrity import CHECKSUMS
-from .manifest import FORMAT
+from .manifest import CONVERT_WORK_NAME, FORMAT, MANIFEST_NAME
 from .shards import crowd_boxes, shard_files
 
 log = logging.getLogger("dino_scale.data.convert")  # the conversion's logger, whichever module of it logs
@@ -29,6 +30,35 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if v) or "none"
 
 
+# the datasets a folder given as --data holds (pipelines._datasets.dataset_parts), when it is none itself
+DATASET_PARTS = ("train", "train_extra", "val")
+
+
+def _holds_dataset(folder: Path) -> bool:
+    """A dataset in ``folder``, finished or not: a manifest, shards or a conversion's work folder."""
+    return (folder / MANIFEST_NAME).is_file() or (folder / CONVERT_WORK_NAME).is_dir() or bool(shard_files(folder))
+
+
+def refuse_mixed_layout(out: Path, split: bool) -> None:
+    """:class:`ConversionError` when ``out`` holds the other layout: a dataset (``split``: an
+    Objects365 split would go in its ``val/`` and ``train_extra/``), or datasets in ``train/``,
+    ``train_extra/`` or ``val/`` (not ``split``: ``out`` would become a dataset itself). A folder that
+    is a dataset is read as that one dataset, its parts never: such a conversion exited 0 and
+    ``--data out`` went on reading the other dataset, the val images among the training ones."""
+    if not out.is_dir():
+        return
+    if split and _holds_dataset(out):
+        raise ConversionError(
+            f"{out} holds a dataset converted without --o365-val-split: the split would go in its val/ and "
+            f"train_extra/, which `--data {out}` never reads (the folder is read as that dataset); give another "
+            f"output folder, or remove that dataset first")
+    parts = [name for name in DATASET_PARTS if _holds_dataset(out / name)]
+    if not split and parts:
+        raise ConversionError(
+            f"{out} holds the datasets {', '.join(p + '/' for p in parts)} (a folder given as --data): converting "
+            f"into it would make {out} a dataset itself, read by `--data {out}` in their place; give another "
+            f"output folder (e.g. {out / 'train'})")
+
 class _ManifestAssembly:
     """Manifest assembly and the usability check of :class:`~.convert._Converter` (its ``out``, ``work``,
     ``ann_path``, ``images``, ``select``, ``signature`` ... and ``say``)."""
@@ -42,7 +72,9 @@ class _ManifestAssembly:
         skipped, dropped = manifest["images_skipped"], manifest["boxes_dropped"]
         problem = None
         if not manifest["images_in"]:
-            if tuple(self.select) != (0, None):  # --o365-val-split past the file's images: an empty split, said
+            # --o365-val-split past the file's images: an empty train_extra, said. The val part starts
+            # at the first image: empty only for a file listing none (was exit 0, both parts empty)
+            if self.select[0] > 0:
                 self.say(f"{self.out}: no image of {self.ann_path} falls in this split (images "
                          f"{self.select[0]}..{'end' if self.select[1] is None else self.select[1] - 1}): empty")
                 return

@@ -174,3 +174,31 @@ def test_data_convert_again_keeps_the_dataset_until_the_new_one_is_usable(coco_l
     assert read_manifest(out) == again and not (out / ".next").exists()
     assert sorted(p.name for p in shard_paths(out)) == sorted(p.name for p in out.glob("shard-*.parquet"))
     assert len(list(iter_records(out))) == first["num_images"]
+
+
+def test_data_convert_refuses_a_folder_of_the_other_layout(o365_like, tmp_path):
+    """An Objects365 split into a folder holding a dataset put val/ and train_extra/ inside it, exit
+    0; ``--data`` then read the folder as the old dataset (the val images among the training ones)
+    and never its parts. A plain conversion into a folder holding split parts hid them the same
+    way. Both are refused and leave the folder as it was; each layout converts again into itself."""
+    from dino_scale.data import ConversionError
+    from pipelines._datasets import dataset_parts
+
+    root, ann = o365_like
+    plain = tmp_path / "plain"
+    convert_coco(ann, root, plain, progress=False)
+    before = sorted(p.name for p in plain.iterdir())
+    with pytest.raises(ConversionError, match=f"{plain} holds a dataset converted without --o365-val-split"):
+        convert_coco(ann, root, plain, o365_val_split=10, progress=False)
+    assert sorted(p.name for p in plain.iterdir()) == before
+    convert_coco(ann, root, plain, progress=False)  # the same layout again: fine
+    split = tmp_path / "split"
+    convert_coco(ann, root, split, o365_val_split=10, progress=False)
+    convert_coco(ann, root, split, o365_val_split=10, progress=False)
+    with pytest.raises(ConversionError, match=r"holds the datasets train_extra/, val/ \(a folder given as --data\)"):
+        convert_coco(ann, root, split, progress=False)
+    assert not (split / "manifest.json").exists() and not list(split.glob("shard-*"))
+    assert list(dataset_parts(split)) == ["train_extra", "val"]
+    (split / "train").mkdir()  # the recipe's layout: Objects365 train beside the split's parts
+    convert_coco(ann, root, split / "train", progress=False)
+    assert list(dataset_parts(split)) == ["train", "train_extra", "val"]

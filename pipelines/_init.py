@@ -10,7 +10,6 @@ checks the result loads strictly, and writes ``out_dir/model.safetensors`` +
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -57,11 +56,19 @@ def is_remote(uri: str) -> bool:
     return uri.startswith(("models:/", "runs:/"))
 
 
-def _require_local(uri: str) -> None:
-    """A one-line :class:`UsageError` when the local model path ``uri`` does not exist."""
-    if not Path(uri[7:] if uri.startswith("file://") else uri).expanduser().exists():
+def _require_local(uri: str) -> Path:
+    """The absolute path of the local model ``uri`` (a path or a ``file:`` URI); a one-line
+    :class:`UsageError` when it names another host or does not exist."""
+    from dino_scale.tracking.uris import local_path
+
+    try:
+        path = local_path(uri)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not path.exists():
         raise UsageError(f"model not found: {uri} (expected models:/name@alias, models:/name/N, models:/name/latest, "
                          f"runs:/<run_id>/model, a checkpoint folder/file or an official .pth)")
+    return path.resolve()
 
 
 def check_exists(uri: str) -> None:
@@ -127,8 +134,9 @@ def resolve(uri: str, dst_dir: Path):
     from dino_scale.tracking.registry import resolve_model_uri
 
     if not is_remote(uri):
-        uri = os.path.expanduser(uri)  # '~' the shell left (quoted, or after '=')
-        _require_local(uri)
+        # absolute ('~' the shell left expanded): the run's tags, lineage and resume check record it,
+        # and 'final' named another folder from another working directory (and './final' other weights)
+        uri = str(_require_local(uri))
     try:
         return resolve_model_uri(uri, dst_dir=dst_dir)
     except MlflowException as exc:
@@ -316,7 +324,7 @@ def prepare_init(uri: str, cfg: Config, target_categories: list[dict], out_dir: 
         raise UsageError(f"{uri} shares no weights with preset {cfg.name!r}; pass the matching --preset")
     load_official_state_dict(model, state)  # strict: proves the result is loadable
     log(report.summary())
-    lineage = {"init_uri": uri, **tags,
+    lineage = {"init_uri": str(resolved.uri), **tags,
                "class_transfer": {"matched": {str(k): v for k, v in report.matched.items()},
                                   "fresh": report.unmatched_target}}
     save_weights(out_dir, model.state_dict(), config=to_dict(cfg))

@@ -18,8 +18,10 @@ def run_and_path(uri: str) -> tuple[str, str]:
 
 
 def download_siblings(client, run_id: str, path: str, dst: Path, store: Optional[str] = None) -> None:
-    """The ``config.json`` and ``lineage.json`` next to the run artifact file ``path`` (downloaded
-    under ``dst``), where the run has them: a file URI lost the model's config."""
+    """What a model folder holds beside its weights, next to the run artifact file ``path``
+    (downloaded under ``dst``), where the run has them: the config, the lineage, and the categories
+    by which fine-tuning maps class heads and predict names labels (a URI naming the weights file
+    lost them: heads initialized fresh, labels printed as numbers)."""
     from urllib.parse import unquote, urlparse
 
     from dino_scale.engine.checkpoint import CONFIG_NAME
@@ -31,7 +33,7 @@ def download_siblings(client, run_id: str, path: str, dst: Path, store: Optional
         listed = {p.name for p in local.iterdir()} if local.is_dir() else set()
     else:
         listed = {Path(a.path).name for a in client.list_artifacts(run_id, folder or None)}
-    for name in (CONFIG_NAME, "lineage.json"):
+    for name in (CONFIG_NAME, "lineage.json", "categories.json"):
         if name in listed:
             download_run_artifact(client, run_id, f"{folder}/{name}" if folder else name, dst, store)
 
@@ -46,14 +48,16 @@ def download_version(client, mv, dst: Path, tracking_uri: Optional[str]) -> Path
 
     source = mv.source.rstrip("/")
     store = tracking_uri or getattr(client, "tracking_uri", None)
-    if source.startswith("runs:/"):
-        run_id, path = run_and_path(source)
-        return download_run_artifact(client, run_id, path, dst, store)
-    if mv.run_id:
+    run_id, path = run_and_path(source) if source.startswith("runs:/") else (None, None)
+    if run_id is None and mv.run_id:
         base = client.get_run(mv.run_id).info.artifact_uri.rstrip("/")
         if source == base or source.startswith(base + "/"):
-            path = source[len(base):].strip("/")
-            return download_run_artifact(client, mv.run_id, path or MODEL_ARTIFACT_PATH, dst, store)
+            run_id, path = mv.run_id, source[len(base):].strip("/") or MODEL_ARTIFACT_PATH
+    if run_id is not None:
+        local = download_run_artifact(client, run_id, path, dst, store)
+        if local.is_file():  # a version of the weights file: its config, lineage and categories too
+            download_siblings(client, run_id, path, dst, store)
+        return local
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=moved_store_uri(mv.source, store) or mv.source,
                                                     dst_path=str(dst), tracking_uri=tracking_uri))
 

@@ -31,6 +31,7 @@ from dino_scale.tracking.downloads import (
 )
 from dino_scale.tracking.refusals import is_refusal
 from dino_scale.tracking.search import filter_literal, pages
+from dino_scale.tracking.uris import local_path
 
 __all__ = [
     "ResolvedModel", "register_model", "set_alias", "get_version_by_alias", "resolve_model_uri",
@@ -314,8 +315,7 @@ def resolve_model_uri(uri: str, dst_dir: Optional[str | Path] = None,
         except BaseException:  # the folder made above, which the caller never learns of: the download
             shutil.rmtree(dst, ignore_errors=True)  # (gigabytes) would stay
             raise
-    path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
-    return _from_local(path, uri, lineage)
+    return _from_local(local_path(uri), uri, lineage)
 
 
 def load_model_from_uri(uri: str, device: str = "cpu", tracking_uri: Optional[str] = None,

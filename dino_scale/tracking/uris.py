@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["absolute_sqlite_uri", "default_tracking_uri", "sqlite_artifact_location"]
+__all__ = ["absolute_sqlite_uri", "default_tracking_uri", "local_path", "sqlite_artifact_location"]
 
 
 def absolute_sqlite_uri(uri: str) -> str:
@@ -53,3 +53,20 @@ def sqlite_artifact_location(tracking_uri: str, experiment: str) -> Optional[str
         return None
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in experiment) or "default"
     return (Path(db).resolve().parent / "mlartifacts" / safe).as_uri()
+
+
+def local_path(uri: str) -> Path:
+    """The path a model URI that names no registry or run artifact stands for: a path (``~``
+    expanded) or a ``file:`` URI as ``Path.as_uri()`` and MLflow write them (``file:///a/b%20c``,
+    ``file://localhost/a``). The ``file://`` prefix was cut off as text: a percent-encoded name
+    (a space) was not found, and ``file://localhost/a`` was the relative path ``localhost/a``.
+    :class:`ValueError` for a ``file:`` URI naming another host."""
+    from urllib.parse import unquote, urlparse
+
+    if not uri.startswith("file:"):
+        return Path(uri).expanduser()
+    parsed = urlparse(uri)
+    if parsed.netloc not in ("", "localhost"):
+        raise ValueError(f"{uri} names a file on the host {parsed.netloc!r}: give a path on this machine "
+                         f"(file:///absolute/path, or the path itself)")
+    return Path(unquote(parsed.path))

@@ -309,3 +309,28 @@ def test_pipelines_init_finetune_passes_its_class_heads_flag(tmp_path, monkeypat
     with pytest.raises(SystemExit) as exited:
         finetune_coco.build_parser().parse_args(argv + ["--class-heads", "reinit"])
     assert exited.value.code == 2
+
+
+def test_pipelines_init_local_sources_are_file_uris_too_and_recorded_absolute(o365_checkpoint, tmp_path, monkeypatch):
+    """A ``file:`` URI lost its prefix as text: ``Path.as_uri()``'s percent-encoded space was not
+    found, and ``file://localhost/...`` read as the relative ``localhost/...``. A relative path was
+    recorded as typed (tags, lineage.json, the resume check's source identity): ``final`` from
+    another folder passed as the same source, ``./final`` as another one. Recorded absolute now."""
+    import shutil
+
+    from pipelines._init import resolve
+
+    ckpt, _src = o365_checkpoint
+    spaced = tmp_path / "final dir"
+    shutil.copytree(ckpt, spaced)
+    for uri in (spaced.as_uri(), f"file://localhost{spaced}", f"file://{spaced}"):
+        resolved = resolve(uri, tmp_path / "dl")
+        assert resolved.weights_path.parent == spaced and resolved.uri == str(spaced), uri
+    with pytest.raises(UsageError, match="names a file on the host 'elsewhere'"):
+        resolve(f"file://elsewhere{spaced}", tmp_path / "dl")
+    coco = [{"id": c["id"], "name": c["name"]} for c in synthetic.categories("coco-like")]
+    cfg = preset("tiny", ["model.num_classes=91", "model.dn_labelbook_size=91"])
+    monkeypatch.chdir(tmp_path)
+    init = prepare_init("./final dir", cfg, coco, tmp_path / "init", log=lambda m: None)
+    assert init.lineage["source.uri"] == str(spaced.resolve())
+    assert json.loads((init.path / "lineage.json").read_text())["init_uri"] == str(spaced.resolve())

@@ -28,6 +28,7 @@ def logged_model(tmp_path):
     folder = tmp_path / "final"
     save_weights(folder, model.state_dict(), config=to_dict(cfg))
     (folder / "lineage.json").write_text(json.dumps({"init_weights": "models:/dino-tiny-o365@pretrained"}))
+    (folder / "categories.json").write_text(json.dumps([{"id": 1, "name": "person"}]))
     runs = []
     for i in range(2):
         logger = ResilientLogger(uri)
@@ -202,15 +203,22 @@ def test_a_version_registered_from_another_artifact_resolves_to_that_artifact(tm
 
 def test_a_run_uri_naming_the_weights_file_brings_its_config(logged_model, tmp_path):
     """``runs:/<id>/model/model.safetensors`` downloaded the file alone: the model's config.json
-    beside it in the run was not read ("carries no config"). A damaged config.json was a bare
-    JSONDecodeError naming no file."""
+    beside it in the run was not read ("carries no config"). Its categories.json was still left
+    behind (fine-tuning then initialized the class heads fresh instead of mapping them by name, and
+    predict printed numbers for labels), and a registered version of the file brought nothing
+    beside it. A damaged config.json was a bare JSONDecodeError naming no file."""
     from dino_scale.config import ConfigError
 
     uri, cfg, _model, folder, runs = logged_model
-    resolved = resolve_model_uri(f"runs:/{runs[0]}/model/model.safetensors", dst_dir=tmp_path / "dl", tracking_uri=uri)
-    assert resolved.weights_path.name == "model.safetensors" and resolved.config is not None
-    assert resolved.config.model.num_classes == cfg.model.num_classes
-    assert resolved.lineage["init_weights"] == "models:/dino-tiny-o365@pretrained"
+    file_version = register_model(runs[0], "dino-file-version", "model/model.safetensors", tracking_uri=uri)
+    file_uris = (f"runs:/{runs[0]}/model/model.safetensors", f"models:/dino-file-version/{file_version}")
+    for n, model_uri in enumerate(file_uris):
+        resolved = resolve_model_uri(model_uri, dst_dir=tmp_path / f"dl{n}", tracking_uri=uri)
+        assert resolved.weights_path.name == "model.safetensors" and resolved.config is not None, model_uri
+        assert resolved.config.model.num_classes == cfg.model.num_classes
+        assert resolved.lineage["init_weights"] == "models:/dino-tiny-o365@pretrained"
+        categories = resolved.weights_path.with_name("categories.json")
+        assert json.loads(categories.read_text()) == [{"id": 1, "name": "person"}], model_uri
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"config.json is not a readable config .*damaged"):
         resolve_model_uri(str(folder))

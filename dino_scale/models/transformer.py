@@ -223,7 +223,11 @@ class DeformableTransformer(nn.Module):
         self.num_queries = num_queries
         self.num_feature_levels = num_feature_levels
         self.num_decoder_layers = num_decoder_layers
-        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        # (L, C), added to each level's position embedding, which only the encoder reads: made for
+        # several levels and an encoder only, as the official (else never trained, a key its
+        # checkpoints of such a config lack)
+        self.register_parameter("level_embed", nn.Parameter(torch.empty(num_feature_levels, d_model))
+                                if num_feature_levels > 1 and num_encoder_layers > 0 else None)
         self.encoder = DeformableEncoder(
             [DeformableEncoderLayer(d_model, dim_feedforward, dropout, activation, num_feature_levels, nhead,
                                     enc_n_points, msda_backend) for _ in range(num_encoder_layers)],
@@ -246,17 +250,18 @@ class DeformableTransformer(nn.Module):
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
                 m.reset_parameters()
-        nn.init.normal_(self.level_embed)
+        if self.level_embed is not None:
+            nn.init.normal_(self.level_embed)
 
     def flatten_levels(self, srcs: List[Tensor], masks: List[Tensor], pos_embeds: List[Tensor]
                        ) -> Tuple[Tensor, Tensor, Tensor]:
         """srcs/pos_embeds [(B,C,H_l,W_l)], masks [(B,H_l,W_l)] -> the levels flattened and
         concatenated token-wise: src (B,S,C), mask (B,S), pos (B,S,C) plus each level's
-        ``level_embed``. Tensors only: compiled as one region by ``compile_regions``."""
+        ``level_embed`` (when there is one). Tensors only: compiled as one region by ``compile_regions``."""
         src_flat = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
         mask_flat = torch.cat([mask.flatten(1) for mask in masks], 1)
         pos = [p.flatten(2).transpose(1, 2) for p in pos_embeds]
-        if self.num_feature_levels > 1:
+        if self.level_embed is not None:
             pos = [p + self.level_embed[lvl].view(1, 1, -1) for lvl, p in enumerate(pos)]
         return src_flat, mask_flat, torch.cat(pos, 1)
 

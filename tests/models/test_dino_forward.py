@@ -349,3 +349,21 @@ def test_denoising_queries_do_not_leak_into_the_matching_queries(tiny, monkeypat
     monkeypatch.setattr(model.transformer, "forward", lambda *a: forward(*a[:-1], None))
     leaked = matching(True)
     assert not torch.allclose(leaked["pred_logits"], plain["pred_logits"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("override", [{}, {"num_feature_levels": 1}, {"enc_layers": 0}])
+def test_every_trainable_parameter_gets_a_gradient(override):
+    """With one feature level, or no encoder layer, ``transformer.level_embed`` was made and never
+    trained (only the encoder reads the position embedding it is added to): a parameter left at
+    its random init, and a key the official checkpoints of such a config lack. It is made, as the
+    official makes it, for several levels read by an encoder only."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    model, criterion, _ = build_dino(dataclasses.replace(preset("tiny").model, **override))
+    images, masks, targets = _batch()
+    model.train()
+    loss, _ = _loss(criterion, model(images, masks, targets), targets)
+    loss.backward()
+    untrained = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert untrained == [] and ("transformer.level_embed" in model.state_dict()) == (not override)

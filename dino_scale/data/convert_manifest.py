@@ -59,6 +59,7 @@ def refuse_mixed_layout(out: Path, split: bool) -> None:
             f"into it would make {out} a dataset itself, read by `--data {out}` in their place; give another "
             f"output folder (e.g. {out / 'train'})")
 
+
 class _ManifestAssembly:
     """Manifest assembly and the usability check of :class:`~.convert._Converter` (its ``out``, ``work``,
     ``ann_path``, ``images``, ``select``, ``signature`` ... and ``say``)."""

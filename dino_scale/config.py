@@ -134,7 +134,7 @@ class TrainConfig:
     ema_decay: Optional[float] = None
     checkpoint_every_steps: int = 500
     max_failures: int = 0
-    # consecutive non-finite-loss micro-batches (global: with accumulation, several per step) before aborting
+    # consecutive non-finite-loss micro-batches (global: with accumulation, several per step) before aborting (>= 1)
     max_bad_steps: int = 5
     storage_path: Optional[str] = None  # local folder, s3:// or gs://
     seed: int = 42

@@ -188,8 +188,8 @@ def check_train_config(cfg: TrainConfig, micro_batch_size: int, world_size: int)
     """Everything the workers would check on start, checked on the driver before a run,
     Ray or MLflow starts (a :class:`ConfigError` there came back as a worker-group failure,
     retried ``max_failures`` times): ZeRO stage, precision and batch sizes, the lr schedule,
-    the EMA decay, the checkpoint/log intervals (0 divided by zero after the first step) and the
-    checkpoints kept (0 was read as 1), an
+    the EMA decay, the checkpoint/log intervals (0 divided by zero after the first step), the
+    checkpoints kept (0 was read as 1) and the bad steps in a row that abort, an
     elastic run's ZeRO stage, the lrs (``lr`` > 0), weight decay and clipping norm, ``max_steps``,
     ``epochs`` and ``warmup_steps``, ``torch_threads``, ``cpus_per_worker`` and the compile settings."""
     check_zero_and_precision(cfg)
@@ -201,7 +201,8 @@ def check_train_config(cfg: TrainConfig, micro_batch_size: int, world_size: int)
                           "DeepSpeed cannot do for ZeRO-3 checkpoints: use train.zero_stage <= 2")
     if cfg.ema_decay is not None and not 0.0 < cfg.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in (0, 1), got {cfg.ema_decay}")
-    for key in ("checkpoint_every_steps", "log_every_steps", "checkpoints_to_keep"):
+    # max_bad_steps 0 (or less) never aborted: a run whose every loss was NaN finished and registered its start
+    for key in ("checkpoint_every_steps", "log_every_steps", "checkpoints_to_keep", "max_bad_steps"):
         if int(getattr(cfg, key)) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(cfg, key)}")
     # AdamW checks only its default lr and weight decay: a group's own (the backbone's lr) went

@@ -21,6 +21,8 @@ pytestmark = pytest.mark.usefixtures("ray_refused")
     ({"train.schedule": "linear"}, "unknown schedule 'linear'"),
     ({"train.checkpoint_every_steps": 0}, "checkpoint_every_steps must be >= 1"),
     ({"train.checkpoints_to_keep": 0}, "checkpoints_to_keep must be >= 1, got 0"),  # was kept as 1
+    # 0 never aborted: a run whose every loss was NaN took no step, finished and registered its start
+    ({"train.max_bad_steps": 0}, r"train.max_bad_steps must be >= 1, got 0"),
     # 'step' dropped the lr at the first epoch listed only
     ({"train.lr_drop_epochs": [8, 10]}, r"schedule 'step' drops the lr once.*\[8, 10\].*'multistep'"),
     ({"train.ema_decay": 1.5}, "ema_decay must be in"),

@@ -210,14 +210,13 @@ def default_run_name(prefix: str) -> str:
 
 def set_eval_resources(cfg: Config, args: argparse.Namespace,
                        log: Optional[Callable[[str], None]] = None) -> Config:
-    """Evaluation and prediction run where they are started, not where the model was
-    trained: workers from ``--workers`` / ``--set train.num_workers`` else 1, GPUs from
-    ``--gpus`` / ``--set train.use_gpu`` else when this machine or the joined cluster has
-    any (call after :func:`connect_ray`). Without ``RAY_ADDRESS`` (Ray is this machine's) the
-    training cluster's ``train.worker_resources``, ``train.cpus_per_worker`` and
-    ``train.storage_path`` are dropped too, unless set in this call: a worker asking for a node
-    resource this machine lacks (``gpu_h100``) waited for ever, and the evaluation wrote to the
-    training run's bucket. Each dropped value is said through ``log``."""
+    """Evaluation and prediction run where they are started, not where the model was trained:
+    workers from ``--workers`` / ``--set train.num_workers`` else 1, GPUs from ``--gpus`` /
+    ``--set train.use_gpu`` else when this machine or the joined cluster has any (call after
+    :func:`connect_ray`). Without ``RAY_ADDRESS`` (this machine's Ray) the training cluster's
+    ``train.worker_resources``, ``cpus_per_worker`` and ``storage_path`` are dropped too (said
+    through ``log``) unless set in this call: a worker asking for a resource no node here has
+    (``gpu_h100``) waited for ever, and the evaluation wrote to the training run's bucket."""
     user = {o.split("=", 1)[0].strip() for o in (args.overrides or [])}
     if args.workers is None and "train.num_workers" not in user:
         cfg.train.num_workers = 1

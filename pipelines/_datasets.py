@@ -17,7 +17,8 @@ import hashlib
 from pathlib import Path
 from typing import Callable, Optional
 
-from dino_scale.data.manifest import CONVERT_WORK_NAME, MANIFEST_NAME as MANIFEST, absolute_data_dirs, repeated_paths
+from dino_scale.data.manifest import (
+    DATASET_PARTS, MANIFEST_NAME as MANIFEST, absolute_data_dirs, holds_dataset, repeated_paths)
 from pipelines._common import UsageError, check_path
 
 
@@ -25,21 +26,15 @@ def _is_dataset(p: Path) -> bool:
     return (p / MANIFEST).is_file()
 
 
-def _unfinished_dataset(p: Path) -> bool:
-    """A folder with shards or a conversion's work folder but no manifest: a conversion cut short,
-    or a copy that lost its manifest (reading it names which, :func:`~dino_scale.data.read_manifest`)."""
-    return (p / CONVERT_WORK_NAME).is_dir() or any(p.glob("shard-*.parquet"))
-
-
 def dataset_parts(folder: Path) -> dict[str, Path]:
     """The ``train``, ``train_extra`` and ``val`` datasets a folder that is no dataset itself holds
     (the form ``--data`` takes), by name, in that order; {} for a dataset folder. An unfinished one
-    (:func:`_unfinished_dataset`) is listed too, so that reading it refuses it by name: it was left
-    out without a word (check-data passed the folder; training went on without that split)."""
+    (:func:`~dino_scale.data.manifest.holds_dataset`) is listed too, so that reading it refuses it by
+    name: it was left out without a word (check-data passed the folder; training went on without that
+    split)."""
     if _is_dataset(folder):
         return {}
-    return {name: folder / name for name in ("train", "train_extra", "val")
-            if _is_dataset(folder / name) or (folder / name).is_dir() and _unfinished_dataset(folder / name)}
+    return {name: folder / name for name in DATASET_PARTS if holds_dataset(folder / name)}
 
 
 def _convert(ann: Path, images: Optional[str], work_dir: Path, log: Callable[[str], None]) -> Path:

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from .convert_passes import DROP_REASONS, ConversionError, image_check_warnings
 from .integrity import CHECKSUMS
-from .manifest import CONVERT_WORK_NAME, FORMAT, MANIFEST_NAME
+from .manifest import DATASET_PARTS, FORMAT, holds_dataset
 from .shards import crowd_boxes, shard_files
 
 log = logging.getLogger("dino_scale.data.convert")  # the conversion's logger, whichever module of it logs
@@ -30,15 +30,6 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if v) or "none"
 
 
-# the datasets a folder given as --data holds (pipelines._datasets.dataset_parts), when it is none itself
-DATASET_PARTS = ("train", "train_extra", "val")
-
-
-def _holds_dataset(folder: Path) -> bool:
-    """A dataset in ``folder``, finished or not: a manifest, shards or a conversion's work folder."""
-    return (folder / MANIFEST_NAME).is_file() or (folder / CONVERT_WORK_NAME).is_dir() or bool(shard_files(folder))
-
-
 def refuse_mixed_layout(out: Path, split: bool) -> None:
     """:class:`ConversionError` when ``out`` holds the other layout: a dataset (``split``: an
     Objects365 split would go in its ``val/`` and ``train_extra/``), or datasets in ``train/``,
@@ -47,12 +38,12 @@ def refuse_mixed_layout(out: Path, split: bool) -> None:
     ``--data out`` went on reading the other dataset, the val images among the training ones."""
     if not out.is_dir():
         return
-    if split and _holds_dataset(out):
+    if split and holds_dataset(out):
         raise ConversionError(
             f"{out} holds a dataset converted without --o365-val-split: the split would go in its val/ and "
             f"train_extra/, which `--data {out}` never reads (the folder is read as that dataset); give another "
             f"output folder, or remove that dataset first")
-    parts = [name for name in DATASET_PARTS if _holds_dataset(out / name)]
+    parts = [name for name in DATASET_PARTS if holds_dataset(out / name)]
     if not split and parts:
         raise ConversionError(
             f"{out} holds the datasets {', '.join(p + '/' for p in parts)} (a folder given as --data): converting "

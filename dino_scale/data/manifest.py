@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence, Union
 __all__ = [
     "MANIFEST_NAME", "FORMAT", "CONVERT_WORK_NAME", "PathLike", "read_manifest", "shard_paths", "conversion_losses",
     "data_dirs", "repeated_paths", "absolute_data_dirs", "category_ids", "ShardError", "check_shards",
-    "ManifestError",
+    "ManifestError", "DATASET_PARTS", "holds_dataset",
 ]
 
 FORMAT = "dino_scale.records/1"
@@ -23,6 +23,15 @@ CONVERT_WORK_NAME = ".convert-work"  # a conversion's work folder, in its datase
 MANIFEST_NAME = "manifest.json"
 
 PathLike = Union[str, Path]
+# the datasets a folder given as --data holds, in this order, when it is no dataset itself
+DATASET_PARTS = ("train", "train_extra", "val")
+
+
+def holds_dataset(folder: Path) -> bool:
+    """A dataset in ``folder``, finished or not: a manifest, or shards or a conversion's work folder
+    without one (a conversion cut short, or a copy that lost its manifest: reading it names which)."""
+    return ((folder / MANIFEST_NAME).is_file() or (folder / CONVERT_WORK_NAME).is_dir()
+            or any(folder.glob("shard-*.parquet")))
 
 
 def data_dirs(data_dir: Union[PathLike, Sequence[PathLike]]) -> list[Path]:

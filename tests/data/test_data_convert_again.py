@@ -9,10 +9,7 @@ import pytest
 
 from dino_scale.data import convert_coco, iter_records, read_manifest
 from dino_scale.data import shards as shards_mod
-
-
-def _shard_bytes(out):
-    return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*.parquet"))}
+from test_data_convert import _shard_bytes
 
 
 @pytest.mark.parametrize("damage", ["footer overwritten", "column renamed"])

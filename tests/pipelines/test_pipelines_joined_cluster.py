@@ -2,17 +2,10 @@
 the joined cluster's, not the head node's (a real local Ray with logical GPUs)."""
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from pipelines import _common as common
-
-
-def _parse(argv):
-    p = argparse.ArgumentParser()
-    common.add_common_args(p, data_help="data")
-    return p.parse_args(argv)
+from test_pipelines_common import _parse
 
 
 def test_pipelines_gpu_default_looks_at_the_joined_cluster(monkeypatch, ray_lock):

@@ -16,6 +16,7 @@ stays in memory.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from array import array
 from pathlib import Path
@@ -189,7 +190,7 @@ def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
                 if len(turned) < 5:
                     turned.append(fname)
         if not status:
-            name_hashes.append(hash(fname))
+            name_hashes.append(hash(os.path.normpath(fname)))  # 'a.jpg', './a.jpg': one file
         b = bucket_of_id(iid, nb)
         buf.setdefault(b, []).append((pos, iid, fname, int(w) if not status else 0, int(h) if not status else 0,
                                       status))
@@ -207,12 +208,13 @@ def scan_images(path: Path, images: Optional[Path], work: Path, nb: int,
 
 
 def _usable_rows(work: Path, nb: int):
-    """(image id, file name) of every usable entry the image pass wrote to ``work``."""
+    """(image id, file name) of every usable entry the image pass wrote to ``work``; the name
+    normalized (``os.path.normpath``) as the duplicate-id check compares them."""
     for b in range(nb):
         rows = read_image_rows(work / f"images-{b:05d}.arrow")
         if rows is not None:
             cols = (rows.column(c).to_pylist() for c in ("image_id", "file_name", "status"))
-            yield from ((iid, name) for iid, name, status in zip(*cols) if not status)
+            yield from ((iid, os.path.normpath(name)) for iid, name, status in zip(*cols) if not status)
 
 
 def _shared_files(work: Path, nb: int, name_hashes: np.ndarray) -> dict[str, Any]:

@@ -233,7 +233,7 @@ def test_data_one_file_under_several_ids_is_warned_about(tmp_path, caplog):
     """Two image entries with different ids naming one file were converted as two images, each with
     its own boxes: the file was trained on twice per epoch, each time with the other entry's
     objects as background, and nothing said so. The conversion counts and names such files, in its
-    log and manifest. Ids it skips as duplicate_id are not counted: an id listed twice for the
+    log and manifest, however a name is spelled ('./b.png' is b.png). Ids it skips as duplicate_id are not counted: an id listed twice for the
     same file (kept once), an id that names two files (kept by neither)."""
     import logging
 
@@ -242,17 +242,18 @@ def test_data_one_file_under_several_ids_is_warned_about(tmp_path, caplog):
                          [{"image_id": i, "category_id": 1, "bbox": [1, 1, 10 + i, 10]} for i in (1, 2, 3)], pngs)
     doc = json.loads(ann.read_text())  # a.png 1, b.png 2, c.png 3, d.png 4
     doc["images"].append({"id": 5, "file_name": "a.png", "width": 64, "height": 48})  # a.png under a 2nd id
+    doc["images"].append({"id": 7, "file_name": "./b.png", "width": 64, "height": 48})  # b.png, spelled otherwise
     doc["images"].append(dict(doc["images"][0]))  # id 1 listed again for a.png: a duplicate_id skip
     doc["images"] += [{"id": 6, "file_name": "c.png", "width": 64, "height": 48},  # id 6: c.png and d.png,
                       {"id": 6, "file_name": "d.png", "width": 64, "height": 48}]  # skipped: c.png is once
     ann.write_text(json.dumps(doc))
     with caplog.at_level(logging.WARNING, logger="dino_scale.data.convert"):
         m = convert_coco(ann, root, tmp_path / "out", progress=False)
-    assert m["num_images"] == 5 and m["images_skipped"] == {"duplicate_id": 3} and m["num_boxes"] == 3
-    assert m["image_checks"]["shared_files"] == {"files": 1, "entries": 2, "examples": ["a.png"]}
+    assert m["num_images"] == 6 and m["images_skipped"] == {"duplicate_id": 3} and m["num_boxes"] == 3
+    assert m["image_checks"]["shared_files"] == {"files": 2, "entries": 4, "examples": ["a.png", "b.png"]}
     warned = [r.getMessage() for r in caplog.records if "named by" in r.getMessage()]
     assert len(warned) == 1, warned
-    assert "1 image files are named by 2 image entries" in warned[0] and "'a.png'" in warned[0], warned
+    assert "2 image files are named by 4 image entries" in warned[0] and "'a.png'" in warned[0], warned
 
 
 @pytest.mark.parametrize("case", ["misspelled_key", "not_a_list", "crowd_only", "fine"])

@@ -87,12 +87,20 @@ def check_data_flags(args: argparse.Namespace) -> None:
     without an annotation ``.json`` to read them for (a dataset folder's images moved: that is
     ``--set data.image_root=...``), ``--val-data`` without ``--data``, ``--synthetic-images`` with
     ``--data``. Each was accepted without a word (a finetune's ``--val-data`` mistake was even
-    hidden behind a registry error)."""
+    hidden behind a registry error). A ``--work-dir`` holding ',' where the run converts an
+    annotation file or generates its synthetic set there (the folder it made was read as two,
+    after the conversion)."""
     data, val = getattr(args, "data", None), getattr(args, "val_data", None)
     if val is not None and data is None:
         raise UsageError("--val-data needs --data (without --data a synthetic set is generated)")
     if getattr(args, "synthetic_images", None) is not None and data is not None:
         raise UsageError("--synthetic-images sizes the generated set used without --data; it does nothing with --data")
+    work_dir = str(getattr(args, "work_dir", None) or "")
+    if "," in work_dir and (_has_json(data) or _has_json(val) or (data is None and hasattr(args, "synthetic_images"))):
+        # the data is converted (or generated) into <work-dir>/data/..., then read as "a,b": two folders
+        raise UsageError(f"--work-dir {work_dir}: a folder whose path holds ',' cannot hold this run's converted "
+                         f"data (dataset folders are joined by ','); choose another --work-dir, or convert with "
+                         f"`dino-scale prepare-data` and pass the dataset folder as --data")
     for flag, attr, given in (("--images", "images", data), ("--val-images", "val_images", val)):
         if getattr(args, attr, None) is not None and not _has_json(given):
             key = "data.image_root" if attr == "images" else "data.val_image_root"

@@ -246,8 +246,9 @@ def test_pipelines_bad_use_evaluate_on_another_label_space(tmp_path):
 
 
 def test_pipelines_bad_use_paths_that_are_files_or_empty(tmp_path):
-    """A ``--work-dir`` that is a file (or under one), an empty ``prepare-data`` path (``--out ""``
-    converted into the current folder, exit 0), ``check-data`` on an empty or missing path or
+    """A ``--work-dir`` that is a file (or under one) or that holds ',' (where the data is
+    converted), an empty ``prepare-data`` path (``--out ""`` converted into the current folder,
+    exit 0), ``check-data`` on an empty or missing path or
     with ``--json`` a folder (found only after reading every shard), ``synth`` into a file or
     into a dataset it did not make (it wrote its images there first): one line, exit 2, nothing
     made."""
@@ -266,6 +267,10 @@ def test_pipelines_bad_use_paths_that_are_files_or_empty(tmp_path):
                                    str(work)), f"--work-dir {work}: {afile} is a file, not a folder")
     ann = tmp_path / "ann.json"
     ann.write_text("{}")
+    comma = tmp_path / "w,d"  # the converted or generated data under it was read as two folders, after the work
+    for data in (["--data", str(ann), "--images", str(tmp_path)], []):
+        _assert_one_line_error(run("pipelines.pretrain_o365", "--preset", "tiny", "--gpus", "0", *data,
+                                   "--work-dir", str(comma)), f"--work-dir {comma}: a folder whose path holds ','")
     for flag in ("--out", "--images"):
         args = {"--annotations": str(ann), "--images": str(tmp_path), "--out": str(tmp_path / "ds"), flag: ""}
         _assert_one_line_error(run("pipelines.prepare_data", *[x for kv in args.items() for x in kv]),

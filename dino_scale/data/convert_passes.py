@@ -296,7 +296,7 @@ def scan_annotations(path: Path, work: Path, nb: int, progress=None) -> dict[str
     def process():
         iid, bad_i = exact_ints(ids)
         cat, bad_c = exact_ints(cats)  # True or "3" is no category id (numpy would read 1.0, 3.0)
-        box, bad_b = floats_of(boxes, 4)
+        box, bad_b = floats_of(boxes, 4, numbers_only=True)  # [true, false, 10, 10] or text: no box
         crowd, bad_cr = floats_of(crowds)  # "true" or a list is no crowd flag: dropped, not read as 0
         area, _ = floats_of(areas)
         raw_cats = list(cats)

@@ -3,6 +3,7 @@ ids exactly (an int in range, or an integral float that float64 holds exactly), 
 'malformed' mask, and the bounds of the int32/int64 fields."""
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any, Optional
 
 import numpy as np
@@ -31,12 +32,18 @@ def image_id_of(v: Any) -> Optional[int]:
     return None
 
 
-def floats_of(values: list, width: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """list -> float64 array ((n,) or (n, width)) and a 'malformed' mask; None -> NaN."""
+_NUMBER_TYPES = {int, float, type(None)}
+
+
+def floats_of(values: list, width: int = 1, numbers_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """list -> float64 array ((n,) or (n, width)) and a 'malformed' mask; None -> NaN.
+    ``numbers_only`` (``width`` > 1, a bbox): a row holding a boolean or a text is malformed
+    (numpy reads ``true`` as 1.0 and ``"5"`` as 5.0)."""
     shape = (len(values), width) if width > 1 else (len(values),)
     try:
         arr = np.array(values, dtype=np.float64)
-        if arr.shape == shape:
+        if arr.shape == shape and not (numbers_only and width > 1 and
+                                       not set(map(type, chain.from_iterable(values))) <= _NUMBER_TYPES):
             return arr, np.zeros(len(values), bool)
     except (TypeError, ValueError):
         pass
@@ -46,6 +53,8 @@ def floats_of(values: list, width: int = 1) -> tuple[np.ndarray, np.ndarray]:
         try:
             if width > 1:
                 if isinstance(v, (str, bytes)) or len(v) != width:
+                    raise ValueError
+                if numbers_only and not set(map(type, v)) <= _NUMBER_TYPES:
                     raise ValueError
                 out[i] = [float(x) if x is not None else np.nan for x in v]
             else:

@@ -301,18 +301,23 @@ def test_data_file_names_leaving_the_image_root_are_counted_skips(tmp_path, capl
 def test_data_malformed_annotations_are_named_with_the_field_at_fault(tmp_path, caplog):
     """"dropped 2 of 9 boxes (malformed: 2)" said how many, never which or why: a
     segmentation-only annotation, an iscrowd of "true" and a string image_id look alike in the
-    count. The first few are logged with their position in the file and the field at fault."""
+    count. A bbox holding booleans or text is malformed too (numpy read true as 1.0, "5" as 5.0:
+    kept as a box, not a word). The first few are logged with their position in the file and the field at fault."""
     anns = [{"image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 10]},
             {"image_id": 1, "category_id": 1, "segmentation": [[1, 2, 3, 4, 5, 6]]},
             {"image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 10], "iscrowd": "true"},
-            {"image_id": "1", "category_id": 1, "bbox": [1, 2, 10, 10]}]
+            {"image_id": "1", "category_id": 1, "bbox": [1, 2, 10, 10]},
+            {"image_id": 1, "category_id": 1, "bbox": [True, False, 10, 10]},  # was the box [1, 0, 10, 10]
+            {"image_id": 1, "category_id": 1, "bbox": ["5", "5", 20, 20]}]  # was [5, 5, 20, 20]: text is no number
     root, ann = _dataset(tmp_path, {"a.jpg": _jpeg()}, [])
     doc = json.loads(ann.read_text())
     doc["annotations"] = [{"id": k, **a} for k, a in enumerate(anns, 1)]
     ann.write_text(json.dumps(doc))
     with caplog.at_level(logging.WARNING):
         m = convert_coco(ann, root, tmp_path / "out", progress=False)
-    assert m["boxes_dropped"]["malformed"] == 3 and m["num_boxes"] == 1
+    assert m["boxes_dropped"]["malformed"] == 5 and m["num_boxes"] == 1
     assert "annotation #2 dropped as malformed: bbox None is not [x, y, w, h] numbers" in caplog.text
+    assert "annotation #5 dropped as malformed: bbox [True, False, 10, 10] is not [x, y, w, h] numbers" in caplog.text
+    assert "annotation #6 dropped as malformed: bbox ['5', '5', 20, 20] is not" in caplog.text
     assert "annotation #3 dropped as malformed: iscrowd 'true' is not 0/1" in caplog.text
     assert "annotation #4 dropped as malformed: image_id '1' is not an integer" in caplog.text

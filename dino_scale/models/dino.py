@@ -47,10 +47,14 @@ def check_padding_masks(masks: Tensor) -> None:
                          "pixel_mask) with ~mask.bool()")
 
 
+_BOX_SLACK = 0.01  # normalized boxes a little past the border (unclipped exports) pass; pixels do not
+
+
 def _check_targets(targets: list, batch: int, num_classes: int) -> None:
-    """targets: ``batch`` dicts with ``labels`` (n,) in [0, num_classes) and ``boxes`` (n, 4);
-    ValueError naming the image otherwise. Shapes only, but the labels' range where they are
-    host tensors (CPU: no device sync)."""
+    """targets: ``batch`` dicts with ``labels`` (n,) in [0, num_classes) and ``boxes`` (n, 4)
+    cxcywh normalized to the unpadded image; ValueError naming the image otherwise. Shapes only,
+    but the labels' and boxes' range where they are host tensors (CPU: no device sync): boxes in
+    pixels trained without a word against impossible targets (denoising clamped every one)."""
     if len(targets) != batch:
         raise ValueError(f"got {len(targets)} targets for {batch} images: one dict per image")
     for i, t in enumerate(targets):
@@ -66,6 +70,14 @@ def _check_targets(targets: list, batch: int, num_classes: int) -> None:
             if low < 0 or high >= num_classes:
                 raise ValueError(f"target of image {i}: label {low if low < 0 else high} is outside "
                                  f"[0, num_classes={num_classes})")
+        if boxes.numel() and boxes.device.type == "cpu" and _host_readable(boxes):
+            finite = bool(torch.isfinite(boxes).all())
+            low, high = float(boxes.min()), float(boxes.max())
+            if not finite or low < -_BOX_SLACK or high > 1 + _BOX_SLACK or bool((boxes[:, 2:] < 0).any()):
+                got = "a non-finite value" if not finite else f"values in [{low:g}, {high:g}]"
+                raise ValueError(f"target of image {i}: boxes must be (cx, cy, w, h) normalized to the unpadded "
+                                 f"image (in [0, 1], w and h >= 0), got {got}; divide pixel boxes by the "
+                                 f"image's width and height (xyxy/xywh: convert to cxcywh first)")
 
 
 class DINO(nn.Module):

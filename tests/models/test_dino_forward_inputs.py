@@ -99,11 +99,16 @@ def _with(targets: list, index: int, **changes) -> list:
     (_with(_targets(1, 2), 0, labels=torch.tensor([-1])), r"image 0: label -1 is outside \[0, num_classes=91\)"),
     (_with(_targets(1, 2), 1, labels=torch.tensor([0, 10 ** 6])), r"image 1: label 1000000 is outside"),
     ([_targets(1)[0], {"boxes": torch.rand(2, 4)}], r"image 1 must be a dict with 'labels'.*got keys \['boxes'\]"),
+    (_with(_targets(1, 2), 1, boxes=torch.tensor([[80.0, 64, 40, 30], [0.5, 0.5, 0.2, 0.2]])),
+     r"image 1: boxes must be \(cx, cy, w, h\) normalized .* got values in \[0.2, 80\]; divide pixel boxes"),
+    (_with(_targets(1, 2), 0, boxes=torch.tensor([[0.5, 0.5, -0.1, 0.2]])), r"image 0: boxes must be .* got values"),
+    (_with(_targets(1, 2), 0, boxes=torch.tensor([[0.5, float("nan"), 0.1, 0.2]])), r"image 0: .* a non-finite value"),
 ])
 def test_targets_that_do_not_fit_the_batch_or_classes_are_refused_naming_the_image(tiny, targets, needle):
     """Were raw errors from inside the denoising queries: a torch.cat size mismatch, 'Tensors
     must have same number of dimensions', an IndexError in label_enc (or, for label ==
-    num_classes, a box trained as background by the criterion)."""
+    num_classes, a box trained as background by the criterion). Boxes in pixels (or with a
+    negative size, or NaN) trained without a word: denoising clamped every one into the image."""
     tiny.train()
     with pytest.raises(ValueError, match=needle):
         tiny(_images(), torch.zeros(2, 64, 96, dtype=torch.bool), targets)
@@ -113,5 +118,6 @@ def test_fitting_targets_still_train(tiny):
     tiny.train()
     targets = _targets(0, 3)
     targets[1]["labels"] = torch.tensor([0, 45, 90])  # the class range's ends
+    targets[1]["boxes"] = torch.tensor([[0.0, 1.0, 0.0, 1.0], [1.005, 0.5, 0.2, 0.0], [0.5, -0.005, 1.0, 1.0]])
     out = tiny(_images(), torch.zeros(2, 64, 96, dtype=torch.bool), targets)
     assert out["dn_meta"] is not None and torch.isfinite(out["pred_boxes"]).all()

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from typing import Callable, Optional, Sequence
 
 from dino_scale.config import ConfigError
@@ -34,6 +35,9 @@ def _is_usage_error(exc: BaseException) -> bool:
     manifest = sys.modules.get("dino_scale.data.manifest")  # loaded wherever one was raised
     if manifest is not None and isinstance(exc, (manifest.ShardError, manifest.ManifestError)):
         return True  # a dataset folder a copy left incomplete: the input, as a missing path is
+    official = sys.modules.get("dino_scale.models.official")
+    if official is not None and isinstance(exc, official.CheckpointMismatch):
+        return True  # a model file that does not fit the model asked for: the input
     weights = sys.modules.get("dino_scale.models.weights_file")
     if weights is not None and isinstance(exc, weights.WeightsFileError):
         return True  # a weights file cut short: the input too
@@ -71,7 +75,8 @@ def _on_sigterm(signum, frame) -> None:
 def run_main(main: Callable[[Optional[Sequence[str]]], int | None],
              argv: Optional[Sequence[str]] = None) -> int:
     """Run ``main(argv)``; turn failures into one ``error: ...`` line and an exit code
-    (2: usage, 1: other, 130: interrupted, 143: terminated). ``--debug`` in argv re-raises.
+    (2: usage, 1: other, 130: interrupted, 143: terminated). ``--debug`` in argv (or
+    ``DINO_SCALE_DEBUG=1``) prints the traceback first; the exit code is the same.
     SIGTERM raises :class:`Terminated` while ``main`` runs (main thread, where no handler was
     set), so cleanup code runs (after ``ray.init``, Ray's handler exits with 15: the same
     message and 143)."""
@@ -92,11 +97,11 @@ def run_main(main: Callable[[Optional[Sequence[str]]], int | None],
             return 143
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     except BaseException as exc:  # noqa: BLE001 - this is the top-level handler
-        if debug:
-            raise
+        if debug:  # the traceback, and the exit code all the same (a RayJob's env sets it: 2 stays a usage error)
+            traceback.print_exc()
         usage = _is_usage_error(exc)
         prefix = "" if usage else f"{type(exc).__name__}: "
-        hint = "" if usage else " (run with --debug for the traceback)"
+        hint = "" if usage or debug else " (run with --debug for the traceback)"
         print(f"error: {prefix}{_one_line(exc)}{hint}", file=sys.stderr, flush=True)
         return 2 if usage else 1
     finally:

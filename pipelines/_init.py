@@ -246,6 +246,38 @@ def _check_same_tensors(uri: str, cfg: Config, source: dict, fresh: dict) -> Non
                          + "; pass the matching --preset and the source's layer counts (--set model.*)")
 
 
+# what the network computes, beside its tensors' shapes: a source trained with other values (an
+# activation, position_temperature or nheads keeps every shape) was fine-tuned as another network
+ARCHITECTURE_KEYS = ("backbone", "num_feature_levels", "hidden_dim", "nheads", "dim_feedforward", "activation",
+                     "enc_layers", "dec_layers", "enc_n_points", "dec_n_points", "num_queries",
+                     "position_temperature", "dec_pred_bbox_embed_share", "dec_pred_class_embed_share")
+
+
+def _set_text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_same_architecture(uri: str, cfg: Config, source: Optional[Config]) -> None:
+    """:class:`UsageError` naming each ``model.*`` key of :data:`ARCHITECTURE_KEYS` whose value in
+    ``source`` (the config the model carries; None: an official ``.pth``, unchecked) differs from
+    ``cfg``'s, with the ``--set`` that fine-tunes the source as it was trained."""
+    from dino_scale.config import PRESETS, preset
+
+    def differences(target) -> list[tuple[str, Any, Any]]:
+        return [(k, getattr(source.model, k), getattr(target, k)) for k in ARCHITECTURE_KEYS
+                if getattr(source.model, k) != getattr(target, k)]
+
+    if source is None or not (diffs := differences(cfg.model)):
+        return
+    said = ", ".join(f"model.{k} {s!r} (there) vs {t!r} (here)" for k, s, t in diffs)
+    other_preset = source.name != cfg.name and source.name in PRESETS  # its own preset, then what differs from it
+    advice = ([f"--preset {source.name}"] if other_preset else []) + [
+        f"--set model.{k}={_set_text(s)}" for k, s, _ in differences(preset(source.name).model if other_preset
+                                                                         else cfg.model)]
+    raise UsageError(f"{uri} was trained as another network than preset {cfg.name!r} builds: {said}; "
+                     f"fine-tune it as it was trained with {' '.join(advice)}")
+
+
 def lineage_tags(resolved) -> dict[str, str]:
     lin = resolved.lineage or {}
     tags = {"source.uri": str(resolved.uri)}
@@ -289,6 +321,7 @@ def prepare_init(uri: str, cfg: Config, target_categories: list[dict], out_dir: 
         log(f"init from {uri}" + (f" = {tags['source.model_name']} v{tags['source.model_version']}"
                                   if "source.model_name" in tags else "")
             + (f" (run {tags['source.run_id']})" if "source.run_id" in tags else ""))
+        check_same_architecture(uri, cfg, resolved.config)
         source = _source_state(resolved.weights_path)
         # fresh: no category in common, every class-head row is the fresh model's (none is read)
         src_cats = [] if class_heads == "fresh" else _source_categories(resolved)

@@ -101,7 +101,7 @@ def test_pipelines_common_default_preset_and_uri(tmp_path, monkeypatch):
     assert common.preset_needs_cluster(_parse([])) and not common.preset_needs_cluster(_parse(["--preset", "tiny"]))
 
 
-def test_pipelines_common_run_main_exit_codes(capsys):
+def test_pipelines_common_run_main_exit_codes(capsys, monkeypatch):
     def usage(argv):
         raise ConfigError("unknown config key 'x.y'")
 
@@ -113,8 +113,22 @@ def test_pipelines_common_run_main_exit_codes(capsys):
     assert common.run_main(crash, []) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: RuntimeError: worker died (run with --debug") and err.count("\n") == 1
-    with pytest.raises(RuntimeError, match="^worker died\nlong details$"):  # --debug: the error itself
-        common.run_main(crash, ["--debug"])
+    from dino_scale.models.official import CheckpointMismatch
+
+    def misfit(argv):  # a model file that does not fit the model asked for: was exit 1 with the class name
+        raise CheckpointMismatch("aliased (shared-head) keys hold different tensors: class_embed.0 / class_embed.1")
+
+    assert common.run_main(misfit, []) == 2
+    assert capsys.readouterr().err.startswith("error: aliased (shared-head) keys")
+    # --debug: the traceback, then the same line and exit code (was re-raised: exit 1 for a usage error too)
+    assert common.run_main(crash, ["--debug"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "RuntimeError: worker died\nlong details\n" in err
+    assert err.endswith("\nerror: RuntimeError: worker died\n")
+    monkeypatch.setenv("DINO_SCALE_DEBUG", "1")
+    assert common.run_main(usage, []) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.endswith("error: unknown config key 'x.y'\n")
     assert common.run_main(lambda argv: 0, []) == 0
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -86,10 +87,19 @@ def test_pipelines_init_fresh_class_heads_take_no_source_row(o365_checkpoint, tm
 
 
 def test_pipelines_init_wrong_preset_is_a_usage_error(o365_checkpoint, tmp_path):
+    """The source's preset is named (not the dozen keys that differ from the one given)."""
     ckpt, _ = o365_checkpoint
+    bare = tmp_path / "bare"  # without its config: its tensors do not fit
+    bare.mkdir()
+    shutil.copy(ckpt / "model.safetensors", bare)
     cfg = preset("tiny", ["model.num_classes=91", "model.hidden_dim=32", "model.dim_feedforward=64"])
     with pytest.raises(UsageError, match="does not fit preset"):
-        prepare_init(str(ckpt), cfg, [{"id": 1, "name": "person"}], tmp_path / "init", log=lambda m: None)
+        prepare_init(str(bare), cfg, [{"id": 1, "name": "person"}], tmp_path / "init", log=lambda m: None)
+    person = [{"id": 1, "name": "person"}]
+    with pytest.raises(UsageError, match=r"model.hidden_dim \d+ \(there\) vs 32 .* with --set model.hidden_dim"):
+        prepare_init(str(ckpt), cfg, person, tmp_path / "init", log=lambda m: None)
+    with pytest.raises(UsageError, match=r"than preset 'r50_4scale' builds: model.backbone .* with --preset tiny$"):
+        prepare_init(str(ckpt), preset("r50_4scale"), person, tmp_path / "init", log=lambda m: None)
 
 
 def test_pipelines_init_categories_of_a_checkpoint_folder(o365_checkpoint, tmp_path):
@@ -121,13 +131,47 @@ def test_pipelines_init_categories_of_a_checkpoint_folder(o365_checkpoint, tmp_p
 def test_pipelines_init_other_layer_count_is_a_usage_error(o365_checkpoint, tmp_path, override, named):
     """Same tensor shapes, other number of layers: every tensor of the model must come from the
     source and every tensor of the source must land in the model, else a UsageError names them
-    (a fine-tune used to start with a freshly initialized encoder layer, logging success)."""
+    (a fine-tune used to start with a freshly initialized encoder layer, logging success). A
+    source without config (an official .pth) is checked by its tensors; one with a config by
+    its settings first, naming the key."""
     ckpt, _ = o365_checkpoint
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(ckpt / "model.safetensors", bare)
     cfg = preset("tiny", ["model.num_classes=91", override])
     with pytest.raises(UsageError, match="does not fit preset") as err:
-        prepare_init(str(ckpt), cfg, [{"id": 1, "name": "person"}], tmp_path / "init", log=lambda m: None)
+        prepare_init(str(bare), cfg, [{"id": 1, "name": "person"}], tmp_path / "init", log=lambda m: None)
     assert named in str(err.value)
+    key, value = override.split("=")
+    trained = getattr(preset("tiny").model, key.split(".")[1])
+    with pytest.raises(UsageError, match=rf"{key} {trained} \(there\) vs {value} \(here\).* --set {key}={trained}$"):
+        prepare_init(str(ckpt), cfg, [{"id": 1, "name": "person"}], tmp_path / "init", log=lambda m: None)
     assert not (tmp_path / "init" / "model.safetensors").exists()
+
+
+def test_pipelines_init_a_source_trained_as_another_network_is_refused_naming_each_key(o365_checkpoint, tmp_path):
+    """A source pretrained with --set model.activation=gelu (or another position temperature, or
+    head count: every tensor keeps its shape) was fine-tuned with the preset's relu without a
+    word; another num_queries was refused as a shape misfit with "pass the matching --preset",
+    the preset being right. Each key is named with the --set that fine-tunes the source as
+    trained, and that command line is accepted."""
+    d = tmp_path / "gelu"
+    overrides = ["model.num_classes=366", "model.dn_labelbook_size=366", "model.activation=gelu",
+                 "model.position_temperature=10000", "model.num_queries=40", "model.dec_pred_class_embed_share=false"]
+    model, _, _ = build_dino(preset("tiny", overrides).model)
+    save_weights(d, model.state_dict(), config=to_dict(preset("tiny", overrides)))
+    coco = [{"id": c["id"], "name": c["name"]} for c in synthetic.categories("coco-like")]
+    with pytest.raises(UsageError) as err:
+        prepare_init(str(d), preset("tiny", ["model.num_classes=91"]), coco, tmp_path / "init", log=lambda m: None)
+    said = str(err.value)
+    assert "was trained as another network than preset 'tiny' builds: model.activation 'gelu' (there) vs 'relu'" in said
+    assert said.endswith("with --set model.activation=gelu --set model.num_queries=40 "
+                         "--set model.position_temperature=10000.0 --set model.dec_pred_class_embed_share=false"), said
+    sets = said.split("trained with ")[1].replace("--set ", "").split()
+    init = prepare_init(str(d), preset("tiny", ["model.num_classes=91", *sets]), coco, tmp_path / "init",
+                        log=lambda m: None)
+    assert torch.equal(load_weights(init.path)["transformer.tgt_embed.weight"],
+                       model.state_dict()["transformer.tgt_embed.weight"])
 
 
 def test_pipelines_init_registry_typo_lists_what_exists(tmp_path, mlflow_store_restored):

@@ -25,7 +25,8 @@ from typing import Callable, Optional, Sequence
 from dino_scale.config import PRESETS, Config, ConfigError, apply_overrides, flatten, parse_override, preset
 from dino_scale.config_checks import check_training_config, lr_drop_epochs
 from pipelines._errors import UsageError, run_main  # noqa: F401 - the pipelines' common.UsageError / run_main
-from pipelines._flags import apply_flags, check_flag_conflicts, check_flag_values, check_run_name  # noqa: F401
+from pipelines._flags import (apply_flags, check_backbone_file, check_flag_conflicts, check_flag_values,  # noqa: F401
+                             check_run_name)
 from pipelines._store import StoreUnreachable, require_store, setup_tracking, tracking_uri  # noqa: F401
 
 GPU_PRESET = "r50_4scale"
@@ -254,14 +255,16 @@ def validate_config_args(args: argparse.Namespace, extra: Sequence[str] = ()) ->
         asks_gpu_only = cfg.model.msda_backend == "cuda" or cfg.train.precision == "fp16"
         if asks_gpu_only and (gpu_choice_given(args) or not os.environ.get("RAY_ADDRESS")):  # else: the cluster's
             check_worker_device(_gpus_by_default(cfg, args))  # GPUs decide, once joined
+        check_backbone_file(cfg, args)
         n = getattr(args, "synthetic_images", None)
         if n is not None and args.data is None and n < cfg.train.global_batch_size:
             # the engine refuses a training set smaller than one step, after the set is made
             raise UsageError(f"--synthetic-images {n} is fewer than one global batch "
                              f"({cfg.train.global_batch_size}); give at least that many")
-    if getattr(args, "gpus", None) and not os.environ.get("RAY_ADDRESS"):
+    user_gpu = cfg.train.use_gpu and any(o.split("=", 1)[0].strip() == "train.use_gpu" for o in args.overrides or [])
+    if (getattr(args, "gpus", None) or user_gpu) and not os.environ.get("RAY_ADDRESS"):
         # the embedded Ray will see the GPUs torch sees: refuse now, not after the data is made
-        # and Ray started (check_gpus_here stays the authoritative check)
+        # and Ray started (check_gpus_here stays the authoritative check); --set train.use_gpu=true too
         _refuse_missing_gpus(args, cfg.train.num_workers if known else (args.workers or 1), local_gpu_count())
 
 

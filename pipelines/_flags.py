@@ -1,6 +1,7 @@
 """The pipelines' shortcut flags: their ranges (:func:`check_flag_values`), the config fields
 they set (:func:`apply_flags`) and a flag and a ``--set`` that disagree on one field
-(:func:`check_flag_conflicts`). Re-exported by :mod:`pipelines._common`."""
+(:func:`check_flag_conflicts`), and :func:`check_backbone_file` before any data work.
+Re-exported by :mod:`pipelines._common`."""
 from __future__ import annotations
 
 import argparse
@@ -107,6 +108,28 @@ def check_data_flags(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} is the image folder of an annotation .json given with "
                              f"{'--data' if attr == 'images' else '--val-data'}; for a converted dataset whose "
                              f"images moved, use --set {key}=<folder>")
+
+
+def check_backbone_file(cfg: Config, args: argparse.Namespace) -> None:
+    """The engine's check of ``model.backbone_weights``
+    (:func:`~dino_scale.engine.run_checks.check_backbone_weights`: ``imagenet`` for a backbone
+    without published weights, a local file that is missing or cut short) before any data work,
+    where the workers run on this machine (no ``RAY_ADDRESS``) and surely read it: a new run
+    (its ``--run-name`` folder absent: a resumed one may replace every weight) not started from
+    a fine-tuning ``--init`` (loaded strictly over it). Was: in ``fit`` only, after the dataset's
+    conversion (hours for Objects365) and Ray's start. torch is imported only when it is set."""
+    import os
+
+    init = getattr(args, "init", None)
+    if (not cfg.model.backbone_weights or os.environ.get("RAY_ADDRESS")
+            or (hasattr(args, "init") and str(init or "").lower() not in ("none", "scratch"))):
+        return
+    run_name = getattr(args, "run_name", None)
+    if run_name and (Path(args.work_dir).expanduser() / "runs" / run_name).exists():
+        return
+    from dino_scale.engine.run_checks import check_backbone_weights
+
+    check_backbone_weights(cfg, None, True, None)
 
 
 # the shortcut flags and the config field each sets: (flag, attribute, key, the field's value).

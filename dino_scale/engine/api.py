@@ -26,7 +26,7 @@ from dino_scale.config import Config, ConfigError, flatten, to_dict
 from dino_scale.engine.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, load_weights
 from dino_scale.data.readers import reading_datasets
 from dino_scale.engine.run_checks import (
-    _check_backbone_weights, _check_data, _check_init_fits, _conversion_losses, _num_images, check_category_ids,
+    _check_data, _check_init_fits, _conversion_losses, _num_images, check_backbone_weights, check_category_ids,
     check_worker_device, resume_note,
 )
 from dino_scale.engine.run_lock import run_lock
@@ -194,7 +194,7 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
     if resumes is not None:
         earlier = check_same_source(store_client(tracking_uri), experiment, run_name, resumes.get("mlflow_run_id"),
                                     tags or {})
-    _check_backbone_weights(cfg, init_weights, init_strict, ray_address,
+    check_backbone_weights(cfg, init_weights, init_strict, ray_address,
                             resumed_world=None if resumes is None else int(resumes.get("world") or 0),
                             resumed_frozen=bool(resumes and resumes.get("frozen")))
     # read before Ray and the MLflow run start: a val record whose labels changed after conversion

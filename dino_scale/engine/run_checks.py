@@ -12,7 +12,7 @@ from typing import Optional
 from dino_scale.config import Config, ConfigError
 from dino_scale.engine.checkpoint import check_fits
 
-__all__ = ["check_category_ids", "resume_note", "backbone_start_note"]
+__all__ = ["check_category_ids", "resume_note", "backbone_start_note", "check_backbone_weights"]
 
 log = logging.getLogger("dino_scale.engine")  # the logger of fit's own lines
 
@@ -113,7 +113,7 @@ def backbone_start_note(cfg: Config) -> Optional[str]:
             f"model.backbone_weights=imagenet (downloads {IMAGENET_WEIGHTS[cfg.model.backbone]}) or a local copy")
 
 
-def _check_backbone_weights(cfg: Config, init_weights: Optional[str], init_strict: bool,
+def check_backbone_weights(cfg: Config, init_weights: Optional[str], init_strict: bool,
                             ray_address: Optional[str], resumed_world: Optional[int] = None,
                             resumed_frozen: bool = False) -> None:
     """``model.backbone_weights`` is read by every worker as it builds the model, unless init
@@ -178,7 +178,7 @@ def check_worker_device(cfg: Config, ray_address: Optional[str], training: bool 
 
     Both were retried ``train.max_failures`` times, after Ray and the MLflow run had started. The
     fp16 one is a :class:`ConfigError` when the workers run on this machine; on a cluster joined
-    by address (as :func:`_check_backbone_weights` decides) its nodes' CPUs may differ: a warning."""
+    by address (as :func:`check_backbone_weights` decides) its nodes' CPUs may differ: a warning."""
     if cfg.train.use_gpu:
         return
     if cfg.model.msda_backend == "cuda":

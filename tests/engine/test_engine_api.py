@@ -298,7 +298,7 @@ def test_a_new_run_with_no_weights_at_all_notes_the_random_backbone(caplog):
     import logging
 
     from dino_scale.config import preset
-    from dino_scale.engine.run_checks import _check_backbone_weights, backbone_start_note
+    from dino_scale.engine.run_checks import backbone_start_note, check_backbone_weights
 
     note = backbone_start_note(preset("swinl_4scale"))
     assert note and "model.backbone_weights=imagenet" in note and "swin_large_patch4_window12_384_22k.pth" in note
@@ -308,7 +308,7 @@ def test_a_new_run_with_no_weights_at_all_notes_the_random_backbone(caplog):
     caplog.set_level(logging.WARNING, logger="dino_scale.engine")
     for init, resumed, said in ((None, None, True), ("/w/dino.safetensors", None, False), (None, 2, False)):
         caplog.clear()
-        _check_backbone_weights(preset("r50_4scale"), init, True, None, resumed_world=resumed)
+        check_backbone_weights(preset("r50_4scale"), init, True, None, resumed_world=resumed)
         assert ("starts from random weights" in caplog.text) is said, (init, resumed)
 
 

@@ -73,6 +73,7 @@ def test_pipelines_common_what_cpu_workers_cannot_run_is_refused_before_any_data
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(run_checks, "_cpu_runs_fp16", lambda: False)
     monkeypatch.setattr(common, "_gpus_available", lambda: False)
+    monkeypatch.setattr(common, "local_gpu_count", lambda: 1)  # the use_gpu=true lines below: one GPU here
     started = []
     monkeypatch.setattr(common, "connect_ray", lambda *a, **k: started.append(1) or "joined")
     work = tmp_path / "work"
@@ -96,3 +97,42 @@ def test_pipelines_common_what_cpu_workers_cannot_run_is_refused_before_any_data
             assert "this machine's CPU has no fp16 support" in caplog.text
         monkeypatch.delenv("RAY_ADDRESS")
         started.clear()
+
+
+@pytest.mark.parametrize("stage", ["pretrain_o365", "finetune_coco"])
+def test_pipelines_gpus_asked_by_set_and_a_bad_backbone_file_are_refused_before_any_data(
+        stage, tmp_path, monkeypatch, capsys):
+    """``--set train.use_gpu=true`` on a machine without the GPUs (``--gpus 1`` was refused at
+    once), and a ``model.backbone_weights`` that is missing, cut short or ``imagenet`` for a
+    backbone without published weights: refused inside ``fit`` only, after the data was
+    converted or generated and Ray had started. Refused before any data work now, unless the
+    weights are not read: a fine-tune from ``--init`` (loaded strictly over them), or a run name
+    that resumes (its checkpoint may hold every weight)."""
+    import importlib
+
+    from pipelines._common import run_main
+
+    pipeline = importlib.import_module(f"pipelines.{stage}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(common, "local_gpu_count", lambda: 0)
+    started = []
+    monkeypatch.setattr(common, "connect_ray", lambda *a, **k: started.append(1) or "joined")
+    work = tmp_path / "work"
+    init = ["--init", "scratch"] if stage == "finetune_coco" else []
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(b"PK\x03\x04 not a whole zip")
+    for setting, needle in (("train.use_gpu=true", "train.use_gpu: 1 GPU worker(s), but this machine has 0"),
+                            (f"model.backbone_weights={tmp_path / 'none.pth'}", "none.pth does not exist"),
+                            (f"model.backbone_weights={cut}", "cut.pth"),
+                            ("model.backbone_weights=imagenet", "no ImageNet weights for backbone 'tiny_resnet'")):
+        argv = ["--work-dir", str(work), "--preset", "tiny", "--set", setting, *init]
+        assert run_main(pipeline.main, argv) == 2, setting
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1 and not started, err
+        assert not (work / "data").exists()  # no data generated
+    missing = f"model.backbone_weights={tmp_path / 'none.pth'}"
+    (work / "runs" / "again").mkdir(parents=True)  # a resumed run: checked in fit, with its checkpoint
+    pipeline.check_args(["--work-dir", str(work), "--preset", "tiny", "--set", missing, "--run-name", "again", *init])
+    if stage == "finetune_coco":  # from a model: its weights replace the backbone's, the file is never read
+        pipeline.check_args(["--work-dir", str(work), "--preset", "tiny", "--set", missing, "--init", str(tmp_path)])

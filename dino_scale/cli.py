@@ -33,7 +33,7 @@ FORWARDED = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="dino-scale",
+        allow_abbrev=False, prog="dino-scale",
         description="Train, evaluate and serve the DINO detector at cluster scale "
                     "(Ray Train + DeepSpeed + MLflow registry).",
         epilog="Run 'dino-scale <command> --help' for the options of a command. Errors print one "
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, text) in FORWARDED.items():
         sub.add_parser(name, help=text, add_help=False)
 
-    s = sub.add_parser("synth", help="generate a synthetic dataset (o365-like or coco-like)",
+    s = sub.add_parser("synth", allow_abbrev=False, help="generate a synthetic dataset (o365-like or coco-like)",
                        description="Generate a synthetic detection dataset (shards + manifest.json) "
                                    "with the category names of Objects365 or COCO.")
     s.add_argument("out", help="output dataset folder")

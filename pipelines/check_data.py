@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipelines.check_data",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m pipelines.check_data",
                                 description="Compare every record of dataset folders with its checksums.")
     p.add_argument("folders", nargs="+", help="dataset folders (shards + manifest.json), or folders holding "
                                                "train/, train_extra/, val/ datasets (as --data takes them)")

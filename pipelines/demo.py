@@ -34,7 +34,7 @@ DEMO_OVERRIDES = ["train.checkpoint_every_steps=100"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipelines.demo",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m pipelines.demo",
                                 description="pretrain -> fine-tune -> evaluate on a laptop (CPU, "
                                             "local Ray, sqlite MLflow, synthetic data, tiny preset)")
     p.add_argument("--work-dir", default="runs/demo", help="demo work folder (default runs/demo)")

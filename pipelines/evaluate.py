@@ -37,7 +37,7 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pipelines.evaluate",
+        allow_abbrev=False, prog="python -m pipelines.evaluate",
         description="COCO box AP table of a registered model, run, checkpoint or official .pth.")
     p.add_argument("--model", required=True,
                    help="models:/name@alias, models:/name/N, models:/name/latest, runs:/<id>/model, a checkpoint "

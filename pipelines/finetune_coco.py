@@ -50,7 +50,7 @@ def default_init(preset_name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pipelines.finetune_coco",
+        allow_abbrev=False, prog="python -m pipelines.finetune_coco",
         description="Fine-tune DINO on COCO (or a synthetic coco-like set) from a pretrained "
                     "model, evaluate, register dino-<preset>-coco and move alias 'champion' "
                     "when the AP beats the current champion.")

@@ -43,7 +43,7 @@ __all__ = ["IMAGE_SUFFIXES", "MARK", "build_parser", "list_images", "main", "out
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pipelines.predict",
+        allow_abbrev=False, prog="python -m pipelines.predict",
         description="Run a model on image files (or folders of images), save each image with "
                     "its boxes drawn, and write predictions.json.")
     p.add_argument("images", nargs="+", help="image files or folders")

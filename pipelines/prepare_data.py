@@ -38,7 +38,7 @@ def _summary(folder: Path, m: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipelines.prepare_data",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m pipelines.prepare_data",
                                 description="COCO-format annotations -> dino_scale record shards")
     p.add_argument("--annotations", required=True, help="COCO-format JSON (COCO 2017, Objects365 v1/v2)")
     p.add_argument("--images", required=True, help="image root folder")

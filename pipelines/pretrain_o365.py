@@ -35,7 +35,7 @@ def model_name(preset_name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pipelines.pretrain_o365",
+        allow_abbrev=False, prog="python -m pipelines.pretrain_o365",
         description="Pretrain DINO on Objects365 (or a synthetic o365-like set) and register "
                     "it as dino-<preset>-o365 with alias 'pretrained'.")
     common.add_common_args(p, data_help="Objects365 dataset folder (shards + manifest.json), a "

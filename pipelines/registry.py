@@ -80,7 +80,7 @@ def format_state(state: list[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipelines.registry",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m pipelines.registry",
                                 description="Inspect the MLflow model registry (MLFLOW_TRACKING_URI, "
                                             "else <work-dir>/mlflow.db) and move aliases.")
     p.add_argument("--work-dir", default="./runs",
@@ -89,16 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     # --work-dir / --debug after the action too (`registry list --work-dir X` was refused);
     # SUPPRESS: an action's parser sets them only when given, over the value before the action
-    after = argparse.ArgumentParser(add_help=False)
+    after = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     after.add_argument("--work-dir", default=argparse.SUPPRESS, help="as before the action")
     after.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as before the action")
     sub = p.add_subparsers(dest="action", metavar="<action>")
     sub.required = True
-    sub.add_parser("list", parents=[after], help="every registered model with its versions, aliases, AP, lineage")
-    show = sub.add_parser("show", parents=[after], help="one model's versions: aliases, AP, lineage")
+    action = {"parents": [after], "allow_abbrev": False}  # --alias given whole (--al was taken for it)
+    sub.add_parser("list", **action, help="every registered model with its versions, aliases, AP, lineage")
+    show = sub.add_parser("show", **action, help="one model's versions: aliases, AP, lineage")
     show.add_argument("name")
-    prom = sub.add_parser("promote", parents=[after], help="point an alias at a version (no AP check, unless "
-                                                           "--if-better)")
+    prom = sub.add_parser("promote", **action, help="point an alias at a version (no AP check, unless --if-better)")
     prom.add_argument("name")
     prom.add_argument("version")
     prom.add_argument("--alias", default="champion", help="alias to move (default champion)")

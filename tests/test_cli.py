@@ -45,6 +45,31 @@ def test_cli_subcommand_help(command, capsys):
     assert "--debug" in out
 
 
+@pytest.mark.parametrize("module, argv, flag", [
+    ("pipelines.finetune_coco", ["--model", "models:/dino-tiny-o365@pretrained"], "--model"),  # was --model-name
+    ("pipelines.finetune_coco", ["--no"], "--no"),  # was --no-register
+    ("pipelines.pretrain_o365", ["--max", "3"], "--max"),  # was --max-steps
+    ("pipelines.evaluate", ["--model", "m", "--val", "x"], "--val"),
+    ("pipelines.predict", ["--model", "m", "--thr", "0.5", "a.jpg"], "--thr"),
+    ("pipelines.prepare_data", ["--annotations", "a.json", "--images", "i", "--out", "o", "--emb"], "--emb"),
+    ("pipelines.check_data", ["d", "--js", "x"], "--js"),
+    ("pipelines.demo", ["--fr"], "--fr"),
+    ("pipelines.registry", ["promote", "m", "1", "--al", "x"], "--al"),
+    ("dino_scale.cli", ["synth", "out", "--fl", "coco-like"], "--fl"),
+])
+def test_cli_abbreviated_flags_are_refused(module, argv, flag, capsys):
+    """argparse took a prefix of a flag as the flag: ``finetune --model <uri>`` (evaluate's and
+    predict's name for the source) became ``--model-name <uri>`` (refused as a registry name,
+    naming a flag not typed) or, for a plain name, the name to register under, silently."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(module).build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" in err and flag in err, err
+
+
 def test_cli_debug_before_prepare_data_shows_the_traceback(tmp_path, capsys):
     # `dino-scale --debug CMD` is `dino-scale CMD --debug` (the epilog's promise for every
     # command): prepare-data used to refuse --debug as an unrecognized argument

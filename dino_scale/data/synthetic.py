@@ -191,7 +191,7 @@ def generate(out_dir: Union[str, Path], flavour: str = "o365-like", num_images: 
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--flavour", choices=FLAVOURS, default="o365-like")
     p.add_argument("--out", required=True)
     p.add_argument("--num-images", type=int, default=64)

@@ -92,10 +92,10 @@ def _build_cmd(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dino_scale.ops", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m dino_scale.ops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="compile the CUDA extension ahead of time")
+    b = sub.add_parser("build", allow_abbrev=False, help="compile the CUDA extension ahead of time")
     b.add_argument("--arch", help='CUDA arch list, e.g. "8.0;9.0" (default: TORCH_CUDA_ARCH_LIST, '
                                   "else the visible GPUs, else 9.0)")
     b.add_argument("--build-dir", help="build here instead of the cache directory")

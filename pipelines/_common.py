@@ -12,6 +12,7 @@
   It and :func:`require_store` live in :mod:`pipelines._store`, re-exported here.
 - :class:`UsageError` and :func:`run_main`, the top-level handler, live in
   :mod:`pipelines._errors` and are re-exported here (``common.UsageError``, ``common.run_main``).
+- The start-up notes :func:`schedule_text` and :func:`work_dir_note` live in :mod:`pipelines._notes`.
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from dino_scale.config import PRESETS, Config, ConfigError, apply_overrides, flatten, parse_override, preset
-from dino_scale.config_checks import check_training_config, lr_drop_epochs
+from dino_scale.config_checks import check_training_config
 from pipelines._errors import UsageError, run_main  # noqa: F401 - the pipelines' common.UsageError / run_main
+from pipelines._notes import schedule_text, work_dir_note  # noqa: F401 - the pipelines' common.* names
 from pipelines._flags import (apply_flags, check_backbone_file, check_flag_conflicts, check_flag_values,  # noqa: F401
                              check_run_name)
 from pipelines._store import StoreUnreachable, require_store, setup_tracking, tracking_uri  # noqa: F401
@@ -190,17 +192,6 @@ def device_note(cfg: Config, args: argparse.Namespace) -> Optional[str]:
             "GPU nodes only when GPU workers ask for them): pass --gpus 1 for one GPU per worker")
 
 
-def schedule_text(cfg: Config) -> str:
-    """``lr x0.1 at epoch 24`` (``step``/``multistep``) or ``lr cosine``, for the start-up line."""
-    if cfg.train.schedule == "cosine":
-        return "lr cosine"
-    drops = lr_drop_epochs(cfg.train)
-    text = f"lr x0.1 at epoch {','.join(map(str, drops))}"
-    if cfg.train.lr_drop_epochs is not None and drops and min(drops) >= cfg.train.epochs:  # pinned, past the run
-        text += f" (after this run's {cfg.train.epochs} epochs: the lr never drops; set train.lr_drop_epochs)"
-    return text
-
-
 def default_run_name(prefix: str) -> str:
     """``<prefix>-<yyyymmdd>-<hhmmss>-<6 hex>``: unique even for jobs started in the same
     second (a reused run name resumes that run and shares its folders)."""
@@ -355,30 +346,6 @@ def preset_needs_cluster(args: argparse.Namespace) -> bool:
     """No ``--preset`` while joining a cluster: connect first, so the default preset can
     look at the cluster's GPUs rather than the (often GPU-less) head node's."""
     return args.preset is None and bool(os.environ.get("RAY_ADDRESS"))
-
-
-def work_dir_note(args: argparse.Namespace) -> Optional[str]:
-    """A note when a job joining a cluster keeps its work folder (data, checkpoints, the sqlite
-    store, ``final/``) under a relative ``--work-dir``, or its MLflow store in a relative sqlite
-    file (``MLFLOW_TRACKING_URI=sqlite:///mlflow.db``): a ``ray job submit`` driver runs in Ray's
-    temporary copy of ``--working-dir``, which goes with the cluster's session."""
-    if not os.environ.get("RAY_ADDRESS"):
-        return None
-    notes = []
-    if not Path(args.work_dir).expanduser().is_absolute():
-        notes.append(f"note: --work-dir {args.work_dir} is relative to this driver's folder ({Path.cwd()}); under "
-                     f"`ray job submit` that is Ray's temporary copy of --working-dir, removed with the cluster: give "
-                     f"an absolute --work-dir on storage that outlives the job (and train.storage_path for the "
-                     f"checkpoints of a multi-node run)")
-    from dino_scale.tracking.clients import sqlite_path
-
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    db = sqlite_path(uri)
-    if db is not None and str(db) not in (".", ":memory:") and not db.expanduser().is_absolute():  # runs, registry
-        notes.append(f"note: MLFLOW_TRACKING_URI {uri} names a file relative to this driver's folder "
-                     f"({Path.cwd()}), Ray's temporary copy under `ray job submit`: its runs and registry go with "
-                     f"the cluster; give an absolute path (sqlite:////shared/mlflow.db, four slashes)")
-    return "\n".join(notes) or None
 
 
 def config_needs_cluster(args: argparse.Namespace) -> bool:

@@ -397,3 +397,11 @@ def test_the_start_up_line_says_when_the_lr_never_drops():
     assert common.schedule_text(preset("r50_4scale", ["train.epochs=1"])) == "lr x0.1 at epoch 1"
     assert common.schedule_text(preset("r50_4scale", ["train.epochs=6"])) == "lr x0.1 at epoch 5"
     assert common.schedule_text(preset("tiny", ["train.schedule=cosine"])) == "lr cosine"
+    # a pinned drop past the run among others, and a warmup as long as the run: were listed without a word
+    multi = ["train.schedule=multistep", "train.lr_drop_epochs=[8,20]", "train.epochs=12"]
+    assert common.schedule_text(preset("tiny", multi)) == ("lr x0.1 at epoch 8,20 (epoch 20 is after this run's "
+                                                           "12 epochs: no drop there)")
+    assert common.schedule_text(preset("tiny", ["train.max_steps=100", "train.warmup_steps=100"])) == (
+        "lr x0.1 at epoch 11 (warmup 100 steps, max_steps=100: the lr never reaches its base value)")
+    short_warmup = preset("tiny", ["train.max_steps=100", "train.warmup_steps=99"])
+    assert common.schedule_text(short_warmup) == "lr x0.1 at epoch 11"

@@ -253,7 +253,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 value = [v for v in text.strip("[]").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             value = [value]
-        return [_coerce(v, args[0] if args else Any, key) for v in value]
+        item, out = (args[0] if args else Any), []
+        for v in value:
+            try:
+                out.append(_coerce(v, item, key))
+            except ConfigError:  # said "expected int" of "800 1000", for a list
+                raise ConfigError(f"bad value {v!r} in {key} (expected a list of {getattr(item, '__name__', item)}, "
+                                  f"e.g. {key}=[480,512] or {key}=480,512)") from None
+        return out
     try:
         if value is None or (isinstance(value, bool) and tp in (int, float)):
             raise ValueError(value)  # JSON null for a non-optional field, true/false for a number

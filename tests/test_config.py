@@ -64,6 +64,17 @@ def test_int_fields_take_whole_numbers_written_as_floats():
             C.preset("tiny", [bad])
 
 
+@pytest.mark.parametrize("value, bad", [("none", "'none'"), ("800 1000", "'800 1000'"), ("[480,x]", "'x'")])
+def test_a_bad_list_value_names_the_list_and_its_spellings(value, bad):
+    """Said "bad value '800 1000' for eval.tta_scales (expected int)": the type of an item, for a
+    key that takes a list, and no word of how one is written."""
+    with pytest.raises(C.ConfigError) as err:
+        C.preset("tiny", [f"eval.tta_scales={value}"])
+    assert str(err.value) == (f"bad value {bad} in eval.tta_scales (expected a list of int, e.g. "
+                              "eval.tta_scales=[480,512] or eval.tta_scales=480,512)")
+    assert C.preset("tiny", ["eval.tta_scales=800, 1000"]).eval.tta_scales == [800, 1000]
+
+
 @pytest.mark.parametrize("key, value", [("model.backbone", None), ("train.use_gpu", None), ("name", None),
                                         ("train.num_workers", True), ("train.lr", False)])
 def test_null_or_bool_for_a_plain_field_is_an_error_not_a_silent_value(key, value):

@@ -218,6 +218,9 @@ def _evaluate(args, log, work_dir: Path, uri: str, run_name: str, resolved) -> d
         if trained_val:  # recorded relative by an older release, or on another machine
             log(f"note: the validation set in the model's lineage ({trained_val}) is not here; "
                 f"using a synthetic one (give --data)")
+        else:  # an official .pth, a folder copied without its lineage.json: a real model scored on generated images
+            log("note: the model records no validation set (no lineage.json beside its weights); using a "
+                "synthetic one (give --data)")
         flavour = "o365-like" if cfg.model.num_classes >= 366 else "coco-like"
         seed = 0 if flavour == "o365-like" else 1  # the pipelines' default sets
         (val,) = synthetic_dirs(work_dir, flavour, 64, seed, log, splits=("val",))

@@ -3,8 +3,8 @@
 It opens an MLflow run (nested under ``parent_run_id`` if given), builds the Ray Data
 datasets, runs the Ray Train ``TorchTrainer``, reads the final metrics (COCO AP from the
 distributed evaluation), copies the final weights (``model.safetensors`` +
-``config.json`` + ``lineage.json``) to ``<work_dir>/final`` and logs them as the run's
-``model`` artifact (:func:`evaluate_weights`: the detections, as ``evaluation``). A run that
+``config.json`` + ``lineage.json``) to ``<work_dir>/final`` (the EMA weights, with
+``train.ema_decay``, to ``<work_dir>/ema``) and logs them as the run's ``model`` artifact (:func:`evaluate_weights`: the detections, as ``evaluation``). A run that
 reuses a run name resumes its checkpoint under a new MLflow run, tagged ``resumed_from_run_id``
 (:mod:`dino_scale.tracking.resume`). Ray is
 initialized only when it is not already (``ray_address``, else ``RAY_ADDRESS``, else a local
@@ -15,15 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
-import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
 from dino_scale.config import Config, ConfigError, flatten, to_dict
 from dino_scale.engine.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, load_weights
+from dino_scale.engine.final_files import copy_ema, copy_final
 from dino_scale.data.readers import reading_datasets
 from dino_scale.engine.run_checks import (
     _check_data, _check_init_fits, _conversion_losses, _num_images, check_backbone_weights, check_category_ids,
@@ -106,40 +105,6 @@ def _drain(relay: Any, timeout_s: float) -> None:
         from dino_scale.tracking.relay import drain_relay
 
         drain_relay(relay, timeout_s)
-
-
-def _copy_final(checkpoint, dest: Path, required: tuple[str, ...] = (WEIGHTS_NAME, CONFIG_NAME)) -> None:
-    """Copy the ``required`` files (the final weights and config) and ``detections.json``
-    when there is one out of a (possibly remote) Ray checkpoint; a ``detections.json`` left in
-    ``dest`` by an earlier run of the work folder is removed when this checkpoint has none (it
-    was logged as this run's, computed from other weights). Everything is copied into a staging
-    folder beside ``dest`` first and then renamed over the old files, so a copy that fails (a
-    full disk, a storage error) leaves the earlier run's files in ``dest`` whole."""
-    import pyarrow.fs
-
-    dest.mkdir(parents=True, exist_ok=True)
-    fs = checkpoint.filesystem
-    for stale in dest.parent.glob(f".{dest.name}.incoming-*"):  # of a copy killed mid-way (the run lock is ours)
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = dest.with_name(f".{dest.name}.incoming-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    try:
-        copied = []
-        for name in (*required, "detections.json"):
-            src = f"{checkpoint.path.rstrip('/')}/{name}"
-            if fs.get_file_info(src).type == pyarrow.fs.FileType.NotFound:
-                if name in required:
-                    raise FileNotFoundError(f"final checkpoint {checkpoint.path} has no {name}")
-                continue
-            pyarrow.fs.copy_files(src, str(staging / name), source_filesystem=fs,
-                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
-            copied.append(name)
-        for name in copied:  # renames within one folder's parent: no space needed, each atomic
-            os.replace(staging / name, dest / name)
-        if "detections.json" not in copied:
-            (dest / "detections.json").unlink(missing_ok=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_dir: str | Path, run_name: str,
@@ -288,14 +253,17 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
             raise RuntimeError(f"run {run_name} finished without a checkpoint")
         final = work / "final"
         if train:
-            _copy_final(result.checkpoint, final)
+            copy_final(result.checkpoint, final)
         else:  # evaluation only: the weights are the caller's; keep the detections and the config
-            _copy_final(result.checkpoint, final, required=())
+            copy_final(result.checkpoint, final, required=())
             atomic_write_text(final / CONFIG_NAME, json.dumps(to_dict(cfg), indent=2))
         lineage.update({"run_id": run_id, "checkpoint": result.checkpoint.path, "metrics": {
             k: v for k, v in metrics.items() if k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "step")
             or k.endswith("_at_conversion")}})
         atomic_write_text(final / "lineage.json", json.dumps(lineage, indent=2, default=str))
+        if train and copy_ema(result.checkpoint, work / "ema"):  # with its lineage: evaluate finds its val set
+            atomic_write_text(work / "ema" / "lineage.json", json.dumps({**lineage, "weights": "ema"}, indent=2,
+                                                                        default=str))
     except Exception as exc:
         end_run("FAILED", str(exc)[:500] if isinstance(exc, BadStepError) else
                 f"{type(exc).__name__} after training: {str(exc)[:500]}")

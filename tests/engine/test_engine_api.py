@@ -278,7 +278,7 @@ def test_a_failure_while_the_results_are_saved_ends_the_run(data, tmp_path, monk
     monkeypatch.setattr(dino_scale.tracking.relay, "start_relay", lambda *args: None)
     monkeypatch.setattr(dino_scale.engine.trainer, "build_trainer", lambda *args, **kwargs: Trainer())
     if failure == "interrupt":
-        monkeypatch.setattr(api, "_copy_final", interrupted_copy)
+        monkeypatch.setattr(api, "copy_final", interrupted_copy)
     train_dir, _ = data
     error = {"no_checkpoint": RuntimeError, "copy_failed": FileNotFoundError, "interrupt": KeyboardInterrupt}
     with pytest.raises(error[failure]):

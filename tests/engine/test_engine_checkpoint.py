@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino_scale.engine.checkpoint import atomic_write_text, load_weights, save_weights
+from dino_scale.engine.checkpoint import atomic_write_text, load_weights
 
 
 class _LoadedEngine:
@@ -258,54 +258,6 @@ def test_frozen_parameters_and_buffers_round_trip_through_a_checkpoint(tmp_path)
     with pytest.raises(RuntimeError, match=rf"{tmp_path / FROZEN_NAME} does not hold this model's frozen .* "
                                            rf"4 missing .* 1 unknown"):
         load_training_checkpoint(tmp_path, _SavingEngine(), rank=0)
-
-
-def test_final_copy_drops_an_earlier_runs_detections(tmp_path):
-    """A rerun into the same work folder without evaluation left the earlier run's
-    ``detections.json`` in ``final/``, logged in the new run's ``model`` artifact though computed
-    from other weights. The final copy now holds what the checkpoint holds."""
-    from ray.train import Checkpoint
-
-    from dino_scale.engine.api import _copy_final
-
-    evaluated, trained = tmp_path / "ckpt_a", tmp_path / "ckpt_b"
-    for folder in (evaluated, trained):
-        save_weights(folder, {"w": torch.ones(2)}, config={"name": "tiny"})
-    atomic_write_text(evaluated / "detections.json", "[]")
-    final = tmp_path / "final"
-    _copy_final(Checkpoint.from_directory(str(evaluated)), final)
-    assert (final / "detections.json").read_text() == "[]"
-    _copy_final(Checkpoint.from_directory(str(trained)), final)
-    assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors"]
-    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
-        _copy_final(Checkpoint.from_directory(str(tmp_path / "empty")), final)
-
-
-def test_a_failed_final_copy_leaves_the_earlier_files_whole(tmp_path):
-    """The final copy wrote each file straight over the earlier run's: one that failed half-way
-    (a full disk; here a checkpoint without its config, found after the weights were copied) left
-    new weights beside the old config, or a truncated weights file where a good one was. Now
-    everything is staged beside ``final/`` and renamed in once all of it is copied."""
-    from ray.train import Checkpoint
-
-    from dino_scale.engine.api import _copy_final
-
-    earlier, broken = tmp_path / "ckpt_a", tmp_path / "ckpt_b"
-    save_weights(earlier, {"w": torch.ones(2)}, config={"name": "tiny"})
-    atomic_write_text(earlier / "detections.json", "[]")
-    save_weights(broken, {"w": torch.zeros(2)})  # no config.json
-    final = tmp_path / "work" / "final"
-    _copy_final(Checkpoint.from_directory(str(earlier)), final)
-    before = {p.name: p.read_bytes() for p in final.iterdir()}
-    with pytest.raises(FileNotFoundError, match="has no config.json"):
-        _copy_final(Checkpoint.from_directory(str(broken)), final)
-    assert {p.name: p.read_bytes() for p in final.iterdir()} == before
-    assert [p.name for p in final.parent.iterdir()] == ["final"]  # no staging folder left
-    killed = final.parent / ".final.incoming-0badc0de"  # of a copy whose process was killed
-    killed.mkdir()
-    (killed / "model.safetensors").write_bytes(b"x" * 100)
-    _copy_final(Checkpoint.from_directory(str(earlier)), final)
-    assert [p.name for p in final.parent.iterdir()] == ["final"]
 
 
 def test_a_checkpoint_without_ema_restarts_the_ema_from_the_resumed_weights(tmp_path, caplog):

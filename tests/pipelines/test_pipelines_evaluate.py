@@ -173,10 +173,11 @@ def test_evaluate_gpus_this_machine_lacks_are_refused(tmp_path, monkeypatch, cap
     assert started == [1]  # refused by the check of Ray's resources, not the early one
 
 
-def test_evaluate_reads_an_official_file_once(tmp_path, monkeypatch, mlflow_store_restored):
+def test_evaluate_reads_an_official_file_once(tmp_path, monkeypatch, capsys, mlflow_store_restored):
     """An official ``.pth`` (no config) was read twice on the driver: for the preset check, then
     again by the engine to hand to the workers (a Swin-L file: ~1 GB read and unpickled twice).
-    The state dict of the check is now handed to the engine. Stopped where Ray would start."""
+    The state dict of the check is now handed to the engine. Stopped where Ray would start. It
+    records no validation set: the generated one it is scored on is said (was without a word)."""
     from dino_scale.engine import api
     from dino_scale.models import build_model
     from pipelines import _common, evaluate
@@ -205,6 +206,9 @@ def test_evaluate_reads_an_official_file_once(tmp_path, monkeypatch, mlflow_stor
     with pytest.raises(RayStarted):  # read, checked against tiny, handed on: the engine reached Ray
         evaluate.run(["--model", str(path), "--work-dir", str(tmp_path / "work")])
     assert len(reads) == 1
+    said = capsys.readouterr()
+    assert "note: the model records no validation set (no lineage.json beside its weights); using a synthetic " \
+           "one (give --data)" in said.out + said.err
 
 
 def test_evaluate_on_another_val_set_reads_its_own_images(tmp_path, monkeypatch, capsys, mlflow_store_restored):

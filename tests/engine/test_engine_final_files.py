@@ -1,0 +1,117 @@
+"""engine.final_files: the final checkpoint's files copied to the work folder (weights, config,
+detections to ``final/``; the EMA weights to ``ema/``), and ``fit`` writing the EMA's lineage."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_fixtures import small_cfg, unique  # noqa: E402
+
+from dino_scale.engine.checkpoint import atomic_write_text, save_weights  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("ray_refused")
+
+
+def test_final_copy_drops_an_earlier_runs_detections(tmp_path):
+    """A rerun into the same work folder without evaluation left the earlier run's
+    ``detections.json`` in ``final/``, logged in the new run's ``model`` artifact though computed
+    from other weights. The final copy now holds what the checkpoint holds."""
+    from ray.train import Checkpoint
+
+    from dino_scale.engine.final_files import copy_final
+
+    evaluated, trained = tmp_path / "ckpt_a", tmp_path / "ckpt_b"
+    for folder in (evaluated, trained):
+        save_weights(folder, {"w": torch.ones(2)}, config={"name": "tiny"})
+    atomic_write_text(evaluated / "detections.json", "[]")
+    final = tmp_path / "final"
+    copy_final(Checkpoint.from_directory(str(evaluated)), final)
+    assert (final / "detections.json").read_text() == "[]"
+    copy_final(Checkpoint.from_directory(str(trained)), final)
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors"]
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
+        copy_final(Checkpoint.from_directory(str(tmp_path / "empty")), final)
+
+
+def test_a_failed_final_copy_leaves_the_earlier_files_whole(tmp_path):
+    """The final copy wrote each file straight over the earlier run's: one that failed half-way
+    (a full disk; here a checkpoint without its config, found after the weights were copied) left
+    new weights beside the old config, or a truncated weights file where a good one was. Now
+    everything is staged beside ``final/`` and renamed in once all of it is copied."""
+    from ray.train import Checkpoint
+
+    from dino_scale.engine.final_files import copy_final
+
+    earlier, broken = tmp_path / "ckpt_a", tmp_path / "ckpt_b"
+    save_weights(earlier, {"w": torch.ones(2)}, config={"name": "tiny"})
+    atomic_write_text(earlier / "detections.json", "[]")
+    save_weights(broken, {"w": torch.zeros(2)})  # no config.json
+    final = tmp_path / "work" / "final"
+    copy_final(Checkpoint.from_directory(str(earlier)), final)
+    before = {p.name: p.read_bytes() for p in final.iterdir()}
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        copy_final(Checkpoint.from_directory(str(broken)), final)
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == before
+    assert [p.name for p in final.parent.iterdir()] == ["final"]  # no staging folder left
+    killed = final.parent / ".final.incoming-0badc0de"  # of a copy whose process was killed
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"x" * 100)
+    copy_final(Checkpoint.from_directory(str(earlier)), final)
+    assert [p.name for p in final.parent.iterdir()] == ["final"]
+
+
+def test_the_ema_weights_are_copied_beside_final_with_the_runs_lineage(data, tmp_path, monkeypatch):
+    """With ``train.ema_decay`` the EMA weights stayed in the Ray checkpoint's ``ema/`` with a
+    config only: ``evaluate --model <that folder>`` (the README's advice) found no lineage and
+    scored them on a generated synthetic set, not the run's validation set. ``fit`` copies them
+    to ``<work_dir>/ema`` with the run's lineage; a rerun of the work folder without EMA removes
+    it. The trainer is a stand-in that returns a checkpoint at once."""
+    from types import SimpleNamespace
+
+    import ray.train
+
+    import dino_scale.data
+    import dino_scale.engine.trainer
+    import dino_scale.tracking.relay
+    from dino_scale.engine import api, fit
+
+    checkpoint = tmp_path / "final_000000001_w1"
+
+    class Trainer:
+        def fit(self):
+            return SimpleNamespace(metrics={"step": 1}, checkpoint=ray.train.Checkpoint(str(checkpoint)),
+                                   metrics_dataframe=None)
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(api, "ensure_ray", lambda *args: None)
+    monkeypatch.setattr(api, "quiet_progress_bars", lambda ds: None)
+    monkeypatch.setattr(dino_scale.data, "build_train_dataset", lambda *args, **kwargs: object())
+    monkeypatch.setattr(dino_scale.tracking.relay, "start_relay", lambda *args: None)
+    monkeypatch.setattr(dino_scale.engine.trainer, "build_trainer", lambda *args, **kwargs: Trainer())
+    save_weights(checkpoint, {"w": torch.ones(2)}, config={"name": "tiny"})
+    save_weights(checkpoint / "ema", {"w": torch.full((2,), 0.5)}, config={"name": "tiny"})
+    train_dir, val_dir = data
+    work = tmp_path / "work"
+
+    def run():
+        return fit(small_cfg(**{"train.ema_decay": 0.9}), train_dir, val_dir, work, unique("ema"), evaluate=False,
+                   progress=False, experiment="engine-test", storage_path=str(tmp_path / "ray"),
+                   tracking_close_timeout_s=5)  # evaluate=False: no ray.put of the val set (Ray would start)
+
+    run()
+    assert sorted(p.name for p in (work / "ema").iterdir()) == ["config.json", "lineage.json", "model.safetensors"]
+    lineage = json.loads((work / "ema" / "lineage.json").read_text())
+    assert (lineage["val_dir"], lineage["train_dir"], lineage["weights"]) == (val_dir, train_dir, "ema")
+    assert "weights" not in json.loads((work / "final" / "lineage.json").read_text())
+    from dino_scale.engine.checkpoint import load_weights
+
+    assert torch.equal(load_weights(work / "ema")["w"], torch.full((2,), 0.5))
+    shutil.rmtree(checkpoint / "ema")  # a later run of the work folder without EMA: no stale copy
+    run()
+    assert not (work / "ema").exists() and (work / "final" / "model.safetensors").is_file()

@@ -237,8 +237,14 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
             raise shard_error from exc
         raise
     except BaseException as exc:  # Ctrl-C (Ray's ray.get turns it into SystemExit): the run is over, not RUNNING
-        relay = _drain(relay, min(5.0, tracking_close_timeout_s))  # a short wait: interrupted
+        # ended first: a SIGTERM to the process group (scancel, systemd, timeout) killed the relay and
+        # Ray with the driver, whose drain below then died in Ray's core (SIGABRT): the run stayed RUNNING
         end_run("KILLED", f"{type(exc).__name__}: interrupted before training finished")
+        try:  # what rank 0 logged still lands on the ended run (a short wait: interrupted)
+            _drain(relay, min(5.0, tracking_close_timeout_s))
+        except Exception:  # noqa: BLE001 - the relay went with its node or with Ray: the interrupt goes on
+            pass
+        relay = None
         raise
     finally:
         # rank 0 flushed it when the run ended; what a timed-out flush left is sent here

@@ -2,11 +2,11 @@
 
 It opens an MLflow run (nested under ``parent_run_id`` if given), builds the Ray Data
 datasets, runs the Ray Train ``TorchTrainer``, reads the final metrics (COCO AP from the
-distributed evaluation), copies the final weights (``model.safetensors`` +
-``config.json`` + ``lineage.json``) to ``<work_dir>/final`` (the EMA weights, with
-``train.ema_decay``, to ``<work_dir>/ema``) and logs them as the run's ``model`` artifact (:func:`evaluate_weights`: the detections, as ``evaluation``). A run that
-reuses a run name resumes its checkpoint under a new MLflow run, tagged ``resumed_from_run_id``
-(:mod:`dino_scale.tracking.resume`). Ray is
+distributed evaluation), copies the final weights (``model.safetensors`` + ``config.json`` +
+``lineage.json``) to ``<work_dir>/final`` (the EMA weights, with ``train.ema_decay``, to
+``<work_dir>/ema``) and logs them as the run's ``model`` artifact (:func:`evaluate_weights`:
+the detections, as ``evaluation``). A run that reuses a run name resumes its checkpoint under a
+new MLflow run, tagged ``resumed_from_run_id`` (:mod:`dino_scale.tracking.resume`). Ray is
 initialized only when it is not already (``ray_address``, else ``RAY_ADDRESS``, else a local
 instance), so fit works embedded and on a cluster.
 """

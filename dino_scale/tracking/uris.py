@@ -36,6 +36,13 @@ def default_tracking_uri(work_dir: Optional[str | Path] = None, create: bool = T
     if work_dir is None:
         raise ValueError("set MLFLOW_TRACKING_URI or pass a work_dir for the sqlite store")
     folder = Path(work_dir).expanduser().resolve()
+    odd = sorted({c for c in str(folder) if c in "?#%"})
+    if odd:  # SQLAlchemy reads the URI: '?' starts a query ('exp?v2' stored in 'exp'), '%20' is a space
+        from dino_scale.config import ConfigError
+
+        raise ConfigError(f"{folder}: a work folder whose path holds {' '.join(repr(c) for c in odd)} cannot hold "
+                          f"the sqlite MLflow store (URL syntax in sqlite:///<path>: the store would be another "
+                          f"file); choose another --work-dir, or set MLFLOW_TRACKING_URI")
     if create:
         folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}"

@@ -73,6 +73,22 @@ def test_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch):
         assert absolute_sqlite_uri(uri) == uri
 
 
+@pytest.mark.parametrize("name", ["exp?v2", "lr%201e-4", "a#b"])
+def test_a_work_folder_whose_path_reads_as_url_syntax_is_refused_for_the_sqlite_store(tmp_path, monkeypatch, name):
+    """``--work-dir runs/exp?v2`` put the store in the file ``runs/exp`` (SQLAlchemy reads '?' as
+    a query), shared by every sibling ``exp?...`` folder: their runs and registries mixed without
+    a word; ``lr%201e-4`` opened ``lr 1e-4/mlflow.db``, which did not exist (100 s of retries,
+    then an OperationalError). Refused, naming the character, before the folder is made."""
+    from dino_scale.config import ConfigError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError, match=r"cannot hold the sqlite MLflow store .* set MLFLOW_TRACKING_URI"):
+        default_tracking_uri(tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    assert default_tracking_uri(tmp_path / name) == f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"  # its own store
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_server_stopped_mid_run_training_continues(tmp_path, caplog):

@@ -113,8 +113,9 @@ def read_manifest(data_dir: PathLike) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise ManifestError(f"{path}: not valid JSON ({e}); copy the folder again, or remove it and convert the "
-                            f"data again with python -m pipelines.prepare_data") from None
+        raise ManifestError(f"{path}: not valid JSON ({e}); copy the folder again, or run the python -m "
+                            f"pipelines.prepare_data command that made it again: it converts such a folder "
+                            f"anew") from None
     problem = _manifest_problem(manifest)
     if problem:
         raise ManifestError(f"{path}: {problem}")
@@ -139,9 +140,8 @@ class ShardError(ValueError):
     ``detail``: which shards, without the folder and the advice."""
 
     def __init__(self, folder: Path, detail: str):
-        super().__init__(f"{folder}: {detail} (copy the folder again, or remove it and convert the data again "
-                         f"with python -m pipelines.prepare_data: a folder whose manifest is intact reads as "
-                         f"already converted)")
+        super().__init__(f"{folder}: {detail} (copy the folder again, or run the python -m pipelines.prepare_data "
+                         f"command that made it again: it converts such a folder anew)")
         self.folder, self.detail = folder, detail
 
     def __reduce__(self):  # raised in a Ray task or actor, it is pickled to the caller

@@ -35,7 +35,8 @@ def test_data_missing_or_truncated_shards_are_a_clear_error(tmp_path, capsys):
     (out / names[1]).write_bytes(whole[: len(whole) // 2])
     (out / names[2]).unlink()
     needle = (rf"2 of 3 shards do not match manifest.json: {names[1]} has {len(whole) // 2} bytes, "
-              rf"the manifest {len(whole)}; {names[2]} is missing \(copy the folder again")
+              rf"the manifest {len(whole)}; {names[2]} is missing \(copy the folder again, or run the python -m "
+              rf"pipelines.prepare_data command that made it again: it converts such a folder anew\)")
     with pytest.raises(ShardError, match=needle) as raised:
         shard_paths(out)
     assert str(pickle.loads(pickle.dumps(raised.value))) == str(raised.value)  # from a Ray task too
@@ -45,7 +46,8 @@ def test_data_missing_or_truncated_shards_are_a_clear_error(tmp_path, capsys):
         next(iter(LocalLoader(out, preset("tiny").data, train=False, batch_size=2)))
     with pytest.raises(ShardError, match=needle):  # two folders: the broken one is named
         shard_paths([sound, out])
-    # the same conversion again: not "already converted" (the manifest's shards are not there)
+    # the same conversion again, as the error advises (it said "remove it", "a folder whose manifest is intact
+    # reads as already converted"): not "already converted" (the manifest's shards are not there)
     capsys.readouterr()
     again = convert_coco(ann, root, out, embed_images=True, max_images_per_shard=2, progress=True)
     assert "converting again" in capsys.readouterr().out

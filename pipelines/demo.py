@@ -79,6 +79,14 @@ def stage_args(work: Path, gpus: Optional[int], user: Sequence[str]) -> list[str
     return base
 
 
+def evaluate_args(name: str, work: Path, gpus: Optional[int], user: Sequence[str]) -> list[str]:
+    """The evaluate stage's arguments: the champion, the device, and the user's ``--set`` (the
+    demo's own are training settings); without them it ran on what the model's config holds
+    less what evaluate drops (``train.cpus_per_worker``...), though the help says every stage."""
+    return (["--model", f"models:/{name}@champion", "--work-dir", str(work)] + _gpu_args(gpus, user)
+            + [x for o in user for x in ("--set", o)])
+
+
 def _fmt(ap: Optional[float]) -> str:
     return "-" if ap is None else f"{100 * ap:.2f}"
 
@@ -178,8 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     champion_v = str(champion.version) if champion is not None else "?"
     log(f"4/4 evaluating models:/{ft['name']}@champion (v{champion_v})")
     t = time.monotonic()
-    ev = evaluate.run(["--model", f"models:/{ft['name']}@champion", "--work-dir", str(work)]
-                      + _gpu_args(args.gpus, args.overrides))
+    ev = evaluate.run(evaluate_args(ft["name"], work, args.gpus, args.overrides))
     timings["evaluate"] = time.monotonic() - t
     wall = time.monotonic() - t0
 

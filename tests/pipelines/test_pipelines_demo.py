@@ -38,9 +38,18 @@ def test_pipelines_demo_stages_run_on_cpu_unless_told(tmp_path, monkeypatch):
     assert use_gpu(None, ["train.use_gpu=true"]) is True
     assert use_gpu(None, ["train.use_gpu=false"]) is False
     assert demo.stage_args(tmp_path, None, [])[:6] == ["--work-dir", str(tmp_path), "--preset", "tiny", "--gpus", "0"]
-    # the evaluate stage gets no --set: its --gpus carries the user's choice
     assert demo._gpu_args(None, ["train.use_gpu=false"]) == ["--gpus", "0"]
     assert demo._gpu_args(None, ["train.use_gpu=true"]) == ["--gpus", "1"]
+    # the evaluate stage gets the user's --set too (the help says every stage; it got none), and they parse
+    from pipelines import evaluate
+
+    user = ["train.use_gpu=true", "train.cpus_per_worker=1"]
+    argv = demo.evaluate_args("dino-tiny-coco", tmp_path, None, user)
+    assert argv == ["--model", "models:/dino-tiny-coco@champion", "--work-dir", str(tmp_path), "--gpus", "1",
+                    "--set", "train.use_gpu=true", "--set", "train.cpus_per_worker=1"]
+    parsed = evaluate.build_parser().parse_args(argv)
+    assert parsed.overrides == user and parsed.gpus == 1
+    common.check_flag_conflicts(parsed, common.preset("tiny", user))  # --gpus 1 and use_gpu=true agree
 
 
 def test_pipelines_demo_refuses_sets_its_stages_would_override(tmp_path, monkeypatch):

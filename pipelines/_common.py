@@ -26,9 +26,9 @@ from typing import Callable, Optional, Sequence
 from dino_scale.config import PRESETS, Config, ConfigError, apply_overrides, flatten, parse_override, preset
 from dino_scale.config_checks import check_training_config
 from pipelines._errors import UsageError, run_main  # noqa: F401 - the pipelines' common.UsageError / run_main
-from pipelines._notes import schedule_text, work_dir_note  # noqa: F401 - the pipelines' common.* names
 from pipelines._flags import (apply_flags, check_backbone_file, check_flag_conflicts, check_flag_values,  # noqa: F401
                              check_run_name)
+from pipelines._notes import schedule_text, work_dir_note  # noqa: F401 - the pipelines' common.* names
 from pipelines._store import StoreUnreachable, require_store, setup_tracking, tracking_uri  # noqa: F401
 
 GPU_PRESET = "r50_4scale"

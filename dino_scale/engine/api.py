@@ -160,8 +160,8 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
         earlier = check_same_source(store_client(tracking_uri), experiment, run_name, resumes.get("mlflow_run_id"),
                                     tags or {})
     check_backbone_weights(cfg, init_weights, init_strict, ray_address,
-                            resumed_world=None if resumes is None else int(resumes.get("world") or 0),
-                            resumed_frozen=bool(resumes and resumes.get("frozen")))
+                           resumed_world=None if resumes is None else int(resumes.get("world") or 0),
+                           resumed_frozen=bool(resumes and resumes.get("frozen")))
     # read before Ray and the MLflow run start: a val record whose labels changed after conversion
     # is refused here (ShardError), as scoring against it would not give the dataset's AP
     coco_gt = to_coco_gt(val_dir) if evaluate and val_dir else None
@@ -268,8 +268,8 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
             or k.endswith("_at_conversion")}})
         atomic_write_text(final / "lineage.json", json.dumps(lineage, indent=2, default=str))
         if train and copy_ema(result.checkpoint, work / "ema"):  # with its lineage: evaluate finds its val set
-            atomic_write_text(work / "ema" / "lineage.json", json.dumps({**lineage, "weights": "ema"}, indent=2,
-                                                                        default=str))
+            ema_lineage = {**{k: v for k, v in lineage.items() if k != "metrics"}, "weights": "ema"}  # AP: final's
+            atomic_write_text(work / "ema" / "lineage.json", json.dumps(ema_lineage, indent=2, default=str))
     except Exception as exc:
         end_run("FAILED", str(exc)[:500] if isinstance(exc, BadStepError) else
                 f"{type(exc).__name__} after training: {str(exc)[:500]}")

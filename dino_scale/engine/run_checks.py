@@ -114,8 +114,8 @@ def backbone_start_note(cfg: Config) -> Optional[str]:
 
 
 def check_backbone_weights(cfg: Config, init_weights: Optional[str], init_strict: bool,
-                            ray_address: Optional[str], resumed_world: Optional[int] = None,
-                            resumed_frozen: bool = False) -> None:
+                           ray_address: Optional[str], resumed_world: Optional[int] = None,
+                           resumed_frozen: bool = False) -> None:
     """``model.backbone_weights`` is read by every worker as it builds the model, unless init
     weights loaded strictly or the checkpoint the run resumes from (``resumed_world``: the worker
     count that wrote it; None: a new run; ``resumed_frozen``: it holds its frozen tensors, as every

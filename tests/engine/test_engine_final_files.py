@@ -108,6 +108,7 @@ def test_the_ema_weights_are_copied_beside_final_with_the_runs_lineage(data, tmp
     assert sorted(p.name for p in (work / "ema").iterdir()) == ["config.json", "lineage.json", "model.safetensors"]
     lineage = json.loads((work / "ema" / "lineage.json").read_text())
     assert (lineage["val_dir"], lineage["train_dir"], lineage["weights"]) == (val_dir, train_dir, "ema")
+    assert "metrics" not in lineage  # the final weights' AP is not the EMA's
     assert "weights" not in json.loads((work / "final" / "lineage.json").read_text())
     from dino_scale.engine.checkpoint import load_weights
 

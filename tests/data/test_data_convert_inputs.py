@@ -233,8 +233,9 @@ def test_data_one_file_under_several_ids_is_warned_about(tmp_path, caplog):
     """Two image entries with different ids naming one file were converted as two images, each with
     its own boxes: the file was trained on twice per epoch, each time with the other entry's
     objects as background, and nothing said so. The conversion counts and names such files, in its
-    log and manifest, however a name is spelled ('./b.png' is b.png). Ids it skips as duplicate_id are not counted: an id listed twice for the
-    same file (kept once), an id that names two files (kept by neither)."""
+    log and manifest, however a name is spelled ('./b.png' is b.png). Ids it skips as duplicate_id
+    are not counted: an id listed twice for the same file (kept once), an id that names two files
+    (kept by neither)."""
     import logging
 
     pngs = {name: _png() for name in ("a.png", "b.png", "c.png", "d.png")}

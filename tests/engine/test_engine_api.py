@@ -303,6 +303,7 @@ def test_a_failure_while_the_results_are_saved_ends_the_run(data, tmp_path, monk
                 "terminated": ("KILLED", "SystemExit: interrupted before training finished")}.get(
         failure, ("FAILED", f"{error[failure].__name__} after training"))
     assert (run.info.status, expected[1] in run.data.tags.get("error", "")) == (expected[0], True), run.data.tags
+    assert drained and drained[0] is not None  # the relay was drained (after the run ended, when terminated)
 
 
 def test_a_new_run_with_no_weights_at_all_notes_the_random_backbone(caplog):

@@ -219,6 +219,10 @@ def check_train_config(cfg: TrainConfig, micro_batch_size: int, world_size: int)
         raise ConfigError(f"train.epochs must be >= 1, got {cfg.epochs}")
     if not float(cfg.lr) > 0.0:
         raise ConfigError(f"train.lr must be > 0 (the transformer and heads train at it), got {cfg.lr}")
+    if not float(cfg.lr_backbone) > 0.0:  # official DINO refuses it too ("Please set lr_backbone > 0")
+        raise ConfigError(f"train.lr_backbone must be > 0, got {cfg.lr_backbone}: a backbone at lr 0 is not frozen "
+                          f"(it still takes gradients, AdamW state and a share of the clip norm, which changed "
+                          f"how the rest trained); give it a small lr, e.g. 1e-5 as the recipes do")
     if int(cfg.warmup_steps) < 0:
         raise ConfigError(f"train.warmup_steps must be >= 0, got {cfg.warmup_steps}")
     if int(cfg.max_failures) < -1:  # Ray Train's -1: retry without limit

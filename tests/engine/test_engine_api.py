@@ -31,6 +31,8 @@ pytestmark = pytest.mark.usefixtures("ray_refused")
     ({"model.num_classes": 40}, r"category ids up to \d+: model.num_classes must be >= \d+ \(got 40\)"),
     # AdamW checks its default lr only: a negative backbone lr trained the backbone uphill
     ({"train.lr_backbone": -1e-5}, r"train.lr_backbone must be a finite number >= 0, got -1e-05"),
+    # not frozen at 0: gradients, AdamW state and a share of the clip norm (official DINO refuses it)
+    ({"train.lr_backbone": 0.0}, r"train.lr_backbone must be > 0, got 0.0: a backbone at lr 0 is not frozen"),
     ({"train.weight_decay": float("nan")}, "train.weight_decay must be a finite number >= 0"),
     ({"train.max_steps": 0}, r"train.max_steps must be >= 1 \(or none"),  # 0 trained every epoch
     # these finished 'successfully' having trained nothing (epochs 0, -1: no step, the initial weights

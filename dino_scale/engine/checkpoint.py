@@ -114,7 +114,10 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never half."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
+    # the name cut short where the mark would make it longer than a file name may be (255 bytes): a
+    # legal 243-255 byte name (predict's copy of an image so named) failed with "File name too long"
+    head = path.name if len(path.name.encode()) <= 200 else path.name.encode()[:200].decode(errors="ignore")
+    tmp = path.with_name(f"{head}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)

@@ -302,3 +302,15 @@ def test_a_failed_atomic_write_names_the_file_asked_for(tmp_path):
         atomic_write_text(target, "x")
     assert err.value.filename == str(target) and str(target) in str(err.value) and ".tmp-" not in str(err.value)
     assert not (tmp_path / "nodir").exists()
+
+
+def test_an_atomic_write_takes_every_legal_file_name(tmp_path):
+    """The temporary file was the target's name plus 13 bytes: a legal name of 243-255 bytes (predict's
+    annotated copy of an image so named) failed with "File name too long", though its own write works."""
+    from dino_scale.engine.checkpoint import atomic_write_bytes
+
+    for name in ("x" * 251 + ".png", "é" * 120 + "x" * 11 + ".png"):  # 255 bytes, multi-byte characters
+        assert len(name.encode()) == 255
+        atomic_write_bytes(tmp_path / name, b"data")
+        assert (tmp_path / name).read_bytes() == b"data"
+    assert sorted(len(p.name.encode()) for p in tmp_path.iterdir()) == [255, 255]  # no temporary file left

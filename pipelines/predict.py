@@ -71,15 +71,16 @@ def name_key(path: Path) -> str:
     return str(path.resolve()).casefold()
 
 
-def output_path(out: Path, image: Path, index: int, taken: set[str]) -> Path:
+def output_path(out: Path, image: Path, index: int, taken: set[str], reusable: frozenset = frozenset()) -> Path:
     """``out/<stem>.jpg``, or ``out/<stem>-<index>[-k].jpg`` when that name is ``taken`` (the
     :func:`name_key` of an input image, a file predict must not overwrite, or an annotated copy of
-    this run): never overwrites either. Adds the chosen name to ``taken``."""
+    this run or listed by an earlier run's predictions): never overwrites either, but a name in
+    ``reusable`` (a copy listed for this same image only). Adds the chosen name to ``taken``."""
     candidates = [out / f"{image.stem}.jpg", out / f"{image.stem}-{index}.jpg"]
     k = 1
     while True:
         for target in candidates:
-            if name_key(target) not in taken:
+            if name_key(target) not in taken or name_key(target) in reusable:
                 taken.add(name_key(target))
                 return target
         candidates = [out / f"{image.stem}-{index}-{k}.jpg"]
@@ -161,21 +162,21 @@ def pick_device(name: str):
     return device
 
 
-def listed_copies(out: Path, exclude: Sequence[Path] = ()) -> set[Path]:
+def listed_copies(out: Path) -> dict[Path, set[Path]]:
     """The resolved annotated copies that ``out``'s predictions files (``predictions.json`` and
-    the kept ``predictions.<n>.json``) list for images other than ``exclude``: a rerun on other
-    images wrote its copies over them (``p2/cat.jpg`` over ``p1/cat.jpg``'s ``cat.jpg``), and the
-    kept list then showed another image under an entry. A copy of an image of this run may be
-    replaced: it shows the same image."""
-    skip = {f.resolve() for f in exclude}
-    copies: set[Path] = set()
+    the kept ``predictions.<n>.json``) list, each with the resolved images it is listed for: a
+    rerun on other images wrote its copies over them (``p2/cat.jpg`` over ``p1/cat.jpg``'s
+    ``cat.jpg``), and the kept list then showed another image under an entry. Only a copy listed
+    for one image may be replaced, by that image's new copy (it shows the same image); another
+    image of the same run took its name, whose copy it was not."""
+    copies: dict[Path, set[Path]] = {}
     for path in sorted(out.glob("predictions*.json")):
         if not _is_predictions_file(path):
             continue
         try:
-            items = json.loads(path.read_text()).get("images", [])
-            copies |= {Path(item["annotated"]).resolve() for item in items
-                       if item.get("annotated") and Path(item["file"]).resolve() not in skip}
+            for item in json.loads(path.read_text()).get("images", []):
+                if item.get("annotated"):
+                    copies.setdefault(Path(item["annotated"]).resolve(), set()).add(Path(item["file"]).resolve())
         except (OSError, ValueError, AttributeError, TypeError, KeyError):
             continue  # not one of ours, or damaged: its copies are the user's files to foreign_files
     return copies
@@ -251,8 +252,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileExistsError, NotADirectoryError):
         raise common.UsageError(f"--out {out}: a file is in the way; --out names a folder") from None
     taken = {name_key(f) for f in files} | {name_key(f) for f in foreign_files(out)}  # nor the user's files in --out
-    # nor the copies an earlier run's predictions list for other images
-    taken |= {name_key(f) for f in listed_copies(out, exclude=files)}
+    # nor the copies an earlier run's predictions list, but each image's own (listed for it alone)
+    listed = listed_copies(out)
+    taken |= {name_key(c) for c in listed}
+    own: dict[Path, set[str]] = {}
+    for copy, images in listed.items():
+        if len(images) == 1:
+            own.setdefault(next(iter(images)), set()).add(name_key(copy))
     with tempfile.TemporaryDirectory(prefix="dino_scale_predict_") as download:  # gone once loaded
         resolved = resolve(args.model, Path(download))
         cfg = resolved.config
@@ -316,7 +322,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             entry = {"file": os.path.abspath(f), "annotated": None, "width": image.size[0], "height": image.size[1],
                      "detections": dets, "nonfinite": dropped}
             try:  # a copy that cannot be written (too large for a JPEG ...) loses the copy, not the detections
-                target = output_path(out, f, i, taken)
+                target = output_path(out, f, i, taken, frozenset(own.get(f.resolve(), ())))
                 draw(image, dets, target)
                 entry["annotated"] = os.path.abspath(target)
             except Exception as exc:  # noqa: BLE001 - reported with the image's entry

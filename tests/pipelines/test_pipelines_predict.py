@@ -366,7 +366,8 @@ def test_a_rerun_on_another_image_of_the_same_name_keeps_the_copy_the_kept_list_
     kept the first's list as predictions.1.json and wrote p2's copy over ``preds/cat.jpg``, the
     copy that list names for p1's cat (another image under its entry). Paths in the lists were as
     typed, relative to where the command ran: a rerun elsewhere with the same relative names was
-    taken for the same images. Both are absolute now, and listed copies are not written over."""
+    taken for the same images. Both are absolute now, and listed copies are not written over, but
+    by a new copy of the image they are listed for."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     colours = {"p1": (200, 10, 10), "p2": (10, 10, 200)}
     for folder, colour in colours.items():
@@ -384,6 +385,16 @@ def test_a_rerun_on_another_image_of_the_same_name_keeps_the_copy_the_kept_list_
         got = Image.open(item["annotated"]).convert("RGB").getpixel((32, 24))
         assert max(abs(a - b) for a, b in zip(got, colours[folder])) < 12, (folder, item, got)
     assert lists[0]["images"][0]["annotated"] != lists[1]["images"][0]["annotated"]
+    # both again, p2 first: a listed copy was freed for any image of the run, so p2 took cat.jpg, the
+    # copy the kept predictions.1.json names for p1 (p2's picture under p1's entry); each reuses its own now
+    assert main(["p2/cat.jpg", "p1/cat.jpg", "--model", str(ckpt), "--out", "preds", "--threshold", "1",
+                 "--work-dir", str(tmp_path / "runs")]) == 0
+    for listing in sorted((tmp_path / "preds").glob("predictions*.json")):
+        for item in json.loads(listing.read_text())["images"]:
+            got = Image.open(item["annotated"]).convert("RGB").getpixel((32, 24))
+            want = colours[Path(item["file"]).parent.name]
+            assert max(abs(a - b) for a, b in zip(got, want)) < 12, (listing.name, item, got)
+    assert sorted(p.name for p in (tmp_path / "preds").glob("*.jpg")) == ["cat-1.jpg", "cat.jpg"]  # no third copy
 
 
 def test_predict_loads_an_official_file_with_its_own_labelbook_and_a_cuda_trained_config(

@@ -1,5 +1,5 @@
 """`pipelines.predict`: what it reads and writes beside the images (earlier runs' copies and
-predictions files, names that differ in case only), the model files it reads (a damaged
+predictions files, reruns on other images, names that differ in case only), the model files it reads (a damaged
 categories.json, a diverged model's shared heads) and the padding evaluation applies."""
 from __future__ import annotations
 
@@ -131,3 +131,74 @@ def test_predict_pads_like_evaluation_for_a_model_with_pad_multiple():
     _, masks, _ = collate([sample], pad_multiple=32, normalize=True)
     assert torch.equal(masks, mask)
     torch.testing.assert_close(x[..., 82:], torch.zeros_like(x[..., 82:]))  # padding zeroed after normalizing
+
+
+def test_a_rerun_on_other_images_keeps_the_earlier_predictions(tmp_path, monkeypatch, capsys, mlflow_store_restored):
+    """A second run into the same --out on other images (or one whose every image failed)
+    replaced predictions.json: the first run's detections were gone, their annotated copies left
+    with nothing listing them. That file is now kept as predictions.1.json; a rerun on the same
+    images replaces it as before. ``--device`` names where the model runs."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (64, 48), (90, 90, 90)).save(tmp_path / name)
+    ckpt = _tiny_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "out"
+
+    def run(*images, device="cpu"):
+        return main([*map(str, images), "--model", str(ckpt), "--out", str(out), "--work-dir", str(tmp_path / "runs"),
+                     "--threshold", "0", "--device", device])
+
+    import torch
+
+    from pipelines._common import UsageError
+
+    assert run(tmp_path / "a.jpg") == 0
+    first = (out / "predictions.json").read_bytes()
+    assert run(tmp_path / "a.jpg") == 0 and not (out / "predictions.1.json").exists()  # same image: replaced
+    assert run(tmp_path / "b.jpg") == 0
+    assert (out / "predictions.1.json").read_bytes() == first
+    said = capsys.readouterr()
+    assert "kept as predictions.1.json" in said.out + said.err and ") on cpu; 1 image(s)" in said.out + said.err
+    assert [Path(i["file"]).name for i in json.loads((out / "predictions.json").read_text())["images"]] == ["b.jpg"]
+    with pytest.raises(UsageError, match="--device"):
+        run(tmp_path / "a.jpg", device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="--device cuda: torch sees 0 GPU"):
+            run(tmp_path / "a.jpg", device="cuda")
+
+
+def test_a_rerun_on_another_image_of_the_same_name_keeps_the_copy_the_kept_list_names(
+        tmp_path, monkeypatch, mlflow_store_restored):
+    """``predict p1/cat.jpg --out preds`` then ``predict p2/cat.jpg --out preds``: the second run
+    kept the first's list as predictions.1.json and wrote p2's copy over ``preds/cat.jpg``, the
+    copy that list names for p1's cat (another image under its entry). Paths in the lists were as
+    typed, relative to where the command ran: a rerun elsewhere with the same relative names was
+    taken for the same images. Both are absolute now, and listed copies are not written over, but
+    by a new copy of the image they are listed for."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    colours = {"p1": (200, 10, 10), "p2": (10, 10, 200)}
+    for folder, colour in colours.items():
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (64, 48), colour).save(tmp_path / folder / "cat.jpg")
+    ckpt = _tiny_checkpoint(tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    for folder in colours:
+        assert main([f"{folder}/cat.jpg", "--model", str(ckpt), "--out", "preds", "--threshold", "1",
+                     "--work-dir", str(tmp_path / "runs")]) == 0
+    lists = [json.loads((tmp_path / "preds" / name).read_text()) for name in ("predictions.1.json", "predictions.json")]
+    for listed, folder in zip(lists, colours):
+        (item,) = listed["images"]
+        assert item["file"] == str(tmp_path / folder / "cat.jpg") and Path(item["annotated"]).is_absolute()
+        got = Image.open(item["annotated"]).convert("RGB").getpixel((32, 24))
+        assert max(abs(a - b) for a, b in zip(got, colours[folder])) < 12, (folder, item, got)
+    assert lists[0]["images"][0]["annotated"] != lists[1]["images"][0]["annotated"]
+    # both again, p2 first: a listed copy was freed for any image of the run, so p2 took cat.jpg, the
+    # copy the kept predictions.1.json names for p1 (p2's picture under p1's entry); each reuses its own now
+    assert main(["p2/cat.jpg", "p1/cat.jpg", "--model", str(ckpt), "--out", "preds", "--threshold", "1",
+                 "--work-dir", str(tmp_path / "runs")]) == 0
+    for listing in sorted((tmp_path / "preds").glob("predictions*.json")):
+        for item in json.loads(listing.read_text())["images"]:
+            got = Image.open(item["annotated"]).convert("RGB").getpixel((32, 24))
+            want = colours[Path(item["file"]).parent.name]
+            assert max(abs(a - b) for a, b in zip(got, want)) < 12, (listing.name, item, got)
+    assert sorted(p.name for p in (tmp_path / "preds").glob("*.jpg")) == ["cat-1.jpg", "cat.jpg"]  # no third copy

@@ -46,8 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from dino_scale.data.integrity import check_dataset, describe
-    from dino_scale.data.manifest import shard_paths
+    from dino_scale.data.readers import reading_datasets
 
     a = build_parser().parse_args(argv)
     from pipelines._common import UsageError
@@ -68,6 +67,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parent = target.parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise UsageError(f"--json {a.json}: {parent} is not a folder this user can write to")
+    with reading_datasets(a.folders, print):  # a conversion of one of them waits, as for a training job
+        reports = _check(a)
+    if a.json:
+        Path(a.json).expanduser().write_text(json.dumps(reports, indent=1))
+    lost = any(r.get("image_files", {}).get("missing") for r in reports)
+    return 1 if lost or any(r["damaged"] or r["unreadable"] for r in reports) else 0
+
+
+def _check(a: argparse.Namespace) -> list[dict]:
+    """The report of each folder of ``a.folders``, read while no conversion may rewrite them (a
+    conversion run during the read replaced shards under it: "15 unreadable shards", exit 1)."""
+    from dino_scale.data.integrity import check_dataset, describe
+    from dino_scale.data.manifest import shard_paths
+
     for folder in a.folders:  # every folder is complete before any is read in full
         shard_paths(folder)
     roots = _image_roots(a)  # an --image-root that does not fit the folders: refused before the read
@@ -84,10 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not a.no_image_files:
             report["image_files"] = _image_files(folder, root, a, t0)
         reports.append(report)
-    if a.json:
-        Path(a.json).expanduser().write_text(json.dumps(reports, indent=1))
-    lost = any(r.get("image_files", {}).get("missing") for r in reports)
-    return 1 if lost or any(r["damaged"] or r["unreadable"] for r in reports) else 0
+    return reports
 
 
 def _dataset_folders(folders: list[str], say=print) -> list[str]:

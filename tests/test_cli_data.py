@@ -205,3 +205,39 @@ def test_cli_check_data_json_destination_is_checked_before_reading(tmp_path, cap
     assert "shards read" not in captured.out and "match their checksums" not in captured.out
     err = [ln for ln in captured.err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("error: --json") and str(tmp_path / "no") in err[0], err
+
+
+def test_cli_check_data_waits_for_a_conversion_of_its_folder(tmp_path, capsys, monkeypatch):
+    """check-data read without the readers' lock: a conversion of the folder run meanwhile
+    replaced shards under it (false "unreadable shard(s) ... copy the folder again", exit 1). It
+    now holds the lock a training job holds: it waits while the folder is being converted again,
+    and a conversion started during its read is refused (as for a job)."""
+    import threading
+
+    from dino_scale.data.readers import DatasetInUseError, rewriting_dataset
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
+    from test_data_integrity import _convert
+
+    good, _ = _convert(tmp_path / "good")
+    result = []
+    with rewriting_dataset(good, "a test's conversion"):  # a conversion in progress
+        reader = threading.Thread(target=lambda: result.append(cli.main(["check-data", str(good)])))
+        reader.start()
+        reader.join(1.5)
+        assert reader.is_alive() and not result  # waiting, not reading
+    reader.join(60)
+    assert result == [0]
+    assert "being converted again by another process; waiting for it to finish" in capsys.readouterr().out
+    from pipelines import check_data
+
+    real = check_data._check
+
+    def check_then_convert(a):  # a conversion attempted while check-data reads
+        with pytest.raises(DatasetInUseError, match="a running job reads it"):
+            with rewriting_dataset(good, "a test's conversion"):
+                pass
+        return real(a)
+
+    monkeypatch.setattr(check_data, "_check", check_then_convert)
+    assert cli.main(["check-data", str(good)]) == 0

@@ -194,9 +194,21 @@ class _Converter(_WritePass, _ManifestAssembly):
     def _run(self, rewrite: contextlib.ExitStack) -> dict[str, Any]:
         manifest_path = self.out / MANIFEST_NAME
         stage = self.out / STAGING_DIR
-        if finish_swap(self.out):  # a staged conversion finished, its swap cut short
-            self.say(f"{self.out}: finished putting the conversion staged in {stage.name}/ in place")
+        held = False  # the exclusive readers' lock (taken once: a second flock of this process refuses itself)
+        if (stage / MANIFEST_NAME).is_file():  # a staged conversion finished, its swap cut short
+            # not under a running job (its shards would change under it), and not another command's settings
+            rewrite.enter_context(rewriting_dataset(self.out, "a conversion staged beside it is to be put in place"))
+            held = True
+            staged = read_json_or_none(stage / MANIFEST_NAME)
+            if manifest_path.is_file() and not self._same_input((staged or {}).get("signature")):
+                shutil.rmtree(stage)  # the swap had not begun: the dataset in place is whole
+                self.say(f"{self.out}: removed {stage.name}/, a finished conversion with other settings than "
+                         f"this command's, not put in place")
+            elif finish_swap(self.out):
+                self.say(f"{self.out}: finished putting the conversion staged in {stage.name}/ in place")
         if manifest_path.is_file():
+            if self.work.exists():  # the last conversion wrote its manifest and was stopped removing its work
+                shutil.rmtree(self.work, ignore_errors=True)  # folder: not resumed over shards found damaged
             why = "its manifest is unreadable"
             try:
                 old = read_manifest(self.out)
@@ -232,7 +244,8 @@ class _Converter(_WritePass, _ManifestAssembly):
                 except ShardError as e:
                     why, intact = e.detail, False
                     self.say(f"{self.out}: {e.detail}; converting again")
-            rewrite.enter_context(rewriting_dataset(self.out, why))  # held to the end: new readers wait
+            if not held:
+                rewrite.enter_context(rewriting_dataset(self.out, why))  # held to the end: new readers wait
             if intact:  # converted anew beside it, swapped in once usable (needs room for both)
                 return self._staged(stage)
             manifest_path.unlink()

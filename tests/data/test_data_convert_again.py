@@ -173,6 +173,70 @@ def test_data_convert_again_keeps_the_dataset_until_the_new_one_is_usable(coco_l
     assert len(list(iter_records(out))) == first["num_images"]
 
 
+def test_data_a_staged_swap_is_finished_for_this_command_only_and_not_under_a_reader(coco_like, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """A staged conversion (other settings) stopped before its swap: the next run swapped it in
+    before it looked at the readers' lock (shards replaced under a running job, then "refused"),
+    and whatever its settings (the command given again with the first settings swapped in the
+    other ones). Now the swap waits for no reader and is finished only for this command's
+    settings; another command's staged output is removed, the dataset in place kept."""
+    from dino_scale.data import convert as convert_mod
+    from dino_scale.data.readers import DatasetInUseError, reading_datasets
+
+    root, ann = coco_like
+    out = tmp_path / "out"
+    first = convert_coco(ann, root, out, progress=False)
+    before = _shard_bytes(out)
+    swap = convert_mod.finish_swap
+
+    def stopped_before_the_swap(folder, *args, **kwargs):
+        raise KeyboardInterrupt("stopped")
+
+    monkeypatch.setattr(convert_mod, "finish_swap", stopped_before_the_swap)
+    with pytest.raises(KeyboardInterrupt):
+        convert_coco(ann, root, out, progress=False, max_images_per_shard=3)
+    monkeypatch.setattr(convert_mod, "finish_swap", swap)
+    assert (out / ".next" / "manifest.json").is_file() and _shard_bytes(out) == before
+    with reading_datasets([out], print):  # a running job reads the dataset in place
+        with pytest.raises(DatasetInUseError, match="a running job reads it"):
+            convert_coco(ann, root, out, progress=False, max_images_per_shard=3)
+        assert _shard_bytes(out) == before and read_manifest(out) == first
+    capsys.readouterr()
+    assert convert_coco(ann, root, out, progress=True) == first  # the first command again: its dataset
+    said = capsys.readouterr().out
+    assert "removed .next/, a finished conversion with other settings" in said and "already converted" in said
+    assert _shard_bytes(out) == before and not (out / ".next").exists()
+
+
+def test_data_a_work_folder_left_beside_a_written_manifest_is_not_resumed(coco_like, tmp_path, monkeypatch):
+    """A conversion stopped between writing its manifest and removing its work folder left the
+    work folder for good ("already converted" kept it), and a later run that found a shard cut
+    short resumed over it: "resuming after N finished shards" kept the damaged shard, and every
+    run after failed the same way."""
+    from dino_scale.data import convert as convert_mod
+    from dino_scale.data.preflight import preflight_shards
+
+    root, ann = coco_like
+    out = tmp_path / "out"
+    rmtree = convert_mod.shutil.rmtree
+
+    def stopped_removing_the_work(path, *args, **kwargs):
+        if str(path).endswith(".convert-work") and (out / "manifest.json").exists():
+            raise KeyboardInterrupt("stopped")
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(convert_mod.shutil, "rmtree", stopped_removing_the_work)
+    with pytest.raises(KeyboardInterrupt):
+        convert_coco(ann, root, out, progress=False, max_images_per_shard=8)
+    monkeypatch.setattr(convert_mod.shutil, "rmtree", rmtree)
+    assert (out / ".convert-work").is_dir()
+    before = _shard_bytes(out)
+    shard = out / read_manifest(out)["shards"][1]["file"]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    convert_coco(ann, root, out, progress=False, max_images_per_shard=8)
+    assert preflight_shards(out) and _shard_bytes(out) == before and not (out / ".convert-work").exists()
+
+
 def test_data_convert_refuses_a_folder_of_the_other_layout(o365_like, tmp_path):
     """An Objects365 split into a folder holding a dataset put val/ and train_extra/ inside it, exit
     0; ``--data`` then read the folder as the old dataset (the val images among the training ones)

@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import multiprocessing as mp
+import os
 import shutil
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from .convert_child import images_child
 from .convert_manifest import _FILE_REASONS, _ManifestAssembly, refuse_mixed_layout
 from .convert_passes import BUCKETING, ConversionError, scan_annotations, scan_images
 from .convert_write import _WritePass
@@ -64,15 +66,6 @@ _BUCKET_BYTES = 16 << 20  # JSON bytes per bucket
 _PARALLEL_MIN_BYTES = 64 << 20  # below this, one process reads everything
 PLAN_NAME = "plan.json"  # in the work folder: the finished scan (resumable)
 LOCK_NAME = ".lock"  # in the output folder: one conversion of it at a time (shards.folder_lock)
-
-
-def _images_child(conn, args) -> None:
-    try:
-        conn.send(("ok", scan_images(*args)))
-    except BaseException as e:  # noqa: BLE001 - forwarded to the parent
-        conn.send(("err", e))
-    finally:
-        conn.close()
 
 
 class _Converter(_WritePass, _ManifestAssembly):
@@ -111,7 +104,7 @@ class _Converter(_WritePass, _ManifestAssembly):
         args = (self.ann_path, self.images, self.work, self.nb, self.select)
         if self.parallel:
             parent, child = mp.get_context("spawn").Pipe(duplex=False)
-            proc = mp.get_context("spawn").Process(target=_images_child, args=(child, args), daemon=True)
+            proc = mp.get_context("spawn").Process(target=images_child, args=(child, args, os.getpid()), daemon=True)
             proc.start()
             child.close()
             try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -103,7 +105,7 @@ def test_data_an_image_folder_holding_none_of_the_images_is_an_error(tmp_path, e
     assert convert_coco(ann, root, tmp_path / "out2", embed_images=embed, progress=False)["num_images"] == 1
 
 
-def _image_pass_child_that_dies(conn, args):
+def _image_pass_child_that_dies(conn, args, parent_pid):
     """Stands in for the image pass's child: exits with code 3 without a word (as one killed would)."""
     import os
     os._exit(3)
@@ -116,9 +118,61 @@ def test_data_a_dead_image_pass_child_is_a_clear_error(tmp_path, monkeypatch):
     from dino_scale.data import convert as convert_module
 
     root, ann = _dataset(tmp_path, {"a.jpg": _jpeg()}, [{"image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 10]}])
-    monkeypatch.setattr(convert_module, "_images_child", _image_pass_child_that_dies)
+    monkeypatch.setattr(convert_module, "images_child", _image_pass_child_that_dies)
     with pytest.raises(ConversionError, match=r"image pass .* ended without a result, exit code 3 .*parallel=False"):
         convert_coco(ann, root, tmp_path / "out", parallel=True, progress=False)
+
+
+_PARENT = """
+import multiprocessing as mp, os, sys, time
+from dino_scale.data.convert_child import die_with_parent
+
+def child(ppid, ready):
+    die_with_parent(ppid)
+    open(ready, "w").close()
+    time.sleep(120)
+
+if __name__ == "__main__":
+    p = mp.get_context("spawn").Process(target=child, args=(os.getpid(), sys.argv[1]), daemon=True)
+    p.start()
+    print(p.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_data_the_image_pass_child_ends_with_its_killed_parent(tmp_path):
+    """A conversion killed with SIGKILL (the OOM killer, ``kill -9``, a node's job killed) left its
+    image pass child running: it went on appending to the work folder the rerun's own scan used,
+    and the rerun, and every run after it, failed ("manifest counts do not add up")."""
+    import signal
+    import subprocess
+    import time
+
+    ready, script = tmp_path / "ready", tmp_path / "parent.py"  # a file: the spawned child imports its function
+    script.write_text(_PARENT)
+    parent = subprocess.Popen([sys.executable, str(script), str(ready)], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        deadline = time.monotonic() + 120
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ready.exists(), "the child did not start"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(30)
+
+        def running(pid: int) -> bool:
+            try:
+                return " Z" not in Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1][:3]
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + 30
+        while running(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not running(child), "the image pass child outlived its killed parent"
+    finally:
+        parent.kill()
 
 
 @pytest.mark.parametrize("embed", [False, True])

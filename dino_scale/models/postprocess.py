@@ -41,9 +41,12 @@ class PostProcess(nn.Module):
         if target_sizes.shape != (logits.shape[0], 2):
             raise ValueError(f"target_sizes must be (B,2)=({logits.shape[0]},2), got {tuple(target_sizes.shape)}")
         B, Q, C = logits.shape
-        prob = logits.sigmoid()
+        prob = logits.sigmoid().reshape(B, -1)
         k = min(self.num_select, Q * C)
-        scores, idx = torch.topk(prob.reshape(B, -1), k, dim=1)
+        # ranked with NaN last (topk puts NaN first: 4 NaN queries of 900 filled all k slots, and the
+        # image's finite detections were lost); a NaN kept is still returned as NaN (counted, dropped)
+        idx = torch.topk(prob.nan_to_num(nan=-1.0), k, dim=1).indices
+        scores = prob.gather(1, idx)
         query = torch.div(idx, C, rounding_mode="floor")
         labels = idx % C
         xyxy = torch.gather(box_cxcywh_to_xyxy(boxes), 1, query.unsqueeze(-1).repeat(1, 1, 4))
@@ -81,7 +84,9 @@ def merge_tta(results: Sequence[Dict[str, Tensor]], num_select: int = 300,
     labels = torch.cat([r["labels"] for r in results])
     boxes = torch.cat([r["boxes"] for r in results])
     views = torch.cat([torch.full((len(r["scores"]),), v, dtype=torch.long) for v, r in enumerate(results)])
-    order = torch.sort(scores.detach().float().cpu(), descending=True, stable=True).indices
+    # NaN scores last (a descending sort puts them first: one claimed the finite copy of another view)
+    rank = scores.detach().float().cpu().nan_to_num(nan=-float("inf"))
+    order = torch.sort(rank, descending=True, stable=True).indices
     kept = _claim_copies(boxes.detach().float().cpu()[order], labels.cpu()[order], views[order],
                          num_select, float(iou_threshold))
     keep = order[kept].to(scores.device)

@@ -1,6 +1,7 @@
 """PostProcess top-k and scaling; TTA merge."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dino_scale.models.postprocess import PostProcess, hflip_boxes, merge_tta
@@ -93,3 +94,26 @@ def test_half_precision_outputs_are_ranked_and_scaled_in_float32():
     assert torch.equal(got["labels"], want["labels"])
     torch.testing.assert_close(got["scores"], want["scores"], rtol=0, atol=0)
     torch.testing.assert_close(got["boxes"], want["boxes"], rtol=0, atol=1e-4)
+
+
+def test_nan_scores_are_ranked_last_not_in_place_of_the_finite_detections():
+    """``torch.topk`` and a descending sort put NaN first: 4 NaN queries of 900 filled all 300
+    slots (the image's finite detections, a 0.998 one included, were lost, each of its objects a
+    miss), and in the TTA merge a NaN detection claimed another view's finite copy of the object.
+    NaN is ranked last now; one that is kept is still returned as NaN (counted and dropped)."""
+    logits = torch.full((1, 900, 91), -9.0)
+    logits[0, :4] = float("nan")
+    logits[0, 10, 7] = 6.0
+    boxes = torch.full((1, 900, 4), 0.25)
+    res = PostProcess(num_select=300)({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 100]]))[0]
+    assert res["labels"][0].item() == 7 and res["scores"][0].item() > 0.99
+    assert torch.isfinite(res["scores"]).all()  # 4 x 91 NaN pairs, all below the 300 kept
+    everything = PostProcess(num_select=900 * 91)({"pred_logits": logits, "pred_boxes": boxes},
+                                                 torch.tensor([[100, 100]]))[0]
+    assert torch.isnan(everything["scores"]).sum() == 4 * 91 and torch.isnan(everything["scores"][-4 * 91:]).all()
+    nan_view = {"scores": torch.tensor([float("nan")]), "labels": torch.tensor([1]),
+                "boxes": torch.tensor([[0.0, 0, 10, 10]])}
+    finite_view = {"scores": torch.tensor([0.9]), "labels": torch.tensor([1]),
+                   "boxes": torch.tensor([[0.0, 0, 10, 10]])}
+    merged = merge_tta([nan_view, finite_view])
+    assert merged["scores"][0].item() == pytest.approx(0.9) and merged["labels"].tolist()[0] == 1

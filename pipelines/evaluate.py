@@ -65,7 +65,8 @@ def format_table(metrics: dict, title: str) -> str:
     if absent:
         notes.append(f"{', '.join(absent)}: the ground truth has no objects of that size")
     if all(math.isnan(v) for v in values.values()):
-        notes.append("no AP was measured (no val image evaluated, or no detection with a finite score and box)")
+        notes.append("no AP was measured (no val image evaluated, no detection with a finite score and box, or a "
+                     "ground truth without an object that is not a crowd region)")
     return "\n".join([title, head, vals] + notes)
 
 

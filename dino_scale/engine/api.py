@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 from dataclasses import dataclass, field, replace
@@ -264,7 +265,8 @@ def _run(cfg: Config, *, train_dir: Optional[str], val_dir: Optional[str], work_
             copy_final(result.checkpoint, final, required=())
             atomic_write_text(final / CONFIG_NAME, json.dumps(to_dict(cfg), indent=2))
         lineage.update({"run_id": run_id, "checkpoint": result.checkpoint.path, "metrics": {
-            k: v for k, v in metrics.items() if k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "step")
+            k: v if not isinstance(v, float) or math.isfinite(v) else None  # no AP measured: null (NaN is no JSON)
+            for k, v in metrics.items() if k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "step")
             or k.endswith("_at_conversion")}})
         atomic_write_text(final / "lineage.json", json.dumps(lineage, indent=2, default=str))
         if train and copy_ema(result.checkpoint, work / "ema"):  # with its lineage: evaluate finds its val set

@@ -71,7 +71,8 @@ def test_the_ema_weights_are_copied_beside_final_with_the_runs_lineage(data, tmp
     config only: ``evaluate --model <that folder>`` (the README's advice) found no lineage and
     scored them on a generated synthetic set, not the run's validation set. ``fit`` copies them
     to ``<work_dir>/ema`` with the run's lineage; a rerun of the work folder without EMA removes
-    it. The trainer is a stand-in that returns a checkpoint at once."""
+    it. The trainer is a stand-in that returns a checkpoint at once. A metric that was not measured
+    (AP NaN) is null in lineage.json: a bare NaN is no JSON (other readers refused the file)."""
     from types import SimpleNamespace
 
     import ray.train
@@ -85,8 +86,8 @@ def test_the_ema_weights_are_copied_beside_final_with_the_runs_lineage(data, tmp
 
     class Trainer:
         def fit(self):
-            return SimpleNamespace(metrics={"step": 1}, checkpoint=ray.train.Checkpoint(str(checkpoint)),
-                                   metrics_dataframe=None)
+            return SimpleNamespace(metrics={"step": 1, "AP": float("nan")},  # no AP measured
+                                   checkpoint=ray.train.Checkpoint(str(checkpoint)), metrics_dataframe=None)
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(api, "ensure_ray", lambda *args: None)
@@ -109,7 +110,8 @@ def test_the_ema_weights_are_copied_beside_final_with_the_runs_lineage(data, tmp
     lineage = json.loads((work / "ema" / "lineage.json").read_text())
     assert (lineage["val_dir"], lineage["train_dir"], lineage["weights"]) == (val_dir, train_dir, "ema")
     assert "metrics" not in lineage  # the final weights' AP is not the EMA's
-    assert "weights" not in json.loads((work / "final" / "lineage.json").read_text())
+    final = json.loads((work / "final" / "lineage.json").read_text(), parse_constant=pytest.fail)  # was bare NaN
+    assert "weights" not in final and final["metrics"] == {"step": 1, "AP": None}
     from dino_scale.engine.checkpoint import load_weights
 
     assert torch.equal(load_weights(work / "ema")["w"], torch.full((2,), 0.5))

@@ -202,10 +202,13 @@ def conversion_losses(data_dir: Union[PathLike, Sequence[PathLike]]) -> dict[str
     (missing, unreadable, corrupt ... files) and ``boxes_dropped`` (malformed, degenerate, outside
     the image, or of a skipped image; not those of ids absent from the file's image list, which
     no evaluation counts). :func:`~.records.to_coco_gt` holds neither, so an AP against it is over fewer
-    objects than the annotation file's: the evaluation reports these beside it."""
-    images = boxes = 0
+    objects than the annotation file's: the evaluation reports these beside it. ``boxes_clipped``:
+    boxes across the image's border, held clipped to it (the annotation file's own box scores
+    another IoU against the same detection)."""
+    images = boxes = clipped = 0
     for folder in data_dirs(data_dir):
         m = read_manifest(folder)
         images += sum(int(v) for v in (m.get("images_skipped") or {}).values())
         boxes += sum(int(v) for k, v in (m.get("boxes_dropped") or {}).items() if k != "orphan")
-    return {"images_skipped": images, "boxes_dropped": boxes}
+        clipped += int(m.get("boxes_clipped") or 0)
+    return {"images_skipped": images, "boxes_dropped": boxes, "boxes_clipped": clipped}

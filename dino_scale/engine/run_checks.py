@@ -57,7 +57,8 @@ def _check_data(train_dir: Optional[str], val_dir: Optional[str], cfg: Config) -
 
 
 def _conversion_losses(val_dir: str) -> dict[str, int]:
-    """``val_images_skipped_at_conversion`` / ``val_boxes_dropped_at_conversion`` of ``val_dir``
+    """``val_images_skipped_at_conversion`` / ``val_boxes_dropped_at_conversion`` /
+    ``val_boxes_clipped_at_conversion`` of ``val_dir``
     (:func:`~dino_scale.data.manifest.conversion_losses`), warned about when not 0: the AP is then
     over fewer objects than the annotation file's (the official evaluation counts them as misses)."""
     from dino_scale.data.manifest import conversion_losses
@@ -67,8 +68,13 @@ def _conversion_losses(val_dir: str) -> dict[str, int]:
         log.warning("the validation set %s lost %d image(s) and %d box(es) at conversion (its manifest lists "
                     "why): the AP is over the rest, not over the whole annotation file", val_dir,
                     lost["images_skipped"], lost["boxes_dropped"])
+    if lost["boxes_clipped"]:
+        log.warning("the validation set %s holds %d box(es) clipped to their image at conversion: the AP scores "
+                    "them clipped, not as the annotation file draws them across the border", val_dir,
+                    lost["boxes_clipped"])
     return {"val_images_skipped_at_conversion": lost["images_skipped"],
-            "val_boxes_dropped_at_conversion": lost["boxes_dropped"]}
+            "val_boxes_dropped_at_conversion": lost["boxes_dropped"],
+            "val_boxes_clipped_at_conversion": lost["boxes_clipped"]}
 
 
 def _check_init_fits(cfg: Config, weights: str, state: dict, strict: bool = True) -> None:

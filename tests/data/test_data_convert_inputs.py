@@ -307,3 +307,17 @@ def test_data_convert_arguments_are_checked_before_the_scan(tmp_path):
         assert not (tmp_path / "refused").exists()
     with pytest.raises(IsADirectoryError, match="is a folder: give the JSON file in it"):
         convert_coco(root, root, tmp_path / "refused", progress=False)
+
+
+def test_data_boxes_clipped_at_conversion_are_reported_with_the_other_losses(tmp_path):
+    """A box across the image's border is held clipped to it, so the AP scores another box than the
+    annotation file's (0.5 against pycocotools' 1.0 on the file, for a detector that finds the
+    file's boxes exactly), and no warning or metric said so: it is counted beside the losses now
+    (the pipelines' note: test_pipelines_evaluate.py)."""
+    from dino_scale.data.manifest import conversion_losses
+
+    root, ann = _dataset(tmp_path, [{"id": 1, "name": "x"}],
+                         [{"image_id": 1, "category_id": 1, "bbox": [40, 30, 40, 40]},  # 64x48: clipped
+                          {"image_id": 1, "category_id": 1, "bbox": [1, 1, 10, 10]}])
+    convert_coco(ann, root, tmp_path / "out", progress=False)
+    assert conversion_losses(tmp_path / "out") == {"images_skipped": 0, "boxes_dropped": 0, "boxes_clipped": 1}

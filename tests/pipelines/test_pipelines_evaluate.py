@@ -257,3 +257,18 @@ def test_evaluate_on_another_val_set_reads_its_own_images(tmp_path, monkeypatch,
     (val, root, val_root), out = evaluated()  # the set it was trained with: the run's roots are its own
     assert (val, root, val_root) == (str(trained_val), "/mnt/cluster/images", "/mnt/cluster/val2017")
     assert "is not applied" not in out
+
+
+def test_boxes_clipped_at_conversion_are_noted_beside_the_ap():
+    """The val set's boxes clipped to their image at conversion (scored clipped, not as the file
+    draws them) were in no line: a note now, after the warning about what was lost."""
+    from pipelines._results import conversion_note
+
+    note = conversion_note({"val_images_skipped_at_conversion": 0, "val_boxes_dropped_at_conversion": 0,
+                            "val_boxes_clipped_at_conversion": 1})
+    assert note == ("note: 1 box(es) of the validation set cross their image's border and are scored clipped to it "
+                    "(the conversion clips them), not as the annotation file draws them")
+    both = conversion_note({"val_images_skipped_at_conversion": 2, "val_boxes_dropped_at_conversion": 3,
+                            "val_boxes_clipped_at_conversion": 1})
+    assert both.startswith("warning: the validation set lost 2 image(s) and 3 box(es)") and both.count("\n") == 1
+    assert conversion_note({"val_boxes_clipped_at_conversion": 0}) is None

@@ -43,7 +43,7 @@ class _DataStats:
         """A new run's counts (the builders call it on the driver: a second ``fit`` in one process
         found the first one's actor, and reported its skips and ties as its own)."""
         self.epoch = 0
-        self.skips, self.skips_by_reason, self.skipped_ids = 0, {}, []
+        self.skips, self.skips_by_reason, self.skipped_ids = 0, {}, set()
         self._seen: set[tuple[int, int, str]] = set()
         self.tie_ids: set[int] = set()
         self.ties_capped = False
@@ -54,11 +54,12 @@ class _DataStats:
     def get_epoch(self) -> int:
         return self.epoch
 
-    def record_skip(self, image_id: int, reason: str, epoch: Optional[int] = None) -> None:
+    def record_skip(self, image_id: Optional[int], reason: str, epoch: Optional[int] = None) -> None:
         """One image dropped in ``epoch``; again for the same (epoch, id, reason) not counted: in
         deterministic runs every worker reads the whole stream, and a resume reads again the
-        part of its epoch it skips. (Past 1M such keys, or without an id, every call counts.)"""
-        if epoch is not None and int(image_id) >= 0:
+        part of its epoch it skips. (Past 1M such keys, or without an id (None: a negative id is
+        an id), every call counts.) The ids are kept once each (the first 10,000)."""
+        if epoch is not None and image_id is not None:
             key = (int(epoch), int(image_id), reason)
             if key in self._seen:
                 return
@@ -66,10 +67,11 @@ class _DataStats:
                 self._seen.add(key)
         self.skips += 1
         self.skips_by_reason[reason] = self.skips_by_reason.get(reason, 0) + 1
-        if len(self.skipped_ids) < 10000:
-            self.skipped_ids.append(int(image_id))
+        if image_id is not None and len(self.skipped_ids) < 10000:
+            self.skipped_ids.add(int(image_id))
 
     def get_skips(self) -> dict[str, Any]:
+        """``count`` (once per epoch an image is skipped in), ``by_reason``, ``image_ids`` (each once)."""
         return {"count": self.skips, "by_reason": dict(self.skips_by_reason), "image_ids": sorted(self.skipped_ids)}
 
     def add_ties(self, image_ids: list[int]) -> None:
@@ -137,8 +139,10 @@ def describe_skips(stats_name: str = "train") -> Optional[str]:
     skips = decode_skips(stats_name)
     if not skips["count"]:
         return None
-    ids = skips["image_ids"]
-    return (f"{skips['count']} image(s) skipped at decode time ("
+    ids = skips["image_ids"]  # each once: an image skipped in 12 epochs was listed 12 times, the others not at all
+    count = (f"{skips['count']} image(s) skipped" if skips["count"] == len(ids) else
+             f"{skips['count']} skips (once per epoch each) of {len(ids)} image(s)")
+    return (f"{count} at decode time ("
             + ", ".join(f"{reason} {n}" for reason, n in sorted(skips["by_reason"].items()))
             + f"); image ids {ids[:10]}{' ...' if len(ids) > 10 else ''}. The data workers log each with its "
               f"reason; `dino-scale check-data <folder>` lists damaged records")

@@ -112,3 +112,23 @@ def test_data_folders_keep_the_symlinked_name(tmp_path, monkeypatch):
     (tmp_path / "data").symlink_to(tmp_path / "nfs")
     monkeypatch.chdir(tmp_path)
     assert absolute_data_dirs("data/train") == str(tmp_path / "data" / "train")
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_data_local_loader_reads_the_val_root_and_counts_a_skip_once_per_epoch(image_folders, tmp_path, shuffle):
+    """``LocalLoader(train=False)`` took ``data.image_root`` (the training images' root) where the
+    Ray eval dataset takes ``data.val_image_root``: a val set whose images moved read none. And a
+    second pass over one epoch counted its bad images again (the Ray path counts once per epoch)."""
+    first, root = image_folders.convert("first")
+    moved = tmp_path / "moved_val"
+    root.rename(moved)
+    cfg = preset("tiny", [f"data.image_root={tmp_path / 'train_images'}", f"data.val_image_root={moved}"]).data
+    loader = LocalLoader(first, cfg, train=False, batch_size=1, shuffle=shuffle)
+    assert sorted(int(t[0]["image_id"]) for _, _, t in loader) == [1, 2] and loader.skips["count"] == 0
+    (moved / next(p.name for p in moved.iterdir())).write_bytes(b"")  # one image broken
+    for _ in range(2):  # two passes over epoch 0
+        assert len(list(loader)) == 1
+    assert loader.skips["count"] == 1 and len(loader.skips["image_ids"]) == 1
+    loader.set_epoch(1)
+    list(loader)
+    assert loader.skips["count"] == 2 and len(loader.skips["image_ids"]) == 1  # once per epoch, the id once

@@ -164,7 +164,12 @@ def _eval_and_decode_skips(shards, tmp_path):
     ds.take_all()
     assert decode_skips("eval_skips_test")["count"] == 9
     ray.get(_stats("eval_skips_test").record_skip.remote(victims[0]["image_id"], "corrupt", 1))
-    assert decode_skips("eval_skips_test")["count"] == 10
+    assert decode_skips("eval_skips_test")["count"] == 10  # each image once in the ids and the line (were 10)
+    assert decode_skips("eval_skips_test")["image_ids"] == sorted(v["image_id"] for v in victims)
+    assert describe_skips("eval_skips_test").startswith("10 skips (once per epoch each) of 9 image(s) at decode")
+    for image_id in (-5, -5, None, None):  # a negative id is an id (was recounted on every pass); None: no id
+        ray.get(_stats("eval_skips_test").record_skip.remote(image_id, "damaged", 1))
+    assert decode_skips("eval_skips_test")["count"] == 13
     # another run in this process (a second fit: same session, same actor) counts its own skips:
     # was 10 here with the intact root, and 10 again (not 9) after one more broken run
     clean = build_eval_dataset(out, cfg, image_root=str(root), stats_name="eval_skips_test")

@@ -1,5 +1,6 @@
 """engine.final_files: the final checkpoint's files copied to the work folder (weights, config,
-detections to ``final/``; the EMA weights to ``ema/``), and ``fit`` writing the EMA's lineage."""
+detections to ``final/``; the EMA weights to ``ema/``), and what ``fit`` does after training (the
+EMA's lineage; the MLflow run ended whatever fails or interrupts it), with a stand-in trainer."""
 from __future__ import annotations
 
 import json
@@ -118,3 +119,65 @@ def test_the_ema_weights_are_copied_beside_final_with_the_runs_lineage(data, tmp
     shutil.rmtree(checkpoint / "ema")  # a later run of the work folder without EMA: no stale copy
     run()
     assert not (work / "ema").exists() and (work / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("failure", ["no_checkpoint", "copy_failed", "interrupt", "terminated"])
+def test_a_failure_while_the_results_are_saved_ends_the_run(data, tmp_path, monkeypatch, failure):
+    """After ``trainer.fit()`` returns, the driver copies the final weights out of the checkpoint
+    and logs them. A failure there (no checkpoint, a copy that fails, Ctrl-C during a multi-GB
+    copy) left the MLflow run RUNNING for ever; it now ends FAILED (KILLED for an interrupt),
+    tagged with the reason, and the error still reaches the caller. The trainer is a stand-in
+    that returns a result at once: what runs is the driver's code after training. ``terminated``:
+    SIGTERM to the process group during training (Ray's handler: SystemExit 15) killed the
+    tracking relay too, and the driver died draining it before the run was ended (RUNNING)."""
+    from types import SimpleNamespace
+
+    import ray.train
+    from mlflow import MlflowClient
+
+    import dino_scale.data
+    import dino_scale.engine.trainer
+    import dino_scale.tracking.relay
+    from dino_scale.engine import api, fit
+
+    class Trainer:
+        def fit(self):
+            if failure == "terminated":
+                raise SystemExit(15)
+            path = tmp_path / "checkpoint_000001"
+            path.mkdir(exist_ok=True)  # holds no weights: the copy fails
+            checkpoint = None if failure == "no_checkpoint" else ray.train.Checkpoint(str(path))
+            return SimpleNamespace(metrics={"step": 1}, checkpoint=checkpoint, metrics_dataframe=None)
+
+    def interrupted_copy(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(api, "ensure_ray", lambda *args: None)
+    monkeypatch.setattr(api, "quiet_progress_bars", lambda ds: None)
+    monkeypatch.setattr(dino_scale.data, "build_train_dataset", lambda *args, **kwargs: object())
+    monkeypatch.setattr(dino_scale.tracking.relay, "start_relay", lambda *args: object())
+    monkeypatch.setattr(dino_scale.engine.trainer, "build_trainer", lambda *args, **kwargs: Trainer())
+    drained = []
+
+    def drain(relay, timeout_s):
+        drained.append(relay)
+        if relay is not None and failure == "terminated":
+            raise RuntimeError("the relay actor died with its process group")
+
+    monkeypatch.setattr(api, "_drain", drain)
+    if failure == "interrupt":
+        monkeypatch.setattr(api, "copy_final", interrupted_copy)
+    train_dir, _ = data
+    error = {"no_checkpoint": RuntimeError, "copy_failed": FileNotFoundError, "interrupt": KeyboardInterrupt,
+             "terminated": SystemExit}
+    with pytest.raises(error[failure]):
+        fit(small_cfg(), train_dir, None, tmp_path / "work", unique("after-fit"), evaluate=False, progress=False,
+            experiment="engine-test", storage_path=str(tmp_path / "ray"), tracking_close_timeout_s=5)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("engine-test").experiment_id])
+    expected = {"interrupt": ("KILLED", "interrupted while the results were saved"),
+                "terminated": ("KILLED", "SystemExit: interrupted before training finished")}.get(
+        failure, ("FAILED", f"{error[failure].__name__} after training"))
+    assert (run.info.status, expected[1] in run.data.tags.get("error", "")) == (expected[0], True), run.data.tags
+    assert drained and drained[0] is not None  # the relay was drained (after the run ended, when terminated)

@@ -43,6 +43,8 @@ def check_folder_path(path: Optional[str], what: str = "") -> None:
             return
 
 
+SCRATCH = ("none", "scratch")  # a fine-tune's --init that starts from no weights
+
 _MAX_EXPERIMENT_NAME = 500  # mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH (mlflow not imported here)
 
 
@@ -122,7 +124,7 @@ def check_backbone_file(cfg: Config, args: argparse.Namespace) -> None:
 
     init = getattr(args, "init", None)
     if (not cfg.model.backbone_weights or os.environ.get("RAY_ADDRESS")
-            or (hasattr(args, "init") and str(init or "").lower() not in ("none", "scratch"))):
+            or (hasattr(args, "init") and str(init or "").lower() not in SCRATCH)):
         return
     run_name = getattr(args, "run_name", None)
     if run_name and (Path(args.work_dir).expanduser() / "runs" / run_name).exists():

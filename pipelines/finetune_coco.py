@@ -29,6 +29,7 @@ from dino_scale.data.readers import reading_datasets
 from dino_scale.engine.run_lock import run_lock
 from pipelines import _common as common
 from pipelines import _results as results
+from pipelines._flags import SCRATCH
 from pipelines._init import CLASS_HEADS
 from pipelines._datasets import (
     categories_of, check_classes, class_overrides, resolve_datasets, stored_pixels, user_label_book,
@@ -37,7 +38,6 @@ from pipelines._datasets import (
 EXPERIMENT = "finetune-coco"
 CHAMPION = "champion"
 SYNTHETIC_IMAGES = 64
-SCRATCH = ("none", "scratch")
 
 
 def model_name(preset_name: str) -> str:

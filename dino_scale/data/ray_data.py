@@ -107,7 +107,7 @@ class _ToSample:
                 rec = record_from_row(row)
             except (TypeError, ValueError) as e:  # a column of another type: the shard's footer was changed
                 log.warning("decode: skipping a record of image id %r (damaged: %s)", row.get("image_id"), e)
-                _stats(self.stats_name).record_skip.remote(_int_or(row.get("image_id"), None), "damaged", epoch)
+                _stats(self.stats_name).record_skip.remote(_int_or_none(row.get("image_id")), "damaged", epoch)
                 continue
             try:
                 s = self.transform(rec, epoch=epoch)
@@ -129,11 +129,12 @@ class _ToSample:
             len(v), 2) if k in ("orig_size", "size") else np.asarray(v, dtype=np.int64)) for k, v in out.items()}
 
 
-def _int_or(value: Any, default: Optional[int]) -> Optional[int]:
+def _int_or_none(value: Any) -> Optional[int]:
+    """``value`` as an image id, or None (no id: a damaged record's)."""
     try:
         return int(value)
     except (TypeError, ValueError, OverflowError):
-        return default
+        return None
 
 
 def _column(arrays: list) -> np.ndarray:
